@@ -1,0 +1,124 @@
+"""Linux syscalls the stdlib lacks, in one place, raising OSError with the errno.
+
+openat2 (beneath-root resolution), FICLONE, fs-verity enable/measure, linkat with
+AT_EMPTY_PATH, renameat2 and syncfs. Used by host and helper alike, so it imports
+nothing heavier than ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+# openat2(2) is syscall 437 on every architecture (allocated after the unified table).
+_SYS_openat2 = 437
+
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+# What every open of container-storage content uses: stay beneath the directory fd,
+# follow no symlink of any kind.
+RESOLVE_CONFINED = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+
+AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_FOLLOW = 0x400
+RENAME_NOREPLACE = 1
+
+FICLONE = 0x40049409
+FS_IOC_ENABLE_VERITY = 0x40806685
+FS_IOC_MEASURE_VERITY = 0xC0046686
+
+FS_VERITY_HASH_ALG_SHA256 = 1
+FS_VERITY_HASH_ALG_SHA512 = 2
+
+# Errors meaning "this filesystem/kernel cannot do it", as opposed to real failures.
+UNSUPPORTED_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EINVAL})
+CROSS_DEVICE_ERRNOS = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS})
+
+
+def _raise(what: str, path: str | None = None) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, f"{what}: {os.strerror(err)}", path)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str | bytes, flags: int, mode: int = 0, resolve: int = RESOLVE_CONFINED) -> int:
+    """openat2(2); returns the new fd. Retries on EAGAIN/EINTR as the man page advises."""
+    raw = os.fsencode(path)
+    if b"\0" in raw:
+        raise OSError(errno.EINVAL, "path contains NUL", os.fsdecode(raw))
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    for _ in range(64):
+        fd = _libc.syscall(_SYS_openat2, dirfd, raw, ctypes.byref(how), ctypes.sizeof(how))
+        if fd >= 0:
+            return fd
+        err = ctypes.get_errno()
+        if err not in (errno.EAGAIN, errno.EINTR):
+            raise OSError(err, f"openat2: {os.strerror(err)}", os.fsdecode(raw))
+    raise OSError(errno.EAGAIN, "openat2: kept racing with renames", os.fsdecode(raw))
+
+
+def ficlone(dst_fd: int, src_fd: int) -> None:
+    """Make dst share src's extents (reflink). OSError EXDEV/EOPNOTSUPP when impossible."""
+    fcntl.ioctl(dst_fd, FICLONE, src_fd)
+
+
+def fsverity_enable(fd: int, hash_alg: int) -> None:
+    """FS_IOC_ENABLE_VERITY with 4096-byte blocks and no salt; fd must be read-only."""
+    arg = struct.pack("<IIIIQIIQ88x", 1, hash_alg, 4096, 0, 0, 0, 0, 0)
+    fcntl.ioctl(fd, FS_IOC_ENABLE_VERITY, arg)
+
+
+def fsverity_measure(fd: int, hash_alg: int) -> bytes | None:
+    """Kernel-measured fs-verity digest, or None when the file has no verity or the fs has none."""
+    size = 32 if hash_alg == FS_VERITY_HASH_ALG_SHA256 else 64
+    buf = bytearray(struct.pack("<HH", hash_alg, size) + bytes(size))
+    try:
+        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf, True)
+    except OSError as e:
+        if e.errno == errno.ENODATA or e.errno in UNSUPPORTED_ERRNOS:
+            return None
+        raise
+    alg, got = struct.unpack_from("<HH", buf)
+    if alg != hash_alg or got != size:
+        raise OSError(errno.EINVAL, f"fs-verity measured with algorithm {alg}, wanted {hash_alg}")
+    return bytes(buf[4 : 4 + size])
+
+
+def link_fd(fd: int, dst_dirfd: int, name: str) -> None:
+    """Give the file open at fd (e.g. an O_TMPFILE) a name. EEXIST propagates.
+
+    linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH; the /proc/self/fd route works for
+    any user on an O_TMPFILE, so it is tried first.
+    """
+    try:
+        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dst_dirfd, follow_symlinks=True)
+        return
+    except FileNotFoundError:
+        pass  # /proc not mounted: fall through to AT_EMPTY_PATH
+    if _libc.linkat(fd, b"", dst_dirfd, os.fsencode(name), AT_EMPTY_PATH) != 0:
+        _raise("linkat", name)
+
+
+def renameat2_noreplace(src_dirfd: int, src: str, dst_dirfd: int, dst: str) -> None:
+    """rename without replacing an existing destination (EEXIST then)."""
+    if _libc.renameat2(src_dirfd, os.fsencode(src), dst_dirfd, os.fsencode(dst), RENAME_NOREPLACE) != 0:
+        _raise("renameat2", dst)
+
+
+def syncfs(fd: int) -> None:
+    """Flush the whole filesystem holding fd: one barrier instead of an fsync per object."""
+    if _libc.syncfs(fd) != 0:
+        _raise("syncfs")

@@ -1,0 +1,65 @@
+"""`pycfs` command line: global options, then one sub-command module per concern.
+
+Each module in pycfs.tools.commands has `register(subparsers)` that adds its
+sub-commands and sets `handler` (a callable taking the parsed args, returning the exit
+status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from pycfs.host.errors import PycfsError
+
+# Order is the order of `pycfs --help`.
+COMMAND_MODULES = ["repo"]
+
+
+def default_repo_path() -> str:
+    """Like cfsctl: ~/.var/lib/composefs for users, /sysroot/composefs for root."""
+    if os.geteuid() == 0 and "PYCFS_REPO" not in os.environ:
+        return "/sysroot/composefs"
+    home = os.environ.get("HOME")
+    if not home:
+        raise PycfsError("HOME is not set: pass --repo PATH")
+    return os.environ.get("PYCFS_REPO", os.path.join(home, ".var/lib/composefs"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pycfs",
+        description="composefs repositories, images and rootless container-image import.",
+    )
+    parser.add_argument(
+        "--repo",
+        metavar="PATH",
+        help="composefs repository (default: $PYCFS_REPO, else ~/.var/lib/composefs; /sysroot/composefs as root)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"pycfs.tools.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except PycfsError as e:
+        print(f"pycfs: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `pycfs cat X | head`: the reader left, nothing to report.
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("pycfs: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
