@@ -1,0 +1,128 @@
+"""Userspace fs-verity digests (4096-byte Merkle blocks, no salt), equal to the kernel's.
+
+The object ID of every composefs object is this digest. Hashing runs at hashlib's
+speed: data is read in large chunks and each 4096-byte block is hashed from a
+memoryview (no copies, no per-byte Python work); hashlib releases the GIL for inputs
+this size, so callers get parallelism from threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+
+from pycfs.host.syscalls import FS_VERITY_HASH_ALG_SHA256, FS_VERITY_HASH_ALG_SHA512
+
+BLOCK_SIZE = 4096
+LOG_BLOCK_SIZE = 12
+READ_CHUNK = 1 << 20  # a multiple of BLOCK_SIZE; large enough to amortise syscalls
+
+HASH_ALG_IDS = {"sha256": FS_VERITY_HASH_ALG_SHA256, "sha512": FS_VERITY_HASH_ALG_SHA512}
+DIGEST_SIZES = {"sha256": 32, "sha512": 64}
+
+# struct fsverity_descriptor: version, hash_algorithm, log_blocksize, salt_size,
+# reserved(4), data_size, root_hash[64], salt[32], reserved[144].
+_DESCRIPTOR = struct.Struct("<BBBB4xQ64s32x144x")
+
+
+def _hash_blocks(hash_fn, data: memoryview) -> bytes:
+    """Concatenated digests of consecutive full blocks of data (len a multiple of BLOCK_SIZE)."""
+    return b"".join([hash_fn(data[i : i + BLOCK_SIZE]).digest() for i in range(0, len(data), BLOCK_SIZE)])
+
+
+class VerityHasher:
+    """Incremental fs-verity digest: feed bytes with update(), read digest() once at the end."""
+
+    def __init__(self, alg: str = "sha256") -> None:
+        if alg not in HASH_ALG_IDS:
+            raise ValueError(f"unknown fs-verity hash {alg!r}")
+        self.alg = alg
+        self._hash = getattr(hashlib, alg)
+        self._size_d = DIGEST_SIZES[alg]
+        self._partial = bytearray()  # data not yet filling a block
+        self._size = 0
+        # _levels[i]: digests of tree level i not yet filling a block; _counts[i]: digests ever
+        # added to level i (the top level with exactly one digest holds the root).
+        self._levels: list[bytearray] = []
+        self._counts: list[int] = []
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        mv = memoryview(data).cast("B")
+        self._size += len(mv)
+        if self._partial:
+            take = min(BLOCK_SIZE - len(self._partial), len(mv))
+            self._partial += mv[:take]
+            mv = mv[take:]
+            if len(self._partial) < BLOCK_SIZE:
+                return
+            self._push(0, self._hash(self._partial).digest())
+            self._partial.clear()
+        full = len(mv) - len(mv) % BLOCK_SIZE
+        if full:
+            self._push(0, _hash_blocks(self._hash, mv[:full]))
+        if full < len(mv):
+            self._partial += mv[full:]
+
+    def _push(self, level: int, digests: bytes) -> None:
+        if level == len(self._levels):
+            self._levels.append(bytearray())
+            self._counts.append(0)
+        pending = self._levels[level]
+        pending += digests
+        self._counts[level] += len(digests) // self._size_d
+        if len(pending) >= BLOCK_SIZE:
+            full = len(pending) - len(pending) % BLOCK_SIZE
+            upper = _hash_blocks(self._hash, memoryview(pending)[:full])
+            del pending[:full]
+            self._push(level + 1, upper)
+
+    def root_hash(self) -> bytes:
+        if self._size == 0:
+            return bytes(self._size_d)
+        if self._partial:
+            self._push(0, self._hash(self._partial.ljust(BLOCK_SIZE, b"\0")).digest())
+            self._partial.clear()
+        level = 0
+        while True:
+            top = level == len(self._levels) - 1
+            if top and self._counts[level] == 1:
+                return bytes(self._levels[level][: self._size_d])
+            pending = self._levels[level]
+            if pending:
+                block = pending.ljust(BLOCK_SIZE, b"\0")
+                pending.clear()
+                self._push(level + 1, self._hash(block).digest())
+            level += 1
+
+    def digest(self) -> bytes:
+        descriptor = _DESCRIPTOR.pack(1, HASH_ALG_IDS[self.alg], LOG_BLOCK_SIZE, 0, self._size, self.root_hash())
+        return self._hash(descriptor).digest()
+
+
+def digest_bytes(data: bytes | bytearray | memoryview, alg: str = "sha256") -> bytes:
+    h = VerityHasher(alg)
+    h.update(data)
+    return h.digest()
+
+
+def digest_fd(fd: int, alg: str = "sha256") -> bytes:
+    """Digest of the whole file open at fd, read with pread from offset 0 (fd position untouched)."""
+    h = VerityHasher(alg)
+    buf = bytearray(READ_CHUNK)
+    mv = memoryview(buf)
+    offset = 0
+    while True:
+        n = os.preadv(fd, [buf], offset)
+        if n == 0:
+            return h.digest()
+        h.update(mv[:n])
+        offset += n
+
+
+def digest_path(path: str, alg: str = "sha256") -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return digest_fd(fd, alg)
+    finally:
+        os.close(fd)

@@ -1,0 +1,630 @@
+"""A composefs repository in the composefs-rs on-disk format (spec section 1).
+
+    meta.json                 format, hash algorithm, feature flags
+    objects/XX/<rest>         content-addressed by fs-verity digest
+    streams/<content-id>  ->  ../objects/XX/<rest>       (splitstreams)
+    streams/refs/<name>   ->  ../<content-id>
+    images/<hex>          ->  ../objects/XX/<rest>       (EROFS images)
+    images/refs/<name>    ->  ../<hex>
+
+Objects are written crash-safely (O_TMPFILE + linkat, or a named temp + renameat2
+when O_TMPFILE is unsupported) and never fsynced one by one: one syncfs happens before
+a stream symlink makes them reachable. Openers hold flock(LOCK_SH); gc takes LOCK_EX.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import secrets
+import string
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pycfs.host import syscalls
+from pycfs.host.errors import PycfsError
+from pycfs.host.fsverity import DIGEST_SIZES, HASH_ALG_IDS, VerityHasher, digest_bytes, digest_fd
+from pycfs.host.splitstream import SplitStreamReader, SplitStreamWriter
+
+FORMAT_VERSION = 1
+ALGORITHMS = ("fsverity-sha256-12", "fsverity-sha512-12")
+KNOWN_FEATURES = {"v1_erofs"}
+COPY_CHUNK = 1 << 30
+_TEMP_ALPHABET = string.ascii_letters + string.digits
+
+
+class RepositoryError(PycfsError):
+    pass
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What storing one object did: how is "reflinked", "copied" or "present"."""
+
+    object_id: bytes
+    size: int
+    how: str
+
+
+def parse_algorithm(text: str) -> str:
+    """'fsverity-sha256-12' -> 'sha256'; anything else is an error."""
+    if text not in ALGORITHMS:
+        raise RepositoryError(f"unsupported algorithm {text!r}: use one of {', '.join(ALGORITHMS)}")
+    return text.split("-")[1]
+
+
+def meta_document(algorithm: str, erofs_default: int = 1) -> dict:
+    """meta.json as composefs-rs writes it; key order matters for identical bytes."""
+    return {
+        "version": FORMAT_VERSION,
+        "algorithm": algorithm,
+        "features": {
+            "compatible": [],
+            "read-only-compatible": ["v1_erofs"] if erofs_default == 1 else [],
+            "incompatible": [],
+        },
+        "erofs_formats": {"default": erofs_default},
+    }
+
+
+def _random_name(prefix: str) -> str:
+    return prefix + "".join(secrets.choice(_TEMP_ALPHABET) for _ in range(12))
+
+
+def check_name(name: str, what: str, allow_slash: bool) -> None:
+    """Stream, image and ref names must stay inside their directory."""
+    parts = name.split("/")
+    if (
+        not name
+        or "\0" in name
+        or name.startswith("/")
+        or (not allow_slash and len(parts) > 1)
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise RepositoryError(f"invalid {what} name {name!r}")
+
+
+class Repository:
+    """An open repository. Methods that store objects are safe to call from worker threads."""
+
+    def __init__(self, path: Path, dirfd: int, meta: dict, alg: str, writable: bool) -> None:
+        self.path = path
+        self.dirfd = dirfd
+        self.meta = meta
+        self.alg = alg
+        self.algorithm = meta["algorithm"]
+        self.hash_alg_id = HASH_ALG_IDS[alg]
+        self.digest_size = DIGEST_SIZES[alg]
+        self.writable = writable
+        self.secure = self._measure_meta()
+        self._try_verity = True  # cleared the first time the filesystem says it has none
+        self._lock = threading.Lock()
+        self._objects_fd: int | None = None
+        self._subdir_fds: dict[str, int] = {}
+        self._reflink_ok: dict[tuple[int, int], bool] = {}
+        self._tmpfile_ok = True
+
+    # ---- opening -------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: str | os.PathLike, algorithm: str = "fsverity-sha256-12", erofs_default: int = 1) -> Repository:
+        """Create (or re-open an identical) repository; a different existing format is an error."""
+        parse_algorithm(algorithm)
+        if erofs_default not in (0, 1, 2):
+            raise RepositoryError(f"unsupported EROFS format version {erofs_default}")
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            p.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        content = (json.dumps(meta_document(algorithm, erofs_default), indent=2) + "\n").encode()
+        dirfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _write_new_file(dirfd, "meta.json", content)
+        except FileExistsError:
+            with open(os.path.join(p, "meta.json"), "rb") as f:
+                existing = json.loads(f.read() or b"null")
+            if existing != json.loads(content):
+                raise RepositoryError(
+                    f"{p} is already a repository with {existing.get('algorithm') if isinstance(existing, dict) else existing!r}"
+                    f" (format and algorithm are fixed at init)"
+                ) from None
+        finally:
+            os.close(dirfd)
+        return cls.open(p)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, writable: bool = True) -> Repository:
+        p = Path(path)
+        try:
+            dirfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise RepositoryError(f"no repository at {p}: run `pycfs --repo {p} init` first") from None
+        except NotADirectoryError:
+            raise RepositoryError(f"{p} is not a directory") from None
+        try:
+            meta = _read_meta(p, dirfd)
+            alg = parse_algorithm(meta.get("algorithm", ""))
+            features = meta.get("features") or {}
+            unknown_incompat = set(features.get("incompatible", [])) - KNOWN_FEATURES
+            if unknown_incompat:
+                raise RepositoryError(f"{p} uses unknown incompatible features {sorted(unknown_incompat)}: refusing to open")
+            if set(features.get("read-only-compatible", [])) - KNOWN_FEATURES:
+                writable = False
+            if writable and not _dir_writable(dirfd):
+                writable = False
+            fcntl.flock(dirfd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(dirfd)
+            raise
+        return cls(p, dirfd, meta, alg, writable)
+
+    def close(self) -> None:
+        for fd in self._subdir_fds.values():
+            os.close(fd)
+        self._subdir_fds.clear()
+        if self._objects_fd is not None:
+            os.close(self._objects_fd)
+            self._objects_fd = None
+        if self.dirfd >= 0:
+            os.close(self.dirfd)
+            self.dirfd = -1
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _measure_meta(self) -> bool:
+        fd = os.open("meta.json", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dirfd)
+        try:
+            return syscalls.fsverity_measure(fd, self.hash_alg_id) is not None
+        finally:
+            os.close(fd)
+
+    @property
+    def erofs_default(self) -> int:
+        formats = self.meta.get("erofs_formats")
+        if formats and formats != {"default": 2}:
+            return int(formats["default"])
+        if "v1_erofs" in (self.meta.get("features") or {}).get("read-only-compatible", []):
+            return 1
+        return 2
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise RepositoryError(f"repository {self.path} is read-only")
+
+    # ---- objects ------------------------------------------------------------------
+
+    def id_from_hex(self, text: str) -> bytes:
+        text = text.split(":", 1)[1] if text.startswith(self.alg + ":") else text
+        try:
+            raw = bytes.fromhex(text)
+        except ValueError:
+            raw = b""
+        if len(raw) != self.digest_size:
+            raise RepositoryError(f"{text!r} is not a {self.alg} object id")
+        return raw
+
+    @staticmethod
+    def object_relpath(object_id: bytes) -> str:
+        h = object_id.hex()
+        return f"objects/{h[:2]}/{h[2:]}"
+
+    def object_path(self, object_id: bytes) -> Path:
+        return self.path / self.object_relpath(object_id)
+
+    def parse_object_link(self, target: str) -> bytes:
+        """The id at the end of a symlink target `.../XX/rest`."""
+        n = 2 * self.digest_size + 1
+        tail = target[-n:]
+        if len(tail) != n or tail[2] != "/":
+            raise RepositoryError(f"symlink target {target!r} does not name an object")
+        return self.id_from_hex(tail[:2] + tail[3:])
+
+    def _objects(self) -> int:
+        if self._objects_fd is None:
+            with self._lock:
+                if self._objects_fd is None:
+                    try:
+                        os.mkdir("objects", 0o777, dir_fd=self.dirfd)
+                    except FileExistsError:
+                        pass
+                    self._objects_fd = os.open("objects", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.dirfd)
+        return self._objects_fd
+
+    def _subdir(self, xx: str) -> int:
+        fd = self._subdir_fds.get(xx)
+        if fd is None:
+            with self._lock:
+                fd = self._subdir_fds.get(xx)
+                if fd is None:
+                    try:
+                        os.mkdir(xx, 0o755, dir_fd=self._objects())
+                    except FileExistsError:
+                        pass
+                    fd = os.open(xx, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._objects())
+                    self._subdir_fds[xx] = fd
+        return fd
+
+    def object_size(self, object_id: bytes) -> int | None:
+        h = object_id.hex()
+        try:
+            return os.stat(f"{h[:2]}/{h[2:]}", dir_fd=self._objects(), follow_symlinks=False).st_size
+        except FileNotFoundError:
+            return None
+
+    def has_object(self, object_id: bytes) -> bool:
+        return self.object_size(object_id) is not None
+
+    def open_object(self, object_id: bytes) -> int:
+        h = object_id.hex()
+        try:
+            return os.open(f"{h[:2]}/{h[2:]}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self._objects())
+        except FileNotFoundError:
+            raise RepositoryError(f"object {self.alg}:{h} is missing from {self.path}") from None
+
+    def read_object(self, object_id: bytes) -> bytes:
+        fd = self.open_object(object_id)
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return f.read()
+        finally:
+            os.close(fd)
+
+    def _new_tmpfile(self) -> tuple[int, str | None]:
+        """A writable temporary object file: anonymous (O_TMPFILE) when the fs allows it."""
+        self._require_writable()
+        if self._tmpfile_ok:
+            try:
+                return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644, dir_fd=self._objects()), None
+            except OSError as e:
+                if e.errno not in syscalls.UNSUPPORTED_ERRNOS and e.errno != errno.EISDIR:
+                    raise
+                self._tmpfile_ok = False
+        for _ in range(16):
+            name = _random_name(".tmp-object-")
+            try:
+                return os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o644, dir_fd=self._objects()), name
+            except FileExistsError:
+                continue
+        raise RepositoryError("could not create a temporary object file")
+
+    def _seal(self, fd: int) -> int:
+        """Enable fs-verity where the filesystem has it; returns the fd to link (read-only when sealed)."""
+        if not self._try_verity:
+            return fd
+        ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        os.close(fd)
+        try:
+            syscalls.fsverity_enable(ro, self.hash_alg_id)
+        except OSError as e:
+            if e.errno in syscalls.UNSUPPORTED_ERRNOS:
+                if self.secure:
+                    os.close(ro)
+                    raise RepositoryError(f"repository {self.path} requires fs-verity, but this filesystem has none") from None
+                self._try_verity = False
+            elif e.errno != errno.EEXIST:
+                os.close(ro)
+                raise
+        return ro
+
+    def _commit(self, fd: int, temp_name: str | None, object_id: bytes) -> bool:
+        """Name the temp file as its object; returns True when another writer got there first."""
+        h = object_id.hex()
+        subdir = self._subdir(h[:2])
+        try:
+            if temp_name is None:
+                syscalls.link_fd(fd, subdir, h[2:])
+            else:
+                syscalls.renameat2_noreplace(self._objects(), temp_name, subdir, h[2:])
+            return False
+        except FileExistsError:
+            return True
+        finally:
+            os.close(fd)
+            if temp_name is not None:
+                try:
+                    os.unlink(temp_name, dir_fd=self._objects())
+                except FileNotFoundError:
+                    pass
+
+    def _discard(self, fd: int, temp_name: str | None) -> None:
+        os.close(fd)
+        if temp_name is not None:
+            os.unlink(temp_name, dir_fd=self._objects())
+
+    def ensure_object(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Store in-memory bytes as an object (no size threshold); returns its id."""
+        object_id = digest_bytes(data, self.alg)
+        if self.has_object(object_id):
+            return object_id
+        fd, temp_name = self._new_tmpfile()
+        try:
+            _write_all(fd, data)
+            fd = self._seal(fd)
+        except BaseException:
+            self._discard(fd, temp_name)
+            raise
+        self._commit(fd, temp_name, object_id)
+        return object_id
+
+    def object_writer(self) -> ObjectWriter:
+        """A file-like sink for streamed content (tar entries): hashes as it writes."""
+        return ObjectWriter(self)
+
+    def store_object_from_fd(self, src_fd: int) -> StoreResult:
+        """Store the whole file open at src_fd: reflink (FICLONE) when the filesystems allow,
+        else copy. The digest is read from the source, so an object already present costs
+        no write at all."""
+        st = os.fstat(src_fd)
+        object_id = digest_fd(src_fd, self.alg)
+        if self.object_size(object_id) == st.st_size:
+            return StoreResult(object_id, st.st_size, "present")
+        fd, temp_name = self._new_tmpfile()
+        try:
+            how = self._clone_or_copy(src_fd, fd, st)
+            fd = self._seal(fd)
+        except BaseException:
+            self._discard(fd, temp_name)
+            raise
+        raced = self._commit(fd, temp_name, object_id)
+        return StoreResult(object_id, st.st_size, "present" if raced else how)
+
+    def _clone_or_copy(self, src_fd: int, dst_fd: int, st: os.stat_result) -> str:
+        pair = (st.st_dev, os.fstat(self._objects()).st_dev)
+        if self._reflink_ok.get(pair, True):
+            try:
+                syscalls.ficlone(dst_fd, src_fd)
+                self._reflink_ok[pair] = True
+                return "reflinked"
+            except OSError as e:
+                if e.errno not in syscalls.CROSS_DEVICE_ERRNOS:
+                    raise
+                self._reflink_ok[pair] = False
+        _copy_fd(src_fd, dst_fd, st.st_size)
+        return "copied"
+
+    def reflink_known(self) -> dict[tuple[int, int], bool]:
+        """The per-(source device, repository device) FICLONE answers learnt so far."""
+        return dict(self._reflink_ok)
+
+    # ---- symlinks, streams, images ---------------------------------------------------
+
+    def _symlink(self, name: str, target: str) -> None:
+        """Make repo-relative `name` a relative symlink to repo-relative `target`, atomically."""
+        link_parts = name.split("/")[:-1]
+        target_parts = [p for p in target.split("/") if p not in ("", ".")]
+        common = 0
+        while common < min(len(link_parts), len(target_parts)) and link_parts[common] == target_parts[common]:
+            common += 1
+        for i in range(1, len(link_parts) + 1):
+            try:
+                os.mkdir("/".join(link_parts[:i]), 0o755, dir_fd=self.dirfd)
+            except FileExistsError:
+                pass
+        rel = "/".join([".."] * (len(link_parts) - common) + target_parts[common:])
+        try:
+            os.symlink(rel, name, dir_fd=self.dirfd)
+            return
+        except FileExistsError:
+            try:
+                if os.readlink(name, dir_fd=self.dirfd) == rel:
+                    return
+            except OSError:
+                pass
+        for _ in range(16):
+            temp = _random_name(".symlink-")
+            try:
+                os.symlink(rel, temp, dir_fd=self.dirfd)
+            except FileExistsError:
+                continue
+            try:
+                os.rename(temp, name, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
+            except OSError:
+                os.unlink(temp, dir_fd=self.dirfd)
+                raise
+            return
+        raise RepositoryError(f"could not replace symlink {name}")
+
+    def sync(self) -> None:
+        syscalls.syncfs(self.dirfd)
+
+    def _link_target_id(self, relname: str) -> bytes | None:
+        try:
+            target = os.readlink(relname, dir_fd=self.dirfd)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                raise RepositoryError(f"{relname} is not a symlink") from None
+            raise
+        return self.parse_object_link(target)
+
+    def has_stream(self, name: str) -> bytes | None:
+        """The object id of streams/<name>, or None. Dangling links count as absent."""
+        check_name(name, "stream", allow_slash=False)
+        object_id = self._link_target_id(f"streams/{name}")
+        if object_id is None or not self.has_object(object_id):
+            return None
+        return object_id
+
+    def write_stream(self, writer: SplitStreamWriter, name: str, ref: str | None = None) -> bytes:
+        """Store the splitstream, sync, then make it visible as streams/<name> (and a ref)."""
+        check_name(name, "stream", allow_slash=False)
+        self._require_writable()
+        object_id = self.ensure_object(writer.finish())
+        # Crash barrier: a visible stream implies its objects are on disk.
+        self.sync()
+        self._symlink(f"streams/{name}", self.object_relpath(object_id))
+        if ref is not None:
+            self.set_stream_ref(ref, name)
+        return object_id
+
+    def set_stream_ref(self, ref: str, name: str) -> None:
+        check_name(ref, "ref", allow_slash=True)
+        check_name(name, "stream", allow_slash=False)
+        self._symlink(f"streams/refs/{ref}", f"streams/{name}")
+
+    def stream_data(self, name: str) -> bytes:
+        """Bytes of streams/<name> (`refs/...` names resolve through the ref)."""
+        check_name(name, "stream", allow_slash=True)
+        try:
+            fd = os.open(f"streams/{name}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dirfd)
+        except FileNotFoundError:
+            raise RepositoryError(f"no stream {name!r} in {self.path}") from None
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def open_stream(self, name: str, expected_content_type: int | None = None) -> SplitStreamReader:
+        return SplitStreamReader(self.stream_data(name), self.alg, expected_content_type)
+
+    def open_stream_by_id(self, object_id: bytes, expected_content_type: int | None = None) -> SplitStreamReader:
+        return SplitStreamReader(self.read_object(object_id), self.alg, expected_content_type)
+
+    def new_stream(self, content_type: int) -> SplitStreamWriter:
+        return SplitStreamWriter(self.alg, content_type)
+
+    def write_image(self, data: bytes, ref: str | None = None) -> bytes:
+        self._require_writable()
+        object_id = self.ensure_object(data)
+        self._symlink(f"images/{object_id.hex()}", self.object_relpath(object_id))
+        if ref is not None:
+            check_name(ref, "image ref", allow_slash=True)
+            self._symlink(f"images/refs/{ref}", f"images/{object_id.hex()}")
+        return object_id
+
+    def image_id(self, name: str) -> bytes:
+        """Resolve images/<hex> or images/refs/<name> to the image object id."""
+        check_name(name, "image", allow_slash=True)
+        for rel in (f"images/{name}", f"images/refs/{name}"):
+            try:
+                real = os.path.realpath(os.path.join(self.path, rel))
+            except OSError:
+                continue
+            if os.path.exists(real):
+                return self.parse_object_link(real)
+        raise RepositoryError(f"no image {name!r} in {self.path}")
+
+    def list_links(self, top: str) -> list[tuple[str, str]]:
+        """(relative name, target) of every symlink below top (e.g. 'streams/refs'), sorted."""
+        base = self.path / top
+        found = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            for n in dirnames + filenames:
+                full = os.path.join(dirpath, n)
+                if os.path.islink(full):
+                    found.append((os.path.relpath(full, base), os.readlink(full)))
+        return sorted(found)
+
+
+class ObjectWriter:
+    """Streams bytes into a new object, hashing as it goes; finish() names it."""
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo
+        self._hasher = VerityHasher(repo.alg)
+        self._fd, self._temp_name = repo._new_tmpfile()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._hasher.update(data)
+        _write_all(self._fd, data)
+        self.size += len(data)
+
+    def finish(self) -> tuple[bytes, bool]:
+        """(object id, already present)."""
+        object_id = self._hasher.digest()
+        if self._repo.object_size(object_id) == self.size:
+            self.abort()
+            return object_id, True
+        fd, self._fd = self._repo._seal(self._fd), -1
+        return object_id, self._repo._commit(fd, self._temp_name, object_id)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            self._repo._discard(self._fd, self._temp_name)
+            self._fd = -1
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.write(fd, mv)
+        mv = mv[n:]
+
+
+def _copy_fd(src_fd: int, dst_fd: int, size: int) -> None:
+    """In-kernel copy (copy_file_range, else sendfile) of size bytes from offset 0."""
+    offset = 0
+    try:
+        while offset < size:
+            n = os.copy_file_range(src_fd, dst_fd, min(COPY_CHUNK, size - offset), offset, offset)
+            if n == 0:
+                break
+            offset += n
+        return
+    except OSError as e:
+        if e.errno not in syscalls.CROSS_DEVICE_ERRNOS:
+            raise
+    os.lseek(dst_fd, offset, os.SEEK_SET)
+    while offset < size:
+        n = os.sendfile(dst_fd, src_fd, offset, min(COPY_CHUNK, size - offset))
+        if n == 0:
+            break
+        offset += n
+    if offset != size:
+        raise RepositoryError(f"source file shrank while copying ({offset} of {size} bytes)")
+
+
+def _write_new_file(dirfd: int, name: str, content: bytes) -> None:
+    """Create name with content atomically; FileExistsError if it exists."""
+    try:
+        fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644, dir_fd=dirfd)
+    except OSError as e:
+        if e.errno not in syscalls.UNSUPPORTED_ERRNOS and e.errno != errno.EISDIR:
+            raise
+        fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644, dir_fd=dirfd)
+        try:
+            _write_all(fd, content)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+    try:
+        _write_all(fd, content)
+        os.fsync(fd)
+        syscalls.link_fd(fd, dirfd, name)
+    finally:
+        os.close(fd)
+
+
+def _read_meta(path: Path, dirfd: int) -> dict:
+    try:
+        fd = os.open("meta.json", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirfd)
+    except FileNotFoundError:
+        raise RepositoryError(f"{path} has no meta.json: not a composefs repository (run `pycfs --repo {path} init`)") from None
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read()
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise RepositoryError(f"{path}/meta.json is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise RepositoryError(f"{path}/meta.json is not a JSON object")
+    version = meta.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise RepositoryError(f"{path}/meta.json has format version {version!r}; this pycfs reads version {FORMAT_VERSION}")
+    return meta
+
+
+def _dir_writable(dirfd: int) -> bool:
+    if os.fstatvfs(dirfd).f_flag & os.ST_RDONLY:
+        return False
+    return os.access(".", os.W_OK, dir_fd=dirfd)

@@ -1,0 +1,268 @@
+"""Splitstream codec, the current composefs-rs file format (spec section 2).
+
+File layout written: header(32) | info(80) | stream_refs | object_refs | named_refs (zstd)
+| body (zstd). The body is a sequence of chunks: an i64 `n`; n < 0 means -n inline bytes
+follow, n >= 0 is an index into object_refs whose object's bytes are inserted.
+
+Byte-identity with composefs-rs matters (the file is an object named by its digest), so
+the zstd sections are written in streaming "continue" mode at level 3 without a content
+size, exactly as the Rust writer does.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import zstandard
+
+from pycfs.host.fsverity import DIGEST_SIZES, HASH_ALG_IDS
+
+MAGIC = b"SplitStream"
+LG_BLOCKSIZE = 12
+
+# header: magic[11], version u8, flags u16, algorithm u8, lg_blocksize u8, info FileRange
+HEADER = struct.Struct("<11sBHBB16s")
+# the header of bootc <= 1.15 (compiler-reordered fields): info, flags, magic, version, algorithm, lg_blocksize
+OLD_HEADER = struct.Struct("<16sH11sBBB")
+FILE_RANGE = struct.Struct("<QQ")
+# info: stream_refs, object_refs, stream, named_refs (FileRanges), content_type u64, stream_size u64
+INFO = struct.Struct("<16s16s16s16sQQ")
+CHUNK = struct.Struct("<q")
+_INPUT_PIECE = 1 << 16
+
+HEADER_SIZE = HEADER.size  # 32
+INFO_SIZE = INFO.size  # 80
+
+
+def _magic(text: bytes) -> int:
+    return int.from_bytes(text, "little")
+
+
+CONTENT_OCI_LAYER = _magic(b"ocilayer")
+CONTENT_OCI_CONFIG = _magic(b"ociconfg")
+CONTENT_OCI_MANIFEST = _magic(b"ocimanif")
+CONTENT_OCI_BLOB = _magic(b"oci_blob")
+CONTENT_OSTREE_COMMIT = 0xAFE138C18C463EF1
+CONTENT_OSTREE_SUMMARY = _magic(b"osummary")
+
+
+class SplitStreamError(ValueError):
+    """A splitstream file is malformed; the message says where."""
+
+
+def _zstd_section(parts: list[bytes]) -> bytes:
+    """Compress like the Rust `zstd::stream::write::Encoder` at default level (see module doc)."""
+    comp = zstandard.ZstdCompressor(level=3).compressobj()
+    out = [comp.compress(p) for p in parts if p]
+    out.append(comp.flush())
+    return b"".join(out)
+
+
+class SplitStreamWriter:
+    """Builds a splitstream in memory; finish() returns the file's bytes.
+
+    Inline data is buffered so that adjacent inline bytes form one chunk (the writer
+    determinism rule), and the body is compressed as it goes so memory stays bounded
+    by the compressed size.
+    """
+
+    def __init__(self, alg: str, content_type: int) -> None:
+        self.alg = alg
+        self.content_type = content_type
+        self._digest_size = DIGEST_SIZES[alg]
+        self._inline = bytearray()
+        self._object_index: dict[bytes, int] = {}
+        self._object_refs: list[bytes] = []
+        self._stream_index: dict[bytes, int] = {}
+        self._stream_refs: list[bytes] = []
+        self._named: dict[str, int] = {}
+        self._compressor = zstandard.ZstdCompressor(level=3).compressobj()
+        self._body: list[bytes] = []
+        self._body_started = False
+        self.stream_size = 0
+
+    def _emit(self, data: bytes) -> None:
+        self._body_started = True
+        piece = self._compressor.compress(data)
+        if piece:
+            self._body.append(piece)
+
+    def _flush_inline(self) -> None:
+        if self._inline:
+            self._emit(CHUNK.pack(-len(self._inline)) + bytes(self._inline))
+            self._inline.clear()
+
+    def write_inline(self, data: bytes | bytearray | memoryview) -> None:
+        self._inline += data
+        self.stream_size += len(data)
+
+    def write_external(self, object_id: bytes, size: int) -> None:
+        if len(object_id) != self._digest_size:
+            raise ValueError(f"object id of {len(object_id)} bytes for {self.alg}")
+        self._flush_inline()
+        index = self._object_index.get(object_id)
+        if index is None:
+            index = self._object_index[object_id] = len(self._object_refs)
+            self._object_refs.append(object_id)
+        self._emit(CHUNK.pack(index))
+        self.stream_size += size
+
+    def add_named_ref(self, name: str, object_id: bytes) -> None:
+        if "\0" in name:
+            raise ValueError("named ref contains NUL")
+        index = self._stream_index.get(object_id)
+        if index is None:
+            index = self._stream_index[object_id] = len(self._stream_refs)
+            self._stream_refs.append(object_id)
+        self._named[name] = index
+
+    def finish(self) -> bytes:
+        self._flush_inline()
+        body = b"".join(self._body) + self._compressor.flush() if self._body_started else _zstd_section([])
+        names = sorted(self._named.items(), key=lambda kv: kv[0].encode())
+        named = _zstd_section([f"{index}:{name}\0".encode() for name, index in names])
+        stream_refs = b"".join(self._stream_refs)
+        object_refs = b"".join(self._object_refs)
+        start = HEADER_SIZE + INFO_SIZE
+        sr = (start, start + len(stream_refs))
+        orf = (sr[1], sr[1] + len(object_refs))
+        nr = (orf[1], orf[1] + len(named))
+        body_range = (nr[1], nr[1] + len(body))
+        info = INFO.pack(
+            FILE_RANGE.pack(*sr),
+            FILE_RANGE.pack(*orf),
+            FILE_RANGE.pack(*body_range),
+            FILE_RANGE.pack(*nr),
+            self.content_type,
+            self.stream_size,
+        )
+        header = HEADER.pack(MAGIC, 0, 0, HASH_ALG_IDS[self.alg], LG_BLOCKSIZE, FILE_RANGE.pack(HEADER_SIZE, start))
+        return b"".join((header, info, stream_refs, object_refs, named, body))
+
+
+@dataclass(frozen=True)
+class _Range:
+    start: int
+    end: int
+
+
+class SplitStreamReader:
+    """Strict reader: every malformed input raises SplitStreamError with the reason."""
+
+    def __init__(self, data: bytes, alg: str, expected_content_type: int | None = None) -> None:
+        self._data = data
+        self.alg = alg
+        d = DIGEST_SIZES[alg]
+        if len(data) < HEADER_SIZE:
+            raise SplitStreamError(f"file of {len(data)} bytes is shorter than the 32-byte header")
+        magic, version, _flags, algorithm, lg_blocksize, info_raw = HEADER.unpack_from(data)
+        if magic != MAGIC:
+            info_raw, _flags, magic, version, algorithm, lg_blocksize = OLD_HEADER.unpack_from(data)
+            if magic != MAGIC:
+                raise SplitStreamError("bad magic: not a splitstream")
+        if version != 0:
+            raise SplitStreamError(f"unsupported splitstream version {version}")
+        if algorithm != HASH_ALG_IDS[alg]:
+            raise SplitStreamError(f"hash algorithm {algorithm} does not match the repository's {alg}")
+        if lg_blocksize != LG_BLOCKSIZE:
+            raise SplitStreamError(f"unsupported block size 2^{lg_blocksize}")
+        info = self._range(info_raw, "info")
+        if info.end - info.start < INFO_SIZE:
+            raise SplitStreamError(f"info section of {info.end - info.start} bytes, need {INFO_SIZE}")
+        sr, orf, body, nr, self.content_type, self.stream_size = INFO.unpack_from(data, info.start)
+        if expected_content_type is not None and self.content_type != expected_content_type:
+            raise SplitStreamError(
+                f"content type {self.content_type:#x}, expected {expected_content_type:#x}"
+            )
+        self.stream_refs = self._id_array(self._range(sr, "stream_refs"), d, "stream_refs")
+        self.object_refs = self._id_array(self._range(orf, "object_refs"), d, "object_refs")
+        self._body = self._range(body, "stream")
+        self.named_refs = self._parse_named(self._decompress(self._range(nr, "named_refs"), "named_refs"))
+
+    def _range(self, raw: bytes, what: str) -> _Range:
+        start, end = FILE_RANGE.unpack(raw)
+        if end < start:
+            raise SplitStreamError(f"{what} range ends ({end}) before it starts ({start})")
+        if end > len(self._data):
+            raise SplitStreamError(f"{what} range {start}..{end} is beyond the end of the file ({len(self._data)})")
+        return _Range(start, end)
+
+    def _id_array(self, r: _Range, d: int, what: str) -> list[bytes]:
+        length = r.end - r.start
+        if length % d:
+            raise SplitStreamError(f"{what} length {length} is not a multiple of the digest size {d}")
+        return [self._data[i : i + d] for i in range(r.start, r.end, d)]
+
+    def _decompress(self, r: _Range, what: str) -> bytes:
+        try:
+            return b"".join(self._decompress_iter(r))
+        except zstandard.ZstdError as e:
+            raise SplitStreamError(f"{what}: corrupt zstd data: {e}") from None
+
+    def _decompress_iter(self, r: _Range) -> Iterator[bytes]:
+        """Decompress a section piecewise (bounded memory); several frames may follow each other."""
+        data = memoryview(self._data)[r.start : r.end]
+        dobj = None
+        pos = 0
+        while pos < len(data):
+            if dobj is None:
+                dobj = zstandard.ZstdDecompressor().decompressobj()
+            piece = data[pos : pos + _INPUT_PIECE]
+            out = dobj.decompress(piece)
+            if out:
+                yield out
+            if dobj.eof:
+                pos += len(piece) - len(dobj.unused_data)
+                dobj = None
+            else:
+                pos += len(piece)
+        if dobj is not None:
+            raise zstandard.ZstdError("truncated zstd frame")
+
+    def _parse_named(self, text: bytes) -> dict[str, bytes]:
+        named: dict[str, bytes] = {}
+        if text and not text.endswith(b"\0"):
+            raise SplitStreamError("named refs: last record is not NUL-terminated")
+        for record in text.split(b"\0")[:-1]:
+            try:
+                s = record.decode()
+            except UnicodeDecodeError:
+                raise SplitStreamError(f"named refs: record {record[:40]!r} is not UTF-8") from None
+            index, sep, name = s.partition(":")
+            if not sep or not index.isdigit() or not index.isascii():
+                raise SplitStreamError(f"named refs: malformed record {s[:80]!r}")
+            if int(index) >= len(self.stream_refs):
+                raise SplitStreamError(f"named refs: index {index} out of range ({len(self.stream_refs)} stream refs)")
+            named[name] = self.stream_refs[int(index)]
+        return named
+
+    def chunks(self) -> Iterator[bytes | int]:
+        """Yield inline bytes or object_refs indices, in stream order, decompressing lazily."""
+        buf = bytearray()
+        pos = 0
+        try:
+            for piece in self._decompress_iter(self._body):
+                buf += piece
+                while len(buf) - pos >= CHUNK.size:
+                    (n,) = CHUNK.unpack_from(buf, pos)
+                    if n >= 0:
+                        if n >= len(self.object_refs):
+                            raise SplitStreamError(
+                                f"body: object index {n} out of range ({len(self.object_refs)} object refs)"
+                            )
+                        pos += CHUNK.size
+                        yield n
+                        continue
+                    if len(buf) - pos - CHUNK.size < -n:
+                        break
+                    start = pos + CHUNK.size
+                    pos = start - n
+                    yield bytes(buf[start:pos])
+                del buf[:pos]
+                pos = 0
+        except zstandard.ZstdError as e:
+            raise SplitStreamError(f"body: corrupt zstd data: {e}") from None
+        if buf:
+            raise SplitStreamError(f"body: truncated chunk ({len(buf)} bytes left over)")
