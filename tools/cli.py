@@ -9,23 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from pycfs.host.errors import PycfsError
 
 # Order is the order of `pycfs --help`.
 COMMAND_MODULES = ["repo"]
-
-
-def default_repo_path() -> str:
-    """Like cfsctl: ~/.var/lib/composefs for users, /sysroot/composefs for root."""
-    if os.geteuid() == 0 and "PYCFS_REPO" not in os.environ:
-        return "/sysroot/composefs"
-    home = os.environ.get("HOME")
-    if not home:
-        raise PycfsError("HOME is not set: pass --repo PATH")
-    return os.environ.get("PYCFS_REPO", os.path.join(home, ".var/lib/composefs"))
 
 
 def build_parser() -> argparse.ArgumentParser:

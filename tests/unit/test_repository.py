@@ -1,0 +1,158 @@
+"""Repository: meta.json, feature rules, object stores, symlinks, streams and refs."""
+
+import json
+import os
+
+import pytest
+
+from pycfs.host.fsverity import digest_bytes
+from pycfs.host.repository import Repository, RepositoryError
+from pycfs.host.splitstream import CONTENT_OCI_LAYER
+from pycfs.host.streamcat import iter_stream_bytes
+
+META_V1 = (
+    '{\n  "version": 1,\n  "algorithm": "fsverity-sha256-12",\n  "features": {\n    "compatible": [],\n'
+    '    "read-only-compatible": [\n      "v1_erofs"\n    ],\n    "incompatible": []\n  },\n'
+    '  "erofs_formats": {\n    "default": 1\n  }\n}\n'
+)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    with Repository.init(tmp_path / "repo") as r:
+        yield r
+
+
+def test_init_writes_cfsctl_meta_json(tmp_path):
+    Repository.init(tmp_path / "r").close()
+    assert (tmp_path / "r" / "meta.json").read_text() == META_V1
+    assert (tmp_path / "r").stat().st_mode & 0o777 == 0o700
+
+
+def test_reinit_same_is_noop_and_different_is_error(tmp_path):
+    Repository.init(tmp_path / "r").close()
+    Repository.init(tmp_path / "r").close()
+    with pytest.raises(RepositoryError, match="already a repository"):
+        Repository.init(tmp_path / "r", "fsverity-sha512-12")
+
+
+def test_sha512_repository(tmp_path):
+    with Repository.init(tmp_path / "r", "fsverity-sha512-12") as r:
+        oid = r.ensure_object(b"x" * 100)
+        assert len(oid) == 64 and oid == digest_bytes(b"x" * 100, "sha512")
+        assert r.object_path(oid).read_bytes() == b"x" * 100
+
+
+def test_open_errors(tmp_path):
+    with pytest.raises(RepositoryError, match="no repository"):
+        Repository.open(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RepositoryError, match="no meta.json"):
+        Repository.open(tmp_path / "empty")
+    (tmp_path / "empty" / "meta.json").write_text("{bad")
+    with pytest.raises(RepositoryError, match="not valid JSON"):
+        Repository.open(tmp_path / "empty")
+
+
+def _edit_meta(path, **changes):
+    meta = json.loads((path / "meta.json").read_text())
+    meta.update(changes)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_feature_rules(tmp_path):
+    p = tmp_path / "r"
+    Repository.init(p).close()
+    _edit_meta(p, features={"compatible": ["shiny"], "read-only-compatible": [], "incompatible": []})
+    with Repository.open(p) as r:
+        assert r.writable
+    _edit_meta(p, features={"compatible": [], "read-only-compatible": ["future"], "incompatible": []})
+    with Repository.open(p) as r:
+        assert not r.writable
+        with pytest.raises(RepositoryError, match="read-only"):
+            r.ensure_object(b"data")
+    _edit_meta(p, features={"compatible": [], "read-only-compatible": [], "incompatible": ["future"]})
+    with pytest.raises(RepositoryError, match="unknown incompatible"):
+        Repository.open(p)
+    _edit_meta(p, version=2, features={})
+    with pytest.raises(RepositoryError, match="format version 2"):
+        Repository.open(p)
+    _edit_meta(p, version=1, algorithm="fsverity-md5-12")
+    with pytest.raises(RepositoryError, match="unsupported algorithm"):
+        Repository.open(p)
+
+
+def test_ensure_object_dedups(repo):
+    a = repo.ensure_object(b"content")
+    b = repo.ensure_object(b"content")
+    assert a == b == digest_bytes(b"content")
+    assert repo.object_path(a).read_bytes() == b"content"
+    assert len(os.listdir(repo.path / "objects" / a.hex()[:2])) == 1
+
+
+def test_object_writer_streams_and_dedups(repo):
+    w = repo.object_writer()
+    for _ in range(10):
+        w.write(b"0123456789" * 1000)
+    oid, present = w.finish()
+    assert not present and oid == digest_bytes(b"0123456789" * 10000)
+    w = repo.object_writer()
+    w.write(b"0123456789" * 10000)
+    assert w.finish() == (oid, True)
+
+
+def test_store_from_fd_copies_then_finds_present(repo, tmp_path):
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(300000))
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        first = repo.store_object_from_fd(fd)
+        second = repo.store_object_from_fd(fd)
+    finally:
+        os.close(fd)
+    assert first.how in ("copied", "reflinked") and second.how == "present"
+    assert first.object_id == digest_bytes(src.read_bytes()) and first.size == 300000
+    assert repo.object_path(first.object_id).read_bytes() == src.read_bytes()
+
+
+def test_named_tempfile_fallback(repo):
+    repo._tmpfile_ok = False  # what a filesystem without O_TMPFILE leads to
+    oid = repo.ensure_object(b"fallback")
+    assert repo.object_path(oid).read_bytes() == b"fallback"
+    assert not [n for n in os.listdir(repo.path / "objects") if n.startswith(".tmp")]
+
+
+def test_streams_refs_and_relative_symlinks(repo):
+    body = repo.ensure_object(b"B" * 500)
+    w = repo.new_stream(CONTENT_OCI_LAYER)
+    w.write_inline(b"head")
+    w.write_external(body, 500)
+    sid = repo.write_stream(w, "oci-layer-sha256:" + "ab" * 32, ref="oci/my%2Fimage")
+    link = repo.path / "streams" / ("oci-layer-sha256:" + "ab" * 32)
+    assert os.readlink(link) == f"../objects/{sid.hex()[:2]}/{sid.hex()[2:]}"
+    assert os.readlink(repo.path / "streams/refs/oci/my%2Fimage") == "../../oci-layer-sha256:" + "ab" * 32
+    assert repo.has_stream("oci-layer-sha256:" + "ab" * 32) == sid
+    assert repo.has_stream("oci-layer-sha256:" + "cd" * 32) is None
+    reader = repo.open_stream("refs/oci/my%2Fimage")
+    assert b"".join(iter_stream_bytes(repo, reader)) == b"head" + b"B" * 500
+    # re-pointing a ref replaces the link atomically
+    w2 = repo.new_stream(CONTENT_OCI_LAYER)
+    w2.write_inline(b"other")
+    repo.write_stream(w2, "other", ref="oci/my%2Fimage")
+    assert os.readlink(repo.path / "streams/refs/oci/my%2Fimage") == "../../other"
+    assert not [n for n in os.listdir(repo.path) if n.startswith(".symlink-")]
+
+
+def test_images_and_refs(repo):
+    iid = repo.write_image(b"\0" * 4096, ref="mine")
+    assert os.readlink(repo.path / "images" / iid.hex()) == f"../objects/{iid.hex()[:2]}/{iid.hex()[2:]}"
+    assert os.readlink(repo.path / "images/refs/mine") == f"../{iid.hex()}"
+    assert repo.image_id("mine") == iid == repo.image_id(iid.hex())
+    with pytest.raises(RepositoryError, match="no image"):
+        repo.image_id("nope")
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/../b", "/abs", "a\0b", "."])
+def test_hostile_names_rejected(repo, name):
+    with pytest.raises(RepositoryError, match="invalid"):
+        repo.set_stream_ref(name, "x")

@@ -1,0 +1,36 @@
+"""Helpers every command module shares: locating/opening the repository, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from pycfs.host.errors import PycfsError
+from pycfs.host.repository import Repository
+
+
+def default_repo_path() -> str:
+    """Like cfsctl: ~/.var/lib/composefs for users, /sysroot/composefs for root; $PYCFS_REPO wins."""
+    if "PYCFS_REPO" in os.environ:
+        return os.environ["PYCFS_REPO"]
+    if os.geteuid() == 0:
+        return "/sysroot/composefs"
+    home = os.environ.get("HOME")
+    if not home:
+        raise PycfsError("HOME is not set: pass --repo PATH")
+    return os.path.join(home, ".var/lib/composefs")
+
+
+def repo_path(args: argparse.Namespace) -> str:
+    return args.repo or default_repo_path()
+
+
+def open_repo(args: argparse.Namespace, writable: bool = True) -> Repository:
+    return Repository.open(repo_path(args), writable=writable)
+
+
+def print_json(doc: object) -> None:
+    json.dump(doc, sys.stdout, indent=2)
+    sys.stdout.write("\n")
