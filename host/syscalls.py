@@ -122,3 +122,21 @@ def syncfs(fd: int) -> None:
     """Flush the whole filesystem holding fd: one barrier instead of an fsync per object."""
     if _libc.syncfs(fd) != 0:
         _raise("syncfs")
+
+
+MS_RDONLY = 0x1
+MS_NODEV = 0x4
+MS_NOSUID = 0x2
+MNT_DETACH = 0x2
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, options: str = "") -> None:
+    """mount(2); OSError carries the errno (the kernel log has the details)."""
+    rc = _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags, options.encode() or None)
+    if rc != 0:
+        _raise(f"mount {fstype} on {target}", source)
+
+
+def umount(target: str, flags: int = 0) -> None:
+    if _libc.umount2(os.fsencode(target), flags) != 0:
+        _raise("umount", target)

@@ -1,0 +1,336 @@
+"""Read a composefs EROFS image back into a `FileSystem` (what `composefs-info dump` shows).
+
+Strict: every offset is bounds-checked and anything outside what composefs writers produce
+(compression, other block sizes, unknown xattr prefixes, bad dirents, directory loops) is an
+`ImageFormatError` with the offending nid/offset.
+
+composefs transformations are undone the way the C loader does it: native chr 0:0 entries
+(the whiteout stubs) are skipped in epoch-1 images; `trusted.overlay.overlay.X` is unescaped
+to `trusted.overlay.X`, other `trusted.overlay.*` are dropped (metacopy and redirect become
+the file's digest and payload); a regular file marked as an escaped whiteout becomes chr 0:0
+again and the directory markers are dropped.
+"""
+
+from __future__ import annotations
+
+import stat as _stat
+from dataclasses import dataclass, field
+
+from pycfs.host.errors import PycfsError
+from pycfs.host.erofs import format as F
+from pycfs.host.tree import (
+    BlockDevice,
+    CharDevice,
+    Directory,
+    External,
+    ExternalNoVerity,
+    Fifo,
+    FileSystem,
+    Inline,
+    Leaf,
+    Socket,
+    Sparse,
+    Stat,
+    Symlink,
+    object_path,
+)
+
+MAX_IMAGE_SIZE = 1 << 30
+
+_OVERLAY = b"trusted.overlay."
+_OVERLAY_ESC = b"trusted.overlay.overlay."
+
+
+class ImageFormatError(PycfsError):
+    """The bytes are not a (well-formed) composefs EROFS image."""
+
+
+@dataclass
+class RawInode:
+    """An inode as stored, before composefs interpretation."""
+
+    nid: int
+    format: int
+    mode: int
+    nlink: int
+    size: int
+    i_u: int
+    ino: int
+    uid: int
+    gid: int
+    mtime: int
+    mtime_nsec: int
+    xattrs: list[tuple[bytes, bytes]]
+    inline_offset: int  # absolute offset of the inline tail
+
+    @property
+    def datalayout(self) -> int:
+        return F.inode_datalayout(self.format)
+
+
+@dataclass
+class LoadedImage:
+    fs: FileSystem
+    header: F.ComposefsHeader
+    superblock: F.Superblock
+    dir_sizes: dict[int, int] = field(default_factory=dict)  # id(Directory) -> i_size
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        if len(data) < F.SUPERBLOCK_OFFSET + F.Superblock.SIZE:
+            raise ImageFormatError(f"image too small ({len(data)} bytes) for a composefs header and superblock")
+        if len(data) > MAX_IMAGE_SIZE:
+            raise ImageFormatError(f"image of {len(data)} bytes exceeds the 1 GiB composefs limit")
+        self.header = F.ComposefsHeader.unpack_from(self.data, 0)
+        h = self.header
+        if h.magic != F.COMPOSEFS_MAGIC:
+            raise ImageFormatError(f"bad composefs magic 0x{h.magic:08x} (expected 0x{F.COMPOSEFS_MAGIC:08x})")
+        if h.version != F.COMPOSEFS_HEADER_VERSION:
+            raise ImageFormatError(f"unsupported composefs header version {h.version}")
+        if h.composefs_version not in (0, 1, 2):
+            raise ImageFormatError(f"unsupported composefs_version {h.composefs_version}")
+        sb = F.Superblock.unpack_from(self.data, F.SUPERBLOCK_OFFSET)
+        self.sb = sb
+        if sb.magic != F.EROFS_SUPER_MAGIC:
+            raise ImageFormatError(f"bad EROFS magic 0x{sb.magic:08x}")
+        if sb.blkszbits != F.BLOCK_BITS:
+            raise ImageFormatError(f"unsupported block size 2^{sb.blkszbits}")
+        if sb.feature_compat & ~(F.FEATURE_COMPAT_SB_CHKSUM | F.FEATURE_COMPAT_MTIME | F.FEATURE_COMPAT_XATTR_FILTER):
+            raise ImageFormatError(f"unsupported feature_compat 0x{sb.feature_compat:x}")
+        if sb.feature_incompat & ~F.FEATURE_INCOMPAT_CHUNKED_FILE:
+            raise ImageFormatError(f"unsupported feature_incompat 0x{sb.feature_incompat:x}")
+        if sb.sb_extslots or sb.extra_devices or sb.packed_nid or sb.xattr_prefix_count or sb.meta_blkaddr:
+            raise ImageFormatError("image uses EROFS features composefs never writes (extslots, devices, packed inode, xattr prefixes or meta_blkaddr)")
+        self.epoch1 = h.composefs_version in (0, 1)
+
+    def _need(self, off: int, size: int, what: str) -> None:
+        if off < 0 or size < 0 or off + size > len(self.data):
+            raise ImageFormatError(f"truncated image: {what} at offset {off} (+{size}) beyond end {len(self.data)}")
+
+    def inode(self, nid: int) -> RawInode:
+        off = nid * 32
+        self._need(off, F.CompactInode.SIZE, f"inode nid {nid}")
+        fmt = int.from_bytes(self.data[off:off + 2], "little")
+        if fmt & ~0xF:
+            raise ImageFormatError(f"inode nid {nid}: unsupported i_format 0x{fmt:x}")
+        layout = F.inode_datalayout(fmt)
+        if layout not in (F.DATALAYOUT_FLAT_PLAIN, F.DATALAYOUT_FLAT_INLINE, F.DATALAYOUT_CHUNK_BASED):
+            raise ImageFormatError(f"inode nid {nid}: unsupported data layout {layout} (compressed?)")
+        if F.inode_is_extended(fmt):
+            self._need(off, F.ExtendedInode.SIZE, f"inode nid {nid}")
+            e = F.ExtendedInode.unpack_from(self.data, off)
+            hdr = F.ExtendedInode.SIZE
+            mode, nlink, size, i_u, ino, uid, gid = e.mode, e.nlink, e.size, e.i_u, e.ino, e.uid, e.gid
+            mtime, nsec = e.mtime, e.mtime_nsec
+            icount = e.xattr_icount
+        else:
+            c = F.CompactInode.unpack_from(self.data, off)
+            hdr = F.CompactInode.SIZE
+            mode, nlink, size, i_u, ino, uid, gid = c.mode, c.nlink, c.size, c.i_u, c.ino, c.uid, c.gid
+            mtime, nsec = self.sb.build_time, self.sb.build_time_nsec
+            icount = c.xattr_icount
+        if mtime >= 1 << 63:
+            mtime -= 1 << 64
+        xoff = off + hdr
+        xsize = 0 if icount == 0 else 12 + 4 * (icount - 1)
+        self._need(xoff, xsize, f"xattrs of inode nid {nid}")
+        xattrs = self._xattrs(nid, xoff, xsize) if xsize else []
+        if layout != F.DATALAYOUT_CHUNK_BASED and not _stat.S_ISCHR(mode) and not _stat.S_ISBLK(mode) and size > len(self.data):
+            raise ImageFormatError(f"inode nid {nid}: size {size} larger than the image")
+        return RawInode(nid, fmt, mode, nlink, size, i_u, ino, uid, gid, mtime, nsec, xattrs, xoff + xsize)
+
+    def _xattr_entry(self, off: int, end: int, nid: int) -> tuple[tuple[bytes, bytes], int]:
+        if off + 4 > end:
+            raise ImageFormatError(f"inode nid {nid}: xattr entry at {off} runs past its block")
+        e = F.XattrEntry.unpack_from(self.data, off)
+        prefix = F.XATTR_PREFIXES.get(e.name_index)
+        if prefix is None:
+            raise ImageFormatError(f"inode nid {nid}: unknown xattr name index {e.name_index}")
+        nend = off + 4 + e.name_len
+        vend = nend + e.value_size
+        if vend > end:
+            raise ImageFormatError(f"inode nid {nid}: xattr entry at {off} runs past its block")
+        key = prefix + bytes(self.data[off + 4:nend])
+        return (key, bytes(self.data[nend:vend])), (vend + 3) & ~3
+
+    def _xattrs(self, nid: int, off: int, size: int) -> list[tuple[bytes, bytes]]:
+        end = off + size
+        h = F.XattrIbodyHeader.unpack_from(self.data, off)
+        pos = off + 12
+        if pos + 4 * h.shared_count > end:
+            raise ImageFormatError(f"inode nid {nid}: {h.shared_count} shared xattrs do not fit its xattr block")
+        shared_ids = [int.from_bytes(self.data[pos + 4 * i:pos + 4 * i + 4], "little") for i in range(h.shared_count)]
+        pos += 4 * h.shared_count
+        local = []
+        while pos < end:
+            kv, pos = self._xattr_entry(pos, end, nid)
+            local.append(kv)
+        base = self.sb.xattr_blkaddr * F.BLOCK_SIZE
+        shared = []
+        for sid in shared_ids:
+            soff = base + 4 * sid
+            self._need(soff, 4, f"shared xattr {sid} of inode nid {nid}")
+            kv, _ = self._xattr_entry(soff, len(self.data), nid)
+            shared.append(kv)
+        # the C loader lists the inline entries first, then the shared ones
+        return local + shared
+
+    def data_of(self, ino: RawInode) -> bytes:
+        """Bytes of a FLAT_PLAIN / FLAT_INLINE inode (directory, inline file, symlink)."""
+        size = ino.size
+        if ino.datalayout == F.DATALAYOUT_FLAT_PLAIN:
+            if size == 0:
+                return b""
+            start = ino.i_u * F.BLOCK_SIZE
+            self._need(start, size, f"data of inode nid {ino.nid}")
+            return bytes(self.data[start:start + size])
+        if ino.datalayout == F.DATALAYOUT_FLAT_INLINE:
+            nfull, tail = divmod(size, F.BLOCK_SIZE)
+            parts = []
+            if nfull:
+                start = ino.i_u * F.BLOCK_SIZE
+                self._need(start, nfull * F.BLOCK_SIZE, f"data blocks of inode nid {ino.nid}")
+                parts.append(bytes(self.data[start:start + nfull * F.BLOCK_SIZE]))
+            self._need(ino.inline_offset, tail, f"inline data of inode nid {ino.nid}")
+            if ino.inline_offset // F.BLOCK_SIZE != (ino.inline_offset + tail - 1) // F.BLOCK_SIZE and tail:
+                raise ImageFormatError(f"inode nid {ino.nid}: inline data crosses a block boundary")
+            parts.append(bytes(self.data[ino.inline_offset:ino.inline_offset + tail]))
+            return b"".join(parts)
+        raise ImageFormatError(f"inode nid {ino.nid}: chunk-based inode has no inline data")
+
+    def dirents(self, ino: RawInode) -> list[tuple[bytes, int, int]]:
+        data = self.data_of(ino)
+        out = []
+        B = F.BLOCK_SIZE
+        for bstart in range(0, len(data), B):
+            block = data[bstart:bstart + B]
+            if len(block) < F.Dirent.SIZE:
+                raise ImageFormatError(f"directory nid {ino.nid}: truncated dirent block")
+            first = F.Dirent.unpack_from(block, 0)
+            if first.nameoff % F.Dirent.SIZE or not F.Dirent.SIZE <= first.nameoff <= len(block):
+                raise ImageFormatError(f"directory nid {ino.nid}: bad first nameoff {first.nameoff}")
+            n = first.nameoff // F.Dirent.SIZE
+            ents = [F.Dirent.unpack_from(block, i * F.Dirent.SIZE) for i in range(n)]
+            for i, d in enumerate(ents):
+                end = ents[i + 1].nameoff if i + 1 < n else len(block)
+                if not d.nameoff <= end <= len(block):
+                    raise ImageFormatError(f"directory nid {ino.nid}: bad nameoff {d.nameoff}")
+                name = block[d.nameoff:end]
+                if i + 1 == n:
+                    nul = name.find(b"\0")
+                    if nul >= 0:
+                        name = name[:nul]
+                if not name or b"/" in name or b"\0" in name:
+                    raise ImageFormatError(f"directory nid {ino.nid}: invalid entry name {name!r}")
+                out.append((name, d.nid, d.file_type))
+        return out
+
+
+def _interpret_xattrs(raw: list[tuple[bytes, bytes]]) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    """Split stored xattrs into (user-visible, composefs-internal trusted.overlay.*)."""
+    user: dict[bytes, bytes] = {}
+    internal: dict[bytes, bytes] = {}
+    for k, v in raw:
+        if k.startswith(_OVERLAY_ESC):
+            user[_OVERLAY + k[len(_OVERLAY_ESC):]] = v
+        elif k.startswith(_OVERLAY):
+            internal[k] = v
+        else:
+            user[k] = v
+    return user, internal
+
+
+def read_image(data: bytes) -> LoadedImage:
+    """Parse a composefs image into a tree (C composefs-info semantics)."""
+    r = _Reader(data)
+    sb = r.sb
+    loaded = LoadedImage(FileSystem(), r.header, sb)
+    root_raw = r.inode(sb.root_nid)
+    if not _stat.S_ISDIR(root_raw.mode):
+        raise ImageFormatError(f"root inode nid {sb.root_nid} is not a directory")
+    nodes: dict[int, object] = {}
+    root = _make_dir(root_raw)
+    loaded.fs.root = root
+    loaded.dir_sizes[id(root)] = root_raw.size
+    nodes[root_raw.nid] = root
+    stack = [(root, root_raw)]
+    while stack:
+        d, draw = stack.pop()
+        for name, nid, _ftype in r.dirents(draw):
+            if name in (b".", b".."):
+                continue
+            node = nodes.get(nid)
+            if node is None:
+                craw = r.inode(nid)
+                if _stat.S_ISDIR(craw.mode):
+                    node = _make_dir(craw)
+                    loaded.dir_sizes[id(node)] = craw.size
+                    stack.append((node, craw))
+                else:
+                    if r.epoch1 and _stat.S_ISCHR(craw.mode) and craw.i_u == 0:
+                        continue  # whiteout stub (C: any native chr 0:0 is skipped)
+                    node = _make_leaf(r, craw)
+                nodes[nid] = node
+            if name in d.entries:
+                raise ImageFormatError(f"directory nid {draw.nid}: duplicate entry {name!r}")
+            d.entries[name] = node  # type: ignore[assignment]
+    return loaded
+
+
+def _make_dir(raw: RawInode) -> Directory:
+    user, _internal = _interpret_xattrs(raw.xattrs)
+    if b"trusted.overlay.whiteouts" in user:
+        del user[b"trusted.overlay.whiteouts"]
+        user.pop(b"user.overlay.whiteouts", None)
+    return Directory(Stat(raw.mode & 0o7777, raw.uid, raw.gid, raw.mtime, raw.mtime_nsec, user))
+
+
+def _make_leaf(r: _Reader, raw: RawInode) -> Leaf:
+    user, internal = _interpret_xattrs(raw.xattrs)
+    st = Stat(raw.mode & 0o7777, raw.uid, raw.gid, raw.mtime, raw.mtime_nsec, user)
+    fmt = _stat.S_IFMT(raw.mode)
+    if fmt == _stat.S_IFREG:
+        if b"trusted.overlay.whiteout" in user:
+            del user[b"trusted.overlay.whiteout"]
+            user.pop(b"user.overlay.whiteout", None)
+            return Leaf(st, CharDevice(0), raw.nlink)
+        if raw.datalayout == F.DATALAYOUT_CHUNK_BASED:
+            if raw.i_u & ~(F.CHUNK_FORMAT_BLKBITS_MASK | 0xFFFF0000):
+                raise ImageFormatError(f"inode nid {raw.nid}: unsupported chunk format 0x{raw.i_u:x}")
+            if raw.size == 0:
+                return Leaf(st, Inline(b""), raw.nlink)
+            digest = None
+            mc = internal.get(b"trusted.overlay.metacopy")
+            if mc:
+                try:
+                    digest = F.OverlayMetacopy.unpack(mc).digest
+                except F.FormatError as e:
+                    raise ImageFormatError(f"inode nid {raw.nid}: {e}") from None
+            redirect = internal.get(b"trusted.overlay.redirect")
+            payload = redirect[1:] if redirect and redirect.startswith(b"/") else redirect
+            if digest:
+                if payload is None:
+                    payload = b""
+                content = External(digest, raw.size, None if payload == object_path(digest) else payload)
+            elif payload:
+                content = ExternalNoVerity(payload, raw.size)
+            else:
+                content = Sparse(raw.size)
+            return Leaf(st, content, raw.nlink)
+        return Leaf(st, Inline(r.data_of(raw)), raw.nlink)
+    if fmt == _stat.S_IFLNK:
+        target = r.data_of(raw)
+        if not target:
+            raise ImageFormatError(f"inode nid {raw.nid}: empty symlink")
+        return Leaf(st, Symlink(target), raw.nlink)
+    if fmt == _stat.S_IFCHR:
+        return Leaf(st, CharDevice(raw.i_u), raw.nlink)
+    if fmt == _stat.S_IFBLK:
+        return Leaf(st, BlockDevice(raw.i_u), raw.nlink)
+    if fmt == _stat.S_IFIFO:
+        return Leaf(st, Fifo(), raw.nlink)
+    if fmt == _stat.S_IFSOCK:
+        return Leaf(st, Socket(), raw.nlink)
+    raise ImageFormatError(f"inode nid {raw.nid}: invalid mode 0o{raw.mode:o}")

@@ -1,0 +1,612 @@
+"""EROFS composefs image writer (spec 5).
+
+`write_image(fs, version)`:
+* versions 0 and 1 ("epoch 1") are byte-identical to C mkcomposefs 1.0.8;
+* version 2 is the legacy composefs-rs layout.
+
+`choose_version(fs, min_version, max_version)` applies the C tool's rule (raise to the
+maximum only when the tree holds a whiteout).
+
+The writer is two-pass: `_plan` turns the tree into a flat list of `_Ino` records with every
+size, xattr list and padding decision, `_layout` assigns nids and block addresses, `_emit`
+packs the bytes into one preallocated bytearray.
+"""
+
+from __future__ import annotations
+
+import stat as _stat
+from collections import deque
+
+from pycfs.host.errors import PycfsError
+from pycfs.host.erofs import format as F
+from pycfs.host.tree import (
+    BlockDevice,
+    CharDevice,
+    Directory,
+    External,
+    ExternalNoVerity,
+    Fifo,
+    FileSystem,
+    Inline,
+    Leaf,
+    Socket,
+    Sparse,
+    Stat,
+    Symlink,
+)
+
+MAX_CHUNKS = 1024  # C refuses files needing more chunk indexes ("File too large")
+MAX_SHARED_PER_INODE = 128
+VERSION_MAX = 2
+
+OVERLAY_PREFIX = b"trusted.overlay."
+OVERLAY_ESCAPED_PREFIX = b"trusted.overlay.overlay."
+XATTR_METACOPY = b"trusted.overlay.metacopy"
+XATTR_REDIRECT = b"trusted.overlay.redirect"
+XATTR_OPAQUE = b"trusted.overlay.opaque"
+XATTR_ESC_WHITEOUT = b"trusted.overlay.overlay.whiteout"
+XATTR_ESC_WHITEOUTS = b"trusted.overlay.overlay.whiteouts"
+XATTR_ESC_OPAQUE = b"trusted.overlay.overlay.opaque"
+XATTR_USER_WHITEOUT = b"user.overlay.whiteout"
+XATTR_USER_WHITEOUTS = b"user.overlay.whiteouts"
+XATTR_USER_OPAQUE = b"user.overlay.opaque"
+XATTR_SELINUX = b"security.selinux"
+ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+WHITEOUT_STUB_NAMES = [b"%02x" % i for i in range(256)]
+
+
+class ImageError(PycfsError):
+    """The tree cannot be written as an image."""
+
+
+# Prefix matching order: longest/most specific indexes first (6 -> 0); lustre (5) is only
+# used by the V2 writer.
+_PREFIX_ORDER_EPOCH1 = [6, 4, 3, 2, 1]
+_PREFIX_ORDER_V2 = [6, 5, 4, 3, 2, 1]
+
+
+def _split_xattr_name(key: bytes, order: list[int]) -> tuple[int, bytes]:
+    for idx in order:
+        p = F.XATTR_PREFIXES[idx]
+        if key.startswith(p):
+            return idx, key[len(p):]
+    return 0, key
+
+
+def choose_version(fs: FileSystem, min_version: int = 0, max_version: int = 1) -> int:
+    """C mkcomposefs: use `min_version` unless the tree has a whiteout (chr 0:0)."""
+    if not 0 <= min_version <= 1 or not 0 <= max_version <= 1:
+        raise ImageError("cannot write file: Invalid argument (format versions are 0 and 1)")
+    max_version = max(min_version, max_version)
+    if max_version > min_version and _has_whiteout(fs.root):
+        return max_version
+    return min_version
+
+
+def _has_whiteout(root: Directory) -> bool:
+    return any(isinstance(n, Leaf) and n.is_whiteout() for _p, n in root.walk())
+
+
+class _Ino:
+    """One inode of the image (hardlinked names share one)."""
+
+    __slots__ = (
+        "node", "index", "mode", "uid", "gid", "mtime", "nsec", "nlink", "size", "rdev",
+        "xattrs", "shared", "local", "xattr_size", "name_filter", "layout", "inline",
+        "blocks", "nblocks", "i_u", "extended", "ftype", "nid", "children", "parent",
+        "kind", "chunk_format", "chunk_count", "promoted",
+    )
+
+    def __init__(self, node, index: int) -> None:
+        self.node = node
+        self.index = index
+        self.xattrs: dict[bytes, bytes] = {}
+        self.shared: list[int] = []
+        self.local: list[tuple[int, bytes, bytes]] = []
+        self.xattr_size = 0
+        self.name_filter = 0
+        self.inline = b""
+        self.blocks = b""
+        self.nblocks = 0
+        self.i_u = 0
+        self.rdev = 0
+        self.size = 0
+        self.children: list[tuple[bytes, _Ino]] = []
+        self.parent: _Ino | None = None
+        self.promoted = False
+        self.chunk_format = 0
+        self.chunk_count = 0
+
+
+_FTYPES = {
+    _stat.S_IFREG: F.FT_REG_FILE, _stat.S_IFDIR: F.FT_DIR, _stat.S_IFCHR: F.FT_CHRDEV,
+    _stat.S_IFBLK: F.FT_BLKDEV, _stat.S_IFIFO: F.FT_FIFO, _stat.S_IFSOCK: F.FT_SOCK,
+    _stat.S_IFLNK: F.FT_SYMLINK,
+}
+
+
+def write_image(fs: FileSystem, version: int = 0) -> bytes:
+    """Serialise `fs` as a composefs EROFS image of format `version` (0, 1 or 2)."""
+    if version not in (0, 1, 2):
+        raise ImageError(f"cannot write file: Invalid argument (format version {version})")
+    if version == 2:
+        raise ImageError("format version 2 is not supported yet")
+    inos = _collect_epoch1(fs, version)
+    _prepare_xattrs_epoch1(inos)
+    shared_table = _share_xattrs_epoch1(inos)
+    min_sec, min_nsec = min((i.mtime, i.nsec) for i in inos)
+    for ino in inos:
+        _prepare_data_epoch1(ino, min_sec, min_nsec)
+    return _layout_and_emit(inos, shared_table, version, min_sec, min_nsec)
+
+
+# ---------------------------------------------------------------------------- pass 1: collect
+
+
+def _escape_xattrs(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for k, v in xattrs.items():
+        if k.startswith(OVERLAY_PREFIX):
+            k = OVERLAY_ESCAPED_PREFIX + k[len(OVERLAY_PREFIX):]
+        out[k] = v
+    return out
+
+
+def _canonical_occurrences(fs: FileSystem) -> tuple[dict[int, int], dict[int, tuple[int, bytes]]]:
+    """Link counts per leaf and, for multiply-linked leaves, the (id(dir), name) where the
+    inode is numbered: the recorded primary name, else the first depth-first occurrence."""
+    counts: dict[int, int] = {}
+    seen_dirs = {id(fs.root)}
+    stack = [fs.root]
+    while stack:
+        d = stack.pop()
+        for child in d.entries.values():
+            if isinstance(child, Leaf):
+                k = id(child)
+                counts[k] = counts.get(k, 0) + 1
+            elif id(child) not in seen_dirs:
+                seen_dirs.add(id(child))
+                stack.append(child)
+    multi = {k for k, c in counts.items() if c > 1}
+    if not multi:
+        return counts, {}
+    canon = _dfs_first(fs.root, multi)
+    for k in multi:
+        rec = fs.primary_links.get(k)
+        if rec is not None and id(rec[0].entries.get(rec[1])) == k:
+            canon[k] = (id(rec[0]), rec[1])
+    return counts, canon
+
+
+def _dfs_first(root: Directory, wanted: set[int]) -> dict[int, tuple[int, bytes]]:
+    found: dict[int, tuple[int, bytes]] = {}
+    seen = {id(root)}
+    iters = [(root, iter(root.sorted_entries()))]
+    while iters:
+        d, it = iters[-1]
+        for name, child in it:
+            k = id(child)
+            if isinstance(child, Leaf):
+                if k in wanted and k not in found:
+                    found[k] = (id(d), name)
+            elif k not in seen:
+                seen.add(k)
+                iters.append((child, iter(child.sorted_entries())))
+                break
+        else:
+            iters.pop()
+    return found
+
+
+def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
+    """BFS inode numbering (C lcfs_compute_tree) plus the composefs transformations."""
+    root = fs.root
+    counts, canon = _canonical_occurrences(fs)
+    rst = root.stat
+
+    stub_xattrs = {XATTR_SELINUX: rst.xattrs[XATTR_SELINUX]} if XATTR_SELINUX in rst.xattrs else {}
+    stubs: dict[bytes, Leaf] = {}
+    for name in WHITEOUT_STUB_NAMES:
+        if name not in root.entries:
+            stubs[name] = Leaf(
+                Stat(0o644, rst.uid, rst.gid, rst.mtime_sec, rst.mtime_nsec, dict(stub_xattrs)),
+                CharDevice(0), 1,
+            )
+    stub_ids = {id(s) for s in stubs.values()}
+
+    inos: list[_Ino] = []
+    by_id: dict[int, _Ino] = {}
+    late: list[tuple[_Ino, bytes, int]] = []  # (dir ino, name, leaf id) resolved after BFS
+
+    def new_ino(node) -> _Ino:
+        ino = _Ino(node, len(inos))
+        inos.append(ino)
+        by_id[id(node)] = ino
+        return ino
+
+    root_ino = new_ino(root)
+    root_ino.parent = root_ino
+    queue = deque([root_ino])
+    while queue:
+        dino = queue.popleft()
+        d: Directory = dino.node
+        entries = d.entries
+        if dino is root_ino and stubs:
+            entries = dict(entries)
+            entries.update(stubs)
+        for name in sorted(entries):
+            child = entries[name]
+            k = id(child)
+            if isinstance(child, Directory):
+                cino = by_id.get(k)
+                if cino is None:
+                    cino = new_ino(child)
+                    cino.parent = dino
+                    queue.append(cino)
+                dino.children.append((name, cino))
+                continue
+            if counts.get(k, 1) > 1 and canon.get(k) != (id(d), name):
+                cino = by_id.get(k)
+                if cino is None:
+                    late.append((dino, name, k))
+                    dino.children.append((name, None))  # type: ignore[arg-type]
+                    continue
+            else:
+                cino = new_ino(child)
+            dino.children.append((name, cino))
+    for dino, name, k in late:
+        for i, (n, c) in enumerate(dino.children):
+            if n == name and c is None:
+                dino.children[i] = (name, by_id[k])
+                break
+
+    # per-inode metadata and composefs xattrs
+    for ino in inos:
+        node = ino.node
+        st = node.stat
+        ino.uid, ino.gid = st.uid, st.gid
+        ino.mtime, ino.nsec = st.mtime_sec, st.mtime_nsec
+        ino.xattrs = _escape_xattrs(st.xattrs)
+        if isinstance(node, Directory):
+            ino.mode = node.st_mode
+            ino.nlink = 2 + len({id(c) for _n, c in ino.children if isinstance(c.node, Directory) and c.parent is ino})
+            continue
+        ino.nlink = 1 if id(node) in stub_ids else (node.nlink if node.nlink is not None else counts.get(id(node), 1))
+        ino.mode = node.st_mode
+        c = node.content
+        if isinstance(c, CharDevice) and c.rdev == 0 and id(node) not in stub_ids:
+            ino.mode = _stat.S_IFREG | (st.mode & 0o7777)
+        elif isinstance(c, (External, ExternalNoVerity, Sparse)):
+            x = ino.xattrs
+            if isinstance(c, External):
+                x[XATTR_METACOPY] = F.OverlayMetacopy(digest_algo=_verity_algo(c.id), digest=c.id).pack()
+            else:
+                x[XATTR_METACOPY] = b""
+            if not isinstance(c, Sparse) and c.backing_path:
+                x[XATTR_REDIRECT] = b"/" + c.backing_path
+
+    # whiteouts: escaped to regular files, parents marked
+    for dino in inos:
+        if not isinstance(dino.node, Directory):
+            continue
+        has_wh = False
+        for _name, cino in dino.children:
+            n = cino.node
+            if isinstance(n, Leaf) and n.is_whiteout() and id(n) not in stub_ids:
+                cino.xattrs[XATTR_ESC_WHITEOUT] = b""
+                cino.xattrs[XATTR_USER_WHITEOUT] = b""
+                has_wh = True
+        if has_wh:
+            dino.xattrs[XATTR_ESC_WHITEOUTS] = b""
+            dino.xattrs[XATTR_USER_WHITEOUTS] = b""
+            if version >= 1:
+                dino.xattrs[XATTR_ESC_OPAQUE] = b"x"
+                dino.xattrs[XATTR_USER_OPAQUE] = b"x"
+    root_ino.xattrs[XATTR_OPAQUE] = b"y"
+    return inos
+
+
+def _verity_algo(digest: bytes) -> int:
+    if len(digest) == 32:
+        return 1
+    if len(digest) == 64:
+        return 2
+    raise ImageError(f"fs-verity digest of {len(digest)} bytes is neither sha256 nor sha512")
+
+
+# ---------------------------------------------------------------------------- xattrs
+
+
+def _prepare_xattrs_epoch1(inos: list[_Ino]) -> None:
+    for ino in inos:
+        if ino.xattrs:
+            # keys are unique, so the C order (name, then value length, then value) is by name
+            ino.xattrs = dict(sorted(ino.xattrs.items()))
+
+
+def _share_xattrs_epoch1(inos: list[_Ino]) -> list[tuple[int, bytes, bytes]]:
+    """Move (key, value) pairs used by several inodes to the shared table; returns the table
+    entries (name index, suffix, value) in C order and fills each inode's xattr fields."""
+    counts: dict[tuple[bytes, bytes], int] = {}
+    for ino in inos:
+        for kv in ino.xattrs.items():
+            counts[kv] = counts.get(kv, 0) + 1
+    shared = [kv for kv, n in counts.items() if n > 1]
+    shared.sort(key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
+    # ids are relative to xattr_blkaddr; offsets within the table are known now, the table's
+    # start is added in _layout_and_emit
+    offsets: dict[tuple[bytes, bytes], int] = {}
+    off = 0
+    split = {}
+    for kv in shared:
+        idx, suffix = _split_xattr_name(kv[0], _PREFIX_ORDER_EPOCH1)
+        split[kv] = (idx, suffix)
+        offsets[kv] = off
+        off += F.xattr_entry_size(len(suffix), len(kv[1]))
+    for ino in inos:
+        if not ino.xattrs:
+            continue
+        filt = 0
+        shared_refs: list[int] = []
+        local: list[tuple[int, bytes, bytes]] = []
+        for k, v in ino.xattrs.items():
+            kv = (k, v)
+            if kv in offsets and len(shared_refs) < MAX_SHARED_PER_INODE:
+                idx, suffix = split[kv]
+                shared_refs.append(offsets[kv])
+            else:
+                idx, suffix = _split_xattr_name(k, _PREFIX_ORDER_EPOCH1)
+                local.append((idx, suffix, v))
+            filt |= 1 << F.xattr_name_filter_bit(idx, suffix)
+        ino.shared = shared_refs  # byte offsets inside the table for now
+        ino.local = local
+        size = F.XattrIbodyHeader.SIZE + 4 * len(shared_refs)
+        for _idx, suffix, v in local:
+            size += F.xattr_entry_size(len(suffix), len(v))
+        ino.xattr_size = size
+        ino.name_filter = (~filt) & 0xFFFFFFFF
+    return [(split[kv][0], split[kv][1], kv[1]) for kv in shared]
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def _chunk_bits(size: int) -> int:
+    bits = (size - 1).bit_length() if size > 1 else 1
+    return min(max(bits, F.BLOCK_BITS), 43)
+
+
+def _split_tail(data_len: int) -> tuple[int, int]:
+    nblocks, tail = divmod(data_len, F.BLOCK_SIZE)
+    if tail > F.BLOCK_SIZE // 2:
+        nblocks += 1
+        tail = 0
+    return nblocks, tail
+
+
+def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
+    node = ino.node
+    hdr_ext = None
+    if isinstance(node, Directory):
+        ino.ftype = F.FT_DIR
+        # size from names alone; the bytes are built once nids are known
+        names = [b".", b".."] + [n for n, _c in ino.children]
+        names.sort()
+        ino.children = sorted([(b".", ino), (b"..", ino.parent)] + ino.children, key=lambda t: t[0])  # type: ignore[list-item]
+        full = 0
+        cur = 0
+        for n in names:
+            cost = F.Dirent.SIZE + len(n)
+            if cur + cost > F.BLOCK_SIZE:
+                full += 1
+                cur = 0
+            cur += cost
+        if cur > F.BLOCK_SIZE // 2:
+            full += 1
+            cur = 0
+        ino.nblocks = full
+        ino.size = full * F.BLOCK_SIZE + cur
+        ino.inline = bytes(cur)  # placeholder of the right length
+        ino.layout = F.DATALAYOUT_FLAT_INLINE if cur else F.DATALAYOUT_FLAT_PLAIN
+    else:
+        c = node.content
+        ino.ftype = _FTYPES[_stat.S_IFMT(ino.mode)]
+        if isinstance(c, Inline) or (isinstance(c, CharDevice) and ino.ftype == F.FT_REG_FILE):
+            data = c.data if isinstance(c, Inline) else b""
+            ino.size = len(data)
+            nblocks, tail = _split_tail(len(data))
+            ino.nblocks = nblocks
+            if nblocks:
+                ino.blocks = data[: nblocks * F.BLOCK_SIZE]
+            ino.inline = data[nblocks * F.BLOCK_SIZE:] if tail else b""
+            ino.layout = F.DATALAYOUT_FLAT_INLINE if tail else F.DATALAYOUT_FLAT_PLAIN
+        elif isinstance(c, Symlink):
+            ino.size = len(c.target)
+            ino.layout = F.DATALAYOUT_FLAT_INLINE
+            ino.inline = c.target
+            hdr_ext = True  # decided below
+        elif isinstance(c, (External, ExternalNoVerity, Sparse)):
+            size = c.size
+            ino.size = size
+            bits = _chunk_bits(size)
+            count = -(-size // (1 << bits))
+            if count > MAX_CHUNKS:
+                raise ImageError("cannot write file: File too large")
+            ino.layout = F.DATALAYOUT_CHUNK_BASED
+            ino.chunk_format = bits - F.BLOCK_BITS
+            ino.chunk_count = count
+            ino.inline = b"\xff" * (4 * count)
+            ino.i_u = ino.chunk_format
+        elif isinstance(c, (CharDevice, BlockDevice)):
+            ino.layout = F.DATALAYOUT_FLAT_PLAIN
+            ino.rdev = c.rdev & 0xFFFFFFFF
+            ino.i_u = ino.rdev
+        else:  # fifo, socket
+            ino.layout = F.DATALAYOUT_FLAT_PLAIN
+    ino.extended = not (
+        ino.mtime == min_sec and ino.nsec == min_nsec and ino.nlink <= 0xFFFF
+        and ino.uid <= 0xFFFF and ino.gid <= 0xFFFF and ino.size <= 0xFFFFFFFF
+    )
+    hdr = F.ExtendedInode.SIZE if ino.extended else F.CompactInode.SIZE
+    if hdr_ext and hdr + ino.xattr_size + ino.size >= F.BLOCK_SIZE:
+        # long symlink target: one data block instead of an inline tail
+        ino.promoted = True
+        ino.layout = F.DATALAYOUT_FLAT_PLAIN
+        ino.blocks = ino.inline
+        ino.nblocks = 1
+        ino.inline = b""
+    elif ino.layout == F.DATALAYOUT_CHUNK_BASED and len(ino.inline) + ino.xattr_size % 32 > F.BLOCK_SIZE:
+        ino.promoted = True
+        ino.blocks = ino.inline
+        ino.nblocks = 1
+        ino.inline = b""
+
+
+# ---------------------------------------------------------------------------- layout + emit
+
+
+def _align(x: int, a: int) -> int:
+    return (x + a - 1) & ~(a - 1)
+
+
+def _layout_and_emit(inos: list[_Ino], shared_table, version: int, min_sec: int, min_nsec: int) -> bytes:
+    B = F.BLOCK_SIZE
+    pos = F.INODE_TABLE_OFFSET
+    for ino in inos:
+        pos = _align(pos, 32)
+        hdr = F.ExtendedInode.SIZE if ino.extended else F.CompactInode.SIZE
+        meta = hdr + ino.xattr_size
+        tail = len(ino.inline)
+        is_symlink = ino.ftype == F.FT_SYMLINK
+        if ino.promoted and is_symlink:
+            if pos // B != (pos + meta + ino.size - 1) // B:
+                pos = _align(pos, B)
+        elif ino.promoted:
+            pos = _align(pos, B)
+        elif ino.layout == F.DATALAYOUT_CHUNK_BASED:
+            start = pos + meta
+            if start % B and B - start % B < tail:
+                pos += _align(B - start % B, 32)
+        elif ino.layout == F.DATALAYOUT_FLAT_INLINE:
+            if is_symlink:
+                if pos % B + meta + ino.size % B > B:
+                    pos = _align(pos, B)
+            else:
+                start = pos + meta
+                if start % B and B - start % B < tail:
+                    pos += _align(B - start % B, 32)
+        ino.nid = pos // 32
+        pos += meta + tail
+    inodes_end = _align(pos, 32)
+    xattr_blkaddr = inodes_end // B
+    table_base = inodes_end - xattr_blkaddr * B
+    pos = inodes_end
+    table_parts = []
+    for idx, suffix, value in shared_table:
+        e = F.XattrEntry(len(suffix), idx, len(value)).pack() + suffix + value
+        e += bytes(-len(e) % 4)
+        table_parts.append(e)
+        pos += len(e)
+    table = b"".join(table_parts)
+    blk = _align(pos, B) // B
+    for ino in inos:
+        if ino.nblocks:
+            first = blk
+            blk += ino.nblocks
+            if ino.layout == F.DATALAYOUT_CHUNK_BASED:
+                ino.i_u = (first & 0xFFFF0000) | ino.chunk_format
+            else:
+                ino.i_u = first
+        elif ino.layout != F.DATALAYOUT_CHUNK_BASED and ino.ftype not in (F.FT_CHRDEV, F.FT_BLKDEV):
+            ino.i_u = 0
+    total_blocks = max(blk, 1)
+    img = bytearray(total_blocks * B)
+
+    has_acl = any(k in ACL_XATTRS for ino in inos for k in ino.xattrs)
+    F.ComposefsHeader(flags=F.COMPOSEFS_FLAGS_HAS_ACL if has_acl else 0, composefs_version=version).pack_into(img, 0)
+    F.Superblock(
+        root_nid=inos[0].nid, inos=len(inos), build_time=min_sec & 0xFFFFFFFFFFFFFFFF,
+        build_time_nsec=min_nsec, blocks=total_blocks, xattr_blkaddr=xattr_blkaddr,
+    ).pack_into(img, F.SUPERBLOCK_OFFSET)
+    img[inodes_end:inodes_end + len(table)] = table
+
+    hdr_c = F.CompactInode.FMT
+    hdr_e = F.ExtendedInode.FMT
+    xh = F.XattrIbodyHeader.FMT
+    xe = F.XattrEntry.FMT
+    for ino in inos:
+        off = ino.nid * 32
+        fmt = F.make_inode_format(ino.extended, ino.layout)
+        icount = 0 if not ino.xattr_size else 1 + (ino.xattr_size - 12) // 4
+        if ino.extended:
+            hdr_e.pack_into(img, off, fmt, icount, ino.mode & 0xFFFF, ino.size, ino.i_u, ino.index,
+                            ino.uid, ino.gid, ino.mtime & 0xFFFFFFFFFFFFFFFF, ino.nsec, ino.nlink)
+            off += 64
+        else:
+            hdr_c.pack_into(img, off, fmt, icount, ino.mode & 0xFFFF, ino.nlink, ino.size, ino.i_u,
+                            ino.index, ino.uid, ino.gid)
+            off += 32
+        if ino.xattr_size:
+            xh.pack_into(img, off, ino.name_filter, len(ino.shared))
+            off += 12
+            for rel in ino.shared:
+                F.BLOCKMAP_ENTRY.pack_into(img, off, (table_base + rel) // 4)
+                off += 4
+            for idx, suffix, value in ino.local:
+                xe.pack_into(img, off, len(suffix), idx, len(value))
+                off += 4
+                img[off:off + len(suffix)] = suffix
+                off += len(suffix)
+                img[off:off + len(value)] = value
+                off += len(value)
+                off = _align(off, 4)
+        if ino.ftype == F.FT_DIR:
+            dir_blocks, tail_bytes = _dir_data(ino)
+            img[off:off + len(tail_bytes)] = tail_bytes
+            if dir_blocks:
+                start = ino.i_u * B
+                img[start:start + len(dir_blocks)] = dir_blocks
+        else:
+            if ino.inline:
+                img[off:off + len(ino.inline)] = ino.inline
+            if ino.blocks:
+                start = (ino.i_u & 0xFFFF0000 if ino.layout == F.DATALAYOUT_CHUNK_BASED else ino.i_u) * B
+                img[start:start + len(ino.blocks)] = ino.blocks
+    return bytes(img)
+
+
+def _dir_data(ino: _Ino) -> tuple[bytes, bytes]:
+    """(full blocks padded to 4096, inline tail) of a directory whose children have nids."""
+    B = F.BLOCK_SIZE
+    blocks: list[list[tuple[bytes, _Ino]]] = [[]]
+    cur = 0
+    for name, child in ino.children:
+        cost = F.Dirent.SIZE + len(name)
+        if cur + cost > B:
+            blocks.append([])
+            cur = 0
+        blocks[-1].append((name, child))
+        cur += cost
+    out_full = bytearray()
+    tail = b""
+    for i, entries in enumerate(blocks):
+        data = _dir_block(entries)
+        if i < ino.nblocks:
+            out_full += data
+            out_full += bytes(-len(data) % B)
+        else:
+            tail = data
+    return bytes(out_full), tail
+
+
+def _dir_block(entries: list[tuple[bytes, _Ino]]) -> bytes:
+    n = len(entries)
+    buf = bytearray(F.Dirent.SIZE * n + sum(len(name) for name, _c in entries))
+    nameoff = F.Dirent.SIZE * n
+    pack = F.Dirent.FMT.pack_into
+    for i, (name, child) in enumerate(entries):
+        pack(buf, i * F.Dirent.SIZE, child.nid, nameoff, child.ftype)
+        buf[nameoff:nameoff + len(name)] = name
+        nameoff += len(name)
+    return bytes(buf)
