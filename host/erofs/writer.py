@@ -7,9 +7,10 @@
 `choose_version(fs, min_version, max_version)` applies the C tool's rule (raise to the
 maximum only when the tree holds a whiteout).
 
-The writer is two-pass: `_plan` turns the tree into a flat list of `_Ino` records with every
-size, xattr list and padding decision, `_layout` assigns nids and block addresses, `_emit`
-packs the bytes into one preallocated bytearray.
+The writer is two-pass: `_collect_*` turn the tree into a flat list of `_Ino` records in inode
+order (with the composefs xattrs), `_share_xattrs` and `_prepare_data_*` fix every size and
+layout, then `_layout_and_emit` assigns nids and block addresses and packs the bytes into one
+preallocated bytearray (directory blocks are built last, once every nid is known).
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ from pycfs.host.tree import (
     Directory,
     External,
     ExternalNoVerity,
-    Fifo,
     FileSystem,
     Inline,
     Leaf,
-    Socket,
     Sparse,
     Stat,
     Symlink,
@@ -37,7 +36,6 @@ from pycfs.host.tree import (
 
 MAX_CHUNKS = 1024  # C refuses files needing more chunk indexes ("File too large")
 MAX_SHARED_PER_INODE = 128
-VERSION_MAX = 2
 
 OVERLAY_PREFIX = b"trusted.overlay."
 OVERLAY_ESCAPED_PREFIX = b"trusted.overlay.overlay."
@@ -131,10 +129,16 @@ def write_image(fs: FileSystem, version: int = 0) -> bytes:
     if version not in (0, 1, 2):
         raise ImageError(f"cannot write file: Invalid argument (format version {version})")
     if version == 2:
-        raise ImageError("format version 2 is not supported yet")
+        inos = _collect_v2(fs)
+        _check_limits(inos)
+        shared_table = _share_xattrs(inos, v2=True)
+        for ino in inos:
+            _prepare_data_v2(ino)
+        return _layout_and_emit(inos, shared_table, 2, 0, 0)
     inos = _collect_epoch1(fs, version)
+    _check_limits(inos)
     _prepare_xattrs_epoch1(inos)
-    shared_table = _share_xattrs_epoch1(inos)
+    shared_table = _share_xattrs(inos, v2=False)
     min_sec, min_nsec = min((i.mtime, i.nsec) for i in inos)
     for ino in inos:
         _prepare_data_epoch1(ino, min_sec, min_nsec)
@@ -217,7 +221,7 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
 
     inos: list[_Ino] = []
     by_id: dict[int, _Ino] = {}
-    late: list[tuple[_Ino, bytes, int]] = []  # (dir ino, name, leaf id) resolved after BFS
+    late: list[tuple[_Ino, int, int]] = []  # (dir ino, child position, leaf id)
 
     def new_ino(node) -> _Ino:
         ino = _Ino(node, len(inos))
@@ -249,17 +253,15 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
             if counts.get(k, 1) > 1 and canon.get(k) != (id(d), name):
                 cino = by_id.get(k)
                 if cino is None:
-                    late.append((dino, name, k))
+                    # canonical name is deeper in the BFS: fill in once it has a number
+                    late.append((dino, len(dino.children), k))
                     dino.children.append((name, None))  # type: ignore[arg-type]
                     continue
             else:
                 cino = new_ino(child)
             dino.children.append((name, cino))
-    for dino, name, k in late:
-        for i, (n, c) in enumerate(dino.children):
-            if n == name and c is None:
-                dino.children[i] = (name, by_id[k])
-                break
+    for dino, pos, k in late:
+        dino.children[pos] = (dino.children[pos][0], by_id[k])
 
     # per-inode metadata and composefs xattrs
     for ino in inos:
@@ -315,6 +317,112 @@ def _verity_algo(digest: bytes) -> int:
     raise ImageError(f"fs-verity digest of {len(digest)} bytes is neither sha256 nor sha512")
 
 
+def _collect_v2(fs: FileSystem) -> list[_Ino]:
+    """composefs-rs format 2: depth-first pre-order, no stubs, whiteouts stay chr 0:0."""
+    counts: dict[int, int] = {}
+    inos: list[_Ino] = []
+    by_id: dict[int, _Ino] = {}
+
+    def new_ino(node, parent: _Ino | None) -> _Ino:
+        ino = _Ino(node, len(inos))
+        ino.parent = parent if parent is not None else ino
+        inos.append(ino)
+        by_id[id(node)] = ino
+        return ino
+
+    root_ino = new_ino(fs.root, None)
+    iters = [(root_ino, iter(fs.root.sorted_entries()))]
+    while iters:
+        dino, it = iters[-1]
+        for name, child in it:
+            k = id(child)
+            if isinstance(child, Leaf):
+                counts[k] = counts.get(k, 0) + 1
+            cino = by_id.get(k)
+            if cino is None:
+                cino = new_ino(child, dino)
+                dino.children.append((name, cino))
+                if isinstance(child, Directory):
+                    iters.append((cino, iter(child.sorted_entries())))
+                    break
+            else:
+                dino.children.append((name, cino))
+        else:
+            iters.pop()
+
+    for ino in inos:
+        node = ino.node
+        st = node.stat
+        ino.uid, ino.gid = st.uid, st.gid
+        ino.mtime, ino.nsec = st.mtime_sec, 0
+        ino.mode = node.st_mode
+        own = _escape_xattrs(dict(sorted(st.xattrs.items())))
+        x: dict[bytes, bytes] = {}
+        if isinstance(node, Directory):
+            ino.nlink = 2 + len({id(c) for _n, c in ino.children if isinstance(c.node, Directory) and c.parent is ino})
+        else:
+            ino.nlink = node.nlink if node.nlink is not None else counts.get(id(node), 1)
+            c = node.content
+            if isinstance(c, External):
+                x[XATTR_METACOPY] = F.OverlayMetacopy(digest_algo=_verity_algo(c.id), digest=c.id).pack()
+            elif isinstance(c, (ExternalNoVerity, Sparse)):
+                x[XATTR_METACOPY] = b""
+            if isinstance(c, (External, ExternalNoVerity)) and c.backing_path:
+                x[XATTR_REDIRECT] = b"/" + c.backing_path
+        x.update(own)
+        ino.xattrs = x
+    return inos
+
+
+def _prepare_data_v2(ino: _Ino) -> None:
+    node = ino.node
+    ino.extended = True
+    if isinstance(node, Directory):
+        _prepare_data_epoch1(ino, ino.mtime, ino.nsec)
+        ino.extended = True
+        return
+    c = node.content
+    ino.ftype = _FTYPES[_stat.S_IFMT(ino.mode)]
+    if isinstance(c, (Inline, Symlink)):
+        data = c.data if isinstance(c, Inline) else c.target
+        if data and F.ExtendedInode.SIZE + ino.xattr_size + len(data) > F.BLOCK_SIZE:
+            raise ImageError(f"format 2 stores file data inline only: {len(data)} bytes do not fit one block")
+        ino.size = len(data)
+        ino.inline = data
+        ino.layout = F.DATALAYOUT_FLAT_INLINE if data else F.DATALAYOUT_FLAT_PLAIN
+    elif isinstance(c, (External, ExternalNoVerity, Sparse)):
+        ino.size = c.size
+        ino.layout = F.DATALAYOUT_CHUNK_BASED
+        ino.chunk_format = ino.i_u = 31
+        ino.inline = b"\xff\xff\xff\xff" if isinstance(c, External) else b""
+    elif isinstance(c, (CharDevice, BlockDevice)):
+        ino.layout = F.DATALAYOUT_FLAT_PLAIN
+        ino.rdev = ino.i_u = c.rdev & 0xFFFFFFFF
+    else:
+        ino.layout = F.DATALAYOUT_FLAT_PLAIN
+
+
+def _check_limits(inos: list[_Ino]) -> None:
+    """Reject what EROFS cannot store, with a message instead of a struct.error."""
+    for ino in inos:
+        node = ino.node
+        what = f"inode {ino.index} ({type(node).__name__})"
+        if not (0 <= ino.uid < 1 << 32 and 0 <= ino.gid < 1 << 32):
+            raise ImageError(f"{what}: uid/gid {ino.uid}/{ino.gid} do not fit 32 bits")
+        if not (-(1 << 63) <= ino.mtime < 1 << 63 and 0 <= ino.nsec < 1 << 32):
+            raise ImageError(f"{what}: mtime {ino.mtime}.{ino.nsec} out of range")
+        if not 0 <= ino.nlink < 1 << 32:
+            raise ImageError(f"{what}: nlink {ino.nlink} out of range")
+        for name, _c in ino.children:
+            if not 0 < len(name) <= 255 or b"/" in name or b"\0" in name:
+                raise ImageError(f"invalid file name {name!r} (1..255 bytes, no '/' or NUL)")
+        if isinstance(node, Leaf) and isinstance(node.content, Symlink) and not 0 < len(node.content.target) < 4096:
+            raise ImageError(f"{what}: symlink target of {len(node.content.target)} bytes (1..4095 allowed)")
+        for k, v in ino.xattrs.items():
+            if len(k) > 255 + 24 or len(v) > 0xFFFF:
+                raise ImageError(f"{what}: xattr {k[:40]!r} too long (name {len(k)}, value {len(v)} bytes)")
+
+
 # ---------------------------------------------------------------------------- xattrs
 
 
@@ -325,22 +433,31 @@ def _prepare_xattrs_epoch1(inos: list[_Ino]) -> None:
             ino.xattrs = dict(sorted(ino.xattrs.items()))
 
 
-def _share_xattrs_epoch1(inos: list[_Ino]) -> list[tuple[int, bytes, bytes]]:
+def _share_xattrs(inos: list[_Ino], v2: bool) -> list[tuple[int, bytes, bytes]]:
     """Move (key, value) pairs used by several inodes to the shared table; returns the table
-    entries (name index, suffix, value) in C order and fills each inode's xattr fields."""
+    entries (name index, suffix, value) and fills each inode's xattr fields.
+
+    Epoch 1 (C): table in descending (name, value length, value) order. V2 (composefs-rs):
+    ascending (name index, suffix, value), and the lustre. prefix index is used."""
+    order = _PREFIX_ORDER_V2 if v2 else _PREFIX_ORDER_EPOCH1
     counts: dict[tuple[bytes, bytes], int] = {}
     for ino in inos:
         for kv in ino.xattrs.items():
             counts[kv] = counts.get(kv, 0) + 1
     shared = [kv for kv, n in counts.items() if n > 1]
-    shared.sort(key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
+    if v2:
+        shared.sort(key=lambda kv: (*_split_xattr_name(kv[0], order), kv[1]))
+    else:
+        shared.sort(key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
     # ids are relative to xattr_blkaddr; offsets within the table are known now, the table's
     # start is added in _layout_and_emit
     offsets: dict[tuple[bytes, bytes], int] = {}
     off = 0
     split = {}
     for kv in shared:
-        idx, suffix = _split_xattr_name(kv[0], _PREFIX_ORDER_EPOCH1)
+        idx, suffix = _split_xattr_name(kv[0], order)
+        if len(suffix) > 255:
+            raise ImageError(f"xattr name {kv[0][:40]!r}... longer than EROFS allows")
         split[kv] = (idx, suffix)
         offsets[kv] = off
         off += F.xattr_entry_size(len(suffix), len(kv[1]))
@@ -356,7 +473,9 @@ def _share_xattrs_epoch1(inos: list[_Ino]) -> list[tuple[int, bytes, bytes]]:
                 idx, suffix = split[kv]
                 shared_refs.append(offsets[kv])
             else:
-                idx, suffix = _split_xattr_name(k, _PREFIX_ORDER_EPOCH1)
+                idx, suffix = _split_xattr_name(k, order)
+                if len(suffix) > 255:
+                    raise ImageError(f"xattr name {k[:40]!r}... longer than EROFS allows")
                 local.append((idx, suffix, v))
             filt |= 1 << F.xattr_name_filter_bit(idx, suffix)
         ino.shared = shared_refs  # byte offsets inside the table for now
@@ -387,7 +506,7 @@ def _split_tail(data_len: int) -> tuple[int, int]:
 
 def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
     node = ino.node
-    hdr_ext = None
+    is_symlink = False
     if isinstance(node, Directory):
         ino.ftype = F.FT_DIR
         # size from names alone; the bytes are built once nids are known
@@ -425,7 +544,7 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
             ino.size = len(c.target)
             ino.layout = F.DATALAYOUT_FLAT_INLINE
             ino.inline = c.target
-            hdr_ext = True  # decided below
+            is_symlink = True  # inline or promoted, decided below
         elif isinstance(c, (External, ExternalNoVerity, Sparse)):
             size = c.size
             ino.size = size
@@ -449,7 +568,7 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
         and ino.uid <= 0xFFFF and ino.gid <= 0xFFFF and ino.size <= 0xFFFFFFFF
     )
     hdr = F.ExtendedInode.SIZE if ino.extended else F.CompactInode.SIZE
-    if hdr_ext and hdr + ino.xattr_size + ino.size >= F.BLOCK_SIZE:
+    if is_symlink and hdr + ino.xattr_size + ino.size >= F.BLOCK_SIZE:
         # long symlink target: one data block instead of an inline tail
         ino.promoted = True
         ino.layout = F.DATALAYOUT_FLAT_PLAIN
@@ -488,6 +607,11 @@ def _layout_and_emit(inos: list[_Ino], shared_table, version: int, min_sec: int,
             start = pos + meta
             if start % B and B - start % B < tail:
                 pos += _align(B - start % B, 32)
+        elif ino.layout == F.DATALAYOUT_FLAT_INLINE and version == 2:
+            start = pos + meta
+            # (exclusive end: a tail ending exactly on a boundary also moves)
+            if (start - 1) // B != (start + ino.size % B) // B:
+                pos = _align(pos + B - (start - 1) % B, 32)
         elif ino.layout == F.DATALAYOUT_FLAT_INLINE:
             if is_symlink:
                 if pos % B + meta + ino.size % B > B:
@@ -499,7 +623,13 @@ def _layout_and_emit(inos: list[_Ino], shared_table, version: int, min_sec: int,
         ino.nid = pos // 32
         pos += meta + tail
     inodes_end = _align(pos, 32)
-    xattr_blkaddr = inodes_end // B
+    if version == 2:
+        # composefs-rs: i_ino is the nid, shared xattr ids are absolute offsets / 4
+        for ino in inos:
+            ino.index = ino.nid
+        xattr_blkaddr = 0
+    else:
+        xattr_blkaddr = inodes_end // B
     table_base = inodes_end - xattr_blkaddr * B
     pos = inodes_end
     table_parts = []
@@ -523,7 +653,7 @@ def _layout_and_emit(inos: list[_Ino], shared_table, version: int, min_sec: int,
     total_blocks = max(blk, 1)
     img = bytearray(total_blocks * B)
 
-    has_acl = any(k in ACL_XATTRS for ino in inos for k in ino.xattrs)
+    has_acl = version != 2 and any(k in ACL_XATTRS for ino in inos for k in ino.xattrs)
     F.ComposefsHeader(flags=F.COMPOSEFS_FLAGS_HAS_ACL if has_acl else 0, composefs_version=version).pack_into(img, 0)
     F.Superblock(
         root_nid=inos[0].nid, inos=len(inos), build_time=min_sec & 0xFFFFFFFFFFFFFFFF,

@@ -1,0 +1,159 @@
+"""`pycfs mkcomposefs` and `pycfs composefs-info`: drop-ins for the C tools (C spec 2)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pycfs.host import dumpfile
+from pycfs.host.erofs.info import format_ls, image_objects
+from pycfs.host.erofs.reader import ImageFormatError, LoadedImage, read_image
+from pycfs.host.erofs.writer import choose_version, write_image
+from pycfs.host.errors import PycfsError
+from pycfs.host.fsverity import digest_bytes, digest_path
+from pycfs.host.tree import FileSystem
+
+
+# ---------------------------------------------------------------------------- mkcomposefs
+
+
+def _versions(args: argparse.Namespace) -> tuple[int, int]:
+    # C quirk: giving either flag makes the other one default to 0
+    if args.min_version is None and args.max_version is None:
+        lo, hi = 0, 1
+    else:
+        lo = args.min_version or 0
+        hi = args.max_version or 0
+    if not 0 <= lo <= 1 or not 0 <= hi <= 1:
+        raise PycfsError("cannot write file: Invalid argument (format versions are 0 and 1)")
+    return lo, max(lo, hi)
+
+
+def _load_source(args: argparse.Namespace) -> FileSystem:
+    if args.from_file:
+        if args.source == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            try:
+                with open(args.source, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise PycfsError(f"cannot read {args.source}: {e.strerror}") from None
+        return dumpfile.parse(data, strict=os.environ.get("CFS_PARSE_STRICT") == "1")
+    from pycfs.host.scan import ScanOptions, scan_directory
+
+    return scan_directory(args.source, ScanOptions(
+        digest_store=args.digest_store, use_epoch=args.use_epoch, skip_xattrs=args.skip_xattrs,
+        user_xattrs=args.user_xattrs, skip_devices=args.skip_devices, threads=args.threads or 0,
+    ))
+
+
+def cmd_mkcomposefs(args: argparse.Namespace) -> int:
+    if args.print_digest_only and args.image is not None:
+        raise PycfsError("Cannot specify destination path with --print-digest-only")
+    if not args.print_digest_only and args.image is None:
+        raise PycfsError("No destination path specified")
+    if args.threads is not None and args.threads <= 0:
+        raise PycfsError(f"Invalid threads count {args.threads}")
+    lo, hi = _versions(args)
+    if args.image == "-" and sys.stdout.isatty():
+        raise PycfsError("refusing to write the image to a terminal")
+    fs = _load_source(args)
+    image = write_image(fs, choose_version(fs, lo, hi))
+    if args.image is not None:
+        if args.image == "-":
+            sys.stdout.buffer.write(image)
+            sys.stdout.buffer.flush()
+        else:
+            try:
+                with open(args.image, "wb") as f:
+                    f.write(image)
+            except OSError as e:
+                raise PycfsError(f"cannot write {args.image}: {e.strerror}") from None
+    if args.print_digest or args.print_digest_only:
+        sys.stdout.write(digest_bytes(image).hex() + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+# ---------------------------------------------------------------------------- composefs-info
+
+def _load_image(path: str) -> LoadedImage:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise PycfsError(f"Failed to load '{path}': {e.strerror}") from None
+    try:
+        return read_image(data)
+    except ImageFormatError as e:
+        raise PycfsError(f"Failed to load '{path}': {e}") from None
+
+
+def cmd_composefs_info(args: argparse.Namespace) -> int:
+    filters = [os.fsencode(n) for n in args.filter or []]
+    for n in filters:
+        if b"/" in n:
+            raise PycfsError(f"--filter takes top-level names only, not paths: {os.fsdecode(n)}")
+    out = sys.stdout.buffer
+    if args.subcommand == "measure-file":
+        for path in args.files:
+            try:
+                out.write(digest_path(path).hex().encode() + b"\n")
+            except OSError as e:
+                raise PycfsError(f"Failed to measure '{path}': {e.strerror}") from None
+        out.flush()
+        return 0
+    if args.subcommand == "missing-objects" and not args.basedir:
+        raise PycfsError("missing-objects needs --basedir")
+    collected: set[bytes] = set()
+    for path in args.files:
+        loaded = _load_image(path)
+        fs = loaded.fs
+        if args.subcommand == "dump":
+            out.write(dumpfile.write(fs, dir_sizes=loaded.dir_sizes, filter_names=filters or None))
+        elif args.subcommand == "ls":
+            out.write(format_ls(fs, filters or None))
+        else:
+            collected.update(image_objects(fs))
+    if args.subcommand == "objects":
+        out.write(b"".join(p + b"\n" for p in sorted(collected)))
+    elif args.subcommand == "missing-objects":
+        base = os.fsencode(args.basedir)
+        missing = [p for p in sorted(collected) if not os.path.exists(os.path.join(base, p))]
+        out.write(b"".join(p + b"\n" for p in missing))
+    out.flush()
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "mkcomposefs", help="build a composefs image from a directory or dumpfile (C-compatible)",
+        description="Build a composefs EROFS image, byte-identical to C mkcomposefs 1.0.8.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="directory, or dumpfile with --from-file ('-' = stdin)")
+    p.add_argument("image", metavar="IMAGE", nargs="?", help="output image ('-' = stdout)")
+    p.add_argument("--from-file", action="store_true", help="SOURCE is a composefs-dump(5) file")
+    p.add_argument("--digest-store", metavar="PATH", help="store content files in this directory")
+    p.add_argument("--use-epoch", action="store_true", help="make all mtimes zero")
+    p.add_argument("--skip-devices", action="store_true", help="don't store device nodes")
+    p.add_argument("--skip-xattrs", action="store_true", help="don't store file xattrs")
+    p.add_argument("--user-xattrs", action="store_true", help="only store user.* xattrs")
+    p.add_argument("--print-digest", action="store_true", help="print the digest of the image")
+    p.add_argument("--print-digest-only", action="store_true", help="print the digest, don't write the image")
+    p.add_argument("--min-version", type=int, metavar="N", help="minimal format version (default 0)")
+    p.add_argument("--max-version", type=int, metavar="N", help="maximal format version (default 1)")
+    p.add_argument("--threads", type=int, metavar="N", help="threads for digests and copies (default: CPUs)")
+    p.set_defaults(handler=cmd_mkcomposefs)
+
+    q = subparsers.add_parser(
+        "composefs-info", help="inspect composefs images (ls, dump, objects, ...)",
+        description="Inspect composefs images like C composefs-info.",
+    )
+    q.add_argument("subcommand", choices=["ls", "objects", "dump", "missing-objects", "measure-file"])
+    q.add_argument("files", nargs="+", metavar="IMAGE")
+    q.add_argument("--basedir", metavar="PATH", help="object store for missing-objects")
+    q.add_argument("--filter", action="append", metavar="NAME", help="only these top-level names (repeatable)")
+    q.set_defaults(handler=cmd_composefs_info)
+
