@@ -14,7 +14,7 @@ import sys
 from pycfs.host.errors import PycfsError
 
 # Order is the order of `pycfs --help`.
-COMMAND_MODULES = ["repo"]
+COMMAND_MODULES = ["repo", "oci", "erofs", "mount"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,220 @@
+"""The helper's JSON-RPC methods and its serving loop (blocking, one connection).
+
+`HelperService` opens files read-only beneath one layer's root and hands their fds to the
+serving loop, which sends them with the response (jsonrpc-fdpass) and then closes its own
+copies. It never creates, writes, renames or deletes anything.
+
+Opening one requested name:
+1. lexical checks (`pycfs.protocol.helper_api.check_relative_path`): no empty name, NUL,
+   absolute name, ``..`` or empty component, no over-long name;
+2. an ``O_PATH | O_NOFOLLOW`` probe with openat2 ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+   RESOLVE_NO_MAGICLINKS`` beneath the layer directory, and ``fstat`` on it: symlinks,
+   directories and every non-regular file are refused before anything is really opened (no
+   fifo or device ``open`` side effects);
+3. the real ``O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY`` open with the same resolve flags,
+   and ``fstat`` again: it must still be a regular file and the same inode as the probe.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from jsonrpcserver import Error, InvalidParams, Result, Success, dispatch_to_serializable
+
+from pycfs.host.syscalls import RESOLVE_CONFINED, openat2
+from pycfs.protocol import helper_api as api
+from pycfs.protocol.fdpass import FdPassError, close_fds, recv_with_fds, send_with_fds
+from pycfs.protocol.jsonrpc import Decoder, Message, ProtocolError, encode
+
+@dataclass
+class _Call:
+    """Per-request context: fds opened for the response, and whether to stop afterwards."""
+
+    fds: list[int] = field(default_factory=list)
+    stop: bool = False
+
+
+def _refused(refusal: api.Refusal) -> dict[str, Any]:
+    # No name in the message: the host knows it by position, and echoing long names could
+    # push a response past the message size limit.
+    return {"errno": refusal.errno, "reason": refusal.reason, "message": refusal.text}
+
+
+def _read_id_map(path: str) -> list[list[int]]:
+    with open(path, encoding="ascii") as f:
+        return [[int(x) for x in line.split()] for line in f if line.strip()]
+
+
+def _security_status() -> dict[str, int]:
+    """Capability sets and no_new_privs as the kernel reports them, for the host to check."""
+    wanted = {"CapEff": "cap_effective", "CapPrm": "cap_permitted", "CapBnd": "cap_bounding", "NoNewPrivs": "no_new_privs"}
+    out = {}
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in wanted:
+                out[wanted[key]] = int(value.strip(), 16 if key.startswith("Cap") else 10)
+    return out
+
+
+class HelperService:
+    """The methods; ``storage_root_fd`` is an O_PATH directory fd the service does not own."""
+
+    def __init__(self, storage_root_fd: int, driver: str) -> None:
+        if driver not in api.DRIVERS:
+            raise ValueError(f"unknown storage driver {driver!r}")
+        self.root_fd = storage_root_fd
+        self.driver = driver
+
+    def methods(self) -> dict[str, Any]:
+        return {api.HELLO: self.hello, api.OPEN_FILES: self.open_files, api.SHUTDOWN: self.shutdown}
+
+    def hello(self, call: _Call) -> Result:
+        return Success(
+            {
+                "version": api.PROTOCOL_VERSION,
+                "features": list(api.FEATURES),
+                "pid": os.getpid(),
+                "driver": self.driver,
+                "uid_map": _read_id_map("/proc/self/uid_map"),
+                "gid_map": _read_id_map("/proc/self/gid_map"),
+                "max_paths": api.MAX_PATHS_PER_REQUEST,
+                **_security_status(),
+            }
+        )
+
+    def shutdown(self, call: _Call) -> Result:
+        call.stop = True
+        return Success(None)
+
+    def open_files(self, call: _Call, layer: Any, paths: Any) -> Result:
+        if not api.is_layer_id(layer):
+            return InvalidParams("layer must be a layer id of 64 lowercase hex digits")
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            return InvalidParams("paths must be a list of strings")
+        if len(paths) > api.MAX_PATHS_PER_REQUEST:
+            return InvalidParams(f"{len(paths)} paths in one request; the limit is {api.MAX_PATHS_PER_REQUEST}")
+        where = api.layer_dir(self.driver, layer)
+        try:
+            layer_fd = openat2(self.root_fd, where, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, resolve=RESOLVE_CONFINED)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return Error(api.ERR_UNKNOWN_LAYER, f"unknown layer {layer}: no {where} in the storage")
+            return Error(api.ERR_LAYER_UNREADABLE, f"cannot open {where}: {os.strerror(e.errno or 0)}")
+        try:
+            results = [self._open_one(layer_fd, p, call.fds) for p in paths]
+        finally:
+            os.close(layer_fd)
+        return Success({"results": results})
+
+    def _open_one(self, layer_fd: int, name: str, out: list[int]) -> dict[str, Any]:
+        try:
+            raw = os.fsencode(name)
+        except UnicodeError:
+            return _refused(api.REFUSE_ENCODING)
+        refusal = api.check_relative_path(raw)
+        if refusal is not None:
+            return _refused(refusal)
+        try:
+            probe = openat2(layer_fd, raw, os.O_PATH | os.O_NOFOLLOW, resolve=RESOLVE_CONFINED)
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # RESOLVE_NO_SYMLINKS met a symlink in a parent
+                return _refused(api.REFUSE_SYMLINK)
+            return self._failed(e)
+        try:
+            st = os.fstat(probe)
+        finally:
+            os.close(probe)
+        if stat.S_ISLNK(st.st_mode):
+            return _refused(api.REFUSE_SYMLINK)
+        if stat.S_ISDIR(st.st_mode):
+            return _refused(api.REFUSE_DIRECTORY)
+        if not stat.S_ISREG(st.st_mode):
+            return _refused(api.REFUSE_SPECIAL)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+        try:
+            fd = openat2(layer_fd, raw, flags, resolve=RESOLVE_CONFINED)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return _refused(api.REFUSE_SYMLINK)
+            return self._failed(e)
+        try:
+            again = os.fstat(fd)
+            if not stat.S_ISREG(again.st_mode) or (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+                os.close(fd)
+                return _refused(api.REFUSE_CHANGED)
+            # O_NONBLOCK only guarded the open; the receiver gets an ordinary description.
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        out.append(fd)
+        return {"fd": len(out) - 1}
+
+    @staticmethod
+    def _failed(e: OSError) -> dict[str, Any]:
+        code = e.errno or errno.EIO
+        return {"errno": code, "reason": api.OPEN_FAILED, "message": os.strerror(code)}
+
+
+def handle(service: HelperService, msg: Message) -> tuple[dict[str, Any] | None, list[int], bool]:
+    """Dispatch one request: (response or None for a notification, fds to send, stop?).
+
+    The fds belong to the caller, which must close them after sending; they are only
+    returned with a success response.
+    """
+    msg.close()  # requests carry no fds; the decoder already refuses any
+    request = {k: v for k, v in msg.obj.items() if k != "fds"}
+    call = _Call()
+    try:
+        # The framing layer already parsed the JSON: hand jsonrpcserver the object itself.
+        response = dispatch_to_serializable("", methods=service.methods(), context=call, deserializer=lambda _s: request)
+    except BaseException:
+        close_fds(call.fds)
+        raise
+    if response is None or "error" in response:
+        close_fds(call.fds)
+        call.fds = []
+    return response, call.fds, call.stop
+
+
+def serve(sock: socket.socket, service: HelperService) -> int:
+    """Answer requests on ``sock`` until EOF or ``shutdown``; the process exit status."""
+    decoder = Decoder(api.MAX_MESSAGE_BYTES, max_fds=0)
+    try:
+        while True:
+            data, fds = recv_with_fds(sock)
+            if data or fds:
+                decoder.feed(data, fds)
+            else:
+                decoder.feed_eof()
+            while (msg := decoder.next_message()) is not None:
+                response, out_fds, stop = handle(service, msg)
+                try:
+                    if response is not None:
+                        send_with_fds(sock, encode(response, len(out_fds), api.MAX_MESSAGE_BYTES), out_fds)
+                finally:
+                    close_fds(out_fds)
+                if stop:
+                    return 0
+            if not data:
+                return 0
+    except (ProtocolError, FdPassError) as e:
+        print(f"pycfs-helper: protocol error from the host: {e}", file=sys.stderr)
+        try:
+            reply = {"jsonrpc": "2.0", "error": {"code": e.code, "message": str(e)}, "id": None}
+            send_with_fds(sock, encode(reply))
+        except OSError:
+            pass
+        return 3
+    except (BrokenPipeError, ConnectionResetError):
+        print("pycfs-helper: the host closed the connection mid-reply", file=sys.stderr)
+        return 1
+    finally:
+        decoder.close()

@@ -1,0 +1,472 @@
+"""Host side of the user-namespace helper: open files you cannot read, get their fds.
+
+API (what the importer calls)::
+
+    from pycfs.host.helperclient import HelperClient, HelperPathError
+
+    async with HelperClient(storage_root, driver="overlay", policy=args.helper) as helper:
+        if helper.enabled:                      # policy allows it (auto: not root)
+            names = ["etc/shadow", "usr/bin/sudo"]  # relative to the layer's diff/
+            results = await helper.open_files(layer_id, names)
+            for name, r in zip(names, results):
+                if isinstance(r, OSError):      # HelperPathError: r.errno, r.reason, str(r)
+                    ...
+                else:                           # a read-only fd of a regular file, CLOEXEC
+                    try:
+                        repo.store_object_from_fd(r)
+                    finally:
+                        helper.release(r)       # closes it and frees its slot
+
+* ``add_helper_option(parser)`` adds ``--helper auto|always|never`` (default auto) to an
+  argparse parser; pass ``args.helper`` as ``policy``.
+* ``HelperClient(storage_root, driver, *, policy="auto"|"always"|"never",
+  launcher=("podman", "unshare"), max_open_fds=None)``. ``auto`` starts the helper lazily on
+  the first `open_files` and only when not root; ``always`` starts it on entry (and as root);
+  ``never`` never starts it (`open_files` raises `PycfsError`).
+* ``await open_files(layer_id, paths) -> list[int | HelperPathError]``: one entry per path,
+  in order; paths are relative to the layer's ``diff/`` (overlay) or ``vfs/dir/<id>`` (vfs),
+  ``str`` or ``bytes``. Batched into requests of at most `helper_api.MAX_PATHS_PER_REQUEST`
+  paths and half `helper_api.MAX_MESSAGE_BYTES`.
+  Refusals (``..``, absolute, NUL, empty component, symlink, directory, fifo/device, missing)
+  are per-path `HelperPathError` s (an ``OSError`` with ``.reason``); an unknown layer, a
+  dead or misbehaving helper, or a failed ``podman unshare`` raise `PycfsError` naming the
+  cause and the helper's last output.
+* Fd budget: the fds returned count against ``max_open_fds`` (default: half the soft
+  RLIMIT_NOFILE); `open_files` waits while the budget is spent, so give each fd back with
+  `release(fd)` (from the trio thread) as soon as you are done. One call may not ask for
+  more paths than ``max_open_fds`` (ValueError): split longer lists.
+* ``.enabled``, ``.info`` (the helper's ``hello``: version, features, pid, uid/gid maps),
+  ``.helper_pid``, ``await aclose()`` (also on context exit: ``shutdown`` request, then wait,
+  then kill).
+
+One request is in flight at a time; callers may share the client across tasks. A call
+cancelled mid-request leaves the connection unusable (later calls raise `PycfsError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from pycfs.host.errors import PycfsError
+from pycfs.protocol import helper_api as api
+from pycfs.protocol.fdpass import FdPassError, arecv_with_fds, asend_with_fds, close_fds
+from pycfs.protocol.jsonrpc import Decoder, Message, ProtocolError, encode
+
+POLICIES = ("auto", "always", "never")
+HELLO_TIMEOUT = 60.0  # podman's first run in a session may have to set up its pause process
+EXIT_GRACE = 5.0
+OUTPUT_TAIL = 2048
+
+_UNSHARE_ADVICE = (
+    "the helper needs a local rootless podman whose `podman unshare` works for your user "
+    "(subuid/subgid ranges in /etc/subuid and /etc/subgid); it cannot work with a remote podman "
+    "(--remote, CONTAINER_HOST) or inside a container without nested user namespaces. "
+    "Alternatives: run pycfs itself inside the storage's user namespace (`podman unshare pycfs ...`), "
+    "or pass --helper=never to skip the helper"
+)
+
+
+class HelperPathError(OSError):
+    """The helper refused or failed to open one path; ``reason`` is its token (helper_api)."""
+
+    def __init__(self, errno_: int, message: str, path: str, reason: str) -> None:
+        super().__init__(errno_, message, path)
+        self.reason = reason
+
+
+class FdBudget:
+    """Counts fds handed out against a limit; acquiring waits until enough are released."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.available = total
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def acquire(self, n: int) -> None:
+        if n > self.total:
+            raise ValueError(f"{n} fds asked for at once; the budget is {self.total}")
+        while self.available < n:
+            await self._lot.park()
+        self.available -= n
+
+    def release(self, n: int = 1) -> None:
+        self.available = min(self.total, self.available + n)
+        self._lot.unpark_all()
+
+
+def add_helper_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--helper auto|always|never`` option, worded the same for every command."""
+    parser.add_argument(
+        "--helper", choices=POLICIES, default="auto",
+        help="open files you cannot read through a helper in podman's user namespace "
+        "(`podman unshare`): auto = when needed and not root (default), always, never",
+    )  # fmt: skip
+
+
+def _batches(names: list[str]) -> list[list[str]]:
+    """Split names into requests within the helper's path count and message size limits."""
+    budget = api.MAX_MESSAGE_BYTES // 2  # room for the envelope, with a wide margin
+    out: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        cost = len(json.dumps(name)) + 1
+        if out[-1] and (len(out[-1]) == api.MAX_PATHS_PER_REQUEST or size + cost > budget):
+            out.append([])
+            size = 0
+        out[-1].append(name)
+        size += cost
+    return out
+
+
+def default_fd_budget() -> int:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, soft // 2)
+
+
+class HelperClient:
+    """Starts `python -m pycfs.helper` under ``podman unshare`` and asks it to open files."""
+
+    def __init__(
+        self,
+        storage_root: str | os.PathLike[str],
+        driver: str,
+        *,
+        policy: str = "auto",
+        launcher: Sequence[str] = ("podman", "unshare"),
+        max_open_fds: int | None = None,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"helper policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+        if driver not in api.DRIVERS:
+            raise ValueError(f"unknown storage driver {driver!r}")
+        self.storage_root = Path(storage_root).absolute()
+        self.driver = driver
+        self.policy = policy
+        self.launcher = tuple(launcher)
+        self.budget = FdBudget(max_open_fds or default_fd_budget())
+        self.info: dict[str, Any] | None = None
+        self._entered = False
+        self._proc: trio.Process | None = None
+        self._sock: Any = None
+        self._decoder = Decoder(api.MAX_MESSAGE_BYTES, api.MAX_FDS_PER_MESSAGE)
+        self._lock = trio.Lock()
+        self._start_lock = trio.Lock()
+        self._next_id = 0
+        self._failure: PycfsError | None = None
+        self._output_fd: int | None = None  # memfd collecting podman's and the helper's output
+        self._handed_out: set[int] = set()
+
+    # -- lifecycle --
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this client may start the helper at all under its policy."""
+        if self.policy == "never":
+            return False
+        return self.policy == "always" or os.geteuid() != 0
+
+    @property
+    def helper_pid(self) -> int | None:
+        return None if self.info is None else self.info["pid"]
+
+    async def __aenter__(self) -> HelperClient:
+        self._entered = True
+        try:
+            if self.policy == "always":
+                await self._ensure_started()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Ask the helper to exit, wait for it (killing it after a grace period)."""
+        proc = self._proc
+        if proc is None:
+            return
+        with trio.CancelScope(shield=True):
+            if self._failure is None and proc.returncode is None:
+                with trio.move_on_after(EXIT_GRACE):
+                    try:
+                        await self._call(api.SHUTDOWN)
+                    except PycfsError:
+                        pass
+            self._failure = self._failure or PycfsError("the user-namespace helper was shut down")
+            self._sock.close()
+            with trio.move_on_after(EXIT_GRACE):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()  # podman; the helper dies with it (PR_SET_PDEATHSIG) or on EOF
+                await proc.wait()
+            self._decoder.close()
+            self._proc = None
+            self._close_output()
+
+    async def _ensure_started(self) -> None:
+        async with self._start_lock:
+            if self._failure is not None:
+                raise self._failure
+            if self._proc is not None:
+                return
+            if not self._entered:
+                raise RuntimeError("use HelperClient as `async with HelperClient(...) as helper:`")
+            if not self.enabled:
+                why = "--helper=never" if self.policy == "never" else "running as root (use --helper=always to force it)"
+                raise PycfsError(f"the user-namespace helper is disabled: {why}")
+            await self._spawn()
+
+    async def _spawn(self) -> None:
+        cmd = [
+            *self.launcher, sys.executable, "-B", "-m", "pycfs.helper",
+            "--storage-root", str(self.storage_root), "--driver", self.driver,
+        ]  # fmt: skip
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Output goes to a memfd rather than a pipe: nothing has to keep draining it, and
+        # its tail is there to quote when something fails.
+        self._output_fd = os.memfd_create("pycfs-helper-output", os.MFD_CLOEXEC)
+        try:
+            # cwd "/": `python -m` puts the cwd on sys.path, which must not shadow pycfs.
+            # A session of its own: a terminal's Ctrl-C reaches only the host, which then
+            # shuts the helper down in order.
+            self._proc = await trio.lowlevel.open_process(
+                cmd, stdin=child.fileno(), stdout=self._output_fd, stderr=self._output_fd, cwd="/",
+                start_new_session=True,
+            )  # fmt: skip
+        except FileNotFoundError:
+            parent.close()
+            self._close_output()
+            self._failure = PycfsError(
+                f"cannot start the user-namespace helper: `{self.launcher[0]}` was not found on PATH. "
+                "Files in the storage that you cannot read are opened through `podman unshare`: "
+                "install podman, or run pycfs as root (for example inside `podman unshare`)"
+            )
+            raise self._failure from None
+        except OSError as e:
+            parent.close()
+            self._close_output()
+            self._failure = PycfsError(f"cannot start the user-namespace helper with `{self.launcher[0]}`: {e}")
+            raise self._failure from None
+        finally:
+            child.close()
+        self._sock = trio.socket.from_stdlib_socket(parent)
+        launcher = " ".join(self.launcher)
+        try:
+            with trio.fail_after(HELLO_TIMEOUT):
+                info, fds = await self._call(api.HELLO, start=True)
+        except trio.TooSlowError:
+            await self._kill()
+            self._failure = PycfsError(
+                f"`{launcher}` did not start the helper within {HELLO_TIMEOUT:.0f} s"
+                f"{self._tail_note()}; {_UNSHARE_ADVICE}"
+            )
+            raise self._failure from None
+        close_fds(fds)
+        if not isinstance(info, dict) or info.get("version") != api.PROTOCOL_VERSION:
+            raise await self._misbehaved(f"it speaks protocol {info!r}, not version {api.PROTOCOL_VERSION}")
+        if "open-files" not in info.get("features", ()) or not isinstance(info.get("pid"), int):
+            raise await self._misbehaved(f"its hello lacks what this client needs: {info!r}")
+        self.info = info
+
+    def _close_output(self) -> None:
+        if self._output_fd is not None:
+            os.close(self._output_fd)
+            self._output_fd = None
+
+    def _tail_note(self) -> str:
+        """The end of what podman and the helper printed, as one line."""
+        if self._output_fd is None:
+            return ""
+        size = os.fstat(self._output_fd).st_size
+        tail = os.pread(self._output_fd, OUTPUT_TAIL, max(0, size - OUTPUT_TAIL))
+        text = tail.decode("utf-8", "replace").strip()
+        if not text:
+            return ""
+        # One line, as PycfsError messages are.
+        return "; its last output: " + " | ".join(line.strip() for line in text.splitlines() if line.strip())
+
+    async def _kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
+
+    # -- requests --
+
+    async def hello(self) -> dict[str, Any]:
+        """The helper's hello (starting it if needed)."""
+        await self._ensure_started()
+        assert self.info is not None
+        return self.info
+
+    async def open_files(self, layer_id: str, paths: Sequence[str | bytes]) -> list[int | HelperPathError]:
+        """Open each path read-only beneath the layer inside the user namespace.
+
+        Returns an fd or a `HelperPathError` per path, in order; see the module docstring.
+        """
+        if not api.is_layer_id(layer_id):
+            raise ValueError(f"not a layer id (64 lowercase hex digits): {layer_id!r}")
+        names = [os.fsdecode(p) for p in paths]
+        if len(names) > self.budget.total:
+            raise ValueError(
+                f"{len(names)} paths in one call exceed the open-fd budget of {self.budget.total}; split the list"
+            )
+        if not names:
+            return []
+        await self._ensure_started()
+        # The whole call's slots at once: taking them batch by batch could leave two
+        # concurrent callers each holding part and waiting for the other.
+        await self.budget.acquire(len(names))
+        results: list[int | HelperPathError] = []
+        try:
+            for batch in _batches(names):
+                results += await self._open_batch(layer_id, batch)
+        except BaseException:
+            handed = [r for r in results if isinstance(r, int)]
+            for fd in handed:
+                self._handed_out.discard(fd)
+            close_fds(handed)
+            self.budget.release(len(names))
+            raise
+        # Slots of refused paths come straight back.
+        self.budget.release(sum(1 for r in results if not isinstance(r, int)))
+        return results
+
+    def release(self, fd: int) -> None:
+        """Close an fd that `open_files` returned and give its budget slot back."""
+        if fd not in self._handed_out:
+            raise ValueError(f"fd {fd} was not handed out by this helper client (or was released already)")
+        self._handed_out.discard(fd)
+        try:
+            os.close(fd)
+        finally:
+            self.budget.release(1)
+
+    async def _open_batch(self, layer_id: str, batch: list[str]) -> list[int | HelperPathError]:
+        result, fds = await self._call(api.OPEN_FILES, {"layer": layer_id, "paths": batch})
+        try:
+            out = self._match_fds(result, batch, fds)
+        except ValueError as e:
+            close_fds(fds)
+            raise await self._misbehaved(str(e)) from None
+        self._handed_out.update(r for r in out if isinstance(r, int))
+        return out
+
+    @staticmethod
+    def _match_fds(result: Any, batch: list[str], fds: list[int]) -> list[int | HelperPathError]:
+        entries = result.get("results") if isinstance(result, dict) else None
+        if not isinstance(entries, list) or len(entries) != len(batch):
+            raise ValueError(f"open_files answered {len(entries) if isinstance(entries, list) else 'no'} "
+                             f"results for {len(batch)} paths")  # fmt: skip
+        out: list[int | HelperPathError] = []
+        used: set[int] = set()
+        for name, entry in zip(batch, entries):
+            idx = entry.get("fd") if isinstance(entry, dict) else None
+            if type(idx) is int:
+                if not 0 <= idx < len(fds) or idx in used:
+                    raise ValueError(f"fd index {idx} for {name!r} does not match the {len(fds)} fds sent")
+                used.add(idx)
+                out.append(fds[idx])
+                continue
+            code, reason, message = (entry.get(k) for k in ("errno", "reason", "message"))
+            if type(code) is not int or not isinstance(reason, str) or not isinstance(message, str):
+                raise ValueError(f"malformed result for {name!r}: {entry!r}")
+            out.append(HelperPathError(code, message, name, reason))
+        if len(used) != len(fds):
+            raise ValueError(f"{len(fds) - len(used)} of the {len(fds)} fds sent are not referenced by any result")
+        return out
+
+    async def _call(self, method: str, params: dict[str, Any] | None = None, *, start: bool = False) -> tuple[Any, list[int]]:
+        """One request/response; returns (result, fds). The fds are the caller's."""
+        if not start:
+            await self._ensure_started()
+        async with self._lock:
+            if self._failure is not None:
+                raise self._failure
+            self._next_id += 1
+            request: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": self._next_id}
+            if params is not None:
+                request["params"] = params
+            done = False
+            try:
+                await asend_with_fds(self._sock, encode(request, 0, api.MAX_MESSAGE_BYTES))
+                msg = await self._receive()
+                done = True
+            except (OSError, EOFError, ProtocolError, FdPassError) as e:
+                done = True
+                raise await self._broken(method, e) from None
+            finally:
+                if not done:  # cancelled mid-request: the reply would desynchronise the stream
+                    self._failure = PycfsError("the user-namespace helper was abandoned in the middle of a request")
+        return await self._check_reply(msg, method)
+
+    async def _receive(self) -> Message:
+        while True:
+            msg = self._decoder.next_message()
+            if msg is not None:
+                return msg
+            data, fds = await arecv_with_fds(self._sock)
+            if data or fds:
+                self._decoder.feed(data, fds)
+            else:
+                self._decoder.feed_eof()
+                msg = self._decoder.next_message()
+                if msg is not None:
+                    return msg
+                raise EOFError("the helper closed the connection")
+
+    async def _check_reply(self, msg: Message, method: str) -> tuple[Any, list[int]]:
+        obj = msg.obj
+        if obj.get("id") != self._next_id or obj.get("jsonrpc") != "2.0":
+            msg.close()
+            raise await self._misbehaved(f"reply {obj!r} does not answer request {self._next_id}")
+        if "error" in obj:
+            msg.close()
+            err = obj["error"] if isinstance(obj["error"], dict) else {}
+            code, text = err.get("code"), err.get("message", "?")
+            if code == api.ERR_UNKNOWN_LAYER:
+                raise PycfsError(f"the user-namespace helper found no such layer: {text}")
+            raise PycfsError(f"the user-namespace helper refused {method} (code {code}): {text}")
+        if "result" not in obj:
+            msg.close()
+            raise await self._misbehaved(f"reply without result or error: {obj!r}")
+        return obj["result"], msg.fds
+
+    async def _broken(self, method: str, cause: BaseException) -> PycfsError:
+        """The connection failed: collect the exit status and output, then describe it."""
+        proc = self._proc
+        assert proc is not None
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(2):
+                await proc.wait()
+            await self._kill()
+        status = proc.returncode
+        if self.info is None:
+            self._failure = PycfsError(
+                f"`{' '.join(self.launcher)}` failed to start the helper ({cause}; exit status {status})"
+                f"{self._tail_note()}; {_UNSHARE_ADVICE}"
+            )
+        else:
+            self._failure = PycfsError(
+                f"the user-namespace helper (pid {self.helper_pid}) failed during {method}: {cause} "
+                f"(exit status {status}){self._tail_note()}"
+            )
+        return self._failure
+
+    async def _misbehaved(self, what: str) -> PycfsError:
+        await self._kill()
+        self._failure = PycfsError(f"the user-namespace helper misbehaved: {what}{self._tail_note()}")
+        return self._failure

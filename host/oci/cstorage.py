@@ -1,0 +1,706 @@
+"""Import an image from podman's containers-storage into a repository, reflinking file content.
+
+Per layer not yet in the repository (`streams/oci-layer-<diff_id>` absent) the layer tar is
+rebuilt from its tar-split: segment bytes go inline; each file's content is taken from the
+layer directory, files over 64 bytes stored as objects with `store_object_from_fd` (FICLONE
+when the filesystems allow: no data copied), smaller ones inline. That is the same cut as
+the tar import path, so both give identical layer streams.
+
+Files are opened beneath the layer directory with openat2 (RESOLVE_CONFINED, O_NOFOLLOW):
+nothing a tar-split names can lead outside it. A file the user may not open (owned by a
+user-namespace uid) goes to the helper, which hands back an fd; without a helper that is an
+error naming the file, never a silent skip. An overlay metacopy stub (metadata only) is
+looked up in the layer's ancestors.
+
+The c/storage read locks are held from the image lookup until the last layer file is
+stored, so `podman rmi` waits for us instead of deleting what we read.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import trio
+
+from pycfs.host import syscalls
+from pycfs.host.errors import PycfsError
+from pycfs.host.oci import streams
+from pycfs.host.repository import Repository
+from pycfs.host.splitstream import CONTENT_OCI_LAYER
+from pycfs.host.storage.locks import ReadLocks
+from pycfs.host.storage.store import ImageLayer, ImageRecord, Storage, Store, StorageError
+from pycfs.host.storage.tarsplit import FileEntry, Segment, check_name, crc64_iso, read_entries
+
+INLINE_CONTENT_MAX = 64  # format constant shared with the tar path: larger files are objects
+_METACOPY_XATTRS = ("user.overlay.metacopy", "trusted.overlay.metacopy")
+_REDIRECT_XATTRS = ("user.overlay.redirect", "trusted.overlay.redirect")
+_DENIED = (errno.EACCES, errno.EPERM)
+_HASH_PIECE = 1 << 20
+BATCH_FILES = 64  # files per worker-thread trip ...
+BATCH_BYTES = 4 << 20  # ... or this much content, whichever comes first
+HELPER_BATCH = 128  # paths per helper call: bounded by the helper client's fd budget
+
+
+class FdOpener(Protocol):
+    """Opens layer files for us and takes the fds back (`release` closes them)."""
+
+    async def open_files(self, layer_id: str, paths: list[bytes]) -> list[int | OSError]: ...
+
+    def release(self, fd: int) -> None: ...
+
+
+class HelperOpener(FdOpener, Protocol):
+    """What the importer needs from pycfs.host.helperclient.HelperClient."""
+
+    info: dict | None  # None until the helper has started
+
+    async def hello(self) -> dict: ...
+
+
+class PullProgress(Protocol):
+    def waiting_for_lock(self) -> None: ...
+    def layer_started(self, diff_id: str, total_bytes: int) -> None: ...
+    def advance(self, diff_id: str, nbytes: int) -> None: ...
+    def layer_done(self, diff_id: str, already_present: bool) -> None: ...
+
+
+@dataclass
+class ImportStats:
+    layers: int = 0
+    layers_already_present: int = 0
+    objects_reflinked: int = 0
+    objects_copied: int = 0
+    objects_already_present: int = 0
+    bytes_reflinked: int = 0
+    bytes_copied: int = 0
+    bytes_already_present: int = 0
+    bytes_inlined: int = 0
+    files_inlined: int = 0
+    files_via_helper: int = 0
+
+    def count(self, how: str, size: int) -> None:
+        if how == "reflinked":
+            self.objects_reflinked += 1
+            self.bytes_reflinked += size
+        elif how == "copied":
+            self.objects_copied += 1
+            self.bytes_copied += size
+        else:
+            self.objects_already_present += 1
+            self.bytes_already_present += size
+
+    def summary(self) -> str:
+        return (
+            f"{self.layers} layers ({self.layers_already_present} already present); objects: "
+            f"{self.objects_reflinked} reflinked ({_human(self.bytes_reflinked)}), "
+            f"{self.objects_copied} copied ({_human(self.bytes_copied)}), "
+            f"{self.objects_already_present} already present; "
+            f"{_human(self.bytes_inlined)} inlined"
+        )
+
+
+def _human(n: int) -> str:
+    """Binary units with two decimals, as composefs-rs prints sizes."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{value:.2f} {unit}"
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class PullResult:
+    image_id: str
+    names: list[str]
+    manifest_digest: str
+    config_digest: str
+    manifest_stream: bytes
+    config_stream: bytes
+    tag: str | None
+    layers: list[tuple[str, bytes]]  # (diff_id, layer stream id), base first
+    stats: ImportStats = field(default_factory=ImportStats)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "image_id": self.image_id,
+            "names": self.names,
+            "manifest": self.manifest_digest,
+            "config": self.config_digest,
+            "manifest_verity": self.manifest_stream.hex(),
+            "config_verity": self.config_stream.hex(),
+            "tag": self.tag,
+            "layers": [{"diff_id": d, "verity": v.hex()} for d, v in self.layers],
+            "stats": asdict(self.stats),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _json_object(data: bytes, what: str) -> dict:
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StorageError(f"{what} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise StorageError(f"{what} is not a JSON object")
+    return value
+
+
+@dataclass
+class ImageSource:
+    """What the finish step needs, read while the locks are held."""
+
+    store: Store
+    image: ImageRecord
+    manifest: bytes
+    config: bytes
+    manifest_digest: str
+    config_digest: str
+    layers: list[ImageLayer]
+
+
+def read_image(storage: Storage, ref: str) -> ImageSource:
+    """Find the image and read its manifest, config and layer list (locks held by the caller)."""
+    store, image = storage.lookup(ref)
+    manifest = store.big_data(image.id, "manifest")
+    mdoc = _json_object(manifest, f"manifest of image {image.id[:12]}")
+    config_desc = mdoc.get("config")
+    config_digest = config_desc.get("digest") if isinstance(config_desc, dict) else None
+    if not isinstance(config_digest, str):
+        raise StorageError(f"manifest of image {image.id[:12]} has no config digest")
+    try:
+        config = store.big_data(image.id, config_digest)
+    except StorageError:
+        config = store.big_data(image.id, "sha256:" + image.id)
+    if _sha256_digest(config) != config_digest:
+        raise StorageError(f"config of image {image.id[:12]} does not match its digest {config_digest}")
+    cdoc = _json_object(config, f"config of image {image.id[:12]}")
+    rootfs = cdoc.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+        raise StorageError(f"config of image {image.id[:12]} has no rootfs.diff_ids list")
+    for d in diff_ids:
+        if not d.startswith("sha256:") or len(d) != 71 or d[7:].strip("0123456789abcdef"):
+            raise StorageError(f"config of image {image.id[:12]}: invalid diff_id {d!r}")
+    layers = storage.image_layers(store, image, diff_ids)
+    return ImageSource(store, image, manifest, config, _sha256_digest(manifest), config_digest, layers)
+
+
+# ---- opening layer files --------------------------------------------------------------
+
+
+class _Denied(Exception):
+    """The user may not open this file: the helper must."""
+
+
+class LayerFiles:
+    """Opens a layer's files beneath its directory, falling back to ancestors for metacopy stubs."""
+
+    def __init__(self, store: Store, layer_id: str) -> None:
+        self.store = store
+        self.layer_id = layer_id
+        self._chain: list[str] | None = None
+        self._dirfds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def chain(self) -> list[str]:
+        if self._chain is None:
+            self._chain = [self.layer_id] + self.store.lower_layer_ids(self.layer_id)
+        return self._chain
+
+    def dirfd(self, layer_id: str) -> int:
+        with self._lock:  # worker threads share the directory fds
+            fd = self._dirfds.get(layer_id)
+            if fd is None:
+                path = self.store.layer_dir(layer_id)
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except OSError as e:
+                    if e.errno in _DENIED:
+                        # The layer's root belongs to a user-namespace uid: every file goes to the helper.
+                        raise _Denied(path) from e
+                    raise StorageError(f"cannot open layer directory {path}: {e.strerror}") from e
+                self._dirfds[layer_id] = fd
+            return fd
+
+    def close(self) -> None:
+        fds, self._dirfds = self._dirfds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def describe(self, relpath: bytes) -> str:
+        return f"{os.fsdecode(relpath)} (layer {self.layer_id[:12]}, {self.store.layer_dir(self.layer_id)})"
+
+    def open(self, relpath: bytes, size: int) -> int:
+        """A read-only fd for the content of `relpath`; raises _Denied on EACCES/EPERM."""
+        path = relpath
+        for layer_id in self.chain():
+            try:
+                fd = syscalls.openat2(
+                    self.dirfd(layer_id), path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0, syscalls.RESOLVE_CONFINED
+                )
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    continue
+                if e.errno in _DENIED:
+                    raise _Denied(relpath) from e
+                if e.errno in (errno.ELOOP, errno.EXDEV):
+                    raise PycfsError(f"{self.describe(relpath)} is a symlink or leads outside the layer") from e
+                raise PycfsError(f"cannot open {self.describe(relpath)}: {e.strerror}") from e
+            below = self.metacopy_lookup(fd, size, path)
+            if below is None:
+                return fd
+            os.close(fd)
+            path = below
+        raise PycfsError(f"{self.describe(relpath)} is not in the layer nor any layer below it")
+
+    @staticmethod
+    def metacopy_lookup(fd: int, size: int, path: bytes) -> bytes | None:
+        """None for a real file; for an overlay metacopy stub, the path to look up in lower layers."""
+        st = os.fstat(fd)
+        if st.st_blocks or not size:
+            return None  # a stub has no data blocks: checking xattrs only then keeps this cheap
+        if not any(_has_xattr(fd, name) for name in _METACOPY_XATTRS):
+            return None
+        for name in _REDIRECT_XATTRS:
+            try:
+                target = os.getxattr(fd, name)
+            except OSError:
+                continue
+            # An absolute redirect is from the layer root; a relative one replaces the last component.
+            below = target.lstrip(b"/") if target.startswith(b"/") else os.path.join(os.path.dirname(path), target)
+            check_name(below, "overlay redirect")
+            return below
+        return path
+
+
+def _has_xattr(fd: int, name: str) -> bool:
+    try:
+        os.getxattr(fd, name)
+    except OSError as e:
+        if e.errno == errno.ERANGE:
+            return True
+        if e.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _check_fd(fd: int, entry: FileEntry, files: LayerFiles) -> None:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise PycfsError(f"{files.describe(entry.relpath)} is not a regular file")
+    if st.st_size != entry.size:
+        raise PycfsError(
+            f"{files.describe(entry.relpath)} has {st.st_size} bytes but the layer's tar-split says {entry.size}"
+        )
+
+
+def _read_small(fd: int, entry: FileEntry, files: LayerFiles) -> bytes:
+    _check_fd(fd, entry, files)
+    data = os.pread(fd, entry.size, 0)
+    if len(data) != entry.size:
+        raise PycfsError(f"short read of {files.describe(entry.relpath)}")
+    if entry.crc64 is not None and crc64_iso(data) != entry.crc64:
+        raise PycfsError(f"content of {files.describe(entry.relpath)} does not match the tar-split checksum")
+    return data
+
+
+# ---- one layer ------------------------------------------------------------------------
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to report from a nursery's group: the first real failure, not a cancellation."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    return next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
+
+
+class _Nursery:
+    """A nursery whose failure is its first task's exception, so callers see a PycfsError."""
+
+    async def __aenter__(self) -> trio.Nursery:
+        self._cm = trio.open_nursery()
+        return await self._cm.__aenter__()
+
+    async def __aexit__(self, *exc) -> bool:
+        try:
+            return await self._cm.__aexit__(*exc)
+        except BaseExceptionGroup as group:
+            first = _first_error(group)
+            raise first from None
+
+
+class LayerImport:
+    """Rebuild one layer from tar-split + layer files into `oci-layer-<diff_id>`."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        layer: ImageLayer,
+        stats: ImportStats,
+        limiter: trio.CapacityLimiter,
+        helper: FdOpener | None,
+        progress: PullProgress | None,
+        verify_diffid: bool,
+    ) -> None:
+        self.repo = repo
+        self.layer = layer
+        self.stats = stats
+        self.limiter = limiter
+        self.helper = helper
+        self.progress = progress
+        self.verify_diffid = verify_diffid
+        self.files = LayerFiles(layer.store, layer.layer.id)
+        self.content: dict[int, bytes | tuple[bytes, int]] = {}  # entry index -> inline data or (object id, size)
+        self.denied: list[int] = []
+
+    def _advance(self, nbytes: int) -> None:
+        if self.progress is not None and nbytes:
+            self.progress.advance(self.layer.diff_id, nbytes)
+
+    def _take(self, entry: FileEntry, fd: int, close: bool = True) -> bytes | tuple[bytes, int, str]:
+        """Worker thread: the content of one open file (inline bytes or a stored object)."""
+        try:
+            if entry.size <= INLINE_CONTENT_MAX:
+                return _read_small(fd, entry, self.files)
+            _check_fd(fd, entry, self.files)
+            result = self.repo.store_object_from_fd(fd)
+        finally:
+            if close:
+                os.close(fd)
+        if result.size != entry.size:
+            raise PycfsError(f"{self.files.describe(entry.relpath)} changed size while it was stored")
+        return result.object_id, result.size, result.how
+
+    def _open_and_take(self, entry: FileEntry) -> bytes | tuple[bytes, int, str] | None:
+        """Worker thread: None when the file must go to the helper."""
+        try:
+            fd = self.files.open(entry.relpath, entry.size)
+        except _Denied:
+            return None
+        return self._take(entry, fd)
+
+    def _open_and_take_all(self, batch: list[tuple[int, FileEntry]]) -> list[bytes | tuple[bytes, int, str] | None]:
+        return [self._open_and_take(entry) for _, entry in batch]
+
+    def _record(self, index: int, entry: FileEntry, taken: bytes | tuple[bytes, int, str], via_helper: bool) -> None:
+        if isinstance(taken, bytes):
+            self.content[index] = taken
+        else:
+            object_id, size, how = taken
+            self.content[index] = (object_id, size)
+            self.stats.count(how, size)
+        if via_helper:
+            self.stats.files_via_helper += 1
+        self._advance(entry.size)
+
+    async def _worker(self, batches: Iterator[list[tuple[int, FileEntry]]]) -> None:
+        for batch in batches:
+            async with self.limiter:
+                taken = await trio.to_thread.run_sync(self._open_and_take_all, batch)
+            for (index, entry), got in zip(batch, taken):
+                if got is None:
+                    self.denied.append(index)
+                else:
+                    self._record(index, entry, got, via_helper=False)
+
+    async def _via_helper(self, entries: list) -> None:
+        """Files the user may not open: the helper opens them in the user namespace and passes fds."""
+        if not self.denied:
+            return
+        if self.helper is None:
+            first = entries[self.denied[0]]
+            more = f" (and {len(self.denied) - 1} more)" if len(self.denied) > 1 else ""
+            raise PycfsError(
+                f"permission denied reading {self.files.describe(first.relpath)}{more}: it belongs to a "
+                "user-namespace uid and needs the helper (--helper auto or always)"
+            )
+        pending = sorted(self.denied)
+        for depth, layer_id in enumerate(self.files.chain()):
+            if not pending or (depth and self.layer.store.driver != "overlay"):
+                break
+            still: list[int] = []
+            for start in range(0, len(pending), HELPER_BATCH):
+                still += await self._helper_batch(layer_id, entries, pending[start : start + HELPER_BATCH])
+            pending = still
+        if pending:
+            where = self.files.describe(entries[pending[0]].relpath)
+            raise PycfsError(f"{where} is not in the layer nor any layer below it")
+
+    async def _helper_batch(self, layer_id: str, entries: list, batch: list[int]) -> list[int]:
+        """Store one batch through helper fds; returns the entries to look for in lower layers."""
+        assert self.helper is not None
+        results = await self.helper.open_files(layer_id, [entries[i].relpath for i in batch])
+        unreleased = {r for r in results if isinstance(r, int)}
+
+        def give_back(fd: int) -> None:
+            if fd in unreleased:
+                unreleased.discard(fd)
+                self.helper.release(fd)
+
+        still = []
+        try:
+            if len(results) != len(batch):
+                raise PycfsError(f"the helper answered {len(results)} of {len(batch)} files")
+            ready = []
+            for index, res in zip(batch, results):
+                entry = entries[index]
+                if isinstance(res, OSError):
+                    if res.errno != errno.ENOENT:
+                        raise PycfsError(f"the helper cannot open {self.files.describe(entry.relpath)}: {res}")
+                    still.append(index)
+                elif LayerFiles.metacopy_lookup(res, entry.size, entry.relpath) is not None:
+                    give_back(res)
+                    still.append(index)  # a stub: its data is in a lower layer
+                else:
+                    ready.append((index, entry, res))
+            async with _Nursery() as nursery:
+                for index, entry, fd in ready:
+                    nursery.start_soon(self._store_helper_fd, index, entry, fd, give_back)
+        finally:
+            for fd in list(unreleased):
+                give_back(fd)
+        return still
+
+    async def _store_helper_fd(self, index: int, entry: FileEntry, fd: int, give_back) -> None:
+        try:
+            async with self.limiter:
+                taken = await trio.to_thread.run_sync(self._take, entry, fd, False)
+        finally:
+            give_back(fd)  # closed right after storing: the helper's fd budget is finite
+        self._record(index, entry, taken, via_helper=True)
+
+    def _write(self, entries: list) -> tuple[bytes, int, int]:
+        """Worker thread: assemble the splitstream (and re-hash it if asked), then commit.
+
+        Returns (stream id, inlined bytes, inlined files)."""
+        writer = self.repo.new_stream(CONTENT_OCI_LAYER)
+        hasher = hashlib.sha256() if self.verify_diffid else None
+        total = inlined = inlined_files = 0
+        for index, entry in enumerate(entries):
+            if isinstance(entry, Segment):
+                data: bytes | tuple[bytes, int] = entry.data
+            elif entry.size == 0:
+                continue
+            else:
+                data = self.content[index]
+            if isinstance(data, bytes):
+                if not data:
+                    continue
+                writer.write_inline(data)
+                inlined += len(data)
+                inlined_files += isinstance(entry, FileEntry)
+                total += len(data)
+                if hasher is not None:
+                    hasher.update(data)
+            else:
+                object_id, size = data
+                writer.write_external(object_id, size)
+                total += size
+                if hasher is not None:
+                    self._hash_object(hasher, object_id, size)
+        expected = self.layer.layer.diff_size
+        if expected is not None and total != expected:
+            raise PycfsError(
+                f"layer {self.layer.layer.id[:12]}: rebuilt tar is {total} bytes, c/storage recorded {expected}"
+            )
+        if hasher is not None and "sha256:" + hasher.hexdigest() != self.layer.diff_id:
+            raise PycfsError(
+                f"layer {self.layer.layer.id[:12]}: rebuilt tar has digest sha256:{hasher.hexdigest()}, "
+                f"not its diff_id {self.layer.diff_id}"
+            )
+        return self.repo.write_stream(writer, f"oci-layer-{self.layer.diff_id}"), inlined, inlined_files
+
+    def _hash_object(self, hasher, object_id: bytes, size: int) -> None:
+        fd = self.repo.open_object(object_id)
+        try:
+            offset = 0
+            while offset < size:
+                piece = os.pread(fd, min(_HASH_PIECE, size - offset), offset)
+                if not piece:
+                    raise PycfsError(f"object {object_id.hex()} is shorter than {size} bytes")
+                hasher.update(piece)
+                offset += len(piece)
+        finally:
+            os.close(fd)
+
+    async def run(self) -> bytes:
+        store, rec = self.layer.store, self.layer.layer
+        path = store.tar_split_path(rec.id)
+        if not path.exists():
+            raise StorageError(f"layer {rec.id[:12]} has no tar-split ({path}): it cannot be rebuilt byte-exact")
+        entries = await trio.to_thread.run_sync(read_entries, str(path), limiter=self.limiter)
+        if self.progress is not None:
+            total = rec.diff_size or sum(e.size if isinstance(e, FileEntry) else len(e.data) for e in entries)
+            self.progress.layer_started(self.layer.diff_id, total)
+            self._advance(sum(len(e.data) for e in entries if isinstance(e, Segment)))
+        work = _batches((i, e) for i, e in enumerate(entries) if isinstance(e, FileEntry) and e.size > 0)
+        try:
+            async with _Nursery() as nursery:
+                for _ in range(int(self.limiter.total_tokens)):
+                    nursery.start_soon(self._worker, work)
+            await self._via_helper(entries)
+        finally:
+            self.files.close()
+        stream_id, inlined, inlined_files = await trio.to_thread.run_sync(self._write, entries, limiter=self.limiter)
+        self.stats.bytes_inlined += inlined
+        self.stats.files_inlined += inlined_files
+        return stream_id
+
+
+def _batches(items: Iterable[tuple[int, FileEntry]]) -> Iterator[list[tuple[int, FileEntry]]]:
+    """Files grouped so one worker-thread trip handles many small files (or one big one)."""
+    batch: list[tuple[int, FileEntry]] = []
+    size = 0
+    for item in items:
+        batch.append(item)
+        size += item[1].size
+        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+# ---- the whole image ------------------------------------------------------------------
+
+
+class _HelperGate:
+    """Starts the helper with the c/storage locks let go: `podman unshare` takes them for writing.
+
+    After re-taking the locks the image is looked up again; if podman changed it meanwhile
+    the pull stops (objects stored so far are content-addressed, so nothing is wrong, only
+    unfinished)."""
+
+    def __init__(self, helper: HelperOpener, locks: ReadLocks, storage: Storage, source: ImageSource,
+                 ref: str, on_wait) -> None:
+        self.helper = helper
+        self.locks = locks
+        self.storage = storage
+        self.source = source
+        self.ref = ref
+        self.on_wait = on_wait
+
+    async def open_files(self, layer_id: str, paths: list[bytes]) -> list[int | OSError]:
+        if self.helper.info is None:
+            self.locks.release()
+            try:
+                await self.helper.hello()
+            finally:
+                await self.locks.acquire(on_wait=self.on_wait)
+            again = await trio.to_thread.run_sync(read_image, self.storage, self.ref)
+            if again.image.id != self.source.image.id or [l.layer.id for l in again.layers] != [
+                l.layer.id for l in self.source.layers
+            ]:
+                raise PycfsError(
+                    f"image {self.ref!r} changed in containers-storage while the helper started: run the pull again"
+                )
+        return await self.helper.open_files(layer_id, paths)
+
+    def release(self, fd: int) -> None:
+        self.helper.release(fd)
+
+
+def default_limiter() -> trio.CapacityLimiter:
+    """About two workers per core: hashing holds a core, cloning mostly waits on the disk."""
+    return trio.CapacityLimiter(max(2, 2 * (os.cpu_count() or 1)))
+
+
+async def pull_image(
+    repo: Repository,
+    storage: Storage,
+    ref: str,
+    tag: str | None = None,
+    *,
+    verify_diffid: bool = False,
+    helper: HelperOpener | None = None,
+    progress: PullProgress | None = None,
+    limiter: trio.CapacityLimiter | None = None,
+) -> PullResult:
+    """Import image `ref` from containers-storage; tag it `tag` (None: no tag)."""
+    started = time.monotonic()
+    limiter = limiter or default_limiter()
+    stats = ImportStats()
+    locks = ReadLocks([(p, s.read_only) for s in storage.stores for p in s.lock_paths()])
+    layer_streams: list[tuple[str, bytes]] = []
+    try:
+        await locks.acquire(on_wait=progress.waiting_for_lock if progress else None)
+        source = await trio.to_thread.run_sync(read_image, storage, ref)
+        stats.layers = len(source.layers)
+        on_wait = progress.waiting_for_lock if progress else None
+        gate = _HelperGate(helper, locks, storage, source, ref, on_wait) if helper is not None else None
+        for layer in source.layers:
+            name = f"oci-layer-{layer.diff_id}"
+            existing = repo.has_stream(name)
+            if existing is not None:
+                stats.layers_already_present += 1
+                layer_streams.append((layer.diff_id, existing))
+                if progress is not None:
+                    progress.layer_done(layer.diff_id, True)
+                continue
+            job = LayerImport(repo, layer, stats, limiter, gate, progress, verify_diffid)
+            layer_streams.append((layer.diff_id, await job.run()))
+            if progress is not None:
+                progress.layer_done(layer.diff_id, False)
+    finally:
+        locks.release()
+    config_stream, manifest_stream = await trio.to_thread.run_sync(
+        _finish, repo, source, layer_streams, tag, limiter=limiter
+    )
+    return PullResult(
+        image_id=source.image.id,
+        names=list(source.image.names),
+        manifest_digest=source.manifest_digest,
+        config_digest=source.config_digest,
+        manifest_stream=manifest_stream,
+        config_stream=config_stream,
+        tag=tag,
+        layers=layer_streams,
+        stats=stats,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _finish(
+    repo: Repository, source: ImageSource, layer_streams: list[tuple[str, bytes]], tag: str | None
+) -> tuple[bytes, bytes]:
+    """Config and manifest streams with their named refs, then the tag.
+
+    An existing config stream is kept as it is: it may already carry EROFS image refs.
+    """
+    config_id = repo.has_stream(streams.config_stream_name(source.config_digest))
+    if config_id is None:
+        config_id = streams.write_config_stream(repo, source.config_digest, source.config, layer_streams)
+    manifest_id = repo.has_stream(streams.manifest_stream_name(source.manifest_digest))
+    if manifest_id is None:
+        manifest_id = streams.write_manifest_stream(
+            repo, source.manifest_digest, source.manifest, source.config_digest, config_id, layer_streams
+        )
+    if tag is not None:
+        streams.tag_image(repo, tag, source.manifest_digest)
+    return config_id, manifest_id

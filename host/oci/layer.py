@@ -1,0 +1,391 @@
+"""Tar layers ↔ layer splitstreams (spec 3.2 and 3.6).
+
+Splitting: the tar byte stream is cut only around the content of regular-file entries
+whose effective size exceeds 64 bytes; those bytes are streamed into a new object, every
+other byte (headers, extension records, small or non-regular content, padding, the end
+marker and whatever follows it) is inline. The cut points are a format constant: they
+decide every object id, so they must match composefs-rs exactly.
+
+Reading back: `iter_layer_entries` walks a stored layer stream entry by entry without
+touching the objects (their ids and sizes are in the stream), for building images.
+
+Also here: opening a layer blob as a tar stream (plain, gzip or zstd), strictly, so a
+truncated or corrupt compressed layer is an error and never a short tar.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import zstandard
+
+from pycfs.host.errors import PycfsError
+from pycfs.host.oci.tar import (
+    BLKTYPE,
+    CHRTYPE,
+    DIRTYPE,
+    FIFOTYPE,
+    LNKTYPE,
+    SYMTYPE,
+    TarEnd,
+    TarError,
+    TarReader,
+)
+from pycfs.host.repository import Repository
+from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamReader, SplitStreamWriter
+from pycfs.host.tree import BlockDevice, CharDevice, External, Fifo, Inline, LeafContent, Stat, Symlink
+
+# Format constant (INLINE_CONTENT_MAX_V0): regular files up to this size stay inline.
+INLINE_CONTENT_MAX = 64
+_PIECE = 1 << 20
+# zstd input is fed in small slices: the output of one slice is held in memory at once.
+_ZSTD_INPUT_SLICE = 1 << 14
+
+DIGEST_ALGORITHMS = {"sha256": 64, "sha512": 128}
+
+
+class LayerDigestError(PycfsError):
+    """The bytes read do not have the digest they were announced with."""
+
+
+def parse_digest(digest: str, what: str = "digest") -> tuple[str, str]:
+    """Split and check an OCI digest string `sha256:<hex>` → (algorithm, hex)."""
+    alg, sep, hexpart = digest.partition(":")
+    if not sep or DIGEST_ALGORITHMS.get(alg) != len(hexpart) or hexpart.strip("0123456789abcdef"):
+        raise PycfsError(f"invalid {what} {digest!r}: expected sha256:<64 lowercase hex> or sha512:<128 hex>")
+    return alg, hexpart
+
+
+class HashingReader:
+    """Wraps a binary file; hashes and counts every byte handed out."""
+
+    def __init__(self, f: BinaryIO, alg: str = "sha256") -> None:
+        self._f = f
+        self.hasher = hashlib.new(alg)
+        self.alg = alg
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.hasher.update(data)
+        self.count += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read (and hash) to EOF: a digest covers every byte, trailing ones included."""
+        while self.read(_PIECE):
+            pass
+
+    def digest(self) -> str:
+        return f"{self.alg}:{self.hasher.hexdigest()}"
+
+
+# ---------------------------------------------------------------------------- compression
+
+
+class _GzipReader:
+    """gzip.GzipFile with its failures turned into one clear error."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._gz = gzip.GzipFile(fileobj=f, mode="rb")
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._gz.read(n)
+        except (OSError, EOFError, zlib.error) as e:
+            raise PycfsError(f"corrupt gzip layer: {e}") from None
+
+
+class _ZstdReader:
+    """Decompresses concatenated zstd frames; a frame cut short is an error
+    (python-zstandard's stream_reader would silently return a short stream)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._dctx = zstandard.ZstdDecompressor()
+        self._dobj = None
+        self._pending = b""  # compressed input not yet fed
+        self._out = memoryview(b"")
+        self._eof = False
+
+    def _fill(self) -> None:
+        while not self._out and not self._eof:
+            if not self._pending:
+                self._pending = self._f.read(_PIECE)
+                if not self._pending:
+                    self._eof = True
+                    if self._dobj is not None:
+                        raise PycfsError("corrupt zstd layer: truncated frame")
+                    return
+            if self._dobj is None:
+                self._dobj = self._dctx.decompressobj()
+            piece, self._pending = self._pending[:_ZSTD_INPUT_SLICE], self._pending[_ZSTD_INPUT_SLICE:]
+            try:
+                out = self._dobj.decompress(piece)
+            except zstandard.ZstdError as e:
+                raise PycfsError(f"corrupt zstd layer: {e}") from None
+            if self._dobj.eof:
+                self._pending = self._dobj.unused_data + self._pending
+                self._dobj = None
+            self._out = memoryview(out)
+
+    def read(self, n: int = -1) -> bytes:
+        self._fill()
+        if n < 0:
+            n = len(self._out)
+        piece, self._out = self._out[:n], self._out[n:]
+        return bytes(piece)
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def detect_compression(head: bytes) -> str:
+    """'gzip', 'zstd' or 'none' from the first bytes of a blob."""
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    return "none"
+
+
+def decompressing_reader(f: BinaryIO, compression: str) -> BinaryIO:
+    """A reader of the uncompressed bytes of f; compression is 'gzip', 'zstd' or 'none'."""
+    if compression == "gzip":
+        return _GzipReader(f)  # type: ignore[return-value]
+    if compression == "zstd":
+        return _ZstdReader(f)  # type: ignore[return-value]
+    if compression == "none":
+        return f
+    raise PycfsError(f"unsupported layer compression {compression!r}")
+
+
+# ---------------------------------------------------------------------------- splitting
+
+
+@dataclass
+class SplitStats:
+    objects_new: int = 0
+    objects_present: int = 0
+    bytes_external: int = 0
+    bytes_inline: int = 0
+
+
+@dataclass
+class SplitLayer:
+    """A split tar not yet committed: the caller checks `diff_id` first."""
+
+    writer: SplitStreamWriter
+    diff_id: str  # digest of the tar bytes read, `sha256:<hex>`
+    size: int
+    stats: SplitStats
+
+
+def split_tar(repo: Repository, f: BinaryIO, alg: str = "sha256") -> SplitLayer:
+    """Read an uncompressed tar stream from f to EOF and split it (spec 3.2).
+
+    Objects are written as content arrives (one file's bytes are never all in memory);
+    nothing becomes visible until the caller commits the returned writer.
+    """
+    src = HashingReader(f, alg)
+    reader = TarReader(src.read)
+    writer = SplitStreamWriter(repo.alg, CONTENT_OCI_LAYER)
+    stats = SplitStats()
+
+    def inline(data: bytes) -> None:
+        if data:
+            writer.write_inline(data)
+            stats.bytes_inline += len(data)
+
+    while True:
+        entry = reader.next()
+        inline(entry.raw)
+        if isinstance(entry, TarEnd):
+            while piece := src.read(_PIECE):
+                inline(piece)
+            break
+        if entry.is_regular() and entry.size > INLINE_CONTENT_MAX:
+            object_id, present = _store_content(repo, reader, entry.size)
+            writer.write_external(object_id, entry.size)
+            stats.bytes_external += entry.size
+            if present:
+                stats.objects_present += 1
+            else:
+                stats.objects_new += 1
+            inline(reader.read_exact(entry.padded_size - entry.size, "padding"))
+        else:
+            remaining = entry.padded_size
+            while remaining:
+                piece = reader.read_exact(min(remaining, _PIECE))
+                inline(piece)
+                remaining -= len(piece)
+    return SplitLayer(writer, src.digest(), src.count, stats)
+
+
+def _store_content(repo: Repository, reader: TarReader, size: int) -> tuple[bytes, bool]:
+    ow = repo.object_writer()
+    try:
+        remaining = size
+        while remaining:
+            piece = reader.read_exact(min(remaining, _PIECE))
+            ow.write(piece)
+            remaining -= len(piece)
+    except BaseException:
+        ow.abort()
+        raise
+    return ow.finish()
+
+
+def layer_stream_name(diff_id: str) -> str:
+    return f"oci-layer-{diff_id}"
+
+
+def commit_layer(repo: Repository, layer: SplitLayer, diff_id: str, ref: str | None = None) -> bytes:
+    """Make the split layer visible as `oci-layer-<diff_id>`, if its digest is that diff_id."""
+    if layer.diff_id != diff_id:
+        raise LayerDigestError(f"layer digest mismatch: expected diff_id {diff_id}, the tar stream is {layer.diff_id}")
+    return repo.write_stream(layer.writer, layer_stream_name(diff_id), ref)
+
+
+def import_layer(repo: Repository, diff_id: str, f: BinaryIO, compression: str | None = None,
+                 ref: str | None = None) -> tuple[bytes, SplitLayer | None]:
+    """Import a layer blob (compression autodetected when None) as `oci-layer-<diff_id>`.
+
+    Returns (stream id, split result); the split result is None when the stream already
+    existed (then f is not read).
+    """
+    alg, _ = parse_digest(diff_id, "diff_id")
+    existing = repo.has_stream(layer_stream_name(diff_id))
+    if existing is not None:
+        if ref is not None:
+            repo.set_stream_ref(ref, layer_stream_name(diff_id))
+        return existing, None
+    if compression is None:
+        compression = detect_compression(_peek(f, 4))
+    layer = split_tar(repo, decompressing_reader(f, compression), alg)
+    return commit_layer(repo, layer, diff_id, ref), layer
+
+
+def _peek(f: BinaryIO, n: int) -> bytes:
+    peek = getattr(f, "peek", None)
+    if peek is None:
+        raise PycfsError("cannot detect the compression of an unbuffered input")
+    return peek(n)[:n]
+
+
+# ---------------------------------------------------------------------------- reading back
+
+
+@dataclass(frozen=True, slots=True)
+class Directory:
+    """A directory entry (its children come as their own entries)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hardlink:
+    target: bytes  # normalized absolute path of an earlier entry
+
+
+@dataclass
+class LayerEntry:
+    """One tar entry of a layer as the image builder needs it (spec 3.6)."""
+
+    path: bytes  # normalized: b"/a/b", b"" for the root directory
+    stat: Stat  # mode as in the header; uid/gid truncated to u32
+    item: Directory | Hardlink | LeafContent
+
+
+def normalize_path(raw: bytes) -> bytes:
+    """Absolute path without empty/`.` components; b"" is the root; `..` is refused."""
+    parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise TarError(f"tar entry path {raw!r} contains '..'")
+    return b"".join(b"/" + p for p in parts)
+
+
+class _InlineCursor:
+    """Inline bytes of a layer stream as a read(n) source; external chunks are taken explicitly."""
+
+    def __init__(self, reader: SplitStreamReader) -> None:
+        self._chunks = reader.chunks()
+        self._refs = reader.object_refs
+        self._buf = memoryview(b"")
+
+    def read(self, n: int) -> bytes:
+        if not self._buf:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return b""
+            if isinstance(chunk, int):
+                raise TarError("layer stream: an object where tar headers or small-file content belong")
+            self._buf = memoryview(chunk)
+        piece, self._buf = self._buf[:n], self._buf[n:]
+        return bytes(piece)
+
+    def external(self) -> bytes:
+        chunk = None if self._buf else next(self._chunks, None)
+        if not isinstance(chunk, int):
+            raise TarError(f"layer stream: inline data where the content object of a file > {INLINE_CONTENT_MAX} bytes belongs")
+        return self._refs[chunk]
+
+
+def iter_layer_entries(reader: SplitStreamReader) -> Iterator[LayerEntry]:
+    """The entries of a layer splitstream, in archive order (PAX global headers skipped)."""
+    if reader.content_type != CONTENT_OCI_LAYER:
+        raise TarError(f"stream content type {reader.content_type:#x} is not a tar layer")
+    cursor = _InlineCursor(reader)
+    tar = TarReader(cursor.read)
+    while True:
+        entry = tar.next()
+        if isinstance(entry, TarEnd):
+            return
+        t = entry.typeflag
+        content: bytes | None = None
+        object_id: bytes | None = None
+        if entry.is_regular() and entry.size > INLINE_CONTENT_MAX:
+            object_id = cursor.external()
+            tar.offset += entry.size
+            tar.read_exact(entry.padded_size - entry.size, "padding")
+        else:
+            content = tar.read_exact(entry.padded_size)[: entry.size]
+        stat = Stat(
+            mode=entry.mode,
+            uid=entry.uid & 0xFFFFFFFF,
+            gid=entry.gid & 0xFFFFFFFF,
+            mtime_sec=entry.mtime,
+            mtime_nsec=entry.mtime_nsec,
+            xattrs=dict(sorted(entry.xattrs.items())),
+        )
+        item: Directory | Hardlink | LeafContent
+        if t == DIRTYPE:
+            item = Directory()
+        elif entry.is_regular():
+            item = External(object_id, entry.size) if object_id is not None else Inline(content or b"")
+        elif t == LNKTYPE:
+            item = Hardlink(normalize_path(entry.linkpath))
+        elif t == SYMTYPE:
+            item = Symlink(entry.linkpath)
+        elif t in (CHRTYPE, BLKTYPE):
+            try:
+                rdev = os.makedev(entry.header.devmajor, entry.header.devminor)
+            except (OverflowError, ValueError):
+                rdev = 1 << 32
+            if rdev > 0xFFFFFFFF:
+                raise TarError(f"device number {entry.header.devmajor}:{entry.header.devminor} of {entry.path!r} does not fit 32 bits")
+            item = CharDevice(rdev) if t == CHRTYPE else BlockDevice(rdev)
+        elif t == FIFOTYPE:
+            item = Fifo()
+        else:
+            raise TarError(f"tar entry {entry.path!r} has unsupported type {t!r}")
+        yield LayerEntry(normalize_path(entry.path), stat, item)
+
+
+def open_layer(repo: Repository, diff_id: str) -> SplitStreamReader:
+    return repo.open_stream(layer_stream_name(diff_id), CONTENT_OCI_LAYER)

@@ -1,0 +1,309 @@
+"""`oci:DIR[:TAG]`: reading an OCI image layout and pulling it into a repository (spec 3.5).
+
+Every blob read is checked against its descriptor (size and digest) before anything made
+from it becomes visible; layers are decompressed while they are split, never staged.
+Manifest lists / image indexes are resolved to the manifest for this machine's platform.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import trio
+
+from pycfs.host.errors import PycfsError
+from pycfs.host.oci.layer import (
+    HashingReader,
+    LayerDigestError,
+    SplitLayer,
+    commit_layer,
+    decompressing_reader,
+    layer_stream_name,
+    parse_digest,
+    split_tar,
+)
+from pycfs.host.oci.streams import (
+    PullResult,
+    config_stream_name,
+    manifest_stream_name,
+    read_json_stream,
+    tag_image,
+    write_config_stream,
+    write_manifest_stream,
+)
+from pycfs.host.repository import Repository
+from pycfs.host.splitstream import CONTENT_OCI_CONFIG
+
+MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
+MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
+CONFIG_TYPES = (MEDIA_OCI_CONFIG, MEDIA_DOCKER_CONFIG)
+REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
+
+# layer media type → compression
+LAYER_TYPES = {
+    "application/vnd.oci.image.layer.v1.tar": "none",
+    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar": "none",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
+    "application/vnd.docker.image.rootfs.diff.tar": "none",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
+}
+
+# JSON documents (index, manifest, config) are read into memory; bound them.
+MAX_JSON_BLOB = 64 << 20
+_PIECE = 1 << 20
+
+_GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386",
+           "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+
+
+def host_platform() -> tuple[str, str]:
+    """(os, architecture) in OCI/Go spelling."""
+    machine = platform.machine()
+    return "linux", _GOARCH.get(machine, machine)
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+    platform: dict[str, str] | None = None
+
+    @classmethod
+    def from_json(cls, doc: object, where: str) -> Descriptor:
+        if not isinstance(doc, dict):
+            raise PycfsError(f"{where}: descriptor is not a JSON object")
+        media_type, digest, size = doc.get("mediaType"), doc.get("digest"), doc.get("size")
+        if not isinstance(digest, str) or not isinstance(size, int) or size < 0:
+            raise PycfsError(f"{where}: descriptor needs a digest string and a non-negative size")
+        parse_digest(digest, f"{where} digest")
+        return cls(
+            media_type if isinstance(media_type, str) else "",
+            digest,
+            size,
+            doc.get("annotations") or {},
+            doc.get("platform"),
+        )
+
+
+def _json(raw: bytes, where: str) -> dict:
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise PycfsError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise PycfsError(f"{where} is not a JSON object")
+    return doc
+
+
+class OciLayout:
+    """A directory in the OCI image layout format."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        try:
+            layout = _json((self.path / "oci-layout").read_bytes(), f"{self.path}/oci-layout")
+            self.index = _json((self.path / "index.json").read_bytes(), f"{self.path}/index.json")
+        except FileNotFoundError as e:
+            raise PycfsError(f"{self.path} is not an OCI image layout: {e.filename} is missing") from None
+        except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
+            raise PycfsError(f"cannot read OCI layout {self.path}: {e}") from None
+        if layout.get("imageLayoutVersion") != "1.0.0":
+            raise PycfsError(f"{self.path}: unsupported imageLayoutVersion {layout.get('imageLayoutVersion')!r}")
+
+    def blob_path(self, digest: str) -> Path:
+        alg, hexpart = parse_digest(digest)
+        return self.path / "blobs" / alg / hexpart
+
+    def open_blob(self, desc: Descriptor) -> BinaryIO:
+        try:
+            return open(self.blob_path(desc.digest), "rb")
+        except FileNotFoundError:
+            raise PycfsError(f"{self.path}: blob {desc.digest} is missing") from None
+
+    def read_blob(self, desc: Descriptor, what: str) -> bytes:
+        """The whole blob, checked against the descriptor's size and digest."""
+        if desc.size > MAX_JSON_BLOB:
+            raise PycfsError(f"{what} {desc.digest} of {desc.size} bytes is too large")
+        with self.open_blob(desc) as f:
+            data = f.read(desc.size + 1)
+        alg, hexpart = parse_digest(desc.digest)
+        if len(data) != desc.size:
+            raise LayerDigestError(f"{what} {desc.digest}: blob has {len(data)} bytes, descriptor says {desc.size}")
+        if hashlib.new(alg, data).hexdigest() != hexpart:
+            raise LayerDigestError(f"{what} {desc.digest}: blob content does not match its digest")
+        return data
+
+    def descriptors(self) -> list[Descriptor]:
+        manifests = self.index.get("manifests")
+        if not isinstance(manifests, list):
+            raise PycfsError(f"{self.path}/index.json has no manifests list")
+        return [Descriptor.from_json(m, f"{self.path}/index.json") for m in manifests]
+
+    def resolve(self, tag: str | None) -> tuple[Descriptor, bytes]:
+        """The image manifest for tag (or the only image), through any image index."""
+        descs = self.descriptors()
+        tags = sorted({d.annotations.get(REF_NAME_ANNOTATION, "") for d in descs} - {""})
+        if tag:
+            chosen = [d for d in descs if d.annotations.get(REF_NAME_ANNOTATION) == tag]
+            if not chosen:
+                raise PycfsError(f"no image tagged {tag!r} in {self.path} (tags: {', '.join(tags) or 'none'})")
+        else:
+            chosen = descs
+            if len(descs) != 1:
+                raise PycfsError(
+                    f"{self.path} holds {len(descs)} images: name one as oci:{self.path}:TAG (tags: {', '.join(tags) or 'none'})"
+                )
+        return self._resolve_desc(chosen[0], depth=0)
+
+    def _resolve_desc(self, desc: Descriptor, depth: int) -> tuple[Descriptor, bytes]:
+        if depth > 4:
+            raise PycfsError(f"{self.path}: image indexes nested too deeply")
+        raw = self.read_blob(desc, "manifest")
+        doc = _json(raw, f"manifest {desc.digest}")
+        media_type = doc.get("mediaType") or desc.media_type
+        if media_type in INDEX_TYPES or (not media_type and "manifests" in doc):
+            return self._resolve_desc(self._pick_platform(doc, desc.digest), depth + 1)
+        if media_type and media_type not in MANIFEST_TYPES:
+            raise PycfsError(f"manifest {desc.digest} has unsupported media type {media_type!r}")
+        return desc, raw
+
+    def _pick_platform(self, index: dict, digest: str) -> Descriptor:
+        want_os, want_arch = host_platform()
+        descs = [Descriptor.from_json(m, f"index {digest}") for m in index.get("manifests") or []]
+        for d in descs:
+            p = d.platform or {}
+            if p.get("os") == want_os and p.get("architecture") == want_arch:
+                return d
+        have = ", ".join(f"{(d.platform or {}).get('os')}/{(d.platform or {}).get('architecture')}" for d in descs)
+        raise PycfsError(f"image index {digest} has no manifest for {want_os}/{want_arch} (has: {have or 'none'})")
+
+
+@dataclass(frozen=True)
+class ImageLayers:
+    """A manifest's layers paired with the config's diff_ids."""
+
+    config: Descriptor
+    layers: list[tuple[Descriptor, str]]  # (layer blob, diff_id)
+
+
+def image_layers(manifest: dict, config_raw: bytes, digest: str) -> ImageLayers:
+    config_desc = Descriptor.from_json(manifest.get("config"), f"manifest {digest} config")
+    if config_desc.media_type and config_desc.media_type not in CONFIG_TYPES:
+        raise PycfsError(f"manifest {digest}: config type {config_desc.media_type!r} is not a container image "
+                         "(OCI artifacts are not supported)")
+    layer_descs = [Descriptor.from_json(d, f"manifest {digest} layer") for d in manifest.get("layers") or []]
+    config = _json(config_raw, f"config {config_desc.digest}")
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids")
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(layer_descs):
+        raise PycfsError(f"config {config_desc.digest}: rootfs.diff_ids does not match the manifest's "
+                         f"{len(layer_descs)} layers")
+    for diff_id in diff_ids:
+        parse_digest(diff_id if isinstance(diff_id, str) else "", "diff_id")
+    for d in layer_descs:
+        if d.media_type not in LAYER_TYPES:
+            raise PycfsError(f"layer {d.digest} has unsupported media type {d.media_type!r}")
+    return ImageLayers(config_desc, list(zip(layer_descs, diff_ids)))
+
+
+def import_layout_layer(repo: Repository, layout: OciLayout, desc: Descriptor, diff_id: str) -> SplitLayer:
+    """Decompress, split, verify blob digest and diff_id, then commit `oci-layer-<diff_id>`."""
+    alg, _ = parse_digest(desc.digest)
+    with layout.open_blob(desc) as f:
+        blob = HashingReader(f, alg)
+        layer = split_tar(repo, decompressing_reader(blob, LAYER_TYPES[desc.media_type]), parse_digest(diff_id)[0])
+        blob.drain()
+    if blob.count != desc.size or blob.digest() != desc.digest:
+        raise LayerDigestError(f"layer blob {desc.digest}: content does not match its digest or size "
+                               f"(got {blob.digest()}, {blob.count} bytes)")
+    commit_layer(repo, layer, diff_id)
+    return layer
+
+
+def _first_user_error(group: BaseExceptionGroup) -> BaseException:
+    """Layers fail independently; when they all failed for user-facing reasons, report the
+    first one as a plain error (the CLI prints one line), else keep the whole group."""
+    matched, rest = group.split(PycfsError)
+    if matched is None or rest is not None:
+        return group
+    while isinstance(matched, BaseExceptionGroup):
+        matched = matched.exceptions[0]
+    return matched
+
+
+async def pull_oci_layout(repo: Repository, source: str, tag: str) -> PullResult:
+    """Pull `DIR[:TAG]` (the part after `oci:`) and tag the manifest stream as `tag`."""
+    directory, _, layout_tag = source.partition(":")
+    if not directory:
+        raise PycfsError("oci: needs a directory: oci:DIR[:TAG]")
+    layout = await trio.to_thread.run_sync(OciLayout, directory)
+    manifest_desc, manifest_raw = await trio.to_thread.run_sync(layout.resolve, layout_tag or None)
+    manifest = _json(manifest_raw, f"manifest {manifest_desc.digest}")
+    config_desc = Descriptor.from_json(manifest.get("config"), f"manifest {manifest_desc.digest} config")
+    stats: dict[str, int] = {"objects_new": 0, "objects_present": 0, "bytes_external": 0, "bytes_inline": 0}
+    imported = present = 0
+
+    config_id = repo.has_stream(config_stream_name(config_desc.digest))
+    if config_id is not None:
+        # Already pulled (maybe by another transport): its refs say where the layers are.
+        reader = repo.open_stream_by_id(config_id, CONTENT_OCI_CONFIG)
+        config_raw = read_json_stream(repo, reader, config_desc.digest, "config")
+        layers = image_layers(manifest, config_raw, manifest_desc.digest)
+        try:
+            layer_refs = [(d, reader.named_refs[d]) for _, d in layers.layers]
+        except KeyError as e:
+            raise PycfsError(f"config stream for {config_desc.digest} has no ref for layer {e.args[0]}") from None
+        present = len({d for _, d in layers.layers})
+    else:
+        config_raw = await trio.to_thread.run_sync(layout.read_blob, config_desc, "config")
+        layers = image_layers(manifest, config_raw, manifest_desc.digest)
+        todo: dict[str, Descriptor] = {}
+        for desc, diff_id in layers.layers:
+            if repo.has_stream(layer_stream_name(diff_id)) is None:
+                todo.setdefault(diff_id, desc)
+        present = len({d for _, d in layers.layers}) - len(todo)
+        limiter = trio.CapacityLimiter(os.cpu_count() or 1)
+
+        async def one(diff_id: str, desc: Descriptor) -> None:
+            layer = await trio.to_thread.run_sync(import_layout_layer, repo, layout, desc, diff_id, limiter=limiter)
+            for k, v in vars(layer.stats).items():
+                stats[k] += v
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for diff_id, desc in sorted(todo.items(), key=lambda kv: -kv[1].size):  # largest first
+                    nursery.start_soon(one, diff_id, desc)
+        except BaseExceptionGroup as group:
+            raise _first_user_error(group) from None
+        imported = len(todo)
+        layer_refs = []
+        for _, diff_id in layers.layers:
+            stream_id = repo.has_stream(layer_stream_name(diff_id))
+            if stream_id is None:
+                raise PycfsError(f"layer {diff_id} vanished from the repository during the pull")
+            layer_refs.append((diff_id, stream_id))
+        config_id = write_config_stream(repo, config_desc.digest, config_raw, layer_refs)
+
+    manifest_id = repo.has_stream(manifest_stream_name(manifest_desc.digest))
+    if manifest_id is None:
+        manifest_id = write_manifest_stream(repo, manifest_desc.digest, manifest_raw, config_desc.digest, config_id,
+                                            layer_refs)
+    tag_image(repo, tag, manifest_desc.digest)
+    return PullResult(tag, manifest_desc.digest, config_desc.digest, manifest_id, config_id, imported, present, stats)

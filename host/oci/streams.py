@@ -1,0 +1,233 @@
+"""OCI config/manifest splitstreams, their named refs, and tags (spec 3.1, 3.3, 3.4).
+
+Config and manifest JSON are stored as one object each (never inline, whatever their size)
+so the exact original bytes, and hence their sha256, are kept. Their streams carry named
+refs that make the whole image reachable for GC:
+
+    oci-config-<digest>    named refs: <diff_id> -> layer stream, composefs.image* -> EROFS
+    oci-manifest-<digest>  named refs: config:<config digest> -> config stream, <diff_id> -> layer stream
+
+A tag is the symlink streams/refs/oci/<encoded tag> -> ../../oci-manifest-<digest>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pycfs.host.errors import PycfsError
+from pycfs.host.oci.layer import parse_digest
+from pycfs.host.repository import Repository
+from pycfs.host.splitstream import CONTENT_OCI_CONFIG, CONTENT_OCI_MANIFEST, SplitStreamReader, SplitStreamWriter
+
+TAG_DIR = "oci"
+MANIFEST_PREFIX = "oci-manifest-"
+CONFIG_PREFIX = "oci-config-"
+CONFIG_REF_PREFIX = "config:"
+IMAGE_REF_PREFIX = "composefs.image"
+
+
+def config_stream_name(digest: str) -> str:
+    return CONFIG_PREFIX + digest
+
+
+def manifest_stream_name(digest: str) -> str:
+    return MANIFEST_PREFIX + digest
+
+
+# ---------------------------------------------------------------------------- tags
+
+
+def encode_tag(tag: str) -> str:
+    """`%` → `%25` first, then `/` → `%2F`: a tag becomes one file name."""
+    return tag.replace("%", "%25").replace("/", "%2F")
+
+
+def decode_tag(encoded: str) -> str:
+    """Single pass: `%2F` → `/`, `%25` → `%`, anything else (also `%2f`) kept as is."""
+    out = []
+    i = 0
+    while i < len(encoded):
+        three = encoded[i : i + 3]
+        if three == "%2F":
+            out.append("/")
+            i += 3
+        elif three == "%25":
+            out.append("%")
+            i += 3
+        else:
+            out.append(encoded[i])
+            i += 1
+    return "".join(out)
+
+
+def check_tag(tag: str) -> None:
+    encoded = encode_tag(tag)
+    if not tag or tag.startswith("@") or "\0" in tag or encoded in (".", "..") or len(encoded.encode()) > 255:
+        raise PycfsError(
+            f"invalid tag {tag!r}: must be non-empty, not start with '@' (digest syntax), and fit a file name"
+        )
+
+
+def tag_image(repo: Repository, tag: str, manifest_digest: str) -> None:
+    """Point tag at the (already written) manifest stream, replacing any previous target."""
+    check_tag(tag)
+    if repo.has_stream(manifest_stream_name(manifest_digest)) is None:
+        raise PycfsError(f"cannot tag {tag!r}: no manifest stream for {manifest_digest}")
+    repo.set_stream_ref(f"{TAG_DIR}/{encode_tag(tag)}", manifest_stream_name(manifest_digest))
+
+
+def untag_image(repo: Repository, tag: str) -> None:
+    check_tag(tag)
+    try:
+        os.unlink(f"streams/refs/{TAG_DIR}/{encode_tag(tag)}", dir_fd=repo.dirfd)
+    except FileNotFoundError:
+        raise PycfsError(f"no image tagged {tag!r}") from None
+
+
+def resolve_tag(repo: Repository, tag: str) -> str | None:
+    """The manifest digest a tag points at, or None if there is no such tag."""
+    check_tag(tag)
+    try:
+        target = os.readlink(f"streams/refs/{TAG_DIR}/{encode_tag(tag)}", dir_fd=repo.dirfd)
+    except FileNotFoundError:
+        return None
+    return _manifest_digest_of_link(tag, target)
+
+
+def _manifest_digest_of_link(tag: str, target: str) -> str:
+    base = target.rsplit("/", 1)[-1]
+    if not base.startswith(MANIFEST_PREFIX):
+        raise PycfsError(f"tag {tag!r} points at {target!r}, which is not a manifest stream")
+    return base[len(MANIFEST_PREFIX) :]
+
+
+def list_images(repo: Repository) -> list[tuple[str, str]]:
+    """(tag, manifest digest) of every tagged image, sorted by tag."""
+    images = []
+    for name, target in repo.list_links(f"streams/refs/{TAG_DIR}"):
+        if "/" in name:
+            continue  # not a tag: tags are encoded into a single file name
+        tag = decode_tag(name)
+        images.append((tag, _manifest_digest_of_link(tag, target)))
+    return sorted(images)
+
+
+def resolve_image(repo: Repository, image: str) -> str:
+    """A tag or `@sha256:<hex>` → manifest digest (the stream must exist)."""
+    if image.startswith("@"):
+        digest = image[1:]
+        parse_digest(digest, "manifest digest")
+    else:
+        found = resolve_tag(repo, image)
+        if found is None:
+            raise PycfsError(f"no image tagged {image!r} in {repo.path}")
+        digest = found
+    if repo.has_stream(manifest_stream_name(digest)) is None:
+        raise PycfsError(f"manifest stream {manifest_stream_name(digest)} is missing from {repo.path}")
+    return digest
+
+
+# ---------------------------------------------------------------------------- streams
+
+
+def _write_json_stream(repo: Repository, content_type: int, raw: bytes, name: str,
+                       named_refs: Sequence[tuple[str, bytes]]) -> bytes:
+    writer = SplitStreamWriter(repo.alg, content_type)
+    for ref_name, stream_id in named_refs:
+        writer.add_named_ref(ref_name, stream_id)
+    writer.write_external(repo.ensure_object(raw), len(raw))
+    return repo.write_stream(writer, name)
+
+
+def write_config_stream(repo: Repository, digest: str, raw: bytes, layers: Sequence[tuple[str, bytes]],
+                        image_refs: Sequence[tuple[str, bytes]] = ()) -> bytes:
+    """`oci-config-<digest>`: layers are (diff_id, layer stream id) in config order, then
+    the EROFS image refs (`composefs.image`, `composefs.image.v1`, ...)."""
+    _check_digest(raw, digest, "config")
+    return _write_json_stream(repo, CONTENT_OCI_CONFIG, raw, config_stream_name(digest), [*layers, *image_refs])
+
+
+def write_manifest_stream(repo: Repository, digest: str, raw: bytes, config_digest: str, config_id: bytes,
+                          layers: Sequence[tuple[str, bytes]]) -> bytes:
+    """`oci-manifest-<digest>`: `config:<digest>` first, then (diff_id, layer stream id)."""
+    _check_digest(raw, digest, "manifest")
+    refs = [(CONFIG_REF_PREFIX + config_digest, config_id), *layers]
+    return _write_json_stream(repo, CONTENT_OCI_MANIFEST, raw, manifest_stream_name(digest), refs)
+
+
+def _check_digest(raw: bytes, digest: str, what: str) -> None:
+    alg, hexpart = parse_digest(digest, f"{what} digest")
+    actual = hashlib.new(alg, raw).hexdigest()
+    if actual != hexpart:
+        raise PycfsError(f"{what} digest mismatch: expected {digest}, the bytes are {alg}:{actual}")
+
+
+def read_json_stream(repo: Repository, reader: SplitStreamReader, digest: str, what: str) -> bytes:
+    """The raw JSON bytes of a config/manifest stream (exactly one object ref), digest-checked."""
+    if len(reader.object_refs) != 1:
+        raise PycfsError(f"{what} stream for {digest} has {len(reader.object_refs)} object refs, expected 1")
+    raw = repo.read_object(reader.object_refs[0])
+    _check_digest(raw, digest, what)
+    return raw
+
+
+@dataclass
+class StoredImage:
+    """A tagged (or digest-named) image as stored in the repository."""
+
+    manifest_digest: str
+    manifest_raw: bytes
+    manifest_stream_id: bytes
+    config_digest: str
+    config_raw: bytes
+    config_stream_id: bytes
+    layer_ids: dict[str, bytes]  # diff_id -> layer stream id
+    image_refs: dict[str, bytes] = field(default_factory=dict)  # composefs.image* -> EROFS id
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads(self.manifest_raw)
+
+    @property
+    def config(self) -> dict:
+        return json.loads(self.config_raw)
+
+    @property
+    def diff_ids(self) -> list[str]:
+        return list(self.config.get("rootfs", {}).get("diff_ids", []))
+
+
+def open_image(repo: Repository, image: str) -> StoredImage:
+    """Load manifest and config of a tag or `@sha256:<hex>` with the refs their streams carry."""
+    manifest_digest = resolve_image(repo, image)
+    manifest_reader = repo.open_stream(manifest_stream_name(manifest_digest), CONTENT_OCI_MANIFEST)
+    manifest_raw = read_json_stream(repo, manifest_reader, manifest_digest, "manifest")
+    config_refs = [n for n in manifest_reader.named_refs if n.startswith(CONFIG_REF_PREFIX)]
+    if len(config_refs) != 1:
+        raise PycfsError(f"manifest stream for {manifest_digest} has {len(config_refs)} config refs, expected 1")
+    config_digest = config_refs[0][len(CONFIG_REF_PREFIX) :]
+    config_id = manifest_reader.named_refs[config_refs[0]]
+    config_reader = repo.open_stream_by_id(config_id, CONTENT_OCI_CONFIG)
+    config_raw = read_json_stream(repo, config_reader, config_digest, "config")
+    layers = {n: i for n, i in config_reader.named_refs.items() if not n.startswith(IMAGE_REF_PREFIX)}
+    images = {n: i for n, i in config_reader.named_refs.items() if n.startswith(IMAGE_REF_PREFIX)}
+    return StoredImage(manifest_digest, manifest_raw, repo.has_stream(manifest_stream_name(manifest_digest)) or b"",
+                       config_digest, config_raw, config_id, layers, images)
+
+
+@dataclass
+class PullResult:
+    """What a pull did, whatever the transport; `stats` are counters for the report."""
+
+    tag: str
+    manifest_digest: str
+    config_digest: str
+    manifest_stream_id: bytes
+    config_stream_id: bytes
+    layers_imported: int = 0
+    layers_present: int = 0
+    stats: dict[str, int] = field(default_factory=dict)

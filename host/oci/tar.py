@@ -1,0 +1,441 @@
+"""Tar header codec: ustar/GNU/PAX headers and a strict pull reader (spec 3.2, 3.6).
+
+The reader never re-encodes anything: it hands back every byte it consumed for an entry
+(extension headers, their data and padding, the main header) so the layer splitter can
+store them inline verbatim and `cat` reproduces the archive byte for byte. Field
+resolution follows the spec: PAX `path` > GNU long name > ustar prefix/name; PAX
+`linkpath` > GNU long link > linkname; PAX `size`/`uid`/`gid`/`mtime` override the header;
+xattrs only from `SCHILY.xattr.*`; PAX global headers are consumed but not applied.
+
+The writer side (`TarHeader.pack`, `pax_data`, `gnu_long_entry`) exists to build test
+archives with exact control over every field.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from pycfs.host.errors import PycfsError
+
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
+
+# POSIX ustar header; the GNU format reuses the same offsets and keeps its extra fields
+# (atime, ctime, sparse map...) in the bytes ustar calls prefix/pad.
+HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12s")
+assert HEADER.size == BLOCK
+_CHKSUM_OFFSET = 148
+_CHKSUM_SIZE = 8
+
+MAGIC_USTAR = b"ustar\x00"
+VERSION_USTAR = b"00"
+MAGIC_GNU = b"ustar "
+VERSION_GNU = b" \x00"
+
+# typeflags
+REGTYPE = b"0"
+AREGTYPE = b"\x00"
+LNKTYPE = b"1"
+SYMTYPE = b"2"
+CHRTYPE = b"3"
+BLKTYPE = b"4"
+DIRTYPE = b"5"
+FIFOTYPE = b"6"
+CONTTYPE = b"7"
+XHDTYPE = b"x"  # PAX extended header for the next entry
+XGLTYPE = b"g"  # PAX global header
+GNUTYPE_LONGNAME = b"L"
+GNUTYPE_LONGLINK = b"K"
+GNUTYPE_SPARSE = b"S"
+REGULAR_TYPES = (REGTYPE, AREGTYPE, CONTTYPE)
+
+# Extension data (PAX records, GNU long names) is held in memory; a real archive needs a
+# few KiB at most, so anything beyond this is treated as a corrupt or hostile archive.
+MAX_EXTENSION_SIZE = 16 << 20
+
+
+class TarError(PycfsError):
+    """The input is not a tar archive we can represent; the message says what and where."""
+
+
+def roundup_block(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def parse_number(field_bytes: bytes, what: str = "number") -> int:
+    """Decode a numeric header field: octal text (NUL/space terminated) or GNU base-256."""
+    if field_bytes and field_bytes[0] & 0x80:
+        # base-256: 0x80 marks a positive big-endian value in the remaining bytes,
+        # 0xff a negative two's-complement value over the whole field
+        if field_bytes[0] == 0x80:
+            return int.from_bytes(field_bytes[1:], "big")
+        if field_bytes[0] == 0xFF:
+            return int.from_bytes(field_bytes, "big", signed=True)
+        raise TarError(f"bad base-256 {what} field {field_bytes.hex()}")
+    text = field_bytes.split(b"\x00", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    if not all(0x30 <= c <= 0x37 for c in text):
+        raise TarError(f"bad octal {what} field {field_bytes!r}")
+    return int(text, 8)
+
+
+def format_number(value: int, size: int, what: str = "number") -> bytes:
+    """Encode like GNU tar: zero-padded octal plus NUL when it fits, else base-256."""
+    if 0 <= value < 8 ** (size - 1):
+        return b"%0*o\x00" % (size - 1, value)
+    if -(256 ** (size - 1)) // 2 <= value < 256 ** (size - 1):
+        if value >= 0:
+            return b"\x80" + value.to_bytes(size - 1, "big")
+        return value.to_bytes(size, "big", signed=True)
+    raise TarError(f"{what} {value} does not fit a {size}-byte field")
+
+
+def _cstr(b: bytes) -> bytes:
+    return b.split(b"\x00", 1)[0]
+
+
+def header_checksums(block: bytes) -> tuple[int, int]:
+    """(unsigned, signed) byte sums with the checksum field counted as spaces."""
+    rest = block[:_CHKSUM_OFFSET] + block[_CHKSUM_OFFSET + _CHKSUM_SIZE :]
+    unsigned = sum(rest) + 8 * 0x20
+    signed = sum(struct.unpack(f"{len(rest)}b", rest)) + 8 * 0x20
+    return unsigned, signed
+
+
+@dataclass
+class TarHeader:
+    """One 512-byte header block with the field names of POSIX ustar."""
+
+    name: bytes = b""
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime: int = 0
+    chksum: int = 0
+    typeflag: bytes = REGTYPE
+    linkname: bytes = b""
+    magic: bytes = MAGIC_USTAR
+    version: bytes = VERSION_USTAR
+    uname: bytes = b""
+    gname: bytes = b""
+    devmajor: int = 0
+    devminor: int = 0
+    prefix: bytes = b""
+    pad: bytes = bytes(12)
+
+    @classmethod
+    def parse(cls, block: bytes, offset: int = 0) -> TarHeader:
+        """Decode and verify a header block; `offset` only serves error messages."""
+        if len(block) != BLOCK:
+            raise TarError(f"truncated tar header at offset {offset}: {len(block)} of {BLOCK} bytes")
+        f = HEADER.unpack(block)
+        chksum = parse_number(f[6], "chksum")
+        if chksum not in header_checksums(block):
+            raise TarError(
+                f"bad tar header checksum at offset {offset}: stored {chksum}, computed {header_checksums(block)[0]}"
+            )
+
+        def num(i: int, what: str) -> int:
+            try:
+                return parse_number(f[i], what)
+            except TarError as e:
+                raise TarError(f"{e} in tar header at offset {offset}") from None
+
+        size = num(4, "size")
+        if size < 0:
+            raise TarError(f"negative size {size} in tar header at offset {offset}")
+
+        return cls(
+            name=_cstr(f[0]),
+            mode=num(1, "mode"),
+            uid=num(2, "uid"),
+            gid=num(3, "gid"),
+            size=size,
+            mtime=num(5, "mtime"),
+            chksum=chksum,
+            typeflag=f[7],
+            linkname=_cstr(f[8]),
+            magic=f[9],
+            version=f[10],
+            uname=_cstr(f[11]),
+            gname=_cstr(f[12]),
+            devmajor=num(13, "devmajor"),
+            devminor=num(14, "devminor"),
+            prefix=f[15] if f[9] == MAGIC_GNU else _cstr(f[15]),
+            pad=f[16],
+        )
+
+    def pack(self) -> bytes:
+        """Encode with a freshly computed checksum (the `chksum` attribute is ignored)."""
+        for value, size, what in ((self.name, 100, "name"), (self.linkname, 100, "linkname"), (self.prefix, 155, "prefix")):
+            if len(value) > size:
+                raise TarError(f"{what} of {len(value)} bytes does not fit the {size}-byte field")
+        block = bytearray(
+            HEADER.pack(
+                self.name,
+                format_number(self.mode, 8, "mode"),
+                format_number(self.uid, 8, "uid"),
+                format_number(self.gid, 8, "gid"),
+                format_number(self.size, 12, "size"),
+                format_number(self.mtime, 12, "mtime"),
+                b" " * _CHKSUM_SIZE,
+                self.typeflag,
+                self.linkname,
+                self.magic,
+                self.version,
+                self.uname,
+                self.gname,
+                format_number(self.devmajor, 8, "devmajor"),
+                format_number(self.devminor, 8, "devminor"),
+                self.prefix,
+                self.pad,
+            )
+        )
+        block[_CHKSUM_OFFSET : _CHKSUM_OFFSET + _CHKSUM_SIZE] = b"%06o\x00 " % header_checksums(bytes(block))[0]
+        return bytes(block)
+
+    @property
+    def full_name(self) -> bytes:
+        """ustar prefix/name; GNU headers keep other data in the prefix bytes."""
+        if self.magic == MAGIC_USTAR and self.prefix:
+            return self.prefix + b"/" + self.name
+        return self.name
+
+
+def parse_pax(data: bytes, offset: int = 0) -> list[tuple[bytes, bytes]]:
+    """Parse PAX records `"<len> <key>=<value>\\n"`; trailing NUL padding is tolerated."""
+    records: list[tuple[bytes, bytes]] = []
+    pos = 0
+    while pos < len(data):
+        if data[pos:].strip(b"\x00") == b"":
+            break
+        sp = data.find(b" ", pos, pos + 24)
+        length_text = data[pos:sp] if sp >= 0 else b""
+        if not length_text.isdigit():
+            raise TarError(f"bad PAX record length at offset {offset + pos}")
+        length = int(length_text)
+        end = pos + length
+        if length <= len(length_text) + 1 or end > len(data) or data[end - 1 : end] != b"\n":
+            raise TarError(f"bad PAX record of length {length} at offset {offset + pos}")
+        key, eq, value = data[sp + 1 : end - 1].partition(b"=")
+        if not eq or not key:
+            raise TarError(f"PAX record without key=value at offset {offset + pos}")
+        records.append((key, value))
+        pos = end
+    return records
+
+
+def pax_data(records: list[tuple[bytes, bytes]]) -> bytes:
+    """Encode PAX records; the length prefix counts its own digits."""
+    out = bytearray()
+    for key, value in records:
+        body = b" " + key + b"=" + value + b"\n"
+        n = len(body) + 1
+        while len(b"%d" % n) + len(body) != n:
+            n = len(b"%d" % n) + len(body)
+        out += b"%d" % n + body
+    return bytes(out)
+
+
+def pax_entry(records: list[tuple[bytes, bytes]], *, typeflag: bytes = XHDTYPE, name: bytes = b"././@PaxHeader") -> bytes:
+    """An `x` (or `g`) header block plus its data and padding."""
+    data = pax_data(records)
+    hdr = TarHeader(name=name, mode=0o644, size=len(data), typeflag=typeflag).pack()
+    return hdr + data + bytes(roundup_block(len(data)) - len(data))
+
+
+def gnu_long_entry(value: bytes, typeflag: bytes = GNUTYPE_LONGNAME) -> bytes:
+    """A GNU `L`/`K` block carrying a NUL-terminated long name."""
+    data = value + b"\x00"
+    hdr = TarHeader(name=b"././@LongLink", size=len(data), typeflag=typeflag, magic=MAGIC_GNU, version=VERSION_GNU).pack()
+    return hdr + data + bytes(roundup_block(len(data)) - len(data))
+
+
+def parse_pax_mtime(text: bytes) -> tuple[int, int]:
+    """`<sec>[.<frac>]` → (seconds, nanoseconds): first 9 fraction digits, right-padded."""
+    sec_text, _, frac = text.partition(b".")
+    digits = sec_text[1:] if sec_text.startswith(b"-") else sec_text
+    if not digits.isdigit():  # int() alone would also take "+1", " 1", "1_0"
+        raise TarError(f"bad PAX mtime {text[:40]!r}")
+    sec = int(sec_text)
+    frac = frac[:9]
+    nsec = int(frac.ljust(9, b"0")) if frac.isdigit() else 0
+    return sec, nsec
+
+
+@dataclass
+class TarEntry:
+    """One archive member with every override resolved; `raw` holds all bytes read for it."""
+
+    header: TarHeader
+    raw: bytes
+    offset: int  # of the first byte of `raw` in the archive
+    path: bytes
+    linkpath: bytes
+    size: int
+    uid: int
+    gid: int
+    mtime: int
+    mtime_nsec: int
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    pax: dict[bytes, bytes] = field(default_factory=dict)
+
+    @property
+    def typeflag(self) -> bytes:
+        return self.header.typeflag
+
+    @property
+    def mode(self) -> int:
+        return self.header.mode
+
+    def is_regular(self) -> bool:
+        return self.header.typeflag in REGULAR_TYPES
+
+    @property
+    def padded_size(self) -> int:
+        return roundup_block(self.size)
+
+
+@dataclass
+class TarEnd:
+    """End of archive; `raw` holds the end marker (and any global header before it)."""
+
+    raw: bytes
+    offset: int
+
+
+class TarReader:
+    """Pull parser over `read(n)` (returns up to n bytes, b"" only at EOF).
+
+    `next()` consumes the header bytes of one entry; the caller then consumes exactly the
+    entry's `padded_size` content bytes with `read_exact` before calling `next()` again.
+    """
+
+    def __init__(self, read: Callable[[int], bytes]) -> None:
+        self._read = read
+        self.offset = 0
+        self.done = False
+
+    def read_exact(self, n: int, what: str = "entry content") -> bytes:
+        parts = []
+        want = n
+        while want:
+            piece = self._read(want)
+            if not piece:
+                raise TarError(f"truncated tar: {what} at offset {self.offset} ends {want} bytes early")
+            parts.append(piece)
+            want -= len(piece)
+            self.offset += len(piece)
+        return b"".join(parts)
+
+    def _read_block(self) -> bytes:
+        """A full block, or b"" at a clean EOF; a partial block is an error."""
+        piece = self._read(BLOCK)
+        got = bytearray(piece)
+        while piece and len(got) < BLOCK:
+            piece = self._read(BLOCK - len(got))
+            got += piece
+        if got and len(got) < BLOCK:
+            raise TarError(f"truncated tar header at offset {self.offset}: {len(got)} of {BLOCK} bytes")
+        self.offset += len(got)
+        return bytes(got)
+
+    def next(self) -> TarEntry | TarEnd:
+        if self.done:
+            raise TarError("tar reader used after the end of the archive")
+        start = self.offset
+        raw = bytearray()
+        pax: dict[bytes, bytes] = {}
+        xattrs: dict[bytes, bytes] = {}
+        long_name: bytes | None = None
+        long_link: bytes | None = None
+        pending = False  # extension headers seen that still need their entry
+        while True:
+            block_offset = self.offset
+            block = self._read_block()
+            if not block:
+                if pending:
+                    raise TarError(f"truncated tar: extension header at offset {start} has no entry")
+                self.done = True
+                return TarEnd(bytes(raw), start)
+            raw += block
+            if block == ZERO_BLOCK:
+                # Two zero blocks end the archive; a lone one is absorbed into the next entry.
+                second = self._read_block()
+                raw += second
+                if not second or second == ZERO_BLOCK:
+                    if pending:
+                        raise TarError(f"tar: extension header at offset {start} followed by the end marker")
+                    self.done = True
+                    return TarEnd(bytes(raw), start)
+                block_offset += BLOCK
+                block = second
+            hdr = TarHeader.parse(block, block_offset)
+            t = hdr.typeflag
+            if t in (XHDTYPE, XGLTYPE, GNUTYPE_LONGNAME, GNUTYPE_LONGLINK):
+                if hdr.size > MAX_EXTENSION_SIZE:
+                    raise TarError(f"tar: {t.decode()} extension of {hdr.size} bytes at offset {block_offset} is too large")
+                data_offset = self.offset
+                data = self.read_exact(roundup_block(hdr.size), "extension header data")
+                raw += data
+                data = data[: hdr.size]
+                if t == XGLTYPE:
+                    parse_pax(data, data_offset)  # validated, not applied (as composefs-rs)
+                    continue
+                pending = True
+                if t == XHDTYPE:
+                    for key, value in parse_pax(data, data_offset):
+                        if key.startswith(b"GNU.sparse."):
+                            raise TarError(f"tar: sparse file (PAX {key.decode()}) at offset {start} cannot be stored")
+                        if key.startswith(b"SCHILY.xattr."):
+                            xattrs[key[len(b"SCHILY.xattr.") :]] = value
+                        else:
+                            pax[key] = value
+                elif t == GNUTYPE_LONGNAME:
+                    long_name = _cstr(data)
+                else:
+                    long_link = _cstr(data)
+                continue
+            if t == GNUTYPE_SPARSE:
+                raise TarError(f"tar: sparse file {hdr.name!r} at offset {block_offset} cannot be stored")
+            return self._entry(hdr, bytes(raw), start, pax, xattrs, long_name, long_link)
+
+    def _entry(self, hdr: TarHeader, raw: bytes, start: int, pax: dict[bytes, bytes], xattrs: dict[bytes, bytes],
+               long_name: bytes | None, long_link: bytes | None) -> TarEntry:
+        def pax_int(key: bytes, default: int) -> int:
+            value = pax.get(key)
+            if not value:  # absent, or empty = "revert to the header field"
+                return default
+            if not value.isdigit():
+                raise TarError(f"tar: bad PAX {key.decode()} {value[:40]!r} for entry at offset {start}")
+            return int(value)
+
+        path = pax.get(b"path") or (long_name if long_name is not None else hdr.full_name)
+        linkpath = pax.get(b"linkpath") or (long_link if long_link is not None else hdr.linkname)
+        mtime, mtime_nsec = hdr.mtime, 0
+        if pax.get(b"mtime"):
+            mtime, mtime_nsec = parse_pax_mtime(pax[b"mtime"])
+        return TarEntry(
+            header=hdr,
+            raw=raw,
+            offset=start,
+            path=path,
+            linkpath=linkpath,
+            size=pax_int(b"size", hdr.size),
+            uid=pax_int(b"uid", hdr.uid),
+            gid=pax_int(b"gid", hdr.gid),
+            mtime=mtime,
+            mtime_nsec=mtime_nsec,
+            xattrs=xattrs,
+            pax=pax,
+        )
+
+
+def simple_entry(name: bytes, data: bytes = b"", **fields) -> bytes:
+    """A single ustar member (header + content + padding) for tests; `fields` go to TarHeader."""
+    hdr = replace(TarHeader(name=name, mode=0o644, size=len(data)), **fields)
+    return hdr.pack() + data + bytes(roundup_block(len(data)) - len(data))

@@ -1,0 +1,174 @@
+"""Where podman keeps its images: storage.conf discovery as containers/storage does it.
+
+One file is read, never a merge: `$CONTAINERS_STORAGE_CONF`, else (rootless) the user's
+`$XDG_CONFIG_HOME/containers/storage.conf` or `~/.config/containers/storage.conf`, else the
+system's `/etc/containers/storage.conf` or `/usr/share/containers/storage.conf`.
+
+Rootless graphroot: the user's own file may set `graphroot`; otherwise (and for a system
+file or one named by CONTAINERS_STORAGE_CONF, whose `graphroot` is root's store)
+`rootless_storage_path` (with `$HOME`/`$UID`/`$USER` expanded), else
+`$XDG_DATA_HOME/containers/storage` (default `~/.local/share/containers/storage`).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from pycfs.host.errors import PycfsError
+
+SUPPORTED_DRIVERS = ("overlay", "vfs")
+ROOT_GRAPHROOT = "/var/lib/containers/storage"
+SYSTEM_CONFS = ("/etc/containers/storage.conf", "/usr/share/containers/storage.conf")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    graphroot: Path
+    driver: str  # "overlay" or "vfs"
+    additional_image_stores: tuple[Path, ...] = field(default=())
+    source: str | None = None  # the storage.conf read, None if only defaults applied
+
+
+def _home(env: Mapping[str, str], uid: int) -> str:
+    home = env.get("HOME")
+    if home:
+        return home
+    try:
+        return pwd.getpwuid(uid).pw_dir
+    except KeyError as e:
+        raise PycfsError("HOME is not set and the user has no passwd entry: pass --storage-root") from e
+
+
+def _expand(path: str, env: Mapping[str, str], uid: int) -> str:
+    """c/storage expands $UID itself and everything else like os.ExpandEnv."""
+    merged = dict(env)
+    merged.setdefault("UID", str(uid))
+    merged.setdefault("HOME", _home(env, uid))
+    if "USER" not in merged:
+        try:
+            merged["USER"] = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            pass
+    out = path
+    for key in sorted(merged, key=len, reverse=True):
+        out = out.replace("${" + key + "}", merged[key]).replace("$" + key, merged[key])
+    return out
+
+
+def find_config_file(env: Mapping[str, str] | None = None, uid: int | None = None) -> tuple[str | None, str]:
+    """The one storage.conf podman would read and whose it is: "env", "user" or "system" (None, "none")."""
+    env = os.environ if env is None else env
+    uid = os.geteuid() if uid is None else uid
+    explicit = env.get("CONTAINERS_STORAGE_CONF")
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise PycfsError(f"CONTAINERS_STORAGE_CONF names {explicit}, which is not a file")
+        return explicit, "env"
+    if uid != 0:
+        xdg = env.get("XDG_CONFIG_HOME")
+        user_conf = os.path.join(xdg or os.path.join(_home(env, uid), ".config"), "containers/storage.conf")
+        if os.path.isfile(user_conf):
+            return user_conf, "user"
+    for path in SYSTEM_CONFS:
+        if os.path.isfile(path):
+            return path, "system"
+    return None, "none"
+
+
+def _parse(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise PycfsError(f"{path}: not valid TOML: {e}") from e
+    except OSError as e:
+        raise PycfsError(f"cannot read {path}: {e.strerror}") from e
+    table = doc.get("storage", {})
+    if not isinstance(table, dict):
+        raise PycfsError(f"{path}: [storage] must be a table")
+    return table
+
+
+def _normalise_driver(name: str, where: str) -> str:
+    name = {"overlay2": "overlay"}.get(name, name)
+    if name not in SUPPORTED_DRIVERS:
+        raise PycfsError(
+            f"containers-storage driver {name!r} ({where}) is not supported: pycfs reads the overlay and vfs drivers"
+        )
+    return name
+
+
+def detect_driver(graphroot: Path, preferred: str | None = None) -> str:
+    """The driver whose image store exists under graphroot (c/storage's 'prior driver' scan)."""
+    present = [d for d in SUPPORTED_DRIVERS if (graphroot / f"{d}-images").is_dir()]
+    if preferred:
+        return preferred
+    if present:
+        return present[0]
+    others = sorted(p.name[: -len("-images")] for p in graphroot.glob("*-images")) if graphroot.is_dir() else []
+    if others:
+        raise PycfsError(
+            f"containers-storage at {graphroot} uses driver {others[0]!r}: pycfs reads the overlay and vfs drivers"
+        )
+    raise PycfsError(f"no containers-storage at {graphroot} (neither overlay-images/ nor vfs-images/ exists)")
+
+
+def load_storage_config(
+    storage_root: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    uid: int | None = None,
+    driver: str | None = None,
+) -> StorageConfig:
+    """Resolve graphroot, driver and additional image stores as podman would for this user.
+
+    `storage_root` (the CLI's --storage-root) replaces the graphroot; the driver then comes
+    from `driver`, STORAGE_DRIVER, the config, or what exists on disk.
+    """
+    env = os.environ if env is None else env
+    uid = os.geteuid() if uid is None else uid
+    path, kind = find_config_file(env, uid)
+    table = _parse(path) if path else {}
+    where = path or "default"
+
+    if uid == 0:
+        graphroot = table.get("graphroot") or ROOT_GRAPHROOT
+    else:
+        # Only the user's own file may name the graphroot; any other file's graphroot is root's.
+        own_graphroot = table.get("graphroot") if kind == "user" else None
+        if own_graphroot:
+            graphroot = own_graphroot
+        elif table.get("rootless_storage_path"):
+            graphroot = table["rootless_storage_path"]
+        else:
+            data_home = env.get("XDG_DATA_HOME") or os.path.join(_home(env, uid), ".local/share")
+            graphroot = os.path.join(data_home, "containers/storage")
+    if not isinstance(graphroot, str):
+        raise PycfsError(f"{where}: graphroot must be a string")
+    root = Path(storage_root) if storage_root is not None else Path(_expand(graphroot, env, uid))
+
+    if driver:
+        driver = _normalise_driver(driver, "requested")
+    else:
+        configured = env.get("STORAGE_DRIVER") or table.get("driver") or None
+        if configured is not None and not isinstance(configured, str):
+            raise PycfsError(f"{where}: driver must be a string")
+        driver = _normalise_driver(configured, where) if configured else None
+        if driver and storage_root is not None and not (root / f"{driver}-images").is_dir():
+            driver = None  # an explicit root carries its own driver; the config's may not apply
+    driver = detect_driver(root, driver)
+
+    options = table.get("options", {})
+    stores = options.get("additionalimagestores", []) if isinstance(options, dict) else []
+    if not isinstance(stores, list) or not all(isinstance(s, str) for s in stores):
+        raise PycfsError(f"{where}: [storage.options] additionalimagestores must be a list of paths")
+    return StorageConfig(
+        graphroot=root,
+        driver=driver,
+        additional_image_stores=tuple(Path(_expand(s, env, uid)) for s in stores),
+        source=path,
+    )

@@ -1,0 +1,377 @@
+"""Read-only view of a containers/storage graphroot (overlay or vfs driver).
+
+What is read, per driver D (`overlay` or `vfs`):
+- `D-images/images.json`: image records (id, names, digest(s), top layer);
+  `D-images/<id>/<big-data>`: the manifest and config, named by c/storage's rule (a key of
+  only `[.0-9a-z]` verbatim, any other key as `=` + base64(key)).
+- `D-layers/layers.json`: layer records (id, parent, diff-digest, diff-size, flags);
+  `D-layers/<id>.tar-split.gz`: how to rebuild the layer tar.
+- layer contents: overlay `overlay/<id>/diff` (ancestors named in `overlay/<id>/lower` as
+  `l/<link>` entries, `overlay/l/<link>` -> `../<id>/diff`), vfs `vfs/dir/<id>` (a full tree).
+
+Image lookup follows podman: exact name, short name (`bookworm:py` finds
+`localhost/bookworm:py`), a name without tag means `:latest`, full or unique-prefix image ID,
+and `[name]@sha256:<manifest digest>`. Callers hold the store's read locks while reading.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pycfs.host.errors import PycfsError
+from pycfs.host.storage.config import StorageConfig, detect_driver
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HEX64_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
+_HEX_PREFIX_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{3,63})$")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_BIG_DATA_PLAIN_RE = re.compile(r"^[.0-9a-z]*$")
+_LINK_RE = re.compile(r"^[A-Za-z0-9]+$")
+
+
+class StorageError(PycfsError):
+    """containers-storage is missing, corrupt, or lacks what was asked for."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: str
+    names: tuple[str, ...] = ()
+    digest: str | None = None
+    digests: tuple[str, ...] = ()
+    top_layer: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.id[:12]} ({', '.join(self.names) or '<none>'})"
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    id: str
+    parent: str | None = None
+    diff_digest: str | None = None
+    diff_size: int | None = None
+    incomplete: bool = False
+
+
+@dataclass(frozen=True)
+class ImageLayer:
+    """One layer of an image: the config's diff_id, and where c/storage keeps it."""
+
+    diff_id: str
+    store: "Store"
+    layer: LayerRecord
+
+
+def big_data_name(key: str) -> str:
+    """File name c/storage uses for an image's big-data item `key`."""
+    if key and _BIG_DATA_PLAIN_RE.match(key):
+        return key
+    return "=" + base64.b64encode(key.encode()).decode()
+
+
+def _check_id(value: object, what: str, where: str) -> str:
+    if not isinstance(value, str) or not _ID_RE.match(value) or value in (".", ".."):
+        raise StorageError(f"{where}: invalid {what} {value!r}")
+    return value
+
+
+def _str_list(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple(v for v in value if isinstance(v, str))
+
+
+def split_tag(name: str) -> tuple[str, str | None]:
+    """('repo', 'tag') from 'repo:tag'; a ':' before the last '/' is a registry port."""
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        return name[:colon], name[colon + 1 :]
+    return name, None
+
+
+def _docker_hub_forms(name: str) -> set[str]:
+    """docker.io/x and docker.io/library/x are the same repository."""
+    forms = {name}
+    if name.startswith("docker.io/") and name.count("/") == 1:
+        forms.add("docker.io/library/" + name[len("docker.io/") :])
+    return forms
+
+
+@dataclass
+class Store:
+    """One graphroot with one driver; `read_only` for additional image stores."""
+
+    root: Path
+    driver: str
+    read_only: bool = False
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / f"{self.driver}-images"
+
+    @property
+    def layers_dir(self) -> Path:
+        return self.root / f"{self.driver}-layers"
+
+    def lock_paths(self) -> list[Path]:
+        return [self.images_dir / "images.lock", self.layers_dir / "layers.lock"]
+
+    def check(self) -> None:
+        for d in (self.images_dir, self.layers_dir):
+            if not d.is_dir():
+                raise StorageError(f"no containers-storage ({self.driver} driver) at {self.root}: {d.name}/ is missing")
+
+    def _read_json_array(self, path: Path) -> list:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return []  # c/storage creates these lazily; a fresh store has none
+        except OSError as e:
+            raise StorageError(f"cannot read {path}: {e.strerror}") from e
+        try:
+            value = json.loads(data) if data.strip() else []
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StorageError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise StorageError(f"{path} is not a JSON array of objects")
+        return value
+
+    def images(self) -> list[ImageRecord]:
+        path = self.images_dir / "images.json"
+        out = []
+        for raw in self._read_json_array(path):
+            top = raw.get("layer")
+            out.append(
+                ImageRecord(
+                    id=_check_id(raw.get("id"), "image id", str(path)),
+                    names=_str_list(raw.get("names")),
+                    digest=raw.get("digest") if isinstance(raw.get("digest"), str) else None,
+                    digests=_str_list(raw.get("digests")),
+                    top_layer=_check_id(top, "layer id", str(path)) if top else None,
+                )
+            )
+        return out
+
+    def layers(self) -> dict[str, LayerRecord]:
+        """layers.json, read afresh on every call (it changes whenever podman writes)."""
+        path = self.layers_dir / "layers.json"
+        layers = {}
+        for raw in self._read_json_array(path):
+            lid = _check_id(raw.get("id"), "layer id", str(path))
+            parent = raw.get("parent")
+            flags = raw.get("flags") if isinstance(raw.get("flags"), dict) else {}
+            size = raw.get("diff-size")
+            layers[lid] = LayerRecord(
+                id=lid,
+                parent=_check_id(parent, "parent layer id", str(path)) if parent else None,
+                diff_digest=raw.get("diff-digest") if isinstance(raw.get("diff-digest"), str) else None,
+                diff_size=size if isinstance(size, int) and size >= 0 else None,
+                incomplete=bool(flags.get("incomplete")),
+            )
+        return layers
+
+    def big_data(self, image_id: str, key: str) -> bytes:
+        path = self.images_dir / _check_id(image_id, "image id", "lookup") / big_data_name(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as e:
+            raise StorageError(
+                f"image {image_id[:12]} has no {key!r} in {self.images_dir} ({path.name} missing)"
+            ) from e
+        except OSError as e:
+            raise StorageError(f"cannot read {path}: {e.strerror}") from e
+
+    def tar_split_path(self, layer_id: str) -> Path:
+        return self.layers_dir / f"{_check_id(layer_id, 'layer id', 'lookup')}.tar-split.gz"
+
+    def layer_dir(self, layer_id: str) -> Path:
+        """Directory holding the layer's files (its own changes for overlay, a full tree for vfs)."""
+        _check_id(layer_id, "layer id", "lookup")
+        if self.driver == "overlay":
+            return self.root / "overlay" / layer_id / "diff"
+        return self.root / "vfs" / "dir" / layer_id
+
+    def lower_layer_ids(self, layer_id: str) -> list[str]:
+        """Overlay ancestors of a layer, parent first, from its `lower` file (empty for vfs or a base layer)."""
+        if self.driver != "overlay":
+            return []
+        lower = self.root / "overlay" / _check_id(layer_id, "layer id", "lookup") / "lower"
+        try:
+            text = lower.read_text().strip()
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise StorageError(f"cannot read {lower}: {e.strerror}") from e
+        ids = []
+        for entry in filter(None, text.split(":")):
+            if not entry.startswith("l/") or not _LINK_RE.match(entry[2:]):
+                raise StorageError(f"{lower}: unsupported lower entry {entry!r}")
+            link = self.root / "overlay" / entry
+            try:
+                target = os.readlink(link)
+            except OSError as e:
+                raise StorageError(f"cannot resolve {link}: {e.strerror}") from e
+            parts = target.rstrip("/").split("/")
+            if len(parts) < 2 or parts[-1] != "diff":
+                raise StorageError(f"{link} points to {target!r}, not a layer's diff directory")
+            ids.append(_check_id(parts[-2], "layer id", str(link)))
+        return ids
+
+
+class ImageNotFound(StorageError):
+    pass
+
+
+class AmbiguousImage(StorageError):
+    pass
+
+
+class Storage:
+    """The primary store plus additional (read-only) image stores, searched in that order."""
+
+    def __init__(self, stores: list[Store]) -> None:
+        if not stores:
+            raise StorageError("no containers-storage to read")
+        self.stores = stores
+
+    @classmethod
+    def from_config(cls, config: StorageConfig) -> "Storage":
+        primary = Store(config.graphroot, config.driver)
+        primary.check()
+        stores = [primary]
+        for extra in config.additional_image_stores:
+            if not extra.is_dir():
+                raise StorageError(f"additional image store {extra} does not exist")
+            stores.append(Store(extra, detect_driver(extra, None), read_only=True))
+        return cls(stores)
+
+    @property
+    def primary(self) -> Store:
+        return self.stores[0]
+
+    def all_images(self) -> list[tuple[Store, ImageRecord]]:
+        seen: set[str] = set()
+        out = []
+        for store in self.stores:
+            for image in store.images():
+                if image.id not in seen:
+                    seen.add(image.id)
+                    out.append((store, image))
+        return out
+
+    def lookup(self, ref: str) -> tuple[Store, ImageRecord]:
+        """The one image `ref` names; ImageNotFound / AmbiguousImage list the candidates."""
+        if not ref:
+            raise ImageNotFound("empty image reference")
+        images = self.all_images()
+        found = _match(ref, images)
+        ids = {img.id for _, img in found}
+        if len(ids) == 1:
+            return found[0]
+        where = ", ".join(str(s.root) for s in self.stores)
+        if len(ids) > 1:
+            listed = "; ".join(img.describe() for _, img in found)
+            raise AmbiguousImage(f"image reference {ref!r} is ambiguous in containers-storage: {listed}")
+        names = sorted({n for _, img in images for n in img.names})
+        close = difflib.get_close_matches(ref, names, n=5, cutoff=0.3) or names[:5]
+        hint = f"; similar: {', '.join(close)}" if close else "; the store has no named images"
+        raise ImageNotFound(f"image {ref!r} not found in containers-storage ({where}); {len(images)} images{hint}")
+
+    def image_layers(self, store: Store, image: ImageRecord, diff_ids: list[str]) -> list[ImageLayer]:
+        """Map the config's diff_ids (base first) to c/storage layers.
+
+        The image's top layer and its parent links give the exact layers; layers.json's
+        diff-digest is the fallback (and the check).
+        """
+        chain: list[LayerRecord] = []
+        layers = store.layers()
+        lid = image.top_layer
+        while lid:
+            rec = layers.get(lid)
+            if rec is None or len(chain) > len(layers):
+                chain = []
+                break
+            chain.append(rec)
+            lid = rec.parent
+        chain.reverse()
+        if len(chain) == len(diff_ids) and all(
+            rec.diff_digest in (None, d) for rec, d in zip(chain, diff_ids)
+        ):
+            pairs = [(d, store, rec) for d, rec in zip(diff_ids, chain)]
+        else:
+            by_digest: dict[str, tuple[Store, LayerRecord]] = {}
+            for s in [store] + [x for x in self.stores if x is not store]:
+                for rec in (layers if s is store else s.layers()).values():
+                    if rec.diff_digest and not rec.incomplete:
+                        by_digest.setdefault(rec.diff_digest, (s, rec))
+            pairs = []
+            for d in diff_ids:
+                if d not in by_digest:
+                    raise StorageError(f"image {image.id[:12]}: no layer with diff_id {d} in containers-storage")
+                pairs.append((d, *by_digest[d]))
+        out = []
+        for d, s, rec in pairs:
+            if rec.incomplete:
+                raise StorageError(f"layer {rec.id[:12]} of image {image.id[:12]} is incomplete (an interrupted pull?)")
+            out.append(ImageLayer(d, s, rec))
+        return out
+
+
+def _repo_matches(wanted: str, name: str) -> bool:
+    """Whether image name `name` (repo:tag) is in repository `wanted` (full or short)."""
+    repo, _ = split_tag(name)
+    return bool(_docker_hub_forms(repo) & _docker_hub_forms(wanted)) or repo.endswith("/" + wanted)
+
+
+def _match(ref: str, images: list[tuple[Store, ImageRecord]]) -> list[tuple[Store, ImageRecord]]:
+    m = _HEX64_RE.match(ref)
+    if m:
+        return [(s, i) for s, i in images if i.id == m.group(1)]
+    if "@" in ref:
+        name, digest = ref.split("@", 1)
+        if not _DIGEST_RE.match(digest):
+            raise StorageError(f"invalid digest in {ref!r}: expected sha256:<64 hex digits>")
+        hits = [(s, i) for s, i in images if digest == i.digest or digest in i.digests]
+        if name:
+            repo, _ = split_tag(name)
+            hits = [(s, i) for s, i in hits if any(_repo_matches(repo, n) for n in i.names)]
+        return hits
+    repo, tag = split_tag(ref)
+    full = f"{repo}:{tag or 'latest'}"
+    wanted = {f"{r}:{tag or 'latest'}" for r in _docker_hub_forms(repo)}
+    exact = [(s, i) for s, i in images if wanted & set(i.names)]
+    if exact:
+        return exact
+    short = [(s, i) for s, i in images if any(n.endswith("/" + full) for n in i.names)]
+    if short:
+        return short
+    m = _HEX_PREFIX_RE.match(ref)
+    if m:
+        return [(s, i) for s, i in images if i.id.startswith(m.group(1))]
+    return []
+
+
+def parse_reference(text: str) -> tuple[str | None, str | None, str]:
+    """Split c/image's `[driver@graphroot+runroot]name` store prefix off an image reference.
+
+    Returns (driver or None, graphroot or None, name). The runroot is not needed for reading.
+    """
+    if not text.startswith("["):
+        return None, None, text
+    end = text.find("]")
+    if end < 0:
+        raise StorageError(f"invalid containers-storage reference {text!r}: '[' without ']'")
+    spec, ref = text[1:end], text[end + 1 :]
+    driver, _, rest = spec.rpartition("@")
+    root = rest.split("+", 1)[0]
+    if not root.startswith("/"):
+        raise StorageError(f"invalid containers-storage reference {text!r}: the store path must be absolute")
+    return driver or None, root, ref

@@ -1,0 +1,187 @@
+"""tar-split metadata (`<layer-id>.tar-split.gz`): how to rebuild a layer's exact tar.
+
+The file is gzip-compressed NDJSON, one entry per line (tar-split's `storage.Entry`):
+
+    {"type": 2, "payload": "<base64 raw tar bytes>", "position": N}          # Segment
+    {"type": 1, "name": "etc/x", "size": 123, "payload": "<base64 crc64>", "position": N}  # File
+
+Segments carry every byte of the tar except file contents (headers, extension records,
+the previous file's padding, the end blocks). File entries stand for `size` content bytes
+that live in the layer's directory under `name` (`name_raw`, base64, when the name is not
+UTF-8). A File's payload is the CRC-64 (ISO polynomial, big-endian) of its content.
+The stream is the concatenation, in order, of segment bytes and file contents.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import json
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+from pycfs.host.errors import PycfsError
+
+TYPE_FILE = 1
+TYPE_SEGMENT = 2
+MAX_NAME = 4096
+
+# Go hash/crc64 with crc64.ISO: reflected polynomial 0xD800000000000000, init and xorout all-ones.
+_CRC64_ISO_POLY = 0xD800000000000000
+
+
+def _crc_table() -> list[int]:
+    table = []
+    for i in range(256):
+        crc = i
+        for _ in range(8):
+            crc = (crc >> 1) ^ _CRC64_ISO_POLY if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC_TABLE = _crc_table()
+
+
+def crc64_iso(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+    """Go's crc64.Checksum(data, crc64.MakeTable(crc64.ISO)); pass the previous value to continue."""
+    table = _CRC_TABLE
+    crc ^= 0xFFFFFFFFFFFFFFFF
+    for b in bytes(data):
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFFFFFFFFFF
+
+
+class TarSplitError(PycfsError):
+    """The tar-split file is corrupt, truncated or names something it must not."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: bytes  # the tar entry name as recorded, e.g. b"./etc/passwd"
+    size: int
+    crc64: int | None  # None when the entry carries no checksum
+
+    @property
+    def relpath(self) -> bytes:
+        """The name relative to the layer directory: leading './' removed."""
+        path = self.name
+        while path.startswith(b"./"):
+            path = path[2:]
+        return path.rstrip(b"/") or b"."
+
+
+def check_name(name: bytes, where: str) -> None:
+    """Reject names that could reach outside the layer directory."""
+    if b"\0" in name:
+        raise TarSplitError(f"{where}: entry name contains NUL")
+    if name.startswith(b"/"):
+        raise TarSplitError(f"{where}: absolute entry name {name!r}")
+    if b".." in name.split(b"/"):
+        raise TarSplitError(f"{where}: entry name {name!r} contains '..'")
+    if len(name) > MAX_NAME:
+        raise TarSplitError(f"{where}: entry name longer than {MAX_NAME} bytes")
+
+
+def _b64(value: object, where: str, what: str) -> bytes:
+    if value is None:
+        return b""
+    if not isinstance(value, str):
+        raise TarSplitError(f"{where}: {what} is not a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise TarSplitError(f"{where}: {what} is not valid base64") from e
+
+
+def _parse_entry(line: bytes, where: str) -> Segment | FileEntry:
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TarSplitError(f"{where}: not a JSON object ({e.msg if hasattr(e, 'msg') else e})") from e
+    if not isinstance(obj, dict):
+        raise TarSplitError(f"{where}: not a JSON object")
+    kind = obj.get("type")
+    if kind == TYPE_SEGMENT:
+        return Segment(_b64(obj.get("payload"), where, "segment payload"))
+    if kind != TYPE_FILE:
+        raise TarSplitError(f"{where}: unknown entry type {kind!r}")
+    if "name_raw" in obj and obj["name_raw"] is not None:
+        name = _b64(obj["name_raw"], where, "name_raw")
+    elif isinstance(obj.get("name"), str):
+        name = obj["name"].encode("utf-8", "surrogateescape")
+    else:
+        raise TarSplitError(f"{where}: file entry without a name")
+    check_name(name, where)
+    size = obj.get("size", 0)
+    if size is None:
+        size = 0
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise TarSplitError(f"{where}: file entry {name!r} has invalid size {size!r}")
+    crc = _b64(obj.get("payload"), where, "file checksum")
+    if crc and len(crc) != 8:
+        raise TarSplitError(f"{where}: file entry {name!r} checksum is {len(crc)} bytes, expected 8")
+    return FileEntry(name, size, int.from_bytes(crc, "big") if crc else None)
+
+
+def iter_entries(stream: BinaryIO, label: str = "tar-split") -> Iterator[Segment | FileEntry]:
+    """Entries of a tar-split file, in order; `stream` is the gzip-compressed file.
+
+    Python's gzip reader takes multi-member files; a truncated or corrupt file raises
+    TarSplitError naming `label` and the line.
+    """
+    gz = gzip.GzipFile(fileobj=stream, mode="rb")
+    lineno = 0
+    try:
+        for line in gz:
+            lineno += 1
+            if not line.endswith(b"\n"):
+                # tar-split ends every entry with a newline; its absence means the data stopped.
+                raise TarSplitError(f"{label}: truncated at line {lineno}")
+            if line.strip():
+                yield _parse_entry(line, f"{label}: line {lineno}")
+    except EOFError as e:
+        raise TarSplitError(f"{label}: truncated (compressed data ends early at line {lineno + 1})") from e
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise TarSplitError(f"{label}: not a valid gzip file ({e})") from e
+    if lineno == 0:
+        raise TarSplitError(f"{label}: empty")
+
+
+def read_entries(path: str, label: str | None = None) -> list[Segment | FileEntry]:
+    """All entries of the tar-split file at `path`."""
+    try:
+        with open(path, "rb") as f:
+            return list(iter_entries(f, label or path))
+    except OSError as e:
+        raise TarSplitError(f"cannot read {path}: {e.strerror}") from e
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def write_entries(entries: list[Segment | FileEntry], stream: BinaryIO) -> None:
+    """Write entries as tar-split does (gzip NDJSON); used to make test fixtures and round trips."""
+    with gzip.GzipFile(fileobj=stream, mode="wb") as gz:
+        for position, entry in enumerate(entries):
+            if isinstance(entry, Segment):
+                obj: dict = {"type": TYPE_SEGMENT, "payload": _b64encode(entry.data), "position": position}
+            else:
+                obj = {"type": TYPE_FILE}
+                try:
+                    obj["name"] = entry.name.decode("utf-8")
+                except UnicodeDecodeError:
+                    obj["name_raw"] = _b64encode(entry.name)
+                if entry.size:
+                    obj["size"] = entry.size
+                obj["payload"] = None if entry.crc64 is None else _b64encode(entry.crc64.to_bytes(8, "big"))
+                obj["position"] = position
+            gz.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")

@@ -1,0 +1,560 @@
+"""Tar layer → splitstream → tar: byte identity, the exact cut points of spec 3.2,
+diff_id checking, strict errors, and reading entries back (spec 3.6)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pycfs.host.errors import PycfsError
+from pycfs.host.oci.layer import (
+    Directory,
+    Hardlink,
+    LayerDigestError,
+    import_layer,
+    iter_layer_entries,
+    layer_stream_name,
+    normalize_path,
+    open_layer,
+    split_tar,
+)
+from pycfs.host.oci.tar import ZERO_BLOCK, TarError, TarHeader, pax_entry, simple_entry
+from pycfs.host.repository import Repository
+from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamReader, SplitStreamWriter
+from pycfs.host.streamcat import iter_stream_bytes
+from pycfs.host.tree import BlockDevice, CharDevice, External, Fifo, Inline, Symlink
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    with Repository.init(tmp_path / "repo") as r:
+        yield r
+
+
+def diff_id_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def store(repo: Repository, data: bytes) -> SplitStreamReader:
+    """Import an uncompressed tar and open its stream."""
+    diff_id = diff_id_of(data)
+    import_layer(repo, diff_id, io.BufferedReader(io.BytesIO(data)))
+    return open_layer(repo, diff_id)
+
+
+def cat(repo: Repository, reader: SplitStreamReader) -> bytes:
+    return b"".join(iter_stream_bytes(repo, reader))
+
+
+def chunk_list(repo: Repository, reader: SplitStreamReader) -> list[tuple[str, bytes]]:
+    return [("inline", c) if isinstance(c, bytes) else ("object", repo.read_object(reader.object_refs[c]))
+            for c in reader.chunks()]
+
+
+def expected_chunks(data: bytes) -> list[tuple[str, bytes]]:
+    """The spec 3.2 cut rule computed independently, from Python's own tar parser:
+    only the content of regular members larger than 64 bytes is external."""
+    cuts = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+        for m in tf.getmembers():
+            if m.type in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE) and m.size > 64:
+                cuts.append((m.offset_data, m.offset_data + m.size))
+    out: list[tuple[str, bytes]] = []
+    pos = 0
+    for start, end in cuts:
+        if start > pos:
+            out.append(("inline", data[pos:start]))
+        out.append(("object", data[start:end]))
+        pos = end
+    if pos < len(data):
+        out.append(("inline", data[pos:]))
+    return out
+
+
+def make_tar(members: list[tuple[tarfile.TarInfo, bytes | None]], fmt: int) -> bytes:
+    bio = io.BytesIO()
+    with tarfile.open(fileobj=bio, mode="w", format=fmt) as tf:
+        for ti, data in members:
+            tf.addfile(ti, io.BytesIO(data) if data is not None else None)
+    return bio.getvalue()
+
+
+def reg(name: str, data: bytes, **kw) -> tuple[tarfile.TarInfo, bytes]:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    for k, v in kw.items():
+        setattr(ti, k, v)
+    return ti, data
+
+
+FORMATS = [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]
+
+
+# ---------------------------------------------------------------------------- cut points
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_inline_threshold_and_cut_points(repo: Repository, fmt: int) -> None:
+    sizes = [0, 1, 63, 64, 65, 511, 512, 513, 4096, 100_000]
+    members = [reg(f"f{n}", os.urandom(n)) for n in sizes]
+    data = make_tar(members, fmt)
+    reader = store(repo, data)
+    assert cat(repo, reader) == data
+    chunks = chunk_list(repo, reader)
+    assert chunks == expected_chunks(data)
+    # exactly the files > 64 bytes are objects, in order; inline and object chunks alternate
+    assert [c for kind, c in chunks if kind == "object"] == [d for _, d in members if len(d) > 64]
+    assert all(a[0] != b[0] for a, b in zip(chunks, chunks[1:]))
+    assert reader.content_type == CONTENT_OCI_LAYER
+    assert reader.stream_size == len(data)
+    assert reader.named_refs == {} and reader.stream_refs == []
+
+
+def test_same_content_is_one_object(repo: Repository) -> None:
+    blob = os.urandom(1000)
+    data = make_tar([reg("a", blob), reg("b", os.urandom(100)), reg("c", blob)], tarfile.PAX_FORMAT)
+    reader = store(repo, data)
+    assert len(reader.object_refs) == 2
+    assert [c for c in reader.chunks() if isinstance(c, int)] == [0, 1, 0]
+    assert cat(repo, reader) == data
+
+
+def test_pax_size_overrides_header_size(repo: Repository) -> None:
+    content = os.urandom(100)
+    # header says 0, PAX says 100: the 100 bytes are file content and become an object
+    big = pax_entry([(b"size", b"100")]) + simple_entry(b"big", b"", size=0) + content + bytes(412)
+    # header says 100, PAX says 10: only 10 bytes of content, inline
+    small = pax_entry([(b"size", b"10")]) + TarHeader(name=b"small", size=100, mode=0o644).pack() + b"s" * 10 + bytes(502)
+    data = big + small + ZERO_BLOCK * 2
+    reader = store(repo, data)
+    assert chunk_list(repo, reader) == [("inline", big[:1536]), ("object", content), ("inline", data[1536 + 100:])]
+    entries = list(iter_layer_entries(reader))
+    assert [(e.path, e.item) for e in entries] == [(b"/big", External(reader.object_refs[0], 100)),
+                                                  (b"/small", Inline(b"s" * 10))]
+
+
+def test_non_regular_content_is_inline(repo: Repository) -> None:
+    """A hardlink or directory with a size field: its content is skipped over, inline."""
+    odd = TarHeader(name=b"hl", typeflag=b"1", linkname=b"x", size=700, mode=0o644).pack() + b"h" * 700 + bytes(324)
+    data = simple_entry(b"x", b"y" * 80) + odd + ZERO_BLOCK * 2
+    reader = store(repo, data)
+    assert [k for k, _ in chunk_list(repo, reader)] == ["inline", "object", "inline"]
+    assert cat(repo, reader) == data
+
+
+def test_trailing_bytes_after_end_marker_are_kept(repo: Repository) -> None:
+    data = simple_entry(b"a", b"z" * 200) + ZERO_BLOCK * 2 + bytes(9216) + b"trailing garbage"
+    reader = store(repo, data)
+    assert chunk_list(repo, reader)[-1] == ("inline", data[512 + 200 :])
+    assert cat(repo, reader) == data
+
+
+def test_padding_is_copied_not_synthesized(repo: Repository) -> None:
+    data = simple_entry(b"a", b"z" * 100)
+    data = data[:612] + b"P" * 412 + ZERO_BLOCK * 2  # non-zero padding
+    reader = store(repo, data)
+    assert cat(repo, reader) == data
+
+
+def test_stream_id_is_deterministic(tmp_path: Path) -> None:
+    data = make_tar([reg("a", os.urandom(3000)), reg("b", b"small")], tarfile.GNU_FORMAT)
+    ids = []
+    for name in ("r1", "r2"):
+        with Repository.init(tmp_path / name) as r:
+            ids.append(import_layer(r, diff_id_of(data), io.BufferedReader(io.BytesIO(data)))[0])
+            # re-importing finds the stream and does not read the input
+            again = import_layer(r, diff_id_of(data), io.BufferedReader(io.BytesIO(b"")))
+            assert again == (ids[-1], None)
+    assert ids[0] == ids[1]
+
+
+# ---------------------------------------------------------------------------- diff_id and errors
+
+
+def test_wrong_diff_id_commits_nothing(repo: Repository) -> None:
+    data = make_tar([reg("a", os.urandom(5000))], tarfile.PAX_FORMAT)
+    wrong = "sha256:" + "0" * 64
+    with pytest.raises(LayerDigestError, match=f"expected diff_id {wrong}, the tar stream is {diff_id_of(data)}"):
+        import_layer(repo, wrong, io.BufferedReader(io.BytesIO(data)), ref="myref")
+    assert repo.has_stream(layer_stream_name(wrong)) is None
+    assert repo.has_stream(layer_stream_name(diff_id_of(data))) is None
+    assert not (repo.path / "streams").exists()
+
+
+@pytest.mark.parametrize("bad", ["sha256:abc", "md5:" + "0" * 32, "sha256:" + "A" * 64, "nope"])
+def test_malformed_diff_id_is_refused(repo: Repository, bad: str) -> None:
+    with pytest.raises(PycfsError, match="invalid diff_id"):
+        import_layer(repo, bad, io.BufferedReader(io.BytesIO(b"")))
+
+
+def _import(repo: Repository, blob: bytes, diff_id: str = "sha256:" + "1" * 64):
+    return import_layer(repo, diff_id, io.BufferedReader(io.BytesIO(blob)))
+
+
+def test_truncated_tar_is_an_error(repo: Repository) -> None:
+    data = make_tar([reg("a", os.urandom(5000))], tarfile.PAX_FORMAT)
+    with pytest.raises(TarError, match="truncated tar: entry content"):
+        _import(repo, data[:3000])
+    with pytest.raises(TarError, match="truncated tar header"):
+        _import(repo, data[:100])
+    assert not (repo.path / "streams").exists()
+
+
+def test_bad_checksum_is_an_error(repo: Repository) -> None:
+    data = bytearray(make_tar([reg("a", b"x"), reg("b", b"y")], tarfile.USTAR_FORMAT))
+    data[1024 + 5] ^= 0x20
+    with pytest.raises(TarError, match="bad tar header checksum at offset 1024"):
+        _import(repo, bytes(data))
+
+
+def test_corrupt_gzip_is_an_error(repo: Repository) -> None:
+    data = make_tar([reg("a", os.urandom(20000))], tarfile.PAX_FORMAT)
+    gz = bytearray(gzip.compress(data))
+    gz[len(gz) // 2] ^= 0xFF
+    with pytest.raises(PycfsError, match="corrupt gzip layer"):
+        _import(repo, bytes(gz))
+    with pytest.raises(PycfsError, match="corrupt gzip layer"):
+        _import(repo, gzip.compress(data)[:-20])
+
+
+def test_corrupt_zstd_is_an_error(repo: Repository) -> None:
+    data = make_tar([reg("a", os.urandom(20000))], tarfile.PAX_FORMAT)
+    zst = zstandard.ZstdCompressor().compress(data)
+    with pytest.raises(PycfsError, match="corrupt zstd layer: truncated frame"):
+        _import(repo, zst[: len(zst) // 2])
+    with pytest.raises(PycfsError, match="corrupt zstd layer"):
+        _import(repo, zst[:4] + b"\xff" * 20 + zst[24:])
+
+
+@pytest.mark.parametrize("compress", [lambda d: d, gzip.compress, lambda d: zstandard.ZstdCompressor().compress(d),
+                                      lambda d: gzip.compress(d[:7000]) + gzip.compress(d[7000:]),
+                                      lambda d: zstandard.ZstdCompressor().compress(d[:7000])
+                                      + zstandard.ZstdCompressor().compress(d[7000:])],
+                         ids=["plain", "gzip", "zstd", "gzip-2-members", "zstd-2-frames"])
+def test_compression_is_detected(repo: Repository, compress) -> None:
+    data = make_tar([reg("a", os.urandom(10000)), reg("b", b"q" * 65)], tarfile.PAX_FORMAT)
+    stream_id, layer = _import(repo, compress(data), diff_id_of(data))
+    assert layer.size == len(data)
+    assert cat(repo, open_layer(repo, diff_id_of(data))) == data
+
+
+def test_big_file_is_streamed_not_held(repo: Repository) -> None:
+    """A 64 MiB member passes through in bounded memory."""
+    size = 64 << 20
+    header = TarHeader(name=b"big", size=size, mode=0o644).pack()
+
+    class Source(io.RawIOBase):
+        def __init__(self) -> None:
+            self.parts = [header] + [bytes(1 << 20)] * (size >> 20) + [ZERO_BLOCK * 2]
+            self.digest = hashlib.sha256()
+            for p in self.parts:
+                self.digest.update(p)
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b) -> int:
+            if not self.parts:
+                return 0
+            n = min(len(b), len(self.parts[0]))
+            b[:n] = self.parts[0][:n]
+            self.parts[0] = self.parts[0][n:]
+            if not self.parts[0]:
+                self.parts.pop(0)
+            return n
+
+    src = Source()
+    diff_id = "sha256:" + src.digest.hexdigest()
+    tracemalloc.start()
+    try:
+        import_layer(repo, diff_id, io.BufferedReader(src, 1 << 16))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    reader = open_layer(repo, diff_id)
+    assert len(reader.object_refs) == 1 and repo.object_size(reader.object_refs[0]) == size
+
+
+# ---------------------------------------------------------------------------- reading entries back
+
+
+@pytest.mark.parametrize(
+    "raw, norm",
+    [(b"etc", b"/etc"), (b"./etc/", b"/etc"), (b"/", b""), (b"./", b""), (b".", b""), (b"a//b/./c/", b"/a/b/c"),
+     (b"/abs/x", b"/abs/x")],
+)
+def test_normalize_path(raw: bytes, norm: bytes) -> None:
+    assert normalize_path(raw) == norm
+
+
+def test_normalize_path_refuses_dotdot() -> None:
+    with pytest.raises(TarError, match=r"'\.\.'"):
+        normalize_path(b"a/../../etc")
+
+
+def test_entries_of_every_kind(repo: Repository) -> None:
+    def ti(name: str, type_: bytes, **kw) -> tuple[tarfile.TarInfo, None]:
+        t = tarfile.TarInfo(name)
+        t.type = type_
+        for k, v in kw.items():
+            setattr(t, k, v)
+        return t, None
+
+    big = os.urandom(1000)
+    members = [
+        ti("./", tarfile.DIRTYPE, mode=0o755),
+        ti("./etc", tarfile.DIRTYPE, mode=0o700, uid=1, gid=2, mtime=1234),
+        reg("./etc/small", b"tiny", mode=0o600),
+        reg("./etc/big", big, mode=0o4755, uid=4_000_000_000, gid=3),
+        ti("./etc/hard", tarfile.LNKTYPE, linkname="./etc/big"),
+        ti("./etc/sym", tarfile.SYMTYPE, linkname="../x//y/"),
+        ti("./dev-c", tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666),
+        ti("./dev-b", tarfile.BLKTYPE, devmajor=259, devminor=65536),
+        ti("./wh", tarfile.CHRTYPE, devmajor=0, devminor=0, mode=0),
+        ti("./fifo", tarfile.FIFOTYPE),
+    ]
+    members[2][0].pax_headers = {"mtime": "1700000000.5", "SCHILY.xattr.user.b": "2", "SCHILY.xattr.user.a": "1"}
+    reader = store(repo, make_tar(members, tarfile.PAX_FORMAT))
+    got = list(iter_layer_entries(reader))
+    assert [(e.path, e.item) for e in got] == [
+        (b"", Directory()),
+        (b"/etc", Directory()),
+        (b"/etc/small", Inline(b"tiny")),
+        (b"/etc/big", External(reader.object_refs[0], 1000)),
+        (b"/etc/hard", Hardlink(b"/etc/big")),
+        (b"/etc/sym", Symlink(b"../x//y/")),
+        (b"/dev-c", CharDevice(os.makedev(1, 3))),
+        (b"/dev-b", BlockDevice(os.makedev(259, 65536))),
+        (b"/wh", CharDevice(0)),
+        (b"/fifo", Fifo()),
+    ]
+    etc, small, big_e = got[1].stat, got[2].stat, got[3].stat
+    assert (etc.mode, etc.uid, etc.gid, etc.mtime_sec, etc.mtime_nsec) == (0o700, 1, 2, 1234, 0)
+    assert (small.mtime_sec, small.mtime_nsec) == (1700000000, 500000000)
+    assert list(small.xattrs.items()) == [(b"user.a", b"1"), (b"user.b", b"2")]  # sorted
+    assert (big_e.mode, big_e.uid, big_e.gid) == (0o4755, 4_000_000_000, 3)
+    assert repo.read_object(reader.object_refs[0]) == big
+
+
+def _layer_stream(parts: list[bytes | tuple[bytes, int]], repo: Repository) -> SplitStreamReader:
+    w = SplitStreamWriter(repo.alg, CONTENT_OCI_LAYER)
+    for p in parts:
+        if isinstance(p, tuple):
+            w.write_external(repo.ensure_object(p[0]), p[1])
+        else:
+            w.write_inline(p)
+    return SplitStreamReader(w.finish(), repo.alg)
+
+
+def test_reader_enforces_the_threshold(repo: Repository) -> None:
+    small = simple_entry(b"f", b"x" * 64)
+    with pytest.raises(TarError, match="an object where tar headers or small-file content belong"):
+        list(iter_layer_entries(_layer_stream([small[:512], (b"x" * 64, 64), small[576:]], repo)))
+    big = simple_entry(b"f", b"x" * 65)
+    with pytest.raises(TarError, match="inline data where the content object of a file > 64 bytes belongs"):
+        list(iter_layer_entries(_layer_stream([big], repo)))
+
+
+def test_reader_rejects_other_streams_and_types(repo: Repository) -> None:
+    w = SplitStreamWriter(repo.alg, 0x1234)
+    w.write_inline(b"x")
+    with pytest.raises(TarError, match="not a tar layer"):
+        list(iter_layer_entries(SplitStreamReader(w.finish(), repo.alg)))
+    sock = TarHeader(name=b"odd", typeflag=b"V", mode=0o644).pack() + ZERO_BLOCK * 2
+    with pytest.raises(TarError, match="unsupported type b'V'"):
+        list(iter_layer_entries(_layer_stream([sock], repo)))
+
+
+# ---------------------------------------------------------------------------- random archives
+
+
+names = st.text(alphabet="abcxyz-_.é/", min_size=1, max_size=300).map(lambda s: s.strip("/").replace("//", "/")).filter(
+    lambda s: s and all(p not in ("", ".", "..") for p in s.split("/")))
+member = st.one_of(
+    st.tuples(st.just("file"), names, st.one_of(st.integers(0, 130), st.integers(500, 1100), st.integers(0, 20000))),
+    st.tuples(st.just("dir"), names, st.just(0)),
+    st.tuples(st.just("symlink"), names, st.integers(1, 200)),
+    st.tuples(st.just("fifo"), names, st.just(0)),
+    st.tuples(st.just("chr"), names, st.integers(0, 300)),
+)
+
+
+def _random_tar(fmt: int, spec: list[tuple[str, str, int]], uid: int, xattr: bool) -> bytes:
+    members = []
+    for i, (kind, name, n) in enumerate(spec):
+        if fmt == tarfile.USTAR_FORMAT:
+            name = name.encode()[-90:].decode(errors="ignore").strip("/") or f"n{i}"
+        ti = tarfile.TarInfo(name)
+        ti.uid, ti.mtime, ti.mode = uid, 1_600_000_000 + i, 0o640
+        data = None
+        if kind == "file":
+            data = hashlib.shake_256(name.encode() + bytes([i % 256])).digest(n) if n else b""
+            ti.size = n
+        elif kind == "dir":
+            ti.type = tarfile.DIRTYPE
+        elif kind == "symlink":
+            ti.type, ti.linkname = tarfile.SYMTYPE, ("t" * n if fmt != tarfile.USTAR_FORMAT else "t" * min(n, 100))
+        elif kind == "fifo":
+            ti.type = tarfile.FIFOTYPE
+        else:
+            ti.type, ti.devmajor, ti.devminor = tarfile.CHRTYPE, n, n * 7
+        if xattr and fmt == tarfile.PAX_FORMAT:
+            ti.pax_headers = {"SCHILY.xattr.user.i": str(i), "mtime": f"{1_600_000_000 + i}.{i:03d}"}
+        members.append((ti, data))
+        if kind == "file" and i % 3 == 0:
+            hl = tarfile.TarInfo(f"hl{i}")
+            hl.type, hl.linkname = tarfile.LNKTYPE, name
+            members.append((hl, None))
+    return make_tar(members, fmt)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(FORMATS), st.lists(member, max_size=12), st.sampled_from([0, 1000, 70000, 2**21 - 1]),
+       st.booleans())
+def test_random_archives_round_trip(repo: Repository, fmt: int, spec, uid: int, xattr: bool) -> None:
+    data = _random_tar(fmt, spec, uid, xattr)
+    reader = store(repo, data)
+    assert cat(repo, reader) == data
+    assert chunk_list(repo, reader) == expected_chunks(data)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+        members = tf.getmembers()
+        entries = list(iter_layer_entries(reader))
+        assert len(entries) == len(members)
+        for m, e in zip(members, entries):
+            assert e.path == normalize_path(os.fsencode(m.name))
+            assert (e.stat.mode, e.stat.uid, e.stat.mtime_sec) == (m.mode, m.uid, int(m.mtime))
+            assert e.stat.xattrs == {k[13:].encode(): v.encode() for k, v in m.pax_headers.items()
+                                     if k.startswith("SCHILY.xattr.")}
+            if m.isreg():
+                content = tf.extractfile(m).read()
+                if m.size > 64:
+                    assert isinstance(e.item, External) and repo.read_object(e.item.id) == content
+                else:
+                    assert e.item == Inline(content)
+            elif m.islnk():
+                assert e.item == Hardlink(normalize_path(os.fsencode(m.linkname)))
+            elif m.issym():
+                assert e.item == Symlink(os.fsencode(m.linkname))
+            elif m.ischr():
+                assert e.item == CharDevice(os.makedev(m.devmajor, m.devminor))
+
+
+# ---------------------------------------------------------------------------- GNU tar
+
+
+needs_gnu_tar = pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar is not installed")
+
+
+def _gnu_tar(src: Path, *opts: str) -> bytes:
+    return subprocess.run(["tar", "-C", str(src), "-c", "--sort=name", *opts, "."], check=True,
+                          capture_output=True).stdout
+
+
+def _tree(root: Path) -> Path:
+    (root / "d" / ("L" * 120)).mkdir(parents=True)
+    deep = root / "d" / ("L" * 120) / ("M" * 150)
+    deep.mkdir()
+    (deep / ("N" * 200)).write_bytes(os.urandom(70_000))  # path > 255 bytes
+    (root / ("s" * 101)).write_bytes(b"short" * 5)  # name > 100
+    (root / "big").write_bytes(os.urandom(300_000))
+    os.link(root / "big", root / "big-hardlink")
+    os.symlink("d/" + "L" * 120 + "/" + "M" * 150, root / ("sym" * 40))  # long link target
+    (root / "exactly64").write_bytes(b"6" * 64)
+    (root / "exactly65").write_bytes(b"6" * 65)
+    os.mkfifo(root / "fifo")
+    return root
+
+
+@needs_gnu_tar
+@pytest.mark.parametrize("fmt", ["gnu", "posix", "ustar"])
+def test_gnu_tar_layers_round_trip(repo: Repository, tmp_path: Path, fmt: str) -> None:
+    src = _tree(tmp_path / "src")
+    opts = [f"--format={fmt}"]
+    if fmt == "ustar":  # no room for names > 100 (or paths > 255) there
+        opts += ["--exclude=./d", "--exclude=./" + "s" * 101, "--exclude=./" + "sym" * 40]
+    data = _gnu_tar(src, *opts)
+    reader = store(repo, data)
+    assert hashlib.sha256(cat(repo, reader)).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert chunk_list(repo, reader) == expected_chunks(data)
+    entries = {e.path: e for e in iter_layer_entries(reader)}
+    assert isinstance(entries[b"/big-hardlink"].item, Hardlink) or isinstance(entries[b"/big"].item, Hardlink)
+    if fmt != "ustar":
+        deep = b"/d/" + b"L" * 120 + b"/" + b"M" * 150 + b"/" + b"N" * 200
+        assert isinstance(entries[deep].item, External) and entries[deep].item.size == 70_000
+        assert entries[b"/" + b"sym" * 40].item == Symlink(b"d/" + b"L" * 120 + b"/" + b"M" * 150)
+
+
+@needs_gnu_tar
+def test_gnu_tar_posix_xattrs(repo: Repository, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    f = src / "withx"
+    f.write_bytes(os.urandom(500))
+    try:
+        os.setxattr(f, "user.pycfs", b"v\x00al")
+    except OSError as e:
+        pytest.skip(f"{tmp_path} has no user xattrs: {e}")
+    data = _gnu_tar(src, "--format=posix", "--xattrs", "--xattrs-include=*")
+    reader = store(repo, data)
+    assert cat(repo, reader) == data
+    e = {e.path: e for e in iter_layer_entries(reader)}[b"/withx"]
+    assert e.stat.xattrs == {b"user.pycfs": b"v\x00al"}
+    assert e.stat.mtime_nsec == os.stat(f).st_mtime_ns % 1_000_000_000
+
+
+@needs_gnu_tar
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_gnu_tar_sparse_is_a_clear_error(repo: Repository, tmp_path: Path, fmt: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse", "wb") as f:
+        f.truncate(8 << 20)
+        f.seek(4 << 20)
+        f.write(b"data")
+    data = _gnu_tar(src, f"--format={fmt}", "--sparse")
+    with pytest.raises(TarError, match="sparse file .* cannot be stored"):
+        store(repo, data)
+    assert not (repo.path / "streams").exists()
+
+
+# ---------------------------------------------------------------------------- pinned vector
+
+
+VECTOR_TAR = Path("/work/shared/vectors/composefs-c/synth_tree.tar")
+
+
+@pytest.mark.skipif(not VECTOR_TAR.exists(), reason="shared vectors are not available")
+def test_vector_tar_round_trips(repo: Repository) -> None:
+    data = VECTOR_TAR.read_bytes()
+    reader = store(repo, data)
+    assert cat(repo, reader) == data
+    entries = {e.path: e for e in iter_layer_entries(reader)}
+    conf = entries[b"/synth_tree/etc/conf"]
+    assert conf.item == Inline(b"key=value\n")
+    assert conf.stat.xattrs == {b"trusted.secret": b"s3", b"user.color": b"blue"}
+    assert entries[b"/synth_tree/null"].item == CharDevice(os.makedev(1, 3))
+    assert isinstance(entries[b"/synth_tree/files/size-000065"].item, External)
+
+
+def test_split_commits_nothing_and_counts(repo: Repository) -> None:
+    blob = os.urandom(3000)
+    data = make_tar([reg("a", blob), reg("b", blob), reg("c", b"tiny"), reg("d", os.urandom(65))], tarfile.GNU_FORMAT)
+    layer = split_tar(repo, io.BytesIO(data))
+    assert layer.diff_id == diff_id_of(data) and layer.size == len(data)
+    s = layer.stats
+    assert (s.objects_new, s.objects_present, s.bytes_external) == (2, 1, 3000 + 3000 + 65)
+    assert s.bytes_external + s.bytes_inline == len(data)
+    assert not (repo.path / "streams").exists()  # objects are garbage until a stream names them

@@ -1,0 +1,203 @@
+"""The containers-storage importer (pycfs.host.oci.cstorage) on hand-made storage trees."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import pytest
+import trio
+
+from pycfs.host.errors import PycfsError
+from pycfs.host.oci import cstorage
+from pycfs.host.oci.layer import import_layer
+from pycfs.host.repository import Repository
+from pycfs.host.storage.store import Storage, Store
+from pycfs.host.streamcat import iter_stream_bytes
+
+from storage_trees import FakeStore
+
+BIG = bytes(range(256)) * 40 + b"tail"  # > 64 bytes: an object
+SMALL = b"small file content"  # inline
+
+
+@pytest.fixture
+def repo(tmp_path) -> Repository:
+    return Repository.init(tmp_path / "repo")
+
+
+def _pull(repo, fake, ref="localhost/img:latest", tag=None, **kw) -> cstorage.PullResult:
+    storage = Storage([Store(fake.root, fake.driver)])
+    return trio.run(lambda: cstorage.pull_image(repo, storage, ref, tag, **kw))
+
+
+def _cat(repo, diff_id) -> bytes:
+    return b"".join(iter_stream_bytes(repo, repo.open_stream(f"oci-layer-{diff_id}")))
+
+
+def _two_layers(fake: FakeStore):
+    base = fake.add_layer({"etc": None, "etc/big": BIG, "etc/small": SMALL, "etc/exact64": b"6" * 64,
+                           "etc/65": b"5" * 65, "empty": b""})
+    top = fake.add_layer({"etc": None, "etc/big": BIG[::-1], "new.bin": BIG + b"!"}, parent=base)
+    fake.add_image([base, top], ["localhost/img:latest"])
+    return base, top
+
+
+@pytest.mark.parametrize("driver", ["overlay", "vfs"])
+def test_layers_rebuild_byte_exact_and_match_the_tar_path(tmp_path, repo, driver):
+    fake = FakeStore(tmp_path / "storage", driver)
+    base, top = _two_layers(fake)
+    result = _pull(repo, fake, tag="img", verify_diffid=True)
+    assert [d for d, _ in result.layers] == [base.diff_id, top.diff_id]
+    for layer in (base, top):
+        assert _cat(repo, layer.diff_id) == layer.tar
+    s = result.stats
+    assert (s.layers, s.layers_already_present) == (2, 0)
+    # Objects: etc/big, etc/65, etc/big (reversed), new.bin; inline: small, exact64.
+    assert s.objects_copied + s.objects_reflinked + s.objects_already_present == 4
+    assert s.files_inlined == 2
+    assert s.bytes_inlined == len(base.tar) + len(top.tar) - (len(BIG) * 2 + 65 + len(BIG) + 1)
+    os.readlink(repo.path / "streams/refs/oci/img")
+
+    # The tar import path cuts the same way: identical stream ids.
+    other = Repository.init(tmp_path / "other")
+    for layer, (_, stream_id) in zip((base, top), result.layers):
+        tar_id, _ = import_layer(other, layer.diff_id, io.BytesIO(layer.tar), compression="none")
+        assert tar_id == stream_id
+
+    again = _pull(repo, fake, tag="img")
+    assert again.stats.layers_already_present == 2
+    assert again.stats.objects_copied == again.stats.objects_reflinked == again.stats.bytes_inlined == 0
+    assert again.config_stream == result.config_stream and again.manifest_stream == result.manifest_stream
+
+
+def _make_stub(path, size: int, redirect: bytes | None = None) -> None:
+    path.unlink()
+    with open(path, "wb") as f:
+        f.truncate(size)  # sparse: no data blocks, like overlay's metacopy upper file
+    os.setxattr(path, "user.overlay.metacopy", b"")
+    if redirect is not None:
+        os.setxattr(path, "user.overlay.redirect", redirect)
+
+
+def _xattrs_supported(path) -> bool:
+    probe = path / ".xattr-probe"
+    probe.write_bytes(b"")
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
+def test_metacopy_stub_takes_content_from_lower_layer(tmp_path, repo):
+    fake = FakeStore(tmp_path / "storage")
+    base = fake.add_layer({"etc": None, "etc/big": BIG, "etc/moved": BIG + b"m"})
+    top = fake.add_layer({"etc": None, "etc/big": BIG, "etc/renamed": BIG + b"m"}, parent=base)
+    fake.add_image([base, top], ["localhost/img:latest"])
+    diff = fake.root / "overlay" / top.id / "diff"
+    if not _xattrs_supported(diff):
+        pytest.skip(f"no user xattrs on {diff}")
+    _make_stub(diff / "etc/big", len(BIG))
+    _make_stub(diff / "etc/renamed", len(BIG) + 1, redirect=b"/etc/moved")
+    _pull(repo, fake, verify_diffid=True)
+    assert _cat(repo, top.diff_id) == top.tar
+
+
+def test_stub_without_lower_content_is_an_error(tmp_path, repo):
+    fake = FakeStore(tmp_path / "storage")
+    base = fake.add_layer({"etc": None})
+    top = fake.add_layer({"etc": None, "etc/big": BIG}, parent=base)
+    fake.add_image([base, top], ["localhost/img:latest"])
+    diff = fake.root / "overlay" / top.id / "diff"
+    if not _xattrs_supported(diff):
+        pytest.skip(f"no user xattrs on {diff}")
+    _make_stub(diff / "etc/big", len(BIG))
+    with pytest.raises(PycfsError, match="etc/big .* is not in the layer nor any layer below it"):
+        _pull(repo, fake)
+    assert repo.has_stream(f"oci-layer-{top.diff_id}") is None
+
+
+def _single(tmp_path, files):
+    fake = FakeStore(tmp_path / "storage")
+    layer = fake.add_layer(files)
+    fake.add_image([layer], ["localhost/img:latest"])
+    return fake, layer, fake.root / "overlay" / layer.id / "diff"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "big").write_bytes(BIG + b"x"), r"big .* has 10245 bytes but the layer's tar-split says 10244"),
+    (lambda d: (d / "big").unlink(), r"big .* is not in the layer"),
+    (lambda d: ((d / "big").unlink(), os.symlink("/etc/passwd", d / "big")), r"big .* is a symlink"),
+    (lambda d: (d / "small").write_bytes(SMALL.upper()), r"small .* does not match the tar-split checksum"),
+    (lambda d: ((d / "big").unlink(), (d / "big").mkdir()), r"big .* is not a regular file"),
+])
+def test_damaged_layer_files_are_clear_errors(tmp_path, repo, damage, message):
+    fake, layer, diff = _single(tmp_path, {"big": BIG, "small": SMALL})
+    damage(diff)
+    with pytest.raises(PycfsError, match=message):
+        _pull(repo, fake)
+    assert repo.has_stream(f"oci-layer-{layer.diff_id}") is None
+
+
+def test_same_size_change_caught_by_verify_diffid(tmp_path, repo):
+    fake, layer, diff = _single(tmp_path, {"big": BIG})
+    (diff / "big").write_bytes(BIG[::-1])
+    with pytest.raises(PycfsError, match="not its diff_id"):
+        _pull(repo, fake, verify_diffid=True)
+    assert repo.has_stream(f"oci-layer-{layer.diff_id}") is None
+
+
+def test_diff_size_mismatch_and_missing_tar_split(tmp_path, repo):
+    fake, layer, diff = _single(tmp_path, {"big": BIG})
+    import json
+    records = json.loads((fake.layers_dir / "layers.json").read_text())
+    records[0]["diff-size"] += 512
+    (fake.layers_dir / "layers.json").write_text(json.dumps(records))
+    with pytest.raises(PycfsError, match="rebuilt tar is .* bytes, c/storage recorded"):
+        _pull(repo, fake)
+    (fake.layers_dir / f"{layer.id}.tar-split.gz").unlink()
+    with pytest.raises(PycfsError, match="has no tar-split"):
+        _pull(repo, fake)
+
+
+def test_config_digest_checked(tmp_path, repo):
+    fake, layer, diff = _single(tmp_path, {"big": BIG})
+    image_id = fake.images[0]["id"]
+    from pycfs.host.storage.store import big_data_name
+    (fake.images_dir / image_id / big_data_name("sha256:" + image_id)).write_bytes(b'{"rootfs": {}}')
+    with pytest.raises(PycfsError, match="does not match its digest"):
+        _pull(repo, fake)
+
+
+class _RecordingProgress:
+    def __init__(self):
+        self.events = []
+        self.bytes = {}
+
+    def waiting_for_lock(self):
+        self.events.append("wait")
+
+    def layer_started(self, diff_id, total):
+        self.events.append(("start", diff_id, total))
+        self.bytes[diff_id] = 0
+
+    def advance(self, diff_id, n):
+        self.bytes[diff_id] += n
+
+    def layer_done(self, diff_id, present):
+        self.events.append(("done", diff_id, present))
+
+
+def test_progress_reports_every_byte(tmp_path, repo):
+    fake = FakeStore(tmp_path / "storage")
+    base, top = _two_layers(fake)
+    progress = _RecordingProgress()
+    _pull(repo, fake, progress=progress)
+    assert progress.events == [("start", base.diff_id, len(base.tar)), ("done", base.diff_id, False),
+                               ("start", top.diff_id, len(top.tar)), ("done", top.diff_id, False)]
+    assert progress.bytes == {base.diff_id: len(base.tar), top.diff_id: len(top.tar)}
+    assert hashlib.sha256(_cat(repo, top.diff_id)).hexdigest() == top.diff_id[7:]

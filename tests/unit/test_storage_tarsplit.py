@@ -1,0 +1,116 @@
+"""tar-split reading (pycfs.host.storage.tarsplit): entries, names, checksums, corruption."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+
+import pytest
+
+from pycfs.host.storage.tarsplit import (
+    FileEntry,
+    Segment,
+    TarSplitError,
+    crc64_iso,
+    iter_entries,
+    read_entries,
+    write_entries,
+)
+
+from storage_trees import _tar_pieces
+
+
+def _gz_lines(*objs) -> io.BytesIO:
+    raw = b"".join(json.dumps(o).encode() + b"\n" for o in objs)
+    return io.BytesIO(gzip.compress(raw))
+
+
+def test_crc64_iso_matches_go():
+    # Go: crc64.Checksum([]byte("123456789"), crc64.MakeTable(crc64.ISO)) == 0xb90956c775a41001
+    assert crc64_iso(b"123456789") == 0xB90956C775A41001
+    assert crc64_iso(b"") == 0
+    assert crc64_iso(b"6789", crc64_iso(b"12345")) == crc64_iso(b"123456789")
+
+
+def test_segments_and_files_rebuild_the_tar():
+    files = {"etc": None, "etc/a": b"x" * 100, "etc/b": b"", "c": b"tiny"}
+    tar, entries = _tar_pieces(files)
+    buf = io.BytesIO()
+    write_entries(entries, buf)
+    back = list(iter_entries(io.BytesIO(buf.getvalue())))
+    assert back == entries
+    rebuilt = b"".join(e.data if isinstance(e, Segment) else (files[e.name.decode()] or b"") for e in back)
+    assert rebuilt == tar
+    a = next(e for e in back if isinstance(e, FileEntry) and e.name == b"etc/a")
+    assert a.size == 100 and a.crc64 == crc64_iso(b"x" * 100)
+
+
+def test_real_tar_split_shapes():
+    # As c/storage writes them: null payload, no size for empty entries, empty final payload.
+    entries = list(iter_entries(_gz_lines(
+        {"type": 2, "payload": base64.b64encode(b"hdr").decode(), "position": 0},
+        {"type": 1, "name": "./etc/.wh.gone", "payload": None, "position": 1},
+        {"type": 1, "name": "var/new", "size": 39, "payload": "/wC82AFw/xw=", "position": 2},
+        {"type": 2, "payload": "", "position": 3},
+    )))
+    assert entries[0] == Segment(b"hdr")
+    assert entries[1] == FileEntry(b"./etc/.wh.gone", 0, None)
+    assert entries[1].relpath == b"etc/.wh.gone"
+    assert entries[2] == FileEntry(b"var/new", 39, 0xFF00BCD80170FF1C)
+    assert entries[3] == Segment(b"")
+
+
+def test_name_raw_carries_non_utf8_names():
+    name = b"data/caf\xe9"
+    entries = list(iter_entries(_gz_lines({"type": 1, "name_raw": base64.b64encode(name).decode(), "size": 3})))
+    assert entries == [FileEntry(name, 3, None)]
+    buf = io.BytesIO()
+    write_entries(entries, buf)
+    assert b"name_raw" in gzip.decompress(buf.getvalue())
+    assert list(iter_entries(io.BytesIO(buf.getvalue()))) == entries
+
+
+def test_multi_member_gzip():
+    one = gzip.compress(json.dumps({"type": 2, "payload": base64.b64encode(b"a").decode()}).encode() + b"\n")
+    two = gzip.compress(json.dumps({"type": 2, "payload": base64.b64encode(b"b").decode()}).encode() + b"\n")
+    assert list(iter_entries(io.BytesIO(one + two))) == [Segment(b"a"), Segment(b"b")]
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "a/../../b", "/etc/shadow", "a\x00b"])
+def test_hostile_names_rejected(name):
+    with pytest.raises(TarSplitError, match="NUL|absolute|'\\.\\.'"):
+        list(iter_entries(_gz_lines({"type": 1, "name": name, "size": 5})))
+
+
+def test_corrupt_inputs_are_clear_errors(tmp_path):
+    good = _gz_lines(*[{"type": 2, "payload": base64.b64encode(bytes(500)).decode()} for _ in range(50)]).getvalue()
+    cases = {
+        "truncated": good[: len(good) // 2],
+        "not gzip": b"this is not gzip at all",
+        "bad crc": good[:-8] + bytes(4) + good[-4:],
+        "bad json": gzip.compress(b"{nope\n"),
+        "bad type": gzip.compress(b'{"type": 99}\n'),
+        "bad base64": gzip.compress(b'{"type": 2, "payload": "***"}\n'),
+        "bad size": gzip.compress(b'{"type": 1, "name": "a", "size": -1}\n'),
+        "bad checksum": gzip.compress(b'{"type": 1, "name": "a", "size": 1, "payload": "AAAA"}\n'),
+        "no name": gzip.compress(b'{"type": 1, "size": 1}\n'),
+        "no newline": gzip.compress(b'{"type": 2, "payload": ""}'),
+        "empty": gzip.compress(b""),
+    }
+    for what, data in cases.items():
+        path = tmp_path / f"{what}.tar-split.gz"
+        path.write_bytes(data)
+        with pytest.raises(TarSplitError) as info:
+            read_entries(str(path))
+        assert str(path) in str(info.value), what
+    with pytest.raises(TarSplitError, match="cannot read"):
+        read_entries(str(tmp_path / "missing.tar-split.gz"))
+
+
+def test_zlib_error_in_the_middle():
+    data = bytearray(_gz_lines({"type": 2, "payload": base64.b64encode(bytes(4000)).decode()}).getvalue())
+    data[20] ^= 0xFF
+    with pytest.raises(TarSplitError):
+        list(iter_entries(io.BytesIO(bytes(data))))
