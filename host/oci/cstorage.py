@@ -25,8 +25,8 @@ import os
 import stat
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import trio
@@ -441,8 +441,8 @@ class LayerImport:
                 "user-namespace uid and needs the helper (--helper auto or always)"
             )
         pending = sorted(self.denied)
-        for depth, layer_id in enumerate(self.files.chain()):
-            if not pending or (depth and self.layer.store.driver != "overlay"):
+        for layer_id in self.files.chain():  # ancestors only matter for overlay metacopy stubs
+            if not pending:
                 break
             still: list[int] = []
             for start in range(0, len(pending), HELPER_BATCH):

@@ -47,7 +47,8 @@ def test_xdg_data_home(home, tmp_path):
 def test_user_file_wins_and_may_set_graphroot(home, tmp_path):
     root = _store(tmp_path / "mine")
     _write(Path(cfg.SYSTEM_CONFS[0]), '[storage]\ndriver = "vfs"\ngraphroot = "/var/lib/containers/storage"\n')
-    conf = _write(home / ".config/containers/storage.conf", f'[storage]\ndriver = "overlay"\ngraphroot = "{root}"\n')
+    conf = _write(home / ".config/containers/storage.conf",
+                  f'[storage]\ndriver = "overlay"\ngraphroot = "{root}"\n')
     assert find_config_file({"HOME": str(home)}, 1000) == (str(conf), "user")
     c = load_storage_config(env={"HOME": str(home)}, uid=1000)
     assert (c.graphroot, c.driver, c.source) == (root, "overlay", str(conf))
@@ -56,7 +57,8 @@ def test_user_file_wins_and_may_set_graphroot(home, tmp_path):
 def test_xdg_config_home(home, tmp_path):
     conf = _write(tmp_path / "xdg/containers/storage.conf", '[storage]\ndriver = "overlay"\n')
     _write(home / ".config/containers/storage.conf", '[storage]\ndriver = "vfs"\n')
-    assert find_config_file({"HOME": str(home), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}, 1000) == (str(conf), "user")
+    env = {"HOME": str(home), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    assert find_config_file(env, 1000) == (str(conf), "user")
 
 
 def test_system_file_graphroot_is_roots_not_the_users(home, tmp_path):
@@ -70,7 +72,8 @@ def test_system_file_graphroot_is_roots_not_the_users(home, tmp_path):
 def test_rootless_storage_path_expands_variables(home, tmp_path):
     root = _store(tmp_path / "u1000" / "store")
     conf = _write(tmp_path / "env.conf",
-                  f'[storage]\ndriver = "overlay"\ngraphroot = "/ignored"\nrootless_storage_path = "{tmp_path}/u$UID/store"\n')
+                  '[storage]\ndriver = "overlay"\ngraphroot = "/ignored"\n'
+                  f'rootless_storage_path = "{tmp_path}/u$UID/store"\n')
     c = load_storage_config(env={"HOME": str(home), "CONTAINERS_STORAGE_CONF": str(conf)}, uid=1000)
     assert c.graphroot == root and c.source == str(conf)
 
@@ -79,7 +82,8 @@ def test_root_uses_graphroot_and_additional_stores(home, tmp_path):
     root = _store(tmp_path / "rootstore")
     extra = tmp_path / "extra"
     _write(Path(cfg.SYSTEM_CONFS[0]),
-           f'[storage]\ndriver = "overlay2"\ngraphroot = "{root}"\n[storage.options]\nadditionalimagestores = ["{extra}"]\n')
+           f'[storage]\ndriver = "overlay2"\ngraphroot = "{root}"\n'
+           f'[storage.options]\nadditionalimagestores = ["{extra}"]\n')
     c = load_storage_config(env={}, uid=0)
     assert c.graphroot == root and c.driver == "overlay" and c.additional_image_stores == (extra,)
 

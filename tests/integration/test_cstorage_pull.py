@@ -1,0 +1,237 @@
+"""`pycfs oci pull containers-storage:REF` as an unprivileged user against real rootless podman.
+
+What must hold: every layer rebuilds byte-exact (sha256 of `pycfs cat oci-layer-<diff_id>`
+is the diff_id), the streams are the same as a pull of the same image from its OCI layout,
+a second pull stores nothing, on a reflinking XFS nothing is copied and the filesystem
+barely grows, and `podman rmi` waits for a running import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import imagebuild
+from imagebuild import MIB, File, ImageSpec
+
+pytestmark = pytest.mark.integration
+
+
+def _init_repo(user, name: str = "repo") -> Path:
+    repo = user.tmpdir("cs-") / name
+    user.pycfs("--repo", repo, "init")
+    return repo
+
+
+def _pull(user, repo: Path, *args: str) -> dict:
+    out = user.pycfs("--repo", repo, "oci", "pull", "--json", *args)
+    return json.loads(out.stdout)
+
+
+def _layer_sha256(user, repo: Path, diff_id: str) -> str:
+    out = user.pycfs("--repo", repo, "cat", f"oci-layer-{diff_id}")
+    return "sha256:" + hashlib.sha256(out.stdout).hexdigest()
+
+
+def _streams(repo: Path) -> dict[str, str]:
+    d = repo / "streams"
+    return {p.name: os.readlink(p) for p in d.iterdir() if p.is_symlink()}
+
+
+def test_pull_rebuilds_every_layer_exactly(podman_user, multilayer_loaded):
+    user, image = podman_user, multilayer_loaded
+    repo = _init_repo(user)
+    result = _pull(user, repo, f"containers-storage:{image.ref}", "multi")
+    assert result["image_id"] == image.image_id
+    assert result["manifest"] == image.built.manifest_digest
+    assert result["config"] == image.built.config_digest
+    assert [layer["diff_id"] for layer in result["layers"]] == image.built.diff_ids
+    for diff_id in image.built.diff_ids:
+        assert _layer_sha256(user, repo, diff_id) == diff_id
+    stats = result["stats"]
+    assert stats["layers"] == 3 and stats["layers_already_present"] == 0
+    new_objects = stats["objects_reflinked"] + stats["objects_copied"]
+    assert new_objects > 0
+    # data/small64 (64 bytes) is inline; data/small65 is an object.
+    assert stats["files_inlined"] > 0 and stats["bytes_inlined"] > 0
+    tag = os.readlink(repo / "streams/refs/oci/multi")
+    assert tag == f"../../oci-manifest-{image.built.manifest_digest}"
+
+    # The same image pulled from its OCI layout (the tar path) gives identical streams.
+    other = _init_repo(user, "from-layout")
+    user.pycfs("--repo", other, "oci", "pull", f"oci:{image.built.path}", "multi")
+    assert _streams(other) == _streams(repo)
+
+    # images / inspect see it.
+    listed = json.loads(user.pycfs("--repo", repo, "oci", "images", "--json").stdout)
+    assert [(i["tag"], i["manifest"], i["layers"]) for i in listed["images"]] == [
+        ("multi", image.built.manifest_digest, 3)
+    ]
+    inspected = json.loads(user.pycfs("--repo", repo, "oci", "inspect", "multi").stdout)
+    assert [layer["verity"] for layer in inspected["layers"]] == [layer["verity"] for layer in result["layers"]]
+    raw = user.pycfs("--repo", repo, "oci", "inspect", "--config", "multi").stdout
+    assert "sha256:" + hashlib.sha256(raw.rstrip(b"\n")).hexdigest() == image.built.config_digest
+
+
+def test_lookup_forms_and_second_pull(podman_user, multilayer_loaded):
+    user, image = podman_user, multilayer_loaded
+    repo = _init_repo(user)
+    first = _pull(user, repo, "--verify-diffid", f"containers-storage:{image.ref}", "t0")
+    short = image.ref.removeprefix("localhost/")
+    forms = [
+        short,  # short name
+        short.removesuffix(":latest"),  # no tag = :latest
+        image.image_id,
+        image.image_id[:12],  # unique ID prefix
+        f"@{image.built.manifest_digest}",
+    ]
+    for n, form in enumerate(forms, 1):
+        started = time.monotonic()
+        again = _pull(user, repo, f"containers-storage:{form}", f"t{n}")
+        wall = time.monotonic() - started
+        assert again["image_id"] == image.image_id, form
+        assert again["config_verity"] == first["config_verity"]
+        s = again["stats"]
+        assert s["layers_already_present"] == 3, form
+        assert s["objects_reflinked"] == s["objects_copied"] == s["objects_already_present"] == 0
+        assert s["bytes_inlined"] == 0
+        assert again["seconds"] < 0.5, again["seconds"]  # the import itself
+        assert wall < 10  # including interpreter start-up as another user
+    missing = user.pycfs("--repo", repo, "oci", "pull", "containers-storage:no-such-image", check=False)
+    assert missing.returncode == 1
+    assert b"pycfs: error: image 'no-such-image' not found" in missing.stderr
+
+
+def _used_bytes(path: Path) -> int:
+    os.sync()
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def _file_bytes(spec: ImageSpec) -> int:
+    return sum(e.length for layer in spec.layers for e in layer if isinstance(e, File))
+
+
+TOP_TXT = b"the top layer's only file: longer than sixty-four bytes, so it is an object\n"
+
+
+def _big_spec(tag: str, files: int, size: int) -> ImageSpec:
+    seed = int.from_bytes(hashlib.sha256(tag.encode()).digest()[:4], "big")
+    layers = [[imagebuild.Dir("big")] + [File(f"big/f{i}", size=size, seed=seed + i) for i in range(files)]]
+    layers.append([File("top.txt", data=TOP_TXT)])
+    return ImageSpec(layers)
+
+
+def test_reflink_pull_copies_nothing(xfs_podman_user, image_cache, shared_tmp_path):
+    user = xfs_podman_user
+    spec = _big_spec("reflink", files=6, size=8 * MIB + 5)
+    built = imagebuild.build_layout(spec, shared_tmp_path / "layout")
+    imagebuild.load_into_storage(user, built.path, "localhost/pycfs-reflink:latest")
+    multi = image_cache.load(user, "multilayer")
+    repo = _init_repo(user)  # user.tmpdir() is on the same XFS as the graphroot
+    before = _used_bytes(repo)
+    result = _pull(user, repo, "containers-storage:pycfs-reflink")
+    grown = _used_bytes(repo) - before
+    print(f"XFS used space grew by {grown} bytes for {_file_bytes(spec)} file bytes")
+    stats = result["stats"]
+    assert stats["objects_copied"] == 0 and stats["bytes_copied"] == 0, stats
+    assert stats["objects_reflinked"] == 7, stats
+    assert stats["bytes_reflinked"] == 6 * (8 * MIB + 5) + len(TOP_TXT)
+    assert grown < 0.02 * _file_bytes(spec), (grown, _file_bytes(spec))
+    for diff_id in built.diff_ids:
+        assert _layer_sha256(user, repo, diff_id) == diff_id
+
+    result = _pull(user, repo, f"containers-storage:{multi.ref}")
+    stats = result["stats"]
+    assert stats["objects_copied"] == 0 and stats["objects_reflinked"] > 0, stats
+    for diff_id in multi.built.diff_ids:
+        assert _layer_sha256(user, repo, diff_id) == diff_id
+
+
+def _holds_lock(pid: int, path: Path) -> bool:
+    """Whether process `pid` holds a lock on `path` (the kernel lists locks in fdinfo)."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        fds = list(fd_dir.iterdir())
+    except FileNotFoundError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd) != str(path):
+                continue
+            if "lock:" in Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text():
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def test_rmi_waits_for_running_import(podman_user, shared_tmp_path):
+    user = podman_user
+    ref = "localhost/pycfs-rmi-wait:latest"
+    spec = _big_spec("rmi", files=4, size=16 * MIB)
+    built = imagebuild.build_layout(spec, shared_tmp_path / "layout")
+    imagebuild.load_into_storage(user, built.path, ref)
+    repo = _init_repo(user)
+    lock = user.storage_root / "overlay-layers/layers.lock"
+
+    # Run as the user directly, not through runuser: runuser stops itself when its child
+    # stops, and a SIGCONT racing with that would leave it stopped for good.
+    argv = [user.python, "-m", "pycfs.tools.cli", "--repo", repo, "oci", "pull", "--json", f"containers-storage:{ref}"]
+    pull = subprocess.Popen(list(map(str, argv)), cwd=user.home, env=user.environ(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, user=user.uid, group=user.gid, extra_groups=[])
+    rmi = None
+    try:
+        deadline = time.monotonic() + 60
+        while not _holds_lock(pull.pid, lock):
+            assert pull.poll() is None, pull.communicate()
+            assert time.monotonic() < deadline, "the import never took the layers lock"
+            time.sleep(0.002)
+        # Freeze the import while it holds the locks, so the race has one outcome.
+        os.kill(pull.pid, signal.SIGSTOP)
+        rmi = subprocess.Popen(["runuser", "-u", user.name, "--", "podman", "rmi", ref], cwd=user.home,
+                               env=user.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(3)
+        assert rmi.poll() is None, ("podman rmi did not wait for the import", rmi.communicate())
+        os.kill(pull.pid, signal.SIGCONT)
+        out, err = pull.communicate(timeout=300)
+        assert pull.returncode == 0, err.decode()
+        assert rmi.wait(timeout=120) == 0, rmi.communicate()
+    finally:
+        if pull.poll() is None:
+            pull.kill()
+            pull.wait()
+        if rmi is not None and rmi.poll() is None:
+            rmi.kill()
+            rmi.wait()
+    result = json.loads(out)
+    assert result["stats"]["layers"] == 2
+    gone = user.podman("image", "exists", ref, check=False)
+    assert gone.returncode == 1  # rmi did its job, after the import
+    for diff_id in built.diff_ids:
+        assert _layer_sha256(user, repo, diff_id) == diff_id
+
+
+def test_restrictive_files_need_the_helper(podman_user, image_cache):
+    user = podman_user
+    image = image_cache.load(user, "restrictive")
+    repo = _init_repo(user)
+    refused = user.pycfs("--repo", repo, "oci", "pull", "--helper", "never", f"containers-storage:{image.ref}",
+                         check=False)
+    assert refused.returncode == 1
+    err = refused.stderr.decode()
+    assert "permission denied reading" in err and "--helper" in err, err
+    assert not (repo / "streams").exists() or not any((repo / "streams").glob("oci-layer-*"))
+
+    result = _pull(user, repo, f"containers-storage:{image.ref}")
+    assert result["stats"]["files_via_helper"] >= 3, result["stats"]
+    for diff_id in image.built.diff_ids:
+        assert _layer_sha256(user, repo, diff_id) == diff_id
+
