@@ -34,6 +34,7 @@ import trio
 from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.oci import streams
+from pycfs.host.oci.result import ImportStats, PullResult
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.storage.locks import ReadLocks
@@ -71,81 +72,6 @@ class PullProgress(Protocol):
     def layer_started(self, diff_id: str, total_bytes: int) -> None: ...
     def advance(self, diff_id: str, nbytes: int) -> None: ...
     def layer_done(self, diff_id: str, already_present: bool) -> None: ...
-
-
-@dataclass
-class ImportStats:
-    layers: int = 0
-    layers_already_present: int = 0
-    objects_reflinked: int = 0
-    objects_copied: int = 0
-    objects_already_present: int = 0
-    bytes_reflinked: int = 0
-    bytes_copied: int = 0
-    bytes_already_present: int = 0
-    bytes_inlined: int = 0
-    files_inlined: int = 0
-    files_via_helper: int = 0
-
-    def count(self, how: str, size: int) -> None:
-        if how == "reflinked":
-            self.objects_reflinked += 1
-            self.bytes_reflinked += size
-        elif how == "copied":
-            self.objects_copied += 1
-            self.bytes_copied += size
-        else:
-            self.objects_already_present += 1
-            self.bytes_already_present += size
-
-    def summary(self) -> str:
-        return (
-            f"{self.layers} layers ({self.layers_already_present} already present); objects: "
-            f"{self.objects_reflinked} reflinked ({_human(self.bytes_reflinked)}), "
-            f"{self.objects_copied} copied ({_human(self.bytes_copied)}), "
-            f"{self.objects_already_present} already present; "
-            f"{_human(self.bytes_inlined)} inlined"
-        )
-
-
-def _human(n: int) -> str:
-    """Binary units with two decimals, as composefs-rs prints sizes."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            return f"{value:.2f} {unit}"
-    raise AssertionError("unreachable")
-
-
-@dataclass
-class PullResult:
-    image_id: str
-    names: list[str]
-    manifest_digest: str
-    config_digest: str
-    manifest_stream: bytes
-    config_stream: bytes
-    tag: str | None
-    layers: list[tuple[str, bytes]]  # (diff_id, layer stream id), base first
-    stats: ImportStats = field(default_factory=ImportStats)
-    seconds: float = 0.0
-
-    def to_json(self) -> dict:
-        return {
-            "image_id": self.image_id,
-            "names": self.names,
-            "manifest": self.manifest_digest,
-            "config": self.config_digest,
-            "manifest_verity": self.manifest_stream.hex(),
-            "config_verity": self.config_stream.hex(),
-            "tag": self.tag,
-            "layers": [{"diff_id": d, "verity": v.hex()} for d, v in self.layers],
-            "stats": asdict(self.stats),
-            "seconds": round(self.seconds, 3),
-        }
 
 
 def _sha256_digest(data: bytes) -> str:
@@ -670,37 +596,18 @@ async def pull_image(
     finally:
         locks.release()
     config_stream, manifest_stream = await trio.to_thread.run_sync(
-        _finish, repo, source, layer_streams, tag, limiter=limiter
+        streams.finish_image, repo, source.manifest_digest, source.manifest, source.config_digest,
+        source.config, layer_streams, tag, limiter=limiter
     )
     return PullResult(
-        image_id=source.image.id,
-        names=list(source.image.names),
+        tag=tag,
         manifest_digest=source.manifest_digest,
         config_digest=source.config_digest,
-        manifest_stream=manifest_stream,
-        config_stream=config_stream,
-        tag=tag,
+        manifest_stream_id=manifest_stream,
+        config_stream_id=config_stream,
         layers=layer_streams,
         stats=stats,
         seconds=time.monotonic() - started,
+        source_id=source.image.id,
+        names=list(source.image.names),
     )
-
-
-def _finish(
-    repo: Repository, source: ImageSource, layer_streams: list[tuple[str, bytes]], tag: str | None
-) -> tuple[bytes, bytes]:
-    """Config and manifest streams with their named refs, then the tag.
-
-    An existing config stream is kept as it is: it may already carry EROFS image refs.
-    """
-    config_id = repo.has_stream(streams.config_stream_name(source.config_digest))
-    if config_id is None:
-        config_id = streams.write_config_stream(repo, source.config_digest, source.config, layer_streams)
-    manifest_id = repo.has_stream(streams.manifest_stream_name(source.manifest_digest))
-    if manifest_id is None:
-        manifest_id = streams.write_manifest_stream(
-            repo, source.manifest_digest, source.manifest, source.config_digest, config_id, layer_streams
-        )
-    if tag is not None:
-        streams.tag_image(repo, tag, source.manifest_digest)
-    return config_id, manifest_id

@@ -37,6 +37,7 @@ from pycfs.host.oci.tar import (
     TarError,
     TarReader,
 )
+from pycfs.host.oci.result import ImportStats
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamReader, SplitStreamWriter
 from pycfs.host.tree import BlockDevice, CharDevice, External, Fifo, Inline, LeafContent, Stat, Symlink
@@ -171,21 +172,13 @@ def decompressing_reader(f: BinaryIO, compression: str) -> BinaryIO:
 
 
 @dataclass
-class SplitStats:
-    objects_new: int = 0
-    objects_present: int = 0
-    bytes_external: int = 0
-    bytes_inline: int = 0
-
-
-@dataclass
 class SplitLayer:
     """A split tar not yet committed: the caller checks `diff_id` first."""
 
     writer: SplitStreamWriter
     diff_id: str  # digest of the tar bytes read, `sha256:<hex>`
     size: int
-    stats: SplitStats
+    stats: ImportStats
 
 
 def split_tar(repo: Repository, f: BinaryIO, alg: str = "sha256") -> SplitLayer:
@@ -197,12 +190,12 @@ def split_tar(repo: Repository, f: BinaryIO, alg: str = "sha256") -> SplitLayer:
     src = HashingReader(f, alg)
     reader = TarReader(src.read)
     writer = SplitStreamWriter(repo.alg, CONTENT_OCI_LAYER)
-    stats = SplitStats()
+    stats = ImportStats()
 
     def inline(data: bytes) -> None:
         if data:
             writer.write_inline(data)
-            stats.bytes_inline += len(data)
+            stats.bytes_inlined += len(data)
 
     while True:
         entry = reader.next()
@@ -214,11 +207,7 @@ def split_tar(repo: Repository, f: BinaryIO, alg: str = "sha256") -> SplitLayer:
         if entry.is_regular() and entry.size > INLINE_CONTENT_MAX:
             object_id, present = _store_content(repo, reader, entry.size)
             writer.write_external(object_id, entry.size)
-            stats.bytes_external += entry.size
-            if present:
-                stats.objects_present += 1
-            else:
-                stats.objects_new += 1
+            stats.count("present" if present else "copied", entry.size)
             inline(reader.read_exact(entry.padded_size - entry.size, "padding"))
         else:
             remaining = entry.padded_size

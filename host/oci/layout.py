@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -28,14 +29,12 @@ from pycfs.host.oci.layer import (
     parse_digest,
     split_tar,
 )
+from pycfs.host.oci.result import ImportStats, PullResult
 from pycfs.host.oci.streams import (
-    PullResult,
     config_stream_name,
+    finish_image,
     manifest_stream_name,
     read_json_stream,
-    tag_image,
-    write_config_stream,
-    write_manifest_stream,
 )
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_CONFIG
@@ -250,6 +249,7 @@ def _first_user_error(group: BaseExceptionGroup) -> BaseException:
 
 async def pull_oci_layout(repo: Repository, source: str, tag: str) -> PullResult:
     """Pull `DIR[:TAG]` (the part after `oci:`) and tag the manifest stream as `tag`."""
+    started = time.monotonic()
     directory, _, layout_tag = source.partition(":")
     if not directory:
         raise PycfsError("oci: needs a directory: oci:DIR[:TAG]")
@@ -257,8 +257,7 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str) -> PullResult
     manifest_desc, manifest_raw = await trio.to_thread.run_sync(layout.resolve, layout_tag or None)
     manifest = _json(manifest_raw, f"manifest {manifest_desc.digest}")
     config_desc = Descriptor.from_json(manifest.get("config"), f"manifest {manifest_desc.digest} config")
-    stats: dict[str, int] = {"objects_new": 0, "objects_present": 0, "bytes_external": 0, "bytes_inline": 0}
-    imported = present = 0
+    stats = ImportStats()
 
     config_id = repo.has_stream(config_stream_name(config_desc.digest))
     if config_id is not None:
@@ -270,7 +269,7 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str) -> PullResult
             layer_refs = [(d, reader.named_refs[d]) for _, d in layers.layers]
         except KeyError as e:
             raise PycfsError(f"config stream for {config_desc.digest} has no ref for layer {e.args[0]}") from None
-        present = len({d for _, d in layers.layers})
+        stats.layers = stats.layers_already_present = len({d for _, d in layers.layers})
     else:
         config_raw = await trio.to_thread.run_sync(layout.read_blob, config_desc, "config")
         layers = image_layers(manifest, config_raw, manifest_desc.digest)
@@ -278,13 +277,13 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str) -> PullResult
         for desc, diff_id in layers.layers:
             if repo.has_stream(layer_stream_name(diff_id)) is None:
                 todo.setdefault(diff_id, desc)
-        present = len({d for _, d in layers.layers}) - len(todo)
+        stats.layers = len({d for _, d in layers.layers})
+        stats.layers_already_present = stats.layers - len(todo)
         limiter = trio.CapacityLimiter(os.cpu_count() or 1)
 
         async def one(diff_id: str, desc: Descriptor) -> None:
             layer = await trio.to_thread.run_sync(import_layout_layer, repo, layout, desc, diff_id, limiter=limiter)
-            for k, v in vars(layer.stats).items():
-                stats[k] += v
+            stats.add(layer.stats)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -292,18 +291,14 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str) -> PullResult
                     nursery.start_soon(one, diff_id, desc)
         except BaseExceptionGroup as group:
             raise _first_user_error(group) from None
-        imported = len(todo)
         layer_refs = []
         for _, diff_id in layers.layers:
             stream_id = repo.has_stream(layer_stream_name(diff_id))
             if stream_id is None:
                 raise PycfsError(f"layer {diff_id} vanished from the repository during the pull")
             layer_refs.append((diff_id, stream_id))
-        config_id = write_config_stream(repo, config_desc.digest, config_raw, layer_refs)
 
-    manifest_id = repo.has_stream(manifest_stream_name(manifest_desc.digest))
-    if manifest_id is None:
-        manifest_id = write_manifest_stream(repo, manifest_desc.digest, manifest_raw, config_desc.digest, config_id,
-                                            layer_refs)
-    tag_image(repo, tag, manifest_desc.digest)
-    return PullResult(tag, manifest_desc.digest, config_desc.digest, manifest_id, config_id, imported, present, stats)
+    config_id, manifest_id = finish_image(repo, manifest_desc.digest, manifest_raw, config_desc.digest, config_raw,
+                                          layer_refs, tag)
+    return PullResult(tag, manifest_desc.digest, config_desc.digest, manifest_id, config_id, layer_refs, stats,
+                      time.monotonic() - started)

@@ -219,15 +219,16 @@ def open_image(repo: Repository, image: str) -> StoredImage:
                        config_digest, config_raw, config_id, layers, images)
 
 
-@dataclass
-class PullResult:
-    """What a pull did, whatever the transport; `stats` are counters for the report."""
-
-    tag: str
-    manifest_digest: str
-    config_digest: str
-    manifest_stream_id: bytes
-    config_stream_id: bytes
-    layers_imported: int = 0
-    layers_present: int = 0
-    stats: dict[str, int] = field(default_factory=dict)
+def finish_image(repo: Repository, manifest_digest: str, manifest_raw: bytes, config_digest: str,
+                 config_raw: bytes, layers: list[tuple[str, bytes]], tag: str | None) -> tuple[bytes, bytes]:
+    """After the layers: config and manifest streams (unless present: an existing config
+    stream may already carry EROFS image refs), then the tag. Returns (config id, manifest id)."""
+    config_id = repo.has_stream(config_stream_name(config_digest))
+    if config_id is None:
+        config_id = write_config_stream(repo, config_digest, config_raw, layers)
+    manifest_id = repo.has_stream(manifest_stream_name(manifest_digest))
+    if manifest_id is None:
+        manifest_id = write_manifest_stream(repo, manifest_digest, manifest_raw, config_digest, config_id, layers)
+    if tag is not None:
+        tag_image(repo, tag, manifest_digest)
+    return config_id, manifest_id

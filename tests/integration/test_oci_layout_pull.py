@@ -77,13 +77,15 @@ def check_pulled(repo_path: Path, tag: str, built: imagebuild.BuiltImage) -> Non
         assert img.config_digest == built.config_digest
         assert img.config_raw == _blob(built.path, built.config_digest).read_bytes()
         layer_ids = {d: r.has_stream(layer_stream_name(d)) for d in built.diff_ids}
-        assert img.layer_ids == layer_ids and img.image_refs == {}
+        assert img.layer_ids == layer_ids and list(img.image_refs) == ["composefs.image.v1"]
+        image_id = img.image_refs["composefs.image.v1"]
+        assert r.image_id(image_id.hex()) == image_id  # written to images/ by the pull
         manifest_stream = r.open_stream(f"oci-manifest-{built.manifest_digest}")
         assert manifest_stream.named_refs == {f"config:{built.config_digest}": img.config_stream_id, **layer_ids}
         # stream_refs in insertion order: config first, then the layers in config order
         assert manifest_stream.stream_refs == [img.config_stream_id, *dict.fromkeys(layer_ids[d] for d in built.diff_ids)]
         config_stream = r.open_stream(f"oci-config-{built.config_digest}")
-        assert config_stream.stream_refs == list(dict.fromkeys(layer_ids[d] for d in built.diff_ids))
+        assert config_stream.stream_refs == [*dict.fromkeys(layer_ids[d] for d in built.diff_ids), image_id]
         assert len(config_stream.object_refs) == 1 and config_stream.stream_size == len(img.config_raw)
 
 

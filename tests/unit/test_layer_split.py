@@ -555,6 +555,7 @@ def test_split_commits_nothing_and_counts(repo: Repository) -> None:
     layer = split_tar(repo, io.BytesIO(data))
     assert layer.diff_id == diff_id_of(data) and layer.size == len(data)
     s = layer.stats
-    assert (s.objects_new, s.objects_present, s.bytes_external) == (2, 1, 3000 + 3000 + 65)
-    assert s.bytes_external + s.bytes_inline == len(data)
+    assert (s.objects_copied, s.objects_already_present) == (2, 1)
+    assert (s.bytes_copied, s.bytes_already_present) == (3000 + 65, 3000)
+    assert s.bytes_copied + s.bytes_already_present + s.bytes_inlined == len(data)
     assert not (repo.path / "streams").exists()  # objects are garbage until a stream names them

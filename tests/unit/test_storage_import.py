@@ -12,6 +12,7 @@ import trio
 from pycfs.host.errors import PycfsError
 from pycfs.host.oci import cstorage
 from pycfs.host.oci.layer import import_layer
+from pycfs.host.oci.result import PullResult
 from pycfs.host.repository import Repository
 from pycfs.host.storage.store import Storage, Store
 from pycfs.host.streamcat import iter_stream_bytes
@@ -27,7 +28,7 @@ def repo(tmp_path) -> Repository:
     return Repository.init(tmp_path / "repo")
 
 
-def _pull(repo, fake, ref="localhost/img:latest", tag=None, **kw) -> cstorage.PullResult:
+def _pull(repo, fake, ref="localhost/img:latest", tag=None, **kw) -> PullResult:
     storage = Storage([Store(fake.root, fake.driver)])
     return trio.run(lambda: cstorage.pull_image(repo, storage, ref, tag, **kw))
 
@@ -69,7 +70,7 @@ def test_layers_rebuild_byte_exact_and_match_the_tar_path(tmp_path, repo, driver
     again = _pull(repo, fake, tag="img")
     assert again.stats.layers_already_present == 2
     assert again.stats.objects_copied == again.stats.objects_reflinked == again.stats.bytes_inlined == 0
-    assert again.config_stream == result.config_stream and again.manifest_stream == result.manifest_stream
+    assert again.config_stream_id == result.config_stream_id and again.manifest_stream_id == result.manifest_stream_id
 
 
 def _make_stub(path, size: int, redirect: bytes | None = None) -> None:

@@ -1,0 +1,76 @@
+"""`pull IMAGE`: dispatch on the transport prefix, then build the composefs image.
+
+A transport is an async function (repo, source after the prefix, tag, options) ->
+PullResult; adding one is one entry in TRANSPORTS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from pycfs.host.errors import PycfsError
+from pycfs.host.oci.cstorage import PullProgress, pull_image
+from pycfs.host.oci.image import create_image
+from pycfs.host.oci.layout import pull_oci_layout
+from pycfs.host.oci.result import PullResult
+from pycfs.host.oci.streams import config_stream_name, manifest_stream_name
+from pycfs.host.repository import Repository
+from pycfs.host.storage.config import load_storage_config
+from pycfs.host.storage.store import Storage, parse_reference
+
+
+@dataclass
+class PullOptions:
+    storage_root: str | None = None  # containers-storage graphroot override
+    verify_diffid: bool = False  # containers-storage: re-hash rebuilt tars (oci: always verifies blobs)
+    helper: str = "auto"  # auto | always | never
+    progress: PullProgress | None = None
+    create_image: bool = True
+
+
+def storage_for(source: str, storage_root: str | None) -> tuple[Storage, str]:
+    """(Storage, image name) for what follows `containers-storage:`."""
+    driver, root, name = parse_reference(source)
+    config = load_storage_config(storage_root or root, driver=driver)
+    return Storage.from_config(config), name
+
+
+async def _pull_containers_storage(repo: Repository, source: str, tag: str | None, options: PullOptions) -> PullResult:
+    from pycfs.host.helperclient import HelperClient
+
+    storage, name = storage_for(source, options.storage_root)
+    async with HelperClient(storage.primary.root, storage.primary.driver, policy=options.helper) as helper:
+        return await pull_image(repo, storage, name, tag, verify_diffid=options.verify_diffid,
+                                helper=helper if helper.enabled else None, progress=options.progress)
+
+
+async def _pull_oci_layout(repo: Repository, source: str, tag: str | None, options: PullOptions) -> PullResult:
+    return await pull_oci_layout(repo, source, tag)
+
+
+TRANSPORTS: dict[str, Callable[[Repository, str, str | None, PullOptions], Awaitable[PullResult]]] = {
+    "containers-storage": _pull_containers_storage,
+    "oci": _pull_oci_layout,
+}
+
+
+def split_reference(image: str) -> tuple[str, str]:
+    transport, sep, source = image.partition(":")
+    if not sep or transport not in TRANSPORTS:
+        raise PycfsError(f"unsupported image reference {image!r}: use "
+                         + " or ".join(f"{t}:..." for t in TRANSPORTS))
+    return transport, source
+
+
+async def pull(repo: Repository, image: str, tag: str | None, options: PullOptions) -> PullResult:
+    transport, source = split_reference(image)
+    result = await TRANSPORTS[transport](repo, source, tag, options)
+    if options.create_image:
+        result.images = await trio.to_thread.run_sync(create_image, repo, "@" + result.manifest_digest)
+        # the image refs went into rewritten config and manifest streams: report those
+        result.config_stream_id = repo.has_stream(config_stream_name(result.config_digest))
+        result.manifest_stream_id = repo.has_stream(manifest_stream_name(result.manifest_digest))
+    return result
