@@ -27,6 +27,7 @@ from pathlib import Path
 from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, HASH_ALG_IDS, VerityHasher, digest_bytes, digest_fd
+from pycfs.host.jsondoc import parse_object
 from pycfs.host.splitstream import SplitStreamReader, SplitStreamWriter
 
 FORMAT_VERSION = 1
@@ -612,12 +613,7 @@ def _read_meta(path: Path, dirfd: int) -> dict:
         raise RepositoryError(f"{path} has no meta.json: not a composefs repository (run `pycfs --repo {path} init`)") from None
     with os.fdopen(fd, "rb") as f:
         raw = f.read()
-    try:
-        meta = json.loads(raw)
-    except ValueError as e:
-        raise RepositoryError(f"{path}/meta.json is not valid JSON: {e}") from None
-    if not isinstance(meta, dict):
-        raise RepositoryError(f"{path}/meta.json is not a JSON object")
+    meta = parse_object(raw, f"{path}/meta.json", RepositoryError)
     version = meta.get("version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise RepositoryError(f"{path}/meta.json has format version {version!r}; this pycfs reads version {FORMAT_VERSION}")

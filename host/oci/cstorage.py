@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
 from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
+from pycfs.host.jsondoc import parse_object
 from pycfs.host.oci import streams
 from pycfs.host.oci.result import ImportStats, PullResult
 from pycfs.host.repository import Repository
@@ -78,16 +78,6 @@ def _sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _json_object(data: bytes, what: str) -> dict:
-    try:
-        value = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StorageError(f"{what} is not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise StorageError(f"{what} is not a JSON object")
-    return value
-
-
 @dataclass
 class ImageSource:
     """What the finish step needs, read while the locks are held."""
@@ -105,7 +95,7 @@ def read_image(storage: Storage, ref: str) -> ImageSource:
     """Find the image and read its manifest, config and layer list (locks held by the caller)."""
     store, image = storage.lookup(ref)
     manifest = store.big_data(image.id, "manifest")
-    mdoc = _json_object(manifest, f"manifest of image {image.id[:12]}")
+    mdoc = parse_object(manifest, f"manifest of image {image.id[:12]}", StorageError)
     config_desc = mdoc.get("config")
     config_digest = config_desc.get("digest") if isinstance(config_desc, dict) else None
     if not isinstance(config_digest, str):
@@ -116,7 +106,7 @@ def read_image(storage: Storage, ref: str) -> ImageSource:
         config = store.big_data(image.id, "sha256:" + image.id)
     if _sha256_digest(config) != config_digest:
         raise StorageError(f"config of image {image.id[:12]} does not match its digest {config_digest}")
-    cdoc = _json_object(config, f"config of image {image.id[:12]}")
+    cdoc = parse_object(config, f"config of image {image.id[:12]}", StorageError)
     rootfs = cdoc.get("rootfs")
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):

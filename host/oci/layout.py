@@ -8,7 +8,6 @@ Manifest lists / image indexes are resolved to the manifest for this machine's p
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import time
@@ -19,6 +18,7 @@ from typing import BinaryIO
 import trio
 
 from pycfs.host.errors import PycfsError
+from pycfs.host.jsondoc import parse_object
 from pycfs.host.oci.layer import (
     HashingReader,
     LayerDigestError,
@@ -33,7 +33,6 @@ from pycfs.host.oci.result import ImportStats, PullResult
 from pycfs.host.oci.streams import (
     config_stream_name,
     finish_image,
-    manifest_stream_name,
     read_json_stream,
 )
 from pycfs.host.repository import Repository
@@ -102,24 +101,14 @@ class Descriptor:
         )
 
 
-def _json(raw: bytes, where: str) -> dict:
-    try:
-        doc = json.loads(raw)
-    except ValueError as e:
-        raise PycfsError(f"{where} is not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise PycfsError(f"{where} is not a JSON object")
-    return doc
-
-
 class OciLayout:
     """A directory in the OCI image layout format."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         try:
-            layout = _json((self.path / "oci-layout").read_bytes(), f"{self.path}/oci-layout")
-            self.index = _json((self.path / "index.json").read_bytes(), f"{self.path}/index.json")
+            layout = parse_object((self.path / "oci-layout").read_bytes(), f"{self.path}/oci-layout")
+            self.index = parse_object((self.path / "index.json").read_bytes(), f"{self.path}/index.json")
         except FileNotFoundError as e:
             raise PycfsError(f"{self.path} is not an OCI image layout: {e.filename} is missing") from None
         except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
@@ -176,7 +165,7 @@ class OciLayout:
         if depth > 4:
             raise PycfsError(f"{self.path}: image indexes nested too deeply")
         raw = self.read_blob(desc, "manifest")
-        doc = _json(raw, f"manifest {desc.digest}")
+        doc = parse_object(raw, f"manifest {desc.digest}")
         media_type = doc.get("mediaType") or desc.media_type
         if media_type in INDEX_TYPES or (not media_type and "manifests" in doc):
             return self._resolve_desc(self._pick_platform(doc, desc.digest), depth + 1)
@@ -209,7 +198,7 @@ def image_layers(manifest: dict, config_raw: bytes, digest: str) -> ImageLayers:
         raise PycfsError(f"manifest {digest}: config type {config_desc.media_type!r} is not a container image "
                          "(OCI artifacts are not supported)")
     layer_descs = [Descriptor.from_json(d, f"manifest {digest} layer") for d in manifest.get("layers") or []]
-    config = _json(config_raw, f"config {config_desc.digest}")
+    config = parse_object(config_raw, f"config {config_desc.digest}")
     diff_ids = (config.get("rootfs") or {}).get("diff_ids")
     if not isinstance(diff_ids, list) or len(diff_ids) != len(layer_descs):
         raise PycfsError(f"config {config_desc.digest}: rootfs.diff_ids does not match the manifest's "
@@ -255,7 +244,7 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str) -> PullResult
         raise PycfsError("oci: needs a directory: oci:DIR[:TAG]")
     layout = await trio.to_thread.run_sync(OciLayout, directory)
     manifest_desc, manifest_raw = await trio.to_thread.run_sync(layout.resolve, layout_tag or None)
-    manifest = _json(manifest_raw, f"manifest {manifest_desc.digest}")
+    manifest = parse_object(manifest_raw, f"manifest {manifest_desc.digest}")
     config_desc = Descriptor.from_json(manifest.get("config"), f"manifest {manifest_desc.digest} config")
     stats = ImportStats()
 

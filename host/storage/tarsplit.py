@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 from pycfs.host.errors import PycfsError
+from pycfs.host.jsondoc import parse_object
 
 TYPE_FILE = 1
 TYPE_SEGMENT = 2
@@ -102,12 +103,7 @@ def _b64(value: object, where: str, what: str) -> bytes:
 
 
 def _parse_entry(line: bytes, where: str) -> Segment | FileEntry:
-    try:
-        obj = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TarSplitError(f"{where}: not a JSON object ({e.msg if hasattr(e, 'msg') else e})") from e
-    if not isinstance(obj, dict):
-        raise TarSplitError(f"{where}: not a JSON object")
+    obj = parse_object(line, where, TarSplitError)
     kind = obj.get("type")
     if kind == TYPE_SEGMENT:
         return Segment(_b64(obj.get("payload"), where, "segment payload"))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import resource
 import socket
 import threading
 
 import pytest
+
+from fdcount import enough_fds, open_fd_count  # noqa: F401 (enough_fds is an autouse fixture)
 import trio
 
 from pycfs.protocol.fdpass import (
@@ -21,18 +22,6 @@ from pycfs.protocol.fdpass import (
     recv_with_fds,
     send_with_fds,
 )
-
-
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def enough_fds():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def make_files(n: int) -> list[int]:

@@ -7,29 +7,18 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import socket
 import threading
 
 import pytest
+
+from fdcount import enough_fds, open_fd_count  # noqa: F401 (enough_fds is an autouse fixture)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pycfs.protocol.fdpass import close_fds, recv_with_fds, send_with_fds
 from pycfs.protocol.jsonrpc import Decoder, FdError, FramingError, Message, encode
-
-
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def enough_fds():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.fixture
