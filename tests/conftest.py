@@ -6,7 +6,8 @@
   tools/setup.sh) a *skipped* integration test is reported as a **failure**: a missing
   prerequisite there is a broken CI, not a reason to pass.  The only exceptions are tests
   marked `@pytest.mark.ci_may_skip("why")`, for prerequisites CI machines are known to
-  lack (e.g. kernel fs-verity), and expected failures (xfail).
+  lack (e.g. kernel fs-verity), and expected failures (xfail).  An integration *module*
+  skipped at import (importorskip) becomes a collection error, which stops the run.
 """
 
 from __future__ import annotations
@@ -39,8 +40,25 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if INTEGRATION_DIR in Path(str(item.path)).resolve().parents:
+        if _in_integration(item.path):
             item.add_marker(pytest.mark.integration)
+
+
+def _in_integration(path) -> bool:
+    p = Path(str(path)).resolve()
+    return p == INTEGRATION_DIR or INTEGRATION_DIR in p.parents
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    """A whole integration module skipped at import (module-level pytest.skip or
+    importorskip) fails on CI too; pytest then reports it as a collection error."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and on_ci() and isinstance(collector, pytest.Module) and _in_integration(collector.path):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"CI=true: integration module skipped, which CI counts as a failure: {reason}"
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -10,6 +10,10 @@ Fixtures (see /work/notes/fixtures-api.md):
 - `reflink_dir` (session): a 1777 directory on a loop-mounted XFS made with reflink=1.
 - `xfs_podman_user` (session): user `pycfs-test-xfs` whose graphroot is on that XFS
   (its storage.conf is passed as CONTAINERS_STORAGE_CONF, so sessions don't collide).
+- Users also have `.unshare(*cmd)` (run inside their podman user namespace), `.tmpdir()`
+  (a fresh directory they own; on the XFS for `xfs_podman_user`, so a repository made
+  there can reflink from that user's storage), `.python` (the venv running their pycfs),
+  `.storage_conf` and `.environ()`.
 - `shared_tmp_path` (function): a fresh 0755 directory every test user can read.
 - `image_cache` (session): builds tests/imagebuild.py images once per session and loads
   them into a user's storage once; `multilayer_loaded` / `restrictive_loaded` are those
@@ -350,12 +354,42 @@ def _check_overlay(user: PodmanUser) -> None:
     assert Path(graphroot) == user.storage_root, (graphroot, user.storage_root)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _sweep_stale() -> None:
+    """Remove what killed sessions left behind: session dirs and loop XFS mounts are named
+    after the pytest process that made them (`session-PID-*`, `xfs-PID-*`)."""
+    for p in TEST_ROOT.glob("*-*-*"):
+        kind, _, rest = p.name.partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("session", "xfs") or not pid.isdigit() or _pid_alive(int(pid)) or p.suffix == ".img":
+            continue
+        if kind == "xfs" and p.is_dir():
+            if subprocess.run(["umount", p], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", p], capture_output=True)
+            with contextlib.suppress(OSError):
+                p.rmdir()
+            with contextlib.suppress(FileNotFoundError):
+                p.with_suffix(".img").unlink()
+        elif kind == "session":
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def session_dir():
     """World-readable per-session directory under /var/tmp/pycfs-test."""
     _require_root()
-    TEST_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
-    d = Path(tempfile.mkdtemp(prefix="session-", dir=TEST_ROOT))
+    with _locked("sweep"):
+        _sweep_stale()
+    d = Path(tempfile.mkdtemp(prefix=f"session-{os.getpid()}-", dir=TEST_ROOT))
     os.chmod(d, 0o755)
     yield d
     shutil.rmtree(d, ignore_errors=True)
@@ -394,11 +428,9 @@ def podman_user(session_dir, user_python) -> PodmanUser:
 
 
 @pytest.fixture(scope="session")
-def xfs_mount() -> Path:
-    _require_root()
+def xfs_mount(session_dir) -> Path:
     _require_tools("mkfs.xfs", "mount", "umount", "losetup")
-    TEST_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
-    mnt = Path(tempfile.mkdtemp(prefix="xfs-", dir=TEST_ROOT))
+    mnt = Path(tempfile.mkdtemp(prefix=f"xfs-{os.getpid()}-", dir=TEST_ROOT))
     img = mnt.with_suffix(".img")
     with open(img, "wb") as f:
         f.truncate(XFS_SIZE)

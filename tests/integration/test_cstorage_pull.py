@@ -176,7 +176,7 @@ def _holds_lock(pid: int, path: Path) -> bool:
 def test_rmi_waits_for_running_import(podman_user, shared_tmp_path):
     user = podman_user
     ref = "localhost/pycfs-rmi-wait:latest"
-    spec = _big_spec("rmi", files=4, size=16 * MIB)
+    spec = _big_spec("rmi", files=6, size=32 * MIB)  # long enough to freeze mid-import
     built = imagebuild.build_layout(spec, shared_tmp_path / "layout")
     imagebuild.load_into_storage(user, built.path, ref)
     repo = _init_repo(user)
@@ -196,6 +196,7 @@ def test_rmi_waits_for_running_import(podman_user, shared_tmp_path):
             time.sleep(0.002)
         # Freeze the import while it holds the locks, so the race has one outcome.
         os.kill(pull.pid, signal.SIGSTOP)
+        assert _holds_lock(pull.pid, lock), "the import finished before it could be frozen; make the image bigger"
         rmi = subprocess.Popen(["runuser", "-u", user.name, "--", "podman", "rmi", ref], cwd=user.home,
                                env=user.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         time.sleep(3)
