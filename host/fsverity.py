@@ -8,9 +8,11 @@ this size, so callers get parallelism from threads.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import struct
+import threading
 
 from pycfs.host.syscalls import FS_VERITY_HASH_ALG_SHA256, FS_VERITY_HASH_ALG_SHA512
 
@@ -100,24 +102,62 @@ class VerityHasher:
         return self._hash(descriptor).digest()
 
 
+def _level(hash_fn, data: memoryview | bytes) -> bytes:
+    """One tree level: the digests of data's blocks, the last one zero-padded."""
+    n = len(data)
+    full = n - n % BLOCK_SIZE
+    parts = [hash_fn(data[i : i + BLOCK_SIZE]).digest() for i in range(0, full, BLOCK_SIZE)]
+    if full < n:
+        parts.append(hash_fn(bytes(data[full:]).ljust(BLOCK_SIZE, b"\0")).digest())
+    return b"".join(parts)
+
+
 def digest_bytes(data: bytes | bytearray | memoryview, alg: str = "sha256") -> bytes:
-    h = VerityHasher(alg)
-    h.update(data)
-    return h.digest()
+    """One-shot digest of in-memory data: the whole tree level by level, without the
+    incremental bookkeeping (most files fit in one read, and per-file cost adds up)."""
+    hash_fn = getattr(hashlib, alg)
+    size_d = DIGEST_SIZES[alg]
+    mv = memoryview(data).cast("B")
+    level = _level(hash_fn, mv) if len(mv) else bytes(size_d)
+    while len(level) > size_d:
+        level = _level(hash_fn, level)
+    return hash_fn(_DESCRIPTOR.pack(1, HASH_ALG_IDS[alg], LOG_BLOCK_SIZE, 0, len(mv), level)).digest()
 
 
-def digest_fd(fd: int, alg: str = "sha256") -> bytes:
-    """Digest of the whole file open at fd, read with pread from offset 0 (fd position untouched)."""
+_buffers = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """One READ_CHUNK buffer per thread: allocating (and zeroing) one per file costs more
+    than hashing a typical small file."""
+    buf = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = memoryview(bytearray(READ_CHUNK))
+    return buf
+
+
+def digest_fd(fd: int, alg: str = "sha256", size: int | None = None) -> bytes:
+    """Digest of the file open at fd, read with pread from offset 0 (fd position untouched):
+    to EOF, or exactly `size` bytes when the caller knows it (one read fewer per file; a file
+    shorter than that is an error)."""
+    buf = _read_buffer()
+    if size is not None and size <= len(buf):
+        n = os.preadv(fd, [buf[:size]], 0)
+        if n != size:
+            raise OSError(errno.EIO, f"file ended after {n} of {size} bytes")
+        return digest_bytes(buf[:size], alg)
     h = VerityHasher(alg)
-    buf = bytearray(READ_CHUNK)
-    mv = memoryview(buf)
     offset = 0
-    while True:
-        n = os.preadv(fd, [buf], offset)
+    while size is None or offset < size:
+        want = buf if size is None else buf[: min(len(buf), size - offset)]
+        n = os.preadv(fd, [want], offset)
         if n == 0:
-            return h.digest()
-        h.update(mv[:n])
+            if size is not None:
+                raise OSError(errno.EIO, f"file ended after {offset} of {size} bytes")
+            break
+        h.update(buf[:n])
         offset += n
+    return h.digest()
 
 
 def digest_path(path: str, alg: str = "sha256") -> bytes:

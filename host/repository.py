@@ -104,6 +104,7 @@ class Repository:
         self._try_verity = True  # cleared the first time the filesystem says it has none
         self._lock = threading.Lock()
         self._objects_fd: int | None = None
+        self._objects_st_dev: int | None = None
         self._subdir_fds: dict[str, int] = {}
         self._reflink_ok: dict[tuple[int, int], bool] = {}
         self._tmpfile_ok = True
@@ -240,6 +241,11 @@ class Repository:
                     self._objects_fd = os.open("objects", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.dirfd)
         return self._objects_fd
 
+    def _objects_dev(self) -> int:
+        if self._objects_st_dev is None:
+            self._objects_st_dev = os.fstat(self._objects()).st_dev
+        return self._objects_st_dev
+
     def _subdir(self, xx: str) -> int:
         fd = self._subdir_fds.get(xx)
         if fd is None:
@@ -360,13 +366,15 @@ class Repository:
         """A file-like sink for streamed content (tar entries): hashes as it writes."""
         return ObjectWriter(self)
 
-    def store_object_from_fd(self, src_fd: int) -> StoreResult:
-        """Store the whole file open at src_fd: reflink (FICLONE) when the filesystems allow,
-        else copy. The digest is read from the source, so an object already present costs
-        no write at all."""
-        st = os.fstat(src_fd)
-        object_id = digest_fd(src_fd, self.alg)
-        if self.object_size(object_id) == st.st_size:
+    def store_object_from_fd(self, src_fd: int, st: os.stat_result | None = None) -> StoreResult:
+        """Store the whole file open at src_fd (st: its fstat, when the caller has it):
+        reflink (FICLONE) when the filesystems allow, else copy. The digest is read from
+        the source, so an object already present costs no write at all."""
+        st = st or os.fstat(src_fd)
+        object_id = digest_fd(src_fd, self.alg, st.st_size)
+        # Where reflinks work, cloning an object that turns out to be present costs less than
+        # a stat per file (linkat's EEXIST then says it); a copy is worth avoiding up front.
+        if not self._reflink_ok.get((st.st_dev, self._objects_dev())) and self.object_size(object_id) == st.st_size:
             return StoreResult(object_id, st.st_size, "present")
         fd, temp_name = self._new_tmpfile()
         try:
@@ -379,7 +387,7 @@ class Repository:
         return StoreResult(object_id, st.st_size, "present" if raced else how)
 
     def _clone_or_copy(self, src_fd: int, dst_fd: int, st: os.stat_result) -> str:
-        pair = (st.st_dev, os.fstat(self._objects()).st_dev)
+        pair = (st.st_dev, self._objects_dev())
         if self._reflink_ok.get(pair, True):
             try:
                 syscalls.ficlone(dst_fd, src_fd)

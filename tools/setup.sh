@@ -18,8 +18,8 @@ PACKAGES=(
     xfsprogs btrfs-progs erofs-utils fsverity ostree
     # python-prctl builds against libcap; the venv needs venv/pip and headers
     libcap-dev gcc python3 python3-venv python3-dev
-    # useradd/usermod, runuser, losetup/mount
-    passwd util-linux mount ca-certificates
+    # useradd/usermod, runuser, losetup/mount; GNU time for tools/bench's peak RSS
+    passwd util-linux mount ca-certificates time
 )
 
 with_apt=1

@@ -77,7 +77,7 @@ def parse_number(field_bytes: bytes, what: str = "number") -> int:
     text = field_bytes.split(b"\x00", 1)[0].strip(b" ")
     if not text:
         return 0
-    if not all(0x30 <= c <= 0x37 for c in text):
+    if text.translate(None, b"01234567"):  # anything left is not an octal digit
         raise TarError(f"bad octal {what} field {field_bytes!r}")
     return int(text, 8)
 
@@ -93,6 +93,9 @@ def format_number(value: int, size: int, what: str = "number") -> bytes:
     raise TarError(f"{what} {value} does not fit a {size}-byte field")
 
 
+_HIGH_BYTES = bytes(range(0x80, 0x100))
+
+
 def _cstr(b: bytes) -> bytes:
     return b.split(b"\x00", 1)[0]
 
@@ -101,7 +104,8 @@ def header_checksums(block: bytes) -> tuple[int, int]:
     """(unsigned, signed) byte sums with the checksum field counted as spaces."""
     rest = block[:_CHKSUM_OFFSET] + block[_CHKSUM_OFFSET + _CHKSUM_SIZE :]
     unsigned = sum(rest) + 8 * 0x20
-    signed = sum(struct.unpack(f"{len(rest)}b", rest)) + 8 * 0x20
+    # signed = unsigned - 256 for every byte >= 0x80 (old tars summed signed chars)
+    signed = unsigned - 256 * (len(rest) - len(rest.translate(None, _HIGH_BYTES)))
     return unsigned, signed
 
 

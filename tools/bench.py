@@ -1,0 +1,440 @@
+"""Import benchmark: `pycfs oci pull containers-storage:` against references measured in the same run.
+
+Run as root on Debian (`tools/bench`, which runs the set-up first). It makes its own lab:
+a loop-mounted XFS with reflinks, an unprivileged user whose containers-storage and
+repositories live there, and a generated multi-layer image of about 1.5 GB (--scale) loaded
+into that storage. Rows, each the median of --runs with min and max:
+
+  a  pycfs oci pull containers-storage:IMAGE, cold (empty repository)
+  b  the physical limit: fs-verity hashing of exactly the files the pull stores, with the
+     code pycfs uses, on as many threads as the importer; and Debian's `fsverity digest`
+  c  what a user without pycfs does: podman save --format oci-dir + pycfs oci pull oci:DIR
+  d  C mkcomposefs --digest-store over the merged rootfs (when installed)
+  e  warm re-pull (everything already in the repository)
+
+with peak RSS per row, the disk space (a) and (c) add, and the ratios a/b, c/a and
+disk(a)/image bytes. The page cache is warm for every row (each input is read once
+before timing), so rows compare CPU and I/O work, not the first disk read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import stat
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from pycfs.host.fsverity import digest_fd
+from pycfs.host.oci.cstorage import BATCH_FILES, default_limiter
+from pycfs.host.oci.result import human_size
+from pycfs.tools import lab
+from pycfs.tools.ocibuild import MIB, Dir, File, Hardlink, ImageSpec, Symlink, build_layout, load_into_storage
+
+USER = "pycfs-bench"
+IMAGE = "localhost/pycfs-bench:latest"
+XFS_SIZE = 16 << 30  # sparse
+
+
+# ---------------------------------------------------------------------------------------
+# The workload
+
+
+def workload(scale: float) -> ImageSpec:
+    """Three layers shaped like a Debian image: a minbase-like rootfs, a layer of language
+    runtimes and tools, and a data layer with big random files, many small files and
+    files only container users may read. Content is seeded random (incompressible, no
+    accidental dedup); sizes follow a fixed pseudo-random draw."""
+    rng = random.Random(1)
+    seed = iter(range(10_000_000))
+
+    def tree(prefix: str, dirs: int, files: int, sizes: list[tuple[float, int, int]]) -> list:
+        entries: list = [Dir(prefix)] + [Dir(f"{prefix}/d{i:03d}") for i in range(dirs)]
+        for i in range(files):
+            r, lo, hi = rng.random(), 0, 0
+            for share, lo, hi in sizes:
+                if r < share:
+                    break
+                r -= share
+            entries.append(File(f"{prefix}/d{i % dirs:03d}/f{i:05d}", size=rng.randint(lo, hi), seed=next(seed)))
+        return entries
+
+    n = lambda count: max(1, int(count * scale))  # noqa: E731 (scaled counts)
+    # (share of files, min size, max size): means of about 54 KB and 140 KB
+    rootfs_sizes = [(0.5, 0, 4096), (0.4, 4097, 65536), (0.095, 65537, 512 << 10), (0.005, 512 << 10, 4 << 20)]
+    tool_sizes = [(0.45, 0, 4096), (0.4, 4097, 65536), (0.14, 65537, 1 << 20), (0.01, 1 << 20, 8 << 20)]
+    base = [Dir("usr"), Dir("usr/lib"), Dir("etc"), Dir("var"), Dir("run")]
+    base += tree("usr/lib/base", n(300), n(6000), rootfs_sizes)
+    base += tree("etc/conf", 20, n(600), [(1.0, 10, 3000)])
+    base += [Symlink(f"usr/lib/base/link{i}", f"d{i % 7:03d}/f{i:05d}") for i in range(n(400))]
+    base += [Hardlink(f"usr/lib/base/hard{i}", f"usr/lib/base/d{i % n(300):03d}/f{i:05d}") for i in range(n(50))]
+    tools = tree("usr/lib/tools", n(400), n(7000), tool_sizes)
+    data: list = [Dir("srv"), Dir("srv/big"), Dir("home"),
+                  Dir("home/user", mode=0o700, uid=1000, gid=1000), Dir("srv/locked", mode=0o000)]
+    data += [File(f"srv/big/random{i}.bin", size=int(50 * MIB * scale), seed=next(seed)) for i in range(3)]
+    data += tree("srv/small", n(50), n(5000), [(0.3, 0, 64), (0.7, 65, 4096)])
+    data += [File(f"home/user/secret{i}", size=rng.randint(100, 2 << 20), seed=next(seed), mode=0o600,
+                  uid=1000, gid=1000) for i in range(n(40))]
+    data += [File(f"srv/locked/ro{i}", size=rng.randint(100, 1 << 20), seed=next(seed), mode=0o400)
+             for i in range(n(20))]
+    data.append(File("etc/shadow-big", size=int(10 * MIB * scale), seed=next(seed), mode=0o000))
+    return ImageSpec([base, tools, data], config={"Labels": {"pycfs.bench": "1"}}, gzip=False)
+
+
+def image_file_bytes(spec: ImageSpec) -> int:
+    return sum(e.length for layer in spec.layers for e in layer if isinstance(e, File))
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring
+
+
+@dataclass
+class Sample:
+    seconds: float
+    maxrss_kib: int
+
+
+@dataclass
+class Row:
+    key: str
+    title: str
+    samples: list[Sample] = field(default_factory=list)
+    disk_added: int | None = None
+    note: str = ""
+
+    def stats(self) -> tuple[float, float, float] | None:
+        if not self.samples:
+            return None
+        secs = [s.seconds for s in self.samples]
+        return statistics.median(secs), min(secs), max(secs)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(s.seconds for s in self.samples)
+
+    @property
+    def peak_rss(self) -> int:
+        return max(s.maxrss_kib for s in self.samples) * 1024
+
+
+def timed(argv: list[str], user: lab.PodmanUser | None = None, cwd: str = "/") -> tuple[Sample, bytes]:
+    """Run argv (as user when given); wall time, and the peak RSS of the largest process in
+    its tree as GNU time reports it (measured from a small process, so the benchmark's own
+    memory, which a fork from Python would carry until exec, does not count)."""
+    env = os.environ.copy()
+    if user is not None:
+        env, cwd = user.environ(), str(user.home)
+    with tempfile.NamedTemporaryFile("r") as rss:
+        argv = ["/usr/bin/time", "-q", "-f", "%M", "-o", rss.name, *argv]
+        if user is not None:
+            argv = ["runuser", "-u", user.name, "--", *argv]
+            os.chmod(rss.name, 0o666)
+        started = time.perf_counter()
+        p = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, stdin=subprocess.DEVNULL)
+        seconds = time.perf_counter() - started
+        if p.returncode != 0:
+            raise lab.LabError(p.returncode, argv, p.stdout, p.stderr)
+        return Sample(seconds, int(rss.read().split()[-1])), p.stdout
+
+
+def used_bytes(path: Path) -> int:
+    os.sync()
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def warm(paths: list[str]) -> None:
+    """Read every input once so each row starts with the same (warm) page cache."""
+    buf = bytearray(1 << 20)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+# ---------------------------------------------------------------------------------------
+# The hashing limit (row b), run as `python -m pycfs.tools.bench hash LISTFILE`
+
+
+async def hash_files(paths: list[str]) -> None:
+    """digest_fd over every path, in batches on the importer's number of worker threads,
+    as the importer hashes (BATCH_FILES per thread trip, so trio round trips do not dominate)."""
+    send, receive = trio.open_memory_channel(0)
+
+    def batch(chunk: list[str]) -> None:
+        for path in chunk:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                digest_fd(fd, "sha256", os.fstat(fd).st_size)  # as the importer calls it
+            finally:
+                os.close(fd)
+
+    async def worker() -> None:
+        async for chunk in receive:
+            await trio.to_thread.run_sync(batch, chunk)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(int(default_limiter().total_tokens)):
+            nursery.start_soon(worker)
+        async with send:
+            for i in range(0, len(paths), BATCH_FILES):
+                await send.send(paths[i : i + BATCH_FILES])
+
+
+# ---------------------------------------------------------------------------------------
+# The lab
+
+
+@dataclass
+class Lab:
+    xfs: Path
+    user: lab.PodmanUser
+    image_bytes: int
+    files: list[str]  # regular files > 64 bytes in the image's layers: what a pull stores
+    file_bytes: int
+
+
+def set_up(scale: float) -> Lab:
+    for tool in ("podman", "skopeo", "mkfs.xfs", "runuser", "fsverity", "/usr/bin/time"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench: {tool} is missing: run tools/setup.sh as root first")
+    with lab.locked("sweep"):
+        lab.sweep_stale()
+    print("bench: making the lab (loop XFS, user, venv)...", file=sys.stderr)
+    xfs = lab.mount_xfs("bench", XFS_SIZE)
+    try:
+        return _populate(xfs, scale)
+    except BaseException:
+        lab.restart_pause(USER)
+        lab.unmount_xfs(xfs)
+        raise
+
+
+def _populate(xfs: Path, scale: float) -> Lab:
+    with lab.locked("users"):
+        pw = lab.ensure_user(USER)
+    lab.restart_pause(USER)
+    base = xfs / USER
+    for sub in ("", "storage", "work"):
+        (base / sub).mkdir(mode=0o700 if sub == "storage" else 0o755, exist_ok=True)
+        os.chown(base / sub, pw.pw_uid, pw.pw_gid)
+    conf = base / "storage.conf"
+    lab.write_as(conf, lab.storage_conf_text(base / "storage"), pw.pw_uid, pw.pw_gid)
+    user = lab.PodmanUser(pw.pw_name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir), base / "storage",
+                          lab.build_user_venv(), base / "work", conf,
+                          extra_env={"CONTAINERS_STORAGE_CONF": str(conf)})
+    lab.check_overlay(user)
+
+    spec = workload(scale)
+    image_bytes = image_file_bytes(spec)
+    print(f"bench: building the image ({human_size(image_bytes)} in files) and loading it into "
+          f"{USER}'s containers-storage...", file=sys.stderr)
+    layout = Path(tempfile.mkdtemp(prefix="bench-layout-", dir=lab.LAB_ROOT))
+    os.chmod(layout, 0o755)
+    try:
+        build_layout(spec, layout / "oci")
+        load_into_storage(user, layout / "oci", IMAGE)
+    finally:
+        shutil.rmtree(layout)
+    files = layer_files(user)
+    return Lab(xfs, user, image_bytes, files, sum(os.path.getsize(f) for f in files))
+
+
+def layer_files(user: lab.PodmanUser) -> list[str]:
+    """As root: the regular files over 64 bytes in the image's layer directories."""
+    images = json.loads((user.storage_root / "overlay-images/images.json").read_text())
+    top = next(i["layer"] for i in images if IMAGE in i.get("names", []))
+    layers = json.loads((user.storage_root / "overlay-layers/layers.json").read_text())
+    by_id = {layer["id"]: layer for layer in layers}
+    chain = []
+    while top:
+        chain.append(top)
+        top = by_id[top].get("parent")
+    files = []
+    for layer_id in chain:
+        for dirpath, _, names in os.walk(user.storage_root / "overlay" / layer_id / "diff"):
+            for name in names:
+                p = os.path.join(dirpath, name)
+                st = os.lstat(p)
+                if stat.S_ISREG(st.st_mode) and st.st_size > 64:
+                    files.append(p)
+    return files
+
+
+def tear_down(bench: Lab) -> None:
+    lab.restart_pause(USER)  # its namespace would keep the XFS busy
+    lab.unmount_xfs(bench.xfs)
+
+
+def fresh_dir(bench: Lab, name: str) -> Path:
+    d = bench.user.scratch / name
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir()
+    os.chown(d, bench.user.uid, bench.user.gid)
+    return d
+
+
+# ---------------------------------------------------------------------------------------
+# The rows
+
+
+def pycfs_argv(bench: Lab, repo: Path, *args: str) -> list[str]:
+    return [str(bench.user.python), "-m", "pycfs.tools.cli", "--repo", str(repo), *args]
+
+
+def row_cold_pull(bench: Lab, runs: int) -> tuple[Row, Row, dict]:
+    cold = Row("a", "pycfs oci pull containers-storage: (cold)")
+    rewarm = Row("e", "pycfs oci pull containers-storage: (warm re-pull)")
+    stats: dict = {}
+    for i in range(runs):
+        repo = fresh_dir(bench, "repo-a") / "repo"
+        timed(pycfs_argv(bench, repo, "init"), bench.user)
+        before = used_bytes(bench.xfs)
+        sample, out = timed(pycfs_argv(bench, repo, "oci", "pull", "--json", f"containers-storage:{IMAGE}", "bench"),
+                            bench.user)
+        cold.samples.append(sample)
+        if i == 0:
+            cold.disk_added = used_bytes(bench.xfs) - before
+            stats = json.loads(out)["stats"]
+        for _ in range(runs):
+            sample, _ = timed(pycfs_argv(bench, repo, "oci", "pull", "--json", f"containers-storage:{IMAGE}",
+                                         "bench"), bench.user)
+            rewarm.samples.append(sample)
+    shutil.rmtree(bench.user.scratch / "repo-a")
+    return cold, rewarm, stats
+
+
+def row_hashing(bench: Lab, runs: int) -> tuple[Row, Row]:
+    ours = Row("b", "fs-verity hashing of the same files (pycfs code, importer's threads)")
+    theirs = Row("b'", "fs-verity hashing, Debian `fsverity digest` (2 processes)")
+    with tempfile.NamedTemporaryFile("w", suffix=".list", delete=False) as f:
+        f.write("\n".join(bench.files) + "\n")
+        listing = f.name
+    try:
+        for _ in range(runs):
+            ours.samples.append(timed([sys.executable, "-m", "pycfs.tools.bench", "hash", listing])[0])
+            theirs.samples.append(timed(["sh", "-c", f"xargs -d '\\n' -n 256 -P 2 fsverity digest <{listing} >/dev/null"])[0])
+    finally:
+        os.unlink(listing)
+    return ours, theirs
+
+
+def row_save_then_pull(bench: Lab, runs: int) -> Row:
+    row = Row("c", "podman save --format oci-dir + pycfs oci pull oci:DIR")
+    for i in range(runs):
+        work = fresh_dir(bench, "work-c")
+        before = used_bytes(bench.xfs)
+        save, _ = timed(["podman", "save", "--format", "oci-dir", "-o", str(work / "oci"), IMAGE], bench.user)
+        repo = work / "repo"
+        timed(pycfs_argv(bench, repo, "init"), bench.user)
+        pull, _ = timed(pycfs_argv(bench, repo, "oci", "pull", f"oci:{work / 'oci'}", "bench"), bench.user)
+        row.samples.append(Sample(save.seconds + pull.seconds, max(save.maxrss_kib, pull.maxrss_kib)))
+        if i == 0:
+            row.disk_added = used_bytes(bench.xfs) - before
+    shutil.rmtree(bench.user.scratch / "work-c")
+    return row
+
+
+def row_mkcomposefs(bench: Lab, runs: int) -> Row:
+    row = Row("d", "C mkcomposefs --digest-store over the merged rootfs")
+    if shutil.which("mkcomposefs") is None:
+        row.note = "not installed (Debian 12 has no composefs package)"
+        return row
+    for _ in range(runs):
+        work = fresh_dir(bench, "work-d")
+        script = (f'set -e; m=$(podman image mount {IMAGE}); '
+                  f'mkcomposefs --digest-store={work}/store "$m" {work}/image.cfs; podman image unmount {IMAGE}')
+        row.samples.append(timed(["podman", "unshare", "sh", "-c", script], bench.user)[0])
+    shutil.rmtree(bench.user.scratch / "work-d")
+    return row
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+
+
+def report(rows: list[Row], bench: Lab, stats: dict, runs: int) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    by = {r.key: r for r in rows}
+    table = Table(title=f"pycfs import benchmark: {human_size(bench.image_bytes)} image, {len(bench.files)} files "
+                        f"> 64 bytes ({human_size(bench.file_bytes)}), {runs} runs, {os.cpu_count()} cores")
+    for col in ("", "row", "median s", "min s", "max s", "peak RSS", "disk added"):
+        table.add_column(col, justify="left" if col in ("", "row") else "right")
+    for r in rows:
+        s = r.stats()
+        cells = [f"{v:.2f}" for v in s] if s else [r.note or "-", "", ""]
+        table.add_row(r.key, r.title, *cells, human_size(r.peak_rss) if r.samples else "",
+                      human_size(r.disk_added) if r.disk_added is not None else "")
+    ratios = {
+        "a/b": by["a"].median / by["b"].median,
+        "c/a": by["c"].median / by["a"].median,
+        "disk(a)/image": (by["a"].disk_added or 0) / bench.image_bytes,
+        "hash MiB/s (pycfs)": bench.file_bytes / by["b"].median / MIB,
+        "hash MiB/s (fsverity digest)": bench.file_bytes / by["b'"].median / MIB,
+    }
+    console = Console(width=150)
+    console.print(table)
+    console.print("  ".join(f"{k} = {v:.3f}" if "/" in k and "MiB" not in k else f"{k} = {v:.0f}"
+                            for k, v in ratios.items()))
+    console.print(f"cold pull: {stats.get('objects_reflinked')} reflinked, {stats.get('objects_copied')} copied, "
+                  f"{stats.get('objects_already_present')} already present, {stats.get('files_via_helper')} "
+                  f"files via the helper")
+    return {
+        "image_bytes": bench.image_bytes, "files": len(bench.files), "file_bytes": bench.file_bytes, "runs": runs,
+        "rows": {r.key: {"title": r.title, "seconds": [s.seconds for s in r.samples],
+                         "peak_rss": r.peak_rss if r.samples else None, "disk_added": r.disk_added, "note": r.note}
+                 for r in rows},
+        "ratios": ratios, "pull_stats": stats,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tools/bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode")
+    h = sub.add_parser("hash", help=argparse.SUPPRESS)
+    h.add_argument("listing")
+    parser.add_argument("--runs", type=int, default=3, help="runs per row (default: %(default)s)")
+    parser.add_argument("--scale", type=float, default=1.0, help="image size factor (1.0: about 1.5 GB)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--keep", action="store_true", help="leave the lab (XFS, storage) mounted")
+    args = parser.parse_args(argv)
+    if args.mode == "hash":
+        paths = Path(args.listing).read_text().splitlines()
+        trio.run(hash_files, [p for p in paths if p])
+        return 0
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (it creates a user and a loop-mounted XFS)")
+    bench = set_up(args.scale)
+    try:
+        warm(bench.files)
+        print(f"bench: {args.runs} runs per row...", file=sys.stderr)
+        cold, rewarm, stats = row_cold_pull(bench, args.runs)
+        ours, theirs = row_hashing(bench, args.runs)
+        save = row_save_then_pull(bench, args.runs)
+        mkcfs = row_mkcomposefs(bench, args.runs)
+        figures = report([cold, ours, theirs, save, mkcfs, rewarm], bench, stats, args.runs)
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    finally:
+        if not args.keep:
+            tear_down(bench)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
