@@ -104,7 +104,8 @@ def restrictive_image(*, big_size: int = 100 * MIB + 4097) -> ImageSpec:
         Dir("srv/locked", mode=0o000),
         File("srv/locked/readonly.bin", size=8192, seed=11, mode=0o400),
         Hardlink("srv/shadow-hardlink", "etc/shadow"),
-        File("root/big-secret.bin", size=big_size, seed=12, mode=0o600),
+        # owned by container uid 1000: container root is the user itself and could read it
+        File("root/big-secret.bin", size=big_size, seed=12, mode=0o600, uid=1000, gid=1000),
         File("srv/public.txt", data=b"world-readable file beside the locked ones, more than 64 bytes.\n"),
     ]
     return ImageSpec([layer], config={"Labels": {"pycfs.test": "restrictive"}})

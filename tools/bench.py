@@ -6,6 +6,7 @@ repositories live there, and a generated multi-layer image of about 1.5 GB (--sc
 into that storage. Rows, each the median of --runs with min and max:
 
   a  pycfs oci pull containers-storage:IMAGE, cold (empty repository)
+  a' the same with --no-image: the import alone, without writing the EROFS image
   b  the physical limit: fs-verity hashing of exactly the files the pull stores, with the
      code pycfs uses, on as many threads as the importer; and Debian's `fsverity digest`
   c  what a user without pycfs does: podman save --format oci-dir + pycfs oci pull oci:DIR
@@ -294,6 +295,17 @@ def pycfs_argv(bench: Lab, repo: Path, *args: str) -> list[str]:
     return [str(bench.user.python), "-m", "pycfs.tools.cli", "--repo", str(repo), *args]
 
 
+def row_import_only(bench: Lab, runs: int) -> Row:
+    row = Row("a'", "  the same, --no-image (import only, no EROFS build)")
+    for _ in range(runs):
+        repo = fresh_dir(bench, "repo-a2") / "repo"
+        timed(pycfs_argv(bench, repo, "init"), bench.user)
+        row.samples.append(timed(pycfs_argv(bench, repo, "oci", "pull", "--no-image",
+                                            f"containers-storage:{IMAGE}", "bench"), bench.user)[0])
+    shutil.rmtree(bench.user.scratch / "repo-a2")
+    return row
+
+
 def row_cold_pull(bench: Lab, runs: int) -> tuple[Row, Row, dict]:
     cold = Row("a", "pycfs oci pull containers-storage: (cold)")
     rewarm = Row("e", "pycfs oci pull containers-storage: (warm re-pull)")
@@ -381,6 +393,7 @@ def report(rows: list[Row], bench: Lab, stats: dict, runs: int) -> dict:
                       human_size(r.disk_added) if r.disk_added is not None else "")
     ratios = {
         "a/b": by["a"].median / by["b"].median,
+        "a'/b": by["a'"].median / by["b"].median,
         "c/a": by["c"].median / by["a"].median,
         "disk(a)/image": (by["a"].disk_added or 0) / bench.image_bytes,
         "hash MiB/s (pycfs)": bench.file_bytes / by["b"].median / MIB,
@@ -424,10 +437,11 @@ def main(argv: list[str] | None = None) -> int:
         warm(bench.files)
         print(f"bench: {args.runs} runs per row...", file=sys.stderr)
         cold, rewarm, stats = row_cold_pull(bench, args.runs)
+        import_only = row_import_only(bench, args.runs)
         ours, theirs = row_hashing(bench, args.runs)
         save = row_save_then_pull(bench, args.runs)
         mkcfs = row_mkcomposefs(bench, args.runs)
-        figures = report([cold, ours, theirs, save, mkcfs, rewarm], bench, stats, args.runs)
+        figures = report([cold, import_only, ours, theirs, save, mkcfs, rewarm], bench, stats, args.runs)
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     finally:

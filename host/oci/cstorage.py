@@ -22,6 +22,7 @@ import errno
 import hashlib
 import os
 import stat
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -48,6 +49,7 @@ _DENIED = (errno.EACCES, errno.EPERM)
 _HASH_PIECE = 1 << 20
 BATCH_FILES = 64  # files per worker-thread trip ...
 BATCH_BYTES = 4 << 20  # ... or this much content, whichever comes first
+_SWITCH_INTERVAL = 0.0002
 HELPER_BATCH = 128  # paths per helper call: bounded by the helper client's fd budget
 
 
@@ -563,6 +565,29 @@ async def pull_image(
     limiter: trio.CapacityLimiter | None = None,
 ) -> PullResult:
     """Import image `ref` from containers-storage; tag it `tag` (None: no tag)."""
+    # Workers alternate short syscalls and hashing, each releasing the GIL; a shorter switch
+    # interval hands it over sooner (measured: 1.5 GB image, 17k files, cold import 3.4-4.1 s
+    # -> 2.9-3.1 s on 2 cores). Restored afterwards: it is process-wide.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(_SWITCH_INTERVAL)
+    try:
+        return await _pull_image(repo, storage, ref, tag, verify_diffid=verify_diffid, helper=helper,
+                                 progress=progress, limiter=limiter)
+    finally:
+        sys.setswitchinterval(interval)
+
+
+async def _pull_image(
+    repo: Repository,
+    storage: Storage,
+    ref: str,
+    tag: str | None,
+    *,
+    verify_diffid: bool,
+    helper: HelperOpener | None,
+    progress: PullProgress | None,
+    limiter: trio.CapacityLimiter | None,
+) -> PullResult:
     started = time.monotonic()
     limiter = limiter or default_limiter()
     stats = ImportStats()

@@ -1,0 +1,138 @@
+"""Files the user cannot read arrive through the helper, reflinked, byte-exact; a helper
+that dies mid-import stops the pull cleanly and a re-run finishes it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import imagebuild
+from imagebuild import MIB, Dir, File, ImageSpec
+
+from pycfs.host.oci.layer import iter_layer_entries, layer_stream_name
+from pycfs.host.repository import Repository
+from pycfs.host.splitstream import CONTENT_OCI_LAYER
+from pycfs.host.tree import External, Inline
+
+# (path in the image, why the user cannot open it directly)
+RESTRICTIVE = {
+    b"/etc/shadow": "mode 0000",
+    b"/srv/shadow-hardlink": "hardlink to a mode 0000 file",
+    b"/home/user/secret.txt": "0600, owned by container uid 1000, in a 0700 directory",
+    b"/home/user/tiny": "small (inline) 0600 file of container uid 1000",
+    b"/srv/locked/readonly.bin": "0400 file in a 0000 directory",
+    b"/root/big-secret.bin": "0600 file over 100 MiB owned by container uid 1000",
+}
+
+
+def pull(user, repo: Path, ref: str, *extra: str) -> dict:
+    return json.loads(user.pycfs("--repo", repo, "oci", "pull", "--json", *extra, f"containers-storage:{ref}").stdout)
+
+
+def layer_contents(repo: Path, diff_id: str) -> dict[bytes, bytes]:
+    """As root: path -> content of every regular file in the layer stream (objects read back)."""
+    out = {}
+    with Repository.open(repo, writable=False) as r:
+        reader = r.open_stream(layer_stream_name(diff_id), CONTENT_OCI_LAYER)
+        for entry in iter_layer_entries(reader):
+            if isinstance(entry.item, External):
+                out[entry.path] = r.read_object(entry.item.id)
+            elif isinstance(entry.item, Inline):
+                out[entry.path] = entry.item.data
+    return out
+
+
+def diff_dir(user, ref: str) -> str:
+    layer = user.podman("image", "inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", ref).stdout.decode().strip()
+    assert layer, "no overlay upper dir for the image"
+    return layer
+
+
+def test_restrictive_files_are_reflinked_and_exact(xfs_podman_user, image_cache):
+    user = xfs_podman_user
+    image = image_cache.load(user, "restrictive")
+    repo = user.tmpdir("restrictive-") / "repo"  # on the XFS, like the storage
+    user.pycfs("--repo", repo, "init")
+    for path in RESTRICTIVE:  # the premise: the user really cannot read these
+        probe = user.run(["cat", diff_dir(user, image.ref) + os.fsdecode(path)], check=False)
+        assert probe.returncode != 0 and b"Permission denied" in probe.stderr, path
+    result = pull(user, repo, image.ref)
+    stats = result["stats"]
+    assert stats["objects_copied"] == 0 and stats["bytes_copied"] == 0, stats
+    assert stats["files_via_helper"] >= len(RESTRICTIVE) - 1, stats  # the hardlink's data is its target's
+    assert stats["bytes_reflinked"] >= 100 * MIB, stats
+    (diff_id,) = image.built.diff_ids
+    contents = layer_contents(repo, diff_id)
+    upper = diff_dir(user, image.ref)
+    for path, why in RESTRICTIVE.items():
+        if path == b"/srv/shadow-hardlink":
+            continue  # a tar hardlink entry carries no data; checked through its target
+        truth = user.unshare("cat", upper + os.fsdecode(path)).stdout
+        assert hashlib.sha256(contents[path]).digest() == hashlib.sha256(truth).digest(), (path, why)
+    inspected = user.pycfs("--repo", repo, "oci", "inspect", f"containers-storage:{image.ref}").stdout
+    assert "composefs.image.v1" in json.loads(inspected)["images"]
+
+
+def _helper_pids(uid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid == uid and b"pycfs.helper" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
+def many_restricted_files() -> ImageSpec:
+    """Enough unreadable files that the import needs the helper for many requests."""
+    layer = [Dir("home"), Dir("home/user", mode=0o700, uid=1000, gid=1000)]
+    layer += [File(f"home/user/f{i:04d}", size=4096 + i, seed=i, mode=0o600, uid=1000, gid=1000) for i in range(1500)]
+    return ImageSpec([layer])
+
+
+def test_helper_killed_mid_import(podman_user, shared_tmp_path):
+    user = podman_user
+    ref = "localhost/pycfs-helper-kill:latest"
+    built = imagebuild.build_layout(many_restricted_files(), shared_tmp_path / "layout")
+    imagebuild.load_into_storage(user, built.path, ref)
+    repo = user.tmpdir("kill-") / "repo"
+    user.pycfs("--repo", repo, "init")
+    before = set(_helper_pids(user.uid))
+    argv = [user.python, "-m", "pycfs.tools.cli", "--repo", repo, "oci", "pull", f"containers-storage:{ref}"]
+    proc = subprocess.Popen(list(map(str, argv)), cwd=user.home, env=user.environ(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, user=user.uid, group=user.gid, extra_groups=[])
+    try:
+        deadline = time.monotonic() + 60
+        while not (helpers := set(_helper_pids(user.uid)) - before):
+            assert proc.poll() is None, ("the pull ended before its helper started", proc.communicate())
+            assert time.monotonic() < deadline, "no helper started"
+            time.sleep(0.002)
+        (helper,) = helpers
+        os.kill(helper, signal.SIGSTOP)  # freeze it: the pull now waits on it, no race
+        assert proc.poll() is None, "the pull finished before the helper could be stopped"
+        os.kill(helper, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err.decode()
+    lines = err.decode().strip().splitlines()
+    assert lines[-1].startswith("pycfs: error:") and "helper" in lines[-1], lines[-1]
+    # nothing half-made is visible, the repository is consistent, and a re-run completes
+    assert not list((repo / "streams").glob("oci-layer-*")) if (repo / "streams").exists() else True
+    fsck = user.pycfs("--repo", repo, "fsck", "--json")
+    assert json.loads(fsck.stdout)["ok"] is True
+    result = json.loads(user.pycfs("--repo", repo, "oci", "pull", "--json", f"containers-storage:{ref}").stdout)
+    assert result["stats"]["files_via_helper"] == 1500
+    out = user.pycfs("--repo", repo, "cat", layer_stream_name(built.diff_ids[0]))
+    assert "sha256:" + hashlib.sha256(out.stdout).hexdigest() == built.diff_ids[0]
+    assert json.loads(user.pycfs("--repo", repo, "fsck", "--json").stdout)["ok"] is True
