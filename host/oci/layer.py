@@ -210,6 +210,8 @@ def split_tar(repo: Repository, f: BinaryIO, alg: str = "sha256") -> SplitLayer:
             stats.count("present" if present else "copied", entry.size)
             inline(reader.read_exact(entry.padded_size - entry.size, "padding"))
         else:
+            if entry.is_regular():
+                stats.files_inlined += 1
             remaining = entry.padded_size
             while remaining:
                 piece = reader.read_exact(min(remaining, _PIECE))
@@ -335,6 +337,9 @@ def iter_layer_entries(reader: SplitStreamReader) -> Iterator[LayerEntry]:
         entry = tar.next()
         if isinstance(entry, TarEnd):
             return
+        if entry.sparse:
+            raise TarError(f"tar entry {entry.path!r} is a GNU sparse file: the layer stream keeps it byte for "
+                           "byte, but composefs images cannot represent sparse tar entries yet")
         t = entry.typeflag
         content: bytes | None = None
         object_id: bytes | None = None

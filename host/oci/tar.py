@@ -296,8 +296,16 @@ class TarEntry:
     def mode(self) -> int:
         return self.header.mode
 
+    @property
+    def sparse(self) -> bool:
+        """A GNU sparse file (old `S` type, or PAX GNU.sparse.* records): its content on
+        tape is a sparse map plus data segments, not the file's bytes."""
+        return self.header.typeflag == GNUTYPE_SPARSE or any(k.startswith(b"GNU.sparse.") for k in self.pax)
+
     def is_regular(self) -> bool:
-        return self.header.typeflag in REGULAR_TYPES
+        """A plain regular file whose content on tape is the file's bytes. Sparse entries are
+        not: their bytes stay inline in a layer stream, so an object is always file content."""
+        return self.header.typeflag in REGULAR_TYPES and not self.sparse
 
     @property
     def padded_size(self) -> int:
@@ -393,8 +401,6 @@ class TarReader:
                 pending = True
                 if t == XHDTYPE:
                     for key, value in parse_pax(data, data_offset):
-                        if key.startswith(b"GNU.sparse."):
-                            raise TarError(f"tar: sparse file (PAX {key.decode()}) at offset {start} cannot be stored")
                         if key.startswith(b"SCHILY.xattr."):
                             xattrs[key[len(b"SCHILY.xattr.") :]] = value
                         else:
@@ -404,8 +410,6 @@ class TarReader:
                 else:
                     long_link = _cstr(data)
                 continue
-            if t == GNUTYPE_SPARSE:
-                raise TarError(f"tar: sparse file {hdr.name!r} at offset {block_offset} cannot be stored")
             return self._entry(hdr, bytes(raw), start, pax, xattrs, long_name, long_link)
 
     def _entry(self, hdr: TarHeader, raw: bytes, start: int, pax: dict[bytes, bytes], xattrs: dict[bytes, bytes],

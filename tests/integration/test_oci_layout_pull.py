@@ -366,18 +366,11 @@ def test_gnu_tar_cat_sha256(repo: Path, tmp_path: Path, opts: list[str]) -> None
 def test_cli_errors_are_one_line(repo: Path, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    with open(src / "sparse", "wb") as f:
-        f.truncate(4 << 20)
-        f.write(b"head")
-    sparse = subprocess.run(["tar", "-C", str(src), "-c", "--sparse", "--format=gnu", "."], check=True,
-                            capture_output=True).stdout
-    (src / "sparse").unlink()
     (src / "f").write_bytes(os.urandom(5000))
     good = subprocess.run(["tar", "-C", str(src), "-c", "."], check=True, capture_output=True).stdout
     bad_sum = bytearray(good)
     bad_sum[512 + 3] ^= 1
     cases = {
-        "sparse": (sparse, "sparse file b'./sparse' at offset 512 cannot be stored"),
         "truncated": (good[:2000], "truncated tar: entry content at offset 2000"),
         "checksum": (bytes(bad_sum), "bad tar header checksum at offset 512"),
         "gzip": (gzip.compress(good)[:-10], "corrupt gzip layer"),

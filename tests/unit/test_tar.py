@@ -343,11 +343,14 @@ def test_extension_without_entry_is_an_error() -> None:
         read_all(gnu_long_entry(b"x" * 200) + ZERO_BLOCK * 2)
 
 
-def test_sparse_entries_are_errors() -> None:
-    with pytest.raises(TarError, match="sparse file b'sp' at offset 0 cannot be stored"):
-        read_all(TarHeader(name=b"sp", typeflag=GNUTYPE_SPARSE, magic=MAGIC_GNU, version=VERSION_GNU).pack())
-    with pytest.raises(TarError, match=r"sparse file \(PAX GNU.sparse.major\)"):
-        read_all(pax_entry([(b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0")]) + simple_entry(b"a"))
+def test_sparse_entries_are_marked_not_regular() -> None:
+    old = read_all(TarHeader(name=b"sp", typeflag=GNUTYPE_SPARSE, magic=MAGIC_GNU, version=VERSION_GNU).pack())[0]
+    pax = read_all(pax_entry([(b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0")])
+                   + simple_entry(b"a", b"x" * 100))[0]
+    plain = read_all(simple_entry(b"b", b"x" * 100))[0]
+    assert (old.sparse, old.is_regular()) == (True, False)
+    assert (pax.sparse, pax.is_regular()) == (True, False)
+    assert (plain.sparse, plain.is_regular()) == (False, True)
 
 
 def test_oversized_extension_is_refused() -> None:
