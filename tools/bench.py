@@ -223,19 +223,7 @@ def set_up(scale: float) -> Lab:
 
 
 def _populate(xfs: Path, scale: float) -> Lab:
-    with lab.locked("users"):
-        pw = lab.ensure_user(USER)
-    lab.restart_pause(USER)
-    base = xfs / USER
-    for sub in ("", "storage", "work"):
-        (base / sub).mkdir(mode=0o700 if sub == "storage" else 0o755, exist_ok=True)
-        os.chown(base / sub, pw.pw_uid, pw.pw_gid)
-    conf = base / "storage.conf"
-    lab.write_as(conf, lab.storage_conf_text(base / "storage"), pw.pw_uid, pw.pw_gid)
-    user = lab.PodmanUser(pw.pw_name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir), base / "storage",
-                          lab.build_user_venv(), base / "work", conf,
-                          extra_env={"CONTAINERS_STORAGE_CONF": str(conf)})
-    lab.check_overlay(user)
+    user = lab.user_on(xfs, USER, lab.build_user_venv())
 
     spec = workload(scale)
     image_bytes = image_file_bytes(spec)

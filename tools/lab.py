@@ -360,6 +360,29 @@ def sweep_stale() -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def user_on(mount: Path, name: str, python: Path) -> PodmanUser:
+    """User `name` whose containers-storage graphroot and scratch space live on `mount`
+    (e.g. a reflink XFS), through a storage.conf passed as CONTAINERS_STORAGE_CONF, so
+    concurrent runs, each with its own mount, do not collide."""
+    with locked("users"):
+        pw = ensure_user(name)
+    # Its podman pause process holds a mount namespace from before `mount` existed.
+    restart_pause(name)
+    base = mount / name
+    for sub in ("", "storage", "scratch"):
+        (base / sub).mkdir(mode=0o700 if sub == "storage" else 0o755, exist_ok=True)
+        os.chown(base / sub, pw.pw_uid, pw.pw_gid)
+    # (runroot stays the user's default /run/user/UID/containers.)
+    conf = base / "storage.conf"
+    write_as(conf, storage_conf_text(base / "storage"), pw.pw_uid, pw.pw_gid)
+    # For podman run without that variable (by hand): still overlay, never vfs.
+    write_as(Path(pw.pw_dir) / ".config/containers/storage.conf", storage_conf_text(), pw.pw_uid, pw.pw_gid)
+    user = PodmanUser(pw.pw_name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir), base / "storage", python,
+                      base / "scratch", conf, extra_env={"CONTAINERS_STORAGE_CONF": str(conf)})
+    check_overlay(user)
+    return user
+
+
 def mount_xfs(prefix: str, size: int) -> Path:
     """A fresh sparse image file formatted `mkfs.xfs -m reflink=1`, loop-mounted on a new
     0755 directory LAB_ROOT/<prefix>-<pid>-XXXX (the name lets sweep_stale() find leftovers)."""

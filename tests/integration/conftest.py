@@ -101,8 +101,7 @@ def podman_user(session_dir, user_python) -> lab.PodmanUser:
 def xfs_mount(session_dir) -> Path:
     _require_tools("mkfs.xfs", "mount", "umount", "losetup")
     mnt = lab.mount_xfs("xfs", XFS_SIZE)
-    for name in (USER_NAME, XFS_USER_NAME):
-        lab.restart_pause(name)
+    lab.restart_pause(USER_NAME)  # so its podman sees the new mount (lab.user_on does the XFS user's)
     yield mnt
     lab.unmount_xfs(mnt)
 
@@ -119,23 +118,7 @@ def reflink_dir(xfs_mount) -> Path:
 @pytest.fixture(scope="session")
 def xfs_podman_user(xfs_mount, user_python) -> lab.PodmanUser:
     _require_tools("podman", "skopeo", "runuser", "newuidmap")
-    with lab.locked("users"):
-        pw = lab.ensure_user(XFS_USER_NAME)
-    base = xfs_mount / pw.pw_name
-    for sub in ("", "storage", "scratch"):
-        (base / sub).mkdir(mode=0o700 if sub == "storage" else 0o755, exist_ok=True)
-        os.chown(base / sub, pw.pw_uid, pw.pw_gid)
-    # A per-session storage.conf passed by env, not ~/.config: concurrent sessions each
-    # have their own XFS.  (runroot stays the user's default /run/user/UID/containers.)
-    conf = base / "storage.conf"
-    lab.write_as(conf, lab.storage_conf_text(base / "storage"), pw.pw_uid, pw.pw_gid)
-    # For podman run without that variable (by hand): still overlay, never vfs.
-    lab.write_as(Path(pw.pw_dir) / ".config/containers/storage.conf", lab.storage_conf_text(),
-              pw.pw_uid, pw.pw_gid)
-    user = lab.PodmanUser(pw.pw_name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir), base / "storage",
-                      user_python, base / "scratch", conf,
-                      extra_env={"CONTAINERS_STORAGE_CONF": str(conf)})
-    lab.check_overlay(user)
+    user = lab.user_on(xfs_mount, XFS_USER_NAME, user_python)
     yield user
     # Its pause process's mount namespace would keep the XFS busy.
     lab.restart_pause(user.name)
