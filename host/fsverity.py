@@ -28,9 +28,14 @@ DIGEST_SIZES = {"sha256": 32, "sha512": 64}
 _DESCRIPTOR = struct.Struct("<BBBB4xQ64s32x144x")
 
 
-def _hash_blocks(hash_fn, data: memoryview) -> bytes:
-    """Concatenated digests of consecutive full blocks of data (len a multiple of BLOCK_SIZE)."""
-    return b"".join([hash_fn(data[i : i + BLOCK_SIZE]).digest() for i in range(0, len(data), BLOCK_SIZE)])
+def _level(hash_fn, data: memoryview | bytes) -> bytes:
+    """The digests of data's 4096-byte blocks, concatenated (a short last block is zero-padded)."""
+    n = len(data)
+    full = n - n % BLOCK_SIZE
+    parts = [hash_fn(data[i : i + BLOCK_SIZE]).digest() for i in range(0, full, BLOCK_SIZE)]
+    if full < n:
+        parts.append(hash_fn(bytes(data[full:]).ljust(BLOCK_SIZE, b"\0")).digest())
+    return b"".join(parts)
 
 
 class VerityHasher:
@@ -62,7 +67,7 @@ class VerityHasher:
             self._partial.clear()
         full = len(mv) - len(mv) % BLOCK_SIZE
         if full:
-            self._push(0, _hash_blocks(self._hash, mv[:full]))
+            self._push(0, _level(self._hash, mv[:full]))
         if full < len(mv):
             self._partial += mv[full:]
 
@@ -75,7 +80,7 @@ class VerityHasher:
         self._counts[level] += len(digests) // self._size_d
         if len(pending) >= BLOCK_SIZE:
             full = len(pending) - len(pending) % BLOCK_SIZE
-            upper = _hash_blocks(self._hash, memoryview(pending)[:full])
+            upper = _level(self._hash, memoryview(pending)[:full])
             del pending[:full]
             self._push(level + 1, upper)
 
@@ -83,7 +88,7 @@ class VerityHasher:
         if self._size == 0:
             return bytes(self._size_d)
         if self._partial:
-            self._push(0, self._hash(self._partial.ljust(BLOCK_SIZE, b"\0")).digest())
+            self._push(0, _level(self._hash, self._partial))
             self._partial.clear()
         level = 0
         while True:
@@ -92,24 +97,14 @@ class VerityHasher:
                 return bytes(self._levels[level][: self._size_d])
             pending = self._levels[level]
             if pending:
-                block = pending.ljust(BLOCK_SIZE, b"\0")
+                upper = _level(self._hash, pending)
                 pending.clear()
-                self._push(level + 1, self._hash(block).digest())
+                self._push(level + 1, upper)
             level += 1
 
     def digest(self) -> bytes:
         descriptor = _DESCRIPTOR.pack(1, HASH_ALG_IDS[self.alg], LOG_BLOCK_SIZE, 0, self._size, self.root_hash())
         return self._hash(descriptor).digest()
-
-
-def _level(hash_fn, data: memoryview | bytes) -> bytes:
-    """One tree level: the digests of data's blocks, the last one zero-padded."""
-    n = len(data)
-    full = n - n % BLOCK_SIZE
-    parts = [hash_fn(data[i : i + BLOCK_SIZE]).digest() for i in range(0, full, BLOCK_SIZE)]
-    if full < n:
-        parts.append(hash_fn(bytes(data[full:]).ljust(BLOCK_SIZE, b"\0")).digest())
-    return b"".join(parts)
 
 
 def digest_bytes(data: bytes | bytearray | memoryview, alg: str = "sha256") -> bytes:
