@@ -21,24 +21,14 @@ import errno
 import os
 import socket
 import stat
-import sys
-from dataclasses import dataclass, field
 from typing import Any
 
-from jsonrpcserver import Error, InvalidParams, Result, Success, dispatch_to_serializable
+from jsonrpcserver import Error, InvalidParams, Result, Success
 
 from pycfs.host.syscalls import RESOLVE_CONFINED, openat2
 from pycfs.protocol import helper_api as api
-from pycfs.protocol.fdpass import FdPassError, close_fds, recv_with_fds, send_with_fds
-from pycfs.protocol.jsonrpc import Decoder, Message, ProtocolError, encode
-
-@dataclass
-class _Call:
-    """Per-request context: fds opened for the response, and whether to stop afterwards."""
-
-    fds: list[int] = field(default_factory=list)
-    stop: bool = False
-
+from pycfs.protocol import rpcserver
+from pycfs.protocol.rpcserver import Call
 
 def _refused(refusal: api.Refusal) -> dict[str, Any]:
     # No name in the message: the host knows it by position, and echoing long names could
@@ -75,7 +65,7 @@ class HelperService:
     def methods(self) -> dict[str, Any]:
         return {api.HELLO: self.hello, api.OPEN_FILES: self.open_files, api.SHUTDOWN: self.shutdown}
 
-    def hello(self, call: _Call) -> Result:
+    def hello(self, call: Call) -> Result:
         return Success(
             {
                 "version": api.PROTOCOL_VERSION,
@@ -89,11 +79,11 @@ class HelperService:
             }
         )
 
-    def shutdown(self, call: _Call) -> Result:
+    def shutdown(self, call: Call) -> Result:
         call.stop = True
         return Success(None)
 
-    def open_files(self, call: _Call, layer: Any, paths: Any) -> Result:
+    def open_files(self, call: Call, layer: Any, paths: Any) -> Result:
         if not api.is_layer_id(layer):
             return InvalidParams("layer must be a layer id of 64 lowercase hex digits")
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
@@ -108,7 +98,7 @@ class HelperService:
                 return Error(api.ERR_UNKNOWN_LAYER, f"unknown layer {layer}: no {where} in the storage")
             return Error(api.ERR_LAYER_UNREADABLE, f"cannot open {where}: {os.strerror(e.errno or 0)}")
         try:
-            results = [self._open_one(layer_fd, p, call.fds) for p in paths]
+            results = [self._open_one(layer_fd, p, call.out_fds) for p in paths]
         finally:
             os.close(layer_fd)
         return Success({"results": results})
@@ -163,58 +153,6 @@ class HelperService:
         return {"errno": code, "reason": api.OPEN_FAILED, "message": os.strerror(code)}
 
 
-def handle(service: HelperService, msg: Message) -> tuple[dict[str, Any] | None, list[int], bool]:
-    """Dispatch one request: (response or None for a notification, fds to send, stop?).
-
-    The fds belong to the caller, which must close them after sending; they are only
-    returned with a success response.
-    """
-    msg.close()  # requests carry no fds; the decoder already refuses any
-    request = {k: v for k, v in msg.obj.items() if k != "fds"}
-    call = _Call()
-    try:
-        # The framing layer already parsed the JSON: hand jsonrpcserver the object itself.
-        response = dispatch_to_serializable("", methods=service.methods(), context=call, deserializer=lambda _s: request)
-    except BaseException:
-        close_fds(call.fds)
-        raise
-    if response is None or "error" in response:
-        close_fds(call.fds)
-        call.fds = []
-    return response, call.fds, call.stop
-
-
 def serve(sock: socket.socket, service: HelperService) -> int:
     """Answer requests on ``sock`` until EOF or ``shutdown``; the process exit status."""
-    decoder = Decoder(api.MAX_MESSAGE_BYTES, max_fds=0)
-    try:
-        while True:
-            data, fds = recv_with_fds(sock)
-            if data or fds:
-                decoder.feed(data, fds)
-            else:
-                decoder.feed_eof()
-            while (msg := decoder.next_message()) is not None:
-                response, out_fds, stop = handle(service, msg)
-                try:
-                    if response is not None:
-                        send_with_fds(sock, encode(response, len(out_fds), api.MAX_MESSAGE_BYTES), out_fds)
-                finally:
-                    close_fds(out_fds)
-                if stop:
-                    return 0
-            if not data:
-                return 0
-    except (ProtocolError, FdPassError) as e:
-        print(f"pycfs-helper: protocol error from the host: {e}", file=sys.stderr)
-        try:
-            reply = {"jsonrpc": "2.0", "error": {"code": e.code, "message": str(e)}, "id": None}
-            send_with_fds(sock, encode(reply))
-        except OSError:
-            pass
-        return 3
-    except (BrokenPipeError, ConnectionResetError):
-        print("pycfs-helper: the host closed the connection mid-reply", file=sys.stderr)
-        return 1
-    finally:
-        decoder.close()
+    return rpcserver.serve(sock, service.methods(), name="pycfs-helper", max_message=api.MAX_MESSAGE_BYTES, max_fds=0)

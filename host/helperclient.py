@@ -57,6 +57,7 @@ from typing import Any
 
 import trio
 
+from pycfs.host.childoutput import ChildOutput
 from pycfs.host.errors import PycfsError
 from pycfs.protocol import helper_api as api
 from pycfs.protocol.fdpass import FdPassError, arecv_with_fds, asend_with_fds, close_fds
@@ -65,7 +66,6 @@ from pycfs.protocol.jsonrpc import Decoder, Message, ProtocolError, encode
 POLICIES = ("auto", "always", "never")
 HELLO_TIMEOUT = 60.0  # podman's first run in a session may have to set up its pause process
 EXIT_GRACE = 5.0
-OUTPUT_TAIL = 2048
 
 _UNSHARE_ADVICE = (
     "the helper needs a local rootless podman whose `podman unshare` works for your user "
@@ -163,7 +163,7 @@ class HelperClient:
         self._start_lock = trio.Lock()
         self._next_id = 0
         self._failure: PycfsError | None = None
-        self._output_fd: int | None = None  # memfd collecting podman's and the helper's output
+        self._output: ChildOutput | None = None  # what podman and the helper print
         self._handed_out: set[int] = set()
 
     # -- lifecycle --
@@ -234,15 +234,13 @@ class HelperClient:
             "--storage-root", str(self.storage_root), "--driver", self.driver,
         ]  # fmt: skip
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Output goes to a memfd rather than a pipe: nothing has to keep draining it, and
-        # its tail is there to quote when something fails.
-        self._output_fd = os.memfd_create("pycfs-helper-output", os.MFD_CLOEXEC)
+        self._output = ChildOutput("pycfs-helper-output")
         try:
             # cwd "/": `python -m` puts the cwd on sys.path, which must not shadow pycfs.
             # A session of its own: a terminal's Ctrl-C reaches only the host, which then
             # shuts the helper down in order.
             self._proc = await trio.lowlevel.open_process(
-                cmd, stdin=child.fileno(), stdout=self._output_fd, stderr=self._output_fd, cwd="/",
+                cmd, stdin=child.fileno(), stdout=self._output.fd, stderr=self._output.fd, cwd="/",
                 start_new_session=True,
             )  # fmt: skip
         except FileNotFoundError:
@@ -281,21 +279,13 @@ class HelperClient:
         self.info = info
 
     def _close_output(self) -> None:
-        if self._output_fd is not None:
-            os.close(self._output_fd)
-            self._output_fd = None
+        if self._output is not None:
+            self._output.close()
+            self._output = None
 
     def _tail_note(self) -> str:
         """The end of what podman and the helper printed, as one line."""
-        if self._output_fd is None:
-            return ""
-        size = os.fstat(self._output_fd).st_size
-        tail = os.pread(self._output_fd, OUTPUT_TAIL, max(0, size - OUTPUT_TAIL))
-        text = tail.decode("utf-8", "replace").strip()
-        if not text:
-            return ""
-        # One line, as PycfsError messages are.
-        return "; its last output: " + " | ".join(line.strip() for line in text.splitlines() if line.strip())
+        return self._output.note() if self._output is not None else ""
 
     async def _kill(self) -> None:
         proc = self._proc

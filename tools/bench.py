@@ -8,7 +8,7 @@ into that storage. Rows, each the median of --runs with min and max:
   a  pycfs oci pull containers-storage:IMAGE, cold (empty repository)
   a' the same with --no-image: the import alone, without writing the EROFS image
   b  the physical limit: fs-verity hashing of exactly the files the pull stores, with the
-     code pycfs uses, on as many threads as the importer; and Debian's `fsverity digest`
+     code pycfs uses (its object worker processes, one per core); and Debian's `fsverity digest`
   c  what a user without pycfs does: podman save --format oci-dir + pycfs oci pull oci:DIR
   d  C mkcomposefs --digest-store over the merged rootfs (when installed)
   e  warm re-pull (everything already in the repository)
@@ -36,8 +36,8 @@ from pathlib import Path
 
 import trio
 
-from pycfs.host.fsverity import digest_fd
-from pycfs.host.oci.cstorage import BATCH_FILES, default_limiter
+from pycfs.host.oci.cstorage import BATCH_FILES
+from pycfs.host.workers.pool import open_pool
 from pycfs.host.oci.result import human_size
 from pycfs.tools import lab
 from pycfs.tools.ocibuild import MIB, Dir, File, Hardlink, ImageSpec, Symlink, build_layout, load_into_storage
@@ -169,28 +169,31 @@ def warm(paths: list[str]) -> None:
 
 
 async def hash_files(paths: list[str]) -> None:
-    """digest_fd over every path, in batches on the importer's number of worker threads,
-    as the importer hashes (BATCH_FILES per thread trip, so trio round trips do not dominate)."""
+    """The object workers' digest of every path, in the importer's batches and pipelining:
+    files opened in a thread, their fds handed to the pool, two batches per worker."""
     send, receive = trio.open_memory_channel(0)
 
-    def batch(chunk: list[str]) -> None:
-        for path in chunk:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                digest_fd(fd, "sha256", os.fstat(fd).st_size)  # as the importer calls it
-            finally:
-                os.close(fd)
+    def open_all(chunk: list[str]) -> tuple[list[int], list[int]]:
+        fds = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for path in chunk]
+        return fds, [os.fstat(fd).st_size for fd in fds]
 
-    async def worker() -> None:
-        async for chunk in receive:
-            await trio.to_thread.run_sync(batch, chunk)
+    async with open_pool(alg="sha256") as pool:
 
-    async with trio.open_nursery() as nursery:
-        for _ in range(int(default_limiter().total_tokens)):
-            nursery.start_soon(worker)
-        async with send:
-            for i in range(0, len(paths), BATCH_FILES):
-                await send.send(paths[i : i + BATCH_FILES])
+        async def coordinate() -> None:
+            async for chunk in receive:
+                fds, sizes = await trio.to_thread.run_sync(open_all, chunk)
+                try:
+                    await pool.digest(fds, sizes)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(2 * pool.jobs):
+                nursery.start_soon(coordinate)
+            async with send:
+                for i in range(0, len(paths), BATCH_FILES):
+                    await send.send(paths[i : i + BATCH_FILES])
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,7 +320,7 @@ def row_cold_pull(bench: Lab, runs: int) -> tuple[Row, Row, dict]:
 
 
 def row_hashing(bench: Lab, runs: int) -> tuple[Row, Row]:
-    ours = Row("b", "fs-verity hashing of the same files (pycfs code, importer's threads)")
+    ours = Row("b", "fs-verity hashing of the same files (pycfs object workers)")
     theirs = Row("b'", "fs-verity hashing, Debian `fsverity digest` (2 processes)")
     with tempfile.NamedTemporaryFile("w", suffix=".list", delete=False) as f:
         f.write("\n".join(bench.files) + "\n")

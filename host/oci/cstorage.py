@@ -2,9 +2,15 @@
 
 Per layer not yet in the repository (`streams/oci-layer-<diff_id>` absent) the layer tar is
 rebuilt from its tar-split: segment bytes go inline; each file's content is taken from the
-layer directory, files over 64 bytes stored as objects with `store_object_from_fd` (FICLONE
-when the filesystems allow: no data copied), smaller ones inline. That is the same cut as
-the tar import path, so both give identical layer streams.
+layer directory, files over 64 bytes stored as objects (FICLONE when the filesystems allow:
+no data copied), smaller ones inline. That is the same cut as the tar import path, so both
+give identical layer streams.
+
+The host opens the files (threads) and passes their fds to object worker processes
+(`pycfs.host.workers`), which hash and store them: one per core, as hashing in threads of
+one process is capped by the GIL. A layer's tar-split is read while the layer before it
+imports, and with `parse_layers` each imported layer is parsed for the image build while
+the next one imports.
 
 Files are opened beneath the layer directory with openat2 (RESOLVE_CONFINED, O_NOFOLLOW):
 nothing a tar-split names can lead outside it. A file the user may not open (owned by a
@@ -18,12 +24,10 @@ stored, so `podman rmi` waits for us instead of deleting what we read.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
 import stat
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -35,13 +39,16 @@ import trio
 from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import parse_object
+from pycfs.host.nursery import open_nursery
 from pycfs.host.oci import streams
+from pycfs.host.oci.image import parse_layer
 from pycfs.host.oci.result import ImportStats, PullResult
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.storage.locks import ReadLocks
 from pycfs.host.storage.store import ImageLayer, ImageRecord, Storage, Store, StorageError
 from pycfs.host.storage.tarsplit import FileEntry, Segment, check_name, crc64_iso, read_entries
+from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
 
 INLINE_CONTENT_MAX = 64  # format constant shared with the tar path: larger files are objects
 _METACOPY_XATTRS = ("user.overlay.metacopy", "trusted.overlay.metacopy")
@@ -50,7 +57,6 @@ _DENIED = (errno.EACCES, errno.EPERM)
 _HASH_PIECE = 1 << 20
 BATCH_FILES = 64  # files per worker-thread trip ...
 BATCH_BYTES = 4 << 20  # ... or this much content, whichever comes first
-_SWITCH_INTERVAL = 0.0002
 HELPER_BATCH = 128  # paths per helper call: bounded by the helper client's fd budget
 
 
@@ -243,36 +249,6 @@ def _read_small(fd: int, entry: FileEntry, files: LayerFiles, st: os.stat_result
 # ---- one layer ------------------------------------------------------------------------
 
 
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    """The error to report from a nursery's group: the first real failure, not a cancellation."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(group)
-    return next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
-
-
-class _Nursery:
-    """A nursery whose failure is its first task's exception, so callers see a PycfsError."""
-
-    async def __aenter__(self) -> trio.Nursery:
-        self._cm = trio.open_nursery()
-        return await self._cm.__aenter__()
-
-    async def __aexit__(self, *exc) -> bool:
-        try:
-            return await self._cm.__aexit__(*exc)
-        except BaseExceptionGroup as group:
-            first = _first_error(group)
-            raise first from None
-
-
 class LayerImport:
     """Rebuild one layer from tar-split + layer files into `oci-layer-<diff_id>`."""
 
@@ -282,11 +258,13 @@ class LayerImport:
         layer: ImageLayer,
         stats: ImportStats,
         limiter: trio.CapacityLimiter,
+        pool: WorkerPool,
         helper: FdOpener | None,
         progress: PullProgress | None,
         verify_diffid: bool,
     ) -> None:
         self.repo = repo
+        self.pool = pool
         self.layer = layer
         self.stats = stats
         self.limiter = limiter
@@ -301,52 +279,74 @@ class LayerImport:
         if self.progress is not None and nbytes:
             self.progress.advance(self.layer.diff_id, nbytes)
 
-    def _take(self, entry: FileEntry, fd: int, st: os.stat_result,
-              close: bool = True) -> bytes | tuple[bytes, int, str]:
-        """Worker thread: the content of one open file (inline bytes or a stored object)."""
+    def _open_batch(self, batch: list[tuple[int, FileEntry]]) -> list[bytes | int | None]:
+        """Worker thread: per file, its bytes (small files, read here), an open fd (to store),
+        or None (the helper must open it). On error every fd opened so far is closed."""
+        out: list[bytes | int | None] = []
         try:
-            if entry.size <= INLINE_CONTENT_MAX:
-                return _read_small(fd, entry, self.files, st)
-            _check_fd(fd, entry, self.files, st)
-            result = self.repo.store_object_from_fd(fd, st)
-        finally:
-            if close:
+            for _, entry in batch:
+                try:
+                    fd, st = self.files.open(entry.relpath, entry.size)
+                except _Denied:
+                    out.append(None)
+                    continue
+                out.append(self._inline_or_fd(entry, fd, st))
+        except BaseException:
+            for item in out:
+                if isinstance(item, int):
+                    os.close(item)
+            raise
+        return out
+
+    def _inline_or_fd(self, entry: FileEntry, fd: int, st: os.stat_result, owned: bool = True) -> bytes | int:
+        """Small files become their bytes (fd closed when owned); larger ones keep the fd."""
+        try:
+            data = _read_small(fd, entry, self.files, st) if entry.size <= INLINE_CONTENT_MAX else None
+            if data is None:
+                _check_fd(fd, entry, self.files, st)
+        except BaseException:
+            if owned:
                 os.close(fd)
-        if result.size != entry.size:
-            raise PycfsError(f"{self.files.describe(entry.relpath)} changed size while it was stored")
-        return result.object_id, result.size, result.how
+            raise
+        if data is None:
+            return fd
+        if owned:
+            os.close(fd)
+        return data
 
-    def _open_and_take(self, entry: FileEntry) -> bytes | tuple[bytes, int, str] | None:
-        """Worker thread: None when the file must go to the helper."""
-        try:
-            fd, st = self.files.open(entry.relpath, entry.size)
-        except _Denied:
-            return None
-        return self._take(entry, fd, st)
-
-    def _open_and_take_all(self, batch: list[tuple[int, FileEntry]]) -> list[bytes | tuple[bytes, int, str] | None]:
-        return [self._open_and_take(entry) for _, entry in batch]
-
-    def _record(self, index: int, entry: FileEntry, taken: bytes | tuple[bytes, int, str], via_helper: bool) -> None:
-        if isinstance(taken, bytes):
-            self.content[index] = taken
-        else:
-            object_id, size, how = taken
-            self.content[index] = (object_id, size)
-            self.stats.count(how, size)
+    async def _store(self, items: list[tuple[int, FileEntry, bytes | int]], via_helper: bool) -> None:
+        """Record inline bytes; send the fds to the object workers and record what they stored."""
+        sent = [(index, entry, fd) for index, entry, fd in items if isinstance(fd, int)]
+        results = await self.pool.store([fd for _, _, fd in sent], [entry.size for _, entry, _ in sent])
+        for index, entry, data in items:
+            if isinstance(data, bytes):
+                self.content[index] = data
+        for (index, entry, _), result in zip(sent, results):
+            if isinstance(result, Failed):
+                raise PycfsError(f"cannot store {self.files.describe(entry.relpath)}: {result.message}")
+            self.content[index] = (result.object_id, entry.size)
+            self.stats.count(result.how, entry.size)
         if via_helper:
-            self.stats.files_via_helper += 1
-        self._advance(entry.size)
+            self.stats.files_via_helper += len(items)
+        self._advance(sum(entry.size for _, entry, _ in items))
 
-    async def _worker(self, batches: Iterator[list[tuple[int, FileEntry]]]) -> None:
+    async def _coordinate(self, batches: Iterator[list[tuple[int, FileEntry]]]) -> None:
+        """Open a batch (in a thread), hand its fds to the object workers, record; repeat."""
         for batch in batches:
             async with self.limiter:
-                taken = await trio.to_thread.run_sync(self._open_and_take_all, batch)
-            for (index, entry), got in zip(batch, taken):
+                opened = await trio.to_thread.run_sync(self._open_batch, batch)
+            items = []
+            for (index, entry), got in zip(batch, opened):
                 if got is None:
                     self.denied.append(index)
                 else:
-                    self._record(index, entry, got, via_helper=False)
+                    items.append((index, entry, got))
+            try:
+                await self._store(items, via_helper=False)
+            finally:
+                for _, _, got in items:
+                    if isinstance(got, int):
+                        os.close(got)
 
     async def _via_helper(self, entries: list) -> None:
         """Files the user may not open: the helper opens them in the user namespace and passes fds."""
@@ -398,23 +398,16 @@ class LayerImport:
                 if LayerFiles.metacopy_lookup(res, st, entry.size, entry.relpath) is not None:
                     give_back(res)
                     still.append(index)  # a stub: its data is in a lower layer
-                else:
-                    ready.append((index, entry, res, st))
-            async with _Nursery() as nursery:
-                for index, entry, fd, st in ready:
-                    nursery.start_soon(self._store_helper_fd, index, entry, fd, st, give_back)
+                    continue
+                data = self._inline_or_fd(entry, res, st, owned=False)
+                if isinstance(data, bytes):
+                    give_back(res)
+                ready.append((index, entry, data))
+            await self._store(ready, via_helper=True)
         finally:
             for fd in list(unreleased):
-                give_back(fd)
+                give_back(fd)  # closed right after storing: the helper's fd budget is finite
         return still
-
-    async def _store_helper_fd(self, index: int, entry: FileEntry, fd: int, st: os.stat_result, give_back) -> None:
-        try:
-            async with self.limiter:
-                taken = await trio.to_thread.run_sync(self._take, entry, fd, st, False)
-        finally:
-            give_back(fd)  # closed right after storing: the helper's fd budget is finite
-        self._record(index, entry, taken, via_helper=True)
 
     def _write(self, entries: list) -> tuple[bytes, int, int]:
         """Worker thread: assemble the splitstream (and re-hash it if asked), then commit.
@@ -470,21 +463,19 @@ class LayerImport:
         finally:
             os.close(fd)
 
-    async def run(self) -> bytes:
-        store, rec = self.layer.store, self.layer.layer
-        path = store.tar_split_path(rec.id)
-        if not path.exists():
-            raise StorageError(f"layer {rec.id[:12]} has no tar-split ({path}): it cannot be rebuilt byte-exact")
-        entries = await trio.to_thread.run_sync(read_entries, str(path), limiter=self.limiter)
+    async def run(self, entries: list[FileEntry | Segment]) -> bytes:
+        """Import the layer whose tar-split `read_layer_tarsplit` read; returns the stream id."""
+        rec = self.layer.layer
         if self.progress is not None:
             total = rec.diff_size or sum(e.size if isinstance(e, FileEntry) else len(e.data) for e in entries)
             self.progress.layer_started(self.layer.diff_id, total)
             self._advance(sum(len(e.data) for e in entries if isinstance(e, Segment)))
         work = _batches((i, e) for i, e in enumerate(entries) if isinstance(e, FileEntry) and e.size > 0)
         try:
-            async with _Nursery() as nursery:
-                for _ in range(int(self.limiter.total_tokens)):
-                    nursery.start_soon(self._worker, work)
+            async with open_nursery() as nursery:
+                # Two batches per worker process: one being hashed, the next queued behind it.
+                for _ in range(4 * self.pool.jobs):
+                    nursery.start_soon(self._coordinate, work)
             await self._via_helper(entries)
         finally:
             self.files.close()
@@ -492,6 +483,38 @@ class LayerImport:
         self.stats.bytes_inlined += inlined
         self.stats.files_inlined += inlined_files
         return stream_id
+
+
+def read_layer_tarsplit(layer: ImageLayer) -> list[FileEntry | Segment]:
+    """The layer's tar-split entries (blocking: run it in a thread)."""
+    path = layer.store.tar_split_path(layer.layer.id)
+    if not path.exists():
+        raise StorageError(f"layer {layer.layer.id[:12]} has no tar-split ({path}): it cannot be rebuilt byte-exact")
+    return read_entries(str(path))
+
+
+class _InBackground:
+    """A blocking call run in a thread by a background task; `result()` waits for it and
+    raises what it raised, so a failure surfaces where the value is used."""
+
+    def __init__(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter, fn, *args) -> None:
+        self._done = trio.Event()
+        self._value = self._error = None
+        nursery.start_soon(self._run, limiter, fn, args)
+
+    async def _run(self, limiter: trio.CapacityLimiter, fn, args: tuple) -> None:
+        try:
+            self._value = await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+        except Exception as e:  # noqa: BLE001 (handed to whoever waits for the value)
+            self._error = e
+        finally:
+            self._done.set()
+
+    async def result(self):
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _batches(items: Iterable[tuple[int, FileEntry]]) -> Iterator[list[tuple[int, FileEntry]]]:
@@ -548,23 +571,9 @@ class _HelperGate:
 
 
 def default_limiter() -> trio.CapacityLimiter:
-    """One worker thread per core. Hashing releases the GIL only per 4 KiB block, so more
-    threads than cores just queue for the GIL (measured on 2 cores, 1.5 GB image:
-    2 threads 1012 MiB/s, 4 threads 714 MiB/s)."""
+    """Threads for opening files and parsing tar-split (hashing is in worker processes):
+    one per core, as their work is mostly Python holding the GIL."""
     return trio.CapacityLimiter(max(2, os.cpu_count() or 1))
-
-
-@contextlib.contextmanager
-def _short_gil_switch_interval() -> Iterator[None]:
-    """Workers alternate short syscalls and hashing, each releasing the GIL; a shorter switch
-    interval hands it over sooner (measured: 1.5 GB image, 17k files, cold import 3.4-4.1 s
-    -> 2.9-3.1 s on 2 cores). Restored afterwards: it is process-wide."""
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(_SWITCH_INTERVAL)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(interval)
 
 
 async def pull_image(
@@ -577,48 +586,80 @@ async def pull_image(
     helper: HelperOpener | None = None,
     progress: PullProgress | None = None,
     limiter: trio.CapacityLimiter | None = None,
+    jobs: int | None = None,
+    parse_layers: bool = False,
 ) -> PullResult:
-    """Import image `ref` from containers-storage; tag it `tag` (None: no tag)."""
-    with _short_gil_switch_interval():
-        started = time.monotonic()
-        limiter = limiter or default_limiter()
-        stats = ImportStats()
-        locks = ReadLocks([(p, s.read_only) for s in storage.stores for p in s.lock_paths()])
-        layer_streams: list[tuple[str, bytes]] = []
+    """Import image `ref` from containers-storage; tag it `tag` (None: no tag). ``jobs``:
+    object worker processes (default: one per core). ``parse_layers``: parse each imported
+    layer for the image build while the next one imports (`PullResult.layer_entries`)."""
+    started = time.monotonic()
+    limiter = limiter or default_limiter()
+    stats = ImportStats()
+    locks = ReadLocks([(p, s.read_only) for s in storage.stores for p in s.lock_paths()])
+    layer_streams: list[tuple[str, bytes]] = []
+    layer_entries: dict[bytes, list] = {}
+
+    async def parse(stream_id: bytes) -> None:
+        try:
+            layer_entries[stream_id] = await trio.to_thread.run_sync(parse_layer, repo, stream_id, limiter=limiter)
+        except PycfsError:
+            pass  # not an import error: the image build parses it again and reports it
+
+    async with open_nursery() as parsing:
         try:
             await locks.acquire(on_wait=progress.waiting_for_lock if progress else None)
             source = await trio.to_thread.run_sync(read_image, storage, ref)
             stats.layers = len(source.layers)
             on_wait = progress.waiting_for_lock if progress else None
             gate = _HelperGate(helper, locks, storage, source, ref, on_wait) if helper is not None else None
+            present = {layer.diff_id: repo.has_stream(f"oci-layer-{layer.diff_id}") for layer in source.layers}
+            todo: dict[str, ImageLayer] = {}  # diff_id -> the layer to import it from, in image order
             for layer in source.layers:
-                name = f"oci-layer-{layer.diff_id}"
-                existing = repo.has_stream(name)
-                if existing is not None:
-                    stats.layers_already_present += 1
-                    layer_streams.append((layer.diff_id, existing))
+                if present[layer.diff_id] is None:
+                    todo.setdefault(layer.diff_id, layer)
+            order = list(todo)
+            # Each layer's tar-split is read while the layer before it imports.
+            tarsplits = {d: _InBackground(parsing, limiter, read_layer_tarsplit, todo[d]) for d in order[:1]}
+            async with open_pool(repo=repo, jobs=jobs) as pool:
+                for layer in source.layers:
+                    existing = present[layer.diff_id]
+                    if existing is not None:
+                        stats.layers_already_present += 1
+                        layer_streams.append((layer.diff_id, existing))
+                        if progress is not None:
+                            progress.layer_done(layer.diff_id, True)
+                        continue
+                    await pool.start()  # the workers' start-up overlaps the first tar-split read
+                    layer = todo[layer.diff_id]
+                    entries = await tarsplits.pop(layer.diff_id).result()
+                    following = order.index(layer.diff_id) + 1
+                    if following < len(order):
+                        after = todo[order[following]]
+                        tarsplits[after.diff_id] = _InBackground(parsing, limiter, read_layer_tarsplit, after)
+                    job = LayerImport(repo, layer, stats, limiter, pool, gate, progress, verify_diffid)
+                    present[layer.diff_id] = await job.run(entries)
+                    layer_streams.append((layer.diff_id, present[layer.diff_id]))
+                    del entries
+                    if parse_layers:
+                        parsing.start_soon(parse, layer_streams[-1][1])
                     if progress is not None:
-                        progress.layer_done(layer.diff_id, True)
-                    continue
-                job = LayerImport(repo, layer, stats, limiter, gate, progress, verify_diffid)
-                layer_streams.append((layer.diff_id, await job.run()))
-                if progress is not None:
-                    progress.layer_done(layer.diff_id, False)
+                        progress.layer_done(layer.diff_id, False)
         finally:
             locks.release()
-        config_stream, manifest_stream = await trio.to_thread.run_sync(
-            streams.finish_image, repo, source.manifest_digest, source.manifest, source.config_digest,
-            source.config, layer_streams, tag, limiter=limiter
-        )
-        return PullResult(
-            tag=tag,
-            manifest_digest=source.manifest_digest,
-            config_digest=source.config_digest,
-            manifest_stream_id=manifest_stream,
-            config_stream_id=config_stream,
-            layers=layer_streams,
-            stats=stats,
-            seconds=time.monotonic() - started,
-            source_id=source.image.id,
-            names=list(source.image.names),
-        )
+    config_stream, manifest_stream = await trio.to_thread.run_sync(
+        streams.finish_image, repo, source.manifest_digest, source.manifest, source.config_digest,
+        source.config, layer_streams, tag, limiter=limiter
+    )
+    return PullResult(
+        tag=tag,
+        manifest_digest=source.manifest_digest,
+        config_digest=source.config_digest,
+        manifest_stream_id=manifest_stream,
+        config_stream_id=config_stream,
+        layers=layer_streams,
+        stats=stats,
+        seconds=time.monotonic() - started,
+        source_id=source.image.id,
+        names=list(source.image.names),
+        layer_entries=layer_entries,
+    )

@@ -10,6 +10,8 @@ security.capability (plus user.* on request).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pycfs.host.erofs.writer import write_image as write_erofs
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
@@ -114,14 +116,24 @@ def normalize_for_oci(root: Directory, keep_user_xattrs: bool = False) -> None:
             _filter_xattrs(node.stat, keep_user_xattrs)
 
 
-def build_filesystem(repo: Repository, image: StoredImage, keep_user_xattrs: bool = False) -> FileSystem:
+def parse_layer(repo: Repository, layer_id: bytes) -> list[LayerEntry]:
+    """The entries of one stored layer stream: most of an image build's work, and the part
+    that a pull can do for one layer while it imports the next."""
+    return list(iter_layer_entries(repo.open_stream_by_id(layer_id, CONTENT_OCI_LAYER)))
+
+
+def build_filesystem(repo: Repository, image: StoredImage, keep_user_xattrs: bool = False,
+                     parsed: Mapping[bytes, list[LayerEntry]] | None = None) -> FileSystem:
+    """The merged tree; ``parsed``: layers already parsed (by layer stream id)."""
     root = Directory(Stat())
     for diff_id in image.diff_ids:
         layer_id = image.layer_ids.get(diff_id)
         if layer_id is None:
             raise ImageBuildError(f"config stream of {image.config_digest} has no layer {diff_id}: re-pull the image")
-        reader = repo.open_stream_by_id(layer_id, CONTENT_OCI_LAYER)
-        for entry in iter_layer_entries(reader):
+        entries = (parsed or {}).get(layer_id)
+        if entries is None:
+            entries = iter_layer_entries(repo.open_stream_by_id(layer_id, CONTENT_OCI_LAYER))
+        for entry in entries:
             apply_entry(root, entry)
     normalize_for_oci(root, keep_user_xattrs)
     return FileSystem(root)
@@ -141,10 +153,10 @@ def compute_image_id(repo: Repository, ref: str, version: int | None = None) -> 
     return digest_bytes(write_erofs(fs, version if version is not None else repo.erofs_default), repo.alg)
 
 
-def create_image(repo: Repository, ref: str) -> dict[int, bytes]:
+def create_image(repo: Repository, ref: str, parsed: Mapping[bytes, list[LayerEntry]] | None = None) -> dict[int, bytes]:
     """Write the EROFS image(s) of ref and record them in its config stream (rewriting the
     manifest stream to point at the new config stream; tags name the manifest stream, so
-    they follow). Returns {format version: image id}."""
+    they follow). Returns {format version: image id}. ``parsed``: see `build_filesystem`."""
     image = open_image(repo, ref)
     versions = format_versions(repo)
     missing = [v for v in versions if v not in IMAGE_REF_NAMES]
@@ -154,7 +166,7 @@ def create_image(repo: Repository, ref: str) -> dict[int, bytes]:
     existing = {v: image.image_refs.get(IMAGE_REF_NAMES[v]) for v in versions}
     if all(i is not None and repo.has_object(i) for i in existing.values()):
         return existing  # built by an earlier pull: layers are immutable, so is the image
-    fs = build_filesystem(repo, image)
+    fs = build_filesystem(repo, image, parsed=parsed)
     image_ids = {v: repo.write_image(write_erofs(fs, v)) for v in versions}
     layers = [(d, image.layer_ids[d]) for d in image.diff_ids]
     kept = [(n, i) for n, i in image.image_refs.items() if n not in IMAGE_REF_NAMES.values()]

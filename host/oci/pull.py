@@ -44,7 +44,8 @@ async def _pull_containers_storage(repo: Repository, source: str, tag: str | Non
     storage, name = storage_for(source, options.storage_root)
     async with HelperClient(storage.primary.root, storage.primary.driver, policy=options.helper) as helper:
         return await pull_image(repo, storage, name, tag, verify_diffid=options.verify_diffid,
-                                helper=helper if helper.enabled else None, progress=options.progress)
+                                helper=helper if helper.enabled else None, progress=options.progress,
+                                parse_layers=options.create_image)
 
 
 async def _pull_oci_layout(repo: Repository, source: str, tag: str | None, options: PullOptions) -> PullResult:
@@ -69,7 +70,8 @@ async def pull(repo: Repository, image: str, tag: str | None, options: PullOptio
     transport, source = split_reference(image)
     result = await TRANSPORTS[transport](repo, source, tag, options)
     if options.create_image:
-        result.images = await trio.to_thread.run_sync(create_image, repo, "@" + result.manifest_digest)
+        parsed, result.layer_entries = result.layer_entries, {}
+        result.images = await trio.to_thread.run_sync(create_image, repo, "@" + result.manifest_digest, parsed)
         # the image refs went into rewritten config and manifest streams: report those
         result.config_stream_id = repo.has_stream(config_stream_name(result.config_digest))
         result.manifest_stream_id = repo.has_stream(manifest_stream_name(result.manifest_digest))

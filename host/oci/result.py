@@ -70,6 +70,9 @@ class PullResult:
     source_id: str | None = None  # the image ID in containers-storage
     names: list[str] = field(default_factory=list)  # its names there
     images: dict[int, bytes] = field(default_factory=dict)  # EROFS format version -> image id
+    # The layers this pull imported, already parsed for the image build (layer stream id ->
+    # entries): filled by transports that parse one layer while importing the next.
+    layer_entries: dict[bytes, list] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:
         return {

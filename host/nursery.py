@@ -1,0 +1,38 @@
+"""A trio nursery that fails with its first real exception, not an ExceptionGroup.
+
+The CLI reports a `PycfsError` as one line; a group around it (trio's strict exception
+groups) would turn that into a traceback. Cancellations that only followed the failure are
+dropped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to report from a nursery's group: the first real failure, not a cancellation."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    return next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
+
+
+class open_nursery:  # noqa: N801 (used like trio.open_nursery)
+    async def __aenter__(self) -> trio.Nursery:
+        self._cm = trio.open_nursery()
+        return await self._cm.__aenter__()
+
+    async def __aexit__(self, *exc: Any) -> bool:
+        try:
+            return await self._cm.__aexit__(*exc)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None

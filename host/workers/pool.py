@@ -1,0 +1,252 @@
+"""Host side of the object workers: a pool of `python -m pycfs.host.workers` processes.
+
+    async with open_pool(repo=repo) as pool:          # or open_pool(alg="sha256"): digests only
+        results = await pool.store(fds, sizes)        # Stored | Failed per fd, in order
+        digests = await pool.digest(fds, sizes)       # bytes | Failed per fd, in order
+
+The workers start on the first call (a pull with every layer present needs none) and
+stop when the block ends: EOF on their sockets, then a grace period, then SIGKILL. They
+also die with the host (PR_SET_PDEATHSIG). The caller keeps its fds and closes them once
+a call returns (the worker got its own copies).
+
+Requests go to the worker with the fewest unanswered ones, and several may wait at one
+worker, so it never idles while the host prepares the next batch. A worker that dies or
+misbehaves fails the pool: every waiting and later call raises `PycfsError`, naming the
+worker, its exit status and its last output.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from pycfs.host.childoutput import ChildOutput
+from pycfs.host.errors import PycfsError
+from pycfs.host.nursery import open_nursery
+from pycfs.host.repository import Repository
+from pycfs.protocol import worker_api as api
+from pycfs.protocol.fdpass import FdPassError, arecv_with_fds, asend_with_fds
+from pycfs.protocol.jsonrpc import Decoder, ProtocolError, encode
+
+EXIT_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class Stored:
+    object_id: bytes
+    how: str  # "reflinked", "copied" or "present"
+
+
+@dataclass(frozen=True)
+class Failed:
+    """One file the worker could not hash or store; the caller knows which and names it."""
+
+    errno: int
+    message: str
+
+
+def default_jobs() -> int:
+    return os.cpu_count() or 1
+
+
+class _Reply:
+    def __init__(self, request_id: int) -> None:
+        self.id = request_id
+        self.done = trio.Event()
+        self.obj: dict[str, Any] | None = None
+
+
+class _Worker:
+    def __init__(self, proc: trio.Process, sock: Any, output: ChildOutput) -> None:
+        self.proc = proc
+        self.sock = sock
+        self.output = output
+        self.waiting: collections.deque[_Reply] = collections.deque()
+        self.send_lock = trio.Lock()
+
+    def describe(self) -> str:
+        return f"object worker (pid {self.proc.pid})"
+
+
+class WorkerPool:
+    def __init__(self, nursery: trio.Nursery, argv: list[str], jobs: int) -> None:
+        self._nursery = nursery
+        self._argv = argv
+        self.jobs = jobs
+        self._workers: list[_Worker] = []
+        self._start_lock = trio.Lock()
+        self._next_id = 0
+        self._closing = False
+        self._failure: PycfsError | None = None
+
+    # -- calls --
+
+    async def store(self, fds: Sequence[int], sizes: Sequence[int]) -> list[Stored | Failed]:
+        """Store each file as an object of the pool's repository."""
+        return [r if isinstance(r, Failed) else Stored(bytes.fromhex(r["id"]), r["how"])
+                for r in await self._each(api.STORE, fds, sizes)]
+
+    async def digest(self, fds: Sequence[int], sizes: Sequence[int]) -> list[bytes | Failed]:
+        """The fs-verity digest of each file (``sizes``: their exact lengths)."""
+        return [r if isinstance(r, Failed) else bytes.fromhex(r["id"]) for r in await self._each(api.DIGEST, fds, sizes)]
+
+    async def _each(self, method: str, fds: Sequence[int], sizes: Sequence[int]) -> list[dict[str, Any] | Failed]:
+        if len(fds) != len(sizes):
+            raise ValueError(f"{len(fds)} fds but {len(sizes)} sizes")
+        out: list[dict[str, Any] | Failed] = []
+        for start in range(0, len(fds), api.MAX_FILES_PER_REQUEST):
+            end = start + api.MAX_FILES_PER_REQUEST
+            out += await self._call(method, list(fds[start:end]), list(sizes[start:end]))
+        return out
+
+    async def _call(self, method: str, fds: list[int], sizes: list[int]) -> list[dict[str, Any] | Failed]:
+        await self.start()
+        worker = min(self._workers, key=lambda w: len(w.waiting))
+        self._next_id += 1
+        reply = _Reply(self._next_id)
+        request = {"jsonrpc": "2.0", "method": method, "params": {"sizes": sizes}, "id": reply.id}
+        async with worker.send_lock:
+            self._check()
+            worker.waiting.append(reply)
+            # Shielded: a message cut off half way would desynchronise the stream.
+            with trio.CancelScope(shield=True):
+                try:
+                    await asend_with_fds(worker.sock, encode(request, len(fds), api.MAX_MESSAGE_BYTES), fds)
+                except OSError as e:
+                    await self._fail(worker, f"cannot send to it: {e}")
+        await reply.done.wait()
+        self._check()
+        assert reply.obj is not None
+        return self._results(worker, reply.obj, len(fds))
+
+    def _results(self, worker: _Worker, obj: dict[str, Any], count: int) -> list[dict[str, Any] | Failed]:
+        if "error" in obj:
+            raise PycfsError(f"the {worker.describe()} refused a request: {obj['error']}")
+        results = obj.get("result", {}).get("results") if isinstance(obj.get("result"), dict) else None
+        if not isinstance(results, list) or len(results) != count:
+            raise PycfsError(f"the {worker.describe()} answered {obj!r} to a request for {count} files")
+        out: list[dict[str, Any] | Failed] = []
+        for r in results:
+            if isinstance(r, dict) and isinstance(r.get("id"), str):
+                out.append(r)
+            elif isinstance(r, dict) and type(r.get("errno")) is int and isinstance(r.get("message"), str):
+                out.append(Failed(r["errno"], r["message"]))
+            else:
+                raise PycfsError(f"the {worker.describe()} sent a malformed result: {r!r}")
+        return out
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    # -- processes --
+
+    async def start(self) -> None:
+        """Start the workers now (calls start them when needed): their start-up can then
+        overlap other work."""
+        async with self._start_lock:
+            self._check()
+            if self._closing:
+                raise PycfsError("the object workers were shut down")
+            while len(self._workers) < self.jobs:
+                self._workers.append(await self._spawn())
+                self._nursery.start_soon(self._read, self._workers[-1])
+
+    async def _spawn(self) -> _Worker:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        output = ChildOutput("pycfs-worker-output")
+        try:
+            # cwd "/": `python -m` puts the cwd on sys.path, which must not shadow pycfs. A
+            # session of its own: a terminal's Ctrl-C reaches only the host, which then
+            # closes the sockets in order.
+            proc = await trio.lowlevel.open_process(
+                self._argv, stdin=child.fileno(), stdout=output.fd, stderr=output.fd, cwd="/", start_new_session=True
+            )
+        except OSError as e:
+            parent.close()
+            output.close()
+            raise PycfsError(f"cannot start an object worker ({self._argv[0]}): {e}") from None
+        finally:
+            child.close()
+        return _Worker(proc, trio.socket.from_stdlib_socket(parent), output)
+
+    async def _read(self, worker: _Worker) -> None:
+        """Match replies to waiting calls, in order; any surprise fails the pool."""
+        decoder = Decoder(api.MAX_MESSAGE_BYTES, max_fds=0)
+        try:
+            while True:
+                data, fds = await arecv_with_fds(worker.sock)
+                if not data and not fds:
+                    decoder.feed_eof()
+                    if decoder.next_message() is None and (self._closing and not worker.waiting):
+                        return
+                    raise EOFError("it closed the connection")
+                decoder.feed(data, fds)
+                while (msg := decoder.next_message()) is not None:
+                    msg.close()
+                    reply = worker.waiting.popleft() if worker.waiting else None
+                    if reply is None or msg.obj.get("id") != reply.id:
+                        raise ProtocolError(f"reply {msg.obj!r} answers no waiting request")
+                    reply.obj = msg.obj
+                    reply.done.set()
+        except (OSError, EOFError, ProtocolError, FdPassError, trio.ClosedResourceError) as e:
+            await self._fail(worker, str(e))
+        finally:
+            decoder.close()
+
+    async def _fail(self, worker: _Worker, what: str) -> None:
+        if self._closing and not worker.waiting:
+            return  # the socket closed under a reader that had nothing left to read
+        if self._failure is None:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(1):
+                    await worker.proc.wait()
+            status = worker.proc.returncode
+            exited = f"; exit status {status}" if status is not None else ""
+            self._failure = PycfsError(f"the {worker.describe()} failed: {what}{exited}{worker.output.note()}")
+        for w in self._workers:
+            while w.waiting:
+                w.waiting.popleft().done.set()
+
+    async def aclose(self) -> None:
+        """EOF to every worker, wait for them to exit (killing them after a grace period)."""
+        self._closing = True
+        with trio.CancelScope(shield=True):
+            for w in self._workers:
+                try:
+                    w.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+            with trio.move_on_after(EXIT_GRACE):
+                for w in self._workers:
+                    await w.proc.wait()
+            for w in self._workers:
+                if w.proc.returncode is None:
+                    w.proc.kill()
+                    await w.proc.wait()
+                w.sock.close()
+                w.output.close()
+
+
+@asynccontextmanager
+async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
+                    jobs: int | None = None) -> AsyncIterator[WorkerPool]:
+    """A pool of ``jobs`` workers (default: one per core) storing into ``repo``, or only
+    hashing with ``alg`` when ``repo`` is None."""
+    argv = [sys.executable, "-B", "-m", "pycfs.host.workers"]
+    argv += ["--repo", os.path.abspath(repo.path)] if repo is not None else ["--alg", alg]
+    async with open_nursery() as nursery:
+        pool = WorkerPool(nursery, argv, jobs or default_jobs())
+        try:
+            yield pool
+        finally:
+            await pool.aclose()
+

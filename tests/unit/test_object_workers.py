@@ -1,0 +1,203 @@
+"""Object worker processes: real `python -m pycfs.host.workers` children, real files, real fds."""
+
+import errno
+import os
+import signal
+
+import pytest
+import trio
+
+from fdcount import open_fd_count
+from pycfs.host.errors import PycfsError
+from pycfs.host.fsverity import digest_bytes, digest_fd
+from pycfs.host.repository import Repository
+from pycfs.host.workers.pool import Failed, Stored, open_pool
+from pycfs.protocol import worker_api as api
+
+SIZES = [0, 1, 65, 4095, 4096, 4097, 128 * 4096 + 1, (1 << 20) + 3]
+
+
+@pytest.fixture
+def files(tmp_path):
+    """(path, content) of files of SIZES, seeded random."""
+    out = []
+    for i, size in enumerate(SIZES):
+        data = os.urandom(size)
+        p = tmp_path / f"f{i}"
+        p.write_bytes(data)
+        out.append((p, data))
+    return out
+
+
+def _open(paths):
+    fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths]
+    return fds, [os.fstat(fd).st_size for fd in fds]
+
+
+def _close(fds):
+    for fd in fds:
+        os.close(fd)
+
+
+def _run(fn, *args):
+    return trio.run(fn, *args)
+
+
+def test_digest_matches_in_process_hashing(files):
+    async def main():
+        fds, sizes = _open([p for p, _ in files])
+        try:
+            async with open_pool(alg="sha256", jobs=2) as pool:
+                return await pool.digest(fds, sizes)
+        finally:
+            _close(fds)
+
+    got = _run(main)
+    assert got == [digest_bytes(data) for _, data in files]
+
+
+def test_sha512_workers(files):
+    async def main():
+        fds, sizes = _open([files[5][0]])
+        try:
+            async with open_pool(alg="sha512", jobs=1) as pool:
+                return await pool.digest(fds, sizes)
+        finally:
+            _close(fds)
+
+    assert _run(main) == [digest_bytes(files[5][1], "sha512")]
+
+
+def test_store_writes_objects_and_second_store_finds_them(tmp_path, files):
+    with Repository.init(tmp_path / "repo") as repo:
+
+        async def main():
+            fds, sizes = _open([p for p, _ in files])
+            try:
+                async with open_pool(repo=repo, jobs=2) as pool:
+                    first = await pool.store(fds, sizes)
+                    second = await pool.store(fds, sizes)
+                return first, second
+            finally:
+                _close(fds)
+
+        first, second = _run(main)
+        for (_, data), stored, again in zip(files, first, second):
+            assert isinstance(stored, Stored) and stored.object_id == digest_bytes(data)
+            assert stored.how in ("copied", "reflinked")
+            assert again == Stored(stored.object_id, "present")
+            fd = repo.open_object(stored.object_id)
+            try:
+                assert os.pread(fd, len(data) + 1, 0) == data
+                assert digest_fd(fd) == stored.object_id
+            finally:
+                os.close(fd)
+
+
+def test_many_files_in_one_call_span_several_requests(tmp_path):
+    count = api.MAX_FILES_PER_REQUEST * 2 + 5
+    paths = []
+    for i in range(count):
+        p = tmp_path / f"s{i}"
+        p.write_bytes(b"%d" % i * 40)
+        paths.append(p)
+
+    async def main():
+        fds, sizes = _open(paths)
+        try:
+            async with open_pool(alg="sha256", jobs=2) as pool:
+                return await pool.digest(fds, sizes)
+        finally:
+            _close(fds)
+
+    assert _run(main) == [digest_bytes(p.read_bytes()) for p in paths]
+
+
+def test_one_bad_file_fails_alone(tmp_path, files):
+    """A wrong size and a directory: each its own Failed; the files around them are stored."""
+    with Repository.init(tmp_path / "repo") as repo:
+
+        async def main():
+            fds, sizes = _open([files[2][0], files[3][0], tmp_path])
+            sizes[0] += 1
+            try:
+                async with open_pool(repo=repo, jobs=1) as pool:
+                    return await pool.store(fds, sizes)
+            finally:
+                _close(fds)
+
+        wrong_size, good, directory = _run(main)
+        assert wrong_size == Failed(errno.ESTALE, f"has {len(files[2][1])} bytes, expected {len(files[2][1]) + 1}")
+        assert good == Stored(digest_bytes(files[3][1]), good.how)
+        assert isinstance(directory, Failed) and directory.errno == errno.EISDIR
+
+
+def test_digest_only_worker_refuses_to_store(files):
+    async def main():
+        fds, sizes = _open([files[3][0]])
+        try:
+            async with open_pool(alg="sha256", jobs=1) as pool:
+                await pool.store(fds, sizes)
+        finally:
+            _close(fds)
+
+    with pytest.raises(PycfsError, match="refused a request.*without a repository"):
+        _run(main)
+
+
+def test_dead_worker_fails_the_pool_with_its_status(files):
+    async def main():
+        fds, sizes = _open([files[3][0]])
+        try:
+            async with open_pool(alg="sha256", jobs=1) as pool:
+                await pool.digest(fds, sizes)
+                os.kill(pool._workers[0].proc.pid, signal.SIGKILL)
+                await pool._workers[0].proc.wait()
+                await pool.digest(fds, sizes)
+        finally:
+            _close(fds)
+
+    with pytest.raises(PycfsError, match=r"object worker \(pid \d+\) failed: .*exit status -9"):
+        _run(main)
+
+
+def test_worker_that_cannot_start_quotes_its_output(tmp_path, files):
+    with Repository.init(tmp_path / "repo") as repo:
+        (tmp_path / "repo" / "meta.json").write_text("{}")  # the worker's own open fails
+
+        async def main():
+            fds, sizes = _open([files[3][0]])
+            try:
+                async with open_pool(repo=repo, jobs=1) as pool:
+                    await pool.store(fds, sizes)
+            finally:
+                _close(fds)
+
+        with pytest.raises(PycfsError, match=r"failed: .*exit status 2; its last output: pycfs-worker: "):
+            _run(main)
+
+
+def test_no_process_or_fd_left_after_the_pool(files):
+    """Also when the block is cancelled with calls in flight."""
+    before = open_fd_count()
+    pids = []
+
+    async def main():
+        fds, sizes = _open([files[-1][0]] * 50)
+        try:
+            async with open_pool(alg="sha256", jobs=2) as pool:
+                await pool.start()
+                pids.extend(w.proc.pid for w in pool._workers)
+                with trio.move_on_after(0.05):
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(4):
+                            nursery.start_soon(pool.digest, fds, sizes)
+        finally:
+            _close(fds)
+
+    _run(main)
+    assert len(pids) == 2
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert open_fd_count() == before
