@@ -7,6 +7,8 @@ header (spec 5.2-5.9). All integers are little-endian.
 
 from __future__ import annotations
 
+import functools
+
 import struct
 from dataclasses import dataclass
 
@@ -404,5 +406,8 @@ def xxh32(data: bytes, seed: int) -> int:
     return h
 
 
+@functools.lru_cache(maxsize=4096)
 def xattr_name_filter_bit(name_index: int, suffix: bytes) -> int:
+    # Cached: an image has a handful of distinct xattr names on thousands of inodes, and
+    # xxh32 in Python costs about 5 µs a call.
     return xxh32(suffix, XATTR_FILTER_SEED + name_index) % XATTR_FILTER_BITS
