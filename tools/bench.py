@@ -273,6 +273,7 @@ def fresh_dir(bench: Lab, name: str) -> Path:
     d = bench.user.scratch / name
     if d.exists():
         shutil.rmtree(d)
+        os.sync()  # XFS frees the deleted inodes in the background: not during the next timed row
     d.mkdir()
     os.chown(d, bench.user.uid, bench.user.gid)
     return d
