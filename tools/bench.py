@@ -8,7 +8,8 @@ into that storage. Rows, each the median of --runs with min and max:
   a  pycfs oci pull containers-storage:IMAGE, cold (empty repository)
   a' the same with --no-image: the import alone, without writing the EROFS image
   b  the physical limit: fs-verity hashing of exactly the files the pull stores, with the
-     code pycfs uses (its object worker processes, one per core); and Debian's `fsverity digest`
+     code pycfs uses (`pycfs measure`: its object worker processes, one per core); and
+     Debian's `fsverity digest`
   c  what a user without pycfs does: podman save --format oci-dir + pycfs oci pull oci:DIR
   d  C mkcomposefs --digest-store over the merged rootfs (when installed)
   e  warm re-pull (everything already in the repository)
@@ -34,10 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import trio
 
-from pycfs.host.oci.cstorage import BATCH_FILES
-from pycfs.host.workers.pool import open_pool
 from pycfs.host.oci.result import human_size
 from pycfs.tools import lab
 from pycfs.tools.ocibuild import MIB, Dir, File, Hardlink, ImageSpec, Symlink, build_layout, load_into_storage
@@ -165,38 +163,6 @@ def warm(paths: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# The hashing limit (row b), run as `python -m pycfs.tools.bench hash LISTFILE`
-
-
-async def hash_files(paths: list[str]) -> None:
-    """The object workers' digest of every path, in the importer's batches and pipelining:
-    files opened in a thread, their fds handed to the pool, two batches per worker."""
-    send, receive = trio.open_memory_channel(0)
-
-    def open_all(chunk: list[str]) -> tuple[list[int], list[int]]:
-        fds = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for path in chunk]
-        return fds, [os.fstat(fd).st_size for fd in fds]
-
-    async with open_pool(alg="sha256") as pool:
-
-        async def coordinate() -> None:
-            async for chunk in receive:
-                fds, sizes = await trio.to_thread.run_sync(open_all, chunk)
-                try:
-                    await pool.digest(fds, sizes)
-                finally:
-                    for fd in fds:
-                        os.close(fd)
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(2 * pool.jobs):
-                nursery.start_soon(coordinate)
-            async with send:
-                for i in range(0, len(paths), BATCH_FILES):
-                    await send.send(paths[i : i + BATCH_FILES])
-
-
-# ---------------------------------------------------------------------------------------
 # The lab
 
 
@@ -321,14 +287,14 @@ def row_cold_pull(bench: Lab, runs: int) -> tuple[Row, Row, dict]:
 
 
 def row_hashing(bench: Lab, runs: int) -> tuple[Row, Row]:
-    ours = Row("b", "fs-verity hashing of the same files (pycfs object workers)")
+    ours = Row("b", "fs-verity hashing of the same files (`pycfs measure`: its object workers)")
     theirs = Row("b'", "fs-verity hashing, Debian `fsverity digest` (2 processes)")
     with tempfile.NamedTemporaryFile("w", suffix=".list", delete=False) as f:
         f.write("\n".join(bench.files) + "\n")
         listing = f.name
     try:
         for _ in range(runs):
-            ours.samples.append(timed([sys.executable, "-m", "pycfs.tools.bench", "hash", listing])[0])
+            ours.samples.append(timed([sys.executable, "-m", "pycfs.tools.cli", "measure", "--files-from", listing])[0])
             theirs.samples.append(timed(["sh", "-c", f"xargs -d '\\n' -n 256 -P 2 fsverity digest <{listing} >/dev/null"])[0])
     finally:
         os.unlink(listing)
@@ -410,18 +376,11 @@ def report(rows: list[Row], bench: Lab, stats: dict, runs: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="mode")
-    h = sub.add_parser("hash", help=argparse.SUPPRESS)
-    h.add_argument("listing")
     parser.add_argument("--runs", type=int, default=3, help="runs per row (default: %(default)s)")
     parser.add_argument("--scale", type=float, default=1.0, help="image size factor (1.0: about 1.5 GB)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="leave the lab (XFS, storage) mounted")
     args = parser.parse_args(argv)
-    if args.mode == "hash":
-        paths = Path(args.listing).read_text().splitlines()
-        trio.run(hash_files, [p for p in paths if p])
-        return 0
     if os.geteuid() != 0:
         sys.exit("bench: run as root (it creates a user and a loop-mounted XFS)")
     bench = set_up(args.scale)

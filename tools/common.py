@@ -34,3 +34,14 @@ def open_repo(args: argparse.Namespace, writable: bool = True) -> Repository:
 def print_json(doc: object) -> None:
     json.dump(doc, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts such as --jobs."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return value

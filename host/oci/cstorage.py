@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import resource
 import stat
 import threading
 import time
@@ -473,8 +474,7 @@ class LayerImport:
         work = _batches((i, e) for i, e in enumerate(entries) if isinstance(e, FileEntry) and e.size > 0)
         try:
             async with open_nursery() as nursery:
-                # Two batches per worker process: one being hashed, the next queued behind it.
-                for _ in range(4 * self.pool.jobs):
+                for _ in range(_coordinators(self.pool.jobs)):
                     nursery.start_soon(self._coordinate, work)
             await self._via_helper(entries)
         finally:
@@ -515,6 +515,13 @@ class _InBackground:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+def _coordinators(jobs: int) -> int:
+    """Batches in flight: two per worker process (one being hashed, the next queued behind
+    it), within half the open-file limit, as each holds up to BATCH_FILES open files."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(1, min(2 * jobs, soft // 2 // BATCH_FILES))
 
 
 def _batches(items: Iterable[tuple[int, FileEntry]]) -> Iterator[list[tuple[int, FileEntry]]]:

@@ -29,6 +29,7 @@ class PullOptions:
     helper: str = "auto"  # auto | always | never
     progress: PullProgress | None = None
     create_image: bool = True
+    jobs: int | None = None  # containers-storage: object worker processes (None: one per CPU)
 
 
 def storage_for(source: str, storage_root: str | None) -> tuple[Storage, str]:
@@ -45,7 +46,7 @@ async def _pull_containers_storage(repo: Repository, source: str, tag: str | Non
     async with HelperClient(storage.primary.root, storage.primary.driver, policy=options.helper) as helper:
         return await pull_image(repo, storage, name, tag, verify_diffid=options.verify_diffid,
                                 helper=helper if helper.enabled else None, progress=options.progress,
-                                parse_layers=options.create_image)
+                                parse_layers=options.create_image, jobs=options.jobs)
 
 
 async def _pull_oci_layout(repo: Repository, source: str, tag: str | None, options: PullOptions) -> PullResult:

@@ -4,6 +4,8 @@
         results = await pool.store(fds, sizes)        # Stored | Failed per fd, in order
         digests = await pool.digest(fds, sizes)       # bytes | Failed per fd, in order
 
+    await digest_files(paths)                         # bytes | OSError per path (`pycfs measure`)
+
 The workers start on the first call (a pull with every layer present needs none) and
 stop when the block ends: EOF on their sockets, then a grace period, then SIGKILL. They
 also die with the host (PR_SET_PDEATHSIG). The caller keeps its fds and closes them once
@@ -18,8 +20,10 @@ worker, its exit status and its last output.
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import socket
+import stat
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -54,7 +58,9 @@ class Failed:
 
 
 def default_jobs() -> int:
-    return os.cpu_count() or 1
+    """One worker per CPU this process may run on (its affinity mask, which containers and
+    CI runners often narrow, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) or 1
 
 
 class _Reply:
@@ -250,3 +256,56 @@ async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
         finally:
             await pool.aclose()
 
+
+
+MEASURE_BATCH = 64  # files per request: enough to amortise a round trip, small enough to balance
+
+
+async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha256",
+                       jobs: int | None = None) -> list[bytes | OSError]:
+    """The fs-verity digest of each file, in order, hashed by a pool of workers; a path that
+    cannot be opened, is not a regular file or cannot be read gives its OSError."""
+    results: list[bytes | OSError] = []
+    results.extend(OSError() for _ in paths)
+    send, receive = trio.open_memory_channel(0)
+
+    def open_batch(start: int) -> list[tuple[int, int] | OSError]:
+        opened: list[tuple[int, int] | OSError] = []
+        for path in paths[start : start + MEASURE_BATCH]:
+            try:
+                # O_NONBLOCK: a fifo must not hang the open; it is refused just below.
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+            except OSError as e:
+                opened.append(e)
+                continue
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL
+                opened.append(OSError(code, "not a regular file" if code == errno.EINVAL else os.strerror(code)))
+                continue
+            opened.append((fd, st.st_size))
+        return opened
+
+    async with open_pool(alg=alg, jobs=jobs) as pool:
+
+        async def coordinate() -> None:
+            async for start in receive:
+                opened = await trio.to_thread.run_sync(open_batch, start)
+                files = [o for o in opened if isinstance(o, tuple)]
+                try:
+                    digests = iter(await pool.digest([fd for fd, _ in files], [size for _, size in files]))
+                finally:
+                    for fd, _ in files:
+                        os.close(fd)
+                for i, o in enumerate(opened, start):
+                    got = o if isinstance(o, OSError) else next(digests)
+                    results[i] = OSError(got.errno, got.message) if isinstance(got, Failed) else got
+
+        async with open_nursery() as nursery:
+            for _ in range(2 * pool.jobs):
+                nursery.start_soon(coordinate)
+            async with send:
+                for start in range(0, len(paths), MEASURE_BATCH):
+                    await send.send(start)
+    return results

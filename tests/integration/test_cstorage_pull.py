@@ -20,6 +20,7 @@ import pytest
 
 import imagebuild
 from imagebuild import MIB, File, ImageSpec
+from procs import pids_of
 
 pytestmark = pytest.mark.integration
 
@@ -236,3 +237,42 @@ def test_restrictive_files_need_the_helper(podman_user, image_cache):
     for diff_id in image.built.diff_ids:
         assert _layer_sha256(user, repo, diff_id) == diff_id
 
+
+
+def test_worker_killed_mid_import(podman_user, shared_tmp_path):
+    """An object worker dies (frozen first, so the pull surely waits on it): the pull fails
+    with one line naming it, the repository stays consistent, and a re-run completes."""
+    user = podman_user
+    ref = "localhost/pycfs-worker-kill:latest"
+    spec = ImageSpec([[File(f"f{i:04d}", size=4096 + i, seed=i) for i in range(3000)]])
+    built = imagebuild.build_layout(spec, shared_tmp_path / "layout")
+    imagebuild.load_into_storage(user, built.path, ref)
+    repo = _init_repo(user)
+    before = set(pids_of(user.uid, b"pycfs.host.workers"))
+    argv = [user.python, "-m", "pycfs.tools.cli", "--repo", repo, "oci", "pull", f"containers-storage:{ref}"]
+    proc = subprocess.Popen(list(map(str, argv)), cwd=user.home, env=user.environ(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, user=user.uid, group=user.gid, extra_groups=[])
+    try:
+        deadline = time.monotonic() + 60
+        while not (workers := set(pids_of(user.uid, b"pycfs.host.workers")) - before):
+            assert proc.poll() is None, ("the pull ended before its workers started", proc.communicate())
+            assert time.monotonic() < deadline, "no object worker started"
+            time.sleep(0.002)
+        victim = min(workers)
+        os.kill(victim, signal.SIGSTOP)  # its share of the batches now waits: the pull cannot finish
+        os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err.decode()
+    last = err.decode().strip().splitlines()[-1]
+    assert last.startswith("pycfs: error:") and f"object worker (pid {victim})" in last and "-9" in last, last
+    assert not list((repo / "streams").glob("oci-layer-*")) if (repo / "streams").exists() else True
+    assert json.loads(user.pycfs("--repo", repo, "fsck", "--json").stdout)["ok"] is True
+    result = _pull(user, repo, f"containers-storage:{ref}")
+    assert result["stats"]["objects_reflinked"] + result["stats"]["objects_copied"] \
+        + result["stats"]["objects_already_present"] == 3000
+    assert _layer_sha256(user, repo, built.diff_ids[0]) == built.diff_ids[0]
+    assert set(pids_of(user.uid, b"pycfs.host.workers")) - before == set()  # none left behind

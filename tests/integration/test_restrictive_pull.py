@@ -13,6 +13,7 @@ from pathlib import Path
 
 import imagebuild
 from imagebuild import MIB, Dir, File, ImageSpec
+from procs import pids_of
 
 from pycfs.host.oci.layer import iter_layer_entries, layer_stream_name
 from pycfs.host.repository import Repository
@@ -78,19 +79,6 @@ def test_restrictive_files_are_reflinked_and_exact(xfs_podman_user, image_cache)
     assert "composefs.image.v1" in json.loads(inspected)["images"]
 
 
-def _helper_pids(uid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if entry.stat().st_uid == uid and b"pycfs.helper" in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return found
-
-
 def many_restricted_files() -> ImageSpec:
     """Enough unreadable files that the import needs the helper for many requests."""
     layer = [Dir("home"), Dir("home/user", mode=0o700, uid=1000, gid=1000)]
@@ -105,13 +93,13 @@ def test_helper_killed_mid_import(podman_user, shared_tmp_path):
     imagebuild.load_into_storage(user, built.path, ref)
     repo = user.tmpdir("kill-") / "repo"
     user.pycfs("--repo", repo, "init")
-    before = set(_helper_pids(user.uid))
+    before = set(pids_of(user.uid, b"pycfs.helper"))
     argv = [user.python, "-m", "pycfs.tools.cli", "--repo", repo, "oci", "pull", f"containers-storage:{ref}"]
     proc = subprocess.Popen(list(map(str, argv)), cwd=user.home, env=user.environ(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, user=user.uid, group=user.gid, extra_groups=[])
     try:
         deadline = time.monotonic() + 60
-        while not (helpers := set(_helper_pids(user.uid)) - before):
+        while not (helpers := set(pids_of(user.uid, b"pycfs.helper")) - before):
             assert proc.poll() is None, ("the pull ended before its helper started", proc.communicate())
             assert time.monotonic() < deadline, "no helper started"
             time.sleep(0.002)

@@ -3,6 +3,8 @@
 import errno
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import trio
@@ -201,3 +203,16 @@ def test_no_process_or_fd_left_after_the_pool(files):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert open_fd_count() == before
+
+
+def test_measure_command_keeps_order_and_reports_each_failure(tmp_path, files):
+    listing = tmp_path / "list"
+    listing.write_text("".join(f"{p}\n" for p, _ in files[3:]))
+    argv = [sys.executable, "-m", "pycfs.tools.cli", "measure", str(files[0][0]), str(tmp_path / "missing"),
+            str(tmp_path), str(files[1][0]), "--files-from", str(listing), "-j", "2"]
+    out = subprocess.run(argv, capture_output=True, text=True, cwd="/")
+    assert out.returncode == 1
+    expected = [files[0], files[1], *files[3:]]
+    assert out.stdout.splitlines() == [f"{digest_bytes(data).hex()} {p}" for p, data in expected]
+    assert out.stderr.splitlines() == [f"pycfs: error: {tmp_path / 'missing'}: No such file or directory",
+                                       f"pycfs: error: {tmp_path}: Is a directory"]

@@ -11,6 +11,7 @@ import trio
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.oci import cstorage
+from pycfs.host.oci.image import parse_layer
 from pycfs.host.oci.layer import import_layer
 from pycfs.host.oci.result import PullResult
 from pycfs.host.repository import Repository
@@ -202,3 +203,21 @@ def test_progress_reports_every_byte(tmp_path, repo):
                                ("start", top.diff_id, len(top.tar)), ("done", top.diff_id, False)]
     assert progress.bytes == {base.diff_id: len(base.tar), top.diff_id: len(top.tar)}
     assert hashlib.sha256(_cat(repo, top.diff_id)).hexdigest() == top.diff_id[7:]
+
+
+def test_one_worker_and_a_repeated_layer_and_parsed_entries(tmp_path, repo):
+    """jobs=1; a diff_id twice in one image imports once; parse_layers hands the image build
+    exactly what parsing the stored stream gives."""
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    files = {"etc": None, "etc/big": BIG, "etc/small": SMALL}
+    base = fake.add_layer(files)
+    again = fake.add_layer(files, parent=base)
+    assert again.diff_id == base.diff_id
+    fake.add_image([base, again], ["localhost/img:latest"])
+    result = _pull(repo, fake, jobs=1, parse_layers=True)
+    (stream_id,) = {s for _, s in result.layers}
+    assert [d for d, _ in result.layers] == [base.diff_id, base.diff_id]
+    assert (result.stats.layers, result.stats.layers_already_present) == (2, 1)
+    assert _cat(repo, base.diff_id) == base.tar
+    assert list(result.layer_entries) == [stream_id]
+    assert result.layer_entries[stream_id] == parse_layer(repo, stream_id)

@@ -15,7 +15,7 @@ from pycfs.host.oci.pull import TRANSPORTS, PullOptions, pull, split_reference
 from pycfs.host.oci.result import PullResult
 from pycfs.host.oci.streams import check_tag, list_images, open_image
 from pycfs.host.repository import Repository
-from pycfs.tools.common import open_repo, print_json
+from pycfs.tools.common import open_repo, positive_int, print_json
 
 
 class _PlainProgress:
@@ -76,7 +76,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     check_tag(tag)
     with open_repo(args) as repo, ExitStack() as stack:
         options = PullOptions(storage_root=args.storage_root, verify_diffid=args.verify_diffid, helper=args.helper,
-                              create_image=not args.no_image)
+                              create_image=not args.no_image, jobs=args.jobs)
         if not args.json:
             options.progress = _RichProgress(stack) if sys.stderr.isatty() else _PlainProgress()
         result = trio.run(pull, repo, args.image, tag, options)
@@ -191,6 +191,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--helper", choices=("auto", "always", "never"), default="auto",
                    help="user-namespace helper for files you cannot open (podman unshare): auto = start when "
                    "needed (default), always, never")
+    p.add_argument("--jobs", "-j", type=positive_int, metavar="N",
+                   help="containers-storage: processes hashing and storing files (default: one per CPU)")
     p.add_argument("--no-image", action="store_true", help="skip writing the composefs image")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_pull)
