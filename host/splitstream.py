@@ -60,6 +60,9 @@ def _zstd_section(parts: list[bytes]) -> bytes:
     return b"".join(out)
 
 
+_COMPRESS_BATCH = 256 << 10
+
+
 class SplitStreamWriter:
     """Builds a splitstream in memory; finish() returns the file's bytes.
 
@@ -80,18 +83,28 @@ class SplitStreamWriter:
         self._named: dict[str, int] = {}
         self._compressor = zstandard.ZstdCompressor(level=3).compressobj()
         self._body: list[bytes] = []
+        self._pending = bytearray()
         self._body_started = False
         self.stream_size = 0
 
     def _emit(self, data: bytes) -> None:
+        # Collected before compressing: one compress() per 8-byte external ref cost more
+        # than the compression itself (zstd's output does not depend on how input is fed).
         self._body_started = True
-        piece = self._compressor.compress(data)
+        self._pending += data
+        if len(self._pending) >= _COMPRESS_BATCH:
+            self._compress_pending()
+
+    def _compress_pending(self) -> None:
+        piece = self._compressor.compress(bytes(self._pending))
+        self._pending.clear()
         if piece:
             self._body.append(piece)
 
     def _flush_inline(self) -> None:
         if self._inline:
-            self._emit(CHUNK.pack(-len(self._inline)) + bytes(self._inline))
+            self._emit(CHUNK.pack(-len(self._inline)))
+            self._emit(self._inline)
             self._inline.clear()
 
     def write_inline(self, data: bytes | bytearray | memoryview) -> None:
@@ -120,6 +133,7 @@ class SplitStreamWriter:
 
     def finish(self) -> bytes:
         self._flush_inline()
+        self._compress_pending()
         body = b"".join(self._body) + self._compressor.flush() if self._body_started else _zstd_section([])
         names = sorted(self._named.items(), key=lambda kv: kv[0].encode())
         named = _zstd_section([f"{index}:{name}\0".encode() for name, index in names])
