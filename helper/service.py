@@ -155,4 +155,5 @@ class HelperService:
 
 def serve(sock: socket.socket, service: HelperService) -> int:
     """Answer requests on ``sock`` until EOF or ``shutdown``; the process exit status."""
-    return rpcserver.serve(sock, service.methods(), name="pycfs-helper", max_message=api.MAX_MESSAGE_BYTES, max_fds=0)
+    return rpcserver.serve(sock, rpcserver.validating_dispatch(service.methods()), name="pycfs-helper",
+                           max_message=api.MAX_MESSAGE_BYTES, max_fds=0)

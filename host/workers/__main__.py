@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from pycfs.host.repository import Repository
     from pycfs.host.workers.service import WorkerService
     from pycfs.protocol import worker_api as api
-    from pycfs.protocol.rpcserver import serve
+    from pycfs.protocol.rpcserver import serve, trusted_dispatch
 
     try:
         repo = Repository.open(args.repo) if args.repo else None
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         service = WorkerService(repo.alg if repo else args.alg, repo)
-        return serve(sock, service.methods(), name="pycfs-worker", max_message=api.MAX_MESSAGE_BYTES,
+        return serve(sock, trusted_dispatch(service.methods()), name="pycfs-worker", max_message=api.MAX_MESSAGE_BYTES,
                      max_fds=api.MAX_FILES_PER_REQUEST)
     finally:
         if repo is not None:

@@ -7,12 +7,10 @@ import errno
 import os
 from typing import Any
 
-from jsonrpcserver import InvalidParams, Result, Success
-
 from pycfs.host.fsverity import digest_fd
 from pycfs.host.repository import Repository
 from pycfs.protocol import worker_api as api
-from pycfs.protocol.rpcserver import Call
+from pycfs.protocol.rpcserver import Call, InvalidParamsError
 
 
 def _failed(e: OSError) -> dict[str, Any]:
@@ -30,29 +28,28 @@ class WorkerService:
     def methods(self) -> dict[str, Any]:
         return {api.HELLO: self.hello, api.STORE: self.store, api.DIGEST: self.digest}
 
-    def hello(self, call: Call) -> Result:
-        return Success({"version": api.PROTOCOL_VERSION, "pid": os.getpid(), "alg": self.alg,
-                        "store": self.repo is not None})
+    def hello(self, call: Call) -> dict[str, Any]:
+        return {"version": api.PROTOCOL_VERSION, "pid": os.getpid(), "alg": self.alg, "store": self.repo is not None}
 
-    def _each(self, call: Call, sizes: Any, one) -> Result:
+    def _each(self, call: Call, sizes: Any, one) -> dict[str, Any]:
         if not isinstance(sizes, list) or not all(type(s) is int and s >= 0 for s in sizes):
-            return InvalidParams("sizes must be a list of byte counts")
+            raise InvalidParamsError("sizes must be a list of byte counts")
         if len(sizes) != len(call.fds):
-            return InvalidParams(f"{len(sizes)} sizes for {len(call.fds)} fds")
+            raise InvalidParamsError(f"{len(sizes)} sizes for {len(call.fds)} fds")
         results = []
         for fd, size in zip(call.fds, sizes):
             try:
                 results.append(one(fd, size))
             except OSError as e:
                 results.append(_failed(e))
-        return Success({"results": results})
+        return {"results": results}
 
-    def digest(self, call: Call, sizes: Any) -> Result:
+    def digest(self, call: Call, sizes: Any) -> dict[str, Any]:
         return self._each(call, sizes, lambda fd, size: {"id": digest_fd(fd, self.alg, size).hex()})
 
-    def store(self, call: Call, sizes: Any) -> Result:
+    def store(self, call: Call, sizes: Any) -> dict[str, Any]:
         if self.repo is None:
-            return InvalidParams("this worker was started without a repository")
+            raise InvalidParamsError("this worker was started without a repository")
         return self._each(call, sizes, self._store_one)
 
     def _store_one(self, fd: int, size: int) -> dict[str, Any]:
