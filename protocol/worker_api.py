@@ -2,9 +2,12 @@
 
 A worker hashes files the host passes as fds (jsonrpc-fdpass) and, when started on a
 repository, stores each as an object (reflinked where the filesystem allows). Requests
-carry ``sizes``, one per fd, in order; the response has one result per fd:
-``{"id": HEX, "how": "reflinked"|"copied"|"present"}`` (store), ``{"id": HEX}`` (digest), or
-``{"errno": N, "message": TEXT}`` when that one file failed (the host names the file).
+carry ``sizes``, one per fd, in order. The result packs one answer per fd into a few
+strings, as the host's framing scans JSON token by token:
+
+    {"ids": HEX,          # the digests, back to back (zeros for a failed file)
+     "how": "rcp=-",      # per file: HOW codes below
+     "failed": [[INDEX, ERRNO, MESSAGE], ...]}   # the host names the file
 """
 
 from __future__ import annotations
@@ -15,5 +18,10 @@ HELLO = "hello"
 STORE = "store"
 DIGEST = "digest"
 
+HOW = {"r": "reflinked", "c": "copied", "p": "present"}  # store; "=" digest only, "-" failed
+HOW_CODES = {v: k for k, v in HOW.items()}
+DIGESTED = "="
+FAILED = "-"
+
 MAX_FILES_PER_REQUEST = 256
-MAX_MESSAGE_BYTES = 1 << 20  # 256 results of about 110 bytes, with a wide margin
+MAX_MESSAGE_BYTES = 1 << 20  # 256 sha512 digests in hex take 32 KiB; failures add messages

@@ -334,8 +334,9 @@ class LayerImport:
     async def _coordinate(self, batches: Iterator[list[tuple[int, FileEntry]]]) -> None:
         """Open a batch (in a thread), hand its fds to the object workers, record; repeat."""
         for batch in batches:
-            async with self.limiter:
-                opened = await trio.to_thread.run_sync(self._open_batch, batch)
+            # Not behind self.limiter: the background tar-split reads and layer parses hold it
+            # for long stretches, and the workers would starve. The coordinators bound these.
+            opened = await trio.to_thread.run_sync(self._open_batch, batch)
             items = []
             for (index, entry), got in zip(batch, opened):
                 if got is None:

@@ -34,6 +34,7 @@ import trio
 
 from pycfs.host.childoutput import ChildOutput
 from pycfs.host.errors import PycfsError
+from pycfs.host.fsverity import DIGEST_SIZES
 from pycfs.host.nursery import open_nursery
 from pycfs.host.repository import Repository
 from pycfs.protocol import worker_api as api
@@ -83,8 +84,9 @@ class _Worker:
 
 
 class WorkerPool:
-    def __init__(self, nursery: trio.Nursery, argv: list[str], jobs: int) -> None:
+    def __init__(self, nursery: trio.Nursery, argv: list[str], jobs: int, alg: str) -> None:
         self._nursery = nursery
+        self.digest_size = DIGEST_SIZES[alg]
         self._argv = argv
         self.jobs = jobs
         self._workers: list[_Worker] = []
@@ -97,23 +99,22 @@ class WorkerPool:
 
     async def store(self, fds: Sequence[int], sizes: Sequence[int]) -> list[Stored | Failed]:
         """Store each file as an object of the pool's repository."""
-        return [r if isinstance(r, Failed) else Stored(bytes.fromhex(r["id"]), r["how"])
-                for r in await self._each(api.STORE, fds, sizes)]
+        return [r if isinstance(r, Failed) else Stored(r[0], api.HOW[r[1]]) for r in await self._each(api.STORE, fds, sizes)]
 
     async def digest(self, fds: Sequence[int], sizes: Sequence[int]) -> list[bytes | Failed]:
         """The fs-verity digest of each file (``sizes``: their exact lengths)."""
-        return [r if isinstance(r, Failed) else bytes.fromhex(r["id"]) for r in await self._each(api.DIGEST, fds, sizes)]
+        return [r if isinstance(r, Failed) else r[0] for r in await self._each(api.DIGEST, fds, sizes)]
 
-    async def _each(self, method: str, fds: Sequence[int], sizes: Sequence[int]) -> list[dict[str, Any] | Failed]:
+    async def _each(self, method: str, fds: Sequence[int], sizes: Sequence[int]) -> list[tuple[bytes, str] | Failed]:
         if len(fds) != len(sizes):
             raise ValueError(f"{len(fds)} fds but {len(sizes)} sizes")
-        out: list[dict[str, Any] | Failed] = []
+        out: list[tuple[bytes, str] | Failed] = []
         for start in range(0, len(fds), api.MAX_FILES_PER_REQUEST):
             end = start + api.MAX_FILES_PER_REQUEST
             out += await self._call(method, list(fds[start:end]), list(sizes[start:end]))
         return out
 
-    async def _call(self, method: str, fds: list[int], sizes: list[int]) -> list[dict[str, Any] | Failed]:
+    async def _call(self, method: str, fds: list[int], sizes: list[int]) -> list[tuple[bytes, str] | Failed]:
         await self.start()
         worker = min(self._workers, key=lambda w: len(w.waiting))
         self._next_id += 1
@@ -131,22 +132,35 @@ class WorkerPool:
         await reply.done.wait()
         self._check()
         assert reply.obj is not None
-        return self._results(worker, reply.obj, len(fds))
+        try:
+            return self._results(reply.obj, len(fds), method)
+        except ValueError as e:
+            raise PycfsError(f"the {worker.describe()} {e}") from None
 
-    def _results(self, worker: _Worker, obj: dict[str, Any], count: int) -> list[dict[str, Any] | Failed]:
+    def _results(self, obj: dict[str, Any], count: int, method: str) -> list[tuple[bytes, str] | Failed]:
+        """Unpack a response (see `pycfs.protocol.worker_api`); ValueError when malformed."""
         if "error" in obj:
-            raise PycfsError(f"the {worker.describe()} refused a request: {obj['error']}")
-        results = obj.get("result", {}).get("results") if isinstance(obj.get("result"), dict) else None
-        if not isinstance(results, list) or len(results) != count:
-            raise PycfsError(f"the {worker.describe()} answered {obj!r} to a request for {count} files")
-        out: list[dict[str, Any] | Failed] = []
-        for r in results:
-            if isinstance(r, dict) and isinstance(r.get("id"), str):
-                out.append(r)
-            elif isinstance(r, dict) and type(r.get("errno")) is int and isinstance(r.get("message"), str):
-                out.append(Failed(r["errno"], r["message"]))
-            else:
-                raise PycfsError(f"the {worker.describe()} sent a malformed result: {r!r}")
+            raise ValueError(f"refused a request: {obj['error']}")
+        result = obj.get("result")
+        ids, how, failed = (result.get(k) for k in ("ids", "how", "failed")) if isinstance(result, dict) else (None,) * 3
+        codes = api.HOW if method == api.STORE else api.DIGESTED
+        try:
+            digests = bytes.fromhex(ids) if isinstance(ids, str) else b""
+        except ValueError:
+            digests = b""
+        if (len(digests) != count * self.digest_size or not isinstance(how, str) or len(how) != count
+                or not isinstance(failed, list) or not set(how) <= set(codes) | {api.FAILED}):
+            raise ValueError(f"answered {obj!r} to a request for {count} files")
+        out: list[tuple[bytes, str] | Failed] = [
+            (digests[i * self.digest_size : (i + 1) * self.digest_size], code) for i, code in enumerate(how)
+        ]
+        for entry in failed:
+            if (not isinstance(entry, list) or len(entry) != 3 or type(entry[0]) is not int or type(entry[1]) is not int
+                    or not isinstance(entry[2], str) or not 0 <= entry[0] < count or how[entry[0]] != api.FAILED):
+                raise ValueError(f"sent a malformed failure: {entry!r}")
+            out[entry[0]] = Failed(entry[1], entry[2])
+        if any(not isinstance(r, Failed) and r[1] == api.FAILED for r in out):
+            raise ValueError("marked a file failed without saying why")
         return out
 
     def _check(self) -> None:
@@ -250,7 +264,7 @@ async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
     argv = [sys.executable, "-B", "-m", "pycfs.host.workers"]
     argv += ["--repo", os.path.abspath(repo.path)] if repo is not None else ["--alg", alg]
     async with open_nursery() as nursery:
-        pool = WorkerPool(nursery, argv, jobs or default_jobs())
+        pool = WorkerPool(nursery, argv, jobs or default_jobs(), repo.alg if repo is not None else alg)
         try:
             yield pool
         finally:

@@ -7,15 +7,17 @@ import errno
 import os
 from typing import Any
 
-from pycfs.host.fsverity import digest_fd
+from pycfs.host.fsverity import DIGEST_SIZES, digest_fd
 from pycfs.host.repository import Repository
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.rpcserver import Call, InvalidParamsError
 
 
-def _failed(e: OSError) -> dict[str, Any]:
-    code = e.errno or errno.EIO
-    return {"errno": code, "message": e.strerror or str(e)}
+class _FileFailed(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class WorkerService:
@@ -23,6 +25,7 @@ class WorkerService:
 
     def __init__(self, alg: str, repo: Repository | None) -> None:
         self.alg = alg
+        self.digest_size = DIGEST_SIZES[alg]
         self.repo = repo
 
     def methods(self) -> dict[str, Any]:
@@ -36,28 +39,36 @@ class WorkerService:
             raise InvalidParamsError("sizes must be a list of byte counts")
         if len(sizes) != len(call.fds):
             raise InvalidParamsError(f"{len(sizes)} sizes for {len(call.fds)} fds")
-        results = []
-        for fd, size in zip(call.fds, sizes):
+        ids, how, failed = [], [], []
+        for index, (fd, size) in enumerate(zip(call.fds, sizes)):
             try:
-                results.append(one(fd, size))
+                digest, code = one(fd, size)
             except OSError as e:
-                results.append(_failed(e))
-        return {"results": results}
+                failed.append([index, e.errno or errno.EIO, e.strerror or str(e)])
+            except _FileFailed as e:
+                failed.append([index, e.code, e.message])
+            else:
+                ids.append(digest)
+                how.append(code)
+                continue
+            ids.append(bytes(self.digest_size))
+            how.append(api.FAILED)
+        return {"ids": b"".join(ids).hex(), "how": "".join(how), "failed": failed}
 
     def digest(self, call: Call, sizes: Any) -> dict[str, Any]:
-        return self._each(call, sizes, lambda fd, size: {"id": digest_fd(fd, self.alg, size).hex()})
+        return self._each(call, sizes, lambda fd, size: (digest_fd(fd, self.alg, size), api.DIGESTED))
 
     def store(self, call: Call, sizes: Any) -> dict[str, Any]:
         if self.repo is None:
             raise InvalidParamsError("this worker was started without a repository")
         return self._each(call, sizes, self._store_one)
 
-    def _store_one(self, fd: int, size: int) -> dict[str, Any]:
+    def _store_one(self, fd: int, size: int) -> tuple[bytes, str]:
         assert self.repo is not None
         st = os.fstat(fd)
         if st.st_size != size:
-            return {"errno": errno.ESTALE, "message": f"has {st.st_size} bytes, expected {size}"}
+            raise _FileFailed(errno.ESTALE, f"has {st.st_size} bytes, expected {size}")
         result = self.repo.store_object_from_fd(fd, st)
         if result.size != size:
-            return {"errno": errno.ESTALE, "message": "changed size while it was stored"}
-        return {"id": result.object_id.hex(), "how": result.how}
+            raise _FileFailed(errno.ESTALE, "changed size while it was stored")
+        return result.object_id, api.HOW_CODES[result.how]

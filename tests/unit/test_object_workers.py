@@ -13,7 +13,7 @@ from fdcount import open_fd_count
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes, digest_fd
 from pycfs.host.repository import Repository
-from pycfs.host.workers.pool import Failed, Stored, open_pool
+from pycfs.host.workers.pool import Failed, Stored, WorkerPool, open_pool
 from pycfs.protocol import worker_api as api
 
 SIZES = [0, 1, 65, 4095, 4096, 4097, 128 * 4096 + 1, (1 << 20) + 3]
@@ -216,3 +216,26 @@ def test_measure_command_keeps_order_and_reports_each_failure(tmp_path, files):
     assert out.stdout.splitlines() == [f"{digest_bytes(data).hex()} {p}" for p, data in expected]
     assert out.stderr.splitlines() == [f"pycfs: error: {tmp_path / 'missing'}: No such file or directory",
                                        f"pycfs: error: {tmp_path}: Is a directory"]
+
+
+def test_malformed_replies_are_refused():
+    pool = WorkerPool(None, [], 1, "sha256")
+    good = {"ids": (b"\x01" * 32 + bytes(32)).hex(), "how": "r-", "failed": [[1, 2, "gone"]]}
+    assert pool._results({"result": good}, 2, api.STORE) == [(b"\x01" * 32, "r"), Failed(2, "gone")]
+    bad = [
+        {"error": {"code": -32602, "message": "no"}},
+        {"result": {**good, "ids": good["ids"][:-2]}},  # short digests
+        {"result": {**good, "ids": "zz" * 64}},  # not hex
+        {"result": {**good, "how": "r"}},  # one code for two files
+        {"result": {**good, "how": "x-"}},  # unknown code
+        {"result": {**good, "how": "rr"}},  # a failure for a stored file
+        {"result": {**good, "failed": []}},  # a failed file without a reason
+        {"result": {**good, "failed": [[5, 2, "gone"]]}},  # out of range
+        {"result": {**good, "failed": [["1", 2, "gone"]]}},
+        {"result": None},
+    ]
+    for obj in bad:
+        with pytest.raises(ValueError):
+            pool._results(obj, 2, api.STORE)
+    with pytest.raises(ValueError):  # store codes in a digest reply
+        pool._results({"result": good}, 2, api.DIGEST)
