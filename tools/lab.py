@@ -341,23 +341,33 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+KEEP_VENV_COPIES = 4  # pycfs-<source hash> venvs: one per source change, 2 MB each
+
+
 def sweep_stale() -> None:
-    """Remove what killed sessions left behind: session dirs and loop XFS mounts are named
-    after the pytest process that made them (`session-PID-*`, `xfs-PID-*`)."""
-    for p in LAB_ROOT.glob("*-*-*"):
+    """Remove what ended runs left behind. Session dirs and loop XFS labs are named after
+    the process that made them (`session-PID-*`, `xfs-PID-*`, `bench-PID-*`; a bench lab
+    kept with --keep lasts until the next run), and an image file whose lab directory is
+    gone goes too. Of the venv copies (`pycfs-<source hash>`) the newest few stay."""
+    for p in sorted(LAB_ROOT.glob("*-*-*")):
         kind, _, rest = p.name.partition("-")
         pid = rest.split("-")[0]
-        if kind not in ("session", "xfs") or not pid.isdigit() or pid_alive(int(pid)) or p.suffix == ".img":
+        if kind not in ("session", "xfs", "bench") or not pid.isdigit() or pid_alive(int(pid)):
             continue
-        if kind == "xfs" and p.is_dir():
+        if p.suffix == ".img":
+            if not p.with_suffix("").exists():
+                p.unlink(missing_ok=True)
+        elif kind == "session":
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_dir():
             if subprocess.run(["umount", p], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "-l", p], capture_output=True)
             with contextlib.suppress(OSError):
                 p.rmdir()
-            with contextlib.suppress(FileNotFoundError):
-                p.with_suffix(".img").unlink()
-        elif kind == "session":
-            shutil.rmtree(p, ignore_errors=True)
+            p.with_suffix(".img").unlink(missing_ok=True)
+    copies = sorted(LAB_ROOT.glob("pycfs-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in copies[KEEP_VENV_COPIES:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def user_on(mount: Path, name: str, python: Path) -> PodmanUser:
