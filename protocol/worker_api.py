@@ -12,9 +12,6 @@ strings, as the host's framing scans JSON token by token:
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 1
-
-HELLO = "hello"
 STORE = "store"
 DIGEST = "digest"
 

@@ -128,35 +128,75 @@ def _entry(obj: object, where: str) -> Segment | FileEntry:
     return FileEntry(name, size, int.from_bytes(crc, "big") if crc else None)
 
 
+_READ_SIZE = 1 << 20
+_GROUP = 512  # lines per json.loads: amortises its call cost, keeps memory to a few MiB
+
+
+def _inflate(stream: BinaryIO, label: str) -> Iterator[bytes]:
+    """The decompressed bytes of a gzip file, a block at a time, member after member."""
+    inflater = zlib.decompressobj(wbits=31)
+    fed = False  # has the current member started?
+    try:
+        while chunk := stream.read(_READ_SIZE):
+            while chunk:
+                fed = True
+                out = inflater.decompress(chunk)
+                if out:
+                    yield out
+                if not inflater.eof:
+                    break
+                chunk = inflater.unused_data
+                inflater = zlib.decompressobj(wbits=31)
+                fed = False
+    except zlib.error as e:
+        raise TarSplitError(f"{label}: not a valid gzip file ({e})") from e
+    if fed:
+        raise TarSplitError(f"{label}: truncated (compressed data ends early)")
+
+
+def _numbered_lines(blocks: Iterator[bytes], label: str) -> Iterator[tuple[int, bytes]]:
+    rest = b""
+    lineno = 0
+    for block in blocks:
+        lines = (rest + block).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            lineno += 1
+            yield lineno, line
+    if rest:
+        # tar-split ends every entry with a newline; its absence means the data stopped.
+        raise TarSplitError(f"{label}: truncated at line {lineno + 1}")
+    if lineno == 0:
+        raise TarSplitError(f"{label}: empty")
+
+
 def iter_entries(stream: BinaryIO, label: str = "tar-split") -> Iterator[Segment | FileEntry]:
     """Entries of a tar-split file, in order; `stream` is the gzip-compressed file.
 
-    The file is decompressed whole and its lines parsed as one JSON array (a few MiB for a
-    large layer, and the caller keeps every entry anyway): gzip's line reader and a
-    json.loads per line were most of the cost. Should that parse fail, or find more values
-    than lines, the lines are parsed one by one to name the bad one. Multi-member files are
-    taken; a truncated or corrupt file raises TarSplitError naming `label` and the line.
+    Decompressed a block at a time; lines are parsed in groups, each as one JSON array (a
+    json.loads per line, and gzip's line reader, were most of the cost). Should a group
+    fail to parse, or hold more values than lines, its lines are parsed one by one to name
+    the bad one. Multi-member files are taken; a truncated or corrupt file raises
+    TarSplitError naming `label` and the line.
     """
+    group: list[tuple[int, bytes]] = []
+    for lineno, line in _numbered_lines(_inflate(stream, label), label):
+        if line.strip():
+            group.append((lineno, line))
+        if len(group) == _GROUP:
+            yield from _parse_group(group, label)
+            group = []
+    yield from _parse_group(group, label)
+
+
+def _parse_group(group: list[tuple[int, bytes]], label: str) -> Iterator[Segment | FileEntry]:
     try:
-        data = gzip.decompress(stream.read())
-    except EOFError as e:
-        raise TarSplitError(f"{label}: truncated (compressed data ends early)") from e
-    except (gzip.BadGzipFile, zlib.error) as e:
-        raise TarSplitError(f"{label}: not a valid gzip file ({e})") from e
-    if not data:
-        raise TarSplitError(f"{label}: empty")
-    lines = data.split(b"\n")
-    if lines[-1]:
-        # tar-split ends every entry with a newline; its absence means the data stopped.
-        raise TarSplitError(f"{label}: truncated at line {len(lines)}")
-    numbered = [(n, line) for n, line in enumerate(lines[:-1], 1) if line.strip()]
-    try:
-        docs = json.loads(b"[" + b",".join(line for _, line in numbered) + b"]")
+        docs = json.loads(b"[" + b",".join(line for _, line in group) + b"]")
     except ValueError:
         docs = None
-    if docs is None or len(docs) != len(numbered):
-        docs = [parse_object(line, f"{label}: line {n}", TarSplitError) for n, line in numbered]
-    for (n, _), obj in zip(numbered, docs):
+    if docs is None or len(docs) != len(group):
+        docs = [parse_object(line, f"{label}: line {n}", TarSplitError) for n, line in group]
+    for (n, _), obj in zip(group, docs):
         yield _entry(obj, f"{label}: line {n}")
 
 

@@ -236,8 +236,10 @@ class WorkerPool:
             while w.waiting:
                 w.waiting.popleft().done.set()
 
-    async def aclose(self) -> None:
-        """EOF to every worker, wait for them to exit (killing them after a grace period)."""
+    async def aclose(self, abort: bool = False) -> None:
+        """EOF to every worker, wait for them to exit (killing them after a grace period);
+        ``abort``: kill them at once (what they stored so far is complete, objects appear
+        whole or not at all)."""
         self._closing = True
         with trio.CancelScope(shield=True):
             for w in self._workers:
@@ -245,7 +247,7 @@ class WorkerPool:
                     w.sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
-            with trio.move_on_after(EXIT_GRACE):
+            with trio.move_on_after(0 if abort else EXIT_GRACE):
                 for w in self._workers:
                     await w.proc.wait()
             for w in self._workers:
@@ -267,8 +269,10 @@ async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
         pool = WorkerPool(nursery, argv, jobs or default_jobs(), repo.alg if repo is not None else alg)
         try:
             yield pool
-        finally:
-            await pool.aclose()
+        except BaseException:
+            await pool.aclose(abort=True)
+            raise
+        await pool.aclose()
 
 
 

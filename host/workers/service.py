@@ -29,10 +29,7 @@ class WorkerService:
         self.repo = repo
 
     def methods(self) -> dict[str, Any]:
-        return {api.HELLO: self.hello, api.STORE: self.store, api.DIGEST: self.digest}
-
-    def hello(self, call: Call) -> dict[str, Any]:
-        return {"version": api.PROTOCOL_VERSION, "pid": os.getpid(), "alg": self.alg, "store": self.repo is not None}
+        return {api.STORE: self.store, api.DIGEST: self.digest}
 
     def _each(self, call: Call, sizes: Any, one) -> dict[str, Any]:
         if not isinstance(sizes, list) or not all(type(s) is int and s >= 0 for s in sizes):
