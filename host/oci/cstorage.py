@@ -8,9 +8,9 @@ give identical layer streams.
 
 The host opens the files (threads) and passes their fds to object worker processes
 (`pycfs.host.workers`), which hash and store them: one per core, as hashing in threads of
-one process is capped by the GIL. A layer's tar-split is read while the layer before it
-imports, and with `parse_layers` each imported layer is parsed for the image build while
-the next one imports.
+one process is capped by the GIL. A layer streams through: its tar-split is read a chunk
+at a time while earlier chunks are stored and written (`LayerImport`), and with
+`parse_layers` each imported layer is parsed for the image build while the next imports.
 
 Files are opened beneath the layer directory with openat2 (RESOLVE_CONFINED, O_NOFOLLOW):
 nothing a tar-split names can lead outside it. A file the user may not open (owned by a
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
 import resource
 import stat
@@ -48,7 +49,7 @@ from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.storage.locks import ReadLocks
 from pycfs.host.storage.store import ImageLayer, ImageRecord, Storage, Store, StorageError
-from pycfs.host.storage.tarsplit import FileEntry, Segment, check_name, crc64_iso, read_entries
+from pycfs.host.storage.tarsplit import FileEntry, Segment, check_name, crc64_iso, iter_entries
 from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
 
 INLINE_CONTENT_MAX = 64  # format constant shared with the tar path: larger files are objects
@@ -56,8 +57,10 @@ _METACOPY_XATTRS = ("user.overlay.metacopy", "trusted.overlay.metacopy")
 _REDIRECT_XATTRS = ("user.overlay.redirect", "trusted.overlay.redirect")
 _DENIED = (errno.EACCES, errno.EPERM)
 _HASH_PIECE = 1 << 20
-BATCH_FILES = 64  # files per worker-thread trip ...
+BATCH_FILES = 64  # files per batch (one thread trip, one worker request) ...
 BATCH_BYTES = 4 << 20  # ... or this much content, whichever comes first
+CHUNK_ENTRIES = 1024  # tar-split entries read at a time
+CHUNKS_IN_FLIGHT = 4  # read ahead of the writer: bounds memory whatever the layer's size
 HELPER_BATCH = 128  # paths per helper call: bounded by the helper client's fd budget
 
 
@@ -79,7 +82,7 @@ class HelperOpener(FdOpener, Protocol):
 
 class PullProgress(Protocol):
     def waiting_for_lock(self) -> None: ...
-    def layer_started(self, diff_id: str, total_bytes: int) -> None: ...
+    def layer_started(self, diff_id: str, total_bytes: int | None) -> None: ...
     def advance(self, diff_id: str, nbytes: int) -> None: ...
     def layer_done(self, diff_id: str, already_present: bool) -> None: ...
 
@@ -250,8 +253,38 @@ def _read_small(fd: int, entry: FileEntry, files: LayerFiles, st: os.stat_result
 # ---- one layer ------------------------------------------------------------------------
 
 
+class _Chunk:
+    """A run of consecutive tar-split entries, written out once all its files are stored."""
+
+    def __init__(self, entries: list[Segment | FileEntry]) -> None:
+        self.entries = entries
+        self.content: dict[int, bytes | tuple[bytes, int]] = {}  # index -> inline bytes or (object id, size)
+        self.pending = sum(1 for e in entries if isinstance(e, FileEntry) and e.size > 0)
+        self.done = trio.Event()
+        if not self.pending:
+            self.done.set()
+
+    def record(self, index: int, content: bytes | tuple[bytes, int]) -> None:
+        self.content[index] = content
+        self.pending -= 1
+        if not self.pending:
+            self.done.set()
+
+
+# One file of a chunk on its way to the repository: (chunk, index in it, its entry).
+_Item = tuple[_Chunk, int, FileEntry]
+
+
 class LayerImport:
-    """Rebuild one layer from tar-split + layer files into `oci-layer-<diff_id>`."""
+    """Rebuild one layer from tar-split + layer files into `oci-layer-<diff_id>`, streaming.
+
+    Three kinds of task share the work: a reader takes the tar-split CHUNK_ENTRIES entries at
+    a time and deals their files out in batches; coordinators open each batch (in a thread;
+    the helper for what the user may not open) and hand the fds to the object workers; a
+    writer appends each chunk to the splitstream, in order, once its files are stored. At
+    most CHUNKS_IN_FLIGHT chunks are held, so memory does not grow with the layer, and the
+    workers start on the first files while the rest of the tar-split is still being read.
+    """
 
     def __init__(
         self,
@@ -271,21 +304,81 @@ class LayerImport:
         self.limiter = limiter
         self.helper = helper
         self.progress = progress
-        self.verify_diffid = verify_diffid
         self.files = LayerFiles(layer.store, layer.layer.id)
-        self.content: dict[int, bytes | tuple[bytes, int]] = {}  # entry index -> inline data or (object id, size)
-        self.denied: list[int] = []
+        self.writer = repo.new_stream(CONTENT_OCI_LAYER)
+        self.hasher = hashlib.sha256() if verify_diffid else None
+        self.total = 0  # bytes of the rebuilt tar so far
 
     def _advance(self, nbytes: int) -> None:
         if self.progress is not None and nbytes:
             self.progress.advance(self.layer.diff_id, nbytes)
 
-    def _open_batch(self, batch: list[tuple[int, FileEntry]]) -> list[bytes | int | None]:
+    async def run(self) -> bytes:
+        """Import the layer; returns its stream id."""
+        rec = self.layer.layer
+        path = self.layer.store.tar_split_path(rec.id)
+        if not path.exists():
+            raise StorageError(f"layer {rec.id[:12]} has no tar-split ({path}): it cannot be rebuilt byte-exact")
+        if self.progress is not None:
+            self.progress.layer_started(self.layer.diff_id, rec.diff_size)
+        send_batches, batches = trio.open_memory_channel(0)
+        send_chunks, chunks = trio.open_memory_channel(CHUNKS_IN_FLIGHT)
+        try:
+            async with open_nursery() as nursery:
+                nursery.start_soon(self._read, str(path), send_chunks, send_batches)
+                for _ in range(_coordinators(self.pool.jobs)):
+                    nursery.start_soon(self._coordinate, batches)
+                nursery.start_soon(self._write, chunks)
+        finally:
+            self.files.close()
+        return await trio.to_thread.run_sync(self._finish, limiter=self.limiter)
+
+    # -- reading --
+
+    async def _read(self, path: str, chunks: trio.MemorySendChannel, batches: trio.MemorySendChannel) -> None:
+        async with chunks, batches:
+            try:
+                f = open(path, "rb")
+            except OSError as e:
+                raise StorageError(f"cannot read {path}: {e.strerror}") from None
+            with f:
+                source = iter_entries(f, path)
+                while entries := await trio.to_thread.run_sync(_take, source, CHUNK_ENTRIES):
+                    chunk = _Chunk(entries)
+                    await chunks.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
+                    files = ((chunk, i, e) for i, e in enumerate(entries) if isinstance(e, FileEntry) and e.size > 0)
+                    for batch in _batches(files):
+                        await batches.send(batch)
+
+    # -- storing --
+
+    async def _coordinate(self, batches: trio.MemoryReceiveChannel) -> None:
+        """Open a batch (in a thread), hand its fds to the object workers, record; repeat."""
+        async for batch in batches:
+            # Not behind self.limiter: the background layer parses hold it for long
+            # stretches, and the workers would starve. The coordinators bound these.
+            opened = await trio.to_thread.run_sync(self._open_batch, batch)
+            items, denied = [], []
+            for item, got in zip(batch, opened):
+                if got is None:
+                    denied.append(item)
+                else:
+                    items.append((item, got))
+            try:
+                await self._store(items, via_helper=False)
+            finally:
+                for _, got in items:
+                    if isinstance(got, int):
+                        os.close(got)
+            if denied:
+                await self._via_helper(denied)
+
+    def _open_batch(self, batch: list[_Item]) -> list[bytes | int | None]:
         """Worker thread: per file, its bytes (small files, read here), an open fd (to store),
         or None (the helper must open it). On error every fd opened so far is closed."""
         out: list[bytes | int | None] = []
         try:
-            for _, entry in batch:
+            for _, _, entry in batch:
                 try:
                     fd, st = self.files.open(entry.relpath, entry.size)
                 except _Denied:
@@ -315,68 +408,46 @@ class LayerImport:
             os.close(fd)
         return data
 
-    async def _store(self, items: list[tuple[int, FileEntry, bytes | int]], via_helper: bool) -> None:
+    async def _store(self, items: list[tuple[_Item, bytes | int]], via_helper: bool) -> None:
         """Record inline bytes; send the fds to the object workers and record what they stored."""
-        sent = [(index, entry, fd) for index, entry, fd in items if isinstance(fd, int)]
-        results = await self.pool.store([fd for _, _, fd in sent], [entry.size for _, entry, _ in sent])
-        for index, entry, data in items:
+        sent = [(item, fd) for item, fd in items if isinstance(fd, int)]
+        results = await self.pool.store([fd for _, fd in sent], [item[2].size for item, _ in sent])
+        for (chunk, index, _), data in items:
             if isinstance(data, bytes):
-                self.content[index] = data
-        for (index, entry, _), result in zip(sent, results):
+                chunk.record(index, data)
+        for ((chunk, index, entry), _), result in zip(sent, results):
             if isinstance(result, Failed):
                 raise PycfsError(f"cannot store {self.files.describe(entry.relpath)}: {result.message}")
-            self.content[index] = (result.object_id, entry.size)
+            chunk.record(index, (result.object_id, entry.size))
             self.stats.count(result.how, entry.size)
         if via_helper:
             self.stats.files_via_helper += len(items)
-        self._advance(sum(entry.size for _, entry, _ in items))
+        self._advance(sum(item[2].size for item, _ in items))
 
-    async def _coordinate(self, batches: Iterator[list[tuple[int, FileEntry]]]) -> None:
-        """Open a batch (in a thread), hand its fds to the object workers, record; repeat."""
-        for batch in batches:
-            # Not behind self.limiter: the background tar-split reads and layer parses hold it
-            # for long stretches, and the workers would starve. The coordinators bound these.
-            opened = await trio.to_thread.run_sync(self._open_batch, batch)
-            items = []
-            for (index, entry), got in zip(batch, opened):
-                if got is None:
-                    self.denied.append(index)
-                else:
-                    items.append((index, entry, got))
-            try:
-                await self._store(items, via_helper=False)
-            finally:
-                for _, _, got in items:
-                    if isinstance(got, int):
-                        os.close(got)
-
-    async def _via_helper(self, entries: list) -> None:
+    async def _via_helper(self, denied: list[_Item]) -> None:
         """Files the user may not open: the helper opens them in the user namespace and passes fds."""
-        if not self.denied:
-            return
         if self.helper is None:
-            first = entries[self.denied[0]]
-            more = f" (and {len(self.denied) - 1} more)" if len(self.denied) > 1 else ""
+            first = denied[0][2]
+            more = f" (and {len(denied) - 1} more)" if len(denied) > 1 else ""
             raise PycfsError(
                 f"permission denied reading {self.files.describe(first.relpath)}{more}: it belongs to a "
                 "user-namespace uid and needs the helper (--helper auto or always)"
             )
-        pending = sorted(self.denied)
+        pending = denied
         for layer_id in self.files.chain():  # ancestors only matter for overlay metacopy stubs
             if not pending:
                 break
-            still: list[int] = []
+            still: list[_Item] = []
             for start in range(0, len(pending), HELPER_BATCH):
-                still += await self._helper_batch(layer_id, entries, pending[start : start + HELPER_BATCH])
+                still += await self._helper_batch(layer_id, pending[start : start + HELPER_BATCH])
             pending = still
         if pending:
-            where = self.files.describe(entries[pending[0]].relpath)
-            raise PycfsError(f"{where} is not in the layer nor any layer below it")
+            raise PycfsError(f"{self.files.describe(pending[0][2].relpath)} is not in the layer nor any layer below it")
 
-    async def _helper_batch(self, layer_id: str, entries: list, batch: list[int]) -> list[int]:
-        """Store one batch through helper fds; returns the entries to look for in lower layers."""
+    async def _helper_batch(self, layer_id: str, batch: list[_Item]) -> list[_Item]:
+        """Store one batch through helper fds; returns the files to look for in lower layers."""
         assert self.helper is not None
-        results = await self.helper.open_files(layer_id, [entries[i].relpath for i in batch])
+        results = await self.helper.open_files(layer_id, [entry.relpath for _, _, entry in batch])
         unreleased = {r for r in results if isinstance(r, int)}
 
         def give_back(fd: int) -> None:
@@ -389,70 +460,66 @@ class LayerImport:
             if len(results) != len(batch):
                 raise PycfsError(f"the helper answered {len(results)} of {len(batch)} files")
             ready = []
-            for index, res in zip(batch, results):
-                entry = entries[index]
+            for item, res in zip(batch, results):
+                entry = item[2]
                 if isinstance(res, OSError):
                     if res.errno != errno.ENOENT:
                         raise PycfsError(f"the helper cannot open {self.files.describe(entry.relpath)}: {res}")
-                    still.append(index)
+                    still.append(item)
                     continue
                 st = os.fstat(res)
                 if LayerFiles.metacopy_lookup(res, st, entry.size, entry.relpath) is not None:
                     give_back(res)
-                    still.append(index)  # a stub: its data is in a lower layer
+                    still.append(item)  # a stub: its data is in a lower layer
                     continue
                 data = self._inline_or_fd(entry, res, st, owned=False)
                 if isinstance(data, bytes):
                     give_back(res)
-                ready.append((index, entry, data))
+                ready.append((item, data))
             await self._store(ready, via_helper=True)
         finally:
             for fd in list(unreleased):
                 give_back(fd)  # closed right after storing: the helper's fd budget is finite
         return still
 
-    def _write(self, entries: list) -> tuple[bytes, int, int]:
-        """Worker thread: assemble the splitstream (and re-hash it if asked), then commit.
+    # -- writing --
 
-        Returns (stream id, inlined bytes, inlined files)."""
-        writer = self.repo.new_stream(CONTENT_OCI_LAYER)
-        hasher = hashlib.sha256() if self.verify_diffid else None
-        total = inlined = inlined_files = 0
-        for index, entry in enumerate(entries):
+    async def _write(self, chunks: trio.MemoryReceiveChannel) -> None:
+        async for chunk in chunks:
+            await chunk.done.wait()
+            self._advance(await trio.to_thread.run_sync(self._write_chunk, chunk, limiter=self.limiter))
+
+    def _write_chunk(self, chunk: _Chunk) -> int:
+        """Worker thread: append a chunk to the splitstream (hashing it when verifying);
+        returns its bytes of tar headers, for the progress bar."""
+        headers = 0
+        for index, entry in enumerate(chunk.entries):
             if isinstance(entry, Segment):
                 data: bytes | tuple[bytes, int] = entry.data
+                headers += len(data)
             elif entry.size == 0:
                 continue
             else:
-                data = self.content[index]
+                data = chunk.content[index]
             if isinstance(data, bytes):
                 if not data:
                     continue
-                writer.write_inline(data)
-                inlined += len(data)
-                inlined_files += isinstance(entry, FileEntry)
-                total += len(data)
-                if hasher is not None:
-                    hasher.update(data)
+                self.writer.write_inline(data)
+                self.total += len(data)
+                self.stats.bytes_inlined += len(data)
+                self.stats.files_inlined += isinstance(entry, FileEntry)
+                if self.hasher is not None:
+                    self.hasher.update(data)
             else:
                 object_id, size = data
-                writer.write_external(object_id, size)
-                total += size
-                if hasher is not None:
-                    self._hash_object(hasher, object_id, size)
-        expected = self.layer.layer.diff_size
-        if expected is not None and total != expected:
-            raise PycfsError(
-                f"layer {self.layer.layer.id[:12]}: rebuilt tar is {total} bytes, c/storage recorded {expected}"
-            )
-        if hasher is not None and "sha256:" + hasher.hexdigest() != self.layer.diff_id:
-            raise PycfsError(
-                f"layer {self.layer.layer.id[:12]}: rebuilt tar has digest sha256:{hasher.hexdigest()}, "
-                f"not its diff_id {self.layer.diff_id}"
-            )
-        return self.repo.write_stream(writer, f"oci-layer-{self.layer.diff_id}"), inlined, inlined_files
+                self.writer.write_external(object_id, size)
+                self.total += size
+                if self.hasher is not None:
+                    self._hash_object(object_id, size)
+        return headers
 
-    def _hash_object(self, hasher, object_id: bytes, size: int) -> None:
+    def _hash_object(self, object_id: bytes, size: int) -> None:
+        assert self.hasher is not None
         fd = self.repo.open_object(object_id)
         try:
             offset = 0
@@ -460,62 +527,26 @@ class LayerImport:
                 piece = os.pread(fd, min(_HASH_PIECE, size - offset), offset)
                 if not piece:
                     raise PycfsError(f"object {object_id.hex()} is shorter than {size} bytes")
-                hasher.update(piece)
+                self.hasher.update(piece)
                 offset += len(piece)
         finally:
             os.close(fd)
 
-    async def run(self, entries: list[FileEntry | Segment]) -> bytes:
-        """Import the layer whose tar-split `read_layer_tarsplit` read; returns the stream id."""
+    def _finish(self) -> bytes:
+        """Worker thread: check the rebuilt tar against what c/storage recorded, then commit."""
         rec = self.layer.layer
-        if self.progress is not None:
-            total = rec.diff_size or sum(e.size if isinstance(e, FileEntry) else len(e.data) for e in entries)
-            self.progress.layer_started(self.layer.diff_id, total)
-            self._advance(sum(len(e.data) for e in entries if isinstance(e, Segment)))
-        work = _batches((i, e) for i, e in enumerate(entries) if isinstance(e, FileEntry) and e.size > 0)
-        try:
-            async with open_nursery() as nursery:
-                for _ in range(_coordinators(self.pool.jobs)):
-                    nursery.start_soon(self._coordinate, work)
-            await self._via_helper(entries)
-        finally:
-            self.files.close()
-        stream_id, inlined, inlined_files = await trio.to_thread.run_sync(self._write, entries, limiter=self.limiter)
-        self.stats.bytes_inlined += inlined
-        self.stats.files_inlined += inlined_files
-        return stream_id
+        if rec.diff_size is not None and self.total != rec.diff_size:
+            raise PycfsError(f"layer {rec.id[:12]}: rebuilt tar is {self.total} bytes, c/storage recorded {rec.diff_size}")
+        if self.hasher is not None and "sha256:" + self.hasher.hexdigest() != self.layer.diff_id:
+            raise PycfsError(
+                f"layer {rec.id[:12]}: rebuilt tar has digest sha256:{self.hasher.hexdigest()}, "
+                f"not its diff_id {self.layer.diff_id}"
+            )
+        return self.repo.write_stream(self.writer, f"oci-layer-{self.layer.diff_id}")
 
 
-def read_layer_tarsplit(layer: ImageLayer) -> list[FileEntry | Segment]:
-    """The layer's tar-split entries (blocking: run it in a thread)."""
-    path = layer.store.tar_split_path(layer.layer.id)
-    if not path.exists():
-        raise StorageError(f"layer {layer.layer.id[:12]} has no tar-split ({path}): it cannot be rebuilt byte-exact")
-    return read_entries(str(path))
-
-
-class _InBackground:
-    """A blocking call run in a thread by a background task; `result()` waits for it and
-    raises what it raised, so a failure surfaces where the value is used."""
-
-    def __init__(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter, fn, *args) -> None:
-        self._done = trio.Event()
-        self._value = self._error = None
-        nursery.start_soon(self._run, limiter, fn, args)
-
-    async def _run(self, limiter: trio.CapacityLimiter, fn, args: tuple) -> None:
-        try:
-            self._value = await trio.to_thread.run_sync(fn, *args, limiter=limiter)
-        except Exception as e:  # noqa: BLE001 (handed to whoever waits for the value)
-            self._error = e
-        finally:
-            self._done.set()
-
-    async def result(self):
-        await self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value
+def _take(source: Iterator[Segment | FileEntry], n: int) -> list[Segment | FileEntry]:
+    return list(itertools.islice(source, n))
 
 
 def _coordinators(jobs: int) -> int:
@@ -525,13 +556,14 @@ def _coordinators(jobs: int) -> int:
     return max(1, min(2 * jobs, soft // 2 // BATCH_FILES))
 
 
-def _batches(items: Iterable[tuple[int, FileEntry]]) -> Iterator[list[tuple[int, FileEntry]]]:
-    """Files grouped so one worker-thread trip handles many small files (or one big one)."""
-    batch: list[tuple[int, FileEntry]] = []
+def _batches(items: Iterable[_Item]) -> Iterator[list[_Item]]:
+    """Files grouped so one trip to a thread and a worker handles many small files (or one
+    big one)."""
+    batch: list[_Item] = []
     size = 0
     for item in items:
         batch.append(item)
-        size += item[1].size
+        size += item[2].size
         if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
             yield batch
             batch, size = [], 0
@@ -557,21 +589,23 @@ class _HelperGate:
         self.source = source
         self.ref = ref
         self.on_wait = on_wait
+        self._starting = trio.Lock()
 
     async def open_files(self, layer_id: str, paths: list[bytes]) -> list[int | OSError]:
-        if self.helper.info is None:
-            self.locks.release()
-            try:
-                await self.helper.hello()
-            finally:
-                await self.locks.acquire(on_wait=self.on_wait)
-            again = await trio.to_thread.run_sync(read_image, self.storage, self.ref)
-            if again.image.id != self.source.image.id or [l.layer.id for l in again.layers] != [
-                l.layer.id for l in self.source.layers
-            ]:
-                raise PycfsError(
-                    f"image {self.ref!r} changed in containers-storage while the helper started: run the pull again"
-                )
+        async with self._starting:  # several coordinators may need the helper at once
+            if self.helper.info is None:
+                self.locks.release()
+                try:
+                    await self.helper.hello()
+                finally:
+                    await self.locks.acquire(on_wait=self.on_wait)
+                again = await trio.to_thread.run_sync(read_image, self.storage, self.ref)
+                if again.image.id != self.source.image.id or [l.layer.id for l in again.layers] != [
+                    l.layer.id for l in self.source.layers
+                ]:
+                    raise PycfsError(
+                        f"image {self.ref!r} changed in containers-storage while the helper started: run the pull again"
+                    )
         return await self.helper.open_files(layer_id, paths)
 
     def release(self, fd: int) -> None:
@@ -620,17 +654,9 @@ async def pull_image(
             stats.layers = len(source.layers)
             on_wait = progress.waiting_for_lock if progress else None
             gate = _HelperGate(helper, locks, storage, source, ref, on_wait) if helper is not None else None
-            present = {layer.diff_id: repo.has_stream(f"oci-layer-{layer.diff_id}") for layer in source.layers}
-            todo: dict[str, ImageLayer] = {}  # diff_id -> the layer to import it from, in image order
-            for layer in source.layers:
-                if present[layer.diff_id] is None:
-                    todo.setdefault(layer.diff_id, layer)
-            order = list(todo)
-            # Each layer's tar-split is read while the layer before it imports.
-            tarsplits = {d: _InBackground(parsing, limiter, read_layer_tarsplit, todo[d]) for d in order[:1]}
             async with open_pool(repo=repo, jobs=jobs) as pool:
                 for layer in source.layers:
-                    existing = present[layer.diff_id]
+                    existing = repo.has_stream(f"oci-layer-{layer.diff_id}")
                     if existing is not None:
                         stats.layers_already_present += 1
                         layer_streams.append((layer.diff_id, existing))
@@ -638,16 +664,8 @@ async def pull_image(
                             progress.layer_done(layer.diff_id, True)
                         continue
                     await pool.start()  # the workers' start-up overlaps the first tar-split read
-                    layer = todo[layer.diff_id]
-                    entries = await tarsplits.pop(layer.diff_id).result()
-                    following = order.index(layer.diff_id) + 1
-                    if following < len(order):
-                        after = todo[order[following]]
-                        tarsplits[after.diff_id] = _InBackground(parsing, limiter, read_layer_tarsplit, after)
                     job = LayerImport(repo, layer, stats, limiter, pool, gate, progress, verify_diffid)
-                    present[layer.diff_id] = await job.run(entries)
-                    layer_streams.append((layer.diff_id, present[layer.diff_id]))
-                    del entries
+                    layer_streams.append((layer.diff_id, await job.run()))
                     if parse_layers:
                         parsing.start_soon(parse, layer_streams[-1][1])
                     if progress is not None:

@@ -128,7 +128,7 @@ def _entry(obj: object, where: str) -> Segment | FileEntry:
     return FileEntry(name, size, int.from_bytes(crc, "big") if crc else None)
 
 
-_READ_SIZE = 1 << 20
+_READ_SIZE = 1 << 18
 _GROUP = 512  # lines per json.loads: amortises its call cost, keeps memory to a few MiB
 
 
@@ -140,9 +140,13 @@ def _inflate(stream: BinaryIO, label: str) -> Iterator[bytes]:
         while chunk := stream.read(_READ_SIZE):
             while chunk:
                 fed = True
-                out = inflater.decompress(chunk)
+                # Bounded output: tar-split compresses 50:1, one read could inflate whole.
+                out = inflater.decompress(chunk, _READ_SIZE)
                 if out:
                     yield out
+                if inflater.unconsumed_tail:
+                    chunk = inflater.unconsumed_tail
+                    continue
                 if not inflater.eof:
                     break
                 chunk = inflater.unused_data

@@ -221,3 +221,60 @@ def test_one_worker_and_a_repeated_layer_and_parsed_entries(tmp_path, repo):
     assert _cat(repo, base.diff_id) == base.tar
     assert list(result.layer_entries) == [stream_id]
     assert result.layer_entries[stream_id] == parse_layer(repo, stream_id)
+
+
+@pytest.mark.parametrize("chunk_entries,in_flight", [(1, 1), (3, 1), (5, 2)])
+def test_layers_stream_through_small_chunks(tmp_path, repo, monkeypatch, chunk_entries, in_flight):
+    """The tar-split read a few entries at a time, with little read-ahead: the same streams."""
+    monkeypatch.setattr(cstorage, "CHUNK_ENTRIES", chunk_entries)
+    monkeypatch.setattr(cstorage, "CHUNKS_IN_FLIGHT", in_flight)
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    files = {"d": None, **{f"d/f{i}": bytes([i]) * (i * 37) for i in range(12)}}
+    layer = fake.add_layer(files)
+    fake.add_image([layer], ["localhost/img:latest"])
+    result = _pull(repo, fake, verify_diffid=True)
+    assert _cat(repo, layer.diff_id) == layer.tar
+    other = Repository.init(tmp_path / "other")
+    tar_id, _ = import_layer(other, layer.diff_id, io.BytesIO(layer.tar), compression="none")
+    assert result.layers == [(layer.diff_id, tar_id)]
+
+
+def test_helper_gate_starts_the_helper_once_for_concurrent_callers(tmp_path):
+    """Coordinators meet denied files at the same time: one lets the locks go and starts the
+    helper, the others wait for it; the locks are let go and taken back exactly once."""
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    layer = fake.add_layer({"f": b"x" * 100})
+    fake.add_image([layer], ["localhost/img:latest"])
+    storage = Storage([Store(fake.root, fake.driver)])
+    source = cstorage.read_image(storage, "localhost/img:latest")
+    calls = []
+
+    class Locks:
+        def release(self):
+            calls.append("release")
+
+        async def acquire(self, on_wait=None):
+            calls.append("acquire")
+
+    class Helper:
+        info = None
+
+        async def hello(self):
+            calls.append("hello")
+            await trio.sleep(0.01)
+            self.info = {"pid": 1}
+            return self.info
+
+        async def open_files(self, layer_id, paths):
+            calls.append("open")
+            return []
+
+    gate = cstorage._HelperGate(Helper(), Locks(), storage, source, "localhost/img:latest", None)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(gate.open_files, "a" * 64, [b"f"])
+
+    trio.run(main)
+    assert calls == ["release", "hello", "acquire"] + ["open"] * 4

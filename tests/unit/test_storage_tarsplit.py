@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from pycfs.host.storage import tarsplit
 from pycfs.host.storage.tarsplit import (
     FileEntry,
     Segment,
@@ -114,3 +115,14 @@ def test_zlib_error_in_the_middle():
     data[20] ^= 0xFF
     with pytest.raises(TarSplitError):
         list(iter_entries(io.BytesIO(bytes(data))))
+
+
+def test_reads_in_small_bounded_pieces(monkeypatch):
+    """Highly compressible data read and inflated a few bytes at a time, across members."""
+    monkeypatch.setattr(tarsplit, "_READ_SIZE", 7)
+    monkeypatch.setattr(tarsplit, "_GROUP", 3)
+    entries = [Segment(bytes(1000)), FileEntry(b"a/b", 5, 1), Segment(b"\x01" * 3000), FileEntry(b"c", 0, None)]
+    one, two = io.BytesIO(), io.BytesIO()
+    write_entries(entries[:2], one)
+    write_entries(entries[2:], two)
+    assert list(iter_entries(io.BytesIO(one.getvalue() + two.getvalue()))) == entries

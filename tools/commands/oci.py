@@ -24,7 +24,7 @@ class _PlainProgress:
     def waiting_for_lock(self) -> None:
         print("waiting for containers-storage locks (podman is writing)...", file=sys.stderr)
 
-    def layer_started(self, diff_id: str, total_bytes: int) -> None:
+    def layer_started(self, diff_id: str, total_bytes: int | None) -> None:
         pass
 
     def advance(self, diff_id: str, nbytes: int) -> None:
@@ -47,7 +47,7 @@ class _RichProgress(_PlainProgress):
     def waiting_for_lock(self) -> None:
         self.progress.console.print("waiting for containers-storage locks (podman is writing)...")
 
-    def layer_started(self, diff_id: str, total_bytes: int) -> None:
+    def layer_started(self, diff_id: str, total_bytes: int | None) -> None:
         self.tasks[diff_id] = self.progress.add_task(diff_id[7:19], total=total_bytes)
 
     def advance(self, diff_id: str, nbytes: int) -> None:
