@@ -20,7 +20,7 @@ import pytest
 
 import imagebuild
 from imagebuild import MIB, File, ImageSpec
-from procs import pids_of
+from procs import kill_child_mid_pull, pids_of
 
 pytestmark = pytest.mark.integration
 
@@ -249,25 +249,9 @@ def test_worker_killed_mid_import(podman_user, shared_tmp_path):
     imagebuild.load_into_storage(user, built.path, ref)
     repo = _init_repo(user)
     before = set(pids_of(user.uid, b"pycfs.host.workers"))
-    argv = [user.python, "-m", "pycfs.tools.cli", "--repo", repo, "oci", "pull", f"containers-storage:{ref}"]
-    proc = subprocess.Popen(list(map(str, argv)), cwd=user.home, env=user.environ(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, user=user.uid, group=user.gid, extra_groups=[])
-    try:
-        deadline = time.monotonic() + 60
-        while not (workers := set(pids_of(user.uid, b"pycfs.host.workers")) - before):
-            assert proc.poll() is None, ("the pull ended before its workers started", proc.communicate())
-            assert time.monotonic() < deadline, "no object worker started"
-            time.sleep(0.002)
-        victim = min(workers)
-        os.kill(victim, signal.SIGSTOP)  # its share of the batches now waits: the pull cannot finish
-        os.kill(victim, signal.SIGKILL)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 1, err.decode()
-    last = err.decode().strip().splitlines()[-1]
+    victim, status, err = kill_child_mid_pull(user, repo, ref, b"pycfs.host.workers")
+    assert status == 1, err
+    last = err.strip().splitlines()[-1]
     assert last.startswith("pycfs: error:") and f"object worker (pid {victim})" in last and "-9" in last, last
     assert not list((repo / "streams").glob("oci-layer-*")) if (repo / "streams").exists() else True
     assert json.loads(user.pycfs("--repo", repo, "fsck", "--json").stdout)["ok"] is True

@@ -6,14 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import imagebuild
 from imagebuild import MIB, Dir, File, ImageSpec
-from procs import pids_of
+from procs import kill_child_mid_pull
 
 from pycfs.host.oci.layer import iter_layer_entries, layer_stream_name
 from pycfs.host.repository import Repository
@@ -93,27 +90,9 @@ def test_helper_killed_mid_import(podman_user, shared_tmp_path):
     imagebuild.load_into_storage(user, built.path, ref)
     repo = user.tmpdir("kill-") / "repo"
     user.pycfs("--repo", repo, "init")
-    before = set(pids_of(user.uid, b"pycfs.helper"))
-    argv = [user.python, "-m", "pycfs.tools.cli", "--repo", repo, "oci", "pull", f"containers-storage:{ref}"]
-    proc = subprocess.Popen(list(map(str, argv)), cwd=user.home, env=user.environ(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, user=user.uid, group=user.gid, extra_groups=[])
-    try:
-        deadline = time.monotonic() + 60
-        while not (helpers := set(pids_of(user.uid, b"pycfs.helper")) - before):
-            assert proc.poll() is None, ("the pull ended before its helper started", proc.communicate())
-            assert time.monotonic() < deadline, "no helper started"
-            time.sleep(0.002)
-        (helper,) = helpers
-        os.kill(helper, signal.SIGSTOP)  # freeze it: the pull now waits on it, no race
-        assert proc.poll() is None, "the pull finished before the helper could be stopped"
-        os.kill(helper, signal.SIGKILL)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 1, err.decode()
-    lines = err.decode().strip().splitlines()
+    _, status, err = kill_child_mid_pull(user, repo, ref, b"pycfs.helper")
+    assert status == 1, err
+    lines = err.strip().splitlines()
     assert lines[-1].startswith("pycfs: error:") and "helper" in lines[-1], lines[-1]
     # nothing half-made is visible, the repository is consistent, and a re-run completes
     assert not list((repo / "streams").glob("oci-layer-*")) if (repo / "streams").exists() else True

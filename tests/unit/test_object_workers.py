@@ -1,5 +1,6 @@
 """Object worker processes: real `python -m pycfs.host.workers` children, real files, real fds."""
 
+import contextlib
 import errno
 import os
 import signal
@@ -31,14 +32,15 @@ def files(tmp_path):
     return out
 
 
-def _open(paths):
+@contextlib.contextmanager
+def _opened(paths):
+    """(fds, sizes) of the files, closed afterwards."""
     fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths]
-    return fds, [os.fstat(fd).st_size for fd in fds]
-
-
-def _close(fds):
-    for fd in fds:
-        os.close(fd)
+    try:
+        yield fds, [os.fstat(fd).st_size for fd in fds]
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _run(fn, *args):
@@ -47,12 +49,9 @@ def _run(fn, *args):
 
 def test_digest_matches_in_process_hashing(files):
     async def main():
-        fds, sizes = _open([p for p, _ in files])
-        try:
+        with _opened([p for p, _ in files]) as (fds, sizes):
             async with open_pool(alg="sha256", jobs=2) as pool:
                 return await pool.digest(fds, sizes)
-        finally:
-            _close(fds)
 
     got = _run(main)
     assert got == [digest_bytes(data) for _, data in files]
@@ -60,12 +59,9 @@ def test_digest_matches_in_process_hashing(files):
 
 def test_sha512_workers(files):
     async def main():
-        fds, sizes = _open([files[5][0]])
-        try:
+        with _opened([files[5][0]]) as (fds, sizes):
             async with open_pool(alg="sha512", jobs=1) as pool:
                 return await pool.digest(fds, sizes)
-        finally:
-            _close(fds)
 
     assert _run(main) == [digest_bytes(files[5][1], "sha512")]
 
@@ -74,14 +70,11 @@ def test_store_writes_objects_and_second_store_finds_them(tmp_path, files):
     with Repository.init(tmp_path / "repo") as repo:
 
         async def main():
-            fds, sizes = _open([p for p, _ in files])
-            try:
+            with _opened([p for p, _ in files]) as (fds, sizes):
                 async with open_pool(repo=repo, jobs=2) as pool:
                     first = await pool.store(fds, sizes)
                     second = await pool.store(fds, sizes)
                 return first, second
-            finally:
-                _close(fds)
 
         first, second = _run(main)
         for (_, data), stored, again in zip(files, first, second):
@@ -105,12 +98,9 @@ def test_many_files_in_one_call_span_several_requests(tmp_path):
         paths.append(p)
 
     async def main():
-        fds, sizes = _open(paths)
-        try:
+        with _opened(paths) as (fds, sizes):
             async with open_pool(alg="sha256", jobs=2) as pool:
                 return await pool.digest(fds, sizes)
-        finally:
-            _close(fds)
 
     assert _run(main) == [digest_bytes(p.read_bytes()) for p in paths]
 
@@ -120,13 +110,10 @@ def test_one_bad_file_fails_alone(tmp_path, files):
     with Repository.init(tmp_path / "repo") as repo:
 
         async def main():
-            fds, sizes = _open([files[2][0], files[3][0], tmp_path])
-            sizes[0] += 1
-            try:
+            with _opened([files[2][0], files[3][0], tmp_path]) as (fds, sizes):
+                sizes[0] += 1
                 async with open_pool(repo=repo, jobs=1) as pool:
                     return await pool.store(fds, sizes)
-            finally:
-                _close(fds)
 
         wrong_size, good, directory = _run(main)
         assert wrong_size == Failed(errno.ESTALE, f"has {len(files[2][1])} bytes, expected {len(files[2][1]) + 1}")
@@ -136,12 +123,9 @@ def test_one_bad_file_fails_alone(tmp_path, files):
 
 def test_digest_only_worker_refuses_to_store(files):
     async def main():
-        fds, sizes = _open([files[3][0]])
-        try:
+        with _opened([files[3][0]]) as (fds, sizes):
             async with open_pool(alg="sha256", jobs=1) as pool:
                 await pool.store(fds, sizes)
-        finally:
-            _close(fds)
 
     with pytest.raises(PycfsError, match="refused a request.*without a repository"):
         _run(main)
@@ -149,15 +133,12 @@ def test_digest_only_worker_refuses_to_store(files):
 
 def test_dead_worker_fails_the_pool_with_its_status(files):
     async def main():
-        fds, sizes = _open([files[3][0]])
-        try:
+        with _opened([files[3][0]]) as (fds, sizes):
             async with open_pool(alg="sha256", jobs=1) as pool:
                 await pool.digest(fds, sizes)
                 os.kill(pool._workers[0].proc.pid, signal.SIGKILL)
                 await pool._workers[0].proc.wait()
                 await pool.digest(fds, sizes)
-        finally:
-            _close(fds)
 
     with pytest.raises(PycfsError, match=r"object worker \(pid \d+\) failed: .*exit status -9"):
         _run(main)
@@ -168,12 +149,9 @@ def test_worker_that_cannot_start_quotes_its_output(tmp_path, files):
         (tmp_path / "repo" / "meta.json").write_text("{}")  # the worker's own open fails
 
         async def main():
-            fds, sizes = _open([files[3][0]])
-            try:
+            with _opened([files[3][0]]) as (fds, sizes):
                 async with open_pool(repo=repo, jobs=1) as pool:
                     await pool.store(fds, sizes)
-            finally:
-                _close(fds)
 
         with pytest.raises(PycfsError, match=r"failed: .*exit status 2; its last output: pycfs-worker: "):
             _run(main)
@@ -185,8 +163,7 @@ def test_no_process_or_fd_left_after_the_pool(files):
     pids = []
 
     async def main():
-        fds, sizes = _open([files[-1][0]] * 50)
-        try:
+        with _opened([files[-1][0]] * 50) as (fds, sizes):
             async with open_pool(alg="sha256", jobs=2) as pool:
                 await pool.start()
                 pids.extend(w.proc.pid for w in pool._workers)
@@ -194,8 +171,6 @@ def test_no_process_or_fd_left_after_the_pool(files):
                     async with trio.open_nursery() as nursery:
                         for _ in range(4):
                             nursery.start_soon(pool.digest, fds, sizes)
-        finally:
-            _close(fds)
 
     _run(main)
     assert len(pids) == 2
