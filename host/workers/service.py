@@ -7,6 +7,7 @@ import errno
 import os
 from typing import Any
 
+from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, digest_fd
 from pycfs.host.repository import Repository
 from pycfs.protocol import worker_api as api
@@ -44,6 +45,8 @@ class WorkerService:
                 failed.append([index, e.errno or errno.EIO, e.strerror or str(e)])
             except _FileFailed as e:
                 failed.append([index, e.code, e.message])
+            except PycfsError as e:  # e.g. a repository this user may not write to
+                failed.append([index, errno.EIO, str(e)])
             else:
                 ids.append(digest)
                 how.append(code)

@@ -3,9 +3,11 @@
 import contextlib
 import errno
 import os
+import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import trio
@@ -214,3 +216,57 @@ def test_malformed_replies_are_refused():
             pool._results(obj, 2, api.STORE)
     with pytest.raises(ValueError):  # store codes in a digest reply
         pool._results({"result": good}, 2, api.DIGEST)
+
+
+def test_read_only_repository_fails_each_file_with_the_reason(tmp_path, files):
+    """The worker opens the repository for itself; here it finds it read-only (a feature
+    from the future it must not write under), so each file fails, saying why."""
+    with Repository.init(tmp_path / "repo") as repo:
+        meta = tmp_path / "repo" / "meta.json"
+        doc = json.loads(meta.read_text())
+        doc["features"]["read-only-compatible"].append("from-the-future")
+        meta.write_text(json.dumps(doc))
+
+        async def main():
+            with _opened([files[3][0]]) as (fds, sizes):
+                async with open_pool(repo=repo, jobs=1) as pool:
+                    return await pool.store(fds, sizes)
+
+        (result,) = _run(main)
+        assert isinstance(result, Failed) and "read-only" in result.message, result
+
+
+def test_workers_die_with_the_host(tmp_path):
+    """The host killed outright: its workers go too (PR_SET_PDEATHSIG), not left hashing."""
+    script = tmp_path / "host.py"
+    script.write_text(
+        "import trio, sys\n"
+        "from pycfs.host.workers.pool import open_pool\n"
+        "async def main():\n"
+        "    async with open_pool(alg='sha256', jobs=2) as pool:\n"
+        "        await pool.start()\n"
+        "        print(' '.join(str(w.proc.pid) for w in pool._workers), flush=True)\n"
+        "        await trio.sleep(60)\n"
+        "trio.run(main)\n")
+    host = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        pids = [int(p) for p in host.stdout.readline().split()]
+        assert len(pids) == 2
+        host.kill()
+        host.wait()
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, "workers outlived their host"
+            time.sleep(0.01)
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
