@@ -15,6 +15,8 @@ preallocated bytearray (directory blocks are built last, once every nid is known
 
 from __future__ import annotations
 
+import functools
+
 import stat as _stat
 from collections import deque
 
@@ -60,11 +62,12 @@ class ImageError(PycfsError):
 
 # Prefix matching order: longest/most specific indexes first (6 -> 0); lustre (5) is only
 # used by the V2 writer.
-_PREFIX_ORDER_EPOCH1 = [6, 4, 3, 2, 1]
-_PREFIX_ORDER_V2 = [6, 5, 4, 3, 2, 1]
+_PREFIX_ORDER_EPOCH1 = (6, 4, 3, 2, 1)
+_PREFIX_ORDER_V2 = (6, 5, 4, 3, 2, 1)
 
 
-def _split_xattr_name(key: bytes, order: list[int]) -> tuple[int, bytes]:
+@functools.lru_cache(maxsize=4096)  # a few distinct names on thousands of inodes
+def _split_xattr_name(key: bytes, order: tuple[int, ...]) -> tuple[int, bytes]:
     for idx in order:
         p = F.XATTR_PREFIXES[idx]
         if key.startswith(p):
