@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -9,7 +10,9 @@ import os
 import pytest
 import trio
 
+from fdcount import open_fd_count
 from pycfs.host.errors import PycfsError
+from pycfs.host.fsck import fsck
 from pycfs.host.oci import cstorage
 from pycfs.host.oci.image import parse_layer
 from pycfs.host.oci.layer import import_layer
@@ -278,3 +281,27 @@ def test_helper_gate_starts_the_helper_once_for_concurrent_callers(tmp_path):
 
     trio.run(main)
     assert calls == ["release", "hello", "acquire"] + ["open"] * 4
+
+
+def test_tar_split_corrupt_half_way_commits_nothing_and_leaks_nothing(tmp_path, repo, monkeypatch):
+    """Chunks before the bad line are already stored when the error comes: the pull fails
+    naming the line, no layer stream appears, the repository checks clean, no fd stays open,
+    and a re-run after the tar-split is repaired completes."""
+    monkeypatch.setattr(cstorage, "CHUNK_ENTRIES", 4)
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    layer = fake.add_layer({"d": None, **{f"d/f{i:02d}": bytes([i]) * (100 + i) for i in range(30)}})
+    fake.add_image([layer], ["localhost/img:latest"])
+    path = fake.layers_dir / f"{layer.id}.tar-split.gz"
+    good = path.read_bytes()
+    lines = gzip.decompress(good).split(b"\n")
+    lines[40] = b'{"type": 1, "name": "d/f15", "size": "not a number"}'
+    path.write_bytes(gzip.compress(b"\n".join(lines)))
+    before = open_fd_count()
+    with pytest.raises(PycfsError, match=r"tar-split.gz: line 41: .*invalid size"):
+        _pull(repo, fake)
+    assert open_fd_count() == before
+    assert not list((repo.path / "streams").glob("oci-layer-*"))
+    assert fsck(repo).ok
+    path.write_bytes(good)
+    result = _pull(repo, fake)
+    assert _cat(repo, layer.diff_id) == layer.tar and result.stats.layers == 1
