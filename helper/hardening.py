@@ -30,6 +30,8 @@ import stat
 
 import prctl
 
+from pycfs.host.syscalls import raise_open_file_limit
+
 KEEP = prctl.CAP_DAC_READ_SEARCH
 _STATUS_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
@@ -102,12 +104,6 @@ def capability_sets() -> dict[str, int]:
     return out
 
 
-def raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def harden(ppid_at_start: int) -> socket.socket:
     """Apply everything in the module docstring; returns the host's socket."""
     die_with_parent(ppid_at_start)
@@ -119,5 +115,5 @@ def harden(ppid_at_start: int) -> socket.socket:
     close_inherited_fds(sock.fileno())
     prctl.set_no_new_privs(True)
     drop_capabilities()
-    raise_fd_limit()
+    raise_open_file_limit()
     return sock

@@ -11,6 +11,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import resource
 import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -140,3 +141,12 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, options: str = 
 def umount(target: str, flags: int = 0) -> None:
     if _libc.umount2(os.fsencode(target), flags) != 0:
         _raise("umount", target)
+
+
+def raise_open_file_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: a pull keeps batches of fds in flight to its
+    workers (and the helper hands fds back), and the soft default (often 1024) would cap
+    how many batches run at once long before the hard limit would."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

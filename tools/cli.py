@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from pycfs.host.errors import PycfsError
+from pycfs.host.syscalls import raise_open_file_limit
 
 # Order is the order of `pycfs --help`.
 COMMAND_MODULES = ["repo", "oci", "erofs", "mount"]
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    raise_open_file_limit()
     try:
         return int(args.handler(args) or 0)
     except PycfsError as e:
