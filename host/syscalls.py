@@ -98,19 +98,24 @@ def fsverity_measure(fd: int, hash_alg: int) -> bytes | None:
     return bytes(buf[4 : 4 + size])
 
 
+_empty_path_link = True  # cleared once linkat(AT_EMPTY_PATH) says it needs a capability
+
+
 def link_fd(fd: int, dst_dirfd: int, name: str) -> None:
     """Give the file open at fd (e.g. an O_TMPFILE) a name. EEXIST propagates.
 
-    linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH; the /proc/self/fd route works for
-    any user on an O_TMPFILE, so it is tried first.
+    linkat(AT_EMPTY_PATH) works for any user on the file they opened since Linux 6.10, and
+    needs CAP_DAC_READ_SEARCH before (ENOENT without it); the /proc/self/fd route works for
+    any user on an O_TMPFILE, but walks procfs on every call (about 3 µs an object more).
     """
-    try:
-        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dst_dirfd, follow_symlinks=True)
-        return
-    except FileNotFoundError:
-        pass  # /proc not mounted: fall through to AT_EMPTY_PATH
-    if _libc.linkat(fd, b"", dst_dirfd, os.fsencode(name), AT_EMPTY_PATH) != 0:
-        _raise("linkat", name)
+    global _empty_path_link
+    if _empty_path_link:
+        if _libc.linkat(fd, b"", dst_dirfd, os.fsencode(name), AT_EMPTY_PATH) == 0:
+            return
+        if ctypes.get_errno() != errno.ENOENT:
+            _raise("linkat", name)
+        _empty_path_link = False
+    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dst_dirfd, follow_symlinks=True)
 
 
 def renameat2_noreplace(src_dirfd: int, src: str, dst_dirfd: int, dst: str) -> None:
