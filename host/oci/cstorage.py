@@ -613,8 +613,9 @@ class _HelperGate:
 
 
 def default_limiter() -> trio.CapacityLimiter:
-    """Threads for opening files and parsing tar-split (hashing is in worker processes):
-    one per core, as their work is mostly Python holding the GIL."""
+    """Threads for the longer Python work (writing splitstream chunks, parsing layers for the
+    image; hashing is in worker processes): one per core, as it mostly holds the GIL. The
+    short trips (opening a batch, reading a tar-split chunk) are bounded by the pipeline."""
     return trio.CapacityLimiter(max(2, os.cpu_count() or 1))
 
 

@@ -14,13 +14,6 @@ from pycfs.protocol import worker_api as api
 from pycfs.protocol.rpcserver import Call, InvalidParamsError
 
 
-class _FileFailed(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 class WorkerService:
     """``repo`` None: digests only (the `store` method refuses)."""
 
@@ -43,8 +36,6 @@ class WorkerService:
                 digest, code = one(fd, size)
             except OSError as e:
                 failed.append([index, e.errno or errno.EIO, e.strerror or str(e)])
-            except _FileFailed as e:
-                failed.append([index, e.code, e.message])
             except PycfsError as e:  # e.g. a repository this user may not write to
                 failed.append([index, errno.EIO, str(e)])
             else:
@@ -67,8 +58,8 @@ class WorkerService:
         assert self.repo is not None
         st = os.fstat(fd)
         if st.st_size != size:
-            raise _FileFailed(errno.ESTALE, f"has {st.st_size} bytes, expected {size}")
+            raise OSError(errno.ESTALE, f"has {st.st_size} bytes, expected {size}")
         result = self.repo.store_object_from_fd(fd, st)
         if result.size != size:
-            raise _FileFailed(errno.ESTALE, "changed size while it was stored")
+            raise OSError(errno.ESTALE, "changed size while it was stored")
         return result.object_id, api.HOW_CODES[result.how]
