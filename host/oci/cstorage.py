@@ -49,7 +49,7 @@ from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.storage.locks import ReadLocks
 from pycfs.host.storage.store import ImageLayer, ImageRecord, Storage, Store, StorageError
-from pycfs.host.storage.tarsplit import FileEntry, Segment, check_name, crc64_iso, iter_entries
+from pycfs.host.storage.tarsplit import FileEntry, Segment, check_name, crc64_iso, open_entries
 from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
 
 INLINE_CONTENT_MAX = 64  # format constant shared with the tar path: larger files are objects
@@ -337,12 +337,7 @@ class LayerImport:
 
     async def _read(self, path: str, chunks: trio.MemorySendChannel, batches: trio.MemorySendChannel) -> None:
         async with chunks, batches:
-            try:
-                f = open(path, "rb")
-            except OSError as e:
-                raise StorageError(f"cannot read {path}: {e.strerror}") from None
-            with f:
-                source = iter_entries(f, path)
+            with open_entries(path) as source:
                 while entries := await trio.to_thread.run_sync(_take, source, CHUNK_ENTRIES):
                     chunk = _Chunk(entries)
                     await chunks.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten

@@ -15,6 +15,7 @@ The stream is the concatenation, in order, of segment bytes and file contents.
 from __future__ import annotations
 
 import base64
+import contextlib
 import binascii
 import gzip
 import json
@@ -204,11 +205,21 @@ def _parse_group(group: list[tuple[int, bytes]], label: str) -> Iterator[Segment
         yield _entry(obj, f"{label}: line {n}")
 
 
-def read_entries(path: str, label: str | None = None) -> list[Segment | FileEntry]:
-    """All entries of the tar-split file at `path`."""
+@contextlib.contextmanager
+def open_entries(path: str) -> Iterator[Iterator[Segment | FileEntry]]:
+    """The entries of the tar-split file at `path`, read as they are taken (the file stays
+    open inside the `with`); a file that cannot be opened or read raises TarSplitError."""
     try:
-        with open(path, "rb") as f:
-            return list(iter_entries(f, label or path))
+        f = open(path, "rb")
+    except OSError as e:
+        raise TarSplitError(f"cannot read {path}: {e.strerror}") from e
+    with f:
+        yield _reading(iter_entries(f, path), path)
+
+
+def _reading(entries: Iterator[Segment | FileEntry], path: str) -> Iterator[Segment | FileEntry]:
+    try:
+        yield from entries
     except OSError as e:
         raise TarSplitError(f"cannot read {path}: {e.strerror}") from e
 

@@ -16,7 +16,7 @@ from pycfs.host.storage.tarsplit import (
     TarSplitError,
     crc64_iso,
     iter_entries,
-    read_entries,
+    open_entries,
     write_entries,
 )
 
@@ -103,11 +103,11 @@ def test_corrupt_inputs_are_clear_errors(tmp_path):
     for what, data in cases.items():
         path = tmp_path / f"{what}.tar-split.gz"
         path.write_bytes(data)
-        with pytest.raises(TarSplitError) as info:
-            read_entries(str(path))
+        with pytest.raises(TarSplitError) as info, open_entries(str(path)) as entries:
+            list(entries)
         assert str(path) in str(info.value), what
-    with pytest.raises(TarSplitError, match="cannot read"):
-        read_entries(str(tmp_path / "missing.tar-split.gz"))
+    with pytest.raises(TarSplitError, match="cannot read"), open_entries(str(tmp_path / "missing.tar-split.gz")):
+        pass
 
 
 def test_zlib_error_in_the_middle():
