@@ -28,7 +28,6 @@ import errno
 import hashlib
 import itertools
 import os
-import resource
 import stat
 import threading
 import time
@@ -326,7 +325,7 @@ class LayerImport:
         try:
             async with open_nursery() as nursery:
                 nursery.start_soon(self._read, str(path), send_chunks, send_batches)
-                for _ in range(_coordinators(self.pool.jobs)):
+                for _ in range(self.pool.batches_in_flight(BATCH_FILES)):
                     nursery.start_soon(self._coordinate, batches)
                 nursery.start_soon(self._write, chunks)
         finally:
@@ -542,13 +541,6 @@ class LayerImport:
 
 def _take(source: Iterator[Segment | FileEntry], n: int) -> list[Segment | FileEntry]:
     return list(itertools.islice(source, n))
-
-
-def _coordinators(jobs: int) -> int:
-    """Batches in flight: two per worker process (one being hashed, the next queued behind
-    it), within half the open-file limit, as each holds up to BATCH_FILES open files."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return max(1, min(2 * jobs, soft // 2 // BATCH_FILES))
 
 
 def _batches(items: Iterable[_Item]) -> Iterator[list[_Item]]:

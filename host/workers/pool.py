@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import resource
 import socket
 import stat
 import sys
@@ -94,6 +95,13 @@ class WorkerPool:
         self._next_id = 0
         self._closing = False
         self._failure: PycfsError | None = None
+
+    def batches_in_flight(self, batch_files: int) -> int:
+        """How many batches of up to `batch_files` fds callers should keep in flight: two
+        per worker (one being hashed, the next queued behind it), within half the
+        open-file limit, as each batch holds its fds open until answered."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return max(1, min(2 * self.jobs, soft // 2 // batch_files))
 
     # -- calls --
 
@@ -321,7 +329,7 @@ async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha2
                     results[i] = OSError(got.errno, got.message) if isinstance(got, Failed) else got
 
         async with open_nursery() as nursery:
-            for _ in range(2 * pool.jobs):
+            for _ in range(pool.batches_in_flight(MEASURE_BATCH)):
                 nursery.start_soon(coordinate)
             async with send:
                 for start in range(0, len(paths), MEASURE_BATCH):
