@@ -9,6 +9,7 @@ from contextlib import ExitStack
 import trio
 
 from pycfs.host.errors import PycfsError
+from pycfs.host.helperclient import add_helper_option
 from pycfs.host.oci.image import compute_image_id, create_image
 from pycfs.host.oci.layer import import_layer, parse_digest
 from pycfs.host.oci.pull import TRANSPORTS, PullOptions, pull, split_reference
@@ -188,9 +189,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="containers-storage graphroot (default: from storage.conf, as podman)")
     p.add_argument("--verify-diffid", action="store_true",
                    help="containers-storage: re-hash each rebuilt layer tar against its diff_id before committing")
-    p.add_argument("--helper", choices=("auto", "always", "never"), default="auto",
-                   help="user-namespace helper for files you cannot open (podman unshare): auto = start when "
-                   "needed (default), always, never")
+    add_helper_option(p)
     p.add_argument("--jobs", "-j", type=positive_int, metavar="N",
                    help="containers-storage: processes hashing and storing files (default: one per CPU)")
     p.add_argument("--no-image", action="store_true", help="skip writing the composefs image")
