@@ -258,7 +258,8 @@ class _Chunk:
     def __init__(self, entries: list[Segment | FileEntry]) -> None:
         self.entries = entries
         self.content: dict[int, bytes | tuple[bytes, int]] = {}  # index -> inline bytes or (object id, size)
-        self.pending = sum(1 for e in entries if isinstance(e, FileEntry) and e.size > 0)
+        self.files = [(i, e) for i, e in enumerate(entries) if isinstance(e, FileEntry) and e.size > 0]
+        self.pending = len(self.files)
         self.done = trio.Event()
         if not self.pending:
             self.done.set()
@@ -340,8 +341,7 @@ class LayerImport:
                 while entries := await trio.to_thread.run_sync(_take, source, CHUNK_ENTRIES):
                     chunk = _Chunk(entries)
                     await chunks.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
-                    files = ((chunk, i, e) for i, e in enumerate(entries) if isinstance(e, FileEntry) and e.size > 0)
-                    for batch in _batches(files):
+                    for batch in _batches((chunk, i, e) for i, e in chunk.files):
                         await batches.send(batch)
 
     # -- storing --

@@ -291,8 +291,7 @@ async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha2
                        jobs: int | None = None) -> list[bytes | OSError]:
     """The fs-verity digest of each file, in order, hashed by a pool of workers; a path that
     cannot be opened, is not a regular file or cannot be read gives its OSError."""
-    results: list[bytes | OSError] = []
-    results.extend(OSError() for _ in paths)
+    results: list = [None] * len(paths)  # every slot is filled before the pool closes
     send, receive = trio.open_memory_channel(0)
 
     def open_batch(start: int) -> list[tuple[int, int] | OSError]:
