@@ -15,10 +15,10 @@ helper (requests carry no fds, responses carry opened files) and the object work
 
 from __future__ import annotations
 
+import inspect
 import socket
 import sys
 from dataclasses import dataclass, field
-import inspect
 from typing import Any, Callable
 
 from pycfs.protocol.fdpass import FdPassError, close_fds, recv_with_fds, send_with_fds
@@ -69,8 +69,11 @@ def trusted_dispatch(methods: dict[str, Callable[..., Any]]) -> Dispatch:
             return error(request, METHOD_NOT_FOUND, f"Method not found: {name}")
         try:
             signatures[name].bind(call, **params)
+        except TypeError as e:
+            return error(request, INVALID_PARAMS, f"Invalid params: {e}")
+        try:
             result = methods[name](call, **params)
-        except (TypeError, InvalidParamsError) as e:
+        except InvalidParamsError as e:  # a TypeError from inside the method is a bug, not bad params
             return error(request, INVALID_PARAMS, f"Invalid params: {e}")
         return {"jsonrpc": "2.0", "result": result, "id": request["id"]} if "id" in request else None
 
