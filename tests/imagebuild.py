@@ -1,9 +1,9 @@
-"""Ready-made test images. The builder is pycfs.tools.ocibuild; its names are re-exported
+"""Ready-made test images. The builder is pycfs.tools.dev.ocibuild; its names are re-exported
 here so tests can say `imagebuild.File`, `imagebuild.build_layout`, ..."""
 
 from __future__ import annotations
 
-from pycfs.tools.ocibuild import (
+from pycfs.tools.dev.ocibuild import (
     MIB,
     BuiltImage,
     Device,

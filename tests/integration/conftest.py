@@ -4,7 +4,7 @@ All of this needs root (to create users and loop mounts); without root, or witho
 podman/skopeo/mkfs.xfs, the fixtures skip with the reason.  With CI=true such skips are
 turned into failures by tests/conftest.py.
 
-Fixtures (the set-up itself is pycfs.tools.lab, shared with tools/bench):
+Fixtures (the set-up itself is pycfs.tools.dev.lab, shared with tools/bench):
 - `podman_user` (session): user `pycfs-test`, storage in ~/.local/share/containers/storage
   with `driver = "overlay"` pinned in ~/.config/containers/storage.conf.
 - `reflink_dir` (session): a 1777 directory on a loop-mounted XFS made with reflink=1.
@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 import imagebuild  # tests/ is on sys.path (tests/conftest.py)
-from pycfs.tools import lab
+from pycfs.tools.dev import lab
 
 USER_NAME = "pycfs-test"
 XFS_USER_NAME = "pycfs-test-xfs"

@@ -24,7 +24,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CHECKOUT = Path(__file__).resolve().parents[1]  # tools/.. in a checkout (editable install)
+CHECKOUT = Path(__file__).resolve().parents[2]  # tools/dev/../.. in a checkout (editable install)
 LAB_ROOT = Path(os.environ.get("PYCFS_TEST_ROOT", "/var/tmp/pycfs-test"))
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # What is copied to build the users' venv (the package-dir mapping's sources).

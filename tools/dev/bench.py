@@ -37,8 +37,8 @@ from pathlib import Path
 
 
 from pycfs.host.oci.result import human_size
-from pycfs.tools import lab
-from pycfs.tools.ocibuild import MIB, Dir, File, Hardlink, ImageSpec, Symlink, build_layout, load_into_storage
+from pycfs.tools.dev import lab
+from pycfs.tools.dev.ocibuild import MIB, Dir, File, Hardlink, ImageSpec, Symlink, build_layout, load_into_storage
 
 USER = "pycfs-bench"
 IMAGE = "localhost/pycfs-bench:latest"
