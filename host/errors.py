@@ -7,8 +7,7 @@ the varlink service) calls `user_message` once, which unwraps exception groups."
 from __future__ import annotations
 
 import errno
-
-import trio
+import sys
 
 from pycfs.protocol.errors import PycfsError
 
@@ -42,7 +41,11 @@ def first_error(exc: BaseException) -> BaseException:
             leaves.append(e)
 
     walk(exc)
-    return next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0] if leaves else exc)
+    # trio only when loaded: no cancellation exists otherwise, and importing it costs a
+    # short command most of its start-up.
+    trio = sys.modules.get("trio")
+    cancelled = trio.Cancelled if trio is not None else ()
+    return next((e for e in leaves if not isinstance(e, cancelled)), leaves[0] if leaves else exc)
 
 
 def describe_oserror(e: OSError) -> str:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from pycfs.host import dumpfile
-from pycfs.host.erofs.info import format_ls, image_objects
-from pycfs.host.erofs.reader import ImageFormatError, LoadedImage, read_image
-from pycfs.host.erofs.writer import choose_version, write_image
+# The EROFS modules are imported by the commands as they run (`pycfs --help` needs none).
 from pycfs.host.errors import PycfsError
-from pycfs.host.fsverity import digest_bytes, digest_path
-from pycfs.host.tree import FileSystem
+
+if TYPE_CHECKING:
+    from pycfs.host.erofs.reader import LoadedImage
+    from pycfs.host.tree import FileSystem
 
 
 # ---------------------------------------------------------------------------- mkcomposefs
@@ -31,6 +31,8 @@ def _versions(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def _load_source(args: argparse.Namespace) -> FileSystem:
+    from pycfs.host import dumpfile
+
     if args.from_file:
         if args.source == "-":
             data = sys.stdin.buffer.read()
@@ -56,6 +58,9 @@ def cmd_mkcomposefs(args: argparse.Namespace) -> int:
         raise PycfsError("No destination path specified")
     if args.threads is not None and args.threads <= 0:
         raise PycfsError(f"Invalid threads count {args.threads}")
+    from pycfs.host.erofs.writer import choose_version, write_image
+    from pycfs.host.fsverity import digest_bytes
+
     lo, hi = _versions(args)
     if args.image == "-" and sys.stdout.isatty():
         raise PycfsError("refusing to write the image to a terminal")
@@ -80,6 +85,8 @@ def cmd_mkcomposefs(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- composefs-info
 
 def _load_image(path: str) -> LoadedImage:
+    from pycfs.host.erofs.reader import ImageFormatError, read_image
+
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -92,6 +99,10 @@ def _load_image(path: str) -> LoadedImage:
 
 
 def cmd_composefs_info(args: argparse.Namespace) -> int:
+    from pycfs.host import dumpfile
+    from pycfs.host.erofs.info import format_ls, image_objects
+    from pycfs.host.fsverity import digest_path
+
     filters = [os.fsencode(n) for n in args.filter or []]
     for n in filters:
         if b"/" in n:

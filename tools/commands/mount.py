@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from pycfs.host.mount import mount_image, unmount
-from pycfs.tools.common import open_repo
-
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from pycfs.host.mount import mount_image
+    from pycfs.tools.common import open_repo
+
     with open_repo(args, writable=False) as repo:
         image_id = mount_image(repo, args.image, args.mountpoint)
     print(f"mounted image {image_id.hex()} at {args.mountpoint}")
@@ -16,6 +16,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    from pycfs.host.mount import unmount
+
     unmount(args.mountpoint)
     return 0
 

@@ -5,19 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import ExitStack
+from typing import TYPE_CHECKING
 
-import trio
-
+# Imported by each command as it runs (`pycfs --help` and other commands need none of them).
 from pycfs.host.errors import PycfsError
-from pycfs.host.helperclient import add_helper_option
-from pycfs.host.oci.image import compute_image_id, create_image
-from pycfs.host.oci.layer import import_layer, parse_digest
-from pycfs.host.oci.pull import TRANSPORTS, PullOptions, pull, split_reference
-from pycfs.host.oci.result import PullResult
-from pycfs.host.oci.streams import check_tag, list_images, open_image
-from pycfs.host.repository import Repository
-from pycfs.tools.common import open_repo, positive_int, print_json
-from pycfs.tools.progress import add_progress_option, pull_progress
+
+if TYPE_CHECKING:
+    from pycfs.host.oci.result import PullResult
+    from pycfs.host.repository import Repository
 
 
 def _print_pull(repo: Repository, result: PullResult) -> None:
@@ -34,6 +29,13 @@ def _print_pull(repo: Repository, result: PullResult) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    import trio
+
+    from pycfs.host.oci.pull import PullOptions, pull, split_reference
+    from pycfs.host.oci.streams import check_tag
+    from pycfs.tools.common import open_repo, print_json
+    from pycfs.tools.progress import pull_progress
+
     split_reference(args.image)
     tag = args.name or args.image
     check_tag(tag)
@@ -49,6 +51,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_import_layer(args: argparse.Namespace) -> int:
+    from pycfs.host.oci.layer import import_layer, parse_digest
+    from pycfs.tools.common import open_repo
+
     parse_digest(args.diff_id, "diff_id")
     with open_repo(args) as repo, ExitStack() as stack:
         if args.file == "-":
@@ -68,6 +73,8 @@ def cmd_import_layer(args: argparse.Namespace) -> int:
 
 
 def _image_summary(repo: Repository, tag: str) -> dict:
+    from pycfs.host.oci.streams import open_image
+
     image = open_image(repo, tag)
     config = image.config
     return {
@@ -83,6 +90,9 @@ def _image_summary(repo: Repository, tag: str) -> dict:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    from pycfs.host.oci.streams import list_images
+    from pycfs.tools.common import open_repo, print_json
+
     with open_repo(args, writable=False) as repo:
         images = [_image_summary(repo, tag) for tag, _ in list_images(repo)]
     if args.json:
@@ -100,6 +110,9 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from pycfs.host.oci.streams import open_image
+    from pycfs.tools.common import open_repo, print_json
+
     with open_repo(args, writable=False) as repo:
         image = open_image(repo, args.image)
     if args.manifest or args.config:
@@ -120,6 +133,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_create_image(args: argparse.Namespace) -> int:
+    from pycfs.host.oci.image import create_image
+    from pycfs.tools.common import open_repo
+
     with open_repo(args) as repo:
         for version, image_id in sorted(create_image(repo, args.image).items()):
             print(f"{repo.alg}:{image_id.hex()} (EROFS v{version})")
@@ -127,14 +143,26 @@ def cmd_create_image(args: argparse.Namespace) -> int:
 
 
 def cmd_compute_id(args: argparse.Namespace) -> int:
+    from pycfs.host.oci.image import compute_image_id
+    from pycfs.tools.common import open_repo
+
     with open_repo(args, writable=False) as repo:
         print(f"{repo.alg}:{compute_image_id(repo, args.image, args.erofs_version).hex()}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    oci = sub.add_parser("oci", help="OCI images: pull, import layers, list, inspect, build images",
-                         description="OCI container images in the repository.")
+    # populate: the sub-commands (and the modules their options come from) only for `pycfs oci ...`
+    sub.add_parser("oci", help="OCI images: pull, import layers, list, inspect, build images",
+                   description="OCI container images in the repository.", populate=_populate)
+
+
+def _populate(oci: argparse.ArgumentParser) -> None:
+    from pycfs.host.helperclient import add_helper_option
+    from pycfs.host.oci.pull import TRANSPORTS
+    from pycfs.tools.common import positive_int
+    from pycfs.tools.progress import add_progress_option
+
     osub = oci.add_subparsers(dest="oci_command", metavar="OCI_COMMAND", required=True)
 
     p = osub.add_parser(
