@@ -421,6 +421,31 @@ class Repository:
         raced = self._commit(fd, temp_name, object_id)
         return StoreResult(object_id, st.st_size, "present" if raced else how)
 
+    def new_object_file(self) -> int | None:
+        """A writable anonymous file (O_TMPFILE) in the object store, to fill and then hand,
+        read-only and with no writer left, to `adopt_object_file`; None where the filesystem
+        has no O_TMPFILE (write through `object_writer` then)."""
+        fd, temp_name = self._new_tmpfile()
+        if temp_name is None:
+            return fd
+        self._discard(fd, temp_name)
+        return None
+
+    def adopt_object_file(self, fd: int, size: int) -> StoreResult:
+        """Make the anonymous file at fd (from `new_object_file`: written, reopened read-only,
+        its writable fds closed) its object: hash it, seal it, link it; how is "copied", or
+        "present" when the object exists. fd stays the caller's."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0 or st.st_dev != self._objects_dev():
+            raise RepositoryError("not an anonymous file of this repository's object store")
+        if st.st_size != size:
+            raise OSError(errno.ESTALE, f"has {st.st_size} bytes, expected {size}")
+        object_id = digest_fd(fd, self.alg, size)
+        if self.object_size(object_id) == size:
+            return StoreResult(object_id, size, "present")
+        sealed = self._seal(os.dup(fd))
+        return StoreResult(object_id, size, "present" if self._commit(sealed, None, object_id) else "copied")
+
     def _clone_or_copy(self, src_fd: int, dst_fd: int, st: os.stat_result) -> str:
         pair = (st.st_dev, self._objects_dev())
         if self._reflink_ok.get(pair, True):

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 STORE = "store"
 DIGEST = "digest"
+# Files the host wrote itself (a layer blob's content) as anonymous files in the object
+# store, passed read-only with no writer left: the worker hashes each and links it as its
+# object, so content is written once and hashed off the host's thread.
+ADOPT = "adopt"
 
 HOW = {"r": "reflinked", "c": "copied", "p": "present"}  # store; "=" digest only, "-" failed
 HOW_CODES = {v: k for k, v in HOW.items()}

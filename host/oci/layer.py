@@ -110,7 +110,7 @@ class _ZstdReader:
     def __init__(self, f: BinaryIO) -> None:
         self._f = f
         self._dctx = zstandard.ZstdDecompressor()
-        self._dobj = None
+        self._dobj: zstandard.ZstdDecompressionObj | None = None
         self._pending = b""  # compressed input not yet fed
         self._out = memoryview(b"")
         self._eof = False
@@ -181,43 +181,139 @@ class SplitLayer:
     stats: ImportStats
 
 
+@dataclass(frozen=True, slots=True)
+class PendingFile:
+    """A file's content written, unhashed, to an anonymous file of the object store: a
+    read-only fd (no writer left) for the object workers to adopt (`WorkerPool.adopt`)."""
+
+    fd: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    object_id: bytes
+    size: int
+    how: str  # StoreResult.how
+
+
+# What a tar splits into, in order: inline bytes, or a file's content as an object.
+Piece = bytes | PendingFile | StoredFile
+
+
+class TarSplitter:
+    """Splits an uncompressed tar stream (spec 3.2) a run of entries at a time.
+
+    Each file over INLINE_CONTENT_MAX becomes a StoredFile (hashed and stored here), or with
+    ``defer`` a PendingFile: written once, not hashed, so a pipelined import hashes it on the
+    object workers while this thread decompresses and splits on. Whoever takes pieces closes
+    the PendingFile fds among them (`close_pieces`)."""
+
+    def __init__(self, repo: Repository, f: BinaryIO, alg: str = "sha256", *, defer: bool = False) -> None:
+        self.repo = repo
+        self.src = HashingReader(f, alg)
+        self.reader = TarReader(self.src.read)
+        self.files_inlined = 0
+        self.done = False
+        # Deferring needs anonymous files, which the worker links by fd (O_TMPFILE).
+        probe = repo.new_object_file() if defer else None
+        self.defer = probe is not None
+        if probe is not None:
+            os.close(probe)
+
+    def chunk(self, max_files: int = 64, max_inline: int = 4 << 20) -> list[Piece]:
+        """The next entries, up to max_files stored files or about max_inline inline bytes;
+        [] after the end (the end marker and anything after it are inline)."""
+        pieces: list[Piece] = []
+        inline = bytearray()
+        files = 0
+        try:
+            while not self.done and files < max_files and len(inline) < max_inline:
+                entry = self.reader.next()
+                inline += entry.raw
+                if isinstance(entry, TarEnd):
+                    while piece := self.src.read(_PIECE):
+                        inline += piece
+                    self.done = True
+                elif entry.is_regular() and entry.size > INLINE_CONTENT_MAX:
+                    if inline:
+                        pieces.append(bytes(inline))
+                        inline.clear()
+                    pieces.append(self._store(entry.size))
+                    files += 1
+                    inline += self.reader.read_exact(entry.padded_size - entry.size, "padding")
+                else:
+                    self.files_inlined += entry.is_regular()
+                    remaining = entry.padded_size
+                    while remaining:
+                        piece = self.reader.read_exact(min(remaining, _PIECE))
+                        inline += piece
+                        remaining -= len(piece)
+        except BaseException:
+            close_pieces(pieces)
+            raise
+        if inline:
+            pieces.append(bytes(inline))
+        return pieces
+
+    def _store(self, size: int) -> PendingFile | StoredFile:
+        if not self.defer:
+            object_id, present = _store_content(self.repo, self.reader, size)
+            return StoredFile(object_id, size, "present" if present else "copied")
+        fd = self.repo.new_object_file()
+        if fd is None:
+            raise PycfsError(f"the object store of {self.repo.path} no longer takes anonymous files")
+        try:
+            remaining = size
+            while remaining:
+                piece = memoryview(self.reader.read_exact(min(remaining, _PIECE)))
+                remaining -= len(piece)
+                while piece:
+                    piece = piece[os.write(fd, piece) :]
+            # Read-only, and no writable fd left: the worker can enable fs-verity on it.
+            ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(fd)
+        return PendingFile(ro, size)
+
+    @property
+    def diff_id(self) -> str:
+        return self.src.digest()
+
+
+def close_pieces(pieces: list[Piece]) -> None:
+    for p in pieces:
+        if isinstance(p, PendingFile):
+            os.close(p.fd)
+    pieces[:] = [p for p in pieces if not isinstance(p, PendingFile)]
+
+
+def write_pieces(writer: SplitStreamWriter, pieces: list[Piece], stats: ImportStats) -> None:
+    """Append split pieces (none pending) to a layer stream, counting them in stats."""
+    for p in pieces:
+        if isinstance(p, bytes):
+            writer.write_inline(p)
+            stats.bytes_inlined += len(p)
+        elif isinstance(p, StoredFile):
+            writer.write_external(p.object_id, p.size)
+            stats.count(p.how, p.size)
+        else:
+            raise AssertionError("a file not yet stored")
+
+
 def split_tar(repo: Repository, f: BinaryIO, alg: str = "sha256") -> SplitLayer:
     """Read an uncompressed tar stream from f to EOF and split it (spec 3.2).
 
     Objects are written as content arrives (one file's bytes are never all in memory);
     nothing becomes visible until the caller commits the returned writer.
     """
-    src = HashingReader(f, alg)
-    reader = TarReader(src.read)
+    splitter = TarSplitter(repo, f, alg)
     writer = SplitStreamWriter(repo.alg, CONTENT_OCI_LAYER)
     stats = ImportStats()
-
-    def inline(data: bytes) -> None:
-        if data:
-            writer.write_inline(data)
-            stats.bytes_inlined += len(data)
-
-    while True:
-        entry = reader.next()
-        inline(entry.raw)
-        if isinstance(entry, TarEnd):
-            while piece := src.read(_PIECE):
-                inline(piece)
-            break
-        if entry.is_regular() and entry.size > INLINE_CONTENT_MAX:
-            object_id, present = _store_content(repo, reader, entry.size)
-            writer.write_external(object_id, entry.size)
-            stats.count("present" if present else "copied", entry.size)
-            inline(reader.read_exact(entry.padded_size - entry.size, "padding"))
-        else:
-            if entry.is_regular():
-                stats.files_inlined += 1
-            remaining = entry.padded_size
-            while remaining:
-                piece = reader.read_exact(min(remaining, _PIECE))
-                inline(piece)
-                remaining -= len(piece)
-    return SplitLayer(writer, src.digest(), src.count, stats)
+    while pieces := splitter.chunk():
+        write_pieces(writer, pieces, stats)
+    stats.files_inlined += splitter.files_inlined
+    return SplitLayer(writer, splitter.diff_id, splitter.src.count, stats)
 
 
 def _store_content(repo: Repository, reader: TarReader, size: int) -> tuple[bytes, bool]:

@@ -20,20 +20,28 @@ import trio
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import parse_object
+from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.layer import (
     HashingReader,
     LayerDigestError,
+    PendingFile,
+    Piece,
     SplitLayer,
+    StoredFile,
+    TarSplitter,
+    close_pieces,
     commit_layer,
     decompressing_reader,
     layer_stream_name,
     parse_digest,
-    split_tar,
+    write_pieces,
 )
 from pycfs.host.oci.image import finish_pull
 from pycfs.host.oci.result import ImportStats, PullResult
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
+from pycfs.host.splitstream import CONTENT_OCI_LAYER
+from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
 
 MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -208,22 +216,88 @@ def image_layers(manifest: dict, config_raw: bytes, digest: str) -> ImageLayers:
     return ImageLayers(config_desc, list(zip(layer_descs, diff_ids)))
 
 
-def import_layout_layer(repo: Repository, layout: OciLayout, desc: Descriptor, diff_id: str) -> SplitLayer:
-    """Decompress, split, verify blob digest and diff_id, then commit `oci-layer-<diff_id>`."""
+# Runs of a layer held at once: one being split, the rest with the object workers or
+# waiting to be written (each holds its files' fds and up to 4 MiB of inline bytes).
+CHUNKS_IN_FLIGHT = 4
+
+
+class _Chunk:
+    def __init__(self, pieces: list[Piece]) -> None:
+        self.pieces = pieces
+        self.stored = trio.Event()
+
+
+async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLayout, desc: Descriptor, diff_id: str,
+                              limiter: trio.CapacityLimiter, progress: PullProgress | None) -> ImportStats:
+    """Decompress and split a layer blob, verify its digest and diff_id, commit
+    `oci-layer-<diff_id>`. A thread splits the tar a run of entries at a time, writing file
+    content once into anonymous files of the object store; the object workers hash and link
+    those (as they do the files of a containers-storage pull) while the thread goes on; each
+    run is appended to the layer stream, in order, once its files are objects."""
     alg, _ = parse_digest(desc.digest)
+    stats = ImportStats()
+    held: set[_Chunk] = set()
+    advanced = 0  # blob bytes shown as progress
     with layout.open_blob(desc) as f:
         blob = HashingReader(f, alg)
-        layer = split_tar(repo, decompressing_reader(blob, LAYER_TYPES[desc.media_type]), parse_digest(diff_id)[0])
-        blob.drain()
+        splitter = TarSplitter(repo, decompressing_reader(blob, LAYER_TYPES[desc.media_type]),
+                               parse_digest(diff_id)[0], defer=True)
+        writer = repo.new_stream(CONTENT_OCI_LAYER)
+        send, receive = trio.open_memory_channel[_Chunk](CHUNKS_IN_FLIGHT - 1)
+
+        async def store(chunk: _Chunk) -> None:
+            pending = [(i, p) for i, p in enumerate(chunk.pieces) if isinstance(p, PendingFile)]
+            if pending:
+                results = await pool.adopt([p.fd for _, p in pending], [p.size for _, p in pending])
+                for (i, p), r in zip(pending, results):
+                    if isinstance(r, Failed):
+                        raise PycfsError(f"layer {diff_id}: cannot store a file of {p.size} bytes: {r.message}")
+                    os.close(p.fd)
+                    chunk.pieces[i] = StoredFile(r.object_id, p.size, r.how)
+            chunk.stored.set()
+
+        def next_chunk() -> _Chunk:
+            chunk = _Chunk(splitter.chunk())
+            held.add(chunk)  # here in the thread: a cancelled wait for it must still close its files
+            return chunk
+
+        async def split(nursery: trio.Nursery) -> None:
+            async with send:
+                while (chunk := await trio.to_thread.run_sync(next_chunk, limiter=limiter)).pieces:
+                    nursery.start_soon(store, chunk)
+                    await send.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
+                await trio.to_thread.run_sync(blob.drain, limiter=limiter)
+
+        async def write() -> None:
+            nonlocal advanced
+            async for chunk in receive:
+                await chunk.stored.wait()
+                write_pieces(writer, chunk.pieces, stats)
+                held.discard(chunk)
+                if progress is not None:
+                    progress.advance(diff_id, blob.count - advanced)
+                    advanced = blob.count
+
+        try:
+            async with open_nursery() as nursery:
+                nursery.start_soon(split, nursery)
+                nursery.start_soon(write)
+        finally:
+            for chunk in held:
+                close_pieces(chunk.pieces)
     if blob.count != desc.size or blob.digest() != desc.digest:
         raise LayerDigestError(f"layer blob {desc.digest}: content does not match its digest or size "
                                f"(got {blob.digest()}, {blob.count} bytes)")
-    commit_layer(repo, layer, diff_id)
-    return layer
+    stats.files_inlined += splitter.files_inlined
+    if progress is not None:
+        progress.advance(diff_id, blob.count - advanced)
+    await trio.to_thread.run_sync(commit_layer, repo, SplitLayer(writer, splitter.diff_id, splitter.src.count, stats),
+                                  diff_id, limiter=limiter)
+    return stats
 
 
 async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, build_image: bool = True,
-                          progress: PullProgress | None = None) -> PullResult:
+                          progress: PullProgress | None = None, jobs: int | None = None) -> PullResult:
     """Pull `DIR[:TAG]` (the part after `oci:`) and tag the manifest stream as `tag`. Layers
     whose stream is missing or damaged are imported (again)."""
     started = time.monotonic()
@@ -249,18 +323,18 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
     stats.layers_already_present = stats.layers - len(todo)
     limiter = trio.CapacityLimiter(os.cpu_count() or 1)
 
-    async def one(diff_id: str, desc: Descriptor) -> None:
+    async def one(pool: WorkerPool, diff_id: str, desc: Descriptor) -> None:
         if progress is not None:
             progress.layer_started(diff_id, desc.size)
-        layer = await trio.to_thread.run_sync(import_layout_layer, repo, layout, desc, diff_id, limiter=limiter)
-        stats.add(layer.stats)
+        stats.add(await import_layout_layer(repo, pool, layout, desc, diff_id, limiter, progress))
         if progress is not None:
-            progress.advance(diff_id, desc.size)
             progress.layer_done(diff_id, False)
 
-    async with trio.open_nursery() as nursery:
-        for diff_id, desc in sorted(todo.items(), key=lambda kv: -kv[1].size):  # largest first
-            nursery.start_soon(one, diff_id, desc)
+    if todo:
+        async with open_pool(repo=repo, jobs=jobs) as pool, open_nursery() as nursery:
+            nursery.start_soon(pool.start)  # the workers' start-up overlaps the first split
+            for diff_id, desc in sorted(todo.items(), key=lambda kv: -kv[1].size):  # largest first
+                nursery.start_soon(one, pool, diff_id, desc)
     layer_refs = []
     for _, diff_id in layers.layers:
         stream_id = repo.has_stream(layer_stream_name(diff_id))

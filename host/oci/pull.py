@@ -47,7 +47,8 @@ async def _pull_containers_storage(repo: Repository, source: str, tag: str | Non
 
 
 async def _pull_oci_layout(repo: Repository, source: str, tag: str | None, options: PullOptions) -> PullResult:
-    return await pull_oci_layout(repo, source, tag, build_image=options.create_image, progress=options.progress)
+    return await pull_oci_layout(repo, source, tag, build_image=options.create_image, progress=options.progress,
+                                 jobs=options.jobs)
 
 
 TRANSPORTS: dict[str, Callable[[Repository, str, str | None, PullOptions], Awaitable[PullResult]]] = {

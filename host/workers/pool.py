@@ -109,6 +109,11 @@ class WorkerPool:
         """Store each file as an object of the pool's repository."""
         return [r if isinstance(r, Failed) else Stored(r[0], api.HOW[r[1]]) for r in await self._each(api.STORE, fds, sizes)]
 
+    async def adopt(self, fds: Sequence[int], sizes: Sequence[int]) -> list[Stored | Failed]:
+        """Make each anonymous file of the repository's object store (see
+        `Repository.new_object_file`) its object."""
+        return [r if isinstance(r, Failed) else Stored(r[0], api.HOW[r[1]]) for r in await self._each(api.ADOPT, fds, sizes)]
+
     async def digest(self, fds: Sequence[int], sizes: Sequence[int]) -> list[bytes | Failed]:
         """The fs-verity digest of each file (``sizes``: their exact lengths)."""
         return [r if isinstance(r, Failed) else r[0] for r in await self._each(api.DIGEST, fds, sizes)]
@@ -151,7 +156,7 @@ class WorkerPool:
             raise ValueError(f"refused a request: {obj['error']}")
         result = obj.get("result")
         ids, how, failed = (result.get(k) for k in ("ids", "how", "failed")) if isinstance(result, dict) else (None,) * 3
-        codes = api.HOW if method == api.STORE else api.DIGESTED
+        codes = api.DIGESTED if method == api.DIGEST else api.HOW
         try:
             digests = bytes.fromhex(ids) if isinstance(ids, str) else b""
         except ValueError:

@@ -23,7 +23,7 @@ class WorkerService:
         self.repo = repo
 
     def methods(self) -> dict[str, Any]:
-        return {api.STORE: self.store, api.DIGEST: self.digest}
+        return {api.STORE: self.store, api.DIGEST: self.digest, api.ADOPT: self.adopt}
 
     def _each(self, call: Call, sizes: Any, one) -> dict[str, Any]:
         if not isinstance(sizes, list) or not all(type(s) is int and s >= 0 for s in sizes):
@@ -53,6 +53,17 @@ class WorkerService:
         if self.repo is None:
             raise InvalidParamsError("this worker was started without a repository")
         return self._each(call, sizes, self._store_one)
+
+    def adopt(self, call: Call, sizes: Any) -> dict[str, Any]:
+        repo = self.repo
+        if repo is None:
+            raise InvalidParamsError("this worker was started without a repository")
+
+        def one(fd: int, size: int) -> tuple[bytes, str]:
+            result = repo.adopt_object_file(fd, size)
+            return result.object_id, api.HOW_CODES[result.how]
+
+        return self._each(call, sizes, one)
 
     def _store_one(self, fd: int, size: int) -> tuple[bytes, str]:
         assert self.repo is not None

@@ -91,6 +91,44 @@ def test_store_writes_objects_and_second_store_finds_them(tmp_path, files):
                 os.close(fd)
 
 
+def test_adopt_links_anonymous_files_as_their_objects(tmp_path, files):
+    """What the oci:DIR import hands the workers: content it wrote into anonymous files of
+    the object store, read-only. Each becomes its object (already present: left unlinked);
+    a named file or one of the wrong size fails alone and stores nothing."""
+    with Repository.init(tmp_path / "repo") as repo:
+        contents = [data for _, data in files[2:5]] + [files[2][1], files[6][1]]  # the first twice
+        fds = []
+        for data in contents:
+            rw = repo.new_object_file()
+            assert rw is not None, "tmpfs and ext4 have O_TMPFILE"
+            os.write(rw, data)
+            fds.append(os.open(f"/proc/self/fd/{rw}", os.O_RDONLY | os.O_CLOEXEC))
+            os.close(rw)
+        named = os.open(files[3][0], os.O_RDONLY | os.O_CLOEXEC)
+
+        async def main():
+            async with open_pool(repo=repo, jobs=1) as pool:
+                first = await pool.adopt(fds[:3], [len(d) for d in contents[:3]])
+                return first + await pool.adopt([fds[3], named, fds[4]], [len(contents[3]), len(files[3][1]), 1])
+
+        try:
+            got = _run(main)
+        finally:
+            for fd in fds + [named]:
+                os.close(fd)
+        assert got[:3] == [Stored(digest_bytes(d), "copied") for d in contents[:3]]
+        assert got[3] == Stored(digest_bytes(contents[3]), "present")
+        assert isinstance(got[4], Failed) and "not an anonymous file" in got[4].message
+        assert got[5] == Failed(errno.ESTALE, f"has {len(contents[4])} bytes, expected 1")
+        for data in contents[:3]:
+            fd = repo.open_object(digest_bytes(data))
+            try:
+                assert os.pread(fd, len(data) + 1, 0) == data
+            finally:
+                os.close(fd)
+        assert sorted(p.name for p in (tmp_path / "repo" / "objects").iterdir() if p.is_file()) == []
+
+
 def test_many_files_in_one_call_span_several_requests(tmp_path):
     count = api.MAX_FILES_PER_REQUEST * 2 + 5
     paths = []

@@ -179,7 +179,7 @@ def _populate(oci: argparse.ArgumentParser) -> None:
                    help="containers-storage: re-hash each rebuilt layer tar against its diff_id before committing")
     add_helper_option(p)
     p.add_argument("--jobs", "-j", type=positive_int, metavar="N",
-                   help="containers-storage: processes hashing and storing files (default: one per CPU)")
+                   help="processes hashing and storing files (default: one per CPU)")
     p.add_argument("--no-image", action="store_true", help="skip writing the composefs image")
     p.add_argument("--json", action="store_true",
                    help="print the result as JSON on stdout (progress then goes to stderr as JSON lines)")

@@ -1,0 +1,75 @@
+"""oci:DIR layers through the pipelined import: a thread splits, the object workers adopt the
+files it wrote; streams byte-exact, objects named by their digests, nothing left on failure."""
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import pytest
+import trio
+
+from imagebuild import Dir, File, ImageSpec, build_layout
+from pycfs.host.errors import PycfsError
+from pycfs.host.fsverity import digest_bytes
+from pycfs.host.oci.layer import layer_stream_name
+from pycfs.host.oci.layout import pull_oci_layout
+from pycfs.host.repository import Repository
+from pycfs.host.streamcat import iter_stream_bytes
+
+# Enough files for several runs of the splitter (64 files each) in the first layer.
+SPEC = ImageSpec([
+    [Dir("a")] + [File(f"a/f{i}", size=(i * 997) % 9000 + 65, seed=i) for i in range(300)],
+    [Dir("b"), File("b/big", size=3 << 20, seed=1000), File("b/tiny", data=b"x" * 64),
+     File("b/dup", size=997 + 65, seed=1)],  # same content as a/f1
+], gzip=True)
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory) -> tuple[Path, object]:
+    d = tmp_path_factory.mktemp("layout") / "oci"
+    return d, build_layout(SPEC, d)
+
+
+def _fds() -> list[str]:
+    """What this process has open (the fd of the listing itself gone by the time it is read)."""
+    out = []
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{f}"))
+        except OSError:
+            pass
+    return sorted(out)
+
+
+def _objects(repo: Path) -> list[str]:
+    return sorted(p.parent.name + p.name for p in (repo / "objects").glob("??/*"))
+
+
+def test_pull_stores_every_file_as_its_object(tmp_path, layout):
+    path, built = layout
+    with Repository.init(tmp_path / "repo") as repo:
+        result = trio.run(lambda: pull_oci_layout(repo, str(path), "x", build_image=False, jobs=2))
+        for diff_id in built.diff_ids:
+            reader = repo.open_stream(layer_stream_name(diff_id))
+            assert "sha256:" + hashlib.sha256(b"".join(iter_stream_bytes(repo, reader))).hexdigest() == diff_id
+    files = [e for layer in SPEC.layers for e in layer if isinstance(e, File) and e.length > 64]
+    want = sorted({digest_bytes(f.content()).hex() for f in files})
+    assert set(want) <= set(_objects(tmp_path / "repo"))  # besides the streams' own objects
+    assert result.stats.objects_copied == len(want) and result.stats.objects_already_present == 1
+    assert not [p for p in (tmp_path / "repo" / "objects").iterdir() if p.is_file()]  # no named temp file
+
+
+def test_a_blob_cut_short_commits_nothing_and_leaks_no_fd(tmp_path, layout):
+    path, built = layout
+    blob = path / "blobs" / "sha256" / built.layer_digests[0].split(":")[1]
+    cut = tmp_path / "cut"
+    os.system(f"cp -r {path} {cut}")
+    (cut / blob.relative_to(path)).write_bytes(blob.read_bytes()[: blob.stat().st_size * 2 // 3])
+    with Repository.init(tmp_path / "repo") as repo:
+        before = _fds()
+        with pytest.raises(PycfsError, match="gzip|tar|digest"):
+            trio.run(lambda: pull_oci_layout(repo, str(cut), "x", build_image=False, jobs=2))
+        # The repository keeps its directories open (objects/, objects/XX/); nothing else stays.
+        assert [f for f in _fds() if not re.search(r"/repo/objects(/[0-9a-f]{2})?$", f)] == before
+        assert repo.has_stream(layer_stream_name(built.diff_ids[0])) is None
