@@ -1,22 +1,31 @@
-"""Import benchmark: `pycfs oci pull containers-storage:` against references measured in the same run.
+"""Import benchmark: pycfs against the same work done by C tools no one here wrote, in the same run.
 
 Run as root on Debian (`tools/bench`, which runs the set-up first). It makes its own lab:
 a loop-mounted XFS with reflinks, an unprivileged user whose containers-storage and
 repositories live there, and a generated multi-layer image of about 1.5 GB (--scale) loaded
-into that storage. Rows, each the median of --runs with min and max:
+into that storage. Every row is measured with a warm page cache (its inputs read just before)
+and cold (`echo 3 > /proc/sys/vm/drop_caches` just before), each the median of --runs:
 
-  a  pycfs oci pull containers-storage:IMAGE, cold (empty repository)
-  a' the same with --no-image: the import alone, without writing the EROFS image
-  b  the physical limit: fs-verity hashing of exactly the files the pull stores, with the
-     code pycfs uses (`pycfs measure`: its object worker processes, one per core); and
-     Debian's `fsverity digest`
-  c  what a user without pycfs does: podman save --format oci-dir + pycfs oci pull oci:DIR
-  d  C mkcomposefs --digest-store over the merged rootfs (when installed)
-  e  warm re-pull (everything already in the repository)
+  a    pycfs oci pull containers-storage:IMAGE into an empty repository
+  a'   the same with --no-image: the import alone, without the EROFS image
+  e    warm re-pull (everything already in the repository)
+  b    fs-verity hashing of exactly the files the pull stores with pycfs's code
+       (`pycfs measure`: its object worker processes, one per core)
+  Lh   the reference for hashing: Debian's `fsverity digest` over the same files, one
+       process per core (b')
+  Lc   the reference for cloning: GNU `cp -a --reflink=always` of the image's layer
+       directories into a fresh directory on the same XFS (one process)
+  c    what a user without pycfs does: podman save --format oci-dir + pycfs oci pull oci:DIR
+  o/t  pycfs oci pull oci:DIR of the image with gzip (zstd) layers, against GNU `tar -xf`
+       of the same layer blobs plus `fsverity digest` of the extracted files
+  h/n  `pycfs --help` and `pycfs --version` (start-up)
 
-with peak RSS per row, the disk space (a) and (c) add, and the ratios a/b, c/a and
-disk(a)/image bytes. The page cache is warm for every row (each input is read once
-before timing), so rows compare CPU and I/O work, not the first disk read.
+L = Lh + Lc is the essential work of a pull done by C tools; the goals are ratios to it
+(a parallel importer can overlap hashing and cloning, so beating L is possible).
+
+--scaling runs rows a, a', b and Lh for several images (--scale 0.25, 1, 4 and one of
+200,000 small files by default) and prints time per byte and per file and peak RSS, with
+a PNG plot next to --json when matplotlib (the `bench` extra) is installed.
 """
 
 from __future__ import annotations
@@ -32,9 +41,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
 
 from pycfs.host.oci.result import human_size
 from pycfs.tools.dev import lab
@@ -42,11 +51,13 @@ from pycfs.tools.dev.ocibuild import MIB, Dir, File, Hardlink, ImageSpec, Symlin
 
 USER = "pycfs-bench"
 IMAGE = "localhost/pycfs-bench:latest"
-XFS_SIZE = 16 << 30  # sparse
+SMALL_FILES = 200_000
+DEFAULT_SCALING = "0.25,1,4,200k"
+COMPRESSIONS = ("gzip", "zstd")
 
 
 # ---------------------------------------------------------------------------------------
-# The workload
+# The workloads
 
 
 def workload(scale: float) -> ImageSpec:
@@ -90,8 +101,40 @@ def workload(scale: float) -> ImageSpec:
     return ImageSpec([base, tools, data], config={"Labels": {"pycfs.bench": "1"}}, gzip=False)
 
 
+def small_files_workload(count: int) -> ImageSpec:
+    """`count` small files (0-8 KiB, mean 4 KiB) in two layers of 500-file directories: the
+    per-file cost, with little data."""
+    rng = random.Random(2)
+    layers: list[list] = []
+    per_layer = count // 2
+    for layer in range(2):
+        entries: list = [Dir(f"l{layer}")] + [Dir(f"l{layer}/d{i:04d}") for i in range(per_layer // 500 + 1)]
+        entries += [File(f"l{layer}/d{i // 500:04d}/f{i:06d}", size=rng.randint(0, 8192), seed=layer * count + i)
+                    for i in range(per_layer)]
+        layers.append(entries)
+    return ImageSpec(layers, config={"Labels": {"pycfs.bench": "small"}}, gzip=False)
+
+
 def image_file_bytes(spec: ImageSpec) -> int:
     return sum(e.length for layer in spec.layers for e in layer if isinstance(e, File))
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str  # "1", "0.25", "200k"
+    spec: Callable[[], ImageSpec]
+
+
+def parse_workload(text: str) -> Workload:
+    if text.endswith("k") and text[:-1].isdigit():
+        count = int(text[:-1]) * 1000
+        return Workload(text, lambda: small_files_workload(count))
+    try:
+        scale = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a scale factor (e.g. 0.25) or a count of small files "
+                                         f"in thousands (e.g. 200k)") from None
+    return Workload(text, lambda: workload(scale))
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,26 +151,29 @@ class Sample:
 class Row:
     key: str
     title: str
-    samples: list[Sample] = field(default_factory=list)
+    warm: list[Sample] = field(default_factory=list)
+    cold: list[Sample] = field(default_factory=list)
     disk_added: int | None = None
     note: str = ""
 
-    def stats(self) -> tuple[float, float, float] | None:
-        if not self.samples:
-            return None
-        secs = [s.seconds for s in self.samples]
-        return statistics.median(secs), min(secs), max(secs)
+    def samples(self, cold: bool) -> list[Sample]:
+        return self.cold if cold else self.warm
 
-    @property
-    def median(self) -> float:
-        return statistics.median(s.seconds for s in self.samples)
+    def median(self, cold: bool = False) -> float | None:
+        s = self.samples(cold)
+        return statistics.median(x.seconds for x in s) if s else None
 
-    @property
-    def peak_rss(self) -> int:
-        return max(s.maxrss_kib for s in self.samples) * 1024
+    def peak_rss(self) -> int | None:
+        s = self.warm + self.cold
+        return max(x.maxrss_kib for x in s) * 1024 if s else None
+
+    def as_json(self) -> dict:
+        return {"title": self.title, "warm": [s.seconds for s in self.warm], "cold": [s.seconds for s in self.cold],
+                "median_warm": self.median(False), "median_cold": self.median(True), "peak_rss": self.peak_rss(),
+                "disk_added": self.disk_added, "note": self.note}
 
 
-def timed(argv: list[str], user: lab.PodmanUser | None = None, cwd: str = "/") -> tuple[Sample, bytes]:
+def timed(argv: list, user: lab.PodmanUser | None = None, cwd: str = "/") -> tuple[Sample, bytes]:
     """Run argv (as user when given); wall time, and the peak RSS of the largest process in
     its tree as GNU time reports it (measured from a small process, so the benchmark's own
     memory, which a fork from Python would carry until exec, does not count)."""
@@ -153,13 +199,17 @@ def used_bytes(path: Path) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
-def warm(paths: list[str]) -> None:
-    """Read every input once so each row starts with the same (warm) page cache."""
+def read_all(paths: list[str]) -> None:
     buf = bytearray(1 << 20)
     for p in paths:
         with open(p, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 # ---------------------------------------------------------------------------------------
@@ -171,63 +221,95 @@ class Lab:
     xfs: Path
     user: lab.PodmanUser
     image_bytes: int
-    files: list[str]  # regular files > 64 bytes in the image's layers: what a pull stores
+    layers: list[Path]  # the image's layer directories in containers-storage, bottom first
+    files: list[str]  # regular files > 64 bytes in them: what a pull stores
     file_bytes: int
+    layouts: dict[str, Path] = field(default_factory=dict)  # compression -> OCI layout on the XFS
+    listing: Path = Path()
+
+    def cache(self, cold: bool, inputs: list[str] | None = None) -> None:
+        """Before a timed run: drop every cache, or read the run's inputs once."""
+        if cold:
+            drop_caches()
+        else:
+            read_all(self.files if inputs is None else inputs)
 
 
-def set_up(scale: float) -> Lab:
-    for tool in ("podman", "skopeo", "mkfs.xfs", "runuser", "fsverity", "/usr/bin/time"):
+def set_up(load: Workload, layouts: bool) -> Lab:
+    for tool in ("podman", "skopeo", "mkfs.xfs", "runuser", "fsverity", "/usr/bin/time", "tar", "cp"):
         if shutil.which(tool) is None:
             sys.exit(f"bench: {tool} is missing: run tools/setup.sh as root first")
     with lab.locked("sweep"):
         lab.sweep_stale()
-    print("bench: making the lab (loop XFS, user, venv)...", file=sys.stderr)
-    xfs = lab.mount_xfs("bench", XFS_SIZE)
+    spec = load.spec()
+    image_bytes = image_file_bytes(spec)
+    print(f"bench: making the lab (loop XFS, user, venv) for image {load.name}...", file=sys.stderr)
+    # Sparse: room for the storage, the compressed layouts and what the rows write.
+    xfs = lab.mount_xfs("bench", max(16 << 30, 6 * image_bytes))
     try:
-        return _populate(xfs, scale)
+        return _populate(xfs, spec, image_bytes, layouts)
     except BaseException:
         lab.restart_pause(USER)
         lab.unmount_xfs(xfs)
         raise
 
 
-def _populate(xfs: Path, scale: float) -> Lab:
+def _populate(xfs: Path, spec: ImageSpec, image_bytes: int, layouts: bool) -> Lab:
     user = lab.user_on(xfs, USER, lab.build_user_venv())
-
-    spec = workload(scale)
-    image_bytes = image_file_bytes(spec)
     print(f"bench: building the image ({human_size(image_bytes)} in files) and loading it into "
           f"{USER}'s containers-storage...", file=sys.stderr)
     layout = Path(tempfile.mkdtemp(prefix="bench-layout-", dir=lab.LAB_ROOT))
     os.chmod(layout, 0o755)
+    compressed = {}
     try:
         build_layout(spec, layout / "oci")
         load_into_storage(user, layout / "oci", IMAGE)
+        for comp in COMPRESSIONS if layouts else ():
+            print(f"bench: making the {comp} layout...", file=sys.stderr)
+            compressed[comp] = xfs / f"layout-{comp}"
+            lab.run_root(["skopeo", "copy", "--quiet", "--dest-compress", "--dest-compress-format", comp,
+                          f"oci:{layout / 'oci'}", f"oci:{compressed[comp]}"])
+            subprocess.run(["chmod", "-R", "a+rX", compressed[comp]], check=True)
     finally:
         shutil.rmtree(layout)
-    files = layer_files(user)
-    return Lab(xfs, user, image_bytes, files, sum(os.path.getsize(f) for f in files))
+    layers = layer_dirs(user)
+    files = stored_files(layers)
+    listing = xfs / "files.list"
+    listing.write_text("\n".join(files) + "\n")
+    return Lab(xfs, user, image_bytes, layers, files, sum(os.path.getsize(f) for f in files), compressed, listing)
 
 
-def layer_files(user: lab.PodmanUser) -> list[str]:
-    """As root: the regular files over 64 bytes in the image's layer directories."""
+def layer_dirs(user: lab.PodmanUser) -> list[Path]:
     images = json.loads((user.storage_root / "overlay-images/images.json").read_text())
     top = next(i["layer"] for i in images if IMAGE in i.get("names", []))
     layers = json.loads((user.storage_root / "overlay-layers/layers.json").read_text())
     by_id = {layer["id"]: layer for layer in layers}
     chain = []
     while top:
-        chain.append(top)
+        chain.append(user.storage_root / "overlay" / top / "diff")
         top = by_id[top].get("parent")
+    return chain[::-1]
+
+
+def stored_files(roots: list[Path]) -> list[str]:
+    """As root: the regular files over 64 bytes under roots (what a pull stores as objects)."""
     files = []
-    for layer_id in chain:
-        for dirpath, _, names in os.walk(user.storage_root / "overlay" / layer_id / "diff"):
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
             for name in names:
                 p = os.path.join(dirpath, name)
                 st = os.lstat(p)
                 if stat.S_ISREG(st.st_mode) and st.st_size > 64:
                     files.append(p)
     return files
+
+
+def layout_blobs(layout: Path) -> list[Path]:
+    """The layer blobs of an OCI layout with one image, bottom first."""
+    index = json.loads((layout / "index.json").read_text())
+    blob = lambda digest: layout / "blobs" / digest.replace(":", "/", 1)
+    manifest = json.loads(blob(index["manifests"][0]["digest"]).read_text())
+    return [blob(d["digest"]) for d in manifest["layers"]]
 
 
 def tear_down(bench: Lab) -> None:
@@ -246,158 +328,351 @@ def fresh_dir(bench: Lab, name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------
-# The rows
+# The rows: each function runs one row --runs times, warm then cold each time
 
 
 def pycfs_argv(bench: Lab, repo: Path, *args: str) -> list[str]:
     return [str(bench.user.python), "-m", "pycfs.tools.cli", "--repo", str(repo), *args]
 
 
-def row_import_only(bench: Lab, runs: int) -> Row:
-    row = Row("a'", "  the same, --no-image (import only, no EROFS build)")
-    for _ in range(runs):
-        repo = fresh_dir(bench, "repo-a2") / "repo"
-        timed(pycfs_argv(bench, repo, "init"), bench.user)
-        row.samples.append(timed(pycfs_argv(bench, repo, "oci", "pull", "--no-image",
-                                            f"containers-storage:{IMAGE}", "bench"), bench.user)[0])
-    shutil.rmtree(bench.user.scratch / "repo-a2")
-    return row
+def modes(runs: int, cold: bool) -> list[bool]:
+    return [c for _ in range(runs) for c in ((False, True) if cold else (False,))]
 
 
-def row_cold_pull(bench: Lab, runs: int) -> tuple[Row, Row, dict]:
-    cold = Row("a", "pycfs oci pull containers-storage: (cold)")
-    rewarm = Row("e", "pycfs oci pull containers-storage: (warm re-pull)")
+def row_pull(bench: Lab, runs: int, cold: bool) -> tuple[Row, Row, Row, dict]:
+    pull = Row("a", "pycfs oci pull containers-storage: (empty repository)")
+    import_only = Row("a'", "  the same, --no-image (import only)")
+    again = Row("e", "pycfs oci pull containers-storage: again (warm re-pull)")
     stats: dict = {}
-    for i in range(runs):
-        repo = fresh_dir(bench, "repo-a") / "repo"
-        timed(pycfs_argv(bench, repo, "init"), bench.user)
-        before = used_bytes(bench.xfs)
-        sample, out = timed(pycfs_argv(bench, repo, "oci", "pull", "--json", f"containers-storage:{IMAGE}", "bench"),
-                            bench.user)
-        cold.samples.append(sample)
-        if i == 0:
-            cold.disk_added = used_bytes(bench.xfs) - before
-            stats = json.loads(out)["stats"]
-        for _ in range(runs):
-            sample, _ = timed(pycfs_argv(bench, repo, "oci", "pull", "--json", f"containers-storage:{IMAGE}",
-                                         "bench"), bench.user)
-            rewarm.samples.append(sample)
-    shutil.rmtree(bench.user.scratch / "repo-a")
-    return cold, rewarm, stats
+    source = f"containers-storage:{IMAGE}"
+    for c in modes(runs, cold):
+        for row, extra in ((pull, []), (import_only, ["--no-image"])):
+            repo = fresh_dir(bench, "repo") / "repo"
+            timed(pycfs_argv(bench, repo, "init"), bench.user)
+            before = used_bytes(bench.xfs)
+            bench.cache(c)
+            sample, out = timed(pycfs_argv(bench, repo, "oci", "pull", "--json", *extra, source, "bench"), bench.user)
+            row.samples(c).append(sample)
+            if row is pull:
+                if not stats:
+                    pull.disk_added = used_bytes(bench.xfs) - before
+                    stats = json.loads(out)["stats"]
+                bench.cache(c)
+                again.samples(c).append(timed(pycfs_argv(bench, repo, "oci", "pull", source, "bench"), bench.user)[0])
+    shutil.rmtree(bench.user.scratch / "repo")
+    return pull, import_only, again, stats
 
 
-def row_hashing(bench: Lab, runs: int) -> tuple[Row, Row]:
-    ours = Row("b", "fs-verity hashing of the same files (`pycfs measure`: its object workers)")
-    theirs = Row("b'", "fs-verity hashing, Debian `fsverity digest` (2 processes)")
-    with tempfile.NamedTemporaryFile("w", suffix=".list", delete=False) as f:
-        f.write("\n".join(bench.files) + "\n")
-        listing = f.name
-    try:
-        for _ in range(runs):
-            ours.samples.append(timed([sys.executable, "-m", "pycfs.tools.cli", "measure", "--files-from", listing])[0])
-            theirs.samples.append(timed(["sh", "-c", f"xargs -d '\\n' -n 256 -P 2 fsverity digest <{listing} >/dev/null"])[0])
-    finally:
-        os.unlink(listing)
+def row_hashing(bench: Lab, runs: int, cold: bool) -> tuple[Row, Row]:
+    ours = Row("b", "fs-verity hashing of the same files, `pycfs measure` (object workers)")
+    theirs = Row("Lh", f"fs-verity hashing, Debian `fsverity digest` ({os.cpu_count()} processes)")
+    for c in modes(runs, cold):
+        bench.cache(c)
+        ours.samples(c).append(timed([sys.executable, "-m", "pycfs.tools.cli", "measure", "--files-from",
+                                      bench.listing])[0])
+        bench.cache(c)
+        theirs.samples(c).append(timed(["sh", "-c", f"xargs -d '\\n' -n 256 -P {os.cpu_count()} fsverity digest "
+                                                    f"<{bench.listing} >/dev/null"])[0])
     return ours, theirs
 
 
-def row_save_then_pull(bench: Lab, runs: int) -> Row:
+def row_clone(bench: Lab, runs: int, cold: bool) -> Row:
+    row = Row("Lc", "reflink copy of the layer directories, GNU `cp -a --reflink=always`")
+    for c in modes(runs, cold):
+        dest = fresh_dir(bench, "clone")
+        script = " && ".join(f"cp -a --reflink=always {layer} {dest}/{i}" for i, layer in enumerate(bench.layers))
+        bench.cache(c)
+        row.samples(c).append(timed(["sh", "-c", script])[0])
+    shutil.rmtree(bench.user.scratch / "clone")
+    return row
+
+
+def row_save_then_pull(bench: Lab, runs: int, cold: bool) -> Row:
     row = Row("c", "podman save --format oci-dir + pycfs oci pull oci:DIR")
-    for i in range(runs):
+    for c in modes(runs, cold):
         work = fresh_dir(bench, "work-c")
-        before = used_bytes(bench.xfs)
-        save, _ = timed(["podman", "save", "--format", "oci-dir", "-o", str(work / "oci"), IMAGE], bench.user)
         repo = work / "repo"
         timed(pycfs_argv(bench, repo, "init"), bench.user)
+        before = used_bytes(bench.xfs)
+        bench.cache(c)
+        save, _ = timed(["podman", "save", "--format", "oci-dir", "-o", str(work / "oci"), IMAGE], bench.user)
         pull, _ = timed(pycfs_argv(bench, repo, "oci", "pull", f"oci:{work / 'oci'}", "bench"), bench.user)
-        row.samples.append(Sample(save.seconds + pull.seconds, max(save.maxrss_kib, pull.maxrss_kib)))
-        if i == 0:
+        row.samples(c).append(Sample(save.seconds + pull.seconds, max(save.maxrss_kib, pull.maxrss_kib)))
+        if row.disk_added is None:
             row.disk_added = used_bytes(bench.xfs) - before
     shutil.rmtree(bench.user.scratch / "work-c")
     return row
 
 
-def row_mkcomposefs(bench: Lab, runs: int) -> Row:
-    row = Row("d", "C mkcomposefs --digest-store over the merged rootfs")
-    if shutil.which("mkcomposefs") is None:
-        row.note = "not installed (Debian 12 has no composefs package)"
-        return row
-    for _ in range(runs):
-        work = fresh_dir(bench, "work-d")
-        script = (f'set -e; m=$(podman image mount {IMAGE}); '
-                  f'mkcomposefs --digest-store={work}/store "$m" {work}/image.cfs; podman image unmount {IMAGE}')
-        row.samples.append(timed(["podman", "unshare", "sh", "-c", script], bench.user)[0])
-    shutil.rmtree(bench.user.scratch / "work-d")
-    return row
+def rows_layout(bench: Lab, runs: int, cold: bool) -> list[Row]:
+    """oci:DIR pulls of the compressed layouts against tar -xf + fsverity digest."""
+    rows = []
+    cpus = os.cpu_count()
+    for comp, layout in bench.layouts.items():
+        ours = Row(f"o-{comp[:2]}", f"pycfs oci pull oci:DIR, {comp} layers")
+        theirs = Row(f"t-{comp[:2]}", f"  GNU `tar -xf` of the same layers + `fsverity digest` ({cpus} processes)")
+        blobs = [str(b) for b in layout_blobs(layout)]
+        for c in modes(runs, cold):
+            repo = fresh_dir(bench, "repo-o") / "repo"
+            timed(pycfs_argv(bench, repo, "init"), bench.user)
+            bench.cache(c, blobs)
+            ours.samples(c).append(timed(pycfs_argv(bench, repo, "oci", "pull", f"oci:{layout}", "bench"),
+                                         bench.user)[0])
+            dest = fresh_dir(bench, "tar")
+            script = " && ".join(f"mkdir {dest}/{i} && tar -xf {blob} -C {dest}/{i}" for i, blob in enumerate(blobs))
+            script += (f" && find {dest} -type f -size +64c -print0 | "
+                       f"xargs -0 -n 256 -P {cpus} fsverity digest >/dev/null")
+            bench.cache(c, blobs)
+            theirs.samples(c).append(timed(["sh", "-c", script])[0])
+        rows += [ours, theirs]
+    for name in ("repo-o", "tar"):
+        shutil.rmtree(bench.user.scratch / name, ignore_errors=True)
+    return rows
+
+
+def rows_start_up(bench: Lab, runs: int, cold: bool) -> list[Row]:
+    rows = [Row("h", "pycfs --help"), Row("n", "pycfs --version")]
+    for c in modes(runs, cold):
+        for row in rows:
+            bench.cache(c, [])
+            # As root, without runuser's own start-up: the user's venv, as the pulls run it.
+            row.samples(c).append(timed([bench.user.python, "-m", "pycfs.tools.cli", row.title.split()[1]])[0])
+    return rows
 
 
 # ---------------------------------------------------------------------------------------
 # Report
 
 
-def report(rows: list[Row], bench: Lab, stats: dict, runs: int) -> dict:
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    num: str | tuple[str, ...]  # row key(s), summed
+    den: str | tuple[str, ...] | None  # None: an absolute time in seconds
+    limit: float
+
+
+GOALS = [
+    Goal("b/Lh (hashing at C speed)", "b", "Lh", 1.05),
+    Goal("a/L (pull vs hash + clone)", "a", ("Lh", "Lc"), 1.0),
+    Goal("a'/L (import alone)", "a'", ("Lh", "Lc"), 0.8),
+    Goal("o-gz/t-gz (oci:DIR, gzip)", "o-gz", "t-gz", 1.1),
+    Goal("o-zs/t-zs (oci:DIR, zstd)", "o-zs", "t-zs", 1.1),
+    Goal("e (warm re-pull), s", "e", None, 0.2),
+    Goal("h (pycfs --help), s", "h", None, 0.15),
+    Goal("n (pycfs --version), s", "n", None, 0.15),
+]
+
+
+def total(by: dict[str, Row], keys: str | tuple[str, ...], cold: bool) -> float | None:
+    values = [by[k].median(cold) if k in by else None for k in ((keys,) if isinstance(keys, str) else keys)]
+    return None if None in values else sum(values)  # type: ignore[arg-type]
+
+
+def goal_ratio(by: dict[str, Row], num: str | tuple[str, ...], den: str | tuple[str, ...] | None,
+               cold: bool = False) -> float | None:
+    n = total(by, num, cold)
+    d = total(by, den, cold) if den is not None else 1.0
+    return n / d if n is not None and d else None
+
+
+def goal_values(by: dict[str, Row], cold: bool) -> dict[str, float]:
+    values = {g.name: goal_ratio(by, g.num, g.den, cold) for g in GOALS}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def report(rows: list[Row], bench: Lab, stats: dict, runs: int, cold: bool) -> dict:
     from rich.console import Console
     from rich.table import Table
 
     by = {r.key: r for r in rows}
-    table = Table(title=f"pycfs import benchmark: {human_size(bench.image_bytes)} image, {len(bench.files)} files "
-                        f"> 64 bytes ({human_size(bench.file_bytes)}), {runs} runs, {os.cpu_count()} cores")
-    for col in ("", "row", "median s", "min s", "max s", "peak RSS", "disk added"):
+    title = (f"pycfs import benchmark: {human_size(bench.image_bytes)} image, {len(bench.files)} files > 64 bytes "
+             f"({human_size(bench.file_bytes)}), medians of {runs} runs, {os.cpu_count()} cores")
+    table = Table(title=title)
+    for col in ("", "row", "warm s", "min-max", "cold s", "min-max", "peak RSS", "disk added"):
         table.add_column(col, justify="left" if col in ("", "row") else "right")
+
+    def spread(r: Row, c: bool) -> str:
+        s = [x.seconds for x in r.samples(c)]
+        return f"{min(s):.2f}-{max(s):.2f}" if s else ""
+
     for r in rows:
-        s = r.stats()
-        cells = [f"{v:.2f}" for v in s] if s else [r.note or "-", "", ""]
-        table.add_row(r.key, r.title, *cells, human_size(r.peak_rss) if r.samples else "",
+        table.add_row(r.key, r.title, fmt(r.median(False)) if r.warm else (r.note or "-"), spread(r, False),
+                      fmt(r.median(True)), spread(r, True), human_size(r.peak_rss() or 0) if r.warm else "",
                       human_size(r.disk_added) if r.disk_added is not None else "")
-    ratios = {
-        "a/b": by["a"].median / by["b"].median,
-        "a'/b": by["a'"].median / by["b"].median,
-        "c/a": by["c"].median / by["a"].median,
-        "disk(a)/image": (by["a"].disk_added or 0) / bench.image_bytes,
-        "hash MiB/s (pycfs)": bench.file_bytes / by["b"].median / MIB,
-        "hash MiB/s (fsverity digest)": bench.file_bytes / by["b'"].median / MIB,
-    }
-    console = Console(width=150)
+    L = {c: total(by, ("Lh", "Lc"), c) for c in (False, True)}
+    table.add_row("L", "reference: Lh + Lc", fmt(L[False]), "", fmt(L[True]), "", "", "")
+    goals = Table(title="goals (medians; met when <= the limit)")
+    for col in ("ratio", "limit", "warm", "", "cold", ""):
+        goals.add_column(col, justify="left" if col == "ratio" else "right")
+    values = {c: goal_values(by, c) for c in (False, True)}
+    for g in GOALS:
+        cells = []
+        for c in (False, True):
+            v = values[c].get(g.name)
+            cells += [fmt(v, 3), "" if v is None else ("ok" if v <= g.limit else "MISSED")]
+        goals.add_row(g.name, f"{g.limit:g}", *cells)
+    console = Console(width=160)
     console.print(table)
-    console.print("  ".join(f"{k} = {v:.3f}" if "/" in k and "MiB" not in k else f"{k} = {v:.0f}"
-                            for k, v in ratios.items()))
+    console.print(goals)
+    rate = lambda seconds: bench.file_bytes / seconds / MIB if seconds else None
+    others = {
+        "c/a": goal_ratio(by, "c", "a"),
+        "disk(a)/image": (by["a"].disk_added or 0) / bench.image_bytes,
+        "hash MiB/s (pycfs)": rate(by["b"].median(False)),
+        "hash MiB/s (fsverity digest)": rate(by["Lh"].median(False)),
+    }
+    console.print("  ".join(f"{k} = {fmt(v, 3) if '/' in k and 'MiB' not in k else fmt(v, 0)}"
+                            for k, v in others.items()))
     console.print(f"cold pull: {stats.get('objects_reflinked')} reflinked, {stats.get('objects_copied')} copied, "
                   f"{stats.get('objects_already_present')} already present, {stats.get('files_via_helper')} "
                   f"files via the helper")
     return {
         "image_bytes": bench.image_bytes, "files": len(bench.files), "file_bytes": bench.file_bytes, "runs": runs,
-        "rows": {r.key: {"title": r.title, "seconds": [s.seconds for s in r.samples],
-                         "peak_rss": r.peak_rss if r.samples else None, "disk_added": r.disk_added, "note": r.note}
-                 for r in rows},
-        "ratios": ratios, "pull_stats": stats,
+        "rows": {r.key: r.as_json() for r in rows}, "L": {"warm": L[False], "cold": L[True]},
+        "goals": {g.name: {"limit": g.limit, "warm": values[False].get(g.name), "cold": values[True].get(g.name)}
+                  for g in GOALS},
+        "others": others, "pull_stats": stats,
     }
+
+
+SCALING_ROWS = ("a", "a'", "b", "Lh")
+
+
+def scaling_report(results: list[dict], json_path: Path | None) -> None:
+    """Per image: each row's seconds, MiB/s and µs per file (warm and cold), and peak RSS;
+    then a least-squares fit of time = bytes / rate + files x per-file cost over the images."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="scaling (medians; µs/file = seconds / files > 64 bytes)")
+    for col in ("image", "files", "bytes", "row", "warm s", "cold s", "warm MiB/s", "warm µs/file", "cold µs/file",
+                "peak RSS"):
+        table.add_column(col, justify="left" if col in ("image", "row") else "right")
+    for res in results:
+        for key in SCALING_ROWS:
+            r = res["rows"][key]
+            w, c = r["median_warm"], r["median_cold"]
+            table.add_row(res["name"], str(res["files"]), human_size(res["file_bytes"]), key, fmt(w), fmt(c),
+                          fmt(res["file_bytes"] / w / MIB if w else None, 0), fmt(w / res["files"] * 1e6 if w else None, 0),
+                          fmt(c / res["files"] * 1e6 if c else None, 0), human_size(r["peak_rss"] or 0))
+    console = Console(width=160)
+    console.print(table)
+    if len(results) >= 2:
+        fits = []
+        for key in SCALING_ROWS:
+            for cold in (False, True):
+                fit = fit_linear([(res["file_bytes"], res["files"], res["rows"][key]["median_cold" if cold else
+                                                                                     "median_warm"])
+                                  for res in results])
+                if fit:
+                    fits.append(f"{key} {'cold' if cold else 'warm'}: {fit[0]:.0f} MiB/s + {fit[1]:.1f} µs/file")
+        console.print("fit time = bytes/rate + files x cost:  " + ";  ".join(fits))
+    if json_path is not None:
+        plot(results, json_path.with_suffix(".png"))
+
+
+def fit_linear(points: list[tuple[int, int, float | None]]) -> tuple[float, float] | None:
+    """Least squares t = x*bytes + y*files, without a constant term: (MiB/s, µs/file)."""
+    pts = [(b / MIB, f, t) for b, f, t in points if t is not None]
+    sbb = sum(b * b for b, _, _ in pts)
+    sff = sum(f * f for _, f, _ in pts)
+    sbf = sum(b * f for b, f, _ in pts)
+    sbt = sum(b * t for b, _, t in pts)
+    sft = sum(f * t for _, f, t in pts)
+    det = sbb * sff - sbf * sbf
+    if len(pts) < 2 or not det:
+        return None
+    x = (sbt * sff - sft * sbf) / det
+    y = (sbb * sft - sbf * sbt) / det
+    return (1 / x if x > 0 else float("inf")), y * 1e6
+
+
+def plot(results: list[dict], png: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("bench: no plot (matplotlib missing: install the `bench` extra)", file=sys.stderr)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_bytes, by_files) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key in SCALING_ROWS:
+        for cold, style in ((False, "-o"), (True, "--s")):
+            pts = sorted((res["file_bytes"] / 1e9, res["files"], res["rows"][key]["median_cold" if cold else "median_warm"])
+                         for res in results)
+            label = f"{key} {'cold' if cold else 'warm'}"
+            by_bytes.plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
+            by_files.plot([p[1] for p in pts], [p[2] / p[1] * 1e6 for p in pts], style, label=label)
+    by_bytes.set(xlabel="GB in files > 64 bytes", ylabel="seconds (median)", title="time against bytes")
+    by_files.set(xlabel="files", ylabel="µs per file", xscale="log", title="time per file")
+    by_bytes.legend(fontsize="small")
+    fig.suptitle(", ".join(f"{r['name']}: {r['files']} files" for r in results))
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    print(f"bench: plot in {png}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def bench_one(load: Workload, runs: int, cold: bool, full: bool, keep: bool, quick: bool = False) -> dict:
+    bench = set_up(load, layouts=full)
+    try:
+        print(f"bench: {runs} runs per row{', warm and cold' if cold else ''}...", file=sys.stderr)
+        pull, import_only, again, stats = row_pull(bench, runs, cold)
+        ours, theirs = row_hashing(bench, runs, cold)
+        clone = row_clone(bench, runs, cold)
+        rows = [pull, import_only, ours, theirs, clone]
+        if full:
+            rows += [row_save_then_pull(bench, runs, cold)] if not quick else []
+            rows += [*rows_layout(bench, runs, cold), again, *rows_start_up(bench, runs, cold)]
+        figures = report(rows, bench, stats, runs, cold)
+        return {"name": load.name, **figures}
+    finally:
+        if not keep:
+            tear_down(bench)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3, help="runs per row (default: %(default)s)")
-    parser.add_argument("--scale", type=float, default=1.0, help="image size factor (1.0: about 1.5 GB)")
-    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--runs", type=int, default=5, help="runs per row (default: %(default)s)")
+    parser.add_argument("--scale", type=parse_workload, default=parse_workload("1"),
+                        help="the image: a size factor (1: about 1.5 GB) or NNNk small files (default: 1)")
+    parser.add_argument("--scaling", nargs="?", const=DEFAULT_SCALING, metavar="LIST",
+                        help=f"instead: rows a, a', b, Lh for each image of LIST (default: {DEFAULT_SCALING})")
+    parser.add_argument("--quick", action="store_true",
+                        help="a quick look while developing: 1 run, --scale 0.25, warm cache only, no row c")
+    parser.add_argument("--warm-only", action="store_true", help="skip the cold-cache runs")
+    parser.add_argument("--json", metavar="FILE", type=Path, help="also write the figures as JSON (and the plot)")
     parser.add_argument("--keep", action="store_true", help="leave the lab (XFS, storage) mounted")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("bench: run as root (it creates a user and a loop-mounted XFS)")
-    bench = set_up(args.scale)
-    try:
-        warm(bench.files)
-        print(f"bench: {args.runs} runs per row...", file=sys.stderr)
-        cold, rewarm, stats = row_cold_pull(bench, args.runs)
-        import_only = row_import_only(bench, args.runs)
-        ours, theirs = row_hashing(bench, args.runs)
-        save = row_save_then_pull(bench, args.runs)
-        mkcfs = row_mkcomposefs(bench, args.runs)
-        figures = report([cold, import_only, ours, theirs, save, mkcfs, rewarm], bench, stats, args.runs)
-        if args.json:
-            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
-    finally:
-        if not args.keep:
-            tear_down(bench)
+    if args.quick:
+        args.runs, args.scale, args.warm_only = 1, parse_workload("0.25"), True
+    cold = not args.warm_only
+    print("bench: waiting for other benchmarks on this machine (they share the lab user)...", file=sys.stderr)
+    with lab.locked("bench"):
+        return run(args, cold)
+
+
+def run(args: argparse.Namespace, cold: bool) -> int:
+    if args.scaling:
+        results = [bench_one(parse_workload(name), args.runs, cold, False, args.keep)
+                   for name in args.scaling.split(",")]
+        scaling_report(results, args.json)
+        figures: dict = {"scaling": results}
+    else:
+        figures = bench_one(args.scale, args.runs, cold, True, args.keep, args.quick)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 
