@@ -15,11 +15,10 @@ truncated or corrupt compressed layer is an error and never a short tar.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -91,16 +90,41 @@ class HashingReader:
 
 
 class _GzipReader:
-    """gzip.GzipFile with its failures turned into one clear error."""
+    """Decompresses concatenated gzip members (zero padding between them allowed, as gzip
+    does) with zlib, which checks each member's header, CRC-32 and length. Compressed input
+    is read and hashed a _PIECE at a time, and output comes at most `n` bytes a call (zlib's
+    max_length), so a highly compressed member never lands in memory whole; a member cut
+    short is an error."""
 
     def __init__(self, f: BinaryIO) -> None:
-        self._gz = gzip.GzipFile(fileobj=f, mode="rb")
+        self._f = f
+        self._d: zlib._Decompress | None = None  # the member being read
+        self._in = b""  # compressed input not yet given to zlib
 
     def read(self, n: int = -1) -> bytes:
-        try:
-            return self._gz.read(n)
-        except (OSError, EOFError, zlib.error) as e:
-            raise PycfsError(f"corrupt gzip layer: {e}") from None
+        limit = n if n > 0 else _PIECE
+        while True:
+            if not self._in:
+                self._in = self._f.read(_PIECE)
+                if not self._in:
+                    if self._d is not None:
+                        raise PycfsError("corrupt gzip layer: compressed data ends in the middle of a member")
+                    return b""
+            if self._d is None:
+                self._in = self._in.lstrip(b"\0")
+                if not self._in:
+                    continue
+                self._d = zlib.decompressobj(wbits=31)
+            try:
+                out = self._d.decompress(self._in, limit)
+            except zlib.error as e:
+                raise PycfsError(f"corrupt gzip layer: {e}") from None
+            if self._d.eof:
+                self._in, self._d = self._d.unused_data, None
+            else:
+                self._in = self._d.unconsumed_tail
+            if out:
+                return out
 
 
 class _ZstdReader:
@@ -181,6 +205,25 @@ class SplitLayer:
     stats: ImportStats
 
 
+class _ReadAhead:
+    """read(n) over another read, taking _PIECE at a time from it: a tar's 512-byte headers
+    then cost a slice each, not a call down through the hasher and the decompressor."""
+
+    def __init__(self, read: Callable[[int], bytes]) -> None:
+        self._read = read
+        self._data = b""
+        self._view = memoryview(b"")
+
+    def read(self, n: int) -> bytes:
+        if not self._view:
+            self._data = self._read(_PIECE)
+            if len(self._data) <= n:
+                return self._data  # handed on whole, not copied
+            self._view = memoryview(self._data)
+        piece, self._view = self._view[:n], self._view[n:]
+        return bytes(piece)
+
+
 @dataclass(frozen=True, slots=True)
 class PendingFile:
     """A file's content written, unhashed, to an anonymous file of the object store: a
@@ -212,7 +255,8 @@ class TarSplitter:
     def __init__(self, repo: Repository, f: BinaryIO, alg: str = "sha256", *, defer: bool = False) -> None:
         self.repo = repo
         self.src = HashingReader(f, alg)
-        self.reader = TarReader(self.src.read)
+        self._ahead = _ReadAhead(self.src.read)
+        self.reader = TarReader(self._ahead.read)
         self.files_inlined = 0
         self.done = False
         # Deferring needs anonymous files, which the worker links by fd (O_TMPFILE).
@@ -232,7 +276,7 @@ class TarSplitter:
                 entry = self.reader.next()
                 inline += entry.raw
                 if isinstance(entry, TarEnd):
-                    while piece := self.src.read(_PIECE):
+                    while piece := self._ahead.read(_PIECE):
                         inline += piece
                     self.done = True
                 elif entry.is_regular() and entry.size > INLINE_CONTENT_MAX:

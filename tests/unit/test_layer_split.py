@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.oci.layer import (
+    decompressing_reader,
     Directory,
     Hardlink,
     LayerDigestError,
@@ -228,6 +229,42 @@ def test_corrupt_gzip_is_an_error(repo: Repository) -> None:
         _import(repo, bytes(gz))
     with pytest.raises(PycfsError, match="corrupt gzip layer"):
         _import(repo, gzip.compress(data)[:-20])
+
+
+@settings(max_examples=40, deadline=None)
+@given(parts=st.lists(st.binary(max_size=3000), min_size=1, max_size=4), padding=st.integers(0, 600),
+       reads=st.integers(1, 5000))
+def test_gzip_reader_reads_what_the_gzip_module_reads(parts: list[bytes], padding: int, reads: int) -> None:
+    """Concatenated members, zero padding after them, any read size: the oracle is the
+    stdlib's gzip.decompress; each read returns at most what was asked."""
+    blob = b"".join(gzip.compress(p, compresslevel=1 + i % 9) for i, p in enumerate(parts)) + bytes(padding)
+    reader = decompressing_reader(io.BytesIO(blob), "gzip")
+    out = []
+    while piece := reader.read(reads):
+        assert len(piece) <= reads
+        out.append(piece)
+    assert b"".join(out) == gzip.decompress(blob) == b"".join(parts)
+
+
+def test_gzip_reader_refuses_what_follows_a_member_if_not_another_one() -> None:
+    reader = decompressing_reader(io.BytesIO(gzip.compress(b"a" * 100) + b"\0\0garbage"), "gzip")
+    assert reader.read(1000) == b"a" * 100
+    with pytest.raises(PycfsError, match="corrupt gzip layer"):
+        reader.read(1000)
+
+
+def test_gzip_reader_holds_one_read_of_a_bomb() -> None:
+    """A member that inflates 1000-fold comes out n bytes at a time."""
+    reader = decompressing_reader(io.BytesIO(gzip.compress(bytes(64 << 20))), "gzip")
+    tracemalloc.start()
+    try:
+        total = 0
+        while piece := reader.read(1 << 20):
+            total += len(piece)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total == 64 << 20 and peak < 8 << 20
 
 
 def test_corrupt_zstd_is_an_error(repo: Repository) -> None:
