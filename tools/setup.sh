@@ -36,8 +36,10 @@ if ((${#missing[@]})); then
     fi
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
+    # Another apt (unattended-upgrades on a fresh machine) may hold the dpkg lock: wait for it.
+    apt_wait=(-o DPkg::Lock::Timeout=900)
+    apt-get "${apt_wait[@]}" update -q
+    apt-get "${apt_wait[@]}" install -y -q --no-install-recommends "${PACKAGES[@]}"
 else
     echo "setup: Debian packages present"
 fi
