@@ -4,7 +4,6 @@ C images showed (`NAME.kernel` vectors), and fsck.erofs must accept them."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -12,15 +11,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from pycfs.host import dumpfile
 from pycfs.host.erofs.writer import choose_version, write_image
+from vectors import C_VECTORS, c_manifest
 
 pytestmark = pytest.mark.integration
 
-VECTORS = Path("/work/shared/vectors/composefs-c")
-MANIFEST = json.loads((VECTORS / "manifest.json").read_text()) if (VECTORS / "manifest.json").exists() else {
-    "dumpfile_cases": []}
+VECTORS = C_VECTORS
+MANIFEST = c_manifest()
 
 # a spread of layouts: xattr sharing, long symlinks, multi-block dirs, devices, whiteouts,
 # hardlinks, extended inodes, escapes, external files
@@ -70,8 +68,6 @@ def _kernel_listing(top: Path) -> bytes:
 
 @pytest.fixture(scope="module")
 def can_mount():
-    if not (VECTORS / "manifest.json").exists():
-        pytest.skip("shared C vectors are not available")
     if os.geteuid() != 0:
         pytest.skip("loop-mounting EROFS images needs root")
     with open("/proc/filesystems") as f:
@@ -108,8 +104,6 @@ def test_kernel_view_matches_c(name, can_mount, tmp_path):
 def test_fsck_erofs_accepts(name, tmp_path):
     if not shutil.which("fsck.erofs"):
         pytest.skip("fsck.erofs (erofs-utils) is not installed")
-    if not (VECTORS / "manifest.json").exists():
-        pytest.skip("shared C vectors are not available")
     image = tmp_path / f"{name}.cfs"
     image.write_bytes(_build(name))
     r = subprocess.run(["fsck.erofs", str(image)], capture_output=True, text=True)

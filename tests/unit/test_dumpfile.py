@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import random
 import re
-from pathlib import Path
 
 import pytest
-
 from pycfs.host.dumpfile import DumpfileError, escape, parse, unescape, write
 from pycfs.host.tree import (
     CharDevice,
@@ -22,18 +19,10 @@ from pycfs.host.tree import (
     Stat,
     Symlink,
 )
+from vectors import C_VECTORS, c_manifest
 
-VECTORS = Path("/work/shared/vectors/composefs-c")
-needs_vectors = pytest.mark.skipif(not (VECTORS / "manifest.json").exists(), reason="shared C vectors are not available")
-
-
-def _manifest() -> dict:
-    if not (VECTORS / "manifest.json").exists():
-        return {"dumpfile_cases": [], "should_fail": [], "directory_cases": []}
-    return json.loads((VECTORS / "manifest.json").read_text())
-
-
-MANIFEST = _manifest()
+VECTORS = C_VECTORS
+MANIFEST = c_manifest()
 
 
 # ---------------------------------------------------------------------------- escaping
@@ -80,7 +69,6 @@ def test_unescape_errors(field, message):
 # ---------------------------------------------------------------------------- parser
 
 
-@needs_vectors
 @pytest.mark.parametrize(
     "case", [c for c in MANIFEST["should_fail"] if c["name"] != "fail_too_big"], ids=lambda c: c["name"]
 )
@@ -182,7 +170,6 @@ def _zero_dir_sizes(text: bytes) -> bytes:
     return b"\n".join(out)
 
 
-@needs_vectors
 @pytest.mark.parametrize(
     "name", [c["name"] for c in MANIFEST["dumpfile_cases"] + MANIFEST["directory_cases"]]
 )

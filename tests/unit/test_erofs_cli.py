@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shlex
@@ -13,13 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from pycfs.tools.cli import main
+from vectors import C_VECTORS, c_manifest
 
-VECTORS = Path("/work/shared/vectors/composefs-c")
-needs_vectors = pytest.mark.skipif(not (VECTORS / "manifest.json").exists(), reason="shared C vectors are not available")
-MANIFEST = json.loads((VECTORS / "manifest.json").read_text()) if (VECTORS / "manifest.json").exists() else {
-    "cli_facts": [], "should_fail": []}
+VECTORS = C_VECTORS
+MANIFEST = c_manifest()
 
 # composefs-dump is a separate C tool; `--version` is an argparse matter (exit 2, not 1)
 FACTS = [f for f in MANIFEST["cli_facts"]
@@ -38,7 +35,6 @@ def _stage(tmp_path: Path, command: str) -> None:
             shutil.copy(src, tmp_path / word)
 
 
-@needs_vectors
 @pytest.mark.parametrize("fact", FACTS, ids=lambda f: f["what"])
 def test_cli_fact(fact, tmp_path):
     command = fact["command"]
@@ -64,7 +60,6 @@ def test_cli_fact(fact, tmp_path):
     assert not (tmp_path / "x.cfs").exists()
 
 
-@needs_vectors
 @pytest.mark.parametrize("case", MANIFEST["should_fail"], ids=lambda c: c["name"])
 def test_should_fail_cli(case, tmp_path, capsys, monkeypatch):
     for k, v in case["env"].items():
@@ -77,7 +72,6 @@ def test_should_fail_cli(case, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "out.cfs").exists()
 
 
-@needs_vectors
 def test_write_image_and_info_commands(tmp_path):
     out = tmp_path / "m.cfs"
     r = pycfs(["mkcomposefs", "--print-digest", "--from-file", str(VECTORS / "mixed_rootfs.dump"), str(out)], tmp_path)
@@ -98,7 +92,6 @@ def test_write_image_and_info_commands(tmp_path):
     assert r.stdout.decode().strip() == (VECTORS / "mixed_rootfs.digest").read_text().split()[0]
 
 
-@needs_vectors
 def test_strict_env(tmp_path):
     r = pycfs(["mkcomposefs", "--print-digest-only", "--from-file", str(VECTORS / "edge_noncanonical.dump")], tmp_path,
               env={"CFS_PARSE_STRICT": "1"})
