@@ -107,24 +107,31 @@ class Symlink:
         return len(self.target)
 
 
+# `dump_size` of the special kinds: the SIZE column of a C dumpfile. The image stores size 0,
+# but C writes an extended inode when it is above 2^32-1, so the writer needs it; it is no
+# part of the file's identity (not compared).
+
+
 @dataclass(frozen=True, slots=True)
 class CharDevice:
     rdev: int  # glibc dev_t encoding; 0 = overlayfs whiteout
+    dump_size: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
 class BlockDevice:
     rdev: int
+    dump_size: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Fifo:
-    pass
+    dump_size: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Socket:
-    pass
+    dump_size: int = field(default=0, compare=False)
 
 
 RegularContent = Union[Inline, External, ExternalNoVerity, Sparse]
@@ -247,9 +254,10 @@ Inode = Union[Directory, Leaf]
 class FileSystem:
     """A whole tree: the root directory, plus optional hardlink ordering facts.
 
-    `primary_links` maps `id(leaf)` to the (directory, name) that is the leaf's "real" name.
+    `primary_links` maps `id(inode)` to the (directory, name) that is the inode's "real" name.
     The C tools number a hardlinked inode where its real name (the non-`@` dumpfile line) is
-    met; without an entry the first name in a depth-first byte-sorted walk is used.
+    met; without an entry the first name in a depth-first byte-sorted walk is used (for a
+    directory, which C lets a dumpfile hardlink, the first name in breadth-first order).
     """
 
     root: Directory = field(default_factory=Directory)

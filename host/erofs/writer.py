@@ -96,7 +96,7 @@ class _Ino:
         "node", "index", "mode", "uid", "gid", "mtime", "nsec", "nlink", "size", "rdev",
         "xattrs", "shared", "local", "xattr_size", "name_filter", "layout", "inline",
         "blocks", "nblocks", "i_u", "extended", "ftype", "nid", "children", "parent",
-        "kind", "chunk_format", "chunk_count", "promoted",
+        "kind", "chunk_format", "chunk_count", "promoted", "blkaddr",
     )
 
     def __init__(self, node, index: int) -> None:
@@ -118,6 +118,7 @@ class _Ino:
         self.promoted = False
         self.chunk_format = 0
         self.chunk_count = 0
+        self.blkaddr = 0  # first data block, when nblocks
 
 
 _FTYPES = {
@@ -206,6 +207,15 @@ def _dfs_first(root: Directory, wanted: set[int]) -> dict[int, tuple[int, bytes]
     return found
 
 
+def _is_dir_home(fs: FileSystem, d: Directory, parent: Directory, name: bytes) -> bool:
+    """A directory hardlinked by a C dumpfile gets its inode (and its `..`) at its own line;
+    otherwise at its first name in breadth-first order."""
+    rec = fs.primary_links.get(id(d))
+    if rec is None or rec[0].entries.get(rec[1]) is not d:
+        return True
+    return rec[0] is parent and rec[1] == name
+
+
 def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
     """BFS inode numbering (C lcfs_compute_tree) plus the composefs transformations."""
     root = fs.root
@@ -247,21 +257,20 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
             k = id(child)
             if isinstance(child, Directory):
                 cino = by_id.get(k)
-                if cino is None:
+                if cino is None and _is_dir_home(fs, child, d, name):
                     cino = new_ino(child)
                     cino.parent = dino
                     queue.append(cino)
-                dino.children.append((name, cino))
-                continue
-            if counts.get(k, 1) > 1 and canon.get(k) != (id(d), name):
+            elif counts.get(k, 1) > 1 and canon.get(k) != (id(d), name):
                 cino = by_id.get(k)
-                if cino is None:
-                    # canonical name is deeper in the BFS: fill in once it has a number
-                    late.append((dino, len(dino.children), k))
-                    dino.children.append((name, None))  # type: ignore[arg-type]
-                    continue
             else:
                 cino = new_ino(child)
+                cino.parent = dino
+            if cino is None:
+                # canonical name is deeper in the BFS: fill in once it has a number
+                late.append((dino, len(dino.children), k))
+                dino.children.append((name, None))  # type: ignore[arg-type]
+                continue
             dino.children.append((name, cino))
     for dino, pos, k in late:
         dino.children[pos] = (dino.children[pos][0], by_id[k])
@@ -275,7 +284,7 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
         ino.xattrs = _escape_xattrs(st.xattrs)
         if isinstance(node, Directory):
             ino.mode = node.st_mode
-            ino.nlink = 2 + len({id(c) for _n, c in ino.children if isinstance(c.node, Directory) and c.parent is ino})
+            ino.nlink = _dir_nlink(ino)
             continue
         ino.nlink = 1 if id(node) in stub_ids else (node.nlink if node.nlink is not None else counts.get(id(node), 1))
         ino.mode = node.st_mode
@@ -298,7 +307,9 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
         has_wh = False
         for _name, cino in dino.children:
             n = cino.node
-            if isinstance(n, Leaf) and n.is_whiteout() and id(n) not in stub_ids:
+            # only the directory of the whiteout's own name is marked, not one holding a
+            # hardlink to it
+            if isinstance(n, Leaf) and n.is_whiteout() and id(n) not in stub_ids and cino.parent is dino:
                 cino.xattrs[XATTR_ESC_WHITEOUT] = b""
                 cino.xattrs[XATTR_USER_WHITEOUT] = b""
                 has_wh = True
@@ -310,6 +321,11 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
                 dino.xattrs[XATTR_USER_OPAQUE] = b"x"
     root_ino.xattrs[XATTR_OPAQUE] = b"y"
     return inos
+
+
+def _dir_nlink(ino: _Ino) -> int:
+    """2 + the subdirectories whose home is this directory (hardlinked names do not count)."""
+    return 2 + len({id(c) for _n, c in ino.children if isinstance(c.node, Directory) and c.parent is ino and c is not ino})
 
 
 def _verity_algo(digest: bytes) -> int:
@@ -362,7 +378,7 @@ def _collect_v2(fs: FileSystem) -> list[_Ino]:
         own = _escape_xattrs(dict(sorted(st.xattrs.items())))
         x: dict[bytes, bytes] = {}
         if isinstance(node, Directory):
-            ino.nlink = 2 + len({id(c) for _n, c in ino.children if isinstance(c.node, Directory) and c.parent is ino})
+            ino.nlink = _dir_nlink(ino)
         else:
             ino.nlink = node.nlink if node.nlink is not None else counts.get(id(node), 1)
             c = node.content
@@ -510,6 +526,7 @@ def _split_tail(data_len: int) -> tuple[int, int]:
 def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
     node = ino.node
     is_symlink = False
+    wide = False  # a special file whose dumpfile SIZE does not fit 32 bits (C: extended inode)
     if isinstance(node, Directory):
         ino.ftype = F.FT_DIR
         # size from names alone; the bytes are built once nids are known
@@ -564,9 +581,11 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
             ino.layout = F.DATALAYOUT_FLAT_PLAIN
             ino.rdev = c.rdev & 0xFFFFFFFF
             ino.i_u = ino.rdev
+            wide = c.dump_size > 0xFFFFFFFF
         else:  # fifo, socket
             ino.layout = F.DATALAYOUT_FLAT_PLAIN
-    ino.extended = not (
+            wide = c.dump_size > 0xFFFFFFFF
+    ino.extended = wide or not (
         ino.mtime == min_sec and ino.nsec == min_nsec and ino.nlink <= 0xFFFF
         and ino.uid <= 0xFFFF and ino.gid <= 0xFFFF and ino.size <= 0xFFFFFFFF
     )
@@ -579,8 +598,9 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
         ino.nblocks = 1
         ino.inline = b""
     elif ino.layout == F.DATALAYOUT_CHUNK_BASED and len(ino.inline) + ino.xattr_size % 32 > F.BLOCK_SIZE:
+        # the indexes get a block of their own, which C fills with null indexes to the end
         ino.promoted = True
-        ino.blocks = ino.inline
+        ino.blocks = b"\xff" * F.BLOCK_SIZE
         ino.nblocks = 1
         ino.inline = b""
 
@@ -642,10 +662,10 @@ def _layout_and_emit(inos: list[_Ino], shared_table, version: int, min_sec: int,
         table_parts.append(e)
         pos += len(e)
     table = b"".join(table_parts)
-    blk = _align(pos, B) // B
+    first_data_block = blk = _align(pos, B) // B
     for ino in inos:
         if ino.nblocks:
-            first = blk
+            ino.blkaddr = first = blk
             blk += ino.nblocks
             if ino.layout == F.DATALAYOUT_CHUNK_BASED:
                 ino.i_u = (first & 0xFFFF0000) | ino.chunk_format
@@ -698,15 +718,24 @@ def _layout_and_emit(inos: list[_Ino], shared_table, version: int, min_sec: int,
             dir_blocks, tail_bytes = _dir_data(ino)
             img[off:off + len(tail_bytes)] = tail_bytes
             if dir_blocks:
-                start = ino.i_u * B
-                img[start:start + len(dir_blocks)] = dir_blocks
+                _put_blocks(img, ino, dir_blocks, first_data_block)
         else:
             if ino.inline:
                 img[off:off + len(ino.inline)] = ino.inline
             if ino.blocks:
-                start = (ino.i_u & 0xFFFF0000 if ino.layout == F.DATALAYOUT_CHUNK_BASED else ino.i_u) * B
-                img[start:start + len(ino.blocks)] = ino.blocks
+                _put_blocks(img, ino, ino.blocks, first_data_block)
     return bytes(img)
+
+
+def _put_blocks(img: bytearray, ino: _Ino, data: bytes, first_data_block: int) -> None:
+    """Copy an inode's data blocks to the blocks laid out for it. Blocks before the first
+    data block hold the header, superblock, inodes and shared xattrs: writing there would
+    corrupt the image, so it is a bug in the layout, never a property of the input."""
+    start = ino.blkaddr
+    if not (first_data_block <= start and len(data) <= ino.nblocks * F.BLOCK_SIZE):
+        raise AssertionError(f"EROFS writer: inode {ino.index} data at block {start} "
+                             f"({len(data)} bytes) outside its blocks (data starts at block {first_data_block})")
+    img[start * F.BLOCK_SIZE:start * F.BLOCK_SIZE + len(data)] = data
 
 
 def _dir_data(ino: _Ino) -> tuple[bytes, bytes]:
