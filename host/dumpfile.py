@@ -251,10 +251,10 @@ def parse(data: bytes, *, strict: bool = False) -> FileSystem:
             raise DumpfileError(lineno, "Can't add child")
         if link_target is not None:
             placeholder = _PendingLink(lineno, path, link_target)
-            parent.entries[name] = placeholder  # type: ignore[assignment]
+            parent.entries[name] = placeholder
             pending.append((parent, name, placeholder))
         else:
-            parent.entries[name] = node  # type: ignore[assignment]
+            parent.entries[name] = node
             homes[id(node)] = (parent, name)
 
     assert root is not None

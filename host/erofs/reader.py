@@ -275,7 +275,7 @@ def read_image(data: bytes) -> LoadedImage:
                 nodes[nid] = node
             if name in d.entries:
                 raise ImageFormatError(f"directory nid {draw.nid}: duplicate entry {name!r}")
-            d.entries[name] = node  # type: ignore[assignment]
+            d.entries[name] = node
     return loaded
 
 

@@ -104,7 +104,6 @@ class _Ino:
         "i_u",
         "index",
         "inline",
-        "kind",
         "layout",
         "local",
         "mode",
@@ -128,6 +127,9 @@ class _Ino:
     def __init__(self, node, index: int) -> None:
         self.node = node
         self.index = index
+        self.mode = self.uid = self.gid = self.mtime = self.nsec = self.nlink = 0
+        self.layout = self.ftype = self.nid = 0
+        self.extended = False
         self.xattrs: dict[bytes, bytes] = {}
         self.shared: list[int] = []
         self.local: list[tuple[int, bytes, bytes]] = []
@@ -558,7 +560,7 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
         # size from names alone; the bytes are built once nids are known
         names = [b".", b".."] + [n for n, _c in ino.children]
         names.sort()
-        ino.children = sorted([(b".", ino), (b"..", ino.parent)] + ino.children, key=lambda t: t[0])  # type: ignore[list-item]
+        ino.children = sorted([(b".", ino), (b"..", ino.parent)] + ino.children, key=lambda t: t[0])  # type: ignore[arg-type]
         full = 0
         cur = 0
         for n in names:
