@@ -459,6 +459,7 @@ def write(
     dir_sizes: dict[int, int] | None = None,
     sort_xattrs: bool = False,
     filter_names: Iterable[bytes] | None = None,
+    masked: dict[int, External | ExternalNoVerity] | None = None,
 ) -> bytes:
     """Serialise a tree as dumpfile text.
 
@@ -466,7 +467,9 @@ def write(
     first name as PAYLOAD (composefs-info dump). hardlinks="rust": `PATH 0 @120000 - - - - 0.0
     FIRST - -` (composefs-rs). `dir_sizes` (id(dir) -> size) supplies the directory sizes the
     C tool prints (the image reader records them); 0 otherwise. `filter_names` keeps only
-    these top-level names (composefs-info --filter).
+    these top-level names (composefs-info --filter). `masked` (id(leaf) -> content, from the
+    image reader) gives the size, payload and digest C prints for a regular file that a user
+    `trusted.overlay.whiteout` turned into a whiteout.
     """
     if hardlinks not in ("c", "rust"):
         raise ValueError(f"unknown hardlink style {hardlinks!r}")
@@ -499,6 +502,9 @@ def write(
             continue
         st = node.stat
         size, rdev, payload, content, digest = _leaf_fields(node)
+        hidden = masked.get(id(node)) if masked else None
+        if hidden is not None:
+            size, _rdev, payload, _content, digest = _leaf_fields(Leaf(st, hidden))
         nlink = node.nlink if node.nlink is not None else counts.get(id(node), 1)
         if seen is not None:
             if hardlinks == "rust":

@@ -96,3 +96,52 @@ def test_strict_env(tmp_path):
     r = pycfs(["mkcomposefs", "--print-digest-only", "--from-file", str(VECTORS / "edge_noncanonical.dump")], tmp_path,
               env={"CFS_PARSE_STRICT": "1"})
     assert r.returncode == 1 and re.search(rb"line \d+: ", r.stderr)
+
+
+# ---------------------------------------------------------------------------- composefs-info as C
+
+
+DIGEST = "ab" * 32
+
+
+def _image(tmp_path: Path, text: bytes, capsys) -> Path:
+    (tmp_path / "in.dump").write_bytes(text)
+    out = tmp_path / "in.cfs"
+    assert main(["mkcomposefs", "--from-file", str(tmp_path / "in.dump"), str(out)]) == 0
+    capsys.readouterr()
+    return out
+
+
+def test_info_hides_whiteout_markers_on_every_inode(tmp_path, capsys):
+    img = _image(tmp_path, b"/ 0 40755 2 0 0 0 0.0 - - - user.overlay.whiteouts=r\n"
+                           b"/f 0 100644 1 0 0 0 0.0 - - - user.overlay.whiteout=y user.overlay.whiteouts=x"
+                           b" trusted.overlay.whiteouts=z user.keep=1\n", capsys)
+    assert main(["composefs-info", "dump", str(img)]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "/f 0 100644 1 0 0 0 0.0 - - - user.keep=1"]
+
+
+def test_info_dump_of_a_file_masked_as_whiteout_keeps_payload_and_digest(tmp_path, capsys):
+    """A regular file with a user `trusted.overlay.whiteout` reads back as a 0:0 character
+    device (C and pycfs), and C still prints its size, payload and digest."""
+    img = _image(tmp_path, f"/ 0 40755 2 0 0 0 0.0 - - -\n"
+                           f"/f 5 100644 1 0 0 0 0.0 {DIGEST[:2]}/{DIGEST[2:]} - {DIGEST} trusted.overlay.whiteout=\n"
+                           f"/g 5 100644 1 0 0 0 0.0 some/where - - trusted.overlay.whiteout=\n".encode(), capsys)
+    assert main(["composefs-info", "dump", str(img)]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        f"/f 5 20644 1 0 0 0 0.0 {DIGEST[:2]}/{DIGEST[2:]} - {DIGEST}",
+        "/g 5 20644 1 0 0 0 0.0 some/where - -"]
+
+
+def test_missing_objects_relative_to_basedir_or_cwd(tmp_path, capsys, monkeypatch):
+    img = _image(tmp_path, f"/ 0 40755 2 0 0 0 0.0 - - -\n"
+                           f"/a 5 100644 1 0 0 0 0.0 {DIGEST[:2]}/{DIGEST[2:]} - {DIGEST}\n"
+                           f"/b 5 100644 1 0 0 0 0.0 /abs/obj - -\n".encode(), capsys)
+    store = tmp_path / "store"
+    (store / "abs").mkdir(parents=True)
+    (store / "abs" / "obj").write_bytes(b"12345")
+    assert main(["composefs-info", "missing-objects", "--basedir", str(store), str(img)]) == 0
+    assert capsys.readouterr().out == f"{DIGEST[:2]}/{DIGEST[2:]}\n"  # "/abs/obj" is inside the store
+    monkeypatch.chdir(store)
+    assert main(["composefs-info", "missing-objects", str(img)]) == 0  # no --basedir: the current directory
+    assert capsys.readouterr().out == f"{DIGEST[:2]}/{DIGEST[2:]}\n"
