@@ -8,6 +8,8 @@ import hashlib
 import struct
 
 import pytest
+from dumpfile_strategies import dumpfiles
+from hypothesis import HealthCheck, given, settings
 from pycfs.host import dumpfile
 from pycfs.host.dumpfile import DumpfileError
 from pycfs.host.erofs import format as F
@@ -268,3 +270,17 @@ def test_accepted_edges_next_to_the_rejected_ones():
     assert (a.stat.uid, a.stat.gid, a.stat.xattrs) == (5, 7, {b"user.k": b"1"})
     with pytest.raises(DumpfileError, match="line 1: Root node not present"):
         dumpfile.parse(b"// 0 40755 2 0 0 0 0.0 - - -\n")
+
+
+# ---------------------------------------------------------------------------- property
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(dumpfiles())
+def test_generated_dumpfile_reads_back_from_its_image(text):
+    """Format 0 keeps everything a dumpfile says (format 1 adds opaque xattrs to whiteout
+    parents): the image read back prints the same dumpfile as the parsed input."""
+    fs = dumpfile.parse(text)
+    expected = dumpfile.write(fs, sort_xattrs=True)
+    image = write_image(fs, 0)
+    assert dumpfile.write(read_image(image).fs, sort_xattrs=True) == expected
