@@ -10,6 +10,7 @@ target's fields) or, with `hardlinks="rust"`, in the composefs-rs placeholder fo
 
 from __future__ import annotations
 
+import functools
 import re
 import stat as _stat
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ from pycfs.host.tree import (
     Sparse,
     Stat,
     Symlink,
+    gc_paused,
     object_path,
 )
 
@@ -151,20 +153,36 @@ def _parse_int(field: bytes, *, octal: bool = False) -> int:
     return v % _U64
 
 
+def _parse_u64(field: bytes) -> int:
+    # plain digits (nearly every field) skip the regular expression
+    if field.isdigit():
+        v = int(field)
+        if v < _U64:
+            return v
+    return _parse_int(field)
+
+
 def _parse_u32(field: bytes) -> int:
     """UID, GID, NLINK: C keeps the low 32 bits of anything (so -1 or 2^32 turn into other
     ids); such a value is refused instead."""
-    v = _parse_int(field)
+    v = int(field) if field.isdigit() else _parse_int(field)
     if v >= 1 << 32:
         raise ValueError(f"Integer out of range {_show_field(field.strip())}")
     return v
 
 
+def _parse_mode(field: bytes) -> int:
+    try:
+        return int(field, 8) if field.isdigit() and len(field) < 22 else _parse_int(field, octal=True)
+    except ValueError:  # an 8 or 9
+        return _parse_int(field, octal=True)
+
+
 def _parse_mtime(field: bytes) -> tuple[int, int]:
     """SEC.NSEC; both parts are integers (so `5`, `5.` and `.5` are C's "Invalid integer")."""
     sec_s, _dot, nsec_s = field.partition(b".")
-    sec = _parse_int(sec_s)
-    nsec = _parse_int(nsec_s)
+    sec = _parse_u64(sec_s)
+    nsec = _parse_u64(nsec_s)
     if sec >= 1 << 63:  # strtoull wrap of a negative value, stored in a signed time_t
         sec -= _U64
     if nsec >= 1 << 32:  # C would keep the low 32 bits
@@ -219,10 +237,16 @@ def parse(data: bytes, *, strict: bool = False) -> FileSystem:
     if not lines:
         raise DumpfileError(0, "No files in dump file")
 
+    with gc_paused():
+        return _parse_lines(lines, strict)
+
+
+def _parse_lines(lines: list[bytes], strict: bool) -> FileSystem:
     fs = FileSystem()
     root: Directory | None = None
     pending: list[tuple[Directory, bytes, _PendingLink]] = []
     homes: dict[int, tuple[Directory, bytes]] = {}
+    dirs: dict[bytes, Directory] = {}  # canonical path -> directory, for the parent lookup
 
     for lineno, line in enumerate(lines, 1):
         try:
@@ -239,14 +263,12 @@ def parse(data: bytes, *, strict: bool = False) -> FileSystem:
             continue
         if root is None:
             raise DumpfileError(lineno, "Root node not present")
-        parent: object = root
-        for comp in comps[:-1]:
-            parent = parent.entries.get(comp) if isinstance(parent, Directory) else None
-            if parent is None:
-                raise DumpfileError(lineno, f"Parent directory missing for {_show(path)}")
-        if not isinstance(parent, Directory):
-            raise DumpfileError(lineno, f"Parent must be a directory for {_show(path)}")
         name = comps[-1]
+        parent = root if len(comps) == 1 else dirs.get(path[:len(path) - len(name) - 1])
+        if parent is None:
+            _missing_parent(root, comps, path, lineno)
+        if type(node) is Directory:
+            dirs[path] = node
         if not name or len(name) > NAME_MAX or name in parent.entries:
             raise DumpfileError(lineno, "Can't add child")
         if link_target is not None:
@@ -260,6 +282,16 @@ def parse(data: bytes, *, strict: bool = False) -> FileSystem:
     assert root is not None
     _resolve_links(root, pending, homes, fs)
     return fs
+
+
+def _missing_parent(root: Directory, comps: list[bytes], path: bytes, lineno: int) -> NoReturn:
+    """The error for a line whose parent is not a directory listed before it."""
+    parent: object = root
+    for comp in comps[:-1]:
+        parent = parent.entries.get(comp) if isinstance(parent, Directory) else None
+        if parent is None:
+            raise DumpfileError(lineno, f"Parent directory missing for {_show(path)}")
+    raise DumpfileError(lineno, f"Parent must be a directory for {_show(path)}")
 
 
 def _show(path: bytes) -> str:
@@ -276,7 +308,9 @@ def _parse_line(line: bytes, strict: bool):
     fields = line.split(b" ", 11)
     if len(fields) < 11:
         fields += [b""] * (11 - len(fields))
-    raw_path = _cstr(unescape(fields[0]))
+    raw_path = fields[0]
+    if b"\\" in raw_path:
+        raw_path = _cstr(unescape(raw_path))
     if not raw_path:
         raise ValueError("Invalid empty path")
     if raw_path == b"/":
@@ -290,7 +324,7 @@ def _parse_line(line: bytes, strict: bool):
 
     mode_field = fields[2]
     is_link = mode_field.startswith(b"@")
-    mode = _parse_int(mode_field[1:] if is_link else mode_field, octal=True)
+    mode = _parse_mode(mode_field[1:] if is_link else mode_field)
     ftype = _stat.S_IFMT(mode)
     if ftype not in _VALID_TYPES:
         raise ValueError(f"Invalid mode {mode:o}")
@@ -309,11 +343,11 @@ def _parse_line(line: bytes, strict: bool):
         target = b"/" if payload == b"/" else b"/" + b"/".join(_split_path(payload))
         return path, comps, None, target
 
-    size = _parse_int(fields[1])
+    size = _parse_u64(fields[1])
     nlink = _parse_u32(fields[3])
     uid = _parse_u32(fields[4])
     gid = _parse_u32(fields[5])
-    rdev = _parse_int(fields[6])
+    rdev = _parse_u64(fields[6])
     mtime_sec, mtime_nsec = _parse_mtime(fields[7])
     content = _unescape_optional(fields[9])
     if content is not None:
@@ -323,7 +357,7 @@ def _parse_line(line: bytes, strict: bool):
         if len(content) != size:
             raise ValueError(f"Invalid content size {len(content)}, must match size {size}")
     digest = _parse_digest(fields[10])
-    xattrs = _parse_xattrs(fields[11]) if len(fields) > 11 else {}
+    xattrs = dict(_parse_xattrs(fields[11])) if len(fields) > 11 and fields[11] else {}
     st = Stat(mode & 0o7777, uid, gid, mtime_sec, mtime_nsec, xattrs)
     if ftype == _stat.S_IFDIR:
         return path, comps, Directory(st), None
@@ -375,7 +409,8 @@ def xattr_budget(xattrs: dict[bytes, bytes]) -> int:
     return 12 + sum(7 + len(k) + len(v) for k, v in xattrs.items())
 
 
-def _parse_xattrs(rest: bytes) -> dict[bytes, bytes]:
+@functools.lru_cache(maxsize=4096)  # most lines repeat one of a few SELinux labels
+def _parse_xattrs(rest: bytes) -> tuple[tuple[bytes, bytes], ...]:
     if len(rest) > XATTR_TEXT_MAX:
         raise ValueError(f"Xattrs of {len(rest)} bytes exceed the {XATTR_TEXT_MAX} bytes a line may hold")
     items = rest.split(b" ")
@@ -392,7 +427,7 @@ def _parse_xattrs(rest: bytes) -> dict[bytes, bytes]:
         xattrs[key] = unescape(value)
     if xattr_budget(xattrs) > XATTR_BUDGET:
         raise ValueError("Can't set xattr")
-    return xattrs
+    return tuple(xattrs.items())
 
 
 def _resolve_links(root: Directory, pending, homes, fs: FileSystem) -> None:

@@ -18,6 +18,8 @@ scans, OCI layer stacks, ostree commits, the EROFS writer and reader.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import stat as _stat
 from dataclasses import dataclass, field
 from collections.abc import Iterator
@@ -283,3 +285,22 @@ class FileSystem:
         if pdir.entries.get(pname) is not leaf:
             return None
         return pdir is parent and pname == name
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Building or serialising a big tree makes hundreds of thousands of objects and no
+    garbage cycles; meanwhile the cyclic collector would rescan them over and over (a third
+    of a 200,000-entry image build)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        # freeze + unfreeze moves everything made meanwhile into the oldest generation
+        # without a scan and zeroes the young generation's count: re-enabled, the collector
+        # does not start with a pass over all of it (1.4 s for 200,000 entries)
+        gc.freeze()
+        gc.unfreeze()
+        if was:
+            gc.enable()

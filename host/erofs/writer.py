@@ -34,6 +34,7 @@ from pycfs.host.tree import (
     Sparse,
     Stat,
     Symlink,
+    gc_paused,
 )
 
 MAX_CHUNKS = 1024  # C refuses files needing more chunk indexes ("File too large")
@@ -160,6 +161,11 @@ def write_image(fs: FileSystem, version: int = 0) -> bytes:
     """Serialise `fs` as a composefs EROFS image of format `version` (0, 1 or 2)."""
     if version not in (0, 1, 2):
         raise ImageError(f"cannot write file: Invalid argument (format version {version})")
+    with gc_paused():
+        return _write_image(fs, version)
+
+
+def _write_image(fs: FileSystem, version: int) -> bytes:
     if version == 2:
         inos = _collect_v2(fs)
         _check_limits(inos)
