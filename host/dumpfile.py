@@ -25,6 +25,7 @@ from pycfs.host.tree import (
     Fifo,
     FileSystem,
     Inline,
+    Inode,
     Leaf,
     LeafContent,
     Socket,
@@ -430,24 +431,27 @@ def _parse_xattrs(rest: bytes) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(xattrs.items())
 
 
-def _resolve_links(root: Directory, pending, homes, fs: FileSystem) -> None:
-    def target_of(link: _PendingLink, chain: set[int]):
+def _link_target(root: Directory, link: _PendingLink) -> Inode:
+    """The inode an `@` line names, through chains of `@` lines."""
+    chain = {id(link)}
+    while True:
         if link.target == link.path:
             raise DumpfileError(link.line, f"Self-referential hardlink {_show(link.path)}")
         node = root.lookup(link.target)
         if node is None:
             raise DumpfileError(link.line, f"No target at {_show(link.target)} for hardlink")
-        if isinstance(node, _PendingLink):
-            if id(node) in chain:
-                raise DumpfileError(link.line, f"Hardlink loop at {_show(link.path)}: "
-                                    "Too many levels of symbolic links")
-            chain.add(id(link))
-            return target_of(node, chain)
-        return node
+        if not isinstance(node, _PendingLink):
+            return node
+        if id(node) in chain:
+            raise DumpfileError(link.line, f"Hardlink loop at {_show(link.path)}: Too many levels of symbolic links")
+        chain.add(id(node))
+        link = node
 
+
+def _resolve_links(root: Directory, pending, homes, fs: FileSystem) -> None:
     resolved = []
     for parent, name, link in pending:
-        resolved.append((parent, name, target_of(link, {id(link)})))
+        resolved.append((parent, name, _link_target(root, link)))
     for parent, name, node in resolved:
         parent.entries[name] = node
         home = homes.get(id(node))
