@@ -194,6 +194,11 @@ def _parse_mtime(field: bytes) -> tuple[int, int]:
 def _parse_digest(field: bytes) -> bytes | None:
     if field in (b"-", b""):
         return None
+    if len(field) == 64 and field.isalnum():
+        try:
+            return bytes.fromhex(field.decode("ascii"))
+        except ValueError:
+            pass
     # C would read uninitialised memory for a short digest; reject anything but full hex
     if not re.fullmatch(rb"[0-9a-fA-F]{64}", field):
         raise ValueError(f"Invalid digest {_show_field(field)}")
@@ -318,8 +323,12 @@ def _parse_line(line: bytes, strict: bool):
         comps = None
         path = raw_path
     else:
-        comps = _split_path(raw_path)
-        path = b"/" + b"/".join(comps)
+        if raw_path[0] == 0x2F and b"//" not in raw_path and raw_path[-1] != 0x2F:
+            comps = raw_path[1:].split(b"/")  # already canonical (nearly every line)
+            path = raw_path
+        else:
+            comps = _split_path(raw_path)
+            path = b"/" + b"/".join(comps)
         if comps[-1] in (b".", b".."):
             raise ValueError(f"Invalid . or .. in path: {_show(raw_path)}")
 
@@ -344,12 +353,22 @@ def _parse_line(line: bytes, strict: bool):
         target = b"/" if payload == b"/" else b"/" + b"/".join(_split_path(payload))
         return path, comps, None, target
 
-    size = _parse_u64(fields[1])
-    nlink = _parse_u32(fields[3])
-    uid = _parse_u32(fields[4])
-    gid = _parse_u32(fields[5])
-    rdev = _parse_u64(fields[6])
-    mtime_sec, mtime_nsec = _parse_mtime(fields[7])
+    size_f, nlink_f, uid_f, gid_f, rdev_f = fields[1], fields[3], fields[4], fields[5], fields[6]
+    sec_f, _dot, nsec_f = fields[7].partition(b".")
+    if (size_f.isdigit() and nlink_f.isdigit() and uid_f.isdigit() and gid_f.isdigit() and rdev_f.isdigit()
+            and sec_f.isdigit() and nsec_f.isdigit()):  # plain digits: no calls, no regular expressions
+        size, nlink, uid, gid, rdev = int(size_f), int(nlink_f), int(uid_f), int(gid_f), int(rdev_f)
+        mtime_sec, mtime_nsec = int(sec_f), int(nsec_f)
+        in_range = (size | rdev) < _U64 and (nlink | uid | gid | mtime_nsec) < 1 << 32 and mtime_sec < 1 << 63
+    else:
+        in_range = False
+    if not in_range:  # the general rules, in C's order, for their messages
+        size = _parse_u64(size_f)
+        nlink = _parse_u32(nlink_f)
+        uid = _parse_u32(uid_f)
+        gid = _parse_u32(gid_f)
+        rdev = _parse_u64(rdev_f)
+        mtime_sec, mtime_nsec = _parse_mtime(fields[7])
     content = _unescape_optional(fields[9])
     if content is not None:
         # an empty field is empty content (only `-` is none), checked on every file type

@@ -743,37 +743,38 @@ def _layout_and_emit(inos: list[_Ino], shared_table, version: int, min_sec: int,
     ).pack_into(img, F.SUPERBLOCK_OFFSET)
     img[inodes_end:inodes_end + len(table)] = table
 
-    hdr_c = F.CompactInode.FMT
-    hdr_e = F.ExtendedInode.FMT
-    xh = F.XattrIbodyHeader.FMT
-    xe = F.XattrEntry.FMT
+    pack_c = F.CompactInode.FMT.pack_into
+    pack_e = F.ExtendedInode.FMT.pack_into
+    pack_xh = F.XattrIbodyHeader.FMT.pack_into
+    pack_xe = F.XattrEntry.FMT.pack_into
+    pack_ref = F.BLOCKMAP_ENTRY.pack_into
+    ft_dir = F.FT_DIR
     for ino in inos:
         off = ino.nid * 32
         fmt = F.make_inode_format(ino.extended, ino.layout)
-        icount = 0 if not ino.xattr_size else 1 + (ino.xattr_size - 12) // 4
+        xattr_size = ino.xattr_size
+        icount = 0 if not xattr_size else 1 + (xattr_size - 12) // 4
         if ino.extended:
-            hdr_e.pack_into(img, off, fmt, icount, ino.mode & 0xFFFF, ino.size, ino.i_u, ino.index,
-                            ino.uid, ino.gid, ino.mtime & 0xFFFFFFFFFFFFFFFF, ino.nsec, ino.nlink)
+            pack_e(img, off, fmt, icount, ino.mode & 0xFFFF, ino.size, ino.i_u, ino.index,
+                   ino.uid, ino.gid, ino.mtime & 0xFFFFFFFFFFFFFFFF, ino.nsec, ino.nlink)
             off += 64
         else:
-            hdr_c.pack_into(img, off, fmt, icount, ino.mode & 0xFFFF, ino.nlink, ino.size, ino.i_u,
-                            ino.index, ino.uid, ino.gid)
+            pack_c(img, off, fmt, icount, ino.mode & 0xFFFF, ino.nlink, ino.size, ino.i_u,
+                   ino.index, ino.uid, ino.gid)
             off += 32
-        if ino.xattr_size:
-            xh.pack_into(img, off, ino.name_filter, len(ino.shared))
+        if xattr_size:
+            pack_xh(img, off, ino.name_filter, len(ino.shared))
             off += 12
             for rel in ino.shared:
-                F.BLOCKMAP_ENTRY.pack_into(img, off, (table_base + rel) // 4)
+                pack_ref(img, off, (table_base + rel) // 4)
                 off += 4
             for idx, suffix, value in ino.local:
-                xe.pack_into(img, off, len(suffix), idx, len(value))
+                pack_xe(img, off, len(suffix), idx, len(value))
                 off += 4
-                img[off:off + len(suffix)] = suffix
-                off += len(suffix)
-                img[off:off + len(value)] = value
-                off += len(value)
-                off = _align(off, 4)
-        if ino.ftype == F.FT_DIR:
+                end = off + len(suffix) + len(value)
+                img[off:end] = suffix + value
+                off = (end + 3) & ~3
+        if ino.ftype == ft_dir:
             dir_blocks, tail_bytes = _dir_data(ino)
             img[off:off + len(tail_bytes)] = tail_bytes
             if dir_blocks:
