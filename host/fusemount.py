@@ -29,9 +29,10 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -196,20 +197,23 @@ class _ObjectProblem(Exception):
 # The request handlers
 
 
-def _guarded(fn):
+_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def _guarded(fn: _Handler) -> _Handler:
     """pyfuse3 stops serving on any exception but FUSEError: turn the unexpected into EIO."""
 
-    async def handler(self: ComposefsOperations, *args):
+    async def handler(self: ComposefsOperations, *args: Any) -> Any:
         try:
             return await fn(self, *args)
         except FuseError:
             raise
-        except Exception as e:  # noqa: BLE001 - one bad request must not end the mount
+        except Exception as e:  # one bad request must not end the mount
             log.error("%s failed: %s", fn.__name__, e)
             raise FuseError(errno.EIO) from None
 
     handler.__name__ = fn.__name__
-    return handler
+    return cast(_Handler, handler)
 
 
 class ComposefsOperations(pyfuse3.Operations):
@@ -483,7 +487,26 @@ def _read_answer(r: int, pid: int) -> str:
     return text or "the FUSE server exited before the mount was ready"
 
 
+class _Answer:
+    """The pipe `pycfs mount` waits on: "ready" or one error line, sent once."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def send(self, text: str) -> None:
+        if self.fd is None:
+            log.error("%s", text)  # after the mount was ready: only the log can tell
+            return
+        try:
+            os.write(self.fd, text.encode())
+        except OSError:
+            pass  # the caller is gone; the mount serves anyway
+        os.close(self.fd)
+        self.fd = None
+
+
 def _daemon_child(image: ServedImage, mountpoint: str, w: int) -> None:  # pragma: no cover
+    answer = _Answer(w)
     status = 1
     try:
         os.setsid()
@@ -494,16 +517,15 @@ def _daemon_child(image: ServedImage, mountpoint: str, w: int) -> None:  # pragm
         _log_to_syslog()
 
         def ready() -> None:
-            os.write(w, b"ready")
-            os.close(w)
+            answer.send("ready")
             os.dup2(devnull, 2)  # the caller returns now; nothing may keep its stderr open
 
         serve(image, mountpoint, ready)
         status = 0
     except PycfsError as e:
-        os.write(w, str(e).encode())
-    except BaseException as e:  # noqa: BLE001 - reported to the waiting parent, in one line
-        os.write(w, f"the FUSE server failed: {type(e).__name__}: {e}".encode())
+        answer.send(str(e))
+    except BaseException as e:  # reported to the waiting parent, in one line
+        answer.send(f"the FUSE server failed: {type(e).__name__}: {e}")
     finally:
         os._exit(status)
 
