@@ -47,6 +47,7 @@ from pycfs.host.erofs.reader import (
 )
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
+from pycfs.host.mount import privileged
 from pycfs.host.repository import Repository
 
 log = logging.getLogger("pycfs.fuse")
@@ -230,6 +231,9 @@ class ComposefsOperations(pyfuse3.Operations):
         self._sizes: dict[int, int] = {}  # fh -> file size (zero-filled files)
         self._next_fh = 1
         self._reported: set[int] = set()  # nids whose broken object was logged already
+        # EROFS lists trusted.* only to CAP_SYS_ADMIN of the initial namespace (getxattr is
+        # refused by the VFS); a server in a user namespace has no such caller
+        self._trusted_for_root = privileged()
 
     def init(self) -> None:
         # Called once the kernel's INIT is answered: the mount works from here on.
@@ -358,8 +362,7 @@ class ComposefsOperations(pyfuse3.Operations):
     @_guarded
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         names = list(self._node(inode).xattrs)
-        if ctx.uid != 0:
-            # EROFS lists trusted.* only to CAP_SYS_ADMIN (getxattr is refused by the VFS)
+        if ctx.uid != 0 or not self._trusted_for_root:
             names = [n for n in names if not n.startswith(b"trusted.")]
         return names
 
