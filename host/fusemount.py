@@ -45,7 +45,7 @@ from pycfs.host.erofs.reader import (
     overlay_xattrs,
     read_image,
 )
-from pycfs.host.errors import PycfsError
+from pycfs.host.errors import PycfsError, user_message
 from pycfs.host.fsverity import digest_bytes
 from pycfs.host.mount import privileged
 from pycfs.host.repository import Repository
@@ -405,9 +405,10 @@ def _mount(ops: ComposefsOperations, mountpoint: str) -> None:
         try:
             pyfuse3.init(ops, mountpoint, options)
         except RuntimeError:
-            why = "; ".join(line.strip() for line in captured().splitlines() if line.strip())
-            raise FuseMountError(f"FUSE mount at {mountpoint} failed: {why or 'libfuse gave no reason'} "
-                                 "(needs /dev/fuse and fusermount3 from Debian's fuse3)") from None
+            why = captured().strip() or "libfuse gave no reason"
+            if "/dev/fuse" in why or ("fusermount" in why and "not found" in why):
+                why += " (FUSE needs /dev/fuse open to you and fusermount3, from Debian's fuse3)"
+            raise FuseMountError(f"FUSE mount at {mountpoint} failed: {why}") from None
 
 
 async def _serve_until_unmounted() -> None:
@@ -525,10 +526,8 @@ def _daemon_child(image: ServedImage, mountpoint: str, w: int) -> None:  # pragm
 
         serve(image, mountpoint, ready)
         status = 0
-    except PycfsError as e:
-        answer.send(str(e))
     except BaseException as e:  # reported to the waiting parent, in one line
-        answer.send(f"the FUSE server failed: {type(e).__name__}: {e}")
+        answer.send(user_message(e))
     finally:
         os._exit(status)
 

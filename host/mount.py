@@ -93,6 +93,8 @@ def fuse_image(repo: Repository, name: str, mountpoint: str):  # -> fusemount.Se
     """Resolve and check the image a FUSE server will serve (nothing is mounted yet)."""
     from pycfs.host import fusemount  # pyfuse3 loads only when a FUSE mount is wanted
 
+    if _mount_type(mountpoint) is not None:
+        raise PycfsError(f"{mountpoint} is a mount point already: `pycfs umount {mountpoint}` first")
     if not os.path.isdir(mountpoint):
         raise PycfsError(f"mount point {mountpoint} is not a directory")
     return fusemount.load_image(repo, resolve_image(repo, name))
