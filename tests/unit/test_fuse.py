@@ -20,19 +20,7 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.fusemount import ComposefsOperations, FuseMountError, load_image
 from pycfs.host.mount import unmount
 from pycfs.host.repository import Repository
-from pycfs.host.tree import (
-    BlockDevice,
-    CharDevice,
-    Directory,
-    External,
-    Fifo,
-    FileSystem,
-    Inline,
-    Leaf,
-    Sparse,
-    Stat,
-    Symlink,
-)
+from pycfs.host.tree import BlockDevice, CharDevice, Directory, External, Fifo, FileSystem, Inline, Leaf, Sparse, Stat, Symlink
 
 BIG = bytes(range(256)) * 1000 + b"tail"  # 256,004 bytes: several large reads
 MEDIUM = b"medium object content " * 20
