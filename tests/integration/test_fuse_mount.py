@@ -16,6 +16,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -32,6 +33,14 @@ from pycfs.host.repository import Repository
 from pycfs.host.tree import BlockDevice, CharDevice, Directory, External, Fifo, FileSystem, Inline, Leaf, Stat, Symlink
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def fuse_available():
+    if not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
+        pytest.skip("needs /dev/fuse and fusermount3 (tools/setup.sh installs fuse3)")
+    if stat.S_IMODE(os.stat("/dev/fuse").st_mode) & 0o006 != 0o006:
+        pytest.skip("/dev/fuse is not open to users (tools/setup.sh makes it so, as udev does)")
 
 REF = "localhost/pycfs-fuse-test:latest"
 
