@@ -342,25 +342,26 @@ def row_mounts(bench: Lab, runs: int) -> list[Row]:
     timed(pycfs_argv(bench, repo, "init"), bench.user)
     timed(pycfs_argv(bench, repo, "oci", "pull", f"containers-storage:{IMAGE}", "bench"), bench.user)
     mounts = [work / "kernel", work / "fuse"]
-    for d in mounts:
+    for d in mounts:  # (the directories the user may not enter stay out of both)
         d.mkdir()
         os.chown(d, bench.user.uid, bench.user.gid)
     for i in range(runs):
         timed([sys.executable, "-m", "pycfs.tools.cli", "--repo", str(repo), "mount", "--fuse", "no", "bench", mounts[0]])
         timed(pycfs_argv(bench, repo, "mount", "bench", str(mounts[1])), bench.user)
         try:
-            if i == 0:
-                timed(["sh", "-c", f"cd {mounts[0]} && find . -type f -readable -print0 >{listing}"], bench.user)
+            if i == 0:  # what the user may read; then the objects into the page cache, as for every row
+                timed(["sh", "-c", f"cd {mounts[0]} && find . -type f -readable -print0 >{listing} 2>/dev/null; exit 0"], bench.user)
+                names = [os.fsdecode(n) for n in listing.read_bytes().split(b"\0")[:-1]]
+                warm([os.path.join(mounts[0], n) for n in names])
+                rows[0].note = rows[1].note = f"{len(names)} files, {human_size(sum(os.path.getsize(os.path.join(mounts[0], n)) for n in names))}"
             for mnt, row in zip(mounts, rows[2:]):
-                row.samples.append(timed(["sh", "-c", f"find {mnt} -ls >/dev/null"], bench.user)[0])
+                row.samples.append(timed(["sh", "-c", f"find {mnt} -ls >/dev/null 2>&1; exit 0"], bench.user)[0])
             for mnt, row in zip(mounts, rows[:2]):
                 row.samples.append(timed(["sh", "-c", f"cd {mnt} && xargs -0 -n 1024 cat <{listing} >/dev/null"],
                                          bench.user)[0])
         finally:
             timed(pycfs_argv(bench, repo, "umount", str(mounts[1])), bench.user)
             timed([sys.executable, "-m", "pycfs.tools.cli", "umount", mounts[0]])
-    names = listing.read_bytes().split(b"\0")[:-1]
-    rows[0].note = rows[1].note = f"{len(names)} files"
     shutil.rmtree(work)
     return rows
 
