@@ -161,7 +161,7 @@ def test_fuse_equals_kernel_mount(as_root, tmp_path, version):
     repo_path = tmp_path / "repo"
     with Repository.init(repo_path) as repo:
         image_id = repo.write_image(write_image(edge_tree(repo, version), version), "edge")
-    kernel, fuse = tmp_path / "kernel", tmp_path / "fuse"
+    kernel, fuse = tmp_path / "kernel", tmp_path / "fuse mount"  # mountinfo escapes the space
     kernel.mkdir()
     fuse.mkdir()
     pycfs_root(repo_path, "mount", "--fuse", "no", "edge", str(kernel))
@@ -195,7 +195,7 @@ def fuse_type(path: Path) -> str | None:
     """Filesystem type mounted at path, read from /proc/self/mountinfo."""
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         fields = line.split()
-        if fields[4] == str(path):
+        if fields[4].replace("\\040", " ") == str(path):
             return fields[fields.index("-") + 1]
     return None
 
