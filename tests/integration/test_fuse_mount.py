@@ -28,7 +28,9 @@ import pytest
 
 import imagebuild
 from imagebuild import MIB, ImageSpec
+from pycfs.host.erofs.reader import read_image
 from pycfs.host.erofs.writer import write_image
+from pycfs.host.mount import resolve_image
 from pycfs.host.repository import Repository
 from pycfs.host.tree import BlockDevice, CharDevice, Directory, External, Fifo, FileSystem, Inline, Leaf, Stat, Symlink
 
@@ -376,9 +378,6 @@ def test_fuse_mount_inside_user_namespace(podman_user, fuse_loaded, pulled, podm
 
 def object_of(repo: Path, image_path: bytes) -> Path:
     """As root: the object file behind a path of the pulled image's composefs image."""
-    from pycfs.host.erofs.reader import read_image
-    from pycfs.host.mount import resolve_image
-
     with Repository.open(repo, writable=False) as r:
         fs = read_image(r.read_object(resolve_image(r, "fuse"))).fs
         leaf = fs.root.lookup(image_path)
@@ -423,14 +422,20 @@ def imagebuild_file(path: str) -> bytes:
     return imagebuild.flatten(fuse_test_image())[b"/" + path.encode()].content()
 
 
-def test_corrupt_image_is_refused_at_mount(podman_user, pulled):
+def test_mount_failures_are_one_line(podman_user, pulled, shared_tmp_path):
     user = podman_user
+    # a mount point the user may not write to: fusermount3 refuses, after the fork
+    p = user.pycfs("--repo", pulled, "oci", "mount", "fuse", shared_tmp_path, check=False)
+    lines = p.stderr.decode().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, lines
+    assert lines[0] == (f"pycfs: error: FUSE mount at {shared_tmp_path} failed: fusermount3: user has no write "
+                        f"access to mountpoint {shared_tmp_path}"), lines
+    assert fuse_type(shared_tmp_path) is None
+    # the bytes of the image no longer hash to its name
     with Repository.open(pulled, writable=False) as r:
-        from pycfs.host.mount import resolve_image
-
         image = r.object_path(resolve_image(r, "fuse"))
     data = bytearray(image.read_bytes())
-    data[2000] ^= 0x55
+    data[2000] ^= 0x55  # in the inode table; any byte would do
     os.chmod(image, 0o644)
     image.write_bytes(bytes(data))
     mnt = user.tmpdir("fuse-mnt-")
