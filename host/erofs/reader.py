@@ -346,3 +346,10 @@ def _make_leaf(r: _Reader, raw: RawInode, loaded: LoadedImage) -> Leaf:
     if fmt == _stat.S_IFSOCK:
         return Leaf(st, Socket(), raw.nlink)
     raise ImageFormatError(f"inode nid {raw.nid}: invalid mode 0o{raw.mode:o}")
+
+
+# The raw layer, for serving the stored inodes the way the kernel's overlay mount shows them
+# (pycfs.host.fusemount): inodes, dirents and data by nid, and overlayfs's view of xattrs
+# (user-visible, overlay-internal).
+ImageReader = _Reader
+overlay_xattrs = _interpret_xattrs

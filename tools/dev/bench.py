@@ -13,6 +13,9 @@ into that storage. Rows, each the median of --runs with min and max:
   c  what a user without pycfs does: podman save --format oci-dir + pycfs oci pull oci:DIR
   d  C mkcomposefs --digest-store over the merged rootfs (when installed)
   e  warm re-pull (everything already in the repository)
+  f  reading every file the user may read through the kernel's EROFS+overlay mount (made by
+     root), f' through the user's rootless FUSE mount; g, g' `find -ls` over each (fresh
+     mounts each run, objects in the page cache)
 
 with peak RSS per row, the disk space (a) and (c) add, and the ratios a/b, c/a and
 disk(a)/image bytes. The page cache is warm for every row (each input is read once
@@ -331,6 +334,38 @@ def row_mkcomposefs(bench: Lab, runs: int) -> Row:
     return row
 
 
+def row_mounts(bench: Lab, runs: int) -> list[Row]:
+    rows = [Row("f", "read every file: kernel EROFS+overlay mount"), Row("f'", "  the same, rootless FUSE mount"),
+            Row("g", "find -ls: kernel mount"), Row("g'", "  the same, rootless FUSE mount")]
+    work = fresh_dir(bench, "mounts")
+    repo, listing = work / "repo", work / "files"
+    timed(pycfs_argv(bench, repo, "init"), bench.user)
+    timed(pycfs_argv(bench, repo, "oci", "pull", f"containers-storage:{IMAGE}", "bench"), bench.user)
+    mounts = [work / "kernel", work / "fuse"]
+    for d in mounts:  # (the directories the user may not enter stay out of both)
+        d.mkdir()
+        os.chown(d, bench.user.uid, bench.user.gid)
+    for i in range(runs):
+        timed([sys.executable, "-m", "pycfs.tools.cli", "--repo", str(repo), "mount", "--fuse", "no", "bench", mounts[0]])
+        timed(pycfs_argv(bench, repo, "mount", "bench", str(mounts[1])), bench.user)
+        try:
+            if i == 0:  # what the user may read; then the objects into the page cache, as for every row
+                timed(["sh", "-c", f"cd {mounts[0]} && find . -type f -readable -print0 >{listing} 2>/dev/null; exit 0"], bench.user)
+                names = [os.fsdecode(n) for n in listing.read_bytes().split(b"\0")[:-1]]
+                warm([os.path.join(mounts[0], n) for n in names])
+                rows[0].note = rows[1].note = f"{len(names)} files, {human_size(sum(os.path.getsize(os.path.join(mounts[0], n)) for n in names))}"
+            for mnt, row in zip(mounts, rows[2:]):
+                row.samples.append(timed(["sh", "-c", f"find {mnt} -ls >/dev/null 2>&1; exit 0"], bench.user)[0])
+            for mnt, row in zip(mounts, rows[:2]):
+                row.samples.append(timed(["sh", "-c", f"cd {mnt} && xargs -0 -n 1024 cat <{listing} >/dev/null"],
+                                         bench.user)[0])
+        finally:
+            timed(pycfs_argv(bench, repo, "umount", str(mounts[1])), bench.user)
+            timed([sys.executable, "-m", "pycfs.tools.cli", "umount", mounts[0]])
+    shutil.rmtree(work)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------
 # Report
 
@@ -357,6 +392,9 @@ def report(rows: list[Row], bench: Lab, stats: dict, runs: int) -> dict:
         "hash MiB/s (pycfs)": bench.file_bytes / by["b"].median / MIB,
         "hash MiB/s (fsverity digest)": bench.file_bytes / by["b'"].median / MIB,
     }
+    if "f" in by:  # FUSE against the kernel: goals >= 0.5 for reads, <= 3 for the walk
+        ratios["read FUSE/kernel throughput"] = by["f"].median / by["f'"].median
+        ratios["find -ls FUSE/kernel time"] = by["g'"].median / by["g"].median
     console = Console(width=150)
     console.print(table)
     console.print("  ".join(f"{k} = {v:.3f}" if "/" in k and "MiB" not in k else f"{k} = {v:.0f}"
@@ -392,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         ours, theirs = row_hashing(bench, args.runs)
         save = row_save_then_pull(bench, args.runs)
         mkcfs = row_mkcomposefs(bench, args.runs)
-        figures = report([cold, import_only, ours, theirs, save, mkcfs, rewarm], bench, stats, args.runs)
+        mounts = row_mounts(bench, args.runs)
+        figures = report([cold, import_only, ours, theirs, save, mkcfs, rewarm, *mounts], bench, stats, args.runs)
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     finally:
