@@ -1,0 +1,360 @@
+"""Pull an ostree commit into the composefs repository (spec ostree.md 3.1-3.3).
+
+1. Resolve the ref; a commit already stored only gets its image (if missing) and the ref.
+2. Metadata: fetch the commit, then its dirtrees and dirmetas, many at a time; every
+   object is checked against its checksum before its children are looked at. An object a
+   base commit has (`--base-name`, the commit NAME names now, the new commit's parent,
+   or what an interrupted pull of the same commit kept) is copied from it instead.
+3. Files: fetched concurrently on worker threads (a `.filez` inflates into an unlinked
+   temporary file), then stored as objects by the object worker processes in batches
+   (reflinked from a bare repository or the temporary file where the filesystem can),
+   each content checksum verified before it enters the commit.
+4. The EROFS image, then the commit stream naming it, then the ref: nothing is visible
+   until everything is stored.
+
+A pull that fails or is interrupted leaves `streams/ostree-partial-<commit>`: a commit
+stream of what it had verified so far (rewritten every few seconds). The next pull of that
+commit uses it as a base, so nothing stored is fetched again; success removes it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import trio
+from pycfs.host.errors import PycfsError
+from pycfs.host.nursery import open_nursery
+from pycfs.host.ostree.commitstream import (
+    CommitObjects,
+    Entry,
+    check_ref_name,
+    has_commit,
+    inline_max,
+    list_refs,
+    load_commit,
+    load_stream,
+    stream_name,
+)
+from pycfs.host.ostree.image import ensure_image
+from pycfs.host.ostree.objects import (
+    Commit,
+    DirMeta,
+    DirTree,
+    Kind,
+    OstreeError,
+    describe,
+    is_checksum_text,
+    verify_metadata,
+)
+from pycfs.host.ostree.source import FetchedFile, HttpRepo, LocalRepo, check_file
+from pycfs.host.repository import Repository
+from pycfs.host.splitstream import SplitStreamError
+from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
+
+PARTIAL_PREFIX = "ostree-partial-"
+CHECKPOINT_SECONDS = 5.0
+STORE_BATCH = 64
+T = TypeVar("T")
+
+
+class Progress(Protocol):
+    def metadata(self, fetched: int) -> None: ...
+    def files_started(self, count: int) -> None: ...
+    def file_done(self, nbytes: int) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+@dataclass
+class PullStats:
+    metadata_fetched: int = 0
+    metadata_reused: int = 0
+    files_fetched: int = 0
+    files_reused: int = 0
+    content_bytes: int = 0
+    inlined: int = 0
+    stored: dict[str, int] = field(default_factory=dict)  # "reflinked"/"copied"/"present" -> count
+    requests: int | None = None  # HTTP requests made (None for a local repository)
+    bases: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"metadata_fetched": self.metadata_fetched, "metadata_reused": self.metadata_reused,
+                "files_fetched": self.files_fetched, "files_reused": self.files_reused,
+                "content_bytes": self.content_bytes, "inlined": self.inlined, "stored": dict(self.stored),
+                "requests": self.requests, "bases": self.bases}
+
+
+@dataclass
+class PullResult:
+    commit: bytes
+    image_id: bytes
+    ref: str | None
+    already_present: bool
+    stats: PullStats
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"commit": self.commit.hex(), "image": self.image_id.hex(), "ref": self.ref,
+                "already_present": self.already_present, "seconds": round(self.seconds, 3), **self.stats.to_json()}
+
+
+@dataclass
+class PullOptions:
+    name: str | None = None  # the ref to write; default: REF when it is a ref name
+    base_name: str | None = None
+    jobs: int | None = None  # object workers
+    fetches: int = 16  # concurrent fetches
+    progress: Progress | None = None
+
+
+class _Puller:
+    def __init__(self, repo: Repository, source: LocalRepo | HttpRepo, commit: bytes, options: PullOptions) -> None:
+        self.repo = repo
+        self.source = source
+        self.commit = commit
+        self.options = options
+        self.objects = CommitObjects(commit)
+        self.bases: list[CommitObjects] = []
+        self.queued: set[bytes] = set()
+        self.files: list[bytes] = []
+        self.stats = PullStats()
+        self.limiter = trio.CapacityLimiter(options.fetches)
+        self.inline_max = inline_max(repo)
+        # temporary files on the repository's filesystem, so storing them can reflink
+        self.tmp_dir = os.path.abspath(repo.path / "objects")
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        self.last_checkpoint = time.monotonic()
+        self.checkpointed = 0
+        self.nursery: trio.Nursery | None = None
+
+    # ---- bases ---------------------------------------------------------------------
+
+    def add_base(self, objects: CommitObjects, why: str) -> None:
+        if all(b.commit != objects.commit for b in self.bases):
+            self.bases.append(objects)
+            self.stats.bases.append(f"{why} {objects.commit.hex()}")
+
+    def _from_base(self, checksum: bytes) -> Entry | None:
+        for base in self.bases:
+            entry = base.get(checksum)
+            # an external object may have been collected since the base was written
+            if entry is not None and (entry.external is None or self.repo.has_object(entry.external)):
+                return entry
+        return None
+
+    # ---- metadata ------------------------------------------------------------------
+
+    def want(self, kind: Kind, checksum: bytes) -> None:
+        if checksum in self.queued:
+            return
+        self.queued.add(checksum)
+        entry = self._from_base(checksum) if kind is not Kind.COMMIT else None
+        if kind is Kind.FILE:
+            if entry is not None:
+                self.objects.add(checksum, entry)
+                self.stats.files_reused += 1
+            else:
+                self.files.append(checksum)
+            return
+        if entry is not None:
+            self.objects.add(checksum, entry)
+            self.stats.metadata_reused += 1
+            if kind is Kind.DIRTREE:
+                self._walk(DirTree.parse(entry.data, checksum))
+            return
+        assert self.nursery is not None
+        self.nursery.start_soon(self._fetch_metadata, kind, checksum)
+
+    def _walk(self, tree: DirTree) -> None:
+        for _name, checksum in tree.files:
+            self.want(Kind.FILE, checksum)
+        for _name, sub_tree, sub_meta in tree.dirs:
+            self.want(Kind.DIRMETA, sub_meta)
+            self.want(Kind.DIRTREE, sub_tree)
+
+    async def _fetch_metadata(self, kind: Kind, checksum: bytes) -> None:
+        data = await self._in_thread(kind, checksum, self.source.read_metadata, checksum, kind)
+        verify_metadata(data, checksum, kind)
+        if kind is Kind.COMMIT:
+            commit = Commit.parse(data, checksum)
+            if commit.parent is not None and has_commit(self.repo, commit.parent):
+                self.add_base(load_stream(self.repo, stream_name(commit.parent)), "parent")
+            self.objects.add(checksum, Entry(data))
+            self.want(Kind.DIRMETA, commit.root_meta)
+            self.want(Kind.DIRTREE, commit.root_tree)
+        elif kind is Kind.DIRTREE:
+            tree = DirTree.parse(data, checksum)
+            self.objects.add(checksum, Entry(data))
+            self._walk(tree)
+        else:
+            DirMeta.parse(data, checksum)
+            self.objects.add(checksum, Entry(data))
+        self.stats.metadata_fetched += 1
+        if self.options.progress:
+            self.options.progress.metadata(self.stats.metadata_fetched)
+
+    async def _in_thread(self, kind: Kind, checksum: bytes, fn: Callable[..., T], *args: object) -> T:
+        """A source call on a worker thread; an OSError names the object it was about."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        except OSError as e:
+            raise OstreeError(f"{describe(checksum, kind)} from {self.source.description}: {e}") from None
+
+    async def fetch_metadata(self) -> None:
+        async with open_nursery() as nursery:
+            self.nursery = nursery
+            self.want(Kind.COMMIT, self.commit)
+        self.nursery = None
+
+    # ---- files ---------------------------------------------------------------------
+
+    async def fetch_files(self, pool: WorkerPool) -> None:
+        if self.options.progress:
+            self.options.progress.files_started(len(self.files))
+        todo_send, todo_recv = trio.open_memory_channel[bytes](math.inf)
+        for checksum in self.files:
+            todo_send.send_nowait(checksum)
+        todo_send.close()
+        store_send, store_recv = trio.open_memory_channel[tuple[bytes, FetchedFile]](STORE_BATCH)
+        async with open_nursery() as nursery:
+            async with store_send:
+                for _ in range(self.options.fetches):
+                    nursery.start_soon(self._fetcher, todo_recv.clone(), store_send.clone())
+            nursery.start_soon(self._batcher, store_recv, pool)
+
+    async def _fetcher(self, todo: trio.MemoryReceiveChannel[bytes],
+                       store: trio.MemorySendChannel[tuple[bytes, FetchedFile]]) -> None:
+        async with todo, store:
+            async for checksum in todo:
+                fetched = await self._in_thread(Kind.FILE, checksum, self.source.fetch_file, checksum,
+                                                self.inline_max, self.tmp_dir)
+                if fetched.fd is None:
+                    self.objects.add(checksum, Entry(fetched.header.archive_header() + (fetched.content or b"")))
+                    self._file_done(fetched.header.size)
+                    self.stats.inlined += 1
+                    continue
+                try:
+                    await store.send((checksum, fetched))
+                except BaseException:
+                    os.close(fetched.fd)
+                    raise
+
+    async def _batcher(self, store: trio.MemoryReceiveChannel[tuple[bytes, FetchedFile]], pool: WorkerPool) -> None:
+        limiter = trio.CapacityLimiter(pool.batches_in_flight(STORE_BATCH))
+        async with store, open_nursery() as nursery:
+            while True:
+                try:
+                    batch = [await store.receive()]
+                except trio.EndOfChannel:
+                    break
+                while len(batch) < STORE_BATCH:
+                    try:
+                        batch.append(store.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await limiter.acquire_on_behalf_of(batch[0][0])
+                nursery.start_soon(self._store, batch, pool, limiter)
+
+    async def _store(self, batch: list[tuple[bytes, FetchedFile]], pool: WorkerPool,
+                     limiter: trio.CapacityLimiter) -> None:
+        fds = [f.fd for _, f in batch if f.fd is not None]
+        try:
+            results = await pool.store(fds, [f.header.size for _, f in batch])
+        finally:
+            for fd in fds:
+                os.close(fd)
+            limiter.release_on_behalf_of(batch[0][0])
+        for (checksum, fetched), result in zip(batch, results):
+            if isinstance(result, Failed):
+                raise OstreeError(f"{describe(checksum, Kind.FILE)}: storing its content failed: {result.message}")
+            if not fetched.verified:
+                await trio.to_thread.run_sync(self._verify_stored, checksum, fetched, result.object_id)
+            self.objects.add(checksum, Entry(fetched.header.archive_header(), result.object_id))
+            self.stats.stored[result.how] = self.stats.stored.get(result.how, 0) + 1
+            self._file_done(fetched.header.size)
+        if time.monotonic() - self.last_checkpoint > CHECKPOINT_SECONDS:
+            self.checkpoint()
+
+    def _verify_stored(self, checksum: bytes, fetched: FetchedFile, object_id: bytes) -> None:
+        """The checksum of the private copy, which no one else can change any more."""
+        fd = self.repo.open_object(object_id)
+        try:
+            check_file(fetched.header, checksum, fd)
+        finally:
+            os.close(fd)
+
+    def _file_done(self, nbytes: int) -> None:
+        self.stats.files_fetched += 1
+        self.stats.content_bytes += nbytes
+        if self.options.progress:
+            self.options.progress.file_done(nbytes)
+
+    # ---- interruption --------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Keep what is verified so far as the partial stream (a base for the next try)."""
+        self.last_checkpoint = time.monotonic()
+        if self.commit not in self.objects or len(self.objects.entries) == self.checkpointed:
+            return
+        self.repo.write_stream(self.objects.to_stream(self.repo.alg), PARTIAL_PREFIX + self.commit.hex())
+        self.checkpointed = len(self.objects.entries)
+
+    def load_partial(self) -> None:
+        name = PARTIAL_PREFIX + self.commit.hex()
+        if self.repo.has_stream(name) is None:
+            return
+        try:
+            self.add_base(load_stream(self.repo, name), "interrupted pull of")
+        except (OstreeError, SplitStreamError):
+            pass  # a damaged cache only costs refetching
+
+    def drop_partial(self) -> None:
+        try:
+            os.unlink(f"streams/{PARTIAL_PREFIX}{self.commit.hex()}", dir_fd=self.repo.dirfd)
+        except FileNotFoundError:
+            pass
+
+
+def _current(repo: Repository, name: str) -> bytes | None:
+    return dict(list_refs(repo)).get(name)
+
+
+async def pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options: PullOptions) -> PullResult:
+    started = time.monotonic()
+    commit = await trio.to_thread.run_sync(source.resolve, ref)
+    name = options.name if options.name is not None else (None if is_checksum_text(ref) else ref)
+    if name is not None:
+        check_ref_name(name)
+    if has_commit(repo, commit):
+        objects = load_stream(repo, stream_name(commit))
+        image_id = ensure_image(repo, objects, name)
+        stats = PullStats(requests=source.requests if isinstance(source, HttpRepo) else None)
+        return PullResult(commit, image_id, name, True, stats, time.monotonic() - started)
+    puller = _Puller(repo, source, commit, options)
+    stats = puller.stats
+    if options.base_name is not None:
+        puller.add_base(load_commit(repo, options.base_name), f"--base-name {options.base_name}:")
+    elif name is not None and _current(repo, name) is not None:
+        puller.add_base(load_commit(repo, name), f"{name} was")
+    puller.load_partial()
+    async with open_pool(repo=repo, jobs=options.jobs) as pool:
+        try:
+            await puller.fetch_metadata()
+            if puller.files:
+                await pool.start()  # overlaps the workers' start-up with the first fetches
+            await puller.fetch_files(pool)
+        except BaseException:
+            try:
+                puller.checkpoint()
+            except (OSError, PycfsError):
+                pass  # the error being raised is the one to report
+            raise
+    image_id = ensure_image(repo, puller.objects, name)
+    puller.drop_partial()
+    if isinstance(source, HttpRepo):
+        stats.requests = source.requests
+    return PullResult(commit, image_id, name, False, stats, time.monotonic() - started)
