@@ -26,9 +26,11 @@ def ostree(*args: str | os.PathLike) -> str:
     return subprocess.run(["ostree", *map(str, args)], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def make_tree(root: Path, version: int = 1, xattrs: bool = True) -> Path:
-    """Symlinks, suid/sgid/sticky, xattrs, a hardlink, empty dirs, empty, small and large files.
-    `version` changes a few files (and adds one) so a second commit shares most objects."""
+def make_tree(root: Path, version: int = 1, xattrs: bool = True, setid: bool = True) -> Path:
+    """Symlinks, suid/sgid/sticky, xattrs, a hardlink, empty dirs, empty, small and large files,
+    and (as root) files and a directory owned by uid 1000.
+    `version` changes a few files (and adds one) so a second commit shares most objects;
+    bare-user-only repositories take neither xattrs nor setuid/setgid bits."""
     root.mkdir(parents=True)
     (root / "bin").mkdir()
     (root / "etc" / "empty.d").mkdir(parents=True)
@@ -38,9 +40,9 @@ def make_tree(root: Path, version: int = 1, xattrs: bool = True) -> Path:
     (root / "README").write_text("readme, small enough to be inline\n")
     (root / "empty").write_bytes(b"")
     (root / "bin" / "app").write_bytes(bytes((i * 7 + 13 + version) % 256 for i in range(256 * 1024)))
-    os.chmod(root / "bin" / "app", 0o4755)
+    os.chmod(root / "bin" / "app", 0o4755 if setid else 0o755)
     (root / "bin" / "sgid").write_bytes(b"#!/bin/sh\necho sgid, with more than sixty-four bytes of content in it\n")
-    os.chmod(root / "bin" / "sgid", 0o2711)
+    os.chmod(root / "bin" / "sgid", 0o2711 if setid else 0o711)
     (root / "etc" / "config").write_text(f"version={version}\n")
     (root / "etc" / "secret").write_bytes(b"s" * 100)
     os.chmod(root / "etc" / "secret", 0o600)
@@ -57,6 +59,9 @@ def make_tree(root: Path, version: int = 1, xattrs: bool = True) -> Path:
     if version >= 2:
         (root / "share" / "new.txt").write_text("new in version 2, long enough to be an object of its own\n" * 3)
     os.chmod(root / "share", 0o750)
+    if os.geteuid() == 0:
+        os.chown(root / "etc" / "secret", 1000, 1000)
+        os.chown(root / "share" / "data", 1000, 100)
     return root
 
 
