@@ -152,33 +152,22 @@ class _Puller:
         if checksum in self.queued:
             return
         self.queued.add(checksum)
-        entry = self._from_base(checksum) if kind is not Kind.COMMIT else None
+        entry = self._from_base(checksum)
         if kind is Kind.FILE:
             if entry is not None:
                 self.objects.add(checksum, entry)
                 self.stats.files_reused += 1
             else:
                 self.files.append(checksum)
-            return
-        if entry is not None:
-            self.objects.add(checksum, entry)
+        elif entry is not None:
+            self._accept(kind, checksum, entry.data)
             self.stats.metadata_reused += 1
-            if kind is Kind.DIRTREE:
-                self._walk(DirTree.parse(entry.data, checksum))
-            return
-        assert self.nursery is not None
-        self.nursery.start_soon(self._fetch_metadata, kind, checksum)
+        else:
+            assert self.nursery is not None
+            self.nursery.start_soon(self._fetch_metadata, kind, checksum)
 
-    def _walk(self, tree: DirTree) -> None:
-        for _name, checksum in tree.files:
-            self.want(Kind.FILE, checksum)
-        for _name, sub_tree, sub_meta in tree.dirs:
-            self.want(Kind.DIRMETA, sub_meta)
-            self.want(Kind.DIRTREE, sub_tree)
-
-    async def _fetch_metadata(self, kind: Kind, checksum: bytes) -> None:
-        data = await self._in_thread(kind, checksum, self.source.read_metadata, checksum, kind)
-        verify_metadata(data, checksum, kind)
+    def _accept(self, kind: Kind, checksum: bytes, data: bytes) -> None:
+        """Take a verified metadata object and look at what it refers to."""
         if kind is Kind.COMMIT:
             commit = Commit.parse(data, checksum)
             if commit.parent is not None and has_commit(self.repo, commit.parent):
@@ -189,10 +178,19 @@ class _Puller:
         elif kind is Kind.DIRTREE:
             tree = DirTree.parse(data, checksum)
             self.objects.add(checksum, Entry(data))
-            self._walk(tree)
+            for _name, file_checksum in tree.files:
+                self.want(Kind.FILE, file_checksum)
+            for _name, sub_tree, sub_meta in tree.dirs:
+                self.want(Kind.DIRMETA, sub_meta)
+                self.want(Kind.DIRTREE, sub_tree)
         else:
             DirMeta.parse(data, checksum)
             self.objects.add(checksum, Entry(data))
+
+    async def _fetch_metadata(self, kind: Kind, checksum: bytes) -> None:
+        data = await self._in_thread(kind, checksum, self.source.read_metadata, checksum, kind)
+        verify_metadata(data, checksum, kind)
+        self._accept(kind, checksum, data)
         self.stats.metadata_fetched += 1
         if self.options.progress:
             self.options.progress.metadata(self.stats.metadata_fetched)

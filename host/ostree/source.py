@@ -124,7 +124,7 @@ def unpack_filez(read: Callable[[int], bytes], checksum: bytes, inline_max: int,
                 if inflate.eof and (compressed or inflate.unused_data):
                     raise OstreeError(f"{where}: data after the end of the compressed content")
         if not inflate.eof or got != header.size:
-            raise OstreeError(f"{where}: truncated ({got} of {header.size} content bytes)")
+            raise OstreeError(f"{where}: truncated or corrupt compressed content ({got} of {header.size} bytes)")
         if hasher.digest() != checksum:
             raise OstreeError(f"{where}: content does not match its checksum: "
                               "the source repository is corrupt or was tampered with")
