@@ -26,8 +26,14 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-
-from ostree_trees import commit, describe_dir, describe_image, init_repo, make_tree, ostree
+from ostree_trees import (
+    commit,
+    describe_dir,
+    describe_image,
+    init_repo,
+    make_tree,
+    ostree,
+)
 from pycfs.host.ostree.commitstream import load_stream
 from pycfs.host.ostree.objects import Commit
 from pycfs.host.repository import Repository
@@ -153,7 +159,7 @@ def _images(cfs: Path) -> str:
 
 
 def test_http_pull_equals_checkout_and_local_pull(site, server, tmp_path):
-    base, repo, v1, _ = site
+    _base, repo, v1, _ = site
     cfs = tmp_path / "cfs"
     pycfs(cfs, "init")
     result = json.loads(pycfs(cfs, "ostree", "pull", server.url, "main", "--json").stdout)
@@ -172,7 +178,7 @@ def test_http_pull_equals_checkout_and_local_pull(site, server, tmp_path):
 
 
 def test_second_commit_with_base_fetches_only_new_objects(site, server, tmp_path):
-    base, repo, v1, _ = site
+    _base, repo, v1, _ = site
     work = tmp_path / "repo"
     shutil.copytree(repo, work, symlinks=True)
     srv = Server(work)
@@ -214,7 +220,7 @@ def _hexname(path: str) -> str:
 
 
 def test_server_errors_and_resets_are_retried(site, server, tmp_path):
-    base, repo, v1, _ = site
+    _base, repo, v1, _ = site
     big = _largest(repo)
     server.overrides[big] = [503, "drop", 500]
     server.overrides[_largest(repo, ".dirtree")] = ["drop"]
@@ -235,7 +241,7 @@ def _partial_files(cfs: Path, commit: str, repo: Path) -> set[str]:
 
 
 def test_server_dies_half_way_then_rerun_fetches_nothing_twice(site, server, tmp_path):
-    base, repo, v1, _ = site
+    _base, repo, v1, _ = site
     server.dead_after = 3
     cfs = tmp_path / "cfs"
     pycfs(cfs, "init")
@@ -259,7 +265,7 @@ def test_server_dies_half_way_then_rerun_fetches_nothing_twice(site, server, tmp
 
 
 def test_interrupted_pull_resumes(site, server, tmp_path):
-    base, repo, _, _ = site
+    _base, repo, _, _ = site
     tree = tmp_path / "many"
     tree.mkdir()
     for i in range(60):
@@ -350,7 +356,7 @@ def bad_gvariant(repo):
 def test_damaged_object_is_one_line_and_nothing_is_committed(site, server, tmp_path, case):
     import re
 
-    base, repo, _, _ = site
+    _base, repo, _, _ = site
     ref, overrides, name, why = CASES[case](repo)
     server.overrides.update(overrides)
     cfs = tmp_path / "cfs"
@@ -369,7 +375,6 @@ def test_real_world_tree(site, server, tmp_path):
     source = Path("/usr/lib/python3")
     if not source.is_dir():
         pytest.skip("no /usr/lib/python3 on this machine")
-    base, repo, _, _ = site
     big = init_repo(tmp_path / "big", "archive")
     checksum = commit(big, source, "usr")
     srv = Server(big)

@@ -13,8 +13,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
-from ostree_trees import commit, describe_dir, describe_image, init_repo, make_tree, ostree
+from ostree_trees import (
+    commit,
+    describe_dir,
+    describe_image,
+    init_repo,
+    make_tree,
+    ostree,
+)
 from pycfs.host.repository import Repository
 
 pytestmark = pytest.mark.integration
@@ -107,7 +113,7 @@ def test_changed_bare_object_is_refused_and_nothing_committed(repos):
     name = large.parent.name + large.name.removesuffix(".file")
     assert err.returncode == 1
     assert err.stderr.splitlines() == [
-        f"pycfs: error: object {name}.file: content does not match its checksum: "
-        "the source repository is corrupt or was tampered with"]
+        (f"pycfs: error: object {name}.file: content does not match its checksum: "
+         "the source repository is corrupt or was tampered with")]
     assert pycfs(cfs, "ostree", "images").stdout == ""
     assert not (cfs / "streams" / f"ostree-commit-{ostree('rev-parse', f'--repo={repo}', ref)}").exists()

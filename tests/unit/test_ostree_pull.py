@@ -7,8 +7,15 @@ import subprocess
 import sys
 
 import pytest
-
-from ostree_trees import commit, describe_dir, describe_image, have_ostree, init_repo, make_tree, ostree
+from ostree_trees import (
+    commit,
+    describe_dir,
+    describe_image,
+    have_ostree,
+    init_repo,
+    make_tree,
+    ostree,
+)
 from pycfs.host.gc import gc
 from pycfs.host.ostree.commitstream import load_commit
 from pycfs.host.repository import Repository
