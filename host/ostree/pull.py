@@ -5,7 +5,8 @@
    object is checked against its checksum before its children are looked at. An object a
    base commit has (`--base-name`, the commit NAME names now, the new commit's parent,
    or what an interrupted pull of the same commit kept) is copied from it instead.
-3. Files: fetched concurrently on worker threads (a `.filez` inflates into an unlinked
+3. Files, while the metadata is still arriving: fetched as soon as a dirtree names them,
+   concurrently on worker threads (a `.filez` inflates into an unlinked
    temporary file), then stored as objects by the object worker processes in batches
    (reflinked from a bare repository or the temporary file where the filesystem can),
    each content checksum verified before it enters the commit.
@@ -64,7 +65,7 @@ T = TypeVar("T")
 
 class Progress(Protocol):
     def metadata(self, fetched: int) -> None: ...
-    def files_started(self, count: int) -> None: ...
+    def file_found(self) -> None: ...
     def file_done(self, nbytes: int) -> None: ...
     def message(self, text: str) -> None: ...
 
@@ -120,9 +121,12 @@ class _Puller:
         self.objects = CommitObjects(commit)
         self.bases: list[CommitObjects] = []
         self.queued: set[bytes] = set()
-        self.files: list[bytes] = []
+        self.files_found = 0
+        self.todo: trio.MemorySendChannel[bytes] | None = None  # files to fetch, as they are found
         self.stats = PullStats()
-        self.limiter = trio.CapacityLimiter(options.fetches)
+        # separate budgets: file fetches must not hold up the metadata that finds more files
+        self.meta_limiter = trio.CapacityLimiter(options.fetches)
+        self.file_limiter = trio.CapacityLimiter(options.fetches)
         self.inline_max = inline_max(repo)
         # temporary files on the repository's filesystem, so storing them can reflink
         self.tmp_dir = os.path.abspath(repo.path / "objects")
@@ -158,7 +162,11 @@ class _Puller:
                 self.objects.add(checksum, entry)
                 self.stats.files_reused += 1
             else:
-                self.files.append(checksum)
+                assert self.todo is not None
+                self.todo.send_nowait(checksum)
+                self.files_found += 1
+                if self.options.progress:
+                    self.options.progress.file_found()
         elif entry is not None:
             self._accept(kind, checksum, entry.data)
             self.stats.metadata_reused += 1
@@ -188,48 +196,42 @@ class _Puller:
             self.objects.add(checksum, Entry(data))
 
     async def _fetch_metadata(self, kind: Kind, checksum: bytes) -> None:
-        data = await self._in_thread(kind, checksum, self.source.read_metadata, checksum, kind)
+        data = await self._in_thread(self.meta_limiter, kind, checksum, self.source.read_metadata, checksum, kind)
         verify_metadata(data, checksum, kind)
         self._accept(kind, checksum, data)
         self.stats.metadata_fetched += 1
         if self.options.progress:
             self.options.progress.metadata(self.stats.metadata_fetched)
 
-    async def _in_thread(self, kind: Kind, checksum: bytes, fn: Callable[..., T], *args: object) -> T:
+    async def _in_thread(self, limiter: trio.CapacityLimiter, kind: Kind, checksum: bytes, fn: Callable[..., T],
+                         *args: object) -> T:
         """A source call on a worker thread; an OSError names the object it was about."""
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+            return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
         except OSError as e:
             raise OstreeError(f"{describe(checksum, kind)} from {self.source.description}: {e}") from None
 
-    async def fetch_metadata(self) -> None:
-        async with open_nursery() as nursery:
-            self.nursery = nursery
-            self.want(Kind.COMMIT, self.commit)
-        self.nursery = None
-
-    # ---- files ---------------------------------------------------------------------
-
-    async def fetch_files(self, pool: WorkerPool) -> None:
-        if self.options.progress:
-            self.options.progress.files_started(len(self.files))
+    async def run(self, pool: WorkerPool) -> None:
+        """Metadata and files at once: a file is fetched as soon as a dirtree names it."""
         todo_send, todo_recv = trio.open_memory_channel[bytes](math.inf)
-        for checksum in self.files:
-            todo_send.send_nowait(checksum)
-        todo_send.close()
         store_send, store_recv = trio.open_memory_channel[tuple[bytes, FetchedFile]](STORE_BATCH)
+        self.todo = todo_send
         async with open_nursery() as nursery:
-            async with store_send:
+            async with todo_recv, store_send:
                 for _ in range(self.options.fetches):
                     nursery.start_soon(self._fetcher, todo_recv.clone(), store_send.clone())
             nursery.start_soon(self._batcher, store_recv, pool)
+            async with todo_send, open_nursery() as metadata:
+                self.nursery = metadata
+                self.want(Kind.COMMIT, self.commit)
+        self.nursery = self.todo = None
 
     async def _fetcher(self, todo: trio.MemoryReceiveChannel[bytes],
                        store: trio.MemorySendChannel[tuple[bytes, FetchedFile]]) -> None:
         async with todo, store:
             async for checksum in todo:
-                fetched = await self._in_thread(Kind.FILE, checksum, self.source.fetch_file, checksum,
-                                                self.inline_max, self.tmp_dir)
+                fetched = await self._in_thread(self.file_limiter, Kind.FILE, checksum, self.source.fetch_file,
+                                                checksum, self.inline_max, self.tmp_dir)
                 if fetched.fd is None:
                     self.objects.add(checksum, Entry(fetched.header.archive_header() + (fetched.content or b"")))
                     self._file_done(fetched.header.size)
@@ -341,10 +343,7 @@ async def pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options
     puller.load_partial()
     async with open_pool(repo=repo, jobs=options.jobs) as pool:
         try:
-            await puller.fetch_metadata()
-            if puller.files:
-                await pool.start()  # overlaps the workers' start-up with the first fetches
-            await puller.fetch_files(pool)
+            await puller.run(pool)
         except BaseException:
             try:
                 puller.checkpoint()

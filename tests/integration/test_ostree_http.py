@@ -232,12 +232,14 @@ def test_server_errors_and_resets_are_retried(site, server, tmp_path):
     assert "status: ok" in pycfs(cfs, "fsck").stdout
 
 
-def _partial_files(cfs: Path, commit: str, repo: Path) -> set[str]:
-    """The file objects an interrupted pull kept (its partial stream)."""
-    filez = {_hexname(p) for p in object_files(repo) if p.endswith(".filez")}
+def _partial(cfs: Path, commit: str) -> set[str]:
+    """The objects an interrupted pull kept (its partial stream), by hex name."""
     with Repository.open(cfs) as r:
-        kept = load_stream(r, f"ostree-partial-{commit}")
-    return {c.hex() for c in kept.entries} & filez
+        return {c.hex() for c in load_stream(r, f"ostree-partial-{commit}").entries}
+
+
+def _filez(repo: Path) -> set[str]:
+    return {_hexname(p) for p in object_files(repo) if p.endswith(".filez")}
 
 
 def test_server_dies_half_way_then_rerun_fetches_nothing_twice(site, server, tmp_path):
@@ -250,14 +252,13 @@ def test_server_dies_half_way_then_rerun_fetches_nothing_twice(site, server, tmp
     lines = failed.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("pycfs: error: fetching object ") and "after 5 attempts" in lines[0]
     assert _images(cfs) == "" and not list((cfs / "streams").glob("ostree-commit-*"))
-    kept = _partial_files(cfs, v1, repo)
-    assert len(kept) >= 3
+    kept = _partial(cfs, v1)
+    assert len(kept & _filez(repo)) >= 3 and v1 in kept
     server.reset()
     result = json.loads(pycfs(cfs, "ostree", "pull", server.url, "main", "--json").stdout)
-    refetched = {_hexname(p) for p in server.objects_requested() if p.endswith(".filez")}
+    refetched = {_hexname(p) for p in server.objects_requested()}
     assert not refetched & kept
-    assert refetched | kept == {_hexname(p) for p in object_files(repo) if p.endswith(".filez")}
-    assert result["metadata_fetched"] == 0  # metadata all came from the partial stream
+    assert refetched | kept == {_hexname(p) for p in object_files(repo)}
     assert not (cfs / "streams" / f"ostree-partial-{v1}").exists()
     fresh = tmp_path / "fresh"
     pycfs(fresh, "init")
@@ -283,7 +284,7 @@ def test_interrupted_pull_resumes(site, server, tmp_path):
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "pycfs: interrupted"
     assert "many" not in _images(cfs)
-    kept = _partial_files(cfs, many, repo)
+    kept = _partial(cfs, many) & _filez(repo)
     assert len(kept) >= 10
     server.reset()
     result = json.loads(pycfs(cfs, "ostree", "pull", server.url, "many", "--json").stdout)

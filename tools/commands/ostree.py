@@ -38,7 +38,7 @@ class _PlainProgress:
     def metadata(self, fetched: int) -> None:
         pass
 
-    def files_started(self, count: int) -> None:
+    def file_found(self) -> None:
         pass
 
     def file_done(self, nbytes: int) -> None:
@@ -46,7 +46,8 @@ class _PlainProgress:
 
 
 class _RichProgress:
-    """On a terminal: metadata objects, then files with bytes and rate."""
+    """On a terminal: metadata objects fetched, files fetched of those found so far (with
+    bytes and rate)."""
 
     def __init__(self, stack: ExitStack) -> None:
         from rich.progress import (
@@ -61,15 +62,16 @@ class _RichProgress:
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[size]}"),
             TransferSpeedColumn(), transient=True))
         self.meta = self.progress.add_task("metadata", total=None, size="")
-        self.files = self.meta  # replaced by the files bar once metadata is done
+        self.files = self.progress.add_task("files", total=0, size="")
         self.bytes = 0
+        self.found = 0
 
     def metadata(self, fetched: int) -> None:
         self.progress.update(self.meta, completed=fetched)
 
-    def files_started(self, count: int) -> None:
-        self.progress.update(self.meta, total=self.progress.tasks[0].completed)
-        self.files = self.progress.add_task("files", total=count, size="")
+    def file_found(self) -> None:
+        self.found += 1
+        self.progress.update(self.files, total=self.found)
 
     def file_done(self, nbytes: int) -> None:
         self.bytes += nbytes
