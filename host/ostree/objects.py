@@ -27,6 +27,7 @@ DIRMETA_TYPE = "(uuua(ayay))"
 FILE_HEADER_TYPE = "(tuuuusa(ayay))"  # archive ("zlib") form: with the content size
 FILE_REGULAR_TYPE = "(uuuusa(ayay))"  # what the checksum covers
 XATTRS_TYPE = "a(ayay)"
+SUMMARY_TYPE = "(a(s(taya{sv}))a{sv})"
 
 SIZED = struct.Struct(">I4x")  # the "sized variant" prefix: u32 BE length, 4 zero bytes
 CHECKSUM_SIZE = 32
@@ -261,6 +262,20 @@ def header_length(prefix: bytes, checksum: bytes) -> int:
     if prefix[4:8] != bytes(4) or length > MAX_HEADER_SIZE:
         raise OstreeError(f"{describe(checksum, Kind.FILE)}: bad header prefix {prefix[:8].hex()}")
     return length
+
+
+def parse_summary(data: bytes, where: str) -> list[tuple[str, bytes]]:
+    """(ref, commit) of every ref a repository's `summary` file lists."""
+    try:
+        refs, _metadata = decode(SUMMARY_TYPE, data)
+    except GVariantError as e:
+        raise OstreeError(f"{where}: not a valid ostree summary ({e})") from None
+    out = []
+    for name, (_size, checksum, _meta) in refs:
+        if len(checksum) != CHECKSUM_SIZE:
+            raise OstreeError(f"{where}: ref {name!r} has a {len(checksum)}-byte checksum")
+        out.append((name, checksum))
+    return out
 
 
 def parse_meta_xattr(value: bytes, checksum: bytes) -> FileHeader:

@@ -47,6 +47,7 @@ from pycfs.host.ostree.objects import (
     is_checksum_text,
     parse_checksum,
     parse_meta_xattr,
+    parse_summary,
 )
 
 READ_CHUNK = 1 << 20
@@ -324,6 +325,7 @@ class HttpRepo:
         self._lock = threading.Lock()
         self.requests = 0
         self.archive = True
+        self._summary: list[tuple[str, bytes]] | None = None
 
     def close(self) -> None:
         with self._lock:
@@ -380,10 +382,23 @@ class HttpRepo:
             return result
         raise OstreeError(f"fetching {what} from {self.url} failed after {self._attempts} attempts: {last}")
 
+    def list_refs(self) -> list[tuple[str, bytes]] | None:
+        """The refs the repository's summary file lists; None without one."""
+        if self._summary is None:
+            data = self.fetch_optional("summary", MAX_METADATA_SIZE)
+            if data is None:
+                return None
+            self._summary = parse_summary(data, f"{self.url} summary")
+        return self._summary
+
     def resolve(self, ref: str) -> bytes:
+        """A commit checksum, a ref from the summary, else refs/heads/REF (served without summary)."""
         if is_checksum_text(ref):
             return parse_checksum(ref)
         check_ref_name(ref)
+        found = dict(self.list_refs() or ()).get(ref)
+        if found is not None:
+            return found
         try:
             text = self.get(f"refs/heads/{ref}", lambda r: r.read(200), f"ref {ref}")
         except _NotFound:

@@ -164,9 +164,10 @@ def test_http_pull_equals_checkout_and_local_pull(site, server, tmp_path):
     pycfs(cfs, "init")
     result = json.loads(pycfs(cfs, "ostree", "pull", server.url, "main", "--json").stdout)
     assert result["commit"] == v1 and result["ref"] == "main"
-    # every object of the commit exactly once, and nothing else but the ref
+    # every object of the commit exactly once, and nothing else but the ref (no summary here)
     assert sorted(server.objects_requested()) == sorted(object_files(repo))
-    assert server.requests[0] == "refs/heads/main" and len(server.requests) == len(object_files(repo)) + 1
+    assert server.requests[:2] == ["summary", "refs/heads/main"]
+    assert len(server.requests) == len(object_files(repo)) + 2
     assert result["requests"] == len(server.requests)
     checkout = tmp_path / "checkout"
     ostree("checkout", f"--repo={repo}", "main", checkout)
@@ -205,6 +206,28 @@ def test_second_commit_with_base_fetches_only_new_objects(site, server, tmp_path
         srv.requests.clear()
         pycfs(other, "ostree", "pull", srv.url, "main", "--base-name", "old")
         assert sorted(srv.objects_requested()) == sorted(new)
+    finally:
+        srv.close()
+
+
+def test_list_refs_and_refs_from_the_summary(site, server, tmp_path):
+    _base, repo, v1, _ = site
+    work = tmp_path / "repo"
+    shutil.copytree(repo, work, symlinks=True)
+    srv = Server(work)
+    try:
+        cfs = tmp_path / "cfs"
+        pycfs(cfs, "init")
+        err = pycfs(cfs, "ostree", "list-refs", srv.url, check=False)
+        assert err.returncode == 1 and err.stderr == (
+            f"pycfs: error: {srv.url} has no summary file: run `ostree summary -u` on the server's repository\n")
+        ostree("summary", f"--repo={work}", "-u")
+        listed = pycfs(cfs, "ostree", "list-refs", srv.url).stdout.split()
+        assert listed == ["REF", "COMMIT", "main", v1]
+        (work / "refs" / "heads" / "main").unlink()  # resolved through the summary alone
+        srv.requests.clear()
+        assert json.loads(pycfs(cfs, "ostree", "pull", srv.url, "main", "--json").stdout)["commit"] == v1
+        assert srv.requests[0] == "summary" and "refs/heads/main" not in srv.requests
     finally:
         srv.close()
 

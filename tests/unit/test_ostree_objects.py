@@ -24,17 +24,20 @@ from pycfs.host.ostree.commitstream import (
     write_commit_stream,
 )
 from pycfs.host.ostree.objects import (
+    SUMMARY_TYPE,
     Commit,
     DirMeta,
     DirTree,
     FileHeader,
     Kind,
+    parse_summary,
     split_archive_header,
     verify_metadata,
 )
 from pycfs.host.ostree.source import LocalRepo, check_file, unpack_filez
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OSTREE_COMMIT
+from pycfs.protocol.gvariant import decode, encode
 
 pytestmark = pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
 
@@ -80,6 +83,16 @@ def test_commit_fields(archive):
     assert meta["ostree.ref-binding"].value == ["main"]
     assert ostree("rev-parse", f"--repo={repo}", "main") == checksum
     assert ostree("ls", f"--repo={repo}", "-C", "-d", "main", "/").split()[-3] == c.root_tree.hex()
+
+
+def test_summary_lists_the_refs(archive, tmp_path):
+    repo, checksum = archive
+    ostree("summary", f"--repo={repo}", "-u")
+    data = (repo / "summary").read_bytes()
+    assert parse_summary(data, "summary") == [("main", bytes.fromhex(checksum))]
+    assert encode(SUMMARY_TYPE, decode(SUMMARY_TYPE, data)) == data
+    with pytest.raises(OstreeError, match="summary: not a valid ostree summary"):
+        parse_summary(data[:-3], "summary")
 
 
 def test_file_objects_headers_and_checksums(archive):

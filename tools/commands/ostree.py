@@ -122,15 +122,31 @@ def cmd_pull_local(args: argparse.Namespace) -> int:
 def cmd_images(args: argparse.Namespace) -> int:
     with open_repo(args, writable=False) as repo:
         refs = list_refs(repo)
-    if args.json:
-        print_json({"commits": [{"name": n, "commit": c.hex()} for n, c in refs]})
+    _print_refs(refs, args.json, "commits", "NAME")
+    return 0
+
+
+def _print_refs(refs: list[tuple[str, bytes]], as_json: bool, key: str, column: str) -> None:
+    if as_json:
+        print_json({key: [{"name": n, "commit": c.hex()} for n, c in refs]})
     elif not refs:
-        print("no ostree commits", file=sys.stderr)
+        print(f"no {key}" if key == "refs" else "no ostree commits", file=sys.stderr)
     else:
         width = max(len(n) for n, _ in refs)
-        print(f"{'NAME':<{width}}  COMMIT")
+        print(f"{column:<{width}}  COMMIT")
         for n, c in refs:
             print(f"{n:<{width}}  {c.hex()}")
+
+
+def cmd_list_refs(args: argparse.Namespace) -> int:
+    source = HttpRepo(args.url)
+    try:
+        refs = source.list_refs()
+    finally:
+        source.close()
+    if refs is None:
+        raise PycfsError(f"{args.url} has no summary file: run `ostree summary -u` on the server's repository")
+    _print_refs(refs, args.json, "refs", "REF")
     return 0
 
 
@@ -252,6 +268,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ostree_repo", metavar="OSTREE_REPO")
     _pull_options(p)
     p.set_defaults(handler=cmd_pull_local)
+
+    p = osub.add_parser("list-refs", help="list the refs of a remote repository",
+                        description="List the refs in the summary file of the archive repository at URL.")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("--json", action="store_true", help='JSON: {"refs": [{"name", "commit"}, ...]}')
+    p.set_defaults(handler=cmd_list_refs)
 
     p = osub.add_parser("images", help="list ostree refs and their commits",
                         description="List the repository's ostree refs.")
