@@ -264,10 +264,10 @@ def header_length(prefix: bytes, checksum: bytes) -> int:
     return length
 
 
-def parse_summary(data: bytes, where: str) -> list[tuple[str, bytes]]:
-    """(ref, commit) of every ref a repository's `summary` file lists."""
+def parse_summary(data: bytes, where: str) -> tuple[list[tuple[str, bytes]], list[tuple[str, Variant]]]:
+    """A repository's `summary` file: (ref, commit) of every ref, and its metadata."""
     try:
-        refs, _metadata = decode(SUMMARY_TYPE, data)
+        refs, metadata = decode(SUMMARY_TYPE, data)
     except GVariantError as e:
         raise OstreeError(f"{where}: not a valid ostree summary ({e})") from None
     out = []
@@ -275,7 +275,18 @@ def parse_summary(data: bytes, where: str) -> list[tuple[str, bytes]]:
         if len(checksum) != CHECKSUM_SIZE:
             raise OstreeError(f"{where}: ref {name!r} has a {len(checksum)}-byte checksum")
         out.append((name, checksum))
-    return out
+    return out, metadata
+
+
+def parse_delta_table(metadata: list[tuple[str, Variant]], where: str) -> dict[str, bytes]:
+    """`ostree.static-deltas` of a summary's or a delta index's metadata: delta name ->
+    superblock checksum."""
+    for key, value in metadata:
+        if key == "ostree.static-deltas":
+            if value.type != "a{sv}":
+                raise OstreeError(f"{where}: ostree.static-deltas is a {value.type}, not a{{sv}}")
+            return {name: v.value for name, v in value.value if v.type == "ay" and len(v.value) == CHECKSUM_SIZE}
+    return {}
 
 
 def parse_meta_xattr(value: bytes, checksum: bytes) -> FileHeader:

@@ -20,11 +20,13 @@ commit uses it as a base, so nothing stored is fetched again; success removes it
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol, TypeVar
 
 import trio
@@ -41,6 +43,7 @@ from pycfs.host.ostree.commitstream import (
     load_stream,
     stream_name,
 )
+from pycfs.host.ostree.delta import MAX_PART, MAX_SUPERBLOCK, apply_parts, delta_dir, delta_name, find_delta, parse_superblock
 from pycfs.host.ostree.image import ensure_image
 from pycfs.host.ostree.objects import (
     Commit,
@@ -80,13 +83,14 @@ class PullStats:
     inlined: int = 0
     stored: dict[str, int] = field(default_factory=dict)  # "reflinked"/"copied"/"present" -> count
     requests: int | None = None  # HTTP requests made (None for a local repository)
+    delta_parts: int = 0
     bases: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"metadata_fetched": self.metadata_fetched, "metadata_reused": self.metadata_reused,
                 "files_fetched": self.files_fetched, "files_reused": self.files_reused,
                 "content_bytes": self.content_bytes, "inlined": self.inlined, "stored": dict(self.stored),
-                "requests": self.requests, "bases": self.bases}
+                "requests": self.requests, "delta_parts": self.delta_parts, "bases": self.bases}
 
 
 @dataclass
@@ -109,6 +113,7 @@ class PullOptions:
     base_name: str | None = None
     jobs: int | None = None  # object workers
     fetches: int = 16  # concurrent fetches
+    deltas: bool = True  # use a static delta when an HTTP source has one
     progress: Progress | None = None
 
 
@@ -220,11 +225,59 @@ class _Puller:
             async with todo_recv, store_send:
                 for _ in range(self.options.fetches):
                     nursery.start_soon(self._fetcher, todo_recv.clone(), store_send.clone())
-            nursery.start_soon(self._batcher, store_recv, pool)
+                nursery.start_soon(self._batcher, store_recv, pool)
+                if self.options.deltas and isinstance(self.source, HttpRepo):
+                    await self._delta(self.source, store_send)
             async with todo_send, open_nursery() as metadata:
                 self.nursery = metadata
                 self.want(Kind.COMMIT, self.commit)
         self.nursery = self.todo = None
+
+    async def _delta(self, source: HttpRepo, store: trio.MemorySendChannel[tuple[bytes, FetchedFile]]) -> None:
+        """Apply a static delta to the commit when the source has one: its objects become a base."""
+        found = await trio.to_thread.run_sync(find_delta, source, self.commit, partial(has_commit, self.repo))
+        if found is None:
+            return
+        from_commit, checksum = found
+        name = delta_name(from_commit, self.commit)
+        where = delta_dir(from_commit, self.commit)
+        data = await trio.to_thread.run_sync(source.fetch_optional, f"{where}/superblock", MAX_SUPERBLOCK)
+        if data is None:
+            return  # advertised but not served: fetch object by object
+        if hashlib.sha256(data).digest() != checksum:
+            raise OstreeError(f"static delta {name}: the superblock does not match its checksum")
+        superblock = parse_superblock(data, name, from_commit, self.commit)
+        base = None if from_commit is None else load_stream(self.repo, stream_name(from_commit))
+        token = trio.lowlevel.current_trio_token()
+
+        def fetch_part(i: int) -> bytes:
+            part = source.fetch_optional(f"{where}/{i}", MAX_PART)
+            if part is None:
+                raise OstreeError(f"static delta {name}: part {i} is missing from {source.url}")
+            self.stats.delta_parts += 1
+            return part
+
+        def keep_file(file_checksum: bytes, fetched: FetchedFile) -> None:
+            trio.from_thread.run(self._keep, store, file_checksum, fetched, trio_token=token)
+
+        def read_object(object_id: bytes) -> bytes:
+            return self.repo.read_object(object_id)
+
+        objects = await trio.to_thread.run_sync(apply_parts, superblock, fetch_part, base, read_object,
+                                                self.inline_max, self.tmp_dir, keep_file)
+        self.add_base(objects, "static delta to")
+        if base is not None:
+            self.add_base(base, "static delta from")
+
+    async def _keep(self, store: trio.MemorySendChannel[tuple[bytes, FetchedFile]], checksum: bytes,
+                    fetched: FetchedFile) -> None:
+        self.queued.add(checksum)  # stored by the batcher: not to be fetched again
+        try:
+            await store.send((checksum, fetched))
+        except BaseException:
+            if fetched.fd is not None:
+                os.close(fetched.fd)
+            raise
 
     async def _fetcher(self, todo: trio.MemoryReceiveChannel[bytes],
                        store: trio.MemorySendChannel[tuple[bytes, FetchedFile]]) -> None:
@@ -237,11 +290,7 @@ class _Puller:
                     self._file_done(fetched.header.size)
                     self.stats.inlined += 1
                     continue
-                try:
-                    await store.send((checksum, fetched))
-                except BaseException:
-                    os.close(fetched.fd)
-                    raise
+                await self._keep(store, checksum, fetched)
 
     async def _batcher(self, store: trio.MemoryReceiveChannel[tuple[bytes, FetchedFile]], pool: WorkerPool) -> None:
         limiter = trio.CapacityLimiter(pool.batches_in_flight(STORE_BATCH))
@@ -341,16 +390,16 @@ async def pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options
     elif name is not None and _current(repo, name) is not None:
         puller.add_base(load_commit(repo, name), f"{name} was")
     puller.load_partial()
-    async with open_pool(repo=repo, jobs=options.jobs) as pool:
-        try:
+    try:
+        async with open_pool(repo=repo, jobs=options.jobs) as pool:
             await puller.run(pool)
-        except BaseException:
-            try:
-                puller.checkpoint()
-            except (OSError, PycfsError):
-                pass  # the error being raised is the one to report
-            raise
-    image_id = ensure_image(repo, puller.objects, name)
+        image_id = ensure_image(repo, puller.objects, name)
+    except BaseException:
+        try:
+            puller.checkpoint()
+        except (OSError, PycfsError):
+            pass  # the error being raised is the one to report
+        raise
     puller.drop_partial()
     if isinstance(source, HttpRepo):
         stats.requests = source.requests

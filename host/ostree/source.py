@@ -46,6 +46,7 @@ from pycfs.host.ostree.objects import (
     header_length,
     is_checksum_text,
     parse_checksum,
+    parse_delta_table,
     parse_meta_xattr,
     parse_summary,
 )
@@ -326,6 +327,8 @@ class HttpRepo:
         self.requests = 0
         self.archive = True
         self._summary: list[tuple[str, bytes]] | None = None
+        self._summary_fetched = False
+        self.summary_deltas: dict[str, bytes] = {}  # delta name -> superblock checksum
 
     def close(self) -> None:
         with self._lock:
@@ -350,7 +353,7 @@ class HttpRepo:
             try:
                 with self._lock:
                     self.requests += 1
-                conn.request("GET", self._base + urllib.parse.quote(path, safe="/"))
+                conn.request("GET", self._base + urllib.parse.quote(path, safe="/+"))
                 resp = conn.getresponse()
                 if resp.status == 200:
                     result = consume(resp)
@@ -384,11 +387,13 @@ class HttpRepo:
 
     def list_refs(self) -> list[tuple[str, bytes]] | None:
         """The refs the repository's summary file lists; None without one."""
-        if self._summary is None:
+        if not self._summary_fetched:
             data = self.fetch_optional("summary", MAX_METADATA_SIZE)
+            self._summary_fetched = True
             if data is None:
                 return None
-            self._summary = parse_summary(data, f"{self.url} summary")
+            self._summary, metadata = parse_summary(data, f"{self.url} summary")
+            self.summary_deltas = parse_delta_table(metadata, f"{self.url} summary")
         return self._summary
 
     def resolve(self, ref: str) -> bytes:

@@ -35,6 +35,7 @@ from ostree_trees import (
     ostree,
 )
 from pycfs.host.ostree.commitstream import load_stream
+from pycfs.host.ostree.delta import index_path
 from pycfs.host.ostree.objects import Commit
 from pycfs.host.repository import Repository
 
@@ -164,10 +165,10 @@ def test_http_pull_equals_checkout_and_local_pull(site, server, tmp_path):
     pycfs(cfs, "init")
     result = json.loads(pycfs(cfs, "ostree", "pull", server.url, "main", "--json").stdout)
     assert result["commit"] == v1 and result["ref"] == "main"
-    # every object of the commit exactly once, and nothing else but the ref (no summary here)
+    # every object of the commit exactly once; before them the ref and a look for a static delta
     assert sorted(server.objects_requested()) == sorted(object_files(repo))
-    assert server.requests[:2] == ["summary", "refs/heads/main"]
-    assert len(server.requests) == len(object_files(repo)) + 2
+    assert server.requests[:3] == ["summary", "refs/heads/main", index_path(bytes.fromhex(v1))]
+    assert len(server.requests) == len(object_files(repo)) + 3
     assert result["requests"] == len(server.requests)
     checkout = tmp_path / "checkout"
     ostree("checkout", f"--repo={repo}", "main", checkout)
@@ -232,6 +233,41 @@ def test_list_refs_and_refs_from_the_summary(site, server, tmp_path):
         srv.close()
 
 
+def test_static_deltas_from_scratch_and_from_a_base(site, server, tmp_path):
+    _base, repo, v1, _ = site
+    work = tmp_path / "repo"
+    shutil.copytree(repo, work, symlinks=True)
+    ostree("static-delta", "generate", f"--repo={work}", "--empty", f"--to={v1}")
+    ostree("summary", f"--repo={work}", "-u")
+    srv = Server(work)
+    try:
+        cfs = tmp_path / "cfs"
+        pycfs(cfs, "init")
+        scratch = json.loads(pycfs(cfs, "ostree", "pull", srv.url, "main", "sys", "--json").stdout)
+        assert scratch["delta_parts"] >= 1 and srv.objects_requested() == []
+        assert [p.rsplit("/", 1)[-1] for p in srv.requests] == ["summary", "superblock", "0"]
+        v2 = commit(work, make_tree(tmp_path / "tree2", version=2), "main")
+        ostree("static-delta", "generate", f"--repo={work}", f"--from={v1}", f"--to={v2}")
+        ostree("summary", f"--repo={work}", "-u")
+        srv.requests.clear()
+        update = json.loads(pycfs(cfs, "ostree", "pull", srv.url, "main", "sys", "--json").stdout)
+        assert update["commit"] == v2 and update["delta_parts"] >= 1
+        assert srv.objects_requested() == [] and any("-" in p for p in srv.requests if p.endswith("superblock"))
+        for commit_id, got in ((v1, scratch), (v2, update)):
+            plain = tmp_path / f"plain-{commit_id}"
+            pycfs(plain, "init")
+            srv.requests.clear()
+            ref = json.loads(pycfs(plain, "ostree", "pull", "--no-delta", srv.url, commit_id, "--json").stdout)
+            assert ref["image"] == got["image"] and ref["delta_parts"] == 0
+            assert not any(p.startswith("deltas/") for p in srv.requests)
+        checkout = tmp_path / "checkout"
+        ostree("checkout", f"--repo={work}", v2, checkout)
+        with Repository.open(cfs) as r:
+            assert describe_image(r, bytes.fromhex(update["image"])) == describe_dir(checkout)
+    finally:
+        srv.close()
+
+
 def _largest(repo: Path, suffix: str = ".filez") -> str:
     return str(max((p for p in (repo / "objects").rglob("*" + suffix)), key=lambda p: p.stat().st_size)
                .relative_to(repo))
@@ -292,16 +328,17 @@ def test_interrupted_pull_resumes(site, server, tmp_path):
     _base, repo, _, _ = site
     tree = tmp_path / "many"
     tree.mkdir()
-    for i in range(60):
-        (tree / f"f{i:02}").write_bytes(hashlib.sha256(b"%d" % i).digest() * 40)
+    for i in range(200):
+        (tree / f"f{i:03}").write_bytes(hashlib.sha256(b"%d" % i).digest() * 40)
     many = commit(repo, tree, "many")
-    server.delay = 0.1
+    server.delay = 0.2  # 16 fetches at a time: about 2.5 s for all
     cfs = tmp_path / "cfs"
     pycfs(cfs, "init")
     proc = subprocess.Popen([sys.executable, "-m", "pycfs.tools.cli", "--repo", str(cfs), "ostree", "pull",
                              server.url, "many", "-j", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while sum(p.endswith(".filez") for p in server.answered) < 20 and time.monotonic() < deadline:
+    # interrupt once some content is stored (the workers link objects into objects/XX/)
+    while len(list((cfs / "objects").glob("??/*"))) < 20 and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
@@ -313,7 +350,7 @@ def test_interrupted_pull_resumes(site, server, tmp_path):
     result = json.loads(pycfs(cfs, "ostree", "pull", server.url, "many", "--json").stdout)
     assert result["commit"] == many
     refetched = {_hexname(p) for p in server.objects_requested() if p.endswith(".filez")}
-    assert not refetched & kept and len(refetched) == 60 - len(kept)
+    assert not refetched & kept and len(refetched) == 200 - len(kept)
 
 
 def _craft_bad_tree(repo: Path) -> tuple[str, str]:

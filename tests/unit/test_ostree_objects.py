@@ -89,7 +89,9 @@ def test_summary_lists_the_refs(archive, tmp_path):
     repo, checksum = archive
     ostree("summary", f"--repo={repo}", "-u")
     data = (repo / "summary").read_bytes()
-    assert parse_summary(data, "summary") == [("main", bytes.fromhex(checksum))]
+    refs, metadata = parse_summary(data, "summary")
+    assert refs == [("main", bytes.fromhex(checksum))]
+    assert "ostree.summary.last-modified" in dict(metadata)
     assert encode(SUMMARY_TYPE, decode(SUMMARY_TYPE, data)) == data
     with pytest.raises(OstreeError, match="summary: not a valid ostree summary"):
         parse_summary(data[:-3], "summary")

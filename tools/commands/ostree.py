@@ -94,6 +94,7 @@ def _print_pull(result: PullResult, as_json: bool) -> None:
     print(f"objects: {s.metadata_fetched} metadata + {s.files_fetched} files fetched "
           f"({s.content_bytes / (1 << 20):.1f} MiB content; stored: {stored}; {s.inlined} inline), "
           f"{s.metadata_reused} metadata + {s.files_reused} files from bases"
+          + (f"; {s.delta_parts} static delta parts" if s.delta_parts else "")
           + (f"; {s.requests} HTTP requests" if s.requests is not None else ""), file=sys.stderr)
     for base in s.bases:
         print(f"base: {base}", file=sys.stderr)
@@ -103,7 +104,8 @@ def _print_pull(result: PullResult, as_json: bool) -> None:
 def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
     with open_repo(args) as repo, ExitStack() as stack:
         stack.callback(source.close)
-        options = PullOptions(name=args.name, base_name=args.base_name, jobs=args.jobs)
+        options = PullOptions(name=args.name, base_name=args.base_name, jobs=args.jobs,
+                              deltas=not getattr(args, "no_delta", False))
         if not args.json:
             options.progress = _RichProgress(stack) if sys.stderr.isatty() else _PlainProgress()
         result = trio.run(pull, repo, source, args.ref, options)
@@ -132,7 +134,7 @@ def _print_refs(refs: list[tuple[str, bytes]], as_json: bool, key: str, column: 
     elif not refs:
         print(f"no {key}" if key == "refs" else "no ostree commits", file=sys.stderr)
     else:
-        width = max(len(n) for n, _ in refs)
+        width = max(len(column), *(len(n) for n, _ in refs))
         print(f"{column:<{width}}  COMMIT")
         for n, c in refs:
             print(f"{n:<{width}}  {c.hex()}")
@@ -259,6 +261,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "without fetching what it stored. Then writes the EROFS image and the ref.")
     p.add_argument("url", metavar="URL")
     _pull_options(p)
+    p.add_argument("--no-delta", action="store_true",
+                   help="fetch object by object even where the server has a static delta")
     p.set_defaults(handler=cmd_pull)
 
     p = osub.add_parser("pull-local", help="pull a commit from a local ostree repository",
