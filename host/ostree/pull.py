@@ -45,6 +45,7 @@ from pycfs.host.ostree.commitstream import (
 )
 from pycfs.host.ostree.delta import MAX_PART, MAX_SUPERBLOCK, apply_parts, delta_dir, delta_name, find_delta, parse_superblock
 from pycfs.host.ostree.image import ensure_image
+from pycfs.host.ostree.signature import MAX_DETACHED, verify_commit
 from pycfs.host.ostree.objects import (
     Commit,
     DirMeta,
@@ -114,6 +115,7 @@ class PullOptions:
     jobs: int | None = None  # object workers
     fetches: int = 16  # concurrent fetches
     deltas: bool = True  # use a static delta when an HTTP source has one
+    gpg_keyring: str | None = None  # require a commit signature that verifies with this keyring
     progress: Progress | None = None
 
 
@@ -368,6 +370,16 @@ class _Puller:
             pass
 
 
+def _signed_commit(source: LocalRepo | HttpRepo, commit: bytes, keyring: str) -> CommitObjects:
+    """The commit object, once a signature on it verifies with the keyring."""
+    data = source.read_metadata(commit, Kind.COMMIT)
+    verify_metadata(data, commit, Kind.COMMIT)
+    verify_commit(data, commit.hex(), source.read_detached(commit, MAX_DETACHED), keyring)
+    objects = CommitObjects(commit)
+    objects.add(commit, Entry(data))
+    return objects
+
+
 def _current(repo: Repository, name: str) -> bytes | None:
     return dict(list_refs(repo)).get(name)
 
@@ -378,6 +390,9 @@ async def pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options
     name = options.name if options.name is not None else (None if is_checksum_text(ref) else ref)
     if name is not None:
         check_ref_name(name)
+    signed = None
+    if options.gpg_keyring is not None:
+        signed = await trio.to_thread.run_sync(_signed_commit, source, commit, options.gpg_keyring)
     if has_commit(repo, commit):
         objects = load_stream(repo, stream_name(commit))
         image_id = ensure_image(repo, objects, name)
@@ -390,6 +405,8 @@ async def pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options
     elif name is not None and _current(repo, name) is not None:
         puller.add_base(load_commit(repo, name), f"{name} was")
     puller.load_partial()
+    if signed is not None:
+        puller.bases.append(signed)  # the commit just verified: not fetched again
     try:
         async with open_pool(repo=repo, jobs=options.jobs) as pool:
             await puller.run(pool)

@@ -236,6 +236,22 @@ class LocalRepo:
                 raise OstreeError(f"{describe(checksum, kind)}: {st.st_size} bytes, more than ostree allows")
             return f.read(MAX_METADATA_SIZE + 1)
 
+    def read_detached(self, commit: bytes, limit: int) -> bytes | None:
+        """The commit's detached metadata (`.commitmeta`), None when it has none."""
+        h = commit.hex()
+        try:
+            fd = os.open(f"{h[:2]}/{h[2:]}.commitmeta", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self._objects)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OstreeError(f"object {h}.commitmeta in {self.path} is not a regular file")
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise OstreeError(f"object {h}.commitmeta in {self.path} is larger than {limit} bytes")
+        return data
+
     def fetch_file(self, checksum: bytes, inline_max: int, tmp_dir: str) -> FetchedFile:
         if self.archive:
             fd, _st = self._open(checksum, Kind.FILE)
@@ -431,6 +447,10 @@ class HttpRepo:
                             lambda r: unpack_filez(r.read, checksum, inline_max, tmp_dir), where)
         except _NotFound:
             raise OstreeError(f"{where} is missing from {self.url}") from None
+
+    def read_detached(self, commit: bytes, limit: int) -> bytes | None:
+        h = commit.hex()
+        return self.fetch_optional(f"objects/{h[:2]}/{h[2:]}.commitmeta", limit)
 
     def fetch_optional(self, path: str, limit: int) -> bytes | None:
         """A file that may be absent (summary, delta indexes): None on 404."""

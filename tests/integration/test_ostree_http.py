@@ -268,6 +268,59 @@ def test_static_deltas_from_scratch_and_from_a_base(site, server, tmp_path):
         srv.close()
 
 
+@pytest.fixture
+def gpg_keys(tmp_path):
+    """Two signing keys in a private GNUPGHOME (its gpg-agent is stopped afterwards)."""
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    keys = {}
+    try:
+        for name in ("good", "other"):
+            subprocess.run(["gpg", "--homedir", home, "--batch", "--passphrase", "", "--quick-gen-key",
+                            f"{name} <{name}@example.com>", "ed25519", "sign", "never"], check=True, capture_output=True)
+            listing = subprocess.run(["gpg", "--homedir", home, "--list-keys", "--with-colons", f"{name}@example.com"],
+                                     check=True, capture_output=True, text=True).stdout
+            fpr = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
+            keyring = tmp_path / f"{name}.gpg"
+            keyring.write_bytes(subprocess.run(["gpg", "--homedir", home, "--export", fpr], check=True,
+                                               capture_output=True).stdout)
+            keys[name] = (fpr, keyring)
+        yield home, keys
+    finally:
+        subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], check=False)
+
+
+def test_signed_commits(site, tmp_path, gpg_keys):
+    _base, repo, _v1, _ = site
+    home, keys = gpg_keys
+    work = tmp_path / "repo"
+    shutil.copytree(repo, work, symlinks=True)
+    tree = make_tree(tmp_path / "tree", version=3)
+    signed = commit(work, tree, "signed", f"--gpg-sign={keys['good'][0]}", f"--gpg-homedir={home}")
+    unsigned = commit(work, tree, "unsigned", "--timestamp=2024-02-02T00:00:00Z")
+    srv = Server(work)
+    try:
+        cfs = tmp_path / "cfs"
+        pycfs(cfs, "init")
+        for ref, keyring, why in (("unsigned", keys["good"][1], f"commit {unsigned} is not signed"),
+                                  ("signed", keys["other"][1], f"commit {signed}: no signature verifies")):
+            srv.requests.clear()
+            failed = pycfs(cfs, "ostree", "pull", srv.url, ref, "--gpg-keyring", keyring, check=False)
+            assert failed.returncode == 1 and failed.stderr.startswith(f"pycfs: error: {why}"), failed.stderr
+            assert len(failed.stderr.splitlines()) == 1
+            assert not [p for p in srv.objects_requested() if not p.endswith((".commit", ".commitmeta"))]
+            assert _images(cfs) == ""
+        result = json.loads(pycfs(cfs, "ostree", "pull", srv.url, "signed", "--gpg-keyring", keys["good"][1],
+                                  "--json").stdout)
+        assert result["commit"] == signed
+        pycfs(tmp_path / "local", "init")
+        local = json.loads(pycfs(tmp_path / "local", "ostree", "pull-local", work, "signed", "--gpg-keyring",
+                                 keys["good"][1], "--json").stdout)
+        assert local["image"] == result["image"]
+    finally:
+        srv.close()
+
+
 def _largest(repo: Path, suffix: str = ".filez") -> str:
     return str(max((p for p in (repo / "objects").rglob("*" + suffix)), key=lambda p: p.stat().st_size)
                .relative_to(repo))

@@ -105,7 +105,7 @@ def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
     with open_repo(args) as repo, ExitStack() as stack:
         stack.callback(source.close)
         options = PullOptions(name=args.name, base_name=args.base_name, jobs=args.jobs,
-                              deltas=not getattr(args, "no_delta", False))
+                              deltas=not getattr(args, "no_delta", False), gpg_keyring=args.gpg_keyring)
         if not args.json:
             options.progress = _RichProgress(stack) if sys.stderr.isatty() else _PlainProgress()
         result = trio.run(pull, repo, source, args.ref, options)
@@ -245,6 +245,9 @@ def _pull_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-name", metavar="NAME", help="use this stored commit (ref, id or prefix) as the base")
     p.add_argument("--jobs", "-j", type=positive_int, metavar="N",
                    help="processes hashing and storing file content (default: one per CPU)")
+    p.add_argument("--gpg-keyring", metavar="FILE",
+                   help="require a commit signature (detached metadata) that gpgv verifies with this keyring "
+                   "(binary, as `gpg --export` writes it); nothing is fetched from an unsigned commit")
     p.add_argument("--json", action="store_true", help="print the result and statistics as JSON")
 
 
