@@ -87,6 +87,7 @@ class CommitObjects:
         self.commit = commit
         self.entries: dict[bytes, Entry] = {}
         self.image_id: bytes | None = None
+        self.headers: dict[bytes, FileHeader] = {}  # parsed file headers, where already known
 
     def __contains__(self, checksum: bytes) -> bool:
         return checksum in self.entries
@@ -102,6 +103,9 @@ class CommitObjects:
         entry = self.entries.get(checksum)
         if entry is None:
             raise OstreeError(f"commit {self.commit.hex()} lacks object {checksum.hex()}.file: re-pull it")
+        header = self.headers.get(checksum)
+        if header is not None and entry.external is not None:
+            return header, entry.external, b""
         header, end = split_archive_header(entry.data, checksum)
         content = entry.data[end:]
         if entry.external is not None and content:

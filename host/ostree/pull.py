@@ -319,24 +319,30 @@ class _Puller:
             for fd in fds:
                 os.close(fd)
             limiter.release_on_behalf_of(batch[0][0])
+        stored = []
         for (checksum, fetched), result in zip(batch, results):
             if isinstance(result, Failed):
                 raise OstreeError(f"{describe(checksum, Kind.FILE)}: storing its content failed: {result.message}")
-            if not fetched.verified:
-                await trio.to_thread.run_sync(self._verify_stored, checksum, fetched, result.object_id)
-            self.objects.add(checksum, Entry(fetched.header.archive_header(), result.object_id))
+            stored.append((checksum, fetched, result.object_id))
+        # one thread hop per batch: checks of bare content, on the private copies
+        await trio.to_thread.run_sync(self._verify_stored, [s for s in stored if not s[1].verified])
+        for (checksum, fetched, object_id), result in zip(stored, results):
+            self.objects.add(checksum, Entry(fetched.header.archive_header(), object_id))
+            self.objects.headers[checksum] = fetched.header
+            assert not isinstance(result, Failed)
             self.stats.stored[result.how] = self.stats.stored.get(result.how, 0) + 1
             self._file_done(fetched.header.size)
         if time.monotonic() - self.last_checkpoint > CHECKPOINT_SECONDS:
             self.checkpoint()
 
-    def _verify_stored(self, checksum: bytes, fetched: FetchedFile, object_id: bytes) -> None:
-        """The checksum of the private copy, which no one else can change any more."""
-        fd = self.repo.open_object(object_id)
-        try:
-            check_file(fetched.header, checksum, fd)
-        finally:
-            os.close(fd)
+    def _verify_stored(self, files: list[tuple[bytes, FetchedFile, bytes]]) -> None:
+        """The checksums of private copies, which no one else can change any more."""
+        for checksum, fetched, object_id in files:
+            fd = self.repo.open_object(object_id)
+            try:
+                check_file(fetched.header, checksum, fd)
+            finally:
+                os.close(fd)
 
     def _file_done(self, nbytes: int) -> None:
         self.stats.files_fetched += 1
