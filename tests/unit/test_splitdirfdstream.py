@@ -205,7 +205,7 @@ def test_fd_layout_worked_example() -> None:
     assert [len(f) for f in layers.split_frames(list(range(9)), seed)] == [3, 2, 2, 2]
     frames = layers.split_frames(list(range(1000)), 0)
     assert len(frames) >= 5 and all(len(f) <= layers.MAX_FDS_PER_FRAME for f in frames)
-    assert sum(frames, []) == list(range(1000))
+    assert [fd for frame in frames for fd in frame] == list(range(1000))
 
 
 def test_fd_layout_fds(tmp_path) -> None:
