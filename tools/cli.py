@@ -15,7 +15,7 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.syscalls import raise_open_file_limit
 
 # Order is the order of `pycfs --help`.
-COMMAND_MODULES = ["repo", "oci", "erofs", "mount"]
+COMMAND_MODULES = ["repo", "oci", "erofs", "mount", "varlink"]
 
 
 def build_parser() -> argparse.ArgumentParser:
