@@ -38,6 +38,7 @@ from pycfs.host.varlink.server import CallContext, Interface, Result, Server
 from pycfs.host.varlink.service import Handles, fsck_reply
 from pycfs.host.varlink.transfer import (
     DiffIdMismatch,
+    LayerTransferError,
     open_objects_dir,
     produce_repo_layer,
     put_layer,
@@ -274,7 +275,7 @@ class OciInterface:
                 layer_id, stats = await put_layer(repo, pool, pipe, dirfds, diff_id, zerocopy)
         except DiffIdMismatch as e:
             raise error("DiffIdMismatch", expected=e.expected, actual=e.actual) from None
-        except SplitDirFdStreamError as e:
+        except (SplitDirFdStreamError, LayerTransferError) as e:
             raise error("InvalidRequest", message=str(e)) from None
         finally:
             close_fds(dirfds)

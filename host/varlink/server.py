@@ -246,6 +246,8 @@ class Server:
     async def _call(self, conn: Connection, call: Any) -> None:
         interface = self.interfaces.get(call.interface)
         ctx = CallContext(self, conn, call.method, Params(call.parameters), call.more, call.oneway, call.fds)
+        internal = interface.internal_error if interface else f"{SERVICE}.MethodNotImplemented"
+        reply_fds: Sequence[int] = ()
         try:
             if interface is None:
                 raise VarlinkError(f"{SERVICE}.InterfaceNotFound", {"interface": call.interface})
@@ -255,30 +257,23 @@ class Server:
             if call.member in interface.more_only and not call.more:
                 raise VarlinkError(f"{SERVICE}.ExpectedMore")
             result = await handler(ctx)
+            params, reply_fds = (result, ()) if not isinstance(result, tuple) else result
+            reply: dict[str, Any] = {"parameters": params or {}}
         except VarlinkError as e:
-            if not call.oneway:
-                await conn.send({"error": e.name, "parameters": e.parameters})
-            return
+            reply = {"error": e.name, "parameters": e.parameters}
         except (PycfsError, OSError) as e:
-            if not call.oneway:
-                name = interface.internal_error if interface else f"{SERVICE}.MethodNotImplemented"
-                await conn.send({"error": name, "parameters": {"message": _message(e)}})
-            return
+            reply = {"error": internal, "parameters": {"message": _message(e)}}
         except Exception as e:  # noqa: BLE001 (a bug: log it, and answer instead of dropping the client)
             traceback.print_exc(file=sys.stderr)
-            if not call.oneway:
-                name = interface.internal_error if interface else f"{SERVICE}.MethodNotImplemented"
-                await conn.send({"error": name, "parameters": {"message": f"internal error: {e!r}"}})
-            return
+            reply = {"error": internal, "parameters": {"message": f"internal error: {e!r}"}}
         finally:
+            # Before the reply: a client that got its answer finds the fds it sent closed.
             close_fds(ctx.take_fds())
-        params, fds = (result, ()) if not isinstance(result, tuple) else result
         try:
             if not call.oneway:
-                await conn.send({"parameters": params or {}}, fds)
+                await conn.send(reply, reply_fds)
         finally:
-            if isinstance(result, tuple):
-                close_fds(list(fds))
+            close_fds(list(reply_fds))
 
 
 def _message(e: BaseException) -> str:
