@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -10,22 +11,9 @@ from typing import Any
 
 import trio
 from pycfs.host.errors import PycfsError
-from pycfs.host.oci.image import (
-    IMAGE_REF_NAMES,
-    compute_image_id,
-    create_image,
-    format_versions,
-)
+from pycfs.host.oci.image import IMAGE_REF_NAMES, compute_image_id, finish_pull, format_versions
 from pycfs.host.oci.layer import layer_stream_name, parse_digest
-from pycfs.host.oci.streams import (
-    config_stream_name,
-    finish_image,
-    list_images,
-    manifest_stream_name,
-    open_image,
-    tag_image,
-    untag_image,
-)
+from pycfs.host.oci.streams import list_images, open_image, tag_image, untag_image
 from pycfs.host.repository import Repository
 from pycfs.host.varlink import idl
 from pycfs.host.varlink.layers import (
@@ -114,7 +102,7 @@ class OciInterface:
 
     async def list_images(self, ctx: CallContext) -> Result:
         repo = self.repo(ctx)
-        wanted = ctx.params.str("filter", optional=True)
+        wanted = ctx.params.string("filter", optional=True)
 
         def entries() -> list[dict]:
             out = []
@@ -145,7 +133,7 @@ class OciInterface:
         from pycfs.host.fsck import fsck
 
         repo = self.repo(ctx)
-        image = ctx.params.str("image", optional=True)
+        image = ctx.params.string("image", optional=True)
         names = [image] if image is not None else [t for t, _ in list_images(repo)]
         if image is not None:
             self._open(repo, image)
@@ -179,7 +167,7 @@ class OciInterface:
 
     async def inspect(self, ctx: CallContext) -> Result:
         repo = self.repo(ctx)
-        image = self._open(repo, ctx.params.str("image"))
+        image = self._open(repo, ctx.params.string("image"))
         erofs = None
         for version in format_versions(repo):
             ref = IMAGE_REF_NAMES.get(version)
@@ -191,22 +179,22 @@ class OciInterface:
 
     async def tag(self, ctx: CallContext) -> Result:
         repo = self.repo(ctx)
-        digest, name = ctx.params.str("manifest_digest"), ctx.params.str("name")
+        digest, name = ctx.params.string("manifest_digest"), ctx.params.string("name")
         parse_digest(digest, "manifest digest")
         await trio.to_thread.run_sync(tag_image, repo, name, digest)
         return {}
 
     async def untag(self, ctx: CallContext) -> Result:
         repo = self.repo(ctx)
-        await trio.to_thread.run_sync(untag_image, repo, ctx.params.str("name"))
+        await trio.to_thread.run_sync(untag_image, repo, ctx.params.string("name"))
         return {}
 
     async def compute_id(self, ctx: CallContext) -> Result:
         repo = self.repo(ctx)
-        image = ctx.params.str("image")
-        if ctx.params.bool("bootable", optional=True, default=False):
+        image = ctx.params.string("image")
+        if ctx.params.boolean("bootable", optional=True, default=False):
             raise error("InvalidRequest", message="bootable images are not supported by pycfs")
-        if ctx.params.str("xattrs", optional=True, default="AllowlistOnly") != "AllowlistOnly":
+        if ctx.params.string("xattrs", optional=True, default="AllowlistOnly") != "AllowlistOnly":
             raise error("InvalidRequest", message="only AllowlistOnly xattr filtering is supported")
         self._open(repo, image)
         image_id = await trio.to_thread.run_sync(compute_image_id, repo, image)
@@ -216,9 +204,9 @@ class OciInterface:
         from pycfs.host.varlink.pull import pull_frames
 
         repo = self.repo(ctx)
-        if ctx.params.bool("bootable", optional=True, default=False):
+        if ctx.params.boolean("bootable", optional=True, default=False):
             raise error("InvalidRequest", message="bootable images are not supported by pycfs")
-        if ctx.params.str("expected_digest", optional=True) is not None:
+        if ctx.params.string("expected_digest", optional=True) is not None:
             raise error("InvalidRequest", message="expected_digest requires bootable")
         return await pull_frames(ctx, repo)
 
@@ -226,7 +214,7 @@ class OciInterface:
 
     async def has_layer(self, ctx: CallContext) -> Result:
         repo = self.repo(ctx)
-        diff_id = check_digest(ctx.params.str("diff_id"), "diff_id")
+        diff_id = check_digest(ctx.params.string("diff_id"), "diff_id")
         layer = repo.has_stream(layer_stream_name(diff_id))
         return {"present": layer is not None, "layer_verity": layer.hex() if layer is not None else None}
 
@@ -234,7 +222,7 @@ class OciInterface:
         repo = self.repo(ctx)
         params = ctx.params.obj("params")
         assert params is not None
-        diff_id = params.str("diff_id", optional=True)
+        diff_id = params.string("diff_id", optional=True)
         if diff_id is None:
             raise error("InvalidRequest", message="params.diff_id is required by a repository service")
         check_digest(diff_id, "diff_id")
@@ -260,9 +248,9 @@ class OciInterface:
     async def put_layer(self, ctx: CallContext) -> Result:
         if len(ctx.fds) < 2:
             raise error("InvalidRequest", message=f"expected at least 2 fds (1 pipe + >=1 dir fd), got {len(ctx.fds)}")
-        diff_id = check_digest(ctx.params.str("diff_id"), "diff_id")
+        diff_id = check_digest(ctx.params.string("diff_id"), "diff_id")
         repo = self.repo(ctx)
-        zerocopy = ctx.params.bool("zerocopy", optional=True, default=False)
+        zerocopy = ctx.params.boolean("zerocopy", optional=True, default=False)
         if not diff_id.startswith("sha256:"):
             raise error("InternalError", message=f"PutLayer verifies sha256 diff_ids only, not {diff_id.split(':')[0]}")
         if not stat.S_ISFIFO(os.fstat(ctx.fds[0]).st_mode):
@@ -285,13 +273,13 @@ class OciInterface:
 
     async def finalize_image(self, ctx: CallContext) -> Result:
         repo = self.repo(ctx)
-        manifest_raw = ctx.params.str("manifest_json").encode()
-        config_raw = ctx.params.str("config_json").encode()
-        name = ctx.params.str("name", optional=True)
+        manifest_raw = ctx.params.string("manifest_json").encode()
+        config_raw = ctx.params.string("config_json").encode()
+        name = ctx.params.string("name", optional=True)
         refs: list[tuple[str, bytes]] = []
         for item in ctx.params.obj_list("layers"):
-            diff_id = check_digest(item.str("diff_id"), "diff_id")
-            verity = item.str("layer_verity")
+            diff_id = check_digest(item.string("diff_id"), "diff_id")
+            verity = item.string("layer_verity")
             try:
                 layer_id = repo.id_from_hex(verity)
             except PycfsError as e:
@@ -314,17 +302,10 @@ class OciInterface:
         manifest_digest = "sha256:" + hashlib.sha256(manifest_raw).hexdigest()
         config_digest = "sha256:" + hashlib.sha256(config_raw).hexdigest()
 
-        def finalize() -> None:
-            finish_image(repo, manifest_digest, manifest_raw, config_digest, config_raw, refs, None)
-            if is_container(manifest):
-                create_image(repo, "@" + manifest_digest)
-            if name is not None:
-                tag_image(repo, name, manifest_digest)
-
-        await trio.to_thread.run_sync(finalize)
-        manifest_id = repo.has_stream(manifest_stream_name(manifest_digest))
-        config_id = repo.has_stream(config_stream_name(config_digest))
-        assert manifest_id is not None and config_id is not None
+        finished = await trio.to_thread.run_sync(functools.partial(
+            finish_pull, repo, manifest_digest, manifest_raw, config_digest, config_raw, refs, name,
+            build_image=is_container(manifest)))
+        manifest_id, config_id = finished.manifest_stream_id, finished.config_stream_id
         return {"manifest_digest": manifest_digest, "manifest_verity": manifest_id.hex(),
                 "config_digest": config_digest, "config_verity": config_id.hex()}
 

@@ -8,6 +8,7 @@ from typing import Any
 import trio
 from pycfs.host.oci.pull import PullOptions, pull, split_reference
 from pycfs.host.oci.streams import check_tag
+from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.varlink.server import CallContext, Result
 from pycfs.protocol.varlink import VarlinkError
@@ -16,7 +17,7 @@ from pycfs.protocol.varlink import VarlinkError
 PROGRESS_INTERVAL = 0.2
 
 
-class _Frames:
+class _Frames(PullProgress):
     """pycfs's PullProgress callbacks (called in the trio thread) as queued frames."""
 
     def __init__(self) -> None:
@@ -54,11 +55,11 @@ class _Frames:
 
 
 async def pull_frames(ctx: CallContext, repo: Repository) -> Result:
-    image = ctx.params.str("image")
-    name = ctx.params.str("name", optional=True)
-    ctx.params.str("local_fetch", optional=True)  # pycfs always reflinks where it can
-    storage_root = ctx.params.str("storage_root", optional=True)
-    if ctx.params.str("xattrs", optional=True, default="AllowlistOnly") != "AllowlistOnly":
+    image = ctx.params.string("image")
+    name = ctx.params.string("name", optional=True)
+    ctx.params.string("local_fetch", optional=True)  # pycfs always reflinks where it can
+    storage_root = ctx.params.string("storage_root", optional=True)
+    if ctx.params.string("xattrs", optional=True, default="AllowlistOnly") != "AllowlistOnly":
         raise VarlinkError("org.composefs.Oci.InvalidRequest", {"message": "only AllowlistOnly xattr filtering is supported"})
     split_reference(image)
     tag = name or image

@@ -95,13 +95,13 @@ class Params:
             raise invalid_parameter(name)
         return value
 
-    def str(self, name: str, optional: bool = False, default: str | None = None) -> Any:
+    def string(self, name: str, optional: bool = False, default: str | None = None) -> Any:
         return self._get(name, (str,), optional, default)
 
-    def bool(self, name: str, optional: bool = False, default: bool | None = None) -> Any:
+    def boolean(self, name: str, optional: bool = False, default: bool | None = None) -> Any:
         return self._get(name, (bool,), optional, default)
 
-    def int(self, name: str, optional: bool = False, default: int | None = None) -> Any:
+    def integer(self, name: str, optional: bool = False, default: int | None = None) -> Any:
         value = self._get(name, (int,), optional, default)
         if value is not None and not 0 <= value < 2**63:
             raise invalid_parameter(name)
@@ -183,7 +183,7 @@ class Server:
         return {**self.info, "interfaces": list(self.interfaces)}
 
     async def _get_description(self, ctx: CallContext) -> Result:
-        name = ctx.params.str("interface")
+        name = ctx.params.string("interface")
         if name not in self.interfaces:
             raise VarlinkError(f"{SERVICE}.InterfaceNotFound", {"interface": name})
         return {"description": self.interfaces[name].description}
@@ -263,7 +263,7 @@ class Server:
             reply = {"error": e.name, "parameters": e.parameters}
         except (PycfsError, OSError) as e:
             reply = {"error": internal, "parameters": {"message": _message(e)}}
-        except Exception as e:  # noqa: BLE001 (a bug: log it, and answer instead of dropping the client)
+        except Exception as e:  # a bug: log it, and answer instead of dropping the client
             traceback.print_exc(file=sys.stderr)
             reply = {"error": internal, "parameters": {"message": f"internal error: {e!r}"}}
         finally:

@@ -60,7 +60,7 @@ class Handles:
         return handle
 
     def get(self, ctx: CallContext, iface: str) -> Repository:
-        handle = ctx.params.int("handle")
+        handle = ctx.params.integer("handle")
         repo = self.repos.get(handle)
         if repo is None:
             raise VarlinkError(f"{iface}.InvalidHandle", {"handle": handle})
@@ -89,10 +89,10 @@ def _invalid_spec(message: str) -> VarlinkError:
 
 
 def _algorithm(ctx: CallContext) -> str:
-    algorithm = ctx.params.str("algorithm", optional=True, default=ALGORITHMS[0])
+    algorithm = ctx.params.string("algorithm", optional=True, default=ALGORITHMS[0])
     if algorithm not in ALGORITHMS:
         raise _invalid_spec(f"unsupported algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
-    ctx.params.bool("insecure", optional=True)  # pycfs repositories record no such flag
+    ctx.params.boolean("insecure", optional=True)  # pycfs repositories record no such flag
     return algorithm
 
 
@@ -115,7 +115,7 @@ class RepositoryInterface:
         }))
 
     async def init_repository(self, ctx: CallContext) -> Result:
-        path = ctx.params.str("path")
+        path = ctx.params.string("path")
         algorithm = _algorithm(ctx)
         existed = _has_meta(path)
         repo = await trio.to_thread.run_sync(Repository.init, path, algorithm)
@@ -123,7 +123,7 @@ class RepositoryInterface:
         return {"created": not existed}
 
     async def ensure_repository(self, ctx: CallContext) -> Result:
-        path = ctx.params.str("path")
+        path = ctx.params.string("path")
         algorithm = _algorithm(ctx)
         if _has_meta(path):
             repo = await trio.to_thread.run_sync(Repository.open, path)
@@ -135,9 +135,9 @@ class RepositoryInterface:
         return {"status": status}
 
     async def open_repository(self, ctx: CallContext) -> Result:
-        path = ctx.params.str("path", optional=True)
-        user = ctx.params.bool("user", optional=True, default=False)
-        system = ctx.params.bool("system", optional=True, default=False)
+        path = ctx.params.string("path", optional=True)
+        user = ctx.params.boolean("user", optional=True, default=False)
+        system = ctx.params.boolean("system", optional=True, default=False)
         if (path is not None) + user + system != 1:
             raise _invalid_spec("exactly one of `path`, `user`, `system` must be set")
         if user:
@@ -156,20 +156,20 @@ class RepositoryInterface:
                 "objects_device_id": os.fstat(repo.dirfd).st_dev}
 
     async def close_repository(self, ctx: CallContext) -> Result:
-        handle = ctx.params.int("handle")
+        handle = ctx.params.integer("handle")
         if not self.handles.close(handle):
             raise VarlinkError(f"{IFACE}.InvalidHandle", {"handle": handle})
         return {}
 
     async def fsck(self, ctx: CallContext) -> Result:
         repo = self.handles.get(ctx, IFACE)
-        metadata_only = ctx.params.bool("metadata_only", optional=True, default=False)
+        metadata_only = ctx.params.boolean("metadata_only", optional=True, default=False)
         report = await trio.to_thread.run_sync(fsck, repo, metadata_only)
         return fsck_reply(repo, report)
 
     async def gc(self, ctx: CallContext) -> Result:
         repo = self.handles.get(ctx, IFACE)
-        dry_run = ctx.params.bool("dry_run")
+        dry_run = ctx.params.boolean("dry_run")
         if ctx.params.str_list("roots"):
             raise _invalid_spec("extra gc roots are not supported: tag what you want to keep")
         if not dry_run and self.handles.shared(repo):
@@ -183,7 +183,7 @@ class RepositoryInterface:
         from pycfs.host.erofs.objects import image_object_ids
 
         repo = self.handles.get(ctx, IFACE)
-        name = ctx.params.str("name")
+        name = ctx.params.string("name")
         try:
             image_id = repo.image_id(name)
         except PycfsError:

@@ -178,7 +178,7 @@ def _server_fds(pid: int) -> int:
 
 
 def test_ten_thousand_hostile_calls_with_fds(served) -> None:
-    proc, sock, repo, built = served
+    proc, sock, repo, _ = served
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(str(sock))
     buf = b""
