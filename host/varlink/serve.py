@@ -40,13 +40,36 @@ async def open_service() -> AsyncIterator[Server]:
         handles.close_all()
 
 
-async def serve(address: str | None, on_ready: object = None) -> None:
+@asynccontextmanager
+async def open_cstor_service(storage_root: str | None, helper: str = "auto") -> AsyncIterator[Server]:
+    """A server of the layers of containers-storage (GetInfo, GetLayer of org.composefs.Oci),
+    with the helper for files only container uids may read (started on first need)."""
+    from pycfs.host.helperclient import HelperClient
+    from pycfs.host.storage.config import load_storage_config
+    from pycfs.host.storage.store import Storage
+    from pycfs.host.varlink.cstor import CstorInterface
+
+    storage = Storage.from_config(load_storage_config(storage_root))
+    async with HelperClient(storage.primary.root, storage.primary.driver, policy=helper) as client, \
+            trio.open_nursery() as nursery:
+        if client.enabled:
+            # Now, before any GetLayer holds the storage locks: `podman unshare` waits for them.
+            await client.hello()
+        server = Server(nursery, "org.composefs", "pycfs", _version(), URL)
+        CstorInterface(server, storage, client)
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+async def serve(address: str | None, containers_storage: bool = False, storage_root: str | None = None,
+                helper: str = "auto") -> None:
     """Serve until cancelled: on `unix:PATH`, else on the socket-activation fd (listening:
     accept; connected: that one peer, then stop)."""
     activated = activation_socket() if address is None else None
     if address is None and activated is None:
         raise PycfsError("no --address given and not socket-activated (LISTEN_FDS)")
-    async with open_service() as server:
+    opened = open_cstor_service(storage_root, helper) if containers_storage else open_service()
+    async with opened as server:
         if activated is not None:
             sock, listening = activated
             if not listening:

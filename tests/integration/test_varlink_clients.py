@@ -225,11 +225,13 @@ def test_ten_thousand_hostile_calls_with_fds(served) -> None:
     assert listing.returncode == 0 and not (repo / "streams" / f"oci-layer-{zero}").exists()
 
 
-def _activated(sock_fd: int, extra_env: dict | None = None) -> subprocess.Popen:
-    # LISTEN_PID must name the server itself: set it in the shell that execs it.
-    code = f"exec 3<&{sock_fd}; LISTEN_PID=$$ LISTEN_FDS=1 exec \"$@\""
-    return subprocess.Popen(["sh", "-c", code, "sh", *PYCFS, "varlink", "serve"], pass_fds=(sock_fd,),
-                            stderr=subprocess.PIPE, env={**os.environ, **(extra_env or {})})
+def _activated(sock_fd: int) -> subprocess.Popen:
+    """The service started as systemd would: the socket as fd 3, LISTEN_PID naming the
+    process that serves (set just before exec, which keeps the pid)."""
+    code = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
+            "os.environ['LISTEN_FDS'] = '1'; os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+    return subprocess.Popen([sys.executable, "-c", code, str(sock_fd), *PYCFS[1:], "varlink", "serve"],
+                            pass_fds=(sock_fd,), stderr=subprocess.PIPE)
 
 
 def test_socket_activation_listening_and_connected(tmp_path, served) -> None:
@@ -243,6 +245,9 @@ def test_socket_activation_listening_and_connected(tmp_path, served) -> None:
         for _ in range(2):  # two clients in a row: it keeps accepting
             with varlink.Client(f"unix:{tmp_path / 'activated.sock'}") as client, client.open(REPO) as r:
                 assert r.OpenRepository(path=str(repo))["hash_algorithm"] == "sha256"
+    except OSError:
+        proc.kill()
+        raise AssertionError(f"activated service ({proc.wait()}): {proc.stderr.read().decode() if proc.stderr else ''}") from None
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(10)

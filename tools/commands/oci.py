@@ -232,7 +232,8 @@ def register_copy(osub: argparse._SubParsersAction) -> None:
 
                     bar = stack.enter_context(Bar(SpinnerColumn(), TextColumn("{task.description}"), transient=True))
                 progress = Progress(bar)
-            result = trio.run(copy, args.source, args.from_repo, dest, args.image, args.name, args.zerocopy, progress)
+            result = trio.run(copy, args.source, args.from_repo, dest, args.image, args.name, args.zerocopy, progress,
+                              args.storage_root)
         if args.json:
             print_json(result.to_json())
             return 0
@@ -256,8 +257,13 @@ def register_copy(osub: argparse._SubParsersAction) -> None:
         "algorithms (sha256 -> sha512: objects are re-digested) except with --zerocopy.")
     p.add_argument("image", metavar="IMAGE", help="tag or @sha256:<manifest digest> in the source")
     p.add_argument("--from", dest="source", required=True, metavar="SRC",
-                   help="source repository path (served in process), or unix:SOCKET of `pycfs varlink serve`")
-    p.add_argument("--from-repo", metavar="PATH", help="with --from unix:SOCKET: the repository path as the service sees it")
+                   help="source repository path (served in process), or unix:SOCKET of `pycfs varlink serve` "
+                   "(a repository service, or a containers-storage one: then IMAGE is a containers-storage name)")
+    p.add_argument("--from-repo", metavar="PATH",
+                   help="with --from unix:SOCKET of a repository service: the repository path as the service sees it")
+    p.add_argument("--storage-root", metavar="DIR",
+                   help="with --from unix:SOCKET of `pycfs varlink serve --containers-storage`: the graphroot IMAGE is "
+                   "looked up in (default: from storage.conf, as podman)")
     p.add_argument("--name", metavar="TAG", help="tag the copy (default: no tag; the image is reachable by digest only)")
     p.add_argument("--zerocopy", action="store_true",
                    help="share file content (reflink, else hardlink) or fail; needs one filesystem and one hash algorithm")

@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 
 import trio
+from pycfs.host.helperclient import add_helper_option
 from pycfs.host.varlink.serve import serve
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        trio.run(serve, args.address)
-    except KeyboardInterrupt:
-        pass
+    trio.run(serve, args.address, args.containers_storage, args.storage_root, args.helper)
     return 0
 
 
@@ -29,4 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with GetLayer/PutLayer (splitdirfdstream-v0): file content is passed as directory fds, so the "
         "destination reflinks it.")
     p.add_argument("--address", metavar="unix:PATH", help="listen on this AF_UNIX socket (a stale socket file is replaced)")
+    p.add_argument("--containers-storage", action="store_true",
+                   help="serve the layers of podman's containers-storage instead (GetInfo, GetLayer): files this "
+                   "user can open go as directory references, files only container uids may read are read "
+                   "through the helper; `pycfs oci copy IMAGE --from unix:SOCKET` then imports from it")
+    p.add_argument("--storage-root", metavar="DIR",
+                   help="with --containers-storage: the graphroot (default: from storage.conf, as podman)")
+    add_helper_option(p)
     p.set_defaults(handler=cmd_serve)
