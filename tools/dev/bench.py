@@ -13,6 +13,9 @@ into that storage. Rows, each the median of --runs with min and max:
   c  what a user without pycfs does: podman save --format oci-dir + pycfs oci pull oci:DIR
   d  C mkcomposefs --digest-store over the merged rootfs (when installed)
   e  warm re-pull (everything already in the repository)
+  f  pycfs oci copy --zerocopy of the pulled image into an empty repository on the same XFS
+     (varlink GetLayer/PutLayer in process); f': the same through a `pycfs varlink serve`
+     process; f'': `cp -a --reflink=always` of the source repository's objects/
 
 with peak RSS per row, the disk space (a) and (c) add, and the ratios a/b, c/a and
 disk(a)/image bytes. The page cache is warm for every row (each input is read once
@@ -331,6 +334,47 @@ def row_mkcomposefs(bench: Lab, runs: int) -> Row:
     return row
 
 
+def row_copy(bench: Lab, runs: int) -> tuple[Row, Row, Row]:
+    """oci copy between two repositories on the XFS, against a reflinking cp of the objects."""
+    inproc = Row("f", "pycfs oci copy --zerocopy, repository -> repository (in process)")
+    served = Row("f'", "  the same from a `pycfs varlink serve` process")
+    cp = Row("f''", "cp -a --reflink=always of the source's objects/")
+    source = fresh_dir(bench, "copy-src") / "repo"
+    timed(pycfs_argv(bench, source, "init"), bench.user)
+    timed(pycfs_argv(bench, source, "oci", "pull", f"containers-storage:{IMAGE}", "bench"), bench.user)
+    sock = source.parent / "varlink.sock"
+    server = subprocess.Popen(["runuser", "-u", bench.user.name, "--", str(bench.user.python), "-m", "pycfs.tools.cli",
+                               "varlink", "serve", "--address", f"unix:{sock}"], env=bench.user.environ(),
+                              cwd=bench.user.home, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise lab.LabError(server.returncode or 1, server.args, b"", b"the varlink service did not start")
+            time.sleep(0.05)
+        for i in range(runs):
+            for row, src in ((inproc, [str(source)]), (served, [f"unix:{sock}", "--from-repo", str(source)])):
+                dest = fresh_dir(bench, "copy-dest") / "repo"
+                timed(pycfs_argv(bench, dest, "init"), bench.user)
+                before = used_bytes(bench.xfs)
+                row.samples.append(timed(pycfs_argv(bench, dest, "oci", "copy", "bench", "--zerocopy", "--name",
+                                                    "bench", "--from", *src), bench.user)[0])
+                if i == 0:
+                    row.disk_added = used_bytes(bench.xfs) - before
+            dest = fresh_dir(bench, "copy-dest")
+            before = used_bytes(bench.xfs)
+            cp.samples.append(timed(["cp", "-a", "--reflink=always", str(source / "objects"), str(dest / "objects")],
+                                    bench.user)[0])
+            if i == 0:
+                cp.disk_added = used_bytes(bench.xfs) - before
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(bench.user.scratch / "copy-src")
+        shutil.rmtree(bench.user.scratch / "copy-dest", ignore_errors=True)
+    return inproc, served, cp
+
+
 # ---------------------------------------------------------------------------------------
 # Report
 
@@ -356,6 +400,9 @@ def report(rows: list[Row], bench: Lab, stats: dict, runs: int) -> dict:
         "disk(a)/image": (by["a"].disk_added or 0) / bench.image_bytes,
         "hash MiB/s (pycfs)": bench.file_bytes / by["b"].median / MIB,
         "hash MiB/s (fsverity digest)": bench.file_bytes / by["b'"].median / MIB,
+        "f/f''": by["f"].median / by["f''"].median,
+        "f'/f": by["f'"].median / by["f"].median,
+        "disk(f)/image": (by["f"].disk_added or 0) / bench.image_bytes,
     }
     console = Console(width=150)
     console.print(table)
@@ -392,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         ours, theirs = row_hashing(bench, args.runs)
         save = row_save_then_pull(bench, args.runs)
         mkcfs = row_mkcomposefs(bench, args.runs)
-        figures = report([cold, import_only, ours, theirs, save, mkcfs, rewarm], bench, stats, args.runs)
+        copies = row_copy(bench, args.runs)
+        figures = report([cold, import_only, ours, theirs, save, mkcfs, rewarm, *copies], bench, stats, args.runs)
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     finally:
