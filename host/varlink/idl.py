@@ -2,6 +2,21 @@
 `org.varlink.service.GetInterfaceDescription`. Names, fields and errors are those of
 composefs-rs `cfsctl varlink`, so either tool's clients work with either service."""
 
+# Fsck's reply, also Check's `repo` (type FsckReply)
+_FSCK_FIELDS = """\
+  ok: bool,
+  has_metadata: bool,
+  objects_checked: int,
+  objects_corrupted: int,
+  streams_checked: int,
+  streams_corrupted: int,
+  images_checked: int,
+  images_corrupted: int,
+  broken_links: int,
+  missing_objects: int,
+  errors: []string
+"""
+
 REPOSITORY = """\
 # composefs repositories: create or open one (a handle), check it, collect garbage.
 # Handles are service-wide, start at 1 and are never reused.
@@ -36,18 +51,7 @@ method CloseRepository(handle: int) -> ()
 
 # Verify objects (unless metadata_only), streams, images and refs.
 method Fsck(handle: int, metadata_only: ?bool) -> (
-  ok: bool,
-  has_metadata: bool,
-  objects_checked: int,
-  objects_corrupted: int,
-  streams_checked: int,
-  streams_corrupted: int,
-  images_checked: int,
-  images_corrupted: int,
-  broken_links: int,
-  missing_objects: int,
-  errors: []string
-)
+""" + _FSCK_FIELDS + """)
 
 # Delete what no ref reaches (roots: extra stream refs to keep; none supported yet).
 method Gc(handle: int, dry_run: bool, roots: []string) -> (result: GcResult, dry_run: bool)
@@ -82,18 +86,7 @@ type ImageEntry (
 )
 
 type FsckReply (
-  ok: bool,
-  has_metadata: bool,
-  objects_checked: int,
-  objects_corrupted: int,
-  streams_checked: int,
-  streams_corrupted: int,
-  images_checked: int,
-  images_corrupted: int,
-  broken_links: int,
-  missing_objects: int,
-  errors: []string
-)
+""" + _FSCK_FIELDS + """)
 
 type XattrFiltering (AllowlistOnly, KeepUserXattrs)
 

@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from pycfs.host.oci.layer import iter_layer_entries, layer_stream_name
+from test_restrictive_pull import layer_contents
+
+from pycfs.host.oci.layer import layer_stream_name
 from pycfs.host.repository import Repository
-from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.streamcat import iter_stream_bytes
-from pycfs.host.tree import External, Inline
 
 pytestmark = pytest.mark.integration
 
@@ -47,17 +47,6 @@ def _stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def _contents(repo, diff_id: str) -> dict[bytes, bytes]:
-    out = {}
-    with Repository.open(repo, writable=False) as r:
-        for entry in iter_layer_entries(r.open_stream(layer_stream_name(diff_id), CONTENT_OCI_LAYER)):
-            if isinstance(entry.item, External):
-                out[entry.path] = r.read_object(entry.item.id)
-            elif isinstance(entry.item, Inline):
-                out[entry.path] = entry.item.data
-    return out
 
 
 def _layer_digest(repo, diff_id: str) -> str:
@@ -92,7 +81,7 @@ def test_copy_from_a_containers_storage_service(podman_user, restrictive_loaded,
             assert not any(layer["copied"] for layer in again["layers"])
         # the restrictive files: the user cannot read them, yet they arrived byte-exact
         (diff_id,) = restrictive_loaded.built.diff_ids
-        contents = _contents(work / "repo-restrictive", diff_id)
+        contents = layer_contents(work / "repo-restrictive", diff_id)
         upper = user.podman("image", "inspect", "--format", "{{.GraphDriver.Data.UpperDir}}",
                             restrictive_loaded.ref).stdout.decode().strip()
         for path in RESTRICTIVE:

@@ -475,3 +475,46 @@ def test_json_on_the_wire_is_what_cfsctl_sends() -> None:
     msg = {"method": OCI + "GetLayer", "parameters": {"handle": 1, "params": {"diff_id": "sha256:ab"}}, "more": True}
     raw = encode(msg)
     assert raw.endswith(b"\0") and json.loads(raw[:-1]) == msg
+
+
+def test_pull_streams_frames_and_one_completed(source_repo, tmp_path) -> None:
+    _, built = source_repo
+    Repository.init(tmp_path / "repo").close()
+
+    async def main() -> None:
+        async with service() as (_, client):
+            handle = await open_repo(client, tmp_path / "repo")
+            frames = [r.parameters async for r in client.call_more(OCI + "Pull", {
+                "handle": handle, "image": f"oci:{built.path}", "name": "pulled", "local_fetch": "disabled",
+                "storage_root": None, "bootable": False})]
+            assert [f for f in frames if "completed" in f] == frames[-1:]
+            done = frames[-1]["completed"]
+            assert done["manifest_digest"] == built.manifest_digest and done["config_digest"] == built.config_digest
+            assert len(done["manifest_verity"]) == 64 and done["stats"]["layers"] == 2
+            for frame in frames[:-1]:
+                assert len(frame) == 1 and next(iter(frame)) in ("started", "progress", "skipped", "done", "message")
+            images = (await client.call(OCI + "ListImages", {"handle": handle})).parameters["images"]
+            assert [(i["name"], i["manifest_digest"]) for i in images] == [("pulled", built.manifest_digest)]
+            # without more: only the completed frame
+            again = await client.call(OCI + "Pull", {"handle": handle, "image": f"oci:{built.path}", "name": "pulled",
+                                                     "local_fetch": "disabled", "bootable": False})
+            assert again.parameters["completed"]["manifest_digest"] == built.manifest_digest
+            with pytest.raises(VarlinkError) as e:
+                await client.call(OCI + "Pull", {"handle": handle, "image": "oci:/nonexistent/path/nope",
+                                                 "local_fetch": "disabled", "bootable": False})
+            assert e.value.name == OCI + "InternalError"
+            tagged = (await client.call(OCI + "Tag", {"handle": handle, "manifest_digest": built.manifest_digest,
+                                                      "name": "second"})).parameters
+            assert tagged == {}
+            await client.call(OCI + "Untag", {"handle": handle, "name": "pulled"})
+            names = [i["name"] for i in (await client.call(OCI + "ListImages", {"handle": handle})).parameters["images"]]
+            assert names == ["second"]
+            check = (await client.call(OCI + "Check", {"handle": handle})).parameters
+            assert check["ok"] and check["images_checked"] == 1 and check["repo"]["ok"]
+            image_id = (await client.call(OCI + "ComputeId", {"handle": handle, "image": "second", "bootable": False}))
+            with Repository.open(tmp_path / "repo", writable=False) as repo:
+                from pycfs.host.oci.image import compute_image_id
+
+                assert image_id.parameters["image_id"] == compute_image_id(repo, "second").hex()
+
+    trio.run(main)
