@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import trio
 from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
+from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.layer import INLINE_CONTENT_MAX, layer_stream_name
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamWriter
@@ -142,10 +143,12 @@ class _File:
     object_id: bytes = b""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Batch:
     items: list[bytes | _File] = field(default_factory=list)
     nbytes: int = 0
+    nfiles: int = 0
+    stored: trio.Event = field(default_factory=trio.Event)
 
     def files(self) -> list[_File]:
         return [i for i in self.items if isinstance(i, _File)]
@@ -164,6 +167,7 @@ class LayerConsumer:
         self.stats = PutStats()
         self._dir_checked: set[int] = set()
         self._hardlink: bool | None = None  # zerocopy: decided by the first file
+        self._probe_lock = trio.Lock()
 
     def _dirfd(self, index: int) -> int:
         if index >= len(self.dirfds):
@@ -193,25 +197,56 @@ class LayerConsumer:
         return _File(fd, chunk.length, what)
 
     async def run(self, receive_some: Callable[[int], Awaitable[bytes]]) -> str:
-        """Consume the whole stream; returns its `sha256:<hex>`."""
+        """Consume the whole stream; returns its `sha256:<hex>`. Batches of files are stored
+        by the workers several at a time while one task hashes and writes the stored
+        batches in stream order."""
         decoder = Decoder()
         batch = _Batch()
+        in_flight = self.pool.batches_in_flight(BATCH_FILES)
+        limiter = trio.CapacityLimiter(in_flight)
+        send, receive = trio.open_memory_channel[_Batch](in_flight)
         try:
-            while True:
-                data = await receive_some(_RECV_PIECE)
-                if not data:
-                    decoder.eof()
-                    break
-                decoder.feed(data)
-                for chunk in decoder.chunks():
-                    self._add(batch, chunk)
-                    if len(batch.files()) >= BATCH_FILES or batch.nbytes >= BATCH_BYTES:
-                        await self._flush(batch)
-                        batch = _Batch()
-            await self._flush(batch)
+            async with open_nursery() as nursery:
+                nursery.start_soon(self._write_in_order, receive)
+                async with send:
+                    while True:
+                        data = await receive_some(_RECV_PIECE)
+                        if not data:
+                            decoder.eof()
+                            break
+                        decoder.feed(data)
+                        for chunk in decoder.chunks():
+                            self._add(batch, chunk)
+                            if batch.nfiles >= BATCH_FILES or batch.nbytes >= BATCH_BYTES:
+                                await self._submit(nursery, limiter, send, batch)
+                                batch = _Batch()
+                    await self._submit(nursery, limiter, send, batch)
+                    batch = _Batch()
         finally:
             close_fds([f.fd for f in batch.files()])
         return "sha256:" + self.sha.hexdigest()
+
+    async def _submit(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter,
+                      send: trio.MemorySendChannel[_Batch], batch: _Batch) -> None:
+        await limiter.acquire_on_behalf_of(batch)
+        nursery.start_soon(self._store_batch, limiter, batch)
+        await send.send(batch)
+
+    async def _store_batch(self, limiter: trio.CapacityLimiter, batch: _Batch) -> None:
+        files = batch.files()
+        try:
+            await self._store(files)
+        finally:
+            close_fds([f.fd for f in files])
+            for f in files:
+                f.fd = -1
+            limiter.release_on_behalf_of(batch)
+        batch.stored.set()
+
+    async def _write_in_order(self, receive: trio.MemoryReceiveChannel[_Batch]) -> None:
+        async for batch in receive:
+            await batch.stored.wait()
+            await trio.to_thread.run_sync(self._hash_and_write, batch.items)
 
     def _add(self, batch: _Batch, chunk: object) -> None:
         if isinstance(chunk, FileBackedData):
@@ -228,6 +263,7 @@ class LayerConsumer:
                 return
             batch.items.append(f)
             batch.nbytes += f.size
+            batch.nfiles += 1
             return
         data = chunk.data  # type: ignore[attr-defined]
         if isinstance(chunk, InlineData) and len(data) > INLINE_CONTENT_MAX:
@@ -241,6 +277,7 @@ class LayerConsumer:
                 os.close(fd)
                 raise
             batch.items.append(_File(fd, len(data), "inline content"))
+            batch.nfiles += 1
         else:
             batch.items.append(bytes(data))
         batch.nbytes += len(data)
@@ -248,8 +285,10 @@ class LayerConsumer:
     async def _store(self, files: list[_File]) -> None:
         if not files:
             return
-        if self.zerocopy and self._hardlink is None:
-            self._hardlink = not await trio.to_thread.run_sync(self._probe_reflink, files[0].fd)
+        if self.zerocopy:
+            async with self._probe_lock:
+                if self._hardlink is None:
+                    self._hardlink = not await trio.to_thread.run_sync(self._probe_reflink, files[0].fd)
         if self.zerocopy and self._hardlink:
             results = await self.pool.digest([f.fd for f in files], [f.size for f in files])
             for f, r in zip(files, results):
@@ -312,16 +351,6 @@ class LayerConsumer:
         finally:
             os.close(objects)
         return "hardlinked"
-
-    async def _flush(self, batch: _Batch) -> None:
-        files = batch.files()
-        try:
-            await self._store(files)
-        finally:
-            close_fds([f.fd for f in files])
-            for f in files:
-                f.fd = -1
-        await trio.to_thread.run_sync(self._hash_and_write, batch.items)
 
     def _hash_and_write(self, items: list[bytes | _File]) -> None:
         for item in items:
