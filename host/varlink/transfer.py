@@ -47,6 +47,8 @@ _SEND_PIECE = 1 << 16
 _RECV_PIECE = 1 << 16
 BATCH_FILES = 64
 BATCH_BYTES = 8 << 20
+# How long after the data EOF a GetLayer consumer may hold the directory fds' guard (locks).
+KEEPALIVE_LIMIT = 3600.0
 
 
 class LayerTransferError(PycfsError):
@@ -97,7 +99,8 @@ async def produce_repo_layer(repo: Repository, layer_id: bytes, objects_index: i
 async def run_producer(pipe_w: int, keepalive_r: int, produce: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]],
                        release: Callable[[], None] | None = None) -> None:
     """Feed the pipe, close it (data EOF), then hold `release` until every copy of the
-    keepalive write end is gone (the consumer is done with the directory fds)."""
+    keepalive write end is gone (the consumer is done with the directory fds), at most
+    KEEPALIVE_LIMIT seconds."""
     try:
         async with trio.lowlevel.FdStream(pipe_w) as out:
             pipe_w = -1
@@ -110,8 +113,10 @@ async def run_producer(pipe_w: int, keepalive_r: int, produce: Callable[[Callabl
                 print(f"pycfs varlink: layer producer failed: {e}", file=sys.stderr)
         async with trio.lowlevel.FdStream(keepalive_r) as keep:
             keepalive_r = -1
-            while await keep.receive_some(4096):
-                pass
+            # Bounded: a client that never lets go must not hold (say) podman's locks forever.
+            with trio.move_on_after(KEEPALIVE_LIMIT):
+                while await keep.receive_some(4096):
+                    pass
     finally:
         close_fds([fd for fd in (pipe_w, keepalive_r) if fd >= 0])
         if release is not None:
