@@ -231,7 +231,10 @@ def test_get_layer_reconstructs_the_tar(source_repo) -> None:
     async def main() -> None:
         async with service() as (_, client):
             handle = await open_repo(client, repo_path)
-            for diff_id in built.diff_ids:
+            before = None
+            for diff_id in built.diff_ids * 2:
+                if before is None and diff_id == built.diff_ids[-1]:
+                    before = open_fds()  # the repository's own cached fds are open by now
                 has = (await client.call(OCI + "HasLayer", {"handle": handle, "diff_id": diff_id})).parameters
                 assert has["present"] and len(has["layer_verity"]) == 64
                 for more in (True, False):
@@ -245,6 +248,10 @@ def test_get_layer_reconstructs_the_tar(source_repo) -> None:
                         close_fds(fds)
                     assert "sha256:" + hashlib.sha256(out.getvalue()).hexdigest() == diff_id
                     assert out.getvalue() == layer_bytes(repo_path, diff_id)
+            # every producer finished once its consumer let go: pipes, keepalives, dirfds closed
+            with trio.fail_after(5):
+                while open_fds() != before:
+                    await trio.sleep(0.01)
             zero = "sha256:" + "0" * 64
             assert (await client.call(OCI + "HasLayer", {"handle": handle, "diff_id": zero})).parameters == {
                 "present": False, "layer_verity": None}
