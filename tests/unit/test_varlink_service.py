@@ -525,3 +525,31 @@ def test_pull_streams_frames_and_one_completed(source_repo, tmp_path) -> None:
                 assert image_id.parameters["image_id"] == compute_image_id(repo, "second").hex()
 
     trio.run(main)
+
+
+def test_zerocopy_shares_or_refuses_never_copies(source_repo, tmp_path) -> None:
+    repo_path, built = source_repo
+    Repository.init(tmp_path / "dest").close()
+
+    async def main() -> None:
+        async with service() as (_, client):
+            src = await open_repo(client, repo_path)
+            dst = await open_repo(client, tmp_path / "dest")
+            diff_id = built.diff_ids[1]  # the layer with large files
+            dir_count, fds, _ = await get_layer(client, src, diff_id)
+            try:
+                put = (await client.call(OCI + "PutLayer", {"handle": dst, "diff_id": diff_id, "zerocopy": True},
+                                         fds[: 1 + dir_count])).parameters
+            finally:
+                close_fds(fds)
+            assert put["objects_copied"] == 0
+            # three files, two distinct contents (big-again is big): both shared, the repeat found present
+            assert put["objects_reflinked"] + put["objects_hardlinked"] == 2 and put["objects_already_present"] == 1
+        with Repository.open(tmp_path / "dest", writable=False) as dest, Repository.open(repo_path) as src_repo:
+            reader = dest.open_stream(f"oci-layer-{diff_id}")
+            for object_id in reader.object_refs:
+                a, b = os.stat(dest.object_path(object_id)), os.stat(src_repo.object_path(object_id))
+                # shared: the same inode (hardlink) or, on a reflinking filesystem, a clone
+                assert (a.st_ino == b.st_ino) or put["objects_reflinked"]
+
+    trio.run(main)
