@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 
 import trio
 
@@ -25,6 +25,7 @@ from pycfs.host.storage.locks import ReadLocks
 from pycfs.host.storage.store import Storage, Store
 from pycfs.host.storage.tarsplit import FileEntry, Segment, open_entries
 from pycfs.host.varlink.layers import build_layout, seed_from_id
+from pycfs.host.varlink.transfer import SendAll
 from pycfs.host.varlink.oci import FEATURES, IFACE, error, send_layer_frames
 from pycfs.host.varlink.server import CallContext, Interface, Result, Server
 from pycfs.host.varlink import idl
@@ -118,7 +119,7 @@ class _Producer:
         self.dac = dac
         self.tar_split = tar_split
 
-    async def run(self, send_all: Callable[[bytes], Awaitable[None]]) -> None:
+    async def run(self, send_all: SendAll) -> None:
         buf = bytearray()
         with open_entries(self.tar_split) as entries:
             while batch := await trio.to_thread.run_sync(_take, entries, ENTRIES_PER_TRIP):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -17,6 +18,7 @@ from pycfs.host.oci.streams import list_images, open_image, tag_image, untag_ima
 from pycfs.host.repository import Repository
 from pycfs.host.varlink import idl
 from pycfs.host.varlink.layers import (
+    FdLayout,
     MAX_FDS_PER_FRAME,
     build_layout,
     seed_from_id,
@@ -27,6 +29,7 @@ from pycfs.host.varlink.service import Handles, fsck_reply
 from pycfs.host.varlink.transfer import (
     DiffIdMismatch,
     LayerTransferError,
+    Producer,
     open_objects_dir,
     produce_repo_layer,
     put_layer,
@@ -319,8 +322,8 @@ def _tag_exists(repo: Repository, tag: str) -> bool:
         return False
 
 
-async def send_layer_frames(ctx: CallContext, layout: Any, seed: int, pipe_w: int, produce: Any,
-                            release: Any = None) -> Result:
+async def send_layer_frames(ctx: CallContext, layout: FdLayout, seed: int, pipe_w: int, produce: Producer,
+                            release: Callable[[], None] | None = None) -> Result:
     """Reply to GetLayer with the layout's fds (in frames with `more`), and start the
     producer in the service's nursery: it outlives the call, feeding a pipe the client took."""
     keep_r = layout.keepalive_read

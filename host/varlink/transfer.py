@@ -35,6 +35,7 @@ from pycfs.host.workers.pool import Failed, WorkerPool
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.splitdirfdstream import (
     MAX_INLINE_CHUNK_SIZE,
+    Chunk,
     Decoder,
     DirfdIndexOutOfRange,
     FileBackedData,
@@ -49,6 +50,10 @@ BATCH_FILES = 64
 BATCH_BYTES = 8 << 20
 # How long after the data EOF a GetLayer consumer may hold the directory fds' guard (locks).
 KEEPALIVE_LIMIT = 3600.0
+
+
+SendAll = Callable[[bytes], Awaitable[None]]
+Producer = Callable[[SendAll], Awaitable[None]]  # writes a whole stream through send_all
 
 
 class LayerTransferError(PycfsError):
@@ -74,7 +79,7 @@ def open_objects_dir(repo: Repository) -> int:
 
 
 async def produce_repo_layer(repo: Repository, layer_id: bytes, objects_index: int,
-                             send_all: Callable[[bytes], Awaitable[None]]) -> None:
+                             send_all: SendAll) -> None:
     """Write the splitdirfdstream of layer stream `layer_id` (any content type)."""
     reader = repo.open_stream_by_id(layer_id)
     buf = bytearray()
@@ -96,8 +101,7 @@ async def produce_repo_layer(repo: Repository, layer_id: bytes, objects_index: i
         await send_all(bytes(buf))
 
 
-async def run_producer(pipe_w: int, keepalive_r: int, produce: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]],
-                       release: Callable[[], None] | None = None) -> None:
+async def run_producer(pipe_w: int, keepalive_r: int, produce: Producer, release: Callable[[], None] | None = None) -> None:
     """Feed the pipe, close it (data EOF), then hold `release` until every copy of the
     keepalive write end is gone (the consumer is done with the directory fds), at most
     KEEPALIVE_LIMIT seconds."""
@@ -253,7 +257,7 @@ class LayerConsumer:
             await batch.stored.wait()
             await trio.to_thread.run_sync(self._hash_and_write, batch.items)
 
-    def _add(self, batch: _Batch, chunk: object) -> None:
+    def _add(self, batch: _Batch, chunk: Chunk) -> None:
         if isinstance(chunk, FileBackedData):
             f = self._open(chunk)
             if f.size <= INLINE_CONTENT_MAX:
@@ -270,7 +274,7 @@ class LayerConsumer:
             batch.nbytes += f.size
             batch.nfiles += 1
             return
-        data = chunk.data  # type: ignore[attr-defined]
+        data = chunk.data
         if isinstance(chunk, InlineData) and len(data) > INLINE_CONTENT_MAX:
             # content the producer read itself: through a memfd to the workers
             fd = os.memfd_create("pycfs-filecontent", os.MFD_CLOEXEC)
