@@ -210,4 +210,6 @@ async def copy(source: str, source_repo: str | None, destination: str, image: st
         finally:
             client.close()
     except VarlinkError as e:
+        if e.name == OCI + "NoSuchImage":
+            raise PycfsError(f"no image {image!r} in {source_repo or source} (see `pycfs oci images` there)") from None
         raise PycfsError(f"oci copy {image}: {e}") from None
