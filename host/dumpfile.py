@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import re
 import stat as _stat
+from typing import NoReturn
 from collections.abc import Iterable
 
 from pycfs.host.errors import PycfsError
