@@ -18,7 +18,7 @@ from typing import Any
 from pycfs.host.errors import first_error, user_message
 
 # Order is the order of `pycfs --help`.
-COMMAND_MODULES = ["repo", "oci", "erofs", "mount"]
+COMMAND_MODULES = ["repo", "oci", "ostree", "erofs", "mount", "varlink"]
 
 
 class Parser(argparse.ArgumentParser):

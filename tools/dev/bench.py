@@ -19,7 +19,16 @@ and cold (`echo 3 > /proc/sys/vm/drop_caches` just before), each the median of -
   o/t  pycfs oci pull oci:DIR of the image with gzip (zstd) layers, against GNU `tar -xf`
        of the same layer blobs plus `fsverity digest` of the extracted files; s: the `sync`
        after it (the pull makes its writes durable, tar does not)
-  h/n  `pycfs --help` and `pycfs --version` (start-up)
+  u/u' `pycfs --help` and `pycfs --version` (start-up)
+  d    C mkcomposefs --digest-store over the merged rootfs (when installed)
+  f    reading every file the user may read through the kernel's EROFS+overlay mount (made by
+       root), f' through the user's rootless FUSE mount; g, g' `find -ls` over each
+  o1-4 ostree: a tree (--ostree-tree) committed into an archive repository served over HTTP on
+       127.0.0.1 and into a bare one: `pycfs ostree pull` / `ostree pull`, `pycfs ostree
+       pull-local` / `ostree pull-local`
+  h    pycfs oci copy --zerocopy of the pulled image into an empty repository on the same XFS
+       (in process); h': through a `pycfs varlink serve` process; h'': `cp -a --reflink=always`
+       of the source repository's objects/
 
 L = Lh + Lc is the essential work of a pull done by C tools; the goals are ratios to it
 (a parallel importer can overlap hashing and cloning, so beating L is possible).
@@ -436,12 +445,157 @@ def rows_layout(bench: Lab, runs: int, cold: bool) -> list[Row]:
 
 
 def rows_start_up(bench: Lab, runs: int, cold: bool) -> list[Row]:
-    rows = [Row("h", "pycfs --help"), Row("n", "pycfs --version")]
+    rows = [Row("u", "pycfs --help"), Row("u'", "pycfs --version")]
     for c in modes(runs, cold):
         for row in rows:
             bench.cache(c, [])
             # As root, without runuser's own start-up: the user's venv, as the pulls run it.
             row.samples(c).append(timed([bench.user.python, "-m", "pycfs.tools.cli", row.title.split()[1]])[0])
+    return rows
+
+
+# The rows below (other sessions' features) run with a warm page cache only.
+
+
+def row_mkcomposefs(bench: Lab, runs: int) -> Row:
+    row = Row("d", "C mkcomposefs --digest-store over the merged rootfs")
+    if shutil.which("mkcomposefs") is None:
+        row.note = "not installed (Debian 12 has no composefs package)"
+        return row
+    for _ in range(runs):
+        work = fresh_dir(bench, "work-d")
+        script = (f'set -e; m=$(podman image mount {IMAGE}); '
+                  f'mkcomposefs --digest-store={work}/store "$m" {work}/image.cfs; podman image unmount {IMAGE}')
+        row.warm.append(timed(["podman", "unshare", "sh", "-c", script], bench.user)[0])
+    shutil.rmtree(bench.user.scratch / "work-d")
+    return row
+
+
+def row_mounts(bench: Lab, runs: int) -> list[Row]:
+    rows = [Row("f", "read every file: kernel EROFS+overlay mount"), Row("f'", "  the same, rootless FUSE mount"),
+            Row("g", "find -ls: kernel mount"), Row("g'", "  the same, rootless FUSE mount")]
+    work = fresh_dir(bench, "mounts")
+    repo, listing = work / "repo", work / "files"
+    timed(pycfs_argv(bench, repo, "init"), bench.user)
+    timed(pycfs_argv(bench, repo, "oci", "pull", f"containers-storage:{IMAGE}", "bench"), bench.user)
+    mounts = [work / "kernel", work / "fuse"]
+    for d in mounts:  # (the directories the user may not enter stay out of both)
+        d.mkdir()
+        os.chown(d, bench.user.uid, bench.user.gid)
+    for i in range(runs):
+        timed([sys.executable, "-m", "pycfs.tools.cli", "--repo", str(repo), "mount", "--fuse", "no", "bench", mounts[0]])
+        timed(pycfs_argv(bench, repo, "mount", "bench", str(mounts[1])), bench.user)
+        try:
+            if i == 0:  # what the user may read; then the objects into the page cache, as for every row
+                timed(["sh", "-c", f"cd {mounts[0]} && find . -type f -readable -print0 >{listing} 2>/dev/null; exit 0"], bench.user)
+                names = [os.fsdecode(n) for n in listing.read_bytes().split(b"\0")[:-1]]
+                read_all([os.path.join(mounts[0], n) for n in names])
+                rows[0].note = rows[1].note = f"{len(names)} files, {human_size(sum(os.path.getsize(os.path.join(mounts[0], n)) for n in names))}"
+            for mnt, row in zip(mounts, rows[2:]):
+                row.warm.append(timed(["sh", "-c", f"find {mnt} -ls >/dev/null 2>&1; exit 0"], bench.user)[0])
+            for mnt, row in zip(mounts, rows[:2]):
+                row.warm.append(timed(["sh", "-c", f"cd {mnt} && xargs -0 -n 1024 cat <{listing} >/dev/null"],
+                                         bench.user)[0])
+        finally:
+            timed(pycfs_argv(bench, repo, "umount", str(mounts[1])), bench.user)
+            timed([sys.executable, "-m", "pycfs.tools.cli", "umount", mounts[0]])
+    shutil.rmtree(work)
+    return rows
+def row_copy(bench: Lab, runs: int) -> tuple[Row, Row, Row]:
+    """oci copy between two repositories on the XFS, against a reflinking cp of the objects."""
+    inproc = Row("h", "pycfs oci copy --zerocopy, repository -> repository (in process)")
+    served = Row("h'", "  the same from a `pycfs varlink serve` process")
+    cp = Row("h''", "cp -a --reflink=always of the source's objects/")
+    source = fresh_dir(bench, "copy-src") / "repo"
+    timed(pycfs_argv(bench, source, "init"), bench.user)
+    timed(pycfs_argv(bench, source, "oci", "pull", f"containers-storage:{IMAGE}", "bench"), bench.user)
+    sock = source.parent / "varlink.sock"
+    server = subprocess.Popen(["runuser", "-u", bench.user.name, "--", str(bench.user.python), "-m", "pycfs.tools.cli",
+                               "varlink", "serve", "--address", f"unix:{sock}"], env=bench.user.environ(),
+                              cwd=bench.user.home, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise lab.LabError(server.returncode or 1, server.args, b"", b"the varlink service did not start")
+            time.sleep(0.05)
+        for i in range(runs):
+            for row, src in ((inproc, [str(source)]), (served, [f"unix:{sock}", "--from-repo", str(source)])):
+                dest = fresh_dir(bench, "copy-dest") / "repo"
+                timed(pycfs_argv(bench, dest, "init"), bench.user)
+                before = used_bytes(bench.xfs)
+                row.warm.append(timed(pycfs_argv(bench, dest, "oci", "copy", "bench", "--zerocopy", "--name",
+                                                    "bench", "--from", *src), bench.user)[0])
+                if i == 0:
+                    row.disk_added = used_bytes(bench.xfs) - before
+            dest = fresh_dir(bench, "copy-dest")
+            before = used_bytes(bench.xfs)
+            cp.warm.append(timed(["cp", "-a", "--reflink=always", str(source / "objects"), str(dest / "objects")],
+                                    bench.user)[0])
+            if i == 0:
+                cp.disk_added = used_bytes(bench.xfs) - before
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(bench.user.scratch / "copy-src")
+        shutil.rmtree(bench.user.scratch / "copy-dest", ignore_errors=True)
+    return inproc, served, cp
+
+
+_SERVE = """
+import functools, http.server, sys
+class H(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(H, directory=sys.argv[1]))
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"""
+
+
+def rows_ostree(bench: Lab, runs: int, tree: str) -> list[Row]:
+    """o1-o4: pycfs against ostree's own pulls, over HTTP and from a local bare repository."""
+    if shutil.which("ostree") is None:
+        return [Row("o", "ostree rows", note="ostree is not installed")]
+    base = Path(tempfile.mkdtemp(prefix="ostree-", dir=bench.xfs))
+    archive, bare = base / "archive", base / "bare"
+    for repo, mode in ((archive, "archive"), (bare, "bare")):
+        subprocess.run(["ostree", "init", f"--repo={repo}", f"--mode={mode}"], check=True)
+    subprocess.run(["ostree", "commit", f"--repo={archive}", "--branch=tree", tree], check=True, capture_output=True)
+    subprocess.run(["ostree", "pull-local", f"--repo={bare}", archive, "tree"], check=True, capture_output=True)
+    server = subprocess.Popen([sys.executable, "-c", _SERVE, archive], stdout=subprocess.PIPE, text=True)
+    rows = [Row("o1", f"pycfs ostree pull http://127.0.0.1 ({tree})"), Row("o2", "  ostree pull, same server"),
+            Row("o3", "pycfs ostree pull-local from a bare repository"), Row("o4", "  ostree pull-local, bare to bare")]
+    try:
+        assert server.stdout is not None
+        url = f"http://127.0.0.1:{server.stdout.readline().strip()}/"
+        read_all([os.path.join(d, f) for d, _, fs in os.walk(base) for f in fs])
+        for _ in range(runs):
+            for row, kind in zip(rows, ("pycfs-http", "ostree-http", "pycfs-local", "ostree-local")):
+                dest = base / f"dest-{kind}"
+                shutil.rmtree(dest, ignore_errors=True)
+                os.sync()
+                if kind.startswith("pycfs"):  # as root, like ostree (bare repositories need it)
+                    pycfs = [sys.executable, "-m", "pycfs.tools.cli", "--repo", str(dest)]
+                    subprocess.run([*pycfs, "init"], check=True, capture_output=True)
+                    argv = [*pycfs, "ostree", *(("pull", url) if kind == "pycfs-http" else ("pull-local", str(bare))),
+                            "tree"]
+                else:
+                    mode = "archive" if kind == "ostree-http" else "bare"
+                    subprocess.run(["ostree", "init", f"--repo={dest}", f"--mode={mode}"], check=True)
+                    if kind == "ostree-http":
+                        subprocess.run(["ostree", "remote", "add", f"--repo={dest}", "--no-gpg-verify", "r", url],
+                                       check=True)
+                        argv = ["ostree", "pull", f"--repo={dest}", "r", "tree"]
+                    else:
+                        argv = ["ostree", "pull-local", f"--repo={dest}", str(bare), "tree"]
+                before = used_bytes(bench.xfs)
+                row.warm.append(timed(argv)[0])
+                row.disk_added = used_bytes(bench.xfs) - before
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(base, ignore_errors=True)
     return rows
 
 
@@ -466,8 +620,8 @@ GOALS = [
     Goal("o-gz/(t-gz + s-gz) (with sync)", "o-gz", ("t-gz", "s-gz"), 1.1),
     Goal("o-zs/(t-zs + s-zs) (with sync)", "o-zs", ("t-zs", "s-zs"), 1.1),
     Goal("e (warm re-pull), s", "e", None, 0.2),
-    Goal("h (pycfs --help), s", "h", None, 0.15),
-    Goal("n (pycfs --version), s", "n", None, 0.15),
+    Goal("u (pycfs --help), s", "u", None, 0.15),
+    Goal("u' (pycfs --version), s", "u'", None, 0.15),
 ]
 
 
@@ -533,6 +687,13 @@ def report(rows: list[Row], bench: Lab, stats: dict, runs: int, cold: bool) -> d
         "hash MiB/s (pycfs)": rate(by["b"].median(False)),
         "hash MiB/s (fsverity digest)": rate(by["Lh"].median(False)),
     }
+    if "h" in by:  # oci copy: goal h/h'' <= 1.5, disk < 1%
+        others["h/h''"] = goal_ratio(by, "h", "h''")
+        others["h'/h"] = goal_ratio(by, "h'", "h")
+        others["disk(h)/image"] = (by["h"].disk_added or 0) / bench.image_bytes
+    if "f" in by:  # FUSE against the kernel: goals >= 0.5 for reads, <= 3 for the walk
+        others["read FUSE/kernel throughput"] = goal_ratio(by, "f", "f'")
+        others["find -ls FUSE/kernel time"] = goal_ratio(by, "g'", "g")
     console.print("  ".join(f"{k} = {fmt(v, 3) if '/' in k and 'MiB' not in k else fmt(v, 0)}"
                             for k, v in others.items()))
     console.print(f"cold pull: {stats.get('objects_reflinked')} reflinked, {stats.get('objects_copied')} copied, "
@@ -628,7 +789,8 @@ def plot(results: list[dict], png: Path) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def bench_one(load: Workload, runs: int, cold: bool, full: bool, keep: bool, quick: bool = False) -> dict:
+def bench_one(load: Workload, runs: int, cold: bool, full: bool, keep: bool, quick: bool = False,
+              ostree_tree: str = "/usr/lib/python3") -> dict:
     bench = set_up(load, layouts=full)
     try:
         print(f"bench: {runs} runs per row{', warm and cold' if cold else ''}...", file=sys.stderr)
@@ -639,6 +801,9 @@ def bench_one(load: Workload, runs: int, cold: bool, full: bool, keep: bool, qui
         if full:
             rows += [row_save_then_pull(bench, runs, cold)] if not quick else []
             rows += [*rows_layout(bench, runs, cold), again, *rows_start_up(bench, runs, cold)]
+            if not quick:
+                rows += [row_mkcomposefs(bench, runs), *row_mounts(bench, runs), *row_copy(bench, runs),
+                         *rows_ostree(bench, runs, ostree_tree)]
         figures = report(rows, bench, stats, runs, cold)
         return {"name": load.name, **figures}
     finally:
@@ -655,10 +820,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", nargs="?", const=DEFAULT_SCALING, metavar="LIST",
                         help=f"instead: rows a, a', b, Lh for each image of LIST (default: {DEFAULT_SCALING})")
     parser.add_argument("--quick", action="store_true",
-                        help="a quick look while developing: 1 run, --scale 0.25, warm cache only, no row c")
+                        help="a quick look while developing: 1 run, --scale 0.25, warm cache only, no rows c, d, "
+                        "f-h, o1-o4")
     parser.add_argument("--warm-only", action="store_true", help="skip the cold-cache runs")
     parser.add_argument("--json", metavar="FILE", type=Path, help="also write the figures as JSON (and the plot)")
     parser.add_argument("--keep", action="store_true", help="leave the lab (XFS, storage) mounted")
+    parser.add_argument("--ostree-tree", metavar="DIR", default="/usr/lib/python3",
+                        help="the tree the ostree rows commit and pull (default: %(default)s)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("bench: run as root (it creates a user and a loop-mounted XFS)")
@@ -677,7 +845,7 @@ def run(args: argparse.Namespace, cold: bool) -> int:
         scaling_report(results, args.json)
         figures: dict = {"scaling": results}
     else:
-        figures = bench_one(args.scale, args.runs, cold, True, args.keep, args.quick)
+        figures = bench_one(args.scale, args.runs, cold, True, args.keep, args.quick, args.ostree_tree)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
