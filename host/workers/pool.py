@@ -25,6 +25,7 @@ import os
 import resource
 import socket
 import stat
+import subprocess
 import sys
 from collections.abc import Callable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -72,8 +73,37 @@ class _Reply:
         self.obj: dict[str, Any] | None = None
 
 
+class _Process:
+    """A worker process forked from the main thread. PR_SET_PDEATHSIG, which ties a worker's
+    life to its host, fires when the *thread* that forked it exits; trio's open_process forks
+    in a cached thread, which exits after idling 10 s, and took its workers with it (SIGKILL
+    in the middle of long pulls)."""
+
+    def __init__(self, popen: subprocess.Popen) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self._pidfd = os.pidfd_open(popen.pid)
+        self._waiting = trio.Lock()  # one task at a time may wait on the pidfd
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    async def wait(self) -> int:
+        async with self._waiting:
+            while (status := self._popen.poll()) is None:
+                await trio.lowlevel.wait_readable(self._pidfd)
+        return status
+
+    def kill(self) -> None:
+        self._popen.kill()
+
+    def close(self) -> None:
+        os.close(self._pidfd)
+
+
 class _Worker:
-    def __init__(self, proc: trio.Process, sock: Any, output: ChildOutput) -> None:
+    def __init__(self, proc: _Process, sock: Any, output: ChildOutput) -> None:
         self.proc = proc
         self.sock = sock
         self.output = output
@@ -200,9 +230,9 @@ class WorkerPool:
             # cwd "/": `python -m` puts the cwd on sys.path, which must not shadow pycfs. A
             # session of its own: a terminal's Ctrl-C reaches only the host, which then
             # closes the sockets in order.
-            proc = await trio.lowlevel.open_process(
+            proc = _Process(subprocess.Popen(
                 self._argv, stdin=child.fileno(), stdout=output.fd, stderr=output.fd, cwd="/", start_new_session=True
-            )
+            ))
         except OSError as e:
             parent.close()
             output.close()
@@ -269,6 +299,7 @@ class WorkerPool:
                     await w.proc.wait()
                 w.sock.close()
                 w.output.close()
+                w.proc.close()
 
 
 @asynccontextmanager

@@ -308,3 +308,20 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_workers_outlive_the_thread_that_started_them(monkeypatch, files):
+    """PR_SET_PDEATHSIG follows the forking thread: workers forked in one of trio's cached
+    threads were killed once it idled out (10 s; here 1 s), in the middle of a pull."""
+    import trio._core._thread_cache as thread_cache
+
+    monkeypatch.setattr(thread_cache, "IDLE_TIMEOUT", 1.0)
+
+    async def main():
+        with _opened([files[4][0]]) as (fds, sizes):
+            async with open_pool(alg="sha256", jobs=1) as pool:
+                first = await pool.digest(fds, sizes)  # the worker is up (and has its death signal set)
+                await trio.sleep(2.5)  # the thread that forked it, if one of the cache's, idles out
+                return first + await pool.digest(fds, sizes)
+
+    assert _run(main) == [digest_bytes(files[4][1])] * 2

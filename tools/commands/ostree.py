@@ -10,31 +10,13 @@ import sys
 from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
+# Each command imports what it runs (`pycfs --help` and the other commands need none of it).
 from pycfs.host.errors import PycfsError
 
 if TYPE_CHECKING:
-    import trio
-    from pycfs.host import dumpfile
-    from pycfs.host.mount import mount_image
-    from pycfs.host.ostree.commitstream import (
-        REF_PREFIX,
-        check_ref_name,
-        encode_ref,
-        list_refs,
-        load_commit,
-        resolve,
-        stream_name,
-    )
-    from pycfs.host.ostree.image import (
-        build_filesystem,
-        commit_of,
-        compute_image_id,
-        ensure_image,
-    )
-    from pycfs.host.ostree.pull import PullOptions, PullResult, pull
+    from pycfs.host.ostree.pull import PullResult
     from pycfs.host.ostree.source import HttpRepo, LocalRepo
     from pycfs.protocol.gvariant import Variant
-    from pycfs.tools.common import open_repo, positive_int, print_json
 
 
 class _PlainProgress:
@@ -82,6 +64,8 @@ class _RichProgress:
 
 
 def _print_pull(result: PullResult, as_json: bool) -> None:
+    from pycfs.tools.common import print_json
+
     if as_json:
         print_json(result.to_json())
         return
@@ -105,6 +89,11 @@ def _print_pull(result: PullResult, as_json: bool) -> None:
 
 
 def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
+    import trio
+
+    from pycfs.host.ostree.pull import PullOptions, pull
+    from pycfs.tools.common import open_repo
+
     with open_repo(args) as repo, ExitStack() as stack:
         stack.callback(source.close)
         options = PullOptions(name=args.name, base_name=args.base_name, jobs=args.jobs,
@@ -117,14 +106,21 @@ def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from pycfs.host.ostree.source import HttpRepo
+
     return _run_pull(args, HttpRepo(args.url))
 
 
 def cmd_pull_local(args: argparse.Namespace) -> int:
+    from pycfs.host.ostree.source import LocalRepo
+
     return _run_pull(args, LocalRepo(args.ostree_repo))
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    from pycfs.host.ostree.commitstream import list_refs
+    from pycfs.tools.common import open_repo
+
     with open_repo(args, writable=False) as repo:
         refs = list_refs(repo)
     _print_refs(refs, args.json, "commits", "NAME")
@@ -132,6 +128,8 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def _print_refs(refs: list[tuple[str, bytes]], as_json: bool, key: str, column: str) -> None:
+    from pycfs.tools.common import print_json
+
     if as_json:
         print_json({key: [{"name": n, "commit": c.hex()} for n, c in refs]})
     elif not refs:
@@ -144,6 +142,8 @@ def _print_refs(refs: list[tuple[str, bytes]], as_json: bool, key: str, column: 
 
 
 def cmd_list_refs(args: argparse.Namespace) -> int:
+    from pycfs.host.ostree.source import HttpRepo
+
     source = HttpRepo(args.url)
     try:
         refs = source.list_refs()
@@ -166,6 +166,10 @@ def _show_value(v: Variant) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from pycfs.host.ostree.commitstream import load_commit
+    from pycfs.host.ostree.image import commit_of
+    from pycfs.tools.common import open_repo
+
     with open_repo(args, writable=False) as repo:
         objects = load_commit(repo, args.source)
         commit = commit_of(objects)
@@ -190,6 +194,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
+    from pycfs.host import dumpfile
+    from pycfs.host.ostree.commitstream import load_commit
+    from pycfs.host.ostree.image import build_filesystem
+    from pycfs.tools.common import open_repo
+
     with open_repo(args, writable=False) as repo:
         fs = build_filesystem(load_commit(repo, args.source))
     sys.stdout.buffer.write(dumpfile.write(fs))
@@ -197,12 +206,20 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_compute_id(args: argparse.Namespace) -> int:
+    from pycfs.host.ostree.commitstream import load_commit
+    from pycfs.host.ostree.image import compute_image_id
+    from pycfs.tools.common import open_repo
+
     with open_repo(args, writable=False) as repo:
         print(compute_image_id(repo, load_commit(repo, args.source)).hex())
     return 0
 
 
 def cmd_create_image(args: argparse.Namespace) -> int:
+    from pycfs.host.ostree.commitstream import load_commit
+    from pycfs.host.ostree.image import ensure_image
+    from pycfs.tools.common import open_repo
+
     with open_repo(args) as repo:
         objects = load_commit(repo, args.source)
         # rewriting the stream moves no ref: refs name the stream, not its object
@@ -211,6 +228,10 @@ def cmd_create_image(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from pycfs.host.mount import mount_image
+    from pycfs.host.ostree.commitstream import load_commit
+    from pycfs.tools.common import open_repo
+
     with open_repo(args, writable=False) as repo:
         objects = load_commit(repo, args.source)
         if objects.image_id is None or not repo.has_object(objects.image_id):
@@ -222,6 +243,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
+    from pycfs.host.ostree.commitstream import REF_PREFIX, check_ref_name, encode_ref, resolve, stream_name
+    from pycfs.tools.common import open_repo
+
     check_ref_name(args.name)
     with open_repo(args) as repo:
         commit = resolve(repo, args.source)
@@ -231,6 +255,9 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_untag(args: argparse.Namespace) -> int:
+    from pycfs.host.ostree.commitstream import REF_PREFIX, check_ref_name, encode_ref
+    from pycfs.tools.common import open_repo
+
     check_ref_name(args.name)
     with open_repo(args) as repo:
         try:
@@ -240,37 +267,9 @@ def cmd_untag(args: argparse.Namespace) -> int:
     return 0
 
 
-def _import_modules() -> None:
-    """The modules the commands below use, imported as globals once an ostree command is
-    parsed: `pycfs --help` and the other commands need none of them."""
-    global trio, dumpfile, mount_image, REF_PREFIX, check_ref_name, encode_ref, list_refs, load_commit, resolve
-    global stream_name, build_filesystem, commit_of, compute_image_id, ensure_image, PullOptions, PullResult, pull
-    global HttpRepo, LocalRepo, Variant, open_repo, positive_int, print_json
-    import trio
-    from pycfs.host import dumpfile
-    from pycfs.host.mount import mount_image
-    from pycfs.host.ostree.commitstream import (
-        REF_PREFIX,
-        check_ref_name,
-        encode_ref,
-        list_refs,
-        load_commit,
-        resolve,
-        stream_name,
-    )
-    from pycfs.host.ostree.image import (
-        build_filesystem,
-        commit_of,
-        compute_image_id,
-        ensure_image,
-    )
-    from pycfs.host.ostree.pull import PullOptions, PullResult, pull
-    from pycfs.host.ostree.source import HttpRepo, LocalRepo
-    from pycfs.protocol.gvariant import Variant
-    from pycfs.tools.common import open_repo, positive_int, print_json
-
-
 def _pull_options(p: argparse.ArgumentParser) -> None:
+    from pycfs.tools.common import positive_int
+
     p.add_argument("ref", metavar="REF", help="branch name, or a 64-digit commit checksum")
     p.add_argument("name", metavar="NAME", nargs="?",
                    help="ref to create or move (default: REF when it is a branch name). A NAME that already "
@@ -292,7 +291,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _populate(top: argparse.ArgumentParser) -> None:
-    _import_modules()
     osub = top.add_subparsers(dest="ostree_command", metavar="OSTREE_COMMAND", required=True)
 
     p = osub.add_parser("pull", help="pull a commit from an archive repository over HTTP",
