@@ -267,7 +267,11 @@ def set_up(load: Workload, layouts: bool) -> Lab:
 
 
 def _populate(xfs: Path, spec: ImageSpec, image_bytes: int, layouts: bool) -> Lab:
-    user = lab.user_on(xfs, USER, lab.build_user_venv())
+    # A copy of the venv in the lab: other sessions' sweeps keep only the newest shared venv
+    # and removed this one's in the middle of a run.
+    venv = xfs / "venv"
+    shutil.copytree(lab.build_user_venv().parent.parent, venv, symlinks=True)
+    user = lab.user_on(xfs, USER, venv / "bin" / "python")
     print(f"bench: building the image ({human_size(image_bytes)} in files) and loading it into "
           f"{USER}'s containers-storage...", file=sys.stderr)
     layout = Path(tempfile.mkdtemp(prefix="bench-layout-", dir=lab.LAB_ROOT))
