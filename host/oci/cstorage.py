@@ -48,7 +48,7 @@ from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.storage.locks import ReadLocks
 from pycfs.host.storage.store import ImageLayer, ImageRecord, Storage, Store, StorageError
-from pycfs.host.storage.tarsplit import FileEntry, Segment, check_name, crc64_iso, open_entries
+from pycfs.host.storage.tarsplit import FileEntry, Segment, check_name, crc64_iso, header_only_kind, open_entries
 from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
 
 INLINE_CONTENT_MAX = 64  # format constant shared with the tar path: larger files are objects
@@ -179,25 +179,54 @@ class LayerFiles:
         """A read-only fd for the content of `relpath`, and its fstat; raises _Denied on EACCES/EPERM."""
         path = relpath
         for layer_id in self.chain():
-            try:
-                fd = syscalls.openat2(
-                    self.dirfd(layer_id), path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0, syscalls.RESOLVE_CONFINED
-                )
-            except OSError as e:
-                if e.errno == errno.ENOENT:
-                    continue
-                if e.errno in _DENIED:
-                    raise _Denied(relpath) from e
-                if e.errno in (errno.ELOOP, errno.EXDEV):
-                    raise PycfsError(f"{self.describe(relpath)} is a symlink or leads outside the layer") from e
-                raise PycfsError(f"cannot open {self.describe(relpath)}: {e.strerror}") from e
-            st = os.fstat(fd)
+            opened = self._open_regular(layer_id, path, relpath)
+            if opened is None:
+                continue
+            fd, st = opened
             below = self.metacopy_lookup(fd, st, size, path)
             if below is None:
                 return fd, st
             os.close(fd)
             path = below
         raise PycfsError(f"{self.describe(relpath)} is not in the layer nor any layer below it")
+
+    def _open_regular(self, layer_id: str, path: bytes, relpath: bytes) -> tuple[int, os.stat_result] | None:
+        """Open `path` beneath the layer only if it is a regular file (fd and fstat); None when absent.
+
+        An O_PATH probe first, and fstat on it: a fifo would block a real open forever and
+        a device's open has side effects, so nothing but a regular file is ever opened. The
+        real open goes through the probe's own /proc/self/fd link (the same inode, no second
+        path walk to race with) and re-checks permission, so EACCES still sends the file to
+        the helper."""
+        try:
+            probe = syscalls.openat2(
+                self.dirfd(layer_id), path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0, syscalls.RESOLVE_CONFINED
+            )
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            if e.errno in _DENIED:
+                raise _Denied(relpath) from e
+            if e.errno in (errno.ELOOP, errno.EXDEV):
+                raise PycfsError(f"{self.describe(relpath)} is a symlink or leads outside the layer") from e
+            raise PycfsError(f"cannot open {self.describe(relpath)}: {e.strerror}") from e
+        try:
+            st = os.fstat(probe)
+            if not stat.S_ISREG(st.st_mode):
+                raise PycfsError(f"{self.describe(relpath)} is {_file_kind(st.st_mode)}, not a regular file")
+            try:
+                fd = os.open(f"/proc/self/fd/{probe}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            except OSError as e:
+                if e.errno in _DENIED:
+                    raise _Denied(relpath) from e
+                raise PycfsError(f"cannot open {self.describe(relpath)}: {e.strerror}") from e
+        finally:
+            os.close(probe)
+        again = os.fstat(fd)
+        if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(again.st_mode):
+            os.close(fd)
+            raise PycfsError(f"{self.describe(relpath)} was replaced while it was opened")
+        return fd, again
 
     @staticmethod
     def metacopy_lookup(fd: int, st: os.stat_result, size: int, path: bytes) -> bytes | None:
@@ -216,6 +245,14 @@ class LayerFiles:
             check_name(below, "overlay redirect")
             return below
         return path
+
+
+_KINDS = {stat.S_IFIFO: "a fifo", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symlink"}
+
+
+def _file_kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), f"of type {stat.S_IFMT(mode):o}")
 
 
 def _has_xattr(fd: int, name: str) -> bool:
@@ -308,6 +345,7 @@ class LayerImport:
         self.writer = repo.new_stream(CONTENT_OCI_LAYER)
         self.hasher = hashlib.sha256() if verify_diffid else None
         self.total = 0  # bytes of the rebuilt tar so far
+        self._header: Segment | FileEntry | None = None  # the entry before the next one read
 
     def _advance(self, nbytes: int) -> None:
         if self.progress is not None and nbytes:
@@ -338,11 +376,26 @@ class LayerImport:
     async def _read(self, path: str, chunks: trio.MemorySendChannel, batches: trio.MemorySendChannel) -> None:
         async with chunks, batches:
             with open_entries(path) as source:
-                while entries := await trio.to_thread.run_sync(_take, source, CHUNK_ENTRIES):
+                while entries := await trio.to_thread.run_sync(self._take, source):
                     chunk = _Chunk(entries)
                     await chunks.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
                     for batch in _batches((chunk, i, e) for i, e in chunk.files):
                         await batches.send(batch)
+
+    def _take(self, source: Iterator[Segment | FileEntry]) -> list[Segment | FileEntry]:
+        """Worker thread: the next CHUNK_ENTRIES entries. A file whose tar header says it
+        carries no data (a fifo, a device, ...) yet has a size is refused here, unopened."""
+        entries = list(itertools.islice(source, CHUNK_ENTRIES))
+        for entry in entries:
+            if isinstance(entry, FileEntry) and entry.size and isinstance(self._header, Segment):
+                kind = header_only_kind(self._header)
+                if kind is not None:
+                    raise PycfsError(
+                        f"{self.files.describe(entry.relpath)} is a {kind} in the layer's tar, yet its tar-split "
+                        f"entry gives it {entry.size} bytes of data: the layer is damaged or crafted"
+                    )
+            self._header = entry
+        return entries
 
     # -- storing --
 
@@ -537,10 +590,6 @@ class LayerImport:
                 f"not its diff_id {self.layer.diff_id}"
             )
         return self.repo.write_stream(self.writer, f"oci-layer-{self.layer.diff_id}")
-
-
-def _take(source: Iterator[Segment | FileEntry], n: int) -> list[Segment | FileEntry]:
-    return list(itertools.islice(source, n))
 
 
 def _batches(items: Iterable[_Item]) -> Iterator[list[_Item]]:

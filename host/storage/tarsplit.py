@@ -80,6 +80,24 @@ class FileEntry:
         return path.rstrip(b"/") or b"."
 
 
+# Tar typeflags whose entries carry no data: Go's archive/tar (which tar-split and
+# c/storage use) reads none for them whatever the header's size field says.
+_HEADER_ONLY_TYPES = {
+    b"1": "hard link", b"2": "symlink", b"3": "character device", b"4": "block device", b"5": "directory", b"6": "fifo",
+}  # fmt: skip
+_TAR_HEADER = 512
+_TYPEFLAG = 156
+
+
+def header_only_kind(segment: Segment) -> str | None:
+    """What the tar entry whose header ends `segment` is, when its kind carries no data
+    (a fifo, a device, ...); None for a regular file or when the segment holds no header."""
+    if len(segment.data) < _TAR_HEADER:
+        return None
+    offset = len(segment.data) - _TAR_HEADER + _TYPEFLAG
+    return _HEADER_ONLY_TYPES.get(segment.data[offset : offset + 1])
+
+
 def check_name(name: bytes, where: str) -> None:
     """Reject names that could reach outside the layer directory."""
     if b"\0" in name:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
 import os
+import socket
+import stat
+import threading
+import time
 
 import pytest
 import trio
@@ -19,6 +24,7 @@ from pycfs.host.oci.layer import import_layer
 from pycfs.host.oci.result import PullResult
 from pycfs.host.repository import Repository
 from pycfs.host.storage.store import Storage, Store
+from pycfs.host.storage.tarsplit import FileEntry, Segment, iter_entries, write_entries
 from pycfs.host.streamcat import iter_stream_bytes
 
 from storage_trees import FakeStore
@@ -138,7 +144,7 @@ def _single(tmp_path, files):
     (lambda d: (d / "big").unlink(), r"big .* is not in the layer"),
     (lambda d: ((d / "big").unlink(), os.symlink("/etc/passwd", d / "big")), r"big .* is a symlink"),
     (lambda d: (d / "small").write_bytes(SMALL.upper()), r"small .* does not match the tar-split checksum"),
-    (lambda d: ((d / "big").unlink(), (d / "big").mkdir()), r"big .* is not a regular file"),
+    (lambda d: ((d / "big").unlink(), (d / "big").mkdir()), r"big .* is a directory, not a regular file"),
 ])
 def test_damaged_layer_files_are_clear_errors(tmp_path, repo, damage, message):
     fake, layer, diff = _single(tmp_path, {"big": BIG, "small": SMALL})
@@ -305,3 +311,89 @@ def test_tar_split_corrupt_half_way_commits_nothing_and_leaks_nothing(tmp_path, 
     path.write_bytes(good)
     result = _pull(repo, fake)
     assert _cat(repo, layer.diff_id) == layer.tar and result.stats.layers == 1
+
+
+# ---- nothing but a regular file is ever opened -----------------------------------------
+
+
+@contextlib.contextmanager
+def _unblock_fifo_after(path, after: float = 10):
+    """Should an open of the fifo at `path` block, open its write end after `after` seconds
+    so the test ends (a blocked open in a thread cannot be cancelled)."""
+    done = threading.Event()
+
+    def run():
+        if not done.wait(after):
+            with contextlib.suppress(OSError):  # ENXIO: nobody blocked in opening it
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _bind_socket(path) -> None:
+    cwd = os.getcwd()
+    os.chdir(path.parent)  # a socket's path must fit in 108 bytes
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(path.name)
+    finally:
+        os.chdir(cwd)
+
+
+def _need_root():
+    if os.geteuid() != 0:
+        pytest.skip("making device nodes needs root")
+
+
+@pytest.mark.parametrize("kind, make", [
+    ("a fifo", lambda p: os.mkfifo(p)),
+    ("a socket", _bind_socket),
+    # /dev/tty's numbers: opening it without a terminal fails with ENXIO, so an open shows.
+    ("a character device", lambda p: (_need_root(), os.mknod(p, 0o666 | stat.S_IFCHR, os.makedev(5, 0)))),
+    ("a block device", lambda p: (_need_root(), os.mknod(p, 0o666 | stat.S_IFBLK, os.makedev(7, 255)))),
+])
+def test_special_files_where_content_is_expected_are_refused_unopened(tmp_path, repo, kind, make):
+    """A fifo, socket or device node in place of a file with data: one error naming the
+    layer and the path, at once (a fifo once hung the pull in open() for good)."""
+    fake, layer, diff = _single(tmp_path, {"big": BIG, "small": SMALL})
+    for name in ("big", "small"):
+        (diff / name).unlink()
+        make(diff / name)
+    started = time.monotonic()
+    with _unblock_fifo_after(diff / "big"), pytest.raises(
+            PycfsError, match=rf"(big|small) \(layer {layer.id[:12]}, .*\) is {kind}, not a regular file"):
+        _pull(repo, fake)
+    assert time.monotonic() - started < 5
+    assert repo.has_stream(f"oci-layer-{layer.diff_id}") is None
+
+
+def _set_typeflag(fake, layer, name: bytes, flag: bytes) -> None:
+    """Rewrite the tar header before `name` in the layer's tar-split to another typeflag."""
+    path = fake.layers_dir / f"{layer.id}.tar-split.gz"
+    entries = list(iter_entries(io.BytesIO(path.read_bytes())))
+    at = next(i for i, e in enumerate(entries) if isinstance(e, FileEntry) and e.name == name)
+    header = bytearray(entries[at - 1].data)
+    header[-512 + 156] = flag[0]
+    entries[at - 1] = Segment(bytes(header))
+    with open(path, "wb") as f:
+        write_entries(entries, f)
+
+
+def test_header_only_entry_with_a_size_is_refused_unopened(tmp_path, repo):
+    """A tar entry that is a fifo (no data, whatever its size field says) but whose tar-split
+    entry has a size: refused from the tar-split alone, the layer file never opened."""
+    fake, layer, diff = _single(tmp_path, {"big": BIG})
+    _set_typeflag(fake, layer, b"big", b"6")
+    (diff / "big").unlink()
+    os.mkfifo(diff / "big")
+    with _unblock_fifo_after(diff / "big"), pytest.raises(
+            PycfsError, match=rf"big \(layer {layer.id[:12]}, .*\) is a fifo in the layer's tar, "
+                              r"yet its tar-split entry gives it 10244 bytes"):
+        _pull(repo, fake)
+    assert repo.has_stream(f"oci-layer-{layer.diff_id}") is None
