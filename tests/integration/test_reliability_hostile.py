@@ -8,7 +8,7 @@ import os
 import tarfile
 import time
 
-import pytest
+
 
 PULL_BOUND = 30.0  # seconds; a hang is what these tests catch (the pull itself takes ~1 s)
 
