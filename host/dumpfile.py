@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import stat as _stat
-from typing import Iterable
+from collections.abc import Iterable
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.tree import (

@@ -26,7 +26,7 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
     return next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
 
 
-class open_nursery:  # noqa: N801 (used like trio.open_nursery)
+class open_nursery:
     async def __aenter__(self) -> trio.Nursery:
         self._cm = trio.open_nursery()
         return await self._cm.__aenter__()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import stat as _stat
 from dataclasses import dataclass, field
-from typing import Iterator, Union
+from collections.abc import Iterator
 
 S_IFMT = 0o170000
 
@@ -37,7 +37,7 @@ class Stat:
     # Insertion order is kept (readers report xattrs in image order); writers sort as they need.
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
 
-    def copy(self) -> "Stat":
+    def copy(self) -> Stat:
         return Stat(self.mode, self.uid, self.gid, self.mtime_sec, self.mtime_nsec, dict(self.xattrs))
 
 
@@ -127,8 +127,8 @@ class Socket:
     pass
 
 
-RegularContent = Union[Inline, External, ExternalNoVerity, Sparse]
-LeafContent = Union[Inline, External, ExternalNoVerity, Sparse, Symlink, CharDevice, BlockDevice, Fifo, Socket]
+RegularContent = Inline | External | ExternalNoVerity | Sparse
+LeafContent = Inline | External | ExternalNoVerity | Sparse | Symlink | CharDevice | BlockDevice | Fifo | Socket
 
 _TYPE_BITS = {
     Inline: _stat.S_IFREG,
@@ -146,7 +146,7 @@ _TYPE_BITS = {
 class Leaf:
     """A non-directory inode; shared by all of its hardlinked names."""
 
-    __slots__ = ("stat", "content", "nlink")
+    __slots__ = ("content", "nlink", "stat")
 
     def __init__(self, stat: Stat, content: LeafContent, nlink: int | None = None) -> None:
         self.stat = stat
@@ -181,9 +181,9 @@ class Leaf:
 class Directory:
     """A directory inode and its entries."""
 
-    __slots__ = ("stat", "entries")
+    __slots__ = ("entries", "stat")
 
-    def __init__(self, stat: Stat | None = None, entries: dict[bytes, "Inode"] | None = None) -> None:
+    def __init__(self, stat: Stat | None = None, entries: dict[bytes, Inode] | None = None) -> None:
         self.stat = stat if stat is not None else Stat()
         self.entries: dict[bytes, Inode] = entries if entries is not None else {}
 
@@ -193,7 +193,7 @@ class Directory:
     def st_mode(self) -> int:
         return _stat.S_IFDIR | (self.stat.mode & 0o7777)
 
-    def sorted_entries(self) -> list[tuple[bytes, "Inode"]]:
+    def sorted_entries(self) -> list[tuple[bytes, Inode]]:
         """Entries in byte order of their names (the order of every on-disk format)."""
         return sorted(self.entries.items())
 
@@ -201,7 +201,7 @@ class Directory:
         """2 + number of child directories (a directory under two names counts once)."""
         return 2 + len({id(c) for c in self.entries.values() if isinstance(c, Directory)})
 
-    def lookup(self, path: bytes) -> "Inode | None":
+    def lookup(self, path: bytes) -> Inode | None:
         """Inode at `path` ("/a/b" or "a/b", relative to this directory), or None."""
         node: Inode = self
         for comp in path.split(b"/"):
@@ -215,7 +215,7 @@ class Directory:
             node = child
         return node
 
-    def walk(self, prefix: bytes = b"/") -> Iterator[tuple[bytes, "Inode"]]:
+    def walk(self, prefix: bytes = b"/") -> Iterator[tuple[bytes, Inode]]:
         """Depth-first, byte-sorted (path, inode) pairs, starting with this directory itself.
 
         A directory reachable through several names is descended into only once.
@@ -240,7 +240,7 @@ class Directory:
         return f"Directory({len(self.entries)} entries, mode={self.st_mode:o})"
 
 
-Inode = Union[Directory, Leaf]
+Inode = Directory | Leaf
 
 
 @dataclass

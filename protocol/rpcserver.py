@@ -19,7 +19,8 @@ import inspect
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from pycfs.protocol.fdpass import FdPassError, close_fds, recv_with_fds, send_with_fds
 from pycfs.protocol.jsonrpc import INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, Decoder, Message, ProtocolError, encode

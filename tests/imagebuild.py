@@ -22,9 +22,24 @@ from pycfs.tools.dev.ocibuild import (
 )
 
 __all__ = [
-    "MIB", "BuiltImage", "Device", "Dir", "Entry", "File", "Hardlink", "ImageSpec", "Opaque", "Symlink",
-    "Whiteout", "build_layout", "flatten", "load_into_storage", "with_changes",
-    "CAP_NET_BIND_SERVICE_V2", "multilayer_image", "restrictive_image",
+    "CAP_NET_BIND_SERVICE_V2",
+    "MIB",
+    "BuiltImage",
+    "Device",
+    "Dir",
+    "Entry",
+    "File",
+    "Hardlink",
+    "ImageSpec",
+    "Opaque",
+    "Symlink",
+    "Whiteout",
+    "build_layout",
+    "flatten",
+    "load_into_storage",
+    "multilayer_image",
+    "restrictive_image",
+    "with_changes",
 ]
 
 # ---------------------------------------------------------------------------------------

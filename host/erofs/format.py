@@ -100,7 +100,7 @@ class ComposefsHeader:
         return bytes(b)
 
     @classmethod
-    def unpack_from(cls, buf, offset: int = 0) -> "ComposefsHeader":
+    def unpack_from(cls, buf, offset: int = 0) -> ComposefsHeader:
         _check_room(buf, offset, cls.SIZE, "composefs header")
         return cls(*cls.FMT.unpack_from(buf, offset))
 
@@ -152,7 +152,7 @@ class Superblock:
         return bytes(b)
 
     @classmethod
-    def unpack_from(cls, buf, offset: int = SUPERBLOCK_OFFSET) -> "Superblock":
+    def unpack_from(cls, buf, offset: int = SUPERBLOCK_OFFSET) -> Superblock:
         _check_room(buf, offset, cls.SIZE, "EROFS superblock")
         return cls(*cls.FMT.unpack_from(buf, offset))
 
@@ -184,7 +184,7 @@ class CompactInode:
         return bytes(b)
 
     @classmethod
-    def unpack_from(cls, buf, offset: int) -> "CompactInode":
+    def unpack_from(cls, buf, offset: int) -> CompactInode:
         _check_room(buf, offset, cls.SIZE, "compact inode")
         return cls(*cls.FMT.unpack_from(buf, offset))
 
@@ -219,7 +219,7 @@ class ExtendedInode:
         return bytes(b)
 
     @classmethod
-    def unpack_from(cls, buf, offset: int) -> "ExtendedInode":
+    def unpack_from(cls, buf, offset: int) -> ExtendedInode:
         _check_room(buf, offset, cls.SIZE, "extended inode")
         return cls(*cls.FMT.unpack_from(buf, offset))
 
@@ -254,7 +254,7 @@ class Dirent:
         return self.FMT.pack(self.nid, self.nameoff, self.file_type)
 
     @classmethod
-    def unpack_from(cls, buf, offset: int) -> "Dirent":
+    def unpack_from(cls, buf, offset: int) -> Dirent:
         _check_room(buf, offset, cls.SIZE, "directory entry")
         return cls(*cls.FMT.unpack_from(buf, offset))
 
@@ -276,7 +276,7 @@ class XattrIbodyHeader:
         return self.FMT.pack(self.name_filter, self.shared_count)
 
     @classmethod
-    def unpack_from(cls, buf, offset: int) -> "XattrIbodyHeader":
+    def unpack_from(cls, buf, offset: int) -> XattrIbodyHeader:
         _check_room(buf, offset, cls.SIZE, "xattr header")
         return cls(*cls.FMT.unpack_from(buf, offset))
 
@@ -299,7 +299,7 @@ class XattrEntry:
         return self.FMT.pack(self.name_len, self.name_index, self.value_size)
 
     @classmethod
-    def unpack_from(cls, buf, offset: int) -> "XattrEntry":
+    def unpack_from(cls, buf, offset: int) -> XattrEntry:
         _check_room(buf, offset, cls.SIZE, "xattr entry")
         return cls(*cls.FMT.unpack_from(buf, offset))
 
@@ -327,7 +327,7 @@ class ChunkIndex:
         return self.FMT.pack(self.advise, self.device_id, self.blkaddr)
 
     @classmethod
-    def unpack_from(cls, buf, offset: int) -> "ChunkIndex":
+    def unpack_from(cls, buf, offset: int) -> ChunkIndex:
         _check_room(buf, offset, cls.SIZE, "chunk index")
         return cls(*cls.FMT.unpack_from(buf, offset))
 
@@ -353,7 +353,7 @@ class OverlayMetacopy:
         return self.FMT.pack(self.version, 4 + len(self.digest), self.flags, self.digest_algo) + self.digest
 
     @classmethod
-    def unpack(cls, value: bytes) -> "OverlayMetacopy":
+    def unpack(cls, value: bytes) -> OverlayMetacopy:
         if len(value) < 4:
             raise FormatError(f"overlay metacopy value of {len(value)} bytes is too short")
         version, length, flags, algo = cls.FMT.unpack_from(value, 0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from pycfs.host.dumpfile import escape, walk_filtered
 from pycfs.host.tree import Directory, External, ExternalNoVerity, FileSystem, Leaf, Symlink

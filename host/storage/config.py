@@ -17,7 +17,7 @@ import pwd
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 from pycfs.host.errors import PycfsError
 

@@ -117,7 +117,7 @@ class ReadLocks:
         for fd in fds:
             os.close(fd)  # closing the only fd of an OFD lock releases it
 
-    async def __aenter__(self) -> "ReadLocks":
+    async def __aenter__(self) -> ReadLocks:
         await self.acquire()
         return self
 

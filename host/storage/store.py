@@ -65,7 +65,7 @@ class ImageLayer:
     """One layer of an image: the config's diff_id, and where c/storage keeps it."""
 
     diff_id: str
-    store: "Store"
+    store: Store
     layer: LayerRecord
 
 
@@ -243,7 +243,7 @@ class Storage:
         self.stores = stores
 
     @classmethod
-    def from_config(cls, config: StorageConfig) -> "Storage":
+    def from_config(cls, config: StorageConfig) -> Storage:
         primary = Store(config.graphroot, config.driver)
         primary.check()
         stores = [primary]

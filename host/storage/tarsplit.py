@@ -21,7 +21,8 @@ import gzip
 import json
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
+from collections.abc import Iterator
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import parse_object
@@ -228,7 +229,7 @@ def open_entries(path: str) -> Iterator[Iterator[Segment | FileEntry]]:
     """The entries of the tar-split file at `path`, read as they are taken (the file stays
     open inside the `with`); a file that cannot be opened or read raises TarSplitError."""
     try:
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 (returned open, the caller closes it)
     except OSError as e:
         raise TarSplitError(f"cannot read {path}: {e.strerror}") from e
     with f:

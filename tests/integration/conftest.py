@@ -31,6 +31,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -137,7 +138,7 @@ class LoadedImage:
 
 
 class ImageCache:
-    SPECS = {"multilayer": imagebuild.multilayer_image, "restrictive": imagebuild.restrictive_image}
+    SPECS: ClassVar = {"multilayer": imagebuild.multilayer_image, "restrictive": imagebuild.restrictive_image}
 
     def __init__(self, root: Path) -> None:
         self.root = root

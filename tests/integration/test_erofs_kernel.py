@@ -140,7 +140,7 @@ def test_kernel_mounts_format2(name, can_mount, tmp_path):
             if isinstance(node, Directory):
                 assert sorted(os.listdir(real)) == sorted(node.entries), path
             elif isinstance(node.content, Inline):
-                assert open(real, "rb").read() == node.content.data
+                assert Path(real).read_bytes() == node.content.data
             elif isinstance(node.content, Symlink):
                 assert os.readlink(real) == node.content.target
         assert sorted(seen) == expected_names

@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def _subuid_start(name: str) -> int:
     for line in Path("/etc/subuid").read_text().splitlines():
-        user, start, count = line.split(":")
+        user, start, _count = line.split(":")
         if user == name:
             return int(start)
     raise AssertionError(f"{name} has no /etc/subuid range")

@@ -15,7 +15,7 @@ from pycfs.host.erofs import format as F
     ],
 )
 def test_sizes(cls, size):
-    assert cls.SIZE == size
+    assert size == cls.SIZE
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,8 @@ from pycfs.protocol.fdpass import (
     recv_with_fds,
     send_with_fds,
 )
+import functools
+import operator
 
 
 def make_files(n: int) -> list[int]:
@@ -51,7 +53,7 @@ def recv_all(sock: socket.socket, nbytes: int, **kw) -> tuple[bytes, list[int]]:
 def test_plan_batches_splits_fds_onto_space_continuations():
     calls = plan_batches(b'{"a":1}', list(range(600)))
     assert [(p, len(f)) for p, f in calls] == [(b'{"a":1}', 253), (CONTINUATION, 253), (CONTINUATION, 94)]
-    assert sum((f for _, f in calls), []) == list(range(600))
+    assert functools.reduce(operator.iadd, (f for _, f in calls), []) == list(range(600))
     assert plan_batches(b"x", []) == [(b"x", [])]
     with pytest.raises(ValueError):
         plan_batches(b"", [1])

@@ -35,6 +35,7 @@ from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamReader, SplitStreamWriter
 from pycfs.host.streamcat import iter_stream_bytes
 from pycfs.host.tree import BlockDevice, CharDevice, External, Fifo, Inline, Symlink
+import itertools
 
 
 @pytest.fixture
@@ -116,7 +117,7 @@ def test_inline_threshold_and_cut_points(repo: Repository, fmt: int) -> None:
     assert chunks == expected_chunks(data)
     # exactly the files > 64 bytes are objects, in order; inline and object chunks alternate
     assert [c for kind, c in chunks if kind == "object"] == [d for _, d in members if len(d) > 64]
-    assert all(a[0] != b[0] for a, b in zip(chunks, chunks[1:]))
+    assert all(a[0] != b[0] for a, b in itertools.pairwise(chunks))
     assert reader.content_type == CONTENT_OCI_LAYER
     assert reader.stream_size == len(data)
     assert reader.named_refs == {} and reader.stream_refs == []
@@ -245,7 +246,7 @@ def test_corrupt_zstd_is_an_error(repo: Repository) -> None:
                          ids=["plain", "gzip", "zstd", "gzip-2-members", "zstd-2-frames"])
 def test_compression_is_detected(repo: Repository, compress) -> None:
     data = make_tar([reg("a", os.urandom(10000)), reg("b", b"q" * 65)], tarfile.PAX_FORMAT)
-    stream_id, layer = _import(repo, compress(data), diff_id_of(data))
+    _stream_id, layer = _import(repo, compress(data), diff_id_of(data))
     assert layer.size == len(data)
     assert cat(repo, open_layer(repo, diff_id_of(data))) == data
 

@@ -163,7 +163,7 @@ def test_same_size_change_caught_by_verify_diffid(tmp_path, repo):
 
 
 def test_diff_size_mismatch_and_missing_tar_split(tmp_path, repo):
-    fake, layer, diff = _single(tmp_path, {"big": BIG})
+    fake, layer, _diff = _single(tmp_path, {"big": BIG})
     import json
     records = json.loads((fake.layers_dir / "layers.json").read_text())
     records[0]["diff-size"] += 512
@@ -176,7 +176,7 @@ def test_diff_size_mismatch_and_missing_tar_split(tmp_path, repo):
 
 
 def test_config_digest_checked(tmp_path, repo):
-    fake, layer, diff = _single(tmp_path, {"big": BIG})
+    fake, _layer, _diff = _single(tmp_path, {"big": BIG})
     image_id = fake.images[0]["id"]
     from pycfs.host.storage.store import big_data_name
     (fake.images_dir / image_id / big_data_name("sha256:" + image_id)).write_bytes(b'{"rootfs": {}}')

@@ -54,7 +54,7 @@ def test_lookup_forms(fake):
     for ref in ["localhost/bookworm:py", "bookworm:py", "debian", "debian:latest", "library/debian",
                 "docker.io/debian", "docker.io/library/debian:latest", img["id"], "sha256:" + img["id"],
                 img["id"][:10], "@" + img["manifest_digest"], "debian@" + img["manifest_digest"]]:
-        store, found = s.lookup(ref)
+        _store, found = s.lookup(ref)
         assert found.id == img["id"], ref
     assert s.lookup("other:1")[1].id == other["id"]
     with pytest.raises(ImageNotFound, match="similar: localhost/other:1"):

@@ -331,7 +331,7 @@ def test_single_zero_block_before_eof_ends_archive() -> None:
 
 def test_stray_zero_block_is_absorbed_into_next_entry() -> None:
     data = simple_entry(b"a", b"x") + ZERO_BLOCK + simple_entry(b"b", b"y") + ZERO_BLOCK * 2
-    a, b, end = read_all(data)
+    _a, b, end = read_all(data)
     assert b.path == b"b" and b.raw == ZERO_BLOCK + simple_entry(b"b", b"y")[:BLOCK] and b.offset == 1024
     assert end.raw == ZERO_BLOCK * 2
 

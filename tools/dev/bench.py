@@ -61,14 +61,14 @@ def workload(scale: float) -> ImageSpec:
         entries: list = [Dir(prefix)] + [Dir(f"{prefix}/d{i:03d}") for i in range(dirs)]
         for i in range(files):
             r, lo, hi = rng.random(), 0, 0
-            for share, lo, hi in sizes:
+            for share, lo, hi in sizes:  # noqa: B007 (lo, hi are used after the loop)
                 if r < share:
                     break
                 r -= share
             entries.append(File(f"{prefix}/d{i % dirs:03d}/f{i:05d}", size=rng.randint(lo, hi), seed=next(seed)))
         return entries
 
-    n = lambda count: max(1, int(count * scale))  # noqa: E731 (scaled counts)
+    n = lambda count: max(1, int(count * scale))
     # (share of files, min size, max size): means of about 54 KB and 140 KB
     rootfs_sizes = [(0.5, 0, 4096), (0.4, 4097, 65536), (0.095, 65537, 512 << 10), (0.005, 512 << 10, 4 << 20)]
     tool_sizes = [(0.45, 0, 4096), (0.4, 4097, 65536), (0.14, 65537, 1 << 20), (0.01, 1 << 20, 8 << 20)]

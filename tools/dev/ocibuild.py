@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Union
+from typing import Protocol
 
 # 2023-11-14T22:13:20.123456789Z: a non-zero nanosecond part, so tests see whether it survives.
 DEFAULT_MTIME_NS = 1_700_000_000_123_456_789
@@ -45,7 +45,7 @@ OPAQUE_MARKER = ".wh..wh..opq"
 _CHUNK = 1 << 20
 MIB = 1 << 20
 
-PathLike = Union[str, bytes]
+PathLike = str | bytes
 
 
 def _name(path: PathLike) -> str:
@@ -143,7 +143,7 @@ class Device(_Meta):
     mode: int = field(default=0o666, kw_only=True)
 
 
-Entry = Union[File, Dir, Symlink, Hardlink, Whiteout, Opaque, Device]
+Entry = File | Dir | Symlink | Hardlink | Whiteout | Opaque | Device
 
 
 @dataclass
