@@ -8,8 +8,6 @@ import os
 import tarfile
 import time
 
-
-
 PULL_BOUND = 30.0  # seconds; a hang is what these tests catch (the pull itself takes ~1 s)
 
 
