@@ -352,7 +352,7 @@ def _need_root():
 
 
 @pytest.mark.parametrize("kind, make", [
-    ("a fifo", lambda p: os.mkfifo(p)),
+    ("a fifo", os.mkfifo),
     ("a socket", _bind_socket),
     # /dev/tty's numbers: opening it without a terminal fails with ENXIO, so an open shows.
     ("a character device", lambda p: (_need_root(), os.mknod(p, 0o666 | stat.S_IFCHR, os.makedev(5, 0)))),
