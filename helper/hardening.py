@@ -31,12 +31,13 @@ import stat
 import prctl
 
 from pycfs.host.syscalls import raise_open_file_limit
+from pycfs.protocol.errors import PycfsError
 
 KEEP = prctl.CAP_DAC_READ_SEARCH
 _STATUS_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
 
-class HardeningError(Exception):
+class HardeningError(PycfsError):
     """The helper cannot run safely; the message says why."""
 
 

@@ -1,26 +1,39 @@
-"""Repository consistency check (`pycfs fsck`), phase by phase like cfsctl fsck.
+"""Repository consistency check (`pycfs fsck`) and repair, phase by phase like cfsctl fsck.
 
-1. objects: every objects/XX/rest must be named by its fs-verity digest (kernel
-   measurement where the file has verity, else computed here, on worker threads);
-2. streams: every entry a symlink that resolves to a readable splitstream whose
-   object refs and named refs exist; every streams/refs/** link resolves;
-3. images: every entry a symlink to an object; every object an image references
-   exists; every images/refs/** link resolves.
+1. objects: every objects/XX/rest must be a regular file named by its fs-verity digest
+   (kernel measurement where the file has verity, else hashed on the object worker
+   processes, the project's one way to hash in parallel);
+2. streams: every entry a symlink that resolves to an intact splitstream whose object refs
+   and named refs exist; every streams/refs/** link resolves;
+3. images: every entry a symlink to an intact EROFS image whose referenced objects exist;
+   every images/refs/** link resolves;
+4. with `verify_layers`, every oci-layer-<diff_id> stream reassembles to a tar whose sha256
+   is its diff_id.
+
+`repair` drops what cannot be trusted, so that the next pull rebuilds it: corrupt objects are
+deleted, streams and images that fail a check lose their symlink, and refs left dangling are
+removed. Nothing that checks out is touched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 from dataclasses import dataclass, field
 
 import trio
 
 from pycfs.host import syscalls
-from pycfs.host.errors import PycfsError
-from pycfs.host.fsverity import digest_fd
-from pycfs.host.repository import Repository
-from pycfs.host.splitstream import SplitStreamError
 from pycfs.host.erofs.objects import image_object_ids
+from pycfs.host.errors import PycfsError
+from pycfs.host.fsverity import digest_bytes
+from pycfs.host.progress import StepProgress
+from pycfs.host.repository import Repository
+from pycfs.host.splitstream import SplitStreamReader
+from pycfs.host.streamcat import iter_stream_bytes
+
+LAYER_PREFIX = "oci-layer-"
 
 
 @dataclass
@@ -28,7 +41,9 @@ class FsckReport:
     objects_checked: int = 0
     streams_checked: int = 0
     images_checked: int = 0
+    layers_verified: int = 0
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, path, detail)
+    repaired: list[str] = field(default_factory=list)  # what repair removed, as repo-relative paths
 
     def add(self, kind: str, path: str, detail: str) -> None:
         self.errors.append((kind, path, detail))
@@ -43,7 +58,9 @@ class FsckReport:
             "objects": self.objects_checked,
             "streams": self.streams_checked,
             "images": self.images_checked,
+            "layers_verified": self.layers_verified,
             "errors": [{"kind": k, "path": p, "detail": d} for k, p, d in self.errors],
+            "repaired": self.repaired,
         }
 
     def lines(self) -> list[str]:
@@ -52,86 +69,117 @@ class FsckReport:
             f"streams: {self.streams_checked} checked",
             f"images: {self.images_checked} checked",
         ]
+        if self.layers_verified:
+            out.append(f"layers: {self.layers_verified} re-hashed against their diff_id")
         if self.ok:
             out.append("status: ok")
         else:
             out.append(f"status: {len(self.errors)} error(s)")
             out += [f"  - fsck: {k}: {p}: {d}" for k, p, d in self.errors]
+        if self.repaired:
+            out.append(f"repaired: removed {len(self.repaired)} untrustworthy entries; "
+                       "pull the affected images again to restore them")
+            out += [f"  - removed {p}" for p in self.repaired]
+        elif not self.ok:
+            out.append("run `pycfs fsck --repair` to drop what cannot be trusted, then pull the affected images again")
         return out
 
 
-def _check_object(repo: Repository, xx: str, name: str) -> tuple[str, str] | None:
-    """None when objects/xx/name is sound, else (kind, detail)."""
-    try:
-        expected = repo.id_from_hex(xx + name)
-    except PycfsError:
-        return "object-invalid-name", "name is not a digest"
-    try:
-        fd = os.open(f"objects/{xx}/{name}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=repo.dirfd)
-    except OSError as e:
-        return "object-open-failed", e.strerror or str(e)
-    try:
-        measured = syscalls.fsverity_measure(fd, repo.hash_alg_id)
-        if measured is None:
-            if repo.secure:
-                return "object-verity-missing", "fs-verity is not enabled on this object"
-            measured = digest_fd(fd, repo.alg)
-    finally:
-        os.close(fd)
-    if measured != expected:
-        return "object-digest-mismatch", f"content digest is {measured.hex()}"
-    return None
+# ---------------------------------------------------------------------------- objects
 
 
-async def _check_objects(repo: Repository, report: FsckReport) -> None:
+def _list_objects(repo: Repository, report: FsckReport) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """(relative path, expected id) of each regular object file, and the odd entries
+    (reported; those that are not directories can be removed by a repair)."""
+    found: list[tuple[str, bytes]] = []
+    odd: list[str] = []
     top = repo.path / "objects"
     if not top.is_dir():
-        return
-    limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
-
-    async def one(xx: str, name: str) -> None:
-        result = await trio.to_thread.run_sync(_check_object, repo, xx, name, limiter=limiter)
-        report.objects_checked += 1
-        if result:
-            report.add(result[0], f"objects/{xx}/{name}", result[1])
-
+        return found, odd
     for sub in sorted(os.listdir(top)):
-        path = top / sub
         if sub.startswith(".tmp-object-"):
             continue  # a crashed writer's leftover; gc removes it
-        if not path.is_dir() or len(sub) != 2:
-            report.add("unexpected-file", f"objects/{sub}", "not an object subdirectory")
+        rel_sub = f"objects/{sub}"
+        if len(sub) != 2 or not (top / sub).is_dir() or (top / sub).is_symlink():
+            report.add("unexpected-file", rel_sub, "not an object subdirectory")
             continue
-        async with trio.open_nursery() as nursery:
-            for name in sorted(os.listdir(path)):
-                nursery.start_soon(one, sub, name)
+        with os.scandir(top / sub) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                rel = f"{rel_sub}/{entry.name}"
+                try:
+                    expected = repo.id_from_hex(sub + entry.name)
+                except PycfsError:
+                    report.add("object-invalid-name", rel, "name is not a digest")
+                    if not entry.is_dir(follow_symlinks=False):
+                        odd.append(rel)
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    report.add("object-not-regular", rel, "not a regular file")
+                    if not entry.is_dir(follow_symlinks=False):
+                        odd.append(rel)
+                    continue
+                found.append((rel, expected))
+    return found, odd
 
 
-def _resolves(repo: Repository, rel: str) -> bool:
-    return os.path.exists(repo.path / rel)
+def _measure_kernel(repo: Repository, rel: str) -> bytes | OSError | None:
+    try:
+        fd = os.open(rel, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=repo.dirfd)
+    except OSError as e:
+        return e
+    try:
+        return syscalls.fsverity_measure(fd, repo.hash_alg_id)
+    except OSError as e:
+        return e
+    finally:
+        os.close(fd)
 
 
-def _check_refs(repo: Repository, top: str, report: FsckReport) -> None:
+def _check_objects(repo: Repository, report: FsckReport, progress: StepProgress, jobs: int | None) -> list[str]:
+    """Returns the bad objects' paths."""
+    from pycfs.host.workers.pool import digest_files
+
+    objects, bad = _list_objects(repo, report)
+    progress.start("objects", len(objects))
+    todo: list[tuple[str, bytes]] = []
+    for rel, expected in objects:
+        if repo.secure:
+            measured = _measure_kernel(repo, rel)
+            if measured is None:
+                report.add("object-verity-missing", rel, "fs-verity is not enabled on this object")
+                bad.append(rel)
+                progress.step()
+                continue
+            if isinstance(measured, bytes):
+                if measured != expected:
+                    report.add("object-digest-mismatch", rel, f"content digest is {measured.hex()}")
+                    bad.append(rel)
+                progress.step()
+                continue
+        todo.append((rel, expected))
+    digests = trio.run(digest_files, [str(repo.path / rel) for rel, _ in todo], repo.alg, jobs, progress.step)
+    for (rel, expected), got in zip(todo, digests):
+        if isinstance(got, OSError):
+            report.add("object-open-failed", rel, got.strerror or str(got))
+            bad.append(rel)
+        elif got != expected:
+            report.add("object-digest-mismatch", rel, f"content digest is {got.hex()}")
+            bad.append(rel)
+    report.objects_checked = len(objects)
+    return bad
+
+
+# ---------------------------------------------------------------------------- links
+
+
+def _first_level_links(repo: Repository, top: str, report: FsckReport) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """(name, object id) of each sound symlink in top/ (refs excluded), and the paths of the
+    broken entries (reported)."""
+    found: list[tuple[str, bytes]] = []
+    bad: list[str] = []
     base = repo.path / top
     if not base.exists():
-        return
-    for dirpath, dirnames, filenames in os.walk(base):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, repo.path)
-            if os.path.islink(full):
-                if not os.path.exists(full):
-                    report.add("broken-symlink", rel, f"target {os.readlink(full)} does not exist")
-            elif not os.path.isdir(full):
-                report.add("unexpected-file-type", rel, "neither a directory nor a symlink")
-
-
-def _first_level_links(repo: Repository, top: str, report: FsckReport) -> list[tuple[str, bytes]]:
-    """(name, object id) of each symlink in top/ (refs excluded); problems go to the report."""
-    found = []
-    base = repo.path / top
-    if not base.exists():
-        return found
+        return found, bad
     for name in sorted(os.listdir(base)):
         if name == "refs":
             continue
@@ -139,57 +187,153 @@ def _first_level_links(repo: Repository, top: str, report: FsckReport) -> list[t
         full = base / name
         if not full.is_symlink():
             report.add("entry-not-symlink", rel, "not a symlink")
+            if not full.is_dir():
+                bad.append(rel)  # a file where pycfs keeps only symlinks: a repair removes it
             continue
         target = os.readlink(full)
         try:
             object_id = repo.parse_object_link(target)
         except PycfsError as e:
             report.add("bad-symlink", rel, str(e))
+            bad.append(rel)
             continue
         if not repo.has_object(object_id):
             report.add("broken-symlink", rel, f"object {target} is missing")
+            bad.append(rel)
             continue
         found.append((name, object_id))
-    return found
+    return found, bad
 
 
-def _check_streams(repo: Repository, report: FsckReport) -> None:
-    for name, object_id in _first_level_links(repo, "streams", report):
-        report.streams_checked += 1
+def _dangling_refs(repo: Repository, top: str, report: FsckReport) -> list[str]:
+    bad: list[str] = []
+    base = repo.path / top
+    if not base.exists():
+        return bad
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, repo.path)
+            if os.path.islink(full):
+                if not os.path.exists(full):
+                    report.add("broken-symlink", rel, f"target {os.readlink(full)} does not exist")
+                    bad.append(rel)
+            elif not os.path.isdir(full):
+                report.add("unexpected-file-type", rel, "neither a directory nor a symlink")
+    return bad
+
+
+def _read_intact(repo: Repository, object_id: bytes) -> bytes:
+    data = repo.read_object(object_id)
+    if digest_bytes(data, repo.alg) != object_id:
+        raise PycfsError("its content does not match its digest")
+    return data
+
+
+def _check_streams(repo: Repository, report: FsckReport, progress: StepProgress) -> list[str]:
+    links, bad = _first_level_links(repo, "streams", report)
+    progress.start("streams", len(links))
+    for name, object_id in links:
         rel = f"streams/{name}"
+        report.streams_checked += 1
+        progress.step()
         try:
-            reader = repo.open_stream_by_id(object_id)
-        except (SplitStreamError, PycfsError, OSError) as e:
+            reader = SplitStreamReader(_read_intact(repo, object_id), repo.alg)
+        except (PycfsError, OSError) as e:
             report.add("stream-open-failed", rel, str(e))
+            bad.append(rel)
             continue
-        for ref in reader.object_refs:
-            if not repo.has_object(ref):
-                report.add("missing-object-ref", rel, f"object {ref.hex()} is missing")
-        for ref_name, ref in reader.named_refs.items():
-            if not repo.has_object(ref):
-                report.add("missing-named-ref", rel, f"{ref_name} -> {ref.hex()} is missing")
-    _check_refs(repo, "streams/refs", report)
+        missing = [ref for ref in reader.object_refs if not repo.has_object(ref)]
+        for ref in missing:
+            report.add("missing-object-ref", rel, f"object {ref.hex()} is missing")
+        missing_named = [(n, ref) for n, ref in reader.named_refs.items() if not repo.has_object(ref)]
+        for ref_name, ref in missing_named:
+            report.add("missing-named-ref", rel, f"{ref_name} -> {ref.hex()} is missing")
+        if missing or missing_named:
+            bad.append(rel)
+    return bad
 
 
-def _check_images(repo: Repository, report: FsckReport) -> None:
-    for name, object_id in _first_level_links(repo, "images", report):
-        report.images_checked += 1
+def _check_images(repo: Repository, report: FsckReport, progress: StepProgress) -> list[str]:
+    links, bad = _first_level_links(repo, "images", report)
+    progress.start("images", len(links))
+    for name, object_id in links:
         rel = f"images/{name}"
+        report.images_checked += 1
+        progress.step()
         try:
-            referenced = image_object_ids(repo.read_object(object_id), repo.alg)
-        except (PycfsError, ValueError, OSError) as e:
+            referenced = image_object_ids(_read_intact(repo, object_id), repo.alg)
+        except (PycfsError, OSError) as e:
             report.add("image-invalid", rel, str(e))
+            bad.append(rel)
             continue
-        for ref in sorted(referenced):
-            if not repo.has_object(ref):
-                report.add("image-missing-object", rel, f"object {ref.hex()} is missing")
-    _check_refs(repo, "images/refs", report)
+        missing = sorted(ref for ref in referenced if not repo.has_object(ref))
+        for ref in missing:
+            report.add("image-missing-object", rel, f"object {ref.hex()} is missing")
+        if missing:
+            bad.append(rel)
+    return bad
 
 
-def fsck(repo: Repository, metadata_only: bool = False) -> FsckReport:
+def _verify_layers(repo: Repository, report: FsckReport, progress: StepProgress, skip: set[str]) -> list[str]:
+    """Re-hash each layer stream's tar against the diff_id in its name."""
+    links, _ = _first_level_links(repo, "streams", FsckReport())  # problems were reported above
+    layers = [(n, i) for n, i in links if n.startswith(LAYER_PREFIX) and f"streams/{n}" not in skip]
+    progress.start("layers", len(layers))
+    bad: list[str] = []
+    for name, object_id in layers:
+        rel = f"streams/{name}"
+        progress.step()
+        alg, _, expected = name[len(LAYER_PREFIX):].partition(":")
+        if alg not in ("sha256", "sha512"):
+            continue  # not a diff_id-named layer
+        h = hashlib.new(alg)
+        try:
+            for piece in iter_stream_bytes(repo, repo.open_stream_by_id(object_id)):
+                h.update(piece)
+        except (PycfsError, OSError) as e:
+            report.add("layer-unreadable", rel, str(e))
+            bad.append(rel)
+            continue
+        report.layers_verified += 1
+        if h.hexdigest() != expected:
+            report.add("layer-diffid-mismatch", rel, f"the stream's tar is {alg}:{h.hexdigest()}")
+            bad.append(rel)
+    return bad
+
+
+def _remove(repo: Repository, rel: str, report: FsckReport) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(rel, dir_fd=repo.dirfd)
+        report.repaired.append(rel)
+
+
+# ---------------------------------------------------------------------------- fsck
+
+
+def fsck(repo: Repository, metadata_only: bool = False, *, verify_layers: bool = False, repair: bool = False,
+         progress: StepProgress | None = None, jobs: int | None = None) -> FsckReport:
+    """Check the repository; with ``repair`` (needs a writable repository) remove what failed."""
+    progress = progress or StepProgress()
+    if repair:
+        repo.require_writable()
     report = FsckReport()
     if not metadata_only:
-        trio.run(_check_objects, repo, report)
-    _check_streams(repo, report)
-    _check_images(repo, report)
+        bad_objects = _check_objects(repo, report, progress, jobs)
+        if repair:
+            for rel in bad_objects:
+                _remove(repo, rel, report)
+    bad = _check_streams(repo, report, progress) + _check_images(repo, report, progress)
+    if verify_layers:
+        bad += _verify_layers(repo, report, progress, set(bad))
+    if repair:
+        for rel in bad:
+            _remove(repo, rel, report)
+    bad_refs = _dangling_refs(repo, "streams/refs", report) + _dangling_refs(repo, "images/refs", report)
+    if repair:
+        # Refs that pointed at what was just removed dangle now too.
+        after = _dangling_refs(repo, "streams/refs", FsckReport()) + _dangling_refs(repo, "images/refs", FsckReport())
+        for rel in dict.fromkeys(bad_refs + after):
+            _remove(repo, rel, report)
     return report
+

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from pycfs.host.erofs.objects import image_object_ids
 from pycfs.host.errors import PycfsError
+from pycfs.host.progress import StepProgress
 from pycfs.host.repository import Repository
 
 
@@ -89,14 +90,24 @@ def live_objects(repo: Repository) -> set[bytes]:
     return live
 
 
-def gc(repo: Repository, dry_run: bool = False) -> GcResult:
-    if not dry_run and not repo.writable:
-        raise PycfsError(f"repository {repo.path} is read-only")
+def gc(repo: Repository, dry_run: bool = False, progress: StepProgress | None = None) -> GcResult:
+    progress = progress or StepProgress()
     if not dry_run:
-        fcntl.flock(repo.dirfd, fcntl.LOCK_EX)
+        repo.require_writable()
+        try:
+            fcntl.flock(repo.dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress.note(f"waiting for other users of {repo.path} to finish (a pull or mount holds its lock)...")
+            fcntl.flock(repo.dirfd, fcntl.LOCK_EX)
     try:
         result = GcResult()
-        live = live_objects(repo)
+        progress.start("finding live objects", 0)
+        try:
+            live = live_objects(repo)
+        except PycfsError as e:
+            raise PycfsError(f"gc: cannot tell what is live ({e}); nothing was removed: "
+                             "run `pycfs fsck --repair` first") from None
+        progress.start("removing unreachable objects", 0)
         result.live_objects = len(live)
         objects = repo.path / "objects"
         if objects.is_dir():

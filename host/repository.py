@@ -19,13 +19,14 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 import string
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from pycfs.host import syscalls
-from pycfs.host.errors import PycfsError
+from pycfs.host.errors import PycfsError, describe_oserror
 from pycfs.host.fsverity import DIGEST_SIZES, HASH_ALG_IDS, VerityHasher, digest_bytes, digest_fd
 from pycfs.host.jsondoc import parse_object
 from pycfs.host.splitstream import SplitStreamReader, SplitStreamWriter
@@ -118,23 +119,32 @@ class Repository:
         if erofs_default not in (0, 1, 2):
             raise RepositoryError(f"unsupported EROFS format version {erofs_default}")
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        wanted = meta_document(algorithm, erofs_default)
+        content = (json.dumps(wanted, indent=2) + "\n").encode()
         try:
-            p.mkdir(mode=0o700)
-        except FileExistsError:
-            pass
-        content = (json.dumps(meta_document(algorithm, erofs_default), indent=2) + "\n").encode()
-        dirfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                p.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+            dirfd = _open_repo_dir(p)
+        except OSError as e:
+            raise RepositoryError(f"cannot create a repository at {p}: {describe_oserror(e)}") from None
         try:
-            _write_new_file(dirfd, "meta.json", content)
-        except FileExistsError:
-            with open(os.path.join(p, "meta.json"), "rb") as f:
-                existing = json.loads(f.read() or b"null")
-            if existing != json.loads(content):
-                raise RepositoryError(
-                    f"{p} is already a repository with {existing.get('algorithm') if isinstance(existing, dict) else existing!r}"
-                    f" (format and algorithm are fixed at init)"
-                ) from None
+            try:
+                existing = _read_meta(p, dirfd)
+            except _NoMeta:
+                try:
+                    _write_new_file(dirfd, "meta.json", content)
+                except FileExistsError:  # another init won the race: compare with its meta.json
+                    existing = _read_meta(p, dirfd)
+                except OSError as e:
+                    raise RepositoryError(f"cannot create a repository at {p}: {describe_oserror(e)}") from None
+                else:
+                    existing = wanted
+            if existing != wanted:
+                raise RepositoryError(f"{p} is already a repository with other settings ({_settings(existing)}; "
+                                      f"asked for {_settings(wanted)}): they are fixed at init")
         finally:
             os.close(dirfd)
         return cls.open(p)
@@ -143,13 +153,17 @@ class Repository:
     def open(cls, path: str | os.PathLike, writable: bool = True) -> Repository:
         p = Path(path)
         try:
-            dirfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            dirfd = _open_repo_dir(p)
         except FileNotFoundError:
             raise RepositoryError(f"no repository at {p}: run `pycfs --repo {p} init` first") from None
-        except NotADirectoryError:
-            raise RepositoryError(f"{p} is not a directory") from None
+        except OSError as e:
+            raise RepositoryError(f"cannot open the repository {p}: {describe_oserror(e)}") from None
         try:
-            meta = _read_meta(p, dirfd)
+            try:
+                meta = _read_meta(p, dirfd)
+            except _NoMeta:
+                raise RepositoryError(f"{p} has no meta.json: not a composefs repository "
+                                      f"(run `pycfs --repo {p} init`)") from None
             alg = parse_algorithm(meta.get("algorithm", ""))
             features = meta.get("features") or {}
             unknown_incompat = set(features.get("incompatible", [])) - KNOWN_FEATURES
@@ -198,9 +212,10 @@ class Repository:
             return 1
         return 2
 
-    def _require_writable(self) -> None:
+    def require_writable(self) -> None:
         if not self.writable:
-            raise RepositoryError(f"repository {self.path} is read-only")
+            raise RepositoryError(f"repository {self.path} is read-only for this user (check its owner and mode, "
+                                  "or pass --repo for one of your own)")
 
     # ---- objects ------------------------------------------------------------------
 
@@ -270,6 +285,22 @@ class Repository:
     def has_object(self, object_id: bytes) -> bool:
         return self.object_size(object_id) is not None
 
+    def object_intact(self, object_id: bytes) -> bool:
+        """The object is present and its content still hashes to its name (for small
+        objects such as images and streams: it reads the whole object)."""
+        h = object_id.hex()
+        try:
+            fd = os.open(f"{h[:2]}/{h[2:]}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         dir_fd=self._objects())
+        except OSError:
+            return False
+        try:
+            return digest_fd(fd, self.alg) == object_id
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
     def open_object(self, object_id: bytes) -> int:
         h = object_id.hex()
         try:
@@ -290,7 +321,7 @@ class Repository:
         the object's id is known the file starts in its final directory: concurrent writers
         then spread over the filesystem's allocation groups instead of all queueing on
         objects/ (measured on XFS, 2 processes: 24-31 against 34-35 µs per object)."""
-        self._require_writable()
+        self.require_writable()
         if self._tmpfile_ok:
             where = self._objects() if object_id is None else self._subdir(object_id[:1].hex())
             try:
@@ -468,10 +499,30 @@ class Repository:
             return None
         return object_id
 
+    def intact_stream(self, name: str) -> bytes | None:
+        """Like has_stream, and the stream is intact: its own object hashes to its name and
+        every object and named ref it lists is present. A pull takes a stored layer only when
+        this says so, so a damaged or half-deleted one is imported again (self-healing).
+        Objects' contents are not re-hashed here (that is `pycfs fsck`)."""
+        object_id = self.has_stream(name)
+        if object_id is None:
+            return None
+        try:
+            data = self.read_object(object_id)
+            if digest_bytes(data, self.alg) != object_id:
+                return None
+            reader = SplitStreamReader(data, self.alg)
+        except (PycfsError, OSError):
+            return None
+        refs = list(reader.object_refs) + list(reader.named_refs.values())
+        if all(self.has_object(ref) for ref in refs):
+            return object_id
+        return None
+
     def write_stream(self, writer: SplitStreamWriter, name: str, ref: str | None = None) -> bytes:
         """Store the splitstream, sync, then make it visible as streams/<name> (and a ref)."""
         check_name(name, "stream", allow_slash=False)
-        self._require_writable()
+        self.require_writable()
         object_id = self.ensure_object(writer.finish())
         # Crash barrier: a visible stream implies its objects are on disk.
         self.sync()
@@ -505,7 +556,7 @@ class Repository:
         return SplitStreamWriter(self.alg, content_type)
 
     def write_image(self, data: bytes, ref: str | None = None) -> bytes:
-        self._require_writable()
+        self.require_writable()
         object_id = self.ensure_object(data)
         self._symlink(f"images/{object_id.hex()}", self.object_relpath(object_id))
         if ref is not None:
@@ -618,13 +669,33 @@ def _write_new_file(dirfd: int, name: str, content: bytes) -> None:
         os.close(fd)
 
 
+class _NoMeta(Exception):
+    """The directory has no meta.json (yet)."""
+
+
+def _open_repo_dir(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _settings(meta: dict) -> str:
+    formats = meta.get("erofs_formats") or {}
+    return f"algorithm {meta.get('algorithm')!r}, EROFS format {formats.get('default', '?')}"
+
+
 def _read_meta(path: Path, dirfd: int) -> dict:
     try:
-        fd = os.open("meta.json", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirfd)
+        fd = os.open("meta.json", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dirfd)
     except FileNotFoundError:
-        raise RepositoryError(f"{path} has no meta.json: not a composefs repository (run `pycfs --repo {path} init`)") from None
-    with os.fdopen(fd, "rb") as f:
-        raw = f.read()
+        raise _NoMeta() from None
+    except OSError as e:
+        raise RepositoryError(f"cannot read {path}/meta.json: {describe_oserror(e)}") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise RepositoryError(f"{path}/meta.json is not a regular file: not a composefs repository")
+            raw = f.read(1 << 20)
+    except OSError as e:
+        raise RepositoryError(f"cannot read {path}/meta.json: {describe_oserror(e)}") from None
     meta = parse_object(raw, f"{path}/meta.json", RepositoryError)
     version = meta.get("version")
     if not isinstance(version, int) or version > FORMAT_VERSION:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import zstandard
 
+from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, HASH_ALG_IDS
 
 MAGIC = b"SplitStream"
@@ -48,7 +49,7 @@ CONTENT_OSTREE_COMMIT = 0xAFE138C18C463EF1
 CONTENT_OSTREE_SUMMARY = _magic(b"osummary")
 
 
-class SplitStreamError(ValueError):
+class SplitStreamError(PycfsError, ValueError):
     """A splitstream file is malformed; the message says where."""
 
 

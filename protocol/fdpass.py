@@ -22,6 +22,8 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
+from pycfs.protocol.errors import PycfsError
+
 # Linux's per-sendmsg limit (include/net/scm.h).
 SCM_MAX_FD = 253
 # A receive buffer sized for two kernel batches: a single recvmsg never returns more than
@@ -32,7 +34,7 @@ CONTINUATION = b" "
 _FD_SIZE = array.array("i").itemsize
 
 
-class FdPassError(Exception):
+class FdPassError(PycfsError):
     """The kernel lost or refused fds (truncated control data, EMFILE while receiving)."""
 
     code = -32050  # jsonrpc-fdpass "File Descriptor Error"

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pycfs.protocol.errors import PycfsError
 from pycfs.protocol.fdpass import close_fds
 
 PARSE_ERROR = -32700
@@ -53,7 +54,7 @@ _INSIDE = re.compile(rb'["\\]')
 _NON_WS = re.compile(rb"[^ \t\r\n]")
 
 
-class ProtocolError(Exception):
+class ProtocolError(PycfsError):
     """A fatal framing or fd-count error; ``code`` is the JSON-RPC error code."""
 
     code = INTERNAL_ERROR

@@ -2,20 +2,30 @@
 
 Each module in pycfs.tools.commands has `register(subparsers)` that adds its
 sub-commands and sets `handler` (a callable taking the parsed args, returning the exit
-status).
+status). This is the error edge: whatever a command raises ends here as one line on
+stderr (exit 1; argparse's usage errors exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import os
 import sys
 
-from pycfs.host.errors import PycfsError
+from pycfs.host.errors import first_error, user_message
 from pycfs.host.syscalls import raise_open_file_limit
 
 # Order is the order of `pycfs --help`.
 COMMAND_MODULES = ["repo", "oci", "erofs", "mount"]
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pycfs")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pycfs",
         description="composefs repositories, images and rootless container-image import.",
     )
+    parser.add_argument("--version", action="version", version=f"pycfs {_version()}")
     parser.add_argument(
         "--repo",
         metavar="PATH",
@@ -40,16 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     raise_open_file_limit()
     try:
         return int(args.handler(args) or 0)
-    except PycfsError as e:
-        print(f"pycfs: error: {e}", file=sys.stderr)
+    except BaseException as exc:  # the one place every failure becomes a line
+        e = first_error(exc)
+        if isinstance(e, KeyboardInterrupt):
+            print("pycfs: interrupted", file=sys.stderr)
+            return 130
+        if isinstance(e, BrokenPipeError):
+            # `pycfs cat X | head`: the reader left, nothing to report.
+            sys.stderr.close()
+            return 0
+        if isinstance(e, SystemExit):
+            raise
+        if os.environ.get("PYCFS_DEBUG"):
+            raise
+        print(f"pycfs: error: {user_message(e)}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
-        # `pycfs cat X | head`: the reader left, nothing to report.
-        sys.stderr.close()
-        return 0
-    except KeyboardInterrupt:
-        print("pycfs: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

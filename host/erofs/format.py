@@ -12,6 +12,8 @@ import functools
 import struct
 from dataclasses import dataclass
 
+from pycfs.host.errors import PycfsError
+
 BLOCK_SIZE = 4096
 BLOCK_BITS = 12
 SUPERBLOCK_OFFSET = 1024
@@ -70,7 +72,7 @@ XATTR_PREFIXES: dict[int, bytes] = {
 }
 
 
-class FormatError(ValueError):
+class FormatError(PycfsError, ValueError):
     """A structure in an image is malformed or truncated."""
 
 

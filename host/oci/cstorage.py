@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import os
 import stat
+import functools
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -41,9 +42,9 @@ from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import parse_object
 from pycfs.host.nursery import open_nursery
-from pycfs.host.oci import streams
-from pycfs.host.oci.image import parse_layer
+from pycfs.host.oci.image import finish_pull, parse_layer
 from pycfs.host.oci.result import ImportStats, PullResult
+from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.storage.locks import ReadLocks
@@ -77,13 +78,6 @@ class HelperOpener(FdOpener, Protocol):
     info: dict | None  # None until the helper has started
 
     async def hello(self) -> dict: ...
-
-
-class PullProgress(Protocol):
-    def waiting_for_lock(self) -> None: ...
-    def layer_started(self, diff_id: str, total_bytes: int | None) -> None: ...
-    def advance(self, diff_id: str, nbytes: int) -> None: ...
-    def layer_done(self, diff_id: str, already_present: bool) -> None: ...
 
 
 def _sha256_digest(data: bytes) -> str:
@@ -689,11 +683,13 @@ async def pull_image(
             await locks.acquire(on_wait=progress.waiting_for_lock if progress else None)
             source = await trio.to_thread.run_sync(read_image, storage, ref)
             stats.layers = len(source.layers)
+            if progress is not None:
+                progress.layers([(layer.diff_id, layer.layer.diff_size) for layer in source.layers])
             on_wait = progress.waiting_for_lock if progress else None
             gate = _HelperGate(helper, locks, storage, source, ref, on_wait) if helper is not None else None
             async with open_pool(repo=repo, jobs=jobs) as pool:
                 for layer in source.layers:
-                    existing = repo.has_stream(f"oci-layer-{layer.diff_id}")
+                    existing = repo.intact_stream(f"oci-layer-{layer.diff_id}")
                     if existing is not None:
                         stats.layers_already_present += 1
                         layer_streams.append((layer.diff_id, existing))
@@ -709,20 +705,22 @@ async def pull_image(
                         progress.layer_done(layer.diff_id, False)
         finally:
             locks.release()
-    config_stream, manifest_stream = await trio.to_thread.run_sync(
-        streams.finish_image, repo, source.manifest_digest, source.manifest, source.config_digest,
-        source.config, layer_streams, tag, limiter=limiter
+    finished = await trio.to_thread.run_sync(
+        functools.partial(finish_pull, repo, source.manifest_digest, source.manifest, source.config_digest,
+                          source.config, layer_streams, tag, build_image=parse_layers, parsed=layer_entries,
+                          on_phase=progress.phase if progress is not None else None),
+        limiter=limiter,
     )
     return PullResult(
         tag=tag,
         manifest_digest=source.manifest_digest,
         config_digest=source.config_digest,
-        manifest_stream_id=manifest_stream,
-        config_stream_id=config_stream,
+        manifest_stream_id=finished.manifest_stream_id,
+        config_stream_id=finished.config_stream_id,
         layers=layer_streams,
         stats=stats,
         seconds=time.monotonic() - started,
         source_id=source.image.id,
         names=list(source.image.names),
-        layer_entries=layer_entries,
+        images=finished.images,
     )

@@ -10,7 +10,9 @@ security.capability (plus user.* on request).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from pycfs.host.erofs.writer import write_image as write_erofs
 from pycfs.host.errors import PycfsError
@@ -18,16 +20,16 @@ from pycfs.host.fsverity import digest_bytes
 from pycfs.host.oci.layer import Directory as DirEntry
 from pycfs.host.oci.layer import Hardlink, LayerEntry, iter_layer_entries
 from pycfs.host.oci.streams import (
-    IMAGE_REF_PREFIX, StoredImage, open_image, write_config_stream, write_manifest_stream,
+    IMAGE_REF_PREFIX, config_stream_name, open_image, read_json_stream, tag_image, write_config_stream,
+    write_manifest_stream,
 )
+from pycfs.host.oci.result import IMAGE_REF_NAMES
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.tree import Directory, FileSystem, Leaf, Stat
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
-# The config stream has a slot per format: V2 is plain `composefs.image`, V1 `.v1`; V0 has none.
-IMAGE_REF_NAMES = {2: IMAGE_REF_PREFIX, 1: IMAGE_REF_PREFIX + ".v1"}
 
 
 class ImageBuildError(PycfsError):
@@ -122,14 +124,20 @@ def parse_layer(repo: Repository, layer_id: bytes) -> list[LayerEntry]:
     return list(iter_layer_entries(repo.open_stream_by_id(layer_id, CONTENT_OCI_LAYER)))
 
 
-def build_filesystem(repo: Repository, image: StoredImage, keep_user_xattrs: bool = False,
+def _diff_ids(config_raw: bytes) -> list[str]:
+    return list(json.loads(config_raw).get("rootfs", {}).get("diff_ids", []))
+
+
+def build_filesystem(repo: Repository, diff_ids: Sequence[str], layer_ids: Mapping[str, bytes],
+                     keep_user_xattrs: bool = False,
                      parsed: Mapping[bytes, list[LayerEntry]] | None = None) -> FileSystem:
-    """The merged tree; ``parsed``: layers already parsed (by layer stream id)."""
+    """The merged tree of the layers (diff_ids in config order, layer_ids: diff_id -> layer
+    stream id); ``parsed``: layers already parsed (by layer stream id)."""
     root = Directory(Stat())
-    for diff_id in image.diff_ids:
-        layer_id = image.layer_ids.get(diff_id)
+    for diff_id in diff_ids:
+        layer_id = layer_ids.get(diff_id)
         if layer_id is None:
-            raise ImageBuildError(f"config stream of {image.config_digest} has no layer {diff_id}: re-pull the image")
+            raise ImageBuildError(f"the image has no layer stream for {diff_id}: re-pull the image")
         entries = (parsed or {}).get(layer_id)
         if entries is None:
             entries = iter_layer_entries(repo.open_stream_by_id(layer_id, CONTENT_OCI_LAYER))
@@ -149,28 +157,96 @@ def format_versions(repo: Repository) -> list[int]:
 def compute_image_id(repo: Repository, ref: str, version: int | None = None) -> bytes:
     """The fs-verity digest the image of ref would have, writing nothing."""
     image = open_image(repo, ref)
-    fs = build_filesystem(repo, image)
+    fs = build_filesystem(repo, image.diff_ids, image.layer_ids)
     return digest_bytes(write_erofs(fs, version if version is not None else repo.erofs_default), repo.alg)
 
 
-def create_image(repo: Repository, ref: str, parsed: Mapping[bytes, list[LayerEntry]] | None = None) -> dict[int, bytes]:
-    """Write the EROFS image(s) of ref and record them in its config stream (rewriting the
-    manifest stream to point at the new config stream; tags name the manifest stream, so
-    they follow). Returns {format version: image id}. ``parsed``: see `build_filesystem`."""
-    image = open_image(repo, ref)
+def _image_versions(repo: Repository) -> list[int]:
     versions = format_versions(repo)
     missing = [v for v in versions if v not in IMAGE_REF_NAMES]
     if missing:
         raise ImageBuildError(f"the repository's EROFS format {missing[0]} has no slot in OCI config streams; "
                               "use a repository initialised with --erofs-version 1 or 2")
-    existing = {v: image.image_refs.get(IMAGE_REF_NAMES[v]) for v in versions}
-    if all(i is not None and repo.has_object(i) for i in existing.values()):
-        return existing  # built by an earlier pull: layers are immutable, so is the image
-    fs = build_filesystem(repo, image, parsed=parsed)
-    image_ids = {v: repo.write_image(write_erofs(fs, v)) for v in versions}
+    return versions
+
+
+def _sound_images(repo: Repository, refs: Mapping[str, bytes], versions: Sequence[int]) -> dict[int, bytes] | None:
+    """The recorded images of every wanted version when each is present and intact (an image
+    is small: re-hashing it costs milliseconds and catches truncation or damage), else None."""
+    found = {v: refs.get(IMAGE_REF_NAMES[v]) for v in versions}
+    if all(i is not None and repo.object_intact(i) for i in found.values()):
+        return {v: i for v, i in found.items() if i is not None}
+    return None
+
+
+def _write_images(repo: Repository, diff_ids: Sequence[str], layer_ids: Mapping[str, bytes],
+                  versions: Sequence[int], parsed: Mapping[bytes, list[LayerEntry]] | None) -> dict[int, bytes]:
+    fs = build_filesystem(repo, diff_ids, layer_ids, parsed=parsed)
+    return {v: repo.write_image(write_erofs(fs, v)) for v in versions}
+
+
+def _image_refs(image_ids: Mapping[int, bytes], others: Mapping[str, bytes]) -> list[tuple[str, bytes]]:
+    kept = [(n, i) for n, i in others.items() if n not in IMAGE_REF_NAMES.values()]
+    return [(IMAGE_REF_NAMES[v], image_ids[v]) for v in (2, 1) if v in image_ids] + kept
+
+
+def create_image(repo: Repository, ref: str) -> dict[int, bytes]:
+    """(Re)write the EROFS image(s) of a stored image when missing or damaged, and record them
+    in its config stream (rewriting the manifest stream to point at the new config stream;
+    tags name the manifest stream, so they follow). Returns {format version: image id}."""
+    image = open_image(repo, ref)
+    versions = _image_versions(repo)
+    sound = _sound_images(repo, image.image_refs, versions)
+    if sound is not None:
+        return sound  # layers are immutable, so is the image
+    image_ids = _write_images(repo, image.diff_ids, image.layer_ids, versions, None)
     layers = [(d, image.layer_ids[d]) for d in image.diff_ids]
-    kept = [(n, i) for n, i in image.image_refs.items() if n not in IMAGE_REF_NAMES.values()]
-    image_refs = [(IMAGE_REF_NAMES[v], image_ids[v]) for v in (2, 1) if v in image_ids] + kept
-    config_id = write_config_stream(repo, image.config_digest, image.config_raw, layers, image_refs)
+    config_id = write_config_stream(repo, image.config_digest, image.config_raw, layers,
+                                    _image_refs(image_ids, image.image_refs))
     write_manifest_stream(repo, image.manifest_digest, image.manifest_raw, image.config_digest, config_id, layers)
     return image_ids
+
+
+@dataclass
+class FinishedImage:
+    config_stream_id: bytes
+    manifest_stream_id: bytes
+    images: dict[int, bytes]  # EROFS format version -> image id
+
+
+def finish_pull(repo: Repository, manifest_digest: str, manifest_raw: bytes, config_digest: str,
+                config_raw: bytes, layers: list[tuple[str, bytes]], tag: str | None, *, build_image: bool = True,
+                parsed: Mapping[bytes, list[LayerEntry]] | None = None,
+                on_phase: Callable[[str], None] | None = None) -> FinishedImage:
+    """The end of every pull, once the layer streams are stored: the EROFS image(s) (unless
+    ``build_image`` is false, or an intact one is recorded already), then the config stream
+    with its image refs and the manifest stream, each written once, then the tag, last: a
+    failure anywhere before leaves no tag. ``layers``: (diff_id, layer stream id) in config
+    order; ``parsed``: layers already parsed (see `build_filesystem`)."""
+    recorded: dict[str, bytes] = {}
+    config_id = repo.has_stream(config_stream_name(config_digest))
+    if config_id is not None:
+        try:
+            reader = repo.open_stream_by_id(config_id)
+            if read_json_stream(repo, reader, config_digest, "config") == config_raw:
+                recorded = {n: i for n, i in reader.named_refs.items() if n.startswith(IMAGE_REF_PREFIX)}
+        except PycfsError:
+            pass  # a damaged config stream is simply rewritten
+    images: dict[int, bytes] = {}
+    if build_image:
+        versions = _image_versions(repo)
+        found = _sound_images(repo, recorded, versions)
+        if found is None:
+            if on_phase is not None:
+                on_phase("image")
+            found = _write_images(repo, _diff_ids(config_raw), dict(layers), versions, parsed)
+        images = found
+    else:
+        images = {v: i for v, n in IMAGE_REF_NAMES.items() if (i := recorded.get(n)) is not None and repo.has_object(i)}
+    if on_phase is not None:
+        on_phase("streams")
+    config_id = write_config_stream(repo, config_digest, config_raw, layers, _image_refs(images, recorded))
+    manifest_id = write_manifest_stream(repo, manifest_digest, manifest_raw, config_digest, config_id, layers)
+    if tag is not None:
+        tag_image(repo, tag, manifest_digest)
+    return FinishedImage(config_id, manifest_id, images)

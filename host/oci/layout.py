@@ -7,6 +7,7 @@ Manifest lists / image indexes are resolved to the manifest for this machine's p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -29,14 +30,10 @@ from pycfs.host.oci.layer import (
     parse_digest,
     split_tar,
 )
+from pycfs.host.oci.image import finish_pull
 from pycfs.host.oci.result import ImportStats, PullResult
-from pycfs.host.oci.streams import (
-    config_stream_name,
-    finish_image,
-    read_json_stream,
-)
+from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
-from pycfs.host.splitstream import CONTENT_OCI_CONFIG
 
 MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -225,19 +222,10 @@ def import_layout_layer(repo: Repository, layout: OciLayout, desc: Descriptor, d
     return layer
 
 
-def _first_user_error(group: BaseExceptionGroup) -> BaseException:
-    """Layers fail independently; when they all failed for user-facing reasons, report the
-    first one as a plain error (the CLI prints one line), else keep the whole group."""
-    matched, rest = group.split(PycfsError)
-    if matched is None or rest is not None:
-        return group
-    while isinstance(matched, BaseExceptionGroup):
-        matched = matched.exceptions[0]
-    return matched
-
-
-async def pull_oci_layout(repo: Repository, source: str, tag: str) -> PullResult:
-    """Pull `DIR[:TAG]` (the part after `oci:`) and tag the manifest stream as `tag`."""
+async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, build_image: bool = True,
+                          progress: PullProgress | None = None) -> PullResult:
+    """Pull `DIR[:TAG]` (the part after `oci:`) and tag the manifest stream as `tag`. Layers
+    whose stream is missing or damaged are imported (again)."""
     started = time.monotonic()
     directory, _, layout_tag = source.partition(":")
     if not directory:
@@ -247,47 +235,42 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str) -> PullResult
     manifest = parse_object(manifest_raw, f"manifest {manifest_desc.digest}")
     config_desc = Descriptor.from_json(manifest.get("config"), f"manifest {manifest_desc.digest} config")
     stats = ImportStats()
+    config_raw = await trio.to_thread.run_sync(layout.read_blob, config_desc, "config")
+    layers = image_layers(manifest, config_raw, manifest_desc.digest)
+    if progress is not None:
+        progress.layers(list({d: desc.size for desc, d in layers.layers}.items()))
+    todo: dict[str, Descriptor] = {}
+    for desc, diff_id in layers.layers:
+        if repo.intact_stream(layer_stream_name(diff_id)) is None:
+            todo.setdefault(diff_id, desc)
+        elif progress is not None:
+            progress.layer_done(diff_id, True)
+    stats.layers = len({d for _, d in layers.layers})
+    stats.layers_already_present = stats.layers - len(todo)
+    limiter = trio.CapacityLimiter(os.cpu_count() or 1)
 
-    config_id = repo.has_stream(config_stream_name(config_desc.digest))
-    if config_id is not None:
-        # Already pulled (maybe by another transport): its refs say where the layers are.
-        reader = repo.open_stream_by_id(config_id, CONTENT_OCI_CONFIG)
-        config_raw = read_json_stream(repo, reader, config_desc.digest, "config")
-        layers = image_layers(manifest, config_raw, manifest_desc.digest)
-        try:
-            layer_refs = [(d, reader.named_refs[d]) for _, d in layers.layers]
-        except KeyError as e:
-            raise PycfsError(f"config stream for {config_desc.digest} has no ref for layer {e.args[0]}") from None
-        stats.layers = stats.layers_already_present = len({d for _, d in layers.layers})
-    else:
-        config_raw = await trio.to_thread.run_sync(layout.read_blob, config_desc, "config")
-        layers = image_layers(manifest, config_raw, manifest_desc.digest)
-        todo: dict[str, Descriptor] = {}
-        for desc, diff_id in layers.layers:
-            if repo.has_stream(layer_stream_name(diff_id)) is None:
-                todo.setdefault(diff_id, desc)
-        stats.layers = len({d for _, d in layers.layers})
-        stats.layers_already_present = stats.layers - len(todo)
-        limiter = trio.CapacityLimiter(os.cpu_count() or 1)
+    async def one(diff_id: str, desc: Descriptor) -> None:
+        if progress is not None:
+            progress.layer_started(diff_id, desc.size)
+        layer = await trio.to_thread.run_sync(import_layout_layer, repo, layout, desc, diff_id, limiter=limiter)
+        stats.add(layer.stats)
+        if progress is not None:
+            progress.advance(diff_id, desc.size)
+            progress.layer_done(diff_id, False)
 
-        async def one(diff_id: str, desc: Descriptor) -> None:
-            layer = await trio.to_thread.run_sync(import_layout_layer, repo, layout, desc, diff_id, limiter=limiter)
-            stats.add(layer.stats)
+    async with trio.open_nursery() as nursery:
+        for diff_id, desc in sorted(todo.items(), key=lambda kv: -kv[1].size):  # largest first
+            nursery.start_soon(one, diff_id, desc)
+    layer_refs = []
+    for _, diff_id in layers.layers:
+        stream_id = repo.has_stream(layer_stream_name(diff_id))
+        if stream_id is None:
+            raise PycfsError(f"layer {diff_id} vanished from the repository during the pull")
+        layer_refs.append((diff_id, stream_id))
 
-        try:
-            async with trio.open_nursery() as nursery:
-                for diff_id, desc in sorted(todo.items(), key=lambda kv: -kv[1].size):  # largest first
-                    nursery.start_soon(one, diff_id, desc)
-        except BaseExceptionGroup as group:
-            raise _first_user_error(group) from None
-        layer_refs = []
-        for _, diff_id in layers.layers:
-            stream_id = repo.has_stream(layer_stream_name(diff_id))
-            if stream_id is None:
-                raise PycfsError(f"layer {diff_id} vanished from the repository during the pull")
-            layer_refs.append((diff_id, stream_id))
-
-    config_id, manifest_id = finish_image(repo, manifest_desc.digest, manifest_raw, config_desc.digest, config_raw,
-                                          layer_refs, tag)
-    return PullResult(tag, manifest_desc.digest, config_desc.digest, manifest_id, config_id, layer_refs, stats,
-                      time.monotonic() - started)
+    finished = await trio.to_thread.run_sync(functools.partial(
+        finish_pull, repo, manifest_desc.digest, manifest_raw, config_desc.digest, config_raw, layer_refs, tag,
+        build_image=build_image, on_phase=progress.phase if progress is not None else None))
+    return PullResult(tag, manifest_desc.digest, config_desc.digest, finished.manifest_stream_id,
+                      finished.config_stream_id, layer_refs, stats, time.monotonic() - started,
+                      images=finished.images)

@@ -9,14 +9,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import trio
-
 from pycfs.host.errors import PycfsError
-from pycfs.host.oci.cstorage import PullProgress, pull_image
-from pycfs.host.oci.image import create_image
+from pycfs.host.oci.cstorage import pull_image
 from pycfs.host.oci.layout import pull_oci_layout
 from pycfs.host.oci.result import PullResult
-from pycfs.host.oci.streams import config_stream_name, manifest_stream_name
+from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.storage.config import load_storage_config
 from pycfs.host.storage.store import Storage, parse_reference
@@ -50,7 +47,7 @@ async def _pull_containers_storage(repo: Repository, source: str, tag: str | Non
 
 
 async def _pull_oci_layout(repo: Repository, source: str, tag: str | None, options: PullOptions) -> PullResult:
-    return await pull_oci_layout(repo, source, tag)
+    return await pull_oci_layout(repo, source, tag, build_image=options.create_image, progress=options.progress)
 
 
 TRANSPORTS: dict[str, Callable[[Repository, str, str | None, PullOptions], Awaitable[PullResult]]] = {
@@ -68,12 +65,8 @@ def split_reference(image: str) -> tuple[str, str]:
 
 
 async def pull(repo: Repository, image: str, tag: str | None, options: PullOptions) -> PullResult:
+    """Import the image's layers (those not stored intact already), build its EROFS image,
+    write its config and manifest streams once, and tag it last."""
     transport, source = split_reference(image)
-    result = await TRANSPORTS[transport](repo, source, tag, options)
-    if options.create_image:
-        parsed, result.layer_entries = result.layer_entries, {}
-        result.images = await trio.to_thread.run_sync(create_image, repo, "@" + result.manifest_digest, parsed)
-        # the image refs went into rewritten config and manifest streams: report those
-        result.config_stream_id = repo.has_stream(config_stream_name(result.config_digest))
-        result.manifest_stream_id = repo.has_stream(manifest_stream_name(result.manifest_digest))
-    return result
+    repo.require_writable()
+    return await TRANSPORTS[transport](repo, source, tag, options)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+# The config stream's named ref of each EROFS format's image: V2 is plain `composefs.image`,
+# V1 `.v1`; V0 has none. `oci images --json` and `oci pull --json` both name images by them.
+IMAGE_REF_NAMES = {2: "composefs.image", 1: "composefs.image.v1"}
+
 
 def human_size(n: int) -> str:
     """Binary units with two decimals, as composefs-rs prints sizes."""
@@ -53,7 +57,7 @@ class ImportStats:
             f"{self.objects_reflinked} reflinked ({human_size(self.bytes_reflinked)}), "
             f"{self.objects_copied} copied ({human_size(self.bytes_copied)}), "
             f"{self.objects_already_present} already present ({human_size(self.bytes_already_present)}); "
-            f"{human_size(self.bytes_inlined)} inline in {self.files_inlined} small files"
+            f"{self.files_inlined} small files inline ({human_size(self.bytes_inlined)} with the tar headers)"
         )
 
 
@@ -70,9 +74,6 @@ class PullResult:
     source_id: str | None = None  # the image ID in containers-storage
     names: list[str] = field(default_factory=list)  # its names there
     images: dict[int, bytes] = field(default_factory=dict)  # EROFS format version -> image id
-    # The layers this pull imported, already parsed for the image build (layer stream id ->
-    # entries): filled by transports that parse one layer while importing the next.
-    layer_entries: dict[bytes, list] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:
         return {
@@ -84,7 +85,7 @@ class PullResult:
             "manifest_verity": self.manifest_stream_id.hex(),
             "config_verity": self.config_stream_id.hex(),
             "layers": [{"diff_id": d, "verity": v.hex()} for d, v in self.layers],
-            "images": {f"v{v}": i.hex() for v, i in sorted(self.images.items())},
+            "images": {IMAGE_REF_NAMES[v]: i.hex() for v, i in sorted(self.images.items()) if v in IMAGE_REF_NAMES},
             "stats": asdict(self.stats),
             "seconds": round(self.seconds, 3),
         }

@@ -217,18 +217,3 @@ def open_image(repo: Repository, image: str) -> StoredImage:
     images = {n: i for n, i in config_reader.named_refs.items() if n.startswith(IMAGE_REF_PREFIX)}
     return StoredImage(manifest_digest, manifest_raw, repo.has_stream(manifest_stream_name(manifest_digest)) or b"",
                        config_digest, config_raw, config_id, layers, images)
-
-
-def finish_image(repo: Repository, manifest_digest: str, manifest_raw: bytes, config_digest: str,
-                 config_raw: bytes, layers: list[tuple[str, bytes]], tag: str | None) -> tuple[bytes, bytes]:
-    """After the layers: config and manifest streams (unless present: an existing config
-    stream may already carry EROFS image refs), then the tag. Returns (config id, manifest id)."""
-    config_id = repo.has_stream(config_stream_name(config_digest))
-    if config_id is None:
-        config_id = write_config_stream(repo, config_digest, config_raw, layers)
-    manifest_id = repo.has_stream(manifest_stream_name(manifest_digest))
-    if manifest_id is None:
-        manifest_id = write_manifest_stream(repo, manifest_digest, manifest_raw, config_digest, config_id, layers)
-    if tag is not None:
-        tag_image(repo, tag, manifest_digest)
-    return config_id, manifest_id

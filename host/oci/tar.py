@@ -148,12 +148,16 @@ class TarHeader:
         if len(block) != BLOCK:
             raise TarError(f"truncated tar header at offset {offset}: {len(block)} of {BLOCK} bytes")
         f = HEADER.unpack(block)
-        chksum = parse_number(f[6], "chksum")
+        try:
+            chksum = parse_number(f[6], "chksum")
+        except TarError:
+            raise TarError(f"not a tar archive: no valid tar header at offset {offset}") from None
         # The unsigned sum first: the signed one (old tars) only matters when it differs.
         unsigned = (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2 - sum(f[6]) + 8 * 0x20
         if chksum != unsigned and chksum not in header_checksums(block):
             raise TarError(
-                f"bad tar header checksum at offset {offset}: stored {chksum}, computed {header_checksums(block)[0]}"
+                f"not a tar archive, or a damaged one: bad tar header checksum at offset {offset} "
+                f"(stored {chksum}, computed {header_checksums(block)[0]})"
             )
 
         def num(i: int, what: str) -> int:

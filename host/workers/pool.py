@@ -26,7 +26,7 @@ import resource
 import socket
 import stat
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -288,9 +288,10 @@ MEASURE_BATCH = 64  # files per request: enough to amortise a round trip, small 
 
 
 async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha256",
-                       jobs: int | None = None) -> list[bytes | OSError]:
+                       jobs: int | None = None, on_done: Callable[[int], None] | None = None) -> list[bytes | OSError]:
     """The fs-verity digest of each file, in order, hashed by a pool of workers; a path that
-    cannot be opened, is not a regular file or cannot be read gives its OSError."""
+    cannot be opened, is not a regular file or cannot be read gives its OSError. ``on_done``
+    hears how many more files are done, batch by batch (for progress)."""
     results: list = [None] * len(paths)  # every slot is filled before the pool closes
     send, receive = trio.open_memory_channel(0)
 
@@ -326,6 +327,8 @@ async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha2
                 for i, o in enumerate(opened, start):
                     got = o if isinstance(o, OSError) else next(digests)
                     results[i] = OSError(got.errno, got.message) if isinstance(got, Failed) else got
+                if on_done is not None:
+                    on_done(len(opened))
 
         async with open_nursery() as nursery:
             for _ in range(pool.batches_in_flight(MEASURE_BATCH)):

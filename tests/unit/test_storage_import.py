@@ -19,9 +19,12 @@ from fdcount import open_fd_count
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsck import fsck
 from pycfs.host.oci import cstorage
-from pycfs.host.oci.image import parse_layer
+from pycfs.host.erofs.writer import write_image as write_erofs
+from pycfs.host.fsverity import digest_bytes
+from pycfs.host.oci.image import build_filesystem
 from pycfs.host.oci.layer import import_layer
 from pycfs.host.oci.result import PullResult
+from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.storage.store import Storage, Store
 from pycfs.host.storage.tarsplit import FileEntry, Segment, iter_entries, write_entries
@@ -184,10 +187,16 @@ def test_config_digest_checked(tmp_path, repo):
         _pull(repo, fake)
 
 
-class _RecordingProgress:
+class _RecordingProgress(PullProgress):
     def __init__(self):
         self.events = []
         self.bytes = {}
+
+    def layers(self, layers):
+        self.events.append(("layers", [d for d, _ in layers]))
+
+    def phase(self, name):
+        self.events.append(("phase", name))
 
     def waiting_for_lock(self):
         self.events.append("wait")
@@ -208,15 +217,17 @@ def test_progress_reports_every_byte(tmp_path, repo):
     base, top = _two_layers(fake)
     progress = _RecordingProgress()
     _pull(repo, fake, progress=progress)
-    assert progress.events == [("start", base.diff_id, len(base.tar)), ("done", base.diff_id, False),
-                               ("start", top.diff_id, len(top.tar)), ("done", top.diff_id, False)]
+    assert progress.events == [("layers", [base.diff_id, top.diff_id]),
+                               ("start", base.diff_id, len(base.tar)), ("done", base.diff_id, False),
+                               ("start", top.diff_id, len(top.tar)), ("done", top.diff_id, False),
+                               ("phase", "streams")]
     assert progress.bytes == {base.diff_id: len(base.tar), top.diff_id: len(top.tar)}
     assert hashlib.sha256(_cat(repo, top.diff_id)).hexdigest() == top.diff_id[7:]
 
 
 def test_one_worker_and_a_repeated_layer_and_parsed_entries(tmp_path, repo):
-    """jobs=1; a diff_id twice in one image imports once; parse_layers hands the image build
-    exactly what parsing the stored stream gives."""
+    """jobs=1; a diff_id twice in one image imports once; the image built from the layers
+    parsed during the import is the one built from the stored streams."""
     fake = FakeStore(tmp_path / "storage", "overlay")
     files = {"etc": None, "etc/big": BIG, "etc/small": SMALL}
     base = fake.add_layer(files)
@@ -228,8 +239,9 @@ def test_one_worker_and_a_repeated_layer_and_parsed_entries(tmp_path, repo):
     assert [d for d, _ in result.layers] == [base.diff_id, base.diff_id]
     assert (result.stats.layers, result.stats.layers_already_present) == (2, 1)
     assert _cat(repo, base.diff_id) == base.tar
-    assert list(result.layer_entries) == [stream_id]
-    assert result.layer_entries[stream_id] == parse_layer(repo, stream_id)
+    assert result.images and result.images == {
+        v: digest_bytes(write_erofs(build_filesystem(repo, [base.diff_id] * 2, {base.diff_id: stream_id}), v), repo.alg)
+        for v in result.images}
 
 
 @pytest.mark.parametrize("chunk_entries,in_flight", [(1, 1), (3, 1), (5, 2)])

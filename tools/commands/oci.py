@@ -17,45 +17,7 @@ from pycfs.host.oci.result import PullResult
 from pycfs.host.oci.streams import check_tag, list_images, open_image
 from pycfs.host.repository import Repository
 from pycfs.tools.common import open_repo, positive_int, print_json
-
-
-class _PlainProgress:
-    """Without a terminal: the lock wait and one line per layer on stderr."""
-
-    def waiting_for_lock(self) -> None:
-        print("waiting for containers-storage locks (podman is writing)...", file=sys.stderr)
-
-    def layer_started(self, diff_id: str, total_bytes: int | None) -> None:
-        pass
-
-    def advance(self, diff_id: str, nbytes: int) -> None:
-        pass
-
-    def layer_done(self, diff_id: str, already_present: bool) -> None:
-        print(f"{diff_id}: {'already present' if already_present else 'imported'}", file=sys.stderr)
-
-
-class _RichProgress(_PlainProgress):
-    """One bar per layer (bytes of file content) on a terminal."""
-
-    def __init__(self, stack: ExitStack) -> None:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-        self.progress = stack.enter_context(Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                                     TransferSpeedColumn(), transient=True))
-        self.tasks: dict[str, object] = {}
-
-    def waiting_for_lock(self) -> None:
-        self.progress.console.print("waiting for containers-storage locks (podman is writing)...")
-
-    def layer_started(self, diff_id: str, total_bytes: int | None) -> None:
-        self.tasks[diff_id] = self.progress.add_task(diff_id[7:19], total=total_bytes)
-
-    def advance(self, diff_id: str, nbytes: int) -> None:
-        self.progress.advance(self.tasks[diff_id], nbytes)
-
-    def layer_done(self, diff_id: str, already_present: bool) -> None:
-        self.progress.console.print(f"{diff_id[7:19]}: {'already present' if already_present else 'imported'}")
+from pycfs.tools.progress import add_progress_option, pull_progress
 
 
 def _print_pull(repo: Repository, result: PullResult) -> None:
@@ -77,9 +39,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     check_tag(tag)
     with open_repo(args) as repo, ExitStack() as stack:
         options = PullOptions(storage_root=args.storage_root, verify_diffid=args.verify_diffid, helper=args.helper,
-                              create_image=not args.no_image, jobs=args.jobs)
-        if not args.json:
-            options.progress = _RichProgress(stack) if sys.stderr.isatty() else _PlainProgress()
+                              create_image=not args.no_image, jobs=args.jobs, progress=pull_progress(args, stack))
         result = trio.run(pull, repo, args.image, tag, options)
         if args.json:
             print_json(result.to_json())
@@ -193,7 +153,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", "-j", type=positive_int, metavar="N",
                    help="containers-storage: processes hashing and storing files (default: one per CPU)")
     p.add_argument("--no-image", action="store_true", help="skip writing the composefs image")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as JSON on stdout (progress then goes to stderr as JSON lines)")
+    add_progress_option(p)
     p.set_defaults(handler=cmd_pull)
 
     p = osub.add_parser("import-layer", help="import a tar layer as oci-layer-DIFF_ID",

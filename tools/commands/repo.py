@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import ExitStack
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.repository import ALGORITHMS, Repository
 from pycfs.host.streamcat import write_stream_to_fd
 from pycfs.tools.common import open_repo, positive_int, print_json, repo_path
+from pycfs.tools.progress import Counter, add_progress_option, progress_mode
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -54,20 +56,22 @@ def cmd_measure(args: argparse.Namespace) -> int:
 def cmd_fsck(args: argparse.Namespace) -> int:
     from pycfs.host.fsck import fsck
 
-    with open_repo(args, writable=False) as repo:
-        report = fsck(repo, metadata_only=args.metadata_only)
+    with open_repo(args, writable=args.repair) as repo, ExitStack() as stack:
+        report = fsck(repo, metadata_only=args.metadata_only, verify_layers=args.verify_layers, repair=args.repair,
+                      progress=Counter(progress_mode(args), stack), jobs=args.jobs)
     if args.json:
         print_json(report.as_json())
     else:
         print("\n".join(report.lines()))
-    return 0 if report.ok else 1
+    # After a repair the report still lists what was found; success means all of it was dealt with.
+    return 0 if report.ok or (args.repair and report.repaired) else 1
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from pycfs.host.gc import gc
 
-    with open_repo(args, writable=not args.dry_run) as repo:
-        result = gc(repo, dry_run=args.dry_run)
+    with open_repo(args, writable=not args.dry_run) as repo, ExitStack() as stack:
+        result = gc(repo, dry_run=args.dry_run, progress=Counter(progress_mode(args), stack))
     if args.json:
         print_json(result.as_json() | {"dry_run": args.dry_run})
         return 0
@@ -110,6 +114,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "references, and every ref symlink. Exit status 1 when anything is wrong.")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.add_argument("--metadata-only", action="store_true", help="skip re-hashing object contents")
+    p.add_argument("--verify-layers", action="store_true",
+                   help="also reassemble every layer stream and check its tar's digest against its diff_id")
+    p.add_argument("--repair", action="store_true",
+                   help="remove what cannot be trusted (corrupt objects, broken streams and images, dangling refs) "
+                   "so that pulling the affected images again rebuilds them; says what it removed")
+    p.add_argument("--jobs", "-j", type=positive_int, metavar="N", help="hashing processes (default: one per CPU)")
+    add_progress_option(p)
     p.set_defaults(handler=cmd_fsck)
 
     p = sub.add_parser("gc", help="remove objects no ref reaches",
@@ -117,5 +128,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "and prune dead symlinks. Waits for running imports (repository lock).")
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
+    add_progress_option(p)
     p.set_defaults(handler=cmd_gc)
 
