@@ -105,29 +105,36 @@ class WorkerPool:
 
     # -- calls --
 
-    async def store(self, fds: Sequence[int], sizes: Sequence[int]) -> list[Stored | Failed]:
-        """Store each file as an object of the pool's repository."""
-        return [r if isinstance(r, Failed) else Stored(r[0], api.HOW[r[1]]) for r in await self._each(api.STORE, fds, sizes)]
+    async def store(self, fds: Sequence[int], sizes: Sequence[int],
+                    crcs: Sequence[int | None] | None = None) -> list[Stored | Failed]:
+        """Store each file as an object of the pool's repository; ``crcs``: the CRC-64/GO-ISO
+        each file's content must have (None: unchecked), else that file fails."""
+        results = await self._each(api.STORE, fds, sizes, crcs)
+        return [r if isinstance(r, Failed) else Stored(r[0], api.HOW[r[1]]) for r in results]
 
     async def digest(self, fds: Sequence[int], sizes: Sequence[int]) -> list[bytes | Failed]:
         """The fs-verity digest of each file (``sizes``: their exact lengths)."""
         return [r if isinstance(r, Failed) else r[0] for r in await self._each(api.DIGEST, fds, sizes)]
 
-    async def _each(self, method: str, fds: Sequence[int], sizes: Sequence[int]) -> list[tuple[bytes, str] | Failed]:
-        if len(fds) != len(sizes):
-            raise ValueError(f"{len(fds)} fds but {len(sizes)} sizes")
+    async def _each(self, method: str, fds: Sequence[int], sizes: Sequence[int],
+                    crcs: Sequence[int | None] | None = None) -> list[tuple[bytes, str] | Failed]:
+        if len(fds) != len(sizes) or (crcs is not None and len(crcs) != len(fds)):
+            raise ValueError(f"{len(fds)} fds but {len(sizes)} sizes{'' if crcs is None else f' and {len(crcs)} crcs'}")
         out: list[tuple[bytes, str] | Failed] = []
         for start in range(0, len(fds), api.MAX_FILES_PER_REQUEST):
             end = start + api.MAX_FILES_PER_REQUEST
-            out += await self._call(method, list(fds[start:end]), list(sizes[start:end]))
+            params: dict[str, Any] = {"sizes": list(sizes[start:end])}
+            if crcs is not None:
+                params["crcs"] = list(crcs[start:end])
+            out += await self._call(method, list(fds[start:end]), params)
         return out
 
-    async def _call(self, method: str, fds: list[int], sizes: list[int]) -> list[tuple[bytes, str] | Failed]:
+    async def _call(self, method: str, fds: list[int], params: dict[str, Any]) -> list[tuple[bytes, str] | Failed]:
         await self.start()
         worker = min(self._workers, key=lambda w: len(w.waiting))
         self._next_id += 1
         reply = _Reply(self._next_id)
-        request = {"jsonrpc": "2.0", "method": method, "params": {"sizes": sizes}, "id": reply.id}
+        request = {"jsonrpc": "2.0", "method": method, "params": params, "id": reply.id}
         async with worker.send_lock:
             self._check()
             worker.waiting.append(reply)

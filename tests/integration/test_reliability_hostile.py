@@ -8,6 +8,9 @@ import os
 import tarfile
 import time
 
+from pycfs.host.fsverity import digest_bytes
+from pycfs.host.repository import Repository
+
 PULL_BOUND = 30.0  # seconds; a hang is what these tests catch (the pull itself takes ~1 s)
 
 
@@ -32,9 +35,11 @@ def fifo_tar() -> bytes:
 
 
 def one_error_line(stderr: bytes) -> str:
+    """The one error line (progress lines may come before it), no traceback."""
     lines = stderr.decode().strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pycfs: error: "), lines
-    return lines[0]
+    errors = [line for line in lines if line.startswith("pycfs: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in stderr.decode(), lines
+    return errors[0]
 
 
 def test_fifo_with_a_size_fails_in_one_line_and_lets_the_storage_go(podman_user):
@@ -60,3 +65,33 @@ def test_fifo_with_a_size_fails_in_one_line_and_lets_the_storage_go(podman_user)
     # The storage locks were let go: podman can write to the store at once.
     user.run(["podman", "tag", ref, ref + "-again"], timeout=PULL_BOUND)
     user.podman("rmi", ref, ref + "-again")
+
+
+def test_reflinked_object_is_what_its_name_says_when_the_source_is_rewritten(reflink_dir, monkeypatch):
+    """On a reflink filesystem: the source is rewritten in place (same size) after the first
+    read of the store. The stored object must digest to its name (the digest was once read
+    from the source and the clone taken after)."""
+    repo = Repository.init(reflink_dir / "rewrite-repo")
+    path = reflink_dir / "rewrite-src"
+    old, new = os.urandom(3 << 20), os.urandom(3 << 20)
+    path.write_bytes(old)
+    real, done = os.preadv, []
+
+    def preadv(fd, buffers, offset, *rest):
+        n = real(fd, buffers, offset, *rest)
+        if not done:
+            done.append(True)
+            with open(path, "r+b") as f:
+                f.write(new)
+        return n
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        result = repo.store_object_from_fd(fd)
+    finally:
+        os.close(fd)
+    monkeypatch.undo()
+    assert done and result.how == "reflinked"
+    stored = repo.read_object(result.object_id)
+    assert digest_bytes(stored) == result.object_id and stored == old
