@@ -49,7 +49,6 @@ import argparse
 import json
 import os
 import resource
-import select
 import socket
 import sys
 from collections.abc import Sequence
@@ -309,8 +308,15 @@ class HelperClient:
             os.close(self._helper_pidfd)
             self._helper_pidfd = None
 
-    def _helper_exited(self) -> bool:
-        return self._helper_pidfd is not None and bool(select.select([self._helper_pidfd], [], [], 0)[0])
+    async def _helper_exits(self, within: float) -> bool:
+        """Whether the helper process exits within `within` seconds (a reset socket comes a
+        moment before its exit shows)."""
+        if self._helper_pidfd is None:
+            return False
+        with trio.CancelScope(shield=True), trio.move_on_after(within):
+            await trio.lowlevel.wait_readable(self._helper_pidfd)
+            return True
+        return False
 
     async def _reap(self, grace: float) -> None:
         """Wait (shielded) for the helper to exit, at most `grace` seconds, then for `podman
@@ -497,7 +503,7 @@ class HelperClient:
         proc = self._proc
         assert proc is not None
         self._sock.close()  # EOF for a helper still alive; podman sees its child go
-        died = self._helper_exited()
+        died = await self._helper_exits(0.5)
         await self._reap(0 if died else 2)
         status = proc.returncode
         if self.info is None:
