@@ -27,6 +27,7 @@ the caller.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import deque
 from collections.abc import Sequence
@@ -98,6 +99,18 @@ def encode(obj: dict[str, Any], nfds: int = 0, max_size: int = DEFAULT_MAX_MESSA
     if len(data) > max_size:
         raise FramingError(f"message of {len(data)} bytes exceeds the {max_size}-byte limit")
     return data
+
+
+def _finite(text: str) -> float:
+    """JSON has no infinities: 1e400 would parse to one, and no reply could echo it."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def _no_constant(text: str) -> float:
+    raise ValueError(f"{text} is not a finite number (not JSON)")
 
 
 class Decoder:
@@ -266,7 +279,7 @@ class Decoder:
 
     def _parse(self, raw: bytes) -> dict[str, Any]:
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
             raise FramingError(f"invalid JSON: {e}") from None
         if not isinstance(obj, dict):

@@ -263,6 +263,19 @@ def test_garbage_from_the_host_ends_the_service_with_an_error_reply(served):
     assert status == [3]
 
 
+@pytest.mark.parametrize("request_id", [b"1e400", b"-1e400", b"NaN", b"Infinity", b"-Infinity"])
+def test_a_non_finite_request_id_is_a_protocol_error_not_a_crash(served, request_id):
+    """JSON has no NaN or infinities; the helper once crashed answering such an id (its
+    encoder refuses them). Now the message itself is refused, in an error reply."""
+    client, status = served()
+    client.send_raw(b'{"jsonrpc": "2.0", "method": "hello", "id": ' + request_id + b"}")
+    m = client.receive()
+    assert m.obj["error"]["code"] == -32700 and m.obj["id"] is None
+    assert "not a finite number" in m.obj["error"]["message"]
+    assert client.receive() is None
+    assert status == [3]
+
+
 def test_fds_sent_to_the_service_are_refused_and_closed(served):
     client, status = served()
     r, w = os.pipe()
