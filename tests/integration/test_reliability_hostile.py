@@ -4,9 +4,18 @@ layer and the path, within seconds, with nothing committed and the storage locks
 from __future__ import annotations
 
 import io
+import json
 import os
+import socket
+import stat
+import subprocess
+import sys
 import tarfile
+import tempfile
 import time
+from pathlib import Path
+
+import pytest
 
 from pycfs.host.fsverity import digest_bytes
 from pycfs.host.repository import Repository
@@ -95,3 +104,116 @@ def test_reflinked_object_is_what_its_name_says_when_the_source_is_rewritten(ref
     assert done and result.how == "reflinked"
     stored = repo.read_object(result.object_id)
     assert digest_bytes(stored) == result.object_id and stored == old
+
+
+# ---- a matrix of edits to a copy of a real store ---------------------------------------
+
+MATRIX_FILES = {"srv/a": 5000, "srv/b": 5000, "srv/c": 7000}
+
+
+def _replace(make):
+    def edit(diff: Path, layer: str) -> None:
+        target = diff / "srv/a"
+        target.unlink()
+        make(target, diff)
+    return edit
+
+
+def _bind(path: Path, diff: Path) -> None:
+    cwd = os.getcwd()
+    os.chdir(path.parent)
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(path.name)
+    finally:
+        os.chdir(cwd)
+
+
+def _same_size(diff: Path, layer: str) -> None:
+    data = bytearray((diff / "srv/a").read_bytes())
+    data[100] ^= 0xFF
+    (diff / "srv/a").write_bytes(bytes(data))
+
+
+def _layer_dir_symlink(diff: Path, layer: str) -> None:
+    moved = diff.parent / "moved-diff"
+    diff.rename(moved)
+    diff.symlink_to(moved)
+
+
+def _truncated_tar_split(diff: Path, layer: str) -> None:
+    path = diff.parent.parent.parent / "overlay-layers" / f"{layer}.tar-split.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _layers_json_outside(diff: Path, layer: str) -> None:
+    path = diff.parent.parent.parent / "overlay-layers" / "layers.json"
+    path.write_text(path.read_text().replace(f'"id":"{layer}"', '"id":"../../../../etc"'))
+
+
+HOSTILE = {
+    "fifo": (_replace(lambda p, d: os.mkfifo(p)), "srv/a", "is a fifo"),
+    "socket": (_replace(_bind), "srv/a", "is a socket"),
+    "char device": (_replace(lambda p, d: os.mknod(p, 0o666 | stat.S_IFCHR, os.makedev(1, 5))), "srv/a",
+                    "is a character device"),
+    "directory": (_replace(lambda p, d: p.mkdir()), "srv/a", "is a directory"),
+    "symlink": (_replace(lambda p, d: p.symlink_to("/etc/passwd")), "srv/a", "symlink"),
+    "hardlink to another file": (_replace(lambda p, d: os.link(d / "srv/b", p)), "srv/a", "tar-split checksum"),
+    "same-size change": (_same_size, "srv/a", "tar-split checksum"),
+    "missing file": (_replace(lambda p, d: None), "srv/a", "is missing from the layer directory"),
+    "layer dir a symlink": (_layer_dir_symlink, "/diff", "symlink"),
+    "truncated tar-split": (_truncated_tar_split, ".tar-split.gz", "truncated"),
+    "layers.json outside the root": (_layers_json_outside, "", ""),
+}
+
+
+@pytest.fixture(scope="module")
+def real_store(podman_user, tmp_path_factory):
+    """A small real store made by rootless podman (its own graph root), and its layer id."""
+    user = podman_user
+    base = user.tmpdir("hostile-store-")
+    tar = base / "img.tar"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name in ("srv",):
+            t = tarfile.TarInfo(name)
+            t.type, t.mode = tarfile.DIRTYPE, 0o755
+            tf.addfile(t)
+        for name, size in MATRIX_FILES.items():
+            t = tarfile.TarInfo(name)
+            t.size, t.mode = size, 0o644
+            tf.addfile(t, io.BytesIO(bytes([sum(name.encode()) % 256]) * size))
+    tar.write_bytes(buf.getvalue())
+    os.chown(tar, user.uid, user.gid)
+    root = base / "root"
+    runroot = Path(tempfile.mkdtemp(prefix="hs-", dir=f"/run/user/{user.uid}"))  # podman wants it short
+    os.chown(runroot, user.uid, user.gid)
+    user.podman("--root", root, "--runroot", runroot, "--storage-driver", "overlay", "import", tar, "localhost/hostile:1")
+    layers = json.loads((root / "overlay-layers" / "layers.json").read_text())
+    (layer,) = [entry["id"] for entry in layers]
+    yield root, layer
+    user.run(["podman", "--root", root, "--runroot", runroot, "unshare", "rm", "-rf", root, runroot], check=False)
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_store_edit_fails_in_one_line(real_store, tmp_path, case):
+    """As root (who could open anything: the worst case), on an edited copy of the store."""
+    source, layer = real_store
+    store = tmp_path / "store"
+    subprocess.run(["cp", "-a", source, store], check=True)
+    edit, where, what = HOSTILE[case]
+    edit(store / "overlay" / layer / "diff", layer)
+    repo = tmp_path / "repo"
+    subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", repo, "init"], check=True)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", repo, "oci", "pull", "--helper", "never",
+                             "--storage-root", store, "containers-storage:localhost/hostile:1"],
+                            capture_output=True, timeout=PULL_BOUND)
+    assert time.monotonic() - started < PULL_BOUND
+    assert result.returncode == 1, result
+    line = one_error_line(result.stderr)
+    assert where in line and what in line, line
+    if case != "layers.json outside the root":
+        assert layer[:12] in line, line
+    assert not list((repo / "streams").glob("oci-layer-*")) and not list((repo / "images").glob("*"))
