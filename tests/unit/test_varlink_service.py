@@ -229,7 +229,7 @@ def test_get_layer_reconstructs_the_tar(source_repo) -> None:
     repo_path, built = source_repo
 
     async def main() -> None:
-        async with service() as (_, client):
+        async with service() as (server, client):
             handle = await open_repo(client, repo_path)
             before = None
             for diff_id in built.diff_ids * 2:
@@ -249,8 +249,8 @@ def test_get_layer_reconstructs_the_tar(source_repo) -> None:
                     assert "sha256:" + hashlib.sha256(out.getvalue()).hexdigest() == diff_id
                     assert out.getvalue() == layer_bytes(repo_path, diff_id)
             # every producer finished once its consumer let go: pipes, keepalives, dirfds closed
-            with trio.fail_after(5):
-                while open_fds() != before:
+            with trio.fail_after(5):  # and no task is left but this connection's
+                while open_fds() != before or len(server.nursery.child_tasks) != 1:
                     await trio.sleep(0.01)
             zero = "sha256:" + "0" * 64
             assert (await client.call(OCI + "HasLayer", {"handle": handle, "diff_id": zero})).parameters == {
@@ -410,7 +410,7 @@ def test_thousand_calls_with_fds_leak_nothing(tmp_path) -> None:
     Repository.init(tmp_path / "repo").close()
 
     async def main() -> None:
-        async with service() as (_, client):
+        async with service() as (server, client):
             handle = await open_repo(client, tmp_path / "repo")
             r, w = os.pipe2(os.O_CLOEXEC)
             before = open_fds()
@@ -420,6 +420,7 @@ def test_thousand_calls_with_fds_leak_nothing(tmp_path) -> None:
                                       [r, w, r])
                 assert e.value.name == OCI + "InvalidDigest"
             assert open_fds() == before
+            assert len(server.nursery.child_tasks) == 1  # no task left behind either
             close_fds([r, w])
 
     trio.run(main)
