@@ -231,10 +231,10 @@ def test_get_layer_reconstructs_the_tar(source_repo) -> None:
     async def main() -> None:
         async with service() as (server, client):
             handle = await open_repo(client, repo_path)
-            before = None
-            for diff_id in built.diff_ids * 2:
-                if before is None and diff_id == built.diff_ids[-1]:
-                    before = open_fds()  # the repository's own cached fds are open by now
+            before = 0
+            for i, diff_id in enumerate(built.diff_ids * 2):
+                if i == len(built.diff_ids):
+                    before = open_fds()  # the second round: the repository's own cached fds are open by now
                 has = (await client.call(OCI + "HasLayer", {"handle": handle, "diff_id": diff_id})).parameters
                 assert has["present"] and len(has["layer_verity"]) == 64
                 for more in (True, False):
