@@ -250,7 +250,8 @@ def test_get_layer_reconstructs_the_tar(source_repo) -> None:
                     assert out.getvalue() == layer_bytes(repo_path, diff_id)
             # every producer finished once its consumer let go: pipes, keepalives, dirfds closed
             with trio.fail_after(5):  # and no task is left but this connection's
-                while open_fds() != before or len(server.nursery.child_tasks) != 1:
+                # (the baseline may include the fds of a producer that was still finishing)
+                while open_fds() > before or len(server.nursery.child_tasks) != 1:
                     await trio.sleep(0.01)
             zero = "sha256:" + "0" * 64
             assert (await client.call(OCI + "HasLayer", {"handle": handle, "diff_id": zero})).parameters == {
