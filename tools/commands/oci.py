@@ -1,4 +1,4 @@
-"""`pycfs oci ...`: OCI images in the repository (pull, import-layer, images, inspect, create-image, compute-id)."""
+"""`pycfs oci ...`: OCI images in the repository (pull, import-layer, images, inspect, create-image, compute-id, mount)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pycfs.host.oci.pull import TRANSPORTS, PullOptions, pull, split_reference
 from pycfs.host.oci.result import PullResult
 from pycfs.host.oci.streams import check_tag, list_images, open_image
 from pycfs.host.repository import Repository
+from pycfs.tools.commands.mount import MOUNT_DESCRIPTION, add_mount_arguments
 from pycfs.tools.common import open_repo, positive_int, print_json, repo_path
 from pycfs.tools.progress import add_progress_option, pull_progress
 
@@ -192,6 +193,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", metavar="IMAGE", help="tag or @sha256:<manifest digest>")
     p.add_argument("--erofs-version", type=int, choices=(0, 1, 2), help="format (default: the repository's)")
     p.set_defaults(handler=cmd_compute_id)
+
+    p = osub.add_parser("mount", help="mount a pulled image's composefs image (kernel as root, FUSE otherwise)",
+                        description=MOUNT_DESCRIPTION + " IMAGE is a tag from `pycfs oci images`.")
+    add_mount_arguments(p)
 
     register_copy(osub)
 
