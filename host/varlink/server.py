@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from pycfs.host.errors import PycfsError
+from pycfs.host.errors import PycfsError, first_error, user_message
 from pycfs.host.varlink.transport import Connection, ConnectionClosed
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.varlink import (
@@ -259,13 +259,14 @@ class Server:
             result = await handler(ctx)
             params, reply_fds = (result, ()) if not isinstance(result, tuple) else result
             reply: dict[str, Any] = {"parameters": params or {}}
-        except VarlinkError as e:
-            reply = {"error": e.name, "parameters": e.parameters}
-        except (PycfsError, OSError) as e:
-            reply = {"error": internal, "parameters": {"message": _message(e)}}
-        except Exception as e:  # a bug: log it, and answer instead of dropping the client
-            traceback.print_exc(file=sys.stderr)
-            reply = {"error": internal, "parameters": {"message": f"internal error: {e!r}"}}
+        except Exception as exc:  # every failure becomes an error reply
+            e = first_error(exc)  # a handler's nursery may wrap it in a group
+            if isinstance(e, VarlinkError):
+                reply = {"error": e.name, "parameters": e.parameters}
+            else:
+                if not isinstance(e, (PycfsError, OSError)):
+                    traceback.print_exception(e, file=sys.stderr)  # a bug: log it, and still answer
+                reply = {"error": internal, "parameters": {"message": user_message(e)}}
         finally:
             # Before the reply: a client that got its answer finds the fds it sent closed.
             close_fds(ctx.take_fds())
@@ -274,12 +275,6 @@ class Server:
                 await conn.send(reply, reply_fds)
         finally:
             close_fds(list(reply_fds))
-
-
-def _message(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror}{f': {e.filename}' if e.filename else ''}"
-    return str(e)
 
 
 def _drain(receive: trio.MemoryReceiveChannel) -> list[tuple[dict[str, Any], list[int]]]:
