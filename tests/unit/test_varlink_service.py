@@ -147,6 +147,16 @@ async def get_layer(client: Client, handle: int, diff_id: str, more: bool = True
     return dir_count, fds, frames
 
 
+async def relay(client: Client, src: int, dst: int, diff_id: str, zerocopy: bool = False) -> dict:
+    """GetLayer from src, PutLayer into dst with the pipe and the directory slots."""
+    dir_count, fds, _ = await get_layer(client, src, diff_id)
+    try:
+        return (await client.call(OCI + "PutLayer", {"handle": dst, "diff_id": diff_id, "zerocopy": zerocopy},
+                                  fds[: 1 + dir_count])).parameters
+    finally:
+        close_fds(fds)
+
+
 def read_all(fd: int) -> bytes:
     out = io.BytesIO()
     while piece := os.read(fd, 1 << 16):
@@ -276,12 +286,7 @@ def test_relay_copy_and_finalize(source_repo, tmp_path) -> None:
             refs = []
             for diff_id in built.diff_ids:
                 for attempt in range(2):
-                    dir_count, fds, _ = await get_layer(client, src, diff_id)
-                    try:
-                        put = (await client.call(OCI + "PutLayer", {"handle": dst, "diff_id": diff_id, "zerocopy": False},
-                                                 fds[: 1 + dir_count])).parameters
-                    finally:
-                        close_fds(fds)
+                    put = await relay(client, src, dst, diff_id)
                     assert put["already_present"] is (attempt == 1)
                 src_verity = (await client.call(OCI + "HasLayer", {"handle": src, "diff_id": diff_id})).parameters
                 assert put["layer_verity"] == src_verity["layer_verity"]
@@ -538,12 +543,7 @@ def test_zerocopy_shares_or_refuses_never_copies(source_repo, tmp_path) -> None:
             src = await open_repo(client, repo_path)
             dst = await open_repo(client, tmp_path / "dest")
             diff_id = built.diff_ids[1]  # the layer with large files
-            dir_count, fds, _ = await get_layer(client, src, diff_id)
-            try:
-                put = (await client.call(OCI + "PutLayer", {"handle": dst, "diff_id": diff_id, "zerocopy": True},
-                                         fds[: 1 + dir_count])).parameters
-            finally:
-                close_fds(fds)
+            put = await relay(client, src, dst, diff_id, zerocopy=True)
             assert put["objects_copied"] == 0
             # three files, two distinct contents (big-again is big): both shared, the repeat found present
             assert put["objects_reflinked"] + put["objects_hardlinked"] == 2 and put["objects_already_present"] == 1
