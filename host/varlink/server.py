@@ -32,6 +32,8 @@ from pycfs.protocol.varlink import (
 SERVICE = "org.varlink.service"
 # Calls read ahead of the one being answered, per connection (fds included).
 PIPELINE_DEPTH = 8
+# Connections served at once: each may hold a message buffer and up to 253 fds per call.
+MAX_CONNECTIONS = 256
 
 SERVICE_IDL = """\
 # The Varlink Service Interface is provided by every varlink service. It
@@ -191,17 +193,31 @@ class Server:
     # -- serving --
 
     async def serve_listener(self, listener: trio.socket.SocketType) -> None:
-        """Accept forever; each connection is its own task."""
+        """Accept forever; each connection is its own task, at most MAX_CONNECTIONS at once
+        (further clients wait in the listen backlog)."""
+        slots = trio.Semaphore(MAX_CONNECTIONS)
+
+        async def serve(sock: trio.socket.SocketType) -> None:
+            try:
+                await self.serve_connection(sock)
+            finally:
+                slots.release()
+
         async with trio.open_nursery() as nursery:
             while True:
+                await slots.acquire()
                 try:
                     sock, _ = await listener.accept()
                 except OSError as e:
+                    slots.release()
                     # EMFILE and friends: back off instead of spinning; the client retries.
                     print(f"pycfs varlink: accept failed: {e.strerror}", file=sys.stderr)
                     await trio.sleep(0.1)
                     continue
-                nursery.start_soon(self.serve_connection, sock)
+                except BaseException:
+                    slots.release()
+                    raise
+                nursery.start_soon(serve, sock)
 
     async def serve_connection(self, sock: trio.socket.SocketType) -> None:
         conn = Connection(sock)

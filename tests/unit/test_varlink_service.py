@@ -555,3 +555,30 @@ def test_zerocopy_shares_or_refuses_never_copies(source_repo, tmp_path) -> None:
                 assert (a.st_ino == b.st_ino) or put["objects_reflinked"]
 
     trio.run(main)
+
+
+def test_connections_beyond_the_cap_wait_their_turn(tmp_path, monkeypatch) -> None:
+    from pycfs.host.varlink import server as server_module
+    from pycfs.host.varlink.transport import connect, listen
+
+    monkeypatch.setattr(server_module, "MAX_CONNECTIONS", 2)
+
+    async def main() -> None:
+        async with open_service() as server:
+            listener = listen(f"unix:{tmp_path / 'sock'}")
+            server.nursery.start_soon(server.serve_listener, listener)
+            clients = [Client(await connect(f"unix:{tmp_path / 'sock'}")) for _ in range(3)]
+            for client in clients[:2]:
+                assert (await client.call(OCI + "GetInfo")).parameters["features"] == ["splitdirfdstream-v0"]
+            with trio.move_on_after(0.3) as waited:
+                await clients[2].call(OCI + "GetInfo")
+            assert waited.cancelled_caught  # not accepted yet
+            clients[0].close()
+            with trio.fail_after(5):
+                reply = await clients[2].conn.receive()  # the call sent above is answered now
+            assert reply is not None and reply[0] == {"parameters": {"features": ["splitdirfdstream-v0"]}}
+            for client in clients[1:]:
+                client.close()
+            listener.close()
+
+    trio.run(main)
