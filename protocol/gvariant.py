@@ -101,7 +101,7 @@ def _parse_one(text: str, pos: int, depth: int) -> tuple[_Type, int]:
                 break
             child, p = _parse_one(text, p, depth + 1)
             children.append(child)
-        if c == "{" and (len(children) != 2 or children[0].code not in _BASIC and children[0].code not in _STRINGS):
+        if c == "{" and (len(children) != 2 or (children[0].code not in _BASIC and children[0].code not in _STRINGS)):
             raise GVariantError(f"type {text!r}: a dict entry is a basic key and one value")
         return _make(c, text[pos:p + 1], tuple(children)), p + 1
     raise GVariantError(f"type {text!r}: unknown type code {c!r}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ostree_trees import (
     init_repo,
     make_tree,
     ostree,
+    pycfs,
 )
 from pycfs.host.repository import Repository
 
@@ -27,10 +27,6 @@ pytestmark = pytest.mark.integration
 
 MODES = ["archive", "bare", "bare-user", "bare-user-only"]
 
-
-def pycfs(repo: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", str(repo), *map(str, args)],
-                          capture_output=True, text=True, check=check)
 
 
 @pytest.fixture(scope="module")
