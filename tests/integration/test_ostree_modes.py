@@ -76,6 +76,9 @@ def test_pull_local_equals_checkout_and_mount(repos, mode):
     pycfs(cfs, "ostree", "mount", ref, mnt)
     try:
         mounted = describe_dir(mnt)
+        # one ostree file object, one inode: the hardlinked pair
+        links = [os.stat(mnt / "share/data" / n) for n in ("lib.so", "lib.so.1")]
+        assert links[0].st_ino == links[1].st_ino and links[0].st_nlink == 2
     finally:
         subprocess.run(["umount", mnt], check=True)
     assert mounted == expected

@@ -87,6 +87,9 @@ def _print_pull(result: PullResult, as_json: bool) -> None:
     print(f"image {result.image_id.hex()}")
     if result.ref is not None:
         print(f"tagged {result.ref}")
+    else:
+        print("no ref written (REF was a checksum and no NAME was given): `pycfs gc` will remove the commit; "
+              f"keep it with `pycfs ostree tag {result.commit.hex()[:12]} NAME`", file=sys.stderr)
     if result.already_present:
         print("commit already present: nothing fetched", file=sys.stderr)
         return
