@@ -10,6 +10,7 @@ overlay mount: overlayfs keeps its own reference.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 from pycfs.host import syscalls
@@ -71,7 +72,58 @@ def mount_image(repo: Repository, name: str, mountpoint: str) -> bytes:
     return image_id
 
 
+def privileged() -> bool:
+    """Root of the initial user namespace: the only one the kernel lets mount EROFS."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        with open("/proc/self/uid_map") as f:
+            first = f.readline().split()
+    except OSError:
+        return True
+    return first == ["0", "0", "4294967295"]
+
+
+def use_fuse(choice: str) -> bool:
+    """--fuse yes|no|auto: auto means FUSE unless the kernel mount is possible."""
+    return choice == "yes" or (choice == "auto" and not privileged())
+
+
+def fuse_image(repo: Repository, name: str, mountpoint: str):  # -> fusemount.ServedImage
+    """Resolve and check the image a FUSE server will serve (nothing is mounted yet)."""
+    from pycfs.host import fusemount  # pyfuse3 loads only when a FUSE mount is wanted
+
+    if _mount_type(mountpoint) is not None:
+        raise PycfsError(f"{mountpoint} is a mount point already: `pycfs umount {mountpoint}` first")
+    if not os.path.isdir(mountpoint):
+        raise PycfsError(f"mount point {mountpoint} is not a directory")
+    return fusemount.load_image(repo, resolve_image(repo, name))
+
+
+def _mount_type(mountpoint: str) -> str | None:
+    """Filesystem type mounted at mountpoint (the top one), from /proc/self/mountinfo."""
+    # realpath does not give up on the mount point itself when a killed FUSE server
+    # makes it answer ENOTCONN
+    target = os.fsencode(os.path.realpath(mountpoint))
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            where = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+            if where == target:
+                found = fields[fields.index(b"-") + 1].decode()
+    return found
+
+
 def unmount(mountpoint: str) -> None:
+    fstype = _mount_type(mountpoint)
+    if fstype is None:
+        raise PycfsError(f"nothing is mounted at {mountpoint}")
+    if fstype.startswith("fuse") and os.geteuid() != 0:  # root of a user namespace may umount its own
+        from pycfs.host.fusemount import fuse_unmount
+
+        fuse_unmount(mountpoint)
+        return
     try:
         syscalls.umount(mountpoint)
     except OSError as e:

@@ -88,7 +88,7 @@ class SplitStreamWriter:
         self._body_started = False
         self.stream_size = 0
 
-    def _emit(self, data: bytes) -> None:
+    def _emit(self, data: bytes | bytearray) -> None:
         # Collected before compressing: one compress() per 8-byte external ref cost more
         # than the compression itself (zstd's output does not depend on how input is fed).
         self._body_started = True

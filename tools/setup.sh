@@ -20,6 +20,8 @@ PACKAGES=(
     gpg gpgv gpgconf
     # python-prctl builds against libcap; the venv needs venv/pip and headers
     libcap-dev gcc python3 python3-venv python3-dev
+    # rootless mounts: pyfuse3 builds against libfuse3, the user's mount goes through fusermount3
+    fuse3 libfuse3-dev pkg-config
     # useradd/usermod, runuser, losetup/mount; GNU time for tools/bench's peak RSS
     passwd util-linux mount ca-certificates time
 )
@@ -38,8 +40,10 @@ if ((${#missing[@]})); then
     fi
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
+    # Another apt (unattended-upgrades on a fresh machine) may hold the dpkg lock: wait for it.
+    apt_wait=(-o DPkg::Lock::Timeout=900)
+    apt-get "${apt_wait[@]}" update -q
+    apt-get "${apt_wait[@]}" install -y -q --no-install-recommends "${PACKAGES[@]}"
 else
     echo "setup: Debian packages present"
 fi
@@ -50,6 +54,12 @@ if [[ $(id -u) == 0 ]]; then
     if [[ -w $f && $(cat "$f") == 0 ]]; then
         echo 1 >"$f" && echo "setup: enabled unprivileged user namespaces"
     fi
+fi
+
+# FUSE mounts as a user need /dev/fuse open to everyone, as udev's default rules make it; a
+# container without udev leaves it 0600.
+if [[ $(id -u) == 0 && -c /dev/fuse && $(stat -c %a /dev/fuse) != 666 ]]; then
+    chmod 0666 /dev/fuse && echo "setup: made /dev/fuse usable by every user (as udev does)"
 fi
 
 # Any Python >= 3.11 will do for the checkout's own venv (Debian 12 ships 3.11).

@@ -105,14 +105,13 @@ def cmd_composefs_info(args: argparse.Namespace) -> int:
                 raise PycfsError(f"Failed to measure '{path}': {e.strerror}") from None
         out.flush()
         return 0
-    if args.subcommand == "missing-objects" and not args.basedir:
-        raise PycfsError("missing-objects needs --basedir")
     collected: set[bytes] = set()
     for path in args.files:
         loaded = _load_image(path)
         fs = loaded.fs
         if args.subcommand == "dump":
-            out.write(dumpfile.write(fs, dir_sizes=loaded.dir_sizes, filter_names=filters or None))
+            out.write(dumpfile.write(fs, dir_sizes=loaded.dir_sizes, filter_names=filters or None,
+                                     masked=loaded.masked))
         elif args.subcommand == "ls":
             out.write(format_ls(fs, filters or None))
         else:
@@ -120,8 +119,10 @@ def cmd_composefs_info(args: argparse.Namespace) -> int:
     if args.subcommand == "objects":
         out.write(b"".join(p + b"\n" for p in sorted(collected)))
     elif args.subcommand == "missing-objects":
-        base = os.fsencode(args.basedir)
-        missing = [p for p in sorted(collected) if not os.path.exists(os.path.join(base, p))]
+        # C: every payload is relative to the object store, a leading '/' too; without
+        # --basedir, to the current directory
+        base = os.fsencode(args.basedir or ".")
+        missing = [p for p in sorted(collected) if not os.path.exists(os.path.join(base, p.lstrip(b"/")))]
         out.write(b"".join(p + b"\n" for p in missing))
     out.flush()
     return 0
@@ -153,7 +154,8 @@ def register(subparsers) -> None:
     )
     q.add_argument("subcommand", choices=["ls", "objects", "dump", "missing-objects", "measure-file"])
     q.add_argument("files", nargs="+", metavar="IMAGE")
-    q.add_argument("--basedir", metavar="PATH", help="object store for missing-objects")
+    q.add_argument("--basedir", metavar="PATH",
+                   help="object store that missing-objects looks in (default: the current directory)")
     q.add_argument("--filter", action="append", metavar="NAME", help="only these top-level names (repeatable)")
     q.set_defaults(handler=cmd_composefs_info)
 

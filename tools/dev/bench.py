@@ -13,10 +13,16 @@ into that storage. Rows, each the median of --runs with min and max:
   c  what a user without pycfs does: podman save --format oci-dir + pycfs oci pull oci:DIR
   d  C mkcomposefs --digest-store over the merged rootfs (when installed)
   e  warm re-pull (everything already in the repository)
+  f  reading every file the user may read through the kernel's EROFS+overlay mount (made by
+     root), f' through the user's rootless FUSE mount; g, g' `find -ls` over each (fresh
+     mounts each run, objects in the page cache)
   o  ostree: a tree (--ostree-tree, default /usr/lib/python3) committed with `ostree commit`
      into an archive repository served over HTTP on 127.0.0.1 and into a bare repository on
      the XFS: `pycfs ostree pull` / `ostree pull` (into a fresh archive repository) and
      `pycfs ostree pull-local` / `ostree pull-local` (into a fresh bare repository)
+  h  pycfs oci copy --zerocopy of the pulled image into an empty repository on the same XFS
+     (varlink GetLayer/PutLayer in process); h': the same through a `pycfs varlink serve`
+     process; h'': `cp -a --reflink=always` of the source repository's objects/
 
 with peak RSS per row, the disk space (a) and (c) add, and the ratios a/b, c/a and
 disk(a)/image bytes. The page cache is warm for every row (each input is read once
@@ -335,6 +341,77 @@ def row_mkcomposefs(bench: Lab, runs: int) -> Row:
     return row
 
 
+def row_mounts(bench: Lab, runs: int) -> list[Row]:
+    rows = [Row("f", "read every file: kernel EROFS+overlay mount"), Row("f'", "  the same, rootless FUSE mount"),
+            Row("g", "find -ls: kernel mount"), Row("g'", "  the same, rootless FUSE mount")]
+    work = fresh_dir(bench, "mounts")
+    repo, listing = work / "repo", work / "files"
+    timed(pycfs_argv(bench, repo, "init"), bench.user)
+    timed(pycfs_argv(bench, repo, "oci", "pull", f"containers-storage:{IMAGE}", "bench"), bench.user)
+    mounts = [work / "kernel", work / "fuse"]
+    for d in mounts:  # (the directories the user may not enter stay out of both)
+        d.mkdir()
+        os.chown(d, bench.user.uid, bench.user.gid)
+    for i in range(runs):
+        timed([sys.executable, "-m", "pycfs.tools.cli", "--repo", str(repo), "mount", "--fuse", "no", "bench", mounts[0]])
+        timed(pycfs_argv(bench, repo, "mount", "bench", str(mounts[1])), bench.user)
+        try:
+            if i == 0:  # what the user may read; then the objects into the page cache, as for every row
+                timed(["sh", "-c", f"cd {mounts[0]} && find . -type f -readable -print0 >{listing} 2>/dev/null; exit 0"], bench.user)
+                names = [os.fsdecode(n) for n in listing.read_bytes().split(b"\0")[:-1]]
+                warm([os.path.join(mounts[0], n) for n in names])
+                rows[0].note = rows[1].note = f"{len(names)} files, {human_size(sum(os.path.getsize(os.path.join(mounts[0], n)) for n in names))}"
+            for mnt, row in zip(mounts, rows[2:]):
+                row.samples.append(timed(["sh", "-c", f"find {mnt} -ls >/dev/null 2>&1; exit 0"], bench.user)[0])
+            for mnt, row in zip(mounts, rows[:2]):
+                row.samples.append(timed(["sh", "-c", f"cd {mnt} && xargs -0 -n 1024 cat <{listing} >/dev/null"],
+                                         bench.user)[0])
+        finally:
+            timed(pycfs_argv(bench, repo, "umount", str(mounts[1])), bench.user)
+            timed([sys.executable, "-m", "pycfs.tools.cli", "umount", mounts[0]])
+    shutil.rmtree(work)
+    return rows
+def row_copy(bench: Lab, runs: int) -> tuple[Row, Row, Row]:
+    """oci copy between two repositories on the XFS, against a reflinking cp of the objects."""
+    inproc = Row("h", "pycfs oci copy --zerocopy, repository -> repository (in process)")
+    served = Row("h'", "  the same from a `pycfs varlink serve` process")
+    cp = Row("h''", "cp -a --reflink=always of the source's objects/")
+    source = fresh_dir(bench, "copy-src") / "repo"
+    timed(pycfs_argv(bench, source, "init"), bench.user)
+    timed(pycfs_argv(bench, source, "oci", "pull", f"containers-storage:{IMAGE}", "bench"), bench.user)
+    sock = source.parent / "varlink.sock"
+    server = subprocess.Popen(["runuser", "-u", bench.user.name, "--", str(bench.user.python), "-m", "pycfs.tools.cli",
+                               "varlink", "serve", "--address", f"unix:{sock}"], env=bench.user.environ(),
+                              cwd=bench.user.home, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise lab.LabError(server.returncode or 1, server.args, b"", b"the varlink service did not start")
+            time.sleep(0.05)
+        for i in range(runs):
+            for row, src in ((inproc, [str(source)]), (served, [f"unix:{sock}", "--from-repo", str(source)])):
+                dest = fresh_dir(bench, "copy-dest") / "repo"
+                timed(pycfs_argv(bench, dest, "init"), bench.user)
+                before = used_bytes(bench.xfs)
+                row.samples.append(timed(pycfs_argv(bench, dest, "oci", "copy", "bench", "--zerocopy", "--name",
+                                                    "bench", "--from", *src), bench.user)[0])
+                if i == 0:
+                    row.disk_added = used_bytes(bench.xfs) - before
+            dest = fresh_dir(bench, "copy-dest")
+            before = used_bytes(bench.xfs)
+            cp.samples.append(timed(["cp", "-a", "--reflink=always", str(source / "objects"), str(dest / "objects")],
+                                    bench.user)[0])
+            if i == 0:
+                cp.disk_added = used_bytes(bench.xfs) - before
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(bench.user.scratch / "copy-src")
+        shutil.rmtree(bench.user.scratch / "copy-dest", ignore_errors=True)
+    return inproc, served, cp
+
+
 # ---------------------------------------------------------------------------------------
 # Report
 
@@ -418,6 +495,13 @@ def report(rows: list[Row], bench: Lab, stats: dict, runs: int) -> dict:
         "hash MiB/s (pycfs)": bench.file_bytes / by["b"].median / MIB,
         "hash MiB/s (fsverity digest)": bench.file_bytes / by["b'"].median / MIB,
     }
+    if "h" in by:  # oci copy: goal h/h'' <= 1.5, disk < 1%
+        ratios["h/h''"] = by["h"].median / by["h''"].median
+        ratios["h'/h"] = by["h'"].median / by["h"].median
+        ratios["disk(h)/image"] = (by["h"].disk_added or 0) / bench.image_bytes
+    if "f" in by:  # FUSE against the kernel: goals >= 0.5 for reads, <= 3 for the walk
+        ratios["read FUSE/kernel throughput"] = by["f"].median / by["f'"].median
+        ratios["find -ls FUSE/kernel time"] = by["g'"].median / by["g"].median
     console = Console(width=150)
     console.print(table)
     console.print("  ".join(f"{k} = {v:.3f}" if "/" in k and "MiB" not in k else f"{k} = {v:.0f}"
@@ -455,9 +539,11 @@ def main(argv: list[str] | None = None) -> int:
         ours, theirs = row_hashing(bench, args.runs)
         save = row_save_then_pull(bench, args.runs)
         mkcfs = row_mkcomposefs(bench, args.runs)
+        mounts = row_mounts(bench, args.runs)
         ostree_rows = rows_ostree(bench, args.runs, args.ostree_tree)
-        figures = report([cold, import_only, ours, theirs, save, mkcfs, rewarm, *ostree_rows], bench, stats,
-                         args.runs)
+        copies = row_copy(bench, args.runs)
+        figures = report([cold, import_only, ours, theirs, save, mkcfs, rewarm, *mounts, *copies, *ostree_rows],
+                         bench, stats, args.runs)
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     finally:
