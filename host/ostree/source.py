@@ -32,7 +32,7 @@ import urllib.parse
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 from pycfs.host.ostree.commitstream import check_ref_name
 from pycfs.host.ostree.objects import (
@@ -321,6 +321,21 @@ class _NotFound(Exception):
     pass
 
 
+class _Body:
+    """A response body whose read() raises IncompleteRead when the connection ends early:
+    http.client then returns b"", which would read as a short (corrupt) object, not as
+    the network failure to retry that it is."""
+
+    def __init__(self, resp: http.client.HTTPResponse) -> None:
+        self._resp = resp
+
+    def read(self, n: int) -> bytes:
+        data = self._resp.read(n)
+        if not data and n and self._resp.length:
+            raise http.client.IncompleteRead(b"", self._resp.length)
+        return data
+
+
 class HttpRepo:
     """An archive repository at an http:// or https:// URL (kept-alive connections, one per
     concurrent fetch; retries with exponential backoff on 5xx, resets and timeouts)."""
@@ -359,7 +374,7 @@ class HttpRepo:
         cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
         return cls(self._host, self._port, timeout=self._timeout)
 
-    def get(self, path: str, consume: Callable[[BinaryIO], T], what: str) -> T:
+    def get(self, path: str, consume: Callable[[_Body], T], what: str) -> T:
         """GET base/path and hand the body to consume; a 404 raises _NotFound."""
         last = ""
         for attempt in range(self._attempts):
@@ -372,7 +387,7 @@ class HttpRepo:
                 conn.request("GET", self._base + urllib.parse.quote(path, safe="/+"))
                 resp = conn.getresponse()
                 if resp.status == 200:
-                    result = consume(resp)
+                    result = consume(_Body(resp))
                     if resp.read(1):
                         raise OstreeError(f"{what}: more data than expected from {self.url}")
                 elif resp.status == 404:

@@ -67,7 +67,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 class Server:
-    """Serves `root`; `overrides[path]` is "drop", an HTTP status, bytes to serve, or a list of
+    """Serves `root`; `overrides[path]` is "drop", "cut", an HTTP status, bytes to serve, or a list of
     those to use one per request; after `dead_after` .filez answers every request is dropped."""
 
     def __init__(self, root: Path) -> None:
@@ -109,6 +109,16 @@ class Server:
                 action = action.pop(0) if action else None
         if action is None or action == "drop":
             return action
+        if action == "cut":  # the whole length announced, half the bytes sent, then the connection closed
+            data = (self.root / path).read_bytes()
+
+            def cut(h: http.server.BaseHTTPRequestHandler) -> None:
+                h.send_response(200)
+                h.send_header("Content-Length", str(len(data)))
+                h.end_headers()
+                h.wfile.write(data[:len(data) // 2])
+                h.close_connection = True
+            return cut
         if isinstance(action, int):
             return lambda h: h.send_error(action)
         assert isinstance(action, bytes)
@@ -323,13 +333,13 @@ def _hexname(path: str) -> str:
 def test_server_errors_and_resets_are_retried(site, server, tmp_path):
     _base, repo, v1, _ = site
     big = _largest(repo)
-    server.overrides[big] = [503, "drop", 500]
+    server.overrides[big] = [503, "drop", "cut", 500]
     server.overrides[_largest(repo, ".dirtree")] = ["drop"]
     cfs = tmp_path / "cfs"
     pycfs(cfs, "init")
     result = json.loads(pycfs(cfs, "ostree", "pull", server.url, "main", "--json").stdout)
     assert result["commit"] == v1
-    assert server.requests.count(big) == 4
+    assert server.requests.count(big) == 5
     assert "status: ok" in pycfs(cfs, "fsck").stdout
 
 
