@@ -200,13 +200,19 @@ class LocalRepo:
             return parse_checksum(ref)
         check_ref_name(ref)
         for top in ("refs/heads", "refs/remotes", "refs/mirrors"):
+            path = os.path.join(self.path, top, ref)
             try:
-                with open(os.path.join(self.path, top, ref), "rb") as f:
-                    text = f.read(200)
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as e:
-                raise OstreeError(f"{self.path}/{top}/{ref}: {e.strerror}") from None
+                why = "is a symlink, not a ref file" if e.errno == errno.ELOOP else e.strerror
+                raise OstreeError(f"ref {path}: {why}") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OstreeError(f"ref {path} is not a regular file")
+            with os.fdopen(fd, "rb") as f:
+                text = f.read(200)
             return parse_checksum(text.decode("ascii", "replace"), f"ref {ref} in {self.path}")
         raise OstreeError(f"no ref {ref!r} in ostree repository {self.path}")
 
@@ -244,9 +250,12 @@ class LocalRepo:
                          dir_fd=self._objects)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise OstreeError(f"object {h}.commitmeta in {self.path}: {e.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OstreeError(f"object {h}.commitmeta in {self.path} is not a regular file")
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OstreeError(f"object {h}.commitmeta in {self.path} is not a regular file")
             data = f.read(limit + 1)
         if len(data) > limit:
             raise OstreeError(f"object {h}.commitmeta in {self.path} is larger than {limit} bytes")

@@ -4,6 +4,7 @@ the object's name. The commit splitstream round-trips and refuses damage."""
 
 import hashlib
 import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -157,6 +158,27 @@ def test_local_repo_resolves_refs_and_names_missing_objects(archive):
             src.resolve("../config")
         with pytest.raises(OstreeError, match=f"object {'ab' * 32}.dirtree is missing"):
             src.read_metadata(bytes.fromhex("ab" * 32), Kind.DIRTREE)
+    finally:
+        src.close()
+
+
+def test_local_repo_opens_only_regular_files(archive, tmp_path):
+    repo, checksum = archive
+    copy = tmp_path / "copy"
+    shutil.copytree(repo, copy, symlinks=True)
+    (copy / "refs/heads/link").symlink_to("/etc/passwd")
+    (copy / "refs/heads/dir").mkdir()
+    commit_path = copy / "objects" / checksum[:2] / f"{checksum[2:]}.commit"
+    commit_path.unlink()
+    commit_path.symlink_to(repo / "objects" / checksum[:2] / f"{checksum[2:]}.commit")
+    src = LocalRepo(str(copy))
+    try:
+        with pytest.raises(OstreeError, match="refs/heads/link: is a symlink"):
+            src.resolve("link")
+        with pytest.raises(OstreeError, match="refs/heads/dir is not a regular file"):
+            src.resolve("dir")
+        with pytest.raises(OstreeError, match=f"object {checksum}.commit in .*: Too many levels of symbolic links"):
+            src.read_metadata(bytes.fromhex(checksum), Kind.COMMIT)
     finally:
         src.close()
 
