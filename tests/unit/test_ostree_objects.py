@@ -255,3 +255,29 @@ def test_commit_stream_refuses_damage():
         w.write_inline(bad)
         with pytest.raises(OstreeError, match=why):
             CommitObjects.from_stream(SplitStreamReader(w.finish(), "sha256"), "x")
+
+
+@pytest.mark.parametrize("files,dirs,why", [
+    ([("..", b"\1" * 32)], [], "invalid file name"),
+    ([("a/b", b"\1" * 32)], [], "invalid file name"),
+    ([("b", b"\1" * 32), ("a", b"\2" * 32)], [], "not sorted"),
+    ([("a", b"\1" * 32)], [("a", b"\2" * 32, b"\3" * 32)], "both a file and a directory"),
+    ([("a", b"\1" * 31)], [], "not a checksum"),
+])
+def test_hostile_dirtrees_are_refused(files, dirs, why):
+    data = DirTree(files, dirs).serialize()
+    with pytest.raises(OstreeError, match=why) as info:
+        DirTree.parse(data, hashlib.sha256(data).digest())
+    assert hashlib.sha256(data).hexdigest() in str(info.value)
+
+
+@pytest.mark.parametrize("mode,target,size,why", [
+    (0o020644, "", 0, "neither a regular file nor a symlink"),
+    (0o120777, "", 0, "symlink without a target"),
+    (0o100644, "x", 3, "regular file with a symlink target"),
+])
+def test_hostile_file_headers_are_refused(mode, target, size, why):
+    header = FileHeader(size, 0, 0, mode, target, [])
+    checksum = hashlib.sha256(b"x").digest()
+    with pytest.raises(OstreeError, match=why):
+        split_archive_header(header.archive_header(), checksum)
