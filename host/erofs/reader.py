@@ -233,21 +233,28 @@ class _Reader:
 
 
 # the whiteout markers composefs writes; C's loader hides them on every inode
-_HIDDEN = frozenset((b"trusted.overlay.whiteouts", b"user.overlay.whiteout", b"user.overlay.whiteouts"))
+_HIDDEN = (b"trusted.overlay.whiteouts", b"user.overlay.whiteout", b"user.overlay.whiteouts")
 
 
 def _interpret_xattrs(raw: list[tuple[bytes, bytes]]) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
-    """Split stored xattrs into (user-visible, composefs-internal trusted.overlay.*)."""
+    """Split stored xattrs into (what overlayfs sees, composefs-internal trusted.overlay.*)."""
     user: dict[bytes, bytes] = {}
     internal: dict[bytes, bytes] = {}
     for k, v in raw:
         if k.startswith(_OVERLAY_ESC):
-            k = _OVERLAY + k[len(_OVERLAY_ESC):]
+            user[_OVERLAY + k[len(_OVERLAY_ESC):]] = v
         elif k.startswith(_OVERLAY):
             internal[k] = v
-            continue
-        if k not in _HIDDEN:
+        else:
             user[k] = v
+    return user, internal
+
+
+def _loaded_xattrs(raw: list[tuple[bytes, bytes]]) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    """As C's loader (composefs-info): without the whiteout markers."""
+    user, internal = _interpret_xattrs(raw)
+    for k in _HIDDEN:
+        user.pop(k, None)
     return user, internal
 
 
@@ -289,7 +296,7 @@ def read_image(data: bytes) -> LoadedImage:
 
 
 def _make_dir(raw: RawInode) -> Directory:
-    user, _internal = _interpret_xattrs(raw.xattrs)
+    user, _internal = _loaded_xattrs(raw.xattrs)
     return Directory(Stat(raw.mode & 0o7777, raw.uid, raw.gid, raw.mtime, raw.mtime_nsec, user))
 
 
@@ -317,7 +324,7 @@ def _chunked_content(raw: RawInode, internal: dict[bytes, bytes]) -> LeafContent
 
 
 def _make_leaf(r: _Reader, raw: RawInode, loaded: LoadedImage) -> Leaf:
-    user, internal = _interpret_xattrs(raw.xattrs)
+    user, internal = _loaded_xattrs(raw.xattrs)
     st = Stat(raw.mode & 0o7777, raw.uid, raw.gid, raw.mtime, raw.mtime_nsec, user)
     fmt = _stat.S_IFMT(raw.mode)
     if fmt == _stat.S_IFREG:
