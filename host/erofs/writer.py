@@ -345,13 +345,13 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
             ino.xattrs[XATTR_USER_WHITEOUT] = b""
             wh_parents.append(ino.parent)
 
-    for dino in wh_parents:
-        if dino is not None:
-            dino.xattrs[XATTR_ESC_WHITEOUTS] = b""
-            dino.xattrs[XATTR_USER_WHITEOUTS] = b""
+    for wdir in wh_parents:
+        if wdir is not None:
+            wdir.xattrs[XATTR_ESC_WHITEOUTS] = b""
+            wdir.xattrs[XATTR_USER_WHITEOUTS] = b""
             if version >= 1:
-                dino.xattrs[XATTR_ESC_OPAQUE] = b"x"
-                dino.xattrs[XATTR_USER_OPAQUE] = b"x"
+                wdir.xattrs[XATTR_ESC_OPAQUE] = b"x"
+                wdir.xattrs[XATTR_USER_OPAQUE] = b"x"
     root_ino.xattrs[XATTR_OPAQUE] = b"y"
     return inos
 
