@@ -233,28 +233,24 @@ class _Reader:
 
 
 # the whiteout markers composefs writes; C's loader hides them on every inode
-_HIDDEN = (b"trusted.overlay.whiteouts", b"user.overlay.whiteout", b"user.overlay.whiteouts")
+_HIDDEN = frozenset((b"trusted.overlay.whiteouts", b"user.overlay.whiteout", b"user.overlay.whiteouts"))
 
 
-def _interpret_xattrs(raw: list[tuple[bytes, bytes]]) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
-    """Split stored xattrs into (what overlayfs sees, composefs-internal trusted.overlay.*)."""
+def _interpret_xattrs(raw: list[tuple[bytes, bytes]], hide_markers: bool = True,
+                      ) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    """Split stored xattrs into (user-visible, composefs-internal trusted.overlay.*).
+    ``hide_markers``: drop the whiteout markers as C's loader does (composefs-info); the
+    overlay mount itself shows them."""
     user: dict[bytes, bytes] = {}
     internal: dict[bytes, bytes] = {}
     for k, v in raw:
         if k.startswith(_OVERLAY_ESC):
-            user[_OVERLAY + k[len(_OVERLAY_ESC):]] = v
+            k = _OVERLAY + k[len(_OVERLAY_ESC):]
         elif k.startswith(_OVERLAY):
             internal[k] = v
-        else:
+            continue
+        if not (hide_markers and k in _HIDDEN):
             user[k] = v
-    return user, internal
-
-
-def _loaded_xattrs(raw: list[tuple[bytes, bytes]]) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
-    """As C's loader (composefs-info): without the whiteout markers."""
-    user, internal = _interpret_xattrs(raw)
-    for k in _HIDDEN:
-        user.pop(k, None)
     return user, internal
 
 
@@ -296,7 +292,7 @@ def read_image(data: bytes) -> LoadedImage:
 
 
 def _make_dir(raw: RawInode) -> Directory:
-    user, _internal = _loaded_xattrs(raw.xattrs)
+    user, _internal = _interpret_xattrs(raw.xattrs)
     return Directory(Stat(raw.mode & 0o7777, raw.uid, raw.gid, raw.mtime, raw.mtime_nsec, user))
 
 
@@ -324,7 +320,7 @@ def _chunked_content(raw: RawInode, internal: dict[bytes, bytes]) -> LeafContent
 
 
 def _make_leaf(r: _Reader, raw: RawInode, loaded: LoadedImage) -> Leaf:
-    user, internal = _loaded_xattrs(raw.xattrs)
+    user, internal = _interpret_xattrs(raw.xattrs)
     st = Stat(raw.mode & 0o7777, raw.uid, raw.gid, raw.mtime, raw.mtime_nsec, user)
     fmt = _stat.S_IFMT(raw.mode)
     if fmt == _stat.S_IFREG:
@@ -359,4 +355,7 @@ def _make_leaf(r: _Reader, raw: RawInode, loaded: LoadedImage) -> Leaf:
 # (pycfs.host.fusemount): inodes, dirents and data by nid, and overlayfs's view of xattrs
 # (user-visible, overlay-internal).
 ImageReader = _Reader
-overlay_xattrs = _interpret_xattrs
+
+
+def overlay_xattrs(raw: list[tuple[bytes, bytes]]) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    return _interpret_xattrs(raw, hide_markers=False)
