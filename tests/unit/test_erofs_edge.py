@@ -284,3 +284,13 @@ def test_generated_dumpfile_reads_back_from_its_image(text):
     expected = dumpfile.write(fs, sort_xattrs=True)
     image = write_image(fs, 0)
     assert dumpfile.write(read_image(image).fs, sort_xattrs=True) == expected
+
+
+def test_reader_keeps_what_c_reader_gets_wrong():
+    """C's reader skips a final inline xattr of 4 bytes (here `user.` with an empty value:
+    entry header only) and reads one byte past the redirect; pycfs reads both exactly."""
+    text = ROOT + b"/a 5 100644 1 0 0 0 0.0 some/where - - security.a=1 user.=\n"
+    fs = read_image(_build(text)).fs
+    a = fs.root.entries[b"a"]
+    assert a.stat.xattrs == {b"security.a": b"1", b"user.": b""}  # "user." sorts last
+    assert a.content.payload == b"some/where"
