@@ -10,8 +10,10 @@ target's fields) or, with `hardlinks="rust"`, in the composefs-rs placeholder fo
 
 from __future__ import annotations
 
+import functools
 import re
 import stat as _stat
+from typing import NoReturn
 from collections.abc import Iterable
 
 from pycfs.host.errors import PycfsError
@@ -24,18 +26,21 @@ from pycfs.host.tree import (
     Fifo,
     FileSystem,
     Inline,
+    Inode,
     Leaf,
+    LeafContent,
     Socket,
     Sparse,
     Stat,
     Symlink,
+    gc_paused,
     object_path,
 )
 
 INLINE_CONTENT_MAX = 5000  # LCFS_INLINE_CONTENT_MAX
 SYMLINK_MAX = 4095  # PATH_MAX - 1
 NAME_MAX = 255
-XATTR_BUDGET = 32767  # LCFS_INODE_EXTERNAL_XATTR_MAX: sum of key and value lengths per inode
+XATTR_BUDGET = 32767  # LCFS_INODE_EXTERNAL_XATTR_MAX, of xattr_budget()
 
 
 class DumpfileError(PycfsError):
@@ -98,6 +103,8 @@ def unescape(field: bytes) -> bytes:
         esc = m.group(1)
         if esc.startswith(b"x"):
             hx = m.group(2)
+            if len(hx) < 2:
+                raise ValueError("No hex characters after hex escape")
             if not _HEX.fullmatch(hx):
                 raise ValueError("Invalid hex characters after hex escape")
             return bytes((int(hx, 16),))
@@ -124,57 +131,91 @@ _VALID_TYPES = {
     _stat.S_IFREG, _stat.S_IFDIR, _stat.S_IFLNK, _stat.S_IFCHR, _stat.S_IFBLK,
     _stat.S_IFIFO, _stat.S_IFSOCK,
 }
-_INT_RE = re.compile(rb"[+-]?[0-9]+")
-_OCT_RE = re.compile(rb"[+-]?[0-7]+")
+# strtoull: leading white space, an optional sign, digits, nothing after them
+_INT_RE = re.compile(rb"[ \t\n\v\f\r]*[+-]?[0-9]+")
+_OCT_RE = re.compile(rb"[ \t\n\v\f\r]*[+-]?[0-7]+")
 _U64 = 1 << 64
+PAYLOAD_MAX = 4095  # C: "Invalid payload" from 4096 bytes on
+XATTR_NAME_MAX = 255
+XATTR_TEXT_MAX = 65535  # the xattr part of a line
+EXTERNAL_SIZE_MAX = 1024 << 43  # 1024 chunk indexes of the largest chunk (2^43 bytes)
+
+
+def _show_field(field: bytes) -> str:
+    return field.decode("utf-8", "backslashreplace")
 
 
 def _parse_int(field: bytes, *, octal: bool = False) -> int:
-    """strtoull semantics: optional sign, negative values wrap to u64."""
+    """strtoull semantics, except that a value beyond 64 bits is an error (C saturates it)."""
     if not (_OCT_RE if octal else _INT_RE).fullmatch(field):
-        raise ValueError(f"Invalid integer {field.decode('utf-8', 'backslashreplace')}")
+        raise ValueError(f"Invalid integer {_show_field(field)}".rstrip())
     v = int(field, 8 if octal else 10)
     if not -_U64 < v < _U64:
-        raise ValueError(f"Integer out of range {field.decode('utf-8', 'backslashreplace')}")
+        raise ValueError(f"Integer out of range {_show_field(field.strip())}")
     return v % _U64
 
 
+def _parse_u64(field: bytes) -> int:
+    # plain digits (nearly every field) skip the regular expression
+    if field.isdigit():
+        v = int(field)
+        if v < _U64:
+            return v
+    return _parse_int(field)
+
+
 def _parse_u32(field: bytes) -> int:
-    v = _parse_int(field)
+    """UID, GID, NLINK: C keeps the low 32 bits of anything (so -1 or 2^32 turn into other
+    ids); such a value is refused instead."""
+    v = int(field) if field.isdigit() else _parse_int(field)
     if v >= 1 << 32:
-        raise ValueError(f"Integer out of range {field.decode('utf-8', 'backslashreplace')}")
+        raise ValueError(f"Integer out of range {_show_field(field.strip())}")
     return v
 
 
+def _parse_mode(field: bytes) -> int:
+    try:
+        return int(field, 8) if field.isdigit() and len(field) < 22 else _parse_int(field, octal=True)
+    except ValueError:  # an 8 or 9
+        return _parse_int(field, octal=True)
+
+
 def _parse_mtime(field: bytes) -> tuple[int, int]:
-    sec_s, dot, nsec_s = field.partition(b".")
-    if not dot or not nsec_s:
-        raise ValueError(f"Invalid mtime {field.decode('utf-8', 'backslashreplace')}")
-    sec = _parse_int(sec_s) if sec_s else 0
+    """SEC.NSEC; both parts are integers (so `5`, `5.` and `.5` are C's "Invalid integer")."""
+    sec_s, _dot, nsec_s = field.partition(b".")
+    sec = _parse_u64(sec_s)
+    nsec = _parse_u64(nsec_s)
     if sec >= 1 << 63:  # strtoull wrap of a negative value, stored in a signed time_t
         sec -= _U64
-    nsec = _parse_int(nsec_s)
-    if nsec >= 1 << 32:
-        raise ValueError(f"Invalid mtime {field.decode('utf-8', 'backslashreplace')}")
+    if nsec >= 1 << 32:  # C would keep the low 32 bits
+        raise ValueError(f"Integer out of range {_show_field(nsec_s.strip())}")
     return sec, nsec
 
 
 def _parse_digest(field: bytes) -> bytes | None:
     if field in (b"-", b""):
         return None
+    if len(field) == 64 and field.isalnum():
+        try:
+            return bytes.fromhex(field.decode("ascii"))
+        except ValueError:
+            pass
     # C would read uninitialised memory for a short digest; reject anything but full hex
     if not re.fullmatch(rb"[0-9a-fA-F]{64}", field):
-        raise ValueError(f"Invalid digest {field.decode('utf-8', 'backslashreplace')}")
+        raise ValueError(f"Invalid digest {_show_field(field)}")
     return bytes.fromhex(field.decode())
 
 
-def _split_path(path: bytes) -> list[bytes] | None:
-    """Components of a dumpfile path (None for the root); C canonicalisation rules."""
-    rest = path.lstrip(b"/")
-    if not rest:
-        return None
-    comps = rest.split(b"/")
-    # runs of '/' collapse, but a trailing '/' leaves an empty final name
+def _cstr(data: bytes) -> bytes:
+    """C keeps a path, payload or xattr name as a C string: a `\\x00` escape ends it."""
+    nul = data.find(b"\0")
+    return data if nul < 0 else data[:nul]
+
+
+def _split_path(path: bytes) -> list[bytes]:
+    """Components of a non-root dumpfile path: leading '/'s skipped, runs of '/' collapsed,
+    but a trailing '/' (or a path of only '/'s but the root's) leaves an empty final name."""
+    comps = path.lstrip(b"/").split(b"/")
     return [c for c in comps[:-1] if c] + [comps[-1]]
 
 
@@ -203,17 +244,22 @@ def parse(data: bytes, *, strict: bool = False) -> FileSystem:
     if not lines:
         raise DumpfileError(0, "No files in dump file")
 
+    with gc_paused():
+        return _parse_lines(lines, strict)
+
+
+def _parse_lines(lines: list[bytes], strict: bool) -> FileSystem:
     fs = FileSystem()
     root: Directory | None = None
     pending: list[tuple[Directory, bytes, _PendingLink]] = []
     homes: dict[int, tuple[Directory, bytes]] = {}
+    dirs: dict[bytes, Directory] = {}  # canonical path -> directory, for the parent lookup
 
     for lineno, line in enumerate(lines, 1):
         try:
-            node_info = _parse_line(line, strict)
+            path, comps, node, link_target = _parse_line(line, strict)
         except ValueError as e:
             raise DumpfileError(lineno, str(e)) from None
-        path, comps, node, link_target = node_info
         if comps is None:  # the root
             if root is not None:
                 raise DumpfileError(lineno, "Can't have multiple roots")
@@ -224,62 +270,78 @@ def parse(data: bytes, *, strict: bool = False) -> FileSystem:
             continue
         if root is None:
             raise DumpfileError(lineno, "Root node not present")
-        parent: object = root
-        for comp in comps[:-1]:
-            parent = parent.entries.get(comp) if isinstance(parent, Directory) else None
-            if parent is None:
-                raise DumpfileError(lineno, f"Parent directory missing for {_show(path)}")
-        if not comps[-1]:
-            raise DumpfileError(lineno, f"Parent directory missing for {_show(path)}")
-        if not isinstance(parent, Directory):
-            raise DumpfileError(lineno, f"Parent must be a directory for {_show(path)}")
         name = comps[-1]
-        if len(name) > NAME_MAX or name in parent.entries:
+        parent = root if len(comps) == 1 else dirs.get(path[:len(path) - len(name) - 1])
+        if parent is None:
+            _missing_parent(root, comps, path, lineno)
+        if type(node) is Directory:
+            dirs[path] = node
+        if not name or len(name) > NAME_MAX or name in parent.entries:
             raise DumpfileError(lineno, "Can't add child")
         if link_target is not None:
             placeholder = _PendingLink(lineno, path, link_target)
-            parent.entries[name] = placeholder  # type: ignore[assignment]
+            parent.entries[name] = placeholder
             pending.append((parent, name, placeholder))
         else:
-            parent.entries[name] = node  # type: ignore[assignment]
-            if isinstance(node, Leaf):
-                homes[id(node)] = (parent, name)
+            parent.entries[name] = node
+            homes[id(node)] = (parent, name)
 
     assert root is not None
     _resolve_links(root, pending, homes, fs)
     return fs
 
 
+def _missing_parent(root: Directory, comps: list[bytes], path: bytes, lineno: int) -> NoReturn:
+    """The error for a line whose parent is not a directory listed before it."""
+    parent: object = root
+    for comp in comps[:-1]:
+        parent = parent.entries.get(comp) if isinstance(parent, Directory) else None
+        if parent is None:
+            raise DumpfileError(lineno, f"Parent directory missing for {_show(path)}")
+    raise DumpfileError(lineno, f"Parent must be a directory for {_show(path)}")
+
+
 def _show(path: bytes) -> str:
     return path.decode("utf-8", "backslashreplace")
-
-
-def _canonical(comps: list[bytes] | None) -> bytes:
-    return b"/" + b"/".join(comps or [])
 
 
 def _parse_line(line: bytes, strict: bool):
     nul = line.find(b"\0")
     if nul >= 0:
         raise ValueError(f"Invalid embedded NUL character at position {nul}")
+    if line.endswith(b"\r"):
+        # C would take the CR as part of the last field
+        raise ValueError("Line ends in a carriage return: CRLF line ends are not supported")
     fields = line.split(b" ", 11)
     if len(fields) < 11:
         fields += [b""] * (11 - len(fields))
-    raw_path = unescape(fields[0])
+    raw_path = fields[0]
+    if b"\\" in raw_path:
+        raw_path = _cstr(unescape(raw_path))
     if not raw_path:
         raise ValueError("Invalid empty path")
-    comps = _split_path(raw_path)
-    if comps is not None and any(c in (b".", b"..") for c in comps):
-        raise ValueError(f"Invalid . or .. in path: {_show(raw_path)}")
-    path = _canonical(comps)
+    if raw_path == b"/":
+        comps = None
+        path = raw_path
+    else:
+        if raw_path[0] == 0x2F and b"//" not in raw_path and raw_path[-1] != 0x2F:
+            comps = raw_path[1:].split(b"/")  # already canonical (nearly every line)
+            path = raw_path
+        else:
+            comps = _split_path(raw_path)
+            path = b"/" + b"/".join(comps)
+        if comps[-1] in (b".", b".."):
+            raise ValueError(f"Invalid . or .. in path: {_show(raw_path)}")
 
     mode_field = fields[2]
     is_link = mode_field.startswith(b"@")
-    mode = _parse_int(mode_field[1:] if is_link else mode_field, octal=True)
+    mode = _parse_mode(mode_field[1:] if is_link else mode_field)
     ftype = _stat.S_IFMT(mode)
     if ftype not in _VALID_TYPES:
         raise ValueError(f"Invalid mode {mode:o}")
     payload = _unescape_optional(fields[8])
+    if payload is not None:
+        payload = _cstr(payload)
 
     if is_link:
         # only PATH and PAYLOAD count; the other fields may be C's copies of the target's
@@ -287,54 +349,73 @@ def _parse_line(line: bytes, strict: bool):
         if ftype == _stat.S_IFDIR:
             raise ValueError("Directories can't be hardlinked")
         if not payload:
+            # C links an empty PAYLOAD to the root directory; that is not meant by anyone
             raise ValueError("No target path for the hardlink")
-        target_comps = _split_path(payload)
-        if target_comps is not None and any(c in (b".", b"..") for c in target_comps):
-            raise ValueError(f"Invalid . or .. in path: {_show(payload)}")
-        return path, comps, None, _canonical(target_comps)
+        target = b"/" if payload == b"/" else b"/" + b"/".join(_split_path(payload))
+        return path, comps, None, target
 
-    size = _parse_int(fields[1])
-    nlink = _parse_u32(fields[3])
-    uid = _parse_u32(fields[4])
-    gid = _parse_u32(fields[5])
-    rdev = _parse_int(fields[6])
-    mtime_sec, mtime_nsec = _parse_mtime(fields[7])
+    size_f, nlink_f, uid_f, gid_f, rdev_f = fields[1], fields[3], fields[4], fields[5], fields[6]
+    sec_f, _dot, nsec_f = fields[7].partition(b".")
+    if (size_f.isdigit() and nlink_f.isdigit() and uid_f.isdigit() and gid_f.isdigit() and rdev_f.isdigit()
+            and sec_f.isdigit() and nsec_f.isdigit()):  # plain digits: no calls, no regular expressions
+        size, nlink, uid, gid, rdev = int(size_f), int(nlink_f), int(uid_f), int(gid_f), int(rdev_f)
+        mtime_sec, mtime_nsec = int(sec_f), int(nsec_f)
+        in_range = (size | rdev) < _U64 and (nlink | uid | gid | mtime_nsec) < 1 << 32 and mtime_sec < 1 << 63
+    else:
+        in_range = False
+    if not in_range:  # the general rules, in C's order, for their messages
+        size = _parse_u64(size_f)
+        nlink = _parse_u32(nlink_f)
+        uid = _parse_u32(uid_f)
+        gid = _parse_u32(gid_f)
+        rdev = _parse_u64(rdev_f)
+        mtime_sec, mtime_nsec = _parse_mtime(fields[7])
     content = _unescape_optional(fields[9])
+    if content is not None:
+        # an empty field is empty content (only `-` is none), checked on every file type
+        if len(content) > INLINE_CONTENT_MAX:
+            raise ValueError(f"Inline content size {len(content)} exceeds maximum {INLINE_CONTENT_MAX}")
+        if len(content) != size:
+            raise ValueError(f"Invalid content size {len(content)}, must match size {size}")
     digest = _parse_digest(fields[10])
-    xattrs = _parse_xattrs(fields[11]) if len(fields) > 11 else {}
+    xattrs = dict(_parse_xattrs(fields[11])) if len(fields) > 11 and fields[11] else {}
     st = Stat(mode & 0o7777, uid, gid, mtime_sec, mtime_nsec, xattrs)
     if ftype == _stat.S_IFDIR:
         return path, comps, Directory(st), None
     if strict and rdev != 0 and ftype not in (_stat.S_IFCHR, _stat.S_IFBLK):
         raise ValueError("Non-zero devnum on non-device")
-    if ftype == _stat.S_IFREG:
-        kind = _regular_content(size, payload, content, digest)
-    elif ftype == _stat.S_IFLNK:
+    if ftype == _stat.S_IFLNK:
         if not payload or len(payload) > SYMLINK_MAX:
             raise ValueError("Invalid symlink")
         if strict and size != len(payload):
             raise ValueError(f"Invalid symlink size {len(payload)}, must match size {size}")
-        kind = Symlink(payload)
+        return path, comps, Leaf(st, Symlink(payload), nlink), None
+    if payload is not None and len(payload) > PAYLOAD_MAX:
+        raise ValueError("Invalid payload")
+    kind: LeafContent
+    if ftype == _stat.S_IFREG:
+        kind = _regular_content(size, payload, content, digest)
     elif ftype == _stat.S_IFCHR:
-        kind = CharDevice(rdev)
+        # C stores the low 32 bits of RDEV (so 2^32 is a whiteout); SIZE only picks the
+        # inode layout of a special file
+        kind = CharDevice(rdev & 0xFFFFFFFF, dump_size=size)
     elif ftype == _stat.S_IFBLK:
-        kind = BlockDevice(rdev)
+        kind = BlockDevice(rdev & 0xFFFFFFFF, dump_size=size)
     elif ftype == _stat.S_IFIFO:
-        kind = Fifo()
+        kind = Fifo(dump_size=size)
     else:
-        kind = Socket()
+        kind = Socket(dump_size=size)
     return path, comps, Leaf(st, kind, nlink), None
 
 
 def _regular_content(size: int, payload: bytes | None, content: bytes | None, digest: bytes | None):
     if content:
-        if len(content) > INLINE_CONTENT_MAX:
-            raise ValueError(f"Inline content size {len(content)} exceeds maximum {INLINE_CONTENT_MAX}")
-        if len(content) != size:
-            raise ValueError(f"Invalid content size {len(content)}, must match size {size}")
         return Inline(content)  # a digest on inline content is ignored (as C does)
     if size == 0:
         return Inline(b"")  # C keeps neither payload nor digest for empty files
+    if size > EXTERNAL_SIZE_MAX:
+        # the writer refuses it too; said here, the user learns the line
+        raise ValueError(f"cannot write file: File too large ({size} bytes, at most 2^53)")
     if digest is not None:
         if payload is None:
             payload = b""
@@ -344,46 +425,60 @@ def _regular_content(size: int, payload: bytes | None, content: bytes | None, di
     return Sparse(size)
 
 
-def _parse_xattrs(rest: bytes) -> dict[bytes, bytes]:
+def xattr_budget(xattrs: dict[bytes, bytes]) -> int:
+    """What C counts against LCFS_INODE_EXTERNAL_XATTR_MAX for one inode's xattrs."""
+    return 12 + sum(7 + len(k) + len(v) for k, v in xattrs.items())
+
+
+@functools.lru_cache(maxsize=4096)  # most lines repeat one of a few SELinux labels
+def _parse_xattrs(rest: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    if len(rest) > XATTR_TEXT_MAX:
+        raise ValueError(f"Xattrs of {len(rest)} bytes exceed the {XATTR_TEXT_MAX} bytes a line may hold")
+    items = rest.split(b" ")
+    if items[-1] == b"":
+        items.pop()  # one trailing space ends the line; any other empty item is an error
     xattrs: dict[bytes, bytes] = {}
-    for item in rest.split(b" "):
-        if not item:
-            continue  # e.g. a trailing space
+    for item in items:
         key, eq, value = item.partition(b"=")
         if not eq:
             raise ValueError("Missing = in xattr")
-        key = unescape(key)
-        if not key:
+        key = _cstr(unescape(key))
+        if not key or len(key) > XATTR_NAME_MAX:
             raise ValueError("Can't set xattr")
         xattrs[key] = unescape(value)
-    if sum(len(k) + len(v) for k, v in xattrs.items()) > XATTR_BUDGET:
+    if xattr_budget(xattrs) > XATTR_BUDGET:
         raise ValueError("Can't set xattr")
-    return xattrs
+    return tuple(xattrs.items())
 
 
-def _resolve_links(root: Directory, pending, homes, fs: FileSystem) -> None:
-    def target_of(link: _PendingLink, chain: set[int]):
+def _link_target(root: Directory, link: _PendingLink) -> Inode:
+    """The inode an `@` line names, through chains of `@` lines."""
+    chain = {id(link)}
+    while True:
         if link.target == link.path:
             raise DumpfileError(link.line, f"Self-referential hardlink {_show(link.path)}")
         node = root.lookup(link.target)
         if node is None:
             raise DumpfileError(link.line, f"No target at {_show(link.target)} for hardlink")
-        if isinstance(node, _PendingLink):
-            if id(node) in chain:
-                raise DumpfileError(link.line, f"Hardlink loop at {_show(link.path)}")
-            chain.add(id(link))
-            return target_of(node, chain)
-        return node
+        if not isinstance(node, _PendingLink):
+            return node
+        if id(node) in chain:
+            raise DumpfileError(link.line, f"Hardlink loop at {_show(link.path)}: Too many levels of symbolic links")
+        chain.add(id(node))
+        link = node
 
+
+def _resolve_links(root: Directory, pending, homes, fs: FileSystem) -> None:
     resolved = []
     for parent, name, link in pending:
-        resolved.append((parent, name, target_of(link, {id(link)})))
+        resolved.append((parent, name, _link_target(root, link)))
     for parent, name, node in resolved:
         parent.entries[name] = node
-        if isinstance(node, Leaf):
-            home = homes.get(id(node))
-            if home is not None:
-                fs.primary_links[id(node)] = home
+        home = homes.get(id(node))
+        if home is not None:
+            # the non-`@` line: C numbers the inode there (a directory too, C accepting a
+            # hardlink to one)
+            fs.primary_links[id(node)] = home
 
 
 # ---------------------------------------------------------------------------- writer
@@ -423,6 +518,7 @@ def write(
     dir_sizes: dict[int, int] | None = None,
     sort_xattrs: bool = False,
     filter_names: Iterable[bytes] | None = None,
+    masked: dict[int, External | ExternalNoVerity] | None = None,
 ) -> bytes:
     """Serialise a tree as dumpfile text.
 
@@ -430,7 +526,9 @@ def write(
     first name as PAYLOAD (composefs-info dump). hardlinks="rust": `PATH 0 @120000 - - - - 0.0
     FIRST - -` (composefs-rs). `dir_sizes` (id(dir) -> size) supplies the directory sizes the
     C tool prints (the image reader records them); 0 otherwise. `filter_names` keeps only
-    these top-level names (composefs-info --filter).
+    these top-level names (composefs-info --filter). `masked` (id(leaf) -> content, from the
+    image reader) gives the size, payload and digest C prints for a regular file that a user
+    `trusted.overlay.whiteout` turned into a whiteout.
     """
     if hardlinks not in ("c", "rust"):
         raise ValueError(f"unknown hardlink style {hardlinks!r}")
@@ -463,6 +561,9 @@ def write(
             continue
         st = node.stat
         size, rdev, payload, content, digest = _leaf_fields(node)
+        hidden = masked.get(id(node)) if masked else None
+        if hidden is not None:
+            size, _rdev, payload, _content, digest = _leaf_fields(Leaf(st, hidden))
         nlink = node.nlink if node.nlink is not None else counts.get(id(node), 1)
         if seen is not None:
             if hardlinks == "rust":

@@ -10,20 +10,7 @@ from typing import Any
 
 import trio
 
-
-def first_error(group: BaseExceptionGroup) -> BaseException:
-    """The error to report from a nursery's group: the first real failure, not a cancellation."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(group)
-    return next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
+from pycfs.host.errors import first_error
 
 
 class open_nursery:
@@ -33,6 +20,6 @@ class open_nursery:
 
     async def __aexit__(self, *exc: Any) -> bool:
         try:
-            return await self._cm.__aexit__(*exc)
+            return bool(await self._cm.__aexit__(*exc))
         except BaseExceptionGroup as group:
             raise first_error(group) from None

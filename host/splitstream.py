@@ -88,7 +88,7 @@ class SplitStreamWriter:
         self._body_started = False
         self.stream_size = 0
 
-    def _emit(self, data: bytes) -> None:
+    def _emit(self, data: bytes | bytearray) -> None:
         # Collected before compressing: one compress() per 8-byte external ref cost more
         # than the compression itself (zstd's output does not depend on how input is fed).
         self._body_started = True
@@ -116,12 +116,17 @@ class SplitStreamWriter:
         if len(object_id) != self._digest_size:
             raise ValueError(f"object id of {len(object_id)} bytes for {self.alg}")
         self._flush_inline()
+        self._emit(CHUNK.pack(self.add_object_ref(object_id)))
+        self.stream_size += size
+
+    def add_object_ref(self, object_id: bytes) -> int:
+        """List an object in object_refs (its index; once per object) without a chunk: for
+        formats that address objects from inside their inline data (ostree commits)."""
         index = self._object_index.get(object_id)
         if index is None:
             index = self._object_index[object_id] = len(self._object_refs)
             self._object_refs.append(object_id)
-        self._emit(CHUNK.pack(index))
-        self.stream_size += size
+        return index
 
     def add_named_ref(self, name: str, object_id: bytes) -> None:
         if "\0" in name:

@@ -18,7 +18,7 @@ from pycfs.host.errors import first_error, user_message
 from pycfs.host.syscalls import raise_open_file_limit
 
 # Order is the order of `pycfs --help`.
-COMMAND_MODULES = ["repo", "oci", "erofs", "mount"]
+COMMAND_MODULES = ["repo", "oci", "ostree", "erofs", "mount", "varlink"]
 
 
 def _version() -> str:

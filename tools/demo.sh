@@ -130,6 +130,25 @@ setup_demo_xfs() {
     echo "CONTAINERS_STORAGE_CONF=$mnt/$user/storage.conf PYCFS_REPO=$mnt/$user/repo"
 }
 
+# So the demo user can go on from a login shell (`su - pycfs-demo`): pycfs on PATH, and the
+# same storage and repository the demo used.  A marked block in ~/.profile, replaced on re-runs.
+write_profile() {
+    local user=$1 xfs_env=$2 uid home profile begin="# >>> pycfs demo >>>" end="# <<< pycfs demo <<<"
+    uid=$(id -u "$user") home=$(getent passwd "$user" | cut -d: -f6)
+    profile=$home/.profile
+    touch "$profile" && chown "$user:" "$profile"
+    sed -i "/^$begin\$/,/^$end\$/d" "$profile"
+    {
+        echo "$begin"
+        echo "# written by pycfs tools/demo.sh"
+        echo "export PATH=\"$venv_root/bin:\$PATH\""
+        echo ": \"\${XDG_RUNTIME_DIR:=/run/user/$uid}\"; export XDG_RUNTIME_DIR"
+        local kv
+        for kv in $xfs_env; do echo "export $kv"; done
+        echo "$end"
+    } >>"$profile"
+}
+
 make_tar() {  # $1: python, $2: output
     "$1" "$checkout/tools/demo/mktar.py" "$2"
     chmod 0644 "$2"
@@ -157,9 +176,14 @@ if [[ $(id -u) == 0 ]]; then
     runuser -u "$demo_user" -- env -i HOME="$home" USER="$demo_user" LOGNAME="$demo_user" \
         PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 XDG_RUNTIME_DIR="/run/user/$uid" $xfs_env \
         bash -c "$(declare -f demo_as_user); demo_as_user '$venv_root/bin/python' '$work_root/pycfs-demo.tar'" </dev/null
+    write_profile "$demo_user" "$xfs_env"
+    say "go on as $demo_user from a login shell"
+    echo "\$ su - $demo_user -c 'pycfs oci images && podman images'"
+    su - "$demo_user" -c 'pycfs oci images && podman images' </dev/null
 else
     [[ -x $checkout/.venv/bin/python ]] || { echo "run tools/setup.sh first (as root for the Debian packages)" >&2; exit 1; }
-    tmp=$(mktemp -d)
+    # Not /tmp: it need not be writable for users (a 0755 /tmp exists).
+    tmp=$(mktemp -d -p "${TMPDIR:-$HOME}" pycfs-demo.XXXXXX)
     trap 'rm -rf "$tmp"' EXIT
     make_tar "$checkout/.venv/bin/python" "$tmp/pycfs-demo.tar"
     say "the demo, as $(id -un)"

@@ -16,6 +16,8 @@ PACKAGES=(
     podman uidmap skopeo fuse-overlayfs slirp4netns
     # reflinking and image filesystems, digests, ostree import
     xfsprogs btrfs-progs erofs-utils fsverity ostree
+    # ostree commit signatures: gpgv checks them, gpg makes the test keys
+    gpg gpgv gpgconf
     # python-prctl builds against libcap; the venv needs venv/pip and headers
     libcap-dev gcc python3 python3-venv python3-dev
     # rootless mounts: pyfuse3 builds against libfuse3, the user's mount goes through fusermount3
@@ -38,8 +40,10 @@ if ((${#missing[@]})); then
     fi
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
+    # Another apt (unattended-upgrades on a fresh machine) may hold the dpkg lock: wait for it.
+    apt_wait=(-o DPkg::Lock::Timeout=900)
+    apt-get "${apt_wait[@]}" update -q
+    apt-get "${apt_wait[@]}" install -y -q --no-install-recommends "${PACKAGES[@]}"
 else
     echo "setup: Debian packages present"
 fi

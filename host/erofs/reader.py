@@ -28,6 +28,7 @@ from pycfs.host.tree import (
     FileSystem,
     Inline,
     Leaf,
+    LeafContent,
     Socket,
     Sparse,
     Stat,
@@ -74,6 +75,9 @@ class LoadedImage:
     header: F.ComposefsHeader
     superblock: F.Superblock
     dir_sizes: dict[int, int] = field(default_factory=dict)  # id(Directory) -> i_size
+    # regular files a user `trusted.overlay.whiteout` turned into whiteouts: id(leaf) -> the
+    # external content C's composefs-info still prints for them
+    masked: dict[int, External | ExternalNoVerity] = field(default_factory=dict)
 
 
 class _Reader:
@@ -228,16 +232,24 @@ class _Reader:
         return out
 
 
-def _interpret_xattrs(raw: list[tuple[bytes, bytes]]) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
-    """Split stored xattrs into (user-visible, composefs-internal trusted.overlay.*)."""
+# the whiteout markers composefs writes; C's loader hides them on every inode
+_HIDDEN = frozenset((b"trusted.overlay.whiteouts", b"user.overlay.whiteout", b"user.overlay.whiteouts"))
+
+
+def _interpret_xattrs(raw: list[tuple[bytes, bytes]], hide_markers: bool = True,
+                      ) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    """Split stored xattrs into (user-visible, composefs-internal trusted.overlay.*).
+    ``hide_markers``: drop the whiteout markers as C's loader does (composefs-info); the
+    overlay mount itself shows them."""
     user: dict[bytes, bytes] = {}
     internal: dict[bytes, bytes] = {}
     for k, v in raw:
         if k.startswith(_OVERLAY_ESC):
-            user[_OVERLAY + k[len(_OVERLAY_ESC):]] = v
+            k = _OVERLAY + k[len(_OVERLAY_ESC):]
         elif k.startswith(_OVERLAY):
             internal[k] = v
-        else:
+            continue
+        if not (hide_markers and k in _HIDDEN):
             user[k] = v
     return user, internal
 
@@ -271,54 +283,57 @@ def read_image(data: bytes) -> LoadedImage:
                 else:
                     if r.epoch1 and _stat.S_ISCHR(craw.mode) and craw.i_u == 0:
                         continue  # whiteout stub (C: any native chr 0:0 is skipped)
-                    node = _make_leaf(r, craw)
+                    node = _make_leaf(r, craw, loaded)
                 nodes[nid] = node
             if name in d.entries:
                 raise ImageFormatError(f"directory nid {draw.nid}: duplicate entry {name!r}")
-            d.entries[name] = node  # type: ignore[assignment]
+            d.entries[name] = node
     return loaded
 
 
 def _make_dir(raw: RawInode) -> Directory:
     user, _internal = _interpret_xattrs(raw.xattrs)
-    if b"trusted.overlay.whiteouts" in user:
-        del user[b"trusted.overlay.whiteouts"]
-        user.pop(b"user.overlay.whiteouts", None)
     return Directory(Stat(raw.mode & 0o7777, raw.uid, raw.gid, raw.mtime, raw.mtime_nsec, user))
 
 
-def _make_leaf(r: _Reader, raw: RawInode) -> Leaf:
+def _chunked_content(raw: RawInode, internal: dict[bytes, bytes]) -> LeafContent:
+    if raw.i_u & ~(F.CHUNK_FORMAT_BLKBITS_MASK | 0xFFFF0000):
+        raise ImageFormatError(f"inode nid {raw.nid}: unsupported chunk format 0x{raw.i_u:x}")
+    if raw.size == 0:
+        return Inline(b"")
+    digest = None
+    mc = internal.get(b"trusted.overlay.metacopy")
+    if mc:
+        try:
+            digest = F.OverlayMetacopy.unpack(mc).digest
+        except F.FormatError as e:
+            raise ImageFormatError(f"inode nid {raw.nid}: {e}") from None
+    redirect = internal.get(b"trusted.overlay.redirect")
+    payload = redirect[1:] if redirect and redirect.startswith(b"/") else redirect
+    if digest:
+        if payload is None:
+            payload = b""
+        return External(digest, raw.size, None if payload == object_path(digest) else payload)
+    if payload:
+        return ExternalNoVerity(payload, raw.size)
+    return Sparse(raw.size)
+
+
+def _make_leaf(r: _Reader, raw: RawInode, loaded: LoadedImage) -> Leaf:
     user, internal = _interpret_xattrs(raw.xattrs)
     st = Stat(raw.mode & 0o7777, raw.uid, raw.gid, raw.mtime, raw.mtime_nsec, user)
     fmt = _stat.S_IFMT(raw.mode)
     if fmt == _stat.S_IFREG:
+        chunked = raw.datalayout == F.DATALAYOUT_CHUNK_BASED
         if b"trusted.overlay.whiteout" in user:
             del user[b"trusted.overlay.whiteout"]
-            user.pop(b"user.overlay.whiteout", None)
-            return Leaf(st, CharDevice(0), raw.nlink)
-        if raw.datalayout == F.DATALAYOUT_CHUNK_BASED:
-            if raw.i_u & ~(F.CHUNK_FORMAT_BLKBITS_MASK | 0xFFFF0000):
-                raise ImageFormatError(f"inode nid {raw.nid}: unsupported chunk format 0x{raw.i_u:x}")
-            if raw.size == 0:
-                return Leaf(st, Inline(b""), raw.nlink)
-            digest = None
-            mc = internal.get(b"trusted.overlay.metacopy")
-            if mc:
-                try:
-                    digest = F.OverlayMetacopy.unpack(mc).digest
-                except F.FormatError as e:
-                    raise ImageFormatError(f"inode nid {raw.nid}: {e}") from None
-            redirect = internal.get(b"trusted.overlay.redirect")
-            payload = redirect[1:] if redirect and redirect.startswith(b"/") else redirect
-            if digest:
-                if payload is None:
-                    payload = b""
-                content = External(digest, raw.size, None if payload == object_path(digest) else payload)
-            elif payload:
-                content = ExternalNoVerity(payload, raw.size)
-            else:
-                content = Sparse(raw.size)
-            return Leaf(st, content, raw.nlink)
+            leaf = Leaf(st, CharDevice(0), raw.nlink)
+            masked = _chunked_content(raw, internal) if chunked else None
+            if isinstance(masked, (External, ExternalNoVerity)):
+                loaded.masked[id(leaf)] = masked
+            return leaf
+        if chunked:
+            return Leaf(st, _chunked_content(raw, internal), raw.nlink)
         return Leaf(st, Inline(r.data_of(raw)), raw.nlink)
     if fmt == _stat.S_IFLNK:
         target = r.data_of(raw)
@@ -340,4 +355,7 @@ def _make_leaf(r: _Reader, raw: RawInode) -> Leaf:
 # (pycfs.host.fusemount): inodes, dirents and data by nid, and overlayfs's view of xattrs
 # (user-visible, overlay-internal).
 ImageReader = _Reader
-overlay_xattrs = _interpret_xattrs
+
+
+def overlay_xattrs(raw: list[tuple[bytes, bytes]]) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    return _interpret_xattrs(raw, hide_markers=False)

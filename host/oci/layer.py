@@ -110,7 +110,7 @@ class _ZstdReader:
     def __init__(self, f: BinaryIO) -> None:
         self._f = f
         self._dctx = zstandard.ZstdDecompressor()
-        self._dobj = None
+        self._dobj: zstandard.ZstdDecompressionObj | None = None
         self._pending = b""  # compressed input not yet fed
         self._out = memoryview(b"")
         self._eof = False

@@ -199,7 +199,7 @@ def test_corrupt_layer_blob_fails_cleanly(repo: Path, tmp_path: Path, built: ima
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
     blob.write_bytes(data)
-    p = pycfs(repo, "oci", "pull", f"oci:{layout}", check=False)
+    p = pycfs(repo, "oci", "pull", "--progress=none", f"oci:{layout}", check=False)
     err = p.stderr.decode()
     assert p.returncode == 1 and err.startswith("pycfs: error: ") and err.count("\n") == 1, err
     assert "corrupt gzip layer" in err or "does not match its digest" in err or "tar" in err

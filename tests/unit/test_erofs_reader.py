@@ -4,28 +4,23 @@ rejection of malformed images."""
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import struct
-from pathlib import Path
 
 import pytest
-
 from pycfs.host import dumpfile
 from pycfs.host.erofs import format as F
+from pycfs.host.erofs.info import format_ls, image_objects
 from pycfs.host.erofs.reader import ImageFormatError, read_image
 from pycfs.host.erofs.writer import choose_version, write_image
 from pycfs.host.tree import External, ExternalNoVerity, Sparse
-from pycfs.host.erofs.info import format_ls, image_objects
+from vectors import C_VECTORS, c_manifest
 
-VECTORS = Path("/work/shared/vectors/composefs-c")
-needs_vectors = pytest.mark.skipif(not (VECTORS / "manifest.json").exists(), reason="shared C vectors are not available")
-MANIFEST = json.loads((VECTORS / "manifest.json").read_text()) if (VECTORS / "manifest.json").exists() else {
-    "dumpfile_cases": [], "directory_cases": []}
+VECTORS = C_VECTORS
+MANIFEST = c_manifest()
 ALL_NAMES = [c["name"] for c in MANIFEST["dumpfile_cases"] + MANIFEST["directory_cases"]]
 
 
-@needs_vectors
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_info_dump_and_ls_byte_exact(name):
     loaded = read_image((VECTORS / f"{name}.cfs").read_bytes())
@@ -33,7 +28,6 @@ def test_info_dump_and_ls_byte_exact(name):
     assert format_ls(loaded.fs) == (VECTORS / f"{name}.info-ls").read_bytes()
 
 
-@needs_vectors
 @pytest.mark.parametrize("name", ["mixed_rootfs", "files_external", "dir_synth", "hardlinks"])
 def test_objects_match_c(name):
     info = (VECTORS / f"{name}.info").read_bytes()
@@ -42,7 +36,6 @@ def test_objects_match_c(name):
     assert b"".join(p + b"\n" for p in image_objects(fs)) == section
 
 
-@needs_vectors
 @pytest.mark.parametrize("case", MANIFEST["dumpfile_cases"], ids=lambda c: c["name"])
 def test_dump_image_dump_roundtrip(case):
     """dumpfile -> image -> tree -> dumpfile -> image: same image (except C's known non-round-trips)."""
@@ -85,7 +78,6 @@ def test_external_kinds_roundtrip():
 # ---------------------------------------------------------------------------- malformed input
 
 
-@needs_vectors
 def test_rejects_non_images():
     with pytest.raises(ImageFormatError, match="too small"):
         read_image((VECTORS / "empty_root.dump").read_bytes())
@@ -102,14 +94,12 @@ def test_rejects_non_images():
         read_image(bytes(bad_blk))
 
 
-@needs_vectors
 def test_truncated_image():
     good = (VECTORS / "bigdir3000.cfs").read_bytes()
     with pytest.raises(ImageFormatError, match="truncated"):
         read_image(good[: len(good) - 4096])
 
 
-@needs_vectors
 def test_bad_root_nid():
     img = bytearray((VECTORS / "nested5.cfs").read_bytes())
     struct.pack_into("<H", img, 1024 + 14, 0xFFFF)
@@ -130,7 +120,6 @@ def test_directory_loop_terminates():
     assert back.fs.root.entries[b"d"].entries[b"e"] is back.fs.root
 
 
-@needs_vectors
 def test_random_corruption_never_crashes():
     images = [(VECTORS / f"{n}.cfs").read_bytes() for n in ("mixed_rootfs", "xattrs_shared", "symlinks_long", "hardlinks")]
     rng = random.Random(1234)

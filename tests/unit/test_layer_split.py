@@ -36,6 +36,7 @@ from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamReader, SplitSt
 from pycfs.host.streamcat import iter_stream_bytes
 from pycfs.host.tree import BlockDevice, CharDevice, External, Fifo, Inline, Symlink
 import itertools
+from vectors import C_VECTORS
 
 
 @pytest.fixture
@@ -538,10 +539,9 @@ def test_gnu_tar_sparse_round_trips(repo: Repository, tmp_path: Path, fmt: str) 
 # ---------------------------------------------------------------------------- pinned vector
 
 
-VECTOR_TAR = Path("/work/shared/vectors/composefs-c/synth_tree.tar")
+VECTOR_TAR = C_VECTORS / "synth_tree.tar"
 
 
-@pytest.mark.skipif(not VECTOR_TAR.exists(), reason="shared vectors are not available")
 def test_vector_tar_round_trips(repo: Repository) -> None:
     data = VECTOR_TAR.read_bytes()
     reader = store(repo, data)

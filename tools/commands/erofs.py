@@ -105,14 +105,13 @@ def cmd_composefs_info(args: argparse.Namespace) -> int:
                 raise PycfsError(f"Failed to measure '{path}': {e.strerror}") from None
         out.flush()
         return 0
-    if args.subcommand == "missing-objects" and not args.basedir:
-        raise PycfsError("missing-objects needs --basedir")
     collected: set[bytes] = set()
     for path in args.files:
         loaded = _load_image(path)
         fs = loaded.fs
         if args.subcommand == "dump":
-            out.write(dumpfile.write(fs, dir_sizes=loaded.dir_sizes, filter_names=filters or None))
+            out.write(dumpfile.write(fs, dir_sizes=loaded.dir_sizes, filter_names=filters or None,
+                                     masked=loaded.masked))
         elif args.subcommand == "ls":
             out.write(format_ls(fs, filters or None))
         else:
@@ -120,11 +119,22 @@ def cmd_composefs_info(args: argparse.Namespace) -> int:
     if args.subcommand == "objects":
         out.write(b"".join(p + b"\n" for p in sorted(collected)))
     elif args.subcommand == "missing-objects":
-        base = os.fsencode(args.basedir)
-        missing = [p for p in sorted(collected) if not os.path.exists(os.path.join(base, p))]
+        # C: every payload is relative to the object store, a leading '/' too; without
+        # --basedir, to the current directory
+        base = os.fsencode(args.basedir or ".")
+        missing = [p for p in sorted(collected) if not os.path.exists(os.path.join(base, p.lstrip(b"/")))]
         out.write(b"".join(p + b"\n" for p in missing))
     out.flush()
     return 0
+
+
+INFO_ACTIONS = [
+    ("ls", "list every path of the images with its type, target or content digest", "IMAGE"),
+    ("objects", "list the backing files (XX/rest) the images refer to, each once", "IMAGE"),
+    ("dump", "print the images as composefs-dump(5) files", "IMAGE"),
+    ("missing-objects", "list the backing files the images refer to that are missing below --basedir", "IMAGE"),
+    ("measure-file", "print the fs-verity digest of each file (what a backing file must be named by)", "FILE"),
+]
 
 
 def register(subparsers) -> None:
@@ -149,11 +159,23 @@ def register(subparsers) -> None:
 
     q = subparsers.add_parser(
         "composefs-info", help="inspect composefs images (ls, dump, objects, ...)",
-        description="Inspect composefs images like C composefs-info.",
+        description="Inspect composefs images like C composefs-info. `pycfs composefs-info ACTION --help` "
+        "explains each action.",
     )
-    q.add_argument("subcommand", choices=["ls", "objects", "dump", "missing-objects", "measure-file"])
-    q.add_argument("files", nargs="+", metavar="IMAGE")
-    q.add_argument("--basedir", metavar="PATH", help="object store for missing-objects")
-    q.add_argument("--filter", action="append", metavar="NAME", help="only these top-level names (repeatable)")
+
+    def shared_options(parser: argparse.ArgumentParser, default: object) -> None:
+        # Accepted before the action (as C takes them) and after it.
+        parser.add_argument("--basedir", metavar="PATH", default=default,
+                            help="missing-objects: the object store the images' payloads are relative to "
+                            "(default: the current directory)")
+        parser.add_argument("--filter", action="append", metavar="NAME", default=default,
+                            help="ls, dump: only these top-level names (repeatable)")
+
+    shared_options(q, None)
+    actions = q.add_subparsers(dest="subcommand", metavar="ACTION", required=True)
+    for name, summary, what in INFO_ACTIONS:
+        a = actions.add_parser(name, help=summary, description=f"{summary}.")
+        a.add_argument("files", nargs="+", metavar=what)
+        shared_options(a, argparse.SUPPRESS)
     q.set_defaults(handler=cmd_composefs_info)
 

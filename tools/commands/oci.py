@@ -17,7 +17,7 @@ from pycfs.host.oci.result import PullResult
 from pycfs.host.oci.streams import check_tag, list_images, open_image
 from pycfs.host.repository import Repository
 from pycfs.tools.commands.mount import MOUNT_DESCRIPTION, add_mount_arguments
-from pycfs.tools.common import open_repo, positive_int, print_json
+from pycfs.tools.common import open_repo, positive_int, print_json, repo_path
 from pycfs.tools.progress import add_progress_option, pull_progress
 
 
@@ -197,3 +197,80 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = osub.add_parser("mount", help="mount a pulled image's composefs image (kernel as root, FUSE otherwise)",
                         description=MOUNT_DESCRIPTION + " IMAGE is a tag from `pycfs oci images`.")
     add_mount_arguments(p)
+
+    register_copy(osub)
+
+
+def register_copy(osub: argparse._SubParsersAction) -> None:
+    """`oci copy` (issue 12): one block, so the rest of this module can change alongside."""
+    from pycfs.host.oci.copy import copy
+
+    class Progress:
+        def __init__(self, bar: object | None) -> None:
+            self.bar = bar
+            self.task = None
+
+        def layer_started(self, diff_id: str) -> None:
+            if self.bar is not None:
+                self.task = self.bar.add_task(diff_id[7:19], total=None)  # type: ignore[attr-defined]
+
+        def layer_done(self, diff_id: str, already_present: bool) -> None:
+            text = f"{diff_id[7:19]}: {'already present' if already_present else 'copied'}"
+            if self.bar is not None:
+                self.bar.remove_task(self.task)  # type: ignore[attr-defined]
+                self.bar.console.print(text)  # type: ignore[attr-defined]
+            else:
+                print(text, file=sys.stderr)
+
+    def cmd_copy(args: argparse.Namespace) -> int:
+        if args.name is not None:
+            check_tag(args.name)
+        with Repository.open(repo_path(args)) as repo:  # fails early, clearly
+            dest = str(repo.path)
+        with ExitStack() as stack:
+            progress = None
+            if not args.json:
+                bar = None
+                if sys.stderr.isatty():
+                    from rich.progress import Progress as Bar
+                    from rich.progress import SpinnerColumn, TextColumn
+
+                    bar = stack.enter_context(Bar(SpinnerColumn(), TextColumn("{task.description}"), transient=True))
+                progress = Progress(bar)
+            result = trio.run(copy, args.source, args.from_repo, dest, args.image, args.name, args.zerocopy, progress,
+                              args.storage_root)
+        if args.json:
+            print_json(result.to_json())
+            return 0
+        copied = sum(entry["copied"] for entry in result.layers)
+        print(f"layers: {copied} copied, {len(result.layers) - copied} already present; objects: "
+              f"{result.objects_reflinked} reflinked, {result.objects_hardlinked} hardlinked, "
+              f"{result.objects_copied} copied, {result.objects_already_present} already present", file=sys.stderr)
+        print(f"manifest {result.manifest_digest} (verity {result.manifest_verity})")
+        print(f"config {result.config_digest} (verity {result.config_verity})")
+        if args.name is not None:
+            print(f"tagged {args.name}")
+        print(f"took {result.seconds:.2f}s", file=sys.stderr)
+        return 0
+
+    p = osub.add_parser(
+        "copy", help="copy an image from another composefs repository (reflinking file content)",
+        description="Copy IMAGE from the repository --from into this one (--repo) over the composefs varlink "
+        "layer API: layers already here are skipped, the others move as GetLayer/PutLayer, with file content "
+        "reflinked from the source's objects where the filesystem allows (else hardlinked with --zerocopy, else "
+        "copied), then the manifest and config (same digests) and the composefs image. Works across hash "
+        "algorithms (sha256 -> sha512: objects are re-digested) except with --zerocopy.")
+    p.add_argument("image", metavar="IMAGE", help="tag or @sha256:<manifest digest> in the source")
+    p.add_argument("--from", dest="source", required=True, metavar="SRC",
+                   help="source repository path (served in process), or unix:SOCKET of `pycfs varlink serve` "
+                   "(a repository service, or a containers-storage one: then IMAGE is a containers-storage name)")
+    p.add_argument("--from-repo", metavar="PATH",
+                   help="with --from unix:SOCKET of a repository service: the repository path as the service sees it")
+    p.add_argument("--storage-root", metavar="DIR",
+                   help="with --from unix:SOCKET of `pycfs varlink serve --containers-storage`: the graphroot IMAGE is "
+                   "looked up in (default: from storage.conf, as podman)")
+    p.add_argument("--name", metavar="TAG", help="tag the copy (default: no tag; the image is reachable by digest only)")
+    p.add_argument("--zerocopy", action="store_true",
+                   help="share file content (reflink, else hardlink) or fail; needs one filesystem and one hash algorithm")
+    p.add_argument("--json", action="store_true", help="print the result (digests, verities, counts) as JSON")
+    p.set_defaults(handler=cmd_copy)

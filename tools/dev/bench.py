@@ -16,6 +16,13 @@ into that storage. Rows, each the median of --runs with min and max:
   f  reading every file the user may read (find | xargs cat) through the kernel's
      EROFS+overlay mount (made by root), f' through the user's rootless FUSE mount;
      g, g' `find -ls` over each (fresh mounts each run, objects in the page cache)
+  o  ostree: a tree (--ostree-tree, default /usr/lib/python3) committed with `ostree commit`
+     into an archive repository served over HTTP on 127.0.0.1 and into a bare repository on
+     the XFS: `pycfs ostree pull` / `ostree pull` (into a fresh archive repository) and
+     `pycfs ostree pull-local` / `ostree pull-local` (into a fresh bare repository)
+  h  pycfs oci copy --zerocopy of the pulled image into an empty repository on the same XFS
+     (varlink GetLayer/PutLayer in process); h': the same through a `pycfs varlink serve`
+     process; h'': `cp -a --reflink=always` of the source repository's objects/
 
 with peak RSS per row, the disk space (a) and (c) add, and the ratios a/b, c/a and
 disk(a)/image bytes. The page cache is warm for every row (each input is read once
@@ -368,8 +375,106 @@ def row_mounts(bench: Lab, runs: int) -> list[Row]:
     return rows
 
 
+def row_copy(bench: Lab, runs: int) -> tuple[Row, Row, Row]:
+    """oci copy between two repositories on the XFS, against a reflinking cp of the objects."""
+    inproc = Row("h", "pycfs oci copy --zerocopy, repository -> repository (in process)")
+    served = Row("h'", "  the same from a `pycfs varlink serve` process")
+    cp = Row("h''", "cp -a --reflink=always of the source's objects/")
+    source = fresh_dir(bench, "copy-src") / "repo"
+    timed(pycfs_argv(bench, source, "init"), bench.user)
+    timed(pycfs_argv(bench, source, "oci", "pull", f"containers-storage:{IMAGE}", "bench"), bench.user)
+    sock = source.parent / "varlink.sock"
+    server = subprocess.Popen(["runuser", "-u", bench.user.name, "--", str(bench.user.python), "-m", "pycfs.tools.cli",
+                               "varlink", "serve", "--address", f"unix:{sock}"], env=bench.user.environ(),
+                              cwd=bench.user.home, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise lab.LabError(server.returncode or 1, server.args, b"", b"the varlink service did not start")
+            time.sleep(0.05)
+        for i in range(runs):
+            for row, src in ((inproc, [str(source)]), (served, [f"unix:{sock}", "--from-repo", str(source)])):
+                dest = fresh_dir(bench, "copy-dest") / "repo"
+                timed(pycfs_argv(bench, dest, "init"), bench.user)
+                before = used_bytes(bench.xfs)
+                row.samples.append(timed(pycfs_argv(bench, dest, "oci", "copy", "bench", "--zerocopy", "--name",
+                                                    "bench", "--from", *src), bench.user)[0])
+                if i == 0:
+                    row.disk_added = used_bytes(bench.xfs) - before
+            dest = fresh_dir(bench, "copy-dest")
+            before = used_bytes(bench.xfs)
+            cp.samples.append(timed(["cp", "-a", "--reflink=always", str(source / "objects"), str(dest / "objects")],
+                                    bench.user)[0])
+            if i == 0:
+                cp.disk_added = used_bytes(bench.xfs) - before
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(bench.user.scratch / "copy-src")
+        shutil.rmtree(bench.user.scratch / "copy-dest", ignore_errors=True)
+    return inproc, served, cp
+
+
 # ---------------------------------------------------------------------------------------
 # Report
+
+
+_SERVE = """
+import functools, http.server, sys
+class H(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(H, directory=sys.argv[1]))
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"""
+
+
+def rows_ostree(bench: Lab, runs: int, tree: str) -> list[Row]:
+    """o1-o4: pycfs against ostree's own pulls, over HTTP and from a local bare repository."""
+    if shutil.which("ostree") is None:
+        return [Row("o", "ostree rows", note="ostree is not installed")]
+    base = Path(tempfile.mkdtemp(prefix="ostree-", dir=bench.xfs))
+    archive, bare = base / "archive", base / "bare"
+    for repo, mode in ((archive, "archive"), (bare, "bare")):
+        subprocess.run(["ostree", "init", f"--repo={repo}", f"--mode={mode}"], check=True)
+    subprocess.run(["ostree", "commit", f"--repo={archive}", "--branch=tree", tree], check=True, capture_output=True)
+    subprocess.run(["ostree", "pull-local", f"--repo={bare}", archive, "tree"], check=True, capture_output=True)
+    server = subprocess.Popen([sys.executable, "-c", _SERVE, archive], stdout=subprocess.PIPE, text=True)
+    rows = [Row("o1", f"pycfs ostree pull http://127.0.0.1 ({tree})"), Row("o2", "  ostree pull, same server"),
+            Row("o3", "pycfs ostree pull-local from a bare repository"), Row("o4", "  ostree pull-local, bare to bare")]
+    try:
+        assert server.stdout is not None
+        url = f"http://127.0.0.1:{server.stdout.readline().strip()}/"
+        warm([os.path.join(d, f) for d, _, fs in os.walk(base) for f in fs])
+        for _ in range(runs):
+            for row, kind in zip(rows, ("pycfs-http", "ostree-http", "pycfs-local", "ostree-local")):
+                dest = base / f"dest-{kind}"
+                shutil.rmtree(dest, ignore_errors=True)
+                os.sync()
+                if kind.startswith("pycfs"):  # as root, like ostree (bare repositories need it)
+                    pycfs = [sys.executable, "-m", "pycfs.tools.cli", "--repo", str(dest)]
+                    subprocess.run([*pycfs, "init"], check=True, capture_output=True)
+                    argv = [*pycfs, "ostree", *(("pull", url) if kind == "pycfs-http" else ("pull-local", str(bare))),
+                            "tree"]
+                else:
+                    mode = "archive" if kind == "ostree-http" else "bare"
+                    subprocess.run(["ostree", "init", f"--repo={dest}", f"--mode={mode}"], check=True)
+                    if kind == "ostree-http":
+                        subprocess.run(["ostree", "remote", "add", f"--repo={dest}", "--no-gpg-verify", "r", url],
+                                       check=True)
+                        argv = ["ostree", "pull", f"--repo={dest}", "r", "tree"]
+                    else:
+                        argv = ["ostree", "pull-local", f"--repo={dest}", str(bare), "tree"]
+                before = used_bytes(bench.xfs)
+                row.samples.append(timed(argv)[0])
+                row.disk_added = used_bytes(bench.xfs) - before
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(base, ignore_errors=True)
+    return rows
 
 
 def report(rows: list[Row], bench: Lab, stats: dict, runs: int) -> dict:
@@ -394,6 +499,10 @@ def report(rows: list[Row], bench: Lab, stats: dict, runs: int) -> dict:
         "hash MiB/s (pycfs)": bench.file_bytes / by["b"].median / MIB,
         "hash MiB/s (fsverity digest)": bench.file_bytes / by["b'"].median / MIB,
     }
+    if "h" in by:  # oci copy: goal h/h'' <= 1.5, disk < 1%
+        ratios["h/h''"] = by["h"].median / by["h''"].median
+        ratios["h'/h"] = by["h'"].median / by["h"].median
+        ratios["disk(h)/image"] = (by["h"].disk_added or 0) / bench.image_bytes
     if "f" in by:  # FUSE against the kernel: goals >= 0.5 for reads, <= 3 for the walk
         ratios["read FUSE/kernel throughput"] = by["f"].median / by["f'"].median
         ratios["find -ls FUSE/kernel time"] = by["g'"].median / by["g"].median
@@ -420,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="image size factor (1.0: about 1.5 GB)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="leave the lab (XFS, storage) mounted")
+    parser.add_argument("--ostree-tree", metavar="DIR", default="/usr/lib/python3",
+                        help="the tree the ostree rows commit and pull (default: %(default)s)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("bench: run as root (it creates a user and a loop-mounted XFS)")
@@ -433,7 +544,10 @@ def main(argv: list[str] | None = None) -> int:
         save = row_save_then_pull(bench, args.runs)
         mkcfs = row_mkcomposefs(bench, args.runs)
         mounts = row_mounts(bench, args.runs)
-        figures = report([cold, import_only, ours, theirs, save, mkcfs, rewarm, *mounts], bench, stats, args.runs)
+        ostree_rows = rows_ostree(bench, args.runs, args.ostree_tree)
+        copies = row_copy(bench, args.runs)
+        figures = report([cold, import_only, ours, theirs, save, mkcfs, rewarm, *mounts, *copies, *ostree_rows],
+                         bench, stats, args.runs)
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     finally:

@@ -230,13 +230,15 @@ def _tarinfo(name: str, meta: _Meta) -> tarfile.TarInfo:
     ti.uname = ti.gname = ""
     sec, ns = divmod(meta.mtime_ns, 1_000_000_000)
     ti.mtime = sec
+    pax: dict[str, str] = {}
     if ns:
         # The ustar field holds whole seconds; PAX "mtime" carries the nanoseconds.
-        ti.pax_headers["mtime"] = f"{sec}.{ns:09d}"
+        pax["mtime"] = f"{sec}.{ns:09d}"
     for key, value in meta.xattrs.items():
         # tarfile wants str values; surrogateescape round-trips arbitrary bytes
         # (it then marks the header hdrcharset=BINARY).
-        ti.pax_headers["SCHILY.xattr." + key] = value.decode("utf-8", "surrogateescape")
+        pax["SCHILY.xattr." + key] = value.decode("utf-8", "surrogateescape")
+    ti.pax_headers = pax
     return ti
 
 

@@ -1,0 +1,215 @@
+"""`oci copy`: an image from one composefs repository to another over the varlink layer API.
+
+Both ends are varlink services: a repository path gets an in-process service on a
+socketpair, `unix:PATH` is a running one (`pycfs varlink serve`). Per layer the
+destination is asked first (HasLayer); a missing layer moves as GetLayer (source) ->
+PutLayer (destination): the bytes flow through a pipe from the source's producer to the
+destination, the client only relays fds, and the destination reflinks file content
+straight from the source's objects/. FinalizeImage then stores the exact manifest and
+config, builds the composefs image and tags it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+from pycfs.host.errors import PycfsError
+from pycfs.host.nursery import open_nursery
+from pycfs.host.varlink.client import Client
+from pycfs.host.varlink.oci import layer_ids_of
+from pycfs.host.varlink.serve import open_service
+from pycfs.host.varlink.transport import connect, socketpair
+from pycfs.protocol.fdpass import close_fds
+from pycfs.protocol.varlink import VarlinkError
+
+OCI = "org.composefs.Oci."
+REPO = "org.composefs.Repository."
+
+
+class CopyProgress(Protocol):
+    def layer_started(self, diff_id: str) -> None: ...
+    def layer_done(self, diff_id: str, already_present: bool) -> None: ...
+
+
+@dataclass
+class CopyResult:
+    manifest_digest: str
+    manifest_verity: str
+    config_digest: str
+    config_verity: str
+    layers: list[dict] = field(default_factory=list)  # diff_id, layer_verity, copied
+    objects_reflinked: int = 0
+    objects_hardlinked: int = 0
+    objects_copied: int = 0
+    objects_already_present: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__, seconds=round(self.seconds, 3))
+
+
+@dataclass
+class Endpoint:
+    client: Client
+    handle: int
+    algorithm: str
+
+
+async def _in_process_service(task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+    async with open_service() as server:
+        task_status.started(server)
+        await trio.sleep_forever()
+
+
+@asynccontextmanager
+async def open_endpoint(address: str | None, repo: str) -> AsyncIterator[Endpoint]:
+    """Repository `repo` behind the service at `unix:PATH`, or (address None) behind an
+    in-process service on a socketpair: the same varlink and SCM_RIGHTS path either way."""
+    async with open_nursery() as nursery:
+        if address is not None:
+            conn = await connect(address)
+        else:
+            service = await nursery.start(_in_process_service)
+            conn, server_sock = socketpair()
+            nursery.start_soon(service.serve_connection, server_sock)
+        client = Client(conn)
+        try:
+            reply = await client.call(REPO + "OpenRepository", {"path": repo})
+            yield Endpoint(client, reply.parameters["handle"], reply.parameters.get("hash_algorithm") or "")
+        finally:
+            client.close()
+            nursery.cancel_scope.cancel()
+
+
+async def copy_layer(src: Endpoint, dst: Endpoint, diff_id: str, zerocopy: bool,
+                     storage: dict | None = None) -> dict:
+    """GetLayer on the source, PutLayer on the destination; the lifetime fds are held
+    until PutLayer returns (the source keeps its directories usable until then)."""
+    fds: list[int] = []
+    dir_count = None
+    try:
+        async for reply in src.client.call_more(OCI + "GetLayer", {
+            "handle": src.handle, "params": {"diff_id": diff_id, "storage": storage,
+                                             "consumer_has_cap_dac_override": os.geteuid() == 0}}):
+            fds += reply.fds
+            count = reply.parameters.get("dir_count")
+            if not isinstance(count, int) or count < 1 or (dir_count is not None and count != dir_count):
+                raise PycfsError(f"source sent a bad dir_count {count!r} for layer {diff_id}")
+            dir_count = count
+        assert dir_count is not None
+        if len(fds) < dir_count + 2:
+            raise PycfsError(f"source sent {len(fds)} fds for layer {diff_id}, need at least {dir_count + 2}")
+        reply = await dst.client.call(OCI + "PutLayer", {"handle": dst.handle, "diff_id": diff_id,
+                                                         "zerocopy": zerocopy}, fds[: 1 + dir_count])
+        return reply.parameters
+    finally:
+        close_fds(fds)
+
+
+async def copy_image(src: Endpoint, dst: Endpoint, image: str, name: str | None, zerocopy: bool,
+                     progress: CopyProgress | None = None) -> CopyResult:
+    started = time.monotonic()
+    if zerocopy and src.algorithm != dst.algorithm:
+        raise PycfsError(f"--zerocopy requires matching hash algorithms; source uses {src.algorithm} but "
+                         f"destination uses {dst.algorithm} (copy without --zerocopy: objects are re-digested)")
+    inspected = (await src.client.call(OCI + "Inspect", {"handle": src.handle, "image": image})).parameters
+    manifest_json, config_json = inspected.get("manifest"), inspected.get("config")
+    if not isinstance(manifest_json, str) or not isinstance(config_json, str) or not manifest_json or not config_json:
+        raise PycfsError(f"source returned no manifest/config for {image!r}")
+    try:
+        layer_ids = layer_ids_of(json.loads(manifest_json), json.loads(config_json))
+    except (ValueError, AttributeError) as e:
+        raise PycfsError(f"source image {image!r} has an unreadable manifest or config: {e}") from None
+    return await _copy_layers(src, dst, manifest_json, config_json, [(d, None) for d in layer_ids], name, zerocopy,
+                              progress, started)
+
+
+async def _copy_layers(src: Endpoint, dst: Endpoint, manifest_json: str, config_json: str,
+                       layers: Sequence[tuple[str, dict | None]], name: str | None, zerocopy: bool,
+                       progress: CopyProgress | None, started: float) -> CopyResult:
+    """Each (diff_id, storage locator) not in the destination moves; then FinalizeImage."""
+    totals = {"objects_reflinked": 0, "objects_hardlinked": 0, "objects_copied": 0, "objects_already_present": 0}
+    done = []
+    for diff_id, storage in layers:
+        if progress is not None:
+            progress.layer_started(diff_id)
+        has = (await dst.client.call(OCI + "HasLayer", {"handle": dst.handle, "diff_id": diff_id})).parameters
+        if has.get("present"):
+            done.append({"diff_id": diff_id, "layer_verity": has["layer_verity"], "copied": False})
+        else:
+            put = await copy_layer(src, dst, diff_id, zerocopy, storage)
+            for key in totals:
+                totals[key] += int(put.get(key) or 0)
+            done.append({"diff_id": diff_id, "layer_verity": put["layer_verity"], "copied": True})
+        if progress is not None:
+            progress.layer_done(diff_id, not done[-1]["copied"])
+    final = (await dst.client.call(OCI + "FinalizeImage", {
+        "handle": dst.handle, "manifest_json": manifest_json, "config_json": config_json,
+        "layers": [{"diff_id": entry["diff_id"], "layer_verity": entry["layer_verity"]} for entry in done],
+        "name": name})).parameters
+    return CopyResult(final["manifest_digest"], final["manifest_verity"], final["config_digest"], final["config_verity"],
+                      done, **totals, seconds=time.monotonic() - started)
+
+
+async def copy_from_containers_storage(src: Endpoint, dst: Endpoint, image: str, storage_root: str | None,
+                                       name: str | None, zerocopy: bool, progress: CopyProgress | None) -> CopyResult:
+    """The image's manifest, config and layer list come from containers-storage, read here
+    (as podman finds it); only file content comes through the layer service."""
+    from pycfs.host.oci.cstorage import read_image
+    from pycfs.host.storage.config import load_storage_config
+    from pycfs.host.storage.locks import ReadLocks
+    from pycfs.host.storage.store import Storage
+
+    started = time.monotonic()
+    storage = Storage.from_config(load_storage_config(storage_root))
+    locks = ReadLocks([(p, s.read_only) for s in storage.stores for p in s.lock_paths()])
+    await locks.acquire()
+    try:
+        source = await trio.to_thread.run_sync(read_image, storage, image.removeprefix("containers-storage:"))
+    finally:
+        locks.release()
+    try:
+        manifest_json, config_json = source.manifest.decode(), source.config.decode()
+    except UnicodeDecodeError:
+        raise PycfsError(f"the manifest or config of {image!r} is not UTF-8: varlink cannot carry it") from None
+    layers = [(layer.diff_id, {"storage_path": str(layer.store.root), "layer_id": layer.layer.id})
+              for layer in source.layers]
+    return await _copy_layers(src, dst, manifest_json, config_json, layers, name, zerocopy, progress, started)
+
+
+async def copy(source: str, source_repo: str | None, destination: str, image: str, name: str | None,
+               zerocopy: bool, progress: CopyProgress | None = None, storage_root: str | None = None) -> CopyResult:
+    """Copy `image` into the repository at `destination` from `source`: a repository path,
+    or `unix:PATH` of a service (a repository service holding `source_repo`, or a
+    containers-storage layer service, which `storage_root` or storage.conf locates)."""
+    try:
+        if not source.startswith("unix:"):
+            async with open_endpoint(None, source) as src, open_endpoint(None, destination) as dst:
+                return await copy_image(src, dst, image, name, zerocopy, progress)
+        client = Client(await connect(source))
+        try:
+            features = (await client.call(OCI + "GetInfo")).parameters.get("features") or []
+            if "splitdirfdstream-v0" not in features:
+                raise PycfsError(f"{source} does not offer the splitdirfdstream-v0 layer transport")
+            async with open_endpoint(None, destination) as dst:
+                if "source-containers-storage" in features:
+                    return await copy_from_containers_storage(Endpoint(client, 0, dst.algorithm), dst, image,
+                                                              storage_root, name, zerocopy, progress)
+                if source_repo is None:
+                    raise PycfsError(f"--from {source}: name the repository as the service sees it with --from-repo PATH")
+                reply = await client.call(REPO + "OpenRepository", {"path": source_repo})
+                src = Endpoint(client, reply.parameters["handle"], reply.parameters.get("hash_algorithm") or "")
+                return await copy_image(src, dst, image, name, zerocopy, progress)
+        finally:
+            client.close()
+    except VarlinkError as e:
+        if e.name == OCI + "NoSuchImage":
+            raise PycfsError(f"no image {image!r} in {source_repo or source} (see `pycfs oci images` there)") from None
+        raise PycfsError(f"oci copy {image}: {e}") from None

@@ -1,0 +1,353 @@
+"""ostree static deltas (spec ostree.md 1.9): find one for a commit, fetch its superblock
+and parts, and turn them into the objects they carry.
+
+A delta is found through the summary's `ostree.static-deltas` (name -> superblock
+checksum) or `delta-indexes/<to[:2]>/<to[2:]>.index`; its name is `<to hex>` (from
+nothing) or `<from hex>-<to hex>`, its directory the modified-base64 form of those
+checksums. Everything is verified on the way: the superblock and each part against the
+checksums that name them, the commit it carries against the commit asked for, every
+object it builds against its own checksum. The result is a `CommitObjects` that a pull
+uses as one more base; what the delta leaves out (fallbacks, objects of the from-commit)
+the pull then takes from the other bases or fetches one by one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import lzma
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pycfs.host.ostree.commitstream import CommitObjects, Entry
+from pycfs.host.ostree.objects import (
+    CHECKSUM_SIZE, COMMIT_TYPE, FileHeader, Kind, OstreeError, describe, parse_delta_table, verify_metadata,
+)
+from pycfs.host.ostree.source import FetchedFile, HttpRepo, _tmpfile, _write_all, check_file
+from pycfs.protocol.gvariant import GVariantError, decode, encode
+
+SUPERBLOCK_TYPE = "(a{sv}tayay" + COMMIT_TYPE + "aya(uayttay)a(yaytt))"
+SIGNED_TYPE = "(taya{sv})"
+SIGNED_MAGIC = b"OSTSGNDT"
+PART_TYPE = "(a(uuu)aa(ayay)ayay)"
+INDEX_TYPE = "a{sv}"
+MAX_SUPERBLOCK = 64 << 20
+MAX_PART = 1 << 30
+
+
+def b64name(checksum: bytes) -> str:
+    """ostree's modified base64: no padding, '/' -> '_'."""
+    return base64.b64encode(checksum).decode().rstrip("=").replace("/", "_")
+
+
+def delta_dir(from_commit: bytes | None, to_commit: bytes) -> str:
+    to = b64name(to_commit)
+    if from_commit is None:
+        return f"deltas/{to[:2]}/{to[2:]}"
+    f = b64name(from_commit)
+    return f"deltas/{f[:2]}/{f[2:]}-{to}"
+
+
+def delta_name(from_commit: bytes | None, to_commit: bytes) -> str:
+    return to_commit.hex() if from_commit is None else f"{from_commit.hex()}-{to_commit.hex()}"
+
+
+def index_path(to_commit: bytes) -> str:
+    to = b64name(to_commit)
+    return f"delta-indexes/{to[:2]}/{to[2:]}.index"
+
+
+def parse_index(data: bytes, where: str) -> dict[str, bytes]:
+    try:
+        return parse_delta_table(decode(INDEX_TYPE, data), where)
+    except GVariantError as e:
+        raise OstreeError(f"{where}: not a valid delta index ({e})") from None
+
+
+@dataclass
+class Part:
+    checksum: bytes
+    size: int
+    objects: list[tuple[Kind, bytes]]
+
+
+@dataclass
+class Superblock:
+    from_commit: bytes | None
+    to_commit: bytes
+    commit_data: bytes
+    parts: list[Part]
+    inline_parts: dict[int, bytes]
+    fallbacks: list[tuple[Kind, bytes]]
+
+
+def parse_superblock(data: bytes, name: str, from_commit: bytes | None, to_commit: bytes) -> Superblock:
+    where = f"static delta {name}"
+    if data[:8] == SIGNED_MAGIC:
+        try:
+            _magic, data, _sigs = decode(SIGNED_TYPE, data)
+        except GVariantError as e:
+            raise OstreeError(f"{where}: bad signed superblock ({e})") from None
+    try:
+        meta, _ts, frm, to, commit, _prereq, parts, fallbacks = decode(SUPERBLOCK_TYPE, data)
+    except GVariantError as e:
+        raise OstreeError(f"{where}: not a valid superblock ({e})") from None
+    if (frm or None) != from_commit or to != to_commit:
+        raise OstreeError(f"{where}: the superblock is for {frm.hex() or 'nothing'} -> {to.hex()}")
+    commit_data = encode(COMMIT_TYPE, commit)
+    verify_metadata(commit_data, to_commit, Kind.COMMIT)
+    out = []
+    for i, (version, checksum, _csize, _usize, objects) in enumerate(parts):
+        if version != 0 or len(checksum) != CHECKSUM_SIZE or len(objects) % 33:
+            raise OstreeError(f"{where}: part {i} has an unknown version or a malformed object list")
+        listed = [(_kind(objects[j], where), objects[j + 1:j + 33]) for j in range(0, len(objects), 33)]
+        out.append(Part(checksum, _csize, listed))
+    inline = {}
+    prefix = delta_dir(from_commit, to_commit) + "/"
+    for key, value in meta:
+        if key.startswith(prefix) and key[len(prefix):].isdigit() and value.type == "(yay)":
+            inline[int(key[len(prefix):])] = bytes([value.value[0]]) + value.value[1]
+    fb = [(_kind(t, where), c) for t, c, _cs, _us in fallbacks]
+    if any(len(c) != CHECKSUM_SIZE for _, c in fb):
+        raise OstreeError(f"{where}: malformed fallback list")
+    return Superblock(from_commit, to_commit, commit_data, out, inline, fb)
+
+
+def _kind(code: int, where: str) -> Kind:
+    try:
+        kind = Kind(code)
+    except ValueError:
+        raise OstreeError(f"{where}: unknown object type {code}") from None
+    return kind
+
+
+def _varuint(data: bytes, pos: int, where: str) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise OstreeError(f"{where}: truncated or overlong number in the opcodes")
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+
+
+def _offtin(b: bytes) -> int:
+    value = int.from_bytes(b[:7] + bytes([b[7] & 0x7F]), "little")
+    return -value if b[7] & 0x80 else value
+
+
+def bspatch(old: bytes, patch: bytes, size: int, where: str) -> bytes:
+    """Apply a header-less bsdiff patch (control triples, diff and extra bytes, interleaved)."""
+    out = bytearray()
+    pos = oldpos = 0
+    while len(out) < size:
+        if pos + 24 > len(patch):
+            raise OstreeError(f"{where}: bsdiff patch ends early")
+        x, y, z = (_offtin(patch[pos + i:pos + i + 8]) for i in (0, 8, 16))
+        pos += 24
+        if x < 0 or y < 0 or len(out) + x + y > size or pos + x + y > len(patch) or oldpos < 0 or oldpos + x > len(old):
+            raise OstreeError(f"{where}: bsdiff control entry out of bounds")
+        diff = patch[pos:pos + x]
+        base = old[oldpos:oldpos + x]
+        # bytewise addition mod 256, a machine word at a time would need numpy; per byte is fine here
+        out += bytes((a + b) & 0xFF for a, b in zip(base, diff))
+        pos += x
+        out += patch[pos:pos + y]
+        pos += y
+        oldpos += x + z
+    return bytes(out)
+
+
+class PartApplier:
+    """Runs one part's opcodes. `read_base(checksum)` gives a base file object's content;
+    `store(checksum, header, content)` keeps a verified file object."""
+
+    def __init__(self, where: str, payload: tuple, objects: list[tuple[Kind, bytes]],
+                 read_base: Callable[[bytes], bytes], store: Callable[[bytes, FileHeader, bytes], None],
+                 store_meta: Callable[[Kind, bytes, bytes], None]) -> None:
+        self.where = where
+        self.modes, self.xattrs, self.data, self.ops = payload
+        self.objects = objects
+        self.read_base = read_base
+        self.store = store
+        self.store_meta = store_meta
+
+    def _slice(self, source: bytes, offset: int, length: int) -> bytes:
+        if offset + length > len(source):
+            raise OstreeError(f"{self.where}: opcode reads beyond its data ({offset}+{length} > {len(source)})")
+        return source[offset:offset + length]
+
+    def _header(self, mode_idx: int, xattr_idx: int, size: int, checksum: bytes) -> FileHeader:
+        if mode_idx >= len(self.modes) or xattr_idx >= len(self.xattrs):
+            raise OstreeError(f"{self.where}: mode or xattr index out of range")
+        uid, gid, mode = (int.from_bytes(v.to_bytes(4, "little"), "big") for v in self.modes[mode_idx])
+        header = FileHeader(0 if stat.S_ISLNK(mode) else size, uid, gid, mode, "", self.xattrs[xattr_idx])
+        return header
+
+    def run(self) -> None:
+        ops, pos, index = self.ops, 0, 0
+        current: tuple[bytes, FileHeader] | None = None
+        content = bytearray()
+        source: bytes | None = None
+        arg = self._arg
+
+        def next_object() -> tuple[Kind, bytes]:
+            nonlocal index
+            if index >= len(self.objects):
+                raise OstreeError(f"{self.where}: more objects in the opcodes than the part lists")
+            index += 1
+            return self.objects[index - 1]
+
+        while pos < len(ops):
+            op = chr(ops[pos])
+            pos += 1
+            if op == "S":
+                kind, checksum = next_object()
+                if kind is Kind.FILE:
+                    (mode_idx, xattr_idx, size, offset), pos = arg(pos, 4)
+                    header = self._header(mode_idx, xattr_idx, size, checksum)
+                    self._finish(checksum, header, self._slice(self.data, offset, size))
+                else:
+                    (size, offset), pos = arg(pos, 2)
+                    data = self._slice(self.data, offset, size)
+                    verify_metadata(data, checksum, kind)
+                    self.store_meta(kind, checksum, data)
+            elif op == "o":
+                (mode_idx, xattr_idx, size), pos = arg(pos, 3)
+                kind, checksum = next_object()
+                if kind is not Kind.FILE:
+                    raise OstreeError(f"{self.where}: 'open' of a {kind.name.lower()} object")
+                current = (checksum, self._header(mode_idx, xattr_idx, size, checksum))
+                content = bytearray()
+            elif op == "w":
+                (size, offset), pos = arg(pos, 2)
+                content += self._slice(source if source is not None else self.data, offset, size)
+            elif op == "r":
+                (offset,), pos = arg(pos, 1)
+                source = self.read_base(self._slice(self.data, offset, CHECKSUM_SIZE))
+            elif op == "R":
+                source = None
+            elif op == "B":
+                (offset, length), pos = arg(pos, 2)
+                if source is None or current is None:
+                    raise OstreeError(f"{self.where}: bspatch without a read source or an open file")
+                content += bspatch(source, self._slice(self.data, offset, length), current[1].size - len(content),
+                                   self.where)
+            elif op == "c":
+                if current is None:
+                    raise OstreeError(f"{self.where}: 'close' without an open file")
+                self._finish(current[0], current[1], bytes(content))
+                current, source, content = None, None, bytearray()
+            else:
+                raise OstreeError(f"{self.where}: unknown opcode {op!r}")
+        if index != len(self.objects) or current is not None:
+            raise OstreeError(f"{self.where}: the opcodes do not build every object the part lists")
+
+    def _arg(self, pos: int, n: int) -> tuple[list[int], int]:
+        values = []
+        for _ in range(n):
+            v, pos = _varuint(self.ops, pos, self.where)
+            values.append(v)
+        return values, pos
+
+    def _finish(self, checksum: bytes, header: FileHeader, content: bytes) -> None:
+        if stat.S_ISLNK(header.mode):
+            header = FileHeader(0, header.uid, header.gid, header.mode,
+                                content.decode("utf-8", "surrogateescape"), header.xattrs)
+            content = b""
+        elif len(content) != header.size:
+            raise OstreeError(f"{describe(checksum, Kind.FILE)}: the delta gives {len(content)} of {header.size} bytes")
+        header.check(checksum)
+        check_file(header, checksum, None, content)
+        self.store(checksum, header, content)
+
+
+def decompress_part(raw: bytes, where: str) -> tuple:
+    if not raw:
+        raise OstreeError(f"{where}: empty part")
+    kind, body = raw[0], raw[1:]
+    if kind == 0:
+        payload = body
+    elif kind == ord("x"):
+        try:
+            d = lzma.LZMADecompressor()
+            payload = d.decompress(body, MAX_PART)
+            if not d.eof or d.unused_data:
+                raise OstreeError(f"{where}: truncated or oversized xz data")
+        except lzma.LZMAError as e:
+            raise OstreeError(f"{where}: corrupt xz data ({e})") from None
+    else:
+        raise OstreeError(f"{where}: unknown compression {kind!r}")
+    try:
+        return decode(PART_TYPE, payload)
+    except GVariantError as e:
+        raise OstreeError(f"{where}: not a valid delta part ({e})") from None
+
+
+def apply_parts(superblock: Superblock, fetch_part: Callable[[int], bytes], base: CommitObjects | None,
+                repo_read: Callable[[bytes], bytes], inline_max: int, tmp_dir: str,
+                keep_file: Callable[[bytes, FetchedFile], None]) -> CommitObjects:
+    """Every object the delta carries: metadata in the result, file objects through keep_file
+    (small ones inline in the result). Blocking: a pull runs it on a thread."""
+    name = delta_name(superblock.from_commit, superblock.to_commit)
+    result = CommitObjects(superblock.to_commit)
+    result.add(superblock.to_commit, Entry(superblock.commit_data))
+
+    def read_base(checksum: bytes) -> bytes:
+        if base is None:
+            raise OstreeError(f"static delta {name}: reads object {checksum.hex()} of a base it does not have")
+        _header, external, content = base.file_header(checksum)
+        return repo_read(external) if external is not None else content
+
+    def store(checksum: bytes, header: FileHeader, content: bytes) -> None:
+        if header.is_symlink or header.size <= inline_max:
+            result.add(checksum, Entry(header.archive_header() + content))
+            return
+        fd = _tmpfile(tmp_dir)
+        try:
+            _write_all(fd, content)
+        except BaseException:
+            os.close(fd)
+            raise
+        keep_file(checksum, FetchedFile(header, fd=fd))
+
+    def store_meta(kind: Kind, checksum: bytes, data: bytes) -> None:
+        result.add(checksum, Entry(data))
+
+    for i, part in enumerate(superblock.parts):
+        where = f"static delta {name} part {i}"
+        raw = superblock.inline_parts.get(i)
+        if raw is None:
+            raw = fetch_part(i)
+        if hashlib.sha256(raw).digest() != part.checksum:
+            raise OstreeError(f"{where}: content does not match its checksum")
+        PartApplier(where, decompress_part(raw, where), part.objects, read_base, store, store_meta).run()
+    return result
+
+
+def find_delta(source: HttpRepo, to_commit: bytes, have: Callable[[bytes], bool]) -> tuple[bytes | None, bytes] | None:
+    """(from commit or None, superblock checksum) of the best delta to to_commit: one from a
+    commit stored here, else one from nothing; None when the source has neither."""
+    source.list_refs()
+    table = {n: c for n, c in source.summary_deltas.items() if n.endswith(to_commit.hex())}
+    if not table:
+        data = source.fetch_optional(index_path(to_commit), MAX_SUPERBLOCK)
+        if data is not None:
+            table = parse_index(data, f"{source.url}{index_path(to_commit)}")
+    scratch = None
+    for name, checksum in table.items():
+        if name == to_commit.hex():
+            scratch = (None, checksum)
+        elif name.endswith("-" + to_commit.hex()) and len(name) == 129:
+            try:
+                from_commit = bytes.fromhex(name[:64])
+            except ValueError:
+                continue
+            if have(from_commit):
+                return from_commit, checksum
+    return scratch

@@ -1,0 +1,101 @@
+"""The composefs tree and EROFS image of a stored ostree commit (spec ostree.md 3.4).
+
+Directories take their dirmeta's mode, owner and xattrs; files their header's. Every
+mtime is 0, as ostree checks files out. Each file object becomes one inode, so the names
+that share an ostree checksum are hardlinks of each other. xattr names lose the trailing
+NUL ostree stores with them: the image then carries the xattrs the checkout has (composefs-rs
+keeps the NUL, so images of commits with xattrs get other ids there).
+"""
+
+from __future__ import annotations
+
+from pycfs.host.erofs.writer import write_image as write_erofs
+from pycfs.host.fsverity import digest_bytes
+from pycfs.host.ostree.commitstream import (
+    REF_PREFIX, CommitObjects, encode_ref, has_commit, stream_name, write_commit_stream,
+)
+from pycfs.host.ostree.objects import (
+    Commit,
+    DirMeta,
+    DirTree,
+    Kind,
+    OstreeError,
+    verify_metadata,
+)
+from pycfs.host.repository import Repository
+from pycfs.host.tree import Directory, External, FileSystem, Inline, Leaf, Stat, Symlink
+
+MAX_ENTRIES = 10_000_000  # dirtrees are shared by checksum: a hostile commit could repeat one endlessly
+
+
+def _xattrs(pairs: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    return {name[:-1]: value for name, value in pairs}
+
+
+def _dir_stat(objects: CommitObjects, checksum: bytes) -> Stat:
+    data = objects.metadata(checksum, Kind.DIRMETA)
+    verify_metadata(data, checksum, Kind.DIRMETA)
+    meta = DirMeta.parse(data, checksum)
+    return Stat(mode=meta.mode & 0o7777, uid=meta.uid, gid=meta.gid, xattrs=_xattrs(meta.xattrs))
+
+
+def commit_of(objects: CommitObjects) -> Commit:
+    data = objects.metadata(objects.commit, Kind.COMMIT)
+    verify_metadata(data, objects.commit, Kind.COMMIT)
+    return Commit.parse(data, objects.commit)
+
+
+def build_filesystem(objects: CommitObjects) -> FileSystem:
+    commit = commit_of(objects)
+    root = Directory(_dir_stat(objects, commit.root_meta))
+    leaves: dict[bytes, Leaf] = {}
+    pending = [(root, commit.root_tree)]
+    count = 0
+    while pending:
+        directory, tree_id = pending.pop()
+        data = objects.metadata(tree_id, Kind.DIRTREE)
+        verify_metadata(data, tree_id, Kind.DIRTREE)
+        tree = DirTree.parse(data, tree_id)
+        count += len(tree.files) + len(tree.dirs)
+        if count > MAX_ENTRIES:
+            raise OstreeError(f"commit {objects.commit.hex()} has more than {MAX_ENTRIES} entries")
+        for name, checksum in tree.files:
+            leaf = leaves.get(checksum)
+            if leaf is None:
+                header, external, content = objects.file_header(checksum)
+                st = Stat(mode=header.mode & 0o7777, uid=header.uid, gid=header.gid, xattrs=_xattrs(header.xattrs))
+                if header.is_symlink:
+                    leaf = Leaf(st, Symlink(header.symlink_target.encode("utf-8", "surrogateescape")))
+                elif external is not None:
+                    leaf = Leaf(st, External(external, header.size))
+                else:
+                    leaf = Leaf(st, Inline(content))
+                leaves[checksum] = leaf
+            directory.entries[name.encode()] = leaf
+        for name, sub_tree, sub_meta in tree.dirs:
+            child = Directory(_dir_stat(objects, sub_meta))
+            directory.entries[name.encode()] = child
+            pending.append((child, sub_tree))
+    return FileSystem(root)
+
+
+def image_bytes(repo: Repository, objects: CommitObjects, version: int | None = None) -> bytes:
+    return write_erofs(build_filesystem(objects), repo.erofs_default if version is None else version)
+
+
+def compute_image_id(repo: Repository, objects: CommitObjects) -> bytes:
+    """The id the commit's image has (or would have), writing nothing."""
+    return digest_bytes(image_bytes(repo, objects), repo.alg)
+
+
+def ensure_image(repo: Repository, objects: CommitObjects, ref: str | None) -> bytes:
+    """Write the image and the commit stream that names it (then the ref, last); a stored
+    commit whose image is there only gets the ref."""
+    if objects.image_id is not None and repo.has_object(objects.image_id) and has_commit(repo, objects.commit):
+        if ref is not None:
+            repo.set_stream_ref(REF_PREFIX + encode_ref(ref), stream_name(objects.commit))
+        return objects.image_id
+    if objects.image_id is None or not repo.has_object(objects.image_id):
+        objects.image_id = repo.write_image(image_bytes(repo, objects))
+    write_commit_stream(repo, objects, ref)
+    return objects.image_id

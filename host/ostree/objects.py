@@ -1,0 +1,303 @@
+"""ostree's objects: commits, dirtrees, dirmetas and file headers (spec ostree.md 1.1-1.4).
+
+Each parser takes the object's bytes and the checksum it was asked for, so every error
+names the object (`objects/XX/REST.dirtree: ...`). Checksums are raw 32-byte SHA-256
+digests throughout; `hexname()` gives the 64-character form ostree prints.
+
+ostree keeps uid, gid, mode, rdev, file size and the commit timestamp big-endian inside
+little-endian GVariant frames: the dataclasses here hold the real numbers and swap on the
+way in and out.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import stat
+import struct
+from dataclasses import dataclass, field
+from itertools import pairwise
+
+from pycfs.host.errors import PycfsError
+from pycfs.protocol.gvariant import GVariantError, Variant, decode, encode
+
+COMMIT_TYPE = "(a{sv}aya(say)sstayay)"
+DIRTREE_TYPE = "(a(say)a(sayay))"
+DIRMETA_TYPE = "(uuua(ayay))"
+FILE_HEADER_TYPE = "(tuuuusa(ayay))"  # archive ("zlib") form: with the content size
+FILE_REGULAR_TYPE = "(uuuusa(ayay))"  # what the checksum covers
+XATTRS_TYPE = "a(ayay)"
+SUMMARY_TYPE = "(a(s(taya{sv}))a{sv})"
+
+SIZED = struct.Struct(">I4x")  # the "sized variant" prefix: u32 BE length, 4 zero bytes
+CHECKSUM_SIZE = 32
+MAX_METADATA_SIZE = 128 << 20  # ostree's own limit for a metadata object
+MAX_HEADER_SIZE = 1 << 20  # a file header is a few xattrs; anything bigger is hostile
+
+
+class OstreeError(PycfsError):
+    pass
+
+
+class Kind(enum.IntEnum):
+    """Object types with their numeric codes (used by static deltas)."""
+
+    FILE = 1
+    DIRTREE = 2
+    DIRMETA = 3
+    COMMIT = 4
+
+    def extension(self, archive: bool) -> str:
+        if self is Kind.FILE:
+            return "filez" if archive else "file"
+        return self.name.lower()
+
+
+def hexname(checksum: bytes) -> str:
+    return checksum.hex()
+
+
+def parse_checksum(text: str, what: str = "checksum") -> bytes:
+    """64 lowercase or uppercase hex digits -> 32 bytes."""
+    text = text.strip()
+    if len(text) != 2 * CHECKSUM_SIZE:
+        raise OstreeError(f"{what} {text[:80]!r} is not a 64-digit hex checksum")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise OstreeError(f"{what} {text[:80]!r} is not a 64-digit hex checksum") from None
+
+
+def is_checksum_text(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def object_relpath(checksum: bytes, kind: Kind, archive: bool = True) -> str:
+    h = checksum.hex()
+    return f"objects/{h[:2]}/{h[2:]}.{kind.extension(archive)}"
+
+
+def describe(checksum: bytes, kind: Kind) -> str:
+    """How errors name an object, whatever the repository's mode: `object HEX.dirtree`."""
+    return f"object {checksum.hex()}.{kind.name.lower()}"
+
+
+def _decode(type_text: str, data: bytes, checksum: bytes, kind: Kind):
+    try:
+        return decode(type_text, data)
+    except GVariantError as e:
+        raise OstreeError(f"{describe(checksum, kind)}: not a valid {kind.name.lower()} object ({e})") from None
+
+
+def verify_metadata(data: bytes, checksum: bytes, kind: Kind) -> None:
+    """A metadata object's name is the SHA-256 of its bytes."""
+    got = hashlib.sha256(data).digest()
+    if got != checksum:
+        raise OstreeError(f"{describe(checksum, kind)}: content does not match its checksum (got {got.hex()}): "
+                          "the source repository is corrupt or was tampered with")
+
+
+def _check_csum(value: bytes, checksum: bytes, kind: Kind, what: str) -> bytes:
+    if len(value) != CHECKSUM_SIZE:
+        raise OstreeError(f"{describe(checksum, kind)}: {what} is {len(value)} bytes, not a checksum")
+    return value
+
+
+def _xattrs_in(pairs: list[tuple[bytes, bytes]], checksum: bytes, kind: Kind) -> list[tuple[bytes, bytes]]:
+    names = [n for n, _ in pairs]
+    for n in names:
+        if not n.endswith(b"\0") or b"\0" in n[:-1] or len(n) < 2:
+            raise OstreeError(f"{describe(checksum, kind)}: xattr name {n[:60]!r} is not a NUL-terminated name")
+    return pairs
+
+
+@dataclass(frozen=True)
+class Commit:
+    metadata: list[tuple[str, Variant]]
+    parent: bytes | None
+    related: list[tuple[str, bytes]]
+    subject: str
+    body: str
+    timestamp: int
+    root_tree: bytes
+    root_meta: bytes
+
+    @classmethod
+    def parse(cls, data: bytes, checksum: bytes) -> Commit:
+        meta, parent, related, subject, body, ts, tree, dirmeta = _decode(COMMIT_TYPE, data, checksum, Kind.COMMIT)
+        if parent:
+            _check_csum(parent, checksum, Kind.COMMIT, "parent")
+        return cls(meta, parent or None, related, subject, body, _bswap64(ts),
+                   _check_csum(tree, checksum, Kind.COMMIT, "root dirtree"),
+                   _check_csum(dirmeta, checksum, Kind.COMMIT, "root dirmeta"))
+
+    def serialize(self) -> bytes:
+        return encode(COMMIT_TYPE, (self.metadata, self.parent or b"", self.related, self.subject, self.body,
+                                    _bswap64(self.timestamp), self.root_tree, self.root_meta))
+
+
+def check_name(name: str, checksum: bytes, kind: Kind) -> None:
+    if not name or name in (".", "..") or "/" in name:
+        raise OstreeError(f"{describe(checksum, kind)}: invalid file name {name[:80]!r}")
+
+
+@dataclass(frozen=True)
+class DirTree:
+    files: list[tuple[str, bytes]]
+    dirs: list[tuple[str, bytes, bytes]]
+
+    @classmethod
+    def parse(cls, data: bytes, checksum: bytes) -> DirTree:
+        files, dirs = _decode(DIRTREE_TYPE, data, checksum, Kind.DIRTREE)
+        for name, csum in files:
+            check_name(name, checksum, Kind.DIRTREE)
+            _check_csum(csum, checksum, Kind.DIRTREE, f"checksum of {name!r}")
+        for name, tree, meta in dirs:
+            check_name(name, checksum, Kind.DIRTREE)
+            _check_csum(tree, checksum, Kind.DIRTREE, f"dirtree of {name!r}")
+            _check_csum(meta, checksum, Kind.DIRTREE, f"dirmeta of {name!r}")
+        for entries in ([f[0] for f in files], [d[0] for d in dirs]):
+            encoded = [n.encode() for n in entries]
+            if any(a >= b for a, b in pairwise(encoded)):
+                raise OstreeError(f"{describe(checksum, Kind.DIRTREE)}: entries are not sorted or repeat a name")
+        if {f[0] for f in files} & {d[0] for d in dirs}:
+            raise OstreeError(f"{describe(checksum, Kind.DIRTREE)}: a name is both a file and a directory")
+        return cls(files, dirs)
+
+    def serialize(self) -> bytes:
+        return encode(DIRTREE_TYPE, (self.files, self.dirs))
+
+
+@dataclass(frozen=True)
+class DirMeta:
+    uid: int
+    gid: int
+    mode: int  # with S_IFDIR
+    xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, data: bytes, checksum: bytes, kind: Kind = Kind.DIRMETA) -> DirMeta:
+        uid, gid, mode, xattrs = _decode(DIRMETA_TYPE, data, checksum, kind)
+        meta = cls(_bswap32(uid), _bswap32(gid), _bswap32(mode), _xattrs_in(xattrs, checksum, kind))
+        if kind is Kind.DIRMETA and not stat.S_ISDIR(meta.mode):
+            raise OstreeError(f"{describe(checksum, kind)}: mode {meta.mode:o} is not a directory's")
+        return meta
+
+    def serialize(self) -> bytes:
+        return encode(DIRMETA_TYPE, (_bswap32(self.uid), _bswap32(self.gid), _bswap32(self.mode), self.xattrs))
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """A file object's metadata; `size` is the content length (0 for symlinks)."""
+
+    size: int
+    uid: int
+    gid: int
+    mode: int  # with S_IFREG or S_IFLNK
+    symlink_target: str
+    xattrs: list[tuple[bytes, bytes]]
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+    @classmethod
+    def parse(cls, variant: bytes, checksum: bytes) -> FileHeader:
+        size, uid, gid, mode, rdev, target, xattrs = _decode(FILE_HEADER_TYPE, variant, checksum, Kind.FILE)
+        header = cls(_bswap64(size), _bswap32(uid), _bswap32(gid), _bswap32(mode), target,
+                     _xattrs_in(xattrs, checksum, Kind.FILE))
+        header.check(checksum, _bswap32(rdev))
+        return header
+
+    def check(self, checksum: bytes, rdev: int = 0) -> None:
+        where = describe(checksum, Kind.FILE)
+        if rdev:
+            raise OstreeError(f"{where}: device files are not ostree content")
+        if self.is_symlink:
+            if not self.symlink_target or self.size:
+                raise OstreeError(f"{where}: symlink without a target, or with content")
+        elif not stat.S_ISREG(self.mode):
+            raise OstreeError(f"{where}: mode {self.mode:o} is neither a regular file nor a symlink")
+        elif self.symlink_target:
+            raise OstreeError(f"{where}: regular file with a symlink target")
+        if self.xattrs != sorted(self.xattrs) or len({n for n, _ in self.xattrs}) != len(self.xattrs):
+            raise OstreeError(f"{where}: xattrs are not sorted by name or repeat a name")
+
+    def _fields(self) -> tuple:
+        return (_bswap32(self.uid), _bswap32(self.gid), _bswap32(self.mode), 0, self.symlink_target, self.xattrs)
+
+    def archive_header(self) -> bytes:
+        """The sized `(tuuuusa(ayay))`: a `.filez` starts with it, the commit splitstream keeps it."""
+        variant = encode(FILE_HEADER_TYPE, (_bswap64(self.size), *self._fields()))
+        return SIZED.pack(len(variant)) + variant
+
+    def checksum_prefix(self) -> bytes:
+        """What the content checksum covers before the content: the sized `(uuuusa(ayay))`."""
+        variant = encode(FILE_REGULAR_TYPE, self._fields())
+        return SIZED.pack(len(variant)) + variant
+
+
+def split_archive_header(data: bytes, checksum: bytes) -> tuple[FileHeader, int]:
+    """Parse the sized header at the start of data: (header, offset where content starts)."""
+    where = describe(checksum, Kind.FILE)
+    if len(data) < SIZED.size:
+        raise OstreeError(f"{where}: truncated ({len(data)} bytes, no header)")
+    (length,) = SIZED.unpack_from(data)
+    if data[4:8] != bytes(4):
+        raise OstreeError(f"{where}: bad header prefix {data[:8].hex()}")
+    if length > MAX_HEADER_SIZE:
+        raise OstreeError(f"{where}: header of {length} bytes is implausibly large")
+    end = SIZED.size + length
+    if len(data) < end:
+        raise OstreeError(f"{where}: truncated ({len(data)} bytes, header needs {end})")
+    return FileHeader.parse(data[SIZED.size:end], checksum), end
+
+
+def header_length(prefix: bytes, checksum: bytes) -> int:
+    """From the first 8 bytes of a `.filez`: the size of the header variant that follows."""
+    if len(prefix) < SIZED.size:
+        raise OstreeError(f"{describe(checksum, Kind.FILE)}: truncated ({len(prefix)} bytes, no header)")
+    (length,) = SIZED.unpack_from(prefix)
+    if prefix[4:8] != bytes(4) or length > MAX_HEADER_SIZE:
+        raise OstreeError(f"{describe(checksum, Kind.FILE)}: bad header prefix {prefix[:8].hex()}")
+    return length
+
+
+def parse_summary(data: bytes, where: str) -> tuple[list[tuple[str, bytes]], list[tuple[str, Variant]]]:
+    """A repository's `summary` file: (ref, commit) of every ref, and its metadata."""
+    try:
+        refs, metadata = decode(SUMMARY_TYPE, data)
+    except GVariantError as e:
+        raise OstreeError(f"{where}: not a valid ostree summary ({e})") from None
+    out = []
+    for name, (_size, checksum, _meta) in refs:
+        if len(checksum) != CHECKSUM_SIZE:
+            raise OstreeError(f"{where}: ref {name!r} has a {len(checksum)}-byte checksum")
+        out.append((name, checksum))
+    return out, metadata
+
+
+def parse_delta_table(metadata: list[tuple[str, Variant]], where: str) -> dict[str, bytes]:
+    """`ostree.static-deltas` of a summary's or a delta index's metadata: delta name ->
+    superblock checksum."""
+    for key, value in metadata:
+        if key == "ostree.static-deltas":
+            if value.type != "a{sv}":
+                raise OstreeError(f"{where}: ostree.static-deltas is a {value.type}, not a{{sv}}")
+            return {name: v.value for name, v in value.value if v.type == "ay" and len(v.value) == CHECKSUM_SIZE}
+    return {}
+
+
+def parse_meta_xattr(value: bytes, checksum: bytes) -> FileHeader:
+    """bare-user's `user.ostreemeta`: (uid, gid, mode, xattrs) in dirmeta form; size comes later."""
+    meta = DirMeta.parse(value, checksum, Kind.FILE)
+    return FileHeader(0, meta.uid, meta.gid, meta.mode, "", meta.xattrs)
+
+
+def _bswap32(v: int) -> int:
+    return int.from_bytes(v.to_bytes(4, "little"), "big")
+
+
+def _bswap64(v: int) -> int:
+    return int.from_bytes(v.to_bytes(8, "little"), "big")

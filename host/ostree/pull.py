@@ -1,0 +1,428 @@
+"""Pull an ostree commit into the composefs repository (spec ostree.md 3.1-3.3).
+
+1. Resolve the ref; a commit already stored only gets its image (if missing) and the ref.
+2. Metadata: fetch the commit, then its dirtrees and dirmetas, many at a time; every
+   object is checked against its checksum before its children are looked at. An object a
+   base commit has (`--base-name`, the commit NAME names now, the new commit's parent,
+   or what an interrupted pull of the same commit kept) is copied from it instead.
+3. Files, while the metadata is still arriving: fetched as soon as a dirtree names them,
+   concurrently on worker threads (a `.filez` inflates into an unlinked
+   temporary file), then stored as objects by the object worker processes in batches
+   (reflinked from a bare repository or the temporary file where the filesystem can),
+   each content checksum verified before it enters the commit.
+4. The EROFS image, then the commit stream naming it, then the ref: nothing is visible
+   until everything is stored.
+
+A pull that fails or is interrupted leaves `streams/ostree-partial-<commit>`: a commit
+stream of what it had verified so far (rewritten every few seconds). The next pull of that
+commit uses it as a base, so nothing stored is fetched again; success removes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Protocol, TypeVar
+
+import trio
+from pycfs.host.errors import PycfsError
+from pycfs.host.nursery import open_nursery
+from pycfs.host.ostree.commitstream import (
+    CommitObjects,
+    Entry,
+    check_ref_name,
+    has_commit,
+    inline_max,
+    list_refs,
+    load_commit,
+    load_stream,
+    stream_name,
+)
+from pycfs.host.ostree.delta import MAX_PART, MAX_SUPERBLOCK, apply_parts, delta_dir, delta_name, find_delta, parse_superblock
+from pycfs.host.ostree.image import ensure_image
+from pycfs.host.ostree.signature import MAX_DETACHED, verify_commit
+from pycfs.host.ostree.objects import (
+    Commit,
+    DirMeta,
+    DirTree,
+    Kind,
+    OstreeError,
+    describe,
+    is_checksum_text,
+    verify_metadata,
+)
+from pycfs.host.ostree.source import FetchedFile, HttpRepo, LocalRepo, check_file
+from pycfs.host.repository import Repository
+from pycfs.host.splitstream import SplitStreamError
+from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
+
+PARTIAL_PREFIX = "ostree-partial-"
+CHECKPOINT_SECONDS = 5.0
+STORE_BATCH = 64
+T = TypeVar("T")
+
+
+class Progress(Protocol):
+    def metadata(self, fetched: int) -> None: ...
+    def file_found(self) -> None: ...
+    def file_done(self, nbytes: int) -> None: ...
+
+
+@dataclass
+class PullStats:
+    metadata_fetched: int = 0
+    metadata_reused: int = 0
+    files_fetched: int = 0
+    files_reused: int = 0
+    content_bytes: int = 0
+    inlined: int = 0
+    stored: dict[str, int] = field(default_factory=dict)  # "reflinked"/"copied"/"present" -> count
+    requests: int | None = None  # HTTP requests made (None for a local repository)
+    delta_parts: int = 0
+    bases: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"metadata_fetched": self.metadata_fetched, "metadata_reused": self.metadata_reused,
+                "files_fetched": self.files_fetched, "files_reused": self.files_reused,
+                "content_bytes": self.content_bytes, "inlined": self.inlined, "stored": dict(self.stored),
+                "requests": self.requests, "delta_parts": self.delta_parts, "bases": self.bases}
+
+
+@dataclass
+class PullResult:
+    commit: bytes
+    image_id: bytes
+    ref: str | None
+    already_present: bool
+    stats: PullStats
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"commit": self.commit.hex(), "image": self.image_id.hex(), "ref": self.ref,
+                "already_present": self.already_present, "seconds": round(self.seconds, 3), **self.stats.to_json()}
+
+
+@dataclass
+class PullOptions:
+    name: str | None = None  # the ref to write; default: REF when it is a ref name
+    base_name: str | None = None
+    jobs: int | None = None  # object workers
+    fetches: int = 16  # concurrent fetches
+    deltas: bool = True  # use a static delta when an HTTP source has one
+    gpg_keyring: str | None = None  # require a commit signature that verifies with this keyring
+    progress: Progress | None = None
+
+
+class _Puller:
+    def __init__(self, repo: Repository, source: LocalRepo | HttpRepo, commit: bytes, options: PullOptions) -> None:
+        self.repo = repo
+        self.source = source
+        self.commit = commit
+        self.options = options
+        self.objects = CommitObjects(commit)
+        self.bases: list[CommitObjects] = []
+        self.queued: set[bytes] = set()
+        self.todo: trio.MemorySendChannel[bytes] | None = None  # files to fetch, as they are found
+        self.stats = PullStats()
+        # separate budgets: file fetches must not hold up the metadata that finds more files
+        self.meta_limiter = trio.CapacityLimiter(options.fetches)
+        self.file_limiter = trio.CapacityLimiter(options.fetches)
+        self.inline_max = inline_max(repo)
+        # temporary files on the repository's filesystem, so storing them can reflink
+        self.tmp_dir = os.path.abspath(repo.path / "objects")
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        self.last_checkpoint = time.monotonic()
+        self.checkpointed = 0
+        self.nursery: trio.Nursery | None = None
+
+    # ---- bases ---------------------------------------------------------------------
+
+    def add_base(self, objects: CommitObjects, why: str) -> None:
+        # another commit once (named as base and parent, say); objects of this very commit
+        # (a partial stream, a delta, the verified commit) each add what the others lack
+        if objects.commit == self.commit or all(b.commit != objects.commit for b in self.bases):
+            self.bases.append(objects)
+            self.stats.bases.append(f"{why} {objects.commit.hex()}")
+
+    def _from_base(self, checksum: bytes) -> Entry | None:
+        for base in self.bases:
+            entry = base.get(checksum)
+            # an external object may have been collected since the base was written
+            if entry is not None and (entry.external is None or self.repo.has_object(entry.external)):
+                return entry
+        return None
+
+    # ---- metadata ------------------------------------------------------------------
+
+    def want(self, kind: Kind, checksum: bytes) -> None:
+        if checksum in self.queued:
+            return
+        self.queued.add(checksum)
+        entry = self._from_base(checksum)
+        if kind is Kind.FILE:
+            if entry is not None:
+                self.objects.add(checksum, entry)
+                self.stats.files_reused += 1
+            else:
+                assert self.todo is not None
+                self.todo.send_nowait(checksum)
+                if self.options.progress:
+                    self.options.progress.file_found()
+        elif entry is not None:
+            self._accept(kind, checksum, entry.data)
+            self.stats.metadata_reused += 1
+        else:
+            assert self.nursery is not None
+            self.nursery.start_soon(self._fetch_metadata, kind, checksum)
+
+    def _accept(self, kind: Kind, checksum: bytes, data: bytes) -> None:
+        """Take a verified metadata object and look at what it refers to."""
+        if kind is Kind.COMMIT:
+            commit = Commit.parse(data, checksum)
+            if commit.parent is not None and has_commit(self.repo, commit.parent):
+                self.add_base(load_stream(self.repo, stream_name(commit.parent)), "parent")
+            self.objects.add(checksum, Entry(data))
+            self.want(Kind.DIRMETA, commit.root_meta)
+            self.want(Kind.DIRTREE, commit.root_tree)
+        elif kind is Kind.DIRTREE:
+            tree = DirTree.parse(data, checksum)
+            self.objects.add(checksum, Entry(data))
+            for _name, file_checksum in tree.files:
+                self.want(Kind.FILE, file_checksum)
+            for _name, sub_tree, sub_meta in tree.dirs:
+                self.want(Kind.DIRMETA, sub_meta)
+                self.want(Kind.DIRTREE, sub_tree)
+        else:
+            DirMeta.parse(data, checksum)
+            self.objects.add(checksum, Entry(data))
+
+    async def _fetch_metadata(self, kind: Kind, checksum: bytes) -> None:
+        data = await self._in_thread(self.meta_limiter, kind, checksum, self.source.read_metadata, checksum, kind)
+        verify_metadata(data, checksum, kind)
+        self._accept(kind, checksum, data)
+        self.stats.metadata_fetched += 1
+        if self.options.progress:
+            self.options.progress.metadata(self.stats.metadata_fetched)
+
+    async def _in_thread(self, limiter: trio.CapacityLimiter, kind: Kind, checksum: bytes, fn: Callable[..., T],
+                         *args: object) -> T:
+        """A source call on a worker thread; an OSError names the object it was about."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+        except OSError as e:
+            raise OstreeError(f"{describe(checksum, kind)} from {self.source.description}: {e}") from None
+
+    async def run(self, pool: WorkerPool) -> None:
+        """Metadata and files at once: a file is fetched as soon as a dirtree names it."""
+        todo_send, todo_recv = trio.open_memory_channel[bytes](math.inf)
+        store_send, store_recv = trio.open_memory_channel[tuple[bytes, FetchedFile]](STORE_BATCH)
+        self.todo = todo_send
+        async with open_nursery() as nursery:
+            async with todo_recv, store_send:
+                for _ in range(self.options.fetches):
+                    nursery.start_soon(self._fetcher, todo_recv.clone(), store_send.clone())
+                nursery.start_soon(self._batcher, store_recv, pool)
+                if self.options.deltas and isinstance(self.source, HttpRepo):
+                    await self._delta(self.source, store_send)
+            async with todo_send, open_nursery() as metadata:
+                self.nursery = metadata
+                self.want(Kind.COMMIT, self.commit)
+        self.nursery = self.todo = None
+
+    async def _delta(self, source: HttpRepo, store: trio.MemorySendChannel[tuple[bytes, FetchedFile]]) -> None:
+        """Apply a static delta to the commit when the source has one: its objects become a base."""
+        found = await trio.to_thread.run_sync(find_delta, source, self.commit, partial(has_commit, self.repo))
+        if found is None:
+            return
+        from_commit, checksum = found
+        name = delta_name(from_commit, self.commit)
+        where = delta_dir(from_commit, self.commit)
+        data = await trio.to_thread.run_sync(source.fetch_optional, f"{where}/superblock", MAX_SUPERBLOCK)
+        if data is None:
+            return  # advertised but not served: fetch object by object
+        if hashlib.sha256(data).digest() != checksum:
+            raise OstreeError(f"static delta {name}: the superblock does not match its checksum")
+        superblock = parse_superblock(data, name, from_commit, self.commit)
+        base = None if from_commit is None else load_stream(self.repo, stream_name(from_commit))
+        token = trio.lowlevel.current_trio_token()
+
+        def fetch_part(i: int) -> bytes:
+            part = source.fetch_optional(f"{where}/{i}", MAX_PART)
+            if part is None:
+                raise OstreeError(f"static delta {name}: part {i} is missing from {source.url}")
+            self.stats.delta_parts += 1
+            return part
+
+        def keep_file(file_checksum: bytes, fetched: FetchedFile) -> None:
+            trio.from_thread.run(self._keep, store, file_checksum, fetched, trio_token=token)
+
+        def read_object(object_id: bytes) -> bytes:
+            return self.repo.read_object(object_id)
+
+        objects = await trio.to_thread.run_sync(apply_parts, superblock, fetch_part, base, read_object,
+                                                self.inline_max, self.tmp_dir, keep_file)
+        self.add_base(objects, "static delta to")
+        if base is not None:
+            self.add_base(base, "static delta from")
+
+    async def _keep(self, store: trio.MemorySendChannel[tuple[bytes, FetchedFile]], checksum: bytes,
+                    fetched: FetchedFile) -> None:
+        self.queued.add(checksum)  # stored by the batcher: not to be fetched again
+        try:
+            await store.send((checksum, fetched))
+        except BaseException:
+            if fetched.fd is not None:
+                os.close(fetched.fd)
+            raise
+
+    async def _fetcher(self, todo: trio.MemoryReceiveChannel[bytes],
+                       store: trio.MemorySendChannel[tuple[bytes, FetchedFile]]) -> None:
+        async with todo, store:
+            async for checksum in todo:
+                fetched = await self._in_thread(self.file_limiter, Kind.FILE, checksum, self.source.fetch_file,
+                                                checksum, self.inline_max, self.tmp_dir)
+                if fetched.fd is None:
+                    self.objects.add(checksum, Entry(fetched.header.archive_header() + (fetched.content or b"")))
+                    self._file_done(fetched.header.size)
+                    self.stats.inlined += 1
+                    continue
+                await self._keep(store, checksum, fetched)
+
+    async def _batcher(self, store: trio.MemoryReceiveChannel[tuple[bytes, FetchedFile]], pool: WorkerPool) -> None:
+        limiter = trio.CapacityLimiter(pool.batches_in_flight(STORE_BATCH))
+        async with store, open_nursery() as nursery:
+            while True:
+                try:
+                    batch = [await store.receive()]
+                except trio.EndOfChannel:
+                    break
+                while len(batch) < STORE_BATCH:
+                    try:
+                        batch.append(store.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await limiter.acquire_on_behalf_of(batch[0][0])
+                nursery.start_soon(self._store, batch, pool, limiter)
+
+    async def _store(self, batch: list[tuple[bytes, FetchedFile]], pool: WorkerPool,
+                     limiter: trio.CapacityLimiter) -> None:
+        fds = [f.fd for _, f in batch if f.fd is not None]
+        try:
+            results = await pool.store(fds, [f.header.size for _, f in batch])
+        finally:
+            for fd in fds:
+                os.close(fd)
+            limiter.release_on_behalf_of(batch[0][0])
+        stored = []
+        for (checksum, fetched), result in zip(batch, results):
+            if isinstance(result, Failed):
+                raise OstreeError(f"{describe(checksum, Kind.FILE)}: storing its content failed: {result.message}")
+            stored.append((checksum, fetched, result.object_id))
+        # one thread hop per batch: checks of bare content, on the private copies
+        await trio.to_thread.run_sync(self._verify_stored, [s for s in stored if not s[1].verified])
+        for (checksum, fetched, object_id), result in zip(stored, results):
+            self.objects.add(checksum, Entry(fetched.header.archive_header(), object_id))
+            self.objects.headers[checksum] = fetched.header
+            assert not isinstance(result, Failed)
+            self.stats.stored[result.how] = self.stats.stored.get(result.how, 0) + 1
+            self._file_done(fetched.header.size)
+        if time.monotonic() - self.last_checkpoint > CHECKPOINT_SECONDS:
+            self.checkpoint()
+
+    def _verify_stored(self, files: list[tuple[bytes, FetchedFile, bytes]]) -> None:
+        """The checksums of private copies, which no one else can change any more."""
+        for checksum, fetched, object_id in files:
+            fd = self.repo.open_object(object_id)
+            try:
+                check_file(fetched.header, checksum, fd)
+            finally:
+                os.close(fd)
+
+    def _file_done(self, nbytes: int) -> None:
+        self.stats.files_fetched += 1
+        self.stats.content_bytes += nbytes
+        if self.options.progress:
+            self.options.progress.file_done(nbytes)
+
+    # ---- interruption --------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Keep what is verified so far as the partial stream (a base for the next try)."""
+        self.last_checkpoint = time.monotonic()
+        if self.commit not in self.objects or len(self.objects.entries) == self.checkpointed:
+            return
+        self.repo.write_stream(self.objects.to_stream(self.repo.alg), PARTIAL_PREFIX + self.commit.hex())
+        self.checkpointed = len(self.objects.entries)
+
+    def load_partial(self) -> None:
+        name = PARTIAL_PREFIX + self.commit.hex()
+        if self.repo.has_stream(name) is None:
+            return
+        try:
+            self.add_base(load_stream(self.repo, name), "interrupted pull of")
+        except (OstreeError, SplitStreamError):
+            pass  # a damaged cache only costs refetching
+
+    def drop_partial(self) -> None:
+        try:
+            os.unlink(f"streams/{PARTIAL_PREFIX}{self.commit.hex()}", dir_fd=self.repo.dirfd)
+        except FileNotFoundError:
+            pass
+
+
+def _signed_commit(source: LocalRepo | HttpRepo, commit: bytes, keyring: str) -> CommitObjects:
+    """The commit object, once a signature on it verifies with the keyring."""
+    data = source.read_metadata(commit, Kind.COMMIT)
+    verify_metadata(data, commit, Kind.COMMIT)
+    verify_commit(data, commit.hex(), source.read_detached(commit, MAX_DETACHED), keyring)
+    objects = CommitObjects(commit)
+    objects.add(commit, Entry(data))
+    return objects
+
+
+def _current(repo: Repository, name: str) -> bytes | None:
+    return dict(list_refs(repo)).get(name)
+
+
+async def pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options: PullOptions) -> PullResult:
+    started = time.monotonic()
+    commit = await trio.to_thread.run_sync(source.resolve, ref)
+    name = options.name if options.name is not None else (None if is_checksum_text(ref) else ref)
+    if name is not None:
+        check_ref_name(name)
+    signed = None
+    if options.gpg_keyring is not None:
+        signed = await trio.to_thread.run_sync(_signed_commit, source, commit, options.gpg_keyring)
+    if has_commit(repo, commit):
+        objects = load_stream(repo, stream_name(commit))
+        image_id = ensure_image(repo, objects, name)
+        stats = PullStats(requests=source.requests if isinstance(source, HttpRepo) else None)
+        return PullResult(commit, image_id, name, True, stats, time.monotonic() - started)
+    puller = _Puller(repo, source, commit, options)
+    stats = puller.stats
+    if options.base_name is not None:
+        puller.add_base(load_commit(repo, options.base_name), f"--base-name {options.base_name}:")
+    elif name is not None and _current(repo, name) is not None:
+        puller.add_base(load_commit(repo, name), f"{name} was")
+    puller.load_partial()
+    if signed is not None:
+        puller.add_base(signed, "signature verified on")  # not fetched again
+    try:
+        async with open_pool(repo=repo, jobs=options.jobs) as pool:
+            await puller.run(pool)
+        image_id = ensure_image(repo, puller.objects, name)
+    except BaseException:
+        try:
+            puller.checkpoint()
+        except (OSError, PycfsError):
+            pass  # the error being raised is the one to report
+        raise
+    puller.drop_partial()
+    if isinstance(source, HttpRepo):
+        stats.requests = source.requests
+    return PullResult(commit, image_id, name, False, stats, time.monotonic() - started)

@@ -1,0 +1,63 @@
+"""Commit signatures: the detached metadata (`objects/XX/REST.commitmeta`, an `a{sv}`)
+holds `ostree.gpgsigs`, a list of OpenPGP signatures over the commit object's bytes. A
+commit is accepted when one of them verifies with `gpgv` against the given keyring.
+
+gpgv runs with a private, empty GNUPGHOME (nothing of the user's keys or trust is used)
+and a time limit.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+
+from pycfs.host.ostree.objects import OstreeError
+from pycfs.protocol.gvariant import GVariantError, decode
+
+DETACHED_TYPE = "a{sv}"
+GPGV_TIMEOUT = 60.0
+MAX_DETACHED = 16 << 20
+
+
+def signatures(detached: bytes, commit_hex: str) -> list[bytes]:
+    try:
+        entries = decode(DETACHED_TYPE, detached)
+    except GVariantError as e:
+        raise OstreeError(f"object {commit_hex}.commitmeta: not valid detached metadata ({e})") from None
+    for key, value in entries:
+        if key == "ostree.gpgsigs" and value.type == "aay":
+            return list(value.value)
+    return []
+
+
+def verify_commit(commit_data: bytes, commit_hex: str, detached: bytes | None, keyring: str) -> None:
+    """OstreeError unless a signature on the commit verifies with a key of keyring."""
+    if not os.path.isfile(keyring):
+        raise OstreeError(f"GPG keyring {keyring} is not a file")
+    sigs = signatures(detached, commit_hex) if detached is not None else []
+    if not sigs:
+        raise OstreeError(f"commit {commit_hex} is not signed (no detached signatures), "
+                          f"but --gpg-keyring {keyring} asks for one")
+    with tempfile.TemporaryDirectory(prefix="pycfs-gpgv-") as tmp:
+        os.chmod(tmp, 0o700)
+        data_path = os.path.join(tmp, "commit")
+        with open(data_path, "wb") as f:
+            f.write(commit_data)
+        last = ""
+        for i, sig in enumerate(sigs):
+            sig_path = os.path.join(tmp, f"sig{i}")
+            with open(sig_path, "wb") as f:
+                f.write(sig)
+            try:
+                proc = subprocess.run(["gpgv", "--keyring", os.path.abspath(keyring), sig_path, data_path],
+                                      capture_output=True, text=True, timeout=GPGV_TIMEOUT,
+                                      env={**os.environ, "GNUPGHOME": tmp, "LC_ALL": "C"})
+            except FileNotFoundError:
+                raise OstreeError("gpgv is not installed: it checks commit signatures (apt-get install gpgv)") from None
+            except subprocess.TimeoutExpired:
+                raise OstreeError(f"gpgv took more than {GPGV_TIMEOUT:.0f} s to check commit {commit_hex}") from None
+            if proc.returncode == 0:
+                return
+            last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    raise OstreeError(f"commit {commit_hex}: no signature verifies with the keyring {keyring} ({last})")

@@ -1,0 +1,493 @@
+"""Where a pull reads ostree objects from: a local repository (any mode) or an archive
+repository served over HTTP (spec ostree.md 1.4-1.7).
+
+Both offer the same blocking calls, which a pull runs on trio worker threads (their work
+is I/O, zlib and SHA-256 over large buffers, all of which release the GIL):
+
+    resolve(ref) -> commit checksum
+    read_metadata(checksum, kind) -> bytes       (not yet verified: the caller checks)
+    fetch_file(checksum, inline_max, tmp_dir) -> FetchedFile
+
+A `.filez` is read as a stream: 8-byte prefix, header variant, raw deflate. Small content
+comes back as bytes, larger content in an unlinked temporary file in tmp_dir (on the
+repository's filesystem, so storing it is a reflink where the filesystem has them); the
+content checksum is verified on the way, so a `FetchedFile` from an archive is trusted.
+A bare repository's content file is passed on as it is (the object workers reflink it)
+and its checksum is verified on the stored copy (`verified` False), since the source file
+could change between a check and the copy.
+"""
+
+from __future__ import annotations
+
+import configparser
+import errno
+import hashlib
+import http.client
+import os
+import stat
+import tempfile
+import threading
+import time
+import urllib.parse
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from pycfs.host.ostree.commitstream import check_ref_name
+from pycfs.host.ostree.objects import (
+    MAX_HEADER_SIZE,
+    MAX_METADATA_SIZE,
+    SIZED,
+    FileHeader,
+    Kind,
+    OstreeError,
+    describe,
+    header_length,
+    is_checksum_text,
+    parse_checksum,
+    parse_delta_table,
+    parse_meta_xattr,
+    parse_summary,
+)
+
+READ_CHUNK = 1 << 20
+MODES = {"archive": "archive", "archive-z2": "archive", "bare": "bare", "bare-user": "bare-user",
+         "bare-user-only": "bare-user-only"}
+T = TypeVar("T")
+
+
+@dataclass
+class FetchedFile:
+    header: FileHeader
+    content: bytes | None = None  # inline content (symlinks: b"")
+    fd: int | None = None  # content to store as an object; the receiver closes it
+    verified: bool = True  # False: check the checksum on the stored object
+
+
+def content_checksum(header: FileHeader, content_fd: int | None, content: bytes = b"") -> bytes:
+    """The ostree checksum of a file object from its header and content (bytes or a whole fd)."""
+    h = hashlib.sha256(header.checksum_prefix())
+    if content_fd is None:
+        h.update(content)
+    else:
+        offset = 0
+        while chunk := os.pread(content_fd, READ_CHUNK, offset):
+            h.update(chunk)
+            offset += len(chunk)
+    return h.digest()
+
+
+def check_file(header: FileHeader, checksum: bytes, fd: int | None, content: bytes = b"") -> None:
+    if content_checksum(header, fd, content) != checksum:
+        raise OstreeError(f"{describe(checksum, Kind.FILE)}: content does not match its checksum: "
+                          "the source repository is corrupt or was tampered with")
+
+
+def unpack_filez(read: Callable[[int], bytes], checksum: bytes, inline_max: int, tmp_dir: str) -> FetchedFile:
+    """Read a `.filez` through read(n) (returns b"" at the end): header, then raw deflate."""
+    where = describe(checksum, Kind.FILE)
+    prefix = _read_exact(read, SIZED.size, where)
+    variant = _read_exact(read, header_length(prefix, checksum), where)
+    header = FileHeader.parse(variant, checksum)
+    hasher = hashlib.sha256(header.checksum_prefix())
+    if header.is_symlink:
+        if read(1):
+            raise OstreeError(f"{where}: symlink object with trailing data")
+        if hasher.digest() != checksum:
+            raise OstreeError(f"{where}: content does not match its checksum")
+        return FetchedFile(header, content=b"")
+    inflate = zlib.decompressobj(-15)
+    small = bytearray()
+    fd = None if header.size <= inline_max else _tmpfile(tmp_dir)
+    got = 0
+    try:
+        while True:
+            compressed = read(READ_CHUNK)
+            if not compressed:
+                break
+            if inflate.eof:
+                raise OstreeError(f"{where}: data after the end of the compressed content")
+            # max_length bounds what one read can inflate to (a hostile peer's deflate bomb)
+            while compressed:
+                try:
+                    out = inflate.decompress(compressed, READ_CHUNK)
+                except zlib.error as e:
+                    raise OstreeError(f"{where}: corrupt compressed content ({e})") from None
+                compressed = inflate.unconsumed_tail
+                got += len(out)
+                if got > header.size:
+                    raise OstreeError(f"{where}: content is longer than the {header.size} bytes its header says")
+                hasher.update(out)
+                if fd is None:
+                    small += out
+                else:
+                    _write_all(fd, out)
+                if inflate.eof and (compressed or inflate.unused_data):
+                    raise OstreeError(f"{where}: data after the end of the compressed content")
+        if not inflate.eof or got != header.size:
+            raise OstreeError(f"{where}: truncated or corrupt compressed content ({got} of {header.size} bytes)")
+        if hasher.digest() != checksum:
+            raise OstreeError(f"{where}: content does not match its checksum: "
+                              "the source repository is corrupt or was tampered with")
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    return FetchedFile(header, content=bytes(small)) if fd is None else FetchedFile(header, fd=fd)
+
+
+def _tmpfile(tmp_dir: str) -> int:
+    # TemporaryFile is O_TMPFILE where the filesystem has it: nothing named is left behind
+    with tempfile.TemporaryFile(dir=tmp_dir, buffering=0) as f:
+        return os.dup(f.fileno())
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    mv = memoryview(data)
+    while mv:
+        mv = mv[os.write(fd, mv):]
+
+
+def _read_exact(read: Callable[[int], bytes], n: int, where: str) -> bytes:
+    parts = []
+    left = n
+    while left:
+        piece = read(left)
+        if not piece:
+            raise OstreeError(f"{where}: truncated (header incomplete)")
+        parts.append(piece)
+        left -= len(piece)
+    return b"".join(parts)
+
+
+# ---------------------------------------------------------------------------------- local
+
+
+class LocalRepo:
+    """An ostree repository on disk, in archive, bare, bare-user or bare-user-only mode."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.description = path
+        config = configparser.ConfigParser()
+        try:
+            with open(os.path.join(path, "config"), encoding="utf-8") as f:
+                config.read_file(f)
+            mode_text = config.get("core", "mode", fallback="bare")
+        except FileNotFoundError:
+            raise OstreeError(f"{path} is not an ostree repository (no config file)") from None
+        except (OSError, UnicodeDecodeError, configparser.Error) as e:
+            raise OstreeError(f"{path}/config cannot be read: {e}") from None
+        mode = MODES.get(mode_text)
+        if mode is None:
+            raise OstreeError(f"{path}: ostree repository mode {mode_text!r} is not supported "
+                              f"(supported: {', '.join(MODES)})")
+        self.mode = mode
+        self.archive = mode == "archive"
+        try:
+            self._objects = os.open(os.path.join(path, "objects"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise OstreeError(f"{path} is not an ostree repository (objects/: {e.strerror})") from None
+
+    def close(self) -> None:
+        if self._objects >= 0:
+            os.close(self._objects)
+            self._objects = -1
+
+    def resolve(self, ref: str) -> bytes:
+        if is_checksum_text(ref):
+            return parse_checksum(ref)
+        check_ref_name(ref)
+        for top in ("refs/heads", "refs/remotes", "refs/mirrors"):
+            path = os.path.join(self.path, top, ref)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as e:
+                why = "is a symlink, not a ref file" if e.errno == errno.ELOOP else e.strerror
+                raise OstreeError(f"ref {path}: {why}") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OstreeError(f"ref {path} is not a regular file")
+            with os.fdopen(fd, "rb") as f:
+                text = f.read(200)
+            return parse_checksum(text.decode("ascii", "replace"), f"ref {ref} in {self.path}")
+        raise OstreeError(f"no ref {ref!r} in ostree repository {self.path}")
+
+    def _rel(self, checksum: bytes, kind: Kind) -> str:
+        h = checksum.hex()
+        return f"{h[:2]}/{h[2:]}.{kind.extension(self.archive)}"
+
+    def _open(self, checksum: bytes, kind: Kind) -> tuple[int, os.stat_result]:
+        """The object opened read-only; it must be a regular file."""
+        try:
+            fd = os.open(self._rel(checksum, kind), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self._objects)
+        except FileNotFoundError:
+            raise OstreeError(f"{describe(checksum, kind)} is missing from {self.path}") from None
+        except OSError as e:
+            raise OstreeError(f"{describe(checksum, kind)} in {self.path}: {e.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise OstreeError(f"{describe(checksum, kind)} in {self.path} is not a regular file")
+        return fd, st
+
+    def read_metadata(self, checksum: bytes, kind: Kind) -> bytes:
+        fd, st = self._open(checksum, kind)
+        with os.fdopen(fd, "rb") as f:
+            if st.st_size > MAX_METADATA_SIZE:
+                raise OstreeError(f"{describe(checksum, kind)}: {st.st_size} bytes, more than ostree allows")
+            return f.read(MAX_METADATA_SIZE + 1)
+
+    def read_detached(self, commit: bytes, limit: int) -> bytes | None:
+        """The commit's detached metadata (`.commitmeta`), None when it has none."""
+        h = commit.hex()
+        try:
+            fd = os.open(f"{h[:2]}/{h[2:]}.commitmeta", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self._objects)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise OstreeError(f"object {h}.commitmeta in {self.path}: {e.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OstreeError(f"object {h}.commitmeta in {self.path} is not a regular file")
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise OstreeError(f"object {h}.commitmeta in {self.path} is larger than {limit} bytes")
+        return data
+
+    def fetch_file(self, checksum: bytes, inline_max: int, tmp_dir: str) -> FetchedFile:
+        if self.archive:
+            fd, _st = self._open(checksum, Kind.FILE)
+            with os.fdopen(fd, "rb") as f:
+                return unpack_filez(f.read, checksum, inline_max, tmp_dir)
+        rel = self._rel(checksum, Kind.FILE)
+        try:
+            st = os.stat(rel, dir_fd=self._objects, follow_symlinks=False)
+        except FileNotFoundError:
+            raise OstreeError(f"{describe(checksum, Kind.FILE)} is missing from {self.path}") from None
+        if stat.S_ISLNK(st.st_mode) and self.mode != "bare-user":
+            header = FileHeader(0, st.st_uid if self.mode == "bare" else 0, st.st_gid if self.mode == "bare" else 0,
+                                st.st_mode, os.readlink(rel, dir_fd=self._objects),
+                                self._xattrs(f"/proc/self/fd/{self._objects}/{rel}", False) if self.mode == "bare" else [])
+            header.check(checksum)
+            check_file(header, checksum, None)
+            return FetchedFile(header, content=b"")
+        fd, st = self._open(checksum, Kind.FILE)
+        try:
+            if self.mode == "bare-user":
+                try:
+                    meta = os.getxattr(fd, "user.ostreemeta")
+                except OSError as e:
+                    raise OstreeError(f"{describe(checksum, Kind.FILE)} in {self.path}: no user.ostreemeta "
+                                      f"({e.strerror})") from None
+                base = parse_meta_xattr(meta, checksum)
+                if stat.S_ISLNK(base.mode):
+                    raw = os.pread(fd, min(st.st_size, MAX_HEADER_SIZE), 0)
+                    if not raw.endswith(b"\0") or b"\0" in raw[:-1]:
+                        raise OstreeError(f"{describe(checksum, Kind.FILE)}: bare-user symlink without its NUL")
+                    target = raw[:-1].decode("utf-8", "surrogateescape")
+                    header = FileHeader(0, base.uid, base.gid, base.mode, target, base.xattrs)
+                else:
+                    header = FileHeader(st.st_size, base.uid, base.gid, base.mode, "", base.xattrs)
+            elif self.mode == "bare":
+                header = FileHeader(st.st_size, st.st_uid, st.st_gid, st.st_mode, "", self._xattrs(fd, True))
+            else:
+                header = FileHeader(st.st_size, 0, 0, st.st_mode, "", [])
+            header.check(checksum)
+            if header.is_symlink or header.size <= inline_max:
+                content = b"" if header.is_symlink else os.pread(fd, header.size + 1, 0)
+                check_file(header, checksum, None, content)
+                return FetchedFile(header, content=content)
+        except BaseException:
+            os.close(fd)
+            raise
+        return FetchedFile(header, fd=fd, verified=False)
+
+    @staticmethod
+    def _xattrs(target: int | str, follow: bool) -> list[tuple[bytes, bytes]]:
+        """A bare object's xattrs, names NUL-terminated and sorted as ostree stores them."""
+        try:
+            names = os.listxattr(target, follow_symlinks=follow)
+            pairs = [(n.encode("utf-8", "surrogateescape") + b"\0", os.getxattr(target, n, follow_symlinks=follow))
+                     for n in names]
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return []
+            raise
+        return sorted(pairs)
+
+
+# ----------------------------------------------------------------------------------- HTTP
+
+
+class _NotFound(Exception):
+    pass
+
+
+class _Body:
+    """A response body whose read() raises IncompleteRead when the connection ends early:
+    http.client then returns b"", which would read as a short (corrupt) object, not as
+    the network failure to retry that it is."""
+
+    def __init__(self, resp: http.client.HTTPResponse) -> None:
+        self._resp = resp
+
+    def read(self, n: int) -> bytes:
+        data = self._resp.read(n)
+        if not data and n and self._resp.length:
+            raise http.client.IncompleteRead(b"", self._resp.length)
+        return data
+
+
+class HttpRepo:
+    """An archive repository at an http:// or https:// URL (kept-alive connections, one per
+    concurrent fetch; retries with exponential backoff on 5xx, resets and timeouts)."""
+
+    def __init__(self, url: str, timeout: float = 30.0, attempts: int = 5, backoff: float = 0.25) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise OstreeError(f"{url!r} is not an http:// or https:// URL")
+        self.url = url
+        self.description = url
+        self._scheme = parts.scheme
+        self._host = parts.hostname
+        self._port = parts.port
+        self._base = parts.path.rstrip("/") + "/"
+        self._timeout = timeout
+        self._attempts = attempts
+        self._backoff = backoff
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.archive = True
+        self._summary: list[tuple[str, bytes]] | None = None
+        self._summary_fetched = False
+        self.summary_deltas: dict[str, bytes] = {}  # delta name -> superblock checksum
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._idle:
+                conn.close()
+            self._idle.clear()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        return cls(self._host, self._port, timeout=self._timeout)
+
+    def get(self, path: str, consume: Callable[[_Body], T], what: str) -> T:
+        """GET base/path and hand the body to consume; a 404 raises _NotFound."""
+        last = ""
+        for attempt in range(self._attempts):
+            if attempt:
+                time.sleep(self._backoff * (1 << (attempt - 1)))
+            conn = self._connection()
+            try:
+                with self._lock:
+                    self.requests += 1
+                conn.request("GET", self._base + urllib.parse.quote(path, safe="/+"))
+                resp = conn.getresponse()
+                if resp.status == 200:
+                    result = consume(_Body(resp))
+                    if resp.read(1):
+                        raise OstreeError(f"{what}: more data than expected from {self.url}")
+                elif resp.status == 404:
+                    resp.read()
+                else:
+                    resp.read()
+                    last = f"HTTP {resp.status} {resp.reason}"
+                    conn.close()
+                    if resp.status >= 500 or resp.status in (408, 429):
+                        continue
+                    raise OstreeError(f"fetching {what} from {self.url}: {last}")
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                last = str(e) or type(e).__name__
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            if resp.will_close:
+                conn.close()
+            else:
+                with self._lock:
+                    self._idle.append(conn)
+            if resp.status == 404:
+                raise _NotFound()
+            return result
+        raise OstreeError(f"fetching {what} from {self.url} failed after {self._attempts} attempts: {last}")
+
+    def list_refs(self) -> list[tuple[str, bytes]] | None:
+        """The refs the repository's summary file lists; None without one."""
+        if not self._summary_fetched:
+            data = self.fetch_optional("summary", MAX_METADATA_SIZE)
+            self._summary_fetched = True
+            if data is None:
+                return None
+            self._summary, metadata = parse_summary(data, f"{self.url} summary")
+            self.summary_deltas = parse_delta_table(metadata, f"{self.url} summary")
+        return self._summary
+
+    def resolve(self, ref: str) -> bytes:
+        """A commit checksum, a ref from the summary, else refs/heads/REF (served without summary)."""
+        if is_checksum_text(ref):
+            return parse_checksum(ref)
+        check_ref_name(ref)
+        found = dict(self.list_refs() or ()).get(ref)
+        if found is not None:
+            return found
+        try:
+            text = self.get(f"refs/heads/{ref}", lambda r: r.read(200), f"ref {ref}")
+        except _NotFound:
+            raise OstreeError(f"no ref {ref!r} at {self.url}") from None
+        return parse_checksum(text.decode("ascii", "replace"), f"ref {ref} at {self.url}")
+
+    def _object_path(self, checksum: bytes, kind: Kind) -> str:
+        h = checksum.hex()
+        return f"objects/{h[:2]}/{h[2:]}.{kind.extension(True)}"
+
+    def read_metadata(self, checksum: bytes, kind: Kind) -> bytes:
+        where = describe(checksum, kind)
+        try:
+            data = self.get(self._object_path(checksum, kind), lambda r: r.read(MAX_METADATA_SIZE + 1), where)
+        except _NotFound:
+            raise OstreeError(f"{where} is missing from {self.url}") from None
+        if len(data) > MAX_METADATA_SIZE:
+            raise OstreeError(f"{where}: more than {MAX_METADATA_SIZE} bytes")
+        return data
+
+    def fetch_file(self, checksum: bytes, inline_max: int, tmp_dir: str) -> FetchedFile:
+        where = describe(checksum, Kind.FILE)
+        try:
+            return self.get(self._object_path(checksum, Kind.FILE),
+                            lambda r: unpack_filez(r.read, checksum, inline_max, tmp_dir), where)
+        except _NotFound:
+            raise OstreeError(f"{where} is missing from {self.url}") from None
+
+    def read_detached(self, commit: bytes, limit: int) -> bytes | None:
+        h = commit.hex()
+        return self.fetch_optional(f"objects/{h[:2]}/{h[2:]}.commitmeta", limit)
+
+    def fetch_optional(self, path: str, limit: int) -> bytes | None:
+        """A file that may be absent (summary, delta indexes): None on 404."""
+        try:
+            data = self.get(path, lambda r: r.read(limit + 1), path)
+        except _NotFound:
+            return None
+        if len(data) > limit:
+            raise OstreeError(f"{path} at {self.url} is larger than {limit} bytes")
+        return data
+
+
+def open_source(location: str) -> LocalRepo | HttpRepo:
+    if location.startswith(("http://", "https://")):
+        return HttpRepo(location)
+    return LocalRepo(location)

@@ -1,0 +1,354 @@
+"""`org.composefs.Oci`: images of a repository handle, and the layer transport methods."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from pycfs.host.errors import PycfsError
+from pycfs.host.oci.image import IMAGE_REF_NAMES, compute_image_id, finish_pull, format_versions
+from pycfs.host.oci.layer import layer_stream_name, parse_digest
+from pycfs.host.oci.streams import list_images, open_image, tag_image, untag_image
+from pycfs.host.repository import Repository
+from pycfs.host.varlink import idl
+from pycfs.host.varlink.layers import (
+    FdLayout,
+    MAX_FDS_PER_FRAME,
+    build_layout,
+    seed_from_id,
+    split_frames,
+)
+from pycfs.host.varlink.server import CallContext, Interface, Result, Server
+from pycfs.host.varlink.service import Handles, fsck_reply
+from pycfs.host.varlink.transfer import (
+    DiffIdMismatch,
+    LayerTransferError,
+    Producer,
+    open_objects_dir,
+    produce_repo_layer,
+    put_layer,
+    run_producer,
+)
+from pycfs.host.workers.pool import open_pool
+from pycfs.protocol.fdpass import close_fds
+from pycfs.protocol.splitdirfdstream import SplitDirFdStreamError
+from pycfs.protocol.varlink import VarlinkError
+
+IFACE = "org.composefs.Oci"
+FEATURES = ["splitdirfdstream-v0"]
+CONFIG_MEDIA_TYPES = {"application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"}
+
+
+def error(name: str, **parameters: Any) -> VarlinkError:
+    return VarlinkError(f"{IFACE}.{name}", parameters)
+
+
+def check_digest(text: str, what: str) -> str:
+    try:
+        parse_digest(text, what)
+    except PycfsError as e:
+        raise error("InvalidDigest", message=str(e)) from None
+    return text
+
+
+def is_container(manifest: dict) -> bool:
+    config = manifest.get("config")
+    media = config.get("mediaType") if isinstance(config, dict) else None
+    return media in CONFIG_MEDIA_TYPES or media is None
+
+
+def layer_ids_of(manifest: dict, config: dict) -> list[str]:
+    """The layers of an image in order: the config's diff_ids for a container image, the
+    manifest's layer digests for anything else (artifacts)."""
+    if is_container(manifest):
+        rootfs = config.get("rootfs")
+        ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    else:
+        ids = [layer.get("digest") for layer in manifest.get("layers", []) if isinstance(layer, dict)]
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise PycfsError("the image's layer list is malformed")
+    return ids
+
+
+class OciInterface:
+    def __init__(self, server: Server, handles: Handles) -> None:
+        self.server = server
+        self.handles = handles
+        server.add(Interface(IFACE, idl.OCI, {
+            "GetInfo": self.get_info,
+            "ListImages": self.list_images,
+            "Check": self.check,
+            "Inspect": self.inspect,
+            "Tag": self.tag,
+            "Untag": self.untag,
+            "ComputeId": self.compute_id,
+            "Pull": self.pull,
+            "HasLayer": self.has_layer,
+            "GetLayer": self.get_layer,
+            "PutLayer": self.put_layer,
+            "FinalizeImage": self.finalize_image,
+        }))
+
+    def repo(self, ctx: CallContext) -> Repository:
+        return self.handles.get(ctx, IFACE)
+
+    async def get_info(self, ctx: CallContext) -> Result:
+        return {"features": FEATURES}
+
+    # -- images --
+
+    async def list_images(self, ctx: CallContext) -> Result:
+        repo = self.repo(ctx)
+        wanted = ctx.params.string("filter", optional=True)
+
+        def entries() -> list[dict]:
+            out = []
+            for tag, digest in list_images(repo):
+                if wanted is not None and wanted not in tag:
+                    continue
+                image = open_image(repo, tag)
+                manifest, config = image.manifest, image.config
+                out.append({
+                    "name": tag, "manifest_digest": digest, "is_container": is_container(manifest),
+                    "architecture": str(config.get("architecture") or ""), "os": str(config.get("os") or ""),
+                    "created": config.get("created") if isinstance(config.get("created"), str) else None,
+                    "layer_count": len(manifest.get("layers") or []), "referrer_count": 0,
+                })
+            return out
+
+        return {"images": await trio.to_thread.run_sync(entries)}
+
+    def _open(self, repo: Repository, image: str) -> Any:
+        try:
+            return open_image(repo, image)
+        except PycfsError:
+            if image.startswith("@") or _tag_exists(repo, image):
+                raise
+            raise error("NoSuchImage", image=image) from None
+
+    async def check(self, ctx: CallContext) -> Result:
+        from pycfs.host.fsck import fsck
+
+        repo = self.repo(ctx)
+        image = ctx.params.string("image", optional=True)
+        names = [image] if image is not None else [t for t, _ in list_images(repo)]
+        if image is not None:
+            self._open(repo, image)
+
+        def check_one(name: str) -> list[str]:
+            try:
+                stored = open_image(repo, name)
+                problems = []
+                for diff_id in layer_ids_of(stored.manifest, stored.config):
+                    layer = stored.layer_ids.get(diff_id) or repo.has_stream(layer_stream_name(diff_id))
+                    if layer is None or not repo.has_object(layer):
+                        problems.append(f"{name}: layer {diff_id} is missing")
+                        continue
+                    reader = repo.open_stream_by_id(layer)
+                    problems += [f"{name}: layer {diff_id}: object {o.hex()} is missing"
+                                 for o in reader.object_refs if not repo.has_object(o)]
+                for ref, object_id in stored.image_refs.items():
+                    if not repo.has_object(object_id):
+                        problems.append(f"{name}: {ref} image {object_id.hex()} is missing")
+                return problems
+            except PycfsError as e:
+                return [f"{name}: {e}"]
+
+        def run() -> tuple[list[list[str]], dict]:
+            return [check_one(n) for n in names], fsck_reply(repo, fsck(repo))
+
+        results, repo_reply = await trio.to_thread.run_sync(run)
+        errors = [e for r in results for e in r]
+        return {"ok": not errors and repo_reply["ok"], "images_checked": len(names),
+                "images_corrupted": sum(bool(r) for r in results), "errors": errors, "repo": repo_reply}
+
+    async def inspect(self, ctx: CallContext) -> Result:
+        repo = self.repo(ctx)
+        image = self._open(repo, ctx.params.string("image"))
+        erofs = None
+        for version in format_versions(repo):
+            ref = IMAGE_REF_NAMES.get(version)
+            if ref in image.image_refs:
+                erofs = image.image_refs[ref].hex()
+                break
+        return {"manifest": image.manifest_raw.decode(), "config": image.config_raw.decode(), "referrers": [],
+                "composefs_erofs": erofs, "composefs_boot_erofs": None}
+
+    async def tag(self, ctx: CallContext) -> Result:
+        repo = self.repo(ctx)
+        digest, name = ctx.params.string("manifest_digest"), ctx.params.string("name")
+        parse_digest(digest, "manifest digest")
+        await trio.to_thread.run_sync(tag_image, repo, name, digest)
+        return {}
+
+    async def untag(self, ctx: CallContext) -> Result:
+        repo = self.repo(ctx)
+        await trio.to_thread.run_sync(untag_image, repo, ctx.params.string("name"))
+        return {}
+
+    async def compute_id(self, ctx: CallContext) -> Result:
+        repo = self.repo(ctx)
+        image = ctx.params.string("image")
+        if ctx.params.boolean("bootable", optional=True, default=False):
+            raise error("InvalidRequest", message="bootable images are not supported by pycfs")
+        if ctx.params.string("xattrs", optional=True, default="AllowlistOnly") != "AllowlistOnly":
+            raise error("InvalidRequest", message="only AllowlistOnly xattr filtering is supported")
+        self._open(repo, image)
+        image_id = await trio.to_thread.run_sync(compute_image_id, repo, image)
+        return {"image_id": image_id.hex()}
+
+    async def pull(self, ctx: CallContext) -> Result:
+        from pycfs.host.varlink.pull import pull_frames
+
+        repo = self.repo(ctx)
+        if ctx.params.boolean("bootable", optional=True, default=False):
+            raise error("InvalidRequest", message="bootable images are not supported by pycfs")
+        if ctx.params.string("expected_digest", optional=True) is not None:
+            raise error("InvalidRequest", message="expected_digest requires bootable")
+        return await pull_frames(ctx, repo)
+
+    # -- layers --
+
+    async def has_layer(self, ctx: CallContext) -> Result:
+        repo = self.repo(ctx)
+        diff_id = check_digest(ctx.params.string("diff_id"), "diff_id")
+        layer = repo.has_stream(layer_stream_name(diff_id))
+        return {"present": layer is not None, "layer_verity": layer.hex() if layer is not None else None}
+
+    async def get_layer(self, ctx: CallContext) -> Result:
+        repo = self.repo(ctx)
+        params = ctx.params.obj("params")
+        assert params is not None
+        diff_id = params.string("diff_id", optional=True)
+        if diff_id is None:
+            raise error("InvalidRequest", message="params.diff_id is required by a repository service")
+        check_digest(diff_id, "diff_id")
+        name = layer_stream_name(diff_id)
+        layer_id = repo.has_stream(name)
+        if layer_id is None:
+            raise error("NoSuchLayer", diff_id=diff_id)
+        seed = seed_from_id(name)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            objects = open_objects_dir(repo)
+        except BaseException:
+            close_fds([r, w])
+            raise
+        try:
+            layout = build_layout(r, [objects], seed)
+        except BaseException:
+            os.close(w)
+            raise
+        return await send_layer_frames(ctx, layout, seed, w,
+                                       lambda send_all: produce_repo_layer(repo, layer_id, layout.real_slots[0], send_all))
+
+    async def put_layer(self, ctx: CallContext) -> Result:
+        if len(ctx.fds) < 2:
+            raise error("InvalidRequest", message=f"expected at least 2 fds (1 pipe + >=1 dir fd), got {len(ctx.fds)}")
+        diff_id = check_digest(ctx.params.string("diff_id"), "diff_id")
+        repo = self.repo(ctx)
+        zerocopy = ctx.params.boolean("zerocopy", optional=True, default=False)
+        if not diff_id.startswith("sha256:"):
+            raise error("InternalError", message=f"PutLayer verifies sha256 diff_ids only, not {diff_id.split(':')[0]}")
+        if not stat.S_ISFIFO(os.fstat(ctx.fds[0]).st_mode):
+            raise error("InvalidRequest", message="fd 0 of PutLayer must be the read end of a pipe")
+        fds = ctx.take_fds()
+        pipe, dirfds = fds[0], fds[1:]
+        already = repo.has_stream(layer_stream_name(diff_id)) is not None
+        try:
+            async with open_pool(repo=repo) as pool:
+                layer_id, stats = await put_layer(repo, pool, pipe, dirfds, diff_id, zerocopy)
+        except DiffIdMismatch as e:
+            raise error("DiffIdMismatch", expected=e.expected, actual=e.actual) from None
+        except (SplitDirFdStreamError, LayerTransferError) as e:
+            raise error("InvalidRequest", message=str(e)) from None
+        finally:
+            close_fds(dirfds)
+        return {"layer_verity": layer_id.hex(), "already_present": already,
+                "objects_reflinked": stats.objects_reflinked, "objects_hardlinked": stats.objects_hardlinked,
+                "objects_copied": stats.objects_copied, "objects_already_present": stats.objects_already_present}
+
+    async def finalize_image(self, ctx: CallContext) -> Result:
+        repo = self.repo(ctx)
+        manifest_raw = ctx.params.string("manifest_json").encode()
+        config_raw = ctx.params.string("config_json").encode()
+        name = ctx.params.string("name", optional=True)
+        refs: list[tuple[str, bytes]] = []
+        for item in ctx.params.obj_list("layers"):
+            diff_id = check_digest(item.string("diff_id"), "diff_id")
+            verity = item.string("layer_verity")
+            try:
+                layer_id = repo.id_from_hex(verity)
+            except PycfsError as e:
+                raise error("InvalidDigest", message=str(e)) from None
+            if repo.has_stream(layer_stream_name(diff_id)) != layer_id:
+                raise error("NoSuchLayer", diff_id=diff_id)
+            refs.append((diff_id, layer_id))
+        try:
+            manifest, config = json.loads(manifest_raw), json.loads(config_raw)
+        except ValueError as e:
+            raise error("InvalidRequest", message=f"manifest or config is not JSON: {e}") from None
+        if not isinstance(manifest, dict) or not isinstance(config, dict):
+            raise error("InvalidRequest", message="manifest and config must be JSON objects")
+        try:
+            wanted = layer_ids_of(manifest, config)
+        except PycfsError as e:
+            raise error("InvalidRequest", message=str(e)) from None
+        if wanted != [d for d, _ in refs]:
+            raise error("InvalidRequest", message="layers do not match the image's layer list")
+        manifest_digest = "sha256:" + hashlib.sha256(manifest_raw).hexdigest()
+        config_digest = "sha256:" + hashlib.sha256(config_raw).hexdigest()
+
+        finished = await trio.to_thread.run_sync(functools.partial(
+            finish_pull, repo, manifest_digest, manifest_raw, config_digest, config_raw, refs, name,
+            build_image=is_container(manifest)))
+        manifest_id, config_id = finished.manifest_stream_id, finished.config_stream_id
+        return {"manifest_digest": manifest_digest, "manifest_verity": manifest_id.hex(),
+                "config_digest": config_digest, "config_verity": config_id.hex()}
+
+
+def _tag_exists(repo: Repository, tag: str) -> bool:
+    from pycfs.host.oci.streams import resolve_tag
+
+    try:
+        return resolve_tag(repo, tag) is not None
+    except PycfsError:
+        return False
+
+
+async def send_layer_frames(ctx: CallContext, layout: FdLayout, seed: int, pipe_w: int, produce: Producer,
+                            release: Callable[[], None] | None = None) -> Result:
+    """Reply to GetLayer with the layout's fds (in frames with `more`), and start the
+    producer in the service's nursery: it outlives the call, feeding a pipe the client took."""
+    keep_r = layout.keepalive_read
+    try:
+        if ctx.more:
+            frames = split_frames(layout.fds, seed)
+        elif len(layout.fds) > MAX_FDS_PER_FRAME:
+            raise error("FdLimitExceeded", fd_count=len(layout.fds), max_per_frame=MAX_FDS_PER_FRAME)
+        else:
+            frames = [layout.fds]
+    except BaseException:
+        close_fds(layout.fds + [keep_r, pipe_w])
+        if release is not None:
+            release()
+        raise
+    ctx.server.nursery.start_soon(run_producer, pipe_w, keep_r, produce, release)
+    sent = 0
+    try:
+        params = {"dir_count": layout.dir_count}
+        for frame in frames[:-1]:
+            await ctx.send_continues(params, frame)
+            close_fds(frame)
+            sent += 1
+    except BaseException:
+        close_fds([fd for frame in frames[sent:] for fd in frame])
+        raise
+    return params, frames[-1]
+

@@ -1,0 +1,291 @@
+"""A varlink server on trio: interfaces of async method handlers, one task per connection.
+
+Calls on one connection are answered in order (varlink replies carry no id); connections
+run side by side. When a client disconnects, the connection's tasks are cancelled, its
+in-flight call with them, and every fd it sent and nobody took is closed.
+
+A handler receives a `CallContext` and returns the reply parameters (or (parameters,
+fds)); with `more` it may send `continues` replies first. A `VarlinkError` becomes an
+error reply by name; any other `PycfsError` or `OSError` becomes the interface's
+InternalError with the message.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from pycfs.host.errors import PycfsError
+from pycfs.host.varlink.transport import Connection, ConnectionClosed
+from pycfs.protocol.fdpass import close_fds
+from pycfs.protocol.varlink import (
+    VarlinkError,
+    VarlinkProtocolError,
+    parse_call,
+    valid_interface_name,
+)
+
+SERVICE = "org.varlink.service"
+# Calls read ahead of the one being answered, per connection (fds included).
+PIPELINE_DEPTH = 8
+
+SERVICE_IDL = """\
+# The Varlink Service Interface is provided by every varlink service. It
+# describes the service and the interfaces it implements.
+interface org.varlink.service
+
+# Get a list of all the interfaces a service provides and information
+# about the implementation.
+method GetInfo() -> (
+  vendor: string,
+  product: string,
+  version: string,
+  url: string,
+  interfaces: []string
+)
+
+# Get the description of an interface that is implemented by this service.
+method GetInterfaceDescription(interface: string) -> (description: string)
+
+# The requested interface was not found.
+error InterfaceNotFound (interface: string)
+
+# The requested method was not found
+error MethodNotFound (method: string)
+
+# The interface defines the requested method, but the service does not
+# implement it.
+error MethodNotImplemented (method: string)
+
+# One of the passed parameters is invalid.
+error InvalidParameter (parameter: string)
+
+# Client is denied access
+error PermissionDenied ()
+
+# Method is expected to be called with 'more' set to true, but wasn't
+error ExpectedMore ()
+"""
+
+
+def invalid_parameter(name: str) -> VarlinkError:
+    return VarlinkError(f"{SERVICE}.InvalidParameter", {"parameter": name})
+
+
+_MISSING = object()
+
+
+class Params:
+    """Typed access to a call's parameters; a wrong or missing one is InvalidParameter."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.raw = raw
+
+    def _get(self, name: str, kinds: tuple[type, ...], optional: bool, default: Any) -> Any:
+        value = self.raw.get(name, _MISSING)
+        if value is _MISSING or value is None:
+            if optional:
+                return default
+            raise invalid_parameter(name)
+        if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            raise invalid_parameter(name)
+        return value
+
+    def string(self, name: str, optional: bool = False, default: str | None = None) -> Any:
+        return self._get(name, (str,), optional, default)
+
+    def boolean(self, name: str, optional: bool = False, default: bool | None = None) -> Any:
+        return self._get(name, (bool,), optional, default)
+
+    def integer(self, name: str, optional: bool = False, default: int | None = None) -> Any:
+        value = self._get(name, (int,), optional, default)
+        if value is not None and not 0 <= value < 2**63:
+            raise invalid_parameter(name)
+        return value
+
+    def obj(self, name: str, optional: bool = False) -> Params | None:
+        value = self._get(name, (dict,), optional, None)
+        return None if value is None else Params(value)
+
+    def str_list(self, name: str, optional: bool = False) -> list[str]:
+        value = self._get(name, (list,), optional, [])
+        if not all(isinstance(v, str) for v in value):
+            raise invalid_parameter(name)
+        return value
+
+    def obj_list(self, name: str) -> list[Params]:
+        value = self._get(name, (list,), False, [])
+        if not all(isinstance(v, dict) for v in value):
+            raise invalid_parameter(name)
+        return [Params(v) for v in value]
+
+
+@dataclass
+class CallContext:
+    server: Server
+    conn: Connection
+    method: str
+    params: Params
+    more: bool
+    oneway: bool
+    fds: list[int]  # the call's fds: closed after the handler unless it takes them
+
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
+
+    async def send_continues(self, parameters: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        """A non-final reply of a `more` call (the caller checked `more`)."""
+        if not self.oneway:
+            await self.conn.send({"parameters": parameters, "continues": True}, fds)
+
+
+Result = dict[str, Any] | tuple[dict[str, Any], Sequence[int]] | None
+Handler = Callable[[CallContext], Awaitable[Result]]
+
+
+@dataclass
+class Interface:
+    name: str
+    description: str
+    methods: dict[str, Handler]
+    internal_error: str = ""  # the error name for unexpected failures (default: <name>.InternalError)
+    more_only: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if not valid_interface_name(self.name):
+            raise ValueError(f"bad interface name {self.name!r}")
+        self.internal_error = self.internal_error or f"{self.name}.InternalError"
+
+
+class Server:
+    """Interfaces plus `org.varlink.service`; `nursery` holds work that outlives a call
+    (a layer producer feeding a pipe the client took)."""
+
+    def __init__(self, nursery: trio.Nursery, vendor: str, product: str, version: str, url: str) -> None:
+        self.nursery = nursery
+        self.info = {"vendor": vendor, "product": product, "version": version, "url": url}
+        self.interfaces: dict[str, Interface] = {}
+        self.add(Interface(SERVICE, SERVICE_IDL, {
+            "GetInfo": self._get_info,
+            "GetInterfaceDescription": self._get_description,
+        }, internal_error=f"{SERVICE}.MethodNotImplemented"))
+        self.connections = 0
+
+    def add(self, interface: Interface) -> None:
+        self.interfaces[interface.name] = interface
+
+    async def _get_info(self, ctx: CallContext) -> Result:
+        return {**self.info, "interfaces": list(self.interfaces)}
+
+    async def _get_description(self, ctx: CallContext) -> Result:
+        name = ctx.params.string("interface")
+        if name not in self.interfaces:
+            raise VarlinkError(f"{SERVICE}.InterfaceNotFound", {"interface": name})
+        return {"description": self.interfaces[name].description}
+
+    # -- serving --
+
+    async def serve_listener(self, listener: trio.socket.SocketType) -> None:
+        """Accept forever; each connection is its own task."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    sock, _ = await listener.accept()
+                except OSError as e:
+                    # EMFILE and friends: back off instead of spinning; the client retries.
+                    print(f"pycfs varlink: accept failed: {e.strerror}", file=sys.stderr)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self.serve_connection, sock)
+
+    async def serve_connection(self, sock: trio.socket.SocketType) -> None:
+        conn = Connection(sock)
+        self.connections += 1
+        send, receive = trio.open_memory_channel[tuple[dict[str, Any], list[int]]](PIPELINE_DEPTH)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._answer, conn, receive, nursery.cancel_scope)
+                try:
+                    async with send:
+                        while (msg := await conn.receive()) is not None:
+                            try:
+                                await send.send(msg)
+                            except BaseException:
+                                close_fds(msg[1])
+                                raise
+                except (VarlinkProtocolError, OSError) as e:
+                    print(f"pycfs varlink: dropping a connection: {e}", file=sys.stderr)
+                # The peer is gone (or broke the protocol): stop its work.
+                nursery.cancel_scope.cancel()
+        finally:
+            self.connections -= 1
+            for _, fds in _drain(receive):
+                close_fds(fds)
+            conn.close()
+
+    async def _answer(self, conn: Connection, receive: trio.MemoryReceiveChannel, scope: trio.CancelScope) -> None:
+        async for obj, fds in receive:
+            try:
+                call = parse_call(obj, fds)
+            except VarlinkProtocolError as e:
+                close_fds(fds)
+                print(f"pycfs varlink: dropping a connection: {e}", file=sys.stderr)
+                scope.cancel()
+                return
+            try:
+                await self._call(conn, call)
+            except ConnectionClosed:
+                scope.cancel()
+                return
+
+    async def _call(self, conn: Connection, call: Any) -> None:
+        interface = self.interfaces.get(call.interface)
+        ctx = CallContext(self, conn, call.method, Params(call.parameters), call.more, call.oneway, call.fds)
+        internal = interface.internal_error if interface else f"{SERVICE}.MethodNotImplemented"
+        reply_fds: Sequence[int] = ()
+        try:
+            if interface is None:
+                raise VarlinkError(f"{SERVICE}.InterfaceNotFound", {"interface": call.interface})
+            handler = interface.methods.get(call.member)
+            if handler is None:
+                raise VarlinkError(f"{SERVICE}.MethodNotFound", {"method": call.method})
+            if call.member in interface.more_only and not call.more:
+                raise VarlinkError(f"{SERVICE}.ExpectedMore")
+            result = await handler(ctx)
+            params, reply_fds = (result, ()) if not isinstance(result, tuple) else result
+            reply: dict[str, Any] = {"parameters": params or {}}
+        except VarlinkError as e:
+            reply = {"error": e.name, "parameters": e.parameters}
+        except (PycfsError, OSError) as e:
+            reply = {"error": internal, "parameters": {"message": _message(e)}}
+        except Exception as e:  # a bug: log it, and answer instead of dropping the client
+            traceback.print_exc(file=sys.stderr)
+            reply = {"error": internal, "parameters": {"message": f"internal error: {e!r}"}}
+        finally:
+            # Before the reply: a client that got its answer finds the fds it sent closed.
+            close_fds(ctx.take_fds())
+        try:
+            if not call.oneway:
+                await conn.send(reply, reply_fds)
+        finally:
+            close_fds(list(reply_fds))
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}{f': {e.filename}' if e.filename else ''}"
+    return str(e)
+
+
+def _drain(receive: trio.MemoryReceiveChannel) -> list[tuple[dict[str, Any], list[int]]]:
+    out = []
+    while True:
+        try:
+            out.append(receive.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return out

@@ -1,0 +1,197 @@
+"""`org.composefs.Repository`: repository handles and the repository-wide operations.
+
+Handles are service-wide (any connection may use any handle, as in cfsctl), start at 1 and
+are never reused; the service closes whatever is still open when it stops.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+from pycfs.host.errors import PycfsError
+from pycfs.host.fsck import FsckReport, fsck
+from pycfs.host.gc import gc
+from pycfs.host.repository import ALGORITHMS, Repository
+from pycfs.host.varlink import idl
+from pycfs.host.varlink.server import CallContext, Interface, Result, Server
+from pycfs.protocol.varlink import VarlinkError
+
+IFACE = "org.composefs.Repository"
+SYSTEM_REPO = "/sysroot/composefs"
+
+# fsck's error kinds, by the reply counter they add to
+_OBJECT_KINDS = {"object-invalid-name", "object-open-failed", "object-verity-missing", "object-digest-mismatch",
+                 "unexpected-file"}
+_STREAM_KINDS = {"stream-open-failed", "missing-named-ref"}
+_IMAGE_KINDS = {"image-invalid"}
+_LINK_KINDS = {"broken-symlink", "bad-symlink", "entry-not-symlink", "unexpected-file-type"}
+_MISSING_KINDS = {"missing-object-ref", "image-missing-object"}
+
+
+def fsck_reply(repo: Repository, report: FsckReport) -> dict:
+    kinds = [k for k, _, _ in report.errors]
+    return {
+        "ok": report.ok,
+        "has_metadata": (repo.path / "meta.json").exists(),
+        "objects_checked": report.objects_checked,
+        "objects_corrupted": sum(k in _OBJECT_KINDS for k in kinds),
+        "streams_checked": report.streams_checked,
+        "streams_corrupted": sum(k in _STREAM_KINDS for k in kinds),
+        "images_checked": report.images_checked,
+        "images_corrupted": sum(k in _IMAGE_KINDS for k in kinds),
+        "broken_links": sum(k in _LINK_KINDS for k in kinds),
+        "missing_objects": sum(k in _MISSING_KINDS for k in kinds),
+        "errors": [f"fsck: {k}: {p}: {d}" for k, p, d in report.errors],
+    }
+
+
+class Handles:
+    """The open repositories of one service."""
+
+    def __init__(self) -> None:
+        self.repos: dict[int, Repository] = {}
+        self._next = 1
+
+    def add(self, repo: Repository) -> int:
+        handle, self._next = self._next, self._next + 1
+        self.repos[handle] = repo
+        return handle
+
+    def get(self, ctx: CallContext, iface: str) -> Repository:
+        handle = ctx.params.integer("handle")
+        repo = self.repos.get(handle)
+        if repo is None:
+            raise VarlinkError(f"{iface}.InvalidHandle", {"handle": handle})
+        return repo
+
+    def close(self, handle: int) -> bool:
+        repo = self.repos.pop(handle, None)
+        if repo is None:
+            return False
+        repo.close()
+        return True
+
+    def close_all(self) -> None:
+        for handle in list(self.repos):
+            self.close(handle)
+
+    def shared(self, repo: Repository) -> bool:
+        """Another handle holds the same repository (its shared lock would block gc forever)."""
+        st = os.fstat(repo.dirfd)
+        return any(r is not repo and (s := os.fstat(r.dirfd)).st_dev == st.st_dev and s.st_ino == st.st_ino
+                   for r in self.repos.values())
+
+
+def _invalid_spec(message: str) -> VarlinkError:
+    return VarlinkError(f"{IFACE}.InvalidSpec", {"message": message})
+
+
+def _algorithm(ctx: CallContext) -> str:
+    algorithm = ctx.params.string("algorithm", optional=True, default=ALGORITHMS[0])
+    if algorithm not in ALGORITHMS:
+        raise _invalid_spec(f"unsupported algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+    ctx.params.boolean("insecure", optional=True)  # pycfs repositories record no such flag
+    return algorithm
+
+
+def _has_meta(path: str) -> bool:
+    return os.path.lexists(os.path.join(path, "meta.json"))
+
+
+class RepositoryInterface:
+    def __init__(self, server: Server, handles: Handles) -> None:
+        self.handles = handles
+        server.add(Interface(IFACE, idl.REPOSITORY, {
+            "InitRepository": self.init_repository,
+            "EnsureRepository": self.ensure_repository,
+            "OpenRepository": self.open_repository,
+            "CloseRepository": self.close_repository,
+            "Fsck": self.fsck,
+            "Gc": self.gc,
+            "ImageObjects": self.image_objects,
+            "ListImageRefs": self.list_image_refs,
+        }))
+
+    async def init_repository(self, ctx: CallContext) -> Result:
+        path = ctx.params.string("path")
+        algorithm = _algorithm(ctx)
+        existed = _has_meta(path)
+        repo = await trio.to_thread.run_sync(Repository.init, path, algorithm)
+        repo.close()
+        return {"created": not existed}
+
+    async def ensure_repository(self, ctx: CallContext) -> Result:
+        path = ctx.params.string("path")
+        algorithm = _algorithm(ctx)
+        if _has_meta(path):
+            repo = await trio.to_thread.run_sync(Repository.open, path)
+            status = "Opened"
+        else:
+            repo = await trio.to_thread.run_sync(Repository.init, path, algorithm)
+            status = "Created"
+        repo.close()
+        return {"status": status}
+
+    async def open_repository(self, ctx: CallContext) -> Result:
+        path = ctx.params.string("path", optional=True)
+        user = ctx.params.boolean("user", optional=True, default=False)
+        system = ctx.params.boolean("system", optional=True, default=False)
+        if (path is not None) + user + system != 1:
+            raise _invalid_spec("exactly one of `path`, `user`, `system` must be set")
+        if user:
+            home = os.environ.get("HOME")
+            if not home:
+                raise _invalid_spec("`user`: HOME is not set for the service")
+            path = str(Path(home) / ".var/lib/composefs")
+        elif system:
+            path = SYSTEM_REPO
+        try:
+            repo = await trio.to_thread.run_sync(Repository.open, path)
+        except (PycfsError, OSError) as e:
+            raise VarlinkError(f"{IFACE}.RepoNotFound", {"message": f"cannot open repository {path}: {e}"}) from None
+        handle = self.handles.add(repo)
+        return {"handle": handle, "hash_algorithm": repo.alg,
+                "objects_device_id": os.fstat(repo.dirfd).st_dev}
+
+    async def close_repository(self, ctx: CallContext) -> Result:
+        handle = ctx.params.integer("handle")
+        if not self.handles.close(handle):
+            raise VarlinkError(f"{IFACE}.InvalidHandle", {"handle": handle})
+        return {}
+
+    async def fsck(self, ctx: CallContext) -> Result:
+        repo = self.handles.get(ctx, IFACE)
+        metadata_only = ctx.params.boolean("metadata_only", optional=True, default=False)
+        report = await trio.to_thread.run_sync(fsck, repo, metadata_only)
+        return fsck_reply(repo, report)
+
+    async def gc(self, ctx: CallContext) -> Result:
+        repo = self.handles.get(ctx, IFACE)
+        dry_run = ctx.params.boolean("dry_run")
+        if ctx.params.str_list("roots"):
+            raise _invalid_spec("extra gc roots are not supported: tag what you want to keep")
+        if not dry_run and self.handles.shared(repo):
+            raise VarlinkError(f"{IFACE}.InternalError", {
+                "message": f"{repo.path} is open under another handle of this service: close it before gc"})
+        result = await trio.to_thread.run_sync(gc, repo, dry_run)
+        return {"result": {"objects_removed": result.objects_removed, "objects_bytes": result.bytes_removed,
+                           "images_pruned": 0, "streams_pruned": result.links_pruned}, "dry_run": dry_run}
+
+    async def image_objects(self, ctx: CallContext) -> Result:
+        from pycfs.host.erofs.objects import image_object_ids
+
+        repo = self.handles.get(ctx, IFACE)
+        name = ctx.params.string("name")
+        try:
+            image_id = repo.image_id(name)
+        except PycfsError:
+            raise VarlinkError(f"{IFACE}.NoSuchRef", {"reference": name}) from None
+        ids = await trio.to_thread.run_sync(lambda: image_object_ids(repo.read_object(image_id), repo.alg))
+        return {"object_ids": sorted(f"{repo.alg}:{i.hex()}" for i in ids)}
+
+    async def list_image_refs(self, ctx: CallContext) -> Result:
+        repo = self.handles.get(ctx, IFACE)
+        return {"images": [{"name": name, "digest": target.rsplit("/", 1)[-1]}
+                           for name, target in repo.list_links("images/refs")]}

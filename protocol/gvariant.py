@@ -1,0 +1,333 @@
+"""GVariant normal-form serialisation (little-endian framing), as ostree stores its objects.
+
+    value = decode("(uuua(ayay))", data)      # strict: only the normal form is accepted
+    data = encode("(uuua(ayay))", value)
+
+Python values by type code:
+
+    b -> bool; y n q i u x t h -> int; d -> float; s o g -> str
+    ay -> bytes (the one array kept as a byte string: ostree's checksums, names, values)
+    aT -> list; (T...) and {KV} -> tuple (an `a{..}` is a list of 2-tuples, so order and
+    duplicates survive a round trip); v -> Variant(type, value); mT -> None or the value
+
+The framing rules (spec ostree.md 1.3): each value is aligned to its type's alignment
+(1, 2, 4 or 8); a variable-size member of a tuple records its end offset unless it is the
+last, offsets stored after the members in reverse order; an array of variable-size
+elements stores every element's end offset after them, in order; offsets take the
+smallest width in 1, 2, 4, 8 bytes that can address the whole container. Anything that is
+not what `encode` would write for the decoded value is refused (`GVariantError`), so a
+decoded object re-encodes to the same bytes and its checksum stays meaningful.
+
+This is a pure codec: byte-swapped fields (ostree keeps uids, modes and sizes big-endian
+inside these little-endian frames) are the caller's concern.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+_BASIC = {
+    # code: (struct format, size)
+    "b": ("<?", 1), "y": ("<B", 1), "n": ("<h", 2), "q": ("<H", 2), "i": ("<i", 4), "u": ("<I", 4),
+    "h": ("<i", 4), "x": ("<q", 8), "t": ("<Q", 8), "d": ("<d", 8),
+}
+_STRINGS = "sog"
+MAX_DEPTH = 64
+
+
+class GVariantError(ValueError):
+    """Malformed (or not normal-form) GVariant data, or a value that does not fit its type."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A `v` value: its type string and the decoded value."""
+
+    type: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class _Type:
+    code: str  # one of the basic codes, "s", "v", "a", "m", "(", "{"
+    text: str  # the full type string of this node
+    children: tuple[_Type, ...]
+    align: int
+    fixed: int | None  # size when every value has the same size, else None
+
+
+def _make(code: str, text: str, children: tuple[_Type, ...]) -> _Type:
+    if code in _BASIC:
+        return _Type(code, text, (), _BASIC[code][1], _BASIC[code][1])
+    if code in _STRINGS:
+        return _Type(code, text, (), 1, None)
+    if code == "v":
+        return _Type(code, text, (), 8, None)
+    if code in "am":
+        return _Type(code, text, children, children[0].align, None)
+    align = max((c.align for c in children), default=1)
+    fixed: int | None = None
+    if all(c.fixed is not None for c in children):
+        size = 0
+        for c in children:
+            size = _align(size, c.align) + (c.fixed or 0)
+        # the unit tuple is one zero byte; others are padded to their own alignment
+        fixed = _align(size, align) if children else 1
+    return _Type(code, text, children, align, fixed)
+
+
+def _parse_one(text: str, pos: int, depth: int) -> tuple[_Type, int]:
+    if depth > MAX_DEPTH:
+        raise GVariantError(f"type {text!r} nests too deeply")
+    if pos >= len(text):
+        raise GVariantError(f"type {text!r} ends early")
+    c = text[pos]
+    if c in _BASIC or c in _STRINGS or c == "v":
+        return _make(c, c, ()), pos + 1
+    if c in "am":
+        child, end = _parse_one(text, pos + 1, depth + 1)
+        return _make(c, text[pos:end], (child,)), end
+    if c in "({":
+        close = ")" if c == "(" else "}"
+        children = []
+        p = pos + 1
+        while True:
+            if p >= len(text):
+                raise GVariantError(f"type {text!r}: unclosed {c!r}")
+            if text[p] == close:
+                break
+            child, p = _parse_one(text, p, depth + 1)
+            children.append(child)
+        if c == "{" and (len(children) != 2 or (children[0].code not in _BASIC and children[0].code not in _STRINGS)):
+            raise GVariantError(f"type {text!r}: a dict entry is a basic key and one value")
+        return _make(c, text[pos:p + 1], tuple(children)), p + 1
+    raise GVariantError(f"type {text!r}: unknown type code {c!r}")
+
+
+@lru_cache(maxsize=256)
+def parse_type(text: str) -> _Type:
+    """The parsed form of one complete type string."""
+    t, end = _parse_one(text, 0, 0)
+    if end != len(text):
+        raise GVariantError(f"type {text!r} has trailing characters")
+    return t
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) & -a
+
+
+def offset_size(total: int) -> int:
+    """Width of the framing offsets in a container of `total` bytes (offsets included)."""
+    if total == 0:
+        return 0
+    if total <= 0xFF:
+        return 1
+    if total <= 0xFFFF:
+        return 2
+    if total <= 0xFFFFFFFF:
+        return 4
+    return 8
+
+
+def _frame(body: bytearray, offsets: list[int]) -> bytes:
+    """Append the framing offsets with the smallest width that can address the result."""
+    if not offsets:
+        return bytes(body)
+    w = 1
+    while len(body) + len(offsets) * w > (1 << (8 * w)) - 1:
+        w *= 2
+    return bytes(body) + b"".join(o.to_bytes(w, "little") for o in offsets)
+
+
+# ------------------------------------------------------------------------------- encoding
+
+
+def encode(type_text: str, value: Any) -> bytes:
+    """The normal-form serialisation of value as type_text."""
+    return _encode(parse_type(type_text), value)
+
+
+def _encode(t: _Type, value: Any) -> bytes:
+    code = t.code
+    try:
+        if code in _BASIC:
+            return struct.pack(_BASIC[code][0], value)
+    except struct.error as e:
+        raise GVariantError(f"{value!r} does not fit GVariant type {code!r}: {e}") from None
+    if code in _STRINGS:
+        if not isinstance(value, str) or "\0" in value:
+            raise GVariantError(f"type {code!r} needs a str without NUL, not {type(value).__name__}")
+        return value.encode() + b"\0"
+    if code == "v":
+        if not isinstance(value, Variant):
+            raise GVariantError(f"type 'v' needs a Variant, not {type(value).__name__}")
+        inner = parse_type(value.type)
+        return _encode(inner, value.value) + b"\0" + value.type.encode()
+    if code == "m":
+        if value is None:
+            return b""
+        data = _encode(t.children[0], value)
+        return data if t.children[0].fixed is not None else data + b"\0"
+    if code == "a":
+        return _encode_array(t.children[0], value)
+    return _encode_tuple(t, value)
+
+
+def _encode_array(elem: _Type, value: Any) -> bytes:
+    if elem.code == "y":
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise GVariantError(f"type 'ay' needs bytes, not {type(value).__name__}")
+        return bytes(value)
+    if not isinstance(value, (list, tuple)):
+        raise GVariantError(f"type 'a{elem.text}' needs a list, not {type(value).__name__}")
+    if elem.fixed is not None:
+        return b"".join(_encode(elem, v) for v in value)
+    body = bytearray()
+    ends = []
+    for v in value:
+        body += bytes(_align(len(body), elem.align) - len(body))
+        body += _encode(elem, v)
+        ends.append(len(body))
+    return _frame(body, ends)
+
+
+def _encode_tuple(t: _Type, value: Any) -> bytes:
+    if not isinstance(value, tuple) or len(value) != len(t.children):
+        raise GVariantError(f"type {t.text!r} needs a tuple of {len(t.children)}, not {value!r:.80}")
+    if not t.children:
+        return b"\0"
+    body = bytearray()
+    ends = []
+    last = len(t.children) - 1
+    for i, (child, v) in enumerate(zip(t.children, value)):
+        body += bytes(_align(len(body), child.align) - len(body))
+        body += _encode(child, v)
+        if child.fixed is None and i != last:
+            ends.append(len(body))
+    if t.fixed is not None:
+        body += bytes(t.fixed - len(body))
+        return bytes(body)
+    return _frame(body, ends[::-1])
+
+
+# ------------------------------------------------------------------------------- decoding
+
+
+def decode(type_text: str, data: bytes | bytearray | memoryview) -> Any:
+    """Decode a whole serialised value; GVariantError unless data is exactly the normal form."""
+    t = parse_type(type_text)
+    mv = memoryview(bytes(data) if not isinstance(data, bytes) else data)
+    value = _decode(t, mv, 0)
+    # Framing leaves choices (padding bytes, offset widths, trailing junk) the reader could
+    # skip over; comparing with the writer's output refuses all of them at once.
+    if _encode(t, value) != mv:
+        raise GVariantError(f"{type_text} value is not in normal form")
+    return value
+
+
+def _read_offset(mv: memoryview, pos: int, w: int) -> int:
+    return int.from_bytes(mv[pos:pos + w], "little")
+
+
+def _decode(t: _Type, mv: memoryview, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise GVariantError("value nests too deeply")
+    code = t.code
+    n = len(mv)
+    if t.fixed is not None and n != t.fixed:
+        raise GVariantError(f"{t.text} value of {n} bytes, expected {t.fixed}")
+    if code in _BASIC:
+        v = struct.unpack(_BASIC[code][0], mv)[0]
+        if code == "b" and mv[0] > 1:
+            raise GVariantError(f"boolean byte {mv[0]}")
+        return v
+    if code in _STRINGS:
+        if n == 0 or mv[n - 1] != 0:
+            raise GVariantError("string is not NUL-terminated")
+        raw = bytes(mv[:n - 1])
+        if b"\0" in raw:
+            raise GVariantError("string contains NUL")
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise GVariantError(f"string {raw[:40]!r} is not UTF-8") from None
+    if code == "v":
+        sep = bytes(mv).rfind(b"\0")
+        if sep < 0:
+            raise GVariantError("variant has no type string")
+        try:
+            type_text = bytes(mv[sep + 1:]).decode("ascii")
+            inner = parse_type(type_text)
+        except (UnicodeDecodeError, GVariantError):
+            raise GVariantError(f"variant has a bad type string {bytes(mv[sep + 1:])[:40]!r}") from None
+        return Variant(type_text, _decode(inner, mv[:sep], depth + 1))
+    if code == "m":
+        if n == 0:
+            return None
+        elem = t.children[0]
+        if elem.fixed is None:
+            if mv[n - 1] != 0:
+                raise GVariantError("maybe value lacks its trailing zero byte")
+            return _decode(elem, mv[:n - 1], depth + 1)
+        return _decode(elem, mv, depth + 1)
+    if code == "a":
+        return _decode_array(t.children[0], mv, depth)
+    return _decode_tuple(t, mv, depth)
+
+
+def _decode_array(elem: _Type, mv: memoryview, depth: int) -> Any:
+    n = len(mv)
+    if elem.code == "y":
+        return bytes(mv)
+    if n == 0:
+        return []
+    if elem.fixed is not None:
+        if n % elem.fixed:
+            raise GVariantError(f"array of {elem.text} has {n} bytes, not a multiple of {elem.fixed}")
+        return [_decode(elem, mv[i:i + elem.fixed], depth + 1) for i in range(0, n, elem.fixed)]
+    w = offset_size(n)
+    last_end = _read_offset(mv, n - w, w)
+    if last_end > n or (n - last_end) % w:
+        raise GVariantError(f"array of {elem.text}: bad framing offset {last_end}")
+    count = (n - last_end) // w
+    out = []
+    start = 0
+    for i in range(count):
+        end = _read_offset(mv, last_end + i * w, w)
+        start = _align(start, elem.align)
+        if not start <= end <= last_end:
+            raise GVariantError(f"array of {elem.text}: element {i} at {start}..{end} is out of bounds")
+        out.append(_decode(elem, mv[start:end], depth + 1))
+        start = end
+    return out
+
+
+def _decode_tuple(t: _Type, mv: memoryview, depth: int) -> tuple:
+    n = len(mv)
+    if not t.children:
+        return ()
+    w = offset_size(n)
+    frame_end = n  # offsets are read from the end, one per variable-size non-last member
+    out = []
+    pos = 0
+    last = len(t.children) - 1
+    for i, child in enumerate(t.children):
+        pos = _align(pos, child.align)
+        if child.fixed is not None:
+            end = pos + child.fixed
+        elif i == last:
+            end = frame_end
+        else:
+            frame_end -= w
+            if frame_end < 0:
+                raise GVariantError(f"{t.text}: framing offsets run past the start")
+            end = _read_offset(mv, frame_end, w)
+        if not pos <= end <= frame_end:
+            raise GVariantError(f"{t.text}: member {i} at {pos}..{end} is out of bounds")
+        out.append(_decode(child, mv[pos:end], depth + 1))
+        pos = end
+    return tuple(out)

@@ -1,0 +1,171 @@
+"""`pycfs oci copy` between repositories, as a user runs it: same algorithm (identical
+streams and image), sha256 -> sha512 (a valid image whose mounted tree is the same),
+--zerocopy on one reflinking XFS (disk barely grows), a second copy (nothing moves), and
+a source behind a running `pycfs varlink serve`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import imagebuild
+
+pytestmark = pytest.mark.integration
+
+PYCFS = [sys.executable, "-m", "pycfs.tools.cli"]
+
+
+def pycfs(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([*PYCFS, "--repo", str(repo), *args], check=check, capture_output=True, text=True)
+
+
+def inspect(repo: Path, image: str) -> dict:
+    return json.loads(pycfs(repo, "oci", "inspect", image).stdout)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> tuple[Path, imagebuild.BuiltImage]:
+    base = tmp_path_factory.mktemp("copy-src")
+    built = imagebuild.build_layout(imagebuild.multilayer_image(), base / "layout")
+    pycfs(base / "repo", "init")
+    pycfs(base / "repo", "oci", "pull", f"oci:{built.path}", "img")
+    return base / "repo", built
+
+
+def copy(dest: Path, src: str, *extra: str) -> dict:
+    return json.loads(pycfs(dest, "oci", "copy", "img", "--from", src, "--json", *extra).stdout)
+
+
+def test_copy_same_algorithm_is_identical_and_second_copy_moves_nothing(source, tmp_path) -> None:
+    src, built = source
+    dest = tmp_path / "dest"
+    pycfs(dest, "init")
+    first = copy(dest, str(src), "--name", "copied")
+    assert first["manifest_digest"] == built.manifest_digest and first["config_digest"] == built.config_digest
+    assert all(layer["copied"] for layer in first["layers"]) and first["objects_copied"] > 0
+    ours, theirs = inspect(dest, "copied"), inspect(src, "img")
+    for key in ("manifest_digest", "config_digest", "manifest_verity", "config_verity", "layers", "images",
+                "manifest", "config"):
+        assert ours[key] == theirs[key], key
+    assert pycfs(dest, "oci", "compute-id", "copied").stdout == pycfs(src, "oci", "compute-id", "img").stdout
+    fsck = json.loads(pycfs(dest, "fsck", "--json").stdout)
+    assert fsck["ok"] and fsck["objects"] > 0
+    # the layer streams give back the very same tars
+    for diff_id in built.diff_ids:
+        tar = subprocess.run([*PYCFS, "--repo", str(dest), "cat", f"oci-layer-{diff_id}"], check=True,
+                             capture_output=True).stdout
+        assert "sha256:" + hashlib.sha256(tar).hexdigest() == diff_id
+    second = copy(dest, str(src), "--name", "copied")
+    assert not any(layer["copied"] for layer in second["layers"])
+    assert (second["objects_reflinked"], second["objects_copied"], second["objects_hardlinked"]) == (0, 0, 0)
+    assert second["manifest_verity"] == first["manifest_verity"]
+
+
+def describe(root: Path) -> dict[str, tuple]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            extra = None
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    extra = hashlib.file_digest(f, "sha256").hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                extra = os.readlink(path)
+            out[os.path.relpath(path, root)] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
+                                                 None if stat.S_ISDIR(st.st_mode) else st.st_size, extra)
+    return out
+
+
+def mounted_tree(repo: Path, image: str, mnt: Path) -> dict[str, tuple]:
+    mnt.mkdir()
+    pycfs(repo, "mount", image, str(mnt))
+    try:
+        return describe(mnt)
+    finally:
+        pycfs(repo, "umount", str(mnt))
+
+
+def test_copy_across_algorithms(source, tmp_path) -> None:
+    src, built = source
+    dest = tmp_path / "sha512"
+    pycfs(dest, "init", "--algorithm", "fsverity-sha512-12")
+    result = copy(dest, str(src), "--name", "copied")
+    assert result["manifest_digest"] == built.manifest_digest
+    assert len(result["manifest_verity"]) == 128 and len(result["config_verity"]) == 128
+    assert all(len(layer["layer_verity"]) == 128 for layer in result["layers"])
+    fsck = json.loads(pycfs(dest, "fsck", "--json").stdout)
+    assert fsck["ok"] and fsck["objects"] > 0 and fsck["images"] == 1
+    refused = pycfs(dest, "oci", "copy", "img", "--from", str(src), "--zerocopy", check=False)
+    assert refused.returncode == 1 and "zerocopy" in refused.stderr and "hash algorithm" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and refused.stderr.startswith("pycfs: error: ")
+    if os.geteuid() != 0:
+        pytest.skip("comparing the mounted trees needs root (EROFS and overlayfs mounts)")
+    theirs = mounted_tree(src, "img", tmp_path / "mnt-src")
+    ours = mounted_tree(dest, "copied", tmp_path / "mnt-dest")
+    assert ours == theirs and len(ours) > 20
+
+
+def test_copy_from_a_running_service(source, tmp_path) -> None:
+    src, built = source
+    sock = tmp_path / "src.sock"
+    proc = subprocess.Popen([*PYCFS, "varlink", "serve", "--address", f"unix:{sock}"], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        dest = tmp_path / "dest"
+        pycfs(dest, "init")
+        missing = pycfs(dest, "oci", "copy", "img", "--from", f"unix:{sock}", check=False)
+        assert missing.returncode == 1 and "--from-repo" in missing.stderr
+        result = copy(dest, f"unix:{sock}", "--from-repo", str(src), "--name", "served")
+        assert result["manifest_digest"] == built.manifest_digest
+        assert inspect(dest, "served")["layers"] == inspect(src, "img")["layers"]
+        assert json.loads(pycfs(dest, "fsck", "--json").stdout)["ok"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+
+
+BIG = imagebuild.ImageSpec(layers=[
+    [imagebuild.Dir("usr"), imagebuild.File("usr/a", size=24 * imagebuild.MIB, seed=11),
+     imagebuild.File("usr/b", size=24 * imagebuild.MIB + 123, seed=12)],
+    [imagebuild.File("usr/c", size=16 * imagebuild.MIB, seed=13), imagebuild.File("usr/tiny", data=b"t" * 10)],
+], gzip=False)
+
+
+def _used_bytes(path: Path) -> int:
+    os.sync()
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def test_zerocopy_on_one_reflink_xfs_adds_almost_nothing(reflink_dir, tmp_path) -> None:
+    base = reflink_dir / f"copy-{os.getpid()}"
+    base.mkdir()
+    try:
+        built = imagebuild.build_layout(BIG, tmp_path / "layout")
+        image_bytes = 64 * imagebuild.MIB
+        pycfs(base / "a", "init")
+        pycfs(base / "a", "oci", "pull", f"oci:{built.path}", "img")
+        pycfs(base / "b", "init")
+        before = _used_bytes(base)
+        result = copy(base / "b", str(base / "a"), "--zerocopy", "--name", "img")
+        added = _used_bytes(base) - before
+        assert result["objects_reflinked"] == 3 and result["objects_copied"] == 0
+        assert added < image_bytes / 100, f"zerocopy added {added} bytes for a {image_bytes}-byte image"
+        assert json.loads(pycfs(base / "b", "fsck", "--json").stdout)["ok"]
+        assert inspect(base / "b", "img")["images"] == inspect(base / "a", "img")["images"]
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=False)

@@ -1,0 +1,118 @@
+"""`pycfs ostree pull-local` from repositories of every mode the `ostree` CLI makes, as root
+on a reflinking XFS: the image's tree equals `ostree checkout` of the same commit
+(types, modes, owners, xattrs, content, symlink targets), the mounted image equals it too,
+bare content is reflinked, and one commit gives one image id whatever mode it came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from ostree_trees import (
+    commit,
+    describe_dir,
+    describe_image,
+    init_repo,
+    make_tree,
+    ostree,
+    pycfs,
+)
+from pycfs.host.repository import Repository
+
+pytestmark = pytest.mark.integration
+
+MODES = ["archive", "bare", "bare-user", "bare-user-only"]
+
+
+
+@pytest.fixture(scope="module")
+def repos(reflink_dir):
+    if not os.path.exists("/usr/bin/ostree"):
+        pytest.skip("the ostree CLI is not installed (tools/setup.sh)")
+    base = Path(tempfile.mkdtemp(dir=reflink_dir, prefix="ostree-modes-"))
+    archive = init_repo(base / "archive", "archive")
+    commit(archive, make_tree(base / "tree"), "main")
+    # bare-user-only keeps no owners, xattrs or setuid bits: commit what it can hold
+    commit(archive, make_tree(base / "plain", xattrs=False, setid=False), "main-plain",
+           "--owner-uid=0", "--owner-gid=0", "--no-xattrs")
+    out = {"archive": (archive, "main")}
+    for mode in MODES[1:]:
+        ref = "main-plain" if mode == "bare-user-only" else "main"
+        repo = init_repo(base / mode, mode)
+        ostree("pull-local", f"--repo={repo}", archive, ref)
+        out[mode] = (repo, ref)
+    return base, out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pull_local_equals_checkout_and_mount(repos, mode):
+    base, by_mode = repos
+    repo, ref = by_mode[mode]
+    cfs = base / f"cfs-{mode}"
+    pycfs(cfs, "init")
+    result = json.loads(pycfs(cfs, "ostree", "pull-local", repo, ref, "--json").stdout)
+    assert result["commit"] == ostree("rev-parse", f"--repo={repo}", ref)
+    # checked out from the archive (the same commit; a bare-user-only checkout drops sticky bits)
+    checkout = base / f"checkout-{mode}"
+    ostree("checkout", f"--repo={by_mode['archive'][0]}", result["commit"], checkout)
+    expected = describe_dir(checkout)
+    with Repository.open(cfs) as r:
+        image = describe_image(r, bytes.fromhex(result["image"]))
+    assert image == expected
+    if mode == "bare-user-only":
+        assert all(uid == 0 and not x for _t, _m, uid, _g, x, _c in image.values())
+    else:
+        assert image["/etc/secret"][2:4] == (1000, 1000) and image["/README"][4] == (("user.test", b"value"),)
+        assert image["/bin/app"][1] == 0o4755
+    # large content: reflinked out of a bare repository, from the temporary inflated copy of an archive
+    assert set(result["stored"]) == {"reflinked"}, result["stored"]
+
+    mnt = base / f"mnt-{mode}"
+    mnt.mkdir()
+    pycfs(cfs, "ostree", "mount", ref, mnt)
+    try:
+        mounted = describe_dir(mnt)
+        # one ostree file object, one inode: the hardlinked pair
+        links = [os.stat(mnt / "share/data" / n) for n in ("lib.so", "lib.so.1")]
+        assert links[0].st_ino == links[1].st_ino and links[0].st_nlink == 2
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+    assert mounted == expected
+
+
+def test_one_commit_one_image_whatever_the_mode(repos):
+    base, by_mode = repos
+    images = {}
+    for mode in ("archive", "bare", "bare-user"):
+        cfs = base / f"cfs-same-{mode}"
+        pycfs(cfs, "init")
+        repo, ref = by_mode[mode]
+        images[mode] = json.loads(pycfs(cfs, "ostree", "pull-local", repo, ref, "--json").stdout)["image"]
+    assert len(set(images.values())) == 1, images
+
+
+def test_changed_bare_object_is_refused_and_nothing_committed(repos):
+    """A bare object whose content no longer matches its name (edited in place)."""
+    base, by_mode = repos
+    repo, ref = by_mode["bare"]
+    damaged = base / "bare-damaged"
+    subprocess.run(["cp", "-a", "--reflink=auto", repo, damaged], check=True)
+    large = max((p for p in (damaged / "objects").rglob("*.file") if p.is_file() and not p.is_symlink()),
+                key=lambda p: p.stat().st_size)
+    with open(large, "r+b") as f:
+        f.seek(1000)
+        f.write(b"X")
+    cfs = base / "cfs-damaged"
+    pycfs(cfs, "init")
+    err = pycfs(cfs, "ostree", "pull-local", damaged, ref, check=False)
+    name = large.parent.name + large.name.removesuffix(".file")
+    assert err.returncode == 1
+    assert err.stderr.splitlines() == [
+        (f"pycfs: error: object {name}.file: content does not match its checksum: "
+         "the source repository is corrupt or was tampered with")]
+    assert pycfs(cfs, "ostree", "images").stdout == ""
+    assert not (cfs / "streams" / f"ostree-commit-{ostree('rev-parse', f'--repo={repo}', ref)}").exists()

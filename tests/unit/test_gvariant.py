@@ -1,0 +1,142 @@
+"""GVariant codec: round trips over generated types and values, exact bytes of known
+encodings, and refusal of everything that is not the normal form."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pycfs.protocol.gvariant import (
+    GVariantError,
+    Variant,
+    decode,
+    encode,
+    offset_size,
+    parse_type,
+)
+
+_INTS = {"y": (0, 255), "n": (-(1 << 15), (1 << 15) - 1), "q": (0, (1 << 16) - 1), "i": (-(1 << 31), (1 << 31) - 1),
+         "u": (0, (1 << 32) - 1), "h": (-(1 << 31), (1 << 31) - 1), "x": (-(1 << 63), (1 << 63) - 1),
+         "t": (0, (1 << 64) - 1)}
+_TEXT = st.text(alphabet=st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=12)
+
+
+def _basic(code: str):
+    if code in _INTS:
+        lo, hi = _INTS[code]
+        return st.integers(lo, hi)
+    if code == "b":
+        return st.booleans()
+    if code == "d":
+        return st.floats(allow_nan=False)
+    return _TEXT  # s, o, g: the codec does not check object-path or signature syntax
+
+
+def _typed(depth: int = 0):
+    """(type string, value strategy) pairs."""
+    basics = st.sampled_from(list(_INTS) + ["b", "d", "s"]).map(lambda c: (c, _basic(c)))
+    if depth >= 3:
+        return basics
+    inner = st.deferred(lambda: _typed(depth + 1))
+    arrays = inner.map(lambda tv: ("a" + tv[0], st.binary(max_size=40) if tv[0] == "y" else st.lists(tv[1], max_size=5)))
+    tuples = st.lists(inner, min_size=0, max_size=4).map(
+        lambda tvs: ("(" + "".join(t for t, _ in tvs) + ")", st.tuples(*[v for _, v in tvs])))
+    dicts = st.tuples(basics, inner).map(
+        lambda kv: ("a{" + kv[0][0] + kv[1][0] + "}", st.lists(st.tuples(kv[0][1], kv[1][1]), max_size=4)))
+    variants = inner.map(lambda tv: ("v", tv[1].map(lambda v, t=tv[0]: Variant(t, v))))
+    maybes = inner.map(lambda tv: ("m" + tv[0], st.none() | tv[1]))
+    return st.one_of(basics, arrays, tuples, dicts, variants, maybes)
+
+
+@st.composite
+def typed_values(draw):
+    type_text, values = draw(_typed())
+    return type_text, draw(values)
+
+
+@settings(max_examples=400, deadline=None)
+@given(typed_values())
+def test_round_trip(tv):
+    type_text, value = tv
+    data = encode(type_text, value)
+    assert decode(type_text, data) == value
+    assert encode(type_text, decode(type_text, data)) == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(typed_values(), st.integers(0, 64), st.integers(0, 255))
+def test_flipped_byte_either_decodes_to_its_own_encoding_or_fails(tv, where, byte):
+    """Damage never yields a value that encodes differently (or an exception other than GVariantError)."""
+    type_text, value = tv
+    data = bytearray(encode(type_text, value))
+    if not data:
+        return
+    data[where % len(data)] = byte
+    try:
+        decoded = decode(type_text, bytes(data))
+    except GVariantError:
+        return
+    assert encode(type_text, decoded) == bytes(data)
+
+
+def test_known_encodings():
+    # the spec's worked example: the .filez header of a 7-byte file with xattr user.py=v1,
+    # size and mode big-endian as ostree stores them
+    value = (int.from_bytes((7).to_bytes(8, "big"), "little"), 0, 0,
+             int.from_bytes((0o100644).to_bytes(4, "big"), "little"), 0, "", [(b"user.py\0", b"v1")])
+    data = encode("(tuuuusa(ayay))", value)
+    assert len(data) == 38
+    assert data[24] == 0  # the empty string
+    assert data[25:37] == b"user.py\0v1\x08\x0b"
+    assert data[37] == 25  # the tuple's one framing offset: end of the string
+    assert encode("s", "hi") == b"hi\0"
+    assert encode("v", Variant("u", 1)) == b"\x01\0\0\0\0u"
+    assert encode("as", ["a", "bc"]) == b"a\0bc\0\x02\x05"
+    assert encode("()", ()) == b"\0"
+    assert encode("(yu)", (1, 2)) == b"\x01\0\0\0\x02\0\0\0"
+    assert encode("a{sv}", []) == b""
+    assert encode("ms", None) == b"" and encode("ms", "x") == b"x\0\0"
+
+
+@pytest.mark.parametrize("total,width", [(0, 0), (1, 1), (0xFF, 1), (0x100, 2), (0xFFFF, 2), (0x10000, 4),
+                                         (0xFFFFFFFF, 4), (0x100000000, 8)])
+def test_offset_size(total, width):
+    assert offset_size(total) == width
+
+
+def test_large_array_uses_wide_offsets():
+    items = [b"x" * 100] * 700  # 70 kB of elements: 4-byte offsets
+    data = encode("aay", items)
+    assert len(data) == 70000 + 700 * 4
+    assert decode("aay", data) == items
+
+
+@pytest.mark.parametrize("type_text,data,why", [
+    ("s", b"abc", "NUL"),
+    ("s", b"a\0b\0", "contains NUL"),
+    ("s", b"\xff\0", "UTF-8"),
+    ("u", b"\0\0\0", "expected 4"),
+    ("b", b"\x02", "boolean"),
+    ("as", b"a\0\x09", "framing offset"),
+    ("as", b"a\0\x02\x02", "NUL-terminated"),  # an extra offset makes an empty second element
+    ("(yu)", b"\x01\xff\0\0\x02\0\0\0", "normal form"),  # non-zero padding
+    ("(ss)", b"a\0b\0\x07", "out of bounds"),
+    ("v", b"\x01\0\0\0", "bad type string"),
+    ("v", b"\x01\0\0\0\0zz", "bad type string"),
+    ("au", b"\0\0\0", "not a multiple"),
+    ("(uuua(ayay))", b"", "expected|out of bounds|framing"),
+])
+def test_malformed_is_refused(type_text, data, why):
+    with pytest.raises(GVariantError, match=why):
+        decode(type_text, data)
+
+
+@pytest.mark.parametrize("text", ["", "(", "a", "{sv}x", "a{vs}", "a{s}", "(uz)", "a" * 100 + "y"])
+def test_bad_type_strings(text):
+    with pytest.raises(GVariantError):
+        parse_type(text)
+
+
+@pytest.mark.parametrize("type_text,value", [("u", -1), ("y", 256), ("s", "a\0"), ("s", b"x"), ("(uu)", (1,)),
+                                             ("ay", "text"), ("v", 3), ("as", "abc")])
+def test_values_that_do_not_fit(type_text, value):
+    with pytest.raises(GVariantError):
+        encode(type_text, value)

@@ -1,0 +1,91 @@
+"""Static delta pieces: names and paths (checked against what `ostree static-delta generate`
+wrote), varuints, bsdiff patches, and refusal of damaged parts and superblocks."""
+
+import base64
+import hashlib
+import lzma
+import os
+
+import pytest
+from hypothesis import given, strategies as st
+
+from ostree_trees import commit, have_ostree, init_repo, make_tree, ostree
+from pycfs.host.ostree.delta import (
+    PART_TYPE, _offtin, _varuint, b64name, bspatch, decompress_part, delta_dir, index_path, parse_index,
+    parse_superblock,
+)
+from pycfs.host.ostree.objects import OstreeError
+from pycfs.protocol.gvariant import encode
+
+
+def test_b64name():
+    assert b64name(bytes(32)) == "A" * 43
+    name = b64name(b"\xff" * 32)
+    assert "/" not in name and "=" not in name
+    raw = bytes(range(200, 232))
+    assert name and b64name(raw) == base64.b64encode(raw).decode().rstrip("=").replace("/", "_")
+
+
+@pytest.mark.parametrize("data,value", [(b"\x00", 0), (b"\x7f", 127), (b"\xac\x02", 300), (b"\x80\x80\x01", 16384)])
+def test_varuint(data, value):
+    assert _varuint(data, 0, "x") == (value, len(data))
+
+
+def test_varuint_truncated():
+    with pytest.raises(OstreeError, match="truncated"):
+        _varuint(b"\x80", 0, "x")
+
+
+def _offtout(v: int) -> bytes:
+    b = bytearray(abs(v).to_bytes(8, "little"))
+    if v < 0:
+        b[7] |= 0x80
+    return bytes(b)
+
+
+@given(st.binary(min_size=1, max_size=300), st.binary(max_size=300), st.integers(-50, 50))
+def test_bspatch(old, extra, z):
+    new_prefix = bytes((b * 7 + 3) & 0xFF for b in old)
+    diff = bytes((n - o) & 0xFF for n, o in zip(new_prefix, old))
+    patch = _offtout(len(old)) + _offtout(len(extra)) + _offtout(z) + diff + extra
+    assert _offtin(_offtout(z)) == z
+    assert bspatch(old, patch, len(old) + len(extra), "x") == new_prefix + extra
+
+
+def test_bspatch_refuses_out_of_bounds():
+    with pytest.raises(OstreeError, match="out of bounds"):
+        bspatch(b"abc", _offtout(10) + _offtout(0) + _offtout(0) + bytes(10), 10, "x")
+    with pytest.raises(OstreeError, match="ends early"):
+        bspatch(b"abc", b"", 3, "x")
+
+
+def test_damaged_parts():
+    payload = encode(PART_TYPE, ([], [], b"", b""))
+    assert decompress_part(b"\0" + payload, "p") == ([], [], b"", b"")
+    assert decompress_part(b"x" + lzma.compress(payload), "p") == ([], [], b"", b"")
+    for raw, why in [(b"", "empty"), (b"z" + payload, "unknown compression"), (b"x" + b"junk", "corrupt xz"),
+                     (b"x" + lzma.compress(payload)[:-5], "truncated"), (b"\0\x01\x02", "not a valid delta part")]:
+        with pytest.raises(OstreeError, match=why):
+            decompress_part(raw, "p")
+
+
+@pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
+def test_paths_and_superblocks_of_real_deltas(tmp_path):
+    repo = init_repo(tmp_path / "repo", "archive")
+    a = bytes.fromhex(commit(repo, make_tree(tmp_path / "t1"), "main"))
+    b = bytes.fromhex(commit(repo, make_tree(tmp_path / "t2", version=2), "main"))
+    ostree("static-delta", "generate", f"--repo={repo}", "--empty", f"--to={a.hex()}")
+    ostree("static-delta", "generate", f"--repo={repo}", f"--from={a.hex()}", f"--to={b.hex()}")
+    ostree("summary", f"--repo={repo}", "-u")  # writes the delta indexes
+    for frm, to in ((None, a), (a, b)):
+        sb = (repo / delta_dir(frm, to) / "superblock").read_bytes()
+        parsed = parse_superblock(sb, "d", frm, to)
+        assert parsed.to_commit == to and hashlib.sha256(parsed.commit_data).digest() == to
+        assert os.path.exists(repo / delta_dir(frm, to) / "0") and len(parsed.parts) == 1
+        name = to.hex() if frm is None else f"{frm.hex()}-{to.hex()}"
+        table = parse_index((repo / index_path(to)).read_bytes(), "i")
+        assert table == {name: hashlib.sha256(sb).digest()}
+        with pytest.raises(OstreeError, match="superblock is for"):
+            parse_superblock(sb, "d", b"\1" * 32, to)
+        with pytest.raises(OstreeError, match="not a valid superblock"):
+            parse_superblock(sb[:-1], "d", frm, to)

@@ -1,0 +1,283 @@
+"""ostree objects against what the real `ostree` CLI writes: every commit, dirtree, dirmeta
+and file header decodes and re-encodes to the same bytes, and every checksum we compute is
+the object's name. The commit splitstream round-trips and refuses damage."""
+
+import hashlib
+import os
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ostree_trees import commit, have_ostree, init_repo, make_tree, ostree
+from pycfs.host.ostree.commitstream import (
+    HEADER,
+    CommitObjects,
+    Entry,
+    OstreeError,
+    decode_ref,
+    encode_ref,
+    load_stream,
+    stream_name,
+    write_commit_stream,
+)
+from pycfs.host.ostree.objects import (
+    SUMMARY_TYPE,
+    Commit,
+    DirMeta,
+    DirTree,
+    FileHeader,
+    Kind,
+    parse_summary,
+    split_archive_header,
+    verify_metadata,
+)
+from pycfs.host.ostree.source import LocalRepo, check_file, unpack_filez
+from pycfs.host.repository import Repository
+from pycfs.host.splitstream import CONTENT_OSTREE_COMMIT
+from pycfs.protocol.gvariant import decode, encode
+
+pytestmark = pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
+
+PARSERS = {"commit": Commit, "dirtree": DirTree, "dirmeta": DirMeta}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ostree")
+    repo = init_repo(base / "repo", "archive")
+    checksum = commit(repo, make_tree(base / "tree"), "main", "--body=a body", "--add-metadata-string=k=v")
+    return repo, checksum
+
+
+def _objects(repo):
+    for dirpath, _dirs, files in os.walk(repo / "objects"):
+        for name in files:
+            yield os.path.join(dirpath, name), os.path.basename(dirpath) + name.split(".")[0], name.split(".")[1]
+
+
+def test_metadata_objects_round_trip_byte_for_byte(archive):
+    repo, _ = archive
+    seen = set()
+    for path, hexname, ext in _objects(repo):
+        if ext not in PARSERS:
+            continue
+        data = Path(path).read_bytes()
+        checksum = bytes.fromhex(hexname)
+        verify_metadata(data, checksum, Kind[ext.upper()])
+        parsed = PARSERS[ext].parse(data, checksum)
+        assert parsed.serialize() == data
+        seen.add(ext)
+    assert seen == {"commit", "dirtree", "dirmeta"}
+
+
+def test_commit_fields(archive):
+    repo, checksum = archive
+    data = (repo / "objects" / checksum[:2] / f"{checksum[2:]}.commit").read_bytes()
+    c = Commit.parse(data, bytes.fromhex(checksum))
+    assert (c.subject, c.body, c.timestamp, c.parent) == ("commit main", "a body", 1704164645, None)
+    meta = dict(c.metadata)
+    assert meta["k"].value == "v"
+    assert meta["ostree.ref-binding"].value == ["main"]
+    assert ostree("rev-parse", f"--repo={repo}", "main") == checksum
+    assert ostree("ls", f"--repo={repo}", "-C", "-d", "main", "/").split()[-3] == c.root_tree.hex()
+
+
+def test_summary_lists_the_refs(archive, tmp_path):
+    repo, checksum = archive
+    ostree("summary", f"--repo={repo}", "-u")
+    data = (repo / "summary").read_bytes()
+    refs, metadata = parse_summary(data, "summary")
+    assert refs == [("main", bytes.fromhex(checksum))]
+    assert "ostree.summary.last-modified" in dict(metadata)
+    assert encode(SUMMARY_TYPE, decode(SUMMARY_TYPE, data)) == data
+    with pytest.raises(OstreeError, match="summary: not a valid ostree summary"):
+        parse_summary(data[:-3], "summary")
+
+
+def test_file_objects_headers_and_checksums(archive):
+    repo, _ = archive
+    kinds = set()
+    for path, hexname, ext in _objects(repo):
+        if ext != "filez":
+            continue
+        data = Path(path).read_bytes()
+        checksum = bytes.fromhex(hexname)
+        header, end = split_archive_header(data, checksum)
+        assert header.archive_header() == data[:end]
+        content = zlib.decompressobj(-15).decompress(data[end:])
+        assert len(content) == header.size
+        assert hashlib.sha256(header.checksum_prefix() + content).hexdigest() == hexname
+        check_file(header, checksum, None, content)
+        kinds.add("symlink" if header.is_symlink else "xattr" if header.xattrs else "file")
+        if header.xattrs:
+            assert all(name.endswith(b"\0") for name, _ in header.xattrs)
+    assert kinds == {"symlink", "xattr", "file"}
+
+
+def test_unpack_filez_refuses_damage(archive, tmp_path):
+    repo, _ = archive
+    path = max((p for p, _, ext in _objects(repo) if ext == "filez"), key=os.path.getsize)
+    checksum = bytes.fromhex(os.path.basename(os.path.dirname(path)) + os.path.basename(path).split(".")[0])
+    data = Path(path).read_bytes()
+
+    def unpack(raw: bytes):
+        pos = 0
+
+        def read(n):
+            nonlocal pos
+            pos += min(n, 1000)
+            return raw[pos - min(n, 1000):pos]
+        return unpack_filez(read, checksum, 64, str(tmp_path))
+
+    fetched = unpack(data)
+    assert fetched.fd is not None and os.fstat(fetched.fd).st_size == fetched.header.size
+    os.close(fetched.fd)
+    flipped = bytearray(data)
+    flipped[-100] ^= 1
+    for bad, why in [(data[:len(data) // 2], "truncated"), (data[:5], "truncated"), (bytes(flipped), "checksum|corrupt"),
+                     (data + b"junk", "after the end"), (b"\0\0\0\x05\0\0\0\0abcde", "not a valid file")]:
+        with pytest.raises(OstreeError, match=why) as info:
+            unpack(bad)
+        assert checksum.hex() in str(info.value)
+    assert os.listdir(tmp_path) == []  # temporary files are anonymous
+
+
+def test_local_repo_resolves_refs_and_names_missing_objects(archive):
+    repo, checksum = archive
+    src = LocalRepo(str(repo))
+    try:
+        assert src.resolve("main").hex() == checksum
+        assert src.resolve(checksum).hex() == checksum
+        with pytest.raises(OstreeError, match="no ref 'nope'"):
+            src.resolve("nope")
+        with pytest.raises(OstreeError, match="invalid ostree ref"):
+            src.resolve("../config")
+        with pytest.raises(OstreeError, match=f"object {'ab' * 32}.dirtree is missing"):
+            src.read_metadata(bytes.fromhex("ab" * 32), Kind.DIRTREE)
+    finally:
+        src.close()
+
+
+def test_local_repo_opens_only_regular_files(archive, tmp_path):
+    repo, checksum = archive
+    copy = tmp_path / "copy"
+    shutil.copytree(repo, copy, symlinks=True)
+    (copy / "refs/heads/link").symlink_to("/etc/passwd")
+    (copy / "refs/heads/dir").mkdir()
+    commit_path = copy / "objects" / checksum[:2] / f"{checksum[2:]}.commit"
+    commit_path.unlink()
+    commit_path.symlink_to(repo / "objects" / checksum[:2] / f"{checksum[2:]}.commit")
+    src = LocalRepo(str(copy))
+    try:
+        with pytest.raises(OstreeError, match="refs/heads/link: is a symlink"):
+            src.resolve("link")
+        with pytest.raises(OstreeError, match="refs/heads/dir is not a regular file"):
+            src.resolve("dir")
+        with pytest.raises(OstreeError, match=f"object {checksum}.commit in .*: Too many levels of symbolic links"):
+            src.read_metadata(bytes.fromhex(checksum), Kind.COMMIT)
+    finally:
+        src.close()
+
+
+def test_local_repo_refuses_unknown_modes(tmp_path):
+    init_repo(tmp_path / "r", "archive")
+    cfg = (tmp_path / "r" / "config").read_text().replace("archive-z2", "bare-split-xattrs")
+    (tmp_path / "r" / "config").write_text(cfg)
+    with pytest.raises(OstreeError, match="mode 'bare-split-xattrs' is not supported"):
+        LocalRepo(str(tmp_path / "r"))
+    with pytest.raises(OstreeError, match="not an ostree repository"):
+        LocalRepo(str(tmp_path))
+
+
+# ------------------------------------------------------------------ the commit splitstream
+
+
+def _sample(n_files: int, seed: int = 0, external: bool = True) -> CommitObjects:
+    commit_id = hashlib.sha256(b"c%d" % seed).digest()
+    objects = CommitObjects(commit_id)
+    objects.add(commit_id, Entry(b"commit bytes %d" % seed))
+    for i in range(n_files):
+        checksum = hashlib.sha256(b"f%d-%d" % (seed, i)).digest()
+        header = FileHeader(1000 + i, 0, 0, 0o100644, "", []).archive_header()
+        objects.add(checksum, Entry(header, hashlib.sha256(b"o%d" % (i % 3)).digest() if external else None))
+    return objects
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 40), st.integers(0, 1000))
+def test_commit_stream_round_trip(n_files, seed):
+    objects = _sample(n_files, seed)
+    objects.image_id = hashlib.sha256(b"image").digest()
+    writer = objects.to_stream("sha256")
+    from pycfs.host.splitstream import SplitStreamReader
+
+    reader = SplitStreamReader(writer.finish(), "sha256", CONTENT_OSTREE_COMMIT)
+    back = CommitObjects.from_stream(reader, "test")
+    assert back.commit == objects.commit and back.entries == objects.entries and back.image_id == objects.image_id
+    # object refs in id order of first use, each once
+    assert len(reader.object_refs) == len({e.external for e in objects.entries.values() if e.external})
+
+
+def test_commit_stream_layout(tmp_path):
+    repo = Repository.init(tmp_path / "cfs")
+    objects = _sample(5)
+    write_commit_stream(repo, objects, "a/b%c")
+    assert os.readlink(tmp_path / "cfs/streams/refs/ostree/a%2Fb%25c") == f"../../{stream_name(objects.commit)}"
+    assert decode_ref(encode_ref("a/b%c")) == "a/b%c"
+    reader = repo.open_stream(stream_name(objects.commit), CONTENT_OSTREE_COMMIT)
+    body = b"".join(c for c in reader.chunks())
+    commit_index, flags, *buckets = HEADER.unpack_from(body)
+    ids = sorted(objects.entries)
+    assert (flags, buckets[255], ids[commit_index]) == (0, 6, objects.commit)
+    assert body[HEADER.size:HEADER.size + 6 * 32] == b"".join(ids)
+    for i, checksum in enumerate(ids):
+        block, size, ext = struct.unpack_from("<III", body, HEADER.size + 6 * 32 + 12 * i)
+        start = HEADER.size + 6 * 44 + 8 * block
+        assert body[start:start + size] == objects.entries[checksum].data
+        assert (ext == 0xFFFFFFFF) == (objects.entries[checksum].external is None)
+    assert load_stream(repo, f"refs/ostree/{encode_ref('a/b%c')}").entries == objects.entries
+
+
+def test_commit_stream_refuses_damage():
+    from pycfs.host.splitstream import SplitStreamReader, SplitStreamWriter
+
+    good = _sample(3, external=False).to_stream("sha256").finish()
+    body = b"".join(SplitStreamReader(good, "sha256").chunks())
+    for bad, why in [(body[:100], "shorter than its header"), (body[:HEADER.size + 10], "tables"),
+                     (b"\x09" + body[1:], "commit index"),
+                     (body[:HEADER.size] + body[HEADER.size + 32:HEADER.size + 64] + body[HEADER.size:HEADER.size + 32]
+                      + body[HEADER.size + 64:], "sorted|bucket")]:
+        w = SplitStreamWriter("sha256", CONTENT_OSTREE_COMMIT)
+        w.write_inline(bad)
+        with pytest.raises(OstreeError, match=why):
+            CommitObjects.from_stream(SplitStreamReader(w.finish(), "sha256"), "x")
+
+
+@pytest.mark.parametrize("files,dirs,why", [
+    ([("..", b"\1" * 32)], [], "invalid file name"),
+    ([("a/b", b"\1" * 32)], [], "invalid file name"),
+    ([("b", b"\1" * 32), ("a", b"\2" * 32)], [], "not sorted"),
+    ([("a", b"\1" * 32)], [("a", b"\2" * 32, b"\3" * 32)], "both a file and a directory"),
+    ([("a", b"\1" * 31)], [], "not a checksum"),
+])
+def test_hostile_dirtrees_are_refused(files, dirs, why):
+    data = DirTree(files, dirs).serialize()
+    with pytest.raises(OstreeError, match=why) as info:
+        DirTree.parse(data, hashlib.sha256(data).digest())
+    assert hashlib.sha256(data).hexdigest() in str(info.value)
+
+
+@pytest.mark.parametrize("mode,target,size,why", [
+    (0o020644, "", 0, "neither a regular file nor a symlink"),
+    (0o120777, "", 0, "symlink without a target"),
+    (0o100644, "x", 3, "regular file with a symlink target"),
+])
+def test_hostile_file_headers_are_refused(mode, target, size, why):
+    header = FileHeader(size, 0, 0, mode, target, [])
+    checksum = hashlib.sha256(b"x").digest()
+    with pytest.raises(OstreeError, match=why):
+        split_archive_header(header.archive_header(), checksum)

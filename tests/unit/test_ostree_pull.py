@@ -1,0 +1,115 @@
+"""`pycfs ostree pull-local` from an archive repository the real `ostree` CLI wrote (no
+root needed), and the commands around it: images, inspect, dump, compute-id,
+create-image, tag, untag, and gc keeping what ostree refs reach."""
+
+import json
+
+import pytest
+from ostree_trees import (
+    commit,
+    describe_dir,
+    describe_image,
+    have_ostree,
+    init_repo,
+    make_tree,
+    ostree,
+    pycfs,
+)
+from pycfs.host.gc import gc
+from pycfs.host.ostree.commitstream import load_commit
+from pycfs.host.repository import Repository
+
+pytestmark = pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
+
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    base = tmp_path_factory.mktemp("src")
+    repo = init_repo(base / "repo", "archive")
+    v1 = commit(repo, make_tree(base / "tree1"), "main")
+    v2 = commit(repo, make_tree(base / "tree2", version=2), "next")
+    checkout = base / "checkout"
+    ostree("checkout", f"--repo={repo}", "-U", "main", checkout)
+    return repo, v1, v2, checkout
+
+
+def _plain(description):
+    """Type, permission bits and content: a user-mode checkout keeps no owners or xattrs,
+    and drops setuid and setgid bits (the integration tests compare all as root)."""
+    return {p: (t, m & ~0o6000, c) for p, (t, m, _u, _g, _x, c) in description.items()}
+
+
+def test_pull_local_archive_gives_the_checkout_tree(source, tmp_path):
+    repo, v1, _v2, checkout = source
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+    out = json.loads(pycfs(cfs, "ostree", "pull-local", repo, "main", "--json").stdout)
+    assert out["commit"] == v1 and out["ref"] == "main" and not out["already_present"]
+    assert out["files_fetched"] > 0 and out["metadata_fetched"] > 0
+    with Repository.open(cfs) as r:
+        image = describe_image(r, bytes.fromhex(out["image"]))
+    assert _plain(image) == _plain(describe_dir(checkout))
+    assert image["/README"][4] == (("user.test", b"value"),)
+    assert image["/share/data"][4] == (("user.dir", b"d"),)
+    assert (image["/bin/app"][1], image["/bin/sgid"][1], image["/tmp"][1]) == (0o4755, 0o2711, 0o1777)
+    assert pycfs(cfs, "ostree", "images").stdout.split() == ["NAME", "COMMIT", "main", v1]
+    assert pycfs(cfs, "ostree", "compute-id", "main").stdout.strip() == out["image"]
+    assert pycfs(cfs, "ostree", "create-image", v1[:10]).stdout.strip() == out["image"]
+    # fsck of the whole repository (objects named by their digests, the stream, the image)
+    assert "status: ok" in pycfs(cfs, "fsck").stdout
+
+
+def test_inspect_and_dump(source, tmp_path):
+    repo, v1, _v2, _checkout = source
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+    pycfs(cfs, "ostree", "pull-local", repo, v1, "named")
+    lines = pycfs(cfs, "ostree", "inspect", "named").stdout.splitlines()
+    assert lines[0] == f"commit {v1}"
+    assert "date 2024-01-02 03:04:05 UTC" in lines and lines[-1] == "commit main"
+    assert pycfs(cfs, "ostree", "inspect", "--metadata", "named").stdout == "ostree.ref-binding=[main]\n"
+    dump = pycfs(cfs, "ostree", "dump", "named").stdout
+    assert "/share/data/lib-link.so 8 120777" in dump and "user.test=value" in dump
+
+
+def test_second_pull_under_the_same_name_uses_it_as_base(source, tmp_path):
+    repo, v1, v2, _checkout = source
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+    first = json.loads(pycfs(cfs, "ostree", "pull-local", repo, "main", "sys", "--json").stdout)
+    second = json.loads(pycfs(cfs, "ostree", "pull-local", repo, "next", "sys", "--json").stdout)
+    assert second["bases"] == [f"sys was {v1}"]
+    # v2 changes bin/app and etc/config and adds share/new.txt: only those are fetched
+    assert second["files_fetched"] == 3 and second["files_reused"] == first["files_fetched"] - 2
+    fresh = tmp_path / "fresh"
+    pycfs(fresh, "init")
+    plain = json.loads(pycfs(fresh, "ostree", "pull-local", repo, "next", "--json").stdout)
+    assert plain["image"] == second["image"] and plain["commit"] == second["commit"] == v2
+    again = json.loads(pycfs(cfs, "ostree", "pull-local", repo, "next", "sys", "--json").stdout)
+    assert again["already_present"] and again["files_fetched"] == 0
+
+
+def test_tag_untag_and_gc(source, tmp_path):
+    repo, v1, v2, _checkout = source
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+    pycfs(cfs, "ostree", "pull-local", repo, "main")
+    pycfs(cfs, "ostree", "pull-local", repo, "next")
+    assert pycfs(cfs, "ostree", "tag", v1[:12], "a/b").stdout.strip() == f"tagged {v1} as a/b"
+    with Repository.open(cfs) as r:
+        assert gc(r).objects_removed == 0  # everything is reachable
+        assert load_commit(r, "a/b").commit.hex() == v1
+    pycfs(cfs, "ostree", "untag", "main")
+    pycfs(cfs, "ostree", "untag", "a/b")
+    with Repository.open(cfs) as r:
+        removed = gc(r)
+        assert removed.objects_removed > 0  # v1's stream, image and the content only it has
+        objects = load_commit(r, "next")
+        assert all(r.has_object(e.external) for e in objects.entries.values() if e.external)
+        assert r.has_object(objects.image_id)
+    assert pycfs(cfs, "ostree", "images").stdout.split() == ["NAME", "COMMIT", "next", v2]
+    err = pycfs(cfs, "ostree", "untag", "main", check=False)
+    assert err.returncode == 1 and err.stderr == f"pycfs: error: no ostree ref 'main' in {cfs} (see `pycfs ostree images`)\n"
+    err = pycfs(cfs, "ostree", "inspect", "main", check=False)
+    assert err.returncode == 1 and err.stderr.startswith("pycfs: error: no ostree commit 'main'")

@@ -1,0 +1,555 @@
+"""The varlink service in process, over real AF_UNIX socketpairs with SCM_RIGHTS: framing,
+errors by name, GetLayer/PutLayer against real repositories, hostile peers, leaks."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import imagebuild
+import pytest
+import trio
+from pycfs.host.oci.pull import PullOptions, pull
+from pycfs.host.repository import Repository
+from pycfs.host.streamcat import iter_stream_bytes
+from pycfs.host.varlink import idl
+from pycfs.host.varlink.client import Client
+from pycfs.host.varlink.layers import reconstruct
+from pycfs.host.varlink.serve import open_service
+from pycfs.host.varlink.transport import socketpair
+from pycfs.protocol import splitdirfdstream as sd
+from pycfs.protocol.fdpass import close_fds
+from pycfs.protocol.varlink import Decoder, VarlinkError, VarlinkProtocolError, encode
+
+OCI = "org.composefs.Oci."
+REPO = "org.composefs.Repository."
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# ---------------------------------------------------------------------------- framing
+
+
+def test_decoder_attributes_fds_to_the_message_holding_the_last_byte() -> None:
+    r, w = os.pipe()
+    try:
+        extra = [os.dup(r), os.dup(r), os.dup(r)]
+        d = Decoder()
+        one, two = encode({"a": 1}), encode({"b": 2})
+        # a whole message with no fds, then the start of one that carries them
+        d.feed(one + two[:3], [extra[0]])
+        assert d.messages() == [({"a": 1}, [])]
+        d.feed(two[3:], [])
+        assert d.messages() == [({"b": 2}, [extra[0]])]
+        # the batch ends exactly with a terminator: it belongs to that message
+        d.feed(one + two, [extra[1], extra[2]])
+        assert d.messages() == [({"a": 1}, []), ({"b": 2}, [extra[1], extra[2]])]
+        d.feed(b"", [])
+        d.eof()
+    finally:
+        close_fds([r, w, *extra])
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"not json\0", "not JSON"), (b"[1]\0", "not a JSON object"), (b"[" * 100 + b"]" * 100 + b"\0", "nests"),
+])
+def test_decoder_errors_close_fds(data: bytes, why: str) -> None:
+    r, w = os.pipe()
+    before = open_fds()
+    d = Decoder()
+    with pytest.raises(VarlinkProtocolError, match=why):
+        d.feed(data, [os.dup(r)])
+    assert open_fds() == before
+    with pytest.raises(VarlinkProtocolError):
+        d.feed(encode({}), [os.dup(r)])  # a failed decoder stays failed, and still closes what it gets
+    assert open_fds() == before
+    close_fds([r, w])
+
+
+def test_decoder_limits() -> None:
+    r, w = os.pipe()
+    before = open_fds()
+    d = Decoder()
+    with pytest.raises(VarlinkProtocolError, match="more than 253"):
+        d.feed(b'{"x":', [os.dup(r) for _ in range(254)])
+    assert open_fds() == before
+    with pytest.raises(VarlinkProtocolError, match="exceeds"):
+        Decoder(max_message=100).feed(b"{" + b" " * 200, [])
+    d = Decoder()
+    d.feed(b'{"x":1}', [os.dup(r)])
+    with pytest.raises(VarlinkProtocolError, match="middle of a message"):
+        d.eof()
+    assert open_fds() == before
+    close_fds([r, w])
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@asynccontextmanager
+async def service() -> AsyncIterator[tuple[object, Client]]:
+    async with open_service() as server:
+        conn, sock = socketpair()
+        server.nursery.start_soon(server.serve_connection, sock)
+        client = Client(conn)
+        try:
+            yield server, client
+        finally:
+            client.close()
+
+
+SMALL = imagebuild.ImageSpec(layers=[
+    [imagebuild.Dir("usr"), imagebuild.Dir("usr/share"), imagebuild.File("usr/share/small", data=b"x" * 10),
+     imagebuild.File("usr/share/edge64", data=b"e" * 64), imagebuild.File("usr/share/empty", data=b"")],
+    [imagebuild.File("usr/share/big", size=256 << 10, seed=7), imagebuild.File("usr/share/65", data=b"f" * 65),
+     imagebuild.File("usr/share/big-again", size=256 << 10, seed=7)],
+], gzip=False)
+
+
+@pytest.fixture(scope="module")
+def source_repo(tmp_path_factory) -> tuple[Path, imagebuild.BuiltImage]:
+    base = tmp_path_factory.mktemp("src")
+    built = imagebuild.build_layout(SMALL, base / "layout")
+    with Repository.init(base / "repo") as repo:
+        trio.run(pull, repo, f"oci:{built.path}", "img", PullOptions())
+    return base / "repo", built
+
+
+def layer_bytes(repo_path: Path, diff_id: str) -> bytes:
+    with Repository.open(repo_path, writable=False) as repo:
+        return b"".join(iter_stream_bytes(repo, repo.open_stream(f"oci-layer-{diff_id}")))
+
+
+async def open_repo(client: Client, path: Path) -> int:
+    return (await client.call(REPO + "OpenRepository", {"path": str(path)})).parameters["handle"]
+
+
+async def get_layer(client: Client, handle: int, diff_id: str, more: bool = True) -> tuple[int, list[int], int]:
+    fds: list[int] = []
+    frames = 0
+    if more:
+        async for reply in client.call_more(OCI + "GetLayer", {"handle": handle, "params": {"diff_id": diff_id}}):
+            fds += reply.fds
+            frames += 1
+            dir_count = reply.parameters["dir_count"]
+    else:
+        reply = await client.call(OCI + "GetLayer", {"handle": handle, "params": {"diff_id": diff_id}})
+        fds, frames, dir_count = reply.fds, 1, reply.parameters["dir_count"]
+    return dir_count, fds, frames
+
+
+def read_all(fd: int) -> bytes:
+    out = io.BytesIO()
+    while piece := os.read(fd, 1 << 16):
+        out.write(piece)
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------------------- service basics
+
+
+def test_introspection_and_errors_by_name(source_repo) -> None:
+    repo_path, _ = source_repo
+
+    async def main() -> None:
+        async with service() as (_, client):
+            info = (await client.call("org.varlink.service.GetInfo")).parameters
+            assert info["interfaces"] == ["org.varlink.service", "org.composefs.Repository", "org.composefs.Oci"]
+            desc = await client.call("org.varlink.service.GetInterfaceDescription", {"interface": "org.composefs.Oci"})
+            assert desc.parameters["description"] == idl.OCI
+            for method, params, name in [
+                ("org.composefs.Nope.X", {}, "org.varlink.service.InterfaceNotFound"),
+                (OCI + "Nope", {}, "org.varlink.service.MethodNotFound"),
+                (REPO + "Fsck", {"handle": "1"}, "org.varlink.service.InvalidParameter"),
+                (REPO + "Fsck", {"handle": 999}, REPO + "InvalidHandle"),
+                (REPO + "OpenRepository", {}, REPO + "InvalidSpec"),
+                (REPO + "OpenRepository", {"path": "/nonexistent", "user": True}, REPO + "InvalidSpec"),
+                (REPO + "OpenRepository", {"path": "/nonexistent/repo"}, REPO + "RepoNotFound"),
+                (REPO + "InitRepository", {"path": "/tmp/x", "algorithm": "not-an-algorithm"}, REPO + "InvalidSpec"),
+                (REPO + "CloseRepository", {"handle": 424242}, REPO + "InvalidHandle"),
+            ]:
+                with pytest.raises(VarlinkError) as e:
+                    await client.call(method, params)
+                assert e.value.name == name, method
+            handle = await open_repo(client, repo_path)
+            fsck = (await client.call(REPO + "Fsck", {"handle": handle})).parameters
+            assert fsck["ok"] and fsck["objects_checked"] > 0 and fsck["errors"] == []
+            images = (await client.call(OCI + "ListImages", {"handle": handle, "filter": "im"})).parameters["images"]
+            assert [i["name"] for i in images] == ["img"] and images[0]["layer_count"] == 2
+            with pytest.raises(VarlinkError) as e:
+                await client.call(OCI + "Inspect", {"handle": handle, "image": "does-not-exist"})
+            assert e.value.name == OCI + "NoSuchImage" and e.value.parameters == {"image": "does-not-exist"}
+            # oneway: no reply, and the next call is still answered in order
+            await client.conn.send({"method": OCI + "GetInfo", "oneway": True})
+            assert (await client.call(OCI + "GetInfo")).parameters == {"features": ["splitdirfdstream-v0"]}
+            await client.call(REPO + "CloseRepository", {"handle": handle})
+            with pytest.raises(VarlinkError, match="InvalidHandle"):
+                await client.call(REPO + "Fsck", {"handle": handle})
+
+    trio.run(main)
+
+
+def test_many_clients_at_once(source_repo) -> None:
+    repo_path, _ = source_repo
+
+    async def main() -> None:
+        async with open_service() as server:
+            results = []
+
+            async def one() -> None:
+                conn, sock = socketpair()
+                server.nursery.start_soon(server.serve_connection, sock)
+                client = Client(conn)
+                handle = await open_repo(client, repo_path)
+                images = await client.call(OCI + "ListImages", {"handle": handle})
+                results.append([i["name"] for i in images.parameters["images"]])
+                client.close()
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(one)
+            assert results == [["img"]] * 20
+
+    trio.run(main)
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+def test_get_layer_reconstructs_the_tar(source_repo) -> None:
+    repo_path, built = source_repo
+
+    async def main() -> None:
+        async with service() as (_, client):
+            handle = await open_repo(client, repo_path)
+            before = None
+            for diff_id in built.diff_ids * 2:
+                if before is None and diff_id == built.diff_ids[-1]:
+                    before = open_fds()  # the repository's own cached fds are open by now
+                has = (await client.call(OCI + "HasLayer", {"handle": handle, "diff_id": diff_id})).parameters
+                assert has["present"] and len(has["layer_verity"]) == 64
+                for more in (True, False):
+                    dir_count, fds, frames = await get_layer(client, handle, diff_id, more)
+                    try:
+                        assert frames >= (3 if more else 1) and len(fds) >= dir_count + 2
+                        data = await trio.to_thread.run_sync(read_all, fds[0])
+                        out = io.BytesIO()
+                        reconstruct(sd.decode(data), fds[1 : 1 + dir_count], out.write)
+                    finally:
+                        close_fds(fds)
+                    assert "sha256:" + hashlib.sha256(out.getvalue()).hexdigest() == diff_id
+                    assert out.getvalue() == layer_bytes(repo_path, diff_id)
+            # every producer finished once its consumer let go: pipes, keepalives, dirfds closed
+            with trio.fail_after(5):
+                while open_fds() != before:
+                    await trio.sleep(0.01)
+            zero = "sha256:" + "0" * 64
+            assert (await client.call(OCI + "HasLayer", {"handle": handle, "diff_id": zero})).parameters == {
+                "present": False, "layer_verity": None}
+            for params, name in [({"diff_id": zero}, "NoSuchLayer"), ({"diff_id": "sha256:xyz"}, "InvalidDigest"),
+                                 ({}, "InvalidRequest")]:
+                with pytest.raises(VarlinkError) as e:
+                    await client.call(OCI + "GetLayer", {"handle": handle, "params": params})
+                assert e.value.name == OCI + name
+
+    trio.run(main)
+
+
+def test_relay_copy_and_finalize(source_repo, tmp_path) -> None:
+    repo_path, built = source_repo
+    Repository.init(tmp_path / "dest").close()
+
+    async def main() -> None:
+        async with service() as (_, client):
+            src = await open_repo(client, repo_path)
+            dst = await open_repo(client, tmp_path / "dest")
+            refs = []
+            for diff_id in built.diff_ids:
+                for attempt in range(2):
+                    dir_count, fds, _ = await get_layer(client, src, diff_id)
+                    try:
+                        put = (await client.call(OCI + "PutLayer", {"handle": dst, "diff_id": diff_id, "zerocopy": False},
+                                                 fds[: 1 + dir_count])).parameters
+                    finally:
+                        close_fds(fds)
+                    assert put["already_present"] is (attempt == 1)
+                src_verity = (await client.call(OCI + "HasLayer", {"handle": src, "diff_id": diff_id})).parameters
+                assert put["layer_verity"] == src_verity["layer_verity"]
+                refs.append({"diff_id": diff_id, "layer_verity": put["layer_verity"]})
+            inspected = (await client.call(OCI + "Inspect", {"handle": src, "image": "img"})).parameters
+            final = (await client.call(OCI + "FinalizeImage", {
+                "handle": dst, "manifest_json": inspected["manifest"], "config_json": inspected["config"],
+                "layers": refs, "name": "copy"})).parameters
+            assert final["manifest_digest"] == built.manifest_digest
+            assert final["config_digest"] == built.config_digest
+            again = (await client.call(OCI + "FinalizeImage", {
+                "handle": dst, "manifest_json": inspected["manifest"], "config_json": inspected["config"],
+                "layers": refs, "name": "copy"})).parameters
+            assert again == final
+            copied = (await client.call(OCI + "Inspect", {"handle": dst, "image": "copy"})).parameters
+            assert copied["manifest"] == inspected["manifest"] and copied["composefs_erofs"] == inspected["composefs_erofs"]
+
+    trio.run(main)
+    for diff_id in built.diff_ids:
+        assert layer_bytes(tmp_path / "dest", diff_id) == layer_bytes(repo_path, diff_id)
+
+
+# ---------------------------------------------------------------------------- hostile peers
+
+
+def _stream_pipe(data: bytes) -> int:
+    """A pipe holding data then EOF; returns the read end."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    os.write(w, data)
+    os.close(w)
+    return r
+
+
+def _tar_with(files: dict[str, bytes]) -> bytes:
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def _hostile_cases(d: Path) -> list[tuple[str, bytes, list[int], str, str]]:
+    """(what, stream, dir fds, diff_id, expected error)."""
+    content = os.urandom(1000)
+    (d / "f").write_bytes(content)
+    tar = _tar_with({"f": content})
+    header, rest = tar[:512], tar[512 + 1000 :]  # the ustar header; then padding and the end marker
+    good = sd.encode_metadata(header) + sd.encode_file_backed_data(0, 1000, b"f") + sd.encode_metadata(rest)
+    diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
+    dirfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    fb = struct.Struct("<BQII")
+    cases = [
+        ("truncated stream", good[:-7], [dirfd], diff_id, "InvalidRequest"),
+        ("short but chunk-aligned stream", good[: len(sd.encode_metadata(header)) + 18], [dirfd], diff_id, "DiffIdMismatch"),
+        ("../ name", sd.encode_metadata(header) + fb.pack(2, 1000, 0, 4) + b"../f", [dirfd], diff_id, "InvalidRequest"),
+        ("absolute name", sd.encode_metadata(header) + fb.pack(2, 1000, 0, 12) + b"/etc/passwd\0"[:12], [dirfd], diff_id,
+         "InvalidRequest"),
+        ("index out of range", sd.encode_metadata(header) + sd.encode_file_backed_data(5, 1000, b"f"), [dirfd], diff_id,
+         "InvalidRequest"),
+        ("dummy fd used as a directory", good, [null], diff_id, "InvalidRequest"),
+        ("wrong declared length", sd.encode_metadata(header) + sd.encode_file_backed_data(0, 999, b"f"), [dirfd], diff_id,
+         "InvalidRequest"),
+        ("unknown chunk type", b"\x07", [dirfd], diff_id, "InvalidRequest"),
+        ("wrong diff_id", good, [dirfd], "sha256:" + "1" * 64, "DiffIdMismatch"),
+    ]
+    return cases
+
+
+def test_hostile_put_layer_commits_nothing_and_leaks_nothing(tmp_path) -> None:
+    dest = tmp_path / "dest"
+    Repository.init(dest).close()
+    (tmp_path / "d").mkdir()
+    cases = _hostile_cases(tmp_path / "d")
+
+    async def main() -> None:
+        async with service() as (_, client):
+            before = open_fds()
+            handle = await open_repo(client, dest)
+            for what, stream, dirs, diff_id, expected in cases:
+                pipe = _stream_pipe(stream)
+                try:
+                    with pytest.raises(VarlinkError) as e:
+                        await client.call(OCI + "PutLayer", {"handle": handle, "diff_id": diff_id, "zerocopy": False},
+                                          [pipe, *dirs])
+                finally:
+                    os.close(pipe)
+                assert e.value.name == OCI + expected, what
+                if expected == "DiffIdMismatch":
+                    assert e.value.parameters["expected"] == diff_id, what
+                with Repository.open(dest, writable=False) as repo:
+                    assert repo.has_stream(f"oci-layer-{diff_id}") is None, what
+            for fds, params, name in [
+                ([], {"diff_id": cases[0][3], "zerocopy": False}, "InvalidRequest"),
+                ([cases[0][2][0]], {"diff_id": cases[0][3], "zerocopy": False}, "InvalidRequest"),
+                ([cases[0][2][0], cases[0][2][0]], {"diff_id": "sha256:bad", "zerocopy": False}, "InvalidDigest"),
+                ([cases[0][2][0], cases[0][2][0]], {"diff_id": cases[0][3], "zerocopy": False}, "InvalidRequest"),
+            ]:
+                with pytest.raises(VarlinkError) as e:
+                    await client.call(OCI + "PutLayer", {"handle": handle, **params}, fds)
+                assert e.value.name == OCI + name
+            # the right stream after all that still goes in
+            what, stream, dirs, diff_id, _ = cases[-1]
+            good_diff_id = cases[0][3]
+            pipe = _stream_pipe(stream)
+            put = await client.call(OCI + "PutLayer", {"handle": handle, "diff_id": good_diff_id, "zerocopy": False},
+                                    [pipe, *dirs])
+            os.close(pipe)
+            # the failed attempts left the object behind (an orphan for gc), never a stream
+            assert put.parameters["objects_already_present"] == 1
+            with Repository.open(dest, writable=False) as repo:
+                assert repo.has_stream(f"oci-layer-{good_diff_id}").hex() == put.parameters["layer_verity"]
+            await client.call(REPO + "CloseRepository", {"handle": handle})
+            assert open_fds() == before
+
+    try:
+        trio.run(main)
+    finally:
+        close_fds(list({fd for case in cases for fd in case[2]}))
+
+
+def test_thousand_calls_with_fds_leak_nothing(tmp_path) -> None:
+    Repository.init(tmp_path / "repo").close()
+
+    async def main() -> None:
+        async with service() as (_, client):
+            handle = await open_repo(client, tmp_path / "repo")
+            r, w = os.pipe2(os.O_CLOEXEC)
+            before = open_fds()
+            for i in range(1000):
+                with pytest.raises(VarlinkError) as e:
+                    await client.call(OCI + "PutLayer", {"handle": handle, "diff_id": f"sha256:{i}", "zerocopy": True},
+                                      [r, w, r])
+                assert e.value.name == OCI + "InvalidDigest"
+            assert open_fds() == before
+            close_fds([r, w])
+
+    trio.run(main)
+
+
+def test_disconnect_mid_call_cancels_and_closes_fds(tmp_path) -> None:
+    Repository.init(tmp_path / "repo").close()
+    diff_id = "sha256:" + "2" * 64
+
+    async def main() -> None:
+        async with open_service() as server:
+            conn, sock = socketpair()
+            server.nursery.start_soon(server.serve_connection, sock)
+            client = Client(conn)
+            handle = await open_repo(client, tmp_path / "repo")
+            before = open_fds() - 2  # the client's socket and its server end
+            r, w = os.pipe2(os.O_CLOEXEC)
+            d = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.write(w, sd.encode_metadata(b"partial"))
+            await conn.send({"method": OCI + "PutLayer",
+                             "parameters": {"handle": handle, "diff_id": diff_id, "zerocopy": False}}, [r, d])
+            close_fds([r, d])
+            await trio.sleep(0.2)  # the server is now blocked reading the pipe, which never ends
+            assert server.connections == 1
+            client.close()
+            with trio.fail_after(5):
+                while server.connections:
+                    await trio.sleep(0.01)
+            # the server closed its copy of the read end: the pipe has no reader left
+            with pytest.raises(BrokenPipeError):
+                os.write(w, b"x")
+            os.close(w)
+            assert open_fds() == before
+            with Repository.open(tmp_path / "repo", writable=False) as repo:
+                assert repo.has_stream(f"oci-layer-{diff_id}") is None
+
+    trio.run(main)
+
+
+def test_protocol_breach_drops_only_that_connection() -> None:
+    async def main() -> None:
+        async with open_service() as server:
+            a, b = socket.socketpair()
+            server.nursery.start_soon(server.serve_connection, trio.socket.from_stdlib_socket(b))
+            conn, sock = socketpair()
+            server.nursery.start_soon(server.serve_connection, sock)
+            client = Client(conn)
+            a.sendall(b"{not json}\0")
+            with trio.fail_after(5):
+                data = await trio.to_thread.run_sync(a.recv, 100)
+            assert data == b""  # dropped
+            a.close()
+            assert (await client.call(OCI + "GetInfo")).parameters["features"] == ["splitdirfdstream-v0"]
+            client.close()
+
+    trio.run(main)
+
+
+def test_json_on_the_wire_is_what_cfsctl_sends() -> None:
+    msg = {"method": OCI + "GetLayer", "parameters": {"handle": 1, "params": {"diff_id": "sha256:ab"}}, "more": True}
+    raw = encode(msg)
+    assert raw.endswith(b"\0") and json.loads(raw[:-1]) == msg
+
+
+def test_pull_streams_frames_and_one_completed(source_repo, tmp_path) -> None:
+    _, built = source_repo
+    Repository.init(tmp_path / "repo").close()
+
+    async def main() -> None:
+        async with service() as (_, client):
+            handle = await open_repo(client, tmp_path / "repo")
+            frames = [r.parameters async for r in client.call_more(OCI + "Pull", {
+                "handle": handle, "image": f"oci:{built.path}", "name": "pulled", "local_fetch": "disabled",
+                "storage_root": None, "bootable": False})]
+            assert [f for f in frames if "completed" in f] == frames[-1:]
+            done = frames[-1]["completed"]
+            assert done["manifest_digest"] == built.manifest_digest and done["config_digest"] == built.config_digest
+            assert len(done["manifest_verity"]) == 64 and done["stats"]["layers"] == 2
+            for frame in frames[:-1]:
+                assert len(frame) == 1 and next(iter(frame)) in ("started", "progress", "skipped", "done", "message")
+            images = (await client.call(OCI + "ListImages", {"handle": handle})).parameters["images"]
+            assert [(i["name"], i["manifest_digest"]) for i in images] == [("pulled", built.manifest_digest)]
+            # without more: only the completed frame
+            again = await client.call(OCI + "Pull", {"handle": handle, "image": f"oci:{built.path}", "name": "pulled",
+                                                     "local_fetch": "disabled", "bootable": False})
+            assert again.parameters["completed"]["manifest_digest"] == built.manifest_digest
+            with pytest.raises(VarlinkError) as e:
+                await client.call(OCI + "Pull", {"handle": handle, "image": "oci:/nonexistent/path/nope",
+                                                 "local_fetch": "disabled", "bootable": False})
+            assert e.value.name == OCI + "InternalError"
+            tagged = (await client.call(OCI + "Tag", {"handle": handle, "manifest_digest": built.manifest_digest,
+                                                      "name": "second"})).parameters
+            assert tagged == {}
+            await client.call(OCI + "Untag", {"handle": handle, "name": "pulled"})
+            names = [i["name"] for i in (await client.call(OCI + "ListImages", {"handle": handle})).parameters["images"]]
+            assert names == ["second"]
+            check = (await client.call(OCI + "Check", {"handle": handle})).parameters
+            assert check["ok"] and check["images_checked"] == 1 and check["repo"]["ok"]
+            image_id = (await client.call(OCI + "ComputeId", {"handle": handle, "image": "second", "bootable": False}))
+            with Repository.open(tmp_path / "repo", writable=False) as repo:
+                from pycfs.host.oci.image import compute_image_id
+
+                assert image_id.parameters["image_id"] == compute_image_id(repo, "second").hex()
+
+    trio.run(main)
+
+
+def test_zerocopy_shares_or_refuses_never_copies(source_repo, tmp_path) -> None:
+    repo_path, built = source_repo
+    Repository.init(tmp_path / "dest").close()
+
+    async def main() -> None:
+        async with service() as (_, client):
+            src = await open_repo(client, repo_path)
+            dst = await open_repo(client, tmp_path / "dest")
+            diff_id = built.diff_ids[1]  # the layer with large files
+            dir_count, fds, _ = await get_layer(client, src, diff_id)
+            try:
+                put = (await client.call(OCI + "PutLayer", {"handle": dst, "diff_id": diff_id, "zerocopy": True},
+                                         fds[: 1 + dir_count])).parameters
+            finally:
+                close_fds(fds)
+            assert put["objects_copied"] == 0
+            # three files, two distinct contents (big-again is big): both shared, the repeat found present
+            assert put["objects_reflinked"] + put["objects_hardlinked"] == 2 and put["objects_already_present"] == 1
+        with Repository.open(tmp_path / "dest", writable=False) as dest, Repository.open(repo_path) as src_repo:
+            reader = dest.open_stream(f"oci-layer-{diff_id}")
+            for object_id in reader.object_refs:
+                a, b = os.stat(dest.object_path(object_id)), os.stat(src_repo.object_path(object_id))
+                # shared: the same inode (hardlink) or, on a reflinking filesystem, a clone
+                assert (a.st_ino == b.st_ino) or put["objects_reflinked"]
+
+    trio.run(main)

@@ -1,0 +1,330 @@
+"""`pycfs ostree ...`: ostree commits in the repository (pull, pull-local, images, inspect,
+dump, compute-id, create-image, mount, tag, untag)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from contextlib import ExitStack
+
+import trio
+from pycfs.host import dumpfile
+from pycfs.host.errors import PycfsError
+from pycfs.host.mount import mount_image
+from pycfs.host.ostree.commitstream import (
+    REF_PREFIX,
+    check_ref_name,
+    encode_ref,
+    list_refs,
+    load_commit,
+    resolve,
+    stream_name,
+)
+from pycfs.host.ostree.image import (
+    build_filesystem,
+    commit_of,
+    compute_image_id,
+    ensure_image,
+)
+from pycfs.host.ostree.pull import PullOptions, PullResult, pull
+from pycfs.host.ostree.source import HttpRepo, LocalRepo
+from pycfs.protocol.gvariant import Variant
+from pycfs.tools.common import open_repo, positive_int, print_json
+
+
+class _PlainProgress:
+    def metadata(self, fetched: int) -> None:
+        pass
+
+    def file_found(self) -> None:
+        pass
+
+    def file_done(self, nbytes: int) -> None:
+        pass
+
+
+class _RichProgress:
+    """On a terminal: metadata objects fetched, files fetched of those found so far (with
+    bytes and rate)."""
+
+    def __init__(self, stack: ExitStack) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = stack.enter_context(Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[size]}"),
+            TimeElapsedColumn(), transient=True))
+        self.meta = self.progress.add_task("metadata", total=None, size="")
+        self.files = self.progress.add_task("files", total=0, size="")
+        self.bytes = 0
+        self.found = 0
+        self.started = time.monotonic()
+
+    def metadata(self, fetched: int) -> None:
+        self.progress.update(self.meta, completed=fetched)
+
+    def file_found(self) -> None:
+        self.found += 1
+        self.progress.update(self.files, total=self.found)
+
+    def file_done(self, nbytes: int) -> None:
+        self.bytes += nbytes
+        mib = self.bytes / (1 << 20)
+        rate = mib / max(time.monotonic() - self.started, 1e-3)
+        self.progress.update(self.files, advance=1, size=f"{mib:.1f} MiB {rate:.1f} MiB/s")
+
+
+def _print_pull(result: PullResult, as_json: bool) -> None:
+    if as_json:
+        print_json(result.to_json())
+        return
+    s = result.stats
+    print(f"commit {result.commit.hex()}")
+    print(f"image {result.image_id.hex()}")
+    if result.ref is not None:
+        print(f"tagged {result.ref}")
+    else:
+        print("no ref written (REF was a checksum and no NAME was given): `pycfs gc` will remove the commit; "
+              f"keep it with `pycfs ostree tag {result.commit.hex()[:12]} NAME`", file=sys.stderr)
+    if result.already_present:
+        print("commit already present: nothing fetched", file=sys.stderr)
+        return
+    stored = ", ".join(f"{n} {how}" for how, n in sorted(s.stored.items())) or "none"
+    print(f"objects: {s.metadata_fetched} metadata + {s.files_fetched} files fetched "
+          f"({s.content_bytes / (1 << 20):.1f} MiB content; stored: {stored}; {s.inlined} inline), "
+          f"{s.metadata_reused} metadata + {s.files_reused} files from bases"
+          + (f"; {s.delta_parts} static delta parts" if s.delta_parts else "")
+          + (f"; {s.requests} HTTP requests" if s.requests is not None else ""), file=sys.stderr)
+    for base in s.bases:
+        print(f"base: {base}", file=sys.stderr)
+    print(f"took {result.seconds:.2f}s", file=sys.stderr)
+
+
+def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
+    with open_repo(args) as repo, ExitStack() as stack:
+        stack.callback(source.close)
+        options = PullOptions(name=args.name, base_name=args.base_name, jobs=args.jobs,
+                              deltas=not getattr(args, "no_delta", False), gpg_keyring=args.gpg_keyring)
+        if not args.json:
+            options.progress = _RichProgress(stack) if sys.stderr.isatty() else _PlainProgress()
+        result = trio.run(pull, repo, source, args.ref, options)
+    _print_pull(result, args.json)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    return _run_pull(args, HttpRepo(args.url))
+
+
+def cmd_pull_local(args: argparse.Namespace) -> int:
+    return _run_pull(args, LocalRepo(args.ostree_repo))
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    with open_repo(args, writable=False) as repo:
+        refs = list_refs(repo)
+    _print_refs(refs, args.json, "commits", "NAME")
+    return 0
+
+
+def _print_refs(refs: list[tuple[str, bytes]], as_json: bool, key: str, column: str) -> None:
+    if as_json:
+        print_json({key: [{"name": n, "commit": c.hex()} for n, c in refs]})
+    elif not refs:
+        print(f"no {key}" if key == "refs" else "no ostree commits", file=sys.stderr)
+    else:
+        width = max(len(column), *(len(n) for n, _ in refs))
+        print(f"{column:<{width}}  COMMIT")
+        for n, c in refs:
+            print(f"{n:<{width}}  {c.hex()}")
+
+
+def cmd_list_refs(args: argparse.Namespace) -> int:
+    source = HttpRepo(args.url)
+    try:
+        refs = source.list_refs()
+    finally:
+        source.close()
+    if refs is None:
+        raise PycfsError(f"{args.url} has no summary file: run `ostree summary -u` on the server's repository")
+    _print_refs(refs, args.json, "refs", "REF")
+    return 0
+
+
+def _show_value(v: Variant) -> str:
+    if v.type == "as":
+        return "[" + ", ".join(v.value) + "]"
+    if v.type == "ay":
+        return v.value.hex()
+    if v.type in ("s", "b", "u", "t", "i", "x", "y", "q", "n"):
+        return str(v.value)
+    return f"<{v.type}:{v.value!r}>"
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    with open_repo(args, writable=False) as repo:
+        objects = load_commit(repo, args.source)
+        commit = commit_of(objects)
+    if args.metadata:
+        for key, value in commit.metadata:
+            print(f"{key}={_show_value(value)}")
+        return 0
+    print(f"commit {objects.commit.hex()}")
+    if commit.parent is not None:
+        print(f"parent {commit.parent.hex()}")
+    date = datetime.datetime.fromtimestamp(commit.timestamp, datetime.UTC)
+    print(f"date {date:%Y-%m-%d %H:%M:%S} UTC")
+    print(f"tree {commit.root_tree.hex()}")
+    print(f"dirmeta {commit.root_meta.hex()}")
+    if objects.image_id is not None:
+        print(f"image {objects.image_id.hex()}")
+    if commit.subject:
+        print(f"\n{commit.subject}")
+    if commit.body:
+        print(f"\n{commit.body}")
+    return 0
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    with open_repo(args, writable=False) as repo:
+        fs = build_filesystem(load_commit(repo, args.source))
+    sys.stdout.buffer.write(dumpfile.write(fs))
+    return 0
+
+
+def cmd_compute_id(args: argparse.Namespace) -> int:
+    with open_repo(args, writable=False) as repo:
+        print(compute_image_id(repo, load_commit(repo, args.source)).hex())
+    return 0
+
+
+def cmd_create_image(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        objects = load_commit(repo, args.source)
+        # rewriting the stream moves no ref: refs name the stream, not its object
+        print(ensure_image(repo, objects, None).hex())
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    with open_repo(args, writable=False) as repo:
+        objects = load_commit(repo, args.source)
+        if objects.image_id is None or not repo.has_object(objects.image_id):
+            raise PycfsError(f"ostree commit {objects.commit.hex()} has no composefs image: "
+                             f"run `pycfs ostree create-image {args.source}`")
+        mount_image(repo, objects.image_id.hex(), args.mountpoint)
+    print(f"mounted commit {objects.commit.hex()} (image {objects.image_id.hex()}) at {args.mountpoint}")
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    check_ref_name(args.name)
+    with open_repo(args) as repo:
+        commit = resolve(repo, args.source)
+        repo.set_stream_ref(REF_PREFIX + encode_ref(args.name), stream_name(commit))
+    print(f"tagged {commit.hex()} as {args.name}")
+    return 0
+
+
+def cmd_untag(args: argparse.Namespace) -> int:
+    check_ref_name(args.name)
+    with open_repo(args) as repo:
+        try:
+            os.unlink(f"streams/refs/{REF_PREFIX}{encode_ref(args.name)}", dir_fd=repo.dirfd)
+        except FileNotFoundError:
+            raise PycfsError(f"no ostree ref {args.name!r} in {repo.path} (see `pycfs ostree images`)") from None
+    return 0
+
+
+def _pull_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ref", metavar="REF", help="branch name, or a 64-digit commit checksum")
+    p.add_argument("name", metavar="NAME", nargs="?",
+                   help="ref to create or move (default: REF when it is a branch name). A NAME that already "
+                   "names a commit serves as the base: objects it has are not fetched again")
+    p.add_argument("--base-name", metavar="NAME", help="use this stored commit (ref, id or prefix) as the base")
+    p.add_argument("--jobs", "-j", type=positive_int, metavar="N",
+                   help="processes hashing and storing file content (default: one per CPU)")
+    p.add_argument("--gpg-keyring", metavar="FILE",
+                   help="require a commit signature (detached metadata) that gpgv verifies with this keyring "
+                   "(binary, as `gpg --export` writes it); nothing is fetched from an unsigned commit")
+    p.add_argument("--json", action="store_true", help="print the result and statistics as JSON")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    top = sub.add_parser("ostree", help="ostree commits: pull, list, inspect, mount",
+                         description="Import ostree commits into the repository as commit streams with "
+                         "composefs (EROFS) images.")
+    osub = top.add_subparsers(dest="ostree_command", metavar="OSTREE_COMMAND", required=True)
+
+    p = osub.add_parser("pull", help="pull a commit from an archive repository over HTTP",
+                        description="Fetch a commit from an ostree archive repository at URL (http:// or https://): "
+                        "metadata and files concurrently, every object verified against its checksum, retries "
+                        "with backoff on server errors and dropped connections. An interrupted pull resumes "
+                        "without fetching what it stored. Then writes the EROFS image and the ref.")
+    p.add_argument("url", metavar="URL")
+    _pull_options(p)
+    p.add_argument("--no-delta", action="store_true",
+                   help="fetch object by object even where the server has a static delta")
+    p.set_defaults(handler=cmd_pull)
+
+    p = osub.add_parser("pull-local", help="pull a commit from a local ostree repository",
+                        description="Import a commit from an ostree repository on disk (archive, bare, bare-user or "
+                        "bare-user-only). File content from bare repositories is reflinked where the filesystem "
+                        "allows, and verified on the stored copy.")
+    p.add_argument("ostree_repo", metavar="OSTREE_REPO")
+    _pull_options(p)
+    p.set_defaults(handler=cmd_pull_local)
+
+    p = osub.add_parser("list-refs", help="list the refs of a remote repository",
+                        description="List the refs in the summary file of the archive repository at URL.")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("--json", action="store_true", help='JSON: {"refs": [{"name", "commit"}, ...]}')
+    p.set_defaults(handler=cmd_list_refs)
+
+    p = osub.add_parser("images", help="list ostree refs and their commits",
+                        description="List the repository's ostree refs.")
+    p.add_argument("--json", action="store_true", help='JSON: {"commits": [{"name", "commit"}, ...]}')
+    p.set_defaults(handler=cmd_images)
+
+    def source_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("source", metavar="COMMIT", help="ref name, commit checksum, or a unique prefix of one")
+
+    p = osub.add_parser("inspect", help="show a commit", description="Show a stored commit: checksum, parent, "
+                        "date, root tree and dirmeta, image, subject and body.")
+    source_arg(p)
+    p.add_argument("--metadata", action="store_true", help="print only the commit metadata, as key=value lines")
+    p.set_defaults(handler=cmd_inspect)
+
+    p = osub.add_parser("dump", help="print a commit's tree as a composefs dumpfile",
+                        description="Print the tree of a stored commit in composefs dumpfile format.")
+    source_arg(p)
+    p.set_defaults(handler=cmd_dump)
+
+    p = osub.add_parser("compute-id", help="print the composefs image id of a commit",
+                        description="Print the fs-verity digest of the commit's EROFS image; writes nothing.")
+    source_arg(p)
+    p.set_defaults(handler=cmd_compute_id)
+
+    p = osub.add_parser("create-image", help="(re)write a commit's composefs image",
+                        description="Write the commit's EROFS image if it is missing and record it in the commit "
+                        "stream. Pulls do this already.")
+    source_arg(p)
+    p.set_defaults(handler=cmd_create_image)
+
+    p = osub.add_parser("mount", help="mount a commit's image (root)",
+                        description="Mount the commit's composefs image read-only at MOUNTPOINT (needs root).")
+    source_arg(p)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(handler=cmd_mount)
+
+    p = osub.add_parser("tag", help="name a stored commit", description="Create or move ref NAME to a stored commit.")
+    source_arg(p)
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(handler=cmd_tag)
+
+    p = osub.add_parser("untag", help="remove a ref", description="Remove ref NAME; `pycfs gc` then frees what "
+                        "nothing else uses.")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(handler=cmd_untag)
