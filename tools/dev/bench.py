@@ -356,7 +356,7 @@ def row_mounts(bench: Lab, runs: int) -> list[Row]:
     find_ls = "find {} -ls >/dev/null 2>&1; exit 0"
     read_all = "cd {} && find . -type f -readable -print0 2>/dev/null | xargs -0 -n 1024 cat >/dev/null"
     for i in range(1 + 2 * runs):  # fresh mounts for every timing: the listing, then walks and reads
-        timed([sys.executable, "-m", "pycfs.tools.cli", "--repo", str(repo), "mount", "--fuse", "no", "bench", mounts[0]])
+        timed([sys.executable, "-m", "pycfs.tools.cli", "--repo", str(repo), "mount", "--fuse", "no", "bench", str(mounts[0])])
         timed(pycfs_argv(bench, repo, "mount", "bench", str(mounts[1])), bench.user)
         try:
             if i == 0:  # what the user may read; then the objects into the page cache, as for every row
@@ -370,7 +370,7 @@ def row_mounts(bench: Lab, runs: int) -> list[Row]:
                 row.samples.append(timed(["sh", "-c", script.format(mnt)], bench.user)[0])
         finally:
             timed(pycfs_argv(bench, repo, "umount", str(mounts[1])), bench.user)
-            timed([sys.executable, "-m", "pycfs.tools.cli", "umount", mounts[0]])
+            timed([sys.executable, "-m", "pycfs.tools.cli", "umount", str(mounts[0])])
     shutil.rmtree(work)
     return rows
 
