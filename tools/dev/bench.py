@@ -341,6 +341,23 @@ def row_mkcomposefs(bench: Lab, runs: int) -> Row:
     return row
 
 
+DUMP_ENTRIES = 200_000
+
+
+def row_mkcomposefs_dumpfile(bench: Lab, runs: int) -> Row:
+    """m: `pycfs mkcomposefs --from-file` of a generated rootfs-like dumpfile (goal: >= 35k entries/s)."""
+    from pycfs.tools.dev.gendump import generate
+
+    work = fresh_dir(bench, "work-m")
+    (work / "big.dump").write_bytes(generate(DUMP_ENTRIES))
+    row = Row("m", f"pycfs mkcomposefs --from-file, {DUMP_ENTRIES:,}-entry dumpfile (tools/dev/gendump.py)")
+    for _ in range(runs):
+        row.samples.append(timed([sys.executable, "-m", "pycfs.tools.cli", "mkcomposefs", "--from-file",
+                                  str(work / "big.dump"), str(work / "big.cfs")])[0])
+    shutil.rmtree(work)
+    return row
+
+
 def row_mounts(bench: Lab, runs: int) -> list[Row]:
     rows = [Row("f", "read every file: kernel EROFS+overlay mount"), Row("f'", "  the same, rootless FUSE mount"),
             Row("g", "find -ls: kernel mount"), Row("g'", "  the same, rootless FUSE mount")]
@@ -503,6 +520,8 @@ def report(rows: list[Row], bench: Lab, stats: dict, runs: int) -> dict:
         ratios["h/h''"] = by["h"].median / by["h''"].median
         ratios["h'/h"] = by["h'"].median / by["h"].median
         ratios["disk(h)/image"] = (by["h"].disk_added or 0) / bench.image_bytes
+    if "m" in by:  # EROFS generation speed
+        ratios["mkcomposefs entries per s"] = DUMP_ENTRIES / by["m"].median
     if "f" in by:  # FUSE against the kernel: goals >= 0.5 for reads, <= 3 for the walk
         ratios["read FUSE/kernel throughput"] = by["f"].median / by["f'"].median
         ratios["find -ls FUSE/kernel time"] = by["g'"].median / by["g"].median
@@ -543,10 +562,11 @@ def main(argv: list[str] | None = None) -> int:
         ours, theirs = row_hashing(bench, args.runs)
         save = row_save_then_pull(bench, args.runs)
         mkcfs = row_mkcomposefs(bench, args.runs)
+        mkcfs_dump = row_mkcomposefs_dumpfile(bench, args.runs)
         mounts = row_mounts(bench, args.runs)
         ostree_rows = rows_ostree(bench, args.runs, args.ostree_tree)
         copies = row_copy(bench, args.runs)
-        figures = report([cold, import_only, ours, theirs, save, mkcfs, rewarm, *mounts, *copies, *ostree_rows],
+        figures = report([cold, import_only, ours, theirs, save, mkcfs, mkcfs_dump, rewarm, *mounts, *copies, *ostree_rows],
                          bench, stats, args.runs)
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
