@@ -7,8 +7,7 @@ the varlink service) calls `user_message` once, which unwraps exception groups."
 from __future__ import annotations
 
 import errno
-
-import trio
+import sys
 
 from pycfs.protocol.errors import PycfsError
 
@@ -42,7 +41,11 @@ def first_error(exc: BaseException) -> BaseException:
             leaves.append(e)
 
     walk(exc)
-    return next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0] if leaves else exc)
+    # trio is looked up, not imported: a command that never ran trio has no cancellation to
+    # skip, and should not pay for importing it (start-up time).
+    trio = sys.modules.get("trio")
+    real = [e for e in leaves if trio is None or not isinstance(e, trio.Cancelled)]
+    return (real or leaves or [exc])[0]
 
 
 def describe_oserror(e: OSError) -> str:
