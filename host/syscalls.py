@@ -24,9 +24,7 @@ from pycfs.protocol.confined import (  # noqa: F401  (re-exported: this is the h
     openat2,
     raise_open_file_limit,
 )
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+from pycfs.protocol.confined import libc as _libc
 
 AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_FOLLOW = 0x400

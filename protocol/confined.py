@@ -9,8 +9,8 @@ import errno
 import os
 import resource
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+libc = ctypes.CDLL(None, use_errno=True)  # the C library, errno kept (host/syscalls.py uses it too)
+libc.syscall.restype = ctypes.c_long
 
 # openat2(2) is syscall 437 on every architecture (allocated after the unified table).
 _SYS_openat2 = 437
@@ -37,7 +37,7 @@ def openat2(dirfd: int, path: str | bytes, flags: int, mode: int = 0, resolve: i
         raise OSError(errno.EINVAL, "path contains NUL", os.fsdecode(raw))
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
     for _ in range(64):
-        fd = _libc.syscall(_SYS_openat2, dirfd, raw, ctypes.byref(how), ctypes.sizeof(how))
+        fd = libc.syscall(_SYS_openat2, dirfd, raw, ctypes.byref(how), ctypes.sizeof(how))
         if fd >= 0:
             return fd
         err = ctypes.get_errno()

@@ -108,3 +108,29 @@ def kill_child_mid_pull(user, repo, ref: str, marker: bytes, program: bytes | No
         os.kill(pid, signal.SIGKILL)
 
     return act_mid_pull(user, repo, ref, marker, kill, program=program, ready=ready, timeout=timeout)
+
+
+def image_and_fresh_repo(user, spec, layout_dir: Path, ref: str, prefix: str):
+    """Build `spec`, load it into `user`'s storage as `ref`, and init an empty repository
+    (on the user's scratch); returns (the built image, the repository path)."""
+    import imagebuild
+
+    built = imagebuild.build_layout(spec, layout_dir)
+    imagebuild.load_into_storage(user, built.path, ref)
+    repo = user.tmpdir(prefix) / "repo"
+    user.pycfs("--repo", repo, "init")
+    return built, repo
+
+
+def rerun_completes(user, repo, ref: str, diff_id: str) -> dict:
+    """A pull after whatever happened before completes: fsck clean before and after, the
+    layer rebuilt to its diff_id. Returns the pull's statistics."""
+    import hashlib
+    import json
+
+    assert json.loads(user.pycfs("--repo", repo, "fsck", "--json").stdout)["ok"] is True
+    result = json.loads(user.pycfs("--repo", repo, "oci", "pull", "--json", f"containers-storage:{ref}").stdout)
+    out = user.pycfs("--repo", repo, "cat", f"oci-layer-{diff_id}")
+    assert "sha256:" + hashlib.sha256(out.stdout).hexdigest() == diff_id
+    assert json.loads(user.pycfs("--repo", repo, "fsck", "--json").stdout)["ok"] is True
+    return result["stats"]

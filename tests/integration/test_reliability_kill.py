@@ -5,7 +5,6 @@ to try (tools/stress runs many more than CI's default)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -13,12 +12,10 @@ import signal
 import subprocess
 import time
 
-import imagebuild
 import pytest
 from imagebuild import Dir, File, ImageSpec
-from procs import _zombie, descends_from, pids_of
+from procs import _zombie, descends_from, image_and_fresh_repo, pids_of, rerun_completes
 
-from pycfs.host.oci.layer import layer_stream_name
 
 KILLS = int(os.environ.get("PYCFS_STRESS_KILLS", "20"))
 PULL_BOUND = 60.0  # seconds for one killed pull to end (they take ~2 s)
@@ -86,10 +83,7 @@ def kill_once(user, repo, ref: str, target, rng: random.Random) -> tuple[bool, i
 def test_kill_nine_at_random_points(podman_user, shared_tmp_path, target):
     user = podman_user
     ref = "localhost/pycfs-kill-random:latest"
-    built = imagebuild.build_layout(image(), shared_tmp_path / "layout")
-    imagebuild.load_into_storage(user, built.path, ref)
-    repo = user.tmpdir("kill-random-") / "repo"
-    user.pycfs("--repo", repo, "init")
+    built, repo = image_and_fresh_repo(user, image(), shared_tmp_path / "layout", ref, "kill-random-")
     rng = random.Random(int(os.environ.get("PYCFS_STRESS_SEED", "10")) + TARGETS.index(target))
     wanted = -(-KILLS // len(TARGETS))  # this kind's share
     tried = survived = attempts = 0
@@ -113,9 +107,5 @@ def test_kill_nine_at_random_points(podman_user, shared_tmp_path, target):
         assert not temps, temps
         survived += 1
     print(f"kills of the {target[0]} survived/tried: {survived}/{tried}")
-    result = json.loads(user.pycfs("--repo", repo, "oci", "pull", "--json", f"containers-storage:{ref}").stdout)
-    assert result["stats"]["layers"] == 1
-    out = user.pycfs("--repo", repo, "cat", layer_stream_name(built.diff_ids[0]))
-    assert "sha256:" + hashlib.sha256(out.stdout).hexdigest() == built.diff_ids[0]
-    assert json.loads(user.pycfs("--repo", repo, "fsck", "--json").stdout)["ok"] is True
+    assert rerun_completes(user, repo, ref, built.diff_ids[0])["layers"] == 1
     assert survived == tried
