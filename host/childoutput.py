@@ -1,9 +1,21 @@
-"""Where a child process's stdout and stderr go: a memfd, so nothing has to keep draining a
-pipe, and its tail is there to quote when the child fails."""
+"""The child processes pycfs talks JSON-RPC to over a socketpair (the user-namespace helper
+through `podman unshare`, the object workers): starting one, where its output goes, and
+reading its messages. Used by `pycfs.host.helperclient` and `pycfs.host.workers.pool`.
+
+Its stdout and stderr go to a memfd, so nothing has to keep draining a pipe, and their tail
+is there to quote when the child fails."""
 
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from pycfs.protocol.fdpass import arecv_with_fds
+from pycfs.protocol.jsonrpc import Decoder, Message
 
 TAIL_BYTES = 2048
 
@@ -28,3 +40,37 @@ class ChildOutput:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+async def spawn_on_socket(argv: Sequence[str], output_name: str) -> tuple[trio.Process, Any, ChildOutput]:
+    """Start `argv` with one end of a new socketpair as its stdin and its output in a memfd;
+    returns (the process, our end as a trio socket, its output). OSError when it cannot
+    start (nothing is left open then).
+
+    cwd "/": `python -m` puts the cwd on sys.path, which must not shadow pycfs. A session of
+    its own: a terminal's Ctrl-C reaches only the host, which then ends the child in order."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    output = ChildOutput(output_name)
+    try:
+        proc = await trio.lowlevel.open_process(
+            list(argv), stdin=child.fileno(), stdout=output.fd, stderr=output.fd, cwd="/", start_new_session=True
+        )
+    except BaseException:
+        parent.close()
+        output.close()
+        raise
+    finally:
+        child.close()
+    return proc, trio.socket.from_stdlib_socket(parent), output
+
+
+async def receive_message(sock: Any, decoder: Decoder) -> Message | None:
+    """The child's next message (its fds the caller's); None once it closed the connection
+    between messages. OSError, ProtocolError or FdPassError when the stream breaks."""
+    while (msg := decoder.next_message()) is None:
+        data, fds = await arecv_with_fds(sock)
+        if not data and not fds:
+            decoder.feed_eof()
+            return decoder.next_message()
+        decoder.feed(data, fds)
+    return msg

@@ -49,7 +49,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,10 +56,10 @@ from typing import Any
 
 import trio
 
-from pycfs.host.childoutput import ChildOutput
+from pycfs.host.childoutput import ChildOutput, receive_message, spawn_on_socket
 from pycfs.host.errors import PycfsError
 from pycfs.protocol import helper_api as api
-from pycfs.protocol.fdpass import FdPassError, arecv_with_fds, asend_with_fds, close_fds
+from pycfs.protocol.fdpass import FdPassError, asend_with_fds, close_fds
 from pycfs.protocol.jsonrpc import Decoder, Message, ProtocolError, encode
 
 POLICIES = ("auto", "always", "never")
@@ -236,19 +235,9 @@ class HelperClient:
             *self.launcher, sys.executable, "-B", "-m", "pycfs.helper",
             "--storage-root", str(self.storage_root), "--driver", self.driver,
         ]  # fmt: skip
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._output = ChildOutput("pycfs-helper-output")
         try:
-            # cwd "/": `python -m` puts the cwd on sys.path, which must not shadow pycfs.
-            # A session of its own: a terminal's Ctrl-C reaches only the host, which then
-            # shuts the helper down in order.
-            self._proc = await trio.lowlevel.open_process(
-                cmd, stdin=child.fileno(), stdout=self._output.fd, stderr=self._output.fd, cwd="/",
-                start_new_session=True,
-            )  # fmt: skip
+            self._proc, self._sock, self._output = await spawn_on_socket(cmd, "pycfs-helper-output")
         except FileNotFoundError:
-            parent.close()
-            self._close_output()
             self._failure = PycfsError(
                 f"cannot start the user-namespace helper: `{self.launcher[0]}` was not found on PATH. "
                 "Files in the storage that you cannot read are opened through `podman unshare`: "
@@ -256,13 +245,8 @@ class HelperClient:
             )
             raise self._failure from None
         except OSError as e:
-            parent.close()
-            self._close_output()
             self._failure = PycfsError(f"cannot start the user-namespace helper with `{self.launcher[0]}`: {e}")
             raise self._failure from None
-        finally:
-            child.close()
-        self._sock = trio.socket.from_stdlib_socket(parent)
         launcher = " ".join(self.launcher)
         try:
             with trio.fail_after(HELLO_TIMEOUT):
@@ -467,19 +451,10 @@ class HelperClient:
         return got[0]
 
     async def _receive(self) -> Message:
-        while True:
-            msg = self._decoder.next_message()
-            if msg is not None:
-                return msg
-            data, fds = await arecv_with_fds(self._sock)
-            if data or fds:
-                self._decoder.feed(data, fds)
-            else:
-                self._decoder.feed_eof()
-                msg = self._decoder.next_message()
-                if msg is not None:
-                    return msg
-                raise EOFError("the helper closed the connection")
+        msg = await receive_message(self._sock, self._decoder)
+        if msg is None:
+            raise EOFError("the helper closed the connection")
+        return msg
 
     async def _check_reply(self, msg: Message, method: str) -> tuple[Any, list[int]]:
         obj = msg.obj

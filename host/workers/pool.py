@@ -33,13 +33,13 @@ from typing import Any
 
 import trio
 
-from pycfs.host.childoutput import ChildOutput
+from pycfs.host.childoutput import ChildOutput, receive_message, spawn_on_socket
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, digest_fd
 from pycfs.host.nursery import open_nursery
 from pycfs.host.repository import Repository
 from pycfs.protocol import worker_api as api
-from pycfs.protocol.fdpass import FdPassError, arecv_with_fds, asend_with_fds
+from pycfs.protocol.fdpass import FdPassError, asend_with_fds
 from pycfs.protocol.jsonrpc import Decoder, ProtocolError, encode
 
 EXIT_GRACE = 5.0
@@ -196,42 +196,24 @@ class WorkerPool:
                 self._nursery.start_soon(self._read, self._workers[-1])
 
     async def _spawn(self) -> _Worker:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        output = ChildOutput("pycfs-worker-output")
         try:
-            # cwd "/": `python -m` puts the cwd on sys.path, which must not shadow pycfs. A
-            # session of its own: a terminal's Ctrl-C reaches only the host, which then
-            # closes the sockets in order.
-            proc = await trio.lowlevel.open_process(
-                self._argv, stdin=child.fileno(), stdout=output.fd, stderr=output.fd, cwd="/", start_new_session=True
-            )
+            return _Worker(*await spawn_on_socket(self._argv, "pycfs-worker-output"))
         except OSError as e:
-            parent.close()
-            output.close()
             raise PycfsError(f"cannot start an object worker ({self._argv[0]}): {e}") from None
-        finally:
-            child.close()
-        return _Worker(proc, trio.socket.from_stdlib_socket(parent), output)
 
     async def _read(self, worker: _Worker) -> None:
         """Match replies to waiting calls, in order; any surprise fails the pool."""
         decoder = Decoder(api.MAX_MESSAGE_BYTES, max_fds=0)
         try:
-            while True:
-                data, fds = await arecv_with_fds(worker.sock)
-                if not data and not fds:
-                    decoder.feed_eof()
-                    if decoder.next_message() is None and (self._closing and not worker.waiting):
-                        return
-                    raise EOFError("it closed the connection")
-                decoder.feed(data, fds)
-                while (msg := decoder.next_message()) is not None:
-                    msg.close()
-                    reply = worker.waiting.popleft() if worker.waiting else None
-                    if reply is None or msg.obj.get("id") != reply.id:
-                        raise ProtocolError(f"reply {msg.obj!r} answers no waiting request")
-                    reply.obj = msg.obj
-                    reply.done.set()
+            while (msg := await receive_message(worker.sock, decoder)) is not None:
+                msg.close()
+                reply = worker.waiting.popleft() if worker.waiting else None
+                if reply is None or msg.obj.get("id") != reply.id:
+                    raise ProtocolError(f"reply {msg.obj!r} answers no waiting request")
+                reply.obj = msg.obj
+                reply.done.set()
+            if not (self._closing and not worker.waiting):
+                raise EOFError("it closed the connection")
         except (OSError, EOFError, ProtocolError, FdPassError, trio.ClosedResourceError) as e:
             await self._fail(worker, str(e))
         finally:
