@@ -32,7 +32,7 @@ import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from pycfs.protocol.errors import PycfsError
 from pycfs.protocol.fdpass import close_fds
@@ -233,7 +233,8 @@ class Decoder:
         self._parsed = None
         return Message(obj, fds)
 
-    def _at_rest(self) -> None:
+    def _at_rest(self) -> Message | None:
+        """No message pending: None, unless fds came that no message declared."""
         if self._eof and self._fds:
             raise FdError(f"{len(self._fds)} fds arrived without a message (more than the last one declared)")
         return None
@@ -291,12 +292,12 @@ class Decoder:
             raise FdError(f"message declares {nfds} fds, more than the limit of {self.max_fds}")
         return obj
 
-    def _fail(self, err: ProtocolError) -> None:
+    def _fail(self, err: ProtocolError) -> NoReturn:
         self._failed = err
         self.close()
         raise err
 
-    def _raise_again(self) -> None:
+    def _raise_again(self) -> NoReturn:
         if self._failed is not None:
             raise type(self._failed)(str(self._failed))
         raise FramingError("data fed after the end of the stream")

@@ -477,7 +477,7 @@ def test_a_file_missing_from_its_layer_is_not_taken_from_below(tmp_path, repo):
 def test_verify_diffid_rechecks_a_layer_already_present(tmp_path, repo):
     """A stored layer stream that is intact (its objects present) but not the layer's tar:
     --verify-diffid re-hashes it and imports the layer again; without, it is taken."""
-    fake, layer, diff = _single(tmp_path, {"big": BIG})
+    fake, layer, _ = _single(tmp_path, {"big": BIG})
     wrong = repo.new_stream(CONTENT_OCI_LAYER)
     wrong.write_inline(layer.tar[:-1] + b"!")
     repo.write_stream(wrong, f"oci-layer-{layer.diff_id}")
