@@ -135,10 +135,24 @@ def _same_size(diff: Path, layer: str) -> None:
     (diff / "srv/a").write_bytes(bytes(data))
 
 
+# Where the attacks point: outside the store. strace shows whether anything there was opened.
+CANARY = "OUTSIDE-CANARY"
+
+
+def _outside(diff: Path) -> Path:
+    return diff.parents[3] / CANARY  # beside the store copy, not in it
+
+
 def _layer_dir_symlink(diff: Path, layer: str) -> None:
-    moved = diff.parent / "moved-diff"
+    moved = _outside(diff)
     diff.rename(moved)
     diff.symlink_to(moved)
+
+
+def _symlink_out(target: Path, diff: Path) -> None:
+    outside = _outside(diff)
+    outside.write_bytes(b"secret" * 1000)
+    target.symlink_to(outside)
 
 
 def _truncated_tar_split(diff: Path, layer: str) -> None:
@@ -158,7 +172,7 @@ HOSTILE = {
     "char device": (_replace(lambda p, d: os.mknod(p, 0o666 | stat.S_IFCHR, os.makedev(1, 5))), "srv/a",
                     "is a character device"),
     "directory": (_replace(lambda p, d: p.mkdir()), "srv/a", "is a directory"),
-    "symlink": (_replace(lambda p, d: p.symlink_to("/etc/passwd")), "srv/a", "symlink"),
+    "symlink": (_replace(_symlink_out), "srv/a", "symlink"),
     "hardlink to another file": (_replace(lambda p, d: os.link(d / "srv/b", p)), "srv/a", "tar-split checksum"),
     "same-size change": (_same_size, "srv/a", "tar-split checksum"),
     "missing file": (_replace(lambda p, d: None), "srv/a", "is missing from the layer directory"),
@@ -207,10 +221,16 @@ def test_hostile_store_edit_fails_in_one_line(real_store, tmp_path, case):
     repo = tmp_path / "repo"
     subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", repo, "init"], check=True)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", repo, "oci", "pull", "--helper", "never",
-                             "--storage-root", store, "containers-storage:localhost/hostile:1"],
+    trace = tmp_path / "strace.txt"
+    # -y shows the file behind every fd a call returns: nothing opened may lie outside the store.
+    result = subprocess.run(["strace", "-f", "-qq", "-y", "-o", trace, "-e", "trace=open,openat,openat2",
+                             "-e", "status=successful",
+                             sys.executable, "-m", "pycfs.tools.cli", "--repo", repo, "oci", "pull", "--helper", "never",
+                             "--progress=none", "--storage-root", store, "containers-storage:localhost/hostile:1"],
                             capture_output=True, timeout=PULL_BOUND)
     assert time.monotonic() - started < PULL_BOUND
+    opened = [line.rsplit(" = ", 1)[-1] for line in trace.read_text().splitlines() if " = " in line]
+    assert opened and not [o for o in opened if CANARY in o], [o for o in opened if CANARY in o]
     assert result.returncode == 1, result
     line = one_error_line(result.stderr)
     assert where in line and what in line, line
