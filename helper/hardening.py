@@ -30,7 +30,7 @@ import stat
 
 import prctl
 
-from pycfs.host.syscalls import raise_open_file_limit
+from pycfs.protocol.confined import raise_open_file_limit
 from pycfs.protocol.errors import PycfsError
 
 KEEP = prctl.CAP_DAC_READ_SEARCH

@@ -25,7 +25,7 @@ from typing import Any
 
 from jsonrpcserver import Error, InvalidParams, Result, Success
 
-from pycfs.host.syscalls import RESOLVE_CONFINED, openat2
+from pycfs.protocol.confined import RESOLVE_CONFINED, openat2
 from pycfs.protocol import helper_api as api
 from pycfs.protocol import rpcserver
 from pycfs.protocol.rpcserver import Call

@@ -1,9 +1,22 @@
-"""Where a child process's stdout and stderr go: a memfd, so nothing has to keep draining a
-pipe, and its tail is there to quote when the child fails."""
+"""The child processes pycfs talks JSON-RPC to over a socketpair (the user-namespace helper
+through `podman unshare`, the object workers): starting one, where its output goes, and
+reading its messages. Used by `pycfs.host.helperclient` and `pycfs.host.workers.pool`.
+
+Its stdout and stderr go to a memfd, so nothing has to keep draining a pipe, and their tail
+is there to quote when the child fails."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from pycfs.protocol.fdpass import arecv_with_fds
+from pycfs.protocol.jsonrpc import Decoder, Message
 
 TAIL_BYTES = 2048
 
@@ -28,3 +41,73 @@ class ChildOutput:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+class ChildProcess:
+    """A child forked from the main thread. PR_SET_PDEATHSIG, which ties a child's life to
+    its parent, fires when the *thread* that forked it exits; trio's open_process forks in a
+    cached thread, which exits after idling 10 s, and took object workers with it (SIGKILL in
+    the middle of long pulls)."""
+
+    def __init__(self, popen: subprocess.Popen) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self._pidfd = os.pidfd_open(popen.pid)
+        self._waiting = trio.Lock()  # one task at a time may wait on the pidfd
+
+    @property
+    def returncode(self) -> int | None:
+        status = self._popen.poll()
+        if status is not None and not self._waiting.locked():
+            self._close()
+        return status
+
+    async def wait(self) -> int:
+        async with self._waiting:
+            while (status := self._popen.poll()) is None:
+                await trio.lowlevel.wait_readable(self._pidfd)
+            self._close()
+        return status
+
+    def _close(self) -> None:
+        """The pidfd goes once the exit is seen (callers need not close anything)."""
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def kill(self) -> None:
+        self._popen.kill()
+
+
+async def spawn_on_socket(argv: Sequence[str], output_name: str) -> tuple[ChildProcess, Any, ChildOutput]:
+    """Start `argv` with one end of a new socketpair as its stdin and its output in a memfd;
+    returns (the process, our end as a trio socket, its output). OSError when it cannot
+    start (nothing is left open then).
+
+    cwd "/": `python -m` puts the cwd on sys.path, which must not shadow pycfs. A session of
+    its own: a terminal's Ctrl-C reaches only the host, which then ends the child in order."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    output = ChildOutput(output_name)
+    try:
+        proc = ChildProcess(subprocess.Popen(
+            list(argv), stdin=child.fileno(), stdout=output.fd, stderr=output.fd, cwd="/", start_new_session=True
+        ))
+    except BaseException:
+        parent.close()
+        output.close()
+        raise
+    finally:
+        child.close()
+    return proc, trio.socket.from_stdlib_socket(parent), output
+
+
+async def receive_message(sock: Any, decoder: Decoder) -> Message | None:
+    """The child's next message (its fds the caller's); None once it closed the connection
+    between messages. OSError, ProtocolError or FdPassError when the stream breaks."""
+    while (msg := decoder.next_message()) is None:
+        data, fds = await arecv_with_fds(sock)
+        if not data and not fds:
+            decoder.feed_eof()
+            return decoder.next_message()
+        decoder.feed(data, fds)
+    return msg

@@ -44,12 +44,16 @@ XATTR_BUDGET = 32767  # LCFS_INODE_EXTERNAL_XATTR_MAX, of xattr_budget()
 
 
 class DumpfileError(PycfsError):
-    """Invalid dumpfile input; `reason` is the C tool's message, `line` 1-based (0 = whole file)."""
+    """Invalid dumpfile input; `reason` is the C tool's message, `line` 1-based (0 = whole file),
+    `entry` the line's PATH field as written, when there is one (C's reasons seldom say)."""
 
-    def __init__(self, line: int, reason: str) -> None:
+    def __init__(self, line: int, reason: str, entry: bytes = b"") -> None:
         self.line = line
         self.reason = reason
-        super().__init__(f"dumpfile line {line}: {reason}" if line else f"dumpfile: {reason}")
+        where = f"dumpfile line {line}" if line else "dumpfile"
+        if entry:
+            where += f" ({_show(entry[:200])})"
+        super().__init__(f"{where}: {reason}")
 
 
 # ---------------------------------------------------------------------------- escaping
@@ -259,17 +263,17 @@ def _parse_lines(lines: list[bytes], strict: bool) -> FileSystem:
         try:
             path, comps, node, link_target = _parse_line(line, strict)
         except ValueError as e:
-            raise DumpfileError(lineno, str(e)) from None
+            raise DumpfileError(lineno, str(e), _entry(line)) from None
         if comps is None:  # the root
             if root is not None:
-                raise DumpfileError(lineno, "Can't have multiple roots")
+                raise DumpfileError(lineno, "Can't have multiple roots", _entry(line))
             if not isinstance(node, Directory):
                 raise DumpfileError(lineno, "Root must be a directory")
             root = node
             fs.root = root
             continue
         if root is None:
-            raise DumpfileError(lineno, "Root node not present")
+            raise DumpfileError(lineno, "Root node not present", _entry(line))
         name = comps[-1]
         parent = root if len(comps) == 1 else dirs.get(path[:len(path) - len(name) - 1])
         if parent is None:
@@ -277,7 +281,7 @@ def _parse_lines(lines: list[bytes], strict: bool) -> FileSystem:
         if type(node) is Directory:
             dirs[path] = node
         if not name or len(name) > NAME_MAX or name in parent.entries:
-            raise DumpfileError(lineno, "Can't add child")
+            raise DumpfileError(lineno, "Can't add child", _entry(line))
         if link_target is not None:
             placeholder = _PendingLink(lineno, path, link_target)
             parent.entries[name] = placeholder
@@ -289,6 +293,11 @@ def _parse_lines(lines: list[bytes], strict: bool) -> FileSystem:
     assert root is not None
     _resolve_links(root, pending, homes, fs)
     return fs
+
+
+def _entry(line: bytes) -> bytes:
+    """A line's PATH field as written, to name the entry in an error."""
+    return line.split(b" ", 1)[0]
 
 
 def _missing_parent(root: Directory, comps: list[bytes], path: bytes, lineno: int) -> NoReturn:

@@ -41,11 +41,11 @@ def first_error(exc: BaseException) -> BaseException:
             leaves.append(e)
 
     walk(exc)
-    # trio only when loaded: no cancellation exists otherwise, and importing it costs a
-    # short command most of its start-up.
+    # trio is looked up, not imported: a command that never ran trio has no cancellation to
+    # skip, and should not pay for importing it (start-up time).
     trio = sys.modules.get("trio")
-    cancelled = trio.Cancelled if trio is not None else ()
-    return next((e for e in leaves if not isinstance(e, cancelled)), leaves[0] if leaves else exc)
+    real = [e for e in leaves if trio is None or not isinstance(e, trio.Cancelled)]
+    return (real or leaves or [exc])[0]
 
 
 def describe_oserror(e: OSError) -> str:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import struct
 import threading
+from collections.abc import Callable
 
 from pycfs.host.syscalls import FS_VERITY_HASH_ALG_SHA256, FS_VERITY_HASH_ALG_SHA512
 
@@ -131,15 +132,19 @@ def _read_buffer() -> memoryview:
     return buf
 
 
-def digest_fd(fd: int, alg: str = "sha256", size: int | None = None) -> bytes:
+def digest_fd(fd: int, alg: str = "sha256", size: int | None = None,
+              observe: Callable[[memoryview], object] | None = None) -> bytes:
     """Digest of the file open at fd, read with pread from offset 0 (fd position untouched):
     to EOF, or exactly `size` bytes when the caller knows it (one read fewer per file; a file
-    shorter than that is an error)."""
+    shorter than that is an error). ``observe`` sees each piece read, in order, while it is
+    hashed (a checksum, a copy): what it sees is exactly what was hashed."""
     buf = _read_buffer()
     if size is not None and size <= len(buf):
         n = os.preadv(fd, [buf[:size]], 0)
         if n != size:
             raise OSError(errno.EIO, f"file ended after {n} of {size} bytes")
+        if observe is not None:
+            observe(buf[:size])
         return digest_bytes(buf[:size], alg)
     h = VerityHasher(alg)
     offset = 0
@@ -150,6 +155,8 @@ def digest_fd(fd: int, alg: str = "sha256", size: int | None = None) -> bytes:
             if size is not None:
                 raise OSError(errno.EIO, f"file ended after {offset} of {size} bytes")
             break
+        if observe is not None:
+            observe(buf[:n])
         h.update(buf[:n])
         offset += n
     return h.digest()

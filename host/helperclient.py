@@ -49,7 +49,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,15 +56,19 @@ from typing import Any
 
 import trio
 
-from pycfs.host.childoutput import ChildOutput
+from pycfs.host.childoutput import ChildOutput, ChildProcess, receive_message, spawn_on_socket
 from pycfs.host.errors import PycfsError
 from pycfs.protocol import helper_api as api
-from pycfs.protocol.fdpass import FdPassError, arecv_with_fds, asend_with_fds, close_fds
+from pycfs.protocol.fdpass import FdPassError, asend_with_fds, close_fds
 from pycfs.protocol.jsonrpc import Decoder, Message, ProtocolError, encode
 
 POLICIES = ("auto", "always", "never")
 HELLO_TIMEOUT = 60.0  # podman's first run in a session may have to set up its pause process
 EXIT_GRACE = 5.0
+# Once the helper itself has exited, `podman unshare` only tidies up, and for that waits for
+# the storage write lock: a pull (ours, mid-import, or anyone's) holding a read lock would
+# keep it waiting for good. It is killed after this long; it holds nothing of ours.
+LAUNCHER_GRACE = 1.0
 
 _UNSHARE_ADVICE = (
     "the helper needs a local rootless podman whose `podman unshare` works for your user "
@@ -156,7 +159,7 @@ class HelperClient:
         self.budget = FdBudget(max_open_fds or default_fd_budget())
         self.info: dict[str, Any] | None = None
         self._entered = False
-        self._proc: trio.Process | None = None
+        self._proc: ChildProcess | None = None
         self._sock: Any = None
         self._decoder = Decoder(api.MAX_MESSAGE_BYTES, api.MAX_FDS_PER_MESSAGE)
         self._lock = trio.Lock()
@@ -165,6 +168,9 @@ class HelperClient:
         self._failure: PycfsError | None = None
         self._output: ChildOutput | None = None  # what podman and the helper print
         self._handed_out: set[int] = set()
+        # A pidfd of the helper itself: podman keeps our socket's other end open, so the
+        # helper's death shows here, not as EOF.
+        self._helper_pidfd: int | None = None
 
     # -- lifecycle --
 
@@ -206,11 +212,7 @@ class HelperClient:
                         pass
             self._failure = self._failure or PycfsError("the user-namespace helper was shut down")
             self._sock.close()
-            with trio.move_on_after(EXIT_GRACE):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()  # podman; the helper dies with it (PR_SET_PDEATHSIG) or on EOF
-                await proc.wait()
+            await self._reap(EXIT_GRACE)
             self._decoder.close()
             self._proc = None
             self._close_output()
@@ -233,19 +235,9 @@ class HelperClient:
             *self.launcher, sys.executable, "-B", "-m", "pycfs.helper",
             "--storage-root", str(self.storage_root), "--driver", self.driver,
         ]  # fmt: skip
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._output = ChildOutput("pycfs-helper-output")
         try:
-            # cwd "/": `python -m` puts the cwd on sys.path, which must not shadow pycfs.
-            # A session of its own: a terminal's Ctrl-C reaches only the host, which then
-            # shuts the helper down in order.
-            self._proc = await trio.lowlevel.open_process(
-                cmd, stdin=child.fileno(), stdout=self._output.fd, stderr=self._output.fd, cwd="/",
-                start_new_session=True,
-            )  # fmt: skip
+            self._proc, self._sock, self._output = await spawn_on_socket(cmd, "pycfs-helper-output")
         except FileNotFoundError:
-            parent.close()
-            self._close_output()
             self._failure = PycfsError(
                 f"cannot start the user-namespace helper: `{self.launcher[0]}` was not found on PATH. "
                 "Files in the storage that you cannot read are opened through `podman unshare`: "
@@ -253,13 +245,8 @@ class HelperClient:
             )
             raise self._failure from None
         except OSError as e:
-            parent.close()
-            self._close_output()
             self._failure = PycfsError(f"cannot start the user-namespace helper with `{self.launcher[0]}`: {e}")
             raise self._failure from None
-        finally:
-            child.close()
-        self._sock = trio.socket.from_stdlib_socket(parent)
         launcher = " ".join(self.launcher)
         try:
             with trio.fail_after(HELLO_TIMEOUT):
@@ -274,8 +261,13 @@ class HelperClient:
         close_fds(fds)
         if not isinstance(info, dict) or info.get("version") != api.PROTOCOL_VERSION:
             raise await self._misbehaved(f"it speaks protocol {info!r}, not version {api.PROTOCOL_VERSION}")
-        if "open-files" not in info.get("features", ()) or not isinstance(info.get("pid"), int):
+        pid = info.get("pid")
+        if "open-files" not in info.get("features", ()) or type(pid) is not int or pid <= 1:
             raise await self._misbehaved(f"its hello lacks what this client needs: {info!r}")
+        try:
+            self._helper_pidfd = os.pidfd_open(pid)
+        except OSError as e:
+            raise await self._misbehaved(f"its pid {pid} cannot be watched: {e.strerror}") from None
         self.info = info
 
     def _close_output(self) -> None:
@@ -293,6 +285,37 @@ class HelperClient:
             proc.kill()
             with trio.CancelScope(shield=True):
                 await proc.wait()
+        self._close_pidfd()
+
+    def _close_pidfd(self) -> None:
+        if self._helper_pidfd is not None:
+            os.close(self._helper_pidfd)
+            self._helper_pidfd = None
+
+    async def _helper_exits(self, within: float) -> bool:
+        """Whether the helper process exits within `within` seconds (a reset socket comes a
+        moment before its exit shows)."""
+        if self._helper_pidfd is None:
+            return False
+        with trio.CancelScope(shield=True), trio.move_on_after(within):
+            await trio.lowlevel.wait_readable(self._helper_pidfd)
+            return True
+        return False
+
+    async def _reap(self, grace: float) -> None:
+        """Wait (shielded) for the helper to exit, at most `grace` seconds, then for `podman
+        unshare` at most LAUNCHER_GRACE more; kill what is left (podman: the helper dies
+        with it, PR_SET_PDEATHSIG)."""
+        proc = self._proc
+        assert proc is not None
+        with trio.CancelScope(shield=True):
+            if self._helper_pidfd is not None:
+                with trio.move_on_after(grace):
+                    await trio.lowlevel.wait_readable(self._helper_pidfd)
+                grace = LAUNCHER_GRACE
+            with trio.move_on_after(grace):
+                await proc.wait()
+            await self._kill()
 
     # -- requests --
 
@@ -393,7 +416,7 @@ class HelperClient:
             done = False
             try:
                 await asend_with_fds(self._sock, encode(request, 0, api.MAX_MESSAGE_BYTES))
-                msg = await self._receive()
+                msg = await self._receive_while_alive()
                 done = True
             except (OSError, EOFError, ProtocolError, FdPassError) as e:
                 done = True
@@ -403,20 +426,35 @@ class HelperClient:
                     self._failure = PycfsError("the user-namespace helper was abandoned in the middle of a request")
         return await self._check_reply(msg, method)
 
+    async def _receive_while_alive(self) -> Message:
+        """The next message, or EOFError as soon as the helper process has exited."""
+        pidfd = self._helper_pidfd
+        if pidfd is None:  # the hello: no pid yet, HELLO_TIMEOUT bounds it
+            return await self._receive()
+        got: list[Message | Exception] = []
+        async with trio.open_nursery() as nursery:
+
+            async def receive() -> None:
+                try:
+                    got.append(await self._receive())
+                except (OSError, EOFError, ProtocolError, FdPassError) as e:
+                    got.append(e)  # raised below, not as an exception group
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(receive)
+            await trio.lowlevel.wait_readable(pidfd)
+            nursery.cancel_scope.cancel()
+        if not got:
+            raise EOFError("the helper process exited")
+        if isinstance(got[0], Exception):
+            raise got[0]
+        return got[0]
+
     async def _receive(self) -> Message:
-        while True:
-            msg = self._decoder.next_message()
-            if msg is not None:
-                return msg
-            data, fds = await arecv_with_fds(self._sock)
-            if data or fds:
-                self._decoder.feed(data, fds)
-            else:
-                self._decoder.feed_eof()
-                msg = self._decoder.next_message()
-                if msg is not None:
-                    return msg
-                raise EOFError("the helper closed the connection")
+        msg = await receive_message(self._sock, self._decoder)
+        if msg is None:
+            raise EOFError("the helper closed the connection")
+        return msg
 
     async def _check_reply(self, msg: Message, method: str) -> tuple[Any, list[int]]:
         obj = msg.obj
@@ -439,15 +477,19 @@ class HelperClient:
         """The connection failed: collect the exit status and output, then describe it."""
         proc = self._proc
         assert proc is not None
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(2):
-                await proc.wait()
-            await self._kill()
+        self._sock.close()  # EOF for a helper still alive; podman sees its child go
+        died = await self._helper_exits(0.5)
+        await self._reap(0 if died else 2)
         status = proc.returncode
         if self.info is None:
             self._failure = PycfsError(
                 f"`{' '.join(self.launcher)}` failed to start the helper ({cause}; exit status {status})"
                 f"{self._tail_note()}; {_UNSHARE_ADVICE}"
+            )
+        elif died:  # podman's status says nothing then: we killed it
+            self._failure = PycfsError(
+                f"the user-namespace helper (pid {self.helper_pid}) died during {method}"
+                f"{self._tail_note()}; nothing partial was kept: run the command again"
             )
         else:
             self._failure = PycfsError(

@@ -1,8 +1,10 @@
 """A trio nursery that fails with its first real exception, not an ExceptionGroup.
 
-The CLI reports a `PycfsError` as one line; a group around it (trio's strict exception
-groups) would turn that into a traceback. Cancellations that only followed the failure are
-dropped."""
+For the library's entry points (a pull, a copy, the worker pool, a varlink call): their
+callers (the CLI, the varlink service, tests) see the failure itself. It picks that failure
+with `pycfs.host.errors.first_error`, the same function the CLI's error edge applies to
+anything that still arrives as a group, so there is one rule for which error is reported.
+Cancellations that only followed the failure are dropped."""
 
 from __future__ import annotations
 

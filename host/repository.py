@@ -22,6 +22,7 @@ import secrets
 import stat
 import string
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,6 @@ from pycfs.host.splitstream import SplitStreamReader, SplitStreamWriter
 FORMAT_VERSION = 1
 ALGORITHMS = ("fsverity-sha256-12", "fsverity-sha512-12")
 KNOWN_FEATURES = {"v1_erofs"}
-COPY_CHUNK = 1 << 30
 _TEMP_ALPHABET = string.ascii_letters + string.digits
 
 
@@ -264,14 +264,15 @@ class Repository:
     def _subdir(self, xx: str) -> int:
         fd = self._subdir_fds.get(xx)
         if fd is None:
+            objects = self._objects()  # before the lock, which _objects() may take itself
             with self._lock:
                 fd = self._subdir_fds.get(xx)
                 if fd is None:
                     try:
-                        os.mkdir(xx, 0o755, dir_fd=self._objects())
+                        os.mkdir(xx, 0o755, dir_fd=objects)
                     except FileExistsError:
                         pass
-                    fd = os.open(xx, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._objects())
+                    fd = os.open(xx, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=objects)
                     self._subdir_fds[xx] = fd
         return fd
 
@@ -401,19 +402,34 @@ class Repository:
         """A file-like sink for streamed content (tar entries): hashes as it writes."""
         return ObjectWriter(self)
 
-    def store_object_from_fd(self, src_fd: int, st: os.stat_result | None = None) -> StoreResult:
-        """Store the whole file open at src_fd (st: its fstat, when the caller has it):
-        reflink (FICLONE) when the filesystems allow, else copy. The digest is read from
-        the source, so an object already present costs no write at all."""
+    def store_object_from_fd(self, src_fd: int, st: os.stat_result | None = None,
+                             observe: Callable[[memoryview], object] | None = None) -> StoreResult:
+        """Store the whole file open at src_fd (st: its fstat, when the caller has it).
+
+        A private copy is made first, FICLONE where the filesystems allow (no data copied),
+        else copied through the hashing buffer, and the object is named by the digest of
+        that copy, never of the source: a source rewritten meanwhile can only give another
+        digest (and fail the caller's checks), never an object that is not what its name
+        says. ``observe`` sees every stored byte, in order, and may raise to refuse it."""
         st = st or os.fstat(src_fd)
-        object_id = digest_fd(src_fd, self.alg, st.st_size)
-        # Where reflinks work, cloning an object that turns out to be present costs less than
-        # a stat per file (linkat's EEXIST then says it); a copy is worth avoiding up front.
-        if not self._reflink_ok.get((st.st_dev, self._objects_dev())) and self.object_size(object_id) == st.st_size:
-            return StoreResult(object_id, st.st_size, "present")
-        fd, temp_name = self._new_tmpfile(object_id)
+        # Any subdirectory spreads concurrent writers over the filesystem's allocation
+        # groups, as the object's own would (its id is not known until the copy is hashed).
+        fd, temp_name = self._new_tmpfile(secrets.token_bytes(1))
         try:
-            how = self._clone_or_copy(src_fd, fd, st)
+            if self._reflink(src_fd, fd, st):
+                how = "reflinked"
+                if os.fstat(fd).st_size != st.st_size:
+                    raise RepositoryError(f"source file changed size while it was cloned (expected {st.st_size} bytes)")
+                object_id = digest_fd(fd, self.alg, st.st_size, observe)
+            else:
+                how = "copied"
+
+                def copy(piece: memoryview) -> None:
+                    if observe is not None:
+                        observe(piece)
+                    _write_all(fd, piece)
+
+                object_id = digest_fd(src_fd, self.alg, st.st_size, copy)
             fd = self._seal(fd)
         except BaseException:
             self._discard(fd, temp_name)
@@ -446,19 +462,20 @@ class Repository:
         sealed = self._seal(os.dup(fd))
         return StoreResult(object_id, size, "present" if self._commit(sealed, None, object_id) else "copied")
 
-    def _clone_or_copy(self, src_fd: int, dst_fd: int, st: os.stat_result) -> str:
+    def _reflink(self, src_fd: int, dst_fd: int, st: os.stat_result) -> bool:
+        """FICLONE src into dst; False when the filesystems cannot (remembered per device pair)."""
         pair = (st.st_dev, self._objects_dev())
-        if self._reflink_ok.get(pair, True):
-            try:
-                syscalls.ficlone(dst_fd, src_fd)
-                self._reflink_ok[pair] = True
-                return "reflinked"
-            except OSError as e:
-                if e.errno not in syscalls.CROSS_DEVICE_ERRNOS:
-                    raise
-                self._reflink_ok[pair] = False
-        _copy_fd(src_fd, dst_fd, st.st_size)
-        return "copied"
+        if not self._reflink_ok.get(pair, True):
+            return False
+        try:
+            syscalls.ficlone(dst_fd, src_fd)
+        except OSError as e:
+            if e.errno not in syscalls.CROSS_DEVICE_ERRNOS:
+                raise
+            self._reflink_ok[pair] = False
+            return False
+        self._reflink_ok[pair] = True
+        return True
 
     def reflink_known(self) -> dict[tuple[int, int], bool]:
         """The per-(source device, repository device) FICLONE answers learnt so far."""
@@ -647,29 +664,6 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     while mv:
         n = os.write(fd, mv)
         mv = mv[n:]
-
-
-def _copy_fd(src_fd: int, dst_fd: int, size: int) -> None:
-    """In-kernel copy (copy_file_range, else sendfile) of size bytes from offset 0."""
-    offset = 0
-    try:
-        while offset < size:
-            n = os.copy_file_range(src_fd, dst_fd, min(COPY_CHUNK, size - offset), offset, offset)
-            if n == 0:
-                break
-            offset += n
-        return
-    except OSError as e:
-        if e.errno not in syscalls.CROSS_DEVICE_ERRNOS:
-            raise
-    os.lseek(dst_fd, offset, os.SEEK_SET)
-    while offset < size:
-        n = os.sendfile(dst_fd, src_fd, offset, min(COPY_CHUNK, size - offset))
-        if n == 0:
-            break
-        offset += n
-    if offset != size:
-        raise RepositoryError(f"source file shrank while copying ({offset} of {size} bytes)")
 
 
 def _write_new_file(dirfd: int, name: str, content: bytes) -> None:

@@ -7,12 +7,16 @@
 * hardlinks are NOT detected: every name is its own inode (C behaviour);
 * `--use-epoch` zeroes every mtime; `--skip-devices` drops char/block devices (whiteouts too).
 
-The directory walk is sequential (it is metadata-bound); the fs-verity digests and store copies
-run on worker threads under a trio CapacityLimiter (`threads`), since hashlib releases the GIL.
+The directory walk is sequential (it is metadata-bound). The fs-verity digests run on the
+object worker processes (pycfs.host.workers, `threads` of them: the project's one way to hash
+in parallel). With a digest store each file is first copied (reflinked where possible) into a
+temporary file in the store, and that copy is what is hashed and renamed to its digest, so a
+file changing under the scan can never give a store object whose content differs from its name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat as _stat
@@ -23,7 +27,6 @@ import trio
 
 from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
-from pycfs.host.fsverity import digest_fd
 from pycfs.host.tree import (
     BlockDevice,
     CharDevice,
@@ -152,70 +155,86 @@ def _add_entry(d: Directory, bname: bytes, path: str, opts: ScanOptions,
     d.entries[bname] = leaf
 
 
-def _store_object(store: str, fd: int, digest: bytes) -> None:
-    """Copy the open file into STORE/XX/rest (tmp file + rename; reflink when possible)."""
-    rel = os.fsdecode(object_path(digest))
-    dest = os.path.join(store, rel)
-    if os.path.exists(dest):
-        return
-    subdir = os.path.dirname(dest)
-    os.makedirs(subdir, mode=0o755, exist_ok=True)
-    tmp_fd, tmp_path = tempfile.mkstemp(prefix=".tmp", dir=subdir)
+def _copy_into_store(store: str, path: str) -> str:
+    """A private copy of path in the store (reflinked where possible, like C): its tmp name."""
+    src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
+        if not _stat.S_ISREG(os.fstat(src).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        tmp_fd, tmp_path = tempfile.mkstemp(prefix=".tmp", dir=store)
         try:
-            syscalls.ficlone(tmp_fd, fd)
-        except OSError:
-            offset = 0
-            size = os.fstat(fd).st_size
-            while offset < size:
-                n = os.copy_file_range(fd, tmp_fd, size - offset, offset, offset)
-                if n == 0:
-                    break
-                offset += n
-        os.fchmod(tmp_fd, 0o644)
-        try:
-            syscalls.fsverity_enable(tmp_fd, FS_VERITY_HASH_ALG_SHA256)
-        except OSError:
-            pass  # C ignores this too: the kernel or filesystem may lack fs-verity
-        os.close(tmp_fd)
-        tmp_fd = -1
-        os.rename(tmp_path, dest)
-    except BaseException:
-        if tmp_fd >= 0:
+            try:
+                syscalls.ficlone(tmp_fd, src)
+            except OSError:
+                offset, size = 0, os.fstat(src).st_size
+                while offset < size:
+                    n = os.copy_file_range(src, tmp_fd, size - offset, offset, offset)
+                    if n == 0:
+                        break
+                    offset += n
+            os.fchmod(tmp_fd, 0o644)
+        except BaseException:
             os.close(tmp_fd)
-        try:
             os.unlink(tmp_path)
-        except FileNotFoundError:
-            pass
-        raise
+            raise
+        os.close(tmp_fd)
+        return tmp_path
+    finally:
+        os.close(src)
 
 
-def _digest_file(path: str, size: int, store: str | None) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _place_in_store(store: str, tmp_path: str, digest: bytes) -> None:
+    """Name the hashed copy STORE/XX/rest (fs-verity enabled where the filesystem has it)."""
+    dest = os.path.join(store, os.fsdecode(object_path(digest)))
+    if os.path.exists(dest):
+        os.unlink(tmp_path)
+        return
+    os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        digest = digest_fd(fd)
-        if store is not None:
-            _store_object(store, fd, digest)
-        return digest
+        syscalls.fsverity_enable(fd, FS_VERITY_HASH_ALG_SHA256)
+    except OSError:
+        pass  # C ignores this too: the kernel or filesystem may lack fs-verity
     finally:
         os.close(fd)
+    os.rename(tmp_path, dest)
 
 
 async def scan_directory_async(top: str, opts: ScanOptions) -> FileSystem:
+    from pycfs.host.workers.pool import digest_files
+
     fs, pending = await trio.to_thread.run_sync(_walk, top, opts)
-    limiter = trio.CapacityLimiter(opts.threads or os.cpu_count() or 1)
     store = opts.digest_store
-
-    async def one(leaf: Leaf, path: str, size: int) -> None:
+    sources = [path for _, path, _ in pending]
+    if store is None:
+        hashed = sources
+    else:
+        hashed = []
         try:
-            digest = await trio.to_thread.run_sync(_digest_file, path, size, store, limiter=limiter)
-        except OSError as e:
-            raise ScanError(f"cannot read {path}: {e.strerror}") from None
+            for path in sources:
+                try:
+                    hashed.append(await trio.to_thread.run_sync(_copy_into_store, store, path))
+                except OSError as e:
+                    raise ScanError(f"cannot read {path}: {e.strerror}") from None
+            digests = await digest_files(hashed, "sha256", opts.threads or None)
+        except BaseException:
+            for tmp in hashed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            raise
+    if store is None:
+        digests = await digest_files(hashed, "sha256", opts.threads or None)
+    failed = next(((path, d) for path, d in zip(sources, digests) if isinstance(d, OSError)), None)
+    if failed is not None:
+        if store is not None:
+            for tmp in hashed:
+                os.unlink(tmp)
+        raise ScanError(f"cannot read {failed[0]}: {failed[1].strerror}")
+    for (leaf, _path, size), tmp, digest in zip(pending, hashed, digests):
+        assert isinstance(digest, bytes)
+        if store is not None:
+            await trio.to_thread.run_sync(_place_in_store, store, tmp, digest)
         leaf.content = External(digest, size)
-
-    async with trio.open_nursery() as nursery:
-        for leaf, path, size in pending:
-            nursery.start_soon(one, leaf, path, size)
     return fs
 
 

@@ -1,8 +1,8 @@
 """Linux syscalls the stdlib lacks, in one place, raising OSError with the errno.
 
-openat2 (beneath-root resolution), FICLONE, fs-verity enable/measure, linkat with
-AT_EMPTY_PATH, renameat2 and syncfs. Used by host and helper alike, so it imports
-nothing heavier than ctypes.
+openat2 (beneath-root resolution) and the open-file limit (from `pycfs.protocol.confined`,
+the leaf the helper shares), FICLONE, fs-verity enable/measure, linkat with AT_EMPTY_PATH,
+renameat2, syncfs and mount.
 """
 
 from __future__ import annotations
@@ -11,24 +11,20 @@ import ctypes
 import errno
 import fcntl
 import os
-import resource
 import struct
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-# openat2(2) is syscall 437 on every architecture (allocated after the unified table).
-_SYS_openat2 = 437
-
-RESOLVE_NO_XDEV = 0x01
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
-RESOLVE_IN_ROOT = 0x10
-
-# What every open of container-storage content uses: stay beneath the directory fd,
-# follow no symlink of any kind.
-RESOLVE_CONFINED = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+# Shared with the helper, which imports nothing from host/: they live in the leaf module.
+from pycfs.protocol.confined import (  # noqa: F401  (re-exported: this is the host's home of syscalls)
+    RESOLVE_BENEATH,
+    RESOLVE_CONFINED,
+    RESOLVE_IN_ROOT,
+    RESOLVE_NO_MAGICLINKS,
+    RESOLVE_NO_SYMLINKS,
+    RESOLVE_NO_XDEV,
+    openat2,
+    raise_open_file_limit,
+)
+from pycfs.protocol.confined import libc as _libc
 
 AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_FOLLOW = 0x400
@@ -49,26 +45,6 @@ CROSS_DEVICE_ERRNOS = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTTY, er
 def _raise(what: str, path: str | None = None) -> None:
     err = ctypes.get_errno()
     raise OSError(err, f"{what}: {os.strerror(err)}", path)
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-def openat2(dirfd: int, path: str | bytes, flags: int, mode: int = 0, resolve: int = RESOLVE_CONFINED) -> int:
-    """openat2(2); returns the new fd. Retries on EAGAIN/EINTR as the man page advises."""
-    raw = os.fsencode(path)
-    if b"\0" in raw:
-        raise OSError(errno.EINVAL, "path contains NUL", os.fsdecode(raw))
-    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    for _ in range(64):
-        fd = _libc.syscall(_SYS_openat2, dirfd, raw, ctypes.byref(how), ctypes.sizeof(how))
-        if fd >= 0:
-            return fd
-        err = ctypes.get_errno()
-        if err not in (errno.EAGAIN, errno.EINTR):
-            raise OSError(err, f"openat2: {os.strerror(err)}", os.fsdecode(raw))
-    raise OSError(errno.EAGAIN, "openat2: kept racing with renames", os.fsdecode(raw))
 
 
 def ficlone(dst_fd: int, src_fd: int) -> None:
@@ -146,12 +122,3 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, options: str = 
 def umount(target: str, flags: int = 0) -> None:
     if _libc.umount2(os.fsencode(target), flags) != 0:
         _raise("umount", target)
-
-
-def raise_open_file_limit() -> None:
-    """Soft RLIMIT_NOFILE up to the hard limit: a pull keeps batches of fds in flight to its
-    workers (and the helper hands fds back), and the soft default (often 1024) would cap
-    how many batches run at once long before the hard limit would."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -139,7 +139,8 @@ class Socket:
 RegularContent = Inline | External | ExternalNoVerity | Sparse
 LeafContent = Inline | External | ExternalNoVerity | Sparse | Symlink | CharDevice | BlockDevice | Fifo | Socket
 
-_TYPE_BITS = {
+# file type bits (S_IFMT) of each leaf kind
+TYPE_BITS = {
     Inline: _stat.S_IFREG,
     External: _stat.S_IFREG,
     ExternalNoVerity: _stat.S_IFREG,
@@ -164,7 +165,7 @@ class Leaf:
 
     @property
     def type_bits(self) -> int:
-        return _TYPE_BITS[type(self.content)]
+        return TYPE_BITS[type(self.content)]
 
     @property
     def st_mode(self) -> int:

@@ -27,11 +27,12 @@ the caller.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from pycfs.protocol.errors import PycfsError
 from pycfs.protocol.fdpass import close_fds
@@ -98,6 +99,18 @@ def encode(obj: dict[str, Any], nfds: int = 0, max_size: int = DEFAULT_MAX_MESSA
     if len(data) > max_size:
         raise FramingError(f"message of {len(data)} bytes exceeds the {max_size}-byte limit")
     return data
+
+
+def _finite(text: str) -> float:
+    """JSON has no infinities: 1e400 would parse to one, and no reply could echo it."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def _no_constant(text: str) -> float:
+    raise ValueError(f"{text} is not a finite number (not JSON)")
 
 
 class Decoder:
@@ -220,7 +233,8 @@ class Decoder:
         self._parsed = None
         return Message(obj, fds)
 
-    def _at_rest(self) -> None:
+    def _at_rest(self) -> Message | None:
+        """No message pending: None, unless fds came that no message declared."""
         if self._eof and self._fds:
             raise FdError(f"{len(self._fds)} fds arrived without a message (more than the last one declared)")
         return None
@@ -266,7 +280,7 @@ class Decoder:
 
     def _parse(self, raw: bytes) -> dict[str, Any]:
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
             raise FramingError(f"invalid JSON: {e}") from None
         if not isinstance(obj, dict):
@@ -278,12 +292,12 @@ class Decoder:
             raise FdError(f"message declares {nfds} fds, more than the limit of {self.max_fds}")
         return obj
 
-    def _fail(self, err: ProtocolError) -> None:
+    def _fail(self, err: ProtocolError) -> NoReturn:
         self._failed = err
         self.close()
         raise err
 
-    def _raise_again(self) -> None:
+    def _raise_again(self) -> NoReturn:
         if self._failed is not None:
             raise type(self._failed)(str(self._failed))
         raise FramingError("data fed after the end of the stream")

@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from pycfs.host.errors import PycfsError
+from pycfs.protocol.errors import PycfsError
 
 METADATA = 0x00
 INLINE_DATA = 0x01

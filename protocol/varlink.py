@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pycfs.host.errors import PycfsError
+from pycfs.protocol.errors import PycfsError
 from pycfs.protocol.fdpass import close_fds
 
 MAX_FDS_PER_MESSAGE = 253

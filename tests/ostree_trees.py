@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 from pycfs.host.erofs.reader import read_image
@@ -16,6 +17,12 @@ from pycfs.host.repository import Repository
 from pycfs.host.tree import Directory, External, Inline, Leaf, Symlink
 
 LARGE = 3 << 20 | 123  # several read chunks, not a multiple of anything
+
+
+def pycfs(repo: Path, *args: str | os.PathLike, check: bool = True) -> subprocess.CompletedProcess:
+    """The pycfs CLI on repository `repo` (text output)."""
+    return subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", str(repo), *map(str, args)],
+                          capture_output=True, text=True, check=check, timeout=600)
 
 
 def have_ostree() -> bool:

@@ -91,7 +91,7 @@ class PlainPullProgress(PullProgress):
     def layers(self, layers: list[tuple[str, int | None]]) -> None:
         self.clock.know(layers)
         sizes = sum(s or 0 for _, s in layers)
-        self._say(f"{len(layers)} layers, {human_size(sizes)}")
+        self._say(f"{len(layers)} layer{'s' if len(layers) != 1 else ''}, {human_size(sizes)}")
 
     def layer_started(self, diff_id: str, total_bytes: int | None) -> None:
         self.clock.start(diff_id)

@@ -24,6 +24,8 @@ PACKAGES=(
     fuse3 libfuse3-dev pkg-config
     # useradd/usermod, runuser, losetup/mount; GNU time for tools/bench's peak RSS
     passwd util-linux mount ca-certificates time
+    # the hostile-store tests prove with strace that nothing outside the store is opened
+    strace
 )
 
 with_apt=1

@@ -236,8 +236,11 @@ class _Reader:
 _HIDDEN = frozenset((b"trusted.overlay.whiteouts", b"user.overlay.whiteout", b"user.overlay.whiteouts"))
 
 
-def _interpret_xattrs(raw: list[tuple[bytes, bytes]]) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
-    """Split stored xattrs into (user-visible, composefs-internal trusted.overlay.*)."""
+def _interpret_xattrs(raw: list[tuple[bytes, bytes]], hide_markers: bool = True,
+                      ) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    """Split stored xattrs into (user-visible, composefs-internal trusted.overlay.*).
+    ``hide_markers``: drop the whiteout markers as C's loader does (composefs-info); the
+    overlay mount itself shows them."""
     user: dict[bytes, bytes] = {}
     internal: dict[bytes, bytes] = {}
     for k, v in raw:
@@ -246,7 +249,7 @@ def _interpret_xattrs(raw: list[tuple[bytes, bytes]]) -> tuple[dict[bytes, bytes
         elif k.startswith(_OVERLAY):
             internal[k] = v
             continue
-        if k not in _HIDDEN:
+        if not (hide_markers and k in _HIDDEN):
             user[k] = v
     return user, internal
 
@@ -352,4 +355,7 @@ def _make_leaf(r: _Reader, raw: RawInode, loaded: LoadedImage) -> Leaf:
 # (pycfs.host.fusemount): inodes, dirents and data by nid, and overlayfs's view of xattrs
 # (user-visible, overlay-internal).
 ImageReader = _Reader
-overlay_xattrs = _interpret_xattrs
+
+
+def overlay_xattrs(raw: list[tuple[bytes, bytes]]) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    return _interpret_xattrs(raw, hide_markers=False)

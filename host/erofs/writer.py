@@ -35,9 +35,9 @@ from pycfs.host.tree import (
     Sparse,
     Stat,
     Symlink,
+    TYPE_BITS,
     gc_paused,
 )
-from pycfs.host.tree import _TYPE_BITS
 
 MAX_CHUNKS = 1024  # C refuses files needing more chunk indexes ("File too large")
 MAX_SHARED_PER_INODE = 128
@@ -328,7 +328,7 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
         ino.nlink = 1 if id(node) in stub_ids else (node.nlink if node.nlink is not None else counts.get(id(node), 1))
         c = node.content
         tc = type(c)
-        ino.mode = _TYPE_BITS[tc] | (st.mode & 0o7777)
+        ino.mode = TYPE_BITS[tc] | (st.mode & 0o7777)
         if tc is External:
             ino.xattrs[XATTR_METACOPY] = _metacopy(c.id)
             if c.backing_path:
@@ -345,13 +345,13 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
             ino.xattrs[XATTR_USER_WHITEOUT] = b""
             wh_parents.append(ino.parent)
 
-    for dino in wh_parents:
-        if dino is not None:
-            dino.xattrs[XATTR_ESC_WHITEOUTS] = b""
-            dino.xattrs[XATTR_USER_WHITEOUTS] = b""
+    for wdir in wh_parents:
+        if wdir is not None:
+            wdir.xattrs[XATTR_ESC_WHITEOUTS] = b""
+            wdir.xattrs[XATTR_USER_WHITEOUTS] = b""
             if version >= 1:
-                dino.xattrs[XATTR_ESC_OPAQUE] = b"x"
-                dino.xattrs[XATTR_USER_OPAQUE] = b"x"
+                wdir.xattrs[XATTR_ESC_OPAQUE] = b"x"
+                wdir.xattrs[XATTR_USER_OPAQUE] = b"x"
     root_ino.xattrs[XATTR_OPAQUE] = b"y"
     return inos
 

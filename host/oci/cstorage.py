@@ -47,10 +47,12 @@ from pycfs.host.oci.result import ImportStats, PullResult
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
+from pycfs.host.streamcat import iter_stream_bytes
 from pycfs.host.storage.locks import ReadLocks
 from pycfs.host.storage.store import ImageLayer, ImageRecord, Storage, Store, StorageError
-from pycfs.host.storage.tarsplit import FileEntry, Segment, check_name, crc64_iso, open_entries
+from pycfs.host.storage.tarsplit import FileEntry, Segment, check_name, crc64_iso, header_only_kind, open_entries
 from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
+from pycfs.protocol.helper_api import layer_dir
 
 INLINE_CONTENT_MAX = 64  # format constant shared with the tar path: larger files are objects
 _METACOPY_XATTRS = ("user.overlay.metacopy", "trusted.overlay.metacopy")
@@ -151,15 +153,32 @@ class LayerFiles:
             fd = self._dirfds.get(layer_id)
             if fd is None:
                 path = self.store.layer_dir(layer_id)
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                except OSError as e:
-                    if e.errno in _DENIED:
-                        # The layer's root belongs to a user-namespace uid: every file goes to the helper.
-                        raise _Denied(path) from e
-                    raise StorageError(f"cannot open layer directory {path}: {e.strerror}") from e
+                fd = self._open_layer_dir(layer_id, path)
                 self._dirfds[layer_id] = fd
             return fd
+
+    def _open_layer_dir(self, layer_id: str, path: os.PathLike[str]) -> int:
+        """The layer directory, reached from the storage root with no symlink on the way:
+        `overlay/<id>/diff` replaced by a symlink would otherwise lead the import anywhere
+        the user can read (the storage root itself is the user's own configuration)."""
+        try:
+            root = os.open(self.store.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StorageError(f"cannot open the storage root {self.store.root}: {e.strerror}") from e
+        try:
+            return syscalls.openat2(root, layer_dir(self.store.driver, layer_id),
+                                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
+                                    syscalls.RESOLVE_CONFINED)
+        except OSError as e:
+            if e.errno in _DENIED:
+                # The layer's root belongs to a user-namespace uid: every file goes to the helper.
+                raise _Denied(path) from e
+            if e.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
+                raise StorageError(f"layer directory {path} is or passes through a symlink, or is no directory: "
+                                   "refused") from e
+            raise StorageError(f"cannot open layer directory {path}: {e.strerror}") from e
+        finally:
+            os.close(root)
 
     def close(self) -> None:
         fds, self._dirfds = self._dirfds, {}
@@ -170,28 +189,67 @@ class LayerFiles:
         return f"{os.fsdecode(relpath)} (layer {self.layer_id[:12]}, {self.store.layer_dir(self.layer_id)})"
 
     def open(self, relpath: bytes, size: int) -> tuple[int, os.stat_result]:
-        """A read-only fd for the content of `relpath`, and its fstat; raises _Denied on EACCES/EPERM."""
-        path = relpath
-        for layer_id in self.chain():
-            try:
-                fd = syscalls.openat2(
-                    self.dirfd(layer_id), path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0, syscalls.RESOLVE_CONFINED
-                )
-            except OSError as e:
-                if e.errno == errno.ENOENT:
-                    continue
-                if e.errno in _DENIED:
-                    raise _Denied(relpath) from e
-                if e.errno in (errno.ELOOP, errno.EXDEV):
-                    raise PycfsError(f"{self.describe(relpath)} is a symlink or leads outside the layer") from e
-                raise PycfsError(f"cannot open {self.describe(relpath)}: {e.strerror}") from e
-            st = os.fstat(fd)
-            below = self.metacopy_lookup(fd, st, size, path)
-            if below is None:
+        """A read-only fd for the content of `relpath`, and its fstat; raises _Denied on EACCES/EPERM.
+
+        The file must be in the layer's own directory (its tar-split lists it): a lower
+        layer's file is taken only for an overlay metacopy stub, whose data lives below."""
+        opened = self._open_regular(self.layer_id, relpath, relpath)
+        if opened is None:
+            raise PycfsError(f"{self.describe(relpath)} is missing from the layer directory")
+        fd, st = opened
+        below = self.metacopy_lookup(fd, st, size, relpath)
+        if below is None:
+            return fd, st
+        os.close(fd)
+        for layer_id in self.chain()[1:]:
+            opened = self._open_regular(layer_id, below, relpath)
+            if opened is None:
+                continue
+            fd, st = opened
+            deeper = self.metacopy_lookup(fd, st, size, below)
+            if deeper is None:
                 return fd, st
             os.close(fd)
-            path = below
-        raise PycfsError(f"{self.describe(relpath)} is not in the layer nor any layer below it")
+            below = deeper
+        raise PycfsError(f"{self.describe(relpath)} is an overlay metacopy stub whose data is in no layer below it")
+
+    def _open_regular(self, layer_id: str, path: bytes, relpath: bytes) -> tuple[int, os.stat_result] | None:
+        """Open `path` beneath the layer only if it is a regular file (fd and fstat); None when absent.
+
+        An O_PATH probe first, and fstat on it: a fifo would block a real open forever and
+        a device's open has side effects, so nothing but a regular file is ever opened. The
+        real open goes through the probe's own /proc/self/fd link (the same inode, no second
+        path walk to race with) and re-checks permission, so EACCES still sends the file to
+        the helper."""
+        try:
+            probe = syscalls.openat2(
+                self.dirfd(layer_id), path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0, syscalls.RESOLVE_CONFINED
+            )
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            if e.errno in _DENIED:
+                raise _Denied(relpath) from e
+            if e.errno in (errno.ELOOP, errno.EXDEV):
+                raise PycfsError(f"{self.describe(relpath)} is a symlink or leads outside the layer") from e
+            raise PycfsError(f"cannot open {self.describe(relpath)}: {e.strerror}") from e
+        try:
+            st = os.fstat(probe)
+            if not stat.S_ISREG(st.st_mode):
+                raise PycfsError(f"{self.describe(relpath)} is {_file_kind(st.st_mode)}, not a regular file")
+            try:
+                fd = os.open(f"/proc/self/fd/{probe}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            except OSError as e:
+                if e.errno in _DENIED:
+                    raise _Denied(relpath) from e
+                raise PycfsError(f"cannot open {self.describe(relpath)}: {e.strerror}") from e
+        finally:
+            os.close(probe)
+        again = os.fstat(fd)
+        if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(again.st_mode):
+            os.close(fd)
+            raise PycfsError(f"{self.describe(relpath)} was replaced while it was opened")
+        return fd, again
 
     @staticmethod
     def metacopy_lookup(fd: int, st: os.stat_result, size: int, path: bytes) -> bytes | None:
@@ -210,6 +268,14 @@ class LayerFiles:
             check_name(below, "overlay redirect")
             return below
         return path
+
+
+_KINDS = {stat.S_IFIFO: "a fifo", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symlink"}
+
+
+def _file_kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), f"of type {stat.S_IFMT(mode):o}")
 
 
 def _has_xattr(fd: int, name: str) -> bool:
@@ -302,6 +368,7 @@ class LayerImport:
         self.writer = repo.new_stream(CONTENT_OCI_LAYER)
         self.hasher = hashlib.sha256() if verify_diffid else None
         self.total = 0  # bytes of the rebuilt tar so far
+        self._header: Segment | FileEntry | None = None  # the entry before the next one read
 
     def _advance(self, nbytes: int) -> None:
         if self.progress is not None and nbytes:
@@ -332,11 +399,26 @@ class LayerImport:
     async def _read(self, path: str, chunks: trio.MemorySendChannel, batches: trio.MemorySendChannel) -> None:
         async with chunks, batches:
             with open_entries(path) as source:
-                while entries := await trio.to_thread.run_sync(_take, source, CHUNK_ENTRIES):
+                while entries := await trio.to_thread.run_sync(self._take, source):
                     chunk = _Chunk(entries)
                     await chunks.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
                     for batch in _batches((chunk, i, e) for i, e in chunk.files):
                         await batches.send(batch)
+
+    def _take(self, source: Iterator[Segment | FileEntry]) -> list[Segment | FileEntry]:
+        """Worker thread: the next CHUNK_ENTRIES entries. A file whose tar header says it
+        carries no data (a fifo, a device, ...) yet has a size is refused here, unopened."""
+        entries = list(itertools.islice(source, CHUNK_ENTRIES))
+        for entry in entries:
+            if isinstance(entry, FileEntry) and entry.size and isinstance(self._header, Segment):
+                kind = header_only_kind(self._header)
+                if kind is not None:
+                    raise PycfsError(
+                        f"{self.files.describe(entry.relpath)} is a {kind} in the layer's tar, yet its tar-split "
+                        f"entry gives it {entry.size} bytes of data: the layer is damaged or crafted"
+                    )
+            self._header = entry
+        return entries
 
     # -- storing --
 
@@ -399,7 +481,8 @@ class LayerImport:
     async def _store(self, items: list[tuple[_Item, bytes | int]], via_helper: bool) -> None:
         """Record inline bytes; send the fds to the object workers and record what they stored."""
         sent = [(item, fd) for item, fd in items if isinstance(fd, int)]
-        results = await self.pool.store([fd for _, fd in sent], [item[2].size for item, _ in sent])
+        results = await self.pool.store([fd for _, fd in sent], [item[2].size for item, _ in sent],
+                                        [item[2].crc64 for item, _ in sent])
         for (chunk, index, _), data in items:
             if isinstance(data, bytes):
                 chunk.record(index, data)
@@ -430,18 +513,22 @@ class LayerImport:
                 still += await self._helper_batch(layer_id, pending[start : start + HELPER_BATCH])
             pending = still
         if pending:
-            raise PycfsError(f"{self.files.describe(pending[0][2].relpath)} is not in the layer nor any layer below it")
+            raise PycfsError(
+                f"{self.files.describe(pending[0][2].relpath)} is an overlay metacopy stub whose data is in no layer below it"
+            )
 
     async def _helper_batch(self, layer_id: str, batch: list[_Item]) -> list[_Item]:
-        """Store one batch through helper fds; returns the files to look for in lower layers."""
-        assert self.helper is not None
-        results = await self.helper.open_files(layer_id, [entry.relpath for _, _, entry in batch])
+        """Store one batch through helper fds; returns the metacopy stubs, to look for in lower layers."""
+        helper = self.helper
+        assert helper is not None
+        own = layer_id == self.files.layer_id
+        results = await helper.open_files(layer_id, [entry.relpath for _, _, entry in batch])
         unreleased = {r for r in results if isinstance(r, int)}
 
         def give_back(fd: int) -> None:
             if fd in unreleased:
                 unreleased.discard(fd)
-                self.helper.release(fd)
+                helper.release(fd)
 
         still = []
         try:
@@ -453,6 +540,8 @@ class LayerImport:
                 if isinstance(res, OSError):
                     if res.errno != errno.ENOENT:
                         raise PycfsError(f"the helper cannot open {self.files.describe(entry.relpath)}: {res}")
+                    if own:  # listed by the layer's tar-split, so it must be in the layer itself
+                        raise PycfsError(f"{self.files.describe(entry.relpath)} is missing from the layer directory")
                     still.append(item)
                     continue
                 st = os.fstat(res)
@@ -533,8 +622,15 @@ class LayerImport:
         return self.repo.write_stream(self.writer, f"oci-layer-{self.layer.diff_id}")
 
 
-def _take(source: Iterator[Segment | FileEntry], n: int) -> list[Segment | FileEntry]:
-    return list(itertools.islice(source, n))
+def _stream_has_diffid(repo: Repository, stream_id: bytes, diff_id: str) -> bool:
+    """Worker thread: whether a stored layer stream's tar hashes to `diff_id`."""
+    h = hashlib.sha256()
+    try:
+        for piece in iter_stream_bytes(repo, repo.open_stream_by_id(stream_id)):
+            h.update(piece)
+    except (PycfsError, OSError):
+        return False
+    return "sha256:" + h.hexdigest() == diff_id
 
 
 def _batches(items: Iterable[_Item]) -> Iterator[list[_Item]]:
@@ -641,6 +737,9 @@ async def pull_image(
             async with open_pool(repo=repo, jobs=jobs) as pool:
                 for layer in source.layers:
                     existing = repo.intact_stream(f"oci-layer-{layer.diff_id}")
+                    if existing is not None and verify_diffid and not await trio.to_thread.run_sync(
+                            _stream_has_diffid, repo, existing, layer.diff_id, limiter=limiter):
+                        existing = None  # what is stored is not that layer: import it again, verified
                     if existing is not None:
                         stats.layers_already_present += 1
                         layer_streams.append((layer.diff_id, existing))

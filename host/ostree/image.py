@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from pycfs.host.erofs.writer import write_image as write_erofs
 from pycfs.host.fsverity import digest_bytes
-from pycfs.host.ostree.commitstream import CommitObjects, write_commit_stream
+from pycfs.host.ostree.commitstream import (
+    REF_PREFIX, CommitObjects, encode_ref, has_commit, stream_name, write_commit_stream,
+)
 from pycfs.host.ostree.objects import (
     Commit,
     DirMeta,
@@ -87,7 +89,12 @@ def compute_image_id(repo: Repository, objects: CommitObjects) -> bytes:
 
 
 def ensure_image(repo: Repository, objects: CommitObjects, ref: str | None) -> bytes:
-    """Write the image and the commit stream that names it (then the ref, last)."""
+    """Write the image and the commit stream that names it (then the ref, last); a stored
+    commit whose image is there only gets the ref."""
+    if objects.image_id is not None and repo.has_object(objects.image_id) and has_commit(repo, objects.commit):
+        if ref is not None:
+            repo.set_stream_ref(REF_PREFIX + encode_ref(ref), stream_name(objects.commit))
+        return objects.image_id
     if objects.image_id is None or not repo.has_object(objects.image_id):
         objects.image_id = repo.write_image(image_bytes(repo, objects))
     write_commit_stream(repo, objects, ref)

@@ -71,7 +71,6 @@ class Progress(Protocol):
     def metadata(self, fetched: int) -> None: ...
     def file_found(self) -> None: ...
     def file_done(self, nbytes: int) -> None: ...
-    def message(self, text: str) -> None: ...
 
 
 @dataclass
@@ -128,7 +127,6 @@ class _Puller:
         self.objects = CommitObjects(commit)
         self.bases: list[CommitObjects] = []
         self.queued: set[bytes] = set()
-        self.files_found = 0
         self.todo: trio.MemorySendChannel[bytes] | None = None  # files to fetch, as they are found
         self.stats = PullStats()
         # separate budgets: file fetches must not hold up the metadata that finds more files
@@ -145,7 +143,9 @@ class _Puller:
     # ---- bases ---------------------------------------------------------------------
 
     def add_base(self, objects: CommitObjects, why: str) -> None:
-        if all(b.commit != objects.commit for b in self.bases):
+        # another commit once (named as base and parent, say); objects of this very commit
+        # (a partial stream, a delta, the verified commit) each add what the others lack
+        if objects.commit == self.commit or all(b.commit != objects.commit for b in self.bases):
             self.bases.append(objects)
             self.stats.bases.append(f"{why} {objects.commit.hex()}")
 
@@ -171,7 +171,6 @@ class _Puller:
             else:
                 assert self.todo is not None
                 self.todo.send_nowait(checksum)
-                self.files_found += 1
                 if self.options.progress:
                     self.options.progress.file_found()
         elif entry is not None:
@@ -412,7 +411,7 @@ async def pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options
         puller.add_base(load_commit(repo, name), f"{name} was")
     puller.load_partial()
     if signed is not None:
-        puller.bases.append(signed)  # the commit just verified: not fetched again
+        puller.add_base(signed, "signature verified on")  # not fetched again
     try:
         async with open_pool(repo=repo, jobs=options.jobs) as pool:
             await puller.run(pool)

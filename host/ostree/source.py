@@ -32,7 +32,7 @@ import urllib.parse
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 from pycfs.host.ostree.commitstream import check_ref_name
 from pycfs.host.ostree.objects import (
@@ -200,13 +200,19 @@ class LocalRepo:
             return parse_checksum(ref)
         check_ref_name(ref)
         for top in ("refs/heads", "refs/remotes", "refs/mirrors"):
+            path = os.path.join(self.path, top, ref)
             try:
-                with open(os.path.join(self.path, top, ref), "rb") as f:
-                    text = f.read(200)
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as e:
-                raise OstreeError(f"{self.path}/{top}/{ref}: {e.strerror}") from None
+                why = "is a symlink, not a ref file" if e.errno == errno.ELOOP else e.strerror
+                raise OstreeError(f"ref {path}: {why}") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OstreeError(f"ref {path} is not a regular file")
+            with os.fdopen(fd, "rb") as f:
+                text = f.read(200)
             return parse_checksum(text.decode("ascii", "replace"), f"ref {ref} in {self.path}")
         raise OstreeError(f"no ref {ref!r} in ostree repository {self.path}")
 
@@ -244,9 +250,12 @@ class LocalRepo:
                          dir_fd=self._objects)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise OstreeError(f"object {h}.commitmeta in {self.path}: {e.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OstreeError(f"object {h}.commitmeta in {self.path} is not a regular file")
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OstreeError(f"object {h}.commitmeta in {self.path} is not a regular file")
             data = f.read(limit + 1)
         if len(data) > limit:
             raise OstreeError(f"object {h}.commitmeta in {self.path} is larger than {limit} bytes")
@@ -321,6 +330,21 @@ class _NotFound(Exception):
     pass
 
 
+class _Body:
+    """A response body whose read() raises IncompleteRead when the connection ends early:
+    http.client then returns b"", which would read as a short (corrupt) object, not as
+    the network failure to retry that it is."""
+
+    def __init__(self, resp: http.client.HTTPResponse) -> None:
+        self._resp = resp
+
+    def read(self, n: int) -> bytes:
+        data = self._resp.read(n)
+        if not data and n and self._resp.length:
+            raise http.client.IncompleteRead(b"", self._resp.length)
+        return data
+
+
 class HttpRepo:
     """An archive repository at an http:// or https:// URL (kept-alive connections, one per
     concurrent fetch; retries with exponential backoff on 5xx, resets and timeouts)."""
@@ -359,7 +383,7 @@ class HttpRepo:
         cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
         return cls(self._host, self._port, timeout=self._timeout)
 
-    def get(self, path: str, consume: Callable[[BinaryIO], T], what: str) -> T:
+    def get(self, path: str, consume: Callable[[_Body], T], what: str) -> T:
         """GET base/path and hand the body to consume; a 404 raises _NotFound."""
         last = ""
         for attempt in range(self._attempts):
@@ -372,7 +396,7 @@ class HttpRepo:
                 conn.request("GET", self._base + urllib.parse.quote(path, safe="/+"))
                 resp = conn.getresponse()
                 if resp.status == 200:
-                    result = consume(resp)
+                    result = consume(_Body(resp))
                     if resp.read(1):
                         raise OstreeError(f"{what}: more data than expected from {self.url}")
                 elif resp.status == 404:

@@ -177,7 +177,12 @@ class OciInterface:
             if ref in image.image_refs:
                 erofs = image.image_refs[ref].hex()
                 break
-        return {"manifest": image.manifest_raw.decode(), "config": image.config_raw.decode(), "referrers": [],
+        try:
+            manifest, config = image.manifest_raw.decode(), image.config_raw.decode()
+        except UnicodeDecodeError:
+            raise error("InternalError", message=f"the manifest or config of {image.manifest_digest} is not UTF-8: "
+                        "varlink strings cannot carry it") from None
+        return {"manifest": manifest, "config": config, "referrers": [],
                 "composefs_erofs": erofs, "composefs_boot_erofs": None}
 
     async def tag(self, ctx: CallContext) -> Result:

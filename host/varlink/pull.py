@@ -6,6 +6,7 @@ from dataclasses import asdict
 from typing import Any
 
 import trio
+from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.pull import PullOptions, pull, split_reference
 from pycfs.host.oci.streams import check_tag
 from pycfs.host.progress import PullProgress
@@ -73,7 +74,7 @@ async def pull_frames(ctx: CallContext, repo: Repository) -> Result:
         result = await pull(repo, image, tag, options)
         frames.ready.set()
 
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
         nursery.start_soon(run)
         while result is None:
             await frames.ready.wait()

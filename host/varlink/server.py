@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from pycfs.host.errors import PycfsError
+from pycfs.host.errors import PycfsError, first_error, user_message
 from pycfs.host.varlink.transport import Connection, ConnectionClosed
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.varlink import (
@@ -32,6 +32,8 @@ from pycfs.protocol.varlink import (
 SERVICE = "org.varlink.service"
 # Calls read ahead of the one being answered, per connection (fds included).
 PIPELINE_DEPTH = 8
+# Connections served at once: each may hold a message buffer and up to 253 fds per call.
+MAX_CONNECTIONS = 256
 
 SERVICE_IDL = """\
 # The Varlink Service Interface is provided by every varlink service. It
@@ -191,17 +193,31 @@ class Server:
     # -- serving --
 
     async def serve_listener(self, listener: trio.socket.SocketType) -> None:
-        """Accept forever; each connection is its own task."""
+        """Accept forever; each connection is its own task, at most MAX_CONNECTIONS at once
+        (further clients wait in the listen backlog)."""
+        slots = trio.Semaphore(MAX_CONNECTIONS)
+
+        async def serve(sock: trio.socket.SocketType) -> None:
+            try:
+                await self.serve_connection(sock)
+            finally:
+                slots.release()
+
         async with trio.open_nursery() as nursery:
             while True:
+                await slots.acquire()
                 try:
                     sock, _ = await listener.accept()
                 except OSError as e:
+                    slots.release()
                     # EMFILE and friends: back off instead of spinning; the client retries.
                     print(f"pycfs varlink: accept failed: {e.strerror}", file=sys.stderr)
                     await trio.sleep(0.1)
                     continue
-                nursery.start_soon(self.serve_connection, sock)
+                except BaseException:
+                    slots.release()
+                    raise
+                nursery.start_soon(serve, sock)
 
     async def serve_connection(self, sock: trio.socket.SocketType) -> None:
         conn = Connection(sock)
@@ -259,13 +275,14 @@ class Server:
             result = await handler(ctx)
             params, reply_fds = (result, ()) if not isinstance(result, tuple) else result
             reply: dict[str, Any] = {"parameters": params or {}}
-        except VarlinkError as e:
-            reply = {"error": e.name, "parameters": e.parameters}
-        except (PycfsError, OSError) as e:
-            reply = {"error": internal, "parameters": {"message": _message(e)}}
-        except Exception as e:  # a bug: log it, and answer instead of dropping the client
-            traceback.print_exc(file=sys.stderr)
-            reply = {"error": internal, "parameters": {"message": f"internal error: {e!r}"}}
+        except Exception as exc:  # every failure becomes an error reply
+            e = first_error(exc)  # a handler's nursery may wrap it in a group
+            if isinstance(e, VarlinkError):
+                reply = {"error": e.name, "parameters": e.parameters}
+            else:
+                if not isinstance(e, (PycfsError, OSError)):
+                    traceback.print_exception(e, file=sys.stderr)  # a bug: log it, and still answer
+                reply = {"error": internal, "parameters": {"message": user_message(e)}}
         finally:
             # Before the reply: a client that got its answer finds the fds it sent closed.
             close_fds(ctx.take_fds())
@@ -274,12 +291,6 @@ class Server:
                 await conn.send(reply, reply_fds)
         finally:
             close_fds(list(reply_fds))
-
-
-def _message(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror}{f': {e.filename}' if e.filename else ''}"
-    return str(e)
 
 
 def _drain(receive: trio.MemoryReceiveChannel) -> list[tuple[dict[str, Any], list[int]]]:

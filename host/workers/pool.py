@@ -25,7 +25,6 @@ import os
 import resource
 import socket
 import stat
-import subprocess
 import sys
 from collections.abc import Callable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -34,13 +33,13 @@ from typing import Any
 
 import trio
 
-from pycfs.host.childoutput import ChildOutput
+from pycfs.host.childoutput import ChildOutput, ChildProcess, receive_message, spawn_on_socket
 from pycfs.host.errors import PycfsError
-from pycfs.host.fsverity import DIGEST_SIZES
+from pycfs.host.fsverity import DIGEST_SIZES, digest_fd
 from pycfs.host.nursery import open_nursery
 from pycfs.host.repository import Repository
 from pycfs.protocol import worker_api as api
-from pycfs.protocol.fdpass import FdPassError, arecv_with_fds, asend_with_fds
+from pycfs.protocol.fdpass import FdPassError, asend_with_fds
 from pycfs.protocol.jsonrpc import Decoder, ProtocolError, encode
 
 EXIT_GRACE = 5.0
@@ -73,37 +72,8 @@ class _Reply:
         self.obj: dict[str, Any] | None = None
 
 
-class _Process:
-    """A worker process forked from the main thread. PR_SET_PDEATHSIG, which ties a worker's
-    life to its host, fires when the *thread* that forked it exits; trio's open_process forks
-    in a cached thread, which exits after idling 10 s, and took its workers with it (SIGKILL
-    in the middle of long pulls)."""
-
-    def __init__(self, popen: subprocess.Popen) -> None:
-        self._popen = popen
-        self.pid = popen.pid
-        self._pidfd = os.pidfd_open(popen.pid)
-        self._waiting = trio.Lock()  # one task at a time may wait on the pidfd
-
-    @property
-    def returncode(self) -> int | None:
-        return self._popen.poll()
-
-    async def wait(self) -> int:
-        async with self._waiting:
-            while (status := self._popen.poll()) is None:
-                await trio.lowlevel.wait_readable(self._pidfd)
-        return status
-
-    def kill(self) -> None:
-        self._popen.kill()
-
-    def close(self) -> None:
-        os.close(self._pidfd)
-
-
 class _Worker:
-    def __init__(self, proc: _Process, sock: Any, output: ChildOutput) -> None:
+    def __init__(self, proc: ChildProcess, sock: Any, output: ChildOutput) -> None:
         self.proc = proc
         self.sock = sock
         self.output = output
@@ -135,9 +105,12 @@ class WorkerPool:
 
     # -- calls --
 
-    async def store(self, fds: Sequence[int], sizes: Sequence[int]) -> list[Stored | Failed]:
-        """Store each file as an object of the pool's repository."""
-        return [r if isinstance(r, Failed) else Stored(r[0], api.HOW[r[1]]) for r in await self._each(api.STORE, fds, sizes)]
+    async def store(self, fds: Sequence[int], sizes: Sequence[int],
+                    crcs: Sequence[int | None] | None = None) -> list[Stored | Failed]:
+        """Store each file as an object of the pool's repository; ``crcs``: the CRC-64/GO-ISO
+        each file's content must have (None: unchecked), else that file fails."""
+        results = await self._each(api.STORE, fds, sizes, crcs)
+        return [r if isinstance(r, Failed) else Stored(r[0], api.HOW[r[1]]) for r in results]
 
     async def adopt(self, fds: Sequence[int], sizes: Sequence[int]) -> list[Stored | Failed]:
         """Make each anonymous file of the repository's object store (see
@@ -148,21 +121,25 @@ class WorkerPool:
         """The fs-verity digest of each file (``sizes``: their exact lengths)."""
         return [r if isinstance(r, Failed) else r[0] for r in await self._each(api.DIGEST, fds, sizes)]
 
-    async def _each(self, method: str, fds: Sequence[int], sizes: Sequence[int]) -> list[tuple[bytes, str] | Failed]:
-        if len(fds) != len(sizes):
-            raise ValueError(f"{len(fds)} fds but {len(sizes)} sizes")
+    async def _each(self, method: str, fds: Sequence[int], sizes: Sequence[int],
+                    crcs: Sequence[int | None] | None = None) -> list[tuple[bytes, str] | Failed]:
+        if len(fds) != len(sizes) or (crcs is not None and len(crcs) != len(fds)):
+            raise ValueError(f"{len(fds)} fds but {len(sizes)} sizes{'' if crcs is None else f' and {len(crcs)} crcs'}")
         out: list[tuple[bytes, str] | Failed] = []
         for start in range(0, len(fds), api.MAX_FILES_PER_REQUEST):
             end = start + api.MAX_FILES_PER_REQUEST
-            out += await self._call(method, list(fds[start:end]), list(sizes[start:end]))
+            params: dict[str, Any] = {"sizes": list(sizes[start:end])}
+            if crcs is not None:
+                params["crcs"] = list(crcs[start:end])
+            out += await self._call(method, list(fds[start:end]), params)
         return out
 
-    async def _call(self, method: str, fds: list[int], sizes: list[int]) -> list[tuple[bytes, str] | Failed]:
+    async def _call(self, method: str, fds: list[int], params: dict[str, Any]) -> list[tuple[bytes, str] | Failed]:
         await self.start()
         worker = min(self._workers, key=lambda w: len(w.waiting))
         self._next_id += 1
         reply = _Reply(self._next_id)
-        request = {"jsonrpc": "2.0", "method": method, "params": {"sizes": sizes}, "id": reply.id}
+        request = {"jsonrpc": "2.0", "method": method, "params": params, "id": reply.id}
         async with worker.send_lock:
             self._check()
             worker.waiting.append(reply)
@@ -224,42 +201,24 @@ class WorkerPool:
                 self._nursery.start_soon(self._read, self._workers[-1])
 
     async def _spawn(self) -> _Worker:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        output = ChildOutput("pycfs-worker-output")
         try:
-            # cwd "/": `python -m` puts the cwd on sys.path, which must not shadow pycfs. A
-            # session of its own: a terminal's Ctrl-C reaches only the host, which then
-            # closes the sockets in order.
-            proc = _Process(subprocess.Popen(
-                self._argv, stdin=child.fileno(), stdout=output.fd, stderr=output.fd, cwd="/", start_new_session=True
-            ))
+            return _Worker(*await spawn_on_socket(self._argv, "pycfs-worker-output"))
         except OSError as e:
-            parent.close()
-            output.close()
             raise PycfsError(f"cannot start an object worker ({self._argv[0]}): {e}") from None
-        finally:
-            child.close()
-        return _Worker(proc, trio.socket.from_stdlib_socket(parent), output)
 
     async def _read(self, worker: _Worker) -> None:
         """Match replies to waiting calls, in order; any surprise fails the pool."""
         decoder = Decoder(api.MAX_MESSAGE_BYTES, max_fds=0)
         try:
-            while True:
-                data, fds = await arecv_with_fds(worker.sock)
-                if not data and not fds:
-                    decoder.feed_eof()
-                    if decoder.next_message() is None and (self._closing and not worker.waiting):
-                        return
-                    raise EOFError("it closed the connection")
-                decoder.feed(data, fds)
-                while (msg := decoder.next_message()) is not None:
-                    msg.close()
-                    reply = worker.waiting.popleft() if worker.waiting else None
-                    if reply is None or msg.obj.get("id") != reply.id:
-                        raise ProtocolError(f"reply {msg.obj!r} answers no waiting request")
-                    reply.obj = msg.obj
-                    reply.done.set()
+            while (msg := await receive_message(worker.sock, decoder)) is not None:
+                msg.close()
+                reply = worker.waiting.popleft() if worker.waiting else None
+                if reply is None or msg.obj.get("id") != reply.id:
+                    raise ProtocolError(f"reply {msg.obj!r} answers no waiting request")
+                reply.obj = msg.obj
+                reply.done.set()
+            if not (self._closing and not worker.waiting):
+                raise EOFError("it closed the connection")
         except (OSError, EOFError, ProtocolError, FdPassError, trio.ClosedResourceError) as e:
             await self._fail(worker, str(e))
         finally:
@@ -299,7 +258,6 @@ class WorkerPool:
                     await w.proc.wait()
                 w.sock.close()
                 w.output.close()
-                w.proc.close()
 
 
 @asynccontextmanager
@@ -321,6 +279,53 @@ async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
 
 
 MEASURE_BATCH = 64  # files per request: enough to amortise a round trip, small enough to balance
+# Below this much content, starting worker processes (~0.1 s) costs more than hashing in
+# process (~1 GB/s): the same digests, computed here.
+IN_PROCESS_BYTES = 16 << 20
+
+
+def _open_regular(path: str | os.PathLike[str]) -> tuple[int, int] | OSError:
+    """(fd, size) of a regular file, or the OSError saying why not."""
+    try:
+        # O_NONBLOCK: a fifo must not hang the open; it is refused just below.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as e:
+        return e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL
+        return OSError(code, "not a regular file" if code == errno.EINVAL else os.strerror(code))
+    return fd, st.st_size
+
+
+def _small_job(paths: Sequence[str | os.PathLike[str]]) -> bool:
+    total = 0
+    for path in paths:
+        try:
+            total += os.stat(path).st_size
+        except OSError:
+            continue  # reported by the real open
+        if total > IN_PROCESS_BYTES:
+            return False
+    return True
+
+
+def _digest_in_process(paths: Sequence[str | os.PathLike[str]], alg: str) -> list[bytes | OSError]:
+    results: list[bytes | OSError] = []
+    for path in paths:
+        opened = _open_regular(path)
+        if isinstance(opened, OSError):
+            results.append(opened)
+            continue
+        fd, size = opened
+        try:
+            results.append(digest_fd(fd, alg, size))
+        except OSError as e:
+            results.append(e)
+        finally:
+            os.close(fd)
+    return results
 
 
 async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha256",
@@ -328,26 +333,16 @@ async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha2
     """The fs-verity digest of each file, in order, hashed by a pool of workers; a path that
     cannot be opened, is not a regular file or cannot be read gives its OSError. ``on_done``
     hears how many more files are done, batch by batch (for progress)."""
+    if jobs is None and await trio.to_thread.run_sync(_small_job, paths):
+        done = await trio.to_thread.run_sync(_digest_in_process, paths, alg)
+        if on_done is not None:
+            on_done(len(done))
+        return done
     results: list = [None] * len(paths)  # every slot is filled before the pool closes
     send, receive = trio.open_memory_channel(0)
 
     def open_batch(start: int) -> list[tuple[int, int] | OSError]:
-        opened: list[tuple[int, int] | OSError] = []
-        for path in paths[start : start + MEASURE_BATCH]:
-            try:
-                # O_NONBLOCK: a fifo must not hang the open; it is refused just below.
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-            except OSError as e:
-                opened.append(e)
-                continue
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                os.close(fd)
-                code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL
-                opened.append(OSError(code, "not a regular file" if code == errno.EINVAL else os.strerror(code)))
-                continue
-            opened.append((fd, st.st_size))
-        return opened
+        return [_open_regular(path) for path in paths[start : start + MEASURE_BATCH]]
 
     async with open_pool(alg=alg, jobs=jobs) as pool:
 

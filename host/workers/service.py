@@ -10,6 +10,7 @@ from typing import Any
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, digest_fd
 from pycfs.host.repository import Repository
+from pycfs.host.storage.tarsplit import crc64_iso
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.rpcserver import Call, InvalidParamsError
 
@@ -49,10 +50,16 @@ class WorkerService:
     def digest(self, call: Call, sizes: Any) -> dict[str, Any]:
         return self._each(call, sizes, lambda fd, size: (digest_fd(fd, self.alg, size), api.DIGESTED))
 
-    def store(self, call: Call, sizes: Any) -> dict[str, Any]:
+    def store(self, call: Call, sizes: Any, crcs: Any = None) -> dict[str, Any]:
         if self.repo is None:
             raise InvalidParamsError("this worker was started without a repository")
-        return self._each(call, sizes, self._store_one)
+        if crcs is None:
+            crcs = [None] * len(call.fds)
+        if not isinstance(crcs, list) or len(crcs) != len(call.fds) or not all(
+                c is None or (type(c) is int and 0 <= c < 1 << 64) for c in crcs):
+            raise InvalidParamsError("crcs must be a CRC-64 or null per fd")
+        expected = iter(crcs)
+        return self._each(call, sizes, lambda fd, size: self._store_one(fd, size, next(expected)))
 
     def adopt(self, call: Call, sizes: Any) -> dict[str, Any]:
         repo = self.repo
@@ -65,12 +72,29 @@ class WorkerService:
 
         return self._each(call, sizes, one)
 
-    def _store_one(self, fd: int, size: int) -> tuple[bytes, str]:
+    def _store_one(self, fd: int, size: int, crc: int | None) -> tuple[bytes, str]:
         assert self.repo is not None
         st = os.fstat(fd)
         if st.st_size != size:
             raise OSError(errno.ESTALE, f"has {st.st_size} bytes, expected {size}")
-        result = self.repo.store_object_from_fd(fd, st)
+        result = self.repo.store_object_from_fd(fd, st, None if crc is None else _Crc64Check(crc, size))
         if result.size != size:
             raise OSError(errno.ESTALE, "changed size while it was stored")
         return result.object_id, api.HOW_CODES[result.how]
+
+
+class _Crc64Check:
+    """Sees every byte stored (in order) and refuses the object, before it is named, when
+    their CRC-64/GO-ISO is not the tar-split's: the check costs no read of its own."""
+
+    def __init__(self, expected: int, size: int) -> None:
+        self.expected = expected
+        self.size = size
+        self.crc = 0
+        self.seen = 0
+
+    def __call__(self, piece: memoryview) -> None:
+        self.crc = crc64_iso(piece, self.crc)
+        self.seen += len(piece)
+        if self.seen >= self.size and self.crc != self.expected:
+            raise OSError(errno.EBADMSG, "its content does not match the layer's tar-split checksum (CRC-64)")

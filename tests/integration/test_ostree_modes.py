@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ostree_trees import (
     init_repo,
     make_tree,
     ostree,
+    pycfs,
 )
 from pycfs.host.repository import Repository
 
@@ -27,10 +27,6 @@ pytestmark = pytest.mark.integration
 
 MODES = ["archive", "bare", "bare-user", "bare-user-only"]
 
-
-def pycfs(repo: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", str(repo), *map(str, args)],
-                          capture_output=True, text=True, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +76,9 @@ def test_pull_local_equals_checkout_and_mount(repos, mode):
     pycfs(cfs, "ostree", "mount", ref, mnt)
     try:
         mounted = describe_dir(mnt)
+        # one ostree file object, one inode: the hardlinked pair
+        links = [os.stat(mnt / "share/data" / n) for n in ("lib.so", "lib.so.1")]
+        assert links[0].st_ino == links[1].st_ino and links[0].st_nlink == 2
     finally:
         subprocess.run(["umount", mnt], check=True)
     assert mounted == expected

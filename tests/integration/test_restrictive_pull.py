@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
-import imagebuild
 from imagebuild import MIB, Dir, File, ImageSpec
-from procs import kill_child_mid_pull
+from procs import act_mid_pull, image_and_fresh_repo, kill_child_mid_pull, opened_beneath, rerun_completes
+
+from pycfs.host.storage.locks import try_read_lock
 
 from pycfs.host.oci.layer import iter_layer_entries, layer_stream_name
 from pycfs.host.repository import Repository
@@ -86,20 +88,56 @@ def many_restricted_files() -> ImageSpec:
 def test_helper_killed_mid_import(podman_user, shared_tmp_path):
     user = podman_user
     ref = "localhost/pycfs-helper-kill:latest"
-    built = imagebuild.build_layout(many_restricted_files(), shared_tmp_path / "layout")
-    imagebuild.load_into_storage(user, built.path, ref)
-    repo = user.tmpdir("kill-") / "repo"
-    user.pycfs("--repo", repo, "init")
+    built, repo = image_and_fresh_repo(user, many_restricted_files(), shared_tmp_path / "layout", ref, "kill-")
     _, status, err = kill_child_mid_pull(user, repo, ref, b"pycfs.helper")
     assert status == 1, err
     lines = err.strip().splitlines()
     assert lines[-1].startswith("pycfs: error:") and "helper" in lines[-1], lines[-1]
     # nothing half-made is visible, the repository is consistent, and a re-run completes
     assert not list((repo / "streams").glob("oci-layer-*")) if (repo / "streams").exists() else True
-    fsck = user.pycfs("--repo", repo, "fsck", "--json")
-    assert json.loads(fsck.stdout)["ok"] is True
-    result = json.loads(user.pycfs("--repo", repo, "oci", "pull", "--json", f"containers-storage:{ref}").stdout)
-    assert result["stats"]["files_via_helper"] == 1500
-    out = user.pycfs("--repo", repo, "cat", layer_stream_name(built.diff_ids[0]))
-    assert "sha256:" + hashlib.sha256(out.stdout).hexdigest() == built.diff_ids[0]
-    assert json.loads(user.pycfs("--repo", repo, "fsck", "--json").stdout)["ok"] is True
+    assert rerun_completes(user, repo, ref, built.diff_ids[0])["files_via_helper"] == 1500
+
+
+def test_helper_process_itself_killed_mid_import_ends_within_seconds(podman_user, shared_tmp_path):
+    """kill -9 of the helper (the python process, not the `podman unshare` running it):
+    podman keeps the socket open and, at its exit, waits for the storage write lock the
+    pull holds. The pull must still end in one line within seconds, leaving no process."""
+    user = podman_user
+    ref = "localhost/pycfs-helper-kill:latest"
+    built, repo = image_and_fresh_repo(user, many_restricted_files(), shared_tmp_path / "layout", ref, "kill-helper-")
+    started = time.monotonic()
+    _, status, err = kill_child_mid_pull(user, repo, ref, b"pycfs.helper", program=b"python", timeout=60,
+                                         ready=lambda pid: opened_beneath(pid, "/diff"))
+    assert time.monotonic() - started < 10, err
+    assert status == 1, err
+    lines = err.strip().splitlines()
+    assert [line for line in lines if line.startswith("pycfs: error:")] == lines[-1:], lines
+    assert "helper" in lines[-1] and "Traceback" not in err, lines
+    assert rerun_completes(user, repo, ref, built.diff_ids[0])["files_via_helper"] == 1500
+
+
+def test_a_reader_of_the_storage_does_not_hold_up_the_pull_exit(podman_user, shared_tmp_path):
+    """Another process takes a storage read lock while the helper runs: at its exit `podman
+    unshare` waits for the write lock, and used to be waited for 5 s, then killed."""
+    user = podman_user
+    ref = "localhost/pycfs-helper-kill:latest"
+    _, repo = image_and_fresh_repo(user, many_restricted_files(), shared_tmp_path / "layout", ref, "reader-")
+    locks = []
+    taken = []
+
+    def take_read_locks(pid, pull):
+        for name in ("overlay-layers/layers.lock", "overlay-images/images.lock"):
+            fd = os.open(user.storage_root / name, os.O_RDONLY)
+            locks.append(fd)
+            assert try_read_lock(fd)
+        taken.append(time.monotonic())
+
+    try:
+        _, status, err = act_mid_pull(user, repo, ref, b"pycfs.helper", take_read_locks, program=b"python",
+                                      ready=lambda pid: opened_beneath(pid, "/diff"), timeout=60)
+        ended = time.monotonic()
+    finally:
+        for fd in locks:
+            os.close(fd)
+    assert status == 0, err
+    assert ended - taken[0] < 3.5, ended - taken[0]

@@ -88,7 +88,7 @@ def test_error_carries_line_number():
     with pytest.raises(DumpfileError) as ei:
         parse(data)
     assert ei.value.line == 3
-    assert str(ei.value) == "dumpfile line 3: Invalid integer"
+    assert str(ei.value) == "dumpfile line 3 (/b): Invalid integer"  # the line, its PATH field, C's reason
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ the object's name. The commit splitstream round-trips and refuses damage."""
 
 import hashlib
 import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -161,6 +162,27 @@ def test_local_repo_resolves_refs_and_names_missing_objects(archive):
         src.close()
 
 
+def test_local_repo_opens_only_regular_files(archive, tmp_path):
+    repo, checksum = archive
+    copy = tmp_path / "copy"
+    shutil.copytree(repo, copy, symlinks=True)
+    (copy / "refs/heads/link").symlink_to("/etc/passwd")
+    (copy / "refs/heads/dir").mkdir()
+    commit_path = copy / "objects" / checksum[:2] / f"{checksum[2:]}.commit"
+    commit_path.unlink()
+    commit_path.symlink_to(repo / "objects" / checksum[:2] / f"{checksum[2:]}.commit")
+    src = LocalRepo(str(copy))
+    try:
+        with pytest.raises(OstreeError, match="refs/heads/link: is a symlink"):
+            src.resolve("link")
+        with pytest.raises(OstreeError, match="refs/heads/dir is not a regular file"):
+            src.resolve("dir")
+        with pytest.raises(OstreeError, match=f"object {checksum}.commit in .*: Too many levels of symbolic links"):
+            src.read_metadata(bytes.fromhex(checksum), Kind.COMMIT)
+    finally:
+        src.close()
+
+
 def test_local_repo_refuses_unknown_modes(tmp_path):
     init_repo(tmp_path / "r", "archive")
     cfg = (tmp_path / "r" / "config").read_text().replace("archive-z2", "bare-split-xattrs")
@@ -233,3 +255,29 @@ def test_commit_stream_refuses_damage():
         w.write_inline(bad)
         with pytest.raises(OstreeError, match=why):
             CommitObjects.from_stream(SplitStreamReader(w.finish(), "sha256"), "x")
+
+
+@pytest.mark.parametrize("files,dirs,why", [
+    ([("..", b"\1" * 32)], [], "invalid file name"),
+    ([("a/b", b"\1" * 32)], [], "invalid file name"),
+    ([("b", b"\1" * 32), ("a", b"\2" * 32)], [], "not sorted"),
+    ([("a", b"\1" * 32)], [("a", b"\2" * 32, b"\3" * 32)], "both a file and a directory"),
+    ([("a", b"\1" * 31)], [], "not a checksum"),
+])
+def test_hostile_dirtrees_are_refused(files, dirs, why):
+    data = DirTree(files, dirs).serialize()
+    with pytest.raises(OstreeError, match=why) as info:
+        DirTree.parse(data, hashlib.sha256(data).digest())
+    assert hashlib.sha256(data).hexdigest() in str(info.value)
+
+
+@pytest.mark.parametrize("mode,target,size,why", [
+    (0o020644, "", 0, "neither a regular file nor a symlink"),
+    (0o120777, "", 0, "symlink without a target"),
+    (0o100644, "x", 3, "regular file with a symlink target"),
+])
+def test_hostile_file_headers_are_refused(mode, target, size, why):
+    header = FileHeader(size, 0, 0, mode, target, [])
+    checksum = hashlib.sha256(b"x").digest()
+    with pytest.raises(OstreeError, match=why):
+        split_archive_header(header.archive_header(), checksum)

@@ -3,8 +3,6 @@ root needed), and the commands around it: images, inspect, dump, compute-id,
 create-image, tag, untag, and gc keeping what ostree refs reach."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from ostree_trees import (
@@ -15,6 +13,7 @@ from ostree_trees import (
     init_repo,
     make_tree,
     ostree,
+    pycfs,
 )
 from pycfs.host.gc import gc
 from pycfs.host.ostree.commitstream import load_commit
@@ -22,10 +21,6 @@ from pycfs.host.repository import Repository
 
 pytestmark = pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
 
-
-def pycfs(repo, *args, check=True):
-    return subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", str(repo), *map(str, args)],
-                          capture_output=True, text=True, check=check)
 
 
 @pytest.fixture(scope="module")

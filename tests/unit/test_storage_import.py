@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
 import os
+import socket
+import stat
+import threading
+import time
 
 import pytest
 import trio
@@ -21,7 +26,9 @@ from pycfs.host.oci.layer import import_layer
 from pycfs.host.oci.result import PullResult
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
+from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.storage.store import Storage, Store
+from pycfs.host.storage.tarsplit import FileEntry, Segment, crc64_iso, iter_entries, write_entries
 from pycfs.host.streamcat import iter_stream_bytes
 
 from storage_trees import FakeStore
@@ -124,7 +131,7 @@ def test_stub_without_lower_content_is_an_error(tmp_path, repo):
     if not _xattrs_supported(diff):
         pytest.skip(f"no user xattrs on {diff}")
     _make_stub(diff / "etc/big", len(BIG))
-    with pytest.raises(PycfsError, match="etc/big .* is not in the layer nor any layer below it"):
+    with pytest.raises(PycfsError, match="etc/big .* is an overlay metacopy stub whose data is in no layer below it"):
         _pull(repo, fake)
     assert repo.has_stream(f"oci-layer-{top.diff_id}") is None
 
@@ -138,10 +145,10 @@ def _single(tmp_path, files):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda d: (d / "big").write_bytes(BIG + b"x"), r"big .* has 10245 bytes but the layer's tar-split says 10244"),
-    (lambda d: (d / "big").unlink(), r"big .* is not in the layer"),
+    (lambda d: (d / "big").unlink(), r"big .* is missing from the layer directory"),
     (lambda d: ((d / "big").unlink(), os.symlink("/etc/passwd", d / "big")), r"big .* is a symlink"),
     (lambda d: (d / "small").write_bytes(SMALL.upper()), r"small .* does not match the tar-split checksum"),
-    (lambda d: ((d / "big").unlink(), (d / "big").mkdir()), r"big .* is not a regular file"),
+    (lambda d: ((d / "big").unlink(), (d / "big").mkdir()), r"big .* is a directory, not a regular file"),
 ])
 def test_damaged_layer_files_are_clear_errors(tmp_path, repo, damage, message):
     fake, layer, diff = _single(tmp_path, {"big": BIG, "small": SMALL})
@@ -152,8 +159,14 @@ def test_damaged_layer_files_are_clear_errors(tmp_path, repo, damage, message):
 
 
 def test_same_size_change_caught_by_verify_diffid(tmp_path, repo):
+    """Content and the tar-split's CRC changed together: only the diff_id can tell."""
     fake, layer, diff = _single(tmp_path, {"big": BIG})
     (diff / "big").write_bytes(BIG[::-1])
+    path = fake.layers_dir / f"{layer.id}.tar-split.gz"
+    entries = [FileEntry(e.name, e.size, crc64_iso(BIG[::-1])) if isinstance(e, FileEntry) and e.name == b"big" else e
+               for e in iter_entries(io.BytesIO(path.read_bytes()))]
+    with open(path, "wb") as f:
+        write_entries(entries, f)
     with pytest.raises(PycfsError, match="not its diff_id"):
         _pull(repo, fake, verify_diffid=True)
     assert repo.has_stream(f"oci-layer-{layer.diff_id}") is None
@@ -317,3 +330,158 @@ def test_tar_split_corrupt_half_way_commits_nothing_and_leaks_nothing(tmp_path, 
     path.write_bytes(good)
     result = _pull(repo, fake)
     assert _cat(repo, layer.diff_id) == layer.tar and result.stats.layers == 1
+
+
+# ---- nothing but a regular file is ever opened -----------------------------------------
+
+
+@contextlib.contextmanager
+def _unblock_fifo_after(path, after: float = 10):
+    """Should an open of the fifo at `path` block, open its write end after `after` seconds
+    so the test ends (a blocked open in a thread cannot be cancelled)."""
+    done = threading.Event()
+
+    def run():
+        if not done.wait(after):
+            with contextlib.suppress(OSError):  # ENXIO: nobody blocked in opening it
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _bind_socket(path) -> None:
+    cwd = os.getcwd()
+    os.chdir(path.parent)  # a socket's path must fit in 108 bytes
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(path.name)
+    finally:
+        os.chdir(cwd)
+
+
+def _need_root():
+    if os.geteuid() != 0:
+        pytest.skip("making device nodes needs root")
+
+
+@pytest.mark.parametrize("kind, make", [
+    ("a fifo", os.mkfifo),
+    ("a socket", _bind_socket),
+    # /dev/tty's numbers: opening it without a terminal fails with ENXIO, so an open shows.
+    ("a character device", lambda p: (_need_root(), os.mknod(p, 0o666 | stat.S_IFCHR, os.makedev(5, 0)))),
+    ("a block device", lambda p: (_need_root(), os.mknod(p, 0o666 | stat.S_IFBLK, os.makedev(7, 255)))),
+])
+def test_special_files_where_content_is_expected_are_refused_unopened(tmp_path, repo, kind, make):
+    """A fifo, socket or device node in place of a file with data: one error naming the
+    layer and the path, at once (a fifo once hung the pull in open() for good)."""
+    fake, layer, diff = _single(tmp_path, {"big": BIG, "small": SMALL})
+    for name in ("big", "small"):
+        (diff / name).unlink()
+        make(diff / name)
+    started = time.monotonic()
+    with _unblock_fifo_after(diff / "big"), pytest.raises(
+            PycfsError, match=rf"(big|small) \(layer {layer.id[:12]}, .*\) is {kind}, not a regular file"):
+        _pull(repo, fake)
+    assert time.monotonic() - started < 5
+    assert repo.has_stream(f"oci-layer-{layer.diff_id}") is None
+
+
+def _set_typeflag(fake, layer, name: bytes, flag: bytes) -> None:
+    """Rewrite the tar header before `name` in the layer's tar-split to another typeflag."""
+    path = fake.layers_dir / f"{layer.id}.tar-split.gz"
+    entries = list(iter_entries(io.BytesIO(path.read_bytes())))
+    at = next(i for i, e in enumerate(entries) if isinstance(e, FileEntry) and e.name == name)
+    header = bytearray(entries[at - 1].data)
+    header[-512 + 156] = flag[0]
+    entries[at - 1] = Segment(bytes(header))
+    with open(path, "wb") as f:
+        write_entries(entries, f)
+
+
+def test_header_only_entry_with_a_size_is_refused_unopened(tmp_path, repo):
+    """A tar entry that is a fifo (no data, whatever its size field says) but whose tar-split
+    entry has a size: refused from the tar-split alone, the layer file never opened."""
+    fake, layer, diff = _single(tmp_path, {"big": BIG})
+    _set_typeflag(fake, layer, b"big", b"6")
+    (diff / "big").unlink()
+    os.mkfifo(diff / "big")
+    with _unblock_fifo_after(diff / "big"), pytest.raises(
+            PycfsError, match=rf"big \(layer {layer.id[:12]}, .*\) is a fifo in the layer's tar, "
+                              r"yet its tar-split entry gives it 10244 bytes"):
+        _pull(repo, fake)
+    assert repo.has_stream(f"oci-layer-{layer.diff_id}") is None
+
+
+# ---- a wrong layer is never committed ----------------------------------------------------
+
+
+def _same_size_change(d):
+    (d / "big").write_bytes(BIG[::-1])
+
+
+def _hardlink_to_other(d):
+    (d / "big").unlink()
+    os.link(d / "other", d / "big")
+
+
+def _dir_is_symlink(d):
+    """overlay/<id>/diff replaced by a symlink to a look-alike tree elsewhere."""
+    elsewhere = d.parent.parent.parent.parent / "elsewhere"
+    elsewhere.mkdir()
+    for p in d.iterdir():
+        (elsewhere / p.name).write_bytes(p.read_bytes())
+    for p in d.iterdir():
+        p.unlink()
+    d.rmdir()
+    d.symlink_to(elsewhere)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_same_size_change, r"cannot store big \(layer .*\): its content does not match the layer's tar-split checksum"),
+    (_hardlink_to_other, r"cannot store big \(layer .*\): its content does not match the layer's tar-split checksum"),
+    (_dir_is_symlink, r"layer directory .*/diff is or passes through a symlink, or is no directory: refused"),
+])
+def test_wrong_content_fails_the_layer_without_verify_diffid(tmp_path, repo, damage, message):
+    """Same-size edits pass every size check; the tar-split's per-file CRC-64, checked on the
+    bytes stored, catches them (these pulls once exited 0). A symlinked layer directory is
+    refused before anything is read through it."""
+    other = bytes(reversed(range(256))) * 40 + b"TAIL"
+    fake, layer, diff = _single(tmp_path, {"big": BIG, "other": other})
+    damage(diff)
+    with pytest.raises(PycfsError, match=message):
+        _pull(repo, fake)
+    assert repo.has_stream(f"oci-layer-{layer.diff_id}") is None
+    assert not (repo.path / "streams/refs").exists() or not list((repo.path / "streams/refs").rglob("*"))
+
+
+def test_a_file_missing_from_its_layer_is_not_taken_from_below(tmp_path, repo):
+    """The upper layer lists etc/big but its directory lacks it: the lower layer's file of
+    the same name (here even the same content) is not a stand-in; only an overlay metacopy
+    stub sends the lookup down."""
+    fake = FakeStore(tmp_path / "storage")
+    base = fake.add_layer({"etc": None, "etc/big": BIG})
+    top = fake.add_layer({"etc": None, "etc/big": BIG, "etc/new": SMALL}, parent=base)
+    fake.add_image([base, top], ["localhost/img:latest"])
+    (fake.root / "overlay" / top.id / "diff" / "etc/big").unlink()
+    with pytest.raises(PycfsError, match=rf"etc/big \(layer {top.id[:12]}, .*\) is missing from the layer directory"):
+        _pull(repo, fake)
+    assert repo.has_stream(f"oci-layer-{top.diff_id}") is None
+
+
+def test_verify_diffid_rechecks_a_layer_already_present(tmp_path, repo):
+    """A stored layer stream that is intact (its objects present) but not the layer's tar:
+    --verify-diffid re-hashes it and imports the layer again; without, it is taken."""
+    fake, layer, _ = _single(tmp_path, {"big": BIG})
+    wrong = repo.new_stream(CONTENT_OCI_LAYER)
+    wrong.write_inline(layer.tar[:-1] + b"!")
+    repo.write_stream(wrong, f"oci-layer-{layer.diff_id}")
+    assert _pull(repo, fake).stats.layers_already_present == 1
+    result = _pull(repo, fake, verify_diffid=True)
+    assert result.stats.layers_already_present == 0
+    assert _cat(repo, layer.diff_id) == layer.tar

@@ -139,6 +139,15 @@ def cmd_composefs_info(args: argparse.Namespace) -> int:
     return 0
 
 
+INFO_ACTIONS = [
+    ("ls", "list every path of the images with its type, target or content digest", "IMAGE"),
+    ("objects", "list the backing files (XX/rest) the images refer to, each once", "IMAGE"),
+    ("dump", "print the images as composefs-dump(5) files", "IMAGE"),
+    ("missing-objects", "list the backing files the images refer to that are missing below --basedir", "IMAGE"),
+    ("measure-file", "print the fs-verity digest of each file (what a backing file must be named by)", "FILE"),
+]
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "mkcomposefs", help="build a composefs image from a directory or dumpfile (C-compatible)",
@@ -161,12 +170,23 @@ def register(subparsers) -> None:
 
     q = subparsers.add_parser(
         "composefs-info", help="inspect composefs images (ls, dump, objects, ...)",
-        description="Inspect composefs images like C composefs-info.",
+        description="Inspect composefs images like C composefs-info. `pycfs composefs-info ACTION --help` "
+        "explains each action.",
     )
-    q.add_argument("subcommand", choices=["ls", "objects", "dump", "missing-objects", "measure-file"])
-    q.add_argument("files", nargs="+", metavar="IMAGE")
-    q.add_argument("--basedir", metavar="PATH",
-                   help="object store that missing-objects looks in (default: the current directory)")
-    q.add_argument("--filter", action="append", metavar="NAME", help="only these top-level names (repeatable)")
+
+    def shared_options(parser: argparse.ArgumentParser, default: object) -> None:
+        # Accepted before the action (as C takes them) and after it.
+        parser.add_argument("--basedir", metavar="PATH", default=default,
+                            help="missing-objects: the object store the images' payloads are relative to "
+                            "(default: the current directory)")
+        parser.add_argument("--filter", action="append", metavar="NAME", default=default,
+                            help="ls, dump: only these top-level names (repeatable)")
+
+    shared_options(q, None)
+    actions = q.add_subparsers(dest="subcommand", metavar="ACTION", required=True)
+    for name, summary, what in INFO_ACTIONS:
+        a = actions.add_parser(name, help=summary, description=f"{summary}.")
+        a.add_argument("files", nargs="+", metavar=what)
+        shared_options(a, argparse.SUPPRESS)
     q.set_defaults(handler=cmd_composefs_info)
 

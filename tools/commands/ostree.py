@@ -7,6 +7,7 @@ import argparse
 import datetime
 import os
 import sys
+import time
 from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
@@ -35,21 +36,16 @@ class _RichProgress:
     bytes and rate)."""
 
     def __init__(self, stack: ExitStack) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TransferSpeedColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = stack.enter_context(Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[size]}"),
-            TransferSpeedColumn(), transient=True))
+            TimeElapsedColumn(), transient=True))
         self.meta = self.progress.add_task("metadata", total=None, size="")
         self.files = self.progress.add_task("files", total=0, size="")
         self.bytes = 0
         self.found = 0
+        self.started = time.monotonic()
 
     def metadata(self, fetched: int) -> None:
         self.progress.update(self.meta, completed=fetched)
@@ -60,7 +56,9 @@ class _RichProgress:
 
     def file_done(self, nbytes: int) -> None:
         self.bytes += nbytes
-        self.progress.update(self.files, advance=1, size=f"{self.bytes / (1 << 20):.1f} MiB")
+        mib = self.bytes / (1 << 20)
+        rate = mib / max(time.monotonic() - self.started, 1e-3)
+        self.progress.update(self.files, advance=1, size=f"{mib:.1f} MiB {rate:.1f} MiB/s")
 
 
 def _print_pull(result: PullResult, as_json: bool) -> None:
@@ -74,6 +72,9 @@ def _print_pull(result: PullResult, as_json: bool) -> None:
     print(f"image {result.image_id.hex()}")
     if result.ref is not None:
         print(f"tagged {result.ref}")
+    else:
+        print("no ref written (REF was a checksum and no NAME was given): `pycfs gc` will remove the commit; "
+              f"keep it with `pycfs ostree tag {result.commit.hex()[:12]} NAME`", file=sys.stderr)
     if result.already_present:
         print("commit already present: nothing fetched", file=sys.stderr)
         return
