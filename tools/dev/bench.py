@@ -743,7 +743,7 @@ SCALING_ROWS = ("a", "a'", "b", "Lh")
 
 def scaling_report(results: list[dict], json_path: Path | None) -> None:
     """Per image: each row's seconds, MiB/s and µs per file (warm and cold), and peak RSS;
-    then a least-squares fit of time = bytes / rate + files x per-file cost over the images."""
+    then a least-squares fit of time = start + bytes / rate + files x per-file cost."""
     from rich.console import Console
     from rich.table import Table
 
@@ -760,7 +760,7 @@ def scaling_report(results: list[dict], json_path: Path | None) -> None:
                           fmt(c / res["files"] * 1e6 if c else None, 0), human_size(r["peak_rss"] or 0))
     console = Console(width=160)
     console.print(table)
-    if len(results) >= 2:
+    if len(results) >= 3:
         fits = []
         for key in SCALING_ROWS:
             for cold in (False, True):
@@ -768,26 +768,34 @@ def scaling_report(results: list[dict], json_path: Path | None) -> None:
                                                                                      "median_warm"])
                                   for res in results])
                 if fit:
-                    fits.append(f"{key} {'cold' if cold else 'warm'}: {fit[0]:.0f} MiB/s + {fit[1]:.1f} µs/file")
-        console.print("fit time = bytes/rate + files x cost:  " + ";  ".join(fits))
+                    fits.append(f"{key} {'cold' if cold else 'warm'}: {fit[0]:.2f} s + {fit[1]:.0f} MiB/s + "
+                                f"{fit[2]:.1f} µs/file")
+        console.print("fit time = start + bytes/rate + files x cost:  " + (";  ".join(fits) or
+                                                                          "(needs images of different shapes)"))
     if json_path is not None:
         plot(results, json_path.with_suffix(".png"))
 
 
-def fit_linear(points: list[tuple[int, int, float | None]]) -> tuple[float, float] | None:
-    """Least squares t = x*bytes + y*files, without a constant term: (MiB/s, µs/file)."""
-    pts = [(b / MIB, f, t) for b, f, t in points if t is not None]
-    sbb = sum(b * b for b, _, _ in pts)
-    sff = sum(f * f for _, f, _ in pts)
-    sbf = sum(b * f for b, f, _ in pts)
-    sbt = sum(b * t for b, _, t in pts)
-    sft = sum(f * t for _, f, t in pts)
-    det = sbb * sff - sbf * sbf
-    if len(pts) < 2 or not det:
+def fit_linear(points: list[tuple[int, int, float | None]]) -> tuple[float, float, float] | None:
+    """Least squares t = start + bytes / rate + files x cost over the images: (start s, MiB/s,
+    µs/file); None unless three images of different shapes (e.g. scale factors and the
+    small-file image) pin the three down."""
+    pts = [(1.0, b / MIB, float(f), t) for b, f, t in points if t is not None]
+    if len(pts) < 3:
         return None
-    x = (sbt * sff - sft * sbf) / det
-    y = (sbb * sft - sbf * sbt) / det
-    return (1 / x if x > 0 else float("inf")), y * 1e6
+    # Normal equations A x = v, solved by Gaussian elimination with partial pivoting.
+    a = [[sum(p[i] * p[j] for p in pts) for j in range(3)] + [sum(p[i] * p[3] for p in pts)] for i in range(3)]
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-12 * max(1.0, abs(a[col][col])):
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(3):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                a[r] = [x - f * y for x, y in zip(a[r], a[col])]
+    start, per_mib, per_file = (a[i][3] / a[i][i] for i in range(3))
+    return start, (1 / per_mib if per_mib > 0 else float("inf")), per_file * 1e6
 
 
 def plot(results: list[dict], png: Path) -> None:
@@ -802,8 +810,10 @@ def plot(results: list[dict], png: Path) -> None:
     fig, (by_bytes, by_files) = plt.subplots(1, 2, figsize=(12, 4.5))
     for key in SCALING_ROWS:
         for cold, style in ((False, "-o"), (True, "--s")):
-            pts = sorted((res["file_bytes"] / 1e9, res["files"], res["rows"][key]["median_cold" if cold else "median_warm"])
-                         for res in results)
+            pts = sorted((res["file_bytes"] / 1e9, res["files"], t) for res in results
+                         if (t := res["rows"][key]["median_cold" if cold else "median_warm"]) is not None)
+            if not pts:  # e.g. the cold runs with --warm-only
+                continue
             label = f"{key} {'cold' if cold else 'warm'}"
             by_bytes.plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
             by_files.plot([p[1] for p in pts], [p[2] / p[1] * 1e6 for p in pts], style, label=label)
