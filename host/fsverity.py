@@ -29,7 +29,7 @@ DIGEST_SIZES = {"sha256": 32, "sha512": 64}
 _DESCRIPTOR = struct.Struct("<BBBB4xQ64s32x144x")
 
 
-def _level(hash_fn, data: memoryview | bytes) -> bytes:
+def _level(hash_fn, data: memoryview | bytes | bytearray) -> bytes:
     """The digests of data's 4096-byte blocks, concatenated (a short last block is zero-padded)."""
     n = len(data)
     full = n - n % BLOCK_SIZE

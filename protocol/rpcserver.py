@@ -45,7 +45,10 @@ def validating_dispatch(methods: dict[str, Callable[..., Any]]) -> Dispatch:
 
     def dispatch(request: dict[str, Any], call: Call) -> dict[str, Any] | None:
         # The framing layer already parsed the JSON: hand jsonrpcserver the object itself.
-        return dispatch_to_serializable("", methods=methods, context=call, deserializer=lambda _s: request)
+        # One request object in, so one response (or none, for a notification) out.
+        response = dispatch_to_serializable("", methods=methods, context=call, deserializer=lambda _s: request)
+        assert not isinstance(response, list)
+        return response
 
     return dispatch
 
