@@ -309,6 +309,21 @@ class Repository:
         except FileNotFoundError:
             raise RepositoryError(f"object {self.alg}:{h} is missing from {self.path}") from None
 
+    def feed_object(self, object_id: bytes, size: int, update: Callable[[bytes], object]) -> None:
+        """Pass the object's ``size`` bytes to ``update`` a MiB at a time (hashing a stored
+        layer's tar again, e.g. for its diff_id); a shorter object is an error."""
+        fd = self.open_object(object_id)
+        try:
+            offset = 0
+            while offset < size:
+                piece = os.pread(fd, min(1 << 20, size - offset), offset)
+                if not piece:
+                    raise RepositoryError(f"object {self.alg}:{object_id.hex()} is shorter than {size} bytes")
+                update(piece)
+                offset += len(piece)
+        finally:
+            os.close(fd)
+
     def read_object(self, object_id: bytes) -> bytes:
         fd = self.open_object(object_id)
         try:

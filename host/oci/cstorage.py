@@ -58,7 +58,6 @@ INLINE_CONTENT_MAX = 64  # format constant shared with the tar path: larger file
 _METACOPY_XATTRS = ("user.overlay.metacopy", "trusted.overlay.metacopy")
 _REDIRECT_XATTRS = ("user.overlay.redirect", "trusted.overlay.redirect")
 _DENIED = (errno.EACCES, errno.EPERM)
-_HASH_PIECE = 1 << 20
 BATCH_FILES = 64  # files per batch (one thread trip, one worker request) ...
 BATCH_BYTES = 4 << 20  # ... or this much content, whichever comes first
 CHUNK_ENTRIES = 1024  # tar-split entries read at a time
@@ -592,22 +591,8 @@ class LayerImport:
                 self.writer.write_external(object_id, size)
                 self.total += size
                 if self.hasher is not None:
-                    self._hash_object(object_id, size)
+                    self.repo.feed_object(object_id, size, self.hasher.update)
         return headers
-
-    def _hash_object(self, object_id: bytes, size: int) -> None:
-        assert self.hasher is not None
-        fd = self.repo.open_object(object_id)
-        try:
-            offset = 0
-            while offset < size:
-                piece = os.pread(fd, min(_HASH_PIECE, size - offset), offset)
-                if not piece:
-                    raise PycfsError(f"object {object_id.hex()} is shorter than {size} bytes")
-                self.hasher.update(piece)
-                offset += len(piece)
-        finally:
-            os.close(fd)
 
     def _finish(self) -> bytes:
         """Worker thread: check the rebuilt tar against what c/storage recorded, then commit."""

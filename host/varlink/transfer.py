@@ -28,7 +28,7 @@ from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.layer import INLINE_CONTENT_MAX, layer_stream_name
-from pycfs.host.repository import Repository
+from pycfs.host.repository import Repository, RepositoryError
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamWriter
 from pycfs.host.varlink.layers import open_beneath
 from pycfs.host.workers.pool import Failed, WorkerPool
@@ -368,17 +368,10 @@ class LayerConsumer:
                 self.writer.write_inline(item)
                 self.stats.bytes_inlined += len(item)
                 continue
-            fd = self.repo.open_object(item.object_id)
             try:
-                offset = 0
-                while offset < item.size:
-                    piece = os.pread(fd, min(1 << 20, item.size - offset), offset)
-                    if not piece:
-                        raise LayerTransferError(f"stored object of {item.what} is shorter than {item.size} bytes")
-                    self.sha.update(piece)
-                    offset += len(piece)
-            finally:
-                os.close(fd)
+                self.repo.feed_object(item.object_id, item.size, self.sha.update)
+            except RepositoryError as e:
+                raise LayerTransferError(f"{item.what}: {e}") from None
             self.writer.write_external(item.object_id, item.size)
 
 
