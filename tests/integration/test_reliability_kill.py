@@ -63,14 +63,20 @@ def kill_once(user, repo, ref: str, target, rng: random.Random) -> tuple[bool, i
         if proc.poll() is None:
             victim = proc.pid if marker is None else rng.choice(victims) if victims else None
             if victim is not None:
-                os.kill(victim, signal.SIGKILL)
-                killed = True
-        _, err = proc.communicate(timeout=PULL_BOUND)
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                    killed = True
+                except ProcessLookupError:
+                    pass  # it finished its work first (workers exit before the image build): no kill
+
+        try:
+            _, err = proc.communicate(timeout=PULL_BOUND)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the pull hung after {name} was killed") from None
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-            raise AssertionError(f"the pull hung after {name} was killed")
     deadline = time.monotonic() + 10
     while left := [p for p in family if os.path.exists(f"/proc/{p}") and not _zombie(p)]:
         if time.monotonic() > deadline:
