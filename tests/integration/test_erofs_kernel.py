@@ -272,6 +272,16 @@ def _check_kernel_view(mnt: bytes, fs) -> list:
     return problems
 
 
+def _mounted_problems(image: Path, mnt: Path, fs) -> list:
+    """Loop-mount the image read-only at mnt (made here) and compare the kernel's view with fs."""
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "erofs", "-o", "loop,ro", str(image), str(mnt)], check=True, capture_output=True)
+    try:
+        return _check_kernel_view(os.fsencode(mnt), fs)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
 @_generated(20)
 @given(text=dumpfiles())
 def test_kernel_mounts_generated_images(text, can_mount):
@@ -281,13 +291,7 @@ def test_kernel_mounts_generated_images(text, can_mount):
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "g.cfs"
         image.write_bytes(write_image(fs, choose_version(fs, 0, 1)))
-        mnt = Path(tmp) / "mnt"
-        mnt.mkdir()
-        subprocess.run(["mount", "-t", "erofs", "-o", "loop,ro", str(image), str(mnt)], check=True, capture_output=True)
-        try:
-            problems = _check_kernel_view(os.fsencode(mnt), fs)
-        finally:
-            subprocess.run(["umount", str(mnt)], check=True)
+        problems = _mounted_problems(image, Path(tmp) / "mnt", fs)
     assert problems == []
 
 
@@ -301,11 +305,4 @@ def test_huge_sparse_files_fsck_and_mount(name, can_mount, tmp_path):
     image.write_bytes(write_image(fs, choose_version(fs, 0, 1)))
     r = subprocess.run(["fsck.erofs", str(image)], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "erofs", "-o", "loop,ro", str(image), str(mnt)], check=True, capture_output=True)
-    try:
-        problems = _check_kernel_view(os.fsencode(mnt), fs)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-    assert problems == []
+    assert _mounted_problems(image, tmp_path / "mnt", fs) == []
