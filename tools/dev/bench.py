@@ -708,12 +708,12 @@ def report(rows: list[Row], bench: Lab, stats: dict, runs: int, cold: bool) -> d
     console.print(table)
     console.print(goals)
     rate = lambda seconds: bench.file_bytes / seconds / MIB if seconds else None
-    others = {
-        "c/a": goal_ratio(by, "c", "a"),
-        "disk(a)/image": (by["a"].disk_added or 0) / bench.image_bytes,
-        "hash MiB/s (pycfs)": rate(by["b"].median(False)),
-        "hash MiB/s (fsverity digest)": rate(by["Lh"].median(False)),
-    }
+    others: dict[str, float | None] = {"c/a": goal_ratio(by, "c", "a")}
+    if "a" in by:
+        others["disk(a)/image"] = (by["a"].disk_added or 0) / bench.image_bytes
+    if "b" in by:
+        others["hash MiB/s (pycfs)"] = rate(by["b"].median(False))
+        others["hash MiB/s (fsverity digest)"] = rate(by["Lh"].median(False))
     if "h" in by:  # oci copy: goal h/h'' <= 1.5, disk < 1%
         others["h/h''"] = goal_ratio(by, "h", "h''")
         others["h'/h"] = goal_ratio(by, "h'", "h")
@@ -726,9 +726,10 @@ def report(rows: list[Row], bench: Lab, stats: dict, runs: int, cold: bool) -> d
         others["find -ls FUSE/kernel time"] = goal_ratio(by, "g'", "g")
     console.print("  ".join(f"{k} = {fmt(v, 3) if '/' in k and 'MiB' not in k else fmt(v, 0)}"
                             for k, v in others.items()))
-    console.print(f"cold pull: {stats.get('objects_reflinked')} reflinked, {stats.get('objects_copied')} copied, "
-                  f"{stats.get('objects_already_present')} already present, {stats.get('files_via_helper')} "
-                  f"files via the helper")
+    if stats:
+        console.print(f"cold pull: {stats.get('objects_reflinked')} reflinked, {stats.get('objects_copied')} copied, "
+                      f"{stats.get('objects_already_present')} already present, {stats.get('files_via_helper')} "
+                      f"files via the helper")
     return {
         "image_bytes": bench.image_bytes, "files": len(bench.files), "file_bytes": bench.file_bytes, "runs": runs,
         "rows": {r.key: r.as_json() for r in rows}, "L": {"warm": L[False], "cold": L[True]},
@@ -838,28 +839,54 @@ def guarded(key: str, rows: Callable[[], list[Row]]) -> list[Row]:
         return [Row(key, "(failed)", note=str(e).splitlines()[0][:60])]
 
 
-def bench_one(load: Workload, runs: int, cold: bool, full: bool, keep: bool, quick: bool = False,
+GROUPS = ("pull", "hash", "clone", "save", "layout", "startup", "mkcomposefs", "mount", "copy", "ostree")
+QUICK_GROUPS = frozenset(("pull", "hash", "clone", "layout", "startup"))
+
+
+def bench_one(load: Workload, runs: int, cold: bool, groups: frozenset[str], keep: bool,
               ostree_tree: str = "/usr/lib/python3") -> dict:
-    bench = set_up(load, layouts=full)
+    bench = set_up(load, layouts="layout" in groups)
     try:
         print(f"bench: {runs} runs per row{', warm and cold' if cold else ''}...", file=sys.stderr)
-        pull, import_only, again, stats = row_pull(bench, runs, cold)
-        ours, theirs = row_hashing(bench, runs, cold)
-        clone = row_clone(bench, runs, cold)
-        rows = [pull, import_only, ours, theirs, clone]
-        if full:
-            rows += [row_save_then_pull(bench, runs, cold)] if not quick else []
-            rows += [*rows_layout(bench, runs, cold), again, *rows_start_up(bench, runs, cold)]
-            if not quick:
-                rows += [row_mkcomposefs(bench, runs), row_mkcomposefs_dumpfile(bench, runs)]
-                rows += guarded("f", lambda: row_mounts(bench, runs))
-                rows += guarded("h", lambda: list(row_copy(bench, runs)))
-                rows += guarded("o1", lambda: rows_ostree(bench, runs, ostree_tree))
+        rows: list[Row] = []
+        stats: dict = {}
+        again = None
+        if "pull" in groups:
+            pull, import_only, again, stats = row_pull(bench, runs, cold)
+            rows += [pull, import_only]
+        if "hash" in groups:
+            rows += row_hashing(bench, runs, cold)
+        if "clone" in groups:
+            rows.append(row_clone(bench, runs, cold))
+        if "save" in groups:
+            rows.append(row_save_then_pull(bench, runs, cold))
+        if "layout" in groups:
+            rows += rows_layout(bench, runs, cold)
+        rows += [again] if again is not None else []
+        if "startup" in groups:
+            rows += rows_start_up(bench, runs, cold)
+        if "mkcomposefs" in groups:
+            rows += [row_mkcomposefs(bench, runs), row_mkcomposefs_dumpfile(bench, runs)]
+        if "mount" in groups:
+            rows += guarded("f", lambda: row_mounts(bench, runs))
+        if "copy" in groups:
+            rows += guarded("h", lambda: list(row_copy(bench, runs)))
+        if "ostree" in groups:
+            rows += guarded("o1", lambda: rows_ostree(bench, runs, ostree_tree))
         figures = report(rows, bench, stats, runs, cold)
         return {"name": load.name, **figures}
     finally:
         if not keep:
             tear_down(bench)
+
+
+def parse_groups(text: str) -> frozenset[str]:
+    groups = frozenset(g.strip() for g in text.split(",") if g.strip())
+    unknown = groups - set(GROUPS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown row group(s) {', '.join(sorted(unknown))}; "
+                                         f"choose from {', '.join(GROUPS)}")
+    return groups
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -871,9 +898,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", nargs="?", const=DEFAULT_SCALING, metavar="LIST",
                         help=f"instead: rows a, a', b, Lh for each image of LIST (default: {DEFAULT_SCALING})")
     parser.add_argument("--quick", action="store_true",
-                        help="a quick look while developing: 1 run, --scale 0.25, warm cache only, no rows c, d, "
-                        "f-h, o1-o4")
+                        help="a quick look while developing: 1 run, --scale 0.25, warm cache only, row groups "
+                        f"{', '.join(g for g in GROUPS if g in QUICK_GROUPS)} unless --only says otherwise")
     parser.add_argument("--warm-only", action="store_true", help="skip the cold-cache runs")
+    parser.add_argument("--only", type=parse_groups, metavar="GROUPS",
+                        help=f"run only these row groups, comma-separated: {', '.join(GROUPS)} "
+                        "(the goals whose rows did not run print '-')")
     parser.add_argument("--json", metavar="FILE", type=Path, help="also write the figures as JSON (and the plot)")
     parser.add_argument("--keep", action="store_true", help="leave the lab (XFS, storage) mounted")
     parser.add_argument("--ostree-tree", metavar="DIR", default="/usr/lib/python3",
@@ -883,6 +913,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("bench: run as root (it creates a user and a loop-mounted XFS)")
     if args.quick:
         args.runs, args.scale, args.warm_only = 1, parse_workload("0.25"), True
+    if args.only is None:
+        args.only = QUICK_GROUPS if args.quick else frozenset(GROUPS)
     cold = not args.warm_only
     print("bench: waiting for other benchmarks on this machine (they share the lab user)...", file=sys.stderr)
     with lab.locked("bench"):
@@ -891,12 +923,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, cold: bool) -> int:
     if args.scaling:
-        results = [bench_one(parse_workload(name), args.runs, cold, False, args.keep)
+        results = [bench_one(parse_workload(name), args.runs, cold, frozenset(("pull", "hash")), args.keep)
                    for name in args.scaling.split(",")]
         scaling_report(results, args.json)
         figures: dict = {"scaling": results}
     else:
-        figures = bench_one(args.scale, args.runs, cold, True, args.keep, args.quick, args.ostree_tree)
+        figures = bench_one(args.scale, args.runs, cold, args.only, args.keep, args.ostree_tree)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
