@@ -4,6 +4,7 @@ on a repository. Blocking, single-threaded, one connection (see `pycfs.protocol.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from typing import Any
 
@@ -77,7 +78,7 @@ class WorkerService:
         st = os.fstat(fd)
         if st.st_size != size:
             raise OSError(errno.ESTALE, f"has {st.st_size} bytes, expected {size}")
-        result = self.repo.store_object_from_fd(fd, st, None if crc is None else _Crc64Check(crc, size))
+        result = self.repo.store_object_from_fd(fd, st, None if crc is None else functools.partial(_Crc64Check, crc, size))
         if result.size != size:
             raise OSError(errno.ESTALE, "changed size while it was stored")
         return result.object_id, api.HOW_CODES[result.how]
