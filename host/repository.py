@@ -285,8 +285,27 @@ class Repository:
         except FileNotFoundError:
             return None
 
+    def _existing_subdir(self, xx: str) -> int | None:
+        """The fd of objects/<xx> when that directory exists (it is never created here)."""
+        fd = self._subdir_fds.get(xx)
+        if fd is None:
+            try:
+                fd = os.open(xx, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._objects())
+            except FileNotFoundError:
+                return None
+            with self._lock:
+                kept = self._subdir_fds.setdefault(xx, fd)
+            if kept != fd:
+                os.close(fd)
+            fd = kept
+        return fd
+
     def has_object(self, object_id: bytes) -> bool:
-        return self.object_size(object_id) is not None
+        """Whether the object exists: one faccessat in its open subdirectory, half the cost of
+        a stat by path (a re-pull checks every object of every layer this way)."""
+        h = object_id.hex()
+        fd = self._existing_subdir(h[:2])
+        return fd is not None and os.access(h[2:], os.F_OK, dir_fd=fd, follow_symlinks=False)
 
     def object_intact(self, object_id: bytes) -> bool:
         """The object is present and its content still hashes to its name (for small
@@ -464,7 +483,7 @@ class Repository:
         if os.fstat(src_fd).st_size != st.st_size:  # the lease is held: now the size stays
             raise RepositoryError(f"source file changed size while it was stored (expected {st.st_size} bytes)")
         object_id = digest_fd(src_fd, self.alg, st.st_size, observer() if observer is not None else None)
-        if self.object_size(object_id) == st.st_size:
+        if self.has_object(object_id):
             return StoreResult(object_id, st.st_size, "present")
         fd, temp_name = self._new_tmpfile(object_id)
         try:
