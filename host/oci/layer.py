@@ -135,14 +135,16 @@ class _ZstdReader:
         self._f = f
         self._dctx = zstandard.ZstdDecompressor()
         self._dobj: zstandard.ZstdDecompressionObj | None = None
-        self._pending = b""  # compressed input not yet fed
+        # Compressed input not yet fed, as a view: slicing bytes would copy the rest of
+        # the read at every slice (quadratic; it tripled the cost of decompression).
+        self._pending = memoryview(b"")
         self._out = memoryview(b"")
         self._eof = False
 
     def _fill(self) -> None:
         while not self._out and not self._eof:
             if not self._pending:
-                self._pending = self._f.read(_PIECE)
+                self._pending = memoryview(self._f.read(_PIECE))
                 if not self._pending:
                     self._eof = True
                     if self._dobj is not None:
@@ -156,7 +158,7 @@ class _ZstdReader:
             except zstandard.ZstdError as e:
                 raise PycfsError(f"corrupt zstd layer: {e}") from None
             if self._dobj.eof:
-                self._pending = self._dobj.unused_data + self._pending
+                self._pending = memoryview(self._dobj.unused_data + self._pending)
                 self._dobj = None
             self._out = memoryview(out)
 
