@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 import struct
 import threading
 from collections.abc import Callable
@@ -160,6 +161,22 @@ def digest_fd(fd: int, alg: str = "sha256", size: int | None = None,
         h.update(buf[:n])
         offset += n
     return h.digest()
+
+
+def digest_regular_file(path: str | os.PathLike[str], alg: str = "sha256") -> bytes:
+    """Digest of the regular file at path, its size taken when opened; OSError for anything
+    else, refused without reading it: a fifo or device could hang or never end."""
+    # O_NONBLOCK: opening a fifo must not wait for a writer (regular files ignore it).
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return digest_fd(fd, alg, st.st_size)
+    finally:
+        os.close(fd)
 
 
 def digest_path(path: str, alg: str = "sha256") -> bytes:
