@@ -339,8 +339,10 @@ async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha2
         if on_done is not None:
             on_done(len(done))
         return done
-    cwd = os.getcwd()
-    names = [os.path.join(cwd, os.fspath(path)) for path in paths]
+    names = [os.fspath(path) for path in paths]
+    if not all(name.startswith("/") for name in names):  # getcwd fails in a removed directory
+        cwd = os.getcwd()
+        names = [os.path.join(cwd, name) for name in names]
     results: list = [None] * len(paths)  # every slot is filled before the pool closes
     send, receive = trio.open_memory_channel(0)
 

@@ -256,6 +256,15 @@ def test_measure_by_name_resolves_like_the_kernel_and_refuses_what_is_not_a_file
                                                 "pycfs: error: missing: No such file or directory"]
 
 
+def test_measure_of_absolute_names_works_from_a_removed_directory(tmp_path, files):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = f'cd {gone} && rmdir {gone} && exec "$0" -m pycfs.tools.cli measure -j 2 {files[3][0]} {files[4][0]}'
+    out = subprocess.run(["sh", "-c", script, sys.executable], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"{digest_bytes(data).hex()} {p}" for p, data in files[3:5]]
+
+
 def test_workers_open_only_absolute_names_and_take_no_fds(tmp_path, files):
     async def main(paths, with_fd):
         async with open_pool(alg="sha256", jobs=1) as pool:
