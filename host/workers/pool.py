@@ -33,7 +33,7 @@ import trio
 
 from pycfs.host.childoutput import ChildOutput, ChildProcess, receive_message, spawn_on_socket
 from pycfs.host.errors import PycfsError
-from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_file
+from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files
 from pycfs.host.nursery import open_nursery
 from pycfs.host.repository import Repository
 from pycfs.protocol import worker_api as api
@@ -305,16 +305,6 @@ def _small_job(paths: Sequence[str | os.PathLike[str]]) -> bool:
     return True
 
 
-def _digest_in_process(paths: Sequence[str | os.PathLike[str]], alg: str) -> list[bytes | OSError]:
-    results: list[bytes | OSError] = []
-    for path in paths:
-        try:
-            results.append(digest_regular_file(path, alg))
-        except OSError as e:
-            results.append(e)
-    return results
-
-
 def _batches(names: Sequence[str]) -> Iterator[tuple[int, int]]:
     """(start, end) of each request's share of names: MEASURE_BATCH of them, fewer when long."""
     start, chars = 0, 0
@@ -335,7 +325,7 @@ async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha2
     files by name (the host does no per-file work); they run in "/", so names are made
     absolute here, joined to the cwd as the kernel would resolve them (no normalisation)."""
     if jobs is None and await trio.to_thread.run_sync(_small_job, paths):
-        done = await trio.to_thread.run_sync(_digest_in_process, paths, alg)
+        done = await trio.to_thread.run_sync(digest_regular_files, paths, alg)
         if on_done is not None:
             on_done(len(done))
         return done

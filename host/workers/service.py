@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from pycfs.host.errors import PycfsError
-from pycfs.host.fsverity import DIGEST_SIZES, digest_fd, digest_regular_file
+from pycfs.host.fsverity import DIGEST_SIZES, digest_fd, digest_regular_files
 if TYPE_CHECKING:  # a digest-only worker (`pycfs measure`) starts without the repository code
     from pycfs.host.repository import Repository
 from pycfs.protocol import worker_api as api
@@ -60,7 +60,12 @@ class WorkerService:
                 isinstance(p, str) and p.startswith("/") and "\0" not in p for p in paths):
             raise InvalidParamsError(f"paths must be a list of at most {api.MAX_FILES_PER_REQUEST} absolute paths, "
                                      "with no fds")
-        return self._answer(((p,) for p in paths), lambda path: (digest_regular_file(path, self.alg), api.DIGESTED))
+        def one(result: bytes | OSError) -> tuple[bytes, str]:
+            if isinstance(result, OSError):
+                raise result
+            return result, api.DIGESTED
+
+        return self._answer(((r,) for r in digest_regular_files(paths, self.alg)), one)
 
     def store(self, call: Call, sizes: Any, crcs: Any = None) -> dict[str, Any]:
         if self.repo is None:
