@@ -25,7 +25,7 @@ from pycfs.host.varlink.layers import (
     split_frames,
 )
 from pycfs.host.varlink.server import CallContext, Interface, Result, Server
-from pycfs.host.varlink.service import Handles, fsck_reply
+from pycfs.host.varlink.service import Handles, fsck_reply, image_mount_fd
 from pycfs.host.varlink.transfer import (
     DiffIdMismatch,
     LayerTransferError,
@@ -93,6 +93,7 @@ class OciInterface:
             "GetLayer": self.get_layer,
             "PutLayer": self.put_layer,
             "FinalizeImage": self.finalize_image,
+            "OciMount": self.oci_mount,
         }))
 
     def repo(self, ctx: CallContext) -> Repository:
@@ -217,6 +218,22 @@ class OciInterface:
         if ctx.params.string("expected_digest", optional=True) is not None:
             raise error("InvalidRequest", message="expected_digest requires bootable")
         return await pull_frames(ctx, repo)
+
+    async def oci_mount(self, ctx: CallContext) -> Result:
+        from pycfs.host.mount import resolve_image
+
+        repo = self.repo(ctx)
+        image = ctx.params.string("image")
+        if ctx.params.boolean("bootable", optional=True, default=False):
+            raise error("InvalidRequest", message="bootable images are not supported by pycfs")
+        # a bare manifest digest, as cfsctl takes it, or a tag
+        name = "@" + image if image.startswith("sha256:") else image
+        self._open(repo, name)
+        try:
+            image_id = await trio.to_thread.run_sync(resolve_image, repo, name)
+        except PycfsError as e:
+            raise error("InternalError", message=str(e)) from None
+        return await image_mount_fd(ctx, repo, image_id, lambda message: error("InvalidRequest", message=message))
 
     # -- layers --
 
