@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import stat
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +36,7 @@ from pycfs.host.varlink.transfer import (
     put_layer,
     run_producer,
 )
-from pycfs.host.workers.pool import open_pool
+from pycfs.host.workers.pool import WorkerPool, open_pool
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.splitdirfdstream import SplitDirFdStreamError
 from pycfs.protocol.varlink import VarlinkError
@@ -76,10 +77,57 @@ def layer_ids_of(manifest: dict, config: dict) -> list[str]:
     return ids
 
 
+class _Pools:
+    """One object-worker pool per repository handle, shared by its PutLayers (several may
+    run at once): starting workers costs about 0.3 s of CPU each, once per layer before.
+    Workers start with the first object stored and stop when the handle closes."""
+
+    def __init__(self, nursery: trio.Nursery, handles: Handles) -> None:
+        self.nursery = nursery
+        # handle -> (pool, set to stop it, set once it stopped)
+        self.pools: dict[int, tuple[WorkerPool, trio.Event, trio.Event]] = {}
+        handles.on_close.append(self.close)
+
+    async def get(self, handle: int, repo: Repository) -> WorkerPool:
+        if handle not in self.pools:
+            stop, stopped = trio.Event(), trio.Event()
+            pool = await self.nursery.start(self._hold, repo, stop, stopped)
+            if handle in self.pools:  # another call won the race
+                stop.set()
+            else:
+                self.pools[handle] = (pool, stop, stopped)
+        return self.pools[handle][0]
+
+    def retire(self, handle: int) -> trio.Event | None:
+        entry = self.pools.pop(handle, None)
+        if entry is None:
+            return None
+        entry[1].set()
+        return entry[2]
+
+    async def close(self, handle: int) -> None:
+        stopped = self.retire(handle)
+        if stopped is not None:
+            await stopped.wait()
+
+    @staticmethod
+    async def _hold(repo: Repository, stop: trio.Event, stopped: trio.Event,
+                    task_status: trio.TaskStatus[WorkerPool]) -> None:
+        try:
+            async with open_pool(repo=repo) as pool:
+                task_status.started(pool)
+                await stop.wait()
+        except (PycfsError, OSError) as e:  # a failed pool fails its calls; the service goes on
+            print(f"pycfs varlink: object workers: {e}", file=sys.stderr)
+        finally:
+            stopped.set()
+
+
 class OciInterface:
     def __init__(self, server: Server, handles: Handles) -> None:
         self.server = server
         self.handles = handles
+        self.pools = _Pools(server.nursery, handles)
         server.add(Interface(IFACE, idl.OCI, {
             "GetInfo": self.get_info,
             "ListImages": self.list_images,
@@ -280,16 +328,20 @@ class OciInterface:
             raise error("InternalError", message=f"PutLayer verifies sha256 diff_ids only, not {diff_id.split(':')[0]}")
         if not stat.S_ISFIFO(os.fstat(ctx.fds[0]).st_mode):
             raise error("InvalidRequest", message="fd 0 of PutLayer must be the read end of a pipe")
+        handle = ctx.params.integer("handle")
+        pool = await self.pools.get(handle, repo)
         fds = ctx.take_fds()
         pipe, dirfds = fds[0], fds[1:]
         already = repo.has_stream(layer_stream_name(diff_id)) is not None
         try:
-            async with open_pool(repo=repo) as pool:
-                layer_id, stats = await put_layer(repo, pool, pipe, dirfds, diff_id, zerocopy)
+            layer_id, stats = await put_layer(repo, pool, pipe, dirfds, diff_id, zerocopy)
         except DiffIdMismatch as e:
             raise error("DiffIdMismatch", expected=e.expected, actual=e.actual) from None
         except (SplitDirFdStreamError, LayerTransferError) as e:
             raise error("InvalidRequest", message=str(e)) from None
+        except PycfsError:
+            self.pools.retire(handle)  # perhaps a worker died: the next call starts new ones
+            raise
         finally:
             close_fds(dirfds)
         return {"layer_verity": layer_id.hex(), "already_present": already,

@@ -10,7 +10,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -58,6 +58,8 @@ class Handles:
     def __init__(self) -> None:
         self.repos: dict[int, Repository] = {}
         self._next = 1
+        # awaited when a client closes a handle (the service's own shutdown cancels instead)
+        self.on_close: list[Callable[[int], Awaitable[None]]] = []
 
     def add(self, repo: Repository) -> int:
         handle, self._next = self._next, self._next + 1
@@ -77,6 +79,14 @@ class Handles:
             return False
         repo.close()
         return True
+
+    async def aclose(self, handle: int) -> bool:
+        """CloseRepository: what the handle holds (object workers) is gone when it returns."""
+        if handle not in self.repos:
+            return False
+        for closing in self.on_close:
+            await closing(handle)
+        return self.close(handle)
 
     def close_all(self) -> None:
         for handle in list(self.repos):
@@ -195,7 +205,7 @@ class RepositoryInterface:
 
     async def close_repository(self, ctx: CallContext) -> Result:
         handle = ctx.params.integer("handle")
-        if not self.handles.close(handle):
+        if not await self.handles.aclose(handle):
             raise VarlinkError(f"{IFACE}.InvalidHandle", {"handle": handle})
         return {}
 
