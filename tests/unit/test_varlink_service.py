@@ -24,6 +24,7 @@ from pycfs.host.varlink.client import Client
 from pycfs.host.varlink.layers import reconstruct
 from pycfs.host.varlink.serve import open_service
 from pycfs.host.varlink.transport import socketpair
+from pycfs.host.workers.pool import default_jobs
 from pycfs.protocol import splitdirfdstream as sd
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.varlink import Decoder, VarlinkError, VarlinkProtocolError, encode
@@ -307,6 +308,46 @@ def test_relay_copy_and_finalize(source_repo, tmp_path) -> None:
     trio.run(main)
     for diff_id in built.diff_ids:
         assert layer_bytes(tmp_path / "dest", diff_id) == layer_bytes(repo_path, diff_id)
+
+
+def worker_children() -> list[int]:
+    """This process's object workers (children running pycfs.host.workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid() \
+                    and b"pycfs.host.workers" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def test_put_layers_share_one_worker_pool_until_close(source_repo, tmp_path) -> None:
+    """Every PutLayer into a handle uses that handle's one pool of workers (started once,
+    not per layer); CloseRepository returns once they are gone."""
+    repo_path, built = source_repo
+    Repository.init(tmp_path / "dest").close()
+
+    async def main() -> None:
+        async with service() as (_, client):
+            src = await open_repo(client, repo_path)
+            dst = await open_repo(client, tmp_path / "dest")
+            assert worker_children() == []
+            for diff_id in built.diff_ids:
+                await relay(client, src, dst, diff_id)
+                await relay(client, src, dst, diff_id)
+            workers = worker_children()
+            assert 1 <= len(workers) <= default_jobs()
+            await client.call(REPO + "CloseRepository", {"handle": dst})
+            assert worker_children() == []
+            # a new handle on the same repository: a new pool, and the layers are there
+            dst = await open_repo(client, tmp_path / "dest")
+            assert (await relay(client, src, dst, built.diff_ids[1]))["already_present"] is True
+            assert worker_children() and set(worker_children()).isdisjoint(workers)
+
+    trio.run(main)
+    assert worker_children() == []
 
 
 # ---------------------------------------------------------------------------- hostile peers
