@@ -56,41 +56,27 @@ def open_image_mount(repo: Repository, image_id: bytes, options: MountOptions | 
     Needs root (CAP_SYS_ADMIN in the initial user namespace)."""
     options = options or MountOptions()
     image_fd = repo.open_object(image_id)
-    objects = os.open("objects", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=repo.dirfd)
-    erofs = -1
+    objects = erofs = -1
     try:
+        objects = os.open("objects", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=repo.dirfd)
         # The fds' /proc/self/fd links name exactly the files opened here: no path is
         # looked up twice, and no path needs escaping in an option string.
         try:
-            ctx = syscalls.fsopen("erofs")
-            try:
-                syscalls.fsconfig(ctx, "source", f"/proc/self/fd/{image_fd}")
-                syscalls.fsconfig(ctx, "ro")
-                syscalls.fsconfig_create(ctx)
-                erofs = syscalls.fsmount(ctx, syscalls.MOUNT_ATTR_RDONLY)
-            finally:
-                os.close(ctx)
+            erofs = syscalls.detached_mount("erofs", [("source", f"/proc/self/fd/{image_fd}"), ("ro", None)],
+                                            syscalls.MOUNT_ATTR_RDONLY)
         except OSError as e:
             raise PycfsError(f"mounting the EROFS image {image_id.hex()} failed: {e.strerror} "
                              "(needs root and a kernel with file-backed EROFS, Linux 6.12 or newer)") from None
+        overlay: list[tuple[str, str | None]] = [
+            ("source", "composefs"), ("lowerdir+", f"/proc/self/fd/{erofs}"), ("datadir+", f"/proc/self/fd/{objects}"),
+            ("metacopy", "on"), ("redirect_dir", "on")]
+        if repo.secure:
+            overlay.append(("verity", "require"))
+        if options.upper_fd is not None and options.work_fd is not None:
+            overlay += [("upperdir", f"/proc/self/fd/{options.upper_fd}"), ("workdir", f"/proc/self/fd/{options.work_fd}")]
         try:
-            ctx = syscalls.fsopen("overlay")
-            try:
-                syscalls.fsconfig(ctx, "source", "composefs")
-                syscalls.fsconfig(ctx, "lowerdir+", f"/proc/self/fd/{erofs}")
-                syscalls.fsconfig(ctx, "datadir+", f"/proc/self/fd/{objects}")
-                syscalls.fsconfig(ctx, "metacopy", "on")
-                syscalls.fsconfig(ctx, "redirect_dir", "on")
-                if repo.secure:
-                    syscalls.fsconfig(ctx, "verity", "require")
-                if options.upper_fd is not None and options.work_fd is not None:
-                    syscalls.fsconfig(ctx, "upperdir", f"/proc/self/fd/{options.upper_fd}")
-                    syscalls.fsconfig(ctx, "workdir", f"/proc/self/fd/{options.work_fd}")
-                syscalls.fsconfig_create(ctx)
-                attrs = syscalls.MOUNT_ATTR_NODEV | (0 if options.read_write else syscalls.MOUNT_ATTR_RDONLY)
-                return syscalls.fsmount(ctx, attrs)
-            finally:
-                os.close(ctx)
+            return syscalls.detached_mount(
+                "overlay", overlay, syscalls.MOUNT_ATTR_NODEV | (0 if options.read_write else syscalls.MOUNT_ATTR_RDONLY))
         except OSError as e:
             raise PycfsError(f"mounting the overlay failed: {e.strerror} (needs overlayfs with lowerdir+/datadir+, "
                              "Linux 6.7 or newer)") from None

@@ -193,6 +193,19 @@ def fsmount(fsfd: int, attrs: int = 0) -> int:
     return fd
 
 
+def detached_mount(fstype: str, options: list[tuple[str, str | None]], attrs: int = 0) -> int:
+    """fsopen, fsconfig each (key, value or None for a flag), create, fsmount: the fd of a
+    mount attached nowhere (yet)."""
+    ctx = fsopen(fstype)
+    try:
+        for key, value in options:
+            fsconfig(ctx, key, value)
+        fsconfig_create(ctx)
+        return fsmount(ctx, attrs)
+    finally:
+        os.close(ctx)
+
+
 def move_mount_fd(mount_fd: int, target: str) -> None:
     """Attach the detached mount at mount_fd onto the directory target."""
     if _libc.syscall(_SYS_move_mount, mount_fd, b"", AT_FDCWD, os.fsencode(target), MOVE_MOUNT_F_EMPTY_PATH) != 0:

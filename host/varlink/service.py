@@ -227,25 +227,24 @@ class RepositoryInterface:
         return {"result": {"objects_removed": result.objects_removed, "objects_bytes": result.bytes_removed,
                            "images_pruned": 0, "streams_pruned": result.links_pruned}, "dry_run": dry_run}
 
-    async def image_objects(self, ctx: CallContext) -> Result:
-        from pycfs.host.erofs.objects import image_object_ids
-
+    def _image(self, ctx: CallContext) -> tuple[Repository, bytes]:
+        """The handle's repository and the image id its `name` parameter names."""
         repo = self.handles.get(ctx, IFACE)
         name = ctx.params.string("name")
         try:
-            image_id = repo.image_id(name)
+            return repo, repo.image_id(name)
         except PycfsError:
             raise VarlinkError(f"{IFACE}.NoSuchRef", {"reference": name}) from None
+
+    async def image_objects(self, ctx: CallContext) -> Result:
+        from pycfs.host.erofs.objects import image_object_ids
+
+        repo, image_id = self._image(ctx)
         ids = await trio.to_thread.run_sync(lambda: image_object_ids(repo.read_object(image_id), repo.alg))
         return {"object_ids": sorted(f"{repo.alg}:{i.hex()}" for i in ids)}
 
     async def mount(self, ctx: CallContext) -> Result:
-        repo = self.handles.get(ctx, IFACE)
-        name = ctx.params.string("name")
-        try:
-            image_id = repo.image_id(name)
-        except PycfsError:
-            raise VarlinkError(f"{IFACE}.NoSuchRef", {"reference": name}) from None
+        repo, image_id = self._image(ctx)
         return await image_mount_fd(ctx, repo, image_id, _invalid_spec)
 
     async def list_image_refs(self, ctx: CallContext) -> Result:

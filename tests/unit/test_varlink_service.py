@@ -276,6 +276,19 @@ def test_get_layer_reconstructs_the_tar(source_repo) -> None:
     trio.run(main)
 
 
+def worker_children() -> list[int]:
+    """This process's object workers (children running pycfs.host.workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid() \
+                    and b"pycfs.host.workers" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 def test_relay_copy_and_finalize(source_repo, tmp_path) -> None:
     repo_path, built = source_repo
     Repository.init(tmp_path / "dest").close()
@@ -292,6 +305,9 @@ def test_relay_copy_and_finalize(source_repo, tmp_path) -> None:
                 src_verity = (await client.call(OCI + "HasLayer", {"handle": src, "diff_id": diff_id})).parameters
                 assert put["layer_verity"] == src_verity["layer_verity"]
                 refs.append({"diff_id": diff_id, "layer_verity": put["layer_verity"]})
+            # every PutLayer into the handle used its one pool of workers (not one per layer)
+            workers = worker_children()
+            assert 1 <= len(workers) <= default_jobs()
             inspected = (await client.call(OCI + "Inspect", {"handle": src, "image": "img"})).parameters
             final = (await client.call(OCI + "FinalizeImage", {
                 "handle": dst, "manifest_json": inspected["manifest"], "config_json": inspected["config"],
@@ -304,50 +320,13 @@ def test_relay_copy_and_finalize(source_repo, tmp_path) -> None:
             assert again == final
             copied = (await client.call(OCI + "Inspect", {"handle": dst, "image": "copy"})).parameters
             assert copied["manifest"] == inspected["manifest"] and copied["composefs_erofs"] == inspected["composefs_erofs"]
+            # CloseRepository returns once the handle's workers are gone
+            await client.call(REPO + "CloseRepository", {"handle": dst})
+            assert worker_children() == []
 
     trio.run(main)
     for diff_id in built.diff_ids:
         assert layer_bytes(tmp_path / "dest", diff_id) == layer_bytes(repo_path, diff_id)
-
-
-def worker_children() -> list[int]:
-    """This process's object workers (children running pycfs.host.workers)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid() \
-                    and b"pycfs.host.workers" in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def test_put_layers_share_one_worker_pool_until_close(source_repo, tmp_path) -> None:
-    """Every PutLayer into a handle uses that handle's one pool of workers (started once,
-    not per layer); CloseRepository returns once they are gone."""
-    repo_path, built = source_repo
-    Repository.init(tmp_path / "dest").close()
-
-    async def main() -> None:
-        async with service() as (_, client):
-            src = await open_repo(client, repo_path)
-            dst = await open_repo(client, tmp_path / "dest")
-            assert worker_children() == []
-            for diff_id in built.diff_ids:
-                await relay(client, src, dst, diff_id)
-                await relay(client, src, dst, diff_id)
-            workers = worker_children()
-            assert 1 <= len(workers) <= default_jobs()
-            await client.call(REPO + "CloseRepository", {"handle": dst})
-            assert worker_children() == []
-            # a new handle on the same repository: a new pool, and the layers are there
-            dst = await open_repo(client, tmp_path / "dest")
-            assert (await relay(client, src, dst, built.diff_ids[1]))["already_present"] is True
-            assert worker_children() and set(worker_children()).isdisjoint(workers)
-
-    trio.run(main)
-    assert worker_children() == []
 
 
 # ---------------------------------------------------------------------------- hostile peers
