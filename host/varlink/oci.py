@@ -31,6 +31,7 @@ from pycfs.host.varlink.transfer import (
     DiffIdMismatch,
     LayerTransferError,
     Producer,
+    batch_limiter,
     open_objects_dir,
     produce_repo_layer,
     put_layer,
@@ -84,26 +85,27 @@ class _Pools:
 
     def __init__(self, nursery: trio.Nursery, handles: Handles) -> None:
         self.nursery = nursery
-        # handle -> (pool, set to stop it, set once it stopped)
-        self.pools: dict[int, tuple[WorkerPool, trio.Event, trio.Event]] = {}
+        # handle -> (pool, its batch limiter, set to stop it, set once it stopped)
+        self.pools: dict[int, tuple[WorkerPool, trio.CapacityLimiter, trio.Event, trio.Event]] = {}
         handles.on_close.append(self.close)
 
-    async def get(self, handle: int, repo: Repository) -> WorkerPool:
+    async def get(self, handle: int, repo: Repository) -> tuple[WorkerPool, trio.CapacityLimiter]:
         if handle not in self.pools:
             stop, stopped = trio.Event(), trio.Event()
             pool = await self.nursery.start(self._hold, repo, stop, stopped)
             if handle in self.pools:  # another call won the race
                 stop.set()
             else:
-                self.pools[handle] = (pool, stop, stopped)
-        return self.pools[handle][0]
+                self.pools[handle] = (pool, batch_limiter(pool), stop, stopped)
+        pool, limiter, _, _ = self.pools[handle]
+        return pool, limiter
 
     def retire(self, handle: int) -> trio.Event | None:
         entry = self.pools.pop(handle, None)
         if entry is None:
             return None
-        entry[1].set()
-        return entry[2]
+        entry[2].set()
+        return entry[3]
 
     async def close(self, handle: int) -> None:
         stopped = self.retire(handle)
@@ -329,12 +331,12 @@ class OciInterface:
         if not stat.S_ISFIFO(os.fstat(ctx.fds[0]).st_mode):
             raise error("InvalidRequest", message="fd 0 of PutLayer must be the read end of a pipe")
         handle = ctx.params.integer("handle")
-        pool = await self.pools.get(handle, repo)
+        pool, limiter = await self.pools.get(handle, repo)
         fds = ctx.take_fds()
         pipe, dirfds = fds[0], fds[1:]
         already = repo.has_stream(layer_stream_name(diff_id)) is not None
         try:
-            layer_id, stats = await put_layer(repo, pool, pipe, dirfds, diff_id, zerocopy)
+            layer_id, stats = await put_layer(repo, pool, pipe, dirfds, diff_id, zerocopy, limiter)
         except DiffIdMismatch as e:
             raise error("DiffIdMismatch", expected=e.expected, actual=e.actual) from None
         except (SplitDirFdStreamError, LayerTransferError) as e:

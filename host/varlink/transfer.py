@@ -166,9 +166,12 @@ class _Batch:
 class LayerConsumer:
     """One PutLayer: decode, store, hash, and (only if the digest matches) commit."""
 
-    def __init__(self, repo: Repository, pool: WorkerPool, dirfds: list[int], zerocopy: bool) -> None:
+    def __init__(self, repo: Repository, pool: WorkerPool, dirfds: list[int], zerocopy: bool,
+                 limiter: trio.CapacityLimiter | None = None) -> None:
         self.repo = repo
         self.pool = pool
+        # batches in flight to the workers, shared by the layers that share the pool
+        self.limiter = limiter or batch_limiter(pool)
         self.dirfds = dirfds
         self.zerocopy = zerocopy
         self.writer = SplitStreamWriter(repo.alg, CONTENT_OCI_LAYER)
@@ -211,9 +214,8 @@ class LayerConsumer:
         batches in stream order."""
         decoder = Decoder()
         batch = _Batch()
-        in_flight = self.pool.batches_in_flight(BATCH_FILES)
-        limiter = trio.CapacityLimiter(in_flight)
-        send, receive = trio.open_memory_channel[_Batch](in_flight)
+        limiter = self.limiter
+        send, receive = trio.open_memory_channel[_Batch](int(limiter.total_tokens))
         try:
             async with open_nursery() as nursery:
                 nursery.start_soon(self._write_in_order, receive)
@@ -375,10 +377,17 @@ class LayerConsumer:
             self.writer.write_external(item.object_id, item.size)
 
 
+def batch_limiter(pool: WorkerPool) -> trio.CapacityLimiter:
+    """How many batches of files may wait for `pool` at once: enough to keep its workers
+    busy, and (each batch holding its fds open) well within the open-file limit."""
+    return trio.CapacityLimiter(pool.batches_in_flight(BATCH_FILES))
+
+
 async def put_layer(repo: Repository, pool: WorkerPool, pipe_fd: int, dirfds: list[int], diff_id: str,
-                    zerocopy: bool) -> tuple[bytes, PutStats]:
-    """Consume a splitdirfdstream from pipe_fd (taken) into `oci-layer-<diff_id>`."""
-    consumer = LayerConsumer(repo, pool, dirfds, zerocopy)
+                    zerocopy: bool, limiter: trio.CapacityLimiter | None = None) -> tuple[bytes, PutStats]:
+    """Consume a splitdirfdstream from pipe_fd (taken) into `oci-layer-<diff_id>`; layers
+    stored at once by one pool share its `limiter` (see batch_limiter)."""
+    consumer = LayerConsumer(repo, pool, dirfds, zerocopy, limiter)
     async with trio.lowlevel.FdStream(pipe_fd) as pipe:
         actual = await consumer.run(pipe.receive_some)
     if actual != diff_id:
