@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
@@ -31,9 +31,6 @@ from pycfs.protocol.varlink import VarlinkError
 
 OCI = "org.composefs.Oci."
 REPO = "org.composefs.Repository."
-# Layers copied at once: a layer's objects are stored by the destination's workers while
-# its stream is hashed in order; several layers keep every core busy at the boundaries.
-LAYERS_IN_FLIGHT = 3
 
 
 class CopyProgress(Protocol):
@@ -63,9 +60,6 @@ class Endpoint:
     client: Client
     handle: int
     algorithm: str
-    # Another connection to the same service (handles are service-wide): calls on one
-    # connection are answered in order, so layers in flight at once each need their own.
-    another: Callable[[], Awaitable[Client]]
 
 
 async def _in_process_service(task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -79,20 +73,16 @@ async def open_endpoint(address: str | None, repo: str) -> AsyncIterator[Endpoin
     """Repository `repo` behind the service at `unix:PATH`, or (address None) behind an
     in-process service on a socketpair: the same varlink and SCM_RIGHTS path either way."""
     async with open_nursery() as nursery:
-        service = None if address is not None else await nursery.start(_in_process_service)
-
-        async def another() -> Client:
-            if address is not None:
-                return Client(await connect(address))
-            assert service is not None
+        if address is not None:
+            conn = await connect(address)
+        else:
+            service = await nursery.start(_in_process_service)
             conn, server_sock = socketpair()
             nursery.start_soon(service.serve_connection, server_sock)
-            return Client(conn)
-
-        client = await another()
+        client = Client(conn)
         try:
             reply = await client.call(REPO + "OpenRepository", {"path": repo})
-            yield Endpoint(client, reply.parameters["handle"], reply.parameters.get("hash_algorithm") or "", another)
+            yield Endpoint(client, reply.parameters["handle"], reply.parameters.get("hash_algorithm") or "")
         finally:
             client.close()
             nursery.cancel_scope.cancel()
@@ -144,36 +134,22 @@ async def copy_image(src: Endpoint, dst: Endpoint, image: str, name: str | None,
 async def _copy_layers(src: Endpoint, dst: Endpoint, manifest_json: str, config_json: str,
                        layers: Sequence[tuple[str, dict | None]], name: str | None, zerocopy: bool,
                        progress: CopyProgress | None, started: float) -> CopyResult:
-    """Each (diff_id, storage locator) not in the destination moves, LAYERS_IN_FLIGHT at
-    once (each on its own pair of connections); then FinalizeImage."""
+    """Each (diff_id, storage locator) not in the destination moves; then FinalizeImage."""
     totals = {"objects_reflinked": 0, "objects_hardlinked": 0, "objects_copied": 0, "objects_already_present": 0}
-    done: list[dict] = [{} for _ in layers]
-    limiter = trio.CapacityLimiter(LAYERS_IN_FLIGHT)
-
-    async def one(index: int, diff_id: str, storage: dict | None) -> None:
-        async with limiter:
-            if progress is not None:
-                progress.layer_started(diff_id)
-            src_client, dst_client = await src.another(), await dst.another()
-            try:
-                has = (await dst_client.call(OCI + "HasLayer", {"handle": dst.handle, "diff_id": diff_id})).parameters
-                if has.get("present"):
-                    done[index] = {"diff_id": diff_id, "layer_verity": has["layer_verity"], "copied": False}
-                else:
-                    put = await copy_layer(replace(src, client=src_client), replace(dst, client=dst_client), diff_id,
-                                           zerocopy, storage)
-                    for key in totals:
-                        totals[key] += int(put.get(key) or 0)
-                    done[index] = {"diff_id": diff_id, "layer_verity": put["layer_verity"], "copied": True}
-            finally:
-                src_client.close()
-                dst_client.close()
-            if progress is not None:
-                progress.layer_done(diff_id, not done[index]["copied"])
-
-    async with open_nursery() as nursery:
-        for index, (diff_id, storage) in enumerate(layers):
-            nursery.start_soon(one, index, diff_id, storage)
+    done = []
+    for diff_id, storage in layers:
+        if progress is not None:
+            progress.layer_started(diff_id)
+        has = (await dst.client.call(OCI + "HasLayer", {"handle": dst.handle, "diff_id": diff_id})).parameters
+        if has.get("present"):
+            done.append({"diff_id": diff_id, "layer_verity": has["layer_verity"], "copied": False})
+        else:
+            put = await copy_layer(src, dst, diff_id, zerocopy, storage)
+            for key in totals:
+                totals[key] += int(put.get(key) or 0)
+            done.append({"diff_id": diff_id, "layer_verity": put["layer_verity"], "copied": True})
+        if progress is not None:
+            progress.layer_done(diff_id, not done[-1]["copied"])
     final = (await dst.client.call(OCI + "FinalizeImage", {
         "handle": dst.handle, "manifest_json": manifest_json, "config_json": config_json,
         "layers": [{"diff_id": entry["diff_id"], "layer_verity": entry["layer_verity"]} for entry in done],
@@ -217,22 +193,19 @@ async def copy(source: str, source_repo: str | None, destination: str, image: st
         if not source.startswith("unix:"):
             async with open_endpoint(None, source) as src, open_endpoint(None, destination) as dst:
                 return await copy_image(src, dst, image, name, zerocopy, progress)
-        async def another() -> Client:
-            return Client(await connect(source))
-
-        client = await another()
+        client = Client(await connect(source))
         try:
             features = (await client.call(OCI + "GetInfo")).parameters.get("features") or []
             if "splitdirfdstream-v0" not in features:
                 raise PycfsError(f"{source} does not offer the splitdirfdstream-v0 layer transport")
             async with open_endpoint(None, destination) as dst:
                 if "source-containers-storage" in features:
-                    return await copy_from_containers_storage(Endpoint(client, 0, dst.algorithm, another), dst, image,
+                    return await copy_from_containers_storage(Endpoint(client, 0, dst.algorithm), dst, image,
                                                               storage_root, name, zerocopy, progress)
                 if source_repo is None:
                     raise PycfsError(f"--from {source}: name the repository as the service sees it with --from-repo PATH")
                 reply = await client.call(REPO + "OpenRepository", {"path": source_repo})
-                src = Endpoint(client, reply.parameters["handle"], reply.parameters.get("hash_algorithm") or "", another)
+                src = Endpoint(client, reply.parameters["handle"], reply.parameters.get("hash_algorithm") or "")
                 return await copy_image(src, dst, image, name, zerocopy, progress)
         finally:
             client.close()
