@@ -21,6 +21,7 @@ asking (OPEN answered ENOSYS), and enforces modes itself (`default_permissions`)
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import logging.handlers
 import os
@@ -36,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from queue import Empty, Full, Queue
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pycfs.host import syscalls
 from pycfs.host.erofs import format as F
@@ -75,6 +76,8 @@ PUSH_AHEAD = 4 << 20
 PUSH_FILES = 32
 PUSH_FILE_LIMIT = 1 << 20
 PUSH_QUEUE = 256
+# The pipe file bytes travel through to /dev/fuse: 1 MiB, the default most a user may ask for.
+PIPE_SIZE = 1 << 20
 
 _METACOPY = b"trusted.overlay.metacopy"
 _REDIRECT = b"trusted.overlay.redirect"
@@ -115,24 +118,42 @@ def load_image(repo: Repository, image_id: bytes) -> ServedImage:
 class _Node:
     """One stored inode, decoded once and kept with its replies packed (the image is immutable)."""
 
-    __slots__ = ("attr", "attr_reply", "content", "dtype", "entries", "entry", "index", "internal", "raw",
-                 "xattrs")
+    __slots__ = ("_xattrs", "attr_reply", "content", "dtype", "entries", "entry", "index", "ino", "raw")
 
     def __init__(self, nodeid: int, raw: RawInode) -> None:
         self.raw = raw
-        self.xattrs, self.internal = overlay_xattrs(raw.xattrs)
-        ns = raw.mtime * 1_000_000_000 + raw.mtime_nsec
-        sec, nsec = divmod(ns, 1_000_000_000)
+        self.ino = nodeid
+        sec, nsec = divmod(raw.mtime * 1_000_000_000 + raw.mtime_nsec, 1_000_000_000)
         rdev = raw.i_u if stat.S_ISCHR(raw.mode) or stat.S_ISBLK(raw.mode) else 0
-        self.attr = fuse.Attr(nodeid, raw.size, (raw.size + 511) // 512, sec, sec, sec, nsec, nsec, nsec, raw.mode,
-                              raw.nlink, raw.uid, raw.gid, rdev, F.BLOCK_SIZE)
-        attr = self.attr.pack()
-        self.entry = fuse.EntryOut(nodeid, 0, CACHE_TIMEOUT, CACHE_TIMEOUT).pack() + attr
-        self.attr_reply = fuse.AttrOut(CACHE_TIMEOUT).pack() + attr
+        # packed straight from the fields (listing a directory makes one per entry)
+        attr = _ATTR.pack(nodeid, raw.size, (raw.size + 511) // 512, sec, sec, sec, nsec, nsec, nsec, raw.mode,
+                          raw.nlink, raw.uid, raw.gid, rdev, F.BLOCK_SIZE, 0)
+        self.entry = _ENTRY.pack(nodeid, 0, CACHE_TIMEOUT, CACHE_TIMEOUT, 0, 0) + attr
+        self.attr_reply = _ATTR_OUT + attr
         self.dtype = stat.S_IFMT(raw.mode) >> 12  # the d_type of its directory entries
+        self._xattrs: tuple[dict[bytes, bytes], dict[bytes, bytes]] | None = None
         self.entries: list[tuple[bytes, int]] | None = None  # directories: visible (name, nid)
         self.index: dict[bytes, int] | None = None
         self.content: bytes | None = None  # inline files: their bytes, once read
+
+    @property
+    def xattrs(self) -> dict[bytes, bytes]:
+        """The xattrs overlayfs shows."""
+        if self._xattrs is None:
+            self._xattrs = overlay_xattrs(self.raw.xattrs)
+        return self._xattrs[0]
+
+    @property
+    def internal(self) -> dict[bytes, bytes]:
+        """overlayfs's own: redirect, metacopy."""
+        if self._xattrs is None:
+            self._xattrs = overlay_xattrs(self.raw.xattrs)
+        return self._xattrs[1]
+
+
+_ATTR = fuse.Attr.FORMAT
+_ENTRY = fuse.EntryOut.FORMAT
+_ATTR_OUT = fuse.AttrOut(CACHE_TIMEOUT).pack()
 
 
 def _is_whiteout(raw: RawInode) -> bool:
@@ -223,7 +244,6 @@ class ComposefsOperations:
         self.tree = ImageTree(image.reader)
         self._fds: OrderedDict[int, int] = OrderedDict()  # nid -> its checked object, most recent last
         self._reported: set[int] = set()  # nids whose broken object was logged already
-        self._buf = bytearray(MAX_READ)
         # EROFS lists trusted.* only to CAP_SYS_ADMIN of the initial namespace (getxattr is
         # refused by the VFS); a server in a user namespace has no such caller
         self._trusted_for_root = privileged()
@@ -256,8 +276,8 @@ class ComposefsOperations:
             name, child = entries[i]
             yield i + 1, name, self.tree.node(child)
 
-    def read(self, ino: int, off: int, size: int) -> bytes | memoryview:
-        """Up to `size` bytes at `off`; the view is valid until the next read."""
+    def read(self, ino: int, off: int, size: int) -> bytes | FileRange:
+        """Up to `size` bytes at `off`: the bytes, or where in an object they are."""
         nid = self.tree.nid(ino)
         node = self.tree.node(nid)
         raw = node.raw
@@ -273,22 +293,18 @@ class ComposefsOperations:
             return bytes(want)  # no backing object: overlayfs shows the EROFS file's holes
         if want == 0:
             return b""
-        view = memoryview(self._buf)[:want]
         try:
-            fd = self._object(nid, node, redirect)
-            got = os.preadv(fd, [view], off)
+            return FileRange(nid, self._object(nid, node, redirect), off, want)
         except _ObjectProblem as e:
             if nid not in self._reported:
                 self._reported.add(nid)
                 log.error("%s: object %s %s; reading it gives EIO", self.tree.path(nid), os.fsdecode(redirect), e)
             raise FuseError(errno.EIO) from None
-        except OSError as e:
-            log.error("%s: reading object %s failed: %s", self.tree.path(nid), os.fsdecode(redirect), e.strerror)
-            raise FuseError(errno.EIO) from None
-        if got != want:  # a short read would shrink the file in the kernel's cache
-            log.error("%s: object %s is shorter than the image says", self.tree.path(nid), os.fsdecode(redirect))
-            raise FuseError(errno.EIO)
-        return view
+
+    def unreadable(self, nid: int, why: str) -> None:
+        """Reading the object behind nid failed after it was opened: one line each time."""
+        redirect = self.tree.node(nid).internal.get(_REDIRECT, b"")
+        log.error("%s: object %s %s; reading it gives EIO", self.tree.path(nid), os.fsdecode(redirect), why)
 
     def _object(self, nid: int, node: _Node, redirect: bytes) -> int:
         """The object behind a file, opened and checked once while it stays among the recent."""
@@ -353,7 +369,75 @@ class ComposefsOperations:
 # The protocol: requests from /dev/fuse, replies to it
 
 
-Payload = bytes | bytearray | memoryview
+def _pread_exactly(fd: int, length: int, offset: int) -> bytes:
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as e:
+        raise _ObjectProblem(f"cannot be read ({e.strerror})") from None
+    if len(data) != length:
+        raise _ObjectProblem("is shorter than the image says")
+    return data
+
+
+class FileRange(NamedTuple):
+    """A READ's answer that is bytes of an object: sent by splice, not read into Python."""
+
+    nid: int
+    fd: int
+    offset: int
+    length: int
+
+
+Payload = bytes | bytearray | memoryview | FileRange
+
+
+class Splicer:
+    """Sends a message whose body is bytes of a file: the header written into a pipe, the
+    file's pages spliced behind it, the pipe spliced to the output. The kernel copies the
+    bytes once (page cache to page cache) where pread + write would copy them twice."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # a smaller pipe: smaller messages
+        # a page for the header, one more for a start that is not page-aligned
+        self.limit = fcntl.fcntl(self.w, fcntl.F_GETPIPE_SZ) - 8192
+
+    def send(self, out: int, header: bytes, fd: int, offset: int, length: int) -> None:
+        """Write header + `length` bytes of fd at offset to out, as one write. _ObjectProblem
+        when fd has fewer bytes there or cannot be read (nothing is written then); OSError
+        from out passes on."""
+        assert length <= self.limit
+        os.write(self.w, header)
+        try:
+            moved = 0
+            while moved < length:
+                try:
+                    n = os.splice(fd, self.w, length - moved, offset_src=offset + moved)
+                except OSError as e:
+                    raise _ObjectProblem(f"cannot be read ({e.strerror})") from None
+                if n == 0:  # a short message would shrink the file in the kernel's cache
+                    raise _ObjectProblem("is shorter than the image says")
+                moved += n
+            total = len(header) + length
+            while total:
+                total -= os.splice(self.r, out, total)
+        except BaseException:
+            self._drain()
+            raise
+
+    def _drain(self) -> None:
+        try:
+            while os.read(self.r, PIPE_SIZE):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
 
 
 def _xattr_reply(value: bytes, body: memoryview) -> bytes:
@@ -379,6 +463,7 @@ class FuseServer:
         self.fd = fd
         self._on_ready = on_ready
         self._pusher = pusher
+        self._splicer = Splicer()
         self._handlers: dict[int, Callable[[int, int, memoryview], Payload]] = {
             fuse.LOOKUP: self._lookup, fuse.GETATTR: self._getattr, fuse.READLINK: self._readlink,
             fuse.READ: self._read, fuse.READDIRPLUS: self._readdirplus, fuse.GETXATTR: self._getxattr,
@@ -419,12 +504,32 @@ class FuseServer:
             log.error("request %d on node %d failed: %s", opcode, nodeid, e)
             payload, error = b"", -errno.EIO
         try:
+            if isinstance(payload, FileRange):
+                if self._send_range(unique, payload):
+                    return
+                payload, error = b"", -errno.EIO
             os.writev(self.fd, [fuse.reply_header(unique, error, len(payload)), payload])
         except OSError as e:
             if e.errno != errno.ENOENT:  # ENOENT: the caller was interrupted and left
                 raise
         if opcode == fuse.INIT and error == 0 and self._on_ready is not None:
             self._on_ready()
+
+    def close(self) -> None:
+        self._splicer.close()
+
+    def _send_range(self, unique: int, r: FileRange) -> bool:
+        """Send a READ's object bytes; False when the object let us down (logged)."""
+        header = fuse.reply_header(unique, 0, r.length)
+        try:
+            if r.length <= self._splicer.limit:
+                self._splicer.send(self.fd, header, r.fd, r.offset, r.length)
+            else:
+                os.writev(self.fd, [header, _pread_exactly(r.fd, r.length, r.offset)])
+            return True
+        except _ObjectProblem as e:
+            self.ops.unreadable(r.nid, str(e))
+            return False
 
     def _enosys(self, nodeid: int, uid: int, body: memoryview) -> Payload:
         raise FuseError(errno.ENOSYS)
@@ -455,14 +560,14 @@ class FuseServer:
         _, offset, size, _, _, _, _ = _READ_IN.unpack_from(body)
         data = self.ops.read(nodeid, offset, size)
         if self._pusher is not None:
-            self._pusher.after_read(nodeid, offset, offset + len(data))
+            self._pusher.after_read(nodeid, offset, offset + (data.length if isinstance(data, FileRange) else len(data)))
         return data
 
     def _readdirplus(self, nodeid: int, uid: int, body: memoryview) -> Payload:
         args = fuse.ReadIn.unpack_from(body)
         out, used = [], 0
         for next_off, name, node in self.ops.readdir(nodeid, args.offset):
-            record = fuse.dirent_record(node.entry + _DIRENT.pack(node.attr.ino, next_off, len(name), node.dtype), name)
+            record = fuse.dirent_record(node.entry + _DIRENT.pack(node.ino, next_off, len(name), node.dtype), name)
             if used + len(record) > args.size:
                 break
             out.append(record)
@@ -495,15 +600,18 @@ class Pusher:
     the reads the loop answers: a read past the start of a file gets the next PUSH_AHEAD of it;
     the first read of a file that follows the previously first-read file of its directory
     (reading a directory in order, as `cp -r`, `tar` or `find | xargs cat` do) gets the next
-    PUSH_FILES files of the directory. Stores the kernel refuses (an inode it forgot) and
-    objects that cannot be opened are skipped: the reads that follow, if any, say why."""
+    PUSH_FILES files of the directory, less those the reader reaches first. Stores the kernel
+    refuses (an inode it forgot) and objects that cannot be opened are skipped: the reads
+    that follow, if any, say why."""
 
     def __init__(self, ops: ComposefsOperations, fd: int) -> None:
         self.ops = ops
         self.fd = fd
-        self.jobs: Queue[tuple[int, _Node, int, int] | None] = Queue(PUSH_QUEUE)
-        self._ahead: dict[int, int] = {}  # nid -> where the pushed part of it ends
+        # (nid, node, start, end, (parent nid, index) for a directory's next files)
+        self.jobs: Queue[tuple[int, _Node, int, int, tuple[int, int] | None] | None] = Queue(PUSH_QUEUE)
+        self._ahead: dict[int, int] = {}  # nid -> where the queued part of it ends
         self._last_first: tuple[int, int] | None = None  # (parent nid, index) of the latest first read
+        self._reached: dict[int, int] = {}  # parent nid -> the furthest index a reader first-read
         self._thread = threading.Thread(target=self._run, name="pycfs-fuse-push", daemon=True)
 
     def start(self) -> None:
@@ -526,68 +634,77 @@ class Pusher:
         nid = tree.nid(ino)
         node = tree.node(nid)
         if end < node.raw.size:
-            self._queue(nid, node, max(end, self._ahead.get(nid, 0)), min(node.raw.size, end + PUSH_AHEAD))
+            self._queue(nid, node, max(end, self._ahead.get(nid, 0)), min(node.raw.size, end + PUSH_AHEAD), None)
         position = tree.position.get(nid)
         if offset != 0 or position is None:
             return
         previous, self._last_first = self._last_first, position
         parent, index = position
+        if self._reached.get(parent, -1) < index:
+            self._reached[parent] = index
         if previous is None or previous[0] != parent or not previous[1] < index:
             return
         entries = tree.entries(parent)
-        for _, child in entries[index + 1:index + 1 + PUSH_FILES]:
+        for i in range(index + 1, min(len(entries), index + 1 + PUSH_FILES)):
+            child = entries[i][1]
             sibling = tree.node(child)
             if stat.S_ISREG(sibling.raw.mode) and 0 < sibling.raw.size <= PUSH_FILE_LIMIT:
-                self._queue(child, sibling, self._ahead.get(child, 0), sibling.raw.size)
+                self._queue(child, sibling, self._ahead.get(child, 0), sibling.raw.size, (parent, i))
 
-    def _queue(self, nid: int, node: _Node, start: int, end: int) -> None:
+    def _queue(self, nid: int, node: _Node, start: int, end: int, position: tuple[int, int] | None) -> None:
         if start >= end:
             return
         try:
-            self.jobs.put_nowait((nid, node, start, end))
+            self.jobs.put_nowait((nid, node, start, end, position))
         except Full:
             return
         self._ahead[nid] = end
 
     def _run(self) -> None:
-        buf = bytearray(MAX_READ)
-        while (job := self.jobs.get()) is not None:
-            try:
-                self._push(*job, buf)
-            except _ObjectProblem:
-                pass
-            except OSError as e:
-                if e.errno == errno.ENODEV:  # unmounted
-                    return
-                # ENOENT: the kernel no longer has the inode; anything else: the reads will say
-            finally:
-                self.jobs.task_done()
+        splicer = Splicer()
+        try:
+            while (job := self.jobs.get()) is not None:
+                nid, node, start, end, position = job
+                try:
+                    if position is None or self._reached.get(position[0], -1) < position[1]:
+                        self._push(splicer, nid, node, start, end)
+                except _ObjectProblem:
+                    pass
+                except OSError as e:
+                    if e.errno == errno.ENODEV:  # unmounted
+                        return
+                    # ENOENT: the kernel no longer has the inode; anything else: the reads will say
+                finally:
+                    self.jobs.task_done()
+        finally:
+            splicer.close()
 
-    def _push(self, nid: int, node: _Node, start: int, end: int, buf: bytearray) -> None:
+    def _push(self, splicer: Splicer, nid: int, node: _Node, start: int, end: int) -> None:
         ino = self.ops.tree.ino(nid)
         raw = node.raw
         if raw.datalayout != F.DATALAYOUT_CHUNK_BASED:
             if node.content is None:
                 node.content = self.ops.image.reader.data_of(raw)
-            self._store(ino, start, node.content[start:end])
+            data = node.content[start:end]
+            os.writev(self.fd, [_store_header(ino, start, len(data)), data])
             return
         redirect = node.internal.get(_REDIRECT)
         if not redirect:
             return  # zeros: the kernel's own reads are as cheap
         fd = self.ops._open_object(redirect.lstrip(b"/"), raw.size, node.internal.get(_METACOPY))
         try:
-            view = memoryview(buf)
-            for offset in range(start, end, MAX_READ):
-                want = min(MAX_READ, end - offset)
-                if os.preadv(fd, [view[:want]], offset) != want:
-                    return
-                self._store(ino, offset, view[:want])
+            for offset in range(start, end, splicer.limit):
+                length = min(splicer.limit, end - offset)
+                splicer.send(self.fd, _store_header(ino, offset, length), fd, offset, length)
         finally:
             os.close(fd)
 
-    def _store(self, ino: int, offset: int, data: bytes | memoryview) -> None:
-        header = fuse.OutHeader(_STORE_HEADER + len(data), fuse.NOTIFY_STORE, 0).pack()
-        os.writev(self.fd, [header, fuse.NotifyStoreOut(ino, offset, len(data)).pack(), data])
+
+def _store_header(ino: int, offset: int, length: int) -> bytes:
+    return (fuse.OutHeader(_STORE_HEADER + length, fuse.NOTIFY_STORE, 0).pack()
+            + fuse.NotifyStoreOut(ino, offset, length).pack())
+
+
 # a cacheable "no such entry": node id 0, valid for the cache timeout
 _NEGATIVE = fuse.EntryOut(0, 0, CACHE_TIMEOUT, CACHE_TIMEOUT).pack() + bytes(fuse.Attr.FORMAT.size)
 
@@ -685,9 +802,10 @@ def serve(image: ServedImage, mountpoint: str, on_ready: Callable[[], None] | No
     pusher = Pusher(ops, fd)
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     mounted = True
+    server = FuseServer(ops, fd, on_ready, pusher)
     try:
         pusher.start()
-        FuseServer(ops, fd, on_ready, pusher).serve()
+        server.serve()
         mounted = False  # served until the kernel said the mount is gone
     except _Stop:
         pass
@@ -695,6 +813,7 @@ def serve(image: ServedImage, mountpoint: str, on_ready: Callable[[], None] | No
         if mounted:
             _unmount_quietly(mountpoint, through_fusermount)
         pusher.stop()
+        server.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
         os.close(fd)

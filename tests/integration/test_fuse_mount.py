@@ -193,6 +193,72 @@ def test_fuse_equals_kernel_mount(as_root, tmp_path, version):
     assert "trusted.overlay.redirect" in ours[b"/overlay-xattrs/f".hex()]["xattrs"]
 
 
+def _digests(paths: list[Path], chunk: int) -> dict[str, str]:
+    out = {}
+    for path in paths:
+        h = hashlib.sha256()
+        with open(path, "rb", buffering=0) as f:
+            while block := f.read(chunk):
+                h.update(block)
+        out[path.name] = h.hexdigest()
+    return out
+
+
+def test_fuse_read_ahead_serves_what_the_kernel_mount_serves(as_root, tmp_path):
+    """The server pushes file content into the kernel's page cache ahead of the reads (the
+    rest of a big file, the next files of a directory read in order). Whatever the order, the
+    read size and the readers at once, every byte is the kernel mount's."""
+    repo_path = tmp_path / "repo"
+    sizes = [0, 1, 4095, 4096, 4097, 65_536, 131_072, 131_073, 300_000, 1 << 20, (1 << 20) + 1] * 12
+    with Repository.init(repo_path) as repo:
+        fs = FileSystem()
+        r = fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
+        d = r.entries[b"files"] = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
+        for i, size in enumerate(sizes):
+            data = os.urandom(size)
+            content = External(repo.ensure_object(data), size) if size else Inline(b"")
+            d.entries[b"f%03d" % i] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), content)
+        big = os.urandom(9 * MIB + 7)
+        r.entries[b"big"] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), External(repo.ensure_object(big), len(big)))
+        repo.write_image(write_image(fs, 1), "ahead")
+    kernel, fuse = tmp_path / "kernel", tmp_path / "fuse"
+    kernel.mkdir()
+    fuse.mkdir()
+    pycfs_root(repo_path, "mount", "--fuse", "no", "ahead", str(kernel))
+    try:
+        pycfs_root(repo_path, "mount", "--fuse", "yes", "ahead", str(fuse))
+        try:
+            names = sorted(os.listdir(kernel / "files"))
+            want = _digests([kernel / "files" / n for n in names], 1 << 20)
+            assert _digests([fuse / "big"], 1 << 20)["big"] == hashlib.sha256(big).hexdigest()  # 1 MiB reads
+            assert _digests([fuse / "files" / n for n in names], 128 * 1024) == want  # in order: pushed ahead
+            assert _digests([fuse / "files" / n for n in names], 4096) == want  # again, from the page cache
+        finally:
+            pycfs_root(repo_path, "umount", str(fuse))
+        # a fresh mount, two readers at once in opposite orders, one of them in small reads:
+        # the stores of one wait on the other's pending reads, and nothing hangs
+        pycfs_root(repo_path, "mount", "--fuse", "yes", "ahead", str(fuse))
+        try:
+            script = ("import hashlib, json, os, sys\n"
+                      "out = {}\n"
+                      "for n in sys.argv[3:]:\n"
+                      "    with open(os.path.join(sys.argv[1], n), 'rb', buffering=0) as f:\n"
+                      "        h = hashlib.sha256()\n"
+                      "        while b := f.read(int(sys.argv[2])): h.update(b)\n"
+                      "    out[n] = h.hexdigest()\n"
+                      "json.dump(out, sys.stdout)\n")
+            readers = [subprocess.Popen([sys.executable, "-c", script, str(fuse / "files"), str(chunk), *order],
+                                        stdout=subprocess.PIPE)
+                       for chunk, order in ((1 << 20, names), (4096, names[::-1]))]
+            for p in readers:
+                out, _ = p.communicate(timeout=120)
+                assert p.returncode == 0 and json.loads(out) == want
+        finally:
+            pycfs_root(repo_path, "umount", str(fuse))
+    finally:
+        pycfs_root(repo_path, "umount", str(kernel))
+
+
 def fuse_type(path: Path) -> str | None:
     """Filesystem type mounted at path, read from /proc/self/mountinfo."""
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
