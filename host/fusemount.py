@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import logging
 import logging.handlers
 import os
@@ -69,15 +70,18 @@ REQUEST_BUFFER = 132 * 1024
 # Object fds kept open after a read, for the reads of the same file that follow.
 OPEN_OBJECTS = 64
 # Read-ahead done by the server (FUSE_NOTIFY_STORE puts bytes in the kernel's page cache, so
-# the reads that follow need no round trip): a file read past the kernel's 128 KiB readahead
-# gets this much more of it; a directory whose files are read in order gets its next files
-# up to this many and this size each. Measured on the bench image: see README.
-PUSH_AHEAD = 4 << 20
-PUSH_FILES = 32
+# the reads that follow need no round trip): a read of a file gets the next PUSH_AHEAD of it;
+# a walk reading files in order gets the next PUSH_FILES files it will meet, PUSH_BYTES in
+# all, at most PUSH_FILE_LIMIT of each. Measured on the bench image: see README.
+PUSH_AHEAD = 8 << 20
+PUSH_FILES = 64
+PUSH_BYTES = 8 << 20
 PUSH_FILE_LIMIT = 1 << 20
 PUSH_QUEUE = 256
 # The pipe file bytes travel through to /dev/fuse: 1 MiB, the default most a user may ask for.
 PIPE_SIZE = 1 << 20
+# Smaller pushes are read and written (two calls) rather than spliced (three).
+SPLICE_FROM = 16 * 1024
 
 _METACOPY = b"trusted.overlay.metacopy"
 _REDIRECT = b"trusted.overlay.redirect"
@@ -590,6 +594,9 @@ _READ_IN = fuse.ReadIn.FORMAT
 _STORE_HEADER = fuse.OutHeader.FORMAT.size + fuse.NotifyStoreOut.FORMAT.size
 
 
+_Job = tuple[int, _Node, int, int, tuple[int, int] | None]  # nid, node, start, end, (parent nid, index)
+
+
 class Pusher:
     """The server's read-ahead: what a reader will want next goes into the kernel's page cache
     through FUSE_NOTIFY_STORE, from a thread of its own.
@@ -598,20 +605,21 @@ class Pusher:
     kernel, and only the request loop answers those: the loop hands work over and never waits
     for it (when the queue is full, that read-ahead is dropped). What is pushed is decided by
     the reads the loop answers: a read past the start of a file gets the next PUSH_AHEAD of it;
-    the first read of a file that follows the previously first-read file of its directory
-    (reading a directory in order, as `cp -r`, `tar` or `find | xargs cat` do) gets the next
-    PUSH_FILES files of the directory, less those the reader reaches first. Stores the kernel
+    the first read of a file that comes after the previously first-read file in a walk of the
+    tree (later in its directory, or in a later directory of the same parent: reading in
+    order, as `cp -r`, `tar` or `find | xargs cat` do) gets the next PUSH_FILES files (at
+    most PUSH_BYTES) that walk meets, less those the reader reaches first. Stores the kernel
     refuses (an inode it forgot) and objects that cannot be opened are skipped: the reads
     that follow, if any, say why."""
 
     def __init__(self, ops: ComposefsOperations, fd: int) -> None:
         self.ops = ops
         self.fd = fd
-        # (nid, node, start, end, (parent nid, index) for a directory's next files)
-        self.jobs: Queue[tuple[int, _Node, int, int, tuple[int, int] | None] | None] = Queue(PUSH_QUEUE)
+        self.jobs: Queue[_Job | None] = Queue(PUSH_QUEUE)
         self._ahead: dict[int, int] = {}  # nid -> where the queued part of it ends
         self._last_first: tuple[int, int] | None = None  # (parent nid, index) of the latest first read
-        self._reached: dict[int, int] = {}  # parent nid -> the furthest index a reader first-read
+        self._reached: dict[int, int] = {}  # parent nid -> the index of the latest first read in it
+        self._read_to: dict[int, int] = {}  # nid -> the furthest a READ of it reached
         self._thread = threading.Thread(target=self._run, name="pycfs-fuse-push", daemon=True)
 
     def start(self) -> None:
@@ -633,23 +641,55 @@ class Pusher:
         tree = self.ops.tree
         nid = tree.nid(ino)
         node = tree.node(nid)
+        if self._read_to.get(nid, 0) < end:
+            self._read_to[nid] = end
         if end < node.raw.size:
             self._queue(nid, node, max(end, self._ahead.get(nid, 0)), min(node.raw.size, end + PUSH_AHEAD), None)
         position = tree.position.get(nid)
         if offset != 0 or position is None:
             return
         previous, self._last_first = self._last_first, position
-        parent, index = position
-        if self._reached.get(parent, -1) < index:
-            self._reached[parent] = index
-        if previous is None or previous[0] != parent or not previous[1] < index:
+        self._reached[position[0]] = position[1]
+        if previous is None or not self._in_order(previous, position):
             return
-        entries = tree.entries(parent)
-        for i in range(index + 1, min(len(entries), index + 1 + PUSH_FILES)):
-            child = entries[i][1]
+        budget = PUSH_BYTES
+        for count, (child, where) in enumerate(self._files_after(*position)):
             sibling = tree.node(child)
-            if stat.S_ISREG(sibling.raw.mode) and 0 < sibling.raw.size <= PUSH_FILE_LIMIT:
-                self._queue(child, sibling, self._ahead.get(child, 0), sibling.raw.size, (parent, i))
+            if count == PUSH_FILES or budget <= 0:
+                break
+            if sibling.raw.size > 0:  # of a big file, its start: the rest follows its reads
+                size = min(sibling.raw.size, PUSH_FILE_LIMIT)
+                budget -= size
+                self._queue(child, sibling, self._ahead.get(child, 0), size, where)
+
+    def _in_order(self, previous: tuple[int, int], current: tuple[int, int]) -> bool:
+        """Is `current` after `previous` in a walk of the tree: later in the same directory, or
+        in a directory after previous's among their parent's entries?"""
+        if previous[0] == current[0]:
+            return previous[1] < current[1]
+        here, there = self.ops.tree.position.get(previous[0]), self.ops.tree.position.get(current[0])
+        return here is not None and there is not None and here[0] == there[0] and here[1] < there[1]
+
+    def _files_after(self, parent: int, index: int) -> Iterator[tuple[int, tuple[int, int]]]:
+        """(nid, (parent nid, index)) of the regular files a walk meets after the entry at
+        index: the rest of the directory, then the files of the directories after it."""
+        tree = self.ops.tree
+        while True:
+            entries = tree.entries(parent)
+            for i in range(index + 1, len(entries)):
+                child = entries[i][1]
+                if stat.S_ISREG(tree.node(child).raw.mode):
+                    yield child, (parent, i)
+            up = tree.position.get(parent)
+            if up is None:
+                return
+            grandparent, at = up
+            siblings = tree.entries(grandparent)
+            after = next((i for i in range(at + 1, len(siblings)) if stat.S_ISDIR(tree.node(siblings[i][1]).raw.mode)),
+                         None)
+            if after is None:
+                return
+            parent, index = siblings[after][1], -1
 
     def _queue(self, nid: int, node: _Node, start: int, end: int, position: tuple[int, int] | None) -> None:
         if start >= end:
@@ -695,14 +735,23 @@ class Pusher:
         try:
             for offset in range(start, end, splicer.limit):
                 length = min(splicer.limit, end - offset)
-                splicer.send(self.fd, _store_header(ino, offset, length), fd, offset, length)
+                if self._read_to.get(nid, 0) >= offset + length:
+                    continue  # the reader got there first
+                header = _store_header(ino, offset, length)
+                if length < SPLICE_FROM:
+                    os.writev(self.fd, [header, _pread_exactly(fd, length, offset)])
+                else:
+                    splicer.send(self.fd, header, fd, offset, length)
         finally:
             os.close(fd)
 
 
 def _store_header(ino: int, offset: int, length: int) -> bytes:
-    return (fuse.OutHeader(_STORE_HEADER + length, fuse.NOTIFY_STORE, 0).pack()
-            + fuse.NotifyStoreOut(ino, offset, length).pack())
+    return _OUT_HEADER.pack(_STORE_HEADER + length, fuse.NOTIFY_STORE, 0) + _STORE_OUT.pack(ino, offset, length, 0)
+
+
+_OUT_HEADER = fuse.OutHeader.FORMAT
+_STORE_OUT = fuse.NotifyStoreOut.FORMAT
 
 
 # a cacheable "no such entry": node id 0, valid for the cache timeout
@@ -803,6 +852,8 @@ def serve(image: ServedImage, mountpoint: str, on_ready: Callable[[], None] | No
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     mounted = True
     server = FuseServer(ops, fd, on_ready, pusher)
+    # what is loaded now lives as long as the server: keep the collector from walking it
+    gc.freeze()
     try:
         pusher.start()
         server.serve()

@@ -269,10 +269,10 @@ def _pushed(m: Mounted, reads: list[tuple[str, int, int]]) -> list[tuple[str, in
         pusher.start()
         for path, off, size in reads:
             m.read(m.ino(path), off, size)
-        pusher.jobs.join()
+            pusher.jobs.join()  # one read's read-ahead at a time: what is pushed is then certain
         pusher.stop()
         data = os.pread(out.fileno(), 1 << 24, 0)
-    paths = {m.ino(p): p for p in ("/usr/tool", "/usr/medium", "/usr/sparse", "/etc/hostname", "/etc/shadow")}
+    paths = {m.ino(p): p for p in ("/usr/tool", "/usr/medium", "/usr/sparse", "/etc/hostname", "/etc/shadow", "/odd/f")}
     stores, pos = [], 0
     while pos < len(data):
         head = fuse.OutHeader.unpack_from(data, pos)
@@ -299,7 +299,11 @@ def test_read_ahead_pushes_the_next_files_of_a_directory_read_in_order(tmp_path)
     # second, after it in the directory, is: the files after it are pushed, each inode once
     stores = _pushed(m, [("/usr/medium", 0, 4096), ("/usr/sparse", 0, 4096)])
     assert stores == [("/usr/tool", 0, BIG)]
-    # across directories, or backwards in one: no order
+    # from the last file of a directory on to the next directories' files (/ is dev, etc, odd,
+    # usr; odd/f is empty)
+    assert _pushed(Mounted(tmp_path / "walk", 1), [("/etc/hostname", 0, 4096), ("/etc/shadow", 0, 4096)]) == [
+        ("/usr/medium", 0, MEDIUM), ("/usr/tool", 0, BIG)]
+    # to an earlier directory, or backwards in one: no order
     assert _pushed(m, [("/usr/medium", 0, 4096), ("/etc/hostname", 0, 4096)]) == []
     assert _pushed(m, [("/usr/sparse", 0, 4096), ("/usr/medium", 0, 4096)]) == []
     # in order, from a later offset: not the start of reading the next file
