@@ -53,6 +53,7 @@ from pycfs.host.errors import PycfsError, user_message
 from pycfs.host.fsverity import digest_bytes
 from pycfs.host.mount import privileged
 from pycfs.host.repository import Repository
+from pycfs.host.tree import Directory, FileSystem, Inode
 from pycfs.protocol import fuse
 
 log = logging.getLogger("pycfs.fuse")
@@ -83,6 +84,7 @@ PIPE_SIZE = 1 << 20
 # Smaller pushes are read and written (two calls) rather than spliced (three).
 SPLICE_FROM = 16 * 1024
 
+_ACL_PREFIX = b"system.posix_acl_"
 _METACOPY = b"trusted.overlay.metacopy"
 _REDIRECT = b"trusted.overlay.redirect"
 
@@ -99,6 +101,9 @@ class ServedImage:
     reader: ImageReader
     objects_fd: int  # the repository's objects/, open for the server's lifetime
     verity_alg: int | None  # fs-verity algorithm id when the repository has fs-verity
+    # whether any inode has a POSIX ACL: only then must the kernel ask for them (FUSE's kernel
+    # side caches no ACL, so every permission check of a non-owner would be a GETXATTR)
+    acls: bool
 
 
 def load_image(repo: Repository, image_id: bytes) -> ServedImage:
@@ -108,11 +113,23 @@ def load_image(repo: Repository, image_id: bytes) -> ServedImage:
         raise FuseMountError(f"image {image_id.hex()} is corrupt: its fs-verity digest differs from its name "
                              "(run `pycfs fsck`)")
     try:
-        read_image(data)  # walks every inode, dirent and xattr: damage shows now, not mid-serve
+        tree = read_image(data).fs  # walks every inode, dirent and xattr: damage shows now, not mid-serve
     except ImageFormatError as e:
         raise FuseMountError(f"image {image_id.hex()} is not a valid composefs image: {e}") from None
     objects_fd = os.open(repo.path / "objects", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    return ServedImage(image_id, ImageReader(data), objects_fd, repo.hash_alg_id if repo.secure else None)
+    return ServedImage(image_id, ImageReader(data), objects_fd, repo.hash_alg_id if repo.secure else None,
+                       _has_acls(tree))
+
+
+def _has_acls(fs: FileSystem) -> bool:
+    stack: list[Inode] = [fs.root]
+    while stack:
+        inode = stack.pop()
+        if any(name.startswith(_ACL_PREFIX) for name in inode.stat.xattrs):
+            return True
+        if isinstance(inode, Directory):
+            stack.extend(inode.entries.values())
+    return False
 
 
 # ---------------------------------------------------------------------------------------
@@ -545,7 +562,9 @@ class FuseServer:
                       fuse.KERNEL_VERSION)
             raise FuseError(errno.EPROTO)
         want = (fuse.ASYNC_READ | fuse.BIG_WRITES | fuse.DO_READDIRPLUS | fuse.NO_OPEN_SUPPORT | fuse.PARALLEL_DIROPS
-                | fuse.POSIX_ACL | fuse.MAX_PAGES | fuse.CACHE_SYMLINKS | fuse.NO_OPENDIR_SUPPORT)
+                | fuse.MAX_PAGES | fuse.CACHE_SYMLINKS | fuse.NO_OPENDIR_SUPPORT)
+        if self.ops.image.acls:  # the kernel enforces them, as for EROFS
+            want |= fuse.POSIX_ACL
         return fuse.InitOut(fuse.KERNEL_VERSION, min(init.minor, fuse.KERNEL_MINOR_VERSION), init.max_readahead,
                             init.flags & want, max_background=16, congestion_threshold=12, max_write=4096,
                             time_gran=1, max_pages=MAX_READ // 4096).pack()

@@ -513,6 +513,38 @@ def test_mount_failures_are_one_line(podman_user, pulled, shared_tmp_path):
     assert fuse_type(mnt) is None
 
 
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A system.posix_acl_access value: version 2, then (tag, perm, id) entries."""
+    return (2).to_bytes(4, "little") + b"".join(
+        tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + ident.to_bytes(4, "little", signed=ident < 0)
+        for tag, perm, ident in entries)
+
+
+def test_posix_acls_in_the_image_are_enforced_for_the_user(podman_user, shared_tmp_path):
+    """An image with ACLs has the kernel ask for them (an image without any does not: each
+    permission check would be a request); either way the user gets what the ACLs say."""
+    user = podman_user
+    repo_path = shared_tmp_path / "repo"
+    with Repository.init(repo_path) as repo:
+        fs = FileSystem()
+        r = fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
+        granted = _acl((0x01, 6, -1), (0x02, 4, user.uid), (0x04, 0, -1), (0x10, 4, -1), (0x20, 0, -1))
+        r.entries[b"granted"] = Leaf(Stat(0o640, 0, 0, 1_700_000_000, 0, {b"system.posix_acl_access": granted}),
+                                     External(repo.ensure_object(b"for you\n"), 8))
+        r.entries[b"denied"] = Leaf(Stat(0o640, 0, 0, 1_700_000_000, 0), External(repo.ensure_object(b"not\n"), 4))
+        repo.write_image(write_image(fs, 1), "acl")
+    for path in [repo_path, *repo_path.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    mnt = user.tmpdir("fuse-acl-")
+    user.pycfs("--repo", repo_path, "mount", "--fuse", "yes", "acl", mnt)
+    try:
+        assert user.run(["cat", mnt / "granted"]).stdout == b"for you\n"  # 0640 root:root, yet the ACL says r
+        p = user.run(["cat", mnt / "denied"], check=False)
+        assert p.returncode != 0 and b"Permission denied" in p.stderr
+    finally:
+        user.pycfs("umount", mnt)
+
+
 def test_killed_server_leaves_a_mount_point_umount_cleans(podman_user, pulled):
     user = podman_user
     with UserMount(user, pulled) as m:

@@ -26,6 +26,9 @@ from pycfs.host.tree import BlockDevice, CharDevice, Directory, External, Fifo, 
 BIG = bytes(range(256)) * 1000 + b"tail"  # 256,004 bytes: several large reads
 MEDIUM = b"medium object content " * 20
 USER = 1000
+# user::rw- user:1000:r-- group::--- mask::r-- other::---
+ACL = bytes.fromhex("02000000" "01000600ffffffff" "02000400e8030000" "04000000ffffffff" "10000400ffffffff"
+                    "20000000ffffffff")
 
 
 def build_tree(repo: Repository) -> FileSystem:
@@ -57,9 +60,11 @@ class Mounted:
     them and the replies decoded from what the server writes (to a file standing in for
     /dev/fuse: each reply must be exactly one write)."""
 
-    def __init__(self, tmp_path: Path, version: int) -> None:
+    def __init__(self, tmp_path: Path, version: int, acl: bool = False) -> None:
         self.repo = Repository.init(tmp_path / "repo")
         self.fs = build_tree(self.repo)
+        if acl:
+            self.fs.root.entries[b"etc"].entries[b"shadow"].stat.xattrs[b"system.posix_acl_access"] = ACL
         self.image_id = self.repo.write_image(write_image(self.fs, version))
         self.ops = ComposefsOperations(load_image(self.repo, self.image_id))
         self.replies = os.open(tmp_path / "replies", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -227,8 +232,9 @@ def test_init_negotiates_cached_read_only_serving(mounted):
     reply = fuse.InitOut.unpack_from(mounted.request(fuse.INIT, 0, fuse.InitIn(7, 40, 131072, offered).pack()))
     assert (reply.major, reply.minor, reply.max_readahead) == (7, fuse.KERNEL_MINOR_VERSION, 131072)
     for flag in (fuse.NO_OPEN_SUPPORT, fuse.NO_OPENDIR_SUPPORT, fuse.CACHE_SYMLINKS, fuse.DO_READDIRPLUS,
-                 fuse.MAX_PAGES, fuse.POSIX_ACL):
+                 fuse.MAX_PAGES):
         assert reply.flags & flag
+    assert not reply.flags & fuse.POSIX_ACL  # no ACL in the image: the kernel need not ask for any
     assert reply.flags & ~offered == 0 and reply.max_pages * 4096 == 1 << 20
     assert ready == [True]
     with pytest.raises(FuseError) as e:
@@ -241,6 +247,13 @@ def test_init_negotiates_cached_read_only_serving(mounted):
     end = os.lseek(mounted.replies, 0, os.SEEK_CUR)
     mounted.server.answer(fuse.FORGET, 99, 5, 0, memoryview(bytes(8)))
     assert os.fstat(mounted.replies).st_size == end  # no reply at all
+
+
+def test_posix_acls_are_enforced_when_the_image_has_some(tmp_path):
+    m = Mounted(tmp_path, 1, acl=True)
+    reply = fuse.InitOut.unpack_from(m.request(fuse.INIT, 0, fuse.InitIn(7, 40, 131072, (1 << 31) - 1).pack()))
+    assert reply.flags & fuse.POSIX_ACL
+    assert m.getxattr(m.ino("/etc/shadow"), b"system.posix_acl_access", USER) == ACL
 
 
 def test_xattrs(mounted):
