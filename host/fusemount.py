@@ -733,6 +733,8 @@ class Pusher:
                     if e.errno == errno.ENODEV:  # unmounted
                         return
                     # ENOENT: the kernel no longer has the inode; anything else: the reads will say
+                except Exception as e:  # read-ahead is an optimisation: it must not stop for one file
+                    log.error("%s: read-ahead failed: %s", self.ops.tree.path(nid), e)
                 finally:
                     self.jobs.task_done()
         finally:
