@@ -81,7 +81,7 @@ PUSH_FILE_LIMIT = 1 << 20
 PUSH_QUEUE = 256
 # The pipe file bytes travel through to /dev/fuse: 1 MiB, the default most a user may ask for.
 PIPE_SIZE = 1 << 20
-# Smaller pushes are read and written (two calls) rather than spliced (three).
+# Smaller replies and pushes are read and written (two calls) rather than spliced (three).
 SPLICE_FROM = 16 * 1024
 
 _ACL_PREFIX = b"system.posix_acl_"
@@ -430,7 +430,9 @@ class Splicer:
         """Write header + `length` bytes of fd at offset to out, as one write. _ObjectProblem
         when fd has fewer bytes there or cannot be read (nothing is written then); OSError
         from out passes on."""
-        assert length <= self.limit
+        if length < SPLICE_FROM or length > self.limit:
+            os.writev(out, [header, _pread_exactly(fd, length, offset)])
+            return
         os.write(self.w, header)
         try:
             moved = 0
@@ -543,10 +545,7 @@ class FuseServer:
         """Send a READ's object bytes; False when the object let us down (logged)."""
         header = fuse.reply_header(unique, 0, r.length)
         try:
-            if r.length <= self._splicer.limit:
-                self._splicer.send(self.fd, header, r.fd, r.offset, r.length)
-            else:
-                os.writev(self.fd, [header, _pread_exactly(r.fd, r.length, r.offset)])
+            self._splicer.send(self.fd, header, r.fd, r.offset, r.length)
             return True
         except _ObjectProblem as e:
             self.ops.unreadable(r.nid, str(e))
@@ -758,11 +757,7 @@ class Pusher:
                 length = min(splicer.limit, end - offset)
                 if self._read_to.get(nid, 0) >= offset + length:
                     continue  # the reader got there first
-                header = _store_header(ino, offset, length)
-                if length < SPLICE_FROM:
-                    os.writev(self.fd, [header, _pread_exactly(fd, length, offset)])
-                else:
-                    splicer.send(self.fd, header, fd, offset, length)
+                splicer.send(self.fd, _store_header(ino, offset, length), fd, offset, length)
         finally:
             os.close(fd)
 

@@ -353,6 +353,27 @@ def test_broken_object_is_eio_for_that_file_only(tmp_path, caplog, damage):
     assert m.attr("/usr/medium").size == len(MEDIUM)
 
 
+@pytest.mark.parametrize("chunk", [4096, 128 * 1024], ids=["read", "spliced"])
+def test_object_shrunk_after_open_is_eio_not_a_short_reply(tmp_path, caplog, chunk):
+    """A short reply would make the kernel shrink the file: an object that lost bytes after
+    its first read (kept open) gives EIO, with nothing of the reply written."""
+    m = Mounted(tmp_path, 1)
+    tool = m.ino("/usr/tool")
+    assert m.read(tool, 0, 10) == BIG[:10]  # the object is open now
+    path = _object_file(m, BIG)
+    path.chmod(0o644)
+    os.truncate(path, 200_000)
+    caplog.set_level(logging.INFO, logger="pycfs.fuse")
+    with pytest.raises(FuseError) as e:
+        m.read(tool, 200_000 - 100, chunk)
+    assert e.value.errno == errno.EIO
+    assert [r.getMessage() for r in caplog.records] == [
+        f"/usr/tool: object {m.ops.tree.node(m.ops.tree.nid(tool)).internal[b'trusted.overlay.redirect'].decode()} "
+        "is shorter than the image says; reading it gives EIO"]
+    assert m.read(tool, 1000, 10) == BIG[1000:1010]  # what is there is still served
+    assert m.read_all("/usr/medium") == MEDIUM
+
+
 def test_corrupt_image_is_refused(tmp_path):
     m = Mounted(tmp_path, 1)
     image = m.repo.object_path(m.image_id)
