@@ -26,6 +26,7 @@ import gc
 import logging
 import logging.handlers
 import os
+import re
 import select
 import shutil
 import signal
@@ -63,6 +64,8 @@ CACHE_TIMEOUT = 365 * 86400
 # How long `pycfs mount` waits for the daemonised server to answer the kernel's INIT.
 READY_TIMEOUT = 60.0
 FUSERMOUNT_TIMEOUT = 30.0
+# How often the server looks whether its mount is still there (see _watch).
+WATCH_INTERVAL = 2.0
 # The largest READ the kernel may send (max_pages): 1 MiB, the kernel's default ceiling.
 MAX_READ = 1 << 20
 # A request's buffer: the kernel refuses reads of /dev/fuse smaller than max_write + headers;
@@ -787,6 +790,38 @@ def _stop(signum: int, frame: Any) -> None:
     raise _Stop
 
 
+class _Gone(BaseException):
+    """The mount is no longer in the server's mount namespace."""
+
+
+def _mount_device(mountpoint: bytes) -> bytes | None:
+    """major:minor of the (topmost) pycfs FUSE mount at mountpoint, from this namespace's
+    mountinfo (read there: a stat of the mount point would ask the server itself)."""
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            where = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+            if where == mountpoint and fields[fields.index(b"-") + 1] == b"fuse.pycfs":
+                found = fields[2]
+    return found
+
+
+def _watch(device: bytes) -> Callable[[int, Any], None]:
+    """A SIGALRM handler that ends serving once no mount of `device` is left here.
+
+    Unmounting removes the mount from the caller's namespace only: a namespace made while it
+    was mounted (a rootless podman's pause process, `unshare -m`) keeps a copy, the kernel
+    keeps the connection for it, and the server would wait for requests forever."""
+
+    def check(signum: int, frame: Any) -> None:
+        with open("/proc/self/mountinfo", "rb") as f:
+            if not any(line.split()[2] == device for line in f):
+                raise _Gone
+
+    return check
+
+
 def _mount(mountpoint: str) -> tuple[int, bool]:
     """Open a FUSE connection mounted at mountpoint: (its /dev/fuse fd, whether fusermount3 made it).
 
@@ -862,10 +897,15 @@ def _unmount_quietly(mountpoint: str, through_fusermount: bool) -> None:
 
 def serve(image: ServedImage, mountpoint: str, on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve in this process until unmounted or signalled; then unmount."""
+    where = os.fsencode(os.path.realpath(mountpoint))  # before: afterwards it would ask this server
     fd, through_fusermount = _mount(mountpoint)
     ops = ComposefsOperations(image)
     pusher = Pusher(ops, fd)
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    device = _mount_device(where)
+    if device is not None:
+        previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, _watch(device))
+        signal.setitimer(signal.ITIMER_REAL, WATCH_INTERVAL, WATCH_INTERVAL)
     mounted = True
     server = FuseServer(ops, fd, on_ready, pusher)
     # what is loaded now lives as long as the server: keep the collector from walking it
@@ -876,7 +916,10 @@ def serve(image: ServedImage, mountpoint: str, on_ready: Callable[[], None] | No
         mounted = False  # served until the kernel said the mount is gone
     except _Stop:
         pass
+    except _Gone:
+        mounted = False
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         if mounted:
             _unmount_quietly(mountpoint, through_fusermount)
         pusher.stop()

@@ -259,6 +259,39 @@ def test_fuse_read_ahead_serves_what_the_kernel_mount_serves(as_root, tmp_path):
         pycfs_root(repo_path, "umount", str(kernel))
 
 
+def test_server_ends_when_unmounted_while_another_namespace_keeps_a_copy(as_root, tmp_path):
+    """A mount namespace made while the FUSE mount exists (a rootless podman's pause process,
+    `unshare -m`) keeps a copy of it, and with it the kernel's connection: `pycfs umount`
+    must still end the server rather than leave it waiting for requests."""
+    repo_path = tmp_path / "repo"
+    with Repository.init(repo_path) as repo:
+        fs = FileSystem()
+        fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
+        fs.root.entries[b"f"] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), Inline(b"x"))
+        repo.write_image(write_image(fs, 1), "ns")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    out = pycfs_root(repo_path, "mount", "--fuse", "yes", "ns", str(mnt)).stdout.decode()
+    pid = int(re.search(r"server pid (\d+)", out).group(1))
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "120"])
+    try:
+        deadline = time.monotonic() + 10
+        while not any(str(mnt) in line for line in Path(f"/proc/{holder.pid}/mountinfo").read_text().splitlines()):
+            assert time.monotonic() < deadline, "unshare made no copy of the mount"
+            time.sleep(0.05)
+        assert (mnt / "f").read_bytes() == b"x"
+        pycfs_root(repo_path, "umount", str(mnt))
+        deadline = time.monotonic() + 10
+        while pid_alive(pid):
+            assert time.monotonic() < deadline, "the server outlived its mount"
+            time.sleep(0.1)
+    finally:
+        holder.kill()
+        holder.wait()
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def fuse_type(path: Path) -> str | None:
     """Filesystem type mounted at path, read from /proc/self/mountinfo."""
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
