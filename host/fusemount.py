@@ -326,7 +326,10 @@ class ComposefsOperations:
             raise FuseError(errno.EIO) from None
 
     def unreadable(self, nid: int, why: str) -> None:
-        """Reading the object behind nid failed after it was opened: one line each time."""
+        """Reading the object behind nid failed after it was opened: one line per file."""
+        if nid in self._reported:
+            return
+        self._reported.add(nid)
         redirect = self.tree.node(nid).internal.get(_REDIRECT, b"")
         log.error("%s: object %s %s; reading it gives EIO", self.tree.path(nid), os.fsdecode(redirect), why)
 

@@ -364,9 +364,10 @@ def test_object_shrunk_after_open_is_eio_not_a_short_reply(tmp_path, caplog, chu
     path.chmod(0o644)
     os.truncate(path, 200_000)
     caplog.set_level(logging.INFO, logger="pycfs.fuse")
-    with pytest.raises(FuseError) as e:
-        m.read(tool, 200_000 - 100, chunk)
-    assert e.value.errno == errno.EIO
+    for _ in range(2):
+        with pytest.raises(FuseError) as e:
+            m.read(tool, 200_000 - 100, chunk)
+        assert e.value.errno == errno.EIO
     assert [r.getMessage() for r in caplog.records] == [
         f"/usr/tool: object {m.ops.tree.node(m.ops.tree.nid(tool)).internal[b'trusted.overlay.redirect'].decode()} "
         "is shorter than the image says; reading it gives EIO"]
