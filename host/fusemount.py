@@ -320,13 +320,11 @@ class ComposefsOperations:
         try:
             return FileRange(nid, self._object(nid, node, redirect), off, want)
         except _ObjectProblem as e:
-            if nid not in self._reported:
-                self._reported.add(nid)
-                log.error("%s: object %s %s; reading it gives EIO", self.tree.path(nid), os.fsdecode(redirect), e)
+            self.unreadable(nid, str(e))
             raise FuseError(errno.EIO) from None
 
     def unreadable(self, nid: int, why: str) -> None:
-        """Reading the object behind nid failed after it was opened: one line per file."""
+        """The object behind nid cannot be served: one line per file."""
         if nid in self._reported:
             return
         self._reported.add(nid)
