@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import gc
 import logging
 import logging.handlers
@@ -490,6 +491,7 @@ class FuseServer:
         self.fd = fd
         self._on_ready = on_ready
         self._pusher = pusher
+        self._then: Callable[[], None] | None = None  # what the handler wants done once it is answered
         self._splicer = Splicer()
         self._handlers: dict[int, Callable[[int, int, memoryview], Payload]] = {
             fuse.LOOKUP: self._lookup, fuse.GETATTR: self._getattr, fuse.READLINK: self._readlink,
@@ -522,6 +524,7 @@ class FuseServer:
         if opcode in fuse.NO_REPLY:
             return  # nodes live as long as the server: nothing to forget
         handler = self._handlers.get(opcode, self._enosys)
+        self._then = None
         try:
             payload = handler(nodeid, uid, body)
             error = 0
@@ -531,16 +534,15 @@ class FuseServer:
             log.error("request %d on node %d failed: %s", opcode, nodeid, e)
             payload, error = b"", -errno.EIO
         try:
-            if isinstance(payload, FileRange):
-                if self._send_range(unique, payload):
-                    return
+            if isinstance(payload, FileRange) and not self._send_range(unique, payload):
                 payload, error = b"", -errno.EIO
-            os.writev(self.fd, [fuse.reply_header(unique, error, len(payload)), payload])
+            if not isinstance(payload, FileRange):
+                os.writev(self.fd, [fuse.reply_header(unique, error, len(payload)), payload])
         except OSError as e:
             if e.errno != errno.ENOENT:  # ENOENT: the caller was interrupted and left
                 raise
-        if opcode == fuse.INIT and error == 0 and self._on_ready is not None:
-            self._on_ready()
+        if self._then is not None and error == 0:
+            self._then()  # after the reply: the caller is not kept waiting for it
 
     def close(self) -> None:
         self._splicer.close()
@@ -568,6 +570,7 @@ class FuseServer:
                 | fuse.MAX_PAGES | fuse.CACHE_SYMLINKS | fuse.NO_OPENDIR_SUPPORT)
         if self.ops.image.acls:  # the kernel enforces them, as for EROFS
             want |= fuse.POSIX_ACL
+        self._then = self._on_ready  # the mount works once this is answered
         return fuse.InitOut(fuse.KERNEL_VERSION, min(init.minor, fuse.KERNEL_MINOR_VERSION), init.max_readahead,
                             init.flags & want, max_background=16, congestion_threshold=12, max_write=4096,
                             time_gran=1, max_pages=MAX_READ // 4096).pack()
@@ -586,7 +589,8 @@ class FuseServer:
         _, offset, size, _, _, _, _ = _READ_IN.unpack_from(body)
         data = self.ops.read(nodeid, offset, size)
         if self._pusher is not None:
-            self._pusher.after_read(nodeid, offset, offset + (data.length if isinstance(data, FileRange) else len(data)))
+            end = offset + (data.length if isinstance(data, FileRange) else len(data))
+            self._then = functools.partial(self._pusher.after_read, nodeid, offset, end)
         return data
 
     def _readdirplus(self, nodeid: int, uid: int, body: memoryview) -> Payload:
@@ -619,6 +623,13 @@ _STORE_HEADER = fuse.OutHeader.FORMAT.size + fuse.NotifyStoreOut.FORMAT.size
 _Job = tuple[int, _Node, int, int, tuple[int, int] | None]  # nid, node, start, end, (parent nid, index)
 
 
+class _Walk(NamedTuple):
+    """Push what a walk of the tree meets after this entry."""
+
+    parent: int
+    at: int  # the entry's index among the parent's
+
+
 class Pusher:
     """The server's read-ahead: what a reader will want next goes into the kernel's page cache
     through FUSE_NOTIFY_STORE, from a thread of its own.
@@ -637,7 +648,7 @@ class Pusher:
     def __init__(self, ops: ComposefsOperations, fd: int) -> None:
         self.ops = ops
         self.fd = fd
-        self.jobs: Queue[_Job | None] = Queue(PUSH_QUEUE)
+        self.jobs: Queue[_Job | _Walk | None] = Queue(PUSH_QUEUE)
         self._ahead: dict[int, int] = {}  # nid -> where the queued part of it ends
         self._last_first: tuple[int, int] | None = None  # (parent nid, index) of the latest first read
         self._reached: dict[int, int] = {}  # parent nid -> the index of the latest first read in it
@@ -666,23 +677,17 @@ class Pusher:
         if self._read_to.get(nid, 0) < end:
             self._read_to[nid] = end
         if end < node.raw.size:
-            self._queue(nid, node, max(end, self._ahead.get(nid, 0)), min(node.raw.size, end + PUSH_AHEAD), None)
+            self._queue(nid, node, max(end, self._ahead.get(nid, 0)), min(node.raw.size, end + PUSH_AHEAD))
         position = tree.position.get(nid)
         if offset != 0 or position is None:
             return
         previous, self._last_first = self._last_first, position
         self._reached[position[0]] = position[1]
-        if previous is None or not self._in_order(previous, position):
-            return
-        budget = PUSH_BYTES
-        for count, (child, where) in enumerate(self._files_after(*position)):
-            sibling = tree.node(child)
-            if count == PUSH_FILES or budget <= 0:
-                break
-            if sibling.raw.size > 0:  # of a big file, its start: the rest follows its reads
-                size = min(sibling.raw.size, PUSH_FILE_LIMIT)
-                budget -= size
-                self._queue(child, sibling, self._ahead.get(child, 0), size, where)
+        if previous is not None and self._in_order(previous, position):
+            try:  # which files follow is worked out by the pusher, off the loop's way
+                self.jobs.put_nowait(_Walk(*position))
+            except Full:
+                pass
 
     def _in_order(self, previous: tuple[int, int], current: tuple[int, int]) -> bool:
         """Is `current` after `previous` in a walk of the tree: later in the same directory, or
@@ -713,11 +718,11 @@ class Pusher:
                 return
             parent, index = siblings[after][1], -1
 
-    def _queue(self, nid: int, node: _Node, start: int, end: int, position: tuple[int, int] | None) -> None:
+    def _queue(self, nid: int, node: _Node, start: int, end: int) -> None:
         if start >= end:
             return
         try:
-            self.jobs.put_nowait((nid, node, start, end, position))
+            self.jobs.put_nowait((nid, node, start, end, None))
         except Full:
             return
         self._ahead[nid] = end
@@ -726,22 +731,47 @@ class Pusher:
         splicer = Splicer()
         try:
             while (job := self.jobs.get()) is not None:
-                nid, node, start, end, position = job
                 try:
-                    if position is None or self._reached.get(position[0], -1) < position[1]:
-                        self._push(splicer, nid, node, start, end)
-                except _ObjectProblem:
-                    pass
-                except OSError as e:
-                    if e.errno == errno.ENODEV:  # unmounted
-                        return
-                    # ENOENT: the kernel no longer has the inode; anything else: the reads will say
-                except Exception as e:  # read-ahead is an optimisation: it must not stop for one file
-                    log.error("%s: read-ahead failed: %s", self.ops.tree.path(nid), e)
+                    if isinstance(job, _Walk):
+                        self._walk(splicer, job)
+                    else:
+                        self._push_one(splicer, *job)
+                except OSError:  # /dev/fuse is gone: the mount is
+                    return
                 finally:
                     self.jobs.task_done()
         finally:
             splicer.close()
+
+    def _walk(self, splicer: Splicer, walk: _Walk) -> None:
+        """Push the start of the next PUSH_FILES files (PUSH_BYTES) a walk meets after the
+        entry at walk.at of walk.parent, less those pushed already."""
+        budget = PUSH_BYTES
+        for count, (nid, position) in enumerate(self._files_after(walk.parent, walk.at)):
+            if count == PUSH_FILES or budget <= 0:
+                return
+            node = self.ops.tree.node(nid)
+            start, end = self._ahead.get(nid, 0), min(node.raw.size, PUSH_FILE_LIMIT)
+            if start < end:  # of a big file, its start: the rest follows its reads
+                budget -= end - start
+                self._ahead[nid] = end
+                self._push_one(splicer, nid, node, start, end, position)
+
+    def _push_one(self, splicer: Splicer, nid: int, node: _Node, start: int, end: int,
+                  position: tuple[int, int] | None) -> None:
+        """Push one range unless the reader got there first; OSError only when /dev/fuse fails."""
+        if position is not None and self._reached.get(position[0], -1) >= position[1]:
+            return
+        try:
+            self._push(splicer, nid, node, start, end)
+        except _ObjectProblem:
+            pass
+        except OSError as e:
+            if e.errno == errno.ENODEV:  # unmounted
+                raise
+            # ENOENT: the kernel no longer has the inode; anything else: the reads will say
+        except Exception as e:  # read-ahead is an optimisation: it must not stop for one file
+            log.error("%s: read-ahead failed: %s", self.ops.tree.path(nid), e)
 
     def _push(self, splicer: Splicer, nid: int, node: _Node, start: int, end: int) -> None:
         ino = self.ops.tree.ino(nid)
