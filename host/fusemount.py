@@ -83,6 +83,7 @@ PUSH_FILES = 64
 PUSH_BYTES = 8 << 20
 PUSH_FILE_LIMIT = 1 << 20
 PUSH_QUEUE = 256
+PUSH_NICE = 10
 # The pipe file bytes travel through to /dev/fuse: 1 MiB, the default most a user may ask for.
 PIPE_SIZE = 1 << 20
 # Smaller replies and pushes are read and written (two calls) rather than spliced (three).
@@ -728,6 +729,9 @@ class Pusher:
         self._ahead[nid] = end
 
     def _run(self) -> None:
+        # behind the request loop and the readers when the CPUs are busy: read-ahead only
+        # helps while it does not slow what it is for
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PUSH_NICE)
         splicer = Splicer()
         try:
             while (job := self.jobs.get()) is not None:
