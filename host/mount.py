@@ -119,7 +119,7 @@ def use_fuse(choice: str) -> bool:
 
 def fuse_image(repo: Repository, name: str, mountpoint: str):  # -> fusemount.ServedImage
     """Resolve and check the image a FUSE server will serve (nothing is mounted yet)."""
-    from pycfs.host import fusemount  # pyfuse3 loads only when a FUSE mount is wanted
+    from pycfs.host import fusemount  # the FUSE server loads only when a FUSE mount is wanted
 
     if _mount_type(mountpoint) is not None:
         raise PycfsError(f"{mountpoint} is a mount point already: `pycfs umount {mountpoint}` first")

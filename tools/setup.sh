@@ -20,8 +20,8 @@ PACKAGES=(
     gpg gpgv gpgconf
     # python-prctl builds against libcap; the venv needs venv/pip and headers
     libcap-dev gcc python3 python3-venv python3-dev
-    # rootless mounts: pyfuse3 builds against libfuse3, the user's mount goes through fusermount3
-    fuse3 libfuse3-dev pkg-config
+    # rootless mounts: a user's FUSE mount goes through fusermount3
+    fuse3
     # useradd/usermod, runuser, losetup/mount; GNU time for tools/bench's peak RSS
     passwd util-linux mount ca-certificates time
     # the hostile-store tests prove with strace that nothing outside the store is opened

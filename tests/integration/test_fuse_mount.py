@@ -193,6 +193,105 @@ def test_fuse_equals_kernel_mount(as_root, tmp_path, version):
     assert "trusted.overlay.redirect" in ours[b"/overlay-xattrs/f".hex()]["xattrs"]
 
 
+def _digests(paths: list[Path], chunk: int) -> dict[str, str]:
+    out = {}
+    for path in paths:
+        h = hashlib.sha256()
+        with open(path, "rb", buffering=0) as f:
+            while block := f.read(chunk):
+                h.update(block)
+        out[path.name] = h.hexdigest()
+    return out
+
+
+def test_fuse_read_ahead_serves_what_the_kernel_mount_serves(as_root, tmp_path):
+    """The server pushes file content into the kernel's page cache ahead of the reads (the
+    rest of a big file, the next files of a directory read in order). Whatever the order, the
+    read size and the readers at once, every byte is the kernel mount's."""
+    repo_path = tmp_path / "repo"
+    sizes = [0, 1, 4095, 4096, 4097, 65_536, 131_072, 131_073, 300_000, 1 << 20, (1 << 20) + 1] * 12
+    with Repository.init(repo_path) as repo:
+        fs = FileSystem()
+        r = fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
+        d = r.entries[b"files"] = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
+        for i, size in enumerate(sizes):
+            data = os.urandom(size)
+            content = External(repo.ensure_object(data), size) if size else Inline(b"")
+            d.entries[b"f%03d" % i] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), content)
+        big = os.urandom(9 * MIB + 7)
+        r.entries[b"big"] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), External(repo.ensure_object(big), len(big)))
+        repo.write_image(write_image(fs, 1), "ahead")
+    kernel, fuse = tmp_path / "kernel", tmp_path / "fuse"
+    kernel.mkdir()
+    fuse.mkdir()
+    pycfs_root(repo_path, "mount", "--fuse", "no", "ahead", str(kernel))
+    try:
+        pycfs_root(repo_path, "mount", "--fuse", "yes", "ahead", str(fuse))
+        try:
+            names = sorted(os.listdir(kernel / "files"))
+            want = _digests([kernel / "files" / n for n in names], 1 << 20)
+            assert _digests([fuse / "big"], 1 << 20)["big"] == hashlib.sha256(big).hexdigest()  # 1 MiB reads
+            assert _digests([fuse / "files" / n for n in names], 128 * 1024) == want  # in order: pushed ahead
+            assert _digests([fuse / "files" / n for n in names], 4096) == want  # again, from the page cache
+        finally:
+            pycfs_root(repo_path, "umount", str(fuse))
+        # a fresh mount, two readers at once in opposite orders, one of them in small reads:
+        # the stores of one wait on the other's pending reads, and nothing hangs
+        pycfs_root(repo_path, "mount", "--fuse", "yes", "ahead", str(fuse))
+        try:
+            script = ("import hashlib, json, os, sys\n"
+                      "out = {}\n"
+                      "for n in sys.argv[3:]:\n"
+                      "    with open(os.path.join(sys.argv[1], n), 'rb', buffering=0) as f:\n"
+                      "        h = hashlib.sha256()\n"
+                      "        while b := f.read(int(sys.argv[2])): h.update(b)\n"
+                      "    out[n] = h.hexdigest()\n"
+                      "json.dump(out, sys.stdout)\n")
+            readers = [subprocess.Popen([sys.executable, "-c", script, str(fuse / "files"), str(chunk), *order],
+                                        stdout=subprocess.PIPE)
+                       for chunk, order in ((1 << 20, names), (4096, names[::-1]))]
+            for p in readers:
+                out, _ = p.communicate(timeout=120)
+                assert p.returncode == 0 and json.loads(out) == want
+        finally:
+            pycfs_root(repo_path, "umount", str(fuse))
+    finally:
+        pycfs_root(repo_path, "umount", str(kernel))
+
+
+def test_server_ends_when_unmounted_while_another_namespace_keeps_a_copy(as_root, tmp_path):
+    """A mount namespace made while the FUSE mount exists (a rootless podman's pause process,
+    `unshare -m`) keeps a copy of it, and with it the kernel's connection: `pycfs umount`
+    must still end the server rather than leave it waiting for requests."""
+    repo_path = tmp_path / "repo"
+    with Repository.init(repo_path) as repo:
+        fs = FileSystem()
+        fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
+        fs.root.entries[b"f"] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), Inline(b"x"))
+        repo.write_image(write_image(fs, 1), "ns")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    out = pycfs_root(repo_path, "mount", "--fuse", "yes", "ns", str(mnt)).stdout.decode()
+    pid = int(re.search(r"server pid (\d+)", out).group(1))
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "120"])
+    try:
+        deadline = time.monotonic() + 10
+        while not any(str(mnt) in line for line in Path(f"/proc/{holder.pid}/mountinfo").read_text().splitlines()):
+            assert time.monotonic() < deadline, "unshare made no copy of the mount"
+            time.sleep(0.05)
+        assert (mnt / "f").read_bytes() == b"x"
+        pycfs_root(repo_path, "umount", str(mnt))
+        deadline = time.monotonic() + 10
+        while pid_alive(pid):
+            assert time.monotonic() < deadline, "the server outlived its mount"
+            time.sleep(0.1)
+    finally:
+        holder.kill()
+        holder.wait()
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def fuse_type(path: Path) -> str | None:
     """Filesystem type mounted at path, read from /proc/self/mountinfo."""
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
@@ -445,6 +544,38 @@ def test_mount_failures_are_one_line(podman_user, pulled, shared_tmp_path):
     assert re.fullmatch(r"pycfs: error: image [0-9a-f]{64} is corrupt: its fs-verity digest differs from its name "
                         r"\(run `pycfs fsck`\)", lines[0]), lines
     assert fuse_type(mnt) is None
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A system.posix_acl_access value: version 2, then (tag, perm, id) entries."""
+    return (2).to_bytes(4, "little") + b"".join(
+        tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + ident.to_bytes(4, "little", signed=ident < 0)
+        for tag, perm, ident in entries)
+
+
+def test_posix_acls_in_the_image_are_enforced_for_the_user(podman_user, shared_tmp_path):
+    """An image with ACLs has the kernel ask for them (an image without any does not: each
+    permission check would be a request); either way the user gets what the ACLs say."""
+    user = podman_user
+    repo_path = shared_tmp_path / "repo"
+    with Repository.init(repo_path) as repo:
+        fs = FileSystem()
+        r = fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
+        granted = _acl((0x01, 6, -1), (0x02, 4, user.uid), (0x04, 0, -1), (0x10, 4, -1), (0x20, 0, -1))
+        r.entries[b"granted"] = Leaf(Stat(0o640, 0, 0, 1_700_000_000, 0, {b"system.posix_acl_access": granted}),
+                                     External(repo.ensure_object(b"for you\n"), 8))
+        r.entries[b"denied"] = Leaf(Stat(0o640, 0, 0, 1_700_000_000, 0), External(repo.ensure_object(b"not\n"), 4))
+        repo.write_image(write_image(fs, 1), "acl")
+    for path in [repo_path, *repo_path.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    mnt = user.tmpdir("fuse-acl-")
+    user.pycfs("--repo", repo_path, "mount", "--fuse", "yes", "acl", mnt)
+    try:
+        assert user.run(["cat", mnt / "granted"]).stdout == b"for you\n"  # 0640 root:root, yet the ACL says r
+        p = user.run(["cat", mnt / "denied"], check=False)
+        assert p.returncode != 0 and b"Permission denied" in p.stderr
+    finally:
+        user.pycfs("umount", mnt)
 
 
 def test_killed_server_leaves_a_mount_point_umount_cleans(podman_user, pulled):

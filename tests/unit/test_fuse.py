@@ -1,6 +1,7 @@
-"""The FUSE server's handlers over real images (built by the EROFS writer) and real objects in
-a repository, called directly: no kernel mount needed. What the kernel's overlay mount shows
-for the same images is checked in tests/integration/test_fuse_mount.py."""
+"""The FUSE server over real images (built by the EROFS writer) and real objects in a
+repository, driven with requests encoded as the kernel sends them: no kernel mount needed.
+What the kernel's overlay mount shows for the same images is checked in
+tests/integration/test_fuse_mount.py."""
 
 from __future__ import annotations
 
@@ -8,24 +9,26 @@ import errno
 import logging
 import os
 import stat
+import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
-import pyfuse3
 import pytest
-import trio
 
 from pycfs.host.erofs.writer import write_image
 from pycfs.host.errors import PycfsError
-from pycfs.host.fusemount import ComposefsOperations, FuseMountError, load_image
+from pycfs.host import fusemount
+from pycfs.host.fusemount import ComposefsOperations, FuseError, FuseMountError, FuseServer, Pusher, load_image
 from pycfs.host.mount import unmount
 from pycfs.host.repository import Repository
+from pycfs.protocol import fuse
 from pycfs.host.tree import BlockDevice, CharDevice, Directory, External, Fifo, FileSystem, Inline, Leaf, Sparse, Stat, Symlink
 
 BIG = bytes(range(256)) * 1000 + b"tail"  # 256,004 bytes: several large reads
 MEDIUM = b"medium object content " * 20
-USER = SimpleNamespace(uid=1000)
-ROOT = SimpleNamespace(uid=0)
+USER = 1000
+# user::rw- user:1000:r-- group::--- mask::r-- other::---
+ACL = bytes.fromhex("02000000" "01000600ffffffff" "02000400e8030000" "04000000ffffffff" "10000400ffffffff"
+                    "20000000ffffffff")
 
 
 def build_tree(repo: Repository) -> FileSystem:
@@ -53,42 +56,105 @@ def build_tree(repo: Repository) -> FileSystem:
 
 
 class Mounted:
-    """An image loaded as `pycfs mount` loads it, with handlers called as the kernel would."""
+    """An image loaded as `pycfs mount` loads it, with requests encoded as the kernel sends
+    them and the replies decoded from what the server writes (to a file standing in for
+    /dev/fuse: each reply must be exactly one write)."""
 
-    def __init__(self, tmp_path: Path, version: int) -> None:
+    def __init__(self, tmp_path: Path, version: int, acl: bool = False) -> None:
         self.repo = Repository.init(tmp_path / "repo")
         self.fs = build_tree(self.repo)
+        if acl:
+            self.fs.root.entries[b"etc"].entries[b"shadow"].stat.xattrs[b"system.posix_acl_access"] = ACL
         self.image_id = self.repo.write_image(write_image(self.fs, version))
         self.ops = ComposefsOperations(load_image(self.repo, self.image_id))
+        self.replies = os.open(tmp_path / "replies", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.server = FuseServer(self.ops, self.replies)
+        self.unique = 0
 
-    def call(self, name: str, *args):
-        return trio.run(getattr(self.ops, name), *args)
+    def request(self, opcode: int, nodeid: int, body: bytes = b"", uid: int = 0) -> bytes:
+        """The reply's payload; FuseError for an error reply."""
+        self.unique += 1
+        start = os.lseek(self.replies, 0, os.SEEK_CUR)
+        self.server.answer(opcode, self.unique, nodeid, uid, memoryview(body))
+        reply = os.pread(self.replies, 4 << 20, start)
+        head = fuse.OutHeader.unpack_from(reply)
+        assert (head.len, head.unique) == (len(reply), self.unique)
+        if head.error:
+            raise FuseError(-head.error)
+        return reply[fuse.OutHeader.FORMAT.size:]
+
+    def lookup(self, parent: int, name: bytes) -> fuse.Attr | None:
+        reply = self.request(fuse.LOOKUP, parent, name + b"\0")
+        entry = fuse.EntryOut.unpack_from(reply)
+        assert entry.entry_valid >= 365 * 86400 and entry.attr_valid >= 365 * 86400  # cached for good
+        if entry.nodeid == 0:
+            return None  # a cacheable negative entry
+        attr = fuse.Attr.unpack_from(reply, fuse.EntryOut.FORMAT.size)
+        assert attr.ino == entry.nodeid
+        return attr
 
     def ino(self, path: str) -> int:
-        ino = pyfuse3.ROOT_INODE
+        ino = fuse.ROOT_ID
         for part in path.strip("/").split("/"):
             if part:
-                ino = self.call("lookup", ino, part.encode(), ROOT).st_ino
-                assert ino, path
+                attr = self.lookup(ino, part.encode())
+                assert attr, path
+                ino = attr.ino
         return ino
 
-    def attr(self, path: str) -> pyfuse3.EntryAttributes:
-        return self.call("getattr", self.ino(path), ROOT)
+    def attr(self, path: str) -> fuse.Attr:
+        reply = self.request(fuse.GETATTR, self.ino(path), bytes(16))
+        return fuse.Attr.unpack_from(reply, fuse.AttrOut.FORMAT.size)
+
+    def listdir(self, path: str, size: int = 4096) -> list[tuple[bytes, fuse.Attr]]:
+        """READDIRPLUS from offset 0 until an empty reply, each reply at most `size` bytes."""
+        ino, offset, out = self.ino(path), 0, []
+        while True:
+            reply = self.request(fuse.READDIRPLUS, ino, fuse.ReadIn(0, offset, size).pack())
+            assert len(reply) <= size
+            if not reply:
+                return out
+            pos = 0
+            while pos < len(reply):
+                entry = fuse.EntryOut.unpack_from(reply, pos)
+                attr = fuse.Attr.unpack_from(reply, pos + fuse.EntryOut.FORMAT.size)
+                d = fuse.Dirent.unpack_from(reply, pos + fuse.EntryOut.FORMAT.size + fuse.Attr.FORMAT.size)
+                name_at = pos + fuse.EntryOut.FORMAT.size + fuse.Attr.FORMAT.size + fuse.Dirent.FORMAT.size
+                assert entry.nodeid == attr.ino == d.ino and d.type == stat.S_IFMT(attr.mode) >> 12
+                out.append((reply[name_at:name_at + d.namelen], attr))
+                offset = d.off
+                pos = name_at + d.namelen + (-(name_at + d.namelen - pos) % 8)
+            assert pos == len(reply)
 
     def names(self, path: str) -> list[bytes]:
-        return [name for name, _ in self.ops.tree.entries(self.ops.tree.nid(self.ino(path)))]
+        return [name for name, _ in self.listdir(path)]
+
+    def read(self, ino: int, off: int, size: int) -> bytes:
+        return self.request(fuse.READ, ino, fuse.ReadIn(0, off, size).pack())
 
     def read_all(self, path: str, chunk: int = 128 * 1024) -> bytes:
-        fh = self.call("open", self.ino(path), os.O_RDONLY, ROOT).fh
-        out, off = [], 0
+        ino, out, off = self.ino(path), [], 0
         while True:
-            data = self.call("read", fh, off, chunk)
+            data = self.read(ino, off, chunk)
             if not data:
-                break
+                return b"".join(out)
             out.append(data)
             off += len(data)
-        self.call("release", fh)
-        return b"".join(out)
+
+    def getxattr(self, ino: int, name: bytes, uid: int = 0) -> bytes:
+        size = fuse.GetxattrOut.unpack_from(self.request(fuse.GETXATTR, ino, bytes(8) + name + b"\0", uid)).size
+        if size == 0:  # the kernel asks for the value only when it has a length
+            return b""
+        value = self.request(fuse.GETXATTR, ino, fuse.GetxattrIn(size).pack() + name + b"\0", uid)
+        assert len(value) == size
+        return value
+
+    def listxattr(self, ino: int, uid: int = 0) -> list[bytes]:
+        size = fuse.GetxattrOut.unpack_from(self.request(fuse.LISTXATTR, ino, bytes(8), uid)).size
+        if size == 0:
+            return []
+        names = self.request(fuse.LISTXATTR, ino, fuse.GetxattrIn(size).pack(), uid)
+        return names.split(b"\0")[:-1]
 
 
 @pytest.fixture(params=[0, 1, 2], ids=["v0", "v1", "v2"])
@@ -100,20 +166,26 @@ def test_tree_metadata(mounted):
     assert mounted.names("/") == [b"dev", b"etc", b"odd", b"usr"]  # no whiteout stubs
     assert [n for n in mounted.names("/dev") if n != b"gone"] == [b"fifo", b"loop0", b"null"]  # whiteouts: below
     tool = mounted.attr("/usr/tool")
-    assert stat.S_ISREG(tool.st_mode) and stat.S_IMODE(tool.st_mode) == 0o4755
-    assert (tool.st_size, tool.st_nlink, tool.st_uid, tool.st_gid) == (len(BIG), 2, 0, 0)
-    assert tool.st_mtime_ns == 1_700_000_005_999_999_999 or mounted.ops.image.reader.header.composefs_version == 2
-    assert mounted.attr("/usr/tool-hardlink").st_ino == tool.st_ino
+    assert stat.S_ISREG(tool.mode) and stat.S_IMODE(tool.mode) == 0o4755
+    assert (tool.size, tool.nlink, tool.uid, tool.gid) == (len(BIG), 2, 0, 0)
+    assert (tool.mtime, tool.mtimensec) == (1_700_000_005, 999_999_999) or \
+        mounted.ops.image.reader.header.composefs_version == 2
+    assert mounted.attr("/usr/tool-hardlink").ino == tool.ino
     medium = mounted.attr("/usr/medium")
-    assert (medium.st_uid, medium.st_gid, stat.S_IMODE(medium.st_mode)) == (1000, 1000, 0o640)
-    assert mounted.attr("/dev/null").st_rdev == os.makedev(1, 3) and stat.S_ISCHR(mounted.attr("/dev/null").st_mode)
-    assert mounted.attr("/dev/loop0").st_rdev == os.makedev(7, 0) and stat.S_ISBLK(mounted.attr("/dev/loop0").st_mode)
-    assert stat.S_ISFIFO(mounted.attr("/dev/fifo").st_mode)
-    assert mounted.call("readlink", mounted.ino("/usr/link"), ROOT) == b"../etc/hostname"
-    assert mounted.call("lookup", mounted.ino("/usr"), b"..", ROOT).st_ino == pyfuse3.ROOT_INODE
-    assert mounted.call("lookup", pyfuse3.ROOT_INODE, b"missing", ROOT).st_ino == 0  # a cacheable negative entry
-    with pytest.raises(pyfuse3.FUSEError) as e:
-        mounted.call("opendir", mounted.ino("/etc/hostname"), ROOT)
+    assert (medium.uid, medium.gid, stat.S_IMODE(medium.mode)) == (1000, 1000, 0o640)
+    null, loop0 = mounted.attr("/dev/null"), mounted.attr("/dev/loop0")
+    assert stat.S_ISCHR(null.mode) and null.rdev == os.makedev(1, 3)
+    assert stat.S_ISBLK(loop0.mode) and loop0.rdev == os.makedev(7, 0)
+    assert stat.S_ISFIFO(mounted.attr("/dev/fifo").mode)
+    assert mounted.request(fuse.READLINK, mounted.ino("/usr/link")) == b"../etc/hostname"
+    assert mounted.lookup(mounted.ino("/usr"), b"..").ino == fuse.ROOT_ID
+    assert mounted.lookup(fuse.ROOT_ID, b"missing") is None
+    # READDIRPLUS gives what LOOKUP gives, across replies too small for the whole directory
+    listed = mounted.listdir("/usr", size=300)
+    assert [n for n, _ in listed] == [b"link", b"medium", b"sparse", b"tool", b"tool-hardlink"]
+    assert all(attr == mounted.lookup(mounted.ino("/usr"), name) for name, attr in listed)
+    with pytest.raises(FuseError) as e:
+        mounted.request(fuse.READDIRPLUS, mounted.ino("/etc/hostname"), fuse.ReadIn(0, 0, 4096).pack())
     assert e.value.errno == errno.ENOTDIR
 
 
@@ -123,9 +195,9 @@ def test_whiteouts_as_overlay_shows_them(tmp_path):
     v1 = Mounted(tmp_path / "v1", 1)
     assert b"gone" in v1.names("/dev")
     gone = v1.attr("/dev/gone")
-    assert stat.S_ISREG(gone.st_mode) and gone.st_size == 0
-    assert v1.call("getxattr", gone.st_ino, b"trusted.overlay.whiteout", ROOT) == b""
-    assert v1.call("getxattr", v1.ino("/dev"), b"trusted.overlay.whiteouts", ROOT) == b""
+    assert stat.S_ISREG(gone.mode) and gone.size == 0
+    assert v1.getxattr(gone.ino, b"trusted.overlay.whiteout") == b""
+    assert v1.getxattr(v1.ino("/dev"), b"trusted.overlay.whiteouts") == b""
     v2 = Mounted(tmp_path / "v2", 2)
     assert v2.names("/dev") == [b"fifo", b"loop0", b"null"]
 
@@ -133,35 +205,122 @@ def test_whiteouts_as_overlay_shows_them(tmp_path):
 def test_content(mounted):
     assert mounted.read_all("/usr/tool") == BIG
     assert mounted.read_all("/usr/tool", chunk=4096) == BIG
+    assert mounted.read_all("/usr/tool", chunk=1 << 20) == BIG  # one large read
     assert mounted.read_all("/usr/tool-hardlink") == BIG
     assert mounted.read_all("/usr/medium") == MEDIUM
     assert mounted.read_all("/etc/hostname") == b"host\n"
     assert mounted.read_all("/etc/shadow") == b"secret\n"  # modes are the kernel's business
     assert mounted.read_all("/usr/sparse") == bytes(10_000)
-    fh = mounted.call("open", mounted.ino("/usr/tool"), os.O_RDONLY, ROOT)
-    assert fh.keep_cache
-    assert mounted.call("read", fh.fh, 1000, 10) == BIG[1000:1010]
-    assert mounted.call("read", fh.fh, len(BIG) - 2, 10) == b"il"
-    mounted.call("release", fh.fh)
-    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
-        with pytest.raises(pyfuse3.FUSEError) as e:
-            mounted.call("open", mounted.ino("/usr/tool"), flags, ROOT)
-        assert e.value.errno == errno.EROFS
+    tool = mounted.ino("/usr/tool")
+    assert mounted.read(tool, 1000, 10) == BIG[1000:1010]
+    assert mounted.read(tool, len(BIG) - 2, 10) == b"il"
+    assert mounted.read(tool, len(BIG) + 10, 10) == b""
+    # the kernel opens without asking (and so keeps pages and caches listings)
+    for opcode in (fuse.OPEN, fuse.OPENDIR):
+        with pytest.raises(FuseError) as e:
+            mounted.request(opcode, tool, bytes(8))
+        assert e.value.errno == errno.ENOSYS
+    with pytest.raises(FuseError) as e:
+        mounted.read(mounted.ino("/usr"), 0, 10)
+    assert e.value.errno == errno.EINVAL
+
+
+def test_init_negotiates_cached_read_only_serving(mounted):
+    ready = []
+    mounted.server._on_ready = lambda: ready.append(True)
+    offered = (1 << 31) - 1  # every flag this kernel ABI has
+    reply = fuse.InitOut.unpack_from(mounted.request(fuse.INIT, 0, fuse.InitIn(7, 40, 131072, offered).pack()))
+    assert (reply.major, reply.minor, reply.max_readahead) == (7, fuse.KERNEL_MINOR_VERSION, 131072)
+    for flag in (fuse.NO_OPEN_SUPPORT, fuse.NO_OPENDIR_SUPPORT, fuse.CACHE_SYMLINKS, fuse.DO_READDIRPLUS,
+                 fuse.MAX_PAGES):
+        assert reply.flags & flag
+    assert not reply.flags & fuse.POSIX_ACL  # no ACL in the image: the kernel need not ask for any
+    assert reply.flags & ~offered == 0 and reply.max_pages * 4096 == 1 << 20
+    assert ready == [True]
+    with pytest.raises(FuseError) as e:
+        mounted.request(fuse.INIT, 0, fuse.InitIn(8, 0, 0, 0).pack())
+    assert e.value.errno == errno.EPROTO
+    # requests the server has no business with: ENOSYS, and the kernel stops sending them
+    with pytest.raises(FuseError) as e:
+        mounted.request(16, fuse.ROOT_ID, bytes(40))  # WRITE
+    assert e.value.errno == errno.ENOSYS
+    end = os.lseek(mounted.replies, 0, os.SEEK_CUR)
+    mounted.server.answer(fuse.FORGET, 99, 5, 0, memoryview(bytes(8)))
+    assert os.fstat(mounted.replies).st_size == end  # no reply at all
+
+
+def test_posix_acls_are_enforced_when_the_image_has_some(tmp_path):
+    m = Mounted(tmp_path, 1, acl=True)
+    reply = fuse.InitOut.unpack_from(m.request(fuse.INIT, 0, fuse.InitIn(7, 40, 131072, (1 << 31) - 1).pack()))
+    assert reply.flags & fuse.POSIX_ACL
+    assert m.getxattr(m.ino("/etc/shadow"), b"system.posix_acl_access", USER) == ACL
 
 
 def test_xattrs(mounted):
     tool = mounted.ino("/usr/tool")
-    assert mounted.call("getxattr", tool, b"user.k", USER) == b"v"
-    assert mounted.call("listxattr", tool, USER) == [b"user.k"]  # metacopy/redirect stay hidden
-    with pytest.raises(pyfuse3.FUSEError) as e:
-        mounted.call("getxattr", tool, b"trusted.overlay.metacopy", ROOT)
-    assert e.value.errno == pyfuse3.ENOATTR
+    assert mounted.getxattr(tool, b"user.k", USER) == b"v"
+    assert mounted.listxattr(tool, USER) == [b"user.k"]  # metacopy/redirect stay hidden
+    with pytest.raises(FuseError) as e:
+        mounted.getxattr(tool, b"trusted.overlay.metacopy")
+    assert e.value.errno == errno.ENODATA
+    with pytest.raises(FuseError) as e:  # a buffer too small for the list
+        mounted.request(fuse.LISTXATTR, tool, fuse.GetxattrIn(1).pack(), USER)
+    assert e.value.errno == errno.ERANGE
     f = mounted.ino("/odd/f")
     # the image's own trusted.overlay.* (escaped when written) shows unescaped, to root only
-    assert mounted.call("getxattr", f, b"trusted.overlay.redirect", ROOT) == b"/x"
-    assert b"trusted.overlay.redirect" in mounted.call("listxattr", f, ROOT)
-    assert mounted.call("listxattr", f, USER) == []
-    assert mounted.call("getxattr", mounted.ino("/odd"), b"trusted.overlay.opaque", ROOT) == b"y"
+    assert mounted.getxattr(f, b"trusted.overlay.redirect") == b"/x"
+    assert b"trusted.overlay.redirect" in mounted.listxattr(f)
+    assert mounted.listxattr(f, USER) == []
+    assert mounted.getxattr(mounted.ino("/odd"), b"trusted.overlay.opaque") == b"y"
+    assert fuse.Kstatfs.unpack_from(mounted.request(fuse.STATFS, fuse.ROOT_ID)).bsize == 4096
+
+
+def _pushed(m: Mounted, reads: list[tuple[str, int, int]]) -> list[tuple[str, int, bytes]]:
+    """The stores (path, offset, bytes) the server's read-ahead writes while the reads are answered."""
+    with tempfile.TemporaryFile() as out:
+        pusher = m.server._pusher = Pusher(m.ops, out.fileno())
+        pusher.start()
+        for path, off, size in reads:
+            m.read(m.ino(path), off, size)
+            pusher.jobs.join()  # one read's read-ahead at a time: what is pushed is then certain
+        pusher.stop()
+        data = os.pread(out.fileno(), 1 << 24, 0)
+    paths = {m.ino(p): p for p in ("/usr/tool", "/usr/medium", "/usr/sparse", "/etc/hostname", "/etc/shadow", "/odd/f")}
+    stores, pos = [], 0
+    while pos < len(data):
+        head = fuse.OutHeader.unpack_from(data, pos)
+        store = fuse.NotifyStoreOut.unpack_from(data, pos + 16)
+        assert (head.unique, head.error, head.len) == (0, fuse.NOTIFY_STORE, 16 + 24 + store.size)
+        stores.append((paths[store.nodeid], store.offset, data[pos + 40:pos + head.len]))
+        pos += head.len
+    return stores
+
+
+def test_read_ahead_pushes_the_rest_of_a_file_in_windows(tmp_path, monkeypatch):
+    monkeypatch.setattr(fusemount, "PUSH_AHEAD", 100_000)
+    m = Mounted(tmp_path, 1)
+    stores = _pushed(m, [("/usr/tool", 0, 4096), ("/usr/tool", 4096, 4096), ("/usr/tool", 104_096, 4096)])
+    # each read queues the window after it, less what was queued already
+    assert [(p, off, len(b)) for p, off, b in stores] == [
+        ("/usr/tool", 4096, 100_000), ("/usr/tool", 104_096, 4096), ("/usr/tool", 108_192, 100_000)]
+    assert all(b == BIG[off:off + len(b)] for _, off, b in stores)
+
+
+def test_read_ahead_pushes_the_next_files_of_a_directory_read_in_order(tmp_path):
+    m = Mounted(tmp_path, 1)
+    # /usr: link, medium, sparse, tool, tool-hardlink. One first read is no order yet; the
+    # second, after it in the directory, is: the files after it are pushed, each inode once
+    stores = _pushed(m, [("/usr/medium", 0, 4096), ("/usr/sparse", 0, 4096)])
+    assert stores == [("/usr/tool", 0, BIG)]
+    # from the last file of a directory on to the next directories' files (/ is dev, etc, odd,
+    # usr; odd/f is empty)
+    assert _pushed(Mounted(tmp_path / "walk", 1), [("/etc/hostname", 0, 4096), ("/etc/shadow", 0, 4096)]) == [
+        ("/usr/medium", 0, MEDIUM), ("/usr/tool", 0, BIG)]
+    # to an earlier directory, or backwards in one: no order
+    assert _pushed(m, [("/usr/medium", 0, 4096), ("/etc/hostname", 0, 4096)]) == []
+    assert _pushed(m, [("/usr/sparse", 0, 4096), ("/usr/medium", 0, 4096)]) == []
+    # in order, from a later offset: not the start of reading the next file
+    assert _pushed(m, [("/usr/medium", 0, 4096), ("/usr/sparse", 4096, 4096)]) == []
 
 
 def _object_file(m: Mounted, data: bytes) -> Path:
@@ -185,13 +344,35 @@ def test_broken_object_is_eio_for_that_file_only(tmp_path, caplog, damage):
         path.mkdir()
     caplog.set_level(logging.INFO, logger="pycfs.fuse")
     for _ in range(2):
-        with pytest.raises(pyfuse3.FUSEError) as e:
+        with pytest.raises(FuseError) as e:
             m.read_all("/usr/medium")
         assert e.value.errno == errno.EIO
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and lines[0].startswith("/usr/medium: object ") and "EIO" in lines[0], lines
     assert m.read_all("/usr/tool") == BIG  # everything else is served
-    assert m.attr("/usr/medium").st_size == len(MEDIUM)
+    assert m.attr("/usr/medium").size == len(MEDIUM)
+
+
+@pytest.mark.parametrize("chunk", [4096, 128 * 1024], ids=["read", "spliced"])
+def test_object_shrunk_after_open_is_eio_not_a_short_reply(tmp_path, caplog, chunk):
+    """A short reply would make the kernel shrink the file: an object that lost bytes after
+    its first read (kept open) gives EIO, with nothing of the reply written."""
+    m = Mounted(tmp_path, 1)
+    tool = m.ino("/usr/tool")
+    assert m.read(tool, 0, 10) == BIG[:10]  # the object is open now
+    path = _object_file(m, BIG)
+    path.chmod(0o644)
+    os.truncate(path, 200_000)
+    caplog.set_level(logging.INFO, logger="pycfs.fuse")
+    for _ in range(2):
+        with pytest.raises(FuseError) as e:
+            m.read(tool, 200_000 - 100, chunk)
+        assert e.value.errno == errno.EIO
+    assert [r.getMessage() for r in caplog.records] == [
+        f"/usr/tool: object {m.ops.tree.node(m.ops.tree.nid(tool)).internal[b'trusted.overlay.redirect'].decode()} "
+        "is shorter than the image says; reading it gives EIO"]
+    assert m.read(tool, 1000, 10) == BIG[1000:1010]  # what is there is still served
+    assert m.read_all("/usr/medium") == MEDIUM
 
 
 def test_corrupt_image_is_refused(tmp_path):
