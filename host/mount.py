@@ -117,15 +117,15 @@ def use_fuse(choice: str) -> bool:
     return choice == "yes" or (choice == "auto" and not privileged())
 
 
-def fuse_image(repo: Repository, name: str, mountpoint: str):  # -> fusemount.ServedImage
+def fuse_image(repo: Repository, name: str, mountpoint: str):  # -> fuse.image.ServedImage
     """Resolve and check the image a FUSE server will serve (nothing is mounted yet)."""
-    from pycfs.host import fusemount  # the FUSE server loads only when a FUSE mount is wanted
+    from pycfs.host.fuse.image import load_image  # the FUSE server loads only when a FUSE mount is wanted
 
     if _mount_type(mountpoint) is not None:
         raise PycfsError(f"{mountpoint} is a mount point already: `pycfs umount {mountpoint}` first")
     if not os.path.isdir(mountpoint):
         raise PycfsError(f"mount point {mountpoint} is not a directory")
-    return fusemount.load_image(repo, resolve_image(repo, name))
+    return load_image(repo, resolve_image(repo, name))
 
 
 def _mount_type(mountpoint: str) -> str | None:
@@ -148,7 +148,7 @@ def unmount(mountpoint: str) -> None:
     if fstype is None:
         raise PycfsError(f"nothing is mounted at {mountpoint}")
     if fstype.startswith("fuse") and os.geteuid() != 0:  # root of a user namespace may umount its own
-        from pycfs.host.fusemount import fuse_unmount
+        from pycfs.host.fuse.mounting import fuse_unmount
 
         fuse_unmount(mountpoint)
         return

@@ -352,7 +352,7 @@ def _make_leaf(r: _Reader, raw: RawInode, loaded: LoadedImage) -> Leaf:
 
 
 # The raw layer, for serving the stored inodes the way the kernel's overlay mount shows them
-# (pycfs.host.fusemount): inodes, dirents and data by nid, and overlayfs's view of xattrs
+# (pycfs.host.fuse): inodes, dirents and data by nid, and overlayfs's view of xattrs
 # (user-visible, overlay-internal).
 ImageReader = _Reader
 

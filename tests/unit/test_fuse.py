@@ -16,8 +16,11 @@ import pytest
 
 from pycfs.host.erofs.writer import write_image
 from pycfs.host.errors import PycfsError
-from pycfs.host import fusemount
-from pycfs.host.fusemount import ComposefsOperations, FuseError, FuseMountError, FuseServer, Pusher, load_image
+from pycfs.host.fuse import readahead
+from pycfs.host.fuse.image import FuseError, FuseMountError, load_image
+from pycfs.host.fuse.operations import ComposefsOperations
+from pycfs.host.fuse.readahead import Pusher
+from pycfs.host.fuse.server import FuseServer
 from pycfs.host.mount import unmount
 from pycfs.host.repository import Repository
 from pycfs.protocol import fuse
@@ -297,7 +300,7 @@ def _pushed(m: Mounted, reads: list[tuple[str, int, int]]) -> list[tuple[str, in
 
 
 def test_read_ahead_pushes_the_rest_of_a_file_in_windows(tmp_path, monkeypatch):
-    monkeypatch.setattr(fusemount, "PUSH_AHEAD", 100_000)
+    monkeypatch.setattr(readahead, "PUSH_AHEAD", 100_000)
     m = Mounted(tmp_path, 1)
     stores = _pushed(m, [("/usr/tool", 0, 4096), ("/usr/tool", 4096, 4096), ("/usr/tool", 104_096, 4096)])
     # each read queues the window after it, less what was queued already

@@ -19,16 +19,16 @@ def cmd_mount(args: argparse.Namespace) -> int:
             image_id = mount_image(repo, args.image, args.mountpoint)
         print(f"mounted image {image_id.hex()} at {args.mountpoint}")
         return 0
-    from pycfs.host import fusemount
+    from pycfs.host.fuse import mounting
 
     with open_repo(args, writable=False) as repo:
         image = fuse_image(repo, args.image, args.mountpoint)
     done = f"mounted image {image.image_id.hex()} at {args.mountpoint} (FUSE"
     if args.foreground:
-        fusemount.log_to_stderr()
-        fusemount.serve(image, args.mountpoint, lambda: print(f"{done}; serving until unmounted)", flush=True))
+        mounting.log_to_stderr()
+        mounting.serve(image, args.mountpoint, lambda: print(f"{done}; serving until unmounted)", flush=True))
         return 0
-    pid = fusemount.serve_daemon(image, args.mountpoint)
+    pid = mounting.serve_daemon(image, args.mountpoint)
     print(f"{done}, server pid {pid}; `pycfs umount {args.mountpoint}` unmounts it)")
     return 0
 
