@@ -263,7 +263,7 @@ class PartApplier:
         elif len(content) != header.size:
             raise OstreeError(f"{describe(checksum, Kind.FILE)}: the delta gives {len(content)} of {header.size} bytes")
         header.check(checksum)
-        check_file(header, checksum, None, content)
+        check_file(header, checksum, content)
         self.store(checksum, header, content)
 
 

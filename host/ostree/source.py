@@ -12,9 +12,10 @@ A `.filez` is read as a stream: 8-byte prefix, header variant, raw deflate. Smal
 comes back as bytes, larger content in an unlinked temporary file in tmp_dir (on the
 repository's filesystem, so storing it is a reflink where the filesystem has them); the
 content checksum is verified on the way, so a `FetchedFile` from an archive is trusted.
-A bare repository's content file is passed on as it is (the object workers reflink it)
-and its checksum is verified on the stored copy (`verified` False), since the source file
-could change between a check and the copy.
+A bare repository's content file is passed on as it is (`verified` False): the object
+workers reflink it and check its checksum on their private copy, in the same read that
+computes its fs-verity digest, since the source file could change between a check and
+the copy.
 """
 
 from __future__ import annotations
@@ -62,26 +63,16 @@ class FetchedFile:
     header: FileHeader
     content: bytes | None = None  # inline content (symlinks: b"")
     fd: int | None = None  # content to store as an object; the receiver closes it
-    verified: bool = True  # False: check the checksum on the stored object
+    verified: bool = True  # False: the object workers check the checksum on the stored copy
 
 
-def content_checksum(header: FileHeader, content_fd: int | None, content: bytes = b"") -> bytes:
-    """The ostree checksum of a file object from its header and content (bytes or a whole fd)."""
-    h = hashlib.sha256(header.checksum_prefix())
-    if content_fd is None:
-        h.update(content)
-    else:
-        offset = 0
-        while chunk := os.pread(content_fd, READ_CHUNK, offset):
-            h.update(chunk)
-            offset += len(chunk)
-    return h.digest()
+MISMATCH = "content does not match its checksum: the source repository is corrupt or was tampered with"
 
 
-def check_file(header: FileHeader, checksum: bytes, fd: int | None, content: bytes = b"") -> None:
-    if content_checksum(header, fd, content) != checksum:
-        raise OstreeError(f"{describe(checksum, Kind.FILE)}: content does not match its checksum: "
-                          "the source repository is corrupt or was tampered with")
+def check_file(header: FileHeader, checksum: bytes, content: bytes = b"") -> None:
+    """An inline file (or symlink) object against its ostree checksum."""
+    if hashlib.sha256(header.checksum_prefix() + content).digest() != checksum:
+        raise OstreeError(f"{describe(checksum, Kind.FILE)}: {MISMATCH}")
 
 
 def unpack_filez(read: Callable[[int], bytes], checksum: bytes, inline_max: int, tmp_dir: str) -> FetchedFile:
@@ -276,7 +267,7 @@ class LocalRepo:
                                 st.st_mode, os.readlink(rel, dir_fd=self._objects),
                                 self._xattrs(f"/proc/self/fd/{self._objects}/{rel}", False) if self.mode == "bare" else [])
             header.check(checksum)
-            check_file(header, checksum, None)
+            check_file(header, checksum)
             return FetchedFile(header, content=b"")
         fd, st = self._open(checksum, Kind.FILE)
         try:
@@ -302,7 +293,7 @@ class LocalRepo:
             header.check(checksum)
             if header.is_symlink or header.size <= inline_max:
                 content = b"" if header.is_symlink else os.pread(fd, header.size + 1, 0)
-                check_file(header, checksum, None, content)
+                check_file(header, checksum, content)
                 return FetchedFile(header, content=content)
         except BaseException:
             os.close(fd)

@@ -111,7 +111,7 @@ def test_file_objects_headers_and_checksums(archive):
         content = zlib.decompressobj(-15).decompress(data[end:])
         assert len(content) == header.size
         assert hashlib.sha256(header.checksum_prefix() + content).hexdigest() == hexname
-        check_file(header, checksum, None, content)
+        check_file(header, checksum, content)
         kinds.add("symlink" if header.is_symlink else "xattr" if header.xattrs else "file")
         if header.xattrs:
             assert all(name.endswith(b"\0") for name, _ in header.xattrs)
