@@ -200,24 +200,24 @@ class _Puller:
 
     def _accept(self, kind: Kind, checksum: bytes, data: bytes) -> None:
         """Take a verified metadata object and look at what it refers to."""
+        parsed: Commit | DirTree | DirMeta
         if kind is Kind.COMMIT:
-            commit = Commit.parse(data, checksum)
+            parsed = commit = Commit.parse(data, checksum)
             if commit.parent is not None and has_commit(self.repo, commit.parent):
                 self.add_base(load_stream(self.repo, stream_name(commit.parent)), "parent")
-            self.objects.add(checksum, Entry(data))
             self.want(Kind.DIRMETA, commit.root_meta)
             self.want(Kind.DIRTREE, commit.root_tree)
         elif kind is Kind.DIRTREE:
-            tree = DirTree.parse(data, checksum)
-            self.objects.add(checksum, Entry(data))
+            parsed = tree = DirTree.parse(data, checksum)
             for _name, file_checksum in tree.files:
                 self.want(Kind.FILE, file_checksum)
             for _name, sub_tree, sub_meta in tree.dirs:
                 self.want(Kind.DIRMETA, sub_meta)
                 self.want(Kind.DIRTREE, sub_tree)
         else:
-            DirMeta.parse(data, checksum)
-            self.objects.add(checksum, Entry(data))
+            parsed = DirMeta.parse(data, checksum)
+        self.objects.add(checksum, Entry(data))
+        self.objects.parsed[checksum] = parsed
 
     async def _fetch_metadata(self, batch: list[tuple[Kind, bytes]]) -> None:
         def read() -> list[bytes]:

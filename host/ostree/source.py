@@ -23,7 +23,6 @@ from __future__ import annotations
 import configparser
 import errno
 import hashlib
-import http.client
 import os
 import stat
 import tempfile
@@ -33,7 +32,7 @@ import urllib.parse
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pycfs.host.ostree.commitstream import check_ref_name
 from pycfs.host.ostree.objects import (
@@ -51,6 +50,9 @@ from pycfs.host.ostree.objects import (
     parse_meta_xattr,
     parse_summary,
 )
+
+if TYPE_CHECKING:
+    import http.client  # imported when an HttpRepo is made: a local pull does without it
 
 READ_CHUNK = 1 << 20
 MODES = {"archive": "archive", "archive-z2": "archive", "bare": "bare", "bare-user": "bare-user",
@@ -231,7 +233,9 @@ class LocalRepo:
         with os.fdopen(fd, "rb") as f:
             if st.st_size > MAX_METADATA_SIZE:
                 raise OstreeError(f"{describe(checksum, kind)}: {st.st_size} bytes, more than ostree allows")
-            return f.read(MAX_METADATA_SIZE + 1)
+            # a byte more than stat said: a file that grew meanwhile fails its checksum
+            # (and a read of the limit would allocate 128 MiB per object)
+            return f.read(st.st_size + 1)
 
     def read_detached(self, commit: bytes, limit: int) -> bytes | None:
         """The commit's detached metadata (`.commitmeta`), None when it has none."""
@@ -330,6 +334,8 @@ class _Body:
         self._resp = resp
 
     def read(self, n: int) -> bytes:
+        import http.client
+
         data = self._resp.read(n)
         if not data and n and self._resp.length:
             raise http.client.IncompleteRead(b"", self._resp.length)
@@ -368,6 +374,8 @@ class HttpRepo:
             self._idle.clear()
 
     def _connection(self) -> http.client.HTTPConnection:
+        import http.client
+
         with self._lock:
             if self._idle:
                 return self._idle.pop()
@@ -376,6 +384,8 @@ class HttpRepo:
 
     def get(self, path: str, consume: Callable[[_Body], T], what: str) -> T:
         """GET base/path and hand the body to consume; a 404 raises _NotFound."""
+        import http.client
+
         last = ""
         for attempt in range(self._attempts):
             if attempt:
