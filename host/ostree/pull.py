@@ -120,7 +120,7 @@ class PullOptions:
     base_name: str | None = None
     jobs: int | None = None  # object workers
     fetches: int = 16  # concurrent fetches
-    deltas: bool = True  # use a static delta when an HTTP source has one
+    deltas: bool = True  # use a static delta when an archive source (HTTP or local) has one
     gpg_keyring: str | None = None  # require a commit signature that verifies with this keyring
     progress: Progress | None = None
 
@@ -247,7 +247,8 @@ class _Puller:
                 for _ in range(self.fetchers):
                     nursery.start_soon(self._fetcher, todo_recv.clone(), store_send.clone())
                 nursery.start_soon(self._batcher, store_recv, pool)
-                if self.options.deltas and isinstance(self.source, HttpRepo):
+                # (a bare repository's files are reflinked: a delta's parts would be copies)
+                if self.options.deltas and self.source.archive:
                     await self._delta(self.source, store_send)
             async with todo_send, open_nursery() as metadata:
                 self.nursery = metadata
@@ -255,7 +256,7 @@ class _Puller:
                 self._flush()
         self.nursery = self.todo = None
 
-    async def _delta(self, source: HttpRepo, store: trio.MemorySendChannel[tuple[bytes, FetchedFile]]) -> None:
+    async def _delta(self, source: LocalRepo | HttpRepo, store: trio.MemorySendChannel[tuple[bytes, FetchedFile]]) -> None:
         """Apply a static delta to the commit when the source has one: its objects become a base."""
         found = await trio.to_thread.run_sync(find_delta, source, self.commit, partial(has_commit, self.repo))
         if found is None:
@@ -275,7 +276,7 @@ class _Puller:
         def fetch_part(i: int) -> bytes:
             part = source.fetch_optional(f"{where}/{i}", MAX_PART)
             if part is None:
-                raise OstreeError(f"static delta {name}: part {i} is missing from {source.url}")
+                raise OstreeError(f"static delta {name}: part {i} is missing from {source.description}")
             self.stats.delta_parts += 1
             return part
 

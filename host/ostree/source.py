@@ -154,10 +154,34 @@ def _read_exact(read: Callable[[int], bytes], n: int, where: str) -> bytes:
     return b"".join(parts)
 
 
+class _Summary:
+    """The summary file (refs and the static-delta table), read once through fetch_optional."""
+
+    description: str
+    _summary: list[tuple[str, bytes]] | None = None
+    _summary_fetched = False
+    summary_deltas: dict[str, bytes]  # delta name -> superblock checksum
+
+    def fetch_optional(self, path: str, limit: int) -> bytes | None:
+        raise NotImplementedError
+
+    def list_refs(self) -> list[tuple[str, bytes]] | None:
+        """The refs the repository's summary file lists; None without one."""
+        if not self._summary_fetched:
+            data = self.fetch_optional("summary", MAX_METADATA_SIZE)
+            self._summary_fetched = True
+            self.summary_deltas = {}
+            if data is None:
+                return None
+            self._summary, metadata = parse_summary(data, f"{self.description} summary")
+            self.summary_deltas = parse_delta_table(metadata, f"{self.description} summary")
+        return self._summary
+
+
 # ---------------------------------------------------------------------------------- local
 
 
-class LocalRepo:
+class LocalRepo(_Summary):
     """An ostree repository on disk, in archive, bare, bare-user or bare-user-only mode."""
 
     def __init__(self, path: str) -> None:
@@ -240,20 +264,24 @@ class LocalRepo:
     def read_detached(self, commit: bytes, limit: int) -> bytes | None:
         """The commit's detached metadata (`.commitmeta`), None when it has none."""
         h = commit.hex()
+        return self.fetch_optional(f"objects/{h[:2]}/{h[2:]}.commitmeta", limit)
+
+    def fetch_optional(self, path: str, limit: int) -> bytes | None:
+        """A regular file of the repository that may be absent (summary, static deltas,
+        detached metadata): None when it is."""
         try:
-            fd = os.open(f"{h[:2]}/{h[2:]}.commitmeta", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=self._objects)
-        except FileNotFoundError:
+            fd = os.open(os.path.join(self.path, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:
-            raise OstreeError(f"object {h}.commitmeta in {self.path}: {e.strerror}") from None
+            raise OstreeError(f"{self.path}/{path}: {e.strerror}") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise OstreeError(f"object {h}.commitmeta in {self.path} is not a regular file")
+            raise OstreeError(f"{self.path}/{path} is not a regular file")
         with os.fdopen(fd, "rb") as f:
             data = f.read(limit + 1)
         if len(data) > limit:
-            raise OstreeError(f"object {h}.commitmeta in {self.path} is larger than {limit} bytes")
+            raise OstreeError(f"{self.path}/{path} is larger than {limit} bytes")
         return data
 
     def fetch_file(self, checksum: bytes, inline_max: int, tmp_dir: str) -> FetchedFile:
@@ -342,7 +370,7 @@ class _Body:
         return data
 
 
-class HttpRepo:
+class HttpRepo(_Summary):
     """An archive repository at an http:// or https:// URL (kept-alive connections, one per
     concurrent fetch; retries with exponential backoff on 5xx, resets and timeouts)."""
 
@@ -363,9 +391,6 @@ class HttpRepo:
         self._lock = threading.Lock()
         self.requests = 0
         self.archive = True
-        self._summary: list[tuple[str, bytes]] | None = None
-        self._summary_fetched = False
-        self.summary_deltas: dict[str, bytes] = {}  # delta name -> superblock checksum
 
     def close(self) -> None:
         with self._lock:
@@ -425,17 +450,6 @@ class HttpRepo:
                 raise _NotFound()
             return result
         raise OstreeError(f"fetching {what} from {self.url} failed after {self._attempts} attempts: {last}")
-
-    def list_refs(self) -> list[tuple[str, bytes]] | None:
-        """The refs the repository's summary file lists; None without one."""
-        if not self._summary_fetched:
-            data = self.fetch_optional("summary", MAX_METADATA_SIZE)
-            self._summary_fetched = True
-            if data is None:
-                return None
-            self._summary, metadata = parse_summary(data, f"{self.url} summary")
-            self.summary_deltas = parse_delta_table(metadata, f"{self.url} summary")
-        return self._summary
 
     def resolve(self, ref: str) -> bytes:
         """A commit checksum, a ref from the summary, else refs/heads/REF (served without summary)."""
