@@ -179,6 +179,17 @@ def test_local_repo_opens_only_regular_files(archive, tmp_path):
             src.resolve("dir")
         with pytest.raises(OstreeError, match=f"object {checksum}.commit in .*: Too many levels of symbolic links"):
             src.read_metadata(bytes.fromhex(checksum), Kind.COMMIT)
+        # the optional files (summary, deltas, detached metadata): absent is None, a
+        # symlink or a directory one line naming it
+        assert src.fetch_optional("summary", 1 << 20) is None and src.list_refs() is None
+        (copy / "summary").symlink_to("/etc/passwd")
+        (copy / "deltas").mkdir()
+        with pytest.raises(OstreeError, match="copy/summary: Too many levels of symbolic links"):
+            src.fetch_optional("summary", 1 << 20)
+        with pytest.raises(OstreeError, match="copy/deltas is not a regular file"):
+            src.fetch_optional("deltas", 1 << 20)
+        with pytest.raises(OstreeError, match="config is larger than 3 bytes"):
+            src.fetch_optional("config", 3)
     finally:
         src.close()
 
