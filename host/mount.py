@@ -1,21 +1,23 @@
 """Mounting composefs images: EROFS metadata + overlayfs over the object store.
 
 The EROFS image is mounted read-only straight from its object file (no loop device
-needed on kernels with file-backed EROFS), used as the overlay's upper-most lower layer,
-with objects/ as a data-only lower layer (`::`), so file content comes from objects via
-the metacopy/redirect xattrs. The temporary EROFS mount is detached right after the
-overlay mount: overlayfs keeps its own reference.
+needed on kernels with file-backed EROFS), used as the overlay's lower layer, with
+objects/ as a data-only lower layer, so file content comes from objects via the
+metacopy/redirect xattrs. Both are built with the mount API as detached mounts (never
+attached anywhere but where the caller wants): `pycfs mount` attaches the overlay with
+move_mount, the varlink service hands its fd to the client.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
+from dataclasses import dataclass
 
 from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.repository import Repository, RepositoryError
+from pycfs.protocol.fdpass import close_fds
 
 
 def resolve_image(repo: Repository, name: str) -> bytes:
@@ -38,10 +40,49 @@ def resolve_image(repo: Repository, name: str) -> bytes:
     raise PycfsError(f"OCI image {name!r} has no composefs image yet: run `pycfs oci create-image {name}`")
 
 
-def _option_path(path: str) -> str:
-    if "," in path or "\n" in path:
-        raise PycfsError(f"cannot mount from {path!r}: overlayfs options cannot carry ',' in paths")
-    return path.replace("\\", "\\\\").replace(":", "\\:")
+@dataclass
+class MountOptions:
+    """A writable overlay needs an upper and a work directory (fds, e.g. from a varlink
+    client); without them the mount is read-only."""
+
+    upper_fd: int | None = None
+    work_fd: int | None = None
+    read_write: bool = False
+
+
+def open_image_mount(repo: Repository, image_id: bytes, options: MountOptions | None = None) -> int:
+    """A detached mount of the composefs image: the fd of an overlay (EROFS metadata over
+    the repository's objects/) that move_mount attaches anywhere, or that closes away.
+    Needs root (CAP_SYS_ADMIN in the initial user namespace)."""
+    options = options or MountOptions()
+    image_fd = repo.open_object(image_id)
+    objects = erofs = -1
+    try:
+        objects = os.open("objects", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=repo.dirfd)
+        # The fds' /proc/self/fd links name exactly the files opened here: no path is
+        # looked up twice, and no path needs escaping in an option string.
+        try:
+            erofs = syscalls.detached_mount("erofs", [("source", f"/proc/self/fd/{image_fd}"), ("ro", None)],
+                                            syscalls.MOUNT_ATTR_RDONLY)
+        except OSError as e:
+            raise PycfsError(f"mounting the EROFS image {image_id.hex()} failed: {e.strerror} "
+                             "(needs root and a kernel with file-backed EROFS, Linux 6.12 or newer)") from None
+        overlay: list[tuple[str, str | None]] = [
+            ("source", "composefs"), ("lowerdir+", f"/proc/self/fd/{erofs}"), ("datadir+", f"/proc/self/fd/{objects}"),
+            ("metacopy", "on"), ("redirect_dir", "on")]
+        if repo.secure:
+            overlay.append(("verity", "require"))
+        if options.upper_fd is not None and options.work_fd is not None:
+            overlay += [("upperdir", f"/proc/self/fd/{options.upper_fd}"), ("workdir", f"/proc/self/fd/{options.work_fd}")]
+        try:
+            return syscalls.detached_mount(
+                "overlay", overlay, syscalls.MOUNT_ATTR_NODEV | (0 if options.read_write else syscalls.MOUNT_ATTR_RDONLY))
+        except OSError as e:
+            raise PycfsError(f"mounting the overlay failed: {e.strerror} (needs overlayfs with lowerdir+/datadir+, "
+                             "Linux 6.7 or newer)") from None
+    finally:
+        # overlayfs holds its own reference to the EROFS mount
+        close_fds([fd for fd in (erofs, objects, image_fd) if fd >= 0])
 
 
 def mount_image(repo: Repository, name: str, mountpoint: str) -> bytes:
@@ -49,26 +90,13 @@ def mount_image(repo: Repository, name: str, mountpoint: str) -> bytes:
     if not os.path.isdir(mountpoint):
         raise PycfsError(f"mount point {mountpoint} is not a directory")
     image_id = resolve_image(repo, name)
-    image_path = str(repo.object_path(image_id))
-    objects = _option_path(str(repo.path / "objects"))
-    staging = tempfile.mkdtemp(prefix="pycfs-erofs-")
+    fd = open_image_mount(repo, image_id)
     try:
-        try:
-            syscalls.mount(image_path, staging, "erofs", syscalls.MS_RDONLY)
-        except OSError as e:
-            raise PycfsError(f"mounting the EROFS image failed: {e.strerror} (needs root and a kernel with EROFS)") from None
-        try:
-            options = f"lowerdir={_option_path(staging)}::{objects},metacopy=on,redirect_dir=on"
-            if repo.secure:
-                options += ",verity=require"
-            syscalls.mount("composefs", mountpoint, "overlay", syscalls.MS_RDONLY | syscalls.MS_NODEV, options)
-        except OSError as e:
-            raise PycfsError(f"mounting the overlay failed: {e.strerror} (needs overlayfs with data-only "
-                             "lower layers, Linux 6.5 or newer)") from None
-        finally:
-            syscalls.umount(staging, syscalls.MNT_DETACH)
+        syscalls.move_mount_fd(fd, mountpoint)
+    except OSError as e:
+        raise PycfsError(f"attaching the mount at {mountpoint} failed: {e.strerror}") from None
     finally:
-        os.rmdir(staging)
+        os.close(fd)
     return image_id
 
 

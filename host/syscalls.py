@@ -2,7 +2,8 @@
 
 openat2 (beneath-root resolution) and the open-file limit (from `pycfs.protocol.confined`,
 the leaf the helper shares), FICLONE, fs-verity enable/measure, linkat with AT_EMPTY_PATH,
-renameat2, syncfs and mount.
+renameat2, syncfs, mount, and the mount API (fsopen, fsconfig, fsmount, move_mount) that
+builds detached mounts a service can hand to its client as an fd.
 """
 
 from __future__ import annotations
@@ -122,3 +123,90 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, options: str = 
 def umount(target: str, flags: int = 0) -> None:
     if _libc.umount2(os.fsencode(target), flags) != 0:
         _raise("umount", target)
+
+
+# The mount API: syscall numbers from the unified table (the same on every architecture).
+_SYS_move_mount = 429
+_SYS_fsopen = 430
+_SYS_fsconfig = 431
+_SYS_fsmount = 432
+
+FSOPEN_CLOEXEC = 0x1
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+FSMOUNT_CLOEXEC = 0x1
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+AT_FDCWD = -100
+
+
+def _fs_log(fsfd: int) -> str:
+    """The messages the filesystem left in its context (e.g. "overlayfs: failed to
+    resolve ..."): what the errno alone does not say."""
+    lines = []
+    while True:
+        try:
+            msg = os.read(fsfd, 1024)
+        except OSError:  # ENODATA: no more messages
+            break
+        if not msg:
+            break
+        lines.append(msg.decode(errors="replace").removeprefix("e ").removeprefix("w ").removeprefix("i "))
+    return "; ".join(lines)
+
+
+def fsopen(fstype: str) -> int:
+    """A new filesystem context (close-on-exec); OSError ENODEV when the kernel lacks fstype."""
+    fd = _libc.syscall(_SYS_fsopen, fstype.encode(), FSOPEN_CLOEXEC)
+    if fd < 0:
+        _raise(f"fsopen {fstype}")
+    return fd
+
+
+def _fs_error(fsfd: int, what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {_fs_log(fsfd) or os.strerror(err)}")
+
+
+def fsconfig(fsfd: int, key: str, value: str | None = None) -> None:
+    """Set a flag (value None) or a string option; OSError with the kernel's own message."""
+    cmd, raw = (FSCONFIG_SET_FLAG, None) if value is None else (FSCONFIG_SET_STRING, os.fsencode(value))
+    if _libc.syscall(_SYS_fsconfig, fsfd, cmd, key.encode(), raw, 0) != 0:
+        raise _fs_error(fsfd, key if value is None else f"{key}={value}")
+
+
+def fsconfig_create(fsfd: int) -> None:
+    """Create the superblock from the options set; OSError with the kernel's own message."""
+    if _libc.syscall(_SYS_fsconfig, fsfd, FSCONFIG_CMD_CREATE, None, None, 0) != 0:
+        raise _fs_error(fsfd, "creating the filesystem")
+
+
+def fsmount(fsfd: int, attrs: int = 0) -> int:
+    """A detached mount (fd, close-on-exec) of the created context; it vanishes when the
+    last fd closes unless move_mount attaches it."""
+    fd = _libc.syscall(_SYS_fsmount, fsfd, FSMOUNT_CLOEXEC, attrs)
+    if fd < 0:
+        _raise("fsmount")
+    return fd
+
+
+def detached_mount(fstype: str, options: list[tuple[str, str | None]], attrs: int = 0) -> int:
+    """fsopen, fsconfig each (key, value or None for a flag), create, fsmount: the fd of a
+    mount attached nowhere (yet)."""
+    ctx = fsopen(fstype)
+    try:
+        for key, value in options:
+            fsconfig(ctx, key, value)
+        fsconfig_create(ctx)
+        return fsmount(ctx, attrs)
+    finally:
+        os.close(ctx)
+
+
+def move_mount_fd(mount_fd: int, target: str) -> None:
+    """Attach the detached mount at mount_fd onto the directory target."""
+    if _libc.syscall(_SYS_move_mount, mount_fd, b"", AT_FDCWD, os.fsencode(target), MOVE_MOUNT_F_EMPTY_PATH) != 0:
+        _raise("move_mount", target)

@@ -33,6 +33,8 @@ type ImageRef (name: string, digest: string)
 
 type EnsureStatus (Opened, Created, Upgraded)
 
+type MountParams (overlay: ?bool, read_write: ?bool)
+
 # Create a repository (and its parents). created is false when an identical one exists.
 method InitRepository(path: string, algorithm: ?string, insecure: ?bool) -> (created: bool)
 
@@ -60,6 +62,11 @@ method Gc(handle: int, dry_run: bool, roots: []string) -> (result: GcResult, dry
 method ImageObjects(handle: int, name: string) -> (object_ids: []string)
 
 method ListImageRefs(handle: int) -> (images: []ImageRef)
+
+# Mount the image images/<name> (root callers of a root service only): the reply's fd
+# (fds[fd_index]) is a detached mount; attach it with move_mount(2). With overlay, the
+# call carries two fds [upperdir, workdir] for a writable upper layer (with read_write).
+method Mount(handle: int, name: string, options: MountParams) -> (fd_index: int)
 
 error RepoNotFound (message: string)
 error InvalidHandle (handle: int)
@@ -127,6 +134,8 @@ type StorageLocator (storage_path: string, layer_id: string)
 type GetLayerParams (diff_id: ?string, storage: ?StorageLocator, consumer_has_cap_dac_override: ?bool)
 
 type LayerRef (diff_id: string, layer_verity: string)
+
+type MountParams (overlay: ?bool, read_write: ?bool)
 
 # Features: splitdirfdstream-v0 (and source-containers-storage, read-only for a
 # containers-storage layer service).
@@ -211,6 +220,10 @@ method FinalizeImage(
   config_digest: string,
   config_verity: string
 )
+
+# Mount the composefs image of an OCI image (a tag or sha256:<manifest digest>) as
+# Repository.Mount does; bootable images are not supported.
+method OciMount(handle: int, image: string, bootable: bool, options: MountParams) -> (fd_index: int)
 
 error RepoNotFound (message: string)
 error InvalidHandle (handle: int)

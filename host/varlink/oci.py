@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import stat
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -25,17 +26,18 @@ from pycfs.host.varlink.layers import (
     split_frames,
 )
 from pycfs.host.varlink.server import CallContext, Interface, Result, Server
-from pycfs.host.varlink.service import Handles, fsck_reply
+from pycfs.host.varlink.service import Handles, fsck_reply, image_mount_fd
 from pycfs.host.varlink.transfer import (
     DiffIdMismatch,
     LayerTransferError,
     Producer,
+    batch_limiter,
     open_objects_dir,
     produce_repo_layer,
     put_layer,
     run_producer,
 )
-from pycfs.host.workers.pool import open_pool
+from pycfs.host.workers.pool import WorkerPool, open_pool
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.splitdirfdstream import SplitDirFdStreamError
 from pycfs.protocol.varlink import VarlinkError
@@ -76,10 +78,58 @@ def layer_ids_of(manifest: dict, config: dict) -> list[str]:
     return ids
 
 
+class _Pools:
+    """One object-worker pool per repository handle, shared by its PutLayers (several may
+    run at once): starting workers costs about 0.3 s of CPU each, once per layer before.
+    Workers start with the first object stored and stop when the handle closes."""
+
+    def __init__(self, nursery: trio.Nursery, handles: Handles) -> None:
+        self.nursery = nursery
+        # handle -> (pool, its batch limiter, set to stop it, set once it stopped)
+        self.pools: dict[int, tuple[WorkerPool, trio.CapacityLimiter, trio.Event, trio.Event]] = {}
+        handles.on_close.append(self.close)
+
+    async def get(self, handle: int, repo: Repository) -> tuple[WorkerPool, trio.CapacityLimiter]:
+        if handle not in self.pools:
+            stop, stopped = trio.Event(), trio.Event()
+            pool = await self.nursery.start(self._hold, repo, stop, stopped)
+            if handle in self.pools:  # another call won the race
+                stop.set()
+            else:
+                self.pools[handle] = (pool, batch_limiter(pool), stop, stopped)
+        pool, limiter, _, _ = self.pools[handle]
+        return pool, limiter
+
+    def retire(self, handle: int) -> trio.Event | None:
+        entry = self.pools.pop(handle, None)
+        if entry is None:
+            return None
+        entry[2].set()
+        return entry[3]
+
+    async def close(self, handle: int) -> None:
+        stopped = self.retire(handle)
+        if stopped is not None:
+            await stopped.wait()
+
+    @staticmethod
+    async def _hold(repo: Repository, stop: trio.Event, stopped: trio.Event,
+                    task_status: trio.TaskStatus[WorkerPool]) -> None:
+        try:
+            async with open_pool(repo=repo) as pool:
+                task_status.started(pool)
+                await stop.wait()
+        except (PycfsError, OSError) as e:  # a failed pool fails its calls; the service goes on
+            print(f"pycfs varlink: object workers: {e}", file=sys.stderr)
+        finally:
+            stopped.set()
+
+
 class OciInterface:
     def __init__(self, server: Server, handles: Handles) -> None:
         self.server = server
         self.handles = handles
+        self.pools = _Pools(server.nursery, handles)
         server.add(Interface(IFACE, idl.OCI, {
             "GetInfo": self.get_info,
             "ListImages": self.list_images,
@@ -93,6 +143,7 @@ class OciInterface:
             "GetLayer": self.get_layer,
             "PutLayer": self.put_layer,
             "FinalizeImage": self.finalize_image,
+            "OciMount": self.oci_mount,
         }))
 
     def repo(self, ctx: CallContext) -> Repository:
@@ -218,6 +269,22 @@ class OciInterface:
             raise error("InvalidRequest", message="expected_digest requires bootable")
         return await pull_frames(ctx, repo)
 
+    async def oci_mount(self, ctx: CallContext) -> Result:
+        from pycfs.host.mount import resolve_image
+
+        repo = self.repo(ctx)
+        image = ctx.params.string("image")
+        if ctx.params.boolean("bootable", optional=True, default=False):
+            raise error("InvalidRequest", message="bootable images are not supported by pycfs")
+        # a bare manifest digest, as cfsctl takes it, or a tag
+        name = "@" + image if image.startswith("sha256:") else image
+        self._open(repo, name)
+        try:
+            image_id = await trio.to_thread.run_sync(resolve_image, repo, name)
+        except PycfsError as e:
+            raise error("InternalError", message=str(e)) from None
+        return await image_mount_fd(ctx, repo, image_id, lambda message: error("InvalidRequest", message=message))
+
     # -- layers --
 
     async def has_layer(self, ctx: CallContext) -> Result:
@@ -263,16 +330,20 @@ class OciInterface:
             raise error("InternalError", message=f"PutLayer verifies sha256 diff_ids only, not {diff_id.split(':')[0]}")
         if not stat.S_ISFIFO(os.fstat(ctx.fds[0]).st_mode):
             raise error("InvalidRequest", message="fd 0 of PutLayer must be the read end of a pipe")
+        handle = ctx.params.integer("handle")
+        pool, limiter = await self.pools.get(handle, repo)
         fds = ctx.take_fds()
         pipe, dirfds = fds[0], fds[1:]
         already = repo.has_stream(layer_stream_name(diff_id)) is not None
         try:
-            async with open_pool(repo=repo) as pool:
-                layer_id, stats = await put_layer(repo, pool, pipe, dirfds, diff_id, zerocopy)
+            layer_id, stats = await put_layer(repo, pool, pipe, dirfds, diff_id, zerocopy, limiter)
         except DiffIdMismatch as e:
             raise error("DiffIdMismatch", expected=e.expected, actual=e.actual) from None
         except (SplitDirFdStreamError, LayerTransferError) as e:
             raise error("InvalidRequest", message=str(e)) from None
+        except PycfsError:
+            self.pools.retire(handle)  # perhaps a worker died: the next call starts new ones
+            raise
         finally:
             close_fds(dirfds)
         return {"layer_verity": layer_id.hex(), "already_present": already,

@@ -7,12 +7,17 @@ are never reused; the service closes whatever is still open when it stops.
 from __future__ import annotations
 
 import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsck import FsckReport, fsck
 from pycfs.host.gc import gc
+from pycfs.host.mount import MountOptions, open_image_mount, privileged
 from pycfs.host.repository import ALGORITHMS, Repository
 from pycfs.host.varlink import idl
 from pycfs.host.varlink.server import CallContext, Interface, Result, Server
@@ -53,6 +58,8 @@ class Handles:
     def __init__(self) -> None:
         self.repos: dict[int, Repository] = {}
         self._next = 1
+        # awaited when a client closes a handle (the service's own shutdown cancels instead)
+        self.on_close: list[Callable[[int], Awaitable[None]]] = []
 
     def add(self, repo: Repository) -> int:
         handle, self._next = self._next, self._next + 1
@@ -72,6 +79,14 @@ class Handles:
             return False
         repo.close()
         return True
+
+    async def aclose(self, handle: int) -> bool:
+        """CloseRepository: what the handle holds (object workers) is gone when it returns."""
+        if handle not in self.repos:
+            return False
+        for closing in self.on_close:
+            await closing(handle)
+        return self.close(handle)
 
     def close_all(self) -> None:
         for handle in list(self.repos):
@@ -100,6 +115,38 @@ def _has_meta(path: str) -> bool:
     return os.path.lexists(os.path.join(path, "meta.json"))
 
 
+def peer_uid(ctx: CallContext) -> int:
+    raw = ctx.conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)[1]
+
+
+async def image_mount_fd(ctx: CallContext, repo: Repository, image_id: bytes, bad_request: Callable[[str], VarlinkError]) -> Result:
+    """Mount/OciMount: a detached mount of the image, its fd the reply's only fd. The
+    `options` (overlay: a writable upper layer from the call's two fds [upperdir, workdir];
+    read_write) are checked before anything is mounted; only root may ask, of a root service."""
+    options = ctx.params.obj("options", optional=True)
+    overlay = options is not None and options.boolean("overlay", optional=True, default=False)
+    read_write = options is not None and options.boolean("read_write", optional=True, default=False)
+    if len(ctx.fds) != (2 if overlay else 0):
+        raise bad_request(f"expected {'2 fds [upperdir, workdir] with overlay' if overlay else 'no fds without overlay'}, "
+                          f"got {len(ctx.fds)}")
+    if read_write and not overlay:
+        raise bad_request("read_write needs overlay (an upperdir and a workdir fd)")
+    if peer_uid(ctx) != 0:
+        raise VarlinkError("org.varlink.service.PermissionDenied")
+    if not privileged():  # the interface's InternalError
+        raise PycfsError(f"this service runs as uid {os.geteuid()} or in a user namespace: mounting needs a service "
+                         "started as root")
+    mount_options = MountOptions(read_write=read_write)
+    if overlay:
+        for fd, what in zip(ctx.fds, ("upperdir", "workdir")):
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise bad_request(f"the {what} fd is not a directory")
+        mount_options.upper_fd, mount_options.work_fd = ctx.fds
+    fd = await trio.to_thread.run_sync(open_image_mount, repo, image_id, mount_options)
+    return {"fd_index": 0}, [fd]
+
+
 class RepositoryInterface:
     def __init__(self, server: Server, handles: Handles) -> None:
         self.handles = handles
@@ -112,6 +159,7 @@ class RepositoryInterface:
             "Gc": self.gc,
             "ImageObjects": self.image_objects,
             "ListImageRefs": self.list_image_refs,
+            "Mount": self.mount,
         }))
 
     async def init_repository(self, ctx: CallContext) -> Result:
@@ -157,7 +205,7 @@ class RepositoryInterface:
 
     async def close_repository(self, ctx: CallContext) -> Result:
         handle = ctx.params.integer("handle")
-        if not self.handles.close(handle):
+        if not await self.handles.aclose(handle):
             raise VarlinkError(f"{IFACE}.InvalidHandle", {"handle": handle})
         return {}
 
@@ -179,17 +227,25 @@ class RepositoryInterface:
         return {"result": {"objects_removed": result.objects_removed, "objects_bytes": result.bytes_removed,
                            "images_pruned": 0, "streams_pruned": result.links_pruned}, "dry_run": dry_run}
 
-    async def image_objects(self, ctx: CallContext) -> Result:
-        from pycfs.host.erofs.objects import image_object_ids
-
+    def _image(self, ctx: CallContext) -> tuple[Repository, bytes]:
+        """The handle's repository and the image id its `name` parameter names."""
         repo = self.handles.get(ctx, IFACE)
         name = ctx.params.string("name")
         try:
-            image_id = repo.image_id(name)
+            return repo, repo.image_id(name)
         except PycfsError:
             raise VarlinkError(f"{IFACE}.NoSuchRef", {"reference": name}) from None
+
+    async def image_objects(self, ctx: CallContext) -> Result:
+        from pycfs.host.erofs.objects import image_object_ids
+
+        repo, image_id = self._image(ctx)
         ids = await trio.to_thread.run_sync(lambda: image_object_ids(repo.read_object(image_id), repo.alg))
         return {"object_ids": sorted(f"{repo.alg}:{i.hex()}" for i in ids)}
+
+    async def mount(self, ctx: CallContext) -> Result:
+        repo, image_id = self._image(ctx)
+        return await image_mount_fd(ctx, repo, image_id, _invalid_spec)
 
     async def list_image_refs(self, ctx: CallContext) -> Result:
         repo = self.handles.get(ctx, IFACE)

@@ -46,6 +46,7 @@ from pycfs.protocol.splitdirfdstream import (
 
 _SEND_PIECE = 1 << 16
 _RECV_PIECE = 1 << 16
+_HASH_PIECE = 1 << 20
 BATCH_FILES = 64
 BATCH_BYTES = 8 << 20
 # How long after the data EOF a GetLayer consumer may hold the directory fds' guard (locks).
@@ -166,13 +167,17 @@ class _Batch:
 class LayerConsumer:
     """One PutLayer: decode, store, hash, and (only if the digest matches) commit."""
 
-    def __init__(self, repo: Repository, pool: WorkerPool, dirfds: list[int], zerocopy: bool) -> None:
+    def __init__(self, repo: Repository, pool: WorkerPool, dirfds: list[int], zerocopy: bool,
+                 limiter: trio.CapacityLimiter | None = None) -> None:
         self.repo = repo
         self.pool = pool
+        # batches in flight to the workers, shared by the layers that share the pool
+        self.limiter = limiter or batch_limiter(pool)
         self.dirfds = dirfds
         self.zerocopy = zerocopy
         self.writer = SplitStreamWriter(repo.alg, CONTENT_OCI_LAYER)
         self.sha = hashlib.sha256()
+        self._buffer = memoryview(bytearray(_HASH_PIECE))
         self.stats = PutStats()
         self._dir_checked: set[int] = set()
         self._hardlink: bool | None = None  # zerocopy: decided by the first file
@@ -211,9 +216,8 @@ class LayerConsumer:
         batches in stream order."""
         decoder = Decoder()
         batch = _Batch()
-        in_flight = self.pool.batches_in_flight(BATCH_FILES)
-        limiter = trio.CapacityLimiter(in_flight)
-        send, receive = trio.open_memory_channel[_Batch](in_flight)
+        limiter = self.limiter
+        send, receive = trio.open_memory_channel[_Batch](int(limiter.total_tokens))
         try:
             async with open_nursery() as nursery:
                 nursery.start_soon(self._write_in_order, receive)
@@ -368,17 +372,39 @@ class LayerConsumer:
                 self.writer.write_inline(item)
                 self.stats.bytes_inlined += len(item)
                 continue
-            try:
-                self.repo.feed_object(item.object_id, item.size, self.sha.update)
-            except RepositoryError as e:
-                raise LayerTransferError(f"{item.what}: {e}") from None
+            self._hash_stored(item)
             self.writer.write_external(item.object_id, item.size)
+
+    def _hash_stored(self, f: _File) -> None:
+        """The stored object's bytes into the stream's sha256, read into one reused buffer
+        (a fresh MiB per read, as os.pread makes, costs page faults on every read)."""
+        try:
+            fd = self.repo.open_object(f.object_id)
+        except RepositoryError as e:
+            raise LayerTransferError(f"{f.what}: {e}") from None
+        try:
+            offset = 0
+            while offset < f.size:
+                n = os.preadv(fd, [self._buffer[: f.size - offset]], offset)
+                if n == 0:
+                    raise LayerTransferError(f"{f.what}: the stored object is shorter than {f.size} bytes")
+                self.sha.update(self._buffer[:n])
+                offset += n
+        finally:
+            os.close(fd)
+
+
+def batch_limiter(pool: WorkerPool) -> trio.CapacityLimiter:
+    """How many batches of files may wait for `pool` at once: enough to keep its workers
+    busy, and (each batch holding its fds open) well within the open-file limit."""
+    return trio.CapacityLimiter(pool.batches_in_flight(BATCH_FILES))
 
 
 async def put_layer(repo: Repository, pool: WorkerPool, pipe_fd: int, dirfds: list[int], diff_id: str,
-                    zerocopy: bool) -> tuple[bytes, PutStats]:
-    """Consume a splitdirfdstream from pipe_fd (taken) into `oci-layer-<diff_id>`."""
-    consumer = LayerConsumer(repo, pool, dirfds, zerocopy)
+                    zerocopy: bool, limiter: trio.CapacityLimiter | None = None) -> tuple[bytes, PutStats]:
+    """Consume a splitdirfdstream from pipe_fd (taken) into `oci-layer-<diff_id>`; layers
+    stored at once by one pool share its `limiter` (see batch_limiter)."""
+    consumer = LayerConsumer(repo, pool, dirfds, zerocopy, limiter)
     async with trio.lowlevel.FdStream(pipe_fd) as pipe:
         actual = await consumer.run(pipe.receive_some)
     if actual != diff_id:

@@ -6,6 +6,7 @@ sha256 == diff_id). Plus socket activation and a long hostile loop against the p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,19 +51,31 @@ def wait_for_socket(path: Path, proc: subprocess.Popen) -> None:
     raise AssertionError(f"{path} did not appear")
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    base = tmp_path_factory.mktemp("varlink")
-    built = imagebuild.build_layout(IMAGE, base / "layout")
+def pulled_repo(spec: imagebuild.ImageSpec, base: Path) -> tuple[Path, imagebuild.BuiltImage]:
+    """base/repo holding spec's image, tagged img, pulled with the CLI from an OCI layout."""
+    built = imagebuild.build_layout(spec, base / "layout")
     repo = base / "repo"
     subprocess.run([*PYCFS, "--repo", str(repo), "init"], check=True, capture_output=True)
     subprocess.run([*PYCFS, "--repo", str(repo), "oci", "pull", f"oci:{built.path}", "img"], check=True,
                    capture_output=True)
-    sock = base / "sock"
+    return repo, built
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    base = tmp_path_factory.mktemp("varlink")
+    repo, built = pulled_repo(IMAGE, base)
+    with serving(base / "sock") as proc:
+        yield proc, base / "sock", repo, built
+
+
+@contextlib.contextmanager
+def serving(sock: Path) -> Iterator[subprocess.Popen]:
+    """`pycfs varlink serve` on sock until the block ends (then SIGINT, as a user would)."""
     proc = subprocess.Popen([*PYCFS, "varlink", "serve", "--address", f"unix:{sock}"], stderr=subprocess.PIPE)
     try:
         wait_for_socket(sock, proc)
-        yield proc, sock, repo, built
+        yield proc
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -24,6 +24,7 @@ from pycfs.host.varlink.client import Client
 from pycfs.host.varlink.layers import reconstruct
 from pycfs.host.varlink.serve import open_service
 from pycfs.host.varlink.transport import socketpair
+from pycfs.host.workers.pool import default_jobs
 from pycfs.protocol import splitdirfdstream as sd
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.varlink import Decoder, VarlinkError, VarlinkProtocolError, encode
@@ -275,6 +276,19 @@ def test_get_layer_reconstructs_the_tar(source_repo) -> None:
     trio.run(main)
 
 
+def worker_children() -> list[int]:
+    """This process's object workers (children running pycfs.host.workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid() \
+                    and b"pycfs.host.workers" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 def test_relay_copy_and_finalize(source_repo, tmp_path) -> None:
     repo_path, built = source_repo
     Repository.init(tmp_path / "dest").close()
@@ -291,6 +305,9 @@ def test_relay_copy_and_finalize(source_repo, tmp_path) -> None:
                 src_verity = (await client.call(OCI + "HasLayer", {"handle": src, "diff_id": diff_id})).parameters
                 assert put["layer_verity"] == src_verity["layer_verity"]
                 refs.append({"diff_id": diff_id, "layer_verity": put["layer_verity"]})
+            # every PutLayer into the handle used its one pool of workers (not one per layer)
+            workers = worker_children()
+            assert 1 <= len(workers) <= default_jobs()
             inspected = (await client.call(OCI + "Inspect", {"handle": src, "image": "img"})).parameters
             final = (await client.call(OCI + "FinalizeImage", {
                 "handle": dst, "manifest_json": inspected["manifest"], "config_json": inspected["config"],
@@ -303,6 +320,9 @@ def test_relay_copy_and_finalize(source_repo, tmp_path) -> None:
             assert again == final
             copied = (await client.call(OCI + "Inspect", {"handle": dst, "image": "copy"})).parameters
             assert copied["manifest"] == inspected["manifest"] and copied["composefs_erofs"] == inspected["composefs_erofs"]
+            # CloseRepository returns once the handle's workers are gone
+            await client.call(REPO + "CloseRepository", {"handle": dst})
+            assert worker_children() == []
 
     trio.run(main)
     for diff_id in built.diff_ids:
