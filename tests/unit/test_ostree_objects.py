@@ -181,6 +181,7 @@ def test_local_repo_opens_only_regular_files(archive, tmp_path):
             src.read_metadata(bytes.fromhex(checksum), Kind.COMMIT)
         # the optional files (summary, deltas, detached metadata): absent is None, a
         # symlink or a directory one line naming it
+        (copy / "summary").unlink(missing_ok=True)  # (another test may have made one)
         assert src.fetch_optional("summary", 1 << 20) is None and src.list_refs() is None
         (copy / "summary").symlink_to("/etc/passwd")
         (copy / "deltas").mkdir()
