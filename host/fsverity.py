@@ -8,12 +8,14 @@ this size, so callers get parallelism from threads.
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import os
+import stat
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from pycfs.host.syscalls import FS_VERITY_HASH_ALG_SHA256, FS_VERITY_HASH_ALG_SHA512
 
@@ -160,6 +162,69 @@ def digest_fd(fd: int, alg: str = "sha256", size: int | None = None,
         h.update(buf[:n])
         offset += n
     return h.digest()
+
+
+# While one file is hashed, the next ones' first pages are asked for (POSIX_FADV_WILLNEED),
+# up to this many bytes and files ahead: from a cold cache the reads then overlap the
+# hashing (measured: 4,280 files, 363 MiB, one process, cold: 3.8-4.3 -> 2.6-3.0 s).
+AHEAD_BYTES = 32 << 20
+AHEAD_FILES = 64
+
+
+def open_regular(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(fd, size) of the regular file at path; OSError for anything else, refused before
+    any read: a fifo or device could hang or never end."""
+    # O_NONBLOCK: opening a fifo must not wait for a writer (regular files ignore it).
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd, st.st_size
+
+
+def digest_regular_files(paths: Iterable[str | os.PathLike[str]], alg: str = "sha256") -> list[bytes | OSError]:
+    """The digest of each regular file named, in order, its size taken when opened; the
+    OSError of one that cannot be opened, is not a regular file or cannot be read."""
+    results: list[bytes | OSError] = []
+    ahead: collections.deque[tuple[int, int] | OSError] = collections.deque()
+    window = 0  # bytes asked for ahead and not hashed yet
+    names = iter(paths)
+    try:
+        while True:
+            while len(ahead) < AHEAD_FILES and window < AHEAD_BYTES and (path := next(names, None)) is not None:
+                try:
+                    fd, size = open_regular(path)
+                except OSError as e:
+                    ahead.append(e)
+                    continue
+                ahead.append((fd, size))
+                window += min(size, AHEAD_BYTES)
+                try:
+                    os.posix_fadvise(fd, 0, min(size, AHEAD_BYTES), os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    pass  # only a hint
+            if not ahead:
+                break
+            item = ahead.popleft()
+            if isinstance(item, OSError):
+                results.append(item)
+                continue
+            fd, size = item
+            window -= min(size, AHEAD_BYTES)
+            try:
+                results.append(digest_fd(fd, alg, size))
+            except OSError as e:
+                results.append(e)
+            finally:
+                os.close(fd)
+    finally:
+        for item in ahead:
+            if not isinstance(item, OSError):
+                os.close(item[0])
+    return results
 
 
 def digest_path(path: str, alg: str = "sha256") -> bytes:

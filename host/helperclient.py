@@ -17,8 +17,8 @@ API (what the importer calls)::
                     finally:
                         helper.release(r)       # closes it and frees its slot
 
-* ``add_helper_option(parser)`` adds ``--helper auto|always|never`` (default auto) to an
-  argparse parser; pass ``args.helper`` as ``policy``.
+* The CLI's ``--helper auto|always|never`` option (`pycfs.tools.common.add_helper_option`)
+  gives ``policy``.
 * ``HelperClient(storage_root, driver, *, policy="auto"|"always"|"never",
   launcher=("podman", "unshare"), max_open_fds=None)``. ``auto`` starts the helper lazily on
   the first `open_files` and only when not root; ``always`` starts it on entry (and as root);
@@ -45,7 +45,6 @@ cancelled mid-request leaves the connection unusable (later calls raise `PycfsEr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -105,15 +104,6 @@ class FdBudget:
     def release(self, n: int = 1) -> None:
         self.available = min(self.total, self.available + n)
         self._lot.unpark_all()
-
-
-def add_helper_option(parser: argparse.ArgumentParser) -> None:
-    """The ``--helper auto|always|never`` option, worded the same for every command."""
-    parser.add_argument(
-        "--helper", choices=POLICIES, default="auto",
-        help="open files you cannot read through a helper in podman's user namespace "
-        "(`podman unshare`): auto = when needed and not root (default), always, never",
-    )  # fmt: skip
 
 
 def _batches(names: list[str]) -> list[list[str]]:

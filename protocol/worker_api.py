@@ -17,6 +17,9 @@ from __future__ import annotations
 
 STORE = "store"
 DIGEST = "digest"
+# Digest only, of files named by absolute ``paths`` (no fds, no sizes): the worker opens
+# each itself (regular files only), so a host measuring many files does no per-file work.
+DIGEST_PATHS = "digest_paths"
 # Files the host wrote itself (a layer blob's content) as anonymous files in the object
 # store, passed read-only with no writer left: the worker hashes each and links it as its
 # object, so content is written once and hashed off the host's thread.

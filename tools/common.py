@@ -45,3 +45,13 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
     return value
+
+
+def add_helper_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--helper auto|always|never`` option (`HelperClient`'s policy), worded the same for
+    every command; here rather than in helperclient so that `--help` does not import trio."""
+    parser.add_argument(
+        "--helper", choices=("auto", "always", "never"), default="auto",
+        help="open files you cannot read through a helper in podman's user namespace "
+        "(`podman unshare`): auto = when needed and not root (default), always, never",
+    )  # fmt: skip

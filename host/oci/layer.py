@@ -135,14 +135,17 @@ class _ZstdReader:
         self._f = f
         self._dctx = zstandard.ZstdDecompressor()
         self._dobj: zstandard.ZstdDecompressionObj | None = None
-        self._pending = b""  # compressed input not yet fed
+        # Compressed input not yet fed, as a view: slicing bytes would copy the rest of
+        # the read at every slice (quadratic; it tripled the cost of decompression).
+        self._pending = memoryview(b"")
+        self._whole = b""  # the last output, while _out views all of it
         self._out = memoryview(b"")
         self._eof = False
 
     def _fill(self) -> None:
         while not self._out and not self._eof:
             if not self._pending:
-                self._pending = self._f.read(_PIECE)
+                self._pending = memoryview(self._f.read(_PIECE))
                 if not self._pending:
                     self._eof = True
                     if self._dobj is not None:
@@ -156,14 +159,17 @@ class _ZstdReader:
             except zstandard.ZstdError as e:
                 raise PycfsError(f"corrupt zstd layer: {e}") from None
             if self._dobj.eof:
-                self._pending = self._dobj.unused_data + self._pending
+                self._pending = memoryview(self._dobj.unused_data + self._pending)
                 self._dobj = None
-            self._out = memoryview(out)
+            self._whole, self._out = out, memoryview(out)
 
     def read(self, n: int = -1) -> bytes:
         self._fill()
-        if n < 0:
-            n = len(self._out)
+        if n < 0 or n >= len(self._out):
+            # The rest; a whole output is handed on as it is, not copied.
+            rest = self._whole if len(self._out) == len(self._whole) else bytes(self._out)
+            self._whole, self._out = b"", memoryview(b"")
+            return rest
         piece, self._out = self._out[:n], self._out[n:]
         return bytes(piece)
 
@@ -310,7 +316,7 @@ class TarSplitter:
         try:
             remaining = size
             while remaining:
-                piece = memoryview(self.reader.read_exact(min(remaining, _PIECE)))
+                piece = memoryview(self.reader.read_some(min(remaining, _PIECE)))
                 remaining -= len(piece)
                 while piece:
                     piece = piece[os.write(fd, piece) :]

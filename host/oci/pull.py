@@ -10,8 +10,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pycfs.host.errors import PycfsError
-from pycfs.host.oci.cstorage import pull_image
-from pycfs.host.oci.layout import pull_oci_layout
 from pycfs.host.oci.result import PullResult
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
@@ -37,7 +35,9 @@ def storage_for(source: str, storage_root: str | None) -> tuple[Storage, str]:
 
 
 async def _pull_containers_storage(repo: Repository, source: str, tag: str | None, options: PullOptions) -> PullResult:
-    from pycfs.host.helperclient import HelperClient
+    from pycfs.host.helperclient import HelperClient  # the transports' modules only when used:
+    from pycfs.host.oci.cstorage import pull_image  # `pycfs oci --help` imports this module
+
 
     storage, name = storage_for(source, options.storage_root)
     async with HelperClient(storage.primary.root, storage.primary.driver, policy=options.helper) as helper:
@@ -47,6 +47,8 @@ async def _pull_containers_storage(repo: Repository, source: str, tag: str | Non
 
 
 async def _pull_oci_layout(repo: Repository, source: str, tag: str | None, options: PullOptions) -> PullResult:
+    from pycfs.host.oci.layout import pull_oci_layout
+
     return await pull_oci_layout(repo, source, tag, build_image=options.create_image, progress=options.progress,
                                  jobs=options.jobs)
 

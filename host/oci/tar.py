@@ -353,13 +353,19 @@ class TarReader:
         parts = []
         want = n
         while want:
-            piece = self._read(want)
-            if not piece:
-                raise TarError(f"truncated tar: {what} at offset {self.offset} ends {want} bytes early")
+            piece = self.read_some(want, what)
             parts.append(piece)
             want -= len(piece)
-            self.offset += len(piece)
         return b"".join(parts)
+
+    def read_some(self, n: int, what: str = "entry content") -> bytes:
+        """1 to n (> 0) of the next bytes, as the source hands them: content copied
+        straight on needs no join; TarError at EOF."""
+        piece = self._read(n)
+        if not piece:
+            raise TarError(f"truncated tar: {what} at offset {self.offset} ends {n} bytes early")
+        self.offset += len(piece)
+        return piece
 
     def _read_block(self) -> bytes:
         """A full block, or b"" at a clean EOF; a partial block is an error."""

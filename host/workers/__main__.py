@@ -30,16 +30,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from pycfs.host.errors import PycfsError
-    from pycfs.host.repository import Repository
     from pycfs.host.workers.service import WorkerService
     from pycfs.protocol import worker_api as api
     from pycfs.protocol.rpcserver import serve, trusted_dispatch
 
-    try:
-        repo = Repository.open(args.repo) if args.repo else None
-    except PycfsError as e:
-        print(f"pycfs-worker: {e}", file=sys.stderr)
-        return 2
+    repo = None
+    if args.repo:  # only then: a digest-only worker starts faster without the repository code
+        from pycfs.host.repository import Repository
+
+        try:
+            repo = Repository.open(args.repo)
+        except PycfsError as e:
+            print(f"pycfs-worker: {e}", file=sys.stderr)
+            return 2
     try:
         service = WorkerService(repo.alg if repo else args.alg, repo)
         return serve(sock, trusted_dispatch(service.methods()), name="pycfs-worker", max_message=api.MAX_MESSAGE_BYTES,

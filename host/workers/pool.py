@@ -20,13 +20,11 @@ worker, its exit status and its last output.
 from __future__ import annotations
 
 import collections
-import errno
 import os
 import resource
 import socket
-import stat
 import sys
-from collections.abc import Callable, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +33,7 @@ import trio
 
 from pycfs.host.childoutput import ChildOutput, ChildProcess, receive_message, spawn_on_socket
 from pycfs.host.errors import PycfsError
-from pycfs.host.fsverity import DIGEST_SIZES, digest_fd
+from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files
 from pycfs.host.nursery import open_nursery
 from pycfs.host.repository import Repository
 from pycfs.protocol import worker_api as api
@@ -123,6 +121,12 @@ class WorkerPool:
         """The fs-verity digest of each file (``sizes``: their exact lengths)."""
         return [r if isinstance(r, Failed) else r[0] for r in await self._each(api.DIGEST, fds, sizes)]
 
+    async def digest_paths(self, paths: Sequence[str]) -> list[bytes | Failed]:
+        """The fs-verity digest of each regular file named (absolute paths), which the
+        workers open themselves: one request, so at most MAX_FILES_PER_REQUEST paths."""
+        results = await self._call(api.DIGEST_PATHS, [], {"paths": list(paths)}, len(paths))
+        return [r if isinstance(r, Failed) else r[0] for r in results]
+
     async def _each(self, method: str, fds: Sequence[int], sizes: Sequence[int],
                     crcs: Sequence[int | None] | None = None,
                     sha256s: Sequence[tuple[bytes, bytes] | None] | None = None) -> list[tuple[bytes, str] | Failed]:
@@ -141,7 +145,9 @@ class WorkerPool:
             out += await self._call(method, list(fds[start:end]), params)
         return out
 
-    async def _call(self, method: str, fds: list[int], params: dict[str, Any]) -> list[tuple[bytes, str] | Failed]:
+    async def _call(self, method: str, fds: list[int], params: dict[str, Any],
+                    count: int | None = None) -> list[tuple[bytes, str] | Failed]:
+        """``count``: how many files the request names, when not one per fd."""
         await self.start()
         worker = min(self._workers, key=lambda w: len(w.waiting))
         self._next_id += 1
@@ -160,7 +166,7 @@ class WorkerPool:
         self._check()
         assert reply.obj is not None
         try:
-            return self._results(reply.obj, len(fds), method)
+            return self._results(reply.obj, len(fds) if count is None else count, method)
         except ValueError as e:
             raise PycfsError(f"the {worker.describe()} {e}") from None
 
@@ -170,7 +176,7 @@ class WorkerPool:
             raise ValueError(f"refused a request: {obj['error']}")
         result = obj.get("result")
         ids, how, failed = (result.get(k) for k in ("ids", "how", "failed")) if isinstance(result, dict) else (None,) * 3
-        codes = api.DIGESTED if method == api.DIGEST else api.HOW
+        codes = api.DIGESTED if method in (api.DIGEST, api.DIGEST_PATHS) else api.HOW
         try:
             digests = bytes.fromhex(ids) if isinstance(ids, str) else b""
         except ValueError:
@@ -285,25 +291,13 @@ async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
 
 
 
+
 MEASURE_BATCH = 64  # files per request: enough to amortise a round trip, small enough to balance
+# Path text per request: a name escaped in JSON takes at most 6 bytes a character.
+MEASURE_BATCH_CHARS = api.MAX_MESSAGE_BYTES // 8
 # Below this much content, starting worker processes (~0.1 s) costs more than hashing in
 # process (~1 GB/s): the same digests, computed here.
 IN_PROCESS_BYTES = 16 << 20
-
-
-def _open_regular(path: str | os.PathLike[str]) -> tuple[int, int] | OSError:
-    """(fd, size) of a regular file, or the OSError saying why not."""
-    try:
-        # O_NONBLOCK: a fifo must not hang the open; it is refused just below.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError as e:
-        return e
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL
-        return OSError(code, "not a regular file" if code == errno.EINVAL else os.strerror(code))
-    return fd, st.st_size
 
 
 def _small_job(paths: Sequence[str | os.PathLike[str]]) -> bool:
@@ -318,60 +312,50 @@ def _small_job(paths: Sequence[str | os.PathLike[str]]) -> bool:
     return True
 
 
-def _digest_in_process(paths: Sequence[str | os.PathLike[str]], alg: str) -> list[bytes | OSError]:
-    results: list[bytes | OSError] = []
-    for path in paths:
-        opened = _open_regular(path)
-        if isinstance(opened, OSError):
-            results.append(opened)
-            continue
-        fd, size = opened
-        try:
-            results.append(digest_fd(fd, alg, size))
-        except OSError as e:
-            results.append(e)
-        finally:
-            os.close(fd)
-    return results
+def _batches(names: Sequence[str]) -> Iterator[tuple[int, int]]:
+    """(start, end) of each request's share of names: MEASURE_BATCH of them, fewer when long."""
+    start, chars = 0, 0
+    for i, name in enumerate(names):
+        if i > start and (i - start == MEASURE_BATCH or chars + len(name) > MEASURE_BATCH_CHARS):
+            yield start, i
+            start, chars = i, 0
+        chars += len(name)
+    if start < len(names):
+        yield start, len(names)
 
 
 async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha256",
                        jobs: int | None = None, on_done: Callable[[int], None] | None = None) -> list[bytes | OSError]:
     """The fs-verity digest of each file, in order, hashed by a pool of workers; a path that
     cannot be opened, is not a regular file or cannot be read gives its OSError. ``on_done``
-    hears how many more files are done, batch by batch (for progress)."""
+    hears how many more files are done, batch by batch (for progress). The workers open the
+    files by name (the host does no per-file work); they run in "/", so names are made
+    absolute here, joined to the cwd as the kernel would resolve them (no normalisation)."""
     if jobs is None and await trio.to_thread.run_sync(_small_job, paths):
-        done = await trio.to_thread.run_sync(_digest_in_process, paths, alg)
+        done = await trio.to_thread.run_sync(digest_regular_files, paths, alg)
         if on_done is not None:
             on_done(len(done))
         return done
+    names = [os.fspath(path) for path in paths]
+    if not all(name.startswith("/") for name in names):  # getcwd fails in a removed directory
+        cwd = os.getcwd()
+        names = [os.path.join(cwd, name) for name in names]
     results: list = [None] * len(paths)  # every slot is filled before the pool closes
     send, receive = trio.open_memory_channel(0)
-
-    def open_batch(start: int) -> list[tuple[int, int] | OSError]:
-        return [_open_regular(path) for path in paths[start : start + MEASURE_BATCH]]
 
     async with open_pool(alg=alg, jobs=jobs) as pool:
 
         async def coordinate() -> None:
-            async for start in receive:
-                opened = await trio.to_thread.run_sync(open_batch, start)
-                files = [o for o in opened if isinstance(o, tuple)]
-                try:
-                    digests = iter(await pool.digest([fd for fd, _ in files], [size for _, size in files]))
-                finally:
-                    for fd, _ in files:
-                        os.close(fd)
-                for i, o in enumerate(opened, start):
-                    got = o if isinstance(o, OSError) else next(digests)
+            async for start, end in receive:
+                for i, got in enumerate(await pool.digest_paths(names[start:end]), start):
                     results[i] = OSError(got.errno, got.message) if isinstance(got, Failed) else got
                 if on_done is not None:
-                    on_done(len(opened))
+                    on_done(end - start)
 
         async with open_nursery() as nursery:
-            for _ in range(pool.batches_in_flight(MEASURE_BATCH)):
+            for _ in range(2 * pool.jobs):  # one request being answered per worker, one queued behind it
                 nursery.start_soon(coordinate)
             async with send:
-                for start in range(0, len(paths), MEASURE_BATCH):
-                    await send.send(start)
+                for batch in _batches(names):
+                    await send.send(batch)
     return results

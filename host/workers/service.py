@@ -6,13 +6,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from pycfs.host.errors import PycfsError
-from pycfs.host.fsverity import DIGEST_SIZES, digest_fd
-from pycfs.host.repository import Repository
-from pycfs.host.storage.tarsplit import crc64_iso
+from pycfs.host.fsverity import DIGEST_SIZES, digest_fd, digest_regular_files
+if TYPE_CHECKING:  # a digest-only worker (`pycfs measure`) starts without the repository code
+    from pycfs.host.repository import Repository
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.rpcserver import Call, InvalidParamsError
 
@@ -26,17 +26,21 @@ class WorkerService:
         self.repo = repo
 
     def methods(self) -> dict[str, Any]:
-        return {api.STORE: self.store, api.DIGEST: self.digest, api.ADOPT: self.adopt}
+        return {api.STORE: self.store, api.DIGEST: self.digest, api.ADOPT: self.adopt,
+                api.DIGEST_PATHS: self.digest_paths}
 
     def _each(self, call: Call, sizes: Any, one) -> dict[str, Any]:
         if not isinstance(sizes, list) or not all(type(s) is int and s >= 0 for s in sizes):
             raise InvalidParamsError("sizes must be a list of byte counts")
         if len(sizes) != len(call.fds):
             raise InvalidParamsError(f"{len(sizes)} sizes for {len(call.fds)} fds")
+        return self._answer(zip(call.fds, sizes), one)
+
+    def _answer(self, jobs: Iterable[tuple[Any, ...]], one) -> dict[str, Any]:
         ids, how, failed = [], [], []
-        for index, (fd, size) in enumerate(zip(call.fds, sizes)):
+        for index, job in enumerate(jobs):
             try:
-                digest, code = one(fd, size)
+                digest, code = one(*job)
             except OSError as e:
                 failed.append([index, e.errno or errno.EIO, e.strerror or str(e)])
             except PycfsError as e:  # e.g. a repository this user may not write to
@@ -51,6 +55,18 @@ class WorkerService:
 
     def digest(self, call: Call, sizes: Any) -> dict[str, Any]:
         return self._each(call, sizes, lambda fd, size: (digest_fd(fd, self.alg, size), api.DIGESTED))
+
+    def digest_paths(self, call: Call, paths: Any) -> dict[str, Any]:
+        if call.fds or not isinstance(paths, list) or len(paths) > api.MAX_FILES_PER_REQUEST or not all(
+                isinstance(p, str) and p.startswith("/") and "\0" not in p for p in paths):
+            raise InvalidParamsError(f"paths must be a list of at most {api.MAX_FILES_PER_REQUEST} absolute paths, "
+                                     "with no fds")
+        def one(result: bytes | OSError) -> tuple[bytes, str]:
+            if isinstance(result, OSError):
+                raise result
+            return result, api.DIGESTED
+
+        return self._answer(((r,) for r in digest_regular_files(paths, self.alg)), one)
 
     def store(self, call: Call, sizes: Any, crcs: Any = None, sha256s: Any = None) -> dict[str, Any]:
         if self.repo is None:
@@ -100,13 +116,16 @@ class _Crc64Check:
     their CRC-64/GO-ISO is not the tar-split's: the check costs no read of its own."""
 
     def __init__(self, expected: int, size: int) -> None:
+        from pycfs.host.storage.tarsplit import crc64_iso
+
+        self.crc64_iso = crc64_iso
         self.expected = expected
         self.size = size
         self.crc = 0
         self.seen = 0
 
     def __call__(self, piece: memoryview) -> None:
-        self.crc = crc64_iso(piece, self.crc)
+        self.crc = self.crc64_iso(piece, self.crc)
         self.seen += len(piece)
         if self.seen >= self.size and self.crc != self.expected:
             raise OSError(errno.EBADMSG, "its content does not match the layer's tar-split checksum (CRC-64)")

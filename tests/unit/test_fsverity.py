@@ -1,5 +1,6 @@
 """fs-verity digests: pinned vectors, incremental == one-shot, and Debian's `fsverity digest` as oracle."""
 
+import errno
 import os
 import shutil
 import subprocess
@@ -7,7 +8,7 @@ import subprocess
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pycfs.host.fsverity import BLOCK_SIZE, VerityHasher, digest_bytes, digest_path
+from pycfs.host.fsverity import BLOCK_SIZE, VerityHasher, digest_bytes, digest_path, digest_regular_files
 
 SIZES = [0, 1, 4095, 4096, 4097, 128 * 4096, 128 * 4096 + 1, 64 * 4096 + 1, 128 * 128 * 4096 + 1]
 
@@ -62,7 +63,9 @@ def fsverity_digest(path, alg):
 def test_matches_fsverity_digest(tmp_path, size, alg):
     path = tmp_path / "f"
     path.write_bytes(os.urandom(size))
-    assert digest_path(str(path), alg).hex() == fsverity_digest(path, alg)
+    expected = fsverity_digest(path, alg)
+    assert digest_path(str(path), alg).hex() == expected
+    assert digest_regular_files([path], alg) == [bytes.fromhex(expected)]
 
 
 @needs_fsverity
@@ -72,3 +75,52 @@ def test_100mib_matches_fsverity_digest(tmp_path):
         for _ in range(100):
             f.write(os.urandom(1 << 20))
     assert digest_path(str(path)).hex() == fsverity_digest(path, "sha256")
+
+
+@needs_fsverity
+@pytest.mark.parametrize("size", [1 << 30, (1 << 30) + 4097])
+def test_1gib_sparse_matches_fsverity_digest(tmp_path, size):
+    """A tree of four levels over holes read as zeros, the tail past the last hole real data."""
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(size - 5000)
+        f.seek(0, os.SEEK_END)
+        f.write(os.urandom(5000))
+    assert digest_regular_files([path]) == [bytes.fromhex(fsverity_digest(path, "sha256"))]
+
+
+def test_many_files_in_order_with_failures_and_a_bounded_window(tmp_path, monkeypatch):
+    """Files are opened (and their reads asked for) ahead of the hashing, at most
+    AHEAD_FILES / AHEAD_BYTES ahead; each failure stays with its name; no fd is left."""
+    from fdcount import open_fd_count
+
+    import pycfs.host.fsverity as fsverity
+
+    monkeypatch.setattr(fsverity, "AHEAD_FILES", 5)
+    monkeypatch.setattr(fsverity, "AHEAD_BYTES", 3 * BLOCK_SIZE)
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    contents = [os.urandom(n) for n in (0, 1, 5000, 3 * BLOCK_SIZE + 1, 40, 9000) * 6]
+    paths = []
+    for i, data in enumerate(contents):
+        (tmp_path / f"f{i}").write_bytes(data)
+        paths.append(tmp_path / f"f{i}")
+    odd = {3: tmp_path / "fifo", 10: tmp_path / "dir", 17: tmp_path / "missing"}
+    for i, path in odd.items():
+        paths.insert(i, path)
+    base = open_fd_count()
+    seen = []
+    real = fsverity.digest_fd
+    monkeypatch.setattr(fsverity, "digest_fd", lambda fd, alg, size: seen.append(open_fd_count() - base) or
+                        real(fd, alg, size))
+    got = fsverity.digest_regular_files(paths)
+    assert open_fd_count() == base
+    assert max(seen) <= 5 and max(seen) > 1
+    expected = iter(contents)
+    for i, result in enumerate(got):
+        if i in odd:
+            assert isinstance(result, OSError)
+            assert result.errno == {3: errno.EINVAL, 10: errno.EISDIR, 17: errno.ENOENT}[i]
+        else:
+            assert result == digest_bytes(next(expected))
+    assert next(expected, None) is None

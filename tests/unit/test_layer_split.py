@@ -277,6 +277,37 @@ def test_corrupt_zstd_is_an_error(repo: Repository) -> None:
         _import(repo, zst[:4] + b"\xff" * 20 + zst[24:])
 
 
+@settings(max_examples=40, deadline=None)
+@given(data=st.binary(min_size=1, max_size=300_000), cuts=st.lists(st.integers(0, 300_000), max_size=3),
+       sizes=st.lists(st.integers(1, 200_000), min_size=1, max_size=8))
+def test_zstd_frames_read_back_exactly_at_any_read_size(data: bytes, cuts: list[int], sizes: list[int]) -> None:
+    """Concatenated frames, each read of `sizes` (cycled) against the plain bytes: whole
+    outputs handed on, and parts of them."""
+    bounds = [0, *sorted(c for c in cuts if c < len(data)), len(data)]
+    blob = b"".join(zstandard.ZstdCompressor(level=1).compress(data[a:b]) for a, b in itertools.pairwise(bounds))
+    reader = decompressing_reader(io.BytesIO(blob), "zstd")
+    got = bytearray()
+    for n in itertools.cycle(sizes):
+        piece = reader.read(n)
+        if not piece:
+            break
+        assert len(piece) <= n
+        got += piece
+    assert bytes(got) == data and reader.read(-1) == b""
+
+
+def test_zstd_input_slices_cross_the_reads_of_the_blob() -> None:
+    """3 MiB of incompressible frames: input slices and a frame boundary straddle the
+    reader's 1 MiB reads of the blob."""
+    data = os.urandom(3 << 20)
+    blob = zstandard.ZstdCompressor().compress(data[:1500001]) + zstandard.ZstdCompressor().compress(data[1500001:])
+    reader = decompressing_reader(io.BytesIO(blob), "zstd")
+    got = bytearray()
+    while piece := reader.read(100_003):
+        got += piece
+    assert bytes(got) == data
+
+
 @pytest.mark.parametrize("compress", [lambda d: d, gzip.compress, lambda d: zstandard.ZstdCompressor().compress(d),
                                       lambda d: gzip.compress(d[:7000]) + gzip.compress(d[7000:]),
                                       lambda d: zstandard.ZstdCompressor().compress(d[:7000])

@@ -2,6 +2,7 @@
 
 import contextlib
 import errno
+import itertools
 import os
 import json
 import signal
@@ -16,7 +17,7 @@ from fdcount import open_fd_count
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes, digest_fd
 from pycfs.host.repository import Repository
-from pycfs.host.workers.pool import Failed, Stored, WorkerPool, open_pool
+from pycfs.host.workers.pool import MEASURE_BATCH, Failed, Stored, WorkerPool, _batches, open_pool
 from pycfs.protocol import worker_api as api
 
 SIZES = [0, 1, 65, 4095, 4096, 4097, 128 * 4096 + 1, (1 << 20) + 3]
@@ -231,6 +232,61 @@ def test_measure_command_keeps_order_and_reports_each_failure(tmp_path, files):
     assert out.stdout.splitlines() == [f"{digest_bytes(data).hex()} {p}" for p, data in expected]
     assert out.stderr.splitlines() == [f"pycfs: error: {tmp_path / 'missing'}: No such file or directory",
                                        f"pycfs: error: {tmp_path}: Is a directory"]
+
+
+def test_measure_by_name_resolves_like_the_kernel_and_refuses_what_is_not_a_file(tmp_path, files):
+    """The workers (cwd "/") open the names themselves: a relative name is the caller's
+    (its ".." taken after the symlink, as the kernel does), a non-UTF-8 name survives JSON,
+    a fifo is refused without hanging, a directory and a missing file fail alone."""
+    odd = tmp_path / os.fsdecode(b"caf\xe9")
+    odd.write_bytes(files[4][1])
+    (tmp_path / "sub" / "deep").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "sub" / "deep")
+    (tmp_path / "f0").rename(tmp_path / "sub" / "f0")  # "link/../f0" is sub/f0; normalised, it would be f0
+    os.mkfifo(tmp_path / "fifo")
+    names = [os.fsdecode(b"caf\xe9"), "link/../f0", "f3", "fifo", "sub", "missing"]
+    listing = tmp_path / "list"
+    listing.write_bytes(b"".join(os.fsencode(n) + b"\n" for n in names[1:]))
+    argv = [sys.executable, "-m", "pycfs.tools.cli", "measure", "-j", "2", os.fsencode(names[0]), "--files-from", "list"]
+    out = subprocess.run(argv, capture_output=True, cwd=tmp_path, timeout=60)
+    assert out.returncode == 1
+    assert out.stdout.splitlines() == [f"{digest_bytes(data).hex()} ".encode() + os.fsencode(name) for name, data in
+                                       [(names[0], files[4][1]), (names[1], files[0][1]), (names[2], files[3][1])]]
+    assert out.stderr.decode().splitlines() == ["pycfs: error: fifo: not a regular file", "pycfs: error: sub: Is a directory",
+                                                "pycfs: error: missing: No such file or directory"]
+
+
+def test_measure_of_absolute_names_works_from_a_removed_directory(tmp_path, files):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = f'cd {gone} && rmdir {gone} && exec "$0" -m pycfs.tools.cli measure -j 2 {files[3][0]} {files[4][0]}'
+    out = subprocess.run(["sh", "-c", script, sys.executable], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"{digest_bytes(data).hex()} {p}" for p, data in files[3:5]]
+
+
+def test_workers_open_only_absolute_names_and_take_no_fds(tmp_path, files):
+    async def main(paths, with_fd):
+        async with open_pool(alg="sha256", jobs=1) as pool:
+            if not with_fd:
+                return await pool.digest_paths(paths)
+            with _opened([files[3][0]]) as (fds, _):
+                return await pool._call(api.DIGEST_PATHS, fds, {"paths": paths}, len(paths))
+
+    assert _run(main, [str(files[3][0]), str(tmp_path)], False) == [digest_bytes(files[3][1]),
+                                                                    Failed(errno.EISDIR, "Is a directory")]
+    for paths, with_fd in [(["f3"], False), ([str(files[3][0])], True), ([str(files[3][0]) + "\0x"], False),
+                           ([str(files[3][0])] * (api.MAX_FILES_PER_REQUEST + 1), False)]:
+        with pytest.raises(PycfsError, match="refused a request.*absolute paths"):
+            _run(main, paths, with_fd)
+
+
+def test_measure_batches_stay_within_a_message():
+    names = ["/" + "x" * 4000] * 100 + ["/a"] * 200
+    batches = list(_batches(names))
+    assert [b for b in batches if b[0] < 100] == [(i, i + 32) for i in range(0, 96, 32)] + [(96, 160)]
+    assert batches[-1][1] == len(names) and all(a[1] == b[0] for a, b in itertools.pairwise(batches))
+    assert all(end - start <= MEASURE_BATCH for start, end in batches)
 
 
 def test_malformed_replies_are_refused():

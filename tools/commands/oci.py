@@ -158,10 +158,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _populate(oci: argparse.ArgumentParser) -> None:
-    from pycfs.host.helperclient import add_helper_option
     from pycfs.host.oci.pull import TRANSPORTS
     from pycfs.tools.commands.mount import MOUNT_DESCRIPTION, add_mount_arguments
-    from pycfs.tools.common import positive_int
+    from pycfs.tools.common import add_helper_option, positive_int
     from pycfs.tools.progress import add_progress_option
 
     osub = oci.add_subparsers(dest="oci_command", metavar="OCI_COMMAND", required=True)

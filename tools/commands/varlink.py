@@ -15,14 +15,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    # populate: the sub-command (and the helper client its options come from) only for `pycfs varlink ...`
+    # populate: the sub-command only for `pycfs varlink ...`
     sub.add_parser("varlink", help="serve the composefs varlink API (repositories, OCI images, layer transport)",
                    description="The composefs varlink service, wire-compatible with composefs-rs `cfsctl varlink`.",
                    populate=_populate)
 
 
 def _populate(v: argparse.ArgumentParser) -> None:
-    from pycfs.host.helperclient import add_helper_option
+    from pycfs.tools.common import add_helper_option
 
     vsub = v.add_subparsers(dest="varlink_command", metavar="VARLINK_COMMAND", required=True)
     p = vsub.add_parser(
