@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import secrets
+import signal
 import stat
 import string
 import threading
@@ -109,6 +110,7 @@ class Repository:
         self._subdir_fds: dict[str, int] = {}
         self._reflink_ok: dict[tuple[int, int], bool] = {}
         self._tmpfile_ok = True
+        self._lease_sources = False
 
     # ---- opening -------------------------------------------------------------------
 
@@ -283,8 +285,27 @@ class Repository:
         except FileNotFoundError:
             return None
 
+    def _existing_subdir(self, xx: str) -> int | None:
+        """The fd of objects/<xx> when that directory exists (it is never created here)."""
+        fd = self._subdir_fds.get(xx)
+        if fd is None:
+            try:
+                fd = os.open(xx, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._objects())
+            except FileNotFoundError:
+                return None
+            with self._lock:
+                kept = self._subdir_fds.setdefault(xx, fd)
+            if kept != fd:
+                os.close(fd)
+            fd = kept
+        return fd
+
     def has_object(self, object_id: bytes) -> bool:
-        return self.object_size(object_id) is not None
+        """Whether the object exists: one faccessat in its open subdirectory, half the cost of
+        a stat by path (a re-pull checks every object of every layer this way)."""
+        h = object_id.hex()
+        fd = self._existing_subdir(h[:2])
+        return fd is not None and os.access(h[2:], os.F_OK, dir_fd=fd, follow_symlinks=False)
 
     def object_intact(self, object_id: bytes) -> bool:
         """The object is present and its content still hashes to its name (for small
@@ -417,16 +438,69 @@ class Repository:
         """A file-like sink for streamed content (tar entries): hashes as it writes."""
         return ObjectWriter(self)
 
+    def enable_source_leases(self) -> None:
+        """Let `store_object_from_fd` hash a source under a read lease (see there). A lease
+        break signals its holder with SIGIO, whose default action ends the process, so this
+        ignores SIGIO process-wide: call it from the main thread of a process of our own
+        (the object workers do)."""
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
+        self._lease_sources = True
+
     def store_object_from_fd(self, src_fd: int, st: os.stat_result | None = None,
-                             observe: Callable[[memoryview], object] | None = None) -> StoreResult:
+                             observer: Callable[[], Callable[[memoryview], object]] | None = None) -> StoreResult:
         """Store the whole file open at src_fd (st: its fstat, when the caller has it).
 
-        A private copy is made first, FICLONE where the filesystems allow (no data copied),
-        else copied through the hashing buffer, and the object is named by the digest of
-        that copy, never of the source: a source rewritten meanwhile can only give another
-        digest (and fail the caller's checks), never an object that is not what its name
-        says. ``observe`` sees every stored byte, in order, and may raise to refuse it."""
+        The object is named by the digest of exactly the bytes it holds, whatever happens
+        to the source meanwhile. Two ways to make sure of that:
+
+        - Under a read lease (after `enable_source_leases`, on a file this user owns that no
+          one has open for writing): the kernel refuses the lease while a writer exists and
+          breaks it when anyone opens the file for writing or truncates it, and that writer
+          waits until the lease is let go. So if the lease is still unbroken after the
+          source was hashed and cloned, the clone holds the bytes hashed. The source's
+          pages are read (often cached: a clone shares no page cache with it), and a file
+          whose object exists already is not cloned at all.
+        - Otherwise a private copy is made first, FICLONE where the filesystems allow (no
+          data copied), else copied through the hashing buffer, and that copy is hashed.
+
+        ``observer`` makes a checker (a fresh one per pass over the content) that sees every
+        stored byte, in order, and may raise to refuse it."""
         st = st or os.fstat(src_fd)
+        if (self._lease_sources and self._reflink_ok.get((st.st_dev, self._objects_dev()), True)
+                and _take_read_lease(src_fd)):
+            try:
+                stored = self._store_leased(src_fd, st, observer)
+            finally:
+                _drop_lease(src_fd)
+            if stored is not None:
+                return stored
+        return self._store_private_copy(src_fd, st, observer)
+
+    def _store_leased(self, src_fd: int, st: os.stat_result,
+                      observer: Callable[[], Callable[[memoryview], object]] | None) -> StoreResult | None:
+        """Hash the source under its read lease, then clone it; None when the lease broke or
+        the filesystems cannot clone (the caller stores a private copy then)."""
+        if os.fstat(src_fd).st_size != st.st_size:  # the lease is held: now the size stays
+            raise RepositoryError(f"source file changed size while it was stored (expected {st.st_size} bytes)")
+        object_id = digest_fd(src_fd, self.alg, st.st_size, observer() if observer is not None else None)
+        if self.has_object(object_id):
+            return StoreResult(object_id, st.st_size, "present")
+        fd, temp_name = self._new_tmpfile(object_id)
+        try:
+            if not self._reflink(src_fd, fd, st) or not _lease_held(src_fd):
+                self._discard(fd, temp_name)
+                return None
+            fd = self._seal(fd)
+        except BaseException:
+            self._discard(fd, temp_name)
+            raise
+        raced = self._commit(fd, temp_name, object_id)
+        return StoreResult(object_id, st.st_size, "present" if raced else "reflinked")
+
+    def _store_private_copy(self, src_fd: int, st: os.stat_result,
+                            observer: Callable[[], Callable[[memoryview], object]] | None) -> StoreResult:
+        """Clone (or copy) the source first, and hash that private copy."""
+        observe = observer() if observer is not None else None
         # Any subdirectory spreads concurrent writers over the filesystem's allocation
         # groups, as the object's own would (its id is not known until the copy is hashed).
         fd, temp_name = self._new_tmpfile(secrets.token_bytes(1))
@@ -672,6 +746,31 @@ class ObjectWriter:
         if self._fd >= 0:
             self._repo._discard(self._fd, self._temp_name)
             self._fd = -1
+
+
+def _take_read_lease(fd: int) -> bool:
+    """Take a read lease on the file at fd; False when the kernel refuses (someone has it
+    open for writing, it is not this user's, the filesystem or the admin has no leases)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:
+        return False
+    return True
+
+
+def _lease_held(fd: int) -> bool:
+    """The read lease on fd is unbroken: no one has opened the file for writing since."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
+    except OSError:
+        return False
+
+
+def _drop_lease(fd: int) -> None:
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    except OSError:
+        pass  # gone with a broken lease already
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

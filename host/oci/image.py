@@ -14,7 +14,6 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pycfs.host.erofs.writer import write_image as write_erofs
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
 from pycfs.host.oci.layer import Directory as DirEntry
@@ -156,6 +155,8 @@ def format_versions(repo: Repository) -> list[int]:
 
 def compute_image_id(repo: Repository, ref: str, version: int | None = None) -> bytes:
     """The fs-verity digest the image of ref would have, writing nothing."""
+    from pycfs.host.erofs.writer import write_image as write_erofs
+
     image = open_image(repo, ref)
     fs = build_filesystem(repo, image.diff_ids, image.layer_ids)
     return digest_bytes(write_erofs(fs, version if version is not None else repo.erofs_default), repo.alg)
@@ -181,6 +182,9 @@ def _sound_images(repo: Repository, refs: Mapping[str, bytes], versions: Sequenc
 
 def _write_images(repo: Repository, diff_ids: Sequence[str], layer_ids: Mapping[str, bytes],
                   versions: Sequence[int], parsed: Mapping[bytes, list[LayerEntry]] | None) -> dict[int, bytes]:
+    # Imported here: a re-pull with its image in place (most of them) never writes one.
+    from pycfs.host.erofs.writer import write_image as write_erofs
+
     fs = build_filesystem(repo, diff_ids, layer_ids, parsed=parsed)
     return {v: repo.write_image(write_erofs(fs, v)) for v in versions}
 

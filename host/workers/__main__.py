@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         except PycfsError as e:
             print(f"pycfs-worker: {e}", file=sys.stderr)
             return 2
+        repo.enable_source_leases()
     try:
         service = WorkerService(repo.alg if repo else args.alg, repo)
         return serve(sock, trusted_dispatch(service.methods()), name="pycfs-worker", max_message=api.MAX_MESSAGE_BYTES,

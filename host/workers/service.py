@@ -97,15 +97,20 @@ class WorkerService:
         st = os.fstat(fd)
         if st.st_size != size:
             raise OSError(errno.ESTALE, f"has {st.st_size} bytes, expected {size}")
-        observers: list[Callable[[memoryview], None]] = [] if crc is None else [_Crc64Check(crc, size)]
-        if sha256 is not None:
-            observers.append(_PrefixedSha256Check(*sha256, size))
 
-        def observe(piece: memoryview) -> None:
-            for observer in observers:
-                observer(piece)
+        def observer() -> Callable[[memoryview], None]:
+            """A fresh set of checks for each pass over the content."""
+            checks: list[Callable[[memoryview], None]] = [] if crc is None else [_Crc64Check(crc, size)]
+            if sha256 is not None:
+                checks.append(_PrefixedSha256Check(*sha256, size))
 
-        result = self.repo.store_object_from_fd(fd, st, observe if observers else None)
+            def observe(piece: memoryview) -> None:
+                for check in checks:
+                    check(piece)
+
+            return observe
+
+        result = self.repo.store_object_from_fd(fd, st, observer if crc is not None or sha256 is not None else None)
         if result.size != size:
             raise OSError(errno.ESTALE, "changed size while it was stored")
         return result.object_id, api.HOW_CODES[result.how]

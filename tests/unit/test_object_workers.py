@@ -431,7 +431,7 @@ def test_observer_sees_exactly_what_is_stored_and_can_refuse_it(tmp_path):
     seen = bytearray()
     fd = os.open(tmp_path / "src", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        result = repo.store_object_from_fd(fd, observe=seen.extend)
+        result = repo.store_object_from_fd(fd, observer=lambda: seen.extend)
         assert bytes(seen) == data == repo.read_object(result.object_id)
 
         def refuse(piece):
@@ -439,7 +439,7 @@ def test_observer_sees_exactly_what_is_stored_and_can_refuse_it(tmp_path):
 
         repo2 = Repository.init(tmp_path / "repo2")
         with pytest.raises(OSError, match="refused"):
-            repo2.store_object_from_fd(fd, observe=refuse)
+            repo2.store_object_from_fd(fd, observer=lambda: refuse)
     finally:
         os.close(fd)
     assert not [p for p in (repo2.path / "objects").rglob("*") if p.is_file()]

@@ -156,3 +156,13 @@ def test_images_and_refs(repo):
 def test_hostile_names_rejected(repo, name):
     with pytest.raises(RepositoryError, match="invalid"):
         repo.set_stream_ref(name, "x")
+
+
+def test_has_object_looks_without_creating_directories(repo):
+    oid = repo.ensure_object(b"x" * 100)
+    absent = bytes(32)  # objects/00/ does not exist (the odds of a real id there: 1/256)
+    assert repo.has_object(oid) and repo.object_size(oid) == 100
+    if oid[:1] != b"\0":
+        assert not repo.has_object(absent) and not (repo.path / "objects/00").exists()
+    os.unlink(repo.object_path(oid))
+    assert not repo.has_object(oid)  # the subdirectory's fd is open: still a real lookup

@@ -1,0 +1,198 @@
+"""Storing a source under a read lease (hash the source, then clone it) on a real reflinking
+XFS: whatever writers do meanwhile, an object is named by the digest of the bytes it holds."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+
+import pytest
+import trio
+
+from pycfs.host.fsverity import digest_bytes
+from pycfs.host.repository import Repository
+from pycfs.host.workers.pool import Stored, open_pool
+
+BIG = 48 << 20  # hashing takes long enough for a writer to come along meanwhile
+
+
+@pytest.fixture
+def repo(reflink_dir) -> Repository:
+    path = reflink_dir / f"repo-{os.getpid()}-{time.monotonic_ns()}"
+    r = Repository.init(path)
+    r.enable_source_leases()
+    yield r
+    r.close()
+
+
+def _source(repo: Repository, name: str, data: bytes):
+    path = repo.path.parent / f"{repo.path.name}-{name}"
+    path.write_bytes(data)
+    return path
+
+
+def _store(repo: Repository, path, observer=None):
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return repo.store_object_from_fd(fd, observer=observer)
+    finally:
+        os.close(fd)
+
+
+def test_leased_store_reflinks_and_skips_the_clone_of_a_present_object(repo):
+    data = os.urandom(300_000)
+    first = _store(repo, _source(repo, "a", data))
+    again = _store(repo, _source(repo, "b", data))
+    assert first.how == "reflinked" and again.how == "present"
+    assert first.object_id == again.object_id == digest_bytes(data)
+    assert repo.read_object(first.object_id) == data
+    # No stray temporary files: the second store made no clone at all.
+    assert sum(len(files) for _, _, files in os.walk(repo.path / "objects")) == 1
+
+
+def test_a_writer_opening_the_source_mid_store_breaks_the_lease(repo):
+    """The writer's open breaks the lease (and waits for its release); the store notices the
+    broken lease and stores a private clone instead, named by that clone's digest."""
+    old = os.urandom(BIG)
+    path = _source(repo, "src", old)
+    attempts: list[int] = []
+
+    def observer():
+        def see(piece):
+            if not attempts:
+                try:  # non-blocking: breaks the lease, then gives up at once
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError as e:
+                    attempts.append(e.errno)
+                else:
+                    attempts.append(0)
+        return see
+
+    result = _store(repo, path, observer)
+    assert attempts == [errno.EWOULDBLOCK]  # a lease was held, and broken
+    stored = repo.read_object(result.object_id)
+    assert stored == old and digest_bytes(stored) == result.object_id and result.how == "reflinked"
+
+
+def test_a_source_open_for_writing_is_never_hashed_in_place(repo, monkeypatch):
+    """A writer holding the file open before the store: no lease is granted, so the store
+    clones first and hashes the clone; a rewrite after the first read cannot reach it."""
+    size = 3 * (1 << 20) + 5
+    old, new = os.urandom(size), os.urandom(size)
+    path = _source(repo, "src", old)
+    writer = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    real = os.preadv
+    done: list[bool] = []
+
+    def preadv(fd, buffers, offset, *rest):
+        n = real(fd, buffers, offset, *rest)
+        if not done:
+            done.append(True)
+            os.pwrite(writer, new, 0)
+        return n
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    try:
+        result = _store(repo, path)
+    finally:
+        os.close(writer)
+    assert done
+    stored = repo.read_object(result.object_id)
+    assert stored == old and digest_bytes(stored) == result.object_id
+
+
+def test_object_worker_survives_a_lease_break_and_the_writer_goes_on(repo):
+    """A real worker process holds the lease; a blocking writer arrives mid-store and writes
+    as soon as it may. The lease break's SIGIO must not kill the worker, the writer must get
+    its open once the store lets go (not after the kernel's 45 s lease-break time), and the
+    object is what its name says."""
+    old, new = os.urandom(BIG), os.urandom(BIG)
+    path = _source(repo, "src", old)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    broke = threading.Event()
+    wrote: list[float] = []
+
+    def writer():
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except BlockingIOError:
+                break  # the worker holds a lease: now wait for it, as a plain writer does
+            time.sleep(0.002)
+        else:
+            return
+        broke.set()
+        started = time.monotonic()
+        with open(path, "r+b") as f:
+            f.write(new)
+        wrote.append(time.monotonic() - started)
+
+    async def main():
+        async with open_pool(repo=repo, jobs=1) as pool:
+            await pool.start()
+            thread = threading.Thread(target=writer)
+            thread.start()
+            try:
+                return await pool.store([fd], [BIG])
+            finally:
+                await trio.to_thread.run_sync(thread.join)
+
+    try:
+        [result] = trio.run(main)
+    finally:
+        os.close(fd)
+    assert broke.is_set(), "the worker never held a read lease on its source"
+    assert isinstance(result, Stored), result
+    # The lease broke, so the worker stored a clone made after it let go: old bytes, new
+    # ones or a mix, but named by exactly what it holds.
+    stored = repo.read_object(result.object_id)
+    assert len(stored) == BIG and digest_bytes(stored) == result.object_id
+    assert wrote and wrote[0] < 10, wrote
+    assert path.read_bytes() == new
+
+
+@pytest.fixture
+def short_lease_breaks():
+    """The kernel's lease-break time down to its shortest, one second (0 means never), for
+    the test: a writer then waits no longer for a lease holder (the sysctl is global, so it
+    is put back at once)."""
+    knob = "/proc/sys/fs/lease-break-time"
+    with open(knob) as f:
+        saved = f.read()
+    with open(knob, "w") as f:
+        f.write("1\n")
+    try:
+        yield
+    finally:
+        with open(knob, "w") as f:
+            f.write(saved)
+
+
+def test_a_writer_that_outwaits_the_lease_cannot_misname_the_object(repo, short_lease_breaks):
+    """The lease breaks and its holder is slow: the kernel lets the writer write while the
+    source is being hashed. The broken lease is seen after the clone, so the object is
+    hashed again from its clone: never the torn digest of a source that changed under it."""
+    size = 3 * (1 << 20) + 5
+    old, new = os.urandom(size), os.urandom(size)
+    path = _source(repo, "src", old)
+    written = threading.Event()
+
+    def write():
+        with open(path, "r+b") as f:  # waits for the lease holder, a second at most
+            f.write(new)
+        written.set()
+
+    def observer():
+        def see(piece):
+            if not written.is_set():
+                threading.Thread(target=write).start()
+                assert written.wait(10)
+        return see
+
+    result = _store(repo, path, observer)
+    assert written.is_set()
+    stored = repo.read_object(result.object_id)
+    assert stored == new and digest_bytes(stored) == result.object_id
