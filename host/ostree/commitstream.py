@@ -27,6 +27,9 @@ from itertools import pairwise
 from pycfs.host.errors import PycfsError
 from pycfs.host.ostree.objects import (
     CHECKSUM_SIZE,
+    Commit,
+    DirMeta,
+    DirTree,
     FileHeader,
     Kind,
     OstreeError,
@@ -88,6 +91,8 @@ class CommitObjects:
         self.entries: dict[bytes, Entry] = {}
         self.image_id: bytes | None = None
         self.headers: dict[bytes, FileHeader] = {}  # parsed file headers, where already known
+        # metadata a pull verified and parsed already: building the image parses no object twice
+        self.parsed: dict[bytes, Commit | DirTree | DirMeta] = {}
 
     def __contains__(self, checksum: bytes) -> bool:
         return checksum in self.entries

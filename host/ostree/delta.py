@@ -25,7 +25,7 @@ from pycfs.host.ostree.commitstream import CommitObjects, Entry
 from pycfs.host.ostree.objects import (
     CHECKSUM_SIZE, COMMIT_TYPE, FileHeader, Kind, OstreeError, describe, parse_delta_table, verify_metadata,
 )
-from pycfs.host.ostree.source import FetchedFile, HttpRepo, _tmpfile, _write_all, check_file
+from pycfs.host.ostree.source import FetchedFile, HttpRepo, LocalRepo, _tmpfile, _write_all, check_file
 from pycfs.protocol.gvariant import GVariantError, decode, encode
 
 SUPERBLOCK_TYPE = "(a{sv}tayay" + COMMIT_TYPE + "aya(uayttay)a(yaytt))"
@@ -263,7 +263,7 @@ class PartApplier:
         elif len(content) != header.size:
             raise OstreeError(f"{describe(checksum, Kind.FILE)}: the delta gives {len(content)} of {header.size} bytes")
         header.check(checksum)
-        check_file(header, checksum, None, content)
+        check_file(header, checksum, content)
         self.store(checksum, header, content)
 
 
@@ -330,7 +330,7 @@ def apply_parts(superblock: Superblock, fetch_part: Callable[[int], bytes], base
     return result
 
 
-def find_delta(source: HttpRepo, to_commit: bytes, have: Callable[[bytes], bool]) -> tuple[bytes | None, bytes] | None:
+def find_delta(source: LocalRepo | HttpRepo, to_commit: bytes, have: Callable[[bytes], bool]) -> tuple[bytes | None, bytes] | None:
     """(from commit or None, superblock checksum) of the best delta to to_commit: one from a
     commit stored here, else one from nothing; None when the source has neither."""
     source.list_refs()
@@ -338,7 +338,7 @@ def find_delta(source: HttpRepo, to_commit: bytes, have: Callable[[bytes], bool]
     if not table:
         data = source.fetch_optional(index_path(to_commit), MAX_SUPERBLOCK)
         if data is not None:
-            table = parse_index(data, f"{source.url}{index_path(to_commit)}")
+            table = parse_index(data, f"{source.description}/{index_path(to_commit)}")
     scratch = None
     for name, checksum in table.items():
         if name == to_commit.hex():

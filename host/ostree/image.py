@@ -9,6 +9,8 @@ keeps the NUL, so images of commits with xattrs get other ids there).
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from pycfs.host.erofs.writer import write_image as write_erofs
 from pycfs.host.fsverity import digest_bytes
 from pycfs.host.ostree.commitstream import (
@@ -32,17 +34,26 @@ def _xattrs(pairs: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
     return {name[:-1]: value for name, value in pairs}
 
 
+P = TypeVar("P", Commit, DirTree, DirMeta)
+
+
+def _parsed(objects: CommitObjects, checksum: bytes, kind: Kind, cls: type[P]) -> P:
+    """A metadata object, verified and parsed (once: a pull hands over what it parsed)."""
+    known = objects.parsed.get(checksum)
+    if isinstance(known, cls):
+        return known
+    data = objects.metadata(checksum, kind)
+    verify_metadata(data, checksum, kind)
+    return cls.parse(data, checksum)
+
+
 def _dir_stat(objects: CommitObjects, checksum: bytes) -> Stat:
-    data = objects.metadata(checksum, Kind.DIRMETA)
-    verify_metadata(data, checksum, Kind.DIRMETA)
-    meta = DirMeta.parse(data, checksum)
+    meta = _parsed(objects, checksum, Kind.DIRMETA, DirMeta)
     return Stat(mode=meta.mode & 0o7777, uid=meta.uid, gid=meta.gid, xattrs=_xattrs(meta.xattrs))
 
 
 def commit_of(objects: CommitObjects) -> Commit:
-    data = objects.metadata(objects.commit, Kind.COMMIT)
-    verify_metadata(data, objects.commit, Kind.COMMIT)
-    return Commit.parse(data, objects.commit)
+    return _parsed(objects, objects.commit, Kind.COMMIT, Commit)
 
 
 def build_filesystem(objects: CommitObjects) -> FileSystem:
@@ -53,9 +64,7 @@ def build_filesystem(objects: CommitObjects) -> FileSystem:
     count = 0
     while pending:
         directory, tree_id = pending.pop()
-        data = objects.metadata(tree_id, Kind.DIRTREE)
-        verify_metadata(data, tree_id, Kind.DIRTREE)
-        tree = DirTree.parse(data, tree_id)
+        tree = _parsed(objects, tree_id, Kind.DIRTREE, DirTree)
         count += len(tree.files) + len(tree.dirs)
         if count > MAX_ENTRIES:
             raise OstreeError(f"commit {objects.commit.hex()} has more than {MAX_ENTRIES} entries")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 
 from pycfs.host.errors import PycfsError
-from pycfs.protocol.gvariant import GVariantError, Variant, decode, encode
+from pycfs.protocol.gvariant import GVariantError, Variant, decode, encode, frame
 
 COMMIT_TYPE = "(a{sv}aya(say)sstayay)"
 DIRTREE_TYPE = "(a(say)a(sayay))"
@@ -30,6 +30,8 @@ XATTRS_TYPE = "a(ayay)"
 SUMMARY_TYPE = "(a(s(taya{sv}))a{sv})"
 
 SIZED = struct.Struct(">I4x")  # the "sized variant" prefix: u32 BE length, 4 zero bytes
+_FILE_FIELDS = struct.Struct(">QIIII")  # size uid gid mode rdev of (tuuuusa(ayay)), byte-swapped
+_REGULAR_FIELDS = struct.Struct(">IIII")  # uid gid mode rdev of (uuuusa(ayay))
 CHECKSUM_SIZE = 32
 MAX_METADATA_SIZE = 128 << 20  # ostree's own limit for a metadata object
 MAX_HEADER_SIZE = 1 << 20  # a file header is a few xattrs; anything bigger is hostile
@@ -224,18 +226,26 @@ class FileHeader:
         if self.xattrs != sorted(self.xattrs) or len({n for n, _ in self.xattrs}) != len(self.xattrs):
             raise OstreeError(f"{where}: xattrs are not sorted by name or repeat a name")
 
-    def _fields(self) -> tuple:
-        return (_bswap32(self.uid), _bswap32(self.gid), _bswap32(self.mode), 0, self.symlink_target, self.xattrs)
+    def _sized(self, fixed: bytes) -> bytes:
+        # Laid out here, not through encode(): a pull writes two per file. The shape:
+        # fixed fields, the NUL-terminated target, the xattrs array (last: no offset), one
+        # framing offset (the target's end). test_file_header_encoders_match_the_codec
+        # holds it to the generic codec.
+        if "\0" in self.symlink_target:
+            raise GVariantError("symlink target contains NUL")
+        target = self.symlink_target.encode() + b"\0"
+        variant = frame(fixed + target + (encode(XATTRS_TYPE, self.xattrs) if self.xattrs else b""),
+                        [len(fixed) + len(target)])
+        return SIZED.pack(len(variant)) + variant
 
     def archive_header(self) -> bytes:
-        """The sized `(tuuuusa(ayay))`: a `.filez` starts with it, the commit splitstream keeps it."""
-        variant = encode(FILE_HEADER_TYPE, (_bswap64(self.size), *self._fields()))
-        return SIZED.pack(len(variant)) + variant
+        """The sized `(tuuuusa(ayay))`: a `.filez` starts with it, the commit splitstream keeps it.
+        (Big-endian packing is ostree's byte swap inside the little-endian frame.)"""
+        return self._sized(_FILE_FIELDS.pack(self.size, self.uid, self.gid, self.mode, 0))
 
     def checksum_prefix(self) -> bytes:
         """What the content checksum covers before the content: the sized `(uuuusa(ayay))`."""
-        variant = encode(FILE_REGULAR_TYPE, self._fields())
-        return SIZED.pack(len(variant)) + variant
+        return self._sized(_REGULAR_FIELDS.pack(self.uid, self.gid, self.mode, 0))
 
 
 def split_archive_header(data: bytes, checksum: bytes) -> tuple[FileHeader, int]:

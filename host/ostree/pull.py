@@ -9,7 +9,9 @@
    concurrently on worker threads (a `.filez` inflates into an unlinked
    temporary file), then stored as objects by the object worker processes in batches
    (reflinked from a bare repository or the temporary file where the filesystem can),
-   each content checksum verified before it enters the commit.
+   each content checksum verified before it enters the commit (a bare file's by the
+   worker, in the read that computes the object's digest). A local repository's objects
+   are read `LOCAL_BATCH` to a thread hop, which costs more than the read.
 4. The EROFS image, then the commit stream naming it, then the ref: nothing is visible
    until everything is stored.
 
@@ -20,6 +22,7 @@ commit uses it as a base, so nothing stored is fetched again; success removes it
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
@@ -56,7 +59,7 @@ from pycfs.host.ostree.objects import (
     is_checksum_text,
     verify_metadata,
 )
-from pycfs.host.ostree.source import FetchedFile, HttpRepo, LocalRepo, check_file
+from pycfs.host.ostree.source import MISMATCH, FetchedFile, HttpRepo, LocalRepo
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import SplitStreamError
 from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
@@ -64,6 +67,10 @@ from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
 PARTIAL_PREFIX = "ostree-partial-"
 CHECKPOINT_SECONDS = 5.0
 STORE_BATCH = 64
+# A local repository answers in microseconds: objects are read many to a thread hop (the
+# hop costs more than the read), by a few threads. Over HTTP each object is its own fetch.
+LOCAL_BATCH = 32
+LOCAL_FETCHERS = 4
 T = TypeVar("T")
 
 
@@ -113,7 +120,7 @@ class PullOptions:
     base_name: str | None = None
     jobs: int | None = None  # object workers
     fetches: int = 16  # concurrent fetches
-    deltas: bool = True  # use a static delta when an HTTP source has one
+    deltas: bool = True  # use a static delta when an archive source (HTTP or local) has one
     gpg_keyring: str | None = None  # require a commit signature that verifies with this keyring
     progress: Progress | None = None
 
@@ -128,6 +135,10 @@ class _Puller:
         self.bases: list[CommitObjects] = []
         self.queued: set[bytes] = set()
         self.todo: trio.MemorySendChannel[bytes] | None = None  # files to fetch, as they are found
+        self.found: list[tuple[Kind, bytes]] = []  # metadata to fetch, started by _flush
+        local = isinstance(source, LocalRepo)
+        self.batch = LOCAL_BATCH if local else 1
+        self.fetchers = min(LOCAL_FETCHERS, options.fetches) if local else options.fetches
         self.stats = PullStats()
         # separate budgets: file fetches must not hold up the metadata that finds more files
         self.meta_limiter = trio.CapacityLimiter(options.fetches)
@@ -174,48 +185,55 @@ class _Puller:
                 if self.options.progress:
                     self.options.progress.file_found()
         elif entry is not None:
+            verify_metadata(entry.data, checksum, kind)  # a damaged base must not slip in
             self._accept(kind, checksum, entry.data)
             self.stats.metadata_reused += 1
         else:
-            assert self.nursery is not None
-            self.nursery.start_soon(self._fetch_metadata, kind, checksum)
+            self.found.append((kind, checksum))
+
+    def _flush(self) -> None:
+        """Start fetching the metadata found so far, `batch` objects to a task."""
+        assert self.nursery is not None
+        found, self.found = self.found, []
+        for start in range(0, len(found), self.batch):
+            self.nursery.start_soon(self._fetch_metadata, found[start:start + self.batch])
 
     def _accept(self, kind: Kind, checksum: bytes, data: bytes) -> None:
         """Take a verified metadata object and look at what it refers to."""
+        parsed: Commit | DirTree | DirMeta
         if kind is Kind.COMMIT:
-            commit = Commit.parse(data, checksum)
+            parsed = commit = Commit.parse(data, checksum)
             if commit.parent is not None and has_commit(self.repo, commit.parent):
                 self.add_base(load_stream(self.repo, stream_name(commit.parent)), "parent")
-            self.objects.add(checksum, Entry(data))
             self.want(Kind.DIRMETA, commit.root_meta)
             self.want(Kind.DIRTREE, commit.root_tree)
         elif kind is Kind.DIRTREE:
-            tree = DirTree.parse(data, checksum)
-            self.objects.add(checksum, Entry(data))
+            parsed = tree = DirTree.parse(data, checksum)
             for _name, file_checksum in tree.files:
                 self.want(Kind.FILE, file_checksum)
             for _name, sub_tree, sub_meta in tree.dirs:
                 self.want(Kind.DIRMETA, sub_meta)
                 self.want(Kind.DIRTREE, sub_tree)
         else:
-            DirMeta.parse(data, checksum)
-            self.objects.add(checksum, Entry(data))
+            parsed = DirMeta.parse(data, checksum)
+        self.objects.add(checksum, Entry(data))
+        self.objects.parsed[checksum] = parsed
 
-    async def _fetch_metadata(self, kind: Kind, checksum: bytes) -> None:
-        data = await self._in_thread(self.meta_limiter, kind, checksum, self.source.read_metadata, checksum, kind)
-        verify_metadata(data, checksum, kind)
-        self._accept(kind, checksum, data)
-        self.stats.metadata_fetched += 1
+    async def _fetch_metadata(self, batch: list[tuple[Kind, bytes]]) -> None:
+        def read() -> list[bytes]:
+            out = []
+            for kind, checksum in batch:
+                data = _named(self.source, kind, checksum, self.source.read_metadata, checksum, kind)
+                verify_metadata(data, checksum, kind)
+                out.append(data)
+            return out
+
+        for (kind, checksum), data in zip(batch, await trio.to_thread.run_sync(read, limiter=self.meta_limiter)):
+            self._accept(kind, checksum, data)
+            self.stats.metadata_fetched += 1
         if self.options.progress:
             self.options.progress.metadata(self.stats.metadata_fetched)
-
-    async def _in_thread(self, limiter: trio.CapacityLimiter, kind: Kind, checksum: bytes, fn: Callable[..., T],
-                         *args: object) -> T:
-        """A source call on a worker thread; an OSError names the object it was about."""
-        try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
-        except OSError as e:
-            raise OstreeError(f"{describe(checksum, kind)} from {self.source.description}: {e}") from None
+        self._flush()
 
     async def run(self, pool: WorkerPool) -> None:
         """Metadata and files at once: a file is fetched as soon as a dirtree names it."""
@@ -223,18 +241,22 @@ class _Puller:
         store_send, store_recv = trio.open_memory_channel[tuple[bytes, FetchedFile]](STORE_BATCH)
         self.todo = todo_send
         async with open_nursery() as nursery:
+            if not self.bases:
+                nursery.start_soon(pool.start)  # their start-up overlaps the first fetches
             async with todo_recv, store_send:
-                for _ in range(self.options.fetches):
+                for _ in range(self.fetchers):
                     nursery.start_soon(self._fetcher, todo_recv.clone(), store_send.clone())
                 nursery.start_soon(self._batcher, store_recv, pool)
-                if self.options.deltas and isinstance(self.source, HttpRepo):
+                # (a bare repository's files are reflinked: a delta's parts would be copies)
+                if self.options.deltas and self.source.archive:
                     await self._delta(self.source, store_send)
             async with todo_send, open_nursery() as metadata:
                 self.nursery = metadata
                 self.want(Kind.COMMIT, self.commit)
+                self._flush()
         self.nursery = self.todo = None
 
-    async def _delta(self, source: HttpRepo, store: trio.MemorySendChannel[tuple[bytes, FetchedFile]]) -> None:
+    async def _delta(self, source: LocalRepo | HttpRepo, store: trio.MemorySendChannel[tuple[bytes, FetchedFile]]) -> None:
         """Apply a static delta to the commit when the source has one: its objects become a base."""
         found = await trio.to_thread.run_sync(find_delta, source, self.commit, partial(has_commit, self.repo))
         if found is None:
@@ -254,7 +276,7 @@ class _Puller:
         def fetch_part(i: int) -> bytes:
             part = source.fetch_optional(f"{where}/{i}", MAX_PART)
             if part is None:
-                raise OstreeError(f"static delta {name}: part {i} is missing from {source.url}")
+                raise OstreeError(f"static delta {name}: part {i} is missing from {source.description}")
             self.stats.delta_parts += 1
             return part
 
@@ -284,14 +306,35 @@ class _Puller:
                        store: trio.MemorySendChannel[tuple[bytes, FetchedFile]]) -> None:
         async with todo, store:
             async for checksum in todo:
-                fetched = await self._in_thread(self.file_limiter, Kind.FILE, checksum, self.source.fetch_file,
-                                                checksum, self.inline_max, self.tmp_dir)
-                if fetched.fd is None:
-                    self.objects.add(checksum, Entry(fetched.header.archive_header() + (fetched.content or b"")))
-                    self._file_done(fetched.header.size)
-                    self.stats.inlined += 1
-                    continue
-                await self._keep(store, checksum, fetched)
+                batch = [checksum]
+                while len(batch) < self.batch:
+                    try:
+                        batch.append(todo.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                files = await trio.to_thread.run_sync(self._fetch_files, batch, limiter=self.file_limiter)
+                for i, (checksum, fetched) in enumerate(zip(batch, files)):
+                    if fetched.fd is None:
+                        self.objects.add(checksum, Entry(fetched.header.archive_header() + (fetched.content or b"")))
+                        self._file_done(fetched.header.size)
+                        self.stats.inlined += 1
+                        continue
+                    try:
+                        await self._keep(store, checksum, fetched)
+                    except BaseException:
+                        _close_fds(files[i + 1:])
+                        raise
+
+    def _fetch_files(self, batch: list[bytes]) -> list[FetchedFile]:
+        files: list[FetchedFile] = []
+        try:
+            for checksum in batch:
+                files.append(_named(self.source, Kind.FILE, checksum, self.source.fetch_file,
+                                    checksum, self.inline_max, self.tmp_dir))
+        except BaseException:
+            _close_fds(files)
+            raise
+        return files
 
     async def _batcher(self, store: trio.MemoryReceiveChannel[tuple[bytes, FetchedFile]], pool: WorkerPool) -> None:
         limiter = trio.CapacityLimiter(pool.batches_in_flight(STORE_BATCH))
@@ -312,36 +355,27 @@ class _Puller:
     async def _store(self, batch: list[tuple[bytes, FetchedFile]], pool: WorkerPool,
                      limiter: trio.CapacityLimiter) -> None:
         fds = [f.fd for _, f in batch if f.fd is not None]
+        # Content not yet verified (a bare repository's file, which its owner could change
+        # at any time) is checked by the worker on its private copy, in the same read that
+        # computes the object's digest.
+        checks = [None if f.verified else (f.header.checksum_prefix(), checksum) for checksum, f in batch]
         try:
-            results = await pool.store(fds, [f.header.size for _, f in batch])
+            results = await pool.store(fds, [f.header.size for _, f in batch], sha256s=checks)
         finally:
             for fd in fds:
                 os.close(fd)
             limiter.release_on_behalf_of(batch[0][0])
-        stored = []
         for (checksum, fetched), result in zip(batch, results):
             if isinstance(result, Failed):
+                if result.errno == errno.EBADMSG:
+                    raise OstreeError(f"{describe(checksum, Kind.FILE)}: {MISMATCH}")
                 raise OstreeError(f"{describe(checksum, Kind.FILE)}: storing its content failed: {result.message}")
-            stored.append((checksum, fetched, result.object_id))
-        # one thread hop per batch: checks of bare content, on the private copies
-        await trio.to_thread.run_sync(self._verify_stored, [s for s in stored if not s[1].verified])
-        for (checksum, fetched, object_id), result in zip(stored, results):
-            self.objects.add(checksum, Entry(fetched.header.archive_header(), object_id))
+            self.objects.add(checksum, Entry(fetched.header.archive_header(), result.object_id))
             self.objects.headers[checksum] = fetched.header
-            assert not isinstance(result, Failed)
             self.stats.stored[result.how] = self.stats.stored.get(result.how, 0) + 1
             self._file_done(fetched.header.size)
         if time.monotonic() - self.last_checkpoint > CHECKPOINT_SECONDS:
             self.checkpoint()
-
-    def _verify_stored(self, files: list[tuple[bytes, FetchedFile, bytes]]) -> None:
-        """The checksums of private copies, which no one else can change any more."""
-        for checksum, fetched, object_id in files:
-            fd = self.repo.open_object(object_id)
-            try:
-                check_file(fetched.header, checksum, fd)
-            finally:
-                os.close(fd)
 
     def _file_done(self, nbytes: int) -> None:
         self.stats.files_fetched += 1
@@ -373,6 +407,20 @@ class _Puller:
             os.unlink(f"streams/{PARTIAL_PREFIX}{self.commit.hex()}", dir_fd=self.repo.dirfd)
         except FileNotFoundError:
             pass
+
+
+def _named(source: LocalRepo | HttpRepo, kind: Kind, checksum: bytes, fn: Callable[..., T], *args: object) -> T:
+    """A source call; an OSError names the object it was about."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        raise OstreeError(f"{describe(checksum, kind)} from {source.description}: {e}") from None
+
+
+def _close_fds(files: list[FetchedFile]) -> None:
+    for fetched in files:
+        if fetched.fd is not None:
+            os.close(fetched.fd)
 
 
 def _signed_commit(source: LocalRepo | HttpRepo, commit: bytes, keyring: str) -> CommitObjects:

@@ -12,9 +12,10 @@ A `.filez` is read as a stream: 8-byte prefix, header variant, raw deflate. Smal
 comes back as bytes, larger content in an unlinked temporary file in tmp_dir (on the
 repository's filesystem, so storing it is a reflink where the filesystem has them); the
 content checksum is verified on the way, so a `FetchedFile` from an archive is trusted.
-A bare repository's content file is passed on as it is (the object workers reflink it)
-and its checksum is verified on the stored copy (`verified` False), since the source file
-could change between a check and the copy.
+A bare repository's content file is passed on as it is (`verified` False): the object
+workers reflink it and check its checksum on their private copy, in the same read that
+computes its fs-verity digest, since the source file could change between a check and
+the copy.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import configparser
 import errno
 import hashlib
-import http.client
 import os
 import stat
 import tempfile
@@ -32,7 +32,7 @@ import urllib.parse
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pycfs.host.ostree.commitstream import check_ref_name
 from pycfs.host.ostree.objects import (
@@ -51,6 +51,9 @@ from pycfs.host.ostree.objects import (
     parse_summary,
 )
 
+if TYPE_CHECKING:
+    import http.client  # imported when an HttpRepo is made: a local pull does without it
+
 READ_CHUNK = 1 << 20
 MODES = {"archive": "archive", "archive-z2": "archive", "bare": "bare", "bare-user": "bare-user",
          "bare-user-only": "bare-user-only"}
@@ -62,26 +65,16 @@ class FetchedFile:
     header: FileHeader
     content: bytes | None = None  # inline content (symlinks: b"")
     fd: int | None = None  # content to store as an object; the receiver closes it
-    verified: bool = True  # False: check the checksum on the stored object
+    verified: bool = True  # False: the object workers check the checksum on the stored copy
 
 
-def content_checksum(header: FileHeader, content_fd: int | None, content: bytes = b"") -> bytes:
-    """The ostree checksum of a file object from its header and content (bytes or a whole fd)."""
-    h = hashlib.sha256(header.checksum_prefix())
-    if content_fd is None:
-        h.update(content)
-    else:
-        offset = 0
-        while chunk := os.pread(content_fd, READ_CHUNK, offset):
-            h.update(chunk)
-            offset += len(chunk)
-    return h.digest()
+MISMATCH = "content does not match its checksum: the source repository is corrupt or was tampered with"
 
 
-def check_file(header: FileHeader, checksum: bytes, fd: int | None, content: bytes = b"") -> None:
-    if content_checksum(header, fd, content) != checksum:
-        raise OstreeError(f"{describe(checksum, Kind.FILE)}: content does not match its checksum: "
-                          "the source repository is corrupt or was tampered with")
+def check_file(header: FileHeader, checksum: bytes, content: bytes = b"") -> None:
+    """An inline file (or symlink) object against its ostree checksum."""
+    if hashlib.sha256(header.checksum_prefix() + content).digest() != checksum:
+        raise OstreeError(f"{describe(checksum, Kind.FILE)}: {MISMATCH}")
 
 
 def unpack_filez(read: Callable[[int], bytes], checksum: bytes, inline_max: int, tmp_dir: str) -> FetchedFile:
@@ -161,10 +154,34 @@ def _read_exact(read: Callable[[int], bytes], n: int, where: str) -> bytes:
     return b"".join(parts)
 
 
+class _Summary:
+    """The summary file (refs and the static-delta table), read once through fetch_optional."""
+
+    description: str
+    _summary: list[tuple[str, bytes]] | None = None
+    _summary_fetched = False
+    summary_deltas: dict[str, bytes]  # delta name -> superblock checksum
+
+    def fetch_optional(self, path: str, limit: int) -> bytes | None:
+        raise NotImplementedError
+
+    def list_refs(self) -> list[tuple[str, bytes]] | None:
+        """The refs the repository's summary file lists; None without one."""
+        if not self._summary_fetched:
+            data = self.fetch_optional("summary", MAX_METADATA_SIZE)
+            self._summary_fetched = True
+            self.summary_deltas = {}
+            if data is None:
+                return None
+            self._summary, metadata = parse_summary(data, f"{self.description} summary")
+            self.summary_deltas = parse_delta_table(metadata, f"{self.description} summary")
+        return self._summary
+
+
 # ---------------------------------------------------------------------------------- local
 
 
-class LocalRepo:
+class LocalRepo(_Summary):
     """An ostree repository on disk, in archive, bare, bare-user or bare-user-only mode."""
 
     def __init__(self, path: str) -> None:
@@ -240,25 +257,31 @@ class LocalRepo:
         with os.fdopen(fd, "rb") as f:
             if st.st_size > MAX_METADATA_SIZE:
                 raise OstreeError(f"{describe(checksum, kind)}: {st.st_size} bytes, more than ostree allows")
-            return f.read(MAX_METADATA_SIZE + 1)
+            # a byte more than stat said: a file that grew meanwhile fails its checksum
+            # (and a read of the limit would allocate 128 MiB per object)
+            return f.read(st.st_size + 1)
 
     def read_detached(self, commit: bytes, limit: int) -> bytes | None:
         """The commit's detached metadata (`.commitmeta`), None when it has none."""
         h = commit.hex()
+        return self.fetch_optional(f"objects/{h[:2]}/{h[2:]}.commitmeta", limit)
+
+    def fetch_optional(self, path: str, limit: int) -> bytes | None:
+        """A regular file of the repository that may be absent (summary, static deltas,
+        detached metadata): None when it is."""
         try:
-            fd = os.open(f"{h[:2]}/{h[2:]}.commitmeta", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=self._objects)
-        except FileNotFoundError:
+            fd = os.open(os.path.join(self.path, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:
-            raise OstreeError(f"object {h}.commitmeta in {self.path}: {e.strerror}") from None
+            raise OstreeError(f"{self.path}/{path}: {e.strerror}") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise OstreeError(f"object {h}.commitmeta in {self.path} is not a regular file")
+            raise OstreeError(f"{self.path}/{path} is not a regular file")
         with os.fdopen(fd, "rb") as f:
             data = f.read(limit + 1)
         if len(data) > limit:
-            raise OstreeError(f"object {h}.commitmeta in {self.path} is larger than {limit} bytes")
+            raise OstreeError(f"{self.path}/{path} is larger than {limit} bytes")
         return data
 
     def fetch_file(self, checksum: bytes, inline_max: int, tmp_dir: str) -> FetchedFile:
@@ -276,7 +299,7 @@ class LocalRepo:
                                 st.st_mode, os.readlink(rel, dir_fd=self._objects),
                                 self._xattrs(f"/proc/self/fd/{self._objects}/{rel}", False) if self.mode == "bare" else [])
             header.check(checksum)
-            check_file(header, checksum, None)
+            check_file(header, checksum)
             return FetchedFile(header, content=b"")
         fd, st = self._open(checksum, Kind.FILE)
         try:
@@ -302,7 +325,7 @@ class LocalRepo:
             header.check(checksum)
             if header.is_symlink or header.size <= inline_max:
                 content = b"" if header.is_symlink else os.pread(fd, header.size + 1, 0)
-                check_file(header, checksum, None, content)
+                check_file(header, checksum, content)
                 return FetchedFile(header, content=content)
         except BaseException:
             os.close(fd)
@@ -339,13 +362,15 @@ class _Body:
         self._resp = resp
 
     def read(self, n: int) -> bytes:
+        import http.client
+
         data = self._resp.read(n)
         if not data and n and self._resp.length:
             raise http.client.IncompleteRead(b"", self._resp.length)
         return data
 
 
-class HttpRepo:
+class HttpRepo(_Summary):
     """An archive repository at an http:// or https:// URL (kept-alive connections, one per
     concurrent fetch; retries with exponential backoff on 5xx, resets and timeouts)."""
 
@@ -366,9 +391,6 @@ class HttpRepo:
         self._lock = threading.Lock()
         self.requests = 0
         self.archive = True
-        self._summary: list[tuple[str, bytes]] | None = None
-        self._summary_fetched = False
-        self.summary_deltas: dict[str, bytes] = {}  # delta name -> superblock checksum
 
     def close(self) -> None:
         with self._lock:
@@ -377,6 +399,8 @@ class HttpRepo:
             self._idle.clear()
 
     def _connection(self) -> http.client.HTTPConnection:
+        import http.client
+
         with self._lock:
             if self._idle:
                 return self._idle.pop()
@@ -385,6 +409,8 @@ class HttpRepo:
 
     def get(self, path: str, consume: Callable[[_Body], T], what: str) -> T:
         """GET base/path and hand the body to consume; a 404 raises _NotFound."""
+        import http.client
+
         last = ""
         for attempt in range(self._attempts):
             if attempt:
@@ -424,17 +450,6 @@ class HttpRepo:
                 raise _NotFound()
             return result
         raise OstreeError(f"fetching {what} from {self.url} failed after {self._attempts} attempts: {last}")
-
-    def list_refs(self) -> list[tuple[str, bytes]] | None:
-        """The refs the repository's summary file lists; None without one."""
-        if not self._summary_fetched:
-            data = self.fetch_optional("summary", MAX_METADATA_SIZE)
-            self._summary_fetched = True
-            if data is None:
-                return None
-            self._summary, metadata = parse_summary(data, f"{self.url} summary")
-            self.summary_deltas = parse_delta_table(metadata, f"{self.url} summary")
-        return self._summary
 
     def resolve(self, ref: str) -> bytes:
         """A commit checksum, a ref from the summary, else refs/heads/REF (served without summary)."""

@@ -104,10 +104,12 @@ class WorkerPool:
     # -- calls --
 
     async def store(self, fds: Sequence[int], sizes: Sequence[int],
-                    crcs: Sequence[int | None] | None = None) -> list[Stored | Failed]:
+                    crcs: Sequence[int | None] | None = None,
+                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None) -> list[Stored | Failed]:
         """Store each file as an object of the pool's repository; ``crcs``: the CRC-64/GO-ISO
-        each file's content must have (None: unchecked), else that file fails."""
-        results = await self._each(api.STORE, fds, sizes, crcs)
+        each file's content must have (None: unchecked), ``sha256s``: (prefix, SHA-256 of the
+        prefix and the content) or None per file, else that file fails."""
+        results = await self._each(api.STORE, fds, sizes, crcs, sha256s)
         return [r if isinstance(r, Failed) else Stored(r[0], api.HOW[r[1]]) for r in results]
 
     async def adopt(self, fds: Sequence[int], sizes: Sequence[int]) -> list[Stored | Failed]:
@@ -126,15 +128,20 @@ class WorkerPool:
         return [r if isinstance(r, Failed) else r[0] for r in results]
 
     async def _each(self, method: str, fds: Sequence[int], sizes: Sequence[int],
-                    crcs: Sequence[int | None] | None = None) -> list[tuple[bytes, str] | Failed]:
+                    crcs: Sequence[int | None] | None = None,
+                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None) -> list[tuple[bytes, str] | Failed]:
         if len(fds) != len(sizes) or (crcs is not None and len(crcs) != len(fds)):
             raise ValueError(f"{len(fds)} fds but {len(sizes)} sizes{'' if crcs is None else f' and {len(crcs)} crcs'}")
+        if sha256s is not None and len(sha256s) != len(fds):
+            raise ValueError(f"{len(fds)} fds but {len(sha256s)} sha256s")
         out: list[tuple[bytes, str] | Failed] = []
         for start in range(0, len(fds), api.MAX_FILES_PER_REQUEST):
             end = start + api.MAX_FILES_PER_REQUEST
             params: dict[str, Any] = {"sizes": list(sizes[start:end])}
             if crcs is not None:
                 params["crcs"] = list(crcs[start:end])
+            if sha256s is not None:
+                params["sha256s"] = [None if c is None else [c[0].hex(), c[1].hex()] for c in sha256s[start:end]]
             out += await self._call(method, list(fds[start:end]), params)
         return out
 

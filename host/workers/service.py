@@ -4,9 +4,9 @@ on a repository. Blocking, single-threaded, one connection (see `pycfs.protocol.
 from __future__ import annotations
 
 import errno
-import functools
+import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from pycfs.host.errors import PycfsError
@@ -68,7 +68,7 @@ class WorkerService:
 
         return self._answer(((r,) for r in digest_regular_files(paths, self.alg)), one)
 
-    def store(self, call: Call, sizes: Any, crcs: Any = None) -> dict[str, Any]:
+    def store(self, call: Call, sizes: Any, crcs: Any = None, sha256s: Any = None) -> dict[str, Any]:
         if self.repo is None:
             raise InvalidParamsError("this worker was started without a repository")
         if crcs is None:
@@ -76,8 +76,9 @@ class WorkerService:
         if not isinstance(crcs, list) or len(crcs) != len(call.fds) or not all(
                 c is None or (type(c) is int and 0 <= c < 1 << 64) for c in crcs):
             raise InvalidParamsError("crcs must be a CRC-64 or null per fd")
-        expected = iter(crcs)
-        return self._each(call, sizes, lambda fd, size: self._store_one(fd, size, next(expected)))
+        checks = [None] * len(call.fds) if sha256s is None else _sha256_checks(sha256s, len(call.fds))
+        expected = iter(zip(crcs, checks))
+        return self._each(call, sizes, lambda fd, size: self._store_one(fd, size, *next(expected)))
 
     def adopt(self, call: Call, sizes: Any) -> dict[str, Any]:
         repo = self.repo
@@ -90,12 +91,26 @@ class WorkerService:
 
         return self._each(call, sizes, one)
 
-    def _store_one(self, fd: int, size: int, crc: int | None) -> tuple[bytes, str]:
+    def _store_one(self, fd: int, size: int, crc: int | None,
+                   sha256: tuple[bytes, bytes] | None = None) -> tuple[bytes, str]:
         assert self.repo is not None
         st = os.fstat(fd)
         if st.st_size != size:
             raise OSError(errno.ESTALE, f"has {st.st_size} bytes, expected {size}")
-        result = self.repo.store_object_from_fd(fd, st, None if crc is None else functools.partial(_Crc64Check, crc, size))
+
+        def observer() -> Callable[[memoryview], None]:
+            """A fresh set of checks for each pass over the content."""
+            checks: list[Callable[[memoryview], None]] = [] if crc is None else [_Crc64Check(crc, size)]
+            if sha256 is not None:
+                checks.append(_PrefixedSha256Check(*sha256, size))
+
+            def observe(piece: memoryview) -> None:
+                for check in checks:
+                    check(piece)
+
+            return observe
+
+        result = self.repo.store_object_from_fd(fd, st, observer if crc is not None or sha256 is not None else None)
         if result.size != size:
             raise OSError(errno.ESTALE, "changed size while it was stored")
         return result.object_id, api.HOW_CODES[result.how]
@@ -119,3 +134,39 @@ class _Crc64Check:
         self.seen += len(piece)
         if self.seen >= self.size and self.crc != self.expected:
             raise OSError(errno.EBADMSG, "its content does not match the layer's tar-split checksum (CRC-64)")
+
+
+def _sha256_checks(sha256s: Any, count: int) -> list[tuple[bytes, bytes] | None]:
+    if not isinstance(sha256s, list) or len(sha256s) != count:
+        raise InvalidParamsError("sha256s must be null or [PREFIX, SHA-256] per fd")
+    try:
+        checks = [None if c is None else (bytes.fromhex(c[0]), bytes.fromhex(c[1])) for c in sha256s]
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError):
+        checks = [(b"", b"")]
+    if any(c is not None and len(c[1]) != 32 for c in checks):
+        raise InvalidParamsError("sha256s must be null or [PREFIX, SHA-256] (hex) per fd")
+    return checks
+
+
+class _PrefixedSha256Check:
+    """The SHA-256 of a prefix followed by every byte stored (an ostree content checksum:
+    header, then content), computed in the same read as the object's digest; the object is
+    refused, before it is named, unless it matches."""
+
+    def __init__(self, prefix: bytes, expected: bytes, size: int) -> None:
+        self.hash = hashlib.sha256(prefix)
+        self.expected = expected
+        self.size = size
+        self.seen = 0
+        if size == 0:
+            self.finish()
+
+    def __call__(self, piece: memoryview) -> None:
+        self.hash.update(piece)
+        self.seen += len(piece)
+        if self.seen >= self.size:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.hash.digest() != self.expected:
+            raise OSError(errno.EBADMSG, "its content does not match its SHA-256 checksum")

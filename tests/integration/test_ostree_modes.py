@@ -21,6 +21,7 @@ from ostree_trees import (
     ostree,
     pycfs,
 )
+from pycfs.host.fsverity import digest_bytes
 from pycfs.host.repository import Repository
 
 pytestmark = pytest.mark.integration
@@ -116,3 +117,7 @@ def test_changed_bare_object_is_refused_and_nothing_committed(repos):
          "the source repository is corrupt or was tampered with")]
     assert pycfs(cfs, "ostree", "images").stdout == ""
     assert not (cfs / "streams" / f"ostree-commit-{ostree('rev-parse', f'--repo={repo}', ref)}").exists()
+    # the object workers check the checksum while they hash the copy: the edited content
+    # never became an object
+    with Repository.open(cfs) as r:
+        assert not r.has_object(digest_bytes(large.read_bytes()))

@@ -61,15 +61,23 @@ def test_round_trip(tv):
     assert encode(type_text, decode(type_text, data)) == data
 
 
-@settings(max_examples=200, deadline=None)
-@given(typed_values(), st.integers(0, 64), st.integers(0, 255))
-def test_flipped_byte_either_decodes_to_its_own_encoding_or_fails(tv, where, byte):
-    """Damage never yields a value that encodes differently (or an exception other than GVariantError)."""
+@settings(max_examples=1500, deadline=None)
+@given(typed_values(), st.lists(st.tuples(st.sampled_from("fid"), st.integers(0, 1 << 16), st.integers(0, 255)),
+                                min_size=1, max_size=3))
+def test_damaged_data_either_decodes_to_its_own_encoding_or_fails(tv, edits):
+    """Flipped, inserted and deleted bytes never yield a value that encodes differently (or an
+    exception other than GVariantError): the reader refuses everything but the normal form
+    without re-encoding to compare."""
     type_text, value = tv
     data = bytearray(encode(type_text, value))
-    if not data:
-        return
-    data[where % len(data)] = byte
+    for op, where, byte in edits:
+        if op == "i":
+            data.insert(where % (len(data) + 1), byte)
+        elif data:
+            if op == "f":
+                data[where % len(data)] = byte
+            else:
+                del data[where % len(data)]
     try:
         decoded = decode(type_text, bytes(data))
     except GVariantError:
@@ -118,6 +126,11 @@ def test_large_array_uses_wide_offsets():
     ("as", b"a\0\x09", "framing offset"),
     ("as", b"a\0\x02\x02", "NUL-terminated"),  # an extra offset makes an empty second element
     ("(yu)", b"\x01\xff\0\0\x02\0\0\0", "normal form"),  # non-zero padding
+    ("(uy)", b"\x02\0\0\0\x01\0\0\x05", "normal form"),  # non-zero trailing padding of a fixed tuple
+    ("()", b"\x01", "normal form"),
+    ("as", b"\0\x02", "framing offset"),  # no element, yet not empty
+    ("mms", b"\0", "empty maybe"),
+    ("(sy)", b"a\0\x01\0\x02", "normal form"),  # a byte after the last (fixed) member
     ("(ss)", b"a\0b\0\x07", "out of bounds"),
     ("v", b"\x01\0\0\0", "bad type string"),
     ("v", b"\x01\0\0\0\0zz", "bad type string"),

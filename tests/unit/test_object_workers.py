@@ -443,3 +443,26 @@ def test_observer_sees_exactly_what_is_stored_and_can_refuse_it(tmp_path):
     finally:
         os.close(fd)
     assert not [p for p in (repo2.path / "objects").rglob("*") if p.is_file()]
+
+
+def test_store_checks_a_prefixed_sha256_in_the_same_read(tmp_path, files):
+    """`sha256s`: SHA-256(prefix + content) must match, else that file fails and no object is
+    named; the files around it are stored."""
+    import hashlib
+
+    picked = [files[2], files[6], files[7]]
+    prefix = b"\0\0\0\x10header-variant!"
+    checks = [(prefix, hashlib.sha256(prefix + data).digest()) for _, data in picked]
+    checks[1] = (prefix, hashlib.sha256(b"other" + picked[1][1]).digest())
+    with Repository.init(tmp_path / "repo") as repo:
+
+        async def main():
+            with _opened([p for p, _ in picked]) as (fds, sizes):
+                async with open_pool(repo=repo, jobs=1) as pool:
+                    return await pool.store(fds, sizes, sha256s=checks)
+
+        first, wrong, last = _run(main)
+        assert first == Stored(digest_bytes(picked[0][1]), first.how)
+        assert last == Stored(digest_bytes(picked[2][1]), last.how)
+        assert isinstance(wrong, Failed) and wrong.errno == errno.EBADMSG
+        assert repo.object_size(digest_bytes(picked[1][1])) is None

@@ -10,7 +10,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from ostree_trees import commit, have_ostree, init_repo, make_tree, ostree
 from pycfs.host.ostree.commitstream import (
@@ -111,7 +111,7 @@ def test_file_objects_headers_and_checksums(archive):
         content = zlib.decompressobj(-15).decompress(data[end:])
         assert len(content) == header.size
         assert hashlib.sha256(header.checksum_prefix() + content).hexdigest() == hexname
-        check_file(header, checksum, None, content)
+        check_file(header, checksum, content)
         kinds.add("symlink" if header.is_symlink else "xattr" if header.xattrs else "file")
         if header.xattrs:
             assert all(name.endswith(b"\0") for name, _ in header.xattrs)
@@ -179,6 +179,18 @@ def test_local_repo_opens_only_regular_files(archive, tmp_path):
             src.resolve("dir")
         with pytest.raises(OstreeError, match=f"object {checksum}.commit in .*: Too many levels of symbolic links"):
             src.read_metadata(bytes.fromhex(checksum), Kind.COMMIT)
+        # the optional files (summary, deltas, detached metadata): absent is None, a
+        # symlink or a directory one line naming it
+        (copy / "summary").unlink(missing_ok=True)  # (another test may have made one)
+        assert src.fetch_optional("summary", 1 << 20) is None and src.list_refs() is None
+        (copy / "summary").symlink_to("/etc/passwd")
+        (copy / "deltas").mkdir()
+        with pytest.raises(OstreeError, match="copy/summary: Too many levels of symbolic links"):
+            src.fetch_optional("summary", 1 << 20)
+        with pytest.raises(OstreeError, match="copy/deltas is not a regular file"):
+            src.fetch_optional("deltas", 1 << 20)
+        with pytest.raises(OstreeError, match="config is larger than 3 bytes"):
+            src.fetch_optional("config", 3)
     finally:
         src.close()
 
@@ -281,3 +293,25 @@ def test_hostile_file_headers_are_refused(mode, target, size, why):
     checksum = hashlib.sha256(b"x").digest()
     with pytest.raises(OstreeError, match=why):
         split_archive_header(header.archive_header(), checksum)
+
+
+_xattr = st.tuples(st.binary(min_size=1, max_size=20).filter(lambda b: b"\0" not in b).map(lambda b: b + b"\0"),
+                   st.binary(max_size=300))
+
+
+@settings(max_examples=300, deadline=None)
+@example(1, 0, 0, 0o100644, "", [(b"user.big\0", bytes(70000))])
+@given(st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 32) - 1), st.integers(0, (1 << 32) - 1),
+       st.integers(0, (1 << 32) - 1), st.text(max_size=400).filter(lambda t: "\0" not in t),
+       st.lists(_xattr, max_size=300).map(sorted))
+def test_file_header_encoders_match_the_codec(size, uid, gid, mode, target, xattrs):
+    """The hand-laid headers are byte for byte what the generic codec writes (offsets of 1, 2
+    and 4 bytes: long targets and xattrs push the variant past 255 and 65535 bytes)."""
+    from pycfs.host.ostree.objects import FILE_HEADER_TYPE, FILE_REGULAR_TYPE, SIZED
+
+    header = FileHeader(size, uid, gid, mode, target, xattrs)
+    swap = [int.from_bytes(v.to_bytes(n, "little"), "big") for v, n in ((size, 8), (uid, 4), (gid, 4), (mode, 4))]
+    archive = encode(FILE_HEADER_TYPE, (*swap, 0, target, xattrs))
+    regular = encode(FILE_REGULAR_TYPE, (*swap[1:], 0, target, xattrs))
+    assert header.archive_header() == SIZED.pack(len(archive)) + archive
+    assert header.checksum_prefix() == SIZED.pack(len(regular)) + regular

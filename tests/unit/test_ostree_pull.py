@@ -90,6 +90,39 @@ def test_second_pull_under_the_same_name_uses_it_as_base(source, tmp_path):
     assert again["already_present"] and again["files_fetched"] == 0
 
 
+def test_pull_local_uses_the_archive_repositorys_static_deltas(source, tmp_path):
+    """Deltas `ostree static-delta generate` made (from nothing to v1, v1 to v2), with every
+    file object then deleted from the repository: the pulls can only have taken the files
+    from the deltas, and give the images a plain pull gives."""
+    import shutil
+
+    repo, v1, v2, _checkout = source
+    work = tmp_path / "repo"
+    shutil.copytree(repo, work, symlinks=True)
+    ostree("static-delta", "generate", f"--repo={work}", "--empty", f"--to={v1}")
+    ostree("static-delta", "generate", f"--repo={work}", f"--from={v1}", f"--to={v2}")
+    ostree("summary", f"--repo={work}", "-u")
+    for filez in (work / "objects").rglob("*.filez"):
+        filez.unlink()
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+    scratch = json.loads(pycfs(cfs, "ostree", "pull-local", work, "main", "sys", "--json").stdout)
+    update = json.loads(pycfs(cfs, "ostree", "pull-local", work, "next", "sys", "--json").stdout)
+    assert (scratch["commit"], update["commit"]) == (v1, v2)
+    assert scratch["delta_parts"] >= 1 and update["delta_parts"] >= 1
+    assert update["bases"] == [f"sys was {v1}", f"static delta to {v2}"]  # (the delta from v1: no other exists)
+    for got in (scratch, update):
+        plain = tmp_path / f"plain-{got['commit']}"
+        pycfs(plain, "init")
+        ref = json.loads(pycfs(plain, "ostree", "pull-local", "--no-delta", repo, got["commit"], "--json").stdout)
+        assert ref["image"] == got["image"] and ref["delta_parts"] == 0
+    # without deltas the deleted objects are missing: one line naming one
+    bare = tmp_path / "nodelta"
+    pycfs(bare, "init")
+    err = pycfs(bare, "ostree", "pull-local", "--no-delta", work, "main", check=False)
+    assert err.returncode == 1 and err.stderr.startswith("pycfs: error: object ") and ".file is missing" in err.stderr
+
+
 def test_tag_untag_and_gc(source, tmp_path):
     repo, v1, v2, _checkout = source
     cfs = tmp_path / "cfs"

@@ -98,7 +98,7 @@ def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
     with open_repo(args) as repo, ExitStack() as stack:
         stack.callback(source.close)
         options = PullOptions(name=args.name, base_name=args.base_name, jobs=args.jobs,
-                              deltas=not getattr(args, "no_delta", False), gpg_keyring=args.gpg_keyring)
+                              deltas=not args.no_delta, gpg_keyring=args.gpg_keyring)
         if not args.json:
             options.progress = _RichProgress(stack) if sys.stderr.isatty() else _PlainProgress()
         result = trio.run(pull, repo, source, args.ref, options)
@@ -308,9 +308,12 @@ def _populate(top: argparse.ArgumentParser) -> None:
     p = osub.add_parser("pull-local", help="pull a commit from a local ostree repository",
                         description="Import a commit from an ostree repository on disk (archive, bare, bare-user or "
                         "bare-user-only). File content from bare repositories is reflinked where the filesystem "
-                        "allows, and verified on the stored copy.")
+                        "allows, and verified on the stored copy. An archive repository's static delta (in its "
+                        "summary or delta-indexes/) is used as over HTTP.")
     p.add_argument("ostree_repo", metavar="OSTREE_REPO")
     _pull_options(p)
+    p.add_argument("--no-delta", action="store_true",
+                   help="read object by object even where an archive repository has a static delta")
     p.set_defaults(handler=cmd_pull_local)
 
     p = osub.add_parser("list-refs", help="list the refs of a remote repository",
