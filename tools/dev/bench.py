@@ -590,12 +590,6 @@ def rows_ostree(bench: Lab, runs: int, tree: str) -> list[Row]:
         subprocess.run(["ostree", "init", f"--repo={repo}", f"--mode={mode}"], check=True)
     subprocess.run(["ostree", "commit", f"--repo={archive}", "--branch=tree", tree], check=True, capture_output=True)
     subprocess.run(["ostree", "pull-local", f"--repo={bare}", archive, "tree"], check=True, capture_output=True)
-    # bytecode, as a wheel install compiles it: with PYTHONDONTWRITEBYTECODE set every run
-    # would compile pycfs afresh (~0.3 s), which no installed pycfs does. Kept under base
-    # (PYTHONPYCACHEPREFIX), so no other row's runs find it.
-    python = ["env", f"PYTHONPYCACHEPREFIX={base / 'pycache'}", sys.executable]
-    subprocess.run([*python, "-m", "compileall", "-q", *(str(Path(__file__).resolve().parents[2] / d)
-                    for d in ("host", "protocol", "tools", "helper"))], check=True, capture_output=True)
     server = subprocess.Popen([sys.executable, "-c", _SERVE, archive], stdout=subprocess.PIPE, text=True)
     rows = [Row("o1", f"pycfs ostree pull http://127.0.0.1 ({tree})"), Row("o2", "  ostree pull, same server"),
             Row("o3", "pycfs ostree pull-local from a bare repository"), Row("o4", "  ostree pull-local, bare to bare")]
@@ -609,7 +603,7 @@ def rows_ostree(bench: Lab, runs: int, tree: str) -> list[Row]:
                 shutil.rmtree(dest, ignore_errors=True)
                 os.sync()
                 if kind.startswith("pycfs"):  # as root, like ostree (bare repositories need it)
-                    pycfs = [*python, "-m", "pycfs.tools.cli", "--repo", str(dest)]
+                    pycfs = [sys.executable, "-m", "pycfs.tools.cli", "--repo", str(dest)]
                     subprocess.run([*pycfs, "init"], check=True, capture_output=True)
                     argv = [*pycfs, "ostree", *(("pull", url) if kind == "pycfs-http" else ("pull-local", str(bare))),
                             "tree"]
@@ -923,8 +917,22 @@ def main(argv: list[str] | None = None) -> int:
         args.only = QUICK_GROUPS if args.quick else frozenset(GROUPS)
     cold = not args.warm_only
     print("bench: waiting for other benchmarks on this machine (they share the lab user)...", file=sys.stderr)
-    with lab.locked("bench"):
+    with lab.locked("bench"), tempfile.TemporaryDirectory(prefix="pycfs-bench-pycache-") as pycache:
+        compiled_bytecode(Path(pycache))
         return run(args, cold)
+
+
+def compiled_bytecode(cache: Path) -> None:
+    """The rows run as root use this checkout, whose bytecode an environment with
+    PYTHONDONTWRITEBYTECODE would compile afresh in every run (~0.3 s), which no installed
+    pycfs does: compile it once into a cache of the bench's own (PYTHONPYCACHEPREFIX, so
+    nothing is left in the checkout) that every row's processes inherit."""
+    os.environ["PYTHONPYCACHEPREFIX"] = str(cache)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *(str(root / d) for d in ("host", "protocol", "tools",
+                                                                                        "helper"))],
+                   check=True, capture_output=True)
 
 
 def run(args: argparse.Namespace, cold: bool) -> int:
