@@ -37,6 +37,8 @@ FORMAT_VERSION = 1
 ALGORITHMS = ("fsverity-sha256-12", "fsverity-sha512-12")
 KNOWN_FEATURES = {"v1_erofs"}
 _TEMP_ALPHABET = string.ascii_letters + string.digits
+FEED_PIECE = 1 << 20  # feed_object's reads
+_feed_buffers = threading.local()
 
 
 class RepositoryError(PycfsError):
@@ -330,18 +332,23 @@ class Repository:
         except FileNotFoundError:
             raise RepositoryError(f"object {self.alg}:{h} is missing from {self.path}") from None
 
-    def feed_object(self, object_id: bytes, size: int, update: Callable[[bytes], object]) -> None:
+    def feed_object(self, object_id: bytes, size: int, update: Callable[[memoryview], object]) -> None:
         """Pass the object's ``size`` bytes to ``update`` a MiB at a time (hashing a stored
-        layer's tar again, e.g. for its diff_id); a shorter object is an error."""
+        layer's tar again, e.g. for its diff_id); a shorter object is an error. The pieces
+        are views of one buffer per thread, valid only during the call: a fresh MiB per
+        read, as os.pread makes, costs page faults on every read."""
         fd = self.open_object(object_id)
+        buf = getattr(_feed_buffers, "buf", None)
+        if buf is None:
+            buf = _feed_buffers.buf = memoryview(bytearray(FEED_PIECE))
         try:
             offset = 0
             while offset < size:
-                piece = os.pread(fd, min(1 << 20, size - offset), offset)
-                if not piece:
+                n = os.preadv(fd, [buf[: size - offset]], offset)
+                if n == 0:
                     raise RepositoryError(f"object {self.alg}:{object_id.hex()} is shorter than {size} bytes")
-                update(piece)
-                offset += len(piece)
+                update(buf[:n])
+                offset += n
         finally:
             os.close(fd)
 

@@ -46,7 +46,6 @@ from pycfs.protocol.splitdirfdstream import (
 
 _SEND_PIECE = 1 << 16
 _RECV_PIECE = 1 << 16
-_HASH_PIECE = 1 << 20
 BATCH_FILES = 64
 BATCH_BYTES = 8 << 20
 # How long after the data EOF a GetLayer consumer may hold the directory fds' guard (locks).
@@ -177,7 +176,6 @@ class LayerConsumer:
         self.zerocopy = zerocopy
         self.writer = SplitStreamWriter(repo.alg, CONTENT_OCI_LAYER)
         self.sha = hashlib.sha256()
-        self._buffer = memoryview(bytearray(_HASH_PIECE))
         self.stats = PutStats()
         self._dir_checked: set[int] = set()
         self._hardlink: bool | None = None  # zerocopy: decided by the first file
@@ -376,22 +374,11 @@ class LayerConsumer:
             self.writer.write_external(item.object_id, item.size)
 
     def _hash_stored(self, f: _File) -> None:
-        """The stored object's bytes into the stream's sha256, read into one reused buffer
-        (a fresh MiB per read, as os.pread makes, costs page faults on every read)."""
+        """The stored object's bytes into the stream's sha256."""
         try:
-            fd = self.repo.open_object(f.object_id)
+            self.repo.feed_object(f.object_id, f.size, self.sha.update)
         except RepositoryError as e:
             raise LayerTransferError(f"{f.what}: {e}") from None
-        try:
-            offset = 0
-            while offset < f.size:
-                n = os.preadv(fd, [self._buffer[: f.size - offset]], offset)
-                if n == 0:
-                    raise LayerTransferError(f"{f.what}: the stored object is shorter than {f.size} bytes")
-                self.sha.update(self._buffer[:n])
-                offset += n
-        finally:
-            os.close(fd)
 
 
 def batch_limiter(pool: WorkerPool) -> trio.CapacityLimiter:
