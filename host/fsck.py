@@ -18,7 +18,6 @@ removed. Nothing that checks out is touched.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -31,7 +30,7 @@ from pycfs.host.fsverity import digest_bytes
 from pycfs.host.progress import StepProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import SplitStreamReader
-from pycfs.host.streamcat import iter_stream_bytes
+from pycfs.host.streamcat import stream_digest
 
 LAYER_PREFIX = "oci-layer-"
 
@@ -289,17 +288,15 @@ def _verify_layers(repo: Repository, report: FsckReport, progress: StepProgress,
         alg, _, expected = name[len(LAYER_PREFIX):].partition(":")
         if alg not in ("sha256", "sha512"):
             continue  # not a diff_id-named layer
-        h = hashlib.new(alg)
         try:
-            for piece in iter_stream_bytes(repo, repo.open_stream_by_id(object_id)):
-                h.update(piece)
+            actual = stream_digest(repo, object_id, alg)
         except (PycfsError, OSError) as e:
             report.add("layer-unreadable", rel, str(e))
             bad.append(rel)
             continue
         report.layers_verified += 1
-        if h.hexdigest() != expected:
-            report.add("layer-diffid-mismatch", rel, f"the stream's tar is {alg}:{h.hexdigest()}")
+        if actual != expected:
+            report.add("layer-diffid-mismatch", rel, f"the stream's tar is {alg}:{actual}")
             bad.append(rel)
     return bad
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 
@@ -25,6 +26,14 @@ def iter_stream_bytes(repo: Repository, reader: SplitStreamReader) -> Iterator[b
                 offset += len(piece)
         finally:
             os.close(fd)
+
+
+def stream_digest(repo: Repository, stream_id: bytes, alg: str) -> str:
+    """The hex `alg` digest of the stored stream's reassembled bytes (a layer's diff_id)."""
+    h = hashlib.new(alg)
+    for piece in iter_stream_bytes(repo, repo.open_stream_by_id(stream_id)):
+        h.update(piece)
+    return h.hexdigest()
 
 
 def write_stream_to_fd(repo: Repository, reader: SplitStreamReader, out_fd: int) -> int:

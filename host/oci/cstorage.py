@@ -47,7 +47,7 @@ from pycfs.host.oci.result import ImportStats, PullResult
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
-from pycfs.host.streamcat import iter_stream_bytes
+from pycfs.host.streamcat import stream_digest
 from pycfs.host.storage.locks import ReadLocks
 from pycfs.host.storage.store import ImageLayer, ImageRecord, Storage, Store, StorageError
 from pycfs.host.storage.tarsplit import FileEntry, Segment, check_name, crc64_iso, header_only_kind, open_entries
@@ -632,13 +632,10 @@ class LayerImport:
 
 def _stream_has_diffid(repo: Repository, stream_id: bytes, diff_id: str) -> bool:
     """Worker thread: whether a stored layer stream's tar hashes to `diff_id`."""
-    h = hashlib.sha256()
     try:
-        for piece in iter_stream_bytes(repo, repo.open_stream_by_id(stream_id)):
-            h.update(piece)
+        return "sha256:" + stream_digest(repo, stream_id, "sha256") == diff_id
     except (PycfsError, OSError):
         return False
-    return "sha256:" + h.hexdigest() == diff_id
 
 
 def _batches(items: Iterable[_Item]) -> Iterator[list[_Item]]:
