@@ -139,12 +139,13 @@ class _Crc64Check:
 def _sha256_checks(sha256s: Any, count: int) -> list[tuple[bytes, bytes] | None]:
     if not isinstance(sha256s, list) or len(sha256s) != count:
         raise InvalidParamsError("sha256s must be null or [PREFIX, SHA-256] per fd")
+    bad = InvalidParamsError("sha256s must be null or [PREFIX, SHA-256] (hex) per fd")
     try:
         checks = [None if c is None else (bytes.fromhex(c[0]), bytes.fromhex(c[1])) for c in sha256s]
     except (TypeError, ValueError, IndexError, KeyError, AttributeError):
-        checks = [(b"", b"")]
+        raise bad from None
     if any(c is not None and len(c[1]) != 32 for c in checks):
-        raise InvalidParamsError("sha256s must be null or [PREFIX, SHA-256] (hex) per fd")
+        raise bad
     return checks
 
 
