@@ -171,6 +171,14 @@ AHEAD_BYTES = 32 << 20
 AHEAD_FILES = 64
 
 
+def read_ahead(fd: int, size: int) -> None:
+    """Start reading the file's first `size` bytes into the page cache, without waiting."""
+    try:
+        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass  # only a hint
+
+
 def open_regular(path: str | os.PathLike[str]) -> tuple[int, int]:
     """(fd, size) of the regular file at path; OSError for anything else, refused before
     any read: a fifo or device could hang or never end."""
@@ -202,10 +210,7 @@ def digest_regular_files(paths: Iterable[str | os.PathLike[str]], alg: str = "sh
                     continue
                 ahead.append((fd, size))
                 window += min(size, AHEAD_BYTES)
-                try:
-                    os.posix_fadvise(fd, 0, min(size, AHEAD_BYTES), os.POSIX_FADV_WILLNEED)
-                except OSError:
-                    pass  # only a hint
+                read_ahead(fd, min(size, AHEAD_BYTES))
             if not ahead:
                 break
             item = ahead.popleft()

@@ -44,6 +44,7 @@ from pycfs.host.jsondoc import parse_object
 from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.image import finish_pull, parse_layer
 from pycfs.host.oci.result import ImportStats, PullResult
+from pycfs.host.fsverity import read_ahead
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
@@ -289,14 +290,6 @@ def _has_xattr(fd: int, name: str) -> bool:
     return True
 
 
-def _readahead(fd: int, size: int) -> None:
-    """Start reading the file's content into the page cache, without waiting for it."""
-    try:
-        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass  # only a hint
-
-
 def _check_fd(fd: int, entry: FileEntry, files: LayerFiles, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise PycfsError(f"{files.describe(entry.relpath)} is not a regular file")
@@ -467,7 +460,7 @@ class LayerImport:
                     opened.append(None)
                     continue
                 opened.append((fd, st))
-                _readahead(fd, entry.size)
+                read_ahead(fd, entry.size)
             for i, ((_, _, entry), got) in enumerate(zip(batch, opened)):
                 if got is None:
                     out.append(None)
