@@ -463,7 +463,8 @@ async def pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options
     try:
         async with open_pool(repo=repo, jobs=options.jobs) as pool:
             await puller.run(pool)
-        image_id = ensure_image(repo, puller.objects, name)
+            pool.close_input()  # the workers exit while the image is built
+            image_id = ensure_image(repo, puller.objects, name)
     except BaseException:
         try:
             puller.checkpoint()

@@ -251,17 +251,22 @@ class WorkerPool:
             while w.waiting:
                 w.waiting.popleft().done.set()
 
+    def close_input(self) -> None:
+        """No more calls: EOF to every worker now, so they exit while the caller does other
+        work before the pool's block ends (which then only waits for them)."""
+        self._closing = True
+        for w in self._workers:
+            try:
+                w.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
     async def aclose(self, abort: bool = False) -> None:
         """EOF to every worker, wait for them to exit (killing them after a grace period);
         ``abort``: kill them at once (what they stored so far is complete, objects appear
         whole or not at all)."""
-        self._closing = True
         with trio.CancelScope(shield=True):
-            for w in self._workers:
-                try:
-                    w.sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
+            self.close_input()
             with trio.move_on_after(0 if abort else EXIT_GRACE):
                 for w in self._workers:
                     await w.proc.wait()

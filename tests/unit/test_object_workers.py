@@ -185,6 +185,25 @@ def test_dead_worker_fails_the_pool_with_its_status(files):
         _run(main)
 
 
+def test_close_input_lets_the_workers_exit_before_the_block_ends(files):
+    """The caller's other work (a pull's image) overlaps their exit; later calls are refused."""
+    exited = []
+
+    async def main():
+        with _opened([files[3][0]]) as (fds, sizes):
+            async with open_pool(alg="sha256", jobs=2) as pool:
+                assert await pool.digest(fds, sizes) == [digest_bytes(files[3][1])]
+                pool.close_input()
+                with trio.fail_after(10):
+                    for w in pool._workers:
+                        exited.append(await w.proc.wait())
+                with pytest.raises(PycfsError, match="shut down"):
+                    await pool.digest(fds, sizes)
+
+    _run(main)
+    assert exited == [0, 0]
+
+
 def test_worker_that_cannot_start_quotes_its_output(tmp_path, files):
     with Repository.init(tmp_path / "repo") as repo:
         (tmp_path / "repo" / "meta.json").write_text("{}")  # the worker's own open fails
