@@ -272,6 +272,25 @@ def test_static_deltas_from_scratch_and_from_a_base(site, server, tmp_path):
             assert describe_image(r, bytes.fromhex(update["image"])) == describe_dir(checkout)
 
 
+def test_downgrade_by_static_delta_is_refused_before_its_parts(site, server, tmp_path):
+    _base, repo, v1, _ = site
+    with served_copy(repo, tmp_path) as (work, srv):
+        newer = commit(work, make_tree(tmp_path / "tree2", version=2), "newer", "--timestamp=2025-01-01T00:00:00Z")
+        ostree("static-delta", "generate", f"--repo={work}", "--empty", f"--to={v1}")
+        ostree("summary", f"--repo={work}", "-u")
+        cfs = tmp_path / "cfs"
+        pycfs(cfs, "init")
+        pycfs(cfs, "ostree", "pull", srv.url, "newer", "sys")
+        srv.requests.clear()
+        out = pycfs(cfs, "ostree", "pull", srv.url, "main", "sys", check=False)
+        assert out.returncode == 1 and out.stderr.count("\n") == 1
+        assert f"commit {v1} (2024-01-02 03:04:05 UTC) is older than commit {newer} (2025-01-01" in out.stderr
+        assert [p.rsplit("/", 1)[-1] for p in srv.requests] == ["summary", "superblock"]  # no part, no object
+        assert pycfs(cfs, "ostree", "images").stdout.split()[-2:] == ["sys", newer]
+        allowed = json.loads(pycfs(cfs, "ostree", "pull", srv.url, "main", "sys", "--allow-downgrade", "--json").stdout)
+        assert allowed["commit"] == v1 and allowed["delta_parts"] >= 1
+
+
 @pytest.fixture
 def gpg_keys(tmp_path):
     """Two signing keys in a private GNUPGHOME (its gpg-agent is stopped afterwards)."""
