@@ -247,8 +247,6 @@ class _Puller:
         store_send, store_recv = trio.open_memory_channel[tuple[bytes, FetchedFile]](STORE_BATCH)
         self.todo = todo_send
         async with open_nursery() as nursery:
-            if not self.bases:
-                nursery.start_soon(pool.start)  # their start-up overlaps the first fetches
             async with todo_recv, store_send:
                 for _ in range(self.fetchers):
                     nursery.start_soon(self._fetcher, todo_recv.clone(), store_send.clone())
@@ -499,7 +497,7 @@ async def pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options
     if signed is not None:
         puller.add_base(signed, "signature verified on")  # not fetched again
     try:
-        async with open_pool(repo=repo, jobs=options.jobs) as pool:
+        async with open_pool(repo=repo, jobs=options.jobs, small_here=True) as pool:
             await puller.run(pool)
             pool.close_input()  # the workers exit while the image is built
             image_id = ensure_image(repo, puller.objects, name)
