@@ -166,20 +166,23 @@ class WorkerPool:
         return out
 
     async def _call_here(self, method: str, fds: list[int], params: dict[str, Any]) -> list[tuple[bytes, str] | Failed]:
-        """A request served by this process's copy of the workers' methods."""
-        assert self._local is not None
-        self._check()
-        if self._closing:
-            raise PycfsError("the object workers were shut down")
-        serve = partial(self._local.methods()[method], Call(fds), **params)
-        try:
-            result = await trio.to_thread.run_sync(serve, limiter=self._local_limiter)
-        except InvalidParamsError as e:
-            raise PycfsError(f"the object store refused a request: {e}") from None
-        try:
-            return self._results({"result": result}, len(fds), method)
-        except ValueError as e:
-            raise PycfsError(f"the object store {e}") from None
+        """A request served by this process's copy of the workers' methods, or by the
+        workers when they came up while it waited for its turn here."""
+        async with self._local_limiter:
+            self._check()
+            if self._closing:
+                raise PycfsError("the object workers were shut down")
+            local = self._local
+            if local is not None and len(self._workers) < self.jobs:
+                try:
+                    result = await trio.to_thread.run_sync(partial(local.methods()[method], Call(fds), **params))
+                except InvalidParamsError as e:
+                    raise PycfsError(f"the object store refused a request: {e}") from None
+                try:
+                    return self._results({"result": result}, len(fds), method)
+                except ValueError as e:
+                    raise PycfsError(f"the object store {e}") from None
+        return await self._call(method, fds, params)
 
     async def _call(self, method: str, fds: list[int], params: dict[str, Any],
                     count: int | None = None) -> list[tuple[bytes, str] | Failed]:
