@@ -469,6 +469,8 @@ def _current(repo: Repository, name: str) -> bytes | None:
 
 async def pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options: PullOptions) -> PullResult:
     started = time.monotonic()
+    if options.gpg_keyring is not None:
+        source.summary_keyring = options.gpg_keyring  # refs and deltas only from a signed summary
     commit = await trio.to_thread.run_sync(source.resolve, ref)
     name = options.name if options.name is not None else (None if is_checksum_text(ref) else ref)
     if name is not None:

@@ -339,6 +339,45 @@ def test_signed_commits(site, tmp_path, gpg_keys):
         assert local["image"] == result["image"]
 
 
+def test_signed_summary(site, tmp_path, gpg_keys):
+    """With --gpg-keyring, refs and deltas come only from a summary whose summary.sig (as
+    `ostree summary -u --gpg-sign` writes it) verifies: a summary signed by another key, or
+    changed after signing, is one line naming it; an unsigned one is not used."""
+    _base, repo, v1, _ = site
+    home, keys = gpg_keys
+    with served_copy(repo, tmp_path) as (work, srv):
+        tree = make_tree(tmp_path / "tree", version=3)
+        signed = commit(work, tree, "signed", f"--gpg-sign={keys['good'][0]}", f"--gpg-homedir={home}")
+        ostree("static-delta", "generate", f"--repo={work}", "--empty", f"--to={signed}")
+        ostree("summary", f"--repo={work}", "-u")  # unsigned: ignored
+        first = tmp_path / "first"
+        pycfs(first, "init")
+        plain = json.loads(pycfs(first, "ostree", "pull", srv.url, "signed", "--gpg-keyring", keys["good"][1],
+                                 "--json").stdout)
+        assert plain["commit"] == signed
+        assert "summary.sig" in srv.requests and "refs/heads/signed" in srv.requests  # the ref not from the summary
+        for key, why in (("other", "no signature verifies"), ("good", "no signature verifies")):
+            ostree("summary", f"--repo={work}", "-u", f"--gpg-sign={keys[key][0]}", f"--gpg-homedir={home}")
+            if key == "good":  # signed, then changed: the ref moved to another commit
+                data = (work / "summary").read_bytes()
+                assert bytes.fromhex(signed) in data
+                (work / "summary").write_bytes(data.replace(bytes.fromhex(signed), bytes.fromhex(v1)))
+            cfs = tmp_path / f"cfs-{key}"
+            pycfs(cfs, "init")
+            failed = pycfs(cfs, "ostree", "pull", srv.url, "signed", "--gpg-keyring", keys["good"][1], check=False)
+            assert failed.returncode == 1 and len(failed.stderr.splitlines()) == 1, failed.stderr
+            assert failed.stderr.startswith(f"pycfs: error: the summary of {srv.url}: {why}"), failed.stderr
+            assert _images(cfs) == ""
+        ostree("summary", f"--repo={work}", "-u", f"--gpg-sign={keys['good'][0]}", f"--gpg-homedir={home}")
+        cfs = tmp_path / "cfs"
+        pycfs(cfs, "init")
+        srv.requests.clear()
+        result = json.loads(pycfs(cfs, "ostree", "pull", srv.url, "signed", "--gpg-keyring", keys["good"][1],
+                                  "--json").stdout)
+        assert result["commit"] == signed and result["image"] == plain["image"]
+        assert "refs/heads/signed" not in srv.requests  # the ref came from the signed summary
+
+
 def _largest(repo: Path, suffix: str = ".filez") -> str:
     return str(max((p for p in (repo / "objects").rglob("*" + suffix)), key=lambda p: p.stat().st_size)
                .relative_to(repo))

@@ -284,7 +284,8 @@ def _pull_options(p: argparse.ArgumentParser) -> None:
                    help="processes hashing and storing file content (default: one per CPU)")
     p.add_argument("--gpg-keyring", metavar="FILE",
                    help="require a commit signature (detached metadata) that gpgv verifies with this keyring "
-                   "(binary, as `gpg --export` writes it); nothing is fetched from an unsigned commit")
+                   "(binary, as `gpg --export` writes it); nothing is fetched from an unsigned commit. The "
+                   "summary (refs, deltas) is then used only when signed by this keyring too")
     p.add_argument("--json", action="store_true", help="print the result and statistics as JSON")
 
 
