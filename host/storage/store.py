@@ -17,7 +17,6 @@ and `[name]@sha256:<manifest digest>`. Callers hold the store's read locks while
 from __future__ import annotations
 
 import base64
-import difflib
 import json
 import os
 import re
@@ -280,6 +279,8 @@ class Storage:
         if len(ids) > 1:
             listed = "; ".join(img.describe() for _, img in found)
             raise AmbiguousImage(f"image reference {ref!r} is ambiguous in containers-storage: {listed}")
+        import difflib  # only for this message: every pull would pay for it otherwise
+
         names = sorted({n for _, img in images for n in img.names})
         close = difflib.get_close_matches(ref, names, n=5, cutoff=0.3) or names[:5]
         hint = f"; similar: {', '.join(close)}" if close else "; the store has no named images"
