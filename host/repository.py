@@ -113,6 +113,7 @@ class Repository:
         self._reflink_ok: dict[tuple[int, int], bool] = {}
         self._tmpfile_ok = True
         self._lease_sources = False
+        self._unsynced = False  # an object was committed through this instance since its last sync()
 
     # ---- opening -------------------------------------------------------------------
 
@@ -403,6 +404,7 @@ class Repository:
 
     def _commit(self, fd: int, temp_name: str | None, object_id: bytes) -> bool:
         """Name the temp file as its object; returns True when another writer got there first."""
+        self._unsynced = True  # set before the name exists: a stream may name the object from then on
         h = object_id.hex()
         subdir = self._subdir(h[:2])
         try:
@@ -616,7 +618,12 @@ class Repository:
         raise RepositoryError(f"could not replace symlink {name}")
 
     def sync(self) -> None:
-        syscalls.syncfs(self.dirfd)
+        self._unsynced = False  # first: a commit while syncfs runs sets it again
+        try:
+            syscalls.syncfs(self.dirfd)
+        except BaseException:
+            self._unsynced = True
+            raise
 
     def _link_target_id(self, relname: str) -> bytes | None:
         try:
@@ -628,6 +635,13 @@ class Repository:
                 raise RepositoryError(f"{relname} is not a symlink") from None
             raise
         return self.parse_object_link(target)
+
+    def _stream_is(self, name: str, object_id: bytes) -> bool:
+        """Whether streams/<name> is a link naming object_id (a damaged link is not)."""
+        try:
+            return self._link_target_id(f"streams/{name}") == object_id
+        except (RepositoryError, OSError):
+            return False
 
     def has_stream(self, name: str) -> bytes | None:
         """The object id of streams/<name>, or None. Dangling links count as absent."""
@@ -657,11 +671,19 @@ class Repository:
             return object_id
         return None
 
-    def write_stream(self, writer: SplitStreamWriter, name: str, ref: str | None = None) -> bytes:
-        """Store the splitstream, sync, then make it visible as streams/<name> (and a ref)."""
+    def write_stream(self, writer: SplitStreamWriter, name: str, ref: str | None = None, *,
+                     refs_durable: bool = False) -> bytes:
+        """Store the splitstream, sync, then make it visible as streams/<name> (and a ref).
+
+        ``refs_durable``: the caller vouches that every object the stream names was on disk
+        already unless this instance committed it (which it tracks). A stream already visible
+        as it is then costs no sync: a re-pull rewrites its unchanged config and manifest
+        streams, and syncfs waits for whatever else the filesystem has to write back."""
         check_name(name, "stream", allow_slash=False)
         self.require_writable()
         object_id = self.ensure_object(writer.finish())
+        if refs_durable and not self._unsynced and self._stream_is(name, object_id):
+            return object_id
         # Crash barrier: a visible stream implies its objects are on disk.
         self.sync()
         self._symlink(f"streams/{name}", self.object_relpath(object_id))

@@ -661,14 +661,17 @@ async def pull_image(
     limiter: trio.CapacityLimiter | None = None,
     jobs: int | None = None,
     parse_layers: bool = False,
+    locks: ReadLocks | None = None,
 ) -> PullResult:
     """Import image `ref` from containers-storage; tag it `tag` (None: no tag). ``jobs``:
     object worker processes (default: one per core). ``parse_layers``: parse each imported
-    layer for the image build while the next one imports (`PullResult.layer_entries`)."""
+    layer for the image build while the next one imports (`PullResult.layer_entries`).
+    ``locks``: the c/storage read locks when the caller holds them already (pycfs.host.oci.repull's
+    look found a layer to import): kept, so podman cannot come between that look and this pull."""
     started = time.monotonic()
     limiter = limiter or default_limiter()
     stats = ImportStats()
-    locks = ReadLocks([(p, s.read_only) for s in storage.stores for p in s.lock_paths()])
+    locks = locks or storage.read_locks()
     layer_streams: list[tuple[str, bytes]] = []
     layer_entries: dict[bytes, list] = {}
 
@@ -680,7 +683,8 @@ async def pull_image(
 
     async with open_nursery() as parsing:
         try:
-            await locks.acquire(on_wait=progress.waiting_for_lock if progress else None)
+            if not locks.held:
+                await locks.acquire(on_wait=progress.waiting_for_lock if progress else None)
             source = await trio.to_thread.run_sync(read_image, storage, ref)
             stats.layers = len(source.layers)
             if progress is not None:

@@ -11,7 +11,8 @@ layer, and a process that only finds its image in place no longer imports them (
 re-pull's time was their start-up).
 
 When a layer must be imported, or a writer holds the c/storage locks, it gives up before
-reporting or writing anything, and the full pull does the whole job (waiting for the locks).
+reporting or writing anything, and the full pull does the whole job (waiting for the locks, or
+taking over the ones held here).
 """
 
 from __future__ import annotations
@@ -23,20 +24,20 @@ from pycfs.host.oci.pull import PullOptions, split_reference, storage_for
 from pycfs.host.oci.result import ImportStats, PullResult, containers_storage_result
 from pycfs.host.repository import Repository
 from pycfs.host.storage.image import read_image
-from pycfs.host.storage.locks import ReadLocks
 
 
 def pull_if_stored(repo: Repository, image: str, tag: str | None, options: PullOptions) -> PullResult | None:
     """`pull(repo, image, tag, options)` when it has no layer to import; None when it has one
     (or the image is not from containers-storage, or ``verify_diffid`` asks to re-hash the
-    stored layers, or podman is writing): then run `pull`."""
+    stored layers, or podman is writing): then run `pull` with the same options (which may
+    now hold the c/storage read locks for it, in ``storage_locks``)."""
     transport, source = split_reference(image)
     if transport != "containers-storage" or options.verify_diffid:
         return None
     repo.require_writable()
     storage, name = storage_for(source, options.storage_root)
     started = time.monotonic()
-    locks = ReadLocks([(p, s.read_only) for s in storage.stores for p in s.lock_paths()])
+    locks = storage.read_locks()
     if not locks.try_acquire():
         return None  # podman is writing: the full pull waits, and says so
     try:
@@ -45,10 +46,21 @@ def pull_if_stored(repo: Repository, image: str, tag: str | None, options: PullO
         for layer in found.layers:
             stream_id = repo.intact_stream(f"oci-layer-{layer.diff_id}")
             if stream_id is None:
-                return None
+                break
             layers.append((layer.diff_id, stream_id))
-    finally:
+    except BaseException:
         locks.release()
+        raise
+    if len(layers) < len(found.layers):
+        # The full pull takes the locks over: `podman rmi` cannot come between this look and
+        # the import. Not when it starts the helper first (--helper always): `podman unshare`
+        # takes podman's locks for writing.
+        if options.helper == "always":
+            locks.release()
+        else:
+            options.storage_locks = locks
+        return None
+    locks.release()
     # The full pull's reports, in its order, now that there is no work to report.
     progress = options.progress
     if progress is not None:

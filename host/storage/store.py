@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.storage.config import StorageConfig, detect_driver
+from pycfs.host.storage.locks import ReadLocks
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HEX64_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
@@ -255,6 +256,10 @@ class Storage:
     @property
     def primary(self) -> Store:
         return self.stores[0]
+
+    def read_locks(self) -> ReadLocks:
+        """The read locks (not yet taken) that keep podman from changing any of the stores."""
+        return ReadLocks([(p, s.read_only) for s in self.stores for p in s.lock_paths()])
 
     def all_images(self) -> list[tuple[Store, ImageRecord]]:
         seen: set[str] = set()

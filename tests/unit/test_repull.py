@@ -14,15 +14,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
+from pycfs.host import syscalls
 from pycfs.host.oci import repull
-from pycfs.host.oci.pull import PullOptions
+from pycfs.host.oci.pull import PullOptions, pull
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
+from pycfs.host.splitstream import CONTENT_OCI_CONFIG
 from pycfs.tools.cli import main
 
 from storage_trees import FakeStore
-from test_storage_locks import WRITER
+from test_storage_locks import WRITER, _try_write
 
 REF = "containers-storage:localhost/img:latest"
 BIG = bytes(range(256)) * 40
@@ -181,6 +184,42 @@ def test_repull_repairs_what_the_full_pull_repairs(pulled, capsys, monkeypatch, 
     assert _contents(pulled.repo) == _contents(other)
 
 
+@pytest.fixture
+def syncs(monkeypatch) -> list:
+    calls: list = []
+    real = syscalls.syncfs
+    monkeypatch.setattr(syscalls, "syncfs", lambda fd: calls.append(fd) or real(fd))
+    return calls
+
+
+def test_no_op_repull_syncs_nothing_a_rebuilt_image_is_synced(pulled, capsys, syncs):
+    _run(capsys, pulled.argv())
+    assert syncs == []
+    _image_object(pulled.repo).unlink()
+    _, err = _run(capsys, pulled.argv())
+    assert "building the composefs image" in err
+    assert len(syncs) == 1  # before the config stream that names the new image counts as written
+
+
+def test_an_unchanged_stream_skips_the_sync_only_with_nothing_new(tmp_path, syncs):
+    with Repository.init(tmp_path / "repo") as r:
+        def write(refs_durable: bool) -> None:
+            w = r.new_stream(CONTENT_OCI_CONFIG)
+            w.write_external(r.ensure_object(b"{}"), 2)
+            r.write_stream(w, "s", refs_durable=refs_durable)
+
+        write(True)  # new: synced
+        write(False)  # the caller does not vouch for its refs: synced
+        write(True)  # unchanged, nothing committed since the last sync: not synced
+        assert len(syncs) == 2
+        r.ensure_object(b"new")
+        write(True)  # something committed since: synced
+        assert len(syncs) == 3
+        (r.path / "streams/s").unlink()
+        write(True)  # the link is gone: made again, after a sync
+        assert len(syncs) == 4 and r.has_stream("s") is not None
+
+
 class Events(PullProgress):
     def __init__(self) -> None:
         self.seen: list[str] = []
@@ -213,6 +252,25 @@ def test_repull_leaves_waiting_for_podman_to_the_full_pull(pulled):
         events = Events()
         result = repull.pull_if_stored(r, REF, "img", PullOptions(str(pulled.fake.root), progress=events))
     assert result is not None and events.seen == ["layers", "layer_done", "layer_done", "streams"]
+
+
+def test_a_layer_to_import_keeps_podman_out_until_the_full_pull_is_done(pulled):
+    """The locks of the look that found work go to the full pull: `podman rmi` cannot come in
+    between (tests/integration/test_cstorage_pull.py has it with podman)."""
+    lock = pulled.fake.root / "overlay-layers/layers.lock"
+    _delete_layer_link(pulled, pulled.repo)
+    with Repository.open(pulled.repo) as r:
+        options = PullOptions(str(pulled.fake.root), helper="never")
+        assert repull.pull_if_stored(r, REF, "img", options) is None
+        assert options.storage_locks is not None and _try_write(lock) == "busy"
+        result = trio.run(pull, r, REF, "img", options)
+        assert result.stats.layers - result.stats.layers_already_present == 1
+        assert _try_write(lock) == "got"
+        # Unless the helper is to start first: `podman unshare` needs podman's write locks.
+        _delete_layer_link(pulled, pulled.repo)
+        options = PullOptions(str(pulled.fake.root), helper="always")
+        assert repull.pull_if_stored(r, REF, "img", options) is None
+        assert options.storage_locks is None and _try_write(lock) == "got"
 
 
 def test_verify_diffid_and_oci_layouts_take_the_full_pull(pulled, tmp_path):
