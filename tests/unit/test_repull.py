@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from pycfs.host import syscalls
+from pycfs.host import repository, syscalls
 from pycfs.host.oci import repull
 from pycfs.host.oci.pull import PullOptions, pull
 from pycfs.host.progress import PullProgress
+from pycfs.host.fsverity import digest_bytes
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_CONFIG
 from pycfs.tools.cli import main
@@ -218,6 +219,18 @@ def test_an_unchanged_stream_skips_the_sync_only_with_nothing_new(tmp_path, sync
         (r.path / "streams/s").unlink()
         write(True)  # the link is gone: made again, after a sync
         assert len(syncs) == 4 and r.has_stream("s") is not None
+
+
+@pytest.mark.parametrize("bytes_per_lookup", [0, 10**9])  # every directory looked up / every one listed
+def test_has_objects_agrees_with_has_object(tmp_path, monkeypatch, bytes_per_lookup):
+    monkeypatch.setattr(repository, "LISTING_BYTES_PER_LOOKUP", bytes_per_lookup)
+    with Repository.init(tmp_path / "repo") as r:
+        ids = [r.ensure_object(b"%d" % i) for i in range(300)]
+        assert r.has_objects(ids) and r.has_objects([])
+        assert not r.has_objects([*ids, digest_bytes(b"never stored", r.alg)])
+        r.object_path(ids[7]).unlink()  # its directory stays, with others in it
+        assert not r.has_objects(ids) and r.has_objects(ids[:7] + ids[8:])
+        assert [r.has_object(i) for i in ids] == [i != ids[7] for i in ids]
 
 
 class Events(PullProgress):
