@@ -10,7 +10,8 @@ The host opens the files (threads) and passes their fds to object worker process
 (`pycfs.host.workers`), which hash and store them: one per core, as hashing in threads of
 one process is capped by the GIL. A layer streams through: its tar-split is read a chunk
 at a time while earlier chunks are stored and written (`LayerImport`), and with
-`parse_layers` each imported layer is parsed for the image build while the next imports.
+`parse_layers` the entries of each imported layer are parsed for the image build from the
+pieces as they are written (`LayerEntryCollector`), so the build never reads them back.
 
 Files are opened beneath the layer directory with openat2 (RESOLVE_CONFINED, O_NOFOLLOW):
 nothing a tar-split names can lead outside it. A file the user may not open (owned by a
@@ -42,7 +43,8 @@ from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import parse_object
 from pycfs.host.nursery import open_nursery
-from pycfs.host.oci.image import finish_pull, parse_layer
+from pycfs.host.oci.image import finish_pull
+from pycfs.host.oci.layer import LayerEntry, LayerEntryCollector
 from pycfs.host.oci.result import ImportStats, PullResult
 from pycfs.host.fsverity import read_ahead
 from pycfs.host.progress import PullProgress
@@ -356,6 +358,7 @@ class LayerImport:
         helper: FdOpener | None,
         progress: PullProgress | None,
         verify_diffid: bool,
+        collect: bool = False,
     ) -> None:
         self.repo = repo
         self.pool = pool
@@ -367,6 +370,8 @@ class LayerImport:
         self.files = LayerFiles(layer.store, layer.layer.id)
         self.writer = repo.new_stream(CONTENT_OCI_LAYER)
         self.hasher = hashlib.sha256() if verify_diffid else None
+        # the layer's entries for the image build, parsed from what is written
+        self.collector = LayerEntryCollector() if collect else None
         self.total = 0  # bytes of the rebuilt tar so far
         self._header: Segment | FileEntry | None = None  # the entry before the next one read
 
@@ -582,9 +587,11 @@ class LayerImport:
             self._advance(await trio.to_thread.run_sync(self._write_chunk, chunk, limiter=self.limiter))
 
     def _write_chunk(self, chunk: _Chunk) -> int:
-        """Worker thread: append a chunk to the splitstream (hashing it when verifying);
-        returns its bytes of tar headers, for the progress bar."""
+        """Worker thread: append a chunk to the splitstream (hashing it when verifying,
+        parsing its entries when collecting); returns its bytes of tar headers, for the
+        progress bar."""
         headers = 0
+        collector = self.collector
         for index, entry in enumerate(chunk.entries):
             if isinstance(entry, Segment):
                 data: bytes | tuple[bytes, int] = entry.data
@@ -602,12 +609,18 @@ class LayerImport:
                 self.stats.files_inlined += isinstance(entry, FileEntry)
                 if self.hasher is not None:
                     self.hasher.update(data)
+                if collector is not None:
+                    collector.add_inline(data)
             else:
                 object_id, size = data
                 self.writer.write_external(object_id, size)
                 self.total += size
                 if self.hasher is not None:
                     self.repo.feed_object(object_id, size, self.hasher.update)
+                if collector is not None:
+                    collector.add_external(object_id)
+        if collector is not None:
+            collector.advance()
         return headers
 
     def _finish(self) -> bytes:
@@ -620,7 +633,14 @@ class LayerImport:
                 f"layer {rec.id[:12]}: rebuilt tar has digest sha256:{self.hasher.hexdigest()}, "
                 f"not its diff_id {self.layer.diff_id}"
             )
-        return self.repo.write_stream(self.writer, f"oci-layer-{self.layer.diff_id}")
+        stream_id = self.repo.write_stream(self.writer, f"oci-layer-{self.layer.diff_id}")
+        if self.collector is not None:
+            self.collector.close()
+        return stream_id
+
+    def entries(self) -> list[LayerEntry] | None:
+        """The layer's entries, when collected and parsed whole (after `run`)."""
+        return self.collector.entries if self.collector is not None else None
 
 
 def _stream_has_diffid(repo: Repository, stream_id: bytes, diff_id: str) -> bool:
@@ -688,8 +708,8 @@ class _HelperGate:
 
 
 def default_limiter() -> trio.CapacityLimiter:
-    """Threads for the longer Python work (writing splitstream chunks, parsing layers for the
-    image; hashing is in worker processes): one per core, as it mostly holds the GIL. The
+    """Threads for the longer Python work (writing splitstream chunks and parsing their
+    entries for the image; hashing is in worker processes): one per core, as it mostly holds the GIL. The
     short trips (opening a batch, reading a tar-split chunk) are bounded by the pipeline."""
     return trio.CapacityLimiter(max(2, os.cpu_count() or 1))
 
@@ -708,51 +728,43 @@ async def pull_image(
     parse_layers: bool = False,
 ) -> PullResult:
     """Import image `ref` from containers-storage; tag it `tag` (None: no tag). ``jobs``:
-    object worker processes (default: one per core). ``parse_layers``: parse each imported
-    layer for the image build while the next one imports (`PullResult.layer_entries`)."""
+    object worker processes (default: one per core). ``parse_layers``: build the image,
+    from the entries of each imported layer parsed while it is written."""
     started = time.monotonic()
     limiter = limiter or default_limiter()
     stats = ImportStats()
     locks = ReadLocks([(p, s.read_only) for s in storage.stores for p in s.lock_paths()])
     layer_streams: list[tuple[str, bytes]] = []
-    layer_entries: dict[bytes, list] = {}
-
-    async def parse(stream_id: bytes) -> None:
-        try:
-            layer_entries[stream_id] = await trio.to_thread.run_sync(parse_layer, repo, stream_id, limiter=limiter)
-        except PycfsError:
-            pass  # not an import error: the image build parses it again and reports it
-
-    async with open_nursery() as parsing:
-        try:
-            await locks.acquire(on_wait=progress.waiting_for_lock if progress else None)
-            source = await trio.to_thread.run_sync(read_image, storage, ref)
-            stats.layers = len(source.layers)
-            if progress is not None:
-                progress.layers([(layer.diff_id, layer.layer.diff_size) for layer in source.layers])
-            on_wait = progress.waiting_for_lock if progress else None
-            gate = _HelperGate(helper, locks, storage, source, ref, on_wait) if helper is not None else None
-            async with open_pool(repo=repo, jobs=jobs) as pool:
-                for layer in source.layers:
-                    existing = repo.intact_stream(f"oci-layer-{layer.diff_id}")
-                    if existing is not None and verify_diffid and not await trio.to_thread.run_sync(
-                            _stream_has_diffid, repo, existing, layer.diff_id, limiter=limiter):
-                        existing = None  # what is stored is not that layer: import it again, verified
-                    if existing is not None:
-                        stats.layers_already_present += 1
-                        layer_streams.append((layer.diff_id, existing))
-                        if progress is not None:
-                            progress.layer_done(layer.diff_id, True)
-                        continue
-                    await pool.start()  # the workers' start-up overlaps the first tar-split read
-                    job = LayerImport(repo, layer, stats, limiter, pool, gate, progress, verify_diffid)
-                    layer_streams.append((layer.diff_id, await job.run()))
-                    if parse_layers:
-                        parsing.start_soon(parse, layer_streams[-1][1])
+    layer_entries: dict[bytes, list[LayerEntry]] = {}
+    try:
+        await locks.acquire(on_wait=progress.waiting_for_lock if progress else None)
+        source = await trio.to_thread.run_sync(read_image, storage, ref)
+        stats.layers = len(source.layers)
+        if progress is not None:
+            progress.layers([(layer.diff_id, layer.layer.diff_size) for layer in source.layers])
+        on_wait = progress.waiting_for_lock if progress else None
+        gate = _HelperGate(helper, locks, storage, source, ref, on_wait) if helper is not None else None
+        async with open_pool(repo=repo, jobs=jobs) as pool:
+            for layer in source.layers:
+                existing = repo.intact_stream(f"oci-layer-{layer.diff_id}")
+                if existing is not None and verify_diffid and not await trio.to_thread.run_sync(
+                        _stream_has_diffid, repo, existing, layer.diff_id, limiter=limiter):
+                    existing = None  # what is stored is not that layer: import it again, verified
+                if existing is not None:
+                    stats.layers_already_present += 1
+                    layer_streams.append((layer.diff_id, existing))
                     if progress is not None:
-                        progress.layer_done(layer.diff_id, False)
-        finally:
-            locks.release()
+                        progress.layer_done(layer.diff_id, True)
+                    continue
+                await pool.start()  # the workers' start-up overlaps the first tar-split read
+                job = LayerImport(repo, layer, stats, limiter, pool, gate, progress, verify_diffid, parse_layers)
+                layer_streams.append((layer.diff_id, await job.run()))
+                if (entries := job.entries()) is not None:
+                    layer_entries[layer_streams[-1][1]] = entries
+                if progress is not None:
+                    progress.layer_done(layer.diff_id, False)
+    finally:
+        locks.release()
     finished = await trio.to_thread.run_sync(
         functools.partial(finish_pull, repo, source.manifest_digest, source.manifest, source.config_digest,
                           source.config, layer_streams, tag, build_image=parse_layers, parsed=layer_entries,
