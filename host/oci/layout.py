@@ -24,6 +24,8 @@ from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.layer import (
     HashingReader,
     LayerDigestError,
+    LayerEntry,
+    LayerEntryCollector,
     PendingFile,
     Piece,
     SplitLayer,
@@ -227,15 +229,27 @@ class _Chunk:
         self.stored = trio.Event()
 
 
+@dataclass
+class LayoutLayer:
+    """An imported layer: its stream, and its entries when collected (`LayerEntryCollector`)."""
+
+    stats: ImportStats
+    stream_id: bytes
+    entries: list[LayerEntry] | None
+
+
 async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLayout, desc: Descriptor, diff_id: str,
-                              limiter: trio.CapacityLimiter, progress: PullProgress | None) -> ImportStats:
+                              limiter: trio.CapacityLimiter, progress: PullProgress | None,
+                              collect: bool = False) -> LayoutLayer:
     """Decompress and split a layer blob, verify its digest and diff_id, commit
     `oci-layer-<diff_id>`. A thread splits the tar a run of entries at a time, writing file
     content once into anonymous files of the object store; the object workers hash and link
     those (as they do the files of a containers-storage pull) while the thread goes on; each
-    run is appended to the layer stream, in order, once its files are objects."""
+    run is appended to the layer stream, in order, once its files are objects (and, with
+    ``collect``, parsed into the layer's entries for the image build)."""
     alg, _ = parse_digest(desc.digest)
     stats = ImportStats()
+    collector = LayerEntryCollector() if collect else None
     held: set[_Chunk] = set()
     advanced = 0  # blob bytes shown as progress
     with layout.open_blob(desc) as f:
@@ -272,7 +286,8 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLay
             nonlocal advanced
             async for chunk in receive:
                 await chunk.stored.wait()
-                write_pieces(writer, chunk.pieces, stats)
+                # in a thread: parsing a chunk of thousands of small entries takes a while
+                await trio.to_thread.run_sync(write_pieces, writer, chunk.pieces, stats, collector, limiter=limiter)
                 held.discard(chunk)
                 if progress is not None:
                     progress.advance(diff_id, blob.count - advanced)
@@ -291,9 +306,12 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLay
     stats.files_inlined += splitter.files_inlined
     if progress is not None:
         progress.advance(diff_id, blob.count - advanced)
-    await trio.to_thread.run_sync(commit_layer, repo, SplitLayer(writer, splitter.diff_id, splitter.src.count, stats),
-                                  diff_id, limiter=limiter)
-    return stats
+    stream_id = await trio.to_thread.run_sync(commit_layer, repo,
+                                              SplitLayer(writer, splitter.diff_id, splitter.src.count, stats),
+                                              diff_id, limiter=limiter)
+    if collector is not None:
+        collector.close()
+    return LayoutLayer(stats, stream_id, collector.entries if collector is not None else None)
 
 
 async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, build_image: bool = True,
@@ -322,11 +340,15 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
     stats.layers = len({d for _, d in layers.layers})
     stats.layers_already_present = stats.layers - len(todo)
     limiter = trio.CapacityLimiter(os.cpu_count() or 1)
+    parsed: dict[bytes, list[LayerEntry]] = {}  # by stream id: entries of the layers imported
 
     async def one(pool: WorkerPool, diff_id: str, desc: Descriptor) -> None:
         if progress is not None:
             progress.layer_started(diff_id, desc.size)
-        stats.add(await import_layout_layer(repo, pool, layout, desc, diff_id, limiter, progress))
+        layer = await import_layout_layer(repo, pool, layout, desc, diff_id, limiter, progress, build_image)
+        stats.add(layer.stats)
+        if layer.entries is not None:
+            parsed[layer.stream_id] = layer.entries
         if progress is not None:
             progress.layer_done(diff_id, False)
 
@@ -344,7 +366,7 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
 
     finished = await trio.to_thread.run_sync(functools.partial(
         finish_pull, repo, manifest_desc.digest, manifest_raw, config_desc.digest, config_raw, layer_refs, tag,
-        build_image=build_image, on_phase=progress.phase if progress is not None else None))
+        build_image=build_image, parsed=parsed, on_phase=progress.phase if progress is not None else None))
     return PullResult(tag, manifest_desc.digest, config_desc.digest, finished.manifest_stream_id,
                       finished.config_stream_id, layer_refs, stats, time.monotonic() - started,
                       images=finished.images)
