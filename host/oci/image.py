@@ -110,11 +110,17 @@ def normalize_for_oci(root: Directory, keep_user_xattrs: bool = False) -> None:
     if isinstance(run, Directory) and isinstance(usr, Directory):
         run.entries.clear()
         run.stat.mtime_sec, run.stat.mtime_nsec = usr.stat.mtime_sec, usr.stat.mtime_nsec
-    seen: set[int] = set()
-    for _path, node in root.walk():
-        if id(node) not in seen:
-            seen.add(id(node))
-            _filter_xattrs(node.stat, keep_user_xattrs)
+    # Every inode once, in no particular order (no sorting, no paths: this is per file of
+    # the image); filtering twice (a hardlinked leaf) changes nothing.
+    _filter_xattrs(root.stat, keep_user_xattrs)
+    dirs, seen = [root], {id(root)}
+    while dirs:
+        for node in dirs.pop().entries.values():
+            if node.stat.xattrs:
+                _filter_xattrs(node.stat, keep_user_xattrs)
+            if isinstance(node, Directory) and id(node) not in seen:
+                seen.add(id(node))
+                dirs.append(node)
 
 
 def parse_layer(repo: Repository, layer_id: bytes) -> list[LayerEntry]:

@@ -79,7 +79,9 @@ def test_a_blob_cut_short_commits_nothing_and_leaks_no_fd(tmp_path, layout):
 
 
 MERGING = ImageSpec([
-    [Dir("usr"), Dir("usr/lib"), File("usr/lib/big", size=5000, seed=1), File("usr/lib/small", data=b"s"),
+    [Dir("usr"), Dir("usr/lib", xattrs={"user.d": b"1"}),
+     File("usr/lib/big", size=5000, seed=1, xattrs={"security.capability": b"c", "user.x": b"1", "trusted.t": b"2"}),
+     File("usr/lib/small", data=b"s"),
      Hardlink("usr/lib/hard", "usr/lib/big"), Dir("etc"), File("etc/conf", size=700, seed=2), Dir("opt"),
      Dir("opt/keep")] + [File(f"opt/keep/f{i}", size=(i * 37) % 200, seed=10 + i) for i in range(150)]
     + [Dir("run"), File("run/x", data=b"x")],
@@ -109,3 +111,6 @@ def test_image_from_the_entries_parsed_in_the_import(tmp_path, monkeypatch, comp
         assert sorted(fs.root.lookup(b"/opt/keep").entries) == [b"new"]
         assert fs.root.lookup(b"/usr/lib/hard") is not fs.root.lookup(b"/usr/lib/big")
         assert fs.root.lookup(b"/etc/conf") is None and sorted(fs.root.lookup(b"/srv").entries) == [b"b"]
+        # OCI normalisation: only security.capability is kept, on every inode
+        assert fs.root.lookup(b"/usr/lib/hard").stat.xattrs == {b"security.capability": b"c"}
+        assert fs.root.lookup(b"/usr/lib").stat.xattrs == {}
