@@ -338,25 +338,17 @@ def close_pieces(pieces: list[Piece]) -> None:
     pieces[:] = [p for p in pieces if not isinstance(p, PendingFile)]
 
 
-def write_pieces(writer: SplitStreamWriter, pieces: list[Piece], stats: ImportStats,
-                 collector: LayerEntryCollector | None = None) -> None:
-    """Append split pieces (none pending) to a layer stream, counting them in stats (and
-    parsing their entries when a collector is given)."""
+def write_pieces(writer: SplitStreamWriter, pieces: list[Piece], stats: ImportStats) -> None:
+    """Append split pieces (none pending) to a layer stream, counting them in stats."""
     for p in pieces:
         if isinstance(p, bytes):
             writer.write_inline(p)
             stats.bytes_inlined += len(p)
-            if collector is not None:
-                collector.add_inline(p)
         elif isinstance(p, StoredFile):
             writer.write_external(p.object_id, p.size)
             stats.count(p.how, p.size)
-            if collector is not None:
-                collector.add_external(p.object_id)
         else:
             raise AssertionError("a file not yet stored")
-    if collector is not None:
-        collector.advance()
 
 
 def split_tar(repo: Repository, f: BinaryIO, alg: str = "sha256") -> SplitLayer:
@@ -572,6 +564,16 @@ class LayerEntryCollector:
     def add_external(self, object_id: bytes) -> None:
         if not self._done:
             self._pieces.append((object_id,))
+
+    def feed(self, pieces: list[bytes | tuple[bytes]]) -> None:
+        """`add_inline` each bytes and `add_external` each (object id,) of pieces, then
+        `advance`: for a writer that hands its pieces over to be parsed elsewhere."""
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                self.add_inline(piece)
+            else:
+                self.add_external(piece[0])
+        self.advance()
 
     def close(self) -> None:
         self._closed = True

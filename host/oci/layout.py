@@ -258,6 +258,7 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLay
                                parse_digest(diff_id)[0], defer=True)
         writer = repo.new_stream(CONTENT_OCI_LAYER)
         send, receive = trio.open_memory_channel[_Chunk](CHUNKS_IN_FLIGHT - 1)
+        send_written, written = trio.open_memory_channel[list[bytes | tuple[bytes]]](CHUNKS_IN_FLIGHT)
 
         async def store(chunk: _Chunk) -> None:
             pending = [(i, p) for i, p in enumerate(chunk.pieces) if isinstance(p, PendingFile)]
@@ -284,19 +285,29 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLay
 
         async def write() -> None:
             nonlocal advanced
-            async for chunk in receive:
-                await chunk.stored.wait()
-                # in a thread: parsing a chunk of thousands of small entries takes a while
-                await trio.to_thread.run_sync(write_pieces, writer, chunk.pieces, stats, collector, limiter=limiter)
-                held.discard(chunk)
-                if progress is not None:
-                    progress.advance(diff_id, blob.count - advanced)
-                    advanced = blob.count
+            async with send_written:
+                async for chunk in receive:
+                    await chunk.stored.wait()
+                    write_pieces(writer, chunk.pieces, stats)
+                    held.discard(chunk)
+                    if progress is not None:
+                        progress.advance(diff_id, blob.count - advanced)
+                        advanced = blob.count
+                    if collector is not None:
+                        await send_written.send([p if isinstance(p, bytes) else (p.object_id,)
+                                                 for p in chunk.pieces])
+
+        async def parse() -> None:
+            # in a thread of its own, behind the writer: a chunk can hold thousands of entries
+            async for pieces in written:
+                assert collector is not None
+                await trio.to_thread.run_sync(collector.feed, pieces, limiter=limiter)
 
         try:
             async with open_nursery() as nursery:
                 nursery.start_soon(split, nursery)
                 nursery.start_soon(write)
+                nursery.start_soon(parse)
         finally:
             for chunk in held:
                 close_pieces(chunk.pieces)
