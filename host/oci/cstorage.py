@@ -10,8 +10,9 @@ The host opens the files (threads) and passes their fds to object worker process
 (`pycfs.host.workers`), which hash and store them: one per core, as hashing in threads of
 one process is capped by the GIL. A layer streams through: its tar-split is read a chunk
 at a time while earlier chunks are stored and written (`LayerImport`), and with
-`parse_layers` the entries of each imported layer are parsed for the image build from the
-pieces as they are written (`LayerEntryCollector`), so the build never reads them back.
+`parse_layers` the entries of each imported layer are parsed from the pieces as they are
+written (`LayerEntryCollector`) and merged into the image's tree (`ImageTree`) while the
+import goes on: the image build after it only normalises and writes the tree.
 
 Files are opened beneath the layer directory with openat2 (RESOLVE_CONFINED, O_NOFOLLOW):
 nothing a tar-split names can lead outside it. A file the user may not open (owned by a
@@ -43,8 +44,8 @@ from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import parse_object
 from pycfs.host.nursery import open_nursery
-from pycfs.host.oci.image import finish_pull
-from pycfs.host.oci.layer import LayerEntry, LayerEntryCollector
+from pycfs.host.oci.image import ImageTree, finish_pull
+from pycfs.host.oci.layer import LayerEntryCollector
 from pycfs.host.oci.result import ImportStats, PullResult
 from pycfs.host.fsverity import read_ahead
 from pycfs.host.progress import PullProgress
@@ -358,7 +359,7 @@ class LayerImport:
         helper: FdOpener | None,
         progress: PullProgress | None,
         verify_diffid: bool,
-        collect: bool = False,
+        tree: ImageTree | None = None,
     ) -> None:
         self.repo = repo
         self.pool = pool
@@ -370,8 +371,9 @@ class LayerImport:
         self.files = LayerFiles(layer.store, layer.layer.id)
         self.writer = repo.new_stream(CONTENT_OCI_LAYER)
         self.hasher = hashlib.sha256() if verify_diffid else None
-        # the layer's entries for the image build, parsed from what is written
-        self.collector = LayerEntryCollector() if collect else None
+        # the layer's entries, parsed from what is written, go to the image's tree
+        self.tree = tree
+        self.collector = LayerEntryCollector() if tree is not None else None
         self.total = 0  # bytes of the rebuilt tar so far
         self._header: Segment | FileEntry | None = None  # the entry before the next one read
 
@@ -596,8 +598,12 @@ class LayerImport:
         """The entries of each chunk written, parsed in a thread of their own: in the
         writer's, the parse held up the pipeline (measured: the pull took 1-2 s longer)."""
         async for pieces in written:
-            assert self.collector is not None
-            await trio.to_thread.run_sync(self.collector.feed, pieces, limiter=self.limiter)
+            await trio.to_thread.run_sync(self._apply, pieces, limiter=self.limiter)
+
+    def _apply(self, pieces: list[bytes | tuple[bytes]]) -> None:
+        assert self.collector is not None and self.tree is not None
+        self.collector.feed(pieces)
+        self.tree.apply(self.collector.take())
 
     def _write_chunk(self, chunk: _Chunk, pieces: list[bytes | tuple[bytes]]) -> int:
         """Worker thread: append a chunk to the splitstream (hashing it when verifying);
@@ -645,13 +651,11 @@ class LayerImport:
                 f"not its diff_id {self.layer.diff_id}"
             )
         stream_id = self.repo.write_stream(self.writer, f"oci-layer-{self.layer.diff_id}")
-        if self.collector is not None:
+        if self.collector is not None and self.tree is not None:
             self.collector.close()
+            self.tree.apply(self.collector.take())
+            self.tree.end_layer(stream_id)
         return stream_id
-
-    def entries(self) -> list[LayerEntry] | None:
-        """The layer's entries, when collected and parsed whole (after `run`)."""
-        return self.collector.entries if self.collector is not None else None
 
 
 def _stream_has_diffid(repo: Repository, stream_id: bytes, diff_id: str) -> bool:
@@ -739,14 +743,14 @@ async def pull_image(
     parse_layers: bool = False,
 ) -> PullResult:
     """Import image `ref` from containers-storage; tag it `tag` (None: no tag). ``jobs``:
-    object worker processes (default: one per core). ``parse_layers``: build the image,
-    from the entries of each imported layer parsed while it is written."""
+    object worker processes (default: one per core). ``parse_layers``: build the image, its
+    tree merged from the entries of each imported layer as it is written."""
     started = time.monotonic()
     limiter = limiter or default_limiter()
     stats = ImportStats()
     locks = ReadLocks([(p, s.read_only) for s in storage.stores for p in s.lock_paths()])
     layer_streams: list[tuple[str, bytes]] = []
-    layer_entries: dict[bytes, list[LayerEntry]] = {}
+    tree = ImageTree(repo) if parse_layers else None
     try:
         await locks.acquire(on_wait=progress.waiting_for_lock if progress else None)
         source = await trio.to_thread.run_sync(read_image, storage, ref)
@@ -764,21 +768,21 @@ async def pull_image(
                 if existing is not None:
                     stats.layers_already_present += 1
                     layer_streams.append((layer.diff_id, existing))
+                    if tree is not None:
+                        tree.add_stored(existing)
                     if progress is not None:
                         progress.layer_done(layer.diff_id, True)
                     continue
                 await pool.start()  # the workers' start-up overlaps the first tar-split read
-                job = LayerImport(repo, layer, stats, limiter, pool, gate, progress, verify_diffid, parse_layers)
+                job = LayerImport(repo, layer, stats, limiter, pool, gate, progress, verify_diffid, tree)
                 layer_streams.append((layer.diff_id, await job.run()))
-                if (entries := job.entries()) is not None:
-                    layer_entries[layer_streams[-1][1]] = entries
                 if progress is not None:
                     progress.layer_done(layer.diff_id, False)
     finally:
         locks.release()
     finished = await trio.to_thread.run_sync(
         functools.partial(finish_pull, repo, source.manifest_digest, source.manifest, source.config_digest,
-                          source.config, layer_streams, tag, build_image=parse_layers, parsed=layer_entries,
+                          source.config, layer_streams, tag, build_image=parse_layers, tree=tree,
                           on_phase=progress.phase if progress is not None else None),
         limiter=limiter,
     )

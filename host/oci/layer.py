@@ -565,6 +565,14 @@ class LayerEntryCollector:
         if not self._done:
             self._pieces.append((object_id,))
 
+    def take(self) -> list[LayerEntry] | None:
+        """The entries parsed since the last take (None once parsing failed), for a caller
+        that applies them as they come instead of keeping them all."""
+        entries = self.entries
+        if entries is not None:
+            self.entries = []
+        return entries
+
     def feed(self, pieces: list[bytes | tuple[bytes]]) -> None:
         """`add_inline` each bytes and `add_external` each (object id,) of pieces, then
         `advance`: for a writer that hands its pieces over to be parsed elsewhere."""

@@ -23,7 +23,7 @@ from pycfs.host.erofs.writer import write_image as write_erofs
 from pycfs.host.fsverity import digest_bytes
 from pycfs.host.oci import image as image_module
 from pycfs.host.oci.image import build_filesystem
-from pycfs.host.oci.layer import import_layer
+from pycfs.host.oci.layer import Hardlink, LayerEntry, import_layer
 from pycfs.host.oci.result import PullResult
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
@@ -307,6 +307,34 @@ def test_image_from_the_entries_parsed_in_the_import(tmp_path, repo, monkeypatch
     again = _pull(other, fake, parse_layers=True)
     assert len(read_back) == 1 and again.stats.layers_already_present == 1
     assert again.images == result.images
+
+
+def test_image_tree_gives_way_to_the_stored_streams_when_broken(tmp_path, repo):
+    """An entry that does not apply, or entries that could not be parsed, break the tree
+    built during the pull, as does a layer list other than the image's: the image is then
+    built from the stored streams (which reports the error), never from a partial tree."""
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    layers = _merging_image(fake)
+    result = _pull(repo, fake)
+    ids = [stream_id for _, stream_id in result.layers]
+    entries = image_module.parse_layer(repo, ids[0])
+    dangling = LayerEntry(b"/x", entries[1].stat, Hardlink(b"/nowhere"))
+    for bad in ([*entries, dangling], None):
+        tree = image_module.ImageTree(repo)
+        tree.apply(bad)
+        tree.end_layer(ids[0])
+        assert tree.broken and tree.filesystem(ids[:1]) is None
+    tree = image_module.ImageTree(repo)
+    tree.add_stored(ids[0])
+    tree.apply(image_module.parse_layer(repo, ids[1]))
+    tree.end_layer(ids[1])
+    assert tree.filesystem(ids[:1]) is None  # not the layers it was built from
+    tree = image_module.ImageTree(repo)
+    for layer_id in ids:
+        tree.add_stored(layer_id)
+    fs = tree.filesystem(ids)
+    assert fs is not None and write_erofs(fs, 1) == write_erofs(build_filesystem(repo, [l.diff_id for l in layers],
+                                                                                 dict(result.layers)), 1)
 
 
 @pytest.mark.parametrize("chunk_entries,in_flight", [(1, 1), (3, 1), (5, 2)])
