@@ -454,7 +454,8 @@ class Repository:
         self._lease_sources = True
 
     def store_object_from_fd(self, src_fd: int, st: os.stat_result | None = None,
-                             observer: Callable[[], Callable[[memoryview], object]] | None = None) -> StoreResult:
+                             observer: Callable[[], Callable[[memoryview], object]] | None = None,
+                             clone_first: bool = False) -> StoreResult:
         """Store the whole file open at src_fd (st: its fstat, when the caller has it).
 
         The object is named by the digest of exactly the bytes it holds, whatever happens
@@ -471,9 +472,11 @@ class Repository:
           data copied), else copied through the hashing buffer, and that copy is hashed.
 
         ``observer`` makes a checker (a fresh one per pass over the content) that sees every
-        stored byte, in order, and may raise to refuse it."""
+        stored byte, in order, and may raise to refuse it. ``clone_first``: always the
+        second way, so the pages read are the object's own (a caller reading the object
+        again right after finds them cached)."""
         st = st or os.fstat(src_fd)
-        if (self._lease_sources and self._reflink_ok.get((st.st_dev, self._objects_dev()), True)
+        if (not clone_first and self._lease_sources and self._reflink_ok.get((st.st_dev, self._objects_dev()), True)
                 and _take_read_lease(src_fd)):
             try:
                 stored = self._store_leased(src_fd, st, observer)

@@ -5,7 +5,8 @@ repository, stores each as an object (reflinked where the filesystem allows). Re
 carry ``sizes``, one per fd, in order; a store request may add ``crcs`` (the tar-split's
 CRC-64/GO-ISO of each file, or null) and ``sha256s`` (``[PREFIX, SHA256]`` in hex or null:
 the SHA-256 of the prefix followed by the content, an ostree content checksum), checked on
-the bytes stored before the object is named. The result packs one answer per fd into a few
+the bytes stored before the object is named, and ``clone_first`` (true: clone each file
+before hashing it, so its object's pages are the ones read and cached). The result packs one answer per fd into a few
 strings, as the host's framing scans JSON token by token:
 
     {"ids": HEX,          # the digests, back to back (zeros for a failed file)

@@ -308,7 +308,9 @@ class LayerConsumer:
                 f.object_id = r
                 self.stats.count(await trio.to_thread.run_sync(self._hardlink_object, f))
             return
-        stored = await self.pool.store([f.fd for f in files], [f.size for f in files])
+        # The stored objects are read again right after, for the diff_id: hashing each
+        # object's own pages (not the source's) leaves them cached for that read.
+        stored = await self.pool.store([f.fd for f in files], [f.size for f in files], clone_first=True)
         for f, s in zip(files, stored):
             if isinstance(s, Failed):
                 raise LayerTransferError(f"cannot store {f.what}: {s.message}")

@@ -105,11 +105,14 @@ class WorkerPool:
 
     async def store(self, fds: Sequence[int], sizes: Sequence[int],
                     crcs: Sequence[int | None] | None = None,
-                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None) -> list[Stored | Failed]:
+                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None,
+                    clone_first: bool = False) -> list[Stored | Failed]:
         """Store each file as an object of the pool's repository; ``crcs``: the CRC-64/GO-ISO
         each file's content must have (None: unchecked), ``sha256s``: (prefix, SHA-256 of the
-        prefix and the content) or None per file, else that file fails."""
-        results = await self._each(api.STORE, fds, sizes, crcs, sha256s)
+        prefix and the content) or None per file, else that file fails; ``clone_first``: hash
+        each object's own pages, never the source's (see `Repository.store_object_from_fd`),
+        for a caller that reads the objects next."""
+        results = await self._each(api.STORE, fds, sizes, crcs, sha256s, clone_first)
         return [r if isinstance(r, Failed) else Stored(r[0], api.HOW[r[1]]) for r in results]
 
     async def adopt(self, fds: Sequence[int], sizes: Sequence[int]) -> list[Stored | Failed]:
@@ -129,7 +132,8 @@ class WorkerPool:
 
     async def _each(self, method: str, fds: Sequence[int], sizes: Sequence[int],
                     crcs: Sequence[int | None] | None = None,
-                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None) -> list[tuple[bytes, str] | Failed]:
+                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None,
+                    clone_first: bool = False) -> list[tuple[bytes, str] | Failed]:
         if len(fds) != len(sizes) or (crcs is not None and len(crcs) != len(fds)):
             raise ValueError(f"{len(fds)} fds but {len(sizes)} sizes{'' if crcs is None else f' and {len(crcs)} crcs'}")
         if sha256s is not None and len(sha256s) != len(fds):
@@ -142,6 +146,8 @@ class WorkerPool:
                 params["crcs"] = list(crcs[start:end])
             if sha256s is not None:
                 params["sha256s"] = [None if c is None else [c[0].hex(), c[1].hex()] for c in sha256s[start:end]]
+            if clone_first:
+                params["clone_first"] = True
             out += await self._call(method, list(fds[start:end]), params)
         return out
 

@@ -196,3 +196,29 @@ def test_a_writer_that_outwaits_the_lease_cannot_misname_the_object(repo, short_
     assert written.is_set()
     stored = repo.read_object(result.object_id)
     assert stored == new and digest_bytes(stored) == result.object_id
+
+
+def test_clone_first_hashes_the_clone_and_never_reads_the_source(repo, monkeypatch):
+    """PutLayer's stores: the lease is not taken and the bytes hashed are the object's own
+    (read from the clone, whose pages the caller's diff_id pass then finds cached); the
+    source's content is never read."""
+    data = os.urandom(3 * (1 << 20) + 11)
+    path = _source(repo, "src", data)
+    source = os.stat(path)
+    read_inodes: set[int] = set()
+    real_preadv = os.preadv
+
+    def preadv(fd, buffers, offset, *flags):
+        read_inodes.add(os.fstat(fd).st_ino)
+        return real_preadv(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        result = repo.store_object_from_fd(fd, clone_first=True)
+    finally:
+        os.close(fd)
+    assert result.how == "reflinked" and result.object_id == digest_bytes(data)
+    assert read_inodes and source.st_ino not in read_inodes
+    assert os.stat(repo.path / "objects" / result.object_id[:1].hex() / result.object_id[1:].hex()).st_ino in read_inodes
+    assert repo.read_object(result.object_id) == data

@@ -466,3 +466,23 @@ def test_store_checks_a_prefixed_sha256_in_the_same_read(tmp_path, files):
         assert last == Stored(digest_bytes(picked[2][1]), last.how)
         assert isinstance(wrong, Failed) and wrong.errno == errno.EBADMSG
         assert repo.object_size(digest_bytes(picked[1][1])) is None
+
+
+def test_clone_first_stores_the_same_objects_and_is_checked(tmp_path, files):
+    """`clone_first` (PutLayer's stores) names every object as a plain store does, and the
+    worker refuses a value that is not a boolean rather than guessing."""
+    from pycfs.host.workers.service import WorkerService
+    from pycfs.protocol.rpcserver import Call, InvalidParamsError
+
+    with Repository.init(tmp_path / "repo") as repo:
+
+        async def main():
+            with _opened([p for p, _ in files]) as (fds, sizes):
+                async with open_pool(repo=repo, jobs=2) as pool:
+                    return await pool.store(fds, sizes, clone_first=True)
+
+        for (_, data), stored in zip(files, _run(main)):
+            assert stored == Stored(digest_bytes(data), stored.how) and stored.how in ("copied", "reflinked")
+            assert repo.read_object(stored.object_id) == data
+        with pytest.raises(InvalidParamsError, match="clone_first"):
+            WorkerService(repo.alg, repo).store(Call(fds=[]), [], clone_first="yes")
