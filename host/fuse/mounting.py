@@ -164,7 +164,6 @@ def serve(image: ServedImage, mountpoint: str, on_ready: Callable[[], None] | No
     # what is loaded now lives as long as the server: keep the collector from walking it
     gc.freeze()
     try:
-        pusher.start()
         server.serve()
         mounted = False  # served until the kernel said the mount is gone
     except _Stop:
@@ -175,8 +174,7 @@ def serve(image: ServedImage, mountpoint: str, on_ready: Callable[[], None] | No
         signal.setitimer(signal.ITIMER_REAL, 0)
         if mounted:
             _unmount_quietly(mountpoint, through_fusermount)
-        pusher.stop()
-        server.close()
+        server.close()  # and the read-ahead process
         for s, handler in previous.items():
             signal.signal(s, handler)
         os.close(fd)
