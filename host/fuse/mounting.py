@@ -151,8 +151,9 @@ def _unmount_quietly(mountpoint: str, through_fusermount: bool) -> None:
 def serve(image: ServedImage, mountpoint: str, on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve in this process until unmounted or signalled; then unmount."""
     where = os.fsencode(os.path.realpath(mountpoint))  # before: afterwards it would ask this server
-    fd, through_fusermount = _mount(mountpoint)
     ops = ComposefsOperations(image)
+    ops.tree.load()
+    fd, through_fusermount = _mount(mountpoint)
     pusher = Pusher(ops, fd)
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     device = _mount_device(where)

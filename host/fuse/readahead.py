@@ -39,10 +39,9 @@ PAGE = 4096
 # How long stopping waits for the read-ahead process before it is killed.
 STOP_TIMEOUT = 10.0
 
-# What the request loop tells the read-ahead process about a READ it answered: the inode, the
-# range, and the nids of the file's directory and of that directory's parent (-1: not known),
-# from which the process finds the files a walk meets next. One write each, never split.
-EVENT = struct.Struct("<QQQqq")
+# What the request loop tells the read-ahead process about a READ it answered: the inode and
+# the range. One write each, never split.
+EVENT = struct.Struct("<QQQ")
 _EVENTS_AT_ONCE = 256
 
 _STORE_HEADER = fuse.OutHeader.FORMAT.size + fuse.NotifyStoreOut.FORMAT.size
@@ -82,13 +81,9 @@ class ReadAhead:
     def close(self) -> None:
         self._splicer.close()
 
-    def after_read(self, ino: int, offset: int, end: int, parent: int = -1, grandparent: int = -1) -> None:
-        """A read of `ino` from `offset` to `end` was answered: queue what follows. parent and
-        grandparent are the directories above the file, where the request loop knows them."""
+    def after_read(self, ino: int, offset: int, end: int) -> None:
+        """A read of `ino` from `offset` to `end` was answered: queue what follows."""
         tree = self.ops.tree
-        for directory in (grandparent, parent):  # so that positions here are the loop's
-            if directory >= 0:
-                tree.entries(directory)
         nid = tree.nid(ino)
         node = tree.node(nid)
         if self._read_to.get(nid, 0) < end:
@@ -252,8 +247,8 @@ class ReadAhead:
 
 
 class Pusher:
-    """The request loop's side of the read-ahead, which runs in a process of its own: started
-    after INIT, told about every READ answered through a pipe, stopped and reaped by the
+    """The request loop's side of the read-ahead, which runs in a process of its own (forked
+    with the tree loaded, so it knows every position a walk needs): started after INIT, told about every READ answered through a pipe, stopped and reaped by the
     server, and killed with it (PR_SET_PDEATHSIG).
 
     Its own process, because a store waits for the page locks of reads still pending in the
@@ -283,12 +278,8 @@ class Pusher:
         """The loop answered a read of `ino` from `offset` to `end`."""
         if self._events is None:
             return
-        tree = self.ops.tree
-        position = tree.position.get(tree.nid(ino))
-        parent = position[0] if position is not None else -1
-        up = tree.position.get(parent) if position is not None else None
         try:
-            os.write(self._events, EVENT.pack(ino, offset, end, parent, up[0] if up is not None else -1))
+            os.write(self._events, EVENT.pack(ino, offset, end))
         except BlockingIOError:
             pass  # the process is busy: this read gets no read-ahead
         except OSError:  # the process is gone: reads are served without read-ahead

@@ -379,6 +379,7 @@ def test_read_ahead_process_pushes_for_the_reads_the_loop_answers(tmp_path):
     server answers through its pipe, stopped and reaped."""
     m = Mounted(tmp_path, 1)
     with tempfile.TemporaryFile() as out:
+        m.ops.tree.load()  # as the server does before it mounts: the process knows the whole tree
         pusher = m.server._pusher = Pusher(m.ops, out.fileno())
         pusher.start()
         pid = pusher.pid
