@@ -224,11 +224,18 @@ class ReadAhead:
             return  # zeros: the kernel's own reads are as cheap
         fd = self.ops.open_object(redirect.lstrip(b"/"), raw.size, node.internal.get(METACOPY))
         try:
-            for offset in range(start, end, self._splicer.limit):
+            offset = start
+            while offset < end:
+                reader = self._read_to.get(nid, 0)
+                if reader > offset:
+                    # the reader caught up, and its reads would race this push over the same
+                    # pages: leave it the next piece, push the one after
+                    offset = (reader + self._splicer.limit) // PAGE * PAGE
+                    if offset >= end:
+                        return
                 length = min(self._splicer.limit, end - offset)
-                if self._read_to.get(nid, 0) >= offset + length:
-                    continue  # the reader got there first
                 self._splicer.send(self.fd, _store_header(ino, offset, length), fd, offset, length)
+                offset += length
                 yield
         finally:
             os.close(fd)

@@ -342,6 +342,28 @@ def test_read_ahead_pushes_the_next_files_of_a_directory_read_in_order(tmp_path)
     assert _pushed(m, [("/usr/medium", 0, 4096), ("/usr/sparse", 4096, 4096)]) == []
 
 
+def test_read_ahead_leaves_a_reader_that_caught_up_the_piece_ahead_of_it(tmp_path, monkeypatch):
+    """A reader that got into a range before it was pushed reads the next piece itself; the
+    push goes on after that piece rather than racing the reader's reads over the same pages."""
+    monkeypatch.setattr(readahead, "PUSH_AHEAD", 240_000)
+    m = Mounted(tmp_path, 1)
+    tool = m.ino("/usr/tool")
+    with tempfile.TemporaryFile() as out:
+        ahead = ReadAhead(m.ops, out.fileno())
+        ahead._splicer.limit = 32 * 1024  # pieces of 32 KiB, as if the pipe were that small
+        ahead.after_read(tool, 0, 4096)  # queues 4,096-122,880 and 126,976-244,096 (a tripwire page between)
+        ahead.after_read(tool, 4096, 40_960)  # the reader got to 40,960 before anything was pushed
+        while ahead.step():
+            pass
+        ahead.close()
+        stores = _stores(os.pread(out.fileno(), 1 << 24, 0))
+    assert [(off, len(b)) for _, off, b in stores] == [
+        (73_728, 32_768), (106_496, 16_384),  # from a piece after the reader's: (40,960 + 32,768) // 4096 * 4096
+        (126_976, 32_768), (159_744, 32_768), (192_512, 32_768), (225_280, 18_816),
+        (244_096, 256_004 - 244_096)]  # the second read's window: to the end
+    assert all(b == BIG[off:off + len(b)] for _, off, b in stores)
+
+
 def twelve_files(repo: Repository) -> FileSystem:
     fs = FileSystem()
     fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
