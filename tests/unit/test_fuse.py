@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import stat
 import tempfile
 import time
@@ -419,8 +420,23 @@ def test_read_ahead_process_pushes_for_the_reads_the_loop_answers(tmp_path):
             os.waitpid(pid, os.WNOHANG)  # reaped
         stores = _stores(os.pread(out.fileno(), 1 << 24, 0))
     assert stores == [(m.ino("/usr/tool"), 0, BIG)]
-    m.server._pusher = None
     assert m.read_all("/usr/tool") == BIG  # reads go on without it
+
+
+def test_server_reads_on_when_its_read_ahead_process_dies(tmp_path):
+    m = Mounted(tmp_path, 1)
+    m.ops.tree.load()
+    with tempfile.TemporaryFile() as out:
+        pusher = m.server._pusher = Pusher(m.ops, out.fileno())
+        pusher.start()
+        assert pusher.pid is not None
+        os.kill(pusher.pid, signal.SIGKILL)
+        os.waitid(os.P_PID, pusher.pid, os.WEXITED | os.WNOWAIT)  # dead, not yet reaped
+        for _ in range(3):  # the first write after its death finds the pipe broken
+            assert m.read_all("/usr/medium") == MEDIUM
+        assert pusher._events is None
+        pusher.stop(lambda timeout: (time.sleep(timeout), True)[1])  # reaps it
+        assert pusher.pid is None
 
 
 def _object_file(m: Mounted, data: bytes) -> Path:
