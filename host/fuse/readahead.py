@@ -33,8 +33,7 @@ PUSH_FILES = 512
 PUSH_BYTES = 64 << 20
 PUSH_FILE_LIMIT = 1 << 20
 # Pushes waiting; more are dropped (a reader that far ahead is served by its reads).
-PUSH_QUEUE = 256
-PUSH_NICE = 0
+PUSH_QUEUE = 2 * PUSH_FILES
 PAGE = 4096
 # How long stopping waits for the read-ahead process before it is killed.
 STOP_TIMEOUT = 10.0
@@ -255,8 +254,9 @@ class ReadAhead:
 
 class Pusher:
     """The request loop's side of the read-ahead, which runs in a process of its own (forked
-    with the tree loaded, so it knows every position a walk needs): started after INIT, told about every READ answered through a pipe, stopped and reaped by the
-    server, and killed with it (PR_SET_PDEATHSIG).
+    with the tree loaded, so it knows every position a walk needs): started after INIT, told
+    about every READ answered through a pipe, stopped and reaped by the server, and killed
+    with it (PR_SET_PDEATHSIG).
 
     Its own process, because a store waits for the page locks of reads still pending in the
     kernel, and only the request loop answers those; and in a process rather than a thread,
@@ -302,12 +302,13 @@ class Pusher:
         if self.pid is None:
             return
         deadline = time.monotonic() + STOP_TIMEOUT
-        serving = True
+        serving, killed = True, False
         while os.waitpid(self.pid, os.WNOHANG)[0] == 0:
             if time.monotonic() > deadline:
+                if killed:  # stuck in a store: it ends when the connection closes, and init reaps it
+                    break
                 os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-                break
+                killed, deadline = True, deadline + STOP_TIMEOUT
             if serving:
                 serving = serve_one(0.05)
             else:
@@ -322,9 +323,6 @@ def _child(ops: ComposefsOperations, fd: int, events: int, ppid: int) -> NoRetur
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the server stops it, or its death
             signal.signal(s, signal.SIG_DFL)
         signal.signal(signal.SIGALRM, signal.SIG_IGN)
-        # behind the request loop and the readers when the CPUs are busy: read-ahead only
-        # helps while it does not slow what it is for
-        os.setpriority(os.PRIO_PROCESS, 0, PUSH_NICE)
         read_ahead = ReadAhead(ops, fd)
         try:
             read_ahead.run(events)
