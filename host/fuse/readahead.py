@@ -50,16 +50,17 @@ class ReadAhead:
     """What to push, decided from the reads the request loop answered, and the pushing itself,
     one step at a time (so that news of the reader comes in between).
 
-    A read of a file gets the next PUSH_AHEAD of it. The first read of a file that comes after
-    the previously first-read file in a walk of the tree (later in its directory, or in a later
-    directory of the same parent: reading in order, as `cp -r`, `tar` or `find | xargs cat`
-    do) gets the next PUSH_FILES files (at most PUSH_BYTES) that walk meets, less those the
-    reader reaches first. A reader served from the page cache sends no READ, so each push
-    leaves a tripwire about halfway, unpushed: a file of a walk, one page of a file's window.
-    Reading it is a READ, which says where the reader is, so the next push starts while the
-    reader still has the second half of the last one to read. Stores the kernel refuses (an
-    inode it forgot) and objects that cannot be opened are skipped: the reads that follow, if
-    any, say why."""
+    A read of a file gets the next PUSH_AHEAD of it. Once first reads of files come in the
+    order a walk of the tree meets them (later in the directory, or in a later directory of
+    the same parent: as `cp -r`, `tar` or `find | xargs cat` read), the walk keeps the next
+    PUSH_FILES files (at most PUSH_BYTES, PUSH_FILE_LIMIT of each) pushed ahead of the
+    reader. A reader served from the page cache sends no READ, so what is pushed leaves a
+    tripwire about halfway, unpushed: a file of the walk, one page of a file's window. Its
+    READ says where the reader is, and the walk takes the next files while the reader still
+    has the rest of the window to read. What the reader reached is not pushed; a reader that
+    caught up with a push reads the next piece itself while the push goes on after it. Stores
+    the kernel refuses (an inode it forgot) and objects that cannot be opened are skipped:
+    the reads that follow, if any, say why."""
 
     def __init__(self, ops: ComposefsOperations, fd: int) -> None:
         self.ops = ops
