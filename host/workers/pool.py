@@ -53,6 +53,7 @@ EXIT_GRACE = 5.0
 class Stored:
     object_id: bytes
     how: str  # "reflinked", "copied" or "present"
+    leased: bool = False  # the source's read lease stays with its fd (store's keep_leases)
 
 
 @dataclass(frozen=True)
@@ -119,12 +120,17 @@ class WorkerPool:
 
     async def store(self, fds: Sequence[int], sizes: Sequence[int],
                     crcs: Sequence[int | None] | None = None,
-                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None) -> list[Stored | Failed]:
+                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None,
+                    keep_leases: bool = False) -> list[Stored | Failed]:
         """Store each file as an object of the pool's repository; ``crcs``: the CRC-64/GO-ISO
         each file's content must have (None: unchecked), ``sha256s``: (prefix, SHA-256 of the
-        prefix and the content) or None per file, else that file fails."""
-        results = await self._each(api.STORE, fds, sizes, crcs, sha256s)
-        return [r if isinstance(r, Failed) else Stored(r[0], api.HOW[r[1]]) for r in results]
+        prefix and the content) or None per file, else that file fails; ``keep_leases``: for a
+        caller that reads the content next, a file stored under a read lease keeps it
+        (`Stored.leased`: the caller may read the cached source while `lease_held` says so,
+        and closing its fd ends the lease); any other was hashed from the object's own pages
+        (see `Repository.store_object_from_fd`)."""
+        results = await self._each(api.STORE, fds, sizes, crcs, sha256s, keep_leases)
+        return [r if isinstance(r, Failed) else Stored(r[0], api.HOW[r[1].lower()], r[1].isupper()) for r in results]
 
     async def adopt(self, fds: Sequence[int], sizes: Sequence[int]) -> list[Stored | Failed]:
         """Make each anonymous file of the repository's object store (see
@@ -143,7 +149,8 @@ class WorkerPool:
 
     async def _each(self, method: str, fds: Sequence[int], sizes: Sequence[int],
                     crcs: Sequence[int | None] | None = None,
-                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None) -> list[tuple[bytes, str] | Failed]:
+                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None,
+                    keep_leases: bool = False) -> list[tuple[bytes, str] | Failed]:
         if len(fds) != len(sizes) or (crcs is not None and len(crcs) != len(fds)):
             raise ValueError(f"{len(fds)} fds but {len(sizes)} sizes{'' if crcs is None else f' and {len(crcs)} crcs'}")
         if sha256s is not None and len(sha256s) != len(fds):
@@ -162,6 +169,8 @@ class WorkerPool:
                 params["crcs"] = list(crcs[start:end])
             if sha256s is not None:
                 params["sha256s"] = [None if c is None else [c[0].hex(), c[1].hex()] for c in sha256s[start:end]]
+            if keep_leases:
+                params["keep_leases"] = True
             out += await call(method, list(fds[start:end]), params)
         return out
 
@@ -215,7 +224,7 @@ class WorkerPool:
             raise ValueError(f"refused a request: {obj['error']}")
         result = obj.get("result")
         ids, how, failed = (result.get(k) for k in ("ids", "how", "failed")) if isinstance(result, dict) else (None,) * 3
-        codes = api.DIGESTED if method in (api.DIGEST, api.DIGEST_PATHS) else api.HOW
+        codes = api.DIGESTED if method in (api.DIGEST, api.DIGEST_PATHS) else api.HOW.keys() | api.LEASE_KEPT
         try:
             digests = bytes.fromhex(ids) if isinstance(ids, str) else b""
         except ValueError:
