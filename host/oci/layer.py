@@ -20,7 +20,7 @@ import os
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import zstandard
 
@@ -44,8 +44,9 @@ from pycfs.host.tree import BlockDevice, CharDevice, External, Fifo, Inline, Lea
 # Format constant (INLINE_CONTENT_MAX_V0): regular files up to this size stay inline.
 INLINE_CONTENT_MAX = 64
 _PIECE = 1 << 20
-# zstd input is fed in small slices: the output of one slice is held in memory at once.
-_ZSTD_INPUT_SLICE = 1 << 14
+# zstd input is fed in slices: the output of one slice is held in memory at once (at
+# ordinary ratios about a _PIECE; 16 KiB slices cost 7% more decompression time).
+_ZSTD_INPUT_SLICE = 1 << 17
 
 DIGEST_ALGORITHMS = {"sha256": 64, "sha512": 128}
 
@@ -84,6 +85,16 @@ class HashingReader:
 
     def digest(self) -> str:
         return f"{self.alg}:{self.hasher.hexdigest()}"
+
+
+class HashedSource(Protocol):
+    """A reader that counts and digests every byte it hands out (HashingReader's face)."""
+
+    count: int
+
+    def read(self, n: int = -1) -> bytes: ...
+
+    def digest(self) -> str: ...
 
 
 # ---------------------------------------------------------------------------- compression
@@ -258,9 +269,12 @@ class TarSplitter:
     object workers while this thread decompresses and splits on. Whoever takes pieces closes
     the PendingFile fds among them (`close_pieces`)."""
 
-    def __init__(self, repo: Repository, f: BinaryIO, alg: str = "sha256", *, defer: bool = False) -> None:
+    def __init__(self, repo: Repository, f: BinaryIO, alg: str = "sha256", *, defer: bool = False,
+                 hashed: bool = False) -> None:
+        """With ``hashed``, f already counts and digests what it hands out (`count`,
+        `digest()`, as a HashingReader): the tar is not hashed a second time here."""
         self.repo = repo
-        self.src = HashingReader(f, alg)
+        self.src: HashedSource = f if hashed else HashingReader(f, alg)  # type: ignore[assignment]
         self._ahead = _ReadAhead(self.src.read)
         self.reader = TarReader(self._ahead.read)
         self.files_inlined = 0

@@ -223,6 +223,80 @@ def image_layers(manifest: dict, config_raw: bytes, digest: str) -> ImageLayers:
 CHUNKS_IN_FLIGHT = 4
 
 
+# The uncompressed tar goes from the inflating thread to the splitting one in batches of
+# about _BATCH bytes, at most _BATCHES_QUEUED of them waiting: memory stays bounded.
+_BATCH = 1 << 20
+_BATCHES_QUEUED = 4
+
+
+class _Inflater:
+    """Reads a layer blob, hashing it (its digest), decompresses it and hashes the tar (its
+    diff_id), a batch at a time in a thread of its own: zstandard, zlib and hashlib release
+    the GIL, so this runs on one core while the splitting thread parses and writes on the other."""
+
+    def __init__(self, f: BinaryIO, desc: Descriptor, diff_alg: str) -> None:
+        self.blob = HashingReader(f, parse_digest(desc.digest)[0])
+        self._tar = decompressing_reader(self.blob, LAYER_TYPES[desc.media_type])
+        self._hasher = hashlib.new(diff_alg)
+        self._alg = diff_alg
+        self.count = 0  # tar bytes
+
+    def batch(self) -> list[bytes]:
+        """The next pieces of the tar, hashed; [] at the end (the blob read to its end)."""
+        out: list[bytes] = []
+        size = 0
+        while size < _BATCH:
+            piece = self._tar.read(_PIECE)
+            if not piece:
+                self.blob.drain()  # a digest covers every byte, trailing ones included
+                break
+            self._hasher.update(piece)
+            out.append(piece)
+            size += len(piece)
+        self.count += size
+        return out
+
+    def digest(self) -> str:
+        return f"{self._alg}:{self._hasher.hexdigest()}"
+
+
+class _Batches:
+    """The tar for the splitting thread (a `HashedSource`): read(n) over the inflater's
+    batches, waiting for the next one through trio (a cancelled pull ends the wait)."""
+
+    def __init__(self, inflater: _Inflater, receive: trio.MemoryReceiveChannel[list[bytes]]) -> None:
+        self._inflater = inflater
+        self._receive = receive
+        self._pieces: list[bytes] = []  # reversed: the next one last
+        self._view = memoryview(b"")  # the rest of a piece handed out in parts
+        self._ended = False
+
+    @property
+    def count(self) -> int:
+        return self._inflater.count
+
+    def digest(self) -> str:
+        return self._inflater.digest()
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._view:
+            while not self._pieces:
+                if self._ended:
+                    return b""
+                try:
+                    self._pieces = trio.from_thread.run(self._receive.receive)[::-1]
+                except trio.EndOfChannel:
+                    self._ended = True
+            piece = self._pieces.pop()
+            if n < 0 or len(piece) <= n:
+                return piece  # handed on whole, not copied
+            self._view = memoryview(piece)
+        if n < 0:
+            n = len(self._view)
+        part, self._view = self._view[:n], self._view[n:]
+        return bytes(part)
+
+
 class _Chunk:
     def __init__(self, pieces: list[Piece]) -> None:
         self.pieces = pieces
@@ -242,20 +316,21 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLay
                               limiter: trio.CapacityLimiter, progress: PullProgress | None,
                               collect: bool = False) -> LayoutLayer:
     """Decompress and split a layer blob, verify its digest and diff_id, commit
-    `oci-layer-<diff_id>`. A thread splits the tar a run of entries at a time, writing file
+    `oci-layer-<diff_id>`. One thread reads, decompresses and hashes the blob (`_Inflater`),
+    another splits the tar it hands on a run of entries at a time, writing file
     content once into anonymous files of the object store; the object workers hash and link
     those (as they do the files of a containers-storage pull) while the thread goes on; each
     run is appended to the layer stream, in order, once its files are objects (and, with
     ``collect``, parsed into the layer's entries for the image build)."""
-    alg, _ = parse_digest(desc.digest)
     stats = ImportStats()
     collector = LayerEntryCollector() if collect else None
     held: set[_Chunk] = set()
     advanced = 0  # blob bytes shown as progress
     with layout.open_blob(desc) as f:
-        blob = HashingReader(f, alg)
-        splitter = TarSplitter(repo, decompressing_reader(blob, LAYER_TYPES[desc.media_type]),
-                               parse_digest(diff_id)[0], defer=True)
+        inflater = _Inflater(f, desc, parse_digest(diff_id)[0])
+        blob = inflater.blob
+        send_tar, receive_tar = trio.open_memory_channel[list[bytes]](_BATCHES_QUEUED)
+        splitter = TarSplitter(repo, _Batches(inflater, receive_tar), defer=True, hashed=True)
         writer = repo.new_stream(CONTENT_OCI_LAYER)
         send, receive = trio.open_memory_channel[_Chunk](CHUNKS_IN_FLIGHT - 1)
         send_written, written = trio.open_memory_channel[list[bytes | tuple[bytes]]](CHUNKS_IN_FLIGHT)
@@ -276,12 +351,18 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLay
             held.add(chunk)  # here in the thread: a cancelled wait for it must still close its files
             return chunk
 
+        async def inflate() -> None:
+            # A thread a batch, outside the shared limiter: the splitting thread holds it while
+            # it waits for batches. (One inflater a layer, and layers_at_once layers.)
+            while batch := await trio.to_thread.run_sync(inflater.batch):
+                await send_tar.send(batch)
+            await send_tar.aclose()  # only at the end: after a failure the splitter is cancelled
+
         async def split(nursery: trio.Nursery) -> None:
             async with send:
                 while (chunk := await trio.to_thread.run_sync(next_chunk, limiter=limiter)).pieces:
                     nursery.start_soon(store, chunk)
                     await send.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
-                await trio.to_thread.run_sync(blob.drain, limiter=limiter)
 
         async def write() -> None:
             nonlocal advanced
@@ -305,6 +386,7 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLay
 
         try:
             async with open_nursery() as nursery:
+                nursery.start_soon(inflate)
                 nursery.start_soon(split, nursery)
                 nursery.start_soon(write)
                 nursery.start_soon(parse)
@@ -351,12 +433,15 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
     stats.layers = len({d for _, d in layers.layers})
     stats.layers_already_present = stats.layers - len(todo)
     limiter = trio.CapacityLimiter(os.cpu_count() or 1)
+    # Each layer being imported holds its inflater's queued batches and its runs in flight.
+    layers_at_once = trio.CapacityLimiter(os.cpu_count() or 1)
     parsed: dict[bytes, list[LayerEntry]] = {}  # by stream id: entries of the layers imported
 
     async def one(pool: WorkerPool, diff_id: str, desc: Descriptor) -> None:
-        if progress is not None:
-            progress.layer_started(diff_id, desc.size)
-        layer = await import_layout_layer(repo, pool, layout, desc, diff_id, limiter, progress, build_image)
+        async with layers_at_once:
+            if progress is not None:
+                progress.layer_started(diff_id, desc.size)
+            layer = await import_layout_layer(repo, pool, layout, desc, diff_id, limiter, progress, build_image)
         stats.add(layer.stats)
         if layer.entries is not None:
             parsed[layer.stream_id] = layer.entries

@@ -2,12 +2,16 @@
 files it wrote; streams byte-exact, objects named by their digests, nothing left on failure."""
 
 import hashlib
+import json
 import os
 import re
+import shutil
+import zlib
 from pathlib import Path
 
 import pytest
 import trio
+import zstandard
 
 from imagebuild import Device, Dir, File, Hardlink, ImageSpec, Opaque, Symlink, Whiteout, build_layout
 from pycfs.host.erofs.writer import write_image as write_erofs
@@ -16,6 +20,7 @@ from pycfs.host.fsverity import digest_bytes
 from pycfs.host.oci import image as image_module
 from pycfs.host.oci.layer import layer_stream_name
 from pycfs.host.oci.layout import pull_oci_layout
+from pycfs.host.oci.streams import list_images
 from pycfs.host.repository import Repository
 from pycfs.host.streamcat import iter_stream_bytes
 
@@ -114,3 +119,66 @@ def test_image_from_the_entries_parsed_in_the_import(tmp_path, monkeypatch, comp
         # OCI normalisation: only security.capability is kept, on every inode
         assert fs.root.lookup(b"/usr/lib/hard").stat.xattrs == {b"security.capability": b"c"}
         assert fs.root.lookup(b"/usr/lib").stat.xattrs == {}
+
+
+def _put(blobs: Path, data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    (blobs / digest).write_bytes(data)
+    return "sha256:" + digest
+
+
+def _zstd_layout(src: Path, dest: Path, tar_of=lambda i, tar: tar) -> None:
+    """A copy of the gzip layout src with zstd layers (tar_of may change a layer's tar)."""
+    shutil.copytree(src, dest)
+    blobs = dest / "blobs" / "sha256"
+    index = json.loads((dest / "index.json").read_bytes())
+    entry = index["manifests"][0]
+    manifest = json.loads((blobs / entry["digest"].split(":")[1]).read_bytes())
+    cctx = zstandard.ZstdCompressor()
+    for i, layer in enumerate(manifest["layers"]):
+        tar = tar_of(i, zlib.decompress((blobs / layer["digest"].split(":")[1]).read_bytes(), wbits=31))
+        # two frames cut inside an entry: the inflater's batches cross frames and entries
+        blob = cctx.compress(tar[: len(tar) // 2 + 123]) + cctx.compress(tar[len(tar) // 2 + 123 :])
+        layer.update(mediaType="application/vnd.oci.image.layer.v1.tar+zstd", digest=_put(blobs, blob),
+                     size=len(blob))
+    raw = json.dumps(manifest).encode()
+    entry.update(digest=_put(blobs, raw), size=len(raw))
+    (dest / "index.json").write_text(json.dumps(index))
+
+
+def test_zstd_layers_store_every_file_and_name_streams_by_diff_id(tmp_path, layout):
+    """The inflating thread hands the splitting thread the tar across frames and batches:
+    the streams read back as the tars of the diff_ids, every file is its object."""
+    path, built = layout
+    _zstd_layout(path, tmp_path / "zstd")
+    with Repository.init(tmp_path / "repo") as repo:
+        result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "zstd"), "x", jobs=2))
+        for diff_id in built.diff_ids:
+            reader = repo.open_stream(layer_stream_name(diff_id))
+            assert "sha256:" + hashlib.sha256(b"".join(iter_stream_bytes(repo, reader))).hexdigest() == diff_id
+        assert result.images
+    files = [e for layer in SPEC.layers for e in layer if isinstance(e, File) and e.length > 64]
+    assert {digest_bytes(f.content()).hex() for f in files} <= set(_objects(tmp_path / "repo"))
+
+
+@pytest.mark.parametrize("damage", ["diff_id", "blob"])
+def test_a_zstd_layer_not_matching_its_digests_commits_nothing(tmp_path, layout, damage):
+    """A blob whose tar is not its diff_id (here: a zero block more after the end marker,
+    still a valid tar), or a blob not matching its digest: one error, no layer stream, no fd left."""
+    path, built = layout
+    cut = tmp_path / "zstd"
+    _zstd_layout(path, cut, lambda i, tar: tar + bytes(512) if i == 0 and damage == "diff_id" else tar)
+    if damage == "blob":
+        manifest_digest = json.loads((cut / "index.json").read_bytes())["manifests"][0]["digest"]
+        manifest = json.loads((cut / "blobs/sha256" / manifest_digest.split(":")[1]).read_bytes())
+        blob = cut / "blobs/sha256" / manifest["layers"][0]["digest"].split(":")[1]
+        data = bytearray(blob.read_bytes())
+        data[-5] ^= 1  # the last frame's checksum-free tail: decompresses, to other bytes or an error
+        blob.write_bytes(data)
+    before = _fds()
+    with Repository.init(tmp_path / "repo") as repo:
+        with pytest.raises(PycfsError, match="diff_id" if damage == "diff_id" else "digest|corrupt zstd"):
+            trio.run(lambda: pull_oci_layout(repo, str(cut), "x", build_image=False, jobs=2))
+        assert repo.has_stream(layer_stream_name(built.diff_ids[0])) is None
+        assert list_images(repo) == []
+    assert _fds() == before
