@@ -129,9 +129,9 @@ class PullOptions:
 
 class _Puller:
     def __init__(self, repo: Repository, source: LocalRepo | HttpRepo, commit: bytes, options: PullOptions,
-                 current: _Current | None = None) -> None:
+                 checks: _Checks) -> None:
         self.repo = repo
-        self.current = current  # checked against the commit before anything it names is fetched
+        self.checks = checks
         self.source = source
         self.commit = commit
         self.options = options
@@ -207,8 +207,7 @@ class _Puller:
         parsed: Commit | DirTree | DirMeta
         if kind is Kind.COMMIT:
             parsed = commit = Commit.parse(data, checksum)
-            if self.current is not None:
-                self.current.refuse_older(checksum, commit)
+            self.checks.check(checksum, commit)
             if commit.parent is not None and has_commit(self.repo, commit.parent):
                 self.add_base(load_stream(self.repo, stream_name(commit.parent)), "parent")
             self.want(Kind.DIRMETA, commit.root_meta)
@@ -274,8 +273,7 @@ class _Puller:
         if hashlib.sha256(data).digest() != checksum:
             raise OstreeError(f"static delta {name}: the superblock does not match its checksum")
         superblock = parse_superblock(data, name, from_commit, self.commit)
-        if self.current is not None:  # before any part is fetched
-            self.current.refuse_older(self.commit, Commit.parse(superblock.commit_data, self.commit))
+        self.checks.check(self.commit, Commit.parse(superblock.commit_data, self.commit))  # before any part
         base = None if from_commit is None else load_stream(self.repo, stream_name(from_commit))
         token = trio.lowlevel.current_trio_token()
 
@@ -440,20 +438,29 @@ def _signed_commit(source: LocalRepo | HttpRepo, commit: bytes, keyring: str) ->
 
 
 @dataclass(frozen=True)
-class _Current:
-    """What NAME names now, when a pull would move it."""
+class _Checks:
+    """What a pull checks on the commit object before it fetches anything it names."""
 
-    name: str
-    objects: CommitObjects
+    ref: str | None  # the branch it was asked for (None: a checksum)
+    current: tuple[str, CommitObjects] | None  # NAME and what it names now, when it may not go back
 
-    def refuse_older(self, commit: bytes, new: Commit) -> None:
-        """As ostree's timestamp check: a commit older than the one NAME names now (a
-        replayed old, perhaps vulnerable, commit) is refused; the same second is not older."""
-        now = commit_of(self.objects).timestamp
-        if new.timestamp < now:
-            raise OstreeError(f"commit {commit.hex()} ({_utc(new.timestamp)}) is older than commit "
-                              f"{self.objects.commit.hex()} ({_utc(now)}) that {self.name} names now: refusing "
-                              "the downgrade (--allow-downgrade permits it)")
+    def check(self, commit: bytes, new: Commit) -> None:
+        # As ostree: a commit bound to refs (`ostree.ref-binding`, written by `ostree
+        # commit --branch`) comes only by one of them, so a server cannot pass one branch's
+        # commit off as another's.
+        bound = next((v.value for k, v in new.metadata if k == "ostree.ref-binding" and v.type == "as"), None)
+        if self.ref is not None and bound is not None and self.ref not in bound:
+            raise OstreeError(f"commit {commit.hex()} is bound to {', '.join(bound) or 'no ref'} (ostree.ref-binding), "
+                              f"not to {self.ref}, the ref the repository serves it as")
+        # As ostree's timestamp check: a commit older than the one NAME names now (a
+        # replayed old, perhaps vulnerable, commit) is refused; the same second is not older.
+        if self.current is not None:
+            name, objects = self.current
+            now = commit_of(objects).timestamp
+            if new.timestamp < now:
+                raise OstreeError(f"commit {commit.hex()} ({_utc(new.timestamp)}) is older than commit "
+                                  f"{objects.commit.hex()} ({_utc(now)}) that {name} names now: refusing "
+                                  "the downgrade (--allow-downgrade permits it)")
 
 
 def _utc(timestamp: int) -> str:
@@ -475,26 +482,25 @@ async def pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options
     name = options.name if options.name is not None else (None if is_checksum_text(ref) else ref)
     if name is not None:
         check_ref_name(name)
-    current = None
-    if name is not None and _current(repo, name) is not None:
-        current = _Current(name, load_commit(repo, name))
-    guard = None if current is None or current.objects.commit == commit or options.allow_downgrade else current
+    current = load_commit(repo, name) if name is not None and _current(repo, name) is not None else None
+    checks = _Checks(None if is_checksum_text(ref) else ref,
+                     None if name is None or current is None or current.commit == commit or options.allow_downgrade
+                     else (name, current))
     signed = None
     if options.gpg_keyring is not None:
         signed = await trio.to_thread.run_sync(_signed_commit, source, commit, options.gpg_keyring)
     if has_commit(repo, commit):
         objects = load_stream(repo, stream_name(commit))
-        if guard is not None:
-            guard.refuse_older(commit, commit_of(objects))
+        checks.check(commit, commit_of(objects))
         image_id = ensure_image(repo, objects, name)
         stats = PullStats(requests=source.requests if isinstance(source, HttpRepo) else None)
         return PullResult(commit, image_id, name, True, stats, time.monotonic() - started)
-    puller = _Puller(repo, source, commit, options, guard)
+    puller = _Puller(repo, source, commit, options, checks)
     stats = puller.stats
     if options.base_name is not None:
         puller.add_base(load_commit(repo, options.base_name), f"--base-name {options.base_name}:")
     elif current is not None:
-        puller.add_base(current.objects, f"{name} was")
+        puller.add_base(current, f"{name} was")
     puller.load_partial()
     if signed is not None:
         puller.add_base(signed, "signature verified on")  # not fetched again

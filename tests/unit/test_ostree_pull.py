@@ -188,3 +188,30 @@ def test_downgrade_is_refused_as_ostree_timestamp_check_refuses_it(tmp_path):
     assert step("new") == (True, True) and named() == ids["new"]
     assert step("old") == (False, False) and named() == ids["new"]  # also when the old commit is stored
     assert step("same") == (True, True) and named() == ids["same"]
+
+
+def test_commit_bound_to_other_refs_is_refused_as_ostree_refuses_it(tmp_path):
+    """A commit `ostree commit --branch=stable` bound to stable comes only as stable (or by
+    its checksum); one without bindings comes by any ref. `ostree pull` from the same
+    repository (a file:// remote) is the oracle."""
+    src = init_repo(tmp_path / "src", "archive")
+    bound = ostree("commit", f"--repo={src}", "--branch=stable",
+                   make_tree(tmp_path / "t1", xattrs=False, setid=False))
+    free = ostree("commit", f"--repo={src}", "--branch=free", "--no-bindings",
+                  make_tree(tmp_path / "t2", version=2, xattrs=False, setid=False))
+    oracle = init_repo(tmp_path / "oracle", "archive")
+    ostree("remote", "add", f"--repo={oracle}", "--no-gpg-verify", "r", f"file://{src}")
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+    for target, ok in ((bound, False), (free, True)):
+        (src / "refs" / "heads" / "testing").write_text(target + "\n")
+        ours = pycfs(cfs, "ostree", "pull-local", src, "testing", check=False)
+        theirs = subprocess.run(["ostree", "pull", f"--repo={oracle}", "r", "testing"], capture_output=True, text=True)
+        assert (ours.returncode == 0, theirs.returncode == 0) == (ok, ok), (ours.stderr, theirs.stderr)
+        if not ok:
+            assert "ref binding" in theirs.stderr
+            assert ours.stderr == (f"pycfs: error: commit {bound} is bound to stable (ostree.ref-binding), not to "
+                                   "testing, the ref the repository serves it as\n")
+            assert pycfs(cfs, "ostree", "images").stdout == ""
+    assert json.loads(pycfs(cfs, "ostree", "pull-local", src, "stable", "--json").stdout)["commit"] == bound
+    assert json.loads(pycfs(cfs, "ostree", "pull-local", src, bound, "pinned", "--json").stdout)["ref"] == "pinned"
