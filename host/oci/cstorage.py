@@ -35,25 +35,24 @@ import functools
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
 from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
-from pycfs.host.jsondoc import parse_object
 from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.image import ImageTree, finish_pull
 from pycfs.host.oci.layer import LayerEntryCollector
-from pycfs.host.oci.result import ImportStats, PullResult
+from pycfs.host.oci.result import ImportStats, PullResult, containers_storage_result
 from pycfs.host.fsverity import read_ahead
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.streamcat import stream_digest
+from pycfs.host.storage.image import ImageSource, read_image
 from pycfs.host.storage.locks import ReadLocks
-from pycfs.host.storage.store import ImageLayer, ImageRecord, Storage, Store, StorageError
+from pycfs.host.storage.store import ImageLayer, Storage, Store, StorageError
 from pycfs.host.storage.tarsplit import FileEntry, Segment, check_name, crc64_iso, header_only_kind, open_entries
 from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
 from pycfs.protocol.helper_api import layer_dir
@@ -83,50 +82,6 @@ class HelperOpener(FdOpener, Protocol):
     info: dict | None  # None until the helper has started
 
     async def hello(self) -> dict: ...
-
-
-def _sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-@dataclass
-class ImageSource:
-    """What the finish step needs, read while the locks are held."""
-
-    store: Store
-    image: ImageRecord
-    manifest: bytes
-    config: bytes
-    manifest_digest: str
-    config_digest: str
-    layers: list[ImageLayer]
-
-
-def read_image(storage: Storage, ref: str) -> ImageSource:
-    """Find the image and read its manifest, config and layer list (locks held by the caller)."""
-    store, image = storage.lookup(ref)
-    manifest = store.big_data(image.id, "manifest")
-    mdoc = parse_object(manifest, f"manifest of image {image.id[:12]}", StorageError)
-    config_desc = mdoc.get("config")
-    config_digest = config_desc.get("digest") if isinstance(config_desc, dict) else None
-    if not isinstance(config_digest, str):
-        raise StorageError(f"manifest of image {image.id[:12]} has no config digest")
-    try:
-        config = store.big_data(image.id, config_digest)
-    except StorageError:
-        config = store.big_data(image.id, "sha256:" + image.id)
-    if _sha256_digest(config) != config_digest:
-        raise StorageError(f"config of image {image.id[:12]} does not match its digest {config_digest}")
-    cdoc = parse_object(config, f"config of image {image.id[:12]}", StorageError)
-    rootfs = cdoc.get("rootfs")
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
-        raise StorageError(f"config of image {image.id[:12]} has no rootfs.diff_ids list")
-    for d in diff_ids:
-        if not d.startswith("sha256:") or len(d) != 71 or d[7:].strip("0123456789abcdef"):
-            raise StorageError(f"config of image {image.id[:12]}: invalid diff_id {d!r}")
-    layers = storage.image_layers(store, image, diff_ids)
-    return ImageSource(store, image, manifest, config, _sha256_digest(manifest), config_digest, layers)
 
 
 # ---- opening layer files --------------------------------------------------------------
@@ -741,18 +696,22 @@ async def pull_image(
     limiter: trio.CapacityLimiter | None = None,
     jobs: int | None = None,
     parse_layers: bool = False,
+    locks: ReadLocks | None = None,
 ) -> PullResult:
     """Import image `ref` from containers-storage; tag it `tag` (None: no tag). ``jobs``:
     object worker processes (default: one per core). ``parse_layers``: build the image, its
-    tree merged from the entries of each imported layer as it is written."""
+    tree merged from the entries of each imported layer as it is written.
+    ``locks``: the c/storage read locks when the caller holds them already (pycfs.host.oci.repull's
+    look found a layer to import): kept, so podman cannot come between that look and this pull."""
     started = time.monotonic()
     limiter = limiter or default_limiter()
     stats = ImportStats()
-    locks = ReadLocks([(p, s.read_only) for s in storage.stores for p in s.lock_paths()])
+    locks = locks or storage.read_locks()
     layer_streams: list[tuple[str, bytes]] = []
     tree = ImageTree(repo) if parse_layers else None
     try:
-        await locks.acquire(on_wait=progress.waiting_for_lock if progress else None)
+        if not locks.held:
+            await locks.acquire(on_wait=progress.waiting_for_lock if progress else None)
         source = await trio.to_thread.run_sync(read_image, storage, ref)
         stats.layers = len(source.layers)
         if progress is not None:
@@ -786,16 +745,4 @@ async def pull_image(
                           on_phase=progress.phase if progress is not None else None),
         limiter=limiter,
     )
-    return PullResult(
-        tag=tag,
-        manifest_digest=source.manifest_digest,
-        config_digest=source.config_digest,
-        manifest_stream_id=finished.manifest_stream_id,
-        config_stream_id=finished.config_stream_id,
-        layers=layer_streams,
-        stats=stats,
-        seconds=time.monotonic() - started,
-        source_id=source.image.id,
-        names=list(source.image.names),
-        images=finished.images,
-    )
+    return containers_storage_result(source, finished, layer_streams, stats, tag, started)
