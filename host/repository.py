@@ -24,7 +24,7 @@ import stat
 import string
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pycfs.host import syscalls
@@ -51,11 +51,13 @@ class RepositoryError(PycfsError):
 
 @dataclass(frozen=True)
 class StoreResult:
-    """What storing one object did: how is "reflinked", "copied" or "present"."""
+    """What storing one object did: how is "reflinked", "copied" or "present"; leased: the
+    source's read lease was left in place (see `store_object_from_fd`'s ``keep_lease``)."""
 
     object_id: bytes
     size: int
     how: str
+    leased: bool = False
 
 
 def parse_algorithm(text: str) -> str:
@@ -363,17 +365,9 @@ class Repository:
         are views of one buffer per thread, valid only during the call: a fresh MiB per
         read, as os.pread makes, costs page faults on every read."""
         fd = self.open_object(object_id)
-        buf = getattr(_feed_buffers, "buf", None)
-        if buf is None:
-            buf = _feed_buffers.buf = memoryview(bytearray(FEED_PIECE))
         try:
-            offset = 0
-            while offset < size:
-                n = os.preadv(fd, [buf[: size - offset]], offset)
-                if n == 0:
-                    raise RepositoryError(f"object {self.alg}:{object_id.hex()} is shorter than {size} bytes")
-                update(buf[:n])
-                offset += n
+            if feed_fd(fd, size, update) < size:
+                raise RepositoryError(f"object {self.alg}:{object_id.hex()} is shorter than {size} bytes")
         finally:
             os.close(fd)
 
@@ -480,7 +474,8 @@ class Repository:
         self._lease_sources = True
 
     def store_object_from_fd(self, src_fd: int, st: os.stat_result | None = None,
-                             observer: Callable[[], Callable[[memoryview], object]] | None = None) -> StoreResult:
+                             observer: Callable[[], Callable[[memoryview], object]] | None = None,
+                             keep_lease: bool = False) -> StoreResult:
         """Store the whole file open at src_fd (st: its fstat, when the caller has it).
 
         The object is named by the digest of exactly the bytes it holds, whatever happens
@@ -497,16 +492,25 @@ class Repository:
           data copied), else copied through the hashing buffer, and that copy is hashed.
 
         ``observer`` makes a checker (a fresh one per pass over the content) that sees every
-        stored byte, in order, and may raise to refuse it."""
+        stored byte, in order, and may raise to refuse it.
+
+        ``keep_lease``, for a caller that reads the content again right after (and so finds
+        the pages this read cached): a store made under a lease leaves it in place
+        (``leased``), and the caller may read the source instead of the object for as long as
+        `lease_held` says the lease is unbroken; the lease ends with the last fd of that
+        open file (fds passed to another process share it). Any other store hashed the
+        object's own private copy."""
         st = st or os.fstat(src_fd)
         if (self._lease_sources and self._reflink_ok.get((st.st_dev, self._objects_dev()), True)
                 and _take_read_lease(src_fd)):
+            stored = None
             try:
                 stored = self._store_leased(src_fd, st, observer)
             finally:
-                _drop_lease(src_fd)
+                if stored is None or not keep_lease:
+                    _drop_lease(src_fd)
             if stored is not None:
-                return stored
+                return replace(stored, leased=keep_lease)
         return self._store_private_copy(src_fd, st, observer)
 
     def _store_leased(self, src_fd: int, st: os.stat_result,
@@ -520,7 +524,7 @@ class Repository:
             return StoreResult(object_id, st.st_size, "present")
         fd, temp_name = self._new_tmpfile(object_id)
         try:
-            if not self._reflink(src_fd, fd, st) or not _lease_held(src_fd):
+            if not self._reflink(src_fd, fd, st) or not lease_held(src_fd):
                 self._discard(fd, temp_name)
                 return None
             fd = self._seal(fd)
@@ -825,7 +829,23 @@ def _take_read_lease(fd: int) -> bool:
     return True
 
 
-def _lease_held(fd: int) -> bool:
+def feed_fd(fd: int, size: int, update: Callable[[memoryview], object]) -> int:
+    """Pass the first ``size`` bytes of the file at fd to ``update`` (see `feed_object`);
+    returns how many there were (fewer: the file is shorter)."""
+    buf = getattr(_feed_buffers, "buf", None)
+    if buf is None:
+        buf = _feed_buffers.buf = memoryview(bytearray(FEED_PIECE))
+    offset = 0
+    while offset < size:
+        n = os.preadv(fd, [buf[: size - offset]], offset)
+        if n == 0:
+            break
+        update(buf[:n])
+        offset += n
+    return offset
+
+
+def lease_held(fd: int) -> bool:
     """The read lease on fd is unbroken: no one has opened the file for writing since."""
     try:
         return fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
