@@ -120,7 +120,7 @@ def header_checksums(block: bytes) -> tuple[int, int]:
     return unsigned, signed
 
 
-@dataclass
+@dataclass(slots=True)
 class TarHeader:
     """One 512-byte header block with the field names of POSIX ustar."""
 
@@ -160,35 +160,18 @@ class TarHeader:
                 f"(stored {chksum}, computed {header_checksums(block)[0]})"
             )
 
-        def num(i: int, what: str) -> int:
-            try:
-                return parse_number(f[i], what)
-            except TarError as e:
-                raise TarError(f"{e} in tar header at offset {offset}") from None
-
-        size = num(4, "size")
+        try:  # one handler for every field (a closure per header measured ~1 us of ~10)
+            mode, uid, gid = parse_number(f[1], "mode"), parse_number(f[2], "uid"), parse_number(f[3], "gid")
+            size, mtime = parse_number(f[4], "size"), parse_number(f[5], "mtime")
+            devmajor, devminor = parse_number(f[13], "devmajor"), parse_number(f[14], "devminor")
+        except TarError as e:
+            raise TarError(f"{e} in tar header at offset {offset}") from None
         if size < 0:
             raise TarError(f"negative size {size} in tar header at offset {offset}")
-
-        return cls(
-            name=_cstr(f[0]),
-            mode=num(1, "mode"),
-            uid=num(2, "uid"),
-            gid=num(3, "gid"),
-            size=size,
-            mtime=num(5, "mtime"),
-            chksum=chksum,
-            typeflag=f[7],
-            linkname=_cstr(f[8]),
-            magic=f[9],
-            version=f[10],
-            uname=_cstr(f[11]),
-            gname=_cstr(f[12]),
-            devmajor=num(13, "devmajor"),
-            devminor=num(14, "devminor"),
-            prefix=f[15] if f[9] == MAGIC_GNU else _cstr(f[15]),
-            pad=f[16],
-        )
+        magic = f[9]
+        return cls(_cstr(f[0]), mode, uid, gid, size, mtime, chksum, f[7], _cstr(f[8]), magic, f[10],
+                   _cstr(f[11]), _cstr(f[12]), devmajor, devminor,
+                   f[15] if magic == MAGIC_GNU else _cstr(f[15]), f[16])
 
     def pack(self) -> bytes:
         """Encode with a freshly computed checksum (the `chksum` attribute is ignored)."""
