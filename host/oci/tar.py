@@ -296,11 +296,10 @@ class TarEntry:
     def mode(self) -> int:
         return self.header.mode
 
-    @property
-    def sparse(self) -> bool:
-        """A GNU sparse file (old `S` type, or PAX GNU.sparse.* records): its content on
-        tape is a sparse map plus data segments, not the file's bytes."""
-        return self.header.typeflag == GNUTYPE_SPARSE or any(k.startswith(b"GNU.sparse.") for k in self.pax)
+    # A GNU sparse file (old `S` type, or PAX GNU.sparse.* records): its content on tape is
+    # a sparse map plus data segments, not the file's bytes. Set once by the reader: every
+    # entry is asked several times.
+    sparse: bool = False
 
     def is_regular(self) -> bool:
         """A plain regular file whose content on tape is the file's bytes. Sparse entries are
@@ -353,6 +352,9 @@ class TarReader:
     def _read_block(self) -> bytes:
         """A full block, or b"" at a clean EOF; a partial block is an error."""
         piece = self._read(BLOCK)
+        if len(piece) == BLOCK:  # the usual case, without a copy
+            self.offset += BLOCK
+            return bytes(piece)
         got = bytearray(piece)
         while piece and len(got) < BLOCK:
             piece = self._read(BLOCK - len(got))
@@ -446,6 +448,7 @@ class TarReader:
             mtime_nsec=mtime_nsec,
             xattrs=xattrs,
             pax=pax,
+            sparse=hdr.typeflag == GNUTYPE_SPARSE or any(k.startswith(b"GNU.sparse.") for k in pax),
         )
 
 
