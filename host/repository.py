@@ -447,9 +447,14 @@ class Repository:
             os.unlink(temp_name, dir_fd=self._objects())
 
     def ensure_object(self, data: bytes | bytearray | memoryview) -> bytes:
-        """Store in-memory bytes as an object (no size threshold); returns its id."""
+        """Store in-memory bytes as an object (no size threshold); returns its id.
+
+        These are images and streams, small, and a pull writes one again after finding it
+        damaged: an existing object is re-hashed (milliseconds), and a damaged one replaced,
+        so the pull repairs it rather than keep a name that is not its content's digest."""
         object_id = digest_bytes(data, self.alg)
-        if self.has_object(object_id):
+        present = self.has_object(object_id)
+        if present and self.object_intact(object_id):
             return object_id
         fd, temp_name = self._new_tmpfile(object_id)
         try:
@@ -458,8 +463,33 @@ class Repository:
         except BaseException:
             self._discard(fd, temp_name)
             raise
-        self._commit(fd, temp_name, object_id)
+        if present:
+            self._replace(fd, temp_name, object_id)
+        else:
+            self._commit(fd, temp_name, object_id)
         return object_id
+
+    def _replace(self, fd: int, temp_name: str | None, object_id: bytes) -> None:
+        """Put the temp file in place of a damaged object of that name, in one rename: a
+        reader opens the old file or the new one, never none."""
+        self._unsynced = True
+        h = object_id.hex()
+        subdir = self._subdir(h[:2])
+        where = self._objects() if temp_name is not None else subdir
+        try:
+            if temp_name is None:
+                temp_name = _random_name(".tmp-object-")
+                syscalls.link_fd(fd, subdir, temp_name)
+            os.replace(temp_name, h[2:], src_dir_fd=where, dst_dir_fd=subdir)
+        except BaseException:
+            if temp_name is not None:
+                try:
+                    os.unlink(temp_name, dir_fd=where)
+                except FileNotFoundError:
+                    pass
+            raise
+        finally:
+            os.close(fd)
 
     def object_writer(self) -> ObjectWriter:
         """A file-like sink for streamed content (tar entries): hashes as it writes."""

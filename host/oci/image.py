@@ -11,7 +11,7 @@ security.capability (plus user.* on request).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from pycfs.host.errors import PycfsError
@@ -123,10 +123,9 @@ def normalize_for_oci(root: Directory, keep_user_xattrs: bool = False) -> None:
                 dirs.append(node)
 
 
-def parse_layer(repo: Repository, layer_id: bytes) -> list[LayerEntry]:
-    """The entries of one stored layer stream: most of an image build's work, and the part
-    that a pull can do for one layer while it imports the next."""
-    return list(iter_layer_entries(repo.open_stream_by_id(layer_id, CONTENT_OCI_LAYER)))
+def stored_entries(repo: Repository, layer_id: bytes) -> Iterator[LayerEntry]:
+    """The entries of one stored layer stream, read back as they are taken."""
+    return iter_layer_entries(repo.open_stream_by_id(layer_id, CONTENT_OCI_LAYER))
 
 
 class ImageTree:
@@ -159,7 +158,7 @@ class ImageTree:
             return
         try:
             for layer_id in stored:
-                for entry in iter_layer_entries(self.repo.open_stream_by_id(layer_id, CONTENT_OCI_LAYER)):
+                for entry in stored_entries(self.repo, layer_id):
                     apply_entry(self.root, entry)
             for entry in entries:
                 apply_entry(self.root, entry)
@@ -194,10 +193,8 @@ def build_filesystem(repo: Repository, diff_ids: Sequence[str], layer_ids: Mappi
         layer_id = layer_ids.get(diff_id)
         if layer_id is None:
             raise ImageBuildError(f"the image has no layer stream for {diff_id}: re-pull the image")
-        entries = (parsed or {}).get(layer_id)
-        if entries is None:
-            entries = iter_layer_entries(repo.open_stream_by_id(layer_id, CONTENT_OCI_LAYER))
-        for entry in entries:
+        entries: Iterable[LayerEntry] | None = (parsed or {}).get(layer_id)
+        for entry in stored_entries(repo, layer_id) if entries is None else entries:
             apply_entry(root, entry)
     normalize_for_oci(root, keep_user_xattrs)
     return FileSystem(root)

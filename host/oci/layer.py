@@ -553,7 +553,7 @@ class _NeedMore(Exception):
 class LayerEntryCollector:
     """The entries of a layer stream parsed from the pieces written to it, as they are
     written: a pull that has just imported a layer builds its image from these instead of
-    reading the stream back (`parse_layer`). Feed it every piece of the stream, in order
+    reading the stream back (`iter_layer_entries`). Feed it every piece of the stream, in order
     (`add_inline` bytes, `add_external` object ids, as `SplitStreamWriter` takes them), call
     `advance` from time to time and `close` at the end; then `entries` is what
     `iter_layer_entries` gives for the stored stream, the same code parsing the same bytes.

@@ -120,7 +120,7 @@ def header_checksums(block: bytes) -> tuple[int, int]:
     return unsigned, signed
 
 
-@dataclass
+@dataclass(slots=True)
 class TarHeader:
     """One 512-byte header block with the field names of POSIX ustar."""
 
@@ -160,35 +160,18 @@ class TarHeader:
                 f"(stored {chksum}, computed {header_checksums(block)[0]})"
             )
 
-        def num(i: int, what: str) -> int:
-            try:
-                return parse_number(f[i], what)
-            except TarError as e:
-                raise TarError(f"{e} in tar header at offset {offset}") from None
-
-        size = num(4, "size")
+        try:  # one handler for every field (a closure per header measured ~1 us of ~10)
+            mode, uid, gid = parse_number(f[1], "mode"), parse_number(f[2], "uid"), parse_number(f[3], "gid")
+            size, mtime = parse_number(f[4], "size"), parse_number(f[5], "mtime")
+            devmajor, devminor = parse_number(f[13], "devmajor"), parse_number(f[14], "devminor")
+        except TarError as e:
+            raise TarError(f"{e} in tar header at offset {offset}") from None
         if size < 0:
             raise TarError(f"negative size {size} in tar header at offset {offset}")
-
-        return cls(
-            name=_cstr(f[0]),
-            mode=num(1, "mode"),
-            uid=num(2, "uid"),
-            gid=num(3, "gid"),
-            size=size,
-            mtime=num(5, "mtime"),
-            chksum=chksum,
-            typeflag=f[7],
-            linkname=_cstr(f[8]),
-            magic=f[9],
-            version=f[10],
-            uname=_cstr(f[11]),
-            gname=_cstr(f[12]),
-            devmajor=num(13, "devmajor"),
-            devminor=num(14, "devminor"),
-            prefix=f[15] if f[9] == MAGIC_GNU else _cstr(f[15]),
-            pad=f[16],
-        )
+        magic = f[9]
+        return cls(_cstr(f[0]), mode, uid, gid, size, mtime, chksum, f[7], _cstr(f[8]), magic, f[10],
+                   _cstr(f[11]), _cstr(f[12]), devmajor, devminor,
+                   f[15] if magic == MAGIC_GNU else _cstr(f[15]), f[16])
 
     def pack(self) -> bytes:
         """Encode with a freshly computed checksum (the `chksum` attribute is ignored)."""
@@ -313,11 +296,10 @@ class TarEntry:
     def mode(self) -> int:
         return self.header.mode
 
-    @property
-    def sparse(self) -> bool:
-        """A GNU sparse file (old `S` type, or PAX GNU.sparse.* records): its content on
-        tape is a sparse map plus data segments, not the file's bytes."""
-        return self.header.typeflag == GNUTYPE_SPARSE or any(k.startswith(b"GNU.sparse.") for k in self.pax)
+    # A GNU sparse file (old `S` type, or PAX GNU.sparse.* records): its content on tape is
+    # a sparse map plus data segments, not the file's bytes. Set once by the reader: every
+    # entry is asked several times.
+    sparse: bool = False
 
     def is_regular(self) -> bool:
         """A plain regular file whose content on tape is the file's bytes. Sparse entries are
@@ -370,6 +352,9 @@ class TarReader:
     def _read_block(self) -> bytes:
         """A full block, or b"" at a clean EOF; a partial block is an error."""
         piece = self._read(BLOCK)
+        if len(piece) == BLOCK:  # the usual case, without a copy
+            self.offset += BLOCK
+            return bytes(piece)
         got = bytearray(piece)
         while piece and len(got) < BLOCK:
             piece = self._read(BLOCK - len(got))
@@ -463,6 +448,7 @@ class TarReader:
             mtime_nsec=mtime_nsec,
             xattrs=xattrs,
             pax=pax,
+            sparse=hdr.typeflag == GNUTYPE_SPARSE or any(k.startswith(b"GNU.sparse.") for k in pax),
         )
 
 

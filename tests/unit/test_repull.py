@@ -183,6 +183,14 @@ def test_repull_repairs_what_the_full_pull_repairs(pulled, capsys, monkeypatch, 
     monkeypatch.setattr(repull, "pull_if_stored", lambda *args: None)
     _run(capsys, pulled.argv()[:1] + [str(other)] + pulled.argv()[2:])
     assert _contents(pulled.repo) == _contents(other)
+    # Repaired, not just re-recorded: a damaged object the pull wrote again was replaced.
+    assert _damaged_objects(pulled.repo) == []
+
+
+def _damaged_objects(repo_path: Path) -> list[str]:
+    repo = Repository.open(str(repo_path))
+    return [f"{d.name}/{f.name}" for d in (repo_path / "objects").iterdir() if d.is_dir()
+            for f in d.iterdir() if not repo.object_intact(bytes.fromhex(d.name + f.name))]
 
 
 @pytest.fixture

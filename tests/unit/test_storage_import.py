@@ -317,7 +317,7 @@ def test_image_tree_gives_way_to_the_stored_streams_when_broken(tmp_path, repo):
     layers = _merging_image(fake)
     result = _pull(repo, fake)
     ids = [stream_id for _, stream_id in result.layers]
-    entries = image_module.parse_layer(repo, ids[0])
+    entries = list(image_module.stored_entries(repo, ids[0]))
     dangling = LayerEntry(b"/x", entries[1].stat, Hardlink(b"/nowhere"))
     for bad in ([*entries, dangling], None):
         tree = image_module.ImageTree(repo)
@@ -326,7 +326,7 @@ def test_image_tree_gives_way_to_the_stored_streams_when_broken(tmp_path, repo):
         assert tree.broken and tree.filesystem(ids[:1]) is None
     tree = image_module.ImageTree(repo)
     tree.add_stored(ids[0])
-    tree.apply(image_module.parse_layer(repo, ids[1]))
+    tree.apply(image_module.stored_entries(repo, ids[1]))
     tree.end_layer(ids[1])
     assert tree.filesystem(ids[:1]) is None  # not the layers it was built from
     tree = image_module.ImageTree(repo)
