@@ -23,8 +23,8 @@ import signal
 import stat
 import string
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pycfs.host import syscalls
@@ -39,6 +39,10 @@ KNOWN_FEATURES = {"v1_erofs"}
 _TEMP_ALPHABET = string.ascii_letters + string.digits
 FEED_PIECE = 1 << 20  # feed_object's reads
 _feed_buffers = threading.local()
+# has_objects lists an objects/XX directory instead of looking its objects up one by one when
+# it wants at least one object per this many bytes of the directory: an entry takes about 80
+# bytes (XFS, ext4), and reading one from a listing costs about a fifteenth of a lookup.
+LISTING_BYTES_PER_LOOKUP = 80 * 15
 
 
 class RepositoryError(PycfsError):
@@ -47,11 +51,13 @@ class RepositoryError(PycfsError):
 
 @dataclass(frozen=True)
 class StoreResult:
-    """What storing one object did: how is "reflinked", "copied" or "present"."""
+    """What storing one object did: how is "reflinked", "copied" or "present"; leased: the
+    source's read lease was left in place (see `store_object_from_fd`'s ``keep_lease``)."""
 
     object_id: bytes
     size: int
     how: str
+    leased: bool = False
 
 
 def parse_algorithm(text: str) -> str:
@@ -113,6 +119,7 @@ class Repository:
         self._reflink_ok: dict[tuple[int, int], bool] = {}
         self._tmpfile_ok = True
         self._lease_sources = False
+        self._unsynced = False  # an object was committed through this instance since its last sync()
 
     # ---- opening -------------------------------------------------------------------
 
@@ -309,6 +316,26 @@ class Repository:
         fd = self._existing_subdir(h[:2])
         return fd is not None and os.access(h[2:], os.F_OK, dir_fd=fd, follow_symlinks=False)
 
+    def has_objects(self, object_ids: Iterable[bytes]) -> bool:
+        """Whether every object exists: `has_object` for the thousands of objects of a layer
+        (a re-pull checks them all), with one listing of a directory where that is cheaper
+        than a lookup per object (see LISTING_BYTES_PER_LOOKUP)."""
+        wanted: dict[str, list[str]] = {}
+        for object_id in object_ids:
+            h = object_id.hex()
+            wanted.setdefault(h[:2], []).append(h[2:])
+        for xx, names in wanted.items():
+            fd = self._existing_subdir(xx)
+            if fd is None:
+                return False
+            present = _listing(fd) if len(names) * LISTING_BYTES_PER_LOOKUP >= os.fstat(fd).st_size else None
+            if present is not None:
+                if not present.issuperset(names):
+                    return False
+            elif not all(os.access(n, os.F_OK, dir_fd=fd, follow_symlinks=False) for n in names):
+                return False
+        return True
+
     def object_intact(self, object_id: bytes) -> bool:
         """The object is present and its content still hashes to its name (for small
         objects such as images and streams: it reads the whole object)."""
@@ -338,17 +365,9 @@ class Repository:
         are views of one buffer per thread, valid only during the call: a fresh MiB per
         read, as os.pread makes, costs page faults on every read."""
         fd = self.open_object(object_id)
-        buf = getattr(_feed_buffers, "buf", None)
-        if buf is None:
-            buf = _feed_buffers.buf = memoryview(bytearray(FEED_PIECE))
         try:
-            offset = 0
-            while offset < size:
-                n = os.preadv(fd, [buf[: size - offset]], offset)
-                if n == 0:
-                    raise RepositoryError(f"object {self.alg}:{object_id.hex()} is shorter than {size} bytes")
-                update(buf[:n])
-                offset += n
+            if feed_fd(fd, size, update) < size:
+                raise RepositoryError(f"object {self.alg}:{object_id.hex()} is shorter than {size} bytes")
         finally:
             os.close(fd)
 
@@ -403,6 +422,7 @@ class Repository:
 
     def _commit(self, fd: int, temp_name: str | None, object_id: bytes) -> bool:
         """Name the temp file as its object; returns True when another writer got there first."""
+        self._unsynced = True  # set before the name exists: a stream may name the object from then on
         h = object_id.hex()
         subdir = self._subdir(h[:2])
         try:
@@ -454,7 +474,8 @@ class Repository:
         self._lease_sources = True
 
     def store_object_from_fd(self, src_fd: int, st: os.stat_result | None = None,
-                             observer: Callable[[], Callable[[memoryview], object]] | None = None) -> StoreResult:
+                             observer: Callable[[], Callable[[memoryview], object]] | None = None,
+                             keep_lease: bool = False) -> StoreResult:
         """Store the whole file open at src_fd (st: its fstat, when the caller has it).
 
         The object is named by the digest of exactly the bytes it holds, whatever happens
@@ -471,16 +492,25 @@ class Repository:
           data copied), else copied through the hashing buffer, and that copy is hashed.
 
         ``observer`` makes a checker (a fresh one per pass over the content) that sees every
-        stored byte, in order, and may raise to refuse it."""
+        stored byte, in order, and may raise to refuse it.
+
+        ``keep_lease``, for a caller that reads the content again right after (and so finds
+        the pages this read cached): a store made under a lease leaves it in place
+        (``leased``), and the caller may read the source instead of the object for as long as
+        `lease_held` says the lease is unbroken; the lease ends with the last fd of that
+        open file (fds passed to another process share it). Any other store hashed the
+        object's own private copy."""
         st = st or os.fstat(src_fd)
         if (self._lease_sources and self._reflink_ok.get((st.st_dev, self._objects_dev()), True)
                 and _take_read_lease(src_fd)):
+            stored = None
             try:
                 stored = self._store_leased(src_fd, st, observer)
             finally:
-                _drop_lease(src_fd)
+                if stored is None or not keep_lease:
+                    _drop_lease(src_fd)
             if stored is not None:
-                return stored
+                return replace(stored, leased=keep_lease)
         return self._store_private_copy(src_fd, st, observer)
 
     def _store_leased(self, src_fd: int, st: os.stat_result,
@@ -494,7 +524,7 @@ class Repository:
             return StoreResult(object_id, st.st_size, "present")
         fd, temp_name = self._new_tmpfile(object_id)
         try:
-            if not self._reflink(src_fd, fd, st) or not _lease_held(src_fd):
+            if not self._reflink(src_fd, fd, st) or not lease_held(src_fd):
                 self._discard(fd, temp_name)
                 return None
             fd = self._seal(fd)
@@ -616,7 +646,12 @@ class Repository:
         raise RepositoryError(f"could not replace symlink {name}")
 
     def sync(self) -> None:
-        syscalls.syncfs(self.dirfd)
+        self._unsynced = False  # first: a commit while syncfs runs sets it again
+        try:
+            syscalls.syncfs(self.dirfd)
+        except BaseException:
+            self._unsynced = True
+            raise
 
     def _link_target_id(self, relname: str) -> bytes | None:
         try:
@@ -628,6 +663,13 @@ class Repository:
                 raise RepositoryError(f"{relname} is not a symlink") from None
             raise
         return self.parse_object_link(target)
+
+    def _stream_is(self, name: str, object_id: bytes) -> bool:
+        """Whether streams/<name> is a link naming object_id (a damaged link is not)."""
+        try:
+            return self._link_target_id(f"streams/{name}") == object_id
+        except (RepositoryError, OSError):
+            return False
 
     def has_stream(self, name: str) -> bytes | None:
         """The object id of streams/<name>, or None. Dangling links count as absent."""
@@ -652,16 +694,23 @@ class Repository:
             reader = SplitStreamReader(data, self.alg)
         except (PycfsError, OSError):
             return None
-        refs = list(reader.object_refs) + list(reader.named_refs.values())
-        if all(self.has_object(ref) for ref in refs):
+        if self.has_objects([*reader.object_refs, *reader.named_refs.values()]):
             return object_id
         return None
 
-    def write_stream(self, writer: SplitStreamWriter, name: str, ref: str | None = None) -> bytes:
-        """Store the splitstream, sync, then make it visible as streams/<name> (and a ref)."""
+    def write_stream(self, writer: SplitStreamWriter, name: str, ref: str | None = None, *,
+                     refs_durable: bool = False) -> bytes:
+        """Store the splitstream, sync, then make it visible as streams/<name> (and a ref).
+
+        ``refs_durable``: the caller vouches that every object the stream names was on disk
+        already unless this instance committed it (which it tracks). A stream already visible
+        as it is then costs no sync: a re-pull rewrites its unchanged config and manifest
+        streams, and syncfs waits for whatever else the filesystem has to write back."""
         check_name(name, "stream", allow_slash=False)
         self.require_writable()
         object_id = self.ensure_object(writer.finish())
+        if refs_durable and not self._unsynced and self._stream_is(name, object_id):
+            return object_id
         # Crash barrier: a visible stream implies its objects are on disk.
         self.sync()
         self._symlink(f"streams/{name}", self.object_relpath(object_id))
@@ -755,6 +804,21 @@ class ObjectWriter:
             self._fd = -1
 
 
+def _listing(dirfd: int) -> set[str] | None:
+    """The names in a directory, through an fd of its own (a listing moves the offset that
+    every dup of dirfd shares); None when it cannot be listed (searchable, not readable)."""
+    try:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
+    except OSError:
+        return None
+    try:
+        return set(os.listdir(fd))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def _take_read_lease(fd: int) -> bool:
     """Take a read lease on the file at fd; False when the kernel refuses (someone has it
     open for writing, it is not this user's, the filesystem or the admin has no leases)."""
@@ -765,7 +829,23 @@ def _take_read_lease(fd: int) -> bool:
     return True
 
 
-def _lease_held(fd: int) -> bool:
+def feed_fd(fd: int, size: int, update: Callable[[memoryview], object]) -> int:
+    """Pass the first ``size`` bytes of the file at fd to ``update`` (see `feed_object`);
+    returns how many there were (fewer: the file is shorter)."""
+    buf = getattr(_feed_buffers, "buf", None)
+    if buf is None:
+        buf = _feed_buffers.buf = memoryview(bytearray(FEED_PIECE))
+    offset = 0
+    while offset < size:
+        n = os.preadv(fd, [buf[: size - offset]], offset)
+        if n == 0:
+            break
+        update(buf[:n])
+        offset += n
+    return offset
+
+
+def lease_held(fd: int) -> bool:
     """The read lease on fd is unbroken: no one has opened the file for writing since."""
     try:
         return fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK

@@ -3,9 +3,11 @@
 A worker hashes files the host passes as fds (jsonrpc-fdpass) and, when started on a
 repository, stores each as an object (reflinked where the filesystem allows). Requests
 carry ``sizes``, one per fd, in order; a store request may add ``crcs`` (the tar-split's
-CRC-64/GO-ISO of each file, or null) and ``sha256s`` (``[PREFIX, SHA256]`` in hex or null:
+CRC-64/GO-ISO of each file, or null), ``sha256s`` (``[PREFIX, SHA256]`` in hex or null:
 the SHA-256 of the prefix followed by the content, an ostree content checksum), checked on
-the bytes stored before the object is named. The result packs one answer per fd into a few
+the bytes stored before the object is named, and ``keep_leases`` (true: a file stored
+under a read lease on the source keeps it, for a host that reads the content again; its
+how code is then upper case). The result packs one answer per fd into a few
 strings, as the host's framing scans JSON token by token:
 
     {"ids": HEX,          # the digests, back to back (zeros for a failed file)
@@ -27,6 +29,7 @@ ADOPT = "adopt"
 
 HOW = {"r": "reflinked", "c": "copied", "p": "present"}  # store; "=" digest only, "-" failed
 HOW_CODES = {v: k for k, v in HOW.items()}
+LEASE_KEPT = {"R", "P"}  # reflinked / present, the source's read lease left in place
 DIGESTED = "="
 FAILED = "-"
 

@@ -8,8 +8,13 @@ Consumer: reads the pipe to EOF; every chunk's bytes enter the stream's sha256 i
 a referenced file is opened beneath its dirfd (a directory slot, never a dummy), must be a
 regular file of the declared length, and is stored by the object workers (reflink, else
 copy; with `zerocopy`, reflink else hardlink, never a copy). The sha256 covers the stored
-objects' bytes (read back from the destination, so a source rewritten meanwhile cannot
-slip in content the digest did not see). Only when it equals the diff_id is the layer
+objects' bytes, so a source rewritten meanwhile cannot slip in content the digest did not
+see: each file's bytes are read once from disk, by the worker that names its object, and
+the sha256 reads them again from the page cache. A worker that stored a file under a read
+lease on the source (hash, then clone) leaves the lease with the fd, and the sha256 reads
+the source's pages while the lease is unbroken (no writer since the worker's hash);
+otherwise (broken lease, no lease: another user's file) it reads the object, which the
+worker then hashed from its own clone. Only when the sha256 equals the diff_id is the layer
 stream committed; any failure commits nothing (objects already stored are orphans for gc).
 """
 
@@ -28,7 +33,7 @@ from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.layer import INLINE_CONTENT_MAX, layer_stream_name
-from pycfs.host.repository import Repository, RepositoryError
+from pycfs.host.repository import Repository, RepositoryError, feed_fd, lease_held
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamWriter
 from pycfs.host.varlink.layers import open_beneath
 from pycfs.host.workers.pool import Failed, WorkerPool
@@ -150,6 +155,7 @@ class _File:
     size: int
     what: str  # for messages
     object_id: bytes = b""
+    leased: bool = False  # the source's read lease is still with fd (Stored.leased)
 
 
 @dataclass(eq=False)
@@ -180,6 +186,8 @@ class LayerConsumer:
         self._dir_checked: set[int] = set()
         self._hardlink: bool | None = None  # zerocopy: decided by the first file
         self._probe_lock = trio.Lock()
+        # submitted batches not yet hashed: each holds a limiter token and (leased) open fds
+        self._pending: set[_Batch] = set()
 
     def _dirfd(self, index: int) -> int:
         if index >= len(self.dirfds):
@@ -214,8 +222,7 @@ class LayerConsumer:
         batches in stream order."""
         decoder = Decoder()
         batch = _Batch()
-        limiter = self.limiter
-        send, receive = trio.open_memory_channel[_Batch](int(limiter.total_tokens))
+        send, receive = trio.open_memory_channel[_Batch](int(self.limiter.total_tokens))
         try:
             async with open_nursery() as nursery:
                 nursery.start_soon(self._write_in_order, receive)
@@ -229,35 +236,44 @@ class LayerConsumer:
                         for chunk in decoder.chunks():
                             self._add(batch, chunk)
                             if batch.nfiles >= BATCH_FILES or batch.nbytes >= BATCH_BYTES:
-                                await self._submit(nursery, limiter, send, batch)
+                                await self._submit(nursery, send, batch)
                                 batch = _Batch()
-                    await self._submit(nursery, limiter, send, batch)
+                    await self._submit(nursery, send, batch)
                     batch = _Batch()
         finally:
-            close_fds([f.fd for f in batch.files()])
+            for b in (*self._pending, batch):
+                self._finish(b)
         return "sha256:" + self.sha.hexdigest()
 
-    async def _submit(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter,
-                      send: trio.MemorySendChannel[_Batch], batch: _Batch) -> None:
-        await limiter.acquire_on_behalf_of(batch)
-        nursery.start_soon(self._store_batch, limiter, batch)
+    async def _submit(self, nursery: trio.Nursery, send: trio.MemorySendChannel[_Batch], batch: _Batch) -> None:
+        # The token is held until the batch is hashed: its leased fds stay open until then.
+        await self.limiter.acquire_on_behalf_of(batch)
+        self._pending.add(batch)
+        nursery.start_soon(self._store_batch, batch)
         await send.send(batch)
 
-    async def _store_batch(self, limiter: trio.CapacityLimiter, batch: _Batch) -> None:
+    async def _store_batch(self, batch: _Batch) -> None:
         files = batch.files()
         try:
             await self._store(files)
         finally:
-            close_fds([f.fd for f in files])
-            for f in files:
-                f.fd = -1
-            limiter.release_on_behalf_of(batch)
+            _close([f for f in files if not f.leased])
         batch.stored.set()
+
+    def _finish(self, batch: _Batch) -> None:
+        """Close what the batch still holds open and give back its token (once)."""
+        _close(batch.files())
+        if batch in self._pending:
+            self._pending.remove(batch)
+            self.limiter.release_on_behalf_of(batch)
 
     async def _write_in_order(self, receive: trio.MemoryReceiveChannel[_Batch]) -> None:
         async for batch in receive:
             await batch.stored.wait()
-            await trio.to_thread.run_sync(self._hash_and_write, batch.items)
+            try:
+                await trio.to_thread.run_sync(self._hash_and_write, batch.items)
+            finally:
+                self._finish(batch)
 
     def _add(self, batch: _Batch, chunk: Chunk) -> None:
         if isinstance(chunk, FileBackedData):
@@ -308,13 +324,13 @@ class LayerConsumer:
                 f.object_id = r
                 self.stats.count(await trio.to_thread.run_sync(self._hardlink_object, f))
             return
-        stored = await self.pool.store([f.fd for f in files], [f.size for f in files])
+        stored = await self.pool.store([f.fd for f in files], [f.size for f in files], keep_leases=True)
         for f, s in zip(files, stored):
             if isinstance(s, Failed):
                 raise LayerTransferError(f"cannot store {f.what}: {s.message}")
             if self.zerocopy and s.how == "copied":
                 raise LayerTransferError(f"zerocopy: {f.what} could not be reflinked or hardlinked")
-            f.object_id = s.object_id
+            f.object_id, f.leased = s.object_id, s.leased
             self.stats.count(s.how)
 
     def _probe_reflink(self, src_fd: int) -> bool:
@@ -374,11 +390,26 @@ class LayerConsumer:
             self.writer.write_external(item.object_id, item.size)
 
     def _hash_stored(self, f: _File) -> None:
-        """The stored object's bytes into the stream's sha256."""
+        """The stored bytes into the stream's sha256: the leased source's (cached) pages when
+        the lease held throughout, else the object's."""
+        if f.leased:
+            before = self.sha.copy()
+            try:
+                if feed_fd(f.fd, f.size, self.sha.update) == f.size and lease_held(f.fd):
+                    return
+            except OSError:
+                pass
+            self.sha = before  # a writer came: what was read may not be what was stored
         try:
             self.repo.feed_object(f.object_id, f.size, self.sha.update)
         except RepositoryError as e:
             raise LayerTransferError(f"{f.what}: {e}") from None
+
+
+def _close(files: list[_File]) -> None:
+    close_fds([f.fd for f in files if f.fd >= 0])
+    for f in files:
+        f.fd = -1
 
 
 def batch_limiter(pool: WorkerPool) -> trio.CapacityLimiter:

@@ -68,9 +68,12 @@ class WorkerService:
 
         return self._answer(((r,) for r in digest_regular_files(paths, self.alg)), one)
 
-    def store(self, call: Call, sizes: Any, crcs: Any = None, sha256s: Any = None) -> dict[str, Any]:
+    def store(self, call: Call, sizes: Any, crcs: Any = None, sha256s: Any = None,
+              keep_leases: Any = False) -> dict[str, Any]:
         if self.repo is None:
             raise InvalidParamsError("this worker was started without a repository")
+        if type(keep_leases) is not bool:
+            raise InvalidParamsError("keep_leases must be true or false")
         if crcs is None:
             crcs = [None] * len(call.fds)
         if not isinstance(crcs, list) or len(crcs) != len(call.fds) or not all(
@@ -78,7 +81,7 @@ class WorkerService:
             raise InvalidParamsError("crcs must be a CRC-64 or null per fd")
         checks = [None] * len(call.fds) if sha256s is None else _sha256_checks(sha256s, len(call.fds))
         expected = iter(zip(crcs, checks))
-        return self._each(call, sizes, lambda fd, size: self._store_one(fd, size, *next(expected)))
+        return self._each(call, sizes, lambda fd, size: self._store_one(fd, size, *next(expected), keep_leases))
 
     def adopt(self, call: Call, sizes: Any) -> dict[str, Any]:
         repo = self.repo
@@ -92,7 +95,7 @@ class WorkerService:
         return self._each(call, sizes, one)
 
     def _store_one(self, fd: int, size: int, crc: int | None,
-                   sha256: tuple[bytes, bytes] | None = None) -> tuple[bytes, str]:
+                   sha256: tuple[bytes, bytes] | None = None, keep_lease: bool = False) -> tuple[bytes, str]:
         assert self.repo is not None
         st = os.fstat(fd)
         if st.st_size != size:
@@ -110,10 +113,12 @@ class WorkerService:
 
             return observe
 
-        result = self.repo.store_object_from_fd(fd, st, observer if crc is not None or sha256 is not None else None)
+        result = self.repo.store_object_from_fd(fd, st, observer if crc is not None or sha256 is not None else None,
+                                                keep_lease)
         if result.size != size:
             raise OSError(errno.ESTALE, "changed size while it was stored")
-        return result.object_id, api.HOW_CODES[result.how]
+        code = api.HOW_CODES[result.how]
+        return result.object_id, code.upper() if result.leased else code
 
 
 class _Crc64Check:

@@ -4,6 +4,7 @@ XFS: whatever writers do meanwhile, an object is named by the digest of the byte
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import threading
 import time
@@ -196,3 +197,135 @@ def test_a_writer_that_outwaits_the_lease_cannot_misname_the_object(repo, short_
     assert written.is_set()
     stored = repo.read_object(result.object_id)
     assert stored == new and digest_bytes(stored) == result.object_id
+
+
+def test_keep_lease_leaves_the_lease_with_the_fd_until_a_writer_comes(repo):
+    """PutLayer's stores: the lease taken before hashing stays with the open file, so the
+    caller can read the source's cached pages and then check no writer came meanwhile."""
+    from pycfs.host.repository import lease_held
+
+    data = os.urandom(300_000)
+    path = _source(repo, "src", data)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        result = repo.store_object_from_fd(fd, keep_lease=True)
+        assert (result.how, result.leased, result.object_id) == ("reflinked", True, digest_bytes(data))
+        assert lease_held(fd)
+        with pytest.raises(BlockingIOError):  # a writer: its open breaks the lease
+            os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        assert not lease_held(fd)
+        again = repo.store_object_from_fd(fd)  # the plain store lets its lease go
+        assert (again.how, again.leased) == ("present", False)
+    finally:
+        os.close(fd)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        assert repo.store_object_from_fd(fd).leased is False and not lease_held(fd)
+    finally:
+        os.close(fd)
+
+
+def _consumer(repo: Repository):
+    from pycfs.host.varlink.transfer import LayerConsumer
+
+    return LayerConsumer(repo, None, [], False, trio.CapacityLimiter(1))
+
+
+def test_diff_id_pass_reads_the_leased_source_only_while_the_lease_holds(repo, monkeypatch):
+    """The consumer's sha256 of a leased file: the source's pages while the lease holds;
+    once it broke (a writer may have rewritten the source), the stored object's bytes,
+    never the new content."""
+    import hashlib
+
+    from pycfs.host.varlink.transfer import _File
+
+    data, new = os.urandom(3 * (1 << 20) + 5), os.urandom(3 * (1 << 20) + 5)
+    path = _source(repo, "src", data)
+    read_inodes: list[int] = []
+    real_preadv = os.preadv
+
+    def preadv(fd, buffers, offset, *flags):
+        read_inodes.append(os.fstat(fd).st_ino)
+        return real_preadv(fd, buffers, offset, *flags)
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        stored = repo.store_object_from_fd(fd, keep_lease=True)
+        assert stored.leased
+        monkeypatch.setattr(os, "preadv", preadv)
+        consumer = _consumer(repo)
+        consumer._hash_stored(_File(fd, len(data), "src", stored.object_id, leased=True))
+        assert consumer.sha.digest() == hashlib.sha256(data).digest()
+        assert set(read_inodes) == {os.fstat(fd).st_ino}  # the source, not the object
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)  # as a broken lease ends
+        with open(path, "r+b") as f:
+            f.write(new)
+        consumer = _consumer(repo)
+        consumer._hash_stored(_File(fd, len(data), "src", stored.object_id, leased=True))
+        assert consumer.sha.digest() == hashlib.sha256(data).digest()
+    finally:
+        os.close(fd)
+
+
+def test_put_layer_under_kept_leases_commits_only_the_right_diff_id_and_leaks_no_fd(repo, monkeypatch):
+    """PutLayer on a reflinking XFS, the source files ours (so stored under leases that stay
+    with the consumer's fds until hashed): a wrong diff_id commits nothing, and every fd
+    (leased ones too) is closed either way; the right one commits a stream whose bytes
+    hash to it."""
+    import hashlib
+
+    from fdcount import open_fd_count
+    from pycfs.host.streamcat import iter_stream_bytes
+    from pycfs.host.varlink import transfer
+    from pycfs.host.varlink.transfer import DiffIdMismatch, batch_limiter, put_layer
+    from pycfs.host.workers.pool import open_pool
+    from pycfs.protocol.splitdirfdstream import encode_file_backed_data, encode_metadata
+
+    src = repo.path.parent / f"{repo.path.name}-layer"
+    src.mkdir()
+    stream, tar = bytearray(), bytearray()
+    for i, size in enumerate([65, 4096, 300_000, 2 << 20, 100, 77_777] * 30):
+        data = os.urandom(size)
+        (src / f"f{i}").write_bytes(data)
+        header = f"header {i}".encode()
+        stream += encode_metadata(header) + encode_file_backed_data(0, size, f"f{i}".encode())
+        tar += header + data
+    diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
+    checked: list[int] = []  # the leased files whose source pages went into the sha256
+
+    def lease_held(fd: int) -> bool:
+        checked.append(fd)
+        return real_lease_held(fd)
+
+    real_lease_held = transfer.lease_held
+    monkeypatch.setattr(transfer, "lease_held", lease_held)
+
+    async def put(claimed: str):
+        r, w = os.pipe2(os.O_CLOEXEC)
+        dirfd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            async with open_pool(repo=repo, jobs=2) as pool, trio.open_nursery() as nursery:
+
+                async def feed() -> None:
+                    async with trio.lowlevel.FdStream(w) as out:
+                        await out.send_all(bytes(stream))
+
+                nursery.start_soon(feed)
+                return await put_layer(repo, pool, r, [dirfd], claimed, False, batch_limiter(pool))
+        finally:
+            os.close(dirfd)
+
+    wrong = "sha256:" + "0" * 64
+    with pytest.raises(DiffIdMismatch):  # fresh objects
+        trio.run(put, wrong)
+    assert repo.has_stream(f"oci-layer-{wrong}") is None
+    layer_id, stats = trio.run(put, diff_id)
+    assert stats.objects_reflinked + stats.objects_already_present == 180 and len(checked) >= 180
+    assert repo.has_stream(f"oci-layer-{diff_id}") == layer_id
+    before = open_fd_count()  # the repository's cached directory fds are open now
+    with pytest.raises(DiffIdMismatch):  # present objects, their sources leased too
+        trio.run(put, wrong)
+    assert repo.has_stream(f"oci-layer-{wrong}") is None and open_fd_count() == before
+    assert trio.run(put, diff_id)[0] == layer_id and open_fd_count() == before
+    assert hashlib.sha256(b"".join(iter_stream_bytes(repo, repo.open_stream(f"oci-layer-{diff_id}")))).digest() \
+        == hashlib.sha256(tar).digest()
