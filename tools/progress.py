@@ -133,7 +133,8 @@ class JsonPullProgress(PullProgress):
             emit_json("layer-progress", diff_id=diff_id, bytes=done)
 
     def layer_done(self, diff_id: str, already_present: bool) -> None:
-        seconds = time.monotonic() - self.clock.started.get(diff_id, time.monotonic())
+        now = time.monotonic()  # once: a layer found already present never started, and takes 0.0 s, not -0.0
+        seconds = now - self.clock.started.get(diff_id, now)
         emit_json("layer-done", diff_id=diff_id, index=self.clock.index.get(diff_id), already_present=already_present,
                   bytes=self.clock.done_bytes.get(diff_id, 0), seconds=round(seconds, 3))
 
@@ -142,36 +143,51 @@ class JsonPullProgress(PullProgress):
 
 
 class RichPullProgress(PlainPullProgress):
-    """One bar per layer on a terminal, every layer listed from the start."""
+    """One bar per layer on a terminal. The bars (and rich) come with the first layer that is
+    imported; until then lines are plain, so a re-pull with nothing to import never loads rich."""
 
     def __init__(self, stack: ExitStack) -> None:
         super().__init__()
-        from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
-
-        self.progress = stack.enter_context(Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                                     TransferSpeedColumn(), transient=True))
-        self.tasks: dict[str, TaskID] = {}
+        self._stack = stack
+        self.progress: Any = None
+        self.tasks: dict[str, Any] = {}  # diff_id -> rich TaskID
+        self.sizes: dict[str, int | None] = {}  # layers still to import or find
 
     def _say(self, text: str) -> None:
-        self.progress.console.print(text)
+        if self.progress is None:
+            super()._say(text)
+        else:
+            self.progress.console.print(text)
+
+    def _bars(self) -> Any:
+        if self.progress is None:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+            self.progress = self._stack.enter_context(Progress(
+                TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                transient=True))
+            for diff_id, size in self.sizes.items():  # every layer listed from the first import on
+                self.tasks[diff_id] = self.progress.add_task(self.clock.label(diff_id), total=size, start=False)
+        return self.progress
 
     def layers(self, layers: list[tuple[str, int | None]]) -> None:
         self.clock.know(layers)
-        for diff_id, size in layers:
-            self.tasks[diff_id] = self.progress.add_task(self.clock.label(diff_id), total=size, start=False)
+        self.sizes.update(layers)
 
     def layer_started(self, diff_id: str, total_bytes: int | None) -> None:
         super().layer_started(diff_id, total_bytes)
+        progress = self._bars()
         task = self.tasks.get(diff_id)
         if task is None:
-            task = self.tasks[diff_id] = self.progress.add_task(self.clock.label(diff_id), total=total_bytes)
-        self.progress.start_task(task)
+            task = self.tasks[diff_id] = progress.add_task(self.clock.label(diff_id), total=total_bytes)
+        progress.start_task(task)
 
     def advance(self, diff_id: str, nbytes: int) -> None:
         super().advance(diff_id, nbytes)
         self.progress.advance(self.tasks[diff_id], nbytes)
 
     def layer_done(self, diff_id: str, already_present: bool) -> None:
+        self.sizes.pop(diff_id, None)
         task = self.tasks.pop(diff_id, None)
         if task is not None:
             self.progress.remove_task(task)

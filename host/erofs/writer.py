@@ -16,9 +16,9 @@ preallocated bytearray (directory blocks are built last, once every nid is known
 from __future__ import annotations
 
 import functools
-
+import itertools
 import stat as _stat
-from collections import deque
+from collections import Counter, deque
 from typing import NoReturn
 
 from pycfs.host.errors import PycfsError
@@ -331,8 +331,9 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
         ino.mode = TYPE_BITS[tc] | (st.mode & 0o7777)
         if tc is External:
             ino.xattrs[XATTR_METACOPY] = _metacopy(c.id)
-            if c.backing_path:
-                ino.xattrs[XATTR_REDIRECT] = b"/" + c.backing_path
+            backing = c.backing_path  # a property: hex and slices per call
+            if backing:
+                ino.xattrs[XATTR_REDIRECT] = b"/" + backing
         elif tc is ExternalNoVerity or tc is Sparse:
             ino.xattrs[XATTR_METACOPY] = b""
             if tc is ExternalNoVerity and c.backing_path:
@@ -518,52 +519,57 @@ def _share_xattrs(inos: list[_Ino], v2: bool) -> list[tuple[int, bytes, bytes]]:
     Epoch 1 (C): table in descending (name, value length, value) order. V2 (composefs-rs):
     ascending (name index, suffix, value), and the lustre. prefix index is used."""
     order = _PREFIX_ORDER_V2 if v2 else _PREFIX_ORDER_EPOCH1
-    counts: dict[tuple[bytes, bytes], int] = {}
-    for ino in inos:
-        for kv in ino.xattrs.items():
-            counts[kv] = counts.get(kv, 0) + 1
+    # counted in C (Counter's update from an iterable)
+    counts = Counter(itertools.chain.from_iterable(ino.xattrs.items() for ino in inos))
     shared = [kv for kv, n in counts.items() if n > 1]
     if v2:
         shared.sort(key=lambda kv: (*_split_xattr_name(kv[0], order), kv[1]))
     else:
         shared.sort(key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
+    # A handful of distinct names on thousands of inodes: (prefix index, suffix, filter bit)
+    # once per name.
+    names: dict[bytes, tuple[int, bytes, int]] = {}
+
+    def name_info(k: bytes) -> tuple[int, bytes, int]:
+        idx, suffix = _split_xattr_name(k, order)
+        if len(suffix) > 255:
+            raise ImageError(f"xattr name {k[:40]!r}... longer than EROFS allows")
+        info = names[k] = (idx, suffix, 1 << F.xattr_name_filter_bit(idx, suffix))
+        return info
+
     # ids are relative to xattr_blkaddr; offsets within the table are known now, the table's
     # start is added in _layout_and_emit
     offsets: dict[tuple[bytes, bytes], int] = {}
     off = 0
-    split = {}
     for kv in shared:
-        idx, suffix = _split_xattr_name(kv[0], order)
-        if len(suffix) > 255:
-            raise ImageError(f"xattr name {kv[0][:40]!r}... longer than EROFS allows")
-        split[kv] = (idx, suffix)
+        idx, suffix, _bit = names.get(kv[0]) or name_info(kv[0])
         offsets[kv] = off
         off += F.xattr_entry_size(len(suffix), len(kv[1]))
+    header_size = F.XattrIbodyHeader.SIZE
+    entry_size = F.XattrEntry.SIZE + 3  # + padding to 4, masked off below
     for ino in inos:
         if not ino.xattrs:
             continue
         filt = 0
         shared_refs: list[int] = []
         local: list[tuple[int, bytes, bytes]] = []
-        for k, v in ino.xattrs.items():
-            kv = (k, v)
-            if kv in offsets and len(shared_refs) < MAX_SHARED_PER_INODE:
-                idx, suffix = split[kv]
-                shared_refs.append(offsets[kv])
+        size = header_size
+        for kv in ino.xattrs.items():
+            k, v = kv
+            idx, suffix, bit = names.get(k) or name_info(k)
+            ref = offsets.get(kv) if offsets else None
+            if ref is not None and len(shared_refs) < MAX_SHARED_PER_INODE:
+                shared_refs.append(ref)
+                size += 4
             else:
-                idx, suffix = _split_xattr_name(k, order)
-                if len(suffix) > 255:
-                    raise ImageError(f"xattr name {k[:40]!r}... longer than EROFS allows")
                 local.append((idx, suffix, v))
-            filt |= 1 << F.xattr_name_filter_bit(idx, suffix)
+                size += (entry_size + len(suffix) + len(v)) & ~3
+            filt |= bit
         ino.shared = shared_refs  # byte offsets inside the table for now
         ino.local = local
-        size = F.XattrIbodyHeader.SIZE + 4 * len(shared_refs)
-        for _idx, suffix, v in local:
-            size += F.xattr_entry_size(len(suffix), len(v))
         ino.xattr_size = size
         ino.name_filter = (~filt) & 0xFFFFFFFF
-    return [(split[kv][0], split[kv][1], kv[1]) for kv in shared]
+    return [(*names[kv[0]][:2], kv[1]) for kv in shared]
 
 
 # ---------------------------------------------------------------------------- data

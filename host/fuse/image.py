@@ -159,6 +159,18 @@ class ImageTree:
             node.index = dict(visible)
         return node.entries
 
+    def load(self) -> None:
+        """Decode every inode the tree shows, with its xattrs, now: a server that starts
+        serving (and forks its read-ahead) with the whole tree decoded answers a walk without
+        decoding on the way, and its read-ahead process needs no copy of its own."""
+        stack = [self.root_nid]
+        while stack:
+            for _, child in self.entries(stack.pop()):
+                node = self.node(child)
+                node.xattrs  # noqa: B018 (decoded now, kept on the node)
+                if stat.S_ISDIR(node.raw.mode):
+                    stack.append(child)
+
     def lookup(self, nid: int, name: bytes) -> int | None:
         self.entries(nid)
         index = self.node(nid).index

@@ -151,8 +151,9 @@ def _unmount_quietly(mountpoint: str, through_fusermount: bool) -> None:
 def serve(image: ServedImage, mountpoint: str, on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve in this process until unmounted or signalled; then unmount."""
     where = os.fsencode(os.path.realpath(mountpoint))  # before: afterwards it would ask this server
-    fd, through_fusermount = _mount(mountpoint)
     ops = ComposefsOperations(image)
+    ops.tree.load()
+    fd, through_fusermount = _mount(mountpoint)
     pusher = Pusher(ops, fd)
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     device = _mount_device(where)
@@ -164,7 +165,6 @@ def serve(image: ServedImage, mountpoint: str, on_ready: Callable[[], None] | No
     # what is loaded now lives as long as the server: keep the collector from walking it
     gc.freeze()
     try:
-        pusher.start()
         server.serve()
         mounted = False  # served until the kernel said the mount is gone
     except _Stop:
@@ -175,8 +175,7 @@ def serve(image: ServedImage, mountpoint: str, on_ready: Callable[[], None] | No
         signal.setitimer(signal.ITIMER_REAL, 0)
         if mounted:
             _unmount_quietly(mountpoint, through_fusermount)
-        pusher.stop()
-        server.close()
+        server.close()  # and the read-ahead process
         for s, handler in previous.items():
             signal.signal(s, handler)
         os.close(fd)

@@ -6,6 +6,7 @@ import errno
 import functools
 import logging
 import os
+import select
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -51,6 +52,8 @@ class FuseServer:
         self._pusher = pusher
         self._then: Callable[[], None] | None = None  # what the handler wants done once it is answered
         self._splicer = Splicer()
+        self._buf = bytearray(REQUEST_BUFFER)
+        self._view = memoryview(self._buf)
         self._handlers: dict[int, Callable[[int, int, memoryview], Payload]] = {
             fuse.LOOKUP: self._lookup, fuse.GETATTR: self._getattr, fuse.READLINK: self._readlink,
             fuse.READ: self._read, fuse.READDIRPLUS: self._readdirplus, fuse.GETXATTR: self._getxattr,
@@ -63,20 +66,25 @@ class FuseServer:
 
     def serve(self) -> None:
         """Answer requests until the file system is unmounted (the kernel's ENODEV)."""
-        buf = bytearray(REQUEST_BUFFER)
-        view = memoryview(buf)
-        header = fuse.InHeader.FORMAT
-        while True:
-            try:
-                n = os.readv(self.fd, [buf])
-            except OSError as e:
-                if e.errno == errno.ENOENT:  # the request was interrupted before it was read
-                    continue
-                if e.errno == errno.ENODEV:
-                    return
-                raise
-            _, opcode, unique, nodeid, uid, _, _, _, _ = header.unpack_from(buf)
-            self.answer(opcode, unique, nodeid, uid, view[header.size:n])
+        while self.serve_one():
+            pass
+
+    def serve_one(self, timeout: float | None = None) -> bool:
+        """Answer one request, waiting for it at most `timeout` seconds when given; False once
+        the file system is unmounted."""
+        if timeout is not None and not select.select([self.fd], [], [], timeout)[0]:
+            return True
+        try:
+            n = os.readv(self.fd, [self._buf])
+        except OSError as e:
+            if e.errno == errno.ENOENT:  # the request was interrupted before it was read
+                return True
+            if e.errno == errno.ENODEV:
+                return False
+            raise
+        _, opcode, unique, nodeid, uid, _, _, _, _ = _IN_HEADER.unpack_from(self._buf)
+        self.answer(opcode, unique, nodeid, uid, self._view[_IN_HEADER.size:n])
+        return True
 
     def answer(self, opcode: int, unique: int, nodeid: int, uid: int, body: memoryview) -> None:
         if opcode in fuse.NO_REPLY:
@@ -102,7 +110,15 @@ class FuseServer:
         if self._then is not None and error == 0:
             self._then()  # after the reply: the caller is not kept waiting for it
 
+    def _ready(self) -> None:
+        if self._on_ready is not None:
+            self._on_ready()
+        if self._pusher is not None:  # after the caller is answered: the process inherits no pipe to it
+            self._pusher.start()
+
     def close(self) -> None:
+        if self._pusher is not None:
+            self._pusher.stop(self.serve_one)
         self._splicer.close()
 
     def _send_range(self, unique: int, r: FileRange) -> bool:
@@ -128,7 +144,7 @@ class FuseServer:
                 | fuse.MAX_PAGES | fuse.CACHE_SYMLINKS | fuse.NO_OPENDIR_SUPPORT)
         if self.ops.image.acls:  # the kernel enforces them, as for EROFS
             want |= fuse.POSIX_ACL
-        self._then = self._on_ready  # the mount works once this is answered
+        self._then = self._ready  # the mount works once this is answered
         return fuse.InitOut(fuse.KERNEL_VERSION, min(init.minor, fuse.KERNEL_MINOR_VERSION), init.max_readahead,
                             init.flags & want, max_background=16, congestion_threshold=12, max_write=4096,
                             time_gran=1, max_pages=MAX_READ // 4096).pack()
@@ -174,8 +190,8 @@ class FuseServer:
 
 
 _DIRENT = fuse.Dirent.FORMAT
+_IN_HEADER = fuse.InHeader.FORMAT
 _READ_IN = fuse.ReadIn.FORMAT
-_STORE_HEADER = fuse.OutHeader.FORMAT.size + fuse.NotifyStoreOut.FORMAT.size
 
 
 # a cacheable "no such entry": node id 0, valid for the cache timeout

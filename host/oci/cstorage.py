@@ -10,7 +10,9 @@ The host opens the files (threads) and passes their fds to object worker process
 (`pycfs.host.workers`), which hash and store them: one per core, as hashing in threads of
 one process is capped by the GIL. A layer streams through: its tar-split is read a chunk
 at a time while earlier chunks are stored and written (`LayerImport`), and with
-`parse_layers` each imported layer is parsed for the image build while the next imports.
+`parse_layers` the entries of each imported layer are parsed from the pieces as they are
+written (`LayerEntryCollector`) and merged into the image's tree (`ImageTree`) while the
+import goes on: the image build after it only normalises and writes the tree.
 
 Files are opened beneath the layer directory with openat2 (RESOLVE_CONFINED, O_NOFOLLOW):
 nothing a tar-split names can lead outside it. A file the user may not open (owned by a
@@ -33,24 +35,24 @@ import functools
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
 from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
-from pycfs.host.jsondoc import parse_object
 from pycfs.host.nursery import open_nursery
-from pycfs.host.oci.image import finish_pull, parse_layer
-from pycfs.host.oci.result import ImportStats, PullResult
+from pycfs.host.oci.image import ImageTree, finish_pull
+from pycfs.host.oci.layer import LayerEntryCollector
+from pycfs.host.oci.result import ImportStats, PullResult, containers_storage_result
 from pycfs.host.fsverity import read_ahead
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.streamcat import stream_digest
+from pycfs.host.storage.image import ImageSource, read_image
 from pycfs.host.storage.locks import ReadLocks
-from pycfs.host.storage.store import ImageLayer, ImageRecord, Storage, Store, StorageError
+from pycfs.host.storage.store import ImageLayer, Storage, Store, StorageError
 from pycfs.host.storage.tarsplit import FileEntry, Segment, check_name, crc64_iso, header_only_kind, open_entries
 from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
 from pycfs.protocol.helper_api import layer_dir
@@ -80,50 +82,6 @@ class HelperOpener(FdOpener, Protocol):
     info: dict | None  # None until the helper has started
 
     async def hello(self) -> dict: ...
-
-
-def _sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-@dataclass
-class ImageSource:
-    """What the finish step needs, read while the locks are held."""
-
-    store: Store
-    image: ImageRecord
-    manifest: bytes
-    config: bytes
-    manifest_digest: str
-    config_digest: str
-    layers: list[ImageLayer]
-
-
-def read_image(storage: Storage, ref: str) -> ImageSource:
-    """Find the image and read its manifest, config and layer list (locks held by the caller)."""
-    store, image = storage.lookup(ref)
-    manifest = store.big_data(image.id, "manifest")
-    mdoc = parse_object(manifest, f"manifest of image {image.id[:12]}", StorageError)
-    config_desc = mdoc.get("config")
-    config_digest = config_desc.get("digest") if isinstance(config_desc, dict) else None
-    if not isinstance(config_digest, str):
-        raise StorageError(f"manifest of image {image.id[:12]} has no config digest")
-    try:
-        config = store.big_data(image.id, config_digest)
-    except StorageError:
-        config = store.big_data(image.id, "sha256:" + image.id)
-    if _sha256_digest(config) != config_digest:
-        raise StorageError(f"config of image {image.id[:12]} does not match its digest {config_digest}")
-    cdoc = parse_object(config, f"config of image {image.id[:12]}", StorageError)
-    rootfs = cdoc.get("rootfs")
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
-        raise StorageError(f"config of image {image.id[:12]} has no rootfs.diff_ids list")
-    for d in diff_ids:
-        if not d.startswith("sha256:") or len(d) != 71 or d[7:].strip("0123456789abcdef"):
-            raise StorageError(f"config of image {image.id[:12]}: invalid diff_id {d!r}")
-    layers = storage.image_layers(store, image, diff_ids)
-    return ImageSource(store, image, manifest, config, _sha256_digest(manifest), config_digest, layers)
 
 
 # ---- opening layer files --------------------------------------------------------------
@@ -356,6 +314,7 @@ class LayerImport:
         helper: FdOpener | None,
         progress: PullProgress | None,
         verify_diffid: bool,
+        tree: ImageTree | None = None,
     ) -> None:
         self.repo = repo
         self.pool = pool
@@ -367,6 +326,9 @@ class LayerImport:
         self.files = LayerFiles(layer.store, layer.layer.id)
         self.writer = repo.new_stream(CONTENT_OCI_LAYER)
         self.hasher = hashlib.sha256() if verify_diffid else None
+        # the layer's entries, parsed from what is written, go to the image's tree
+        self.tree = tree
+        self.collector = LayerEntryCollector() if tree is not None else None
         self.total = 0  # bytes of the rebuilt tar so far
         self._header: Segment | FileEntry | None = None  # the entry before the next one read
 
@@ -384,12 +346,14 @@ class LayerImport:
             self.progress.layer_started(self.layer.diff_id, rec.diff_size)
         send_batches, batches = trio.open_memory_channel(0)
         send_chunks, chunks = trio.open_memory_channel(CHUNKS_IN_FLIGHT)
+        send_written, written = trio.open_memory_channel(CHUNKS_IN_FLIGHT)
         try:
             async with open_nursery() as nursery:
                 nursery.start_soon(self._read, str(path), send_chunks, send_batches)
                 for _ in range(self.pool.batches_in_flight(BATCH_FILES)):
                     nursery.start_soon(self._coordinate, batches)
-                nursery.start_soon(self._write, chunks)
+                nursery.start_soon(self._write, chunks, send_written)
+                nursery.start_soon(self._parse, written)
         finally:
             self.files.close()
         return await trio.to_thread.run_sync(self._finish, limiter=self.limiter)
@@ -576,15 +540,32 @@ class LayerImport:
 
     # -- writing --
 
-    async def _write(self, chunks: trio.MemoryReceiveChannel) -> None:
-        async for chunk in chunks:
-            await chunk.done.wait()
-            self._advance(await trio.to_thread.run_sync(self._write_chunk, chunk, limiter=self.limiter))
+    async def _write(self, chunks: trio.MemoryReceiveChannel, written: trio.MemorySendChannel) -> None:
+        async with written:
+            async for chunk in chunks:
+                await chunk.done.wait()
+                pieces: list[bytes | tuple[bytes]] = []
+                self._advance(await trio.to_thread.run_sync(self._write_chunk, chunk, pieces, limiter=self.limiter))
+                if self.collector is not None:
+                    await written.send(pieces)
 
-    def _write_chunk(self, chunk: _Chunk) -> int:
+    async def _parse(self, written: trio.MemoryReceiveChannel) -> None:
+        """The entries of each chunk written, parsed in a thread of their own: in the
+        writer's, the parse held up the pipeline (measured: the pull took 1-2 s longer)."""
+        async for pieces in written:
+            await trio.to_thread.run_sync(self._apply, pieces, limiter=self.limiter)
+
+    def _apply(self, pieces: list[bytes | tuple[bytes]]) -> None:
+        assert self.collector is not None and self.tree is not None
+        self.collector.feed(pieces)
+        self.tree.apply(self.collector.take())
+
+    def _write_chunk(self, chunk: _Chunk, pieces: list[bytes | tuple[bytes]]) -> int:
         """Worker thread: append a chunk to the splitstream (hashing it when verifying);
-        returns its bytes of tar headers, for the progress bar."""
+        returns its bytes of tar headers, for the progress bar. When collecting, what it
+        writes is listed in pieces, for `LayerEntryCollector.feed`."""
         headers = 0
+        collecting = self.collector is not None
         for index, entry in enumerate(chunk.entries):
             if isinstance(entry, Segment):
                 data: bytes | tuple[bytes, int] = entry.data
@@ -602,12 +583,16 @@ class LayerImport:
                 self.stats.files_inlined += isinstance(entry, FileEntry)
                 if self.hasher is not None:
                     self.hasher.update(data)
+                if collecting:
+                    pieces.append(data)
             else:
                 object_id, size = data
                 self.writer.write_external(object_id, size)
                 self.total += size
                 if self.hasher is not None:
                     self.repo.feed_object(object_id, size, self.hasher.update)
+                if collecting:
+                    pieces.append((object_id,))
         return headers
 
     def _finish(self) -> bytes:
@@ -620,7 +605,12 @@ class LayerImport:
                 f"layer {rec.id[:12]}: rebuilt tar has digest sha256:{self.hasher.hexdigest()}, "
                 f"not its diff_id {self.layer.diff_id}"
             )
-        return self.repo.write_stream(self.writer, f"oci-layer-{self.layer.diff_id}")
+        stream_id = self.repo.write_stream(self.writer, f"oci-layer-{self.layer.diff_id}")
+        if self.collector is not None and self.tree is not None:
+            self.collector.close()
+            self.tree.apply(self.collector.take())
+            self.tree.end_layer(stream_id)
+        return stream_id
 
 
 def _stream_has_diffid(repo: Repository, stream_id: bytes, diff_id: str) -> bool:
@@ -688,8 +678,8 @@ class _HelperGate:
 
 
 def default_limiter() -> trio.CapacityLimiter:
-    """Threads for the longer Python work (writing splitstream chunks, parsing layers for the
-    image; hashing is in worker processes): one per core, as it mostly holds the GIL. The
+    """Threads for the longer Python work (writing splitstream chunks and parsing their
+    entries for the image; hashing is in worker processes): one per core, as it mostly holds the GIL. The
     short trips (opening a batch, reading a tar-split chunk) are bounded by the pipeline."""
     return trio.CapacityLimiter(max(2, os.cpu_count() or 1))
 
@@ -706,69 +696,53 @@ async def pull_image(
     limiter: trio.CapacityLimiter | None = None,
     jobs: int | None = None,
     parse_layers: bool = False,
+    locks: ReadLocks | None = None,
 ) -> PullResult:
     """Import image `ref` from containers-storage; tag it `tag` (None: no tag). ``jobs``:
-    object worker processes (default: one per core). ``parse_layers``: parse each imported
-    layer for the image build while the next one imports (`PullResult.layer_entries`)."""
+    object worker processes (default: one per core). ``parse_layers``: build the image, its
+    tree merged from the entries of each imported layer as it is written.
+    ``locks``: the c/storage read locks when the caller holds them already (pycfs.host.oci.repull's
+    look found a layer to import): kept, so podman cannot come between that look and this pull."""
     started = time.monotonic()
     limiter = limiter or default_limiter()
     stats = ImportStats()
-    locks = ReadLocks([(p, s.read_only) for s in storage.stores for p in s.lock_paths()])
+    locks = locks or storage.read_locks()
     layer_streams: list[tuple[str, bytes]] = []
-    layer_entries: dict[bytes, list] = {}
-
-    async def parse(stream_id: bytes) -> None:
-        try:
-            layer_entries[stream_id] = await trio.to_thread.run_sync(parse_layer, repo, stream_id, limiter=limiter)
-        except PycfsError:
-            pass  # not an import error: the image build parses it again and reports it
-
-    async with open_nursery() as parsing:
-        try:
+    tree = ImageTree(repo) if parse_layers else None
+    try:
+        if not locks.held:
             await locks.acquire(on_wait=progress.waiting_for_lock if progress else None)
-            source = await trio.to_thread.run_sync(read_image, storage, ref)
-            stats.layers = len(source.layers)
-            if progress is not None:
-                progress.layers([(layer.diff_id, layer.layer.diff_size) for layer in source.layers])
-            on_wait = progress.waiting_for_lock if progress else None
-            gate = _HelperGate(helper, locks, storage, source, ref, on_wait) if helper is not None else None
-            async with open_pool(repo=repo, jobs=jobs) as pool:
-                for layer in source.layers:
-                    existing = repo.intact_stream(f"oci-layer-{layer.diff_id}")
-                    if existing is not None and verify_diffid and not await trio.to_thread.run_sync(
-                            _stream_has_diffid, repo, existing, layer.diff_id, limiter=limiter):
-                        existing = None  # what is stored is not that layer: import it again, verified
-                    if existing is not None:
-                        stats.layers_already_present += 1
-                        layer_streams.append((layer.diff_id, existing))
-                        if progress is not None:
-                            progress.layer_done(layer.diff_id, True)
-                        continue
-                    await pool.start()  # the workers' start-up overlaps the first tar-split read
-                    job = LayerImport(repo, layer, stats, limiter, pool, gate, progress, verify_diffid)
-                    layer_streams.append((layer.diff_id, await job.run()))
-                    if parse_layers:
-                        parsing.start_soon(parse, layer_streams[-1][1])
+        source = await trio.to_thread.run_sync(read_image, storage, ref)
+        stats.layers = len(source.layers)
+        if progress is not None:
+            progress.layers([(layer.diff_id, layer.layer.diff_size) for layer in source.layers])
+        on_wait = progress.waiting_for_lock if progress else None
+        gate = _HelperGate(helper, locks, storage, source, ref, on_wait) if helper is not None else None
+        async with open_pool(repo=repo, jobs=jobs) as pool:
+            for layer in source.layers:
+                existing = repo.intact_stream(f"oci-layer-{layer.diff_id}")
+                if existing is not None and verify_diffid and not await trio.to_thread.run_sync(
+                        _stream_has_diffid, repo, existing, layer.diff_id, limiter=limiter):
+                    existing = None  # what is stored is not that layer: import it again, verified
+                if existing is not None:
+                    stats.layers_already_present += 1
+                    layer_streams.append((layer.diff_id, existing))
+                    if tree is not None:
+                        tree.add_stored(existing)
                     if progress is not None:
-                        progress.layer_done(layer.diff_id, False)
-        finally:
-            locks.release()
+                        progress.layer_done(layer.diff_id, True)
+                    continue
+                await pool.start()  # the workers' start-up overlaps the first tar-split read
+                job = LayerImport(repo, layer, stats, limiter, pool, gate, progress, verify_diffid, tree)
+                layer_streams.append((layer.diff_id, await job.run()))
+                if progress is not None:
+                    progress.layer_done(layer.diff_id, False)
+    finally:
+        locks.release()
     finished = await trio.to_thread.run_sync(
         functools.partial(finish_pull, repo, source.manifest_digest, source.manifest, source.config_digest,
-                          source.config, layer_streams, tag, build_image=parse_layers, parsed=layer_entries,
+                          source.config, layer_streams, tag, build_image=parse_layers, tree=tree,
                           on_phase=progress.phase if progress is not None else None),
         limiter=limiter,
     )
-    return PullResult(
-        tag=tag,
-        manifest_digest=source.manifest_digest,
-        config_digest=source.config_digest,
-        manifest_stream_id=finished.manifest_stream_id,
-        config_stream_id=finished.config_stream_id,
-        layers=layer_streams,
-        stats=stats,
-        seconds=time.monotonic() - started,
-        source_id=source.image.id,
-        names=list(source.image.names),
-        images=finished.images,
-    )
+    return containers_storage_result(source, finished, layer_streams, stats, tag, started)

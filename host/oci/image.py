@@ -11,7 +11,7 @@ security.capability (plus user.* on request).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pycfs.host.errors import PycfsError
@@ -110,17 +110,74 @@ def normalize_for_oci(root: Directory, keep_user_xattrs: bool = False) -> None:
     if isinstance(run, Directory) and isinstance(usr, Directory):
         run.entries.clear()
         run.stat.mtime_sec, run.stat.mtime_nsec = usr.stat.mtime_sec, usr.stat.mtime_nsec
-    seen: set[int] = set()
-    for _path, node in root.walk():
-        if id(node) not in seen:
-            seen.add(id(node))
-            _filter_xattrs(node.stat, keep_user_xattrs)
+    # Every inode once, in no particular order (no sorting, no paths: this is per file of
+    # the image); filtering twice (a hardlinked leaf) changes nothing.
+    _filter_xattrs(root.stat, keep_user_xattrs)
+    dirs, seen = [root], {id(root)}
+    while dirs:
+        for node in dirs.pop().entries.values():
+            if node.stat.xattrs:
+                _filter_xattrs(node.stat, keep_user_xattrs)
+            if isinstance(node, Directory) and id(node) not in seen:
+                seen.add(id(node))
+                dirs.append(node)
 
 
 def parse_layer(repo: Repository, layer_id: bytes) -> list[LayerEntry]:
     """The entries of one stored layer stream: most of an image build's work, and the part
     that a pull can do for one layer while it imports the next."""
     return list(iter_layer_entries(repo.open_stream_by_id(layer_id, CONTENT_OCI_LAYER)))
+
+
+class ImageTree:
+    """An image's merged tree built while a pull imports its layers, in config order: the
+    entries of a layer being imported are applied as they are parsed (`apply`, then
+    `end_layer`); a layer already stored is only noted (`add_stored`) and read back when
+    a later layer needs it applied, or by `filesystem`, so a pull whose image is in place
+    never reads one. Any failure (an entry that does not apply, entries that could not be
+    parsed) breaks the tree: the image is then built from the stored streams, which
+    reports the error."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.root = Directory(Stat())
+        self.broken = False
+        self.layers: list[bytes] = []  # layer stream ids, in the order they came
+        self._stored: list[bytes] = []  # noted, not yet applied
+
+    def add_stored(self, layer_id: bytes) -> None:
+        self.layers.append(layer_id)
+        self._stored.append(layer_id)
+
+    def apply(self, entries: Iterable[LayerEntry] | None) -> None:
+        """Entries of the layer being imported (None: some could not be parsed)."""
+        stored, self._stored = self._stored, []
+        if self.broken:
+            return
+        if entries is None:
+            self.broken = True
+            return
+        try:
+            for layer_id in stored:
+                for entry in iter_layer_entries(self.repo.open_stream_by_id(layer_id, CONTENT_OCI_LAYER)):
+                    apply_entry(self.root, entry)
+            for entry in entries:
+                apply_entry(self.root, entry)
+        except PycfsError:
+            self.broken = True
+
+    def end_layer(self, layer_id: bytes) -> None:
+        self.layers.append(layer_id)
+
+    def filesystem(self, layer_ids: Sequence[bytes], keep_user_xattrs: bool = False) -> FileSystem | None:
+        """The normalised tree of the layers `layer_ids` (config order), or None when broken
+        or built from other layers."""
+        self.apply(())
+        if self.broken or self.layers != list(layer_ids):
+            return None
+        self.broken = True  # normalised: nothing applies after this
+        normalize_for_oci(self.root, keep_user_xattrs)
+        return FileSystem(self.root)
 
 
 def _diff_ids(config_raw: bytes) -> list[str]:
@@ -181,11 +238,14 @@ def _sound_images(repo: Repository, refs: Mapping[str, bytes], versions: Sequenc
 
 
 def _write_images(repo: Repository, diff_ids: Sequence[str], layer_ids: Mapping[str, bytes],
-                  versions: Sequence[int], parsed: Mapping[bytes, list[LayerEntry]] | None) -> dict[int, bytes]:
+                  versions: Sequence[int], parsed: Mapping[bytes, list[LayerEntry]] | None,
+                  tree: ImageTree | None = None) -> dict[int, bytes]:
     # Imported here: a re-pull with its image in place (most of them) never writes one.
     from pycfs.host.erofs.writer import write_image as write_erofs
 
-    fs = build_filesystem(repo, diff_ids, layer_ids, parsed=parsed)
+    fs = tree.filesystem([layer_ids.get(d, b"") for d in diff_ids]) if tree is not None else None
+    if fs is None:
+        fs = build_filesystem(repo, diff_ids, layer_ids, parsed=parsed)
     return {v: repo.write_image(write_erofs(fs, v)) for v in versions}
 
 
@@ -220,13 +280,14 @@ class FinishedImage:
 
 def finish_pull(repo: Repository, manifest_digest: str, manifest_raw: bytes, config_digest: str,
                 config_raw: bytes, layers: list[tuple[str, bytes]], tag: str | None, *, build_image: bool = True,
-                parsed: Mapping[bytes, list[LayerEntry]] | None = None,
+                parsed: Mapping[bytes, list[LayerEntry]] | None = None, tree: ImageTree | None = None,
                 on_phase: Callable[[str], None] | None = None) -> FinishedImage:
     """The end of every pull, once the layer streams are stored: the EROFS image(s) (unless
     ``build_image`` is false, or an intact one is recorded already), then the config stream
     with its image refs and the manifest stream, each written once, then the tag, last: a
     failure anywhere before leaves no tag. ``layers``: (diff_id, layer stream id) in config
-    order; ``parsed``: layers already parsed (see `build_filesystem`)."""
+    order; ``parsed``: layers already parsed (see `build_filesystem`); ``tree``: their tree,
+    built during the pull (`ImageTree`)."""
     recorded: dict[str, bytes] = {}
     config_id = repo.has_stream(config_stream_name(config_digest))
     if config_id is not None:
@@ -243,7 +304,7 @@ def finish_pull(repo: Repository, manifest_digest: str, manifest_raw: bytes, con
         if found is None:
             if on_phase is not None:
                 on_phase("image")
-            found = _write_images(repo, _diff_ids(config_raw), dict(layers), versions, parsed)
+            found = _write_images(repo, _diff_ids(config_raw), dict(layers), versions, parsed, tree)
         images = found
     else:
         images = {v: i for v, n in IMAGE_REF_NAMES.items() if (i := recorded.get(n)) is not None and repo.has_object(i)}

@@ -430,7 +430,7 @@ class Hardlink:
     target: bytes  # normalized absolute path of an earlier entry
 
 
-@dataclass
+@dataclass(slots=True)
 class LayerEntry:
     """One tar entry of a layer as the image builder needs it (spec 3.6)."""
 
@@ -479,52 +479,171 @@ def iter_layer_entries(reader: SplitStreamReader) -> Iterator[LayerEntry]:
         raise TarError(f"stream content type {reader.content_type:#x} is not a tar layer")
     cursor = _InlineCursor(reader)
     tar = TarReader(cursor.read)
-    while True:
-        entry = tar.next()
-        if isinstance(entry, TarEnd):
-            return
-        if entry.sparse:
-            raise TarError(f"tar entry {entry.path!r} is a GNU sparse file: the layer stream keeps it byte for "
-                           "byte, but composefs images cannot represent sparse tar entries yet")
-        t = entry.typeflag
-        content: bytes | None = None
-        object_id: bytes | None = None
-        if entry.is_regular() and entry.size > INLINE_CONTENT_MAX:
-            object_id = cursor.external()
-            tar.offset += entry.size
-            tar.read_exact(entry.padded_size - entry.size, "padding")
-        else:
-            content = tar.read_exact(entry.padded_size)[: entry.size]
-        stat = Stat(
-            mode=entry.mode,
-            uid=entry.uid & 0xFFFFFFFF,
-            gid=entry.gid & 0xFFFFFFFF,
-            mtime_sec=entry.mtime,
-            mtime_nsec=entry.mtime_nsec,
-            xattrs=dict(sorted(entry.xattrs.items())),
-        )
-        item: Directory | Hardlink | LeafContent
-        if t == DIRTYPE:
-            item = Directory()
-        elif entry.is_regular():
-            item = External(object_id, entry.size) if object_id is not None else Inline(content or b"")
-        elif t == LNKTYPE:
-            item = Hardlink(normalize_path(entry.linkpath))
-        elif t == SYMTYPE:
-            item = Symlink(entry.linkpath)
-        elif t in (CHRTYPE, BLKTYPE):
+    while (entry := _next_entry(tar, cursor)) is not None:
+        yield entry
+
+
+def _next_entry(tar: TarReader, cursor: _InlineCursor | LayerEntryCollector) -> LayerEntry | None:
+    """The next entry of a layer stream read through `cursor`; None at the end marker."""
+    entry = tar.next()
+    if isinstance(entry, TarEnd):
+        return None
+    if entry.sparse:
+        raise TarError(f"tar entry {entry.path!r} is a GNU sparse file: the layer stream keeps it byte for "
+                       "byte, but composefs images cannot represent sparse tar entries yet")
+    t = entry.typeflag
+    content: bytes | None = None
+    object_id: bytes | None = None
+    if entry.is_regular() and entry.size > INLINE_CONTENT_MAX:
+        object_id = cursor.external()
+        tar.offset += entry.size
+        tar.read_exact(entry.padded_size - entry.size, "padding")
+    else:
+        content = tar.read_exact(entry.padded_size)[: entry.size]
+    stat = Stat(
+        mode=entry.mode,
+        uid=entry.uid & 0xFFFFFFFF,
+        gid=entry.gid & 0xFFFFFFFF,
+        mtime_sec=entry.mtime,
+        mtime_nsec=entry.mtime_nsec,
+        xattrs=dict(sorted(entry.xattrs.items())),
+    )
+    item: Directory | Hardlink | LeafContent
+    if t == DIRTYPE:
+        item = Directory()
+    elif entry.is_regular():
+        item = External(object_id, entry.size) if object_id is not None else Inline(content or b"")
+    elif t == LNKTYPE:
+        item = Hardlink(normalize_path(entry.linkpath))
+    elif t == SYMTYPE:
+        item = Symlink(entry.linkpath)
+    elif t in (CHRTYPE, BLKTYPE):
+        try:
+            rdev = os.makedev(entry.header.devmajor, entry.header.devminor)
+        except (OverflowError, ValueError):
+            rdev = 1 << 32
+        if rdev > 0xFFFFFFFF:
+            raise TarError(f"device number {entry.header.devmajor}:{entry.header.devminor} of {entry.path!r} does not fit 32 bits")
+        item = CharDevice(rdev) if t == CHRTYPE else BlockDevice(rdev)
+    elif t == FIFOTYPE:
+        item = Fifo()
+    else:
+        raise TarError(f"tar entry {entry.path!r} has unsupported type {t!r}")
+    return LayerEntry(normalize_path(entry.path), stat, item)
+
+
+class _NeedMore(Exception):
+    """The pieces written so far end inside an entry."""
+
+
+class LayerEntryCollector:
+    """The entries of a layer stream parsed from the pieces written to it, as they are
+    written: a pull that has just imported a layer builds its image from these instead of
+    reading the stream back (`parse_layer`). Feed it every piece of the stream, in order
+    (`add_inline` bytes, `add_external` object ids, as `SplitStreamWriter` takes them), call
+    `advance` from time to time and `close` at the end; then `entries` is what
+    `iter_layer_entries` gives for the stored stream, the same code parsing the same bytes.
+
+    An entry cut by the end of what was fed is parsed again, whole, on the next `advance`.
+    If the pieces do not parse, `entries` is None: the image build then reads the stream
+    back, which reports the error."""
+
+    def __init__(self) -> None:
+        self.entries: list[LayerEntry] | None = []
+        self._pieces: list[bytes | tuple[bytes]] = []  # inline bytes, or (object id,)
+        self._at = 0  # the piece being read ...
+        self._pos = 0  # ... and the offset in it, when inline
+        self._closed = False
+        self._done = False
+        self._tar = TarReader(self.read)
+
+    def add_inline(self, data: bytes) -> None:
+        if data and not self._done:
+            self._pieces.append(data)
+
+    def add_external(self, object_id: bytes) -> None:
+        if not self._done:
+            self._pieces.append((object_id,))
+
+    def take(self) -> list[LayerEntry] | None:
+        """The entries parsed since the last take (None once parsing failed), for a caller
+        that applies them as they come instead of keeping them all."""
+        entries = self.entries
+        if entries is not None:
+            self.entries = []
+        return entries
+
+    def feed(self, pieces: list[bytes | tuple[bytes]]) -> None:
+        """`add_inline` each bytes and `add_external` each (object id,) of pieces, then
+        `advance`: for a writer that hands its pieces over to be parsed elsewhere."""
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                self.add_inline(piece)
+            else:
+                self.add_external(piece[0])
+        self.advance()
+
+    def close(self) -> None:
+        self._closed = True
+        self.advance()
+        if not self._done:
+            self.entries = None
+
+    def advance(self) -> None:
+        """Parse every entry the pieces fed so far hold whole."""
+        tar, entries = self._tar, self.entries
+        while not self._done and entries is not None:
+            at, pos, offset = self._at, self._pos, tar.offset
             try:
-                rdev = os.makedev(entry.header.devmajor, entry.header.devminor)
-            except (OverflowError, ValueError):
-                rdev = 1 << 32
-            if rdev > 0xFFFFFFFF:
-                raise TarError(f"device number {entry.header.devmajor}:{entry.header.devminor} of {entry.path!r} does not fit 32 bits")
-            item = CharDevice(rdev) if t == CHRTYPE else BlockDevice(rdev)
-        elif t == FIFOTYPE:
-            item = Fifo()
-        else:
-            raise TarError(f"tar entry {entry.path!r} has unsupported type {t!r}")
-        yield LayerEntry(normalize_path(entry.path), stat, item)
+                entry = _next_entry(tar, self)
+            except _NeedMore:
+                self._at, self._pos, tar.offset = at, pos, offset
+                break
+            except PycfsError:
+                self.entries = None
+                break
+            if entry is None:
+                self._done = True
+            else:
+                entries.append(entry)
+        if self._done or self.entries is None:
+            self._pieces = []
+            self._at = self._pos = 0
+        elif self._at:
+            del self._pieces[: self._at]
+            self._at = 0
+
+    def _inline_piece(self) -> bytes | None:
+        """The inline piece with bytes left to read (the pieces read are passed), None at the end."""
+        pieces = self._pieces
+        while self._at < len(pieces):
+            piece = pieces[self._at]
+            if not isinstance(piece, bytes) or self._pos < len(piece):
+                return piece  # type: ignore[return-value]
+            self._at += 1
+            self._pos = 0
+        if not self._closed:
+            raise _NeedMore
+        return None
+
+    def read(self, n: int) -> bytes:
+        """`TarReader`'s source: up to n inline bytes, b"" at the end."""
+        piece = self._inline_piece()
+        if piece is None:
+            return b""
+        if not isinstance(piece, bytes):
+            raise TarError("layer stream: an object where tar headers or small-file content belong")
+        start = self._pos
+        self._pos = min(start + n, len(piece))
+        return piece if start == 0 and self._pos == len(piece) else piece[start : self._pos]
+
+    def external(self) -> bytes:
+        """The object id of the file whose header was just read (`_InlineCursor.external`)."""
+        piece = self._inline_piece()
+        if not isinstance(piece, tuple):
+            raise TarError(f"layer stream: inline data where the content object of a file > {INLINE_CONTENT_MAX} bytes belongs")
+        self._at += 1
+        return piece[0]
 
 
 def open_layer(repo: Repository, diff_id: str) -> SplitStreamReader:

@@ -24,6 +24,8 @@ from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.layer import (
     HashingReader,
     LayerDigestError,
+    LayerEntry,
+    LayerEntryCollector,
     PendingFile,
     Piece,
     SplitLayer,
@@ -227,15 +229,27 @@ class _Chunk:
         self.stored = trio.Event()
 
 
+@dataclass
+class LayoutLayer:
+    """An imported layer: its stream, and its entries when collected (`LayerEntryCollector`)."""
+
+    stats: ImportStats
+    stream_id: bytes
+    entries: list[LayerEntry] | None
+
+
 async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLayout, desc: Descriptor, diff_id: str,
-                              limiter: trio.CapacityLimiter, progress: PullProgress | None) -> ImportStats:
+                              limiter: trio.CapacityLimiter, progress: PullProgress | None,
+                              collect: bool = False) -> LayoutLayer:
     """Decompress and split a layer blob, verify its digest and diff_id, commit
     `oci-layer-<diff_id>`. A thread splits the tar a run of entries at a time, writing file
     content once into anonymous files of the object store; the object workers hash and link
     those (as they do the files of a containers-storage pull) while the thread goes on; each
-    run is appended to the layer stream, in order, once its files are objects."""
+    run is appended to the layer stream, in order, once its files are objects (and, with
+    ``collect``, parsed into the layer's entries for the image build)."""
     alg, _ = parse_digest(desc.digest)
     stats = ImportStats()
+    collector = LayerEntryCollector() if collect else None
     held: set[_Chunk] = set()
     advanced = 0  # blob bytes shown as progress
     with layout.open_blob(desc) as f:
@@ -244,6 +258,7 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLay
                                parse_digest(diff_id)[0], defer=True)
         writer = repo.new_stream(CONTENT_OCI_LAYER)
         send, receive = trio.open_memory_channel[_Chunk](CHUNKS_IN_FLIGHT - 1)
+        send_written, written = trio.open_memory_channel[list[bytes | tuple[bytes]]](CHUNKS_IN_FLIGHT)
 
         async def store(chunk: _Chunk) -> None:
             pending = [(i, p) for i, p in enumerate(chunk.pieces) if isinstance(p, PendingFile)]
@@ -270,18 +285,29 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLay
 
         async def write() -> None:
             nonlocal advanced
-            async for chunk in receive:
-                await chunk.stored.wait()
-                write_pieces(writer, chunk.pieces, stats)
-                held.discard(chunk)
-                if progress is not None:
-                    progress.advance(diff_id, blob.count - advanced)
-                    advanced = blob.count
+            async with send_written:
+                async for chunk in receive:
+                    await chunk.stored.wait()
+                    write_pieces(writer, chunk.pieces, stats)
+                    held.discard(chunk)
+                    if progress is not None:
+                        progress.advance(diff_id, blob.count - advanced)
+                        advanced = blob.count
+                    if collector is not None:
+                        await send_written.send([p if isinstance(p, bytes) else (p.object_id,)
+                                                 for p in chunk.pieces])
+
+        async def parse() -> None:
+            # in a thread of its own, behind the writer: a chunk can hold thousands of entries
+            async for pieces in written:
+                assert collector is not None
+                await trio.to_thread.run_sync(collector.feed, pieces, limiter=limiter)
 
         try:
             async with open_nursery() as nursery:
                 nursery.start_soon(split, nursery)
                 nursery.start_soon(write)
+                nursery.start_soon(parse)
         finally:
             for chunk in held:
                 close_pieces(chunk.pieces)
@@ -291,9 +317,12 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLay
     stats.files_inlined += splitter.files_inlined
     if progress is not None:
         progress.advance(diff_id, blob.count - advanced)
-    await trio.to_thread.run_sync(commit_layer, repo, SplitLayer(writer, splitter.diff_id, splitter.src.count, stats),
-                                  diff_id, limiter=limiter)
-    return stats
+    stream_id = await trio.to_thread.run_sync(commit_layer, repo,
+                                              SplitLayer(writer, splitter.diff_id, splitter.src.count, stats),
+                                              diff_id, limiter=limiter)
+    if collector is not None:
+        collector.close()
+    return LayoutLayer(stats, stream_id, collector.entries if collector is not None else None)
 
 
 async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, build_image: bool = True,
@@ -322,11 +351,15 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
     stats.layers = len({d for _, d in layers.layers})
     stats.layers_already_present = stats.layers - len(todo)
     limiter = trio.CapacityLimiter(os.cpu_count() or 1)
+    parsed: dict[bytes, list[LayerEntry]] = {}  # by stream id: entries of the layers imported
 
     async def one(pool: WorkerPool, diff_id: str, desc: Descriptor) -> None:
         if progress is not None:
             progress.layer_started(diff_id, desc.size)
-        stats.add(await import_layout_layer(repo, pool, layout, desc, diff_id, limiter, progress))
+        layer = await import_layout_layer(repo, pool, layout, desc, diff_id, limiter, progress, build_image)
+        stats.add(layer.stats)
+        if layer.entries is not None:
+            parsed[layer.stream_id] = layer.entries
         if progress is not None:
             progress.layer_done(diff_id, False)
 
@@ -344,7 +377,7 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
 
     finished = await trio.to_thread.run_sync(functools.partial(
         finish_pull, repo, manifest_desc.digest, manifest_raw, config_desc.digest, config_raw, layer_refs, tag,
-        build_image=build_image, on_phase=progress.phase if progress is not None else None))
+        build_image=build_image, parsed=parsed, on_phase=progress.phase if progress is not None else None))
     return PullResult(tag, manifest_desc.digest, config_desc.digest, finished.manifest_stream_id,
                       finished.config_stream_id, layer_refs, stats, time.monotonic() - started,
                       images=finished.images)

@@ -14,6 +14,7 @@ from pycfs.host.oci.result import PullResult
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.storage.config import load_storage_config
+from pycfs.host.storage.locks import ReadLocks
 from pycfs.host.storage.store import Storage, parse_reference
 
 
@@ -25,6 +26,9 @@ class PullOptions:
     progress: PullProgress | None = None
     create_image: bool = True
     jobs: int | None = None  # containers-storage: object worker processes (None: one per CPU)
+    # containers-storage: read locks held already, which the pull takes over and releases
+    # (pycfs.host.oci.repull hands them on when its look finds a layer to import)
+    storage_locks: ReadLocks | None = None
 
 
 def storage_for(source: str, storage_root: str | None) -> tuple[Storage, str]:
@@ -39,11 +43,15 @@ async def _pull_containers_storage(repo: Repository, source: str, tag: str | Non
     from pycfs.host.oci.cstorage import pull_image  # `pycfs oci --help` imports this module
 
 
-    storage, name = storage_for(source, options.storage_root)
-    async with HelperClient(storage.primary.root, storage.primary.driver, policy=options.helper) as helper:
-        return await pull_image(repo, storage, name, tag, verify_diffid=options.verify_diffid,
-                                helper=helper if helper.enabled else None, progress=options.progress,
-                                parse_layers=options.create_image, jobs=options.jobs)
+    try:
+        storage, name = storage_for(source, options.storage_root)
+        async with HelperClient(storage.primary.root, storage.primary.driver, policy=options.helper) as helper:
+            return await pull_image(repo, storage, name, tag, verify_diffid=options.verify_diffid,
+                                    helper=helper if helper.enabled else None, progress=options.progress,
+                                    parse_layers=options.create_image, jobs=options.jobs, locks=options.storage_locks)
+    finally:
+        if options.storage_locks is not None:
+            options.storage_locks.release()  # pull_image's own finally may not have been reached
 
 
 async def _pull_oci_layout(repo: Repository, source: str, tag: str | None, options: PullOptions) -> PullResult:

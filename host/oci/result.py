@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pycfs.host.oci.image import FinishedImage
+    from pycfs.host.storage.image import ImageSource
 
 # The config stream's named ref of each EROFS format's image: V2 is plain `composefs.image`,
 # V1 `.v1`; V0 has none. `oci images --json` and `oci pull --json` both name images by them.
@@ -89,3 +95,22 @@ class PullResult:
             "stats": asdict(self.stats),
             "seconds": round(self.seconds, 3),
         }
+
+
+def containers_storage_result(source: ImageSource, finished: FinishedImage, layers: list[tuple[str, bytes]],
+                              stats: ImportStats, tag: str | None, started: float) -> PullResult:
+    """What a pull from containers-storage did (`started`: its time.monotonic() at the start),
+    whether it imported layers or found them all stored (pycfs.host.oci.repull)."""
+    return PullResult(
+        tag=tag,
+        manifest_digest=source.manifest_digest,
+        config_digest=source.config_digest,
+        manifest_stream_id=finished.manifest_stream_id,
+        config_stream_id=finished.config_stream_id,
+        layers=layers,
+        stats=stats,
+        seconds=time.monotonic() - started,
+        source_id=source.image.id,
+        names=list(source.image.names),
+        images=finished.images,
+    )

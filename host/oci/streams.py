@@ -140,7 +140,10 @@ def _write_json_stream(repo: Repository, content_type: int, raw: bytes, name: st
     for ref_name, stream_id in named_refs:
         writer.add_named_ref(ref_name, stream_id)
     writer.write_external(repo.ensure_object(raw), len(raw))
-    return repo.write_stream(writer, name)
+    # Durable refs: layer streams (each synced by its own write_stream before it was visible),
+    # other config streams (the same), and objects written here (images, this JSON), which
+    # the repository tracks.
+    return repo.write_stream(writer, name, refs_durable=True)
 
 
 def write_config_stream(repo: Repository, digest: str, raw: bytes, layers: Sequence[tuple[str, bytes]],

@@ -22,6 +22,7 @@ commit uses it as a base, so nothing stored is fetched again; success removes it
 
 from __future__ import annotations
 
+import datetime
 import errno
 import hashlib
 import math
@@ -47,7 +48,7 @@ from pycfs.host.ostree.commitstream import (
     stream_name,
 )
 from pycfs.host.ostree.delta import MAX_PART, MAX_SUPERBLOCK, apply_parts, delta_dir, delta_name, find_delta, parse_superblock
-from pycfs.host.ostree.image import ensure_image
+from pycfs.host.ostree.image import commit_of, ensure_image
 from pycfs.host.ostree.signature import MAX_DETACHED, verify_commit
 from pycfs.host.ostree.objects import (
     Commit,
@@ -122,12 +123,15 @@ class PullOptions:
     fetches: int = 16  # concurrent fetches
     deltas: bool = True  # use a static delta when an archive source (HTTP or local) has one
     gpg_keyring: str | None = None  # require a commit signature that verifies with this keyring
+    allow_downgrade: bool = False  # let NAME move to a commit older than the one it names
     progress: Progress | None = None
 
 
 class _Puller:
-    def __init__(self, repo: Repository, source: LocalRepo | HttpRepo, commit: bytes, options: PullOptions) -> None:
+    def __init__(self, repo: Repository, source: LocalRepo | HttpRepo, commit: bytes, options: PullOptions,
+                 checks: _Checks) -> None:
         self.repo = repo
+        self.checks = checks
         self.source = source
         self.commit = commit
         self.options = options
@@ -203,6 +207,7 @@ class _Puller:
         parsed: Commit | DirTree | DirMeta
         if kind is Kind.COMMIT:
             parsed = commit = Commit.parse(data, checksum)
+            self.checks.check(checksum, commit)
             if commit.parent is not None and has_commit(self.repo, commit.parent):
                 self.add_base(load_stream(self.repo, stream_name(commit.parent)), "parent")
             self.want(Kind.DIRMETA, commit.root_meta)
@@ -241,8 +246,6 @@ class _Puller:
         store_send, store_recv = trio.open_memory_channel[tuple[bytes, FetchedFile]](STORE_BATCH)
         self.todo = todo_send
         async with open_nursery() as nursery:
-            if not self.bases:
-                nursery.start_soon(pool.start)  # their start-up overlaps the first fetches
             async with todo_recv, store_send:
                 for _ in range(self.fetchers):
                     nursery.start_soon(self._fetcher, todo_recv.clone(), store_send.clone())
@@ -270,6 +273,7 @@ class _Puller:
         if hashlib.sha256(data).digest() != checksum:
             raise OstreeError(f"static delta {name}: the superblock does not match its checksum")
         superblock = parse_superblock(data, name, from_commit, self.commit)
+        self.checks.check(self.commit, Commit.parse(superblock.commit_data, self.commit))  # before any part
         base = None if from_commit is None else load_stream(self.repo, stream_name(from_commit))
         token = trio.lowlevel.current_trio_token()
 
@@ -433,37 +437,78 @@ def _signed_commit(source: LocalRepo | HttpRepo, commit: bytes, keyring: str) ->
     return objects
 
 
+@dataclass(frozen=True)
+class _Checks:
+    """What a pull checks on the commit object before it fetches anything it names."""
+
+    ref: str | None  # the branch it was asked for (None: a checksum)
+    current: tuple[str, CommitObjects] | None  # NAME and what it names now, when it may not go back
+
+    def check(self, commit: bytes, new: Commit) -> None:
+        # As ostree: a commit bound to refs (`ostree.ref-binding`, written by `ostree
+        # commit --branch`) comes only by one of them, so a server cannot pass one branch's
+        # commit off as another's.
+        bound = next((v.value for k, v in new.metadata if k == "ostree.ref-binding" and v.type == "as"), None)
+        if self.ref is not None and bound is not None and self.ref not in bound:
+            raise OstreeError(f"commit {commit.hex()} is bound to {', '.join(bound) or 'no ref'} (ostree.ref-binding), "
+                              f"not to {self.ref}, the ref the repository serves it as")
+        # As ostree's timestamp check: a commit older than the one NAME names now (a
+        # replayed old, perhaps vulnerable, commit) is refused; the same second is not older.
+        if self.current is not None:
+            name, objects = self.current
+            now = commit_of(objects).timestamp
+            if new.timestamp < now:
+                raise OstreeError(f"commit {commit.hex()} ({_utc(new.timestamp)}) is older than commit "
+                                  f"{objects.commit.hex()} ({_utc(now)}) that {name} names now: refusing "
+                                  "the downgrade (--allow-downgrade permits it)")
+
+
+def _utc(timestamp: int) -> str:
+    try:
+        return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):
+        return f"timestamp {timestamp}"
+
+
 def _current(repo: Repository, name: str) -> bytes | None:
     return dict(list_refs(repo)).get(name)
 
 
 async def pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options: PullOptions) -> PullResult:
     started = time.monotonic()
+    if options.gpg_keyring is not None:
+        source.summary_keyring = options.gpg_keyring  # refs and deltas only from a signed summary
     commit = await trio.to_thread.run_sync(source.resolve, ref)
     name = options.name if options.name is not None else (None if is_checksum_text(ref) else ref)
     if name is not None:
         check_ref_name(name)
+    current = load_commit(repo, name) if name is not None and _current(repo, name) is not None else None
+    checks = _Checks(None if is_checksum_text(ref) else ref,
+                     None if name is None or current is None or current.commit == commit or options.allow_downgrade
+                     else (name, current))
     signed = None
     if options.gpg_keyring is not None:
         signed = await trio.to_thread.run_sync(_signed_commit, source, commit, options.gpg_keyring)
     if has_commit(repo, commit):
         objects = load_stream(repo, stream_name(commit))
+        checks.check(commit, commit_of(objects))
         image_id = ensure_image(repo, objects, name)
         stats = PullStats(requests=source.requests if isinstance(source, HttpRepo) else None)
         return PullResult(commit, image_id, name, True, stats, time.monotonic() - started)
-    puller = _Puller(repo, source, commit, options)
+    puller = _Puller(repo, source, commit, options, checks)
     stats = puller.stats
     if options.base_name is not None:
         puller.add_base(load_commit(repo, options.base_name), f"--base-name {options.base_name}:")
-    elif name is not None and _current(repo, name) is not None:
-        puller.add_base(load_commit(repo, name), f"{name} was")
+    elif current is not None:
+        puller.add_base(current, f"{name} was")
     puller.load_partial()
     if signed is not None:
         puller.add_base(signed, "signature verified on")  # not fetched again
     try:
-        async with open_pool(repo=repo, jobs=options.jobs) as pool:
+        async with open_pool(repo=repo, jobs=options.jobs, small_here=True) as pool:
             await puller.run(pool)
-        image_id = ensure_image(repo, puller.objects, name)
+            pool.close_input()  # the workers exit while the image is built
+            image_id = ensure_image(repo, puller.objects, name)
     except BaseException:
         try:
             puller.checkpoint()

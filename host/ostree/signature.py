@@ -1,6 +1,7 @@
-"""Commit signatures: the detached metadata (`objects/XX/REST.commitmeta`, an `a{sv}`)
-holds `ostree.gpgsigs`, a list of OpenPGP signatures over the commit object's bytes. A
-commit is accepted when one of them verifies with `gpgv` against the given keyring.
+"""Commit and summary signatures: the detached metadata (`objects/XX/REST.commitmeta`,
+`summary.sig`, each an `a{sv}`) holds `ostree.gpgsigs`, a list of OpenPGP signatures over
+the commit object's (the summary's) bytes. It is accepted when one of them verifies with
+`gpgv` against the given keyring.
 
 gpgv runs with a private, empty GNUPGHOME (nothing of the user's keys or trust is used)
 and a time limit.
@@ -20,11 +21,12 @@ GPGV_TIMEOUT = 60.0
 MAX_DETACHED = 16 << 20
 
 
-def signatures(detached: bytes, commit_hex: str) -> list[bytes]:
+def signatures(detached: bytes, where: str) -> list[bytes]:
+    """``where`` names the detached metadata in errors (`object HEX.commitmeta`)."""
     try:
         entries = decode(DETACHED_TYPE, detached)
     except GVariantError as e:
-        raise OstreeError(f"object {commit_hex}.commitmeta: not valid detached metadata ({e})") from None
+        raise OstreeError(f"{where}: not valid detached metadata ({e})") from None
     for key, value in entries:
         if key == "ostree.gpgsigs" and value.type == "aay":
             return list(value.value)
@@ -33,17 +35,22 @@ def signatures(detached: bytes, commit_hex: str) -> list[bytes]:
 
 def verify_commit(commit_data: bytes, commit_hex: str, detached: bytes | None, keyring: str) -> None:
     """OstreeError unless a signature on the commit verifies with a key of keyring."""
+    verify_signed(commit_data, f"commit {commit_hex}", f"object {commit_hex}.commitmeta", detached, keyring)
+
+
+def verify_signed(data: bytes, what: str, where: str, detached: bytes | None, keyring: str) -> None:
+    """OstreeError unless a signature in ``detached`` (``where``: its name) on ``data``
+    (``what``: its name) verifies with a key of keyring."""
     if not os.path.isfile(keyring):
         raise OstreeError(f"GPG keyring {keyring} is not a file")
-    sigs = signatures(detached, commit_hex) if detached is not None else []
+    sigs = signatures(detached, where) if detached is not None else []
     if not sigs:
-        raise OstreeError(f"commit {commit_hex} is not signed (no detached signatures), "
-                          f"but --gpg-keyring {keyring} asks for one")
+        raise OstreeError(f"{what} is not signed (no detached signatures), but --gpg-keyring {keyring} asks for one")
     with tempfile.TemporaryDirectory(prefix="pycfs-gpgv-") as tmp:
         os.chmod(tmp, 0o700)
-        data_path = os.path.join(tmp, "commit")
+        data_path = os.path.join(tmp, "data")
         with open(data_path, "wb") as f:
-            f.write(commit_data)
+            f.write(data)
         last = ""
         for i, sig in enumerate(sigs):
             sig_path = os.path.join(tmp, f"sig{i}")
@@ -54,10 +61,10 @@ def verify_commit(commit_data: bytes, commit_hex: str, detached: bytes | None, k
                                       capture_output=True, text=True, timeout=GPGV_TIMEOUT,
                                       env={**os.environ, "GNUPGHOME": tmp, "LC_ALL": "C"})
             except FileNotFoundError:
-                raise OstreeError("gpgv is not installed: it checks commit signatures (apt-get install gpgv)") from None
+                raise OstreeError("gpgv is not installed: it checks signatures (apt-get install gpgv)") from None
             except subprocess.TimeoutExpired:
-                raise OstreeError(f"gpgv took more than {GPGV_TIMEOUT:.0f} s to check commit {commit_hex}") from None
+                raise OstreeError(f"gpgv took more than {GPGV_TIMEOUT:.0f} s to check {what}") from None
             if proc.returncode == 0:
                 return
             last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-    raise OstreeError(f"commit {commit_hex}: no signature verifies with the keyring {keyring} ({last})")
+    raise OstreeError(f"{what}: no signature verifies with the keyring {keyring} ({last})")

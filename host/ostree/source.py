@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from pycfs.host.ostree.commitstream import check_ref_name
+from pycfs.host.ostree.signature import MAX_DETACHED, verify_signed
 from pycfs.host.ostree.objects import (
     MAX_HEADER_SIZE,
     MAX_METADATA_SIZE,
@@ -155,9 +156,13 @@ def _read_exact(read: Callable[[int], bytes], n: int, where: str) -> bytes:
 
 
 class _Summary:
-    """The summary file (refs and the static-delta table), read once through fetch_optional."""
+    """The summary file (refs and the static-delta table), read once through fetch_optional.
+    With a `summary_keyring`, only a signed summary is used: one whose `summary.sig` has a
+    signature that verifies with it (a bad one is an error); an unsigned summary is taken
+    as none (refs then come from refs/heads/, and deltas from delta-indexes/)."""
 
     description: str
+    summary_keyring: str | None = None
     _summary: list[tuple[str, bytes]] | None = None
     _summary_fetched = False
     summary_deltas: dict[str, bytes]  # delta name -> superblock checksum
@@ -171,6 +176,13 @@ class _Summary:
             data = self.fetch_optional("summary", MAX_METADATA_SIZE)
             self._summary_fetched = True
             self.summary_deltas = {}
+            if data is not None and self.summary_keyring is not None:
+                signed = self.fetch_optional("summary.sig", MAX_DETACHED)
+                if signed is None:
+                    data = None
+                else:
+                    verify_signed(data, f"the summary of {self.description}", f"{self.description} summary.sig",
+                                  signed, self.summary_keyring)
             if data is None:
                 return None
             self._summary, metadata = parse_summary(data, f"{self.description} summary")

@@ -20,8 +20,6 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-import trio
-
 from pycfs.host.errors import PycfsError
 
 # struct flock { short l_type; short l_whence; off_t l_start; off_t l_len; pid_t l_pid; }
@@ -105,6 +103,9 @@ class ReadLocks:
 
     async def acquire(self, on_wait: Callable[[], None] | None = None) -> None:
         """Wait (cancellably) until every lock is ours; `on_wait()` is called once if we have to wait."""
+        # trio only here: a re-pull that finds the locks free (`try_acquire`) runs without it.
+        import trio
+
         waited = False
         while not self.try_acquire():
             if not waited and on_wait is not None:

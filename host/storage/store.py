@@ -17,7 +17,6 @@ and `[name]@sha256:<manifest digest>`. Callers hold the store's read locks while
 from __future__ import annotations
 
 import base64
-import difflib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.storage.config import StorageConfig, detect_driver
+from pycfs.host.storage.locks import ReadLocks
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HEX64_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
@@ -257,6 +257,10 @@ class Storage:
     def primary(self) -> Store:
         return self.stores[0]
 
+    def read_locks(self) -> ReadLocks:
+        """The read locks (not yet taken) that keep podman from changing any of the stores."""
+        return ReadLocks([(p, s.read_only) for s in self.stores for p in s.lock_paths()])
+
     def all_images(self) -> list[tuple[Store, ImageRecord]]:
         seen: set[str] = set()
         out = []
@@ -280,6 +284,8 @@ class Storage:
         if len(ids) > 1:
             listed = "; ".join(img.describe() for _, img in found)
             raise AmbiguousImage(f"image reference {ref!r} is ambiguous in containers-storage: {listed}")
+        import difflib  # only for this message: every pull would pay for it otherwise
+
         names = sorted({n for _, img in images for n in img.names})
         close = difflib.get_close_matches(ref, names, n=5, cutoff=0.3) or names[:5]
         hint = f"; similar: {', '.join(close)}" if close else "; the store has no named images"

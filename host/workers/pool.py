@@ -9,7 +9,9 @@
 The workers start on the first call (a pull with every layer present needs none) and
 stop when the block ends: EOF on their sockets, then a grace period, then SIGKILL. They
 also die with the host (PR_SET_PDEATHSIG). The caller keeps its fds and closes them once
-a call returns (the worker got its own copies).
+a call returns (the worker got its own copies). A pool opened with `small_here` (and no
+number of jobs) serves calls in this process until they have brought IN_PROCESS_BYTES of
+content, and until the workers that then start are up: a small job starts no process.
 
 Requests go to the worker with the fewest unanswered ones, and several may wait at one
 worker, so it never idles while the host prepares the next batch. A worker that dies or
@@ -24,9 +26,11 @@ import os
 import resource
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -36,9 +40,11 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files
 from pycfs.host.nursery import open_nursery
 from pycfs.host.repository import Repository
+from pycfs.host.workers.service import WorkerService
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.fdpass import FdPassError, asend_with_fds
 from pycfs.protocol.jsonrpc import Decoder, ProtocolError, encode
+from pycfs.protocol.rpcserver import Call, InvalidParamsError
 
 EXIT_GRACE = 5.0
 
@@ -84,12 +90,20 @@ class _Worker:
 
 
 class WorkerPool:
-    def __init__(self, nursery: trio.Nursery, argv: list[str], jobs: int, alg: str) -> None:
+    def __init__(self, nursery: trio.Nursery, argv: list[str], jobs: int, alg: str,
+                 local: WorkerService | None = None) -> None:
+        """``local``: the workers' methods in this process. They serve calls (one at a
+        time, on a thread) until the workers are up; the workers start once calls have
+        brought IN_PROCESS_BYTES of content (or `start` is called). A small job then
+        starts no process, and a large one does not wait for them to start."""
         self._nursery = nursery
         self.digest_size = DIGEST_SIZES[alg]
         self._argv = argv
         self.jobs = jobs
         self._workers: list[_Worker] = []
+        self._local = local
+        self._local_bytes = 0
+        self._local_limiter = trio.CapacityLimiter(1)
         self._start_lock = trio.Lock()
         self._next_id = 0
         self._closing = False
@@ -142,6 +156,12 @@ class WorkerPool:
         if sha256s is not None and len(sha256s) != len(fds):
             raise ValueError(f"{len(fds)} fds but {len(sha256s)} sha256s")
         out: list[tuple[bytes, str] | Failed] = []
+        call: Callable[[str, list[int], dict[str, Any]], Awaitable[list[tuple[bytes, str] | Failed]]] = self._call
+        if self._local is not None and len(self._workers) < self.jobs:
+            call = self._call_here
+            if self._local_bytes <= IN_PROCESS_BYTES < self._local_bytes + sum(sizes):
+                self._nursery.start_soon(self._start_unless_closed)
+            self._local_bytes += sum(sizes)
         for start in range(0, len(fds), api.MAX_FILES_PER_REQUEST):
             end = start + api.MAX_FILES_PER_REQUEST
             params: dict[str, Any] = {"sizes": list(sizes[start:end])}
@@ -151,13 +171,32 @@ class WorkerPool:
                 params["sha256s"] = [None if c is None else [c[0].hex(), c[1].hex()] for c in sha256s[start:end]]
             if keep_leases:
                 params["keep_leases"] = True
-            out += await self._call(method, list(fds[start:end]), params)
+            out += await call(method, list(fds[start:end]), params)
         return out
+
+    async def _call_here(self, method: str, fds: list[int], params: dict[str, Any]) -> list[tuple[bytes, str] | Failed]:
+        """A request served by this process's copy of the workers' methods, or by the
+        workers when they came up while it waited for its turn here."""
+        async with self._local_limiter:
+            self._check()
+            if self._closing:
+                raise PycfsError("the object workers were shut down")
+            local = self._local
+            if local is not None and len(self._workers) < self.jobs:
+                try:
+                    result = await trio.to_thread.run_sync(partial(local.methods()[method], Call(fds), **params))
+                except InvalidParamsError as e:
+                    raise PycfsError(f"the object store refused a request: {e}") from None
+                try:
+                    return self._results({"result": result}, len(fds), method)
+                except ValueError as e:
+                    raise PycfsError(f"the object store {e}") from None
+        return await self._call(method, fds, params)
 
     async def _call(self, method: str, fds: list[int], params: dict[str, Any],
                     count: int | None = None) -> list[tuple[bytes, str] | Failed]:
         """``count``: how many files the request names, when not one per fd."""
-        await self.start()
+        await self._start()
         worker = min(self._workers, key=lambda w: len(w.waiting))
         self._next_id += 1
         reply = _Reply(self._next_id)
@@ -213,7 +252,11 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Start the workers now (calls start them when needed): their start-up can then
-        overlap other work."""
+        overlap other work. Calls then all go to them."""
+        self._local = None
+        await self._start()
+
+    async def _start(self) -> None:
         async with self._start_lock:
             self._check()
             if self._closing:
@@ -221,6 +264,17 @@ class WorkerPool:
             while len(self._workers) < self.jobs:
                 self._workers.append(await self._spawn())
                 self._nursery.start_soon(self._read, self._workers[-1])
+                if self._closing:  # the pool closed while this one started: it gets its EOF too
+                    self.close_input()
+                    return
+
+    async def _start_unless_closed(self) -> None:
+        """The start calls trigger in the background: moot once the pool closes."""
+        try:
+            await self._start()
+        except PycfsError:
+            if not self._closing:
+                raise
 
     async def _spawn(self) -> _Worker:
         try:
@@ -260,17 +314,22 @@ class WorkerPool:
             while w.waiting:
                 w.waiting.popleft().done.set()
 
+    def close_input(self) -> None:
+        """No more calls: EOF to every worker now, so they exit while the caller does other
+        work before the pool's block ends (which then only waits for them)."""
+        self._closing = True
+        for w in self._workers:
+            try:
+                w.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
     async def aclose(self, abort: bool = False) -> None:
         """EOF to every worker, wait for them to exit (killing them after a grace period);
         ``abort``: kill them at once (what they stored so far is complete, objects appear
         whole or not at all)."""
-        self._closing = True
         with trio.CancelScope(shield=True):
-            for w in self._workers:
-                try:
-                    w.sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
+            self.close_input()
             with trio.move_on_after(0 if abort else EXIT_GRACE):
                 for w in self._workers:
                     await w.proc.wait()
@@ -284,13 +343,23 @@ class WorkerPool:
 
 @asynccontextmanager
 async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
-                    jobs: int | None = None) -> AsyncIterator[WorkerPool]:
+                    jobs: int | None = None, small_here: bool = False) -> AsyncIterator[WorkerPool]:
     """A pool of ``jobs`` workers (default: one per core) storing into ``repo``, or only
-    hashing with ``alg`` when ``repo`` is None."""
+    hashing with ``alg`` when ``repo`` is None. ``small_here``: a one-shot job whose size
+    is not known in advance (an ostree pull) starts serving calls in this process, and
+    starts the workers only if it grows past IN_PROCESS_BYTES (see `WorkerPool`)."""
     argv = [sys.executable, "-B", "-m", "pycfs.host.workers"]
     argv += ["--repo", os.path.abspath(repo.path)] if repo is not None else ["--alg", alg]
+    local = None
+    # Not when a number of processes was asked for. A store here hashes its source under
+    # a read lease as the workers do, which ignores SIGIO process-wide: only from the main
+    # thread (signal handlers are set there).
+    if small_here and jobs is None and threading.current_thread() is threading.main_thread():
+        if repo is not None:
+            repo.enable_source_leases()
+        local = WorkerService(repo.alg if repo is not None else alg, repo)
     async with open_nursery() as nursery:
-        pool = WorkerPool(nursery, argv, jobs or default_jobs(), repo.alg if repo is not None else alg)
+        pool = WorkerPool(nursery, argv, jobs or default_jobs(), repo.alg if repo is not None else alg, local)
         try:
             yield pool
         except BaseException:

@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -257,6 +258,72 @@ def test_fuse_read_ahead_serves_what_the_kernel_mount_serves(as_root, tmp_path):
             pycfs_root(repo_path, "umount", str(fuse))
     finally:
         pycfs_root(repo_path, "umount", str(kernel))
+
+
+RANDOM_READER = """
+import hashlib, json, os, random, sys
+rng, out = random.Random(int(sys.argv[2])), []
+fd = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(fd).st_size
+for _ in range(int(sys.argv[3])):
+    off, n = rng.randrange(size + 10), rng.choice([1, 4095, 4096, 65_537, 300_000, (1 << 20) + 3, 3 << 20])
+    out.append(hashlib.sha256(os.pread(fd, n, off)).hexdigest())
+json.dump(out, sys.stdout)
+"""
+
+
+def _expected_random_reads(data: bytes, seed: int, count: int) -> list[str]:
+    rng, out = random.Random(seed), []
+    for _ in range(count):
+        off, n = rng.randrange(len(data) + 10), rng.choice([1, 4095, 4096, 65_537, 300_000, (1 << 20) + 3, 3 << 20])
+        out.append(hashlib.sha256(data[off:off + n]).hexdigest())
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_fuse_random_reads_while_read_ahead_runs_and_its_process_ends_with_the_server(as_root, tmp_path):
+    """Reads larger than a READ (1 MiB), unaligned, at random offsets, by three processes at
+    once, of a file whose pages the read-ahead is pushing (leaving tripwire pages out): every
+    byte is the object's. The read-ahead is a child of the server, reaped when it unmounts,
+    and killed with it."""
+    repo_path = tmp_path / "repo"
+    big = random.Random(7).randbytes(20 * MIB + 12_345)
+    with Repository.init(repo_path) as repo:
+        fs = FileSystem()
+        fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
+        fs.root.entries[b"big"] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), External(repo.ensure_object(big), len(big)))
+        repo.write_image(write_image(fs, 1), "random")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for attempt in range(2):
+        out = pycfs_root(repo_path, "mount", "--fuse", "yes", "random", str(mnt)).stdout.decode()
+        pid = int(re.search(r"server pid (\d+)", out).group(1))
+        try:
+            with open(mnt / "big", "rb") as f:  # a sequential start: the read-ahead pushes the rest
+                assert f.read(256 * 1024) == big[:256 * 1024]
+            readers = [subprocess.Popen([sys.executable, "-c", RANDOM_READER, str(mnt / "big"), str(seed), "60"],
+                                        stdout=subprocess.PIPE) for seed in (1, 2, 3)]
+            for seed, p in zip((1, 2, 3), readers):
+                result, _ = p.communicate(timeout=120)
+                assert p.returncode == 0 and json.loads(result) == _expected_random_reads(big, seed, 60)
+            assert hashlib.sha256((mnt / "big").read_bytes()).digest() == hashlib.sha256(big).digest()
+            children = _children(pid)
+            assert len(children) == 1  # the read-ahead process
+            if attempt == 0:
+                pycfs_root(repo_path, "umount", str(mnt))
+            else:
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while pid_alive(pid) or pid_alive(children[0]):
+                assert time.monotonic() < deadline, "the server or its read-ahead outlived the mount"
+                time.sleep(0.05)
+        finally:
+            if fuse_type(mnt) is not None:
+                pycfs_root(repo_path, "umount", str(mnt))
+        assert fuse_type(mnt) is None
 
 
 def test_server_ends_when_unmounted_while_another_namespace_keeps_a_copy(as_root, tmp_path):

@@ -272,6 +272,25 @@ def test_static_deltas_from_scratch_and_from_a_base(site, server, tmp_path):
             assert describe_image(r, bytes.fromhex(update["image"])) == describe_dir(checkout)
 
 
+def test_downgrade_by_static_delta_is_refused_before_its_parts(site, server, tmp_path):
+    _base, repo, v1, _ = site
+    with served_copy(repo, tmp_path) as (work, srv):
+        newer = commit(work, make_tree(tmp_path / "tree2", version=2), "newer", "--timestamp=2025-01-01T00:00:00Z")
+        ostree("static-delta", "generate", f"--repo={work}", "--empty", f"--to={v1}")
+        ostree("summary", f"--repo={work}", "-u")
+        cfs = tmp_path / "cfs"
+        pycfs(cfs, "init")
+        pycfs(cfs, "ostree", "pull", srv.url, "newer", "sys")
+        srv.requests.clear()
+        out = pycfs(cfs, "ostree", "pull", srv.url, "main", "sys", check=False)
+        assert out.returncode == 1 and out.stderr.count("\n") == 1
+        assert f"commit {v1} (2024-01-02 03:04:05 UTC) is older than commit {newer} (2025-01-01" in out.stderr
+        assert [p.rsplit("/", 1)[-1] for p in srv.requests] == ["summary", "superblock"]  # no part, no object
+        assert pycfs(cfs, "ostree", "images").stdout.split()[-2:] == ["sys", newer]
+        allowed = json.loads(pycfs(cfs, "ostree", "pull", srv.url, "main", "sys", "--allow-downgrade", "--json").stdout)
+        assert allowed["commit"] == v1 and allowed["delta_parts"] >= 1
+
+
 @pytest.fixture
 def gpg_keys(tmp_path):
     """Two signing keys in a private GNUPGHOME (its gpg-agent is stopped afterwards)."""
@@ -318,6 +337,45 @@ def test_signed_commits(site, tmp_path, gpg_keys):
         local = json.loads(pycfs(tmp_path / "local", "ostree", "pull-local", work, "signed", "--gpg-keyring",
                                  keys["good"][1], "--json").stdout)
         assert local["image"] == result["image"]
+
+
+def test_signed_summary(site, tmp_path, gpg_keys):
+    """With --gpg-keyring, refs and deltas come only from a summary whose summary.sig (as
+    `ostree summary -u --gpg-sign` writes it) verifies: a summary signed by another key, or
+    changed after signing, is one line naming it; an unsigned one is not used."""
+    _base, repo, v1, _ = site
+    home, keys = gpg_keys
+    with served_copy(repo, tmp_path) as (work, srv):
+        tree = make_tree(tmp_path / "tree", version=3)
+        signed = commit(work, tree, "signed", f"--gpg-sign={keys['good'][0]}", f"--gpg-homedir={home}")
+        ostree("static-delta", "generate", f"--repo={work}", "--empty", f"--to={signed}")
+        ostree("summary", f"--repo={work}", "-u")  # unsigned: ignored
+        first = tmp_path / "first"
+        pycfs(first, "init")
+        plain = json.loads(pycfs(first, "ostree", "pull", srv.url, "signed", "--gpg-keyring", keys["good"][1],
+                                 "--json").stdout)
+        assert plain["commit"] == signed
+        assert "summary.sig" in srv.requests and "refs/heads/signed" in srv.requests  # the ref not from the summary
+        for key, why in (("other", "no signature verifies"), ("good", "no signature verifies")):
+            ostree("summary", f"--repo={work}", "-u", f"--gpg-sign={keys[key][0]}", f"--gpg-homedir={home}")
+            if key == "good":  # signed, then changed: the ref moved to another commit
+                data = (work / "summary").read_bytes()
+                assert bytes.fromhex(signed) in data
+                (work / "summary").write_bytes(data.replace(bytes.fromhex(signed), bytes.fromhex(v1)))
+            cfs = tmp_path / f"cfs-{key}"
+            pycfs(cfs, "init")
+            failed = pycfs(cfs, "ostree", "pull", srv.url, "signed", "--gpg-keyring", keys["good"][1], check=False)
+            assert failed.returncode == 1 and len(failed.stderr.splitlines()) == 1, failed.stderr
+            assert failed.stderr.startswith(f"pycfs: error: the summary of {srv.url}: {why}"), failed.stderr
+            assert _images(cfs) == ""
+        ostree("summary", f"--repo={work}", "-u", f"--gpg-sign={keys['good'][0]}", f"--gpg-homedir={home}")
+        cfs = tmp_path / "cfs"
+        pycfs(cfs, "init")
+        srv.requests.clear()
+        result = json.loads(pycfs(cfs, "ostree", "pull", srv.url, "signed", "--gpg-keyring", keys["good"][1],
+                                  "--json").stdout)
+        assert result["commit"] == signed and result["image"] == plain["image"]
+        assert "refs/heads/signed" not in srv.requests  # the ref came from the signed summary
 
 
 def _largest(repo: Path, suffix: str = ".filez") -> str:

@@ -15,8 +15,16 @@ from pycfs.host.storage.store import big_data_name
 from pycfs.host.storage.tarsplit import FileEntry, Segment, crc64_iso, write_entries
 
 
-def _tar_pieces(files: dict[str, bytes]) -> tuple[bytes, list[Segment | FileEntry]]:
-    """A tar of `files` (names -> content, None content = directory) and its tar-split entries."""
+@dataclass(frozen=True)
+class Link:
+    """A hard link to `target` (an earlier name of the same layer)."""
+
+    target: str
+
+
+def _tar_pieces(files: dict[str, bytes | Link | None]) -> tuple[bytes, list[Segment | FileEntry]]:
+    """A tar of `files` (names -> content, None content = directory, Link = hard link) and its
+    tar-split entries."""
     buf = io.BytesIO()
     spans = []  # (name, content offset, size)
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
@@ -26,6 +34,11 @@ def _tar_pieces(files: dict[str, bytes]) -> tuple[bytes, list[Segment | FileEntr
             if content is None:
                 info.type = tarfile.DIRTYPE
                 info.mode = 0o755
+                tf.addfile(info)
+                spans.append((name, buf.tell(), 0))
+            elif isinstance(content, Link):
+                info.type = tarfile.LNKTYPE
+                info.linkname = content.target
                 tf.addfile(info)
                 spans.append((name, buf.tell(), 0))
             else:
@@ -38,7 +51,8 @@ def _tar_pieces(files: dict[str, bytes]) -> tuple[bytes, list[Segment | FileEntr
     pos = 0
     for name, start, size in spans:
         entries.append(Segment(data[pos:start]))
-        content = files[name] or b""
+        content = files[name]
+        content = content if isinstance(content, bytes) else b""
         entries.append(FileEntry(name.encode(), size, crc64_iso(content) if size else None))
         pos = start + size
     entries.append(Segment(data[pos:]))
@@ -54,7 +68,7 @@ class FakeLayer:
     id: str
     diff_id: str
     tar: bytes
-    files: dict[str, bytes | None]
+    files: dict[str, bytes | Link | None]
 
 
 @dataclass
@@ -72,7 +86,7 @@ class FakeStore:
     def layers_dir(self) -> Path:
         return self.root / f"{self.driver}-layers"
 
-    def add_layer(self, files: dict[str, bytes | None], parent: FakeLayer | None = None,
+    def add_layer(self, files: dict[str, bytes | Link | None], parent: FakeLayer | None = None,
                   layer_id: str | None = None) -> FakeLayer:
         tar, entries = _tar_pieces(files)
         diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
@@ -100,6 +114,8 @@ class FakeStore:
             p = d / name
             if content is None:
                 p.mkdir(parents=True, exist_ok=True)
+            elif isinstance(content, Link):
+                os.link(d / content.target, p)
             else:
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.write_bytes(content)

@@ -8,8 +8,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import stat
 import tempfile
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.fuse import readahead
 from pycfs.host.fuse.image import FuseError, FuseMountError, load_image
 from pycfs.host.fuse.operations import ComposefsOperations
-from pycfs.host.fuse.readahead import Pusher
+from pycfs.host.fuse.readahead import Pusher, ReadAhead
 from pycfs.host.fuse.server import FuseServer
 from pycfs.host.mount import unmount
 from pycfs.host.repository import Repository
@@ -63,9 +66,10 @@ class Mounted:
     them and the replies decoded from what the server writes (to a file standing in for
     /dev/fuse: each reply must be exactly one write)."""
 
-    def __init__(self, tmp_path: Path, version: int, acl: bool = False) -> None:
+    def __init__(self, tmp_path: Path, version: int, acl: bool = False,
+                 tree: Callable[[Repository], FileSystem] = build_tree) -> None:
         self.repo = Repository.init(tmp_path / "repo")
-        self.fs = build_tree(self.repo)
+        self.fs = tree(self.repo)
         if acl:
             self.fs.root.entries[b"etc"].entries[b"shadow"].stat.xattrs[b"system.posix_acl_access"] = ACL
         self.image_id = self.repo.write_image(write_image(self.fs, version))
@@ -278,34 +282,47 @@ def test_xattrs(mounted):
     assert fuse.Kstatfs.unpack_from(mounted.request(fuse.STATFS, fuse.ROOT_ID)).bsize == 4096
 
 
-def _pushed(m: Mounted, reads: list[tuple[str, int, int]]) -> list[tuple[str, int, bytes]]:
-    """The stores (path, offset, bytes) the server's read-ahead writes while the reads are answered."""
-    with tempfile.TemporaryFile() as out:
-        pusher = m.server._pusher = Pusher(m.ops, out.fileno())
-        pusher.start()
-        for path, off, size in reads:
-            m.read(m.ino(path), off, size)
-            pusher.jobs.join()  # one read's read-ahead at a time: what is pushed is then certain
-        pusher.stop()
-        data = os.pread(out.fileno(), 1 << 24, 0)
-    paths = {m.ino(p): p for p in ("/usr/tool", "/usr/medium", "/usr/sparse", "/etc/hostname", "/etc/shadow", "/odd/f")}
+def _stores(data: bytes) -> list[tuple[int, int, bytes]]:
+    """The FUSE_NOTIFY_STORE messages (inode, offset, bytes) written one after another."""
     stores, pos = [], 0
     while pos < len(data):
         head = fuse.OutHeader.unpack_from(data, pos)
         store = fuse.NotifyStoreOut.unpack_from(data, pos + 16)
         assert (head.unique, head.error, head.len) == (0, fuse.NOTIFY_STORE, 16 + 24 + store.size)
-        stores.append((paths[store.nodeid], store.offset, data[pos + 40:pos + head.len]))
+        stores.append((store.nodeid, store.offset, data[pos + 40:pos + head.len]))
         pos += head.len
     return stores
 
 
-def test_read_ahead_pushes_the_rest_of_a_file_in_windows(tmp_path, monkeypatch):
+PATHS = ("/usr/tool", "/usr/medium", "/usr/sparse", "/etc/hostname", "/etc/shadow", "/odd/f")
+
+
+def _pushed(m: Mounted, reads: list[tuple[str, int, int]], paths: Iterable[str] = PATHS) -> list[tuple[str, int, bytes]]:
+    """The stores (path, offset, bytes) the read-ahead makes for the reads the server
+    answers, each read's pushes done before the next read (so what is pushed is certain)."""
+    with tempfile.TemporaryFile() as out:
+        ahead = ReadAhead(m.ops, out.fileno())
+        for path, off, size in reads:
+            ino = m.ino(path)
+            ahead.after_read(ino, off, off + len(m.read(ino, off, size)))
+            while ahead.step():
+                pass
+        ahead.close()
+        data = os.pread(out.fileno(), 1 << 24, 0)
+    by_ino = {m.ino(p): p for p in paths}
+    return [(by_ino[ino], off, b) for ino, off, b in _stores(data)]
+
+
+def test_read_ahead_pushes_the_rest_of_a_file_but_a_tripwire_page(tmp_path, monkeypatch):
     monkeypatch.setattr(readahead, "PUSH_AHEAD", 100_000)
     m = Mounted(tmp_path, 1)
-    stores = _pushed(m, [("/usr/tool", 0, 4096), ("/usr/tool", 4096, 4096), ("/usr/tool", 104_096, 4096)])
-    # each read queues the window after it, less what was queued already
+    # each read queues the window after it, less what was queued already; a window of more
+    # than a few pages leaves out the page in its middle, which the reader must ask for
+    stores = _pushed(m, [("/usr/tool", 0, 4096), ("/usr/tool", 4096, 4096), ("/usr/tool", 53_248, 4096)])
     assert [(p, off, len(b)) for p, off, b in stores] == [
-        ("/usr/tool", 4096, 100_000), ("/usr/tool", 104_096, 4096), ("/usr/tool", 108_192, 100_000)]
+        ("/usr/tool", 4096, 53_248 - 4096), ("/usr/tool", 57_344, 104_096 - 57_344),  # 53,248: the tripwire
+        ("/usr/tool", 104_096, 4096),  # too short to leave a page out
+        ("/usr/tool", 108_192, 131_072 - 108_192), ("/usr/tool", 135_168, 157_344 - 135_168)]
     assert all(b == BIG[off:off + len(b)] for _, off, b in stores)
 
 
@@ -324,6 +341,102 @@ def test_read_ahead_pushes_the_next_files_of_a_directory_read_in_order(tmp_path)
     assert _pushed(m, [("/usr/sparse", 0, 4096), ("/usr/medium", 0, 4096)]) == []
     # in order, from a later offset: not the start of reading the next file
     assert _pushed(m, [("/usr/medium", 0, 4096), ("/usr/sparse", 4096, 4096)]) == []
+
+
+def test_read_ahead_leaves_a_reader_that_caught_up_the_piece_ahead_of_it(tmp_path, monkeypatch):
+    """A reader that got into a range before it was pushed reads the next piece itself; the
+    push goes on after that piece rather than racing the reader's reads over the same pages."""
+    monkeypatch.setattr(readahead, "PUSH_AHEAD", 240_000)
+    m = Mounted(tmp_path, 1)
+    tool = m.ino("/usr/tool")
+    with tempfile.TemporaryFile() as out:
+        ahead = ReadAhead(m.ops, out.fileno())
+        ahead._splicer.limit = 32 * 1024  # pieces of 32 KiB, as if the pipe were that small
+        ahead.after_read(tool, 0, 4096)  # queues 4,096-122,880 and 126,976-244,096 (a tripwire page between)
+        ahead.after_read(tool, 4096, 40_960)  # the reader got to 40,960 before anything was pushed
+        while ahead.step():
+            pass
+        ahead.close()
+        stores = _stores(os.pread(out.fileno(), 1 << 24, 0))
+    assert [(off, len(b)) for _, off, b in stores] == [
+        (73_728, 32_768), (106_496, 16_384),  # from a piece after the reader's: (40,960 + 32,768) // 4096 * 4096
+        (126_976, 32_768), (159_744, 32_768), (192_512, 32_768), (225_280, 18_816),
+        (244_096, 256_004 - 244_096)]  # the second read's window: to the end
+    assert all(b == BIG[off:off + len(b)] for _, off, b in stores)
+
+
+def twelve_files(repo: Repository) -> FileSystem:
+    fs = FileSystem()
+    fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
+    d = fs.root.entries[b"d"] = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
+    for i in range(12):
+        data = b"file %02d " % i * 100
+        d.entries[b"f%02d" % i] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), External(repo.ensure_object(data), len(data)))
+    return fs
+
+
+TWELVE = [f"/d/f{i:02d}" for i in range(12)]
+
+
+def test_read_ahead_walk_keeps_files_ahead_and_learns_where_the_reader_is_from_a_tripwire(tmp_path, monkeypatch):
+    """A reader served from the page cache sends nothing: the walk keeps PUSH_FILES ahead of
+    it, and leaves the file where half of them are ahead to the reader, whose READ of it is
+    the signal to take the next ones."""
+    monkeypatch.setattr(readahead, "PUSH_FILES", 4)
+    m = Mounted(tmp_path, 1, tree=twelve_files)
+    first = lambda i: (TWELVE[i], 0, 4096)
+    pushed = lambda reads: [(p, off) for p, off, b in _pushed(m, reads, TWELVE) if b == b"file %s " % p[-2:].encode() * 100]
+    f = lambda *ns: [(TWELVE[n], 0) for n in ns]
+    # f02, f03, f05 ahead; f04 the tripwire. Its READ: f06, f08 (f05 is still ahead); f07's: f09, f11
+    assert pushed([first(0), first(1)]) == f(2, 3, 5)
+    assert pushed([first(0), first(1), first(4), first(7)]) == f(2, 3, 5, 6, 8, 9, 11)
+    # a reader past everything the walk took (it skipped the tripwire): the walk goes on from it
+    assert pushed([first(0), first(1), first(9)]) == f(2, 3, 5, 10, 11)
+    # a reader out of order is no walk; in order again, a new walk, and what was pushed stays pushed
+    assert pushed([first(0), first(1), first(0)]) == f(2, 3, 5)
+    assert pushed([first(0), first(1), first(0), first(4)]) == f(2, 3, 5, 6, 8)
+
+
+def test_read_ahead_process_pushes_for_the_reads_the_loop_answers(tmp_path):
+    """The real thing: the read-ahead forked as the server forks it, told about the reads the
+    server answers through its pipe, stopped and reaped."""
+    m = Mounted(tmp_path, 1)
+    with tempfile.TemporaryFile() as out:
+        m.ops.tree.load()  # as the server does before it mounts: the process knows the whole tree
+        pusher = m.server._pusher = Pusher(m.ops, out.fileno())
+        pusher.start()
+        pid = pusher.pid
+        try:
+            m.read_all("/usr/medium")
+            m.read_all("/usr/sparse")  # in order: /usr/tool is pushed
+            deadline = time.monotonic() + 30
+            while os.fstat(out.fileno()).st_size < 40 + len(BIG):
+                assert time.monotonic() < deadline, "nothing pushed"
+                time.sleep(0.01)
+        finally:
+            pusher.stop(lambda timeout: (time.sleep(timeout), True)[1])
+        assert pusher.pid is None
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reaped
+        stores = _stores(os.pread(out.fileno(), 1 << 24, 0))
+    assert stores == [(m.ino("/usr/tool"), 0, BIG)]
+    assert m.read_all("/usr/tool") == BIG  # reads go on without it
+
+
+def test_server_reads_on_when_its_read_ahead_process_dies(tmp_path):
+    m = Mounted(tmp_path, 1)
+    m.ops.tree.load()
+    with tempfile.TemporaryFile() as out:
+        pusher = m.server._pusher = Pusher(m.ops, out.fileno())
+        pusher.start()
+        assert pusher.pid is not None
+        os.kill(pusher.pid, signal.SIGKILL)
+        os.waitid(os.P_PID, pusher.pid, os.WEXITED | os.WNOWAIT)  # dead, not yet reaped
+        for _ in range(3):  # the first write after its death finds the pipe broken
+            assert m.read_all("/usr/medium") == MEDIUM
+        assert pusher._events is None
+        pusher.stop(lambda timeout: (time.sleep(timeout), True)[1])  # reaps it
+        assert pusher.pid is None
 
 
 def _object_file(m: Mounted, data: bytes) -> Path:

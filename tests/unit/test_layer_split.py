@@ -24,6 +24,7 @@ from pycfs.host.oci.layer import (
     Directory,
     Hardlink,
     LayerDigestError,
+    LayerEntryCollector,
     import_layer,
     iter_layer_entries,
     layer_stream_name,
@@ -375,15 +376,17 @@ def test_normalize_path_refuses_dotdot() -> None:
         normalize_path(b"a/../../etc")
 
 
-def test_entries_of_every_kind(repo: Repository) -> None:
-    def ti(name: str, type_: bytes, **kw) -> tuple[tarfile.TarInfo, None]:
-        t = tarfile.TarInfo(name)
-        t.type = type_
-        for k, v in kw.items():
-            setattr(t, k, v)
-        return t, None
+def _ti(name: str, type_: bytes, **kw) -> tuple[tarfile.TarInfo, None]:
+    t = tarfile.TarInfo(name)
+    t.type = type_
+    for k, v in kw.items():
+        setattr(t, k, v)
+    return t, None
 
-    big = os.urandom(1000)
+
+def _every_kind_tar(big: bytes) -> bytes:
+    """A PAX tar with an entry of every kind, xattrs and a PAX mtime; `big` is an object."""
+    ti = _ti
     members = [
         ti("./", tarfile.DIRTYPE, mode=0o755),
         ti("./etc", tarfile.DIRTYPE, mode=0o700, uid=1, gid=2, mtime=1234),
@@ -397,7 +400,12 @@ def test_entries_of_every_kind(repo: Repository) -> None:
         ti("./fifo", tarfile.FIFOTYPE),
     ]
     members[2][0].pax_headers = {"mtime": "1700000000.5", "SCHILY.xattr.user.b": "2", "SCHILY.xattr.user.a": "1"}
-    reader = store(repo, make_tar(members, tarfile.PAX_FORMAT))
+    return make_tar(members, tarfile.PAX_FORMAT)
+
+
+def test_entries_of_every_kind(repo: Repository) -> None:
+    big = os.urandom(1000)
+    reader = store(repo, _every_kind_tar(big))
     got = list(iter_layer_entries(reader))
     assert [(e.path, e.item) for e in got] == [
         (b"", Directory()),
@@ -436,6 +444,59 @@ def test_reader_enforces_the_threshold(repo: Repository) -> None:
     big = simple_entry(b"f", b"x" * 65)
     with pytest.raises(TarError, match="inline data where the content object of a file > 64 bytes belongs"):
         list(iter_layer_entries(_layer_stream([big], repo)))
+
+
+def _feed(collector: LayerEntryCollector, reader: SplitStreamReader, cuts: list[int], advance_every: int) -> None:
+    """Feed a stored stream's pieces to a collector as a writer would, the inline bytes cut
+    at `cuts` (offsets into each inline chunk, taken modulo its length), advancing every
+    `advance_every` pieces."""
+    fed = 0
+    for chunk in reader.chunks():
+        if isinstance(chunk, int):
+            collector.add_external(reader.object_refs[chunk])
+            fed += 1
+        else:
+            points = sorted({c % len(chunk) for c in cuts} | {0, len(chunk)})
+            for a, b in itertools.pairwise(points):
+                collector.add_inline(chunk[a:b])
+                fed += 1
+                if fed % advance_every == 0:
+                    collector.advance()
+        if fed % advance_every == 0:
+            collector.advance()
+    collector.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(0, 1 << 14), max_size=12), advance_every=st.integers(1, 7),
+       extra=st.lists(st.tuples(st.binary(min_size=0, max_size=200), st.booleans()), max_size=6))
+def test_collector_gives_the_entries_read_back(repo: Repository, cuts, advance_every, extra) -> None:
+    """Entries parsed from the pieces as they are written, in whatever pieces and with
+    `advance` at whatever points, are the entries read back from the stored stream."""
+    members = [reg(f"./x{i}" + ("/" * dirlike), data) for i, (data, dirlike) in enumerate(extra)]
+    tar = _every_kind_tar(b"b" * 1000)[:-1024] + make_tar(members, tarfile.PAX_FORMAT)
+    reader = store(repo, tar)
+    collector = LayerEntryCollector()
+    _feed(collector, reader, cuts, advance_every)
+    assert collector.entries is not None
+    assert collector.entries == list(iter_layer_entries(open_layer(repo, diff_id_of(tar))))
+
+
+@pytest.mark.parametrize("parts", [
+    [simple_entry(b"f", b"x" * 64)[:512], (b"x" * 64, 64), simple_entry(b"f", b"x" * 64)[576:]],
+    [simple_entry(b"f", b"x" * 65)],
+    [simple_entry(b"f", b"x" * 65)[:512], (b"x" * 65, 65)],  # no padding, no end marker
+    [TarHeader(name=b"odd", typeflag=b"V", mode=0o644).pack() + ZERO_BLOCK * 2],
+])
+def test_collector_gives_up_where_reading_back_fails(repo: Repository, parts) -> None:
+    """A stream the reader refuses leaves the collector without entries (the image build
+    then reads the stream back and reports the error), never with a part of them."""
+    reader = _layer_stream(parts, repo)
+    with pytest.raises(TarError):
+        list(iter_layer_entries(reader))
+    collector = LayerEntryCollector()
+    _feed(collector, _layer_stream(parts, repo), [100], 1)
+    assert collector.entries is None
 
 
 def test_reader_rejects_other_streams_and_types(repo: Repository) -> None:

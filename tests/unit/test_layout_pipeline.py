@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from imagebuild import Dir, File, ImageSpec, build_layout
+from imagebuild import Device, Dir, File, Hardlink, ImageSpec, Opaque, Symlink, Whiteout, build_layout
+from pycfs.host.erofs.writer import write_image as write_erofs
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
+from pycfs.host.oci import image as image_module
 from pycfs.host.oci.layer import layer_stream_name
 from pycfs.host.oci.layout import pull_oci_layout
 from pycfs.host.repository import Repository
@@ -74,3 +76,41 @@ def test_a_blob_cut_short_commits_nothing_and_leaks_no_fd(tmp_path, layout):
         repo_dir = str(tmp_path / "repo")
         assert [f for f in _fds() if f.startswith(repo_dir) and not re.search(r"/repo(/objects(/[0-9a-f]{2})?)?$", f)] == []
         assert repo.has_stream(layer_stream_name(built.diff_ids[0])) is None
+
+
+MERGING = ImageSpec([
+    [Dir("usr"), Dir("usr/lib", xattrs={"user.d": b"1"}),
+     File("usr/lib/big", size=5000, seed=1, xattrs={"security.capability": b"c", "user.x": b"1", "trusted.t": b"2"}),
+     File("usr/lib/small", data=b"s"),
+     Hardlink("usr/lib/hard", "usr/lib/big"), Dir("etc"), File("etc/conf", size=700, seed=2), Dir("opt"),
+     Dir("opt/keep")] + [File(f"opt/keep/f{i}", size=(i * 37) % 200, seed=10 + i) for i in range(150)]
+    + [Dir("run"), File("run/x", data=b"x")],
+    [Whiteout("etc/conf"), Opaque("opt/keep"), File("opt/keep/new", size=300, seed=3),
+     Symlink("usr/lib/sym", "big"), Device("usr/lib/null", major=1, minor=3)],
+    [Whiteout("usr/lib/small"), Dir("srv"), File("srv/a", size=90, seed=4), Opaque("srv"), File("srv/b", data=b"b"),
+     File("usr/lib/big", size=4000, seed=5)],
+], gzip=False)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_image_from_the_entries_parsed_in_the_import(tmp_path, monkeypatch, compression):
+    """The image of an oci: pull is built from the entries parsed while the layers are
+    written (no layer stream read back), byte for byte the one built from the stored streams."""
+    spec = ImageSpec(MERGING.layers, gzip=compression == "gzip")
+    built = build_layout(spec, tmp_path / "oci")
+    read_back = []
+    real_iter = image_module.iter_layer_entries
+    monkeypatch.setattr(image_module, "iter_layer_entries",
+                        lambda reader: read_back.append(reader) or real_iter(reader))
+    with Repository.init(tmp_path / "repo") as repo:
+        result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", jobs=2))
+        assert read_back == [] and set(result.images) == {repo.erofs_default}
+        fs = image_module.build_filesystem(repo, built.diff_ids, dict(result.layers))
+        assert len(read_back) == 3
+        assert repo.read_object(result.images[repo.erofs_default]) == write_erofs(fs, repo.erofs_default)
+        assert sorted(fs.root.lookup(b"/opt/keep").entries) == [b"new"]
+        assert fs.root.lookup(b"/usr/lib/hard") is not fs.root.lookup(b"/usr/lib/big")
+        assert fs.root.lookup(b"/etc/conf") is None and sorted(fs.root.lookup(b"/srv").entries) == [b"b"]
+        # OCI normalisation: only security.capability is kept, on every inode
+        assert fs.root.lookup(b"/usr/lib/hard").stat.xattrs == {b"security.capability": b"c"}
+        assert fs.root.lookup(b"/usr/lib").stat.xattrs == {}

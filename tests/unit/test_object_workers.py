@@ -92,6 +92,43 @@ def test_store_writes_objects_and_second_store_finds_them(tmp_path, files):
                 os.close(fd)
 
 
+def test_small_job_is_served_in_process_and_a_large_one_starts_the_workers(tmp_path, files, monkeypatch):
+    """With small_here (and no number of processes), the pool stores here until calls have brought
+    IN_PROCESS_BYTES (the workers then start, in the background) and checks the content
+    (a wrong SHA-256 is refused) just as the workers do."""
+    from pycfs.host.workers import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "IN_PROCESS_BYTES", 1 << 20)
+    paths = [p for p, _ in files]
+    small = [i for i, (_, data) in enumerate(files) if len(data) < 8192]
+    with Repository.init(tmp_path / "repo") as repo:
+
+        async def main():
+            seen = []
+            with _opened(paths) as (fds, sizes):
+                async with open_pool(repo=repo, small_here=True) as pool:
+                    bad = [(b"", b"\0" * 32) if i == small[1] else None for i in small]
+                    first = await pool.store([fds[i] for i in small], [sizes[i] for i in small], sha256s=bad)
+                    seen.append((len(pool._workers), pool._next_id))
+                    rest = await pool.store(fds, sizes)  # beyond the budget: this one still here
+                    seen.append(pool._next_id)
+                    with trio.fail_after(30):
+                        while len(pool._workers) < pool.jobs:
+                            await trio.sleep(0.01)
+                    again = await pool.store(fds, sizes)  # by the workers
+                    seen.append(pool._next_id > 0)
+            return first, rest, again, seen
+
+        first, rest, again, seen = _run(main)
+    assert seen == [(0, 0), 0, True]  # no process, no request for the first two; the workers stored the last
+    assert isinstance(first[1], Failed) and first[1].errno == errno.EBADMSG
+    for i, got in zip(small, first):
+        if i != small[1]:
+            assert got == Stored(digest_bytes(files[i][1]), got.how) and got.how in ("copied", "reflinked")
+    assert [r.object_id for r in rest] == [digest_bytes(data) for _, data in files]
+    assert again == [Stored(digest_bytes(data), "present") for _, data in files]
+
+
 def test_adopt_links_anonymous_files_as_their_objects(tmp_path, files):
     """What the oci:DIR import hands the workers: content it wrote into anonymous files of
     the object store, read-only. Each becomes its object (already present: left unlinked);
@@ -183,6 +220,25 @@ def test_dead_worker_fails_the_pool_with_its_status(files):
 
     with pytest.raises(PycfsError, match=r"object worker \(pid \d+\) failed: .*exit status -9"):
         _run(main)
+
+
+def test_close_input_lets_the_workers_exit_before_the_block_ends(files):
+    """The caller's other work (a pull's image) overlaps their exit; later calls are refused."""
+    exited = []
+
+    async def main():
+        with _opened([files[3][0]]) as (fds, sizes):
+            async with open_pool(alg="sha256", jobs=2) as pool:
+                assert await pool.digest(fds, sizes) == [digest_bytes(files[3][1])]
+                pool.close_input()
+                with trio.fail_after(10):
+                    for w in pool._workers:
+                        exited.append(await w.proc.wait())
+                with pytest.raises(PycfsError, match="shut down"):
+                    await pool.digest(fds, sizes)
+
+    _run(main)
+    assert exited == [0, 0]
 
 
 def test_worker_that_cannot_start_quotes_its_output(tmp_path, files):

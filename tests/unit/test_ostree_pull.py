@@ -3,6 +3,7 @@ root needed), and the commands around it: images, inspect, dump, compute-id,
 create-image, tag, untag, and gc keeping what ostree refs reach."""
 
 import json
+import subprocess
 
 import pytest
 from ostree_trees import (
@@ -146,3 +147,71 @@ def test_tag_untag_and_gc(source, tmp_path):
     assert err.returncode == 1 and err.stderr == f"pycfs: error: no ostree ref 'main' in {cfs} (see `pycfs ostree images`)\n"
     err = pycfs(cfs, "ostree", "inspect", "main", check=False)
     assert err.returncode == 1 and err.stderr.startswith("pycfs: error: no ostree commit 'main'")
+
+
+def test_downgrade_is_refused_as_ostree_timestamp_check_refuses_it(tmp_path):
+    """NAME does not move to an older commit (a replayed old one) unless --allow-downgrade;
+    the same second is not older. `ostree pull --timestamp-check` from the same repository
+    (a file:// remote) is the oracle for each step."""
+    src = init_repo(tmp_path / "src", "archive")
+    stamps = {"new": "2024-01-02T00:00:00Z", "old": "2024-01-01T00:00:00Z", "same": "2024-01-02T00:00:00Z"}
+    ids = {}
+    for version, (branch, stamp) in enumerate(stamps.items(), 1):
+        ids[branch] = ostree("commit", f"--repo={src}", f"--branch={branch}", "--no-bindings", f"--timestamp={stamp}",
+                             make_tree(tmp_path / branch, version=version, xattrs=False, setid=False))
+    oracle = init_repo(tmp_path / "oracle", "archive")
+    ostree("remote", "add", f"--repo={oracle}", "--no-gpg-verify", "r", f"file://{src}")
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+
+    def step(target: str, *extra: str) -> tuple[bool, bool]:
+        """Point src's ref live at `target`, pull it into both: (pycfs took it, ostree took it)."""
+        (src / "refs" / "heads" / "live").write_text(ids[target] + "\n")
+        ours = pycfs(cfs, "ostree", "pull-local", src, "live", "sys", *extra, check=False)
+        if ours.returncode:
+            assert ours.stderr.count("\n") == 1 and "Traceback" not in ours.stderr
+            assert f"commit {ids[target]} (2024-01-01 00:00:00 UTC) is older than commit" in ours.stderr
+            assert "--allow-downgrade" in ours.stderr
+        theirs = subprocess.run(["ostree", "pull", f"--repo={oracle}", "r", "live",
+                                 *(() if extra else ("--timestamp-check",))], capture_output=True, text=True)
+        if theirs.returncode:
+            assert "chronologically older" in theirs.stderr
+        return ours.returncode == 0, theirs.returncode == 0
+
+    def named() -> str:
+        return pycfs(cfs, "ostree", "images").stdout.split()[-1]
+
+    assert step("new") == (True, True) and named() == ids["new"]
+    assert step("old") == (False, False) and named() == ids["new"]  # nothing fetched or moved
+    assert not pycfs(cfs, "ostree", "images").stdout.count(ids["old"])
+    assert step("old", "--allow-downgrade") == (True, True) and named() == ids["old"]
+    assert step("new") == (True, True) and named() == ids["new"]
+    assert step("old") == (False, False) and named() == ids["new"]  # also when the old commit is stored
+    assert step("same") == (True, True) and named() == ids["same"]
+
+
+def test_commit_bound_to_other_refs_is_refused_as_ostree_refuses_it(tmp_path):
+    """A commit `ostree commit --branch=stable` bound to stable comes only as stable (or by
+    its checksum); one without bindings comes by any ref. `ostree pull` from the same
+    repository (a file:// remote) is the oracle."""
+    src = init_repo(tmp_path / "src", "archive")
+    bound = ostree("commit", f"--repo={src}", "--branch=stable",
+                   make_tree(tmp_path / "t1", xattrs=False, setid=False))
+    free = ostree("commit", f"--repo={src}", "--branch=free", "--no-bindings",
+                  make_tree(tmp_path / "t2", version=2, xattrs=False, setid=False))
+    oracle = init_repo(tmp_path / "oracle", "archive")
+    ostree("remote", "add", f"--repo={oracle}", "--no-gpg-verify", "r", f"file://{src}")
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+    for target, ok in ((bound, False), (free, True)):
+        (src / "refs" / "heads" / "testing").write_text(target + "\n")
+        ours = pycfs(cfs, "ostree", "pull-local", src, "testing", check=False)
+        theirs = subprocess.run(["ostree", "pull", f"--repo={oracle}", "r", "testing"], capture_output=True, text=True)
+        assert (ours.returncode == 0, theirs.returncode == 0) == (ok, ok), (ours.stderr, theirs.stderr)
+        if not ok:
+            assert "ref binding" in theirs.stderr
+            assert ours.stderr == (f"pycfs: error: commit {bound} is bound to stable (ostree.ref-binding), not to "
+                                   "testing, the ref the repository serves it as\n")
+            assert pycfs(cfs, "ostree", "images").stdout == ""
+    assert json.loads(pycfs(cfs, "ostree", "pull-local", src, "stable", "--json").stdout)["commit"] == bound
+    assert json.loads(pycfs(cfs, "ostree", "pull-local", src, bound, "pinned", "--json").stdout)["ref"] == "pinned"

@@ -21,8 +21,9 @@ from pycfs.host.fsck import fsck
 from pycfs.host.oci import cstorage
 from pycfs.host.erofs.writer import write_image as write_erofs
 from pycfs.host.fsverity import digest_bytes
+from pycfs.host.oci import image as image_module
 from pycfs.host.oci.image import build_filesystem
-from pycfs.host.oci.layer import import_layer
+from pycfs.host.oci.layer import Hardlink, LayerEntry, import_layer
 from pycfs.host.oci.result import PullResult
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
@@ -31,7 +32,7 @@ from pycfs.host.storage.store import Storage, Store
 from pycfs.host.storage.tarsplit import FileEntry, Segment, crc64_iso, iter_entries, write_entries
 from pycfs.host.streamcat import iter_stream_bytes
 
-from storage_trees import FakeStore
+from storage_trees import FakeStore, Link
 
 BIG = bytes(range(256)) * 40 + b"tail"  # > 64 bytes: an object
 SMALL = b"small file content"  # inline
@@ -249,6 +250,91 @@ def test_one_worker_and_a_repeated_layer_and_parsed_entries(tmp_path, repo):
     assert result.images and result.images == {
         v: digest_bytes(write_erofs(build_filesystem(repo, [base.diff_id] * 2, {base.diff_id: stream_id}), v), repo.alg)
         for v in result.images}
+
+
+def _merging_image(fake: FakeStore):
+    """Three layers: hardlinks, whiteouts, opaque directories (one emptying what its own
+    layer added before it), inline and object files, /usr and /run for the OCI rules."""
+    base = fake.add_layer({
+        "usr": None, "usr/lib": None, "usr/lib/big": BIG, "usr/lib/small": SMALL, "usr/lib/hard": Link("usr/lib/big"),
+        "etc": None, "etc/conf": BIG + b"c", "opt": None, "opt/keep": None, "opt/keep/a": BIG + b"a",
+        "opt/keep/b": SMALL, "run": None, "run/x": SMALL,
+    })
+    middle = fake.add_layer({
+        "etc": None, "etc/.wh.conf": b"", "opt": None, "opt/keep": None, "opt/keep/.wh..wh..opq": b"",
+        "opt/keep/new": BIG * 2, "usr": None, "usr/bin": None, "usr/bin/tool": BIG[::-1],
+        "usr/bin/tool2": Link("usr/bin/tool"),
+    }, parent=base)
+    top = fake.add_layer({
+        "usr": None, "usr/lib": None, "usr/lib/.wh.small": b"", "srv": None, "srv/a": BIG + b"s",
+        "srv/.wh..wh..opq": b"", "srv/b": SMALL + b"b", "usr/lib/big": b"replaced " * 20,
+    }, parent=middle)
+    fake.add_image([base, middle, top], ["localhost/img:latest"])
+    return [base, middle, top]
+
+
+@pytest.mark.parametrize("chunk_entries", [2, cstorage.CHUNK_ENTRIES])
+def test_image_from_the_entries_parsed_in_the_import(tmp_path, repo, monkeypatch, chunk_entries):
+    """A pull builds its image from the entries parsed while the layers are written, never
+    reading an imported layer's stream back, and that image is byte for byte the one built
+    from the stored streams; a layer already stored is read back, with the same result."""
+    monkeypatch.setattr(cstorage, "CHUNK_ENTRIES", chunk_entries)  # entries cut by chunk ends
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    layers = _merging_image(fake)
+    diff_ids = [layer.diff_id for layer in layers]
+    read_back = []
+    real_iter = image_module.iter_layer_entries
+    monkeypatch.setattr(image_module, "iter_layer_entries",
+                        lambda reader: read_back.append(reader) or real_iter(reader))
+
+    result = _pull(repo, fake, parse_layers=True)
+    assert read_back == [] and set(result.images) == {repo.erofs_default}
+    fs = build_filesystem(repo, diff_ids, dict(result.layers))
+    assert len(read_back) == 3
+    for version, image_id in result.images.items():
+        assert repo.read_object(image_id) == write_erofs(fs, version)
+    root = fs.root
+    assert root.lookup(b"/etc/conf") is None and root.lookup(b"/usr/lib/small") is None
+    assert sorted(root.lookup(b"/opt/keep").entries) == [b"new"]
+    assert sorted(root.lookup(b"/srv").entries) == [b"b"]
+    assert root.lookup(b"/usr/bin/tool") is root.lookup(b"/usr/bin/tool2")
+    assert root.lookup(b"/usr/lib/hard").content.id != root.lookup(b"/usr/lib/big").content.id
+    assert root.lookup(b"/run").entries == {}
+
+    other = Repository.init(tmp_path / "other")
+    import_layer(other, layers[0].diff_id, io.BytesIO(layers[0].tar), compression="none")
+    read_back.clear()
+    again = _pull(other, fake, parse_layers=True)
+    assert len(read_back) == 1 and again.stats.layers_already_present == 1
+    assert again.images == result.images
+
+
+def test_image_tree_gives_way_to_the_stored_streams_when_broken(tmp_path, repo):
+    """An entry that does not apply, or entries that could not be parsed, break the tree
+    built during the pull, as does a layer list other than the image's: the image is then
+    built from the stored streams (which reports the error), never from a partial tree."""
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    layers = _merging_image(fake)
+    result = _pull(repo, fake)
+    ids = [stream_id for _, stream_id in result.layers]
+    entries = image_module.parse_layer(repo, ids[0])
+    dangling = LayerEntry(b"/x", entries[1].stat, Hardlink(b"/nowhere"))
+    for bad in ([*entries, dangling], None):
+        tree = image_module.ImageTree(repo)
+        tree.apply(bad)
+        tree.end_layer(ids[0])
+        assert tree.broken and tree.filesystem(ids[:1]) is None
+    tree = image_module.ImageTree(repo)
+    tree.add_stored(ids[0])
+    tree.apply(image_module.parse_layer(repo, ids[1]))
+    tree.end_layer(ids[1])
+    assert tree.filesystem(ids[:1]) is None  # not the layers it was built from
+    tree = image_module.ImageTree(repo)
+    for layer_id in ids:
+        tree.add_stored(layer_id)
+    fs = tree.filesystem(ids)
+    assert fs is not None and write_erofs(fs, 1) == write_erofs(build_filesystem(repo, [l.diff_id for l in layers],
+                                                                                 dict(result.layers)), 1)
 
 
 @pytest.mark.parametrize("chunk_entries,in_flight", [(1, 1), (3, 1), (5, 2)])

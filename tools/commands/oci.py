@@ -29,9 +29,8 @@ def _print_pull(repo: Repository, result: PullResult) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    import trio
-
-    from pycfs.host.oci.pull import PullOptions, pull, split_reference
+    from pycfs.host.oci.pull import PullOptions, split_reference
+    from pycfs.host.oci.repull import pull_if_stored
     from pycfs.host.oci.streams import check_tag
     from pycfs.tools.common import open_repo, print_json
     from pycfs.tools.progress import pull_progress
@@ -42,7 +41,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
     with open_repo(args) as repo, ExitStack() as stack:
         options = PullOptions(storage_root=args.storage_root, verify_diffid=args.verify_diffid, helper=args.helper,
                               create_image=not args.no_image, jobs=args.jobs, progress=pull_progress(args, stack))
-        result = trio.run(pull, repo, args.image, tag, options)
+        result = pull_if_stored(repo, args.image, tag, options)
+        if result is None:
+            # The event loop, and through the pull the object workers and the helper client,
+            # only when there is something to import: a re-pull of a stored image needs none.
+            import trio
+
+            from pycfs.host.oci.pull import pull
+
+            result = trio.run(pull, repo, args.image, tag, options)
         if args.json:
             print_json(result.to_json())
         else:

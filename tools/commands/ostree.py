@@ -98,7 +98,8 @@ def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
     with open_repo(args) as repo, ExitStack() as stack:
         stack.callback(source.close)
         options = PullOptions(name=args.name, base_name=args.base_name, jobs=args.jobs,
-                              deltas=not args.no_delta, gpg_keyring=args.gpg_keyring)
+                              deltas=not args.no_delta, gpg_keyring=args.gpg_keyring,
+                              allow_downgrade=args.allow_downgrade)
         if not args.json:
             options.progress = _RichProgress(stack) if sys.stderr.isatty() else _PlainProgress()
         result = trio.run(pull, repo, source, args.ref, options)
@@ -276,11 +277,15 @@ def _pull_options(p: argparse.ArgumentParser) -> None:
                    help="ref to create or move (default: REF when it is a branch name). A NAME that already "
                    "names a commit serves as the base: objects it has are not fetched again")
     p.add_argument("--base-name", metavar="NAME", help="use this stored commit (ref, id or prefix) as the base")
+    p.add_argument("--allow-downgrade", action="store_true",
+                   help="let NAME move to a commit with an older timestamp than the one it names (refused by "
+                   "default, as a replayed old commit could be)")
     p.add_argument("--jobs", "-j", type=positive_int, metavar="N",
                    help="processes hashing and storing file content (default: one per CPU)")
     p.add_argument("--gpg-keyring", metavar="FILE",
                    help="require a commit signature (detached metadata) that gpgv verifies with this keyring "
-                   "(binary, as `gpg --export` writes it); nothing is fetched from an unsigned commit")
+                   "(binary, as `gpg --export` writes it); nothing is fetched from an unsigned commit. The "
+                   "summary (refs, deltas) is then used only when signed by this keyring too")
     p.add_argument("--json", action="store_true", help="print the result and statistics as JSON")
 
 

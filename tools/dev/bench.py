@@ -581,7 +581,9 @@ s.serve_forever()
 
 
 def rows_ostree(bench: Lab, runs: int, tree: str) -> list[Row]:
-    """o1-o4: pycfs against ostree's own pulls, over HTTP and from a local bare repository."""
+    """o1-o4: pycfs against ostree's own pulls, over HTTP and from a local bare repository;
+    o5-o6: an update from a local bare repository (a second commit adding 3 files of
+    200 KB), pulled into a repository that holds the first under the same name."""
     if shutil.which("ostree") is None:
         return [Row("o", "ostree rows", note="ostree is not installed")]
     base = Path(tempfile.mkdtemp(prefix="ostree-", dir=bench.xfs))
@@ -589,16 +591,24 @@ def rows_ostree(bench: Lab, runs: int, tree: str) -> list[Row]:
     for repo, mode in ((archive, "archive"), (bare, "bare")):
         subprocess.run(["ostree", "init", f"--repo={repo}", f"--mode={mode}"], check=True)
     subprocess.run(["ostree", "commit", f"--repo={archive}", "--branch=tree", tree], check=True, capture_output=True)
-    subprocess.run(["ostree", "pull-local", f"--repo={bare}", archive, "tree"], check=True, capture_output=True)
+    extra = base / "extra" / "update"
+    extra.mkdir(parents=True)
+    for i in range(3):
+        (extra / f"new{i}").write_bytes(random.Random(i).randbytes(200_000))
+    subprocess.run(["ostree", "commit", f"--repo={archive}", "--branch=tree2", "--tree=ref=tree",
+                    f"--tree=dir={extra.parent}"], check=True, capture_output=True)
+    subprocess.run(["ostree", "pull-local", f"--repo={bare}", archive, "tree", "tree2"], check=True, capture_output=True)
     server = subprocess.Popen([sys.executable, "-c", _SERVE, archive], stdout=subprocess.PIPE, text=True)
     rows = [Row("o1", f"pycfs ostree pull http://127.0.0.1 ({tree})"), Row("o2", "  ostree pull, same server"),
-            Row("o3", "pycfs ostree pull-local from a bare repository"), Row("o4", "  ostree pull-local, bare to bare")]
+            Row("o3", "pycfs ostree pull-local from a bare repository"), Row("o4", "  ostree pull-local, bare to bare"),
+            Row("o5", "pycfs ostree pull-local of an update (3 new files)"), Row("o6", "  ostree pull-local, same update")]
     try:
         assert server.stdout is not None
         url = f"http://127.0.0.1:{server.stdout.readline().strip()}/"
         read_all([os.path.join(d, f) for d, _, fs in os.walk(base) for f in fs])
         for _ in range(runs):
-            for row, kind in zip(rows, ("pycfs-http", "ostree-http", "pycfs-local", "ostree-local")):
+            for row, kind in zip(rows, ("pycfs-http", "ostree-http", "pycfs-local", "ostree-local", "pycfs-update",
+                                        "ostree-update")):
                 dest = base / f"dest-{kind}"
                 shutil.rmtree(dest, ignore_errors=True)
                 os.sync()
@@ -607,15 +617,22 @@ def rows_ostree(bench: Lab, runs: int, tree: str) -> list[Row]:
                     subprocess.run([*pycfs, "init"], check=True, capture_output=True)
                     argv = [*pycfs, "ostree", *(("pull", url) if kind == "pycfs-http" else ("pull-local", str(bare))),
                             "tree"]
+                    if kind == "pycfs-update":
+                        subprocess.run([*argv, "os"], check=True, capture_output=True)
+                        argv = [*argv[:-1], "tree2", "os"]
                 else:
                     mode = "archive" if kind == "ostree-http" else "bare"
                     subprocess.run(["ostree", "init", f"--repo={dest}", f"--mode={mode}"], check=True)
+                    if kind == "ostree-update":
+                        subprocess.run(["ostree", "pull-local", f"--repo={dest}", str(bare), "tree"], check=True,
+                                       capture_output=True)
                     if kind == "ostree-http":
                         subprocess.run(["ostree", "remote", "add", f"--repo={dest}", "--no-gpg-verify", "r", url],
                                        check=True)
                         argv = ["ostree", "pull", f"--repo={dest}", "r", "tree"]
                     else:
-                        argv = ["ostree", "pull-local", f"--repo={dest}", str(bare), "tree"]
+                        argv = ["ostree", "pull-local", f"--repo={dest}", str(bare),
+                                "tree2" if kind == "ostree-update" else "tree"]
                 before = used_bytes(bench.xfs)
                 row.warm.append(timed(argv)[0])
                 row.disk_added = used_bytes(bench.xfs) - before

@@ -1,0 +1,57 @@
+"""An image as containers-storage records it: its manifest, its config (checked against the
+manifest's config digest) and its layers (the config's diff_ids mapped to c/storage layers).
+
+Callers hold the store's read locks (`pycfs.host.storage.locks.ReadLocks`) while reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from pycfs.host.jsondoc import parse_object
+from pycfs.host.storage.store import ImageLayer, ImageRecord, Storage, StorageError, Store
+
+
+def _sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class ImageSource:
+    """What a pull needs of the image, read while the locks are held."""
+
+    store: Store
+    image: ImageRecord
+    manifest: bytes
+    config: bytes
+    manifest_digest: str
+    config_digest: str
+    layers: list[ImageLayer]
+
+
+def read_image(storage: Storage, ref: str) -> ImageSource:
+    """Find the image and read its manifest, config and layer list (locks held by the caller)."""
+    store, image = storage.lookup(ref)
+    manifest = store.big_data(image.id, "manifest")
+    mdoc = parse_object(manifest, f"manifest of image {image.id[:12]}", StorageError)
+    config_desc = mdoc.get("config")
+    config_digest = config_desc.get("digest") if isinstance(config_desc, dict) else None
+    if not isinstance(config_digest, str):
+        raise StorageError(f"manifest of image {image.id[:12]} has no config digest")
+    try:
+        config = store.big_data(image.id, config_digest)
+    except StorageError:
+        config = store.big_data(image.id, "sha256:" + image.id)
+    if _sha256_digest(config) != config_digest:
+        raise StorageError(f"config of image {image.id[:12]} does not match its digest {config_digest}")
+    cdoc = parse_object(config, f"config of image {image.id[:12]}", StorageError)
+    rootfs = cdoc.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+        raise StorageError(f"config of image {image.id[:12]} has no rootfs.diff_ids list")
+    for d in diff_ids:
+        if not d.startswith("sha256:") or len(d) != 71 or d[7:].strip("0123456789abcdef"):
+            raise StorageError(f"config of image {image.id[:12]}: invalid diff_id {d!r}")
+    layers = storage.image_layers(store, image, diff_ids)
+    return ImageSource(store, image, manifest, config, _sha256_digest(manifest), config_digest, layers)
