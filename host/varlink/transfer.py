@@ -32,7 +32,7 @@ import trio
 from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.nursery import open_nursery
-from pycfs.host.oci.layer import INLINE_CONTENT_MAX, layer_stream_name
+from pycfs.host.oci.layer import INLINE_CONTENT_MAX, LayerEntry, LayerEntryCollector, layer_stream_name
 from pycfs.host.repository import Repository, RepositoryError, feed_fd, lease_held
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamWriter
 from pycfs.host.varlink.layers import open_beneath
@@ -188,6 +188,8 @@ class LayerConsumer:
         self._probe_lock = trio.Lock()
         # submitted batches not yet hashed: each holds a limiter token and (leased) open fds
         self._pending: set[_Batch] = set()
+        # the layer's entries, parsed from what is written, for the image FinalizeImage builds
+        self.collector = LayerEntryCollector()
 
     def _dirfd(self, index: int) -> int:
         if index >= len(self.dirfds):
@@ -223,9 +225,11 @@ class LayerConsumer:
         decoder = Decoder()
         batch = _Batch()
         send, receive = trio.open_memory_channel[_Batch](int(self.limiter.total_tokens))
+        send_written, written = trio.open_memory_channel[list[bytes | tuple[bytes]]](int(self.limiter.total_tokens))
         try:
             async with open_nursery() as nursery:
-                nursery.start_soon(self._write_in_order, receive)
+                nursery.start_soon(self._write_in_order, receive, send_written)
+                nursery.start_soon(self._parse, written)
                 async with send:
                     while True:
                         data = await receive_some(_RECV_PIECE)
@@ -243,6 +247,7 @@ class LayerConsumer:
         finally:
             for b in (*self._pending, batch):
                 self._finish(b)
+        self.collector.close()
         return "sha256:" + self.sha.hexdigest()
 
     async def _submit(self, nursery: trio.Nursery, send: trio.MemorySendChannel[_Batch], batch: _Batch) -> None:
@@ -267,13 +272,22 @@ class LayerConsumer:
             self._pending.remove(batch)
             self.limiter.release_on_behalf_of(batch)
 
-    async def _write_in_order(self, receive: trio.MemoryReceiveChannel[_Batch]) -> None:
-        async for batch in receive:
-            await batch.stored.wait()
-            try:
-                await trio.to_thread.run_sync(self._hash_and_write, batch.items)
-            finally:
-                self._finish(batch)
+    async def _write_in_order(self, receive: trio.MemoryReceiveChannel[_Batch],
+                              written: trio.MemorySendChannel[list[bytes | tuple[bytes]]]) -> None:
+        async with written:
+            async for batch in receive:
+                await batch.stored.wait()
+                try:
+                    await trio.to_thread.run_sync(self._hash_and_write, batch.items)
+                finally:
+                    self._finish(batch)
+                await written.send([i if isinstance(i, bytes) else (i.object_id,) for i in batch.items])
+
+    async def _parse(self, written: trio.MemoryReceiveChannel[list[bytes | tuple[bytes]]]) -> None:
+        """The entries of what was written, in a thread of their own behind the writer (whose
+        sha256 is the copy's sequential pass: the parse must not lengthen it)."""
+        async for pieces in written:
+            await trio.to_thread.run_sync(self.collector.feed, pieces)
 
     def _add(self, batch: _Batch, chunk: Chunk) -> None:
         if isinstance(chunk, FileBackedData):
@@ -419,7 +433,7 @@ def batch_limiter(pool: WorkerPool) -> trio.CapacityLimiter:
 
 
 async def put_layer(repo: Repository, pool: WorkerPool, pipe_fd: int, dirfds: list[int], diff_id: str,
-                    zerocopy: bool, limiter: trio.CapacityLimiter | None = None) -> tuple[bytes, PutStats]:
+                    zerocopy: bool, limiter: trio.CapacityLimiter | None = None) -> PutResult:
     """Consume a splitdirfdstream from pipe_fd (taken) into `oci-layer-<diff_id>`; layers
     stored at once by one pool share its `limiter` (see batch_limiter)."""
     consumer = LayerConsumer(repo, pool, dirfds, zerocopy, limiter)
@@ -428,4 +442,11 @@ async def put_layer(repo: Repository, pool: WorkerPool, pipe_fd: int, dirfds: li
     if actual != diff_id:
         raise DiffIdMismatch(diff_id, actual)
     layer_id = await trio.to_thread.run_sync(repo.write_stream, consumer.writer, layer_stream_name(diff_id))
-    return layer_id, consumer.stats
+    return PutResult(layer_id, consumer.stats, consumer.collector.entries)
+
+
+@dataclass
+class PutResult:
+    layer_id: bytes
+    stats: PutStats
+    entries: list[LayerEntry] | None  # the layer's entries (None: they did not parse)
