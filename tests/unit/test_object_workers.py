@@ -94,11 +94,11 @@ def test_store_writes_objects_and_second_store_finds_them(tmp_path, files):
 
 def test_small_job_is_served_in_process_and_a_large_one_starts_the_workers(tmp_path, files, monkeypatch):
     """With small_here (and no number of processes), the pool stores here until calls have brought
-    IN_PROCESS_BYTES (the workers then start, in the background) and checks the content
+    START_AFTER_BYTES (the workers then start, in the background) and checks the content
     (a wrong SHA-256 is refused) just as the workers do."""
     from pycfs.host.workers import pool as pool_module
 
-    monkeypatch.setattr(pool_module, "IN_PROCESS_BYTES", 1 << 20)
+    monkeypatch.setattr(pool_module, "START_AFTER_BYTES", 1 << 20)
     paths = [p for p, _ in files]
     small = [i for i, (_, data) in enumerate(files) if len(data) < 8192]
     with Repository.init(tmp_path / "repo") as repo:
