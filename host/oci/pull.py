@@ -42,7 +42,6 @@ async def _pull_containers_storage(repo: Repository, source: str, tag: str | Non
     from pycfs.host.helperclient import HelperClient  # the transports' modules only when used:
     from pycfs.host.oci.cstorage import pull_image  # `pycfs oci --help` imports this module
 
-
     try:
         storage, name = storage_for(source, options.storage_root)
         async with HelperClient(storage.primary.root, storage.primary.driver, policy=options.helper) as helper:

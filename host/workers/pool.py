@@ -368,8 +368,6 @@ async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
         await pool.aclose()
 
 
-
-
 MEASURE_BATCH = 64  # files per request: enough to amortise a round trip, small enough to balance
 # Path text per request: a name escaped in JSON takes at most 6 bytes a character.
 MEASURE_BATCH_CHARS = api.MAX_MESSAGE_BYTES // 8
