@@ -150,6 +150,13 @@ class PutStats:
 
 
 @dataclass
+class PutResult:
+    layer_id: bytes
+    stats: PutStats
+    entries: list[LayerEntry] | None  # the layer's entries (None: they did not parse)
+
+
+@dataclass
 class _File:
     fd: int
     size: int
@@ -443,10 +450,3 @@ async def put_layer(repo: Repository, pool: WorkerPool, pipe_fd: int, dirfds: li
         raise DiffIdMismatch(diff_id, actual)
     layer_id = await trio.to_thread.run_sync(repo.write_stream, consumer.writer, layer_stream_name(diff_id))
     return PutResult(layer_id, consumer.stats, consumer.collector.entries)
-
-
-@dataclass
-class PutResult:
-    layer_id: bytes
-    stats: PutStats
-    entries: list[LayerEntry] | None  # the layer's entries (None: they did not parse)
