@@ -126,3 +126,17 @@ def test_reads_in_small_bounded_pieces(monkeypatch):
     write_entries(entries[:2], one)
     write_entries(entries[2:], two)
     assert list(iter_entries(io.BytesIO(one.getvalue() + two.getvalue()))) == entries
+
+
+@pytest.mark.parametrize("read_size, group", [(1 << 18, 512), (64, 3)])
+def test_blank_lines_are_skipped_and_errors_name_their_line(monkeypatch, read_size, group):
+    """Lines parsed a group at a time, in blocks cut anywhere: a blank line is skipped, a
+    bad one is named by its number in the whole file."""
+    monkeypatch.setattr(tarsplit, "_READ_SIZE", read_size)
+    monkeypatch.setattr(tarsplit, "_GROUP", group)
+    seg = json.dumps({"type": 2, "payload": base64.b64encode(b"hdr").decode()}).encode()
+    lines = [seg] * 7 + [b"", b"  "] + [seg] * 5
+    assert list(iter_entries(io.BytesIO(gzip.compress(b"\n".join(lines) + b"\n")))) == [Segment(b"hdr")] * 12
+    lines[11] = b'{"type": 2, "payload": "***"}'
+    with pytest.raises(TarSplitError, match=r"^tar-split: line 12: segment payload is not valid base64$"):
+        list(iter_entries(io.BytesIO(gzip.compress(b"\n".join(lines) + b"\n"))))
