@@ -83,6 +83,25 @@ def header_only_kind(segment: Segment) -> str | None:
     return _HEADER_ONLY_TYPES.get(segment.data[offset : offset + 1])
 
 
+_MODE, _UID = slice(100, 108), slice(108, 116)  # ustar octal fields
+
+
+def owner_only_readable(segment: Segment) -> bool:
+    """Whether the tar entry whose header ends `segment` belongs to a uid other than 0 and
+    is not world-readable: in rootless storage only that uid (not the user, root in the
+    storage's user namespace) may then open it. A hint only (a PAX uid, groups and directory
+    modes are not looked at); False when the segment holds no header."""
+    if len(segment.data) < _TAR_HEADER:
+        return False
+    header = segment.data[-_TAR_HEADER:]
+    try:
+        mode = int(header[_MODE].strip(b"\0 ") or b"0", 8)
+        uid = int(header[_UID].strip(b"\0 ") or b"0", 8)
+    except ValueError:  # base-256 or damaged: the import finds out when it opens the file
+        return False
+    return uid != 0 and not mode & 0o004
+
+
 def check_name(name: bytes, where: str) -> None:
     """Reject names that could reach outside the layer directory."""
     if b"\0" in name:

@@ -6,6 +6,7 @@ import base64
 import gzip
 import io
 import json
+import tarfile
 
 import pytest
 
@@ -140,3 +141,18 @@ def test_blank_lines_are_skipped_and_errors_name_their_line(monkeypatch, read_si
     lines[11] = b'{"type": 2, "payload": "***"}'
     with pytest.raises(TarSplitError, match=r"^tar-split: line 12: segment payload is not valid base64$"):
         list(iter_entries(io.BytesIO(gzip.compress(b"\n".join(lines) + b"\n"))))
+
+
+@pytest.mark.parametrize("uid, mode, expected", [
+    (0, 0o600, False),  # the user's own file (root in the storage's user namespace)
+    (1000, 0o644, False),  # world-readable
+    (1000, 0o600, True),
+    (1000, 0o640, True),
+    (2**40, 0o600, False),  # base-256 uid: left to the open
+])  # fmt: skip
+def test_owner_only_readable_reads_the_header_before_a_file(uid, mode, expected):
+    info = tarfile.TarInfo("f")
+    info.uid, info.mode, info.size = uid, mode, 100
+    header = b"\0" * 300 + info.tobuf(format=tarfile.GNU_FORMAT)  # padding of the previous file first
+    assert tarsplit.owner_only_readable(Segment(header)) is expected
+    assert tarsplit.owner_only_readable(Segment(header[-511:])) is False  # no whole header
