@@ -57,10 +57,10 @@ from pycfs.host.storage.tarsplit import (
     FileEntry,
     Segment,
     check_name,
+    closed_to_user,
     crc64_iso,
     header_only_kind,
     open_entries,
-    owner_only_readable,
 )
 from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
 from pycfs.protocol.helper_api import layer_dir
@@ -342,7 +342,7 @@ class LayerImport:
         self.collector = LayerEntryCollector() if tree is not None else None
         self.total = 0  # bytes of the rebuilt tar so far
         self._header: Segment | FileEntry | None = None  # the entry before the next one read
-        # Set by the reader at the first file the user likely cannot open (`owner_only_readable`).
+        # Set by the reader at the first file or directory the user likely cannot open (`closed_to_user`).
         self._helper_wanted = False
 
     def _advance(self, nbytes: int) -> None:
@@ -394,14 +394,13 @@ class LayerImport:
         carries no data (a fifo, a device, ...) yet has a size is refused here, unopened."""
         entries = list(itertools.islice(source, CHUNK_ENTRIES))
         for entry in entries:
-            if isinstance(entry, FileEntry) and entry.size and isinstance(self._header, Segment):
-                kind = header_only_kind(self._header)
-                if kind is not None:
+            if isinstance(entry, FileEntry) and isinstance(self._header, Segment):
+                if entry.size and (kind := header_only_kind(self._header)) is not None:
                     raise PycfsError(
                         f"{self.files.describe(entry.relpath)} is a {kind} in the layer's tar, yet its tar-split "
                         f"entry gives it {entry.size} bytes of data: the layer is damaged or crafted"
                     )
-                if not self._helper_wanted and owner_only_readable(self._header):
+                if not self._helper_wanted and closed_to_user(self._header):
                     self._helper_wanted = True
             self._header = entry
         return entries
@@ -750,8 +749,9 @@ async def pull_image(
             progress.layers([(layer.diff_id, layer.layer.diff_size) for layer in source.layers])
         on_wait = progress.waiting_for_lock if progress else None
         gate = _HelperGate(helper, locks, storage, source, ref, on_wait) if helper is not None else None
-        async with open_pool(repo=repo, jobs=jobs) as pool:
-            for layer in source.layers:
+        async with open_pool(repo=repo, jobs=jobs) as pool, open_nursery() as background:
+            warming = False
+            for index, layer in enumerate(source.layers):
                 existing = repo.intact_stream(f"oci-layer-{layer.diff_id}")
                 if existing is not None and verify_diffid and not await trio.to_thread.run_sync(
                         _stream_has_diffid, repo, existing, layer.diff_id, limiter=limiter):
@@ -765,6 +765,11 @@ async def pull_image(
                         progress.layer_done(layer.diff_id, True)
                     continue
                 await pool.start()  # the workers' start-up overlaps the first tar-split read
+                if gate is not None and not warming and any(l.layer.foreign_ids for l in source.layers[index:]):
+                    # Files of other ids may need the helper: its start-up overlaps the
+                    # import from the first layer on, not only from the first such file.
+                    warming = True
+                    background.start_soon(gate.warm_up)
                 job = LayerImport(repo, layer, stats, limiter, pool, gate, progress, verify_diffid, tree)
                 layer_streams.append((layer.diff_id, await job.run()))
                 if progress is not None:

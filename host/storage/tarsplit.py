@@ -83,23 +83,30 @@ def header_only_kind(segment: Segment) -> str | None:
     return _HEADER_ONLY_TYPES.get(segment.data[offset : offset + 1])
 
 
-_MODE, _UID = slice(100, 108), slice(108, 116)  # ustar octal fields
+_MODE, _UID, _GID = slice(100, 108), slice(108, 116), slice(116, 124)  # ustar octal fields
+_NEEDS = {b"0": 4, b"\0": 4, b"7": 4, b"5": 1}  # typeflag -> permission to open: read, or search
 
 
-def owner_only_readable(segment: Segment) -> bool:
-    """Whether the tar entry whose header ends `segment` belongs to a uid other than 0 and
-    is not world-readable: in rootless storage only that uid (not the user, root in the
-    storage's user namespace) may then open it. A hint only (a PAX uid, groups and directory
-    modes are not looked at); False when the segment holds no header."""
+def closed_to_user(segment: Segment) -> bool:
+    """Whether the tar entry whose header ends `segment` is, by its owner and mode, a file
+    the user may not read or a directory the user may not search: in rootless storage the
+    user is uid and gid 0 of the storage's user namespace, so the owner's bits apply when
+    the uid is 0, the group's when the gid is, the others' else. A hint only (PAX ids and
+    supplementary groups are not looked at); False when the segment holds no header."""
     if len(segment.data) < _TAR_HEADER:
         return False
     header = segment.data[-_TAR_HEADER:]
+    needs = _NEEDS.get(header[_TYPEFLAG : _TYPEFLAG + 1])
+    if needs is None:
+        return False
     try:
         mode = int(header[_MODE].strip(b"\0 ") or b"0", 8)
         uid = int(header[_UID].strip(b"\0 ") or b"0", 8)
+        gid = int(header[_GID].strip(b"\0 ") or b"0", 8)
     except ValueError:  # base-256 or damaged: the import finds out when it opens the file
         return False
-    return uid != 0 and not mode & 0o004
+    shift = 6 if uid == 0 else 3 if gid == 0 else 0
+    return not (mode >> shift) & needs
 
 
 def check_name(name: bytes, where: str) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import hashlib
 import io
+import json
 import os
 import socket
 import stat
@@ -600,7 +601,7 @@ class _WarmHelper:
 
 
 @pytest.mark.parametrize("fail", [False, True])
-def test_helper_starts_as_soon_as_the_tar_split_shows_an_owner_only_file(tmp_path, repo, monkeypatch, fail):
+def test_helper_starts_as_soon_as_the_tar_split_shows_a_file_closed_to_the_user(tmp_path, repo, monkeypatch, fail):
     """A file of another uid that only its owner may read (mode 0600, uid 1000 in its tar
     header): the reader starts the helper when it reads that entry, before any file is
     opened, so the helper's start-up overlaps the import. Here the user can read the file
@@ -636,3 +637,41 @@ def test_no_helper_start_for_world_readable_files_of_another_uid(tmp_path, repo)
     _pull(repo, fake, helper=_WarmHelper(calls))
     assert calls == []
     assert repo.has_stream(f"oci-layer-{layer.diff_id}") is not None
+
+
+def _record_ids(fake, uidset, gidset) -> None:
+    """Give the fake store's (only) layer record c/storage's uidset and gidset."""
+    path = fake.layers_dir / "layers.json"
+    records = json.loads(path.read_text())
+    for key, ids in (("uidset", uidset), ("gidset", gidset)):
+        if ids is not None:
+            records[0][key] = ids
+    path.write_text(json.dumps(records))
+
+
+@pytest.mark.parametrize("uidset, gidset, foreign", [
+    (None, None, False), ([0], [0], False), ([0, 1000], [0], True), ([0], [0, 5], True), ("0", None, False),
+])  # fmt: skip
+def test_layer_records_say_whether_files_use_other_ids(tmp_path, uidset, gidset, foreign):
+    fake, _, _ = _single(tmp_path, {"big": BIG})
+    _record_ids(fake, uidset, gidset)
+    source = cstorage.read_image(Storage([Store(fake.root, fake.driver)]), "localhost/img:latest")
+    assert source.layers[0].layer.foreign_ids is foreign
+
+
+def test_helper_starts_with_the_import_when_c_storage_records_other_ids(tmp_path, repo, monkeypatch):
+    """A layer whose uidset names uid 1000: the helper is started before the first file is
+    opened, though every header here is the user's own (nothing is asked of it then)."""
+    fake, layer, _ = _single(tmp_path, {"big": BIG, "small": SMALL})
+    _record_ids(fake, [0, 1000], [0])
+    calls: list = []
+    real_open = cstorage.LayerFiles.open
+
+    def open_file(self, relpath, size):
+        calls.append(relpath)
+        return real_open(self, relpath, size)
+
+    monkeypatch.setattr(cstorage.LayerFiles, "open", open_file)
+    result = _pull(repo, fake, helper=_WarmHelper(calls))
+    assert calls[0] == "hello" and sorted(calls[1:]) == [b"big", b"small"]
+    assert result.stats.files_via_helper == 0 and _cat(repo, layer.diff_id) == layer.tar

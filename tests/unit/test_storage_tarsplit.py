@@ -143,16 +143,22 @@ def test_blank_lines_are_skipped_and_errors_name_their_line(monkeypatch, read_si
         list(iter_entries(io.BytesIO(gzip.compress(b"\n".join(lines) + b"\n"))))
 
 
-@pytest.mark.parametrize("uid, mode, expected", [
-    (0, 0o600, False),  # the user's own file (root in the storage's user namespace)
-    (1000, 0o644, False),  # world-readable
-    (1000, 0o600, True),
-    (1000, 0o640, True),
-    (2**40, 0o600, False),  # base-256 uid: left to the open
+@pytest.mark.parametrize("kind, uid, gid, mode, expected", [
+    (tarfile.REGTYPE, 0, 0, 0o600, False),  # the user's own file (uid 0 in the storage's user namespace)
+    (tarfile.REGTYPE, 0, 0, 0o000, True),  # ... that even its owner may not read
+    (tarfile.REGTYPE, 1000, 1000, 0o644, False),  # world-readable
+    (tarfile.REGTYPE, 1000, 1000, 0o640, True),
+    (tarfile.REGTYPE, 1000, 0, 0o640, False),  # the user's group may read it
+    (tarfile.REGTYPE, 1000, 0, 0o604, True),
+    (tarfile.DIRTYPE, 1000, 1000, 0o700, True),  # a directory the user may not search
+    (tarfile.DIRTYPE, 0, 0, 0o000, True),
+    (tarfile.DIRTYPE, 0, 0, 0o755, False),
+    (tarfile.SYMTYPE, 1000, 1000, 0o000, False),  # nothing is opened through a symlink's header
+    (tarfile.REGTYPE, 2**40, 0, 0o600, False),  # base-256 uid: left to the open
 ])  # fmt: skip
-def test_owner_only_readable_reads_the_header_before_a_file(uid, mode, expected):
+def test_closed_to_user_reads_the_header_before_an_entry(kind, uid, gid, mode, expected):
     info = tarfile.TarInfo("f")
-    info.uid, info.mode, info.size = uid, mode, 100
+    info.type, info.uid, info.gid, info.mode = kind, uid, gid, mode
     header = b"\0" * 300 + info.tobuf(format=tarfile.GNU_FORMAT)  # padding of the previous file first
-    assert tarsplit.owner_only_readable(Segment(header)) is expected
-    assert tarsplit.owner_only_readable(Segment(header[-511:])) is False  # no whole header
+    assert tarsplit.closed_to_user(Segment(header)) is expected
+    assert tarsplit.closed_to_user(Segment(header[-511:])) is False  # no whole header
