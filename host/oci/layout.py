@@ -11,6 +11,7 @@ import functools
 import hashlib
 import os
 import platform
+import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,6 @@ from pycfs.host.oci.layer import (
     HashingReader,
     LayerDigestError,
     LayerEntry,
-    LayerEntryCollector,
     PendingFile,
     Piece,
     SplitLayer,
@@ -36,6 +36,7 @@ from pycfs.host.oci.layer import (
     decompressing_reader,
     layer_stream_name,
     parse_digest,
+    stored,
     write_pieces,
 )
 from pycfs.host.oci.image import finish_pull
@@ -224,15 +225,20 @@ CHUNKS_IN_FLIGHT = 4
 
 
 # The uncompressed tar goes from the inflating thread to the splitting one in batches of
-# about _BATCH bytes, at most _BATCHES_QUEUED of them waiting: memory stays bounded.
+# about _BATCH bytes, at most _BATCHES_QUEUED of them waiting: memory stays bounded. The two
+# threads hand batches over a queue, not through trio (a round trip through the event loop
+# for every batch cost more than the parse of its headers); each wait on the queue is bounded
+# by _POLL and then asks trio whether the pull was cancelled (a failure on the other side).
 _BATCH = 1 << 20
 _BATCHES_QUEUED = 4
+_POLL = 0.1
 
 
 class _Inflater:
     """Reads a layer blob, hashing it (its digest), decompresses it and hashes the tar (its
-    diff_id), a batch at a time in a thread of its own: zstandard, zlib and hashlib release
-    the GIL, so this runs on one core while the splitting thread parses and writes on the other."""
+    diff_id), a batch at a time, in a thread of its own for the whole layer (`run`):
+    zstandard, zlib and hashlib release the GIL, so this runs on one core while the
+    splitting thread parses and writes on the other."""
 
     def __init__(self, f: BinaryIO, desc: Descriptor, diff_alg: str) -> None:
         self.blob = HashingReader(f, parse_digest(desc.digest)[0])
@@ -240,6 +246,7 @@ class _Inflater:
         self._hasher = hashlib.new(diff_alg)
         self._alg = diff_alg
         self.count = 0  # tar bytes
+        self.batches: queue.Queue[list[bytes]] = queue.Queue(_BATCHES_QUEUED)
 
     def batch(self) -> list[bytes]:
         """The next pieces of the tar, hashed; [] at the end (the blob read to its end)."""
@@ -256,17 +263,29 @@ class _Inflater:
         self.count += size
         return out
 
+    def run(self) -> None:
+        """In a trio worker thread: every batch into `batches`, then []."""
+        while True:
+            batch = self.batch()
+            while True:
+                try:
+                    self.batches.put(batch, timeout=_POLL)
+                    break
+                except queue.Full:
+                    trio.from_thread.check_cancelled()
+            if not batch:
+                return
+
     def digest(self) -> str:
         return f"{self._alg}:{self._hasher.hexdigest()}"
 
 
 class _Batches:
     """The tar for the splitting thread (a `HashedSource`): read(n) over the inflater's
-    batches, waiting for the next one through trio (a cancelled pull ends the wait)."""
+    batches, waiting for the next one on its queue (a cancelled pull ends the wait)."""
 
-    def __init__(self, inflater: _Inflater, receive: trio.MemoryReceiveChannel[list[bytes]]) -> None:
+    def __init__(self, inflater: _Inflater) -> None:
         self._inflater = inflater
-        self._receive = receive
         self._pieces: list[bytes] = []  # reversed: the next one last
         self._view = memoryview(b"")  # the rest of a piece handed out in parts
         self._ended = False
@@ -278,15 +297,20 @@ class _Batches:
     def digest(self) -> str:
         return self._inflater.digest()
 
+    def _next_batch(self) -> list[bytes]:
+        while True:
+            try:
+                return self._inflater.batches.get(timeout=_POLL)
+            except queue.Empty:
+                trio.from_thread.check_cancelled()
+
     def read(self, n: int = -1) -> bytes:
         if not self._view:
             while not self._pieces:
                 if self._ended:
                     return b""
-                try:
-                    self._pieces = trio.from_thread.run(self._receive.receive)[::-1]
-                except trio.EndOfChannel:
-                    self._ended = True
+                self._pieces = self._next_batch()[::-1]
+                self._ended = not self._pieces
             piece = self._pieces.pop()
             if n < 0 or len(piece) <= n:
                 return piece  # handed on whole, not copied
@@ -298,14 +322,15 @@ class _Batches:
 
 
 class _Chunk:
-    def __init__(self, pieces: list[Piece]) -> None:
+    def __init__(self, pieces: list[Piece], entries: tuple[list[LayerEntry], list[LayerEntry]] | None) -> None:
         self.pieces = pieces
+        self.entries = entries  # (all, those waiting for their object), `TarSplitter.take_entries`
         self.stored = trio.Event()
 
 
 @dataclass
 class LayoutLayer:
-    """An imported layer: its stream, and its entries when collected (`LayerEntryCollector`)."""
+    """An imported layer: its stream, and its entries when collected."""
 
     stats: ImportStats
     stream_id: bytes
@@ -320,43 +345,39 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLay
     another splits the tar it hands on a run of entries at a time, writing file
     content once into anonymous files of the object store; the object workers hash and link
     those (as they do the files of a containers-storage pull) while the thread goes on; each
-    run is appended to the layer stream, in order, once its files are objects (and, with
-    ``collect``, parsed into the layer's entries for the image build)."""
+    run is appended to the layer stream, in order, once its files are objects. With
+    ``collect``, the splitter also builds the layer's entries for the image build from the
+    same parse of the tar."""
     stats = ImportStats()
-    collector = LayerEntryCollector() if collect else None
+    entries: list[LayerEntry] | None = [] if collect else None
     held: set[_Chunk] = set()
     advanced = 0  # blob bytes shown as progress
     with layout.open_blob(desc) as f:
         inflater = _Inflater(f, desc, parse_digest(diff_id)[0])
         blob = inflater.blob
-        send_tar, receive_tar = trio.open_memory_channel[list[bytes]](_BATCHES_QUEUED)
-        splitter = TarSplitter(repo, _Batches(inflater, receive_tar), defer=True, hashed=True)
+        splitter = TarSplitter(repo, _Batches(inflater), defer=True, hashed=True, collect=collect)
         writer = repo.new_stream(CONTENT_OCI_LAYER)
         send, receive = trio.open_memory_channel[_Chunk](CHUNKS_IN_FLIGHT - 1)
-        send_written, written = trio.open_memory_channel[list[bytes | tuple[bytes]]](CHUNKS_IN_FLIGHT)
 
         async def store(chunk: _Chunk) -> None:
             pending = [(i, p) for i, p in enumerate(chunk.pieces) if isinstance(p, PendingFile)]
             if pending:
                 results = await pool.adopt([p.fd for _, p in pending], [p.size for _, p in pending])
+                files = []
                 for (i, p), r in zip(pending, results):
                     if isinstance(r, Failed):
                         raise PycfsError(f"layer {diff_id}: cannot store a file of {p.size} bytes: {r.message}")
                     os.close(p.fd)
-                    chunk.pieces[i] = StoredFile(r.object_id, p.size, r.how)
+                    chunk.pieces[i] = file = StoredFile(r.object_id, p.size, r.how)
+                    files.append(file)
+                if chunk.entries is not None:
+                    stored(chunk.entries[1], files)
             chunk.stored.set()
 
         def next_chunk() -> _Chunk:
-            chunk = _Chunk(splitter.chunk())
+            chunk = _Chunk(splitter.chunk(), splitter.take_entries())
             held.add(chunk)  # here in the thread: a cancelled wait for it must still close its files
             return chunk
-
-        async def inflate() -> None:
-            # A thread a batch, outside the shared limiter: the splitting thread holds it while
-            # it waits for batches. (One inflater a layer, and layers_at_once layers.)
-            while batch := await trio.to_thread.run_sync(inflater.batch):
-                await send_tar.send(batch)
-            await send_tar.aclose()  # only at the end: after a failure the splitter is cancelled
 
         async def split(nursery: trio.Nursery) -> None:
             async with send:
@@ -365,31 +386,28 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLay
                     await send.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
 
         async def write() -> None:
-            nonlocal advanced
-            async with send_written:
-                async for chunk in receive:
-                    await chunk.stored.wait()
-                    write_pieces(writer, chunk.pieces, stats)
-                    held.discard(chunk)
-                    if progress is not None:
-                        progress.advance(diff_id, blob.count - advanced)
-                        advanced = blob.count
-                    if collector is not None:
-                        await send_written.send([p if isinstance(p, bytes) else (p.object_id,)
-                                                 for p in chunk.pieces])
-
-        async def parse() -> None:
-            # in a thread of its own, behind the writer: a chunk can hold thousands of entries
-            async for pieces in written:
-                assert collector is not None
-                await trio.to_thread.run_sync(collector.feed, pieces, limiter=limiter)
+            nonlocal advanced, entries
+            async for chunk in receive:
+                await chunk.stored.wait()
+                write_pieces(writer, chunk.pieces, stats)
+                held.discard(chunk)
+                if progress is not None:
+                    progress.advance(diff_id, blob.count - advanced)
+                    advanced = blob.count
+                if entries is not None:
+                    if chunk.entries is None:
+                        entries = None
+                    else:
+                        entries += chunk.entries[0]
 
         try:
             async with open_nursery() as nursery:
-                nursery.start_soon(inflate)
+                # The inflating thread runs outside the shared limiter: the splitting thread
+                # holds it while it waits for batches. (One inflater a layer, and
+                # layers_at_once layers.)
+                nursery.start_soon(functools.partial(trio.to_thread.run_sync, inflater.run))
                 nursery.start_soon(split, nursery)
                 nursery.start_soon(write)
-                nursery.start_soon(parse)
         finally:
             for chunk in held:
                 close_pieces(chunk.pieces)
@@ -402,9 +420,7 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLay
     stream_id = await trio.to_thread.run_sync(commit_layer, repo,
                                               SplitLayer(writer, splitter.diff_id, splitter.src.count, stats),
                                               diff_id, limiter=limiter)
-    if collector is not None:
-        collector.close()
-    return LayoutLayer(stats, stream_id, collector.entries if collector is not None else None)
+    return LayoutLayer(stats, stream_id, entries)
 
 
 async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, build_image: bool = True,
