@@ -28,7 +28,7 @@ class WorkerService:
 
     def methods(self) -> dict[str, Any]:
         return {api.STORE: self.store, api.DIGEST: self.digest, api.ADOPT: self.adopt,
-                api.DIGEST_PATHS: self.digest_paths}
+                api.DIGEST_PATHS: self.digest_paths, api.INFLATE: self.inflate}
 
     def _each(self, call: Call, sizes: Any, one) -> dict[str, Any]:
         if not isinstance(sizes, list) or not all(type(s) is int and s >= 0 for s in sizes):
@@ -100,6 +100,33 @@ class WorkerService:
 
         return self._each(call, sizes, one)
 
+    def inflate(self, call: Call, compression: Any, blob_alg: Any, diff_alg: Any) -> dict[str, Any]:
+        from pycfs.host.oci.layer import HashingReader, decompressing_reader
+
+        if len(call.fds) != 2 or compression not in ("gzip", "zstd", "none") or not {blob_alg, diff_alg} <= set(DIGEST_SIZES):
+            raise InvalidParamsError("inflate takes the blob and a pipe, gzip|zstd|none and two hash names")
+        blob_fd, pipe = call.fds
+        hasher = hashlib.new(diff_alg)
+        size = 0
+        try:
+            with open(blob_fd, "rb", buffering=0, closefd=False) as f:
+                blob = HashingReader(f, blob_alg)
+                tar = decompressing_reader(blob, compression)
+                while piece := tar.read(_INFLATE_PIECE):
+                    hasher.update(piece)
+                    size += len(piece)
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(pipe, view) :]
+                blob.drain()  # a digest covers every byte, trailing ones included
+        except (OSError, PycfsError) as e:
+            return {"failed": str(e) if isinstance(e, PycfsError) else f"cannot inflate the layer: {e.strerror or e}"}
+        finally:
+            os.close(pipe)  # the host's EOF (the request's fds are closed again after: harmless)
+            call.fds[1] = -1
+        return {"blob": blob.digest(), "blob_size": blob.count, "diff_id": f"{diff_alg}:{hasher.hexdigest()}",
+                "tar_size": size}
+
     def _store_one(self, fd: int, size: int, crc: int | None,
                    sha256: tuple[bytes, bytes] | None = None, keep_lease: bool = False) -> tuple[bytes, str]:
         assert self.repo is not None
@@ -125,6 +152,10 @@ class WorkerService:
             raise OSError(errno.ESTALE, "changed size while it was stored")
         code = api.HOW_CODES[result.how]
         return result.object_id, code.upper() if result.leased else code
+
+
+# Decompressed bytes a write to the host's pipe: large, so the host reads them in few calls.
+_INFLATE_PIECE = 1 << 20
 
 
 class _Crc64Check:
