@@ -418,15 +418,17 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
     limiter = trio.CapacityLimiter(os.cpu_count() or 1)
     # Each layer being imported holds an inflating worker and its runs in flight.
     layers_at_once = os.cpu_count() or 1
-    at_once = trio.CapacityLimiter(layers_at_once)
+    at_once = trio.Semaphore(layers_at_once)  # taken in the layers' order, given back by each
     parsed: dict[bytes, list[LayerEntry]] = {}  # by stream id: entries of the layers imported
 
     async def one(pool: WorkerPool, inflaters: WorkerPool, diff_id: str, desc: Descriptor) -> None:
-        async with at_once:
+        try:
             if progress is not None:
                 progress.layer_started(diff_id, desc.size)
             layer = await import_layout_layer(repo, pool, inflaters, layout, desc, diff_id, limiter, progress,
                                               build_image)
+        finally:
+            at_once.release()
         stats.add(layer.stats)
         if layer.entries is not None:
             parsed[layer.stream_id] = layer.entries
@@ -439,7 +441,10 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
                     open_pool(alg=repo.alg, jobs=min(layers_at_once, len(todo))) as inflaters,
                     open_nursery() as nursery):
             nursery.start_soon(pool.start)  # the workers' start-up overlaps the first split
-            for diff_id, desc in sorted(todo.items(), key=lambda kv: -kv[1].size):  # largest first
+            # Largest first (trio runs the tasks it starts in no set order): the others
+            # then run beside it, and the pull does not end on a large layer alone.
+            for diff_id, desc in sorted(todo.items(), key=lambda kv: -kv[1].size):
+                await at_once.acquire()
                 nursery.start_soon(one, pool, inflaters, diff_id, desc)
     layer_refs = []
     for _, diff_id in layers.layers:

@@ -93,6 +93,9 @@ class _Worker:
         self.sock = sock
         self.output = output
         self.waiting: collections.deque[_Reply] = collections.deque()
+        # Requests given to it and not yet answered, counted as soon as it is chosen: the
+        # choice of the next request must see this one even before it is sent.
+        self.assigned = 0
         self.send_lock = trio.Lock()
 
     def describe(self) -> str:
@@ -244,7 +247,15 @@ class WorkerPool:
                        sent: Callable[[], None] | None = None) -> tuple[_Worker, dict[str, Any]]:
         """The worker asked and its response; ``sent`` runs once the request is sent (or could not be)."""
         await self._start()
-        worker = min(self._workers, key=lambda w: len(w.waiting))
+        worker = min(self._workers, key=lambda w: w.assigned)
+        worker.assigned += 1
+        try:
+            return worker, await self._send_and_wait(worker, method, fds, params, sent)
+        finally:
+            worker.assigned -= 1
+
+    async def _send_and_wait(self, worker: _Worker, method: str, fds: list[int], params: dict[str, Any],
+                             sent: Callable[[], None] | None) -> dict[str, Any]:
         self._next_id += 1
         reply = _Reply(self._next_id)
         request = {"jsonrpc": "2.0", "method": method, "params": params, "id": reply.id}
@@ -263,7 +274,7 @@ class WorkerPool:
         await reply.done.wait()
         self._check()
         assert reply.obj is not None
-        return worker, reply.obj
+        return reply.obj
 
     def _results(self, obj: dict[str, Any], count: int, method: str) -> list[tuple[bytes, str] | Failed]:
         """Unpack a response (see `pycfs.protocol.worker_api`); ValueError when malformed."""

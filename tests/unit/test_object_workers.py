@@ -615,3 +615,37 @@ def test_inflate_for_a_reader_that_stops_fails_and_leaves_the_worker_serving(tmp
     answer, got = _inflate(gzip.compress(os.urandom(4 << 20)), tmp_path, "gzip", take=1 << 16)
     assert isinstance(answer, PycfsError) and "cannot inflate the layer" in str(answer)
     assert len(got) >= 1 << 16
+
+
+def test_requests_started_together_go_to_different_workers(tmp_path):
+    """Two inflates asked at once run on the two workers: the second does not wait behind
+    the first, whose tar nobody reads until the second has answered (a worker serves one
+    request at a time, so sharing one would never end)."""
+    import gzip
+
+    tar = os.urandom(1 << 20)
+    (tmp_path / "blob").write_bytes(gzip.compress(tar))
+
+    async def main():
+        stalled_read, stalled_write = os.pipe2(os.O_CLOEXEC)
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        got = bytearray()
+
+        def drain(fd):
+            with open(fd, "rb", buffering=0) as r:
+                while piece := r.read(1 << 16):
+                    got.extend(piece)
+
+        async with open_pool(alg="sha256", jobs=2) as pool, trio.open_nursery() as nursery:
+            await pool.start()
+            with open(tmp_path / "blob", "rb") as stalled, open(tmp_path / "blob", "rb") as f:
+                nursery.start_soon(pool.inflate, stalled.fileno(), stalled_write, "gzip", "sha256", "sha256")
+                nursery.start_soon(trio.to_thread.run_sync, drain, read_end)
+                with trio.fail_after(20):
+                    answer = await pool.inflate(f.fileno(), write_end, "gzip", "sha256", "sha256")
+                assert bytes(got) == tar and answer.tar_size == len(tar)
+                got.clear()
+                await trio.to_thread.run_sync(drain, stalled_read)
+                assert bytes(got) == tar
+
+    _run(main)
