@@ -63,15 +63,15 @@ class Endpoint:
     algorithm: str
     # Another connection to the same service (handles are service-wide: the same handle
     # works on it), for layers moved side by side; None: this one connection only.
-    connect: Callable[[], Awaitable[Client]] | None = None
+    new_client: Callable[[], Awaitable[Client]] | None = None
 
     @asynccontextmanager
     async def lane(self, first: bool) -> AsyncIterator[Endpoint]:
         """This endpoint (`first`), else the same repository on a connection of its own."""
-        if first or self.connect is None:
+        if first or self.new_client is None:
             yield self
             return
-        client = await self.connect()
+        client = await self.new_client()
         try:
             yield Endpoint(client, self.handle, self.algorithm)
         finally:
