@@ -168,3 +168,32 @@ def test_small_update_and_re_pull_run_without_the_event_loop(repos, mode):
     with Repository.open(step) as a, Repository.open(whole) as b:
         stream = f"ostree-commit-{update['commit']}"
         assert a.stream_data(stream) == b.stream_data(stream)
+
+
+def test_changed_bare_object_in_a_small_update_is_refused(repos):
+    """The in-process store checks an update's files as the workers do: a bare object
+    edited in place is one line naming it, and NAME stays on the commit it named."""
+    base, by_mode = repos
+    repo, ref = by_mode["bare"]
+    damaged = base / "bare-update-damaged"
+    subprocess.run(["cp", "-a", "--reflink=auto", repo, damaged], check=True)
+    tree = base / "update-damaged"
+    make_tree(tree)
+    (tree / "new").write_bytes(os.urandom(100_000))
+    new = ostree("commit", f"--repo={damaged}", "--branch=update", "--timestamp=2024-01-02T03:04:05Z", tree)
+    cfs = base / "cfs-update-damaged"
+    pycfs(cfs, "init")
+    first, _ = _pull_local(cfs, damaged, ref, "os")
+    digest = ostree("ls", f"--repo={damaged}", "-C", new, "/new").split()[-2]
+    obj = damaged / "objects" / digest[:2] / f"{digest[2:]}.file"
+    with open(obj, "r+b") as f:
+        f.seek(1000)
+        f.write(b"X")
+    run = subprocess.run([sys.executable, "-c", _NO_TRIO, "--repo", cfs, "ostree", "pull-local", damaged, "update",
+                          "os"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [
+        (f"pycfs: error: object {digest}.file: content does not match its checksum: "
+         "the source repository is corrupt or was tampered with"), "no trio"]
+    assert pycfs(cfs, "ostree", "images").stdout.split() == ["NAME", "COMMIT", "os", first["commit"]]
+    assert not (cfs / "streams" / f"ostree-commit-{new}").exists()
