@@ -27,6 +27,13 @@ DIGEST_PATHS = "digest_paths"
 # object, so content is written once and hashed off the host's thread.
 ADOPT = "adopt"
 
+# A layer blob (fds: the blob, then the write end of a pipe; params: ``compression``
+# gzip|zstd|none, ``blob_alg`` and ``diff_alg`` sha256|sha512): the worker reads and hashes
+# the blob, decompresses it and writes the tar to the pipe, hashing it too, then closes the
+# pipe and answers {"blob": DIGEST, "blob_size": N, "diff_id": DIGEST, "tar_size": N} or
+# {"failed": MESSAGE}. The host splits the tar as it comes, on a core of its own.
+INFLATE = "inflate"
+
 HOW = {"r": "reflinked", "c": "copied", "p": "present"}  # store; "=" digest only, "-" failed
 HOW_CODES = {v: k for k, v in HOW.items()}
 LEASE_KEPT = {"R", "P"}  # reflinked / present, the source's read lease left in place

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -26,6 +26,7 @@ from pycfs.host.varlink.client import Client
 from pycfs.host.varlink.oci import layer_ids_of
 from pycfs.host.varlink.serve import open_service
 from pycfs.host.varlink.transport import connect, socketpair
+from pycfs.host.workers.pool import default_jobs
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.varlink import VarlinkError
 
@@ -60,6 +61,21 @@ class Endpoint:
     client: Client
     handle: int
     algorithm: str
+    # Another connection to the same service (handles are service-wide: the same handle
+    # works on it), for layers moved side by side; None: this one connection only.
+    new_client: Callable[[], Awaitable[Client]] | None = None
+
+    @asynccontextmanager
+    async def lane(self, first: bool) -> AsyncIterator[Endpoint]:
+        """This endpoint (`first`), else the same repository on a connection of its own."""
+        if first or self.new_client is None:
+            yield self
+            return
+        client = await self.new_client()
+        try:
+            yield Endpoint(client, self.handle, self.algorithm)
+        finally:
+            client.close()
 
 
 async def _in_process_service(task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -74,15 +90,19 @@ async def open_endpoint(address: str | None, repo: str) -> AsyncIterator[Endpoin
     in-process service on a socketpair: the same varlink and SCM_RIGHTS path either way."""
     async with open_nursery() as nursery:
         if address is not None:
-            conn = await connect(address)
+            async def new_client() -> Client:
+                return Client(await connect(address))
         else:
             service = await nursery.start(_in_process_service)
-            conn, server_sock = socketpair()
-            nursery.start_soon(service.serve_connection, server_sock)
-        client = Client(conn)
+
+            async def new_client() -> Client:
+                conn, server_sock = socketpair()
+                nursery.start_soon(service.serve_connection, server_sock)
+                return Client(conn)
+        client = await new_client()
         try:
             reply = await client.call(REPO + "OpenRepository", {"path": repo})
-            yield Endpoint(client, reply.parameters["handle"], reply.parameters.get("hash_algorithm") or "")
+            yield Endpoint(client, reply.parameters["handle"], reply.parameters.get("hash_algorithm") or "", new_client)
         finally:
             client.close()
             nursery.cancel_scope.cancel()
@@ -134,28 +154,53 @@ async def copy_image(src: Endpoint, dst: Endpoint, image: str, name: str | None,
 async def _copy_layers(src: Endpoint, dst: Endpoint, manifest_json: str, config_json: str,
                        layers: Sequence[tuple[str, dict | None]], name: str | None, zerocopy: bool,
                        progress: CopyProgress | None, started: float) -> CopyResult:
-    """Each (diff_id, storage locator) not in the destination moves; then FinalizeImage."""
+    """Each (diff_id, storage locator) not in the destination moves, up to `layers_at_once`
+    side by side (the end of one layer, when the workers wait for its last files to be
+    hashed, overlaps the start of the next); then FinalizeImage."""
     totals = {"objects_reflinked": 0, "objects_hardlinked": 0, "objects_copied": 0, "objects_already_present": 0}
-    done = []
-    for diff_id, storage in layers:
-        if progress is not None:
-            progress.layer_started(diff_id)
+    done: list[dict] = []
+    missing: list[tuple[int, str, dict | None]] = []
+    for index, (diff_id, storage) in enumerate(layers):
         has = (await dst.client.call(OCI + "HasLayer", {"handle": dst.handle, "diff_id": diff_id})).parameters
+        done.append({"diff_id": diff_id, "layer_verity": has.get("layer_verity"), "copied": False})
         if has.get("present"):
-            done.append({"diff_id": diff_id, "layer_verity": has["layer_verity"], "copied": False})
+            if progress is not None:
+                progress.layer_started(diff_id)
+                progress.layer_done(diff_id, True)
         else:
-            put = await copy_layer(src, dst, diff_id, zerocopy, storage)
-            for key in totals:
-                totals[key] += int(put.get(key) or 0)
-            done.append({"diff_id": diff_id, "layer_verity": put["layer_verity"], "copied": True})
-        if progress is not None:
-            progress.layer_done(diff_id, not done[-1]["copied"])
+            missing.append((index, diff_id, storage))
+
+    async def lane(first: bool, queue: trio.MemoryReceiveChannel[tuple[int, str, dict | None]]) -> None:
+        async with src.lane(first) as lane_src, dst.lane(first) as lane_dst:
+            async for index, diff_id, storage in queue:
+                if progress is not None:
+                    progress.layer_started(diff_id)
+                put = await copy_layer(lane_src, lane_dst, diff_id, zerocopy, storage)
+                for key in totals:
+                    totals[key] += int(put.get(key) or 0)
+                done[index] = {"diff_id": diff_id, "layer_verity": put["layer_verity"], "copied": True}
+                if progress is not None:
+                    progress.layer_done(diff_id, False)
+
+    send, receive = trio.open_memory_channel[tuple[int, str, dict | None]](len(missing))
+    async with send:
+        for item in missing:
+            send.send_nowait(item)
+    async with receive, open_nursery() as nursery:
+        for i in range(min(layers_at_once(), len(missing))):
+            nursery.start_soon(lane, i == 0, receive.clone())
     final = (await dst.client.call(OCI + "FinalizeImage", {
         "handle": dst.handle, "manifest_json": manifest_json, "config_json": config_json,
         "layers": [{"diff_id": entry["diff_id"], "layer_verity": entry["layer_verity"]} for entry in done],
         "name": name})).parameters
     return CopyResult(final["manifest_digest"], final["manifest_verity"], final["config_digest"], final["config_verity"],
                       done, **totals, seconds=time.monotonic() - started)
+
+
+def layers_at_once() -> int:
+    """Layers moved side by side: one per core (the object workers' policy, see
+    `default_jobs`); their files share the destination's one pool of workers."""
+    return default_jobs()
 
 
 async def copy_from_containers_storage(src: Endpoint, dst: Endpoint, image: str, storage_root: str | None,
@@ -193,19 +238,22 @@ async def copy(source: str, source_repo: str | None, destination: str, image: st
         if not source.startswith("unix:"):
             async with open_endpoint(None, source) as src, open_endpoint(None, destination) as dst:
                 return await copy_image(src, dst, image, name, zerocopy, progress)
-        client = Client(await connect(source))
+        async def new_client() -> Client:
+            return Client(await connect(source))
+
+        client = await new_client()
         try:
             features = (await client.call(OCI + "GetInfo")).parameters.get("features") or []
             if "splitdirfdstream-v0" not in features:
                 raise PycfsError(f"{source} does not offer the splitdirfdstream-v0 layer transport")
             async with open_endpoint(None, destination) as dst:
                 if "source-containers-storage" in features:
-                    return await copy_from_containers_storage(Endpoint(client, 0, dst.algorithm), dst, image,
+                    return await copy_from_containers_storage(Endpoint(client, 0, dst.algorithm, new_client), dst, image,
                                                               storage_root, name, zerocopy, progress)
                 if source_repo is None:
                     raise PycfsError(f"--from {source}: name the repository as the service sees it with --from-repo PATH")
                 reply = await client.call(REPO + "OpenRepository", {"path": source_repo})
-                src = Endpoint(client, reply.parameters["handle"], reply.parameters.get("hash_algorithm") or "")
+                src = Endpoint(client, reply.parameters["handle"], reply.parameters.get("hash_algorithm") or "", new_client)
                 return await copy_image(src, dst, image, name, zerocopy, progress)
         finally:
             client.close()

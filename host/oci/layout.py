@@ -7,10 +7,14 @@ Manifest lists / image indexes are resolved to the manifest for this machine's p
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import os
 import platform
+import select
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +26,8 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import parse_object
 from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.layer import (
-    HashingReader,
     LayerDigestError,
     LayerEntry,
-    LayerEntryCollector,
     PendingFile,
     Piece,
     SplitLayer,
@@ -33,9 +35,9 @@ from pycfs.host.oci.layer import (
     TarSplitter,
     close_pieces,
     commit_layer,
-    decompressing_reader,
     layer_stream_name,
     parse_digest,
+    stored,
     write_pieces,
 )
 from pycfs.host.oci.image import finish_pull
@@ -43,7 +45,7 @@ from pycfs.host.oci.result import ImportStats, PullResult
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
-from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
+from pycfs.host.workers.pool import Failed, Inflated, WorkerPool, open_pool
 
 MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -223,140 +225,115 @@ def image_layers(manifest: dict, config_raw: bytes, digest: str) -> ImageLayers:
 CHUNKS_IN_FLIGHT = 4
 
 
-# The uncompressed tar goes from the inflating thread to the splitting one in batches of
-# about _BATCH bytes, at most _BATCHES_QUEUED of them waiting: memory stays bounded.
-_BATCH = 1 << 20
-_BATCHES_QUEUED = 4
+# The tar comes from an inflating worker process through a pipe this large (the default
+# 64 KiB would have the splitting thread read it in small pieces). Decompression and both
+# sha256 passes run there, on a core of their own: in a thread of this process each of
+# their many calls had to win the GIL back from the splitting thread (up to the 5 ms
+# switch interval each time).
+_PIPE_SIZE = 1 << 20
+# Each wait for the pipe is bounded by this, then asks trio whether the pull was cancelled.
+_POLL = 0.1
 
 
-class _Inflater:
-    """Reads a layer blob, hashing it (its digest), decompresses it and hashes the tar (its
-    diff_id), a batch at a time in a thread of its own: zstandard, zlib and hashlib release
-    the GIL, so this runs on one core while the splitting thread parses and writes on the other."""
+class _PipeSource:
+    """The tar for the splitting thread (a `HashedSource`): read(n) from the pipe the
+    inflating worker writes; its digest is the one the worker computed (`inflated`),
+    checked against the diff_id before the layer is committed. At EOF it waits for the
+    worker's answer (`done`): when the worker failed (a corrupt blob), the pull is cancelled
+    and reports that, not the short tar the worker left."""
 
-    def __init__(self, f: BinaryIO, desc: Descriptor, diff_alg: str) -> None:
-        self.blob = HashingReader(f, parse_digest(desc.digest)[0])
-        self._tar = decompressing_reader(self.blob, LAYER_TYPES[desc.media_type])
-        self._hasher = hashlib.new(diff_alg)
-        self._alg = diff_alg
-        self.count = 0  # tar bytes
+    def __init__(self) -> None:
+        self.fd = -1
+        self.count = 0
+        self.inflated: Inflated | None = None
+        self.done = threading.Event()
+        self._poll = select.poll()
 
-    def batch(self) -> list[bytes]:
-        """The next pieces of the tar, hashed; [] at the end (the blob read to its end)."""
-        out: list[bytes] = []
-        size = 0
-        while size < _BATCH:
-            piece = self._tar.read(_PIECE)
-            if not piece:
-                self.blob.drain()  # a digest covers every byte, trailing ones included
-                break
-            self._hasher.update(piece)
-            out.append(piece)
-            size += len(piece)
-        self.count += size
-        return out
+    def open(self, fd: int) -> None:
+        """Read from fd (a pipe's read end, closed by `close`)."""
+        self.fd = fd
+        self._poll.register(fd, select.POLLIN)
+        with contextlib.suppress(OSError):  # past the user's pipe limits: the default size
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
 
-    def digest(self) -> str:
-        return f"{self._alg}:{self._hasher.hexdigest()}"
-
-
-class _Batches:
-    """The tar for the splitting thread (a `HashedSource`): read(n) over the inflater's
-    batches, waiting for the next one through trio (a cancelled pull ends the wait)."""
-
-    def __init__(self, inflater: _Inflater, receive: trio.MemoryReceiveChannel[list[bytes]]) -> None:
-        self._inflater = inflater
-        self._receive = receive
-        self._pieces: list[bytes] = []  # reversed: the next one last
-        self._view = memoryview(b"")  # the rest of a piece handed out in parts
-        self._ended = False
-
-    @property
-    def count(self) -> int:
-        return self._inflater.count
-
-    def digest(self) -> str:
-        return self._inflater.digest()
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def read(self, n: int = -1) -> bytes:
-        if not self._view:
-            while not self._pieces:
-                if self._ended:
-                    return b""
-                try:
-                    self._pieces = trio.from_thread.run(self._receive.receive)[::-1]
-                except trio.EndOfChannel:
-                    self._ended = True
-            piece = self._pieces.pop()
-            if n < 0 or len(piece) <= n:
-                return piece  # handed on whole, not copied
-            self._view = memoryview(piece)
-        if n < 0:
-            n = len(self._view)
-        part, self._view = self._view[:n], self._view[n:]
-        return bytes(part)
+        while not self._poll.poll(int(_POLL * 1000)):
+            trio.from_thread.check_cancelled()
+        data = os.read(self.fd, n if n > 0 else _PIECE)
+        if not data:
+            while not self.done.wait(_POLL):
+                trio.from_thread.check_cancelled()
+        self.count += len(data)
+        return data
+
+    def digest(self) -> str:
+        return self.inflated.diff_id if self.inflated is not None else ""
 
 
 class _Chunk:
-    def __init__(self, pieces: list[Piece]) -> None:
+    def __init__(self, pieces: list[Piece], entries: tuple[list[LayerEntry], list[LayerEntry]] | None) -> None:
         self.pieces = pieces
+        self.entries = entries  # (all, those waiting for their object), `TarSplitter.take_entries`
         self.stored = trio.Event()
 
 
 @dataclass
 class LayoutLayer:
-    """An imported layer: its stream, and its entries when collected (`LayerEntryCollector`)."""
+    """An imported layer: its stream, and its entries when collected."""
 
     stats: ImportStats
     stream_id: bytes
     entries: list[LayerEntry] | None
 
 
-async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLayout, desc: Descriptor, diff_id: str,
-                              limiter: trio.CapacityLimiter, progress: PullProgress | None,
+async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: WorkerPool, layout: OciLayout,
+                              desc: Descriptor, diff_id: str, limiter: trio.CapacityLimiter, progress: PullProgress | None,
                               collect: bool = False) -> LayoutLayer:
     """Decompress and split a layer blob, verify its digest and diff_id, commit
-    `oci-layer-<diff_id>`. One thread reads, decompresses and hashes the blob (`_Inflater`),
-    another splits the tar it hands on a run of entries at a time, writing file
+    `oci-layer-<diff_id>`. A worker of ``inflaters`` reads, hashes and decompresses the blob
+    and hashes the tar it writes into a pipe; a thread here splits that a run of entries at a time, writing file
     content once into anonymous files of the object store; the object workers hash and link
     those (as they do the files of a containers-storage pull) while the thread goes on; each
-    run is appended to the layer stream, in order, once its files are objects (and, with
-    ``collect``, parsed into the layer's entries for the image build)."""
+    run is appended to the layer stream, in order, once its files are objects. With
+    ``collect``, the splitter also builds the layer's entries for the image build from the
+    same parse of the tar."""
     stats = ImportStats()
-    collector = LayerEntryCollector() if collect else None
+    entries: list[LayerEntry] | None = [] if collect else None
     held: set[_Chunk] = set()
     advanced = 0  # blob bytes shown as progress
+    source = _PipeSource()
+    splitter = TarSplitter(repo, source, defer=True, hashed=True, collect=collect)
+    writer = repo.new_stream(CONTENT_OCI_LAYER)
     with layout.open_blob(desc) as f:
-        inflater = _Inflater(f, desc, parse_digest(diff_id)[0])
-        blob = inflater.blob
-        send_tar, receive_tar = trio.open_memory_channel[list[bytes]](_BATCHES_QUEUED)
-        splitter = TarSplitter(repo, _Batches(inflater, receive_tar), defer=True, hashed=True)
-        writer = repo.new_stream(CONTENT_OCI_LAYER)
+        # the write end goes to the inflating worker: `inflaters.inflate` closes it here
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        source.open(read_end)
         send, receive = trio.open_memory_channel[_Chunk](CHUNKS_IN_FLIGHT - 1)
-        send_written, written = trio.open_memory_channel[list[bytes | tuple[bytes]]](CHUNKS_IN_FLIGHT)
 
         async def store(chunk: _Chunk) -> None:
             pending = [(i, p) for i, p in enumerate(chunk.pieces) if isinstance(p, PendingFile)]
             if pending:
                 results = await pool.adopt([p.fd for _, p in pending], [p.size for _, p in pending])
+                files = []
                 for (i, p), r in zip(pending, results):
                     if isinstance(r, Failed):
                         raise PycfsError(f"layer {diff_id}: cannot store a file of {p.size} bytes: {r.message}")
                     os.close(p.fd)
-                    chunk.pieces[i] = StoredFile(r.object_id, p.size, r.how)
+                    chunk.pieces[i] = file = StoredFile(r.object_id, p.size, r.how)
+                    files.append(file)
+                if chunk.entries is not None:
+                    stored(chunk.entries[1], files)
             chunk.stored.set()
 
         def next_chunk() -> _Chunk:
-            chunk = _Chunk(splitter.chunk())
+            chunk = _Chunk(splitter.chunk(), splitter.take_entries())
             held.add(chunk)  # here in the thread: a cancelled wait for it must still close its files
             return chunk
-
-        async def inflate() -> None:
-            # A thread a batch, outside the shared limiter: the splitting thread holds it while
-            # it waits for batches. (One inflater a layer, and layers_at_once layers.)
-            while batch := await trio.to_thread.run_sync(inflater.batch):
-                await send_tar.send(batch)
-            await send_tar.aclose()  # only at the end: after a failure the splitter is cancelled
 
         async def split(nursery: trio.Nursery) -> None:
             async with send:
@@ -365,46 +342,52 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, layout: OciLay
                     await send.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
 
         async def write() -> None:
-            nonlocal advanced
-            async with send_written:
-                async for chunk in receive:
-                    await chunk.stored.wait()
-                    write_pieces(writer, chunk.pieces, stats)
-                    held.discard(chunk)
-                    if progress is not None:
-                        progress.advance(diff_id, blob.count - advanced)
-                        advanced = blob.count
-                    if collector is not None:
-                        await send_written.send([p if isinstance(p, bytes) else (p.object_id,)
-                                                 for p in chunk.pieces])
+            nonlocal advanced, entries
+            async for chunk in receive:
+                await chunk.stored.wait()
+                write_pieces(writer, chunk.pieces, stats)
+                held.discard(chunk)
+                if progress is not None:  # the worker reads the blob through the same open file
+                    at = os.lseek(f.fileno(), 0, os.SEEK_CUR)
+                    progress.advance(diff_id, at - advanced)
+                    advanced = at
+                if entries is not None:
+                    if chunk.entries is None:
+                        entries = None
+                    else:
+                        entries += chunk.entries[0]
 
-        async def parse() -> None:
-            # in a thread of its own, behind the writer: a chunk can hold thousands of entries
-            async for pieces in written:
-                assert collector is not None
-                await trio.to_thread.run_sync(collector.feed, pieces, limiter=limiter)
+        async def inflate() -> None:
+            try:
+                source.inflated = await inflaters.inflate(f.fileno(), write_end, LAYER_TYPES[desc.media_type],
+                                                          parse_digest(desc.digest)[0], parse_digest(diff_id)[0])
+            finally:
+                source.done.set()
 
         try:
             async with open_nursery() as nursery:
                 nursery.start_soon(inflate)
                 nursery.start_soon(split, nursery)
                 nursery.start_soon(write)
-                nursery.start_soon(parse)
         finally:
+            source.close()
             for chunk in held:
                 close_pieces(chunk.pieces)
-    if blob.count != desc.size or blob.digest() != desc.digest:
+    inflated = source.inflated
+    assert inflated is not None
+    if inflated.blob_size != desc.size or inflated.blob != desc.digest:
         raise LayerDigestError(f"layer blob {desc.digest}: content does not match its digest or size "
-                               f"(got {blob.digest()}, {blob.count} bytes)")
+                               f"(got {inflated.blob}, {inflated.blob_size} bytes)")
+    if inflated.tar_size != source.count:
+        raise PycfsError(f"layer {diff_id}: the inflating worker wrote {inflated.tar_size} bytes, "
+                         f"{source.count} were read")
     stats.files_inlined += splitter.files_inlined
     if progress is not None:
-        progress.advance(diff_id, blob.count - advanced)
+        progress.advance(diff_id, desc.size - advanced)
     stream_id = await trio.to_thread.run_sync(commit_layer, repo,
                                               SplitLayer(writer, splitter.diff_id, splitter.src.count, stats),
                                               diff_id, limiter=limiter)
-    if collector is not None:
-        collector.close()
-    return LayoutLayer(stats, stream_id, collector.entries if collector is not None else None)
+    return LayoutLayer(stats, stream_id, entries)
 
 
 async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, build_image: bool = True,
@@ -433,15 +416,19 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
     stats.layers = len({d for _, d in layers.layers})
     stats.layers_already_present = stats.layers - len(todo)
     limiter = trio.CapacityLimiter(os.cpu_count() or 1)
-    # Each layer being imported holds its inflater's queued batches and its runs in flight.
-    layers_at_once = trio.CapacityLimiter(os.cpu_count() or 1)
+    # Each layer being imported holds an inflating worker and its runs in flight.
+    layers_at_once = os.cpu_count() or 1
+    at_once = trio.Semaphore(layers_at_once)  # taken in the layers' order, given back by each
     parsed: dict[bytes, list[LayerEntry]] = {}  # by stream id: entries of the layers imported
 
-    async def one(pool: WorkerPool, diff_id: str, desc: Descriptor) -> None:
-        async with layers_at_once:
+    async def one(pool: WorkerPool, inflaters: WorkerPool, diff_id: str, desc: Descriptor) -> None:
+        try:
             if progress is not None:
                 progress.layer_started(diff_id, desc.size)
-            layer = await import_layout_layer(repo, pool, layout, desc, diff_id, limiter, progress, build_image)
+            layer = await import_layout_layer(repo, pool, inflaters, layout, desc, diff_id, limiter, progress,
+                                              build_image)
+        finally:
+            at_once.release()
         stats.add(layer.stats)
         if layer.entries is not None:
             parsed[layer.stream_id] = layer.entries
@@ -449,10 +436,16 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
             progress.layer_done(diff_id, False)
 
     if todo:
-        async with open_pool(repo=repo, jobs=jobs) as pool, open_nursery() as nursery:
+        # The inflating workers are a pool of their own: each is busy for a whole layer.
+        async with (open_pool(repo=repo, jobs=jobs) as pool,
+                    open_pool(alg=repo.alg, jobs=min(layers_at_once, len(todo))) as inflaters,
+                    open_nursery() as nursery):
             nursery.start_soon(pool.start)  # the workers' start-up overlaps the first split
-            for diff_id, desc in sorted(todo.items(), key=lambda kv: -kv[1].size):  # largest first
-                nursery.start_soon(one, pool, diff_id, desc)
+            # Largest first (trio runs the tasks it starts in no set order): the others
+            # then run beside it, and the pull does not end on a large layer alone.
+            for diff_id, desc in sorted(todo.items(), key=lambda kv: -kv[1].size):
+                await at_once.acquire()
+                nursery.start_soon(one, pool, inflaters, diff_id, desc)
     layer_refs = []
     for _, diff_id in layers.layers:
         stream_id = repo.has_stream(layer_stream_name(diff_id))

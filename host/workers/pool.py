@@ -64,6 +64,16 @@ class Failed:
     message: str
 
 
+@dataclass(frozen=True)
+class Inflated:
+    """What a worker read of a layer blob and wrote of its tar (`WorkerPool.inflate`)."""
+
+    blob: str  # digest, "alg:hex"
+    blob_size: int
+    diff_id: str
+    tar_size: int
+
+
 def default_jobs() -> int:
     """One worker per CPU this process may run on (its affinity mask, which containers and
     CI runners often narrow, not the machine's count)."""
@@ -83,6 +93,9 @@ class _Worker:
         self.sock = sock
         self.output = output
         self.waiting: collections.deque[_Reply] = collections.deque()
+        # Requests given to it and not yet answered, counted as soon as it is chosen: the
+        # choice of the next request must see this one even before it is sent.
+        self.assigned = 0
         self.send_lock = trio.Lock()
 
     def describe(self) -> str:
@@ -193,11 +206,56 @@ class WorkerPool:
                     raise PycfsError(f"the object store {e}") from None
         return await self._call(method, fds, params)
 
+    async def inflate(self, blob_fd: int, pipe: int, compression: str, blob_alg: str, diff_alg: str) -> Inflated:
+        """Have a worker read, hash and decompress a layer blob and write its tar, hashed,
+        into ``pipe`` (a write end, which this closes once the worker has its copy: the
+        reader then sees EOF when the worker is done). The worker stays busy until the
+        reader has taken the whole tar: a pool for inflating, not the one storing its files."""
+        open_end = [pipe]
+
+        def close() -> None:
+            while open_end:
+                os.close(open_end.pop())
+
+        try:
+            worker, obj = await self._request(api.INFLATE, [blob_fd, pipe],
+                                      {"compression": compression, "blob_alg": blob_alg, "diff_alg": diff_alg},
+                                      sent=close)
+        finally:
+            close()
+        result = obj.get("result")
+        if isinstance(result, dict) and isinstance(result.get("failed"), str):
+            raise PycfsError(result["failed"])
+        try:
+            assert isinstance(result, dict)
+            inflated = Inflated(result["blob"], result["blob_size"], result["diff_id"], result["tar_size"])
+            assert all(isinstance(v, t) for v, t in zip(vars(inflated).values(), (str, int, str, int)))
+        except (AssertionError, KeyError):
+            raise PycfsError(f"the {worker.describe()} answered {obj!r} to an inflate request") from None
+        return inflated
+
     async def _call(self, method: str, fds: list[int], params: dict[str, Any],
                     count: int | None = None) -> list[tuple[bytes, str] | Failed]:
         """``count``: how many files the request names, when not one per fd."""
+        worker, obj = await self._request(method, fds, params)
+        try:
+            return self._results(obj, len(fds) if count is None else count, method)
+        except ValueError as e:
+            raise PycfsError(f"the {worker.describe()} {e}") from None
+
+    async def _request(self, method: str, fds: list[int], params: dict[str, Any],
+                       sent: Callable[[], None] | None = None) -> tuple[_Worker, dict[str, Any]]:
+        """The worker asked and its response; ``sent`` runs once the request is sent (or could not be)."""
         await self._start()
-        worker = min(self._workers, key=lambda w: len(w.waiting))
+        worker = min(self._workers, key=lambda w: w.assigned)
+        worker.assigned += 1
+        try:
+            return worker, await self._send_and_wait(worker, method, fds, params, sent)
+        finally:
+            worker.assigned -= 1
+
+    async def _send_and_wait(self, worker: _Worker, method: str, fds: list[int], params: dict[str, Any],
+                             sent: Callable[[], None] | None) -> dict[str, Any]:
         self._next_id += 1
         reply = _Reply(self._next_id)
         request = {"jsonrpc": "2.0", "method": method, "params": params, "id": reply.id}
@@ -210,13 +268,13 @@ class WorkerPool:
                     await asend_with_fds(worker.sock, encode(request, len(fds), api.MAX_MESSAGE_BYTES), fds)
                 except OSError as e:
                     await self._fail(worker, f"cannot send to it: {e}")
+                finally:
+                    if sent is not None:
+                        sent()
         await reply.done.wait()
         self._check()
         assert reply.obj is not None
-        try:
-            return self._results(reply.obj, len(fds) if count is None else count, method)
-        except ValueError as e:
-            raise PycfsError(f"the {worker.describe()} {e}") from None
+        return reply.obj
 
     def _results(self, obj: dict[str, Any], count: int, method: str) -> list[tuple[bytes, str] | Failed]:
         """Unpack a response (see `pycfs.protocol.worker_api`); ValueError when malformed."""

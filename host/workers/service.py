@@ -1,11 +1,14 @@
 """The object worker's methods: hash each file passed as an fd, and store it when started
-on a repository. Blocking, single-threaded, one connection (see `pycfs.protocol.rpcserver`)."""
+on a repository; inflate a layer blob into a pipe. Blocking, one connection (see
+`pycfs.protocol.rpcserver`); only an inflate reads its blob on a second thread."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +31,7 @@ class WorkerService:
 
     def methods(self) -> dict[str, Any]:
         return {api.STORE: self.store, api.DIGEST: self.digest, api.ADOPT: self.adopt,
-                api.DIGEST_PATHS: self.digest_paths}
+                api.DIGEST_PATHS: self.digest_paths, api.INFLATE: self.inflate}
 
     def _each(self, call: Call, sizes: Any, one) -> dict[str, Any]:
         if not isinstance(sizes, list) or not all(type(s) is int and s >= 0 for s in sizes):
@@ -100,6 +103,34 @@ class WorkerService:
 
         return self._each(call, sizes, one)
 
+    def inflate(self, call: Call, compression: Any, blob_alg: Any, diff_alg: Any) -> dict[str, Any]:
+        from pycfs.host.oci.layer import decompressing_reader
+
+        if len(call.fds) != 2 or compression not in ("gzip", "zstd", "none") or not {blob_alg, diff_alg} <= set(DIGEST_SIZES):
+            raise InvalidParamsError("inflate takes the blob and a pipe, gzip|zstd|none and two hash names")
+        blob_fd, pipe = call.fds
+        hasher = hashlib.new(diff_alg)
+        size = 0
+        blob = _BlobReader(blob_fd, blob_alg)
+        try:
+            tar = decompressing_reader(blob, compression)
+            while piece := tar.read(_INFLATE_PIECE):
+                hasher.update(piece)
+                size += len(piece)
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(pipe, view) :]
+            while blob.read():  # a digest covers every byte, trailing ones included
+                pass
+        except (OSError, PycfsError) as e:
+            return {"failed": str(e) if isinstance(e, PycfsError) else f"cannot inflate the layer: {e.strerror or e}"}
+        finally:
+            blob.close()
+            os.close(pipe)  # the host's EOF (the request's fds are closed again after: harmless)
+            call.fds[1] = -1
+        return {"blob": blob.digest(), "blob_size": blob.count, "diff_id": f"{diff_alg}:{hasher.hexdigest()}",
+                "tar_size": size}
+
     def _store_one(self, fd: int, size: int, crc: int | None,
                    sha256: tuple[bytes, bytes] | None = None, keep_lease: bool = False) -> tuple[bytes, str]:
         assert self.repo is not None
@@ -125,6 +156,66 @@ class WorkerService:
             raise OSError(errno.ESTALE, "changed size while it was stored")
         code = api.HOW_CODES[result.how]
         return result.object_id, code.upper() if result.leased else code
+
+
+# Decompressed bytes a write to the host's pipe: large, so the host reads them in few
+# calls; and the blob's reads. _BLOB_AHEAD reads wait for the decompression at most.
+_INFLATE_PIECE = 1 << 20
+_BLOB_AHEAD = 4
+
+
+class _BlobReader:
+    """A layer blob read and hashed by a thread of its own, ahead of the decompression in
+    the worker's thread: the blob's sha256 and the tar's then run on both cores. read()
+    hands on the pieces as they were read (the decompressors take any length), b"" at EOF."""
+
+    def __init__(self, fd: int, alg: str) -> None:
+        self.hasher = hashlib.new(alg)
+        self.alg = alg
+        self.count = 0
+        self._pieces: queue.Queue[bytes | OSError] = queue.Queue(_BLOB_AHEAD)
+        self._eof = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(fd,), name="blob reader")
+        self._thread.start()
+
+    def _run(self, fd: int) -> None:
+        try:
+            while True:
+                piece = os.read(fd, _INFLATE_PIECE)
+                self.hasher.update(piece)
+                self.count += len(piece)
+                if not self._put(piece) or not piece:
+                    return
+        except OSError as e:
+            self._put(e)
+
+    def _put(self, item: bytes | OSError) -> bool:
+        """False when the reader was closed: nobody takes pieces any more."""
+        while not self._stop.is_set():
+            try:
+                self._pieces.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def read(self, n: int = -1) -> bytes:
+        if self._eof:
+            return b""
+        item = self._pieces.get()
+        if isinstance(item, OSError):
+            self._eof = True
+            raise item
+        self._eof = not item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def digest(self) -> str:
+        return f"{self.alg}:{self.hasher.hexdigest()}"
 
 
 class _Crc64Check:

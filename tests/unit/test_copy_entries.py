@@ -1,14 +1,23 @@
 """`oci copy` in process: FinalizeImage builds the image from the entries PutLayer parsed
-while it wrote each layer, reading no layer stream back, and the image is the source's."""
+while it wrote each layer, reading no layer stream back, and the image is the source's;
+layers move side by side, and one that fails stops the rest and commits no image."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+import pytest
+import trio
+from pycfs.host.errors import PycfsError
+from pycfs.host.oci import copy as copy_module
 from pycfs.host.oci import image as image_module
+from pycfs.host.repository import Repository
+from pycfs.host.streamcat import iter_stream_bytes
 from pycfs.tools.cli import main
 
 import imagebuild
+from fdcount import enough_fds, open_fd_count  # noqa: F401 (a fixture)
 
 
 def test_copy_builds_the_image_without_reading_layers_back(tmp_path, capsys, monkeypatch) -> None:
@@ -30,3 +39,68 @@ def test_copy_builds_the_image_without_reading_layers_back(tmp_path, capsys, mon
         return json.loads(capsys.readouterr().out)["images"]
 
     assert images(dest) == images(src) and images(src)
+
+
+def _pulled(tmp_path, name: str = "src"):
+    built = imagebuild.build_layout(imagebuild.multilayer_image(), tmp_path / "layout")
+    src = tmp_path / name
+    assert main(["--repo", str(src), "init"]) == 0
+    assert main(["--repo", str(src), "oci", "pull", f"oci:{built.path}", "img"]) == 0
+    return built, src
+
+
+def test_layers_move_side_by_side_and_streams_are_the_sources(tmp_path, monkeypatch) -> None:
+    """With two lanes, two layers are in flight at once (each on its own connections to the
+    same services and handles), and every layer stream is byte for byte the source's."""
+    built, src = _pulled(tmp_path)
+    dest = tmp_path / "dest"
+    Repository.init(dest).close()
+    monkeypatch.setattr(copy_module, "layers_at_once", lambda: 2)
+    in_flight, peak = 0, 0
+    real_copy_layer = copy_module.copy_layer
+
+    async def counting(*args, **kwargs):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            return await real_copy_layer(*args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(copy_module, "copy_layer", counting)
+    result = trio.run(copy_module.copy, str(src), None, str(dest), "img", "img", True)
+    assert peak == 2
+    assert [entry["diff_id"] for entry in result.layers] == built.diff_ids
+    assert all(entry["copied"] for entry in result.layers)
+    for diff_id, entry in zip(built.diff_ids, result.layers):
+        with Repository.open(src, writable=False) as s, Repository.open(dest, writable=False) as d:
+            assert entry["layer_verity"] == s.has_stream(f"oci-layer-{diff_id}").hex()
+            source_bytes = b"".join(iter_stream_bytes(s, s.open_stream(f"oci-layer-{diff_id}")))
+            assert b"".join(iter_stream_bytes(d, d.open_stream(f"oci-layer-{diff_id}"))) == source_bytes
+            assert hashlib.sha256(source_bytes).hexdigest() == diff_id.removeprefix("sha256:")
+
+
+def test_a_failing_layer_stops_its_siblings_tags_nothing_and_leaks_no_fd(tmp_path, monkeypatch) -> None:
+    """One layer's object is gone from the source: its stream comes short, the destination
+    refuses it by digest, the layer beside it is cancelled, no image is tagged, and the
+    copy leaves no fd open; the same copy from an intact source then finishes the job."""
+    built, src = _pulled(tmp_path)
+    dest = tmp_path / "dest"
+    Repository.init(dest).close()
+    monkeypatch.setattr(copy_module, "layers_at_once", lambda: 3)
+    with Repository.open(src) as repo:
+        victim = repo.open_stream(f"oci-layer-{built.diff_ids[0]}").object_refs[0].hex()
+    gone = src / "objects" / victim[:2] / victim[2:]
+    kept = gone.read_bytes()
+    gone.unlink()
+    before = open_fd_count()
+    with pytest.raises(PycfsError, match="DiffIdMismatch"):
+        trio.run(copy_module.copy, str(src), None, str(dest), "img", "img", False)
+    assert open_fd_count() == before
+    with Repository.open(dest, writable=False) as d:
+        assert d.has_stream(f"oci-layer-{built.diff_ids[0]}") is None
+    assert main(["--repo", str(dest), "oci", "inspect", "img"]) == 1
+    gone.write_bytes(kept)
+    result = trio.run(copy_module.copy, str(src), None, str(dest), "img", "img", False)
+    assert [entry["diff_id"] for entry in result.layers] == built.diff_ids

@@ -28,10 +28,16 @@ from pycfs.host.oci.layer import (
     import_layer,
     iter_layer_entries,
     layer_stream_name,
+    PendingFile,
+    StoredFile,
+    TarSplitter,
     normalize_path,
     open_layer,
     split_tar,
+    stored,
+    write_pieces,
 )
+from pycfs.host.oci.result import ImportStats
 from pycfs.host.oci.tar import ZERO_BLOCK, TarError, TarHeader, pax_entry, simple_entry
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamReader, SplitStreamWriter
@@ -497,6 +503,54 @@ def test_collector_gives_up_where_reading_back_fails(repo: Repository, parts) ->
     collector = LayerEntryCollector()
     _feed(collector, _layer_stream(parts, repo), [100], 1)
     assert collector.entries is None
+
+
+def _split_collecting(repo: Repository, tar: bytes, defer: bool, max_files: int) -> tuple[bytes, list | None]:
+    """Split tar a few files a chunk with ``collect``, the PendingFiles adopted as the object
+    workers do: (the stream's id, the entries the splitter collected)."""
+    splitter = TarSplitter(repo, io.BytesIO(tar), defer=defer, collect=True)
+    writer = SplitStreamWriter(repo.alg, CONTENT_OCI_LAYER)
+    entries: list | None = []
+    while pieces := splitter.chunk(max_files=max_files):
+        taken = splitter.take_entries()
+        files = []
+        for i, p in enumerate(pieces):
+            if isinstance(p, PendingFile):
+                result = repo.adopt_object_file(p.fd, p.size)
+                os.close(p.fd)
+                pieces[i] = StoredFile(result.object_id, p.size, result.how)
+                files.append(pieces[i])
+        if taken is None or entries is None:
+            entries = None
+        else:
+            stored(taken[1], files)
+            entries += taken[0]
+        write_pieces(writer, pieces, ImportStats())
+    return repo.write_stream(writer, "collected"), entries
+
+
+@pytest.mark.parametrize(("defer", "max_files"), [(True, 1), (True, 3), (False, 2)])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(extra=st.lists(st.tuples(st.binary(min_size=0, max_size=200), st.booleans()), max_size=6))
+def test_splitter_collects_the_entries_read_back(repo: Repository, defer, max_files, extra) -> None:
+    """The entries a splitter builds from its own parse of the tar, a chunk at a time, its
+    files' objects filled in once stored, are the entries read back from the stored stream."""
+    members = [reg("./y0", b"0" * 65), reg("./y1", b"1" * 3000)]  # objects in one chunk
+    members += [reg(f"./x{i}" + ("/" * dirlike), data) for i, (data, dirlike) in enumerate(extra)]
+    tar = _every_kind_tar(b"b" * 1000)[:-1024] + make_tar(members, tarfile.PAX_FORMAT)
+    stream_id, entries = _split_collecting(repo, tar, defer, max_files)
+    assert entries is not None and any(isinstance(e.item, External) for e in entries)
+    assert entries == list(iter_layer_entries(repo.open_stream_by_id(stream_id, CONTENT_OCI_LAYER)))
+
+
+def test_splitter_gives_up_collecting_where_reading_back_fails(repo: Repository) -> None:
+    """An entry an image cannot hold (here a socket) leaves the splitter without entries,
+    never with a part of them, and the layer is still split byte for byte."""
+    tar = (simple_entry(b"a", b"x" * 100) + TarHeader(name=b"odd", typeflag=b"V", mode=0o644).pack()
+           + simple_entry(b"b", b"y" * 100) + ZERO_BLOCK * 2)
+    stream_id, entries = _split_collecting(repo, tar, True, 1)
+    assert entries is None
+    assert b"".join(iter_stream_bytes(repo, repo.open_stream_by_id(stream_id, CONTENT_OCI_LAYER))) == tar
 
 
 def test_reader_rejects_other_streams_and_types(repo: Repository) -> None:

@@ -554,3 +554,98 @@ def test_lease_kept_codes_are_store_answers_only():
         pool._results({"result": reply}, 2, api.DIGEST)
     with pytest.raises(ValueError):
         pool._results({"result": {**reply, "how": "RC"}}, 2, api.STORE)  # a copy holds no lease
+
+
+def _inflate(blob: bytes, tmp_path, compression: str, take=None) -> tuple[object, bytes]:
+    """A worker's inflate of blob, the pipe read here as it comes (``take``: how many bytes
+    to read before closing it): (the answer or the PycfsError, the bytes read)."""
+    (tmp_path / "blob").write_bytes(blob)
+    got = bytearray()
+
+    async def main():
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+
+        def drain():
+            with open(read_end, "rb", buffering=0) as r:
+                while (take is None or len(got) < take) and (piece := r.read(1 << 16)):
+                    got.extend(piece)
+
+        async with open_pool(alg="sha256", jobs=1) as pool, trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, drain)
+            with open(tmp_path / "blob", "rb") as f:
+                try:
+                    answer = await pool.inflate(f.fileno(), write_end, compression, "sha256", "sha512")
+                except PycfsError as e:
+                    answer = e
+            # the pool still answers after a failed inflate
+            with _opened([tmp_path / "blob"]) as (fds, sizes):
+                assert await pool.digest(fds, sizes) == [digest_bytes(blob)]
+        return answer
+
+    return _run(main), bytes(got)
+
+
+def test_inflate_streams_the_tar_and_answers_both_digests(tmp_path):
+    """Across frames and far past the pipe's capacity: the bytes arrive whole and the
+    answer has the blob's and the tar's digests and sizes."""
+    import hashlib
+    import zstandard
+
+    tar = os.urandom(3 << 20) + bytes(5 << 20)
+    cctx = zstandard.ZstdCompressor()
+    blob = cctx.compress(tar[:12345]) + cctx.compress(tar[12345:])
+    answer, got = _inflate(blob, tmp_path, "zstd")
+    assert got == tar
+    assert (answer.blob, answer.blob_size) == ("sha256:" + hashlib.sha256(blob).hexdigest(), len(blob))
+    assert (answer.diff_id, answer.tar_size) == ("sha512:" + hashlib.sha512(tar).hexdigest(), len(tar))
+
+
+def test_inflate_of_a_cut_blob_fails_with_the_reason(tmp_path):
+    import zstandard
+
+    blob = zstandard.ZstdCompressor().compress(os.urandom(1 << 20))
+    answer, got = _inflate(blob[:-100], tmp_path, "zstd")
+    assert isinstance(answer, PycfsError) and "corrupt zstd layer: truncated frame" in str(answer)
+    assert len(got) < 1 << 20
+
+
+def test_inflate_for_a_reader_that_stops_fails_and_leaves_the_worker_serving(tmp_path):
+    import gzip
+
+    answer, got = _inflate(gzip.compress(os.urandom(4 << 20)), tmp_path, "gzip", take=1 << 16)
+    assert isinstance(answer, PycfsError) and "cannot inflate the layer" in str(answer)
+    assert len(got) >= 1 << 16
+
+
+def test_requests_started_together_go_to_different_workers(tmp_path):
+    """Two inflates asked at once run on the two workers: the second does not wait behind
+    the first, whose tar nobody reads until the second has answered (a worker serves one
+    request at a time, so sharing one would never end)."""
+    import gzip
+
+    tar = os.urandom(1 << 20)
+    (tmp_path / "blob").write_bytes(gzip.compress(tar))
+
+    async def main():
+        stalled_read, stalled_write = os.pipe2(os.O_CLOEXEC)
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        got = bytearray()
+
+        def drain(fd):
+            with open(fd, "rb", buffering=0) as r:
+                while piece := r.read(1 << 16):
+                    got.extend(piece)
+
+        async with open_pool(alg="sha256", jobs=2) as pool, trio.open_nursery() as nursery:
+            await pool.start()
+            with open(tmp_path / "blob", "rb") as stalled, open(tmp_path / "blob", "rb") as f:
+                nursery.start_soon(pool.inflate, stalled.fileno(), stalled_write, "gzip", "sha256", "sha256")
+                nursery.start_soon(trio.to_thread.run_sync, drain, read_end)
+                with trio.fail_after(20):
+                    answer = await pool.inflate(f.fileno(), write_end, "gzip", "sha256", "sha256")
+                assert bytes(got) == tar and answer.tar_size == len(tar)
+                got.clear()
+                await trio.to_thread.run_sync(drain, stalled_read)
+                assert bytes(got) == tar
+
+    _run(main)

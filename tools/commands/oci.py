@@ -241,16 +241,16 @@ def register_copy(osub: argparse._SubParsersAction) -> None:
     class Progress:
         def __init__(self, bar: object | None) -> None:
             self.bar = bar
-            self.task = None
+            self.tasks: dict[str, object] = {}  # layers move side by side
 
         def layer_started(self, diff_id: str) -> None:
             if self.bar is not None:
-                self.task = self.bar.add_task(diff_id[7:19], total=None)  # type: ignore[attr-defined]
+                self.tasks[diff_id] = self.bar.add_task(diff_id[7:19], total=None)  # type: ignore[attr-defined]
 
         def layer_done(self, diff_id: str, already_present: bool) -> None:
             text = f"{diff_id[7:19]}: {'already present' if already_present else 'copied'}"
             if self.bar is not None:
-                self.bar.remove_task(self.task)  # type: ignore[attr-defined]
+                self.bar.remove_task(self.tasks.pop(diff_id))  # type: ignore[attr-defined]
                 self.bar.console.print(text)  # type: ignore[attr-defined]
             else:
                 print(text, file=sys.stderr)
