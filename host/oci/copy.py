@@ -159,33 +159,40 @@ async def _copy_layers(src: Endpoint, dst: Endpoint, manifest_json: str, config_
     hashed, overlaps the start of the next); then FinalizeImage."""
     totals = {"objects_reflinked": 0, "objects_hardlinked": 0, "objects_copied": 0, "objects_already_present": 0}
     done: list[dict] = []
-    missing: list[tuple[int, str, dict | None]] = []
+    # diff_id -> (the positions it fills, its storage locator): an image may name one layer
+    # twice, and it moves once
+    missing: dict[str, tuple[list[int], dict | None]] = {}
     for index, (diff_id, storage) in enumerate(layers):
+        done.append({"diff_id": diff_id, "layer_verity": None, "copied": False})
+        if diff_id in missing:
+            missing[diff_id][0].append(index)
+            continue
         has = (await dst.client.call(OCI + "HasLayer", {"handle": dst.handle, "diff_id": diff_id})).parameters
-        done.append({"diff_id": diff_id, "layer_verity": has.get("layer_verity"), "copied": False})
+        done[index]["layer_verity"] = has.get("layer_verity")
         if has.get("present"):
             if progress is not None:
                 progress.layer_started(diff_id)
                 progress.layer_done(diff_id, True)
         else:
-            missing.append((index, diff_id, storage))
+            missing[diff_id] = ([index], storage)
 
-    async def lane(first: bool, queue: trio.MemoryReceiveChannel[tuple[int, str, dict | None]]) -> None:
+    async def lane(first: bool, queue: trio.MemoryReceiveChannel[tuple[str, list[int], dict | None]]) -> None:
         async with src.lane(first) as lane_src, dst.lane(first) as lane_dst:
-            async for index, diff_id, storage in queue:
+            async for diff_id, indices, storage in queue:
                 if progress is not None:
                     progress.layer_started(diff_id)
                 put = await copy_layer(lane_src, lane_dst, diff_id, zerocopy, storage)
                 for key in totals:
                     totals[key] += int(put.get(key) or 0)
-                done[index] = {"diff_id": diff_id, "layer_verity": put["layer_verity"], "copied": True}
+                for index in indices:
+                    done[index] = {"diff_id": diff_id, "layer_verity": put["layer_verity"], "copied": True}
                 if progress is not None:
                     progress.layer_done(diff_id, False)
 
-    send, receive = trio.open_memory_channel[tuple[int, str, dict | None]](len(missing))
+    send, receive = trio.open_memory_channel[tuple[str, list[int], dict | None]](len(missing))
     async with send:
-        for item in missing:
-            send.send_nowait(item)
+        for diff_id, (indices, storage) in missing.items():
+            send.send_nowait((diff_id, indices, storage))
     async with receive, open_nursery() as nursery:
         for i in range(min(layers_at_once(), len(missing))):
             nursery.start_soon(lane, i == 0, receive.clone())

@@ -104,3 +104,41 @@ def test_a_failing_layer_stops_its_siblings_tags_nothing_and_leaks_no_fd(tmp_pat
     gone.write_bytes(kept)
     result = trio.run(copy_module.copy, str(src), None, str(dest), "img", "img", False)
     assert [entry["diff_id"] for entry in result.layers] == built.diff_ids
+
+
+def test_a_layer_named_twice_moves_once(tmp_path, monkeypatch) -> None:
+    """An image may list one diff_id twice: it is copied once (not by two lanes at once,
+    which the progress display, keyed by diff_id, could not follow) and fills both places."""
+    spec = imagebuild.multilayer_image()
+    spec.layers = [spec.layers[0], spec.layers[1], spec.layers[0]]
+    built = imagebuild.build_layout(spec, tmp_path / "layout")
+    assert built.diff_ids[0] == built.diff_ids[2] != built.diff_ids[1]
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    assert main(["--repo", str(src), "init"]) == 0
+    assert main(["--repo", str(src), "oci", "pull", f"oci:{built.path}", "img"]) == 0
+    Repository.init(dest).close()
+    monkeypatch.setattr(copy_module, "layers_at_once", lambda: 3)
+    copied: list[str] = []
+    real_copy_layer = copy_module.copy_layer
+
+    async def recording(src_end, dst_end, diff_id, *args, **kwargs):
+        copied.append(diff_id)
+        return await real_copy_layer(src_end, dst_end, diff_id, *args, **kwargs)
+
+    shown: dict[str, bool] = {}
+
+    class Progress:
+        def layer_started(self, diff_id: str) -> None:
+            assert diff_id not in shown
+            shown[diff_id] = True
+
+        def layer_done(self, diff_id: str, already_present: bool) -> None:
+            shown.pop(diff_id)
+
+    monkeypatch.setattr(copy_module, "copy_layer", recording)
+    result = trio.run(copy_module.copy, str(src), None, str(dest), "img", "img", True, Progress())
+    assert sorted(copied) == sorted(set(built.diff_ids)) and not shown
+    assert [entry["diff_id"] for entry in result.layers] == built.diff_ids
+    assert result.layers[0]["layer_verity"] == result.layers[2]["layer_verity"] is not None
+    with Repository.open(src, writable=False) as s:
+        assert result.layers[0]["layer_verity"] == s.has_stream(f"oci-layer-{built.diff_ids[0]}").hex()
