@@ -57,6 +57,9 @@ CHECKPOINT_SECONDS = 5.0
 # own threshold for starting (pycfs.host.workers.pool.START_AFTER_BYTES), below which
 # their start-up costs more than the hashing they would share.
 HERE_BYTES = 1 << 20
+# ... and at most this many of them: each is held open until all are stored (well below
+# the usual 1024-fd soft limit).
+HERE_FILES = 256
 T = TypeVar("T")
 
 
@@ -261,7 +264,7 @@ class PullCore:
 
     def store_here(self) -> bool:
         """Fetch and store the files in `files` here, when their content comes to at most
-        HERE_BYTES; False, having stored nothing, when it comes to more."""
+        HERE_BYTES in at most HERE_FILES files; False, having stored nothing, when to more."""
         # imported here: the workers' methods, without the pool (and trio)
         from pycfs.host.workers.service import WorkerService
         from pycfs.protocol import worker_api as api
@@ -269,12 +272,13 @@ class PullCore:
 
         fetched: list[tuple[bytes, FetchedFile]] = []
         try:
-            total = 0
+            total = held = 0
             for checksum in self.files:
                 fetched.append((checksum, self.fetch_file(checksum)))
                 if fetched[-1][1].fd is not None:
                     total += fetched[-1][1].header.size
-                    if total > HERE_BYTES:
+                    held += 1
+                    if total > HERE_BYTES or held > HERE_FILES:
                         return False
             stores = [(c, f) for c, f in fetched if f.fd is not None]
             if stores:

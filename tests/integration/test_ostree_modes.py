@@ -197,3 +197,36 @@ def test_changed_bare_object_in_a_small_update_is_refused(repos):
          "the source repository is corrupt or was tampered with"), "no trio"]
     assert pycfs(cfs, "ostree", "images").stdout.split() == ["NAME", "COMMIT", "os", first["commit"]]
     assert not (cfs / "streams" / f"ostree-commit-{new}").exists()
+
+
+def test_small_update_of_many_files_does_not_run_out_of_fds(repos):
+    """An update of many small files (under 1 MiB in all) is not held open at once: past
+    HERE_FILES it goes the concurrent way, within a 512-fd soft limit."""
+    base, by_mode = repos
+    repo, ref = by_mode["bare-user"]
+    tree = base / "update-many"
+    make_tree(tree)
+    many = tree / "many"
+    many.mkdir()
+    for i in range(700):  # 140 KB in 700 files, each held by an fd until stored
+        (many / f"f{i}").write_bytes(os.urandom(200))
+    ostree("commit", f"--repo={repo}", "--branch=update-many", "--timestamp=2024-01-02T03:04:05Z", tree)
+    cfs = base / "cfs-update-many"
+    pycfs(cfs, "init")
+    _pull_local(cfs, repo, ref, "os")
+
+    def low_fd_limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    run = subprocess.run([sys.executable, "-c", _NO_TRIO, "--repo", cfs, "ostree", "pull-local", repo, "update-many",
+                          "os", "--json"], capture_output=True, text=True, timeout=600, preexec_fn=low_fd_limit)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["files_fetched"] == 700 and run.stderr.splitlines()[-1] == "trio loaded"
+    with Repository.open(cfs) as r:
+        image = describe_image(r, bytes.fromhex(result["image"]))
+    expected = describe_dir(tree)
+    names = [p for p in expected if p.startswith("/many/")]
+    assert len(names) == 700 and [image[p][-1] for p in names] == [expected[p][-1] for p in names]
