@@ -53,7 +53,15 @@ from pycfs.host.streamcat import stream_digest
 from pycfs.host.storage.image import ImageSource, read_image
 from pycfs.host.storage.locks import ReadLocks
 from pycfs.host.storage.store import ImageLayer, Storage, Store, StorageError
-from pycfs.host.storage.tarsplit import FileEntry, Segment, check_name, crc64_iso, header_only_kind, open_entries
+from pycfs.host.storage.tarsplit import (
+    FileEntry,
+    Segment,
+    check_name,
+    closed_to_user,
+    crc64_iso,
+    header_only_kind,
+    open_entries,
+)
 from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
 from pycfs.protocol.helper_api import layer_dir
 
@@ -74,6 +82,9 @@ class FdOpener(Protocol):
     async def open_files(self, layer_id: str, paths: list[bytes]) -> list[int | OSError]: ...
 
     def release(self, fd: int) -> None: ...
+
+    async def warm_up(self) -> None:
+        """Get ready for `open_files` ahead of need; a failure waits for a real need."""
 
 
 class HelperOpener(FdOpener, Protocol):
@@ -331,6 +342,8 @@ class LayerImport:
         self.collector = LayerEntryCollector() if tree is not None else None
         self.total = 0  # bytes of the rebuilt tar so far
         self._header: Segment | FileEntry | None = None  # the entry before the next one read
+        # Set by the reader at the first file or directory the user likely cannot open (`closed_to_user`).
+        self._helper_wanted = False
 
     def _advance(self, nbytes: int) -> None:
         if self.progress is not None and nbytes:
@@ -349,7 +362,7 @@ class LayerImport:
         send_written, written = trio.open_memory_channel(CHUNKS_IN_FLIGHT)
         try:
             async with open_nursery() as nursery:
-                nursery.start_soon(self._read, str(path), send_chunks, send_batches)
+                nursery.start_soon(self._read, str(path), send_chunks, send_batches, nursery)
                 for _ in range(self.pool.batches_in_flight(BATCH_FILES)):
                     nursery.start_soon(self._coordinate, batches)
                 nursery.start_soon(self._write, chunks, send_written)
@@ -360,10 +373,17 @@ class LayerImport:
 
     # -- reading --
 
-    async def _read(self, path: str, chunks: trio.MemorySendChannel, batches: trio.MemorySendChannel) -> None:
+    async def _read(self, path: str, chunks: trio.MemorySendChannel, batches: trio.MemorySendChannel,
+                    nursery: trio.Nursery) -> None:
+        warming = False
         async with chunks, batches:
             with open_entries(path) as source:
                 while entries := await trio.to_thread.run_sync(self._take, source):
+                    if self._helper_wanted and not warming and self.helper is not None:
+                        # The helper's start-up (podman unshare, ~0.25 s) overlaps the
+                        # files read before these, instead of stalling the first denied one.
+                        warming = True
+                        nursery.start_soon(self.helper.warm_up)
                     chunk = _Chunk(entries)
                     await chunks.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
                     for batch in _batches((chunk, i, e) for i, e in chunk.files):
@@ -374,13 +394,14 @@ class LayerImport:
         carries no data (a fifo, a device, ...) yet has a size is refused here, unopened."""
         entries = list(itertools.islice(source, CHUNK_ENTRIES))
         for entry in entries:
-            if isinstance(entry, FileEntry) and entry.size and isinstance(self._header, Segment):
-                kind = header_only_kind(self._header)
-                if kind is not None:
+            if isinstance(entry, FileEntry) and isinstance(self._header, Segment):
+                if entry.size and (kind := header_only_kind(self._header)) is not None:
                     raise PycfsError(
                         f"{self.files.describe(entry.relpath)} is a {kind} in the layer's tar, yet its tar-split "
                         f"entry gives it {entry.size} bytes of data: the layer is damaged or crafted"
                     )
+                if not self._helper_wanted and closed_to_user(self._header):
+                    self._helper_wanted = True
             self._header = entry
         return entries
 
@@ -657,11 +678,22 @@ class _HelperGate:
         self._starting = trio.Lock()
 
     async def open_files(self, layer_id: str, paths: list[bytes]) -> list[int | OSError]:
+        await self._start()
+        return await self.helper.open_files(layer_id, paths)
+
+    async def warm_up(self) -> None:
+        await self._start(needed=False)
+
+    async def _start(self, needed: bool = True) -> None:
         async with self._starting:  # several coordinators may need the helper at once
             if self.helper.info is None:
                 self.locks.release()
                 try:
                     await self.helper.hello()
+                except PycfsError:
+                    if needed:
+                        raise
+                    # Perhaps no file needs it after all; one that does meets the error again.
                 finally:
                     await self.locks.acquire(on_wait=self.on_wait)
                 again = await trio.to_thread.run_sync(read_image, self.storage, self.ref)
@@ -671,7 +703,6 @@ class _HelperGate:
                     raise PycfsError(
                         f"image {self.ref!r} changed in containers-storage while the helper started: run the pull again"
                     )
-        return await self.helper.open_files(layer_id, paths)
 
     def release(self, fd: int) -> None:
         self.helper.release(fd)
@@ -718,8 +749,9 @@ async def pull_image(
             progress.layers([(layer.diff_id, layer.layer.diff_size) for layer in source.layers])
         on_wait = progress.waiting_for_lock if progress else None
         gate = _HelperGate(helper, locks, storage, source, ref, on_wait) if helper is not None else None
-        async with open_pool(repo=repo, jobs=jobs) as pool:
-            for layer in source.layers:
+        async with open_pool(repo=repo, jobs=jobs) as pool, open_nursery() as background:
+            warming = False
+            for index, layer in enumerate(source.layers):
                 existing = repo.intact_stream(f"oci-layer-{layer.diff_id}")
                 if existing is not None and verify_diffid and not await trio.to_thread.run_sync(
                         _stream_has_diffid, repo, existing, layer.diff_id, limiter=limiter):
@@ -733,6 +765,11 @@ async def pull_image(
                         progress.layer_done(layer.diff_id, True)
                     continue
                 await pool.start()  # the workers' start-up overlaps the first tar-split read
+                if gate is not None and not warming and any(l.layer.foreign_ids for l in source.layers[index:]):
+                    # Files of other ids may need the helper: its start-up overlaps the
+                    # import from the first layer on, not only from the first such file.
+                    warming = True
+                    background.start_soon(gate.warm_up)
                 job = LayerImport(repo, layer, stats, limiter, pool, gate, progress, verify_diffid, tree)
                 layer_streams.append((layer.diff_id, await job.run()))
                 if progress is not None:

@@ -58,7 +58,15 @@ def commit_of(objects: CommitObjects) -> Commit:
 
 def build_filesystem(objects: CommitObjects) -> FileSystem:
     commit = commit_of(objects)
-    root = Directory(_dir_stat(objects, commit.root_meta))
+    stats: dict[bytes, Stat] = {}  # by dirmeta, parsed once: most directories share a handful
+
+    def dir_stat(checksum: bytes) -> Stat:
+        st = stats.get(checksum)
+        if st is None:
+            st = stats[checksum] = _dir_stat(objects, checksum)
+        return st.copy()  # each directory its own
+
+    root = Directory(dir_stat(commit.root_meta))
     leaves: dict[bytes, Leaf] = {}
     pending = [(root, commit.root_tree)]
     count = 0
@@ -82,7 +90,7 @@ def build_filesystem(objects: CommitObjects) -> FileSystem:
                 leaves[checksum] = leaf
             directory.entries[name.encode()] = leaf
         for name, sub_tree, sub_meta in tree.dirs:
-            child = Directory(_dir_stat(objects, sub_meta))
+            child = Directory(dir_stat(sub_meta))
             directory.entries[name.encode()] = child
             pending.append((child, sub_tree))
     return FileSystem(root)

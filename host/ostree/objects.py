@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 
 from pycfs.host.errors import PycfsError
-from pycfs.protocol.gvariant import GVariantError, Variant, decode, encode, frame
+from pycfs.protocol.gvariant import GVariantError, Variant, decode, encode, frame, offset_size
 
 COMMIT_TYPE = "(a{sv}aya(say)sstayay)"
 DIRTREE_TYPE = "(a(say)a(sayay))"
@@ -150,7 +150,8 @@ class DirTree:
 
     @classmethod
     def parse(cls, data: bytes, checksum: bytes) -> DirTree:
-        files, dirs = _decode(DIRTREE_TYPE, data, checksum, Kind.DIRTREE)
+        fast = _read_dirtree(data)
+        files, dirs = fast if fast is not None else _decode(DIRTREE_TYPE, data, checksum, Kind.DIRTREE)
         for name, csum in files:
             check_name(name, checksum, Kind.DIRTREE)
             _check_csum(csum, checksum, Kind.DIRTREE, f"checksum of {name!r}")
@@ -206,25 +207,34 @@ class FileHeader:
 
     @classmethod
     def parse(cls, variant: bytes, checksum: bytes) -> FileHeader:
-        size, uid, gid, mode, rdev, target, xattrs = _decode(FILE_HEADER_TYPE, variant, checksum, Kind.FILE)
-        header = cls(_bswap64(size), _bswap32(uid), _bswap32(gid), _bswap32(mode), target,
-                     _xattrs_in(xattrs, checksum, Kind.FILE))
-        header.check(checksum, _bswap32(rdev))
+        target = _plain_header_target(variant)
+        if target is not None:  # read as big-endian: ostree's byte swap undone in the unpack
+            size, uid, gid, mode, rdev = _FILE_FIELDS.unpack_from(variant)
+            header = cls(size, uid, gid, mode, target, [])
+        else:
+            size, uid, gid, mode, rdev, target, xattrs = _decode(FILE_HEADER_TYPE, variant, checksum, Kind.FILE)
+            header = cls(_bswap64(size), _bswap32(uid), _bswap32(gid), _bswap32(mode), target,
+                         _xattrs_in(xattrs, checksum, Kind.FILE))
+            rdev = _bswap32(rdev)
+        header.check(checksum, rdev)
         return header
 
     def check(self, checksum: bytes, rdev: int = 0) -> None:
-        where = describe(checksum, Kind.FILE)
+        why = None
         if rdev:
-            raise OstreeError(f"{where}: device files are not ostree content")
-        if self.is_symlink:
+            why = "device files are not ostree content"
+        elif self.is_symlink:
             if not self.symlink_target or self.size:
-                raise OstreeError(f"{where}: symlink without a target, or with content")
+                why = "symlink without a target, or with content"
         elif not stat.S_ISREG(self.mode):
-            raise OstreeError(f"{where}: mode {self.mode:o} is neither a regular file nor a symlink")
+            why = f"mode {self.mode:o} is neither a regular file nor a symlink"
         elif self.symlink_target:
-            raise OstreeError(f"{where}: regular file with a symlink target")
-        if self.xattrs != sorted(self.xattrs) or len({n for n, _ in self.xattrs}) != len(self.xattrs):
-            raise OstreeError(f"{where}: xattrs are not sorted by name or repeat a name")
+            why = "regular file with a symlink target"
+        if why is None and self.xattrs and (
+                self.xattrs != sorted(self.xattrs) or len({n for n, _ in self.xattrs}) != len(self.xattrs)):
+            why = "xattrs are not sorted by name or repeat a name"
+        if why is not None:
+            raise OstreeError(f"{describe(checksum, Kind.FILE)}: {why}")
 
     def _sized(self, fixed: bytes) -> bytes:
         # Laid out here, not through encode(): a pull writes two per file. The shape:
@@ -248,19 +258,106 @@ class FileHeader:
         return self._sized(_REGULAR_FIELDS.pack(self.uid, self.gid, self.mode, 0))
 
 
+# ---- fast readers -------------------------------------------------------------------------
+# A pull reads a file header per file and a dirtree per directory: thousands, where the
+# generic codec's per-value recursion cost more than everything else the pull does with them.
+# These read the usual shapes directly and answer None for anything else (xattrs, a width
+# or offset out of the ordinary, bad UTF-8, damage), which then goes to the generic codec:
+# it gives the same value or the error. They accept only its normal form (tests hold them
+# to it).
+
+
+def _string(data: bytes, start: int, end: int) -> str | None:
+    """The GVariant string at data[start:end] (NUL-terminated, no other NUL, UTF-8)."""
+    if end <= start or data[end - 1] != 0 or data.find(b"\0", start, end - 1) >= 0:
+        return None
+    try:
+        return data[start:end - 1].decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _plain_header_target(variant: bytes) -> str | None:
+    """The symlink target ("" for a file) of a `(tuuuusa(ayay))` without xattrs: 24 bytes of
+    fixed fields, the target string, then one framing offset (the target's end), which
+    equals the offset's own position when the xattrs array is empty."""
+    n = len(variant)
+    w = offset_size(n)
+    if n < _FILE_FIELDS.size + 1 + w or int.from_bytes(variant[n - w:], "little") != n - w:
+        return None
+    return _string(variant, _FILE_FIELDS.size, n - w)
+
+
+def _read_dirtree(data: bytes) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes, bytes]]] | None:
+    """`(a(say)a(sayay))`: the files array, its end as the one framing offset, the dirs array
+    (every member has alignment 1: there is no padding to check)."""
+    n = len(data)
+    w = offset_size(n)
+    if not w:
+        return None
+    files_end = int.from_bytes(data[n - w:], "little")
+    if files_end > n - w:
+        return None
+    files = _read_entries(data, 0, files_end, 1)
+    dirs = _read_entries(data, files_end, n - w, 2)
+    if files is None or dirs is None:
+        return None
+    return files, dirs
+
+
+def _read_entries(data: bytes, start: int, end: int, checksums: int) -> list[tuple] | None:
+    """An array of `(say)` (checksums=1) or `(sayay)` (2) at data[start:end]: the elements,
+    then each element's end offset in order."""
+    size = end - start
+    if not size:
+        return []
+    w = offset_size(size)
+    last = int.from_bytes(data[end - w:end], "little")
+    if last >= size or (size - last) % w:
+        return None
+    out: list[tuple] = []
+    pos = start
+    table = start + last
+    for at in range(table, end, w):
+        element_end = start + int.from_bytes(data[at:at + w], "little")
+        if not pos <= element_end <= table:
+            return None
+        # an element: its string, its checksum(s), then the offsets (last first) of every
+        # member but the last
+        ew = offset_size(element_end - pos)
+        frame = element_end - checksums * ew
+        if frame < pos:
+            return None
+        name_end = pos + int.from_bytes(data[element_end - ew:element_end], "little")
+        sum_end = frame if checksums == 1 else pos + int.from_bytes(data[frame:frame + ew], "little")
+        if not pos <= name_end <= sum_end <= frame:
+            return None
+        name = _string(data, pos, name_end)
+        if name is None:
+            return None
+        if checksums == 1:
+            out.append((name, data[name_end:frame]))
+        else:
+            out.append((name, data[name_end:sum_end], data[sum_end:frame]))
+        pos = element_end
+    return out
+
+
 def split_archive_header(data: bytes, checksum: bytes) -> tuple[FileHeader, int]:
     """Parse the sized header at the start of data: (header, offset where content starts)."""
-    where = describe(checksum, Kind.FILE)
     if len(data) < SIZED.size:
-        raise OstreeError(f"{where}: truncated ({len(data)} bytes, no header)")
+        raise OstreeError(f"{describe(checksum, Kind.FILE)}: truncated ({len(data)} bytes, no header)")
     (length,) = SIZED.unpack_from(data)
-    if data[4:8] != bytes(4):
-        raise OstreeError(f"{where}: bad header prefix {data[:8].hex()}")
-    if length > MAX_HEADER_SIZE:
-        raise OstreeError(f"{where}: header of {length} bytes is implausibly large")
     end = SIZED.size + length
-    if len(data) < end:
-        raise OstreeError(f"{where}: truncated ({len(data)} bytes, header needs {end})")
+    why = None
+    if data[4:8] != b"\0\0\0\0":
+        why = f"bad header prefix {data[:8].hex()}"
+    elif length > MAX_HEADER_SIZE:
+        why = f"header of {length} bytes is implausibly large"
+    elif len(data) < end:
+        why = f"truncated ({len(data)} bytes, header needs {end})"
+    if why is not None:
+        raise OstreeError(f"{describe(checksum, Kind.FILE)}: {why}")
     return FileHeader.parse(data[SIZED.size:end], checksum), end
 
 

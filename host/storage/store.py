@@ -58,6 +58,9 @@ class LayerRecord:
     diff_digest: str | None = None
     diff_size: int | None = None
     incomplete: bool = False
+    # Its uidset or gidset (the ids its files use, as c/storage records them) holds one other
+    # than 0: in rootless storage such a file may be closed to the user. False when unrecorded.
+    foreign_ids: bool = False
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,8 @@ class Store:
                 diff_digest=raw.get("diff-digest") if isinstance(raw.get("diff-digest"), str) else None,
                 diff_size=size if isinstance(size, int) and size >= 0 else None,
                 incomplete=bool(flags.get("incomplete")),
+                foreign_ids=any(isinstance(ids, list) and any(i != 0 for i in ids)
+                                for ids in (raw.get("uidset"), raw.get("gidset"))),
             )
         return layers
 

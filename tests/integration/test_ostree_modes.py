@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -121,3 +122,78 @@ def test_changed_bare_object_is_refused_and_nothing_committed(repos):
     # never became an object
     with Repository.open(cfs) as r:
         assert not r.has_object(digest_bytes(large.read_bytes()))
+
+
+_NO_TRIO = """
+import sys
+from pycfs.tools.cli import main
+rc = main(sys.argv[1:])
+print("trio loaded" if "trio" in sys.modules else "no trio", file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def _pull_local(cfs: Path, *args: str | Path) -> tuple[dict, bool]:
+    """`pycfs ostree pull-local ARGS --json` on cfs: (its result, whether it loaded trio)."""
+    run = subprocess.run([sys.executable, "-c", _NO_TRIO, "--repo", cfs, "ostree", "pull-local", *args, "--json"],
+                         capture_output=True, text=True, check=True, timeout=600)
+    return json.loads(run.stdout), run.stderr.splitlines()[-1] == "trio loaded"
+
+
+@pytest.mark.parametrize("mode", ["bare", "bare-user"])
+def test_small_update_and_re_pull_run_without_the_event_loop(repos, mode):
+    """An update bringing less than 1 MiB of new content from a local repository, and a
+    re-pull, are done in process without trio; a pull of more goes the concurrent way.
+    Either way gives the same commit stream and image."""
+    base, by_mode = repos
+    repo, ref = by_mode[mode]
+    tree = base / f"update-{mode}"
+    make_tree(tree)
+    for i in range(3):  # 600 KB of new content
+        (tree / f"new{i}").write_bytes(os.urandom(200_000))
+    ostree("commit", f"--repo={repo}", "--branch=update", "--timestamp=2024-01-02T03:04:05Z", tree)
+    step = base / f"cfs-step-{mode}"
+    whole = base / f"cfs-whole-{mode}"
+    for cfs in (step, whole):
+        pycfs(cfs, "init")
+    first, loaded = _pull_local(step, repo, ref, "os")
+    assert loaded and first["files_fetched"] > 0  # 3.4 MB of content
+    update, loaded = _pull_local(step, repo, "update", "os")
+    assert not loaded
+    assert update["files_fetched"] == 3 and update["stored"] == {"reflinked": 3}, update
+    again, loaded = _pull_local(step, repo, "update", "os")
+    assert not loaded and again["already_present"] and again["image"] == update["image"]
+    direct, loaded = _pull_local(whole, repo, "update")
+    assert loaded and (direct["commit"], direct["image"]) == (update["commit"], update["image"])
+    with Repository.open(step) as a, Repository.open(whole) as b:
+        stream = f"ostree-commit-{update['commit']}"
+        assert a.stream_data(stream) == b.stream_data(stream)
+
+
+def test_changed_bare_object_in_a_small_update_is_refused(repos):
+    """The in-process store checks an update's files as the workers do: a bare object
+    edited in place is one line naming it, and NAME stays on the commit it named."""
+    base, by_mode = repos
+    repo, ref = by_mode["bare"]
+    damaged = base / "bare-update-damaged"
+    subprocess.run(["cp", "-a", "--reflink=auto", repo, damaged], check=True)
+    tree = base / "update-damaged"
+    make_tree(tree)
+    (tree / "new").write_bytes(os.urandom(100_000))
+    new = ostree("commit", f"--repo={damaged}", "--branch=update", "--timestamp=2024-01-02T03:04:05Z", tree)
+    cfs = base / "cfs-update-damaged"
+    pycfs(cfs, "init")
+    first, _ = _pull_local(cfs, damaged, ref, "os")
+    digest = ostree("ls", f"--repo={damaged}", "-C", new, "/new").split()[-2]
+    obj = damaged / "objects" / digest[:2] / f"{digest[2:]}.file"
+    with open(obj, "r+b") as f:
+        f.seek(1000)
+        f.write(b"X")
+    run = subprocess.run([sys.executable, "-c", _NO_TRIO, "--repo", cfs, "ostree", "pull-local", damaged, "update",
+                          "os"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [
+        (f"pycfs: error: object {digest}.file: content does not match its checksum: "
+         "the source repository is corrupt or was tampered with"), "no trio"]
+    assert pycfs(cfs, "ostree", "images").stdout.split() == ["NAME", "COMMIT", "os", first["commit"]]
+    assert not (cfs / "streams" / f"ostree-commit-{new}").exists()

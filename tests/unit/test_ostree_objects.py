@@ -315,3 +315,61 @@ def test_file_header_encoders_match_the_codec(size, uid, gid, mode, target, xatt
     regular = encode(FILE_REGULAR_TYPE, (*swap[1:], 0, target, xattrs))
     assert header.archive_header() == SIZED.pack(len(archive)) + archive
     assert header.checksum_prefix() == SIZED.pack(len(regular)) + regular
+
+
+_name = st.text(min_size=1, max_size=300).filter(lambda t: "\0" not in t)
+_sum = st.one_of(st.binary(min_size=32, max_size=32), st.binary(max_size=40))
+_dirtree = st.tuples(st.lists(st.tuples(_name, _sum), max_size=40),
+                     st.lists(st.tuples(_name, _sum, _sum), max_size=20))
+
+
+def _generic_or_error(type_text, data):
+    from pycfs.protocol.gvariant import GVariantError
+
+    try:
+        return decode(type_text, data)
+    except GVariantError:
+        return GVariantError
+
+
+def _damaged(data, edits):
+    out = bytearray(data)
+    for at, value in edits:
+        if out:
+            out[at % len(out)] = value
+    return bytes(out)
+
+
+_edits = st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=3)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_dirtree, _edits, st.integers(0, 3))
+def test_fast_dirtree_reader_agrees_with_the_codec(value, edits, cut):
+    """Whatever the bytes (valid, with a byte changed, cut short), the fast reader gives
+    what the generic codec decodes, or hands over (None) to it."""
+    from pycfs.host.ostree.objects import DIRTREE_TYPE, _read_dirtree
+
+    valid = encode(DIRTREE_TYPE, value)
+    assert _read_dirtree(valid) == decode(DIRTREE_TYPE, valid)  # (offsets up to 4 bytes wide)
+    for data in (_damaged(valid, edits), valid[:len(valid) - cut]):
+        fast = _read_dirtree(data)
+        if fast is not None:
+            assert fast == _generic_or_error(DIRTREE_TYPE, data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 32) - 1), st.integers(0, (1 << 32) - 1),
+       st.text(max_size=400).filter(lambda t: "\0" not in t), st.lists(_xattr, max_size=3).map(sorted),
+       _edits, st.integers(0, 3))
+def test_fast_file_header_reader_agrees_with_the_codec(size, mode, rdev, target, xattrs, edits, cut):
+    from pycfs.host.ostree.objects import FILE_HEADER_TYPE, _FILE_FIELDS, _plain_header_target
+
+    valid = encode(FILE_HEADER_TYPE, (size, 0, 0, mode, rdev, target, xattrs))
+    assert (_plain_header_target(valid) == target) if not xattrs else _plain_header_target(valid) is None
+    for data in (valid, _damaged(valid, edits), valid[:len(valid) - cut]):
+        fast = _plain_header_target(data)
+        if fast is not None:
+            swapped = [int.from_bytes(v.to_bytes(n, "big"), "little")
+                       for v, n in zip(_FILE_FIELDS.unpack_from(data), (8, 4, 4, 4, 4))]
+            assert (*swapped, fast, []) == _generic_or_error(FILE_HEADER_TYPE, data)

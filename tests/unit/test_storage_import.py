@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import hashlib
 import io
+import json
 import os
 import socket
 import stat
@@ -478,13 +479,16 @@ def test_special_files_where_content_is_expected_are_refused_unopened(tmp_path, 
     assert repo.has_stream(f"oci-layer-{layer.diff_id}") is None
 
 
-def _set_typeflag(fake, layer, name: bytes, flag: bytes) -> None:
-    """Rewrite the tar header before `name` in the layer's tar-split to another typeflag."""
+def _patch_header(fake, layer, name: bytes, fields: dict[int, bytes]) -> None:
+    """Rewrite fields (offset in the ustar header: bytes) of the tar header before `name`
+    in the layer's tar-split."""
     path = fake.layers_dir / f"{layer.id}.tar-split.gz"
     entries = list(iter_entries(io.BytesIO(path.read_bytes())))
     at = next(i for i, e in enumerate(entries) if isinstance(e, FileEntry) and e.name == name)
     header = bytearray(entries[at - 1].data)
-    header[-512 + 156] = flag[0]
+    for offset, value in fields.items():
+        start = len(header) - 512 + offset
+        header[start : start + len(value)] = value
     entries[at - 1] = Segment(bytes(header))
     with open(path, "wb") as f:
         write_entries(entries, f)
@@ -494,7 +498,7 @@ def test_header_only_entry_with_a_size_is_refused_unopened(tmp_path, repo):
     """A tar entry that is a fifo (no data, whatever its size field says) but whose tar-split
     entry has a size: refused from the tar-split alone, the layer file never opened."""
     fake, layer, diff = _single(tmp_path, {"big": BIG})
-    _set_typeflag(fake, layer, b"big", b"6")
+    _patch_header(fake, layer, b"big", {156: b"6"})
     (diff / "big").unlink()
     os.mkfifo(diff / "big")
     with _unblock_fifo_after(diff / "big"), pytest.raises(
@@ -571,3 +575,103 @@ def test_verify_diffid_rechecks_a_layer_already_present(tmp_path, repo):
     result = _pull(repo, fake, verify_diffid=True)
     assert result.stats.layers_already_present == 0
     assert _cat(repo, layer.diff_id) == layer.tar
+
+
+class _WarmHelper:
+    """A helper opener that records calls; its hello fails with `fail`."""
+
+    def __init__(self, calls: list, fail: bool = False) -> None:
+        self.info: dict | None = None
+        self.calls = calls
+        self.fail = fail
+
+    async def hello(self) -> dict:
+        self.calls.append("hello")
+        if self.fail:
+            raise PycfsError("podman unshare failed")
+        self.info = {"pid": 2}
+        return self.info
+
+    async def open_files(self, layer_id, paths):
+        self.calls.append(("open", list(paths)))
+        return []
+
+    def release(self, fd: int) -> None:
+        raise AssertionError("no fd was handed out")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_helper_starts_as_soon_as_the_tar_split_shows_a_file_closed_to_the_user(tmp_path, repo, monkeypatch, fail):
+    """A file of another uid that only its owner may read (mode 0600, uid 1000 in its tar
+    header): the reader starts the helper when it reads that entry, before any file is
+    opened, so the helper's start-up overlaps the import. Here the user can read the file
+    after all: nothing is asked of the helper, and a helper that fails to start does not
+    fail the pull."""
+    monkeypatch.setattr(cstorage, "CHUNK_ENTRIES", 4)
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    files = {"d": None, **{f"d/f{i:02d}": bytes([i]) * (100 + i) for i in range(20)}}
+    layer = fake.add_layer(files)
+    fake.add_image([layer], ["localhost/img:latest"])
+    _patch_header(fake, layer, b"d/f05", {100: b"0000600\0", 108: b"0001750\0"})
+    calls: list = []
+    real_open = cstorage.LayerFiles.open
+
+    def open_file(self, relpath, size):
+        calls.append(relpath)
+        return real_open(self, relpath, size)
+
+    monkeypatch.setattr(cstorage.LayerFiles, "open", open_file)
+    result = _pull(repo, fake, helper=_WarmHelper(calls, fail))
+    assert calls.count("hello") == 1
+    # Started when the reader took f05's chunk (two files a chunk), before f08's was read.
+    assert calls.index("hello") < calls.index(b"d/f08")
+    assert sorted(c for c in calls if c != "hello") == [f"d/f{i:02d}".encode() for i in range(20)]
+    assert result.stats.files_via_helper == 0
+    assert repo.has_stream(f"oci-layer-{layer.diff_id}") is not None
+
+
+def test_no_helper_start_for_world_readable_files_of_another_uid(tmp_path, repo):
+    calls: list = []
+    fake, layer, _ = _single(tmp_path, {"big": BIG, "small": SMALL})
+    _patch_header(fake, layer, b"big", {100: b"0000644\0", 108: b"0001750\0"})
+    _pull(repo, fake, helper=_WarmHelper(calls))
+    assert calls == []
+    assert repo.has_stream(f"oci-layer-{layer.diff_id}") is not None
+
+
+def _record_ids(fake, uidset, gidset) -> None:
+    """Give the fake store's (only) layer record c/storage's uidset and gidset."""
+    path = fake.layers_dir / "layers.json"
+    records = json.loads(path.read_text())
+    for key, ids in (("uidset", uidset), ("gidset", gidset)):
+        if ids is not None:
+            records[0][key] = ids
+    path.write_text(json.dumps(records))
+
+
+@pytest.mark.parametrize("uidset, gidset, foreign", [
+    (None, None, False), ([0], [0], False), ([0, 1000], [0], True), ([0], [0, 5], True), ("0", None, False),
+])  # fmt: skip
+def test_layer_records_say_whether_files_use_other_ids(tmp_path, uidset, gidset, foreign):
+    fake, _, _ = _single(tmp_path, {"big": BIG})
+    _record_ids(fake, uidset, gidset)
+    source = cstorage.read_image(Storage([Store(fake.root, fake.driver)]), "localhost/img:latest")
+    assert source.layers[0].layer.foreign_ids is foreign
+
+
+def test_helper_starts_with_the_import_when_c_storage_records_other_ids(tmp_path, repo, monkeypatch):
+    """A layer whose uidset names uid 1000: the helper is started before the first file is
+    opened, though every header here is the user's own (nothing is asked of it then)."""
+    fake, layer, _ = _single(tmp_path, {"big": BIG, "small": SMALL})
+    _record_ids(fake, [0, 1000], [0])
+    calls: list = []
+    real_open = cstorage.LayerFiles.open
+
+    def open_file(self, relpath, size):
+        calls.append(relpath)
+        return real_open(self, relpath, size)
+
+    monkeypatch.setattr(cstorage.LayerFiles, "open", open_file)
+    result = _pull(repo, fake, helper=_WarmHelper(calls))
+    assert calls[0] == "hello" and sorted(calls[1:]) == [b"big", b"small"]
+    assert result.stats.files_via_helper == 0 and _cat(repo, layer.diff_id) == layer.tar

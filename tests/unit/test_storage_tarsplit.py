@@ -6,6 +6,7 @@ import base64
 import gzip
 import io
 import json
+import tarfile
 
 import pytest
 
@@ -126,3 +127,38 @@ def test_reads_in_small_bounded_pieces(monkeypatch):
     write_entries(entries[:2], one)
     write_entries(entries[2:], two)
     assert list(iter_entries(io.BytesIO(one.getvalue() + two.getvalue()))) == entries
+
+
+@pytest.mark.parametrize("read_size, group", [(1 << 18, 512), (64, 3)])
+def test_blank_lines_are_skipped_and_errors_name_their_line(monkeypatch, read_size, group):
+    """Lines parsed a group at a time, in blocks cut anywhere: a blank line is skipped, a
+    bad one is named by its number in the whole file."""
+    monkeypatch.setattr(tarsplit, "_READ_SIZE", read_size)
+    monkeypatch.setattr(tarsplit, "_GROUP", group)
+    seg = json.dumps({"type": 2, "payload": base64.b64encode(b"hdr").decode()}).encode()
+    lines = [seg] * 7 + [b"", b"  "] + [seg] * 5
+    assert list(iter_entries(io.BytesIO(gzip.compress(b"\n".join(lines) + b"\n")))) == [Segment(b"hdr")] * 12
+    lines[11] = b'{"type": 2, "payload": "***"}'
+    with pytest.raises(TarSplitError, match=r"^tar-split: line 12: segment payload is not valid base64$"):
+        list(iter_entries(io.BytesIO(gzip.compress(b"\n".join(lines) + b"\n"))))
+
+
+@pytest.mark.parametrize("kind, uid, gid, mode, expected", [
+    (tarfile.REGTYPE, 0, 0, 0o600, False),  # the user's own file (uid 0 in the storage's user namespace)
+    (tarfile.REGTYPE, 0, 0, 0o000, True),  # ... that even its owner may not read
+    (tarfile.REGTYPE, 1000, 1000, 0o644, False),  # world-readable
+    (tarfile.REGTYPE, 1000, 1000, 0o640, True),
+    (tarfile.REGTYPE, 1000, 0, 0o640, False),  # the user's group may read it
+    (tarfile.REGTYPE, 1000, 0, 0o604, True),
+    (tarfile.DIRTYPE, 1000, 1000, 0o700, True),  # a directory the user may not search
+    (tarfile.DIRTYPE, 0, 0, 0o000, True),
+    (tarfile.DIRTYPE, 0, 0, 0o755, False),
+    (tarfile.SYMTYPE, 1000, 1000, 0o000, False),  # nothing is opened through a symlink's header
+    (tarfile.REGTYPE, 2**40, 0, 0o600, False),  # base-256 uid: left to the open
+])  # fmt: skip
+def test_closed_to_user_reads_the_header_before_an_entry(kind, uid, gid, mode, expected):
+    info = tarfile.TarInfo("f")
+    info.type, info.uid, info.gid, info.mode = kind, uid, gid, mode
+    header = b"\0" * 300 + info.tobuf(format=tarfile.GNU_FORMAT)  # padding of the previous file first
+    assert tarsplit.closed_to_user(Segment(header)) is expected
+    assert tarsplit.closed_to_user(Segment(header[-511:])) is False  # no whole header

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from pycfs.host.errors import PycfsError
 
 if TYPE_CHECKING:
-    from pycfs.host.ostree.pull import PullResult
+    from pycfs.host.ostree.pullcore import PullResult
     from pycfs.host.ostree.source import HttpRepo, LocalRepo
     from pycfs.protocol.gvariant import Variant
 
@@ -90,9 +90,7 @@ def _print_pull(result: PullResult, as_json: bool) -> None:
 
 
 def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
-    import trio
-
-    from pycfs.host.ostree.pull import PullOptions, pull
+    from pycfs.host.ostree.pullcore import PullOptions, PullResult, prepare_pull
     from pycfs.tools.common import open_repo
 
     with open_repo(args) as repo, ExitStack() as stack:
@@ -102,7 +100,16 @@ def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
                               allow_downgrade=args.allow_downgrade)
         if not args.json:
             options.progress = _RichProgress(stack) if sys.stderr.isatty() else _PlainProgress()
-        result = trio.run(pull, repo, source, args.ref, options)
+        # an update of a few files or a re-pull ends here; trio only for a larger job
+        prepared = prepare_pull(repo, source, args.ref, options)
+        if isinstance(prepared, PullResult):
+            result = prepared
+        else:
+            import trio
+
+            from pycfs.host.ostree.pull import run_prepared
+
+            result = trio.run(run_prepared, prepared)
     _print_pull(result, args.json)
     return 0
 

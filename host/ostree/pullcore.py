@@ -1,0 +1,450 @@
+"""What a pull of an ostree commit does without the event loop (spec ostree.md 3.1-3.3).
+
+`prepare_pull` resolves the ref, checks the commit it names (ref binding, downgrade,
+signature), finishes at once when the commit is stored already, and sets up the bases
+(`--base-name`, what NAME names now, an interrupted pull's partial stream). From a local
+repository it then reads the metadata here, object after object (each answers in
+microseconds, and is checked against its checksum before its children are looked at),
+and when the files still missing come to at most HERE_BYTES of content it stores them
+here too and finishes: an update of a few files, or a re-pull, starts neither trio nor
+an object worker (their start-up was most of such a pull's time). Anything bigger is
+returned as a `PullCore` for `pycfs.host.ostree.pull.run_prepared`, which fetches and
+stores the files concurrently (over HTTP, the metadata too, while the files arrive).
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from pycfs.host.errors import PycfsError
+from pycfs.host.ostree.commitstream import (
+    CommitObjects,
+    Entry,
+    check_ref_name,
+    has_commit,
+    inline_max,
+    list_refs,
+    load_commit,
+    load_stream,
+    stream_name,
+)
+from pycfs.host.ostree.image import commit_of, ensure_image
+from pycfs.host.ostree.objects import (
+    Commit,
+    DirMeta,
+    DirTree,
+    Kind,
+    OstreeError,
+    describe,
+    is_checksum_text,
+    verify_metadata,
+)
+from pycfs.host.ostree.signature import MAX_DETACHED, verify_commit
+from pycfs.host.ostree.source import MISMATCH, FetchedFile, HttpRepo, LocalRepo
+from pycfs.host.repository import Repository
+from pycfs.host.splitstream import SplitStreamError
+
+PARTIAL_PREFIX = "ostree-partial-"
+CHECKPOINT_SECONDS = 5.0
+# Files up to this much content are stored here, one after another: the object workers'
+# own threshold for starting (pycfs.host.workers.pool.START_AFTER_BYTES), below which
+# their start-up costs more than the hashing they would share.
+HERE_BYTES = 1 << 20
+T = TypeVar("T")
+
+
+class Progress(Protocol):
+    def metadata(self, fetched: int) -> None: ...
+    def file_found(self) -> None: ...
+    def file_done(self, nbytes: int) -> None: ...
+
+
+@dataclass
+class PullStats:
+    metadata_fetched: int = 0
+    metadata_reused: int = 0
+    files_fetched: int = 0
+    files_reused: int = 0
+    content_bytes: int = 0
+    inlined: int = 0
+    stored: dict[str, int] = field(default_factory=dict)  # "reflinked"/"copied"/"present" -> count
+    requests: int | None = None  # HTTP requests made (None for a local repository)
+    delta_parts: int = 0
+    bases: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"metadata_fetched": self.metadata_fetched, "metadata_reused": self.metadata_reused,
+                "files_fetched": self.files_fetched, "files_reused": self.files_reused,
+                "content_bytes": self.content_bytes, "inlined": self.inlined, "stored": dict(self.stored),
+                "requests": self.requests, "delta_parts": self.delta_parts, "bases": self.bases}
+
+
+@dataclass
+class PullResult:
+    commit: bytes
+    image_id: bytes
+    ref: str | None
+    already_present: bool
+    stats: PullStats
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"commit": self.commit.hex(), "image": self.image_id.hex(), "ref": self.ref,
+                "already_present": self.already_present, "seconds": round(self.seconds, 3), **self.stats.to_json()}
+
+
+@dataclass
+class PullOptions:
+    name: str | None = None  # the ref to write; default: REF when it is a ref name
+    base_name: str | None = None
+    jobs: int | None = None  # object workers
+    fetches: int = 16  # concurrent fetches
+    deltas: bool = True  # use a static delta when an archive source (HTTP or local) has one
+    gpg_keyring: str | None = None  # require a commit signature that verifies with this keyring
+    allow_downgrade: bool = False  # let NAME move to a commit older than the one it names
+    progress: Progress | None = None
+
+
+class PullCore:
+    """The state of one pull: the objects verified so far, the bases, the stats."""
+
+    def __init__(self, repo: Repository, source: LocalRepo | HttpRepo, commit: bytes, name: str | None,
+                 options: PullOptions, checks: _Checks, started: float) -> None:
+        self.repo = repo
+        self.source = source
+        self.commit = commit
+        self.name = name
+        self.options = options
+        self.checks = checks
+        self.started = started
+        self.objects = CommitObjects(commit)
+        self.bases: list[CommitObjects] = []
+        self.queued: set[bytes] = set()
+        self.found: list[tuple[Kind, bytes]] = []  # metadata to fetch
+        self.files: list[bytes] = []  # files to fetch, when no one takes them as they are found
+        self.on_file: Callable[[bytes], None] | None = None
+        self.walked = False  # every metadata object is verified and in `objects`
+        self.stats = PullStats()
+        self.inline_max = inline_max(repo)
+        # temporary files on the repository's filesystem, so storing them can reflink
+        self.tmp_dir = os.path.abspath(repo.path / "objects")
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        self.last_checkpoint = time.monotonic()
+        self.checkpointed = 0
+
+    # ---- bases ---------------------------------------------------------------------
+
+    def add_base(self, objects: CommitObjects, why: str) -> None:
+        # another commit once (named as base and parent, say); objects of this very commit
+        # (a partial stream, a delta, the verified commit) each add what the others lack
+        if objects.commit == self.commit or all(b.commit != objects.commit for b in self.bases):
+            self.bases.append(objects)
+            self.stats.bases.append(f"{why} {objects.commit.hex()}")
+
+    def _from_base(self, checksum: bytes) -> Entry | None:
+        for base in self.bases:
+            entry = base.get(checksum)
+            # an external object may have been collected since the base was written
+            if entry is not None and (entry.external is None or self.repo.has_object(entry.external)):
+                return entry
+        return None
+
+    # ---- metadata ------------------------------------------------------------------
+
+    def want(self, kind: Kind, checksum: bytes) -> None:
+        if checksum in self.queued:
+            return
+        self.queued.add(checksum)
+        entry = self._from_base(checksum)
+        if kind is Kind.FILE:
+            if entry is not None:
+                self.objects.add(checksum, entry)
+                self.stats.files_reused += 1
+            else:
+                if self.on_file is None:
+                    self.files.append(checksum)
+                else:
+                    self.on_file(checksum)
+                if self.options.progress:
+                    self.options.progress.file_found()
+        elif entry is not None:
+            verify_metadata(entry.data, checksum, kind)  # a damaged base must not slip in
+            self.accept(kind, checksum, entry.data)
+            self.stats.metadata_reused += 1
+        else:
+            self.found.append((kind, checksum))
+
+    def accept(self, kind: Kind, checksum: bytes, data: bytes) -> None:
+        """Take a verified metadata object and look at what it refers to."""
+        parsed: Commit | DirTree | DirMeta
+        if kind is Kind.COMMIT:
+            parsed = commit = Commit.parse(data, checksum)
+            self.checks.check(checksum, commit)
+            if commit.parent is not None and has_commit(self.repo, commit.parent):
+                self.add_base(load_stream(self.repo, stream_name(commit.parent)), "parent")
+            self.want(Kind.DIRMETA, commit.root_meta)
+            self.want(Kind.DIRTREE, commit.root_tree)
+        elif kind is Kind.DIRTREE:
+            parsed = tree = DirTree.parse(data, checksum)
+            for _name, file_checksum in tree.files:
+                self.want(Kind.FILE, file_checksum)
+            for _name, sub_tree, sub_meta in tree.dirs:
+                self.want(Kind.DIRMETA, sub_meta)
+                self.want(Kind.DIRTREE, sub_tree)
+        else:
+            parsed = DirMeta.parse(data, checksum)
+        self.objects.add(checksum, Entry(data))
+        self.objects.parsed[checksum] = parsed
+
+    def read_metadata(self, kind: Kind, checksum: bytes) -> bytes:
+        """One metadata object from the source, verified (a blocking call)."""
+        data = named(self.source, kind, checksum, self.source.read_metadata, checksum, kind)
+        verify_metadata(data, checksum, kind)
+        return data
+
+    def metadata_fetched(self, count: int) -> None:
+        self.stats.metadata_fetched += count
+        if self.options.progress:
+            self.options.progress.metadata(self.stats.metadata_fetched)
+
+    def walk_here(self) -> None:
+        """Every metadata object, read here one after another; the files they name are left
+        in `files`."""
+        self.want(Kind.COMMIT, self.commit)
+        while self.found:
+            kind, checksum = self.found.pop()
+            self.accept(kind, checksum, self.read_metadata(kind, checksum))
+            self.metadata_fetched(1)
+        self.walked = True
+
+    # ---- files ---------------------------------------------------------------------
+
+    def fetch_file(self, checksum: bytes) -> FetchedFile:
+        return named(self.source, Kind.FILE, checksum, self.source.fetch_file, checksum, self.inline_max, self.tmp_dir)
+
+    def inlined(self, checksum: bytes, fetched: FetchedFile) -> None:
+        self.objects.add(checksum, Entry(fetched.header.archive_header() + (fetched.content or b"")))
+        self.stats.inlined += 1
+        self._file_done(fetched.header.size)
+
+    def stored(self, checksum: bytes, fetched: FetchedFile, object_id: bytes, how: str) -> None:
+        self.objects.add(checksum, Entry(fetched.header.archive_header(), object_id))
+        self.objects.headers[checksum] = fetched.header
+        self.stats.stored[how] = self.stats.stored.get(how, 0) + 1
+        self._file_done(fetched.header.size)
+
+    @staticmethod
+    def store_failed(checksum: bytes, error: int, message: str) -> OstreeError:
+        if error == errno.EBADMSG:
+            return OstreeError(f"{describe(checksum, Kind.FILE)}: {MISMATCH}")
+        return OstreeError(f"{describe(checksum, Kind.FILE)}: storing its content failed: {message}")
+
+    @staticmethod
+    def content_check(checksum: bytes, fetched: FetchedFile) -> tuple[bytes, bytes] | None:
+        """Content not yet verified (a bare repository's file, which its owner could change
+        at any time) is checked by whoever stores it, on the private copy, in the same read
+        that computes the object's digest: (the checksum's prefix, the checksum)."""
+        return None if fetched.verified else (fetched.header.checksum_prefix(), checksum)
+
+    def _file_done(self, nbytes: int) -> None:
+        self.stats.files_fetched += 1
+        self.stats.content_bytes += nbytes
+        if self.options.progress:
+            self.options.progress.file_done(nbytes)
+
+    def store_here(self) -> bool:
+        """Fetch and store the files in `files` here, when their content comes to at most
+        HERE_BYTES; False, having stored nothing, when it comes to more."""
+        # imported here: the workers' methods, without the pool (and trio)
+        from pycfs.host.workers.service import WorkerService
+        from pycfs.protocol import worker_api as api
+        from pycfs.protocol.rpcserver import Call
+
+        fetched: list[tuple[bytes, FetchedFile]] = []
+        try:
+            total = 0
+            for checksum in self.files:
+                fetched.append((checksum, self.fetch_file(checksum)))
+                if fetched[-1][1].fd is not None:
+                    total += fetched[-1][1].header.size
+                    if total > HERE_BYTES:
+                        return False
+            stores = [(c, f) for c, f in fetched if f.fd is not None]
+            if stores:
+                # Hashing a source under a read lease (as the workers do) ignores SIGIO,
+                # which only the main thread may set.
+                if threading.current_thread() is threading.main_thread():
+                    self.repo.enable_source_leases()
+                checks = [self.content_check(c, f) for c, f in stores]
+                answer = WorkerService(self.repo.alg, self.repo).store(
+                    Call([f.fd for _, f in stores]), [f.header.size for _, f in stores],
+                    sha256s=[None if c is None else [c[0].hex(), c[1].hex()] for c in checks])
+                for index, error, message in answer["failed"]:
+                    raise self.store_failed(stores[index][0], error, message)
+                ids = bytes.fromhex(answer["ids"])
+                size = len(ids) // len(stores)
+                for i, ((checksum, f), code) in enumerate(zip(stores, answer["how"])):
+                    self.stored(checksum, f, ids[i * size:(i + 1) * size], api.HOW[code.lower()])
+            for checksum, f in fetched:
+                if f.fd is None:
+                    self.inlined(checksum, f)
+            self.files = []
+            return True
+        finally:
+            close_fds([f for _, f in fetched])
+
+    # ---- the end -------------------------------------------------------------------
+
+    def finish_image(self) -> bytes:
+        """The image, then the commit stream naming it, then the ref."""
+        return ensure_image(self.repo, self.objects, self.name)
+
+    def result(self, image_id: bytes) -> PullResult:
+        self.drop_partial()
+        if isinstance(self.source, HttpRepo):
+            self.stats.requests = self.source.requests
+        return PullResult(self.commit, image_id, self.name, False, self.stats, time.monotonic() - self.started)
+
+    # ---- interruption --------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Keep what is verified so far as the partial stream (a base for the next try)."""
+        self.last_checkpoint = time.monotonic()
+        if self.commit not in self.objects or len(self.objects.entries) == self.checkpointed:
+            return
+        self.repo.write_stream(self.objects.to_stream(self.repo.alg), PARTIAL_PREFIX + self.commit.hex())
+        self.checkpointed = len(self.objects.entries)
+
+    def checkpoint_after_failure(self) -> None:
+        try:
+            self.checkpoint()
+        except (OSError, PycfsError):
+            pass  # the error being raised is the one to report
+
+    def load_partial(self) -> None:
+        name = PARTIAL_PREFIX + self.commit.hex()
+        if self.repo.has_stream(name) is None:
+            return
+        try:
+            self.add_base(load_stream(self.repo, name), "interrupted pull of")
+        except (OstreeError, SplitStreamError):
+            pass  # a damaged cache only costs refetching
+
+    def drop_partial(self) -> None:
+        try:
+            os.unlink(f"streams/{PARTIAL_PREFIX}{self.commit.hex()}", dir_fd=self.repo.dirfd)
+        except FileNotFoundError:
+            pass
+
+
+def named(source: LocalRepo | HttpRepo, kind: Kind, checksum: bytes, fn: Callable[..., T], *args: object) -> T:
+    """A source call; an OSError names the object it was about."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        raise OstreeError(f"{describe(checksum, kind)} from {source.description}: {e}") from None
+
+
+def close_fds(files: list[FetchedFile]) -> None:
+    for fetched in files:
+        if fetched.fd is not None:
+            os.close(fetched.fd)
+
+
+def _signed_commit(source: LocalRepo | HttpRepo, commit: bytes, keyring: str) -> CommitObjects:
+    """The commit object, once a signature on it verifies with the keyring."""
+    data = source.read_metadata(commit, Kind.COMMIT)
+    verify_metadata(data, commit, Kind.COMMIT)
+    verify_commit(data, commit.hex(), source.read_detached(commit, MAX_DETACHED), keyring)
+    objects = CommitObjects(commit)
+    objects.add(commit, Entry(data))
+    return objects
+
+
+@dataclass(frozen=True)
+class _Checks:
+    """What a pull checks on the commit object before it fetches anything it names."""
+
+    ref: str | None  # the branch it was asked for (None: a checksum)
+    current: tuple[str, CommitObjects] | None  # NAME and what it names now, when it may not go back
+
+    def check(self, commit: bytes, new: Commit) -> None:
+        # As ostree: a commit bound to refs (`ostree.ref-binding`, written by `ostree
+        # commit --branch`) comes only by one of them, so a server cannot pass one branch's
+        # commit off as another's.
+        bound = next((v.value for k, v in new.metadata if k == "ostree.ref-binding" and v.type == "as"), None)
+        if self.ref is not None and bound is not None and self.ref not in bound:
+            raise OstreeError(f"commit {commit.hex()} is bound to {', '.join(bound) or 'no ref'} (ostree.ref-binding), "
+                              f"not to {self.ref}, the ref the repository serves it as")
+        # As ostree's timestamp check: a commit older than the one NAME names now (a
+        # replayed old, perhaps vulnerable, commit) is refused; the same second is not older.
+        if self.current is not None:
+            name, objects = self.current
+            now = commit_of(objects).timestamp
+            if new.timestamp < now:
+                raise OstreeError(f"commit {commit.hex()} ({_utc(new.timestamp)}) is older than commit "
+                                  f"{objects.commit.hex()} ({_utc(now)}) that {name} names now: refusing "
+                                  "the downgrade (--allow-downgrade permits it)")
+
+
+def _utc(timestamp: int) -> str:
+    try:
+        return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):
+        return f"timestamp {timestamp}"
+
+
+def _current(repo: Repository, name: str) -> bytes | None:
+    return dict(list_refs(repo)).get(name)
+
+
+def prepare_pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options: PullOptions) -> PullResult | PullCore:
+    """The pull's result when it needs no event loop, else its state for `run_prepared`
+    (blocking calls: from a trio task, run it on a thread)."""
+    started = time.monotonic()
+    if options.gpg_keyring is not None:
+        source.summary_keyring = options.gpg_keyring  # refs and deltas only from a signed summary
+    commit = source.resolve(ref)
+    name = options.name if options.name is not None else (None if is_checksum_text(ref) else ref)
+    if name is not None:
+        check_ref_name(name)
+    current = load_commit(repo, name) if name is not None and _current(repo, name) is not None else None
+    checks = _Checks(None if is_checksum_text(ref) else ref,
+                     None if name is None or current is None or current.commit == commit or options.allow_downgrade
+                     else (name, current))
+    signed = None
+    if options.gpg_keyring is not None:
+        signed = _signed_commit(source, commit, options.gpg_keyring)
+    if has_commit(repo, commit):
+        objects = load_stream(repo, stream_name(commit))
+        checks.check(commit, commit_of(objects))
+        image_id = ensure_image(repo, objects, name)
+        stats = PullStats(requests=source.requests if isinstance(source, HttpRepo) else None)
+        return PullResult(commit, image_id, name, True, stats, time.monotonic() - started)
+    core = PullCore(repo, source, commit, name, options, checks, started)
+    if options.base_name is not None:
+        core.add_base(load_commit(repo, options.base_name), f"--base-name {options.base_name}:")
+    elif current is not None:
+        core.add_base(current, f"{name} was")
+    core.load_partial()
+    if signed is not None:
+        core.add_base(signed, "signature verified on")  # not fetched again
+    # From a local repository: the metadata here (an archive's static delta, which gives
+    # a base, is looked for by the full pull first).
+    if isinstance(source, LocalRepo) and not (options.deltas and source.archive):
+        try:
+            core.walk_here()
+            # as the pool would: in process unless a number of workers was asked for
+            if options.jobs is None and core.store_here():
+                return core.result(core.finish_image())
+        except BaseException:
+            core.checkpoint_after_failure()
+            raise
+    return core
