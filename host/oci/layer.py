@@ -45,6 +45,9 @@ from pycfs.host.tree import BlockDevice, CharDevice, External, Fifo, Inline, Lea
 # Format constant (INLINE_CONTENT_MAX_V0): regular files up to this size stay inline.
 INLINE_CONTENT_MAX = 64
 _PIECE = 1 << 20
+# What may follow a tar's end marker (kept inline, for the diff_id): tar pads to its
+# record size, 10 KiB by default; an endless tail (say, a decompression bomb of zeros) is refused.
+MAX_TRAILING = 16 << 20
 # zstd input is fed in slices: the output of one slice is held in memory at once (at
 # ordinary ratios about a _PIECE; 16 KiB slices cost 7% more decompression time).
 _ZSTD_INPUT_SLICE = 1 << 17
@@ -303,8 +306,12 @@ class TarSplitter:
                 entry = self.reader.next()
                 inline += entry.raw
                 if isinstance(entry, TarEnd):
+                    trailing = 0
                     while piece := self._ahead.read(_PIECE):
                         inline += piece
+                        trailing += len(piece)
+                        if trailing > MAX_TRAILING:
+                            raise TarError(f"more than {MAX_TRAILING >> 20} MiB after the tar's end marker")
                     self.done = True
                 elif entry.is_regular() and entry.size > INLINE_CONTENT_MAX:
                     if inline:

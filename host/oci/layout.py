@@ -14,6 +14,7 @@ import hashlib
 import os
 import platform
 import select
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,10 +43,11 @@ from pycfs.host.oci.layer import (
 )
 from pycfs.host.oci.image import finish_pull
 from pycfs.host.oci.result import ImportStats, PullResult
+from pycfs.host.oci.tar import TarError
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
-from pycfs.host.workers.pool import Failed, Inflated, WorkerPool, open_pool
+from pycfs.host.workers.pool import Failed, Inflated, WorkerPool, default_jobs, open_pool
 
 MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -130,10 +132,26 @@ class OciLayout:
         return self.path / "blobs" / alg / hexpart
 
     def open_blob(self, desc: Descriptor) -> BinaryIO:
+        """The blob, a regular file of the descriptor's size (never a fifo, which would
+        block the open, or a device, which could feed a pull without end)."""
+        path = self.blob_path(desc.digest)
         try:
-            return open(self.blob_path(desc.digest), "rb")
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise PycfsError(f"{self.path}: blob {desc.digest} is missing") from None
+        except OSError as e:
+            raise PycfsError(f"{self.path}: cannot open blob {desc.digest}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise PycfsError(f"{self.path}: blob {desc.digest} is not a regular file")
+            if st.st_size != desc.size:
+                raise LayerDigestError(f"blob {desc.digest} has {st.st_size} bytes, its descriptor says {desc.size}")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return os.fdopen(fd, "rb")
 
     def read_blob(self, desc: Descriptor, what: str) -> bytes:
         """The whole blob, checked against the descriptor's size and digest."""
@@ -265,6 +283,7 @@ class _PipeSource:
             self.fd = -1
 
     def read(self, n: int = -1) -> bytes:
+        trio.from_thread.check_cancelled()  # also when the pipe never runs dry
         while not self._poll.poll(int(_POLL * 1000)):
             trio.from_thread.check_cancelled()
         data = os.read(self.fd, min(n, _READ) if n > 0 else _READ)
@@ -340,9 +359,12 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: Wor
 
         async def split(nursery: trio.Nursery) -> None:
             async with send:
-                while (chunk := await trio.to_thread.run_sync(next_chunk, limiter=limiter)).pieces:
-                    nursery.start_soon(store, chunk)
-                    await send.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
+                try:
+                    while (chunk := await trio.to_thread.run_sync(next_chunk, limiter=limiter)).pieces:
+                        nursery.start_soon(store, chunk)
+                        await send.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
+                except TarError as e:
+                    raise TarError(f"layer {desc.digest}: {e} (is the blob damaged?)") from None
 
         async def write() -> None:
             nonlocal advanced, entries
@@ -418,9 +440,9 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
             progress.layer_done(diff_id, True)
     stats.layers = len({d for _, d in layers.layers})
     stats.layers_already_present = stats.layers - len(todo)
-    limiter = trio.CapacityLimiter(os.cpu_count() or 1)
     # Each layer being imported holds an inflating worker and its runs in flight.
-    layers_at_once = os.cpu_count() or 1
+    layers_at_once = jobs or default_jobs()
+    limiter = trio.CapacityLimiter(layers_at_once)
     at_once = trio.Semaphore(layers_at_once)  # taken in the layers' order, given back by each
     parsed: dict[bytes, list[LayerEntry]] = {}  # by stream id: entries of the layers imported
 

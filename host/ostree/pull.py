@@ -50,7 +50,6 @@ LOCAL_FETCHERS = 4
 class _Puller:
     def __init__(self, core: PullCore) -> None:
         self.core = core
-        self.todo: trio.MemorySendChannel[bytes] | None = None  # files to fetch, as they are found
         local = isinstance(core.source, LocalRepo)
         options = core.options
         self.batch = LOCAL_BATCH if local else 1
@@ -83,7 +82,6 @@ class _Puller:
         core = self.core
         todo_send, todo_recv = trio.open_memory_channel[bytes](math.inf)
         store_send, store_recv = trio.open_memory_channel[tuple[bytes, FetchedFile]](STORE_BATCH)
-        self.todo = todo_send
         async with open_nursery() as nursery:
             async with todo_recv, store_send:
                 for _ in range(self.fetchers):
@@ -101,7 +99,7 @@ class _Puller:
                 if not core.walked:
                     core.want(Kind.COMMIT, core.commit)
                     self._flush()
-        core.on_file = self.nursery = self.todo = None
+        core.on_file = self.nursery = None
 
     async def _delta(self, source: LocalRepo | HttpRepo, store: trio.MemorySendChannel[tuple[bytes, FetchedFile]]) -> None:
         """Apply a static delta to the commit when the source has one: its objects become a base."""

@@ -226,13 +226,11 @@ class WorkerPool:
         result = obj.get("result")
         if isinstance(result, dict) and isinstance(result.get("failed"), str):
             raise PycfsError(result["failed"])
-        try:
-            assert isinstance(result, dict)
-            inflated = Inflated(result["blob"], result["blob_size"], result["diff_id"], result["tar_size"])
-            assert all(isinstance(v, t) for v, t in zip(vars(inflated).values(), (str, int, str, int)))
-        except (AssertionError, KeyError):
-            raise PycfsError(f"the {worker.describe()} answered {obj!r} to an inflate request") from None
-        return inflated
+        fields: list[Any] = [result.get(k) for k in ("blob", "blob_size", "diff_id", "tar_size")] \
+            if isinstance(result, dict) else []
+        if [type(v) for v in fields] != [str, int, str, int]:
+            raise PycfsError(f"the {worker.describe()} answered {obj!r} to an inflate request")
+        return Inflated(*fields)
 
     async def _call(self, method: str, fds: list[int], params: dict[str, Any],
                     count: int | None = None) -> list[tuple[bytes, str] | Failed]:

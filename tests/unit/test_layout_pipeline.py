@@ -74,7 +74,7 @@ def test_a_blob_cut_short_commits_nothing_and_leaks_no_fd(tmp_path, layout):
     os.system(f"cp -r {path} {cut}")
     (cut / blob.relative_to(path)).write_bytes(blob.read_bytes()[: blob.stat().st_size * 2 // 3])
     with Repository.init(tmp_path / "repo") as repo:
-        with pytest.raises(PycfsError, match="gzip|tar|digest"):
+        with pytest.raises(PycfsError, match=r"has \d+ bytes, its descriptor says \d+"):
             trio.run(lambda: pull_oci_layout(repo, str(cut), "x", build_image=False, jobs=2))
         # The repository keeps its directories open (itself, objects/, objects/XX/); nothing else of it
         # stays open (the files written for the workers show as objects/#INODE (deleted)).
@@ -182,3 +182,39 @@ def test_a_zstd_layer_not_matching_its_digests_commits_nothing(tmp_path, layout,
         assert repo.has_stream(layer_stream_name(built.diff_ids[0])) is None
         assert list_images(repo) == []
     assert _fds() == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_blob_that_is_not_a_regular_file_is_refused_at_once(tmp_path, layout, kind):
+    """A fifo would block the open, /dev/zero would feed the pull without end: both are one
+    line naming the blob, within seconds, nothing committed."""
+    path, built = layout
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    blob = bad / "blobs" / "sha256" / built.layer_digests[0].split(":")[1]
+    blob.unlink()
+    if kind == "fifo":
+        os.mkfifo(blob)
+    else:
+        blob.symlink_to("/dev/zero")
+    with Repository.init(tmp_path / "repo") as repo:
+        with pytest.raises(PycfsError, match=f"blob {built.layer_digests[0]} is not a regular file"):
+            trio.run(lambda: _within(20, pull_oci_layout(repo, str(bad), "x", build_image=False, jobs=2)))
+        assert repo.has_stream(layer_stream_name(built.diff_ids[0])) is None
+
+
+async def _within(seconds: float, job):
+    with trio.fail_after(seconds):
+        return await job
+
+
+def test_an_endless_tail_after_the_end_marker_is_refused(tmp_path, layout):
+    """A small blob that decompresses to a tar followed by a long run of zeros (a
+    decompression bomb) is refused past MAX_TRAILING, without holding it all in memory."""
+    path, built = layout
+    bomb = tmp_path / "bomb"
+    _zstd_layout(path, bomb, lambda i, tar: tar + bytes(64 << 20) if i == 0 else tar)
+    with Repository.init(tmp_path / "repo") as repo:
+        with pytest.raises(PycfsError, match="more than 16 MiB after the tar's end marker"):
+            trio.run(lambda: _within(60, pull_oci_layout(repo, str(bomb), "x", build_image=False, jobs=2)))
+        assert repo.has_stream(layer_stream_name(built.diff_ids[0])) is None
