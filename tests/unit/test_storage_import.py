@@ -614,13 +614,7 @@ def test_helper_starts_as_soon_as_the_tar_split_shows_a_file_closed_to_the_user(
     fake.add_image([layer], ["localhost/img:latest"])
     _patch_header(fake, layer, b"d/f05", {100: b"0000600\0", 108: b"0001750\0"})
     calls: list = []
-    real_open = cstorage.LayerFiles.open
-
-    def open_file(self, relpath, size):
-        calls.append(relpath)
-        return real_open(self, relpath, size)
-
-    monkeypatch.setattr(cstorage.LayerFiles, "open", open_file)
+    _record_opens(monkeypatch, calls)
     result = _pull(repo, fake, helper=_WarmHelper(calls, fail))
     assert calls.count("hello") == 1
     # Started when the reader took f05's chunk (two files a chunk), before f08's was read.
@@ -628,6 +622,17 @@ def test_helper_starts_as_soon_as_the_tar_split_shows_a_file_closed_to_the_user(
     assert sorted(c for c in calls if c != "hello") == [f"d/f{i:02d}".encode() for i in range(20)]
     assert result.stats.files_via_helper == 0
     assert repo.has_stream(f"oci-layer-{layer.diff_id}") is not None
+
+
+def _record_opens(monkeypatch, calls: list) -> None:
+    """Append each layer file's relative path to `calls` as the import opens it."""
+    real_open = cstorage.LayerFiles.open
+
+    def open_file(self, relpath, size):
+        calls.append(relpath)
+        return real_open(self, relpath, size)
+
+    monkeypatch.setattr(cstorage.LayerFiles, "open", open_file)
 
 
 def test_no_helper_start_for_world_readable_files_of_another_uid(tmp_path, repo):
@@ -665,13 +670,7 @@ def test_helper_starts_with_the_import_when_c_storage_records_other_ids(tmp_path
     fake, layer, _ = _single(tmp_path, {"big": BIG, "small": SMALL})
     _record_ids(fake, [0, 1000], [0])
     calls: list = []
-    real_open = cstorage.LayerFiles.open
-
-    def open_file(self, relpath, size):
-        calls.append(relpath)
-        return real_open(self, relpath, size)
-
-    monkeypatch.setattr(cstorage.LayerFiles, "open", open_file)
+    _record_opens(monkeypatch, calls)
     result = _pull(repo, fake, helper=_WarmHelper(calls))
     assert calls[0] == "hello" and sorted(calls[1:]) == [b"big", b"small"]
     assert result.stats.files_via_helper == 0 and _cat(repo, layer.diff_id) == layer.tar
