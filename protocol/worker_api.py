@@ -17,6 +17,10 @@ strings, as the host's framing scans JSON token by token:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 STORE = "store"
 DIGEST = "digest"
 # Digest only, of files named by absolute ``paths`` (no fds, no sizes): the worker opens
@@ -42,3 +46,66 @@ FAILED = "-"
 
 MAX_FILES_PER_REQUEST = 256
 MAX_MESSAGE_BYTES = 1 << 20  # 256 sha512 digests in hex take 32 KiB; failures add messages
+
+
+@dataclass(frozen=True)
+class Stored:
+    object_id: bytes
+    how: str  # "reflinked", "copied" or "present"
+    leased: bool = False  # the source's read lease stays with its fd (store's keep_leases)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """One file the worker could not hash or store; the caller knows which and names it."""
+
+    errno: int
+    message: str
+
+
+def file_params(sizes: Sequence[int], crcs: Sequence[int | None] | None = None,
+                sha256s: Sequence[tuple[bytes, bytes] | None] | None = None,
+                keep_leases: bool = False) -> dict[str, Any]:
+    """A request's parameters for files of these sizes (one request: at most
+    MAX_FILES_PER_REQUEST of them)."""
+    params: dict[str, Any] = {"sizes": list(sizes)}
+    if crcs is not None:
+        params["crcs"] = list(crcs)
+    if sha256s is not None:
+        params["sha256s"] = [None if c is None else [c[0].hex(), c[1].hex()] for c in sha256s]
+    if keep_leases:
+        params["keep_leases"] = True
+    return params
+
+
+def parse_answer(obj: dict[str, Any], count: int, method: str, digest_size: int) -> list[tuple[bytes, str] | Failed]:
+    """Unpack a response to a request for `count` files: (digest, how code) or Failed per
+    file; ValueError when malformed."""
+    if "error" in obj:
+        raise ValueError(f"refused a request: {obj['error']}")
+    result = obj.get("result")
+    ids, how, failed = (result.get(k) for k in ("ids", "how", "failed")) if isinstance(result, dict) else (None,) * 3
+    codes = DIGESTED if method in (DIGEST, DIGEST_PATHS) else HOW.keys() | LEASE_KEPT
+    try:
+        digests = bytes.fromhex(ids) if isinstance(ids, str) else b""
+    except ValueError:
+        digests = b""
+    if (len(digests) != count * digest_size or not isinstance(how, str) or len(how) != count
+            or not isinstance(failed, list) or not set(how) <= set(codes) | {FAILED}):
+        raise ValueError(f"answered {obj!r} to a request for {count} files")
+    out: list[tuple[bytes, str] | Failed] = [
+        (digests[i * digest_size : (i + 1) * digest_size], code) for i, code in enumerate(how)
+    ]
+    for entry in failed:
+        if (not isinstance(entry, list) or len(entry) != 3 or type(entry[0]) is not int or type(entry[1]) is not int
+                or not isinstance(entry[2], str) or not 0 <= entry[0] < count or how[entry[0]] != FAILED):
+            raise ValueError(f"sent a malformed failure: {entry!r}")
+        out[entry[0]] = Failed(entry[1], entry[2])
+    if any(not isinstance(r, Failed) and r[1] == FAILED for r in out):
+        raise ValueError("marked a file failed without saying why")
+    return out
+
+
+def stored_results(answers: list[tuple[bytes, str] | Failed]) -> list[Stored | Failed]:
+    """A store request's answers: the lease-kept codes are upper case."""
+    return [r if isinstance(r, Failed) else Stored(r[0], HOW[r[1].lower()], r[1].isupper()) for r in answers]

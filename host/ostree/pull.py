@@ -38,7 +38,7 @@ from pycfs.host.ostree.objects import Commit, Kind, OstreeError
 from pycfs.host.ostree.pullcore import CHECKPOINT_SECONDS, PullCore, PullOptions, PullResult, close_fds, prepare_pull
 from pycfs.host.ostree.source import FetchedFile, HttpRepo, LocalRepo
 from pycfs.host.repository import Repository
-from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
+from pycfs.host.workers.pool import WorkerPool, open_pool
 
 STORE_BATCH = 64
 # A local repository answers in microseconds: objects are read many to a thread hop (the
@@ -207,10 +207,7 @@ class _Puller:
             for fd in fds:
                 os.close(fd)
             limiter.release_on_behalf_of(batch[0][0])
-        for (checksum, fetched), result in zip(batch, results):
-            if isinstance(result, Failed):
-                raise core.store_failed(checksum, result.errno, result.message)
-            core.stored(checksum, fetched, result.object_id, result.how)
+        core.take_stored(batch, results)
         if time.monotonic() - core.last_checkpoint > CHECKPOINT_SECONDS:
             core.checkpoint()
 

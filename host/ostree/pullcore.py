@@ -50,6 +50,8 @@ from pycfs.host.ostree.signature import MAX_DETACHED, verify_commit
 from pycfs.host.ostree.source import MISMATCH, FetchedFile, HttpRepo, LocalRepo
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import SplitStreamError
+from pycfs.protocol import worker_api as api
+from pycfs.protocol.worker_api import Failed, Stored
 
 PARTIAL_PREFIX = "ostree-partial-"
 CHECKPOINT_SECONDS = 5.0
@@ -243,11 +245,15 @@ class PullCore:
         self.stats.stored[how] = self.stats.stored.get(how, 0) + 1
         self._file_done(fetched.header.size)
 
-    @staticmethod
-    def store_failed(checksum: bytes, error: int, message: str) -> OstreeError:
-        if error == errno.EBADMSG:
-            return OstreeError(f"{describe(checksum, Kind.FILE)}: {MISMATCH}")
-        return OstreeError(f"{describe(checksum, Kind.FILE)}: storing its content failed: {message}")
+    def take_stored(self, batch: list[tuple[bytes, FetchedFile]], results: list[Stored | Failed]) -> None:
+        """The object workers' answers for these files: each an object of the commit, or
+        the first failure raised, naming its file."""
+        for (checksum, fetched), result in zip(batch, results):
+            if isinstance(result, Failed):
+                if result.errno == errno.EBADMSG:
+                    raise OstreeError(f"{describe(checksum, Kind.FILE)}: {MISMATCH}")
+                raise OstreeError(f"{describe(checksum, Kind.FILE)}: storing its content failed: {result.message}")
+            self.stored(checksum, fetched, result.object_id, result.how)
 
     @staticmethod
     def content_check(checksum: bytes, fetched: FetchedFile) -> tuple[bytes, bytes] | None:
@@ -267,7 +273,6 @@ class PullCore:
         HERE_BYTES in at most HERE_FILES files; False, having stored nothing, when to more."""
         # imported here: the workers' methods, without the pool (and trio)
         from pycfs.host.workers.service import WorkerService
-        from pycfs.protocol import worker_api as api
         from pycfs.protocol.rpcserver import Call
 
         fetched: list[tuple[bytes, FetchedFile]] = []
@@ -286,16 +291,11 @@ class PullCore:
                 # which only the main thread may set.
                 if threading.current_thread() is threading.main_thread():
                     self.repo.enable_source_leases()
-                checks = [self.content_check(c, f) for c, f in stores]
-                answer = WorkerService(self.repo.alg, self.repo).store(
-                    Call([f.fd for _, f in stores]), [f.header.size for _, f in stores],
-                    sha256s=[None if c is None else [c[0].hex(), c[1].hex()] for c in checks])
-                for index, error, message in answer["failed"]:
-                    raise self.store_failed(stores[index][0], error, message)
-                ids = bytes.fromhex(answer["ids"])
-                size = len(ids) // len(stores)
-                for i, ((checksum, f), code) in enumerate(zip(stores, answer["how"])):
-                    self.stored(checksum, f, ids[i * size:(i + 1) * size], api.HOW[code.lower()])
+                params = api.file_params([f.header.size for _, f in stores],
+                                         sha256s=[self.content_check(c, f) for c, f in stores])
+                answer = WorkerService(self.repo.alg, self.repo).store(Call([f.fd for _, f in stores]), **params)
+                self.take_stored(stores, api.stored_results(
+                    api.parse_answer({"result": answer}, len(stores), api.STORE, self.repo.digest_size)))
             for checksum, f in fetched:
                 if f.fd is None:
                     self.inlined(checksum, f)

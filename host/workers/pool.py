@@ -42,26 +42,12 @@ from pycfs.host.nursery import open_nursery
 from pycfs.host.repository import Repository
 from pycfs.host.workers.service import WorkerService
 from pycfs.protocol import worker_api as api
+from pycfs.protocol.worker_api import Failed, Stored
 from pycfs.protocol.fdpass import FdPassError, asend_with_fds
 from pycfs.protocol.jsonrpc import Decoder, ProtocolError, encode
 from pycfs.protocol.rpcserver import Call, InvalidParamsError
 
 EXIT_GRACE = 5.0
-
-
-@dataclass(frozen=True)
-class Stored:
-    object_id: bytes
-    how: str  # "reflinked", "copied" or "present"
-    leased: bool = False  # the source's read lease stays with its fd (store's keep_leases)
-
-
-@dataclass(frozen=True)
-class Failed:
-    """One file the worker could not hash or store; the caller knows which and names it."""
-
-    errno: int
-    message: str
 
 
 @dataclass(frozen=True)
@@ -142,8 +128,7 @@ class WorkerPool:
         (`Stored.leased`: the caller may read the cached source while `lease_held` says so,
         and closing its fd ends the lease); any other was hashed from the object's own pages
         (see `Repository.store_object_from_fd`)."""
-        results = await self._each(api.STORE, fds, sizes, crcs, sha256s, keep_leases)
-        return [r if isinstance(r, Failed) else Stored(r[0], api.HOW[r[1].lower()], r[1].isupper()) for r in results]
+        return api.stored_results(await self._each(api.STORE, fds, sizes, crcs, sha256s, keep_leases))
 
     async def adopt(self, fds: Sequence[int], sizes: Sequence[int]) -> list[Stored | Failed]:
         """Make each anonymous file of the repository's object store (see
@@ -177,13 +162,8 @@ class WorkerPool:
             self._local_bytes += sum(sizes)
         for start in range(0, len(fds), api.MAX_FILES_PER_REQUEST):
             end = start + api.MAX_FILES_PER_REQUEST
-            params: dict[str, Any] = {"sizes": list(sizes[start:end])}
-            if crcs is not None:
-                params["crcs"] = list(crcs[start:end])
-            if sha256s is not None:
-                params["sha256s"] = [None if c is None else [c[0].hex(), c[1].hex()] for c in sha256s[start:end]]
-            if keep_leases:
-                params["keep_leases"] = True
+            params = api.file_params(sizes[start:end], None if crcs is None else crcs[start:end],
+                                     None if sha256s is None else sha256s[start:end], keep_leases)
             out += await call(method, list(fds[start:end]), params)
         return out
 
@@ -276,29 +256,7 @@ class WorkerPool:
 
     def _results(self, obj: dict[str, Any], count: int, method: str) -> list[tuple[bytes, str] | Failed]:
         """Unpack a response (see `pycfs.protocol.worker_api`); ValueError when malformed."""
-        if "error" in obj:
-            raise ValueError(f"refused a request: {obj['error']}")
-        result = obj.get("result")
-        ids, how, failed = (result.get(k) for k in ("ids", "how", "failed")) if isinstance(result, dict) else (None,) * 3
-        codes = api.DIGESTED if method in (api.DIGEST, api.DIGEST_PATHS) else api.HOW.keys() | api.LEASE_KEPT
-        try:
-            digests = bytes.fromhex(ids) if isinstance(ids, str) else b""
-        except ValueError:
-            digests = b""
-        if (len(digests) != count * self.digest_size or not isinstance(how, str) or len(how) != count
-                or not isinstance(failed, list) or not set(how) <= set(codes) | {api.FAILED}):
-            raise ValueError(f"answered {obj!r} to a request for {count} files")
-        out: list[tuple[bytes, str] | Failed] = [
-            (digests[i * self.digest_size : (i + 1) * self.digest_size], code) for i, code in enumerate(how)
-        ]
-        for entry in failed:
-            if (not isinstance(entry, list) or len(entry) != 3 or type(entry[0]) is not int or type(entry[1]) is not int
-                    or not isinstance(entry[2], str) or not 0 <= entry[0] < count or how[entry[0]] != api.FAILED):
-                raise ValueError(f"sent a malformed failure: {entry!r}")
-            out[entry[0]] = Failed(entry[1], entry[2])
-        if any(not isinstance(r, Failed) and r[1] == api.FAILED for r in out):
-            raise ValueError("marked a file failed without saying why")
-        return out
+        return api.parse_answer(obj, count, method, self.digest_size)
 
     def _check(self) -> None:
         if self._failure is not None:
