@@ -638,11 +638,18 @@ def test_requests_started_together_go_to_different_workers(tmp_path):
 
         async with open_pool(alg="sha256", jobs=2) as pool, trio.open_nursery() as nursery:
             await pool.start()
+            drained = trio.Event()
+
+            async def drain_all(fd):
+                await trio.to_thread.run_sync(drain, fd)
+                drained.set()
+
             with open(tmp_path / "blob", "rb") as stalled, open(tmp_path / "blob", "rb") as f:
                 nursery.start_soon(pool.inflate, stalled.fileno(), stalled_write, "gzip", "sha256", "sha256")
-                nursery.start_soon(trio.to_thread.run_sync, drain, read_end)
+                nursery.start_soon(drain_all, read_end)
                 with trio.fail_after(20):
                     answer = await pool.inflate(f.fileno(), write_end, "gzip", "sha256", "sha256")
+                    await drained.wait()  # the answer may come before the reader took the pipe's last bytes
                 assert bytes(got) == tar and answer.tar_size == len(tar)
                 got.clear()
                 await trio.to_thread.run_sync(drain, stalled_read)
