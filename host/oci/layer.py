@@ -82,11 +82,6 @@ class HashingReader:
         self.count += len(data)
         return data
 
-    def drain(self) -> None:
-        """Read (and hash) to EOF: a digest covers every byte, trailing ones included."""
-        while self.read(_PIECE):
-            pass
-
     def digest(self) -> str:
         return f"{self.alg}:{self.hasher.hexdigest()}"
 

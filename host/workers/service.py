@@ -105,19 +105,15 @@ class WorkerService:
         return self._each(call, sizes, one)
 
     def inflate(self, call: Call, compression: Any, blob_alg: Any, diff_alg: Any) -> dict[str, Any]:
-        from pycfs.host.oci.layer import decompressing_reader
+        from pycfs.host.oci.layer import HashingReader, decompressing_reader
 
         if len(call.fds) != 2 or compression not in ("gzip", "zstd", "none") or not {blob_alg, diff_alg} <= set(DIGEST_SIZES):
             raise InvalidParamsError("inflate takes the blob and a pipe, gzip|zstd|none and two hash names")
         blob_fd, pipe = call.fds
-        hasher = hashlib.new(diff_alg)
-        size = 0
         blob = _BlobReader(blob_fd, blob_alg)
         try:
-            tar = decompressing_reader(blob, compression)
+            tar = HashingReader(decompressing_reader(blob, compression), diff_alg)
             while piece := tar.read(_INFLATE_PIECE):
-                hasher.update(piece)
-                size += len(piece)
                 view = memoryview(piece)
                 while view:
                     view = view[os.write(pipe, view) :]
@@ -129,8 +125,8 @@ class WorkerService:
             blob.close()
             os.close(pipe)  # the host's EOF (the request's fds are closed again after: harmless)
             call.fds[1] = -1
-        return {"blob": blob.digest(), "blob_size": blob.count, "diff_id": f"{diff_alg}:{hasher.hexdigest()}",
-                "tar_size": size}
+        return {"blob": blob.source.digest(), "blob_size": blob.source.count, "diff_id": tar.digest(),
+                "tar_size": tar.count}
 
     def _store_one(self, fd: int, size: int, crc: int | None,
                    sha256: tuple[bytes, bytes] | None = None, keep_lease: bool = False) -> tuple[bytes, str]:
@@ -171,21 +167,19 @@ class _BlobReader:
     hands on the pieces as they were read (the decompressors take any length), b"" at EOF."""
 
     def __init__(self, fd: int, alg: str) -> None:
-        self.hasher = hashlib.new(alg)
-        self.alg = alg
-        self.count = 0
+        from pycfs.host.oci.layer import HashingReader
+
+        self.source = HashingReader(os.fdopen(fd, "rb", buffering=0, closefd=False), alg)  # count, digest()
         self._pieces: queue.Queue[bytes | OSError] = queue.Queue(_BLOB_AHEAD)
         self._eof = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(fd,), name="blob reader")
+        self._thread = threading.Thread(target=self._run, name="blob reader")
         self._thread.start()
 
-    def _run(self, fd: int) -> None:
+    def _run(self) -> None:
         try:
             while True:
-                piece = os.read(fd, _INFLATE_PIECE)
-                self.hasher.update(piece)
-                self.count += len(piece)
+                piece = self.source.read(_INFLATE_PIECE)
                 if not self._put(piece) or not piece:
                     return
         except OSError as e:
@@ -214,9 +208,6 @@ class _BlobReader:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-
-    def digest(self) -> str:
-        return f"{self.alg}:{self.hasher.hexdigest()}"
 
 
 @functools.cache
