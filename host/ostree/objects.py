@@ -325,20 +325,20 @@ def _read_entries(data: bytes, start: int, end: int, checksums: int) -> list[tup
         # an element: its string, its checksum(s), then the offsets (last first) of every
         # member but the last
         ew = offset_size(element_end - pos)
-        frame = element_end - checksums * ew
-        if frame < pos:
+        framing = element_end - checksums * ew
+        if framing < pos:
             return None
         name_end = pos + int.from_bytes(data[element_end - ew:element_end], "little")
-        sum_end = frame if checksums == 1 else pos + int.from_bytes(data[frame:frame + ew], "little")
-        if not pos <= name_end <= sum_end <= frame:
+        sum_end = framing if checksums == 1 else pos + int.from_bytes(data[framing:framing + ew], "little")
+        if not pos <= name_end <= sum_end <= framing:
             return None
         name = _string(data, pos, name_end)
         if name is None:
             return None
         if checksums == 1:
-            out.append((name, data[name_end:frame]))
+            out.append((name, data[name_end:framing]))
         else:
-            out.append((name, data[name_end:sum_end], data[sum_end:frame]))
+            out.append((name, data[name_end:sum_end], data[sum_end:framing]))
         pos = element_end
     return out
 
