@@ -11,9 +11,10 @@ target's fields) or, with `hardlinks="rust"`, in the composefs-rs placeholder fo
 from __future__ import annotations
 
 import functools
+import io
 import re
 import stat as _stat
-from typing import NoReturn
+from typing import BinaryIO, NoReturn
 from collections.abc import Iterable
 
 from pycfs.host.errors import PycfsError
@@ -143,6 +144,7 @@ PAYLOAD_MAX = 4095  # C: "Invalid payload" from 4096 bytes on
 XATTR_NAME_MAX = 255
 XATTR_TEXT_MAX = 65535  # the xattr part of a line
 EXTERNAL_SIZE_MAX = 1024 << 43  # 1024 chunk indexes of the largest chunk (2^43 bytes)
+XATTR_DICTS_SHARED = 4096  # distinct xattr texts whose dicts one parse shares
 
 
 def _show_field(field: bytes) -> str:
@@ -235,33 +237,46 @@ class _PendingLink:
 
 
 def parse(data: bytes, *, strict: bool = False) -> FileSystem:
-    """Parse dumpfile bytes into a FileSystem (C mkcomposefs semantics).
+    """Parse dumpfile bytes into a FileSystem (C mkcomposefs semantics); see `parse_file`."""
+    return parse_file(io.BytesIO(data), strict=strict)
+
+
+def parse_file(f: BinaryIO, *, strict: bool = False) -> FileSystem:
+    """Parse a dumpfile read from `f` line by line into a FileSystem (C mkcomposefs
+    semantics): a big dumpfile is never held whole, nor as a list of its lines.
 
     `strict` is C's `CFS_PARSE_STRICT=1`: symlink SIZE must match, RDEV must be 0 on
-    non-devices, the last line needs its newline.
+    non-devices, the last line needs its newline (checked first, so `f` must then be
+    seekable). Inodes whose xattrs are written alike share one xattr dict: treat the
+    tree's xattr dicts as read-only (`Stat.copy` copies).
     """
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    elif strict and lines:
-        raise DumpfileError(len(lines), "Missing trailing newline")
-    if not lines:
-        raise DumpfileError(0, "No files in dump file")
-
+    if strict:
+        start = f.tell()
+        end = f.seek(0, io.SEEK_END)
+        if end > start:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                f.seek(start)
+                lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b"")) + 1
+                raise DumpfileError(lines, "Missing trailing newline")
+        f.seek(start)
     with gc_paused():
-        return _parse_lines(lines, strict)
+        return _parse_lines(f, strict)
 
 
-def _parse_lines(lines: list[bytes], strict: bool) -> FileSystem:
+def _parse_lines(lines: Iterable[bytes], strict: bool) -> FileSystem:
     fs = FileSystem()
     root: Directory | None = None
     pending: list[tuple[Directory, bytes, _PendingLink]] = []
     homes: dict[int, tuple[Directory, bytes]] = {}
     dirs: dict[bytes, Directory] = {}  # canonical path -> directory, for the parent lookup
+    xattr_dicts: dict[bytes, dict[bytes, bytes]] = {}  # the xattr text of a line -> its dict
 
     for lineno, line in enumerate(lines, 1):
+        if line[-1:] == b"\n":
+            line = line[:-1]
         try:
-            path, comps, node, link_target = _parse_line(line, strict)
+            path, comps, node, link_target = _parse_line(line, strict, xattr_dicts)
         except ValueError as e:
             raise DumpfileError(lineno, str(e), _entry(line)) from None
         if comps is None:  # the root
@@ -290,7 +305,8 @@ def _parse_lines(lines: list[bytes], strict: bool) -> FileSystem:
             parent.entries[name] = node
             homes[id(node)] = (parent, name)
 
-    assert root is not None
+    if root is None:
+        raise DumpfileError(0, "No files in dump file")
     _resolve_links(root, pending, homes, fs)
     return fs
 
@@ -314,7 +330,7 @@ def _show(path: bytes) -> str:
     return path.decode("utf-8", "backslashreplace")
 
 
-def _parse_line(line: bytes, strict: bool):
+def _parse_line(line: bytes, strict: bool, xattr_dicts: dict[bytes, dict[bytes, bytes]]):
     nul = line.find(b"\0")
     if nul >= 0:
         raise ValueError(f"Invalid embedded NUL character at position {nul}")
@@ -387,7 +403,14 @@ def _parse_line(line: bytes, strict: bool):
         if len(content) != size:
             raise ValueError(f"Invalid content size {len(content)}, must match size {size}")
     digest = _parse_digest(fields[10])
-    xattrs = dict(_parse_xattrs(fields[11])) if len(fields) > 11 and fields[11] else {}
+    # one dict for all the lines of the same xattrs (most repeat a few SELinux labels, or
+    # have none), up to a bound for dumpfiles where each line's are its own
+    text = fields[11] if len(fields) > 11 else b""
+    xattrs = xattr_dicts.get(text)
+    if xattrs is None:
+        xattrs = dict(_parse_xattrs(text)) if text else {}
+        if len(xattr_dicts) < XATTR_DICTS_SHARED:
+            xattr_dicts[text] = xattrs
     st = Stat(mode & 0o7777, uid, gid, mtime_sec, mtime_nsec, xattrs)
     if ftype == _stat.S_IFDIR:
         return path, comps, Directory(st), None

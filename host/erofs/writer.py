@@ -1,6 +1,6 @@
 """EROFS composefs image writer (spec 5).
 
-`write_image(fs, version)`:
+`write_image(fs, version)` (or `image_buffer`, the same in the buffer it was built in):
 * versions 0 and 1 ("epoch 1") are byte-identical to C mkcomposefs 1.0.8;
 * version 2 is the legacy composefs-rs layout.
 
@@ -16,7 +16,6 @@ preallocated bytearray (directory blocks are built last, once every nid is known
 from __future__ import annotations
 
 import functools
-import itertools
 import stat as _stat
 from collections import Counter, deque
 from typing import NoReturn
@@ -24,6 +23,7 @@ from typing import NoReturn
 from pycfs.host.errors import PycfsError
 from pycfs.host.erofs import format as F
 from pycfs.host.tree import (
+    object_path,
     BlockDevice,
     CharDevice,
     Directory,
@@ -99,7 +99,6 @@ class _Ino:
         "blkaddr",
         "blocks",
         "children",
-        "chunk_count",
         "chunk_format",
         "extended",
         "ftype",
@@ -108,10 +107,8 @@ class _Ino:
         "index",
         "inline",
         "layout",
-        "local",
         "mode",
         "mtime",
-        "name_filter",
         "nblocks",
         "nid",
         "nlink",
@@ -119,8 +116,6 @@ class _Ino:
         "nsec",
         "parent",
         "promoted",
-        "rdev",
-        "shared",
         "size",
         "uid",
         "xattr_size",
@@ -128,29 +123,31 @@ class _Ino:
     )
 
     def __init__(self, node, index: int, parent: _Ino | None = None) -> None:
+        # Defaults are shared objects (small ints, empty bytes and tuples): hundreds of
+        # thousands of records, so nothing is allocated per record that it may not need.
         self.node = node
         self.index = index
         self.parent = parent
         self.mode = self.uid = self.gid = self.mtime = self.nsec = self.nlink = 0
         self.layout = self.ftype = self.nid = 0
         self.extended = False
-        self.xattrs: dict[bytes, bytes] = {}
-        self.shared: list[int] = []
-        self.local: list[tuple[int, bytes, bytes]] = []
+        # the inode's own and composefs xattrs, sorted as written, one interned tuple for all
+        # inodes that have the same; those derived from a file's content (metacopy, redirect)
+        # are not in it but made when needed (`_Xattrs.items`)
+        self.xattrs: _Items = ()
         self.xattr_size = 0
-        self.name_filter = 0
         self.inline = b""
         self.blocks = b""
         self.nblocks = 0
         self.i_u = 0
-        self.rdev = 0
         self.size = 0
-        self.children: list[tuple[bytes, _Ino]] = []
+        self.children: list[tuple[bytes, _Ino]] = ()  # type: ignore[assignment]  # a list for directories
         self.promoted = False
         self.chunk_format = 0
-        self.chunk_count = 0
         self.blkaddr = 0  # first data block, when nblocks
 
+
+_Items = tuple[tuple[bytes, bytes], ...]
 
 _FTYPES = {
     _stat.S_IFREG: F.FT_REG_FILE, _stat.S_IFDIR: F.FT_DIR, _stat.S_IFCHR: F.FT_CHRDEV,
@@ -161,33 +158,37 @@ _FTYPES = {
 
 def write_image(fs: FileSystem, version: int = 0) -> bytes:
     """Serialise `fs` as a composefs EROFS image of format `version` (0, 1 or 2)."""
+    return bytes(image_buffer(fs, version))
+
+
+def image_buffer(fs: FileSystem, version: int = 0) -> bytearray:
+    """`write_image` without the final copy to `bytes`, which doubles the peak memory of a
+    big image: for callers that only write or hash it."""
     if version not in (0, 1, 2):
         raise ImageError(f"cannot write file: Invalid argument (format version {version})")
     with gc_paused():
         return _write_image(fs, version)
 
 
-def _write_image(fs: FileSystem, version: int) -> bytes:
+def _write_image(fs: FileSystem, version: int) -> bytearray:
     inos = _collect_v2(fs) if version == 2 else _collect_epoch1(fs, version)
     try:
         _check_limits(inos)
+        xattrs = _Xattrs(inos, v2=version == 2)
         if version == 2:
-            shared_table = _share_xattrs(inos, v2=True)
             for ino in inos:
                 _prepare_data_v2(ino)
-            return _layout_and_emit(inos, shared_table, 2, 0, 0)
-        _prepare_xattrs_epoch1(inos)
-        shared_table = _share_xattrs(inos, v2=False)
+            return _layout_and_emit(inos, xattrs, 2, 0, 0)
         min_sec, min_nsec = min((i.mtime, i.nsec) for i in inos)
         for ino in inos:
             _prepare_data_epoch1(ino, min_sec, min_nsec)
-        return _layout_and_emit(inos, shared_table, version, min_sec, min_nsec)
+        return _layout_and_emit(inos, xattrs, version, min_sec, min_nsec)
     finally:
         # parent and child links make cycles: cut, the records go by reference counting
         # instead of waiting for a full collection (1.5 s at exit for 200,000 inodes)
         for ino in inos:
             ino.parent = None
-            ino.children = []
+            ino.children = ()  # type: ignore[assignment]
 
 
 # ---------------------------------------------------------------------------- pass 1: collect
@@ -202,6 +203,43 @@ def _escape_xattrs(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
             k = OVERLAY_ESCAPED_PREFIX + k[len(OVERLAY_PREFIX):]
         out[k] = v
     return out
+
+
+class _XattrSets:
+    """Interned xattr tuples: an image has a few distinct sets (labels, capabilities) on
+    hundreds of thousands of inodes, so each inode refers to one shared tuple."""
+
+    def __init__(self, v2: bool) -> None:
+        self.v2 = v2
+        self._own: dict[_Items, _Items] = {}  # a Stat's items as given -> as written
+        self._all: dict[_Items, _Items] = {}
+
+    def own(self, xattrs: dict[bytes, bytes]) -> _Items:
+        """A Stat's xattrs, escaped, in the order written (epoch 1: by name; format 2: by
+        name before escaping)."""
+        key = tuple(xattrs.items())
+        items = self._own.get(key)
+        if items is None:
+            if self.v2:
+                items = tuple(_escape_xattrs(dict(sorted(xattrs.items()))).items())
+            else:
+                items = tuple(sorted(_escape_xattrs(xattrs).items()))
+            items = self._own[key] = self._all.setdefault(items, items)
+        return items
+
+    def plus(self, items: _Items, added: dict[bytes, bytes]) -> _Items:
+        """Epoch 1: `items` with `added` set (replacing any value of the same name)."""
+        merged = dict(items)
+        merged.update(added)
+        out = tuple(sorted(merged.items()))
+        return self._all.setdefault(out, out)
+
+
+_WHITEOUT_XATTRS = {XATTR_ESC_WHITEOUT: b"", XATTR_USER_WHITEOUT: b""}
+_WHITEOUT_DIR_XATTRS = ({XATTR_ESC_WHITEOUTS: b"", XATTR_USER_WHITEOUTS: b""},  # version 0
+                        {XATTR_ESC_WHITEOUTS: b"", XATTR_USER_WHITEOUTS: b"", XATTR_ESC_OPAQUE: b"x",
+                         XATTR_USER_OPAQUE: b"x"})
+_ROOT_XATTRS = {XATTR_OPAQUE: b"y"}
 
 
 def _canonical_occurrences(fs: FileSystem) -> tuple[dict[int, int], dict[int, tuple[int, bytes]]]:
@@ -277,6 +315,7 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
 
     root_ino = _Ino(root, 0)
     root_ino.parent = root_ino
+    root_ino.children = []
     inos: list[_Ino] = [root_ino]
     by_id: dict[int, _Ino] = {id(root): root_ino}
     late: list[tuple[_Ino, int, int]] = []  # (dir ino, child position, leaf id)
@@ -297,12 +336,17 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
                 cino = by_id.get(k)
                 if cino is None and _is_dir_home(fs, child, d, name):
                     by_id[k] = cino = _Ino(child, len(inos), dino)
+                    cino.children = []
                     inos.append(cino)
                     queue.append(cino)
-            elif k in multi and canon.get(k) != (id(d), name):
-                cino = by_id.get(k)
+            elif k in multi:
+                if canon.get(k) == (id(d), name):
+                    by_id[k] = cino = _Ino(child, len(inos), dino)
+                    inos.append(cino)
+                else:
+                    cino = by_id.get(k)
             else:
-                by_id[k] = cino = _Ino(child, len(inos), dino)
+                cino = _Ino(child, len(inos), dino)
                 inos.append(cino)
             if cino is None:
                 # canonical name is deeper in the BFS: fill in once it has a number
@@ -313,14 +357,16 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
     for dino, pos, k in late:
         dino.children[pos] = (dino.children[pos][0], by_id[k])
 
-    # per-inode metadata and composefs xattrs
+    # per-inode metadata and composefs xattrs (metacopy and redirect: `_Xattrs.items`)
+    sets = _XattrSets(v2=False)
     wh_parents: list[_Ino | None] = []
     for ino in inos:
         node = ino.node
         st = node.stat
         ino.uid, ino.gid = st.uid, st.gid
         ino.mtime, ino.nsec = st.mtime_sec, st.mtime_nsec
-        ino.xattrs = _escape_xattrs(st.xattrs) if st.xattrs else {}
+        if st.xattrs:
+            ino.xattrs = sets.own(st.xattrs)
         if type(node) is Directory:
             ino.mode = _stat.S_IFDIR | (st.mode & 0o7777)
             ino.nlink = _dir_nlink(ino)
@@ -329,31 +375,17 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
         c = node.content
         tc = type(c)
         ino.mode = TYPE_BITS[tc] | (st.mode & 0o7777)
-        if tc is External:
-            ino.xattrs[XATTR_METACOPY] = _metacopy(c.id)
-            backing = c.backing_path  # a property: hex and slices per call
-            if backing:
-                ino.xattrs[XATTR_REDIRECT] = b"/" + backing
-        elif tc is ExternalNoVerity or tc is Sparse:
-            ino.xattrs[XATTR_METACOPY] = b""
-            if tc is ExternalNoVerity and c.backing_path:
-                ino.xattrs[XATTR_REDIRECT] = b"/" + c.backing_path
-        elif tc is CharDevice and c.rdev == 0 and id(node) not in stub_ids:
+        if tc is CharDevice and c.rdev == 0 and id(node) not in stub_ids:
             # a whiteout: escaped to a regular file; only the directory of its own name is
             # marked, not one holding a hardlink to it
             ino.mode = _stat.S_IFREG | (st.mode & 0o7777)
-            ino.xattrs[XATTR_ESC_WHITEOUT] = b""
-            ino.xattrs[XATTR_USER_WHITEOUT] = b""
+            ino.xattrs = sets.plus(ino.xattrs, _WHITEOUT_XATTRS)
             wh_parents.append(ino.parent)
 
     for wdir in wh_parents:
         if wdir is not None:
-            wdir.xattrs[XATTR_ESC_WHITEOUTS] = b""
-            wdir.xattrs[XATTR_USER_WHITEOUTS] = b""
-            if version >= 1:
-                wdir.xattrs[XATTR_ESC_OPAQUE] = b"x"
-                wdir.xattrs[XATTR_USER_OPAQUE] = b"x"
-    root_ino.xattrs[XATTR_OPAQUE] = b"y"
+            wdir.xattrs = sets.plus(wdir.xattrs, _WHITEOUT_DIR_XATTRS[version >= 1])
+    root_ino.xattrs = sets.plus(root_ino.xattrs, _ROOT_XATTRS)
     return inos
 
 
@@ -392,6 +424,8 @@ def _collect_v2(fs: FileSystem) -> list[_Ino]:
     def new_ino(node, parent: _Ino | None) -> _Ino:
         ino = _Ino(node, len(inos))
         ino.parent = parent if parent is not None else ino
+        if isinstance(node, Directory):
+            ino.children = []
         inos.append(ino)
         by_id[id(node)] = ino
         return ino
@@ -416,27 +450,19 @@ def _collect_v2(fs: FileSystem) -> list[_Ino]:
         else:
             iters.pop()
 
+    sets = _XattrSets(v2=True)
     for ino in inos:
         node = ino.node
         st = node.stat
         ino.uid, ino.gid = st.uid, st.gid
         ino.mtime, ino.nsec = st.mtime_sec, 0
         ino.mode = node.st_mode
-        own = _escape_xattrs(dict(sorted(st.xattrs.items())))
-        x: dict[bytes, bytes] = {}
+        if st.xattrs:
+            ino.xattrs = sets.own(st.xattrs)  # metacopy and redirect go first: `_Xattrs.items`
         if isinstance(node, Directory):
             ino.nlink = _dir_nlink(ino)
         else:
             ino.nlink = node.nlink if node.nlink is not None else counts.get(id(node), 1)
-            c = node.content
-            if isinstance(c, External):
-                x[XATTR_METACOPY] = F.OverlayMetacopy(digest_algo=_verity_algo(c.id), digest=c.id).pack()
-            elif isinstance(c, (ExternalNoVerity, Sparse)):
-                x[XATTR_METACOPY] = b""
-            if isinstance(c, (External, ExternalNoVerity)) and c.backing_path:
-                x[XATTR_REDIRECT] = b"/" + c.backing_path
-        x.update(own)
-        ino.xattrs = x
     return inos
 
 
@@ -463,7 +489,7 @@ def _prepare_data_v2(ino: _Ino) -> None:
         ino.inline = b"\xff\xff\xff\xff" if isinstance(c, External) else b""
     elif isinstance(c, (CharDevice, BlockDevice)):
         ino.layout = F.DATALAYOUT_FLAT_PLAIN
-        ino.rdev = ino.i_u = c.rdev & 0xFFFFFFFF
+        ino.i_u = c.rdev & 0xFFFFFFFF
     else:
         ino.layout = F.DATALAYOUT_FLAT_PLAIN
 
@@ -472,6 +498,7 @@ def _check_limits(inos: list[_Ino]) -> None:
     """Reject what EROFS cannot store, with a message instead of a struct.error."""
     u32 = 1 << 32
     lo63, hi63 = -(1 << 63), 1 << 63
+    checked: set[int] = set()  # xattr tuples are shared
     for ino in inos:
         if not (0 <= ino.uid < u32 and 0 <= ino.gid < u32 and 0 <= ino.nlink < u32
                 and 0 <= ino.nsec < u32 and lo63 <= ino.mtime < hi63):
@@ -485,9 +512,19 @@ def _check_limits(inos: list[_Ino]) -> None:
         node = ino.node
         if type(node) is Leaf and type(node.content) is Symlink and not 0 < len(node.content.target) < 4096:
             raise ImageError(f"{_what(ino)}: symlink target of {len(node.content.target)} bytes (1..4095 allowed)")
-        for k, v in ino.xattrs.items():
-            if len(k) > 255 + 24 or len(v) > 0xFFFF:
-                raise ImageError(f"{_what(ino)}: xattr {k[:40]!r} too long (name {len(k)}, value {len(v)} bytes)")
+        if ino.xattrs and id(ino.xattrs) not in checked:
+            checked.add(id(ino.xattrs))
+            for k, v in ino.xattrs:
+                if len(k) > 255 + 24 or len(v) > 0xFFFF:
+                    _refuse_xattr(ino, k, len(v))
+        if type(node) is Leaf and type(node.content) in _REDIRECTING:
+            payload = node.content.payload
+            if payload and len(payload) >= 0xFFFF:  # the redirect is "/" + payload
+                _refuse_xattr(ino, XATTR_REDIRECT, 1 + len(payload))
+
+
+def _refuse_xattr(ino: _Ino, name: bytes, value_len: int) -> NoReturn:
+    raise ImageError(f"{_what(ino)}: xattr {name[:40]!r} too long (name {len(name)}, value {value_len} bytes)")
 
 
 def _what(ino: _Ino) -> str:
@@ -505,71 +542,191 @@ def _refuse_inode(ino: _Ino) -> NoReturn:
 # ---------------------------------------------------------------------------- xattrs
 
 
-def _prepare_xattrs_epoch1(inos: list[_Ino]) -> None:
+_CONTENT_XATTR_KINDS = frozenset((External, ExternalNoVerity, Sparse))
+_REDIRECTING = frozenset((External, ExternalNoVerity))
+
+
+def _content_xattrs(node) -> list[tuple[bytes, bytes]]:
+    """The metacopy and redirect xattrs of a regular file backed by an object. They differ
+    from file to file, so they are made when needed rather than kept for every inode."""
+    if type(node) is not Leaf:
+        return []
+    c = node.content
+    tc = type(c)
+    if tc is External:
+        backing = c.backing_path  # a property: hex and slices per call
+        mc = [(XATTR_METACOPY, _metacopy(c.id))]
+        return [*mc, (XATTR_REDIRECT, b"/" + backing)] if backing else mc
+    if tc is ExternalNoVerity:
+        return [(XATTR_METACOPY, b""), (XATTR_REDIRECT, b"/" + c.payload)] if c.payload else [(XATTR_METACOPY, b"")]
+    if tc is Sparse:
+        return [(XATTR_METACOPY, b"")]
+    return []
+
+
+def _object_id_of(path: bytes) -> bytes | None:
+    """The id whose `XX/rest` path this is, if it is one."""
+    if len(path) < 3 or path[2:3] != b"/":
+        return None
+    try:
+        object_id = bytes.fromhex((path[:2] + path[3:]).decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return object_id if object_path(object_id) == path else None
+
+
+def _repeated_content_xattrs(inos: list[_Ino]) -> list[tuple[bytes, bytes]]:
+    """The metacopy and redirect (name, value) pairs found on more than one inode (files of
+    the same content): found from the ids and payloads, without making every value."""
+    ids: list[bytes] = []  # metacopy digests
+    plain: list[bytes] = []  # ids of files redirected to their object's own XX/rest path
+    payloads: Counter[bytes] = Counter()  # other redirect paths
+    empty_metacopy = 0
     for ino in inos:
-        if ino.xattrs:
-            # keys are unique, so the C order (name, then value length, then value) is by name
-            ino.xattrs = dict(sorted(ino.xattrs.items()))
+        node = ino.node
+        if type(node) is not Leaf:
+            continue
+        c = node.content
+        tc = type(c)
+        if tc is External:
+            ids.append(c.id)
+            if c.payload is None:
+                plain.append(c.id)
+            elif c.payload:
+                payloads[c.payload] += 1
+        elif tc is ExternalNoVerity or tc is Sparse:
+            empty_metacopy += 1
+            if tc is ExternalNoVerity and c.payload:
+                payloads[c.payload] += 1
+    found = [(XATTR_METACOPY, b"")] if empty_metacopy > 1 else []
+    if len(set(ids)) < len(ids):
+        found += [(XATTR_METACOPY, _metacopy(i)) for i, n in Counter(ids).items() if n > 1]
+    plain_counts = Counter(plain) if len(set(plain)) < len(plain) else None
+    if payloads and plain:
+        # a payload may spell the XX/rest path of a file redirected there by its id
+        plain_set = set(plain)
+        for path in list(payloads):
+            object_id = _object_id_of(path)
+            if object_id is not None and object_id in plain_set:
+                payloads[path] += plain_counts[object_id] if plain_counts else 1
+    if plain_counts:
+        for object_id, n in plain_counts.items():
+            path = object_path(object_id)
+            if n > 1 and path not in payloads:
+                payloads[path] = n
+    found += [(XATTR_REDIRECT, b"/" + path) for path, n in payloads.items() if n > 1]
+    return found
 
 
-def _share_xattrs(inos: list[_Ino], v2: bool) -> list[tuple[int, bytes, bytes]]:
-    """Move (key, value) pairs used by several inodes to the shared table; returns the table
-    entries (name index, suffix, value) and fills each inode's xattr fields.
+class _Xattrs:
+    """The shared xattr table and each inode's xattr block.
 
-    Epoch 1 (C): table in descending (name, value length, value) order. V2 (composefs-rs):
-    ascending (name index, suffix, value), and the lustre. prefix index is used."""
-    order = _PREFIX_ORDER_V2 if v2 else _PREFIX_ORDER_EPOCH1
-    # counted in C (Counter's update from an iterable)
-    counts = Counter(itertools.chain.from_iterable(ino.xattrs.items() for ino in inos))
-    shared = [kv for kv, n in counts.items() if n > 1]
-    if v2:
-        shared.sort(key=lambda kv: (*_split_xattr_name(kv[0], order), kv[1]))
-    else:
-        shared.sort(key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
-    # A handful of distinct names on thousands of inodes: (prefix index, suffix, filter bit)
-    # once per name.
-    names: dict[bytes, tuple[int, bytes, int]] = {}
+    Pairs used by several inodes go to the table. Epoch 1 (C): table in descending (name,
+    value length, value) order. V2 (composefs-rs): ascending (name index, suffix, value),
+    and the lustre. prefix index is used. Building sets every inode's `xattr_size`."""
 
-    def name_info(k: bytes) -> tuple[int, bytes, int]:
-        idx, suffix = _split_xattr_name(k, order)
-        if len(suffix) > 255:
-            raise ImageError(f"xattr name {k[:40]!r}... longer than EROFS allows")
-        info = names[k] = (idx, suffix, 1 << F.xattr_name_filter_bit(idx, suffix))
+    def __init__(self, inos: list[_Ino], v2: bool) -> None:
+        self.v2 = v2
+        self.order = _PREFIX_ORDER_V2 if v2 else _PREFIX_ORDER_EPOCH1
+        # counted per distinct tuple, then per pair
+        sets = Counter(ino.xattrs for ino in inos if ino.xattrs)
+        counts: Counter[tuple[bytes, bytes]] = Counter()
+        for items, n in sets.items():
+            for kv in items:
+                counts[kv] += n
+        shared = [kv for kv, n in counts.items() if n > 1] + _repeated_content_xattrs(inos)
+        if v2:
+            shared.sort(key=lambda kv: (*_split_xattr_name(kv[0], self.order), kv[1]))
+        else:
+            shared.sort(key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
+        # A handful of distinct names on thousands of inodes: (prefix index, suffix, filter
+        # bit) once per name.
+        self.names: dict[bytes, tuple[int, bytes, int]] = {}
+        # offsets within the table; the table's start is added at emit
+        self.offsets: dict[tuple[bytes, bytes], int] = {}
+        off = 0
+        for kv in shared:
+            _idx, suffix, _bit = self.name_info(kv[0])
+            self.offsets[kv] = off
+            off += F.xattr_entry_size(len(suffix), len(kv[1]))
+        self.table = [(*self.names[k][:2], v) for k, v in shared]
+        self.has_acl = not v2 and any(k in ACL_XATTRS for items in sets for k, _v in items)
+        self._blocks: dict[int, bytearray] = {}  # id(xattrs) -> packed block, inodes without content xattrs
+        sizes: dict[int, int] = {}
+        for ino in inos:
+            if type(ino.node) is Leaf and type(ino.node.content) in _CONTENT_XATTR_KINDS:
+                ino.xattr_size = self.layout(self.items(ino))[0]
+            elif ino.xattrs:
+                size = sizes.get(id(ino.xattrs))
+                if size is None:
+                    size = sizes[id(ino.xattrs)] = self.layout(ino.xattrs)[0]
+                ino.xattr_size = size
+
+    def name_info(self, k: bytes) -> tuple[int, bytes, int]:
+        info = self.names.get(k)
+        if info is None:
+            idx, suffix = _split_xattr_name(k, self.order)
+            if len(suffix) > 255:
+                raise ImageError(f"xattr name {k[:40]!r}... longer than EROFS allows")
+            info = self.names[k] = (idx, suffix, 1 << F.xattr_name_filter_bit(idx, suffix))
         return info
 
-    # ids are relative to xattr_blkaddr; offsets within the table are known now, the table's
-    # start is added in _layout_and_emit
-    offsets: dict[tuple[bytes, bytes], int] = {}
-    off = 0
-    for kv in shared:
-        idx, suffix, _bit = names.get(kv[0]) or name_info(kv[0])
-        offsets[kv] = off
-        off += F.xattr_entry_size(len(suffix), len(kv[1]))
-    header_size = F.XattrIbodyHeader.SIZE
-    entry_size = F.XattrEntry.SIZE + 3  # + padding to 4, masked off below
-    for ino in inos:
-        if not ino.xattrs:
-            continue
+    def items(self, ino: _Ino) -> _Items | list[tuple[bytes, bytes]]:
+        """Every xattr of an inode, in the order written."""
+        extra = _content_xattrs(ino.node)
+        if not extra:
+            return ino.xattrs
+        if self.v2:
+            return [*extra, *ino.xattrs]
+        return sorted([*ino.xattrs, *extra])
+
+    def layout(self, items) -> tuple[int, int, list[int], list[tuple[int, bytes, bytes]]]:
+        """(block size, name filter, table offsets referred to, (index, suffix, value) of the
+        xattrs stored in the inode)."""
+        offsets = self.offsets
+        names = self.names
+        entry_size = F.XattrEntry.SIZE + 3  # + padding to 4, masked off below
         filt = 0
-        shared_refs: list[int] = []
+        refs: list[int] = []
         local: list[tuple[int, bytes, bytes]] = []
-        size = header_size
-        for kv in ino.xattrs.items():
+        size = F.XattrIbodyHeader.SIZE
+        for kv in items:
             k, v = kv
-            idx, suffix, bit = names.get(k) or name_info(k)
+            idx, suffix, bit = names.get(k) or self.name_info(k)
             ref = offsets.get(kv) if offsets else None
-            if ref is not None and len(shared_refs) < MAX_SHARED_PER_INODE:
-                shared_refs.append(ref)
+            if ref is not None and len(refs) < MAX_SHARED_PER_INODE:
+                refs.append(ref)
                 size += 4
             else:
                 local.append((idx, suffix, v))
                 size += (entry_size + len(suffix) + len(v)) & ~3
             filt |= bit
-        ino.shared = shared_refs  # byte offsets inside the table for now
-        ino.local = local
-        ino.xattr_size = size
-        ino.name_filter = (~filt) & 0xFFFFFFFF
-    return [(*names[kv[0]][:2], kv[1]) for kv in shared]
+        return size, (~filt) & 0xFFFFFFFF, refs, local
+
+    def block(self, ino: _Ino, table_base: int) -> bytes | bytearray:
+        """The packed xattr block of an inode (shared ids relative to the image start)."""
+        content = type(ino.node) is Leaf and type(ino.node.content) in _CONTENT_XATTR_KINDS
+        if not content:
+            packed = self._blocks.get(id(ino.xattrs))
+            if packed is not None:
+                return packed
+        size, filt, refs, local = self.layout(self.items(ino))
+        buf = bytearray(size)
+        F.XattrIbodyHeader.FMT.pack_into(buf, 0, filt, len(refs))
+        off = F.XattrIbodyHeader.SIZE
+        for rel in refs:
+            F.BLOCKMAP_ENTRY.pack_into(buf, off, (table_base + rel) // 4)
+            off += 4
+        pack_xe = F.XattrEntry.FMT.pack_into
+        for idx, suffix, value in local:
+            pack_xe(buf, off, len(suffix), idx, len(value))
+            off += 4
+            end = off + len(suffix) + len(value)
+            buf[off:end] = suffix + value
+            off = (end + 3) & ~3
+        if not content:
+            self._blocks[id(ino.xattrs)] = buf
+        return buf
 
 
 # ---------------------------------------------------------------------------- data
@@ -639,13 +796,11 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
                 raise ImageError("cannot write file: File too large")
             ino.layout = F.DATALAYOUT_CHUNK_BASED
             ino.chunk_format = bits - F.BLOCK_BITS
-            ino.chunk_count = count
             ino.inline = b"\xff" * (4 * count)
             ino.i_u = ino.chunk_format
         elif isinstance(c, (CharDevice, BlockDevice)):
             ino.layout = F.DATALAYOUT_FLAT_PLAIN
-            ino.rdev = c.rdev & 0xFFFFFFFF
-            ino.i_u = ino.rdev
+            ino.i_u = c.rdev & 0xFFFFFFFF
             wide = c.dump_size > 0xFFFFFFFF
         else:  # fifo, socket
             ino.layout = F.DATALAYOUT_FLAT_PLAIN
@@ -677,7 +832,7 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
-def _layout_and_emit(inos: list[_Ino], shared_table, version: int, min_sec: int, min_nsec: int) -> bytes:
+def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: int, min_nsec: int) -> bytearray:
     B = F.BLOCK_SIZE
     pos = F.INODE_TABLE_OFFSET
     for ino in inos:
@@ -721,7 +876,7 @@ def _layout_and_emit(inos: list[_Ino], shared_table, version: int, min_sec: int,
     table_base = inodes_end - xattr_blkaddr * B
     pos = inodes_end
     table_parts = []
-    for idx, suffix, value in shared_table:
+    for idx, suffix, value in xattrs.table:
         e = F.XattrEntry(len(suffix), idx, len(value)).pack() + suffix + value
         e += bytes(-len(e) % 4)
         table_parts.append(e)
@@ -741,8 +896,8 @@ def _layout_and_emit(inos: list[_Ino], shared_table, version: int, min_sec: int,
     total_blocks = max(blk, 1)
     img = bytearray(total_blocks * B)
 
-    has_acl = version != 2 and any(k in ACL_XATTRS for ino in inos for k in ino.xattrs)
-    F.ComposefsHeader(flags=F.COMPOSEFS_FLAGS_HAS_ACL if has_acl else 0, composefs_version=version).pack_into(img, 0)
+    F.ComposefsHeader(flags=F.COMPOSEFS_FLAGS_HAS_ACL if xattrs.has_acl else 0,
+                      composefs_version=version).pack_into(img, 0)
     F.Superblock(
         root_nid=inos[0].nid, inos=len(inos), build_time=min_sec & 0xFFFFFFFFFFFFFFFF,
         build_time_nsec=min_nsec, blocks=total_blocks, xattr_blkaddr=xattr_blkaddr,
@@ -751,9 +906,6 @@ def _layout_and_emit(inos: list[_Ino], shared_table, version: int, min_sec: int,
 
     pack_c = F.CompactInode.FMT.pack_into
     pack_e = F.ExtendedInode.FMT.pack_into
-    pack_xh = F.XattrIbodyHeader.FMT.pack_into
-    pack_xe = F.XattrEntry.FMT.pack_into
-    pack_ref = F.BLOCKMAP_ENTRY.pack_into
     ft_dir = F.FT_DIR
     for ino in inos:
         off = ino.nid * 32
@@ -769,17 +921,8 @@ def _layout_and_emit(inos: list[_Ino], shared_table, version: int, min_sec: int,
                    ino.index, ino.uid, ino.gid)
             off += 32
         if xattr_size:
-            pack_xh(img, off, ino.name_filter, len(ino.shared))
-            off += 12
-            for rel in ino.shared:
-                pack_ref(img, off, (table_base + rel) // 4)
-                off += 4
-            for idx, suffix, value in ino.local:
-                pack_xe(img, off, len(suffix), idx, len(value))
-                off += 4
-                end = off + len(suffix) + len(value)
-                img[off:end] = suffix + value
-                off = (end + 3) & ~3
+            img[off:off + xattr_size] = xattrs.block(ino, table_base)
+            off += xattr_size
         if ino.ftype == ft_dir:
             dir_blocks, tail_bytes = _dir_data(ino)
             img[off:off + len(tail_bytes)] = tail_bytes
@@ -790,7 +933,7 @@ def _layout_and_emit(inos: list[_Ino], shared_table, version: int, min_sec: int,
                 img[off:off + len(ino.inline)] = ino.inline
             if ino.blocks:
                 _put_blocks(img, ino, ino.blocks, first_data_block)
-    return bytes(img)
+    return img
 
 
 def _put_blocks(img: bytearray, ino: _Ino, data: bytes, first_data_block: int) -> None:

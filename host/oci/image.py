@@ -209,11 +209,11 @@ def format_versions(repo: Repository) -> list[int]:
 
 def compute_image_id(repo: Repository, ref: str, version: int | None = None) -> bytes:
     """The fs-verity digest the image of ref would have, writing nothing."""
-    from pycfs.host.erofs.writer import write_image as write_erofs
+    from pycfs.host.erofs.writer import image_buffer
 
     image = open_image(repo, ref)
     fs = build_filesystem(repo, image.diff_ids, image.layer_ids)
-    return digest_bytes(write_erofs(fs, version if version is not None else repo.erofs_default), repo.alg)
+    return digest_bytes(image_buffer(fs, version if version is not None else repo.erofs_default), repo.alg)
 
 
 def _image_versions(repo: Repository) -> list[int]:
@@ -238,12 +238,12 @@ def _write_images(repo: Repository, diff_ids: Sequence[str], layer_ids: Mapping[
                   versions: Sequence[int], parsed: Mapping[bytes, list[LayerEntry]] | None,
                   tree: ImageTree | None = None) -> dict[int, bytes]:
     # Imported here: a re-pull with its image in place (most of them) never writes one.
-    from pycfs.host.erofs.writer import write_image as write_erofs
+    from pycfs.host.erofs.writer import image_buffer
 
     fs = tree.filesystem([layer_ids.get(d, b"") for d in diff_ids]) if tree is not None else None
     if fs is None:
         fs = build_filesystem(repo, diff_ids, layer_ids, parsed=parsed)
-    return {v: repo.write_image(write_erofs(fs, v)) for v in versions}
+    return {v: repo.write_image(image_buffer(fs, v)) for v in versions}
 
 
 def _image_refs(image_ids: Mapping[int, bytes], others: Mapping[str, bytes]) -> list[tuple[str, bytes]]:

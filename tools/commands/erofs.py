@@ -34,15 +34,18 @@ def _load_source(args: argparse.Namespace) -> FileSystem:
     from pycfs.host import dumpfile
 
     if args.from_file:
+        strict = os.environ.get("CFS_PARSE_STRICT") == "1"
         if args.source == "-":
-            data = sys.stdin.buffer.read()
-        else:
-            try:
-                with open(args.source, "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                raise PycfsError(f"cannot read {args.source}: {e.strerror}") from None
-        return dumpfile.parse(data, strict=os.environ.get("CFS_PARSE_STRICT") == "1")
+            return dumpfile.parse(sys.stdin.buffer.read(), strict=strict)
+        try:
+            with open(args.source, "rb") as f:
+                # read line by line: a big dumpfile is not held whole (a pipe, which the
+                # strict check cannot seek, is)
+                if strict and not f.seekable():
+                    return dumpfile.parse(f.read(), strict=strict)
+                return dumpfile.parse_file(f, strict=strict)
+        except OSError as e:
+            raise PycfsError(f"cannot read {args.source}: {e.strerror}") from None
     from pycfs.host.scan import ScanOptions, scan_directory
 
     return scan_directory(args.source, ScanOptions(
@@ -58,14 +61,14 @@ def cmd_mkcomposefs(args: argparse.Namespace) -> int:
         raise PycfsError("No destination path specified")
     if args.threads is not None and args.threads <= 0:
         raise PycfsError(f"Invalid threads count {args.threads}")
-    from pycfs.host.erofs.writer import choose_version, write_image
+    from pycfs.host.erofs.writer import choose_version, image_buffer
     from pycfs.host.fsverity import digest_bytes
 
     lo, hi = _versions(args)
     if args.image == "-" and sys.stdout.isatty():
         raise PycfsError("refusing to write the image to a terminal")
     fs = _load_source(args)
-    image = write_image(fs, choose_version(fs, lo, hi))
+    image = image_buffer(fs, choose_version(fs, lo, hi))
     if args.image is not None:
         if args.image == "-":
             sys.stdout.buffer.write(image)
