@@ -15,6 +15,7 @@ preallocated bytearray (directory blocks are built last, once every nid is known
 
 from __future__ import annotations
 
+import bisect
 import functools
 import stat as _stat
 from collections import Counter, deque
@@ -102,33 +103,29 @@ class _Ino:
         "chunk_format",
         "extended",
         "ftype",
-        "gid",
         "i_u",
-        "index",
         "inline",
         "layout",
         "mode",
-        "mtime",
+        "names",
         "nblocks",
         "nid",
         "nlink",
         "node",
-        "nsec",
         "parent",
         "promoted",
         "size",
-        "uid",
         "xattr_size",
         "xattrs",
     )
 
-    def __init__(self, node, index: int, parent: _Ino | None = None) -> None:
+    def __init__(self, node, parent: _Ino | None = None) -> None:
         # Defaults are shared objects (small ints, empty bytes and tuples): hundreds of
         # thousands of records, so nothing is allocated per record that it may not need.
+        # The inode number is the record's position; uid, gid and mtime are the node's.
         self.node = node
-        self.index = index
         self.parent = parent
-        self.mode = self.uid = self.gid = self.mtime = self.nsec = self.nlink = 0
+        self.mode = self.nlink = 0
         self.layout = self.ftype = self.nid = 0
         self.extended = False
         # the inode's own and composefs xattrs, sorted as written, one interned tuple for all
@@ -141,7 +138,10 @@ class _Ino:
         self.nblocks = 0
         self.i_u = 0
         self.size = 0
-        self.children: list[tuple[bytes, _Ino]] = ()  # type: ignore[assignment]  # a list for directories
+        # directories: the entries' names in byte order and their inodes (two lists, not
+        # a list of pairs: a pair per entry costs 64 bytes)
+        self.names: list[bytes] = ()  # type: ignore[assignment]
+        self.children: list[_Ino] = ()  # type: ignore[assignment]
         self.promoted = False
         self.chunk_format = 0
         self.blkaddr = 0  # first data block, when nblocks
@@ -173,13 +173,13 @@ def image_buffer(fs: FileSystem, version: int = 0) -> bytearray:
 def _write_image(fs: FileSystem, version: int) -> bytearray:
     inos = _collect_v2(fs) if version == 2 else _collect_epoch1(fs, version)
     try:
-        _check_limits(inos)
+        _check_limits(inos, v2=version == 2)
         xattrs = _Xattrs(inos, v2=version == 2)
         if version == 2:
             for ino in inos:
                 _prepare_data_v2(ino)
             return _layout_and_emit(inos, xattrs, 2, 0, 0)
-        min_sec, min_nsec = min((i.mtime, i.nsec) for i in inos)
+        min_sec, min_nsec = min((i.node.stat.mtime_sec, i.node.stat.mtime_nsec) for i in inos)
         for ino in inos:
             _prepare_data_epoch1(ino, min_sec, min_nsec)
         return _layout_and_emit(inos, xattrs, version, min_sec, min_nsec)
@@ -189,6 +189,7 @@ def _write_image(fs: FileSystem, version: int) -> bytearray:
         for ino in inos:
             ino.parent = None
             ino.children = ()  # type: ignore[assignment]
+            ino.names = ()  # type: ignore[assignment]
 
 
 # ---------------------------------------------------------------------------- pass 1: collect
@@ -313,9 +314,8 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
             )
     stub_ids = {id(s) for s in stubs.values()}
 
-    root_ino = _Ino(root, 0)
+    root_ino = _Ino(root)
     root_ino.parent = root_ino
-    root_ino.children = []
     inos: list[_Ino] = [root_ino]
     by_id: dict[int, _Ino] = {id(root): root_ino}
     late: list[tuple[_Ino, int, int]] = []  # (dir ino, child position, leaf id)
@@ -328,53 +328,51 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
         if dino is root_ino and stubs:
             entries = dict(entries)
             entries.update(stubs)
-        children = dino.children
-        for name in sorted(entries):
+        dino.names = sorted(entries)
+        children: list[_Ino] = []
+        dino.children = children
+        for name in dino.names:
             child = entries[name]
             k = id(child)
             if type(child) is Directory:
                 cino = by_id.get(k)
                 if cino is None and _is_dir_home(fs, child, d, name):
-                    by_id[k] = cino = _Ino(child, len(inos), dino)
-                    cino.children = []
+                    by_id[k] = cino = _Ino(child, dino)
                     inos.append(cino)
                     queue.append(cino)
             elif k in multi:
                 if canon.get(k) == (id(d), name):
-                    by_id[k] = cino = _Ino(child, len(inos), dino)
+                    by_id[k] = cino = _Ino(child, dino)
                     inos.append(cino)
                 else:
                     cino = by_id.get(k)
             else:
-                cino = _Ino(child, len(inos), dino)
+                cino = _Ino(child, dino)
                 inos.append(cino)
             if cino is None:
                 # canonical name is deeper in the BFS: fill in once it has a number
                 late.append((dino, len(children), k))
-                children.append((name, None))  # type: ignore[arg-type]
-                continue
-            children.append((name, cino))
+            children.append(cino)  # type: ignore[arg-type]
     for dino, pos, k in late:
-        dino.children[pos] = (dino.children[pos][0], by_id[k])
+        dino.children[pos] = by_id[k]
 
     # per-inode metadata and composefs xattrs (metacopy and redirect: `_Xattrs.items`)
     sets = _XattrSets(v2=False)
     wh_parents: list[_Ino | None] = []
+    modes: dict[int, int] = {}  # one int object per distinct mode
     for ino in inos:
         node = ino.node
         st = node.stat
-        ino.uid, ino.gid = st.uid, st.gid
-        ino.mtime, ino.nsec = st.mtime_sec, st.mtime_nsec
         if st.xattrs:
             ino.xattrs = sets.own(st.xattrs)
         if type(node) is Directory:
-            ino.mode = _stat.S_IFDIR | (st.mode & 0o7777)
+            ino.mode = modes.setdefault(m := _stat.S_IFDIR | (st.mode & 0o7777), m)
             ino.nlink = _dir_nlink(ino)
             continue
         ino.nlink = 1 if id(node) in stub_ids else (node.nlink if node.nlink is not None else counts.get(id(node), 1))
         c = node.content
         tc = type(c)
-        ino.mode = TYPE_BITS[tc] | (st.mode & 0o7777)
+        ino.mode = modes.setdefault(m := TYPE_BITS[tc] | (st.mode & 0o7777), m)
         if tc is CharDevice and c.rdev == 0 and id(node) not in stub_ids:
             # a whiteout: escaped to a regular file; only the directory of its own name is
             # marked, not one holding a hardlink to it
@@ -391,7 +389,7 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
 
 def _dir_nlink(ino: _Ino) -> int:
     """2 + the subdirectories whose home is this directory (hardlinked names do not count)."""
-    return 2 + len({id(c) for _n, c in ino.children if isinstance(c.node, Directory) and c.parent is ino and c is not ino})
+    return 2 + len({id(c) for c in ino.children if isinstance(c.node, Directory) and c.parent is ino and c is not ino})
 
 
 _METACOPY_PREFIX = {32: F.OverlayMetacopy(digest_algo=1, digest=bytes(32)).pack()[:4],
@@ -422,9 +420,10 @@ def _collect_v2(fs: FileSystem) -> list[_Ino]:
     by_id: dict[int, _Ino] = {}
 
     def new_ino(node, parent: _Ino | None) -> _Ino:
-        ino = _Ino(node, len(inos))
+        ino = _Ino(node)
         ino.parent = parent if parent is not None else ino
         if isinstance(node, Directory):
+            ino.names = []
             ino.children = []
         inos.append(ino)
         by_id[id(node)] = ino
@@ -439,14 +438,15 @@ def _collect_v2(fs: FileSystem) -> list[_Ino]:
             if isinstance(child, Leaf):
                 counts[k] = counts.get(k, 0) + 1
             cino = by_id.get(k)
+            dino.names.append(name)
             if cino is None:
                 cino = new_ino(child, dino)
-                dino.children.append((name, cino))
+                dino.children.append(cino)
                 if isinstance(child, Directory):
                     iters.append((cino, iter(child.sorted_entries())))
                     break
             else:
-                dino.children.append((name, cino))
+                dino.children.append(cino)
         else:
             iters.pop()
 
@@ -454,8 +454,6 @@ def _collect_v2(fs: FileSystem) -> list[_Ino]:
     for ino in inos:
         node = ino.node
         st = node.stat
-        ino.uid, ino.gid = st.uid, st.gid
-        ino.mtime, ino.nsec = st.mtime_sec, 0
         ino.mode = node.st_mode
         if st.xattrs:
             ino.xattrs = sets.own(st.xattrs)  # metacopy and redirect go first: `_Xattrs.items`
@@ -470,7 +468,7 @@ def _prepare_data_v2(ino: _Ino) -> None:
     node = ino.node
     ino.extended = True
     if isinstance(node, Directory):
-        _prepare_data_epoch1(ino, ino.mtime, ino.nsec)
+        _prepare_data_epoch1(ino, node.stat.mtime_sec, node.stat.mtime_nsec)
         ino.extended = True
         return
     c = node.content
@@ -494,49 +492,51 @@ def _prepare_data_v2(ino: _Ino) -> None:
         ino.layout = F.DATALAYOUT_FLAT_PLAIN
 
 
-def _check_limits(inos: list[_Ino]) -> None:
+def _check_limits(inos: list[_Ino], v2: bool) -> None:
     """Reject what EROFS cannot store, with a message instead of a struct.error."""
     u32 = 1 << 32
     lo63, hi63 = -(1 << 63), 1 << 63
     checked: set[int] = set()  # xattr tuples are shared
-    for ino in inos:
-        if not (0 <= ino.uid < u32 and 0 <= ino.gid < u32 and 0 <= ino.nlink < u32
-                and 0 <= ino.nsec < u32 and lo63 <= ino.mtime < hi63):
-            _refuse_inode(ino)
-        if ino.children:
-            names = [name for name, _c in ino.children]
+    for index, ino in enumerate(inos):
+        st = ino.node.stat
+        if not (0 <= st.uid < u32 and 0 <= st.gid < u32 and 0 <= ino.nlink < u32
+                and (v2 or 0 <= st.mtime_nsec < u32) and lo63 <= st.mtime_sec < hi63):
+            _refuse_inode(index, ino, v2)
+        if ino.names:
+            names = ino.names
             joined = b"".join(names)
             if b"/" in joined or b"\0" in joined or not 0 < min(map(len, names)) <= max(map(len, names)) <= 255:
                 bad = next(n for n in names if not 0 < len(n) <= 255 or b"/" in n or b"\0" in n)
                 raise ImageError(f"invalid file name {bad!r} (1..255 bytes, no '/' or NUL)")
         node = ino.node
         if type(node) is Leaf and type(node.content) is Symlink and not 0 < len(node.content.target) < 4096:
-            raise ImageError(f"{_what(ino)}: symlink target of {len(node.content.target)} bytes (1..4095 allowed)")
+            raise ImageError(f"{_what(index, ino)}: symlink target of {len(node.content.target)} bytes (1..4095 allowed)")
         if ino.xattrs and id(ino.xattrs) not in checked:
             checked.add(id(ino.xattrs))
             for k, v in ino.xattrs:
                 if len(k) > 255 + 24 or len(v) > 0xFFFF:
-                    _refuse_xattr(ino, k, len(v))
+                    _refuse_xattr(index, ino, k, len(v))
         if type(node) is Leaf and type(node.content) in _REDIRECTING:
             payload = node.content.payload
             if payload and len(payload) >= 0xFFFF:  # the redirect is "/" + payload
-                _refuse_xattr(ino, XATTR_REDIRECT, 1 + len(payload))
+                _refuse_xattr(index, ino, XATTR_REDIRECT, 1 + len(payload))
 
 
-def _refuse_xattr(ino: _Ino, name: bytes, value_len: int) -> NoReturn:
-    raise ImageError(f"{_what(ino)}: xattr {name[:40]!r} too long (name {len(name)}, value {value_len} bytes)")
+def _refuse_xattr(index: int, ino: _Ino, name: bytes, value_len: int) -> NoReturn:
+    raise ImageError(f"{_what(index, ino)}: xattr {name[:40]!r} too long (name {len(name)}, value {value_len} bytes)")
 
 
-def _what(ino: _Ino) -> str:
-    return f"inode {ino.index} ({type(ino.node).__name__})"
+def _what(index: int, ino: _Ino) -> str:
+    return f"inode {index} ({type(ino.node).__name__})"
 
 
-def _refuse_inode(ino: _Ino) -> NoReturn:
-    if not (0 <= ino.uid < 1 << 32 and 0 <= ino.gid < 1 << 32):
-        raise ImageError(f"{_what(ino)}: uid/gid {ino.uid}/{ino.gid} do not fit 32 bits")
+def _refuse_inode(index: int, ino: _Ino, v2: bool) -> NoReturn:
+    st = ino.node.stat
+    if not (0 <= st.uid < 1 << 32 and 0 <= st.gid < 1 << 32):
+        raise ImageError(f"{_what(index, ino)}: uid/gid {st.uid}/{st.gid} do not fit 32 bits")
     if not 0 <= ino.nlink < 1 << 32:
-        raise ImageError(f"{_what(ino)}: nlink {ino.nlink} out of range")
-    raise ImageError(f"{_what(ino)}: mtime {ino.mtime}.{ino.nsec} out of range")
+        raise ImageError(f"{_what(index, ino)}: nlink {ino.nlink} out of range")
+    raise ImageError(f"{_what(index, ino)}: mtime {st.mtime_sec}.{0 if v2 else st.mtime_nsec} out of range")
 
 
 # ---------------------------------------------------------------------------- xattrs
@@ -732,6 +732,16 @@ class _Xattrs:
 # ---------------------------------------------------------------------------- data
 
 
+@functools.cache  # bounded: at most a block's worth of sizes
+def _zeros(n: int) -> bytes:
+    return bytes(n)
+
+
+@functools.cache  # bounded: at most MAX_CHUNKS counts
+def _null_indexes(count: int) -> bytes:
+    return b"\xff" * (4 * count)
+
+
 def _chunk_bits(size: int) -> int:
     bits = (size - 1).bit_length() if size > 1 else 1
     return min(max(bits, F.BLOCK_BITS), 43)
@@ -752,9 +762,11 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
     if isinstance(node, Directory):
         ino.ftype = F.FT_DIR
         # size from names alone; the bytes are built once nids are known
-        names = [b".", b".."] + [n for n, _c in ino.children]
-        names.sort()
-        ino.children = sorted([(b".", ino), (b"..", ino.parent)] + ino.children, key=lambda t: t[0])  # type: ignore[arg-type]
+        names = ino.names
+        for name, target in ((b".", ino), (b"..", ino.parent)):
+            at = bisect.bisect_left(names, name)
+            names.insert(at, name)
+            ino.children.insert(at, target)  # type: ignore[arg-type]
         full = 0
         cur = 0
         for n in names:
@@ -768,7 +780,7 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
             cur = 0
         ino.nblocks = full
         ino.size = full * F.BLOCK_SIZE + cur
-        ino.inline = bytes(cur)  # placeholder of the right length
+        ino.inline = _zeros(cur)  # placeholder of the right length
         ino.layout = F.DATALAYOUT_FLAT_INLINE if cur else F.DATALAYOUT_FLAT_PLAIN
     else:
         c = node.content
@@ -796,7 +808,7 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
                 raise ImageError("cannot write file: File too large")
             ino.layout = F.DATALAYOUT_CHUNK_BASED
             ino.chunk_format = bits - F.BLOCK_BITS
-            ino.inline = b"\xff" * (4 * count)
+            ino.inline = _null_indexes(count)
             ino.i_u = ino.chunk_format
         elif isinstance(c, (CharDevice, BlockDevice)):
             ino.layout = F.DATALAYOUT_FLAT_PLAIN
@@ -805,9 +817,10 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
         else:  # fifo, socket
             ino.layout = F.DATALAYOUT_FLAT_PLAIN
             wide = c.dump_size > 0xFFFFFFFF
+    st = node.stat
     ino.extended = wide or not (
-        ino.mtime == min_sec and ino.nsec == min_nsec and ino.nlink <= 0xFFFF
-        and ino.uid <= 0xFFFF and ino.gid <= 0xFFFF and ino.size <= 0xFFFFFFFF
+        st.mtime_sec == min_sec and st.mtime_nsec == min_nsec and ino.nlink <= 0xFFFF
+        and st.uid <= 0xFFFF and st.gid <= 0xFFFF and ino.size <= 0xFFFFFFFF
     )
     hdr = F.ExtendedInode.SIZE if ino.extended else F.CompactInode.SIZE
     if is_symlink and hdr + ino.xattr_size + ino.size >= F.BLOCK_SIZE:
@@ -868,8 +881,6 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
     inodes_end = _align(pos, 32)
     if version == 2:
         # composefs-rs: i_ino is the nid, shared xattr ids are absolute offsets / 4
-        for ino in inos:
-            ino.index = ino.nid
         xattr_blkaddr = 0
     else:
         xattr_blkaddr = inodes_end // B
@@ -907,18 +918,22 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
     pack_c = F.CompactInode.FMT.pack_into
     pack_e = F.ExtendedInode.FMT.pack_into
     ft_dir = F.FT_DIR
-    for ino in inos:
+    v2 = version == 2
+    for index, ino in enumerate(inos):
         off = ino.nid * 32
         fmt = F.make_inode_format(ino.extended, ino.layout)
         xattr_size = ino.xattr_size
         icount = 0 if not xattr_size else 1 + (xattr_size - 12) // 4
+        st = ino.node.stat
+        if v2:
+            index = ino.nid  # composefs-rs: i_ino is the nid
         if ino.extended:
-            pack_e(img, off, fmt, icount, ino.mode & 0xFFFF, ino.size, ino.i_u, ino.index,
-                   ino.uid, ino.gid, ino.mtime & 0xFFFFFFFFFFFFFFFF, ino.nsec, ino.nlink)
+            pack_e(img, off, fmt, icount, ino.mode & 0xFFFF, ino.size, ino.i_u, index,
+                   st.uid, st.gid, st.mtime_sec & 0xFFFFFFFFFFFFFFFF, 0 if v2 else st.mtime_nsec, ino.nlink)
             off += 64
         else:
             pack_c(img, off, fmt, icount, ino.mode & 0xFFFF, ino.nlink, ino.size, ino.i_u,
-                   ino.index, ino.uid, ino.gid)
+                   index, st.uid, st.gid)
             off += 32
         if xattr_size:
             img[off:off + xattr_size] = xattrs.block(ino, table_base)
@@ -942,7 +957,7 @@ def _put_blocks(img: bytearray, ino: _Ino, data: bytes, first_data_block: int) -
     corrupt the image, so it is a bug in the layout, never a property of the input."""
     start = ino.blkaddr
     if not (first_data_block <= start and len(data) <= ino.nblocks * F.BLOCK_SIZE):
-        raise AssertionError(f"EROFS writer: inode {ino.index} data at block {start} "
+        raise AssertionError(f"EROFS writer: inode at nid {ino.nid}: data at block {start} "
                              f"({len(data)} bytes) outside its blocks (data starts at block {first_data_block})")
     img[start * F.BLOCK_SIZE:start * F.BLOCK_SIZE + len(data)] = data
 
@@ -952,7 +967,7 @@ def _dir_data(ino: _Ino) -> tuple[bytes, bytes]:
     B = F.BLOCK_SIZE
     blocks: list[list[tuple[bytes, _Ino]]] = [[]]
     cur = 0
-    for name, child in ino.children:
+    for name, child in zip(ino.names, ino.children):
         cost = F.Dirent.SIZE + len(name)
         if cur + cost > B:
             blocks.append([])
