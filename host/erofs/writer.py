@@ -19,7 +19,7 @@ import bisect
 import functools
 import stat as _stat
 from collections import Counter, deque
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.erofs import format as F
@@ -156,6 +156,29 @@ _FTYPES = {
 }
 
 
+class ImageSink(Protocol):
+    """Where `write_image_to` puts an image: `start` once with its size (the tree has been
+    accepted by then), then `write` its bytes in order, in pieces of up to about a MiB
+    (a piece is the sink's to keep)."""
+
+    def start(self, size: int) -> None: ...
+
+    def write(self, piece: bytearray) -> None: ...
+
+
+class _Buffer:
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.pos = 0
+
+    def start(self, size: int) -> None:
+        self.data = bytearray(size)
+
+    def write(self, piece: bytearray) -> None:
+        self.data[self.pos:self.pos + len(piece)] = piece
+        self.pos += len(piece)
+
+
 def write_image(fs: FileSystem, version: int = 0) -> bytes:
     """Serialise `fs` as a composefs EROFS image of format `version` (0, 1 or 2)."""
     return bytes(image_buffer(fs, version))
@@ -164,13 +187,22 @@ def write_image(fs: FileSystem, version: int = 0) -> bytes:
 def image_buffer(fs: FileSystem, version: int = 0) -> bytearray:
     """`write_image` without the final copy to `bytes`, which doubles the peak memory of a
     big image: for callers that only write or hash it."""
+    sink = _Buffer()
+    write_image_to(fs, version, sink)
+    if sink.pos != len(sink.data):
+        raise AssertionError(f"EROFS writer: {sink.pos} bytes written of a {len(sink.data)}-byte image")
+    return sink.data
+
+
+def write_image_to(fs: FileSystem, version: int, sink: ImageSink) -> None:
+    """`write_image` into `sink`, in pieces: the whole image is never in memory."""
     if version not in (0, 1, 2):
         raise ImageError(f"cannot write file: Invalid argument (format version {version})")
     with gc_paused():
-        return _write_image(fs, version)
+        _write_image(fs, version, sink)
 
 
-def _write_image(fs: FileSystem, version: int) -> bytearray:
+def _write_image(fs: FileSystem, version: int, sink: ImageSink) -> None:
     inos = _collect_v2(fs) if version == 2 else _collect_epoch1(fs, version)
     try:
         _check_limits(inos, v2=version == 2)
@@ -178,11 +210,12 @@ def _write_image(fs: FileSystem, version: int) -> bytearray:
         if version == 2:
             for ino in inos:
                 _prepare_data_v2(ino)
-            return _layout_and_emit(inos, xattrs, 2, 0, 0)
-        min_sec, min_nsec = min((i.node.stat.mtime_sec, i.node.stat.mtime_nsec) for i in inos)
-        for ino in inos:
-            _prepare_data_epoch1(ino, min_sec, min_nsec)
-        return _layout_and_emit(inos, xattrs, version, min_sec, min_nsec)
+            min_sec = min_nsec = 0
+        else:
+            min_sec, min_nsec = min((i.node.stat.mtime_sec, i.node.stat.mtime_nsec) for i in inos)
+            for ino in inos:
+                _prepare_data_epoch1(ino, min_sec, min_nsec)
+        _layout_and_emit(inos, xattrs, version, min_sec, min_nsec, sink)
     finally:
         # parent and child links make cycles: cut, the records go by reference counting
         # instead of waiting for a full collection (1.5 s at exit for 200,000 inodes)
@@ -845,7 +878,8 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
-def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: int, min_nsec: int) -> bytearray:
+def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: int, min_nsec: int,
+                     sink: ImageSink) -> None:
     B = F.BLOCK_SIZE
     pos = F.INODE_TABLE_OFFSET
     for ino in inos:
@@ -905,61 +939,96 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
         elif ino.layout != F.DATALAYOUT_CHUNK_BASED and ino.ftype not in (F.FT_CHRDEV, F.FT_BLKDEV):
             ino.i_u = 0
     total_blocks = max(blk, 1)
-    img = bytearray(total_blocks * B)
+    sink.start(total_blocks * B)
 
+    # The metadata blocks (header, superblock, inodes with their xattrs and inline data,
+    # shared xattrs) are filled in a window that is written out as it passes a piece's
+    # size: inodes are laid out in order. Then the data blocks, also in inode order.
+    window = bytearray(F.INODE_TABLE_OFFSET)
+    base = 0  # image offset of window[0]
     F.ComposefsHeader(flags=F.COMPOSEFS_FLAGS_HAS_ACL if xattrs.has_acl else 0,
-                      composefs_version=version).pack_into(img, 0)
+                      composefs_version=version).pack_into(window, 0)
     F.Superblock(
         root_nid=inos[0].nid, inos=len(inos), build_time=min_sec & 0xFFFFFFFFFFFFFFFF,
         build_time_nsec=min_nsec, blocks=total_blocks, xattr_blkaddr=xattr_blkaddr,
-    ).pack_into(img, F.SUPERBLOCK_OFFSET)
-    img[inodes_end:inodes_end + len(table)] = table
+    ).pack_into(window, F.SUPERBLOCK_OFFSET)
 
     pack_c = F.CompactInode.FMT.pack_into
     pack_e = F.ExtendedInode.FMT.pack_into
     ft_dir = F.FT_DIR
     v2 = version == 2
+    dir_blocks: dict[int, bytes] = {}  # index -> full blocks of a directory
     for index, ino in enumerate(inos):
         off = ino.nid * 32
-        fmt = F.make_inode_format(ino.extended, ino.layout)
+        if off - base >= _PIECE:
+            done = min(off - base, len(window))
+            sink.write(window[:done])
+            del window[:done]
+            base += done
         xattr_size = ino.xattr_size
+        hdr = 64 if ino.extended else 32
+        end = off + hdr + xattr_size + len(ino.inline) - base
+        if end > len(window):
+            window += bytes(max(end - len(window), _PIECE // 16))
+        fmt = F.make_inode_format(ino.extended, ino.layout)
         icount = 0 if not xattr_size else 1 + (xattr_size - 12) // 4
         st = ino.node.stat
         if v2:
             index = ino.nid  # composefs-rs: i_ino is the nid
+        off -= base
         if ino.extended:
-            pack_e(img, off, fmt, icount, ino.mode & 0xFFFF, ino.size, ino.i_u, index,
+            pack_e(window, off, fmt, icount, ino.mode & 0xFFFF, ino.size, ino.i_u, index,
                    st.uid, st.gid, st.mtime_sec & 0xFFFFFFFFFFFFFFFF, 0 if v2 else st.mtime_nsec, ino.nlink)
-            off += 64
         else:
-            pack_c(img, off, fmt, icount, ino.mode & 0xFFFF, ino.nlink, ino.size, ino.i_u,
+            pack_c(window, off, fmt, icount, ino.mode & 0xFFFF, ino.nlink, ino.size, ino.i_u,
                    index, st.uid, st.gid)
-            off += 32
+        off += hdr
         if xattr_size:
-            img[off:off + xattr_size] = xattrs.block(ino, table_base)
+            window[off:off + xattr_size] = xattrs.block(ino, table_base)
             off += xattr_size
         if ino.ftype == ft_dir:
-            dir_blocks, tail_bytes = _dir_data(ino)
-            img[off:off + len(tail_bytes)] = tail_bytes
-            if dir_blocks:
-                _put_blocks(img, ino, dir_blocks, first_data_block)
-        else:
-            if ino.inline:
-                img[off:off + len(ino.inline)] = ino.inline
-            if ino.blocks:
-                _put_blocks(img, ino, ino.blocks, first_data_block)
-    return img
+            full, tail_bytes = _dir_data(ino)
+            window[off:off + len(tail_bytes)] = tail_bytes
+            if full:
+                dir_blocks[id(ino)] = full
+        elif ino.inline:
+            window[off:off + len(ino.inline)] = ino.inline
+    meta_end = first_data_block * B - base
+    if meta_end > len(window):
+        window += bytes(meta_end - len(window))
+    window[inodes_end - base:inodes_end - base + len(table)] = table
+    sink.write(window[:meta_end])
+    del window
+
+    piece = bytearray()
+    blk = first_data_block
+    for ino in inos:
+        if not ino.nblocks:
+            continue
+        data = dir_blocks.pop(id(ino)) if ino.ftype == ft_dir else ino.blocks
+        _check_blocks(ino, len(data), blk)
+        size = ino.nblocks * B
+        piece += data
+        piece += _zeros(size - len(data)) if size - len(data) < B else bytes(size - len(data))
+        blk += ino.nblocks
+        if len(piece) >= _PIECE:
+            sink.write(piece)
+            piece = bytearray()
+    if piece:
+        sink.write(piece)
 
 
-def _put_blocks(img: bytearray, ino: _Ino, data: bytes, first_data_block: int) -> None:
-    """Copy an inode's data blocks to the blocks laid out for it. Blocks before the first
-    data block hold the header, superblock, inodes and shared xattrs: writing there would
-    corrupt the image, so it is a bug in the layout, never a property of the input."""
-    start = ino.blkaddr
-    if not (first_data_block <= start and len(data) <= ino.nblocks * F.BLOCK_SIZE):
-        raise AssertionError(f"EROFS writer: inode at nid {ino.nid}: data at block {start} "
-                             f"({len(data)} bytes) outside its blocks (data starts at block {first_data_block})")
-    img[start * F.BLOCK_SIZE:start * F.BLOCK_SIZE + len(data)] = data
+_PIECE = 1 << 20  # bytes an image is written in
+
+
+def _check_blocks(ino: _Ino, data_len: int, next_block: int) -> None:
+    """An inode's data goes to the next free blocks, and fits the blocks laid out for it.
+    Blocks before the first data block hold the header, superblock, inodes and shared
+    xattrs: writing there would corrupt the image, so it is a bug in the layout, never a
+    property of the input."""
+    if ino.blkaddr != next_block or data_len > ino.nblocks * F.BLOCK_SIZE:
+        raise AssertionError(f"EROFS writer: inode at nid {ino.nid}: {data_len} bytes of data at block "
+                             f"{ino.blkaddr} outside its blocks ({ino.nblocks} blocks; next free block {next_block})")
 
 
 def _dir_data(ino: _Ino) -> tuple[bytes, bytes]:

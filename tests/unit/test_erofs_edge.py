@@ -132,16 +132,16 @@ def test_a_other_chunk_index_placements(name):
 
 
 def test_a_writer_refuses_to_place_a_block_over_its_metadata():
-    ino = writer._Ino(None, 0)
+    ino = writer._Ino(None)
     ino.blkaddr, ino.nblocks = 0, 1
-    img = bytearray(3 * F.BLOCK_SIZE)
-    with pytest.raises(AssertionError, match="outside its blocks"):
-        writer._put_blocks(img, ino, b"\xff" * F.BLOCK_SIZE, 1)
+    with pytest.raises(AssertionError, match="outside its blocks"):  # block 0: the superblock's
+        writer._check_blocks(ino, F.BLOCK_SIZE, 1)
     ino.blkaddr = 1
-    with pytest.raises(AssertionError):  # more data than its blocks
-        writer._put_blocks(img, ino, bytes(F.BLOCK_SIZE + 1), 1)
-    writer._put_blocks(img, ino, b"\xff" * F.BLOCK_SIZE, 1)
-    assert img == bytes(F.BLOCK_SIZE) + b"\xff" * F.BLOCK_SIZE + bytes(F.BLOCK_SIZE)
+    with pytest.raises(AssertionError, match="outside its blocks"):  # more data than its blocks
+        writer._check_blocks(ino, F.BLOCK_SIZE + 1, 1)
+    with pytest.raises(AssertionError, match="outside its blocks"):  # not where the last one ended
+        writer._check_blocks(ino, F.BLOCK_SIZE, 2)
+    writer._check_blocks(ino, F.BLOCK_SIZE, 1)
 
 
 def test_a_beyond_2p53_is_refused_with_the_line():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 # The EROFS modules are imported by the commands as they run (`pycfs --help` needs none).
 from pycfs.host.errors import PycfsError
@@ -61,28 +61,55 @@ def cmd_mkcomposefs(args: argparse.Namespace) -> int:
         raise PycfsError("No destination path specified")
     if args.threads is not None and args.threads <= 0:
         raise PycfsError(f"Invalid threads count {args.threads}")
-    from pycfs.host.erofs.writer import choose_version, image_buffer
-    from pycfs.host.fsverity import digest_bytes
+    from pycfs.host.erofs.writer import choose_version, write_image_to
 
     lo, hi = _versions(args)
     if args.image == "-" and sys.stdout.isatty():
         raise PycfsError("refusing to write the image to a terminal")
     fs = _load_source(args)
-    image = image_buffer(fs, choose_version(fs, lo, hi))
-    if args.image is not None:
-        if args.image == "-":
-            sys.stdout.buffer.write(image)
-            sys.stdout.buffer.flush()
-        else:
-            try:
-                with open(args.image, "wb") as f:
-                    f.write(image)
-            except OSError as e:
-                raise PycfsError(f"cannot write {args.image}: {e.strerror}") from None
-    if args.print_digest or args.print_digest_only:
-        sys.stdout.write(digest_bytes(image).hex() + "\n")
+    out = _ImageOutput(args.image, args.print_digest or args.print_digest_only)
+    try:
+        write_image_to(fs, choose_version(fs, lo, hi), out)
+        out.close()
+    except OSError as e:
+        raise PycfsError(f"cannot write {args.image}: {e.strerror}") from None
+    finally:
+        out.close()
+    if out.hasher is not None:
+        sys.stdout.write(out.hasher.digest().hex() + "\n")
         sys.stdout.flush()
     return 0
+
+
+class _ImageOutput:
+    """The image, written and hashed piece by piece as it is built (never whole in memory);
+    the file is opened once the tree is accepted, so a refused one leaves none."""
+
+    def __init__(self, path: str | None, digest: bool) -> None:
+        from pycfs.host.fsverity import VerityHasher
+
+        self.path = path
+        self.file: BinaryIO | None = None
+        self.hasher = VerityHasher() if digest else None
+
+    def start(self, size: int) -> None:
+        if self.path == "-":
+            self.file = sys.stdout.buffer
+        elif self.path is not None:
+            self.file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
+
+    def write(self, piece: bytearray) -> None:
+        if self.file is not None:
+            self.file.write(piece)
+        if self.hasher is not None:
+            self.hasher.update(piece)
+
+    def close(self) -> None:
+        f, self.file = self.file, None
+        if f is sys.stdout.buffer:
+            f.flush()
+        elif f is not None:
+            f.close()
 
 
 # ---------------------------------------------------------------------------- composefs-info
