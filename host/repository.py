@@ -774,7 +774,11 @@ class Repository:
 
     def write_image(self, data: bytes, ref: str | None = None) -> bytes:
         self.require_writable()
-        object_id = self.ensure_object(data)
+        return self.link_image(self.ensure_object(data), ref)
+
+    def link_image(self, object_id: bytes, ref: str | None = None) -> bytes:
+        """Record a stored object as an image: images/<hex>, and images/refs/<ref>."""
+        self.require_writable()
         self._symlink(f"images/{object_id.hex()}", self.object_relpath(object_id))
         if ref is not None:
             check_name(ref, "image ref", allow_slash=True)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from pycfs.host.errors import PycfsError
-from pycfs.host.fsverity import digest_bytes
+from pycfs.host.fsverity import VerityHasher
 from pycfs.host.oci.layer import Directory as DirEntry
 from pycfs.host.oci.layer import Hardlink, LayerEntry, iter_layer_entries
 from pycfs.host.oci.streams import (
@@ -209,11 +209,13 @@ def format_versions(repo: Repository) -> list[int]:
 
 def compute_image_id(repo: Repository, ref: str, version: int | None = None) -> bytes:
     """The fs-verity digest the image of ref would have, writing nothing."""
-    from pycfs.host.erofs.writer import image_buffer
+    from pycfs.host.erofs.writer import write_image_to
 
     image = open_image(repo, ref)
     fs = build_filesystem(repo, image.diff_ids, image.layer_ids)
-    return digest_bytes(image_buffer(fs, version if version is not None else repo.erofs_default), repo.alg)
+    hasher = VerityHasher(repo.alg)
+    write_image_to(fs, version if version is not None else repo.erofs_default, _Pieces(hasher.update))
+    return hasher.digest()
 
 
 def _image_versions(repo: Repository) -> list[int]:
@@ -234,16 +236,42 @@ def _sound_images(repo: Repository, refs: Mapping[str, bytes], versions: Sequenc
     return None
 
 
+class _Pieces:
+    """An image sink passing the pieces on, in order."""
+
+    def __init__(self, write: Callable[[bytearray], object]) -> None:
+        self.write = write
+
+    def start(self, size: int) -> None:
+        pass
+
+
+def _store_image(repo: Repository, fs: FileSystem, version: int) -> bytes:
+    """Write the image of `fs` to the object store as it is built (a big image is never
+    whole in memory) and record it as an image; returns its id."""
+    # Imported here: a re-pull with its image in place (most of them) never writes one.
+    from pycfs.host.erofs.writer import image_buffer, write_image_to
+
+    out = repo.object_writer()
+    try:
+        write_image_to(fs, version, _Pieces(out.write))
+    except BaseException:
+        out.abort()
+        raise
+    object_id, present = out.finish()
+    if present and not repo.object_intact(object_id):
+        # a damaged object of that name, which the pull repairs: ensure_object replaces it
+        return repo.write_image(image_buffer(fs, version))
+    return repo.link_image(object_id)
+
+
 def _write_images(repo: Repository, diff_ids: Sequence[str], layer_ids: Mapping[str, bytes],
                   versions: Sequence[int], parsed: Mapping[bytes, list[LayerEntry]] | None,
                   tree: ImageTree | None = None) -> dict[int, bytes]:
-    # Imported here: a re-pull with its image in place (most of them) never writes one.
-    from pycfs.host.erofs.writer import image_buffer
-
     fs = tree.filesystem([layer_ids.get(d, b"") for d in diff_ids]) if tree is not None else None
     if fs is None:
         fs = build_filesystem(repo, diff_ids, layer_ids, parsed=parsed)
-    return {v: repo.write_image(image_buffer(fs, v)) for v in versions}
+    return {v: _store_image(repo, fs, v) for v in versions}
 
 
 def _image_refs(image_ids: Mapping[int, bytes], others: Mapping[str, bytes]) -> list[tuple[str, bytes]]:

@@ -10,6 +10,7 @@ Before the writer kept its records compact and wrote the image in pieces, `mkcom
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,27 @@ def test_in_pull_image_build_peak_rss_per_entry():
     # the image itself is about 0.24 KiB per entry of it
     assert per_entry < 1.0, f"the image build adds {per_entry:.2f} KiB of peak RSS per entry (bound 1.0; was about 1.8)"
     assert size % 4096 == 0 and size > n * 32 and len(digest) == 64
+
+
+def test_pull_stores_its_image_in_pieces_and_repairs_a_damaged_one(tmp_path: Path):
+    """The pull writes its image to the object store as it is built; the object is the image
+    write_image makes, recorded under images/; a same-size damaged object of that name (which
+    the streamed write finds "present") is replaced, not kept."""
+    from pycfs.host.oci.image import _store_image
+    from pycfs.host.repository import Repository
+    from pycfs.tools.dev.gendump import generate
+
+    repo = Repository.init(tmp_path / "repo")
+    fs = dumpfile.parse(generate(3_000, seed=2))
+    expected = write_image(fs, 1)
+    image_id = _store_image(repo, fs, 1)
+    assert repo.read_object(image_id) == expected
+    assert repo.image_id(image_id.hex()) == image_id
+    path = repo.object_path(image_id)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(5000)
+        f.write(bytes([expected[5000] ^ 0xFF]))
+    assert not repo.object_intact(image_id)
+    assert _store_image(repo, fs, 1) == image_id
+    assert repo.object_intact(image_id) and repo.read_object(image_id) == expected
