@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import stat as _stat
 from collections import Counter, deque
 from typing import NoReturn, Protocol
@@ -277,21 +278,27 @@ _ROOT_XATTRS = {XATTR_OPAQUE: b"y"}
 
 
 def _canonical_occurrences(fs: FileSystem) -> tuple[dict[int, int], dict[int, tuple[int, bytes]]]:
-    """Link counts per leaf and, for multiply-linked leaves, the (id(dir), name) where the
-    inode is numbered: the recorded primary name, else the first depth-first occurrence."""
+    """Link counts of the leaves with several names (the others have one) and, for those,
+    the (id(dir), name) where the inode is numbered: the recorded primary name, else the
+    first depth-first occurrence."""
     counts: dict[int, int] = {}
+    seen: set[Leaf] = set()  # the leaves themselves, hashed by identity: no id int for each
     seen_dirs = {id(fs.root)}
     stack = [fs.root]
     while stack:
         d = stack.pop()
         for child in d.entries.values():
             if isinstance(child, Leaf):
-                k = id(child)
-                counts[k] = counts.get(k, 0) + 1
+                if child in seen:
+                    k = id(child)
+                    counts[k] = counts.get(k, 1) + 1
+                else:
+                    seen.add(child)
             elif id(child) not in seen_dirs:
                 seen_dirs.add(id(child))
                 stack.append(child)
-    multi = {k for k, c in counts.items() if c > 1}
+    del seen
+    multi = set(counts)
     if not multi:
         return counts, {}
     canon = _dfs_first(fs.root, multi)
@@ -352,7 +359,7 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
     inos: list[_Ino] = [root_ino]
     by_id: dict[int, _Ino] = {id(root): root_ino}
     late: list[tuple[_Ino, int, int]] = []  # (dir ino, child position, leaf id)
-    multi = {k for k, n in counts.items() if n > 1}
+    multi = set(counts)
     queue = deque([root_ino])
     while queue:
         dino = queue.popleft()
@@ -612,8 +619,7 @@ def _repeated_content_xattrs(inos: list[_Ino]) -> list[tuple[bytes, bytes]]:
     """The metacopy and redirect (name, value) pairs found on more than one inode (files of
     the same content): found from the ids and payloads, without making every value."""
     ids: list[bytes] = []  # metacopy digests
-    plain: list[bytes] = []  # ids of files redirected to their object's own XX/rest path
-    payloads: Counter[bytes] = Counter()  # other redirect paths
+    payloads: Counter[bytes] = Counter()  # redirect paths given as payloads
     empty_metacopy = 0
     for ino in inos:
         node = ino.node
@@ -623,30 +629,25 @@ def _repeated_content_xattrs(inos: list[_Ino]) -> list[tuple[bytes, bytes]]:
         tc = type(c)
         if tc is External:
             ids.append(c.id)
-            if c.payload is None:
-                plain.append(c.id)
-            elif c.payload:
+            if c.payload:
                 payloads[c.payload] += 1
         elif tc is ExternalNoVerity or tc is Sparse:
             empty_metacopy += 1
             if tc is ExternalNoVerity and c.payload:
                 payloads[c.payload] += 1
     found = [(XATTR_METACOPY, b"")] if empty_metacopy > 1 else []
-    if len(set(ids)) < len(ids):
-        found += [(XATTR_METACOPY, _metacopy(i)) for i, n in Counter(ids).items() if n > 1]
-    plain_counts = Counter(plain) if len(set(plain)) < len(plain) else None
-    if payloads and plain:
-        # a payload may spell the XX/rest path of a file redirected there by its id
-        plain_set = set(plain)
-        for path in list(payloads):
-            object_id = _object_id_of(path)
-            if object_id is not None and object_id in plain_set:
-                payloads[path] += plain_counts[object_id] if plain_counts else 1
-    if plain_counts:
-        for object_id, n in plain_counts.items():
-            path = object_path(object_id)
-            if n > 1 and path not in payloads:
-                payloads[path] = n
+    ids.sort()  # in place: a set of every id would cost far more
+    repeated = {a for a, b in itertools.pairwise(ids) if a == b}
+    del ids
+    found += [(XATTR_METACOPY, _metacopy(i)) for i in repeated]
+    # A file without a payload is redirected to its id's XX/rest path, which other such
+    # files of that id have, or a payload may spell: count those files' paths too.
+    wanted = repeated | {i for path in payloads if (i := _object_id_of(path)) is not None}
+    if wanted:
+        for ino in inos:
+            node = ino.node
+            if type(node) is Leaf and type(c := node.content) is External and c.payload is None and c.id in wanted:
+                payloads[object_path(c.id)] += 1
     found += [(XATTR_REDIRECT, b"/" + path) for path, n in payloads.items() if n > 1]
     return found
 

@@ -111,3 +111,38 @@ def test_pull_stores_its_image_in_pieces_and_repairs_a_damaged_one(tmp_path: Pat
     assert not repo.object_intact(image_id)
     assert _store_image(repo, fs, 1) == image_id
     assert repo.object_intact(image_id) and repo.read_object(image_id) == expected
+
+
+def test_repeated_metacopy_and_redirect_found_without_making_every_value():
+    """The writer finds the metacopy and redirect xattrs that go to the shared table from
+    ids and payloads; they are exactly the (name, value) pairs that several inodes have, as
+    counting every inode's made values finds them, and the image reads back to the tree."""
+    from collections import Counter
+
+    from pycfs.host.erofs import writer
+    from pycfs.host.erofs.reader import read_image
+    from pycfs.host.tree import Directory, External, ExternalNoVerity, FileSystem, Leaf, Sparse, Stat, object_path
+
+    a, b, c = (bytes([n]) * 32 for n in (1, 2, 3))
+    root = Directory(Stat(0o755))
+    files = {
+        b"a1": External(a, 5000), b"a2": External(a, 5000),  # same digest, both XX/rest
+        b"b1": External(b, 5000),
+        b"b2": External(c, 5000, object_path(b)),  # another digest, b's path spelt out
+        b"c1": External(c, 5000, b""),  # digest only, no redirect
+        b"n1": ExternalNoVerity(b"some/where", 10), b"n2": ExternalNoVerity(b"some/where", 20),
+        b"s1": Sparse(30),
+    }
+    for name, content in files.items():
+        root.entries[name] = Leaf(Stat(0o644), content)
+    fs = FileSystem(root)
+    for version in (1, 2):
+        inos = writer._collect_v2(fs) if version == 2 else writer._collect_epoch1(fs, version)
+        made = Counter(kv for ino in inos for kv in writer._content_xattrs(ino.node))
+        expected = {kv for kv, n in made.items() if n > 1}
+        found = writer._repeated_content_xattrs(inos)
+        assert len(found) == len(set(found)) and set(found) == expected
+        assert {k for k, _v in expected} == {writer.XATTR_METACOPY, writer.XATTR_REDIRECT}
+        assert (writer.XATTR_REDIRECT, b"/" + object_path(b)) in expected
+        back = read_image(write_image(fs, version)).fs.root.entries
+        assert {n: back[n].content for n in files} == files
