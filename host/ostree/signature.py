@@ -43,9 +43,12 @@ def verify_signed(data: bytes, what: str, where: str, detached: bytes | None, ke
     (``what``: its name) verifies with a key of keyring."""
     if not os.path.isfile(keyring):
         raise OstreeError(f"GPG keyring {keyring} is not a file")
-    sigs = signatures(detached, where) if detached is not None else []
+    if detached is None:
+        raise OstreeError(f"{what} is not signed ({where} is missing), but --gpg-keyring {keyring} asks for a signature")
+    sigs = signatures(detached, where)
     if not sigs:
-        raise OstreeError(f"{what} is not signed (no detached signatures), but --gpg-keyring {keyring} asks for one")
+        raise OstreeError(f"{what} is not signed ({where} holds no signatures), but --gpg-keyring {keyring} asks "
+                          "for one")
     with tempfile.TemporaryDirectory(prefix="pycfs-gpgv-") as tmp:
         os.chmod(tmp, 0o700)
         data_path = os.path.join(tmp, "data")

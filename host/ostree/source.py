@@ -157,9 +157,11 @@ def _read_exact(read: Callable[[int], bytes], n: int, where: str) -> bytes:
 
 class _Summary:
     """The summary file (refs and the static-delta table), read once through fetch_optional.
-    With a `summary_keyring`, only a signed summary is used: one whose `summary.sig` has a
-    signature that verifies with it (a bad one is an error); an unsigned summary is taken
-    as none (refs then come from refs/heads/, and deltas from delta-indexes/)."""
+    With a `summary_keyring` a summary is used only when its `summary.sig` (as `ostree
+    summary -u --gpg-sign` writes it) has a signature that verifies with the keyring; one
+    unsigned, or with no signature that verifies, is an error naming it, as ostree's
+    gpg-verify-summary refuses it (a server could otherwise point a ref at another signed
+    commit, an older one say, or hide a ref)."""
 
     description: str
     summary_keyring: str | None = None
@@ -174,19 +176,15 @@ class _Summary:
         """The refs the repository's summary file lists; None without one."""
         if not self._summary_fetched:
             data = self.fetch_optional("summary", MAX_METADATA_SIZE)
-            self._summary_fetched = True
             self.summary_deltas = {}
-            if data is not None and self.summary_keyring is not None:
-                signed = self.fetch_optional("summary.sig", MAX_DETACHED)
-                if signed is None:
-                    data = None
-                else:
-                    verify_signed(data, f"the summary of {self.description}", f"{self.description} summary.sig",
-                                  signed, self.summary_keyring)
-            if data is None:
-                return None
-            self._summary, metadata = parse_summary(data, f"{self.description} summary")
-            self.summary_deltas = parse_delta_table(metadata, f"{self.description} summary")
+            if data is not None:
+                if self.summary_keyring is not None:  # (a refused summary is refused again on the next call)
+                    verify_signed(data, f"the summary of {self.description}",
+                                  f"{self.description.rstrip('/')}/summary.sig",
+                                  self.fetch_optional("summary.sig", MAX_DETACHED), self.summary_keyring)
+                self._summary, metadata = parse_summary(data, f"{self.description} summary")
+                self.summary_deltas = parse_delta_table(metadata, f"{self.description} summary")
+            self._summary_fetched = True
         return self._summary
 
 

@@ -40,6 +40,7 @@ from pycfs.host.ostree.commitstream import load_stream
 from pycfs.host.ostree.delta import index_path
 from pycfs.host.ostree.objects import Commit
 from pycfs.host.repository import Repository
+from pycfs.protocol.gvariant import Variant, decode, encode
 
 pytestmark = pytest.mark.integration
 
@@ -340,42 +341,78 @@ def test_signed_commits(site, tmp_path, gpg_keys):
 
 
 def test_signed_summary(site, tmp_path, gpg_keys):
-    """With --gpg-keyring, refs and deltas come only from a summary whose summary.sig (as
-    `ostree summary -u --gpg-sign` writes it) verifies: a summary signed by another key, or
-    changed after signing, is one line naming it; an unsigned one is not used."""
+    """With --gpg-keyring, a pull that resolves its ref through the summary, and `list-refs`,
+    take the summary only when its summary.sig (as `ostree summary -u --gpg-sign` writes it)
+    has a signature gpgv verifies with the keyring: a summary unsigned, signed by another
+    key, changed after signing, or whose signature was damaged is one line naming the
+    summary, with nothing fetched and nothing committed."""
     _base, repo, v1, _ = site
     home, keys = gpg_keys
+    good = keys["good"][1]
     with served_copy(repo, tmp_path) as (work, srv):
         tree = make_tree(tmp_path / "tree", version=3)
         signed = commit(work, tree, "signed", f"--gpg-sign={keys['good'][0]}", f"--gpg-homedir={home}")
         ostree("static-delta", "generate", f"--repo={work}", "--empty", f"--to={signed}")
-        ostree("summary", f"--repo={work}", "-u")  # unsigned: ignored
+        ostree("summary", f"--repo={work}", "-u")  # unsigned
         first = tmp_path / "first"
         pycfs(first, "init")
-        plain = json.loads(pycfs(first, "ostree", "pull", srv.url, "signed", "--gpg-keyring", keys["good"][1],
-                                 "--json").stdout)
+        plain = json.loads(pycfs(first, "ostree", "pull", srv.url, "signed", "--json").stdout)  # no keyring
         assert plain["commit"] == signed
-        assert "summary.sig" in srv.requests and "refs/heads/signed" in srv.requests  # the ref not from the summary
-        for key, why in (("other", "no signature verifies"), ("good", "no signature verifies")):
+
+        def sign(key: str) -> None:
             ostree("summary", f"--repo={work}", "-u", f"--gpg-sign={keys[key][0]}", f"--gpg-homedir={home}")
-            if key == "good":  # signed, then changed: the ref moved to another commit
-                data = (work / "summary").read_bytes()
-                assert bytes.fromhex(signed) in data
-                (work / "summary").write_bytes(data.replace(bytes.fromhex(signed), bytes.fromhex(v1)))
-            cfs = tmp_path / f"cfs-{key}"
+
+        def moved() -> None:  # the ref pointed at another commit after signing
+            data = (work / "summary").read_bytes()
+            assert bytes.fromhex(signed) in data
+            (work / "summary").write_bytes(data.replace(bytes.fromhex(signed), bytes.fromhex(v1)))
+
+        def damaged() -> None:  # a byte of the signature packet changed
+            data = (work / "summary.sig").read_bytes()
+            entries = decode("a{sv}", data)
+            assert encode("a{sv}", entries) == data  # so only the changed byte can make it fail
+            sigs = [bytes(sig) for k, v in entries if k == "ostree.gpgsigs" for sig in v.value]
+            assert len(sigs) == 1
+            bad = sigs[0][:-1] + bytes([sigs[0][-1] ^ 0x55])
+            (work / "summary.sig").write_bytes(encode("a{sv}", [("ostree.gpgsigs", Variant("aay", [bad]))]))
+
+        not_signed = f"is not signed ({srv.url}summary.sig is missing), but --gpg-keyring {good} asks for a signature"
+        for case, prepare, why in (("unsigned", lambda: None, not_signed),
+                                   ("other-key", lambda: sign("other"), ": no signature verifies with the keyring"),
+                                   ("moved", lambda: (sign("good"), moved()), ": no signature verifies with the keyring"),
+                                   ("damaged", lambda: (sign("good"), damaged()),
+                                    ": no signature verifies with the keyring")):
+            prepare()
+            assert (work / "summary.sig").exists() == (case != "unsigned")
+            cfs = tmp_path / f"cfs-{case}"
             pycfs(cfs, "init")
-            failed = pycfs(cfs, "ostree", "pull", srv.url, "signed", "--gpg-keyring", keys["good"][1], check=False)
-            assert failed.returncode == 1 and len(failed.stderr.splitlines()) == 1, failed.stderr
-            assert failed.stderr.startswith(f"pycfs: error: the summary of {srv.url}: {why}"), failed.stderr
+            srv.requests.clear()
+            for argv in (("pull", srv.url, "signed"), ("list-refs", srv.url)):
+                failed = pycfs(cfs, "ostree", *argv, "--gpg-keyring", good, check=False)
+                assert failed.returncode == 1 and len(failed.stderr.splitlines()) == 1, (case, failed.stderr)
+                assert failed.stderr.startswith(f"pycfs: error: the summary of {srv.url}{' ' if case == 'unsigned' else ''}"
+                                                f"{why}"), (case, failed.stderr)
+                assert failed.stdout == ""
+            assert srv.objects_requested() == [] and "deltas" not in " ".join(srv.requests), (case, srv.requests)
             assert _images(cfs) == ""
-        ostree("summary", f"--repo={work}", "-u", f"--gpg-sign={keys['good'][0]}", f"--gpg-homedir={home}")
+            if case == "unsigned":  # without a keyring the same summary serves
+                assert _listed(pycfs(cfs, "ostree", "list-refs", srv.url).stdout) == {"main": v1, "signed": signed}
+        sign("good")
         cfs = tmp_path / "cfs"
         pycfs(cfs, "init")
+        listed = pycfs(cfs, "ostree", "list-refs", srv.url, "--gpg-keyring", good).stdout
+        assert _listed(listed) == {"main": v1, "signed": signed}
         srv.requests.clear()
-        result = json.loads(pycfs(cfs, "ostree", "pull", srv.url, "signed", "--gpg-keyring", keys["good"][1],
-                                  "--json").stdout)
-        assert result["commit"] == signed and result["image"] == plain["image"]
-        assert "refs/heads/signed" not in srv.requests  # the ref came from the signed summary
+        result = json.loads(pycfs(cfs, "ostree", "pull", srv.url, "signed", "--gpg-keyring", good, "--json").stdout)
+        assert result["commit"] == signed and result["image"] == plain["image"] and result["delta_parts"] >= 1
+        assert srv.requests[:2] == ["summary", "summary.sig"] and "refs/heads/signed" not in srv.requests
+        assert _images(cfs).split() == ["NAME", "COMMIT", "signed", signed]
+
+
+def _listed(table: str) -> dict[str, str]:
+    lines = table.splitlines()
+    assert lines[0].split() == ["REF", "COMMIT"]
+    return dict(line.split() for line in lines[1:])
 
 
 def _largest(repo: Path, suffix: str = ".filez") -> str:

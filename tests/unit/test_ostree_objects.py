@@ -195,6 +195,37 @@ def test_local_repo_opens_only_regular_files(archive, tmp_path):
         src.close()
 
 
+def test_a_keyring_takes_a_summary_only_with_its_signatures(archive, tmp_path):
+    """With a keyring, a summary without summary.sig, or with one holding no valid
+    signatures, is refused, naming it, on every call (never read as no summary, which would
+    send the pull to refs/heads/); gpgv is not reached for those. Good and bad signatures
+    are checked against gpgv in the integration tests."""
+    repo, checksum = archive
+    copy = tmp_path / "copy"
+    shutil.copytree(repo, copy, symlinks=True)
+    ostree("summary", f"--repo={copy}", "-u")
+    keyring = tmp_path / "keyring.gpg"
+    keyring.write_bytes(b"")
+    plain, keyed = LocalRepo(str(copy)), LocalRepo(str(copy))
+    keyed.summary_keyring = str(keyring)
+    try:
+        assert plain.list_refs() == [("main", bytes.fromhex(checksum))]
+        for _ in range(2):
+            with pytest.raises(OstreeError, match=rf"^the summary of {copy} is not signed \({copy}/summary.sig is "
+                               rf"missing\), but --gpg-keyring {keyring} asks for a signature$"):
+                keyed.list_refs()
+        (copy / "summary.sig").write_bytes(encode("a{sv}", []))
+        with pytest.raises(OstreeError, match=rf"^the summary of {copy} is not signed \({copy}/summary.sig holds "
+                           r"no signatures\)"):
+            keyed.list_refs()
+        (copy / "summary.sig").write_bytes(b"\x07not a variant")
+        with pytest.raises(OstreeError, match=rf"^{copy}/summary.sig: not valid detached metadata"):
+            keyed.list_refs()
+    finally:
+        plain.close()
+        keyed.close()
+
+
 def test_local_repo_refuses_unknown_modes(tmp_path):
     init_repo(tmp_path / "r", "archive")
     cfg = (tmp_path / "r" / "config").read_text().replace("archive-z2", "bare-split-xattrs")

@@ -154,6 +154,7 @@ def cmd_list_refs(args: argparse.Namespace) -> int:
     from pycfs.host.ostree.source import HttpRepo
 
     source = HttpRepo(args.url)
+    source.summary_keyring = args.gpg_keyring
     try:
         refs = source.list_refs()
     finally:
@@ -291,8 +292,9 @@ def _pull_options(p: argparse.ArgumentParser) -> None:
                    help="processes hashing and storing file content (default: one per CPU)")
     p.add_argument("--gpg-keyring", metavar="FILE",
                    help="require a commit signature (detached metadata) that gpgv verifies with this keyring "
-                   "(binary, as `gpg --export` writes it); nothing is fetched from an unsigned commit. The "
-                   "summary (refs, deltas) is then used only when signed by this keyring too")
+                   "(binary, as `gpg --export` writes it); nothing is fetched from an unsigned commit. A "
+                   "summary file (refs, deltas) must then be signed by this keyring too (summary.sig, as "
+                   "`ostree summary -u --gpg-sign` writes it): an unsigned or wrongly signed one is refused")
     p.add_argument("--json", action="store_true", help="print the result and statistics as JSON")
 
 
@@ -331,6 +333,9 @@ def _populate(top: argparse.ArgumentParser) -> None:
     p = osub.add_parser("list-refs", help="list the refs of a remote repository",
                         description="List the refs in the summary file of the archive repository at URL.")
     p.add_argument("url", metavar="URL")
+    p.add_argument("--gpg-keyring", metavar="FILE",
+                   help="require a summary signature (summary.sig, as `ostree summary -u --gpg-sign` writes it) "
+                   "that gpgv verifies with this keyring (binary, as `gpg --export` writes it)")
     p.add_argument("--json", action="store_true", help='JSON: {"refs": [{"name", "commit"}, ...]}')
     p.set_defaults(handler=cmd_list_refs)
 

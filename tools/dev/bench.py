@@ -582,8 +582,12 @@ s.serve_forever()
 
 def rows_ostree(bench: Lab, runs: int, tree: str) -> list[Row]:
     """o1-o4: pycfs against ostree's own pulls, over HTTP and from a local bare repository;
-    o5-o6: an update from a local bare repository (a second commit adding 3 files of
-    200 KB), pulled into a repository that holds the first under the same name."""
+    o4u: the same local pull with --untrusted, which reads and verifies every object's
+    checksum as pycfs always does (by default ostree trusts a local repository and reads no
+    content; either way it hardlinks the files, sharing their inodes, where pycfs keeps
+    reflinked private copies); o5-o6: an update from a local bare repository (a
+    second commit adding 3 files of 200 KB), pulled into a repository that holds the first
+    under the same name."""
     if shutil.which("ostree") is None:
         return [Row("o", "ostree rows", note="ostree is not installed")]
     base = Path(tempfile.mkdtemp(prefix="ostree-", dir=bench.xfs))
@@ -601,14 +605,15 @@ def rows_ostree(bench: Lab, runs: int, tree: str) -> list[Row]:
     server = subprocess.Popen([sys.executable, "-c", _SERVE, archive], stdout=subprocess.PIPE, text=True)
     rows = [Row("o1", f"pycfs ostree pull http://127.0.0.1 ({tree})"), Row("o2", "  ostree pull, same server"),
             Row("o3", "pycfs ostree pull-local from a bare repository"), Row("o4", "  ostree pull-local, bare to bare"),
+            Row("o4u", "  ostree pull-local --untrusted (verifies checksums)"),
             Row("o5", "pycfs ostree pull-local of an update (3 new files)"), Row("o6", "  ostree pull-local, same update")]
     try:
         assert server.stdout is not None
         url = f"http://127.0.0.1:{server.stdout.readline().strip()}/"
         read_all([os.path.join(d, f) for d, _, fs in os.walk(base) for f in fs])
         for _ in range(runs):
-            for row, kind in zip(rows, ("pycfs-http", "ostree-http", "pycfs-local", "ostree-local", "pycfs-update",
-                                        "ostree-update")):
+            for row, kind in zip(rows, ("pycfs-http", "ostree-http", "pycfs-local", "ostree-local",
+                                        "ostree-local-untrusted", "pycfs-update", "ostree-update")):
                 dest = base / f"dest-{kind}"
                 shutil.rmtree(dest, ignore_errors=True)
                 os.sync()
@@ -632,7 +637,8 @@ def rows_ostree(bench: Lab, runs: int, tree: str) -> list[Row]:
                         argv = ["ostree", "pull", f"--repo={dest}", "r", "tree"]
                     else:
                         argv = ["ostree", "pull-local", f"--repo={dest}", str(bare),
-                                "tree2" if kind == "ostree-update" else "tree"]
+                                "tree2" if kind == "ostree-update" else "tree",
+                                *(["--untrusted"] if kind == "ostree-local-untrusted" else [])]
                 before = used_bytes(bench.xfs)
                 row.warm.append(timed(argv)[0])
                 row.disk_added = used_bytes(bench.xfs) - before
