@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import os
 import re
+import resource
 import stat
 import sys
 from collections.abc import Awaitable, Callable
@@ -468,9 +469,14 @@ def _close(files: list[_File]) -> None:
 
 
 def batch_limiter(pool: WorkerPool) -> trio.CapacityLimiter:
-    """How many batches of files may wait for `pool` at once: enough to keep its workers
-    busy, and (each batch holding its fds open) well within the open-file limit."""
-    return trio.CapacityLimiter(pool.batches_in_flight(BATCH_FILES))
+    """How many batches of files may be sent and not yet written, for all the layers that
+    share `pool`: four per worker, as a layer's batches queue at one worker, in order, and a
+    token comes back only once its answer is written, so the worker needs a few queued
+    behind the one it stores to keep busy while this process catches up; within half the
+    open-file limit, as a batch's fds stay open in the worker until it is answered (and
+    here, to be hardlinked)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return trio.CapacityLimiter(max(1, min(4 * pool.jobs, soft // 2 // (BATCH_FILES + 1))))
 
 
 async def put_layer(repo: Repository, pool: WorkerPool, pipe_fd: int, dirfds: list[int], diff_id: str,
