@@ -38,6 +38,17 @@ ADOPT = "adopt"
 # {"failed": MESSAGE}. The host splits the tar as it comes, on a core of its own.
 INFLATE = "inflate"
 
+# A layer stream's files, in stream order, for one worker that also owns the layer's
+# sha256 (its diff_id): fds are a file holding the stream's inline bytes, then the files;
+# ``layer`` names the layer (the same worker gets all its requests, in order), ``inline``
+# the byte count of each inline piece (one before each file and one after the last), and
+# ``store`` false only digests the files (the caller links them). Each file's content
+# enters the sha256 in the same read that digests it, as stored; the answer is a store's
+# (or digest's). LAYER_SHA256 {"layer": N} then answers {"sha256": HEX, or null when a
+# file failed} and forgets the layer.
+STORE_LAYER = "store_layer"
+LAYER_SHA256 = "layer_sha256"
+
 HOW = {"r": "reflinked", "c": "copied", "p": "present"}  # store; "=" digest only, "-" failed
 HOW_CODES = {v: k for k, v in HOW.items()}
 LEASE_KEPT = {"R", "P"}  # reflinked / present, the source's read lease left in place
@@ -85,7 +96,9 @@ def parse_answer(obj: dict[str, Any], count: int, method: str, digest_size: int)
         raise ValueError(f"refused a request: {obj['error']}")
     result = obj.get("result")
     ids, how, failed = (result.get(k) for k in ("ids", "how", "failed")) if isinstance(result, dict) else (None,) * 3
-    codes = DIGESTED if method in (DIGEST, DIGEST_PATHS) else HOW.keys() | LEASE_KEPT
+    codes = {DIGESTED} if method in (DIGEST, DIGEST_PATHS) else HOW.keys() | LEASE_KEPT
+    if method == STORE_LAYER:  # digests only when not storing
+        codes |= {DIGESTED}
     try:
         digests = bytes.fromhex(ids) if isinstance(ids, str) else b""
     except ValueError:

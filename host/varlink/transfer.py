@@ -4,39 +4,43 @@ verifying consumer (`PutLayer`).
 Producer: the layer splitstream's inline bytes become Metadata chunks, each external
 object a FileBackedData reference `XX/rest` under the repository's `objects/` dirfd.
 
-Consumer: reads the pipe to EOF; every chunk's bytes enter the stream's sha256 in order;
-a referenced file is opened beneath its dirfd (a directory slot, never a dummy), must be a
-regular file of the declared length, and is stored by the object workers (reflink, else
-copy; with `zerocopy`, reflink else hardlink, never a copy). The sha256 covers the stored
-objects' bytes, so a source rewritten meanwhile cannot slip in content the digest did not
-see: each file's bytes are read once from disk, by the worker that names its object, and
-the sha256 reads them again from the page cache. A worker that stored a file under a read
-lease on the source (hash, then clone) leaves the lease with the fd, and the sha256 reads
-the source's pages while the lease is unbroken (no writer since the worker's hash);
-otherwise (broken lease, no lease: another user's file) it reads the object, which the
-worker then hashed from its own clone. Only when the sha256 equals the diff_id is the layer
-stream committed; any failure commits nothing (objects already stored are orphans for gc).
+Consumer: reads the pipe to EOF; a referenced file is opened beneath its dirfd (a directory
+slot, never a dummy), must be a regular file of the declared length, and goes to one object
+worker with the inline bytes around it, in stream order. That worker stores each file
+(reflink, else copy; with `zerocopy`, reflink else hardlink, never a copy) and keeps the
+stream's sha256: the inline bytes, then each file's content in the same read that names its
+object, from the bytes stored (hashed under a read lease on the source, then cloned, or
+hashed from a private clone), so a source rewritten meanwhile cannot slip in content the
+digest did not see, and no byte of content is read twice. Only when the sha256 equals the
+diff_id is the layer stream committed; any failure commits nothing (objects already stored
+are orphans for gc).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import itertools
 import os
+import re
+import resource
 import stat
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.layer import INLINE_CONTENT_MAX, LayerEntry, LayerEntryCollector, layer_stream_name
-from pycfs.host.repository import Repository, RepositoryError, feed_fd, lease_held
+from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamWriter
 from pycfs.host.varlink.layers import open_beneath
-from pycfs.host.workers.pool import Failed, WorkerPool
+from pycfs.host.workers.pool import Failed, Pinned, WorkerPool
+from pycfs.protocol import worker_api as api
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.splitdirfdstream import (
     MAX_INLINE_CHUNK_SIZE,
@@ -48,6 +52,9 @@ from pycfs.protocol.splitdirfdstream import (
     encode_file_backed_data,
     encode_metadata,
 )
+
+if TYPE_CHECKING:
+    from pycfs.host.workers.pool import _Reply
 
 _SEND_PIECE = 1 << 16
 _RECV_PIECE = 1 << 16
@@ -162,7 +169,6 @@ class _File:
     size: int
     what: str  # for messages
     object_id: bytes = b""
-    leased: bool = False  # the source's read lease is still with fd (Stored.leased)
 
 
 @dataclass(eq=False)
@@ -170,10 +176,24 @@ class _Batch:
     items: list[bytes | _File] = field(default_factory=list)
     nbytes: int = 0
     nfiles: int = 0
-    stored: trio.Event = field(default_factory=trio.Event)
+    reply: _Reply | None = None  # the worker's answer to come, once sent
 
     def files(self) -> list[_File]:
         return [i for i in self.items if isinstance(i, _File)]
+
+    def inline(self) -> tuple[bytes, list[int]]:
+        """The inline bytes, and their count before each file and after the last."""
+        counts, n = [], 0
+        for item in self.items:
+            if isinstance(item, bytes):
+                n += len(item)
+            else:
+                counts.append(n)
+                n = 0
+        return b"".join(i for i in self.items if isinstance(i, bytes)), [*counts, n]
+
+
+_layer_numbers = itertools.count()
 
 
 class LayerConsumer:
@@ -188,12 +208,12 @@ class LayerConsumer:
         self.dirfds = dirfds
         self.zerocopy = zerocopy
         self.writer = SplitStreamWriter(repo.alg, CONTENT_OCI_LAYER)
-        self.sha = hashlib.sha256()
+        self.layer = next(_layer_numbers)  # the worker's name for this layer's sha256
+        self._worker: Pinned | None = None  # the one worker that stores the layer's files
         self.stats = PutStats()
         self._dir_checked: set[int] = set()
         self._hardlink: bool | None = None  # zerocopy: decided by the first file
-        self._probe_lock = trio.Lock()
-        # submitted batches not yet hashed: each holds a limiter token and (leased) open fds
+        # sent batches not yet written: each holds a limiter token (and, to be hardlinked, open fds)
         self._pending: set[_Batch] = set()
         # the layer's entries, parsed from what is written, for the image FinalizeImage builds
         self.collector = LayerEntryCollector()
@@ -226,51 +246,85 @@ class LayerConsumer:
         return _File(fd, chunk.length, what)
 
     async def run(self, receive_some: Callable[[int], Awaitable[bytes]]) -> str:
-        """Consume the whole stream; returns its `sha256:<hex>`. Batches of files are stored
-        by the workers several at a time while one task hashes and writes the stored
-        batches in stream order."""
+        """Consume the whole stream; returns its `sha256:<hex>`. One worker gets every batch
+        of files, in stream order, with the inline bytes around them: it stores each file
+        and feeds the stream's sha256 in the same read. Its answers come back in order, and
+        one task writes the layer stream from them while this one reads on."""
         decoder = Decoder()
         batch = _Batch()
         send, receive = trio.open_memory_channel[_Batch](int(self.limiter.total_tokens))
         send_written, written = trio.open_memory_channel[list[bytes | tuple[bytes]]](int(self.limiter.total_tokens))
         try:
-            async with open_nursery() as nursery:
-                nursery.start_soon(self._write_in_order, receive, send_written)
-                nursery.start_soon(self._parse, written)
-                async with send:
-                    while True:
-                        data = await receive_some(_RECV_PIECE)
-                        if not data:
-                            decoder.eof()
-                            break
-                        decoder.feed(data)
-                        for chunk in decoder.chunks():
-                            self._add(batch, chunk)
-                            if batch.nfiles >= BATCH_FILES or batch.nbytes >= BATCH_BYTES:
-                                await self._submit(nursery, send, batch)
-                                batch = _Batch()
-                    await self._submit(nursery, send, batch)
-                    batch = _Batch()
+            # The worker is chosen (and the pool's workers started) with the first batch.
+            async with contextlib.AsyncExitStack() as stack:
+                async with open_nursery() as nursery:
+                    nursery.start_soon(self._write_in_order, receive, send_written)
+                    nursery.start_soon(self._parse, written)
+                    async with send:
+                        while True:
+                            data = await receive_some(_RECV_PIECE)
+                            if not data:
+                                decoder.eof()
+                                break
+                            decoder.feed(data)
+                            for chunk in decoder.chunks():
+                                self._add(batch, chunk)
+                                if batch.nfiles >= BATCH_FILES or batch.nbytes >= BATCH_BYTES:
+                                    await self._submit(stack, send, batch)
+                                    batch = _Batch()
+                        if self._worker is None and not batch.files():
+                            # a stream of a few inline bytes: hashed here, and no worker starts
+                            here = hashlib.sha256(batch.inline()[0]).hexdigest()
+                            await self._hold(batch)
+                            await send.send(batch)
+                        else:
+                            worker = await self._submit(stack, send, batch)
+                            digest = await worker.send(api.LAYER_SHA256, [], {"layer": self.layer})
+                        batch = _Batch()
+                if self._worker is not None:
+                    obj = await self._worker.answer(digest)
         finally:
             for b in (*self._pending, batch):
                 self._finish(b)
         self.collector.close()
-        return "sha256:" + self.sha.hexdigest()
+        if self._worker is None:
+            return "sha256:" + here
+        result = obj.get("result")
+        sha = result.get("sha256") if isinstance(result, dict) else None
+        if not isinstance(sha, str) or not re.fullmatch("[0-9a-f]{64}", sha):
+            raise PycfsError(f"the object worker answered {obj!r} for the sha256 of layer {self.layer}")
+        return "sha256:" + sha
 
-    async def _submit(self, nursery: trio.Nursery, send: trio.MemorySendChannel[_Batch], batch: _Batch) -> None:
-        # The token is held until the batch is hashed: its leased fds stay open until then.
+    async def _hold(self, batch: _Batch) -> None:
+        """A token for the batch, held until it is written."""
         await self.limiter.acquire_on_behalf_of(batch)
         self._pending.add(batch)
-        nursery.start_soon(self._store_batch, batch)
-        await send.send(batch)
 
-    async def _store_batch(self, batch: _Batch) -> None:
+    async def _submit(self, stack: contextlib.AsyncExitStack, send: trio.MemorySendChannel[_Batch],
+                      batch: _Batch) -> Pinned:
+        """Send the batch to the layer's worker (in stream order: here, one at a time), and on
+        to the writer."""
+        await self._hold(batch)
+        if self._worker is None:
+            pinned: Pinned = await stack.enter_async_context(self.pool.pinned())
+            self._worker = pinned
+        worker = self._worker
         files = batch.files()
+        if self.zerocopy and files and self._hardlink is None:
+            self._hardlink = not await trio.to_thread.run_sync(self._probe_reflink, files[0].fd)
+        data, counts = batch.inline()
+        inline = os.memfd_create("pycfs-layer-inline", os.MFD_CLOEXEC)
         try:
-            await self._store(files)
+            _write_all(inline, data)
+            batch.reply = await worker.send(api.STORE_LAYER, [inline, *(f.fd for f in files)], {
+                "layer": self.layer, "sizes": [f.size for f in files], "inline": counts,
+                "store": not (self.zerocopy and self._hardlink)})
         finally:
-            _close([f for f in files if not f.leased])
-        batch.stored.set()
+            os.close(inline)
+            if not (self.zerocopy and self._hardlink):  # the worker has its own copies
+                _close(files)
+        await send.send(batch)
+        return worker
 
     def _finish(self, batch: _Batch) -> None:
         """Close what the batch still holds open and give back its token (once)."""
@@ -283,16 +337,18 @@ class LayerConsumer:
                               written: trio.MemorySendChannel[list[bytes | tuple[bytes]]]) -> None:
         async with written:
             async for batch in receive:
-                await batch.stored.wait()
                 try:
-                    await trio.to_thread.run_sync(self._hash_and_write, batch.items)
+                    if batch.reply is not None:
+                        assert self._worker is not None
+                        files = batch.files()
+                        await self._take(files, await self._worker.files(batch.reply, len(files)))
+                    await trio.to_thread.run_sync(self._write, batch.items)
                 finally:
                     self._finish(batch)
                 await written.send([i if isinstance(i, bytes) else (i.object_id,) for i in batch.items])
 
     async def _parse(self, written: trio.MemoryReceiveChannel[list[bytes | tuple[bytes]]]) -> None:
-        """The entries of what was written, in a thread of their own behind the writer (whose
-        sha256 is the copy's sequential pass: the parse must not lengthen it)."""
+        """The entries of what was written, in a thread of their own behind the writer."""
         async for pieces in written:
             await trio.to_thread.run_sync(self.collector.feed, pieces)
 
@@ -318,9 +374,7 @@ class LayerConsumer:
             # content the producer read itself: through a memfd to the workers
             fd = os.memfd_create("pycfs-filecontent", os.MFD_CLOEXEC)
             try:
-                mv = memoryview(data)
-                while mv:
-                    mv = mv[os.write(fd, mv):]
+                _write_all(fd, data)
             except BaseException:
                 os.close(fd)
                 raise
@@ -330,28 +384,21 @@ class LayerConsumer:
             batch.items.append(bytes(data))
         batch.nbytes += len(data)
 
-    async def _store(self, files: list[_File]) -> None:
-        if not files:
-            return
-        if self.zerocopy:
-            async with self._probe_lock:
-                if self._hardlink is None:
-                    self._hardlink = not await trio.to_thread.run_sync(self._probe_reflink, files[0].fd)
+    async def _take(self, files: list[_File], results: list[tuple[bytes, str] | Failed]) -> None:
+        """The worker's answers for a batch's files: their objects, stored (or, to be
+        hardlinked, digested)."""
+        for f, r in zip(files, results):
+            if isinstance(r, Failed):
+                raise LayerTransferError(f"cannot store {f.what}: {r.message}")
+            f.object_id = r[0]
         if self.zerocopy and self._hardlink:
-            results = await self.pool.digest([f.fd for f in files], [f.size for f in files])
-            for f, r in zip(files, results):
-                if isinstance(r, Failed):
-                    raise LayerTransferError(f"cannot read {f.what}: {r.message}")
-                f.object_id = r
+            for f in files:
                 self.stats.count(await trio.to_thread.run_sync(self._hardlink_object, f))
             return
-        stored = await self.pool.store([f.fd for f in files], [f.size for f in files], keep_leases=True)
-        for f, s in zip(files, stored):
-            if isinstance(s, Failed):
-                raise LayerTransferError(f"cannot store {f.what}: {s.message}")
+        for f, s in zip(files, api.stored_results(results)):
+            assert isinstance(s, api.Stored)
             if self.zerocopy and s.how == "copied":
                 raise LayerTransferError(f"zerocopy: {f.what} could not be reflinked or hardlinked")
-            f.object_id, f.leased = s.object_id, s.leased
             self.stats.count(s.how)
 
     def _probe_reflink(self, src_fd: int) -> bool:
@@ -400,31 +447,19 @@ class LayerConsumer:
             os.close(objects)
         return "hardlinked"
 
-    def _hash_and_write(self, items: list[bytes | _File]) -> None:
+    def _write(self, items: list[bytes | _File]) -> None:
         for item in items:
             if isinstance(item, bytes):
-                self.sha.update(item)
                 self.writer.write_inline(item)
                 self.stats.bytes_inlined += len(item)
-                continue
-            self._hash_stored(item)
-            self.writer.write_external(item.object_id, item.size)
+            else:
+                self.writer.write_external(item.object_id, item.size)
 
-    def _hash_stored(self, f: _File) -> None:
-        """The stored bytes into the stream's sha256: the leased source's (cached) pages when
-        the lease held throughout, else the object's."""
-        if f.leased:
-            before = self.sha.copy()
-            try:
-                if feed_fd(f.fd, f.size, self.sha.update) == f.size and lease_held(f.fd):
-                    return
-            except OSError:
-                pass
-            self.sha = before  # a writer came: what was read may not be what was stored
-        try:
-            self.repo.feed_object(f.object_id, f.size, self.sha.update)
-        except RepositoryError as e:
-            raise LayerTransferError(f"{f.what}: {e}") from None
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _close(files: list[_File]) -> None:
@@ -434,9 +469,14 @@ def _close(files: list[_File]) -> None:
 
 
 def batch_limiter(pool: WorkerPool) -> trio.CapacityLimiter:
-    """How many batches of files may wait for `pool` at once: enough to keep its workers
-    busy, and (each batch holding its fds open) well within the open-file limit."""
-    return trio.CapacityLimiter(pool.batches_in_flight(BATCH_FILES))
+    """How many batches of files may be sent and not yet written, for all the layers that
+    share `pool`: four per worker, as a layer's batches queue at one worker, in order, and a
+    token comes back only once its answer is written, so the worker needs a few queued
+    behind the one it stores to keep busy while this process catches up; within half the
+    open-file limit, as a batch's fds stay open in the worker until it is answered (and
+    here, to be hardlinked)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return trio.CapacityLimiter(max(1, min(4 * pool.jobs, soft // 2 // (BATCH_FILES + 1))))
 
 
 async def put_layer(repo: Repository, pool: WorkerPool, pipe_fd: int, dirfds: list[int], diff_id: str,

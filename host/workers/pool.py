@@ -234,6 +234,10 @@ class WorkerPool:
 
     async def _send_and_wait(self, worker: _Worker, method: str, fds: list[int], params: dict[str, Any],
                              sent: Callable[[], None] | None) -> dict[str, Any]:
+        return await self._wait(await self._send(worker, method, fds, params, sent))
+
+    async def _send(self, worker: _Worker, method: str, fds: list[int], params: dict[str, Any],
+                    sent: Callable[[], None] | None = None) -> _Reply:
         self._next_id += 1
         reply = _Reply(self._next_id)
         request = {"jsonrpc": "2.0", "method": method, "params": params, "id": reply.id}
@@ -249,10 +253,25 @@ class WorkerPool:
                 finally:
                     if sent is not None:
                         sent()
+        return reply
+
+    async def _wait(self, reply: _Reply) -> dict[str, Any]:
         await reply.done.wait()
         self._check()
         assert reply.obj is not None
         return reply.obj
+
+    @asynccontextmanager
+    async def pinned(self) -> AsyncIterator[Pinned]:
+        """One worker (the least busy) for requests that must all meet the same worker, in
+        order (a job with state there: a layer's sha256); it answers them in that order."""
+        await self._start()
+        worker = min(self._workers, key=lambda w: w.assigned)
+        worker.assigned += 1
+        try:
+            yield Pinned(self, worker)
+        finally:
+            worker.assigned -= 1
 
     def _results(self, obj: dict[str, Any], count: int, method: str) -> list[tuple[bytes, str] | Failed]:
         """Unpack a response (see `pycfs.protocol.worker_api`); ValueError when malformed."""
@@ -353,6 +372,30 @@ class WorkerPool:
                     await w.proc.wait()
                 w.sock.close()
                 w.output.close()
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """Requests to one worker (`WorkerPool.pinned`): `send` returns once the request is
+    sent (the caller may close its fds then), `answer` waits for its response."""
+
+    pool: WorkerPool
+    worker: _Worker
+
+    async def send(self, method: str, fds: list[int], params: dict[str, Any]) -> _Reply:
+        return await self.pool._send(self.worker, method, fds, params)
+
+    async def answer(self, reply: _Reply) -> dict[str, Any]:
+        return await self.pool._wait(reply)
+
+    async def files(self, reply: _Reply, count: int) -> list[tuple[bytes, str] | Failed]:
+        """The answer to a STORE_LAYER request for `count` files: (digest, how code) or
+        Failed per file (see `pycfs.protocol.worker_api.parse_answer`)."""
+        obj = await self.answer(reply)
+        try:
+            return self.pool._results(obj, count, api.STORE_LAYER)
+        except ValueError as e:
+            raise PycfsError(f"the {self.worker.describe()} {e}") from None
 
 
 @asynccontextmanager

@@ -29,10 +29,13 @@ class WorkerService:
         self.alg = alg
         self.digest_size = DIGEST_SIZES[alg]
         self.repo = repo
+        # layer -> its sha256 so far (None once a file failed), oldest first (see store_layer)
+        self._layers: dict[int, Any] = {}
 
     def methods(self) -> dict[str, Any]:
         return {api.STORE: self.store, api.DIGEST: self.digest, api.ADOPT: self.adopt,
-                api.DIGEST_PATHS: self.digest_paths, api.INFLATE: self.inflate}
+                api.DIGEST_PATHS: self.digest_paths, api.INFLATE: self.inflate,
+                api.STORE_LAYER: self.store_layer, api.LAYER_SHA256: self.layer_sha256}
 
     def _each(self, call: Call, sizes: Any, one) -> dict[str, Any]:
         if not isinstance(sizes, list) or not all(type(s) is int and s >= 0 for s in sizes):
@@ -88,6 +91,69 @@ class WorkerService:
         expected = iter(zip(crcs, checks))
         return self._each(call, sizes, lambda fd, size: self._store_one(fd, size, *next(expected), keep_leases))
 
+    def store_layer(self, call: Call, layer: Any, sizes: Any, inline: Any, store: Any = True) -> dict[str, Any]:
+        """Files of a layer stream, in order, each stored (or digested) while the layer's
+        sha256 takes the inline bytes before it and then its content, in the same read
+        (see `pycfs.protocol.worker_api.STORE_LAYER`)."""
+        if self.repo is None and store is not False:
+            raise InvalidParamsError("this worker was started without a repository")
+        if type(layer) is not int or type(store) is not bool or not call.fds:
+            raise InvalidParamsError("store_layer takes a layer number, store true|false and the inline bytes' file")
+        if not isinstance(inline, list) or len(inline) != len(call.fds) or not all(type(n) is int and n >= 0 for n in inline):
+            raise InvalidParamsError("inline must be a byte count before each file and one after the last")
+        inline_fd, files = call.fds[0], Call(call.fds[1:])  # all closed with the request
+        data = os.pread(inline_fd, sum(inline), 0)
+        if len(data) != sum(inline):
+            raise InvalidParamsError(f"the inline bytes' file holds {len(data)} bytes, not {sum(inline)}")
+        sha = self._layers.pop(layer) if layer in self._layers else hashlib.sha256()
+        pieces = iter(inline)
+        offset = 0
+
+        def feed_inline() -> None:
+            nonlocal offset
+            n = next(pieces)
+            if sha is not None:
+                sha.update(data[offset : offset + n])
+            offset += n
+
+        def one(fd: int, size: int) -> tuple[bytes, str]:
+            nonlocal sha
+            feed_inline()
+            passes: list[Any] = []
+
+            def content() -> Callable[[memoryview], None]:
+                """Each pass over the content starts from the sha256 before this file: the
+                last pass is the one stored."""
+                passes.append(sha.copy() if sha is not None else None)
+                return passes[-1].update if sha is not None else _ignore
+
+            try:
+                if store:
+                    result = self._store_one(fd, size, None, None, False, content)
+                else:
+                    result = digest_fd(fd, self.alg, size, content()), api.DIGESTED
+            except BaseException:
+                sha = None  # its content is not in the sha256: the layer's digest is void
+                raise
+            if passes:
+                sha = passes[-1]
+            return result
+
+        try:
+            answer = self._each(files, sizes, one)
+            feed_inline()
+        finally:
+            self._layers[layer] = sha
+            while len(self._layers) > _MAX_LAYERS:  # layers whose caller gave up
+                del self._layers[next(iter(self._layers))]
+        return answer
+
+    def layer_sha256(self, call: Call, layer: Any) -> dict[str, Any]:
+        if type(layer) is not int or call.fds:
+            raise InvalidParamsError("layer_sha256 takes a layer number and no fds")
+        sha = self._layers.pop(layer, None)
+        return {"sha256": sha.hexdigest() if sha is not None else None}
+
     def adopt(self, call: Call, sizes: Any) -> dict[str, Any]:
         repo = self.repo
         if repo is None:
@@ -129,7 +195,8 @@ class WorkerService:
                 "tar_size": tar.count}
 
     def _store_one(self, fd: int, size: int, crc: int | None,
-                   sha256: tuple[bytes, bytes] | None = None, keep_lease: bool = False) -> tuple[bytes, str]:
+                   sha256: tuple[bytes, bytes] | None = None, keep_lease: bool = False,
+                   also: Callable[[], Callable[[memoryview], None]] | None = None) -> tuple[bytes, str]:
         assert self.repo is not None
         st = os.fstat(fd)
         if st.st_size != size:
@@ -140,6 +207,8 @@ class WorkerService:
             checks: list[Callable[[memoryview], None]] = [] if crc is None else [_Crc64Check(crc, size)]
             if sha256 is not None:
                 checks.append(_PrefixedSha256Check(*sha256, size))
+            if also is not None:
+                checks.append(also())
 
             def observe(piece: memoryview) -> None:
                 for check in checks:
@@ -147,12 +216,20 @@ class WorkerService:
 
             return observe
 
-        result = self.repo.store_object_from_fd(fd, st, observer if crc is not None or sha256 is not None else None,
-                                                keep_lease)
+        watched = crc is not None or sha256 is not None or also is not None
+        result = self.repo.store_object_from_fd(fd, st, observer if watched else None, keep_lease)
         if result.size != size:
             raise OSError(errno.ESTALE, "changed size while it was stored")
         code = api.HOW_CODES[result.how]
         return result.object_id, code.upper() if result.leased else code
+
+
+# Layers a worker keeps a sha256 for: a caller that gave up on a layer never asks for its digest.
+_MAX_LAYERS = 64
+
+
+def _ignore(piece: memoryview) -> None:
+    pass
 
 
 # Decompressed bytes a write to the host's pipe: large, so the host reads them in few

@@ -4,7 +4,6 @@ XFS: whatever writers do meanwhile, an object is named by the digest of the byte
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import threading
 import time
@@ -225,58 +224,53 @@ def test_keep_lease_leaves_the_lease_with_the_fd_until_a_writer_comes(repo):
         os.close(fd)
 
 
-def _consumer(repo: Repository):
-    from pycfs.host.varlink.transfer import LayerConsumer
-
-    return LayerConsumer(repo, None, [], False, trio.CapacityLimiter(1))
-
-
-def test_diff_id_pass_reads_the_leased_source_only_while_the_lease_holds(repo, monkeypatch):
-    """The consumer's sha256 of a leased file: the source's pages while the lease holds;
-    once it broke (a writer may have rewritten the source), the stored object's bytes,
-    never the new content."""
+def test_store_layer_sha256_takes_only_the_pass_stored_when_the_lease_breaks(repo, monkeypatch):
+    """A layer's sha256 kept by the worker (store_layer): a file whose lease broke mid-store is
+    read twice (the source, then the private clone that is stored); the sha256 takes the
+    stored pass, once, between the inline bytes around it."""
     import hashlib
 
-    from pycfs.host.varlink.transfer import _File
+    from pycfs.host import repository
+    from pycfs.host.workers.service import WorkerService
+    from pycfs.protocol.rpcserver import Call
 
-    data, new = os.urandom(3 * (1 << 20) + 5), os.urandom(3 * (1 << 20) + 5)
+    data = os.urandom(300_000)
     path = _source(repo, "src", data)
-    read_inodes: list[int] = []
-    real_preadv = os.preadv
+    broken: list[int] = []
+    real_lease_held = repository.lease_held
 
-    def preadv(fd, buffers, offset, *flags):
-        read_inodes.append(os.fstat(fd).st_ino)
-        return real_preadv(fd, buffers, offset, *flags)
+    def lease_held(fd: int) -> bool:
+        if not broken:
+            try:  # non-blocking: breaks the lease, then gives up at once
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError as e:
+                broken.append(e.errno)
+        return real_lease_held(fd)
 
+    monkeypatch.setattr(repository, "lease_held", lease_held)
+    worker = WorkerService(repo.alg, repo)
+    inline = os.memfd_create("inline", os.MFD_CLOEXEC)
+    os.write(inline, b"head" + b"tail")
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        stored = repo.store_object_from_fd(fd, keep_lease=True)
-        assert stored.leased
-        monkeypatch.setattr(os, "preadv", preadv)
-        consumer = _consumer(repo)
-        consumer._hash_stored(_File(fd, len(data), "src", stored.object_id, leased=True))
-        assert consumer.sha.digest() == hashlib.sha256(data).digest()
-        assert set(read_inodes) == {os.fstat(fd).st_ino}  # the source, not the object
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)  # as a broken lease ends
-        with open(path, "r+b") as f:
-            f.write(new)
-        consumer = _consumer(repo)
-        consumer._hash_stored(_File(fd, len(data), "src", stored.object_id, leased=True))
-        assert consumer.sha.digest() == hashlib.sha256(data).digest()
+        answer = worker.store_layer(Call([inline, fd]), 1, [len(data)], [4, 4])
     finally:
         os.close(fd)
+        os.close(inline)
+    assert broken == [errno.EWOULDBLOCK]  # a lease was held, and broken
+    assert (answer["how"], answer["ids"]) == ("r", digest_bytes(data).hex())
+    assert worker.layer_sha256(Call([]), 1) == {"sha256": hashlib.sha256(b"head" + data + b"tail").hexdigest()}
 
 
-def test_put_layer_under_kept_leases_commits_only_the_right_diff_id_and_leaks_no_fd(repo, monkeypatch):
-    """PutLayer on a reflinking XFS, the source files ours (so stored under leases that stay
-    with the consumer's fds until hashed): a wrong diff_id commits nothing, and every fd
-    (leased ones too) is closed either way; the right one commits a stream whose bytes
-    hash to it."""
+def test_put_layer_commits_only_the_right_diff_id_reads_no_content_here_and_leaks_no_fd(repo, monkeypatch):
+    """PutLayer on a reflinking XFS, the source files ours (so stored under leases): a wrong
+    diff_id commits nothing, and every fd is closed either way; the right one commits a
+    stream whose bytes hash to it. The sha256 is the worker's: this process reads no
+    file's content (os.preadv is how content is read)."""
     import hashlib
 
     from fdcount import open_fd_count
     from pycfs.host.streamcat import iter_stream_bytes
-    from pycfs.host.varlink import transfer
     from pycfs.host.varlink.transfer import DiffIdMismatch, batch_limiter, put_layer
     from pycfs.host.workers.pool import open_pool
     from pycfs.protocol.splitdirfdstream import encode_file_backed_data, encode_metadata
@@ -291,14 +285,14 @@ def test_put_layer_under_kept_leases_commits_only_the_right_diff_id_and_leaks_no
         stream += encode_metadata(header) + encode_file_backed_data(0, size, f"f{i}".encode())
         tar += header + data
     diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
-    checked: list[int] = []  # the leased files whose source pages went into the sha256
+    read_here: list[int] = []
+    real_preadv = os.preadv
 
-    def lease_held(fd: int) -> bool:
-        checked.append(fd)
-        return real_lease_held(fd)
+    def preadv(fd, buffers, offset, *flags):
+        read_here.append(fd)
+        return real_preadv(fd, buffers, offset, *flags)
 
-    real_lease_held = transfer.lease_held
-    monkeypatch.setattr(transfer, "lease_held", lease_held)
+    monkeypatch.setattr(os, "preadv", preadv)
 
     async def put(claimed: str):
         r, w = os.pipe2(os.O_CLOEXEC)
@@ -323,7 +317,7 @@ def test_put_layer_under_kept_leases_commits_only_the_right_diff_id_and_leaks_no
     layer_id, stats = put_result.layer_id, put_result.stats
     # no tar headers around these files: nothing parsed for FinalizeImage, which then reads the stream
     assert put_result.entries is None
-    assert stats.objects_reflinked + stats.objects_already_present == 180 and len(checked) >= 180
+    assert stats.objects_reflinked + stats.objects_already_present == 180 and not read_here
     assert repo.has_stream(f"oci-layer-{diff_id}") == layer_id
     before = open_fd_count()  # the repository's cached directory fds are open now
     with pytest.raises(DiffIdMismatch):  # present objects, their sources leased too
