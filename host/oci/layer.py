@@ -269,16 +269,10 @@ class TarSplitter:
     the PendingFile fds among them (`close_pieces`)."""
 
     def __init__(self, repo: Repository, f: BinaryIO, alg: str = "sha256", *, defer: bool = False,
-                 hashed: bool = False, collect: bool = False) -> None:
+                 hashed: bool = False) -> None:
         """With ``hashed``, f already counts and digests what it hands out (`count`,
-        `digest()`, as a HashingReader): the tar is not hashed a second time here. With
-        ``collect``, each chunk's entries are built from the same parse (`take_entries`)."""
+        `digest()`, as a HashingReader): the tar is not hashed a second time here."""
         self.repo = repo
-        # The entries of the chunk being split, and those among them whose object is a
-        # PendingFile (in order): their External is filled in once it is stored. None once
-        # an entry cannot be an image entry (the image build reads the stream back and says why).
-        self.entries: list[LayerEntry] | None = [] if collect else None
-        self._unstored: list[LayerEntry] = []
         self.src: HashedSource = f if hashed else HashingReader(f, alg)  # type: ignore[assignment]
         self._ahead = _ReadAhead(self.src.read)
         self.reader = TarReader(self._ahead.read)
@@ -312,51 +306,22 @@ class TarSplitter:
                     if inline:
                         pieces.append(bytes(inline))
                         inline.clear()
-                    stored = self._store(entry.size)
-                    pieces.append(stored)
+                    pieces.append(self._store(entry.size))
                     files += 1
                     inline += self.reader.read_exact(entry.padded_size - entry.size, "padding")
-                    if self.entries is not None:
-                        known = stored.object_id if isinstance(stored, StoredFile) else None
-                        collected = self._collect(entry, External(known or b"", entry.size))
-                        if collected is not None and known is None:
-                            self._unstored.append(collected)
                 else:
                     self.files_inlined += entry.is_regular()
-                    start = len(inline)
                     remaining = entry.padded_size
                     while remaining:
                         piece = self.reader.read_exact(min(remaining, _PIECE))
                         inline += piece
                         remaining -= len(piece)
-                    if self.entries is not None:
-                        self._collect(entry, bytes(inline[start : start + entry.size]))
         except BaseException:
             close_pieces(pieces)
             raise
         if inline:
             pieces.append(bytes(inline))
         return pieces
-
-    def _collect(self, entry: TarEntry, content: bytes | External) -> LayerEntry | None:
-        assert self.entries is not None
-        try:
-            collected = layer_entry(entry, content)
-        except PycfsError:
-            self.entries = None
-            return None
-        self.entries.append(collected)
-        return collected
-
-    def take_entries(self) -> tuple[list[LayerEntry], list[LayerEntry]] | None:
-        """The entries of the chunk just split, and those whose object is one of its
-        PendingFiles, in order (`stored` fills them in); None when not collecting or an
-        entry could not be collected."""
-        if self.entries is None:
-            return None
-        taken = self.entries, self._unstored
-        self.entries, self._unstored = [], []
-        return taken
 
     def _store(self, size: int) -> PendingFile | StoredFile:
         if not self.defer:
@@ -381,13 +346,6 @@ class TarSplitter:
     @property
     def diff_id(self) -> str:
         return self.src.digest()
-
-
-def stored(unstored: list[LayerEntry], files: list[StoredFile]) -> None:
-    """Fill in the objects of collected entries (`TarSplitter.take_entries`) from their
-    PendingFiles' StoredFiles, in order."""
-    for entry, file in zip(unstored, files, strict=True):
-        entry.item = External(file.object_id, file.size)
 
 
 def close_pieces(pieces: list[Piece]) -> None:
