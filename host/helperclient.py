@@ -248,6 +248,9 @@ class HelperClient:
                 f"{self._tail_note()}; {_UNSHARE_ADVICE}"
             )
             raise self._failure from None
+        except trio.Cancelled:
+            await self._abandon()
+            raise
         close_fds(fds)
         if not isinstance(info, dict) or info.get("version") != api.PROTOCOL_VERSION:
             raise await self._misbehaved(f"it speaks protocol {info!r}, not version {api.PROTOCOL_VERSION}")
@@ -259,6 +262,16 @@ class HelperClient:
         except OSError as e:
             raise await self._misbehaved(f"its pid {pid} cannot be watched: {e.strerror}") from None
         self.info = info
+
+    async def _abandon(self) -> None:
+        """Forget a start cancelled before its hello: the next need starts afresh."""
+        await self._kill()
+        self._sock.close()
+        self._decoder.close()
+        self._decoder = Decoder(api.MAX_MESSAGE_BYTES, api.MAX_FDS_PER_MESSAGE)
+        self._proc = None
+        self._failure = None  # set by the cancelled hello request: it concerned that process only
+        self._close_output()
 
     def _close_output(self) -> None:
         if self._output is not None:

@@ -676,6 +676,8 @@ class _HelperGate:
         self.ref = ref
         self.on_wait = on_wait
         self._starting = trio.Lock()
+        self._warming: trio.CancelScope | None = None  # a start nothing has needed yet
+        self._done = False
 
     async def open_files(self, layer_id: str, paths: list[bytes]) -> list[int | OSError]:
         await self._start()
@@ -684,17 +686,30 @@ class _HelperGate:
     async def warm_up(self) -> None:
         await self._start(needed=False)
 
+    def stop_warming(self) -> None:
+        """Every layer is imported: a start no file needed is given up, not waited for (a
+        `podman unshare` that hangs would hold the pull up to HELLO_TIMEOUT). The locks are
+        taken again and the image checked all the same."""
+        self._done = True
+        if self._warming is not None:
+            self._warming.cancel()
+
     async def _start(self, needed: bool = True) -> None:
         async with self._starting:  # several coordinators may need the helper at once
-            if self.helper.info is None:
+            if self.helper.info is None and (needed or not self._done):
                 self.locks.release()
+                scope = trio.CancelScope()
+                if not needed:
+                    self._warming = scope
                 try:
-                    await self.helper.hello()
+                    with scope:
+                        await self.helper.hello()
                 except PycfsError:
                     if needed:
                         raise
                     # Perhaps no file needs it after all; one that does meets the error again.
                 finally:
+                    self._warming = None
                     await self.locks.acquire(on_wait=self.on_wait)
                 again = await trio.to_thread.run_sync(read_image, self.storage, self.ref)
                 if again.image.id != self.source.image.id or [l.layer.id for l in again.layers] != [
@@ -774,6 +789,8 @@ async def pull_image(
                 layer_streams.append((layer.diff_id, await job.run()))
                 if progress is not None:
                     progress.layer_done(layer.diff_id, False)
+            if gate is not None:
+                gate.stop_warming()
     finally:
         locks.release()
     finished = await trio.to_thread.run_sync(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib.metadata import PackageNotFoundError, version
 
 import trio
+from pycfs.host import __version__
 from pycfs.host.errors import PycfsError
 from pycfs.host.varlink.oci import OciInterface
 from pycfs.host.varlink.server import Server
@@ -17,13 +17,6 @@ from pycfs.host.varlink.transport import activation_socket, listen
 URL = "https://github.com/composefs/composefs-rs"
 
 
-def _version() -> str:
-    try:
-        return version("pycfs")
-    except PackageNotFoundError:
-        return "0"
-
-
 @asynccontextmanager
 async def open_service() -> AsyncIterator[Server]:
     """A server with org.composefs.Repository and org.composefs.Oci; handles still open
@@ -31,7 +24,7 @@ async def open_service() -> AsyncIterator[Server]:
     handles = Handles()
     try:
         async with trio.open_nursery() as nursery:
-            server = Server(nursery, "org.composefs", "pycfs", _version(), URL)
+            server = Server(nursery, "org.composefs", "pycfs", __version__, URL)
             RepositoryInterface(server, handles)
             OciInterface(server, handles)
             yield server
@@ -55,7 +48,7 @@ async def open_cstor_service(storage_root: str | None, helper: str = "auto") -> 
         if client.enabled:
             # Now, before any GetLayer holds the storage locks: `podman unshare` waits for them.
             await client.hello()
-        server = Server(nursery, "org.composefs", "pycfs", _version(), URL)
+        server = Server(nursery, "org.composefs", "pycfs", __version__, URL)
         CstorInterface(server, storage, client)
         yield server
         nursery.cancel_scope.cancel()

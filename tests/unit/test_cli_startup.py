@@ -1,7 +1,8 @@
-"""`--help`, `--version` and `oci images` start fast: they import no event loop, no rich, no helper client and no
-transport (goal: a no-op command under 0.15 s), and the CLI's helper option offers exactly HelperClient's policies."""
+"""`--help`, `--version` and `oci images` start fast: they import no event loop, no rich, no helper client, no
+transport and no importlib.metadata (goal: a no-op command under 0.15 s), and the CLI's helper option offers exactly HelperClient's policies."""
 
 import argparse
+import importlib.metadata
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ def _heavy_imports(argv: list) -> tuple[str, list[str]]:
                          capture_output=True, text=True, check=True, cwd="/")
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line}
     heavy = sorted(m for m in imported if m.split(".")[0] in ("trio", "rich")
-                   or m in ("pycfs.host.oci.cstorage", "pycfs.host.oci.layout", "pycfs.host.helperclient"))
+                   or m in ("importlib.metadata", "pycfs.host.oci.cstorage", "pycfs.host.oci.layout", "pycfs.host.helperclient"))
     return out.stdout, heavy
 
 
@@ -31,7 +32,7 @@ def test_help_imports_no_event_loop(argv):
 def test_version_and_images_import_no_event_loop(tmp_path):
     """The other quick commands (the no-op re-pull has its own test in test_repull.py)."""
     out, heavy = _heavy_imports(["--version"])
-    assert out.startswith("pycfs ") and heavy == []
+    assert out == f"pycfs {importlib.metadata.version('pycfs')}\n" and heavy == []
     repo = tmp_path / "repo"
     subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", repo, "init"], check=True, capture_output=True)
     out, heavy = _heavy_imports(["--repo", repo, "oci", "images", "--json"])

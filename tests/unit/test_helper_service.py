@@ -515,3 +515,39 @@ def test_helper_imports_stay_small():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.strip() == "[]"
+
+
+@needs_userns
+def test_a_start_cancelled_before_its_hello_is_forgotten(storage, tmp_path):
+    """The first `podman unshare` hangs; its start is cancelled (a pull that no longer needs
+    the helper): the launcher is killed, and the next need starts a helper afresh."""
+    marker = tmp_path / "hung-once"
+    launcher = ("sh", "-c", f'if [ -e {marker} ]; then exec unshare -r "$@"; fi; touch {marker}; exec sleep 600', "sh")
+
+    async def main():
+        async with HelperClient(storage, "overlay", policy="auto", launcher=launcher) as helper:
+            helper.policy = "always"  # as root too
+            with trio.move_on_after(1):
+                await helper.hello()
+            assert marker.exists() and helper.info is None and helper._proc is None
+            assert not [p for p in _children_cmdlines() if "sleep" in p]
+            fd = (await helper.open_files(LAYER, ["secret"]))[0]
+            assert isinstance(fd, int) and os.read(fd, 100) == b"s3cret"
+            helper.release(fd)
+
+    trio.run(main)
+
+
+def _children_cmdlines() -> list[str]:
+    """The command lines of this process's children."""
+    me = str(os.getpid())
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[1] == me:
+                    out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except OSError:
+                pass
+    return out

@@ -580,15 +580,21 @@ def test_verify_diffid_rechecks_a_layer_already_present(tmp_path, repo):
 class _WarmHelper:
     """A helper opener that records calls; its hello fails with `fail`."""
 
-    def __init__(self, calls: list, fail: bool = False) -> None:
+    def __init__(self, calls: list, fail: bool = False, hang: bool = False) -> None:
         self.info: dict | None = None
         self.calls = calls
         self.fail = fail
+        self.hang = hang
 
     async def hello(self) -> dict:
         self.calls.append("hello")
         if self.fail:
             raise PycfsError("podman unshare failed")
+        if self.hang:
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.calls.append("hello given up")
         self.info = {"pid": 2}
         return self.info
 
@@ -673,4 +679,32 @@ def test_helper_starts_with_the_import_when_c_storage_records_other_ids(tmp_path
     _record_opens(monkeypatch, calls)
     result = _pull(repo, fake, helper=_WarmHelper(calls))
     assert calls[0] == "hello" and sorted(calls[1:]) == [b"big", b"small"]
+    assert result.stats.files_via_helper == 0 and _cat(repo, layer.diff_id) == layer.tar
+
+
+def test_a_helper_start_no_file_needed_is_not_waited_for(tmp_path, repo, monkeypatch):
+    """c/storage records other ids, so the helper is started early, but `podman unshare`
+    hangs and no file needs it: the pull gives the start up once its layers are imported
+    (it used to wait up to HELLO_TIMEOUT), and still looks the image up again under the
+    re-taken locks, since they were let go while the start ran."""
+    fake, layer, _ = _single(tmp_path, {"big": BIG, "small": SMALL})
+    _record_ids(fake, [0, 1000], [0])
+    calls: list = []
+    _record_opens(monkeypatch, calls)
+    real_read_image = cstorage.read_image
+
+    def read_image(storage, ref):
+        calls.append("read_image")
+        return real_read_image(storage, ref)
+
+    monkeypatch.setattr(cstorage, "read_image", read_image)
+    storage = Storage([Store(fake.root, fake.driver)])
+
+    async def pull() -> PullResult:
+        with trio.fail_after(20):  # the old code waited for ever here
+            return await cstorage.pull_image(repo, storage, "localhost/img:latest", helper=_WarmHelper(calls, hang=True))
+
+    result = trio.run(pull)
+    assert calls[:2] == ["read_image", "hello"] and calls[-2:] == ["hello given up", "read_image"]
+    assert sorted(calls[2:-2]) == [b"big", b"small"]
     assert result.stats.files_via_helper == 0 and _cat(repo, layer.diff_id) == layer.tar
