@@ -287,11 +287,9 @@ class TarSplitter:
     def chunk(self, max_files: int = 64, max_inline: int = 4 << 20) -> list[Piece]:
         """The next entries, up to max_files stored files or about max_inline inline bytes;
         [] after the end (the end marker and anything after it are inline)."""
-        pieces: list[Piece] = []
-        inline = bytearray()
-        files = 0
-        try:
-            while not self.done and files < max_files and len(inline) < max_inline:
+        with PieceRun() as run:
+            inline = run.inline
+            while not self.done and run.files < max_files and len(inline) < max_inline:
                 entry = self.reader.next()
                 inline += entry.raw
                 if isinstance(entry, TarEnd):
@@ -303,11 +301,7 @@ class TarSplitter:
                             raise TarError(f"more than {MAX_TRAILING >> 20} MiB after the tar's end marker")
                     self.done = True
                 elif entry.is_regular() and entry.size > INLINE_CONTENT_MAX:
-                    if inline:
-                        pieces.append(bytes(inline))
-                        inline.clear()
-                    pieces.append(self._store(entry.size))
-                    files += 1
+                    run.add_file(self._store(entry.size))
                     inline += self.reader.read_exact(entry.padded_size - entry.size, "padding")
                 else:
                     self.files_inlined += entry.is_regular()
@@ -316,12 +310,7 @@ class TarSplitter:
                         piece = self.reader.read_exact(min(remaining, _PIECE))
                         inline += piece
                         remaining -= len(piece)
-        except BaseException:
-            close_pieces(pieces)
-            raise
-        if inline:
-            pieces.append(bytes(inline))
-        return pieces
+            return run.take()
 
     def _store(self, size: int) -> PendingFile | StoredFile:
         if not self.defer:
@@ -346,6 +335,38 @@ class TarSplitter:
     @property
     def diff_id(self) -> str:
         return self.src.digest()
+
+
+class PieceRun:
+    """A run of pieces being gathered: bytes added to ``inline`` become one inline piece
+    before the next file (`add_file`); `take` ends the run. As a context it closes the
+    run's PendingFile fds when the gathering fails."""
+
+    def __init__(self) -> None:
+        self.pieces: list[Piece] = []
+        self.inline = bytearray()
+        self.files = 0
+
+    def add_file(self, piece: PendingFile | StoredFile) -> None:
+        self._flush()
+        self.pieces.append(piece)
+        self.files += 1
+
+    def take(self) -> list[Piece]:
+        self._flush()
+        return self.pieces
+
+    def _flush(self) -> None:
+        if self.inline:
+            self.pieces.append(bytes(self.inline))
+            self.inline.clear()
+
+    def __enter__(self) -> PieceRun:
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if kind is not None:
+            close_pieces(self.pieces)
 
 
 def close_pieces(pieces: list[Piece]) -> None:

@@ -31,6 +31,7 @@ from pycfs.host.oci.layer import (
     LayerEntryCollector,
     PendingFile,
     Piece,
+    PieceRun,
     SplitLayer,
     StoredFile,
     close_pieces,
@@ -292,11 +293,8 @@ class _PieceSource:
 
     def chunk(self, max_files: int = 64, max_inline: int = 4 << 20) -> list[Piece]:
         """The next pieces, up to max_files files or about max_inline inline bytes; [] at the end."""
-        pieces: list[Piece] = []
-        inline = bytearray()
-        files = 0
-        try:
-            while not self._ended and files < max_files and len(inline) < max_inline:
+        with PieceRun() as run:
+            while not self._ended and run.files < max_files and len(run.inline) < max_inline:
                 data, fds = self._receive()
                 if not data:
                     close_fds(fds)
@@ -311,19 +309,10 @@ class _PieceSource:
                     raise PycfsError(f"the inflating worker sent {e}") from None
                 self.count += size
                 if kind == api.PIECE_INLINE:
-                    inline += body
-                    continue
-                if inline:
-                    pieces.append(bytes(inline))
-                    inline.clear()
-                pieces.append(PendingFile(fds[0], size) if kind == api.PIECE_FILE else StoredFile(body, size, how))
-                files += 1
-        except BaseException:
-            close_pieces(pieces)
-            raise
-        if inline:
-            pieces.append(bytes(inline))
-        return pieces
+                    run.inline += body
+                else:
+                    run.add_file(PendingFile(fds[0], size) if kind == api.PIECE_FILE else StoredFile(body, size, how))
+            return run.take()
 
 
 class _Chunk:
