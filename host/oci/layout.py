@@ -77,7 +77,6 @@ LAYER_TYPES = {
 
 # JSON documents (index, manifest, config) are read into memory; bound them.
 MAX_JSON_BLOB = 64 << 20
-_PIECE = 1 << 20
 
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386",
            "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
