@@ -17,6 +17,7 @@ strings, as the host's framing scans JSON token by token:
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +32,14 @@ DIGEST_PATHS = "digest_paths"
 # object, so content is written once and hashed off the host's thread.
 ADOPT = "adopt"
 
-# A layer blob (fds: the blob, then the write end of a pipe; params: ``compression``
-# gzip|zstd|none, ``blob_alg`` and ``diff_alg`` sha256|sha512): the worker reads and hashes
-# the blob, decompresses it and writes the tar to the pipe, hashing it too, then closes the
-# pipe and answers {"blob": DIGEST, "blob_size": N, "diff_id": DIGEST, "tar_size": N} or
-# {"failed": MESSAGE}. The host splits the tar as it comes, on a core of its own.
+# A layer blob (fds: the blob, then a SOCK_SEQPACKET socket; params: ``compression``
+# gzip|zstd|none, ``blob_alg`` and ``diff_alg`` sha256|sha512), for a worker started on a
+# repository: it reads and hashes the blob, decompresses it, hashes the tar and splits it
+# (spec 3.2), writing each file's content into an anonymous file of the object store, and
+# sends the tar's pieces in order on the socket, one message each (`piece_message`); then
+# it closes the socket and answers {"blob": DIGEST, "blob_size": N, "diff_id": DIGEST,
+# "tar_size": N, "files_inlined": N} or {"failed": MESSAGE}. File content so never crosses
+# to the host: only headers and small files do, with the files' fds for the object workers.
 INFLATE = "inflate"
 
 # A layer stream's files, in stream order, for one worker that also owns the layer's
@@ -122,3 +126,39 @@ def parse_answer(obj: dict[str, Any], count: int, method: str, digest_size: int)
 def stored_results(answers: list[tuple[bytes, str] | Failed]) -> list[Stored | Failed]:
     """A store request's answers: the lease-kept codes are upper case."""
     return [r if isinstance(r, Failed) else Stored(r[0], HOW[r[1].lower()], r[1].isupper()) for r in answers]
+
+
+# The messages of an inflate's socket, each one piece of the split tar, in order:
+PIECE_INLINE = b"i"  # + up to MAX_INLINE_MESSAGE inline bytes (consecutive ones are one run)
+PIECE_FILE = b"f"  # + u64 size, one fd attached: a file's content, written, read-only, unhashed
+PIECE_STORED = b"s"  # + u64 size + how code + object id: one the worker stored itself (no O_TMPFILE)
+MAX_INLINE_MESSAGE = 64 << 10  # well within a socket's default send buffer
+_SIZE = struct.Struct("<Q")
+
+
+def piece_message(kind: bytes, data: bytes = b"", size: int = 0, how: str = "") -> bytes:
+    """One message: inline ``data``, or a file of ``size`` bytes (``how`` and the object id
+    in ``data`` for PIECE_STORED)."""
+    if kind == PIECE_INLINE:
+        if not 0 < len(data) <= MAX_INLINE_MESSAGE:
+            raise ValueError(f"an inline message of {len(data)} bytes")
+        return kind + data
+    if kind == PIECE_FILE:
+        return kind + _SIZE.pack(size)
+    if kind == PIECE_STORED:
+        return kind + _SIZE.pack(size) + HOW_CODES[how].encode() + data
+    raise ValueError(f"unknown piece kind {kind!r}")
+
+
+def parse_piece(message: bytes, nfds: int, digest_size: int) -> tuple[bytes, bytes, int, str]:
+    """(kind, inline bytes or object id, size, how) of one message carrying ``nfds`` fds;
+    ValueError when malformed."""
+    kind, body = message[:1], message[1:]
+    if kind == PIECE_INLINE and body and nfds == 0:
+        return kind, body, len(body), ""
+    if kind == PIECE_FILE and len(body) == _SIZE.size and nfds == 1:
+        return kind, b"", _SIZE.unpack(body)[0], ""
+    if (kind == PIECE_STORED and len(body) == _SIZE.size + 1 + digest_size and nfds == 0
+            and chr(body[_SIZE.size]) in HOW):
+        return kind, body[_SIZE.size + 1 :], _SIZE.unpack_from(body)[0], HOW[chr(body[_SIZE.size])]
+    raise ValueError(f"a malformed piece message of {len(message)} bytes with {nfds} fds")

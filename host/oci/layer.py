@@ -269,16 +269,10 @@ class TarSplitter:
     the PendingFile fds among them (`close_pieces`)."""
 
     def __init__(self, repo: Repository, f: BinaryIO, alg: str = "sha256", *, defer: bool = False,
-                 hashed: bool = False, collect: bool = False) -> None:
+                 hashed: bool = False) -> None:
         """With ``hashed``, f already counts and digests what it hands out (`count`,
-        `digest()`, as a HashingReader): the tar is not hashed a second time here. With
-        ``collect``, each chunk's entries are built from the same parse (`take_entries`)."""
+        `digest()`, as a HashingReader): the tar is not hashed a second time here."""
         self.repo = repo
-        # The entries of the chunk being split, and those among them whose object is a
-        # PendingFile (in order): their External is filled in once it is stored. None once
-        # an entry cannot be an image entry (the image build reads the stream back and says why).
-        self.entries: list[LayerEntry] | None = [] if collect else None
-        self._unstored: list[LayerEntry] = []
         self.src: HashedSource = f if hashed else HashingReader(f, alg)  # type: ignore[assignment]
         self._ahead = _ReadAhead(self.src.read)
         self.reader = TarReader(self._ahead.read)
@@ -293,11 +287,9 @@ class TarSplitter:
     def chunk(self, max_files: int = 64, max_inline: int = 4 << 20) -> list[Piece]:
         """The next entries, up to max_files stored files or about max_inline inline bytes;
         [] after the end (the end marker and anything after it are inline)."""
-        pieces: list[Piece] = []
-        inline = bytearray()
-        files = 0
-        try:
-            while not self.done and files < max_files and len(inline) < max_inline:
+        with PieceRun() as run:
+            inline = run.inline
+            while not self.done and run.files < max_files and len(inline) < max_inline:
                 entry = self.reader.next()
                 inline += entry.raw
                 if isinstance(entry, TarEnd):
@@ -309,54 +301,16 @@ class TarSplitter:
                             raise TarError(f"more than {MAX_TRAILING >> 20} MiB after the tar's end marker")
                     self.done = True
                 elif entry.is_regular() and entry.size > INLINE_CONTENT_MAX:
-                    if inline:
-                        pieces.append(bytes(inline))
-                        inline.clear()
-                    stored = self._store(entry.size)
-                    pieces.append(stored)
-                    files += 1
+                    run.add_file(self._store(entry.size))
                     inline += self.reader.read_exact(entry.padded_size - entry.size, "padding")
-                    if self.entries is not None:
-                        known = stored.object_id if isinstance(stored, StoredFile) else None
-                        collected = self._collect(entry, External(known or b"", entry.size))
-                        if collected is not None and known is None:
-                            self._unstored.append(collected)
                 else:
                     self.files_inlined += entry.is_regular()
-                    start = len(inline)
                     remaining = entry.padded_size
                     while remaining:
                         piece = self.reader.read_exact(min(remaining, _PIECE))
                         inline += piece
                         remaining -= len(piece)
-                    if self.entries is not None:
-                        self._collect(entry, bytes(inline[start : start + entry.size]))
-        except BaseException:
-            close_pieces(pieces)
-            raise
-        if inline:
-            pieces.append(bytes(inline))
-        return pieces
-
-    def _collect(self, entry: TarEntry, content: bytes | External) -> LayerEntry | None:
-        assert self.entries is not None
-        try:
-            collected = layer_entry(entry, content)
-        except PycfsError:
-            self.entries = None
-            return None
-        self.entries.append(collected)
-        return collected
-
-    def take_entries(self) -> tuple[list[LayerEntry], list[LayerEntry]] | None:
-        """The entries of the chunk just split, and those whose object is one of its
-        PendingFiles, in order (`stored` fills them in); None when not collecting or an
-        entry could not be collected."""
-        if self.entries is None:
-            return None
-        taken = self.entries, self._unstored
-        self.entries, self._unstored = [], []
-        return taken
+            return run.take()
 
     def _store(self, size: int) -> PendingFile | StoredFile:
         if not self.defer:
@@ -383,11 +337,36 @@ class TarSplitter:
         return self.src.digest()
 
 
-def stored(unstored: list[LayerEntry], files: list[StoredFile]) -> None:
-    """Fill in the objects of collected entries (`TarSplitter.take_entries`) from their
-    PendingFiles' StoredFiles, in order."""
-    for entry, file in zip(unstored, files, strict=True):
-        entry.item = External(file.object_id, file.size)
+class PieceRun:
+    """A run of pieces being gathered: bytes added to ``inline`` become one inline piece
+    before the next file (`add_file`); `take` ends the run. As a context it closes the
+    run's PendingFile fds when the gathering fails."""
+
+    def __init__(self) -> None:
+        self.pieces: list[Piece] = []
+        self.inline = bytearray()
+        self.files = 0
+
+    def add_file(self, piece: PendingFile | StoredFile) -> None:
+        self._flush()
+        self.pieces.append(piece)
+        self.files += 1
+
+    def take(self) -> list[Piece]:
+        self._flush()
+        return self.pieces
+
+    def _flush(self) -> None:
+        if self.inline:
+            self.pieces.append(bytes(self.inline))
+            self.inline.clear()
+
+    def __enter__(self) -> PieceRun:
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if kind is not None:
+            close_pieces(self.pieces)
 
 
 def close_pieces(pieces: list[Piece]) -> None:

@@ -7,13 +7,12 @@ Manifest lists / image indexes are resolved to the manifest for this machine's p
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import os
 import platform
 import select
+import socket
 import stat
 import threading
 import time
@@ -29,25 +28,28 @@ from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.layer import (
     LayerDigestError,
     LayerEntry,
+    LayerEntryCollector,
     PendingFile,
     Piece,
+    PieceRun,
     SplitLayer,
     StoredFile,
-    TarSplitter,
     close_pieces,
     commit_layer,
     layer_stream_name,
     parse_digest,
-    stored,
     write_pieces,
 )
 from pycfs.host.oci.image import finish_pull
 from pycfs.host.oci.result import ImportStats, PullResult
-from pycfs.host.oci.tar import TarError
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.workers.pool import Failed, Inflated, WorkerPool, default_jobs, open_pool
+from pycfs.protocol import worker_api as api
+from pycfs.protocol.fdpass import close_fds, fds_from_ancdata
+
+_FD_SIZE = 4  # an int, as SCM_RIGHTS carries fds
 
 MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -75,7 +77,6 @@ LAYER_TYPES = {
 
 # JSON documents (index, manifest, config) are read into memory; bound them.
 MAX_JSON_BLOB = 64 << 20
-_PIECE = 1 << 20
 
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386",
            "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
@@ -243,64 +244,79 @@ def image_layers(manifest: dict, config_raw: bytes, digest: str) -> ImageLayers:
 CHUNKS_IN_FLIGHT = 4
 
 
-# The tar comes from an inflating worker process through a pipe this large (the default
-# 64 KiB would have the splitting thread read it in small pieces). Decompression and both
-# sha256 passes run there, on a core of their own: in a thread of this process each of
-# their many calls had to win the GIL back from the splitting thread (up to the 5 ms
-# switch interval each time).
-_PIPE_SIZE = 1 << 20
-# Each wait for the pipe is bounded by this, then asks trio whether the pull was cancelled.
+# Each wait for the inflating worker's socket is bounded by this, then asks trio whether
+# the pull was cancelled.
 _POLL = 0.1
-# At most this much a read from the pipe: 1 MiB reads (each a fresh bytes, shrunk to what
-# came) left malloc's heap fragmented, about 50 MiB more peak RSS on the bench image.
-_READ = 256 << 10
 
 
-class _PipeSource:
-    """The tar for the splitting thread (a `HashedSource`): read(n) from the pipe the
-    inflating worker writes; its digest is the one the worker computed (`inflated`),
-    checked against the diff_id before the layer is committed. At EOF it waits for the
-    worker's answer (`done`): when the worker failed (a corrupt blob), the pull is cancelled
-    and reports that, not the short tar the worker left."""
+class _PieceSource:
+    """The split tar from the inflating worker's socket (`worker_api.INFLATE`), taken a run
+    of pieces at a time by the splitting thread (`chunk`, as `TarSplitter.chunk`): the worker
+    decompresses, hashes and splits, and writes the files' content into the object store,
+    on a core of its own; only headers, small files and the files' fds come here. At EOF it
+    waits for the worker's answer (`done`): when the worker failed (a corrupt blob), the
+    pull is cancelled and reports that, not the short tar the worker left."""
 
-    def __init__(self) -> None:
-        self.fd = -1
-        self.count = 0
+    def __init__(self, digest_size: int) -> None:
+        self.sock: socket.socket | None = None
+        self.digest_size = digest_size
+        self.count = 0  # tar bytes: inline and the files'
         self.inflated: Inflated | None = None
         self.done = threading.Event()
+        self._ended = False
         self._poll = select.poll()
 
-    def open(self, fd: int) -> None:
-        """Read from fd (a pipe's read end, closed by `close`)."""
-        self.fd = fd
-        self._poll.register(fd, select.POLLIN)
-        with contextlib.suppress(OSError):  # past the user's pipe limits: the default size
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    def open(self, sock: socket.socket) -> None:
+        """Read from sock (closed by `close`)."""
+        self.sock = sock
+        self._poll.register(sock, select.POLLIN)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
-    def read(self, n: int = -1) -> bytes:
-        trio.from_thread.check_cancelled()  # also when the pipe never runs dry
+    def _receive(self) -> tuple[bytes, list[int]]:
+        """The next message and its fds; b"" at EOF."""
+        assert self.sock is not None
+        trio.from_thread.check_cancelled()  # also when the socket never runs dry
         while not self._poll.poll(int(_POLL * 1000)):
             trio.from_thread.check_cancelled()
-        data = os.read(self.fd, min(n, _READ) if n > 0 else _READ)
-        if not data:
-            while not self.done.wait(_POLL):
-                trio.from_thread.check_cancelled()
-        self.count += len(data)
-        return data
+        data, ancdata, flags, _ = self.sock.recvmsg(1 + api.MAX_INLINE_MESSAGE, socket.CMSG_SPACE(_FD_SIZE),
+                                                    socket.MSG_CMSG_CLOEXEC)
+        fds = fds_from_ancdata(ancdata, flags)
+        if flags & socket.MSG_TRUNC:
+            close_fds(fds)
+            raise PycfsError("the inflating worker sent a message larger than any piece")
+        return data, fds
 
-    def digest(self) -> str:
-        return self.inflated.diff_id if self.inflated is not None else ""
+    def chunk(self, max_files: int = 64, max_inline: int = 4 << 20) -> list[Piece]:
+        """The next pieces, up to max_files files or about max_inline inline bytes; [] at the end."""
+        with PieceRun() as run:
+            while not self._ended and run.files < max_files and len(run.inline) < max_inline:
+                data, fds = self._receive()
+                if not data:
+                    close_fds(fds)
+                    self._ended = True
+                    while not self.done.wait(_POLL):
+                        trio.from_thread.check_cancelled()
+                    break
+                try:
+                    kind, body, size, how = api.parse_piece(data, len(fds), self.digest_size)
+                except ValueError as e:
+                    close_fds(fds)
+                    raise PycfsError(f"the inflating worker sent {e}") from None
+                self.count += size
+                if kind == api.PIECE_INLINE:
+                    run.inline += body
+                else:
+                    run.add_file(PendingFile(fds[0], size) if kind == api.PIECE_FILE else StoredFile(body, size, how))
+            return run.take()
 
 
 class _Chunk:
-    def __init__(self, pieces: list[Piece], entries: tuple[list[LayerEntry], list[LayerEntry]] | None) -> None:
+    def __init__(self, pieces: list[Piece]) -> None:
         self.pieces = pieces
-        self.entries = entries  # (all, those waiting for their object), `TarSplitter.take_entries`
         self.stored = trio.Event()
 
 
@@ -317,75 +333,67 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: Wor
                               desc: Descriptor, diff_id: str, limiter: trio.CapacityLimiter, progress: PullProgress | None,
                               collect: bool = False) -> LayoutLayer:
     """Decompress and split a layer blob, verify its digest and diff_id, commit
-    `oci-layer-<diff_id>`. A worker of ``inflaters`` reads, hashes and decompresses the blob
-    and hashes the tar it writes into a pipe; a thread here splits that a run of entries at a time, writing file
-    content once into anonymous files of the object store; the object workers hash and link
-    those (as they do the files of a containers-storage pull) while the thread goes on; each
-    run is appended to the layer stream, in order, once its files are objects. With
-    ``collect``, the splitter also builds the layer's entries for the image build from the
-    same parse of the tar."""
+    `oci-layer-<diff_id>`. A worker of ``inflaters`` reads, hashes and decompresses the blob,
+    hashes the tar and splits it, writing file content once into anonymous files of the
+    object store; a thread here takes its pieces a run at a time, the object workers hash
+    and link those files (as they do the files of a containers-storage pull), and each run
+    is appended to the layer stream, in order, once its files are objects. With
+    ``collect``, the layer's entries for the image build are parsed from the pieces as
+    they are written."""
     stats = ImportStats()
-    entries: list[LayerEntry] | None = [] if collect else None
+    collector = LayerEntryCollector() if collect else None
     held: set[_Chunk] = set()
     advanced = 0  # blob bytes shown as progress
-    source = _PipeSource()
-    splitter = TarSplitter(repo, source, defer=True, hashed=True, collect=collect)
+    source = _PieceSource(repo.digest_size)
     writer = repo.new_stream(CONTENT_OCI_LAYER)
     with layout.open_blob(desc) as f:
-        # the write end goes to the inflating worker: `inflaters.inflate` closes it here
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        source.open(read_end)
+        # the worker's end goes to the inflating worker: `inflaters.inflate` closes it here
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        source.open(ours)
         send, receive = trio.open_memory_channel[_Chunk](CHUNKS_IN_FLIGHT - 1)
 
         async def store(chunk: _Chunk) -> None:
             pending = [(i, p) for i, p in enumerate(chunk.pieces) if isinstance(p, PendingFile)]
             if pending:
                 results = await pool.adopt([p.fd for _, p in pending], [p.size for _, p in pending])
-                files = []
                 for (i, p), r in zip(pending, results):
                     if isinstance(r, Failed):
                         raise PycfsError(f"layer {diff_id}: cannot store a file of {p.size} bytes: {r.message}")
                     os.close(p.fd)
-                    chunk.pieces[i] = file = StoredFile(r.object_id, p.size, r.how)
-                    files.append(file)
-                if chunk.entries is not None:
-                    stored(chunk.entries[1], files)
+                    chunk.pieces[i] = StoredFile(r.object_id, p.size, r.how)
             chunk.stored.set()
 
         def next_chunk() -> _Chunk:
-            chunk = _Chunk(splitter.chunk(), splitter.take_entries())
+            chunk = _Chunk(source.chunk())
             held.add(chunk)  # here in the thread: a cancelled wait for it must still close its files
             return chunk
 
         async def split(nursery: trio.Nursery) -> None:
             async with send:
-                try:
-                    while (chunk := await trio.to_thread.run_sync(next_chunk, limiter=limiter)).pieces:
-                        nursery.start_soon(store, chunk)
-                        await send.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
-                except TarError as e:
-                    raise TarError(f"layer {desc.digest}: {e} (is the blob damaged?)") from None
+                while (chunk := await trio.to_thread.run_sync(next_chunk, limiter=limiter)).pieces:
+                    nursery.start_soon(store, chunk)
+                    await send.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
 
         async def write() -> None:
-            nonlocal advanced, entries
+            nonlocal advanced
             async for chunk in receive:
                 await chunk.stored.wait()
                 write_pieces(writer, chunk.pieces, stats)
                 held.discard(chunk)
+                if collector is not None:
+                    collector.feed([p if isinstance(p, bytes) else (p.object_id,) for p in chunk.pieces
+                                    if not isinstance(p, PendingFile)])
                 if progress is not None:  # the worker reads the blob through the same open file
                     at = os.lseek(f.fileno(), 0, os.SEEK_CUR)
                     progress.advance(diff_id, at - advanced)
                     advanced = at
-                if entries is not None:
-                    if chunk.entries is None:
-                        entries = None
-                    else:
-                        entries += chunk.entries[0]
 
         async def inflate() -> None:
             try:
-                source.inflated = await inflaters.inflate(f.fileno(), write_end, LAYER_TYPES[desc.media_type],
+                source.inflated = await inflaters.inflate(f.fileno(), theirs.detach(), LAYER_TYPES[desc.media_type],
                                                           parse_digest(desc.digest)[0], parse_digest(diff_id)[0])
+            except PycfsError as e:
+                raise PycfsError(f"layer {desc.digest}: {e}") from None
             finally:
                 source.done.set()
 
@@ -396,6 +404,7 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: Wor
                 nursery.start_soon(write)
         finally:
             source.close()
+            theirs.close()
             for chunk in held:
                 close_pieces(chunk.pieces)
     inflated = source.inflated
@@ -404,14 +413,18 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: Wor
         raise LayerDigestError(f"layer blob {desc.digest}: content does not match its digest or size "
                                f"(got {inflated.blob}, {inflated.blob_size} bytes)")
     if inflated.tar_size != source.count:
-        raise PycfsError(f"layer {diff_id}: the inflating worker wrote {inflated.tar_size} bytes, "
-                         f"{source.count} were read")
-    stats.files_inlined += splitter.files_inlined
+        raise PycfsError(f"layer {diff_id}: the inflating worker split {inflated.tar_size} bytes, "
+                         f"{source.count} came")
+    stats.files_inlined += inflated.files_inlined
     if progress is not None:
         progress.advance(diff_id, desc.size - advanced)
     stream_id = await trio.to_thread.run_sync(commit_layer, repo,
-                                              SplitLayer(writer, splitter.diff_id, splitter.src.count, stats),
+                                              SplitLayer(writer, inflated.diff_id, inflated.tar_size, stats),
                                               diff_id, limiter=limiter)
+    entries = None
+    if collector is not None:
+        collector.close()
+        entries = collector.entries
     return LayoutLayer(stats, stream_id, entries)
 
 
@@ -463,7 +476,7 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
     if todo:
         # The inflating workers are a pool of their own: each is busy for a whole layer.
         async with (open_pool(repo=repo, jobs=jobs) as pool,
-                    open_pool(alg=repo.alg, jobs=min(layers_at_once, len(todo))) as inflaters,
+                    open_pool(repo=repo, jobs=min(layers_at_once, len(todo))) as inflaters,
                     open_nursery() as nursery):
             nursery.start_soon(pool.start)  # the workers' start-up overlaps the first split
             # Largest first (trio runs the tasks it starts in no set order): the others

@@ -58,6 +58,7 @@ class Inflated:
     blob_size: int
     diff_id: str
     tar_size: int
+    files_inlined: int  # regular files small enough to stay inline
 
 
 def default_jobs() -> int:
@@ -186,19 +187,21 @@ class WorkerPool:
                     raise PycfsError(f"the object store {e}") from None
         return await self._call(method, fds, params)
 
-    async def inflate(self, blob_fd: int, pipe: int, compression: str, blob_alg: str, diff_alg: str) -> Inflated:
-        """Have a worker read, hash and decompress a layer blob and write its tar, hashed,
-        into ``pipe`` (a write end, which this closes once the worker has its copy: the
-        reader then sees EOF when the worker is done). The worker stays busy until the
-        reader has taken the whole tar: a pool for inflating, not the one storing its files."""
-        open_end = [pipe]
+    async def inflate(self, blob_fd: int, sock: int, compression: str, blob_alg: str, diff_alg: str) -> Inflated:
+        """Have a worker (of a pool on a repository) read, hash and decompress a layer blob,
+        hash its tar and split it, sending the pieces on ``sock`` (one end of a
+        SOCK_SEQPACKET socketpair, which this closes once the worker has its copy: the reader
+        then sees EOF when the worker is done; see `worker_api.INFLATE`). The worker stays
+        busy until the reader has taken every piece: a pool for inflating, not the one
+        adopting its files."""
+        open_end = [sock]
 
         def close() -> None:
             while open_end:
                 os.close(open_end.pop())
 
         try:
-            worker, obj = await self._request(api.INFLATE, [blob_fd, pipe],
+            worker, obj = await self._request(api.INFLATE, [blob_fd, sock],
                                       {"compression": compression, "blob_alg": blob_alg, "diff_alg": diff_alg},
                                       sent=close)
         finally:
@@ -206,9 +209,9 @@ class WorkerPool:
         result = obj.get("result")
         if isinstance(result, dict) and isinstance(result.get("failed"), str):
             raise PycfsError(result["failed"])
-        fields: list[Any] = [result.get(k) for k in ("blob", "blob_size", "diff_id", "tar_size")] \
+        fields: list[Any] = [result.get(k) for k in ("blob", "blob_size", "diff_id", "tar_size", "files_inlined")] \
             if isinstance(result, dict) else []
-        if [type(v) for v in fields] != [str, int, str, int]:
+        if [type(v) for v in fields] != [str, int, str, int, int]:
             raise PycfsError(f"the {worker.describe()} answered {obj!r} to an inflate request")
         return Inflated(*fields)
 

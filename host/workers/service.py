@@ -1,14 +1,17 @@
 """The object worker's methods: hash each file passed as an fd, and store it when started
-on a repository; inflate a layer blob into a pipe. Blocking, one connection (see
-`pycfs.protocol.rpcserver`); only an inflate reads its blob on a second thread."""
+on a repository; inflate and split a layer blob, writing its files into the object store.
+Blocking, one connection (see `pycfs.protocol.rpcserver`); only an inflate reads its blob
+on a second thread."""
 
 from __future__ import annotations
 
+import array
 import errno
 import functools
 import hashlib
 import os
 import queue
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -17,6 +20,7 @@ from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, digest_fd, digest_regular_files
 if TYPE_CHECKING:  # a digest-only worker (`pycfs measure`) starts without the repository code
+    from pycfs.host.oci.layer import Piece
     from pycfs.host.repository import Repository
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.rpcserver import Call, InvalidParamsError
@@ -171,28 +175,36 @@ class WorkerService:
         return self._each(call, sizes, one)
 
     def inflate(self, call: Call, compression: Any, blob_alg: Any, diff_alg: Any) -> dict[str, Any]:
-        from pycfs.host.oci.layer import HashingReader, decompressing_reader
+        from pycfs.host.oci.layer import HashingReader, TarSplitter, close_pieces, decompressing_reader
+        from pycfs.host.oci.tar import TarError
 
+        if self.repo is None:
+            raise InvalidParamsError("this worker was started without a repository")
         if len(call.fds) != 2 or compression not in ("gzip", "zstd", "none") or not {blob_alg, diff_alg} <= set(DIGEST_SIZES):
-            raise InvalidParamsError("inflate takes the blob and a pipe, gzip|zstd|none and two hash names")
-        blob_fd, pipe = call.fds
+            raise InvalidParamsError("inflate takes the blob and a socket, gzip|zstd|none and two hash names")
+        blob_fd, sock_fd = call.fds
+        sock = socket.socket(fileno=sock_fd)  # closed below: the host's EOF
+        call.fds[1] = -1  # (the request's fds are closed after the answer)
         blob = _BlobReader(blob_fd, blob_alg)
         try:
             tar = HashingReader(decompressing_reader(blob, compression), diff_alg)
-            while piece := tar.read(_INFLATE_PIECE):
-                view = memoryview(piece)
-                while view:
-                    view = view[os.write(pipe, view) :]
+            splitter = TarSplitter(self.repo, tar, defer=True, hashed=True)
+            while pieces := splitter.chunk():
+                try:
+                    _send_pieces(sock, pieces)
+                finally:
+                    close_pieces(pieces)
             while blob.read():  # a digest covers every byte, trailing ones included
                 pass
+        except TarError as e:
+            return {"failed": f"{e} (is the blob damaged?)"}
         except (OSError, PycfsError) as e:
             return {"failed": str(e) if isinstance(e, PycfsError) else f"cannot inflate the layer: {e.strerror or e}"}
         finally:
             blob.close()
-            os.close(pipe)  # the host's EOF (the request's fds are closed again after: harmless)
-            call.fds[1] = -1
+            sock.close()
         return {"blob": blob.source.digest(), "blob_size": blob.source.count, "diff_id": tar.digest(),
-                "tar_size": tar.count}
+                "tar_size": tar.count, "files_inlined": splitter.files_inlined}
 
     def _store_one(self, fd: int, size: int, crc: int | None,
                    sha256: tuple[bytes, bytes] | None = None, keep_lease: bool = False,
@@ -232,8 +244,23 @@ def _ignore(piece: memoryview) -> None:
     pass
 
 
-# Decompressed bytes a write to the host's pipe: large, so the host reads them in few
-# calls; and the blob's reads. _BLOB_AHEAD reads wait for the decompression at most.
+def _send_pieces(sock: socket.socket, pieces: list[Piece]) -> None:
+    """A split tar's pieces as the inflate's messages (see `worker_api.piece_message`)."""
+    from pycfs.host.oci.layer import PendingFile
+
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            view = memoryview(piece)
+            for at in range(0, len(view), api.MAX_INLINE_MESSAGE):
+                sock.sendmsg([api.PIECE_INLINE, view[at : at + api.MAX_INLINE_MESSAGE]])
+        elif isinstance(piece, PendingFile):
+            sock.sendmsg([api.piece_message(api.PIECE_FILE, size=piece.size)],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [piece.fd]))])
+        else:
+            sock.sendmsg([api.piece_message(api.PIECE_STORED, piece.object_id, piece.size, piece.how)])
+
+
+# The blob's reads; _BLOB_AHEAD of them wait for the decompression at most.
 _INFLATE_PIECE = 1 << 20
 _BLOB_AHEAD = 4
 

@@ -34,7 +34,6 @@ from pycfs.host.oci.layer import (
     normalize_path,
     open_layer,
     split_tar,
-    stored,
     write_pieces,
 )
 from pycfs.host.oci.result import ImportStats
@@ -506,35 +505,30 @@ def test_collector_gives_up_where_reading_back_fails(repo: Repository, parts) ->
 
 
 def _split_collecting(repo: Repository, tar: bytes, defer: bool, max_files: int) -> tuple[bytes, list | None]:
-    """Split tar a few files a chunk with ``collect``, the PendingFiles adopted as the object
-    workers do: (the stream's id, the entries the splitter collected)."""
-    splitter = TarSplitter(repo, io.BytesIO(tar), defer=defer, collect=True)
+    """Split tar a few files a chunk, the PendingFiles adopted as the object workers do and
+    each chunk fed to a LayerEntryCollector as an oci:DIR pull does: (the stream's id, the
+    entries collected)."""
+    splitter = TarSplitter(repo, io.BytesIO(tar), defer=defer)
     writer = SplitStreamWriter(repo.alg, CONTENT_OCI_LAYER)
-    entries: list | None = []
+    collector = LayerEntryCollector()
     while pieces := splitter.chunk(max_files=max_files):
-        taken = splitter.take_entries()
-        files = []
         for i, p in enumerate(pieces):
             if isinstance(p, PendingFile):
                 result = repo.adopt_object_file(p.fd, p.size)
                 os.close(p.fd)
                 pieces[i] = StoredFile(result.object_id, p.size, result.how)
-                files.append(pieces[i])
-        if taken is None or entries is None:
-            entries = None
-        else:
-            stored(taken[1], files)
-            entries += taken[0]
         write_pieces(writer, pieces, ImportStats())
-    return repo.write_stream(writer, "collected"), entries
+        collector.feed([p if isinstance(p, bytes) else (p.object_id,) for p in pieces])
+    collector.close()
+    return repo.write_stream(writer, "collected"), collector.entries
 
 
 @pytest.mark.parametrize(("defer", "max_files"), [(True, 1), (True, 3), (False, 2)])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(extra=st.lists(st.tuples(st.binary(min_size=0, max_size=200), st.booleans()), max_size=6))
 def test_splitter_collects_the_entries_read_back(repo: Repository, defer, max_files, extra) -> None:
-    """The entries a splitter builds from its own parse of the tar, a chunk at a time, its
-    files' objects filled in once stored, are the entries read back from the stored stream."""
+    """The entries collected from a split's pieces, a chunk at a time, its files' objects
+    filled in once stored, are the entries read back from the stored stream."""
     members = [reg("./y0", b"0" * 65), reg("./y1", b"1" * 3000)]  # objects in one chunk
     members += [reg(f"./x{i}" + ("/" * dirlike), data) for i, (data, dirlike) in enumerate(extra)]
     tar = _every_kind_tar(b"b" * 1000)[:-1024] + make_tar(members, tarfile.PAX_FORMAT)

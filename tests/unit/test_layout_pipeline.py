@@ -218,3 +218,22 @@ def test_an_endless_tail_after_the_end_marker_is_refused(tmp_path, layout):
         with pytest.raises(PycfsError, match="more than 16 MiB after the tar's end marker"):
             trio.run(lambda: _within(60, pull_oci_layout(repo, str(bomb), "x", build_image=False, jobs=2)))
         assert repo.has_stream(layer_stream_name(built.diff_ids[0])) is None
+
+
+def test_a_cancelled_pull_ends_promptly_commits_nothing_and_leaks_no_fd(tmp_path):
+    """Cancelled mid-layer (what Ctrl-C does): the splitting thread, the inflating worker
+    and the files in flight all stop within a bounded wait, and nothing is committed."""
+    spec = ImageSpec([[Dir("d")] + [File(f"d/f{i}", size=1 << 20, seed=i) for i in range(192)]], gzip=False)
+    built = build_layout(spec, tmp_path / "oci")
+
+    async def main() -> float:
+        with trio.move_on_after(0.3) as scope:
+            await pull_oci_layout(repo, str(tmp_path / "oci"), "x", build_image=False, jobs=2)
+        assert scope.cancelled_caught  # still at work when cancelled
+        return trio.current_time() - scope.deadline
+
+    with Repository.init(tmp_path / "repo") as repo:
+        assert trio.run(main) < 3
+        assert repo.has_stream(layer_stream_name(built.diff_ids[0])) is None
+        repo_dir = str(tmp_path / "repo")
+        assert [f for f in _fds() if f.startswith(repo_dir) and not re.search(r"/repo(/objects(/[0-9a-f]{2})?)?$", f)] == []

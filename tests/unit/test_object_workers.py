@@ -12,6 +12,7 @@ import time
 
 import pytest
 import trio
+from hypothesis import given, strategies as st
 
 from fdcount import open_fd_count
 from pycfs.host.errors import PycfsError
@@ -556,103 +557,162 @@ def test_lease_kept_codes_are_store_answers_only():
         pool._results({"result": {**reply, "how": "RC"}}, 2, api.STORE)  # a copy holds no lease
 
 
-def _inflate(blob: bytes, tmp_path, compression: str, take=None) -> tuple[object, bytes]:
-    """A worker's inflate of blob, the pipe read here as it comes (``take``: how many bytes
-    to read before closing it): (the answer or the PycfsError, the bytes read)."""
+def _tar(*sizes: int) -> bytes:
+    """A tar of random files of these sizes (the small ones stay inline when split)."""
+    from pycfs.host.oci.tar import BLOCK, simple_entry
+
+    return b"".join(simple_entry(b"f%d" % i, os.urandom(n)) for i, n in enumerate(sizes)) + bytes(2 * BLOCK)
+
+
+def _receive_pieces(sock, got: bytearray, kinds: list, take=None) -> None:
+    """Read an inflate's messages to EOF (``take``: then close after that many), rebuilding
+    the tar in ``got`` from the inline bytes and the files' content; ``kinds`` lists the
+    kind of each message."""
+    import array
+    import socket
+
+    with sock:
+        while take is None or len(kinds) < take:
+            data, anc, _, _ = sock.recvmsg(1 + api.MAX_INLINE_MESSAGE, socket.CMSG_SPACE(4))
+            fds = [fd for _, _, raw in anc for fd in array.array("i", raw)]
+            if not data:
+                return
+            kind, body, size, _ = api.parse_piece(data, len(fds), 32)
+            kinds.append(kind)
+            if kind == api.PIECE_FILE:
+                with open(fds[0], "rb") as f:  # read-only, as the object workers get it
+                    content = f.read()
+                assert len(content) == size
+                got.extend(content)
+            else:
+                got.extend(body)
+
+
+def _inflate(blob: bytes, tmp_path, compression: str, take=None) -> tuple[object, bytes, list]:
+    """A worker's inflate of blob, its pieces read here as they come (``take``: how many
+    messages to read before closing the socket): (the answer or the PycfsError, the tar
+    rebuilt from the pieces, their kinds)."""
+    import socket
+
     (tmp_path / "blob").write_bytes(blob)
     got = bytearray()
+    kinds: list = []
 
     async def main():
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-
-        def drain():
-            with open(read_end, "rb", buffering=0) as r:
-                while (take is None or len(got) < take) and (piece := r.read(1 << 16)):
-                    got.extend(piece)
-
-        async with open_pool(alg="sha256", jobs=1) as pool, trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, drain)
-            with open(tmp_path / "blob", "rb") as f:
-                try:
-                    answer = await pool.inflate(f.fileno(), write_end, compression, "sha256", "sha512")
-                except PycfsError as e:
-                    answer = e
-            # the pool still answers after a failed inflate
-            with _opened([tmp_path / "blob"]) as (fds, sizes):
-                assert await pool.digest(fds, sizes) == [digest_bytes(blob)]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        with Repository.init(tmp_path / "repo") as repo:
+            async with open_pool(repo=repo, jobs=1) as pool, trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, _receive_pieces, ours, got, kinds, take)
+                with open(tmp_path / "blob", "rb") as f:
+                    try:
+                        answer = await pool.inflate(f.fileno(), theirs.detach(), compression, "sha256", "sha512")
+                    except PycfsError as e:
+                        answer = e
+                # the pool still answers after a failed inflate
+                with _opened([tmp_path / "blob"]) as (fds, sizes):
+                    assert await pool.digest(fds, sizes) == [digest_bytes(blob)]
         return answer
 
-    return _run(main), bytes(got)
+    return _run(main), bytes(got), kinds
 
 
-def test_inflate_streams_the_tar_and_answers_both_digests(tmp_path):
-    """Across frames and far past the pipe's capacity: the bytes arrive whole and the
-    answer has the blob's and the tar's digests and sizes."""
+def test_inflate_splits_the_tar_and_answers_both_digests(tmp_path):
+    """Across frames and far past the socket's buffer: the pieces (inline runs cut into
+    messages, files as read-only fds of the object store) rebuild the tar byte for byte,
+    and the answer has the blob's and the tar's digests and sizes."""
     import hashlib
     import zstandard
 
-    tar = os.urandom(3 << 20) + bytes(5 << 20)
+    tar = _tar(3 << 20, 10, 200 << 10, 5 << 20, 64, 65)
     cctx = zstandard.ZstdCompressor()
     blob = cctx.compress(tar[:12345]) + cctx.compress(tar[12345:])
-    answer, got = _inflate(blob, tmp_path, "zstd")
+    answer, got, kinds = _inflate(blob, tmp_path, "zstd")
     assert got == tar
+    assert kinds.count(api.PIECE_FILE) == 4  # the files over 64 bytes
     assert (answer.blob, answer.blob_size) == ("sha256:" + hashlib.sha256(blob).hexdigest(), len(blob))
     assert (answer.diff_id, answer.tar_size) == ("sha512:" + hashlib.sha512(tar).hexdigest(), len(tar))
+    assert answer.files_inlined == 2
 
 
 def test_inflate_of_a_cut_blob_fails_with_the_reason(tmp_path):
     import zstandard
 
-    blob = zstandard.ZstdCompressor().compress(os.urandom(1 << 20))
-    answer, got = _inflate(blob[:-100], tmp_path, "zstd")
+    blob = zstandard.ZstdCompressor().compress(_tar(1 << 20))
+    answer, got, _ = _inflate(blob[:-100], tmp_path, "zstd")
     assert isinstance(answer, PycfsError) and "corrupt zstd layer: truncated frame" in str(answer)
     assert len(got) < 1 << 20
+
+
+def test_inflate_of_what_is_not_a_tar_fails_naming_the_damage(tmp_path):
+    import gzip
+
+    answer, got, _ = _inflate(gzip.compress(os.urandom(1 << 20)), tmp_path, "gzip")
+    assert isinstance(answer, PycfsError) and "not a tar archive" in str(answer)
+    assert "is the blob damaged?" in str(answer) and got == b""
 
 
 def test_inflate_for_a_reader_that_stops_fails_and_leaves_the_worker_serving(tmp_path):
     import gzip
 
-    answer, got = _inflate(gzip.compress(os.urandom(4 << 20)), tmp_path, "gzip", take=1 << 16)
+    # more messages (a file's is a few bytes) than the socket's buffer holds
+    answer, got, kinds = _inflate(gzip.compress(_tar(*[100] * 4000)), tmp_path, "gzip", take=4)
     assert isinstance(answer, PycfsError) and "cannot inflate the layer" in str(answer)
-    assert len(got) >= 1 << 16
+    assert len(kinds) == 4 and len(got) >= 2 * 512 + 100
 
 
 def test_requests_started_together_go_to_different_workers(tmp_path):
     """Two inflates asked at once run on the two workers: the second does not wait behind
-    the first, whose tar nobody reads until the second has answered (a worker serves one
-    request at a time, so sharing one would never end)."""
+    the first, whose pieces nobody reads until the second has answered (a worker serves
+    one request at a time, so sharing one would never end)."""
     import gzip
+    import socket
 
-    tar = os.urandom(1 << 20)
+    tar = _tar(*[100] * 4000)  # more messages than the socket buffers: the stalled one waits
     (tmp_path / "blob").write_bytes(gzip.compress(tar))
 
+    def pair():
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+
     async def main():
-        stalled_read, stalled_write = os.pipe2(os.O_CLOEXEC)
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        (stalled_ours, stalled_theirs), (ours, theirs) = pair(), pair()
         got = bytearray()
-
-        def drain(fd):
-            with open(fd, "rb", buffering=0) as r:
-                while piece := r.read(1 << 16):
-                    got.extend(piece)
-
-        async with open_pool(alg="sha256", jobs=2) as pool, trio.open_nursery() as nursery:
-            await pool.start()
-            drained = trio.Event()
-
-            async def drain_all(fd):
-                await trio.to_thread.run_sync(drain, fd)
-                drained.set()
-
-            with open(tmp_path / "blob", "rb") as stalled, open(tmp_path / "blob", "rb") as f:
-                nursery.start_soon(pool.inflate, stalled.fileno(), stalled_write, "gzip", "sha256", "sha256")
-                nursery.start_soon(drain_all, read_end)
-                with trio.fail_after(20):
-                    answer = await pool.inflate(f.fileno(), write_end, "gzip", "sha256", "sha256")
-                    await drained.wait()  # the answer may come before the reader took the pipe's last bytes
-                assert bytes(got) == tar and answer.tar_size == len(tar)
-                got.clear()
-                await trio.to_thread.run_sync(drain, stalled_read)
-                assert bytes(got) == tar
+        with Repository.init(tmp_path / "repo") as repo:
+            async with open_pool(repo=repo, jobs=2) as pool, trio.open_nursery() as nursery:
+                await pool.start()
+                with open(tmp_path / "blob", "rb") as stalled, open(tmp_path / "blob", "rb") as f:
+                    nursery.start_soon(pool.inflate, stalled.fileno(), stalled_theirs.detach(), "gzip", "sha256",
+                                       "sha256")
+                    with trio.fail_after(20):
+                        async with trio.open_nursery() as reading:
+                            reading.start_soon(trio.to_thread.run_sync, _receive_pieces, ours, got, [])
+                            answer = await pool.inflate(f.fileno(), theirs.detach(), "gzip", "sha256", "sha256")
+                    assert bytes(got) == tar and answer.tar_size == len(tar)
+                    got.clear()
+                    await trio.to_thread.run_sync(_receive_pieces, stalled_ours, got, [])
+                    assert bytes(got) == tar
 
     _run(main)
+
+
+@given(st.one_of(
+    st.tuples(st.just(api.PIECE_INLINE), st.binary(min_size=1, max_size=api.MAX_INLINE_MESSAGE), st.just(0), st.just("")),
+    st.tuples(st.just(api.PIECE_FILE), st.just(b""), st.integers(0, (1 << 64) - 1), st.just("")),
+    st.tuples(st.just(api.PIECE_STORED), st.binary(min_size=32, max_size=32), st.integers(0, (1 << 64) - 1),
+              st.sampled_from(sorted(api.HOW_CODES)))))
+def test_piece_messages_round_trip(piece):
+    kind, data, size, how = piece
+    nfds = 1 if kind == api.PIECE_FILE else 0
+    got = api.parse_piece(api.piece_message(kind, data, size, how), nfds, 32)
+    assert got == (kind, data, len(data) if kind == api.PIECE_INLINE else size, how)
+
+
+@pytest.mark.parametrize("message, nfds", [
+    (b"", 0), (b"i", 0), (b"ix", 1),  # empty, no bytes, an fd where none belongs
+    (b"f" + bytes(8), 0), (b"f" + bytes(7), 1), (b"f" + bytes(8), 2),  # a file needs its one fd and 8 size bytes
+    (b"s" + bytes(8) + b"c" + bytes(31), 0), (b"s" + bytes(8) + b"x" + bytes(32), 0),  # short id, unknown how
+    (b"z" + bytes(8), 0)])
+def test_malformed_piece_messages_are_refused(message, nfds):
+    with pytest.raises(ValueError):
+        api.parse_piece(message, nfds, 32)
+    with pytest.raises(ValueError):
+        api.piece_message(api.PIECE_INLINE, bytes(api.MAX_INLINE_MESSAGE + 1))
