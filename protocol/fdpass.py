@@ -87,7 +87,8 @@ def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> l
     return fds
 
 
-def _recv_args(bufsize: int, maxfds: int) -> tuple[int, int, int]:
+def recv_args(bufsize: int, maxfds: int) -> tuple[int, int, int]:
+    """socket.recvmsg's arguments for a message of at most bufsize bytes and maxfds fds."""
     return bufsize, socket.CMSG_SPACE(maxfds * _FD_SIZE), socket.MSG_CMSG_CLOEXEC
 
 
@@ -120,7 +121,7 @@ def recv_with_fds(
     sock: socket.socket, bufsize: int = RECV_BUFSIZE, maxfds: int = RECV_MAX_FDS
 ) -> tuple[bytes, list[int]]:
     """One recvmsg: (bytes, fds). ``b""`` means EOF. Received fds are close-on-exec."""
-    data, ancdata, msg_flags, _addr = sock.recvmsg(*_recv_args(bufsize, maxfds))
+    data, ancdata, msg_flags, _addr = sock.recvmsg(*recv_args(bufsize, maxfds))
     return data, fds_from_ancdata(ancdata, msg_flags)
 
 
@@ -150,5 +151,5 @@ async def asend_with_fds(sock: Any, data: bytes, fds: Sequence[int] = (), per_ca
 
 async def arecv_with_fds(sock: Any, bufsize: int = RECV_BUFSIZE, maxfds: int = RECV_MAX_FDS) -> tuple[bytes, list[int]]:
     """`recv_with_fds` for a trio socket."""
-    data, ancdata, msg_flags, _addr = await sock.recvmsg(*_recv_args(bufsize, maxfds))
+    data, ancdata, msg_flags, _addr = await sock.recvmsg(*recv_args(bufsize, maxfds))
     return data, fds_from_ancdata(ancdata, msg_flags)

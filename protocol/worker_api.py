@@ -46,12 +46,16 @@ INFLATE = "inflate"
 # sha256 (its diff_id): fds are a file holding the stream's inline bytes, then the files;
 # ``layer`` names the layer (the same worker gets all its requests, in order), ``inline``
 # the byte count of each inline piece (one before each file and one after the last), and
-# ``store`` false only digests the files (the caller links them). Each file's content
+# ``store`` false only digests the files (the caller links them), ``first`` true starts the
+# layer's sha256 (a later request of a layer the worker no longer holds voids it). Each file's content
 # enters the sha256 in the same read that digests it, as stored; the answer is a store's
 # (or digest's). LAYER_SHA256 {"layer": N} then answers {"sha256": HEX, or null when a
-# file failed} and forgets the layer.
+# file failed or the layer was forgotten} and forgets the layer.
 STORE_LAYER = "store_layer"
 LAYER_SHA256 = "layer_sha256"
+# Layers a worker keeps a sha256 for: a caller that gave up on a layer never asks for its
+# digest, so the oldest is forgotten past this many.
+MAX_LAYERS_HELD = 64
 
 HOW = {"r": "reflinked", "c": "copied", "p": "present"}  # store; "=" digest only, "-" failed
 HOW_CODES = {v: k for k, v in HOW.items()}

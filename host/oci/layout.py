@@ -47,9 +47,8 @@ from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.workers.pool import Failed, Inflated, WorkerPool, default_jobs, open_pool
 from pycfs.protocol import worker_api as api
-from pycfs.protocol.fdpass import close_fds, fds_from_ancdata
+from pycfs.protocol.fdpass import close_fds, fds_from_ancdata, recv_args
 
-_FD_SIZE = 4  # an int, as SCM_RIGHTS carries fds
 
 MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -282,8 +281,7 @@ class _PieceSource:
         trio.from_thread.check_cancelled()  # also when the socket never runs dry
         while not self._poll.poll(int(_POLL * 1000)):
             trio.from_thread.check_cancelled()
-        data, ancdata, flags, _ = self.sock.recvmsg(1 + api.MAX_INLINE_MESSAGE, socket.CMSG_SPACE(_FD_SIZE),
-                                                    socket.MSG_CMSG_CLOEXEC)
+        data, ancdata, flags, _ = self.sock.recvmsg(*recv_args(1 + api.MAX_INLINE_MESSAGE, 1))
         fds = fds_from_ancdata(ancdata, flags)
         if flags & socket.MSG_TRUNC:
             close_fds(fds)
@@ -370,9 +368,15 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: Wor
 
         async def split(nursery: trio.Nursery) -> None:
             async with send:
-                while (chunk := await trio.to_thread.run_sync(next_chunk, limiter=limiter)).pieces:
-                    nursery.start_soon(store, chunk)
-                    await send.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
+                try:
+                    while (chunk := await trio.to_thread.run_sync(next_chunk, limiter=limiter)).pieces:
+                        nursery.start_soon(store, chunk)
+                        await send.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
+                except OSError as e:
+                    raise PycfsError(f"layer {desc.digest}: cannot read the inflating worker's pieces: "
+                                     f"{e.strerror or e}") from None
+                except PycfsError as e:
+                    raise PycfsError(f"layer {desc.digest}: {e}") from None
 
         async def write() -> None:
             nonlocal advanced

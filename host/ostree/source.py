@@ -160,8 +160,10 @@ class _Summary:
     With a `summary_keyring` a summary is used only when its `summary.sig` (as `ostree
     summary -u --gpg-sign` writes it) has a signature that verifies with the keyring; one
     unsigned, or with no signature that verifies, is an error naming it, as ostree's
-    gpg-verify-summary refuses it (a server could otherwise point a ref at another signed
-    commit, an older one say, or hide a ref)."""
+    gpg-verify-summary refuses it. A server with no summary at all still serves refs from
+    refs/heads/, which no signature covers: the commit's own signature, its ref binding and
+    the downgrade check are then what stand against a ref pointed at another signed commit
+    (README: "A required summary")."""
 
     description: str
     summary_keyring: str | None = None

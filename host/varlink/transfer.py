@@ -11,7 +11,10 @@ worker with the inline bytes around it, in stream order. That worker stores each
 stream's sha256: the inline bytes, then each file's content in the same read that names its
 object, from the bytes stored (hashed under a read lease on the source, then cloned, or
 hashed from a private clone), so a source rewritten meanwhile cannot slip in content the
-digest did not see, and no byte of content is read twice. Only when the sha256 equals the
+digest did not see, and no byte of content is read twice. A hardlinked file (`zerocopy`
+without reflinks) is the exception: the worker digests it and this process then links the
+client's own inode, so a client writing to its file between the two, or at any time after,
+changes the object; zerocopy hardlinks trust the source that way by design. Only when the sha256 equals the
 diff_id is the layer stream committed; any failure commits nothing (objects already stored
 are orphans for gc).
 """
@@ -24,7 +27,6 @@ import hashlib
 import itertools
 import os
 import re
-import resource
 import stat
 import sys
 from collections.abc import Awaitable, Callable
@@ -291,6 +293,10 @@ class LayerConsumer:
             return "sha256:" + here
         result = obj.get("result")
         sha = result.get("sha256") if isinstance(result, dict) else None
+        if isinstance(result, dict) and sha is None:
+            raise PycfsError(f"the object worker holds no sha256 of this layer (a file failed, or more than "
+                             f"{api.MAX_LAYERS_HELD} layers were in flight on it at once): nothing was committed; "
+                             "send the layer again")
         if not isinstance(sha, str) or not re.fullmatch("[0-9a-f]{64}", sha):
             raise PycfsError(f"the object worker answered {obj!r} for the sha256 of layer {self.layer}")
         return "sha256:" + sha
@@ -305,7 +311,8 @@ class LayerConsumer:
         """Send the batch to the layer's worker (in stream order: here, one at a time), and on
         to the writer."""
         await self._hold(batch)
-        if self._worker is None:
+        first = self._worker is None
+        if first:
             pinned: Pinned = await stack.enter_async_context(self.pool.pinned())
             self._worker = pinned
         worker = self._worker
@@ -318,7 +325,7 @@ class LayerConsumer:
             _write_all(inline, data)
             batch.reply = await worker.send(api.STORE_LAYER, [inline, *(f.fd for f in files)], {
                 "layer": self.layer, "sizes": [f.size for f in files], "inline": counts,
-                "store": not (self.zerocopy and self._hardlink)})
+                "store": not (self.zerocopy and self._hardlink), "first": first})
         finally:
             os.close(inline)
             if not (self.zerocopy and self._hardlink):  # the worker has its own copies
@@ -475,8 +482,7 @@ def batch_limiter(pool: WorkerPool) -> trio.CapacityLimiter:
     behind the one it stores to keep busy while this process catches up; within half the
     open-file limit, as a batch's fds stay open in the worker until it is answered (and
     here, to be hardlinked)."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return trio.CapacityLimiter(max(1, min(4 * pool.jobs, soft // 2 // (BATCH_FILES + 1))))
+    return trio.CapacityLimiter(pool.batches_in_flight(BATCH_FILES + 1, per_worker=4))
 
 
 async def put_layer(repo: Repository, pool: WorkerPool, pipe_fd: int, dirfds: list[int], diff_id: str,

@@ -109,12 +109,12 @@ class WorkerPool:
         self._closing = False
         self._failure: PycfsError | None = None
 
-    def batches_in_flight(self, batch_files: int) -> int:
-        """How many batches of up to `batch_files` fds callers should keep in flight: two
-        per worker (one being hashed, the next queued behind it), within half the
-        open-file limit, as each batch holds its fds open until answered."""
+    def batches_in_flight(self, batch_files: int, per_worker: int = 2) -> int:
+        """How many batches of up to `batch_files` fds callers should keep in flight:
+        `per_worker` per worker (by default one being hashed, the next queued behind it),
+        within half the open-file limit, as each batch holds its fds open until answered."""
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        return max(1, min(2 * self.jobs, soft // 2 // batch_files))
+        return max(1, min(per_worker * self.jobs, soft // 2 // batch_files))
 
     # -- calls --
 

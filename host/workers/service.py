@@ -95,21 +95,24 @@ class WorkerService:
         expected = iter(zip(crcs, checks))
         return self._each(call, sizes, lambda fd, size: self._store_one(fd, size, *next(expected), keep_leases))
 
-    def store_layer(self, call: Call, layer: Any, sizes: Any, inline: Any, store: Any = True) -> dict[str, Any]:
+    def store_layer(self, call: Call, layer: Any, sizes: Any, inline: Any, store: Any = True,
+                    first: Any = False) -> dict[str, Any]:
         """Files of a layer stream, in order, each stored (or digested) while the layer's
         sha256 takes the inline bytes before it and then its content, in the same read
         (see `pycfs.protocol.worker_api.STORE_LAYER`)."""
         if self.repo is None and store is not False:
             raise InvalidParamsError("this worker was started without a repository")
-        if type(layer) is not int or type(store) is not bool or not call.fds:
-            raise InvalidParamsError("store_layer takes a layer number, store true|false and the inline bytes' file")
+        if type(layer) is not int or type(store) is not bool or type(first) is not bool or not call.fds:
+            raise InvalidParamsError("store_layer takes a layer number, store and first true|false and the inline bytes' file")
         if not isinstance(inline, list) or len(inline) != len(call.fds) or not all(type(n) is int and n >= 0 for n in inline):
             raise InvalidParamsError("inline must be a byte count before each file and one after the last")
         inline_fd, files = call.fds[0], Call(call.fds[1:])  # all closed with the request
         data = os.pread(inline_fd, sum(inline), 0)
         if len(data) != sum(inline):
             raise InvalidParamsError(f"the inline bytes' file holds {len(data)} bytes, not {sum(inline)}")
-        sha = self._layers.pop(layer) if layer in self._layers else hashlib.sha256()
+        # A later request of a layer this worker no longer holds (forgotten past api.MAX_LAYERS_HELD)
+        # continues no sha256: the layer's digest is void, never one of only its later bytes.
+        sha = hashlib.sha256() if first else self._layers.pop(layer, None)
         pieces = iter(inline)
         offset = 0
 
@@ -148,7 +151,7 @@ class WorkerService:
             feed_inline()
         finally:
             self._layers[layer] = sha
-            while len(self._layers) > _MAX_LAYERS:  # layers whose caller gave up
+            while len(self._layers) > api.MAX_LAYERS_HELD:  # layers whose caller gave up
                 del self._layers[next(iter(self._layers))]
         return answer
 
@@ -234,10 +237,6 @@ class WorkerService:
             raise OSError(errno.ESTALE, "changed size while it was stored")
         code = api.HOW_CODES[result.how]
         return result.object_id, code.upper() if result.leased else code
-
-
-# Layers a worker keeps a sha256 for: a caller that gave up on a layer never asks for its digest.
-_MAX_LAYERS = 64
 
 
 def _ignore(piece: memoryview) -> None:

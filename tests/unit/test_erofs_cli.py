@@ -145,3 +145,24 @@ def test_missing_objects_relative_to_basedir_or_cwd(tmp_path, capsys, monkeypatc
     monkeypatch.chdir(store)
     assert main(["composefs-info", "missing-objects", str(img)]) == 0  # no --basedir: the current directory
     assert capsys.readouterr().out == f"{DIGEST[:2]}/{DIGEST[2:]}\n"
+
+
+def _limit_file_size() -> None:
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+
+
+def test_a_failed_write_leaves_no_partial_image(tmp_path):
+    """The image is written in pieces as it is built: when a write fails half way (here the
+    file size limit; a full disk alike), the partial file is removed, and the error is one
+    line. A destination that is not a regular file (/dev/full) is never removed."""
+    shutil.copy(VECTORS / "bigdir3000.dump", tmp_path / "big.dump")
+    r = subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "mkcomposefs", "--from-file", "big.dump", "out.cfs"],
+                       cwd=tmp_path, capture_output=True, preexec_fn=_limit_file_size)
+    assert r.returncode == 1 and r.stderr.decode() == "pycfs: error: cannot write out.cfs: File too large\n"
+    assert not (tmp_path / "out.cfs").exists()
+    r = pycfs(["mkcomposefs", "--from-file", "big.dump", "/dev/full"], tmp_path)
+    assert r.returncode == 1 and b"No space left on device" in r.stderr and os.path.exists("/dev/full")

@@ -24,10 +24,12 @@ def _memfd(data: bytes) -> int:
     return fd
 
 
-def _request(layer: int, pieces: list[bytes], files: list[bytes], store: bool = True) -> tuple[list[int], dict]:
+def _request(layer: int, pieces: list[bytes], files: list[bytes], store: bool = True,
+             first: bool = True) -> tuple[list[int], dict]:
     """fds and params of a store_layer request: pieces[i] before files[i], the last after."""
     fds = [_memfd(b"".join(pieces)), *(_memfd(f) for f in files)]
-    return fds, {"layer": layer, "sizes": [len(f) for f in files], "inline": [len(p) for p in pieces], "store": store}
+    return fds, {"layer": layer, "sizes": [len(f) for f in files], "inline": [len(p) for p in pieces], "store": store,
+                 "first": first}
 
 
 @pytest.fixture
@@ -42,8 +44,8 @@ def _run(repo: Repository, requests: list[tuple[list[bytes], list[bytes], bool]]
     async def main() -> tuple[list, dict]:
         async with open_pool(repo=repo, jobs=2) as pool, pool.pinned() as worker:
             replies = []
-            for pieces, files, store in requests:
-                fds, params = _request(layer, pieces, files, store)
+            for i, (pieces, files, store) in enumerate(requests):
+                fds, params = _request(layer, pieces, files, store, first=i == 0)
                 params["sizes"] = [s + sizes_off for s in params["sizes"]]
                 try:
                     replies.append((await worker.send(api.STORE_LAYER, fds, params), len(files)))
@@ -97,3 +99,30 @@ def test_inline_counts_must_match_the_files(repo) -> None:
                 await worker.files(reply, 1)
 
     trio.run(main)
+
+
+def test_a_layer_the_worker_forgot_gets_no_sha256_of_its_later_bytes(repo) -> None:
+    """Past MAX_LAYERS_HELD other layers (a client that opens many and never finishes them),
+    the worker forgets the oldest: its next batch must void the sha256, not start a fresh
+    one that would match a tar made only of the later bytes (a hostile client could then
+    commit its own files under a known diff_id)."""
+    later = b"the later bytes, on their own a known tar"
+
+    async def main() -> dict:
+        async with open_pool(repo=repo, jobs=1) as pool, pool.pinned() as worker:
+
+            async def send(layer: int, data: bytes, first: bool) -> None:
+                fds, params = _request(layer, [data], [], first=first)
+                try:
+                    await worker.files(await worker.send(api.STORE_LAYER, fds, params), 0)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+
+            await send(1000, b"extra entries first", True)
+            for other in range(api.MAX_LAYERS_HELD + 1):
+                await send(other, b"x", True)
+            await send(1000, later, False)
+            return (await worker.answer(await worker.send(api.LAYER_SHA256, [], {"layer": 1000})))["result"]
+
+    assert trio.run(main) == {"sha256": None}

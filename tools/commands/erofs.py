@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import stat
 import sys
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -71,10 +73,11 @@ def cmd_mkcomposefs(args: argparse.Namespace) -> int:
     try:
         write_image_to(fs, choose_version(fs, lo, hi), out)
         out.close()
-    except OSError as e:
-        raise PycfsError(f"cannot write {args.image}: {e.strerror}") from None
-    finally:
-        out.close()
+    except BaseException as e:
+        out.discard()
+        if isinstance(e, OSError):
+            raise PycfsError(f"cannot write {args.image}: {e.strerror}") from None
+        raise
     if out.hasher is not None:
         sys.stdout.write(out.hasher.digest().hex() + "\n")
         sys.stdout.flush()
@@ -83,7 +86,8 @@ def cmd_mkcomposefs(args: argparse.Namespace) -> int:
 
 class _ImageOutput:
     """The image, written and hashed piece by piece as it is built (never whole in memory);
-    the file is opened once the tree is accepted, so a refused one leaves none."""
+    the file is opened once the tree is accepted, so a refused one leaves none, and removed
+    when writing fails (`discard`), so a full disk or Ctrl-C leaves no partial image."""
 
     def __init__(self, path: str | None, digest: bool) -> None:
         from pycfs.host.fsverity import VerityHasher
@@ -91,12 +95,14 @@ class _ImageOutput:
         self.path = path
         self.file: BinaryIO | None = None
         self.hasher = VerityHasher() if digest else None
+        self.remove_on_failure = False
 
     def start(self, size: int) -> None:
         if self.path == "-":
             self.file = sys.stdout.buffer
         elif self.path is not None:
             self.file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
+            self.remove_on_failure = stat.S_ISREG(os.fstat(self.file.fileno()).st_mode)  # never /dev/full
 
     def write(self, piece: bytearray) -> None:
         if self.file is not None:
@@ -110,6 +116,13 @@ class _ImageOutput:
             f.flush()
         elif f is not None:
             f.close()
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):  # the error being reported matters more
+            self.close()
+        if self.remove_on_failure and self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
 # ---------------------------------------------------------------------------- composefs-info
