@@ -312,7 +312,7 @@ class LayerConsumer:
         to the writer."""
         await self._hold(batch)
         first = self._worker is None
-        if first:
+        if self._worker is None:
             pinned: Pinned = await stack.enter_async_context(self.pool.pinned())
             self._worker = pinned
         worker = self._worker
