@@ -24,7 +24,7 @@ import stat
 import string
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from pycfs.host import syscalls
@@ -51,13 +51,11 @@ class RepositoryError(PycfsError):
 
 @dataclass(frozen=True)
 class StoreResult:
-    """What storing one object did: how is "reflinked", "copied" or "present"; leased: the
-    source's read lease was left in place (see `store_object_from_fd`'s ``keep_lease``)."""
+    """What storing one object did: how is "reflinked", "copied" or "present"."""
 
     object_id: bytes
     size: int
     how: str
-    leased: bool = False
 
 
 def parse_algorithm(text: str) -> str:
@@ -504,8 +502,7 @@ class Repository:
         self._lease_sources = True
 
     def store_object_from_fd(self, src_fd: int, st: os.stat_result | None = None,
-                             observer: Callable[[], Callable[[memoryview], object]] | None = None,
-                             keep_lease: bool = False) -> StoreResult:
+                             observer: Callable[[], Callable[[memoryview], object]] | None = None) -> StoreResult:
         """Store the whole file open at src_fd (st: its fstat, when the caller has it).
 
         The object is named by the digest of exactly the bytes it holds, whatever happens
@@ -522,25 +519,16 @@ class Repository:
           data copied), else copied through the hashing buffer, and that copy is hashed.
 
         ``observer`` makes a checker (a fresh one per pass over the content) that sees every
-        stored byte, in order, and may raise to refuse it.
-
-        ``keep_lease``, for a caller that reads the content again right after (and so finds
-        the pages this read cached): a store made under a lease leaves it in place
-        (``leased``), and the caller may read the source instead of the object for as long as
-        `lease_held` says the lease is unbroken; the lease ends with the last fd of that
-        open file (fds passed to another process share it). Any other store hashed the
-        object's own private copy."""
+        stored byte, in order, and may raise to refuse it."""
         st = st or os.fstat(src_fd)
         if (self._lease_sources and self._reflink_ok.get((st.st_dev, self._objects_dev()), True)
                 and _take_read_lease(src_fd)):
-            stored = None
             try:
                 stored = self._store_leased(src_fd, st, observer)
             finally:
-                if stored is None or not keep_lease:
-                    _drop_lease(src_fd)
+                _drop_lease(src_fd)
             if stored is not None:
-                return replace(stored, leased=keep_lease)
+                return stored
         return self._store_private_copy(src_fd, st, observer)
 
     def _store_leased(self, src_fd: int, st: os.stat_result,

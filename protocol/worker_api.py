@@ -5,9 +5,7 @@ repository, stores each as an object (reflinked where the filesystem allows). Re
 carry ``sizes``, one per fd, in order; a store request may add ``crcs`` (the tar-split's
 CRC-64/GO-ISO of each file, or null), ``sha256s`` (``[PREFIX, SHA256]`` in hex or null:
 the SHA-256 of the prefix followed by the content, an ostree content checksum), checked on
-the bytes stored before the object is named, and ``keep_leases`` (true: a file stored
-under a read lease on the source keeps it, for a host that reads the content again; its
-how code is then upper case). The result packs one answer per fd into a few
+the bytes stored before the object is named. The result packs one answer per fd into a few
 strings, as the host's framing scans JSON token by token:
 
     {"ids": HEX,          # the digests, back to back (zeros for a failed file)
@@ -59,7 +57,6 @@ MAX_LAYERS_HELD = 64
 
 HOW = {"r": "reflinked", "c": "copied", "p": "present"}  # store; "=" digest only, "-" failed
 HOW_CODES = {v: k for k, v in HOW.items()}
-LEASE_KEPT = {"R", "P"}  # reflinked / present, the source's read lease left in place
 DIGESTED = "="
 FAILED = "-"
 
@@ -71,7 +68,6 @@ MAX_MESSAGE_BYTES = 1 << 20  # 256 sha512 digests in hex take 32 KiB; failures a
 class Stored:
     object_id: bytes
     how: str  # "reflinked", "copied" or "present"
-    leased: bool = False  # the source's read lease stays with its fd (store's keep_leases)
 
 
 @dataclass(frozen=True)
@@ -83,8 +79,7 @@ class Failed:
 
 
 def file_params(sizes: Sequence[int], crcs: Sequence[int | None] | None = None,
-                sha256s: Sequence[tuple[bytes, bytes] | None] | None = None,
-                keep_leases: bool = False) -> dict[str, Any]:
+                sha256s: Sequence[tuple[bytes, bytes] | None] | None = None) -> dict[str, Any]:
     """A request's parameters for files of these sizes (one request: at most
     MAX_FILES_PER_REQUEST of them)."""
     params: dict[str, Any] = {"sizes": list(sizes)}
@@ -92,8 +87,6 @@ def file_params(sizes: Sequence[int], crcs: Sequence[int | None] | None = None,
         params["crcs"] = list(crcs)
     if sha256s is not None:
         params["sha256s"] = [None if c is None else [c[0].hex(), c[1].hex()] for c in sha256s]
-    if keep_leases:
-        params["keep_leases"] = True
     return params
 
 
@@ -104,7 +97,7 @@ def parse_answer(obj: dict[str, Any], count: int, method: str, digest_size: int)
         raise ValueError(f"refused a request: {obj['error']}")
     result = obj.get("result")
     ids, how, failed = (result.get(k) for k in ("ids", "how", "failed")) if isinstance(result, dict) else (None,) * 3
-    codes = {DIGESTED} if method in (DIGEST, DIGEST_PATHS) else HOW.keys() | LEASE_KEPT
+    codes = {DIGESTED} if method in (DIGEST, DIGEST_PATHS) else set(HOW)
     if method == STORE_LAYER:  # digests only when not storing
         codes |= {DIGESTED}
     try:
@@ -128,8 +121,8 @@ def parse_answer(obj: dict[str, Any], count: int, method: str, digest_size: int)
 
 
 def stored_results(answers: list[tuple[bytes, str] | Failed]) -> list[Stored | Failed]:
-    """A store request's answers: the lease-kept codes are upper case."""
-    return [r if isinstance(r, Failed) else Stored(r[0], HOW[r[1].lower()], r[1].isupper()) for r in answers]
+    """A store request's answers as Stored (or Failed)."""
+    return [r if isinstance(r, Failed) else Stored(r[0], HOW[r[1]]) for r in answers]
 
 
 # The messages of an inflate's socket, each one piece of the split tar, in order:

@@ -120,16 +120,12 @@ class WorkerPool:
 
     async def store(self, fds: Sequence[int], sizes: Sequence[int],
                     crcs: Sequence[int | None] | None = None,
-                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None,
-                    keep_leases: bool = False) -> list[Stored | Failed]:
+                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None) -> list[Stored | Failed]:
         """Store each file as an object of the pool's repository; ``crcs``: the CRC-64/GO-ISO
         each file's content must have (None: unchecked), ``sha256s``: (prefix, SHA-256 of the
-        prefix and the content) or None per file, else that file fails; ``keep_leases``: for a
-        caller that reads the content next, a file stored under a read lease keeps it
-        (`Stored.leased`: the caller may read the cached source while `lease_held` says so,
-        and closing its fd ends the lease); any other was hashed from the object's own pages
-        (see `Repository.store_object_from_fd`)."""
-        return api.stored_results(await self._each(api.STORE, fds, sizes, crcs, sha256s, keep_leases))
+        prefix and the content) or None per file, else that file fails (see
+        `Repository.store_object_from_fd`)."""
+        return api.stored_results(await self._each(api.STORE, fds, sizes, crcs, sha256s))
 
     async def adopt(self, fds: Sequence[int], sizes: Sequence[int]) -> list[Stored | Failed]:
         """Make each anonymous file of the repository's object store (see
@@ -148,8 +144,7 @@ class WorkerPool:
 
     async def _each(self, method: str, fds: Sequence[int], sizes: Sequence[int],
                     crcs: Sequence[int | None] | None = None,
-                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None,
-                    keep_leases: bool = False) -> list[tuple[bytes, str] | Failed]:
+                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None) -> list[tuple[bytes, str] | Failed]:
         if len(fds) != len(sizes) or (crcs is not None and len(crcs) != len(fds)):
             raise ValueError(f"{len(fds)} fds but {len(sizes)} sizes{'' if crcs is None else f' and {len(crcs)} crcs'}")
         if sha256s is not None and len(sha256s) != len(fds):
@@ -164,7 +159,7 @@ class WorkerPool:
         for start in range(0, len(fds), api.MAX_FILES_PER_REQUEST):
             end = start + api.MAX_FILES_PER_REQUEST
             params = api.file_params(sizes[start:end], None if crcs is None else crcs[start:end],
-                                     None if sha256s is None else sha256s[start:end], keep_leases)
+                                     None if sha256s is None else sha256s[start:end])
             out += await call(method, list(fds[start:end]), params)
         return out
 

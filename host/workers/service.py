@@ -80,12 +80,9 @@ class WorkerService:
 
         return self._answer(((r,) for r in digest_regular_files(paths, self.alg)), one)
 
-    def store(self, call: Call, sizes: Any, crcs: Any = None, sha256s: Any = None,
-              keep_leases: Any = False) -> dict[str, Any]:
+    def store(self, call: Call, sizes: Any, crcs: Any = None, sha256s: Any = None) -> dict[str, Any]:
         if self.repo is None:
             raise InvalidParamsError("this worker was started without a repository")
-        if type(keep_leases) is not bool:
-            raise InvalidParamsError("keep_leases must be true or false")
         if crcs is None:
             crcs = [None] * len(call.fds)
         if not isinstance(crcs, list) or len(crcs) != len(call.fds) or not all(
@@ -93,7 +90,7 @@ class WorkerService:
             raise InvalidParamsError("crcs must be a CRC-64 or null per fd")
         checks = [None] * len(call.fds) if sha256s is None else _sha256_checks(sha256s, len(call.fds))
         expected = iter(zip(crcs, checks))
-        return self._each(call, sizes, lambda fd, size: self._store_one(fd, size, *next(expected), keep_leases))
+        return self._each(call, sizes, lambda fd, size: self._store_one(fd, size, *next(expected)))
 
     def store_layer(self, call: Call, layer: Any, sizes: Any, inline: Any, store: Any = True,
                     first: Any = False) -> dict[str, Any]:
@@ -136,7 +133,7 @@ class WorkerService:
 
             try:
                 if store:
-                    result = self._store_one(fd, size, None, None, False, content)
+                    result = self._store_one(fd, size, None, None, content)
                 else:
                     result = digest_fd(fd, self.alg, size, content()), api.DIGESTED
             except BaseException:
@@ -210,7 +207,7 @@ class WorkerService:
                 "tar_size": tar.count, "files_inlined": splitter.files_inlined}
 
     def _store_one(self, fd: int, size: int, crc: int | None,
-                   sha256: tuple[bytes, bytes] | None = None, keep_lease: bool = False,
+                   sha256: tuple[bytes, bytes] | None = None,
                    also: Callable[[], Callable[[memoryview], None]] | None = None) -> tuple[bytes, str]:
         assert self.repo is not None
         st = os.fstat(fd)
@@ -232,11 +229,10 @@ class WorkerService:
             return observe
 
         watched = crc is not None or sha256 is not None or also is not None
-        result = self.repo.store_object_from_fd(fd, st, observer if watched else None, keep_lease)
+        result = self.repo.store_object_from_fd(fd, st, observer if watched else None)
         if result.size != size:
             raise OSError(errno.ESTALE, "changed size while it was stored")
-        code = api.HOW_CODES[result.how]
-        return result.object_id, code.upper() if result.leased else code
+        return result.object_id, api.HOW_CODES[result.how]
 
 
 def _ignore(piece: memoryview) -> None:

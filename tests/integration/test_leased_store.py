@@ -198,32 +198,6 @@ def test_a_writer_that_outwaits_the_lease_cannot_misname_the_object(repo, short_
     assert stored == new and digest_bytes(stored) == result.object_id
 
 
-def test_keep_lease_leaves_the_lease_with_the_fd_until_a_writer_comes(repo):
-    """PutLayer's stores: the lease taken before hashing stays with the open file, so the
-    caller can read the source's cached pages and then check no writer came meanwhile."""
-    from pycfs.host.repository import lease_held
-
-    data = os.urandom(300_000)
-    path = _source(repo, "src", data)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        result = repo.store_object_from_fd(fd, keep_lease=True)
-        assert (result.how, result.leased, result.object_id) == ("reflinked", True, digest_bytes(data))
-        assert lease_held(fd)
-        with pytest.raises(BlockingIOError):  # a writer: its open breaks the lease
-            os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-        assert not lease_held(fd)
-        again = repo.store_object_from_fd(fd)  # the plain store lets its lease go
-        assert (again.how, again.leased) == ("present", False)
-    finally:
-        os.close(fd)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        assert repo.store_object_from_fd(fd).leased is False and not lease_held(fd)
-    finally:
-        os.close(fd)
-
-
 def test_store_layer_sha256_takes_only_the_pass_stored_when_the_lease_breaks(repo, monkeypatch):
     """A layer's sha256 kept by the worker (store_layer): a file whose lease broke mid-store is
     read twice (the source, then the private clone that is stored); the sha256 takes the
@@ -253,7 +227,7 @@ def test_store_layer_sha256_takes_only_the_pass_stored_when_the_lease_breaks(rep
     os.write(inline, b"head" + b"tail")
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        answer = worker.store_layer(Call([inline, fd]), 1, [len(data)], [4, 4])
+        answer = worker.store_layer(Call([inline, fd]), 1, [len(data)], [4, 4], first=True)
     finally:
         os.close(fd)
         os.close(inline)

@@ -525,36 +525,15 @@ def test_store_checks_a_prefixed_sha256_in_the_same_read(tmp_path, files):
         assert repo.object_size(digest_bytes(picked[1][1])) is None
 
 
-def test_keep_leases_stores_the_same_objects_and_is_checked(tmp_path, files):
-    """`keep_leases` (PutLayer's stores) names every object as a plain store does (here on a
-    filesystem without reflinks: private copies, so no lease is left), and the worker
-    refuses a value that is not a boolean rather than guessing."""
-    from pycfs.host.workers.service import WorkerService
-    from pycfs.protocol.rpcserver import Call, InvalidParamsError
-
-    with Repository.init(tmp_path / "repo") as repo:
-
-        async def main():
-            with _opened([p for p, _ in files]) as (fds, sizes):
-                async with open_pool(repo=repo, jobs=2) as pool:
-                    return await pool.store(fds, sizes, keep_leases=True)
-
-        for (_, data), stored in zip(files, _run(main)):
-            assert stored == Stored(digest_bytes(data), stored.how, stored.leased)
-            assert (stored.how, stored.leased) in (("copied", False), ("reflinked", False), ("reflinked", True))
-            assert repo.read_object(stored.object_id) == data
-        with pytest.raises(InvalidParamsError, match="keep_leases"):
-            WorkerService(repo.alg, repo).store(Call(fds=[]), [], keep_leases="yes")
-
-
-def test_lease_kept_codes_are_store_answers_only():
+def test_store_answers_take_only_store_codes():
     pool = WorkerPool(None, [], 1, "sha256")
-    reply = {"ids": (b"\1" * 32 + b"\2" * 32).hex(), "how": "RP", "failed": []}
-    assert pool._results({"result": reply}, 2, api.STORE) == [(b"\1" * 32, "R"), (b"\2" * 32, "P")]
+    reply = {"ids": (b"\1" * 32 + b"\2" * 32).hex(), "how": "rp", "failed": []}
+    assert pool._results({"result": reply}, 2, api.STORE) == [(b"\1" * 32, "r"), (b"\2" * 32, "p")]
     with pytest.raises(ValueError):
         pool._results({"result": reply}, 2, api.DIGEST)
-    with pytest.raises(ValueError):
-        pool._results({"result": {**reply, "how": "RC"}}, 2, api.STORE)  # a copy holds no lease
+    for how in ("RP", "r="):  # no lease-kept codes any more; a store is not a digest
+        with pytest.raises(ValueError):
+            pool._results({"result": {**reply, "how": how}}, 2, api.STORE)
 
 
 def _tar(*sizes: int) -> bytes:
