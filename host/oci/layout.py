@@ -49,7 +49,6 @@ from pycfs.host.workers.pool import Failed, Inflated, WorkerPool, default_jobs, 
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.fdpass import close_fds, fds_from_ancdata, recv_args
 
-
 MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -384,9 +383,9 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: Wor
                 await chunk.stored.wait()
                 write_pieces(writer, chunk.pieces, stats)
                 held.discard(chunk)
-                if collector is not None:
-                    collector.feed([p if isinstance(p, bytes) else (p.object_id,) for p in chunk.pieces
-                                    if not isinstance(p, PendingFile)])
+                if collector is not None:  # the parse in a thread: the event loop serves the stores meanwhile
+                    await trio.to_thread.run_sync(
+                        collector.feed, [p if isinstance(p, bytes) else (p.object_id,) for p in chunk.pieces])
                 if progress is not None:  # the worker reads the blob through the same open file
                     at = os.lseek(f.fileno(), 0, os.SEEK_CUR)
                     progress.advance(diff_id, at - advanced)
