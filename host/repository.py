@@ -456,7 +456,7 @@ class Repository:
             return object_id
         fd, temp_name = self._new_tmpfile(object_id)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             fd = self._seal(fd)
         except BaseException:
             self._discard(fd, temp_name)
@@ -571,7 +571,7 @@ class Repository:
                 def copy(piece: memoryview) -> None:
                     if observe is not None:
                         observe(piece)
-                    _write_all(fd, piece)
+                    write_all(fd, piece)
 
                 object_id = digest_fd(src_fd, self.alg, st.st_size, copy)
             fd = self._seal(fd)
@@ -812,7 +812,7 @@ class ObjectWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self._hasher.update(data)
-        _write_all(self._fd, data)
+        write_all(self._fd, data)
         self.size += len(data)
 
     def finish(self) -> tuple[bytes, bool]:
@@ -886,7 +886,8 @@ def _drop_lease(fd: int) -> None:
         pass  # gone with a broken lease already
 
 
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """os.write until every byte is written (a pipe or a full disk takes a part at a time)."""
     mv = memoryview(data)
     while mv:
         n = os.write(fd, mv)
@@ -902,13 +903,13 @@ def _write_new_file(dirfd: int, name: str, content: bytes) -> None:
             raise
         fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644, dir_fd=dirfd)
         try:
-            _write_all(fd, content)
+            write_all(fd, content)
             os.fsync(fd)
         finally:
             os.close(fd)
         return
     try:
-        _write_all(fd, content)
+        write_all(fd, content)
         os.fsync(fd)
         syscalls.link_fd(fd, dirfd, name)
     finally:

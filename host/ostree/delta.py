@@ -25,7 +25,8 @@ from pycfs.host.ostree.commitstream import CommitObjects, Entry
 from pycfs.host.ostree.objects import (
     CHECKSUM_SIZE, COMMIT_TYPE, FileHeader, Kind, OstreeError, describe, parse_delta_table, verify_metadata,
 )
-from pycfs.host.ostree.source import FetchedFile, HttpRepo, LocalRepo, _tmpfile, _write_all, check_file
+from pycfs.host.ostree.source import FetchedFile, HttpRepo, LocalRepo, _tmpfile, check_file
+from pycfs.host.repository import write_all
 from pycfs.protocol.gvariant import GVariantError, decode, encode
 
 SUPERBLOCK_TYPE = "(a{sv}tayay" + COMMIT_TYPE + "aya(uayttay)a(yaytt))"
@@ -310,7 +311,7 @@ def apply_parts(superblock: Superblock, fetch_part: Callable[[int], bytes], base
             return
         fd = _tmpfile(tmp_dir)
         try:
-            _write_all(fd, content)
+            write_all(fd, content)
         except BaseException:
             os.close(fd)
             raise

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from pycfs.host.ostree.commitstream import check_ref_name
 from pycfs.host.ostree.signature import MAX_DETACHED, verify_signed
+from pycfs.host.repository import write_all
 from pycfs.host.ostree.objects import (
     MAX_HEADER_SIZE,
     MAX_METADATA_SIZE,
@@ -116,7 +117,7 @@ def unpack_filez(read: Callable[[int], bytes], checksum: bytes, inline_max: int,
                 if fd is None:
                     small += out
                 else:
-                    _write_all(fd, out)
+                    write_all(fd, out)
                 if inflate.eof and (compressed or inflate.unused_data):
                     raise OstreeError(f"{where}: data after the end of the compressed content")
         if not inflate.eof or got != header.size:
@@ -135,12 +136,6 @@ def _tmpfile(tmp_dir: str) -> int:
     # TemporaryFile is O_TMPFILE where the filesystem has it: nothing named is left behind
     with tempfile.TemporaryFile(dir=tmp_dir, buffering=0) as f:
         return os.dup(f.fileno())
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    mv = memoryview(data)
-    while mv:
-        mv = mv[os.write(fd, mv):]
 
 
 def _read_exact(read: Callable[[int], bytes], n: int, where: str) -> bytes:

@@ -38,7 +38,7 @@ from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.layer import INLINE_CONTENT_MAX, LayerEntry, LayerEntryCollector, layer_stream_name
-from pycfs.host.repository import Repository
+from pycfs.host.repository import Repository, write_all
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamWriter
 from pycfs.host.varlink.layers import open_beneath
 from pycfs.host.workers.pool import Failed, Pinned, WorkerPool
@@ -322,7 +322,7 @@ class LayerConsumer:
         data, counts = batch.inline()
         inline = os.memfd_create("pycfs-layer-inline", os.MFD_CLOEXEC)
         try:
-            _write_all(inline, data)
+            write_all(inline, data)
             batch.reply = await worker.send(api.STORE_LAYER, [inline, *(f.fd for f in files)], {
                 "layer": self.layer, "sizes": [f.size for f in files], "inline": counts,
                 "store": not (self.zerocopy and self._hardlink), "first": first})
@@ -381,7 +381,7 @@ class LayerConsumer:
             # content the producer read itself: through a memfd to the workers
             fd = os.memfd_create("pycfs-filecontent", os.MFD_CLOEXEC)
             try:
-                _write_all(fd, data)
+                write_all(fd, data)
             except BaseException:
                 os.close(fd)
                 raise
@@ -461,12 +461,6 @@ class LayerConsumer:
                 self.stats.bytes_inlined += len(item)
             else:
                 self.writer.write_external(item.object_id, item.size)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _close(files: list[_File]) -> None:
