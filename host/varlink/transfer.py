@@ -43,7 +43,7 @@ from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamWriter
 from pycfs.host.varlink.layers import open_beneath
 from pycfs.host.workers.pool import Failed, Pinned, WorkerPool
 from pycfs.protocol import worker_api as api
-from pycfs.protocol.fdpass import close_fds
+from pycfs.protocol.fdpass import SCM_MAX_FD, close_fds
 from pycfs.protocol.splitdirfdstream import (
     MAX_INLINE_CHUNK_SIZE,
     Chunk,
@@ -60,7 +60,9 @@ if TYPE_CHECKING:
 
 _SEND_PIECE = 1 << 16
 _RECV_PIECE = 1 << 16
-BATCH_FILES = 64
+# Files per worker request: as many as one message's fds allow beside the inline bytes' memfd
+# (per-request costs, a message each way and a thread trip, were a fifth of PutLayer's CPU at 64).
+BATCH_FILES = SCM_MAX_FD - 1
 BATCH_BYTES = 8 << 20
 # How long after the data EOF a GetLayer consumer may hold the directory fds' guard (locks).
 KEEPALIVE_LIMIT = 3600.0
@@ -152,10 +154,12 @@ class PutStats:
     objects_already_present: int = 0
     bytes_inlined: int = 0
 
-    def count(self, how: str) -> None:
-        name = {"reflinked": "objects_reflinked", "hardlinked": "objects_hardlinked", "copied": "objects_copied"}
-        attr = name.get(how, "objects_already_present")
-        setattr(self, attr, getattr(self, attr) + 1)
+    def count(self, how: str, n: int = 1) -> None:
+        attr = _STAT_NAMES.get(how, "objects_already_present")
+        setattr(self, attr, getattr(self, attr) + n)
+
+
+_STAT_NAMES = {"reflinked": "objects_reflinked", "hardlinked": "objects_hardlinked", "copied": "objects_copied"}
 
 
 @dataclass
@@ -165,34 +169,50 @@ class PutResult:
     entries: list[LayerEntry] | None  # the layer's entries (None: they did not parse)
 
 
-@dataclass
 class _File:
-    fd: int
-    size: int
-    what: str  # for messages
-    object_id: bytes = b""
+    """A file of the stream on its way to the worker; `source` None: inline content."""
+
+    __slots__ = ("fd", "object_id", "size", "source")
+
+    def __init__(self, fd: int, size: int, source: FileBackedData | None) -> None:
+        self.fd, self.size, self.source = fd, size, source
+        self.object_id = b""
+
+    @property
+    def what(self) -> str:
+        """The file, for messages (built only for one)."""
+        return _describe(self.source) if self.source is not None else "inline content"
+
+
+def _describe(chunk: FileBackedData) -> str:
+    return f"{chunk.name.decode(errors='replace')!r} (dirfd {chunk.dirfd_index})"
 
 
 @dataclass(eq=False)
 class _Batch:
+    """Kept as it is built (one pass per chunk): the items in order, the files among them,
+    and the inline bytes with their count before each file."""
+
     items: list[bytes | _File] = field(default_factory=list)
+    files: list[_File] = field(default_factory=list)
+    inline: list[bytes] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)  # inline bytes before each file
+    run: int = 0  # inline bytes since the last file
     nbytes: int = 0
-    nfiles: int = 0
     reply: _Reply | None = None  # the worker's answer to come, once sent
 
-    def files(self) -> list[_File]:
-        return [i for i in self.items if isinstance(i, _File)]
+    def add_inline(self, data: bytes) -> None:
+        self.items.append(data)
+        self.inline.append(data)
+        self.run += len(data)
+        self.nbytes += len(data)
 
-    def inline(self) -> tuple[bytes, list[int]]:
-        """The inline bytes, and their count before each file and after the last."""
-        counts, n = [], 0
-        for item in self.items:
-            if isinstance(item, bytes):
-                n += len(item)
-            else:
-                counts.append(n)
-                n = 0
-        return b"".join(i for i in self.items if isinstance(i, bytes)), [*counts, n]
+    def add_file(self, f: _File) -> None:
+        self.items.append(f)
+        self.files.append(f)
+        self.counts.append(self.run)
+        self.run = 0
+        self.nbytes += f.size
 
 
 _layer_numbers = itertools.count()
@@ -233,19 +253,19 @@ class LayerConsumer:
             self._dir_checked.add(index)
         return fd
 
-    def _open(self, chunk: FileBackedData) -> _File:
+    def _open(self, chunk: FileBackedData) -> int:
+        """An fd of the referenced file, checked to be a regular file of the declared length."""
         dirfd = self._dirfd(chunk.dirfd_index)
-        what = f"{chunk.name.decode(errors='replace')!r} (dirfd {chunk.dirfd_index})"
         try:
             fd = open_beneath(dirfd, chunk.name)
         except OSError as e:
-            raise LayerTransferError(f"cannot open {what}: {e.strerror}") from None
+            raise LayerTransferError(f"cannot open {_describe(chunk)}: {e.strerror}") from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size != chunk.length:
             os.close(fd)
             kind = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"{st.st_size} bytes, declared {chunk.length}"
-            raise LayerTransferError(f"{what}: {kind}")
-        return _File(fd, chunk.length, what)
+            raise LayerTransferError(f"{_describe(chunk)}: {kind}")
+        return fd
 
     async def run(self, receive_some: Callable[[int], Awaitable[bytes]]) -> str:
         """Consume the whole stream; returns its `sha256:<hex>`. One worker gets every batch
@@ -255,13 +275,11 @@ class LayerConsumer:
         decoder = Decoder()
         batch = _Batch()
         send, receive = trio.open_memory_channel[_Batch](int(self.limiter.total_tokens))
-        send_written, written = trio.open_memory_channel[list[bytes | tuple[bytes]]](int(self.limiter.total_tokens))
         try:
             # The worker is chosen (and the pool's workers started) with the first batch.
             async with contextlib.AsyncExitStack() as stack:
                 async with open_nursery() as nursery:
-                    nursery.start_soon(self._write_in_order, receive, send_written)
-                    nursery.start_soon(self._parse, written)
+                    nursery.start_soon(self._write_in_order, receive)
                     async with send:
                         while True:
                             data = await receive_some(_RECV_PIECE)
@@ -271,12 +289,12 @@ class LayerConsumer:
                             decoder.feed(data)
                             for chunk in decoder.chunks():
                                 self._add(batch, chunk)
-                                if batch.nfiles >= BATCH_FILES or batch.nbytes >= BATCH_BYTES:
+                                if len(batch.files) >= BATCH_FILES or batch.nbytes >= BATCH_BYTES:
                                     await self._submit(stack, send, batch)
                                     batch = _Batch()
-                        if self._worker is None and not batch.files():
+                        if self._worker is None and not batch.files:
                             # a stream of a few inline bytes: hashed here, and no worker starts
-                            here = hashlib.sha256(batch.inline()[0]).hexdigest()
+                            here = hashlib.sha256(b"".join(batch.inline)).hexdigest()
                             await self._hold(batch)
                             await send.send(batch)
                         else:
@@ -316,15 +334,14 @@ class LayerConsumer:
             pinned: Pinned = await stack.enter_async_context(self.pool.pinned())
             self._worker = pinned
         worker = self._worker
-        files = batch.files()
+        files = batch.files
         if self.zerocopy and files and self._hardlink is None:
             self._hardlink = not await trio.to_thread.run_sync(self._probe_reflink, files[0].fd)
-        data, counts = batch.inline()
         inline = os.memfd_create("pycfs-layer-inline", os.MFD_CLOEXEC)
         try:
-            write_all(inline, data)
+            write_all(inline, b"".join(batch.inline))
             batch.reply = await worker.send(api.STORE_LAYER, [inline, *(f.fd for f in files)], {
-                "layer": self.layer, "sizes": [f.size for f in files], "inline": counts,
+                "layer": self.layer, "sizes": [f.size for f in files], "inline": [*batch.counts, batch.run],
                 "store": not (self.zerocopy and self._hardlink), "first": first})
         finally:
             os.close(inline)
@@ -335,46 +352,34 @@ class LayerConsumer:
 
     def _finish(self, batch: _Batch) -> None:
         """Close what the batch still holds open and give back its token (once)."""
-        _close(batch.files())
+        _close(batch.files)
         if batch in self._pending:
             self._pending.remove(batch)
             self.limiter.release_on_behalf_of(batch)
 
-    async def _write_in_order(self, receive: trio.MemoryReceiveChannel[_Batch],
-                              written: trio.MemorySendChannel[list[bytes | tuple[bytes]]]) -> None:
-        async with written:
-            async for batch in receive:
-                try:
-                    if batch.reply is not None:
-                        assert self._worker is not None
-                        files = batch.files()
-                        await self._take(files, await self._worker.files(batch.reply, len(files)))
-                    await trio.to_thread.run_sync(self._write, batch.items)
-                finally:
-                    self._finish(batch)
-                await written.send([i if isinstance(i, bytes) else (i.object_id,) for i in batch.items])
-
-    async def _parse(self, written: trio.MemoryReceiveChannel[list[bytes | tuple[bytes]]]) -> None:
-        """The entries of what was written, in a thread of their own behind the writer."""
-        async for pieces in written:
-            await trio.to_thread.run_sync(self.collector.feed, pieces)
+    async def _write_in_order(self, receive: trio.MemoryReceiveChannel[_Batch]) -> None:
+        async for batch in receive:
+            try:
+                if batch.reply is not None:
+                    assert self._worker is not None
+                    await self._take(batch.files, await self._worker.files(batch.reply, len(batch.files)))
+                await trio.to_thread.run_sync(self._write, batch.items)
+            finally:
+                self._finish(batch)
 
     def _add(self, batch: _Batch, chunk: Chunk) -> None:
         if isinstance(chunk, FileBackedData):
-            f = self._open(chunk)
-            if f.size <= INLINE_CONTENT_MAX:
+            fd = self._open(chunk)
+            if chunk.length <= INLINE_CONTENT_MAX:
                 try:
-                    data = os.pread(f.fd, f.size, 0)
+                    data = os.pread(fd, chunk.length, 0)
                 finally:
-                    os.close(f.fd)
-                if len(data) != f.size:
-                    raise LayerTransferError(f"{f.what}: short read")
-                batch.items.append(data)
-                batch.nbytes += len(data)
-                return
-            batch.items.append(f)
-            batch.nbytes += f.size
-            batch.nfiles += 1
+                    os.close(fd)
+                if len(data) != chunk.length:
+                    raise LayerTransferError(f"{_describe(chunk)}: short read")
+                batch.add_inline(data)
+            else:
+                batch.add_file(_File(fd, chunk.length, chunk))
             return
         data = chunk.data
         if isinstance(chunk, InlineData) and len(data) > INLINE_CONTENT_MAX:
@@ -385,28 +390,28 @@ class LayerConsumer:
             except BaseException:
                 os.close(fd)
                 raise
-            batch.items.append(_File(fd, len(data), "inline content"))
-            batch.nfiles += 1
+            batch.add_file(_File(fd, len(data), None))
         else:
-            batch.items.append(bytes(data))
-        batch.nbytes += len(data)
+            batch.add_inline(data)
 
     async def _take(self, files: list[_File], results: list[tuple[bytes, str] | Failed]) -> None:
         """The worker's answers for a batch's files: their objects, stored (or, to be
         hardlinked, digested)."""
+        codes: dict[str, int] = {}
         for f, r in zip(files, results):
             if isinstance(r, Failed):
                 raise LayerTransferError(f"cannot store {f.what}: {r.message}")
-            f.object_id = r[0]
+            f.object_id, code = r
+            codes[code] = codes.get(code, 0) + 1
         if self.zerocopy and self._hardlink:
             for f in files:
                 self.stats.count(await trio.to_thread.run_sync(self._hardlink_object, f))
             return
-        for f, s in zip(files, api.stored_results(results)):
-            assert isinstance(s, api.Stored)
-            if self.zerocopy and s.how == "copied":
-                raise LayerTransferError(f"zerocopy: {f.what} could not be reflinked or hardlinked")
-            self.stats.count(s.how)
+        if self.zerocopy and api.HOW_CODES["copied"] in codes:
+            f = next(f for f, r in zip(files, results) if r[1] == api.HOW_CODES["copied"])
+            raise LayerTransferError(f"zerocopy: {f.what} could not be reflinked or hardlinked")
+        for code, n in codes.items():
+            self.stats.count(api.HOW[code], n)
 
     def _probe_reflink(self, src_fd: int) -> bool:
         """Can the destination's objects share extents with this source? (FICLONE into an
@@ -455,12 +460,17 @@ class LayerConsumer:
         return "hardlinked"
 
     def _write(self, items: list[bytes | _File]) -> None:
+        """Write the items to the layer stream, then parse their entries (one thread trip)."""
+        pieces: list[bytes | tuple[bytes]] = []
         for item in items:
             if isinstance(item, bytes):
                 self.writer.write_inline(item)
                 self.stats.bytes_inlined += len(item)
+                pieces.append(item)
             else:
                 self.writer.write_external(item.object_id, item.size)
+                pieces.append((item.object_id,))
+        self.collector.feed(pieces)
 
 
 def _close(files: list[_File]) -> None:
