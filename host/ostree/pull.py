@@ -28,6 +28,7 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Sequence
 from functools import partial
 
 import trio
@@ -38,7 +39,8 @@ from pycfs.host.ostree.objects import Commit, Kind, OstreeError
 from pycfs.host.ostree.pullcore import CHECKPOINT_SECONDS, PullCore, PullOptions, PullResult, close_fds, prepare_pull
 from pycfs.host.ostree.source import FetchedFile, HttpRepo, LocalRepo
 from pycfs.host.repository import Repository
-from pycfs.host.workers.pool import WorkerPool, open_pool
+from pycfs.host.workers.fork import Forked, fork_workers
+from pycfs.host.workers.pool import WorkerPool, default_jobs, open_pool
 
 STORE_BATCH = 64
 # A local repository answers in microseconds: objects are read many to a thread hop (the
@@ -212,10 +214,21 @@ class _Puller:
             core.checkpoint()
 
 
-async def run_prepared(core: PullCore) -> PullResult:
-    """The rest of a pull `prepare_pull` could not finish: fetch and store concurrently."""
+def fork_workers_for(core: PullCore) -> list[Forked]:
+    """The object workers, forked now (before trio starts: see `pycfs.host.workers.fork`)
+    when the commit was walked here and its files are more than this process stores alone;
+    none for a pull that does not know yet (its pool starts them when it needs them)."""
+    if not core.walked or not core.files:
+        return []
+    return fork_workers(str(core.repo.path), core.options.jobs or default_jobs())
+
+
+async def run_prepared(core: PullCore, forked: Sequence[Forked] = ()) -> PullResult:
+    """The rest of a pull `prepare_pull` could not finish: fetch and store concurrently
+    (``forked``: the object workers, from `fork_workers_for`)."""
     try:
-        async with open_pool(repo=core.repo, jobs=core.options.jobs, small_here=True) as pool:
+        async with open_pool(repo=core.repo, jobs=len(forked) or core.options.jobs, small_here=not forked,
+                             forked=forked) as pool:
             await _Puller(core).run(pool)
             pool.close_input()  # the workers exit while the image is built
             image_id = core.finish_image()

@@ -31,7 +31,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from subprocess import Popen
+from typing import Any, cast
 
 import trio
 
@@ -40,6 +41,7 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files
 from pycfs.host.nursery import open_nursery
 from pycfs.host.repository import Repository
+from pycfs.host.workers.fork import Forked
 from pycfs.host.workers.service import WorkerService
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.worker_api import Failed, Stored
@@ -398,11 +400,13 @@ class Pinned:
 
 @asynccontextmanager
 async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
-                    jobs: int | None = None, small_here: bool = False) -> AsyncIterator[WorkerPool]:
+                    jobs: int | None = None, small_here: bool = False,
+                    forked: Sequence[Forked] = ()) -> AsyncIterator[WorkerPool]:
     """A pool of ``jobs`` workers (default: one per core) storing into ``repo``, or only
     hashing with ``alg`` when ``repo`` is None. ``small_here``: a one-shot job whose size
     is not known in advance (an ostree pull) starts serving calls in this process, and
-    starts the workers only if it grows past START_AFTER_BYTES (see `WorkerPool`)."""
+    starts the workers only if it grows past START_AFTER_BYTES (see `WorkerPool`).
+    ``forked``: workers started already (`pycfs.host.workers.fork`), the pool's own now."""
     argv = [sys.executable, "-B", "-m", "pycfs.host.workers"]
     argv += ["--repo", os.path.abspath(repo.path)] if repo is not None else ["--alg", alg]
     local = None
@@ -415,6 +419,9 @@ async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
         local = WorkerService(repo.alg if repo is not None else alg, repo)
     async with open_nursery() as nursery:
         pool = WorkerPool(nursery, argv, jobs or default_jobs(), repo.alg if repo is not None else alg, local)
+        for f in forked:
+            pool._workers.append(_Worker(ChildProcess(cast(Popen, f.proc)), trio.socket.from_stdlib_socket(f.sock), f.output))
+            nursery.start_soon(pool._read, pool._workers[-1])
         try:
             yield pool
         except BaseException:

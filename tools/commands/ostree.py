@@ -107,9 +107,9 @@ def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
         else:
             import trio
 
-            from pycfs.host.ostree.pull import run_prepared
+            from pycfs.host.ostree.pull import fork_workers_for, run_prepared
 
-            result = trio.run(run_prepared, prepared)
+            result = trio.run(run_prepared, prepared, fork_workers_for(prepared))
     _print_pull(result, args.json)
     return 0
 
