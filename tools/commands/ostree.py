@@ -4,7 +4,6 @@ dump, compute-id, create-image, mount, tag, untag)."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
@@ -190,6 +189,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"commit {objects.commit.hex()}")
     if commit.parent is not None:
         print(f"parent {commit.parent.hex()}")
+    import datetime
+
     date = datetime.datetime.fromtimestamp(commit.timestamp, datetime.UTC)
     print(f"date {date:%Y-%m-%d %H:%M:%S} UTC")
     print(f"tree {commit.root_tree.hex()}")
