@@ -23,7 +23,7 @@ import threading
 import traceback
 from dataclasses import dataclass
 
-from pycfs.host.childoutput import ChildOutput
+from pycfs.host.childoutput import ChildOutput, start_on_socket
 
 
 @dataclass
@@ -77,27 +77,20 @@ def fork_workers(repo_path: str, jobs: int) -> list[Forked]:
 
 
 def _fork_one(repo_path: str) -> Forked:
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    output = ChildOutput("pycfs-worker-output")
-    try:
+    def start(child: int, output: int) -> ForkedProcess:
         pid = os.fork()
         if pid == 0:
-            _child(child.fileno(), output.fd, repo_path)  # never returns
-    except BaseException:
-        parent.close()
-        output.close()
-        raise
-    finally:
-        child.close()
-    return Forked(ForkedProcess(pid), parent, output)
+            _child(child, output, repo_path)  # never returns
+        return ForkedProcess(pid)
+
+    return Forked(*start_on_socket(start, "pycfs-worker-output"))
 
 
-def _child(sock_fd: int, output_fd: int | None, repo_path: str) -> None:
+def _child(sock_fd: int, output_fd: int, repo_path: str) -> None:
     status = 1
     try:
         os.setsid()  # as a spawned worker: a terminal's Ctrl-C reaches only the host
         os.dup2(sock_fd, 0)  # where the workers' main takes its socket from
-        assert output_fd is not None
         os.dup2(output_fd, 1)
         os.dup2(output_fd, 2)
         # The other workers' sockets above all: a copy held here would keep their EOF away.

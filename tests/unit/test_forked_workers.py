@@ -2,15 +2,13 @@
 real pool, real files; and a local ostree pull large enough to use them."""
 
 import os
-import subprocess
-import sys
 import threading
-import time
 
 import pytest
 import trio
 from fdcount import open_fd_count
 from ostree_trees import commit, describe_dir, describe_image, have_ostree, init_repo, make_tree, ostree
+from procs import children_die_with_host
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
@@ -100,35 +98,12 @@ def test_no_fork_off_the_main_thread(tmp_path):
 def test_forked_workers_die_with_the_host(tmp_path):
     with Repository.init(tmp_path / "repo"):
         pass
-    script = tmp_path / "host.py"
-    script.write_text(
-        "import sys, time\n"
+    assert len(children_die_with_host(
+        "import time\n"
         "from pycfs.host.workers.fork import fork_workers\n"
         f"workers = fork_workers({str(tmp_path / 'repo')!r}, 2)\n"
         "print(' '.join(str(w.proc.pid) for w in workers), flush=True)\n"
-        "time.sleep(60)\n")
-    host = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd="/")
-    try:
-        pids = [int(p) for p in host.stdout.readline().split()]
-        assert len(pids) == 2 and all(_alive(pid) for pid in pids)
-        host.kill()
-        host.wait()
-        deadline = time.monotonic() + 5
-        while any(_alive(pid) for pid in pids):
-            assert time.monotonic() < deadline, "forked workers outlived their host"
-            time.sleep(0.01)
-    finally:
-        if host.poll() is None:
-            host.kill()
-            host.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+        "time.sleep(60)\n")) == 2
 
 
 @pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
