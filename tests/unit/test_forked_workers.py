@@ -1,6 +1,7 @@
 """Object workers started by fork (`pycfs.host.workers.fork`): real forked children serving a
 real pool, real files; and a local ostree pull large enough to use them."""
 
+import errno
 import os
 import threading
 
@@ -83,6 +84,27 @@ def test_a_forked_worker_that_cannot_start_quotes_its_output(tmp_path):
 
         with pytest.raises(PycfsError, match=r"failed: .*exit status 2; its last output: pycfs-worker: "):
             trio.run(main)
+
+
+def test_a_failed_fork_leaves_no_worker_and_no_fd(tmp_path, monkeypatch):
+    """The second fork fails: the first worker is killed and reaped, its socket and output
+    closed, and the pool will spawn its own."""
+    real_fork, forked = os.fork, []
+
+    def fork():
+        if forked:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        pid = real_fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    before = open_fd_count()
+    with Repository.init(tmp_path / "repo") as repo:
+        monkeypatch.setattr(os, "fork", fork)
+        assert fork_workers(str(repo.path), 2) == []
+    assert len(forked) == 1 and not os.path.exists(f"/proc/{forked[0]}")
+    assert open_fd_count() == before
 
 
 def test_no_fork_off_the_main_thread(tmp_path):
