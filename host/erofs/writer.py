@@ -965,7 +965,6 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
     pack_c = F.CompactInode.FMT.pack_into
     pack_e = F.ExtendedInode.FMT.pack_into
     v2 = version == 2
-    dir_blocks: dict[int, bytes] = {}  # index -> full blocks of a directory
     for index, ino in enumerate(inos):
         off = ino.nid * 32
         if off - base >= _PIECE:
@@ -995,10 +994,8 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
             window[off:off + xattr_size] = xattrs.block(ino, table_base)
             off += xattr_size
         if ino.mode & _S_IFMT == _stat.S_IFDIR:
-            full, tail_bytes = _dir_data(ino)
+            tail_bytes = _dir_data(ino, tail=True)
             window[off:off + len(tail_bytes)] = tail_bytes
-            if full:
-                dir_blocks[id(ino)] = full
         elif ino.inline:
             window[off:off + len(ino.inline)] = ino.inline
     meta_end = first_data_block * B - base
@@ -1013,7 +1010,8 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
     for ino in inos:
         if not ino.nblocks:
             continue
-        data = dir_blocks.pop(id(ino)) if ino.mode & _S_IFMT == _stat.S_IFDIR else ino.blocks
+        # a directory's full blocks are packed here, not kept from the inode's pass
+        data = _dir_data(ino, tail=False) if ino.mode & _S_IFMT == _stat.S_IFDIR else ino.blocks
         _check_blocks(ino, len(data), blk)
         size = ino.nblocks * B
         piece += data
@@ -1041,28 +1039,31 @@ def _check_blocks(ino: _Ino, data_len: int, next_block: int) -> None:
                              f"{ino.blkaddr} outside its blocks ({ino.nblocks} blocks; next free block {next_block})")
 
 
-def _dir_data(ino: _Ino) -> tuple[bytes, bytes]:
-    """(full blocks padded to 4096, inline tail) of a directory whose children have nids."""
+def _dir_data(ino: _Ino, tail: bool) -> bytes:
+    """A directory whose children have nids: its inline tail (``tail``), else its full
+    blocks, each padded to 4096. Each is packed when written, the other not."""
     B = F.BLOCK_SIZE
-    blocks: list[list[tuple[bytes, _Ino]]] = [[]]
+    names, children = ino.names, ino.children
+    starts = [0]  # index of each block's first entry
     cur = 0
-    for name, child in zip(ino.names, ino.children):
+    for i, name in enumerate(names):
         cost = F.Dirent.SIZE + len(name)
         if cur + cost > B:
-            blocks.append([])
+            starts.append(i)
             cur = 0
-        blocks[-1].append((name, child))
         cur += cost
-    out_full = bytearray()
-    tail = b""
-    for i, entries in enumerate(blocks):
-        data = _dir_block(entries)
-        if i < ino.nblocks:
-            out_full += data
-            out_full += bytes(-len(data) % B)
-        else:
-            tail = data
-    return bytes(out_full), tail
+    starts.append(len(names))
+    if tail:
+        if len(starts) - 1 <= ino.nblocks:
+            return b""
+        a, b = starts[-2], starts[-1]
+        return _dir_block(list(zip(names[a:b], children[a:b])))
+    out = bytearray()
+    for k in range(ino.nblocks):
+        a, b = starts[k], starts[k + 1]
+        out += _dir_block(list(zip(names[a:b], children[a:b])))
+        out += bytes(-len(out) % B)
+    return bytes(out)
 
 
 def _dir_block(entries: list[tuple[bytes, _Ino]]) -> bytes:
