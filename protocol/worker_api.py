@@ -37,7 +37,9 @@ ADOPT = "adopt"
 # sends the tar's pieces in order on the socket, one message each (`piece_message`); then
 # it closes the socket and answers {"blob": DIGEST, "blob_size": N, "diff_id": DIGEST,
 # "tar_size": N, "files_inlined": N} or {"failed": MESSAGE}. File content so never crosses
-# to the host: only headers and small files do, with the files' fds for the object workers.
+# to the host: only headers and small files do, with the files' fds for the object workers;
+# with ``store`` true the worker makes each file its object itself (hashes and links it, as
+# ADOPT does) and sends only PIECE_STORED for them.
 INFLATE = "inflate"
 
 # A layer stream's files, in stream order, for one worker that also owns the layer's

@@ -543,9 +543,10 @@ def _tar(*sizes: int) -> bytes:
     return b"".join(simple_entry(b"f%d" % i, os.urandom(n)) for i, n in enumerate(sizes)) + bytes(2 * BLOCK)
 
 
-def _receive_pieces(sock, got: bytearray, kinds: list, take=None) -> None:
+def _receive_pieces(sock, got: bytearray, kinds: list, take=None, objects=None) -> None:
     """Read an inflate's messages to EOF (``take``: then close after that many), rebuilding
-    the tar in ``got`` from the inline bytes and the files' content; ``kinds`` lists the
+    the tar in ``got`` from the inline bytes and the files' content (a stored file's read
+    from the repository at ``objects``, and checked against its name); ``kinds`` lists the
     kind of each message."""
     import array
     import socket
@@ -563,14 +564,18 @@ def _receive_pieces(sock, got: bytearray, kinds: list, take=None) -> None:
                     content = f.read()
                 assert len(content) == size
                 got.extend(content)
+            elif kind == api.PIECE_STORED:
+                content = (objects / body[:1].hex() / body[1:].hex()).read_bytes()
+                assert len(content) == size and digest_bytes(content) == body
+                got.extend(content)
             else:
                 got.extend(body)
 
 
-def _inflate(blob: bytes, tmp_path, compression: str, take=None) -> tuple[object, bytes, list]:
+def _inflate(blob: bytes, tmp_path, compression: str, take=None, store=False) -> tuple[object, bytes, list]:
     """A worker's inflate of blob, its pieces read here as they come (``take``: how many
-    messages to read before closing the socket): (the answer or the PycfsError, the tar
-    rebuilt from the pieces, their kinds)."""
+    messages to read before closing the socket; ``store``: the worker stores the files):
+    (the answer or the PycfsError, the tar rebuilt from the pieces, their kinds)."""
     import socket
 
     (tmp_path / "blob").write_bytes(blob)
@@ -581,10 +586,12 @@ def _inflate(blob: bytes, tmp_path, compression: str, take=None) -> tuple[object
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         with Repository.init(tmp_path / "repo") as repo:
             async with open_pool(repo=repo, jobs=1) as pool, trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, _receive_pieces, ours, got, kinds, take)
+                nursery.start_soon(trio.to_thread.run_sync, _receive_pieces, ours, got, kinds, take,
+                                   tmp_path / "repo" / "objects")
                 with open(tmp_path / "blob", "rb") as f:
                     try:
-                        answer = await pool.inflate(f.fileno(), theirs.detach(), compression, "sha256", "sha512")
+                        answer = await pool.inflate(f.fileno(), theirs.detach(), compression, "sha256", "sha512",
+                                                    store)
                     except PycfsError as e:
                         answer = e
                 # the pool still answers after a failed inflate
@@ -611,6 +618,40 @@ def test_inflate_splits_the_tar_and_answers_both_digests(tmp_path):
     assert (answer.blob, answer.blob_size) == ("sha256:" + hashlib.sha256(blob).hexdigest(), len(blob))
     assert (answer.diff_id, answer.tar_size) == ("sha512:" + hashlib.sha512(tar).hexdigest(), len(tar))
     assert answer.files_inlined == 2
+
+
+def test_inflate_that_stores_sends_objects_named_by_their_content(tmp_path):
+    """With store, the inflating worker makes every file over 64 bytes its object itself:
+    only stored pieces come, each an object whose name is the digest of its bytes, and
+    together with the inline bytes they are the tar; a file twice is stored once."""
+    import hashlib
+    import zstandard
+
+    tar = _tar(3 << 20, 10, 200 << 10, 64, 65)
+    tar = tar[:-1024] + tar[:-1024] + bytes(1024)  # every file again: present the second time
+    blob = zstandard.ZstdCompressor().compress(tar)
+    answer, got, kinds = _inflate(blob, tmp_path, "zstd", store=True)
+    assert got == tar
+    assert api.PIECE_FILE not in kinds and kinds.count(api.PIECE_STORED) == 6
+    assert (answer.diff_id, answer.tar_size) == ("sha512:" + hashlib.sha512(tar).hexdigest(), len(tar))
+    assert answer.files_inlined == 4
+
+
+def test_inflate_that_stores_fails_on_a_cut_blob_with_nothing_pending(tmp_path):
+    """A blob cut inside its last file: the error names the damage; the files of the runs
+    sent before it are objects (a re-run finds them present), the later ones of the run cut
+    short are not, and no partial file is under a name."""
+    import zstandard
+
+    tar = _tar(*[10 << 10] * 70, 1 << 20)  # a run is 64 files: the first run goes whole
+    blob = zstandard.ZstdCompressor().compress(tar)
+    answer, got, kinds = _inflate(blob[:-300_000], tmp_path, "zstd", store=True)
+    assert isinstance(answer, PycfsError) and "corrupt zstd layer: truncated frame" in str(answer)
+    assert kinds.count(api.PIECE_STORED) == 64 and got == tar[: len(got)]
+    objects = list((tmp_path / "repo" / "objects").glob("*/*"))
+    assert sorted(digest_bytes(p.read_bytes()) for p in objects) == sorted(
+        bytes.fromhex(p.parent.name + p.name) for p in objects)
+    assert len(objects) == 64
 
 
 def test_inflate_of_a_cut_blob_fails_with_the_reason(tmp_path):
