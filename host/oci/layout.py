@@ -280,11 +280,11 @@ class _PieceSource:
         trio.from_thread.check_cancelled()  # also when the socket never runs dry
         while not self._poll.poll(int(_POLL * 1000)):
             trio.from_thread.check_cancelled()
-        data, ancdata, flags, _ = self.sock.recvmsg(*recv_args(1 + api.MAX_INLINE_MESSAGE, 1))
+        data, ancdata, flags, _ = self.sock.recvmsg(*recv_args(1 + api.MAX_RUN_MESSAGE, api.MAX_RUN_FDS))
         fds = fds_from_ancdata(ancdata, flags)
         if flags & socket.MSG_TRUNC:
             close_fds(fds)
-            raise PycfsError("the inflating worker sent a message larger than any piece")
+            raise PycfsError("the inflating worker sent a message larger than a run of pieces may be")
         return data, fds
 
     def chunk(self, max_files: int = 64, max_inline: int = 4 << 20) -> list[Piece]:
@@ -299,15 +299,18 @@ class _PieceSource:
                         trio.from_thread.check_cancelled()
                     break
                 try:
-                    kind, body, size, how = api.parse_piece(data, len(fds), self.digest_size)
+                    records = api.parse_run(data, len(fds), self.digest_size)
                 except ValueError as e:
                     close_fds(fds)
                     raise PycfsError(f"the inflating worker sent {e}") from None
-                self.count += size
-                if kind == api.PIECE_INLINE:
-                    run.inline += body
-                else:
-                    run.add_file(PendingFile(fds[0], size) if kind == api.PIECE_FILE else StoredFile(body, size, how))
+                files = iter(fds)
+                for kind, body, size, how in records:
+                    self.count += size
+                    if kind == api.PIECE_INLINE:
+                        run.inline += body
+                    else:
+                        run.add_file(PendingFile(next(files), size) if kind == api.PIECE_FILE
+                                     else StoredFile(body, size, how))
             return run.take()
 
 

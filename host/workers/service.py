@@ -13,7 +13,7 @@ import os
 import queue
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pycfs.host import syscalls
@@ -252,19 +252,22 @@ def _ignore(piece: memoryview) -> None:
 
 
 def _send_pieces(sock: socket.socket, pieces: list[Piece]) -> None:
-    """A split tar's pieces as the inflate's messages (see `worker_api.piece_message`)."""
+    """A split tar's pieces as the inflate's messages (see `worker_api.pack_runs`)."""
     from pycfs.host.oci.layer import PendingFile
 
-    for piece in pieces:
-        if isinstance(piece, bytes):
-            view = memoryview(piece)
-            for at in range(0, len(view), api.MAX_INLINE_MESSAGE):
-                sock.sendmsg([api.PIECE_INLINE, view[at : at + api.MAX_INLINE_MESSAGE]])
-        elif isinstance(piece, PendingFile):
-            sock.sendmsg([api.piece_message(api.PIECE_FILE, size=piece.size)],
-                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [piece.fd]))])
-        else:
-            sock.sendmsg([api.piece_message(api.PIECE_STORED, piece.object_id, piece.size, piece.how)])
+    def records() -> Iterator[tuple[bytes, int | None]]:
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                view = memoryview(piece)
+                for at in range(0, len(view), api.MAX_INLINE_RECORD):
+                    yield api.piece_record(api.PIECE_INLINE, view[at : at + api.MAX_INLINE_RECORD]), None
+            elif isinstance(piece, PendingFile):
+                yield api.piece_record(api.PIECE_FILE, size=piece.size), piece.fd
+            else:
+                yield api.piece_record(api.PIECE_STORED, piece.object_id, piece.size, piece.how), None
+
+    for message, fds in api.pack_runs(records()):
+        sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
 
 
 # The blob's reads; _BLOB_AHEAD of them wait for the decompression at most.
