@@ -184,11 +184,13 @@ class WorkerPool:
                     raise PycfsError(f"the object store {e}") from None
         return await self._call(method, fds, params)
 
-    async def inflate(self, blob_fd: int, sock: int, compression: str, blob_alg: str, diff_alg: str) -> Inflated:
+    async def inflate(self, blob_fd: int, sock: int, compression: str, blob_alg: str, diff_alg: str,
+                      store: bool = False) -> Inflated:
         """Have a worker (of a pool on a repository) read, hash and decompress a layer blob,
         hash its tar and split it, sending the pieces on ``sock`` (one end of a
         SOCK_SEQPACKET socketpair, which this closes once the worker has its copy: the reader
-        then sees EOF when the worker is done; see `worker_api.INFLATE`). The worker stays
+        then sees EOF when the worker is done; see `worker_api.INFLATE`); with ``store`` the
+        worker makes the files objects itself (pieces of stored files only). The worker stays
         busy until the reader has taken every piece: a pool for inflating, not the one
         adopting its files."""
         open_end = [sock]
@@ -199,7 +201,8 @@ class WorkerPool:
 
         try:
             worker, obj = await self._request(api.INFLATE, [blob_fd, sock],
-                                      {"compression": compression, "blob_alg": blob_alg, "diff_alg": diff_alg},
+                                      {"compression": compression, "blob_alg": blob_alg, "diff_alg": diff_alg,
+                                       "store": store},
                                       sent=close)
         finally:
             close()
