@@ -31,7 +31,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from subprocess import Popen
+from typing import Any, cast
 
 import trio
 
@@ -40,6 +41,7 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files
 from pycfs.host.nursery import open_nursery
 from pycfs.host.repository import Repository
+from pycfs.host.workers.fork import Forked
 from pycfs.host.workers.service import WorkerService
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.worker_api import Failed, Stored
@@ -182,11 +184,13 @@ class WorkerPool:
                     raise PycfsError(f"the object store {e}") from None
         return await self._call(method, fds, params)
 
-    async def inflate(self, blob_fd: int, sock: int, compression: str, blob_alg: str, diff_alg: str) -> Inflated:
+    async def inflate(self, blob_fd: int, sock: int, compression: str, blob_alg: str, diff_alg: str,
+                      store: bool = False) -> Inflated:
         """Have a worker (of a pool on a repository) read, hash and decompress a layer blob,
         hash its tar and split it, sending the pieces on ``sock`` (one end of a
         SOCK_SEQPACKET socketpair, which this closes once the worker has its copy: the reader
-        then sees EOF when the worker is done; see `worker_api.INFLATE`). The worker stays
+        then sees EOF when the worker is done; see `worker_api.INFLATE`); with ``store`` the
+        worker makes the files objects itself (pieces of stored files only). The worker stays
         busy until the reader has taken every piece: a pool for inflating, not the one
         adopting its files."""
         open_end = [sock]
@@ -197,7 +201,8 @@ class WorkerPool:
 
         try:
             worker, obj = await self._request(api.INFLATE, [blob_fd, sock],
-                                      {"compression": compression, "blob_alg": blob_alg, "diff_alg": diff_alg},
+                                      {"compression": compression, "blob_alg": blob_alg, "diff_alg": diff_alg,
+                                       "store": store},
                                       sent=close)
         finally:
             close()
@@ -398,11 +403,13 @@ class Pinned:
 
 @asynccontextmanager
 async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
-                    jobs: int | None = None, small_here: bool = False) -> AsyncIterator[WorkerPool]:
+                    jobs: int | None = None, small_here: bool = False,
+                    forked: Sequence[Forked] = ()) -> AsyncIterator[WorkerPool]:
     """A pool of ``jobs`` workers (default: one per core) storing into ``repo``, or only
     hashing with ``alg`` when ``repo`` is None. ``small_here``: a one-shot job whose size
     is not known in advance (an ostree pull) starts serving calls in this process, and
-    starts the workers only if it grows past START_AFTER_BYTES (see `WorkerPool`)."""
+    starts the workers only if it grows past START_AFTER_BYTES (see `WorkerPool`).
+    ``forked``: workers started already (`pycfs.host.workers.fork`), the pool's own now."""
     argv = [sys.executable, "-B", "-m", "pycfs.host.workers"]
     argv += ["--repo", os.path.abspath(repo.path)] if repo is not None else ["--alg", alg]
     local = None
@@ -415,6 +422,9 @@ async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
         local = WorkerService(repo.alg if repo is not None else alg, repo)
     async with open_nursery() as nursery:
         pool = WorkerPool(nursery, argv, jobs or default_jobs(), repo.alg if repo is not None else alg, local)
+        for f in forked:
+            pool._workers.append(_Worker(ChildProcess(cast(Popen, f.proc)), trio.socket.from_stdlib_socket(f.sock), f.output))
+            nursery.start_soon(pool._read, pool._workers[-1])
         try:
             yield pool
         except BaseException:
