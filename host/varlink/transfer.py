@@ -61,9 +61,11 @@ if TYPE_CHECKING:
 _SEND_PIECE = 1 << 16
 _RECV_PIECE = 1 << 16
 # Files per worker request: as many as one message's fds allow beside the inline bytes' memfd
-# (per-request costs, a message each way and a thread trip, were a fifth of PutLayer's CPU at 64).
+# (per-request costs, a message each way and a thread trip, were a fifth of PutLayer's CPU at 64),
+# and up to 32 MiB of content (the worker reads each byte once for the layer's sha256; at 8 MiB
+# most of the bench image's batches were cut by size, not by count).
 BATCH_FILES = SCM_MAX_FD - 1
-BATCH_BYTES = 8 << 20
+BATCH_BYTES = 32 << 20
 # How long after the data EOF a GetLayer consumer may hold the directory fds' guard (locks).
 KEEPALIVE_LIMIT = 3600.0
 
