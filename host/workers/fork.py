@@ -1,5 +1,5 @@
 """Object workers started by fork, for a job that knows before its event loop starts that it
-will keep them busy (a local ostree pull, once it has walked the commit).
+will keep them busy (a local ostree pull, once it has walked the commit; `pycfs measure`).
 
 A forked worker runs the workers' own main (`python -m pycfs.host.workers`) on the modules
 this process has loaded already: it is serving within milliseconds, where a spawned one
@@ -9,7 +9,7 @@ workers need (measured: `pycfs ostree pull-local` of 2,715 files on 2 cores; see
 `fork_workers` runs on the main thread, before trio starts: PR_SET_PDEATHSIG follows the
 thread that forked, and nothing of the event loop must be copied into a child. The child
 takes fresh stdio objects (another thread may have held the old ones' locks at the fork),
-keeps only its socket and output, and opens the repository itself.
+keeps only its socket and output, and opens the repository (if any) itself.
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ class ForkedProcess:
             os.kill(self.pid, signal.SIGKILL)
 
 
-def fork_workers(repo_path: str, jobs: int) -> list[Forked]:
-    """``jobs`` workers storing into the repository at ``repo_path``, forked now; none (the
-    pool spawns its own then) when this is not the main thread or a fork fails."""
+def fork_workers(repo_path: str | None, jobs: int, alg: str = "sha256") -> list[Forked]:
+    """``jobs`` workers storing into the repository at ``repo_path`` (only hashing with
+    ``alg`` when it is None), forked now; none (the pool spawns its own then) when this is
+    not the main thread or a fork fails."""
     if threading.current_thread() is not threading.main_thread():
         return []
     for stream in (sys.stdout, sys.stderr):  # what is buffered would be written twice
@@ -65,7 +66,7 @@ def fork_workers(repo_path: str, jobs: int) -> list[Forked]:
     workers: list[Forked] = []
     try:
         for _ in range(jobs):
-            workers.append(_fork_one(os.path.abspath(repo_path)))
+            workers.append(_fork_one(["--repo", os.path.abspath(repo_path)] if repo_path else ["--alg", alg]))
     except OSError:
         for worker in workers:
             worker.proc.kill()
@@ -77,17 +78,17 @@ def fork_workers(repo_path: str, jobs: int) -> list[Forked]:
     return workers
 
 
-def _fork_one(repo_path: str) -> Forked:
+def _fork_one(argv: list[str]) -> Forked:
     def start(child: int, output: int) -> ForkedProcess:
         pid = os.fork()
         if pid == 0:
-            _child(child, output, repo_path)  # never returns
+            _child(child, output, argv)  # never returns
         return ForkedProcess(pid)
 
     return Forked(*start_on_socket(start, "pycfs-worker-output"))
 
 
-def _child(sock_fd: int, output_fd: int, repo_path: str) -> None:
+def _child(sock_fd: int, output_fd: int, argv: list[str]) -> None:
     status = 1
     try:
         os.setsid()  # as a spawned worker: a terminal's Ctrl-C reaches only the host
@@ -101,7 +102,7 @@ def _child(sock_fd: int, output_fd: int, repo_path: str) -> None:
         sys.modules.pop("pycfs.host.workers.__main__", None)  # its parent pid is read at import
         from pycfs.host.workers.__main__ import main
 
-        status = main(["--repo", repo_path])
+        status = main(argv)
     except BaseException:
         traceback.print_exc()
     finally:

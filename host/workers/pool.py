@@ -446,7 +446,8 @@ IN_PROCESS_BYTES = 16 << 20
 START_AFTER_BYTES = 1 << 20
 
 
-def _small_job(paths: Sequence[str | os.PathLike[str]]) -> bool:
+def small_job(paths: Sequence[str | os.PathLike[str]]) -> bool:
+    """Whether the files named hold at most IN_PROCESS_BYTES: hashed faster in process."""
     total = 0
     for path in paths:
         try:
@@ -471,13 +472,15 @@ def _batches(names: Sequence[str]) -> Iterator[tuple[int, int]]:
 
 
 async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha256",
-                       jobs: int | None = None, on_done: Callable[[int], None] | None = None) -> list[bytes | OSError]:
-    """The fs-verity digest of each file, in order, hashed by a pool of workers; a path that
+                       jobs: int | None = None, on_done: Callable[[int], None] | None = None,
+                       forked: Sequence[Forked] = ()) -> list[bytes | OSError]:
+    """The fs-verity digest of each file, in order, hashed by a pool of workers (``forked``:
+    digest-only workers started already, see `pycfs.host.workers.fork`); a path that
     cannot be opened, is not a regular file or cannot be read gives its OSError. ``on_done``
     hears how many more files are done, batch by batch (for progress). The workers open the
     files by name (the host does no per-file work); they run in "/", so names are made
     absolute here, joined to the cwd as the kernel would resolve them (no normalisation)."""
-    if jobs is None and await trio.to_thread.run_sync(_small_job, paths):
+    if not forked and jobs is None and await trio.to_thread.run_sync(small_job, paths):
         done = await trio.to_thread.run_sync(digest_regular_files, paths, alg)
         if on_done is not None:
             on_done(len(done))
@@ -489,7 +492,7 @@ async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha2
     results: list = [None] * len(paths)  # every slot is filled before the pool closes
     send, receive = trio.open_memory_channel(0)
 
-    async with open_pool(alg=alg, jobs=jobs) as pool:
+    async with open_pool(alg=alg, jobs=len(forked) or jobs, forked=forked) as pool:
 
         async def coordinate() -> None:
             async for start, end in receive:

@@ -18,7 +18,7 @@ from pycfs.host.ostree.pullcore import HERE_FILES, PullCore, PullOptions, prepar
 from pycfs.host.ostree.source import LocalRepo
 from pycfs.host.repository import Repository
 from pycfs.host.workers.fork import fork_workers
-from pycfs.host.workers.pool import EXIT_GRACE, Stored, open_pool
+from pycfs.host.workers.pool import EXIT_GRACE, Stored, digest_files, open_pool
 
 
 def _files(tmp_path, sizes):
@@ -66,6 +66,19 @@ def test_forked_workers_store_keep_none_of_the_hosts_fds_and_exit_at_eof(tmp_pat
     assert pids == [f.proc.pid for f in forked] and exited == [0, 0]
     assert str(tmp_path / "f0") not in held and held
     assert open_fd_count() == before
+
+
+@pytest.mark.parametrize("alg", ["sha256", "sha512"])
+def test_forked_digest_only_workers_hash_with_their_algorithm(tmp_path, alg):
+    """`pycfs measure`'s workers: forked with no repository, hashing with the alg asked for."""
+    files = _files(tmp_path, [0, 4097, (1 << 20) + 3] * 3)
+    forked = fork_workers(None, 2, alg)
+    assert len(forked) == 2
+    got = trio.run(lambda: digest_files([str(p) for p, _ in files], alg, forked=forked))
+    assert got == [digest_bytes(d, alg) for _, d in files]
+    for f in forked:  # reaped by the pool as it closed
+        with pytest.raises(ProcessLookupError):
+            os.kill(f.proc.pid, 0)
 
 
 def test_a_forked_worker_that_cannot_start_quotes_its_output(tmp_path):
