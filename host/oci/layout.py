@@ -280,11 +280,11 @@ class _PieceSource:
         trio.from_thread.check_cancelled()  # also when the socket never runs dry
         while not self._poll.poll(int(_POLL * 1000)):
             trio.from_thread.check_cancelled()
-        data, ancdata, flags, _ = self.sock.recvmsg(*recv_args(1 + api.MAX_INLINE_MESSAGE, 1))
+        data, ancdata, flags, _ = self.sock.recvmsg(*recv_args(1 + api.MAX_RUN_MESSAGE, api.MAX_RUN_FDS))
         fds = fds_from_ancdata(ancdata, flags)
         if flags & socket.MSG_TRUNC:
             close_fds(fds)
-            raise PycfsError("the inflating worker sent a message larger than any piece")
+            raise PycfsError("the inflating worker sent a message larger than a run of pieces may be")
         return data, fds
 
     def chunk(self, max_files: int = 64, max_inline: int = 4 << 20) -> list[Piece]:
@@ -299,15 +299,18 @@ class _PieceSource:
                         trio.from_thread.check_cancelled()
                     break
                 try:
-                    kind, body, size, how = api.parse_piece(data, len(fds), self.digest_size)
+                    records = api.parse_run(data, len(fds), self.digest_size)
                 except ValueError as e:
                     close_fds(fds)
                     raise PycfsError(f"the inflating worker sent {e}") from None
-                self.count += size
-                if kind == api.PIECE_INLINE:
-                    run.inline += body
-                else:
-                    run.add_file(PendingFile(fds[0], size) if kind == api.PIECE_FILE else StoredFile(body, size, how))
+                files = iter(fds)
+                for kind, body, size, how in records:
+                    self.count += size
+                    if kind == api.PIECE_INLINE:
+                        run.inline += body
+                    else:
+                        run.add_file(PendingFile(next(files), size) if kind == api.PIECE_FILE
+                                     else StoredFile(body, size, how))
             return run.take()
 
 
@@ -328,13 +331,14 @@ class LayoutLayer:
 
 async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: WorkerPool, layout: OciLayout,
                               desc: Descriptor, diff_id: str, limiter: trio.CapacityLimiter, progress: PullProgress | None,
-                              collect: bool = False) -> LayoutLayer:
+                              collect: bool = False, store_here: bool = False) -> LayoutLayer:
     """Decompress and split a layer blob, verify its digest and diff_id, commit
     `oci-layer-<diff_id>`. A worker of ``inflaters`` reads, hashes and decompresses the blob,
     hashes the tar and splits it, writing file content once into anonymous files of the
     object store; a thread here takes its pieces a run at a time, the object workers hash
     and link those files (as they do the files of a containers-storage pull), and each run
-    is appended to the layer stream, in order, once its files are objects. With
+    is appended to the layer stream, in order, once its files are objects; with
+    ``store_here`` the inflating worker makes them objects itself. With
     ``collect``, the layer's entries for the image build are parsed from the pieces as
     they are written."""
     stats = ImportStats()
@@ -394,7 +398,8 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: Wor
         async def inflate() -> None:
             try:
                 source.inflated = await inflaters.inflate(f.fileno(), theirs.detach(), LAYER_TYPES[desc.media_type],
-                                                          parse_digest(desc.digest)[0], parse_digest(diff_id)[0])
+                                                          parse_digest(desc.digest)[0], parse_digest(diff_id)[0],
+                                                          store_here)
             except PycfsError as e:
                 raise PycfsError(f"layer {desc.digest}: {e}") from None
             finally:
@@ -461,13 +466,18 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
     limiter = trio.CapacityLimiter(layers_at_once)
     at_once = trio.Semaphore(layers_at_once)  # taken in the layers' order, given back by each
     parsed: dict[bytes, list[LayerEntry]] = {}  # by stream id: entries of the layers imported
+    # With other layers beside it, a layer's inflating worker stores its files itself: the
+    # other inflaters keep the other cores busy, and the files skip a round trip through
+    # here to the object workers (measured on the bench image, zstd: 9.4 against 10.2
+    # CPU-seconds). A layer alone keeps the object workers, which hash beside its split.
+    store_here = len(todo) > 1
 
     async def one(pool: WorkerPool, inflaters: WorkerPool, diff_id: str, desc: Descriptor) -> None:
         try:
             if progress is not None:
                 progress.layer_started(diff_id, desc.size)
             layer = await import_layout_layer(repo, pool, inflaters, layout, desc, diff_id, limiter, progress,
-                                              build_image)
+                                              build_image, store_here)
         finally:
             at_once.release()
         stats.add(layer.stats)
@@ -481,7 +491,8 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
         async with (open_pool(repo=repo, jobs=jobs) as pool,
                     open_pool(repo=repo, jobs=min(layers_at_once, len(todo))) as inflaters,
                     open_nursery() as nursery):
-            nursery.start_soon(pool.start)  # the workers' start-up overlaps the first split
+            if not store_here:  # (else no file comes to them: no processes to start)
+                nursery.start_soon(pool.start)  # the workers' start-up overlaps the first split
             # Largest first (trio runs the tasks it starts in no set order): the others
             # then run beside it, and the pull does not end on a large layer alone.
             for diff_id, desc in sorted(todo.items(), key=lambda kv: -kv[1].size):

@@ -13,7 +13,7 @@ import os
 import queue
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pycfs.host import syscalls
@@ -159,29 +159,19 @@ class WorkerService:
         return {"sha256": sha.hexdigest() if sha is not None else None}
 
     def adopt(self, call: Call, sizes: Any) -> dict[str, Any]:
-        repo = self.repo
-        if repo is None:
+        if self.repo is None:
             raise InvalidParamsError("this worker was started without a repository")
+        return self._each(call, sizes, self._adopt_one)
 
-        def one(fd: int, size: int) -> tuple[bytes, str]:
-            result = repo.adopt_object_file(fd, size)
-            if result.how == "copied":
-                # Written just now by the caller and dirty: to disk while the pull goes on,
-                # not all at its closing syncfs (the kernel starts writing back on its own
-                # only past dirty_background_ratio, 10% of RAM: 2.3 GB on the bench machine).
-                syscalls.start_writeback(fd)
-            return result.object_id, api.HOW_CODES[result.how]
-
-        return self._each(call, sizes, one)
-
-    def inflate(self, call: Call, compression: Any, blob_alg: Any, diff_alg: Any) -> dict[str, Any]:
+    def inflate(self, call: Call, compression: Any, blob_alg: Any, diff_alg: Any, store: Any = False) -> dict[str, Any]:
         from pycfs.host.oci.layer import HashingReader, TarSplitter, close_pieces, decompressing_reader
         from pycfs.host.oci.tar import TarError
 
         if self.repo is None:
             raise InvalidParamsError("this worker was started without a repository")
-        if len(call.fds) != 2 or compression not in ("gzip", "zstd", "none") or not {blob_alg, diff_alg} <= set(DIGEST_SIZES):
-            raise InvalidParamsError("inflate takes the blob and a socket, gzip|zstd|none and two hash names")
+        if (len(call.fds) != 2 or compression not in ("gzip", "zstd", "none") or not {blob_alg, diff_alg} <= set(DIGEST_SIZES)
+                or type(store) is not bool):
+            raise InvalidParamsError("inflate takes the blob and a socket, gzip|zstd|none, two hash names and store true|false")
         blob_fd, sock_fd = call.fds
         sock = socket.socket(fileno=sock_fd)  # closed below: the host's EOF
         call.fds[1] = -1  # (the request's fds are closed after the answer)
@@ -191,6 +181,8 @@ class WorkerService:
             splitter = TarSplitter(self.repo, tar, defer=True, hashed=True)
             while pieces := splitter.chunk():
                 try:
+                    if store:
+                        self._adopt_pieces(pieces)
                     _send_pieces(sock, pieces)
                 finally:
                     close_pieces(pieces)
@@ -205,6 +197,26 @@ class WorkerService:
             sock.close()
         return {"blob": blob.source.digest(), "blob_size": blob.source.count, "diff_id": tar.digest(),
                 "tar_size": tar.count, "files_inlined": splitter.files_inlined}
+
+    def _adopt_pieces(self, pieces: list[Piece]) -> None:
+        """Make each pending file of a split run its object, here (`adopt`'s work), in place."""
+        from pycfs.host.oci.layer import PendingFile, StoredFile
+
+        for i, piece in enumerate(pieces):
+            if isinstance(piece, PendingFile):
+                digest, how = self._adopt_one(piece.fd, piece.size)
+                os.close(piece.fd)
+                pieces[i] = StoredFile(digest, piece.size, api.HOW[how])
+
+    def _adopt_one(self, fd: int, size: int) -> tuple[bytes, str]:
+        assert self.repo is not None
+        result = self.repo.adopt_object_file(fd, size)
+        if result.how == "copied":
+            # Written just now by the caller and dirty: to disk while the pull goes on,
+            # not all at its closing syncfs (the kernel starts writing back on its own
+            # only past dirty_background_ratio, 10% of RAM: 2.3 GB on the bench machine).
+            syscalls.start_writeback(fd)
+        return result.object_id, api.HOW_CODES[result.how]
 
     def _store_one(self, fd: int, size: int, crc: int | None,
                    sha256: tuple[bytes, bytes] | None = None,
@@ -240,19 +252,22 @@ def _ignore(piece: memoryview) -> None:
 
 
 def _send_pieces(sock: socket.socket, pieces: list[Piece]) -> None:
-    """A split tar's pieces as the inflate's messages (see `worker_api.piece_message`)."""
+    """A split tar's pieces as the inflate's messages (see `worker_api.pack_runs`)."""
     from pycfs.host.oci.layer import PendingFile
 
-    for piece in pieces:
-        if isinstance(piece, bytes):
-            view = memoryview(piece)
-            for at in range(0, len(view), api.MAX_INLINE_MESSAGE):
-                sock.sendmsg([api.PIECE_INLINE, view[at : at + api.MAX_INLINE_MESSAGE]])
-        elif isinstance(piece, PendingFile):
-            sock.sendmsg([api.piece_message(api.PIECE_FILE, size=piece.size)],
-                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [piece.fd]))])
-        else:
-            sock.sendmsg([api.piece_message(api.PIECE_STORED, piece.object_id, piece.size, piece.how)])
+    def records() -> Iterator[tuple[bytes, int | None]]:
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                view = memoryview(piece)
+                for at in range(0, len(view), api.MAX_INLINE_RECORD):
+                    yield api.piece_record(api.PIECE_INLINE, view[at : at + api.MAX_INLINE_RECORD]), None
+            elif isinstance(piece, PendingFile):
+                yield api.piece_record(api.PIECE_FILE, size=piece.size), piece.fd
+            else:
+                yield api.piece_record(api.PIECE_STORED, piece.object_id, piece.size, piece.how), None
+
+    for message, fds in api.pack_runs(records()):
+        sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
 
 
 # The blob's reads; _BLOB_AHEAD of them wait for the decompression at most.

@@ -67,6 +67,20 @@ def test_pull_stores_every_file_as_its_object(tmp_path, layout):
     assert not [p for p in (tmp_path / "repo" / "objects").iterdir() if p.is_file()]  # no named temp file
 
 
+def test_a_layer_alone_stores_every_file_through_the_object_workers(tmp_path):
+    """One layer to import: its files go to the object workers (two layers: the inflating
+    workers store them, above); the same objects and stream either way."""
+    spec = ImageSpec(SPEC.layers[:1], gzip=True)
+    built = build_layout(spec, tmp_path / "oci")
+    with Repository.init(tmp_path / "repo") as repo:
+        result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", build_image=False, jobs=2))
+        reader = repo.open_stream(layer_stream_name(built.diff_ids[0]))
+        assert "sha256:" + hashlib.sha256(b"".join(iter_stream_bytes(repo, reader))).hexdigest() == built.diff_ids[0]
+    want = sorted({digest_bytes(f.content()).hex() for f in spec.layers[0] if isinstance(f, File) and f.length > 64})
+    assert set(want) <= set(_objects(tmp_path / "repo"))
+    assert result.stats.objects_copied == len(want) == 300
+
+
 def test_a_blob_cut_short_commits_nothing_and_leaks_no_fd(tmp_path, layout):
     path, built = layout
     blob = path / "blobs" / "sha256" / built.layer_digests[0].split(":")[1]

@@ -8,13 +8,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import trio
 from hypothesis import given, strategies as st
 
 from fdcount import open_fd_count
+from procs import children_die_with_host
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes, digest_fd
 from pycfs.host.repository import Repository
@@ -387,40 +387,17 @@ def test_read_only_repository_fails_each_file_with_the_reason(tmp_path, files):
         assert isinstance(result, Failed) and "read-only" in result.message, result
 
 
-def test_workers_die_with_the_host(tmp_path):
+def test_workers_die_with_the_host():
     """The host killed outright: its workers go too (PR_SET_PDEATHSIG), not left hashing."""
-    script = tmp_path / "host.py"
-    script.write_text(
-        "import trio, sys\n"
+    assert len(children_die_with_host(
+        "import trio\n"
         "from pycfs.host.workers.pool import open_pool\n"
         "async def main():\n"
         "    async with open_pool(alg='sha256', jobs=2) as pool:\n"
         "        await pool.start()\n"
         "        print(' '.join(str(w.proc.pid) for w in pool._workers), flush=True)\n"
         "        await trio.sleep(60)\n"
-        "trio.run(main)\n")
-    host = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd="/")
-    try:
-        pids = [int(p) for p in host.stdout.readline().split()]
-        assert len(pids) == 2
-        host.kill()
-        host.wait()
-        deadline = time.monotonic() + 5
-        while any(_alive(pid) for pid in pids):
-            assert time.monotonic() < deadline, "workers outlived their host"
-            time.sleep(0.01)
-    finally:
-        if host.poll() is None:
-            host.kill()
-            host.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+        "trio.run(main)\n")) == 2
 
 
 def test_workers_outlive_the_thread_that_started_them(monkeypatch, files):
@@ -543,34 +520,40 @@ def _tar(*sizes: int) -> bytes:
     return b"".join(simple_entry(b"f%d" % i, os.urandom(n)) for i, n in enumerate(sizes)) + bytes(2 * BLOCK)
 
 
-def _receive_pieces(sock, got: bytearray, kinds: list, take=None) -> None:
-    """Read an inflate's messages to EOF (``take``: then close after that many), rebuilding
-    the tar in ``got`` from the inline bytes and the files' content; ``kinds`` lists the
+def _receive_pieces(sock, got: bytearray, kinds: list, take=None, objects=None) -> None:
+    """Read an inflate's messages to EOF (``take``: close after that many), rebuilding
+    the tar in ``got`` from the inline bytes and the files' content (a stored file's read
+    from the repository at ``objects``, and checked against its name); ``kinds`` lists the
     kind of each message."""
     import array
     import socket
 
     with sock:
-        while take is None or len(kinds) < take:
-            data, anc, _, _ = sock.recvmsg(1 + api.MAX_INLINE_MESSAGE, socket.CMSG_SPACE(4))
+        for _ in itertools.count() if take is None else range(take):
+            data, anc, _, _ = sock.recvmsg(api.MAX_RUN_MESSAGE, socket.CMSG_SPACE(4 * api.MAX_RUN_FDS))
             fds = [fd for _, _, raw in anc for fd in array.array("i", raw)]
             if not data:
                 return
-            kind, body, size, _ = api.parse_piece(data, len(fds), 32)
-            kinds.append(kind)
-            if kind == api.PIECE_FILE:
-                with open(fds[0], "rb") as f:  # read-only, as the object workers get it
-                    content = f.read()
-                assert len(content) == size
-                got.extend(content)
-            else:
-                got.extend(body)
+            files = iter(fds)
+            for kind, body, size, _ in api.parse_run(data, len(fds), 32):
+                kinds.append(kind)
+                if kind == api.PIECE_FILE:
+                    with open(next(files), "rb") as f:  # read-only, as the object workers get it
+                        content = f.read()
+                    assert len(content) == size
+                    got.extend(content)
+                elif kind == api.PIECE_STORED:
+                    content = (objects / body[:1].hex() / body[1:].hex()).read_bytes()
+                    assert len(content) == size and digest_bytes(content) == body
+                    got.extend(content)
+                else:
+                    got.extend(body)
 
 
-def _inflate(blob: bytes, tmp_path, compression: str, take=None) -> tuple[object, bytes, list]:
+def _inflate(blob: bytes, tmp_path, compression: str, take=None, store=False) -> tuple[object, bytes, list]:
     """A worker's inflate of blob, its pieces read here as they come (``take``: how many
-    messages to read before closing the socket): (the answer or the PycfsError, the tar
-    rebuilt from the pieces, their kinds)."""
+    messages to read before closing the socket; ``store``: the worker stores the files):
+    (the answer or the PycfsError, the tar rebuilt from the pieces, their kinds)."""
     import socket
 
     (tmp_path / "blob").write_bytes(blob)
@@ -581,10 +564,12 @@ def _inflate(blob: bytes, tmp_path, compression: str, take=None) -> tuple[object
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         with Repository.init(tmp_path / "repo") as repo:
             async with open_pool(repo=repo, jobs=1) as pool, trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, _receive_pieces, ours, got, kinds, take)
+                nursery.start_soon(trio.to_thread.run_sync, _receive_pieces, ours, got, kinds, take,
+                                   tmp_path / "repo" / "objects")
                 with open(tmp_path / "blob", "rb") as f:
                     try:
-                        answer = await pool.inflate(f.fileno(), theirs.detach(), compression, "sha256", "sha512")
+                        answer = await pool.inflate(f.fileno(), theirs.detach(), compression, "sha256", "sha512",
+                                                    store)
                     except PycfsError as e:
                         answer = e
                 # the pool still answers after a failed inflate
@@ -613,6 +598,40 @@ def test_inflate_splits_the_tar_and_answers_both_digests(tmp_path):
     assert answer.files_inlined == 2
 
 
+def test_inflate_that_stores_sends_objects_named_by_their_content(tmp_path):
+    """With store, the inflating worker makes every file over 64 bytes its object itself:
+    only stored pieces come, each an object whose name is the digest of its bytes, and
+    together with the inline bytes they are the tar; a file twice is stored once."""
+    import hashlib
+    import zstandard
+
+    tar = _tar(3 << 20, 10, 200 << 10, 64, 65)
+    tar = tar[:-1024] + tar[:-1024] + bytes(1024)  # every file again: present the second time
+    blob = zstandard.ZstdCompressor().compress(tar)
+    answer, got, kinds = _inflate(blob, tmp_path, "zstd", store=True)
+    assert got == tar
+    assert api.PIECE_FILE not in kinds and kinds.count(api.PIECE_STORED) == 6
+    assert (answer.diff_id, answer.tar_size) == ("sha512:" + hashlib.sha512(tar).hexdigest(), len(tar))
+    assert answer.files_inlined == 4
+
+
+def test_inflate_that_stores_fails_on_a_cut_blob_with_nothing_pending(tmp_path):
+    """A blob cut inside its last file: the error names the damage; the files of the runs
+    sent before it are objects (a re-run finds them present), the later ones of the run cut
+    short are not, and no partial file is under a name."""
+    import zstandard
+
+    tar = _tar(*[10 << 10] * 70, 1 << 20)  # a run is 64 files: the first run goes whole
+    blob = zstandard.ZstdCompressor().compress(tar)
+    answer, got, kinds = _inflate(blob[:-300_000], tmp_path, "zstd", store=True)
+    assert isinstance(answer, PycfsError) and "corrupt zstd layer: truncated frame" in str(answer)
+    assert kinds.count(api.PIECE_STORED) == 64 and got == tar[: len(got)]
+    objects = list((tmp_path / "repo" / "objects").glob("*/*"))
+    assert sorted(digest_bytes(p.read_bytes()) for p in objects) == sorted(
+        bytes.fromhex(p.parent.name + p.name) for p in objects)
+    assert len(objects) == 64
+
+
 def test_inflate_of_a_cut_blob_fails_with_the_reason(tmp_path):
     import zstandard
 
@@ -633,10 +652,11 @@ def test_inflate_of_what_is_not_a_tar_fails_naming_the_damage(tmp_path):
 def test_inflate_for_a_reader_that_stops_fails_and_leaves_the_worker_serving(tmp_path):
     import gzip
 
-    # more messages (a file's is a few bytes) than the socket's buffer holds
-    answer, got, kinds = _inflate(gzip.compress(_tar(*[100] * 4000)), tmp_path, "gzip", take=4)
+    # more messages (64 files of 100 bytes each) than the socket's buffer holds
+    tar = _tar(*[100] * 4000)
+    answer, got, kinds = _inflate(gzip.compress(tar), tmp_path, "gzip", take=1)
     assert isinstance(answer, PycfsError) and "cannot inflate the layer" in str(answer)
-    assert len(kinds) == 4 and len(got) >= 2 * 512 + 100
+    assert kinds.count(api.PIECE_FILE) == api.MAX_RUN_FDS and got == tar[: len(got)]
 
 
 def test_requests_started_together_go_to_different_workers(tmp_path):
@@ -673,25 +693,46 @@ def test_requests_started_together_go_to_different_workers(tmp_path):
     _run(main)
 
 
-@given(st.one_of(
-    st.tuples(st.just(api.PIECE_INLINE), st.binary(min_size=1, max_size=api.MAX_INLINE_MESSAGE), st.just(0), st.just("")),
+_RECORDS = st.one_of(
+    st.tuples(st.just(api.PIECE_INLINE), st.binary(min_size=1, max_size=api.MAX_INLINE_RECORD), st.just(0), st.just("")),
     st.tuples(st.just(api.PIECE_FILE), st.just(b""), st.integers(0, (1 << 64) - 1), st.just("")),
     st.tuples(st.just(api.PIECE_STORED), st.binary(min_size=32, max_size=32), st.integers(0, (1 << 64) - 1),
-              st.sampled_from(sorted(api.HOW_CODES)))))
-def test_piece_messages_round_trip(piece):
-    kind, data, size, how = piece
-    nfds = 1 if kind == api.PIECE_FILE else 0
-    got = api.parse_piece(api.piece_message(kind, data, size, how), nfds, 32)
-    assert got == (kind, data, len(data) if kind == api.PIECE_INLINE else size, how)
+              st.sampled_from(sorted(api.HOW_CODES))))
+
+
+@given(st.lists(_RECORDS, max_size=200))
+def test_runs_of_piece_records_round_trip(records):
+    """Packed into messages within the limits and parsed back: the same records in order,
+    each file's fd with the message that names it."""
+    fds = itertools.count(100)
+    packed = [(api.piece_record(k, d, s, h), next(fds) if k == api.PIECE_FILE else None) for k, d, s, h in records]
+    got, got_fds = [], []
+    for message, message_fds in api.pack_runs(packed):
+        assert 0 < len(message) <= api.MAX_RUN_MESSAGE and len(message_fds) <= api.MAX_RUN_FDS
+        got += api.parse_run(message, len(message_fds), 32)
+        got_fds += message_fds
+    assert got == [(k, d, len(d) if k == api.PIECE_INLINE else s, h) for k, d, s, h in records]
+    assert got_fds == [fd for _, fd in packed if fd is not None]
+
+
+def test_runs_hold_at_most_max_run_fds_files():
+    packed = [(api.piece_record(api.PIECE_FILE, size=i), i) for i in range(2 * api.MAX_RUN_FDS + 1)]
+    assert [len(fds) for _, fds in api.pack_runs(packed)] == [api.MAX_RUN_FDS, api.MAX_RUN_FDS, 1]
 
 
 @pytest.mark.parametrize("message, nfds", [
-    (b"", 0), (b"i", 0), (b"ix", 1),  # empty, no bytes, an fd where none belongs
+    (b"", 0), (b"i" + bytes(4), 0), (b"i\1\0\0\0", 0), (b"i\1\0\0\0x", 1),  # empty, no bytes, short, an fd too many
     (b"f" + bytes(8), 0), (b"f" + bytes(7), 1), (b"f" + bytes(8), 2),  # a file needs its one fd and 8 size bytes
     (b"s" + bytes(8) + b"c" + bytes(31), 0), (b"s" + bytes(8) + b"x" + bytes(32), 0),  # short id, unknown how
-    (b"z" + bytes(8), 0)])
-def test_malformed_piece_messages_are_refused(message, nfds):
+    (b"z" + bytes(8), 0), (b"i\1\0\0\0x" + b"q", 0),  # unknown kinds, also after a good record
+    (b"i" + (api.MAX_RUN_MESSAGE - 4).to_bytes(4, "little") + bytes(api.MAX_RUN_MESSAGE - 4), 0)])  # too long
+def test_malformed_run_messages_are_refused(message, nfds):
     with pytest.raises(ValueError):
-        api.parse_piece(message, nfds, 32)
+        api.parse_run(message, nfds, 32)
+
+
+def test_piece_records_refuse_what_no_message_holds():
     with pytest.raises(ValueError):
-        api.piece_message(api.PIECE_INLINE, bytes(api.MAX_INLINE_MESSAGE + 1))
+        api.piece_record(api.PIECE_INLINE, bytes(api.MAX_INLINE_RECORD + 1))
+    with pytest.raises(ValueError):
+        api.piece_record(api.PIECE_INLINE, b"")
