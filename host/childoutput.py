@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import trio
 
@@ -19,6 +19,7 @@ from pycfs.protocol.fdpass import arecv_with_fds
 from pycfs.protocol.jsonrpc import Decoder, Message
 
 TAIL_BYTES = 2048
+T = TypeVar("T")
 
 
 class ChildOutput:
@@ -86,19 +87,27 @@ async def spawn_on_socket(argv: Sequence[str], output_name: str) -> tuple[ChildP
 
     cwd "/": `python -m` puts the cwd on sys.path, which must not shadow pycfs. A session of
     its own: a terminal's Ctrl-C reaches only the host, which then ends the child in order."""
+    proc, parent, output = start_on_socket(lambda child, out: ChildProcess(subprocess.Popen(
+        list(argv), stdin=child, stdout=out, stderr=out, cwd="/", start_new_session=True)), output_name)
+    return proc, trio.socket.from_stdlib_socket(parent), output
+
+
+def start_on_socket(start: Callable[[int, int], T], output_name: str) -> tuple[T, socket.socket, ChildOutput]:
+    """``start(child_end, output_fd)`` starts a child (spawned or forked) on one end of a new
+    socketpair, its output going to a new memfd; returns (what ``start`` returned, our end,
+    the output). When ``start`` raises, nothing is left open."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     output = ChildOutput(output_name)
+    assert output.fd is not None
     try:
-        proc = ChildProcess(subprocess.Popen(
-            list(argv), stdin=child.fileno(), stdout=output.fd, stderr=output.fd, cwd="/", start_new_session=True
-        ))
+        started = start(child.fileno(), output.fd)
     except BaseException:
         parent.close()
         output.close()
         raise
     finally:
         child.close()
-    return proc, trio.socket.from_stdlib_socket(parent), output
+    return started, parent, output
 
 
 async def receive_message(sock: Any, decoder: Decoder) -> Message | None:

@@ -117,6 +117,15 @@ def start_writeback(fd: int) -> None:
     _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE)
 
 
+def release_free_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc malloc_trim(0), every arena):
+    what large buffers and threads freed stays mapped otherwise, and Python's own small
+    objects are not placed in it. Advisory: a libc without it does nothing."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 MS_RDONLY = 0x1
 MS_NODEV = 0x4
 MS_NOSUID = 0x2

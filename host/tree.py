@@ -43,6 +43,34 @@ class Stat:
         return Stat(self.mode, self.uid, self.gid, self.mtime_sec, self.mtime_nsec, dict(self.xattrs))
 
 
+class SharedStats:
+    """Hands out one Stat for equal metadata, for the leaves of a big tree: the files of a
+    layer mostly share mode, owner and mtime (a package's files, an image built with one
+    timestamp), and a Stat with its xattrs dict and ints costs about 240 bytes a file.
+
+    Whoever takes a shared Stat must not change it in place (replacing its xattrs with the
+    same filtered dict for every holder, as OCI normalisation does, is fine). The table
+    keeps the last `limit` distinct Stats; when full it starts afresh, so an image whose
+    files all differ costs no more than a bounded table."""
+
+    __slots__ = ("_limit", "_stats")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._limit = limit
+        self._stats: dict[tuple, Stat] = {}
+
+    def get(self, mode: int, uid: int, gid: int, mtime_sec: int, mtime_nsec: int,
+            xattrs: tuple[tuple[bytes, bytes], ...] = ()) -> Stat:
+        """The Stat of these fields (xattrs as (name, value) pairs in the order kept)."""
+        key = (mode, uid, gid, mtime_sec, mtime_nsec, xattrs)
+        stat = self._stats.get(key)
+        if stat is None:
+            if len(self._stats) >= self._limit:
+                self._stats.clear()
+            stat = self._stats[key] = Stat(mode, uid, gid, mtime_sec, mtime_nsec, dict(xattrs))
+        return stat
+
+
 # ---------------------------------------------------------------------------- leaf kinds
 
 

@@ -48,6 +48,30 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+def children_die_with_host(script: str) -> list[int]:
+    """Run the Python `script` (it prints the pids of the children it started on one line,
+    then waits), kill it outright, and return those pids once every one is gone too
+    (PR_SET_PDEATHSIG); AssertionError when one outlives it by 5 s."""
+    import sys
+
+    host = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert host.stdout is not None
+        pids = [int(p) for p in host.stdout.readline().split()]
+        assert pids and not any(_zombie(pid) for pid in pids)
+        host.kill()
+        host.wait()
+        deadline = time.monotonic() + 5
+        while not all(_zombie(pid) for pid in pids):
+            assert time.monotonic() < deadline, "children outlived their host"
+            time.sleep(0.01)
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+    return pids
+
+
 def opened_beneath(pid: int, part: str) -> bool:
     """Whether process `pid` has an fd open on a path containing `part` (e.g. "/diff": the
     helper is serving open_files, in the middle of an import)."""

@@ -27,7 +27,9 @@ from typing import NoReturn, Protocol
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.erofs import format as F
+from pycfs.host.syscalls import release_free_heap
 from pycfs.host.tree import (
+    S_IFMT as _S_IFMT,
     object_path,
     BlockDevice,
     CharDevice,
@@ -104,9 +106,7 @@ class _Ino:
         "blkaddr",
         "blocks",
         "children",
-        "chunk_format",
         "extended",
-        "ftype",
         "i_u",
         "inline",
         "layout",
@@ -117,7 +117,6 @@ class _Ino:
         "nlink",
         "node",
         "parent",
-        "promoted",
         "size",
         "xattr_size",
         "xattrs",
@@ -130,7 +129,7 @@ class _Ino:
         self.node = node
         self.parent = parent
         self.mode = self.nlink = 0
-        self.layout = self.ftype = self.nid = 0
+        self.layout = self.nid = 0
         self.extended = False
         # the inode's own and composefs xattrs, sorted as written, one interned tuple for all
         # inodes that have the same; those derived from a file's content (metacopy, redirect)
@@ -146,12 +145,21 @@ class _Ino:
         # a list of pairs: a pair per entry costs 64 bytes)
         self.names: list[bytes] = ()  # type: ignore[assignment]
         self.children: list[_Ino] = ()  # type: ignore[assignment]
-        self.promoted = False
-        self.chunk_format = 0
         self.blkaddr = 0  # first data block, when nblocks
 
 
 _Items = tuple[tuple[bytes, bytes], ...]
+
+
+# The file type in a directory entry and what `_prepare_data_*` decided, from fields every
+# record has (each slot costs 8 bytes on hundreds of thousands of records).
+def _ftype(ino: _Ino) -> int:
+    return _FTYPES[ino.mode & _S_IFMT]
+
+
+def _promoted(ino: _Ino) -> bool:
+    """A symlink target or chunk indexes moved from the inode to a data block of their own."""
+    return bool(ino.nblocks) and (ino.layout == F.DATALAYOUT_CHUNK_BASED or _ftype(ino) == F.FT_SYMLINK)
 
 _FTYPES = {
     _stat.S_IFREG: F.FT_REG_FILE, _stat.S_IFDIR: F.FT_DIR, _stat.S_IFCHR: F.FT_CHRDEV,
@@ -200,6 +208,9 @@ def write_image_to(fs: FileSystem, version: int, sink: ImageSink) -> None:
     """`write_image` into `sink`, in pieces: the whole image is never in memory."""
     if version not in (0, 1, 2):
         raise ImageError(f"cannot write file: Invalid argument (format version {version})")
+    # The records below grow the heap by ~200 bytes an inode: what was freed before (a
+    # pull's import: 20 MiB at 200,000 files) goes back to the system first, not atop them.
+    release_free_heap()
     with gc_paused():
         _write_image(fs, version, sink)
 
@@ -513,7 +524,6 @@ def _prepare_data_v2(ino: _Ino) -> None:
         ino.extended = True
         return
     c = node.content
-    ino.ftype = _FTYPES[_stat.S_IFMT(ino.mode)]
     if isinstance(c, (Inline, Symlink)):
         data = c.data if isinstance(c, Inline) else c.target
         if data and F.ExtendedInode.SIZE + ino.xattr_size + len(data) > F.BLOCK_SIZE:
@@ -524,7 +534,7 @@ def _prepare_data_v2(ino: _Ino) -> None:
     elif isinstance(c, (External, ExternalNoVerity, Sparse)):
         ino.size = c.size
         ino.layout = F.DATALAYOUT_CHUNK_BASED
-        ino.chunk_format = ino.i_u = 31
+        ino.i_u = 31  # the chunk format
         ino.inline = b"\xff\xff\xff\xff" if isinstance(c, External) else b""
     elif isinstance(c, (CharDevice, BlockDevice)):
         ino.layout = F.DATALAYOUT_FLAT_PLAIN
@@ -795,7 +805,6 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
     is_symlink = False
     wide = False  # a special file whose dumpfile SIZE does not fit 32 bits (C: extended inode)
     if isinstance(node, Directory):
-        ino.ftype = F.FT_DIR
         # size from names alone; the bytes are built once nids are known
         names = ino.names
         for name, target in ((b".", ino), (b"..", ino.parent)):
@@ -819,8 +828,7 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
         ino.layout = F.DATALAYOUT_FLAT_INLINE if cur else F.DATALAYOUT_FLAT_PLAIN
     else:
         c = node.content
-        ino.ftype = _FTYPES[_stat.S_IFMT(ino.mode)]
-        if isinstance(c, Inline) or (isinstance(c, CharDevice) and ino.ftype == F.FT_REG_FILE):
+        if isinstance(c, Inline) or (isinstance(c, CharDevice) and _ftype(ino) == F.FT_REG_FILE):
             data = c.data if isinstance(c, Inline) else b""
             ino.size = len(data)
             nblocks, tail = _split_tail(len(data))
@@ -842,9 +850,8 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
             if count > MAX_CHUNKS:
                 raise ImageError("cannot write file: File too large")
             ino.layout = F.DATALAYOUT_CHUNK_BASED
-            ino.chunk_format = bits - F.BLOCK_BITS
             ino.inline = _null_indexes(count)
-            ino.i_u = ino.chunk_format
+            ino.i_u = bits - F.BLOCK_BITS  # the chunk format; the first block's high bits join it at layout
         elif isinstance(c, (CharDevice, BlockDevice)):
             ino.layout = F.DATALAYOUT_FLAT_PLAIN
             ino.i_u = c.rdev & 0xFFFFFFFF
@@ -859,15 +866,14 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
     )
     hdr = F.ExtendedInode.SIZE if ino.extended else F.CompactInode.SIZE
     if is_symlink and hdr + ino.xattr_size + ino.size >= F.BLOCK_SIZE:
-        # long symlink target: one data block instead of an inline tail
-        ino.promoted = True
+        # long symlink target: one data block instead of an inline tail (`_promoted`)
         ino.layout = F.DATALAYOUT_FLAT_PLAIN
         ino.blocks = ino.inline
         ino.nblocks = 1
         ino.inline = b""
     elif ino.layout == F.DATALAYOUT_CHUNK_BASED and len(ino.inline) + ino.xattr_size % 32 > F.BLOCK_SIZE:
         # the indexes get a block of their own, which C fills with null indexes to the end
-        ino.promoted = True
+        # (`_promoted`)
         ino.blocks = b"\xff" * F.BLOCK_SIZE
         ino.nblocks = 1
         ino.inline = b""
@@ -889,11 +895,12 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
         hdr = F.ExtendedInode.SIZE if ino.extended else F.CompactInode.SIZE
         meta = hdr + ino.xattr_size
         tail = len(ino.inline)
-        is_symlink = ino.ftype == F.FT_SYMLINK
-        if ino.promoted and is_symlink:
+        is_symlink = _ftype(ino) == F.FT_SYMLINK
+        promoted = _promoted(ino)
+        if promoted and is_symlink:
             if pos // B != (pos + meta + ino.size - 1) // B:
                 pos = _align(pos, B)
-        elif ino.promoted:
+        elif promoted:
             pos = _align(pos, B)
         elif ino.layout == F.DATALAYOUT_CHUNK_BASED:
             start = pos + meta
@@ -935,10 +942,10 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
             ino.blkaddr = first = blk
             blk += ino.nblocks
             if ino.layout == F.DATALAYOUT_CHUNK_BASED:
-                ino.i_u = (first & 0xFFFF0000) | ino.chunk_format
+                ino.i_u = (first & 0xFFFF0000) | ino.i_u  # i_u held the chunk format
             else:
                 ino.i_u = first
-        elif ino.layout != F.DATALAYOUT_CHUNK_BASED and ino.ftype not in (F.FT_CHRDEV, F.FT_BLKDEV):
+        elif ino.layout != F.DATALAYOUT_CHUNK_BASED and _ftype(ino) not in (F.FT_CHRDEV, F.FT_BLKDEV):
             ino.i_u = 0
     total_blocks = max(blk, 1)
     sink.start(total_blocks * B)
@@ -957,9 +964,7 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
 
     pack_c = F.CompactInode.FMT.pack_into
     pack_e = F.ExtendedInode.FMT.pack_into
-    ft_dir = F.FT_DIR
     v2 = version == 2
-    dir_blocks: dict[int, bytes] = {}  # index -> full blocks of a directory
     for index, ino in enumerate(inos):
         off = ino.nid * 32
         if off - base >= _PIECE:
@@ -988,11 +993,9 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
         if xattr_size:
             window[off:off + xattr_size] = xattrs.block(ino, table_base)
             off += xattr_size
-        if ino.ftype == ft_dir:
-            full, tail_bytes = _dir_data(ino)
+        if ino.mode & _S_IFMT == _stat.S_IFDIR:
+            tail_bytes = _dir_data(ino, tail=True)
             window[off:off + len(tail_bytes)] = tail_bytes
-            if full:
-                dir_blocks[id(ino)] = full
         elif ino.inline:
             window[off:off + len(ino.inline)] = ino.inline
     meta_end = first_data_block * B - base
@@ -1007,7 +1010,8 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
     for ino in inos:
         if not ino.nblocks:
             continue
-        data = dir_blocks.pop(id(ino)) if ino.ftype == ft_dir else ino.blocks
+        # a directory's full blocks are packed here, not kept from the inode's pass
+        data = _dir_data(ino, tail=False) if ino.mode & _S_IFMT == _stat.S_IFDIR else ino.blocks
         _check_blocks(ino, len(data), blk)
         size = ino.nblocks * B
         piece += data
@@ -1035,28 +1039,31 @@ def _check_blocks(ino: _Ino, data_len: int, next_block: int) -> None:
                              f"{ino.blkaddr} outside its blocks ({ino.nblocks} blocks; next free block {next_block})")
 
 
-def _dir_data(ino: _Ino) -> tuple[bytes, bytes]:
-    """(full blocks padded to 4096, inline tail) of a directory whose children have nids."""
+def _dir_data(ino: _Ino, tail: bool) -> bytes:
+    """A directory whose children have nids: its inline tail (``tail``), else its full
+    blocks, each padded to 4096. Each is packed when written, the other not."""
     B = F.BLOCK_SIZE
-    blocks: list[list[tuple[bytes, _Ino]]] = [[]]
+    names, children = ino.names, ino.children
+    starts = [0]  # index of each block's first entry
     cur = 0
-    for name, child in zip(ino.names, ino.children):
+    for i, name in enumerate(names):
         cost = F.Dirent.SIZE + len(name)
         if cur + cost > B:
-            blocks.append([])
+            starts.append(i)
             cur = 0
-        blocks[-1].append((name, child))
         cur += cost
-    out_full = bytearray()
-    tail = b""
-    for i, entries in enumerate(blocks):
-        data = _dir_block(entries)
-        if i < ino.nblocks:
-            out_full += data
-            out_full += bytes(-len(data) % B)
-        else:
-            tail = data
-    return bytes(out_full), tail
+    starts.append(len(names))
+    if tail:
+        if len(starts) - 1 <= ino.nblocks:
+            return b""
+        a, b = starts[-2], starts[-1]
+        return _dir_block(list(zip(names[a:b], children[a:b])))
+    out = bytearray()
+    for k in range(ino.nblocks):
+        a, b = starts[k], starts[k + 1]
+        out += _dir_block(list(zip(names[a:b], children[a:b])))
+        out += bytes(-len(out) % B)
+    return bytes(out)
 
 
 def _dir_block(entries: list[tuple[bytes, _Ino]]) -> bytes:
@@ -1065,7 +1072,7 @@ def _dir_block(entries: list[tuple[bytes, _Ino]]) -> bytes:
     nameoff = F.Dirent.SIZE * n
     pack = F.Dirent.FMT.pack_into
     for i, (name, child) in enumerate(entries):
-        pack(buf, i * F.Dirent.SIZE, child.nid, nameoff, child.ftype)
+        pack(buf, i * F.Dirent.SIZE, child.nid, nameoff, _FTYPES[child.mode & _S_IFMT])
         buf[nameoff:nameoff + len(name)] = name
         nameoff += len(name)
     return bytes(buf)

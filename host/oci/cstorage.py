@@ -787,6 +787,7 @@ async def pull_image(
                     background.start_soon(gate.warm_up)
                 job = LayerImport(repo, layer, stats, limiter, pool, gate, progress, verify_diffid, tree)
                 layer_streams.append((layer.diff_id, await job.run()))
+                del job  # its stream writer's object index (~80 bytes a file) is not the image build's
                 if progress is not None:
                     progress.layer_done(layer.diff_id, False)
             if gate is not None:

@@ -40,7 +40,7 @@ from pycfs.host.oci.tar import (
 from pycfs.host.oci.result import ImportStats
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamReader, SplitStreamWriter
-from pycfs.host.tree import BlockDevice, CharDevice, External, Fifo, Inline, LeafContent, Stat, Symlink
+from pycfs.host.tree import BlockDevice, CharDevice, External, Fifo, Inline, LeafContent, SharedStats, Stat, Symlink
 
 # Format constant (INLINE_CONTENT_MAX_V0): regular files up to this size stay inline.
 INLINE_CONTENT_MAX = 64
@@ -517,11 +517,12 @@ def iter_layer_entries(reader: SplitStreamReader) -> Iterator[LayerEntry]:
         raise TarError(f"stream content type {reader.content_type:#x} is not a tar layer")
     cursor = _InlineCursor(reader)
     tar = TarReader(cursor.read)
-    while (entry := _next_entry(tar, cursor)) is not None:
+    stats = SharedStats()
+    while (entry := _next_entry(tar, cursor, stats)) is not None:
         yield entry
 
 
-def _next_entry(tar: TarReader, cursor: _InlineCursor | LayerEntryCollector) -> LayerEntry | None:
+def _next_entry(tar: TarReader, cursor: _InlineCursor | LayerEntryCollector, stats: SharedStats) -> LayerEntry | None:
     """The next entry of a layer stream read through `cursor`; None at the end marker."""
     entry = tar.next()
     if isinstance(entry, TarEnd):
@@ -530,25 +531,22 @@ def _next_entry(tar: TarReader, cursor: _InlineCursor | LayerEntryCollector) -> 
         object_id = cursor.external()
         tar.offset += entry.size
         tar.read_exact(entry.padded_size - entry.size, "padding")
-        return layer_entry(entry, External(object_id, entry.size))
-    return layer_entry(entry, tar.read_exact(entry.padded_size)[: entry.size])
+        return layer_entry(entry, External(object_id, entry.size), stats)
+    return layer_entry(entry, tar.read_exact(entry.padded_size)[: entry.size], stats)
 
 
-def layer_entry(entry: TarEntry, content: bytes | External) -> LayerEntry:
+def layer_entry(entry: TarEntry, content: bytes | External, stats: SharedStats | None = None) -> LayerEntry:
     """A tar entry as the image builder takes it; content is what the entry holds inline,
-    or the object of a regular file over INLINE_CONTENT_MAX."""
+    or the object of a regular file over INLINE_CONTENT_MAX. With ``stats``, a
+    non-directory's Stat may be one shared with other entries (`SharedStats`): not to be
+    changed in place. A directory's is always its own (OCI normalisation changes /run's)."""
     if entry.sparse:
         raise TarError(f"tar entry {entry.path!r} is a GNU sparse file: the layer stream keeps it byte for "
                        "byte, but composefs images cannot represent sparse tar entries yet")
     t = entry.typeflag
-    stat = Stat(
-        mode=entry.mode,
-        uid=entry.uid & 0xFFFFFFFF,
-        gid=entry.gid & 0xFFFFFFFF,
-        mtime_sec=entry.mtime,
-        mtime_nsec=entry.mtime_nsec,
-        xattrs=dict(sorted(entry.xattrs.items())),
-    )
+    fields = (entry.mode, entry.uid & 0xFFFFFFFF, entry.gid & 0xFFFFFFFF, entry.mtime, entry.mtime_nsec,
+              tuple(sorted(entry.xattrs.items())))
+    stat = Stat(*fields[:5], dict(fields[5])) if stats is None or t == DIRTYPE else stats.get(*fields)
     item: Directory | Hardlink | LeafContent
     if t == DIRTYPE:
         item = Directory()
@@ -597,6 +595,7 @@ class LayerEntryCollector:
         self._closed = False
         self._done = False
         self._tar = TarReader(self.read)
+        self._stats = SharedStats()
 
     def add_inline(self, data: bytes) -> None:
         if data and not self._done:
@@ -636,7 +635,7 @@ class LayerEntryCollector:
         while not self._done and entries is not None:
             at, pos, offset = self._at, self._pos, tar.offset
             try:
-                entry = _next_entry(tar, self)
+                entry = _next_entry(tar, self, self._stats)
             except _NeedMore:
                 self._at, self._pos, tar.offset = at, pos, offset
                 break

@@ -28,6 +28,7 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Sequence
 from functools import partial
 
 import trio
@@ -38,7 +39,8 @@ from pycfs.host.ostree.objects import Commit, Kind, OstreeError
 from pycfs.host.ostree.pullcore import CHECKPOINT_SECONDS, PullCore, PullOptions, PullResult, close_fds, prepare_pull
 from pycfs.host.ostree.source import FetchedFile, HttpRepo, LocalRepo
 from pycfs.host.repository import Repository
-from pycfs.host.workers.pool import WorkerPool, open_pool
+from pycfs.host.workers.fork import Forked, fork_workers
+from pycfs.host.workers.pool import WorkerPool, default_jobs, open_pool
 
 STORE_BATCH = 64
 # A local repository answers in microseconds: objects are read many to a thread hop (the
@@ -80,6 +82,9 @@ class _Puller:
     async def run(self, pool: WorkerPool) -> None:
         """Metadata and files at once: a file is fetched as soon as a dirtree names it."""
         core = self.core
+        if core.walked:
+            await self._store_walked(pool)
+            return
         todo_send, todo_recv = trio.open_memory_channel[bytes](math.inf)
         store_send, store_recv = trio.open_memory_channel[tuple[bytes, FetchedFile]](STORE_BATCH)
         async with open_nursery() as nursery:
@@ -88,18 +93,38 @@ class _Puller:
                     nursery.start_soon(self._fetcher, todo_recv.clone(), store_send.clone())
                 nursery.start_soon(self._batcher, store_recv, pool)
                 # (a bare repository's files are reflinked: a delta's parts would be copies)
-                if core.options.deltas and core.source.archive and not core.walked:
+                if core.options.deltas and core.source.archive:
                     await self._delta(core.source, store_send)
             async with todo_send, open_nursery() as metadata:
                 self.nursery = metadata
-                for checksum in core.files:  # found by a walk before
-                    todo_send.send_nowait(checksum)
-                core.files = []
                 core.on_file = todo_send.send_nowait
-                if not core.walked:
-                    core.want(Kind.COMMIT, core.commit)
-                    self._flush()
+                core.want(Kind.COMMIT, core.commit)
+                self._flush()
         core.on_file = self.nursery = None
+
+    async def _store_walked(self, pool: WorkerPool) -> None:
+        """Every file known (a walk here found them): STORE_BATCH of them fetched on a thread
+        while the batches before are stored, with no task or channel per file (they cost
+        the host more than the fetch)."""
+        core = self.core
+        files, core.files = core.files, []
+        limiter = trio.CapacityLimiter(pool.batches_in_flight(STORE_BATCH))
+        async with open_nursery() as nursery:
+            for start in range(0, len(files), STORE_BATCH):
+                fetched = await trio.to_thread.run_sync(self._fetch_files, files[start:start + STORE_BATCH])
+                batch = []
+                for checksum, f in zip(files[start:start + STORE_BATCH], fetched):
+                    if f.fd is None:
+                        core.inlined(checksum, f)
+                    else:
+                        batch.append((checksum, f))
+                if batch:
+                    try:
+                        await limiter.acquire_on_behalf_of(batch[0][0])
+                    except BaseException:
+                        close_fds([f for _, f in batch])
+                        raise
+                    nursery.start_soon(self._store, batch, pool, limiter)
 
     async def _delta(self, source: LocalRepo | HttpRepo, store: trio.MemorySendChannel[tuple[bytes, FetchedFile]]) -> None:
         """Apply a static delta to the commit when the source has one: its objects become a base."""
@@ -212,10 +237,21 @@ class _Puller:
             core.checkpoint()
 
 
-async def run_prepared(core: PullCore) -> PullResult:
-    """The rest of a pull `prepare_pull` could not finish: fetch and store concurrently."""
+def fork_workers_for(core: PullCore) -> list[Forked]:
+    """The object workers, forked now (before trio starts: see `pycfs.host.workers.fork`)
+    when the commit was walked here and its files are more than this process stores alone;
+    none for a pull that does not know yet (its pool starts them when it needs them)."""
+    if not core.walked or not core.files:
+        return []
+    return fork_workers(str(core.repo.path), core.options.jobs or default_jobs())
+
+
+async def run_prepared(core: PullCore, forked: Sequence[Forked] = ()) -> PullResult:
+    """The rest of a pull `prepare_pull` could not finish: fetch and store concurrently
+    (``forked``: the object workers, from `fork_workers_for`)."""
     try:
-        async with open_pool(repo=core.repo, jobs=core.options.jobs, small_here=True) as pool:
+        async with open_pool(repo=core.repo, jobs=len(forked) or core.options.jobs, small_here=not forked,
+                             forked=forked) as pool:
             await _Puller(core).run(pool)
             pool.close_input()  # the workers exit while the image is built
             image_id = core.finish_image()

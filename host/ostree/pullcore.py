@@ -14,7 +14,6 @@ stores the files concurrently (over HTTP, the metadata too, while the files arri
 
 from __future__ import annotations
 
-import datetime
 import errno
 import os
 import threading
@@ -399,6 +398,8 @@ class _Checks:
 
 
 def _utc(timestamp: int) -> str:
+    import datetime  # here: only a refused downgrade prints a date
+
     try:
         return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     except (OverflowError, ValueError, OSError):

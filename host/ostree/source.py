@@ -249,15 +249,22 @@ class LocalRepo(_Summary):
         try:
             fd = os.open(self._rel(checksum, kind), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                          dir_fd=self._objects)
-        except FileNotFoundError:
-            raise OstreeError(f"{describe(checksum, kind)} is missing from {self.path}") from None
         except OSError as e:
-            raise OstreeError(f"{describe(checksum, kind)} in {self.path}: {e.strerror}") from None
+            raise self._open_error(checksum, kind, e) from None
+        return fd, self._regular(fd, checksum, kind)
+
+    def _open_error(self, checksum: bytes, kind: Kind, e: OSError) -> OstreeError:
+        if isinstance(e, FileNotFoundError):
+            return OstreeError(f"{describe(checksum, kind)} is missing from {self.path}")
+        return OstreeError(f"{describe(checksum, kind)} in {self.path}: {e.strerror}")
+
+    def _regular(self, fd: int, checksum: bytes, kind: Kind) -> os.stat_result:
+        """fstat of the object open at fd, which is closed unless it is a regular file."""
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise OstreeError(f"{describe(checksum, kind)} in {self.path} is not a regular file")
-        return fd, st
+        return st
 
     def read_metadata(self, checksum: bytes, kind: Kind) -> bytes:
         fd, st = self._open(checksum, kind)
@@ -298,17 +305,13 @@ class LocalRepo(_Summary):
                 return unpack_filez(f.read, checksum, inline_max, tmp_dir)
         rel = self._rel(checksum, Kind.FILE)
         try:
-            st = os.stat(rel, dir_fd=self._objects, follow_symlinks=False)
-        except FileNotFoundError:
-            raise OstreeError(f"{describe(checksum, Kind.FILE)} is missing from {self.path}") from None
-        if stat.S_ISLNK(st.st_mode) and self.mode != "bare-user":
-            header = FileHeader(0, st.st_uid if self.mode == "bare" else 0, st.st_gid if self.mode == "bare" else 0,
-                                st.st_mode, os.readlink(rel, dir_fd=self._objects),
-                                self._xattrs(f"/proc/self/fd/{self._objects}/{rel}", False) if self.mode == "bare" else [])
-            header.check(checksum)
-            check_file(header, checksum)
-            return FetchedFile(header, content=b"")
-        fd, st = self._open(checksum, Kind.FILE)
+            # opened at once, one lookup: only a symlink (which O_NOFOLLOW refuses) needs a stat
+            fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self._objects)
+        except OSError as e:
+            if e.errno != errno.ELOOP or self.mode == "bare-user":  # (bare-user keeps symlinks in files)
+                raise self._open_error(checksum, Kind.FILE, e) from None
+            return self._symlink(checksum, rel)
+        st = self._regular(fd, checksum, Kind.FILE)
         try:
             if self.mode == "bare-user":
                 try:
@@ -338,6 +341,18 @@ class LocalRepo(_Summary):
             os.close(fd)
             raise
         return FetchedFile(header, fd=fd, verified=False)
+
+    def _symlink(self, checksum: bytes, rel: str) -> FetchedFile:
+        """A bare or bare-user-only symlink object, checked against its checksum."""
+        st = os.stat(rel, dir_fd=self._objects, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode):  # replaced since the open refused it
+            raise OstreeError(f"{describe(checksum, Kind.FILE)} in {self.path} changed while it was read")
+        header = FileHeader(0, st.st_uid if self.mode == "bare" else 0, st.st_gid if self.mode == "bare" else 0,
+                            st.st_mode, os.readlink(rel, dir_fd=self._objects),
+                            self._xattrs(f"/proc/self/fd/{self._objects}/{rel}", False) if self.mode == "bare" else [])
+        header.check(checksum)
+        check_file(header, checksum)
+        return FetchedFile(header, content=b"")
 
     @staticmethod
     def _xattrs(target: int | str, follow: bool) -> list[tuple[bytes, bytes]]:

@@ -31,7 +31,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from subprocess import Popen
+from typing import Any, cast
 
 import trio
 
@@ -40,6 +41,7 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files
 from pycfs.host.nursery import open_nursery
 from pycfs.host.repository import Repository
+from pycfs.host.workers.fork import Forked
 from pycfs.host.workers.service import WorkerService
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.worker_api import Failed, Stored
@@ -401,11 +403,13 @@ class Pinned:
 
 @asynccontextmanager
 async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
-                    jobs: int | None = None, small_here: bool = False) -> AsyncIterator[WorkerPool]:
+                    jobs: int | None = None, small_here: bool = False,
+                    forked: Sequence[Forked] = ()) -> AsyncIterator[WorkerPool]:
     """A pool of ``jobs`` workers (default: one per core) storing into ``repo``, or only
     hashing with ``alg`` when ``repo`` is None. ``small_here``: a one-shot job whose size
     is not known in advance (an ostree pull) starts serving calls in this process, and
-    starts the workers only if it grows past START_AFTER_BYTES (see `WorkerPool`)."""
+    starts the workers only if it grows past START_AFTER_BYTES (see `WorkerPool`).
+    ``forked``: workers started already (`pycfs.host.workers.fork`), the pool's own now."""
     argv = [sys.executable, "-B", "-m", "pycfs.host.workers"]
     argv += ["--repo", os.path.abspath(repo.path)] if repo is not None else ["--alg", alg]
     local = None
@@ -418,6 +422,9 @@ async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
         local = WorkerService(repo.alg if repo is not None else alg, repo)
     async with open_nursery() as nursery:
         pool = WorkerPool(nursery, argv, jobs or default_jobs(), repo.alg if repo is not None else alg, local)
+        for f in forked:
+            pool._workers.append(_Worker(ChildProcess(cast(Popen, f.proc)), trio.socket.from_stdlib_socket(f.sock), f.output))
+            nursery.start_soon(pool._read, pool._workers[-1])
         try:
             yield pool
         except BaseException:
@@ -439,7 +446,8 @@ IN_PROCESS_BYTES = 16 << 20
 START_AFTER_BYTES = 1 << 20
 
 
-def _small_job(paths: Sequence[str | os.PathLike[str]]) -> bool:
+def small_job(paths: Sequence[str | os.PathLike[str]]) -> bool:
+    """Whether the files named hold at most IN_PROCESS_BYTES: hashed faster in process."""
     total = 0
     for path in paths:
         try:
@@ -464,13 +472,15 @@ def _batches(names: Sequence[str]) -> Iterator[tuple[int, int]]:
 
 
 async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha256",
-                       jobs: int | None = None, on_done: Callable[[int], None] | None = None) -> list[bytes | OSError]:
-    """The fs-verity digest of each file, in order, hashed by a pool of workers; a path that
+                       jobs: int | None = None, on_done: Callable[[int], None] | None = None,
+                       forked: Sequence[Forked] = ()) -> list[bytes | OSError]:
+    """The fs-verity digest of each file, in order, hashed by a pool of workers (``forked``:
+    digest-only workers started already, see `pycfs.host.workers.fork`); a path that
     cannot be opened, is not a regular file or cannot be read gives its OSError. ``on_done``
     hears how many more files are done, batch by batch (for progress). The workers open the
     files by name (the host does no per-file work); they run in "/", so names are made
     absolute here, joined to the cwd as the kernel would resolve them (no normalisation)."""
-    if jobs is None and await trio.to_thread.run_sync(_small_job, paths):
+    if not forked and jobs is None and await trio.to_thread.run_sync(small_job, paths):
         done = await trio.to_thread.run_sync(digest_regular_files, paths, alg)
         if on_done is not None:
             on_done(len(done))
@@ -482,7 +492,7 @@ async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha2
     results: list = [None] * len(paths)  # every slot is filled before the pool closes
     send, receive = trio.open_memory_channel(0)
 
-    async with open_pool(alg=alg, jobs=jobs) as pool:
+    async with open_pool(alg=alg, jobs=len(forked) or jobs, forked=forked) as pool:
 
         async def coordinate() -> None:
             async for start, end in receive:

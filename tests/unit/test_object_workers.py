@@ -8,13 +8,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import trio
 from hypothesis import given, strategies as st
 
 from fdcount import open_fd_count
+from procs import children_die_with_host
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes, digest_fd
 from pycfs.host.repository import Repository
@@ -387,40 +387,17 @@ def test_read_only_repository_fails_each_file_with_the_reason(tmp_path, files):
         assert isinstance(result, Failed) and "read-only" in result.message, result
 
 
-def test_workers_die_with_the_host(tmp_path):
+def test_workers_die_with_the_host():
     """The host killed outright: its workers go too (PR_SET_PDEATHSIG), not left hashing."""
-    script = tmp_path / "host.py"
-    script.write_text(
-        "import trio, sys\n"
+    assert len(children_die_with_host(
+        "import trio\n"
         "from pycfs.host.workers.pool import open_pool\n"
         "async def main():\n"
         "    async with open_pool(alg='sha256', jobs=2) as pool:\n"
         "        await pool.start()\n"
         "        print(' '.join(str(w.proc.pid) for w in pool._workers), flush=True)\n"
         "        await trio.sleep(60)\n"
-        "trio.run(main)\n")
-    host = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd="/")
-    try:
-        pids = [int(p) for p in host.stdout.readline().split()]
-        assert len(pids) == 2
-        host.kill()
-        host.wait()
-        deadline = time.monotonic() + 5
-        while any(_alive(pid) for pid in pids):
-            assert time.monotonic() < deadline, "workers outlived their host"
-            time.sleep(0.01)
-    finally:
-        if host.poll() is None:
-            host.kill()
-            host.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+        "trio.run(main)\n")) == 2
 
 
 def test_workers_outlive_the_thread_that_started_them(monkeypatch, files):

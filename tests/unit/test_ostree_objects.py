@@ -404,3 +404,44 @@ def test_fast_file_header_reader_agrees_with_the_codec(size, mode, rdev, target,
             swapped = [int.from_bytes(v.to_bytes(n, "big"), "little")
                        for v, n in zip(_FILE_FIELDS.unpack_from(data), (8, 4, 4, 4, 4))]
             assert (*swapped, fast, []) == _generic_or_error(FILE_HEADER_TYPE, data)
+
+
+def test_local_bare_file_objects_opened_at_once(tmp_path):
+    """A bare-user-only repository the ostree CLI wrote: a file object comes back open (its
+    content for the workers to check), a symlink object as its checked header, and what is
+    neither, missing, or a symlink where bare-user keeps files, one line naming it."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file").write_bytes(b"x" * 1000)
+    os.symlink("file", tree / "link")
+    repo = init_repo(tmp_path / "repo", "bare-user-only")
+    commit(repo, tree, "main")
+    files = {p.name.split(".")[0]: p for p in (repo / "objects").rglob("*.file")}
+    by_kind = {("link" if p.is_symlink() else "file"): bytes.fromhex(p.parent.name + name) for name, p in files.items()}
+    src = LocalRepo(str(repo))
+    try:
+        regular = src.fetch_file(by_kind["file"], 64, str(tmp_path))
+        assert regular.fd is not None and not regular.verified and regular.header.size == 1000
+        assert os.pread(regular.fd, 2000, 0) == b"x" * 1000
+        os.close(regular.fd)
+        link = src.fetch_file(by_kind["link"], 64, str(tmp_path))
+        assert link.fd is None and link.header.is_symlink and link.header.symlink_target == "file"
+        # a symlink whose target is not the one its checksum covers
+        link_path = files[by_kind["link"].hex()[2:]]
+        link_path.unlink()
+        link_path.symlink_to("other")
+        with pytest.raises(OstreeError, match=f"object {by_kind['link'].hex()}.file: content does not match"):
+            src.fetch_file(by_kind["link"], 64, str(tmp_path))
+        link_path.unlink()
+        os.mkfifo(link_path)
+        with pytest.raises(OstreeError, match=f"object {by_kind['link'].hex()}.file in .* is not a regular file"):
+            src.fetch_file(by_kind["link"], 64, str(tmp_path))
+        link_path.unlink()
+        with pytest.raises(OstreeError, match=f"object {by_kind['link'].hex()}.file is missing from"):
+            src.fetch_file(by_kind["link"], 64, str(tmp_path))
+        link_path.symlink_to("file")
+        src.mode = "bare-user"  # which keeps symlinks in regular files: a symlink is damage
+        with pytest.raises(OstreeError, match=f"object {by_kind['link'].hex()}.file in .*: Too many levels"):
+            src.fetch_file(by_kind["link"], 64, str(tmp_path))
+    finally:
+        src.close()

@@ -4,7 +4,6 @@ dump, compute-id, create-image, mount, tag, untag)."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
@@ -107,9 +106,9 @@ def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
         else:
             import trio
 
-            from pycfs.host.ostree.pull import run_prepared
+            from pycfs.host.ostree.pull import fork_workers_for, run_prepared
 
-            result = trio.run(run_prepared, prepared)
+            result = trio.run(run_prepared, prepared, fork_workers_for(prepared))
     _print_pull(result, args.json)
     return 0
 
@@ -190,6 +189,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"commit {objects.commit.hex()}")
     if commit.parent is not None:
         print(f"parent {commit.parent.hex()}")
+    import datetime
+
     date = datetime.datetime.fromtimestamp(commit.timestamp, datetime.UTC)
     print(f"date {date:%Y-%m-%d %H:%M:%S} UTC")
     print(f"tree {commit.root_tree.hex()}")

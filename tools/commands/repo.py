@@ -30,9 +30,12 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
+    from functools import partial
+
     import trio
 
-    from pycfs.host.workers.pool import digest_files
+    from pycfs.host.workers.fork import fork_workers
+    from pycfs.host.workers.pool import default_jobs, digest_files, small_job
 
     paths = list(args.files)
     if args.files_from is not None:
@@ -43,8 +46,11 @@ def cmd_measure(args: argparse.Namespace) -> int:
             raise PycfsError(f"cannot read {args.files_from}: {e.strerror}") from None
     if not paths:
         raise PycfsError("no files to measure: name them, or pass --files-from LIST")
+    # Forked before trio starts (see pycfs.host.workers.fork): serving at once, where spawned
+    # workers would first start Python and import their modules.
+    forked = [] if args.jobs is None and small_job(paths) else fork_workers(None, args.jobs or default_jobs(), args.hash)
     status = 0
-    for path, digest in zip(paths, trio.run(digest_files, paths, args.hash, args.jobs)):
+    for path, digest in zip(paths, trio.run(partial(digest_files, paths, args.hash, args.jobs, forked=forked))):
         if isinstance(digest, OSError):
             print(f"pycfs: error: {path}: {digest.strerror}", file=sys.stderr)
             status = 1

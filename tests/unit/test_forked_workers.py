@@ -1,0 +1,172 @@
+"""Object workers started by fork (`pycfs.host.workers.fork`): real forked children serving a
+real pool, real files; and a local ostree pull large enough to use them."""
+
+import errno
+import os
+import threading
+
+import pytest
+import trio
+from fdcount import open_fd_count
+from ostree_trees import commit, describe_dir, describe_image, have_ostree, init_repo, make_tree, ostree
+from procs import children_die_with_host
+
+from pycfs.host.errors import PycfsError
+from pycfs.host.fsverity import digest_bytes
+from pycfs.host.ostree.pull import fork_workers_for, run_prepared
+from pycfs.host.ostree.pullcore import HERE_FILES, PullCore, PullOptions, prepare_pull
+from pycfs.host.ostree.source import LocalRepo
+from pycfs.host.repository import Repository
+from pycfs.host.workers.fork import fork_workers
+from pycfs.host.workers.pool import EXIT_GRACE, Stored, digest_files, open_pool
+
+
+def _files(tmp_path, sizes):
+    out = []
+    for i, size in enumerate(sizes):
+        data = os.urandom(size)
+        (tmp_path / f"f{i}").write_bytes(data)
+        out.append((tmp_path / f"f{i}", data))
+    return out
+
+
+def test_forked_workers_store_keep_none_of_the_hosts_fds_and_exit_at_eof(tmp_path):
+    files = _files(tmp_path, [0, 65, 4097, (1 << 20) + 3] * 4)
+    before = open_fd_count()
+    exited, pids, held = [], [], []
+    marker = os.open(tmp_path / "f0", os.O_RDONLY)  # open in the host at the fork
+    with Repository.init(tmp_path / "repo") as repo:
+        try:
+            forked = fork_workers(str(repo.path), 2)
+        finally:
+            os.close(marker)
+        assert len(forked) == 2
+
+        async def main():
+            fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p, _ in files]
+            try:
+                async with open_pool(repo=repo, jobs=2, forked=forked) as pool:
+                    results = await pool.store(fds, [len(d) for _, d in files])
+                    pids.extend(w.proc.pid for w in pool._workers)
+                    held.extend(os.readlink(f"/proc/{pid}/fd/{fd}") for pid in pids for fd in os.listdir(f"/proc/{pid}/fd"))
+                    pool.close_input()
+                    with trio.fail_after(EXIT_GRACE - 1):
+                        for w in pool._workers:
+                            exited.append(await w.proc.wait())
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            return results
+
+        results = trio.run(main)
+        assert [r.object_id for r in results] == [digest_bytes(d) for _, d in files]
+        assert all(isinstance(r, Stored) for r in results)
+        for (_, data), r in zip(files, results):
+            assert repo.read_object(r.object_id) == data
+    assert pids == [f.proc.pid for f in forked] and exited == [0, 0]
+    assert str(tmp_path / "f0") not in held and held
+    assert open_fd_count() == before
+
+
+@pytest.mark.parametrize("alg", ["sha256", "sha512"])
+def test_forked_digest_only_workers_hash_with_their_algorithm(tmp_path, alg):
+    """`pycfs measure`'s workers: forked with no repository, hashing with the alg asked for."""
+    files = _files(tmp_path, [0, 4097, (1 << 20) + 3] * 3)
+    forked = fork_workers(None, 2, alg)
+    assert len(forked) == 2
+    got = trio.run(lambda: digest_files([str(p) for p, _ in files], alg, forked=forked))
+    assert got == [digest_bytes(d, alg) for _, d in files]
+    for f in forked:  # reaped by the pool as it closed
+        with pytest.raises(ProcessLookupError):
+            os.kill(f.proc.pid, 0)
+
+
+def test_a_forked_worker_that_cannot_start_quotes_its_output(tmp_path):
+    files = _files(tmp_path, [100])
+    with Repository.init(tmp_path / "repo") as repo:
+        forked = fork_workers(str(repo.path), 1)
+        (tmp_path / "repo" / "meta.json").write_text("{}")  # the worker's own open fails
+
+        async def main():
+            fd = os.open(files[0][0], os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                async with open_pool(repo=repo, jobs=1, forked=forked) as pool:
+                    await pool.store([fd], [100])
+            finally:
+                os.close(fd)
+
+        with pytest.raises(PycfsError, match=r"failed: .*exit status 2; its last output: pycfs-worker: "):
+            trio.run(main)
+
+
+def test_a_failed_fork_leaves_no_worker_and_no_fd(tmp_path, monkeypatch):
+    """The second fork fails: the first worker is killed and reaped, its socket and output
+    closed, and the pool will spawn its own."""
+    real_fork, forked = os.fork, []
+
+    def fork():
+        if forked:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        pid = real_fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    before = open_fd_count()
+    with Repository.init(tmp_path / "repo") as repo:
+        monkeypatch.setattr(os, "fork", fork)
+        assert fork_workers(str(repo.path), 2) == []
+    assert len(forked) == 1 and not os.path.exists(f"/proc/{forked[0]}")
+    assert open_fd_count() == before
+
+
+def test_no_fork_off_the_main_thread(tmp_path):
+    """PR_SET_PDEATHSIG follows the thread that forked: elsewhere the pool spawns its workers."""
+    got = []
+    with Repository.init(tmp_path / "repo") as repo:
+        thread = threading.Thread(target=lambda: got.append(fork_workers(str(repo.path), 2)))
+        thread.start()
+        thread.join()
+    assert got == [[]]
+
+
+def test_forked_workers_die_with_the_host(tmp_path):
+    with Repository.init(tmp_path / "repo"):
+        pass
+    assert len(children_die_with_host(
+        "import time\n"
+        "from pycfs.host.workers.fork import fork_workers\n"
+        f"workers = fork_workers({str(tmp_path / 'repo')!r}, 2)\n"
+        "print(' '.join(str(w.proc.pid) for w in workers), flush=True)\n"
+        "time.sleep(60)\n")) == 2
+
+
+@pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
+def test_local_pull_with_more_files_than_stored_here_forks_its_workers(tmp_path):
+    """A commit with more files than the pull stores in process, walked here (an archive
+    repository, --no-delta): the files go to forked workers, and the image has the tree of
+    `ostree checkout`."""
+    tree = make_tree(tmp_path / "tree", xattrs=False, setid=False)
+    for i in range(HERE_FILES + 20):
+        (tree / "many" / f"n{i}").parent.mkdir(exist_ok=True)
+        (tree / "many" / f"n{i}").write_bytes(b"content %d " % i * 20)
+    repo_path = init_repo(tmp_path / "ostree", "archive")
+    checksum = commit(repo_path, tree, "main")
+    checkout = tmp_path / "checkout"
+    ostree("checkout", f"--repo={repo_path}", "-U", "main", checkout)
+    with Repository.init(tmp_path / "cfs") as repo:
+        source = LocalRepo(str(repo_path))
+        try:
+            core = prepare_pull(repo, source, "main", PullOptions(deltas=False))
+            assert isinstance(core, PullCore) and core.walked and len(core.files) > HERE_FILES
+            forked = fork_workers_for(core)
+            assert len(forked) >= 1
+            result = trio.run(run_prepared, core, forked)
+        finally:
+            source.close()
+        assert result.commit.hex() == checksum and result.stats.files_fetched == len(core.objects.headers) + result.stats.inlined
+        image = describe_image(repo, result.image_id)
+    assert {p: (t, m, c) for p, (t, m, _u, _g, _x, c) in image.items()} == \
+        {p: (t, m, c) for p, (t, m, _u, _g, _x, c) in describe_dir(checkout).items()}
+    for f in forked:
+        assert f.proc.poll() == 0
