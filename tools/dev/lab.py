@@ -117,7 +117,8 @@ def build_user_venv() -> Path:
     old_umask = os.umask(0o022)
     # Bytecode as an installed wheel has it: pip leaves it out where PYTHONDONTWRITEBYTECODE
     # is set, and the test users cannot write it, so every run would compile pycfs (~0.1 s).
-    compiling = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    # Nor may it go to a PYTHONPYCACHEPREFIX (the bench sets one for its own checkout).
+    compiling = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
     try:
         with locked("venv"):
             python = world_python()
