@@ -34,7 +34,7 @@ ADOPT = "adopt"
 # gzip|zstd|none, ``blob_alg`` and ``diff_alg`` sha256|sha512), for a worker started on a
 # repository: it reads and hashes the blob, decompresses it, hashes the tar and splits it
 # (spec 3.2), writing each file's content into an anonymous file of the object store, and
-# sends the tar's pieces in order on the socket, one message each (`piece_message`); then
+# sends the tar's pieces in order on the socket, as runs of records (`pack_runs`); then
 # it closes the socket and answers {"blob": DIGEST, "blob_size": N, "diff_id": DIGEST,
 # "tar_size": N, "files_inlined": N} or {"failed": MESSAGE}. File content so never crosses
 # to the host: only headers and small files do, with the files' fds for the object workers;

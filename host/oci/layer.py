@@ -535,18 +535,17 @@ def _next_entry(tar: TarReader, cursor: _InlineCursor | LayerEntryCollector, sta
     return layer_entry(entry, tar.read_exact(entry.padded_size)[: entry.size], stats)
 
 
-def layer_entry(entry: TarEntry, content: bytes | External, stats: SharedStats | None = None) -> LayerEntry:
+def layer_entry(entry: TarEntry, content: bytes | External, stats: SharedStats) -> LayerEntry:
     """A tar entry as the image builder takes it; content is what the entry holds inline,
-    or the object of a regular file over INLINE_CONTENT_MAX. With ``stats``, a
-    non-directory's Stat may be one shared with other entries (`SharedStats`): not to be
-    changed in place. A directory's is always its own (OCI normalisation changes /run's)."""
+    or the object of a regular file over INLINE_CONTENT_MAX. A non-directory's Stat may be
+    one shared through ``stats`` with other entries of the layer: not to be changed in place. A directory's is always its own (OCI normalisation changes /run's)."""
     if entry.sparse:
         raise TarError(f"tar entry {entry.path!r} is a GNU sparse file: the layer stream keeps it byte for "
                        "byte, but composefs images cannot represent sparse tar entries yet")
     t = entry.typeflag
     fields = (entry.mode, entry.uid & 0xFFFFFFFF, entry.gid & 0xFFFFFFFF, entry.mtime, entry.mtime_nsec,
               tuple(sorted(entry.xattrs.items())))
-    stat = Stat(*fields[:5], dict(fields[5])) if stats is None or t == DIRTYPE else stats.get(*fields)
+    stat = Stat(*fields[:5], dict(fields[5])) if t == DIRTYPE else stats.get(*fields)
     item: Directory | Hardlink | LeafContent
     if t == DIRTYPE:
         item = Directory()

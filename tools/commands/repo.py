@@ -32,10 +32,8 @@ def cmd_cat(args: argparse.Namespace) -> int:
 def cmd_measure(args: argparse.Namespace) -> int:
     from functools import partial
 
-    import trio
-
-    from pycfs.host.workers.fork import fork_workers
-    from pycfs.host.workers.pool import default_jobs, digest_files, small_job
+    from pycfs.host.fsverity import digest_regular_files
+    from pycfs.host.workers.pool import small_job
 
     paths = list(args.files)
     if args.files_from is not None:
@@ -46,11 +44,20 @@ def cmd_measure(args: argparse.Namespace) -> int:
             raise PycfsError(f"cannot read {args.files_from}: {e.strerror}") from None
     if not paths:
         raise PycfsError("no files to measure: name them, or pass --files-from LIST")
-    # Forked before trio starts (see pycfs.host.workers.fork): serving at once, where spawned
-    # workers would first start Python and import their modules.
-    forked = [] if args.jobs is None and small_job(paths) else fork_workers(None, args.jobs or default_jobs(), args.hash)
+    if args.jobs is None and small_job(paths):  # faster hashed here than by workers started for it
+        digests = digest_regular_files(paths, args.hash)
+    else:
+        import trio
+
+        from pycfs.host.workers.fork import fork_workers
+        from pycfs.host.workers.pool import default_jobs, digest_files
+
+        # Forked before trio starts (see pycfs.host.workers.fork): serving at once, where
+        # spawned workers would first start Python and import their modules.
+        forked = fork_workers(None, args.jobs or default_jobs(), args.hash)
+        digests = trio.run(partial(digest_files, paths, args.hash, args.jobs, forked=forked))
     status = 0
-    for path, digest in zip(paths, trio.run(partial(digest_files, paths, args.hash, args.jobs, forked=forked))):
+    for path, digest in zip(paths, digests):
         if isinstance(digest, OSError):
             print(f"pycfs: error: {path}: {digest.strerror}", file=sys.stderr)
             status = 1
