@@ -344,11 +344,15 @@ class LocalRepo(_Summary):
 
     def _symlink(self, checksum: bytes, rel: str) -> FetchedFile:
         """A bare or bare-user-only symlink object, checked against its checksum."""
-        st = os.stat(rel, dir_fd=self._objects, follow_symlinks=False)
-        if not stat.S_ISLNK(st.st_mode):  # replaced since the open refused it
+        try:
+            st = os.stat(rel, dir_fd=self._objects, follow_symlinks=False)
+            target = os.readlink(rel, dir_fd=self._objects) if stat.S_ISLNK(st.st_mode) else None
+        except OSError as e:  # removed since the open refused it
+            raise self._open_error(checksum, Kind.FILE, e) from None
+        if target is None:  # replaced since the open refused it
             raise OstreeError(f"{describe(checksum, Kind.FILE)} in {self.path} changed while it was read")
         header = FileHeader(0, st.st_uid if self.mode == "bare" else 0, st.st_gid if self.mode == "bare" else 0,
-                            st.st_mode, os.readlink(rel, dir_fd=self._objects),
+                            st.st_mode, target,
                             self._xattrs(f"/proc/self/fd/{self._objects}/{rel}", False) if self.mode == "bare" else [])
         header.check(checksum)
         check_file(header, checksum)

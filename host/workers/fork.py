@@ -98,7 +98,10 @@ def _child(sock_fd: int, output_fd: int, argv: list[str]) -> None:
         # Nothing of the host's: its repository and source, and the other workers' host ends
         # (a copy held here would keep such a worker from seeing the host close its end).
         os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
-        sys.stdout = sys.stderr = open(1, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115 (until _exit)
+        # Line-buffered, as a spawned worker's stderr: a worker killed by a signal leaves
+        # its last lines for the pool to quote.
+        sys.stdout = sys.stderr = open(1, "w", encoding="utf-8", errors="replace", closefd=False,  # noqa: SIM115 (until _exit)
+                                       buffering=1)
         sys.modules.pop("pycfs.host.workers.__main__", None)  # its parent pid is read at import
         from pycfs.host.workers.__main__ import main
 

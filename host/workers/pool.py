@@ -422,10 +422,11 @@ async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
         local = WorkerService(repo.alg if repo is not None else alg, repo)
     async with open_nursery() as nursery:
         pool = WorkerPool(nursery, argv, jobs or default_jobs(), repo.alg if repo is not None else alg, local)
-        for f in forked:
-            pool._workers.append(_Worker(ChildProcess(cast(Popen, f.proc)), trio.socket.from_stdlib_socket(f.sock), f.output))
-            nursery.start_soon(pool._read, pool._workers[-1])
         try:
+            for f in forked:
+                pool._workers.append(_Worker(ChildProcess(cast(Popen, f.proc)), trio.socket.from_stdlib_socket(f.sock),
+                                             f.output))
+                nursery.start_soon(pool._read, pool._workers[-1])
             yield pool
         except BaseException:
             await pool.aclose(abort=True)
