@@ -27,6 +27,7 @@ import hashlib
 import itertools
 import os
 import re
+import resource
 import stat
 import sys
 from collections.abc import Awaitable, Callable
@@ -60,11 +61,8 @@ if TYPE_CHECKING:
 
 _SEND_PIECE = 1 << 16
 _RECV_PIECE = 1 << 16
-# Files per worker request: as many as one message's fds allow beside the inline bytes' memfd
-# (per-request costs, a message each way and a thread trip, were a fifth of PutLayer's CPU at 64),
-# and up to 32 MiB of content (the worker reads each byte once for the layer's sha256; at 8 MiB
-# most of the bench image's batches were cut by size, not by count).
-BATCH_FILES = SCM_MAX_FD - 1
+# Up to 32 MiB of content a worker request (the worker reads each byte once for the layer's
+# sha256; at 8 MiB most of the bench image's batches were cut by size, not by count).
 BATCH_BYTES = 32 << 20
 # How long after the data EOF a GetLayer consumer may hold the directory fds' guard (locks).
 KEEPALIVE_LIMIT = 3600.0
@@ -229,6 +227,7 @@ class LayerConsumer:
         self.pool = pool
         # batches in flight to the workers, shared by the layers that share the pool
         self.limiter = limiter or batch_limiter(pool)
+        self.batch_files = batch_files()
         self.dirfds = dirfds
         self.zerocopy = zerocopy
         self.writer = SplitStreamWriter(repo.alg, CONTENT_OCI_LAYER)
@@ -291,7 +290,7 @@ class LayerConsumer:
                             decoder.feed(data)
                             for chunk in decoder.chunks():
                                 self._add(batch, chunk)
-                                if len(batch.files) >= BATCH_FILES or batch.nbytes >= BATCH_BYTES:
+                                if len(batch.files) >= self.batch_files or batch.nbytes >= BATCH_BYTES:
                                     await self._submit(stack, send, batch)
                                     batch = _Batch()
                         if self._worker is None and not batch.files:
@@ -488,7 +487,16 @@ def batch_limiter(pool: WorkerPool) -> trio.CapacityLimiter:
     behind the one it stores to keep busy while this process catches up; within half the
     open-file limit, as a batch's fds stay open in the worker until it is answered (and
     here, to be hardlinked)."""
-    return trio.CapacityLimiter(pool.batches_in_flight(BATCH_FILES + 1, per_worker=4))
+    return trio.CapacityLimiter(pool.batches_in_flight(batch_files() + 1, per_worker=4))
+
+
+def batch_files() -> int:
+    """Files per worker request: as many as one message's fds allow beside the inline bytes'
+    memfd (per-request costs, a message each way and a thread trip, were a fifth of
+    PutLayer's CPU at 64), but an eighth of the open-file limit at most: each layer being
+    put holds the batch it builds open besides those in flight (half the limit), and at
+    1024 three layers at once would not fit otherwise."""
+    return max(1, min(SCM_MAX_FD - 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8))
 
 
 async def put_layer(repo: Repository, pool: WorkerPool, pipe_fd: int, dirfds: list[int], diff_id: str,

@@ -142,3 +142,23 @@ def test_a_layer_named_twice_moves_once(tmp_path, monkeypatch) -> None:
     assert result.layers[0]["layer_verity"] == result.layers[2]["layer_verity"] is not None
     with Repository.open(src, writable=False) as s:
         assert result.layers[0]["layer_verity"] == s.has_stream(f"oci-layer-{built.diff_ids[0]}").hex()
+
+
+def test_putlayer_batches_fit_the_usual_open_file_limit():
+    """At a soft limit of 1024, three layers put at once through one pool (each building a
+    batch besides those in flight) stay under the limit: 252-file batches did not."""
+    import resource
+    from types import SimpleNamespace
+
+    from pycfs.host.varlink.transfer import batch_files
+    from pycfs.host.workers.pool import WorkerPool
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        files = batch_files()
+        in_flight = WorkerPool.batches_in_flight(SimpleNamespace(jobs=2), files + 1, per_worker=4)  # type: ignore[arg-type]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert files >= 64
+    assert in_flight * (files + 1) + 3 * files < 1024 - 64  # room for the rest (sockets, dirfds, repository)
