@@ -62,15 +62,13 @@ from pycfs.host.storage.tarsplit import (
     header_only_kind,
     open_entries,
 )
-from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
+from pycfs.host.workers.pool import BATCH_BYTES, Failed, WorkerPool, batch_files, open_pool
 from pycfs.protocol.helper_api import layer_dir
 
 INLINE_CONTENT_MAX = 64  # format constant shared with the tar path: larger files are objects
 _METACOPY_XATTRS = ("user.overlay.metacopy", "trusted.overlay.metacopy")
 _REDIRECT_XATTRS = ("user.overlay.redirect", "trusted.overlay.redirect")
 _DENIED = (errno.EACCES, errno.EPERM)
-BATCH_FILES = 64  # files per batch (one thread trip, one worker request) ...
-BATCH_BYTES = 4 << 20  # ... or this much content, whichever comes first
 CHUNK_ENTRIES = 1024  # tar-split entries read at a time
 CHUNKS_IN_FLIGHT = 4  # read ahead of the writer: bounds memory whatever the layer's size
 HELPER_BATCH = 128  # paths per helper call: bounded by the helper client's fd budget
@@ -344,6 +342,7 @@ class LayerImport:
         self._header: Segment | FileEntry | None = None  # the entry before the next one read
         # Set by the reader at the first file or directory the user likely cannot open (`closed_to_user`).
         self._helper_wanted = False
+        self.batch_files = batch_files()
 
     def _advance(self, nbytes: int) -> None:
         if self.progress is not None and nbytes:
@@ -363,7 +362,7 @@ class LayerImport:
         try:
             async with open_nursery() as nursery:
                 nursery.start_soon(self._read, str(path), send_chunks, send_batches, nursery)
-                for _ in range(self.pool.batches_in_flight(BATCH_FILES)):
+                for _ in range(self.pool.batches_in_flight(self.batch_files)):
                     nursery.start_soon(self._coordinate, batches)
                 nursery.start_soon(self._write, chunks, send_written)
                 nursery.start_soon(self._parse, written)
@@ -386,7 +385,7 @@ class LayerImport:
                         nursery.start_soon(self.helper.warm_up)
                     chunk = _Chunk(entries)
                     await chunks.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
-                    for batch in _batches((chunk, i, e) for i, e in chunk.files):
+                    for batch in _batches(((chunk, i, e) for i, e in chunk.files), self.batch_files):
                         await batches.send(batch)
 
     def _take(self, source: Iterator[Segment | FileEntry]) -> list[Segment | FileEntry]:
@@ -642,15 +641,15 @@ def _stream_has_diffid(repo: Repository, stream_id: bytes, diff_id: str) -> bool
         return False
 
 
-def _batches(items: Iterable[_Item]) -> Iterator[list[_Item]]:
+def _batches(items: Iterable[_Item], most: int) -> Iterator[list[_Item]]:
     """Files grouped so one trip to a thread and a worker handles many small files (or one
-    big one)."""
+    big one): at most `most` files or BATCH_BYTES of content (the last file may go past)."""
     batch: list[_Item] = []
     size = 0
     for item in items:
         batch.append(item)
         size += item[2].size
-        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+        if len(batch) >= most or size >= BATCH_BYTES:
             yield batch
             batch, size = [], 0
     if batch:

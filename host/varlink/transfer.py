@@ -27,7 +27,6 @@ import hashlib
 import itertools
 import os
 import re
-import resource
 import stat
 import sys
 from collections.abc import Awaitable, Callable
@@ -42,9 +41,9 @@ from pycfs.host.oci.layer import INLINE_CONTENT_MAX, LayerEntry, LayerEntryColle
 from pycfs.host.repository import Repository, write_all
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamWriter
 from pycfs.host.varlink.layers import open_beneath
-from pycfs.host.workers.pool import Failed, Pinned, WorkerPool
+from pycfs.host.workers.pool import BATCH_BYTES, Failed, Pinned, WorkerPool, batch_files
 from pycfs.protocol import worker_api as api
-from pycfs.protocol.fdpass import SCM_MAX_FD, close_fds
+from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.splitdirfdstream import (
     MAX_INLINE_CHUNK_SIZE,
     Chunk,
@@ -61,9 +60,6 @@ if TYPE_CHECKING:
 
 _SEND_PIECE = 1 << 16
 _RECV_PIECE = 1 << 16
-# Up to 32 MiB of content a worker request (the worker reads each byte once for the layer's
-# sha256; at 8 MiB most of the bench image's batches were cut by size, not by count).
-BATCH_BYTES = 32 << 20
 # How long after the data EOF a GetLayer consumer may hold the directory fds' guard (locks).
 KEEPALIVE_LIMIT = 3600.0
 
@@ -488,15 +484,6 @@ def batch_limiter(pool: WorkerPool) -> trio.CapacityLimiter:
     open-file limit, as a batch's fds stay open in the worker until it is answered (and
     here, to be hardlinked)."""
     return trio.CapacityLimiter(pool.batches_in_flight(batch_files() + 1, per_worker=4))
-
-
-def batch_files() -> int:
-    """Files per worker request: as many as one message's fds allow beside the inline bytes'
-    memfd (per-request costs, a message each way and a thread trip, were a fifth of
-    PutLayer's CPU at 64), but an eighth of the open-file limit at most: each layer being
-    put holds the batch it builds open besides those in flight (half the limit), and at
-    1024 three layers at once would not fit otherwise."""
-    return max(1, min(SCM_MAX_FD - 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8))
 
 
 async def put_layer(repo: Repository, pool: WorkerPool, pipe_fd: int, dirfds: list[int], diff_id: str,

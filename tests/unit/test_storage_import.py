@@ -354,6 +354,40 @@ def test_layers_stream_through_small_chunks(tmp_path, repo, monkeypatch, chunk_e
     assert result.layers == [(layer.diff_id, tar_id)]
 
 
+def test_batches_follow_the_open_file_limit(tmp_path, repo, monkeypatch):
+    """Files go to the object workers `batch_files()` at a time: an eighth of the soft
+    open-file limit (50 at 400), within one message's fds (252 at any higher limit), so
+    the coordinators' batches in flight stay within half the limit; the layer is exact."""
+    import resource
+
+    from pycfs.host.workers.pool import WorkerPool
+
+    sent: list[int] = []
+    store = WorkerPool.store
+
+    async def counting(self, fds, *args, **kwargs):
+        sent.append(len(fds))
+        return await store(self, fds, *args, **kwargs)
+
+    monkeypatch.setattr(WorkerPool, "store", counting)
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    layer = fake.add_layer({"d": None, **{f"d/f{i:03}": BIG + i.to_bytes(2, "big") for i in range(120)}})
+    fake.add_image([layer], ["localhost/img:latest"])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (400, hard))
+    try:
+        result = _pull(repo, fake, jobs=2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert sorted(sent) == [20, 50, 50]
+    assert _cat(repo, layer.diff_id) == layer.tar and result.stats.layers == 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
+    try:
+        assert cstorage.batch_files() == min(252, min(hard, 1 << 20) // 8)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_helper_gate_starts_the_helper_once_for_concurrent_callers(tmp_path):
     """Coordinators meet denied files at the same time: one lets the locks go and starts the
     helper, the others wait for it; the locks are let go and taken back exactly once."""
