@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pycfs.host.childoutput import ChildOutput, start_on_socket
@@ -68,14 +69,19 @@ def fork_workers(repo_path: str | None, jobs: int, alg: str = "sha256") -> list[
         for _ in range(jobs):
             workers.append(_fork_one(["--repo", os.path.abspath(repo_path)] if repo_path else ["--alg", alg]))
     except OSError:
-        for worker in workers:
-            worker.proc.kill()
-            if worker.proc.returncode is None:  # (kill polls first: an exit seen there is reaped)
-                os.waitpid(worker.proc.pid, 0)
-            worker.sock.close()
-            worker.output.close()
+        discard(workers)
         return []
     return workers
+
+
+def discard(workers: Sequence[Forked]) -> None:
+    """Stop and reap forked workers no pool took (their sockets and outputs closed)."""
+    for worker in workers:
+        worker.proc.kill()
+        if worker.proc.returncode is None:  # (kill polls first: an exit seen there is reaped)
+            os.waitpid(worker.proc.pid, 0)
+        worker.sock.close()
+        worker.output.close()
 
 
 def _fork_one(argv: list[str]) -> Forked:
