@@ -48,6 +48,18 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+BUSY_SIZE = 1 << 37  # a sparse file that takes a worker about a minute to hash
+
+
+def busy_file(directory: Path) -> Path:
+    """A sparse file of BUSY_SIZE bytes: hashing it keeps a child busy long after its host
+    is killed, unless the child dies with the host."""
+    path = directory / "busy"
+    with open(path, "wb") as f:
+        f.truncate(BUSY_SIZE)
+    return path
+
+
 def children_die_with_host(script: str) -> list[int]:
     """Run the Python `script` (it prints the pids of the children it started on one line,
     then waits), kill it outright, and return those pids once every one is gone too

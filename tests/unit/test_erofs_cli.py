@@ -98,6 +98,35 @@ def test_strict_env(tmp_path):
     assert r.returncode == 1 and re.search(rb"line \d+: ", r.stderr)
 
 
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("seekable", [False, True], ids=["pipe", "file"])
+def test_dumpfile_from_stdin(tmp_path, strict, seekable):
+    """`--from-file -` reads a pipe or a redirected file (line by line unless strict needs it
+    whole) into the same image as the named file; strict still refuses a missing last newline."""
+    dump = (VECTORS / "mixed_rootfs.dump").read_bytes()
+    env = {"CFS_PARSE_STRICT": "1"} if strict else {}
+
+    def run(data: bytes) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "pycfs.tools.cli", "mkcomposefs", "--from-file", "-", "out.cfs"]
+        if not seekable:
+            return subprocess.run(argv, cwd=tmp_path, input=data, capture_output=True, env={**os.environ, **env})
+        (tmp_path / "in.dump").write_bytes(data)
+        with open(tmp_path / "in.dump", "rb") as f:
+            return subprocess.run(argv, cwd=tmp_path, stdin=f, capture_output=True, env={**os.environ, **env})
+
+    r = run(dump)
+    assert r.returncode == 0, r.stderr.decode()
+    assert (tmp_path / "out.cfs").read_bytes() == (VECTORS / "mixed_rootfs.cfs").read_bytes()
+    (tmp_path / "out.cfs").unlink()
+    r = run(dump.rstrip(b"\n"))
+    if strict:
+        assert r.returncode == 1 and b"Missing trailing newline" in r.stderr
+        assert not (tmp_path / "out.cfs").exists()
+    else:
+        assert r.returncode == 0, r.stderr.decode()
+        assert (tmp_path / "out.cfs").read_bytes() == (VECTORS / "mixed_rootfs.cfs").read_bytes()
+
+
 # ---------------------------------------------------------------------------- composefs-info as C
 
 

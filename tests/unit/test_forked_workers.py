@@ -14,7 +14,7 @@ import pytest
 import trio
 from fdcount import open_fd_count
 from ostree_trees import commit, describe_dir, describe_image, have_ostree, init_repo, make_tree, ostree
-from procs import children_die_with_host
+from procs import BUSY_SIZE, busy_file, children_die_with_host
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
@@ -176,12 +176,24 @@ def test_forked_workers_run_in_the_root_directory(tmp_path, monkeypatch, idle_th
 def test_forked_workers_die_with_the_host(tmp_path):
     with Repository.init(tmp_path / "repo"):
         pass
+    # busy in a request when the host is killed (an idle worker would exit at EOF anyway)
     assert len(children_die_with_host(
-        "import time\n"
+        "import os, trio\n"
+        "from pycfs.host.repository import Repository\n"
         "from pycfs.host.workers.fork import fork_workers\n"
+        "from pycfs.host.workers.pool import open_pool\n"
         f"workers = fork_workers({str(tmp_path / 'repo')!r}, 2)\n"
-        "print(' '.join(str(w.proc.pid) for w in workers), flush=True)\n"
-        "time.sleep(60)\n")) == 2
+        "async def main():\n"
+        f"    fd = os.open({str(busy_file(tmp_path))!r}, os.O_RDONLY)\n"
+        f"    with Repository.open({str(tmp_path / 'repo')!r}) as repo:\n"
+        "        async with open_pool(repo=repo, jobs=2, forked=workers) as pool:\n"
+        "            async with trio.open_nursery() as nursery:\n"
+        "                for _ in workers:\n"
+        f"                    nursery.start_soon(pool.digest, [fd], [{BUSY_SIZE}])\n"
+        "                await trio.sleep(0.5)\n"
+        "                print(' '.join(str(w.proc.pid) for w in workers), flush=True)\n"
+        "                await trio.sleep(60)\n"
+        "trio.run(main)\n")) == 2
 
 
 @pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")

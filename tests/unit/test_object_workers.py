@@ -14,7 +14,7 @@ import trio
 from hypothesis import given, strategies as st
 
 from fdcount import open_fd_count
-from procs import children_die_with_host
+from procs import BUSY_SIZE, busy_file, children_die_with_host
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes, digest_fd
 from pycfs.host.repository import Repository
@@ -387,16 +387,23 @@ def test_read_only_repository_fails_each_file_with_the_reason(tmp_path, files):
         assert isinstance(result, Failed) and "read-only" in result.message, result
 
 
-def test_workers_die_with_the_host():
-    """The host killed outright: its workers go too (PR_SET_PDEATHSIG), not left hashing."""
+def test_workers_die_with_the_host(tmp_path):
+    """The host killed outright in the middle of a request: its workers go too
+    (PR_SET_PDEATHSIG), not left hashing a file that takes them a minute (an idle worker
+    would exit at EOF on its socket anyway)."""
     assert len(children_die_with_host(
-        "import trio\n"
+        "import os, trio\n"
         "from pycfs.host.workers.pool import open_pool\n"
         "async def main():\n"
+        f"    fd = os.open({str(busy_file(tmp_path))!r}, os.O_RDONLY)\n"
         "    async with open_pool(alg='sha256', jobs=2) as pool:\n"
         "        await pool.start()\n"
-        "        print(' '.join(str(w.proc.pid) for w in pool._workers), flush=True)\n"
-        "        await trio.sleep(60)\n"
+        "        async with trio.open_nursery() as nursery:\n"
+        "            for _ in pool._workers:\n"
+        f"                nursery.start_soon(pool.digest, [fd], [{BUSY_SIZE}])\n"
+        "            await trio.sleep(0.5)\n"
+        "            print(' '.join(str(w.proc.pid) for w in pool._workers), flush=True)\n"
+        "            await trio.sleep(60)\n"
         "trio.run(main)\n")) == 2
 
 

@@ -37,10 +37,9 @@ def _load_source(args: argparse.Namespace) -> FileSystem:
 
     if args.from_file:
         strict = os.environ.get("CFS_PARSE_STRICT") == "1"
-        if args.source == "-":
-            return dumpfile.parse(sys.stdin.buffer.read(), strict=strict)
         try:
-            with open(args.source, "rb") as f:
+            source = sys.stdin.fileno() if args.source == "-" else args.source
+            with open(source, "rb", closefd=source != sys.stdin.fileno()) as f:
                 # read line by line: a big dumpfile is not held whole (a pipe, which the
                 # strict check cannot seek, is)
                 if strict and not f.seekable():
