@@ -38,8 +38,8 @@ def _load_source(args: argparse.Namespace) -> FileSystem:
     if args.from_file:
         strict = os.environ.get("CFS_PARSE_STRICT") == "1"
         try:
-            source = sys.stdin.fileno() if args.source == "-" else args.source
-            with open(source, "rb", closefd=source != sys.stdin.fileno()) as f:
+            stdin = args.source == "-"
+            with open(sys.stdin.fileno() if stdin else args.source, "rb", closefd=not stdin) as f:
                 # read line by line: a big dumpfile is not held whole (a pipe, which the
                 # strict check cannot seek, is)
                 if strict and not f.seekable():
