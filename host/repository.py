@@ -595,16 +595,18 @@ class Repository:
         self._discard(fd, temp_name)
         return None
 
-    def adopt_object_file(self, fd: int, size: int) -> StoreResult:
+    def adopt_object_file(self, fd: int, size: int, object_id: bytes | None = None) -> StoreResult:
         """Make the anonymous file at fd (from `new_object_file`: written, reopened read-only,
         its writable fds closed) its object: hash it, seal it, link it; how is "copied", or
-        "present" when the object exists. fd stays the caller's."""
+        "present" when the object exists. fd stays the caller's. ``object_id``: its digest,
+        when the caller took it from the bytes as it wrote them (as `ObjectWriter` does)."""
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0 or st.st_dev != self._objects_dev():
             raise RepositoryError("not an anonymous file of this repository's object store")
         if st.st_size != size:
             raise OSError(errno.ESTALE, f"has {st.st_size} bytes, expected {size}")
-        object_id = digest_fd(fd, self.alg, size)
+        if object_id is None:
+            object_id = digest_fd(fd, self.alg, size)
         if self.object_size(object_id) == size:
             return StoreResult(object_id, size, "present")
         sealed = self._seal(os.dup(fd))

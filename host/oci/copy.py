@@ -23,9 +23,10 @@ import trio
 from pycfs.host.errors import PycfsError
 from pycfs.host.nursery import open_nursery
 from pycfs.host.varlink.client import Client
-from pycfs.host.varlink.oci import layer_ids_of
+from pycfs.host.varlink.oci import ForkedFor, layer_ids_of
 from pycfs.host.varlink.serve import open_service
 from pycfs.host.varlink.transport import connect, socketpair
+from pycfs.host.workers.fork import Forked, fork_workers
 from pycfs.host.workers.pool import default_jobs
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.varlink import VarlinkError
@@ -78,22 +79,24 @@ class Endpoint:
             client.close()
 
 
-async def _in_process_service(task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-    async with open_service() as server:
+async def _in_process_service(forked: ForkedFor | None = None,
+                              task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+    async with open_service(forked) as server:
         task_status.started(server)
         await trio.sleep_forever()
 
 
 @asynccontextmanager
-async def open_endpoint(address: str | None, repo: str) -> AsyncIterator[Endpoint]:
+async def open_endpoint(address: str | None, repo: str, forked: list[Forked] | None = None) -> AsyncIterator[Endpoint]:
     """Repository `repo` behind the service at `unix:PATH`, or (address None) behind an
-    in-process service on a socketpair: the same varlink and SCM_RIGHTS path either way."""
+    in-process service on a socketpair: the same varlink and SCM_RIGHTS path either way
+    (``forked``: object workers forked for `repo`, which its first PutLayer takes)."""
     async with open_nursery() as nursery:
         if address is not None:
             async def new_client() -> Client:
                 return Client(await connect(address))
         else:
-            service = await nursery.start(_in_process_service)
+            service = await nursery.start(_in_process_service, (repo, forked) if forked else None)
 
             async def new_client() -> Client:
                 conn, server_sock = socketpair()
@@ -204,6 +207,13 @@ async def _copy_layers(src: Endpoint, dst: Endpoint, manifest_json: str, config_
                       done, **totals, seconds=time.monotonic() - started)
 
 
+def fork_destination_workers(destination: str) -> list[Forked]:
+    """The destination's object workers, forked now, before trio starts (see
+    `pycfs.host.workers.fork`): a copy that moves a layer needs them, and a spawned one
+    spends ~0.07 s of CPU starting Python and importing what the host has loaded."""
+    return fork_workers(destination, default_jobs())
+
+
 def layers_at_once() -> int:
     """Layers moved side by side: one per core (the object workers' policy, see
     `default_jobs`); their files share the destination's one pool of workers."""
@@ -237,13 +247,16 @@ async def copy_from_containers_storage(src: Endpoint, dst: Endpoint, image: str,
 
 
 async def copy(source: str, source_repo: str | None, destination: str, image: str, name: str | None,
-               zerocopy: bool, progress: CopyProgress | None = None, storage_root: str | None = None) -> CopyResult:
+               zerocopy: bool, progress: CopyProgress | None = None, storage_root: str | None = None,
+               forked: list[Forked] | None = None) -> CopyResult:
     """Copy `image` into the repository at `destination` from `source`: a repository path,
     or `unix:PATH` of a service (a repository service holding `source_repo`, or a
-    containers-storage layer service, which `storage_root` or storage.conf locates)."""
+    containers-storage layer service, which `storage_root` or storage.conf locates).
+    ``forked``: object workers forked for `destination` (`fork_destination_workers`), taken
+    out of the list by the pool that stores its objects; the caller discards what is left."""
     try:
         if not source.startswith("unix:"):
-            async with open_endpoint(None, source) as src, open_endpoint(None, destination) as dst:
+            async with open_endpoint(None, source) as src, open_endpoint(None, destination, forked) as dst:
                 return await copy_image(src, dst, image, name, zerocopy, progress)
         async def new_client() -> Client:
             return Client(await connect(source))
@@ -253,7 +266,7 @@ async def copy(source: str, source_repo: str | None, destination: str, image: st
             features = (await client.call(OCI + "GetInfo")).parameters.get("features") or []
             if "splitdirfdstream-v0" not in features:
                 raise PycfsError(f"{source} does not offer the splitdirfdstream-v0 layer transport")
-            async with open_endpoint(None, destination) as dst:
+            async with open_endpoint(None, destination, forked) as dst:
                 if "source-containers-storage" in features:
                     return await copy_from_containers_storage(Endpoint(client, 0, dst.algorithm, new_client), dst, image,
                                                               storage_root, name, zerocopy, progress)

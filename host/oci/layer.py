@@ -25,6 +25,7 @@ from typing import BinaryIO, Protocol
 import zstandard
 
 from pycfs.host.errors import PycfsError
+from pycfs.host.fsverity import VerityHasher, digest_bytes
 from pycfs.host.oci.tar import (
     BLKTYPE,
     CHRTYPE,
@@ -247,6 +248,7 @@ class PendingFile:
 
     fd: int
     size: int
+    object_id: bytes | None = None  # its digest, when hashed as it was written (`hash_files`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,14 +267,17 @@ class TarSplitter:
 
     Each file over INLINE_CONTENT_MAX becomes a StoredFile (hashed and stored here), or with
     ``defer`` a PendingFile: written once, not hashed, so a pipelined import hashes it on the
-    object workers while this thread decompresses and splits on. Whoever takes pieces closes
-    the PendingFile fds among them (`close_pieces`)."""
+    object workers while this thread decompresses and splits on; with ``hash_files`` as
+    well, its fs-verity digest is taken from the bytes as they are written (its
+    ``object_id``), for a caller that adopts it here: no read of the file back. Whoever
+    takes pieces closes the PendingFile fds among them (`close_pieces`)."""
 
     def __init__(self, repo: Repository, f: BinaryIO, alg: str = "sha256", *, defer: bool = False,
-                 hashed: bool = False) -> None:
+                 hashed: bool = False, hash_files: bool = False) -> None:
         """With ``hashed``, f already counts and digests what it hands out (`count`,
         `digest()`, as a HashingReader): the tar is not hashed a second time here."""
         self.repo = repo
+        self.hash_files = hash_files
         self.src: HashedSource = f if hashed else HashingReader(f, alg)  # type: ignore[assignment]
         self._ahead = _ReadAhead(self.src.read)
         self.reader = TarReader(self._ahead.read)
@@ -319,18 +324,26 @@ class TarSplitter:
         fd = self.repo.new_object_file()
         if fd is None:
             raise PycfsError(f"the object store of {self.repo.path} no longer takes anonymous files")
+        whole: bytes | None = None  # the digest of a file read in one piece
+        hasher: VerityHasher | None = None
         try:
             remaining = size
             while remaining:
                 piece = memoryview(self.reader.read_some(min(remaining, _PIECE)))
                 remaining -= len(piece)
+                if self.hash_files:
+                    if hasher is None and not remaining:  # the whole file in one piece (most are)
+                        whole = digest_bytes(piece, self.repo.alg)
+                    else:
+                        hasher = hasher or VerityHasher(self.repo.alg)
+                        hasher.update(piece)
                 while piece:
                     piece = piece[os.write(fd, piece) :]
             # Read-only, and no writable fd left: the worker can enable fs-verity on it.
             ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         finally:
             os.close(fd)
-        return PendingFile(ro, size)
+        return PendingFile(ro, size, hasher.digest() if hasher is not None else whole)
 
     @property
     def diff_id(self) -> str:

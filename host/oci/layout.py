@@ -16,6 +16,7 @@ import socket
 import stat
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -259,7 +260,11 @@ class _PieceSource:
         self.sock: socket.socket | None = None
         self.digest_size = digest_size
         self.count = 0  # tar bytes: inline and the files'
+        self.stored_there = 0  # files the inflating worker made objects itself
         self.inflated: Inflated | None = None
+        # The last message's records not yet taken, each with its fd (a PIECE_FILE's): a
+        # run ends at its max_files even inside a message.
+        self._left: deque[tuple[api.Record, int | None]] = deque()
         self.done = threading.Event()
         self._ended = False
         self._poll = select.poll()
@@ -273,6 +278,8 @@ class _PieceSource:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        close_fds([fd for _, fd in self._left if fd is not None])
+        self._left.clear()
 
     def _receive(self) -> tuple[bytes, list[int]]:
         """The next message and its fds; b"" at EOF."""
@@ -287,31 +294,43 @@ class _PieceSource:
             raise PycfsError("the inflating worker sent a message larger than a run of pieces may be")
         return data, fds
 
-    def chunk(self, max_files: int = 64, max_inline: int = 4 << 20) -> list[Piece]:
+    def chunk(self, max_files: int = api.MAX_RUN_FDS, max_inline: int = 4 << 20) -> list[Piece]:
         """The next pieces, up to max_files files or about max_inline inline bytes; [] at the end."""
+        left = self._left
         with PieceRun() as run:
-            while not self._ended and run.files < max_files and len(run.inline) < max_inline:
-                data, fds = self._receive()
-                if not data:
-                    close_fds(fds)
-                    self._ended = True
-                    while not self.done.wait(_POLL):
-                        trio.from_thread.check_cancelled()
+            while run.files < max_files and len(run.inline) < max_inline:
+                if not left and not self._next_message():
                     break
-                try:
-                    records = api.parse_run(data, len(fds), self.digest_size)
-                except ValueError as e:
-                    close_fds(fds)
-                    raise PycfsError(f"the inflating worker sent {e}") from None
-                files = iter(fds)
-                for kind, body, size, how in records:
-                    self.count += size
-                    if kind == api.PIECE_INLINE:
-                        run.inline += body
-                    else:
-                        run.add_file(PendingFile(next(files), size) if kind == api.PIECE_FILE
-                                     else StoredFile(body, size, how))
+                (kind, body, size, how), fd = left.popleft()
+                self.count += size
+                if kind == api.PIECE_INLINE:
+                    run.inline += body
+                elif fd is not None:
+                    run.add_file(PendingFile(fd, size))
+                else:
+                    run.add_file(StoredFile(body, size, how))
+                    self.stored_there += 1
             return run.take()
+
+    def _next_message(self) -> bool:
+        """The next message's records into _left; False at the end (once the worker answered)."""
+        if self._ended:
+            return False
+        data, fds = self._receive()
+        if not data:
+            close_fds(fds)
+            self._ended = True
+            while not self.done.wait(_POLL):
+                trio.from_thread.check_cancelled()
+            return False
+        try:
+            records = api.parse_run(data, len(fds), self.digest_size)
+        except ValueError as e:
+            close_fds(fds)
+            raise PycfsError(f"the inflating worker sent {e}") from None
+        files = iter(fds)
+        self._left.extend((r, next(files) if r[0] == api.PIECE_FILE else None) for r in records)
+        return True
 
 
 class _Chunk:
@@ -424,6 +443,7 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: Wor
         raise PycfsError(f"layer {diff_id}: the inflating worker split {inflated.tar_size} bytes, "
                          f"{source.count} came")
     stats.files_inlined += inflated.files_inlined
+    stats.files_stored_by_inflater += source.stored_there
     if progress is not None:
         progress.advance(diff_id, desc.size - advanced)
     stream_id = await trio.to_thread.run_sync(commit_layer, repo,

@@ -41,6 +41,7 @@ class ImportStats:
     bytes_inlined: int = 0
     files_inlined: int = 0
     files_via_helper: int = 0
+    files_stored_by_inflater: int = 0  # oci:DIR: by the worker that split the layer
 
     def count(self, how: str, size: int) -> None:
         """Record one stored object; how is a StoreResult.how ("reflinked", "copied", "present")."""

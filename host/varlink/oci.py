@@ -8,7 +8,7 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -37,6 +37,7 @@ from pycfs.host.varlink.transfer import (
     put_layer,
     run_producer,
 )
+from pycfs.host.workers.fork import Forked
 from pycfs.host.workers.pool import WorkerPool, open_pool
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.splitdirfdstream import SplitDirFdStreamError
@@ -46,6 +47,9 @@ IFACE = "org.composefs.Oci"
 FEATURES = ["splitdirfdstream-v0"]
 MAX_KEPT_ENTRIES = 500_000  # layer entries kept per handle for FinalizeImage: ~60 MB at most
 CONFIG_MEDIA_TYPES = {"application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"}
+# Object workers forked before the event loop started (`pycfs.host.workers.fork`), for the
+# repository at a path; the first pool of that repository takes them out of the list.
+ForkedFor = tuple[str, list[Forked]]
 
 
 def error(name: str, **parameters: Any) -> VarlinkError:
@@ -81,22 +85,36 @@ def layer_ids_of(manifest: dict, config: dict) -> list[str]:
 
 class _Pools:
     """One object-worker pool per repository handle, shared by its PutLayers (several may
-    run at once): starting workers costs about 0.3 s of CPU each, once per layer before.
-    Workers start with the first object stored and stop when the handle closes."""
+    run at once): starting a worker costs CPU (~0.07 s with compiled bytecode, 0.3 s
+    without), once per layer before.
+    Workers start with the first object stored and stop when the handle closes; workers
+    forked for a repository before the event loop started (`oci copy`'s destination) are
+    the first pool of that repository (their owner stops those no pool took)."""
 
-    def __init__(self, nursery: trio.Nursery, handles: Handles) -> None:
+    def __init__(self, nursery: trio.Nursery, handles: Handles, forked: ForkedFor | None = None) -> None:
         self.nursery = nursery
         # handle -> (pool, its batch limiter, set to stop it, set once it stopped)
         self.pools: dict[int, tuple[WorkerPool, trio.CapacityLimiter, trio.Event, trio.Event]] = {}
         handles.on_close.append(self.close)
+        self.forked = forked
+        self._making = trio.Lock()
+
+    def _take_forked(self, repo: Repository) -> list[Forked]:
+        """The forked workers for this repository, no longer in the caller's list (a pool's now)."""
+        if self.forked is None or os.path.abspath(self.forked[0]) != os.path.abspath(repo.path):
+            return []
+        workers = list(self.forked[1])
+        self.forked[1].clear()
+        return workers
 
     async def get(self, handle: int, repo: Repository) -> tuple[WorkerPool, trio.CapacityLimiter]:
-        if handle not in self.pools:
-            stop, stopped = trio.Event(), trio.Event()
-            pool = await self.nursery.start(self._hold, repo, stop, stopped)
-            if handle in self.pools:  # another call won the race
-                stop.set()
-            else:
+        # One pool per handle, made once: the first PutLayers of `oci copy`'s lanes come at
+        # once, and a second pool made beside the first (then stopped) could have been the
+        # one that took the forked workers, leaving the other to spawn its own.
+        async with self._making:
+            if handle not in self.pools:
+                stop, stopped = trio.Event(), trio.Event()
+                pool = await self.nursery.start(self._hold, repo, stop, stopped, self._take_forked(repo))
                 self.pools[handle] = (pool, batch_limiter(pool), stop, stopped)
         pool, limiter, _, _ = self.pools[handle]
         return pool, limiter
@@ -114,10 +132,10 @@ class _Pools:
             await stopped.wait()
 
     @staticmethod
-    async def _hold(repo: Repository, stop: trio.Event, stopped: trio.Event,
+    async def _hold(repo: Repository, stop: trio.Event, stopped: trio.Event, forked: Sequence[Forked],
                     task_status: trio.TaskStatus[WorkerPool]) -> None:
         try:
-            async with open_pool(repo=repo) as pool:
+            async with open_pool(repo=repo, jobs=len(forked) or None, forked=forked) as pool:
                 task_status.started(pool)
                 await stop.wait()
         except (PycfsError, OSError) as e:  # a failed pool fails its calls; the service goes on
@@ -154,10 +172,10 @@ class _LayerEntries:
 
 
 class OciInterface:
-    def __init__(self, server: Server, handles: Handles) -> None:
+    def __init__(self, server: Server, handles: Handles, forked: ForkedFor | None = None) -> None:
         self.server = server
         self.handles = handles
-        self.pools = _Pools(server.nursery, handles)
+        self.pools = _Pools(server.nursery, handles, forked)
         self.entries = _LayerEntries(handles)
         server.add(Interface(IFACE, idl.OCI, {
             "GetInfo": self.get_info,

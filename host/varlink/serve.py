@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import trio
 from pycfs.host import __version__
 from pycfs.host.errors import PycfsError
-from pycfs.host.varlink.oci import OciInterface
+from pycfs.host.varlink.oci import ForkedFor, OciInterface
 from pycfs.host.varlink.server import Server
 from pycfs.host.varlink.service import Handles, RepositoryInterface
 from pycfs.host.varlink.transport import activation_socket, listen
@@ -18,15 +18,16 @@ URL = "https://github.com/composefs/composefs-rs"
 
 
 @asynccontextmanager
-async def open_service() -> AsyncIterator[Server]:
+async def open_service(forked: ForkedFor | None = None) -> AsyncIterator[Server]:
     """A server with org.composefs.Repository and org.composefs.Oci; handles still open
-    when the block ends are closed."""
+    when the block ends are closed. ``forked``: object workers forked already for one
+    repository, for the first PutLayer into it (see `OciInterface`)."""
     handles = Handles()
     try:
         async with trio.open_nursery() as nursery:
             server = Server(nursery, "org.composefs", "pycfs", __version__, URL)
             RepositoryInterface(server, handles)
-            OciInterface(server, handles)
+            OciInterface(server, handles, forked)
             yield server
             nursery.cancel_scope.cancel()
     finally:

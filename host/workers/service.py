@@ -178,7 +178,7 @@ class WorkerService:
         blob = _BlobReader(blob_fd, blob_alg)
         try:
             tar = HashingReader(decompressing_reader(blob, compression), diff_alg)
-            splitter = TarSplitter(self.repo, tar, defer=True, hashed=True)
+            splitter = TarSplitter(self.repo, tar, defer=True, hashed=True, hash_files=store)
             while pieces := splitter.chunk():
                 try:
                     if store:
@@ -204,13 +204,13 @@ class WorkerService:
 
         for i, piece in enumerate(pieces):
             if isinstance(piece, PendingFile):
-                digest, how = self._adopt_one(piece.fd, piece.size)
+                digest, how = self._adopt_one(piece.fd, piece.size, piece.object_id)
                 os.close(piece.fd)
                 pieces[i] = StoredFile(digest, piece.size, api.HOW[how])
 
-    def _adopt_one(self, fd: int, size: int) -> tuple[bytes, str]:
+    def _adopt_one(self, fd: int, size: int, object_id: bytes | None = None) -> tuple[bytes, str]:
         assert self.repo is not None
-        result = self.repo.adopt_object_file(fd, size)
+        result = self.repo.adopt_object_file(fd, size, object_id)
         if result.how == "copied":
             # Written just now by the caller and dirty: to disk while the pull goes on,
             # not all at its closing syncfs (the kernel starts writing back on its own

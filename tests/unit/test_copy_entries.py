@@ -162,3 +162,47 @@ def test_putlayer_batches_fit_the_usual_open_file_limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert files >= 64
     assert in_flight * (files + 1) + 3 * files < 1024 - 64  # room for the rest (sockets, dirfds, repository)
+
+
+def test_the_destinations_workers_are_forked_and_none_is_left_behind(tmp_path, capsys, monkeypatch) -> None:
+    """`oci copy` forks the destination's object workers before trio starts and its pool
+    takes them: no worker is spawned, and the objects are stored. A copy that moves nothing
+    leaves none of them running or unreaped."""
+    import os
+
+    from pycfs.host.workers import fork
+    from pycfs.host.workers.pool import WorkerPool
+
+    built, src = _pulled(tmp_path)
+    dest = tmp_path / "dest"
+    assert main(["--repo", str(dest), "init"]) == 0
+    spawned = []
+    real_spawn = WorkerPool._spawn
+
+    async def recording(self):
+        spawned.append(self)
+        return await real_spawn(self)
+
+    monkeypatch.setattr(WorkerPool, "_spawn", recording)
+    # The command runs in pytest's process, where threads of earlier work (trio's idle cache)
+    # may still run: fork's own rule about them is tested in test_forked_workers.py.
+    monkeypatch.setattr(fork, "_alone", lambda: True)
+    capsys.readouterr()
+    argv = ["--repo", str(dest), "oci", "copy", "img", "--from", str(src), "--name", "img", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert spawned == []
+    assert result["objects_reflinked"] + result["objects_copied"] > 0
+    assert [entry["diff_id"] for entry in result["layers"]] == built.diff_ids
+
+    def no_children() -> bool:
+        try:
+            os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        return False
+
+    assert no_children()
+    assert main(argv) == 0  # every layer present: the forked workers are not used
+    assert not any(entry["copied"] for entry in json.loads(capsys.readouterr().out)["layers"])
+    assert spawned == [] and no_children()

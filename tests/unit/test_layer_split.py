@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import os
+import random
 import shutil
 import subprocess
 import tarfile
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pycfs.host.errors import PycfsError
+from pycfs.host.fsverity import digest_bytes, digest_fd
 from pycfs.host.oci.layer import (
     decompressing_reader,
     Directory,
@@ -535,6 +537,28 @@ def test_splitter_collects_the_entries_read_back(repo: Repository, defer, max_fi
     stream_id, entries = _split_collecting(repo, tar, defer, max_files)
     assert entries is not None and any(isinstance(e.item, External) for e in entries)
     assert entries == list(iter_layer_entries(repo.open_stream_by_id(stream_id, CONTENT_OCI_LAYER)))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.integers(65, 3 << 20), min_size=1, max_size=4), hash_files=st.booleans())
+@example(sizes=[100, (1 << 20) + 1000, 3 << 20], hash_files=True)  # files across the 1 MiB reads
+def test_files_hashed_as_written_are_named_by_what_they_hold(repo: Repository, sizes, hash_files) -> None:
+    """With hash_files, each deferred file's object_id, taken from the bytes as they were
+    written (in one piece or across the splitter's 1 MiB reads), is the digest of the file
+    read back, and adopting it by that id names the object so; without, there is none."""
+    contents = [random.Random(n).randbytes(n) for n in sizes]
+    tar = make_tar([reg(f"f{i}", data) for i, data in enumerate(contents)], tarfile.PAX_FORMAT)
+    splitter = TarSplitter(repo, io.BytesIO(tar), defer=True, hash_files=hash_files)
+    files = [p for pieces in iter(splitter.chunk, []) for p in pieces if isinstance(p, PendingFile)]
+    try:
+        assert [p.size for p in files] == sizes
+        for p, data in zip(files, contents):
+            assert p.object_id == (digest_fd(p.fd, repo.alg, p.size) if hash_files else None)
+            result = repo.adopt_object_file(p.fd, p.size, p.object_id)
+            assert result.object_id == digest_bytes(data, repo.alg) and repo.read_object(result.object_id) == data
+    finally:
+        for p in files:
+            os.close(p.fd)
 
 
 def test_splitter_gives_up_collecting_where_reading_back_fails(repo: Repository) -> None:

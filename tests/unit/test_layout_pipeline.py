@@ -1,11 +1,13 @@
 """oci:DIR layers through the pipelined import: a thread splits, the object workers adopt the
 files it wrote; streams byte-exact, objects named by their digests, nothing left on failure."""
 
+import array
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import zlib
 from pathlib import Path
 
@@ -18,11 +20,12 @@ from pycfs.host.erofs.writer import write_image as write_erofs
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
 from pycfs.host.oci import image as image_module
-from pycfs.host.oci.layer import layer_stream_name
-from pycfs.host.oci.layout import pull_oci_layout
+from pycfs.host.oci.layer import PendingFile, close_pieces, layer_stream_name
+from pycfs.host.oci.layout import _PieceSource, pull_oci_layout
 from pycfs.host.oci.streams import list_images
 from pycfs.host.repository import Repository
 from pycfs.host.streamcat import iter_stream_bytes
+from pycfs.protocol import worker_api as api
 
 # Enough files for several runs of the splitter (64 files each) in the first layer.
 SPEC = ImageSpec([
@@ -64,6 +67,7 @@ def test_pull_stores_every_file_as_its_object(tmp_path, layout):
     want = sorted({digest_bytes(f.content()).hex() for f in files})
     assert set(want) <= set(_objects(tmp_path / "repo"))  # besides the streams' own objects
     assert result.stats.objects_copied == len(want) and result.stats.objects_already_present == 1
+    assert result.stats.files_stored_by_inflater == 0  # one layer over twice the other: the object workers store
     assert not [p for p in (tmp_path / "repo" / "objects").iterdir() if p.is_file()]  # no named temp file
 
 
@@ -79,6 +83,66 @@ def test_a_layer_alone_stores_every_file_through_the_object_workers(tmp_path):
     want = sorted({digest_bytes(f.content()).hex() for f in spec.layers[0] if isinstance(f, File) and f.length > 64})
     assert set(want) <= set(_objects(tmp_path / "repo"))
     assert result.stats.objects_copied == len(want) == 300
+    assert result.stats.files_stored_by_inflater == 0
+
+
+def test_layers_of_like_sizes_are_stored_by_their_inflating_workers(tmp_path):
+    """Two layers of about the same size (`inflaters_store`): each inflating worker makes
+    its files objects itself, none goes to the object workers; the same objects and streams."""
+    spec = ImageSpec([[Dir(d)] + [File(f"{d}/f{i}", size=(i * 997) % 9000 + 65, seed=i + n * 1000) for i in range(150)]
+                      for n, d in enumerate(("a", "b"))], gzip=True)
+    built = build_layout(spec, tmp_path / "oci")
+    with Repository.init(tmp_path / "repo") as repo:
+        result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", build_image=False, jobs=2))
+        for diff_id in built.diff_ids:
+            reader = repo.open_stream(layer_stream_name(diff_id))
+            assert "sha256:" + hashlib.sha256(b"".join(iter_stream_bytes(repo, reader))).hexdigest() == diff_id
+    want = {digest_bytes(f.content()).hex() for layer in spec.layers for f in layer if isinstance(f, File)}
+    assert want <= set(_objects(tmp_path / "repo"))
+    assert result.stats.files_stored_by_inflater == result.stats.objects_copied == len(want) == 300
+
+
+def test_a_run_of_pieces_holds_at_most_max_run_fds_files():
+    """The inflating worker's messages (here of 63, then 64 files) are cut into the host's
+    runs at api.MAX_RUN_FDS files, even inside a message: the fds a layer holds in flight
+    are CHUNKS_IN_FLIGHT runs of at most that many. Every piece comes, in order."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sizes = [100 + i for i in range(63 + 64)]
+    records = []
+    for i, size in enumerate(sizes):
+        records += [(api.piece_record(api.PIECE_INLINE, b"%d;" % i), None),
+                    (api.piece_record(api.PIECE_FILE, size=size), os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))]
+    records.append((api.piece_record(api.PIECE_INLINE, b"end"), None))
+    try:
+        for part in (records[: 2 * 63], records[2 * 63 :]):
+            (message, fds), = api.pack_runs(part)
+            theirs.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    finally:
+        for _, fd in records:
+            if fd is not None:
+                os.close(fd)
+    theirs.close()
+    source = _PieceSource(32)
+    source.open(ours)
+    source.done.set()  # the worker's answer
+
+    async def take() -> list:
+        runs = []
+        while run := await trio.to_thread.run_sync(source.chunk):
+            runs.append(run)
+        return runs
+
+    runs = trio.run(take)
+    source.close()
+    try:
+        assert [sum(isinstance(p, PendingFile) for p in run) for run in runs] == [api.MAX_RUN_FDS, 63]
+        pieces = [p for run in runs for p in run]
+        assert [p.size for p in pieces if isinstance(p, PendingFile)] == sizes
+        assert b"".join(p for p in pieces if isinstance(p, bytes)) == b"".join(b"%d;" % i for i in range(127)) + b"end"
+        assert source.count == sum(sizes) + len(b"".join(b"%d;" % i for i in range(127)) + b"end")
+    finally:
+        for run in runs:
+            close_pieces(run)
 
 
 def test_a_blob_cut_short_commits_nothing_and_leaks_no_fd(tmp_path, layout):

@@ -258,27 +258,33 @@ def register_copy(osub: argparse._SubParsersAction) -> None:
     def cmd_copy(args: argparse.Namespace) -> int:
         import trio
 
-        from pycfs.host.oci.copy import copy
+        from pycfs.host.oci.copy import copy, fork_destination_workers
         from pycfs.host.oci.streams import check_tag
         from pycfs.host.repository import Repository
+        from pycfs.host.workers.fork import discard
         from pycfs.tools.common import print_json, repo_path
 
         if args.name is not None:
             check_tag(args.name)
         with Repository.open(repo_path(args)) as repo:  # fails early, clearly
             dest = str(repo.path)
-        with ExitStack() as stack:
-            progress = None
-            if not args.json:
-                bar = None
-                if sys.stderr.isatty():
-                    from rich.progress import Progress as Bar
-                    from rich.progress import SpinnerColumn, TextColumn
+        # before the progress bar's thread and trio start (see fork_destination_workers)
+        forked = fork_destination_workers(dest)
+        try:
+            with ExitStack() as stack:
+                progress = None
+                if not args.json:
+                    bar = None
+                    if sys.stderr.isatty():
+                        from rich.progress import Progress as Bar
+                        from rich.progress import SpinnerColumn, TextColumn
 
-                    bar = stack.enter_context(Bar(SpinnerColumn(), TextColumn("{task.description}"), transient=True))
-                progress = Progress(bar)
-            result = trio.run(copy, args.source, args.from_repo, dest, args.image, args.name, args.zerocopy, progress,
-                              args.storage_root)
+                        bar = stack.enter_context(Bar(SpinnerColumn(), TextColumn("{task.description}"), transient=True))
+                    progress = Progress(bar)
+                result = trio.run(copy, args.source, args.from_repo, dest, args.image, args.name, args.zerocopy,
+                                  progress, args.storage_root, forked)
+        finally:
+            discard(forked)  # those no pool took
         if args.json:
             print_json(result.to_json())
             return 0
