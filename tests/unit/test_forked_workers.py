@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import pty
+import select
 import subprocess
 import sys
 import threading
@@ -270,6 +271,8 @@ def test_pull_local_on_a_terminal_forks_its_workers_before_the_progress_shows(tm
         shown = b""
         deadline = time.monotonic() + 60
         while True:  # drain the terminal (rich writes to it until the pull ends)
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, "the pull did not finish within 60 s"
             try:
                 piece = os.read(master, 65536)
             except OSError:  # EIO: the last writer closed the terminal
@@ -277,7 +280,6 @@ def test_pull_local_on_a_terminal_forks_its_workers_before_the_progress_shows(tm
             if not piece:
                 break
             shown += piece
-            assert time.monotonic() < deadline
         out, _ = proc.communicate(timeout=60)
     finally:
         os.close(master)
