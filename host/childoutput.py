@@ -13,8 +13,6 @@ import subprocess
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-import trio
-
 from pycfs.protocol.fdpass import arecv_with_fds
 from pycfs.protocol.jsonrpc import Decoder, Message
 
@@ -63,6 +61,8 @@ class ChildProcess:
     def __init__(self, popen: Process) -> None:
         self._popen = popen
         self.pid = popen.pid
+        import trio  # here, not at the top: `pycfs measure` forks its workers before importing trio
+
         self._pidfd = os.pidfd_open(popen.pid)
         self._waiting = trio.Lock()  # one task at a time may wait on the pidfd
 
@@ -74,6 +74,8 @@ class ChildProcess:
         return status
 
     async def wait(self) -> int:
+        import trio
+
         async with self._waiting:
             while (status := self._popen.poll()) is None:
                 await trio.lowlevel.wait_readable(self._pidfd)
@@ -99,6 +101,8 @@ async def spawn_on_socket(argv: Sequence[str], output_name: str) -> tuple[ChildP
     its own: a terminal's Ctrl-C reaches only the host, which then ends the child in order."""
     proc, parent, output = start_on_socket(lambda child, out: ChildProcess(subprocess.Popen(
         list(argv), stdin=child, stdout=out, stderr=out, cwd="/", start_new_session=True)), output_name)
+    import trio
+
     return proc, trio.socket.from_stdlib_socket(parent), output
 
 

@@ -14,6 +14,11 @@ loop must be copied into a child. Otherwise it forks none, and the pool spawns i
 workers. The child takes fresh stdio objects, keeps only its socket and output, runs in
 "/" (as a spawned one: it must keep no directory of the caller's busy), and opens the
 repository (if any) itself.
+
+`fork_digest_workers` (`pycfs measure`) forks before trio or the pool is even imported and
+writes each worker its first request at once: the workers hash while this process spends
+~0.1 s of CPU importing and starting its event loop, where they used to wait for it. The
+pool hands their answers to the calls that make the same requests (`Forked.early`).
 """
 
 from __future__ import annotations
@@ -26,10 +31,21 @@ import socket
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from pycfs.host.childoutput import ChildOutput, start_on_socket
+from pycfs.protocol import worker_api as api
+from pycfs.protocol.fdpass import send_with_fds
+from pycfs.protocol.jsonrpc import encode
+
+MEASURE_BATCH = 64  # files per request: enough to amortise a round trip, small enough to balance
+# Path text per request: a name escaped in JSON takes at most 6 bytes a character.
+MEASURE_BATCH_CHARS = api.MAX_MESSAGE_BYTES // 8
+# Content each worker is sent before this process imports trio and starts the pool (~0.1 s
+# of CPU): about as much as a worker hashes meanwhile, so that neither waits for the other.
+EARLY_BYTES = 128 << 20
 
 
 @dataclass
@@ -39,6 +55,9 @@ class Forked:
     proc: ForkedProcess
     sock: socket.socket
     output: ChildOutput
+    # Requests written to it already, before any event loop (`fork_digest_workers`):
+    # (id, method, params), answered in this order ahead of anything the pool sends.
+    early: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
 
 
 class ForkedProcess:
@@ -77,6 +96,64 @@ def fork_workers(repo_path: str | None, jobs: int, alg: str = "sha256") -> list[
         discard(workers)
         return []
     return workers
+
+
+def default_jobs() -> int:
+    """One worker per CPU this process may run on (its affinity mask, which containers and
+    CI runners often narrow, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) or 1
+
+
+def absolute_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The paths as names a worker, which runs in "/", resolves to the same files: joined to
+    the cwd as the kernel would resolve them (no normalisation)."""
+    names = [os.fspath(path) for path in paths]
+    if all(name.startswith("/") for name in names):  # getcwd fails in a removed directory
+        return names
+    cwd = os.getcwd()
+    return [os.path.join(cwd, name) for name in names]
+
+
+def digest_batches(names: Sequence[str]) -> Iterator[tuple[int, int]]:
+    """(start, end) of each DIGEST_PATHS request's share of names: MEASURE_BATCH of them,
+    fewer when long."""
+    start, chars = 0, 0
+    for i, name in enumerate(names):
+        if i > start and (i - start == MEASURE_BATCH or chars + len(name) > MEASURE_BATCH_CHARS):
+            yield start, i
+            start, chars = i, 0
+        chars += len(name)
+    if start < len(names):
+        yield start, len(names)
+
+
+def fork_digest_workers(names: Sequence[str], jobs: int, alg: str = "sha256") -> list[Forked]:
+    """``jobs`` digest-only workers (see `fork_workers`), sent the first DIGEST_PATHS requests
+    `digest_files` will make of ``names`` (absolute), each to the worker given the least
+    content so far, until each has EARLY_BYTES. Import nothing of trio before calling
+    this: the workers are meant to hash while that happens."""
+    workers = fork_workers(None, jobs, alg)
+    given = [0] * len(workers)
+    for request_id, (start, end) in enumerate(digest_batches(names), 1):
+        index = min(range(len(workers)), key=given.__getitem__, default=None)
+        if index is None or given[index] >= EARLY_BYTES:
+            break
+        params: dict[str, Any] = {"paths": list(names[start:end])}
+        request = {"jsonrpc": "2.0", "method": api.DIGEST_PATHS, "params": params, "id": request_id}
+        try:
+            send_with_fds(workers[index].sock, encode(request, 0, api.MAX_MESSAGE_BYTES))
+        except OSError:
+            break  # a worker gone already: the pool meets that as it reads its socket
+        workers[index].early.append((request_id, api.DIGEST_PATHS, params))
+        given[index] += sum(_size(name) for name in params["paths"])
+    return workers
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0  # the worker's open reports it
 
 
 def discard(workers: Sequence[Forked]) -> None:

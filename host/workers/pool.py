@@ -27,7 +27,7 @@ import resource
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -37,10 +37,10 @@ import trio
 
 from pycfs.host.childoutput import ChildOutput, ChildProcess, receive_message, spawn_on_socket
 from pycfs.host.errors import PycfsError
-from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files
+from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files, small_job
 from pycfs.host.nursery import open_nursery
 from pycfs.host.repository import Repository
-from pycfs.host.workers.fork import Forked
+from pycfs.host.workers.fork import Forked, absolute_names, default_jobs, digest_batches
 from pycfs.host.workers.service import WorkerService
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.worker_api import Failed, Stored
@@ -60,12 +60,6 @@ class Inflated:
     diff_id: str
     tar_size: int
     files_inlined: int  # regular files small enough to stay inline
-
-
-def default_jobs() -> int:
-    """One worker per CPU this process may run on (its affinity mask, which containers and
-    CI runners often narrow, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) or 1
 
 
 class _Reply:
@@ -107,6 +101,9 @@ class WorkerPool:
         self._local_limiter = trio.CapacityLimiter(1)
         self._start_lock = trio.Lock()
         self._next_id = 0
+        # Requests forked workers were sent before the pool existed (`Forked.early`), not yet
+        # asked for: (method, params, worker, reply).
+        self._early: list[tuple[str, dict[str, Any], _Worker, _Reply]] = []
         self._closing = False
         self._failure: PycfsError | None = None
 
@@ -226,6 +223,15 @@ class WorkerPool:
     async def _request(self, method: str, fds: list[int], params: dict[str, Any],
                        sent: Callable[[], None] | None = None) -> tuple[_Worker, dict[str, Any]]:
         """The worker asked and its response; ``sent`` runs once the request is sent (or could not be)."""
+        for i, (early_method, early_params, worker, reply) in enumerate(self._early):
+            if not fds and early_method == method and early_params == params:  # sent already: its answer
+                del self._early[i]
+                if sent is not None:
+                    sent()
+                try:
+                    return worker, await self._wait(reply)
+                finally:
+                    worker.assigned -= 1
         await self._start()
         worker = min(self._workers, key=lambda w: w.assigned)
         worker.assigned += 1
@@ -423,9 +429,15 @@ async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
         pool = WorkerPool(nursery, argv, jobs or default_jobs(), repo.alg if repo is not None else alg, local)
         try:
             for f in forked:
-                pool._workers.append(_Worker(ChildProcess(f.proc), trio.socket.from_stdlib_socket(f.sock),
-                                             f.output))
-                nursery.start_soon(pool._read, pool._workers[-1])
+                worker = _Worker(ChildProcess(f.proc), trio.socket.from_stdlib_socket(f.sock), f.output)
+                for request_id, method, params in f.early:
+                    reply = _Reply(request_id)
+                    worker.waiting.append(reply)
+                    worker.assigned += 1
+                    pool._early.append((method, params, worker, reply))
+                    pool._next_id = max(pool._next_id, request_id)
+                pool._workers.append(worker)
+                nursery.start_soon(pool._read, worker)
             yield pool
         except BaseException:
             await pool.aclose(abort=True)
@@ -448,42 +460,11 @@ def batch_files() -> int:
     return max(1, min(SCM_MAX_FD - 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8))
 
 
-MEASURE_BATCH = 64  # files per request: enough to amortise a round trip, small enough to balance
-# Path text per request: a name escaped in JSON takes at most 6 bytes a character.
-MEASURE_BATCH_CHARS = api.MAX_MESSAGE_BYTES // 8
-# Below this much content, starting worker processes (~0.1 s) costs more than hashing in
-# process (~1 GB/s): the same digests, computed here.
-IN_PROCESS_BYTES = 16 << 20
 # A job whose size is not known up front (a small_here pool's store calls) starts the
 # workers once this much has come: they take ~0.2 s to come up, in the background, while
 # this process goes on storing; at IN_PROCESS_BYTES a 40 MB ostree pull-local stored its
 # first 16 MiB on one core and took 0.25 s longer than with the workers from the start.
 START_AFTER_BYTES = 1 << 20
-
-
-def small_job(paths: Sequence[str | os.PathLike[str]]) -> bool:
-    """Whether the files named hold at most IN_PROCESS_BYTES: hashed faster in process."""
-    total = 0
-    for path in paths:
-        try:
-            total += os.stat(path).st_size
-        except OSError:
-            continue  # reported by the real open
-        if total > IN_PROCESS_BYTES:
-            return False
-    return True
-
-
-def _batches(names: Sequence[str]) -> Iterator[tuple[int, int]]:
-    """(start, end) of each request's share of names: MEASURE_BATCH of them, fewer when long."""
-    start, chars = 0, 0
-    for i, name in enumerate(names):
-        if i > start and (i - start == MEASURE_BATCH or chars + len(name) > MEASURE_BATCH_CHARS):
-            yield start, i
-            start, chars = i, 0
-        chars += len(name)
-    if start < len(names):
-        yield start, len(names)
 
 
 async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha256",
@@ -494,16 +475,13 @@ async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha2
     cannot be opened, is not a regular file or cannot be read gives its OSError. ``on_done``
     hears how many more files are done, batch by batch (for progress). The workers open the
     files by name (the host does no per-file work); they run in "/", so names are made
-    absolute here, joined to the cwd as the kernel would resolve them (no normalisation)."""
+    absolute here (`absolute_names`)."""
     if not forked and jobs is None and await trio.to_thread.run_sync(small_job, paths):
         done = await trio.to_thread.run_sync(digest_regular_files, paths, alg)
         if on_done is not None:
             on_done(len(done))
         return done
-    names = [os.fspath(path) for path in paths]
-    if not all(name.startswith("/") for name in names):  # getcwd fails in a removed directory
-        cwd = os.getcwd()
-        names = [os.path.join(cwd, name) for name in names]
+    names = absolute_names(paths)
     results: list = [None] * len(paths)  # every slot is filled before the pool closes
     send, receive = trio.open_memory_channel(0)
 
@@ -520,6 +498,6 @@ async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha2
             for _ in range(2 * pool.jobs):  # one request being answered per worker, one queued behind it
                 nursery.start_soon(coordinate)
             async with send:
-                for batch in _batches(names):
+                for batch in digest_batches(names):
                     await send.send(batch)
     return results

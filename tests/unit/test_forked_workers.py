@@ -23,7 +23,7 @@ from pycfs.host.ostree.source import LocalRepo
 from pycfs.host.repository import Repository
 from pycfs.host.workers import fork
 from pycfs.host.workers.fork import fork_workers
-from pycfs.host.workers.pool import EXIT_GRACE, Stored, digest_files, open_pool
+from pycfs.host.workers.pool import EXIT_GRACE, Stored, WorkerPool, digest_files, open_pool
 
 
 @pytest.fixture
@@ -265,3 +265,63 @@ def test_pull_local_on_a_terminal_forks_its_workers_before_the_progress_shows(tm
     assert out.decode().startswith(f"commit {checksum}\n")
     assert json.loads(record.read_text()) == {"threads": ["_MainThread"], "forked": 2}
     assert b"\x1b[?25l" in shown  # rich hid the cursor for its live display
+
+
+_MEASURE_SPY = """
+import json, sys
+import pycfs.host.workers.fork as fork
+from pycfs.tools.cli import main
+
+real = fork.fork_digest_workers
+
+def spy(*args, **kwargs):
+    loaded = "trio" in sys.modules
+    forked = real(*args, **kwargs)
+    with open(sys.argv[1], "w") as f:
+        json.dump({"trio_loaded": loaded, "early": [len(w.early) for w in forked]}, f)
+    return forked
+
+fork.fork_digest_workers = spy
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_measure_forks_its_workers_and_sends_their_first_files_before_importing_trio(tmp_path):
+    """`pycfs measure` of more than it hashes in process: both workers are given their first
+    files before trio is imported (they hash while the host imports and starts the pool),
+    and the output still equals one digest per file, in order."""
+    files = _files(tmp_path, [(3 << 20) + 5] * 8 + [0, 4097] * 40)
+    listing = tmp_path / "list"
+    listing.write_text("".join(f"{p}\n" for p, _ in files))
+    record = tmp_path / "spy.json"
+    done = subprocess.run([sys.executable, "-c", _MEASURE_SPY, record, "measure", "-j", "2", "--files-from", listing],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "".join(f"{digest_bytes(d).hex()} {p}\n" for p, d in files)
+    spied = json.loads(record.read_text())
+    assert spied["trio_loaded"] is False
+    assert len(spied["early"]) == 2 and all(spied["early"])
+
+
+def test_early_requests_are_answered_once_and_the_rest_balanced(tmp_path, monkeypatch, idle_threads_allowed):
+    """Requests sent before the pool existed (`Forked.early`) are not sent again: the pool
+    hands their answers to digest_files' calls for the same batches and sends only the rest."""
+    monkeypatch.setattr(fork, "MEASURE_BATCH", 4)
+    monkeypatch.setattr(fork, "EARLY_BYTES", 2 * 4 * 5000)
+    files = _files(tmp_path, [5000] * 60)
+    names = [str(p) for p, _ in files]
+    forked = fork.fork_digest_workers(names, 2)
+    early = [len(w.early) for w in forked]
+    assert early == [2, 2]  # each worker until it has EARLY_BYTES: 2 batches of 4 files of 5000 bytes
+    sent = []
+    real_send = WorkerPool._send
+
+    async def spy(self, worker, method, fds, params, sent_cb=None):
+        sent.append(params["paths"][0])
+        return await real_send(self, worker, method, fds, params, sent_cb)
+
+    monkeypatch.setattr(WorkerPool, "_send", spy)
+    got = trio.run(lambda: digest_files(names, forked=forked))
+    assert got == [digest_bytes(d) for _, d in files]
+    firsts = [names[i] for i in range(0, 60, 4)]
+    assert sorted(sent) == sorted(firsts[sum(early):])  # each batch once: the early ones not again

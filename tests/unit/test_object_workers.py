@@ -18,7 +18,8 @@ from procs import BUSY_SIZE, busy_file, children_die_with_host
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes, digest_fd
 from pycfs.host.repository import Repository
-from pycfs.host.workers.pool import MEASURE_BATCH, Failed, Stored, WorkerPool, _batches, open_pool
+from pycfs.host.workers.fork import MEASURE_BATCH, digest_batches
+from pycfs.host.workers.pool import Failed, Stored, WorkerPool, open_pool
 from pycfs.protocol import worker_api as api
 
 SIZES = [0, 1, 65, 4095, 4096, 4097, 128 * 4096 + 1, (1 << 20) + 3]
@@ -340,7 +341,7 @@ def test_workers_open_only_absolute_names_and_take_no_fds(tmp_path, files):
 
 def test_measure_batches_stay_within_a_message():
     names = ["/" + "x" * 4000] * 100 + ["/a"] * 200
-    batches = list(_batches(names))
+    batches = list(digest_batches(names))
     assert [b for b in batches if b[0] < 100] == [(i, i + 32) for i in range(0, 96, 32)] + [(96, 160)]
     assert batches[-1][1] == len(names) and all(a[1] == b[0] for a, b in itertools.pairwise(batches))
     assert all(end - start <= MEASURE_BATCH for start, end in batches)

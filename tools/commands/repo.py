@@ -30,10 +30,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
-    from functools import partial
-
-    from pycfs.host.fsverity import digest_regular_files
-    from pycfs.host.workers.pool import small_job
+    from pycfs.host.fsverity import digest_regular_files, small_job
 
     paths = list(args.files)
     if args.files_from is not None:
@@ -47,15 +44,19 @@ def cmd_measure(args: argparse.Namespace) -> int:
     if args.jobs is None and small_job(paths):  # faster hashed here than by workers started for it
         digests = digest_regular_files(paths, args.hash)
     else:
+        from pycfs.host.workers.fork import absolute_names, default_jobs, fork_digest_workers
+
+        # Forked, and sent their first files, before trio is even imported (see
+        # pycfs.host.workers.fork): they hash while this process imports the pool.
+        names = absolute_names(paths)
+        forked = fork_digest_workers(names, args.jobs or default_jobs(), args.hash)
+        from functools import partial
+
         import trio
 
-        from pycfs.host.workers.fork import fork_workers
-        from pycfs.host.workers.pool import default_jobs, digest_files
+        from pycfs.host.workers.pool import digest_files
 
-        # Forked before trio starts (see pycfs.host.workers.fork): serving at once, where
-        # spawned workers would first start Python and import their modules.
-        forked = fork_workers(None, args.jobs or default_jobs(), args.hash)
-        digests = trio.run(partial(digest_files, paths, args.hash, args.jobs, forked=forked))
+        digests = trio.run(partial(digest_files, names, args.hash, args.jobs, forked=forked))
     status = 0
     for path, digest in zip(paths, digests):
         if isinstance(digest, OSError):
