@@ -6,9 +6,12 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from pycfs.host.errors import PycfsError
-from pycfs.host.repository import Repository
+
+if TYPE_CHECKING:  # imported where a repository is opened: parsing a command line needs none of it
+    from pycfs.host.repository import Repository
 
 
 def default_repo_path() -> str:
@@ -28,6 +31,8 @@ def repo_path(args: argparse.Namespace) -> str:
 
 
 def open_repo(args: argparse.Namespace, writable: bool = True) -> Repository:
+    from pycfs.host.repository import Repository
+
     return Repository.open(repo_path(args), writable=writable)
 
 

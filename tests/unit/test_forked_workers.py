@@ -275,10 +275,10 @@ from pycfs.tools.cli import main
 real = fork.fork_digest_workers
 
 def spy(*args, **kwargs):
-    loaded = "trio" in sys.modules
+    loaded = sorted(m for m in ("trio", "pycfs.host.repository", "pycfs.host.workers.pool") if m in sys.modules)
     forked = real(*args, **kwargs)
     with open(sys.argv[1], "w") as f:
-        json.dump({"trio_loaded": loaded, "early": [len(w.early) for w in forked]}, f)
+        json.dump({"loaded": loaded, "early": [len(w.early) for w in forked]}, f)
     return forked
 
 fork.fork_digest_workers = spy
@@ -288,8 +288,8 @@ sys.exit(main(sys.argv[2:]))
 
 def test_measure_forks_its_workers_and_sends_their_first_files_before_importing_trio(tmp_path):
     """`pycfs measure` of more than it hashes in process: both workers are given their first
-    files before trio is imported (they hash while the host imports and starts the pool),
-    and the output still equals one digest per file, in order."""
+    files before trio, the pool or the repository code is imported (they hash while the host
+    imports and starts the pool), and the output still equals one digest per file, in order."""
     files = _files(tmp_path, [(3 << 20) + 5] * 8 + [0, 4097] * 40)
     listing = tmp_path / "list"
     listing.write_text("".join(f"{p}\n" for p, _ in files))
@@ -299,7 +299,7 @@ def test_measure_forks_its_workers_and_sends_their_first_files_before_importing_
     assert done.returncode == 0, done.stderr
     assert done.stdout == "".join(f"{digest_bytes(d).hex()} {p}\n" for p, d in files)
     spied = json.loads(record.read_text())
-    assert spied["trio_loaded"] is False
+    assert spied["loaded"] == []
     assert len(spied["early"]) == 2 and all(spied["early"])
 
 

@@ -292,6 +292,19 @@ def test_measure_command_keeps_order_and_reports_each_failure(tmp_path, files):
                                        f"pycfs: error: {tmp_path}: Is a directory"]
 
 
+def test_measure_writes_its_lines_in_order_around_the_errors(tmp_path, files):
+    """stdout and stderr on one pipe (a terminal, `2>&1`): each error line comes after the
+    digests of the files before it, though the digests are written in runs."""
+    argv = [sys.executable, "-m", "pycfs.tools.cli", "measure", "-j", "2", str(files[0][0]), str(tmp_path / "gone"),
+            str(files[1][0]), str(files[2][0]), str(tmp_path / "gone2"), str(files[3][0])]
+    out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd="/")
+    assert out.returncode == 1
+    line = {i: f"{digest_bytes(files[i][1]).hex()} {files[i][0]}" for i in range(4)}
+    assert out.stdout.splitlines() == [line[0], f"pycfs: error: {tmp_path / 'gone'}: No such file or directory",
+                                       line[1], line[2], f"pycfs: error: {tmp_path / 'gone2'}: No such file or directory",
+                                       line[3]]
+
+
 def test_measure_by_name_resolves_like_the_kernel_and_refuses_what_is_not_a_file(tmp_path, files):
     """The workers (cwd "/") open the names themselves: a relative name is the caller's
     (its ".." taken after the symlink, as the kernel does), a non-UTF-8 name survives JSON,
