@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -39,7 +39,6 @@ from pycfs.host.childoutput import ChildOutput, ChildProcess, receive_message, s
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files, small_job
 from pycfs.host.nursery import open_nursery
-from pycfs.host.repository import Repository
 from pycfs.host.workers.fork import Forked, absolute_names, default_jobs, digest_batches
 from pycfs.host.workers.service import WorkerService
 from pycfs.protocol import worker_api as api
@@ -47,6 +46,9 @@ from pycfs.protocol.worker_api import Failed, Stored
 from pycfs.protocol.fdpass import SCM_MAX_FD, FdPassError, asend_with_fds
 from pycfs.protocol.jsonrpc import Decoder, ProtocolError, encode
 from pycfs.protocol.rpcserver import Call, InvalidParamsError
+
+if TYPE_CHECKING:  # a pool for `pycfs measure` (digests only) needs none of the repository code
+    from pycfs.host.repository import Repository
 
 EXIT_GRACE = 5.0
 

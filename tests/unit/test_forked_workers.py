@@ -307,6 +307,7 @@ def test_early_requests_are_answered_once_and_the_rest_balanced(tmp_path, monkey
     """Requests sent before the pool existed (`Forked.early`) are not sent again: the pool
     hands their answers to digest_files' calls for the same batches and sends only the rest."""
     monkeypatch.setattr(fork, "MEASURE_BATCH", 4)
+    monkeypatch.setattr(fork, "MEASURE_BATCH_MIN", 4)
     monkeypatch.setattr(fork, "EARLY_BYTES", 2 * 4 * 5000)
     files = _files(tmp_path, [5000] * 60)
     names = [str(p) for p, _ in files]

@@ -18,7 +18,7 @@ from procs import BUSY_SIZE, busy_file, children_die_with_host
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes, digest_fd
 from pycfs.host.repository import Repository
-from pycfs.host.workers.fork import MEASURE_BATCH, digest_batches
+from pycfs.host.workers.fork import MEASURE_BATCH, MEASURE_BATCH_MIN, digest_batches
 from pycfs.host.workers.pool import Failed, Stored, WorkerPool, open_pool
 from pycfs.protocol import worker_api as api
 
@@ -353,11 +353,23 @@ def test_workers_open_only_absolute_names_and_take_no_fds(tmp_path, files):
 
 
 def test_measure_batches_stay_within_a_message():
-    names = ["/" + "x" * 4000] * 100 + ["/a"] * 200
+    names = ["/" + "x" * 4000] * 100 + ["/a"] * 2000
     batches = list(digest_batches(names))
-    assert [b for b in batches if b[0] < 100] == [(i, i + 32) for i in range(0, 96, 32)] + [(96, 160)]
+    assert [b for b in batches if b[0] < 100] == [(i, i + 32) for i in range(0, 96, 32)] + [(96, 96 + 2004 // 8)]
     assert batches[-1][1] == len(names) and all(a[1] == b[0] for a, b in itertools.pairwise(batches))
     assert all(end - start <= MEASURE_BATCH for start, end in batches)
+
+
+def test_measure_batches_shrink_towards_the_end():
+    """Large requests while many files are left, an eighth of the rest later (but not under
+    MEASURE_BATCH_MIN): neither worker is left hashing a long last batch alone."""
+    sizes = [end - start for start, end in digest_batches(["/a"] * 10_000)]
+    assert sizes[:30] == [MEASURE_BATCH] * 30 and sum(sizes) == 10_000
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] <= MEASURE_BATCH_MIN
+    left = 10_000
+    for size in sizes:
+        assert size == max(MEASURE_BATCH_MIN, min(MEASURE_BATCH, left // 8)) or size == left
+        left -= size
 
 
 def test_malformed_replies_are_refused():
