@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pycfs.protocol.errors import PycfsError
 
@@ -74,14 +75,15 @@ class FrameHeaderDescriptor:
         return window + _DID_FIELD_SIZE[self.dictionary_id_flag] + fcs
 
 
-@dataclass(frozen=True)
-class BlockHeader:
+class BlockHeader(NamedTuple):
+    """A tuple: one is made for every block, and a tuple is quicker to make than a dataclass."""
+
     last_block: bool
     block_type: int
     block_size: int
 
     @classmethod
-    def unpack(cls, data: bytes) -> BlockHeader:
+    def unpack(cls, data: bytes | memoryview) -> BlockHeader:
         value = int.from_bytes(data, "little")
         return cls(bool(value & 1), value >> 1 & 3, value >> 3)
 
@@ -121,19 +123,37 @@ class ZstdFrameChecker:
                 self._skip -= n
                 pos += n
                 continue
-            take = min(self._need - len(self._header), end - pos)
-            self._header += data[pos:pos + take]
-            pos += take
-            if len(self._header) == self._need:
+            need = self._need
+            header: bytes | memoryview
+            if not self._header and end - pos >= need:  # the usual case: the header is whole here
+                header = data[pos:pos + need]
+                pos += need
+            else:
+                take = min(need - len(self._header), end - pos)
+                self._header += data[pos:pos + take]
+                pos += take
+                if len(self._header) < need:
+                    break
                 header = bytes(self._header)
                 self._header.clear()
-                self._advance(header, self.offset + pos - self._need)
+            self._advance(header, self.offset + pos - need)
         self.offset += end
 
-    def _advance(self, header: bytes, at: int) -> None:
-        """Act on the complete header that started at offset `at`."""
+    def _advance(self, header: bytes | memoryview, at: int) -> None:
+        """Act on the complete header that started at offset `at` (block headers first: they
+        are most of the headers)."""
         state = self._state
-        if state == _MAGIC:
+        if state == _BLOCK_HEADER:
+            block = BlockHeader.unpack(header)
+            if block.block_type == BLOCK_RESERVED:
+                raise ZstdFrameError(f"reserved block type at offset {at}")
+            self._skip = block.content_size()
+            if block.last_block:
+                if self._checksum:
+                    self._expect(_CHECKSUM, CONTENT_CHECKSUM_SIZE)
+                else:
+                    self._expect(_MAGIC, MAGIC.size)
+        elif state == _MAGIC:
             (magic,) = MAGIC.unpack(header)
             if magic == ZSTD_MAGIC_NUMBER:
                 self._expect(_DESCRIPTOR, 1)
@@ -155,17 +175,6 @@ class ZstdFrameChecker:
                 self._expect(_BLOCK_HEADER, BLOCK_HEADER_SIZE)
         elif state == _HEADER_FIELDS:
             self._expect(_BLOCK_HEADER, BLOCK_HEADER_SIZE)
-        elif state == _BLOCK_HEADER:
-            block = BlockHeader.unpack(header)
-            if block.block_type == BLOCK_RESERVED:
-                raise ZstdFrameError(f"reserved block type at offset {at}")
-            self._skip = block.content_size()
-            if not block.last_block:
-                self._expect(_BLOCK_HEADER, BLOCK_HEADER_SIZE)
-            elif self._checksum:
-                self._expect(_CHECKSUM, CONTENT_CHECKSUM_SIZE)
-            else:
-                self._expect(_MAGIC, MAGIC.size)
         else:  # _CHECKSUM
             self._expect(_MAGIC, MAGIC.size)
 
