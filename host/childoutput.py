@@ -11,7 +11,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -44,13 +44,23 @@ class ChildOutput:
             self.fd = None
 
 
+class Process(Protocol):
+    """What `ChildProcess` needs of a child: a `subprocess.Popen`, or a forked one's
+    `pycfs.host.workers.fork.ForkedProcess`."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
+    def kill(self) -> None: ...
+
+
 class ChildProcess:
     """A child forked from the main thread. PR_SET_PDEATHSIG, which ties a child's life to
     its parent, fires when the *thread* that forked it exits; trio's open_process forks in a
     cached thread, which exits after idling 10 s, and took object workers with it (SIGKILL in
     the middle of long pulls)."""
 
-    def __init__(self, popen: subprocess.Popen) -> None:
+    def __init__(self, popen: Process) -> None:
         self._popen = popen
         self.pid = popen.pid
         self._pidfd = os.pidfd_open(popen.pid)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from pycfs.host.erofs.writer import write_image as write_erofs
 from pycfs.host.fsverity import digest_bytes
 from pycfs.host.ostree.commitstream import (
     REF_PREFIX, CommitObjects, encode_ref, has_commit, stream_name, write_commit_stream,
@@ -97,6 +96,9 @@ def build_filesystem(objects: CommitObjects) -> FileSystem:
 
 
 def image_bytes(repo: Repository, objects: CommitObjects, version: int | None = None) -> bytes:
+    # imported here: a re-pull whose image exists writes none (the writer is ~10 ms of imports)
+    from pycfs.host.erofs.writer import write_image as write_erofs
+
     return write_erofs(build_filesystem(objects), repo.erofs_default if version is None else version)
 
 

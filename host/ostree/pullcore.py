@@ -428,7 +428,8 @@ def prepare_pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, optio
     if options.gpg_keyring is not None:
         signed = _signed_commit(source, commit, options.gpg_keyring)
     if has_commit(repo, commit):
-        objects = load_stream(repo, stream_name(commit))
+        # a re-pull under the same NAME has it loaded already
+        objects = current if current is not None and current.commit == commit else load_stream(repo, stream_name(commit))
         checks.check(commit, commit_of(objects))
         image_id = ensure_image(repo, objects, name)
         stats = PullStats(requests=source.requests if isinstance(source, HttpRepo) else None)

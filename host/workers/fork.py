@@ -6,14 +6,19 @@ this process has loaded already: it is serving within milliseconds, where a spaw
 spends ~0.08 s of CPU starting Python and importing them, on the cores the host and the other
 workers need (measured: `pycfs ostree pull-local` of 2,715 files on 2 cores; see the commit).
 
-`fork_workers` runs on the main thread, before trio starts: PR_SET_PDEATHSIG follows the
-thread that forked, and nothing of the event loop must be copied into a child. The child
-takes fresh stdio objects (another thread may have held the old ones' locks at the fork),
-keeps only its socket and output, and opens the repository (if any) itself.
+`fork_workers` forks only while the main thread is this process's only thread (before
+trio starts, before a progress display's refresh thread): PR_SET_PDEATHSIG follows the
+thread that forked, a fork copies only the calling thread (a lock another one holds then,
+rich's or a stream's, would stay held in the child for good), and nothing of the event
+loop must be copied into a child. Otherwise it forks none, and the pool spawns its
+workers. The child takes fresh stdio objects, keeps only its socket and output, runs in
+"/" (as a spawned one: it must keep no directory of the caller's busy), and opens the
+repository (if any) itself.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import signal
@@ -37,8 +42,8 @@ class Forked:
 
 
 class ForkedProcess:
-    """What `pycfs.host.childoutput.ChildProcess` needs of a `subprocess.Popen`, for a child
-    that was forked rather than spawned."""
+    """A forked child as `pycfs.host.childoutput.ChildProcess` takes it (a `Process`, as a
+    spawned child's `subprocess.Popen` is)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -59,8 +64,8 @@ class ForkedProcess:
 def fork_workers(repo_path: str | None, jobs: int, alg: str = "sha256") -> list[Forked]:
     """``jobs`` workers storing into the repository at ``repo_path`` (only hashing with
     ``alg`` when it is None), forked now; none (the pool spawns its own then) when this is
-    not the main thread or a fork fails."""
-    if threading.current_thread() is not threading.main_thread():
+    not the main thread, another thread runs, or a fork fails."""
+    if not _alone():
         return []
     for stream in (sys.stdout, sys.stderr):  # what is buffered would be written twice
         stream.flush()
@@ -84,6 +89,11 @@ def discard(workers: Sequence[Forked]) -> None:
         worker.output.close()
 
 
+def _alone() -> bool:
+    """Whether the main thread is running this, and no other thread exists."""
+    return threading.current_thread() is threading.main_thread() and threading.active_count() == 1
+
+
 def _fork_one(argv: list[str]) -> Forked:
     def start(child: int, output: int) -> ForkedProcess:
         pid = os.fork()
@@ -97,10 +107,14 @@ def _fork_one(argv: list[str]) -> Forked:
 def _child(sock_fd: int, output_fd: int, argv: list[str]) -> None:
     status = 1
     try:
+        # What was inherited lives as long as the worker: collections need not walk it
+        # (walking it would also write to, and so copy, the pages it shares with the host).
+        gc.freeze()
         os.setsid()  # as a spawned worker: a terminal's Ctrl-C reaches only the host
         os.dup2(sock_fd, 0)  # where the workers' main takes its socket from
         os.dup2(output_fd, 1)
         os.dup2(output_fd, 2)
+        os.chdir("/")
         # Nothing of the host's: its repository and source, and the other workers' host ends
         # (a copy held here would keep such a worker from seeing the host close its end).
         os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[1])

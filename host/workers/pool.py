@@ -31,8 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from subprocess import Popen
-from typing import Any, cast
+from typing import Any
 
 import trio
 
@@ -424,7 +423,7 @@ async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
         pool = WorkerPool(nursery, argv, jobs or default_jobs(), repo.alg if repo is not None else alg, local)
         try:
             for f in forked:
-                pool._workers.append(_Worker(ChildProcess(cast(Popen, f.proc)), trio.socket.from_stdlib_socket(f.sock),
+                pool._workers.append(_Worker(ChildProcess(f.proc), trio.socket.from_stdlib_socket(f.sock),
                                              f.output))
                 nursery.start_soon(pool._read, pool._workers[-1])
             yield pool

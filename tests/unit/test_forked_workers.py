@@ -2,8 +2,14 @@
 real pool, real files; and a local ostree pull large enough to use them."""
 
 import errno
+import json
 import os
+import pty
+import select
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import trio
@@ -17,8 +23,16 @@ from pycfs.host.ostree.pull import fork_workers_for, run_prepared
 from pycfs.host.ostree.pullcore import HERE_FILES, PullCore, PullOptions, prepare_pull
 from pycfs.host.ostree.source import LocalRepo
 from pycfs.host.repository import Repository
+from pycfs.host.workers import fork
 from pycfs.host.workers.fork import fork_workers
 from pycfs.host.workers.pool import EXIT_GRACE, Stored, digest_files, open_pool
+
+
+@pytest.fixture
+def idle_threads_allowed(monkeypatch):
+    """fork_workers forks only while the main thread is alone (test_no_fork_while_another_thread_runs);
+    earlier tests leave trio's idle cached threads behind for 10 s, so here only the main-thread rule holds."""
+    monkeypatch.setattr(fork, "_alone", lambda: threading.current_thread() is threading.main_thread())
 
 
 def _files(tmp_path, sizes):
@@ -30,7 +44,7 @@ def _files(tmp_path, sizes):
     return out
 
 
-def test_forked_workers_store_keep_none_of_the_hosts_fds_and_exit_at_eof(tmp_path):
+def test_forked_workers_store_keep_none_of_the_hosts_fds_and_exit_at_eof(tmp_path, idle_threads_allowed):
     files = _files(tmp_path, [0, 65, 4097, (1 << 20) + 3] * 4)
     before = open_fd_count()
     exited, pids, held = [], [], []
@@ -69,7 +83,7 @@ def test_forked_workers_store_keep_none_of_the_hosts_fds_and_exit_at_eof(tmp_pat
 
 
 @pytest.mark.parametrize("alg", ["sha256", "sha512"])
-def test_forked_digest_only_workers_hash_with_their_algorithm(tmp_path, alg):
+def test_forked_digest_only_workers_hash_with_their_algorithm(tmp_path, alg, idle_threads_allowed):
     """`pycfs measure`'s workers: forked with no repository, hashing with the alg asked for."""
     files = _files(tmp_path, [0, 4097, (1 << 20) + 3] * 3)
     forked = fork_workers(None, 2, alg)
@@ -81,7 +95,7 @@ def test_forked_digest_only_workers_hash_with_their_algorithm(tmp_path, alg):
             os.kill(f.proc.pid, 0)
 
 
-def test_a_forked_worker_that_cannot_start_quotes_its_output(tmp_path):
+def test_a_forked_worker_that_cannot_start_quotes_its_output(tmp_path, idle_threads_allowed):
     files = _files(tmp_path, [100])
     with Repository.init(tmp_path / "repo") as repo:
         forked = fork_workers(str(repo.path), 1)
@@ -99,7 +113,7 @@ def test_a_forked_worker_that_cannot_start_quotes_its_output(tmp_path):
             trio.run(main)
 
 
-def test_a_failed_fork_leaves_no_worker_and_no_fd(tmp_path, monkeypatch):
+def test_a_failed_fork_leaves_no_worker_and_no_fd(tmp_path, monkeypatch, idle_threads_allowed):
     """The second fork fails: the first worker is killed and reaped, its socket and output
     closed, and the pool will spawn its own."""
     real_fork, forked = os.fork, []
@@ -130,6 +144,36 @@ def test_no_fork_off_the_main_thread(tmp_path):
     assert got == [[]]
 
 
+def test_no_fork_while_another_thread_runs(tmp_path):
+    """A fork copies only the calling thread: with another one running, none is forked (the
+    pool spawns its workers)."""
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        with Repository.init(tmp_path / "repo") as repo:
+            assert fork_workers(str(repo.path), 2) == []
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_forked_workers_run_in_the_root_directory(tmp_path, monkeypatch, idle_threads_allowed):
+    """As a spawned worker: the caller's working directory is not kept busy."""
+    monkeypatch.chdir(tmp_path)
+    forked = fork_workers(None, 1)
+    assert len(forked) == 1
+    try:
+        deadline = time.monotonic() + 5  # (the child moves there right after the fork)
+        while (cwd := os.readlink(f"/proc/{forked[0].proc.pid}/cwd")) != "/" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cwd == "/"
+    finally:
+        forked[0].sock.close()  # EOF: the worker exits
+        forked[0].output.close()
+        os.waitpid(forked[0].proc.pid, 0)
+
+
 def test_forked_workers_die_with_the_host(tmp_path):
     with Repository.init(tmp_path / "repo"):
         pass
@@ -154,7 +198,7 @@ def test_forked_workers_die_with_the_host(tmp_path):
 
 
 @pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
-def test_local_pull_with_more_files_than_stored_here_forks_its_workers(tmp_path):
+def test_local_pull_with_more_files_than_stored_here_forks_its_workers(tmp_path, idle_threads_allowed):
     """A commit with more files than the pull stores in process, walked here (an archive
     repository, --no-delta): the files go to forked workers, and the image has the tree of
     `ostree checkout`."""
@@ -182,3 +226,66 @@ def test_local_pull_with_more_files_than_stored_here_forks_its_workers(tmp_path)
         {p: (t, m, c) for p, (t, m, _u, _g, _x, c) in describe_dir(checkout).items()}
     for f in forked:
         assert f.proc.poll() == 0
+
+
+_SPY_ON_FORK = """
+import json, sys, threading
+import pycfs.host.ostree.pull as pull
+from pycfs.tools.cli import main
+
+real = pull.fork_workers
+
+def spy(*args, **kwargs):
+    threads = [type(t).__name__ for t in threading.enumerate()]
+    forked = real(*args, **kwargs)
+    with open(sys.argv[1], "w") as f:
+        json.dump({"threads": threads, "forked": len(forked)}, f)
+    return forked
+
+pull.fork_workers = spy
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
+def test_pull_local_on_a_terminal_forks_its_workers_before_the_progress_shows(tmp_path):
+    """`pycfs ostree pull-local` with its rich progress on a terminal: the workers are forked
+    while the main thread is the only one (rich's refresh thread starts after), and the
+    progress is shown there, on stderr (stdout is the result's)."""
+    tree = tmp_path / "tree"
+    for i in range(HERE_FILES + 20):
+        (tree / "many").mkdir(parents=True, exist_ok=True)
+        (tree / "many" / f"n{i}").write_bytes(b"content %d " % i * 20)
+    repo_path = init_repo(tmp_path / "ostree", "archive")
+    checksum = commit(repo_path, tree, "main")
+    cfs = tmp_path / "cfs"
+    subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", cfs, "init"], check=True, capture_output=True)
+    record = tmp_path / "fork.json"
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _SPY_ON_FORK, record, "--repo", cfs, "ostree", "pull-local",
+                                 "--no-delta", "--jobs", "2", repo_path, "main"],
+                                stdout=subprocess.PIPE, stderr=slave, cwd="/")
+        os.close(slave)
+        slave = -1
+        shown = b""
+        deadline = time.monotonic() + 60
+        while True:  # drain the terminal (rich writes to it until the pull ends)
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, "the pull did not finish within 60 s"
+            try:
+                piece = os.read(master, 65536)
+            except OSError:  # EIO: the last writer closed the terminal
+                break
+            if not piece:
+                break
+            shown += piece
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert proc.returncode == 0, shown.decode(errors="replace")
+    assert out.decode().startswith(f"commit {checksum}\n")
+    assert json.loads(record.read_text()) == {"threads": ["_MainThread"], "forked": 2}
+    assert b"\x1b[?25l" in shown  # rich hid the cursor for its live display

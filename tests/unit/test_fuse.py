@@ -77,6 +77,16 @@ class Mounted:
         self.replies = os.open(tmp_path / "replies", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.server = FuseServer(self.ops, self.replies)
         self.unique = 0
+        Mounted.opened.append(self)
+
+    opened: list[Mounted] = []  # closed after each test (_close_mounted)
+
+    def close(self) -> None:
+        self.server.close()
+        self.ops.close()
+        os.close(self.ops.image.objects_fd)  # the server's process holds it until it exits
+        os.close(self.replies)
+        self.repo.close()
 
     def request(self, opcode: int, nodeid: int, body: bytes = b"", uid: int = 0) -> bytes:
         """The reply's payload; FuseError for an error reply."""
@@ -162,6 +172,14 @@ class Mounted:
             return []
         names = self.request(fuse.LISTXATTR, ino, fuse.GetxattrIn(size).pack(), uid)
         return names.split(b"\0")[:-1]
+
+
+@pytest.fixture(autouse=True)
+def _close_mounted():
+    """Each test's images closed after it: their fds would stay open for the whole run."""
+    yield
+    while Mounted.opened:
+        Mounted.opened.pop().close()
 
 
 @pytest.fixture(params=[0, 1, 2], ids=["v0", "v1", "v2"])

@@ -4,6 +4,7 @@ create-image, tag, untag, and gc keeping what ostree refs reach."""
 
 import json
 import subprocess
+import sys
 
 import pytest
 from ostree_trees import (
@@ -89,6 +90,41 @@ def test_second_pull_under_the_same_name_uses_it_as_base(source, tmp_path):
     assert plain["image"] == second["image"] and plain["commit"] == second["commit"] == v2
     again = json.loads(pycfs(cfs, "ostree", "pull-local", repo, "next", "sys", "--json").stdout)
     assert again["already_present"] and again["files_fetched"] == 0
+
+
+# The CLI in a fresh process, counting the commit streams it reads; then whether it loaded the EROFS writer.
+_COUNT_STREAMS = r"""
+import sys
+from pycfs.host.ostree.commitstream import CommitObjects
+from pycfs.tools.cli import main
+
+read = []
+real = CommitObjects.from_stream.__func__
+CommitObjects.from_stream = classmethod(lambda cls, reader, name: read.append(name) or real(cls, reader, name))
+code = main(sys.argv[1:])
+print(code, len(read), "pycfs.host.erofs.writer" in sys.modules)
+"""
+
+
+def test_a_repull_under_the_same_name_reads_its_stream_once_and_writes_no_image(source, tmp_path):
+    """The commit NAME names is the one pulled: its stream, loaded for the downgrade check,
+    serves the re-pull too, and the image is there (no EROFS writer is loaded)."""
+    repo, _v1, v2, _checkout = source
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+    first = json.loads(pycfs(cfs, "ostree", "pull-local", repo, "next", "sys", "--json").stdout)
+
+    def repull(*argv):
+        out = subprocess.run([sys.executable, "-c", _COUNT_STREAMS, "--repo", cfs, "ostree", "pull-local", repo,
+                              *argv, "--json"], capture_output=True, text=True, check=True, cwd="/").stdout
+        result, counts = out.rsplit("}", 1)
+        return json.loads(result + "}"), counts.split()
+
+    again, counts = repull("next", "sys")
+    assert again["already_present"] and again["image"] == first["image"] and again["commit"] == v2
+    assert counts == ["0", "1", "False"]
+    # under a new name nothing was loaded before: the stream is read once there too
+    assert repull("next", "other")[1] == ["0", "1", "False"]
 
 
 def test_pull_local_uses_the_archive_repositorys_static_deltas(source, tmp_path):

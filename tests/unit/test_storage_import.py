@@ -354,38 +354,51 @@ def test_layers_stream_through_small_chunks(tmp_path, repo, monkeypatch, chunk_e
     assert result.layers == [(layer.diff_id, tar_id)]
 
 
-def test_batches_follow_the_open_file_limit(tmp_path, repo, monkeypatch):
+_COUNT_BATCHES = """
+import json, sys
+from pathlib import Path
+
+import trio
+from pycfs.host.oci import cstorage
+from pycfs.host.repository import Repository
+from pycfs.host.storage.store import Storage, Store
+from pycfs.host.workers.pool import WorkerPool
+
+sent = []
+store = WorkerPool.store
+
+async def counting(self, fds, *args, **kwargs):
+    sent.append(len(fds))
+    return await store(self, fds, *args, **kwargs)
+
+WorkerPool.store = counting
+storage = Storage([Store(Path(sys.argv[2]), "overlay")])
+with Repository.open(sys.argv[1]) as repo:
+    trio.run(lambda: cstorage.pull_image(repo, storage, "localhost/img:latest", jobs=2))
+print(json.dumps(sorted(sent)))
+"""
+
+
+def test_batches_follow_the_open_file_limit(tmp_path, repo):
     """Files go to the object workers `batch_files()` at a time: an eighth of the soft
     open-file limit (50 at 400), within one message's fds (252 at any higher limit), so
-    the coordinators' batches in flight stay within half the limit; the layer is exact."""
+    the coordinators' batches in flight stay within half the limit; the layer is exact.
+    In a process of its own: this one may have more fds open than the low limit allows."""
     import resource
+    import subprocess
+    import sys
 
-    from pycfs.host.workers.pool import WorkerPool
-
-    sent: list[int] = []
-    store = WorkerPool.store
-
-    async def counting(self, fds, *args, **kwargs):
-        sent.append(len(fds))
-        return await store(self, fds, *args, **kwargs)
-
-    monkeypatch.setattr(WorkerPool, "store", counting)
     fake = FakeStore(tmp_path / "storage", "overlay")
     layer = fake.add_layer({"d": None, **{f"d/f{i:03}": BIG + i.to_bytes(2, "big") for i in range(120)}})
     fake.add_image([layer], ["localhost/img:latest"])
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (400, hard))
-    try:
-        result = _pull(repo, fake, jobs=2)
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert sorted(sent) == [20, 50, 50]
-    assert _cat(repo, layer.diff_id) == layer.tar and result.stats.layers == 1
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
-    try:
-        assert cstorage.batch_files() == min(252, min(hard, 1 << 20) // 8)
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    out = subprocess.run([sys.executable, "-c", _COUNT_BATCHES, str(repo.path), str(fake.root)], check=True,
+                         capture_output=True, text=True, timeout=120,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (400, hard))).stdout
+    assert json.loads(out) == [20, 50, 50]
+    assert _cat(repo, layer.diff_id) == layer.tar
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert cstorage.batch_files() == min(252, soft // 8)
 
 
 def test_helper_gate_starts_the_helper_once_for_concurrent_callers(tmp_path):

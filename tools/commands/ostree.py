@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 
 class _PlainProgress:
+    def show(self, stack: ExitStack) -> None:
+        pass
+
     def metadata(self, fetched: int) -> None:
         pass
 
@@ -32,19 +35,24 @@ class _PlainProgress:
 
 class _RichProgress:
     """On a terminal: metadata objects fetched, files fetched of those found so far (with
-    bytes and rate)."""
+    bytes and rate). Counted from the start, shown from `show` on (it starts rich's refresh
+    thread, which must not exist yet when the object workers are forked)."""
 
-    def __init__(self, stack: ExitStack) -> None:
+    def __init__(self) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.progress = stack.enter_context(Progress(
+        self.progress = Progress(  # on stderr, the terminal looked at: stdout is the result's
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[size]}"),
-            TimeElapsedColumn(), transient=True))
+            TimeElapsedColumn(), transient=True, console=Console(stderr=True))
         self.meta = self.progress.add_task("metadata", total=None, size="")
         self.files = self.progress.add_task("files", total=0, size="")
         self.bytes = 0
         self.found = 0
         self.started = time.monotonic()
+
+    def show(self, stack: ExitStack) -> None:
+        stack.enter_context(self.progress)
 
     def metadata(self, fetched: int) -> None:
         self.progress.update(self.meta, completed=fetched)
@@ -97,8 +105,8 @@ def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
         options = PullOptions(name=args.name, base_name=args.base_name, jobs=args.jobs,
                               deltas=not args.no_delta, gpg_keyring=args.gpg_keyring,
                               allow_downgrade=args.allow_downgrade)
-        if not args.json:
-            options.progress = _RichProgress(stack) if sys.stderr.isatty() else _PlainProgress()
+        progress = None if args.json else _RichProgress() if sys.stderr.isatty() else _PlainProgress()
+        options.progress = progress
         # an update of a few files or a re-pull ends here; trio only for a larger job
         prepared = prepare_pull(repo, source, args.ref, options)
         if isinstance(prepared, PullResult):
@@ -108,7 +116,10 @@ def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
 
             from pycfs.host.ostree.pull import fork_workers_for, run_prepared
 
-            result = trio.run(run_prepared, prepared, fork_workers_for(prepared))
+            forked = fork_workers_for(prepared)  # while this is the only thread
+            if progress is not None:
+                progress.show(stack)
+            result = trio.run(run_prepared, prepared, forked)
     _print_pull(result, args.json)
     return 0
 
