@@ -39,7 +39,7 @@ from pycfs.host.childoutput import ChildOutput, ChildProcess, receive_message, s
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files, small_job
 from pycfs.host.nursery import open_nursery
-from pycfs.host.workers.fork import Forked, absolute_names, default_jobs, digest_batches
+from pycfs.host.workers.fork import Forked, absolute_names, default_jobs, digest_batches, discard
 from pycfs.host.workers.service import WorkerService
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.worker_api import Failed, Stored
@@ -429,6 +429,7 @@ async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
         local = WorkerService(repo.alg if repo is not None else alg, repo)
     async with open_nursery() as nursery:
         pool = WorkerPool(nursery, argv, jobs or default_jobs(), repo.alg if repo is not None else alg, local)
+        adopted = 0
         try:
             for f in forked:
                 worker = _Worker(ChildProcess(f.proc), trio.socket.from_stdlib_socket(f.sock), f.output)
@@ -439,9 +440,11 @@ async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
                     pool._early.append((method, params, worker, reply))
                     pool._next_id = max(pool._next_id, request_id)
                 pool._workers.append(worker)
+                adopted += 1
                 nursery.start_soon(pool._read, worker)
             yield pool
         except BaseException:
+            discard(forked[adopted:])  # those not the pool's yet (an adoption failed part way)
             await pool.aclose(abort=True)
             raise
         await pool.aclose()
