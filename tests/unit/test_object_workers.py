@@ -305,6 +305,21 @@ def test_measure_writes_its_lines_in_order_around_the_errors(tmp_path, files):
                                        line[3]]
 
 
+def test_measure_output_in_runs_keeps_every_line(tmp_path, files, monkeypatch, capsys):
+    """Lines are written OUTPUT_RUN at a time (here 2): none lost or repeated at a run's end,
+    an error's line between."""
+    from pycfs.tools import cli
+    from pycfs.tools.commands import repo
+
+    monkeypatch.setattr(repo, "OUTPUT_RUN", 2)
+    names = [str(p) for p, _ in files[:5]]
+    names.insert(3, str(tmp_path / "gone"))
+    assert cli.main(["measure", "-j", "1", *names]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"{digest_bytes(d).hex()} {p}" for p, d in files[:5]]
+    assert err == f"pycfs: error: {tmp_path / 'gone'}: No such file or directory\n"
+
+
 def test_measure_by_name_resolves_like_the_kernel_and_refuses_what_is_not_a_file(tmp_path, files):
     """The workers (cwd "/") open the names themselves: a relative name is the caller's
     (its ".." taken after the symlink, as the kernel does), a non-UTF-8 name survives JSON,

@@ -31,6 +31,9 @@ def cmd_cat(args: argparse.Namespace) -> int:
     return 0
 
 
+OUTPUT_RUN = 1024
+
+
 def cmd_measure(args: argparse.Namespace) -> int:
     from pycfs.host.fsverity import digest_regular_files, small_job
 
@@ -59,19 +62,26 @@ def cmd_measure(args: argparse.Namespace) -> int:
         from pycfs.host.workers.pool import digest_files
 
         digests = trio.run(partial(digest_files, names, args.hash, args.jobs, forked=forked))
-    # Written in runs between the errors, not a print per file (17k prints took 37 ms, a join 9).
+    # Written a run of lines at a time, not a print per file (17,130 prints took 37 ms, joined
+    # runs 9), in runs of at most OUTPUT_RUN (a whole 200,000-file output joined would be ~60 MB).
     status = 0
     lines: list[str] = []
+
+    def write_run() -> None:
+        sys.stdout.write("".join(lines))
+        lines.clear()
+
     for path, digest in zip(paths, digests):
         if isinstance(digest, OSError):
-            sys.stdout.write("".join(lines))
-            sys.stdout.flush()  # the error line after the lines before it, on a terminal
-            lines.clear()
+            write_run()
+            sys.stdout.flush()  # the error line after the lines before it, on a shared pipe
             print(f"pycfs: error: {path}: {digest.strerror}", file=sys.stderr)
             status = 1
-        else:
-            lines.append(f"{digest.hex()} {path}\n")
-    sys.stdout.write("".join(lines))
+            continue
+        lines.append(f"{digest.hex()} {path}\n")
+        if len(lines) == OUTPUT_RUN:
+            write_run()
+    write_run()
     return status
 
 
