@@ -121,51 +121,40 @@ def test_the_first_present_object_turns_lookups_back_on(tmp_path, counts):
     assert _stored_files(repo) == 160  # the wasted clone left nothing behind
 
 
-def test_adopted_files_skip_the_lookup_and_the_seal_of_a_present_object_is_harmless(tmp_path, counts):
+def _adopt(repo: Repository, data: bytes) -> tuple[bytes, str]:
+    """Store data as `inflate` does: written into an anonymous file, then adopted."""
+    fd = repo.new_object_file()
+    assert fd is not None
+    repository_module.write_all(fd, data)
+    ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    os.close(fd)
+    try:
+        stored = repo.adopt_object_file(ro, len(data))
+    finally:
+        os.close(ro)
+    return stored.object_id, stored.how
+
+
+def _write(repo: Repository, data: bytes) -> tuple[bytes, bool]:
+    """Store data as a tar entry is: through an ObjectWriter."""
+    writer = repo.object_writer()
+    writer.write(data)
+    return writer.finish()
+
+
+@pytest.mark.parametrize(("store", "new", "present"), [(_adopt, "copied", "present"), (_write, False, True)])
+def test_written_objects_skip_lookups_too_and_a_wasted_seal_leaves_nothing(tmp_path, counts, store, new, present):
     contents = _contents(80)
     with Repository.init(tmp_path / "repo") as repo:
-
-        def adopt_all() -> list[tuple[bytes, str]]:
-            out = []
-            for data in contents:
-                fd = repo.new_object_file()
-                assert fd is not None
-                repository_module.write_all(fd, data)
-                ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-                os.close(fd)
-                try:
-                    stored = repo.adopt_object_file(ro, len(data))
-                finally:
-                    os.close(ro)
-                out.append((stored.object_id, stored.how))
-            return out
-
-        first = adopt_all()
+        first = [store(repo, d) for d in contents]
         assert counts.lookups == SKIP_AFTER
         counts.lookups = 0
-        again = adopt_all()
+        again = [store(repo, d) for d in contents]
         assert counts.lookups == len(contents) - 1  # the first one found out at its link
-    assert first == [(digest_bytes(d), "copied") for d in contents]
-    assert again == [(digest_bytes(d), "present") for d in contents]
-    assert _stored_files(repo) == len(contents)
-
-
-def test_object_writer_reports_present_either_way(tmp_path, counts):
-    contents = _contents(60)
-    with Repository.init(tmp_path / "repo") as repo:
-
-        def write_all() -> list[tuple[bytes, bool]]:
-            out = []
-            for data in contents:
-                writer = repo.object_writer()
-                writer.write(data)
-                out.append(writer.finish())
-            return out
-
-        assert write_all() == [(digest_bytes(d), False) for d in contents]
-        assert counts.lookups == SKIP_AFTER
-        assert write_all() == [(digest_bytes(d), True) for d in contents]
         assert [repo.read_object(digest_bytes(d)) for d in contents] == contents
+    assert first == [(digest_bytes(d), new) for d in contents]
+    assert again == [(digest_bytes(d), present) for d in contents]
+    assert _stored_files(repo) == len(contents)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
