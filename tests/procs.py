@@ -60,6 +60,37 @@ def busy_file(directory: Path) -> Path:
     return path
 
 
+def run_with_stderr_on_terminal(argv: list, timeout: float = 60, cwd: str = "/") -> tuple[int, bytes, bytes]:
+    """Run argv with stderr on a new pseudo-terminal and stdout on a pipe (a user piping the
+    result); (exit status, stdout, what the terminal was shown)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=slave, cwd=cwd)
+        os.close(slave)
+        slave = -1
+        shown = b""
+        deadline = time.monotonic() + timeout
+        while True:  # drain the terminal until its last writer closes it
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"{argv} did not finish within {timeout} s"
+            try:
+                piece = os.read(master, 65536)
+            except OSError:  # EIO: the last writer closed the terminal
+                break
+            if not piece:
+                break
+            shown += piece
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    return proc.returncode, out, shown
+
+
 def children_die_with_host(script: str) -> list[int]:
     """Run the Python `script` (it prints the pids of the children it started on one line,
     then waits), kill it outright, and return those pids once every one is gone too

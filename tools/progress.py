@@ -34,6 +34,15 @@ def progress_mode(args: argparse.Namespace) -> str:
     return "rich" if sys.stderr.isatty() else "plain"
 
 
+def rich_bars(*columns: Any) -> Any:
+    """A transient rich Progress of these columns on stderr, the terminal `progress_mode`
+    looks at (rich's default is stdout, which carries the command's result)."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    return Progress(*columns, transient=True, console=Console(stderr=True))
+
+
 def emit_json(event: str, **fields: Any) -> None:
     """One progress event as a JSON line on stderr (flushed: a script reads it as it comes)."""
     sys.stderr.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
@@ -161,11 +170,10 @@ class RichPullProgress(PlainPullProgress):
 
     def _bars(self) -> Any:
         if self.progress is None:
-            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+            from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
 
-            self.progress = self._stack.enter_context(Progress(
-                TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                transient=True))
+            self.progress = self._stack.enter_context(rich_bars(
+                TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()))
             for diff_id, size in self.sizes.items():  # every layer listed from the first import on
                 self.tasks[diff_id] = self.progress.add_task(self.clock.label(diff_id), total=size, start=False)
         return self.progress
@@ -225,11 +233,10 @@ class Counter(StepProgress):
             emit_json("phase", phase=name, total=total)
         elif self.mode == "rich":
             if self._progress is None:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+                from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-                self._progress = self._stack.enter_context(Progress(
-                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    transient=True))
+                self._progress = self._stack.enter_context(rich_bars(
+                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()))
             if self._task is not None:
                 self._progress.remove_task(self._task)
             self._task = self._progress.add_task(name, total=total)

@@ -40,6 +40,7 @@ from pycfs.host.oci.tar import (
 )
 from pycfs.host.oci.result import ImportStats
 from pycfs.host.repository import Repository
+from pycfs.protocol.zstdframes import ZstdFrameChecker, ZstdFrameError
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamReader, SplitStreamWriter
 from pycfs.host.tree import BlockDevice, CharDevice, External, Fifo, Inline, LeafContent, SharedStats, Stat, Symlink
 
@@ -49,9 +50,6 @@ _PIECE = 1 << 20
 # What may follow a tar's end marker (kept inline, for the diff_id): tar pads to its
 # record size, 10 KiB by default; an endless tail (say, a decompression bomb of zeros) is refused.
 MAX_TRAILING = 16 << 20
-# zstd input is fed in slices: the output of one slice is held in memory at once (at
-# ordinary ratios about a _PIECE; 16 KiB slices cost 7% more decompression time).
-_ZSTD_INPUT_SLICE = 1 << 17
 
 DIGEST_ALGORITHMS = {"sha256": 64, "sha512": 128}
 
@@ -138,51 +136,39 @@ class _GzipReader:
                 return out
 
 
+class _CheckedSource:
+    """The compressed blob as the decompressor reads it, each read fed to a frame checker."""
+
+    def __init__(self, f: BinaryIO, checker: ZstdFrameChecker) -> None:
+        self._f = f
+        self._checker = checker
+
+    def read(self, n: int) -> bytes:
+        data = self._f.read(n)
+        self._checker.feed(data)
+        return data
+
+
 class _ZstdReader:
-    """Decompresses concatenated zstd frames; a frame cut short is an error
-    (python-zstandard's stream_reader would silently return a short stream)."""
+    """Decompresses concatenated (and skippable) zstd frames, at most `n` bytes a read, so a
+    frame that expands a thousandfold never lands in memory whole. The decompressor would
+    end a stream cut inside a frame silently: the frame checker, fed the same compressed
+    bytes, makes that an error."""
 
     def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self._dctx = zstandard.ZstdDecompressor()
-        self._dobj: zstandard.ZstdDecompressionObj | None = None
-        # Compressed input not yet fed, as a view: slicing bytes would copy the rest of
-        # the read at every slice (quadratic; it tripled the cost of decompression).
-        self._pending = memoryview(b"")
-        self._whole = b""  # the last output, while _out views all of it
-        self._out = memoryview(b"")
-        self._eof = False
-
-    def _fill(self) -> None:
-        while not self._out and not self._eof:
-            if not self._pending:
-                self._pending = memoryview(self._f.read(_PIECE))
-                if not self._pending:
-                    self._eof = True
-                    if self._dobj is not None:
-                        raise PycfsError("corrupt zstd layer: truncated frame")
-                    return
-            if self._dobj is None:
-                self._dobj = self._dctx.decompressobj()
-            piece, self._pending = self._pending[:_ZSTD_INPUT_SLICE], self._pending[_ZSTD_INPUT_SLICE:]
-            try:
-                out = self._dobj.decompress(piece)
-            except zstandard.ZstdError as e:
-                raise PycfsError(f"corrupt zstd layer: {e}") from None
-            if self._dobj.eof:
-                self._pending = memoryview(self._dobj.unused_data + self._pending)
-                self._dobj = None
-            self._whole, self._out = out, memoryview(out)
+        self._checker = ZstdFrameChecker()
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            _CheckedSource(f, self._checker),  # type: ignore[arg-type]  # (it calls read() only)
+            read_size=_PIECE, read_across_frames=True)
 
     def read(self, n: int = -1) -> bytes:
-        self._fill()
-        if n < 0 or n >= len(self._out):
-            # The rest; a whole output is handed on as it is, not copied.
-            rest = self._whole if len(self._out) == len(self._whole) else bytes(self._out)
-            self._whole, self._out = b"", memoryview(b"")
-            return rest
-        piece, self._out = self._out[:n], self._out[n:]
-        return bytes(piece)
+        try:
+            out = self._reader.read(n if n > 0 else _PIECE)
+        except (zstandard.ZstdError, ZstdFrameError) as e:
+            raise PycfsError(f"corrupt zstd layer: {e}") from None
+        if not out and not self._checker.complete:
+            raise PycfsError("corrupt zstd layer: truncated frame")
+        return out
 
 
 GZIP_MAGIC = b"\x1f\x8b"

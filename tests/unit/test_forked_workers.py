@@ -4,8 +4,6 @@ real pool, real files; and a local ostree pull large enough to use them."""
 import errno
 import json
 import os
-import pty
-import select
 import subprocess
 import sys
 import threading
@@ -15,7 +13,7 @@ import pytest
 import trio
 from fdcount import open_fd_count
 from ostree_trees import commit, describe_dir, describe_image, have_ostree, init_repo, make_tree, ostree
-from procs import BUSY_SIZE, busy_file, children_die_with_host
+from procs import BUSY_SIZE, busy_file, children_die_with_host, run_with_stderr_on_terminal
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
@@ -261,31 +259,9 @@ def test_pull_local_on_a_terminal_forks_its_workers_before_the_progress_shows(tm
     cfs = tmp_path / "cfs"
     subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", cfs, "init"], check=True, capture_output=True)
     record = tmp_path / "fork.json"
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen([sys.executable, "-c", _SPY_ON_FORK, record, "--repo", cfs, "ostree", "pull-local",
-                                 "--no-delta", "--jobs", "2", repo_path, "main"],
-                                stdout=subprocess.PIPE, stderr=slave, cwd="/")
-        os.close(slave)
-        slave = -1
-        shown = b""
-        deadline = time.monotonic() + 60
-        while True:  # drain the terminal (rich writes to it until the pull ends)
-            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
-            assert ready, "the pull did not finish within 60 s"
-            try:
-                piece = os.read(master, 65536)
-            except OSError:  # EIO: the last writer closed the terminal
-                break
-            if not piece:
-                break
-            shown += piece
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
-    assert proc.returncode == 0, shown.decode(errors="replace")
+    rc, out, shown = run_with_stderr_on_terminal([sys.executable, "-c", _SPY_ON_FORK, record, "--repo", cfs, "ostree",
+                                                  "pull-local", "--no-delta", "--jobs", "2", repo_path, "main"])
+    assert rc == 0, shown.decode(errors="replace")
     assert out.decode().startswith(f"commit {checksum}\n")
     assert json.loads(record.read_text()) == {"threads": ["_MainThread"], "forked": 2}
     assert b"\x1b[?25l" in shown  # rich hid the cursor for its live display

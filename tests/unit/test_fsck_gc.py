@@ -100,3 +100,19 @@ def test_gc_keeps_objects_of_referenced_images(repo):
     os.unlink(repo.object_path(content))
     report = fsck(repo)
     assert kinds(report) == ["image-missing-object"]
+
+
+@pytest.mark.parametrize("command", [["fsck"], ["gc", "--dry-run"]])
+def test_progress_bars_go_to_the_terminal_on_stderr_not_to_piped_stdout(repo, command):
+    """With stderr on a terminal and the result piped, rich's bars are drawn on stderr and
+    stdout carries the result alone (rich's default console is stdout)."""
+    import sys
+
+    from procs import run_with_stderr_on_terminal
+
+    layer(repo, "l", [os.urandom(5000) for _ in range(20)], ref="ref")
+    rc, out, shown = run_with_stderr_on_terminal(
+        [sys.executable, "-m", "pycfs.tools.cli", "--repo", str(repo.path), *command])
+    assert rc == 0, shown.decode(errors="replace")
+    assert out.strip() and not out.startswith(b"\n") and b"\x1b" not in out  # the result alone
+    assert b"\x1b[?25l" in shown  # rich hid the cursor for its live display there

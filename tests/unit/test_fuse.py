@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -79,7 +80,7 @@ class Mounted:
         self.unique = 0
         Mounted.opened.append(self)
 
-    opened: list[Mounted] = []  # closed after each test (_close_mounted)
+    opened: ClassVar[list[Mounted]] = []  # closed after each test (_close_mounted)
 
     def close(self) -> None:
         self.server.close()

@@ -9,7 +9,9 @@ import io
 import os
 import random
 import shutil
+import struct
 import subprocess
+import sys
 import tarfile
 import tracemalloc
 from pathlib import Path
@@ -314,6 +316,75 @@ def test_zstd_input_slices_cross_the_reads_of_the_blob() -> None:
     while piece := reader.read(100_003):
         got += piece
     assert bytes(got) == data
+
+
+# Reads a zstd blob (argv[1]) through the layer's reader in 1 MiB reads; prints the peak RSS
+# growth of the reading (KiB), the largest read and the total.
+_READ_ZSTD = """
+import resource, sys
+from pycfs.host.oci.layer import decompressing_reader
+blob = open(sys.argv[1], "rb")
+reader = decompressing_reader(blob, "zstd")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+total = largest = 0
+while piece := reader.read(1 << 20):
+    total += len(piece)
+    largest = max(largest, len(piece))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, largest, total)
+"""
+
+
+def test_zstd_bomb_is_read_in_bounded_pieces_with_bounded_memory(tmp_path: Path) -> None:
+    """32 KiB that expand to 1 GiB of zeros (one frame): every read is at most what was asked
+    and the reading process grows by less than 100 MiB (it grew by the whole GiB when one
+    input slice was decompressed in one call)."""
+    c = zstandard.ZstdCompressor(level=19).compressobj()
+    blob = b"".join(c.compress(bytes(1 << 20)) for _ in range(1024)) + c.flush()
+    assert len(blob) < 64 << 10
+    (tmp_path / "bomb.zst").write_bytes(blob)
+    r = subprocess.run([sys.executable, "-c", _READ_ZSTD, str(tmp_path / "bomb.zst")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    growth, largest, total = map(int, r.stdout.split())
+    assert total == 1 << 30 and largest == 1 << 20
+    assert growth < 100 << 10, f"reading the bomb grew the process by {growth >> 10} MiB"
+
+
+def _read_all_zstd(blob: bytes, n: int = 7777) -> bytes:
+    reader = decompressing_reader(io.BytesIO(blob), "zstd")
+    out = bytearray()
+    while piece := reader.read(n):
+        out += piece
+    return bytes(out)
+
+
+def test_zstd_skippable_frames_between_and_after_frames_are_passed_over() -> None:
+    cctx = zstandard.ZstdCompressor(write_checksum=True)
+    skip = struct.pack("<II", 0x184D2A5A, 3) + b"abc"
+    blob = skip + cctx.compress(b"one" * 5000) + skip + cctx.compress(b"two" * 5000) + skip
+    assert _read_all_zstd(blob) == b"one" * 5000 + b"two" * 5000
+
+
+def test_zstd_cut_anywhere_inside_a_frame_is_a_truncated_frame() -> None:
+    """Every cut of a two-frame blob (content size, checksum, several blocks) but the frame
+    boundaries is the truncated-frame error, never a short stream."""
+    data = os.urandom(150_000) + bytes(200_000) + b"abc" * 30_000
+    first = zstandard.ZstdCompressor(write_checksum=True).compress(data)
+    blob = first + zstandard.ZstdCompressor(write_content_size=False).compress(data[:1000])
+    whole = {0: b"", len(first): data, len(blob): data + data[:1000]}
+    for cut in sorted({*range(40), *range(len(first) - 40, len(first) + 40), *range(len(blob) - 40, len(blob) + 1),
+                       *random.Random(1).sample(range(len(blob)), 200)}):
+        if cut in whole:
+            assert _read_all_zstd(blob[:cut]) == whole[cut]
+            continue
+        with pytest.raises(PycfsError, match="^corrupt zstd layer: truncated frame$"):
+            _read_all_zstd(blob[:cut], 1 << 20)
+
+
+def test_zstd_garbage_after_the_frames_is_an_error_naming_its_offset() -> None:
+    frame = zstandard.ZstdCompressor().compress(b"x" * 100)
+    with pytest.raises(PycfsError, match=f"^corrupt zstd layer: no zstd frame at offset {len(frame)} "):
+        _read_all_zstd(frame + bytes(512))
 
 
 @pytest.mark.parametrize("compress", [lambda d: d, gzip.compress, lambda d: zstandard.ZstdCompressor().compress(d),

@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -205,8 +207,9 @@ def _put(blobs: Path, data: bytes) -> str:
     return "sha256:" + digest
 
 
-def _zstd_layout(src: Path, dest: Path, tar_of=lambda i, tar: tar) -> None:
-    """A copy of the gzip layout src with zstd layers (tar_of may change a layer's tar)."""
+def _zstd_layout(src: Path, dest: Path, tar_of=lambda i, tar: tar, blob_of=None) -> None:
+    """A copy of the gzip layout src with zstd layers (tar_of may change a layer's tar,
+    blob_of make a layer's blob of it)."""
     shutil.copytree(src, dest)
     blobs = dest / "blobs" / "sha256"
     index = json.loads((dest / "index.json").read_bytes())
@@ -217,6 +220,8 @@ def _zstd_layout(src: Path, dest: Path, tar_of=lambda i, tar: tar) -> None:
         tar = tar_of(i, zlib.decompress((blobs / layer["digest"].split(":")[1]).read_bytes(), wbits=31))
         # two frames cut inside an entry: the inflater's batches cross frames and entries
         blob = cctx.compress(tar[: len(tar) // 2 + 123]) + cctx.compress(tar[len(tar) // 2 + 123 :])
+        if blob_of is not None:
+            blob = blob_of(i, tar) or blob
         layer.update(mediaType="application/vnd.oci.image.layer.v1.tar+zstd", digest=_put(blobs, blob),
                      size=len(blob))
     raw = json.dumps(manifest).encode()
@@ -295,6 +300,49 @@ def test_an_endless_tail_after_the_end_marker_is_refused(tmp_path, layout):
     with Repository.init(tmp_path / "repo") as repo:
         with pytest.raises(PycfsError, match="more than 16 MiB after the tar's end marker"):
             trio.run(lambda: _within(60, pull_oci_layout(repo, str(bomb), "x", build_image=False, jobs=2)))
+        assert repo.has_stream(layer_stream_name(built.diff_ids[0])) is None
+
+
+# Pulls the layout argv[1] into a new repository argv[2]; prints the error and the peak RSS
+# (KiB) of the largest child (the object workers, which inflate the layers).
+_PULL = """
+import resource, sys, trio
+from pycfs.host.errors import PycfsError
+from pycfs.host.oci.layout import pull_oci_layout
+from pycfs.host.repository import Repository
+with Repository.init(sys.argv[2]) as repo:
+    try:
+        trio.run(lambda: pull_oci_layout(repo, sys.argv[1], "x", build_image=False, jobs=2))
+    except PycfsError as e:
+        print(e)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def test_a_zstd_bomb_layer_is_refused_in_bounded_memory(tmp_path, layout):
+    """A layer blob whose tar is followed by 1 GiB of zeros (in some 32 KiB more): the pull is refused with
+    one line (the tail after the end marker), and no process of it came near holding the GiB
+    (the inflating worker grew by the GiB when a zstd input slice was decompressed in one call)."""
+    path, built = layout
+    blobs = []
+
+    def bomb(i, tar):
+        if i == 0:
+            c = zstandard.ZstdCompressor(level=19).compressobj()
+            blobs.append(c.compress(tar) + b"".join(c.compress(bytes(1 << 20)) for _ in range(1024)) + c.flush())
+            return blobs[0]
+        return None
+
+    _zstd_layout(path, tmp_path / "bomb", blob_of=bomb)
+    r = subprocess.run([sys.executable, "-c", _PULL, str(tmp_path / "bomb"), str(tmp_path / "repo")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
+    message, peaks = r.stdout.splitlines()
+    assert message == (f"layer sha256:{hashlib.sha256(blobs[0]).hexdigest()}: more than 16 MiB after the tar's "
+                       "end marker (is the blob damaged?)")
+    own, children = map(int, peaks.split())
+    assert max(own, children) < 300 << 10, f"peak RSS {own >> 10} MiB, of a worker {children >> 10} MiB"
+    with Repository.open(tmp_path / "repo") as repo:
         assert repo.has_stream(layer_stream_name(built.diff_ids[0])) is None
 
 

@@ -276,10 +276,11 @@ def register_copy(osub: argparse._SubParsersAction) -> None:
                 if not args.json:
                     bar = None
                     if sys.stderr.isatty():
-                        from rich.progress import Progress as Bar
                         from rich.progress import SpinnerColumn, TextColumn
 
-                        bar = stack.enter_context(Bar(SpinnerColumn(), TextColumn("{task.description}"), transient=True))
+                        from pycfs.tools.progress import rich_bars
+
+                        bar = stack.enter_context(rich_bars(SpinnerColumn(), TextColumn("{task.description}")))
                     progress = Progress(bar)
                 result = trio.run(copy, args.source, args.from_repo, dest, args.image, args.name, args.zerocopy,
                                   progress, args.storage_root, forked)

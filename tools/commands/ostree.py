@@ -39,12 +39,13 @@ class _RichProgress:
     thread, which must not exist yet when the object workers are forked)."""
 
     def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-        self.progress = Progress(  # on stderr, the terminal looked at: stdout is the result's
+        from pycfs.tools.progress import rich_bars
+
+        self.progress = rich_bars(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[size]}"),
-            TimeElapsedColumn(), transient=True, console=Console(stderr=True))
+            TimeElapsedColumn())
         self.meta = self.progress.add_task("metadata", total=None, size="")
         self.files = self.progress.add_task("files", total=0, size="")
         self.bytes = 0

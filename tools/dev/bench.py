@@ -593,15 +593,15 @@ def rows_ostree(bench: Lab, runs: int, tree: str) -> list[Row]:
     base = Path(tempfile.mkdtemp(prefix="ostree-", dir=bench.xfs))
     archive, bare = base / "archive", base / "bare"
     for repo, mode in ((archive, "archive"), (bare, "bare")):
-        subprocess.run(["ostree", "init", f"--repo={repo}", f"--mode={mode}"], check=True)
-    subprocess.run(["ostree", "commit", f"--repo={archive}", "--branch=tree", tree], check=True, capture_output=True)
+        lab.run_root(["ostree", "init", f"--repo={repo}", f"--mode={mode}"])
+    lab.run_root(["ostree", "commit", f"--repo={archive}", "--branch=tree", tree])
     extra = base / "extra" / "update"
     extra.mkdir(parents=True)
     for i in range(3):
         (extra / f"new{i}").write_bytes(random.Random(i).randbytes(200_000))
-    subprocess.run(["ostree", "commit", f"--repo={archive}", "--branch=tree2", "--tree=ref=tree",
-                    f"--tree=dir={extra.parent}"], check=True, capture_output=True)
-    subprocess.run(["ostree", "pull-local", f"--repo={bare}", archive, "tree", "tree2"], check=True, capture_output=True)
+    lab.run_root(["ostree", "commit", f"--repo={archive}", "--branch=tree2", "--tree=ref=tree",
+                  f"--tree=dir={extra.parent}"])
+    lab.run_root(["ostree", "pull-local", f"--repo={bare}", archive, "tree", "tree2"])
     server = subprocess.Popen([sys.executable, "-c", _SERVE, archive], stdout=subprocess.PIPE, text=True)
     rows = [Row("o1", f"pycfs ostree pull http://127.0.0.1 ({tree})"), Row("o2", "  ostree pull, same server"),
             Row("o3", "pycfs ostree pull-local from a bare repository"), Row("o4", "  ostree pull-local, bare to bare"),
@@ -619,21 +619,19 @@ def rows_ostree(bench: Lab, runs: int, tree: str) -> list[Row]:
                 os.sync()
                 if kind.startswith("pycfs"):  # as root, like ostree (bare repositories need it)
                     pycfs = [sys.executable, "-m", "pycfs.tools.cli", "--repo", str(dest)]
-                    subprocess.run([*pycfs, "init"], check=True, capture_output=True)
+                    lab.run_root([*pycfs, "init"])
                     argv = [*pycfs, "ostree", *(("pull", url) if kind == "pycfs-http" else ("pull-local", str(bare))),
                             "tree"]
                     if kind == "pycfs-update":
-                        subprocess.run([*argv, "os"], check=True, capture_output=True)
+                        lab.run_root([*argv, "os"])
                         argv = [*argv[:-1], "tree2", "os"]
                 else:
                     mode = "archive" if kind == "ostree-http" else "bare"
-                    subprocess.run(["ostree", "init", f"--repo={dest}", f"--mode={mode}"], check=True)
+                    lab.run_root(["ostree", "init", f"--repo={dest}", f"--mode={mode}"])
                     if kind == "ostree-update":
-                        subprocess.run(["ostree", "pull-local", f"--repo={dest}", str(bare), "tree"], check=True,
-                                       capture_output=True)
+                        lab.run_root(["ostree", "pull-local", f"--repo={dest}", str(bare), "tree"])
                     if kind == "ostree-http":
-                        subprocess.run(["ostree", "remote", "add", f"--repo={dest}", "--no-gpg-verify", "r", url],
-                                       check=True)
+                        lab.run_root(["ostree", "remote", "add", f"--repo={dest}", "--no-gpg-verify", "r", url])
                         argv = ["ostree", "pull", f"--repo={dest}", "r", "tree"]
                     else:
                         argv = ["ostree", "pull-local", f"--repo={dest}", str(bare),
