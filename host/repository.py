@@ -623,7 +623,8 @@ class Repository:
         """Make the anonymous file at fd (from `new_object_file`: written, reopened read-only,
         its writable fds closed) its object: hash it, seal it, link it; how is "copied", or
         "present" when the object exists. fd stays the caller's. ``object_id``: its digest,
-        when the caller took it from the bytes as it wrote them (as `ObjectWriter` does)."""
+        when the caller took it from the bytes as it wrote them (as the inflating worker's
+        `TarSplitter(hash_files=True)` does)."""
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0 or st.st_dev != self._objects_dev():
             raise RepositoryError("not an anonymous file of this repository's object store")

@@ -60,6 +60,27 @@ def busy_file(directory: Path) -> Path:
     return path
 
 
+# `python -c SPY_ON_FORK MODULE RECORD ARGS...`: `pycfs ARGS...`, where MODULE's fork_workers
+# writes to RECORD the threads that ran when it was called and how many workers it forked.
+SPY_ON_FORK = """
+import importlib, json, sys, threading
+from pycfs.tools.cli import main
+
+module = importlib.import_module(sys.argv[1])
+real = module.fork_workers
+
+def spy(*args, **kwargs):
+    threads = [type(t).__name__ for t in threading.enumerate()]
+    forked = real(*args, **kwargs)
+    with open(sys.argv[2], "w") as f:
+        json.dump({"threads": threads, "forked": len(forked)}, f)
+    return forked
+
+module.fork_workers = spy
+sys.exit(main(sys.argv[3:]))
+"""
+
+
 def run_with_stderr_on_terminal(argv: list, timeout: float = 60, cwd: str = "/") -> tuple[int, bytes, bytes]:
     """Run argv with stderr on a new pseudo-terminal and stdout on a pipe (a user piping the
     result); (exit status, stdout, what the terminal was shown)."""

@@ -162,6 +162,8 @@ class _ZstdReader:
             read_size=_PIECE, read_across_frames=True)
 
     def read(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""
         try:
             out = self._reader.read(n if n > 0 else _PIECE)
         except (zstandard.ZstdError, ZstdFrameError) as e:

@@ -3,7 +3,7 @@ will keep them busy (a local ostree pull, once it has walked the commit; `pycfs 
 
 A forked worker runs the workers' own main (`python -m pycfs.host.workers`) on the modules
 this process has loaded already: it is serving within milliseconds, where a spawned one
-spends ~0.08 s of CPU starting Python and importing them, on the cores the host and the other
+spends ~0.07 s of CPU starting Python and importing them, on the cores the host and the other
 workers need (measured: `pycfs ostree pull-local` of 2,715 files on 2 cores; see the commit).
 
 `fork_workers` forks only while the main thread is this process's only thread (before

@@ -40,7 +40,7 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files
 from pycfs.host.nursery import open_nursery
 from pycfs.host.repository import Repository
-from pycfs.host.workers.fork import Forked
+from pycfs.host.workers.fork import Forked, discard
 from pycfs.host.workers.service import WorkerService
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.worker_api import Failed, Stored
@@ -421,13 +421,16 @@ async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
         local = WorkerService(repo.alg if repo is not None else alg, repo)
     async with open_nursery() as nursery:
         pool = WorkerPool(nursery, argv, jobs or default_jobs(), repo.alg if repo is not None else alg, local)
+        adopted = 0
         try:
             for f in forked:
                 pool._workers.append(_Worker(ChildProcess(f.proc), trio.socket.from_stdlib_socket(f.sock),
                                              f.output))
+                adopted += 1
                 nursery.start_soon(pool._read, pool._workers[-1])
             yield pool
         except BaseException:
+            discard(forked[adopted:])  # those not the pool's yet (an adoption failed part way)
             await pool.aclose(abort=True)
             raise
         await pool.aclose()

@@ -170,8 +170,9 @@ def test_the_destinations_workers_are_forked_and_none_is_left_behind(tmp_path, c
     leaves none of them running or unreaped."""
     import os
 
+    from pycfs.host.oci import copy as copy_module
     from pycfs.host.workers import fork
-    from pycfs.host.workers.pool import WorkerPool
+    from pycfs.host.workers.pool import WorkerPool, default_jobs
 
     built, src = _pulled(tmp_path)
     dest = tmp_path / "dest"
@@ -187,6 +188,14 @@ def test_the_destinations_workers_are_forked_and_none_is_left_behind(tmp_path, c
     # The command runs in pytest's process, where threads of earlier work (trio's idle cache)
     # may still run: fork's own rule about them is tested in test_forked_workers.py.
     monkeypatch.setattr(fork, "_alone", lambda: True)
+    forked_pids: list[int] = []
+
+    def forking(*args, **kwargs):
+        workers = fork.fork_workers(*args, **kwargs)
+        forked_pids.extend(w.proc.pid for w in workers)
+        return workers
+
+    monkeypatch.setattr(copy_module, "fork_workers", forking)
     capsys.readouterr()
     argv = ["--repo", str(dest), "oci", "copy", "img", "--from", str(src), "--name", "img", "--json"]
     assert main(argv) == 0
@@ -196,13 +205,38 @@ def test_the_destinations_workers_are_forked_and_none_is_left_behind(tmp_path, c
     assert [entry["diff_id"] for entry in result["layers"]] == built.diff_ids
 
     def no_children() -> bool:
-        try:
-            os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return True
-        return False
+        """Every worker forked so far is gone and reaped (waitpid knows none of them)."""
+        for pid in forked_pids:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            return False
+        return True
 
-    assert no_children()
+    assert len(forked_pids) == default_jobs() and no_children()
     assert main(argv) == 0  # every layer present: the forked workers are not used
     assert not any(entry["copied"] for entry in json.loads(capsys.readouterr().out)["layers"])
-    assert spawned == [] and no_children()
+    assert spawned == [] and len(forked_pids) == 2 * default_jobs() and no_children()
+
+
+def test_copy_on_a_terminal_forks_while_the_main_thread_is_alone(tmp_path) -> None:
+    """The real command, its progress on a terminal: the destination's workers are forked
+    while the main thread is the process's only one (before rich's refresh thread and trio),
+    and the copy's result is the source image."""
+    import sys
+
+    from procs import SPY_ON_FORK, run_with_stderr_on_terminal
+    from pycfs.host.workers.pool import default_jobs
+
+    built, src = _pulled(tmp_path)
+    dest = tmp_path / "dest"
+    assert main(["--repo", str(dest), "init"]) == 0
+    record = tmp_path / "fork.json"
+    rc, out, shown = run_with_stderr_on_terminal(
+        [sys.executable, "-c", SPY_ON_FORK, "pycfs.host.oci.copy", str(record), "--repo", str(dest), "oci", "copy",
+         "img", "--from", str(src), "--name", "img"])
+    assert rc == 0, shown.decode(errors="replace")
+    assert json.loads(record.read_text()) == {"threads": ["_MainThread"], "forked": default_jobs()}
+    assert b"\x1b[?25l" in shown  # rich's live display ran there, after the fork
+    assert out.decode().splitlines()[0].startswith(f"manifest {built.manifest_digest} ")

@@ -101,8 +101,9 @@ def test_strict_env(tmp_path):
 @pytest.mark.parametrize("strict", [False, True])
 @pytest.mark.parametrize("seekable", [False, True], ids=["pipe", "file"])
 def test_dumpfile_from_stdin(tmp_path, strict, seekable):
-    """`--from-file -` reads a pipe or a redirected file (line by line unless strict needs it
-    whole) into the same image as the named file; strict still refuses a missing last newline."""
+    """`--from-file -`: a pipe or a redirected file gives the same image as the named file,
+    strict or not (only a strict parse of a pipe reads it whole: it checks the last newline
+    first), and strict still refuses a missing last newline."""
     dump = (VECTORS / "mixed_rootfs.dump").read_bytes()
     env = {"CFS_PARSE_STRICT": "1"} if strict else {}
 

@@ -13,7 +13,7 @@ import pytest
 import trio
 from fdcount import open_fd_count
 from ostree_trees import commit, describe_dir, describe_image, have_ostree, init_repo, make_tree, ostree
-from procs import BUSY_SIZE, busy_file, children_die_with_host, run_with_stderr_on_terminal
+from procs import SPY_ON_FORK, BUSY_SIZE, busy_file, children_die_with_host, run_with_stderr_on_terminal
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
@@ -226,25 +226,6 @@ def test_local_pull_with_more_files_than_stored_here_forks_its_workers(tmp_path,
         assert f.proc.poll() == 0
 
 
-_SPY_ON_FORK = """
-import json, sys, threading
-import pycfs.host.ostree.pull as pull
-from pycfs.tools.cli import main
-
-real = pull.fork_workers
-
-def spy(*args, **kwargs):
-    threads = [type(t).__name__ for t in threading.enumerate()]
-    forked = real(*args, **kwargs)
-    with open(sys.argv[1], "w") as f:
-        json.dump({"threads": threads, "forked": len(forked)}, f)
-    return forked
-
-pull.fork_workers = spy
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 @pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
 def test_pull_local_on_a_terminal_forks_its_workers_before_the_progress_shows(tmp_path):
     """`pycfs ostree pull-local` with its rich progress on a terminal: the workers are forked
@@ -259,7 +240,7 @@ def test_pull_local_on_a_terminal_forks_its_workers_before_the_progress_shows(tm
     cfs = tmp_path / "cfs"
     subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", cfs, "init"], check=True, capture_output=True)
     record = tmp_path / "fork.json"
-    rc, out, shown = run_with_stderr_on_terminal([sys.executable, "-c", _SPY_ON_FORK, record, "--repo", cfs, "ostree",
+    rc, out, shown = run_with_stderr_on_terminal([sys.executable, "-c", SPY_ON_FORK, "pycfs.host.ostree.pull", record, "--repo", cfs, "ostree",
                                                   "pull-local", "--no-delta", "--jobs", "2", repo_path, "main"])
     assert rc == 0, shown.decode(errors="replace")
     assert out.decode().startswith(f"commit {checksum}\n")

@@ -306,8 +306,8 @@ def test_zstd_frames_read_back_exactly_at_any_read_size(data: bytes, cuts: list[
     assert bytes(got) == data and reader.read(-1) == b""
 
 
-def test_zstd_input_slices_cross_the_reads_of_the_blob() -> None:
-    """3 MiB of incompressible frames: input slices and a frame boundary straddle the
+def test_zstd_frames_cross_the_reads_of_the_blob() -> None:
+    """3 MiB of incompressible frames: reads of odd sizes and a frame boundary straddle the
     reader's 1 MiB reads of the blob."""
     data = os.urandom(3 << 20)
     blob = zstandard.ZstdCompressor().compress(data[:1500001]) + zstandard.ZstdCompressor().compress(data[1500001:])
