@@ -43,6 +43,13 @@ _feed_buffers = threading.local()
 # it wants at least one object per this many bytes of the directory: an entry takes about 80
 # bytes (XFS, ext4), and reading one from a listing costs about a fifteenth of a lookup.
 LISTING_BYTES_PER_LOOKUP = 80 * 15
+# A store looks its object up before cloning or sealing it only while lookups find objects:
+# after this many misses in a row (a first pull of new content) it skips the lookup, and the
+# link's EEXIST says "present" instead (the clone or seal then was wasted work). A hit, or an
+# EEXIST, turns lookups back on, so a re-pull of mostly present objects keeps them. A wasted
+# clone (O_TMPFILE, FICLONE, a failed linkat) costs about five lookups (py-spy, bench import),
+# so 32 bounds the loss on mixed content to a few lookups per 33 objects.
+LOOKUP_MISSES_BEFORE_SKIPPING = 32
 
 
 class RepositoryError(PycfsError):
@@ -118,6 +125,9 @@ class Repository:
         self._tmpfile_ok = True
         self._lease_sources = False
         self._unsynced = False  # an object was committed through this instance since its last sync()
+        # Consecutive store lookups that found nothing (LOOKUP_MISSES_BEFORE_SKIPPING). Threads
+        # may race on it: it only steers whether to look up, never what is stored.
+        self._lookup_misses = 0
 
     # ---- opening -------------------------------------------------------------------
 
@@ -430,6 +440,7 @@ class Repository:
                 syscalls.renameat2_noreplace(self._objects(), temp_name, subdir, h[2:])
             return False
         except FileExistsError:
+            self._lookup_misses = 0
             return True
         finally:
             os.close(fd)
@@ -438,6 +449,18 @@ class Repository:
                     os.unlink(temp_name, dir_fd=self._objects())
                 except FileNotFoundError:
                     pass
+
+    def _known_present(self, object_id: bytes) -> bool:
+        """Whether a store can stop before its clone or seal because the object exists; looked
+        up only while lookups find objects (LOOKUP_MISSES_BEFORE_SKIPPING), else False, and
+        `_commit` finds out."""
+        if self._lookup_misses >= LOOKUP_MISSES_BEFORE_SKIPPING:
+            return False
+        if self.has_object(object_id):
+            self._lookup_misses = 0
+            return True
+        self._lookup_misses += 1
+        return False
 
     def _discard(self, fd: int, temp_name: str | None) -> None:
         os.close(fd)
@@ -514,7 +537,8 @@ class Repository:
           waits until the lease is let go. So if the lease is still unbroken after the
           source was hashed and cloned, the clone holds the bytes hashed. The source's
           pages are read (often cached: a clone shares no page cache with it), and a file
-          whose object exists already is not cloned at all.
+          whose object exists already is not cloned (while lookups find objects; see
+          LOOKUP_MISSES_BEFORE_SKIPPING).
         - Otherwise a private copy is made first, FICLONE where the filesystems allow (no
           data copied), else copied through the hashing buffer, and that copy is hashed.
 
@@ -538,7 +562,7 @@ class Repository:
         if os.fstat(src_fd).st_size != st.st_size:  # the lease is held: now the size stays
             raise RepositoryError(f"source file changed size while it was stored (expected {st.st_size} bytes)")
         object_id = digest_fd(src_fd, self.alg, st.st_size, observer() if observer is not None else None)
-        if self.has_object(object_id):
+        if self._known_present(object_id):
             return StoreResult(object_id, st.st_size, "present")
         fd, temp_name = self._new_tmpfile(object_id)
         try:
@@ -608,7 +632,7 @@ class Repository:
             raise OSError(errno.ESTALE, f"has {st.st_size} bytes, expected {size}")
         if object_id is None:
             object_id = digest_fd(fd, self.alg, size)
-        if self.object_size(object_id) == size:
+        if self._known_present(object_id):
             return StoreResult(object_id, size, "present")
         sealed = self._seal(os.dup(fd))
         return StoreResult(object_id, size, "present" if self._commit(sealed, None, object_id) else "copied")
@@ -821,7 +845,7 @@ class ObjectWriter:
     def finish(self) -> tuple[bytes, bool]:
         """(object id, already present)."""
         object_id = self._hasher.digest()
-        if self._repo.object_size(object_id) == self.size:
+        if self._repo._known_present(object_id):
             self.abort()
             return object_id, True
         fd, self._fd = self._repo._seal(self._fd), -1

@@ -11,8 +11,9 @@ import time
 import pytest
 import trio
 
+from pycfs.host import syscalls
 from pycfs.host.fsverity import digest_bytes
-from pycfs.host.repository import Repository
+from pycfs.host.repository import LOOKUP_MISSES_BEFORE_SKIPPING, Repository
 from pycfs.host.workers.pool import Stored, open_pool
 
 BIG = 48 << 20  # hashing takes long enough for a writer to come along meanwhile
@@ -50,6 +51,35 @@ def test_leased_store_reflinks_and_skips_the_clone_of_a_present_object(repo):
     assert repo.read_object(first.object_id) == data
     # No stray temporary files: the second store made no clone at all.
     assert sum(len(files) for _, _, files in os.walk(repo.path / "objects")) == 1
+
+
+def test_a_first_store_of_new_files_skips_lookups_and_a_present_one_turns_them_on(repo, monkeypatch):
+    """Real FICLONE: after LOOKUP_MISSES_BEFORE_SKIPPING misses the store clones without
+    looking up; the clone of a present object then ends at the link's EEXIST as "present",
+    leaving nothing behind, and lookups resume (no more clones of present objects)."""
+    calls = {"lookups": 0, "clones": 0}
+    has_object, ficlone = Repository.has_object, syscalls.ficlone
+
+    def lookup(self, object_id):
+        calls["lookups"] += 1
+        return has_object(self, object_id)
+
+    def clone(dst_fd, src_fd):
+        calls["clones"] += 1
+        ficlone(dst_fd, src_fd)
+
+    monkeypatch.setattr(Repository, "has_object", lookup)
+    monkeypatch.setattr(syscalls, "ficlone", clone)
+    contents = [os.urandom(5000 + i) for i in range(LOOKUP_MISSES_BEFORE_SKIPPING + 20)]
+    paths = [_source(repo, f"f{i}", data) for i, data in enumerate(contents)]
+    first = [_store(repo, p) for p in paths]
+    assert calls == {"lookups": LOOKUP_MISSES_BEFORE_SKIPPING, "clones": len(paths)}
+    again = [_store(repo, p) for p in paths]
+    assert calls == {"lookups": LOOKUP_MISSES_BEFORE_SKIPPING + len(paths) - 1, "clones": len(paths) + 1}
+    assert [(r.object_id, r.how) for r in first] == [(digest_bytes(d), "reflinked") for d in contents]
+    assert [(r.object_id, r.how) for r in again] == [(digest_bytes(d), "present") for d in contents]
+    assert [repo.read_object(r.object_id) for r in first] == contents
+    assert sum(len(files) for _, _, files in os.walk(repo.path / "objects")) == len(contents)
 
 
 def test_a_writer_opening_the_source_mid_store_breaks_the_lease(repo):
