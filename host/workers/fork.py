@@ -47,9 +47,6 @@ MEASURE_BATCH = 256
 MEASURE_BATCH_MIN = 16
 # Path text per request: a name escaped in JSON takes at most 6 bytes a character.
 MEASURE_BATCH_CHARS = api.MAX_MESSAGE_BYTES // 8
-# Content each worker is sent before this process imports trio and starts the pool (~0.1 s
-# of CPU): about as much as a worker hashes meanwhile, so that neither waits for the other.
-EARLY_BYTES = 128 << 20
 
 
 @dataclass
@@ -136,32 +133,23 @@ def _batch_files(left: int) -> int:
 
 
 def fork_digest_workers(names: Sequence[str], jobs: int, alg: str = "sha256") -> list[Forked]:
-    """``jobs`` digest-only workers (see `fork_workers`), sent the first DIGEST_PATHS requests
-    `digest_files` will make of ``names`` (absolute), each to the worker given the least
-    content so far, until each has EARLY_BYTES. Import nothing of trio before calling
-    this: the workers are meant to hash while that happens."""
+    """``jobs`` digest-only workers (see `fork_workers`), each sent one of the first
+    DIGEST_PATHS requests `digest_files` will make of ``names`` (absolute). Import nothing of
+    trio before calling this: the workers are meant to hash while that happens.
+
+    One request each, no more: nothing reads the workers' answers until the pool starts, so
+    a worker with a second request could block writing its first answer while this process
+    blocks writing that second request to it (200,000 small files hung so)."""
     workers = fork_workers(None, jobs, alg)
-    given = [0] * len(workers)
-    for request_id, (start, end) in enumerate(digest_batches(names), 1):
-        index = min(range(len(workers)), key=given.__getitem__, default=None)
-        if index is None or given[index] >= EARLY_BYTES:
-            break
+    for worker, (request_id, (start, end)) in zip(workers, enumerate(digest_batches(names), 1)):
         params: dict[str, Any] = {"paths": list(names[start:end])}
         request = {"jsonrpc": "2.0", "method": api.DIGEST_PATHS, "params": params, "id": request_id}
         try:
-            send_with_fds(workers[index].sock, encode(request, 0, api.MAX_MESSAGE_BYTES))
+            send_with_fds(worker.sock, encode(request, 0, api.MAX_MESSAGE_BYTES))
         except OSError:
             break  # a worker gone already: the pool meets that as it reads its socket
-        workers[index].early.append((request_id, api.DIGEST_PATHS, params))
-        given[index] += sum(_size(name) for name in params["paths"])
+        worker.early.append((request_id, api.DIGEST_PATHS, params))
     return workers
-
-
-def _size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0  # the worker's open reports it
 
 
 def discard(workers: Sequence[Forked]) -> None:

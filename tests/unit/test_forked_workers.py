@@ -284,17 +284,33 @@ def test_measure_forks_its_workers_and_sends_their_first_files_before_importing_
     assert len(spied["early"]) == 2 and all(spied["early"])
 
 
+def test_measure_of_many_small_files_does_not_hang(tmp_path):
+    """20,000 small files: more answers than a socket holds come back before the pool reads
+    any. When the workers were sent requests until each had 128 MiB (hundreds of requests
+    of small files), a worker blocked writing its answers while the host blocked writing it
+    the next request: the command hung for good (the bench's 200,000-file image)."""
+    files = _files(tmp_path, [2000 + i % 7 for i in range(20_000)])
+    listing = tmp_path / "list"
+    listing.write_text("".join(f"{p}\n" for p, _ in files))
+    done = subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "measure", "-j", "2", "--files-from", listing],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(files)
+    assert lines[0] == f"{digest_bytes(files[0][1]).hex()} {files[0][0]}"
+    assert lines[-1] == f"{digest_bytes(files[-1][1]).hex()} {files[-1][0]}"
+
+
 def test_early_requests_are_answered_once_and_the_rest_balanced(tmp_path, monkeypatch, idle_threads_allowed):
     """Requests sent before the pool existed (`Forked.early`) are not sent again: the pool
     hands their answers to digest_files' calls for the same batches and sends only the rest."""
     monkeypatch.setattr(fork, "MEASURE_BATCH", 4)
     monkeypatch.setattr(fork, "MEASURE_BATCH_MIN", 4)
-    monkeypatch.setattr(fork, "EARLY_BYTES", 2 * 4 * 5000)
     files = _files(tmp_path, [5000] * 60)
     names = [str(p) for p, _ in files]
     forked = fork.fork_digest_workers(names, 2)
     early = [len(w.early) for w in forked]
-    assert early == [2, 2]  # each worker until it has EARLY_BYTES: 2 batches of 4 files of 5000 bytes
+    assert early == [1, 1]  # one request each (see fork_digest_workers)
     sent = []
     real_send = WorkerPool._send
 
