@@ -838,6 +838,7 @@ def plot(results: list[dict], png: Path) -> None:
                 continue
             label = f"{key} {'cold' if cold else 'warm'}"
             by_bytes.plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
+            pts.sort(key=lambda p: p[1])  # by files, the x of this plot
             by_files.plot([p[1] for p in pts], [p[2] / p[1] * 1e6 for p in pts], style, label=label)
     by_bytes.set(xlabel="GB in files > 64 bytes", ylabel="seconds (median)", title="time against bytes")
     by_files.set(xlabel="files", ylabel="µs per file", xscale="log", title="time per file")
