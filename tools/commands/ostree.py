@@ -113,11 +113,13 @@ def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
         if isinstance(prepared, PullResult):
             result = prepared
         else:
+            # while this is the only thread, and before trio is imported: the workers
+            # store their first files meanwhile
+            forked = prepared.fork_workers()
             import trio
 
-            from pycfs.host.ostree.pull import fork_workers_for, run_prepared
+            from pycfs.host.ostree.pull import run_prepared
 
-            forked = fork_workers_for(prepared)  # while this is the only thread
             if progress is not None:
                 progress.show(stack)
             result = trio.run(run_prepared, prepared, forked)
