@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.ostree.commitstream import (
@@ -49,7 +49,6 @@ from pycfs.host.ostree.signature import MAX_DETACHED, verify_commit
 from pycfs.host.ostree.source import MISMATCH, FetchedFile, HttpRepo, LocalRepo
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import SplitStreamError
-from pycfs.host.workers.fork import Forked, default_jobs, discard, fork_workers, send_early
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.worker_api import Failed, Stored
 
@@ -63,6 +62,9 @@ HERE_BYTES = 1 << 20
 # the usual 1024-fd soft limit).
 HERE_FILES = 256
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from pycfs.host.workers.fork import Forked
 
 
 class Progress(Protocol):
@@ -316,6 +318,9 @@ class PullCore:
         the pool (~0.07 s of CPU here, when a core would otherwise wait)."""
         if not self.walked or not self.files:
             return []
+        # here: an update or a re-pull forks none
+        from pycfs.host.workers.fork import default_jobs, discard, fork_workers
+
         forked = fork_workers(str(self.repo.path), self.options.jobs or default_jobs())
         if not forked:
             return []
@@ -334,6 +339,8 @@ class PullCore:
         """The next `share` files in `files` that need storing, sent to a forked worker
         (the inline ones met on the way taken here); False when there were none, or the
         worker is gone (its files then stay for the pool, which meets that)."""
+        from pycfs.host.workers.fork import send_early
+
         batch: list[tuple[bytes, FetchedFile]] = []
         taken = 0
         try:

@@ -246,7 +246,7 @@ def test_pull_local_on_a_terminal_forks_its_workers_before_the_progress_shows(tm
     cfs = tmp_path / "cfs"
     subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", cfs, "init"], check=True, capture_output=True)
     record = tmp_path / "fork.json"
-    rc, out, shown = run_with_stderr_on_terminal([sys.executable, "-c", SPY_ON_FORK, "pycfs.host.ostree.pullcore", record, "--repo", cfs, "ostree",
+    rc, out, shown = run_with_stderr_on_terminal([sys.executable, "-c", SPY_ON_FORK, "pycfs.host.workers.fork", record, "--repo", cfs, "ostree",
                                                   "pull-local", "--no-delta", "--jobs", "2", repo_path, "main"])
     assert rc == 0, shown.decode(errors="replace")
     assert out.decode().startswith(f"commit {checksum}\n")
