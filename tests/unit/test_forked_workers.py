@@ -377,3 +377,51 @@ def test_pull_local_sends_its_workers_their_first_files_before_importing_trio(tm
         image = describe_image(repo, bytes.fromhex(result["image"]))
     assert {p: (t, m, c) for p, (t, m, _u, _g, _x, c) in image.items()} == \
         {p: (t, m, c) for p, (t, m, _u, _g, _x, c) in describe_dir(checkout).items()}
+
+
+_FAIL_AFTER_FORK = """
+import json, os, sys
+sys.modules["pycfs.host.ostree.pull"] = None  # its import fails, once the workers are forked
+from pycfs.host.ostree.pullcore import PullCore
+from pycfs.tools.cli import main
+
+real = PullCore.fork_workers
+pids = []
+
+def spy(self):
+    forked = real(self)
+    pids.extend(w.proc.pid for w in forked)
+    return forked
+
+def reaped(pid):
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+PullCore.fork_workers = spy
+try:
+    main(sys.argv[1:])
+finally:
+    print(json.dumps([reaped(p) for p in pids]))
+"""
+
+
+@pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
+def test_workers_forked_before_a_failure_ahead_of_the_pool_are_reaped(tmp_path):
+    """The pull fails between forking its workers (each storing its first files) and the
+    pool that would take them (an import failing, or Ctrl-C while trio is imported): the
+    workers are killed and reaped there, not left for the host's exit."""
+    tree = tmp_path / "tree"
+    (tree / "many").mkdir(parents=True)
+    for i in range(2 * HERE_FILES):
+        (tree / "many" / f"n{i}").write_bytes(b"content %d " % i * 20)
+    repo_path = init_repo(tmp_path / "ostree", "archive")
+    commit(repo_path, tree, "main")
+    cfs = tmp_path / "cfs"
+    subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", cfs, "init"], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-c", _FAIL_AFTER_FORK, "--repo", cfs, "ostree", "pull-local", "--no-delta",
+                           "--jobs", "2", repo_path, "main"], capture_output=True, text=True, timeout=120)
+    assert "import of pycfs.host.ostree.pull halted" in done.stderr
+    assert json.loads(done.stdout) == [True, True], done.stderr
