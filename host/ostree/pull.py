@@ -39,8 +39,8 @@ from pycfs.host.ostree.objects import Commit, Kind, OstreeError
 from pycfs.host.ostree.pullcore import CHECKPOINT_SECONDS, PullCore, PullOptions, PullResult, close_fds, prepare_pull
 from pycfs.host.ostree.source import FetchedFile, HttpRepo, LocalRepo
 from pycfs.host.repository import Repository
-from pycfs.host.workers.fork import Forked, fork_workers
-from pycfs.host.workers.pool import WorkerPool, default_jobs, open_pool
+from pycfs.host.workers.fork import Forked
+from pycfs.host.workers.pool import WorkerPool, open_pool
 
 STORE_BATCH = 64
 # A local repository answers in microseconds: objects are read many to a thread hop (the
@@ -110,6 +110,9 @@ class _Puller:
         files, core.files = core.files, []
         limiter = trio.CapacityLimiter(pool.batches_in_flight(STORE_BATCH))
         async with open_nursery() as nursery:
+            early, core.early = core.early, []
+            for params, sent in early:
+                nursery.start_soon(self._stored_early, params, sent, pool)
             for start in range(0, len(files), STORE_BATCH):
                 fetched = await trio.to_thread.run_sync(self._fetch_files, files[start:start + STORE_BATCH])
                 batch = []
@@ -125,6 +128,9 @@ class _Puller:
                         close_fds([f for _, f in batch])
                         raise
                     nursery.start_soon(self._store, batch, pool, limiter)
+
+    async def _stored_early(self, params: dict, batch: list[tuple[bytes, FetchedFile]], pool: WorkerPool) -> None:
+        self.core.take_stored(batch, await pool.stored_early(params, len(batch)))
 
     async def _delta(self, source: LocalRepo | HttpRepo, store: trio.MemorySendChannel[tuple[bytes, FetchedFile]]) -> None:
         """Apply a static delta to the commit when the source has one: its objects become a base."""
@@ -237,18 +243,9 @@ class _Puller:
             core.checkpoint()
 
 
-def fork_workers_for(core: PullCore) -> list[Forked]:
-    """The object workers, forked now (before trio starts: see `pycfs.host.workers.fork`)
-    when the commit was walked here and its files are more than this process stores alone;
-    none for a pull that does not know yet (its pool starts them when it needs them)."""
-    if not core.walked or not core.files:
-        return []
-    return fork_workers(str(core.repo.path), core.options.jobs or default_jobs())
-
-
 async def run_prepared(core: PullCore, forked: Sequence[Forked] = ()) -> PullResult:
     """The rest of a pull `prepare_pull` could not finish: fetch and store concurrently
-    (``forked``: the object workers, from `fork_workers_for`)."""
+    (``forked``: the object workers, from `PullCore.fork_workers`)."""
     try:
         async with open_pool(repo=core.repo, jobs=len(forked) or core.options.jobs, small_here=not forked,
                              forked=forked) as pool:

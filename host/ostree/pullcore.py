@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.ostree.commitstream import (
@@ -62,6 +62,9 @@ HERE_BYTES = 1 << 20
 # the usual 1024-fd soft limit).
 HERE_FILES = 256
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from pycfs.host.workers.fork import Forked
 
 
 class Progress(Protocol):
@@ -133,6 +136,9 @@ class PullCore:
         self.queued: set[bytes] = set()
         self.found: list[tuple[Kind, bytes]] = []  # metadata to fetch
         self.files: list[bytes] = []  # files to fetch, when no one takes them as they are found
+        # files forked workers were sent before the pool (`fork_workers`): the request's
+        # params (the pool's key for its answer) and the files (their fds closed once sent)
+        self.early: list[tuple[dict, list[tuple[bytes, FetchedFile]]]] = []
         self.on_file: Callable[[bytes], None] | None = None
         self.walked = False  # every metadata object is verified and in `objects`
         self.stats = PullStats()
@@ -302,6 +308,62 @@ class PullCore:
             return True
         finally:
             close_fds([f for _, f in fetched])
+
+    def fork_workers(self) -> list[Forked]:
+        """The object workers, forked now when the commit was walked here and its files are
+        more than this process stores alone (none for a pull that does not know yet: its
+        pool starts them when it needs them). Call it before trio is imported (see
+        `pycfs.host.workers.fork`): each worker is written at once one STORE request of the
+        first files (`early`), which it stores while this process imports trio and starts
+        the pool (~0.07 s of CPU here, when a core would otherwise wait)."""
+        if not self.walked or not self.files:
+            return []
+        # here: an update or a re-pull forks none
+        from pycfs.host.workers.fork import default_jobs, discard, fork_workers
+
+        forked = fork_workers(str(self.repo.path), self.options.jobs or default_jobs())
+        if not forked:
+            return []
+        share = min(api.MAX_FILES_PER_REQUEST, -(-len(self.files) // len(forked)))
+        try:
+            for request_id, worker in enumerate(forked, 1):
+                if not self._send_early(worker, request_id, share):
+                    break
+        except BaseException:
+            discard(forked)
+            self.checkpoint_after_failure()
+            raise
+        return forked
+
+    def _send_early(self, worker: Forked, request_id: int, share: int) -> bool:
+        """The next `share` files in `files` that need storing, sent to a forked worker
+        (the inline ones met on the way taken here); False when there were none, or the
+        worker is gone (its files then stay for the pool, which meets that)."""
+        from pycfs.host.workers.fork import send_early
+
+        batch: list[tuple[bytes, FetchedFile]] = []
+        taken = 0
+        try:
+            while len(batch) < share and taken < len(self.files):
+                checksum = self.files[taken]
+                fetched = self.fetch_file(checksum)
+                taken += 1
+                if fetched.fd is None:
+                    self.inlined(checksum, fetched)
+                else:
+                    batch.append((checksum, fetched))
+            if not batch:
+                del self.files[:taken]
+                return False
+            params = api.file_params([f.header.size for _, f in batch],
+                                     sha256s=[self.content_check(c, f) for c, f in batch])
+            sent = send_early(worker, request_id, api.STORE, params, [f.fd for _, f in batch])
+        finally:
+            close_fds([f for _, f in batch])
+        self.files[:taken] = [] if sent else [c for c, _ in batch]
+        if sent:
+            self.early.append((params, batch))
+        return sent
 
     # ---- the end -------------------------------------------------------------------
 

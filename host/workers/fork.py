@@ -142,14 +142,22 @@ def fork_digest_workers(names: Sequence[str], jobs: int, alg: str = "sha256") ->
     blocks writing that second request to it (200,000 small files hung so)."""
     workers = fork_workers(None, jobs, alg)
     for worker, (request_id, (start, end)) in zip(workers, enumerate(digest_batches(names), 1)):
-        params: dict[str, Any] = {"paths": list(names[start:end])}
-        request = {"jsonrpc": "2.0", "method": api.DIGEST_PATHS, "params": params, "id": request_id}
-        try:
-            send_with_fds(worker.sock, encode(request, 0, api.MAX_MESSAGE_BYTES))
-        except OSError:
-            break  # a worker gone already: the pool meets that as it reads its socket
-        worker.early.append((request_id, api.DIGEST_PATHS, params))
+        if not send_early(worker, request_id, api.DIGEST_PATHS, {"paths": list(names[start:end])}):
+            break
     return workers
+
+
+def send_early(worker: Forked, request_id: int, method: str, params: dict[str, Any], fds: Sequence[int] = ()) -> bool:
+    """Write a forked worker its one early request (`Forked.early`; one, no more: see
+    `fork_digest_workers`), ``fds`` passed with it (the caller may close its own then);
+    False when the worker is gone already (the pool meets that as it reads its socket)."""
+    request = {"jsonrpc": "2.0", "method": method, "params": params, "id": request_id}
+    try:
+        send_with_fds(worker.sock, encode(request, len(fds), api.MAX_MESSAGE_BYTES), fds)
+    except OSError:
+        return False
+    worker.early.append((request_id, method, params))
+    return True
 
 
 def discard(workers: Sequence[Forked]) -> None:

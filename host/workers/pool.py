@@ -225,20 +225,41 @@ class WorkerPool:
     async def _request(self, method: str, fds: list[int], params: dict[str, Any],
                        sent: Callable[[], None] | None = None) -> tuple[_Worker, dict[str, Any]]:
         """The worker asked and its response; ``sent`` runs once the request is sent (or could not be)."""
-        for i, (early_method, early_params, worker, reply) in enumerate(self._early):
-            if not fds and early_method == method and early_params == params:  # sent already: its answer
-                del self._early[i]
-                if sent is not None:
-                    sent()
-                try:
-                    return worker, await self._wait(reply)
-                finally:
-                    worker.assigned -= 1
+        early = None if fds else self._take_early(lambda m, p: m == method and p == params)  # sent already?
+        if early is not None:
+            if sent is not None:
+                sent()
+            return await self._early_answer(*early)
         await self._start()
         worker = min(self._workers, key=lambda w: w.assigned)
         worker.assigned += 1
         try:
             return worker, await self._send_and_wait(worker, method, fds, params, sent)
+        finally:
+            worker.assigned -= 1
+
+    async def stored_early(self, params: dict[str, Any], count: int) -> list[Stored | Failed]:
+        """The answer to a STORE request a forked worker was written, with its fds, before
+        the pool existed (`Forked.early`: ``params`` is the very dict sent, for ``count`` files)."""
+        early = self._take_early(lambda m, p: m == api.STORE and p is params)
+        if early is None:
+            raise ValueError("no such early store request")
+        worker, obj = await self._early_answer(*early)
+        try:
+            return api.stored_results(self._results(obj, count, api.STORE))
+        except ValueError as e:
+            raise PycfsError(f"the {worker.describe()} {e}") from None
+
+    def _take_early(self, match: Callable[[str, dict[str, Any]], bool]) -> tuple[_Worker, _Reply] | None:
+        for i, (method, params, worker, reply) in enumerate(self._early):
+            if match(method, params):
+                del self._early[i]
+                return worker, reply
+        return None
+
+    async def _early_answer(self, worker: _Worker, reply: _Reply) -> tuple[_Worker, dict[str, Any]]:
+        try:
+            return worker, await self._wait(reply)
         finally:
             worker.assigned -= 1
 

@@ -231,3 +231,49 @@ def test_small_update_of_many_files_does_not_run_out_of_fds(repos):
     expected = describe_dir(tree)
     names = [p for p in expected if p.startswith("/many/")]
     assert len(names) == 700 and [image[p][-1] for p in names] == [expected[p][-1] for p in names]
+
+
+# `python -c _DAMAGE_EARLY OSTREE_REPO ARGS...`: `pycfs ARGS...`, where the first file the pull
+# sends a forked worker before trio starts is edited in OSTREE_REPO (a bare one) just before.
+_DAMAGE_EARLY = """
+import sys
+from pycfs.host.ostree.pullcore import PullCore
+from pycfs.tools.cli import main
+
+real = PullCore.fork_workers
+
+def damage_first(self):
+    name = self.files[0].hex()
+    with open(f"{sys.argv[1]}/objects/{name[:2]}/{name[2:]}.file", "r+b") as f:
+        f.seek(100)
+        f.write(b"X")
+    print(name, file=sys.stderr)
+    return real(self)
+
+PullCore.fork_workers = damage_first
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_changed_bare_object_sent_to_a_worker_before_the_pool_is_refused(repos):
+    """A pull of more files than it stores in process writes each forked worker its first
+    files before trio is imported: a bare object among them edited in place is refused by
+    that worker as by the pool's, one line naming it, nothing committed or tagged."""
+    base, _ = repos
+    tree = base / "tree-early"
+    (tree / "many").mkdir(parents=True)
+    for i in range(600):
+        (tree / "many" / f"f{i}").write_bytes(os.urandom(2000))
+    repo = init_repo(base / "bare-early", "bare")
+    new = commit(repo, tree, "main")
+    cfs = base / "cfs-early"
+    pycfs(cfs, "init")
+    run = subprocess.run([sys.executable, "-c", _DAMAGE_EARLY, repo, "--repo", cfs, "ostree", "pull-local", "--jobs",
+                          "2", repo, "main"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1
+    damaged = run.stderr.splitlines()[0]
+    assert run.stderr.splitlines()[1:] == [
+        (f"pycfs: error: object {damaged}.file: content does not match its checksum: "
+         "the source repository is corrupt or was tampered with")]
+    assert pycfs(cfs, "ostree", "images").stdout == ""
+    assert not (cfs / "streams" / f"ostree-commit-{new}").exists()

@@ -17,7 +17,7 @@ from procs import SPY_ON_FORK, BUSY_SIZE, busy_file, children_die_with_host, run
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
-from pycfs.host.ostree.pull import fork_workers_for, run_prepared
+from pycfs.host.ostree.pull import run_prepared
 from pycfs.host.ostree.pullcore import HERE_FILES, PullCore, PullOptions, prepare_pull
 from pycfs.host.ostree.source import LocalRepo
 from pycfs.host.repository import Repository
@@ -213,8 +213,14 @@ def test_local_pull_with_more_files_than_stored_here_forks_its_workers(tmp_path,
         try:
             core = prepare_pull(repo, source, "main", PullOptions(deltas=False))
             assert isinstance(core, PullCore) and core.walked and len(core.files) > HERE_FILES
-            forked = fork_workers_for(core)
+            files = len(core.files)
+            forked = core.fork_workers()
             assert len(forked) >= 1
+            # each worker was sent one request of its share of the first files (fewer than
+            # two requests hold: all of them), the inline ones met on the way taken here
+            assert len(core.early) == len(forked) and core.files == []
+            assert sum(len(batch) for _, batch in core.early) + core.stats.inlined == files
+            assert max(len(batch) for _, batch in core.early) == -(-files // len(forked))
             result = trio.run(run_prepared, core, forked)
         finally:
             source.close()
@@ -240,7 +246,7 @@ def test_pull_local_on_a_terminal_forks_its_workers_before_the_progress_shows(tm
     cfs = tmp_path / "cfs"
     subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", cfs, "init"], check=True, capture_output=True)
     record = tmp_path / "fork.json"
-    rc, out, shown = run_with_stderr_on_terminal([sys.executable, "-c", SPY_ON_FORK, "pycfs.host.ostree.pull", record, "--repo", cfs, "ostree",
+    rc, out, shown = run_with_stderr_on_terminal([sys.executable, "-c", SPY_ON_FORK, "pycfs.host.workers.fork", record, "--repo", cfs, "ostree",
                                                   "pull-local", "--no-delta", "--jobs", "2", repo_path, "main"])
     assert rc == 0, shown.decode(errors="replace")
     assert out.decode().startswith(f"commit {checksum}\n")
@@ -323,3 +329,99 @@ def test_early_requests_are_answered_once_and_the_rest_balanced(tmp_path, monkey
     assert got == [digest_bytes(d) for _, d in files]
     firsts = [names[i] for i in range(0, 60, 4)]
     assert sorted(sent) == sorted(firsts[sum(early):])  # each batch once: the early ones not again
+
+
+_PULL_SPY = """
+import json, sys
+from pycfs.host.ostree.pullcore import PullCore
+from pycfs.tools.cli import main
+
+real = PullCore.fork_workers
+
+def spy(self):
+    forked = real(self)
+    with open(sys.argv[1], "w") as f:
+        json.dump({"trio": "trio" in sys.modules, "early": [len(w.early) for w in forked],
+                   "files": [len(batch) for _, batch in self.early]}, f)
+    return forked
+
+PullCore.fork_workers = spy
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
+def test_pull_local_sends_its_workers_their_first_files_before_importing_trio(tmp_path):
+    """`pycfs ostree pull-local` of more files than it stores in process: the forked workers
+    are each written one store request of the first files before trio is imported (they
+    store while the host imports it and starts the pool), and the pull's image has the tree
+    of `ostree checkout`."""
+    tree = tmp_path / "tree"
+    (tree / "many").mkdir(parents=True)
+    for i in range(3 * HERE_FILES):  # more than the two early requests hold
+        (tree / "many" / f"n{i}").write_bytes(b"content %d " % i * 20)
+    repo_path = init_repo(tmp_path / "ostree", "archive")
+    checksum = commit(repo_path, tree, "main")
+    checkout = tmp_path / "checkout"
+    ostree("checkout", f"--repo={repo_path}", "-U", "main", checkout)
+    cfs = tmp_path / "cfs"
+    subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", cfs, "init"], check=True, capture_output=True)
+    record = tmp_path / "spy.json"
+    done = subprocess.run([sys.executable, "-c", _PULL_SPY, record, "--repo", cfs, "ostree", "pull-local", "--no-delta",
+                           "--jobs", "2", "--json", repo_path, "main"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["commit"] == checksum and result["files_fetched"] == 3 * HERE_FILES
+    assert json.loads(record.read_text()) == {"trio": False, "early": [1, 1], "files": [256, 256]}
+    with Repository.open(cfs) as repo:
+        image = describe_image(repo, bytes.fromhex(result["image"]))
+    assert {p: (t, m, c) for p, (t, m, _u, _g, _x, c) in image.items()} == \
+        {p: (t, m, c) for p, (t, m, _u, _g, _x, c) in describe_dir(checkout).items()}
+
+
+_FAIL_AFTER_FORK = """
+import json, os, sys
+sys.modules["pycfs.host.ostree.pull"] = None  # its import fails, once the workers are forked
+from pycfs.host.ostree.pullcore import PullCore
+from pycfs.tools.cli import main
+
+real = PullCore.fork_workers
+pids = []
+
+def spy(self):
+    forked = real(self)
+    pids.extend(w.proc.pid for w in forked)
+    return forked
+
+def reaped(pid):
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+PullCore.fork_workers = spy
+try:
+    main(sys.argv[1:])
+finally:
+    print(json.dumps([reaped(p) for p in pids]))
+"""
+
+
+@pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
+def test_workers_forked_before_a_failure_ahead_of_the_pool_are_reaped(tmp_path):
+    """The pull fails between forking its workers (each storing its first files) and the
+    pool that would take them (an import failing, or Ctrl-C while trio is imported): the
+    workers are killed and reaped there, not left for the host's exit."""
+    tree = tmp_path / "tree"
+    (tree / "many").mkdir(parents=True)
+    for i in range(2 * HERE_FILES):
+        (tree / "many" / f"n{i}").write_bytes(b"content %d " % i * 20)
+    repo_path = init_repo(tmp_path / "ostree", "archive")
+    commit(repo_path, tree, "main")
+    cfs = tmp_path / "cfs"
+    subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", cfs, "init"], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-c", _FAIL_AFTER_FORK, "--repo", cfs, "ostree", "pull-local", "--no-delta",
+                           "--jobs", "2", repo_path, "main"], capture_output=True, text=True, timeout=120)
+    assert "import of pycfs.host.ostree.pull halted" in done.stderr
+    assert json.loads(done.stdout) == [True, True], done.stderr

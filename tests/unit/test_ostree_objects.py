@@ -4,8 +4,10 @@ the object's name. The commit splitstream round-trips and refuses damage."""
 
 import hashlib
 import os
+import re
 import shutil
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from pycfs.host.ostree.objects import (
     split_archive_header,
     verify_metadata,
 )
-from pycfs.host.ostree.source import LocalRepo, check_file, unpack_filez
+from pycfs.host.ostree.source import LocalRepo, check_file, config_value, unpack_filez
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OSTREE_COMMIT
 from pycfs.protocol.gvariant import decode, encode
@@ -445,3 +447,41 @@ def test_local_bare_file_objects_opened_at_once(tmp_path):
             src.fetch_file(by_kind["link"], 64, str(tmp_path))
     finally:
         src.close()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[core]\nrepo_version=1\nmode=archive-z2\n", "archive-z2"),
+    ("# a comment\n\n[core]\nrepo_version=1\n  mode = bare-user\n", "bare-user"),
+    ("[core]\nrepo_version=1\nmode = bare-user  \n", "bare-user  "),  # GLib keeps the trailing spaces
+    ("[core]\nrepo_version=1\nmode=bare\n[core]\nmode=bare-user-only\n", "bare-user-only"),  # a later value wins
+    ("[remote \"x\"]\nmode=archive\n[core]\nrepo_version=1\n", None),  # only [core]'s
+    ("[core]\nrepo_version=1\nMode=archive\n", None),  # keys are case-sensitive
+])
+def test_config_mode_is_read_as_ostree_reads_it(tmp_path, text, expected):
+    """The repository's mode from its config (a GLib key file), as `ostree config get
+    core.mode` (the oracle) reads it: the value, or the value it refuses, or none."""
+    assert config_value(text.encode(), "core", "mode", "config") == expected
+    repo = init_repo(tmp_path / "r", "archive")
+    (repo / "config").write_text(text)
+    got = subprocess.run(["ostree", "config", f"--repo={repo}", "get", "core.mode"], capture_output=True, text=True)
+    refused = re.search(r"Invalid mode '(.*)'", got.stderr)
+    assert (got.stdout.rstrip("\n") if got.returncode == 0 else refused.group(1) if refused else None) == expected
+    assert got.returncode == 0 or refused or "does not have key" in got.stderr
+
+
+def test_a_config_that_is_not_a_key_file_or_not_a_regular_file_is_one_line(tmp_path):
+    with pytest.raises(OstreeError, match=r"^c cannot be read: line 2 is no group, key=value or comment$"):
+        config_value(b"[core]\nmode\n", "core", "mode", "c")
+    with pytest.raises(OstreeError, match=r"^c cannot be read: line 1 is no group"):
+        config_value(b"mode=bare\n", "core", "mode", "c")
+    with pytest.raises(OstreeError, match=r"^c cannot be read: it is not UTF-8$"):
+        config_value(b"[core]\nmode=\xff\n", "core", "mode", "c")
+    repo = init_repo(tmp_path / "r", "archive")
+    (repo / "config").unlink()
+    os.mkfifo(repo / "config")  # an open() would wait for a writer for good
+    with pytest.raises(OstreeError, match=r"/r/config is not a regular file$"):
+        LocalRepo(str(repo))
+    (repo / "config").unlink()
+    (repo / "config").symlink_to("/dev/zero")  # an open() would read without end
+    with pytest.raises(OstreeError, match=r"/r/config: Too many levels of symbolic links$"):
+        LocalRepo(str(repo))

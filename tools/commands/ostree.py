@@ -144,13 +144,21 @@ def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
         if isinstance(prepared, PullResult):
             result = prepared
         else:
-            import trio
+            # while this is the only thread, and before trio is imported: the workers
+            # store their first files meanwhile
+            forked = prepared.fork_workers()
+            try:
+                import trio
 
-            from pycfs.host.ostree.pull import fork_workers_for, run_prepared
+                from pycfs.host.ostree.pull import run_prepared
 
-            forked = fork_workers_for(prepared)  # while this is the only thread
-            if progress is not None:
-                progress.show(stack)
+                if progress is not None:
+                    progress.show(stack)
+            except BaseException:  # (Ctrl-C while trio is imported) the workers are no pool's yet
+                from pycfs.host.workers.fork import discard
+
+                discard(forked)
+                raise
             result = trio.run(run_prepared, prepared, forked)
     _print_pull(result, args.json)
     return 0
