@@ -110,16 +110,26 @@ class VerityHasher:
         return self._hash(descriptor).digest()
 
 
+_HASHES = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
+_ZEROS = bytes(BLOCK_SIZE)
+
+
 def digest_bytes(data: bytes | bytearray | memoryview, alg: str = "sha256") -> bytes:
     """One-shot digest of in-memory data: the whole tree level by level, without the
     incremental bookkeeping (most files fit in one read, and per-file cost adds up)."""
-    hash_fn = getattr(hashlib, alg)
-    size_d = DIGEST_SIZES[alg]
+    hash_fn = _HASHES[alg]
     mv = memoryview(data).cast("B")
-    level = _level(hash_fn, mv) if len(mv) else bytes(size_d)
-    while len(level) > size_d:
-        level = _level(hash_fn, level)
-    return hash_fn(_DESCRIPTOR.pack(1, HASH_ALG_IDS[alg], LOG_BLOCK_SIZE, 0, len(mv), level)).digest()
+    n = len(mv)
+    if 0 < n <= BLOCK_SIZE:  # the root is the one block's hash, padded in place (no copy)
+        block = hash_fn(mv)
+        block.update(_ZEROS[n:])
+        root = block.digest()
+    else:
+        size_d = DIGEST_SIZES[alg]
+        root = _level(hash_fn, mv) if n else bytes(size_d)
+        while len(root) > size_d:
+            root = _level(hash_fn, root)
+    return hash_fn(_DESCRIPTOR.pack(1, HASH_ALG_IDS[alg], LOG_BLOCK_SIZE, 0, n, root)).digest()
 
 
 _buffers = threading.local()
