@@ -115,7 +115,7 @@ def check_name(name: bytes, where: str) -> None:
         raise TarSplitError(f"{where}: entry name contains NUL")
     if name.startswith(b"/"):
         raise TarSplitError(f"{where}: absolute entry name {name!r}")
-    if b".." in name.split(b"/"):
+    if b".." in name and b".." in name.split(b"/"):  # the split only for the rare name with ".."
         raise TarSplitError(f"{where}: entry name {name!r} contains '..'")
     if len(name) > MAX_NAME:
         raise TarSplitError(f"{where}: entry name longer than {MAX_NAME} bytes")
@@ -207,11 +207,11 @@ def _line_runs(blocks: Iterator[bytes], label: str) -> Iterator[tuple[int, list[
     rest = b""
     lineno = 0
     for block in blocks:
-        data = rest + block if rest else block
-        cut = data.rfind(b"\n") + 1
-        rest = data[cut:]
-        if cut:
-            lines = data[: cut - 1].split(b"\n")
+        lines = block.split(b"\n")  # split first: no copy of the block joined to the rest
+        if rest:
+            lines[0] = rest + lines[0]
+        rest = lines.pop()
+        if lines:
             yield lineno + 1, lines
             lineno += len(lines)
     if rest:
