@@ -101,6 +101,8 @@ def closed_to_user(segment: Segment) -> bool:
         return False
     try:
         mode = int(header[_MODE].strip(b"\0 ") or b"0", 8)
+        if mode & needs * 0o111 == needs * 0o111:  # open to all: whose it is does not matter
+            return False
         uid = int(header[_UID].strip(b"\0 ") or b"0", 8)
         gid = int(header[_GID].strip(b"\0 ") or b"0", 8)
     except ValueError:  # base-256 or damaged: the import finds out when it opens the file
