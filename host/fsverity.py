@@ -29,6 +29,8 @@ DIGEST_SIZES = {"sha256": 32, "sha512": 64}
 # struct fsverity_descriptor: version, hash_algorithm, log_blocksize, salt_size,
 # reserved(4), data_size, root_hash[64], salt[32], reserved[144].
 _DESCRIPTOR = struct.Struct("<BBBB4xQ64s32x144x")
+_HASHES = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
+_ZEROS = bytes(BLOCK_SIZE)
 
 
 def _level(hash_fn, data: memoryview | bytes | bytearray) -> bytes:
@@ -36,8 +38,10 @@ def _level(hash_fn, data: memoryview | bytes | bytearray) -> bytes:
     n = len(data)
     full = n - n % BLOCK_SIZE
     parts = [hash_fn(data[i : i + BLOCK_SIZE]).digest() for i in range(0, full, BLOCK_SIZE)]
-    if full < n:
-        parts.append(hash_fn(bytes(data[full:]).ljust(BLOCK_SIZE, b"\0")).digest())
+    if full < n:  # padded from a constant: no copy of the short block
+        last = hash_fn(data[full:])
+        last.update(_ZEROS[n - full :])
+        parts.append(last.digest())
     return b"".join(parts)
 
 
@@ -113,13 +117,14 @@ class VerityHasher:
 def digest_bytes(data: bytes | bytearray | memoryview, alg: str = "sha256") -> bytes:
     """One-shot digest of in-memory data: the whole tree level by level, without the
     incremental bookkeeping (most files fit in one read, and per-file cost adds up)."""
-    hash_fn = getattr(hashlib, alg)
+    hash_fn = _HASHES[alg]
     size_d = DIGEST_SIZES[alg]
     mv = memoryview(data).cast("B")
-    level = _level(hash_fn, mv) if len(mv) else bytes(size_d)
-    while len(level) > size_d:
-        level = _level(hash_fn, level)
-    return hash_fn(_DESCRIPTOR.pack(1, HASH_ALG_IDS[alg], LOG_BLOCK_SIZE, 0, len(mv), level)).digest()
+    n = len(mv)
+    root = _level(hash_fn, mv) if n else bytes(size_d)
+    while len(root) > size_d:
+        root = _level(hash_fn, root)
+    return hash_fn(_DESCRIPTOR.pack(1, HASH_ALG_IDS[alg], LOG_BLOCK_SIZE, 0, n, root)).digest()
 
 
 _buffers = threading.local()

@@ -222,26 +222,25 @@ class WorkerService:
                    sha256: tuple[bytes, bytes] | None = None,
                    also: Callable[[], Callable[[memoryview], None]] | None = None) -> tuple[bytes, str]:
         assert self.repo is not None
-        st = os.fstat(fd)
-        if st.st_size != size:
-            raise OSError(errno.ESTALE, f"has {st.st_size} bytes, expected {size}")
+        observer: Callable[[], Callable[[memoryview], object]] | None
+        if sha256 is None and also is None:  # a layer's file: its CRC-64 or nothing to check
+            observer = None if crc is None else functools.partial(_Crc64Check, crc, size)
+        else:
+            def observer() -> Callable[[memoryview], None]:
+                """A fresh set of checks for each pass over the content."""
+                checks: list[Callable[[memoryview], None]] = [] if crc is None else [_Crc64Check(crc, size)]
+                if sha256 is not None:
+                    checks.append(_PrefixedSha256Check(*sha256, size))
+                if also is not None:
+                    checks.append(also())
 
-        def observer() -> Callable[[memoryview], None]:
-            """A fresh set of checks for each pass over the content."""
-            checks: list[Callable[[memoryview], None]] = [] if crc is None else [_Crc64Check(crc, size)]
-            if sha256 is not None:
-                checks.append(_PrefixedSha256Check(*sha256, size))
-            if also is not None:
-                checks.append(also())
+                def observe(piece: memoryview) -> None:
+                    for check in checks:
+                        check(piece)
 
-            def observe(piece: memoryview) -> None:
-                for check in checks:
-                    check(piece)
+                return observe
 
-            return observe
-
-        watched = crc is not None or sha256 is not None or also is not None
-        result = self.repo.store_object_from_fd(fd, st, observer if watched else None)
+        result = self.repo.store_object_from_fd(fd, None, observer, size)
         if result.size != size:
             raise OSError(errno.ESTALE, "changed size while it was stored")
         return result.object_id, api.HOW_CODES[result.how]

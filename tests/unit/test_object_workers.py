@@ -506,6 +506,29 @@ def test_object_is_what_its_name_says_when_the_source_is_rewritten(tmp_path, mon
     assert len(stored) == size and stored[:100] == old[:100]
 
 
+@pytest.mark.parametrize("leased", [False, True])
+def test_store_refuses_a_source_of_another_size_before_storing_anything(tmp_path, leased):
+    """`size`: checked by the one fstat (under the lease when leases are on), before any
+    byte is stored; the right size stores the object its content names."""
+    repo = Repository.init(tmp_path / "repo")
+    sigio = signal.getsignal(signal.SIGIO)
+    if leased:
+        repo.enable_source_leases()  # (here a clone may be impossible: the copy path then)
+    data = os.urandom(5000)
+    (tmp_path / "src").write_bytes(data)
+    fd = os.open(tmp_path / "src", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with pytest.raises(OSError) as refused:
+            repo.store_object_from_fd(fd, size=len(data) + 1)
+        assert refused.value.errno == errno.ESTALE and str(len(data)) in str(refused.value)
+        assert not [p for p in (repo.path / "objects").rglob("*") if p.is_file()]
+        result = repo.store_object_from_fd(fd, size=len(data))
+    finally:
+        os.close(fd)
+        signal.signal(signal.SIGIO, sigio)
+    assert result.object_id == digest_bytes(data) and repo.read_object(result.object_id) == data
+
+
 def test_observer_sees_exactly_what_is_stored_and_can_refuse_it(tmp_path):
     repo = Repository.init(tmp_path / "repo")
     data = os.urandom(3 * (1 << 20) + 7)
