@@ -626,9 +626,11 @@ def _object_id_of(path: bytes) -> bytes | None:
     return object_id if object_path(object_id) == path else None
 
 
-def _repeated_content_xattrs(inos: list[_Ino]) -> list[tuple[bytes, bytes]]:
+def _repeated_content_xattrs(inos: list[_Ino]) -> tuple[list[tuple[bytes, bytes]], set[bytes]]:
     """The metacopy and redirect (name, value) pairs found on more than one inode (files of
-    the same content): found from the ids and payloads, without making every value."""
+    the same content): found from the ids and payloads, without making every value. And
+    the ids that may have such a pair (repeated, or spelt by a payload): a file of another
+    id shares neither of its pairs."""
     ids: list[bytes] = []  # metacopy digests
     payloads: Counter[bytes] = Counter()  # redirect paths given as payloads
     empty_metacopy = 0
@@ -660,7 +662,7 @@ def _repeated_content_xattrs(inos: list[_Ino]) -> list[tuple[bytes, bytes]]:
             if type(node) is Leaf and type(c := node.content) is External and c.payload is None and c.id in wanted:
                 payloads[object_path(c.id)] += 1
     found += [(XATTR_REDIRECT, b"/" + path) for path, n in payloads.items() if n > 1]
-    return found
+    return found, wanted
 
 
 class _Xattrs:
@@ -679,7 +681,8 @@ class _Xattrs:
         for items, n in sets.items():
             for kv in items:
                 counts[kv] += n
-        shared = [kv for kv, n in counts.items() if n > 1] + _repeated_content_xattrs(inos)
+        repeated, self._maybe_shared = _repeated_content_xattrs(inos)
+        shared = [kv for kv, n in counts.items() if n > 1] + repeated
         if v2:
             shared.sort(key=lambda kv: (*_split_xattr_name(kv[0], self.order), kv[1]))
         else:
@@ -697,9 +700,12 @@ class _Xattrs:
         self.table = [(*self.names[k][:2], v) for k, v in shared]
         self.has_acl = not v2 and any(k in ACL_XATTRS for items in sets for k, _v in items)
         self._blocks: dict[int, bytearray] = {}  # id(xattrs) -> packed block, inodes without content xattrs
+        self._plain: dict[int, _PlainBlock] = {}  # by digest length
         sizes: dict[int, int] = {}
         for ino in inos:
-            if type(ino.node) is Leaf and type(ino.node.content) in _CONTENT_XATTR_KINDS:
+            if (plain := self._plain_block(ino)) is not None:
+                ino.xattr_size = plain.size
+            elif type(ino.node) is Leaf and type(ino.node.content) in _CONTENT_XATTR_KINDS:
                 ino.xattr_size = self.layout(self.items(ino))[0]
             elif ino.xattrs:
                 size = sizes.get(id(ino.xattrs))
@@ -725,10 +731,10 @@ class _Xattrs:
             return [*extra, *ino.xattrs]
         return sorted([*ino.xattrs, *extra])
 
-    def layout(self, items) -> tuple[int, int, list[int], list[tuple[int, bytes, bytes]]]:
+    def layout(self, items, shared: bool = True) -> tuple[int, int, list[int], list[tuple[int, bytes, bytes]]]:
         """(block size, name filter, table offsets referred to, (index, suffix, value) of the
-        xattrs stored in the inode)."""
-        offsets = self.offsets
+        xattrs stored in the inode); ``shared`` false: all of them in the inode."""
+        offsets = self.offsets if shared else None
         names = self.names
         entry_size = F.XattrEntry.SIZE + 3  # + padding to 4, masked off below
         filt = 0
@@ -748,14 +754,36 @@ class _Xattrs:
             filt |= bit
         return size, (~filt) & 0xFFFFFFFF, refs, local
 
+    def _plain_block(self, ino: _Ino) -> _PlainBlock | None:
+        """The template of the inode's xattr block when it is a plain file (`_PlainBlock`)."""
+        node = ino.node
+        if ino.xattrs or type(node) is not Leaf:
+            return None
+        c = node.content
+        if type(c) is not External or c.payload is not None or c.id in self._maybe_shared:
+            return None
+        plain = self._plain.get(len(c.id))
+        if plain is None and len(c.id) in _METACOPY_PREFIX:
+            plain = self._plain[len(c.id)] = _PlainBlock(self, len(c.id))
+        return plain
+
     def block(self, ino: _Ino, table_base: int) -> bytes | bytearray:
         """The packed xattr block of an inode (shared ids relative to the image start)."""
+        if (plain := self._plain_block(ino)) is not None:
+            return plain.block(ino.node.content.id)
         content = type(ino.node) is Leaf and type(ino.node.content) in _CONTENT_XATTR_KINDS
         if not content:
             packed = self._blocks.get(id(ino.xattrs))
             if packed is not None:
                 return packed
-        size, filt, refs, local = self.layout(self.items(ino))
+        buf = self._pack(*self.layout(self.items(ino)), table_base)
+        if not content:
+            self._blocks[id(ino.xattrs)] = buf
+        return buf
+
+    @staticmethod
+    def _pack(size: int, filt: int, refs: list[int], local: list[tuple[int, bytes, bytes]],
+              table_base: int) -> bytearray:
         buf = bytearray(size)
         F.XattrIbodyHeader.FMT.pack_into(buf, 0, filt, len(refs))
         off = F.XattrIbodyHeader.SIZE
@@ -769,9 +797,33 @@ class _Xattrs:
             end = off + len(suffix) + len(value)
             buf[off:end] = suffix + value
             off = (end + 3) & ~3
-        if not content:
-            self._blocks[id(ino.xattrs)] = buf
         return buf
+
+
+class _PlainBlock:
+    """The xattr block of a plain file: backed by the object at its id's own path, with no
+    xattrs of its own and neither pair shared (most files of an image). Its two xattrs,
+    metacopy (the digest) and redirect (the path), lie at the same offsets for every such
+    file: the block is a template with the digest and its path put in, instead of laid
+    out and packed for each file (a fifth of a 200,000-file image build)."""
+
+    def __init__(self, xattrs: _Xattrs, digest_len: int) -> None:
+        zero = bytes(digest_len)
+        items = [(XATTR_METACOPY, _metacopy(zero)), (XATTR_REDIRECT, b"/" + object_path(zero))]
+        laid_out = xattrs.layout(items, shared=False)
+        self.size, local = laid_out[0], laid_out[3]
+        packed = bytes(xattrs._pack(*laid_out, 0))
+        # the digest ends the metacopy value; the path follows the redirect value's "/"
+        digest_at = F.XattrIbodyHeader.SIZE + F.XattrEntry.SIZE + len(local[0][1]) + len(local[0][2]) - digest_len
+        path_at = F.xattr_entry_size(len(local[0][1]), len(local[0][2])) + F.XattrIbodyHeader.SIZE \
+            + F.XattrEntry.SIZE + len(local[1][1]) + 1
+        path_len = len(local[1][2]) - 1
+        self._head = packed[:digest_at]
+        self._middle = packed[digest_at + digest_len:path_at]
+        self._tail = packed[path_at + path_len:]
+
+    def block(self, digest: bytes) -> bytes:
+        return b"".join((self._head, digest, self._middle, object_path(digest), self._tail))
 
 
 # ---------------------------------------------------------------------------- data
