@@ -151,15 +151,11 @@ class _Ino:
 _Items = tuple[tuple[bytes, bytes], ...]
 
 
-# The file type in a directory entry and what `_prepare_data_*` decided, from fields every
-# record has (each slot costs 8 bytes on hundreds of thousands of records).
+# The file type in a directory entry, from a field every record has (each slot costs 8
+# bytes on hundreds of thousands of records).
 def _ftype(ino: _Ino) -> int:
     return _FTYPES[ino.mode & _S_IFMT]
 
-
-def _promoted(ino: _Ino) -> bool:
-    """A symlink target or chunk indexes moved from the inode to a data block of their own."""
-    return bool(ino.nblocks) and (ino.layout == F.DATALAYOUT_CHUNK_BASED or _ftype(ino) == F.FT_SYMLINK)
 
 _FTYPES = {
     _stat.S_IFREG: F.FT_REG_FILE, _stat.S_IFDIR: F.FT_DIR, _stat.S_IFCHR: F.FT_CHRDEV,
@@ -839,6 +835,9 @@ def _null_indexes(count: int) -> bytes:
     return b"\xff" * (4 * count)
 
 
+_NULL_INDEX = _null_indexes(1)
+
+
 def _chunk_bits(size: int) -> int:
     bits = (size - 1).bit_length() if size > 1 else 1
     return min(max(bits, F.BLOCK_BITS), 43)
@@ -880,8 +879,23 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
         ino.layout = F.DATALAYOUT_FLAT_INLINE if cur else F.DATALAYOUT_FLAT_PLAIN
     else:
         c = node.content
-        if isinstance(c, Inline) or (isinstance(c, CharDevice) and _ftype(ino) == F.FT_REG_FILE):
-            data = c.data if isinstance(c, Inline) else b""
+        tc = type(c)
+        if tc is External or tc is ExternalNoVerity or tc is Sparse:  # most files: first
+            size = c.size
+            ino.size = size
+            if 0 < size <= F.BLOCK_SIZE:
+                ino.i_u = 0  # one chunk of the smallest size
+                ino.inline = _NULL_INDEX
+            else:
+                bits = _chunk_bits(size)
+                count = -(-size // (1 << bits))
+                if count > MAX_CHUNKS:
+                    raise ImageError("cannot write file: File too large")
+                ino.inline = _null_indexes(count)
+                ino.i_u = bits - F.BLOCK_BITS  # the chunk format; the first block's high bits join it at layout
+            ino.layout = F.DATALAYOUT_CHUNK_BASED
+        elif tc is Inline or (tc is CharDevice and _ftype(ino) == F.FT_REG_FILE):
+            data = c.data if tc is Inline else b""
             ino.size = len(data)
             nblocks, tail = _split_tail(len(data))
             ino.nblocks = nblocks
@@ -889,22 +903,12 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
                 ino.blocks = data[: nblocks * F.BLOCK_SIZE]
             ino.inline = data[nblocks * F.BLOCK_SIZE:] if tail else b""
             ino.layout = F.DATALAYOUT_FLAT_INLINE if tail else F.DATALAYOUT_FLAT_PLAIN
-        elif isinstance(c, Symlink):
+        elif tc is Symlink:
             ino.size = len(c.target)
             ino.layout = F.DATALAYOUT_FLAT_INLINE
             ino.inline = c.target
             is_symlink = True  # inline or promoted, decided below
-        elif isinstance(c, (External, ExternalNoVerity, Sparse)):
-            size = c.size
-            ino.size = size
-            bits = _chunk_bits(size)
-            count = -(-size // (1 << bits))
-            if count > MAX_CHUNKS:
-                raise ImageError("cannot write file: File too large")
-            ino.layout = F.DATALAYOUT_CHUNK_BASED
-            ino.inline = _null_indexes(count)
-            ino.i_u = bits - F.BLOCK_BITS  # the chunk format; the first block's high bits join it at layout
-        elif isinstance(c, (CharDevice, BlockDevice)):
+        elif tc is CharDevice or tc is BlockDevice:
             ino.layout = F.DATALAYOUT_FLAT_PLAIN
             ino.i_u = c.rdev & 0xFFFFFFFF
             wide = c.dump_size > 0xFFFFFFFF
@@ -918,14 +922,14 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
     )
     hdr = F.ExtendedInode.SIZE if ino.extended else F.CompactInode.SIZE
     if is_symlink and hdr + ino.xattr_size + ino.size >= F.BLOCK_SIZE:
-        # long symlink target: one data block instead of an inline tail (`_promoted`)
+        # long symlink target: one data block instead of an inline tail (promoted)
         ino.layout = F.DATALAYOUT_FLAT_PLAIN
         ino.blocks = ino.inline
         ino.nblocks = 1
         ino.inline = b""
     elif ino.layout == F.DATALAYOUT_CHUNK_BASED and len(ino.inline) + ino.xattr_size % 32 > F.BLOCK_SIZE:
         # the indexes get a block of their own, which C fills with null indexes to the end
-        # (`_promoted`)
+        # (promoted)
         ino.blocks = b"\xff" * F.BLOCK_SIZE
         ino.nblocks = 1
         ino.inline = b""
@@ -941,36 +945,32 @@ def _align(x: int, a: int) -> int:
 def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: int, min_nsec: int,
                      sink: ImageSink) -> None:
     B = F.BLOCK_SIZE
+    CHUNK, INLINE = F.DATALAYOUT_CHUNK_BASED, F.DATALAYOUT_FLAT_INLINE
     pos = F.INODE_TABLE_OFFSET
     for ino in inos:
-        pos = _align(pos, 32)
-        hdr = F.ExtendedInode.SIZE if ino.extended else F.CompactInode.SIZE
-        meta = hdr + ino.xattr_size
+        pos = (pos + 31) & ~31
+        meta = (F.ExtendedInode.SIZE if ino.extended else F.CompactInode.SIZE) + ino.xattr_size
+        layout = ino.layout
         tail = len(ino.inline)
-        is_symlink = _ftype(ino) == F.FT_SYMLINK
-        promoted = _promoted(ino)
-        if promoted and is_symlink:
-            if pos // B != (pos + meta + ino.size - 1) // B:
+        if layout == CHUNK:
+            if ino.nblocks:  # promoted: the indexes in a block of their own
                 pos = _align(pos, B)
-        elif promoted:
-            pos = _align(pos, B)
-        elif ino.layout == F.DATALAYOUT_CHUNK_BASED:
-            start = pos + meta
-            if start % B and B - start % B < tail:
+            elif (start := pos + meta) % B and B - start % B < tail:
                 pos += _align(B - start % B, 32)
-        elif ino.layout == F.DATALAYOUT_FLAT_INLINE and version == 2:
-            start = pos + meta
-            # (exclusive end: a tail ending exactly on a boundary also moves)
-            if (start - 1) // B != (start + ino.size % B) // B:
-                pos = _align(pos + B - (start - 1) % B, 32)
-        elif ino.layout == F.DATALAYOUT_FLAT_INLINE:
-            if is_symlink:
-                if pos % B + meta + ino.size % B > B:
+        elif ino.mode & _S_IFMT == _stat.S_IFLNK and (ino.nblocks or version != 2):
+            if ino.nblocks:  # promoted: the target in a block of its own
+                if pos // B != (pos + meta + ino.size - 1) // B:
                     pos = _align(pos, B)
-            else:
-                start = pos + meta
-                if start % B and B - start % B < tail:
-                    pos += _align(B - start % B, 32)
+            elif layout == INLINE and pos % B + meta + ino.size % B > B:
+                pos = _align(pos, B)
+        elif layout == INLINE:
+            start = pos + meta
+            if version == 2:
+                # (exclusive end: a tail ending exactly on a boundary also moves)
+                if (start - 1) // B != (start + ino.size % B) // B:
+                    pos = _align(pos + B - (start - 1) % B, 32)
+            elif start % B and B - start % B < tail:
+                pos += _align(B - start % B, 32)
         ino.nid = pos // 32
         pos += meta + tail
     inodes_end = _align(pos, 32)
