@@ -22,6 +22,7 @@ import bisect
 import functools
 import itertools
 import stat as _stat
+import struct
 from collections import Counter, deque
 from typing import NoReturn, Protocol
 
@@ -883,8 +884,9 @@ def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
         if tc is External or tc is ExternalNoVerity or tc is Sparse:  # most files: first
             size = c.size
             ino.size = size
-            if 0 < size <= F.BLOCK_SIZE:
-                ino.i_u = 0  # one chunk of the smallest size
+            if 0 < size <= 1 << 43:
+                # one chunk, of the file's size rounded up to a power of two (a block at least)
+                ino.i_u = max((size - 1).bit_length(), F.BLOCK_BITS) - F.BLOCK_BITS
                 ino.inline = _NULL_INDEX
             else:
                 bits = _chunk_bits(size)
@@ -1109,22 +1111,25 @@ def _dir_data(ino: _Ino, tail: bool) -> bytes:
         if len(starts) - 1 <= ino.nblocks:
             return b""
         a, b = starts[-2], starts[-1]
-        return _dir_block(list(zip(names[a:b], children[a:b])))
+        return _dir_block(names[a:b], children[a:b])
     out = bytearray()
     for k in range(ino.nblocks):
         a, b = starts[k], starts[k + 1]
-        out += _dir_block(list(zip(names[a:b], children[a:b])))
+        out += _dir_block(names[a:b], children[a:b])
         out += bytes(-len(out) % B)
     return bytes(out)
 
 
-def _dir_block(entries: list[tuple[bytes, _Ino]]) -> bytes:
-    n = len(entries)
-    buf = bytearray(F.Dirent.SIZE * n + sum(len(name) for name, _c in entries))
-    nameoff = F.Dirent.SIZE * n
-    pack = F.Dirent.FMT.pack_into
-    for i, (name, child) in enumerate(entries):
-        pack(buf, i * F.Dirent.SIZE, child.nid, nameoff, _FTYPES[child.mode & _S_IFMT])
-        buf[nameoff:nameoff + len(name)] = name
-        nameoff += len(name)
-    return bytes(buf)
+@functools.cache  # bounded: at most a block's worth of entries (4096 // 13)
+def _dirents(count: int) -> struct.Struct:
+    """The headers of a directory block of `count` entries (erofs_dirent, F.Dirent), as one
+    struct: packed in one call instead of one per entry."""
+    return struct.Struct("<" + F.Dirent.FMT.format.lstrip("<") * count)
+
+
+def _dir_block(names: list[bytes], children: list[_Ino]) -> bytes:
+    """One directory block of these entries: their headers (nid, name offset, file type),
+    then their names."""
+    nameoffs = itertools.accumulate(map(len, names), initial=F.Dirent.SIZE * len(names))
+    fields = [v for child, off in zip(children, nameoffs) for v in (child.nid, off, _FTYPES[child.mode & _S_IFMT])]
+    return _dirents(len(names)).pack(*fields) + b"".join(names)
