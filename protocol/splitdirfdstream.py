@@ -33,6 +33,7 @@ MAX_FILENAME_LEN = 4096
 
 INLINE_HEADER = struct.Struct("<BI")  # type, length
 FILE_HEADER = struct.Struct("<BQII")  # type, content_length, dirfd_index, name_len
+_U32 = struct.Struct("<I")
 
 
 class SplitDirFdStreamError(PycfsError):
@@ -81,17 +82,19 @@ class ExternalTooShort(SplitDirFdStreamError):
         self.declared, self.actual = declared, actual
 
 
-@dataclass(frozen=True)
+# Plain slotted classes: a stream has a chunk or two per file, and frozen dataclasses cost
+# three times as much to make.
+@dataclass(slots=True)
 class Metadata:
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InlineData:
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class FileBackedData:
     length: int
     dirfd_index: int
@@ -103,6 +106,8 @@ Chunk = Metadata | InlineData | FileBackedData
 
 def validate_filename(name: bytes) -> None:
     """The checks every referenced name passes before an open, in the format's order."""
+    if b".." not in name and b"\0" not in name and 0 < len(name) <= MAX_FILENAME_LEN and name[0] != 0x2F:
+        return  # the usual name (a file of every stream passes here): no list of its components
     if not name:
         raise InvalidFilename("empty filename", name)
     if len(name) > MAX_FILENAME_LEN:
@@ -179,46 +184,47 @@ class Decoder:
             self._pos = 0
         self._buf += data
 
-    def _parse(self) -> tuple[Chunk, int] | int:
-        """(chunk, bytes used), or the size of the read that is still incomplete."""
-        buf, pos = self._buf, self._pos
-        avail = len(buf) - pos
-        if avail < 1:
-            return 1
-        kind = buf[pos]
-        if kind in (METADATA, INLINE_DATA):
-            if avail < 5:
-                return 4
-            (length,) = struct.unpack_from("<I", buf, pos + 1)
-            if length > MAX_INLINE_CHUNK_SIZE:
-                raise InlineTooLarge(length)
-            if avail < 5 + length:
-                return length
-            data = bytes(buf[pos + 5 : pos + 5 + length])
-            return (Metadata(data) if kind == METADATA else InlineData(data)), 5 + length
+    @staticmethod
+    def _next(buf: bytearray, pos: int, end: int) -> tuple[Chunk, int] | int:
+        """The chunk at `pos` and the offset after it, or the size of the incomplete read."""
+        kind = buf[pos] if pos < end else -1
         if kind == FILE_BACKED_DATA:
-            if avail < FILE_HEADER.size:
+            start = pos + FILE_HEADER.size
+            if start > end:
                 return 16
             _, length, index, name_len = FILE_HEADER.unpack_from(buf, pos)
             if name_len > MAX_FILENAME_LEN:
                 raise FilenameTooLong(name_len)
-            if avail < FILE_HEADER.size + name_len:
+            if start + name_len > end:
                 return name_len
-            name = bytes(buf[pos + FILE_HEADER.size : pos + FILE_HEADER.size + name_len])
-            return FileBackedData(length, index, name), FILE_HEADER.size + name_len
+            return FileBackedData(length, index, bytes(buf[start : start + name_len])), start + name_len
+        if kind in (METADATA, INLINE_DATA):
+            start = pos + INLINE_HEADER.size
+            if start > end:
+                return 4
+            (length,) = _U32.unpack_from(buf, pos + 1)
+            if length > MAX_INLINE_CHUNK_SIZE:
+                raise InlineTooLarge(length)
+            if start + length > end:
+                return length
+            data = bytes(buf[start : start + length])
+            return (Metadata(data) if kind == METADATA else InlineData(data)), start + length
+        if kind < 0:
+            return 1
         raise UnknownChunkType(kind)
 
     def chunks(self) -> Iterator[Chunk]:
+        """The whole chunks fed so far (one pass over the buffer, the position kept at each)."""
+        next_chunk = self._next
         while True:
-            got = self._parse()
+            got = next_chunk(self._buf, self._pos, len(self._buf))
             if isinstance(got, int):
                 return
-            chunk, used = got
-            self._pos += used
-            yield chunk
+            self._pos = got[1]
+            yield got[0]
 
     def eof(self) -> None:
-        got = self._parse()
+        got = self._next(self._buf, self._pos, len(self._buf))
         if isinstance(got, int) and len(self._buf) > self._pos:
             raise Truncated(got)
 

@@ -13,7 +13,6 @@ import time
 from contextlib import ExitStack
 from typing import Any
 
-from pycfs.host.oci.result import human_size
 from pycfs.host.progress import PullProgress, StepProgress
 
 MODES = ("auto", "plain", "json", "none")
@@ -79,6 +78,8 @@ class _LayerClock:
         nbytes = self.done_bytes.get(diff_id, 0)
         if seconds <= 0 or not nbytes:
             return ""
+        from pycfs.host.oci.result import human_size  # only pulls' lines need it
+
         return f" in {seconds:.2f}s ({human_size(int(nbytes / seconds))}/s)"
 
 
@@ -100,6 +101,8 @@ class PlainPullProgress(PullProgress):
     def layers(self, layers: list[tuple[str, int | None]]) -> None:
         self.clock.know(layers)
         sizes = sum(s or 0 for _, s in layers)
+        from pycfs.host.oci.result import human_size
+
         self._say(f"{len(layers)} layer{'s' if len(layers) != 1 else ''}, {human_size(sizes)}")
 
     def layer_started(self, diff_id: str, total_bytes: int | None) -> None:

@@ -240,3 +240,29 @@ def test_copy_on_a_terminal_forks_while_the_main_thread_is_alone(tmp_path) -> No
     assert json.loads(record.read_text()) == {"threads": ["_MainThread"], "forked": default_jobs()}
     assert b"\x1b[?25l" in shown  # rich's live display ran there, after the fork
     assert out.decode().splitlines()[0].startswith(f"manifest {built.manifest_digest} ")
+
+
+@pytest.mark.parametrize("mode", ["plain", "json", "none"])
+def test_copy_reports_progress_as_asked(tmp_path, capsys, mode) -> None:
+    """`--progress` as for `oci pull`: a line per layer, a JSON event per start and end, or
+    nothing; with --json the events default to JSON lines and stdout stays the result."""
+    _, src = _pulled(tmp_path)
+    dest = tmp_path / "dest"
+    assert main(["--repo", str(dest), "init"]) == 0
+    capsys.readouterr()
+    argv = ["--repo", str(dest), "oci", "copy", "img", "--from", str(src), "--json"]
+    assert main(argv + ([] if mode == "json" else ["--progress", mode])) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    diff_ids = [layer["diff_id"] for layer in result["layers"]]
+    assert len(diff_ids) > 1
+    lines = captured.err.splitlines()
+    if mode == "json":
+        events = [json.loads(line) for line in lines]
+        assert sorted((e["event"], e["diff_id"]) for e in events) == sorted(
+            (event, d) for d in diff_ids for event in ("layer_started", "layer_done"))
+        assert all(e["already_present"] is False for e in events if e["event"] == "layer_done")
+    elif mode == "plain":
+        assert sorted(lines) == sorted(f"{d[7:19]}: copied" for d in diff_ids)
+    else:
+        assert lines == []

@@ -251,3 +251,33 @@ def test_commit_bound_to_other_refs_is_refused_as_ostree_refuses_it(tmp_path):
             assert pycfs(cfs, "ostree", "images").stdout == ""
     assert json.loads(pycfs(cfs, "ostree", "pull-local", src, "stable", "--json").stdout)["commit"] == bound
     assert json.loads(pycfs(cfs, "ostree", "pull-local", src, bound, "pinned", "--json").stdout)["ref"] == "pinned"
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_line_progress_says_the_counts(monkeypatch, capsys, as_json):
+    """`--progress plain|json` (and no terminal): the counts so far, at most once a second."""
+    from pycfs.tools.commands.ostree import _LineProgress
+
+    progress = _LineProgress(as_json=as_json)
+    progress.metadata(3)  # within the first second: nothing
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(_LineProgress, "EVERY", 0.0)
+    progress.file_found()
+    progress.file_found()
+    progress.file_done(3 << 20)
+    lines = capsys.readouterr().err.splitlines()
+    if as_json:
+        last = json.loads(lines[-1])
+        assert (last["event"], last["metadata_fetched"], last["files_found"], last["files_done"],
+                last["content_bytes"]) == ("progress", 3, 2, 1, 3 << 20)
+    else:
+        assert lines[-1] == "metadata 3, files 1/2 (3.0 MiB)"
+    assert len(lines) == 3
+
+
+def test_pull_local_progress_none_is_quiet(source, tmp_path):
+    repo, v1, _v2, _checkout = source
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+    done = pycfs(cfs, "ostree", "pull-local", repo, "main", "--json", "--progress", "none")
+    assert json.loads(done.stdout)["commit"] == v1 and done.stderr == ""

@@ -49,6 +49,24 @@ def test_accepted_names(name: bytes) -> None:
     sd.validate_filename(name)
 
 
+def _name_refused(name: bytes) -> bool:
+    """The format's name rules, written out plainly (the model the fast path must agree with)."""
+    return (not name or len(name) > sd.MAX_FILENAME_LEN or b"\0" in name or name.startswith(b"/")
+            or b".." in name.split(b"/"))
+
+
+@given(st.lists(st.sampled_from([b"a", b".", b"..", b"/", b"\0", b"x" * 1000]), max_size=8).map(b"".join))
+@settings(max_examples=500)
+def test_names_as_the_rules_say(name: bytes) -> None:
+    """validate_filename's shortcut for ordinary names refuses exactly what the rules refuse."""
+    try:
+        sd.validate_filename(name)
+    except (sd.InvalidFilename, sd.FilenameTooLong):
+        assert _name_refused(name)
+    else:
+        assert not _name_refused(name)
+
+
 def test_name_checks_in_order() -> None:
     # too long wins over NUL and absolute; NUL wins over absolute and ..
     with pytest.raises(sd.FilenameTooLong):

@@ -237,17 +237,26 @@ def _populate(oci: argparse.ArgumentParser) -> None:
 
 def register_copy(osub: argparse._SubParsersAction) -> None:
     """`oci copy` (issue 12): one block, so the rest of this module can change alongside."""
+    from pycfs.tools.progress import add_progress_option, emit_json, progress_mode
 
     class Progress:
-        def __init__(self, bar: object | None) -> None:
+        """Layers as they start and finish: rich bars (mode "rich"), plain lines or JSON lines on stderr."""
+
+        def __init__(self, mode: str, bar: object | None) -> None:
+            self.mode = mode
             self.bar = bar
             self.tasks: dict[str, object] = {}  # layers move side by side
 
         def layer_started(self, diff_id: str) -> None:
             if self.bar is not None:
                 self.tasks[diff_id] = self.bar.add_task(diff_id[7:19], total=None)  # type: ignore[attr-defined]
+            elif self.mode == "json":
+                emit_json("layer_started", diff_id=diff_id)
 
         def layer_done(self, diff_id: str, already_present: bool) -> None:
+            if self.mode == "json":
+                emit_json("layer_done", diff_id=diff_id, already_present=already_present)
+                return
             text = f"{diff_id[7:19]}: {'already present' if already_present else 'copied'}"
             if self.bar is not None:
                 self.bar.remove_task(self.tasks.pop(diff_id))  # type: ignore[attr-defined]
@@ -272,16 +281,17 @@ def register_copy(osub: argparse._SubParsersAction) -> None:
         forked = fork_destination_workers(dest)
         try:
             with ExitStack() as stack:
+                mode = progress_mode(args)
                 progress = None
-                if not args.json:
+                if mode != "none":
                     bar = None
-                    if sys.stderr.isatty():
+                    if mode == "rich":
                         from rich.progress import SpinnerColumn, TextColumn
 
                         from pycfs.tools.progress import rich_bars
 
                         bar = stack.enter_context(rich_bars(SpinnerColumn(), TextColumn("{task.description}")))
-                    progress = Progress(bar)
+                    progress = Progress(mode, bar)
                 result = trio.run(copy, args.source, args.from_repo, dest, args.image, args.name, args.zerocopy,
                                   progress, args.storage_root, forked)
         finally:
@@ -319,5 +329,7 @@ def register_copy(osub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", metavar="TAG", help="tag the copy (default: no tag; the image is reachable by digest only)")
     p.add_argument("--zerocopy", action="store_true",
                    help="share file content (reflink, else hardlink) or fail; needs one filesystem and one hash algorithm")
-    p.add_argument("--json", action="store_true", help="print the result (digests, verities, counts) as JSON")
+    p.add_argument("--json", action="store_true", help="print the result (digests, verities, counts) as JSON "
+                   "(progress then goes to stderr as JSON lines)")
+    add_progress_option(p)
     p.set_defaults(handler=cmd_copy)

@@ -19,18 +19,46 @@ if TYPE_CHECKING:
     from pycfs.protocol.gvariant import Variant
 
 
-class _PlainProgress:
+class _LineProgress:
+    """Without a terminal (or with `--progress plain|json`): the counts as a line on stderr at
+    most once a second, plain or JSON; the result's own line says the end."""
+
+    EVERY = 1.0  # seconds between lines
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.fetched = self.found = self.done = self.bytes = 0
+        self.said = time.monotonic()
+
     def show(self, stack: ExitStack) -> None:
         pass
 
     def metadata(self, fetched: int) -> None:
-        pass
+        self.fetched = fetched
+        self._maybe_say()
 
     def file_found(self) -> None:
-        pass
+        self.found += 1
+        self._maybe_say()
 
     def file_done(self, nbytes: int) -> None:
-        pass
+        self.done += 1
+        self.bytes += nbytes
+        self._maybe_say()
+
+    def _maybe_say(self) -> None:
+        now = time.monotonic()
+        if now - self.said < self.EVERY:
+            return
+        self.said = now
+        if self.as_json:
+            from pycfs.tools.progress import emit_json
+
+            emit_json("progress", metadata_fetched=self.fetched, files_found=self.found, files_done=self.done,
+                      content_bytes=self.bytes)
+        else:
+            print(f"metadata {self.fetched}, files {self.done}/{self.found} ({self.bytes / (1 << 20):.1f} MiB)",
+                  file=sys.stderr, flush=True)
 
 
 class _RichProgress:
@@ -100,13 +128,16 @@ def _print_pull(result: PullResult, as_json: bool) -> None:
 def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
     from pycfs.host.ostree.pullcore import PullOptions, PullResult, prepare_pull
     from pycfs.tools.common import open_repo
+    from pycfs.tools.progress import progress_mode
 
     with open_repo(args) as repo, ExitStack() as stack:
         stack.callback(source.close)
         options = PullOptions(name=args.name, base_name=args.base_name, jobs=args.jobs,
                               deltas=not args.no_delta, gpg_keyring=args.gpg_keyring,
                               allow_downgrade=args.allow_downgrade)
-        progress = None if args.json else _RichProgress() if sys.stderr.isatty() else _PlainProgress()
+        mode = progress_mode(args)
+        progress: _RichProgress | _LineProgress | None = (
+            None if mode == "none" else _RichProgress() if mode == "rich" else _LineProgress(as_json=mode == "json"))
         options.progress = progress
         # an update of a few files or a re-pull ends here; trio only for a larger job
         prepared = prepare_pull(repo, source, args.ref, options)
@@ -292,6 +323,7 @@ def cmd_untag(args: argparse.Namespace) -> int:
 
 def _pull_options(p: argparse.ArgumentParser) -> None:
     from pycfs.tools.common import positive_int
+    from pycfs.tools.progress import add_progress_option
 
     p.add_argument("ref", metavar="REF", help="branch name, or a 64-digit commit checksum")
     p.add_argument("name", metavar="NAME", nargs="?",
@@ -308,7 +340,9 @@ def _pull_options(p: argparse.ArgumentParser) -> None:
                    "(binary, as `gpg --export` writes it); nothing is fetched from an unsigned commit. A "
                    "summary file (refs, deltas) must then be signed by this keyring too (summary.sig, as "
                    "`ostree summary -u --gpg-sign` writes it): an unsigned or wrongly signed one is refused")
-    p.add_argument("--json", action="store_true", help="print the result and statistics as JSON")
+    p.add_argument("--json", action="store_true", help="print the result and statistics as JSON "
+                   "(progress then goes to stderr as JSON lines)")
+    add_progress_option(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
