@@ -697,11 +697,16 @@ class _Xattrs:
         self.table = [(*self.names[k][:2], v) for k, v in shared]
         self.has_acl = not v2 and any(k in ACL_XATTRS for items in sets for k, _v in items)
         self._blocks: dict[int, bytearray] = {}  # id(xattrs) -> packed block, inodes without content xattrs
-        self._plain: dict[int, _PlainBlock] = {}  # by digest length
+        # plain files' blocks by (own xattrs, digest length): a template, or None (laid out)
+        self._plain: dict[tuple[int, int], _PlainBlock | None] = {}
+        plain_sizes: dict[tuple[int, int], int] = {}
         sizes: dict[int, int] = {}
         for ino in inos:
-            if (plain := self._plain_block(ino)) is not None:
-                ino.xattr_size = plain.size
+            if (key := self._plain_key(ino)) is not None:
+                size = plain_sizes.get(key)
+                if size is None:
+                    size = plain_sizes[key] = self.layout(self.items(ino))[0]
+                ino.xattr_size = size
             elif type(ino.node) is Leaf and type(ino.node.content) in _CONTENT_XATTR_KINDS:
                 ino.xattr_size = self.layout(self.items(ino))[0]
             elif ino.xattrs:
@@ -728,10 +733,10 @@ class _Xattrs:
             return [*extra, *ino.xattrs]
         return sorted([*ino.xattrs, *extra])
 
-    def layout(self, items, shared: bool = True) -> tuple[int, int, list[int], list[tuple[int, bytes, bytes]]]:
+    def layout(self, items) -> tuple[int, int, list[int], list[tuple[int, bytes, bytes]]]:
         """(block size, name filter, table offsets referred to, (index, suffix, value) of the
-        xattrs stored in the inode); ``shared`` false: all of them in the inode."""
-        offsets = self.offsets if shared else None
+        xattrs stored in the inode)."""
+        offsets = self.offsets
         names = self.names
         entry_size = F.XattrEntry.SIZE + 3  # + padding to 4, masked off below
         filt = 0
@@ -751,23 +756,25 @@ class _Xattrs:
             filt |= bit
         return size, (~filt) & 0xFFFFFFFF, refs, local
 
-    def _plain_block(self, ino: _Ino) -> _PlainBlock | None:
-        """The template of the inode's xattr block when it is a plain file (`_PlainBlock`)."""
+    def _plain_key(self, ino: _Ino) -> tuple[int, int] | None:
+        """For a plain file (`_PlainBlock`): its template's key, (own xattrs, digest length)."""
         node = ino.node
-        if ino.xattrs or type(node) is not Leaf:
+        if type(node) is not Leaf:
             return None
         c = node.content
-        if type(c) is not External or c.payload is not None or c.id in self._maybe_shared:
+        if type(c) is not External or c.payload is not None or c.id in self._maybe_shared \
+                or len(c.id) not in _METACOPY_PREFIX:
             return None
-        plain = self._plain.get(len(c.id))
-        if plain is None and len(c.id) in _METACOPY_PREFIX:
-            plain = self._plain[len(c.id)] = _PlainBlock(self, len(c.id))
-        return plain
+        return id(ino.xattrs), len(c.id)
 
     def block(self, ino: _Ino, table_base: int) -> bytes | bytearray:
         """The packed xattr block of an inode (shared ids relative to the image start)."""
-        if (plain := self._plain_block(ino)) is not None:
-            return plain.block(ino.node.content.id)
+        if (key := self._plain_key(ino)) is not None:
+            if key not in self._plain:
+                self._plain[key] = _PlainBlock.of(self, ino, table_base)
+            plain = self._plain[key]
+            if plain is not None:
+                return plain.block(ino.node.content.id)
         content = type(ino.node) is Leaf and type(ino.node.content) in _CONTENT_XATTR_KINDS
         if not content:
             packed = self._blocks.get(id(ino.xattrs))
@@ -798,26 +805,37 @@ class _Xattrs:
 
 
 class _PlainBlock:
-    """The xattr block of a plain file: backed by the object at its id's own path, with no
-    xattrs of its own and neither pair shared (most files of an image). Its two xattrs,
-    metacopy (the digest) and redirect (the path), lie at the same offsets for every such
-    file: the block is a template with the digest and its path put in, instead of laid
-    out and packed for each file (a fifth of a 200,000-file image build)."""
+    """The xattr block of a plain file: backed by the object at its id's own path, with
+    neither its metacopy (the digest) nor its redirect (the path) shared (most files of an
+    image). The files of one set of xattrs of their own have the same block but for the
+    digest and its path, at the same offsets: a template with those put in, instead of a
+    block laid out and packed for each file (a fifth of a 200,000-file image build)."""
 
-    def __init__(self, xattrs: _Xattrs, digest_len: int) -> None:
-        zero = bytes(digest_len)
-        items = [(XATTR_METACOPY, _metacopy(zero)), (XATTR_REDIRECT, b"/" + object_path(zero))]
-        laid_out = xattrs.layout(items, shared=False)
-        self.size, local = laid_out[0], laid_out[3]
-        packed = bytes(xattrs._pack(*laid_out, 0))
-        # the digest ends the metacopy value; the path follows the redirect value's "/"
-        digest_at = F.XattrIbodyHeader.SIZE + F.XattrEntry.SIZE + len(local[0][1]) + len(local[0][2]) - digest_len
-        path_at = F.xattr_entry_size(len(local[0][1]), len(local[0][2])) + F.XattrIbodyHeader.SIZE \
-            + F.XattrEntry.SIZE + len(local[1][1]) + 1
-        path_len = len(local[1][2]) - 1
-        self._head = packed[:digest_at]
-        self._middle = packed[digest_at + digest_len:path_at]
-        self._tail = packed[path_at + path_len:]
+    def __init__(self, head: bytes, middle: bytes, tail: bytes) -> None:
+        self._head, self._middle, self._tail = head, middle, tail
+
+    @classmethod
+    def of(cls, xattrs: _Xattrs, ino: _Ino, table_base: int) -> _PlainBlock | None:
+        """The template of the plain file `ino`'s block, made from that block (None if its
+        two values do not come in the order they are put in)."""
+        digest = ino.node.content.id
+        size, filt, refs, local = xattrs.layout(xattrs.items(ino))
+        packed = bytes(xattrs._pack(size, filt, refs, local, table_base))
+        values: dict[tuple[int, bytes], tuple[int, int]] = {}  # name -> (offset, length) of its value
+        off = F.XattrIbodyHeader.SIZE + 4 * len(refs)
+        for idx, suffix, value in local:
+            values[(idx, suffix)] = (off + F.XattrEntry.SIZE + len(suffix), len(value))
+            off += F.xattr_entry_size(len(suffix), len(value))
+        metacopy = values.get(xattrs.name_info(XATTR_METACOPY)[:2])
+        redirect = values.get(xattrs.name_info(XATTR_REDIRECT)[:2])
+        if metacopy is None or redirect is None:
+            return None
+        digest_at = metacopy[0] + metacopy[1] - len(digest)  # the digest ends the metacopy value
+        path_at, path_end = redirect[0] + 1, redirect[0] + redirect[1]  # the path follows its "/"
+        if digest_at + len(digest) > path_at:
+            return None
+        plain = cls(packed[:digest_at], packed[digest_at + len(digest):path_at], packed[path_end:])
+        return plain if plain.block(digest) == packed else None
 
     def block(self, digest: bytes) -> bytes:
         return b"".join((self._head, digest, self._middle, object_path(digest), self._tail))
