@@ -788,6 +788,10 @@ async def pull_image(
                     progress.layer_done(layer.diff_id, False)
             if gate is not None:
                 gate.stop_warming()
+    except BaseException:
+        if tree is not None:
+            tree.release()
+        raise
     finally:
         locks.release()
     finished = await trio.to_thread.run_sync(

@@ -141,7 +141,7 @@ def test_repeated_metacopy_and_redirect_found_without_making_every_value():
         inos = writer._collect_v2(fs) if version == 2 else writer._collect_epoch1(fs, version)
         made = Counter(kv for ino in inos for kv in writer._content_xattrs(ino.node))
         expected = {kv for kv, n in made.items() if n > 1}
-        found = writer._repeated_content_xattrs(inos)
+        found, _ids = writer._repeated_content_xattrs(inos)
         assert len(found) == len(set(found)) and set(found) == expected
         assert {k for k, _v in expected} == {writer.XATTR_METACOPY, writer.XATTR_REDIRECT}
         assert (writer.XATTR_REDIRECT, b"/" + object_path(b)) in expected

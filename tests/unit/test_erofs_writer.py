@@ -7,8 +7,11 @@ import hashlib
 import shutil
 import subprocess
 import time
+from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pycfs.host import dumpfile
 from pycfs.host.erofs.reader import read_image
 from pycfs.host.erofs.writer import ImageError, choose_version, write_image
@@ -335,3 +338,43 @@ def test_generated_big_dumpfile_builds_and_reads_back():
     image = write_image(fs, choose_version(fs, 0, 1))
     assert gc.isenabled()
     assert dumpfile.write(read_image(image).fs, sort_xattrs=True).count(b"\n") == 3000
+
+
+_DIGESTS = st.sampled_from([bytes([n]) * 32 for n in range(3)] + [bytes([n]) * 64 for n in range(2)]) | \
+    st.binary(min_size=32, max_size=32) | st.binary(min_size=64, max_size=64)
+_FILES = st.lists(st.tuples(
+    _DIGESTS,
+    st.sampled_from([None, None, b"", b"some/where"]),  # payload: its id's own path, none, another
+    st.sampled_from([{}, {}, {b"user.a": b"1"}, {b"security.capability": b"\x01" * 20},
+                     {b"security.selinux": b"system_u:object_r:usr_t:s0", b"user.z": b"2"}]),
+), min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(files=_FILES, version=st.sampled_from([0, 1, 2]))
+def test_plain_file_xattr_template_is_the_laid_out_block(files, version):
+    """Plain files' xattr blocks come from a template (`_PlainBlock`, one per set of xattrs
+    of their own): byte for byte what laying out and packing each gives, beside files whose
+    pairs are shared (a repeated digest, a payload spelling an id's path)."""
+    from pycfs.host.erofs import writer
+    from pycfs.host.tree import object_path
+
+    root = Directory(Stat(0o755))
+    for i, (digest, payload, xattrs) in enumerate(files):
+        if payload == b"some/where" and i % 2:
+            payload = object_path(files[0][0])  # spells another file's own path
+        root.entries[b"f%d" % i] = Leaf(Stat(0o644, xattrs=dict(xattrs)), External(digest, 5000, payload))
+    fs = FileSystem(root)
+    inos = writer._collect_v2(fs) if version == 2 else writer._collect_epoch1(fs, version)
+    table = writer._Xattrs(inos, v2=version == 2)
+    templated = 0
+    for ino in inos:
+        if ino.xattr_size:
+            laid_out = table.layout(table.items(ino))
+            assert ino.xattr_size == laid_out[0]
+            assert bytes(table.block(ino, 4096)) == bytes(table._pack(*laid_out, 4096))
+            key = table._plain_key(ino)
+            templated += key is not None and table._plain[key] is not None
+    counts = Counter(d for d, _p, _x in files)
+    plain = sum(1 for d, p, _x in files if p is None and counts[d] == 1)
+    assert templated >= plain - 1  # (less one: a file whose own path another's payload spells)

@@ -99,3 +99,50 @@ def test_shared_stats_table_is_bounded_and_stays_right_when_full():
     assert table.get(0o644, 0, 0, 9, 0, xattrs) is got[9]  # still held
     again = table.get(0o644, 0, 0, 0, 0)
     assert again == got[0] and again is not got[0]  # dropped when the table started afresh
+
+
+def test_image_tree_keeps_its_objects_out_of_collections_until_it_is_written(tmp_path):
+    """ImageTree freezes what it has applied (full collections would rescan the growing
+    tree over and over while the pull imports) and gives it back when the image is
+    built, or when the pull ends without one (finish_pull, whatever happened)."""
+    import gc
+
+    from pycfs.host.oci.image import ImageTree, finish_pull
+    from pycfs.host.repository import Repository
+
+    repo = Repository.init(tmp_path / "repo")
+
+    assert gc.get_freeze_count() == 0
+    pieces = _pieces(5000)
+    collector, tree = LayerEntryCollector(), ImageTree(None)  # type: ignore[arg-type] # no stored layers
+    try:
+        collector.feed(pieces[:len(pieces) // 2])
+        tree.apply(collector.take())
+        frozen = gc.get_freeze_count()
+        leaves = [leaf for d in tree.root.entries[b"d"].entries.values() for leaf in d.entries.values()]
+        assert frozen > len(leaves) > 2000
+        collector.feed(pieces[len(pieces) // 2:])
+        collector.close()
+        tree.apply(collector.take())
+        assert gc.get_freeze_count() > frozen
+        tree.end_layer(b"layer")
+        fs = tree.filesystem([b"layer"])
+        assert gc.get_freeze_count() == 0
+        assert fs is not None and len(fs.root.entries[b"d"].entries) == 10
+
+        tree = ImageTree(repo)
+        tree.apply(_tree_entries(pieces[:100]))
+        assert gc.get_freeze_count() > 0
+        config = b'{"rootfs": {"type": "layers", "diff_ids": []}}'
+        finished = finish_pull(repo, "sha256:" + hashlib.sha256(b"{}").hexdigest(), b"{}",
+                               "sha256:" + hashlib.sha256(config).hexdigest(), config, [], None,
+                               build_image=False, tree=tree)  # no image: the tree is not used
+        assert finished.images == {} and gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+
+
+def _tree_entries(pieces: list[bytes | tuple[bytes]]) -> list:
+    collector = LayerEntryCollector()
+    collector.feed(pieces)
+    return collector.take() or []
