@@ -675,7 +675,7 @@ class LayerEntryCollector:
         """`TarReader`'s source: up to n inline bytes, b"" at the end."""
         if self._at < len(self._pieces):  # the usual case: all n in the piece being read
             current, start = self._pieces[self._at], self._pos
-            if start + n < len(current) and isinstance(current, bytes):
+            if start + n <= len(current) and isinstance(current, bytes):
                 self._pos = start + n
                 return current[start : start + n]
         piece = self._inline_piece()
