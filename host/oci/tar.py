@@ -52,6 +52,9 @@ GNUTYPE_LONGNAME = b"L"
 GNUTYPE_LONGLINK = b"K"
 GNUTYPE_SPARSE = b"S"
 REGULAR_TYPES = (REGTYPE, AREGTYPE, CONTTYPE)
+_TYPEFLAG_OFFSET = 156
+# the typeflags of headers that describe the next entry (or, `g`, the archive), as bytes' ints
+_EXTENSION_TYPEFLAGS = frozenset(XHDTYPE + XGLTYPE + GNUTYPE_LONGNAME + GNUTYPE_LONGLINK)
 
 # Extension data (PAX records, GNU long names) is held in memory; a real archive needs a
 # few KiB at most, so anything beyond this is treated as a corrupt or hostile archive.
@@ -392,6 +395,15 @@ class TarReader:
         if self.done:
             raise TarError("tar reader used after the end of the archive")
         start = self.offset
+        block = self._read_block()
+        if block and block[_TYPEFLAG_OFFSET] not in _EXTENSION_TYPEFLAGS and block != ZERO_BLOCK:
+            # the usual entry, a lone header: none of the extension bookkeeping below
+            return self._entry(TarHeader.parse(block, start), block, start, {}, {}, None, None, False)
+        return self._extended(start, block)
+
+    def _extended(self, start: int, block: bytes) -> TarEntry | TarEnd:
+        """The entry whose first block (read at `start`) is an extension header, a zero
+        block or the end of the input."""
         raw = bytearray()
         pax: dict[bytes, bytes] = {}
         xattrs: dict[bytes, bytes] = {}
@@ -399,9 +411,8 @@ class TarReader:
         long_link: bytes | None = None
         pending = False  # extension headers seen that still need their entry
         sparse = False  # a PAX GNU.sparse.* record seen
+        block_offset = start
         while True:
-            block_offset = self.offset
-            block = self._read_block()
             if not block:
                 if pending:
                     raise TarError(f"truncated tar: extension header at offset {start} has no entry")
@@ -421,30 +432,30 @@ class TarReader:
                 block = second
             hdr = TarHeader.parse(block, block_offset)
             t = hdr.typeflag
-            if t in (XHDTYPE, XGLTYPE, GNUTYPE_LONGNAME, GNUTYPE_LONGLINK):
-                if hdr.size > MAX_EXTENSION_SIZE:
-                    raise TarError(f"tar: {t.decode()} extension of {hdr.size} bytes at offset {block_offset} is too large")
-                data_offset = self.offset
-                data = self.read_exact(roundup_block(hdr.size), "extension header data")
-                raw += data
-                data = data[: hdr.size]
-                if t == XGLTYPE:
-                    parse_pax(data, data_offset)  # validated, not applied (as composefs-rs)
-                    continue
+            if t not in (XHDTYPE, XGLTYPE, GNUTYPE_LONGNAME, GNUTYPE_LONGLINK):
+                return self._entry(hdr, bytes(raw), start, pax, xattrs, long_name, long_link, sparse)
+            if hdr.size > MAX_EXTENSION_SIZE:
+                raise TarError(f"tar: {t.decode()} extension of {hdr.size} bytes at offset {block_offset} is too large")
+            data_offset = self.offset
+            data = self.read_exact(roundup_block(hdr.size), "extension header data")
+            raw += data
+            data = data[: hdr.size]
+            if t == XGLTYPE:
+                parse_pax(data, data_offset)  # validated, not applied (as composefs-rs)
+            elif t == XHDTYPE:
                 pending = True
-                if t == XHDTYPE:
-                    for key, value in parse_pax(data, data_offset):
-                        if key.startswith(b"SCHILY.xattr."):
-                            xattrs[key[len(b"SCHILY.xattr.") :]] = value
-                        else:
-                            pax[key] = value
-                            sparse = sparse or key.startswith(b"GNU.sparse.")
-                elif t == GNUTYPE_LONGNAME:
-                    long_name = _cstr(data)
-                else:
-                    long_link = _cstr(data)
-                continue
-            return self._entry(hdr, bytes(raw), start, pax, xattrs, long_name, long_link, sparse)
+                for key, value in parse_pax(data, data_offset):
+                    if key.startswith(b"SCHILY.xattr."):
+                        xattrs[key[len(b"SCHILY.xattr.") :]] = value
+                    else:
+                        pax[key] = value
+                        sparse = sparse or key.startswith(b"GNU.sparse.")
+            elif t == GNUTYPE_LONGNAME:
+                pending, long_name = True, _cstr(data)
+            else:
+                pending, long_link = True, _cstr(data)
+            block_offset = self.offset
+            block = self._read_block()
 
     def _entry(self, hdr: TarHeader, raw: bytes, start: int, pax: dict[bytes, bytes], xattrs: dict[bytes, bytes],
                long_name: bytes | None, long_link: bytes | None, sparse: bool) -> TarEntry:
