@@ -277,18 +277,30 @@ def gnu_long_entry(value: bytes, typeflag: bytes = GNUTYPE_LONGNAME) -> bytes:
     return hdr + data + bytes(roundup_block(len(data)) - len(data))
 
 
-@functools.lru_cache(maxsize=1024)
+# A PAX number longer than this is refused: no field it overrides needs a tenth of it, and
+# int() of more than 4300 digits raises ValueError, which must not escape as a traceback.
+MAX_PAX_DIGITS = 64
+
+
 def parse_pax_mtime(text: bytes) -> tuple[int, int]:
     """`<sec>[.<frac>]` → (seconds, nanoseconds): first 9 fraction digits, right-padded.
-    Cached: the files of a layer mostly share a few timestamps."""
+    Cached for short values: the files of a layer mostly share a few timestamps, and a
+    long value (say, megabytes of fraction) must not stay in memory."""
+    return _cached_pax_mtime(text) if len(text) <= 32 else _pax_mtime(text)
+
+
+def _pax_mtime(text: bytes) -> tuple[int, int]:
     sec_text, _, frac = text.partition(b".")
     digits = sec_text[1:] if sec_text.startswith(b"-") else sec_text
-    if not digits.isdigit():  # int() alone would also take "+1", " 1", "1_0"
+    if not digits.isdigit() or len(digits) > MAX_PAX_DIGITS:  # int() alone would also take "+1", " 1", "1_0"
         raise TarError(f"bad PAX mtime {text[:40]!r}")
     sec = int(sec_text)
     frac = frac[:9]
     nsec = int(frac.ljust(9, b"0")) if frac.isdigit() else 0
     return sec, nsec
+
+
+_cached_pax_mtime = functools.lru_cache(maxsize=1024)(_pax_mtime)
 
 
 @dataclass
@@ -481,7 +493,7 @@ def _pax_int(pax: dict[bytes, bytes], key: bytes, default: int, start: int) -> i
     value = pax[key]
     if not value:  # empty = "revert to the header field"
         return default
-    if not value.isdigit():
+    if not value.isdigit() or len(value) > MAX_PAX_DIGITS:
         raise TarError(f"tar: bad PAX {key.decode()} {value[:40]!r} for entry at offset {start}")
     return int(value)
 

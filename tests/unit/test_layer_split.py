@@ -578,6 +578,7 @@ def test_collector_gives_the_entries_read_back(repo: Repository, cuts, advance_e
     [simple_entry(b"f", b"x" * 65)],
     [simple_entry(b"f", b"x" * 65)[:512], (b"x" * 65, 65)],  # no padding, no end marker
     [TarHeader(name=b"odd", typeflag=b"V", mode=0o644).pack() + ZERO_BLOCK * 2],
+    [pax_entry([(b"uid", b"7" * 5000)]) + simple_entry(b"f") + ZERO_BLOCK * 2],  # past int()'s digit limit
 ])
 def test_collector_gives_up_where_reading_back_fails(repo: Repository, parts) -> None:
     """A stream the reader refuses leaves the collector without entries (the image build

@@ -23,6 +23,7 @@ from pycfs.host.oci.tar import (
     TarError,
     TarHeader,
     TarReader,
+    _cached_pax_mtime,
     format_number,
     gnu_long_entry,
     parse_number,
@@ -307,6 +308,22 @@ def test_bad_pax_number_is_an_error() -> None:
     data = pax_entry([(b"size", b"12x")]) + simple_entry(b"a")
     with pytest.raises(TarError, match="bad PAX size"):
         read_all(data)
+
+
+@pytest.mark.parametrize("key", [b"size", b"uid", b"gid", b"mtime"])
+def test_huge_pax_number_is_refused(key: bytes) -> None:
+    """Digits past int()'s limit (4300) are a TarError naming the record, not a ValueError."""
+    with pytest.raises(TarError, match=f"bad PAX {key.decode()}"):
+        read_all(pax_entry([(key, b"1" * 5000)]) + simple_entry(b"a"))
+
+
+def test_long_pax_mtime_is_not_kept() -> None:
+    """Only short mtimes are cached: megabytes of fraction parse, then are gone."""
+    before = _cached_pax_mtime.cache_info().currsize
+    assert parse_pax_mtime(b"17." + b"5" * 100_000) == (17, 555_555_555)
+    assert _cached_pax_mtime.cache_info().currsize == before
+    assert parse_pax_mtime(b"18.25") == (18, 250_000_000)
+    assert _cached_pax_mtime.cache_info().currsize == before + 1
 
 
 def test_global_header_consumed_not_applied() -> None:
