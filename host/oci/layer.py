@@ -480,6 +480,10 @@ class LayerEntry:
 
 def normalize_path(raw: bytes) -> bytes:
     """Absolute path without empty/`.` components; b"" is the root; `..` is refused."""
+    stripped = raw.strip(b"/")
+    if b"//" not in stripped and b"/." not in stripped and stripped[:1] != b".":
+        # the usual path, with no empty or dot-led component: nothing to drop or refuse
+        return b"/" + stripped if stripped else b""
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
     if b".." in parts:
         raise TarError(f"tar entry path {raw!r} contains '..'")
@@ -543,10 +547,11 @@ def layer_entry(entry: TarEntry, content: bytes | External, stats: SharedStats) 
     if entry.sparse:
         raise TarError(f"tar entry {entry.path!r} is a GNU sparse file: the layer stream keeps it byte for "
                        "byte, but composefs images cannot represent sparse tar entries yet")
-    t = entry.typeflag
-    fields = (entry.mode, entry.uid & 0xFFFFFFFF, entry.gid & 0xFFFFFFFF, entry.mtime, entry.mtime_nsec,
-              tuple(sorted(entry.xattrs.items())))
-    stat = Stat(*fields[:5], dict(fields[5])) if t == DIRTYPE else stats.get(*fields)
+    t = entry.header.typeflag
+    mode, uid, gid = entry.header.mode, entry.uid & 0xFFFFFFFF, entry.gid & 0xFFFFFFFF
+    xattrs = tuple(sorted(entry.xattrs.items())) if entry.xattrs else ()
+    stat = (Stat(mode, uid, gid, entry.mtime, entry.mtime_nsec, dict(xattrs)) if t == DIRTYPE
+            else stats.get(mode, uid, gid, entry.mtime, entry.mtime_nsec, xattrs))
     item: Directory | Hardlink | LeafContent
     if t == DIRTYPE:
         item = Directory()
@@ -668,6 +673,11 @@ class LayerEntryCollector:
 
     def read(self, n: int) -> bytes:
         """`TarReader`'s source: up to n inline bytes, b"" at the end."""
+        if self._at < len(self._pieces):  # the usual case: all n in the piece being read
+            current, start = self._pieces[self._at], self._pos
+            if start + n <= len(current) and isinstance(current, bytes):
+                self._pos = start + n
+                return current[start : start + n]
         piece = self._inline_piece()
         if piece is None:
             return b""

@@ -52,6 +52,9 @@ GNUTYPE_LONGNAME = b"L"
 GNUTYPE_LONGLINK = b"K"
 GNUTYPE_SPARSE = b"S"
 REGULAR_TYPES = (REGTYPE, AREGTYPE, CONTTYPE)
+_TYPEFLAG_OFFSET = 156
+# the typeflags of headers that describe the next entry (or, `g`, the archive), as bytes' ints
+_EXTENSION_TYPEFLAGS = frozenset(XHDTYPE + XGLTYPE + GNUTYPE_LONGNAME + GNUTYPE_LONGLINK)
 
 # Extension data (PAX records, GNU long names) is held in memory; a real archive needs a
 # few KiB at most, so anything beyond this is treated as a corrupt or hostile archive.
@@ -98,6 +101,18 @@ def format_number(value: int, size: int, what: str = "number") -> bytes:
 
 
 _HIGH_BYTES = bytes(range(0x80, 0x100))
+
+# The 8-byte numeric fields that sit together in a header: mode, uid, gid at 100 and the
+# device numbers at 329, parsed (and cached) a run at a time.
+_ID_FIELDS = ("mode", "uid", "gid")
+_DEVICE_FIELDS = ("devmajor", "devminor")
+
+
+@functools.lru_cache(maxsize=4096)
+def _numbers(run: bytes, names: tuple[str, ...]) -> tuple[int, ...]:
+    """parse_number over consecutive 8-byte fields: one cached call where most headers
+    repeat the whole run (an owner and mode, no device)."""
+    return tuple(parse_number(run[i : i + 8], what) for i, what in zip(range(0, len(run), 8), names, strict=True))
 
 
 def _cstr(b: bytes) -> bytes:
@@ -147,31 +162,36 @@ class TarHeader:
         """Decode and verify a header block; `offset` only serves error messages."""
         if len(block) != BLOCK:
             raise TarError(f"truncated tar header at offset {offset}: {len(block)} of {BLOCK} bytes")
-        f = HEADER.unpack(block)
+        (name, _, _, _, size_f, mtime_f, chksum_f, typeflag, linkname, magic, version, uname, gname, _, _, prefix,
+         pad) = HEADER.unpack(block)
         try:
-            chksum = parse_number(f[6], "chksum")
+            chksum = parse_number(chksum_f, "chksum")
         except TarError:
             raise TarError(f"not a tar archive: no valid tar header at offset {offset}") from None
-        # The unsigned sum first: the signed one (old tars) only matters when it differs.
-        unsigned = (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2 - sum(f[6]) + 8 * 0x20
+        # The unsigned sum first (adler32's low halves, see _byte_sum, minus the stored field
+        # counted as 8 spaces): the signed one (old tars) only matters when it differs.
+        unsigned = (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) \
+            - (zlib.adler32(chksum_f) & 0xFFFF) + 8 * 0x20 - 1
         if chksum != unsigned and chksum not in header_checksums(block):
             raise TarError(
                 f"not a tar archive, or a damaged one: bad tar header checksum at offset {offset} "
                 f"(stored {chksum}, computed {header_checksums(block)[0]})"
             )
-
         try:  # one handler for every field (a closure per header measured ~1 us of ~10)
-            mode, uid, gid = parse_number(f[1], "mode"), parse_number(f[2], "uid"), parse_number(f[3], "gid")
-            size, mtime = parse_number(f[4], "size"), parse_number(f[5], "mtime")
-            devmajor, devminor = parse_number(f[13], "devmajor"), parse_number(f[14], "devminor")
+            mode, uid, gid = _numbers(block[100:124], _ID_FIELDS)
+            size, mtime = parse_number(size_f, "size"), parse_number(mtime_f, "mtime")
+            devmajor, devminor = _numbers(block[329:345], _DEVICE_FIELDS)
         except TarError as e:
             raise TarError(f"{e} in tar header at offset {offset}") from None
         if size < 0:
             raise TarError(f"negative size {size} in tar header at offset {offset}")
-        magic = f[9]
-        return cls(_cstr(f[0]), mode, uid, gid, size, mtime, chksum, f[7], _cstr(f[8]), magic, f[10],
-                   _cstr(f[11]), _cstr(f[12]), devmajor, devminor,
-                   f[15] if magic == MAGIC_GNU else _cstr(f[15]), f[16])
+        # C strings; most headers leave linkname, the owner names and the prefix empty, and a
+        # test of the first byte is a fraction of a split
+        return cls(name.split(b"\x00", 1)[0], mode, uid, gid, size, mtime, chksum, typeflag,
+                   linkname.split(b"\x00", 1)[0] if linkname[0] else b"", magic, version,
+                   uname.split(b"\x00", 1)[0] if uname[0] else b"", gname.split(b"\x00", 1)[0] if gname[0] else b"",
+                   devmajor, devminor,
+                   prefix if magic == MAGIC_GNU else prefix.split(b"\x00", 1)[0] if prefix[0] else b"", pad)
 
     def pack(self) -> bytes:
         """Encode with a freshly computed checksum (the `chksum` attribute is ignored)."""
@@ -213,10 +233,8 @@ class TarHeader:
 def parse_pax(data: bytes, offset: int = 0) -> list[tuple[bytes, bytes]]:
     """Parse PAX records `"<len> <key>=<value>\\n"`; trailing NUL padding is tolerated."""
     records: list[tuple[bytes, bytes]] = []
-    pos = 0
-    while pos < len(data):
-        if data[pos:].strip(b"\x00") == b"":
-            break
+    pos, end_of_records = 0, len(data.rstrip(b"\x00"))
+    while pos < end_of_records:
         sp = data.find(b" ", pos, pos + 24)
         length_text = data[pos:sp] if sp >= 0 else b""
         if not length_text.isdigit():
@@ -259,16 +277,30 @@ def gnu_long_entry(value: bytes, typeflag: bytes = GNUTYPE_LONGNAME) -> bytes:
     return hdr + data + bytes(roundup_block(len(data)) - len(data))
 
 
+# A PAX number longer than this is refused: no field it overrides needs a tenth of it, and
+# int() of more than 4300 digits raises ValueError, which must not escape as a traceback.
+MAX_PAX_DIGITS = 64
+
+
 def parse_pax_mtime(text: bytes) -> tuple[int, int]:
-    """`<sec>[.<frac>]` → (seconds, nanoseconds): first 9 fraction digits, right-padded."""
+    """`<sec>[.<frac>]` → (seconds, nanoseconds): first 9 fraction digits, right-padded.
+    Cached for short values: the files of a layer mostly share a few timestamps, and a
+    long value (say, megabytes of fraction) must not stay in memory."""
+    return _cached_pax_mtime(text) if len(text) <= 32 else _pax_mtime(text)
+
+
+def _pax_mtime(text: bytes) -> tuple[int, int]:
     sec_text, _, frac = text.partition(b".")
     digits = sec_text[1:] if sec_text.startswith(b"-") else sec_text
-    if not digits.isdigit():  # int() alone would also take "+1", " 1", "1_0"
+    if not digits.isdigit() or len(digits) > MAX_PAX_DIGITS:  # int() alone would also take "+1", " 1", "1_0"
         raise TarError(f"bad PAX mtime {text[:40]!r}")
     sec = int(sec_text)
     frac = frac[:9]
     nsec = int(frac.ljust(9, b"0")) if frac.isdigit() else 0
     return sec, nsec
+
+
+_cached_pax_mtime = functools.lru_cache(maxsize=1024)(_pax_mtime)
 
 
 @dataclass
@@ -332,8 +364,15 @@ class TarReader:
         self.done = False
 
     def read_exact(self, n: int, what: str = "entry content") -> bytes:
-        parts = []
-        want = n
+        piece = self._read(n) if n else b""
+        if len(piece) == n:  # the usual case: the source had all of it at hand
+            self.offset += n
+            return piece
+        if not piece:
+            raise TarError(f"truncated tar: {what} at offset {self.offset} ends {n} bytes early")
+        self.offset += len(piece)
+        parts = [piece]
+        want = n - len(piece)
         while want:
             piece = self.read_some(want, what)
             parts.append(piece)
@@ -368,15 +407,24 @@ class TarReader:
         if self.done:
             raise TarError("tar reader used after the end of the archive")
         start = self.offset
+        block = self._read_block()
+        if block and block[_TYPEFLAG_OFFSET] not in _EXTENSION_TYPEFLAGS and block != ZERO_BLOCK:
+            # the usual entry, a lone header: none of the extension bookkeeping below
+            return self._entry(TarHeader.parse(block, start), block, start, {}, {}, None, None, False)
+        return self._extended(start, block)
+
+    def _extended(self, start: int, block: bytes) -> TarEntry | TarEnd:
+        """The entry whose first block (read at `start`) is an extension header, a zero
+        block or the end of the input."""
         raw = bytearray()
         pax: dict[bytes, bytes] = {}
         xattrs: dict[bytes, bytes] = {}
         long_name: bytes | None = None
         long_link: bytes | None = None
         pending = False  # extension headers seen that still need their entry
+        sparse = False  # a PAX GNU.sparse.* record seen
+        block_offset = start
         while True:
-            block_offset = self.offset
-            block = self._read_block()
             if not block:
                 if pending:
                     raise TarError(f"truncated tar: extension header at offset {start} has no entry")
@@ -396,60 +444,58 @@ class TarReader:
                 block = second
             hdr = TarHeader.parse(block, block_offset)
             t = hdr.typeflag
-            if t in (XHDTYPE, XGLTYPE, GNUTYPE_LONGNAME, GNUTYPE_LONGLINK):
-                if hdr.size > MAX_EXTENSION_SIZE:
-                    raise TarError(f"tar: {t.decode()} extension of {hdr.size} bytes at offset {block_offset} is too large")
-                data_offset = self.offset
-                data = self.read_exact(roundup_block(hdr.size), "extension header data")
-                raw += data
-                data = data[: hdr.size]
-                if t == XGLTYPE:
-                    parse_pax(data, data_offset)  # validated, not applied (as composefs-rs)
-                    continue
+            if t not in (XHDTYPE, XGLTYPE, GNUTYPE_LONGNAME, GNUTYPE_LONGLINK):
+                return self._entry(hdr, bytes(raw), start, pax, xattrs, long_name, long_link, sparse)
+            if hdr.size > MAX_EXTENSION_SIZE:
+                raise TarError(f"tar: {t.decode()} extension of {hdr.size} bytes at offset {block_offset} is too large")
+            data_offset = self.offset
+            data = self.read_exact(roundup_block(hdr.size), "extension header data")
+            raw += data
+            data = data[: hdr.size]
+            if t == XGLTYPE:
+                parse_pax(data, data_offset)  # validated, not applied (as composefs-rs)
+            elif t == XHDTYPE:
                 pending = True
-                if t == XHDTYPE:
-                    for key, value in parse_pax(data, data_offset):
-                        if key.startswith(b"SCHILY.xattr."):
-                            xattrs[key[len(b"SCHILY.xattr.") :]] = value
-                        else:
-                            pax[key] = value
-                elif t == GNUTYPE_LONGNAME:
-                    long_name = _cstr(data)
-                else:
-                    long_link = _cstr(data)
-                continue
-            return self._entry(hdr, bytes(raw), start, pax, xattrs, long_name, long_link)
+                for key, value in parse_pax(data, data_offset):
+                    if key.startswith(b"SCHILY.xattr."):
+                        xattrs[key[len(b"SCHILY.xattr.") :]] = value
+                    else:
+                        pax[key] = value
+                        sparse = sparse or key.startswith(b"GNU.sparse.")
+            elif t == GNUTYPE_LONGNAME:
+                pending, long_name = True, _cstr(data)
+            else:
+                pending, long_link = True, _cstr(data)
+            block_offset = self.offset
+            block = self._read_block()
 
     def _entry(self, hdr: TarHeader, raw: bytes, start: int, pax: dict[bytes, bytes], xattrs: dict[bytes, bytes],
-               long_name: bytes | None, long_link: bytes | None) -> TarEntry:
-        def pax_int(key: bytes, default: int) -> int:
-            value = pax.get(key)
-            if not value:  # absent, or empty = "revert to the header field"
-                return default
-            if not value.isdigit():
-                raise TarError(f"tar: bad PAX {key.decode()} {value[:40]!r} for entry at offset {start}")
-            return int(value)
+               long_name: bytes | None, long_link: bytes | None, sparse: bool) -> TarEntry:
+        path = long_name if long_name is not None else hdr.full_name
+        linkpath = long_link if long_link is not None else hdr.linkname
+        size, uid, gid, mtime, mtime_nsec = hdr.size, hdr.uid, hdr.gid, hdr.mtime, 0
+        if pax:  # (each lookup guarded: most PAX headers carry one or two records)
+            path = pax.get(b"path") or path
+            linkpath = pax.get(b"linkpath") or linkpath
+            if b"size" in pax:
+                size = _pax_int(pax, b"size", size, start)
+            if b"uid" in pax:
+                uid = _pax_int(pax, b"uid", uid, start)
+            if b"gid" in pax:
+                gid = _pax_int(pax, b"gid", gid, start)
+            if pax.get(b"mtime"):
+                mtime, mtime_nsec = parse_pax_mtime(pax[b"mtime"])
+        return TarEntry(hdr, raw, start, path, linkpath, size, uid, gid, mtime, mtime_nsec, xattrs, pax,
+                        sparse or hdr.typeflag == GNUTYPE_SPARSE)
 
-        path = pax.get(b"path") or (long_name if long_name is not None else hdr.full_name)
-        linkpath = pax.get(b"linkpath") or (long_link if long_link is not None else hdr.linkname)
-        mtime, mtime_nsec = hdr.mtime, 0
-        if pax.get(b"mtime"):
-            mtime, mtime_nsec = parse_pax_mtime(pax[b"mtime"])
-        return TarEntry(
-            header=hdr,
-            raw=raw,
-            offset=start,
-            path=path,
-            linkpath=linkpath,
-            size=pax_int(b"size", hdr.size),
-            uid=pax_int(b"uid", hdr.uid),
-            gid=pax_int(b"gid", hdr.gid),
-            mtime=mtime,
-            mtime_nsec=mtime_nsec,
-            xattrs=xattrs,
-            pax=pax,
-            sparse=hdr.typeflag == GNUTYPE_SPARSE or any(k.startswith(b"GNU.sparse.") for k in pax),
-        )
+
+def _pax_int(pax: dict[bytes, bytes], key: bytes, default: int, start: int) -> int:
+    value = pax[key]
+    if not value:  # empty = "revert to the header field"
+        return default
+    if not value.isdigit() or len(value) > MAX_PAX_DIGITS:
+        raise TarError(f"tar: bad PAX {key.decode()} {value[:40]!r} for entry at offset {start}")
+    return int(value)
 
 
 def simple_entry(name: bytes, data: bytes = b"", **fields) -> bytes:

@@ -449,6 +449,19 @@ def test_normalize_path(raw: bytes, norm: bytes) -> None:
     assert normalize_path(raw) == norm
 
 
+@given(st.lists(st.sampled_from([b"a", b"", b".", b"..", b".a", b"a.", b"..a", b"a b"]), max_size=6))
+def test_normalize_path_matches_its_definition(parts: list[bytes]) -> None:
+    """The shortcut for plain paths gives what the component rule gives, for any mix of
+    empty, dot and dot-led components."""
+    raw = b"/".join(parts)
+    kept = [p for p in raw.split(b"/") if p not in (b"", b".")]
+    if b".." in kept:
+        with pytest.raises(TarError, match=r"'\.\.'"):
+            normalize_path(raw)
+    else:
+        assert normalize_path(raw) == b"".join(b"/" + p for p in kept)
+
+
 def test_normalize_path_refuses_dotdot() -> None:
     with pytest.raises(TarError, match=r"'\.\.'"):
         normalize_path(b"a/../../etc")
@@ -565,6 +578,7 @@ def test_collector_gives_the_entries_read_back(repo: Repository, cuts, advance_e
     [simple_entry(b"f", b"x" * 65)],
     [simple_entry(b"f", b"x" * 65)[:512], (b"x" * 65, 65)],  # no padding, no end marker
     [TarHeader(name=b"odd", typeflag=b"V", mode=0o644).pack() + ZERO_BLOCK * 2],
+    [pax_entry([(b"uid", b"7" * 5000)]) + simple_entry(b"f") + ZERO_BLOCK * 2],  # past int()'s digit limit
 ])
 def test_collector_gives_up_where_reading_back_fails(repo: Repository, parts) -> None:
     """A stream the reader refuses leaves the collector without entries (the image build

@@ -23,6 +23,7 @@ from pycfs.host.oci.tar import (
     TarError,
     TarHeader,
     TarReader,
+    _cached_pax_mtime,
     format_number,
     gnu_long_entry,
     parse_number,
@@ -166,6 +167,41 @@ def test_bad_number_in_header_names_offset() -> None:
         TarHeader.parse(bytes(block), 512)
 
 
+@pytest.mark.parametrize(
+    "offset, what", [(100, "mode"), (108, "uid"), (116, "gid"), (124, "size"), (136, "mtime"), (329, "devmajor"),
+                     (337, "devminor")])
+def test_every_bad_number_is_named(offset: int, what: str) -> None:
+    """Fields parsed a run at a time (mode/uid/gid, the device numbers) still name the bad one."""
+    block = bytearray(TarHeader(name=b"a").pack())
+    block[offset : offset + 8] = b"0000800\x00"
+    block[148:156] = b"%06o\x00 " % sum(block[:148] + b" " * 8 + block[156:])
+    with pytest.raises(TarError, match=f"bad octal {what} field .* offset 1536"):
+        TarHeader.parse(bytes(block), 1536)
+
+
+@settings(max_examples=300)
+@given(st.binary(min_size=64, max_size=64), st.integers(0, 448), st.sampled_from(["unsigned", "signed", "off", "wrap"]))
+def test_checksum_accepts_exactly_the_two_sums(noise: bytes, at: int, stored: str) -> None:
+    """Any bytes outside the numeric fields (name, padding...): a header is taken iff its
+    checksum field holds the unsigned or the signed byte sum, computed here the slow way;
+    a sum off by adler32's modulus (65521) is refused."""
+    block = bytearray(TarHeader(name=b"a").pack())
+    for i, b in enumerate(noise):
+        if not (100 <= at + i < 157 or 257 <= at + i < 265 or 329 <= at + i < 345):  # numbers, magic, typeflag
+            block[at + i] = b
+    rest = block[:148] + b" " * 8 + block[156:]
+    unsigned, signed = sum(rest), sum(b - 256 if b >= 128 else b for b in rest)
+    value = {"unsigned": unsigned, "signed": signed, "off": unsigned + 1, "wrap": unsigned + 65521}[stored]
+    if value < 0:
+        return  # a negative sum has no octal field
+    block[148:156] = b"%06o\x00 " % value
+    if value in (unsigned, signed):
+        assert TarHeader.parse(bytes(block)).chksum == value
+    else:
+        with pytest.raises(TarError, match="bad tar header checksum"):
+            TarHeader.parse(bytes(block))
+
+
 def test_truncated_header_is_an_error() -> None:
     data = simple_entry(b"a", b"x") + TarHeader(name=b"b").pack()[:300]
     reader = TarReader(io.BytesIO(data).read)
@@ -272,6 +308,22 @@ def test_bad_pax_number_is_an_error() -> None:
     data = pax_entry([(b"size", b"12x")]) + simple_entry(b"a")
     with pytest.raises(TarError, match="bad PAX size"):
         read_all(data)
+
+
+@pytest.mark.parametrize("key", [b"size", b"uid", b"gid", b"mtime"])
+def test_huge_pax_number_is_refused(key: bytes) -> None:
+    """Digits past int()'s limit (4300) are a TarError naming the record, not a ValueError."""
+    with pytest.raises(TarError, match=f"bad PAX {key.decode()}"):
+        read_all(pax_entry([(key, b"1" * 5000)]) + simple_entry(b"a"))
+
+
+def test_long_pax_mtime_is_not_kept() -> None:
+    """Only short mtimes are cached: megabytes of fraction parse, then are gone."""
+    before = _cached_pax_mtime.cache_info().currsize
+    assert parse_pax_mtime(b"17." + b"5" * 100_000) == (17, 555_555_555)
+    assert _cached_pax_mtime.cache_info().currsize == before
+    assert parse_pax_mtime(b"18.25") == (18, 250_000_000)
+    assert _cached_pax_mtime.cache_info().currsize == before + 1
 
 
 def test_global_header_consumed_not_applied() -> None:
