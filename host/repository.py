@@ -546,7 +546,8 @@ class Repository:
 
         ``observer`` makes a checker (a fresh one per pass over the content) that sees every
         stored byte, in order, and may raise to refuse it."""
-        if self._lease_sources and _take_read_lease(src_fd):
+        if (self._lease_sources and (st is None or self._reflink_ok.get((st.st_dev, self._objects_dev()), True))
+                and _take_read_lease(src_fd)):
             # The one fstat of a leased store comes after the lease: from then on the size
             # stays (a worker stores ~200,000 small files a minute; each syscall counts).
             try:
@@ -555,7 +556,9 @@ class Repository:
                 _drop_lease(src_fd)
             if stored is not None:
                 return stored
-            st = None  # the lease broke: the file may have changed since
+            # The lease broke (the file may have changed since) or the filesystems cannot
+            # clone (a file copied through the hashing buffer: two fcntl calls are nothing to it).
+            st = None
         st = st or os.fstat(src_fd)
         _check_size(st, size)
         return self._store_private_copy(src_fd, st, observer)

@@ -794,10 +794,14 @@ async def pull_image(
         raise
     finally:
         locks.release()
-    finished = await trio.to_thread.run_sync(
-        functools.partial(finish_pull, repo, source.manifest_digest, source.manifest, source.config_digest,
-                          source.config, layer_streams, tag, build_image=parse_layers, tree=tree,
-                          on_phase=progress.phase if progress is not None else None),
-        limiter=limiter,
-    )
+    try:
+        finished = await trio.to_thread.run_sync(
+            functools.partial(finish_pull, repo, source.manifest_digest, source.manifest, source.config_digest,
+                              source.config, layer_streams, tag, build_image=parse_layers, tree=tree,
+                              on_phase=progress.phase if progress is not None else None),
+            limiter=limiter,
+        )
+    finally:
+        if tree is not None:
+            tree.release()  # also when cancelled before finish_pull ran (it releases itself otherwise)
     return containers_storage_result(source, finished, layer_streams, stats, tag, started)

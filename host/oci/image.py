@@ -142,7 +142,11 @@ class ImageTree:
     moved out of the cyclic collector's generations as they are applied (`gc.freeze`):
     otherwise each time the tree grows by a quarter a full collection rescans all of it,
     in the thread that competes with the object workers (0.7 CPU-s at 200,000 files).
-    `filesystem` gives them back, and `release` (`finish_pull`, a failed pull)."""
+    `filesystem` gives them back, and `release` (`finish_pull`, a failed or cancelled pull).
+    Freezing is process-wide: it also keeps whatever else is alive then (other pulls' trees
+    in `varlink serve`, cyclic garbage of the moment) out of collections until a release,
+    and one pull's release unfreezes another's tree; both only cost memory or time, never
+    correctness."""
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo

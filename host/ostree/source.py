@@ -223,7 +223,9 @@ class LocalRepo(_Summary):
         config = self.fetch_optional("config", MAX_CONFIG)  # a regular file, not followed
         if config is None:
             raise OstreeError(f"{path} is not an ostree repository (no config file)")
-        mode_text = config_value(config, "core", "mode", f"{path}/config") or "bare"
+        mode_text = config_value(config, "core", "mode", f"{path}/config")
+        if mode_text is None:
+            mode_text = "bare"  # ostree's default; an empty `mode=` is refused below, as ostree does
         mode = MODES.get(mode_text)
         if mode is None:
             raise OstreeError(f"{path}: ostree repository mode {mode_text!r} is not supported "

@@ -32,6 +32,9 @@ from pycfs.host.jsondoc import parse_object
 TYPE_FILE = 1
 TYPE_SEGMENT = 2
 MAX_NAME = 4096
+# A line holds one entry: a file's name or the tar bytes between files, whose largest part,
+# a PAX header, Go's archive/tar keeps under 1 MiB (base64 and JSON add a third).
+MAX_LINE = 16 << 20
 
 
 def crc64_iso(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
@@ -206,17 +209,27 @@ def _inflate(stream: BinaryIO, label: str) -> Iterator[bytes]:
 
 def _line_runs(blocks: Iterator[bytes], label: str) -> Iterator[tuple[int, list[bytes]]]:
     """The whole lines of each decompressed block, as (number of the first, lines)."""
-    rest = b""
+    # A line's parts are joined once its end comes: a hostile line without one, copied
+    # onto each next block, would cost time quadratic in its length.
+    parts: list[bytes] = []
+    held = 0
     lineno = 0
     for block in blocks:
         lines = block.split(b"\n")  # split first: no copy of the block joined to the rest
-        if rest:
-            lines[0] = rest + lines[0]
-        rest = lines.pop()
+        tail = lines.pop()
         if lines:
+            if parts:
+                parts.append(lines[0])
+                lines[0] = b"".join(parts)
+                parts, held = [], 0
             yield lineno + 1, lines
             lineno += len(lines)
-    if rest:
+        if tail:
+            parts.append(tail)
+            held += len(tail)
+            if held > MAX_LINE:
+                raise TarSplitError(f"{label}: line {lineno + 1} is longer than {MAX_LINE} bytes")
+    if parts:
         # tar-split ends every entry with a newline; its absence means the data stopped.
         raise TarSplitError(f"{label}: truncated at line {lineno + 1}")
     if lineno == 0:

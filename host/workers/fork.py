@@ -150,11 +150,14 @@ def fork_digest_workers(names: Sequence[str], jobs: int, alg: str = "sha256") ->
 def send_early(worker: Forked, request_id: int, method: str, params: dict[str, Any], fds: Sequence[int] = ()) -> bool:
     """Write a forked worker its one early request (`Forked.early`; one, no more: see
     `fork_digest_workers`), ``fds`` passed with it (the caller may close its own then);
-    False when the worker is gone already (the pool meets that as it reads its socket)."""
+    False when the worker is gone (killed if it was not: the pool meets that as it reads its socket)."""
     request = {"jsonrpc": "2.0", "method": method, "params": params, "id": request_id}
     try:
         send_with_fds(worker.sock, encode(request, len(fds), api.MAX_MESSAGE_BYTES), fds)
     except OSError:
+        # Gone, or (in theory) cut off partway: killed either way, so the pool never reads
+        # on from half a request.
+        worker.proc.kill()
         return False
     worker.early.append((request_id, method, params))
     return True

@@ -456,6 +456,7 @@ def test_local_bare_file_objects_opened_at_once(tmp_path):
     ("[core]\nrepo_version=1\nmode=bare\n[core]\nmode=bare-user-only\n", "bare-user-only"),  # a later value wins
     ("[remote \"x\"]\nmode=archive\n[core]\nrepo_version=1\n", None),  # only [core]'s
     ("[core]\nrepo_version=1\nMode=archive\n", None),  # keys are case-sensitive
+    ("[core]\nrepo_version=1\nmode=\n", ""),  # empty: refused, not taken for the default
 ])
 def test_config_mode_is_read_as_ostree_reads_it(tmp_path, text, expected):
     """The repository's mode from its config (a GLib key file), as `ostree config get
@@ -472,6 +473,10 @@ def test_config_mode_is_read_as_ostree_reads_it(tmp_path, text, expected):
 def test_a_config_that_is_not_a_key_file_or_not_a_regular_file_is_one_line(tmp_path):
     with pytest.raises(OstreeError, match=r"^c cannot be read: line 2 is no group, key=value or comment$"):
         config_value(b"[core]\nmode\n", "core", "mode", "c")
+    repo = init_repo(tmp_path / "e", "archive")
+    (repo / "config").write_text("[core]\nrepo_version=1\nmode=\n")
+    with pytest.raises(OstreeError, match=r"mode '' is not supported"):
+        LocalRepo(str(repo))
     with pytest.raises(OstreeError, match=r"^c cannot be read: line 1 is no group"):
         config_value(b"mode=bare\n", "core", "mode", "c")
     with pytest.raises(OstreeError, match=r"^c cannot be read: it is not UTF-8$"):

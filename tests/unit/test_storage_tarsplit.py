@@ -129,6 +129,19 @@ def test_reads_in_small_bounded_pieces(monkeypatch):
     assert list(iter_entries(io.BytesIO(one.getvalue() + two.getvalue()))) == entries
 
 
+def test_a_line_without_end_is_refused_in_linear_time(monkeypatch):
+    """A line over MAX_LINE is refused as it grows, and reading one is linear in its length:
+    with 64-byte blocks, copying the line so far onto each block (as before) would take
+    ~2 GB of copies for this 512 KiB line; joined once, it is instant."""
+    monkeypatch.setattr(tarsplit, "_READ_SIZE", 64)
+    monkeypatch.setattr(tarsplit, "MAX_LINE", 256 << 10)
+    small = json.dumps({"type": 2, "payload": base64.b64encode(b"hdr").decode()}).encode()
+    with pytest.raises(TarSplitError, match=r"^tar-split: line 2 is longer than 262144 bytes$"):
+        list(iter_entries(io.BytesIO(gzip.compress(small + b"\n" + b"x" * (512 << 10)))))
+    seg = json.dumps({"type": 2, "payload": base64.b64encode(bytes(150 << 10)).decode()}).encode()
+    assert list(iter_entries(io.BytesIO(gzip.compress(seg + b"\n" + seg + b"\n")))) == [Segment(bytes(150 << 10))] * 2
+
+
 @pytest.mark.parametrize("read_size, group", [(1 << 18, 512), (64, 3)])
 def test_blank_lines_are_skipped_and_errors_name_their_line(monkeypatch, read_size, group):
     """Lines parsed a group at a time, in blocks cut anywhere: a blank line is skipped, a

@@ -927,7 +927,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"run only these row groups, comma-separated: {', '.join(GROUPS)} "
                         "(the goals whose rows did not run print '-')")
     parser.add_argument("--json", metavar="FILE", type=Path, help="also write the figures as JSON (and the plot)")
-    parser.add_argument("--keep", action="store_true", help="leave the lab (XFS, storage) mounted")
+    parser.add_argument("--keep", action="store_true", help="leave the lab (XFS, storage) mounted, until the next bench run or integration test session "
+                        "sweeps it")
     parser.add_argument("--ostree-tree", metavar="DIR", default="/usr/lib/python3",
                         help="the tree the ostree rows commit and pull (default: %(default)s)")
     args = parser.parse_args(argv)

@@ -351,8 +351,8 @@ KEEP_VENV_COPIES = 4  # pycfs-<source hash> venvs: one per source change, 2 MB e
 def sweep_stale() -> None:
     """Remove what ended runs left behind. Session dirs and loop XFS labs are named after
     the process that made them (`session-PID-*`, `xfs-PID-*`, `bench-PID-*`; a bench lab
-    kept with --keep lasts until the next run), and an image file whose lab directory is
-    gone goes too. Of the venv copies (`pycfs-<source hash>`) the newest few stay."""
+    kept with --keep lasts until the next bench run or integration test session, whose set-up
+    sweeps too), and an image file whose lab directory is gone goes too. Of the venv copies (`pycfs-<source hash>`) the newest few stay."""
     for p in sorted(LAB_ROOT.glob("*-*-*")):
         kind, _, rest = p.name.partition("-")
         pid = rest.split("-")[0]
