@@ -14,6 +14,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -283,7 +284,7 @@ def test_downgrade_by_static_delta_is_refused_before_its_parts(site, server, tmp
         pycfs(cfs, "init")
         pycfs(cfs, "ostree", "pull", srv.url, "newer", "sys")
         srv.requests.clear()
-        out = pycfs(cfs, "ostree", "pull", srv.url, "main", "sys", check=False)
+        out = pycfs(cfs, "ostree", "pull", srv.url, "main", "sys", "--progress", "none", check=False)
         assert out.returncode == 1 and out.stderr.count("\n") == 1
         assert f"commit {v1} (2024-01-02 03:04:05 UTC) is older than commit {newer} (2025-01-01" in out.stderr
         assert [p.rsplit("/", 1)[-1] for p in srv.requests] == ["summary", "superblock"]  # no part, no object
@@ -326,7 +327,8 @@ def test_signed_commits(site, tmp_path, gpg_keys):
         for ref, keyring, why in (("unsigned", keys["good"][1], f"commit {unsigned} is not signed"),
                                   ("signed", keys["other"][1], f"commit {signed}: no signature verifies")):
             srv.requests.clear()
-            failed = pycfs(cfs, "ostree", "pull", srv.url, ref, "--gpg-keyring", keyring, check=False)
+            failed = pycfs(cfs, "ostree", "pull", srv.url, ref, "--gpg-keyring", keyring, "--progress", "none",
+                           check=False)
             assert failed.returncode == 1 and failed.stderr.startswith(f"pycfs: error: {why}"), failed.stderr
             assert len(failed.stderr.splitlines()) == 1
             assert not [p for p in srv.objects_requested() if not p.endswith((".commit", ".commitmeta"))]
@@ -490,7 +492,10 @@ def test_interrupted_pull_resumes(site, server, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and err.strip() == "pycfs: interrupted"
+    # before the last line: the counts of plain progress (no terminal), at most one a second
+    *progress, last = err.splitlines()
+    assert proc.returncode == 130 and last == "pycfs: interrupted"
+    assert all(re.fullmatch(r"metadata \d+, files \d+/\d+ \(\d+\.\d MiB\)", line) for line in progress)
     assert "many" not in _images(cfs)
     kept = _partial(cfs, many) & _filez(repo)
     assert kept

@@ -110,7 +110,7 @@ def test_changed_bare_object_is_refused_and_nothing_committed(repos):
         f.write(b"X")
     cfs = base / "cfs-damaged"
     pycfs(cfs, "init")
-    err = pycfs(cfs, "ostree", "pull-local", damaged, ref, check=False)
+    err = pycfs(cfs, "ostree", "pull-local", damaged, ref, "--progress", "none", check=False)
     name = large.parent.name + large.name.removesuffix(".file")
     assert err.returncode == 1
     assert err.stderr.splitlines() == [
@@ -190,7 +190,7 @@ def test_changed_bare_object_in_a_small_update_is_refused(repos):
         f.seek(1000)
         f.write(b"X")
     run = subprocess.run([sys.executable, "-c", _NO_TRIO, "--repo", cfs, "ostree", "pull-local", damaged, "update",
-                          "os"], capture_output=True, text=True, timeout=600)
+                          "os", "--progress", "none"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 1
     assert run.stderr.splitlines() == [
         (f"pycfs: error: object {digest}.file: content does not match its checksum: "
@@ -269,7 +269,7 @@ def test_changed_bare_object_sent_to_a_worker_before_the_pool_is_refused(repos):
     cfs = base / "cfs-early"
     pycfs(cfs, "init")
     run = subprocess.run([sys.executable, "-c", _DAMAGE_EARLY, repo, "--repo", cfs, "ostree", "pull-local", "--jobs",
-                          "2", repo, "main"], capture_output=True, text=True, timeout=600)
+                          "2", repo, "main", "--progress", "none"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 1
     damaged = run.stderr.splitlines()[0]
     assert run.stderr.splitlines()[1:] == [
