@@ -53,8 +53,10 @@ GNUTYPE_LONGLINK = b"K"
 GNUTYPE_SPARSE = b"S"
 REGULAR_TYPES = (REGTYPE, AREGTYPE, CONTTYPE)
 _TYPEFLAG_OFFSET = 156
-# the typeflags of headers that describe the next entry (or, `g`, the archive), as bytes' ints
-_EXTENSION_TYPEFLAGS = frozenset(XHDTYPE + XGLTYPE + GNUTYPE_LONGNAME + GNUTYPE_LONGLINK)
+# the typeflags of headers that describe the next entry (or, `g`, the archive); also as the
+# ints a header block's byte reads as
+_EXTENSION_TYPES = (XHDTYPE, XGLTYPE, GNUTYPE_LONGNAME, GNUTYPE_LONGLINK)
+_EXTENSION_TYPEFLAGS = frozenset(b"".join(_EXTENSION_TYPES))
 
 # Extension data (PAX records, GNU long names) is held in memory; a real archive needs a
 # few KiB at most, so anything beyond this is treated as a corrupt or hostile archive.
@@ -444,7 +446,7 @@ class TarReader:
                 block = second
             hdr = TarHeader.parse(block, block_offset)
             t = hdr.typeflag
-            if t not in (XHDTYPE, XGLTYPE, GNUTYPE_LONGNAME, GNUTYPE_LONGLINK):
+            if t not in _EXTENSION_TYPES:
                 return self._entry(hdr, bytes(raw), start, pax, xattrs, long_name, long_link, sparse)
             if hdr.size > MAX_EXTENSION_SIZE:
                 raise TarError(f"tar: {t.decode()} extension of {hdr.size} bytes at offset {block_offset} is too large")

@@ -267,6 +267,11 @@ class PullCore:
         that computes the object's digest: (the checksum's prefix, the checksum)."""
         return None if fetched.verified else (fetched.header.checksum_prefix(), checksum)
 
+    def store_params(self, batch: list[tuple[bytes, FetchedFile]]) -> dict:
+        """A STORE request's params for these files: sizes, and the content checks."""
+        return api.file_params([f.header.size for _, f in batch],
+                               sha256s=[self.content_check(c, f) for c, f in batch])
+
     def _file_done(self, nbytes: int) -> None:
         self.stats.files_fetched += 1
         self.stats.content_bytes += nbytes
@@ -296,8 +301,7 @@ class PullCore:
                 # which only the main thread may set.
                 if threading.current_thread() is threading.main_thread():
                     self.repo.enable_source_leases()
-                params = api.file_params([f.header.size for _, f in stores],
-                                         sha256s=[self.content_check(c, f) for c, f in stores])
+                params = self.store_params(stores)
                 answer = WorkerService(self.repo.alg, self.repo).store(Call([f.fd for _, f in stores]), **params)
                 self.take_stored(stores, api.stored_results(
                     api.parse_answer({"result": answer}, len(stores), api.STORE, self.repo.digest_size)))
@@ -355,8 +359,7 @@ class PullCore:
             if not batch:
                 del self.files[:taken]
                 return False
-            params = api.file_params([f.header.size for _, f in batch],
-                                     sha256s=[self.content_check(c, f) for c, f in batch])
+            params = self.store_params(batch)
             sent = send_early(worker, request_id, api.STORE, params, [f.fd for _, f in batch])
         finally:
             close_fds([f for _, f in batch])
