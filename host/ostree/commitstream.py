@@ -252,9 +252,10 @@ def resolve(repo: Repository, source: str) -> bytes:
     raise OstreeError(f"no ostree commit {source!r} in {repo.path} (see `pycfs ostree images`)")
 
 
-def load_commit(repo: Repository, source: str) -> CommitObjects:
+def load_commit(repo: Repository, source: str, commit: bytes | None = None) -> CommitObjects:
+    """The commit `source` names (`resolve`), or `commit` when the caller resolved it already."""
     try:
-        return load_stream(repo, stream_name(resolve(repo, source)))
+        return load_stream(repo, stream_name(commit if commit is not None else resolve(repo, source)))
     except RepositoryError as e:
         raise PycfsError(f"{source}: {e}") from None
 

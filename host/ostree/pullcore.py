@@ -485,7 +485,8 @@ def prepare_pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, optio
     name = options.name if options.name is not None else (None if is_checksum_text(ref) else ref)
     if name is not None:
         check_ref_name(name)
-    current = load_commit(repo, name) if name is not None and _current(repo, name) is not None else None
+    at = _current(repo, name) if name is not None else None
+    current = load_commit(repo, name, at) if name is not None and at is not None else None
     checks = _Checks(None if is_checksum_text(ref) else ref,
                      None if name is None or current is None or current.commit == commit or options.allow_downgrade
                      else (name, current))
