@@ -27,7 +27,7 @@ from pycfs.host.varlink.oci import ForkedFor, layer_ids_of
 from pycfs.host.varlink.serve import open_service
 from pycfs.host.varlink.transport import connect, socketpair
 from pycfs.host.workers.fork import Forked, fork_workers
-from pycfs.host.workers.pool import default_jobs
+from pycfs.host.workers.batching import default_jobs
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.varlink import VarlinkError
 

@@ -62,7 +62,8 @@ from pycfs.host.storage.tarsplit import (
     header_only_kind,
     open_entries,
 )
-from pycfs.host.workers.pool import BATCH_BYTES, Failed, WorkerPool, batch_files, open_pool
+from pycfs.host.workers.batching import BATCH_BYTES, batch_files
+from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
 from pycfs.protocol.helper_api import layer_dir
 
 INLINE_CONTENT_MAX = 64  # format constant shared with the tar path: larger files are objects

@@ -46,7 +46,8 @@ from pycfs.host.oci.result import ImportStats, PullResult
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
-from pycfs.host.workers.pool import Failed, Inflated, WorkerPool, default_jobs, open_pool
+from pycfs.host.workers.batching import default_jobs
+from pycfs.host.workers.pool import Failed, Inflated, WorkerPool, open_pool
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.fdpass import close_fds, fds_from_ancdata, recv_args
 

@@ -323,7 +323,8 @@ class PullCore:
         if not self.walked or not self.files:
             return []
         # here: an update or a re-pull forks none
-        from pycfs.host.workers.fork import default_jobs, discard, fork_workers
+        from pycfs.host.workers.batching import default_jobs
+        from pycfs.host.workers.fork import discard, fork_workers
 
         forked = fork_workers(str(self.repo.path), self.options.jobs or default_jobs())
         if not forked:

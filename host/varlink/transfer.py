@@ -41,7 +41,8 @@ from pycfs.host.oci.layer import INLINE_CONTENT_MAX, LayerEntry, LayerEntryColle
 from pycfs.host.repository import Repository, write_all
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamWriter
 from pycfs.host.varlink.layers import open_beneath
-from pycfs.host.workers.pool import BATCH_BYTES, Failed, Pinned, WorkerPool, batch_files
+from pycfs.host.workers.batching import BATCH_BYTES, batch_files
+from pycfs.host.workers.pool import Failed, Pinned, WorkerPool
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.splitdirfdstream import (

@@ -31,23 +31,15 @@ import socket
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pycfs.host.childoutput import ChildOutput, start_on_socket
+from pycfs.host.workers.batching import digest_batches
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.fdpass import send_with_fds
 from pycfs.protocol.jsonrpc import encode
-
-# Files per DIGEST_PATHS request: at most MEASURE_BATCH (on the bench's 17,130 files the host
-# spent 0.30 CPU-s at 64, 0.24 at 256: a request's round trip costs it ~0.2 ms), and at most an
-# eighth of what is left, but MEASURE_BATCH_MIN: the workers run out of files together.
-MEASURE_BATCH = 256
-MEASURE_BATCH_MIN = 16
-# Path text per request: a name escaped in JSON takes at most 6 bytes a character.
-MEASURE_BATCH_CHARS = api.MAX_MESSAGE_BYTES // 8
-
 
 @dataclass
 class Forked:
@@ -99,12 +91,6 @@ def fork_workers(repo_path: str | None, jobs: int, alg: str = "sha256") -> list[
     return workers
 
 
-def default_jobs() -> int:
-    """One worker per CPU this process may run on (its affinity mask, which containers and
-    CI runners often narrow, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) or 1
-
-
 def absolute_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     """The paths as names a worker, which runs in "/", resolves to the same files: joined to
     the cwd as the kernel would resolve them (no normalisation)."""
@@ -113,23 +99,6 @@ def absolute_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
         return names
     cwd = os.getcwd()
     return [os.path.join(cwd, name) for name in names]
-
-
-def digest_batches(names: Sequence[str]) -> Iterator[tuple[int, int]]:
-    """(start, end) of each DIGEST_PATHS request's share of names: MEASURE_BATCH of them at
-    first, fewer towards the end, and fewer when long."""
-    start, chars, want = 0, 0, _batch_files(len(names))
-    for i, name in enumerate(names):
-        if i > start and (i - start == want or chars + len(name) > MEASURE_BATCH_CHARS):
-            yield start, i
-            start, chars, want = i, 0, _batch_files(len(names) - i)
-        chars += len(name)
-    if start < len(names):
-        yield start, len(names)
-
-
-def _batch_files(left: int) -> int:
-    return max(MEASURE_BATCH_MIN, min(MEASURE_BATCH, left // 8))
 
 
 def fork_digest_workers(names: Sequence[str], jobs: int, alg: str = "sha256") -> list[Forked]:

@@ -39,11 +39,12 @@ from pycfs.host.childoutput import ChildOutput, ChildProcess, receive_message, s
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files, small_job
 from pycfs.host.nursery import open_nursery
-from pycfs.host.workers.fork import Forked, absolute_names, default_jobs, digest_batches, discard
+from pycfs.host.workers.batching import default_jobs, digest_batches
+from pycfs.host.workers.fork import Forked, absolute_names, discard
 from pycfs.host.workers.service import WorkerService
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.worker_api import Failed, Stored
-from pycfs.protocol.fdpass import SCM_MAX_FD, FdPassError, asend_with_fds
+from pycfs.protocol.fdpass import FdPassError, asend_with_fds
 from pycfs.protocol.jsonrpc import Decoder, ProtocolError, encode
 from pycfs.protocol.rpcserver import Call, InvalidParamsError
 
@@ -469,21 +470,6 @@ async def open_pool(*, repo: Repository | None = None, alg: str = "sha256",
             await pool.aclose(abort=True)
             raise
         await pool.aclose()
-
-
-# Content per store request of a layer import, beside `batch_files()`: the worker reads each
-# byte once (hashing it); at 4 or 8 MiB most of the bench image's batches were cut by size.
-BATCH_BYTES = 32 << 20
-
-
-def batch_files() -> int:
-    """Files per store request of a layer import (PutLayer's and containers-storage's): as
-    many as one message's fds allow beside one more (PutLayer's memfd of inline bytes), as
-    per-request costs (a message each way, a thread trip) were a fifth of PutLayer's CPU at
-    64 files; but an eighth of the open-file limit at most: each layer being put holds the
-    batch it builds open besides those in flight (half the limit, `batches_in_flight`), and
-    at the usual soft limit of 1024 three layers at once would not fit otherwise."""
-    return max(1, min(SCM_MAX_FD - 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8))
 
 
 # A job whose size is not known up front (a small_here pool's store calls) starts the

@@ -172,7 +172,8 @@ def test_the_destinations_workers_are_forked_and_none_is_left_behind(tmp_path, c
 
     from pycfs.host.oci import copy as copy_module
     from pycfs.host.workers import fork
-    from pycfs.host.workers.pool import WorkerPool, default_jobs
+    from pycfs.host.workers.batching import default_jobs
+    from pycfs.host.workers.pool import WorkerPool
 
     built, src = _pulled(tmp_path)
     dest = tmp_path / "dest"
@@ -227,7 +228,7 @@ def test_copy_on_a_terminal_forks_while_the_main_thread_is_alone(tmp_path) -> No
     import sys
 
     from procs import SPY_ON_FORK, run_with_stderr_on_terminal
-    from pycfs.host.workers.pool import default_jobs
+    from pycfs.host.workers.batching import default_jobs
 
     built, src = _pulled(tmp_path)
     dest = tmp_path / "dest"

@@ -21,7 +21,7 @@ from pycfs.host.ostree.pull import run_prepared
 from pycfs.host.ostree.pullcore import HERE_FILES, PullCore, PullOptions, prepare_pull
 from pycfs.host.ostree.source import LocalRepo
 from pycfs.host.repository import Repository
-from pycfs.host.workers import fork
+from pycfs.host.workers import batching, fork
 from pycfs.host.workers.fork import fork_workers
 from pycfs.host.workers.pool import EXIT_GRACE, Stored, WorkerPool, digest_files, open_pool
 
@@ -310,8 +310,8 @@ def test_measure_of_many_small_files_does_not_hang(tmp_path):
 def test_early_requests_are_answered_once_and_the_rest_balanced(tmp_path, monkeypatch, idle_threads_allowed):
     """Requests sent before the pool existed (`Forked.early`) are not sent again: the pool
     hands their answers to digest_files' calls for the same batches and sends only the rest."""
-    monkeypatch.setattr(fork, "MEASURE_BATCH", 4)
-    monkeypatch.setattr(fork, "MEASURE_BATCH_MIN", 4)
+    monkeypatch.setattr(batching, "MEASURE_BATCH", 4)
+    monkeypatch.setattr(batching, "MEASURE_BATCH_MIN", 4)
     files = _files(tmp_path, [5000] * 60)
     names = [str(p) for p, _ in files]
     forked = fork.fork_digest_workers(names, 2)

@@ -24,7 +24,7 @@ from pycfs.host.varlink.client import Client
 from pycfs.host.varlink.layers import reconstruct
 from pycfs.host.varlink.serve import open_service
 from pycfs.host.varlink.transport import socketpair
-from pycfs.host.workers.pool import default_jobs
+from pycfs.host.workers.batching import default_jobs
 from pycfs.protocol import splitdirfdstream as sd
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.varlink import Decoder, VarlinkError, VarlinkProtocolError, encode

@@ -49,7 +49,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
     if args.jobs is None and small_job(paths):  # faster hashed here than by workers started for it
         digests = digest_regular_files(paths, args.hash)
     else:
-        from pycfs.host.workers.fork import absolute_names, default_jobs, fork_digest_workers
+        from pycfs.host.workers.batching import default_jobs
+        from pycfs.host.workers.fork import absolute_names, fork_digest_workers
 
         # Forked, and sent their first files, before trio is even imported (see
         # pycfs.host.workers.fork): they hash while this process imports the pool.
