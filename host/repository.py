@@ -629,9 +629,15 @@ class Repository:
         self._discard(fd, temp_name)
         return None
 
+    @property
+    def seals_objects(self) -> bool:
+        """Whether new objects may get fs-verity: False once the filesystem said it has none."""
+        return self._try_verity
+
     def adopt_object_file(self, fd: int, size: int, object_id: bytes | None = None) -> StoreResult:
         """Make the anonymous file at fd (from `new_object_file`: written, reopened read-only,
-        its writable fds closed) its object: hash it, seal it, link it; how is "copied", or
+        its writable fds closed; or still writable where not `seals_objects`) its object:
+        hash it, seal it, link it; how is "copied", or
         "present" when the object exists. fd stays the caller's. ``object_id``: its digest,
         when the caller took it from the bytes as it wrote them (as the inflating worker's
         `TarSplitter(hash_files=True)` does)."""

@@ -228,11 +228,22 @@ class _ReadAhead:
         piece, self._view = self._view[:n], self._view[n:]
         return bytes(piece)
 
+    def view(self, n: int) -> memoryview:
+        """Up to n bytes as read(n), none only at EOF, as a view of the piece read: a file's
+        content goes on to its hash and its write without a copy."""
+        if not self._view:
+            self._data = self._read(_PIECE)
+            self._view = memoryview(self._data)
+        piece, self._view = self._view[:n], self._view[n:]
+        return piece
+
 
 @dataclass(frozen=True, slots=True)
 class PendingFile:
     """A file's content written, unhashed, to an anonymous file of the object store: a
-    read-only fd (no writer left) for the object workers to adopt (`WorkerPool.adopt`)."""
+    read-only fd (no writer left) for the object workers to adopt (`WorkerPool.adopt`); the
+    writable one, for a splitter that adopts its files itself where objects get no
+    fs-verity (`Repository.seals_objects`)."""
 
     fd: int
     size: int
@@ -317,7 +328,10 @@ class TarSplitter:
         try:
             remaining = size
             while remaining:
-                piece = memoryview(self.reader.read_some(min(remaining, _PIECE)))
+                piece = self._ahead.view(min(remaining, _PIECE))
+                if not piece:
+                    raise TarError(f"truncated tar: entry content at offset {self.reader.offset} ends {remaining} bytes early")
+                self.reader.offset += len(piece)
                 remaining -= len(piece)
                 if self.hash_files:
                     if hasher is None and not remaining:  # the whole file in one piece (most are)
@@ -327,10 +341,15 @@ class TarSplitter:
                         hasher.update(piece)
                 while piece:
                     piece = piece[os.write(fd, piece) :]
-            # Read-only, and no writable fd left: the worker can enable fs-verity on it.
-            ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            if self.hash_files and not self.repo.seals_objects:
+                # Adopted in this process where objects get no fs-verity: the writable fd
+                # will do: no reopen through /proc and no second close per file.
+                ro, fd = fd, -1
+            else:  # read-only, and no writable fd left: the worker can enable fs-verity on it
+                ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         return PendingFile(ro, size, hasher.digest() if hasher is not None else whole)
 
     @property

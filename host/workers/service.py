@@ -164,7 +164,7 @@ class WorkerService:
         return self._each(call, sizes, self._adopt_one)
 
     def inflate(self, call: Call, compression: Any, blob_alg: Any, diff_alg: Any, store: Any = False) -> dict[str, Any]:
-        from pycfs.host.oci.layer import HashingReader, TarSplitter, close_pieces, decompressing_reader
+        from pycfs.host.oci.layer import TarSplitter, close_pieces
         from pycfs.host.oci.tar import TarError
 
         if self.repo is None:
@@ -175,38 +175,44 @@ class WorkerService:
         blob_fd, sock_fd = call.fds
         sock = socket.socket(fileno=sock_fd)  # closed below: the host's EOF
         call.fds[1] = -1  # (the request's fds are closed after the answer)
-        blob = _BlobReader(blob_fd, blob_alg)
+        source = _TarSource(blob_fd, compression, blob_alg, diff_alg)
+        writeback = _Writeback() if store else None
         try:
-            tar = HashingReader(decompressing_reader(blob, compression), diff_alg)
-            splitter = TarSplitter(self.repo, tar, defer=True, hashed=True, hash_files=store)
+            splitter = TarSplitter(self.repo, source, defer=True, hashed=True, hash_files=store)
             while pieces := splitter.chunk():
                 try:
-                    if store:
-                        self._adopt_pieces(pieces)
+                    if writeback is not None:
+                        self._adopt_pieces(pieces, writeback)
                     _send_pieces(sock, pieces)
                 finally:
                     close_pieces(pieces)
-            while blob.read():  # a digest covers every byte, trailing ones included
-                pass
         except TarError as e:
             return {"failed": f"{e} (is the blob damaged?)"}
         except (OSError, PycfsError) as e:
             return {"failed": str(e) if isinstance(e, PycfsError) else f"cannot inflate the layer: {e.strerror or e}"}
         finally:
-            blob.close()
+            source.close()
+            if writeback is not None:
+                writeback.close()
             sock.close()
-        return {"blob": blob.source.digest(), "blob_size": blob.source.count, "diff_id": tar.digest(),
-                "tar_size": tar.count, "files_inlined": splitter.files_inlined}
+        return {"blob": source.blob.digest(), "blob_size": source.blob.count, "diff_id": source.tar.digest(),
+                "tar_size": source.tar.count, "files_inlined": splitter.files_inlined}
 
-    def _adopt_pieces(self, pieces: list[Piece]) -> None:
-        """Make each pending file of a split run its object, here (`adopt`'s work), in place."""
+    def _adopt_pieces(self, pieces: list[Piece], writeback: _Writeback) -> None:
+        """Make each pending file of a split run its object, here (`adopt`'s work), in place;
+        ``writeback`` takes their fds."""
         from pycfs.host.oci.layer import PendingFile, StoredFile
 
-        for i, piece in enumerate(pieces):
-            if isinstance(piece, PendingFile):
-                digest, how = self._adopt_one(piece.fd, piece.size, piece.object_id)
-                os.close(piece.fd)
-                pieces[i] = StoredFile(digest, piece.size, api.HOW[how])
+        assert self.repo is not None
+        adopted: list[tuple[int, bool]] = []
+        try:
+            for i, piece in enumerate(pieces):
+                if isinstance(piece, PendingFile):
+                    result = self.repo.adopt_object_file(piece.fd, piece.size, piece.object_id)
+                    pieces[i] = StoredFile(result.object_id, piece.size, result.how)
+                    adopted.append((piece.fd, result.how == "copied"))
+        finally:
+            writeback.take(adopted)
 
     def _adopt_one(self, fd: int, size: int, object_id: bytes | None = None) -> tuple[bytes, str]:
         assert self.repo is not None
@@ -269,37 +275,45 @@ def _send_pieces(sock: socket.socket, pieces: list[Piece]) -> None:
         sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
 
 
-# The blob's reads; _BLOB_AHEAD of them wait for the decompression at most.
+# The tar's pieces; _TAR_AHEAD of them wait for the split at most.
 _INFLATE_PIECE = 1 << 20
-_BLOB_AHEAD = 4
+_TAR_AHEAD = 4
 
 
-class _BlobReader:
-    """A layer blob read and hashed by a thread of its own, ahead of the decompression in
-    the worker's thread: the blob's sha256 and the tar's then run on both cores. read()
-    hands on the pieces as they were read (the decompressors take any length), b"" at EOF."""
+class _TarSource:
+    """A layer's tar made by a thread of its own, ahead of the split in the worker's thread:
+    the thread reads and hashes the blob, decompresses it and hashes the tar, so that the
+    two sha256 passes and the decompression run beside the split, the files' fs-verity
+    digests and their writes (a pull tends to end on its largest layer alone: one core did
+    all but the blob's sha256 then). read() hands on the tar's pieces as they came (the
+    splitter takes any length), b"" at EOF, once the blob was read to its end: a digest
+    covers every byte, trailing ones included. `blob` and `tar` (count, digest()) are
+    final once `close` returned."""
 
-    def __init__(self, fd: int, alg: str) -> None:
-        from pycfs.host.oci.layer import HashingReader
+    def __init__(self, fd: int, compression: str, blob_alg: str, diff_alg: str) -> None:
+        from pycfs.host.oci.layer import HashingReader, decompressing_reader
 
-        self.source = HashingReader(os.fdopen(fd, "rb", buffering=0, closefd=False), alg)  # count, digest()
-        self._pieces: queue.Queue[bytes | OSError] = queue.Queue(_BLOB_AHEAD)
+        self.blob = HashingReader(os.fdopen(fd, "rb", buffering=0, closefd=False), blob_alg)
+        self.tar = HashingReader(decompressing_reader(self.blob, compression), diff_alg)
+        self._pieces: queue.Queue[bytes | Exception] = queue.Queue(_TAR_AHEAD)
         self._eof = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="blob reader")
+        self._thread = threading.Thread(target=self._run, name="tar source")
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            while True:
-                piece = self.source.read(_INFLATE_PIECE)
-                if not self._put(piece) or not piece:
+            while piece := self.tar.read(_INFLATE_PIECE):
+                if not self._put(piece):
                     return
-        except OSError as e:
+            while not self._stop.is_set() and self.blob.read(_INFLATE_PIECE):
+                pass
+            self._put(b"")
+        except Exception as e:  # (a corrupt blob, a read error) raised in the reader's thread
             self._put(e)
 
-    def _put(self, item: bytes | OSError) -> bool:
-        """False when the reader was closed: nobody takes pieces any more."""
+    def _put(self, item: bytes | Exception) -> bool:
+        """False when the source was closed: nobody takes pieces any more."""
         while not self._stop.is_set():
             try:
                 self._pieces.put(item, timeout=0.1)
@@ -312,7 +326,7 @@ class _BlobReader:
         if self._eof:
             return b""
         item = self._pieces.get()
-        if isinstance(item, OSError):
+        if isinstance(item, Exception):
             self._eof = True
             raise item
         self._eof = not item
@@ -320,6 +334,41 @@ class _BlobReader:
 
     def close(self) -> None:
         self._stop.set()
+        self._thread.join()
+
+
+# Runs of adopted files whose writeback waits to be started, at most (their fds open).
+_WRITEBACK_RUNS = 2
+
+
+class _Writeback:
+    """Starts the writeback of files just adopted (see `WorkerService._adopt_one`) and
+    closes them, on a thread of its own, a run at a time: in an inflating worker that
+    stores its files, the filesystem's block allocation and I/O submission (~60 us a
+    file) then run beside the split instead of on its thread."""
+
+    def __init__(self) -> None:
+        self._runs: queue.Queue[list[tuple[int, bool]] | None] = queue.Queue(_WRITEBACK_RUNS)
+        self._thread = threading.Thread(target=self._run, name="writeback")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (run := self._runs.get()) is not None:
+            for fd, dirty in run:  # (fd, whether its object was written just now)
+                if dirty:
+                    syscalls.start_writeback(fd)  # advisory: never raises
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # nothing to do about it: the object is linked, syncfs reports write errors
+
+    def take(self, run: list[tuple[int, bool]]) -> None:
+        """The fds of a run (closed by the thread), each with whether to start its writeback."""
+        self._runs.put(run)
+
+    def close(self) -> None:
+        """Once every run taken is done."""
+        self._runs.put(None)
         self._thread.join()
 
 
