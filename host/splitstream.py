@@ -251,7 +251,7 @@ class SplitStreamReader:
             except UnicodeDecodeError:
                 raise SplitStreamError(f"named refs: record {record[:40]!r} is not UTF-8") from None
             index, sep, name = s.partition(":")
-            if not sep or not index.isdigit() or not index.isascii():
+            if not sep or not index.isdigit() or not index.isascii() or len(index) > 20:  # (int() of 4300+ digits raises)
                 raise SplitStreamError(f"named refs: malformed record {s[:80]!r}")
             if int(index) >= len(self.stream_refs):
                 raise SplitStreamError(f"named refs: index {index} out of range ({len(self.stream_refs)} stream refs)")

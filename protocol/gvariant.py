@@ -39,6 +39,11 @@ _BASIC = {
 }
 _STRINGS = "sog"
 MAX_DEPTH = 64
+# Elements and members one decode makes at most: an element can take one byte (`a()`,
+# `ab`) and becomes an object of 30 to 60 bytes, so 128 MiB of metadata (ostree's limit)
+# could decode to gigabytes. A dirtree of 100k files is 300k; the cap keeps a value under
+# some 256 MiB.
+MAX_VALUES = 1 << 22
 
 
 class GVariantError(ValueError):
@@ -225,7 +230,14 @@ def decode(type_text: str, data: bytes | bytearray | memoryview) -> Any:
     """Decode a whole serialised value; GVariantError unless data is exactly the normal form."""
     t = parse_type(type_text)
     mv = memoryview(bytes(data) if not isinstance(data, bytes) else data)
-    return _decode(t, mv, 0)
+    return _decode(t, mv, 0, [MAX_VALUES])
+
+
+def _spend(budget: list[int], n: int) -> None:
+    """Take n values from what is left of the decode's MAX_VALUES."""
+    budget[0] -= n
+    if budget[0] < 0:
+        raise GVariantError(f"value holds more than {MAX_VALUES} elements")
 
 
 def _read_offset(mv: memoryview, pos: int, w: int) -> int:
@@ -238,7 +250,7 @@ def _padding(mv: memoryview, start: int, end: int, what: str) -> None:
         raise GVariantError(f"{what}: non-zero padding: not in normal form")
 
 
-def _decode(t: _Type, mv: memoryview, depth: int) -> Any:
+def _decode(t: _Type, mv: memoryview, depth: int, budget: list[int]) -> Any:
     if depth > MAX_DEPTH:
         raise GVariantError("value nests too deeply")
     code = t.code
@@ -269,7 +281,7 @@ def _decode(t: _Type, mv: memoryview, depth: int) -> Any:
             inner = parse_type(type_text)
         except (UnicodeDecodeError, GVariantError):
             raise GVariantError(f"variant has a bad type string {bytes(mv[sep + 1:])[:40]!r}") from None
-        return Variant(type_text, _decode(inner, mv[:sep], depth + 1))
+        return Variant(type_text, _decode(inner, mv[:sep], depth + 1, budget))
     if code == "m":
         if n == 0:
             return None
@@ -277,17 +289,17 @@ def _decode(t: _Type, mv: memoryview, depth: int) -> Any:
         if elem.fixed is None:
             if mv[n - 1] != 0:
                 raise GVariantError("maybe value lacks its trailing zero byte")
-            value = _decode(elem, mv[:n - 1], depth + 1)
+            value = _decode(elem, mv[:n - 1], depth + 1, budget)
             if value is None:  # Just(Nothing) would come back as Nothing
                 raise GVariantError("a maybe holding an empty maybe has no value here")
             return value
-        return _decode(elem, mv, depth + 1)
+        return _decode(elem, mv, depth + 1, budget)
     if code == "a":
-        return _decode_array(t.children[0], mv, depth)
-    return _decode_tuple(t, mv, depth)
+        return _decode_array(t.children[0], mv, depth, budget)
+    return _decode_tuple(t, mv, depth, budget)
 
 
-def _decode_array(elem: _Type, mv: memoryview, depth: int) -> Any:
+def _decode_array(elem: _Type, mv: memoryview, depth: int, budget: list[int]) -> Any:
     n = len(mv)
     if elem.code == "y":
         return bytes(mv)
@@ -296,12 +308,14 @@ def _decode_array(elem: _Type, mv: memoryview, depth: int) -> Any:
     if elem.fixed is not None:
         if n % elem.fixed:
             raise GVariantError(f"array of {elem.text} has {n} bytes, not a multiple of {elem.fixed}")
-        return [_decode(elem, mv[i:i + elem.fixed], depth + 1) for i in range(0, n, elem.fixed)]
+        _spend(budget, n // elem.fixed)
+        return [_decode(elem, mv[i:i + elem.fixed], depth + 1, budget) for i in range(0, n, elem.fixed)]
     w = offset_size(n)
     last_end = _read_offset(mv, n - w, w)
     if last_end >= n or (n - last_end) % w:
         raise GVariantError(f"array of {elem.text}: bad framing offset {last_end}")
     count = (n - last_end) // w
+    _spend(budget, count)
     out = []
     start = 0
     for i in range(count):
@@ -310,17 +324,18 @@ def _decode_array(elem: _Type, mv: memoryview, depth: int) -> Any:
         if not aligned <= end <= last_end:
             raise GVariantError(f"array of {elem.text}: element {i} at {aligned}..{end} is out of bounds")
         _padding(mv, start, aligned, f"array of {elem.text}")
-        out.append(_decode(elem, mv[aligned:end], depth + 1))
+        out.append(_decode(elem, mv[aligned:end], depth + 1, budget))
         start = end
     return out  # the last element ends where the offsets start: last_end is its offset
 
 
-def _decode_tuple(t: _Type, mv: memoryview, depth: int) -> tuple:
+def _decode_tuple(t: _Type, mv: memoryview, depth: int, budget: list[int]) -> tuple:
     n = len(mv)
     if not t.children:
         if mv[0]:
             raise GVariantError("the unit tuple is one zero byte: not in normal form")
         return ()
+    _spend(budget, len(t.children))
     w = offset_size(n)
     frame_end = n  # offsets are read from the end, one per variable-size non-last member
     out = []
@@ -343,7 +358,7 @@ def _decode_tuple(t: _Type, mv: memoryview, depth: int) -> tuple:
             end = _read_offset(mv, frame_end, w)
         if not pos <= end <= frame_end:
             raise GVariantError(f"{t.text}: member {i} at {pos}..{end} is out of bounds")
-        out.append(_decode(child, mv[pos:end], depth + 1))
+        out.append(_decode(child, mv[pos:end], depth + 1, budget))
         pos = end
     if t.fixed is not None:
         _padding(mv, pos, n, t.text)  # a fixed-size tuple is padded to its alignment

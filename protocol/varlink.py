@@ -197,7 +197,7 @@ class Decoder:
             self._fail(VarlinkProtocolError(f"message nests deeper than {MAX_DEPTH}"), fds)
         try:
             obj = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
             self._fail(VarlinkProtocolError(f"message is not JSON: {e}"), fds)
         if not isinstance(obj, dict):
             self._fail(VarlinkProtocolError("message is not a JSON object"), fds)

@@ -11,16 +11,16 @@ config, builds the composefs image and tags it.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 from pycfs.host.errors import PycfsError
+from pycfs.host.jsondoc import parse_object
 from pycfs.host.nursery import open_nursery
 from pycfs.host.varlink.client import Client
 from pycfs.host.varlink.oci import ForkedFor, layer_ids_of
@@ -105,7 +105,8 @@ async def open_endpoint(address: str | None, repo: str, forked: list[Forked] | N
         client = await new_client()
         try:
             reply = await client.call(REPO + "OpenRepository", {"path": repo})
-            yield Endpoint(client, reply.parameters["handle"], reply.parameters.get("hash_algorithm") or "", new_client)
+            yield Endpoint(client, _field(reply.parameters, "handle", int, "OpenRepository"),
+                           reply.parameters.get("hash_algorithm") or "", new_client)
         finally:
             client.close()
             nursery.cancel_scope.cancel()
@@ -147,8 +148,8 @@ async def copy_image(src: Endpoint, dst: Endpoint, image: str, name: str | None,
     if not isinstance(manifest_json, str) or not isinstance(config_json, str) or not manifest_json or not config_json:
         raise PycfsError(f"source returned no manifest/config for {image!r}")
     try:
-        layer_ids = layer_ids_of(json.loads(manifest_json), json.loads(config_json))
-    except (ValueError, AttributeError) as e:
+        layer_ids = layer_ids_of(parse_object(manifest_json, "its manifest"), parse_object(config_json, "its config"))
+    except PycfsError as e:
         raise PycfsError(f"source image {image!r} has an unreadable manifest or config: {e}") from None
     return await _copy_layers(src, dst, manifest_json, config_json, [(d, None) for d in layer_ids], name, zerocopy,
                               progress, started)
@@ -186,9 +187,10 @@ async def _copy_layers(src: Endpoint, dst: Endpoint, manifest_json: str, config_
                     progress.layer_started(diff_id)
                 put = await copy_layer(lane_src, lane_dst, diff_id, zerocopy, storage)
                 for key in totals:
-                    totals[key] += int(put.get(key) or 0)
+                    totals[key] += _field(put, key, int, "PutLayer") if put.get(key) is not None else 0
+                verity = _field(put, "layer_verity", str, "PutLayer")
                 for index in indices:
-                    done[index] = {"diff_id": diff_id, "layer_verity": put["layer_verity"], "copied": True}
+                    done[index] = {"diff_id": diff_id, "layer_verity": verity, "copied": True}
                 if progress is not None:
                     progress.layer_done(diff_id, False)
 
@@ -203,8 +205,19 @@ async def _copy_layers(src: Endpoint, dst: Endpoint, manifest_json: str, config_
         "handle": dst.handle, "manifest_json": manifest_json, "config_json": config_json,
         "layers": [{"diff_id": entry["diff_id"], "layer_verity": entry["layer_verity"]} for entry in done],
         "name": name})).parameters
-    return CopyResult(final["manifest_digest"], final["manifest_verity"], final["config_digest"], final["config_verity"],
-                      done, **totals, seconds=time.monotonic() - started)
+    manifest_digest, manifest_verity, config_digest, config_verity = (
+        _field(final, key, str, "FinalizeImage")
+        for key in ("manifest_digest", "manifest_verity", "config_digest", "config_verity"))
+    return CopyResult(manifest_digest, manifest_verity, config_digest, config_verity, done, **totals,
+                      seconds=time.monotonic() - started)
+
+
+def _field(parameters: dict, name: str, kind: type, method: str) -> Any:
+    """A reply's field of the given JSON type (a peer's answer, so checked)."""
+    value = parameters.get(name)
+    if type(value) is not kind:
+        raise PycfsError(f"the varlink service answered {method} without a valid {name!r} (got {value!r:.80})")
+    return value
 
 
 def fork_destination_workers(destination: str) -> list[Forked]:
@@ -264,7 +277,7 @@ async def copy(source: str, source_repo: str | None, destination: str, image: st
         client = await new_client()
         try:
             features = (await client.call(OCI + "GetInfo")).parameters.get("features") or []
-            if "splitdirfdstream-v0" not in features:
+            if not isinstance(features, list) or "splitdirfdstream-v0" not in features:
                 raise PycfsError(f"{source} does not offer the splitdirfdstream-v0 layer transport")
             async with open_endpoint(None, destination, forked) as dst:
                 if "source-containers-storage" in features:
@@ -273,7 +286,8 @@ async def copy(source: str, source_repo: str | None, destination: str, image: st
                 if source_repo is None:
                     raise PycfsError(f"--from {source}: name the repository as the service sees it with --from-repo PATH")
                 reply = await client.call(REPO + "OpenRepository", {"path": source_repo})
-                src = Endpoint(client, reply.parameters["handle"], reply.parameters.get("hash_algorithm") or "", new_client)
+                src = Endpoint(client, _field(reply.parameters, "handle", int, "OpenRepository"),
+                               reply.parameters.get("hash_algorithm") or "", new_client)
                 return await copy_image(src, dst, image, name, zerocopy, progress)
         finally:
             client.close()

@@ -11,7 +11,6 @@ security.capability (plus user.* on request).
 from __future__ import annotations
 
 import gc
-import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from pycfs.host.fsverity import VerityHasher
 from pycfs.host.oci.layer import Directory as DirEntry
 from pycfs.host.oci.layer import Hardlink, LayerEntry, iter_layer_entries
 from pycfs.host.oci.streams import (
-    IMAGE_REF_PREFIX, config_stream_name, open_image, read_json_stream, tag_image, write_config_stream,
+    IMAGE_REF_PREFIX, config_diff_ids, config_stream_name, open_image, read_json_stream, tag_image, write_config_stream,
     write_manifest_stream,
 )
 from pycfs.host.oci.result import IMAGE_REF_NAMES
@@ -196,10 +195,6 @@ class ImageTree:
         return FileSystem(self.root)
 
 
-def _diff_ids(config_raw: bytes) -> list[str]:
-    return list(json.loads(config_raw).get("rootfs", {}).get("diff_ids", []))
-
-
 def build_filesystem(repo: Repository, diff_ids: Sequence[str], layer_ids: Mapping[str, bytes],
                      keep_user_xattrs: bool = False,
                      parsed: Mapping[bytes, list[LayerEntry]] | None = None) -> FileSystem:
@@ -358,7 +353,8 @@ def _finish_pull(repo: Repository, manifest_digest: str, manifest_raw: bytes, co
         if found is None:
             if on_phase is not None:
                 on_phase("image")
-            found = _write_images(repo, _diff_ids(config_raw), dict(layers), versions, parsed, tree)
+            found = _write_images(repo, config_diff_ids(config_raw, f"config {config_digest}"), dict(layers), versions,
+                                  parsed, tree)
         images = found
     else:
         images = {v: i for v, n in IMAGE_REF_NAMES.items() if (i := recorded.get(n)) is not None and repo.has_object(i)}

@@ -24,7 +24,7 @@ from typing import BinaryIO
 import trio
 
 from pycfs.host.errors import PycfsError
-from pycfs.host.jsondoc import parse_object
+from pycfs.host.jsondoc import parse_object, read_document
 from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.layer import (
     LayerDigestError,
@@ -101,16 +101,15 @@ class Descriptor:
         if not isinstance(doc, dict):
             raise PycfsError(f"{where}: descriptor is not a JSON object")
         media_type, digest, size = doc.get("mediaType"), doc.get("digest"), doc.get("size")
-        if not isinstance(digest, str) or not isinstance(size, int) or size < 0:
+        if not isinstance(digest, str) or type(size) is not int or size < 0:
             raise PycfsError(f"{where}: descriptor needs a digest string and a non-negative size")
         parse_digest(digest, f"{where} digest")
-        return cls(
-            media_type if isinstance(media_type, str) else "",
-            digest,
-            size,
-            doc.get("annotations") or {},
-            doc.get("platform"),
-        )
+        annotations, platform = doc.get("annotations") or {}, doc.get("platform")
+        if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
+            raise PycfsError(f"{where}: descriptor {digest} has annotations that are not an object of strings")
+        if platform is not None and not isinstance(platform, dict):
+            raise PycfsError(f"{where}: descriptor {digest} has a platform that is not an object")
+        return cls(media_type if isinstance(media_type, str) else "", digest, size, annotations, platform)
 
 
 class OciLayout:
@@ -119,12 +118,10 @@ class OciLayout:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         try:
-            layout = parse_object((self.path / "oci-layout").read_bytes(), f"{self.path}/oci-layout")
-            self.index = parse_object((self.path / "index.json").read_bytes(), f"{self.path}/index.json")
+            layout = parse_object(read_document(self.path / "oci-layout", MAX_JSON_BLOB), f"{self.path}/oci-layout")
+            self.index = parse_object(read_document(self.path / "index.json", MAX_JSON_BLOB), f"{self.path}/index.json")
         except FileNotFoundError as e:
             raise PycfsError(f"{self.path} is not an OCI image layout: {e.filename} is missing") from None
-        except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
-            raise PycfsError(f"cannot read OCI layout {self.path}: {e}") from None
         if layout.get("imageLayoutVersion") != "1.0.0":
             raise PycfsError(f"{self.path}: unsupported imageLayoutVersion {layout.get('imageLayoutVersion')!r}")
 
@@ -203,13 +200,23 @@ class OciLayout:
 
     def _pick_platform(self, index: dict, digest: str) -> Descriptor:
         want_os, want_arch = host_platform()
-        descs = [Descriptor.from_json(m, f"index {digest}") for m in index.get("manifests") or []]
+        descs = [Descriptor.from_json(m, f"index {digest}") for m in _list(index, "manifests", f"index {digest}")]
         for d in descs:
             p = d.platform or {}
             if p.get("os") == want_os and p.get("architecture") == want_arch:
                 return d
         have = ", ".join(f"{(d.platform or {}).get('os')}/{(d.platform or {}).get('architecture')}" for d in descs)
         raise PycfsError(f"image index {digest} has no manifest for {want_os}/{want_arch} (has: {have or 'none'})")
+
+
+def _list(doc: dict, key: str, what: str) -> list:
+    """doc[key] as a list, [] when absent or null."""
+    value = doc.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PycfsError(f"{what}: {key!r} is not a list")
+    return value
 
 
 @dataclass(frozen=True)
@@ -225,9 +232,11 @@ def image_layers(manifest: dict, config_raw: bytes, digest: str) -> ImageLayers:
     if config_desc.media_type and config_desc.media_type not in CONFIG_TYPES:
         raise PycfsError(f"manifest {digest}: config type {config_desc.media_type!r} is not a container image "
                          "(OCI artifacts are not supported)")
-    layer_descs = [Descriptor.from_json(d, f"manifest {digest} layer") for d in manifest.get("layers") or []]
+    layer_descs = [Descriptor.from_json(d, f"manifest {digest} layer")
+                   for d in _list(manifest, "layers", f"manifest {digest}")]
     config = parse_object(config_raw, f"config {config_desc.digest}")
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids")
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or len(diff_ids) != len(layer_descs):
         raise PycfsError(f"config {config_desc.digest}: rootfs.diff_ids does not match the manifest's "
                          f"{len(layer_descs)} layers")

@@ -13,12 +13,12 @@ A tag is the symlink streams/refs/oci/<encoded tag> -> ../../oci-manifest-<diges
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pycfs.host.errors import PycfsError
+from pycfs.host.jsondoc import parse_object
 from pycfs.host.oci.layer import parse_digest
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_CONFIG, CONTENT_OCI_MANIFEST, SplitStreamReader, SplitStreamWriter
@@ -193,15 +193,24 @@ class StoredImage:
 
     @property
     def manifest(self) -> dict:
-        return json.loads(self.manifest_raw)
+        return parse_object(self.manifest_raw, f"manifest {self.manifest_digest}")
 
     @property
     def config(self) -> dict:
-        return json.loads(self.config_raw)
+        return parse_object(self.config_raw, f"config {self.config_digest}")
 
     @property
     def diff_ids(self) -> list[str]:
-        return list(self.config.get("rootfs", {}).get("diff_ids", []))
+        return config_diff_ids(self.config_raw, f"config {self.config_digest}")
+
+
+def config_diff_ids(config_raw: bytes, what: str) -> list[str]:
+    """An image config's rootfs.diff_ids ([] when it has none, as an artifact's config)."""
+    rootfs = parse_object(config_raw, what).get("rootfs", {})
+    diff_ids = rootfs.get("diff_ids", []) if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+        raise PycfsError(f"{what}: rootfs.diff_ids is not a list of digests")
+    return diff_ids
 
 
 def open_image(repo: Repository, image: str) -> StoredImage:

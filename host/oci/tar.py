@@ -58,8 +58,14 @@ _TYPEFLAG_OFFSET = 156
 _EXTENSION_TYPES = (XHDTYPE, XGLTYPE, GNUTYPE_LONGNAME, GNUTYPE_LONGLINK)
 _EXTENSION_TYPEFLAGS = frozenset(b"".join(_EXTENSION_TYPES))
 
-# Extension data (PAX records, GNU long names) is held in memory; a real archive needs a
-# few KiB at most, so anything beyond this is treated as a corrupt or hostile archive.
+# Everything read before an entry's own header (extension headers and their data, PAX
+# global headers, stray zero blocks) is held in memory, in its raw bytes and its parsed
+# records; a real archive needs a few KiB, so more than this in all is refused as corrupt
+# or hostile. A total, not a bound per header: Go's archive/tar caps each PAX or GNU
+# special file at 1 MiB but keeps only the last one's values, where this reader keeps every
+# byte (the layer stream reproduces the archive), so any number of `g` headers or zero
+# blocks would otherwise add up without end. 16 MiB still holds all Go accepts for one
+# entry (a PAX header, a long name and a long link of 1 MiB each) many times over.
 MAX_EXTENSION_SIZE = 16 << 20
 
 
@@ -448,8 +454,10 @@ class TarReader:
             t = hdr.typeflag
             if t not in _EXTENSION_TYPES:
                 return self._entry(hdr, bytes(raw), start, pax, xattrs, long_name, long_link, sparse)
-            if hdr.size > MAX_EXTENSION_SIZE:
-                raise TarError(f"tar: {t.decode()} extension of {hdr.size} bytes at offset {block_offset} is too large")
+            if len(raw) + roundup_block(hdr.size) > MAX_EXTENSION_SIZE:
+                raise TarError(f"tar: extension headers of the entry at offset {start} are too large: with the "
+                               f"{t.decode()} header at offset {block_offset} ({hdr.size} bytes of data) more than "
+                               f"{MAX_EXTENSION_SIZE} bytes precede its own header")
             data_offset = self.offset
             data = self.read_exact(roundup_block(hdr.size), "extension header data")
             raw += data

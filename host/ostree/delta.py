@@ -192,7 +192,7 @@ class PartApplier:
 
     def run(self) -> None:
         ops, pos, index = self.ops, 0, 0
-        current: tuple[bytes, FileHeader] | None = None
+        current: tuple[bytes, FileHeader, int] | None = None  # with the size its 'open' gave
         content = bytearray()
         source: bytes | None = None
         arg = self._arg
@@ -223,10 +223,14 @@ class PartApplier:
                 kind, checksum = next_object()
                 if kind is not Kind.FILE:
                     raise OstreeError(f"{self.where}: 'open' of a {kind.name.lower()} object")
-                current = (checksum, self._header(mode_idx, xattr_idx, size, checksum))
+                current = (checksum, self._header(mode_idx, xattr_idx, size, checksum), size)
                 content = bytearray()
             elif op == "w":
                 (size, offset), pos = arg(pos, 2)
+                # bounded by the open file's size: writes of the same bytes again and again
+                # would otherwise grow it without end
+                if current is None or len(content) + size > current[2]:
+                    raise OstreeError(f"{self.where}: 'write' beyond the size of the open file, or with none open")
                 content += self._slice(source if source is not None else self.data, offset, size)
             elif op == "r":
                 (offset,), pos = arg(pos, 1)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 
 from pycfs.host.errors import PycfsError
-from pycfs.protocol.gvariant import GVariantError, Variant, decode, encode, frame, offset_size
+from pycfs.protocol.gvariant import MAX_VALUES, GVariantError, Variant, decode, encode, frame, offset_size
 
 COMMIT_TYPE = "(a{sv}aya(say)sstayay)"
 DIRTREE_TYPE = "(a(say)a(sayay))"
@@ -226,6 +226,9 @@ class FileHeader:
         elif self.is_symlink:
             if not self.symlink_target or self.size:
                 why = "symlink without a target, or with content"
+            elif "\0" in self.symlink_target or not _is_utf8(self.symlink_target):
+                # (a GVariant string: what a delta or a bare repository gives may be neither)
+                why = "symlink target is not UTF-8 text without NUL"
         elif not stat.S_ISREG(self.mode):
             why = f"mode {self.mode:o} is neither a regular file nor a symlink"
         elif self.symlink_target:
@@ -313,7 +316,9 @@ def _read_entries(data: bytes, start: int, end: int, checksums: int) -> list[tup
         return []
     w = offset_size(size)
     last = int.from_bytes(data[end - w:end], "little")
-    if last >= size or (size - last) % w:
+    # (each array within half the codec's MAX_VALUES, counted as the codec counts: an element
+    # and its members; the codec decides the rest, and refuses what holds more)
+    if last >= size or (size - last) % w or (size - last) // w * (2 + checksums) >= MAX_VALUES // 2:
         return None
     out: list[tuple] = []
     pos = start
@@ -400,6 +405,15 @@ def parse_meta_xattr(value: bytes, checksum: bytes) -> FileHeader:
     """bare-user's `user.ostreemeta`: (uid, gid, mode, xattrs) in dirmeta form; size comes later."""
     meta = DirMeta.parse(value, checksum, Kind.FILE)
     return FileHeader(0, meta.uid, meta.gid, meta.mode, "", meta.xattrs)
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether text encodes as UTF-8 (not so with the surrogates that stand for bad bytes)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _bswap32(v: int) -> int:

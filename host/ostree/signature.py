@@ -18,6 +18,9 @@ from pycfs.protocol.gvariant import GVariantError, decode
 DETACHED_TYPE = "a{sv}"
 GPGV_TIMEOUT = 60.0
 MAX_DETACHED = 16 << 20
+# Each signature is a gpgv run (of up to GPGV_TIMEOUT): a real commit carries one or two,
+# and detached metadata listing thousands must not buy thousands of runs.
+MAX_SIGNATURES = 16
 
 
 def signatures(detached: bytes, where: str) -> list[bytes]:
@@ -45,6 +48,8 @@ def verify_signed(data: bytes, what: str, where: str, detached: bytes | None, ke
     if detached is None:
         raise OstreeError(f"{what} is not signed ({where} is missing), but --gpg-keyring {keyring} asks for a signature")
     sigs = signatures(detached, where)
+    if len(sigs) > MAX_SIGNATURES:
+        raise OstreeError(f"{where} holds {len(sigs)} signatures, more than the {MAX_SIGNATURES} checked: refused")
     if not sigs:
         raise OstreeError(f"{what} is not signed ({where} holds no signatures), but --gpg-keyring {keyring} asks "
                           "for one")
@@ -62,7 +67,7 @@ def verify_signed(data: bytes, what: str, where: str, detached: bytes | None, ke
                 f.write(sig)
             try:
                 proc = subprocess.run(["gpgv", "--keyring", os.path.abspath(keyring), sig_path, data_path],
-                                      capture_output=True, text=True, timeout=GPGV_TIMEOUT,
+                                      capture_output=True, text=True, errors="replace", timeout=GPGV_TIMEOUT,
                                       env={**os.environ, "GNUPGHOME": tmp, "LC_ALL": "C"})
             except FileNotFoundError:
                 raise OstreeError("gpgv is not installed: it checks signatures (apt-get install gpgv)") from None

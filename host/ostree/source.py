@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import stat
 import tempfile
@@ -31,7 +32,7 @@ import urllib.parse
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pycfs.host.ostree.commitstream import check_ref_name
 from pycfs.host.ostree.signature import MAX_DETACHED, verify_signed
@@ -54,6 +55,7 @@ from pycfs.host.ostree.objects import (
 
 if TYPE_CHECKING:
     import http.client  # imported when an HttpRepo is made: a local pull does without it
+    import socket
 
 READ_CHUNK = 1 << 20
 MODES = {"archive": "archive", "archive-z2": "archive", "bare": "bare", "bare-user": "bare-user",
@@ -402,6 +404,69 @@ class _NotFound(Exception):
     pass
 
 
+# A peer slower than LOW_SPEED_LIMIT bytes a second over LOW_SPEED_TIME seconds, from the
+# response's first byte on (status line and headers included), is dropped and the request
+# retried, as curl's low-speed limit does: a socket timeout bounds each recv only, and a
+# server dripping a byte a recv would hold a pull for ever.
+LOW_SPEED_LIMIT = 1000
+LOW_SPEED_TIME = 30.0
+# What is read of a body that is not the object asked for (a 404, an error page) before the
+# connection is dropped rather than kept.
+MAX_ERROR_BODY = 64 << 10
+
+
+class _TooSlow(TimeoutError):
+    pass
+
+
+class _PacedSocketReader(io.RawIOBase):
+    """The socket's bytes under the low-speed limit: each recv waits at most until the
+    current LOW_SPEED_TIME window ends, and a window that ends short raises _TooSlow."""
+
+    def __init__(self, sock: socket.socket, ref: io.BufferedReader) -> None:
+        self._sock = sock
+        # http.client's own reader of the socket, closed with this one: while it is open the
+        # socket stays open for the response after its connection is closed (as then)
+        self._ref = ref
+        self._timeout = sock.gettimeout()  # put back after each recv: a request send uses it
+        self._window = time.monotonic()
+        self._got = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._ref.close()
+        super().close()
+
+    def readinto(self, buffer: Any) -> int:
+        while True:
+            now = time.monotonic()
+            if now - self._window >= LOW_SPEED_TIME:
+                if self._got < LOW_SPEED_LIMIT * LOW_SPEED_TIME:
+                    raise _TooSlow(f"less than {LOW_SPEED_LIMIT} bytes a second for {LOW_SPEED_TIME:g} seconds")
+                self._window, self._got = now, 0
+            self._sock.settimeout(self._window + LOW_SPEED_TIME - now)
+            try:
+                n = self._sock.recv_into(buffer)
+            except TimeoutError:
+                continue  # the window's end: judged above
+            finally:
+                self._sock.settimeout(self._timeout)
+            self._got += n
+            return n
+
+
+def _paced_response(sock: socket.socket, *args, **kwargs) -> http.client.HTTPResponse:
+    """An HTTPResponse (a connection's response_class) reading through _PacedSocketReader."""
+    import http.client
+
+    resp = http.client.HTTPResponse(sock, *args, **kwargs)
+    resp.fp = io.BufferedReader(_PacedSocketReader(sock, resp.fp))
+    return resp
+
+
 class _Body:
     """A response body whose read() raises IncompleteRead when the connection ends early:
     http.client then returns b"", which would read as a short (corrupt) object, not as
@@ -411,12 +476,23 @@ class _Body:
         self._resp = resp
 
     def read(self, n: int) -> bytes:
+        """n bytes, fewer only at the end of the body; a recv at a time, so that a body
+        without a length does not allocate all of n at once."""
         import http.client
 
-        data = self._resp.read(n)
-        if not data and n and self._resp.length:
-            raise http.client.IncompleteRead(b"", self._resp.length)
-        return data
+        parts = []
+        left = n
+        while left:
+            piece = self._resp.read1(min(left, READ_CHUNK))
+            if not piece:
+                if self._resp.length:
+                    raise http.client.IncompleteRead(b"", self._resp.length)
+                if self._resp.length == 0:
+                    self._resp.read(0)  # (read1 leaves a whole response open: the connection could not be kept)
+                break
+            parts.append(piece)
+            left -= len(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class HttpRepo(_Summary):
@@ -454,7 +530,9 @@ class HttpRepo(_Summary):
             if self._idle:
                 return self._idle.pop()
         cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        return cls(self._host, self._port, timeout=self._timeout)
+        conn = cls(self._host, self._port, timeout=self._timeout)
+        conn.response_class = _paced_response  # type: ignore[assignment]
+        return conn
 
     def get(self, path: str, consume: Callable[[_Body], T], what: str) -> T:
         """GET base/path and hand the body to consume; a 404 raises _NotFound."""
@@ -470,19 +548,21 @@ class HttpRepo(_Summary):
                     self.requests += 1
                 conn.request("GET", self._base + urllib.parse.quote(path, safe="/+"))
                 resp = conn.getresponse()
+                body = _Body(resp)
                 if resp.status == 200:
-                    result = consume(_Body(resp))
-                    if resp.read(1):
+                    result = consume(body)
+                    if body.read(1):
                         raise OstreeError(f"{what}: more data than expected from {self.url}")
-                elif resp.status == 404:
-                    resp.read()
+                    keep = True
                 else:
-                    resp.read()
-                    last = f"HTTP {resp.status} {resp.reason}"
-                    conn.close()
-                    if resp.status >= 500 or resp.status in (408, 429):
-                        continue
-                    raise OstreeError(f"fetching {what} from {self.url}: {last}")
+                    # an error page is read (to keep the connection) only while it is small
+                    keep = len(body.read(MAX_ERROR_BODY + 1)) <= MAX_ERROR_BODY
+                    if resp.status != 404:
+                        last = f"HTTP {resp.status} {resp.reason}"
+                        conn.close()
+                        if resp.status >= 500 or resp.status in (408, 429):
+                            continue
+                        raise OstreeError(f"fetching {what} from {self.url}: {last}")
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
                 last = str(e) or type(e).__name__
@@ -490,7 +570,7 @@ class HttpRepo(_Summary):
             except BaseException:
                 conn.close()
                 raise
-            if resp.will_close:
+            if resp.will_close or not keep:
                 conn.close()
             else:
                 with self._lock:

@@ -20,10 +20,12 @@ from pathlib import Path
 from collections.abc import Mapping
 
 from pycfs.host.errors import PycfsError
+from pycfs.host.jsondoc import read_document
 
 SUPPORTED_DRIVERS = ("overlay", "vfs")
 ROOT_GRAPHROOT = "/var/lib/containers/storage"
 SYSTEM_CONFS = ("/etc/containers/storage.conf", "/usr/share/containers/storage.conf")
+MAX_CONF = 1 << 20  # a storage.conf is a few KiB
 
 
 @dataclass(frozen=True)
@@ -82,12 +84,13 @@ def find_config_file(env: Mapping[str, str] | None = None, uid: int | None = Non
 
 def _parse(path: str) -> dict:
     try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise PycfsError(f"{path}: not valid TOML: {e}") from e
-    except OSError as e:
-        raise PycfsError(f"cannot read {path}: {e.strerror}") from e
+        data = read_document(path, MAX_CONF)
+    except FileNotFoundError:
+        raise PycfsError(f"cannot read {path}: no such file") from None
+    try:
+        doc = tomllib.loads(data.decode())
+    except (ValueError, RecursionError) as e:  # TOMLDecodeError, UnicodeDecodeError, an over-long integer; nesting
+        raise PycfsError(f"{path}: not valid TOML: {e}") from None
     table = doc.get("storage", {})
     if not isinstance(table, dict):
         raise PycfsError(f"{path}: [storage] must be a table")

@@ -17,13 +17,13 @@ and `[name]@sha256:<manifest digest>`. Callers hold the store's read locks while
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from pycfs.host.errors import PycfsError
+from pycfs.host.jsondoc import loads, read_document
 from pycfs.host.storage.config import StorageConfig, detect_driver
 from pycfs.host.storage.locks import ReadLocks
 
@@ -37,6 +37,11 @@ _LINK_RE = re.compile(r"^[A-Za-z0-9]+$")
 
 class StorageError(PycfsError):
     """containers-storage is missing, corrupt, or lacks what was asked for."""
+
+
+# The JSON files read whole into memory (the record lists, an image's manifest and config):
+# a layers.json record takes about a KiB, so this holds tens of thousands.
+MAX_JSON_FILE = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ def big_data_name(key: str) -> str:
 
 
 def _check_id(value: object, what: str, where: str) -> str:
-    if not isinstance(value, str) or not _ID_RE.match(value) or value in (".", ".."):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value) or value in (".", ".."):
         raise StorageError(f"{where}: invalid {what} {value!r}")
     return value
 
@@ -134,15 +139,10 @@ class Store:
 
     def _read_json_array(self, path: Path) -> list:
         try:
-            data = path.read_bytes()
+            data = read_document(path, MAX_JSON_FILE, StorageError)
         except FileNotFoundError:
             return []  # c/storage creates these lazily; a fresh store has none
-        except OSError as e:
-            raise StorageError(f"cannot read {path}: {e.strerror}") from e
-        try:
-            value = json.loads(data) if data.strip() else []
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StorageError(f"{path} is not valid JSON: {e}") from e
+        value = loads(data, str(path), StorageError) if data.strip() else []
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             raise StorageError(f"{path} is not a JSON array of objects")
         return value
@@ -186,13 +186,11 @@ class Store:
     def big_data(self, image_id: str, key: str) -> bytes:
         path = self.images_dir / _check_id(image_id, "image id", "lookup") / big_data_name(key)
         try:
-            return path.read_bytes()
+            return read_document(path, MAX_JSON_FILE, StorageError)
         except FileNotFoundError as e:
             raise StorageError(
                 f"image {image_id[:12]} has no {key!r} in {self.images_dir} ({path.name} missing)"
             ) from e
-        except OSError as e:
-            raise StorageError(f"cannot read {path}: {e.strerror}") from e
 
     def tar_split_path(self, layer_id: str) -> Path:
         return self.layers_dir / f"{_check_id(layer_id, 'layer id', 'lookup')}.tar-split.gz"

@@ -18,6 +18,8 @@ import base64
 import contextlib
 import gzip
 import json
+import os
+import stat
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -255,7 +257,7 @@ def _parse_group(lines: list[bytes], first: int, label: str) -> Iterator[Segment
     """The entries of consecutive lines, the first of them line number `first`."""
     try:
         docs = json.loads(b"[" + b",".join(lines) + b"]")
-    except ValueError:
+    except (ValueError, RecursionError):  # (parsed again line by line to name the bad one)
         docs = None
     if docs is not None and len(docs) == len(lines):
         for n, obj in enumerate(docs, first):
@@ -271,10 +273,13 @@ def open_entries(path: str) -> Iterator[Iterator[Segment | FileEntry]]:
     """The entries of the tar-split file at `path`, read as they are taken (the file stays
     open inside the `with`); a file that cannot be opened or read raises TarSplitError."""
     try:
-        f = open(path, "rb")  # noqa: SIM115 (returned open, the caller closes it)
+        # non-blocking: a fifo here must not hang the open (it is refused below)
+        f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb")
     except OSError as e:
         raise TarSplitError(f"cannot read {path}: {e.strerror}") from e
     with f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise TarSplitError(f"{path} is not a regular file")
         yield _reading(iter_entries(f, path), path)
 
 

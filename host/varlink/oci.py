@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import stat
 import sys
@@ -13,6 +12,7 @@ from typing import Any
 
 import trio
 from pycfs.host.errors import PycfsError
+from pycfs.host.jsondoc import parse_object
 from pycfs.host.oci.image import IMAGE_REF_NAMES, compute_image_id, finish_pull, format_versions
 from pycfs.host.oci.layer import LayerEntry, layer_stream_name, parse_digest
 from pycfs.host.oci.streams import list_images, open_image, tag_image, untag_image
@@ -67,7 +67,7 @@ def check_digest(text: str, what: str) -> str:
 def is_container(manifest: dict) -> bool:
     config = manifest.get("config")
     media = config.get("mediaType") if isinstance(config, dict) else None
-    return media in CONFIG_MEDIA_TYPES or media is None
+    return media is None or (isinstance(media, str) and media in CONFIG_MEDIA_TYPES)
 
 
 def layer_ids_of(manifest: dict, config: dict) -> list[str]:
@@ -77,7 +77,8 @@ def layer_ids_of(manifest: dict, config: dict) -> list[str]:
         rootfs = config.get("rootfs")
         ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     else:
-        ids = [layer.get("digest") for layer in manifest.get("layers", []) if isinstance(layer, dict)]
+        layers = manifest.get("layers", [])
+        ids = [layer.get("digest") for layer in layers if isinstance(layer, dict)] if isinstance(layers, list) else None
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise PycfsError("the image's layer list is malformed")
     return ids
@@ -216,7 +217,8 @@ class OciInterface:
                     "name": tag, "manifest_digest": digest, "is_container": is_container(manifest),
                     "architecture": str(config.get("architecture") or ""), "os": str(config.get("os") or ""),
                     "created": config.get("created") if isinstance(config.get("created"), str) else None,
-                    "layer_count": len(manifest.get("layers") or []), "referrer_count": 0,
+                    "layer_count": len(layers) if isinstance(layers := manifest.get("layers"), list) else 0,
+                    "referrer_count": 0,
                 })
             return out
 
@@ -417,12 +419,7 @@ class OciInterface:
                 raise error("NoSuchLayer", diff_id=diff_id)
             refs.append((diff_id, layer_id))
         try:
-            manifest, config = json.loads(manifest_raw), json.loads(config_raw)
-        except ValueError as e:
-            raise error("InvalidRequest", message=f"manifest or config is not JSON: {e}") from None
-        if not isinstance(manifest, dict) or not isinstance(config, dict):
-            raise error("InvalidRequest", message="manifest and config must be JSON objects")
-        try:
+            manifest, config = parse_object(manifest_raw, "manifest_json"), parse_object(config_raw, "config_json")
             wanted = layer_ids_of(manifest, config)
         except PycfsError as e:
             raise error("InvalidRequest", message=str(e)) from None

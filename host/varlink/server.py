@@ -34,6 +34,9 @@ SERVICE = "org.varlink.service"
 PIPELINE_DEPTH = 8
 # Connections served at once: each may hold a message buffer and up to 253 fds per call.
 MAX_CONNECTIONS = 256
+# A client that takes none of a reply for this long is dropped: its connection's task would
+# wait for it for ever (a send is shielded from cancellation, not to cut a message).
+SEND_TIMEOUT = 120.0
 
 SERVICE_IDL = """\
 # The Varlink Service Interface is provided by every varlink service. It
@@ -81,6 +84,18 @@ def invalid_parameter(name: str) -> VarlinkError:
 _MISSING = object()
 
 
+def _text(value: str) -> bool:
+    """Whether a string parameter is text every use of it takes: JSON lets a client send a
+    NUL (no path or name holds one) or a lone surrogate (which encodes to no bytes)."""
+    if "\0" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Params:
     """Typed access to a call's parameters; a wrong or missing one is InvalidParameter."""
 
@@ -98,7 +113,10 @@ class Params:
         return value
 
     def string(self, name: str, optional: bool = False, default: str | None = None) -> Any:
-        return self._get(name, (str,), optional, default)
+        value = self._get(name, (str,), optional, default)
+        if value is not None and not _text(value):
+            raise invalid_parameter(name)
+        return value
 
     def boolean(self, name: str, optional: bool = False, default: bool | None = None) -> Any:
         return self._get(name, (bool,), optional, default)
@@ -115,7 +133,7 @@ class Params:
 
     def str_list(self, name: str, optional: bool = False) -> list[str]:
         value = self._get(name, (list,), optional, [])
-        if not all(isinstance(v, str) for v in value):
+        if not all(isinstance(v, str) and _text(v) for v in value):
             raise invalid_parameter(name)
         return value
 
@@ -220,7 +238,7 @@ class Server:
                 nursery.start_soon(serve, sock)
 
     async def serve_connection(self, sock: trio.socket.SocketType) -> None:
-        conn = Connection(sock)
+        conn = Connection(sock, send_timeout=SEND_TIMEOUT)
         self.connections += 1
         send, receive = trio.open_memory_channel[tuple[dict[str, Any], list[int]]](PIPELINE_DEPTH)
         try:

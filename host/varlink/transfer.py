@@ -63,6 +63,9 @@ _SEND_PIECE = 1 << 16
 _RECV_PIECE = 1 << 16
 # How long after the data EOF a GetLayer consumer may hold the directory fds' guard (locks).
 KEEPALIVE_LIMIT = 3600.0
+# How long a GetLayer consumer may leave a piece of the stream untaken before the producer
+# gives up (the consumer then sees a short stream): it holds the source's locks meanwhile.
+STALL_LIMIT = 600.0
 
 
 SendAll = Callable[[bytes], Awaitable[None]]
@@ -121,8 +124,15 @@ async def run_producer(pipe_w: int, keepalive_r: int, produce: Producer, release
     try:
         async with trio.lowlevel.FdStream(pipe_w) as out:
             pipe_w = -1
+
+            async def send_all(data: bytes) -> None:
+                with trio.move_on_after(STALL_LIMIT) as waited:
+                    await out.send_all(data)
+                if waited.cancelled_caught:
+                    raise trio.BrokenResourceError("the consumer stopped taking the stream")
+
             try:
-                await produce(out.send_all)
+                await produce(send_all)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the consumer stopped reading: its business
             except (PycfsError, OSError) as e:

@@ -8,6 +8,7 @@ connected one (`varlinkctl call exec:...`, inetd style) is served as one connect
 from __future__ import annotations
 
 import collections
+import math
 import os
 import socket
 from collections.abc import Sequence
@@ -41,9 +42,12 @@ def parse_address(address: str) -> str:
 class Connection:
     """One varlink peer: whole messages in, whole messages out, fds attached."""
 
-    def __init__(self, sock: trio.socket.SocketType, peer: str = "peer") -> None:
+    def __init__(self, sock: trio.socket.SocketType, peer: str = "peer", send_timeout: float | None = None) -> None:
         self.sock = sock
         self.peer = peer
+        # How long one message may take to go out (None: as long as it takes); past it the
+        # peer, which is not reading, is dropped
+        self._send_timeout = send_timeout
         self._decoder = Decoder()
         self._queue: collections.deque[tuple[dict[str, Any], list[int]]] = collections.deque()
         self._eof = False
@@ -73,12 +77,17 @@ class Connection:
         if len(fds) > MAX_FDS_PER_MESSAGE:
             raise ValueError(f"{len(fds)} fds in one varlink message (at most {MAX_FDS_PER_MESSAGE})")
         async with self._send_lock:
-            # A message cut half way would desynchronise the stream for good.
-            with trio.CancelScope(shield=True):
+            # A message cut half way would desynchronise the stream for good: no cancellation
+            # from outside, and a message cut by the timeout ends the connection.
+            deadline = trio.current_time() + self._send_timeout if self._send_timeout is not None else math.inf
+            with trio.CancelScope(shield=True, deadline=deadline) as scope:
                 try:
                     await asend_with_fds(self.sock, encode(obj), fds)
                 except (BrokenPipeError, ConnectionResetError):
                     raise ConnectionClosed(f"{self.peer} closed the connection") from None
+            if scope.cancelled_caught:
+                self.sock.shutdown(socket.SHUT_RDWR)
+                raise ConnectionClosed(f"{self.peer} did not take a message within {self._send_timeout:g} seconds: dropped")
 
     def close(self) -> None:
         for _, fds in self._queue:

@@ -1,5 +1,7 @@
 """Property-based fuzzing of the readers of untrusted bytes: the tar-split reader, the
-jsonrpc-fdpass framing, the splitstream reader, the dumpfile parser and the EROFS reader.
+jsonrpc-fdpass framing, the splitstream reader, the dumpfile parser, the EROFS reader,
+ostree's objects, commit streams and delta parts, the splitdirfdstream decoder, and the
+JSON documents of an image (any shape).
 Each takes valid input mutated (bytes flipped, inserted, cut) or arbitrary bytes, and must
 either succeed or raise its module's own error (all derive from PycfsError): no other
 exception, no hang (a deadline per example), no leaked fd.
@@ -32,7 +34,12 @@ VECTORS = Path(__file__).resolve().parent.parent / "vectors" / "composefs-c"
 
 
 def test_every_error_type_is_a_pycfs_error():
-    for error in (TarSplitError, ProtocolError, SplitStreamError, DumpfileError, ImageFormatError, FormatError):
+    from pycfs.host.oci.tar import TarError
+    from pycfs.host.ostree.objects import OstreeError
+    from pycfs.protocol.splitdirfdstream import SplitDirFdStreamError
+
+    for error in (TarSplitError, ProtocolError, SplitStreamError, DumpfileError, ImageFormatError, FormatError,
+                  OstreeError, TarError, SplitDirFdStreamError):
         assert issubclass(error, PycfsError), error
 
 
@@ -159,4 +166,153 @@ def test_erofs_reader(data):
     try:
         read_image(data)
     except (ImageFormatError, FormatError):
+        pass
+
+
+# ---- ostree objects, commit streams and static deltas (a peer's or a damaged store's bytes)
+
+CSUM = bytes(range(32))
+
+
+def _ostree_seeds() -> list[bytes]:
+    from pycfs.host.ostree.objects import Commit, DirMeta, DirTree, FileHeader
+    from pycfs.protocol.gvariant import Variant
+
+    commit = Commit([("version", Variant("s", "1")), ("ostree.ref-binding", Variant("as", ["main"]))], CSUM, [],
+                    "subject", "body", 1700000000, b"\1" * 32, b"\2" * 32)
+    tree = DirTree([("a", b"\3" * 32), ("b", b"\4" * 32)], [("d", b"\5" * 32, b"\6" * 32)])
+    meta = DirMeta(0, 0, 0o40755, [(b"user.x\0", b"v")])
+    header = FileHeader(5, 0, 0, 0o100644, "", [(b"user.a\0", b"b")]).archive_header() + b"hello"
+    link = FileHeader(0, 0, 0, 0o120777, "target", []).archive_header()
+    return [commit.serialize(), tree.serialize(), meta.serialize(), header, link]
+
+
+OSTREE_SEEDS = _ostree_seeds()
+
+
+@FUZZ
+@given(st.one_of(*(mutated(seed) for seed in OSTREE_SEEDS), st.binary(max_size=200)))
+def test_ostree_object_parsers(data):
+    from pycfs.host.ostree.objects import Commit, DirMeta, DirTree, OstreeError, split_archive_header
+
+    for parse in (Commit.parse, DirTree.parse, DirMeta.parse, split_archive_header):
+        try:
+            parse(data, CSUM)
+        except OstreeError:
+            pass
+
+
+def _commit_stream_seed() -> bytes:
+    from pycfs.host.ostree.commitstream import CommitObjects, Entry
+    from pycfs.host.ostree.objects import FileHeader
+
+    objects = CommitObjects(CSUM)
+    objects.add(CSUM, Entry(OSTREE_SEEDS[0]))
+    objects.add(b"\7" * 32, Entry(OSTREE_SEEDS[3]))
+    objects.add(b"\x80" * 32, Entry(OSTREE_SEEDS[4]))
+    objects.add(b"\x90" * 32, Entry(FileHeader(1000, 0, 0, 0o100644, "", []).archive_header(), bytes(32)))
+    return objects.to_stream("sha256").finish()
+
+
+COMMIT_STREAM = _commit_stream_seed()
+
+
+@FUZZ
+@given(mutated(COMMIT_STREAM))
+def test_commit_stream_reader(data):
+    from pycfs.host.ostree.commitstream import CommitObjects
+    from pycfs.host.ostree.objects import OstreeError
+
+    try:
+        objects = CommitObjects.from_stream(SplitStreamReader(data, "sha256"), "fuzz")
+        for checksum in list(objects.entries):
+            objects.file_header(checksum)
+    except (OstreeError, SplitStreamError):
+        pass
+
+
+def _delta_part_seed() -> bytes:
+    from pycfs.host.ostree.delta import PART_TYPE
+    from pycfs.protocol.gvariant import encode
+
+    mode = int.from_bytes((0o100644).to_bytes(4, "little"), "big")
+    return b"\0" + encode(PART_TYPE, ([(0, 0, mode)], [[]], b"hello world", b"S\x00\x00\x05\x00o\x00\x00\x05w\x05\x06c"))
+
+
+DELTA_PART = _delta_part_seed()
+
+
+@FUZZ
+@given(mutated(DELTA_PART))
+def test_delta_part_applier(data):
+    from pycfs.host.ostree.delta import PartApplier, decompress_part
+    from pycfs.host.ostree.objects import Kind, OstreeError
+
+    stored = []
+    try:
+        payload = decompress_part(data, "fuzz")
+        PartApplier("fuzz", payload, [(Kind.FILE, CSUM), (Kind.FILE, b"\1" * 32)], lambda c: b"base",
+                    lambda c, h, content: stored.append(content), lambda k, c, d: None).run()
+    except OstreeError:
+        pass
+
+
+# ---- JSON documents of an image (an OCI layout's, a varlink peer's): any shape
+
+_KEYS = st.sampled_from(["mediaType", "digest", "size", "annotations", "platform", "config", "layers", "rootfs",
+                         "diff_ids", "manifests", "os", "architecture", "org.opencontainers.image.ref.name"])
+_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-2, 1 << 70), st.floats(allow_nan=False),
+                  st.sampled_from(["sha256:" + "a" * 64, "application/vnd.oci.image.layer.v1.tar", "linux"]),
+                  st.text(max_size=6))
+JSON_VALUE = st.recursive(_LEAF, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(_KEYS, kids, max_size=5),
+                          max_leaves=25)
+
+
+@FUZZ
+@given(st.dictionaries(_KEYS, JSON_VALUE, max_size=6), st.dictionaries(_KEYS, JSON_VALUE, max_size=6))
+def test_image_json_of_any_shape(manifest, config):
+    import json
+
+    from pycfs.host.oci.layout import Descriptor, OciLayout, image_layers
+    from pycfs.host.varlink.oci import layer_ids_of
+
+    digest = "sha256:" + "b" * 64
+    for call in (lambda: image_layers(manifest, json.dumps(config).encode(), digest),
+                 lambda: Descriptor.from_json(manifest, "fuzz"),
+                 lambda: OciLayout.__new__(OciLayout)._pick_platform(manifest, digest),
+                 lambda: layer_ids_of(manifest, config)):
+        try:
+            call()
+        except PycfsError:
+            pass
+
+
+# ---- splitdirfdstream (a varlink PutLayer client's pipe)
+
+def _splitdirfdstream_seed() -> bytes:
+    from pycfs.protocol import splitdirfdstream as sd
+
+    return (sd.encode_metadata(b"m" * 40) + sd.encode_inline_data(b"inline")
+            + sd.encode_file_backed_data(2, 4096, b"usr/lib/x") + sd.encode_metadata(b"tail"))
+
+
+SPLITDIRFDSTREAM = _splitdirfdstream_seed()
+
+
+@FUZZ
+@given(st.one_of(mutated(SPLITDIRFDSTREAM), st.binary(max_size=100)), st.lists(st.integers(1, 40), max_size=5))
+def test_splitdirfdstream_decoder(data, cuts):
+    from pycfs.protocol import splitdirfdstream as sd
+
+    decoder = sd.Decoder()
+    try:
+        pos = 0
+        for cut in [*cuts, len(data)]:
+            decoder.feed(data[pos:pos + cut])
+            pos += cut
+            for chunk in decoder.chunks():
+                if isinstance(chunk, sd.FileBackedData):
+                    sd.validate_filename(chunk.name)
+        decoder.eof()
+    except sd.SplitDirFdStreamError:
         pass

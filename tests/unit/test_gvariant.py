@@ -153,3 +153,18 @@ def test_bad_type_strings(text):
 def test_values_that_do_not_fit(type_text, value):
     with pytest.raises(GVariantError):
         encode(type_text, value)
+
+
+def test_a_decode_makes_a_bounded_number_of_values(monkeypatch):
+    """An element can take one byte (`a()`, `ab`) and is a Python object of tens of bytes:
+    without a cap, ostree's 128 MiB of metadata would decode to gigabytes."""
+    from pycfs.protocol import gvariant
+
+    with pytest.raises(gvariant.GVariantError, match="more than"):
+        gvariant.decode("a()", bytes(gvariant.MAX_VALUES + 1))
+    monkeypatch.setattr(gvariant, "MAX_VALUES", 100)
+    nested = gvariant.encode("a(yay)", [(1, b"x")] * 40)  # 40 elements of 2 members: 120 values
+    with pytest.raises(gvariant.GVariantError, match="more than 100"):
+        gvariant.decode("a(yay)", nested)
+    assert gvariant.decode("a(yay)", gvariant.encode("a(yay)", [(1, b"x")] * 33)) == [(1, b"x")] * 33
+    assert gvariant.decode("a()", bytes(100)) == [()] * 100

@@ -89,3 +89,54 @@ def test_paths_and_superblocks_of_real_deltas(tmp_path):
             parse_superblock(sb, "d", b"\1" * 32, to)
         with pytest.raises(OstreeError, match="not a valid superblock"):
             parse_superblock(sb[:-1], "d", frm, to)
+
+
+def _varuints(*values: int) -> bytes:
+    out = bytearray()
+    for v in values:
+        while True:
+            out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
+            v >>= 7
+            if not v:
+                break
+    return bytes(out)
+
+
+def _bswap32(v: int) -> int:
+    return int.from_bytes(v.to_bytes(4, "little"), "big")
+
+
+def _applier(mode: int, data: bytes, ops: bytes, checksum: bytes = b"\1" * 32):
+    from pycfs.host.ostree.delta import PartApplier
+    from pycfs.host.ostree.objects import Kind
+
+    def never(*args):
+        raise AssertionError("nothing is valid here")
+
+    payload = ([(0, 0, _bswap32(mode))], [[]], data, ops)
+    return PartApplier("part", payload, [(Kind.FILE, checksum)], never, never, never)
+
+
+@pytest.mark.parametrize("target", [b"a\0b", b"\xff\xfe"])
+def test_a_delta_symlink_target_that_is_no_gvariant_string_is_refused(target):
+    """(Before: a bare ValueError from the encoder, or UnicodeEncodeError, escaped.)"""
+    applier = _applier(0o120777, target, b"S" + _varuints(0, 0, len(target), 0))
+    with pytest.raises(OstreeError, match="symlink target is not UTF-8 text without NUL"):
+        applier.run()
+
+
+def test_delta_writes_are_bounded_by_the_open_file():
+    """Repeated 'write' opcodes of the same bytes must not grow a file past its size."""
+    import tracemalloc
+
+    data = bytes(1 << 20)
+    ops = b"o" + _varuints(0, 0, len(data)) + (b"w" + _varuints(len(data), 0)) * 64 + b"c"
+    applier = _applier(0o100644, data, ops)
+    tracemalloc.start()
+    try:
+        with pytest.raises(OstreeError, match="beyond the size of the open file"):
+            applier.run()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20

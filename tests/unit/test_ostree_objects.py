@@ -490,3 +490,30 @@ def test_a_config_that_is_not_a_key_file_or_not_a_regular_file_is_one_line(tmp_p
     (repo / "config").symlink_to("/dev/zero")  # an open() would read without end
     with pytest.raises(OstreeError, match=r"/r/config: Too many levels of symbolic links$"):
         LocalRepo(str(repo))
+
+
+def test_a_bare_symlink_whose_target_is_not_utf8_is_one_error(tmp_path):
+    """ostree keeps a symlink's target as a GVariant string; a bare repository's link can
+    hold any bytes (before: UnicodeEncodeError escaped from the checksum)."""
+    (tmp_path / "config").write_text("[core]\nmode=bare-user-only\n")
+    checksum = hashlib.sha256(b"any").digest()
+    (tmp_path / "objects" / checksum.hex()[:2]).mkdir(parents=True)
+    os.symlink(b"bad\xff", tmp_path / "objects" / checksum.hex()[:2] / f"{checksum.hex()[2:]}.file")
+    repo = LocalRepo(str(tmp_path))
+    try:
+        with pytest.raises(OstreeError, match="symlink target is not UTF-8 text without NUL"):
+            repo.fetch_file(checksum, 64, str(tmp_path))
+    finally:
+        repo.close()
+
+
+def test_detached_metadata_with_too_many_signatures_is_refused_at_once(tmp_path):
+    """Each signature costs a gpgv run: thousands of them are refused before any runs."""
+    from pycfs.host.ostree.signature import MAX_SIGNATURES, verify_signed
+    from pycfs.protocol.gvariant import Variant, encode
+
+    keyring = tmp_path / "keyring.gpg"
+    keyring.write_bytes(b"")
+    detached = encode("a{sv}", [("ostree.gpgsigs", Variant("aay", [b"sig"] * (MAX_SIGNATURES * 64)))])
+    with pytest.raises(OstreeError, match=f"holds {MAX_SIGNATURES * 64} signatures, more than the"):
+        verify_signed(b"commit", "commit x", "object x.commitmeta", detached, str(keyring))

@@ -147,6 +147,7 @@ def _zstd(raw: bytes) -> bytes:
     (3, _zstd(b"7:x\0"), "index 7 out of range"),
     (3, _zstd(b"nocolon\0"), "malformed record"),
     (3, _zstd(b"-1:x\0"), "malformed record"),
+    (3, _zstd(b"1" * 5000 + b":x\0"), "malformed record"),  # (before: int() raised a bare ValueError)
     (3, _zstd(b"0:\xff\0"), "not UTF-8"),
     (3, _zstd(b"0:x\0")[:-2], "corrupt zstd"),
     (3, b"garbage!", "corrupt zstd"),

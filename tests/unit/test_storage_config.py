@@ -99,6 +99,8 @@ def test_storage_root_override_detects_driver(home, tmp_path):
 @pytest.mark.parametrize("text, message", [
     ('[storage]\ndriver = "btrfs"\n', "driver 'btrfs'"),
     ('[storage\n', "not valid TOML"),
+    ("[storage]\ndriver = " + "[" * 100_000, "not valid TOML"),  # (before: RecursionError escaped)
+    ("[storage]\nx = " + "1" * 5000, "not valid TOML"),  # (before: a bare ValueError escaped)
     ('[storage]\n[storage.options]\nadditionalimagestores = "x"\n', "additionalimagestores must be a list"),
 ])
 def test_bad_configs_are_clear_errors(home, tmp_path, text, message):

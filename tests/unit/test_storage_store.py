@@ -139,6 +139,45 @@ def test_big_data_and_corrupt_json(fake):
         s.lookup("x")
 
 
+@pytest.mark.parametrize("content, why", [
+    ("[" * 100_000 + "]" * 100_000, "nests too deeply"),  # (before: RecursionError escaped)
+    ('[{"id": ' + "1" * 5000 + "}]", "not valid JSON"),  # (before: a bare ValueError escaped)
+    ('[{"id": "abc\\n"}]', "invalid image id"),  # ($ of a regex also matched before a final newline)
+])
+def test_hostile_store_json_is_one_error(fake, content, why):
+    fake.add_image([fake.add_layer({"a": b"1"})], ["localhost/x:latest"])
+    (fake.images_dir / "images.json").write_text(content)
+    with pytest.raises(StorageError, match=why):
+        _storage(fake).lookup("x")
+
+
+def test_store_json_files_must_be_regular_files(fake):
+    """A fifo would block the read for ever (a device would feed it without end)."""
+    import os
+    import threading
+
+    base = fake.add_layer({"a": b"1"})
+    fake.add_image([base], ["localhost/x:latest"])
+    store, rec = _storage(fake).lookup("x")
+    manifest = fake.images_dir / rec.id / big_data_name("manifest")
+    layers = fake.layers_dir / "layers.json"
+    rescues = []
+    for path in (manifest, layers):
+        path.unlink()
+        os.mkfifo(path)
+        # a writer after a while: before, the read blocked until one came (then read nothing)
+        rescues.append(threading.Timer(3, lambda p=path: open(p, "wb").close()))
+        rescues[-1].start()
+    try:
+        with pytest.raises(StorageError, match="is not a regular file"):
+            store.big_data(rec.id, "manifest")
+        with pytest.raises(StorageError, match="is not a regular file"):
+            store.layers()
+    finally:
+        for rescue in rescues:
+            rescue.cancel()
+
+
 def test_additional_store_and_missing_store(tmp_path):
     primary = FakeStore(tmp_path / "primary")
     extra = FakeStore(tmp_path / "extra")

@@ -175,3 +175,25 @@ def test_closed_to_user_reads_the_header_before_an_entry(kind, uid, gid, mode, e
     header = b"\0" * 300 + info.tobuf(format=tarfile.GNU_FORMAT)  # padding of the previous file first
     assert tarsplit.closed_to_user(Segment(header)) is expected
     assert tarsplit.closed_to_user(Segment(header[-511:])) is False  # no whole header
+
+
+def test_a_tar_split_that_is_not_a_regular_file_is_refused(tmp_path):
+    """(Before: a fifo blocked the open until a writer came.)"""
+    import os
+    import threading
+
+    path = tmp_path / "layer.tar-split.gz"
+    os.mkfifo(path)
+    rescue = threading.Timer(3, lambda: open(path, "wb").close())
+    rescue.start()
+    try:
+        with pytest.raises(tarsplit.TarSplitError, match="is not a regular file"), tarsplit.open_entries(str(path)):
+            pass
+    finally:
+        rescue.cancel()
+
+
+def test_a_line_nested_too_deeply_is_one_error():
+    data = gzip.compress(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    with pytest.raises(tarsplit.TarSplitError, match="nests too deeply"):
+        list(tarsplit.iter_entries(io.BytesIO(data), "deep"))

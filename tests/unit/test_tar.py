@@ -14,6 +14,7 @@ from pycfs.host.oci.tar import (
     GNUTYPE_LONGLINK,
     GNUTYPE_SPARSE,
     MAGIC_GNU,
+    MAX_EXTENSION_SIZE,
     SYMTYPE,
     VERSION_GNU,
     XGLTYPE,
@@ -409,6 +410,28 @@ def test_oversized_extension_is_refused() -> None:
     hdr = TarHeader(name=b"././@PaxHeader", size=1 << 40, typeflag=b"x").pack()
     with pytest.raises(TarError, match="too large"):
         read_all(hdr)
+
+
+@pytest.mark.parametrize("zero_blocks", [False, True])
+def test_extension_headers_of_one_entry_are_bounded_in_all(zero_blocks: bool) -> None:
+    """Each `g` header (and a stray zero block) is kept in the next entry's raw bytes: a run
+    of them, each well under the limit, must not grow that without end."""
+    g = pax_entry([(b"comment", b"c" * (64 << 10))], typeflag=XGLTYPE, name=b"pax_global_header")
+    unit = g + (ZERO_BLOCK if zero_blocks else b"")
+    data = unit * (MAX_EXTENSION_SIZE // len(unit) + 2) + simple_entry(b"a", b"x") + ZERO_BLOCK * 2
+    source = io.BytesIO(data)
+    reader = TarReader(source.read)
+    with pytest.raises(TarError, match="too large"):
+        reader.next()
+    assert source.tell() <= MAX_EXTENSION_SIZE + BLOCK
+
+
+def test_extension_headers_up_to_the_limit_are_taken() -> None:
+    g = pax_entry([(b"comment", b"c" * (64 << 10))], typeflag=XGLTYPE, name=b"pax_global_header")
+    member = simple_entry(b"a", b"x")
+    data = g * (MAX_EXTENSION_SIZE // len(g)) + member + ZERO_BLOCK * 2
+    entry = read_all(data)[0]
+    assert entry.path == b"a" and entry.raw == data[: len(data) - 3 * BLOCK]
 
 
 # ---------------------------------------------------------------------------- robustness

@@ -1,0 +1,134 @@
+"""HttpRepo against hostile HTTP peers (a raw socket server in a thread, scripted per
+connection): an endless error page, and a body or headers dripped a byte at a time, are
+each bounded in what they make the pull read and how long they hold it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from pycfs.host.ostree import source
+from pycfs.host.ostree.objects import OstreeError
+from pycfs.host.ostree.source import HttpRepo
+
+
+class Peer:
+    """Accepts connections on 127.0.0.1 and answers each request with `script`; counts the
+    bytes it managed to send."""
+
+    def __init__(self, script: Callable[[Peer, socket.socket], None]) -> None:
+        self.script = script
+        self.sent = 0
+        self.connections = 0
+        self._stop = threading.Event()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}/repo"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        with conn:
+            try:
+                while conn.recv(65536):  # a request (each fits one recv), until the client closes
+                    self.script(self, conn)
+            except OSError:
+                pass  # the client went away
+
+    def send(self, conn: socket.socket, data: bytes) -> None:
+        conn.sendall(data)
+        self.sent += len(data)
+
+    def drip(self, conn: socket.socket, data: bytes, pause: float = 0.02) -> None:
+        for i in range(len(data)):
+            if self._stop.is_set():
+                return
+            self.send(conn, data[i:i + 1])
+            time.sleep(pause)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+
+@pytest.fixture
+def peer() -> Iterator[Callable[[Callable[[Peer, socket.socket], None]], Peer]]:
+    made: list[Peer] = []
+
+    def make(script: Callable[[Peer, socket.socket], None]) -> Peer:
+        made.append(Peer(script))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
+
+
+@pytest.fixture
+def quick_limits(monkeypatch) -> None:
+    monkeypatch.setattr(source, "LOW_SPEED_TIME", 0.5)
+    monkeypatch.setattr(source, "LOW_SPEED_LIMIT", 1000)
+
+
+def test_a_plain_answer_is_read(peer):
+    p = peer(lambda p, c: p.send(c, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"))
+    repo = HttpRepo(p.url, attempts=1)
+    try:
+        assert repo.fetch_optional("summary", 100) == b"hello"
+        assert repo.fetch_optional("summary", 100) == b"hello"
+    finally:
+        repo.close()
+    assert p.connections == 1  # the second on the connection kept
+
+
+def test_an_endless_error_page_is_not_read_to_its_end(peer):
+    def endless_404(p: Peer, conn: socket.socket) -> None:
+        p.send(conn, b"HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\n")
+        while p.sent < 64 << 20:
+            p.send(conn, bytes(64 << 10))
+
+    p = peer(endless_404)
+    repo = HttpRepo(p.url, attempts=1)
+    try:
+        assert repo.fetch_optional("summary", 100) is None
+    finally:
+        repo.close()
+    time.sleep(0.2)  # the peer's last send fails once the client closed
+    assert p.sent < 32 << 20
+
+
+def test_a_body_dripped_a_byte_at_a_time_is_dropped(peer, quick_limits):
+    p = peer(lambda p, c: (p.send(c, b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\n\r\n"), p.drip(c, b"x" * 200)))
+    repo = HttpRepo(p.url, attempts=1)
+    try:
+        with pytest.raises(OstreeError, match="failed after 1 attempts: less than 1000 bytes a second"):
+            repo.fetch_optional("summary", 1000)
+    finally:
+        repo.close()
+    assert p.sent < 100 + 80  # headers, and not all 200 bytes of the body
+
+
+def test_headers_dripped_a_byte_at_a_time_are_dropped(peer, quick_limits):
+    head = b"HTTP/1.1 200 OK\r\nX-Slow: " + b"s" * 200 + b"\r\nContent-Length: 2\r\n\r\nok"
+    p = peer(lambda p, c: p.drip(c, head))
+    repo = HttpRepo(p.url, attempts=1)
+    try:
+        with pytest.raises(OstreeError, match="failed after 1 attempts: less than 1000 bytes a second"):
+            repo.fetch_optional("summary", 1000)
+    finally:
+        repo.close()
+    assert p.sent < 100
