@@ -202,8 +202,11 @@ def test_kernel_reads_random_trees(seed, version, can_mount, tmp_path):
 
 
 def _generated(examples: int) -> settings:
+    # filter_too_much: the kernel test assumes away ACL xattrs, which the strategy often
+    # draws; a run of them failed the health check now and then.
     return settings(max_examples=examples, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much])
 
 
 @_generated(30)
