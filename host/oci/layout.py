@@ -7,6 +7,7 @@ Manifest lists / image indexes are resolved to the manifest for this machine's p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import hashlib
@@ -531,28 +532,33 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
             progress.layer_done(diff_id, False)
 
     try:
-        if todo:
-            # The inflating workers are a pool of their own: each is busy for a whole layer.
-            async with (open_pool(repo=repo, jobs=jobs) as pool,
-                        open_pool(repo=repo, jobs=min(layers_at_once, len(todo))) as inflaters,
-                        open_nursery() as nursery):
-                if not store_here:  # (else no file comes to them: no processes to start)
-                    nursery.start_soon(pool.start)  # the workers' start-up overlaps the first split
-                # Largest first (trio runs the tasks it starts in no set order): the others
-                # then run beside it, and the pull does not end on a large layer alone.
-                for diff_id, desc in sorted(todo.items(), key=lambda kv: -kv[1].size):
-                    await at_once.acquire()
-                    nursery.start_soon(one, pool, inflaters, diff_id, desc)
-        layer_refs = []
-        for _, diff_id in layers.layers:
-            stream_id = repo.has_stream(layer_stream_name(diff_id))
-            if stream_id is None:
-                raise PycfsError(f"layer {diff_id} vanished from the repository during the pull")
-            layer_refs.append((diff_id, stream_id))
+        async with contextlib.AsyncExitStack() as pools:
+            if todo:
+                # The inflating workers are a pool of their own: each is busy for a whole layer.
+                pool = await pools.enter_async_context(open_pool(repo=repo, jobs=jobs))
+                inflaters = await pools.enter_async_context(open_pool(repo=repo, jobs=min(layers_at_once, len(todo))))
+                async with open_nursery() as nursery:
+                    if not store_here:  # (else no file comes to them: no processes to start)
+                        nursery.start_soon(pool.start)  # the workers' start-up overlaps the first split
+                    # Largest first (trio runs the tasks it starts in no set order): the others
+                    # then run beside it, and the pull does not end on a large layer alone.
+                    for diff_id, desc in sorted(todo.items(), key=lambda kv: -kv[1].size):
+                        await at_once.acquire()
+                        nursery.start_soon(one, pool, inflaters, diff_id, desc)
+                # Every layer is in: the workers exit while the image is written (the pools'
+                # ends then only collect them).
+                pool.close_input()
+                inflaters.close_input()
+            layer_refs = []
+            for _, diff_id in layers.layers:
+                stream_id = repo.has_stream(layer_stream_name(diff_id))
+                if stream_id is None:
+                    raise PycfsError(f"layer {diff_id} vanished from the repository during the pull")
+                layer_refs.append((diff_id, stream_id))
 
-        finished = await trio.to_thread.run_sync(functools.partial(
-            finish_pull, repo, manifest_desc.digest, manifest_raw, config_desc.digest, config_raw, layer_refs, tag,
-            build_image=build_image, parsed=parsed, on_phase=progress.phase if progress is not None else None))
+            finished = await trio.to_thread.run_sync(functools.partial(
+                finish_pull, repo, manifest_desc.digest, manifest_raw, config_desc.digest, config_raw, layer_refs,
+                tag, build_image=build_image, parsed=parsed, on_phase=progress.phase if progress is not None else None))
     finally:
         gc.unfreeze()  # what `_collect` froze, whether or not an image was written from it
     return PullResult(tag, manifest_desc.digest, config_desc.digest, finished.manifest_stream_id,

@@ -236,6 +236,38 @@ def test_entries_parsed_in_the_import_stay_out_of_collections_until_the_pull_end
         gc.unfreeze()
 
 
+def test_the_image_is_written_while_the_workers_exit(tmp_path, monkeypatch):
+    """Once every layer is in, both pools (object and inflating workers) are told to exit
+    and the image is written meanwhile: they are waited for after it, not before."""
+    from pycfs.host.oci import layout as layout_module
+    from pycfs.host.workers.pool import WorkerPool
+
+    build_layout(ImageSpec(MERGING.layers, gzip=False), tmp_path / "oci")
+    seen: list[str] = []
+    real_finish, real_close, real_aclose = layout_module.finish_pull, WorkerPool.close_input, WorkerPool.aclose
+
+    def finish(*args, **kw):
+        seen.append("finish")
+        return real_finish(*args, **kw)
+
+    def close_input(self) -> None:
+        seen.append("close_input")
+        real_close(self)
+
+    async def aclose(self, abort: bool = False) -> None:
+        await real_aclose(self, abort)
+        seen.append("workers gone")
+
+    monkeypatch.setattr(layout_module, "finish_pull", finish)
+    monkeypatch.setattr(WorkerPool, "close_input", close_input)
+    monkeypatch.setattr(WorkerPool, "aclose", aclose)
+    with Repository.init(tmp_path / "repo") as repo:
+        result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", jobs=2))
+        assert set(result.images) == {repo.erofs_default}
+    assert seen[:3] == ["close_input", "close_input", "finish"]
+    assert seen.count("workers gone") == 2 and seen.index("workers gone") > seen.index("finish")
+
+
 def _put(blobs: Path, data: bytes) -> str:
     digest = hashlib.sha256(data).hexdigest()
     (blobs / digest).write_bytes(data)
