@@ -701,8 +701,10 @@ class _Xattrs:
         self._plain: dict[tuple[int, int], _PlainBlock | None] = {}
         plain_sizes: dict[tuple[int, int], int] = {}
         sizes: dict[int, int] = {}
-        for ino in inos:
-            if (key := self._plain_key(ino)) is not None:
+        # each inode's `_plain_key`, in inode order, for `block`
+        self.plain_keys: list[tuple[int, int] | None] = [self._plain_key(ino) for ino in inos]
+        for ino, key in zip(inos, self.plain_keys):
+            if key is not None:
                 size = plain_sizes.get(key)
                 if size is None:
                     size = plain_sizes[key] = self.layout(self.items(ino))[0]
@@ -767,9 +769,10 @@ class _Xattrs:
             return None
         return id(ino.xattrs), len(c.id)
 
-    def block(self, ino: _Ino, table_base: int) -> bytes | bytearray:
-        """The packed xattr block of an inode (shared ids relative to the image start)."""
-        if (key := self._plain_key(ino)) is not None:
+    def block(self, ino: _Ino, key: tuple[int, int] | None, table_base: int) -> bytes | bytearray:
+        """The packed xattr block of an inode whose `_plain_key` is key (shared ids relative
+        to the image start)."""
+        if key is not None:
             if key not in self._plain:
                 self._plain[key] = _PlainBlock.of(self, ino, table_base)
             plain = self._plain[key]
@@ -1037,7 +1040,8 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
     pack_c = F.CompactInode.FMT.pack_into
     pack_e = F.ExtendedInode.FMT.pack_into
     v2 = version == 2
-    for index, ino in enumerate(inos):
+    plain_keys, block, inode_format, is_dir = xattrs.plain_keys, xattrs.block, F.make_inode_format, _stat.S_IFDIR
+    for at, ino in enumerate(inos):
         off = ino.nid * 32
         if off - base >= _PIECE:
             done = min(off - base, len(window))
@@ -1049,11 +1053,10 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
         end = off + hdr + xattr_size + len(ino.inline) - base
         if end > len(window):
             window += bytes(max(end - len(window), _PIECE // 16))
-        fmt = F.make_inode_format(ino.extended, ino.layout)
+        fmt = inode_format(ino.extended, ino.layout)
         icount = 0 if not xattr_size else 1 + (xattr_size - 12) // 4
         st = ino.node.stat
-        if v2:
-            index = ino.nid  # composefs-rs: i_ino is the nid
+        index = ino.nid if v2 else at  # composefs-rs: i_ino is the nid
         off -= base
         if ino.extended:
             pack_e(window, off, fmt, icount, ino.mode & 0xFFFF, ino.size, ino.i_u, index,
@@ -1063,9 +1066,9 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
                    index, st.uid, st.gid)
         off += hdr
         if xattr_size:
-            window[off:off + xattr_size] = xattrs.block(ino, table_base)
+            window[off:off + xattr_size] = block(ino, plain_keys[at], table_base)
             off += xattr_size
-        if ino.mode & _S_IFMT == _stat.S_IFDIR:
+        if ino.mode & _S_IFMT == is_dir:
             tail_bytes = _dir_data(ino, tail=True)
             window[off:off + len(tail_bytes)] = tail_bytes
         elif ino.inline:

@@ -789,20 +789,18 @@ async def pull_image(
                     progress.layer_done(layer.diff_id, False)
             if gate is not None:
                 gate.stop_warming()
-    except BaseException:
-        if tree is not None:
-            tree.release()
-        raise
+            # Every file is stored: the workers exit (~15 ms), and podman has its storage
+            # back, while the image is written.
+            pool.close_input()
+            locks.release()
+            finished = await trio.to_thread.run_sync(
+                functools.partial(finish_pull, repo, source.manifest_digest, source.manifest, source.config_digest,
+                                  source.config, layer_streams, tag, build_image=parse_layers, tree=tree,
+                                  on_phase=progress.phase if progress is not None else None),
+                limiter=limiter,
+            )
     finally:
         locks.release()
-    try:
-        finished = await trio.to_thread.run_sync(
-            functools.partial(finish_pull, repo, source.manifest_digest, source.manifest, source.config_digest,
-                              source.config, layer_streams, tag, build_image=parse_layers, tree=tree,
-                              on_phase=progress.phase if progress is not None else None),
-            limiter=limiter,
-        )
-    finally:
         if tree is not None:
-            tree.release()  # also when cancelled before finish_pull ran (it releases itself otherwise)
+            tree.release()  # also when the pull ended before finish_pull ran (it releases itself otherwise)
     return containers_storage_result(source, finished, layer_streams, stats, tag, started)

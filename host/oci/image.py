@@ -29,15 +29,11 @@ from pycfs.host.tree import Directory, FileSystem, Leaf, Stat
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
+MAX_DIRS_BY_PATH = 4096  # `apply_entry`'s directories by path: a bounded table, whatever the tree
 
 
 class ImageBuildError(PycfsError):
     pass
-
-
-def _split(path: bytes) -> tuple[bytes, bytes]:
-    parent, _, name = path.rpartition(b"/")
-    return parent, name
 
 
 def _parent_dir(root: Directory, parent_path: bytes, path: bytes) -> Directory:
@@ -57,39 +53,54 @@ def _parent_dir(root: Directory, parent_path: bytes, path: bytes) -> Directory:
     return node
 
 
-def apply_entry(root: Directory, entry: LayerEntry) -> None:
-    """Apply one layer entry to the tree being built."""
-    if entry.path == b"":
+def apply_entry(root: Directory, entry: LayerEntry, dirs: dict[bytes, Directory] | None = None) -> None:
+    """Apply one layer entry to the tree being built. ``dirs``: the directories of the tree
+    by path, filled and emptied here (the entries of a directory are mostly not together
+    in a tar, so the last one alone would not do): saves walking the path of every entry."""
+    path = entry.path
+    if path == b"":
         if not isinstance(entry.item, DirEntry):
             raise ImageBuildError("layer entry for / is not a directory")
         root.stat = entry.stat
         return
-    parent_path, name = _split(entry.path)
-    parent = _parent_dir(root, parent_path, entry.path)
+    parent_path, _, name = path.rpartition(b"/")
+    parent = dirs.get(parent_path) if dirs is not None else None
+    if parent is None:
+        parent = _parent_dir(root, parent_path, path)
+        if dirs is not None:
+            if len(dirs) >= MAX_DIRS_BY_PATH:
+                dirs.clear()
+            dirs[parent_path] = parent
+    entries = parent.entries
     if name.startswith(WHITEOUT_PREFIX):
         if name == OPAQUE_MARKER:
-            parent.entries.clear()
+            gone = bool(entries)
+            entries.clear()
         else:
-            parent.entries.pop(name[len(WHITEOUT_PREFIX):], None)
+            gone = isinstance(entries.pop(name[len(WHITEOUT_PREFIX):], None), Directory)
+        if dirs and gone:
+            dirs.clear()  # directories may have left the tree
         return
     item = entry.item
+    existing = entries.get(name)
     if isinstance(item, DirEntry):
-        existing = parent.entries.get(name)
         if isinstance(existing, Directory):
             existing.stat = entry.stat
         else:
-            parent.entries[name] = Directory(entry.stat)
+            entries[name] = Directory(entry.stat)
         return
     if isinstance(item, Hardlink):
         target = root.lookup(item.target)
         if target is None:
-            raise ImageBuildError(f"hardlink {entry.path.decode(errors='replace')} -> "
+            raise ImageBuildError(f"hardlink {path.decode(errors='replace')} -> "
                                   f"{item.target.decode(errors='replace')}: target does not exist")
         if isinstance(target, Directory):
-            raise ImageBuildError(f"hardlink {entry.path.decode(errors='replace')} points at a directory")
-        parent.entries[name] = target
-        return
-    parent.entries[name] = Leaf(entry.stat, item)
+            raise ImageBuildError(f"hardlink {path.decode(errors='replace')} points at a directory")
+        entries[name] = target
+    else:
+        entries[name] = Leaf(entry.stat, item)
+    if dirs and isinstance(existing, Directory):
+        dirs.clear()  # replaced by a file: it and what is below it left the tree
 
 
 def _filter_xattrs(stat: Stat, keep_user: bool) -> None:
@@ -153,6 +164,7 @@ class ImageTree:
         self.broken = False
         self.layers: list[bytes] = []  # layer stream ids, in the order they came
         self._stored: list[bytes] = []  # noted, not yet applied
+        self._dirs: dict[bytes, Directory] = {}  # for `apply_entry`
 
     def add_stored(self, layer_id: bytes) -> None:
         self.layers.append(layer_id)
@@ -167,11 +179,12 @@ class ImageTree:
             self.broken = True
             return
         try:
+            root, dirs = self.root, self._dirs
             for layer_id in stored:
                 for entry in stored_entries(self.repo, layer_id):
-                    apply_entry(self.root, entry)
+                    apply_entry(root, entry, dirs)
             for entry in entries:
-                apply_entry(self.root, entry)
+                apply_entry(root, entry, dirs)
         except PycfsError:
             self.broken = True
         gc.freeze()
@@ -201,13 +214,14 @@ def build_filesystem(repo: Repository, diff_ids: Sequence[str], layer_ids: Mappi
     """The merged tree of the layers (diff_ids in config order, layer_ids: diff_id -> layer
     stream id); ``parsed``: layers already parsed (by layer stream id)."""
     root = Directory(Stat())
+    dirs: dict[bytes, Directory] = {}
     for diff_id in diff_ids:
         layer_id = layer_ids.get(diff_id)
         if layer_id is None:
             raise ImageBuildError(f"the image has no layer stream for {diff_id}: re-pull the image")
         entries: Iterable[LayerEntry] | None = (parsed or {}).get(layer_id)
         for entry in stored_entries(repo, layer_id) if entries is None else entries:
-            apply_entry(root, entry)
+            apply_entry(root, entry, dirs)
     normalize_for_oci(root, keep_user_xattrs)
     return FileSystem(root)
 

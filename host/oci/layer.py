@@ -28,10 +28,12 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import VerityHasher, digest_bytes
 from pycfs.host.oci.tar import (
     BLKTYPE,
+    BLOCK,
     CHRTYPE,
     DIRTYPE,
     FIFOTYPE,
     LNKTYPE,
+    REGULAR_TYPES,
     SYMTYPE,
     TarEnd,
     TarEntry,
@@ -488,6 +490,9 @@ class Hardlink:
     target: bytes  # normalized absolute path of an earlier entry
 
 
+_DIRECTORY = Directory()  # (no fields: one for every directory entry)
+
+
 @dataclass(slots=True)
 class LayerEntry:
     """One tar entry of a layer as the image builder needs it (spec 3.6)."""
@@ -549,14 +554,16 @@ def iter_layer_entries(reader: SplitStreamReader) -> Iterator[LayerEntry]:
 def _next_entry(tar: TarReader, cursor: _InlineCursor | LayerEntryCollector, stats: SharedStats) -> LayerEntry | None:
     """The next entry of a layer stream read through `cursor`; None at the end marker."""
     entry = tar.next()
-    if isinstance(entry, TarEnd):
+    if type(entry) is TarEnd:
         return None
-    if entry.is_regular() and entry.size > INLINE_CONTENT_MAX:
+    size = entry.size
+    if size > INLINE_CONTENT_MAX and entry.is_regular():
         object_id = cursor.external()
-        tar.offset += entry.size
-        tar.read_exact(entry.padded_size - entry.size, "padding")
-        return layer_entry(entry, External(object_id, entry.size), stats)
-    return layer_entry(entry, tar.read_exact(entry.padded_size)[: entry.size], stats)
+        tar.offset += size
+        if size % BLOCK:
+            tar.read_exact(BLOCK - size % BLOCK, "padding")
+        return layer_entry(entry, External(object_id, size), stats)
+    return layer_entry(entry, tar.read_exact(entry.padded_size)[:size] if size else b"", stats)
 
 
 def layer_entry(entry: TarEntry, content: bytes | External, stats: SharedStats) -> LayerEntry:
@@ -566,15 +573,15 @@ def layer_entry(entry: TarEntry, content: bytes | External, stats: SharedStats) 
     if entry.sparse:
         raise TarError(f"tar entry {entry.path!r} is a GNU sparse file: the layer stream keeps it byte for "
                        "byte, but composefs images cannot represent sparse tar entries yet")
-    t = entry.header.typeflag
-    mode, uid, gid = entry.header.mode, entry.uid & 0xFFFFFFFF, entry.gid & 0xFFFFFFFF
+    t = entry.typeflag
+    mode, uid, gid = entry.mode, entry.uid & 0xFFFFFFFF, entry.gid & 0xFFFFFFFF
     xattrs = tuple(sorted(entry.xattrs.items())) if entry.xattrs else ()
-    stat = (Stat(mode, uid, gid, entry.mtime, entry.mtime_nsec, dict(xattrs)) if t == DIRTYPE
-            else stats.get(mode, uid, gid, entry.mtime, entry.mtime_nsec, xattrs))
-    item: Directory | Hardlink | LeafContent
     if t == DIRTYPE:
-        item = Directory()
-    elif entry.is_regular():
+        return LayerEntry(normalize_path(entry.path), Stat(mode, uid, gid, entry.mtime, entry.mtime_nsec, dict(xattrs)),
+                          _DIRECTORY)
+    stat = stats.get(mode, uid, gid, entry.mtime, entry.mtime_nsec, xattrs)
+    item: Hardlink | LeafContent
+    if t in REGULAR_TYPES:  # (not sparse: refused above)
         item = content if isinstance(content, External) else Inline(content)
     elif t == LNKTYPE:
         item = Hardlink(normalize_path(entry.linkpath))
@@ -582,11 +589,11 @@ def layer_entry(entry: TarEntry, content: bytes | External, stats: SharedStats) 
         item = Symlink(entry.linkpath)
     elif t in (CHRTYPE, BLKTYPE):
         try:
-            rdev = os.makedev(entry.header.devmajor, entry.header.devminor)
+            rdev = os.makedev(entry.devmajor, entry.devminor)
         except (OverflowError, ValueError):
             rdev = 1 << 32
         if rdev > 0xFFFFFFFF:
-            raise TarError(f"device number {entry.header.devmajor}:{entry.header.devminor} of {entry.path!r} does not fit 32 bits")
+            raise TarError(f"device number {entry.devmajor}:{entry.devminor} of {entry.path!r} does not fit 32 bits")
         item = CharDevice(rdev) if t == CHRTYPE else BlockDevice(rdev)
     elif t == FIFOTYPE:
         item = Fifo()

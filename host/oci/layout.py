@@ -7,7 +7,9 @@ Manifest lists / image indexes are resolved to the manifest for this machine's p
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import hashlib
 import os
 import platform
@@ -418,7 +420,7 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: Wor
                 held.discard(chunk)
                 if collector is not None:  # the parse in a thread: the event loop serves the stores meanwhile
                     await trio.to_thread.run_sync(
-                        collector.feed, [p if isinstance(p, bytes) else (p.object_id,) for p in chunk.pieces])
+                        _collect, collector, [p if isinstance(p, bytes) else (p.object_id,) for p in chunk.pieces])
                 if progress is not None:  # the worker reads the blob through the same open file
                     at = os.lseek(f.fileno(), 0, os.SEEK_CUR)
                     progress.advance(diff_id, at - advanced)
@@ -464,6 +466,15 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: Wor
         collector.close()
         entries = collector.entries
     return LayoutLayer(stats, stream_id, entries)
+
+
+def _collect(collector: LayerEntryCollector, pieces: list[bytes | tuple[bytes]]) -> None:
+    """Parse the entries of a run of pieces; what they hold (all alive until the image is
+    written) leaves the cyclic collector's generations, as `ImageTree.apply` does: else a
+    full collection rescans every entry parsed so far each time they grow by a quarter
+    (~1 s at 200,000 files). `pull_oci_layout` gives them back."""
+    collector.feed(pieces)
+    gc.freeze()
 
 
 def inflaters_store(sizes: list[int]) -> bool:
@@ -530,28 +541,36 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
         if progress is not None:
             progress.layer_done(diff_id, False)
 
-    if todo:
-        # The inflating workers are a pool of their own: each is busy for a whole layer.
-        async with (open_pool(repo=repo, jobs=jobs) as pool,
-                    open_pool(repo=repo, jobs=min(layers_at_once, len(todo))) as inflaters,
-                    open_nursery() as nursery):
-            if not store_here:  # (else no file comes to them: no processes to start)
-                nursery.start_soon(pool.start)  # the workers' start-up overlaps the first split
-            # Largest first (trio runs the tasks it starts in no set order): the others
-            # then run beside it, and the pull does not end on a large layer alone.
-            for diff_id, desc in sorted(todo.items(), key=lambda kv: -kv[1].size):
-                await at_once.acquire()
-                nursery.start_soon(one, pool, inflaters, diff_id, desc)
-    layer_refs = []
-    for _, diff_id in layers.layers:
-        stream_id = repo.has_stream(layer_stream_name(diff_id))
-        if stream_id is None:
-            raise PycfsError(f"layer {diff_id} vanished from the repository during the pull")
-        layer_refs.append((diff_id, stream_id))
+    try:
+        async with contextlib.AsyncExitStack() as pools:
+            if todo:
+                # The inflating workers are a pool of their own: each is busy for a whole layer.
+                pool = await pools.enter_async_context(open_pool(repo=repo, jobs=jobs))
+                inflaters = await pools.enter_async_context(open_pool(repo=repo, jobs=min(layers_at_once, len(todo))))
+                async with open_nursery() as nursery:
+                    if not store_here:  # (else no file comes to them: no processes to start)
+                        nursery.start_soon(pool.start)  # the workers' start-up overlaps the first split
+                    # Largest first (trio runs the tasks it starts in no set order): the others
+                    # then run beside it, and the pull does not end on a large layer alone.
+                    for diff_id, desc in sorted(todo.items(), key=lambda kv: -kv[1].size):
+                        await at_once.acquire()
+                        nursery.start_soon(one, pool, inflaters, diff_id, desc)
+                # Every layer is in: the workers exit while the image is written (the pools'
+                # ends then only collect them).
+                pool.close_input()
+                inflaters.close_input()
+            layer_refs = []
+            for _, diff_id in layers.layers:
+                stream_id = repo.has_stream(layer_stream_name(diff_id))
+                if stream_id is None:
+                    raise PycfsError(f"layer {diff_id} vanished from the repository during the pull")
+                layer_refs.append((diff_id, stream_id))
 
-    finished = await trio.to_thread.run_sync(functools.partial(
-        finish_pull, repo, manifest_desc.digest, manifest_raw, config_desc.digest, config_raw, layer_refs, tag,
-        build_image=build_image, parsed=parsed, on_phase=progress.phase if progress is not None else None))
+            finished = await trio.to_thread.run_sync(functools.partial(
+                finish_pull, repo, manifest_desc.digest, manifest_raw, config_desc.digest, config_raw, layer_refs,
+                tag, build_image=build_image, parsed=parsed, on_phase=progress.phase if progress is not None else None))
+    finally:
+        gc.unfreeze()  # what `_collect` froze, whether or not an image was written from it
     return PullResult(tag, manifest_desc.digest, config_desc.digest, finished.manifest_stream_id,
                       finished.config_stream_id, layer_refs, stats, time.monotonic() - started,
                       images=finished.images)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from pycfs.host.errors import PycfsError
@@ -143,6 +143,34 @@ def header_checksums(block: bytes) -> tuple[int, int]:
     return unsigned, signed
 
 
+def _verified_numbers(block: bytes, offset: int) -> tuple[int, int, int, int, int, int, int, int]:
+    """(chksum, mode, uid, gid, size, mtime, devmajor, devminor) of a 512-byte header block
+    whose checksum holds; TarError naming the offset else. Every header is checked here,
+    whether it becomes a `TarHeader` or, a lone one, only a `TarEntry` (`TarReader.next`)."""
+    try:
+        chksum = parse_number(block[148:156], "chksum")
+    except TarError:
+        raise TarError(f"not a tar archive: no valid tar header at offset {offset}") from None
+    # The unsigned sum first (adler32's low halves, see _byte_sum, minus the stored field
+    # counted as 8 spaces): the signed one (old tars) only matters when it differs.
+    unsigned = (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) \
+        - (zlib.adler32(block[148:156]) & 0xFFFF) + 8 * 0x20 - 1
+    if chksum != unsigned and chksum not in header_checksums(block):
+        raise TarError(
+            f"not a tar archive, or a damaged one: bad tar header checksum at offset {offset} "
+            f"(stored {chksum}, computed {header_checksums(block)[0]})"
+        )
+    try:  # one handler for every field (a closure per header measured ~1 us of ~10)
+        mode, uid, gid = _numbers(block[100:124], _ID_FIELDS)
+        size, mtime = parse_number(block[124:136], "size"), parse_number(block[136:148], "mtime")
+        devmajor, devminor = _numbers(block[329:345], _DEVICE_FIELDS)
+    except TarError as e:
+        raise TarError(f"{e} in tar header at offset {offset}") from None
+    if size < 0:
+        raise TarError(f"negative size {size} in tar header at offset {offset}")
+    return chksum, mode, uid, gid, size, mtime, devmajor, devminor
+
+
 @dataclass(slots=True)
 class TarHeader:
     """One 512-byte header block with the field names of POSIX ustar."""
@@ -170,29 +198,9 @@ class TarHeader:
         """Decode and verify a header block; `offset` only serves error messages."""
         if len(block) != BLOCK:
             raise TarError(f"truncated tar header at offset {offset}: {len(block)} of {BLOCK} bytes")
-        (name, _, _, _, size_f, mtime_f, chksum_f, typeflag, linkname, magic, version, uname, gname, _, _, prefix,
+        chksum, mode, uid, gid, size, mtime, devmajor, devminor = _verified_numbers(block, offset)
+        (name, _, _, _, _, _, _, typeflag, linkname, magic, version, uname, gname, _, _, prefix,
          pad) = HEADER.unpack(block)
-        try:
-            chksum = parse_number(chksum_f, "chksum")
-        except TarError:
-            raise TarError(f"not a tar archive: no valid tar header at offset {offset}") from None
-        # The unsigned sum first (adler32's low halves, see _byte_sum, minus the stored field
-        # counted as 8 spaces): the signed one (old tars) only matters when it differs.
-        unsigned = (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) \
-            - (zlib.adler32(chksum_f) & 0xFFFF) + 8 * 0x20 - 1
-        if chksum != unsigned and chksum not in header_checksums(block):
-            raise TarError(
-                f"not a tar archive, or a damaged one: bad tar header checksum at offset {offset} "
-                f"(stored {chksum}, computed {header_checksums(block)[0]})"
-            )
-        try:  # one handler for every field (a closure per header measured ~1 us of ~10)
-            mode, uid, gid = _numbers(block[100:124], _ID_FIELDS)
-            size, mtime = parse_number(size_f, "size"), parse_number(mtime_f, "mtime")
-            devmajor, devminor = _numbers(block[329:345], _DEVICE_FIELDS)
-        except TarError as e:
-            raise TarError(f"{e} in tar header at offset {offset}") from None
-        if size < 0:
-            raise TarError(f"negative size {size} in tar header at offset {offset}")
         # C strings; most headers leave linkname, the owner names and the prefix empty, and a
         # test of the first byte is a fraction of a split
         return cls(name.split(b"\x00", 1)[0], mode, uid, gid, size, mtime, chksum, typeflag,
@@ -259,6 +267,23 @@ def parse_pax(data: bytes, offset: int = 0) -> list[tuple[bytes, bytes]]:
     return records
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_pax(data: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple(parse_pax(data))
+
+
+def _pax_records(data: bytes, offset: int) -> Sequence[tuple[bytes, bytes]]:
+    """parse_pax, cached for short data: the entries of a layer often carry the same records
+    (an image built with one timestamp of nanoseconds gives every entry a PAX header of
+    one mtime record), and a long one must not stay in memory."""
+    if len(data) <= 512:
+        try:
+            return _cached_pax(data)
+        except TarError:
+            pass  # (told again with the offset)
+    return parse_pax(data, offset)
+
+
 def pax_data(records: list[tuple[bytes, bytes]]) -> bytes:
     """Encode PAX records; the length prefix counts its own digits."""
     out = bytearray()
@@ -311,11 +336,11 @@ def _pax_mtime(text: bytes) -> tuple[int, int]:
 _cached_pax_mtime = functools.lru_cache(maxsize=1024)(_pax_mtime)
 
 
-@dataclass
+@dataclass(slots=True)
 class TarEntry:
-    """One archive member with every override resolved; `raw` holds all bytes read for it."""
+    """One archive member with every override resolved; `raw` holds all bytes read for it,
+    its main header block last (`header`)."""
 
-    header: TarHeader
     raw: bytes
     offset: int  # of the first byte of `raw` in the archive
     path: bytes
@@ -325,26 +350,27 @@ class TarEntry:
     gid: int
     mtime: int
     mtime_nsec: int
+    typeflag: bytes  # of the main header, as mode and the device numbers
+    mode: int
+    devmajor: int
+    devminor: int
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     pax: dict[bytes, bytes] = field(default_factory=dict)
-
-    @property
-    def typeflag(self) -> bytes:
-        return self.header.typeflag
-
-    @property
-    def mode(self) -> int:
-        return self.header.mode
-
     # A GNU sparse file (old `S` type, or PAX GNU.sparse.* records): its content on tape is
     # a sparse map plus data segments, not the file's bytes. Set once by the reader: every
     # entry is asked several times.
     sparse: bool = False
 
+    @property
+    def header(self) -> TarHeader:
+        """The main header block, decoded again (a lone header, most entries, is not made
+        into a TarHeader as it is read)."""
+        return TarHeader.parse(self.raw[-BLOCK:], self.offset + len(self.raw) - BLOCK)
+
     def is_regular(self) -> bool:
         """A plain regular file whose content on tape is the file's bytes. Sparse entries are
         not: their bytes stay inline in a layer stream, so an object is always file content."""
-        return self.header.typeflag in REGULAR_TYPES and not self.sparse
+        return self.typeflag in REGULAR_TYPES and not self.sparse
 
     @property
     def padded_size(self) -> int:
@@ -418,7 +444,7 @@ class TarReader:
         block = self._read_block()
         if block and block[_TYPEFLAG_OFFSET] not in _EXTENSION_TYPEFLAGS and block != ZERO_BLOCK:
             # the usual entry, a lone header: none of the extension bookkeeping below
-            return self._entry(TarHeader.parse(block, start), block, start, {}, {}, None, None, False)
+            return self._entry(block, start, block, start, {}, {}, None, None, False)
         return self._extended(start, block)
 
     def _extended(self, start: int, block: bytes) -> TarEntry | TarEnd:
@@ -450,23 +476,23 @@ class TarReader:
                     return TarEnd(bytes(raw), start)
                 block_offset += BLOCK
                 block = second
-            hdr = TarHeader.parse(block, block_offset)
-            t = hdr.typeflag
+            t = block[_TYPEFLAG_OFFSET : _TYPEFLAG_OFFSET + 1]
             if t not in _EXTENSION_TYPES:
-                return self._entry(hdr, bytes(raw), start, pax, xattrs, long_name, long_link, sparse)
-            if len(raw) + roundup_block(hdr.size) > MAX_EXTENSION_SIZE:
+                return self._entry(block, block_offset, bytes(raw), start, pax, xattrs, long_name, long_link, sparse)
+            size = _verified_numbers(block, block_offset)[4]
+            if len(raw) + roundup_block(size) > MAX_EXTENSION_SIZE:
                 raise TarError(f"tar: extension headers of the entry at offset {start} are too large: with the "
-                               f"{t.decode()} header at offset {block_offset} ({hdr.size} bytes of data) more than "
+                               f"{t.decode()} header at offset {block_offset} ({size} bytes of data) more than "
                                f"{MAX_EXTENSION_SIZE} bytes precede its own header")
             data_offset = self.offset
-            data = self.read_exact(roundup_block(hdr.size), "extension header data")
+            data = self.read_exact(roundup_block(size), "extension header data")
             raw += data
-            data = data[: hdr.size]
+            data = data[:size]
             if t == XGLTYPE:
-                parse_pax(data, data_offset)  # validated, not applied (as composefs-rs)
+                _pax_records(data, data_offset)  # validated, not applied (as composefs-rs)
             elif t == XHDTYPE:
                 pending = True
-                for key, value in parse_pax(data, data_offset):
+                for key, value in _pax_records(data, data_offset):
                     if key.startswith(b"SCHILY.xattr."):
                         xattrs[key[len(b"SCHILY.xattr.") :]] = value
                     else:
@@ -479,11 +505,21 @@ class TarReader:
             block_offset = self.offset
             block = self._read_block()
 
-    def _entry(self, hdr: TarHeader, raw: bytes, start: int, pax: dict[bytes, bytes], xattrs: dict[bytes, bytes],
-               long_name: bytes | None, long_link: bytes | None, sparse: bool) -> TarEntry:
-        path = long_name if long_name is not None else hdr.full_name
-        linkpath = long_link if long_link is not None else hdr.linkname
-        size, uid, gid, mtime, mtime_nsec = hdr.size, hdr.uid, hdr.gid, hdr.mtime, 0
+    @staticmethod
+    def _entry(block: bytes, block_offset: int, raw: bytes, start: int, pax: dict[bytes, bytes],
+               xattrs: dict[bytes, bytes], long_name: bytes | None, long_link: bytes | None, sparse: bool) -> TarEntry:
+        """The entry of main header `block` (read at `block_offset`, checked here as
+        `TarHeader.parse` checks it; its fields taken straight into the entry, no TarHeader
+        made) with the extensions read before it."""
+        _, mode, uid, gid, size, mtime, devmajor, devminor = _verified_numbers(block, block_offset)
+        if long_name is not None:
+            path = long_name
+        else:
+            path = block[:100].split(b"\x00", 1)[0]
+            if block[345] and block[257:263] == MAGIC_USTAR:  # a ustar prefix (GNU keeps other data there)
+                path = block[345:500].split(b"\x00", 1)[0] + b"/" + path
+        linkpath = long_link if long_link is not None else block[157:257].split(b"\x00", 1)[0] if block[157] else b""
+        mtime_nsec = 0
         if pax:  # (each lookup guarded: most PAX headers carry one or two records)
             path = pax.get(b"path") or path
             linkpath = pax.get(b"linkpath") or linkpath
@@ -495,8 +531,9 @@ class TarReader:
                 gid = _pax_int(pax, b"gid", gid, start)
             if pax.get(b"mtime"):
                 mtime, mtime_nsec = parse_pax_mtime(pax[b"mtime"])
-        return TarEntry(hdr, raw, start, path, linkpath, size, uid, gid, mtime, mtime_nsec, xattrs, pax,
-                        sparse or hdr.typeflag == GNUTYPE_SPARSE)
+        typeflag = block[_TYPEFLAG_OFFSET : _TYPEFLAG_OFFSET + 1]
+        return TarEntry(raw, start, path, linkpath, size, uid, gid, mtime, mtime_nsec, typeflag, mode, devmajor,
+                        devminor, xattrs, pax, sparse or typeflag == GNUTYPE_SPARSE)
 
 
 def _pax_int(pax: dict[bytes, bytes], key: bytes, default: int, start: int) -> int:

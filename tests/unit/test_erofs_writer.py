@@ -368,12 +368,12 @@ def test_plain_file_xattr_template_is_the_laid_out_block(files, version):
     inos = writer._collect_v2(fs) if version == 2 else writer._collect_epoch1(fs, version)
     table = writer._Xattrs(inos, v2=version == 2)
     templated = 0
-    for ino in inos:
+    assert table.plain_keys == [table._plain_key(ino) for ino in inos]
+    for ino, key in zip(inos, table.plain_keys):
         if ino.xattr_size:
             laid_out = table.layout(table.items(ino))
             assert ino.xattr_size == laid_out[0]
-            assert bytes(table.block(ino, 4096)) == bytes(table._pack(*laid_out, 4096))
-            key = table._plain_key(ino)
+            assert bytes(table.block(ino, key, 4096)) == bytes(table._pack(*laid_out, 4096))
             templated += key is not None and table._plain[key] is not None
     counts = Counter(d for d, _p, _x in files)
     plain = sum(1 for d, p, _x in files if p is None and counts[d] == 1)

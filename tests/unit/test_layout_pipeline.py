@@ -201,6 +201,73 @@ def test_image_from_the_entries_parsed_in_the_import(tmp_path, monkeypatch, comp
         assert fs.root.lookup(b"/usr/lib").stat.xattrs == {}
 
 
+def test_entries_parsed_in_the_import_stay_out_of_collections_until_the_pull_ends(tmp_path, monkeypatch):
+    """The entries parsed while the layers are imported (all alive until the image is
+    written) are frozen out of the cyclic collector's generations as they come, and given
+    back when the pull ends, whether or not it wrote an image."""
+    import gc
+
+    from pycfs.host.oci import layout as layout_module
+
+    build_layout(ImageSpec(MERGING.layers, gzip=False), tmp_path / "oci")
+    frozen_at_finish = []
+    real_finish = layout_module.finish_pull
+
+    def finish(*args, **kw):
+        frozen_at_finish.append(gc.get_freeze_count())
+        return real_finish(*args, **kw)
+
+    def fail(*args, **kw):
+        frozen_at_finish.append(gc.get_freeze_count())
+        raise PycfsError("no image today")
+
+    assert gc.get_freeze_count() == 0
+    try:
+        with Repository.init(tmp_path / "repo") as repo:
+            monkeypatch.setattr(layout_module, "finish_pull", finish)
+            trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", jobs=2))
+            assert frozen_at_finish[-1] > 200 and gc.get_freeze_count() == 0
+        with Repository.init(tmp_path / "repo2") as repo:
+            monkeypatch.setattr(layout_module, "finish_pull", fail)
+            with pytest.raises(PycfsError, match="no image today"):
+                trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", jobs=2))
+            assert frozen_at_finish[-1] > 200 and gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+
+
+def test_the_image_is_written_while_the_workers_exit(tmp_path, monkeypatch):
+    """Once every layer is in, both pools (object and inflating workers) are told to exit
+    and the image is written meanwhile: they are waited for after it, not before."""
+    from pycfs.host.oci import layout as layout_module
+    from pycfs.host.workers.pool import WorkerPool
+
+    build_layout(ImageSpec(MERGING.layers, gzip=False), tmp_path / "oci")
+    seen: list[str] = []
+    real_finish, real_close, real_aclose = layout_module.finish_pull, WorkerPool.close_input, WorkerPool.aclose
+
+    def finish(*args, **kw):
+        seen.append("finish")
+        return real_finish(*args, **kw)
+
+    def close_input(self) -> None:
+        seen.append("close_input")
+        real_close(self)
+
+    async def aclose(self, abort: bool = False) -> None:
+        await real_aclose(self, abort)
+        seen.append("workers gone")
+
+    monkeypatch.setattr(layout_module, "finish_pull", finish)
+    monkeypatch.setattr(WorkerPool, "close_input", close_input)
+    monkeypatch.setattr(WorkerPool, "aclose", aclose)
+    with Repository.init(tmp_path / "repo") as repo:
+        result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", jobs=2))
+        assert set(result.images) == {repo.erofs_default}
+    assert seen[:3] == ["close_input", "close_input", "finish"]
+    assert seen.count("workers gone") == 2 and seen.index("workers gone") > seen.index("finish")
+
+
 def _put(blobs: Path, data: bytes) -> str:
     digest = hashlib.sha256(data).hexdigest()
     (blobs / digest).write_bytes(data)

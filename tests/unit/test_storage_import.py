@@ -310,6 +310,40 @@ def test_image_from_the_entries_parsed_in_the_import(tmp_path, repo, monkeypatch
     assert again.images == result.images
 
 
+def test_the_image_is_written_while_the_workers_exit(tmp_path, repo, monkeypatch):
+    """Once every file is stored, the object workers are told to exit and the c/storage
+    locks are let go, and the image is written meanwhile: the pool is waited for after
+    it, not before (~30-50 ms of worker exits a pull no longer waits for first)."""
+    from pycfs.host.workers.pool import WorkerPool
+
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    _two_layers(fake)
+    storage = Storage([Store(fake.root, fake.driver)])
+    locks = storage.read_locks()
+    seen: list[tuple] = []
+    real_finish, real_close, real_aclose = cstorage.finish_pull, WorkerPool.close_input, WorkerPool.aclose
+
+    def finish(*args, **kw):
+        seen.append(("finish", locks.held))
+        return real_finish(*args, **kw)
+
+    def close_input(self) -> None:
+        seen.append(("close_input",))
+        real_close(self)
+
+    async def aclose(self, abort: bool = False) -> None:
+        await real_aclose(self, abort)
+        seen.append(("workers gone",))
+
+    monkeypatch.setattr(cstorage, "finish_pull", finish)
+    monkeypatch.setattr(WorkerPool, "close_input", close_input)
+    monkeypatch.setattr(WorkerPool, "aclose", aclose)
+    result = trio.run(lambda: cstorage.pull_image(repo, storage, "localhost/img:latest", parse_layers=True,
+                                                  locks=locks))
+    assert seen[:2] == [("close_input",), ("finish", False)] and seen[-1] == ("workers gone",)
+    assert set(result.images) == {repo.erofs_default} and not locks.held
+
+
 def test_image_tree_gives_way_to_the_stored_streams_when_broken(tmp_path, repo):
     """An entry that does not apply, or entries that could not be parsed, break the tree
     built during the pull, as does a layer list other than the image's: the image is then

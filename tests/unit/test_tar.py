@@ -125,6 +125,33 @@ def test_header_round_trip(fields: dict) -> None:
     assert parsed.pack() == block
 
 
+@settings(max_examples=300)
+@given(header_fields, st.sampled_from([b"0", b"1", b"2", b"3", b"5", b"6", b"S", b"\x00"]), st.booleans(),
+       st.booleans())
+def test_lone_header_entry_is_the_extended_path_entry(fields: dict, typeflag: bytes, gnu: bool, no_prefix: bool) -> None:
+    """`TarReader.next` takes a lone header's fields straight into the entry: the entry is
+    the one the general path (a PAX header of no effect before it) makes from a TarHeader."""
+    fields = {**fields, "typeflag": typeflag, "size": fields["size"] % 700}
+    if gnu:
+        fields |= {"magic": MAGIC_GNU, "version": VERSION_GNU}
+    if no_prefix:
+        fields["prefix"] = b""
+    block = TarHeader(**fields).pack()
+    content = bytes(-(-fields["size"] // BLOCK) * BLOCK)
+    lone = read_all(block + content + ZERO_BLOCK * 2)[0]
+    general = read_all(pax_entry([(b"comment", b"x")]) + block + content + ZERO_BLOCK * 2)[0]
+    assert isinstance(lone, TarEntry) and isinstance(general, TarEntry)
+    assert lone.raw == block and lone.offset == 0 and general.raw.endswith(block)
+    assert lone.header == general.header == TarHeader.parse(block)
+    names = [n for n in TarEntry.__slots__ if n not in ("raw", "offset", "pax")]
+    assert [getattr(lone, n) for n in names] == [getattr(general, n) for n in names]
+    hdr = TarHeader.parse(block)
+    assert (lone.path, lone.linkpath, lone.size, lone.uid, lone.gid, lone.mtime, lone.mtime_nsec, lone.typeflag,
+            lone.mode, lone.devmajor, lone.devminor, lone.sparse, lone.xattrs, lone.pax) == (
+        hdr.full_name, hdr.linkname, hdr.size, hdr.uid, hdr.gid, hdr.mtime, 0, typeflag, hdr.mode, hdr.devmajor,
+        hdr.devminor, typeflag == GNUTYPE_SPARSE, {}, {})
+
+
 def test_header_round_trip_gnu_keeps_raw_prefix_bytes() -> None:
     raw_prefix = b"\x00" * 12 + b"\x01\x02" + b"\x00" * 141  # GNU atime/ctime/... area
     block = TarHeader(name=b"x", magic=MAGIC_GNU, version=VERSION_GNU, prefix=raw_prefix).pack()

@@ -1,0 +1,82 @@
+"""Merging layer entries into an image tree (`apply_entry`): its table of directories by
+path must never change the tree it builds."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pycfs.host.oci.image import ImageBuildError, apply_entry
+from pycfs.host.oci.layer import Directory as DirEntry
+from pycfs.host.oci.layer import Hardlink, LayerEntry
+from pycfs.host.tree import Directory, Inline, Leaf, Stat
+
+NAMES = [b"a", b"b"]
+
+
+def entry(path: bytes, kind: str, n: int = 0) -> LayerEntry:
+    stat = Stat(0o755 if kind == "dir" else 0o644, n, 0, 1_700_000_000 + n)
+    item = {"dir": DirEntry(), "file": Inline(b"%d" % n), "link": Hardlink(b"/a")}[kind]
+    return LayerEntry(path, stat, item)
+
+
+def dump(root: Directory) -> list[tuple]:
+    out = []
+    for path, node in root.walk():
+        s = node.stat
+        what = "dir" if isinstance(node, Directory) else node.content if isinstance(node, Leaf) else node
+        out.append((path, s.mode, s.uid, s.mtime_sec, what))
+    return out
+
+
+def merged(entries: list[LayerEntry], dirs: dict | None) -> list[tuple] | str:
+    root = Directory(Stat())
+    try:
+        for e in entries:
+            apply_entry(root, e, dirs)
+    except ImageBuildError as e:
+        return str(e)
+    return dump(root)
+
+
+paths = st.lists(st.sampled_from(NAMES), min_size=1, max_size=2).map(lambda p: b"/" + b"/".join(p))
+ops = st.lists(
+    st.tuples(paths, st.sampled_from(["dir", "file", "link", "whiteout", "opaque"]), st.integers(0, 9)), max_size=30
+)
+
+
+def as_entries(raw: list[tuple[bytes, str, int]]) -> list[LayerEntry]:
+    out = []
+    for path, kind, n in raw:
+        parent, _, name = path.rpartition(b"/")
+        if kind == "whiteout":
+            out.append(entry(parent + b"/.wh." + name, "file", n))
+        elif kind == "opaque":
+            out.append(entry(path + b"/.wh..wh..opq", "file", n))
+        else:
+            out.append(entry(path, kind, n))
+    return out
+
+
+@settings(max_examples=400)
+@given(ops)
+def test_directories_by_path_never_change_the_tree(raw: list[tuple[bytes, str, int]]) -> None:
+    entries = as_entries(raw)
+    assert merged(entries, {}) == merged(entries, None)
+
+
+def test_a_directory_gone_from_the_tree_is_not_written_into() -> None:
+    """Each way a directory leaves the tree (whiteout, opaque parent, a file in its place)
+    while the table holds it: what comes after lands in the tree, not in the lost one."""
+    cases = [
+        [entry(b"/a", "dir"), entry(b"/a/x", "file"), entry(b"/.wh.a", "file"), entry(b"/a/y", "file", 1)],
+        [entry(b"/a", "dir"), entry(b"/a/b", "dir"), entry(b"/a/b/x", "file"), entry(b"/a/.wh..wh..opq", "file"),
+         entry(b"/a/b/y", "file", 1)],
+        [entry(b"/a", "dir"), entry(b"/a/x", "file"), entry(b"/a", "file", 2), entry(b"/a/y", "file", 1)],
+    ]
+    for entries in cases:
+        with_table, without = merged(entries, {}), merged(entries, None)
+        assert with_table == without
+    assert (b"/a/y", 0o644, 1, 1_700_000_001, Inline(b"1")) in merged(cases[0], {})
+    assert (b"/a/b/y", 0o644, 1, 1_700_000_001, Inline(b"1")) in merged(cases[1], {})
+    assert "a parent is not a directory" in merged(cases[2], {})
