@@ -761,36 +761,39 @@ async def pull_image(
             progress.layers([(layer.diff_id, layer.layer.diff_size) for layer in source.layers])
         on_wait = progress.waiting_for_lock if progress else None
         gate = _HelperGate(helper, locks, storage, source, ref, on_wait) if helper is not None else None
-        async with open_pool(repo=repo, jobs=jobs) as pool, open_nursery() as background:
-            warming = False
-            for index, layer in enumerate(source.layers):
-                existing = repo.intact_stream(f"oci-layer-{layer.diff_id}")
-                if existing is not None and verify_diffid and not await trio.to_thread.run_sync(
-                        _stream_has_diffid, repo, existing, layer.diff_id, limiter=limiter):
-                    existing = None  # what is stored is not that layer: import it again, verified
-                if existing is not None:
-                    stats.layers_already_present += 1
-                    layer_streams.append((layer.diff_id, existing))
-                    if tree is not None:
-                        tree.add_stored(existing)
+        async with open_pool(repo=repo, jobs=jobs) as pool:
+            async with open_nursery() as background:
+                warming = False
+                for index, layer in enumerate(source.layers):
+                    existing = repo.intact_stream(f"oci-layer-{layer.diff_id}")
+                    if existing is not None and verify_diffid and not await trio.to_thread.run_sync(
+                            _stream_has_diffid, repo, existing, layer.diff_id, limiter=limiter):
+                        existing = None  # what is stored is not that layer: import it again, verified
+                    if existing is not None:
+                        stats.layers_already_present += 1
+                        layer_streams.append((layer.diff_id, existing))
+                        if tree is not None:
+                            tree.add_stored(existing)
+                        if progress is not None:
+                            progress.layer_done(layer.diff_id, True)
+                        continue
+                    await pool.start()  # the workers' start-up overlaps the first tar-split read
+                    if gate is not None and not warming and any(l.layer.foreign_ids for l in source.layers[index:]):
+                        # Files of other ids may need the helper: its start-up overlaps the
+                        # import from the first layer on, not only from the first such file.
+                        warming = True
+                        background.start_soon(gate.warm_up)
+                    job = LayerImport(repo, layer, stats, limiter, pool, gate, progress, verify_diffid, tree)
+                    layer_streams.append((layer.diff_id, await job.run()))
+                    del job  # its stream writer's object index (~80 bytes a file) is not the image build's
                     if progress is not None:
-                        progress.layer_done(layer.diff_id, True)
-                    continue
-                await pool.start()  # the workers' start-up overlaps the first tar-split read
-                if gate is not None and not warming and any(l.layer.foreign_ids for l in source.layers[index:]):
-                    # Files of other ids may need the helper: its start-up overlaps the
-                    # import from the first layer on, not only from the first such file.
-                    warming = True
-                    background.start_soon(gate.warm_up)
-                job = LayerImport(repo, layer, stats, limiter, pool, gate, progress, verify_diffid, tree)
-                layer_streams.append((layer.diff_id, await job.run()))
-                del job  # its stream writer's object index (~80 bytes a file) is not the image build's
-                if progress is not None:
-                    progress.layer_done(layer.diff_id, False)
-            if gate is not None:
-                gate.stop_warming()
-            # Every file is stored: the workers exit (~15 ms), and podman has its storage
-            # back, while the image is written.
+                        progress.layer_done(layer.diff_id, False)
+                if gate is not None:
+                    gate.stop_warming()
+            # Every file is stored, and the helper's warm-up has ended (the nursery waited
+            # for it, and for its check that the image did not change while the locks were
+            # let go): the workers exit (~15 ms), and podman has its storage back, while the
+            # image is written.
             pool.close_input()
             locks.release()
             finished = await trio.to_thread.run_sync(

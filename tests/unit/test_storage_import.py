@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -787,3 +788,34 @@ def test_a_helper_start_no_file_needed_is_not_waited_for(tmp_path, repo, monkeyp
     assert calls[:2] == ["read_image", "hello"] and calls[-2:] == ["hello given up", "read_image"]
     assert sorted(calls[2:-2]) == [b"big", b"small"]
     assert result.stats.files_via_helper == 0 and _cat(repo, layer.diff_id) == layer.tar
+
+
+def test_an_image_changed_while_the_helper_started_is_not_tagged(tmp_path, repo, monkeypatch):
+    """The helper's start lets the c/storage locks go; the image is looked up again once it
+    ended. When podman changed the image meanwhile the pull fails before anything is tagged
+    (the image build used to run beside that look, and tag first)."""
+    from pycfs.host.oci.streams import list_images
+
+    fake, _, _ = _single(tmp_path, {"big": BIG, "small": SMALL})
+    _record_ids(fake, [0, 1000], [0])
+    calls: list = []
+    real_read_image = cstorage.read_image
+    reads = 0
+
+    def read_image(storage, ref):
+        nonlocal reads
+        reads += 1
+        image = real_read_image(storage, ref)
+        return image if reads == 1 else dataclasses.replace(image, layers=[])  # podman changed it
+
+    monkeypatch.setattr(cstorage, "read_image", read_image)
+    storage = Storage([Store(fake.root, fake.driver)])
+
+    async def pull() -> PullResult:
+        with trio.fail_after(20):
+            return await cstorage.pull_image(repo, storage, "localhost/img:latest", "img", parse_layers=True,
+                                             helper=_WarmHelper(calls, hang=True))
+
+    with pytest.raises(PycfsError, match="changed in containers-storage while the helper started"):
+        trio.run(pull)
+    assert reads == 2 and list_images(repo) == []
