@@ -570,7 +570,9 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
                 finish_pull, repo, manifest_desc.digest, manifest_raw, config_desc.digest, config_raw, layer_refs,
                 tag, build_image=build_image, parsed=parsed, on_phase=progress.phase if progress is not None else None))
     finally:
-        gc.unfreeze()  # what `_collect` froze, whether or not an image was written from it
+        # What `_collect` froze, whether or not an image was written from it (process-wide:
+        # in `varlink serve` it thaws other pulls' trees too, which costs only collection time).
+        gc.unfreeze()
     return PullResult(tag, manifest_desc.digest, config_desc.digest, finished.manifest_stream_id,
                       finished.config_stream_id, layer_refs, stats, time.monotonic() - started,
                       images=finished.images)

@@ -431,6 +431,7 @@ class _PacedSocketReader(io.RawIOBase):
         self._timeout = sock.gettimeout()  # put back after each recv: a request send uses it
         self._window = time.monotonic()
         self._got = 0
+        self._returned: float | None = None  # when readinto last returned
 
     def readable(self) -> bool:
         return True
@@ -441,6 +442,10 @@ class _PacedSocketReader(io.RawIOBase):
         super().close()
 
     def readinto(self, buffer: Any) -> int:
+        if self._returned is not None:
+            # Only time spent waiting for the server counts: not the caller's between reads
+            # (inflating, hashing, a write to a congested disk).
+            self._window += time.monotonic() - self._returned
         while True:
             now = time.monotonic()
             if now - self._window >= LOW_SPEED_TIME:
@@ -455,6 +460,7 @@ class _PacedSocketReader(io.RawIOBase):
             finally:
                 self._sock.settimeout(self._timeout)
             self._got += n
+            self._returned = time.monotonic()
             return n
 
 

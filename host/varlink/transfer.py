@@ -65,7 +65,9 @@ _RECV_PIECE = 1 << 16
 KEEPALIVE_LIMIT = 3600.0
 # How long a GetLayer consumer may leave a piece of the stream untaken before the producer
 # gives up (the consumer then sees a short stream): it holds the source's locks meanwhile.
-STALL_LIMIT = 600.0
+# As long as the keep-alive: a working consumer may spend that long on one object (a 30 GB
+# file its filesystem cannot reflink, copied at 50 MB/s, takes 600 s).
+STALL_LIMIT = KEEPALIVE_LIMIT
 
 
 SendAll = Callable[[bytes], Awaitable[None]]

@@ -8,6 +8,7 @@ connected one (`varlinkctl call exec:...`, inetd style) is served as one connect
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import socket
@@ -86,7 +87,8 @@ class Connection:
                 except (BrokenPipeError, ConnectionResetError):
                     raise ConnectionClosed(f"{self.peer} closed the connection") from None
             if scope.cancelled_caught:
-                self.sock.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):  # (ENOTCONN: the peer is gone already)
+                    self.sock.shutdown(socket.SHUT_RDWR)
                 raise ConnectionClosed(f"{self.peer} did not take a message within {self._send_timeout:g} seconds: dropped")
 
     def close(self) -> None:

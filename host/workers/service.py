@@ -1,7 +1,8 @@
 """The object worker's methods: hash each file passed as an fd, and store it when started
 on a repository; inflate and split a layer blob, writing its files into the object store.
-Blocking, one connection (see `pycfs.protocol.rpcserver`); only an inflate reads its blob
-on a second thread."""
+Blocking, one connection (see `pycfs.protocol.rpcserver`); only an inflate runs threads
+beside its split: its tar source (the blob's read, both sha256s, the decompression) and the
+writeback of the files it stores."""
 
 from __future__ import annotations
 
@@ -175,9 +176,11 @@ class WorkerService:
         blob_fd, sock_fd = call.fds
         sock = socket.socket(fileno=sock_fd)  # closed below: the host's EOF
         call.fds[1] = -1  # (the request's fds are closed after the answer)
-        source = _TarSource(blob_fd, compression, blob_alg, diff_alg)
-        writeback = _Writeback() if store else None
+        source: _TarSource | None = None
+        writeback: _Writeback | None = None
         try:
+            source = _TarSource(blob_fd, compression, blob_alg, diff_alg)
+            writeback = _Writeback() if store else None
             splitter = TarSplitter(self.repo, source, defer=True, hashed=True, hash_files=store)
             while pieces := splitter.chunk():
                 try:
@@ -191,7 +194,8 @@ class WorkerService:
         except (OSError, PycfsError) as e:
             return {"failed": str(e) if isinstance(e, PycfsError) else f"cannot inflate the layer: {e.strerror or e}"}
         finally:
-            source.close()
+            if source is not None:
+                source.close()
             if writeback is not None:
                 writeback.close()
             sock.close()
@@ -336,13 +340,22 @@ class _TarSource:
         self._stop.set()
         self._thread.join()
 
+    # What `TarSplitter(hashed=True)` takes of its source (`HashedSource`): the tar's
+    # figures, final once `close` returned.
+    @property
+    def count(self) -> int:
+        return self.tar.count
+
+    def digest(self) -> str:
+        return self.tar.digest()
+
 
 # Runs of adopted files whose writeback waits to be started, at most (their fds open).
 _WRITEBACK_RUNS = 2
 
 
 class _Writeback:
-    """Starts the writeback of files just adopted (see `WorkerService._adopt_one`) and
+    """Starts the writeback of files just adopted (as `WorkerService._adopt_one` does inline) and
     closes them, on a thread of its own, a run at a time: in an inflating worker that
     stores its files, the filesystem's block allocation and I/O submission (~60 us a
     file) then run beside the split instead of on its thread."""

@@ -132,3 +132,20 @@ def test_headers_dripped_a_byte_at_a_time_are_dropped(peer, quick_limits):
     finally:
         repo.close()
     assert p.sent < 100
+
+
+def test_time_the_reader_spends_between_reads_is_not_the_servers(quick_limits):
+    """The low-speed limit judges the server: a reader that takes longer than the window
+    between two reads of bytes already sent (inflating, hashing, writing) is not dropped."""
+    ours, theirs = socket.socketpair()
+    try:
+        ours.settimeout(5)
+        theirs.sendall(b"a" * 300 + b"b" * 300)
+        reader = source._PacedSocketReader(ours, ours.makefile("rb"))
+        buf = bytearray(300)
+        assert reader.readinto(buf) == 300 and buf == b"a" * 300
+        time.sleep(0.7)  # past the 0.5 s window, with 300 of its 500 bytes come
+        assert reader.readinto(buf) == 300 and buf == b"b" * 300
+    finally:
+        ours.close()
+        theirs.close()
