@@ -19,6 +19,7 @@ import zstandard
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, HASH_ALG_IDS
+from pycfs.protocol.zstdframes import ZstdFrameChecker, ZstdFrameError
 
 MAGIC = b"SplitStream"
 LG_BLOCKSIZE = 12
@@ -31,7 +32,11 @@ FILE_RANGE = struct.Struct("<QQ")
 # info: stream_refs, object_refs, stream, named_refs (FileRanges), content_type u64, stream_size u64
 INFO = struct.Struct("<16s16s16s16sQQ")
 CHUNK = struct.Struct("<q")
-_INPUT_PIECE = 1 << 16
+# The most one decompressing read yields: a zstd frame may expand ~30000-fold, so a
+# read is bounded by what it gives, not by what it takes.
+_OUTPUT_PIECE = 1 << 20
+# The named-refs text is read whole; real ones are a few KiB (a name per layer and image).
+NAMED_REFS_MAX = 16 << 20
 
 HEADER_SIZE = HEADER.size  # 32
 INFO_SIZE = INFO.size  # 80
@@ -169,11 +174,30 @@ class _Range:
 
 
 class SplitStreamReader:
-    """Strict reader: every malformed input raises SplitStreamError with the reason."""
+    """Strict reader: every malformed input raises SplitStreamError with the reason.
 
-    def __init__(self, data: bytes, alg: str, expected_content_type: int | None = None) -> None:
+    Memory stays bounded by what the stream declares: each decompressing read yields at
+    most _OUTPUT_PIECE bytes, the named refs at most NAMED_REFS_MAX, and the inline chunks
+    together no more than the stream's declared `stream_size`.
+    """
+
+    def __init__(self, data: bytes, alg: str, expected_content_type: int | None = None, *,
+                 name: str | None = None) -> None:
+        """`name` (the stream's name or object id) is prefixed to every error's message."""
         self._data = data
         self.alg = alg
+        self.name = name
+        try:
+            self._parse(expected_content_type)
+        except SplitStreamError as e:
+            raise self._named(e) from None
+
+    def _named(self, e: SplitStreamError) -> SplitStreamError:
+        return e if self.name is None else SplitStreamError(f"splitstream {self.name}: {e}")
+
+    def _parse(self, expected_content_type: int | None) -> None:
+        data = self._data
+        alg = self.alg
         d = DIGEST_SIZES[alg]
         if len(data) < HEADER_SIZE:
             raise SplitStreamError(f"file of {len(data)} bytes is shorter than the 32-byte header")
@@ -199,7 +223,7 @@ class SplitStreamReader:
         self.stream_refs = self._id_array(self._range(sr, "stream_refs"), d, "stream_refs")
         self.object_refs = self._id_array(self._range(orf, "object_refs"), d, "object_refs")
         self._body = self._range(body, "stream")
-        self.named_refs = self._parse_named(self._decompress(self._range(nr, "named_refs"), "named_refs"))
+        self.named_refs = self._parse_named(self._read_named(self._range(nr, "named_refs")))
 
     def _range(self, raw: bytes, what: str) -> _Range:
         start, end = FILE_RANGE.unpack(raw)
@@ -215,30 +239,36 @@ class SplitStreamReader:
             raise SplitStreamError(f"{what} length {length} is not a multiple of the digest size {d}")
         return [self._data[i : i + d] for i in range(r.start, r.end, d)]
 
-    def _decompress(self, r: _Range, what: str) -> bytes:
+    def _read_named(self, r: _Range) -> bytes:
+        out = bytearray()
         try:
-            return b"".join(self._decompress_iter(r))
-        except zstandard.ZstdError as e:
-            raise SplitStreamError(f"{what}: corrupt zstd data: {e}") from None
+            for piece in self._decompress_iter(r):
+                out += piece
+                if len(out) > NAMED_REFS_MAX:
+                    raise SplitStreamError(f"named refs: more than {NAMED_REFS_MAX} bytes")
+        except (zstandard.ZstdError, ZstdFrameError) as e:
+            raise SplitStreamError(f"named_refs: corrupt zstd data: {e}") from None
+        return bytes(out)
 
     def _decompress_iter(self, r: _Range) -> Iterator[bytes]:
-        """Decompress a section piecewise (bounded memory); several frames may follow each other."""
-        data = memoryview(self._data)[r.start : r.end]
-        dobj = None
-        pos = 0
-        while pos < len(data):
-            if dobj is None:
-                dobj = zstandard.ZstdDecompressor().decompressobj()
-            piece = data[pos : pos + _INPUT_PIECE]
-            out = dobj.decompress(piece)
-            if out:
-                yield out
-            if dobj.eof:
-                pos += len(piece) - len(dobj.unused_data)
-                dobj = None
-            else:
-                pos += len(piece)
-        if dobj is not None:
+        """Decompress a section piecewise, at most _OUTPUT_PIECE bytes a piece; several frames
+        may follow each other. The decompressor ends a frame cut short silently: the frame
+        checker, fed the same bytes, makes that an error."""
+        checker = ZstdFrameChecker()
+        source = memoryview(self._data)[r.start : r.end]
+
+        class _Source:
+            def read(self, n: int) -> bytes:
+                nonlocal source
+                piece, source = source[:n], source[n:]
+                checker.feed(piece)
+                return bytes(piece)
+
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            _Source(), read_size=1 << 16, read_across_frames=True)  # type: ignore[arg-type]  # (read() only)
+        while out := reader.read(_OUTPUT_PIECE):
+            yield out
+        if not checker.complete:
             raise zstandard.ZstdError("truncated zstd frame")
 
     def _parse_named(self, text: bytes) -> dict[str, bytes]:
@@ -260,8 +290,15 @@ class SplitStreamReader:
 
     def chunks(self) -> Iterator[bytes | int]:
         """Yield inline bytes or object_refs indices, in stream order, decompressing lazily."""
+        try:
+            yield from self._chunks()
+        except SplitStreamError as e:
+            raise self._named(e) from None
+
+    def _chunks(self) -> Iterator[bytes | int]:
         buf = bytearray()
         pos = 0
+        inline_left = self.stream_size  # inline bytes are part of the declared stream_size
         try:
             for piece in self._decompress_iter(self._body):
                 buf += piece
@@ -275,14 +312,18 @@ class SplitStreamReader:
                         pos += CHUNK.size
                         yield n
                         continue
+                    if -n > inline_left:
+                        raise SplitStreamError(f"body: an inline chunk of {-n} bytes where the declared stream "
+                                               f"size ({self.stream_size}) leaves {inline_left}")
                     if len(buf) - pos - CHUNK.size < -n:
                         break
+                    inline_left += n
                     start = pos + CHUNK.size
                     pos = start - n
                     yield bytes(buf[start:pos])
                 del buf[:pos]
                 pos = 0
-        except zstandard.ZstdError as e:
+        except (zstandard.ZstdError, ZstdFrameError) as e:
             raise SplitStreamError(f"body: corrupt zstd data: {e}") from None
         if buf:
             raise SplitStreamError(f"body: truncated chunk ({len(buf)} bytes left over)")
