@@ -173,6 +173,19 @@ class _Range:
     end: int
 
 
+class _CheckedSection:
+    """A compressed section as the decompressor reads it, each read fed to a frame checker."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self.checker = ZstdFrameChecker()
+
+    def read(self, n: int) -> bytes:
+        piece, self._view = self._view[:n], self._view[n:]
+        self.checker.feed(piece)
+        return bytes(piece)
+
+
 class SplitStreamReader:
     """Strict reader: every malformed input raises SplitStreamError with the reason.
 
@@ -254,21 +267,12 @@ class SplitStreamReader:
         """Decompress a section piecewise, at most _OUTPUT_PIECE bytes a piece; several frames
         may follow each other. The decompressor ends a frame cut short silently: the frame
         checker, fed the same bytes, makes that an error."""
-        checker = ZstdFrameChecker()
-        source = memoryview(self._data)[r.start : r.end]
-
-        class _Source:
-            def read(self, n: int) -> bytes:
-                nonlocal source
-                piece, source = source[:n], source[n:]
-                checker.feed(piece)
-                return bytes(piece)
-
+        source = _CheckedSection(memoryview(self._data)[r.start : r.end])
         reader = zstandard.ZstdDecompressor().stream_reader(
-            _Source(), read_size=1 << 16, read_across_frames=True)  # type: ignore[arg-type]  # (read() only)
+            source, read_size=1 << 16, read_across_frames=True)  # type: ignore[arg-type]  # (it calls read() only)
         while out := reader.read(_OUTPUT_PIECE):
             yield out
-        if not checker.complete:
+        if not source.checker.complete:
             raise zstandard.ZstdError("truncated zstd frame")
 
     def _parse_named(self, text: bytes) -> dict[str, bytes]:
@@ -289,20 +293,27 @@ class SplitStreamReader:
         return named
 
     def chunks(self) -> Iterator[bytes | int]:
-        """Yield inline bytes or object_refs indices, in stream order, decompressing lazily."""
-        try:
-            yield from self._chunks()
-        except SplitStreamError as e:
-            raise self._named(e) from None
-
-    def _chunks(self) -> Iterator[bytes | int]:
+        """Yield inline bytes or object_refs indices, in stream order, decompressing lazily.
+        An inline chunk of over _OUTPUT_PIECE bytes comes in pieces (of at most that), so what
+        is held stays bounded whatever length a chunk declares."""
         buf = bytearray()
         pos = 0
+        rest = 0  # bytes still to come of an inline chunk yielded in pieces
         inline_left = self.stream_size  # inline bytes are part of the declared stream_size
         try:
             for piece in self._decompress_iter(self._body):
                 buf += piece
-                while len(buf) - pos >= CHUNK.size:
+                while True:
+                    if rest:
+                        take = min(rest, len(buf) - pos)
+                        if not take:
+                            break
+                        yield bytes(buf[pos : pos + take])
+                        pos += take
+                        rest -= take
+                        continue
+                    if len(buf) - pos < CHUNK.size:
+                        break
                     (n,) = CHUNK.unpack_from(buf, pos)
                     if n >= 0:
                         if n >= len(self.object_refs):
@@ -315,6 +326,11 @@ class SplitStreamReader:
                     if -n > inline_left:
                         raise SplitStreamError(f"body: an inline chunk of {-n} bytes where the declared stream "
                                                f"size ({self.stream_size}) leaves {inline_left}")
+                    if -n > _OUTPUT_PIECE:
+                        inline_left += n
+                        pos += CHUNK.size
+                        rest = -n
+                        continue
                     if len(buf) - pos - CHUNK.size < -n:
                         break
                     inline_left += n
@@ -323,7 +339,10 @@ class SplitStreamReader:
                     yield bytes(buf[start:pos])
                 del buf[:pos]
                 pos = 0
+            if buf or rest:
+                raise SplitStreamError(f"body: truncated chunk ({len(buf) or rest} bytes "
+                                       f"{'left over' if buf else 'missing'})")
         except (zstandard.ZstdError, ZstdFrameError) as e:
-            raise SplitStreamError(f"body: corrupt zstd data: {e}") from None
-        if buf:
-            raise SplitStreamError(f"body: truncated chunk ({len(buf)} bytes left over)")
+            raise self._named(SplitStreamError(f"body: corrupt zstd data: {e}")) from None
+        except SplitStreamError as e:
+            raise self._named(e) from None

@@ -219,3 +219,29 @@ def test_named_refs_are_bounded():
     payload = _zstd(b"0:" + b"x" * NAMED_REFS_MAX + b"\0")
     with pytest.raises(SplitStreamError, match=f"^splitstream s: named refs: more than {NAMED_REFS_MAX} bytes$"):
         SplitStreamReader(_with_section(GOOD, 3, payload), "sha256", name="s")
+
+
+def _with_stream_size(base: bytes, size: int) -> bytes:
+    fields = list(INFO.unpack_from(base, 32))
+    fields[5] = size
+    return base[:32] + INFO.pack(*fields) + base[112:]
+
+
+def test_a_long_inline_chunk_comes_in_bounded_pieces():
+    # 64 MiB of inline zeros the (crafted) stream_size allows
+    payload = zstandard.ZstdCompressor(level=3).compress(struct.pack("<q", -(64 << 20)) + bytes(64 << 20) + struct.pack("<q", 0))
+    r = SplitStreamReader(_with_stream_size(_with_section(GOOD, 2, payload), 1 << 62), "sha256")
+    total = []
+
+    def read_all():
+        for chunk in r.chunks():
+            total.append(len(chunk) if isinstance(chunk, bytes) else chunk)
+    assert _peak_of(read_all) < 8 << 20  # (before: 128 MiB, the chunk buffered and yielded whole)
+    assert sum(total[:-1]) == 64 << 20 and max(total[:-1]) <= 1 << 20 and total[-1] == 0
+
+
+def test_a_long_inline_chunk_cut_short_is_an_error():
+    payload = _zstd(struct.pack("<q", -(2 << 20)) + bytes(1 << 20))
+    r = SplitStreamReader(_with_stream_size(_with_section(GOOD, 2, payload), 2 << 20), "sha256")
+    with pytest.raises(SplitStreamError, match=r"^body: truncated chunk \(1048576 bytes missing\)$"):
+        list(r.chunks())
