@@ -9,6 +9,9 @@ from typing import Any
 
 from pycfs.host.errors import PycfsError
 
+# The largest JSON document (OCI index, manifest, config) read: real ones are KiB.
+MAX_JSON_DOCUMENT = 64 << 20
+
 
 def loads(raw: bytes | str, what: str, error: type[PycfsError] = PycfsError) -> Any:
     """raw as JSON; otherwise `error` naming `what` (e.g. "manifest sha256:...")."""

@@ -799,10 +799,11 @@ class Repository:
             return f.read()
 
     def open_stream(self, name: str, expected_content_type: int | None = None) -> SplitStreamReader:
-        return SplitStreamReader(self.stream_data(name), self.alg, expected_content_type)
+        return SplitStreamReader(self.stream_data(name), self.alg, expected_content_type, name=name)
 
     def open_stream_by_id(self, object_id: bytes, expected_content_type: int | None = None) -> SplitStreamReader:
-        return SplitStreamReader(self.read_object(object_id), self.alg, expected_content_type)
+        return SplitStreamReader(self.read_object(object_id), self.alg, expected_content_type,
+                                 name=f"{self.alg}:{object_id.hex()}")
 
     def new_stream(self, content_type: int) -> SplitStreamWriter:
         return SplitStreamWriter(self.alg, content_type)

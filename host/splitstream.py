@@ -19,6 +19,7 @@ import zstandard
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, HASH_ALG_IDS
+from pycfs.protocol.zstdframes import ZstdFrameChecker, ZstdFrameError
 
 MAGIC = b"SplitStream"
 LG_BLOCKSIZE = 12
@@ -31,7 +32,11 @@ FILE_RANGE = struct.Struct("<QQ")
 # info: stream_refs, object_refs, stream, named_refs (FileRanges), content_type u64, stream_size u64
 INFO = struct.Struct("<16s16s16s16sQQ")
 CHUNK = struct.Struct("<q")
-_INPUT_PIECE = 1 << 16
+# The most one decompressing read yields: a zstd frame may expand ~30000-fold, so a
+# read is bounded by what it gives, not by what it takes.
+_OUTPUT_PIECE = 1 << 20
+# The named-refs text is read whole; real ones are a few KiB (a name per layer and image).
+NAMED_REFS_MAX = 16 << 20
 
 HEADER_SIZE = HEADER.size  # 32
 INFO_SIZE = INFO.size  # 80
@@ -168,12 +173,44 @@ class _Range:
     end: int
 
 
-class SplitStreamReader:
-    """Strict reader: every malformed input raises SplitStreamError with the reason."""
+class _CheckedSection:
+    """A compressed section as the decompressor reads it, each read fed to a frame checker."""
 
-    def __init__(self, data: bytes, alg: str, expected_content_type: int | None = None) -> None:
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self.checker = ZstdFrameChecker()
+
+    def read(self, n: int) -> bytes:
+        piece, self._view = self._view[:n], self._view[n:]
+        self.checker.feed(piece)
+        return bytes(piece)
+
+
+class SplitStreamReader:
+    """Strict reader: every malformed input raises SplitStreamError with the reason.
+
+    Memory stays bounded by what the stream declares: each decompressing read yields at
+    most _OUTPUT_PIECE bytes, the named refs at most NAMED_REFS_MAX, and the inline chunks
+    together no more than the stream's declared `stream_size`.
+    """
+
+    def __init__(self, data: bytes, alg: str, expected_content_type: int | None = None, *,
+                 name: str | None = None) -> None:
+        """`name` (the stream's name or object id) is prefixed to every error's message."""
         self._data = data
         self.alg = alg
+        self.name = name
+        try:
+            self._parse(expected_content_type)
+        except SplitStreamError as e:
+            raise self._named(e) from None
+
+    def _named(self, e: SplitStreamError) -> SplitStreamError:
+        return e if self.name is None else SplitStreamError(f"splitstream {self.name}: {e}")
+
+    def _parse(self, expected_content_type: int | None) -> None:
+        data = self._data
+        alg = self.alg
         d = DIGEST_SIZES[alg]
         if len(data) < HEADER_SIZE:
             raise SplitStreamError(f"file of {len(data)} bytes is shorter than the 32-byte header")
@@ -199,7 +236,7 @@ class SplitStreamReader:
         self.stream_refs = self._id_array(self._range(sr, "stream_refs"), d, "stream_refs")
         self.object_refs = self._id_array(self._range(orf, "object_refs"), d, "object_refs")
         self._body = self._range(body, "stream")
-        self.named_refs = self._parse_named(self._decompress(self._range(nr, "named_refs"), "named_refs"))
+        self.named_refs = self._parse_named(self._read_named(self._range(nr, "named_refs")))
 
     def _range(self, raw: bytes, what: str) -> _Range:
         start, end = FILE_RANGE.unpack(raw)
@@ -215,30 +252,27 @@ class SplitStreamReader:
             raise SplitStreamError(f"{what} length {length} is not a multiple of the digest size {d}")
         return [self._data[i : i + d] for i in range(r.start, r.end, d)]
 
-    def _decompress(self, r: _Range, what: str) -> bytes:
+    def _read_named(self, r: _Range) -> bytes:
+        out = bytearray()
         try:
-            return b"".join(self._decompress_iter(r))
-        except zstandard.ZstdError as e:
-            raise SplitStreamError(f"{what}: corrupt zstd data: {e}") from None
+            for piece in self._decompress_iter(r):
+                out += piece
+                if len(out) > NAMED_REFS_MAX:
+                    raise SplitStreamError(f"named refs: more than {NAMED_REFS_MAX} bytes")
+        except (zstandard.ZstdError, ZstdFrameError) as e:
+            raise SplitStreamError(f"named_refs: corrupt zstd data: {e}") from None
+        return bytes(out)
 
     def _decompress_iter(self, r: _Range) -> Iterator[bytes]:
-        """Decompress a section piecewise (bounded memory); several frames may follow each other."""
-        data = memoryview(self._data)[r.start : r.end]
-        dobj = None
-        pos = 0
-        while pos < len(data):
-            if dobj is None:
-                dobj = zstandard.ZstdDecompressor().decompressobj()
-            piece = data[pos : pos + _INPUT_PIECE]
-            out = dobj.decompress(piece)
-            if out:
-                yield out
-            if dobj.eof:
-                pos += len(piece) - len(dobj.unused_data)
-                dobj = None
-            else:
-                pos += len(piece)
-        if dobj is not None:
+        """Decompress a section piecewise, at most _OUTPUT_PIECE bytes a piece; several frames
+        may follow each other. The decompressor ends a frame cut short silently: the frame
+        checker, fed the same bytes, makes that an error."""
+        source = _CheckedSection(memoryview(self._data)[r.start : r.end])
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            source, read_size=1 << 16, read_across_frames=True)  # type: ignore[arg-type]  # (it calls read() only)
+        while out := reader.read(_OUTPUT_PIECE):
+            yield out
+        if not source.checker.complete:
             raise zstandard.ZstdError("truncated zstd frame")
 
     def _parse_named(self, text: bytes) -> dict[str, bytes]:
@@ -259,13 +293,27 @@ class SplitStreamReader:
         return named
 
     def chunks(self) -> Iterator[bytes | int]:
-        """Yield inline bytes or object_refs indices, in stream order, decompressing lazily."""
+        """Yield inline bytes or object_refs indices, in stream order, decompressing lazily.
+        An inline chunk of over _OUTPUT_PIECE bytes comes in pieces (of at most that), so what
+        is held stays bounded whatever length a chunk declares."""
         buf = bytearray()
         pos = 0
+        rest = 0  # bytes still to come of an inline chunk yielded in pieces
+        inline_left = self.stream_size  # inline bytes are part of the declared stream_size
         try:
             for piece in self._decompress_iter(self._body):
                 buf += piece
-                while len(buf) - pos >= CHUNK.size:
+                while True:
+                    if rest:
+                        take = min(rest, len(buf) - pos)
+                        if not take:
+                            break
+                        yield bytes(buf[pos : pos + take])
+                        pos += take
+                        rest -= take
+                        continue
+                    if len(buf) - pos < CHUNK.size:
+                        break
                     (n,) = CHUNK.unpack_from(buf, pos)
                     if n >= 0:
                         if n >= len(self.object_refs):
@@ -275,14 +323,26 @@ class SplitStreamReader:
                         pos += CHUNK.size
                         yield n
                         continue
+                    if -n > inline_left:
+                        raise SplitStreamError(f"body: an inline chunk of {-n} bytes where the declared stream "
+                                               f"size ({self.stream_size}) leaves {inline_left}")
+                    if -n > _OUTPUT_PIECE:
+                        inline_left += n
+                        pos += CHUNK.size
+                        rest = -n
+                        continue
                     if len(buf) - pos - CHUNK.size < -n:
                         break
+                    inline_left += n
                     start = pos + CHUNK.size
                     pos = start - n
                     yield bytes(buf[start:pos])
                 del buf[:pos]
                 pos = 0
-        except zstandard.ZstdError as e:
-            raise SplitStreamError(f"body: corrupt zstd data: {e}") from None
-        if buf:
-            raise SplitStreamError(f"body: truncated chunk ({len(buf)} bytes left over)")
+            if buf or rest:
+                raise SplitStreamError(f"body: truncated chunk ({len(buf) or rest} bytes "
+                                       f"{'left over' if buf else 'missing'})")
+        except (zstandard.ZstdError, ZstdFrameError) as e:
+            raise self._named(SplitStreamError(f"body: corrupt zstd data: {e}")) from None
+        except SplitStreamError as e:
+            raise self._named(e) from None

@@ -26,7 +26,7 @@ from typing import BinaryIO
 import trio
 
 from pycfs.host.errors import PycfsError
-from pycfs.host.jsondoc import parse_object, read_document
+from pycfs.host.jsondoc import MAX_JSON_DOCUMENT, parse_object, read_document
 from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.layer import (
     LayerDigestError,
@@ -77,9 +77,6 @@ LAYER_TYPES = {
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
 }
 
-# JSON documents (index, manifest, config) are read into memory; bound them.
-MAX_JSON_BLOB = 64 << 20
-
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386",
            "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
 
@@ -120,8 +117,8 @@ class OciLayout:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         try:
-            layout = parse_object(read_document(self.path / "oci-layout", MAX_JSON_BLOB), f"{self.path}/oci-layout")
-            self.index = parse_object(read_document(self.path / "index.json", MAX_JSON_BLOB), f"{self.path}/index.json")
+            layout = parse_object(read_document(self.path / "oci-layout", MAX_JSON_DOCUMENT), f"{self.path}/oci-layout")
+            self.index = parse_object(read_document(self.path / "index.json", MAX_JSON_DOCUMENT), f"{self.path}/index.json")
         except FileNotFoundError as e:
             raise PycfsError(f"{self.path} is not an OCI image layout: {e.filename} is missing") from None
         if layout.get("imageLayoutVersion") != "1.0.0":
@@ -155,7 +152,7 @@ class OciLayout:
 
     def read_blob(self, desc: Descriptor, what: str) -> bytes:
         """The whole blob, checked against the descriptor's size and digest."""
-        if desc.size > MAX_JSON_BLOB:
+        if desc.size > MAX_JSON_DOCUMENT:
             raise PycfsError(f"{what} {desc.digest} of {desc.size} bytes is too large")
         with self.open_blob(desc) as f:
             data = f.read(desc.size + 1)

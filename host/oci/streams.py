@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pycfs.host.errors import PycfsError
-from pycfs.host.jsondoc import parse_object
+from pycfs.host.jsondoc import MAX_JSON_DOCUMENT, parse_object
 from pycfs.host.oci.layer import parse_digest
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_CONFIG, CONTENT_OCI_MANIFEST, SplitStreamReader, SplitStreamWriter
@@ -173,7 +173,12 @@ def read_json_stream(repo: Repository, reader: SplitStreamReader, digest: str, w
     """The raw JSON bytes of a config/manifest stream (exactly one object ref), digest-checked."""
     if len(reader.object_refs) != 1:
         raise PycfsError(f"{what} stream for {digest} has {len(reader.object_refs)} object refs, expected 1")
-    raw = repo.read_object(reader.object_refs[0])
+    fd = repo.open_object(reader.object_refs[0])
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(MAX_JSON_DOCUMENT + 1)  # (its digest is checked only once it is read)
+    if len(raw) > MAX_JSON_DOCUMENT:
+        raise PycfsError(f"{what} stream for {digest}: its object is larger than {MAX_JSON_DOCUMENT} bytes, "
+                         f"no {what} is; the repository is damaged (run `pycfs fsck`)")
     _check_digest(raw, digest, what)
     return raw
 

@@ -214,7 +214,7 @@ def load_stream(repo: Repository, name: str) -> CommitObjects:
     try:
         reader = repo.open_stream(name, CONTENT_OSTREE_COMMIT)
     except SplitStreamError as e:
-        raise OstreeError(f"stream {name} is damaged: {e} (run `pycfs fsck`)") from None
+        raise OstreeError(f"{e} (the stream is damaged: run `pycfs fsck`)") from None
     return CommitObjects.from_stream(reader, name)
 
 

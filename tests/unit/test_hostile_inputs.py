@@ -226,3 +226,26 @@ def test_oci_copy_from_a_service_whose_answers_lack_fields_is_one_error(tmp_path
                     nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_manifest_stream_s_json_object_is_read_only_up_to_the_document_limit(tmp_path, monkeypatch):
+    import tracemalloc
+
+    from pycfs.host.oci import streams
+    from pycfs.host.repository import Repository
+    from pycfs.host.splitstream import CONTENT_OCI_MANIFEST
+
+    monkeypatch.setattr(streams, "MAX_JSON_DOCUMENT", 1 << 20)
+    with Repository.init(tmp_path / "repo") as repo:
+        w = repo.new_stream(CONTENT_OCI_MANIFEST)
+        w.write_external(repo.ensure_object(b" " * (16 << 20)), 16 << 20)  # a damaged repository's "manifest"
+        repo.write_stream(w, streams.manifest_stream_name(DIGEST))
+        reader = repo.open_stream(streams.manifest_stream_name(DIGEST), CONTENT_OCI_MANIFEST)
+        tracemalloc.start()
+        try:
+            with pytest.raises(PycfsError, match=f"^manifest stream for {DIGEST}: its object is larger than 1048576 "):
+                streams.read_json_stream(repo, reader, DIGEST, "manifest")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 << 20  # (before: the 16 MiB read whole, then a digest mismatch)

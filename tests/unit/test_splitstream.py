@@ -1,13 +1,14 @@
 """Splitstream codec: exact bytes, round trips, and a clear error for every malformed input."""
 
 import struct
+import tracemalloc
 
 import pytest
 import zstandard
 from hypothesis import given, settings, strategies as st
 
 from pycfs.host.splitstream import (
-    CONTENT_OCI_CONFIG, CONTENT_OCI_LAYER, FILE_RANGE, HEADER, INFO, SplitStreamError,
+    CONTENT_OCI_CONFIG, CONTENT_OCI_LAYER, FILE_RANGE, HEADER, INFO, NAMED_REFS_MAX, SplitStreamError,
     SplitStreamReader, SplitStreamWriter,
 )
 
@@ -174,3 +175,73 @@ def test_concatenated_frames_accepted():
     payload = _zstd(struct.pack("<q", -2) + b"ab") + _zstd(struct.pack("<q", 0))
     r = SplitStreamReader(_with_section(GOOD, 2, payload), "sha256")
     assert list(r.chunks()) == [b"ab", 0]
+
+
+def _peak_of(fn) -> int:
+    """The peak of Python allocations while fn runs (bytes)."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_body_that_inflates_a_thousandfold_is_read_in_bounded_pieces():
+    # 64 MiB of zeros: chunk after chunk naming object 0, from ~2 KiB of zstd
+    bomb = zstandard.ZstdCompressor(level=3).compress(bytes(64 << 20))
+    r = SplitStreamReader(_with_section(GOOD, 2, bomb), "sha256")
+    chunks = r.chunks()
+    assert _peak_of(lambda: next(chunks)) < 4 << 20  # (before: the 64 MiB at once)
+    chunks.close()
+
+
+def test_an_inline_chunk_beyond_the_declared_stream_size_is_refused_before_it_is_read():
+    # GOOD declares 109 bytes; a 32 MiB inline chunk cannot belong to it
+    payload = _zstd(struct.pack("<q", -(32 << 20)) + bytes(32 << 20))
+    r = SplitStreamReader(_with_section(GOOD, 2, payload), "sha256", name="oci-layer-x")
+
+    def read_all():
+        with pytest.raises(SplitStreamError, match=r"^splitstream oci-layer-x: body: an inline chunk of 33554432 "
+                                                   r"bytes where the declared stream size \(109\) leaves 109$"):
+            list(r.chunks())
+    assert _peak_of(read_all) < 4 << 20  # (before: buffered and yielded whole)
+
+
+def test_inline_chunks_together_may_not_exceed_the_declared_stream_size():
+    payload = _zstd(struct.pack("<q", -100) + bytes(100) + struct.pack("<q", 0) + struct.pack("<q", -10) + bytes(10))
+    r = SplitStreamReader(_with_section(GOOD, 2, payload), "sha256")
+    with pytest.raises(SplitStreamError, match=r"inline chunk of 10 bytes where the declared stream size \(109\) leaves 9"):
+        list(r.chunks())
+
+
+def test_named_refs_are_bounded():
+    payload = _zstd(b"0:" + b"x" * NAMED_REFS_MAX + b"\0")
+    with pytest.raises(SplitStreamError, match=f"^splitstream s: named refs: more than {NAMED_REFS_MAX} bytes$"):
+        SplitStreamReader(_with_section(GOOD, 3, payload), "sha256", name="s")
+
+
+def _with_stream_size(base: bytes, size: int) -> bytes:
+    fields = list(INFO.unpack_from(base, 32))
+    fields[5] = size
+    return base[:32] + INFO.pack(*fields) + base[112:]
+
+
+def test_a_long_inline_chunk_comes_in_bounded_pieces():
+    # 64 MiB of inline zeros the (crafted) stream_size allows
+    payload = zstandard.ZstdCompressor(level=3).compress(struct.pack("<q", -(64 << 20)) + bytes(64 << 20) + struct.pack("<q", 0))
+    r = SplitStreamReader(_with_stream_size(_with_section(GOOD, 2, payload), 1 << 62), "sha256")
+    total = []
+
+    def read_all():
+        for chunk in r.chunks():
+            total.append(len(chunk) if isinstance(chunk, bytes) else chunk)
+    assert _peak_of(read_all) < 8 << 20  # (before: 128 MiB, the chunk buffered and yielded whole)
+    assert sum(total[:-1]) == 64 << 20 and max(total[:-1]) <= 1 << 20 and total[-1] == 0
+
+
+def test_a_long_inline_chunk_cut_short_is_an_error():
+    payload = _zstd(struct.pack("<q", -(2 << 20)) + bytes(1 << 20))
+    r = SplitStreamReader(_with_stream_size(_with_section(GOOD, 2, payload), 2 << 20), "sha256")
+    with pytest.raises(SplitStreamError, match=r"^body: truncated chunk \(1048576 bytes missing\)$"):
+        list(r.chunks())
