@@ -361,11 +361,19 @@ class Repository:
             os.close(fd)
 
     def open_object(self, object_id: bytes) -> int:
+        """The object, opened read-only; only a regular file is one (O_NONBLOCK: a FIFO put
+        in its place must not block the open)."""
         h = object_id.hex()
         try:
-            return os.open(f"{h[:2]}/{h[2:]}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self._objects())
+            fd = os.open(f"{h[:2]}/{h[2:]}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         dir_fd=self._objects())
         except FileNotFoundError:
             raise RepositoryError(f"object {self.alg}:{h} is missing from {self.path}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RepositoryError(f"object {self.alg}:{h} in {self.path} is not a regular file: "
+                                  "run `pycfs fsck --repair`")
+        return fd
 
     def feed_object(self, object_id: bytes, size: int, update: Callable[[memoryview], object]) -> None:
         """Pass the object's ``size`` bytes to ``update`` a MiB at a time (hashing a stored

@@ -249,3 +249,20 @@ def test_a_manifest_stream_s_json_object_is_read_only_up_to_the_document_limit(t
         finally:
             tracemalloc.stop()
         assert peak < 4 << 20  # (before: the 16 MiB read whole, then a digest mismatch)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("plant", ["fifo", "directory"])
+def test_an_object_that_is_no_regular_file_is_refused_unopened(tmp_path, plant):
+    """A FIFO (which blocked the open for good) or a directory where an object should be:
+    one error naming the object and the repair."""
+    from pycfs.host.repository import Repository, RepositoryError
+
+    repo = Repository.init(tmp_path / "repo")
+    object_id = repo.ensure_object(b"x" * 5000)
+    path = repo.object_path(object_id)
+    path.unlink()
+    os.mkfifo(path) if plant == "fifo" else path.mkdir()
+    with pytest.raises(RepositoryError, match=rf"object sha256:{object_id.hex()} in .* is not a regular file: "
+                                              r"run `pycfs fsck --repair`"):
+        repo.read_object(object_id)
