@@ -31,23 +31,27 @@ def parse_object(raw: bytes | str, what: str, error: type[PycfsError] = PycfsErr
     return doc
 
 
-def read_document(path: str | os.PathLike, limit: int, error: type[PycfsError] = PycfsError) -> bytes:
-    """The content of the regular file at path (symlinks followed), at most `limit` bytes.
-    FileNotFoundError passes through (the caller says what a missing file means); anything
-    else is `error` naming the path: a fifo would block the read, a device feed it without end."""
+def read_document(path: str | os.PathLike, limit: int, error: type[PycfsError] = PycfsError, *,
+                  dir_fd: int | None = None, follow: bool = True, name: str | None = None) -> bytes:
+    """The content of the regular file at path (relative to ``dir_fd`` if given; a symlink
+    followed unless ``follow`` is False), at most `limit` bytes. FileNotFoundError passes
+    through (the caller says what a missing file means); anything else is `error` naming
+    the file (``name``, else path): a fifo would block the read, a device feed it without end."""
+    shown = name or os.fspath(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags, dir_fd=dir_fd)
     except FileNotFoundError:
         raise
     except OSError as e:
-        raise error(f"cannot read {path}: {e.strerror}") from None
+        raise error(f"cannot read {shown}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise error(f"{path} is not a regular file")
+                raise error(f"{shown} is not a regular file")
             data = f.read(limit + 1)
     except OSError as e:
-        raise error(f"cannot read {path}: {e.strerror}") from None
+        raise error(f"cannot read {shown}: {e.strerror}") from None
     if len(data) > limit:
-        raise error(f"{path} is larger than {limit} bytes: not a document this reads")
+        raise error(f"{shown} is larger than {limit} bytes: not a document this reads")
     return data

@@ -30,7 +30,7 @@ from pathlib import Path
 from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError, describe_oserror
 from pycfs.host.fsverity import DIGEST_SIZES, HASH_ALG_IDS, VerityHasher, digest_bytes, digest_fd
-from pycfs.host.jsondoc import parse_object
+from pycfs.host.jsondoc import parse_object, read_document
 from pycfs.host.splitstream import SplitStreamReader, SplitStreamWriter
 
 FORMAT_VERSION = 1
@@ -988,18 +988,10 @@ def _settings(meta: dict) -> str:
 
 def _read_meta(path: Path, dirfd: int) -> dict:
     try:
-        fd = os.open("meta.json", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dirfd)
+        raw = read_document("meta.json", 1 << 20, RepositoryError, dir_fd=dirfd, follow=False,
+                            name=f"{path}/meta.json")
     except FileNotFoundError:
         raise _NoMeta() from None
-    except OSError as e:
-        raise RepositoryError(f"cannot read {path}/meta.json: {describe_oserror(e)}") from None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise RepositoryError(f"{path}/meta.json is not a regular file: not a composefs repository")
-            raw = f.read(1 << 20)
-    except OSError as e:
-        raise RepositoryError(f"cannot read {path}/meta.json: {describe_oserror(e)}") from None
     meta = parse_object(raw, f"{path}/meta.json", RepositoryError)
     version = meta.get("version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
