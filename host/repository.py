@@ -387,11 +387,12 @@ class Repository:
         finally:
             os.close(fd)
 
-    def read_object(self, object_id: bytes) -> bytes:
+    def read_object(self, object_id: bytes, size: int = -1) -> bytes:
+        """The object's bytes; at most ``size`` of them when given."""
         fd = self.open_object(object_id)
         try:
             with os.fdopen(fd, "rb", closefd=False) as f:
-                return f.read()
+                return f.read(size)
         finally:
             os.close(fd)
 

@@ -173,9 +173,7 @@ def read_json_stream(repo: Repository, reader: SplitStreamReader, digest: str, w
     """The raw JSON bytes of a config/manifest stream (exactly one object ref), digest-checked."""
     if len(reader.object_refs) != 1:
         raise PycfsError(f"{what} stream for {digest} has {len(reader.object_refs)} object refs, expected 1")
-    fd = repo.open_object(reader.object_refs[0])
-    with os.fdopen(fd, "rb") as f:
-        raw = f.read(MAX_JSON_DOCUMENT + 1)  # (its digest is checked only once it is read)
+    raw = repo.read_object(reader.object_refs[0], MAX_JSON_DOCUMENT + 1)  # (its digest is checked once read)
     if len(raw) > MAX_JSON_DOCUMENT:
         raise PycfsError(f"{what} stream for {digest}: its object is larger than {MAX_JSON_DOCUMENT} bytes, "
                          f"no {what} is; the repository is damaged (run `pycfs fsck`)")
