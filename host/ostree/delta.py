@@ -25,7 +25,7 @@ from pycfs.host.ostree.commitstream import CommitObjects, Entry
 from pycfs.host.ostree.objects import (
     CHECKSUM_SIZE, COMMIT_TYPE, FileHeader, Kind, OstreeError, describe, parse_delta_table, verify_metadata,
 )
-from pycfs.host.ostree.source import FetchedFile, HttpRepo, LocalRepo, _tmpfile, check_file
+from pycfs.host.ostree.source import MISMATCH, FetchedFile, HttpRepo, LocalRepo, _tmpfile, check_file
 from pycfs.host.repository import write_all
 from pycfs.protocol.gvariant import GVariantError, decode, encode
 
@@ -142,7 +142,7 @@ def _offtin(b: bytes) -> int:
     return -value if b[7] & 0x80 else value
 
 
-def bspatch(old: bytes, patch: bytes, size: int, where: str) -> bytes:
+def bspatch(old: bytes | BaseFile, patch: bytes, size: int, where: str) -> bytes:
     """Apply a header-less bsdiff patch (control triples, diff and extra bytes, interleaved)."""
     out = bytearray()
     pos = oldpos = 0
@@ -164,21 +164,91 @@ def bspatch(old: bytes, patch: bytes, size: int, where: str) -> bytes:
     return bytes(out)
 
 
+MAX_SYMLINK_TARGET = 4096
+PIECE = 1 << 20  # a 'write' copies at most this much at a time
+
+
+class BaseFile:
+    """A base object that 'write' and 'bspatch' opcodes read from, read with pread where
+    they need it rather than whole into memory: a rollsum or bsdiff source may be gigabytes."""
+
+    def __init__(self, fd: int, where: str) -> None:
+        self.fd = fd
+        self.where = where
+        try:
+            self.size = os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, piece: slice) -> bytes:
+        start, stop, _ = piece.indices(self.size)
+        data = os.pread(self.fd, max(0, stop - start), start)
+        if len(data) != max(0, stop - start):
+            raise OstreeError(f"{self.where} changed while it was read: run `pycfs fsck`")
+        return data
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+Source = bytes | BaseFile  # PATH_MAX: an 'open' of a symlink declaring more is refused
+
+
+class _Building:
+    """The file object an 'open' starts; 'write' and 'bspatch' append to it. Content larger
+    than inline_max goes straight into a temporary file and is hashed as it comes: an 'open'
+    may declare any size, and repeated writes of the same data could otherwise fill memory."""
+
+    def __init__(self, checksum: bytes, header: FileHeader, size: int, inline_max: int, tmp_dir: str) -> None:
+        self.checksum = checksum
+        self.header = header
+        self.size = size  # the 'open''s size (a symlink's header says 0)
+        self.length = 0
+        self.small = bytearray()
+        self.fd: int | None = None
+        self.hasher = hashlib.sha256(header.checksum_prefix())  # used with fd only
+        if not header.is_symlink and size > inline_max:
+            self.fd = _tmpfile(tmp_dir)
+
+    def append(self, data: bytes) -> None:
+        self.length += len(data)
+        if self.fd is None:
+            self.small += data
+        else:
+            self.hasher.update(data)
+            write_all(self.fd, data)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class PartApplier:
-    """Runs one part's opcodes. `read_base(checksum)` gives a base file object's content;
-    `store(checksum, header, content)` keeps a verified file object."""
+    """Runs one part's opcodes. `read_base(checksum)` gives a base file object's content
+    (bytes, or a BaseFile the applier closes);
+    `store(checksum, fetched)` keeps a verified file object (content inline, or an fd of a
+    temporary file the receiver closes) and `store_meta(kind, checksum, data)` a metadata one."""
 
     def __init__(self, where: str, payload: tuple, objects: list[tuple[Kind, bytes]],
-                 read_base: Callable[[bytes], bytes], store: Callable[[bytes, FileHeader, bytes], None],
-                 store_meta: Callable[[Kind, bytes, bytes], None]) -> None:
+                 read_base: Callable[[bytes], bytes | BaseFile], store: Callable[[bytes, FetchedFile], None],
+                 store_meta: Callable[[Kind, bytes, bytes], None], inline_max: int, tmp_dir: str) -> None:
         self.where = where
         self.modes, self.xattrs, self.data, self.ops = payload
         self.objects = objects
         self.read_base = read_base
         self.store = store
         self.store_meta = store_meta
+        self.inline_max = inline_max
+        self.tmp_dir = tmp_dir
+        self.current: _Building | None = None  # the file between 'open' and 'close'
+        self.source: bytes | BaseFile | None = None  # what 'write' and 'bspatch' read, after 'read'
 
-    def _slice(self, source: bytes, offset: int, length: int) -> bytes:
+    def _slice(self, source: bytes | BaseFile, offset: int, length: int) -> bytes:
         if offset + length > len(source):
             raise OstreeError(f"{self.where}: opcode reads beyond its data ({offset}+{length} > {len(source)})")
         return source[offset:offset + length]
@@ -187,14 +257,26 @@ class PartApplier:
         if mode_idx >= len(self.modes) or xattr_idx >= len(self.xattrs):
             raise OstreeError(f"{self.where}: mode or xattr index out of range")
         uid, gid, mode = (int.from_bytes(v.to_bytes(4, "little"), "big") for v in self.modes[mode_idx])
-        header = FileHeader(0 if stat.S_ISLNK(mode) else size, uid, gid, mode, "", self.xattrs[xattr_idx])
-        return header
+        if stat.S_ISLNK(mode) and size > MAX_SYMLINK_TARGET:
+            raise OstreeError(f"{self.where}: a symlink of {size} bytes (at most {MAX_SYMLINK_TARGET})")
+        return FileHeader(0 if stat.S_ISLNK(mode) else size, uid, gid, mode, "", self.xattrs[xattr_idx])
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            if self.current is not None:  # an error left a file half built
+                self.current.close()
+                self.current = None
+            self._set_source(None)
+
+    def _set_source(self, source: bytes | BaseFile | None) -> None:
+        if isinstance(self.source, BaseFile):
+            self.source.close()
+        self.source = source
+
+    def _run(self) -> None:
         ops, pos, index = self.ops, 0, 0
-        current: tuple[bytes, FileHeader, int] | None = None  # with the size its 'open' gave
-        content = bytearray()
-        source: bytes | None = None
         arg = self._arg
 
         def next_object() -> tuple[Kind, bytes]:
@@ -207,6 +289,7 @@ class PartApplier:
         while pos < len(ops):
             op = chr(ops[pos])
             pos += 1
+            current = self.current
             if op == "S":
                 kind, checksum = next_object()
                 if kind is Kind.FILE:
@@ -223,34 +306,41 @@ class PartApplier:
                 kind, checksum = next_object()
                 if kind is not Kind.FILE:
                     raise OstreeError(f"{self.where}: 'open' of a {kind.name.lower()} object")
-                current = (checksum, self._header(mode_idx, xattr_idx, size, checksum), size)
-                content = bytearray()
+                if current is not None:
+                    raise OstreeError(f"{self.where}: 'open' while another file is open")
+                header = self._header(mode_idx, xattr_idx, size, checksum)
+                self.current = _Building(checksum, header, size, self.inline_max, self.tmp_dir)
             elif op == "w":
                 (size, offset), pos = arg(pos, 2)
                 # bounded by the open file's size: writes of the same bytes again and again
                 # would otherwise grow it without end
-                if current is None or len(content) + size > current[2]:
+                if current is None or current.length + size > current.size:
                     raise OstreeError(f"{self.where}: 'write' beyond the size of the open file, or with none open")
-                content += self._slice(source if source is not None else self.data, offset, size)
+                source = self.source if self.source is not None else self.data
+                if offset + size > len(source):
+                    raise OstreeError(f"{self.where}: opcode reads beyond its data ({offset}+{size} > {len(source)})")
+                for at in range(offset, offset + size, PIECE):
+                    current.append(source[at:min(at + PIECE, offset + size)])
             elif op == "r":
                 (offset,), pos = arg(pos, 1)
-                source = self.read_base(self._slice(self.data, offset, CHECKSUM_SIZE))
+                self._set_source(self.read_base(self._slice(self.data, offset, CHECKSUM_SIZE)))
             elif op == "R":
-                source = None
+                self._set_source(None)
             elif op == "B":
                 (offset, length), pos = arg(pos, 2)
-                if source is None or current is None:
+                if self.source is None or current is None:
                     raise OstreeError(f"{self.where}: bspatch without a read source or an open file")
-                content += bspatch(source, self._slice(self.data, offset, length), current[1].size - len(content),
-                                   self.where)
+                current.append(bspatch(self.source, self._slice(self.data, offset, length),
+                                       current.size - current.length, self.where))
             elif op == "c":
                 if current is None:
                     raise OstreeError(f"{self.where}: 'close' without an open file")
-                self._finish(current[0], current[1], bytes(content))
-                current, source, content = None, None, bytearray()
+                self._finish_built(current)
+                self.current = None
+                self._set_source(None)
             else:
                 raise OstreeError(f"{self.where}: unknown opcode {op!r}")
-        if index != len(self.objects) or current is not None:
+        if index != len(self.objects) or self.current is not None:
             raise OstreeError(f"{self.where}: the opcodes do not build every object the part lists")
 
     def _arg(self, pos: int, n: int) -> tuple[list[int], int]:
@@ -259,6 +349,19 @@ class PartApplier:
             v, pos = _varuint(self.ops, pos, self.where)
             values.append(v)
         return values, pos
+
+    def _finish_built(self, built: _Building) -> None:
+        if built.fd is None:
+            self._finish(built.checksum, built.header, bytes(built.small))
+            return
+        if built.length != built.header.size:
+            raise OstreeError(f"{describe(built.checksum, Kind.FILE)}: the delta gives {built.length} "
+                              f"of {built.header.size} bytes")
+        built.header.check(built.checksum)
+        if built.hasher.digest() != built.checksum:
+            raise OstreeError(f"{describe(built.checksum, Kind.FILE)}: {MISMATCH}")
+        fd, built.fd = built.fd, None  # the receiver closes it now
+        self.store(built.checksum, FetchedFile(built.header, fd=fd))
 
     def _finish(self, checksum: bytes, header: FileHeader, content: bytes) -> None:
         if stat.S_ISLNK(header.mode):
@@ -269,7 +372,16 @@ class PartApplier:
             raise OstreeError(f"{describe(checksum, Kind.FILE)}: the delta gives {len(content)} of {header.size} bytes")
         header.check(checksum)
         check_file(header, checksum, content)
-        self.store(checksum, header, content)
+        if header.is_symlink or header.size <= self.inline_max:
+            self.store(checksum, FetchedFile(header, content=content))
+            return
+        fd = _tmpfile(self.tmp_dir)
+        try:
+            write_all(fd, content)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.store(checksum, FetchedFile(header, fd=fd))
 
 
 def decompress_part(raw: bytes, where: str) -> tuple:
@@ -295,7 +407,7 @@ def decompress_part(raw: bytes, where: str) -> tuple:
 
 
 def apply_parts(superblock: Superblock, fetch_part: Callable[[int], bytes], base: CommitObjects | None,
-                repo_read: Callable[[bytes], bytes], inline_max: int, tmp_dir: str,
+                repo_open: Callable[[bytes], int], inline_max: int, tmp_dir: str,
                 keep_file: Callable[[bytes, FetchedFile], None]) -> CommitObjects:
     """Every object the delta carries: metadata in the result, file objects through keep_file
     (small ones inline in the result). Blocking: a pull runs it on a thread."""
@@ -303,23 +415,19 @@ def apply_parts(superblock: Superblock, fetch_part: Callable[[int], bytes], base
     result = CommitObjects(superblock.to_commit)
     result.add(superblock.to_commit, Entry(superblock.commit_data))
 
-    def read_base(checksum: bytes) -> bytes:
+    def read_base(checksum: bytes) -> bytes | BaseFile:
         if base is None:
             raise OstreeError(f"static delta {name}: reads object {checksum.hex()} of a base it does not have")
         _header, external, content = base.file_header(checksum)
-        return repo_read(external) if external is not None else content
+        if external is None:
+            return content
+        return BaseFile(repo_open(external), f"the stored object of base file {checksum.hex()}")
 
-    def store(checksum: bytes, header: FileHeader, content: bytes) -> None:
-        if header.is_symlink or header.size <= inline_max:
-            result.add(checksum, Entry(header.archive_header() + content))
-            return
-        fd = _tmpfile(tmp_dir)
-        try:
-            write_all(fd, content)
-        except BaseException:
-            os.close(fd)
-            raise
-        keep_file(checksum, FetchedFile(header, fd=fd))
+    def store(checksum: bytes, fetched: FetchedFile) -> None:
+        if fetched.content is not None:
+            result.add(checksum, Entry(fetched.header.archive_header() + fetched.content))
+        else:
+            keep_file(checksum, fetched)
 
     def store_meta(kind: Kind, checksum: bytes, data: bytes) -> None:
         result.add(checksum, Entry(data))
@@ -331,7 +439,8 @@ def apply_parts(superblock: Superblock, fetch_part: Callable[[int], bytes], base
             raw = fetch_part(i)
         if hashlib.sha256(raw).digest() != part.checksum:
             raise OstreeError(f"{where}: content does not match its checksum")
-        PartApplier(where, decompress_part(raw, where), part.objects, read_base, store, store_meta).run()
+        PartApplier(where, decompress_part(raw, where), part.objects, read_base, store, store_meta,
+                    inline_max, tmp_dir).run()
     return result
 
 

@@ -161,10 +161,7 @@ class _Puller:
         def keep_file(file_checksum: bytes, fetched: FetchedFile) -> None:
             trio.from_thread.run(self._keep, store, file_checksum, fetched, trio_token=token)
 
-        def read_object(object_id: bytes) -> bytes:
-            return core.repo.read_object(object_id)
-
-        objects = await trio.to_thread.run_sync(apply_parts, superblock, fetch_part, base, read_object,
+        objects = await trio.to_thread.run_sync(apply_parts, superblock, fetch_part, base, core.repo.open_object,
                                                 core.inline_max, core.tmp_dir, keep_file)
         core.add_base(objects, "static delta to")
         if base is not None:

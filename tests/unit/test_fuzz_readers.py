@@ -252,7 +252,7 @@ def test_delta_part_applier(data):
     try:
         payload = decompress_part(data, "fuzz")
         PartApplier("fuzz", payload, [(Kind.FILE, CSUM), (Kind.FILE, b"\1" * 32)], lambda c: b"base",
-                    lambda c, h, content: stored.append(content), lambda k, c, d: None).run()
+                    lambda c, fetched: stored.append(fetched), lambda k, c, d: None, 1024, "/tmp").run()
     except OstreeError:
         pass
 
