@@ -501,90 +501,154 @@ class _Body:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+# Redirects (301, 302, 303, 307, 308) are followed per request, as libcurl does for ostree:
+# one of the repository's `config` or `summary` does not move later objects. At most
+# MAX_REDIRECTS hops a request, to http or https only, never from https down to http.
+REDIRECTS = frozenset((301, 302, 303, 307, 308))
+MAX_REDIRECTS = 10
+# Idle connections are kept per origin (scheme, host, port): the repository's own, and those
+# of at most MAX_ORIGINS hosts redirected to (a mirror, a CDN), the least recently used
+# closed first.
+MAX_ORIGINS = 4
+MAX_LOCATION = 8 << 10
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+Origin = tuple[str, str, int]
+
+
+class _Retry(Exception):
+    """A failure worth another attempt (a 5xx, a reset, a timeout): its text."""
+
+
 class HttpRepo(_Summary):
     """An archive repository at an http:// or https:// URL (kept-alive connections, one per
-    concurrent fetch; retries with exponential backoff on 5xx, resets and timeouts)."""
+    concurrent fetch; retries with exponential backoff on 5xx, resets and timeouts;
+    redirects followed)."""
 
     def __init__(self, url: str, timeout: float = 30.0, attempts: int = 5, backoff: float = 0.25) -> None:
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        origin = _origin(parts)
+        if origin is None:
             raise OstreeError(f"{url!r} is not an http:// or https:// URL")
         self.url = url
         self.description = url
-        self._scheme = parts.scheme
-        self._host = parts.hostname
-        self._port = parts.port
+        self._origin = origin
         self._base = parts.path.rstrip("/") + "/"
         self._timeout = timeout
         self._attempts = attempts
         self._backoff = backoff
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: dict[Origin, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self.requests = 0
         self.archive = True
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._idle:
-                conn.close()
+            for conns in self._idle.values():
+                for conn in conns:
+                    conn.close()
             self._idle.clear()
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self, origin: Origin) -> http.client.HTTPConnection:
         import http.client
 
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        conn = cls(self._host, self._port, timeout=self._timeout)
+            idle = self._idle.get(origin)
+            if idle:
+                return idle.pop()
+        scheme, host, port = origin
+        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        conn = cls(host, port, timeout=self._timeout)
         conn.response_class = _paced_response  # type: ignore[assignment]
         return conn
 
-    def get(self, path: str, consume: Callable[[_Body], T], what: str) -> T:
-        """GET base/path and hand the body to consume; a 404 raises _NotFound."""
-        import http.client
+    def _release(self, origin: Origin, conn: http.client.HTTPConnection) -> None:
+        """conn kept idle for the next request to origin; the least recently used other
+        origin's connections closed when more than MAX_ORIGINS others would be kept."""
+        closing: list[http.client.HTTPConnection] = []
+        with self._lock:
+            idle = self._idle.pop(origin, [])
+            idle.append(conn)
+            self._idle[origin] = idle  # (last in the dict: the most recently used)
+            others = [o for o in self._idle if o != self._origin]
+            for old in others[:max(0, len(others) - MAX_ORIGINS)]:
+                closing += self._idle.pop(old)
+        for c in closing:
+            c.close()
 
+    def get(self, path: str, consume: Callable[[_Body], T], what: str) -> T:
+        """GET base/path (following redirects) and hand the body to consume; a 404 raises
+        _NotFound."""
+        target = self._base + urllib.parse.quote(path, safe="/+")
+        first = _url(self._origin, target)
         last = ""
         for attempt in range(self._attempts):
             if attempt:
                 time.sleep(self._backoff * (1 << (attempt - 1)))
-            conn = self._connection()
+            origin, request = self._origin, target
+            seen = {first}
             try:
-                with self._lock:
-                    self.requests += 1
-                conn.request("GET", self._base + urllib.parse.quote(path, safe="/+"))
-                resp = conn.getresponse()
-                body = _Body(resp)
-                if resp.status == 200:
-                    result = consume(body)
-                    if body.read(1):
-                        raise OstreeError(f"{what}: more data than expected from {self.url}")
-                    keep = True
-                else:
-                    # an error page is read (to keep the connection) only while it is small
-                    keep = len(body.read(MAX_ERROR_BODY + 1)) <= MAX_ERROR_BODY
-                    if resp.status != 404:
-                        last = f"HTTP {resp.status} {resp.reason}"
-                        conn.close()
-                        if resp.status >= 500 or resp.status in (408, 429):
-                            continue
-                        raise OstreeError(f"fetching {what} from {self.url}: {last}")
-            except (OSError, http.client.HTTPException) as e:
-                conn.close()
-                last = str(e) or type(e).__name__
+                for hops in range(MAX_REDIRECTS + 1):
+                    status, value = self._once(origin, request, consume, what, hops > 0)
+                    if status == 200:
+                        return value
+                    if status == 404:
+                        raise _NotFound()
+                    origin, request = _follow(origin, request, value, first, what)
+                    url = _url(origin, request)
+                    if url in seen:
+                        raise OstreeError(f"fetching {what} from {first}: redirect loop "
+                                          f"(back to {url} after {hops + 1} redirects)")
+                    seen.add(url)
+            except _Retry as e:
+                last = str(e)
                 continue
-            except BaseException:
-                conn.close()
-                raise
-            if resp.will_close or not keep:
-                conn.close()
-            else:
-                with self._lock:
-                    self._idle.append(conn)
-            if resp.status == 404:
-                raise _NotFound()
-            return result
+            raise OstreeError(f"fetching {what} from {first}: more than {MAX_REDIRECTS} redirects")
         raise OstreeError(f"fetching {what} from {self.url} failed after {self._attempts} attempts: {last}")
+
+    def _once(self, origin: Origin, request: str, consume: Callable[[_Body], T], what: str,
+              redirected: bool) -> tuple[int, Any]:
+        """One request: (200, what consume returned), (404, None) or (a redirect status,
+        its Location); _Retry for a failure worth another attempt."""
+        import http.client
+
+        conn = self._connection(origin)
+        value: Any = None
+        try:
+            with self._lock:
+                self.requests += 1
+            conn.request("GET", request)
+            resp = conn.getresponse()
+            body = _Body(resp)
+            if resp.status == 200:
+                value = consume(body)
+                if body.read(1):
+                    raise OstreeError(f"{what}: more data than expected from {_url(origin, request)}")
+                keep = True
+            else:
+                # an error page is read (to keep the connection) only while it is small
+                keep = len(body.read(MAX_ERROR_BODY + 1)) <= MAX_ERROR_BODY
+                if resp.status in REDIRECTS:
+                    value = resp.headers.get_all("Location") or []
+                elif resp.status != 404:
+                    last = f"HTTP {resp.status} {resp.reason}"
+                    if redirected:
+                        last += f" from {_url(origin, request)}"
+                    conn.close()
+                    if resp.status >= 500 or resp.status in (408, 429):
+                        raise _Retry(last)
+                    raise OstreeError(f"fetching {what} from {self.url}: {last}")
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise _Retry(str(e) or type(e).__name__) from None
+        except BaseException:
+            conn.close()
+            raise
+        if resp.will_close or not keep:
+            conn.close()
+        else:
+            self._release(origin, conn)
+        return resp.status, value
 
     def resolve(self, ref: str) -> bytes:
         """A commit checksum, a ref from the summary, else refs/heads/REF (served without summary)."""
@@ -635,6 +699,55 @@ class HttpRepo(_Summary):
         if len(data) > limit:
             raise OstreeError(f"{path} at {self.url} is larger than {limit} bytes")
         return data
+
+
+def _origin(parts: urllib.parse.SplitResult) -> Origin | None:
+    """(scheme, host, port) of an http or https URL; None for another scheme, no host or a
+    bad port."""
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    return parts.scheme, parts.hostname, port or _DEFAULT_PORTS[parts.scheme]
+
+
+def _url(origin: Origin, request: str) -> str:
+    scheme, host, port = origin
+    netloc = f"[{host}]" if ":" in host else host
+    if port != _DEFAULT_PORTS[scheme]:
+        netloc += f":{port}"
+    return f"{scheme}://{netloc}{request}"
+
+
+def _follow(origin: Origin, request: str, locations: list[str], first: str, what: str) -> tuple[Origin, str]:
+    """Where a redirect from origin+request to its Location leads: (origin, request path);
+    one error for a missing or invalid Location, a scheme other than http and https, and
+    https down to http."""
+    here = _url(origin, request)
+    where = f"fetching {what} from {first}: the redirect from {here}"
+    if len(locations) != 1:
+        raise OstreeError(f"{where} has {len(locations) or 'no'} Location headers: one is needed")
+    location = locations[0].strip()
+    if not location:
+        raise OstreeError(f"{where} has an empty Location")
+    # http.client refuses a request line with spaces or controls; non-ASCII is not a URL
+    if len(location) > MAX_LOCATION or not location.isascii() or any(c <= " " or c == "\x7f" for c in location):
+        raise OstreeError(f"{where} has an invalid Location {location[:200]!r}")
+    try:
+        parts = urllib.parse.urlsplit(urllib.parse.urljoin(here, location))
+    except ValueError:
+        raise OstreeError(f"{where} has an invalid Location {location[:200]!r}") from None
+    if parts.scheme not in _DEFAULT_PORTS:
+        raise OstreeError(f"{where} leads to {location[:200]!r}: only http:// and https:// are followed")
+    target = _origin(parts)
+    if target is None:
+        raise OstreeError(f"{where} has an invalid Location {location[:200]!r}")
+    if origin[0] == "https" and target[0] == "http":
+        raise OstreeError(f"{where} leads to {location[:200]!r}: refused, a redirect from https to plain http "
+                          "would drop TLS (the server's identity and the transfer's privacy)")
+    return target, (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 def open_source(location: str) -> LocalRepo | HttpRepo:

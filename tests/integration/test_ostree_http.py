@@ -56,6 +56,13 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         server: Server = self.server.owner  # type: ignore[attr-defined]
         path = self.path.split("?")[0].lstrip("/")
         action = server.arrive(path)
+        moved = server.redirect(path) if server.redirect is not None else None
+        if moved is not None:
+            self.send_response(moved[0])
+            self.send_header("Location", moved[1])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if action == "drop":
             self.close_connection = True  # no response at all: the peer sees a reset
             return
@@ -70,7 +77,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 class Server:
     """Serves `root`; `overrides[path]` is "drop", "cut", an HTTP status, bytes to serve, or a list of
-    those to use one per request; after `dead_after` .filez answers every request is dropped."""
+    those to use one per request; after `dead_after` .filez answers every request is dropped;
+    `redirect(path)`, when set, answers (status, Location) or None to serve the path."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -79,6 +87,7 @@ class Server:
         self.overrides: dict[str, object] = {}
         self.dead_after: int | None = None
         self.delay = 0.0
+        self.redirect: Callable[[str], tuple[int, str] | None] | None = None
         self._lock = threading.Lock()
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(root)))
         self._httpd.daemon_threads = True
@@ -99,6 +108,7 @@ class Server:
             self.overrides.clear()
             self.dead_after = None
             self.delay = 0.0
+            self.redirect = None
 
     def arrive(self, path: str) -> object:
         with self._lock:
@@ -415,6 +425,102 @@ def _listed(table: str) -> dict[str, str]:
     lines = table.splitlines()
     assert lines[0].split() == ["REF", "COMMIT"]
     return dict(line.split() for line in lines[1:])
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_redirects_to_another_origin_are_followed(site, server, tmp_path, status):
+    """Every request of a pull redirected to the repository on another port (another
+    origin): the pull is the checkout, each object fetched once there."""
+    _base, repo, v1, _ = site
+    with served_copy(repo, tmp_path) as (_work, srv):
+        srv.redirect = lambda path: (status, server.url + path)
+        cfs = tmp_path / "cfs"
+        pycfs(cfs, "init")
+        result = json.loads(pycfs(cfs, "ostree", "pull", srv.url, "main", "--json").stdout)
+        assert result["commit"] == v1
+        assert sorted(server.objects_requested()) == sorted(srv.objects_requested()) == sorted(object_files(repo))
+        assert result["requests"] == len(srv.requests) + len(server.requests)
+    checkout = tmp_path / "checkout"
+    ostree("checkout", f"--repo={repo}", "main", checkout)
+    with Repository.open(cfs) as r:
+        assert describe_image(r, bytes.fromhex(result["image"])) == describe_dir(checkout)
+
+
+def test_relative_redirects_and_a_moved_ref_only(site, server, tmp_path):
+    """A relative Location (`../../current/...`) is resolved against the request's URL; a
+    redirect of one file (the ref) does not move the others (as libcurl follows per request)."""
+    _base, repo, v1, _ = site
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "current").symlink_to(repo)
+    srv = Server(www)
+    try:
+        srv.redirect = lambda path: ((303, "../" * path.count("/") + "current/" + path.split("/", 1)[1])
+                                     if path.startswith("old/") else None)
+        cfs = tmp_path / "cfs"
+        pycfs(cfs, "init")
+        result = json.loads(pycfs(cfs, "ostree", "pull", srv.url + "old", "main", "--json").stdout)
+        assert result["commit"] == v1
+        objects = sorted(object_files(repo))
+        assert sorted(p for p in srv.requests if p.startswith("old/objects/")) == ["old/" + p for p in objects]
+        assert sorted(p for p in srv.requests if p.startswith("current/objects/")) == ["current/" + p for p in objects]
+        checkout = tmp_path / "checkout"
+        ostree("checkout", f"--repo={repo}", "main", checkout)
+        with Repository.open(cfs) as r:
+            assert describe_image(r, bytes.fromhex(result["image"])) == describe_dir(checkout)
+        # only the ref moved: the objects are fetched where they were
+        srv.requests.clear()
+        srv.redirect = lambda path: (302, server.url + path.split("/", 1)[1]) if "/refs/" in path else None
+        server.requests.clear()
+        other = tmp_path / "other"
+        pycfs(other, "init")
+        again = json.loads(pycfs(other, "ostree", "pull", srv.url + "current/", "main", "--json").stdout)
+        assert again["image"] == result["image"]
+        assert server.requests == ["refs/heads/main"]
+        assert sorted(p for p in srv.requests if "/objects/" in p) == ["current/" + p for p in objects]
+    finally:
+        srv.close()
+
+
+def _hops(n: int, url: str) -> Callable[[str], tuple[int, str] | None]:
+    """hop/0/P -> hop/1/P ... -> hop/n/P -> url + P: n + 1 redirects."""
+    def redirect(path: str) -> tuple[int, str] | None:
+        if not path.startswith("hop/"):
+            return None
+        _hop, k, rest = path.split("/", 2)
+        return (302, f"/hop/{int(k) + 1}/{rest}") if int(k) < n else (302, url + rest)
+    return redirect
+
+
+@pytest.mark.parametrize("case, moved, message", [
+    ("loop", lambda url: lambda path: (301, "/" + ("b" if path.startswith("a/") else "a") + path[1:]),
+     "redirect loop (back to {u}a/summary after 2 redirects)"),
+    ("11 hops", lambda url: _hops(10, url), "more than 10 redirects"),
+    ("file", lambda url: lambda path: (302, "file:///etc/passwd"),
+     "the redirect from {u}a/summary leads to 'file:///etc/passwd': only http:// and https:// are followed"),
+    ("ftp", lambda url: lambda path: (307, "ftp://127.0.0.1/repo/summary"),
+     "the redirect from {u}a/summary leads to 'ftp://127.0.0.1/repo/summary': "
+     "only http:// and https:// are followed"),
+    ("no location", lambda url: lambda path: (308, ""), "the redirect from {u}a/summary has an empty Location"),
+    ("bad port", lambda url: lambda path: (301, "http://127.0.0.1:99999/x"),
+     "the redirect from {u}a/summary has an invalid Location 'http://127.0.0.1:99999/x'"),
+], ids=["loop", "11-hops", "file", "ftp", "no-location", "bad-port"])  # fmt: skip
+def test_bad_redirects_are_one_line_naming_the_first_url(site, server, tmp_path, case, moved, message):
+    with served_copy(site[1], tmp_path) as (_work, srv):
+        srv.redirect = moved(server.url)
+        cfs = tmp_path / "cfs"
+        pycfs(cfs, "init")
+        start = srv.url + ("hop/0" if case == "11 hops" else "a")
+        err = pycfs(cfs, "ostree", "pull", start, "main", check=False)
+        first = f"{start}/summary"
+        assert err.returncode == 1 and err.stderr == (
+            f"pycfs: error: fetching summary from {first}: {message.format(u=srv.url)}\n")
+        assert len(srv.requests) == (11 if case == "11 hops" else 2 if case == "loop" else 1)
+        assert "status: ok" in pycfs(cfs, "fsck").stdout
+        # ten redirects are followed
+        srv.redirect = _hops(9, server.url)
+        result = json.loads(pycfs(cfs, "ostree", "pull", srv.url + "hop/0", "main", "--json").stdout)
+        assert result["commit"] == site[2]
 
 
 def _largest(repo: Path, suffix: str = ".filez") -> str:

@@ -1,9 +1,11 @@
 """HttpRepo against hostile HTTP peers (a raw socket server in a thread, scripted per
 connection): an endless error page, and a body or headers dripped a byte at a time, are
-each bounded in what they make the pull read and how long they hold it."""
+each bounded in what they make the pull read and how long they hold it. Redirects: kept
+connections per origin, a bounded number of origins, retries, https never down to http."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -23,6 +25,7 @@ class Peer:
         self.script = script
         self.sent = 0
         self.connections = 0
+        self.request = b""  # the last request's bytes
         self._stop = threading.Event()
         self._sock = socket.create_server(("127.0.0.1", 0))
         self._sock.settimeout(0.05)
@@ -43,7 +46,8 @@ class Peer:
         conn.settimeout(10)
         with conn:
             try:
-                while conn.recv(65536):  # a request (each fits one recv), until the client closes
+                while request := conn.recv(65536):  # a request (each fits one recv), until the client closes
+                    self.request = request
                     self.script(self, conn)
             except OSError:
                 pass  # the client went away
@@ -145,3 +149,80 @@ def test_time_the_reader_spends_between_reads_is_not_the_servers(quick_limits):
     finally:
         ours.close()
         theirs.close()
+
+
+def _answer(body: bytes) -> Callable[[Peer, socket.socket], None]:
+    return lambda p, c: p.send(c, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def _moved(location: Callable[[str], str], status: int = 302) -> Callable[[Peer, socket.socket], None]:
+    """Each request redirected to location(its path)."""
+    def script(p: Peer, c: socket.socket) -> None:
+        path = p.request.split(b" ")[1].decode()
+        p.send(c, b"HTTP/1.1 %d Moved\r\nLocation: %s\r\nContent-Length: 4\r\n\r\nbody"
+               % (status, location(path).encode()))
+    return script
+
+
+def test_redirected_connections_are_kept_per_origin_and_bounded(peer):
+    mirrors = [peer(_answer(b"mirror %d" % i)) for i in range(source.MAX_ORIGINS + 2)]
+    front = peer(_moved(lambda path: mirrors[int(path.rsplit("/", 1)[1])].url + path))
+    repo = HttpRepo(front.url, attempts=1)
+    try:
+        for i in range(len(mirrors)):  # the first two mirrors' connections closed for the last ones
+            assert repo.fetch_optional(str(i), 100) == b"mirror %d" % i
+        assert len(repo._idle) == source.MAX_ORIGINS + 1  # (the front's own, and the others)
+        for i in reversed(range(len(mirrors))):  # the last ones' kept, the first one's opened again
+            assert repo.fetch_optional(str(i), 100) == b"mirror %d" % i
+        assert front.connections == 1
+        assert [m.connections for m in mirrors] == [2, 2] + [1] * source.MAX_ORIGINS
+        assert len(repo._idle) == source.MAX_ORIGINS + 1
+        assert repo.requests == 2 * 2 * len(mirrors)
+    finally:
+        repo.close()
+
+
+def test_a_failure_after_a_redirect_is_retried_from_the_first_url(peer):
+    answers = iter([b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n",
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"])
+    mirror = peer(lambda p, c: p.send(c, next(answers)))
+    front = peer(_moved(lambda path: mirror.url + "/x", 307))
+    repo = HttpRepo(front.url, attempts=2, backoff=0.01)
+    try:
+        assert repo.fetch_optional("summary", 100) == b"ok"
+        assert repo.requests == 4 and front.connections == 1
+    finally:
+        repo.close()
+    failing = peer(lambda p, c: p.send(c, b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n"))
+    front = peer(_moved(lambda path: failing.url + "/y"))
+    repo = HttpRepo(front.url, attempts=2, backoff=0.01)
+    try:
+        with pytest.raises(OstreeError) as e:
+            repo.fetch_optional("summary", 100)
+    finally:
+        repo.close()
+    assert str(e.value) == (f"fetching summary from {front.url} failed after 2 attempts: "
+                            f"HTTP 503 Busy from {failing.url}/y")
+
+
+@pytest.mark.parametrize("location, error", [
+    ("http://mirror.example/repo/summary",
+     "leads to 'http://mirror.example/repo/summary': refused, a redirect from https to plain http would drop TLS"),
+    ("//mirror.example:8443/r#f", "https://mirror.example:8443/r"),  # scheme-relative: https kept
+    ("https://[::1]:443/r?a=b", "https://[::1]/r?a=b"),
+    ("r2", "https://origin.example/repo/r2"),
+    ("/r space", "has an invalid Location '/r space'"),
+    ("https://h\u00e9/", "has an invalid Location"),
+])  # fmt: skip
+def test_redirect_targets(location, error):
+    origin = ("https", "origin.example", 443)
+    if error.startswith("https:"):
+        assert source._url(*source._follow(origin, "/repo/summary", [location], "F", "summary")) == error
+    else:
+        with pytest.raises(OstreeError, match="^fetching summary from F: the redirect from "
+                           "https://origin.example/repo/summary " + re.escape(error)):
+            source._follow(origin, "/repo/summary", [location], "F", "summary")
+    with pytest.raises(OstreeError, match="has 2 Location headers: one is needed"):
+        source._follow(origin, "/x", ["/a", "/b"], "F", "summary")
+    with pytest.raises(OstreeError, match="has no Location headers: one is needed"):
+        source._follow(origin, "/x", [], "F", "summary")
