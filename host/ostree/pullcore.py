@@ -18,8 +18,9 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pycfs.host.errors import PycfsError
@@ -61,6 +62,9 @@ HERE_BYTES = 1 << 20
 # ... and at most this many of them: each is held open until all are stored (well below
 # the usual 1024-fd soft limit).
 HERE_FILES = 256
+# Files to a store request when the object workers take them all (about 64 a request
+# kept answer and request round trips a small part of the host's work).
+STORE_BATCH = 64
 T = TypeVar("T")
 
 if TYPE_CHECKING:
@@ -368,6 +372,51 @@ class PullCore:
         if sent:
             self.early.append((params, batch))
         return sent
+
+    def store_forked(self, forked: Sequence[Forked]) -> PullResult:
+        """The walked pull's remaining files fetched here and stored by the forked workers
+        (`fork_workers`, whose early requests' answers are taken too), then the image:
+        all of it without an event loop (`pycfs.host.workers.blocking`). The workers are
+        this call's: stopped and reaped whatever happens."""
+        early = {id(params): batch for params, batch in self.early}
+        self.early = []
+        try:
+            from pycfs.host.workers.blocking import BlockingStore
+
+            workers = BlockingStore(forked, self.repo.digest_size,
+                                    lambda params: partial(self.take_stored, early.pop(id(params))))
+        except BaseException:
+            from pycfs.host.workers.fork import discard
+
+            discard(forked)
+            self.checkpoint_after_failure()
+            raise
+        try:
+            files, self.files = self.files, []
+            for start in range(0, len(files), STORE_BATCH):
+                batch = []
+                try:
+                    for checksum in files[start:start + STORE_BATCH]:
+                        fetched = self.fetch_file(checksum)
+                        if fetched.fd is None:
+                            self.inlined(checksum, fetched)
+                        else:
+                            batch.append((checksum, fetched))
+                    if batch:
+                        workers.store([f.fd for _, f in batch], self.store_params(batch), partial(self.take_stored, batch))
+                finally:
+                    close_fds([f for _, f in batch])  # (once sent, the worker has its own)
+                if time.monotonic() - self.last_checkpoint > CHECKPOINT_SECONDS:
+                    self.checkpoint()
+            workers.drain()
+            workers.close_input()  # the workers exit while the image is built
+            image_id = self.finish_image()
+        except BaseException:
+            workers.close(abort=True)
+            self.checkpoint_after_failure()
+            raise
+        workers.close()
+        return self.result(image_id)
 
     # ---- the end -------------------------------------------------------------------
 
