@@ -8,8 +8,10 @@ microseconds, and is checked against its checksum before its children are looked
 and when the files still missing come to at most HERE_BYTES of content it stores them
 here too and finishes: an update of a few files, or a re-pull, starts neither trio nor
 an object worker (their start-up was most of such a pull's time). Anything bigger is
-returned as a `PullCore` for `pycfs.host.ostree.pull.run_prepared`, which fetches and
-stores the files concurrently (over HTTP, the metadata too, while the files arrive).
+returned as a `PullCore`: walked here, its files go to forked object workers by
+blocking calls (`fork_workers`, `store_forked`: every file is known, trio is not needed);
+otherwise `pycfs.host.ostree.pull.run_prepared` fetches and stores the files
+concurrently (over HTTP, the metadata too, while the files arrive).
 """
 
 from __future__ import annotations
@@ -320,10 +322,10 @@ class PullCore:
     def fork_workers(self) -> list[Forked]:
         """The object workers, forked now when the commit was walked here and its files are
         more than this process stores alone (none for a pull that does not know yet: its
-        pool starts them when it needs them). Call it before trio is imported (see
-        `pycfs.host.workers.fork`): each worker is written at once one STORE request of the
-        first files (`early`), which it stores while this process imports trio and starts
-        the pool (~0.07 s of CPU here, when a core would otherwise wait)."""
+        pool starts them when it needs them). Call it while the main thread is the only one
+        (see `pycfs.host.workers.fork`): each worker is written at once one STORE request of
+        the first files (`early`), which it stores while this process fetches the next
+        ones for `store_forked`."""
         if not self.walked or not self.files:
             return []
         # here: an update or a re-pull forks none
