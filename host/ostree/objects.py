@@ -247,8 +247,10 @@ class FileHeader:
         if "\0" in self.symlink_target:
             raise GVariantError("symlink target contains NUL")
         target = self.symlink_target.encode() + b"\0"
-        variant = frame(fixed + target + (encode(XATTRS_TYPE, self.xattrs) if self.xattrs else b""),
-                        [len(fixed) + len(target)])
+        end = len(fixed) + len(target)
+        if not self.xattrs and end < 0xFF:  # (most files: one offset byte, ~3 us less a call)
+            return SIZED.pack(end + 1) + fixed + target + bytes((end,))
+        variant = frame(fixed + target + (encode(XATTRS_TYPE, self.xattrs) if self.xattrs else b""), [end])
         return SIZED.pack(len(variant)) + variant
 
     def archive_header(self) -> bytes:

@@ -28,7 +28,6 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Sequence
 from functools import partial
 
 import trio
@@ -36,13 +35,19 @@ from pycfs.host.nursery import open_nursery
 from pycfs.host.ostree.commitstream import has_commit, load_stream, stream_name
 from pycfs.host.ostree.delta import MAX_PART, MAX_SUPERBLOCK, apply_parts, delta_dir, delta_name, find_delta, parse_superblock
 from pycfs.host.ostree.objects import Commit, Kind, OstreeError
-from pycfs.host.ostree.pullcore import CHECKPOINT_SECONDS, PullCore, PullOptions, PullResult, close_fds, prepare_pull
+from pycfs.host.ostree.pullcore import (
+    CHECKPOINT_SECONDS,
+    STORE_BATCH,
+    PullCore,
+    PullOptions,
+    PullResult,
+    close_fds,
+    prepare_pull,
+)
 from pycfs.host.ostree.source import FetchedFile, HttpRepo, LocalRepo
 from pycfs.host.repository import Repository
-from pycfs.host.workers.fork import Forked
 from pycfs.host.workers.pool import WorkerPool, open_pool
 
-STORE_BATCH = 64
 # A local repository answers in microseconds: objects are read many to a thread hop (the
 # hop costs more than the read), by a few threads. Over HTTP each object is its own fetch.
 LOCAL_BATCH = 32
@@ -110,9 +115,6 @@ class _Puller:
         files, core.files = core.files, []
         limiter = trio.CapacityLimiter(pool.batches_in_flight(STORE_BATCH))
         async with open_nursery() as nursery:
-            early, core.early = core.early, []
-            for params, sent in early:
-                nursery.start_soon(self._stored_early, params, sent, pool)
             for start in range(0, len(files), STORE_BATCH):
                 fetched = await trio.to_thread.run_sync(self._fetch_files, files[start:start + STORE_BATCH])
                 batch = []
@@ -128,9 +130,6 @@ class _Puller:
                         close_fds([f for _, f in batch])
                         raise
                     nursery.start_soon(self._store, batch, pool, limiter)
-
-    async def _stored_early(self, params: dict, batch: list[tuple[bytes, FetchedFile]], pool: WorkerPool) -> None:
-        self.core.take_stored(batch, await pool.stored_early(params, len(batch)))
 
     async def _delta(self, source: LocalRepo | HttpRepo, store: trio.MemorySendChannel[tuple[bytes, FetchedFile]]) -> None:
         """Apply a static delta to the commit when the source has one: its objects become a base."""
@@ -240,12 +239,11 @@ class _Puller:
             core.checkpoint()
 
 
-async def run_prepared(core: PullCore, forked: Sequence[Forked] = ()) -> PullResult:
-    """The rest of a pull `prepare_pull` could not finish: fetch and store concurrently
-    (``forked``: the object workers, from `PullCore.fork_workers`)."""
+async def run_prepared(core: PullCore) -> PullResult:
+    """The rest of a pull `prepare_pull` could not finish (nor `PullCore.store_forked`):
+    fetch and store concurrently."""
     try:
-        async with open_pool(repo=core.repo, jobs=len(forked) or core.options.jobs, small_here=not forked,
-                             forked=forked) as pool:
+        async with open_pool(repo=core.repo, jobs=core.options.jobs, small_here=True) as pool:
             await _Puller(core).run(pool)
             pool.close_input()  # the workers exit while the image is built
             image_id = core.finish_image()

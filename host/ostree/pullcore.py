@@ -8,8 +8,10 @@ microseconds, and is checked against its checksum before its children are looked
 and when the files still missing come to at most HERE_BYTES of content it stores them
 here too and finishes: an update of a few files, or a re-pull, starts neither trio nor
 an object worker (their start-up was most of such a pull's time). Anything bigger is
-returned as a `PullCore` for `pycfs.host.ostree.pull.run_prepared`, which fetches and
-stores the files concurrently (over HTTP, the metadata too, while the files arrive).
+returned as a `PullCore`: walked here, its files go to forked object workers by
+blocking calls (`fork_workers`, `store_forked`: every file is known, trio is not needed);
+otherwise `pycfs.host.ostree.pull.run_prepared` fetches and stores the files
+concurrently (over HTTP, the metadata too, while the files arrive).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pycfs.host.errors import PycfsError
@@ -61,6 +64,9 @@ HERE_BYTES = 1 << 20
 # ... and at most this many of them: each is held open until all are stored (well below
 # the usual 1024-fd soft limit).
 HERE_FILES = 256
+# Files to a store request when the object workers take them all (about 64 a request
+# kept answer and request round trips a small part of the host's work).
+STORE_BATCH = 64
 T = TypeVar("T")
 
 if TYPE_CHECKING:
@@ -316,10 +322,10 @@ class PullCore:
     def fork_workers(self) -> list[Forked]:
         """The object workers, forked now when the commit was walked here and its files are
         more than this process stores alone (none for a pull that does not know yet: its
-        pool starts them when it needs them). Call it before trio is imported (see
-        `pycfs.host.workers.fork`): each worker is written at once one STORE request of the
-        first files (`early`), which it stores while this process imports trio and starts
-        the pool (~0.07 s of CPU here, when a core would otherwise wait)."""
+        pool starts them when it needs them). Call it while the main thread is the only one
+        (see `pycfs.host.workers.fork`): each worker is written at once one STORE request of
+        the first files (`early`), which it stores while this process fetches the next
+        ones for `store_forked`."""
         if not self.walked or not self.files:
             return []
         # here: an update or a re-pull forks none
@@ -368,6 +374,51 @@ class PullCore:
         if sent:
             self.early.append((params, batch))
         return sent
+
+    def store_forked(self, forked: Sequence[Forked]) -> PullResult:
+        """The walked pull's remaining files fetched here and stored by the forked workers
+        (`fork_workers`, whose early requests' answers are taken too), then the image:
+        all of it without an event loop (`pycfs.host.workers.blocking`). The workers are
+        this call's: stopped and reaped whatever happens."""
+        early = {id(params): batch for params, batch in self.early}
+        self.early = []
+        try:
+            from pycfs.host.workers.blocking import BlockingStore
+
+            workers = BlockingStore(forked, self.repo.digest_size,
+                                    lambda params: partial(self.take_stored, early.pop(id(params))))
+        except BaseException:
+            from pycfs.host.workers.fork import discard
+
+            discard(forked)
+            self.checkpoint_after_failure()
+            raise
+        try:
+            files, self.files = self.files, []
+            for start in range(0, len(files), STORE_BATCH):
+                batch = []
+                try:
+                    for checksum in files[start:start + STORE_BATCH]:
+                        fetched = self.fetch_file(checksum)
+                        if fetched.fd is None:
+                            self.inlined(checksum, fetched)
+                        else:
+                            batch.append((checksum, fetched))
+                    if batch:
+                        workers.store([f.fd for _, f in batch], self.store_params(batch), partial(self.take_stored, batch))
+                finally:
+                    close_fds([f for _, f in batch])  # (once sent, the worker has its own)
+                if time.monotonic() - self.last_checkpoint > CHECKPOINT_SECONDS:
+                    self.checkpoint()
+            workers.drain()
+            workers.close_input()  # the workers exit while the image is built
+            image_id = self.finish_image()
+        except BaseException:
+            workers.close(abort=True)
+            self.checkpoint_after_failure()
+            raise
+        workers.close()
+        return self.result(image_id)
 
     # ---- the end -------------------------------------------------------------------
 

@@ -239,18 +239,6 @@ class WorkerPool:
         finally:
             worker.assigned -= 1
 
-    async def stored_early(self, params: dict[str, Any], count: int) -> list[Stored | Failed]:
-        """The answer to a STORE request a forked worker was written, with its fds, before
-        the pool existed (`Forked.early`: ``params`` is the very dict sent, for ``count`` files)."""
-        early = self._take_early(lambda m, p: m == api.STORE and p is params)
-        if early is None:
-            raise ValueError("no such early store request")
-        worker, obj = await self._early_answer(*early)
-        try:
-            return api.stored_results(self._results(obj, count, api.STORE))
-        except ValueError as e:
-            raise PycfsError(f"the {worker.describe()} {e}") from None
-
     def _take_early(self, match: Callable[[str, dict[str, Any]], bool]) -> tuple[_Worker, _Reply] | None:
         for i, (method, params, worker, reply) in enumerate(self._early):
             if match(method, params):

@@ -126,25 +126,34 @@ def test_changed_bare_object_is_refused_and_nothing_committed(repos):
 
 _NO_TRIO = """
 import sys
+import pycfs.host.workers.fork as fork
 from pycfs.tools.cli import main
+real = fork.fork_workers
+forked = []
+def spy(*args, **kwargs):
+    forked.extend(real(*args, **kwargs))
+    return forked
+fork.fork_workers = spy
 rc = main(sys.argv[1:])
-print("trio loaded" if "trio" in sys.modules else "no trio", file=sys.stderr)
+print(("trio loaded" if "trio" in sys.modules else "no trio") + (", workers forked" if forked else ""), file=sys.stderr)
 sys.exit(rc)
 """
 
 
-def _pull_local(cfs: Path, *args: str | Path) -> tuple[dict, bool]:
-    """`pycfs ostree pull-local ARGS --json` on cfs: (its result, whether it loaded trio)."""
+def _pull_local(cfs: Path, *args: str | Path) -> tuple[dict, str]:
+    """`pycfs ostree pull-local ARGS --json` on cfs: (its result, whether it loaded trio
+    and forked object workers: "no trio", "no trio, workers forked", "trio loaded"...)."""
     run = subprocess.run([sys.executable, "-c", _NO_TRIO, "--repo", cfs, "ostree", "pull-local", *args, "--json"],
                          capture_output=True, text=True, check=True, timeout=600)
-    return json.loads(run.stdout), run.stderr.splitlines()[-1] == "trio loaded"
+    return json.loads(run.stdout), run.stderr.splitlines()[-1]
 
 
 @pytest.mark.parametrize("mode", ["bare", "bare-user"])
 def test_small_update_and_re_pull_run_without_the_event_loop(repos, mode):
     """An update bringing less than 1 MiB of new content from a local repository, and a
-    re-pull, are done in process without trio; a pull of more goes the concurrent way.
-    Either way gives the same commit stream and image."""
+    re-pull, are done in process; a pull of more goes to forked object workers, and
+    without trio too (every file is known once the commit is walked). Either way gives the
+    same commit stream and image."""
     base, by_mode = repos
     repo, ref = by_mode[mode]
     tree = base / f"update-{mode}"
@@ -156,15 +165,15 @@ def test_small_update_and_re_pull_run_without_the_event_loop(repos, mode):
     whole = base / f"cfs-whole-{mode}"
     for cfs in (step, whole):
         pycfs(cfs, "init")
-    first, loaded = _pull_local(step, repo, ref, "os")
-    assert loaded and first["files_fetched"] > 0  # 3.4 MB of content
-    update, loaded = _pull_local(step, repo, "update", "os")
-    assert not loaded
+    first, how = _pull_local(step, repo, ref, "os")
+    assert how == "no trio, workers forked" and first["files_fetched"] > 0  # 3.4 MB of content
+    update, how = _pull_local(step, repo, "update", "os")
+    assert how == "no trio"
     assert update["files_fetched"] == 3 and update["stored"] == {"reflinked": 3}, update
-    again, loaded = _pull_local(step, repo, "update", "os")
-    assert not loaded and again["already_present"] and again["image"] == update["image"]
-    direct, loaded = _pull_local(whole, repo, "update")
-    assert loaded and (direct["commit"], direct["image"]) == (update["commit"], update["image"])
+    again, how = _pull_local(step, repo, "update", "os")
+    assert how == "no trio" and again["already_present"] and again["image"] == update["image"]
+    direct, how = _pull_local(whole, repo, "update")
+    assert how == "no trio, workers forked" and (direct["commit"], direct["image"]) == (update["commit"], update["image"])
     with Repository.open(step) as a, Repository.open(whole) as b:
         stream = f"ostree-commit-{update['commit']}"
         assert a.stream_data(stream) == b.stream_data(stream)
@@ -201,7 +210,7 @@ def test_changed_bare_object_in_a_small_update_is_refused(repos):
 
 def test_small_update_of_many_files_does_not_run_out_of_fds(repos):
     """An update of many small files (under 1 MiB in all) is not held open at once: past
-    HERE_FILES it goes the concurrent way, within a limit of 512 fds."""
+    HERE_FILES it goes to forked object workers, within a limit of 512 fds."""
     base, by_mode = repos
     repo, ref = by_mode["bare-user"]
     tree = base / "update-many"
@@ -225,7 +234,7 @@ def test_small_update_of_many_files_does_not_run_out_of_fds(repos):
                           "os", "--json"], capture_output=True, text=True, timeout=600, preexec_fn=low_fd_limit)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
-    assert result["files_fetched"] == 700 and run.stderr.splitlines()[-1] == "trio loaded"
+    assert result["files_fetched"] == 700 and run.stderr.splitlines()[-1] == "no trio, workers forked"
     with Repository.open(cfs) as r:
         image = describe_image(r, bytes.fromhex(result["image"]))
     expected = describe_dir(tree)

@@ -17,7 +17,6 @@ from procs import SPY_ON_FORK, BUSY_SIZE, busy_file, children_die_with_host, run
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
-from pycfs.host.ostree.pull import run_prepared
 from pycfs.host.ostree.pullcore import HERE_FILES, PullCore, PullOptions, prepare_pull
 from pycfs.host.ostree.source import LocalRepo
 from pycfs.host.repository import Repository
@@ -221,7 +220,7 @@ def test_local_pull_with_more_files_than_stored_here_forks_its_workers(tmp_path,
             assert len(core.early) == len(forked) and core.files == []
             assert sum(len(batch) for _, batch in core.early) + core.stats.inlined == files
             assert max(len(batch) for _, batch in core.early) == -(-files // len(forked))
-            result = trio.run(run_prepared, core, forked)
+            result = core.store_forked(forked)
         finally:
             source.close()
         assert result.commit.hex() == checksum and result.stats.files_fetched == len(core.objects.headers) + result.stats.inlined
@@ -346,16 +345,22 @@ def spy(self):
     return forked
 
 PullCore.fork_workers = spy
-sys.exit(main(sys.argv[2:]))
+rc = main(sys.argv[2:])
+with open(sys.argv[1]) as f:
+    record = json.load(f)
+record["trio at the end"] = "trio" in sys.modules
+with open(sys.argv[1], "w") as f:
+    json.dump(record, f)
+sys.exit(rc)
 """
 
 
 @pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
-def test_pull_local_sends_its_workers_their_first_files_before_importing_trio(tmp_path):
+def test_pull_local_sends_its_workers_their_first_files_and_never_imports_trio(tmp_path):
     """`pycfs ostree pull-local` of more files than it stores in process: the forked workers
-    are each written one store request of the first files before trio is imported (they
-    store while the host imports it and starts the pool), and the pull's image has the tree
-    of `ostree checkout`."""
+    are each written one store request of the first files at once, then the rest, all
+    without an event loop (trio is never imported), and the pull's image has the tree of
+    `ostree checkout`."""
     tree = tmp_path / "tree"
     (tree / "many").mkdir(parents=True)
     for i in range(3 * HERE_FILES):  # more than the two early requests hold
@@ -372,7 +377,8 @@ def test_pull_local_sends_its_workers_their_first_files_before_importing_trio(tm
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["commit"] == checksum and result["files_fetched"] == 3 * HERE_FILES
-    assert json.loads(record.read_text()) == {"trio": False, "early": [1, 1], "files": [256, 256]}
+    assert json.loads(record.read_text()) == {"trio": False, "early": [1, 1], "files": [256, 256],
+                                              "trio at the end": False}
     with Repository.open(cfs) as repo:
         image = describe_image(repo, bytes.fromhex(result["image"]))
     assert {p: (t, m, c) for p, (t, m, _u, _g, _x, c) in image.items()} == \
@@ -381,7 +387,7 @@ def test_pull_local_sends_its_workers_their_first_files_before_importing_trio(tm
 
 _FAIL_AFTER_FORK = """
 import json, os, sys
-sys.modules["pycfs.host.ostree.pull"] = None  # its import fails, once the workers are forked
+sys.modules["pycfs.host.workers.blocking"] = None  # its import fails, once the workers are forked
 from pycfs.host.ostree.pullcore import PullCore
 from pycfs.tools.cli import main
 
@@ -410,9 +416,9 @@ finally:
 
 @pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
 def test_workers_forked_before_a_failure_ahead_of_the_pool_are_reaped(tmp_path):
-    """The pull fails between forking its workers (each storing its first files) and the
-    pool that would take them (an import failing, or Ctrl-C while trio is imported): the
-    workers are killed and reaped there, not left for the host's exit."""
+    """The pull fails between forking its workers (each storing its first files) and what
+    would take them (an import failing, or Ctrl-C meanwhile): the workers are killed and
+    reaped there, not left for the host's exit."""
     tree = tmp_path / "tree"
     (tree / "many").mkdir(parents=True)
     for i in range(2 * HERE_FILES):
@@ -423,5 +429,5 @@ def test_workers_forked_before_a_failure_ahead_of_the_pool_are_reaped(tmp_path):
     subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", cfs, "init"], check=True, capture_output=True)
     done = subprocess.run([sys.executable, "-c", _FAIL_AFTER_FORK, "--repo", cfs, "ostree", "pull-local", "--no-delta",
                            "--jobs", "2", repo_path, "main"], capture_output=True, text=True, timeout=120)
-    assert "import of pycfs.host.ostree.pull halted" in done.stderr
+    assert "import of pycfs.host.workers.blocking halted" in done.stderr
     assert json.loads(done.stdout) == [True, True], done.stderr

@@ -139,27 +139,31 @@ def _run_pull(args: argparse.Namespace, source: LocalRepo | HttpRepo) -> int:
         progress: _RichProgress | _LineProgress | None = (
             None if mode == "none" else _RichProgress() if mode == "rich" else _LineProgress(as_json=mode == "json"))
         options.progress = progress
-        # an update of a few files or a re-pull ends here; trio only for a larger job
+        # An update of a few files or a re-pull ends here. Trio only for a larger job whose
+        # files are not all known yet (over HTTP, an archive's static delta), or whose
+        # workers could not be forked.
         prepared = prepare_pull(repo, source, args.ref, options)
         if isinstance(prepared, PullResult):
             result = prepared
         else:
-            # while this is the only thread, and before trio is imported: the workers
-            # store their first files meanwhile
+            # while this is the only thread: the workers store their first files meanwhile
             forked = prepared.fork_workers()
-            try:
+            if progress is not None:
+                try:
+                    progress.show(stack)
+                except BaseException:  # the workers are no one's yet
+                    from pycfs.host.workers.fork import discard
+
+                    discard(forked)
+                    raise
+            if forked:
+                result = prepared.store_forked(forked)
+            else:
                 import trio
 
                 from pycfs.host.ostree.pull import run_prepared
 
-                if progress is not None:
-                    progress.show(stack)
-            except BaseException:  # (Ctrl-C while trio is imported) the workers are no pool's yet
-                from pycfs.host.workers.fork import discard
-
-                discard(forked)
-                raise
-            result = trio.run(run_prepared, prepared, forked)
+                result = trio.run(run_prepared, prepared)
     _print_pull(result, args.json)
     return 0
 
