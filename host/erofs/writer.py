@@ -153,11 +153,7 @@ _Items = tuple[tuple[bytes, bytes], ...]
 
 
 # The file type in a directory entry, from a field every record has (each slot costs 8
-# bytes on hundreds of thousands of records).
-def _ftype(ino: _Ino) -> int:
-    return _FTYPES[ino.mode & _S_IFMT]
-
-
+# bytes on hundreds of thousands of records): _FTYPES[mode & S_IFMT].
 _FTYPES = {
     _stat.S_IFREG: F.FT_REG_FILE, _stat.S_IFDIR: F.FT_DIR, _stat.S_IFCHR: F.FT_CHRDEV,
     _stat.S_IFBLK: F.FT_BLKDEV, _stat.S_IFIFO: F.FT_FIFO, _stat.S_IFSOCK: F.FT_SOCK,
@@ -223,8 +219,7 @@ def _write_image(fs: FileSystem, version: int, sink: ImageSink) -> None:
             min_sec = min_nsec = 0
         else:
             min_sec, min_nsec = min((i.node.stat.mtime_sec, i.node.stat.mtime_nsec) for i in inos)
-            for ino in inos:
-                _prepare_data_epoch1(ino, min_sec, min_nsec)
+            _prepare_data_epoch1(inos, min_sec, min_nsec)
         _layout_and_emit(inos, xattrs, version, min_sec, min_nsec, sink)
     finally:
         # parent and child links make cycles: cut, the records go by reference counting
@@ -307,14 +302,16 @@ def _canonical_occurrences(fs: FileSystem) -> tuple[dict[int, int], dict[int, tu
                 seen_dirs.add(id(child))
                 stack.append(child)
     del seen
-    multi = set(counts)
-    if not multi:
-        return counts, {}
-    canon = _dfs_first(fs.root, multi)
-    for k in multi:
+    canon: dict[int, tuple[int, bytes]] = {}
+    unnamed: set[int] = set()
+    for k in counts:
         rec = fs.primary_links.get(k)
         if rec is not None and id(rec[0].entries.get(rec[1])) == k:
             canon[k] = (id(rec[0]), rec[1])
+        else:
+            unnamed.add(k)
+    if unnamed:  # a walk of the whole tree: not for a dumpfile's, which names every inode
+        canon.update(_dfs_first(fs.root, unnamed))
     return counts, canon
 
 
@@ -517,7 +514,7 @@ def _prepare_data_v2(ino: _Ino) -> None:
     node = ino.node
     ino.extended = True
     if isinstance(node, Directory):
-        _prepare_data_epoch1(ino, node.stat.mtime_sec, node.stat.mtime_nsec)
+        _prepare_data_epoch1([ino], node.stat.mtime_sec, node.stat.mtime_nsec)
         ino.extended = True
         return
     c = node.content
@@ -873,89 +870,102 @@ def _split_tail(data_len: int) -> tuple[int, int]:
     return nblocks, tail
 
 
-def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
-    node = ino.node
-    is_symlink = False
-    wide = False  # a special file whose dumpfile SIZE does not fit 32 bits (C: extended inode)
-    if isinstance(node, Directory):
-        # size from names alone; the bytes are built once nids are known
-        names = ino.names
-        for name, target in ((b".", ino), (b"..", ino.parent)):
-            at = bisect.bisect_left(names, name)
-            names.insert(at, name)
-            ino.children.insert(at, target)  # type: ignore[arg-type]
-        full = 0
-        cur = 0
-        for n in names:
-            cost = F.Dirent.SIZE + len(n)
-            if cur + cost > F.BLOCK_SIZE:
-                full += 1
-                cur = 0
-            cur += cost
-        if cur > F.BLOCK_SIZE // 2:
+def _prepare_data_epoch1(inos: list[_Ino], min_sec: int, min_nsec: int) -> None:
+    """Each inode's data layout, size, inline part and data blocks (epoch 1), and whether
+    it needs an extended inode (one whose times are not the image's, or a field too wide)."""
+    # One loop over hundreds of thousands of records: constants are locals.
+    B, BITS = F.BLOCK_SIZE, F.BLOCK_BITS
+    CHUNK, INLINE, PLAIN = F.DATALAYOUT_CHUNK_BASED, F.DATALAYOUT_FLAT_INLINE, F.DATALAYOUT_FLAT_PLAIN
+    IFMT, IFREG = _S_IFMT, _stat.S_IFREG
+    null_index = _NULL_INDEX
+    for ino in inos:
+        node = ino.node
+        is_symlink = False
+        wide = False  # a special file whose dumpfile SIZE does not fit 32 bits (C: extended inode)
+        if type(node) is Directory:
+            _prepare_dir(ino)
+        else:
+            c = node.content
+            tc = type(c)
+            if tc is External or tc is ExternalNoVerity or tc is Sparse:  # most files: first
+                size = c.size
+                ino.size = size
+                ino.layout = CHUNK
+                if 0 < size <= 1 << 43:
+                    # one chunk, of the file's size rounded up to a power of two (a block at least)
+                    bits = (size - 1).bit_length()
+                    ino.i_u = bits - BITS if bits > BITS else 0
+                    ino.inline = null_index
+                else:
+                    bits = _chunk_bits(size)
+                    count = -(-size // (1 << bits))
+                    if count > MAX_CHUNKS:
+                        raise ImageError("cannot write file: File too large")
+                    ino.inline = _null_indexes(count)
+                    ino.i_u = bits - BITS  # the chunk format; the first block's high bits join it at layout
+                    if 4 * count + ino.xattr_size % 32 > B:
+                        # the indexes get a block of their own, which C fills with null
+                        # indexes to the end (promoted)
+                        ino.blocks = b"\xff" * B
+                        ino.nblocks = 1
+                        ino.inline = b""
+            elif tc is Inline or (tc is CharDevice and ino.mode & IFMT == IFREG):
+                data = c.data if tc is Inline else b""
+                ino.size = len(data)
+                nblocks, tail = _split_tail(len(data))
+                ino.nblocks = nblocks
+                if nblocks:
+                    ino.blocks = data[: nblocks * B]
+                ino.inline = data[nblocks * B:] if tail else b""
+                ino.layout = INLINE if tail else PLAIN
+            elif tc is Symlink:
+                ino.size = len(c.target)
+                ino.layout = INLINE
+                ino.inline = c.target
+                is_symlink = True  # inline or promoted, decided below
+            elif tc is CharDevice or tc is BlockDevice:
+                ino.layout = PLAIN
+                ino.i_u = c.rdev & 0xFFFFFFFF
+                wide = c.dump_size > 0xFFFFFFFF
+            else:  # fifo, socket
+                ino.layout = PLAIN
+                wide = c.dump_size > 0xFFFFFFFF
+        st = node.stat
+        extended = ino.extended = wide or not (
+            st.mtime_sec == min_sec and st.mtime_nsec == min_nsec and ino.nlink <= 0xFFFF
+            and st.uid <= 0xFFFF and st.gid <= 0xFFFF and ino.size <= 0xFFFFFFFF
+        )
+        if is_symlink and (64 if extended else 32) + ino.xattr_size + ino.size >= B:
+            # long symlink target: one data block instead of an inline tail (promoted)
+            ino.layout = PLAIN
+            ino.blocks = ino.inline
+            ino.nblocks = 1
+            ino.inline = b""
+
+
+def _prepare_dir(ino: _Ino) -> None:
+    """A directory's size from its names alone (its bytes are built once nids are known)."""
+    B = F.BLOCK_SIZE
+    names = ino.names
+    for name, target in ((b".", ino), (b"..", ino.parent)):
+        at = bisect.bisect_left(names, name)
+        names.insert(at, name)
+        ino.children.insert(at, target)  # type: ignore[arg-type]
+    full = 0
+    cur = 0
+    for n in names:
+        cost = F.Dirent.SIZE + len(n)
+        if cur + cost > B:
             full += 1
             cur = 0
-        ino.nblocks = full
-        ino.size = full * F.BLOCK_SIZE + cur
-        ino.inline = _zeros(cur)  # placeholder of the right length
-        ino.layout = F.DATALAYOUT_FLAT_INLINE if cur else F.DATALAYOUT_FLAT_PLAIN
-    else:
-        c = node.content
-        tc = type(c)
-        if tc is External or tc is ExternalNoVerity or tc is Sparse:  # most files: first
-            size = c.size
-            ino.size = size
-            if 0 < size <= 1 << 43:
-                # one chunk, of the file's size rounded up to a power of two (a block at least)
-                ino.i_u = max((size - 1).bit_length(), F.BLOCK_BITS) - F.BLOCK_BITS
-                ino.inline = _NULL_INDEX
-            else:
-                bits = _chunk_bits(size)
-                count = -(-size // (1 << bits))
-                if count > MAX_CHUNKS:
-                    raise ImageError("cannot write file: File too large")
-                ino.inline = _null_indexes(count)
-                ino.i_u = bits - F.BLOCK_BITS  # the chunk format; the first block's high bits join it at layout
-            ino.layout = F.DATALAYOUT_CHUNK_BASED
-        elif tc is Inline or (tc is CharDevice and _ftype(ino) == F.FT_REG_FILE):
-            data = c.data if tc is Inline else b""
-            ino.size = len(data)
-            nblocks, tail = _split_tail(len(data))
-            ino.nblocks = nblocks
-            if nblocks:
-                ino.blocks = data[: nblocks * F.BLOCK_SIZE]
-            ino.inline = data[nblocks * F.BLOCK_SIZE:] if tail else b""
-            ino.layout = F.DATALAYOUT_FLAT_INLINE if tail else F.DATALAYOUT_FLAT_PLAIN
-        elif tc is Symlink:
-            ino.size = len(c.target)
-            ino.layout = F.DATALAYOUT_FLAT_INLINE
-            ino.inline = c.target
-            is_symlink = True  # inline or promoted, decided below
-        elif tc is CharDevice or tc is BlockDevice:
-            ino.layout = F.DATALAYOUT_FLAT_PLAIN
-            ino.i_u = c.rdev & 0xFFFFFFFF
-            wide = c.dump_size > 0xFFFFFFFF
-        else:  # fifo, socket
-            ino.layout = F.DATALAYOUT_FLAT_PLAIN
-            wide = c.dump_size > 0xFFFFFFFF
-    st = node.stat
-    ino.extended = wide or not (
-        st.mtime_sec == min_sec and st.mtime_nsec == min_nsec and ino.nlink <= 0xFFFF
-        and st.uid <= 0xFFFF and st.gid <= 0xFFFF and ino.size <= 0xFFFFFFFF
-    )
-    hdr = F.ExtendedInode.SIZE if ino.extended else F.CompactInode.SIZE
-    if is_symlink and hdr + ino.xattr_size + ino.size >= F.BLOCK_SIZE:
-        # long symlink target: one data block instead of an inline tail (promoted)
-        ino.layout = F.DATALAYOUT_FLAT_PLAIN
-        ino.blocks = ino.inline
-        ino.nblocks = 1
-        ino.inline = b""
-    elif ino.layout == F.DATALAYOUT_CHUNK_BASED and len(ino.inline) + ino.xattr_size % 32 > F.BLOCK_SIZE:
-        # the indexes get a block of their own, which C fills with null indexes to the end
-        # (promoted)
-        ino.blocks = b"\xff" * F.BLOCK_SIZE
-        ino.nblocks = 1
-        ino.inline = b""
+        cur += cost
+    if cur > B // 2:
+        full += 1
+        cur = 0
+    ino.nblocks = full
+    ino.size = full * B + cur
+    ino.inline = _zeros(cur)  # placeholder of the right length
+    ino.layout = F.DATALAYOUT_FLAT_INLINE if cur else F.DATALAYOUT_FLAT_PLAIN
 
 
 # ---------------------------------------------------------------------------- layout + emit
@@ -967,37 +977,44 @@ def _align(x: int, a: int) -> int:
 
 def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: int, min_nsec: int,
                      sink: ImageSink) -> None:
+    # Per-inode loops over hundreds of thousands of records: constants are locals.
     B = F.BLOCK_SIZE
     CHUNK, INLINE = F.DATALAYOUT_CHUNK_BASED, F.DATALAYOUT_FLAT_INLINE
+    IFMT, IFLNK, IFDIR = _S_IFMT, _stat.S_IFLNK, _stat.S_IFDIR
+    v2 = version == 2
+    with_blocks: list[_Ino] = []  # the inodes that have data blocks, in inode order
     pos = F.INODE_TABLE_OFFSET
     for ino in inos:
         pos = (pos + 31) & ~31
-        meta = (F.ExtendedInode.SIZE if ino.extended else F.CompactInode.SIZE) + ino.xattr_size
+        meta = (64 if ino.extended else 32) + ino.xattr_size  # F.ExtendedInode / F.CompactInode
         layout = ino.layout
         tail = len(ino.inline)
+        nblocks = ino.nblocks
+        if nblocks:
+            with_blocks.append(ino)
         if layout == CHUNK:
-            if ino.nblocks:  # promoted: the indexes in a block of their own
+            if nblocks:  # promoted: the indexes in a block of their own
                 pos = _align(pos, B)
             elif (start := pos + meta) % B and B - start % B < tail:
                 pos += _align(B - start % B, 32)
-        elif ino.mode & _S_IFMT == _stat.S_IFLNK and (ino.nblocks or version != 2):
-            if ino.nblocks:  # promoted: the target in a block of its own
+        elif ino.mode & IFMT == IFLNK and (nblocks or not v2):
+            if nblocks:  # promoted: the target in a block of its own
                 if pos // B != (pos + meta + ino.size - 1) // B:
                     pos = _align(pos, B)
             elif layout == INLINE and pos % B + meta + ino.size % B > B:
                 pos = _align(pos, B)
         elif layout == INLINE:
             start = pos + meta
-            if version == 2:
+            if v2:
                 # (exclusive end: a tail ending exactly on a boundary also moves)
                 if (start - 1) // B != (start + ino.size % B) // B:
                     pos = _align(pos + B - (start - 1) % B, 32)
             elif start % B and B - start % B < tail:
                 pos += _align(B - start % B, 32)
-        ino.nid = pos // 32
+        ino.nid = pos >> 5
         pos += meta + tail
     inodes_end = _align(pos, 32)
-    if version == 2:
+    if v2:
         # composefs-rs: i_ino is the nid, shared xattr ids are absolute offsets / 4
         xattr_blkaddr = 0
     else:
@@ -1012,16 +1029,15 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
         pos += len(e)
     table = b"".join(table_parts)
     first_data_block = blk = _align(pos, B) // B
-    for ino in inos:
-        if ino.nblocks:
-            ino.blkaddr = first = blk
-            blk += ino.nblocks
-            if ino.layout == F.DATALAYOUT_CHUNK_BASED:
-                ino.i_u = (first & 0xFFFF0000) | ino.i_u  # i_u held the chunk format
-            else:
-                ino.i_u = first
-        elif ino.layout != F.DATALAYOUT_CHUNK_BASED and _ftype(ino) not in (F.FT_CHRDEV, F.FT_BLKDEV):
-            ino.i_u = 0
+    # i_u of an inode with data blocks is its first block (chunk-based: the block's high
+    # bits join the chunk format there); the others' i_u (chunk format, rdev, 0) is set
+    for ino in with_blocks:
+        ino.blkaddr = first = blk
+        blk += ino.nblocks
+        if ino.layout == CHUNK:
+            ino.i_u = (first & 0xFFFF0000) | ino.i_u
+        else:
+            ino.i_u = first
     total_blocks = max(blk, 1)
     sink.start(total_blocks * B)
 
@@ -1039,40 +1055,45 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
 
     pack_c = F.CompactInode.FMT.pack_into
     pack_e = F.ExtendedInode.FMT.pack_into
-    v2 = version == 2
-    plain_keys, block, inode_format, is_dir = xattrs.plain_keys, xattrs.block, F.make_inode_format, _stat.S_IFDIR
+    plain_keys, block, piece_size = xattrs.plain_keys, xattrs.block, _PIECE
+    window_len = len(window)
     for at, ino in enumerate(inos):
-        off = ino.nid * 32
-        if off - base >= _PIECE:
-            done = min(off - base, len(window))
+        off = ino.nid << 5
+        if off - base >= piece_size:
+            done = min(off - base, window_len)
             sink.write(window[:done])
             del window[:done]
             base += done
+            window_len -= done
         xattr_size = ino.xattr_size
-        hdr = 64 if ino.extended else 32
-        end = off + hdr + xattr_size + len(ino.inline) - base
-        if end > len(window):
-            window += bytes(max(end - len(window), _PIECE // 16))
-        fmt = inode_format(ino.extended, ino.layout)
+        extended = ino.extended
+        inline = ino.inline
+        off -= base
+        end = off + (64 if extended else 32) + xattr_size + len(inline)
+        if end > window_len:
+            window += bytes(max(end - window_len, piece_size >> 4))
+            window_len = len(window)
+        fmt = (ino.layout << 1) | extended  # F.make_inode_format
         icount = 0 if not xattr_size else 1 + (xattr_size - 12) // 4
         st = ino.node.stat
-        index = ino.nid if v2 else at  # composefs-rs: i_ino is the nid
-        off -= base
-        if ino.extended:
-            pack_e(window, off, fmt, icount, ino.mode & 0xFFFF, ino.size, ino.i_u, index,
+        mode = ino.mode
+        if extended:
+            # composefs-rs: i_ino is the nid, mtime without nanoseconds
+            pack_e(window, off, fmt, icount, mode & 0xFFFF, ino.size, ino.i_u, ino.nid if v2 else at,
                    st.uid, st.gid, st.mtime_sec & 0xFFFFFFFFFFFFFFFF, 0 if v2 else st.mtime_nsec, ino.nlink)
+            off += 64
         else:
-            pack_c(window, off, fmt, icount, ino.mode & 0xFFFF, ino.nlink, ino.size, ino.i_u,
-                   index, st.uid, st.gid)
-        off += hdr
+            pack_c(window, off, fmt, icount, mode & 0xFFFF, ino.nlink, ino.size, ino.i_u,
+                   ino.nid if v2 else at, st.uid, st.gid)
+            off += 32
         if xattr_size:
             window[off:off + xattr_size] = block(ino, plain_keys[at], table_base)
             off += xattr_size
-        if ino.mode & _S_IFMT == is_dir:
+        if mode & IFMT == IFDIR:
             tail_bytes = _dir_data(ino, tail=True)
             window[off:off + len(tail_bytes)] = tail_bytes
-        elif ino.inline:
-            window[off:off + len(ino.inline)] = ino.inline
+        elif inline:
+            window[off:off + len(inline)] = inline
     meta_end = first_data_block * B - base
     if meta_end > len(window):
         window += bytes(meta_end - len(window))
@@ -1082,17 +1103,15 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
 
     piece = bytearray()
     blk = first_data_block
-    for ino in inos:
-        if not ino.nblocks:
-            continue
+    for ino in with_blocks:
         # a directory's full blocks are packed here, not kept from the inode's pass
-        data = _dir_data(ino, tail=False) if ino.mode & _S_IFMT == _stat.S_IFDIR else ino.blocks
+        data = _dir_data(ino, tail=False) if ino.mode & IFMT == IFDIR else ino.blocks
         _check_blocks(ino, len(data), blk)
         size = ino.nblocks * B
         piece += data
         piece += _zeros(size - len(data)) if size - len(data) < B else bytes(size - len(data))
         blk += ino.nblocks
-        if len(piece) >= _PIECE:
+        if len(piece) >= piece_size:
             sink.write(piece)
             piece = bytearray()
     if piece:
