@@ -360,24 +360,36 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
             )
     stub_ids = {id(s) for s in stubs.values()}
 
+    # The records are made and filled in one breadth-first pass: mode, link count and own
+    # xattrs as each is made (a directory's when it is numbered, its link count once its
+    # entries are), whiteouts escaped. Metacopy and redirect: `_Xattrs.items`.
+    sets = _XattrSets(v2=False)
+    own_sets = sets.own
+    wh_parents: list[_Ino] = []
+    modes: dict[int, int] = {}  # one int object per distinct mode
+    type_bits = TYPE_BITS
     root_ino = _Ino(root)
     root_ino.parent = root_ino
     inos: list[_Ino] = [root_ino]
     by_id: dict[int, _Ino] = {id(root): root_ino}
     late: list[tuple[_Ino, int, int]] = []  # (dir ino, child position, leaf id)
-    multi = set(counts)
     queue = deque([root_ino])
     while queue:
         dino = queue.popleft()
         d: Directory = dino.node
+        st = d.stat
+        if st.xattrs:
+            dino.xattrs = own_sets(st.xattrs)
+        dino.mode = modes.setdefault(m := _stat.S_IFDIR | (st.mode & 0o7777), m)
         entries = d.entries
         if dino is root_ino and stubs:
             entries = dict(entries)
             entries.update(stubs)
-        dino.names = sorted(entries)
+        dino.names = names = sorted(entries)
         children: list[_Ino] = []
         dino.children = children
-        for name in dino.names:
+        subdirs = 0  # whose home is here: the directory's link count
+        for name in names:
             child = entries[name]
             k = id(child)
             if type(child) is Directory:
@@ -386,49 +398,40 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
                     by_id[k] = cino = _Ino(child, dino)
                     inos.append(cino)
                     queue.append(cino)
-            elif k in multi:
-                if canon.get(k) == (id(d), name):
-                    by_id[k] = cino = _Ino(child, dino)
-                    inos.append(cino)
-                else:
-                    cino = by_id.get(k)
+                    subdirs += 1
+            elif k in counts and canon.get(k) != (id(d), name):
+                cino = by_id.get(k)  # numbered at its canonical name, maybe not yet
             else:
                 cino = _Ino(child, dino)
                 inos.append(cino)
+                st = child.stat
+                if st.xattrs:
+                    cino.xattrs = own_sets(st.xattrs)
+                c = child.content
+                tc = type(c)
+                n = counts.get(k)
+                if n is not None:  # hardlinked, at its canonical name
+                    by_id[k] = cino
+                cino.nlink = child.nlink if child.nlink is not None else n or 1
+                if tc is CharDevice and c.rdev == 0 and k not in stub_ids:
+                    # a whiteout: escaped to a regular file; only the directory of its own
+                    # name is marked, not one holding a hardlink to it
+                    cino.mode = _stat.S_IFREG | (st.mode & 0o7777)
+                    cino.xattrs = sets.plus(cino.xattrs, _WHITEOUT_XATTRS)
+                    wh_parents.append(dino)
+                else:
+                    cino.mode = modes.setdefault(m := type_bits[tc] | (st.mode & 0o7777), m)
             if cino is None:
                 # canonical name is deeper in the BFS: fill in once it has a number
                 late.append((dino, len(children), k))
             children.append(cino)  # type: ignore[arg-type]
+        # 2 + the subdirectories whose home is here (hardlinked names do not count)
+        dino.nlink = 2 + subdirs
     for dino, pos, k in late:
         dino.children[pos] = by_id[k]
 
-    # per-inode metadata and composefs xattrs (metacopy and redirect: `_Xattrs.items`)
-    sets = _XattrSets(v2=False)
-    wh_parents: list[_Ino | None] = []
-    modes: dict[int, int] = {}  # one int object per distinct mode
-    for ino in inos:
-        node = ino.node
-        st = node.stat
-        if st.xattrs:
-            ino.xattrs = sets.own(st.xattrs)
-        if type(node) is Directory:
-            ino.mode = modes.setdefault(m := _stat.S_IFDIR | (st.mode & 0o7777), m)
-            ino.nlink = _dir_nlink(ino)
-            continue
-        ino.nlink = 1 if id(node) in stub_ids else (node.nlink if node.nlink is not None else counts.get(id(node), 1))
-        c = node.content
-        tc = type(c)
-        ino.mode = modes.setdefault(m := TYPE_BITS[tc] | (st.mode & 0o7777), m)
-        if tc is CharDevice and c.rdev == 0 and id(node) not in stub_ids:
-            # a whiteout: escaped to a regular file; only the directory of its own name is
-            # marked, not one holding a hardlink to it
-            ino.mode = _stat.S_IFREG | (st.mode & 0o7777)
-            ino.xattrs = sets.plus(ino.xattrs, _WHITEOUT_XATTRS)
-            wh_parents.append(ino.parent)
-
     for wdir in wh_parents:
-        if wdir is not None:
-            wdir.xattrs = sets.plus(wdir.xattrs, _WHITEOUT_DIR_XATTRS[version >= 1])
+        wdir.xattrs = sets.plus(wdir.xattrs, _WHITEOUT_DIR_XATTRS[version >= 1])
     root_ino.xattrs = sets.plus(root_ino.xattrs, _ROOT_XATTRS)
     return inos
 
@@ -543,28 +546,30 @@ def _check_limits(inos: list[_Ino], v2: bool) -> None:
     lo63, hi63 = -(1 << 63), 1 << 63
     checked: set[int] = set()  # xattr tuples are shared
     for index, ino in enumerate(inos):
-        st = ino.node.stat
+        node = ino.node
+        st = node.stat
         if not (0 <= st.uid < u32 and 0 <= st.gid < u32 and 0 <= ino.nlink < u32
                 and (v2 or 0 <= st.mtime_nsec < u32) and lo63 <= st.mtime_sec < hi63):
             _refuse_inode(index, ino, v2)
-        if ino.names:
+        tc = None
+        if type(node) is Leaf:
+            c = node.content
+            tc = type(c)
+            if tc is Symlink and not 0 < len(c.target) < 4096:
+                raise ImageError(f"{_what(index, ino)}: symlink target of {len(c.target)} bytes (1..4095 allowed)")
+        elif ino.names:
             names = ino.names
             joined = b"".join(names)
             if b"/" in joined or b"\0" in joined or not 0 < min(map(len, names)) <= max(map(len, names)) <= 255:
                 bad = next(n for n in names if not 0 < len(n) <= 255 or b"/" in n or b"\0" in n)
                 raise ImageError(f"invalid file name {bad!r} (1..255 bytes, no '/' or NUL)")
-        node = ino.node
-        if type(node) is Leaf and type(node.content) is Symlink and not 0 < len(node.content.target) < 4096:
-            raise ImageError(f"{_what(index, ino)}: symlink target of {len(node.content.target)} bytes (1..4095 allowed)")
         if ino.xattrs and id(ino.xattrs) not in checked:
             checked.add(id(ino.xattrs))
             for k, v in ino.xattrs:
                 if len(k) > 255 + 24 or len(v) > 0xFFFF:
                     _refuse_xattr(index, ino, k, len(v))
-        if type(node) is Leaf and type(node.content) in _REDIRECTING:
-            payload = node.content.payload
-            if payload and len(payload) >= 0xFFFF:  # the redirect is "/" + payload
-                _refuse_xattr(index, ino, XATTR_REDIRECT, 1 + len(payload))
+        if (tc is External or tc is ExternalNoVerity) and (payload := c.payload) and len(payload) >= 0xFFFF:
+            _refuse_xattr(index, ino, XATTR_REDIRECT, 1 + len(payload))  # the redirect is "/" + payload
 
 
 def _refuse_xattr(index: int, ino: _Ino, name: bytes, value_len: int) -> NoReturn:
@@ -588,7 +593,6 @@ def _refuse_inode(index: int, ino: _Ino, v2: bool) -> NoReturn:
 
 
 _CONTENT_XATTR_KINDS = frozenset((External, ExternalNoVerity, Sparse))
-_REDIRECTING = frozenset((External, ExternalNoVerity))
 
 
 def _content_xattrs(node) -> list[tuple[bytes, bytes]]:
@@ -698,21 +702,30 @@ class _Xattrs:
         self._plain: dict[tuple[int, int], _PlainBlock | None] = {}
         plain_sizes: dict[tuple[int, int], int] = {}
         sizes: dict[int, int] = {}
-        # each inode's `_plain_key`, in inode order, for `block`
-        self.plain_keys: list[tuple[int, int] | None] = [self._plain_key(ino) for ino in inos]
-        for ino, key in zip(inos, self.plain_keys):
-            if key is not None:
-                size = plain_sizes.get(key)
-                if size is None:
-                    size = plain_sizes[key] = self.layout(self.items(ino))[0]
-                ino.xattr_size = size
-            elif type(ino.node) is Leaf and type(ino.node.content) in _CONTENT_XATTR_KINDS:
-                ino.xattr_size = self.layout(self.items(ino))[0]
+        # each inode's key for `block`, in inode order: for a plain file (`_PlainBlock`),
+        # its template's, (own xattrs, digest length); else None
+        self.plain_keys: list[tuple[int, int] | None] = []
+        add_key = self.plain_keys.append
+        maybe_shared, digest_lengths = self._maybe_shared, _METACOPY_PREFIX
+        for ino in inos:
+            node = ino.node
+            key = None
+            if type(node) is Leaf and (tc := type(c := node.content)) in _CONTENT_XATTR_KINDS:
+                if tc is External and c.payload is None and c.id not in maybe_shared \
+                        and len(c.id) in digest_lengths:
+                    key = (id(ino.xattrs), len(c.id))
+                    size = plain_sizes.get(key)
+                    if size is None:
+                        size = plain_sizes[key] = self.layout(self.items(ino))[0]
+                    ino.xattr_size = size
+                else:
+                    ino.xattr_size = self.layout(self.items(ino))[0]
             elif ino.xattrs:
                 size = sizes.get(id(ino.xattrs))
                 if size is None:
                     size = sizes[id(ino.xattrs)] = self.layout(ino.xattrs)[0]
                 ino.xattr_size = size
+            add_key(key)
 
     def name_info(self, k: bytes) -> tuple[int, bytes, int]:
         info = self.names.get(k)
@@ -755,19 +768,8 @@ class _Xattrs:
             filt |= bit
         return size, (~filt) & 0xFFFFFFFF, refs, local
 
-    def _plain_key(self, ino: _Ino) -> tuple[int, int] | None:
-        """For a plain file (`_PlainBlock`): its template's key, (own xattrs, digest length)."""
-        node = ino.node
-        if type(node) is not Leaf:
-            return None
-        c = node.content
-        if type(c) is not External or c.payload is not None or c.id in self._maybe_shared \
-                or len(c.id) not in _METACOPY_PREFIX:
-            return None
-        return id(ino.xattrs), len(c.id)
-
     def block(self, ino: _Ino, key: tuple[int, int] | None, table_base: int) -> bytes | bytearray:
-        """The packed xattr block of an inode whose `_plain_key` is key (shared ids relative
+        """The packed xattr block of an inode whose `plain_keys` entry is key (shared ids relative
         to the image start)."""
         if key is not None:
             if key not in self._plain:
