@@ -19,6 +19,7 @@ entry (tests/unit/test_erofs_memory.py).
 from __future__ import annotations
 
 import bisect
+from binascii import hexlify
 import functools
 import itertools
 import stat as _stat
@@ -698,13 +699,14 @@ class _Xattrs:
         self.table = [(*self.names[k][:2], v) for k, v in shared]
         self.has_acl = not v2 and any(k in ACL_XATTRS for items in sets for k, _v in items)
         self._blocks: dict[int, bytearray] = {}  # id(xattrs) -> packed block, inodes without content xattrs
-        # plain files' blocks by (own xattrs, digest length): a template, or None (laid out)
-        self._plain: dict[tuple[int, int], _PlainBlock | None] = {}
-        plain_sizes: dict[tuple[int, int], int] = {}
+        # plain files' blocks by key (own xattrs and digest length, `plain_keys`): a
+        # template, or None (laid out)
+        self.templates: dict[int | None, _PlainBlock | None] = {}
+        plain_sizes: dict[int, int] = {}
         sizes: dict[int, int] = {}
         # each inode's key for `block`, in inode order: for a plain file (`_PlainBlock`),
-        # its template's, (own xattrs, digest length); else None
-        self.plain_keys: list[tuple[int, int] | None] = []
+        # its template's, id(own xattrs) * 2 + (digest of 64 bytes); else None
+        self.plain_keys: list[int | None] = []
         add_key = self.plain_keys.append
         maybe_shared, digest_lengths = self._maybe_shared, _METACOPY_PREFIX
         for ino in inos:
@@ -713,7 +715,7 @@ class _Xattrs:
             if type(node) is Leaf and (tc := type(c := node.content)) in _CONTENT_XATTR_KINDS:
                 if tc is External and c.payload is None and c.id not in maybe_shared \
                         and len(c.id) in digest_lengths:
-                    key = (id(ino.xattrs), len(c.id))
+                    key = id(ino.xattrs) << 1 | (len(c.id) == 64)
                     size = plain_sizes.get(key)
                     if size is None:
                         size = plain_sizes[key] = self.layout(self.items(ino))[0]
@@ -768,13 +770,13 @@ class _Xattrs:
             filt |= bit
         return size, (~filt) & 0xFFFFFFFF, refs, local
 
-    def block(self, ino: _Ino, key: tuple[int, int] | None, table_base: int) -> bytes | bytearray:
+    def block(self, ino: _Ino, key: int | None, table_base: int) -> bytes | bytearray:
         """The packed xattr block of an inode whose `plain_keys` entry is key (shared ids relative
         to the image start)."""
         if key is not None:
-            if key not in self._plain:
-                self._plain[key] = _PlainBlock.of(self, ino, table_base)
-            plain = self._plain[key]
+            if key not in self.templates:
+                self.templates[key] = _PlainBlock.of(self, ino, table_base)
+            plain = self.templates[key]
             if plain is not None:
                 return plain.block(ino.node.content.id)
         content = type(ino.node) is Leaf and type(ino.node.content) in _CONTENT_XATTR_KINDS
@@ -840,7 +842,8 @@ class _PlainBlock:
         return plain if plain.block(digest) == packed else None
 
     def block(self, digest: bytes) -> bytes:
-        return b"".join((self._head, digest, self._middle, object_path(digest), self._tail))
+        path = hexlify(digest)  # object_path(digest), without a call to it
+        return b"".join((self._head, digest, self._middle, path[:2], b"/", path[2:], self._tail))
 
 
 # ---------------------------------------------------------------------------- data
@@ -1057,7 +1060,7 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
 
     pack_c = F.CompactInode.FMT.pack_into
     pack_e = F.ExtendedInode.FMT.pack_into
-    plain_keys, block, piece_size = xattrs.plain_keys, xattrs.block, _PIECE
+    plain_keys, block, templates, piece_size = xattrs.plain_keys, xattrs.block, xattrs.templates, _PIECE
     window_len = len(window)
     for at, ino in enumerate(inos):
         off = ino.nid << 5
@@ -1089,7 +1092,12 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
                    ino.nid if v2 else at, st.uid, st.gid)
             off += 32
         if xattr_size:
-            window[off:off + xattr_size] = block(ino, plain_keys[at], table_base)
+            key = plain_keys[at]
+            plain = templates.get(key)  # most files': made by `block` for the first of each key
+            if plain is not None:
+                window[off:off + xattr_size] = plain.block(ino.node.content.id)
+            else:
+                window[off:off + xattr_size] = block(ino, key, table_base)
             off += xattr_size
         if mode & IFMT == IFDIR:
             tail_bytes = _dir_data(ino, tail=True)
