@@ -698,16 +698,15 @@ class _Xattrs:
             off += F.xattr_entry_size(len(suffix), len(kv[1]))
         self.table = [(*self.names[k][:2], v) for k, v in shared]
         self.has_acl = not v2 and any(k in ACL_XATTRS for items in sets for k, _v in items)
-        self._blocks: dict[int, bytearray] = {}  # id(xattrs) -> packed block, inodes without content xattrs
-        # plain files' blocks by key (own xattrs and digest length, `plain_keys`): a
-        # template, or None (laid out)
+        # Each inode's key for `block`, in inode order: for a plain file (`_PlainBlock`),
+        # its template's, id(own xattrs) * 2 + (digest of 64 bytes); for an inode with its
+        # own xattrs alone, ~id(them) (one block for all that share them); else None.
+        self.keys: list[int | None] = []
+        add_key = self.keys.append
+        self.fixed: dict[int | None, bytearray] = {}  # own xattrs alone: key -> packed block
+        # plain files' blocks by key: a template, or None (laid out)
         self.templates: dict[int | None, _PlainBlock | None] = {}
-        plain_sizes: dict[int, int] = {}
-        sizes: dict[int, int] = {}
-        # each inode's key for `block`, in inode order: for a plain file (`_PlainBlock`),
-        # its template's, id(own xattrs) * 2 + (digest of 64 bytes); else None
-        self.plain_keys: list[int | None] = []
-        add_key = self.plain_keys.append
+        sizes: dict[int, int] = {}  # by key
         maybe_shared, digest_lengths = self._maybe_shared, _METACOPY_PREFIX
         for ino in inos:
             node = ino.node
@@ -716,16 +715,17 @@ class _Xattrs:
                 if tc is External and c.payload is None and c.id not in maybe_shared \
                         and len(c.id) in digest_lengths:
                     key = id(ino.xattrs) << 1 | (len(c.id) == 64)
-                    size = plain_sizes.get(key)
+                    size = sizes.get(key)
                     if size is None:
-                        size = plain_sizes[key] = self.layout(self.items(ino))[0]
+                        size = sizes[key] = self.layout(self.items(ino))[0]
                     ino.xattr_size = size
                 else:
                     ino.xattr_size = self.layout(self.items(ino))[0]
             elif ino.xattrs:
-                size = sizes.get(id(ino.xattrs))
+                key = ~id(ino.xattrs)
+                size = sizes.get(key)
                 if size is None:
-                    size = sizes[id(ino.xattrs)] = self.layout(ino.xattrs)[0]
+                    size = sizes[key] = self.layout(ino.xattrs)[0]
                 ino.xattr_size = size
             add_key(key)
 
@@ -771,23 +771,20 @@ class _Xattrs:
         return size, (~filt) & 0xFFFFFFFF, refs, local
 
     def block(self, ino: _Ino, key: int | None, table_base: int) -> bytes | bytearray:
-        """The packed xattr block of an inode whose `plain_keys` entry is key (shared ids relative
+        """The packed xattr block of an inode whose `keys` entry is key (shared ids relative
         to the image start)."""
+        if key is not None and key < 0:  # its own xattrs alone
+            packed = self.fixed.get(key)
+            if packed is None:
+                packed = self.fixed[key] = self._pack(*self.layout(ino.xattrs), table_base)
+            return packed
         if key is not None:
             if key not in self.templates:
                 self.templates[key] = _PlainBlock.of(self, ino, table_base)
             plain = self.templates[key]
             if plain is not None:
                 return plain.block(ino.node.content.id)
-        content = type(ino.node) is Leaf and type(ino.node.content) in _CONTENT_XATTR_KINDS
-        if not content:
-            packed = self._blocks.get(id(ino.xattrs))
-            if packed is not None:
-                return packed
-        buf = self._pack(*self.layout(self.items(ino)), table_base)
-        if not content:
-            self._blocks[id(ino.xattrs)] = buf
-        return buf
+        return self._pack(*self.layout(self.items(ino)), table_base)
 
     @staticmethod
     def _pack(size: int, filt: int, refs: list[int], local: list[tuple[int, bytes, bytes]],
@@ -1060,7 +1057,7 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
 
     pack_c = F.CompactInode.FMT.pack_into
     pack_e = F.ExtendedInode.FMT.pack_into
-    plain_keys, block, templates, piece_size = xattrs.plain_keys, xattrs.block, xattrs.templates, _PIECE
+    keys, block, fixed, templates, piece_size = xattrs.keys, xattrs.block, xattrs.fixed, xattrs.templates, _PIECE
     window_len = len(window)
     for at, ino in enumerate(inos):
         off = ino.nid << 5
@@ -1092,12 +1089,14 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
                    ino.nid if v2 else at, st.uid, st.gid)
             off += 32
         if xattr_size:
-            key = plain_keys[at]
-            plain = templates.get(key)  # most files': made by `block` for the first of each key
-            if plain is not None:
-                window[off:off + xattr_size] = plain.block(ino.node.content.id)
-            else:
-                window[off:off + xattr_size] = block(ino, key, table_base)
+            # most inodes' blocks are fixed or from a template, made by `block` for the
+            # first inode of each key
+            key = keys[at]
+            xblock: bytes | bytearray | None = fixed.get(key)
+            if xblock is None:
+                plain = templates.get(key)
+                xblock = plain.block(ino.node.content.id) if plain is not None else block(ino, key, table_base)
+            window[off:off + xattr_size] = xblock
             off += xattr_size
         if mode & IFMT == IFDIR:
             tail_bytes = _dir_data(ino, tail=True)
@@ -1148,6 +1147,8 @@ def _dir_data(ino: _Ino, tail: bool) -> bytes:
     blocks, each padded to 4096. Each is packed when written, the other not."""
     B = F.BLOCK_SIZE
     names, children = ino.names, ino.children
+    if not ino.nblocks:  # most directories: every entry in the tail
+        return _dir_block(names, children) if tail else b""
     starts = [0]  # index of each block's first entry
     cur = 0
     for i, name in enumerate(names):
