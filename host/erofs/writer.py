@@ -251,20 +251,20 @@ class _XattrSets:
 
     def __init__(self, v2: bool) -> None:
         self.v2 = v2
-        self._own: dict[_Items, _Items] = {}  # a Stat's items as given -> as written
+        self.made: dict[_Items, _Items] = {}  # a Stat's items as given -> as written
         self._all: dict[_Items, _Items] = {}
 
     def own(self, xattrs: dict[bytes, bytes]) -> _Items:
         """A Stat's xattrs, escaped, in the order written (epoch 1: by name; format 2: by
         name before escaping)."""
         key = tuple(xattrs.items())
-        items = self._own.get(key)
+        items = self.made.get(key)
         if items is None:
             if self.v2:
                 items = tuple(_escape_xattrs(dict(sorted(xattrs.items()))).items())
             else:
                 items = tuple(sorted(_escape_xattrs(xattrs).items()))
-            items = self._own[key] = self._all.setdefault(items, items)
+            items = self.made[key] = self._all.setdefault(items, items)
         return items
 
     def plus(self, items: _Items, added: dict[bytes, bytes]) -> _Items:
@@ -365,7 +365,7 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
     # xattrs as each is made (a directory's when it is numbered, its link count once its
     # entries are), whiteouts escaped. Metacopy and redirect: `_Xattrs.items`.
     sets = _XattrSets(v2=False)
-    own_sets = sets.own
+    own_sets, own_get = sets.own, sets.made.get  # (the usual case without a call)
     wh_parents: list[_Ino] = []
     modes: dict[int, int] = {}  # one int object per distinct mode
     type_bits = TYPE_BITS
@@ -379,8 +379,8 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
         dino = queue.popleft()
         d: Directory = dino.node
         st = d.stat
-        if st.xattrs:
-            dino.xattrs = own_sets(st.xattrs)
+        if xa := st.xattrs:
+            dino.xattrs = own_get(tuple(xa.items())) or own_sets(xa)
         dino.mode = modes.setdefault(m := _stat.S_IFDIR | (st.mode & 0o7777), m)
         entries = d.entries
         if dino is root_ino and stubs:
@@ -400,17 +400,16 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
                     inos.append(cino)
                     queue.append(cino)
                     subdirs += 1
-            elif k in counts and canon.get(k) != (id(d), name):
+            elif (n := counts.get(k)) is not None and canon.get(k) != (id(d), name):
                 cino = by_id.get(k)  # numbered at its canonical name, maybe not yet
             else:
                 cino = _Ino(child, dino)
                 inos.append(cino)
                 st = child.stat
-                if st.xattrs:
-                    cino.xattrs = own_sets(st.xattrs)
+                if xa := st.xattrs:
+                    cino.xattrs = own_get(tuple(xa.items())) or own_sets(xa)
                 c = child.content
                 tc = type(c)
-                n = counts.get(k)
                 if n is not None:  # hardlinked, at its canonical name
                     by_id[k] = cino
                 cino.nlink = child.nlink if child.nlink is not None else n or 1
