@@ -19,6 +19,7 @@ entry (tests/unit/test_erofs_memory.py).
 from __future__ import annotations
 
 import bisect
+from binascii import hexlify
 import functools
 import itertools
 import stat as _stat
@@ -153,11 +154,7 @@ _Items = tuple[tuple[bytes, bytes], ...]
 
 
 # The file type in a directory entry, from a field every record has (each slot costs 8
-# bytes on hundreds of thousands of records).
-def _ftype(ino: _Ino) -> int:
-    return _FTYPES[ino.mode & _S_IFMT]
-
-
+# bytes on hundreds of thousands of records): _FTYPES[mode & S_IFMT].
 _FTYPES = {
     _stat.S_IFREG: F.FT_REG_FILE, _stat.S_IFDIR: F.FT_DIR, _stat.S_IFCHR: F.FT_CHRDEV,
     _stat.S_IFBLK: F.FT_BLKDEV, _stat.S_IFIFO: F.FT_FIFO, _stat.S_IFSOCK: F.FT_SOCK,
@@ -223,8 +220,7 @@ def _write_image(fs: FileSystem, version: int, sink: ImageSink) -> None:
             min_sec = min_nsec = 0
         else:
             min_sec, min_nsec = min((i.node.stat.mtime_sec, i.node.stat.mtime_nsec) for i in inos)
-            for ino in inos:
-                _prepare_data_epoch1(ino, min_sec, min_nsec)
+            _prepare_data_epoch1(inos, min_sec, min_nsec)
         _layout_and_emit(inos, xattrs, version, min_sec, min_nsec, sink)
     finally:
         # parent and child links make cycles: cut, the records go by reference counting
@@ -255,20 +251,20 @@ class _XattrSets:
 
     def __init__(self, v2: bool) -> None:
         self.v2 = v2
-        self._own: dict[_Items, _Items] = {}  # a Stat's items as given -> as written
+        self.made: dict[_Items, _Items] = {}  # a Stat's items as given -> as written
         self._all: dict[_Items, _Items] = {}
 
     def own(self, xattrs: dict[bytes, bytes]) -> _Items:
         """A Stat's xattrs, escaped, in the order written (epoch 1: by name; format 2: by
         name before escaping)."""
         key = tuple(xattrs.items())
-        items = self._own.get(key)
+        items = self.made.get(key)
         if items is None:
             if self.v2:
                 items = tuple(_escape_xattrs(dict(sorted(xattrs.items()))).items())
             else:
                 items = tuple(sorted(_escape_xattrs(xattrs).items()))
-            items = self._own[key] = self._all.setdefault(items, items)
+            items = self.made[key] = self._all.setdefault(items, items)
         return items
 
     def plus(self, items: _Items, added: dict[bytes, bytes]) -> _Items:
@@ -307,14 +303,16 @@ def _canonical_occurrences(fs: FileSystem) -> tuple[dict[int, int], dict[int, tu
                 seen_dirs.add(id(child))
                 stack.append(child)
     del seen
-    multi = set(counts)
-    if not multi:
-        return counts, {}
-    canon = _dfs_first(fs.root, multi)
-    for k in multi:
+    canon: dict[int, tuple[int, bytes]] = {}
+    unnamed: set[int] = set()
+    for k in counts:
         rec = fs.primary_links.get(k)
         if rec is not None and id(rec[0].entries.get(rec[1])) == k:
             canon[k] = (id(rec[0]), rec[1])
+        else:
+            unnamed.add(k)
+    if unnamed:  # a walk of the whole tree: not for a dumpfile's, which names every inode
+        canon.update(_dfs_first(fs.root, unnamed))
     return counts, canon
 
 
@@ -363,24 +361,36 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
             )
     stub_ids = {id(s) for s in stubs.values()}
 
+    # The records are made and filled in one breadth-first pass: mode, link count and own
+    # xattrs as each is made (a directory's when it is numbered, its link count once its
+    # entries are), whiteouts escaped. Metacopy and redirect: `_Xattrs.items`.
+    sets = _XattrSets(v2=False)
+    own_sets, own_get = sets.own, sets.made.get  # (the usual case without a call)
+    wh_parents: list[_Ino] = []
+    modes: dict[int, int] = {}  # one int object per distinct mode
+    type_bits = TYPE_BITS
     root_ino = _Ino(root)
     root_ino.parent = root_ino
     inos: list[_Ino] = [root_ino]
     by_id: dict[int, _Ino] = {id(root): root_ino}
     late: list[tuple[_Ino, int, int]] = []  # (dir ino, child position, leaf id)
-    multi = set(counts)
     queue = deque([root_ino])
     while queue:
         dino = queue.popleft()
         d: Directory = dino.node
+        st = d.stat
+        if xa := st.xattrs:
+            dino.xattrs = own_get(tuple(xa.items())) or own_sets(xa)
+        dino.mode = modes.setdefault(m := _stat.S_IFDIR | (st.mode & 0o7777), m)
         entries = d.entries
         if dino is root_ino and stubs:
             entries = dict(entries)
             entries.update(stubs)
-        dino.names = sorted(entries)
+        dino.names = names = sorted(entries)
         children: list[_Ino] = []
         dino.children = children
-        for name in dino.names:
+        subdirs = 0  # whose home is here: the directory's link count
+        for name in names:
             child = entries[name]
             k = id(child)
             if type(child) is Directory:
@@ -389,49 +399,39 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
                     by_id[k] = cino = _Ino(child, dino)
                     inos.append(cino)
                     queue.append(cino)
-            elif k in multi:
-                if canon.get(k) == (id(d), name):
-                    by_id[k] = cino = _Ino(child, dino)
-                    inos.append(cino)
-                else:
-                    cino = by_id.get(k)
+                    subdirs += 1
+            elif (n := counts.get(k)) is not None and canon.get(k) != (id(d), name):
+                cino = by_id.get(k)  # numbered at its canonical name, maybe not yet
             else:
                 cino = _Ino(child, dino)
                 inos.append(cino)
+                st = child.stat
+                if xa := st.xattrs:
+                    cino.xattrs = own_get(tuple(xa.items())) or own_sets(xa)
+                c = child.content
+                tc = type(c)
+                if n is not None:  # hardlinked, at its canonical name
+                    by_id[k] = cino
+                cino.nlink = child.nlink if child.nlink is not None else n or 1
+                if tc is CharDevice and c.rdev == 0 and k not in stub_ids:
+                    # a whiteout: escaped to a regular file; only the directory of its own
+                    # name is marked, not one holding a hardlink to it
+                    cino.mode = _stat.S_IFREG | (st.mode & 0o7777)
+                    cino.xattrs = sets.plus(cino.xattrs, _WHITEOUT_XATTRS)
+                    wh_parents.append(dino)
+                else:
+                    cino.mode = modes.setdefault(m := type_bits[tc] | (st.mode & 0o7777), m)
             if cino is None:
                 # canonical name is deeper in the BFS: fill in once it has a number
                 late.append((dino, len(children), k))
             children.append(cino)  # type: ignore[arg-type]
+        # 2 + the subdirectories whose home is here (hardlinked names do not count)
+        dino.nlink = 2 + subdirs
     for dino, pos, k in late:
         dino.children[pos] = by_id[k]
 
-    # per-inode metadata and composefs xattrs (metacopy and redirect: `_Xattrs.items`)
-    sets = _XattrSets(v2=False)
-    wh_parents: list[_Ino | None] = []
-    modes: dict[int, int] = {}  # one int object per distinct mode
-    for ino in inos:
-        node = ino.node
-        st = node.stat
-        if st.xattrs:
-            ino.xattrs = sets.own(st.xattrs)
-        if type(node) is Directory:
-            ino.mode = modes.setdefault(m := _stat.S_IFDIR | (st.mode & 0o7777), m)
-            ino.nlink = _dir_nlink(ino)
-            continue
-        ino.nlink = 1 if id(node) in stub_ids else (node.nlink if node.nlink is not None else counts.get(id(node), 1))
-        c = node.content
-        tc = type(c)
-        ino.mode = modes.setdefault(m := TYPE_BITS[tc] | (st.mode & 0o7777), m)
-        if tc is CharDevice and c.rdev == 0 and id(node) not in stub_ids:
-            # a whiteout: escaped to a regular file; only the directory of its own name is
-            # marked, not one holding a hardlink to it
-            ino.mode = _stat.S_IFREG | (st.mode & 0o7777)
-            ino.xattrs = sets.plus(ino.xattrs, _WHITEOUT_XATTRS)
-            wh_parents.append(ino.parent)
-
     for wdir in wh_parents:
-        if wdir is not None:
-            wdir.xattrs = sets.plus(wdir.xattrs, _WHITEOUT_DIR_XATTRS[version >= 1])
+        wdir.xattrs = sets.plus(wdir.xattrs, _WHITEOUT_DIR_XATTRS[version >= 1])
     root_ino.xattrs = sets.plus(root_ino.xattrs, _ROOT_XATTRS)
     return inos
 
@@ -517,7 +517,7 @@ def _prepare_data_v2(ino: _Ino) -> None:
     node = ino.node
     ino.extended = True
     if isinstance(node, Directory):
-        _prepare_data_epoch1(ino, node.stat.mtime_sec, node.stat.mtime_nsec)
+        _prepare_data_epoch1([ino], node.stat.mtime_sec, node.stat.mtime_nsec)
         ino.extended = True
         return
     c = node.content
@@ -546,28 +546,30 @@ def _check_limits(inos: list[_Ino], v2: bool) -> None:
     lo63, hi63 = -(1 << 63), 1 << 63
     checked: set[int] = set()  # xattr tuples are shared
     for index, ino in enumerate(inos):
-        st = ino.node.stat
+        node = ino.node
+        st = node.stat
         if not (0 <= st.uid < u32 and 0 <= st.gid < u32 and 0 <= ino.nlink < u32
                 and (v2 or 0 <= st.mtime_nsec < u32) and lo63 <= st.mtime_sec < hi63):
             _refuse_inode(index, ino, v2)
-        if ino.names:
+        tc = None
+        if type(node) is Leaf:
+            c = node.content
+            tc = type(c)
+            if tc is Symlink and not 0 < len(c.target) < 4096:
+                raise ImageError(f"{_what(index, ino)}: symlink target of {len(c.target)} bytes (1..4095 allowed)")
+        elif ino.names:
             names = ino.names
             joined = b"".join(names)
             if b"/" in joined or b"\0" in joined or not 0 < min(map(len, names)) <= max(map(len, names)) <= 255:
                 bad = next(n for n in names if not 0 < len(n) <= 255 or b"/" in n or b"\0" in n)
                 raise ImageError(f"invalid file name {bad!r} (1..255 bytes, no '/' or NUL)")
-        node = ino.node
-        if type(node) is Leaf and type(node.content) is Symlink and not 0 < len(node.content.target) < 4096:
-            raise ImageError(f"{_what(index, ino)}: symlink target of {len(node.content.target)} bytes (1..4095 allowed)")
         if ino.xattrs and id(ino.xattrs) not in checked:
             checked.add(id(ino.xattrs))
             for k, v in ino.xattrs:
                 if len(k) > 255 + 24 or len(v) > 0xFFFF:
                     _refuse_xattr(index, ino, k, len(v))
-        if type(node) is Leaf and type(node.content) in _REDIRECTING:
-            payload = node.content.payload
-            if payload and len(payload) >= 0xFFFF:  # the redirect is "/" + payload
-                _refuse_xattr(index, ino, XATTR_REDIRECT, 1 + len(payload))
+        if (tc is External or tc is ExternalNoVerity) and (payload := c.payload) and len(payload) >= 0xFFFF:
+            _refuse_xattr(index, ino, XATTR_REDIRECT, 1 + len(payload))  # the redirect is "/" + payload
 
 
 def _refuse_xattr(index: int, ino: _Ino, name: bytes, value_len: int) -> NoReturn:
@@ -591,7 +593,6 @@ def _refuse_inode(index: int, ino: _Ino, v2: bool) -> NoReturn:
 
 
 _CONTENT_XATTR_KINDS = frozenset((External, ExternalNoVerity, Sparse))
-_REDIRECTING = frozenset((External, ExternalNoVerity))
 
 
 def _content_xattrs(node) -> list[tuple[bytes, bytes]]:
@@ -696,26 +697,36 @@ class _Xattrs:
             off += F.xattr_entry_size(len(suffix), len(kv[1]))
         self.table = [(*self.names[k][:2], v) for k, v in shared]
         self.has_acl = not v2 and any(k in ACL_XATTRS for items in sets for k, _v in items)
-        self._blocks: dict[int, bytearray] = {}  # id(xattrs) -> packed block, inodes without content xattrs
-        # plain files' blocks by (own xattrs, digest length): a template, or None (laid out)
-        self._plain: dict[tuple[int, int], _PlainBlock | None] = {}
-        plain_sizes: dict[tuple[int, int], int] = {}
-        sizes: dict[int, int] = {}
-        # each inode's `_plain_key`, in inode order, for `block`
-        self.plain_keys: list[tuple[int, int] | None] = [self._plain_key(ino) for ino in inos]
-        for ino, key in zip(inos, self.plain_keys):
-            if key is not None:
-                size = plain_sizes.get(key)
-                if size is None:
-                    size = plain_sizes[key] = self.layout(self.items(ino))[0]
-                ino.xattr_size = size
-            elif type(ino.node) is Leaf and type(ino.node.content) in _CONTENT_XATTR_KINDS:
-                ino.xattr_size = self.layout(self.items(ino))[0]
+        # Each inode's key for `block`, in inode order: for a plain file (`_PlainBlock`),
+        # its template's, id(own xattrs) * 2 + (digest of 64 bytes); for an inode with its
+        # own xattrs alone, ~id(them) (one block for all that share them); else None.
+        self.keys: list[int | None] = []
+        add_key = self.keys.append
+        self.fixed: dict[int | None, bytearray] = {}  # own xattrs alone: key -> packed block
+        # plain files' blocks by key: a template, or None (laid out)
+        self.templates: dict[int | None, _PlainBlock | None] = {}
+        sizes: dict[int, int] = {}  # by key
+        maybe_shared, digest_lengths = self._maybe_shared, _METACOPY_PREFIX
+        for ino in inos:
+            node = ino.node
+            key = None
+            if type(node) is Leaf and (tc := type(c := node.content)) in _CONTENT_XATTR_KINDS:
+                if tc is External and c.payload is None and c.id not in maybe_shared \
+                        and len(c.id) in digest_lengths:
+                    key = id(ino.xattrs) << 1 | (len(c.id) == 64)
+                    size = sizes.get(key)
+                    if size is None:
+                        size = sizes[key] = self.layout(self.items(ino))[0]
+                    ino.xattr_size = size
+                else:
+                    ino.xattr_size = self.layout(self.items(ino))[0]
             elif ino.xattrs:
-                size = sizes.get(id(ino.xattrs))
+                key = ~id(ino.xattrs)
+                size = sizes.get(key)
                 if size is None:
-                    size = sizes[id(ino.xattrs)] = self.layout(ino.xattrs)[0]
+                    size = sizes[key] = self.layout(ino.xattrs)[0]
                 ino.xattr_size = size
+            add_key(key)
 
     def name_info(self, k: bytes) -> tuple[int, bytes, int]:
         info = self.names.get(k)
@@ -758,35 +769,21 @@ class _Xattrs:
             filt |= bit
         return size, (~filt) & 0xFFFFFFFF, refs, local
 
-    def _plain_key(self, ino: _Ino) -> tuple[int, int] | None:
-        """For a plain file (`_PlainBlock`): its template's key, (own xattrs, digest length)."""
-        node = ino.node
-        if type(node) is not Leaf:
-            return None
-        c = node.content
-        if type(c) is not External or c.payload is not None or c.id in self._maybe_shared \
-                or len(c.id) not in _METACOPY_PREFIX:
-            return None
-        return id(ino.xattrs), len(c.id)
-
-    def block(self, ino: _Ino, key: tuple[int, int] | None, table_base: int) -> bytes | bytearray:
-        """The packed xattr block of an inode whose `_plain_key` is key (shared ids relative
+    def block(self, ino: _Ino, key: int | None, table_base: int) -> bytes | bytearray:
+        """The packed xattr block of an inode whose `keys` entry is key (shared ids relative
         to the image start)."""
+        if key is not None and key < 0:  # its own xattrs alone
+            packed = self.fixed.get(key)
+            if packed is None:
+                packed = self.fixed[key] = self._pack(*self.layout(ino.xattrs), table_base)
+            return packed
         if key is not None:
-            if key not in self._plain:
-                self._plain[key] = _PlainBlock.of(self, ino, table_base)
-            plain = self._plain[key]
+            if key not in self.templates:
+                self.templates[key] = _PlainBlock.of(self, ino, table_base)
+            plain = self.templates[key]
             if plain is not None:
                 return plain.block(ino.node.content.id)
-        content = type(ino.node) is Leaf and type(ino.node.content) in _CONTENT_XATTR_KINDS
-        if not content:
-            packed = self._blocks.get(id(ino.xattrs))
-            if packed is not None:
-                return packed
-        buf = self._pack(*self.layout(self.items(ino)), table_base)
-        if not content:
-            self._blocks[id(ino.xattrs)] = buf
-        return buf
+        return self._pack(*self.layout(self.items(ino)), table_base)
 
     @staticmethod
     def _pack(size: int, filt: int, refs: list[int], local: list[tuple[int, bytes, bytes]],
@@ -841,7 +838,8 @@ class _PlainBlock:
         return plain if plain.block(digest) == packed else None
 
     def block(self, digest: bytes) -> bytes:
-        return b"".join((self._head, digest, self._middle, object_path(digest), self._tail))
+        path = hexlify(digest)  # object_path(digest), without a call to it
+        return b"".join((self._head, digest, self._middle, path[:2], b"/", path[2:], self._tail))
 
 
 # ---------------------------------------------------------------------------- data
@@ -873,89 +871,102 @@ def _split_tail(data_len: int) -> tuple[int, int]:
     return nblocks, tail
 
 
-def _prepare_data_epoch1(ino: _Ino, min_sec: int, min_nsec: int) -> None:
-    node = ino.node
-    is_symlink = False
-    wide = False  # a special file whose dumpfile SIZE does not fit 32 bits (C: extended inode)
-    if isinstance(node, Directory):
-        # size from names alone; the bytes are built once nids are known
-        names = ino.names
-        for name, target in ((b".", ino), (b"..", ino.parent)):
-            at = bisect.bisect_left(names, name)
-            names.insert(at, name)
-            ino.children.insert(at, target)  # type: ignore[arg-type]
-        full = 0
-        cur = 0
-        for n in names:
-            cost = F.Dirent.SIZE + len(n)
-            if cur + cost > F.BLOCK_SIZE:
-                full += 1
-                cur = 0
-            cur += cost
-        if cur > F.BLOCK_SIZE // 2:
+def _prepare_data_epoch1(inos: list[_Ino], min_sec: int, min_nsec: int) -> None:
+    """Each inode's data layout, size, inline part and data blocks (epoch 1), and whether
+    it needs an extended inode (one whose times are not the image's, or a field too wide)."""
+    # One loop over hundreds of thousands of records: constants are locals.
+    B, BITS = F.BLOCK_SIZE, F.BLOCK_BITS
+    CHUNK, INLINE, PLAIN = F.DATALAYOUT_CHUNK_BASED, F.DATALAYOUT_FLAT_INLINE, F.DATALAYOUT_FLAT_PLAIN
+    IFMT, IFREG = _S_IFMT, _stat.S_IFREG
+    null_index = _NULL_INDEX
+    for ino in inos:
+        node = ino.node
+        is_symlink = False
+        wide = False  # a special file whose dumpfile SIZE does not fit 32 bits (C: extended inode)
+        if type(node) is Directory:
+            _prepare_dir(ino)
+        else:
+            c = node.content
+            tc = type(c)
+            if tc is External or tc is ExternalNoVerity or tc is Sparse:  # most files: first
+                size = c.size
+                ino.size = size
+                ino.layout = CHUNK
+                if 0 < size <= 1 << 43:
+                    # one chunk, of the file's size rounded up to a power of two (a block at least)
+                    bits = (size - 1).bit_length()
+                    ino.i_u = bits - BITS if bits > BITS else 0
+                    ino.inline = null_index
+                else:
+                    bits = _chunk_bits(size)
+                    count = -(-size // (1 << bits))
+                    if count > MAX_CHUNKS:
+                        raise ImageError("cannot write file: File too large")
+                    ino.inline = _null_indexes(count)
+                    ino.i_u = bits - BITS  # the chunk format; the first block's high bits join it at layout
+                    if 4 * count + ino.xattr_size % 32 > B:
+                        # the indexes get a block of their own, which C fills with null
+                        # indexes to the end (promoted)
+                        ino.blocks = b"\xff" * B
+                        ino.nblocks = 1
+                        ino.inline = b""
+            elif tc is Inline or (tc is CharDevice and ino.mode & IFMT == IFREG):
+                data = c.data if tc is Inline else b""
+                ino.size = len(data)
+                nblocks, tail = _split_tail(len(data))
+                ino.nblocks = nblocks
+                if nblocks:
+                    ino.blocks = data[: nblocks * B]
+                ino.inline = data[nblocks * B:] if tail else b""
+                ino.layout = INLINE if tail else PLAIN
+            elif tc is Symlink:
+                ino.size = len(c.target)
+                ino.layout = INLINE
+                ino.inline = c.target
+                is_symlink = True  # inline or promoted, decided below
+            elif tc is CharDevice or tc is BlockDevice:
+                ino.layout = PLAIN
+                ino.i_u = c.rdev & 0xFFFFFFFF
+                wide = c.dump_size > 0xFFFFFFFF
+            else:  # fifo, socket
+                ino.layout = PLAIN
+                wide = c.dump_size > 0xFFFFFFFF
+        st = node.stat
+        extended = ino.extended = wide or not (
+            st.mtime_sec == min_sec and st.mtime_nsec == min_nsec and ino.nlink <= 0xFFFF
+            and st.uid <= 0xFFFF and st.gid <= 0xFFFF and ino.size <= 0xFFFFFFFF
+        )
+        if is_symlink and (64 if extended else 32) + ino.xattr_size + ino.size >= B:
+            # long symlink target: one data block instead of an inline tail (promoted)
+            ino.layout = PLAIN
+            ino.blocks = ino.inline
+            ino.nblocks = 1
+            ino.inline = b""
+
+
+def _prepare_dir(ino: _Ino) -> None:
+    """A directory's size from its names alone (its bytes are built once nids are known)."""
+    B = F.BLOCK_SIZE
+    names = ino.names
+    for name, target in ((b".", ino), (b"..", ino.parent)):
+        at = bisect.bisect_left(names, name)
+        names.insert(at, name)
+        ino.children.insert(at, target)  # type: ignore[arg-type]
+    full = 0
+    cur = 0
+    for n in names:
+        cost = F.Dirent.SIZE + len(n)
+        if cur + cost > B:
             full += 1
             cur = 0
-        ino.nblocks = full
-        ino.size = full * F.BLOCK_SIZE + cur
-        ino.inline = _zeros(cur)  # placeholder of the right length
-        ino.layout = F.DATALAYOUT_FLAT_INLINE if cur else F.DATALAYOUT_FLAT_PLAIN
-    else:
-        c = node.content
-        tc = type(c)
-        if tc is External or tc is ExternalNoVerity or tc is Sparse:  # most files: first
-            size = c.size
-            ino.size = size
-            if 0 < size <= 1 << 43:
-                # one chunk, of the file's size rounded up to a power of two (a block at least)
-                ino.i_u = max((size - 1).bit_length(), F.BLOCK_BITS) - F.BLOCK_BITS
-                ino.inline = _NULL_INDEX
-            else:
-                bits = _chunk_bits(size)
-                count = -(-size // (1 << bits))
-                if count > MAX_CHUNKS:
-                    raise ImageError("cannot write file: File too large")
-                ino.inline = _null_indexes(count)
-                ino.i_u = bits - F.BLOCK_BITS  # the chunk format; the first block's high bits join it at layout
-            ino.layout = F.DATALAYOUT_CHUNK_BASED
-        elif tc is Inline or (tc is CharDevice and _ftype(ino) == F.FT_REG_FILE):
-            data = c.data if tc is Inline else b""
-            ino.size = len(data)
-            nblocks, tail = _split_tail(len(data))
-            ino.nblocks = nblocks
-            if nblocks:
-                ino.blocks = data[: nblocks * F.BLOCK_SIZE]
-            ino.inline = data[nblocks * F.BLOCK_SIZE:] if tail else b""
-            ino.layout = F.DATALAYOUT_FLAT_INLINE if tail else F.DATALAYOUT_FLAT_PLAIN
-        elif tc is Symlink:
-            ino.size = len(c.target)
-            ino.layout = F.DATALAYOUT_FLAT_INLINE
-            ino.inline = c.target
-            is_symlink = True  # inline or promoted, decided below
-        elif tc is CharDevice or tc is BlockDevice:
-            ino.layout = F.DATALAYOUT_FLAT_PLAIN
-            ino.i_u = c.rdev & 0xFFFFFFFF
-            wide = c.dump_size > 0xFFFFFFFF
-        else:  # fifo, socket
-            ino.layout = F.DATALAYOUT_FLAT_PLAIN
-            wide = c.dump_size > 0xFFFFFFFF
-    st = node.stat
-    ino.extended = wide or not (
-        st.mtime_sec == min_sec and st.mtime_nsec == min_nsec and ino.nlink <= 0xFFFF
-        and st.uid <= 0xFFFF and st.gid <= 0xFFFF and ino.size <= 0xFFFFFFFF
-    )
-    hdr = F.ExtendedInode.SIZE if ino.extended else F.CompactInode.SIZE
-    if is_symlink and hdr + ino.xattr_size + ino.size >= F.BLOCK_SIZE:
-        # long symlink target: one data block instead of an inline tail (promoted)
-        ino.layout = F.DATALAYOUT_FLAT_PLAIN
-        ino.blocks = ino.inline
-        ino.nblocks = 1
-        ino.inline = b""
-    elif ino.layout == F.DATALAYOUT_CHUNK_BASED and len(ino.inline) + ino.xattr_size % 32 > F.BLOCK_SIZE:
-        # the indexes get a block of their own, which C fills with null indexes to the end
-        # (promoted)
-        ino.blocks = b"\xff" * F.BLOCK_SIZE
-        ino.nblocks = 1
-        ino.inline = b""
+        cur += cost
+    if cur > B // 2:
+        full += 1
+        cur = 0
+    ino.nblocks = full
+    ino.size = full * B + cur
+    ino.inline = _zeros(cur)  # placeholder of the right length
+    ino.layout = F.DATALAYOUT_FLAT_INLINE if cur else F.DATALAYOUT_FLAT_PLAIN
 
 
 # ---------------------------------------------------------------------------- layout + emit
@@ -967,37 +978,44 @@ def _align(x: int, a: int) -> int:
 
 def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: int, min_nsec: int,
                      sink: ImageSink) -> None:
+    # Per-inode loops over hundreds of thousands of records: constants are locals.
     B = F.BLOCK_SIZE
     CHUNK, INLINE = F.DATALAYOUT_CHUNK_BASED, F.DATALAYOUT_FLAT_INLINE
+    IFMT, IFLNK, IFDIR = _S_IFMT, _stat.S_IFLNK, _stat.S_IFDIR
+    v2 = version == 2
+    with_blocks: list[_Ino] = []  # the inodes that have data blocks, in inode order
     pos = F.INODE_TABLE_OFFSET
     for ino in inos:
         pos = (pos + 31) & ~31
-        meta = (F.ExtendedInode.SIZE if ino.extended else F.CompactInode.SIZE) + ino.xattr_size
+        meta = (64 if ino.extended else 32) + ino.xattr_size  # F.ExtendedInode / F.CompactInode
         layout = ino.layout
         tail = len(ino.inline)
+        nblocks = ino.nblocks
+        if nblocks:
+            with_blocks.append(ino)
         if layout == CHUNK:
-            if ino.nblocks:  # promoted: the indexes in a block of their own
+            if nblocks:  # promoted: the indexes in a block of their own
                 pos = _align(pos, B)
             elif (start := pos + meta) % B and B - start % B < tail:
                 pos += _align(B - start % B, 32)
-        elif ino.mode & _S_IFMT == _stat.S_IFLNK and (ino.nblocks or version != 2):
-            if ino.nblocks:  # promoted: the target in a block of its own
+        elif ino.mode & IFMT == IFLNK and (nblocks or not v2):
+            if nblocks:  # promoted: the target in a block of its own
                 if pos // B != (pos + meta + ino.size - 1) // B:
                     pos = _align(pos, B)
             elif layout == INLINE and pos % B + meta + ino.size % B > B:
                 pos = _align(pos, B)
         elif layout == INLINE:
             start = pos + meta
-            if version == 2:
+            if v2:
                 # (exclusive end: a tail ending exactly on a boundary also moves)
                 if (start - 1) // B != (start + ino.size % B) // B:
                     pos = _align(pos + B - (start - 1) % B, 32)
             elif start % B and B - start % B < tail:
                 pos += _align(B - start % B, 32)
-        ino.nid = pos // 32
+        ino.nid = pos >> 5
         pos += meta + tail
     inodes_end = _align(pos, 32)
-    if version == 2:
+    if v2:
         # composefs-rs: i_ino is the nid, shared xattr ids are absolute offsets / 4
         xattr_blkaddr = 0
     else:
@@ -1012,16 +1030,15 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
         pos += len(e)
     table = b"".join(table_parts)
     first_data_block = blk = _align(pos, B) // B
-    for ino in inos:
-        if ino.nblocks:
-            ino.blkaddr = first = blk
-            blk += ino.nblocks
-            if ino.layout == F.DATALAYOUT_CHUNK_BASED:
-                ino.i_u = (first & 0xFFFF0000) | ino.i_u  # i_u held the chunk format
-            else:
-                ino.i_u = first
-        elif ino.layout != F.DATALAYOUT_CHUNK_BASED and _ftype(ino) not in (F.FT_CHRDEV, F.FT_BLKDEV):
-            ino.i_u = 0
+    # i_u of an inode with data blocks is its first block (chunk-based: the block's high
+    # bits join the chunk format there); the others' i_u (chunk format, rdev, 0) is set
+    for ino in with_blocks:
+        ino.blkaddr = first = blk
+        blk += ino.nblocks
+        if ino.layout == CHUNK:
+            ino.i_u = (first & 0xFFFF0000) | ino.i_u
+        else:
+            ino.i_u = first
     total_blocks = max(blk, 1)
     sink.start(total_blocks * B)
 
@@ -1039,40 +1056,52 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
 
     pack_c = F.CompactInode.FMT.pack_into
     pack_e = F.ExtendedInode.FMT.pack_into
-    v2 = version == 2
-    plain_keys, block, inode_format, is_dir = xattrs.plain_keys, xattrs.block, F.make_inode_format, _stat.S_IFDIR
+    keys, block, fixed, templates, piece_size = xattrs.keys, xattrs.block, xattrs.fixed, xattrs.templates, _PIECE
+    window_len = len(window)
     for at, ino in enumerate(inos):
-        off = ino.nid * 32
-        if off - base >= _PIECE:
-            done = min(off - base, len(window))
+        off = ino.nid << 5
+        if off - base >= piece_size:
+            done = min(off - base, window_len)
             sink.write(window[:done])
             del window[:done]
             base += done
+            window_len -= done
         xattr_size = ino.xattr_size
-        hdr = 64 if ino.extended else 32
-        end = off + hdr + xattr_size + len(ino.inline) - base
-        if end > len(window):
-            window += bytes(max(end - len(window), _PIECE // 16))
-        fmt = inode_format(ino.extended, ino.layout)
+        extended = ino.extended
+        inline = ino.inline
+        off -= base
+        end = off + (64 if extended else 32) + xattr_size + len(inline)
+        if end > window_len:
+            window += bytes(max(end - window_len, piece_size >> 4))
+            window_len = len(window)
+        fmt = (ino.layout << 1) | extended  # F.make_inode_format
         icount = 0 if not xattr_size else 1 + (xattr_size - 12) // 4
         st = ino.node.stat
-        index = ino.nid if v2 else at  # composefs-rs: i_ino is the nid
-        off -= base
-        if ino.extended:
-            pack_e(window, off, fmt, icount, ino.mode & 0xFFFF, ino.size, ino.i_u, index,
+        mode = ino.mode
+        if extended:
+            # composefs-rs: i_ino is the nid, mtime without nanoseconds
+            pack_e(window, off, fmt, icount, mode & 0xFFFF, ino.size, ino.i_u, ino.nid if v2 else at,
                    st.uid, st.gid, st.mtime_sec & 0xFFFFFFFFFFFFFFFF, 0 if v2 else st.mtime_nsec, ino.nlink)
+            off += 64
         else:
-            pack_c(window, off, fmt, icount, ino.mode & 0xFFFF, ino.nlink, ino.size, ino.i_u,
-                   index, st.uid, st.gid)
-        off += hdr
+            pack_c(window, off, fmt, icount, mode & 0xFFFF, ino.nlink, ino.size, ino.i_u,
+                   ino.nid if v2 else at, st.uid, st.gid)
+            off += 32
         if xattr_size:
-            window[off:off + xattr_size] = block(ino, plain_keys[at], table_base)
+            # most inodes' blocks are fixed or from a template, made by `block` for the
+            # first inode of each key
+            key = keys[at]
+            xblock: bytes | bytearray | None = fixed.get(key)
+            if xblock is None:
+                plain = templates.get(key)
+                xblock = plain.block(ino.node.content.id) if plain is not None else block(ino, key, table_base)
+            window[off:off + xattr_size] = xblock
             off += xattr_size
-        if ino.mode & _S_IFMT == is_dir:
+        if mode & IFMT == IFDIR:
             tail_bytes = _dir_data(ino, tail=True)
             window[off:off + len(tail_bytes)] = tail_bytes
-        elif ino.inline:
-            window[off:off + len(ino.inline)] = ino.inline
+        elif inline:
+            window[off:off + len(inline)] = inline
     meta_end = first_data_block * B - base
     if meta_end > len(window):
         window += bytes(meta_end - len(window))
@@ -1082,17 +1111,15 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
 
     piece = bytearray()
     blk = first_data_block
-    for ino in inos:
-        if not ino.nblocks:
-            continue
+    for ino in with_blocks:
         # a directory's full blocks are packed here, not kept from the inode's pass
-        data = _dir_data(ino, tail=False) if ino.mode & _S_IFMT == _stat.S_IFDIR else ino.blocks
+        data = _dir_data(ino, tail=False) if ino.mode & IFMT == IFDIR else ino.blocks
         _check_blocks(ino, len(data), blk)
         size = ino.nblocks * B
         piece += data
         piece += _zeros(size - len(data)) if size - len(data) < B else bytes(size - len(data))
         blk += ino.nblocks
-        if len(piece) >= _PIECE:
+        if len(piece) >= piece_size:
             sink.write(piece)
             piece = bytearray()
     if piece:
@@ -1119,6 +1146,8 @@ def _dir_data(ino: _Ino, tail: bool) -> bytes:
     blocks, each padded to 4096. Each is packed when written, the other not."""
     B = F.BLOCK_SIZE
     names, children = ino.names, ino.children
+    if not ino.nblocks:  # most directories: every entry in the tail
+        return _dir_block(names, children) if tail else b""
     starts = [0]  # index of each block's first entry
     cur = 0
     for i, name in enumerate(names):
