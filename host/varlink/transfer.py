@@ -46,13 +46,16 @@ from pycfs.host.workers.pool import Failed, Pinned, WorkerPool
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.splitdirfdstream import (
+    FILE_BACKED_DATA,
+    FILE_HEADER,
+    INLINE_HEADER,
     MAX_INLINE_CHUNK_SIZE,
+    METADATA,
     Chunk,
     Decoder,
     DirfdIndexOutOfRange,
     FileBackedData,
     InlineData,
-    encode_file_backed_data,
     encode_metadata,
 )
 
@@ -100,15 +103,27 @@ async def produce_repo_layer(repo: Repository, layer_id: bytes, objects_index: i
                              send_all: SendAll) -> None:
     """Write the splitdirfdstream of layer stream `layer_id` (any content type)."""
     reader = repo.open_stream_by_id(layer_id)
+    object_refs = reader.object_refs
+    objects = repo.objects_dirfd()
+    # Per chunk, with no checks to repeat: an object's name is hex (a valid reference name),
+    # and a splitstream's inline piece is at most 1 MiB (below MAX_INLINE_CHUNK_SIZE).
+    file_header, inline_header = FILE_HEADER.pack, INLINE_HEADER.pack
     buf = bytearray()
     for chunk in reader.chunks():
-        if isinstance(chunk, int):
-            object_id = reader.object_refs[chunk]
-            size = repo.object_size(object_id)
-            if size is None:
-                raise PycfsError(f"object {object_id.hex()} of layer stream {layer_id.hex()} is missing")
+        if type(chunk) is int:
+            object_id = object_refs[chunk]
             h = object_id.hex()
-            buf += encode_file_backed_data(objects_index, size, f"{h[:2]}/{h[2:]}".encode())
+            name = f"{h[:2]}/{h[2:]}"
+            try:
+                size = os.stat(name, dir_fd=objects, follow_symlinks=False).st_size
+            except FileNotFoundError:
+                raise PycfsError(f"object {h} of layer stream {layer_id.hex()} is missing") from None
+            buf += file_header(FILE_BACKED_DATA, size, objects_index, len(name))
+            buf += name.encode()
+        elif len(chunk) <= MAX_INLINE_CHUNK_SIZE:
+            if chunk:
+                buf += inline_header(METADATA, len(chunk))
+                buf += chunk
         else:
             for start in range(0, len(chunk), MAX_INLINE_CHUNK_SIZE):
                 buf += encode_metadata(chunk[start : start + MAX_INLINE_CHUNK_SIZE])
