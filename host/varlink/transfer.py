@@ -46,13 +46,16 @@ from pycfs.host.workers.pool import Failed, Pinned, WorkerPool
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.splitdirfdstream import (
+    FILE_BACKED_DATA,
+    FILE_HEADER,
+    INLINE_HEADER,
     MAX_INLINE_CHUNK_SIZE,
+    METADATA,
     Chunk,
     Decoder,
     DirfdIndexOutOfRange,
     FileBackedData,
     InlineData,
-    encode_file_backed_data,
     encode_metadata,
 )
 
@@ -100,15 +103,27 @@ async def produce_repo_layer(repo: Repository, layer_id: bytes, objects_index: i
                              send_all: SendAll) -> None:
     """Write the splitdirfdstream of layer stream `layer_id` (any content type)."""
     reader = repo.open_stream_by_id(layer_id)
+    object_refs = reader.object_refs
+    objects = repo.objects_dirfd()
+    # Per chunk, with no checks to repeat: an object's name is hex (a valid reference name),
+    # and a splitstream's inline piece is at most 1 MiB (below MAX_INLINE_CHUNK_SIZE).
+    file_header, inline_header = FILE_HEADER.pack, INLINE_HEADER.pack
     buf = bytearray()
     for chunk in reader.chunks():
-        if isinstance(chunk, int):
-            object_id = reader.object_refs[chunk]
-            size = repo.object_size(object_id)
-            if size is None:
-                raise PycfsError(f"object {object_id.hex()} of layer stream {layer_id.hex()} is missing")
+        if type(chunk) is int:
+            object_id = object_refs[chunk]
             h = object_id.hex()
-            buf += encode_file_backed_data(objects_index, size, f"{h[:2]}/{h[2:]}".encode())
+            name = f"{h[:2]}/{h[2:]}"
+            try:
+                size = os.stat(name, dir_fd=objects, follow_symlinks=False).st_size
+            except FileNotFoundError:
+                raise PycfsError(f"object {h} of layer stream {layer_id.hex()} is missing") from None
+            buf += file_header(FILE_BACKED_DATA, size, objects_index, len(name))
+            buf += name.encode()
+        elif len(chunk) <= MAX_INLINE_CHUNK_SIZE:
+            if chunk:
+                buf += inline_header(METADATA, len(chunk))
+                buf += chunk
         else:
             for start in range(0, len(chunk), MAX_INLINE_CHUNK_SIZE):
                 buf += encode_metadata(chunk[start : start + MAX_INLINE_CHUNK_SIZE])
@@ -209,6 +224,7 @@ class _Batch:
     run: int = 0  # inline bytes since the last file
     nbytes: int = 0
     reply: _Reply | None = None  # the worker's answer to come, once sent
+    limiter: trio.CapacityLimiter | None = None  # whose token it holds until written
 
     def add_inline(self, data: bytes) -> None:
         self.items.append(data)
@@ -231,11 +247,11 @@ class LayerConsumer:
     """One PutLayer: decode, store, hash, and (only if the digest matches) commit."""
 
     def __init__(self, repo: Repository, pool: WorkerPool, dirfds: list[int], zerocopy: bool,
-                 limiter: trio.CapacityLimiter | None = None) -> None:
+                 limits: BatchLimits | None = None) -> None:
         self.repo = repo
         self.pool = pool
-        # batches in flight to the workers, shared by the layers that share the pool
-        self.limiter = limiter or batch_limiter(pool)
+        # batches in flight to each worker, shared by the layers that share the pool
+        self.limits = limits or BatchLimits(pool)
         self.batch_files = batch_files()
         self.dirfds = dirfds
         self.zerocopy = zerocopy
@@ -284,7 +300,7 @@ class LayerConsumer:
         one task writes the layer stream from them while this one reads on."""
         decoder = Decoder()
         batch = _Batch()
-        send, receive = trio.open_memory_channel[_Batch](int(self.limiter.total_tokens))
+        send, receive = trio.open_memory_channel[_Batch](self.limits.per_worker)
         try:
             # The worker is chosen (and the pool's workers started) with the first batch.
             async with contextlib.AsyncExitStack() as stack:
@@ -305,7 +321,7 @@ class LayerConsumer:
                         if self._worker is None and not batch.files:
                             # a stream of a few inline bytes: hashed here, and no worker starts
                             here = hashlib.sha256(b"".join(batch.inline)).hexdigest()
-                            await self._hold(batch)
+                            await self._hold(batch, trio.CapacityLimiter(1))
                             await send.send(batch)
                         else:
                             worker = await self._submit(stack, send, batch)
@@ -329,21 +345,22 @@ class LayerConsumer:
             raise PycfsError(f"the object worker answered {obj!r} for the sha256 of layer {self.layer}")
         return "sha256:" + sha
 
-    async def _hold(self, batch: _Batch) -> None:
-        """A token for the batch, held until it is written."""
-        await self.limiter.acquire_on_behalf_of(batch)
+    async def _hold(self, batch: _Batch, limiter: trio.CapacityLimiter) -> None:
+        """A token of `limiter` for the batch, held until it is written."""
+        await limiter.acquire_on_behalf_of(batch)
+        batch.limiter = limiter
         self._pending.add(batch)
 
     async def _submit(self, stack: contextlib.AsyncExitStack, send: trio.MemorySendChannel[_Batch],
                       batch: _Batch) -> Pinned:
         """Send the batch to the layer's worker (in stream order: here, one at a time), and on
         to the writer."""
-        await self._hold(batch)
         first = self._worker is None
         if self._worker is None:
             pinned: Pinned = await stack.enter_async_context(self.pool.pinned())
             self._worker = pinned
         worker = self._worker
+        await self._hold(batch, self.limits.of(worker))
         files = batch.files
         if self.zerocopy and files and self._hardlink is None:
             self._hardlink = not await trio.to_thread.run_sync(self._probe_reflink, files[0].fd)
@@ -365,7 +382,8 @@ class LayerConsumer:
         _close(batch.files)
         if batch in self._pending:
             self._pending.remove(batch)
-            self.limiter.release_on_behalf_of(batch)
+            assert batch.limiter is not None
+            batch.limiter.release_on_behalf_of(batch)
 
     async def _write_in_order(self, receive: trio.MemoryReceiveChannel[_Batch]) -> None:
         async for batch in receive:
@@ -489,21 +507,34 @@ def _close(files: list[_File]) -> None:
         f.fd = -1
 
 
-def batch_limiter(pool: WorkerPool) -> trio.CapacityLimiter:
-    """How many batches of files may be sent and not yet written, for all the layers that
-    share `pool`: four per worker, as a layer's batches queue at one worker, in order, and a
-    token comes back only once its answer is written, so the worker needs a few queued
-    behind the one it stores to keep busy while this process catches up; within half the
-    open-file limit, as a batch's fds stay open in the worker until it is answered (and
-    here, to be hardlinked)."""
-    return trio.CapacityLimiter(pool.batches_in_flight(batch_files() + 1, per_worker=4))
+class BatchLimits:
+    """How many batches of files may be sent to each worker and not yet written, for all
+    the layers that share `pool`: four per worker, as a layer's batches queue at one worker,
+    in order, and a token comes back only once its answer is written, so the worker needs a
+    few queued behind the one it stores to keep busy while this process catches up; within
+    half the open-file limit, as a batch's fds stay open in the worker until it is answered
+    (and here, to be hardlinked). Per worker, not for the pool: a worker slower than the
+    other (the one with the biggest layer) would otherwise come to hold nearly every token
+    with its queue, and the other wait for batches between its own."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.per_worker = max(1, pool.batches_in_flight(batch_files() + 1, per_worker=4) // pool.jobs)
+        self._limiters: dict[int, tuple[object, trio.CapacityLimiter]] = {}
+
+    def of(self, worker: Pinned) -> trio.CapacityLimiter:
+        """The limiter of the worker `worker` is pinned to."""
+        key = id(worker.worker)
+        entry = self._limiters.get(key)
+        if entry is None:  # (the worker is kept with it: its id stays its own)
+            entry = self._limiters[key] = (worker.worker, trio.CapacityLimiter(self.per_worker))
+        return entry[1]
 
 
 async def put_layer(repo: Repository, pool: WorkerPool, pipe_fd: int, dirfds: list[int], diff_id: str,
-                    zerocopy: bool, limiter: trio.CapacityLimiter | None = None) -> PutResult:
+                    zerocopy: bool, limits: BatchLimits | None = None) -> PutResult:
     """Consume a splitdirfdstream from pipe_fd (taken) into `oci-layer-<diff_id>`; layers
-    stored at once by one pool share its `limiter` (see batch_limiter)."""
-    consumer = LayerConsumer(repo, pool, dirfds, zerocopy, limiter)
+    stored at once by one pool share its `limits` (see BatchLimits)."""
+    consumer = LayerConsumer(repo, pool, dirfds, zerocopy, limits)
     async with trio.lowlevel.FdStream(pipe_fd) as pipe:
         actual = await consumer.run(pipe.receive_some)
     if actual != diff_id:

@@ -275,7 +275,7 @@ def test_put_layer_commits_only_the_right_diff_id_reads_no_content_here_and_leak
 
     from fdcount import open_fd_count
     from pycfs.host.streamcat import iter_stream_bytes
-    from pycfs.host.varlink.transfer import DiffIdMismatch, batch_limiter, put_layer
+    from pycfs.host.varlink.transfer import BatchLimits, DiffIdMismatch, put_layer
     from pycfs.host.workers.pool import open_pool
     from pycfs.protocol.splitdirfdstream import encode_file_backed_data, encode_metadata
 
@@ -309,7 +309,7 @@ def test_put_layer_commits_only_the_right_diff_id_reads_no_content_here_and_leak
                         await out.send_all(bytes(stream))
 
                 nursery.start_soon(feed)
-                return await put_layer(repo, pool, r, [dirfd], claimed, False, batch_limiter(pool))
+                return await put_layer(repo, pool, r, [dirfd], claimed, False, BatchLimits(pool))
         finally:
             os.close(dirfd)
 

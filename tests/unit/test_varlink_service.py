@@ -276,6 +276,39 @@ def test_get_layer_reconstructs_the_tar(source_repo) -> None:
     trio.run(main)
 
 
+def test_get_layer_of_a_missing_object_ends_the_stream_before_it(source_repo, tmp_path, capfd) -> None:
+    """The producer names the missing object and stops: the consumer gets at most the stream
+    before that file's reference (a verifying one refuses it by digest)."""
+    import shutil
+
+    repo_path, built = source_repo
+    copy = tmp_path / "repo"
+    shutil.copytree(repo_path, copy, symlinks=True)
+    diff_id = max(built.diff_ids, key=lambda d: len(layer_bytes(copy, d)))
+    with Repository.open(copy) as repo:
+        reader = repo.open_stream(f"oci-layer-{diff_id}")
+        missing = reader.object_refs[-1]
+        whole = list(reader.chunks())
+    h = missing.hex()
+    os.unlink(copy / "objects" / h[:2] / h[2:])
+    first = next(i for i, c in enumerate(whole) if isinstance(c, int) and reader.object_refs[c] == missing)
+
+    async def main() -> bytes:
+        async with service() as (_, client):
+            handle = await open_repo(client, copy)
+            _, fds, _ = await get_layer(client, handle, diff_id)
+            try:
+                return await trio.to_thread.run_sync(read_all, fds[0])
+            finally:
+                close_fds(fds)
+
+    got = [c.data if isinstance(c, sd.Metadata) else c.name for c in sd.decode(trio.run(main))]
+    before = [c if isinstance(c, bytes) else f"{reader.object_refs[c].hex()[:2]}/{reader.object_refs[c].hex()[2:]}".encode()
+              for c in whole[:first] if c != b""]
+    assert got == before[: len(got)]  # what was sent before the producer stopped (whole pieces of it)
+    assert f"object {h} of layer stream" in capfd.readouterr().err
+
+
 def worker_children() -> list[int]:
     """This process's object workers (children running pycfs.host.workers)."""
     found = []
