@@ -275,10 +275,6 @@ class Repository:
                     self._objects_fd = os.open("objects", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.dirfd)
         return self._objects_fd
 
-    def objects_dirfd(self) -> int:
-        """The fd of objects/ (made when missing), the repository's own: not to be closed."""
-        return self._objects()
-
     def _objects_dev(self) -> int:
         if self._objects_st_dev is None:
             self._objects_st_dev = os.fstat(self._objects()).st_dev

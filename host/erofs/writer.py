@@ -19,11 +19,11 @@ entry (tests/unit/test_erofs_memory.py).
 from __future__ import annotations
 
 import bisect
-from binascii import hexlify
 import functools
 import itertools
 import stat as _stat
 import struct
+from binascii import hexlify
 from collections import Counter, deque
 from typing import NoReturn, Protocol
 

@@ -164,7 +164,7 @@ def bspatch(old: bytes | BaseFile, patch: bytes, size: int, where: str) -> bytes
     return bytes(out)
 
 
-MAX_SYMLINK_TARGET = 4096
+MAX_SYMLINK_TARGET = 4095  # PATH_MAX less its NUL: an 'open' of a symlink declaring more is refused
 PIECE = 1 << 20  # a 'write' copies at most this much at a time
 
 
@@ -195,9 +195,6 @@ class BaseFile:
         os.close(self.fd)
 
 
-Source = bytes | BaseFile  # PATH_MAX: an 'open' of a symlink declaring more is refused
-
-
 class _Building:
     """The file object an 'open' starts; 'write' and 'bspatch' append to it. Content larger
     than inline_max goes straight into a temporary file and is hashed as it comes: an 'open'
@@ -210,13 +207,14 @@ class _Building:
         self.length = 0
         self.small = bytearray()
         self.fd: int | None = None
-        self.hasher = hashlib.sha256(header.checksum_prefix())  # used with fd only
+        self.hasher: hashlib._Hash | None = None  # with fd: small content is checked whole at 'close'
         if not header.is_symlink and size > inline_max:
+            self.hasher = hashlib.sha256(header.checksum_prefix())
             self.fd = _tmpfile(tmp_dir)
 
     def append(self, data: bytes) -> None:
         self.length += len(data)
-        if self.fd is None:
+        if self.fd is None or self.hasher is None:
             self.small += data
         else:
             self.hasher.update(data)
@@ -351,7 +349,7 @@ class PartApplier:
         return values, pos
 
     def _finish_built(self, built: _Building) -> None:
-        if built.fd is None:
+        if built.fd is None or built.hasher is None:
             self._finish(built.checksum, built.header, bytes(built.small))
             return
         if built.length != built.header.size:

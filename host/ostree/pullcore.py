@@ -142,8 +142,8 @@ class PullCore:
         self.queued: set[bytes] = set()
         self.found: list[tuple[Kind, bytes]] = []  # metadata to fetch
         self.files: list[bytes] = []  # files to fetch, when no one takes them as they are found
-        # files forked workers were sent before the pool (`fork_workers`): the request's
-        # params (the pool's key for its answer) and the files (their fds closed once sent)
+        # files forked workers were sent at once (`fork_workers`): the request's params (by
+        # whose id `store_forked` finds its answer) and the files (their fds closed once sent)
         self.early: list[tuple[dict, list[tuple[bytes, FetchedFile]]]] = []
         self.on_file: Callable[[bytes], None] | None = None
         self.walked = False  # every metadata object is verified and in `objects`
@@ -349,7 +349,7 @@ class PullCore:
     def _send_early(self, worker: Forked, request_id: int, share: int) -> bool:
         """The next `share` files in `files` that need storing, sent to a forked worker
         (the inline ones met on the way taken here); False when there were none, or the
-        worker is gone (its files then stay for the pool, which meets that)."""
+        worker is gone (then `store_forked` fails the pull when it reads from that worker)."""
         from pycfs.host.workers.fork import send_early
 
         batch: list[tuple[bytes, FetchedFile]] = []
@@ -476,6 +476,7 @@ def close_fds(files: list[FetchedFile]) -> None:
     for fetched in files:
         if fetched.fd is not None:
             os.close(fetched.fd)
+            fetched.fd = None  # (the batch is kept for its answer: no second close)
 
 
 def _signed_commit(source: LocalRepo | HttpRepo, commit: bytes, keyring: str) -> CommitObjects:

@@ -710,7 +710,7 @@ def _origin(parts: urllib.parse.SplitResult) -> Origin | None:
         port = parts.port
     except ValueError:
         return None
-    return parts.scheme, parts.hostname, port or _DEFAULT_PORTS[parts.scheme]
+    return parts.scheme, parts.hostname, _DEFAULT_PORTS[parts.scheme] if port is None else port
 
 
 def _url(origin: Origin, request: str) -> str:

@@ -104,32 +104,37 @@ async def produce_repo_layer(repo: Repository, layer_id: bytes, objects_index: i
     """Write the splitdirfdstream of layer stream `layer_id` (any content type)."""
     reader = repo.open_stream_by_id(layer_id)
     object_refs = reader.object_refs
-    objects = repo.objects_dirfd()
     # Per chunk, with no checks to repeat: an object's name is hex (a valid reference name),
     # and a splitstream's inline piece is at most 1 MiB (below MAX_INLINE_CHUNK_SIZE).
     file_header, inline_header = FILE_HEADER.pack, INLINE_HEADER.pack
     buf = bytearray()
-    for chunk in reader.chunks():
-        if type(chunk) is int:
-            object_id = object_refs[chunk]
-            h = object_id.hex()
-            name = f"{h[:2]}/{h[2:]}"
-            try:
-                size = os.stat(name, dir_fd=objects, follow_symlinks=False).st_size
-            except FileNotFoundError:
-                raise PycfsError(f"object {h} of layer stream {layer_id.hex()} is missing") from None
-            buf += file_header(FILE_BACKED_DATA, size, objects_index, len(name))
-            buf += name.encode()
-        elif len(chunk) <= MAX_INLINE_CHUNK_SIZE:
-            if chunk:
-                buf += inline_header(METADATA, len(chunk))
-                buf += chunk
-        else:
-            for start in range(0, len(chunk), MAX_INLINE_CHUNK_SIZE):
-                buf += encode_metadata(chunk[start : start + MAX_INLINE_CHUNK_SIZE])
-        if len(buf) >= _SEND_PIECE:
-            await send_all(bytes(buf))
-            buf.clear()
+    # Its own fd of objects/: the producer outlives the call that started it, and a
+    # CloseRepository meanwhile closes the repository's fds (whose numbers may be reused).
+    objects = open_objects_dir(repo)
+    try:
+        for chunk in reader.chunks():
+            if type(chunk) is int:
+                object_id = object_refs[chunk]
+                h = object_id.hex()
+                name = f"{h[:2]}/{h[2:]}"
+                try:
+                    size = os.stat(name, dir_fd=objects, follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    raise PycfsError(f"object {h} of layer stream {layer_id.hex()} is missing") from None
+                buf += file_header(FILE_BACKED_DATA, size, objects_index, len(name))
+                buf += name.encode()
+            elif len(chunk) <= MAX_INLINE_CHUNK_SIZE:
+                if chunk:
+                    buf += inline_header(METADATA, len(chunk))
+                    buf += chunk
+            else:
+                for start in range(0, len(chunk), MAX_INLINE_CHUNK_SIZE):
+                    buf += encode_metadata(chunk[start : start + MAX_INLINE_CHUNK_SIZE])
+            if len(buf) >= _SEND_PIECE:
+                await send_all(bytes(buf))
+                buf.clear()
+    finally:
+        os.close(objects)
     if buf:
         await send_all(bytes(buf))
 
@@ -515,10 +520,13 @@ class BatchLimits:
     half the open-file limit, as a batch's fds stay open in the worker until it is answered
     (and here, to be hardlinked). Per worker, not for the pool: a worker slower than the
     other (the one with the biggest layer) would otherwise come to hold nearly every token
-    with its queue, and the other wait for batches between its own."""
+    with its queue, and the other wait for batches between its own. Under a low open-file
+    limit the total is shared out as evenly as it goes (3 on 2 workers: 2 and 1)."""
 
     def __init__(self, pool: WorkerPool) -> None:
-        self.per_worker = max(1, pool.batches_in_flight(batch_files() + 1, per_worker=4) // pool.jobs)
+        self.total = pool.batches_in_flight(batch_files() + 1, per_worker=4)
+        self.jobs = pool.jobs
+        self.per_worker = max(1, -(-self.total // self.jobs))  # the largest share
         self._limiters: dict[int, tuple[object, trio.CapacityLimiter]] = {}
 
     def of(self, worker: Pinned) -> trio.CapacityLimiter:
@@ -526,7 +534,9 @@ class BatchLimits:
         key = id(worker.worker)
         entry = self._limiters.get(key)
         if entry is None:  # (the worker is kept with it: its id stays its own)
-            entry = self._limiters[key] = (worker.worker, trio.CapacityLimiter(self.per_worker))
+            index = len(self._limiters)
+            tokens = max(1, self.total // self.jobs + (index % self.jobs < self.total % self.jobs))
+            entry = self._limiters[key] = (worker.worker, trio.CapacityLimiter(tokens))
         return entry[1]
 
 

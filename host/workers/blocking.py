@@ -97,6 +97,7 @@ class BlockingStore:
         whole answer."""
         for fd, _events in self._poll.poll():
             worker = self._by_fd[fd]
+            answered: list[tuple[_Request, list[Stored | Failed]]] = []
             try:
                 data, fds = recv_with_fds(worker.forked.sock)
                 if not data and not fds:
@@ -112,11 +113,15 @@ class BlockingStore:
                         results = api.parse_answer(msg.obj, request.count, api.STORE, self.digest_size)
                     except ValueError as e:
                         raise PycfsError(f"the {worker.describe()} {e}") from None
-                    request.done(api.stored_results(results))
+                    answered.append((request, api.stored_results(results)))
                 if not data and not fds:
                     raise EOFError("it closed the connection")
             except (OSError, EOFError, ProtocolError, FdPassError) as e:
                 self._fail(worker, str(e))
+            finally:
+                # outside the worker's errors: what `done` raises is the caller's own
+                for request, stored in answered:
+                    request.done(stored)
 
     def _fail(self, worker: _Worker, what: str) -> None:
         proc = worker.forked.proc
@@ -138,10 +143,13 @@ class BlockingStore:
         at all). Their sockets and outputs are closed."""
         self.close_input()
         deadline = time.monotonic() + (0 if abort else EXIT_GRACE)
-        for w in self._workers:
-            _wait_exit(w.forked.proc, deadline - time.monotonic())
-            w.decoder.close()
-        discard(self._forked)
+        try:
+            for w in self._workers:
+                _wait_exit(w.forked.proc, deadline - time.monotonic())
+        finally:  # (a Ctrl-C in the wait too)
+            for w in self._workers:
+                w.decoder.close()
+            discard(self._forked)
 
 
 def _wait_exit(proc: ForkedProcess, timeout: float) -> None:

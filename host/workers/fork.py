@@ -43,13 +43,15 @@ from pycfs.protocol.jsonrpc import encode
 
 @dataclass
 class Forked:
-    """One forked worker: its process and the host's end of its socket (`open_pool(forked=)`)."""
+    """One forked worker: its process and the host's end of its socket, taken by a pool
+    (`open_pool(forked=)`) or by `pycfs.host.workers.blocking.BlockingStore`."""
 
     proc: ForkedProcess
     sock: socket.socket
     output: ChildOutput
-    # Requests written to it already, before any event loop (`fork_digest_workers`):
-    # (id, method, params), answered in this order ahead of anything the pool sends.
+    # Requests written to it already, before any event loop (`fork_digest_workers`, an
+    # ostree pull's `fork_workers`): (id, method, params), answered in this order ahead of
+    # anything sent later.
     early: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
 
 
@@ -119,13 +121,14 @@ def fork_digest_workers(names: Sequence[str], jobs: int, alg: str = "sha256") ->
 def send_early(worker: Forked, request_id: int, method: str, params: dict[str, Any], fds: Sequence[int] = ()) -> bool:
     """Write a forked worker its one early request (`Forked.early`; one, no more: see
     `fork_digest_workers`), ``fds`` passed with it (the caller may close its own then);
-    False when the worker is gone (killed if it was not: the pool meets that as it reads its socket)."""
+    False when the worker is gone (killed if it was not: whoever takes it, a pool or a
+    BlockingStore, meets that as it reads its socket)."""
     request = {"jsonrpc": "2.0", "method": method, "params": params, "id": request_id}
     try:
         send_with_fds(worker.sock, encode(request, len(fds), api.MAX_MESSAGE_BYTES), fds)
     except OSError:
-        # Gone, or (in theory) cut off partway: killed either way, so the pool never reads
-        # on from half a request.
+        # Gone, or (in theory) cut off partway: killed either way, so no one reads on from
+        # half a request.
         worker.proc.kill()
         return False
     worker.early.append((request_id, method, params))

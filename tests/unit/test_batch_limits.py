@@ -16,10 +16,18 @@ class _Pool:
     batches_in_flight = WorkerPool.batches_in_flight
 
 
-def test_each_worker_has_its_own_tokens() -> None:
+def _fd_limit(monkeypatch, fds: int) -> None:
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (fds, fds))
+
+
+def _tokens(limits: BatchLimits, pool: _Pool) -> list[int]:
+    return [limits.of(Pinned(pool, object())).total_tokens for _ in range(pool.jobs)]  # type: ignore[arg-type]
+
+
+def test_each_worker_has_its_own_tokens(monkeypatch) -> None:
+    _fd_limit(monkeypatch, 1 << 20)  # (not the limit this test runs under)
     pool, one, two = _Pool(), object(), object()
     limits = BatchLimits(pool)  # type: ignore[arg-type]
-    assert limits.per_worker == 4
     a, b = limits.of(Pinned(pool, one)), limits.of(Pinned(pool, two))  # type: ignore[arg-type]
     assert limits.of(Pinned(pool, one)) is a and a is not b  # type: ignore[arg-type]
     assert a.total_tokens == b.total_tokens == 4
@@ -37,8 +45,8 @@ def test_each_worker_has_its_own_tokens() -> None:
 
 
 def test_tokens_stay_within_the_open_file_limit(monkeypatch) -> None:
-    fds = 2 * (batch_files() + 1) * 3  # half of it: three batches
-    monkeypatch.setattr(resource, "getrlimit", lambda which: (fds, fds))
-    assert BatchLimits(_Pool()).per_worker == 1  # type: ignore[arg-type]
-    monkeypatch.setattr(resource, "getrlimit", lambda which: (16, 16))
-    assert BatchLimits(_Pool()).per_worker == 1  # type: ignore[arg-type]
+    pool = _Pool()
+    _fd_limit(monkeypatch, 2 * (batch_files() + 1) * 3)  # half of it: three batches
+    assert _tokens(BatchLimits(pool), pool) == [2, 1]  # type: ignore[arg-type]
+    _fd_limit(monkeypatch, 16)  # not even one: one each all the same
+    assert _tokens(BatchLimits(pool), pool) == [1, 1]  # type: ignore[arg-type]

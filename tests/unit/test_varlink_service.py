@@ -309,6 +309,51 @@ def test_get_layer_of_a_missing_object_ends_the_stream_before_it(source_repo, tm
     assert f"object {h} of layer stream" in capfd.readouterr().err
 
 
+def test_get_layer_producer_keeps_its_own_objects_dir_when_the_repository_closes(source_repo, tmp_path,
+                                                                                 monkeypatch) -> None:
+    """A CloseRepository while GetLayer streams closes the repository's fds, whose numbers
+    the next open takes: the producer must go on in the repository's objects/ (before, it
+    used the repository's fd and took another directory for it, or a closed one)."""
+    from pycfs.host.varlink.transfer import produce_repo_layer
+
+    repo_path, built = source_repo
+    diff_id = max(built.diff_ids, key=lambda d: len(layer_bytes(repo_path, d)))
+    repo = Repository.open(repo_path)
+    stream_id = repo.intact_stream(f"oci-layer-{diff_id}")
+    reader = repo.open_stream_by_id(stream_id)
+    names = [f"{reader.object_refs[c].hex()[:2]}/{reader.object_refs[c].hex()[2:]}".encode()
+             for c in reader.chunks() if isinstance(c, int)]
+    squatters: list[int] = []
+    opened = repo.open_stream_by_id
+
+    def closing_after_the_first_chunk(stream: bytes):
+        reader = opened(stream)
+        chunks = reader.chunks
+
+        def closing():
+            it = chunks()
+            yield next(it)
+            repo.close()  # as a CloseRepository would; then other opens take its fd numbers
+            squatters.extend(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY) for _ in range(16))
+            yield from it
+
+        reader.chunks = closing
+        return reader
+
+    monkeypatch.setattr(repo, "open_stream_by_id", closing_after_the_first_chunk)
+    pieces: list[bytes] = []
+
+    async def send_all(data: bytes) -> None:
+        pieces.append(data)
+
+    try:
+        trio.run(produce_repo_layer, repo, stream_id, 0, send_all)
+    finally:
+        close_fds(squatters)
+    assert names and squatters
+    assert [c.name for c in sd.decode(b"".join(pieces)) if not isinstance(c, sd.Metadata)] == names
+
+
 def worker_children() -> list[int]:
     """This process's object workers (children running pycfs.host.workers)."""
     found = []
