@@ -16,17 +16,14 @@ from pycfs.host.childoutput import ChildOutput
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
 from pycfs.host.repository import Repository
-from pycfs.host.workers import blocking, fork
+from pycfs.host.workers import blocking
 from pycfs.host.workers.blocking import BlockingStore
 from pycfs.host.workers.fork import Forked, ForkedProcess, fork_workers, send_early
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.worker_api import Stored
 
 
-@pytest.fixture(autouse=True)
-def idle_threads_allowed(monkeypatch):
-    """(as in test_forked_workers: earlier tests may leave trio's idle cached threads behind)"""
-    monkeypatch.setattr(fork, "_alone", lambda: threading.current_thread() is threading.main_thread())
+pytestmark = pytest.mark.usefixtures("idle_threads_allowed")  # (tests/unit/conftest.py)
 
 
 def _open(tmp_path, sizes):

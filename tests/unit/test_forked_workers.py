@@ -25,13 +25,6 @@ from pycfs.host.workers.fork import fork_workers
 from pycfs.host.workers.pool import EXIT_GRACE, Stored, WorkerPool, digest_files, open_pool
 
 
-@pytest.fixture
-def idle_threads_allowed(monkeypatch):
-    """fork_workers forks only while the main thread is alone (test_no_fork_while_another_thread_runs);
-    earlier tests leave trio's idle cached threads behind for 10 s, so here only the main-thread rule holds."""
-    monkeypatch.setattr(fork, "_alone", lambda: threading.current_thread() is threading.main_thread())
-
-
 def _files(tmp_path, sizes):
     out = []
     for i, size in enumerate(sizes):

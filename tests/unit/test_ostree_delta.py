@@ -144,6 +144,18 @@ def test_delta_writes_are_bounded_by_the_open_file():
     assert peak < 8 << 20
 
 
+def _peak_memory(run) -> int:
+    """The peak of Python's allocations while run() runs."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -152,8 +164,6 @@ def test_a_large_delta_file_goes_to_a_temporary_file_as_it_is_written(tmp_path):
     """A file built by 'open' + 'write's over inline_max never sits whole in memory (an
     'open' may declare any size; before, every write appended to a bytearray) and reaches
     the store as an fd holding exactly its bytes."""
-    import tracemalloc
-
     from pycfs.host.ostree.objects import FileHeader
 
     chunk = os.urandom(1 << 20)
@@ -166,13 +176,7 @@ def test_a_large_delta_file_goes_to_a_temporary_file_as_it_is_written(tmp_path):
     kept = []
     ops = b"o" + _varuints(0, 0, size) + (b"w" + _varuints(len(chunk), 0)) * 48 + b"c"
     applier = _applier(0o100644, chunk, ops, checksum, lambda c, fetched: kept.append((c, fetched)), str(tmp_path))
-    tracemalloc.start()
-    try:
-        applier.run()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 8 << 20
+    assert _peak_memory(applier.run) < 8 << 20
     [(got, fetched)] = kept
     assert got == checksum and fetched.content is None and fetched.header.size == size
     try:
@@ -201,8 +205,6 @@ def test_a_delta_symlink_longer_than_path_max_is_refused():
 def test_a_delta_file_copied_from_a_large_base_reads_the_base_in_pieces(tmp_path):
     """'read' of a stored base object then 'write's from it: the base is read where the
     writes need it (before: the whole object was read into memory), and closed after."""
-    import tracemalloc
-
     from pycfs.host.ostree.delta import BaseFile
     from pycfs.host.ostree.objects import FileHeader
 
@@ -222,12 +224,7 @@ def test_a_delta_file_copied_from_a_large_base_reads_the_base_in_pieces(tmp_path
     applier = _applier(0o100644, b"\7" * 32, ops, checksum, lambda c, fetched: kept.append(fetched), str(tmp_path),
                        read_base)
     before = _open_fds()
-    tracemalloc.start()
-    try:
-        applier.run()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = _peak_memory(applier.run)
     [fetched] = kept
     try:
         assert peak < 8 << 20 and _open_fds() == before + 1  # the stored file's, nothing else
