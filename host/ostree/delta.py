@@ -247,9 +247,12 @@ class PartApplier:
         self.source: bytes | BaseFile | None = None  # what 'write' and 'bspatch' read, after 'read'
 
     def _slice(self, source: bytes | BaseFile, offset: int, length: int) -> bytes:
+        self._check_range(source, offset, length)
+        return source[offset:offset + length]
+
+    def _check_range(self, source: bytes | BaseFile, offset: int, length: int) -> None:
         if offset + length > len(source):
             raise OstreeError(f"{self.where}: opcode reads beyond its data ({offset}+{length} > {len(source)})")
-        return source[offset:offset + length]
 
     def _header(self, mode_idx: int, xattr_idx: int, size: int, checksum: bytes) -> FileHeader:
         if mode_idx >= len(self.modes) or xattr_idx >= len(self.xattrs):
@@ -315,8 +318,7 @@ class PartApplier:
                 if current is None or current.length + size > current.size:
                     raise OstreeError(f"{self.where}: 'write' beyond the size of the open file, or with none open")
                 source = self.source if self.source is not None else self.data
-                if offset + size > len(source):
-                    raise OstreeError(f"{self.where}: opcode reads beyond its data ({offset}+{size} > {len(source)})")
+                self._check_range(source, offset, size)
                 for at in range(offset, offset + size, PIECE):
                     current.append(source[at:min(at + PIECE, offset + size)])
             elif op == "r":

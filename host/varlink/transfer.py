@@ -229,7 +229,6 @@ class _Batch:
     run: int = 0  # inline bytes since the last file
     nbytes: int = 0
     reply: _Reply | None = None  # the worker's answer to come, once sent
-    limiter: trio.CapacityLimiter | None = None  # whose token it holds until written
 
     def add_inline(self, data: bytes) -> None:
         self.items.append(data)
@@ -263,6 +262,7 @@ class LayerConsumer:
         self.writer = SplitStreamWriter(repo.alg, CONTENT_OCI_LAYER)
         self.layer = next(_layer_numbers)  # the worker's name for this layer's sha256
         self._worker: Pinned | None = None  # the one worker that stores the layer's files
+        self._limiter: trio.CapacityLimiter | None = None  # that worker's, of `limits`: batches' tokens
         self.stats = PutStats()
         self._dir_checked: set[int] = set()
         self._hardlink: bool | None = None  # zerocopy: decided by the first file
@@ -326,7 +326,8 @@ class LayerConsumer:
                         if self._worker is None and not batch.files:
                             # a stream of a few inline bytes: hashed here, and no worker starts
                             here = hashlib.sha256(b"".join(batch.inline)).hexdigest()
-                            await self._hold(batch, trio.CapacityLimiter(1))
+                            self._limiter = trio.CapacityLimiter(1)  # (no worker's)
+                            await self._hold(batch)
                             await send.send(batch)
                         else:
                             worker = await self._submit(stack, send, batch)
@@ -350,10 +351,10 @@ class LayerConsumer:
             raise PycfsError(f"the object worker answered {obj!r} for the sha256 of layer {self.layer}")
         return "sha256:" + sha
 
-    async def _hold(self, batch: _Batch, limiter: trio.CapacityLimiter) -> None:
-        """A token of `limiter` for the batch, held until it is written."""
-        await limiter.acquire_on_behalf_of(batch)
-        batch.limiter = limiter
+    async def _hold(self, batch: _Batch) -> None:
+        """A token of the worker's limiter for the batch, held until it is written."""
+        assert self._limiter is not None  # (set with the worker, or for a stream without one)
+        await self._limiter.acquire_on_behalf_of(batch)
         self._pending.add(batch)
 
     async def _submit(self, stack: contextlib.AsyncExitStack, send: trio.MemorySendChannel[_Batch],
@@ -363,9 +364,9 @@ class LayerConsumer:
         first = self._worker is None
         if self._worker is None:
             pinned: Pinned = await stack.enter_async_context(self.pool.pinned())
-            self._worker = pinned
+            self._worker, self._limiter = pinned, self.limits.of(pinned)
         worker = self._worker
-        await self._hold(batch, self.limits.of(worker))
+        await self._hold(batch)
         files = batch.files
         if self.zerocopy and files and self._hardlink is None:
             self._hardlink = not await trio.to_thread.run_sync(self._probe_reflink, files[0].fd)
@@ -387,8 +388,8 @@ class LayerConsumer:
         _close(batch.files)
         if batch in self._pending:
             self._pending.remove(batch)
-            assert batch.limiter is not None
-            batch.limiter.release_on_behalf_of(batch)
+            assert self._limiter is not None  # (a pending batch holds one of its tokens)
+            self._limiter.release_on_behalf_of(batch)
 
     async def _write_in_order(self, receive: trio.MemoryReceiveChannel[_Batch]) -> None:
         async for batch in receive:

@@ -226,7 +226,7 @@ class WorkerPool:
     async def _request(self, method: str, fds: list[int], params: dict[str, Any],
                        sent: Callable[[], None] | None = None) -> tuple[_Worker, dict[str, Any]]:
         """The worker asked and its response; ``sent`` runs once the request is sent (or could not be)."""
-        early = None if fds else self._take_early(lambda m, p: m == method and p == params)  # sent already?
+        early = None if fds else self._take_early(method, params)  # sent already?
         if early is not None:
             if sent is not None:
                 sent()
@@ -239,9 +239,10 @@ class WorkerPool:
         finally:
             worker.assigned -= 1
 
-    def _take_early(self, match: Callable[[str, dict[str, Any]], bool]) -> tuple[_Worker, _Reply] | None:
-        for i, (method, params, worker, reply) in enumerate(self._early):
-            if match(method, params):
+    def _take_early(self, method: str, params: dict[str, Any]) -> tuple[_Worker, _Reply] | None:
+        """The early request (`Forked.early`) of this method and params, if one was sent."""
+        for i, (sent_method, sent_params, worker, reply) in enumerate(self._early):
+            if sent_method == method and sent_params == params:
                 del self._early[i]
                 return worker, reply
         return None
