@@ -9,6 +9,8 @@ import os
 import pytest
 from hypothesis import given, strategies as st
 
+from fdcount import open_fd_count
+from memtrace import peak_of
 from ostree_trees import commit, have_ostree, init_repo, make_tree, ostree
 from pycfs.host.ostree.delta import (
     PART_TYPE, _offtin, _varuint, b64name, bspatch, decompress_part, delta_dir, index_path, parse_index,
@@ -144,22 +146,6 @@ def test_delta_writes_are_bounded_by_the_open_file():
     assert peak < 8 << 20
 
 
-def _peak_memory(run) -> int:
-    """The peak of Python's allocations while run() runs."""
-    import tracemalloc
-
-    tracemalloc.start()
-    try:
-        run()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def test_a_large_delta_file_goes_to_a_temporary_file_as_it_is_written(tmp_path):
     """A file built by 'open' + 'write's over inline_max never sits whole in memory (an
     'open' may declare any size; before, every write appended to a bytearray) and reaches
@@ -176,7 +162,7 @@ def test_a_large_delta_file_goes_to_a_temporary_file_as_it_is_written(tmp_path):
     kept = []
     ops = b"o" + _varuints(0, 0, size) + (b"w" + _varuints(len(chunk), 0)) * 48 + b"c"
     applier = _applier(0o100644, chunk, ops, checksum, lambda c, fetched: kept.append((c, fetched)), str(tmp_path))
-    assert _peak_memory(applier.run) < 8 << 20
+    assert peak_of(applier.run) < 8 << 20
     [(got, fetched)] = kept
     assert got == checksum and fetched.content is None and fetched.header.size == size
     try:
@@ -190,10 +176,10 @@ def test_a_large_delta_file_goes_to_a_temporary_file_as_it_is_written(tmp_path):
 def test_a_large_delta_file_that_is_wrong_or_unfinished_leaves_no_fd(tmp_path, end):
     data = os.urandom(4096)
     ops = b"o" + _varuints(0, 0, 8192) + (b"w" + _varuints(4096, 0)) * 2 + end
-    before = _open_fds()
+    before = open_fd_count()
     with pytest.raises(OstreeError, match="does not match its checksum|do not build every object"):
         _applier(0o100644, data, ops, b"\2" * 32, tmp_dir=str(tmp_path)).run()
-    assert _open_fds() == before
+    assert open_fd_count() == before
 
 
 def test_a_delta_symlink_longer_than_path_max_is_refused():
@@ -223,11 +209,11 @@ def test_a_delta_file_copied_from_a_large_base_reads_the_base_in_pieces(tmp_path
     ops = b"o" + _varuints(0, 0, size) + b"r" + _varuints(0) + b"w" + _varuints(size, 0) + b"c"
     applier = _applier(0o100644, b"\7" * 32, ops, checksum, lambda c, fetched: kept.append(fetched), str(tmp_path),
                        read_base)
-    before = _open_fds()
-    peak = _peak_memory(applier.run)
+    before = open_fd_count()
+    peak = peak_of(applier.run)
     [fetched] = kept
     try:
-        assert peak < 8 << 20 and _open_fds() == before + 1  # the stored file's, nothing else
+        assert peak < 8 << 20 and open_fd_count() == before + 1  # the stored file's, nothing else
         with open(f"/proc/self/fd/{fetched.fd}", "rb") as f:
             assert f.read() == base.read_bytes()
     finally:

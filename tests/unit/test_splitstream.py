@@ -1,11 +1,11 @@
 """Splitstream codec: exact bytes, round trips, and a clear error for every malformed input."""
 
 import struct
-import tracemalloc
 
 import pytest
 import zstandard
 from hypothesis import given, settings, strategies as st
+from memtrace import peak_of
 
 from pycfs.host.splitstream import (
     CONTENT_OCI_CONFIG, CONTENT_OCI_LAYER, FILE_RANGE, HEADER, INFO, NAMED_REFS_MAX, SplitStreamError,
@@ -177,22 +177,12 @@ def test_concatenated_frames_accepted():
     assert list(r.chunks()) == [b"ab", 0]
 
 
-def _peak_of(fn) -> int:
-    """The peak of Python allocations while fn runs (bytes)."""
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_a_body_that_inflates_a_thousandfold_is_read_in_bounded_pieces():
     # 64 MiB of zeros: chunk after chunk naming object 0, from ~2 KiB of zstd
     bomb = zstandard.ZstdCompressor(level=3).compress(bytes(64 << 20))
     r = SplitStreamReader(_with_section(GOOD, 2, bomb), "sha256")
     chunks = r.chunks()
-    assert _peak_of(lambda: next(chunks)) < 4 << 20  # (before: the 64 MiB at once)
+    assert peak_of(lambda: next(chunks)) < 4 << 20  # (before: the 64 MiB at once)
     chunks.close()
 
 
@@ -205,7 +195,7 @@ def test_an_inline_chunk_beyond_the_declared_stream_size_is_refused_before_it_is
         with pytest.raises(SplitStreamError, match=r"^splitstream oci-layer-x: body: an inline chunk of 33554432 "
                                                    r"bytes where the declared stream size \(109\) leaves 109$"):
             list(r.chunks())
-    assert _peak_of(read_all) < 4 << 20  # (before: buffered and yielded whole)
+    assert peak_of(read_all) < 4 << 20  # (before: buffered and yielded whole)
 
 
 def test_inline_chunks_together_may_not_exceed_the_declared_stream_size():
@@ -236,7 +226,7 @@ def test_a_long_inline_chunk_comes_in_bounded_pieces():
     def read_all():
         for chunk in r.chunks():
             total.append(len(chunk) if isinstance(chunk, bytes) else chunk)
-    assert _peak_of(read_all) < 8 << 20  # (before: 128 MiB, the chunk buffered and yielded whole)
+    assert peak_of(read_all) < 8 << 20  # (before: 128 MiB, the chunk buffered and yielded whole)
     assert sum(total[:-1]) == 64 << 20 and max(total[:-1]) <= 1 << 20 and total[-1] == 0
 
 
