@@ -304,11 +304,18 @@ class LayerImport:
     """Rebuild one layer from tar-split + layer files into `oci-layer-<diff_id>`, streaming.
 
     Three kinds of task share the work: a reader takes the tar-split CHUNK_ENTRIES entries at
-    a time and deals their files out in batches; coordinators open each batch (in a thread;
-    the helper for what the user may not open) and hand the fds to the object workers; a
-    writer appends each chunk to the splitstream, in order, once its files are stored. At
-    most CHUNKS_IN_FLIGHT chunks are held, so memory does not grow with the layer, and the
-    workers start on the first files while the rest of the tar-split is still being read.
+    a time and deals their files out in batches; the pull's coordinators (`coordinate`)
+    open each batch (in a thread; the helper for what the user may not open) and hand the
+    fds to the object workers; a writer appends each chunk to the splitstream, in order,
+    once its files are stored. At most CHUNKS_IN_FLIGHT chunks are held, so memory does not
+    grow with the layer, and the workers start on the first files while the rest of the
+    tar-split is still being read.
+
+    The coordinators serve every layer of a pull: once this layer's reader has dealt its
+    last batch (`dealt`), the next layer's reader starts, so the workers go on with its
+    files while this layer's last ones are stored and its stream is written, instead of
+    idling at each layer's end. What must stay in layer order waits for `after`, the layer
+    before's `finished`: merging entries into the image's tree, and committing the stream.
     """
 
     def __init__(
@@ -321,8 +328,12 @@ class LayerImport:
         helper: FdOpener | None,
         progress: PullProgress | None,
         verify_diffid: bool,
+        batches: trio.MemorySendChannel,
         tree: ImageTree | None = None,
+        after: trio.Event | None = None,
     ) -> None:
+        """``batches``: where the reader deals its batches, for `coordinate` (this closes its
+        own clone of it); ``after``: the layer before's `finished` (None: none is pending)."""
         self.repo = repo
         self.pool = pool
         self.layer = layer
@@ -341,6 +352,11 @@ class LayerImport:
         # Set by the reader at the first file or directory the user likely cannot open (`closed_to_user`).
         self._helper_wanted = False
         self.batch_files = batch_files()
+        self.batches = batches.clone()
+        self.after = after
+        self.dealt = trio.Event()  # every batch is dealt: the next layer's reader may start
+        # Set by the pull once the stream is committed and known, and the entries are merged.
+        self.finished = trio.Event()
 
     def _advance(self, nbytes: int) -> None:
         if self.progress is not None and nbytes:
@@ -354,25 +370,25 @@ class LayerImport:
             raise StorageError(f"layer {rec.id[:12]} has no tar-split ({path}): it cannot be rebuilt byte-exact")
         if self.progress is not None:
             self.progress.layer_started(self.layer.diff_id, rec.diff_size)
-        send_batches, batches = trio.open_memory_channel(0)
         send_chunks, chunks = trio.open_memory_channel(CHUNKS_IN_FLIGHT)
         send_written, written = trio.open_memory_channel(CHUNKS_IN_FLIGHT)
-        try:
-            async with open_nursery() as nursery:
-                nursery.start_soon(self._read, str(path), send_chunks, send_batches, nursery)
-                for _ in range(self.pool.batches_in_flight(self.batch_files)):
-                    nursery.start_soon(self._coordinate, batches)
-                nursery.start_soon(self._write, chunks, send_written)
-                nursery.start_soon(self._parse, written)
-        finally:
-            self.files.close()
+        async with open_nursery() as nursery:
+            nursery.start_soon(self._read, str(path), send_chunks, nursery)
+            nursery.start_soon(self._write, chunks, send_written)
+            nursery.start_soon(self._parse, written)
+        # Every file is recorded, so no coordinator opens any more of this layer's files.
+        # (After a failure the pull closes them once every coordinator's thread is back:
+        # a directory fd closed under a thread's openat2 could be some other file by then.)
+        self.files.close()
+        if self.after is not None:
+            await self.after.wait()
         return await trio.to_thread.run_sync(self._finish, limiter=self.limiter)
 
     # -- reading --
 
-    async def _read(self, path: str, chunks: trio.MemorySendChannel, batches: trio.MemorySendChannel,
-                    nursery: trio.Nursery) -> None:
+    async def _read(self, path: str, chunks: trio.MemorySendChannel, nursery: trio.Nursery) -> None:
         warming = False
+        batches = self.batches
         async with chunks, batches:
             with open_entries(path) as source:
                 while entries := await trio.to_thread.run_sync(self._take, source):
@@ -384,7 +400,8 @@ class LayerImport:
                     chunk = _Chunk(entries)
                     await chunks.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
                     for batch in _batches(((chunk, i, e) for i, e in chunk.files), self.batch_files):
-                        await batches.send(batch)
+                        await batches.send((self, batch))
+        self.dealt.set()
 
     def _take(self, source: Iterator[Segment | FileEntry]) -> list[Segment | FileEntry]:
         """Worker thread: the next CHUNK_ENTRIES entries. A file whose tar header says it
@@ -404,26 +421,25 @@ class LayerImport:
 
     # -- storing --
 
-    async def _coordinate(self, batches: trio.MemoryReceiveChannel) -> None:
-        """Open a batch (in a thread), hand its fds to the object workers, record; repeat."""
-        async for batch in batches:
-            # Not behind self.limiter: the background layer parses hold it for long
-            # stretches, and the workers would starve. The coordinators bound these.
-            opened = await trio.to_thread.run_sync(self._open_batch, batch)
-            items, denied = [], []
-            for item, got in zip(batch, opened):
-                if got is None:
-                    denied.append(item)
-                else:
-                    items.append((item, got))
-            try:
-                await self._store(items, via_helper=False)
-            finally:
-                for _, got in items:
-                    if isinstance(got, int):
-                        os.close(got)
-            if denied:
-                await self._via_helper(denied)
+    async def store_batch(self, batch: list[_Item]) -> None:
+        """Open a batch (in a thread), hand its fds to the object workers, record."""
+        # Not behind self.limiter: the background layer parses hold it for long
+        # stretches, and the workers would starve. The coordinators bound these.
+        opened = await trio.to_thread.run_sync(self._open_batch, batch)
+        items, denied = [], []
+        for item, got in zip(batch, opened):
+            if got is None:
+                denied.append(item)
+            else:
+                items.append((item, got))
+        try:
+            await self._store(items, via_helper=False)
+        finally:
+            for _, got in items:
+                if isinstance(got, int):
+                    os.close(got)
+        if denied:
+            await self._via_helper(denied)
 
     def _open_batch(self, batch: list[_Item]) -> list[bytes | int | None]:
         """Worker thread: per file, its bytes (small files, read here), an open fd (to store),
@@ -569,8 +585,12 @@ class LayerImport:
 
     async def _parse(self, written: trio.MemoryReceiveChannel) -> None:
         """The entries of each chunk written, parsed in a thread of their own: in the
-        writer's, the parse held up the pipeline (measured: the pull took 1-2 s longer)."""
+        writer's, the parse held up the pipeline (measured: the pull took 1-2 s longer).
+        Not before the layer below is merged into the tree (meanwhile what is written
+        waits in the channel, and the writer and reader behind it)."""
         async for pieces in written:
+            if self.after is not None:
+                await self.after.wait()
             await trio.to_thread.run_sync(self._apply, pieces, limiter=self.limiter)
 
     def _apply(self, pieces: list[bytes | tuple[bytes]]) -> None:
@@ -637,6 +657,12 @@ def _stream_has_diffid(repo: Repository, stream_id: bytes, diff_id: str) -> bool
         return "sha256:" + stream_digest(repo, stream_id, "sha256") == diff_id
     except (PycfsError, OSError):
         return False
+
+
+async def coordinate(batches: trio.MemoryReceiveChannel) -> None:
+    """One of the pull's coordinators: store each batch the layers' readers deal out."""
+    async for job, batch in batches:
+        await job.store_batch(batch)
 
 
 def _batches(items: Iterable[_Item], most: int) -> Iterator[list[_Item]]:
@@ -727,6 +753,89 @@ def default_limiter() -> trio.CapacityLimiter:
     return trio.CapacityLimiter(max(2, os.cpu_count() or 1))
 
 
+async def _import_layers(repo: Repository, source: ImageSource, stats: ImportStats, limiter: trio.CapacityLimiter,
+                         pool: WorkerPool, gate: _HelperGate | None, progress: PullProgress | None,
+                         verify_diffid: bool, tree: ImageTree | None,
+                         background: trio.Nursery) -> list[tuple[str, bytes]]:
+    """Each layer's stream, in order: found stored, or imported. A layer's import starts
+    once the layer before has dealt out all its files (`LayerImport`); the pull's
+    coordinators store every layer's batches in the order dealt."""
+    streams: list[bytes | None] = [None] * len(source.layers)
+    imports: set[LayerImport] = set()  # begun, not finished: their files are closed on failure
+    previous: trio.Event | None = None  # the layer before's end (stream known, entries merged)
+    # diff_id -> the index of its import in this pull, and that import's end (not the
+    # import itself: each one's stream writer, with its object index, goes when it ends)
+    first_import: dict[str, tuple[int, trio.Event]] = {}
+    send_batches, batches = trio.open_memory_channel(0)
+    try:
+        async with open_nursery() as layers:
+            for _ in range(pool.batches_in_flight(batch_files())):
+                layers.start_soon(coordinate, batches)
+            async with send_batches:
+                warming = False
+                for index, layer in enumerate(source.layers):
+                    earlier = first_import.get(layer.diff_id)
+                    existing = None if earlier is not None else repo.intact_stream(f"oci-layer-{layer.diff_id}")
+                    if existing is not None and verify_diffid and not await trio.to_thread.run_sync(
+                            _stream_has_diffid, repo, existing, layer.diff_id, limiter=limiter):
+                        existing = None  # what is stored is not that layer: import it again, verified
+                    if earlier is not None or existing is not None:
+                        done = trio.Event()
+                        layers.start_soon(_stored_layer, streams, index, layer.diff_id, existing, earlier, previous,
+                                          done, stats, tree, progress)
+                        previous = done
+                        continue
+                    await pool.start()  # the workers' start-up overlaps the first tar-split read
+                    if gate is not None and not warming and any(l.layer.foreign_ids for l in source.layers[index:]):
+                        # Files of other ids may need the helper: its start-up overlaps the
+                        # import from the first layer on, not only from the first such file.
+                        warming = True
+                        background.start_soon(gate.warm_up)
+                    job = LayerImport(repo, layer, stats, limiter, pool, gate, progress, verify_diffid, send_batches,
+                                      tree, previous)
+                    imports.add(job)
+                    first_import[layer.diff_id] = (index, job.finished)
+                    layers.start_soon(_imported_layer, job, streams, index, imports)
+                    previous = job.finished
+                    await job.dealt.wait()
+    finally:
+        for job in imports:
+            job.files.close()
+    out = []
+    for layer, stream_id in zip(source.layers, streams, strict=True):
+        assert stream_id is not None  # every layer's task ended, and each sets its stream
+        out.append((layer.diff_id, stream_id))
+    return out
+
+
+async def _imported_layer(job: LayerImport, streams: list[bytes | None], index: int, imports: set[LayerImport]) -> None:
+    streams[index] = await job.run()
+    imports.discard(job)  # its files are closed; its stream writer's object index is not the image build's
+    if job.progress is not None:
+        job.progress.layer_done(job.layer.diff_id, False)
+    job.finished.set()
+
+
+async def _stored_layer(streams: list[bytes | None], index: int, diff_id: str, existing: bytes | None,
+                        earlier: tuple[int, trio.Event] | None, previous: trio.Event | None, done: trio.Event,
+                        stats: ImportStats, tree: ImageTree | None, progress: PullProgress | None) -> None:
+    """A layer stored already, or imported earlier in this pull (a diff_id twice: ``earlier``,
+    its index and end), taken in its turn (after the layer before)."""
+    if earlier is not None:
+        await earlier[1].wait()
+        existing = streams[earlier[0]]
+    if previous is not None:
+        await previous.wait()
+    assert existing is not None
+    stats.layers_already_present += 1
+    streams[index] = existing
+    if tree is not None:
+        tree.add_stored(existing)
+    if progress is not None:
+        progress.layer_done(diff_id, True)
+    done.set()
+
+
 async def pull_image(
     repo: Repository,
     storage: Storage,
@@ -763,31 +872,9 @@ async def pull_image(
         gate = _HelperGate(helper, locks, storage, source, ref, on_wait) if helper is not None else None
         async with open_pool(repo=repo, jobs=jobs) as pool:
             async with open_nursery() as background:
-                warming = False
-                for index, layer in enumerate(source.layers):
-                    existing = repo.intact_stream(f"oci-layer-{layer.diff_id}")
-                    if existing is not None and verify_diffid and not await trio.to_thread.run_sync(
-                            _stream_has_diffid, repo, existing, layer.diff_id, limiter=limiter):
-                        existing = None  # what is stored is not that layer: import it again, verified
-                    if existing is not None:
-                        stats.layers_already_present += 1
-                        layer_streams.append((layer.diff_id, existing))
-                        if tree is not None:
-                            tree.add_stored(existing)
-                        if progress is not None:
-                            progress.layer_done(layer.diff_id, True)
-                        continue
-                    await pool.start()  # the workers' start-up overlaps the first tar-split read
-                    if gate is not None and not warming and any(l.layer.foreign_ids for l in source.layers[index:]):
-                        # Files of other ids may need the helper: its start-up overlaps the
-                        # import from the first layer on, not only from the first such file.
-                        warming = True
-                        background.start_soon(gate.warm_up)
-                    job = LayerImport(repo, layer, stats, limiter, pool, gate, progress, verify_diffid, tree)
-                    layer_streams.append((layer.diff_id, await job.run()))
-                    del job  # its stream writer's object index (~80 bytes a file) is not the image build's
-                    if progress is not None:
-                        progress.layer_done(layer.diff_id, False)
+                streams = await _import_layers(repo, source, stats, limiter, pool, gate, progress, verify_diffid,
+                                               tree, background)
+                layer_streams.extend(streams)
                 if gate is not None:
                     gate.stop_warming()
             # Every file is stored, and the helper's warm-up has ended (the nursery waited

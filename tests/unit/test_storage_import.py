@@ -227,9 +227,11 @@ def test_progress_reports_every_byte(tmp_path, repo):
     base, top = _two_layers(fake)
     progress = _RecordingProgress()
     _pull(repo, fake, progress=progress)
+    # The top layer's import starts once the base's files are all dealt out, before the
+    # base is done; the layers end in order.
     assert progress.events == [("layers", [base.diff_id, top.diff_id]),
-                               ("start", base.diff_id, len(base.tar)), ("done", base.diff_id, False),
-                               ("start", top.diff_id, len(top.tar)), ("done", top.diff_id, False),
+                               ("start", base.diff_id, len(base.tar)), ("start", top.diff_id, len(top.tar)),
+                               ("done", base.diff_id, False), ("done", top.diff_id, False),
                                ("phase", "streams")]
     assert progress.bytes == {base.diff_id: len(base.tar), top.diff_id: len(top.tar)}
     assert hashlib.sha256(_cat(repo, top.diff_id)).hexdigest() == top.diff_id[7:]
