@@ -63,6 +63,7 @@ from pycfs.host.storage.tarsplit import (
     open_entries,
 )
 from pycfs.host.workers.batching import BATCH_BYTES, batch_files
+from pycfs.host.workers.fork import Forked
 from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
 from pycfs.protocol.helper_api import layer_dir
 
@@ -849,12 +850,15 @@ async def pull_image(
     jobs: int | None = None,
     parse_layers: bool = False,
     locks: ReadLocks | None = None,
+    forked: list[Forked] | None = None,
 ) -> PullResult:
     """Import image `ref` from containers-storage; tag it `tag` (None: no tag). ``jobs``:
     object worker processes (default: one per core). ``parse_layers``: build the image, its
     tree merged from the entries of each imported layer as it is written.
     ``locks``: the c/storage read locks when the caller holds them already (pycfs.host.oci.repull's
-    look found a layer to import): kept, so podman cannot come between that look and this pull."""
+    look found a layer to import): kept, so podman cannot come between that look and this pull.
+    ``forked``: object workers started already (`pycfs.host.oci.pull.fork_import_workers`),
+    which the pull's pool takes out of the list (the caller discards what is left there)."""
     started = time.monotonic()
     limiter = limiter or default_limiter()
     stats = ImportStats()
@@ -870,7 +874,10 @@ async def pull_image(
             progress.layers([(layer.diff_id, layer.layer.diff_size) for layer in source.layers])
         on_wait = progress.waiting_for_lock if progress else None
         gate = _HelperGate(helper, locks, storage, source, ref, on_wait) if helper is not None else None
-        async with open_pool(repo=repo, jobs=jobs) as pool:
+        taken = list(forked or ())
+        if forked:
+            forked.clear()
+        async with open_pool(repo=repo, jobs=jobs, forked=taken) as pool:
             async with open_nursery() as background:
                 streams = await _import_layers(repo, source, stats, limiter, pool, gate, progress, verify_diffid,
                                                tree, background)

@@ -7,7 +7,8 @@ PullResult; adding one is one entry in TRANSPORTS.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.oci.result import PullResult
@@ -16,6 +17,9 @@ from pycfs.host.repository import Repository
 from pycfs.host.storage.config import load_storage_config
 from pycfs.host.storage.locks import ReadLocks
 from pycfs.host.storage.store import Storage, parse_reference
+
+if TYPE_CHECKING:
+    from pycfs.host.workers.fork import Forked
 
 
 @dataclass
@@ -29,6 +33,9 @@ class PullOptions:
     # containers-storage: read locks held already, which the pull takes over and releases
     # (pycfs.host.oci.repull hands them on when its look finds a layer to import)
     storage_locks: ReadLocks | None = None
+    # containers-storage: object workers forked already (`fork_import_workers`), which the
+    # pull's pool takes out of this list
+    forked: list[Forked] = field(default_factory=list)
 
 
 def storage_for(source: str, storage_root: str | None) -> tuple[Storage, str]:
@@ -47,7 +54,8 @@ async def _pull_containers_storage(repo: Repository, source: str, tag: str | Non
         async with HelperClient(storage.primary.root, storage.primary.driver, policy=options.helper) as helper:
             return await pull_image(repo, storage, name, tag, verify_diffid=options.verify_diffid,
                                     helper=helper if helper.enabled else None, progress=options.progress,
-                                    parse_layers=options.create_image, jobs=options.jobs, locks=options.storage_locks)
+                                    parse_layers=options.create_image, jobs=options.jobs, locks=options.storage_locks,
+                                    forked=options.forked)
     finally:
         if options.storage_locks is not None:
             options.storage_locks.release()  # pull_image's own finally may not have been reached
@@ -64,6 +72,19 @@ TRANSPORTS: dict[str, Callable[[Repository, str, str | None, PullOptions], Await
     "containers-storage": _pull_containers_storage,
     "oci": _pull_oci_layout,
 }
+
+
+def fork_import_workers(repo: Repository, image: str, options: PullOptions) -> None:
+    """Fork a containers-storage pull's object workers into ``options.forked``, before trio
+    starts (see `pycfs.host.workers.fork`): a forked worker serves within milliseconds,
+    where a spawned one spends ~0.07 s of CPU starting Python and importing what this
+    process has loaded, and came up only after the host's own start-up. For a pull that
+    has a layer to import (`pycfs.host.oci.repull.pull_if_stored` found one)."""
+    from pycfs.host.workers.batching import default_jobs
+    from pycfs.host.workers.fork import fork_workers
+
+    if split_reference(image)[0] == "containers-storage":
+        options.forked += fork_workers(str(repo.path), options.jobs or default_jobs())
 
 
 def split_reference(image: str) -> tuple[str, str]:

@@ -248,8 +248,10 @@ def test_worker_killed_mid_import(podman_user, shared_tmp_path):
     built = imagebuild.build_layout(spec, shared_tmp_path / "layout")
     imagebuild.load_into_storage(user, built.path, ref)
     repo = _init_repo(user)
-    before = set(pids_of(user.uid, b"pycfs.host.workers"))
-    victim, status, err = kill_child_mid_pull(user, repo, ref, b"pycfs.host.workers")
+    # The pull forks its workers: a child of the pull with the pull's own command line.
+    worker = b"pycfs.tools.cli"
+    before = set(pids_of(user.uid, worker))
+    victim, status, err = kill_child_mid_pull(user, repo, ref, worker)
     assert status == 1, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("pycfs: error:") and f"object worker (pid {victim})" in last and "-9" in last, last
@@ -259,4 +261,4 @@ def test_worker_killed_mid_import(podman_user, shared_tmp_path):
     assert result["stats"]["objects_reflinked"] + result["stats"]["objects_copied"] \
         + result["stats"]["objects_already_present"] == 3000
     assert _layer_sha256(user, repo, built.diff_ids[0]) == built.diff_ids[0]
-    assert set(pids_of(user.uid, b"pycfs.host.workers")) - before == set()  # none left behind
+    assert set(pids_of(user.uid, worker)) - before == set()  # none left behind

@@ -20,10 +20,11 @@ from procs import _zombie, descends_from, image_and_fresh_repo, pids_of, rerun_c
 KILLS = int(os.environ.get("PYCFS_STRESS_KILLS", "20"))
 PULL_BOUND = 60.0  # seconds for one killed pull to end (they take ~2 s)
 # What to kill: (name, command-line marker, program-name filter); None marker: the pull.
+# The object workers are forked by the pull: their command line is the pull's own.
 TARGETS = [
     ("pull", None, None),
     ("helper", b"pycfs.helper", b"python"),
-    ("worker", b"pycfs.host.workers", None),
+    ("worker", b"pycfs.tools.cli", None),
     ("podman unshare", b"pycfs.helper", b"podman"),
 ]
 

@@ -327,6 +327,48 @@ def _heavy_modules(argv: list[str]) -> tuple[str, list[str]]:
     return code, sorted(set(re.findall(r"'([\w.]+)'", listed)))
 
 
+# Runs the CLI, recording whether the object workers were forked while the main thread ran
+# alone with trio not loaded yet, how many, and how many the pool spawned after all.
+SPY_ON_WORKERS = r"""
+import json, sys, threading
+from pycfs.host import childoutput
+from pycfs.host.workers import fork
+from pycfs.tools.cli import main
+
+seen = {"forked": [], "spawned": 0}
+real_fork, real_spawn = fork.fork_workers, childoutput.spawn_on_socket
+
+def forking(*args, **kwargs):
+    workers = real_fork(*args, **kwargs)
+    seen["forked"].append([len(workers), threading.active_count(), "trio" in sys.modules])
+    return workers
+
+async def spawning(argv, *args):  # (the pool imports it, with trio, only after the fork)
+    seen["spawned"] += "pycfs.host.workers" in argv
+    return await real_spawn(argv, *args)
+
+fork.fork_workers, childoutput.spawn_on_socket = forking, spawning
+code = main(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    json.dump(seen, f)
+sys.exit(code)
+"""
+
+
+def test_a_pull_with_a_layer_to_import_forks_its_workers_before_trio(pulled, tmp_path):
+    """The object workers of a pull with a layer to import are forked before trio is loaded
+    (as the main thread runs alone), and the pool takes them: it spawns none. The layer
+    comes back whole."""
+    before = _contents(pulled.repo)
+    _delete_layer_link(pulled, pulled.repo)
+    record = tmp_path / "seen.json"
+    p = subprocess.run([sys.executable, "-c", SPY_ON_WORKERS, str(record), *pulled.argv("--jobs", "2")],
+                       capture_output=True, text=True, cwd="/", timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(record.read_text()) == {"forked": [[2, 1, False]], "spawned": 0}
+    assert _contents(pulled.repo) == before
+
+
 def test_no_op_repull_loads_no_event_loop_workers_helper_or_rich(pulled):
     code, heavy = _heavy_modules(pulled.argv())
     assert code == "0" and heavy == []

@@ -29,7 +29,7 @@ def _print_pull(repo: Repository, result: PullResult) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from pycfs.host.oci.pull import PullOptions, split_reference
+    from pycfs.host.oci.pull import PullOptions, fork_import_workers, split_reference
     from pycfs.host.oci.repull import pull_if_stored
     from pycfs.host.oci.streams import check_tag
     from pycfs.tools.common import open_repo, print_json
@@ -45,11 +45,18 @@ def cmd_pull(args: argparse.Namespace) -> int:
         if result is None:
             # The event loop, and through the pull the object workers and the helper client,
             # only when there is something to import: a re-pull of a stored image needs none.
-            import trio
+            # The workers are forked first, before trio starts.
+            fork_import_workers(repo, args.image, options)
+            try:
+                import trio
 
-            from pycfs.host.oci.pull import pull
+                from pycfs.host.oci.pull import pull
 
-            result = trio.run(pull, repo, args.image, tag, options)
+                result = trio.run(pull, repo, args.image, tag, options)
+            finally:
+                from pycfs.host.workers.fork import discard
+
+                discard(options.forked)  # those no pool took
         if args.json:
             print_json(result.to_json())
         else:
