@@ -94,6 +94,9 @@ class HelperOpener(FdOpener, Protocol):
 
     async def hello(self) -> dict: ...
 
+    async def aclose(self) -> None:
+        """Stop the helper (and its `podman unshare`), if started; again: nothing."""
+
 
 # ---- opening layer files --------------------------------------------------------------
 
@@ -886,16 +889,21 @@ async def pull_image(
                     gate.stop_warming()
             # Every file is stored, and the helper's warm-up has ended (the nursery waited
             # for it, and for its check that the image did not change while the locks were
-            # let go): the workers exit (~15 ms), and podman has its storage back, while the
-            # image is written.
+            # let go): the workers exit (~15 ms), podman has its storage back, and the
+            # helper stops, while the image is written. (The helper's exit, then `podman
+            # unshare`'s tidy-up, which waits for the storage locks just let go, took
+            # 0.1-0.3 s after the image was written.)
             pool.close_input()
             locks.release()
-            finished = await trio.to_thread.run_sync(
-                functools.partial(finish_pull, repo, source.manifest_digest, source.manifest, source.config_digest,
-                                  source.config, layer_streams, tag, build_image=parse_layers, tree=tree,
-                                  on_phase=progress.phase if progress is not None else None),
-                limiter=limiter,
-            )
+            async with open_nursery() as ending:
+                if helper is not None:
+                    ending.start_soon(helper.aclose)
+                finished = await trio.to_thread.run_sync(
+                    functools.partial(finish_pull, repo, source.manifest_digest, source.manifest, source.config_digest,
+                                      source.config, layer_streams, tag, build_image=parse_layers, tree=tree,
+                                      on_phase=progress.phase if progress is not None else None),
+                    limiter=limiter,
+                )
     finally:
         locks.release()
         if tree is not None:

@@ -687,6 +687,30 @@ class _WarmHelper:
     def release(self, fd: int) -> None:
         raise AssertionError("no fd was handed out")
 
+    async def aclose(self) -> None:
+        self.stops = getattr(self, "stops", 0) + 1
+        stopping = getattr(self, "stopping", None)
+        if stopping is not None:
+            stopping.set()
+
+
+def test_the_helper_stops_while_the_image_is_written(tmp_path, repo, monkeypatch):
+    """Once every file is stored the helper is stopped beside the image build, not after
+    it: its exit, and `podman unshare`'s tidy-up, overlap the finish."""
+    fake, layer, _ = _single(tmp_path, {"big": BIG, "small": SMALL})
+    helper = _WarmHelper([])
+    helper.stopping = threading.Event()
+    real = cstorage.finish_pull
+
+    def finishing(*args, **kwargs):
+        assert helper.stopping.wait(10), "the helper was not stopped while the image was written"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cstorage, "finish_pull", finishing)
+    result = _pull(repo, fake, helper=helper, parse_layers=True)
+    assert helper.stops == 1 and set(result.images) == {repo.erofs_default}
+    assert _cat(repo, layer.diff_id) == layer.tar
+
 
 @pytest.mark.parametrize("fail", [False, True])
 def test_helper_starts_as_soon_as_the_tar_split_shows_a_file_closed_to_the_user(tmp_path, repo, monkeypatch, fail):
