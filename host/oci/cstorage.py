@@ -26,6 +26,7 @@ stored, so `podman rmi` waits for us instead of deleting what we read.
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import itertools
@@ -74,6 +75,9 @@ _DENIED = (errno.EACCES, errno.EPERM)
 CHUNK_ENTRIES = 1024  # tar-split entries read at a time
 CHUNKS_IN_FLIGHT = 4  # read ahead of the writer: bounds memory whatever the layer's size
 HELPER_BATCH = 128  # paths per helper call: bounded by the helper client's fd budget
+# Layer imports begun and not finished: the next one starts while the one before drains,
+# no more (each holds its chunks, its stream writer and its directory fds).
+LAYERS_IN_FLIGHT = 2
 
 
 class FdOpener(Protocol):
@@ -770,6 +774,7 @@ async def _import_layers(repo: Repository, source: ImageSource, stats: ImportSta
     # diff_id -> the index of its import in this pull, and that import's end (not the
     # import itself: each one's stream writer, with its object index, goes when it ends)
     first_import: dict[str, tuple[int, trio.Event]] = {}
+    in_flight: collections.deque[trio.Event] = collections.deque()  # the imports' ends, oldest first
     send_batches, batches = trio.open_memory_channel(0)
     try:
         async with open_nursery() as layers:
@@ -789,6 +794,8 @@ async def _import_layers(repo: Repository, source: ImageSource, stats: ImportSta
                                           done, stats, tree, progress)
                         previous = done
                         continue
+                    while len(in_flight) >= LAYERS_IN_FLIGHT:
+                        await in_flight.popleft().wait()
                     await pool.start()  # the workers' start-up overlaps the first tar-split read
                     if gate is not None and not warming and any(l.layer.foreign_ids for l in source.layers[index:]):
                         # Files of other ids may need the helper: its start-up overlaps the
@@ -799,6 +806,7 @@ async def _import_layers(repo: Repository, source: ImageSource, stats: ImportSta
                                       tree, previous)
                     imports.add(job)
                     first_import[layer.diff_id] = (index, job.finished)
+                    in_flight.append(job.finished)
                     layers.start_soon(_imported_layer, job, streams, index, imports)
                     previous = job.finished
                     await job.dealt.wait()

@@ -237,6 +237,29 @@ def test_progress_reports_every_byte(tmp_path, repo):
     assert hashlib.sha256(_cat(repo, top.diff_id)).hexdigest() == top.diff_id[7:]
 
 
+@pytest.mark.parametrize("at_once", [1, 2])
+def test_layer_imports_in_flight_are_bounded(tmp_path, repo, monkeypatch, at_once):
+    """Four layers: a layer's import starts while the one before drains, with at most
+    LAYERS_IN_FLIGHT begun and not done; the layers end in order, and are exact."""
+    monkeypatch.setattr(cstorage, "LAYERS_IN_FLIGHT", at_once)
+    fake = FakeStore(tmp_path / "storage")
+    layers, parent = [], None
+    for i in range(4):
+        parent = fake.add_layer({f"d{i}": None, **{f"d{i}/f{j}": bytes([i, j]) * (50 + 40 * j) for j in range(6)}},
+                                parent=parent)
+        layers.append(parent)
+    fake.add_image(layers, ["localhost/img:latest"])
+    progress = _RecordingProgress()
+    _pull(repo, fake, progress=progress, parse_layers=True)
+    begun = most = 0
+    for event in progress.events:
+        begun += {"start": 1, "done": -1}.get(event[0], 0)
+        most = max(most, begun)
+    assert most == at_once
+    assert [e[1] for e in progress.events if e[0] == "done"] == [l.diff_id for l in layers]
+    assert all(_cat(repo, l.diff_id) == l.tar for l in layers)
+
+
 def test_one_worker_and_a_repeated_layer_and_parsed_entries(tmp_path, repo):
     """jobs=1; a diff_id twice in one image imports once; the image built from the layers
     parsed during the import is the one built from the stored streams."""
