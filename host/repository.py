@@ -800,9 +800,13 @@ class Repository:
         """Bytes of streams/<name> (`refs/...` names resolve through the ref)."""
         check_name(name, "stream", allow_slash=True)
         try:
-            fd = os.open(f"streams/{name}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dirfd)
+            # O_NONBLOCK: a FIFO the link leads to must not block the open.
+            fd = os.open(f"streams/{name}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self.dirfd)
         except FileNotFoundError:
             raise RepositoryError(f"no stream {name!r} in {self.path}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RepositoryError(f"stream {name!r} in {self.path} is not a regular file: run `pycfs fsck --repair`")
         with os.fdopen(fd, "rb") as f:
             return f.read()
 

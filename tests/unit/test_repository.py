@@ -187,3 +187,19 @@ def test_object_intact_only_for_a_regular_file(repo, kind):
             pytest.skip("making a device node needs root")
         os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 5))
     assert not repo.object_intact(oid)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ["a FIFO", "/dev/zero"])
+def test_stream_leading_to_anything_but_a_regular_file_is_refused(repo, kind):
+    """streams/<name> is a link: one to a FIFO once blocked the open for good, one to a
+    device read it without end."""
+    if kind == "a FIFO":
+        os.mkfifo(repo.path / "fifo")
+        target = str(repo.path / "fifo")
+    else:
+        target = "/dev/zero"
+    (repo.path / "streams").mkdir(exist_ok=True)
+    os.symlink(target, repo.path / "streams/bad")
+    with pytest.raises(RepositoryError, match=r"stream 'bad' in .* is not a regular file: run `pycfs fsck --repair`"):
+        repo.stream_data("bad")
