@@ -45,6 +45,7 @@ from pycfs.host.oci.layer import (
 )
 from pycfs.host.oci.image import finish_pull
 from pycfs.host.oci.result import ImportStats, PullResult
+from pycfs.host.oci.streams import config_diff_ids
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
@@ -233,14 +234,12 @@ def image_layers(manifest: dict, config_raw: bytes, digest: str) -> ImageLayers:
                          "(OCI artifacts are not supported)")
     layer_descs = [Descriptor.from_json(d, f"manifest {digest} layer")
                    for d in _list(manifest, "layers", f"manifest {digest}")]
-    config = parse_object(config_raw, f"config {config_desc.digest}")
-    rootfs = config.get("rootfs")
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or len(diff_ids) != len(layer_descs):
+    diff_ids = config_diff_ids(config_raw, f"config {config_desc.digest}")
+    if len(diff_ids) != len(layer_descs):
         raise PycfsError(f"config {config_desc.digest}: rootfs.diff_ids does not match the manifest's "
                          f"{len(layer_descs)} layers")
     for diff_id in diff_ids:
-        parse_digest(diff_id if isinstance(diff_id, str) else "", "diff_id")
+        parse_digest(diff_id, "diff_id")
     for d in layer_descs:
         if d.media_type not in LAYER_TYPES:
             raise PycfsError(f"layer {d.digest} has unsupported media type {d.media_type!r}")
