@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+import time
 
 import pytest
 from fdcount import open_fd_count
@@ -16,7 +17,7 @@ from pycfs.host.childoutput import ChildOutput
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
 from pycfs.host.repository import Repository
-from pycfs.host.workers import blocking
+from pycfs.host.workers import blocking, stuck
 from pycfs.host.workers.blocking import BlockingStore
 from pycfs.host.workers.fork import Forked, ForkedProcess, fork_workers, send_early
 from pycfs.protocol import worker_api as api
@@ -88,6 +89,29 @@ def test_a_worker_that_dies_fails_the_store_naming_it(tmp_path):
         store.close(abort=True)
     assert str(e.value).startswith(f"the object worker (pid {forked[0].proc.pid}) failed: ")
     assert str(e.value).endswith("; exit status -9")
+    for fd, _ in files:
+        os.close(fd)
+    assert open_fd_count() == before
+
+
+def test_a_stopped_worker_fails_the_store_naming_it(tmp_path, monkeypatch):
+    """No CPU used for STUCK_LIMIT with a request waiting (stopped here; in life a read on a
+    stalled filesystem): killed, one error; before, the store waited for good."""
+    monkeypatch.setattr(stuck, "STUCK_LIMIT", 0.5)
+    before = open_fd_count()
+    files = _open(tmp_path, [5000] * 2)
+    with Repository.init(tmp_path / "repo") as repo:
+        forked = fork_workers(str(repo.path), 1)
+        store = BlockingStore(forked, repo.digest_size, lambda p: pytest.fail("no early request"))
+        os.kill(forked[0].proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(PycfsError, match=rf"^the object worker \(pid {forked[0].proc.pid}\) failed: it used no "
+                                             r"CPU for 0 s .*: killed; exit status -9$"):
+            for fd, data in files:
+                store.store([fd], api.file_params([len(data)]), lambda results: None)
+            store.drain()
+        assert time.monotonic() - started < 10
+        store.close(abort=True)
     for fd, _ in files:
         os.close(fd)
     assert open_fd_count() == before
