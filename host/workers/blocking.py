@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pycfs.host.errors import PycfsError
-from pycfs.host.workers import stuck
+from pycfs.host import stuck
 from pycfs.host.workers.fork import Forked, ForkedProcess, discard
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.fdpass import FdPassError, recv_with_fds, send_with_fds

@@ -39,7 +39,7 @@ from pycfs.host.childoutput import ChildOutput, ChildProcess, receive_message, s
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files, small_job
 from pycfs.host.nursery import open_nursery
-from pycfs.host.workers import stuck
+from pycfs.host import stuck
 from pycfs.host.workers.batching import default_jobs, digest_batches
 from pycfs.host.workers.fork import Forked, absolute_names, discard
 from pycfs.host.workers.service import WorkerService

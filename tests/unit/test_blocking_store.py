@@ -17,7 +17,8 @@ from pycfs.host.childoutput import ChildOutput
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
 from pycfs.host.repository import Repository
-from pycfs.host.workers import blocking, stuck
+from pycfs.host import stuck
+from pycfs.host.workers import blocking
 from pycfs.host.workers.blocking import BlockingStore
 from pycfs.host.workers.fork import Forked, ForkedProcess, fork_workers, send_early
 from pycfs.protocol import worker_api as api

@@ -18,7 +18,7 @@ from procs import BUSY_SIZE, busy_file, children_die_with_host
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes, digest_fd, digest_path
 from pycfs.host.repository import Repository
-from pycfs.host.workers import stuck
+from pycfs.host import stuck
 from pycfs.host.workers.batching import MEASURE_BATCH, MEASURE_BATCH_MIN, digest_batches
 from pycfs.host.workers.pool import Failed, Stored, WorkerPool, open_pool
 from pycfs.protocol import worker_api as api

@@ -1,14 +1,15 @@
-"""When an object worker counts as stuck, for the host's waits on its answers (the pool's and
-`blocking.BlockingStore`'s): every wait is bounded, but a fixed bound per answer would cut
-off honest work (a 30 GB file copied where it cannot be reflinked takes minutes). So the
-bound is on progress: a worker with requests waiting that has neither used CPU nor been
-ready to run for STUCK_LIMIT seconds is stuck: blocked reading a file on a stalled network or FUSE filesystem (a varlink
-client can pass the service such a file), stopped, or wedged. The host then kills it and
-fails the job with one line naming it; a re-run finishes the job.
+"""When a child process pycfs waits on counts as stuck: an object worker (the pool's and
+`workers.blocking.BlockingStore`'s waits for answers) or the user-namespace helper
+(`helperclient`). Every wait is bounded, but a fixed bound per answer would cut off honest
+work (a 30 GB file copied where it cannot be reflinked takes minutes). So the bound is on
+progress: a child with requests waiting that has neither used CPU nor been ready to run for
+STUCK_LIMIT seconds is stuck: blocked on a file of a stalled network or FUSE filesystem (a
+varlink client can pass the service such a file), stopped, or wedged. The host then kills
+it and fails the job with one line naming it; a re-run finishes the job.
 
 The host checks every `check_every()` seconds of silence. A check that comes much later
 than that means the host itself did not run (stopped with Ctrl-Z, the machine suspended):
-the count starts again rather than blaming the worker for the host's pause."""
+the count starts again rather than blaming the child for the host's pause."""
 
 from __future__ import annotations
 
