@@ -216,7 +216,8 @@ class Repository:
         self.close()
 
     def _measure_meta(self) -> bool:
-        fd = os.open("meta.json", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dirfd)
+        # O_NONBLOCK: a FIFO swapped in since meta.json was read must not block the open.
+        fd = os.open("meta.json", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self.dirfd)
         try:
             return syscalls.fsverity_measure(fd, self.hash_alg_id) is not None
         finally:
