@@ -76,38 +76,23 @@ def test_files_are_stored_in_order_with_few_requests_in_flight(tmp_path, monkeyp
     assert open_fd_count() == before
 
 
-def test_a_worker_that_dies_fails_the_store_naming_it(tmp_path):
+@pytest.mark.parametrize("signal_sent, why", [
+    (signal.SIGKILL, ".*"),
+    # No CPU used for STUCK_LIMIT with a request waiting (stopped here; in life a read on a
+    # stalled filesystem): killed, one error; before, the store waited for good.
+    (signal.SIGSTOP, r"it used no CPU for 0 s .*: killed"),
+])
+def test_a_worker_that_dies_or_stops_fails_the_store_naming_it(tmp_path, monkeypatch, signal_sent, why):
+    monkeypatch.setattr(stuck, "STUCK_LIMIT", 0.5)
     before = open_fd_count()
     files = _open(tmp_path, [5000] * 8)
     with Repository.init(tmp_path / "repo") as repo:
         forked = fork_workers(str(repo.path), 1)
         store = BlockingStore(forked, repo.digest_size, lambda p: pytest.fail("no early request"))
-        os.kill(forked[0].proc.pid, signal.SIGKILL)
-        with pytest.raises(PycfsError) as e:
-            for fd, data in files:
-                store.store([fd], api.file_params([len(data)]), lambda results: None)
-            store.drain()
-        store.close(abort=True)
-    assert str(e.value).startswith(f"the object worker (pid {forked[0].proc.pid}) failed: ")
-    assert str(e.value).endswith("; exit status -9")
-    for fd, _ in files:
-        os.close(fd)
-    assert open_fd_count() == before
-
-
-def test_a_stopped_worker_fails_the_store_naming_it(tmp_path, monkeypatch):
-    """No CPU used for STUCK_LIMIT with a request waiting (stopped here; in life a read on a
-    stalled filesystem): killed, one error; before, the store waited for good."""
-    monkeypatch.setattr(stuck, "STUCK_LIMIT", 0.5)
-    before = open_fd_count()
-    files = _open(tmp_path, [5000] * 2)
-    with Repository.init(tmp_path / "repo") as repo:
-        forked = fork_workers(str(repo.path), 1)
-        store = BlockingStore(forked, repo.digest_size, lambda p: pytest.fail("no early request"))
-        os.kill(forked[0].proc.pid, signal.SIGSTOP)
+        os.kill(forked[0].proc.pid, signal_sent)
         started = time.monotonic()
-        with pytest.raises(PycfsError, match=rf"^the object worker \(pid {forked[0].proc.pid}\) failed: it used no "
-                                             r"CPU for 0 s .*: killed; exit status -9$"):
+        with pytest.raises(PycfsError, match=rf"^the object worker \(pid {forked[0].proc.pid}\) failed: {why}; "
+                                             r"exit status -9$"):
             for fd, data in files:
                 store.store([fd], api.file_params([len(data)]), lambda results: None)
             store.drain()
