@@ -55,8 +55,8 @@ from typing import Any
 
 import trio
 
-from pycfs.host.childoutput import ChildOutput, ChildProcess, receive_message, spawn_on_socket
 from pycfs.host import stuck
+from pycfs.host.childoutput import ChildOutput, ChildProcess, receive_message, spawn_on_socket
 from pycfs.host.errors import PycfsError
 from pycfs.protocol import helper_api as api
 from pycfs.protocol.fdpass import FdPassError, asend_with_fds, close_fds

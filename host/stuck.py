@@ -36,7 +36,7 @@ def progress(pid: int) -> tuple[int, bool] | None:
 
 
 class Watch:
-    """One worker's progress, as the host's checks see it."""
+    """One child's progress, as the host's checks see it."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -45,7 +45,7 @@ class Watch:
         self._checked = 0.0
 
     def stuck(self, busy: bool, now: float) -> bool:
-        """Whether the worker, with requests waiting (``busy``) or not, is stuck at ``now``
+        """Whether the child, with requests waiting (``busy``) or not, is stuck at ``now``
         (a monotonic time in seconds)."""
         seen = progress(self.pid)
         ticks, running = seen if seen is not None else (None, False)
@@ -58,5 +58,5 @@ class Watch:
 
 
 def stuck_message() -> str:
-    return (f"it used no CPU for {STUCK_LIMIT:.0f} s with requests waiting (a file it reads may be on a "
-            "stalled network or FUSE filesystem): killed")
+    return (f"it made no progress for {STUCK_LIMIT:.0f} s with requests waiting (used no CPU, was not ready to "
+            "run: a file it reads may be on a stalled network or FUSE filesystem): killed")

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 
 from pycfs.host.errors import PycfsError
-from pycfs.protocol.text import is_clean_text
 from pycfs.protocol.gvariant import MAX_VALUES, GVariantError, Variant, decode, encode, frame, offset_size
+from pycfs.protocol.text import is_clean_text
 
 COMMIT_TYPE = "(a{sv}aya(say)sstayay)"
 DIRTREE_TYPE = "(a(say)a(sayay))"

@@ -80,7 +80,7 @@ def test_files_are_stored_in_order_with_few_requests_in_flight(tmp_path, monkeyp
     (signal.SIGKILL, ".*"),
     # No CPU used for STUCK_LIMIT with a request waiting (stopped here; in life a read on a
     # stalled filesystem): killed, one error; before, the store waited for good.
-    (signal.SIGSTOP, r"it used no CPU for 0 s .*: killed"),
+    (signal.SIGSTOP, r"it made no progress for 0 s .*: killed"),
 ])
 def test_a_worker_that_dies_or_stops_fails_the_store_naming_it(tmp_path, monkeypatch, signal_sent, why):
     monkeypatch.setattr(stuck, "STUCK_LIMIT", 0.5)

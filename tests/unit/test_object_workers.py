@@ -239,7 +239,7 @@ def test_a_stopped_worker_with_requests_waiting_is_killed_and_named(files, monke
                 with trio.fail_after(10):
                     await pool.digest(fds, sizes)
 
-    with pytest.raises(PycfsError, match=r"^the object worker \(pid \d+\) failed: it used no CPU for 0 s with "
+    with pytest.raises(PycfsError, match=r"^the object worker \(pid \d+\) failed: it made no progress for 0 s with "
                                          r"requests waiting \(.*FUSE.*\): killed; exit status -9$"):
         _run(main)
 
