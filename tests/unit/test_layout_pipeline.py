@@ -268,6 +268,41 @@ def test_the_image_is_written_while_the_workers_exit(tmp_path, monkeypatch):
     assert seen.count("workers gone") == 2 and seen.index("workers gone") > seen.index("finish")
 
 
+def test_the_next_layer_starts_once_the_inflating_worker_is_free(tmp_path, monkeypatch):
+    """One inflating worker, several layers: the second layer's inflate starts as soon as the
+    worker is done with the first, while the first is still being committed (its syncfs),
+    not after."""
+    import threading
+
+    from pycfs.host.oci import layout as layout_module
+    from pycfs.host.workers.pool import WorkerPool
+
+    build_layout(ImageSpec(MERGING.layers, gzip=False), tmp_path / "oci")
+    inflates, second_started = [], threading.Event()
+    waited: list[bool] = []
+    real_inflate, real_commit = WorkerPool.inflate, layout_module.commit_layer
+
+    async def inflate(self, *args, **kw):
+        inflates.append(args)
+        if len(inflates) == 2:
+            second_started.set()
+        return await real_inflate(self, *args, **kw)
+
+    def commit(*args, **kw):
+        if not waited:  # the first layer's commit: held until the other layer is inflating
+            waited.append(second_started.wait(10))
+        return real_commit(*args, **kw)
+
+    monkeypatch.setattr(WorkerPool, "inflate", inflate)
+    monkeypatch.setattr(layout_module, "commit_layer", commit)
+    with Repository.init(tmp_path / "repo") as repo:
+        result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", build_image=False, jobs=1))
+        assert result.stats.layers == len(inflates) == len(MERGING.layers)
+        for diff_id, _ in result.layers:
+            assert repo.has_stream(layer_stream_name(diff_id)) is not None
+    assert waited == [True]
+
+
 def _put(blobs: Path, data: bytes) -> str:
     digest = hashlib.sha256(data).hexdigest()
     (blobs / digest).write_bytes(data)
