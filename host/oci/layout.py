@@ -21,7 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 import trio
@@ -50,6 +50,7 @@ from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.workers.batching import default_jobs
+from pycfs.host.workers.fork import Forked, discard
 from pycfs.host.workers.pool import Failed, Inflated, WorkerPool, open_pool
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.fdpass import close_fds, fds_from_ancdata, recv_args
@@ -498,9 +499,20 @@ def inflaters_store(sizes: list[int]) -> bool:
 
 
 async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, build_image: bool = True,
-                          progress: PullProgress | None = None, jobs: int | None = None) -> PullResult:
+                          progress: PullProgress | None = None, jobs: int | None = None,
+                          forked: Sequence[Forked] = ()) -> PullResult:
     """Pull `DIR[:TAG]` (the part after `oci:`) and tag the manifest stream as `tag`. Layers
-    whose stream is missing or damaged are imported (again)."""
+    whose stream is missing or damaged are imported (again). ``forked``: inflating workers
+    started already (`pycfs.host.workers.fork`), this pull's to use or stop."""
+    spare = list(forked)  # stopped at the end, those the inflaters' pool did not take
+    try:
+        return await _pull_oci_layout(repo, source, tag, build_image, progress, jobs, spare)
+    finally:
+        discard(spare)
+
+
+async def _pull_oci_layout(repo: Repository, source: str, tag: str | None, build_image: bool,
+                           progress: PullProgress | None, jobs: int | None, forked: list[Forked]) -> PullResult:
     started = time.monotonic()
     directory, _, layout_tag = source.partition(":")
     if not directory:
@@ -564,7 +576,10 @@ async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, bui
             if todo:
                 # The inflating workers are a pool of their own: each is busy for a whole layer.
                 pool = await pools.enter_async_context(open_pool(repo=repo, jobs=jobs))
-                inflaters = await pools.enter_async_context(open_pool(repo=repo, jobs=min(layers_at_once, len(todo))))
+                inflating = min(layers_at_once, len(todo))
+                ours = forked[:inflating]
+                del forked[:len(ours)]  # the pool's now (it stops them, even when it fails to start)
+                inflaters = await pools.enter_async_context(open_pool(repo=repo, jobs=inflating, forked=ours))
                 async with open_nursery() as nursery:
                     if not store_here:  # (else no file comes to them: no processes to start)
                         nursery.start_soon(pool.start)  # the workers' start-up overlaps the first split
