@@ -1,8 +1,8 @@
 """The object worker's methods: hash each file passed as an fd, and store it when started
 on a repository; inflate and split a layer blob, writing its files into the object store.
 Blocking, one connection (see `pycfs.protocol.rpcserver`); only an inflate runs threads
-beside its split: its tar source (the blob's read, both sha256s, the decompression) and the
-writeback of the files it stores."""
+beside its split: its blob source (the blob's read and sha256), its tar source (the
+decompression and the tar's sha256) and the writeback of the files it stores."""
 
 from __future__ import annotations
 
