@@ -842,3 +842,44 @@ def test_piece_records_refuse_what_no_message_holds():
         api.piece_record(api.PIECE_INLINE, bytes(api.MAX_INLINE_RECORD + 1))
     with pytest.raises(ValueError):
         api.piece_record(api.PIECE_INLINE, b"")
+
+
+def test_the_split_never_waits_for_a_writeback_that_is_behind(tmp_path, monkeypatch):
+    """An inflating worker's writeback thread (`service._Writeback`) blocked in the device's
+    throttling: the runs it has queued wait for it, a run beyond those is closed at once
+    without its writeback (left to the layer's syncfs), and nothing is left open at the end."""
+    import threading
+    import time
+
+    from pycfs.host.workers import service
+
+    release, started = threading.Event(), []
+
+    def start_writeback(fd: int) -> None:
+        started.append(os.readlink(f"/proc/self/fd/{fd}"))
+        release.wait(10)
+
+    monkeypatch.setattr(service.syscalls, "start_writeback", start_writeback)
+    paths = [tmp_path / f"f{i}" for i in range(service._WRITEBACK_RUNS + 2)]
+    for p in paths:
+        p.write_bytes(b"x")
+    before = open_fd_count()
+    writeback = service._Writeback()
+    runs = [[(os.open(p, os.O_RDONLY), True)] for p in paths]
+    taker = threading.Thread(target=lambda: [writeback.take(run) for run in runs[1:]])
+    try:
+        writeback.take(runs[0])
+        deadline = time.monotonic() + 10
+        while not started and time.monotonic() < deadline:  # the thread holds the first run
+            time.sleep(0.01)
+        taker.start()  # _WRITEBACK_RUNS queued behind it, the last one closed by take
+        taker.join(5)
+        blocked = taker.is_alive()
+        last_open = os.path.exists(f"/proc/self/fd/{runs[-1][0][0]}")
+    finally:
+        release.set()
+        taker.join()
+        writeback.close()
+    assert not blocked and not last_open
+    assert started == [str(p) for p in paths[:-1]]
+    assert open_fd_count() == before
