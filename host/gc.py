@@ -4,19 +4,25 @@ Roots are the symlinks under images/refs/ and streams/refs/. From a stream, its 
 object, its object_refs and, through named refs, other streams and images are live; from
 an image, the image object and every object its metacopy xattrs name. Anything else in
 objects/ goes. Runs under flock(LOCK_EX), so it waits for every other opener (imports
-hold LOCK_SH) and no import can race with it.
+hold LOCK_SH), at most WAIT_LIMIT, and no import can race with it.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import time
 from dataclasses import dataclass, field
 
 from pycfs.host.erofs.objects import image_object_ids
 from pycfs.host.errors import PycfsError
 from pycfs.host.progress import StepProgress
 from pycfs.host.repository import Repository
+
+# How long gc waits for the repository's other users: a pull holds it for its length, a
+# FUSE mount or a varlink service with the repository open for as long as they run.
+WAIT_LIMIT = 600.0
+_POLL = 0.1
 
 
 @dataclass
@@ -94,11 +100,7 @@ def gc(repo: Repository, dry_run: bool = False, progress: StepProgress | None = 
     progress = progress or StepProgress()
     if not dry_run:
         repo.require_writable()
-        try:
-            fcntl.flock(repo.dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            progress.note(f"waiting for other users of {repo.path} to finish (a pull or mount holds its lock)...")
-            fcntl.flock(repo.dirfd, fcntl.LOCK_EX)
+        _lock_exclusive(repo, progress)
     try:
         result = GcResult()
         progress.start("finding live objects", 0)
@@ -136,6 +138,27 @@ def gc(repo: Repository, dry_run: bool = False, progress: StepProgress | None = 
     finally:
         if not dry_run:
             fcntl.flock(repo.dirfd, fcntl.LOCK_SH)
+
+
+def _lock_exclusive(repo: Repository, progress: StepProgress) -> None:
+    """The repository's lock for gc alone, waiting at most WAIT_LIMIT for its other users."""
+    deadline = time.monotonic() + WAIT_LIMIT
+    waited = False
+    while True:
+        try:
+            fcntl.flock(repo.dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if time.monotonic() >= deadline:
+            # (a failed conversion may have dropped this opener's shared lock: take it back)
+            fcntl.flock(repo.dirfd, fcntl.LOCK_SH)
+            raise PycfsError(f"gc: {repo.path} stayed in use for {WAIT_LIMIT:.0f} s (a pull, a FUSE mount or a "
+                             f"varlink service has it open: `fuser -v {repo.path}` names them); nothing was removed")
+        if not waited:
+            progress.note(f"waiting for other users of {repo.path} to finish (a pull or mount holds its lock)...")
+            waited = True
+        time.sleep(_POLL)
 
 
 def _prune_links(repo: Repository, dry_run: bool) -> int:

@@ -55,6 +55,7 @@ from typing import Any
 
 import trio
 
+from pycfs.host import stuck
 from pycfs.host.childoutput import ChildOutput, ChildProcess, receive_message, spawn_on_socket
 from pycfs.host.errors import PycfsError
 from pycfs.protocol import helper_api as api
@@ -161,6 +162,7 @@ class HelperClient:
         # A pidfd of the helper itself: podman keeps our socket's other end open, so the
         # helper's death shows here, not as EOF.
         self._helper_pidfd: int | None = None
+        self._watch: stuck.Watch | None = None  # the helper's progress, once its pid is known
 
     # -- lifecycle --
 
@@ -261,6 +263,7 @@ class HelperClient:
             self._helper_pidfd = os.pidfd_open(pid)
         except OSError as e:
             raise await self._misbehaved(f"its pid {pid} cannot be watched: {e.strerror}") from None
+        self._watch = stuck.Watch(pid)
         self.info = info
 
     async def _abandon(self) -> None:
@@ -430,9 +433,10 @@ class HelperClient:
         return await self._check_reply(msg, method)
 
     async def _receive_while_alive(self) -> Message:
-        """The next message, or EOFError as soon as the helper process has exited."""
-        pidfd = self._helper_pidfd
-        if pidfd is None:  # the hello: no pid yet, HELLO_TIMEOUT bounds it
+        """The next message, or EOFError as soon as the helper process has exited or once it
+        is stuck (`stuck`: then it is killed)."""
+        pidfd, watch = self._helper_pidfd, self._watch
+        if pidfd is None or watch is None:  # the hello: no pid yet, HELLO_TIMEOUT bounds it
             return await self._receive()
         got: list[Message | Exception] = []
         async with trio.open_nursery() as nursery:
@@ -445,7 +449,14 @@ class HelperClient:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(receive)
-            await trio.lowlevel.wait_readable(pidfd)
+            while True:
+                with trio.move_on_after(stuck.check_every()):
+                    await trio.lowlevel.wait_readable(pidfd)
+                    break
+                if watch.stuck(True, trio.current_time()):
+                    got.append(EOFError(stuck.stuck_message()))
+                    await self._kill()
+                    break
             nursery.cancel_scope.cancel()
         if not got:
             raise EOFError("the helper process exited")

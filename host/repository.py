@@ -216,7 +216,8 @@ class Repository:
         self.close()
 
     def _measure_meta(self) -> bool:
-        fd = os.open("meta.json", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dirfd)
+        # O_NONBLOCK: a FIFO swapped in since meta.json was read must not block the open.
+        fd = os.open("meta.json", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self.dirfd)
         try:
             return syscalls.fsverity_measure(fd, self.hash_alg_id) is not None
         finally:
@@ -346,12 +347,11 @@ class Repository:
 
     def object_intact(self, object_id: bytes) -> bool:
         """The object is present and its content still hashes to its name (for small
-        objects such as images and streams: it reads the whole object)."""
-        h = object_id.hex()
+        objects such as images and streams: it reads the whole object). Anything but a
+        regular file is not intact: a device in its place would be read without end."""
         try:
-            fd = os.open(f"{h[:2]}/{h[2:]}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
-                         dir_fd=self._objects())
-        except OSError:
+            fd = self.open_object(object_id)
+        except (RepositoryError, OSError):
             return False
         try:
             return digest_fd(fd, self.alg) == object_id
@@ -801,9 +801,13 @@ class Repository:
         """Bytes of streams/<name> (`refs/...` names resolve through the ref)."""
         check_name(name, "stream", allow_slash=True)
         try:
-            fd = os.open(f"streams/{name}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dirfd)
+            # O_NONBLOCK: a FIFO the link leads to must not block the open.
+            fd = os.open(f"streams/{name}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self.dirfd)
         except FileNotFoundError:
             raise RepositoryError(f"no stream {name!r} in {self.path}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RepositoryError(f"stream {name!r} in {self.path} is not a regular file: run `pycfs fsck --repair`")
         with os.fdopen(fd, "rb") as f:
             return f.read()
 

@@ -20,6 +20,7 @@ from itertools import pairwise
 
 from pycfs.host.errors import PycfsError
 from pycfs.protocol.gvariant import MAX_VALUES, GVariantError, Variant, decode, encode, frame, offset_size
+from pycfs.protocol.text import is_clean_text
 
 COMMIT_TYPE = "(a{sv}aya(say)sstayay)"
 DIRTREE_TYPE = "(a(say)a(sayay))"
@@ -226,7 +227,7 @@ class FileHeader:
         elif self.is_symlink:
             if not self.symlink_target or self.size:
                 why = "symlink without a target, or with content"
-            elif "\0" in self.symlink_target or not _is_utf8(self.symlink_target):
+            elif not is_clean_text(self.symlink_target):
                 # (a GVariant string: what a delta or a bare repository gives may be neither)
                 why = "symlink target is not UTF-8 text without NUL"
         elif not stat.S_ISREG(self.mode):
@@ -407,15 +408,6 @@ def parse_meta_xattr(value: bytes, checksum: bytes) -> FileHeader:
     """bare-user's `user.ostreemeta`: (uid, gid, mode, xattrs) in dirmeta form; size comes later."""
     meta = DirMeta.parse(value, checksum, Kind.FILE)
     return FileHeader(0, meta.uid, meta.gid, meta.mode, "", meta.xattrs)
-
-
-def _is_utf8(text: str) -> bool:
-    """Whether text encodes as UTF-8 (not so with the surrogates that stand for bad bytes)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _bswap32(v: int) -> int:

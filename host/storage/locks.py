@@ -28,6 +28,13 @@ _FLOCK = struct.Struct("@hhqqi4x")
 F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 POLL_INTERVAL = 0.01  # what c/storage's own retry loop uses
+# How long `acquire` waits by default: podman holds a write lock for one change to the
+# store (seconds, a large pull's commit minutes); longer is a podman hung or stopped.
+LOCK_LIMIT = 600.0
+
+
+class LockTimeout(PycfsError):
+    pass
 
 
 def _flock(l_type: int) -> bytes:
@@ -78,6 +85,7 @@ class ReadLocks:
     def __init__(self, paths: list[Path | tuple[Path, bool]]) -> None:
         self.paths = [(p, False) if isinstance(p, Path) else (Path(p[0]), bool(p[1])) for p in paths]
         self._fds: list[int] = []
+        self._busy: Path | None = None  # the lock file a writer held at the last attempt
 
     @property
     def held(self) -> bool:
@@ -91,6 +99,7 @@ class ReadLocks:
                 fd = open_lock_file(path, read_only)
                 fds.append(fd)
                 if not try_read_lock(fd):
+                    self._busy = path
                     for f in fds:
                         os.close(f)
                     return False
@@ -101,17 +110,24 @@ class ReadLocks:
         self._fds = fds
         return True
 
-    async def acquire(self, on_wait: Callable[[], None] | None = None) -> None:
-        """Wait (cancellably) until every lock is ours; `on_wait()` is called once if we have to wait."""
+    async def acquire(self, on_wait: Callable[[], None] | None = None, limit: float | None = None) -> None:
+        """Wait (cancellably) until every lock is ours, at most ``limit`` seconds (LOCK_LIMIT
+        by default), else LockTimeout naming the lock file; `on_wait()` is called once if we
+        have to wait."""
         # trio only here: a re-pull that finds the locks free (`try_acquire`) runs without it.
         import trio
 
+        limit = LOCK_LIMIT if limit is None else limit
         waited = False
-        while not self.try_acquire():
-            if not waited and on_wait is not None:
-                on_wait()
-            waited = True
-            await trio.sleep(POLL_INTERVAL)
+        with trio.move_on_after(limit) as waiting:
+            while not self.try_acquire():
+                if not waited and on_wait is not None:
+                    on_wait()
+                waited = True
+                await trio.sleep(POLL_INTERVAL)
+        if waiting.cancelled_caught:
+            raise LockTimeout(f"containers-storage lock {self._busy} stayed write-locked for {limit:.0f} s "
+                              "(a podman process is writing, or hangs: `lslocks` names it); try again when it is done")
 
     def release(self) -> None:
         fds, self._fds = self._fds, []

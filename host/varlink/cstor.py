@@ -21,7 +21,7 @@ import trio
 from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.helperclient import HelperClient
-from pycfs.host.storage.locks import ReadLocks
+from pycfs.host.storage.locks import LockTimeout, ReadLocks
 from pycfs.host.storage.store import Storage, Store
 from pycfs.host.storage.tarsplit import FileEntry, Segment, open_entries
 from pycfs.host.varlink.layers import build_layout, seed_from_id
@@ -67,10 +67,10 @@ class CstorInterface:
         layer_id = locator.string("layer_id")
         dac = params.boolean("consumer_has_cap_dac_override", optional=True, default=False)
         locks = ReadLocks([(p, s.read_only) for s in self.storage.stores for p in s.lock_paths()])
-        with trio.move_on_after(LOCK_WAIT) as waited:
-            await locks.acquire()
-        if waited.cancelled_caught:
-            raise error("InternalError", message=f"containers-storage stayed locked for {LOCK_WAIT:.0f}s (podman is writing)")
+        try:
+            await locks.acquire(limit=LOCK_WAIT)
+        except LockTimeout as e:
+            raise error("InternalError", message=str(e)) from None
         try:
             if layer_id not in await trio.to_thread.run_sync(store.layers):
                 raise error("NoSuchLayer", diff_id=params.string("diff_id", optional=True) or layer_id)

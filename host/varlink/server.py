@@ -22,6 +22,7 @@ import trio
 from pycfs.host.errors import PycfsError, first_error, user_message
 from pycfs.host.varlink.transport import Connection, ConnectionClosed
 from pycfs.protocol.fdpass import close_fds
+from pycfs.protocol.text import is_clean_text
 from pycfs.protocol.varlink import (
     VarlinkError,
     VarlinkProtocolError,
@@ -84,18 +85,6 @@ def invalid_parameter(name: str) -> VarlinkError:
 _MISSING = object()
 
 
-def _text(value: str) -> bool:
-    """Whether a string parameter is text every use of it takes: JSON lets a client send a
-    NUL (no path or name holds one) or a lone surrogate (which encodes to no bytes)."""
-    if "\0" in value:
-        return False
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 class Params:
     """Typed access to a call's parameters; a wrong or missing one is InvalidParameter."""
 
@@ -114,7 +103,7 @@ class Params:
 
     def string(self, name: str, optional: bool = False, default: str | None = None) -> Any:
         value = self._get(name, (str,), optional, default)
-        if value is not None and not _text(value):
+        if value is not None and not is_clean_text(value):
             raise invalid_parameter(name)
         return value
 
@@ -133,7 +122,7 @@ class Params:
 
     def str_list(self, name: str, optional: bool = False) -> list[str]:
         value = self._get(name, (list,), optional, [])
-        if not all(isinstance(v, str) and _text(v) for v in value):
+        if not all(isinstance(v, str) and is_clean_text(v) for v in value):
             raise invalid_parameter(name)
         return value
 

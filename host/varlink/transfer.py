@@ -71,6 +71,9 @@ KEEPALIVE_LIMIT = 3600.0
 # As long as the keep-alive: a working consumer may spend that long on one object (a 30 GB
 # file its filesystem cannot reflink, copied at 50 MB/s, takes 600 s).
 STALL_LIMIT = KEEPALIVE_LIMIT
+# How long a PutLayer producer may leave its pipe silent, neither writing nor closing it,
+# before the consumer gives up and commits nothing (it holds a worker's batches meanwhile).
+SILENCE_LIMIT = KEEPALIVE_LIMIT
 
 
 SendAll = Callable[[bytes], Awaitable[None]]
@@ -313,7 +316,11 @@ class LayerConsumer:
                     nursery.start_soon(self._write_in_order, receive)
                     async with send:
                         while True:
-                            data = await receive_some(_RECV_PIECE)
+                            with trio.move_on_after(SILENCE_LIMIT) as waited:
+                                data = await receive_some(_RECV_PIECE)
+                            if waited.cancelled_caught:
+                                raise LayerTransferError(f"the stream's producer sent nothing for {SILENCE_LIMIT:.0f} s "
+                                                         "without closing the pipe: nothing was committed")
                             if not data:
                                 decoder.eof()
                                 break

@@ -8,7 +8,7 @@ Requests go to the worker with the fewest unanswered ones, at most IN_FLIGHT eac
 stored, the next queued behind it); `store` reads answers while every worker has that many.
 With so few unanswered, what a worker writes back (~70 bytes a file) stays far below its
 socket's buffer: it never blocks writing an answer while this process blocks writing it a
-request. A worker that dies, or answers out of turn, fails the job with one PycfsError
+request. A worker that dies, answers out of turn or is stuck (`stuck`) fails the job with one PycfsError
 naming it, its exit status and its last output, as the pool's do.
 """
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pycfs.host.errors import PycfsError
+from pycfs.host import stuck
 from pycfs.host.workers.fork import Forked, ForkedProcess, discard
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.fdpass import FdPassError, recv_with_fds, send_with_fds
@@ -48,6 +49,7 @@ class _Worker:
         self.forked = forked
         self.decoder = Decoder(api.MAX_MESSAGE_BYTES, max_fds=0)
         self.waiting: collections.deque[_Request] = collections.deque()
+        self.watch = stuck.Watch(forked.proc.pid)
 
     def describe(self) -> str:
         return f"object worker (pid {self.forked.proc.pid})"
@@ -94,8 +96,14 @@ class BlockingStore:
 
     def _read_some(self) -> None:
         """Read what the workers have written (blocking until one has), handing on each
-        whole answer."""
-        for fd, _events in self._poll.poll():
+        whole answer; a worker found stuck (`stuck`) meanwhile fails the job."""
+        ready = self._poll.poll(stuck.check_every() * 1000)
+        if not ready:
+            for worker in self._workers:
+                if worker.watch.stuck(bool(worker.waiting), time.monotonic()):
+                    worker.forked.proc.kill()
+                    self._fail(worker, stuck.stuck_message())
+        for fd, _events in ready:
             worker = self._by_fd[fd]
             answered: list[tuple[_Request, list[Stored | Failed]]] = []
             try:

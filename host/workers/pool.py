@@ -14,8 +14,8 @@ number of jobs) serves calls in this process until they have brought START_AFTER
 content, and until the workers that then start are up: a small job starts no process.
 
 Requests go to the worker with the fewest unanswered ones, and several may wait at one
-worker, so it never idles while the host prepares the next batch. A worker that dies or
-misbehaves fails the pool: every waiting and later call raises `PycfsError`, naming the
+worker, so it never idles while the host prepares the next batch. A worker that dies,
+misbehaves or is stuck (`stuck`: no CPU used for long with requests waiting) fails the pool: every waiting and later call raises `PycfsError`, naming the
 worker, its exit status and its last output.
 """
 
@@ -39,6 +39,7 @@ from pycfs.host.childoutput import ChildOutput, ChildProcess, receive_message, s
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files, small_job
 from pycfs.host.nursery import open_nursery
+from pycfs.host import stuck
 from pycfs.host.workers.batching import default_jobs, digest_batches
 from pycfs.host.workers.fork import Forked, absolute_names, discard
 from pycfs.host.workers.service import WorkerService
@@ -82,6 +83,7 @@ class _Worker:
         # choice of the next request must see this one even before it is sent.
         self.assigned = 0
         self.send_lock = trio.Lock()
+        self.watch = stuck.Watch(proc.pid)
 
     def describe(self) -> str:
         return f"object worker (pid {self.proc.pid})"
@@ -340,7 +342,16 @@ class WorkerPool:
         """Match replies to waiting calls, in order; any surprise fails the pool."""
         decoder = Decoder(api.MAX_MESSAGE_BYTES, max_fds=0)
         try:
-            while (msg := await receive_message(worker.sock, decoder)) is not None:
+            while True:
+                with trio.move_on_after(stuck.check_every()) as silent:
+                    msg = await receive_message(worker.sock, decoder)
+                if silent.cancelled_caught:
+                    if worker.watch.stuck(bool(worker.waiting), trio.current_time()):
+                        worker.proc.kill()
+                        raise EOFError(stuck.stuck_message())
+                    continue
+                if msg is None:
+                    break
                 msg.close()
                 reply = worker.waiting.popleft() if worker.waiting else None
                 if reply is None or msg.obj.get("id") != reply.id:

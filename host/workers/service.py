@@ -1,8 +1,8 @@
 """The object worker's methods: hash each file passed as an fd, and store it when started
 on a repository; inflate and split a layer blob, writing its files into the object store.
 Blocking, one connection (see `pycfs.protocol.rpcserver`); only an inflate runs threads
-beside its split: its tar source (the blob's read, both sha256s, the decompression) and the
-writeback of the files it stores."""
+beside its split: its blob source (the blob's read and sha256), its tar source (the
+decompression and the tar's sha256) and the writeback of the files it stores."""
 
 from __future__ import annotations
 
@@ -285,46 +285,37 @@ _TAR_AHEAD = 4
 
 
 class _TarSource:
-    """A layer's tar made by a thread of its own, ahead of the split in the worker's thread:
-    the thread reads and hashes the blob, decompresses it and hashes the tar, so that the
-    two sha256 passes and the decompression run beside the split, the files' fs-verity
-    digests and their writes (a pull tends to end on its largest layer alone: one core did
-    all but the blob's sha256 then). read() hands on the tar's pieces as they came (the
-    splitter takes any length), b"" at EOF, once the blob was read to its end: a digest
-    covers every byte, trailing ones included. `blob` and `tar` (count, digest()) are
-    final once `close` returned."""
+    """A layer's tar made by threads of their own, ahead of the split in the worker's thread:
+    one reads and hashes the blob (`_BlobSource`), this one decompresses it and hashes the
+    tar, so that the two sha256 passes and the decompression run beside each other, the
+    split, the files' fs-verity digests and their writes (a pull tends to end on its
+    largest layer alone: one core did all but the blob's sha256 then, and with the three
+    on one thread that thread was the layer's longest). read() hands on the tar's pieces
+    as they came (the splitter takes any length), b"" at EOF, once the blob was read to its
+    end: a digest covers every byte, trailing ones included. `blob` and `tar` (count,
+    digest()) are final once `close` returned."""
 
     def __init__(self, fd: int, compression: str, blob_alg: str, diff_alg: str) -> None:
         from pycfs.host.oci.layer import HashingReader, decompressing_reader
 
-        self.blob = HashingReader(os.fdopen(fd, "rb", buffering=0, closefd=False), blob_alg)
+        self._stop = threading.Event()
+        self.blob = _BlobSource(fd, blob_alg, self._stop)
         self.tar = HashingReader(decompressing_reader(self.blob, compression), diff_alg)
         self._pieces: queue.Queue[bytes | Exception] = queue.Queue(_TAR_AHEAD)
         self._eof = False
-        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tar source")
         self._thread.start()
 
     def _run(self) -> None:
         try:
             while piece := self.tar.read(_INFLATE_PIECE):
-                if not self._put(piece):
+                if not _put(self._pieces, piece, self._stop):
                     return
             while not self._stop.is_set() and self.blob.read(_INFLATE_PIECE):
                 pass
-            self._put(b"")
+            _put(self._pieces, b"", self._stop)
         except Exception as e:  # (a corrupt blob, a read error) raised in the reader's thread
-            self._put(e)
-
-    def _put(self, item: bytes | Exception) -> bool:
-        """False when the source was closed: nobody takes pieces any more."""
-        while not self._stop.is_set():
-            try:
-                self._pieces.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
+            _put(self._pieces, e, self._stop)
 
     def read(self, n: int = -1) -> bytes:
         if self._eof:
@@ -339,6 +330,7 @@ class _TarSource:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+        self.blob.close()
 
     # What `TarSplitter(hashed=True)` takes of its source (`HashedSource`): the tar's
     # figures, final once `close` returned.
@@ -350,6 +342,81 @@ class _TarSource:
         return self.tar.digest()
 
 
+class _BlobSource:
+    """A blob read and hashed on a thread of its own, _TAR_AHEAD pieces ahead of its reader
+    (the decompressor): read(n) hands out its bytes in order, b"" at its end, or once
+    ``stop`` is set (nobody wants the rest). `count` and `digest()` are final once `close`
+    returned."""
+
+    def __init__(self, fd: int, alg: str, stop: threading.Event) -> None:
+        from pycfs.host.oci.layer import HashingReader
+
+        self._hashing = HashingReader(os.fdopen(fd, "rb", buffering=0, closefd=False), alg)
+        self._stop = stop
+        self._pieces: queue.Queue[bytes | Exception] = queue.Queue(_TAR_AHEAD)
+        self._piece = b""
+        self._at = 0
+        self._eof = False
+        self._thread = threading.Thread(target=self._run, name="blob source")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while piece := self._hashing.read(_INFLATE_PIECE):
+                if not _put(self._pieces, piece, self._stop):
+                    return
+            _put(self._pieces, b"", self._stop)
+        except Exception as e:  # a read error, raised in the reader's thread
+            _put(self._pieces, e, self._stop)
+
+    def read(self, n: int = -1) -> bytes:
+        if self._at == len(self._piece):
+            if self._eof:
+                return b""
+            item: bytes | Exception | None = None
+            while item is None and not self._stop.is_set():
+                try:
+                    item = self._pieces.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            if item is None or isinstance(item, Exception) or not item:
+                self._eof = True
+                if isinstance(item, Exception):
+                    raise item
+                return b""
+            self._piece, self._at = item, 0
+        if self._at == 0 and (n < 0 or n >= len(self._piece)):
+            self._at = len(self._piece)
+            return self._piece  # handed on whole, not copied
+        end = len(self._piece) if n < 0 else min(self._at + n, len(self._piece))
+        data = self._piece[self._at : end]
+        self._at = end
+        return data
+
+    def close(self) -> None:
+        """Once the thread is gone (``stop`` must be set, or the blob read to its end)."""
+        self._thread.join()
+
+    @property
+    def count(self) -> int:
+        return self._hashing.count
+
+    def digest(self) -> str:
+        return self._hashing.digest()
+
+
+def _put(pieces: queue.Queue[bytes | Exception], item: bytes | Exception, stop: threading.Event) -> bool:
+    """Put item on a source's queue; False when the source was closed (``stop``): nobody
+    takes pieces any more."""
+    while not stop.is_set():
+        try:
+            pieces.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
 # Runs of adopted files whose writeback waits to be started, at most (their fds open).
 _WRITEBACK_RUNS = 2
 
@@ -358,7 +425,13 @@ class _Writeback:
     """Starts the writeback of files just adopted (as `WorkerService._adopt_one` does inline) and
     closes them, on a thread of its own, a run at a time: in an inflating worker that
     stores its files, the filesystem's block allocation and I/O submission (~60 us a
-    file) then run beside the split instead of on its thread."""
+    file) then run beside the split instead of on its thread.
+
+    The split never waits for it: when the device is slower than the split (writeback
+    throttling blocks sync_file_range: on the bench's loop XFS, wbt's 2 ms latency target),
+    a run that finds _WRITEBACK_RUNS waiting is closed at once, its pages left dirty for the
+    layer's commit (its syncfs writes them, at the device's full rate). Measured
+    (workload(0.5), zstd): the split waited 0.4-0.9 s per layer here, of ~3 s."""
 
     def __init__(self) -> None:
         self._runs: queue.Queue[list[tuple[int, bool]] | None] = queue.Queue(_WRITEBACK_RUNS)
@@ -370,19 +443,29 @@ class _Writeback:
             for fd, dirty in run:  # (fd, whether its object was written just now)
                 if dirty:
                     syscalls.start_writeback(fd)  # advisory: never raises
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass  # nothing to do about it: the object is linked, syncfs reports write errors
+                _close(fd)
 
     def take(self, run: list[tuple[int, bool]]) -> None:
-        """The fds of a run (closed by the thread), each with whether to start its writeback."""
-        self._runs.put(run)
+        """The fds of a run, each with whether to start its writeback: closed by the thread,
+        or here, without their writeback, when it is behind."""
+        try:
+            self._runs.put_nowait(run)
+        except queue.Full:
+            for fd, _ in run:
+                _close(fd)
 
     def close(self) -> None:
         """Once every run taken is done."""
         self._runs.put(None)
         self._thread.join()
+
+
+def _close(fd: int) -> None:
+    """An adopted object's fd."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass  # nothing to do about it: the object is linked, syncfs reports write errors
 
 
 @functools.cache

@@ -1,11 +1,13 @@
 """fsck finds corruption and missing data; gc removes exactly what no ref reaches."""
 
+import fcntl
 import os
 
 import pytest
 
 from pycfs.host.erofs.writer import write_image
 from pycfs.host.fsck import fsck
+from pycfs.host.errors import PycfsError
 from pycfs.host.gc import gc
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_CONFIG, CONTENT_OCI_LAYER
@@ -86,6 +88,31 @@ def test_gc_keeps_reachable_removes_rest(repo):
     os.unlink(repo.path / "streams/refs/cfgref")
     gc(repo)
     assert sum(len(files) for _, _, files in os.walk(repo.path / "objects")) == 0
+
+
+def test_gc_gives_up_on_a_user_that_keeps_the_repository_open(repo, monkeypatch):
+    """Another opener (a FUSE mount, a varlink service) holding the repository for good:
+    one error after the limit, nothing removed, and the lock is gc's opener's again; then,
+    once it is gone, gc runs (before: gc waited for good)."""
+    from pycfs.host import gc as gc_module
+
+    monkeypatch.setattr(gc_module, "WAIT_LIMIT", 0.3)
+    _, dropped = layer(repo, "l2", [b"d" * 100])
+    other = Repository.open(repo.path)
+    try:
+        with pytest.raises(PycfsError, match=rf"^gc: {repo.path} stayed in use for 0 s \(a pull, a FUSE mount or a "
+                                             r"varlink service has it open: `fuser -v .*` names them\); nothing was removed$"):
+            gc(repo)
+        assert repo.has_object(dropped[0])
+    finally:
+        other.close()
+    # gc's opener holds its shared lock again: with the other gone, an exclusive one
+    # elsewhere still cannot be had
+    probe = os.open(repo.path, os.O_RDONLY | os.O_DIRECTORY)
+    with pytest.raises(BlockingIOError):
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(probe)
+    assert gc(repo).objects_removed == 2
 
 
 def test_gc_keeps_objects_of_referenced_images(repo):

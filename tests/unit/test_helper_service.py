@@ -25,6 +25,7 @@ import trio
 
 from pycfs.helper.service import HelperService, serve
 from pycfs.host.errors import PycfsError
+from pycfs.host import stuck
 from pycfs.host.helperclient import HelperClient, HelperPathError
 from pycfs.protocol import helper_api as api
 from pycfs.protocol.fdpass import close_fds, recv_with_fds, send_with_fds
@@ -429,6 +430,28 @@ def test_killing_the_helper_mid_request_is_a_clear_error(storage):
             assert "\n" not in msg
             with pytest.raises(PycfsError):  # stays failed
                 await helper.open_files(LAYER, ["secret"])
+
+    trio.run(main)
+
+
+@needs_userns
+def test_a_stuck_helper_is_killed_and_named(storage, monkeypatch):
+    """A helper that neither answers nor runs (stopped here; in life blocked on a stalled
+    filesystem): after STUCK_LIMIT one error naming it, and it is gone (before: the request
+    waited for good)."""
+    monkeypatch.setattr(stuck, "STUCK_LIMIT", 0.5)
+
+    async def main():
+        async with client_for(storage) as helper:
+            pid = helper.helper_pid
+            os.kill(pid, signal.SIGSTOP)
+            with trio.fail_after(15), pytest.raises(PycfsError) as e:
+                await helper.open_files(LAYER, ["secret"])
+            assert str(e.value).startswith(f"the user-namespace helper (pid {pid}) failed during open_files: it made "
+                                           "no progress for 0 s with requests waiting")
+            assert "\n" not in str(e.value)
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
 
     trio.run(main)
 

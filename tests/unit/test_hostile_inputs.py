@@ -55,8 +55,11 @@ CONFIG = {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": DIG
 
 @pytest.mark.parametrize("manifest, config, why", [
     ({"config": CONFIG, "layers": 5}, {"rootfs": {"diff_ids": []}}, "'layers' is not a list"),
-    ({"config": CONFIG, "layers": [LAYER]}, {"rootfs": "x"}, "rootfs.diff_ids does not match"),
-    ({"config": CONFIG, "layers": [LAYER]}, {"rootfs": ["x"]}, "rootfs.diff_ids does not match"),
+    ({"config": CONFIG, "layers": [LAYER]}, {"rootfs": "x"}, "rootfs.diff_ids is not a list of digests"),
+    ({"config": CONFIG, "layers": [LAYER]}, {"rootfs": ["x"]}, "rootfs.diff_ids is not a list of digests"),
+    ({"config": CONFIG, "layers": [LAYER]}, {"rootfs": {"diff_ids": [7]}}, "rootfs.diff_ids is not a list of digests"),
+    ({"config": CONFIG, "layers": [LAYER]}, {"rootfs": {"diff_ids": []}}, "rootfs.diff_ids does not match"),
+    ({"config": CONFIG, "layers": [LAYER]}, {}, "rootfs.diff_ids does not match"),
 ])
 def test_image_layers_of_the_wrong_shape_are_refused(manifest, config, why):
     with pytest.raises(PycfsError, match=why):

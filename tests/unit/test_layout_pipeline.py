@@ -268,6 +268,76 @@ def test_the_image_is_written_while_the_workers_exit(tmp_path, monkeypatch):
     assert seen.count("workers gone") == 2 and seen.index("workers gone") > seen.index("finish")
 
 
+def test_the_next_layer_starts_once_the_inflating_worker_is_free(tmp_path, monkeypatch):
+    """One inflating worker, several layers: the second layer's inflate starts as soon as the
+    worker is done with the first, while the first is still being committed (its syncfs),
+    not after."""
+    import threading
+
+    from pycfs.host.oci import layout as layout_module
+    from pycfs.host.workers.pool import WorkerPool
+
+    build_layout(ImageSpec(MERGING.layers, gzip=False), tmp_path / "oci")
+    inflates, second_started = [], threading.Event()
+    waited: list[bool] = []
+    real_inflate, real_commit = WorkerPool.inflate, layout_module.commit_layer
+
+    async def inflate(self, *args, **kw):
+        inflates.append(args)
+        if len(inflates) == 2:
+            second_started.set()
+        return await real_inflate(self, *args, **kw)
+
+    def commit(*args, **kw):
+        if not waited:  # the first layer's commit: held until the other layer is inflating
+            waited.append(second_started.wait(10))
+        return real_commit(*args, **kw)
+
+    monkeypatch.setattr(WorkerPool, "inflate", inflate)
+    monkeypatch.setattr(layout_module, "commit_layer", commit)
+    with Repository.init(tmp_path / "repo") as repo:
+        result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", build_image=False, jobs=1))
+        assert result.stats.layers == len(inflates) == len(MERGING.layers)
+        for diff_id, _ in result.layers:
+            assert repo.has_stream(layer_stream_name(diff_id)) is not None
+    assert waited == [True]
+
+
+def test_forked_inflaters_are_used_and_the_spare_ones_stopped(tmp_path, monkeypatch, idle_threads_allowed):
+    """Inflating workers forked before the event loop (`fork_inflaters`, as the CLI does for
+    an oci: pull) inflate the layers: the inflaters' pool spawns none, and a forked worker
+    it has no layer for is stopped and reaped by the end of the pull."""
+    from pycfs.host.oci.pull import fork_inflaters
+    from pycfs.host.workers.pool import WorkerPool
+
+    build_layout(ImageSpec(MERGING.layers, gzip=False), tmp_path / "oci")
+    inflating, spawned = set(), []
+    real_inflate, real_spawn = WorkerPool.inflate, WorkerPool._spawn
+
+    async def inflate(self, *args, **kw):
+        inflating.add(id(self))
+        return await real_inflate(self, *args, **kw)
+
+    async def spawn(self):
+        spawned.append(id(self))
+        return await real_spawn(self)
+
+    monkeypatch.setattr(WorkerPool, "inflate", inflate)
+    monkeypatch.setattr(WorkerPool, "_spawn", spawn)
+    with Repository.init(tmp_path / "repo") as repo:
+        assert fork_inflaters(repo, "containers-storage:x", 2) == []
+        forked = fork_inflaters(repo, f"oci:{tmp_path / 'oci'}", 3)
+        assert len(forked) == 3
+        result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", jobs=2, forked=forked))
+        for diff_id, _ in result.layers:
+            reader = repo.open_stream(layer_stream_name(diff_id))
+            assert "sha256:" + hashlib.sha256(b"".join(iter_stream_bytes(repo, reader))).hexdigest() == diff_id
+    assert len(inflating) == 1 and not inflating & set(spawned)
+    for worker in forked:  # every one reaped: the two the pool took, and the spare one
+        with pytest.raises(ChildProcessError):
+            os.waitpid(worker.proc.pid, os.WNOHANG)
+
+
 def _put(blobs: Path, data: bytes) -> str:
     digest = hashlib.sha256(data).hexdigest()
     (blobs / digest).write_bytes(data)

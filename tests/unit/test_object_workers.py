@@ -16,8 +16,9 @@ from hypothesis import given, strategies as st
 from fdcount import open_fd_count
 from procs import BUSY_SIZE, busy_file, children_die_with_host
 from pycfs.host.errors import PycfsError
-from pycfs.host.fsverity import digest_bytes, digest_fd
+from pycfs.host.fsverity import digest_bytes, digest_fd, digest_path
 from pycfs.host.repository import Repository
+from pycfs.host import stuck
 from pycfs.host.workers.batching import MEASURE_BATCH, MEASURE_BATCH_MIN, digest_batches
 from pycfs.host.workers.pool import Failed, Stored, WorkerPool, open_pool
 from pycfs.protocol import worker_api as api
@@ -222,6 +223,40 @@ def test_dead_worker_fails_the_pool_with_its_status(files):
 
     with pytest.raises(PycfsError, match=r"object worker \(pid \d+\) failed: .*exit status -9"):
         _run(main)
+
+
+def test_a_stopped_worker_with_requests_waiting_is_killed_and_named(files, monkeypatch):
+    """A worker that uses no CPU while a request waits (here: stopped; in life: reading a
+    file on a stalled FUSE or network filesystem) fails the pool after STUCK_LIMIT, one
+    line naming it; before, the call waited for good."""
+    monkeypatch.setattr(stuck, "STUCK_LIMIT", 0.5)
+
+    async def main():
+        with _opened([files[3][0]]) as (fds, sizes):
+            async with open_pool(alg="sha256", jobs=1) as pool:
+                await pool.digest(fds, sizes)
+                os.kill(pool._workers[0].proc.pid, signal.SIGSTOP)
+                with trio.fail_after(10):
+                    await pool.digest(fds, sizes)
+
+    with pytest.raises(PycfsError, match=r"^the object worker \(pid \d+\) failed: it made no progress for 0 s with "
+                                         r"requests waiting \(.*FUSE.*\): killed; exit status -9$"):
+        _run(main)
+
+
+def test_a_busy_worker_is_not_taken_for_stuck(tmp_path, monkeypatch):
+    """Hashing longer than STUCK_LIMIT is progress: the answer comes, and is right."""
+    monkeypatch.setattr(stuck, "STUCK_LIMIT", 0.2)
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(1 << 30)  # ~0.7 s of hashing at ~1.5 GB/s
+
+    async def main():
+        with _opened([path]) as (fds, sizes):
+            async with open_pool(alg="sha256", jobs=1) as pool:
+                return await pool.digest(fds, sizes)
+
+    assert _run(main) == [digest_path(str(path))]
 
 
 def test_close_input_lets_the_workers_exit_before_the_block_ends(files):
@@ -807,3 +842,44 @@ def test_piece_records_refuse_what_no_message_holds():
         api.piece_record(api.PIECE_INLINE, bytes(api.MAX_INLINE_RECORD + 1))
     with pytest.raises(ValueError):
         api.piece_record(api.PIECE_INLINE, b"")
+
+
+def test_the_split_never_waits_for_a_writeback_that_is_behind(tmp_path, monkeypatch):
+    """An inflating worker's writeback thread (`service._Writeback`) blocked in the device's
+    throttling: the runs it has queued wait for it, a run beyond those is closed at once
+    without its writeback (left to the layer's syncfs), and nothing is left open at the end."""
+    import threading
+    import time
+
+    from pycfs.host.workers import service
+
+    release, started = threading.Event(), []
+
+    def start_writeback(fd: int) -> None:
+        started.append(os.readlink(f"/proc/self/fd/{fd}"))
+        release.wait(10)
+
+    monkeypatch.setattr(service.syscalls, "start_writeback", start_writeback)
+    paths = [tmp_path / f"f{i}" for i in range(service._WRITEBACK_RUNS + 2)]
+    for p in paths:
+        p.write_bytes(b"x")
+    before = open_fd_count()
+    writeback = service._Writeback()
+    runs = [[(os.open(p, os.O_RDONLY), True)] for p in paths]
+    taker = threading.Thread(target=lambda: [writeback.take(run) for run in runs[1:]])
+    try:
+        writeback.take(runs[0])
+        deadline = time.monotonic() + 10
+        while not started and time.monotonic() < deadline:  # the thread holds the first run
+            time.sleep(0.01)
+        taker.start()  # _WRITEBACK_RUNS queued behind it, the last one closed by take
+        taker.join(5)
+        blocked = taker.is_alive()
+        last_open = os.path.exists(f"/proc/self/fd/{runs[-1][0][0]}")
+    finally:
+        release.set()
+        taker.join()
+        writeback.close()
+    assert not blocked and not last_open
+    assert started == [str(p) for p in paths[:-1]]
+    assert open_fd_count() == before

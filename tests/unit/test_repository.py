@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 
 import pytest
 
@@ -166,3 +167,39 @@ def test_has_object_looks_without_creating_directories(repo):
         assert not repo.has_object(absent) and not (repo.path / "objects/00").exists()
     os.unlink(repo.object_path(oid))
     assert not repo.has_object(oid)  # the subdirectory's fd is open: still a real lookup
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ["a FIFO", "/dev/zero's device", "a directory"])
+def test_object_intact_only_for_a_regular_file(repo, kind):
+    """An object replaced by anything but a regular file is not intact, at once: a device
+    that reads without end (/dev/zero) once kept the check hashing for good."""
+    oid = repo.ensure_object(b"y" * 5000)
+    assert repo.object_intact(oid)
+    path = repo.object_path(oid)
+    os.unlink(path)
+    if kind == "a FIFO":
+        os.mkfifo(path)
+    elif kind == "a directory":
+        os.mkdir(path)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+    assert not repo.object_intact(oid)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ["a FIFO", "/dev/zero"])
+def test_stream_leading_to_anything_but_a_regular_file_is_refused(repo, kind):
+    """streams/<name> is a link: one to a FIFO once blocked the open for good, one to a
+    device read it without end."""
+    if kind == "a FIFO":
+        os.mkfifo(repo.path / "fifo")
+        target = str(repo.path / "fifo")
+    else:
+        target = "/dev/zero"
+    (repo.path / "streams").mkdir(exist_ok=True)
+    os.symlink(target, repo.path / "streams/bad")
+    with pytest.raises(RepositoryError, match=r"stream 'bad' in .* is not a regular file: run `pycfs fsck --repair`"):
+        repo.stream_data("bad")

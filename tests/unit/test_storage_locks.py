@@ -10,11 +10,12 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 
 import pytest
 import trio
 
-from pycfs.host.storage.locks import ReadLocks, is_write_locked, open_lock_file
+from pycfs.host.storage.locks import LockTimeout, ReadLocks, is_write_locked, open_lock_file
 
 # Tries a POSIX write lock without waiting; prints "got" or "busy". With "hold", keeps it
 # until stdin closes after printing "holding".
@@ -95,6 +96,26 @@ def test_acquire_waits_for_a_writer_and_takes_all_or_nothing(lock_files):
         if writer.poll() is None:
             writer.kill()
             writer.wait()
+
+
+def test_acquire_gives_up_on_a_writer_that_holds_on(lock_files):
+    """A podman hung with the layers lock held: one error naming the lock file after the
+    limit, nothing held (before: the pull waited for good)."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(lock_files[1]), "hold"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "holding"
+        locks = ReadLocks(lock_files)
+        started = time.monotonic()
+        with pytest.raises(LockTimeout, match=rf"^containers-storage lock {lock_files[1]} stayed write-locked for 1 s "
+                                              r"\(a podman process is writing, or hangs"):
+            trio.run(partial(locks.acquire, limit=1.0))
+        assert 1 <= time.monotonic() - started < 6
+        assert not locks.held
+        assert _try_write(lock_files[0]) == "got"
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_lock_files_created_like_c_storage(tmp_path):

@@ -458,11 +458,20 @@ def _hostile_cases(d: Path) -> list[tuple[str, bytes, list[int], str, str]]:
     return cases
 
 
-def test_hostile_put_layer_commits_nothing_and_leaks_nothing(tmp_path) -> None:
+@pytest.fixture
+def put_into(tmp_path):
+    """(a new repository, the hostile cases over files in their own directory); the cases'
+    directory fds are closed afterwards."""
     dest = tmp_path / "dest"
     Repository.init(dest).close()
     (tmp_path / "d").mkdir()
     cases = _hostile_cases(tmp_path / "d")
+    yield dest, cases
+    close_fds(list({fd for case in cases for fd in case[2]}))
+
+
+def test_hostile_put_layer_commits_nothing_and_leaks_nothing(put_into) -> None:
+    dest, cases = put_into
 
     async def main() -> None:
         async with service() as (_, client):
@@ -504,10 +513,37 @@ def test_hostile_put_layer_commits_nothing_and_leaks_nothing(tmp_path) -> None:
             await client.call(REPO + "CloseRepository", {"handle": handle})
             assert open_fds() == before
 
-    try:
-        trio.run(main)
-    finally:
-        close_fds(list({fd for case in cases for fd in case[2]}))
+    trio.run(main)
+
+
+def test_put_layer_whose_pipe_falls_silent_is_refused(put_into, monkeypatch) -> None:
+    """A producer that writes part of a stream and then neither writes nor closes its pipe:
+    the call ends (before: it waited for good), commits nothing and leaks nothing."""
+    from pycfs.host.varlink import transfer
+
+    monkeypatch.setattr(transfer, "SILENCE_LIMIT", 0.5)
+    dest, cases = put_into
+    _, stream, dirs, diff_id, _ = cases[-1]
+
+    async def main() -> None:
+        async with service() as (_, client):
+            before = open_fds()
+            handle = await open_repo(client, dest)
+            r, w = os.pipe2(os.O_CLOEXEC)
+            os.write(w, stream[: len(stream) // 2])
+            try:
+                with trio.fail_after(20), pytest.raises(VarlinkError) as e:
+                    await client.call(OCI + "PutLayer", {"handle": handle, "diff_id": diff_id, "zerocopy": False},
+                                      [r, *dirs])
+            finally:
+                close_fds([r, w])
+            assert e.value.name == OCI + "InvalidRequest"
+            with Repository.open(dest, writable=False) as repo:
+                assert repo.has_stream(f"oci-layer-{diff_id}") is None
+            await client.call(REPO + "CloseRepository", {"handle": handle})
+            assert open_fds() == before
+
+    trio.run(main)
 
 
 def test_thousand_calls_with_fds_leak_nothing(tmp_path) -> None:
