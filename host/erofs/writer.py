@@ -23,6 +23,7 @@ import functools
 import itertools
 import stat as _stat
 import struct
+from array import array
 from binascii import hexlify
 from collections import Counter, deque
 from typing import NoReturn, Protocol
@@ -112,7 +113,6 @@ class _Ino:
         "layout",
         "mode",
         "nblocks",
-        "nid",
         "nlink",
         "node",
         "size",
@@ -123,10 +123,11 @@ class _Ino:
     def __init__(self, node) -> None:
         # Defaults are shared objects (small ints, empty bytes and tuples): hundreds of
         # thousands of records, so nothing is allocated per record that it may not need.
-        # The inode number is the record's position; uid, gid and mtime are the node's.
+        # The inode number is the record's position, and its nid is kept by number in an
+        # array (an int object would cost 32 bytes a record); uid, gid and mtime are the node's.
         self.node = node
         self.mode = self.nlink = 0
-        self.layout = self.nid = 0
+        self.layout = 0
         self.extended = False
         # the inode's own and composefs xattrs, sorted as written, one interned tuple for all
         # inodes that have the same; those derived from a file's content (metacopy, redirect)
@@ -141,18 +142,19 @@ class _Ino:
 
 
 class _DirIno(_Ino):
-    """A directory's inode: its parent and entries too (the slots a file's record goes
-    without: 24 bytes on each of hundreds of thousands of files)."""
+    """A directory's inode: its number, parent and entries too (the slots a file's record
+    goes without: hundreds of thousands of files)."""
 
-    __slots__ = ("children", "names", "parent")
+    __slots__ = ("children", "names", "num", "parent")
 
-    def __init__(self, node, parent: _DirIno | None = None) -> None:
+    def __init__(self, node, parent: _DirIno | None = None, num: int = 0) -> None:
         super().__init__(node)
+        self.num = num
         self.parent = parent if parent is not None else self
-        # the entries' names in byte order and their inodes (two lists, not a list of
-        # pairs: a pair per entry costs 64 bytes)
+        # the entries' names in byte order and their inodes' numbers (a list and an array:
+        # a list of pairs costs 64 bytes an entry, an inode number as an int object 32)
         self.names: list[bytes] = []
-        self.children: list[_Ino] = []
+        self.children: array[int] = array("I")
 
 
 _Items = tuple[tuple[bytes, bytes], ...]
@@ -228,13 +230,11 @@ def _write_image(fs: FileSystem, version: int, sink: ImageSink) -> None:
             _prepare_data_epoch1(inos, min_sec, min_nsec)
         _layout_and_emit(inos, xattrs, version, min_sec, min_nsec, sink)
     finally:
-        # parent and child links make cycles: cut, the records go by reference counting
+        # a parent link makes a cycle (the root's is itself): cut, the records go by reference counting
         # instead of waiting for a full collection (1.5 s at exit for 200,000 inodes)
         for ino in inos:
             if type(ino) is _DirIno:
                 ino.parent = None  # type: ignore[assignment]
-                ino.children = []
-                ino.names = []
 
 
 # ---------------------------------------------------------------------------- pass 1: collect
@@ -377,7 +377,7 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
     type_bits = TYPE_BITS
     root_ino = _DirIno(root)
     inos: list[_Ino] = [root_ino]
-    by_id: dict[int, _Ino] = {id(root): root_ino}
+    by_id: dict[int, int] = {id(root): 0}  # inode numbers of directories and hardlinked files
     late: list[tuple[_DirIno, int, int]] = []  # (dir ino, child position, leaf id)
     queue: deque[_DirIno] = deque([root_ino])
     while queue:
@@ -392,22 +392,23 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
             entries = dict(entries)
             entries.update(stubs)
         dino.names = names = sorted(entries)
-        children: list[_Ino] = []
-        dino.children = children
+        children = dino.children
         subdirs = 0  # whose home is here: the directory's link count
         for name in names:
             child = entries[name]
             k = id(child)
             if type(child) is Directory:
-                cino = by_id.get(k)
-                if cino is None and _is_dir_home(fs, child, d, name):
-                    by_id[k] = cino = _DirIno(child, dino)
-                    inos.append(cino)
-                    queue.append(cino)
+                num = by_id.get(k)
+                if num is None and _is_dir_home(fs, child, d, name):
+                    by_id[k] = num = len(inos)
+                    cdir = _DirIno(child, dino, num)
+                    inos.append(cdir)
+                    queue.append(cdir)
                     subdirs += 1
             elif (n := counts.get(k)) is not None and canon.get(k) != (id(d), name):
-                cino = by_id.get(k)  # numbered at its canonical name, maybe not yet
+                num = by_id.get(k)  # numbered at its canonical name, maybe not yet
             else:
+                num = len(inos)
                 cino = _Ino(child)
                 inos.append(cino)
                 st = child.stat
@@ -416,7 +417,7 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
                 c = child.content
                 tc = type(c)
                 if n is not None:  # hardlinked, at its canonical name
-                    by_id[k] = cino
+                    by_id[k] = num
                 cino.nlink = child.nlink if child.nlink is not None else n or 1
                 if tc is CharDevice and c.rdev == 0 and k not in stub_ids:
                     # a whiteout: escaped to a regular file; only the directory of its own
@@ -426,10 +427,11 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
                     wh_parents.append(dino)
                 else:
                     cino.mode = modes.setdefault(m := type_bits[tc] | (st.mode & 0o7777), m)
-            if cino is None:
+            if num is None:
                 # canonical name is deeper in the BFS: fill in once it has a number
                 late.append((dino, len(children), k))
-            children.append(cino)  # type: ignore[arg-type]
+                num = 0
+            children.append(num)
         # 2 + the subdirectories whose home is here (hardlinked names do not count)
         dino.nlink = 2 + subdirs
     for dino, pos, k in late:
@@ -441,9 +443,9 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
     return inos
 
 
-def _dir_nlink(ino: _DirIno) -> int:
+def _dir_nlink(ino: _DirIno, inos: list[_Ino]) -> int:
     """2 + the subdirectories whose home is this directory (hardlinked names do not count)."""
-    return 2 + len({id(c) for c in ino.children if type(c) is _DirIno and c.parent is ino and c is not ino})
+    return 2 + len({c for c in ino.children if type(d := inos[c]) is _DirIno and d.parent is ino and d is not ino})
 
 
 _METACOPY_PREFIX = {32: F.OverlayMetacopy(digest_algo=1, digest=bytes(32)).pack()[:4],
@@ -471,12 +473,12 @@ def _collect_v2(fs: FileSystem) -> list[_Ino]:
     """composefs-rs format 2: depth-first pre-order, no stubs, whiteouts stay chr 0:0."""
     counts: dict[int, int] = {}
     inos: list[_Ino] = []
-    by_id: dict[int, _Ino] = {}
+    by_id: dict[int, int] = {}  # inode numbers
 
-    def new_ino(ino: _Ino) -> _Ino:
+    def new_ino(ino: _Ino) -> int:
+        num = by_id[id(ino.node)] = len(inos)
         inos.append(ino)
-        by_id[id(ino.node)] = ino
-        return ino
+        return num
 
     root_ino = _DirIno(fs.root)
     new_ino(root_ino)
@@ -487,17 +489,17 @@ def _collect_v2(fs: FileSystem) -> list[_Ino]:
             k = id(child)
             if isinstance(child, Leaf):
                 counts[k] = counts.get(k, 0) + 1
-            cino = by_id.get(k)
+            num = by_id.get(k)
             dino.names.append(name)
-            if cino is None:
+            if num is None:
                 if isinstance(child, Directory):
-                    cdir = _DirIno(child, dino)
+                    cdir = _DirIno(child, dino, len(inos))
                     dino.children.append(new_ino(cdir))
                     iters.append((cdir, iter(child.sorted_entries())))
                     break
                 dino.children.append(new_ino(_Ino(child)))
             else:
-                dino.children.append(cino)
+                dino.children.append(num)
         else:
             iters.pop()
 
@@ -509,7 +511,7 @@ def _collect_v2(fs: FileSystem) -> list[_Ino]:
         if st.xattrs:
             ino.xattrs = sets.own(st.xattrs)  # metacopy and redirect go first: `_Xattrs.items`
         if type(ino) is _DirIno:
-            ino.nlink = _dir_nlink(ino)
+            ino.nlink = _dir_nlink(ino, inos)
         else:
             ino.nlink = node.nlink if node.nlink is not None else counts.get(id(node), 1)
     return inos
@@ -952,7 +954,7 @@ def _prepare_dir(ino: _DirIno) -> None:
     """A directory's size from its names alone (its bytes are built once nids are known)."""
     B = F.BLOCK_SIZE
     names = ino.names
-    for name, target in ((b".", ino), (b"..", ino.parent)):
+    for name, target in ((b".", ino.num), (b"..", ino.parent.num)):
         at = bisect.bisect_left(names, name)
         names.insert(at, name)
         ino.children.insert(at, target)
@@ -988,6 +990,8 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
     IFMT, IFLNK, DIR = _S_IFMT, _stat.S_IFLNK, _DirIno
     v2 = version == 2
     with_blocks: list[_Ino] = []  # the inodes that have data blocks, in inode order
+    nids: array[int] = array("Q")  # by inode number
+    add_nid = nids.append
     pos = F.INODE_TABLE_OFFSET
     for ino in inos:
         pos = (pos + 31) & ~31
@@ -1016,7 +1020,7 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
                     pos = _align(pos + B - (start - 1) % B, 32)
             elif start % B and B - start % B < tail:
                 pos += _align(B - start % B, 32)
-        ino.nid = pos >> 5
+        add_nid(pos >> 5)
         pos += meta + tail
     inodes_end = _align(pos, 32)
     if v2:
@@ -1054,7 +1058,7 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
     F.ComposefsHeader(flags=F.COMPOSEFS_FLAGS_HAS_ACL if xattrs.has_acl else 0,
                       composefs_version=version).pack_into(window, 0)
     F.Superblock(
-        root_nid=inos[0].nid, inos=len(inos), build_time=min_sec & 0xFFFFFFFFFFFFFFFF,
+        root_nid=nids[0], inos=len(inos), build_time=min_sec & 0xFFFFFFFFFFFFFFFF,
         build_time_nsec=min_nsec, blocks=total_blocks, xattr_blkaddr=xattr_blkaddr,
     ).pack_into(window, F.SUPERBLOCK_OFFSET)
 
@@ -1063,7 +1067,7 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
     keys, block, fixed, templates, piece_size = xattrs.keys, xattrs.block, xattrs.fixed, xattrs.templates, _PIECE
     window_len = len(window)
     for at, ino in enumerate(inos):
-        off = ino.nid << 5
+        off = nids[at] << 5
         if off - base >= piece_size:
             done = min(off - base, window_len)
             sink.write(window[:done])
@@ -1084,12 +1088,12 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
         mode = ino.mode
         if extended:
             # composefs-rs: i_ino is the nid, mtime without nanoseconds
-            pack_e(window, off, fmt, icount, mode & 0xFFFF, ino.size, ino.i_u, ino.nid if v2 else at,
+            pack_e(window, off, fmt, icount, mode & 0xFFFF, ino.size, ino.i_u, nids[at] if v2 else at,
                    st.uid, st.gid, st.mtime_sec & 0xFFFFFFFFFFFFFFFF, 0 if v2 else st.mtime_nsec, ino.nlink)
             off += 64
         else:
             pack_c(window, off, fmt, icount, mode & 0xFFFF, ino.nlink, ino.size, ino.i_u,
-                   ino.nid if v2 else at, st.uid, st.gid)
+                   nids[at] if v2 else at, st.uid, st.gid)
             off += 32
         if xattr_size:
             # most inodes' blocks are fixed or from a template, made by `block` for the
@@ -1102,7 +1106,7 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
             window[off:off + xattr_size] = xblock
             off += xattr_size
         if type(ino) is DIR:
-            tail_bytes = _dir_data(ino, tail=True)
+            tail_bytes = _dir_data(ino, True, nids, inos)
             window[off:off + len(tail_bytes)] = tail_bytes
         elif inline:
             window[off:off + len(inline)] = inline
@@ -1117,7 +1121,7 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
     blk = first_data_block
     for ino in with_blocks:
         # a directory's full blocks are packed here, not kept from the inode's pass
-        data = _dir_data(ino, tail=False) if type(ino) is DIR else ino.blocks
+        data = _dir_data(ino, False, nids, inos) if type(ino) is DIR else ino.blocks
         _check_blocks(ino, len(data), blk)
         size = ino.nblocks * B
         piece += data
@@ -1142,17 +1146,17 @@ def _check_blocks(ino: _Ino, data_len: int, next_block: int) -> None:
     corrupt the image, so it is a bug in the layout, never a property of the input."""
     mask = 0xFFFF0000 if ino.layout == F.DATALAYOUT_CHUNK_BASED else 0xFFFFFFFF
     if (ino.i_u ^ next_block) & mask or data_len > ino.nblocks * F.BLOCK_SIZE:
-        raise AssertionError(f"EROFS writer: inode at nid {ino.nid}: {data_len} bytes of data at block "
+        raise AssertionError(f"EROFS writer: an inode's {data_len} bytes of data at block "
                              f"{ino.i_u & mask} outside its blocks ({ino.nblocks} blocks; next free block {next_block})")
 
 
-def _dir_data(ino: _DirIno, tail: bool) -> bytes:
-    """A directory whose children have nids: its inline tail (``tail``), else its full
-    blocks, each padded to 4096. Each is packed when written, the other not."""
+def _dir_data(ino: _DirIno, tail: bool, nids: array[int], inos: list[_Ino]) -> bytes:
+    """A directory whose children have nids (by inode number): its inline tail (``tail``),
+    else its full blocks, each padded to 4096. Each is packed when written, the other not."""
     B = F.BLOCK_SIZE
     names, children = ino.names, ino.children
     if not ino.nblocks:  # most directories: every entry in the tail
-        return _dir_block(names, children) if tail else b""
+        return _dir_block(names, children, nids, inos) if tail else b""
     starts = [0]  # index of each block's first entry
     cur = 0
     for i, name in enumerate(names):
@@ -1166,11 +1170,11 @@ def _dir_data(ino: _DirIno, tail: bool) -> bytes:
         if len(starts) - 1 <= ino.nblocks:
             return b""
         a, b = starts[-2], starts[-1]
-        return _dir_block(names[a:b], children[a:b])
+        return _dir_block(names[a:b], children[a:b], nids, inos)
     out = bytearray()
     for k in range(ino.nblocks):
         a, b = starts[k], starts[k + 1]
-        out += _dir_block(names[a:b], children[a:b])
+        out += _dir_block(names[a:b], children[a:b], nids, inos)
         out += bytes(-len(out) % B)
     return bytes(out)
 
@@ -1182,9 +1186,9 @@ def _dirents(count: int) -> struct.Struct:
     return struct.Struct("<" + F.Dirent.FMT.format.lstrip("<") * count)
 
 
-def _dir_block(names: list[bytes], children: list[_Ino]) -> bytes:
-    """One directory block of these entries: their headers (nid, name offset, file type),
-    then their names."""
+def _dir_block(names: list[bytes], children: array[int], nids: array[int], inos: list[_Ino]) -> bytes:
+    """One directory block of these entries (`children`: their inode numbers): their
+    headers (nid, name offset, file type), then their names."""
     nameoffs = itertools.accumulate(map(len, names), initial=F.Dirent.SIZE * len(names))
-    fields = [v for child, off in zip(children, nameoffs) for v in (child.nid, off, _FTYPES[child.mode & _S_IFMT])]
+    fields = [v for c, off in zip(children, nameoffs) for v in (nids[c], off, _FTYPES[inos[c].mode & _S_IFMT])]
     return _dirents(len(names)).pack(*fields) + b"".join(names)
