@@ -143,18 +143,20 @@ class SplitStreamWriter:
         self._named[name] = index
 
     def finish(self) -> bytes:
+        """The stream file's bytes, joined once from the pieces kept (a big layer's body and
+        object refs are megabytes: joined first, each would be copied twice)."""
         self._flush_inline()
         self._compress_pending()
-        body = b"".join(self._body) + self._compressor.flush() if self._body_started else _zstd_section([])
+        body = [*self._body, self._compressor.flush()] if self._body_started else [_zstd_section([])]
+        body_len = sum(map(len, body))
         names = sorted(self._named.items(), key=lambda kv: kv[0].encode())
         named = _zstd_section([f"{index}:{name}\0".encode() for name, index in names])
         stream_refs = b"".join(self._stream_refs)
-        object_refs = b"".join(self._object_refs)
         start = HEADER_SIZE + INFO_SIZE
         sr = (start, start + len(stream_refs))
-        orf = (sr[1], sr[1] + len(object_refs))
+        orf = (sr[1], sr[1] + sum(map(len, self._object_refs)))
         nr = (orf[1], orf[1] + len(named))
-        body_range = (nr[1], nr[1] + len(body))
+        body_range = (nr[1], nr[1] + body_len)
         info = INFO.pack(
             FILE_RANGE.pack(*sr),
             FILE_RANGE.pack(*orf),
@@ -164,7 +166,7 @@ class SplitStreamWriter:
             self.stream_size,
         )
         header = HEADER.pack(MAGIC, 0, 0, HASH_ALG_IDS[self.alg], LG_BLOCKSIZE, FILE_RANGE.pack(HEADER_SIZE, start))
-        return b"".join((header, info, stream_refs, object_refs, named, body))
+        return b"".join((header, info, stream_refs, *self._object_refs, named, *body))
 
 
 @dataclass(frozen=True)
