@@ -91,6 +91,7 @@ class SplitStreamWriter:
         self._body: list[bytes] = []
         self._pending = bytearray()
         self._body_started = False
+        self._finished = False
         self.stream_size = 0
 
     def _emit(self, data: bytes | bytearray) -> None:
@@ -144,7 +145,11 @@ class SplitStreamWriter:
 
     def finish(self) -> bytes:
         """The stream file's bytes, joined once from the pieces kept (a big layer's body and
-        object refs are megabytes: joined first, each would be copied twice)."""
+        object refs are megabytes: joined first, each would be copied twice). Once: the
+        writer lets go of its pieces and object index then, for what the caller still does
+        while it holds the writer (a pull commits its last layer and merges it meanwhile)."""
+        if self._finished:
+            raise ValueError("SplitStreamWriter.finish() called twice")
         self._flush_inline()
         self._compress_pending()
         body = [*self._body, self._compressor.flush()] if self._body_started else [_zstd_section([])]
@@ -166,7 +171,10 @@ class SplitStreamWriter:
             self.stream_size,
         )
         header = HEADER.pack(MAGIC, 0, 0, HASH_ALG_IDS[self.alg], LG_BLOCKSIZE, FILE_RANGE.pack(HEADER_SIZE, start))
-        return b"".join((header, info, stream_refs, *self._object_refs, named, *body))
+        data = b"".join((header, info, stream_refs, *self._object_refs, named, *body))
+        del body
+        self._body, self._object_refs, self._object_index, self._finished = [], [], {}, True
+        return data
 
 
 @dataclass(frozen=True)
