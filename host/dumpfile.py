@@ -271,12 +271,15 @@ def _parse_lines(lines: Iterable[bytes], strict: bool) -> FileSystem:
     homes: dict[int, tuple[Directory, bytes]] = {}
     dirs: dict[bytes, Directory] = {}  # canonical path -> directory, for the parent lookup
     xattr_dicts: dict[bytes, dict[bytes, bytes]] = {}  # the xattr text of a line -> its dict
+    # one int object per permission value: most are over 256, which Python does not share
+    # by itself (32 bytes a line)
+    perms: dict[int, int] = {}
 
     for lineno, line in enumerate(lines, 1):
         if line[-1:] == b"\n":
             line = line[:-1]
         try:
-            path, comps, node, link_target = _parse_line(line, strict, xattr_dicts)
+            path, comps, node, link_target = _parse_line(line, strict, xattr_dicts, perms)
         except ValueError as e:
             raise DumpfileError(lineno, str(e), _entry(line)) from None
         if comps is None:  # the root
@@ -330,7 +333,7 @@ def _show(path: bytes) -> str:
     return path.decode("utf-8", "backslashreplace")
 
 
-def _parse_line(line: bytes, strict: bool, xattr_dicts: dict[bytes, dict[bytes, bytes]]):
+def _parse_line(line: bytes, strict: bool, xattr_dicts: dict[bytes, dict[bytes, bytes]], perms: dict[int, int]):
     nul = line.find(b"\0")
     if nul >= 0:
         raise ValueError(f"Invalid embedded NUL character at position {nul}")
@@ -411,7 +414,7 @@ def _parse_line(line: bytes, strict: bool, xattr_dicts: dict[bytes, dict[bytes, 
         xattrs = dict(_parse_xattrs(text)) if text else {}
         if len(xattr_dicts) < XATTR_DICTS_SHARED:
             xattr_dicts[text] = xattrs
-    st = Stat(mode & 0o7777, uid, gid, mtime_sec, mtime_nsec, xattrs)
+    st = Stat(perms.setdefault(perm := mode & 0o7777, perm), uid, gid, mtime_sec, mtime_nsec, xattrs)
     if ftype == _stat.S_IFDIR:
         return path, comps, Directory(st), None
     if strict and rdev != 0 and ftype not in (_stat.S_IFCHR, _stat.S_IFBLK):

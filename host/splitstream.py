@@ -91,6 +91,7 @@ class SplitStreamWriter:
         self._body: list[bytes] = []
         self._pending = bytearray()
         self._body_started = False
+        self._finished = False
         self.stream_size = 0
 
     def _emit(self, data: bytes | bytearray) -> None:
@@ -143,18 +144,24 @@ class SplitStreamWriter:
         self._named[name] = index
 
     def finish(self) -> bytes:
+        """The stream file's bytes, joined once from the pieces kept (a big layer's body and
+        object refs are megabytes: joined first, each would be copied twice). Once: the
+        writer lets go of its pieces and object index then, for what the caller still does
+        while it holds the writer (a pull commits its last layer and merges it meanwhile)."""
+        if self._finished:
+            raise ValueError("SplitStreamWriter.finish() called twice")
         self._flush_inline()
         self._compress_pending()
-        body = b"".join(self._body) + self._compressor.flush() if self._body_started else _zstd_section([])
+        body = [*self._body, self._compressor.flush()] if self._body_started else [_zstd_section([])]
+        body_len = sum(map(len, body))
         names = sorted(self._named.items(), key=lambda kv: kv[0].encode())
         named = _zstd_section([f"{index}:{name}\0".encode() for name, index in names])
         stream_refs = b"".join(self._stream_refs)
-        object_refs = b"".join(self._object_refs)
         start = HEADER_SIZE + INFO_SIZE
         sr = (start, start + len(stream_refs))
-        orf = (sr[1], sr[1] + len(object_refs))
+        orf = (sr[1], sr[1] + sum(map(len, self._object_refs)))
         nr = (orf[1], orf[1] + len(named))
-        body_range = (nr[1], nr[1] + len(body))
+        body_range = (nr[1], nr[1] + body_len)
         info = INFO.pack(
             FILE_RANGE.pack(*sr),
             FILE_RANGE.pack(*orf),
@@ -164,7 +171,10 @@ class SplitStreamWriter:
             self.stream_size,
         )
         header = HEADER.pack(MAGIC, 0, 0, HASH_ALG_IDS[self.alg], LG_BLOCKSIZE, FILE_RANGE.pack(HEADER_SIZE, start))
-        return b"".join((header, info, stream_refs, object_refs, named, body))
+        data = b"".join((header, info, stream_refs, *self._object_refs, named, *body))
+        del body
+        self._body, self._object_refs, self._object_index, self._finished = [], [], {}, True
+        return data
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import functools
 import itertools
 import stat as _stat
 import struct
+from array import array
 from binascii import hexlify
 from collections import Counter, deque
 from typing import NoReturn, Protocol
@@ -102,36 +103,31 @@ def _has_whiteout(root: Directory) -> bool:
 
 
 class _Ino:
-    """One inode of the image (hardlinked names share one)."""
+    """One inode of the image (hardlinked names share one); a directory's is a `_DirIno`."""
 
     __slots__ = (
-        "blkaddr",
         "blocks",
-        "children",
         "extended",
         "i_u",
         "inline",
         "layout",
         "mode",
-        "names",
         "nblocks",
-        "nid",
         "nlink",
         "node",
-        "parent",
         "size",
         "xattr_size",
         "xattrs",
     )
 
-    def __init__(self, node, parent: _Ino | None = None) -> None:
+    def __init__(self, node) -> None:
         # Defaults are shared objects (small ints, empty bytes and tuples): hundreds of
         # thousands of records, so nothing is allocated per record that it may not need.
-        # The inode number is the record's position; uid, gid and mtime are the node's.
+        # The inode number is the record's position, and its nid is kept by number in an
+        # array (an int object would cost 32 bytes a record); uid, gid and mtime are the node's.
         self.node = node
-        self.parent = parent
         self.mode = self.nlink = 0
-        self.layout = self.nid = 0
+        self.layout = 0
         self.extended = False
         # the inode's own and composefs xattrs, sorted as written, one interned tuple for all
         # inodes that have the same; those derived from a file's content (metacopy, redirect)
@@ -143,11 +139,22 @@ class _Ino:
         self.nblocks = 0
         self.i_u = 0
         self.size = 0
-        # directories: the entries' names in byte order and their inodes (two lists, not
-        # a list of pairs: a pair per entry costs 64 bytes)
-        self.names: list[bytes] = ()  # type: ignore[assignment]
-        self.children: list[_Ino] = ()  # type: ignore[assignment]
-        self.blkaddr = 0  # first data block, when nblocks
+
+
+class _DirIno(_Ino):
+    """A directory's inode: its number, parent and entries too (the slots a file's record
+    goes without: hundreds of thousands of files)."""
+
+    __slots__ = ("children", "names", "num", "parent")
+
+    def __init__(self, node, parent: _DirIno | None = None, num: int = 0) -> None:
+        super().__init__(node)
+        self.num = num
+        self.parent = parent if parent is not None else self
+        # the entries' names in byte order and their inodes' numbers (a list and an array:
+        # a list of pairs costs 64 bytes an entry, an inode number as an int object 32)
+        self.names: list[bytes] = []
+        self.children: array[int] = array("I")
 
 
 _Items = tuple[tuple[bytes, bytes], ...]
@@ -223,12 +230,11 @@ def _write_image(fs: FileSystem, version: int, sink: ImageSink) -> None:
             _prepare_data_epoch1(inos, min_sec, min_nsec)
         _layout_and_emit(inos, xattrs, version, min_sec, min_nsec, sink)
     finally:
-        # parent and child links make cycles: cut, the records go by reference counting
+        # a parent link makes a cycle (the root's is itself): cut, the records go by reference counting
         # instead of waiting for a full collection (1.5 s at exit for 200,000 inodes)
         for ino in inos:
-            ino.parent = None
-            ino.children = ()  # type: ignore[assignment]
-            ino.names = ()  # type: ignore[assignment]
+            if type(ino) is _DirIno:
+                ino.parent = None  # type: ignore[assignment]
 
 
 # ---------------------------------------------------------------------------- pass 1: collect
@@ -366,15 +372,14 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
     # entries are), whiteouts escaped. Metacopy and redirect: `_Xattrs.items`.
     sets = _XattrSets(v2=False)
     own_sets, own_get = sets.own, sets.made.get  # (the usual case without a call)
-    wh_parents: list[_Ino] = []
+    wh_parents: list[_DirIno] = []
     modes: dict[int, int] = {}  # one int object per distinct mode
     type_bits = TYPE_BITS
-    root_ino = _Ino(root)
-    root_ino.parent = root_ino
+    root_ino = _DirIno(root)
     inos: list[_Ino] = [root_ino]
-    by_id: dict[int, _Ino] = {id(root): root_ino}
-    late: list[tuple[_Ino, int, int]] = []  # (dir ino, child position, leaf id)
-    queue = deque([root_ino])
+    by_id: dict[int, int] = {id(root): 0}  # inode numbers of directories and hardlinked files
+    late: list[tuple[_DirIno, int, int]] = []  # (dir ino, child position, leaf id)
+    queue: deque[_DirIno] = deque([root_ino])
     while queue:
         dino = queue.popleft()
         d: Directory = dino.node
@@ -387,23 +392,24 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
             entries = dict(entries)
             entries.update(stubs)
         dino.names = names = sorted(entries)
-        children: list[_Ino] = []
-        dino.children = children
+        children = dino.children
         subdirs = 0  # whose home is here: the directory's link count
         for name in names:
             child = entries[name]
             k = id(child)
             if type(child) is Directory:
-                cino = by_id.get(k)
-                if cino is None and _is_dir_home(fs, child, d, name):
-                    by_id[k] = cino = _Ino(child, dino)
-                    inos.append(cino)
-                    queue.append(cino)
+                num = by_id.get(k)
+                if num is None and _is_dir_home(fs, child, d, name):
+                    by_id[k] = num = len(inos)
+                    cdir = _DirIno(child, dino, num)
+                    inos.append(cdir)
+                    queue.append(cdir)
                     subdirs += 1
             elif (n := counts.get(k)) is not None and canon.get(k) != (id(d), name):
-                cino = by_id.get(k)  # numbered at its canonical name, maybe not yet
+                num = by_id.get(k)  # numbered at its canonical name, maybe not yet
             else:
-                cino = _Ino(child, dino)
+                num = len(inos)
+                cino = _Ino(child)
                 inos.append(cino)
                 st = child.stat
                 if xa := st.xattrs:
@@ -411,7 +417,7 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
                 c = child.content
                 tc = type(c)
                 if n is not None:  # hardlinked, at its canonical name
-                    by_id[k] = cino
+                    by_id[k] = num
                 cino.nlink = child.nlink if child.nlink is not None else n or 1
                 if tc is CharDevice and c.rdev == 0 and k not in stub_ids:
                     # a whiteout: escaped to a regular file; only the directory of its own
@@ -421,10 +427,11 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
                     wh_parents.append(dino)
                 else:
                     cino.mode = modes.setdefault(m := type_bits[tc] | (st.mode & 0o7777), m)
-            if cino is None:
+            if num is None:
                 # canonical name is deeper in the BFS: fill in once it has a number
                 late.append((dino, len(children), k))
-            children.append(cino)  # type: ignore[arg-type]
+                num = 0
+            children.append(num)
         # 2 + the subdirectories whose home is here (hardlinked names do not count)
         dino.nlink = 2 + subdirs
     for dino, pos, k in late:
@@ -436,9 +443,9 @@ def _collect_epoch1(fs: FileSystem, version: int) -> list[_Ino]:
     return inos
 
 
-def _dir_nlink(ino: _Ino) -> int:
+def _dir_nlink(ino: _DirIno, inos: list[_Ino]) -> int:
     """2 + the subdirectories whose home is this directory (hardlinked names do not count)."""
-    return 2 + len({id(c) for c in ino.children if isinstance(c.node, Directory) and c.parent is ino and c is not ino})
+    return 2 + len({c for c in ino.children if type(d := inos[c]) is _DirIno and d.parent is ino and d is not ino})
 
 
 _METACOPY_PREFIX = {32: F.OverlayMetacopy(digest_algo=1, digest=bytes(32)).pack()[:4],
@@ -466,19 +473,15 @@ def _collect_v2(fs: FileSystem) -> list[_Ino]:
     """composefs-rs format 2: depth-first pre-order, no stubs, whiteouts stay chr 0:0."""
     counts: dict[int, int] = {}
     inos: list[_Ino] = []
-    by_id: dict[int, _Ino] = {}
+    by_id: dict[int, int] = {}  # inode numbers
 
-    def new_ino(node, parent: _Ino | None) -> _Ino:
-        ino = _Ino(node)
-        ino.parent = parent if parent is not None else ino
-        if isinstance(node, Directory):
-            ino.names = []
-            ino.children = []
+    def new_ino(ino: _Ino) -> int:
+        num = by_id[id(ino.node)] = len(inos)
         inos.append(ino)
-        by_id[id(node)] = ino
-        return ino
+        return num
 
-    root_ino = new_ino(fs.root, None)
+    root_ino = _DirIno(fs.root)
+    new_ino(root_ino)
     iters = [(root_ino, iter(fs.root.sorted_entries()))]
     while iters:
         dino, it = iters[-1]
@@ -486,16 +489,17 @@ def _collect_v2(fs: FileSystem) -> list[_Ino]:
             k = id(child)
             if isinstance(child, Leaf):
                 counts[k] = counts.get(k, 0) + 1
-            cino = by_id.get(k)
+            num = by_id.get(k)
             dino.names.append(name)
-            if cino is None:
-                cino = new_ino(child, dino)
-                dino.children.append(cino)
+            if num is None:
                 if isinstance(child, Directory):
-                    iters.append((cino, iter(child.sorted_entries())))
+                    cdir = _DirIno(child, dino, len(inos))
+                    dino.children.append(new_ino(cdir))
+                    iters.append((cdir, iter(child.sorted_entries())))
                     break
+                dino.children.append(new_ino(_Ino(child)))
             else:
-                dino.children.append(cino)
+                dino.children.append(num)
         else:
             iters.pop()
 
@@ -506,8 +510,8 @@ def _collect_v2(fs: FileSystem) -> list[_Ino]:
         ino.mode = node.st_mode
         if st.xattrs:
             ino.xattrs = sets.own(st.xattrs)  # metacopy and redirect go first: `_Xattrs.items`
-        if isinstance(node, Directory):
-            ino.nlink = _dir_nlink(ino)
+        if type(ino) is _DirIno:
+            ino.nlink = _dir_nlink(ino, inos)
         else:
             ino.nlink = node.nlink if node.nlink is not None else counts.get(id(node), 1)
     return inos
@@ -557,7 +561,7 @@ def _check_limits(inos: list[_Ino], v2: bool) -> None:
             tc = type(c)
             if tc is Symlink and not 0 < len(c.target) < 4096:
                 raise ImageError(f"{_what(index, ino)}: symlink target of {len(c.target)} bytes (1..4095 allowed)")
-        elif ino.names:
+        elif type(ino) is _DirIno and ino.names:
             names = ino.names
             joined = b"".join(names)
             if b"/" in joined or b"\0" in joined or not 0 < min(map(len, names)) <= max(map(len, names)) <= 255:
@@ -705,7 +709,9 @@ class _Xattrs:
         self.fixed: dict[int | None, bytearray] = {}  # own xattrs alone: key -> packed block
         # plain files' blocks by key: a template, or None (laid out)
         self.templates: dict[int | None, _PlainBlock | None] = {}
-        sizes: dict[int, int] = {}  # by key
+        # by key: the key itself (one int object for all the inodes of a key, not one
+        # each: 32 bytes an inode) and the block's size
+        sizes: dict[int, tuple[int, int]] = {}
         maybe_shared, digest_lengths = self._maybe_shared, _METACOPY_PREFIX
         for ino in inos:
             node = ino.node
@@ -713,19 +719,19 @@ class _Xattrs:
             if type(node) is Leaf and (tc := type(c := node.content)) in _CONTENT_XATTR_KINDS:
                 if tc is External and c.payload is None and c.id not in maybe_shared \
                         and len(c.id) in digest_lengths:
-                    key = id(ino.xattrs) << 1 | (len(c.id) == 64)
-                    size = sizes.get(key)
-                    if size is None:
-                        size = sizes[key] = self.layout(self.items(ino))[0]
-                    ino.xattr_size = size
+                    known = sizes.get(id(ino.xattrs) << 1 | (len(c.id) == 64))
+                    if known is None:
+                        key = id(ino.xattrs) << 1 | (len(c.id) == 64)
+                        known = sizes[key] = (key, self.layout(self.items(ino))[0])
+                    key, ino.xattr_size = known
                 else:
                     ino.xattr_size = self.layout(self.items(ino))[0]
             elif ino.xattrs:
-                key = ~id(ino.xattrs)
-                size = sizes.get(key)
-                if size is None:
-                    size = sizes[key] = self.layout(ino.xattrs)[0]
-                ino.xattr_size = size
+                known = sizes.get(~id(ino.xattrs))
+                if known is None:
+                    key = ~id(ino.xattrs)
+                    known = sizes[key] = (key, self.layout(ino.xattrs)[0])
+                key, ino.xattr_size = known
             add_key(key)
 
     def name_info(self, k: bytes) -> tuple[int, bytes, int]:
@@ -883,7 +889,7 @@ def _prepare_data_epoch1(inos: list[_Ino], min_sec: int, min_nsec: int) -> None:
         node = ino.node
         is_symlink = False
         wide = False  # a special file whose dumpfile SIZE does not fit 32 bits (C: extended inode)
-        if type(node) is Directory:
+        if type(ino) is _DirIno:
             _prepare_dir(ino)
         else:
             c = node.content
@@ -944,14 +950,14 @@ def _prepare_data_epoch1(inos: list[_Ino], min_sec: int, min_nsec: int) -> None:
             ino.inline = b""
 
 
-def _prepare_dir(ino: _Ino) -> None:
+def _prepare_dir(ino: _DirIno) -> None:
     """A directory's size from its names alone (its bytes are built once nids are known)."""
     B = F.BLOCK_SIZE
     names = ino.names
-    for name, target in ((b".", ino), (b"..", ino.parent)):
+    for name, target in ((b".", ino.num), (b"..", ino.parent.num)):
         at = bisect.bisect_left(names, name)
         names.insert(at, name)
-        ino.children.insert(at, target)  # type: ignore[arg-type]
+        ino.children.insert(at, target)
     full = 0
     cur = 0
     for n in names:
@@ -981,9 +987,11 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
     # Per-inode loops over hundreds of thousands of records: constants are locals.
     B = F.BLOCK_SIZE
     CHUNK, INLINE = F.DATALAYOUT_CHUNK_BASED, F.DATALAYOUT_FLAT_INLINE
-    IFMT, IFLNK, IFDIR = _S_IFMT, _stat.S_IFLNK, _stat.S_IFDIR
+    IFMT, IFLNK, DIR = _S_IFMT, _stat.S_IFLNK, _DirIno
     v2 = version == 2
     with_blocks: list[_Ino] = []  # the inodes that have data blocks, in inode order
+    nids: array[int] = array("Q")  # by inode number
+    add_nid = nids.append
     pos = F.INODE_TABLE_OFFSET
     for ino in inos:
         pos = (pos + 31) & ~31
@@ -1012,7 +1020,7 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
                     pos = _align(pos + B - (start - 1) % B, 32)
             elif start % B and B - start % B < tail:
                 pos += _align(B - start % B, 32)
-        ino.nid = pos >> 5
+        add_nid(pos >> 5)
         pos += meta + tail
     inodes_end = _align(pos, 32)
     if v2:
@@ -1033,7 +1041,7 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
     # i_u of an inode with data blocks is its first block (chunk-based: the block's high
     # bits join the chunk format there); the others' i_u (chunk format, rdev, 0) is set
     for ino in with_blocks:
-        ino.blkaddr = first = blk
+        first = blk
         blk += ino.nblocks
         if ino.layout == CHUNK:
             ino.i_u = (first & 0xFFFF0000) | ino.i_u
@@ -1050,7 +1058,7 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
     F.ComposefsHeader(flags=F.COMPOSEFS_FLAGS_HAS_ACL if xattrs.has_acl else 0,
                       composefs_version=version).pack_into(window, 0)
     F.Superblock(
-        root_nid=inos[0].nid, inos=len(inos), build_time=min_sec & 0xFFFFFFFFFFFFFFFF,
+        root_nid=nids[0], inos=len(inos), build_time=min_sec & 0xFFFFFFFFFFFFFFFF,
         build_time_nsec=min_nsec, blocks=total_blocks, xattr_blkaddr=xattr_blkaddr,
     ).pack_into(window, F.SUPERBLOCK_OFFSET)
 
@@ -1059,7 +1067,7 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
     keys, block, fixed, templates, piece_size = xattrs.keys, xattrs.block, xattrs.fixed, xattrs.templates, _PIECE
     window_len = len(window)
     for at, ino in enumerate(inos):
-        off = ino.nid << 5
+        off = nids[at] << 5
         if off - base >= piece_size:
             done = min(off - base, window_len)
             sink.write(window[:done])
@@ -1080,12 +1088,12 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
         mode = ino.mode
         if extended:
             # composefs-rs: i_ino is the nid, mtime without nanoseconds
-            pack_e(window, off, fmt, icount, mode & 0xFFFF, ino.size, ino.i_u, ino.nid if v2 else at,
+            pack_e(window, off, fmt, icount, mode & 0xFFFF, ino.size, ino.i_u, nids[at] if v2 else at,
                    st.uid, st.gid, st.mtime_sec & 0xFFFFFFFFFFFFFFFF, 0 if v2 else st.mtime_nsec, ino.nlink)
             off += 64
         else:
             pack_c(window, off, fmt, icount, mode & 0xFFFF, ino.nlink, ino.size, ino.i_u,
-                   ino.nid if v2 else at, st.uid, st.gid)
+                   nids[at] if v2 else at, st.uid, st.gid)
             off += 32
         if xattr_size:
             # most inodes' blocks are fixed or from a template, made by `block` for the
@@ -1097,8 +1105,8 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
                 xblock = plain.block(ino.node.content.id) if plain is not None else block(ino, key, table_base)
             window[off:off + xattr_size] = xblock
             off += xattr_size
-        if mode & IFMT == IFDIR:
-            tail_bytes = _dir_data(ino, tail=True)
+        if type(ino) is DIR:
+            tail_bytes = _dir_data(ino, True, nids, inos)
             window[off:off + len(tail_bytes)] = tail_bytes
         elif inline:
             window[off:off + len(inline)] = inline
@@ -1113,7 +1121,7 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
     blk = first_data_block
     for ino in with_blocks:
         # a directory's full blocks are packed here, not kept from the inode's pass
-        data = _dir_data(ino, tail=False) if ino.mode & IFMT == IFDIR else ino.blocks
+        data = _dir_data(ino, False, nids, inos) if type(ino) is DIR else ino.blocks
         _check_blocks(ino, len(data), blk)
         size = ino.nblocks * B
         piece += data
@@ -1132,22 +1140,23 @@ _PIECE = 1 << 20  # bytes an image is written in
 
 
 def _check_blocks(ino: _Ino, data_len: int, next_block: int) -> None:
-    """An inode's data goes to the next free blocks, and fits the blocks laid out for it.
-    Blocks before the first data block hold the header, superblock, inodes and shared
-    xattrs: writing there would corrupt the image, so it is a bug in the layout, never a
-    property of the input."""
-    if ino.blkaddr != next_block or data_len > ino.nblocks * F.BLOCK_SIZE:
-        raise AssertionError(f"EROFS writer: inode at nid {ino.nid}: {data_len} bytes of data at block "
-                             f"{ino.blkaddr} outside its blocks ({ino.nblocks} blocks; next free block {next_block})")
+    """An inode's data goes to the next free blocks (where its i_u points: for a chunk-based
+    file only the high bits), and fits the blocks laid out for it. Blocks before the first
+    data block hold the header, superblock, inodes and shared xattrs: writing there would
+    corrupt the image, so it is a bug in the layout, never a property of the input."""
+    mask = 0xFFFF0000 if ino.layout == F.DATALAYOUT_CHUNK_BASED else 0xFFFFFFFF
+    if (ino.i_u ^ next_block) & mask or data_len > ino.nblocks * F.BLOCK_SIZE:
+        raise AssertionError(f"EROFS writer: an inode's {data_len} bytes of data at block "
+                             f"{ino.i_u & mask} outside its blocks ({ino.nblocks} blocks; next free block {next_block})")
 
 
-def _dir_data(ino: _Ino, tail: bool) -> bytes:
-    """A directory whose children have nids: its inline tail (``tail``), else its full
-    blocks, each padded to 4096. Each is packed when written, the other not."""
+def _dir_data(ino: _DirIno, tail: bool, nids: array[int], inos: list[_Ino]) -> bytes:
+    """A directory whose children have nids (by inode number): its inline tail (``tail``),
+    else its full blocks, each padded to 4096. Each is packed when written, the other not."""
     B = F.BLOCK_SIZE
     names, children = ino.names, ino.children
     if not ino.nblocks:  # most directories: every entry in the tail
-        return _dir_block(names, children) if tail else b""
+        return _dir_block(names, children, nids, inos) if tail else b""
     starts = [0]  # index of each block's first entry
     cur = 0
     for i, name in enumerate(names):
@@ -1161,11 +1170,11 @@ def _dir_data(ino: _Ino, tail: bool) -> bytes:
         if len(starts) - 1 <= ino.nblocks:
             return b""
         a, b = starts[-2], starts[-1]
-        return _dir_block(names[a:b], children[a:b])
+        return _dir_block(names[a:b], children[a:b], nids, inos)
     out = bytearray()
     for k in range(ino.nblocks):
         a, b = starts[k], starts[k + 1]
-        out += _dir_block(names[a:b], children[a:b])
+        out += _dir_block(names[a:b], children[a:b], nids, inos)
         out += bytes(-len(out) % B)
     return bytes(out)
 
@@ -1177,9 +1186,9 @@ def _dirents(count: int) -> struct.Struct:
     return struct.Struct("<" + F.Dirent.FMT.format.lstrip("<") * count)
 
 
-def _dir_block(names: list[bytes], children: list[_Ino]) -> bytes:
-    """One directory block of these entries: their headers (nid, name offset, file type),
-    then their names."""
+def _dir_block(names: list[bytes], children: array[int], nids: array[int], inos: list[_Ino]) -> bytes:
+    """One directory block of these entries (`children`: their inode numbers): their
+    headers (nid, name offset, file type), then their names."""
     nameoffs = itertools.accumulate(map(len, names), initial=F.Dirent.SIZE * len(names))
-    fields = [v for child, off in zip(children, nameoffs) for v in (child.nid, off, _FTYPES[child.mode & _S_IFMT])]
+    fields = [v for c, off in zip(children, nameoffs) for v in (nids[c], off, _FTYPES[inos[c].mode & _S_IFMT])]
     return _dirents(len(names)).pack(*fields) + b"".join(names)

@@ -132,16 +132,20 @@ def test_a_other_chunk_index_placements(name):
 
 
 def test_a_writer_refuses_to_place_a_block_over_its_metadata():
-    ino = writer._Ino(None)
-    ino.blkaddr, ino.nblocks = 0, 1
+    ino = writer._Ino(None)  # flat: i_u is its first block
+    ino.i_u, ino.nblocks = 0, 1
     with pytest.raises(AssertionError, match="outside its blocks"):  # block 0: the superblock's
         writer._check_blocks(ino, F.BLOCK_SIZE, 1)
-    ino.blkaddr = 1
+    ino.i_u = 1
     with pytest.raises(AssertionError, match="outside its blocks"):  # more data than its blocks
         writer._check_blocks(ino, F.BLOCK_SIZE + 1, 1)
     with pytest.raises(AssertionError, match="outside its blocks"):  # not where the last one ended
         writer._check_blocks(ino, F.BLOCK_SIZE, 2)
     writer._check_blocks(ino, F.BLOCK_SIZE, 1)
+    ino.layout, ino.i_u = F.DATALAYOUT_CHUNK_BASED, 0x10000 | 12  # chunk-based: the high bits only
+    writer._check_blocks(ino, F.BLOCK_SIZE, 0x10000)
+    with pytest.raises(AssertionError, match="outside its blocks"):
+        writer._check_blocks(ino, F.BLOCK_SIZE, 0x20000)
 
 
 def test_a_beyond_2p53_is_refused_with_the_line():

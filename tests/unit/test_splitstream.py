@@ -31,6 +31,17 @@ def build(chunks, named=(), alg="sha256", ctype=CONTENT_OCI_LAYER) -> bytes:
     return w.finish()
 
 
+def test_finish_once_lets_go_of_the_pieces():
+    w = SplitStreamWriter("sha256", CONTENT_OCI_LAYER)
+    w.write_inline(b"head")
+    w.write_external(oid(1), 10)
+    data = w.finish()
+    assert SplitStreamReader(data, "sha256").object_refs == [oid(1)]
+    assert (w._object_refs, w._object_index, w._body) == ([], {}, [])
+    with pytest.raises(ValueError, match="twice"):
+        w.finish()
+
+
 def test_layout_of_empty_stream():
     data = build([])
     magic, version, flags, alg, lg, info = HEADER.unpack_from(data)
