@@ -45,9 +45,11 @@ cancelled mid-request leaves the connection unusable (later calls raise `PycfsEr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -455,6 +457,10 @@ class HelperClient:
                     break
                 if watch.stuck(True, trio.current_time()):
                     got.append(EOFError(stuck.stuck_message()))
+                    # The helper itself first: under podman it is the launcher's child, which
+                    # PR_SET_PDEATHSIG alone would take down only once podman is gone.
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                     await self._kill()
                     break
             nursery.cancel_scope.cancel()

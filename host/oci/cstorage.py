@@ -587,7 +587,12 @@ class LayerImport:
             async for chunk in chunks:
                 await chunk.done.wait()
                 pieces: list[bytes | tuple[bytes]] = []
-                self._advance(await trio.to_thread.run_sync(self._write_chunk, chunk, pieces, limiter=self.limiter))
+                headers, inlined, files = await trio.to_thread.run_sync(self._write_chunk, chunk, pieces,
+                                                                        limiter=self.limiter)
+                # Counted here, in trio's thread: layers write their chunks on threads at once.
+                self.stats.bytes_inlined += inlined
+                self.stats.files_inlined += files
+                self._advance(headers)
                 if self.collector is not None:
                     await written.send(pieces)
 
@@ -606,11 +611,12 @@ class LayerImport:
         self.collector.feed(pieces)
         self.tree.apply(self.collector.take())
 
-    def _write_chunk(self, chunk: _Chunk, pieces: list[bytes | tuple[bytes]]) -> int:
+    def _write_chunk(self, chunk: _Chunk, pieces: list[bytes | tuple[bytes]]) -> tuple[int, int, int]:
         """Worker thread: append a chunk to the splitstream (hashing it when verifying);
-        returns its bytes of tar headers, for the progress bar. When collecting, what it
-        writes is listed in pieces, for `LayerEntryCollector.feed`."""
-        headers = 0
+        returns its bytes of tar headers (for the progress bar), its inline bytes and its
+        files written inline (for the stats). When collecting, what it writes is listed in
+        pieces, for `LayerEntryCollector.feed`."""
+        headers = inlined = files = 0
         collecting = self.collector is not None
         for index, entry in enumerate(chunk.entries):
             if isinstance(entry, Segment):
@@ -625,8 +631,8 @@ class LayerImport:
                     continue
                 self.writer.write_inline(data)
                 self.total += len(data)
-                self.stats.bytes_inlined += len(data)
-                self.stats.files_inlined += isinstance(entry, FileEntry)
+                inlined += len(data)
+                files += isinstance(entry, FileEntry)
                 if self.hasher is not None:
                     self.hasher.update(data)
                 if collecting:
@@ -639,7 +645,7 @@ class LayerImport:
                     self.repo.feed_object(object_id, size, self.hasher.update)
                 if collecting:
                     pieces.append((object_id,))
-        return headers
+        return headers, inlined, files
 
     def _finish(self) -> bytes:
         """Worker thread: check the rebuilt tar against what c/storage recorded, then commit."""
@@ -766,8 +772,9 @@ async def _import_layers(repo: Repository, source: ImageSource, stats: ImportSta
                          verify_diffid: bool, tree: ImageTree | None,
                          background: trio.Nursery) -> list[tuple[str, bytes]]:
     """Each layer's stream, in order: found stored, or imported. A layer's import starts
-    once the layer before has dealt out all its files (`LayerImport`); the pull's
-    coordinators store every layer's batches in the order dealt."""
+    once the layer before has dealt out all its files (`LayerImport`), with at most
+    LAYERS_IN_FLIGHT begun and not finished; the pull's coordinators store every layer's
+    batches in the order dealt."""
     streams: list[bytes | None] = [None] * len(source.layers)
     imports: set[LayerImport] = set()  # begun, not finished: their files are closed on failure
     previous: trio.Event | None = None  # the layer before's end (stream known, entries merged)
@@ -868,7 +875,7 @@ async def pull_image(
     tree merged from the entries of each imported layer as it is written.
     ``locks``: the c/storage read locks when the caller holds them already (pycfs.host.oci.repull's
     look found a layer to import): kept, so podman cannot come between that look and this pull.
-    ``forked``: object workers started already (`pycfs.host.oci.pull.fork_import_workers`),
+    ``forked``: object workers started already (`pycfs.host.oci.pull.fork_pull_workers`),
     which the pull's pool takes out of the list (the caller discards what is left there)."""
     started = time.monotonic()
     limiter = limiter or default_limiter()

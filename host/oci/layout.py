@@ -21,7 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import BinaryIO
 
 import trio
@@ -499,15 +499,17 @@ def inflaters_store(sizes: list[int]) -> bool:
 
 async def pull_oci_layout(repo: Repository, source: str, tag: str | None, *, build_image: bool = True,
                           progress: PullProgress | None = None, jobs: int | None = None,
-                          forked: Sequence[Forked] = ()) -> PullResult:
+                          forked: list[Forked] | None = None) -> PullResult:
     """Pull `DIR[:TAG]` (the part after `oci:`) and tag the manifest stream as `tag`. Layers
     whose stream is missing or damaged are imported (again). ``forked``: inflating workers
-    started already (`pycfs.host.workers.fork`), this pull's to use or stop."""
-    spare = list(forked)  # stopped at the end, those the inflaters' pool did not take
+    started already (`pycfs.host.workers.fork`), this pull's to use or stop: it takes them
+    out of the list."""
+    forked = [] if forked is None else forked
     try:
-        return await _pull_oci_layout(repo, source, tag, build_image, progress, jobs, spare)
+        return await _pull_oci_layout(repo, source, tag, build_image, progress, jobs, forked)
     finally:
-        discard(spare)
+        discard(forked)  # those the inflaters' pool did not take
+        forked.clear()
 
 
 async def _pull_oci_layout(repo: Repository, source: str, tag: str | None, build_image: bool,
@@ -578,6 +580,8 @@ async def _pull_oci_layout(repo: Repository, source: str, tag: str | None, build
                 inflating = min(layers_at_once, len(todo))
                 ours = forked[:inflating]
                 del forked[:len(ours)]  # the pool's now (it stops them, even when it fails to start)
+                discard(forked)  # no layer for these: stopped now, not idle until the end
+                forked.clear()
                 inflaters = await pools.enter_async_context(open_pool(repo=repo, jobs=inflating, forked=ours))
                 async with open_nursery() as nursery:
                     if not store_here:  # (else no file comes to them: no processes to start)

@@ -6,7 +6,7 @@ PullResult; adding one is one entry in TRANSPORTS.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,12 +33,10 @@ class PullOptions:
     # containers-storage: read locks held already, which the pull takes over and releases
     # (pycfs.host.oci.repull hands them on when its look finds a layer to import)
     storage_locks: ReadLocks | None = None
-    # containers-storage: object workers forked already (`fork_import_workers`), which the
-    # pull's pool takes out of this list
+    # Workers forked before the event loop started (`fork_pull_workers`): containers-storage
+    # object workers or oci: inflating workers. The pull takes them out of this list (and
+    # stops those it has no use for); the caller discards what is left when it fails early.
     forked: list[Forked] = field(default_factory=list)
-    # oci: the inflating workers, forked before the event loop started (`fork_inflaters`),
-    # which the pull takes over (and stops, those it has no layer for)
-    inflaters: Sequence[Forked] = ()
 
 
 def storage_for(source: str, storage_root: str | None) -> tuple[Storage, str]:
@@ -68,34 +66,20 @@ async def _pull_oci_layout(repo: Repository, source: str, tag: str | None, optio
     from pycfs.host.oci.layout import pull_oci_layout
 
     return await pull_oci_layout(repo, source, tag, build_image=options.create_image, progress=options.progress,
-                                 jobs=options.jobs, forked=options.inflaters)
+                                 jobs=options.jobs, forked=options.forked)
 
 
-def fork_inflaters(repo: Repository, image: str, jobs: int | None) -> list[Forked]:
-    """For an oci: pull, its inflating workers forked now, while the main thread is the only
-    one (see `pycfs.host.workers.fork`): a spawned one spends ~0.07 s of CPU starting Python
-    and importing what this process has loaded, on the cores the pull needs, and comes up
-    ~0.1 s later. None for another transport."""
-    if split_reference(image)[0] != "oci":
-        return []
+def fork_pull_workers(repo: Repository, jobs: int | None) -> list[Forked]:
+    """For a pull with a layer to import (`pycfs.host.oci.repull.pull_if_stored` found
+    one), its workers forked now, while the main thread is the only one and before trio
+    starts (see `pycfs.host.workers.fork`): the object workers of a containers-storage pull,
+    the inflating workers of an oci: pull. A forked worker serves within milliseconds, where
+    a spawned one spends ~0.07 s of CPU starting Python and importing what this process has
+    loaded, on the cores the pull needs, and came up only after the host's own start-up."""
     from pycfs.host.workers.batching import default_jobs
     from pycfs.host.workers.fork import fork_workers
 
     return fork_workers(str(repo.path), jobs or default_jobs(), repo.alg)
-
-
-def fork_import_workers(repo: Repository, image: str, jobs: int | None) -> list[Forked]:
-    """For a containers-storage pull, its object workers forked now, before trio starts (see
-    `pycfs.host.workers.fork`): a forked worker serves within milliseconds, where a spawned
-    one spends ~0.07 s of CPU starting Python and importing what this process has loaded,
-    and came up only after the host's own start-up. None for another transport. For a pull
-    that has a layer to import (`pycfs.host.oci.repull.pull_if_stored` found one)."""
-    if split_reference(image)[0] != "containers-storage":
-        return []
-    from pycfs.host.workers.batching import default_jobs
-    from pycfs.host.workers.fork import fork_workers
-
-    return fork_workers(str(repo.path), jobs or default_jobs())
 
 
 TRANSPORTS: dict[str, Callable[[Repository, str, str | None, PullOptions], Awaitable[PullResult]]] = {

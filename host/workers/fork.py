@@ -1,5 +1,6 @@
 """Object workers started by fork, for a job that knows before its event loop starts that it
-will keep them busy (a local ostree pull, once it has walked the commit; `pycfs measure`).
+will keep them busy (a local ostree pull, once it has walked the commit; `pycfs measure`; an
+`oci pull` with a layer to import; `oci copy`).
 
 A forked worker runs the workers' own main (`python -m pycfs.host.workers`) on the modules
 this process has loaded already: it is serving within milliseconds, where a spawned one

@@ -300,7 +300,12 @@ class _TarSource:
 
         self._stop = threading.Event()
         self.blob = _BlobSource(fd, blob_alg, self._stop)
-        self.tar = HashingReader(decompressing_reader(self.blob, compression), diff_alg)
+        try:
+            self.tar = HashingReader(decompressing_reader(self.blob, compression), diff_alg)
+        except BaseException:  # (an unknown compression) the blob's thread must not wait for good
+            self._stop.set()
+            self.blob.close()
+            raise
         self._pieces: queue.Queue[bytes | Exception] = queue.Queue(_TAR_AHEAD)
         self._eof = False
         self._thread = threading.Thread(target=self._run, name="tar source")

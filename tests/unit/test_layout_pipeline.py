@@ -304,10 +304,10 @@ def test_the_next_layer_starts_once_the_inflating_worker_is_free(tmp_path, monke
 
 
 def test_forked_inflaters_are_used_and_the_spare_ones_stopped(tmp_path, monkeypatch, idle_threads_allowed):
-    """Inflating workers forked before the event loop (`fork_inflaters`, as the CLI does for
+    """Inflating workers forked before the event loop (`fork_pull_workers`, as the CLI does for
     an oci: pull) inflate the layers: the inflaters' pool spawns none, and a forked worker
     it has no layer for is stopped and reaped by the end of the pull."""
-    from pycfs.host.oci.pull import fork_inflaters
+    from pycfs.host.oci.pull import fork_pull_workers
     from pycfs.host.workers.pool import WorkerPool
 
     build_layout(ImageSpec(MERGING.layers, gzip=False), tmp_path / "oci")
@@ -325,15 +325,16 @@ def test_forked_inflaters_are_used_and_the_spare_ones_stopped(tmp_path, monkeypa
     monkeypatch.setattr(WorkerPool, "inflate", inflate)
     monkeypatch.setattr(WorkerPool, "_spawn", spawn)
     with Repository.init(tmp_path / "repo") as repo:
-        assert fork_inflaters(repo, "containers-storage:x", 2) == []
-        forked = fork_inflaters(repo, f"oci:{tmp_path / 'oci'}", 3)
+        forked = fork_pull_workers(repo, 3)
         assert len(forked) == 3
+        workers = list(forked)
         result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", jobs=2, forked=forked))
         for diff_id, _ in result.layers:
             reader = repo.open_stream(layer_stream_name(diff_id))
             assert "sha256:" + hashlib.sha256(b"".join(iter_stream_bytes(repo, reader))).hexdigest() == diff_id
     assert len(inflating) == 1 and not inflating & set(spawned)
-    for worker in forked:  # every one reaped: the two the pool took, and the spare one
+    assert forked == []  # taken out of the list: the two the pool took, and the spare one
+    for worker in workers:  # every one reaped
         with pytest.raises(ChildProcessError):
             os.waitpid(worker.proc.pid, os.WNOHANG)
 
@@ -501,3 +502,21 @@ def test_a_cancelled_pull_ends_promptly_commits_nothing_and_leaks_no_fd(tmp_path
         assert repo.has_stream(layer_stream_name(built.diff_ids[0])) is None
         repo_dir = str(tmp_path / "repo")
         assert [f for f in _fds() if f.startswith(repo_dir) and not re.search(r"/repo(/objects(/[0-9a-f]{2})?)?$", f)] == []
+
+
+def test_a_tar_source_that_cannot_start_leaves_no_thread_behind(tmp_path):
+    """The blob's thread starts before the decompressor is made: an unknown compression
+    must stop it (before: with more of the blob than its queue holds, it waited for good
+    to hand on the next piece)."""
+    import threading
+
+    from pycfs.host.workers.service import _TarSource
+
+    (tmp_path / "blob").write_bytes(bytes(6 << 20))
+    fd = os.open(tmp_path / "blob", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with pytest.raises(PycfsError, match="unsupported layer compression 'lz4'"):
+            _TarSource(fd, "lz4", "sha256", "sha256")
+        assert not [t for t in threading.enumerate() if t.name == "blob source"]
+    finally:
+        os.close(fd)

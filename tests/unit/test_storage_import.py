@@ -300,6 +300,37 @@ def _merging_image(fake: FakeStore):
     return [base, middle, top]
 
 
+def _fds_outside(repo) -> list[str]:
+    """What this process's fds lead to, but the repository's own directories."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # (listdir's own fd)
+            continue
+        if not target.startswith(str(repo.path)):
+            out.append(target)
+    return sorted(out)
+
+
+def test_a_later_layer_failing_while_one_before_drains_commits_nothing_of_it(tmp_path, repo, monkeypatch):
+    """Imports overlap (a layer starts while the one before drains): the top layer's damaged
+    file fails the pull; the layers below are whole or absent, the top one absent, no image
+    is tagged and no fd is left open."""
+    monkeypatch.setattr(cstorage, "CHUNK_ENTRIES", 2)  # many chunks: the layers overlap for longer
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    base, middle, top = _merging_image(fake)
+    (fake.root / "overlay" / top.id / "diff" / "srv/a").write_bytes(BIG + b"S")  # same size, other bytes
+    before = _fds_outside(repo)
+    with pytest.raises(PycfsError, match=r"cannot store srv/a .* does not match the layer.s tar-split checksum"):
+        _pull(repo, fake, parse_layers=True)
+    assert _fds_outside(repo) == before  # (the repository keeps its directories' fds)
+    assert repo.has_stream(f"oci-layer-{top.diff_id}") is None
+    for layer in (base, middle):
+        assert repo.has_stream(f"oci-layer-{layer.diff_id}") is None or _cat(repo, layer.diff_id) == layer.tar
+    assert not (repo.path / "streams/refs").exists() or not any((repo.path / "streams/refs").rglob("*"))
+
+
 @pytest.mark.parametrize("chunk_entries", [2, cstorage.CHUNK_ENTRIES])
 def test_image_from_the_entries_parsed_in_the_import(tmp_path, repo, monkeypatch, chunk_entries):
     """A pull builds its image from the entries parsed while the layers are written, never

@@ -29,7 +29,7 @@ def _print_pull(repo: Repository, result: PullResult) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from pycfs.host.oci.pull import PullOptions, fork_import_workers, fork_inflaters, split_reference
+    from pycfs.host.oci.pull import PullOptions, fork_pull_workers, split_reference
     from pycfs.host.oci.repull import pull_if_stored
     from pycfs.host.oci.streams import check_tag
     from pycfs.tools.common import open_repo, print_json
@@ -46,8 +46,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             # The event loop, and through the pull the object workers and the helper client,
             # only when there is something to import: a re-pull of a stored image needs none.
             # The workers are forked first, before trio starts: see there.
-            options.inflaters = fork_inflaters(repo, args.image, args.jobs)
-            options.forked = fork_import_workers(repo, args.image, args.jobs)
+            options.forked = fork_pull_workers(repo, args.jobs)
             try:
                 import trio
 
