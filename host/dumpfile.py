@@ -180,10 +180,14 @@ def _parse_u32(field: bytes) -> int:
 
 
 def _parse_mode(field: bytes) -> int:
+    """A mode is 32 bits (st_mode): a larger one is refused, as _parse_u32 refuses ids."""
     try:
-        return int(field, 8) if field.isdigit() and len(field) < 22 else _parse_int(field, octal=True)
+        v = int(field, 8) if field.isdigit() and len(field) < 22 else _parse_int(field, octal=True)
     except ValueError:  # an 8 or 9
-        return _parse_int(field, octal=True)
+        v = _parse_int(field, octal=True)
+    if v >= 1 << 32:
+        raise ValueError(f"Integer out of range {_show_field(field.strip())}")
+    return v
 
 
 def _parse_mtime(field: bytes) -> tuple[int, int]:

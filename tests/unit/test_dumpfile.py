@@ -98,6 +98,9 @@ def test_error_carries_line_number():
         (b"/f 0 100644 1 0 0 0 1.0 - - 12ab", "Invalid digest 12ab"),
         (b"/f 0 100644 x 0 0 0 1.0 - - -", "Invalid integer x"),
         (b"/f 0 100644 1 4294967296 0 0 1.0 - - -", "Integer out of range 4294967296"),
+        # a mode past 32 bits (hypothesis found it: it was an OverflowError, a traceback)
+        (b"/f 0 100000040755 1 0 0 0 1.0 - - -", "Integer out of range 100000040755"),
+        (b"/f 0 @100000040755 1 0 0 0 1.0 /x - -", "Integer out of range 100000040755"),
         (b"", "Invalid empty path"),
         (b"/d/ 0 40755 1 0 0 0 1.0 - - -", "Parent directory missing for /d/"),
     ],
