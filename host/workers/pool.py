@@ -15,8 +15,9 @@ content, and until the workers that then start are up: a small job starts no pro
 
 Requests go to the worker with the fewest unanswered ones, and several may wait at one
 worker, so it never idles while the host prepares the next batch. A worker that dies,
-misbehaves or is stuck (`stuck`: no CPU used for long with requests waiting) fails the pool: every waiting and later call raises `PycfsError`, naming the
-worker, its exit status and its last output.
+misbehaves or is stuck (`pycfs.host.stuck`: no progress for long with requests waiting)
+fails the pool: every waiting and later call raises `PycfsError`, naming the worker, its
+exit status and its last output.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from pycfs.host import stuck
 from pycfs.host.childoutput import ChildOutput, ChildProcess, receive_message, spawn_on_socket
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files, small_job
 from pycfs.host.nursery import open_nursery
-from pycfs.host import stuck
 from pycfs.host.workers.batching import default_jobs, digest_batches
 from pycfs.host.workers.fork import Forked, absolute_names, discard
 from pycfs.host.workers.service import WorkerService

@@ -312,15 +312,12 @@ class _TarSource:
         self._thread.start()
 
     def _run(self) -> None:
-        try:
-            while piece := self.tar.read(_INFLATE_PIECE):
-                if not _put(self._pieces, piece, self._stop):
-                    return
-            while not self._stop.is_set() and self.blob.read(_INFLATE_PIECE):
-                pass
-            _put(self._pieces, b"", self._stop)
-        except Exception as e:  # (a corrupt blob, a read error) raised in the reader's thread
-            _put(self._pieces, e, self._stop)
+        _pump(self.tar.read, self._pieces, self._stop, self._drain_blob)
+
+    def _drain_blob(self) -> None:
+        """The blob read to its end after the tar's: its digest covers trailing bytes too."""
+        while not self._stop.is_set() and self.blob.read(_INFLATE_PIECE):
+            pass
 
     def read(self, n: int = -1) -> bytes:
         if self._eof:
@@ -366,13 +363,7 @@ class _BlobSource:
         self._thread.start()
 
     def _run(self) -> None:
-        try:
-            while piece := self._hashing.read(_INFLATE_PIECE):
-                if not _put(self._pieces, piece, self._stop):
-                    return
-            _put(self._pieces, b"", self._stop)
-        except Exception as e:  # a read error, raised in the reader's thread
-            _put(self._pieces, e, self._stop)
+        _pump(self._hashing.read, self._pieces, self._stop)
 
     def read(self, n: int = -1) -> bytes:
         if self._at == len(self._piece):
@@ -408,6 +399,22 @@ class _BlobSource:
 
     def digest(self) -> str:
         return self._hashing.digest()
+
+
+def _pump(read: Callable[[int], bytes], pieces: queue.Queue[bytes | Exception], stop: threading.Event,
+          at_end: Callable[[], None] | None = None) -> None:
+    """A source thread's loop: what ``read`` gives onto ``pieces`` until its end (then
+    ``at_end``, then b""), or until ``stop``; an error raised in this thread (a corrupt
+    blob, a read error) goes on the queue for the reader to raise."""
+    try:
+        while piece := read(_INFLATE_PIECE):
+            if not _put(pieces, piece, stop):
+                return
+        if at_end is not None:
+            at_end()
+        _put(pieces, b"", stop)
+    except Exception as e:
+        _put(pieces, e, stop)
 
 
 def _put(pieces: queue.Queue[bytes | Exception], item: bytes | Exception, stop: threading.Event) -> bool:
