@@ -23,7 +23,7 @@ import signal
 import stat
 import string
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -758,19 +758,30 @@ class Repository:
         every object and named ref it lists is present. A pull takes a stored layer only when
         this says so, so a damaged or half-deleted one is imported again (self-healing).
         Objects' contents are not re-hashed here (that is `pycfs fsck`)."""
-        object_id = self.has_stream(name)
-        if object_id is None:
-            return None
-        try:
-            data = self.read_object(object_id)
-            if digest_bytes(data, self.alg) != object_id:
+        found = self.intact_streams([name])
+        return None if found is None else found[0]
+
+    def intact_streams(self, names: Sequence[str]) -> list[bytes] | None:
+        """`intact_stream` of each name, or None when any is not: the objects of all of
+        them are looked up together (an image's layers spread over the same 256
+        directories, each then listed once rather than once a layer)."""
+        found = []
+        refs: list[bytes] = []
+        for name in names:
+            object_id = self.has_stream(name)
+            if object_id is None:
                 return None
-            reader = SplitStreamReader(data, self.alg)
-        except (PycfsError, OSError):
-            return None
-        if self.has_objects([*reader.object_refs, *reader.named_refs.values()]):
-            return object_id
-        return None
+            try:
+                data = self.read_object(object_id)
+                if digest_bytes(data, self.alg) != object_id:
+                    return None
+                reader = SplitStreamReader(data, self.alg)
+            except (PycfsError, OSError):
+                return None
+            found.append(object_id)
+            refs += reader.object_refs
+            refs += reader.named_refs.values()
+        return found if self.has_objects(refs) else None
 
     def write_stream(self, writer: SplitStreamWriter, name: str, ref: str | None = None, *,
                      refs_durable: bool = False) -> bytes:
