@@ -759,29 +759,34 @@ class Repository:
         this says so, so a damaged or half-deleted one is imported again (self-healing).
         Objects' contents are not re-hashed here (that is `pycfs fsck`)."""
         found = self.intact_streams([name])
-        return None if found is None else found[0]
+        return found[0] if found else None
 
-    def intact_streams(self, names: Sequence[str]) -> list[bytes] | None:
-        """`intact_stream` of each name, or None when any is not: the objects of all of
-        them are looked up together (an image's layers spread over the same 256
-        directories, each then listed once rather than once a layer)."""
-        found = []
-        refs: list[bytes] = []
+    def intact_streams(self, names: Sequence[str]) -> list[bytes]:
+        """The ids of the longest run of streams from the first of ``names`` that are each
+        `intact_stream`. The objects of the run are looked up together (an image's layers
+        spread over the same 256 directories, each then listed once rather than once a
+        layer); only when one is missing are the streams looked at one by one."""
+        run: list[tuple[bytes, list[bytes]]] = []
         for name in names:
             object_id = self.has_stream(name)
             if object_id is None:
-                return None
+                break
             try:
                 data = self.read_object(object_id)
                 if digest_bytes(data, self.alg) != object_id:
-                    return None
+                    break
                 reader = SplitStreamReader(data, self.alg)
             except (PycfsError, OSError):
-                return None
-            found.append(object_id)
-            refs += reader.object_refs
-            refs += reader.named_refs.values()
-        return found if self.has_objects(refs) else None
+                break
+            run.append((object_id, [*reader.object_refs, *reader.named_refs.values()]))
+        if self.has_objects(ref for _, refs in run for ref in refs):
+            return [object_id for object_id, _ in run]
+        intact = []
+        for object_id, refs in run:
+            if not self.has_objects(refs):
+                break
+            intact.append(object_id)
+        return intact
 
     def write_stream(self, writer: SplitStreamWriter, name: str, ref: str | None = None, *,
                      refs_durable: bool = False) -> bytes:

@@ -2,8 +2,8 @@
 
 It reads and checks what `pycfs.host.oci.cstorage.pull_image` does: the image is looked up
 and read under the c/storage read locks (so a changed manifest, config or layer list is
-seen), and the layers' streams are taken only when `Repository.intact_streams` says so (each
-one's own object hashes to its name, every object it lists is present). Then the same finish,
+seen), and the layers' streams are taken only when `Repository.intact_streams` says each is intact
+(its own object hashes to its name, every object it lists is present). Then the same finish,
 `finish_pull`: the recorded config compared, the EROFS image re-hashed and rebuilt when
 missing or damaged, the config and manifest streams and the tag written. Only trio, the
 object worker processes and the helper client are left out: a pull needs them to import a
@@ -47,7 +47,7 @@ def pull_if_stored(repo: Repository, image: str, tag: str | None, options: PullO
     except BaseException:
         locks.release()
         raise
-    if stream_ids is None:
+    if len(stream_ids) < len(diff_ids):
         # The full pull takes the locks over: `podman rmi` cannot come between this look and
         # the import. Not when it starts the helper first (--helper always): `podman unshare`
         # takes podman's locks for writing.
