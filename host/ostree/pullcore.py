@@ -52,6 +52,7 @@ from pycfs.host.ostree.signature import MAX_DETACHED, verify_commit
 from pycfs.host.ostree.source import MISMATCH, FetchedFile, HttpRepo, LocalRepo
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import SplitStreamError
+from pycfs.host.tree import gc_paused
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.worker_api import Failed, Stored
 
@@ -531,7 +532,14 @@ def _current(repo: Repository, name: str) -> bytes | None:
 def prepare_pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options: PullOptions) -> PullResult | PullCore:
     """The pull's result when it needs no event loop, else its state for `run_prepared`
     (blocking calls: from a trio task, run it on a thread)."""
-    started = time.monotonic()
+    # Loading the base and the walk make thousands of objects and no cycles: the collector
+    # would rescan them dozens of times (~4 ms of an update's 0.2 s).
+    with gc_paused():
+        return _prepare_pull(repo, source, ref, options, time.monotonic())
+
+
+def _prepare_pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options: PullOptions,
+                  started: float) -> PullResult | PullCore:
     if options.gpg_keyring is not None:
         source.summary_keyring = options.gpg_keyring  # refs and deltas only from a signed summary
     commit = source.resolve(ref)
