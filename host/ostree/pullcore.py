@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.ostree.commitstream import (
     CommitObjects,
@@ -413,7 +414,11 @@ class PullCore:
                     self.checkpoint()
             workers.drain()
             workers.close_input()  # the workers exit while the image is built
-            image_id = self.finish_image()
+            behind = _sync_behind(self.repo)
+            try:
+                image_id = self.finish_image()
+            finally:
+                behind.join()
         except BaseException:
             workers.close(abort=True)
             self.checkpoint_after_failure()
@@ -463,6 +468,23 @@ class PullCore:
             os.unlink(f"streams/{PARTIAL_PREFIX}{self.commit.hex()}", dir_fd=self.repo.dirfd)
         except FileNotFoundError:
             pass
+
+
+def _sync_behind(repo: Repository) -> threading.Thread:
+    """syncfs on a thread, started once the workers have stored every file: what they wrote
+    goes to disk while this process builds the image (~0.06 s of CPU), so the sync before
+    the commit stream becomes visible (which alone makes the pull durable) has only the
+    image and the stream left to wait for (o3: 20-80 ms, on one core at the end)."""
+
+    def sync() -> None:
+        try:
+            syscalls.syncfs(repo.dirfd)
+        except OSError:
+            pass  # the sync before the stream is the one that counts: it reports
+
+    thread = threading.Thread(target=sync, name="pycfs-sync-behind", daemon=True)
+    thread.start()
+    return thread
 
 
 def named(source: LocalRepo | HttpRepo, kind: Kind, checksum: bytes, fn: Callable[..., T], *args: object) -> T:
