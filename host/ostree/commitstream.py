@@ -171,7 +171,7 @@ class CommitObjects:
             if isinstance(chunk, int):
                 raise bad("it has an external chunk")
             parts.append(chunk)
-        data = memoryview(b"".join(parts))
+        data = b"".join(parts)  # (sliced as bytes: a memoryview's slices would each be copied again)
         if len(data) < HEADER.size:
             raise bad("shorter than its header")
         commit_index, _flags, *buckets = HEADER.unpack_from(data)
@@ -182,7 +182,7 @@ class CommitObjects:
         area = ids_end + n * INFO.size
         if len(data) < area:
             raise bad(f"{n} objects need {area} bytes of tables, the stream has {len(data)}")
-        ids = [bytes(data[p:p + CHECKSUM_SIZE]) for p in range(HEADER.size, ids_end, CHECKSUM_SIZE)]
+        ids = [data[p:p + CHECKSUM_SIZE] for p in range(HEADER.size, ids_end, CHECKSUM_SIZE)]
         if any(a >= b for a, b in pairwise(ids)):
             raise bad("object ids are not sorted")
         for b in range(256):
@@ -198,7 +198,7 @@ class CommitObjects:
             if external != NO_EXTERNAL and external >= len(reader.object_refs):
                 raise bad(f"object {ids[index].hex()} names object ref {external} of {len(reader.object_refs)}")
             ext = None if external == NO_EXTERNAL else reader.object_refs[external]
-            objects.entries[ids[index]] = Entry(bytes(data[start:start + size]), ext)
+            objects.entries[ids[index]] = Entry(data[start:start + size], ext)
         objects.image_id = reader.named_refs.get(IMAGE_REF)
         return objects
 

@@ -24,7 +24,7 @@ from pycfs.host.ostree.objects import (
     verify_metadata,
 )
 from pycfs.host.repository import Repository
-from pycfs.host.tree import Directory, External, FileSystem, Inline, Leaf, Stat, Symlink
+from pycfs.host.tree import Directory, External, FileSystem, Inline, Leaf, Stat, Symlink, gc_paused
 
 MAX_ENTRIES = 10_000_000  # dirtrees are shared by checksum: a hostile commit could repeat one endlessly
 
@@ -99,7 +99,8 @@ def image_bytes(repo: Repository, objects: CommitObjects, version: int | None = 
     # imported here: a re-pull whose image exists writes none (the writer is ~10 ms of imports)
     from pycfs.host.erofs.writer import write_image as write_erofs
 
-    return write_erofs(build_filesystem(objects), repo.erofs_default if version is None else version)
+    with gc_paused():  # the tree's thousands of objects hold no cycles (the writer pauses it too)
+        return write_erofs(build_filesystem(objects), repo.erofs_default if version is None else version)
 
 
 def compute_image_id(repo: Repository, objects: CommitObjects) -> bytes:

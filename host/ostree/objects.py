@@ -153,18 +153,23 @@ class DirTree:
     def parse(cls, data: bytes, checksum: bytes) -> DirTree:
         fast = _read_dirtree(data)
         files, dirs = fast if fast is not None else _decode(DIRTREE_TYPE, data, checksum, Kind.DIRTREE)
+        # (the messages are made only for an entry that fails: a dirtree has thousands)
         for name, csum in files:
             check_name(name, checksum, Kind.DIRTREE)
-            _check_csum(csum, checksum, Kind.DIRTREE, f"checksum of {name!r}")
+            if len(csum) != CHECKSUM_SIZE:
+                _check_csum(csum, checksum, Kind.DIRTREE, f"checksum of {name!r}")
         for name, tree, meta in dirs:
             check_name(name, checksum, Kind.DIRTREE)
-            _check_csum(tree, checksum, Kind.DIRTREE, f"dirtree of {name!r}")
-            _check_csum(meta, checksum, Kind.DIRTREE, f"dirmeta of {name!r}")
-        for entries in ([f[0] for f in files], [d[0] for d in dirs]):
-            encoded = [n.encode() for n in entries]
-            if any(a >= b for a, b in pairwise(encoded)):
+            if len(tree) != CHECKSUM_SIZE or len(meta) != CHECKSUM_SIZE:
+                _check_csum(tree, checksum, Kind.DIRTREE, f"dirtree of {name!r}")
+                _check_csum(meta, checksum, Kind.DIRTREE, f"dirmeta of {name!r}")
+        # (compared as str: names decode strictly from UTF-8, whose byte order is their code
+        # points' order, so this is ostree's strcmp order)
+        file_names, dir_names = [f[0] for f in files], [d[0] for d in dirs]
+        for names in (file_names, dir_names):
+            if any(a >= b for a, b in pairwise(names)):
                 raise OstreeError(f"{describe(checksum, Kind.DIRTREE)}: entries are not sorted or repeat a name")
-        if {f[0] for f in files} & {d[0] for d in dirs}:
+        if file_names and dir_names and not set(file_names).isdisjoint(dir_names):
             raise OstreeError(f"{describe(checksum, Kind.DIRTREE)}: a name is both a file and a directory")
         return cls(files, dirs)
 

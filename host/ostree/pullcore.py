@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.ostree.commitstream import (
     CommitObjects,
@@ -52,6 +53,7 @@ from pycfs.host.ostree.signature import MAX_DETACHED, verify_commit
 from pycfs.host.ostree.source import MISMATCH, FetchedFile, HttpRepo, LocalRepo
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import SplitStreamError
+from pycfs.host.tree import gc_paused
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.worker_api import Failed, Stored
 
@@ -412,7 +414,11 @@ class PullCore:
                     self.checkpoint()
             workers.drain()
             workers.close_input()  # the workers exit while the image is built
-            image_id = self.finish_image()
+            behind = _sync_behind(self.repo)
+            try:
+                image_id = self.finish_image()
+            finally:
+                behind.join()
         except BaseException:
             workers.close(abort=True)
             self.checkpoint_after_failure()
@@ -462,6 +468,23 @@ class PullCore:
             os.unlink(f"streams/{PARTIAL_PREFIX}{self.commit.hex()}", dir_fd=self.repo.dirfd)
         except FileNotFoundError:
             pass
+
+
+def _sync_behind(repo: Repository) -> threading.Thread:
+    """syncfs on a thread, started once the workers have stored every file: what they wrote
+    goes to disk while this process builds the image (~0.06 s of CPU), so the sync before
+    the commit stream becomes visible (which alone makes the pull durable) has only the
+    image and the stream left to wait for (o3: 20-80 ms, on one core at the end)."""
+
+    def sync() -> None:
+        try:
+            syscalls.syncfs(repo.dirfd)
+        except OSError:
+            pass  # the sync before the stream is the one that counts: it reports
+
+    thread = threading.Thread(target=sync, name="pycfs-sync-behind", daemon=True)
+    thread.start()
+    return thread
 
 
 def named(source: LocalRepo | HttpRepo, kind: Kind, checksum: bytes, fn: Callable[..., T], *args: object) -> T:
@@ -531,7 +554,14 @@ def _current(repo: Repository, name: str) -> bytes | None:
 def prepare_pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options: PullOptions) -> PullResult | PullCore:
     """The pull's result when it needs no event loop, else its state for `run_prepared`
     (blocking calls: from a trio task, run it on a thread)."""
-    started = time.monotonic()
+    # Loading the base and the walk make thousands of objects and no cycles: the collector
+    # would rescan them dozens of times (~4 ms of an update's 0.2 s).
+    with gc_paused():
+        return _prepare_pull(repo, source, ref, options, time.monotonic())
+
+
+def _prepare_pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, options: PullOptions,
+                  started: float) -> PullResult | PullCore:
     if options.gpg_keyring is not None:
         source.summary_keyring = options.gpg_keyring  # refs and deltas only from a signed summary
     commit = source.resolve(ref)

@@ -25,7 +25,6 @@ import hashlib
 import io
 import os
 import stat
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -161,6 +160,8 @@ def unpack_filez(read: Callable[[int], bytes], checksum: bytes, inline_max: int,
 
 
 def _tmpfile(tmp_dir: str) -> int:
+    import tempfile  # here: only an archive's or a delta's file needs one (a pull from a bare repository never)
+
     # TemporaryFile is O_TMPFILE where the filesystem has it: nothing named is left behind
     with tempfile.TemporaryFile(dir=tmp_dir, buffering=0) as f:
         return os.dup(f.fileno())

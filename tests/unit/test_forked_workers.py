@@ -338,10 +338,19 @@ def spy(self):
     return forked
 
 PullCore.fork_workers = spy
+# every syncfs: the thread it ran on, and whether the image was written by then
+import threading
+from pycfs.host import syscalls
+from pycfs.host.repository import Repository
+syncs, written = [], []
+real_syncfs, real_write_image = syscalls.syncfs, Repository.write_image
+syscalls.syncfs = lambda fd: syncs.append([threading.current_thread().name, bool(written)]) or real_syncfs(fd)
+Repository.write_image = lambda self, *a, **k: written.append(1) or real_write_image(self, *a, **k)
 rc = main(sys.argv[2:])
 with open(sys.argv[1]) as f:
     record = json.load(f)
 record["trio at the end"] = "trio" in sys.modules
+record["syncs"] = sorted(syncs)
 with open(sys.argv[1], "w") as f:
     json.dump(record, f)
 sys.exit(rc)
@@ -352,8 +361,8 @@ sys.exit(rc)
 def test_pull_local_sends_its_workers_their_first_files_and_never_imports_trio(tmp_path):
     """`pycfs ostree pull-local` of more files than it stores in process: the forked workers
     are each written one store request of the first files at once, then the rest, all
-    without an event loop (trio is never imported), and the pull's image has the tree of
-    `ostree checkout`."""
+    without an event loop (trio is never imported); what they stored is synced on a thread
+    while the image is built, and the pull's image has the tree of `ostree checkout`."""
     tree = tmp_path / "tree"
     (tree / "many").mkdir(parents=True)
     for i in range(3 * HERE_FILES):  # more than the two early requests hold
@@ -370,8 +379,13 @@ def test_pull_local_sends_its_workers_their_first_files_and_never_imports_trio(t
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["commit"] == checksum and result["files_fetched"] == 3 * HERE_FILES
-    assert json.loads(record.read_text()) == {"trio": False, "early": [1, 1], "files": [256, 256],
-                                              "trio at the end": False}
+    spied = json.loads(record.read_text())
+    syncs = spied.pop("syncs")
+    assert spied == {"trio": False, "early": [1, 1], "files": [256, 256], "trio at the end": False}
+    # one sync on a thread of its own, started before the image (when it runs is the
+    # scheduler's), and the one that makes the pull durable, after the image was written
+    assert sorted(name for name, _ in syncs) == ["MainThread", "pycfs-sync-behind"]
+    assert [image_written for name, image_written in syncs if name == "MainThread"] == [True]
     with Repository.open(cfs) as repo:
         image = describe_image(repo, bytes.fromhex(result["image"]))
     assert {p: (t, m, c) for p, (t, m, _u, _g, _x, c) in image.items()} == \

@@ -307,13 +307,24 @@ def test_commit_stream_refuses_damage():
     ([("a/b", b"\1" * 32)], [], "invalid file name"),
     ([("b", b"\1" * 32), ("a", b"\2" * 32)], [], "not sorted"),
     ([("a", b"\1" * 32)], [("a", b"\2" * 32, b"\3" * 32)], "both a file and a directory"),
-    ([("a", b"\1" * 31)], [], "not a checksum"),
+    ([("a", b"\1" * 31)], [], "checksum of 'a' is 31 bytes, not a checksum"),
+    ([], [("d", b"\1" * 32, b"\2" * 33)], "dirmeta of 'd' is 33 bytes, not a checksum"),
+    ([], [("d", b"\1" * 3, b"\2" * 32)], "dirtree of 'd' is 3 bytes, not a checksum"),
+    ([("\u65e5", b"\1" * 32), ("z", b"\2" * 32)], [], "not sorted"),  # UTF-8 e6 97 a5 sorts after 7a
 ])
 def test_hostile_dirtrees_are_refused(files, dirs, why):
     data = DirTree(files, dirs).serialize()
     with pytest.raises(OstreeError, match=why) as info:
         DirTree.parse(data, hashlib.sha256(data).digest())
     assert hashlib.sha256(data).hexdigest() in str(info.value)
+
+
+def test_dirtree_names_sort_as_their_utf8_bytes():
+    files = [("Z", b"\1" * 32), ("a", b"\2" * 32), ("z", b"\3" * 32), ("\u00e9", b"\4" * 32), ("\u65e5", b"\5" * 32),
+             ("\U0001f600", b"\6" * 32)]
+    assert [n.encode() for n, _ in files] == sorted(n.encode() for n, _ in files)
+    data = DirTree(files, [("y", b"\7" * 32, b"\x08" * 32)]).serialize()
+    assert DirTree.parse(data, hashlib.sha256(data).digest()) == DirTree(files, [("y", b"\7" * 32, b"\x08" * 32)])
 
 
 @pytest.mark.parametrize("mode,target,size,why", [

@@ -127,6 +127,48 @@ def test_a_repull_under_the_same_name_reads_its_stream_once_and_writes_no_image(
     assert repull("next", "other")[1] == ["0", "1", "False"]
 
 
+# The CLI in a fresh process with the cyclic collector made eager (a pass every 10
+# allocations): the passes that ran while the pull walked the commit, stored files itself
+# and built the image's tree, and whether the collector is on again after the pull.
+_COUNT_COLLECTIONS = r"""
+import gc, sys
+from pycfs.host.ostree import image, pullcore
+from pycfs.tools.cli import main
+
+inside, passes = [False], []
+gc.callbacks.append(lambda phase, info: inside[0] and phase == "start" and passes.append(info["generation"]))
+
+def counted(real):
+    def run(*args, **kwargs):
+        inside[0] = True
+        try:
+            return real(*args, **kwargs)
+        finally:
+            inside[0] = False
+    return run
+
+pullcore.PullCore.walk_here = counted(pullcore.PullCore.walk_here)
+pullcore.PullCore.store_here = counted(pullcore.PullCore.store_here)
+image.build_filesystem = counted(image.build_filesystem)
+gc.set_threshold(10)
+code = main(sys.argv[1:])
+print(code, len(passes), gc.isenabled())
+"""
+
+
+def test_a_local_pull_runs_no_collector_pass_while_it_walks_and_builds(source, tmp_path):
+    """The walk, the files stored in process and the tree make thousands of objects and no
+    cycles: the collector is paused meanwhile (it rescanned them dozens of times), and on
+    again after."""
+    repo, _v1, _v2, _checkout = source
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+    for ref in ("main", "next"):  # a pull, then an update under the same name
+        out = subprocess.run([sys.executable, "-c", _COUNT_COLLECTIONS, "--repo", cfs, "ostree", "pull-local", repo,
+                              ref, "sys"], capture_output=True, text=True, check=True, cwd="/").stdout
+        assert out.splitlines()[-1] == "0 0 True"
+
+
 def test_pull_local_uses_the_archive_repositorys_static_deltas(source, tmp_path):
     """Deltas `ostree static-delta generate` made (from nothing to v1, v1 to v2), with every
     file object then deleted from the repository: the pulls can only have taken the files
