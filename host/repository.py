@@ -797,16 +797,33 @@ class Repository:
         as it is then costs no sync: a re-pull rewrites its unchanged config and manifest
         streams, and syncfs waits for whatever else the filesystem has to write back."""
         check_name(name, "stream", allow_slash=False)
-        self.require_writable()
-        object_id = self.ensure_object(writer.finish())
-        if refs_durable and not self._unsynced and self._stream_is(name, object_id):
-            return object_id
-        # Crash barrier: a visible stream implies its objects are on disk.
-        self.sync()
-        self._symlink(f"streams/{name}", self.object_relpath(object_id))
+        object_id = self.store_stream(writer)
+        self.publish_streams([(name, object_id)], refs_durable=refs_durable)
         if ref is not None:
             self.set_stream_ref(ref, name)
         return object_id
+
+    def store_stream(self, writer: SplitStreamWriter) -> bytes:
+        """Store the splitstream as an object, not yet visible (`publish_streams`); its id."""
+        self.require_writable()
+        return self.ensure_object(writer.finish())
+
+    def publish_streams(self, streams: Sequence[tuple[str, bytes]], *, images: Iterable[bytes] = (),
+                        refs_durable: bool = False) -> None:
+        """Make stored stream objects visible as streams/<name>, in order, after one crash
+        barrier (syncfs) for all of them: a visible stream implies its objects are on disk.
+        ``images`` (object ids) are recorded as images (images/<hex>) after the same barrier.
+        ``refs_durable``: as `write_stream`'s; streams already visible as they are then cost
+        no sync."""
+        for name, _ in streams:
+            check_name(name, "stream", allow_slash=False)
+        self.require_writable()
+        if not (refs_durable and not self._unsynced and all(self._stream_is(n, i) for n, i in streams)):
+            self.sync()
+        for image_id in images:
+            self.link_image(image_id)
+        for name, object_id in streams:
+            self._symlink(f"streams/{name}", self.object_relpath(object_id))
 
     def set_stream_ref(self, ref: str, name: str) -> None:
         check_name(ref, "ref", allow_slash=True)

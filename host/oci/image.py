@@ -12,8 +12,8 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import VerityHasher
 from pycfs.host.oci.result import IMAGE_REF_NAMES
 from pycfs.host.oci.streams import (
-    IMAGE_REF_PREFIX, config_diff_ids, config_stream_name, open_image, read_json_stream, tag_image, write_config_stream,
-    write_manifest_stream,
+    IMAGE_REF_PREFIX, config_diff_ids, config_stream_name, open_image, publish_image_streams, read_json_stream,
+    store_config_stream, store_manifest_stream, tag_image,
 )
 from pycfs.host.repository import Repository
 
@@ -74,7 +74,8 @@ class _Pieces:
 
 def _store_image(repo: Repository, fs: FileSystem, version: int) -> bytes:
     """Write the image of `fs` to the object store as it is built (a big image is never
-    whole in memory) and record it as an image; returns its id."""
+    whole in memory); returns its id. Recorded as an image (images/<hex>) by
+    `publish_image_streams`, after the crash barrier that makes it durable."""
     # Imported here: a re-pull with its image in place (most of them) never writes one.
     from pycfs.host.erofs.writer import image_buffer, write_image_to
 
@@ -87,8 +88,8 @@ def _store_image(repo: Repository, fs: FileSystem, version: int) -> bytes:
     object_id, present = out.finish()
     if present and not repo.object_intact(object_id):
         # a damaged object of that name, which the pull repairs: ensure_object replaces it
-        return repo.write_image(image_buffer(fs, version))
-    return repo.link_image(object_id)
+        return repo.ensure_object(image_buffer(fs, version))
+    return object_id
 
 
 def _write_images(repo: Repository, diff_ids: Sequence[str], layer_ids: Mapping[str, bytes],
@@ -119,10 +120,22 @@ def create_image(repo: Repository, ref: str) -> dict[int, bytes]:
         return sound  # layers are immutable, so is the image
     image_ids = _write_images(repo, image.diff_ids, image.layer_ids, versions, None)
     layers = [(d, image.layer_ids[d]) for d in image.diff_ids]
-    config_id = write_config_stream(repo, image.config_digest, image.config_raw, layers,
-                                    _image_refs(image_ids, image.image_refs))
-    write_manifest_stream(repo, image.manifest_digest, image.manifest_raw, image.config_digest, config_id, layers)
+    _write_image_streams(repo, image.manifest_digest, image.manifest_raw, image.config_digest, image.config_raw,
+                         layers, image_ids, image.image_refs, True)
     return image_ids
+
+
+def _write_image_streams(repo: Repository, manifest_digest: str, manifest_raw: bytes, config_digest: str,
+                         config_raw: bytes, layers: list[tuple[str, bytes]], images: Mapping[int, bytes],
+                         recorded: Mapping[str, bytes], written: bool) -> tuple[bytes, bytes]:
+    """The config stream (naming the images) and the manifest stream, stored, then made
+    visible after one crash barrier (a syncfs each cost 10-35 ms at the end of a pull),
+    with the images when ``written`` here; (config stream id, manifest stream id)."""
+    config_id = store_config_stream(repo, config_digest, config_raw, layers, _image_refs(images, recorded))
+    manifest_id = store_manifest_stream(repo, manifest_digest, manifest_raw, config_digest, config_id, layers)
+    publish_image_streams(repo, (config_digest, config_id), (manifest_digest, manifest_id),
+                          list(images.values()) if written else [])
+    return config_id, manifest_id
 
 
 @dataclass
@@ -132,28 +145,22 @@ class FinishedImage:
     images: dict[int, bytes]  # EROFS format version -> image id
 
 
-def finish_pull(repo: Repository, manifest_digest: str, manifest_raw: bytes, config_digest: str,
-                config_raw: bytes, layers: list[tuple[str, bytes]], tag: str | None, *, build_image: bool = True,
-                parsed: Mapping[bytes, list[LayerEntry]] | None = None, tree: ImageTree | None = None,
-                on_phase: Callable[[str], None] | None = None) -> FinishedImage:
-    """The end of every pull, once the layer streams are stored: the EROFS image(s) (unless
-    ``build_image`` is false, or an intact one is recorded already), then the config stream
-    with its image refs and the manifest stream, each written once, then the tag, last: a
-    failure anywhere before leaves no tag. ``layers``: (diff_id, layer stream id) in config
-    order; ``parsed``: layers already parsed (see `build_filesystem`); ``tree``: their tree,
-    built during the pull (`ImageTree`)."""
-    try:
-        return _finish_pull(repo, manifest_digest, manifest_raw, config_digest, config_raw, layers, tag,
-                            build_image, parsed, tree, on_phase)
-    finally:
-        if tree is not None:
-            tree.release()  # whether or not an image was written from it
+@dataclass
+class PullImages:
+    """A pull's EROFS images, stored (`pull_images`) and not yet recorded."""
+
+    images: dict[int, bytes]  # EROFS format version -> image id
+    recorded: dict[str, bytes]  # the image refs of the config stream found in place
+    written: bool  # images written here: recorded with the streams, after their barrier
 
 
-def _finish_pull(repo: Repository, manifest_digest: str, manifest_raw: bytes, config_digest: str,
-                 config_raw: bytes, layers: list[tuple[str, bytes]], tag: str | None, build_image: bool,
-                 parsed: Mapping[bytes, list[LayerEntry]] | None, tree: ImageTree | None,
-                 on_phase: Callable[[str], None] | None) -> FinishedImage:
+def pull_images(repo: Repository, config_digest: str, config_raw: bytes, layers: list[tuple[str, bytes]], *,
+                build_image: bool = True, parsed: Mapping[bytes, list[LayerEntry]] | None = None,
+                tree: ImageTree | None = None, on_phase: Callable[[str], None] | None = None) -> PullImages:
+    """The first part of `finish_pull`: the EROFS image(s) (unless ``build_image`` is false,
+    or an intact one is recorded already), stored and not recorded. It needs the layer
+    streams stored (their ids), not visible: a pull may run it while its last layer's commit
+    waits for its syncfs."""
     recorded: dict[str, bytes] = {}
     config_id = repo.has_stream(config_stream_name(config_digest))
     if config_id is not None:
@@ -163,22 +170,41 @@ def _finish_pull(repo: Repository, manifest_digest: str, manifest_raw: bytes, co
                 recorded = {n: i for n, i in reader.named_refs.items() if n.startswith(IMAGE_REF_PREFIX)}
         except PycfsError:
             pass  # a damaged config stream is simply rewritten
-    images: dict[int, bytes] = {}
-    if build_image:
-        versions = _image_versions(repo)
-        found = _sound_images(repo, recorded, versions)
-        if found is None:
-            if on_phase is not None:
-                on_phase("image")
-            found = _write_images(repo, config_diff_ids(config_raw, f"config {config_digest}"), dict(layers), versions,
-                                  parsed, tree)
-        images = found
-    else:
-        images = {v: i for v, n in IMAGE_REF_NAMES.items() if (i := recorded.get(n)) is not None and repo.has_object(i)}
+    if not build_image:
+        return PullImages({v: i for v, n in IMAGE_REF_NAMES.items()
+                           if (i := recorded.get(n)) is not None and repo.has_object(i)}, recorded, False)
+    versions = _image_versions(repo)
+    found = _sound_images(repo, recorded, versions)
+    if found is not None:
+        return PullImages(found, recorded, False)
+    if on_phase is not None:
+        on_phase("image")
+    return PullImages(_write_images(repo, config_diff_ids(config_raw, f"config {config_digest}"), dict(layers),
+                                    versions, parsed, tree), recorded, True)
+
+
+def finish_pull(repo: Repository, manifest_digest: str, manifest_raw: bytes, config_digest: str,
+                config_raw: bytes, layers: list[tuple[str, bytes]], tag: str | None, *, build_image: bool = True,
+                parsed: Mapping[bytes, list[LayerEntry]] | None = None, tree: ImageTree | None = None,
+                on_phase: Callable[[str], None] | None = None, images: PullImages | None = None) -> FinishedImage:
+    """The end of every pull, once the layer streams are stored: the EROFS image(s)
+    (`pull_images`, unless ``images`` were made already), then the config stream with its
+    image refs and the manifest stream, each written once and made visible with the images
+    after one syncfs, then the tag, last: a failure anywhere before leaves no tag.
+    ``layers``: (diff_id, layer stream id) in config order, all visible; ``parsed``: layers
+    already parsed (see `build_filesystem`); ``tree``: their tree, built during the pull
+    (`ImageTree`)."""
+    try:
+        if images is None:
+            images = pull_images(repo, config_digest, config_raw, layers, build_image=build_image, parsed=parsed,
+                                 tree=tree, on_phase=on_phase)
+    finally:
+        if tree is not None:
+            tree.release()  # whether or not an image was written from it
     if on_phase is not None:
         on_phase("streams")
-    config_id = write_config_stream(repo, config_digest, config_raw, layers, _image_refs(images, recorded))
-    manifest_id = write_manifest_stream(repo, manifest_digest, manifest_raw, config_digest, config_id, layers)
+    config_id, manifest_id = _write_image_streams(repo, manifest_digest, manifest_raw, config_digest, config_raw,
+                                                  layers, images.images, images.recorded, images.written)
     if tag is not None:
         tag_image(repo, tag, manifest_digest)
-    return FinishedImage(config_id, manifest_id, images)
+    return FinishedImage(config_id, manifest_id, images.images)

@@ -437,9 +437,25 @@ def layer_stream_name(diff_id: str) -> str:
 
 def commit_layer(repo: Repository, layer: SplitLayer, diff_id: str, ref: str | None = None) -> bytes:
     """Make the split layer visible as `oci-layer-<diff_id>`, if its digest is that diff_id."""
+    stream_id = store_layer(repo, layer, diff_id)
+    publish_layer(repo, diff_id, stream_id, ref)
+    return stream_id
+
+
+def store_layer(repo: Repository, layer: SplitLayer, diff_id: str) -> bytes:
+    """`commit_layer`'s first part: the stream stored, not yet visible, if the split layer's
+    digest is that diff_id; its id."""
     if layer.diff_id != diff_id:
         raise LayerDigestError(f"layer digest mismatch: expected diff_id {diff_id}, the tar stream is {layer.diff_id}")
-    return repo.write_stream(layer.writer, layer_stream_name(diff_id), ref)
+    return repo.store_stream(layer.writer)
+
+
+def publish_layer(repo: Repository, diff_id: str, stream_id: bytes, ref: str | None = None) -> None:
+    """`commit_layer`'s second part: the stored stream visible as `oci-layer-<diff_id>` (and
+    ref) after a syncfs."""
+    repo.publish_streams([(layer_stream_name(diff_id), stream_id)])
+    if ref is not None:
+        repo.set_stream_ref(ref, layer_stream_name(diff_id))
 
 
 def import_layer(repo: Repository, diff_id: str, f: BinaryIO, compression: str | None = None,

@@ -142,32 +142,58 @@ def resolve_image(repo: Repository, image: str) -> str:
 # ---------------------------------------------------------------------------- streams
 
 
-def _write_json_stream(repo: Repository, content_type: int, raw: bytes, name: str,
-                       named_refs: Sequence[tuple[str, bytes]]) -> bytes:
+def _store_json_stream(repo: Repository, content_type: int, raw: bytes, named_refs: Sequence[tuple[str, bytes]]) -> bytes:
     writer = SplitStreamWriter(repo.alg, content_type)
     for ref_name, stream_id in named_refs:
         writer.add_named_ref(ref_name, stream_id)
     writer.write_external(repo.ensure_object(raw), len(raw))
-    # Durable refs: layer streams (each synced by its own write_stream before it was visible),
-    # other config streams (the same), and objects written here (images, this JSON), which
-    # the repository tracks.
-    return repo.write_stream(writer, name, refs_durable=True)
+    return repo.store_stream(writer)
+
+
+def store_config_stream(repo: Repository, digest: str, raw: bytes, layers: Sequence[tuple[str, bytes]],
+                        image_refs: Sequence[tuple[str, bytes]] = ()) -> bytes:
+    """`oci-config-<digest>` stored, not yet visible (`publish_image_streams`): layers are
+    (diff_id, layer stream id) in config order, then the EROFS image refs
+    (`composefs.image`, `composefs.image.v1`, ...)."""
+    _check_digest(raw, digest, "config")
+    return _store_json_stream(repo, CONTENT_OCI_CONFIG, raw, [*layers, *image_refs])
+
+
+def store_manifest_stream(repo: Repository, digest: str, raw: bytes, config_digest: str, config_id: bytes,
+                          layers: Sequence[tuple[str, bytes]]) -> bytes:
+    """`oci-manifest-<digest>` stored, not yet visible: `config:<digest>` first, then
+    (diff_id, layer stream id)."""
+    _check_digest(raw, digest, "manifest")
+    refs = [(CONFIG_REF_PREFIX + config_digest, config_id), *layers]
+    return _store_json_stream(repo, CONTENT_OCI_MANIFEST, raw, refs)
+
+
+def publish_image_streams(repo: Repository, config: tuple[str, bytes] | None, manifest: tuple[str, bytes] | None,
+                          images: Sequence[bytes] = ()) -> None:
+    """Make stored config and manifest streams ((digest, stream id) each) and EROFS images
+    visible after one crash barrier. Durable refs: layer streams (each synced by its own
+    write_stream before it was visible), other config streams (the same), and objects
+    written here (images, the JSON), which the repository tracks."""
+    streams = [(config_stream_name(config[0]), config[1])] if config is not None else []
+    if manifest is not None:
+        streams.append((manifest_stream_name(manifest[0]), manifest[1]))
+    repo.publish_streams(streams, images=images, refs_durable=True)
 
 
 def write_config_stream(repo: Repository, digest: str, raw: bytes, layers: Sequence[tuple[str, bytes]],
                         image_refs: Sequence[tuple[str, bytes]] = ()) -> bytes:
-    """`oci-config-<digest>`: layers are (diff_id, layer stream id) in config order, then
-    the EROFS image refs (`composefs.image`, `composefs.image.v1`, ...)."""
-    _check_digest(raw, digest, "config")
-    return _write_json_stream(repo, CONTENT_OCI_CONFIG, raw, config_stream_name(digest), [*layers, *image_refs])
+    """`store_config_stream`, made visible."""
+    config_id = store_config_stream(repo, digest, raw, layers, image_refs)
+    publish_image_streams(repo, (digest, config_id), None)
+    return config_id
 
 
 def write_manifest_stream(repo: Repository, digest: str, raw: bytes, config_digest: str, config_id: bytes,
                           layers: Sequence[tuple[str, bytes]]) -> bytes:
-    """`oci-manifest-<digest>`: `config:<digest>` first, then (diff_id, layer stream id)."""
-    _check_digest(raw, digest, "manifest")
-    refs = [(CONFIG_REF_PREFIX + config_digest, config_id), *layers]
-    return _write_json_stream(repo, CONTENT_OCI_MANIFEST, raw, manifest_stream_name(digest), refs)
+    """`store_manifest_stream`, made visible."""
+    manifest_id = store_manifest_stream(repo, digest, raw, config_digest, config_id, layers)
+    publish_image_streams(repo, None, (digest, manifest_id))
+    return manifest_id
 
 
 def _check_digest(raw: bytes, digest: str, what: str) -> None:

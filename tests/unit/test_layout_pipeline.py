@@ -210,8 +210,8 @@ def test_entries_parsed_in_the_import_stay_out_of_collections_until_the_pull_end
     from pycfs.host.oci import layout as layout_module
 
     build_layout(ImageSpec(MERGING.layers, gzip=False), tmp_path / "oci")
-    frozen_at_finish = []
-    real_finish = layout_module.finish_pull
+    frozen_at_finish = []  # at the image's build
+    real_finish = layout_module.pull_images
 
     def finish(*args, **kw):
         frozen_at_finish.append(gc.get_freeze_count())
@@ -224,11 +224,11 @@ def test_entries_parsed_in_the_import_stay_out_of_collections_until_the_pull_end
     assert gc.get_freeze_count() == 0
     try:
         with Repository.init(tmp_path / "repo") as repo:
-            monkeypatch.setattr(layout_module, "finish_pull", finish)
+            monkeypatch.setattr(layout_module, "pull_images", finish)
             trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", jobs=2))
             assert frozen_at_finish[-1] > 200 and gc.get_freeze_count() == 0
         with Repository.init(tmp_path / "repo2") as repo:
-            monkeypatch.setattr(layout_module, "finish_pull", fail)
+            monkeypatch.setattr(layout_module, "pull_images", fail)
             with pytest.raises(PycfsError, match="no image today"):
                 trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", jobs=2))
             assert frozen_at_finish[-1] > 200 and gc.get_freeze_count() == 0
@@ -280,7 +280,7 @@ def test_the_next_layer_starts_once_the_inflating_worker_is_free(tmp_path, monke
     build_layout(ImageSpec(MERGING.layers, gzip=False), tmp_path / "oci")
     inflates, second_started = [], threading.Event()
     waited: list[bool] = []
-    real_inflate, real_commit = WorkerPool.inflate, layout_module.commit_layer
+    real_inflate, real_commit = WorkerPool.inflate, layout_module.publish_layer
 
     async def inflate(self, *args, **kw):
         inflates.append(args)
@@ -294,13 +294,52 @@ def test_the_next_layer_starts_once_the_inflating_worker_is_free(tmp_path, monke
         return real_commit(*args, **kw)
 
     monkeypatch.setattr(WorkerPool, "inflate", inflate)
-    monkeypatch.setattr(layout_module, "commit_layer", commit)
+    monkeypatch.setattr(layout_module, "publish_layer", commit)
     with Repository.init(tmp_path / "repo") as repo:
         result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", build_image=False, jobs=1))
         assert result.stats.layers == len(inflates) == len(MERGING.layers)
         for diff_id, _ in result.layers:
             assert repo.has_stream(layer_stream_name(diff_id)) is not None
     assert waited == [True]
+
+
+def test_the_image_is_built_while_the_last_layer_is_made_durable(tmp_path, monkeypatch):
+    """Once every layer's stream is stored, the image is built beside the syncfs that makes
+    the last one visible, not after it; the image and its streams become visible only after
+    that, and the image is the one built from the stored streams."""
+    import threading
+
+    from pycfs.host.oci import layout as layout_module
+
+    built = build_layout(ImageSpec(MERGING.layers, gzip=False), tmp_path / "oci")
+    image_stored = threading.Event()
+    waited: list[bool] = []
+    visible_at_last_commit: list[list[str]] = []
+    real_images, real_publish = layout_module.pull_images, layout_module.publish_layer
+    publishes: list[str] = []
+
+    def pull_images(*args, **kw):
+        result = real_images(*args, **kw)
+        image_stored.set()
+        return result
+
+    def publish(repo, diff_id, *args, **kw):
+        publishes.append(diff_id)
+        if len(publishes) == len(MERGING.layers):  # the last layer's commit: held until the image is stored
+            waited.append(image_stored.wait(10))
+            visible_at_last_commit.append([n for top in ("images", "streams") if (repo.path / top).exists()
+                                           for n in os.listdir(repo.path / top) if not n.startswith("oci-layer-")])
+        return real_publish(repo, diff_id, *args, **kw)
+
+    monkeypatch.setattr(layout_module, "pull_images", pull_images)
+    monkeypatch.setattr(layout_module, "publish_layer", publish)
+    with Repository.init(tmp_path / "repo") as repo:
+        result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", jobs=1))
+        assert waited == [True] and visible_at_last_commit[0] in ([], ["refs"])
+        fs = image_module.build_filesystem(repo, built.diff_ids, dict(result.layers))
+        assert repo.read_object(result.images[repo.erofs_default]) == write_erofs(fs, repo.erofs_default)
+        assert repo.image_id(result.images[repo.erofs_default].hex()) == result.images[repo.erofs_default]
+        assert [t for t, _ in list_images(repo)] == ["x"]
 
 
 def test_forked_inflaters_are_used_and_the_spare_ones_stopped(tmp_path, monkeypatch, idle_threads_allowed):
