@@ -336,7 +336,7 @@ def test_the_image_is_built_while_the_last_layer_is_made_durable(tmp_path, monke
     with Repository.init(tmp_path / "repo") as repo:
         result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", jobs=1))
         assert waited == [True] and visible_at_last_commit[0] in ([], ["refs"])
-        fs = image_module.build_filesystem(repo, built.diff_ids, dict(result.layers))
+        fs = merge_module.build_filesystem(repo, built.diff_ids, dict(result.layers))
         assert repo.read_object(result.images[repo.erofs_default]) == write_erofs(fs, repo.erofs_default)
         assert repo.image_id(result.images[repo.erofs_default].hex()) == result.images[repo.erofs_default]
         assert [t for t, _ in list_images(repo)] == ["x"]
