@@ -12,16 +12,17 @@ import stat
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 from pycfs.host.errors import PycfsError
-from pycfs.host.fsck import FsckReport, fsck
-from pycfs.host.gc import gc
-from pycfs.host.mount import MountOptions, open_image_mount, privileged
 from pycfs.host.repository import ALGORITHMS, Repository
 from pycfs.host.varlink import idl
 from pycfs.host.varlink.server import CallContext, Interface, Result, Server
 from pycfs.protocol.varlink import VarlinkError
+
+if TYPE_CHECKING:  # fsck, gc and mount are imported by the calls that use them: a copy needs none
+    from pycfs.host.fsck import FsckReport
 
 IFACE = "org.composefs.Repository"
 SYSTEM_REPO = "/sysroot/composefs"
@@ -134,6 +135,8 @@ async def image_mount_fd(ctx: CallContext, repo: Repository, image_id: bytes, ba
         raise bad_request("read_write needs overlay (an upperdir and a workdir fd)")
     if peer_uid(ctx) != 0:
         raise VarlinkError("org.varlink.service.PermissionDenied")
+    from pycfs.host.mount import MountOptions, open_image_mount, privileged
+
     if not privileged():  # the interface's InternalError
         raise PycfsError(f"this service runs as uid {os.geteuid()} or in a user namespace: mounting needs a service "
                          "started as root")
@@ -210,12 +213,16 @@ class RepositoryInterface:
         return {}
 
     async def fsck(self, ctx: CallContext) -> Result:
+        from pycfs.host.fsck import fsck
+
         repo = self.handles.get(ctx, IFACE)
         metadata_only = ctx.params.boolean("metadata_only", optional=True, default=False)
         report = await trio.to_thread.run_sync(fsck, repo, metadata_only)
         return fsck_reply(repo, report)
 
     async def gc(self, ctx: CallContext) -> Result:
+        from pycfs.host.gc import gc
+
         repo = self.handles.get(ctx, IFACE)
         dry_run = ctx.params.boolean("dry_run")
         if ctx.params.str_list("roots"):

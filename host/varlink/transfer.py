@@ -109,7 +109,7 @@ async def produce_repo_layer(repo: Repository, layer_id: bytes, objects_index: i
     object_refs = reader.object_refs
     # Per chunk, with no checks to repeat: an object's name is hex (a valid reference name),
     # and a splitstream's inline piece is at most 1 MiB (below MAX_INLINE_CHUNK_SIZE).
-    file_header, inline_header = FILE_HEADER.pack, INLINE_HEADER.pack
+    file_header, inline_header, stat_at = FILE_HEADER.pack, INLINE_HEADER.pack, os.stat
     buf = bytearray()
     # Its own fd of objects/: the producer outlives the call that started it, and a
     # CloseRepository meanwhile closes the repository's fds (whose numbers may be reused).
@@ -117,15 +117,14 @@ async def produce_repo_layer(repo: Repository, layer_id: bytes, objects_index: i
     try:
         for chunk in reader.chunks():
             if type(chunk) is int:
-                object_id = object_refs[chunk]
-                h = object_id.hex()
-                name = f"{h[:2]}/{h[2:]}"
+                h = object_refs[chunk].hex().encode()
+                name = h[:2] + b"/" + h[2:]  # bytes: the stat and the stream take them as they are
                 try:
-                    size = os.stat(name, dir_fd=objects, follow_symlinks=False).st_size
+                    size = stat_at(name, dir_fd=objects, follow_symlinks=False).st_size
                 except FileNotFoundError:
-                    raise PycfsError(f"object {h} of layer stream {layer_id.hex()} is missing") from None
+                    raise PycfsError(f"object {h.decode()} of layer stream {layer_id.hex()} is missing") from None
                 buf += file_header(FILE_BACKED_DATA, size, objects_index, len(name))
-                buf += name.encode()
+                buf += name
             elif len(chunk) <= MAX_INLINE_CHUNK_SIZE:
                 if chunk:
                     buf += inline_header(METADATA, len(chunk))

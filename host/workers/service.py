@@ -235,6 +235,8 @@ class WorkerService:
         observer: Callable[[], Callable[[memoryview], object]] | None
         if sha256 is None and also is None:  # a layer's file: its CRC-64 or nothing to check
             observer = None if crc is None else functools.partial(_Crc64Check, crc, size)
+        elif crc is None and sha256 is None:  # a PutLayer file: the layer's sha256 alone
+            observer = also
         else:
             def observer() -> Callable[[memoryview], None]:
                 """A fresh set of checks for each pass over the content."""
