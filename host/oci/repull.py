@@ -59,6 +59,7 @@ def pull_if_stored(repo: Repository, image: str, tag: str | None, options: PullO
             locks.release()
         else:
             options.storage_locks = locks
+            options.looked = (found, len(layers))
         return None
     locks.release()
     # The full pull's reports, in its order, now that there is no work to report.

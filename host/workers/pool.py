@@ -131,6 +131,19 @@ class WorkerPool:
         `Repository.store_object_from_fd`)."""
         return api.stored_results(await self._each(api.STORE, fds, sizes, crcs, sha256s))
 
+    async def stored_early(self, request_id: int) -> list[Stored | Failed]:
+        """The answer to STORE request ``request_id``, written to a forked worker before the
+        pool existed (`Forked.early`; `pycfs.host.oci.headstart`)."""
+        found = [i for i, (method, _, _, reply) in enumerate(self._early) if reply.id == request_id and method == api.STORE]
+        if not found:
+            raise ValueError(f"no early store request {request_id}")
+        _, params, worker, reply = self._early.pop(found[0])
+        _, obj = await self._early_answer(worker, reply)
+        try:
+            return api.stored_results(self._results(obj, len(params["sizes"]), api.STORE))
+        except ValueError as e:
+            raise PycfsError(f"the {worker.describe()} {e}") from None
+
     async def adopt(self, fds: Sequence[int], sizes: Sequence[int]) -> list[Stored | Failed]:
         """Make each anonymous file of the repository's object store (see
         `Repository.new_object_file`) its object."""
