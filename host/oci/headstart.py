@@ -36,15 +36,16 @@ from pycfs.host.oci.layerfiles import (
 from pycfs.host.storage.image import ImageSource
 from pycfs.host.storage.store import ImageLayer
 from pycfs.host.storage.tarsplit import FileEntry, Segment, open_entries
-from pycfs.host.workers.batching import batch_files
+from pycfs.host.workers.batching import batch_files, batches_in_flight
 from pycfs.host.workers.fork import Forked, send_early
 from pycfs.protocol import worker_api as api
 
 # Store requests written to each forked worker before the event loop: enough to keep it busy
-# while trio is imported and the pull starts. Nothing reads their answers until the pool
-# starts; a few answers (~17 KB each) fit the socket's buffer many times over, so a worker
-# never blocks writing one while this process writes it the next request.
-EARLY_PER_WORKER = 3
+# while trio is imported and the pull starts (within half the open-file limit in all: their
+# fds are in flight until the worker reads each request). Nothing reads their answers until
+# the pool starts; a few answers (~17 KB each) fit the socket's buffer many times over, so a
+# worker never blocks writing one while this process writes it the next request.
+EARLY_PER_WORKER = 4
 # Tar-split chunks read for them at most (as many as the import holds unwritten).
 HEAD_CHUNKS = 4
 
@@ -100,7 +101,9 @@ def head_start(source: ImageSource, index: int, forked: Sequence[Forked]) -> Hea
         files.close()
         return None
     head = HeadStart(index, layer, files, reader, stack)
-    workers = itertools.chain.from_iterable(itertools.repeat(forked, EARLY_PER_WORKER))
+    files_per_batch = batch_files()
+    most = batches_in_flight(len(forked), files_per_batch, EARLY_PER_WORKER)
+    workers = itertools.islice(itertools.cycle(forked), most)
     request_ids = itertools.count(1)
     try:
         while len(head.chunks) < HEAD_CHUNKS:
@@ -112,7 +115,7 @@ def head_start(source: ImageSource, index: int, forked: Sequence[Forked]) -> Hea
             if not entries:
                 break
             head.chunks.append(entries)
-            for batch in file_batches(stored_files(entries), batch_files()):
+            for batch in file_batches(stored_files(entries), files_per_batch):
                 worker = next(workers, None)
                 if worker is None or not _send(head, worker, next(request_ids), [entry for _, entry in batch]):
                     return head

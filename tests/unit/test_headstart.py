@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -65,15 +66,17 @@ sys.exit(code)
 """
 
 
-def _pull(tmp_path: Path, fake: FakeStore, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+def _pull(tmp_path: Path, fake: FakeStore, jobs: int = 2, open_files: int | None = None
+          ) -> tuple[subprocess.CompletedProcess, dict]:
     repo = tmp_path / "repo"
     if not repo.exists():
         Repository.init(repo).close()
     record = tmp_path / "seen.json"
-    argv = ["--repo", str(repo), "oci", "pull", "--storage-root", str(fake.root), "--jobs", "2", "--progress=none",
-            *extra, REF, "img"]
+    argv = ["--repo", str(repo), "oci", "pull", "--storage-root", str(fake.root), "--jobs", str(jobs),
+            "--progress=none", REF, "img"]
+    limit = None if open_files is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files,) * 2)
     p = subprocess.run([sys.executable, "-c", SPY, str(record), *argv], capture_output=True, text=True, cwd="/",
-                       timeout=120)
+                       timeout=120, preexec_fn=limit)
     return p, json.loads(record.read_text())
 
 
@@ -93,6 +96,19 @@ def test_the_first_files_go_to_the_forked_workers_before_trio(tmp_path, fake):
     assert len(early) >= 4 and all(method == "store" and fds > 0 and not trio for method, fds, trio in early)
     assert sum(fds for _, fds, _ in early) > FILES // 2
     assert seen["spawned"] == 0
+    for layer in fake.layers:
+        assert _layer(tmp_path / "repo", layer.diff_id) == layer.tar
+
+
+def test_early_files_stay_within_half_the_open_file_limit(tmp_path, fake):
+    """Fds written to the workers before the pool reads anything are in flight until each
+    worker reads its request, and the kernel refuses more in flight than the open-file
+    limit: at 1024 (batches of 128 files) the head start sends 4 batches in all, whatever
+    the number of workers."""
+    p, seen = _pull(tmp_path, fake, jobs=8, open_files=1024)
+    assert p.returncode == 0, p.stderr
+    sent = [fds for _, fds, _ in seen["early"]]
+    assert len(sent) == 4 and max(sent) == 128 and sum(sent) > 500
     for layer in fake.layers:
         assert _layer(tmp_path / "repo", layer.diff_id) == layer.tar
 
