@@ -148,3 +148,16 @@ def test_a_fifo_among_the_first_files_is_refused_unopened(tmp_path, fake):
     assert p.stderr.strip().splitlines() == [
         f"pycfs: error: d/f0003 (layer {fake.layers[0].id[:12]}, {diff}) is a fifo, not a regular file"]
     assert not list((tmp_path / "repo/streams").glob("oci-layer-*"))
+
+
+def test_a_file_changed_among_the_first_files_fails_its_early_request(tmp_path, fake):
+    """A same-size change to a file the head start sends: the forked worker refuses it on
+    the tar-split's checksum, the pull fails naming it, nothing is committed."""
+    diff = fake.root / "overlay" / fake.layers[0].id / "diff"
+    (diff / "d/f0005").write_bytes(_content(5)[::-1])
+    p, seen = _pull(tmp_path, fake)
+    assert p.returncode == 1 and seen["early"]
+    assert p.stderr.strip().splitlines() == [
+        f"pycfs: error: cannot store d/f0005 (layer {fake.layers[0].id[:12]}, {diff}): its content does not match "
+        "the layer's tar-split checksum (CRC-64)"]
+    assert not list((tmp_path / "repo/streams").glob("oci-layer-*"))
