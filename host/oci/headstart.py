@@ -3,7 +3,8 @@
 Once `pycfs.host.oci.repull` has looked (the image read under the c/storage read locks,
 which it keeps for the pull) and the object workers are forked, the CLI opens the first
 layer to import's tar-split, reads its first chunks, opens the first batches of their files
-and writes each forked worker EARLY_PER_WORKER store requests of them (`Forked.early`).
+and writes each forked worker up to EARLY_PER_WORKER store requests of them
+(`Forked.early`).
 The workers store those files while this process imports trio and starts the pull (~0.1 s
 of CPU, most of the start-up the workers sat idle through); the layer's import
 (`pycfs.host.oci.cstorage.LayerImport`) then goes on from there with the same reader and
