@@ -23,7 +23,7 @@ import signal
 import stat
 import string
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -758,19 +758,35 @@ class Repository:
         every object and named ref it lists is present. A pull takes a stored layer only when
         this says so, so a damaged or half-deleted one is imported again (self-healing).
         Objects' contents are not re-hashed here (that is `pycfs fsck`)."""
-        object_id = self.has_stream(name)
-        if object_id is None:
-            return None
-        try:
-            data = self.read_object(object_id)
-            if digest_bytes(data, self.alg) != object_id:
-                return None
-            reader = SplitStreamReader(data, self.alg)
-        except (PycfsError, OSError):
-            return None
-        if self.has_objects([*reader.object_refs, *reader.named_refs.values()]):
-            return object_id
-        return None
+        found = self.intact_streams([name])
+        return found[0] if found else None
+
+    def intact_streams(self, names: Sequence[str]) -> list[bytes]:
+        """The ids of the longest run of streams from the first of ``names`` that are each
+        `intact_stream`. The objects of the run are looked up together (an image's layers
+        spread over the same 256 directories, each then listed once rather than once a
+        layer); only when one is missing are the streams looked at one by one."""
+        run: list[tuple[bytes, list[bytes]]] = []
+        for name in names:
+            object_id = self.has_stream(name)
+            if object_id is None:
+                break
+            try:
+                data = self.read_object(object_id)
+                if digest_bytes(data, self.alg) != object_id:
+                    break
+                reader = SplitStreamReader(data, self.alg)
+            except (PycfsError, OSError):
+                break
+            run.append((object_id, [*reader.object_refs, *reader.named_refs.values()]))
+        if self.has_objects(ref for _, refs in run for ref in refs):
+            return [object_id for object_id, _ in run]
+        intact = []
+        for object_id, refs in run:
+            if not self.has_objects(refs):
+                break
+            intact.append(object_id)
+        return intact
 
     def write_stream(self, writer: SplitStreamWriter, name: str, ref: str | None = None, *,
                      refs_durable: bool = False) -> bytes:

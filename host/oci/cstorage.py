@@ -40,7 +40,8 @@ import trio
 from pycfs.host.errors import PycfsError
 from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.headstart import EarlyBatch, HeadStart
-from pycfs.host.oci.image import ImageTree, finish_pull
+from pycfs.host.oci.image import finish_pull
+from pycfs.host.oci.merge import ImageTree
 from pycfs.host.oci.layer import LayerEntryCollector
 from pycfs.host.oci.result import ImportStats, PullResult, containers_storage_result
 from pycfs.host.progress import PullProgress

@@ -41,6 +41,7 @@ from pycfs.host.oci.tar import (
     TarReader,
 )
 from pycfs.host.oci.result import ImportStats
+from pycfs.host.oci.streams import parse_digest
 from pycfs.host.repository import Repository
 from pycfs.protocol.zstdframes import ZstdFrameChecker, ZstdFrameError
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamReader, SplitStreamWriter
@@ -53,19 +54,9 @@ _PIECE = 1 << 20
 # record size, 10 KiB by default; an endless tail (say, a decompression bomb of zeros) is refused.
 MAX_TRAILING = 16 << 20
 
-DIGEST_ALGORITHMS = {"sha256": 64, "sha512": 128}
-
 
 class LayerDigestError(PycfsError):
     """The bytes read do not have the digest they were announced with."""
-
-
-def parse_digest(digest: str, what: str = "digest") -> tuple[str, str]:
-    """Split and check an OCI digest string `sha256:<hex>` → (algorithm, hex)."""
-    alg, sep, hexpart = digest.partition(":")
-    if not sep or DIGEST_ALGORITHMS.get(alg) != len(hexpart) or hexpart.strip("0123456789abcdef"):
-        raise PycfsError(f"invalid {what} {digest!r}: expected sha256:<64 lowercase hex> or sha512:<128 hex>")
-    return alg, hexpart
 
 
 class HashingReader:

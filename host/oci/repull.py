@@ -2,8 +2,8 @@
 
 It reads and checks what `pycfs.host.oci.cstorage.pull_image` does: the image is looked up
 and read under the c/storage read locks (so a changed manifest, config or layer list is
-seen), and each layer's stream is taken only when `Repository.intact_stream` says so (its
-own object hashes to its name, every object it lists is present). Then the same finish,
+seen), and the layers' streams are taken only when `Repository.intact_streams` says each is intact
+(its own object hashes to its name, every object it lists is present). Then the same finish,
 `finish_pull`: the recorded config compared, the EROFS image re-hashed and rebuilt when
 missing or damaged, the config and manifest streams and the tag written. Only trio, the
 object worker processes and the helper client are left out: a pull needs them to import a
@@ -41,16 +41,12 @@ def pull_if_stored(repo: Repository, image: str, tag: str | None, options: PullO
         return None  # podman is writing: the full pull waits, and says so
     try:
         found = read_image(storage, name)
-        layers = []
-        for layer in found.layers:
-            stream_id = repo.intact_stream(f"oci-layer-{layer.diff_id}")
-            if stream_id is None:
-                break
-            layers.append((layer.diff_id, stream_id))
+        diff_ids = [layer.diff_id for layer in found.layers]
+        stream_ids = repo.intact_streams([f"oci-layer-{d}" for d in diff_ids])
     except BaseException:
         locks.release()
         raise
-    if len(layers) < len(found.layers):
+    if len(stream_ids) < len(diff_ids):
         # The full pull takes the locks over: `podman rmi` cannot come between this look and
         # the import. Not when it starts the helper first (--helper always): `podman unshare`
         # takes podman's locks for writing.
@@ -58,13 +54,14 @@ def pull_if_stored(repo: Repository, image: str, tag: str | None, options: PullO
             locks.release()
         else:
             options.storage_locks = locks
-            options.looked = (found, len(layers))
+            options.looked = (found, len(stream_ids))
         return None
     locks.release()
     # Only here: a pull with a layer to import forks its workers as soon as this returns,
     # and they need none of the image code (the pull imports it after the fork).
     from pycfs.host.oci.image import finish_pull
 
+    layers = list(zip(diff_ids, stream_ids))
     # The full pull's reports, in its order, now that there is no work to report.
     progress = options.progress
     if progress is not None:

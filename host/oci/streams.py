@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import MAX_JSON_DOCUMENT, parse_object
-from pycfs.host.oci.layer import parse_digest
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_CONFIG, CONTENT_OCI_MANIFEST, SplitStreamReader, SplitStreamWriter
 
@@ -28,6 +27,15 @@ MANIFEST_PREFIX = "oci-manifest-"
 CONFIG_PREFIX = "oci-config-"
 CONFIG_REF_PREFIX = "config:"
 IMAGE_REF_PREFIX = "composefs.image"
+DIGEST_ALGORITHMS = {"sha256": 64, "sha512": 128}
+
+
+def parse_digest(digest: str, what: str = "digest") -> tuple[str, str]:
+    """Split and check an OCI digest string `sha256:<hex>` → (algorithm, hex)."""
+    alg, sep, hexpart = digest.partition(":")
+    if not sep or DIGEST_ALGORITHMS.get(alg) != len(hexpart) or hexpart.strip("0123456789abcdef"):
+        raise PycfsError(f"invalid {what} {digest!r}: expected sha256:<64 lowercase hex> or sha512:<128 hex>")
+    return alg, hexpart
 
 
 def config_stream_name(digest: str) -> str:

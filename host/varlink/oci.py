@@ -14,7 +14,8 @@ import trio
 from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import parse_object
 from pycfs.host.oci.image import IMAGE_REF_NAMES, compute_image_id, finish_pull, format_versions
-from pycfs.host.oci.layer import LayerEntry, layer_stream_name, parse_digest
+from pycfs.host.oci.layer import LayerEntry, layer_stream_name
+from pycfs.host.oci.streams import parse_digest
 from pycfs.host.oci.streams import list_images, open_image, tag_image, untag_image
 from pycfs.host.repository import Repository
 from pycfs.host.varlink import idl

@@ -11,7 +11,7 @@ import pytest
 import trio
 from pycfs.host.errors import PycfsError
 from pycfs.host.oci import copy as copy_module
-from pycfs.host.oci import image as image_module
+from pycfs.host.oci import merge as merge_module
 from pycfs.host.repository import Repository
 from pycfs.host.streamcat import iter_stream_bytes
 from pycfs.tools.cli import main
@@ -27,8 +27,8 @@ def test_copy_builds_the_image_without_reading_layers_back(tmp_path, capsys, mon
         assert main(["--repo", str(repo), "init"]) == 0
     assert main(["--repo", str(src), "oci", "pull", f"oci:{built.path}", "img"]) == 0
     read_back = []
-    real_iter = image_module.iter_layer_entries
-    monkeypatch.setattr(image_module, "iter_layer_entries", lambda reader: read_back.append(reader) or real_iter(reader))
+    real_iter = merge_module.iter_layer_entries
+    monkeypatch.setattr(merge_module, "iter_layer_entries", lambda reader: read_back.append(reader) or real_iter(reader))
     capsys.readouterr()
     assert main(["--repo", str(dest), "oci", "copy", "img", "--from", str(src), "--name", "img", "--json"]) == 0
     assert read_back == []

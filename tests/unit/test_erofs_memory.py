@@ -34,7 +34,7 @@ _IN_PULL = """
 import hashlib, json, sys
 from pycfs.host.erofs.writer import image_buffer
 from pycfs.host.fsverity import digest_bytes
-from pycfs.host.oci.image import apply_entry, normalize_for_oci
+from pycfs.host.oci.merge import apply_entry, normalize_for_oci
 from pycfs.host.oci.layer import Directory as DirEntry, LayerEntry
 from pycfs.host.tree import Directory, External, FileSystem, Inline, Stat
 

@@ -191,9 +191,10 @@ def test_pull_self_heals_missing_layer_objects_and_image(capsys, tmp_path, layou
 
 def test_failed_image_build_leaves_no_tag(capsys, tmp_path, layout, monkeypatch):
     from pycfs.host.oci import image
+    from pycfs.host.oci.merge import ImageBuildError
 
     def broken(*a, **kw):
-        raise image.ImageBuildError("simulated build failure")
+        raise ImageBuildError("simulated build failure")
 
     monkeypatch.setattr(image, "_write_images", broken)
     repo = tmp_path / "repo"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pycfs.host.oci.image import ImageBuildError, apply_entry
+from pycfs.host.oci.merge import ImageBuildError, apply_entry
 from pycfs.host.oci.layer import Directory as DirEntry
 from pycfs.host.oci.layer import Hardlink, LayerEntry
 from pycfs.host.tree import Directory, Inline, Leaf, Stat

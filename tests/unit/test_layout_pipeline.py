@@ -21,7 +21,7 @@ from imagebuild import Device, Dir, File, Hardlink, ImageSpec, Opaque, Symlink, 
 from pycfs.host.erofs.writer import write_image as write_erofs
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
-from pycfs.host.oci import image as image_module
+from pycfs.host.oci import merge as merge_module
 from pycfs.host.oci.layer import PendingFile, close_pieces, layer_stream_name
 from pycfs.host.oci.layout import _PieceSource, pull_oci_layout
 from pycfs.host.oci.streams import list_images
@@ -184,13 +184,13 @@ def test_image_from_the_entries_parsed_in_the_import(tmp_path, monkeypatch, comp
     spec = ImageSpec(MERGING.layers, gzip=compression == "gzip")
     built = build_layout(spec, tmp_path / "oci")
     read_back = []
-    real_iter = image_module.iter_layer_entries
-    monkeypatch.setattr(image_module, "iter_layer_entries",
+    real_iter = merge_module.iter_layer_entries
+    monkeypatch.setattr(merge_module, "iter_layer_entries",
                         lambda reader: read_back.append(reader) or real_iter(reader))
     with Repository.init(tmp_path / "repo") as repo:
         result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", jobs=2))
         assert read_back == [] and set(result.images) == {repo.erofs_default}
-        fs = image_module.build_filesystem(repo, built.diff_ids, dict(result.layers))
+        fs = merge_module.build_filesystem(repo, built.diff_ids, dict(result.layers))
         assert len(read_back) == 3
         assert repo.read_object(result.images[repo.erofs_default]) == write_erofs(fs, repo.erofs_default)
         assert sorted(fs.root.lookup(b"/opt/keep").entries) == [b"new"]

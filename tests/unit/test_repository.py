@@ -144,6 +144,34 @@ def test_streams_refs_and_relative_symlinks(repo):
     assert not [n for n in os.listdir(repo.path) if n.startswith(".symlink-")]
 
 
+def test_intact_streams_longest_intact_run(repo):
+    """The streams from the first that are each intact: every object it lists is present
+    (looked up once for all) and the stream's own object hashes to its name."""
+    names, bodies = [], []
+    for i in range(4):
+        body = repo.ensure_object(bytes([i]) * 300)
+        w = repo.new_stream(CONTENT_OCI_LAYER)
+        w.write_inline(b"h%d" % i)
+        w.write_external(body, 300)
+        names.append(f"oci-layer-sha256:{i:064x}")
+        bodies.append(body)
+        repo.write_stream(w, names[-1])
+    ids = [repo.has_stream(n) for n in names]
+    assert repo.intact_streams(names) == ids
+    assert repo.intact_streams([names[2], names[0], names[2]]) == [ids[2], ids[0], ids[2]]
+    assert repo.intact_stream(names[1]) == ids[1]
+    assert repo.intact_streams([names[0], "oci-layer-sha256:" + "e" * 64, *names[1:]]) == ids[:1]
+    assert repo.intact_streams([]) == []
+    repo.object_path(bodies[2]).unlink()  # the third stream lists an object that is gone
+    assert repo.intact_streams(names) == ids[:2]
+    assert repo.intact_stream(names[2]) is None and repo.intact_stream(names[3]) == ids[3]
+    damaged = repo.object_path(ids[1])
+    damaged.chmod(0o644)
+    damaged.write_bytes(damaged.read_bytes()[:-1])
+    assert repo.intact_streams(names) == ids[:1]
+    assert repo.intact_streams([names[3], names[0]]) == [ids[3], ids[0]]
+
+
 def test_images_and_refs(repo):
     iid = repo.write_image(b"\0" * 4096, ref="mine")
     assert os.readlink(repo.path / "images" / iid.hex()) == f"../objects/{iid.hex()[:2]}/{iid.hex()[2:]}"

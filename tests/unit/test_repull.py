@@ -302,15 +302,11 @@ def test_verify_diffid_and_oci_layouts_take_the_full_pull(pulled, tmp_path):
 
 # Runs the CLI with stderr on a terminal (rich's mode), then lists the heavy modules it loaded.
 HEAVY = r"""
-import runpy, sys
-sys.argv = ["pycfs", *sys.argv[1:]]
-code = None
-try:
-    runpy.run_module("pycfs.tools.cli", run_name="__main__")
-except SystemExit as e:
-    code = e.code
+import sys
+from pycfs.tools.cli import main
+code = main(sys.argv[1:])
 heavy = ("trio", "rich", "pycfs.host.workers", "pycfs.host.helperclient", "pycfs.host.oci.cstorage",
-         "pycfs.host.erofs.writer")
+         "pycfs.host.erofs.writer", "pycfs.host.oci.merge", "pycfs.host.tree")
 print(code, sorted(m for m in sys.modules if m in heavy or m.split(".")[0] in heavy), file=sys.stdout)
 """
 
@@ -376,6 +372,7 @@ def test_no_op_repull_loads_no_event_loop_workers_helper_or_rich(pulled):
     _delete_layer_link(pulled, pulled.repo)
     code, heavy = _heavy_modules(pulled.argv())
     assert code == "0"
-    assert {"trio", "pycfs.host.workers", "pycfs.host.helperclient", "pycfs.host.oci.cstorage", "rich"} <= {
+    assert {"trio", "pycfs.host.workers", "pycfs.host.helperclient", "pycfs.host.oci.cstorage", "rich",
+            "pycfs.host.oci.merge", "pycfs.host.tree"} <= {
         m.split(".")[0] if m.startswith(("trio", "rich")) else m for m in heavy}
     shutil.rmtree(pulled.repo)

@@ -23,8 +23,8 @@ from pycfs.host.fsck import fsck
 from pycfs.host.oci import cstorage
 from pycfs.host.erofs.writer import write_image as write_erofs
 from pycfs.host.fsverity import digest_bytes
-from pycfs.host.oci import image as image_module
-from pycfs.host.oci.image import build_filesystem
+from pycfs.host.oci import merge as merge_module
+from pycfs.host.oci.merge import build_filesystem
 from pycfs.host.oci.layer import Hardlink, LayerEntry, import_layer
 from pycfs.host.oci.result import PullResult
 from pycfs.host.progress import PullProgress
@@ -344,8 +344,8 @@ def test_image_from_the_entries_parsed_in_the_import(tmp_path, repo, monkeypatch
     layers = _merging_image(fake)
     diff_ids = [layer.diff_id for layer in layers]
     read_back = []
-    real_iter = image_module.iter_layer_entries
-    monkeypatch.setattr(image_module, "iter_layer_entries",
+    real_iter = merge_module.iter_layer_entries
+    monkeypatch.setattr(merge_module, "iter_layer_entries",
                         lambda reader: read_back.append(reader) or real_iter(reader))
 
     result = _pull(repo, fake, parse_layers=True)
@@ -412,19 +412,19 @@ def test_image_tree_gives_way_to_the_stored_streams_when_broken(tmp_path, repo):
     layers = _merging_image(fake)
     result = _pull(repo, fake)
     ids = [stream_id for _, stream_id in result.layers]
-    entries = list(image_module.stored_entries(repo, ids[0]))
+    entries = list(merge_module.stored_entries(repo, ids[0]))
     dangling = LayerEntry(b"/x", entries[1].stat, Hardlink(b"/nowhere"))
     for bad in ([*entries, dangling], None):
-        tree = image_module.ImageTree(repo)
+        tree = merge_module.ImageTree(repo)
         tree.apply(bad)
         tree.end_layer(ids[0])
         assert tree.broken and tree.filesystem(ids[:1]) is None
-    tree = image_module.ImageTree(repo)
+    tree = merge_module.ImageTree(repo)
     tree.add_stored(ids[0])
-    tree.apply(image_module.stored_entries(repo, ids[1]))
+    tree.apply(merge_module.stored_entries(repo, ids[1]))
     tree.end_layer(ids[1])
     assert tree.filesystem(ids[:1]) is None  # not the layers it was built from
-    tree = image_module.ImageTree(repo)
+    tree = merge_module.ImageTree(repo)
     for layer_id in ids:
         tree.add_stored(layer_id)
     fs = tree.filesystem(ids)

@@ -7,7 +7,7 @@ import hashlib
 import tarfile
 import tracemalloc
 
-from pycfs.host.oci.image import apply_entry, normalize_for_oci
+from pycfs.host.oci.merge import apply_entry, normalize_for_oci
 from pycfs.host.oci.layer import LayerEntryCollector
 from pycfs.host.tree import Directory, External, Inline, Leaf, SharedStats, Stat
 
@@ -107,7 +107,8 @@ def test_image_tree_keeps_its_objects_out_of_collections_until_it_is_written(tmp
     built, or when the pull ends without one (finish_pull, whatever happened)."""
     import gc
 
-    from pycfs.host.oci.image import ImageTree, finish_pull
+    from pycfs.host.oci.image import finish_pull
+    from pycfs.host.oci.merge import ImageTree
     from pycfs.host.repository import Repository
 
     repo = Repository.init(tmp_path / "repo")

@@ -73,7 +73,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_import_layer(args: argparse.Namespace) -> int:
-    from pycfs.host.oci.layer import import_layer, parse_digest
+    from pycfs.host.oci.layer import import_layer
+    from pycfs.host.oci.streams import parse_digest
     from pycfs.tools.common import open_repo
 
     parse_digest(args.diff_id, "diff_id")
