@@ -63,7 +63,9 @@ class ChildProcess:
         self.pid = popen.pid
         import trio  # here, not at the top: `pycfs measure` forks its workers before importing trio
 
-        self._pidfd = os.pidfd_open(popen.pid)
+        # A forked worker may be reaped already (one found gone as it was written its
+        # early requests): its status is known, there is nothing to wait on.
+        self._pidfd = os.pidfd_open(popen.pid) if popen.poll() is None else -1
         self._waiting = trio.Lock()  # one task at a time may wait on the pidfd
 
     @property

@@ -15,10 +15,11 @@ written (`LayerEntryCollector`) and merged into the image's tree (`ImageTree`) w
 import goes on: the image build after it only normalises and writes the tree.
 
 Files are opened beneath the layer directory with openat2 (RESOLVE_CONFINED, O_NOFOLLOW):
-nothing a tar-split names can lead outside it. A file the user may not open (owned by a
-user-namespace uid) goes to the helper, which hands back an fd; without a helper that is an
-error naming the file, never a silent skip. An overlay metacopy stub (metadata only) is
-looked up in the layer's ancestors.
+nothing a tar-split names can lead outside it (`pycfs.host.oci.layerfiles`, which the CLI's
+head start, `pycfs.host.oci.headstart`, shares to begin the first layer before trio). A
+file the user may not open (owned by a user-namespace uid) goes to the helper, which hands
+back an fd; without a helper that is an error naming the file, never a silent skip. An
+overlay metacopy stub (metadata only) is looked up in the layer's ancestors.
 
 The c/storage read locks are held from the image lookup until the last layer file is
 stored, so `podman rmi` waits for us instead of deleting what we read.
@@ -29,51 +30,42 @@ from __future__ import annotations
 import collections
 import errno
 import hashlib
-import itertools
 import os
-import stat
 import functools
-import threading
 import time
-from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import trio
 
-from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.nursery import open_nursery
+from pycfs.host.oci.headstart import EarlyBatch, HeadStart
 from pycfs.host.oci.image import finish_pull
 from pycfs.host.oci.merge import ImageTree
 from pycfs.host.oci.layer import LayerEntryCollector
 from pycfs.host.oci.result import ImportStats, PullResult, containers_storage_result
-from pycfs.host.fsverity import read_ahead
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.streamcat import stream_digest
 from pycfs.host.storage.image import ImageSource, read_image
 from pycfs.host.storage.locks import ReadLocks
-from pycfs.host.storage.store import ImageLayer, Storage, Store, StorageError
-from pycfs.host.storage.tarsplit import (
-    FileEntry,
-    Segment,
-    check_name,
-    closed_to_user,
-    crc64_iso,
-    header_only_kind,
-    open_entries,
+from pycfs.host.storage.store import ImageLayer, Storage, StorageError
+from pycfs.host.storage.tarsplit import FileEntry, Segment, open_entries
+from pycfs.host.oci.layerfiles import (
+    CHUNK_ENTRIES,
+    LayerFiles,
+    TarSplitReader,
+    file_batches,
+    inline_or_fd,
+    open_batch,
+    stored_files,
 )
-from pycfs.host.workers.batching import BATCH_BYTES, batch_files
+from pycfs.host.workers.batching import batch_files
 from pycfs.host.workers.fork import Forked
 from pycfs.host.workers.pool import Failed, WorkerPool, open_pool
-from pycfs.protocol.helper_api import layer_dir
+from pycfs.protocol.worker_api import Stored
 
-INLINE_CONTENT_MAX = 64  # format constant shared with the tar path: larger files are objects
-_METACOPY_XATTRS = ("user.overlay.metacopy", "trusted.overlay.metacopy")
-_REDIRECT_XATTRS = ("user.overlay.redirect", "trusted.overlay.redirect")
-_DENIED = (errno.EACCES, errno.EPERM)
-CHUNK_ENTRIES = 1024  # tar-split entries read at a time
 CHUNKS_IN_FLIGHT = 4  # read ahead of the writer: bounds memory whatever the layer's size
 HELPER_BATCH = 128  # paths per helper call: bounded by the helper client's fd budget
 # Layer imports begun and not finished: the next one starts while the one before drains,
@@ -103,186 +95,6 @@ class HelperOpener(FdOpener, Protocol):
         """Stop the helper (and its `podman unshare`), if started; again: nothing."""
 
 
-# ---- opening layer files --------------------------------------------------------------
-
-
-class _Denied(Exception):
-    """The user may not open this file: the helper must."""
-
-
-class LayerFiles:
-    """Opens a layer's files beneath its directory, falling back to ancestors for metacopy stubs."""
-
-    def __init__(self, store: Store, layer_id: str) -> None:
-        self.store = store
-        self.layer_id = layer_id
-        self._chain: list[str] | None = None
-        self._dirfds: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def chain(self) -> list[str]:
-        if self._chain is None:
-            self._chain = [self.layer_id] + self.store.lower_layer_ids(self.layer_id)
-        return self._chain
-
-    def dirfd(self, layer_id: str) -> int:
-        with self._lock:  # worker threads share the directory fds
-            fd = self._dirfds.get(layer_id)
-            if fd is None:
-                path = self.store.layer_dir(layer_id)
-                fd = self._open_layer_dir(layer_id, path)
-                self._dirfds[layer_id] = fd
-            return fd
-
-    def _open_layer_dir(self, layer_id: str, path: os.PathLike[str]) -> int:
-        """The layer directory, reached from the storage root with no symlink on the way:
-        `overlay/<id>/diff` replaced by a symlink would otherwise lead the import anywhere
-        the user can read (the storage root itself is the user's own configuration)."""
-        try:
-            root = os.open(self.store.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            raise StorageError(f"cannot open the storage root {self.store.root}: {e.strerror}") from e
-        try:
-            return syscalls.openat2(root, layer_dir(self.store.driver, layer_id),
-                                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
-                                    syscalls.RESOLVE_CONFINED)
-        except OSError as e:
-            if e.errno in _DENIED:
-                # The layer's root belongs to a user-namespace uid: every file goes to the helper.
-                raise _Denied(path) from e
-            if e.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
-                raise StorageError(f"layer directory {path} is or passes through a symlink, or is no directory: "
-                                   "refused") from e
-            raise StorageError(f"cannot open layer directory {path}: {e.strerror}") from e
-        finally:
-            os.close(root)
-
-    def close(self) -> None:
-        fds, self._dirfds = self._dirfds, {}
-        for fd in fds.values():
-            os.close(fd)
-
-    def describe(self, relpath: bytes) -> str:
-        return f"{os.fsdecode(relpath)} (layer {self.layer_id[:12]}, {self.store.layer_dir(self.layer_id)})"
-
-    def open(self, relpath: bytes, size: int) -> tuple[int, os.stat_result]:
-        """A read-only fd for the content of `relpath`, and its fstat; raises _Denied on EACCES/EPERM.
-
-        The file must be in the layer's own directory (its tar-split lists it): a lower
-        layer's file is taken only for an overlay metacopy stub, whose data lives below."""
-        opened = self._open_regular(self.layer_id, relpath, relpath)
-        if opened is None:
-            raise PycfsError(f"{self.describe(relpath)} is missing from the layer directory")
-        fd, st = opened
-        below = self.metacopy_lookup(fd, st, size, relpath)
-        if below is None:
-            return fd, st
-        os.close(fd)
-        for layer_id in self.chain()[1:]:
-            opened = self._open_regular(layer_id, below, relpath)
-            if opened is None:
-                continue
-            fd, st = opened
-            deeper = self.metacopy_lookup(fd, st, size, below)
-            if deeper is None:
-                return fd, st
-            os.close(fd)
-            below = deeper
-        raise PycfsError(f"{self.describe(relpath)} is an overlay metacopy stub whose data is in no layer below it")
-
-    def _open_regular(self, layer_id: str, path: bytes, relpath: bytes) -> tuple[int, os.stat_result] | None:
-        """Open `path` beneath the layer only if it is a regular file (fd and fstat); None when absent.
-
-        An O_PATH probe first, and fstat on it: a fifo would block a real open forever and
-        a device's open has side effects, so nothing but a regular file is ever opened. The
-        real open goes through the probe's own /proc/self/fd link (the same inode, no second
-        path walk to race with) and re-checks permission, so EACCES still sends the file to
-        the helper. The probe's fstat stands for the opened file: no second one (a syscall
-        less per file)."""
-        try:
-            probe = syscalls.openat2(
-                self.dirfd(layer_id), path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0, syscalls.RESOLVE_CONFINED
-            )
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                return None
-            if e.errno in _DENIED:
-                raise _Denied(relpath) from e
-            if e.errno in (errno.ELOOP, errno.EXDEV):
-                raise PycfsError(f"{self.describe(relpath)} is a symlink or leads outside the layer") from e
-            raise PycfsError(f"cannot open {self.describe(relpath)}: {e.strerror}") from e
-        try:
-            st = os.fstat(probe)
-            if not stat.S_ISREG(st.st_mode):
-                raise PycfsError(f"{self.describe(relpath)} is {_file_kind(st.st_mode)}, not a regular file")
-            try:
-                fd = os.open(f"/proc/self/fd/{probe}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-            except OSError as e:
-                if e.errno in _DENIED:
-                    raise _Denied(relpath) from e
-                raise PycfsError(f"cannot open {self.describe(relpath)}: {e.strerror}") from e
-        finally:
-            os.close(probe)
-        return fd, st
-
-    @staticmethod
-    def metacopy_lookup(fd: int, st: os.stat_result, size: int, path: bytes) -> bytes | None:
-        """None for a real file; for an overlay metacopy stub, the path to look up in lower layers."""
-        if st.st_blocks or not size:
-            return None  # a stub has no data blocks: checking xattrs only then keeps this cheap
-        if not any(_has_xattr(fd, name) for name in _METACOPY_XATTRS):
-            return None
-        for name in _REDIRECT_XATTRS:
-            try:
-                target = os.getxattr(fd, name)
-            except OSError:
-                continue
-            # An absolute redirect is from the layer root; a relative one replaces the last component.
-            below = target.lstrip(b"/") if target.startswith(b"/") else os.path.join(os.path.dirname(path), target)
-            check_name(below, "overlay redirect")
-            return below
-        return path
-
-
-_KINDS = {stat.S_IFIFO: "a fifo", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symlink"}
-
-
-def _file_kind(mode: int) -> str:
-    return _KINDS.get(stat.S_IFMT(mode), f"of type {stat.S_IFMT(mode):o}")
-
-
-def _has_xattr(fd: int, name: str) -> bool:
-    try:
-        os.getxattr(fd, name)
-    except OSError as e:
-        if e.errno == errno.ERANGE:
-            return True
-        if e.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
-            return False
-        raise
-    return True
-
-
-def _check_fd(fd: int, entry: FileEntry, files: LayerFiles, st: os.stat_result) -> None:
-    if not stat.S_ISREG(st.st_mode):
-        raise PycfsError(f"{files.describe(entry.relpath)} is not a regular file")
-    if st.st_size != entry.size:
-        raise PycfsError(
-            f"{files.describe(entry.relpath)} has {st.st_size} bytes but the layer's tar-split says {entry.size}"
-        )
-
-
-def _read_small(fd: int, entry: FileEntry, files: LayerFiles, st: os.stat_result) -> bytes:
-    _check_fd(fd, entry, files, st)
-    data = os.pread(fd, entry.size, 0)
-    if len(data) != entry.size:
-        raise PycfsError(f"short read of {files.describe(entry.relpath)}")
-    if entry.crc64 is not None and crc64_iso(data) != entry.crc64:
-        raise PycfsError(f"content of {files.describe(entry.relpath)} does not match the tar-split checksum")
-    return data
-
-
 # ---- one layer ------------------------------------------------------------------------
 
 
@@ -292,7 +104,7 @@ class _Chunk:
     def __init__(self, entries: list[Segment | FileEntry]) -> None:
         self.entries = entries
         self.content: dict[int, bytes | tuple[bytes, int]] = {}  # index -> inline bytes or (object id, size)
-        self.files = [(i, e) for i, e in enumerate(entries) if isinstance(e, FileEntry) and e.size > 0]
+        self.files = stored_files(entries)
         self.pending = len(self.files)
         self.done = trio.Event()
         if not self.pending:
@@ -325,6 +137,9 @@ class LayerImport:
     files while this layer's last ones are stored and its stream is written, instead of
     idling at each layer's end. What must stay in layer order waits for `after`, the layer
     before's `finished`: merging entries into the image's tree, and committing the stream.
+
+    A layer begun before the event loop (`head`) goes on from there: its chunks read
+    already are dealt first, the batches sent early taken from the pool in their place.
     """
 
     def __init__(
@@ -340,9 +155,12 @@ class LayerImport:
         batches: trio.MemorySendChannel,
         tree: ImageTree | None = None,
         after: trio.Event | None = None,
+        head: HeadStart | None = None,
     ) -> None:
         """``batches``: where the reader deals its batches, for `coordinate` (this closes its
-        own clone of it); ``after``: the layer before's `finished` (None: none is pending)."""
+        own clone of it); ``after``: the layer before's `finished` (None: none is pending);
+        ``head``: this layer, begun before the event loop (its reader and files are this
+        import's now)."""
         self.repo = repo
         self.pool = pool
         self.layer = layer
@@ -350,16 +168,14 @@ class LayerImport:
         self.limiter = limiter
         self.helper = helper
         self.progress = progress
-        self.files = LayerFiles(layer.store, layer.layer.id)
+        self.head = head
+        self.files = head.files if head is not None else LayerFiles(layer.store, layer.layer.id)
         self.writer = repo.new_stream(CONTENT_OCI_LAYER)
         self.hasher = hashlib.sha256() if verify_diffid else None
         # the layer's entries, parsed from what is written, go to the image's tree
         self.tree = tree
         self.collector = LayerEntryCollector() if tree is not None else None
         self.total = 0  # bytes of the rebuilt tar so far
-        self._header: Segment | FileEntry | None = None  # the entry before the next one read
-        # Set by the reader at the first file or directory the user likely cannot open (`closed_to_user`).
-        self._helper_wanted = False
         self.batch_files = batch_files()
         self.batches = batches.clone()
         self.after = after
@@ -375,7 +191,7 @@ class LayerImport:
         """Import the layer; returns its stream id."""
         rec = self.layer.layer
         path = self.layer.store.tar_split_path(rec.id)
-        if not path.exists():
+        if self.head is None and not path.exists():
             raise StorageError(f"layer {rec.id[:12]} has no tar-split ({path}): it cannot be rebuilt byte-exact")
         if self.progress is not None:
             self.progress.layer_started(self.layer.diff_id, rec.diff_size)
@@ -397,36 +213,33 @@ class LayerImport:
 
     async def _read(self, path: str, chunks: trio.MemorySendChannel, nursery: trio.Nursery) -> None:
         warming = False
-        batches = self.batches
-        async with chunks, batches:
-            with open_entries(path) as source:
-                while entries := await trio.to_thread.run_sync(self._take, source):
-                    if self._helper_wanted and not warming and self.helper is not None:
+        head, self.head = self.head, None
+        async with chunks, self.batches as batches:
+            with head.stack if head is not None else open_entries(path) as source:
+                reader = head.reader if head is not None else TarSplitReader(source, self.files)
+                read = collections.deque(head.chunks if head is not None else ())
+                early = collections.deque(head.early if head is not None else ())
+                while entries := read.popleft() if read else await self._take(reader, head):
+                    if reader.helper_wanted and not warming and self.helper is not None:
                         # The helper's start-up (podman unshare, ~0.25 s) overlaps the
                         # files read before these, instead of stalling the first denied one.
                         warming = True
                         nursery.start_soon(self.helper.warm_up)
                     chunk = _Chunk(entries)
                     await chunks.send(chunk)  # waits while CHUNKS_IN_FLIGHT are unwritten
-                    for batch in _batches(((chunk, i, e) for i, e in chunk.files), self.batch_files):
-                        await batches.send((self, batch))
+                    for batch in file_batches([(chunk, i, e) for i, e in chunk.files], self.batch_files):
+                        if early:  # sent before the event loop, in this order
+                            nursery.start_soon(self._take_early, early.popleft(), batch)
+                        else:
+                            await batches.send((self, batch))
         self.dealt.set()
 
-    def _take(self, source: Iterator[Segment | FileEntry]) -> list[Segment | FileEntry]:
-        """Worker thread: the next CHUNK_ENTRIES entries. A file whose tar header says it
-        carries no data (a fifo, a device, ...) yet has a size is refused here, unopened."""
-        entries = list(itertools.islice(source, CHUNK_ENTRIES))
-        for entry in entries:
-            if isinstance(entry, FileEntry) and isinstance(self._header, Segment):
-                if entry.size and (kind := header_only_kind(self._header)) is not None:
-                    raise PycfsError(
-                        f"{self.files.describe(entry.relpath)} is a {kind} in the layer's tar, yet its tar-split "
-                        f"entry gives it {entry.size} bytes of data: the layer is damaged or crafted"
-                    )
-                if not self._helper_wanted and closed_to_user(self._header):
-                    self._helper_wanted = True
-            self._header = entry
-        return entries
+    @staticmethod
+    async def _take(reader: TarSplitReader, head: HeadStart | None) -> list[Segment | FileEntry]:
+        """The next chunk of entries; what reading it raised when the head start did."""
+        if head is not None and head.failure is not None:
+            raise head.failure
+        return await trio.to_thread.run_sync(reader.take, CHUNK_ENTRIES)
 
     # -- storing --
 
@@ -434,7 +247,7 @@ class LayerImport:
         """Open a batch (in a thread), hand its fds to the object workers, record."""
         # Not behind self.limiter: the background layer parses hold it for long
         # stretches, and the workers would starve. The coordinators bound these.
-        opened = await trio.to_thread.run_sync(self._open_batch, batch)
+        opened = await trio.to_thread.run_sync(open_batch, self.files, [entry for _, _, entry in batch])
         items, denied = [], []
         for item, got in zip(batch, opened):
             if got is None:
@@ -450,65 +263,33 @@ class LayerImport:
         if denied:
             await self._via_helper(denied)
 
-    def _open_batch(self, batch: list[_Item]) -> list[bytes | int | None]:
-        """Worker thread: per file, its bytes (small files, read here), an open fd (to store),
-        or None (the helper must open it). On error every fd opened so far is closed.
-
-        Every file is opened, and its content asked for (readahead), before any is read:
-        with a cold page cache the disk then works on the whole batch at once instead of
-        one file at a time, here and in the object workers that read the rest."""
-        opened: list[tuple[int, os.stat_result] | None] = []
-        out: list[bytes | int | None] = []
-        try:
-            for _, _, entry in batch:
-                try:
-                    fd, st = self.files.open(entry.relpath, entry.size)
-                except _Denied:
-                    opened.append(None)
-                    continue
-                opened.append((fd, st))
-                read_ahead(fd, entry.size)
-            for i, ((_, _, entry), got) in enumerate(zip(batch, opened)):
-                if got is None:
-                    out.append(None)
-                    continue
-                data = self._inline_or_fd(entry, *got, owned=False)
-                if isinstance(data, bytes):
-                    os.close(got[0])
-                    opened[i] = None
-                out.append(data)
-        except BaseException:
-            for got in opened:  # every fd still open, kept for the workers or not
-                if got is not None:
-                    os.close(got[0])
-            raise
-        return out
-
-    def _inline_or_fd(self, entry: FileEntry, fd: int, st: os.stat_result, owned: bool = True) -> bytes | int:
-        """Small files become their bytes (fd closed when owned); larger ones keep the fd."""
-        try:
-            data = _read_small(fd, entry, self.files, st) if entry.size <= INLINE_CONTENT_MAX else None
-            if data is None:
-                _check_fd(fd, entry, self.files, st)
-        except BaseException:
-            if owned:
-                os.close(fd)
-            raise
-        if data is None:
-            return fd
-        if owned:
-            os.close(fd)
-        return data
+    async def _take_early(self, early: EarlyBatch, batch: list[_Item]) -> None:
+        """Record a batch the CLI sent before the event loop (`pycfs.host.oci.headstart`):
+        the workers' answer to it, its small files' bytes, and the helper's files."""
+        if len(early.opened) != len(batch):
+            raise AssertionError("an early batch is not the batch dealt in its place")
+        items = [(item, got) for item, got in zip(batch, early.opened) if got is not None]
+        results = await self.pool.stored_early(early.request_id) if early.request_id is not None else []
+        self._record(items, results, via_helper=False)
+        denied = [item for item, got in zip(batch, early.opened) if got is None]
+        if denied:
+            await self._via_helper(denied)
 
     async def _store(self, items: list[tuple[_Item, bytes | int]], via_helper: bool) -> None:
         """Record inline bytes; send the fds to the object workers and record what they stored."""
         sent = [(item, fd) for item, fd in items if isinstance(fd, int)]
         results = await self.pool.store([fd for _, fd in sent], [item[2].size for item, _ in sent],
                                         [item[2].crc64 for item, _ in sent])
+        self._record(items, results, via_helper)
+
+    def _record(self, items: list[tuple[_Item, bytes | int]], results: list[Stored | Failed], via_helper: bool) -> None:
+        """Record each item's inline bytes, or what the workers stored of it (``results``:
+        the answers for the items with an fd, in order)."""
+        sent = [item for item, data in items if isinstance(data, int)]
         for (chunk, index, _), data in items:
             if isinstance(data, bytes):
                 chunk.record(index, data)
-        for ((chunk, index, entry), _), result in zip(sent, results):
+        for (chunk, index, entry), result in zip(sent, results):
             if isinstance(result, Failed):
                 raise PycfsError(f"cannot store {self.files.describe(entry.relpath)}: {result.message}")
             chunk.record(index, (result.object_id, entry.size))
@@ -571,7 +352,7 @@ class LayerImport:
                     give_back(res)
                     still.append(item)  # a stub: its data is in a lower layer
                     continue
-                data = self._inline_or_fd(entry, res, st, owned=False)
+                data = inline_or_fd(self.files, entry, res, st, owned=False)
                 if isinstance(data, bytes):
                     give_back(res)
                 ready.append((item, data))
@@ -680,21 +461,6 @@ async def coordinate(batches: trio.MemoryReceiveChannel) -> None:
         await job.store_batch(batch)
 
 
-def _batches(items: Iterable[_Item], most: int) -> Iterator[list[_Item]]:
-    """Files grouped so one trip to a thread and a worker handles many small files (or one
-    big one): at most `most` files or BATCH_BYTES of content (the last file may go past)."""
-    batch: list[_Item] = []
-    size = 0
-    for item in items:
-        batch.append(item)
-        size += item[2].size
-        if len(batch) >= most or size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 # ---- the whole image ------------------------------------------------------------------
 
 
@@ -771,11 +537,12 @@ def default_limiter() -> trio.CapacityLimiter:
 async def _import_layers(repo: Repository, source: ImageSource, stats: ImportStats, limiter: trio.CapacityLimiter,
                          pool: WorkerPool, gate: _HelperGate | None, progress: PullProgress | None,
                          verify_diffid: bool, tree: ImageTree | None,
-                         background: trio.Nursery) -> list[tuple[str, bytes]]:
+                         background: trio.Nursery, head: HeadStart | None = None) -> list[tuple[str, bytes]]:
     """Each layer's stream, in order: found stored, or imported. A layer's import starts
     once the layer before has dealt out all its files (`LayerImport`), with at most
     LAYERS_IN_FLIGHT begun and not finished; the pull's coordinators store every layer's
-    batches in the order dealt."""
+    batches in the order dealt. ``head``: a layer's import begun before the event loop,
+    which that layer's import goes on with."""
     streams: list[bytes | None] = [None] * len(source.layers)
     imports: set[LayerImport] = set()  # begun, not finished: their files are closed on failure
     previous: trio.Event | None = None  # the layer before's end (stream known, entries merged)
@@ -811,7 +578,7 @@ async def _import_layers(repo: Repository, source: ImageSource, stats: ImportSta
                         warming = True
                         background.start_soon(gate.warm_up)
                     job = LayerImport(repo, layer, stats, limiter, pool, gate, progress, verify_diffid, send_batches,
-                                      tree, previous)
+                                      tree, previous, head if head is not None and head.index == index else None)
                     imports.add(job)
                     first_import[layer.diff_id] = (index, job.finished)
                     in_flight.append(job.finished)
@@ -870,14 +637,19 @@ async def pull_image(
     parse_layers: bool = False,
     locks: ReadLocks | None = None,
     forked: list[Forked] | None = None,
+    looked: ImageSource | None = None,
+    head: HeadStart | None = None,
 ) -> PullResult:
     """Import image `ref` from containers-storage; tag it `tag` (None: no tag). ``jobs``:
     object worker processes (default: one per core). ``parse_layers``: build the image, its
     tree merged from the entries of each imported layer as it is written.
     ``locks``: the c/storage read locks when the caller holds them already (pycfs.host.oci.repull's
-    look found a layer to import): kept, so podman cannot come between that look and this pull.
+    look found a layer to import): kept, so podman cannot come between that look and this pull;
+    ``looked``: the image as that look read it under them (read again otherwise).
     ``forked``: object workers started already (`pycfs.host.oci.pull.fork_pull_workers`),
-    which the pull's pool takes out of the list (the caller discards what is left there)."""
+    which the pull's pool takes out of the list (the caller discards what is left there);
+    ``head``: a layer's import begun with them under those locks (`pycfs.host.oci.headstart`;
+    the caller closes it after the pull)."""
     started = time.monotonic()
     limiter = limiter or default_limiter()
     stats = ImportStats()
@@ -886,8 +658,9 @@ async def pull_image(
     tree = ImageTree(repo) if parse_layers else None
     try:
         if not locks.held:
+            looked, head = None, None  # what was read before is not what the locks now protect
             await locks.acquire(on_wait=progress.waiting_for_lock if progress else None)
-        source = await trio.to_thread.run_sync(read_image, storage, ref)
+        source: ImageSource = looked if looked is not None else await trio.to_thread.run_sync(read_image, storage, ref)
         stats.layers = len(source.layers)
         if progress is not None:
             progress.layers([(layer.diff_id, layer.layer.diff_size) for layer in source.layers])
@@ -899,7 +672,7 @@ async def pull_image(
         async with open_pool(repo=repo, jobs=jobs, forked=taken) as pool:
             async with open_nursery() as background:
                 streams = await _import_layers(repo, source, stats, limiter, pool, gate, progress, verify_diffid,
-                                               tree, background)
+                                               tree, background, head)
                 layer_streams.extend(streams)
                 if gate is not None:
                     gate.stop_warming()

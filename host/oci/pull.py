@@ -19,6 +19,8 @@ from pycfs.host.storage.locks import ReadLocks
 from pycfs.host.storage.store import Storage, parse_reference
 
 if TYPE_CHECKING:
+    from pycfs.host.oci.headstart import HeadStart
+    from pycfs.host.storage.image import ImageSource
     from pycfs.host.workers.fork import Forked
 
 
@@ -37,6 +39,12 @@ class PullOptions:
     # object workers or oci: inflating workers. The pull takes them out of this list (and
     # stops those it has no use for); the caller discards what is left when it fails early.
     forked: list[Forked] = field(default_factory=list)
+    # containers-storage: what repull's look read under storage_locks, which the pull takes
+    # over with them: the image, and the index of its first layer to import.
+    looked: tuple[ImageSource, int] | None = None
+    # containers-storage: that layer's import, begun with the forked workers before the event
+    # loop (`pycfs.host.oci.headstart`); the caller closes it after the pull.
+    head: HeadStart | None = None
 
 
 def storage_for(source: str, storage_root: str | None) -> tuple[Storage, str]:
@@ -56,7 +64,9 @@ async def _pull_containers_storage(repo: Repository, source: str, tag: str | Non
             return await pull_image(repo, storage, name, tag, verify_diffid=options.verify_diffid,
                                     helper=helper if helper.enabled else None, progress=options.progress,
                                     parse_layers=options.create_image, jobs=options.jobs, locks=options.storage_locks,
-                                    forked=options.forked)
+                                    forked=options.forked,
+                                    looked=options.looked[0] if options.looked is not None else None,
+                                    head=options.head)
     finally:
         if options.storage_locks is not None:
             options.storage_locks.release()  # pull_image's own finally may not have been reached

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 
-from pycfs.host.oci.image import finish_pull
 from pycfs.host.oci.pull import PullOptions, split_reference, storage_for
 from pycfs.host.oci.result import ImportStats, PullResult, containers_storage_result
 from pycfs.host.repository import Repository
@@ -55,8 +54,13 @@ def pull_if_stored(repo: Repository, image: str, tag: str | None, options: PullO
             locks.release()
         else:
             options.storage_locks = locks
+            options.looked = (found, len(stream_ids))
         return None
     locks.release()
+    # Only here: a pull with a layer to import forks its workers as soon as this returns,
+    # and they need none of the image code (the pull imports it after the fork).
+    from pycfs.host.oci.image import finish_pull
+
     layers = list(zip(diff_ids, stream_ids))
     # The full pull's reports, in its order, now that there is no work to report.
     progress = options.progress

@@ -35,6 +35,16 @@ def batch_files() -> int:
     return max(1, min(SCM_MAX_FD - 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8))
 
 
+def batches_in_flight(jobs: int, batch_files: int, per_worker: int = 2) -> int:
+    """How many batches of up to `batch_files` fds callers should keep in flight to ``jobs``
+    workers: `per_worker` per worker (by default one being hashed, the next queued behind
+    it), within half the open-file limit, as each batch holds its fds open until answered
+    (or, written before the pool reads answers, in flight: the kernel refuses more fds in
+    flight than that limit)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(1, min(per_worker * jobs, soft // 2 // batch_files))
+
+
 # Files per DIGEST_PATHS request: at most MEASURE_BATCH (on the bench's 17,130 files the host
 # spent 0.30 CPU-s at 64, 0.24 at 256: a request's round trip costs it ~0.2 ms), and at most an
 # eighth of what is left, but MEASURE_BATCH_MIN: the workers run out of files together.

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import os
-import resource
 import socket
 import sys
 import threading
@@ -41,7 +40,7 @@ from pycfs.host.childoutput import ChildOutput, ChildProcess, receive_message, s
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files, small_job
 from pycfs.host.nursery import open_nursery
-from pycfs.host.workers.batching import default_jobs, digest_batches
+from pycfs.host.workers.batching import batches_in_flight, default_jobs, digest_batches
 from pycfs.host.workers.fork import Forked, absolute_names, discard
 from pycfs.host.workers.service import WorkerService
 from pycfs.protocol import worker_api as api
@@ -114,11 +113,9 @@ class WorkerPool:
         self._failure: PycfsError | None = None
 
     def batches_in_flight(self, batch_files: int, per_worker: int = 2) -> int:
-        """How many batches of up to `batch_files` fds callers should keep in flight:
-        `per_worker` per worker (by default one being hashed, the next queued behind it),
-        within half the open-file limit, as each batch holds its fds open until answered."""
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        return max(1, min(per_worker * self.jobs, soft // 2 // batch_files))
+        """How many batches of up to `batch_files` fds callers should keep in flight to
+        this pool's workers (`pycfs.host.workers.batching.batches_in_flight`)."""
+        return batches_in_flight(self.jobs, batch_files, per_worker)
 
     # -- calls --
 
@@ -130,6 +127,19 @@ class WorkerPool:
         prefix and the content) or None per file, else that file fails (see
         `Repository.store_object_from_fd`)."""
         return api.stored_results(await self._each(api.STORE, fds, sizes, crcs, sha256s))
+
+    async def stored_early(self, request_id: int) -> list[Stored | Failed]:
+        """The answer to STORE request ``request_id``, written to a forked worker before the
+        pool existed (`Forked.early`; `pycfs.host.oci.headstart`)."""
+        found = [i for i, (method, _, _, reply) in enumerate(self._early) if reply.id == request_id and method == api.STORE]
+        if not found:
+            raise ValueError(f"no early store request {request_id}")
+        _, params, worker, reply = self._early.pop(found[0])
+        _, obj = await self._early_answer(worker, reply)
+        try:
+            return api.stored_results(self._results(obj, len(params["sizes"]), api.STORE))
+        except ValueError as e:
+            raise PycfsError(f"the {worker.describe()} {e}") from None
 
     async def adopt(self, fds: Sequence[int], sizes: Sequence[int]) -> list[Stored | Failed]:
         """Make each anonymous file of the repository's object store (see

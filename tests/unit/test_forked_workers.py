@@ -103,6 +103,29 @@ def test_a_forked_worker_that_cannot_start_quotes_its_output(tmp_path, idle_thre
             trio.run(main)
 
 
+def test_a_forked_worker_reaped_before_the_pool_took_it_fails_the_pool_naming_it(tmp_path, idle_threads_allowed):
+    """A worker found gone (and so reaped) while it was written its early requests, before
+    the pool existed: the pool's call fails naming it and its exit status (the pool's pidfd
+    of a reaped pid once raised a bare "No such process")."""
+    files = _files(tmp_path, [100])
+    with Repository.init(tmp_path / "repo") as repo:
+        forked = fork_workers(str(repo.path), 1)
+        os.kill(forked[0].proc.pid, 9)
+        os.waitid(os.P_PID, forked[0].proc.pid, os.WEXITED | os.WNOWAIT)
+        assert forked[0].proc.poll() == -9  # reaped
+
+        async def main():
+            fd = os.open(files[0][0], os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                async with open_pool(repo=repo, jobs=1, forked=forked) as pool:
+                    await pool.store([fd], [100])
+            finally:
+                os.close(fd)
+
+        with pytest.raises(PycfsError, match=rf"object worker \(pid {forked[0].proc.pid}\) failed: .*exit status -9"):
+            trio.run(main)
+
+
 def test_a_failed_fork_leaves_no_worker_and_no_fd(tmp_path, monkeypatch, idle_threads_allowed):
     """The second fork fails: the first worker is killed and reaped, its socket and output
     closed, and the pool will spawn its own."""

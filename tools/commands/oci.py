@@ -48,6 +48,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
             # The workers are forked first, before trio starts: see there.
             options.forked = fork_pull_workers(repo, args.jobs)
             try:
+                if options.looked is not None:
+                    # Under the locks repull's look holds: the workers store the first
+                    # layer's first files while trio is imported and the pull starts.
+                    from pycfs.host.oci.headstart import head_start
+
+                    options.head = head_start(*options.looked, options.forked)
                 import trio
 
                 from pycfs.host.oci.pull import pull
@@ -57,6 +63,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 from pycfs.host.workers.fork import discard
 
                 discard(options.forked)  # those no pool took
+                if options.head is not None:
+                    options.head.close()
         if args.json:
             print_json(result.to_json())
         else:
