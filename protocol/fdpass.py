@@ -95,11 +95,15 @@ def recv_args(bufsize: int, maxfds: int) -> tuple[int, int, int]:
 # ---- blocking forms (helper side) ----
 
 
-def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = (), per_call: int = SCM_MAX_FD) -> None:
+def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = (), per_call: int = SCM_MAX_FD, *,
+                  whole_or_none: bool = False) -> bool:
     """Send one whole message and all its fds; the caller keeps ownership of ``fds``.
 
     EINTR is retried by Python itself (PEP 475). EINVAL on the first call (nothing sent
-    yet) halves the batch size and retries, for kernels with a lower limit than 253.
+    yet) halves the batch size and retries, for kernels with a lower limit than 253. With
+    ``whole_or_none``, another failure of the first call returns False instead of raising:
+    nothing of the message went, the peer's stream is still at a message boundary (the
+    user's fds in flight at the kernel's limit, say, or the peer gone).
     """
     first = True
     while True:
@@ -110,11 +114,16 @@ def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = (), per
                 if sent < len(payload):
                     # The fds went with the first byte; the rest follows without any.
                     sock.sendall(payload[sent:])
-            return
+            return True
         except OSError as e:
-            if e.errno != errno.EINVAL or per_call == 1 or not first:
+            if not first:
                 raise
-            per_call = max(1, per_call // 2)
+            if e.errno == errno.EINVAL and per_call > 1:
+                per_call = max(1, per_call // 2)
+            elif whole_or_none:
+                return False
+            else:
+                raise
 
 
 def recv_with_fds(

@@ -106,8 +106,8 @@ def run() -> NoReturn:
             raise  # a message for the interpreter to print
         status = exc.code or 0
     for stream in (sys.stdout, sys.stderr):
-        if stream.closed:
-            continue  # main closed it: the reader left
+        if stream is None or stream.closed:
+            continue  # started without it, or main closed it (the reader left)
         try:
             stream.flush()
         except BrokenPipeError:

@@ -266,7 +266,7 @@ class LayerImport:
     async def _take_early(self, early: EarlyBatch, batch: list[_Item]) -> None:
         """Record a batch the CLI sent before the event loop (`pycfs.host.oci.headstart`):
         the workers' answer to it, its small files' bytes, and the helper's files."""
-        if len(early.opened) != len(batch):
+        if len(early.entries) != len(batch) or any(sent is not entry for sent, (_, _, entry) in zip(early.entries, batch)):
             raise AssertionError("an early batch is not the batch dealt in its place")
         items = [(item, got) for item, got in zip(batch, early.opened) if got is not None]
         results = await self.pool.stored_early(early.request_id) if early.request_id is not None else []

@@ -35,7 +35,6 @@ from pycfs.host.oci.layerfiles import (
     stored_files,
 )
 from pycfs.host.storage.image import ImageSource
-from pycfs.host.storage.store import ImageLayer
 from pycfs.host.storage.tarsplit import FileEntry, Segment, open_entries
 from pycfs.host.workers.batching import batch_files, batches_in_flight
 from pycfs.host.workers.fork import Forked, send_early
@@ -54,24 +53,23 @@ HEAD_CHUNKS = 4
 @dataclass
 class EarlyBatch:
     """A batch of a chunk's files (`file_batches` of `stored_files`, in order)
-    written to a forked worker as request ``request_id``: per file, its bytes (small
-    files), the fd it was sent as (closed here since), or None (the helper must open it).
-    ``request_id`` None: no file of it was sent (all small, or all for the helper)."""
+    written to a forked worker as request ``request_id``: per file (``entries``), its bytes
+    (small files), the fd it was sent as (closed here since), or None (the helper must open
+    it). ``request_id`` None: no file of it was sent (all small, or all for the helper)."""
 
     request_id: int | None
     opened: list[bytes | int | None]
+    entries: list[FileEntry]
 
 
 class HeadStart:
-    """Layer ``index`` of ``source``, begun: its tar-split open (``reader``, kept open by
+    """Layer ``index`` of the image, begun: its tar-split open (``reader``, kept open by
     ``stack``), its first chunks read (``chunks``) and the first batches of their files
     sent (``early``, in dealing order). The import that takes it over closes the reader
     and the files; `close` does it otherwise (again: nothing)."""
 
-    def __init__(self, index: int, layer: ImageLayer, files: LayerFiles, reader: TarSplitReader,
-                 stack: contextlib.ExitStack) -> None:
+    def __init__(self, index: int, files: LayerFiles, reader: TarSplitReader, stack: contextlib.ExitStack) -> None:
         self.index = index
-        self.layer = layer
         self.files = files
         self.reader = reader
         self.stack = stack
@@ -101,7 +99,7 @@ def head_start(source: ImageSource, index: int, forked: Sequence[Forked]) -> Hea
         stack.close()
         files.close()
         return None
-    head = HeadStart(index, layer, files, reader, stack)
+    head = HeadStart(index, files, reader, stack)
     files_per_batch = batch_files()
     most = batches_in_flight(len(forked), files_per_batch, EARLY_PER_WORKER)
     workers = itertools.islice(itertools.cycle(forked), most)
@@ -135,7 +133,7 @@ def _send(head: HeadStart, worker: Forked, request_id: int, batch: list[FileEntr
         return False
     fds = [got for got in opened if isinstance(got, int)]
     if not fds:
-        head.early.append(EarlyBatch(None, opened))
+        head.early.append(EarlyBatch(None, opened, batch))
         return True
     try:
         sent = [(entry.size, entry.crc64) for entry, got in zip(batch, opened) if isinstance(got, int)]
@@ -145,5 +143,5 @@ def _send(head: HeadStart, worker: Forked, request_id: int, batch: list[FileEntr
     finally:
         for fd in fds:
             os.close(fd)
-    head.early.append(EarlyBatch(request_id, opened))
+    head.early.append(EarlyBatch(request_id, opened, batch))
     return True

@@ -180,22 +180,6 @@ def publish_image_streams(repo: Repository, config: tuple[str, bytes] | None, ma
     repo.publish_streams(streams, images=images, refs_durable=True)
 
 
-def write_config_stream(repo: Repository, digest: str, raw: bytes, layers: Sequence[tuple[str, bytes]],
-                        image_refs: Sequence[tuple[str, bytes]] = ()) -> bytes:
-    """`store_config_stream`, made visible."""
-    config_id = store_config_stream(repo, digest, raw, layers, image_refs)
-    publish_image_streams(repo, (digest, config_id), None)
-    return config_id
-
-
-def write_manifest_stream(repo: Repository, digest: str, raw: bytes, config_digest: str, config_id: bytes,
-                          layers: Sequence[tuple[str, bytes]]) -> bytes:
-    """`store_manifest_stream`, made visible."""
-    manifest_id = store_manifest_stream(repo, digest, raw, config_digest, config_id, layers)
-    publish_image_streams(repo, None, (digest, manifest_id))
-    return manifest_id
-
-
 def _check_digest(raw: bytes, digest: str, what: str) -> None:
     alg, hexpart = parse_digest(digest, f"{what} digest")
     actual = hashlib.new(alg, raw).hexdigest()

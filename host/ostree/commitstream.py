@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -203,10 +203,16 @@ class CommitObjects:
         return objects
 
 
-def write_commit_stream(repo: Repository, objects: CommitObjects, ref: str | None) -> bytes:
-    """Store the stream (syncing first) and point `ostree/<ref>` at it; returns its object id."""
-    return repo.write_stream(objects.to_stream(repo.alg), stream_name(objects.commit),
-                             None if ref is None else REF_PREFIX + encode_ref(ref))
+def write_commit_stream(repo: Repository, objects: CommitObjects, ref: str | None,
+                        images: Iterable[bytes] = ()) -> bytes:
+    """Store the stream; after one syncfs record ``images`` (stored objects: the commit's
+    image) and make the stream visible; then point `ostree/<ref>` at it. Its object id."""
+    name = stream_name(objects.commit)
+    object_id = repo.store_stream(objects.to_stream(repo.alg))
+    repo.publish_streams([(name, object_id)], images=images)
+    if ref is not None:
+        repo.set_stream_ref(REF_PREFIX + encode_ref(ref), name)
+    return object_id
 
 
 def load_stream(repo: Repository, name: str) -> CommitObjects:

@@ -115,7 +115,9 @@ def ensure_image(repo: Repository, objects: CommitObjects, ref: str | None) -> b
         if ref is not None:
             repo.set_stream_ref(REF_PREFIX + encode_ref(ref), stream_name(objects.commit))
         return objects.image_id
+    written = []
     if objects.image_id is None or not repo.has_object(objects.image_id):
-        objects.image_id = repo.write_image(image_bytes(repo, objects))
-    write_commit_stream(repo, objects, ref)
+        objects.image_id = repo.ensure_object(image_bytes(repo, objects))
+        written.append(objects.image_id)  # recorded as an image once the sync covers it
+    write_commit_stream(repo, objects, ref, written)
     return objects.image_id

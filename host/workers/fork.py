@@ -51,8 +51,8 @@ class Forked:
     sock: socket.socket
     output: ChildOutput
     # Requests written to it already, before any event loop (`fork_digest_workers`, an
-    # ostree pull's `fork_workers`): (id, method, params), answered in this order ahead of
-    # anything sent later.
+    # ostree pull's `fork_workers`, a containers-storage pull's head start): (id, method,
+    # params), answered in this order ahead of anything sent later.
     early: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
 
 
@@ -120,16 +120,18 @@ def fork_digest_workers(names: Sequence[str], jobs: int, alg: str = "sha256") ->
 
 
 def send_early(worker: Forked, request_id: int, method: str, params: dict[str, Any], fds: Sequence[int] = ()) -> bool:
-    """Write a forked worker its one early request (`Forked.early`; one, no more: see
-    `fork_digest_workers`), ``fds`` passed with it (the caller may close its own then);
-    False when the worker is gone (killed if it was not: whoever takes it, a pool or a
-    BlockingStore, meets that as it reads its socket)."""
+    """Write a forked worker an early request (`Forked.early`; how many before answers are
+    read is each caller's bound: see `fork_digest_workers`, `pycfs.host.oci.headstart`),
+    ``fds`` passed with it (the caller may close its own then). False when it could not be
+    written: nothing of it went (too many fds in flight for the user, or the worker gone:
+    whoever takes the worker, a pool or a BlockingStore, meets that as it reads its
+    socket), or part of it did (the worker is killed then, so no one reads on from half a
+    request)."""
     request = {"jsonrpc": "2.0", "method": method, "params": params, "id": request_id}
     try:
-        send_with_fds(worker.sock, encode(request, len(fds), api.MAX_MESSAGE_BYTES), fds)
+        if not send_with_fds(worker.sock, encode(request, len(fds), api.MAX_MESSAGE_BYTES), fds, whole_or_none=True):
+            return False
     except OSError:
-        # Gone, or (in theory) cut off partway: killed either way, so no one reads on from
-        # half a request.
         worker.proc.kill()
         return False
     worker.early.append((request_id, method, params))

@@ -415,7 +415,10 @@ def test_invalid_tags(bad: str) -> None:
 
 
 def test_config_and_manifest_stream_shape(tmp_path: Path) -> None:
-    from pycfs.host.oci.streams import resolve_image, resolve_tag, tag_image, untag_image, write_config_stream, write_manifest_stream
+    from pycfs.host.oci.streams import (
+        publish_image_streams, resolve_image, resolve_tag, store_config_stream, store_manifest_stream, tag_image,
+        untag_image,
+    )
     from pycfs.host.splitstream import CONTENT_OCI_CONFIG, CONTENT_OCI_MANIFEST, SplitStreamWriter
 
     with Repository.init(tmp_path / "r") as r:
@@ -427,7 +430,8 @@ def test_config_and_manifest_stream_shape(tmp_path: Path) -> None:
             layers.append((diff_id, r.write_stream(w, layer_stream_name(diff_id))))
         config = b"{}"
         config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
-        config_id = write_config_stream(r, config_digest, config, layers[::-1])
+        config_id = store_config_stream(r, config_digest, config, layers[::-1])
+        publish_image_streams(r, (config_digest, config_id), None)
         cs = r.open_stream(f"oci-config-{config_digest}", CONTENT_OCI_CONFIG)
         assert cs.object_refs == [r.ensure_object(config)] and r.read_object(cs.object_refs[0]) == b"{}"
         assert list(cs.chunks()) == [0] and cs.stream_size == 2
@@ -435,13 +439,14 @@ def test_config_and_manifest_stream_shape(tmp_path: Path) -> None:
         assert cs.named_refs == dict(layers)
         manifest = b'{"schemaVersion": 2}'
         manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
-        write_manifest_stream(r, manifest_digest, manifest, config_digest, config_id, layers)
+        manifest_id = store_manifest_stream(r, manifest_digest, manifest, config_digest, config_id, layers)
+        publish_image_streams(r, None, (manifest_digest, manifest_id))
         ms = r.open_stream(f"oci-manifest-{manifest_digest}", CONTENT_OCI_MANIFEST)
         assert ms.stream_refs == [config_id, layers[0][1], layers[1][1]]
         assert ms.named_refs == {f"config:{config_digest}": config_id, **dict(layers)}
         from pycfs.host.errors import PycfsError
         with pytest.raises(PycfsError, match="manifest digest mismatch"):
-            write_manifest_stream(r, "sha256:" + "f" * 64, manifest, config_digest, config_id, layers)
+            store_manifest_stream(r, "sha256:" + "f" * 64, manifest, config_digest, config_id, layers)
         tag_image(r, "a/b", manifest_digest)
         assert os.readlink(r.path / "streams/refs/oci/a%2Fb") == f"../../oci-manifest-{manifest_digest}"
         assert resolve_tag(r, "a/b") == manifest_digest == resolve_image(r, "@" + manifest_digest)

@@ -57,3 +57,12 @@ def test_reader_that_leaves_is_not_an_error(tmp_path: Path) -> None:
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0
     assert b"Traceback" not in err and err == b""
+
+
+def test_started_without_stdout_or_stderr() -> None:
+    # Python then has None for sys.stdout / sys.stderr: nothing to flush, main's status kept.
+    for closed in (">&-", "2>&-"):
+        done = subprocess.run(["sh", "-c", 'exec "$@" ' + closed, "sh", *CLI, "--version"], capture_output=True,
+                              timeout=60)
+        assert done.returncode == 0, (closed, done.stderr)
+        assert b"Traceback" not in done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import threading
@@ -178,3 +179,34 @@ def test_trio_forms_round_trip_many_fds():
         close_fds(got)
     finally:
         close_fds(sent)
+
+
+class _Refusing:
+    """A socket whose every send fails as the kernel does with too many fds in flight."""
+
+    def sendmsg(self, *args):
+        raise OSError(errno.ETOOMANYREFS, os.strerror(errno.ETOOMANYREFS))
+
+    send = sendall = sendmsg
+
+
+def test_whole_or_none_says_false_only_when_nothing_went():
+    a, b = socket.socketpair()
+    b.close()
+    try:
+        with pytest.raises(BrokenPipeError):  # the specific error, as callers catch it
+            send_with_fds(a, b"m", [])
+        assert send_with_fds(a, b"m", [], whole_or_none=True) is False
+    finally:
+        a.close()
+    with pytest.raises(OSError) as e:
+        send_with_fds(_Refusing(), b"m", [0])
+    assert e.value.errno == errno.ETOOMANYREFS
+    assert send_with_fds(_Refusing(), b"m", [0], whole_or_none=True) is False
+    a, b = socket.socketpair()
+    try:
+        assert send_with_fds(a, b"m", [], whole_or_none=True) is True
+        assert b.recv(10) == b"m"
+    finally:
+        a.close()
+        b.close()

@@ -364,11 +364,11 @@ PullCore.fork_workers = spy
 # every syncfs: the thread it ran on, and whether the image was written by then
 import threading
 from pycfs.host import syscalls
-from pycfs.host.repository import Repository
+from pycfs.host.ostree import image
 syncs, written = [], []
-real_syncfs, real_write_image = syscalls.syncfs, Repository.write_image
+real_syncfs, real_image_bytes = syscalls.syncfs, image.image_bytes
 syscalls.syncfs = lambda fd: syncs.append([threading.current_thread().name, bool(written)]) or real_syncfs(fd)
-Repository.write_image = lambda self, *a, **k: written.append(1) or real_write_image(self, *a, **k)
+image.image_bytes = lambda *a, **k: written.append(1) or real_image_bytes(*a, **k)
 rc = main(sys.argv[2:])
 with open(sys.argv[1]) as f:
     record = json.load(f)
@@ -461,3 +461,25 @@ def test_workers_forked_before_a_failure_ahead_of_the_pool_are_reaped(tmp_path):
                            "--jobs", "2", repo_path, "main"], capture_output=True, text=True, timeout=120)
     assert "import of pycfs.host.workers.blocking halted" in done.stderr
     assert json.loads(done.stdout) == [True, True], done.stderr
+
+
+def test_an_early_request_that_could_not_go_leaves_the_worker_alive(idle_threads_allowed):
+    """A head start's send the kernel refuses before any byte went (the user's fds in
+    flight at its limit) is left for the pool to send: the worker is not killed."""
+    worker = fork_workers(None, 1)[0]
+    real_sock = worker.sock
+
+    class Refusing:
+        def sendmsg(self, *args):
+            raise OSError(errno.ETOOMANYREFS, os.strerror(errno.ETOOMANYREFS))
+
+        send = sendall = sendmsg
+
+    try:
+        worker.sock = Refusing()
+        assert not fork.send_early(worker, 1, "digest_paths", {"paths": []}, [0])
+        time.sleep(0.2)  # a SIGKILL would have ended it by now
+        assert worker.early == [] and worker.proc.poll() is None
+    finally:
+        worker.sock = real_sock
+        fork.discard([worker])

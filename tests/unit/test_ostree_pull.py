@@ -3,6 +3,7 @@ root needed), and the commands around it: images, inspect, dump, compute-id,
 create-image, tag, untag, and gc keeping what ostree refs reach."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -323,3 +324,29 @@ def test_pull_local_progress_none_is_quiet(source, tmp_path):
     pycfs(cfs, "init")
     done = pycfs(cfs, "ostree", "pull-local", repo, "main", "--json", "--progress", "none")
     assert json.loads(done.stdout)["commit"] == v1 and done.stderr == ""
+
+
+def test_the_image_is_recorded_only_after_the_sync_that_covers_it(source, tmp_path, monkeypatch):
+    """images/<id> and the commit stream appear after the syncfs that makes the image's
+    object durable, never before it (a crash then leaves no image link to a lost object)."""
+    from pycfs.host import syscalls
+    from pycfs.tools.cli import main
+
+    repo, _v1, _v2, _checkout = source
+    cfs = tmp_path / "cfs"
+    assert main(["--repo", str(cfs), "init"]) == 0
+    seen: list[tuple[list[str], list[str]]] = []
+    real = syscalls.syncfs
+
+    def names(top: str) -> list[str]:
+        return os.listdir(cfs / top) if (cfs / top).exists() else []
+
+    def syncing(fd: int) -> None:
+        seen.append(([n for n in names("images") if n != "refs"],
+                     [n for n in names("streams") if n.startswith("ostree-commit-")]))
+        real(fd)
+
+    monkeypatch.setattr(syscalls, "syncfs", syncing)
+    assert main(["--repo", str(cfs), "ostree", "pull-local", str(repo), "main", "--progress=none"]) == 0
+    assert seen and all(shown == ([], []) for shown in seen), seen
+    assert len([n for n in names("images") if n != "refs"]) == 1 and len(names("streams")) > 1

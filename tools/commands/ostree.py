@@ -128,8 +128,9 @@ def _print_pull(result: PullResult, as_json: bool) -> None:
 def _run_pull(args: argparse.Namespace, local: bool) -> int:
     # The pull's modules, imported with the cyclic collector off: ~0.05 s of imports make
     # thousands of long-lived objects and no garbage, which its passes (~3 ms) would scan
-    # for nothing; frozen then, as they are, no later pass scans them either (and the
-    # count the imports made is zeroed: no pass right on re-enabling).
+    # for nothing; frozen then, the passes while the pull starts skip them (and the count
+    # the imports made is zeroed: no pass right on re-enabling), until the pull's own pause
+    # (`gc_paused`) unfreezes everything at its end.
     gc.disable()
     try:
         from pycfs.host.ostree.pullcore import PullOptions, PullResult, prepare_pull
