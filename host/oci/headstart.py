@@ -139,7 +139,7 @@ def _send(head: HeadStart, worker: Forked, request_id: int, batch: list[FileEntr
         sent = [(entry.size, entry.crc64) for entry, got in zip(batch, opened) if isinstance(got, int)]
         params = api.file_params([size for size, _ in sent], [crc for _, crc in sent])
         if not send_early(worker, request_id, api.STORE, params, fds):
-            return False  # gone: the pool fails the pull as it reads that worker's socket
+            return False  # not sent (the import sends it), or the worker is gone (the pool says so)
     finally:
         for fd in fds:
             os.close(fd)
