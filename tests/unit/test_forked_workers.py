@@ -85,22 +85,24 @@ def test_forked_digest_only_workers_hash_with_their_algorithm(tmp_path, alg, idl
             os.kill(f.proc.pid, 0)
 
 
+async def _store_one(repo, forked, path):
+    """Store one 100-byte file through a pool that takes the forked workers."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        async with open_pool(repo=repo, jobs=1, forked=forked) as pool:
+            await pool.store([fd], [100])
+    finally:
+        os.close(fd)
+
+
 def test_a_forked_worker_that_cannot_start_quotes_its_output(tmp_path, idle_threads_allowed):
     files = _files(tmp_path, [100])
     with Repository.init(tmp_path / "repo") as repo:
         forked = fork_workers(str(repo.path), 1)
         (tmp_path / "repo" / "meta.json").write_text("{}")  # the worker's own open fails
 
-        async def main():
-            fd = os.open(files[0][0], os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                async with open_pool(repo=repo, jobs=1, forked=forked) as pool:
-                    await pool.store([fd], [100])
-            finally:
-                os.close(fd)
-
         with pytest.raises(PycfsError, match=r"failed: .*exit status 2; its last output: pycfs-worker: "):
-            trio.run(main)
+            trio.run(_store_one, repo, forked, files[0][0])
 
 
 def test_a_forked_worker_reaped_before_the_pool_took_it_fails_the_pool_naming_it(tmp_path, idle_threads_allowed):
@@ -114,16 +116,8 @@ def test_a_forked_worker_reaped_before_the_pool_took_it_fails_the_pool_naming_it
         os.waitid(os.P_PID, forked[0].proc.pid, os.WEXITED | os.WNOWAIT)
         assert forked[0].proc.poll() == -9  # reaped
 
-        async def main():
-            fd = os.open(files[0][0], os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                async with open_pool(repo=repo, jobs=1, forked=forked) as pool:
-                    await pool.store([fd], [100])
-            finally:
-                os.close(fd)
-
         with pytest.raises(PycfsError, match=rf"object worker \(pid {forked[0].proc.pid}\) failed: .*exit status -9"):
-            trio.run(main)
+            trio.run(_store_one, repo, forked, files[0][0])
 
 
 def test_a_failed_fork_leaves_no_worker_and_no_fd(tmp_path, monkeypatch, idle_threads_allowed):
