@@ -854,10 +854,6 @@ class Repository:
     def new_stream(self, content_type: int) -> SplitStreamWriter:
         return SplitStreamWriter(self.alg, content_type)
 
-    def write_image(self, data: bytes, ref: str | None = None) -> bytes:
-        self.require_writable()
-        return self.link_image(self.ensure_object(data), ref)
-
     def link_image(self, object_id: bytes, ref: str | None = None) -> bytes:
         """Record a stored object as an image: images/<hex>, and images/refs/<ref>."""
         self.require_writable()

@@ -121,20 +121,19 @@ def create_image(repo: Repository, ref: str) -> dict[int, bytes]:
     image_ids = _write_images(repo, image.diff_ids, image.layer_ids, versions, None)
     layers = [(d, image.layer_ids[d]) for d in image.diff_ids]
     _write_image_streams(repo, image.manifest_digest, image.manifest_raw, image.config_digest, image.config_raw,
-                         layers, image_ids, image.image_refs, True)
+                         layers, PullImages(image_ids, image.image_refs, True))
     return image_ids
 
 
 def _write_image_streams(repo: Repository, manifest_digest: str, manifest_raw: bytes, config_digest: str,
-                         config_raw: bytes, layers: list[tuple[str, bytes]], images: Mapping[int, bytes],
-                         recorded: Mapping[str, bytes], written: bool) -> tuple[bytes, bytes]:
+                         config_raw: bytes, layers: list[tuple[str, bytes]], images: PullImages) -> tuple[bytes, bytes]:
     """The config stream (naming the images) and the manifest stream, stored, then made
     visible after one crash barrier (a syncfs each cost 10-35 ms at the end of a pull),
-    with the images when ``written`` here; (config stream id, manifest stream id)."""
-    config_id = store_config_stream(repo, config_digest, config_raw, layers, _image_refs(images, recorded))
+    with the images when they were written here; (config stream id, manifest stream id)."""
+    config_id = store_config_stream(repo, config_digest, config_raw, layers, _image_refs(images.images, images.recorded))
     manifest_id = store_manifest_stream(repo, manifest_digest, manifest_raw, config_digest, config_id, layers)
     publish_image_streams(repo, (config_digest, config_id), (manifest_digest, manifest_id),
-                          list(images.values()) if written else [])
+                          list(images.images.values()) if images.written else [])
     return config_id, manifest_id
 
 
@@ -147,7 +146,7 @@ class FinishedImage:
 
 @dataclass
 class PullImages:
-    """A pull's EROFS images, stored (`pull_images`) and not yet recorded."""
+    """An image's EROFS images, stored (`pull_images`, `create_image`) and not yet recorded."""
 
     images: dict[int, bytes]  # EROFS format version -> image id
     recorded: dict[str, bytes]  # the image refs of the config stream found in place
@@ -204,7 +203,7 @@ def finish_pull(repo: Repository, manifest_digest: str, manifest_raw: bytes, con
     if on_phase is not None:
         on_phase("streams")
     config_id, manifest_id = _write_image_streams(repo, manifest_digest, manifest_raw, config_digest, config_raw,
-                                                  layers, images.images, images.recorded, images.written)
+                                                  layers, images)
     if tag is not None:
         tag_image(repo, tag, manifest_digest)
     return FinishedImage(config_id, manifest_id, images.images)

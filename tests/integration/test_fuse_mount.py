@@ -163,7 +163,7 @@ def as_root():
 def test_fuse_equals_kernel_mount(as_root, tmp_path, version):
     repo_path = tmp_path / "repo"
     with Repository.init(repo_path) as repo:
-        image_id = repo.write_image(write_image(edge_tree(repo, version), version), "edge")
+        image_id = repo.link_image(repo.ensure_object(write_image(edge_tree(repo, version), version)), "edge")
     kernel, fuse = tmp_path / "kernel", tmp_path / "fuse mount"  # mountinfo escapes the space
     kernel.mkdir()
     fuse.mkdir()
@@ -221,7 +221,7 @@ def test_fuse_read_ahead_serves_what_the_kernel_mount_serves(as_root, tmp_path):
             d.entries[b"f%03d" % i] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), content)
         big = os.urandom(9 * MIB + 7)
         r.entries[b"big"] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), External(repo.ensure_object(big), len(big)))
-        repo.write_image(write_image(fs, 1), "ahead")
+        repo.link_image(repo.ensure_object(write_image(fs, 1)), "ahead")
     kernel, fuse = tmp_path / "kernel", tmp_path / "fuse"
     kernel.mkdir()
     fuse.mkdir()
@@ -295,7 +295,7 @@ def test_fuse_random_reads_while_read_ahead_runs_and_its_process_ends_with_the_s
         fs = FileSystem()
         fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
         fs.root.entries[b"big"] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), External(repo.ensure_object(big), len(big)))
-        repo.write_image(write_image(fs, 1), "random")
+        repo.link_image(repo.ensure_object(write_image(fs, 1)), "random")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     for attempt in range(2):
@@ -335,7 +335,7 @@ def test_server_ends_when_unmounted_while_another_namespace_keeps_a_copy(as_root
         fs = FileSystem()
         fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
         fs.root.entries[b"f"] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), Inline(b"x"))
-        repo.write_image(write_image(fs, 1), "ns")
+        repo.link_image(repo.ensure_object(write_image(fs, 1)), "ns")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     out = pycfs_root(repo_path, "mount", "--fuse", "yes", "ns", str(mnt)).stdout.decode()
@@ -632,7 +632,7 @@ def test_posix_acls_in_the_image_are_enforced_for_the_user(podman_user, shared_t
         r.entries[b"granted"] = Leaf(Stat(0o640, 0, 0, 1_700_000_000, 0, {b"system.posix_acl_access": granted}),
                                      External(repo.ensure_object(b"for you\n"), 8))
         r.entries[b"denied"] = Leaf(Stat(0o640, 0, 0, 1_700_000_000, 0), External(repo.ensure_object(b"not\n"), 4))
-        repo.write_image(write_image(fs, 1), "acl")
+        repo.link_image(repo.ensure_object(write_image(fs, 1)), "acl")
     for path in [repo_path, *repo_path.rglob("*")]:
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
     mnt = user.tmpdir("fuse-acl-")

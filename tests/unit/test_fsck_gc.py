@@ -120,7 +120,7 @@ def test_gc_keeps_objects_of_referenced_images(repo):
     orphan = repo.ensure_object(b"o" * 5000)
     root = Directory(Stat(mode=0o755))
     root.entries[b"file"] = Leaf(Stat(mode=0o644), External(content, 5000))
-    image = repo.write_image(write_image(FileSystem(root), 1), ref="img")
+    image = repo.link_image(repo.ensure_object(write_image(FileSystem(root), 1)), ref="img")
     result = gc(repo)
     assert repo.has_object(content) and repo.has_object(image) and not repo.has_object(orphan)
     assert result.objects_removed == 1

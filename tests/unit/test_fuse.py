@@ -73,7 +73,7 @@ class Mounted:
         self.fs = tree(self.repo)
         if acl:
             self.fs.root.entries[b"etc"].entries[b"shadow"].stat.xattrs[b"system.posix_acl_access"] = ACL
-        self.image_id = self.repo.write_image(write_image(self.fs, version))
+        self.image_id = self.repo.link_image(self.repo.ensure_object(write_image(self.fs, version)))
         self.ops = ComposefsOperations(load_image(self.repo, self.image_id))
         self.replies = os.open(tmp_path / "replies", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.server = FuseServer(self.ops, self.replies)
@@ -520,7 +520,7 @@ def test_corrupt_image_is_refused(tmp_path):
     with pytest.raises(FuseMountError, match=r"^image [0-9a-f]{64} is corrupt: its fs-verity digest differs"):
         load_image(m.repo, m.image_id)
     # correctly named, but not an image
-    junk = m.repo.write_image(b"\0" * 8192)
+    junk = m.repo.link_image(m.repo.ensure_object(b"\0" * 8192))
     with pytest.raises(FuseMountError, match=r"is not a valid composefs image: bad composefs magic"):
         load_image(m.repo, junk)
 

@@ -173,7 +173,7 @@ def test_intact_streams_longest_intact_run(repo):
 
 
 def test_images_and_refs(repo):
-    iid = repo.write_image(b"\0" * 4096, ref="mine")
+    iid = repo.link_image(repo.ensure_object(b"\0" * 4096), ref="mine")
     assert os.readlink(repo.path / "images" / iid.hex()) == f"../objects/{iid.hex()[:2]}/{iid.hex()[2:]}"
     assert os.readlink(repo.path / "images/refs/mine") == f"../{iid.hex()}"
     assert repo.image_id("mine") == iid == repo.image_id(iid.hex())
