@@ -535,7 +535,7 @@ class Repository:
 
     def store_object_from_fd(self, src_fd: int, st: os.stat_result | None = None,
                              observer: Callable[[], Callable[[memoryview], object]] | None = None,
-                             size: int | None = None) -> StoreResult:
+                             size: int | None = None, caller_lease: bool = False) -> StoreResult:
         """Store the whole file open at src_fd (st: its fstat, when the caller has it;
         size: the byte count it must have, else OSError ESTALE before anything is stored).
 
@@ -554,9 +554,17 @@ class Repository:
           data copied), else copied through the hashing buffer, and that copy is hashed.
 
         ``observer`` makes a checker (a fresh one per pass over the content) that sees every
-        stored byte, in order, and may raise to refuse it."""
-        if (self._lease_sources and (st is None or self._reflink_ok.get((st.st_dev, self._objects_dev()), True))
-                and _take_read_lease(src_fd)):
+        stored byte, in order, and may raise to refuse it. ``caller_lease``: the caller may
+        hold a read lease on the source's open file already (see
+        `pycfs.host.varlink.transfer`); if it does, the source is hashed under that lease,
+        which is left in place for the caller to read under it again."""
+        if caller_lease and lease_held(src_fd):
+            stored = self._store_leased(src_fd, size, observer)
+            if stored is not None:
+                return stored
+            st = None
+        elif (self._lease_sources and (st is None or self._reflink_ok.get((st.st_dev, self._objects_dev()), True))
+                and take_read_lease(src_fd)):
             # The one fstat of a leased store comes after the lease: from then on the size
             # stays (a worker stores ~200,000 small files a minute; each syscall counts).
             try:
@@ -936,7 +944,7 @@ def _check_size(st: os.stat_result, size: int | None) -> None:
         raise OSError(errno.ESTALE, f"has {st.st_size} bytes, expected {size}")
 
 
-def _take_read_lease(fd: int) -> bool:
+def take_read_lease(fd: int) -> bool:
     """Take a read lease on the file at fd; False when the kernel refuses (someone has it
     open for writing, it is not this user's, the filesystem or the admin has no leases)."""
     try:

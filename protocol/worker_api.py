@@ -5,7 +5,9 @@ repository, stores each as an object (reflinked where the filesystem allows). Re
 carry ``sizes``, one per fd, in order; a store request may add ``crcs`` (the tar-split's
 CRC-64/GO-ISO of each file, or null), ``sha256s`` (``[PREFIX, SHA256]`` in hex or null:
 the SHA-256 of the prefix followed by the content, an ostree content checksum), checked on
-the bytes stored before the object is named. The result packs one answer per fd into a few
+the bytes stored before the object is named, and ``leased`` true: the host may hold a read
+lease on a file's open file already, which the worker then hashes under and leaves in place
+(see FEED_LAYER). The result packs one answer per fd into a few
 strings, as the host's framing scans JSON token by token:
 
     {"ids": HEX,          # the digests, back to back (zeros for a failed file)
@@ -42,16 +44,25 @@ ADOPT = "adopt"
 # ADOPT does) and sends only PIECE_STORED for them.
 INFLATE = "inflate"
 
-# A layer stream's files, in stream order, for one worker that also owns the layer's
-# sha256 (its diff_id): fds are a file holding the stream's inline bytes, then the files;
-# ``layer`` names the layer (the same worker gets all its requests, in order), ``inline``
-# the byte count of each inline piece (one before each file and one after the last), and
-# ``store`` false only digests the files (the caller links them), ``first`` true starts the
-# layer's sha256 (a later request of a layer the worker no longer holds voids it). Each file's content
-# enters the sha256 in the same read that digests it, as stored; the answer is a store's
-# (or digest's). LAYER_SHA256 {"layer": N} then answers {"sha256": HEX, or null when a
-# file failed or the layer was forgotten} and forgets the layer.
-STORE_LAYER = "store_layer"
+# A layer stream's sha256 (its diff_id), kept by one worker across requests in stream
+# order. FEED_LAYER's first fd is a file holding the inline bytes, ``inline`` the byte count
+# of each inline piece (one before each file and one after the last), ``sizes`` the files'
+# lengths, ``read`` says per file (FEED_READS) where its bytes come from:
+#   c  the next fd, stored here as STORE stores it, into the sha256 in the same read
+#      (``leased`` as for STORE)
+#   d  the next fd, digested only (the caller links it), in the same read
+#   l  the next fd, the source of an object stored elsewhere, read again under the host's
+#      read lease, which must still be unbroken once read: no writer since before the
+#      store, so the bytes the object was named by
+#   s  the next fd, read as it is (the object itself, or content the host wrote)
+#   o  the object in the repository (its pages are cached when a private copy was hashed)
+# ``objects``: the digests of the l, s and o files, back to back, in hex. ``layer`` names
+# the layer, ``first`` true starts its sha256 (a later request of a layer the worker no
+# longer holds voids it). The answer is a store's for the c and d files, in order.
+# LAYER_SHA256 {"layer": N} then answers {"sha256": HEX} or {"sha256": null, "failed":
+# MESSAGE, or null when forgotten} and forgets the layer.
+FEED_LAYER = "feed_layer"
+FEED_READS = "cdlso"
 LAYER_SHA256 = "layer_sha256"
 # Layers a worker keeps a sha256 for: a caller that gave up on a layer never asks for its
 # digest, so the oldest is forgotten past this many.
@@ -81,10 +92,12 @@ class Failed:
 
 
 def file_params(sizes: Sequence[int], crcs: Sequence[int | None] | None = None,
-                sha256s: Sequence[tuple[bytes, bytes] | None] | None = None) -> dict[str, Any]:
+                sha256s: Sequence[tuple[bytes, bytes] | None] | None = None, leased: bool = False) -> dict[str, Any]:
     """A request's parameters for files of these sizes (one request: at most
     MAX_FILES_PER_REQUEST of them)."""
     params: dict[str, Any] = {"sizes": list(sizes)}
+    if leased:
+        params["leased"] = True
     if crcs is not None:
         params["crcs"] = list(crcs)
     if sha256s is not None:
@@ -100,7 +113,7 @@ def parse_answer(obj: dict[str, Any], count: int, method: str, digest_size: int)
     result = obj.get("result")
     ids, how, failed = (result.get(k) for k in ("ids", "how", "failed")) if isinstance(result, dict) else (None,) * 3
     codes = {DIGESTED} if method in (DIGEST, DIGEST_PATHS) else set(HOW)
-    if method == STORE_LAYER:  # digests only when not storing
+    if method == FEED_LAYER:  # stored, or digested only
         codes |= {DIGESTED}
     try:
         digests = bytes.fromhex(ids) if isinstance(ids, str) else b""

@@ -29,10 +29,10 @@ from pycfs.host.varlink.layers import (
 from pycfs.host.varlink.server import CallContext, Interface, Result, Server
 from pycfs.host.varlink.service import Handles, fsck_reply, image_mount_fd
 from pycfs.host.varlink.transfer import (
-    BatchLimits,
     DiffIdMismatch,
     LayerTransferError,
     Producer,
+    batch_limiter,
     open_objects_dir,
     produce_repo_layer,
     put_layer,
@@ -95,8 +95,8 @@ class _Pools:
 
     def __init__(self, nursery: trio.Nursery, handles: Handles, forked: ForkedFor | None = None) -> None:
         self.nursery = nursery
-        # handle -> (pool, its batch limits, set to stop it, set once it stopped)
-        self.pools: dict[int, tuple[WorkerPool, BatchLimits, trio.Event, trio.Event]] = {}
+        # handle -> (pool, its batch limiter, set to stop it, set once it stopped)
+        self.pools: dict[int, tuple[WorkerPool, trio.CapacityLimiter, trio.Event, trio.Event]] = {}
         handles.on_close.append(self.close)
         self.forked = forked
         self._making = trio.Lock()
@@ -109,7 +109,7 @@ class _Pools:
         self.forked[1].clear()
         return workers
 
-    async def get(self, handle: int, repo: Repository) -> tuple[WorkerPool, BatchLimits]:
+    async def get(self, handle: int, repo: Repository) -> tuple[WorkerPool, trio.CapacityLimiter]:
         # One pool per handle, made once: the first PutLayers of `oci copy`'s lanes come at
         # once, and a second pool made beside the first (then stopped) could have been the
         # one that took the forked workers, leaving the other to spawn its own.
@@ -117,9 +117,9 @@ class _Pools:
             if handle not in self.pools:
                 stop, stopped = trio.Event(), trio.Event()
                 pool = await self.nursery.start(self._hold, repo, stop, stopped, self._take_forked(repo))
-                self.pools[handle] = (pool, BatchLimits(pool), stop, stopped)
-        pool, limits, _, _ = self.pools[handle]
-        return pool, limits
+                self.pools[handle] = (pool, batch_limiter(pool), stop, stopped)
+        pool, limiter, _, _ = self.pools[handle]
+        return pool, limiter
 
     def retire(self, handle: int) -> trio.Event | None:
         entry = self.pools.pop(handle, None)
@@ -381,12 +381,12 @@ class OciInterface:
         if not stat.S_ISFIFO(os.fstat(ctx.fds[0]).st_mode):
             raise error("InvalidRequest", message="fd 0 of PutLayer must be the read end of a pipe")
         handle = ctx.params.integer("handle")
-        pool, limits = await self.pools.get(handle, repo)
+        pool, limiter = await self.pools.get(handle, repo)
         fds = ctx.take_fds()
         pipe, dirfds = fds[0], fds[1:]
         already = repo.has_stream(layer_stream_name(diff_id)) is not None
         try:
-            put = await put_layer(repo, pool, pipe, dirfds, diff_id, zerocopy, limits)
+            put = await put_layer(repo, pool, pipe, dirfds, diff_id, zerocopy, limiter)
         except DiffIdMismatch as e:
             raise error("DiffIdMismatch", expected=e.expected, actual=e.actual) from None
         except (SplitDirFdStreamError, LayerTransferError) as e:

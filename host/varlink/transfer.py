@@ -25,10 +25,12 @@ import contextlib
 import errno
 import hashlib
 import itertools
+import math
 import os
 import re
 import stat
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -38,11 +40,11 @@ from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.layer import INLINE_CONTENT_MAX, LayerEntry, LayerEntryCollector, layer_stream_name
-from pycfs.host.repository import Repository, write_all
+from pycfs.host.repository import Repository, take_read_lease, write_all
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamWriter
 from pycfs.host.varlink.layers import open_beneath
 from pycfs.host.workers.batching import BATCH_BYTES, batch_files
-from pycfs.host.workers.pool import Failed, Pinned, WorkerPool
+from pycfs.host.workers.pool import Failed, Pinned, Stored, WorkerPool
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.splitdirfdstream import (
@@ -203,10 +205,10 @@ class PutResult:
 class _File:
     """A file of the stream on its way to the worker; `source` None: inline content."""
 
-    __slots__ = ("fd", "object_id", "size", "source")
+    __slots__ = ("fd", "leased", "object_id", "size", "source")
 
-    def __init__(self, fd: int, size: int, source: FileBackedData | None) -> None:
-        self.fd, self.size, self.source = fd, size, source
+    def __init__(self, fd: int, size: int, source: FileBackedData | None, leased: bool = False) -> None:
+        self.fd, self.size, self.source, self.leased = fd, size, source, leased
         self.object_id = b""
 
     @property
@@ -230,7 +232,12 @@ class _Batch:
     counts: list[int] = field(default_factory=list)  # inline bytes before each file
     run: int = 0  # inline bytes since the last file
     nbytes: int = 0
-    reply: _Reply | None = None  # the worker's answer to come, once sent
+    # Stored by another worker than the one keeping the layer's sha256 (`spare`): their
+    # answers (`stored` once in); else stored there, its answer to `reply`.
+    spare: Pinned | None = None
+    stored: trio.Event = field(default_factory=trio.Event)
+    results: list[Stored | bytes | Failed] = field(default_factory=list)
+    reply: _Reply | None = None
 
     def add_inline(self, data: bytes) -> None:
         self.items.append(data)
@@ -253,22 +260,26 @@ class LayerConsumer:
     """One PutLayer: decode, store, hash, and (only if the digest matches) commit."""
 
     def __init__(self, repo: Repository, pool: WorkerPool, dirfds: list[int], zerocopy: bool,
-                 limits: BatchLimits | None = None) -> None:
+                 limiter: trio.CapacityLimiter | None = None) -> None:
         self.repo = repo
         self.pool = pool
-        # batches in flight to each worker, shared by the layers that share the pool
-        self.limits = limits or BatchLimits(pool)
+        # batches in flight to the workers, shared by the layers that share the pool
+        self.limiter = limiter or batch_limiter(pool)
         self.batch_files = batch_files()
         self.dirfds = dirfds
         self.zerocopy = zerocopy
         self.writer = SplitStreamWriter(repo.alg, CONTENT_OCI_LAYER)
         self.layer = next(_layer_numbers)  # the worker's name for this layer's sha256
-        self._worker: Pinned | None = None  # the one worker that stores the layer's files
-        self._limiter: trio.CapacityLimiter | None = None  # that worker's, of `limits`: batches' tokens
+        self._sha: Pinned | None = None  # the worker that keeps the layer's sha256
+        self._fed = False  # its first piece sent
         self.stats = PutStats()
         self._dir_checked: set[int] = set()
         self._hardlink: bool | None = None  # zerocopy: decided by the first file
-        # sent batches not yet written: each holds a limiter token (and, to be hardlinked, open fds)
+        # Read leases on the sources (see _open), which need SIGIO ignored: from the main thread.
+        self._lease = threading.current_thread() is threading.main_thread()
+        if self._lease:
+            repo.enable_source_leases()
+        # batches taken in and not yet written: each holds a limiter token and its files' fds
         self._pending: set[_Batch] = set()
         # the layer's entries, parsed from what is written, for the image FinalizeImage builds
         self.collector = LayerEntryCollector()
@@ -286,8 +297,12 @@ class LayerConsumer:
             self._dir_checked.add(index)
         return fd
 
-    def _open(self, chunk: FileBackedData) -> int:
-        """An fd of the referenced file, checked to be a regular file of the declared length."""
+    def _open(self, chunk: FileBackedData) -> tuple[int, bool]:
+        """An fd of the referenced file, checked to be a regular file of the declared length,
+        and whether this process holds a read lease on it, taken before any worker reads it:
+        a batch stored by another worker than the one keeping the layer's sha256 is read
+        again there, under the same lease, which only holds if no one opened the file for
+        writing in between (see worker_api.FEED_LAYER)."""
         dirfd = self._dirfd(chunk.dirfd_index)
         try:
             fd = open_beneath(dirfd, chunk.name)
@@ -298,22 +313,29 @@ class LayerConsumer:
             os.close(fd)
             kind = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"{st.st_size} bytes, declared {chunk.length}"
             raise LayerTransferError(f"{_describe(chunk)}: {kind}")
-        return fd
+        return fd, self._lease and chunk.length > INLINE_CONTENT_MAX and take_read_lease(fd)
 
     async def run(self, receive_some: Callable[[int], Awaitable[bytes]]) -> str:
-        """Consume the whole stream; returns its `sha256:<hex>`. One worker gets every batch
-        of files, in stream order, with the inline bytes around them: it stores each file
-        and feeds the stream's sha256 in the same read. Its answers come back in order, and
-        one task writes the layer stream from them while this one reads on."""
+        """Consume the whole stream; returns its `sha256:<hex>`. One worker keeps the
+        layer's sha256: it gets every batch, in stream order, and stores the batch's files
+        as it hashes them, each byte read once. But when another worker has nothing to do
+        while this one has work queued (the last big layer of an image, or an image of one
+        layer), a batch is stored there instead, and its files are read again for the
+        sha256 (from the page cache: the cost of a read, not of a hash). One task sends
+        the batches to the sha256's worker in order, one writes the layer stream from the
+        answers, in order, while this one reads on."""
         decoder = Decoder()
         batch = _Batch()
-        send, receive = trio.open_memory_channel[_Batch](self.limits.per_worker)
+        # (as many as the limiter's tokens: a batch holds one from before it is sent on)
+        to_send, sending = trio.open_memory_channel[_Batch](math.inf)
+        to_write, writing = trio.open_memory_channel[_Batch](math.inf)
+        here: str | None = None
         try:
-            # The worker is chosen (and the pool's workers started) with the first batch.
             async with contextlib.AsyncExitStack() as stack:
                 async with open_nursery() as nursery:
-                    nursery.start_soon(self._write_in_order, receive)
-                    async with send:
+                    nursery.start_soon(self._send_in_order, sending, to_write)
+                    nursery.start_soon(self._write_in_order, writing)
+                    async with to_send:
                         while True:
                             with trio.move_on_after(SILENCE_LIMIT) as waited:
                                 data = await receive_some(_RECV_PIECE)
@@ -327,89 +349,129 @@ class LayerConsumer:
                             for chunk in decoder.chunks():
                                 self._add(batch, chunk)
                                 if len(batch.files) >= self.batch_files or batch.nbytes >= BATCH_BYTES:
-                                    await self._submit(stack, send, batch)
+                                    await self._submit(stack, nursery, to_send, batch)
                                     batch = _Batch()
-                        if self._worker is None and not batch.files:
+                        if self._sha is None and not batch.files:
                             # a stream of a few inline bytes: hashed here, and no worker starts
                             here = hashlib.sha256(b"".join(batch.inline)).hexdigest()
-                            self._limiter = trio.CapacityLimiter(1)  # (no worker's)
                             await self._hold(batch)
-                            await send.send(batch)
+                            await to_write.send(batch)
                         else:
-                            worker = await self._submit(stack, send, batch)
-                            digest = await worker.send(api.LAYER_SHA256, [], {"layer": self.layer})
+                            await self._submit(stack, nursery, to_send, batch)
                         batch = _Batch()
-                if self._worker is not None:
-                    obj = await self._worker.answer(digest)
+                if self._sha is not None:  # (every piece fed by now, in order)
+                    obj = await self._sha.answer(await self._sha.send(api.LAYER_SHA256, [], {"layer": self.layer}))
         finally:
             for b in (*self._pending, batch):
                 self._finish(b)
         self.collector.close()
-        if self._worker is None:
+        if here is not None:
             return "sha256:" + here
         result = obj.get("result")
         sha = result.get("sha256") if isinstance(result, dict) else None
+        if isinstance(result, dict) and sha is None and isinstance(result.get("failed"), str):
+            raise LayerTransferError(f"{result['failed']}: nothing was committed")
         if isinstance(result, dict) and sha is None:
-            raise PycfsError(f"the object worker holds no sha256 of this layer (a file failed, or more than "
-                             f"{api.MAX_LAYERS_HELD} layers were in flight on it at once): nothing was committed; "
-                             "send the layer again")
+            raise PycfsError(f"the object worker holds no sha256 of this layer (more than {api.MAX_LAYERS_HELD} "
+                             "layers were in flight on it at once): nothing was committed; send the layer again")
         if not isinstance(sha, str) or not re.fullmatch("[0-9a-f]{64}", sha):
             raise PycfsError(f"the object worker answered {obj!r} for the sha256 of layer {self.layer}")
         return "sha256:" + sha
 
     async def _hold(self, batch: _Batch) -> None:
-        """A token of the worker's limiter for the batch, held until it is written."""
-        assert self._limiter is not None  # (set with the worker, or for a stream without one)
-        await self._limiter.acquire_on_behalf_of(batch)
+        """A token of the limiter for the batch, held until it is written."""
+        await self.limiter.acquire_on_behalf_of(batch)
         self._pending.add(batch)
 
-    async def _submit(self, stack: contextlib.AsyncExitStack, send: trio.MemorySendChannel[_Batch],
-                      batch: _Batch) -> Pinned:
-        """Send the batch to the layer's worker (in stream order: here, one at a time), and on
-        to the writer."""
-        first = self._worker is None
-        if self._worker is None:
-            pinned: Pinned = await stack.enter_async_context(self.pool.pinned())
-            self._worker, self._limiter = pinned, self.limits.of(pinned)
-        worker = self._worker
+    async def _submit(self, stack: contextlib.AsyncExitStack, nursery: trio.Nursery,
+                      send: trio.MemorySendChannel[_Batch], batch: _Batch) -> None:
+        """Pass the batch on to be sent in order; a batch for a spare worker (see `run`) is
+        sent there now, by a task of its own."""
+        if self._sha is None:  # (its first batch: the pool's workers start here)
+            self._sha = await stack.enter_async_context(self.pool.pinned())
+        sha: Pinned = self._sha
         await self._hold(batch)
-        files = batch.files
-        if self.zerocopy and files and self._hardlink is None:
-            self._hardlink = not await trio.to_thread.run_sync(self._probe_reflink, files[0].fd)
+        if batch.files:
+            if self.zerocopy and self._hardlink is None:
+                self._hardlink = not await trio.to_thread.run_sync(self._probe_reflink, batch.files[0].fd)
+            if sha.backlog >= 2:
+                batch.spare = sha.idle_other()
+            if batch.spare is not None:
+                nursery.start_soon(self._store_spare, batch)
+        await send.send(batch)
+
+    async def _store_spare(self, batch: _Batch) -> None:
+        assert batch.spare is not None
+        fds, sizes = [f.fd for f in batch.files], [f.size for f in batch.files]
+        # digested only, to be hardlinked here; else stored
+        method = api.DIGEST if self.zerocopy and self._hardlink else api.STORE
+        reply = await batch.spare.send(method, fds, api.file_params(sizes, leased=self._lease and method == api.STORE))
+        batch.results = _results(await batch.spare.files(reply, len(fds), method))
+        batch.stored.set()
+
+    async def _send_in_order(self, receive: trio.MemoryReceiveChannel[_Batch],
+                             send: trio.MemorySendChannel[_Batch]) -> None:
+        """Each batch to the sha256's worker, in stream order (one stored elsewhere once it
+        is: its objects are named then), and on to the writer."""
+        async with send:
+            async for batch in receive:
+                if batch.spare is not None:
+                    await batch.stored.wait()
+                await self._feed(batch)
+                await send.send(batch)
+
+    async def _feed(self, batch: _Batch) -> None:
+        """The batch's inline bytes and files to the layer's sha256 (see worker_api.FEED_LAYER)."""
+        assert self._sha is not None
+        hardlink = bool(self.zerocopy and self._hardlink)
+        if batch.spare is None:
+            read = ("d" if hardlink else "c") * len(batch.files)
+            fds = [f.fd for f in batch.files]
+        else:
+            for f, r in zip(batch.files, batch.results):
+                if isinstance(r, Failed):
+                    raise LayerTransferError(f"cannot store {f.what}: {r.message}")
+                f.object_id = r if isinstance(r, bytes) else r.object_id
+            # a leased source, cached; a hardlinked one or content sent inline, as it is (the
+            # object itself, or ours); else the object, whose pages its private copy's hash read
+            read = "".join("s" if hardlink or f.source is None else "l" if f.leased else "o" for f in batch.files)
+            fds = [f.fd for f, r in zip(batch.files, read) if r != "o"]
         inline = os.memfd_create("pycfs-layer-inline", os.MFD_CLOEXEC)
         try:
             write_all(inline, b"".join(batch.inline))
-            batch.reply = await worker.send(api.STORE_LAYER, [inline, *(f.fd for f in files)], {
-                "layer": self.layer, "sizes": [f.size for f in files], "inline": [*batch.counts, batch.run],
-                "store": not (self.zerocopy and self._hardlink), "first": first})
+            batch.reply = await self._sha.send(api.FEED_LAYER, [inline, *fds], {
+                "layer": self.layer, "sizes": [f.size for f in batch.files], "inline": [*batch.counts, batch.run],
+                "read": read, "objects": b"".join(f.object_id for f, r in zip(batch.files, read) if r not in "cd").hex(),
+                "leased": self._lease and not hardlink, "first": not self._fed})
+            self._fed = True
         finally:
             os.close(inline)
-            if not (self.zerocopy and self._hardlink):  # the worker has its own copies
-                _close(files)
-        await send.send(batch)
-        return worker
 
     def _finish(self, batch: _Batch) -> None:
         """Close what the batch still holds open and give back its token (once)."""
         _close(batch.files)
         if batch in self._pending:
             self._pending.remove(batch)
-            assert self._limiter is not None  # (a pending batch holds one of its tokens)
-            self._limiter.release_on_behalf_of(batch)
+            self.limiter.release_on_behalf_of(batch)
 
     async def _write_in_order(self, receive: trio.MemoryReceiveChannel[_Batch]) -> None:
         async for batch in receive:
             try:
                 if batch.reply is not None:
-                    assert self._worker is not None
-                    await self._take(batch.files, await self._worker.files(batch.reply, len(batch.files)))
+                    assert self._sha is not None
+                    stored_here = len(batch.files) if batch.spare is None else 0
+                    results = _results(await self._sha.files(batch.reply, stored_here, api.FEED_LAYER))
+                    if batch.spare is None:
+                        batch.results = results
+                if batch.files:
+                    await self._take(batch.files, batch.results)
                 await trio.to_thread.run_sync(self._write, batch.items)
             finally:
                 self._finish(batch)
 
     def _add(self, batch: _Batch, chunk: Chunk) -> None:
         if isinstance(chunk, FileBackedData):
-            fd = self._open(chunk)
+            fd, leased = self._open(chunk)
             if chunk.length <= INLINE_CONTENT_MAX:
                 try:
                     data = os.pread(fd, chunk.length, 0)
@@ -419,7 +481,7 @@ class LayerConsumer:
                     raise LayerTransferError(f"{_describe(chunk)}: short read")
                 batch.add_inline(data)
             else:
-                batch.add_file(_File(fd, chunk.length, chunk))
+                batch.add_file(_File(fd, chunk.length, chunk, leased))
             return
         data = chunk.data
         if isinstance(chunk, InlineData) and len(data) > INLINE_CONTENT_MAX:
@@ -434,24 +496,24 @@ class LayerConsumer:
         else:
             batch.add_inline(data)
 
-    async def _take(self, files: list[_File], results: list[tuple[bytes, str] | Failed]) -> None:
-        """The worker's answers for a batch's files: their objects, stored (or, to be
-        hardlinked, digested)."""
-        codes: dict[str, int] = {}
+    async def _take(self, files: list[_File], results: list[Stored | bytes | Failed]) -> None:
+        """The workers' answers for a batch's files: their objects, stored (or, to be
+        hardlinked, digested, then linked here)."""
         for f, r in zip(files, results):
             if isinstance(r, Failed):
                 raise LayerTransferError(f"cannot store {f.what}: {r.message}")
-            f.object_id, code = r
-            codes[code] = codes.get(code, 0) + 1
         if self.zerocopy and self._hardlink:
-            for f in files:
+            for f, r in zip(files, results):
+                assert isinstance(r, bytes)
+                f.object_id = r
                 self.stats.count(await trio.to_thread.run_sync(self._hardlink_object, f))
             return
-        if self.zerocopy and api.HOW_CODES["copied"] in codes:
-            f = next(f for f, r in zip(files, results) if r[1] == api.HOW_CODES["copied"])
-            raise LayerTransferError(f"zerocopy: {f.what} could not be reflinked or hardlinked")
-        for code, n in codes.items():
-            self.stats.count(api.HOW[code], n)
+        for f, r in zip(files, results):
+            assert isinstance(r, Stored)
+            if self.zerocopy and r.how == "copied":
+                raise LayerTransferError(f"zerocopy: {f.what} could not be reflinked or hardlinked")
+            f.object_id = r.object_id
+            self.stats.count(r.how)
 
     def _probe_reflink(self, src_fd: int) -> bool:
         """Can the destination's objects share extents with this source? (FICLONE into an
@@ -513,45 +575,32 @@ class LayerConsumer:
         self.collector.feed(pieces)
 
 
+def _results(answers: list[tuple[bytes, str] | Failed]) -> list[Stored | bytes | Failed]:
+    """A worker's answers as objects stored, digests (of files only digested) or failures."""
+    return [r if isinstance(r, Failed) else r[0] if r[1] == api.DIGESTED else Stored(r[0], api.HOW[r[1]])
+            for r in answers]
+
+
 def _close(files: list[_File]) -> None:
     close_fds([f.fd for f in files if f.fd >= 0])
     for f in files:
         f.fd = -1
 
 
-class BatchLimits:
-    """How many batches of files may be sent to each worker and not yet written, for all
-    the layers that share `pool`: four per worker, as a layer's batches queue at one worker,
-    in order, and a token comes back only once its answer is written, so the worker needs a
-    few queued behind the one it stores to keep busy while this process catches up; within
-    half the open-file limit, as a batch's fds stay open in the worker until it is answered
-    (and here, to be hardlinked). Per worker, not for the pool: a worker slower than the
-    other (the one with the biggest layer) would otherwise come to hold nearly every token
-    with its queue, and the other wait for batches between its own. Under a low open-file
-    limit the total is shared out as evenly as it goes (3 on 2 workers: 2 and 1)."""
-
-    def __init__(self, pool: WorkerPool) -> None:
-        self.total = pool.batches_in_flight(batch_files() + 1, per_worker=4)
-        self.jobs = pool.jobs
-        self.per_worker = max(1, -(-self.total // self.jobs))  # the largest share
-        self._limiters: dict[int, tuple[object, trio.CapacityLimiter]] = {}
-
-    def of(self, worker: Pinned) -> trio.CapacityLimiter:
-        """The limiter of the worker `worker` is pinned to."""
-        key = id(worker.worker)
-        entry = self._limiters.get(key)
-        if entry is None:  # (the worker is kept with it: its id stays its own)
-            index = len(self._limiters)
-            tokens = max(1, self.total // self.jobs + (index % self.jobs < self.total % self.jobs))
-            entry = self._limiters[key] = (worker.worker, trio.CapacityLimiter(tokens))
-        return entry[1]
+def batch_limiter(pool: WorkerPool) -> trio.CapacityLimiter:
+    """How many batches of files may be taken in and not yet written, for all the layers
+    that share `pool`: four per worker, as a batch's token comes back only once it is
+    written, in its layer's order, so the workers need a few queued behind the ones they
+    store to keep busy while this process catches up; within half the open-file limit, as
+    a batch's fds stay open until its files are stored (and, to be hardlinked, linked)."""
+    return trio.CapacityLimiter(pool.batches_in_flight(batch_files() + 1, per_worker=4))
 
 
 async def put_layer(repo: Repository, pool: WorkerPool, pipe_fd: int, dirfds: list[int], diff_id: str,
-                    zerocopy: bool, limits: BatchLimits | None = None) -> PutResult:
+                    zerocopy: bool, limiter: trio.CapacityLimiter | None = None) -> PutResult:
     """Consume a splitdirfdstream from pipe_fd (taken) into `oci-layer-<diff_id>`; layers
-    stored at once by one pool share its `limits` (see BatchLimits)."""
-    consumer = LayerConsumer(repo, pool, dirfds, zerocopy, limits)
+    stored at once by one pool share its `limiter` (see batch_limiter)."""
+    consumer = LayerConsumer(repo, pool, dirfds, zerocopy, limiter)
     async with trio.lowlevel.FdStream(pipe_fd) as pipe:
         actual = await consumer.run(pipe.receive_some)
     if actual != diff_id:

@@ -121,12 +121,14 @@ class WorkerPool:
 
     async def store(self, fds: Sequence[int], sizes: Sequence[int],
                     crcs: Sequence[int | None] | None = None,
-                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None) -> list[Stored | Failed]:
+                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None,
+                    leased: bool = False) -> list[Stored | Failed]:
         """Store each file as an object of the pool's repository; ``crcs``: the CRC-64/GO-ISO
         each file's content must have (None: unchecked), ``sha256s``: (prefix, SHA-256 of the
-        prefix and the content) or None per file, else that file fails (see
-        `Repository.store_object_from_fd`)."""
-        return api.stored_results(await self._each(api.STORE, fds, sizes, crcs, sha256s))
+        prefix and the content) or None per file, else that file fails; ``leased``: this
+        process may hold read leases on the files' open files, to be hashed under and left
+        in place (see `Repository.store_object_from_fd`)."""
+        return api.stored_results(await self._each(api.STORE, fds, sizes, crcs, sha256s, leased))
 
     async def stored_early(self, request_id: int) -> list[Stored | Failed]:
         """The answer to STORE request ``request_id``, written to a forked worker before the
@@ -158,7 +160,8 @@ class WorkerPool:
 
     async def _each(self, method: str, fds: Sequence[int], sizes: Sequence[int],
                     crcs: Sequence[int | None] | None = None,
-                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None) -> list[tuple[bytes, str] | Failed]:
+                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None,
+                    leased: bool = False) -> list[tuple[bytes, str] | Failed]:
         if len(fds) != len(sizes) or (crcs is not None and len(crcs) != len(fds)):
             raise ValueError(f"{len(fds)} fds but {len(sizes)} sizes{'' if crcs is None else f' and {len(crcs)} crcs'}")
         if sha256s is not None and len(sha256s) != len(fds):
@@ -173,7 +176,7 @@ class WorkerPool:
         for start in range(0, len(fds), api.MAX_FILES_PER_REQUEST):
             end = start + api.MAX_FILES_PER_REQUEST
             params = api.file_params(sizes[start:end], None if crcs is None else crcs[start:end],
-                                     None if sha256s is None else sha256s[start:end])
+                                     None if sha256s is None else sha256s[start:end], leased)
             out += await call(method, list(fds[start:end]), params)
         return out
 
@@ -431,14 +434,23 @@ class Pinned:
     async def answer(self, reply: _Reply) -> dict[str, Any]:
         return await self.pool._wait(reply)
 
-    async def files(self, reply: _Reply, count: int) -> list[tuple[bytes, str] | Failed]:
-        """The answer to a STORE_LAYER request for `count` files: (digest, how code) or
-        Failed per file (see `pycfs.protocol.worker_api.parse_answer`)."""
+    async def files(self, reply: _Reply, count: int, method: str) -> list[tuple[bytes, str] | Failed]:
+        """The answer to a `method` request for `count` files: (digest, how code) or Failed
+        per file (see `pycfs.protocol.worker_api.parse_answer`)."""
         obj = await self.answer(reply)
         try:
-            return self.pool._results(obj, count, api.STORE_LAYER)
+            return self.pool._results(obj, count, method)
         except ValueError as e:
             raise PycfsError(f"the {self.worker.describe()} {e}") from None
+
+    @property
+    def backlog(self) -> int:
+        """Requests sent to this worker and not answered yet."""
+        return len(self.worker.waiting)
+
+    def idle_other(self) -> Pinned | None:
+        """Another worker of the pool with no request waiting, if there is one."""
+        return next((Pinned(self.pool, w) for w in self.pool._workers if w is not self.worker and not w.waiting), None)
 
 
 @asynccontextmanager

@@ -34,13 +34,13 @@ class WorkerService:
         self.alg = alg
         self.digest_size = DIGEST_SIZES[alg]
         self.repo = repo
-        # layer -> its sha256 so far (None once a file failed), oldest first (see store_layer)
+        # layer -> its sha256 so far (or why it is void), oldest first (see feed_layer)
         self._layers: dict[int, Any] = {}
 
     def methods(self) -> dict[str, Any]:
         return {api.STORE: self.store, api.DIGEST: self.digest, api.ADOPT: self.adopt,
                 api.DIGEST_PATHS: self.digest_paths, api.INFLATE: self.inflate,
-                api.STORE_LAYER: self.store_layer, api.LAYER_SHA256: self.layer_sha256}
+                api.FEED_LAYER: self.feed_layer, api.LAYER_SHA256: self.layer_sha256}
 
     def _each(self, call: Call, sizes: Any, one) -> dict[str, Any]:
         if not isinstance(sizes, list) or not all(type(s) is int and s >= 0 for s in sizes):
@@ -81,7 +81,7 @@ class WorkerService:
 
         return self._answer(((r,) for r in digest_regular_files(paths, self.alg)), one)
 
-    def store(self, call: Call, sizes: Any, crcs: Any = None, sha256s: Any = None) -> dict[str, Any]:
+    def store(self, call: Call, sizes: Any, crcs: Any = None, sha256s: Any = None, leased: Any = False) -> dict[str, Any]:
         if self.repo is None:
             raise InvalidParamsError("this worker was started without a repository")
         if crcs is None:
@@ -89,75 +89,117 @@ class WorkerService:
         if not isinstance(crcs, list) or len(crcs) != len(call.fds) or not all(
                 c is None or (type(c) is int and 0 <= c < 1 << 64) for c in crcs):
             raise InvalidParamsError("crcs must be a CRC-64 or null per fd")
+        if type(leased) is not bool:
+            raise InvalidParamsError("leased must be true or false")
         checks = [None] * len(call.fds) if sha256s is None else _sha256_checks(sha256s, len(call.fds))
         expected = iter(zip(crcs, checks))
-        return self._each(call, sizes, lambda fd, size: self._store_one(fd, size, *next(expected)))
+        return self._each(call, sizes, lambda fd, size: self._store_one(fd, size, *next(expected), leased=leased))
 
-    def store_layer(self, call: Call, layer: Any, sizes: Any, inline: Any, store: Any = True,
-                    first: Any = False) -> dict[str, Any]:
-        """Files of a layer stream, in order, each stored (or digested) while the layer's
-        sha256 takes the inline bytes before it and then its content, in the same read
-        (see `pycfs.protocol.worker_api.STORE_LAYER`)."""
-        if self.repo is None and store is not False:
+    def feed_layer(self, call: Call, layer: Any, sizes: Any, inline: Any, read: Any, objects: Any = "",
+                   leased: Any = False, first: Any = False) -> dict[str, Any]:
+        """The next inline bytes and files of a layer stream, in order, into the layer's
+        sha256, each file stored (or digested) here in the same read, or read again as
+        stored elsewhere (see `pycfs.protocol.worker_api.FEED_LAYER`)."""
+        from pycfs.host.repository import feed_fd, lease_held
+
+        if self.repo is None:
             raise InvalidParamsError("this worker was started without a repository")
-        if type(layer) is not int or type(store) is not bool or type(first) is not bool or not call.fds:
-            raise InvalidParamsError("store_layer takes a layer number, store and first true|false and the inline bytes' file")
-        if not isinstance(inline, list) or len(inline) != len(call.fds) or not all(type(n) is int and n >= 0 for n in inline):
+        if type(layer) is not int or type(first) is not bool or type(leased) is not bool or not call.fds:
+            raise InvalidParamsError("feed_layer takes a layer number, leased and first true|false and the "
+                                     "inline bytes' file")
+        if not isinstance(sizes, list) or not all(type(s) is int and s >= 0 for s in sizes):
+            raise InvalidParamsError("sizes must be a list of byte counts")
+        if not isinstance(inline, list) or len(inline) != len(sizes) + 1 or not all(type(n) is int and n >= 0 for n in inline):
             raise InvalidParamsError("inline must be a byte count before each file and one after the last")
-        inline_fd, files = call.fds[0], Call(call.fds[1:])  # all closed with the request
-        data = os.pread(inline_fd, sum(inline), 0)
+        if not isinstance(read, str) or len(read) != len(sizes) or not set(read) <= set(api.FEED_READS) \
+                or len(read) - read.count("o") != len(call.fds) - 1:
+            raise InvalidParamsError(f"read must be one of {api.FEED_READS} per file, with an fd for each but o")
+        try:
+            ids = bytes.fromhex(objects) if isinstance(objects, str) else b"-"
+        except ValueError:
+            ids = b"-"
+        given = len(read) - read.count("c") - read.count("d")
+        if len(ids) != given * self.digest_size:
+            raise InvalidParamsError(f"objects must be {given} digests in hex, back to back")
+        data = memoryview(os.pread(call.fds[0], sum(inline), 0))
         if len(data) != sum(inline):
             raise InvalidParamsError(f"the inline bytes' file holds {len(data)} bytes, not {sum(inline)}")
-        # A later request of a layer this worker no longer holds (forgotten past api.MAX_LAYERS_HELD)
-        # continues no sha256: the layer's digest is void, never one of only its later bytes.
-        sha = hashlib.sha256() if first else self._layers.pop(layer, None)
-        pieces = iter(inline)
-        offset = 0
+        # The layer's sha256 so far; a str says why it is void, None: forgotten (a later
+        # request of a layer past api.MAX_LAYERS_HELD continues no sha256: never a digest of
+        # only its later bytes).
+        sha: Any = hashlib.sha256() if first else self._layers.pop(layer, None)
 
-        def feed_inline() -> None:
-            nonlocal offset
-            n = next(pieces)
-            if sha is not None:
-                sha.update(data[offset : offset + n])
-            offset += n
+        def live() -> bool:
+            return not isinstance(sha, str | None)
 
-        def one(fd: int, size: int) -> tuple[bytes, str]:
+        def one(fd: int, size: int, mode: str) -> tuple[bytes, str]:
+            """A file stored (c) or digested (d) here, its content into the sha256 in the same read."""
             nonlocal sha
-            feed_inline()
             passes: list[Any] = []
 
             def content() -> Callable[[memoryview], None]:
                 """Each pass over the content starts from the sha256 before this file: the
                 last pass is the one stored."""
-                passes.append(sha.copy() if sha is not None else None)
-                return passes[-1].update if sha is not None else _ignore
+                passes.append(sha.copy() if live() else None)
+                return passes[-1].update if live() else _ignore
 
             try:
-                if store:
-                    result = self._store_one(fd, size, None, None, content)
+                if mode == "c":
+                    result = self._store_one(fd, size, None, None, content, leased)
                 else:
                     result = digest_fd(fd, self.alg, size, content()), api.DIGESTED
-            except BaseException:
-                sha = None  # its content is not in the sha256: the layer's digest is void
+            except BaseException as e:
+                if live():  # its content is not in the sha256: the layer's digest is void
+                    sha = f"a file of the layer could not be stored: {e}"
                 raise
-            if passes:
+            if passes and live():
                 sha = passes[-1]
             return result
 
+        def files() -> Iterator[tuple[int, int, str]]:
+            """The files to store or digest here, for `_answer`, which takes them one by one:
+            between them, in stream order, the inline bytes and the files read again."""
+            nonlocal sha
+            fds, offset, at = iter(call.fds[1:]), 0, 0
+            for i, size in enumerate(sizes):
+                if live():
+                    sha.update(data[offset : offset + inline[i]])
+                offset += inline[i]
+                mode = read[i]
+                if mode in "cd":
+                    yield next(fds), size, mode
+                    continue
+                fd = next(fds) if mode != "o" else -1
+                object_id, at = ids[at : at + self.digest_size], at + self.digest_size
+                if not live():
+                    continue
+                try:
+                    if mode == "o":
+                        self.repo.feed_object(object_id, size, sha.update)  # type: ignore[union-attr]
+                    elif feed_fd(fd, size, sha.update) != size:
+                        raise PycfsError(f"the source of object {object_id.hex()} is shorter than its {size} bytes")
+                    elif mode == "l" and not lease_held(fd):
+                        raise PycfsError(f"the source of object {object_id.hex()} was opened for writing while it "
+                                         "was stored: it may have changed; send the layer again")
+                except (OSError, PycfsError) as e:
+                    sha = str(e) if isinstance(e, PycfsError) else f"cannot read a stored object: {e.strerror or e}"
+            if live():
+                sha.update(data[offset:])
+
         try:
-            answer = self._each(files, sizes, one)
-            feed_inline()
+            return self._answer(files(), one)
         finally:
             self._layers[layer] = sha
             while len(self._layers) > api.MAX_LAYERS_HELD:  # layers whose caller gave up
                 del self._layers[next(iter(self._layers))]
-        return answer
 
     def layer_sha256(self, call: Call, layer: Any) -> dict[str, Any]:
         if type(layer) is not int or call.fds:
             raise InvalidParamsError("layer_sha256 takes a layer number and no fds")
         sha = self._layers.pop(layer, None)
-        return {"sha256": sha.hexdigest() if sha is not None else None}
+        if isinstance(sha, str | None):
+            return {"sha256": None, "failed": sha}
+        return {"sha256": sha.hexdigest()}
 
     def adopt(self, call: Call, sizes: Any) -> dict[str, Any]:
         if self.repo is None:
@@ -230,7 +272,8 @@ class WorkerService:
 
     def _store_one(self, fd: int, size: int, crc: int | None,
                    sha256: tuple[bytes, bytes] | None = None,
-                   also: Callable[[], Callable[[memoryview], None]] | None = None) -> tuple[bytes, str]:
+                   also: Callable[[], Callable[[memoryview], None]] | None = None,
+                   leased: bool = False) -> tuple[bytes, str]:
         assert self.repo is not None
         observer: Callable[[], Callable[[memoryview], object]] | None
         if sha256 is None and also is None:  # a layer's file: its CRC-64 or nothing to check
@@ -252,7 +295,7 @@ class WorkerService:
 
                 return observe
 
-        result = self.repo.store_object_from_fd(fd, None, observer, size)
+        result = self.repo.store_object_from_fd(fd, None, observer, size, caller_lease=leased)
         if result.size != size:
             raise OSError(errno.ESTALE, "changed size while it was stored")
         return result.object_id, api.HOW_CODES[result.how]

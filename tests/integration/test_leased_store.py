@@ -4,6 +4,7 @@ XFS: whatever writers do meanwhile, an object is named by the digest of the byte
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import threading
 import time
@@ -228,10 +229,10 @@ def test_a_writer_that_outwaits_the_lease_cannot_misname_the_object(repo, short_
     assert stored == new and digest_bytes(stored) == result.object_id
 
 
-def test_store_layer_sha256_takes_only_the_pass_stored_when_the_lease_breaks(repo, monkeypatch):
-    """A layer's sha256 kept by the worker (store_layer): a file whose lease broke mid-store is
-    read twice (the source, then the private clone that is stored); the sha256 takes the
-    stored pass, once, between the inline bytes around it."""
+def test_feed_layer_sha256_takes_only_the_pass_stored_when_the_lease_breaks(repo, monkeypatch):
+    """A layer's sha256 kept by the worker that stores its files (feed_layer, c): a file
+    whose lease broke mid-store is read twice (the source, then the private clone that is
+    stored); the sha256 takes the stored pass, once, between the inline bytes around it."""
     import hashlib
 
     from pycfs.host import repository
@@ -257,13 +258,34 @@ def test_store_layer_sha256_takes_only_the_pass_stored_when_the_lease_breaks(rep
     os.write(inline, b"head" + b"tail")
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        answer = worker.store_layer(Call([inline, fd]), 1, [len(data)], [4, 4], first=True)
+        answer = worker.feed_layer(Call([inline, fd]), 1, [len(data)], [4, 4], "c", first=True)
     finally:
         os.close(fd)
         os.close(inline)
     assert broken == [errno.EWOULDBLOCK]  # a lease was held, and broken
     assert (answer["how"], answer["ids"]) == ("r", digest_bytes(data).hex())
     assert worker.layer_sha256(Call([]), 1) == {"sha256": hashlib.sha256(b"head" + data + b"tail").hexdigest()}
+
+
+def test_a_store_under_the_callers_lease_leaves_it_in_place(repo):
+    """caller_lease: the source hashed under a lease its caller took (PutLayer's host, which
+    has the file read again under it for the layer's sha256) is stored reflinked, and the
+    lease is still there afterwards, unbroken; without one, the store takes its own and lets
+    it go."""
+    data = os.urandom(200_000)
+    path = _source(repo, "src", data)
+    repo.enable_source_leases()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        result = repo.store_object_from_fd(fd, size=len(data), caller_lease=True)
+        assert (result.how, result.object_id) == ("reflinked", digest_bytes(data))
+        assert fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        assert repo.store_object_from_fd(fd, size=len(data), caller_lease=True).how == "present"
+        assert fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_UNLCK
+    finally:
+        os.close(fd)
 
 
 def test_put_layer_commits_only_the_right_diff_id_reads_no_content_here_and_leaks_no_fd(repo, monkeypatch):
@@ -275,7 +297,7 @@ def test_put_layer_commits_only_the_right_diff_id_reads_no_content_here_and_leak
 
     from fdcount import open_fd_count
     from pycfs.host.streamcat import iter_stream_bytes
-    from pycfs.host.varlink.transfer import BatchLimits, DiffIdMismatch, put_layer
+    from pycfs.host.varlink.transfer import DiffIdMismatch, batch_limiter, put_layer
     from pycfs.host.workers.pool import open_pool
     from pycfs.protocol.splitdirfdstream import encode_file_backed_data, encode_metadata
 
@@ -309,7 +331,7 @@ def test_put_layer_commits_only_the_right_diff_id_reads_no_content_here_and_leak
                         await out.send_all(bytes(stream))
 
                 nursery.start_soon(feed)
-                return await put_layer(repo, pool, r, [dirfd], claimed, False, BatchLimits(pool))
+                return await put_layer(repo, pool, r, [dirfd], claimed, False, batch_limiter(pool))
         finally:
             os.close(dirfd)
 

@@ -1,14 +1,13 @@
-"""PutLayer's batches in flight are bounded per object worker: a worker slow with a big
-layer cannot take the tokens the other worker's layer needs."""
+"""PutLayer's batches in flight, for every layer that shares one pool: four per worker,
+within half the open-file limit (each batch holds its files' fds until it is written)."""
 
 from __future__ import annotations
 
 import resource
 
-import trio
-from pycfs.host.varlink.transfer import BatchLimits
+from pycfs.host.varlink.transfer import batch_limiter
 from pycfs.host.workers.batching import batch_files
-from pycfs.host.workers.pool import Pinned, WorkerPool
+from pycfs.host.workers.pool import WorkerPool
 
 
 class _Pool:
@@ -20,33 +19,13 @@ def _fd_limit(monkeypatch, fds: int) -> None:
     monkeypatch.setattr(resource, "getrlimit", lambda which: (fds, fds))
 
 
-def _tokens(limits: BatchLimits, pool: _Pool) -> list[int]:
-    return [limits.of(Pinned(pool, object())).total_tokens for _ in range(pool.jobs)]  # type: ignore[arg-type]
-
-
-def test_each_worker_has_its_own_tokens(monkeypatch) -> None:
+def test_four_batches_per_worker(monkeypatch) -> None:
     _fd_limit(monkeypatch, 1 << 20)  # (not the limit this test runs under)
-    pool, one, two = _Pool(), object(), object()
-    limits = BatchLimits(pool)  # type: ignore[arg-type]
-    a, b = limits.of(Pinned(pool, one)), limits.of(Pinned(pool, two))  # type: ignore[arg-type]
-    assert limits.of(Pinned(pool, one)) is a and a is not b  # type: ignore[arg-type]
-    assert a.total_tokens == b.total_tokens == 4
-
-    async def main() -> None:
-        # The slow worker's layer holds every token it may: the other's first batch still goes.
-        holders = [object() for _ in range(4)]
-        for h in holders:
-            a.acquire_on_behalf_of_nowait(h)
-        with trio.fail_after(1):
-            await b.acquire_on_behalf_of(object())
-        assert a.available_tokens == 0 and b.available_tokens == 3
-
-    trio.run(main)
+    assert batch_limiter(_Pool()).total_tokens == 8  # type: ignore[arg-type]
 
 
 def test_tokens_stay_within_the_open_file_limit(monkeypatch) -> None:
-    pool = _Pool()
     _fd_limit(monkeypatch, 2 * (batch_files() + 1) * 3)  # half of it: three batches
-    assert _tokens(BatchLimits(pool), pool) == [2, 1]  # type: ignore[arg-type]
-    _fd_limit(monkeypatch, 16)  # not even one: one each all the same
-    assert _tokens(BatchLimits(pool), pool) == [1, 1]  # type: ignore[arg-type]
+    assert batch_limiter(_Pool()).total_tokens == 3  # type: ignore[arg-type]
+    _fd_limit(monkeypatch, 2)  # not even one: one all the same
+    assert batch_limiter(_Pool()).total_tokens == 1  # type: ignore[arg-type]
