@@ -161,3 +161,47 @@ def test_a_file_changed_among_the_first_files_fails_its_early_request(tmp_path, 
         f"pycfs: error: cannot store d/f0005 (layer {fake.layers[0].id[:12]}, {diff}): its content does not match "
         "the layer's tar-split checksum (CRC-64)"]
     assert not list((tmp_path / "repo/streams").glob("oci-layer-*"))
+
+
+# As SPY, but right after the head start another pull of the same image into the same
+# repository runs to its end: the layer begun early is stored by then, as when two pulls race.
+RACE = r"""
+import subprocess, sys
+from pycfs.host.oci import headstart
+from pycfs.tools.cli import main
+
+real_head_start = headstart.head_start
+
+def racing(*args):
+    head = real_head_start(*args)
+    with open(sys.argv[1], "w") as f:
+        f.write(str(sum(b.request_id is not None for b in head.early)))
+    subprocess.run([sys.executable, "-m", "pycfs.tools.cli", *sys.argv[2:]], check=True, timeout=100,
+                   stdout=subprocess.DEVNULL)
+    return head
+
+headstart.head_start = racing
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_layer_begun_early_and_stored_meanwhile_by_another_pull(tmp_path, fake):
+    """The head start writes the forked workers the first layer's first files; another pull
+    stores that layer before this one looks at its layers again: this one finds it stored,
+    leaves the early answers unclaimed (their objects are the same files, stored twice over),
+    and completes; the repository checks clean, every layer byte for byte."""
+    repo = tmp_path / "repo"
+    Repository.init(repo).close()
+    argv = ["--repo", str(repo), "oci", "pull", "--storage-root", str(fake.root), "--jobs", "2",
+            "--progress=none", "--json", REF, "img"]
+    record = tmp_path / "early"
+    p = subprocess.run([sys.executable, "-c", RACE, str(record), *argv], capture_output=True, text=True, cwd="/",
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert int(record.read_text()) >= 2  # store requests written to the forked workers early
+    result = json.loads(p.stdout)
+    assert result["stats"]["layers_already_present"] == 2, result  # (both stored by the other pull)
+    for layer in fake.layers:
+        assert _layer(repo, layer.diff_id) == layer.tar
+    with Repository.open(repo) as r:
+        assert fsck(r).ok
