@@ -5,18 +5,21 @@ Producer: the layer splitstream's inline bytes become Metadata chunks, each exte
 object a FileBackedData reference `XX/rest` under the repository's `objects/` dirfd.
 
 Consumer: reads the pipe to EOF; a referenced file is opened beneath its dirfd (a directory
-slot, never a dummy), must be a regular file of the declared length, and goes to one object
-worker with the inline bytes around it, in stream order. That worker stores each file
-(reflink, else copy; with `zerocopy`, reflink else hardlink, never a copy) and keeps the
-stream's sha256: the inline bytes, then each file's content in the same read that names its
-object, from the bytes stored (hashed under a read lease on the source, then cloned, or
-hashed from a private clone), so a source rewritten meanwhile cannot slip in content the
-digest did not see, and no byte of content is read twice. A hardlinked file (`zerocopy`
-without reflinks) is the exception: the worker digests it and this process then links the
-client's own inode, so a client writing to its file between the two, or at any time after,
-changes the object; zerocopy hardlinks trust the source that way by design. Only when the sha256 equals the
-diff_id is the layer stream committed; any failure commits nothing (objects already stored
-are orphans for gc).
+slot, never a dummy), must be a regular file of the declared length, and goes, with the
+inline bytes around it and in stream order, to the one object worker that keeps the
+stream's sha256. That worker stores each file (reflink, else copy; with `zerocopy`, reflink
+else hardlink, never a copy) and feeds the sha256 from the bytes stored, in the same read
+that names the object (hashed under a read lease on the source, then cloned, or hashed from
+a private clone), so a source rewritten meanwhile cannot slip in content the digest did not
+see. While another worker has nothing to do and this one has work queued, a batch is
+stored there instead and the sha256 reads its files again: under a read lease this process
+took on each source before any worker read it, which must still hold once read (no writer
+in between), or from the object when the source could not be leased (see
+`worker_api.FEED_LAYER`). A hardlinked file (`zerocopy` without reflinks) is the
+exception: it is digested, then this process links the client's own inode, so a client
+writing to its file afterwards changes the object; zerocopy hardlinks trust the source that
+way by design. Only when the sha256 equals the diff_id is the layer stream committed; any
+failure commits nothing (objects already stored are orphans for gc).
 """
 
 from __future__ import annotations
