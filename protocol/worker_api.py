@@ -49,11 +49,10 @@ INFLATE = "inflate"
 # of each inline piece (one before each file and one after the last), ``sizes`` the files'
 # lengths, ``read`` says per file (FEED_READS) where its bytes come from:
 #   c  the next fd, stored here as STORE stores it, into the sha256 in the same read
-#      (``leased`` as for STORE)
 #   d  the next fd, digested only (the caller links it), in the same read
-#   l  the next fd, the source of an object stored elsewhere, read again under the host's
-#      read lease, which must still be unbroken once read: no writer since before the
-#      store, so the bytes the object was named by
+#   l  the next fd, the source of an object stored elsewhere (a STORE with ``leased``),
+#      read again under the host's read lease, which must still be unbroken once read: no
+#      writer since before the store, so the bytes the object was named by
 #   s  the next fd, read as it is (the object itself, or content the host wrote)
 #   o  the object in the repository (its pages are cached when a private copy was hashed)
 # ``objects``: the digests of the l, s and o files, back to back, in hex. ``layer`` names

@@ -210,8 +210,9 @@ class _File:
 
     __slots__ = ("fd", "leased", "object_id", "size", "source")
 
-    def __init__(self, fd: int, size: int, source: FileBackedData | None, leased: bool = False) -> None:
-        self.fd, self.size, self.source, self.leased = fd, size, source, leased
+    def __init__(self, fd: int, size: int, source: FileBackedData | None) -> None:
+        self.fd, self.size, self.source = fd, size, source
+        self.leased = False  # this process holds a read lease on it (see LayerConsumer._take_leases)
         self.object_id = b""
 
     @property
@@ -278,7 +279,8 @@ class LayerConsumer:
         self.stats = PutStats()
         self._dir_checked: set[int] = set()
         self._hardlink: bool | None = None  # zerocopy: decided by the first file
-        # Read leases on the sources (see _open), which need SIGIO ignored: from the main thread.
+        # Read leases on the sources of batches stored by a spare worker (see _take_leases),
+        # which need SIGIO ignored: from the main thread.
         self._lease = threading.current_thread() is threading.main_thread()
         if self._lease:
             repo.enable_source_leases()
@@ -300,12 +302,8 @@ class LayerConsumer:
             self._dir_checked.add(index)
         return fd
 
-    def _open(self, chunk: FileBackedData) -> tuple[int, bool]:
-        """An fd of the referenced file, checked to be a regular file of the declared length,
-        and whether this process holds a read lease on it, taken before any worker reads it:
-        a batch stored by another worker than the one keeping the layer's sha256 is read
-        again there, under the same lease, which only holds if no one opened the file for
-        writing in between (see worker_api.FEED_LAYER)."""
+    def _open(self, chunk: FileBackedData) -> int:
+        """An fd of the referenced file, checked to be a regular file of the declared length."""
         dirfd = self._dirfd(chunk.dirfd_index)
         try:
             fd = open_beneath(dirfd, chunk.name)
@@ -316,7 +314,7 @@ class LayerConsumer:
             os.close(fd)
             kind = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"{st.st_size} bytes, declared {chunk.length}"
             raise LayerTransferError(f"{_describe(chunk)}: {kind}")
-        return fd, self._lease and chunk.length > INLINE_CONTENT_MAX and take_read_lease(fd)
+        return fd
 
     async def run(self, receive_some: Callable[[int], Awaitable[bytes]]) -> str:
         """Consume the whole stream; returns its `sha256:<hex>`. One worker keeps the
@@ -400,15 +398,26 @@ class LayerConsumer:
             if sha.backlog >= 2:
                 batch.spare = sha.idle_other()
             if batch.spare is not None:
+                if self._lease and not (self.zerocopy and self._hardlink):
+                    self._take_leases(batch.files)
                 nursery.start_soon(self._store_spare, batch)
         await send.send(batch)
+
+    @staticmethod
+    def _take_leases(files: list[_File]) -> None:
+        """A read lease on each source this process can lease, before any worker reads it: the
+        sha256's worker reads it again once another worker has stored it, under the same
+        lease, which only holds if no one opened the file for writing in between (see
+        worker_api.FEED_LAYER)."""
+        for f in files:
+            f.leased = f.source is not None and take_read_lease(f.fd)
 
     async def _store_spare(self, batch: _Batch) -> None:
         assert batch.spare is not None
         fds, sizes = [f.fd for f in batch.files], [f.size for f in batch.files]
         # digested only, to be hardlinked here; else stored
         method = api.DIGEST if self.zerocopy and self._hardlink else api.STORE
-        reply = await batch.spare.send(method, fds, api.file_params(sizes, leased=self._lease and method == api.STORE))
+        reply = await batch.spare.send(method, fds, api.file_params(sizes, leased=any(f.leased for f in batch.files)))
         batch.results = _results(await batch.spare.files(reply, len(fds), method))
         batch.stored.set()
 
@@ -445,7 +454,7 @@ class LayerConsumer:
             batch.reply = await self._sha.send(api.FEED_LAYER, [inline, *fds], {
                 "layer": self.layer, "sizes": [f.size for f in batch.files], "inline": [*batch.counts, batch.run],
                 "read": read, "objects": b"".join(f.object_id for f, r in zip(batch.files, read) if r not in "cd").hex(),
-                "leased": self._lease and not hardlink, "first": not self._fed})
+                "first": not self._fed})
             self._fed = True
         finally:
             os.close(inline)
@@ -474,7 +483,7 @@ class LayerConsumer:
 
     def _add(self, batch: _Batch, chunk: Chunk) -> None:
         if isinstance(chunk, FileBackedData):
-            fd, leased = self._open(chunk)
+            fd = self._open(chunk)
             if chunk.length <= INLINE_CONTENT_MAX:
                 try:
                     data = os.pread(fd, chunk.length, 0)
@@ -484,7 +493,7 @@ class LayerConsumer:
                     raise LayerTransferError(f"{_describe(chunk)}: short read")
                 batch.add_inline(data)
             else:
-                batch.add_file(_File(fd, chunk.length, chunk, leased))
+                batch.add_file(_File(fd, chunk.length, chunk))
             return
         data = chunk.data
         if isinstance(chunk, InlineData) and len(data) > INLINE_CONTENT_MAX:

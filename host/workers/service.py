@@ -96,7 +96,7 @@ class WorkerService:
         return self._each(call, sizes, lambda fd, size: self._store_one(fd, size, *next(expected), leased=leased))
 
     def feed_layer(self, call: Call, layer: Any, sizes: Any, inline: Any, read: Any, objects: Any = "",
-                   leased: Any = False, first: Any = False) -> dict[str, Any]:
+                   first: Any = False) -> dict[str, Any]:
         """The next inline bytes and files of a layer stream, in order, into the layer's
         sha256, each file stored (or digested) here in the same read, or read again as
         stored elsewhere (see `pycfs.protocol.worker_api.FEED_LAYER`)."""
@@ -104,9 +104,8 @@ class WorkerService:
 
         if self.repo is None:
             raise InvalidParamsError("this worker was started without a repository")
-        if type(layer) is not int or type(first) is not bool or type(leased) is not bool or not call.fds:
-            raise InvalidParamsError("feed_layer takes a layer number, leased and first true|false and the "
-                                     "inline bytes' file")
+        if type(layer) is not int or type(first) is not bool or not call.fds:
+            raise InvalidParamsError("feed_layer takes a layer number, first true|false and the inline bytes' file")
         if not isinstance(sizes, list) or not all(type(s) is int and s >= 0 for s in sizes):
             raise InvalidParamsError("sizes must be a list of byte counts")
         if not isinstance(inline, list) or len(inline) != len(sizes) + 1 or not all(type(n) is int and n >= 0 for n in inline):
@@ -145,7 +144,7 @@ class WorkerService:
 
             try:
                 if mode == "c":
-                    result = self._store_one(fd, size, None, None, content, leased)
+                    result = self._store_one(fd, size, None, None, content)
                 else:
                     result = digest_fd(fd, self.alg, size, content()), api.DIGESTED
             except BaseException as e:
