@@ -48,20 +48,21 @@ INFLATE = "inflate"
 # order. FEED_LAYER's first fd is a file holding the inline bytes, ``inline`` the byte count
 # of each inline piece (one before each file and one after the last), ``sizes`` the files'
 # lengths, ``read`` says per file (FEED_READS) where its bytes come from:
-#   c  the next fd, stored here as STORE stores it, into the sha256 in the same read
+#   h  the next fd, stored here as STORE stores it, into the sha256 in the same read
 #   d  the next fd, digested only (the caller links it), in the same read
-#   l  the next fd, the source of an object stored elsewhere (a STORE with ``leased``),
+#   l  the next fd, the source of an object reflinked elsewhere (a STORE with ``leased``),
 #      read again under the host's read lease, which must still be unbroken once read: no
-#      writer since before the store, so the bytes the object was named by
+#      writer since before the store, so the bytes the object was named by (the host asks
+#      this only of a source on the repository's own filesystem, where it was reflinked)
 #   s  the next fd, read as it is (the object itself, or content the host wrote)
 #   o  the object in the repository (its pages are cached when a private copy was hashed)
 # ``objects``: the digests of the l, s and o files, back to back, in hex. ``layer`` names
 # the layer, ``first`` true starts its sha256 (a later request of a layer the worker no
-# longer holds voids it). The answer is a store's for the c and d files, in order.
+# longer holds voids it). The answer is a store's for the h and d files, in order.
 # LAYER_SHA256 {"layer": N} then answers {"sha256": HEX} or {"sha256": null, "failed":
 # MESSAGE, or null when forgotten} and forgets the layer.
 FEED_LAYER = "feed_layer"
-FEED_READS = "cdlso"
+FEED_READS = "hdlso"
 LAYER_SHA256 = "layer_sha256"
 # Layers a worker keeps a sha256 for: a caller that gave up on a layer never asks for its
 # digest, so the oldest is forgotten past this many.

@@ -14,11 +14,12 @@ a private clone), so a source rewritten meanwhile cannot slip in content the dig
 see. While another worker has nothing to do and this one has work queued, a batch is
 stored there instead and the sha256 reads its files again: under a read lease this process
 took on each source before any worker read it, which must still hold once read (no writer
-in between), or from the object when the source could not be leased (see
-`worker_api.FEED_LAYER`). A hardlinked file (`zerocopy` without reflinks) is the
+in between, on the repository's own filesystem, where the source was reflinked), or from
+the object otherwise (see `worker_api.FEED_LAYER`). A hardlinked file (`zerocopy` without reflinks) is the
 exception: it is digested, then this process links the client's own inode, so a client
-writing to its file afterwards changes the object; zerocopy hardlinks trust the source that
-way by design. Only when the sha256 equals the diff_id is the layer stream committed; any
+writing to its file afterwards changes the object (and, stored by a spare worker, it is read
+twice, so such a writer can make the digest and the sha256 see different bytes); zerocopy
+hardlinks trust the source that way by design. Only when the sha256 equals the diff_id is the layer stream committed; any
 failure commits nothing (objects already stored are orphans for gc).
 """
 
@@ -236,8 +237,9 @@ class _Batch:
     counts: list[int] = field(default_factory=list)  # inline bytes before each file
     run: int = 0  # inline bytes since the last file
     nbytes: int = 0
-    # Stored by another worker than the one keeping the layer's sha256 (`spare`): their
-    # answers (`stored` once in); else stored there, its answer to `reply`.
+    # Stored by another worker than the one keeping the layer's sha256 (`spare`): its
+    # answers (`stored` once in), then fed to the sha256; else stored by the sha256's
+    # worker, which answers for them. `reply`: the sha256's worker's answer to come.
     spare: Pinned | None = None
     stored: trio.Event = field(default_factory=trio.Event)
     results: list[Stored | bytes | Failed] = field(default_factory=list)
@@ -284,7 +286,8 @@ class LayerConsumer:
         self._lease = threading.current_thread() is threading.main_thread()
         if self._lease:
             repo.enable_source_leases()
-        # batches taken in and not yet written: each holds a limiter token and its files' fds
+        # batches taken in and not yet written: each holds a limiter token, and its files' fds
+        # until they are sent to the sha256's worker (to be hardlinked: until linked)
         self._pending: set[_Batch] = set()
         # the layer's entries, parsed from what is written, for the image FinalizeImage builds
         self.collector = LayerEntryCollector()
@@ -395,13 +398,26 @@ class LayerConsumer:
         if batch.files:
             if self.zerocopy and self._hardlink is None:
                 self._hardlink = not await trio.to_thread.run_sync(self._probe_reflink, batch.files[0].fd)
-            if sha.backlog >= 2:
-                batch.spare = sha.idle_other()
+            batch.spare = self._spare(sha)
             if batch.spare is not None:
                 if self._lease and not (self.zerocopy and self._hardlink):
                     self._take_leases(batch.files)
                 nursery.start_soon(self._store_spare, batch)
         await send.send(batch)
+
+    @staticmethod
+    def _spare(sha: Pinned) -> Pinned | None:
+        """Another worker to store a batch: one with nothing to do while the sha256's worker
+        has work queued, else one that keeps no layer's sha256 and has no more requests
+        waiting than it (a lone layer then spreads over both, as each batch there costs
+        more: its sha256 too). A worker keeping another layer's sha256 is busy with its own
+        and gets a batch only when idle: each spare batch costs a second read."""
+        others = sha.others()
+        idle = [w for w in others if not w.backlog]
+        if idle and sha.backlog >= 2:
+            return min(idle, key=lambda w: w.assigned)
+        free = [w for w in others if not w.assigned and w.backlog <= sha.backlog]
+        return min(free, key=lambda w: w.backlog) if free else None
 
     @staticmethod
     def _take_leases(files: list[_File]) -> None:
@@ -437,27 +453,34 @@ class LayerConsumer:
         assert self._sha is not None
         hardlink = bool(self.zerocopy and self._hardlink)
         if batch.spare is None:
-            read = ("d" if hardlink else "c") * len(batch.files)
+            read = ("d" if hardlink else "h") * len(batch.files)
             fds = [f.fd for f in batch.files]
         else:
             for f, r in zip(batch.files, batch.results):
                 if isinstance(r, Failed):
                     raise LayerTransferError(f"cannot store {f.what}: {r.message}")
                 f.object_id = r if isinstance(r, bytes) else r.object_id
-            # a leased source, cached; a hardlinked one or content sent inline, as it is (the
-            # object itself, or ours); else the object, whose pages its private copy's hash read
-            read = "".join("s" if hardlink or f.source is None else "l" if f.leased else "o" for f in batch.files)
+            # A hardlinked source or content sent inline, as it is (the object itself, or ours);
+            # a source leased here and reflinked (its pages cached): the lease vouches for it
+            # there, on the repository's own local filesystem (where content changes only
+            # through an open for writing, which breaks it), not on another (FUSE, NFS);
+            # else the object (a private copy was hashed: its pages are cached).
+            read = "".join("s" if hardlink or f.source is None
+                           else "l" if f.leased and isinstance(r, Stored) and r.how == "reflinked" else "o"
+                           for f, r in zip(batch.files, batch.results))
             fds = [f.fd for f, r in zip(batch.files, read) if r != "o"]
         inline = os.memfd_create("pycfs-layer-inline", os.MFD_CLOEXEC)
         try:
             write_all(inline, b"".join(batch.inline))
             batch.reply = await self._sha.send(api.FEED_LAYER, [inline, *fds], {
                 "layer": self.layer, "sizes": [f.size for f in batch.files], "inline": [*batch.counts, batch.run],
-                "read": read, "objects": b"".join(f.object_id for f, r in zip(batch.files, read) if r not in "cd").hex(),
+                "read": read, "objects": b"".join(f.object_id for f, r in zip(batch.files, read) if r not in "hd").hex(),
                 "first": not self._fed})
             self._fed = True
         finally:
             os.close(inline)
+        if not hardlink:  # the workers have their own copies (a lease stays while any is open)
+            _close(batch.files)
 
     def _finish(self, batch: _Batch) -> None:
         """Close what the batch still holds open and give back its token (once)."""
@@ -604,7 +627,8 @@ def batch_limiter(pool: WorkerPool) -> trio.CapacityLimiter:
     that share `pool`: four per worker, as a batch's token comes back only once it is
     written, in its layer's order, so the workers need a few queued behind the ones they
     store to keep busy while this process catches up; within half the open-file limit, as
-    a batch's fds stay open until its files are stored (and, to be hardlinked, linked)."""
+    a batch's fds stay open until sent to the worker keeping the layer's sha256 (and, to be
+    hardlinked, until linked)."""
     return trio.CapacityLimiter(pool.batches_in_flight(batch_files() + 1, per_worker=4))
 
 

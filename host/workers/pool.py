@@ -121,14 +121,12 @@ class WorkerPool:
 
     async def store(self, fds: Sequence[int], sizes: Sequence[int],
                     crcs: Sequence[int | None] | None = None,
-                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None,
-                    leased: bool = False) -> list[Stored | Failed]:
+                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None) -> list[Stored | Failed]:
         """Store each file as an object of the pool's repository; ``crcs``: the CRC-64/GO-ISO
         each file's content must have (None: unchecked), ``sha256s``: (prefix, SHA-256 of the
-        prefix and the content) or None per file, else that file fails; ``leased``: this
-        process may hold read leases on the files' open files, to be hashed under and left
-        in place (see `Repository.store_object_from_fd`)."""
-        return api.stored_results(await self._each(api.STORE, fds, sizes, crcs, sha256s, leased))
+        prefix and the content) or None per file, else that file fails (see
+        `Repository.store_object_from_fd`)."""
+        return api.stored_results(await self._each(api.STORE, fds, sizes, crcs, sha256s))
 
     async def stored_early(self, request_id: int) -> list[Stored | Failed]:
         """The answer to STORE request ``request_id``, written to a forked worker before the
@@ -160,8 +158,7 @@ class WorkerPool:
 
     async def _each(self, method: str, fds: Sequence[int], sizes: Sequence[int],
                     crcs: Sequence[int | None] | None = None,
-                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None,
-                    leased: bool = False) -> list[tuple[bytes, str] | Failed]:
+                    sha256s: Sequence[tuple[bytes, bytes] | None] | None = None) -> list[tuple[bytes, str] | Failed]:
         if len(fds) != len(sizes) or (crcs is not None and len(crcs) != len(fds)):
             raise ValueError(f"{len(fds)} fds but {len(sizes)} sizes{'' if crcs is None else f' and {len(crcs)} crcs'}")
         if sha256s is not None and len(sha256s) != len(fds):
@@ -176,7 +173,7 @@ class WorkerPool:
         for start in range(0, len(fds), api.MAX_FILES_PER_REQUEST):
             end = start + api.MAX_FILES_PER_REQUEST
             params = api.file_params(sizes[start:end], None if crcs is None else crcs[start:end],
-                                     None if sha256s is None else sha256s[start:end], leased)
+                                     None if sha256s is None else sha256s[start:end])
             out += await call(method, list(fds[start:end]), params)
         return out
 
@@ -422,8 +419,8 @@ class WorkerPool:
 
 @dataclass(frozen=True)
 class Pinned:
-    """Requests to one worker (`WorkerPool.pinned`): `send` returns once the request is
-    sent (the caller may close its fds then), `answer` waits for its response."""
+    """Requests to one worker (`WorkerPool.pinned`, or `others`): `send` returns once
+    the request is sent (the caller may close its fds then), `answer` waits for its response."""
 
     pool: WorkerPool
     worker: _Worker
@@ -448,9 +445,15 @@ class Pinned:
         """Requests sent to this worker and not answered yet."""
         return len(self.worker.waiting)
 
-    def idle_other(self) -> Pinned | None:
-        """Another worker of the pool with no request waiting, if there is one."""
-        return next((Pinned(self.pool, w) for w in self.pool._workers if w is not self.worker and not w.waiting), None)
+    @property
+    def assigned(self) -> int:
+        """Pins of this worker (`WorkerPool.pinned`) and the pool's own requests to it."""
+        return self.worker.assigned
+
+    def others(self) -> list[Pinned]:
+        """The pool's other workers, for requests sent to them by `send` (not pinned: others
+        may use them too)."""
+        return [Pinned(self.pool, w) for w in self.pool._workers if w is not self.worker]
 
 
 @asynccontextmanager

@@ -117,7 +117,7 @@ class WorkerService:
             ids = bytes.fromhex(objects) if isinstance(objects, str) else b"-"
         except ValueError:
             ids = b"-"
-        given = len(read) - read.count("c") - read.count("d")
+        given = len(read) - read.count("h") - read.count("d")
         if len(ids) != given * self.digest_size:
             raise InvalidParamsError(f"objects must be {given} digests in hex, back to back")
         data = memoryview(os.pread(call.fds[0], sum(inline), 0))
@@ -132,7 +132,7 @@ class WorkerService:
             return not isinstance(sha, str | None)
 
         def one(fd: int, size: int, mode: str) -> tuple[bytes, str]:
-            """A file stored (c) or digested (d) here, its content into the sha256 in the same read."""
+            """A file stored (h) or digested (d) here, its content into the sha256 in the same read."""
             nonlocal sha
             passes: list[Any] = []
 
@@ -143,7 +143,7 @@ class WorkerService:
                 return passes[-1].update if live() else _ignore
 
             try:
-                if mode == "c":
+                if mode == "h":
                     result = self._store_one(fd, size, None, None, content)
                 else:
                     result = digest_fd(fd, self.alg, size, content()), api.DIGESTED
@@ -165,7 +165,7 @@ class WorkerService:
                     sha.update(data[offset : offset + inline[i]])
                 offset += inline[i]
                 mode = read[i]
-                if mode in "cd":
+                if mode in "hd":
                     yield next(fds), size, mode
                     continue
                 fd = next(fds) if mode != "o" else -1

@@ -230,7 +230,7 @@ def test_a_writer_that_outwaits_the_lease_cannot_misname_the_object(repo, short_
 
 
 def test_feed_layer_sha256_takes_only_the_pass_stored_when_the_lease_breaks(repo, monkeypatch):
-    """A layer's sha256 kept by the worker that stores its files (feed_layer, c): a file
+    """A layer's sha256 kept by the worker that stores its files (feed_layer, h): a file
     whose lease broke mid-store is read twice (the source, then the private clone that is
     stored); the sha256 takes the stored pass, once, between the inline bytes around it."""
     import hashlib
@@ -258,7 +258,7 @@ def test_feed_layer_sha256_takes_only_the_pass_stored_when_the_lease_breaks(repo
     os.write(inline, b"head" + b"tail")
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        answer = worker.feed_layer(Call([inline, fd]), 1, [len(data)], [4, 4], "c", first=True)
+        answer = worker.feed_layer(Call([inline, fd]), 1, [len(data)], [4, 4], "h", first=True)
     finally:
         os.close(fd)
         os.close(inline)
@@ -352,3 +352,78 @@ def test_put_layer_commits_only_the_right_diff_id_reads_no_content_here_and_leak
     assert trio.run(put, diff_id).layer_id == layer_id and open_fd_count() == before
     assert hashlib.sha256(b"".join(iter_stream_bytes(repo, repo.open_stream(f"oci-layer-{diff_id}")))).digest() \
         == hashlib.sha256(tar).digest()
+
+
+@pytest.mark.parametrize("writer", [False, True])
+def test_put_layer_reads_a_spare_workers_files_again_under_the_same_lease(repo, monkeypatch, writer):
+    """PutLayer on a reflinking XFS, every other batch stored by the spare worker: the
+    sha256's worker reads those sources again under the leases this process took before
+    either worker read them (l). A writer that opens one of them in between (after the
+    spare stored it) breaks its lease: the layer is refused, naming the object, and nothing
+    is committed; with no writer, the layer is committed and its bytes are the tar's."""
+    import hashlib
+    import itertools
+
+    from pycfs.host.streamcat import iter_stream_bytes
+    from pycfs.host.varlink import transfer
+    from pycfs.host.workers.pool import Pinned, open_pool
+    from pycfs.protocol import worker_api as api
+    from pycfs.protocol.splitdirfdstream import encode_file_backed_data, encode_metadata
+
+    src = repo.path.parent / f"{repo.path.name}-spare"
+    src.mkdir()
+    stream, tar = bytearray(), bytearray()
+    for i in range(12):
+        data = os.urandom(300_000 + i)
+        (src / f"f{i}").write_bytes(data)
+        stream += encode_metadata(b"header %d" % i) + encode_file_backed_data(0, len(data), b"f%d" % i)
+        tar += b"header %d" % i + data
+    diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
+    monkeypatch.setattr(transfer, "batch_files", lambda: 2)
+    turn = itertools.count()
+
+    def spare(sha: Pinned) -> Pinned | None:  # every other batch, busy or not
+        other = next(w for w in sha.pool._workers if w is not sha.worker)
+        return Pinned(sha.pool, other) if next(turn) % 2 else None
+
+    monkeypatch.setattr(transfer.LayerConsumer, "_spare", staticmethod(spare))
+    reads: list[str] = []
+    real_feed, real_send = transfer.LayerConsumer._feed, Pinned.send
+
+    async def feed(self, batch):
+        if writer and batch.spare is not None and not reads:
+            with pytest.raises(BlockingIOError):  # breaks the lease, then gives up at once
+                os.open(src / batch.files[0].source.name.decode(), os.O_WRONLY | os.O_NONBLOCK)
+        return await real_feed(self, batch)
+
+    async def send(self, method, fds, params):
+        if method == api.FEED_LAYER and "l" in params["read"]:
+            reads.append(params["read"])
+        return await real_send(self, method, fds, params)
+
+    monkeypatch.setattr(transfer.LayerConsumer, "_feed", feed)
+    monkeypatch.setattr(Pinned, "send", send)
+
+    async def put():
+        r, w = os.pipe2(os.O_CLOEXEC)
+        dirfd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            async with open_pool(repo=repo, jobs=2) as pool, trio.open_nursery() as nursery:
+
+                async def write() -> None:
+                    async with trio.lowlevel.FdStream(w) as out:
+                        await out.send_all(bytes(stream))
+
+                nursery.start_soon(write)
+                return await transfer.put_layer(repo, pool, r, [dirfd], diff_id, False)
+        finally:
+            os.close(dirfd)
+
+    if writer:
+        with pytest.raises(transfer.LayerTransferError, match="was opened for writing while it was stored"):
+            trio.run(put)
+        assert repo.has_stream(f"oci-layer-{diff_id}") is None
+    else:
+        put_result = trio.run(put)
+        assert b"".join(iter_stream_bytes(repo, repo.open_stream_by_id(put_result.layer_id))) == bytes(tar)
+    assert reads and all(set(r) == {"l"} for r in reads)

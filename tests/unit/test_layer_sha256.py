@@ -1,6 +1,6 @@
 """A layer's sha256 kept by one object worker (feed_layer / layer_sha256, through a real pool
 of worker processes): the inline bytes and every file's content, in stream order, across
-requests; a file stored or digested there in the same read that names it (c, d), or read
+requests; a file stored or digested there in the same read that names it (h, d), or read
 again as stored elsewhere (l: a leased source, s: as it is, o: the object)."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class _Request:
         self.fds += [fd if fd is not None else _memfd(data) for mode, data, fd in files if mode != "o"]
         self.params = {"layer": layer, "sizes": [len(data) for _, data, _ in files],
                        "inline": [len(p) for p in pieces], "read": "".join(mode for mode, _, _ in files),
-                       "objects": b"".join(digest_bytes(data) for mode, data, _ in files if mode not in "cd").hex(),
+                       "objects": b"".join(digest_bytes(data) for mode, data, _ in files if mode not in "hd").hex(),
                        "first": first}
 
     def close(self) -> None:
@@ -61,7 +61,7 @@ def _run(repo: Repository, requests: list[tuple[list[bytes], list[tuple[str, byt
                 request.params["sizes"] = [s + sizes_off for s in request.params["sizes"]]
                 try:
                     replies.append((await worker.send(api.FEED_LAYER, request.fds, request.params),
-                                    sum(mode in "cd" for mode, _, _ in files)))
+                                    sum(mode in "hd" for mode, _, _ in files)))
                 finally:
                     request.close()
             digest = await worker.send(api.LAYER_SHA256, [], {"layer": layer})
@@ -74,13 +74,13 @@ def _run(repo: Repository, requests: list[tuple[list[bytes], list[tuple[str, byt
 def test_sha256_spans_requests_in_stream_order_and_objects_are_stored(repo) -> None:
     files = [os.urandom(n) for n in (100, 5000, 300_000, 70, 9000)]
     repo.ensure_object(files[4])  # stored elsewhere: read back from the repository (o)
-    requests = [([b"head", b"mid"], [("c", files[0], None)]), ([b""], []),
-                ([b"", b"x" * 1000, b""], [("c", files[1], None), ("s", files[2], None)]),
-                ([b"pad", b"o", b"tail"], [("c", files[3], None), ("o", files[4], None)])]
+    requests = [([b"head", b"mid"], [("h", files[0], None)]), ([b""], []),
+                ([b"", b"x" * 1000, b""], [("h", files[1], None), ("s", files[2], None)]),
+                ([b"pad", b"o", b"tail"], [("h", files[3], None), ("o", files[4], None)])]
     results, answer = _run(repo, requests, 1)
     stream = b"head" + files[0] + b"mid" + files[1] + b"x" * 1000 + files[2] + b"pad" + files[3] + b"o" + files[4] + b"tail"
     assert answer == {"sha256": hashlib.sha256(stream).hexdigest()}
-    stored = [files[0], files[1], files[3]]  # (c: the answers are those of the files stored there)
+    stored = [files[0], files[1], files[3]]  # (h: the answers are those of the files stored there)
     assert [r[0] for r in results] == [digest_bytes(f) for f in stored]
     for f, (object_id, _) in zip(stored, results):
         assert repo.read_object(object_id) == f
@@ -97,7 +97,7 @@ def test_digest_only_stores_nothing(repo) -> None:
 
 def test_a_failed_file_voids_the_layers_sha256(repo) -> None:
     """A file that is not its declared size fails, and the sha256 it is missing from is no answer."""
-    results, answer = _run(repo, [([b"a", b"b"], [("c", os.urandom(5000), None)])], 3, sizes_off=1)
+    results, answer = _run(repo, [([b"a", b"b"], [("h", os.urandom(5000), None)])], 3, sizes_off=1)
     assert isinstance(results[0], Failed) and "5001" in results[0].message
     assert answer["sha256"] is None and "could not be stored" in answer["failed"]
 

@@ -8,12 +8,14 @@ from where the lease, the hardlink or the object store vouches for the bytes sto
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import trio
+from pycfs.host import syscalls
 from pycfs.host.repository import Repository
 from pycfs.host.streamcat import iter_stream_bytes
 from pycfs.host.varlink import transfer
@@ -85,24 +87,68 @@ def test_inline_bytes_count_toward_the_batch_cap(tmp_path, monkeypatch) -> None:
         repo.close()
 
 
-@pytest.mark.parametrize("how", ["leased", "unleased", "hardlinked"])
-def test_batches_spill_to_an_idle_worker_and_the_sha256_reads_them_again(tmp_path, monkeypatch, how) -> None:
-    """One layer on two workers: its sha256's worker stores the first batches as it hashes
-    them (c, or d to be hardlinked), and once it has work queued and the other none, batches
-    go there and the sha256 reads their files again: the leased source (l), the object (o:
-    no lease, taken only from the main thread), the hardlinked source (s). Every mode gives
-    the layer's one sha256 and its objects."""
+def _spill_every_other(monkeypatch) -> None:
+    """Every other batch to the worker not keeping the sha256, busy or not (the real rule
+    waits for it to be idle: a matter of timing)."""
+    turn = itertools.count()
+
+    def spare(sha: Pinned) -> Pinned | None:
+        other = next(w for w in sha.pool._workers if w is not sha.worker)
+        return Pinned(sha.pool, other) if next(turn) % 2 else None
+
+    monkeypatch.setattr(transfer.LayerConsumer, "_spare", staticmethod(spare))
+
+
+def _files_stream(tmp_path, count: int = 40) -> tuple[bytes, bytes]:
+    """(splitdirfdstream, the bytes it stands for): a header, then a file of ~1 MiB, each."""
     rng = random.Random(3)
     files = tmp_path / "files"
     files.mkdir()
     stream, content = bytearray(), bytearray()
-    for i in range(40):
+    for i in range(count):
         header, data = rng.randbytes(512), rng.randbytes((1 << 20) + i)
         (files / f"f{i}").write_bytes(data)
         stream += sd.encode_metadata(header) + sd.encode_file_backed_data(0, len(data), f"f{i}".encode())
         content += header + data
+    return bytes(stream), bytes(content)
+
+
+def _put(tmp_path, repo: Repository, stream: bytes, diff_id: str, zerocopy: bool, leases: bool) -> transfer.PutResult:
+    """PutLayer of the stream on two workers; without leases, from a thread of its own (no
+    read leases off the main thread: SIGIO can only be ignored there)."""
+    dirfd = os.open(tmp_path / "files", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    async def main() -> transfer.PutResult:
+        r, w = os.pipe2(os.O_CLOEXEC)
+
+        async def feed() -> None:
+            async with trio.lowlevel.FdStream(w) as out:
+                await out.send_all(stream)
+
+        async with open_pool(repo=repo, jobs=2) as pool, trio.open_nursery() as nursery:
+            nursery.start_soon(feed)
+            return await transfer.put_layer(repo, pool, r, [dirfd], diff_id, zerocopy=zerocopy)
+
+    try:
+        if leases:
+            return trio.run(main)
+        with ThreadPoolExecutor(1) as thread:
+            return thread.submit(trio.run, main).result()
+    finally:
+        os.close(dirfd)
+
+
+@pytest.mark.parametrize(("zerocopy", "leases"), [(False, True), (False, False), (True, True)])
+def test_batches_stored_by_a_spare_worker_are_read_again_for_the_sha256(tmp_path, monkeypatch, zerocopy, leases) -> None:
+    """One layer on two workers, every other batch stored by the one not keeping its sha256:
+    the sha256's worker stores the others as it hashes them (h, or d to be hardlinked) and
+    reads the spare's files again: the source under this process's lease where it was
+    reflinked (l), else the object (o: a private copy was hashed), a hardlinked source as it
+    is (s). Every mode gives the layer's one sha256, its bytes and its objects."""
+    stream, content = _files_stream(tmp_path)
     diff_id = "sha256:" + hashlib.sha256(content).hexdigest()
     monkeypatch.setattr(transfer, "batch_files", lambda: 2)
+    _spill_every_other(monkeypatch)
     reads: list[str] = []
     real_send = Pinned.send
 
@@ -112,33 +158,76 @@ def test_batches_spill_to_an_idle_worker_and_the_sha256_reads_them_again(tmp_pat
         return await real_send(self, method, fds, params)
 
     monkeypatch.setattr(Pinned, "send", send)
-    repo = Repository.init(tmp_path / "repo")
-    dirfd = os.open(files, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-    async def main() -> transfer.PutResult:
-        r, w = os.pipe2(os.O_CLOEXEC)
-
-        async def feed() -> None:
-            async with trio.lowlevel.FdStream(w) as out:
-                await out.send_all(bytes(stream))
-
-        async with open_pool(repo=repo, jobs=2) as pool, trio.open_nursery() as nursery:
-            nursery.start_soon(feed)
-            return await transfer.put_layer(repo, pool, r, [dirfd], diff_id, zerocopy=how == "hardlinked")
-
-    try:
-        if how == "unleased":  # no read leases off the main thread (SIGIO can only be ignored there)
-            with ThreadPoolExecutor(1) as thread:
-                put = thread.submit(trio.run, main).result()
-        else:
-            put = trio.run(main)
-        here, elsewhere = {"leased": ("c", "l"), "unleased": ("c", "o"), "hardlinked": ("d", "s")}[how]
-        modes = set("".join(reads))
-        assert modes == {here, elsewhere}, reads  # (ext4 here: no reflinks, so zerocopy hardlinks)
+    with Repository.init(tmp_path / "repo") as repo:
+        reflinks = _reflinks(repo, tmp_path / "files" / "f0")
+        put = _put(tmp_path, repo, stream, diff_id, zerocopy, leases)
+        hardlink = zerocopy and not reflinks
+        here, elsewhere = ("d", "s") if hardlink else ("h", "l" if leases and reflinks else "o")
+        assert set("".join(reads)) == {here, elsewhere}, reads
         assert b"".join(iter_stream_bytes(repo, repo.open_stream_by_id(put.layer_id))) == content
         stats = put.stats
-        assert stats.objects_copied + stats.objects_hardlinked == 40
-    finally:
-        os.close(dirfd)
-        repo.close()
+        assert (stats.objects_hardlinked if hardlink else stats.objects_copied + stats.objects_reflinked) == 40
 
+
+def test_a_file_that_fails_at_the_spare_worker_commits_nothing(tmp_path, monkeypatch) -> None:
+    """A source cut short after it was opened, in a batch the spare worker stores: the store
+    fails naming the file, the sha256 is never asked for, nothing is committed, and every
+    fd of the stream is closed."""
+    from fdcount import open_fd_count
+
+    stream, content = _files_stream(tmp_path, 12)
+    diff_id = "sha256:" + hashlib.sha256(content).hexdigest()
+    monkeypatch.setattr(transfer, "batch_files", lambda: 2)
+    _spill_every_other(monkeypatch)
+    real_store = transfer.LayerConsumer._store_spare
+
+    async def store_spare(self, batch):
+        if "f3" in batch.files[-1].what:
+            os.truncate(tmp_path / "files" / "f3", 100)
+        return await real_store(self, batch)
+
+    monkeypatch.setattr(transfer.LayerConsumer, "_store_spare", store_spare)
+    with Repository.init(tmp_path / "repo") as repo:
+        before = open_fd_count()
+        with pytest.raises(transfer.LayerTransferError, match=r"cannot store 'f3' \(dirfd 0\): "):
+            _put(tmp_path, repo, stream, diff_id, zerocopy=False, leases=False)
+        assert repo.has_stream(f"oci-layer-{diff_id}") is None
+        assert open_fd_count() == before
+
+
+def _reflinks(repo: Repository, source) -> bool:
+    """Can the repository's objects share extents with this file? (FICLONE into an anonymous file.)"""
+    tmp = os.open(repo.path, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        syscalls.ficlone(tmp, src)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(tmp)
+        os.close(src)
+
+
+def test_a_spare_is_an_idle_worker_or_one_keeping_no_sha256() -> None:
+    """The rule (`LayerConsumer._spare`): an idle worker (the least assigned) once the
+    sha256's worker has two requests waiting; else a worker keeping no layer's sha256 with
+    no more waiting than it; never a busy worker keeping another layer's sha256."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    def worker(waiting: int, assigned: int) -> SimpleNamespace:
+        return SimpleNamespace(waiting=deque(range(waiting)), assigned=assigned)
+
+    def spare(mine: SimpleNamespace, *others: SimpleNamespace) -> SimpleNamespace | None:
+        pool = SimpleNamespace(_workers=[mine, *others])
+        chosen = transfer.LayerConsumer._spare(Pinned(pool, mine))  # type: ignore[arg-type]
+        return None if chosen is None else chosen.worker
+
+    pinned_idle, free_idle, free_busy, pinned_busy = worker(0, 1), worker(0, 0), worker(2, 0), worker(1, 1)
+    assert spare(worker(2, 1), pinned_idle, free_idle, free_busy) is free_idle
+    assert spare(worker(2, 1), pinned_idle, pinned_busy) is pinned_idle
+    assert spare(worker(1, 1), pinned_idle, pinned_busy) is None  # (one waiting: not worth a second read)
+    assert spare(worker(1, 1), free_busy) is None
+    assert spare(worker(2, 1), free_busy) is free_busy
+    assert spare(worker(3, 1), pinned_busy) is None
