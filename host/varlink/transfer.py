@@ -322,10 +322,10 @@ class LayerConsumer:
     async def run(self, receive_some: Callable[[int], Awaitable[bytes]]) -> str:
         """Consume the whole stream; returns its `sha256:<hex>`. One worker keeps the
         layer's sha256: it gets every batch, in stream order, and stores the batch's files
-        as it hashes them, each byte read once. But when another worker has nothing to do
-        while this one has work queued (the last big layer of an image, or an image of one
-        layer), a batch is stored there instead, and its files are read again for the
-        sha256 (from the page cache: the cost of a read, not of a hash). One task sends
+        as it hashes them, each byte read once. But when another worker is spare (see
+        `_spare`: the last big layer of an image, an image of one layer), a batch is stored
+        there instead, and its files are read again for the sha256 (from the page cache:
+        the cost of a read, not of a hash). One task sends
         the batches to the sha256's worker in order, one writes the layer stream from the
         answers, in order, while this one reads on."""
         decoder = Decoder()
