@@ -147,6 +147,27 @@ async def produce_repo_layer(repo: Repository, layer_id: bytes, objects_index: i
         await send_all(bytes(buf))
 
 
+def reflinks_into(repo: Repository, src_fd: int) -> bool:
+    """Can the repository's objects share extents with this source? (FICLONE into an
+    anonymous file that is then dropped.)"""
+    objects = open_objects_dir(repo)
+    try:
+        tmp = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=objects)
+    except OSError:
+        return False
+    finally:
+        os.close(objects)
+    try:
+        syscalls.ficlone(tmp, src_fd)
+        return True
+    except OSError as e:
+        if e.errno in syscalls.CROSS_DEVICE_ERRNOS:
+            return False
+        raise
+    finally:
+        os.close(tmp)
+
+
 async def run_producer(pipe_w: int, keepalive_r: int, produce: Producer, release: Callable[[], None] | None = None) -> None:
     """Feed the pipe, close it (data EOF), then hold `release` until every copy of the
     keepalive write end is gone (the consumer is done with the directory fds), at most
@@ -397,7 +418,7 @@ class LayerConsumer:
         await self._hold(batch)
         if batch.files:
             if self.zerocopy and self._hardlink is None:
-                self._hardlink = not await trio.to_thread.run_sync(self._probe_reflink, batch.files[0].fd)
+                self._hardlink = not await trio.to_thread.run_sync(reflinks_into, self.repo, batch.files[0].fd)
             batch.spare = self._spare(sha)
             if batch.spare is not None:
                 if self._lease and not (self.zerocopy and self._hardlink):
@@ -456,9 +477,8 @@ class LayerConsumer:
             read = ("d" if hardlink else "h") * len(batch.files)
             fds = [f.fd for f in batch.files]
         else:
+            _check_stored(batch.files, batch.results)
             for f, r in zip(batch.files, batch.results):
-                if isinstance(r, Failed):
-                    raise LayerTransferError(f"cannot store {f.what}: {r.message}")
                 f.object_id = r if isinstance(r, bytes) else r.object_id
             # A hardlinked source or content sent inline, as it is (the object itself, or ours);
             # a source leased here and reflinked (its pages cached): the lease vouches for it
@@ -534,9 +554,7 @@ class LayerConsumer:
     async def _take(self, files: list[_File], results: list[Stored | bytes | Failed]) -> None:
         """The workers' answers for a batch's files: their objects, stored (or, to be
         hardlinked, digested, then linked here)."""
-        for f, r in zip(files, results):
-            if isinstance(r, Failed):
-                raise LayerTransferError(f"cannot store {f.what}: {r.message}")
+        _check_stored(files, results)
         if self.zerocopy and self._hardlink:
             for f, r in zip(files, results):
                 assert isinstance(r, bytes)
@@ -549,26 +567,6 @@ class LayerConsumer:
                 raise LayerTransferError(f"zerocopy: {f.what} could not be reflinked or hardlinked")
             f.object_id = r.object_id
             self.stats.count(r.how)
-
-    def _probe_reflink(self, src_fd: int) -> bool:
-        """Can the destination's objects share extents with this source? (FICLONE into an
-        anonymous file that is then dropped.)"""
-        objects = open_objects_dir(self.repo)
-        try:
-            tmp = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=objects)
-        except OSError:
-            return False
-        finally:
-            os.close(objects)
-        try:
-            syscalls.ficlone(tmp, src_fd)
-            return True
-        except OSError as e:
-            if e.errno in syscalls.CROSS_DEVICE_ERRNOS:
-                return False
-            raise
-        finally:
-            os.close(tmp)
 
     def _hardlink_object(self, f: _File) -> str:
         if self.repo.object_size(f.object_id) == f.size:
@@ -608,6 +606,13 @@ class LayerConsumer:
                 self.writer.write_external(item.object_id, item.size)
                 pieces.append((item.object_id,))
         self.collector.feed(pieces)
+
+
+def _check_stored(files: list[_File], results: list[Stored | bytes | Failed]) -> None:
+    """LayerTransferError naming the first file a worker could not store (or digest)."""
+    for f, r in zip(files, results):
+        if isinstance(r, Failed):
+            raise LayerTransferError(f"cannot store {f.what}: {r.message}")
 
 
 def _results(answers: list[tuple[bytes, str] | Failed]) -> list[Stored | bytes | Failed]:

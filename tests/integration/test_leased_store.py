@@ -297,9 +297,9 @@ def test_put_layer_commits_only_the_right_diff_id_reads_no_content_here_and_leak
 
     from fdcount import open_fd_count
     from pycfs.host.streamcat import iter_stream_bytes
-    from pycfs.host.varlink.transfer import DiffIdMismatch, batch_limiter, put_layer
-    from pycfs.host.workers.pool import open_pool
+    from pycfs.host.varlink.transfer import DiffIdMismatch
     from pycfs.protocol.splitdirfdstream import encode_file_backed_data, encode_metadata
+    from putlayer import put_stream
 
     src = repo.path.parent / f"{repo.path.name}-layer"
     src.mkdir()
@@ -320,26 +320,14 @@ def test_put_layer_commits_only_the_right_diff_id_reads_no_content_here_and_leak
 
     monkeypatch.setattr(os, "preadv", preadv)
 
-    async def put(claimed: str):
-        r, w = os.pipe2(os.O_CLOEXEC)
-        dirfd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            async with open_pool(repo=repo, jobs=2) as pool, trio.open_nursery() as nursery:
-
-                async def feed() -> None:
-                    async with trio.lowlevel.FdStream(w) as out:
-                        await out.send_all(bytes(stream))
-
-                nursery.start_soon(feed)
-                return await put_layer(repo, pool, r, [dirfd], claimed, False, batch_limiter(pool))
-        finally:
-            os.close(dirfd)
+    def put(claimed: str):
+        return trio.run(put_stream, repo, src, bytes(stream), claimed)
 
     wrong = "sha256:" + "0" * 64
     with pytest.raises(DiffIdMismatch):  # fresh objects
-        trio.run(put, wrong)
+        put(wrong)
     assert repo.has_stream(f"oci-layer-{wrong}") is None
-    put_result = trio.run(put, diff_id)
+    put_result = put(diff_id)
     layer_id, stats = put_result.layer_id, put_result.stats
     # no tar headers around these files: nothing parsed for FinalizeImage, which then reads the stream
     assert put_result.entries is None
@@ -347,9 +335,9 @@ def test_put_layer_commits_only_the_right_diff_id_reads_no_content_here_and_leak
     assert repo.has_stream(f"oci-layer-{diff_id}") == layer_id
     before = open_fd_count()  # the repository's cached directory fds are open now
     with pytest.raises(DiffIdMismatch):  # present objects, their sources leased too
-        trio.run(put, wrong)
+        put(wrong)
     assert repo.has_stream(f"oci-layer-{wrong}") is None and open_fd_count() == before
-    assert trio.run(put, diff_id).layer_id == layer_id and open_fd_count() == before
+    assert put(diff_id).layer_id == layer_id and open_fd_count() == before
     assert hashlib.sha256(b"".join(iter_stream_bytes(repo, repo.open_stream(f"oci-layer-{diff_id}")))).digest() \
         == hashlib.sha256(tar).digest()
 
@@ -362,13 +350,13 @@ def test_put_layer_reads_a_spare_workers_files_again_under_the_same_lease(repo, 
     spare stored it) breaks its lease: the layer is refused, naming the object, and nothing
     is committed; with no writer, the layer is committed and its bytes are the tar's."""
     import hashlib
-    import itertools
 
     from pycfs.host.streamcat import iter_stream_bytes
     from pycfs.host.varlink import transfer
-    from pycfs.host.workers.pool import Pinned, open_pool
+    from pycfs.host.workers.pool import Pinned
     from pycfs.protocol import worker_api as api
     from pycfs.protocol.splitdirfdstream import encode_file_backed_data, encode_metadata
+    from putlayer import put_stream, spill_every_other
 
     src = repo.path.parent / f"{repo.path.name}-spare"
     src.mkdir()
@@ -380,13 +368,7 @@ def test_put_layer_reads_a_spare_workers_files_again_under_the_same_lease(repo, 
         tar += b"header %d" % i + data
     diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
     monkeypatch.setattr(transfer, "batch_files", lambda: 2)
-    turn = itertools.count()
-
-    def spare(sha: Pinned) -> Pinned | None:  # every other batch, busy or not
-        other = next(w for w in sha.pool._workers if w is not sha.worker)
-        return Pinned(sha.pool, other) if next(turn) % 2 else None
-
-    monkeypatch.setattr(transfer.LayerConsumer, "_spare", staticmethod(spare))
+    spill_every_other(monkeypatch)
     reads: list[str] = []
     real_feed, real_send = transfer.LayerConsumer._feed, Pinned.send
 
@@ -404,26 +386,11 @@ def test_put_layer_reads_a_spare_workers_files_again_under_the_same_lease(repo, 
     monkeypatch.setattr(transfer.LayerConsumer, "_feed", feed)
     monkeypatch.setattr(Pinned, "send", send)
 
-    async def put():
-        r, w = os.pipe2(os.O_CLOEXEC)
-        dirfd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            async with open_pool(repo=repo, jobs=2) as pool, trio.open_nursery() as nursery:
-
-                async def write() -> None:
-                    async with trio.lowlevel.FdStream(w) as out:
-                        await out.send_all(bytes(stream))
-
-                nursery.start_soon(write)
-                return await transfer.put_layer(repo, pool, r, [dirfd], diff_id, False)
-        finally:
-            os.close(dirfd)
-
     if writer:
         with pytest.raises(transfer.LayerTransferError, match="was opened for writing while it was stored"):
-            trio.run(put)
+            trio.run(put_stream, repo, src, bytes(stream), diff_id)
         assert repo.has_stream(f"oci-layer-{diff_id}") is None
     else:
-        put_result = trio.run(put)
+        put_result = trio.run(put_stream, repo, src, bytes(stream), diff_id)
         assert b"".join(iter_stream_bytes(repo, repo.open_stream_by_id(put_result.layer_id))) == bytes(tar)
     assert reads and all(set(r) == {"l"} for r in reads)

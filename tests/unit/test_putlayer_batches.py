@@ -7,21 +7,22 @@ from where the lease, the hardlink or the object store vouches for the bytes sto
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import itertools
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import trio
-from pycfs.host import syscalls
 from pycfs.host.repository import Repository
 from pycfs.host.streamcat import iter_stream_bytes
 from pycfs.host.varlink import transfer
-from pycfs.host.workers.pool import Pinned, open_pool
+from pycfs.host.workers.pool import Pinned
 from pycfs.protocol import splitdirfdstream as sd
 from pycfs.protocol import worker_api as api
+
+from putlayer import put_stream, spill_every_other
 
 BATCH = 256 << 10  # BATCH_BYTES for the test (32 MiB in use): the stream is 16 times that
 PIECE = 16 << 10
@@ -59,22 +60,8 @@ def test_inline_bytes_count_toward_the_batch_cap(tmp_path, monkeypatch) -> None:
         return await real_submit(self, stack, nursery, send, batch)
 
     monkeypatch.setattr(transfer.LayerConsumer, "_submit", recording)
-    repo = Repository.init(tmp_path / "repo")
-    dirfd = os.open(tmp_path / "files", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-    async def main() -> transfer.PutResult:
-        r, w = os.pipe2(os.O_CLOEXEC)
-
-        async def feed() -> None:
-            async with trio.lowlevel.FdStream(w) as out:
-                await out.send_all(stream)
-
-        async with open_pool(repo=repo, jobs=1) as pool, trio.open_nursery() as nursery:
-            nursery.start_soon(feed)
-            return await transfer.put_layer(repo, pool, r, [dirfd], diff_id, zerocopy=False)
-
-    try:
-        put = trio.run(main)
+    with Repository.init(tmp_path / "repo") as repo:
+        put = trio.run(functools.partial(put_stream, repo, tmp_path / "files", stream, diff_id, jobs=1))
         # bounded: no batch holds much more than the cap (the chunk that crossed it)
         assert len(sent) >= 16
         assert all(inline <= BATCH + PIECE for inline, _ in sent)
@@ -82,21 +69,6 @@ def test_inline_bytes_count_toward_the_batch_cap(tmp_path, monkeypatch) -> None:
             == len(content)
         assert sum(files for _, files in sent) == file_count == put.stats.objects_copied + put.stats.objects_reflinked
         assert b"".join(iter_stream_bytes(repo, repo.open_stream_by_id(put.layer_id))) == content
-    finally:
-        os.close(dirfd)
-        repo.close()
-
-
-def _spill_every_other(monkeypatch) -> None:
-    """Every other batch to the worker not keeping the sha256, busy or not (the real rule
-    waits for it to be idle: a matter of timing)."""
-    turn = itertools.count()
-
-    def spare(sha: Pinned) -> Pinned | None:
-        other = next(w for w in sha.pool._workers if w is not sha.worker)
-        return Pinned(sha.pool, other) if next(turn) % 2 else None
-
-    monkeypatch.setattr(transfer.LayerConsumer, "_spare", staticmethod(spare))
 
 
 def _files_stream(tmp_path, count: int = 40) -> tuple[bytes, bytes]:
@@ -116,26 +88,11 @@ def _files_stream(tmp_path, count: int = 40) -> tuple[bytes, bytes]:
 def _put(tmp_path, repo: Repository, stream: bytes, diff_id: str, zerocopy: bool, leases: bool) -> transfer.PutResult:
     """PutLayer of the stream on two workers; without leases, from a thread of its own (no
     read leases off the main thread: SIGIO can only be ignored there)."""
-    dirfd = os.open(tmp_path / "files", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-    async def main() -> transfer.PutResult:
-        r, w = os.pipe2(os.O_CLOEXEC)
-
-        async def feed() -> None:
-            async with trio.lowlevel.FdStream(w) as out:
-                await out.send_all(stream)
-
-        async with open_pool(repo=repo, jobs=2) as pool, trio.open_nursery() as nursery:
-            nursery.start_soon(feed)
-            return await transfer.put_layer(repo, pool, r, [dirfd], diff_id, zerocopy=zerocopy)
-
-    try:
-        if leases:
-            return trio.run(main)
-        with ThreadPoolExecutor(1) as thread:
-            return thread.submit(trio.run, main).result()
-    finally:
-        os.close(dirfd)
+    put = functools.partial(trio.run, functools.partial(put_stream, repo, tmp_path / "files", stream, diff_id, zerocopy))
+    if leases:
+        return put()
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(put).result()
 
 
 @pytest.mark.parametrize(("zerocopy", "leases"), [(False, True), (False, False), (True, True)])
@@ -148,7 +105,7 @@ def test_batches_stored_by_a_spare_worker_are_read_again_for_the_sha256(tmp_path
     stream, content = _files_stream(tmp_path)
     diff_id = "sha256:" + hashlib.sha256(content).hexdigest()
     monkeypatch.setattr(transfer, "batch_files", lambda: 2)
-    _spill_every_other(monkeypatch)
+    spill_every_other(monkeypatch)
     reads: list[str] = []
     real_send = Pinned.send
 
@@ -159,7 +116,11 @@ def test_batches_stored_by_a_spare_worker_are_read_again_for_the_sha256(tmp_path
 
     monkeypatch.setattr(Pinned, "send", send)
     with Repository.init(tmp_path / "repo") as repo:
-        reflinks = _reflinks(repo, tmp_path / "files" / "f0")
+        src = os.open(tmp_path / "files" / "f0", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            reflinks = transfer.reflinks_into(repo, src)
+        finally:
+            os.close(src)
         put = _put(tmp_path, repo, stream, diff_id, zerocopy, leases)
         hardlink = zerocopy and not reflinks
         here, elsewhere = ("d", "s") if hardlink else ("h", "l" if leases and reflinks else "o")
@@ -178,7 +139,7 @@ def test_a_file_that_fails_at_the_spare_worker_commits_nothing(tmp_path, monkeyp
     stream, content = _files_stream(tmp_path, 12)
     diff_id = "sha256:" + hashlib.sha256(content).hexdigest()
     monkeypatch.setattr(transfer, "batch_files", lambda: 2)
-    _spill_every_other(monkeypatch)
+    spill_every_other(monkeypatch)
     real_store = transfer.LayerConsumer._store_spare
 
     async def store_spare(self, batch):
@@ -193,20 +154,6 @@ def test_a_file_that_fails_at_the_spare_worker_commits_nothing(tmp_path, monkeyp
             _put(tmp_path, repo, stream, diff_id, zerocopy=False, leases=False)
         assert repo.has_stream(f"oci-layer-{diff_id}") is None
         assert open_fd_count() == before
-
-
-def _reflinks(repo: Repository, source) -> bool:
-    """Can the repository's objects share extents with this file? (FICLONE into an anonymous file.)"""
-    tmp = os.open(repo.path, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        syscalls.ficlone(tmp, src)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(tmp)
-        os.close(src)
 
 
 def test_a_spare_is_an_idle_worker_or_one_keeping_no_sha256() -> None:
