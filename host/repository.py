@@ -797,8 +797,9 @@ class Repository:
         return intact
 
     def write_stream(self, writer: SplitStreamWriter, name: str, ref: str | None = None, *,
-                     refs_durable: bool = False) -> bytes:
-        """Store the splitstream, sync, then make it visible as streams/<name> (and a ref).
+                     refs_durable: bool = False, images: Iterable[bytes] = ()) -> bytes:
+        """Store the splitstream, sync, then make it visible as streams/<name> (and a ref);
+        ``images`` (stored objects) are recorded as images after the same sync.
 
         ``refs_durable``: the caller vouches that every object the stream names was on disk
         already unless this instance committed it (which it tracks). A stream already visible
@@ -806,7 +807,7 @@ class Repository:
         streams, and syncfs waits for whatever else the filesystem has to write back."""
         check_name(name, "stream", allow_slash=False)
         object_id = self.store_stream(writer)
-        self.publish_streams([(name, object_id)], refs_durable=refs_durable)
+        self.publish_streams([(name, object_id)], images=images, refs_durable=refs_durable)
         if ref is not None:
             self.set_stream_ref(ref, name)
         return object_id

@@ -207,12 +207,8 @@ def write_commit_stream(repo: Repository, objects: CommitObjects, ref: str | Non
                         images: Iterable[bytes] = ()) -> bytes:
     """Store the stream; after one syncfs record ``images`` (stored objects: the commit's
     image) and make the stream visible; then point `ostree/<ref>` at it. Its object id."""
-    name = stream_name(objects.commit)
-    object_id = repo.store_stream(objects.to_stream(repo.alg))
-    repo.publish_streams([(name, object_id)], images=images)
-    if ref is not None:
-        repo.set_stream_ref(REF_PREFIX + encode_ref(ref), name)
-    return object_id
+    return repo.write_stream(objects.to_stream(repo.alg), stream_name(objects.commit),
+                             None if ref is None else REF_PREFIX + encode_ref(ref), images=images)
 
 
 def load_stream(repo: Repository, name: str) -> CommitObjects:
