@@ -294,4 +294,9 @@ async def copy(source: str, source_repo: str | None, destination: str, image: st
     except VarlinkError as e:
         if e.name == OCI + "NoSuchImage":
             raise PycfsError(f"no image {image!r} in {source_repo or source} (see `pycfs oci images` there)") from None
+        if e.name == OCI + "DiffIdMismatch":
+            expected, actual = (str(e.parameters.get(k)) for k in ("expected", "actual"))
+            raise PycfsError(f"oci copy {image}: layer {expected} from {source_repo or source} came as {actual}: the "
+                             "source is damaged or changed during the copy; that layer was not committed and no image "
+                             "was tagged (check the source with `pycfs fsck --verify-layers`)") from None
         raise PycfsError(f"oci copy {image}: {e}") from None

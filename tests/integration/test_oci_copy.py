@@ -169,3 +169,28 @@ def test_zerocopy_on_one_reflink_xfs_adds_almost_nothing(reflink_dir, tmp_path) 
         assert inspect(base / "b", "img")["images"] == inspect(base / "a", "img")["images"]
     finally:
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def test_a_damaged_source_object_is_refused_in_one_line_and_its_layer_not_committed(tmp_path) -> None:
+    """An object of the source cut short (its name no longer its content): the layer that
+    holds it arrives with another digest than its diff_id; the copy says so in one line,
+    naming the layer and what to do; that layer is not committed and nothing is tagged."""
+    built = imagebuild.build_layout(imagebuild.multilayer_image(), tmp_path / "layout")
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    pycfs(src, "init")
+    pycfs(src, "oci", "pull", f"oci:{built.path}", "img")
+    pycfs(dest, "init")
+    victim = max((p for p in (src / "objects").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    os.truncate(victim, victim.stat().st_size // 2)
+    p = pycfs(dest, "oci", "copy", "img", "--from", str(src), "--progress", "none", check=False)
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    prefix = "pycfs: error: oci copy img: layer sha256:"
+    assert lines[0].startswith(prefix) and f" from {src} came as sha256:" in lines[0], lines[0]
+    assert lines[0].endswith("that layer was not committed and no image was tagged (check the source with "
+                             "`pycfs fsck --verify-layers`)"), lines[0]
+    diff_id = lines[0][len(prefix) - len("sha256:"):].split()[0]
+    assert diff_id in built.diff_ids
+    streams = {p.name for p in (dest / "streams").iterdir()} if (dest / "streams").exists() else set()
+    assert f"oci-layer-{diff_id}" not in streams and not any(n.startswith("oci-manifest-") for n in streams)
