@@ -34,7 +34,19 @@ class Parser(argparse.ArgumentParser):
         if self._populate is not None:
             populate, self._populate = self._populate, None
             populate(self)
+        self._args = list(sys.argv[1:] if args is None else args)
         return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        # argparse checks for a missing sub-command before it reports options it did not
+        # know: `pycfs --bogus` would say "arguments are required: COMMAND". The option
+        # is the mistake to name.
+        if message.startswith("the following arguments are required"):
+            unknown = [a for a in getattr(self, "_args", ())
+                       if a.startswith("-") and a != "-" and a.split("=", 1)[0] not in self._option_string_actions]
+            if unknown:
+                message = f"unrecognized arguments: {' '.join(unknown)}"
+        super().error(message)
 
 
 class _Version(argparse.Action):

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pycfs.host import __version__
 from pycfs.tools.cli import main
 
@@ -66,3 +68,20 @@ def test_started_without_stdout_or_stderr() -> None:
                               timeout=60)
         assert done.returncode == 0, (closed, done.stderr)
         assert b"Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--bogus"], "pycfs: error: unrecognized arguments: --bogus"),
+    (["--repo=/r", "--bogus=1"], "pycfs: error: unrecognized arguments: --bogus=1"),
+    (["oci", "--bogus"], "pycfs oci: error: unrecognized arguments: --bogus"),
+    (["--repo", "/r"], "pycfs: error: the following arguments are required: COMMAND"),
+    (["oci"], "pycfs oci: error: the following arguments are required: OCI_COMMAND"),
+])
+def test_usage_error_names_the_unknown_option(argv: list[str], said: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse would report the missing sub-command even where an option it did not know was
+    the mistake; the option is named."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == said
