@@ -25,6 +25,7 @@ from pycfs.host.nursery import open_nursery
 from pycfs.host.varlink.client import Client
 from pycfs.host.varlink.oci import ForkedFor, layer_ids_of
 from pycfs.host.varlink.serve import open_service
+from pycfs.host.varlink.transfer import log_producer_failure
 from pycfs.host.varlink.transport import connect, socketpair
 from pycfs.host.workers.fork import Forked, fork_workers
 from pycfs.host.workers.batching import default_jobs
@@ -79,24 +80,26 @@ class Endpoint:
             client.close()
 
 
-async def _in_process_service(forked: ForkedFor | None = None,
+async def _in_process_service(forked: ForkedFor | None, producer_failed: Callable[[Exception], None],
                               task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-    async with open_service(forked) as server:
+    async with open_service(forked, producer_failed) as server:
         task_status.started(server)
         await trio.sleep_forever()
 
 
 @asynccontextmanager
-async def open_endpoint(address: str | None, repo: str, forked: list[Forked] | None = None) -> AsyncIterator[Endpoint]:
+async def open_endpoint(address: str | None, repo: str, forked: list[Forked] | None = None,
+                        producer_failed: Callable[[Exception], None] = log_producer_failure) -> AsyncIterator[Endpoint]:
     """Repository `repo` behind the service at `unix:PATH`, or (address None) behind an
     in-process service on a socketpair: the same varlink and SCM_RIGHTS path either way
-    (``forked``: object workers forked for `repo`, which its first PutLayer takes)."""
+    (``forked``: object workers forked for `repo`, which its first PutLayer takes;
+    ``producer_failed``: hears why an in-process GetLayer's stream ended short)."""
     async with open_nursery() as nursery:
         if address is not None:
             async def new_client() -> Client:
                 return Client(await connect(address))
         else:
-            service = await nursery.start(_in_process_service, (repo, forked) if forked else None)
+            service = await nursery.start(_in_process_service, (repo, forked) if forked else None, producer_failed)
 
             async def new_client() -> Client:
                 conn, server_sock = socketpair()
@@ -267,9 +270,13 @@ async def copy(source: str, source_repo: str | None, destination: str, image: st
     containers-storage layer service, which `storage_root` or storage.conf locates).
     ``forked``: object workers forked for `destination` (`fork_destination_workers`), taken
     out of the list by the pool that stores its objects; the caller discards what is left."""
+    # Why a layer of an in-process source ended short (an object missing, unreadable): the
+    # cause to name, where PutLayer can only see a stream of the wrong digest.
+    short: list[Exception] = []
     try:
         if not source.startswith("unix:"):
-            async with open_endpoint(None, source) as src, open_endpoint(None, destination, forked) as dst:
+            async with open_endpoint(None, source, producer_failed=short.append) as src, \
+                    open_endpoint(None, destination, forked) as dst:
                 return await copy_image(src, dst, image, name, zerocopy, progress)
         async def new_client() -> Client:
             return Client(await connect(source))
@@ -292,6 +299,10 @@ async def copy(source: str, source_repo: str | None, destination: str, image: st
         finally:
             client.close()
     except VarlinkError as e:
+        if short:
+            layer = f" layer {e.parameters.get('expected')}" if e.name == OCI + "DiffIdMismatch" else ""
+            raise PycfsError(f"oci copy {image}:{layer} from {source}: {short[0]}: the source is damaged; that layer "
+                             "was not committed and no image was tagged (check the source with `pycfs fsck`)") from None
         if e.name == OCI + "NoSuchImage":
             raise PycfsError(f"no image {image!r} in {source_repo or source} (see `pycfs oci images` there)") from None
         if e.name == OCI + "DiffIdMismatch":

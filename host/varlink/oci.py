@@ -36,6 +36,7 @@ from pycfs.host.varlink.transfer import (
     open_objects_dir,
     produce_repo_layer,
     put_layer,
+    log_producer_failure,
     run_producer,
 )
 from pycfs.host.workers.fork import Forked
@@ -174,8 +175,10 @@ class _LayerEntries:
 
 
 class OciInterface:
-    def __init__(self, server: Server, handles: Handles, forked: ForkedFor | None = None) -> None:
+    def __init__(self, server: Server, handles: Handles, forked: ForkedFor | None = None,
+                 producer_failed: Callable[[Exception], None] = log_producer_failure) -> None:
         self.server = server
+        self.producer_failed = producer_failed
         self.handles = handles
         self.pools = _Pools(server.nursery, handles, forked)
         self.entries = _LayerEntries(handles)
@@ -368,7 +371,8 @@ class OciInterface:
             os.close(w)
             raise
         return await send_layer_frames(ctx, layout, seed, w,
-                                       lambda send_all: produce_repo_layer(repo, layer_id, layout.real_slots[0], send_all))
+                                       lambda send_all: produce_repo_layer(repo, layer_id, layout.real_slots[0], send_all),
+                                       failed=self.producer_failed)
 
     async def put_layer(self, ctx: CallContext) -> Result:
         if len(ctx.fds) < 2:
@@ -448,9 +452,11 @@ def _tag_exists(repo: Repository, tag: str) -> bool:
 
 
 async def send_layer_frames(ctx: CallContext, layout: FdLayout, seed: int, pipe_w: int, produce: Producer,
-                            release: Callable[[], None] | None = None) -> Result:
+                            release: Callable[[], None] | None = None,
+                            failed: Callable[[Exception], None] = log_producer_failure) -> Result:
     """Reply to GetLayer with the layout's fds (in frames with `more`), and start the
-    producer in the service's nursery: it outlives the call, feeding a pipe the client took."""
+    producer in the service's nursery: it outlives the call, feeding a pipe the client took
+    (``failed``: see `run_producer`)."""
     keep_r = layout.keepalive_read
     try:
         if ctx.more:
@@ -464,7 +470,7 @@ async def send_layer_frames(ctx: CallContext, layout: FdLayout, seed: int, pipe_
         if release is not None:
             release()
         raise
-    ctx.server.nursery.start_soon(run_producer, pipe_w, keep_r, produce, release)
+    ctx.server.nursery.start_soon(run_producer, pipe_w, keep_r, produce, release, failed)
     sent = 0
     try:
         params = {"dir_count": layout.dir_count}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import trio
@@ -12,22 +12,25 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.varlink.oci import ForkedFor, OciInterface
 from pycfs.host.varlink.server import Server
 from pycfs.host.varlink.service import Handles, RepositoryInterface
+from pycfs.host.varlink.transfer import log_producer_failure
 from pycfs.host.varlink.transport import activation_socket, listen
 
 URL = "https://github.com/composefs/composefs-rs"
 
 
 @asynccontextmanager
-async def open_service(forked: ForkedFor | None = None) -> AsyncIterator[Server]:
+async def open_service(forked: ForkedFor | None = None,
+                       producer_failed: Callable[[Exception], None] = log_producer_failure) -> AsyncIterator[Server]:
     """A server with org.composefs.Repository and org.composefs.Oci; handles still open
     when the block ends are closed. ``forked``: object workers forked already for one
-    repository, for the first PutLayer into it (see `OciInterface`)."""
+    repository, for the first PutLayer into it (see `OciInterface`); ``producer_failed``:
+    hears why a GetLayer's stream ended short (default: the log)."""
     handles = Handles()
     try:
         async with trio.open_nursery() as nursery:
             server = Server(nursery, "org.composefs", "pycfs", __version__, URL)
             RepositoryInterface(server, handles)
-            OciInterface(server, handles, forked)
+            OciInterface(server, handles, forked, producer_failed)
             yield server
             nursery.cancel_scope.cancel()
     finally:

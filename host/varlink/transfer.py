@@ -168,10 +168,17 @@ def reflinks_into(repo: Repository, src_fd: int) -> bool:
         os.close(tmp)
 
 
-async def run_producer(pipe_w: int, keepalive_r: int, produce: Producer, release: Callable[[], None] | None = None) -> None:
+def log_producer_failure(e: Exception) -> None:
+    """A service's default for a producer that failed: its log (stderr) says why; the
+    client only sees the stream end short."""
+    print(f"pycfs varlink: layer producer failed: {e}", file=sys.stderr)
+
+
+async def run_producer(pipe_w: int, keepalive_r: int, produce: Producer, release: Callable[[], None] | None = None,
+                       failed: Callable[[Exception], None] = log_producer_failure) -> None:
     """Feed the pipe, close it (data EOF), then hold `release` until every copy of the
     keepalive write end is gone (the consumer is done with the directory fds), at most
-    KEEPALIVE_LIMIT seconds."""
+    KEEPALIVE_LIMIT seconds. ``failed`` hears why the producer stopped short."""
     try:
         async with trio.lowlevel.FdStream(pipe_w) as out:
             pipe_w = -1
@@ -188,7 +195,7 @@ async def run_producer(pipe_w: int, keepalive_r: int, produce: Producer, release
                 pass  # the consumer stopped reading: its business
             except (PycfsError, OSError) as e:
                 # The consumer sees a short stream; a verifying one refuses it by digest.
-                print(f"pycfs varlink: layer producer failed: {e}", file=sys.stderr)
+                failed(e)
         async with trio.lowlevel.FdStream(keepalive_r) as keep:
             keepalive_r = -1
             # Bounded: a client that never lets go must not hold (say) podman's locks forever.

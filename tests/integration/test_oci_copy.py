@@ -194,3 +194,30 @@ def test_a_damaged_source_object_is_refused_in_one_line_and_its_layer_not_commit
     assert diff_id in built.diff_ids
     streams = {p.name for p in (dest / "streams").iterdir()} if (dest / "streams").exists() else set()
     assert f"oci-layer-{diff_id}" not in streams and not any(n.startswith("oci-manifest-") for n in streams)
+
+
+def test_a_missing_source_object_is_named_in_one_line(tmp_path) -> None:
+    """An object of the source deleted: the in-process source cannot send that layer whole;
+    the copy's one line names the missing object (not only the short stream's digest), the
+    layer is not committed and nothing is tagged."""
+    built = imagebuild.build_layout(imagebuild.multilayer_image(), tmp_path / "layout")
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    pycfs(src, "init")
+    pycfs(src, "oci", "pull", f"oci:{built.path}", "img")
+    pycfs(dest, "init")
+    victim = max((p for p in (src / "objects").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.unlink()
+    p = pycfs(dest, "oci", "copy", "img", "--from", str(src), "--progress", "none", check=False)
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    prefix = "pycfs: error: oci copy img: layer sha256:"
+    object_id = victim.parent.name + victim.name
+    assert lines[0].startswith(prefix), lines[0]
+    assert f" from {src}: object {object_id} of layer stream " in lines[0], lines[0]
+    assert lines[0].endswith(" is missing: the source is damaged; that layer was not committed and no image was "
+                             "tagged (check the source with `pycfs fsck`)"), lines[0]
+    diff_id = lines[0][len(prefix) - len("sha256:"):].split()[0]
+    assert diff_id in built.diff_ids
+    streams = {p.name for p in (dest / "streams").iterdir()} if (dest / "streams").exists() else set()
+    assert f"oci-layer-{diff_id}" not in streams and not any(n.startswith("oci-manifest-") for n in streams)

@@ -84,7 +84,8 @@ def test_layers_move_side_by_side_and_streams_are_the_sources(tmp_path, monkeypa
 
 def test_a_failing_layer_stops_its_siblings_tags_nothing_and_leaks_no_fd(tmp_path, monkeypatch) -> None:
     """One layer's object is gone from the source: its stream comes short, the destination
-    refuses it by digest, the layer beside it is cancelled, no image is tagged, and the
+    refuses it by digest, the error names the missing object (the in-process source says why
+    the stream ended), the layer beside it is cancelled, no image is tagged, and the
     copy leaves no fd open; the same copy from an intact source then finishes the job."""
     built, src = _pulled(tmp_path)
     dest = tmp_path / "dest"
@@ -96,8 +97,8 @@ def test_a_failing_layer_stops_its_siblings_tags_nothing_and_leaks_no_fd(tmp_pat
     kept = gone.read_bytes()
     gone.unlink()
     before = open_fd_count()
-    with pytest.raises(PycfsError, match=rf"^oci copy img: layer {re.escape(built.diff_ids[0])} from {re.escape(str(src))} "
-                       r"came as sha256:[0-9a-f]{64}: the source is damaged or changed during the copy; "):
+    with pytest.raises(PycfsError, match=rf"^oci copy img: layer {re.escape(built.diff_ids[0])} from {re.escape(str(src))}: "
+                       rf"object {victim} of layer stream [0-9a-f]{{64}} is missing: the source is damaged; "):
         trio.run(copy_module.copy, str(src), None, str(dest), "img", "img", False)
     assert open_fd_count() == before
     with Repository.open(dest, writable=False) as d:
