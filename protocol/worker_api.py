@@ -41,8 +41,11 @@ ADOPT = "adopt"
 # "tar_size": N, "files_inlined": N} or {"failed": MESSAGE}. File content so never crosses
 # to the host: only headers and small files do, with the files' fds for the object workers;
 # with ``store`` true the worker makes each file its object itself (hashes and links it, as
-# ADOPT does) and sends only PIECE_STORED for them.
+# ADOPT does) and sends only PIECE_STORED for them, until the host sends HAND_OFF on the
+# socket: from its next run on, the worker sends PIECE_FILE for them, unhashed, for another
+# worker to adopt (the host asks this of a layer left alone inflating, when a worker idles).
 INFLATE = "inflate"
+HAND_OFF = b"h"
 
 # A layer stream's sha256 (its diff_id), kept by one worker across requests in stream
 # order. FEED_LAYER's first fd is a file holding the inline bytes, ``inline`` the byte count

@@ -144,7 +144,7 @@ class WorkerPool:
     async def adopt(self, fds: Sequence[int], sizes: Sequence[int]) -> list[Stored | Failed]:
         """Make each anonymous file of the repository's object store (see
         `Repository.new_object_file`) its object."""
-        return [r if isinstance(r, Failed) else Stored(r[0], api.HOW[r[1]]) for r in await self._each(api.ADOPT, fds, sizes)]
+        return api.stored_results(await self._each(api.ADOPT, fds, sizes))
 
     async def digest(self, fds: Sequence[int], sizes: Sequence[int]) -> list[bytes | Failed]:
         """The fs-verity digest of each file (``sizes``: their exact lengths)."""
@@ -439,6 +439,11 @@ class Pinned:
             return self.pool._results(obj, count, method)
         except ValueError as e:
             raise PycfsError(f"the {self.worker.describe()} {e}") from None
+
+    async def adopt(self, fds: Sequence[int], sizes: Sequence[int]) -> list[Stored | Failed]:
+        """`WorkerPool.adopt`, by this worker (up to MAX_FILES_PER_REQUEST files)."""
+        reply = await self.send(api.ADOPT, list(fds), api.file_params(sizes))
+        return api.stored_results(await self.files(reply, len(fds), api.ADOPT))
 
     @property
     def backlog(self) -> int:

@@ -223,9 +223,13 @@ class WorkerService:
             source = _TarSource(blob_fd, compression, blob_alg, diff_alg)
             writeback = _Writeback() if store else None
             splitter = TarSplitter(self.repo, source, defer=True, hashed=True, hash_files=store)
-            while pieces := splitter.chunk():
+            while True:
+                if splitter.hash_files and _handed_off(sock):  # before the run: its files unhashed
+                    splitter.hash_files = False
+                if not (pieces := splitter.chunk()):
+                    break
                 try:
-                    if writeback is not None:
+                    if splitter.hash_files and writeback is not None:
                         self._adopt_pieces(pieces, writeback)
                     _send_pieces(sock, pieces)
                 finally:
@@ -298,6 +302,19 @@ class WorkerService:
         if result.size != size:
             raise OSError(errno.ESTALE, "changed size while it was stored")
         return result.object_id, api.HOW_CODES[result.how]
+
+
+def _handed_off(sock: socket.socket) -> bool:
+    """Whether the host sent HAND_OFF (see `worker_api.INFLATE`); never waits."""
+    try:
+        message = sock.recv(64, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    if message == api.HAND_OFF:
+        return True
+    if message:
+        raise PycfsError(f"the host sent {message[:16]!r} on the inflate socket")
+    return False  # the host's end closed: the next send says so
 
 
 def _ignore(piece: memoryview) -> None:

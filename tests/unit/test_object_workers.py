@@ -656,10 +656,12 @@ def _receive_pieces(sock, got: bytearray, kinds: list, take=None, objects=None) 
                     got.extend(body)
 
 
-def _inflate(blob: bytes, tmp_path, compression: str, take=None, store=False) -> tuple[object, bytes, list]:
+def _inflate(blob: bytes, tmp_path, compression: str, take=None, store=False,
+             said: bytes = b"") -> tuple[object, bytes, list]:
     """A worker's inflate of blob, its pieces read here as they come (``take``: how many
-    messages to read before closing the socket; ``store``: the worker stores the files):
-    (the answer or the PycfsError, the tar rebuilt from the pieces, their kinds)."""
+    messages to read before closing the socket; ``store``: the worker stores the files;
+    ``said``: sent to the worker on the socket first): (the answer or the PycfsError, the
+    tar rebuilt from the pieces, their kinds)."""
     import socket
 
     (tmp_path / "blob").write_bytes(blob)
@@ -668,6 +670,8 @@ def _inflate(blob: bytes, tmp_path, compression: str, take=None, store=False) ->
 
     async def main():
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        if said:
+            ours.send(said)
         with Repository.init(tmp_path / "repo") as repo:
             async with open_pool(repo=repo, jobs=1) as pool, trio.open_nursery() as nursery:
                 nursery.start_soon(trio.to_thread.run_sync, _receive_pieces, ours, got, kinds, take,
@@ -719,6 +723,28 @@ def test_inflate_that_stores_sends_objects_named_by_their_content(tmp_path):
     assert api.PIECE_FILE not in kinds and kinds.count(api.PIECE_STORED) == 6
     assert (answer.diff_id, answer.tar_size) == ("sha512:" + hashlib.sha512(tar).hexdigest(), len(tar))
     assert answer.files_inlined == 4
+
+
+def test_inflate_that_stores_hands_its_files_off_when_asked(tmp_path):
+    """HAND_OFF from the host before a run: the worker stores none of its files from then
+    on, sending each as a read-only unhashed fd for another worker to adopt; the pieces
+    still rebuild the tar."""
+    import zstandard
+
+    tar = _tar(3 << 20, 10, 200 << 10, 64, 65)
+    answer, got, kinds = _inflate(zstandard.ZstdCompressor().compress(tar), tmp_path, "zstd", store=True,
+                                  said=api.HAND_OFF)
+    assert got == tar and not isinstance(answer, PycfsError)
+    assert api.PIECE_STORED not in kinds and kinds.count(api.PIECE_FILE) == 3  # the files over 64 bytes
+    assert not list((tmp_path / "repo" / "objects").glob("*/*"))  # nothing linked by the inflater
+
+
+def test_inflate_refuses_anything_else_said_on_its_socket(tmp_path):
+    import zstandard
+
+    answer, _, _ = _inflate(zstandard.ZstdCompressor().compress(_tar(10 << 10, 65)), tmp_path, "zstd", store=True,
+                            said=b"stop")
+    assert isinstance(answer, PycfsError) and str(answer) == "the host sent b'stop' on the inflate socket"
 
 
 def test_inflate_that_stores_fails_on_a_cut_blob_with_nothing_pending(tmp_path):
