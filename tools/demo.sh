@@ -33,7 +33,14 @@ demo_as_user() {
     echo "running as $(id -un) (uid $(id -u)); repository: ${PYCFS_REPO:-$HOME/.var/lib/composefs}"
 
     echo "== podman import $tar -> localhost/pycfs-demo:latest"
+    local before
+    before=$(podman image inspect --format '{{.Id}}' localhost/pycfs-demo:latest 2>/dev/null || true)
     podman import --quiet --change 'CMD ["/usr/bin/hello"]' "$tar" localhost/pycfs-demo:latest
+    # Each import is a new image (its config has the time): the one it untagged goes, not
+    # left behind as <none> by every run of the demo.
+    if [ -n "$before" ] && [ "$before" != "$(podman image inspect --format '{{.Id}}' localhost/pycfs-demo:latest)" ]; then
+        podman rmi --force "$before" >/dev/null 2>&1 || true
+    fi
     podman image inspect --format 'image {{.Id}}  layers: {{len .RootFS.Layers}}  driver: {{.GraphDriver.Name}}' \
         localhost/pycfs-demo:latest
 
