@@ -27,11 +27,15 @@ def demo_env():
     subprocess.run(["pkill", "-u", DEMO_USER], capture_output=True)
 
 
-def test_demo_then_login_shell(demo_env):
-    p = subprocess.run(["bash", str(REPO_ROOT / "tools/demo.sh")], env=demo_env, capture_output=True, text=True,
+def _demo(env: dict[str, str]) -> str:
+    p = subprocess.run(["bash", str(REPO_ROOT / "tools/demo.sh")], env=env, capture_output=True, text=True,
                        stdin=subprocess.DEVNULL, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    out = p.stdout + p.stderr
+    return p.stdout + p.stderr
+
+
+def test_demo_then_login_shell(demo_env):
+    out = _demo(demo_env)
     assert "containers-storage:localhost/pycfs-demo:latest" in out
     assert "EROFS v1" in out
 
@@ -47,3 +51,15 @@ def test_demo_then_login_shell(demo_env):
     podman = subprocess.run(["su", "-", DEMO_USER, "-c", "podman images --format '{{.Repository}}'"],
                             capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
     assert "localhost/pycfs-demo" in podman.stdout, podman.stderr
+
+    # Run again: the image the new import untagged is gone, not left as <none>.
+    def images() -> list[str]:
+        listed = subprocess.run(["su", "-", DEMO_USER, "-c", "podman images --all --format '{{.ID}}'"],
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+        assert listed.returncode == 0, listed.stderr
+        return listed.stdout.split()
+
+    first = images()
+    assert "EROFS v1" in _demo(demo_env)
+    second = images()
+    assert len(second) == len(first) and set(second) != set(first), (first, second)
