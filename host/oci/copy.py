@@ -310,4 +310,5 @@ async def copy(source: str, source_repo: str | None, destination: str, image: st
             raise PycfsError(f"oci copy {image}: layer {expected} from {source_repo or source} came as {actual}: the "
                              "source is damaged or changed during the copy; that layer was not committed and no image "
                              "was tagged (check the source with `pycfs fsck --verify-layers`)") from None
-        raise PycfsError(f"oci copy {image}: {e}") from None
+        message = e.parameters.get("message")  # the service's own words, else the error's name and fields
+        raise PycfsError(f"oci copy {image}: {message if isinstance(message, str) and message else e}") from None

@@ -530,7 +530,8 @@ class HttpRepo(_Summary):
         parts = urllib.parse.urlsplit(url)
         origin = _origin(parts)
         if origin is None:
-            raise OstreeError(f"{url!r} is not an http:// or https:// URL")
+            hint = " (a repository on this machine: `pycfs ostree pull-local`)" if "://" not in url else ""
+            raise OstreeError(f"{url!r} is not an http:// or https:// URL{hint}")
         self.url = url
         self.description = url
         self._origin = origin

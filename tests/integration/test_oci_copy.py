@@ -129,6 +129,12 @@ def test_copy_from_a_running_service(source, tmp_path) -> None:
         pycfs(dest, "init")
         missing = pycfs(dest, "oci", "copy", "img", "--from", f"unix:{sock}", check=False)
         assert missing.returncode == 1 and "--from-repo" in missing.stderr
+        nowhere = pycfs(dest, "oci", "copy", "img", "--from", f"unix:{sock}", "--from-repo", str(tmp_path / "none"),
+                        check=False)
+        # the service's own words, not its error's qualified name
+        assert nowhere.returncode == 1 and nowhere.stderr.startswith(
+            f"pycfs: error: oci copy img: cannot open repository {tmp_path / 'none'}: "), nowhere.stderr
+        assert nowhere.stderr.count("\n") == 1 and "org.composefs" not in nowhere.stderr
         result = copy(dest, f"unix:{sock}", "--from-repo", str(src), "--name", "served")
         assert result["manifest_digest"] == built.manifest_digest
         assert inspect(dest, "served")["layers"] == inspect(src, "img")["layers"]

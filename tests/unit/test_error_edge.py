@@ -235,3 +235,14 @@ def test_version_and_bad_tar(capsys, tmp_path):
     notar.write_bytes(b"root:x:0:0:root:/root:/bin/bash\nlogin\nsy" * 20)
     rc, _, err = run(capsys, repo, "oci", "import-layer", "sha256:" + "0" * 64, str(notar))
     assert rc == 1 and err.count("\n") == 1 and "not a tar" in err, err
+
+
+def test_control_characters_in_a_failure_are_shown_escaped(capsys, tmp_path):
+    """A path (from an image, a peer, an argument) with terminal controls in it: the one line
+    shows them escaped, so they cannot clear or retitle the user's terminal."""
+    repo = tmp_path / "r\x1b]0;owned\x07\x1b[2J\x9b"
+    assert main(["--repo", str(repo), "fsck"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pycfs: error: ")
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in err[:-1]), repr(err)
+    assert "r\\x1b]0;owned\\x07\\x1b[2J\\x9b" in err

@@ -226,3 +226,11 @@ def test_redirect_targets(location, error):
         source._follow(origin, "/x", ["/a", "/b"], "F", "summary")
     with pytest.raises(OstreeError, match="has no Location headers: one is needed"):
         source._follow(origin, "/x", [], "F", "summary")
+
+
+def test_a_path_where_a_url_is_wanted_points_to_pull_local():
+    with pytest.raises(OstreeError, match=r"^'/srv/repo' is not an http:// or https:// URL \(a repository on this "
+                                          r"machine: `pycfs ostree pull-local`\)$"):
+        HttpRepo("/srv/repo")
+    with pytest.raises(OstreeError, match=r"^'ftp://h/repo' is not an http:// or https:// URL$"):
+        HttpRepo("ftp://h/repo")
