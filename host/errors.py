@@ -10,6 +10,7 @@ import errno
 import sys
 
 from pycfs.protocol.errors import PycfsError
+from pycfs.protocol.text import printable
 
 __all__ = ["PycfsError", "first_error", "user_message"]
 
@@ -65,12 +66,8 @@ def user_message(exc: BaseException) -> str:
     return f"internal error: {type(e).__name__}: {_one_line(str(e))} (a bug in pycfs: PYCFS_DEBUG=1 shows the traceback)"
 
 
-# C0 and C1 controls (besides the line breaks `_one_line` joins): a path from an image, a
-# tag, a peer's error text could otherwise move the cursor or retitle the user's terminal.
-_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
-
-
 def _one_line(text: str) -> str:
-    """Quoted child output and the like keep their content but lose their line breaks;
-    other control characters are shown escaped."""
-    return "; ".join(line.strip() for line in text.splitlines() if line.strip()).translate(_CONTROLS)
+    """Quoted child output and the like keep their content but lose their line breaks; the
+    rest is `printable` (a path from an image, a tag, a peer's text may hold terminal
+    controls or bytes that are not UTF-8)."""
+    return printable("; ".join(line.strip() for line in text.splitlines() if line.strip()))

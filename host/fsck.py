@@ -31,6 +31,7 @@ from pycfs.host.progress import StepProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import SplitStreamReader
 from pycfs.host.streamcat import stream_digest
+from pycfs.protocol.text import is_clean_text, printable
 
 LAYER_PREFIX = "oci-layer-"
 
@@ -45,7 +46,8 @@ class FsckReport:
     repaired: list[str] = field(default_factory=list)  # what repair removed, as repo-relative paths
 
     def add(self, kind: str, path: str, detail: str) -> None:
-        self.errors.append((kind, path, detail))
+        # (names are shown escaped: the report goes to a terminal and into JSON)
+        self.errors.append((kind, printable(path), printable(detail)))
 
     @property
     def ok(self) -> bool:
@@ -184,6 +186,10 @@ def _first_level_links(repo: Repository, top: str, report: FsckReport) -> tuple[
             continue
         rel = f"{top}/{name}"
         full = base / name
+        if not is_clean_text(name):
+            report.add("name-not-utf8", rel, NOT_UTF8)
+            bad.append(rel)
+            continue
         if not full.is_symlink():
             report.add("entry-not-symlink", rel, "not a symlink")
             if not full.is_dir():
@@ -204,6 +210,9 @@ def _first_level_links(repo: Repository, top: str, report: FsckReport) -> tuple[
     return found, bad
 
 
+NOT_UTF8 = "a name pycfs and composefs-rs never make (not UTF-8 text): no tool lists it"
+
+
 def _dangling_refs(repo: Repository, top: str, report: FsckReport) -> list[str]:
     bad: list[str] = []
     base = repo.path / top
@@ -213,7 +222,10 @@ def _dangling_refs(repo: Repository, top: str, report: FsckReport) -> list[str]:
         for name in dirnames + filenames:
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, repo.path)
-            if os.path.islink(full):
+            if not is_clean_text(name) and not os.path.isdir(full):
+                report.add("name-not-utf8", rel, NOT_UTF8)
+                bad.append(rel)
+            elif os.path.islink(full):
                 if not os.path.exists(full):
                     report.add("broken-symlink", rel, f"target {os.readlink(full)} does not exist")
                     bad.append(rel)
@@ -304,7 +316,7 @@ def _verify_layers(repo: Repository, report: FsckReport, progress: StepProgress,
 def _remove(repo: Repository, rel: str, report: FsckReport) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(rel, dir_fd=repo.dirfd)
-        report.repaired.append(rel)
+        report.repaired.append(printable(rel))
 
 
 # ---------------------------------------------------------------------------- fsck

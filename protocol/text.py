@@ -1,4 +1,5 @@
-"""Whether a str decoded from an untrusted peer is text every later use takes."""
+"""Whether a str decoded from an untrusted peer is text every later use takes, and how to
+show one that is not."""
 
 
 def is_clean_text(text: str) -> bool:
@@ -11,3 +12,21 @@ def is_clean_text(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+# C0 and C1 controls: shown escaped, they cannot move the cursor or retitle a terminal.
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+
+
+def printable(text: str) -> str:
+    """text for a terminal, a log or JSON: controls as \\xNN, and the bytes of a name that
+    is not UTF-8 (undecodable bytes Python carries as surrogates) as \\xNN too."""
+    text = text.translate(_CONTROLS)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        try:
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a lone surrogate that is no undecodable byte (from JSON)
+            text = text.encode("utf-8", "backslashreplace").decode()
+    return text

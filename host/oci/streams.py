@@ -21,6 +21,7 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import MAX_JSON_DOCUMENT, parse_object
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_CONFIG, CONTENT_OCI_MANIFEST, SplitStreamReader, SplitStreamWriter
+from pycfs.protocol.text import is_clean_text
 
 TAG_DIR = "oci"
 MANIFEST_PREFIX = "oci-manifest-"
@@ -73,8 +74,10 @@ def decode_tag(encoded: str) -> str:
 
 
 def check_tag(tag: str) -> None:
+    if not is_clean_text(tag):
+        raise PycfsError(f"invalid tag {tag!r}: holds a NUL or is not UTF-8 text")
     encoded = encode_tag(tag)
-    if not tag or tag.startswith("@") or "\0" in tag or encoded in (".", "..") or len(encoded.encode()) > 255:
+    if not tag or tag.startswith("@") or encoded in (".", "..") or len(encoded.encode()) > 255:
         raise PycfsError(
             f"invalid tag {tag!r}: must be non-empty, not start with '@' (digest syntax), and fit a file name"
         )
@@ -117,8 +120,8 @@ def list_images(repo: Repository) -> list[tuple[str, str]]:
     """(tag, manifest digest) of every tagged image, sorted by tag."""
     images = []
     for name, target in repo.list_links(f"streams/refs/{TAG_DIR}"):
-        if "/" in name:
-            continue  # not a tag: tags are encoded into a single file name
+        if "/" in name or not is_clean_text(name):
+            continue  # not a tag: tags are encoded into a single file name of UTF-8 text (fsck reports it)
         tag = decode_tag(name)
         images.append((tag, _manifest_digest_of_link(tag, target)))
     return sorted(images)

@@ -26,6 +26,7 @@ from pycfs.protocol.text import is_clean_text
 from pycfs.protocol.varlink import (
     VarlinkError,
     VarlinkProtocolError,
+    encode,
     parse_call,
     valid_interface_name,
 )
@@ -207,6 +208,11 @@ class Server:
         async def serve(sock: trio.socket.SocketType) -> None:
             try:
                 await self.serve_connection(sock)
+            except Exception as exc:  # one connection's failure never ends the service
+                e = first_error(exc)
+                if not isinstance(e, (PycfsError, OSError)):
+                    traceback.print_exception(e, file=sys.stderr)  # a bug: logged, and the service goes on
+                print(f"pycfs varlink: a connection failed: {user_message(e)}", file=sys.stderr)
             finally:
                 slots.release()
 
@@ -295,7 +301,16 @@ class Server:
             close_fds(ctx.take_fds())
         try:
             if not call.oneway:
-                await conn.send(reply, reply_fds)
+                try:
+                    message = encode(reply)
+                except UnicodeEncodeError as e:  # a file name that is not UTF-8 text: JSON cannot carry it
+                    close_fds(list(reply_fds))
+                    reply_fds = ()
+                    around = e.object[max(e.start - 40, 0) : e.end + 10] if isinstance(e.object, str) else ""
+                    message = encode({"error": internal, "parameters": {"message": (
+                        f"cannot send the reply: it holds a name that is not UTF-8 text ({around!r}); "
+                        "rename it, or remove it with `pycfs fsck --repair`")}})
+                await conn.send_encoded(message, reply_fds)
         finally:
             close_fds(list(reply_fds))
 

@@ -19,6 +19,7 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.repository import ALGORITHMS, Repository
 from pycfs.host.varlink import idl
 from pycfs.host.varlink.server import CallContext, Interface, Result, Server
+from pycfs.protocol.text import is_clean_text
 from pycfs.protocol.varlink import VarlinkError
 
 if TYPE_CHECKING:  # fsck, gc and mount are imported by the calls that use them: a copy needs none
@@ -256,5 +257,6 @@ class RepositoryInterface:
 
     async def list_image_refs(self, ctx: CallContext) -> Result:
         repo = self.handles.get(ctx, IFACE)
+        # (a name that is not UTF-8 text is none pycfs or cfsctl made; fsck reports it)
         return {"images": [{"name": name, "digest": target.rsplit("/", 1)[-1]}
-                           for name, target in repo.list_links("images/refs")]}
+                           for name, target in repo.list_links("images/refs") if is_clean_text(name + target)]}

@@ -75,6 +75,10 @@ class Connection:
 
     async def send(self, obj: dict[str, Any], fds: Sequence[int] = ()) -> None:
         """Send one message; the fds stay the caller's (the peer gets copies)."""
+        await self.send_encoded(encode(obj), fds)
+
+    async def send_encoded(self, message: bytes, fds: Sequence[int] = ()) -> None:
+        """`send` of a message `encode` made."""
         if len(fds) > MAX_FDS_PER_MESSAGE:
             raise ValueError(f"{len(fds)} fds in one varlink message (at most {MAX_FDS_PER_MESSAGE})")
         async with self._send_lock:
@@ -83,7 +87,7 @@ class Connection:
             deadline = trio.current_time() + self._send_timeout if self._send_timeout is not None else math.inf
             with trio.CancelScope(shield=True, deadline=deadline) as scope:
                 try:
-                    await asend_with_fds(self.sock, encode(obj), fds)
+                    await asend_with_fds(self.sock, message, fds)
                 except (BrokenPipeError, ConnectionResetError):
                     raise ConnectionClosed(f"{self.peer} closed the connection") from None
             if scope.cancelled_caught:

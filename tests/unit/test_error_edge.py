@@ -76,9 +76,13 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def _image_object(repo: Path) -> Path:
+def _image_name(repo: Path) -> str:
     (name,) = [n for n in os.listdir(repo / "images") if n != "refs"]
-    return _link_object(repo, f"images/{name}")
+    return name
+
+
+def _image_object(repo: Path) -> Path:
+    return _link_object(repo, f"images/{_image_name(repo)}")
 
 
 # Each damage: what a user meets (and fsck can report), done to a fresh copy of the repository.
@@ -100,6 +104,11 @@ DAMAGES: dict[str, Callable[[Path, imagebuild.BuiltImage], None]] = {
         (repo / f"streams/oci-layer-{layout.diff_ids[0]}").write_bytes(b"junk")),
     "junk-in-objects": lambda repo, layout: (repo / "objects/ab/not-a-digest").parent.mkdir(exist_ok=True)
     or (repo / "objects/ab/not-a-digest").write_bytes(b"junk"),
+    # names JSON and the terminal cannot carry as they are
+    "tag-not-utf8": lambda repo, layout: os.symlink(
+        os.readlink(repo / f"streams/refs/oci/{TAG}"), bytes(repo / "streams/refs/oci") + b"/bad\xff"),
+    "image-ref-not-utf8": lambda repo, layout: (repo / "images/refs").mkdir(exist_ok=True) or os.symlink(
+        f"../{_image_name(repo)}", bytes(repo / "images/refs") + b"/r\xfe"),
 }
 
 

@@ -716,3 +716,52 @@ def test_connections_beyond_the_cap_wait_their_turn(tmp_path, monkeypatch) -> No
             listener.close()
 
     trio.run(main)
+
+
+def test_names_that_are_not_utf8_never_break_a_reply_or_the_service(source_repo, tmp_path) -> None:
+    """A repository someone else wrote names that are not UTF-8 text (a tag, an image ref, a
+    stray file among the objects): JSON cannot carry them. Listings leave them out, fsck and
+    gc name them escaped, a reply that would still hold one becomes a named error, and the
+    connection serves on."""
+    import shutil
+
+    from pycfs.host.varlink.server import Interface
+
+    repo = tmp_path / "repo"
+    shutil.copytree(source_repo[0], repo, symlinks=True)
+    tag_target = os.readlink(repo / "streams/refs/oci/img")
+    os.symlink(tag_target.encode(), bytes(repo / "streams/refs/oci") + b"/bad\xff")
+    image = next(p.name for p in (repo / "images").iterdir() if p.name != "refs")
+    (repo / "images/refs").mkdir(exist_ok=True)
+    os.symlink(f"../{image}".encode(), bytes(repo / "images/refs") + b"/ref\xfe")
+    sub = next(p for p in (repo / "objects").iterdir() if len(p.name) == 2)
+    (Path(os.fsdecode(bytes(sub) + b"/junk\xfd"))).write_bytes(b"")
+
+    async def bad_name(ctx) -> dict:
+        return {"name": "x\udcff"}
+
+    async def main() -> None:
+        async with service() as (server, client):
+            server.add(Interface("org.example.test", "interface org.example.test\nmethod Name() -> (name: string)\n",
+                                 {"Name": bad_name}))
+            with pytest.raises(VarlinkError) as refused:
+                await client.call("org.example.test.Name")
+            assert refused.value.name == "org.example.test.InternalError"
+            assert "not UTF-8 text ('{\"parameters\":{\"name\":\"x\\udcff\"}}" in refused.value.parameters["message"]
+            handle = await open_repo(client, repo)
+            images = (await client.call(OCI + "ListImages", {"handle": handle})).parameters["images"]
+            assert [i["name"] for i in images] == ["img"]
+            refs = (await client.call(REPO + "ListImageRefs", {"handle": handle})).parameters["images"]
+            assert refs == []
+            fsck = (await client.call(REPO + "Fsck", {"handle": handle})).parameters
+            assert not fsck["ok"] and sorted(fsck["errors"]) == sorted([
+                f"fsck: object-invalid-name: objects/{sub.name}/junk\\xfd: name is not a digest",
+                "fsck: name-not-utf8: images/refs/ref\\xfe: a name pycfs and composefs-rs never make (not UTF-8 "
+                "text): no tool lists it",
+                "fsck: name-not-utf8: streams/refs/oci/bad\\xff: a name pycfs and composefs-rs never make (not "
+                "UTF-8 text): no tool lists it"])
+            with pytest.raises(VarlinkError, match=rf"gc: unexpected file objects/{sub.name}/junk\\xfd; run "):
+                await client.call(REPO + "Gc", {"handle": handle, "dry_run": True, "roots": []})
+            assert (await client.call(OCI + "GetInfo")).parameters["features"] == ["splitdirfdstream-v0"]
+
+    trio.run(main)
