@@ -1,7 +1,7 @@
 """Linux syscalls the stdlib lacks, in one place, raising OSError with the errno.
 
 openat2 (beneath-root resolution) and the open-file limit (from `pycfs.protocol.confined`,
-the leaf the helper shares), FICLONE, fs-verity enable/measure, linkat with AT_EMPTY_PATH,
+the leaf the helper shares), opening only a regular file beneath a directory, FICLONE, fs-verity enable/measure, linkat with AT_EMPTY_PATH,
 renameat2, syncfs, mount, and the mount API (fsopen, fsconfig, fsmount, move_mount) that
 builds detached mounts a service can hand to its client as an fd.
 """
@@ -12,6 +12,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import stat
 import struct
 
 # Shared with the helper, which imports nothing from host/: they live in the leaf module.
@@ -46,6 +47,35 @@ CROSS_DEVICE_ERRNOS = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTTY, er
 def _raise(what: str, path: str | None = None) -> None:
     err = ctypes.get_errno()
     raise OSError(err, f"{what}: {os.strerror(err)}", path)
+
+
+class NotRegularFile(Exception):
+    """What `open_regular` found is no regular file (``mode``: its st_mode); nothing was opened."""
+
+    def __init__(self, mode: int) -> None:
+        super().__init__(f"not a regular file (mode {mode:#o})")
+        self.mode = mode
+
+
+def open_regular(dirfd: int, path: bytes, *, follow: bool = False,
+                 resolve: int = RESOLVE_CONFINED) -> tuple[int, os.stat_result]:
+    """Open path beneath dirfd read-only only if it is a regular file: (fd, its fstat).
+
+    An O_PATH probe first, and fstat on it: a fifo would block a real open forever and a
+    device's open has side effects, so nothing but a regular file is ever opened
+    (NotRegularFile). The real open goes through the probe's own /proc/self/fd link (the
+    same inode, no second path walk to race with) and checks permission; the probe's
+    fstat stands for the opened file (a syscall less per file). ``follow``: a last
+    component that is a symlink is followed (within ``resolve``'s bounds). OSError from
+    either open."""
+    probe = openat2(dirfd, path, os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW), 0, resolve)
+    try:
+        st = os.fstat(probe)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(st.st_mode)
+        return os.open(f"/proc/self/fd/{probe}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC), st
+    finally:
+        os.close(probe)
 
 
 def ficlone(dst_fd: int, src_fd: int) -> None:

@@ -121,18 +121,12 @@ class LayerFiles:
         raise PycfsError(f"{self.describe(relpath)} is an overlay metacopy stub whose data is in no layer below it")
 
     def _open_regular(self, layer_id: str, path: bytes, relpath: bytes) -> tuple[int, os.stat_result] | None:
-        """Open `path` beneath the layer only if it is a regular file (fd and fstat); None when absent.
-
-        An O_PATH probe first, and fstat on it: a fifo would block a real open forever and
-        a device's open has side effects, so nothing but a regular file is ever opened. The
-        real open goes through the probe's own /proc/self/fd link (the same inode, no second
-        path walk to race with) and re-checks permission, so EACCES still sends the file to
-        the helper. The probe's fstat stands for the opened file: no second one (a syscall
-        less per file)."""
+        """Open `path` beneath the layer only if it is a regular file (fd and fstat, see
+        `syscalls.open_regular`); None when absent. EACCES sends the file to the helper."""
         try:
-            probe = syscalls.openat2(
-                self.dirfd(layer_id), path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0, syscalls.RESOLVE_CONFINED
-            )
+            return syscalls.open_regular(self.dirfd(layer_id), path)
+        except syscalls.NotRegularFile as e:
+            raise PycfsError(f"{self.describe(relpath)} is {_file_kind(e.mode)}, not a regular file") from None
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return None
@@ -141,19 +135,6 @@ class LayerFiles:
             if e.errno in (errno.ELOOP, errno.EXDEV):
                 raise PycfsError(f"{self.describe(relpath)} is a symlink or leads outside the layer") from e
             raise PycfsError(f"cannot open {self.describe(relpath)}: {e.strerror}") from e
-        try:
-            st = os.fstat(probe)
-            if not stat.S_ISREG(st.st_mode):
-                raise PycfsError(f"{self.describe(relpath)} is {_file_kind(st.st_mode)}, not a regular file")
-            try:
-                fd = os.open(f"/proc/self/fd/{probe}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-            except OSError as e:
-                if e.errno in _DENIED:
-                    raise Denied(relpath) from e
-                raise PycfsError(f"cannot open {self.describe(relpath)}: {e.strerror}") from e
-        finally:
-            os.close(probe)
-        return fd, st
 
     @staticmethod
     def metacopy_lookup(fd: int, st: os.stat_result, size: int, path: bytes) -> bytes | None:

@@ -29,6 +29,7 @@ from pycfs.protocol.splitdirfdstream import (
     DirfdIndexOutOfRange,
     ExternalTooShort,
     FileBackedData,
+    SplitDirFdStreamError,
     validate_filename,
 )
 
@@ -116,13 +117,16 @@ def split_frames(fds: Sequence[int], seed: int) -> list[list[int]]:
     return out
 
 
-def open_beneath(dirfd: int, name: bytes) -> int:
-    """Open a referenced file read-only beneath dirfd: a validated name, then openat2 that
-    refuses escapes (a symlink staying inside may be followed); O_NONBLOCK so a fifo
-    cannot hang the open."""
+_RESOLVE = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_MAGICLINKS | syscalls.RESOLVE_NO_XDEV
+
+
+def open_beneath(dirfd: int, name: bytes) -> tuple[int, os.stat_result]:
+    """Open a referenced file read-only beneath dirfd, only if it is a regular file (fd and
+    its fstat): a validated name, then `syscalls.open_regular`, which refuses escapes (a
+    symlink staying inside may be followed) and opens no fifo or device
+    (syscalls.NotRegularFile)."""
     validate_filename(name)
-    resolve = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_MAGICLINKS | syscalls.RESOLVE_NO_XDEV
-    return syscalls.openat2(dirfd, name, os.O_RDONLY | os.O_NONBLOCK, 0, resolve)
+    return syscalls.open_regular(dirfd, name, follow=True, resolve=_RESOLVE)
 
 
 def reconstruct(chunks: Iterable[Chunk], dirfds: Sequence[int], write: Callable[[bytes], object]) -> int:
@@ -136,7 +140,10 @@ def reconstruct(chunks: Iterable[Chunk], dirfds: Sequence[int], write: Callable[
             continue
         if chunk.dirfd_index >= len(dirfds):
             raise DirfdIndexOutOfRange(chunk.dirfd_index, len(dirfds))
-        fd = open_beneath(dirfds[chunk.dirfd_index], chunk.name)
+        try:
+            fd, _ = open_beneath(dirfds[chunk.dirfd_index], chunk.name)
+        except syscalls.NotRegularFile:
+            raise SplitDirFdStreamError(f"{chunk.name!r} is not a regular file") from None
         try:
             offset = 0
             while offset < chunk.length:

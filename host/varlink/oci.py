@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import os
@@ -382,7 +383,8 @@ class OciInterface:
         zerocopy = ctx.params.boolean("zerocopy", optional=True, default=False)
         if not diff_id.startswith("sha256:"):
             raise error("InternalError", message=f"PutLayer verifies sha256 diff_ids only, not {diff_id.split(':')[0]}")
-        if not stat.S_ISFIFO(os.fstat(ctx.fds[0]).st_mode):
+        if (not stat.S_ISFIFO(os.fstat(ctx.fds[0]).st_mode)
+                or fcntl.fcntl(ctx.fds[0], fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY):
             raise error("InvalidRequest", message="fd 0 of PutLayer must be the read end of a pipe")
         handle = ctx.params.integer("handle")
         pool, limiter = await self.pools.get(handle, repo)

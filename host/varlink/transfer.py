@@ -337,14 +337,14 @@ class LayerConsumer:
         """An fd of the referenced file, checked to be a regular file of the declared length."""
         dirfd = self._dirfd(chunk.dirfd_index)
         try:
-            fd = open_beneath(dirfd, chunk.name)
+            fd, st = open_beneath(dirfd, chunk.name)
+        except syscalls.NotRegularFile:
+            raise LayerTransferError(f"{_describe(chunk)}: not a regular file") from None
         except OSError as e:
             raise LayerTransferError(f"cannot open {_describe(chunk)}: {e.strerror}") from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != chunk.length:
+        if st.st_size != chunk.length:
             os.close(fd)
-            kind = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"{st.st_size} bytes, declared {chunk.length}"
-            raise LayerTransferError(f"{_describe(chunk)}: {kind}")
+            raise LayerTransferError(f"{_describe(chunk)}: {st.st_size} bytes, declared {chunk.length}")
         return fd
 
     async def run(self, receive_some: Callable[[int], Awaitable[bytes]]) -> str:

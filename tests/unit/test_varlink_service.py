@@ -440,6 +440,8 @@ def _hostile_cases(d: Path) -> list[tuple[str, bytes, list[int], str, str]]:
     diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
     dirfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    dev = os.open("/dev", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    os.mkfifo(d / "fifo")
     fb = struct.Struct("<BQII")
     cases = [
         ("truncated stream", good[:-7], [dirfd], diff_id, "InvalidRequest"),
@@ -453,6 +455,10 @@ def _hostile_cases(d: Path) -> list[tuple[str, bytes, list[int], str, str]]:
         ("wrong declared length", sd.encode_metadata(header) + sd.encode_file_backed_data(0, 999, b"f"), [dirfd], diff_id,
          "InvalidRequest"),
         ("unknown chunk type", b"\x07", [dirfd], diff_id, "InvalidRequest"),
+        ("a fifo where a file is expected", sd.encode_metadata(header) + sd.encode_file_backed_data(0, 1000, b"fifo"),
+         [dirfd], diff_id, "InvalidRequest"),
+        ("a device where a file is expected", sd.encode_metadata(header) + sd.encode_file_backed_data(0, 1000, b"null"),
+         [dev], diff_id, "InvalidRequest"),
         ("wrong diff_id", good, [dirfd], "sha256:" + "1" * 64, "DiffIdMismatch"),
     ]
     return cases
@@ -472,6 +478,15 @@ def put_into(tmp_path):
 
 def test_hostile_put_layer_commits_nothing_and_leaks_nothing(put_into) -> None:
     dest, cases = put_into
+
+    import threading
+
+    # A writer waiting for the fifo's reader: it would go on if the service opened the fifo.
+    fifo = dest.parent / "d" / "fifo"
+    opened = threading.Event()
+    waiting = threading.Thread(target=lambda: (os.close(os.open(fifo, os.O_WRONLY)), opened.set()), daemon=True)
+    waiting.start()
+    pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
 
     async def main() -> None:
         async with service() as (_, client):
@@ -495,6 +510,7 @@ def test_hostile_put_layer_commits_nothing_and_leaks_nothing(put_into) -> None:
                 ([cases[0][2][0]], {"diff_id": cases[0][3], "zerocopy": False}, "InvalidRequest"),
                 ([cases[0][2][0], cases[0][2][0]], {"diff_id": "sha256:bad", "zerocopy": False}, "InvalidDigest"),
                 ([cases[0][2][0], cases[0][2][0]], {"diff_id": cases[0][3], "zerocopy": False}, "InvalidRequest"),
+                ([pipe_w, cases[0][2][0]], {"diff_id": cases[0][3], "zerocopy": False}, "InvalidRequest"),  # write end
             ]:
                 with pytest.raises(VarlinkError) as e:
                     await client.call(OCI + "PutLayer", {"handle": handle, **params}, fds)
@@ -513,7 +529,13 @@ def test_hostile_put_layer_commits_nothing_and_leaks_nothing(put_into) -> None:
             await client.call(REPO + "CloseRepository", {"handle": handle})
             assert open_fds() == before
 
-    trio.run(main)
+    try:
+        trio.run(main)
+        assert not opened.is_set()  # the fifo was refused without being opened
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the waiting writer go
+        waiting.join(10)
+        close_fds([pipe_r, pipe_w])
 
 
 def test_put_layer_whose_pipe_falls_silent_is_refused(put_into, monkeypatch) -> None:
