@@ -28,7 +28,7 @@ from pycfs.host.varlink.layers import (
     split_frames,
 )
 from pycfs.host.varlink.server import CallContext, Interface, Result, Server
-from pycfs.host.varlink.service import Handles, fsck_reply, image_mount_fd
+from pycfs.host.varlink.service import Handles, fsck_reply, identity, image_mount_fd
 from pycfs.host.varlink.transfer import (
     DiffIdMismatch,
     LayerTransferError,
@@ -48,7 +48,7 @@ from pycfs.protocol.varlink import VarlinkError
 
 IFACE = "org.composefs.Oci"
 FEATURES = ["splitdirfdstream-v0"]
-MAX_KEPT_ENTRIES = 500_000  # layer entries kept per handle for FinalizeImage: ~60 MB at most
+MAX_KEPT_ENTRIES = 500_000  # layer entries kept for FinalizeImage, in all: ~60 MB at most
 CONFIG_MEDIA_TYPES = {"application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"}
 # Object workers forked before the event loop started (`pycfs.host.workers.fork`), for the
 # repository at a path; the first pool of that repository takes them out of the list.
@@ -88,17 +88,19 @@ def layer_ids_of(manifest: dict, config: dict) -> list[str]:
 
 
 class _Pools:
-    """One object-worker pool per repository handle, shared by its PutLayers (several may
-    run at once): starting a worker costs CPU (~0.07 s with compiled bytecode, 0.3 s
-    without), once per layer before.
-    Workers start with the first object stored and stop when the handle closes; workers
-    forked for a repository before the event loop started (`oci copy`'s destination) are
-    the first pool of that repository (their owner stops those no pool took)."""
+    """One object-worker pool per repository (not per handle: a client may open one
+    repository many times), shared by its PutLayers (several may run at once): starting a
+    worker costs CPU (~0.07 s with compiled bytecode, 0.3 s without), once per layer before.
+    Workers start with the first object stored and stop when the repository's last handle
+    closes; workers forked for a repository before the event loop started (`oci copy`'s
+    destination) are the first pool of that repository (their owner stops those no pool
+    took)."""
 
     def __init__(self, nursery: trio.Nursery, handles: Handles, forked: ForkedFor | None = None) -> None:
         self.nursery = nursery
-        # handle -> (pool, its batch limiter, set to stop it, set once it stopped)
-        self.pools: dict[int, tuple[WorkerPool, trio.CapacityLimiter, trio.Event, trio.Event]] = {}
+        self.handles = handles
+        # repository identity -> (pool, its batch limiter, set to stop it, set once it stopped)
+        self.pools: dict[tuple[int, int], tuple[WorkerPool, trio.CapacityLimiter, trio.Event, trio.Event]] = {}
         handles.on_close.append(self.close)
         self.forked = forked
         self._making = trio.Lock()
@@ -111,27 +113,32 @@ class _Pools:
         self.forked[1].clear()
         return workers
 
-    async def get(self, handle: int, repo: Repository) -> tuple[WorkerPool, trio.CapacityLimiter]:
-        # One pool per handle, made once: the first PutLayers of `oci copy`'s lanes come at
-        # once, and a second pool made beside the first (then stopped) could have been the
-        # one that took the forked workers, leaving the other to spawn its own.
+    async def get(self, repo: Repository) -> tuple[WorkerPool, trio.CapacityLimiter]:
+        # Made once: the first PutLayers of `oci copy`'s lanes come at once, and a second pool
+        # made beside the first (then stopped) could have been the one that took the forked
+        # workers, leaving the other to spawn its own.
+        key = identity(repo)
         async with self._making:
-            if handle not in self.pools:
+            if key not in self.pools:
                 stop, stopped = trio.Event(), trio.Event()
                 pool = await self.nursery.start(self._hold, repo, stop, stopped, self._take_forked(repo))
-                self.pools[handle] = (pool, batch_limiter(pool), stop, stopped)
-        pool, limiter, _, _ = self.pools[handle]
+                self.pools[key] = (pool, batch_limiter(pool), stop, stopped)
+        pool, limiter, _, _ = self.pools[key]
         return pool, limiter
 
-    def retire(self, handle: int) -> trio.Event | None:
-        entry = self.pools.pop(handle, None)
+    def retire(self, repo: Repository) -> trio.Event | None:
+        """Stop the repository's pool (the next call starts another)."""
+        entry = self.pools.pop(identity(repo), None)
         if entry is None:
             return None
         entry[2].set()
         return entry[3]
 
     async def close(self, handle: int) -> None:
-        stopped = self.retire(handle)
+        repo = self.handles.repos.get(handle)
+        if repo is None or self.handles.shared(repo):
+            return  # another handle of the repository may still store objects
+        stopped = self.retire(repo)
         if stopped is not None:
             await stopped.wait()
 
@@ -151,28 +158,34 @@ class _Pools:
 class _LayerEntries:
     """The entries of the layers PutLayer stored, per handle, parsed while each was written:
     FinalizeImage builds the image from them instead of reading the streams back (about
-    half of its time on the bench image). At most MAX_KEPT_ENTRIES per handle (a client may
-    put layers and never finalize), the oldest layers dropped first; gone with the handle."""
+    half of its time on the bench image). At most MAX_KEPT_ENTRIES in all handles (a client
+    may put layers and never finalize), the oldest layers dropped first; gone with the handle."""
 
     def __init__(self, handles: Handles) -> None:
-        self.kept: dict[int, dict[bytes, list[LayerEntry]]] = {}
+        self.kept: dict[tuple[int, bytes], list[LayerEntry]] = {}  # (handle, layer id), oldest first
+        self.total = 0
         handles.on_close.append(self.close)
 
+    def _drop(self, key: tuple[int, bytes]) -> list[LayerEntry] | None:
+        entries = self.kept.pop(key, None)
+        if entries is not None:
+            self.total -= len(entries)
+        return entries
+
     def keep(self, handle: int, layer_id: bytes, entries: list[LayerEntry]) -> None:
-        layers = self.kept.setdefault(handle, {})
-        layers.pop(layer_id, None)
-        layers[layer_id] = entries
-        total = sum(len(e) for e in layers.values())
-        while total > MAX_KEPT_ENTRIES:
-            total -= len(layers.pop(next(iter(layers))))
+        self._drop((handle, layer_id))
+        self.kept[(handle, layer_id)] = entries
+        self.total += len(entries)
+        while self.total > MAX_KEPT_ENTRIES:
+            self._drop(next(iter(self.kept)))
 
     def take(self, handle: int, layer_ids: list[bytes]) -> dict[bytes, list[LayerEntry]]:
         """The entries kept for these layers, no longer kept (an image build consumes them)."""
-        layers = self.kept.get(handle, {})
-        return {i: e for i in layer_ids if (e := layers.pop(i, None)) is not None}
+        return {i: e for i in layer_ids if (e := self._drop((handle, i))) is not None}
 
     async def close(self, handle: int) -> None:
-        self.kept.pop(handle, None)
+        for key in [k for k in self.kept if k[0] == handle]:
+            self._drop(key)
 
 
 class OciInterface:
@@ -387,7 +400,7 @@ class OciInterface:
                 or fcntl.fcntl(ctx.fds[0], fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY):
             raise error("InvalidRequest", message="fd 0 of PutLayer must be the read end of a pipe")
         handle = ctx.params.integer("handle")
-        pool, limiter = await self.pools.get(handle, repo)
+        pool, limiter = await self.pools.get(repo)
         fds = ctx.take_fds()
         pipe, dirfds = fds[0], fds[1:]
         already = repo.has_stream(layer_stream_name(diff_id)) is not None
@@ -398,7 +411,7 @@ class OciInterface:
         except (SplitDirFdStreamError, LayerTransferError) as e:
             raise error("InvalidRequest", message=str(e)) from None
         except PycfsError:
-            self.pools.retire(handle)  # perhaps a worker died: the next call starts new ones
+            self.pools.retire(repo)  # perhaps a worker died: the next call starts new ones
             raise
         finally:
             close_fds(dirfds)

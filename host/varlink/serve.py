@@ -29,6 +29,7 @@ async def open_service(forked: ForkedFor | None = None,
     try:
         async with trio.open_nursery() as nursery:
             server = Server(nursery, "org.composefs", "pycfs", __version__, URL)
+            server.on_disconnect.append(handles.forget)
             RepositoryInterface(server, handles)
             OciInterface(server, handles, forked, producer_failed)
             yield server

@@ -12,6 +12,7 @@ InternalError with the message.
 
 from __future__ import annotations
 
+import resource
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,13 +33,29 @@ from pycfs.protocol.varlink import (
 )
 
 SERVICE = "org.varlink.service"
-# Calls read ahead of the one being answered, per connection (fds included).
+# Calls read ahead of the one being answered, per connection; but once a call with fds is
+# read, nothing more until it is answered: fds held for calls not yet served would fill the
+# service's table (a slow PutLayer may take minutes).
 PIPELINE_DEPTH = 8
-# Connections served at once: each may hold a message buffer and up to 253 fds per call.
+# Connections served at once, at most; fewer where the open-file limit is low: a connection
+# may hold a call's fds, the next call's and a third in its receive, besides the files its
+# call opens (CONNECTION_FDS in all).
 MAX_CONNECTIONS = 256
+CONNECTION_FDS = 1024
+# When every slot is taken and another client waits, the connection idle longest (no call
+# queued or running, for at least this long) is closed to make room: clients that connect
+# and send nothing, or half a message, cannot lock others out.
+IDLE_GRACE = 1.0
+# What a call may be (a reply may be larger: the client's limits): FinalizeImage carries an
+# image's manifest and config as strings, KBs to ~1 MiB in practice.
+CALL_MAX_MESSAGE = 8 << 20
+CALL_MAX_VALUES = 100_000
 # A client that takes none of a reply for this long is dropped: its connection's task would
 # wait for it for ever (a send is shielded from cancellation, not to cut a message).
 SEND_TIMEOUT = 120.0
+# While a connection waits to read its client's next call, how often it looks whether the
+# client hung up (it then cancels that client's calls).
+HANGUP_POLL = 0.5
 
 SERVICE_IDL = """\
 # The Varlink Service Interface is provided by every varlink service. It
@@ -185,6 +202,9 @@ class Server:
             "GetInterfaceDescription": self._get_description,
         }, internal_error=f"{SERVICE}.MethodNotImplemented"))
         self.connections = 0
+        self.on_disconnect: list[Callable[[Connection], None]] = []  # told of each connection that closed
+        self._peers: set[_Peer] = set()
+        self._peers_changed = trio.Event()
 
     def add(self, interface: Interface) -> None:
         self.interfaces[interface.name] = interface
@@ -201,11 +221,13 @@ class Server:
     # -- serving --
 
     async def serve_listener(self, listener: trio.socket.SocketType) -> None:
-        """Accept forever; each connection is its own task, at most MAX_CONNECTIONS at once
-        (further clients wait in the listen backlog)."""
-        slots = trio.Semaphore(MAX_CONNECTIONS)
+        """Accept forever; each connection is its own task, at most `connection_cap()` at
+        once (further clients wait in the listen backlog, or take an idle one's slot)."""
+        cap = connection_cap()
+        active = 0
 
         async def serve(sock: trio.socket.SocketType) -> None:
+            nonlocal active
             try:
                 await self.serve_connection(sock)
             except Exception as exc:  # one connection's failure never ends the service
@@ -214,63 +236,93 @@ class Server:
                     traceback.print_exception(e, file=sys.stderr)  # a bug: logged, and the service goes on
                 print(f"pycfs varlink: a connection failed: {user_message(e)}", file=sys.stderr)
             finally:
-                slots.release()
+                active -= 1
+                self._changed()
 
         async with trio.open_nursery() as nursery:
             while True:
-                await slots.acquire()
+                while active >= cap:
+                    await self._make_room(listener)
                 try:
                     sock, _ = await listener.accept()
                 except OSError as e:
-                    slots.release()
                     # EMFILE and friends: back off instead of spinning; the client retries.
                     print(f"pycfs varlink: accept failed: {e.strerror}", file=sys.stderr)
                     await trio.sleep(0.1)
                     continue
-                except BaseException:
-                    slots.release()
-                    raise
+                active += 1
                 nursery.start_soon(serve, sock)
 
+    async def _make_room(self, listener: trio.socket.SocketType) -> None:
+        """Every slot taken: once a client waits, close the connection idle longest (idle
+        for IDLE_GRACE at least); return when a slot may be free."""
+        changed = self._peers_changed
+        with trio.move_on_after(IDLE_GRACE):  # (then look again: a peer's grace may be over)
+            await trio.lowlevel.wait_readable(listener)
+            now = trio.current_time()
+            idle = [p for p in self._peers if p.idle_since is not None and now - p.idle_since >= IDLE_GRACE]
+            if idle:
+                min(idle, key=lambda p: p.idle_since or 0.0).scope.cancel()
+            await changed.wait()
+
     async def serve_connection(self, sock: trio.socket.SocketType) -> None:
-        conn = Connection(sock, send_timeout=SEND_TIMEOUT)
+        conn = Connection(sock, send_timeout=SEND_TIMEOUT, max_message=CALL_MAX_MESSAGE, max_values=CALL_MAX_VALUES)
         self.connections += 1
         send, receive = trio.open_memory_channel[tuple[dict[str, Any], list[int]]](PIPELINE_DEPTH)
+        peer = _Peer(self._changed)
+        self._peers.add(peer)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._answer, conn, receive, nursery.cancel_scope)
+                peer.scope = nursery.cancel_scope
+                nursery.start_soon(self._answer, conn, receive, peer)
                 try:
                     async with send:
                         while (msg := await conn.receive()) is not None:
+                            peer.pending += 1
+                            peer.idle_since = None
                             try:
-                                await send.send(msg)
+                                await _watching(conn, lambda: send.send(msg))
                             except BaseException:
                                 close_fds(msg[1])
                                 raise
+                            if msg[1]:  # answered before anything more is read (see PIPELINE_DEPTH)
+                                await _watching(conn, peer.answered)
                 except (VarlinkProtocolError, OSError) as e:
                     print(f"pycfs varlink: dropping a connection: {e}", file=sys.stderr)
+                except ConnectionClosed:
+                    pass  # the client went away: its calls are cancelled below
                 # The peer is gone (or broke the protocol): stop its work.
                 nursery.cancel_scope.cancel()
         finally:
             self.connections -= 1
+            self._peers.discard(peer)
+            self._changed()
+            for forget in self.on_disconnect:
+                forget(conn)
             for _, fds in _drain(receive):
                 close_fds(fds)
             conn.close()
 
-    async def _answer(self, conn: Connection, receive: trio.MemoryReceiveChannel, scope: trio.CancelScope) -> None:
+    def _changed(self) -> None:
+        """A connection closed or fell idle: one waiting for a slot looks again."""
+        self._peers_changed.set()
+        self._peers_changed = trio.Event()
+
+    async def _answer(self, conn: Connection, receive: trio.MemoryReceiveChannel, peer: _Peer) -> None:
         async for obj, fds in receive:
             try:
                 call = parse_call(obj, fds)
             except VarlinkProtocolError as e:
                 close_fds(fds)
                 print(f"pycfs varlink: dropping a connection: {e}", file=sys.stderr)
-                scope.cancel()
+                peer.scope.cancel()
                 return
             try:
                 await self._call(conn, call)
             except ConnectionClosed:
-                scope.cancel()
+                peer.scope.cancel()
                 return
+            peer.done()
 
     async def _call(self, conn: Connection, call: Any) -> None:
         interface = self.interfaces.get(call.interface)
@@ -313,6 +365,48 @@ class Server:
                 await conn.send_encoded(message, reply_fds)
         finally:
             close_fds(list(reply_fds))
+
+
+class _Peer:
+    """A connection's calls, as its reader and answerer and the listener see them."""
+
+    def __init__(self, changed: Callable[[], None]) -> None:
+        self.scope = trio.CancelScope()  # the connection's (set once it runs): cancelled, it ends
+        self.pending = 0  # calls read and not yet answered
+        self.idle_since: float | None = trio.current_time()  # none pending since (None: busy)
+        self._changed = changed
+        self._answered = trio.Event()
+
+    def done(self) -> None:
+        self.pending -= 1
+        if not self.pending:
+            self.idle_since = trio.current_time()
+            self._answered.set()
+            self._answered = trio.Event()
+            self._changed()
+
+    async def answered(self) -> None:
+        """Until every call read is answered."""
+        while self.pending:
+            await self._answered.wait()
+
+
+async def _watching(conn: Connection, wait: Callable[[], Awaitable[object]]) -> None:
+    """await wait(), looking every HANGUP_POLL whether the client hung up meanwhile
+    (ConnectionClosed): a reader that stopped reading would not see it, and the client's
+    calls would run on for nobody."""
+    while True:
+        with trio.move_on_after(HANGUP_POLL):
+            await wait()
+            return
+        if conn.hung_up():
+            raise ConnectionClosed(f"{conn.peer} hung up")
+
+
+def connection_cap() -> int:
+    """Connections served at once: MAX_CONNECTIONS, or fewer to fit the open-file limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return min(MAX_CONNECTIONS, max(4, soft // CONNECTION_FDS))
 
 
 def _drain(receive: trio.MemoryReceiveChannel) -> list[tuple[dict[str, Any], list[int]]]:

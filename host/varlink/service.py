@@ -54,18 +54,38 @@ def fsck_reply(repo: Repository, report: FsckReport) -> dict:
     }
 
 
+# Repositories open at once. Handles are the service's, not a connection's (cfsctl's model: a
+# client may open one and use it from another connection), so a client that leaves does not
+# close them; past this many, the handle no connected client has used for longest is closed
+# to make room (each holds fds, a lock and perhaps object workers).
+MAX_HANDLES = 128
+
+
 class Handles:
     """The open repositories of one service."""
 
     def __init__(self) -> None:
         self.repos: dict[int, Repository] = {}
         self._next = 1
-        # awaited when a client closes a handle (the service's own shutdown cancels instead)
+        # awaited when a handle closes (the service's own shutdown cancels instead)
         self.on_close: list[Callable[[int], Awaitable[None]]] = []
+        # per handle: the connections still connected that used it, and when it was last used
+        self._users: dict[int, set[object]] = {}
+        self._used: dict[int, float] = {}
 
-    def add(self, repo: Repository) -> int:
+    async def add(self, repo: Repository, conn: object, iface: str) -> int:
+        if len(self.repos) >= MAX_HANDLES:
+            unused = [h for h, users in self._users.items() if not users]
+            if not unused:
+                repo.close()
+                raise VarlinkError(f"{iface}.RepoNotFound", {"message": (
+                    f"the service has {len(self.repos)} repositories open, each in use by a connected client: "
+                    "close one (CloseRepository) and try again")})
+            await self.aclose(min(unused, key=self._used.__getitem__))
         handle, self._next = self._next, self._next + 1
         self.repos[handle] = repo
+        self._users[handle] = {conn}
+        self._used[handle] = trio.current_time()
         return handle
 
     def get(self, ctx: CallContext, iface: str) -> Repository:
@@ -73,10 +93,19 @@ class Handles:
         repo = self.repos.get(handle)
         if repo is None:
             raise VarlinkError(f"{iface}.InvalidHandle", {"handle": handle})
+        self._users[handle].add(ctx.conn)
+        self._used[handle] = trio.current_time()
         return repo
+
+    def forget(self, conn: object) -> None:
+        """A connection closed: the handles it used may make room for others now."""
+        for users in self._users.values():
+            users.discard(conn)
 
     def close(self, handle: int) -> bool:
         repo = self.repos.pop(handle, None)
+        self._users.pop(handle, None)
+        self._used.pop(handle, None)
         if repo is None:
             return False
         repo.close()
@@ -96,9 +125,14 @@ class Handles:
 
     def shared(self, repo: Repository) -> bool:
         """Another handle holds the same repository (its shared lock would block gc forever)."""
-        st = os.fstat(repo.dirfd)
-        return any(r is not repo and (s := os.fstat(r.dirfd)).st_dev == st.st_dev and s.st_ino == st.st_ino
-                   for r in self.repos.values())
+        key = identity(repo)
+        return any(r is not repo and identity(r) == key for r in self.repos.values())
+
+
+def identity(repo: Repository) -> tuple[int, int]:
+    """What tells one repository from another, whatever path opened it."""
+    st = os.fstat(repo.dirfd)
+    return st.st_dev, st.st_ino
 
 
 def _invalid_spec(message: str) -> VarlinkError:
@@ -203,7 +237,7 @@ class RepositoryInterface:
             repo = await trio.to_thread.run_sync(Repository.open, path)
         except (PycfsError, OSError) as e:
             raise VarlinkError(f"{IFACE}.RepoNotFound", {"message": f"cannot open repository {path}: {e}"}) from None
-        handle = self.handles.add(repo)
+        handle = await self.handles.add(repo, ctx.conn, IFACE)
         return {"handle": handle, "hash_algorithm": repo.alg,
                 "objects_device_id": os.fstat(repo.dirfd).st_dev}
 

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import math
 import os
+import select
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,8 @@ import trio
 from pycfs.host.errors import PycfsError
 from pycfs.protocol.fdpass import FdPassError, arecv_with_fds, asend_with_fds, close_fds
 from pycfs.protocol.varlink import (
+    DEFAULT_MAX_MESSAGE,
+    DEFAULT_MAX_VALUES,
     MAX_FDS_PER_MESSAGE,
     Decoder,
     VarlinkProtocolError,
@@ -43,13 +46,14 @@ def parse_address(address: str) -> str:
 class Connection:
     """One varlink peer: whole messages in, whole messages out, fds attached."""
 
-    def __init__(self, sock: trio.socket.SocketType, peer: str = "peer", send_timeout: float | None = None) -> None:
+    def __init__(self, sock: trio.socket.SocketType, peer: str = "peer", send_timeout: float | None = None,
+                 max_message: int = DEFAULT_MAX_MESSAGE, max_values: int = DEFAULT_MAX_VALUES) -> None:
         self.sock = sock
         self.peer = peer
         # How long one message may take to go out (None: as long as it takes); past it the
         # peer, which is not reading, is dropped
         self._send_timeout = send_timeout
-        self._decoder = Decoder()
+        self._decoder = Decoder(max_message, max_values)
         self._queue: collections.deque[tuple[dict[str, Any], list[int]]] = collections.deque()
         self._eof = False
         self._send_lock = trio.Lock()
@@ -72,6 +76,12 @@ class Connection:
             self._decoder.feed(data, fds)
             self._queue.extend(self._decoder.messages())
         return self._queue.popleft()
+
+    def hung_up(self) -> bool:
+        """Whether the peer closed its end (or reset it), seen without reading anything."""
+        events = select.poll()
+        events.register(self.sock.fileno(), select.POLLRDHUP)
+        return any(e & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, e in events.poll(0))
 
     async def send(self, obj: dict[str, Any], fds: Sequence[int] = ()) -> None:
         """Send one message; the fds stay the caller's (the peer gets copies)."""

@@ -16,6 +16,8 @@ from pathlib import Path
 import imagebuild
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from pycfs.host.oci.pull import PullOptions, pull
 from pycfs.host.repository import Repository
 from pycfs.host.streamcat import iter_stream_bytes
@@ -91,6 +93,50 @@ def test_decoder_limits() -> None:
         d.eof()
     assert open_fds() == before
     close_fds([r, w])
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+_TEXT = st.text(alphabet='[]{}",\\ab\x00\u00e9', max_size=8)
+_JSON = st.recursive(st.none() | st.integers() | _TEXT,
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+                     max_leaves=40)
+
+
+def _nest(value: object, levels: int) -> object:
+    for i in range(levels):
+        value = [value] if i % 2 else {"k[": value}
+    return value
+
+
+@given(_JSON, st.integers(min_value=0, max_value=70))
+def test_decoder_refuses_exactly_what_nests_too_deep(value, levels) -> None:
+    """The whole-buffer shape check against the nesting the parser finds: brackets, quotes and
+    backslashes inside strings do not count; one level more than MAX_DEPTH is refused."""
+    from pycfs.protocol.varlink import MAX_DEPTH
+
+    doc = {"parameters": _nest(value, levels)}
+    d = Decoder()
+    if _depth(doc) > MAX_DEPTH:
+        with pytest.raises(VarlinkProtocolError, match=f"nests deeper than {MAX_DEPTH}"):
+            d.feed(encode(doc), [])
+    else:
+        d.feed(encode(doc), [])
+        assert d.messages() == [(json.loads(json.dumps(doc)), [])]
+
+
+def test_decoder_refuses_more_values_than_its_limit() -> None:
+    """A message of tiny values parses to ~25 times its size: their count is capped."""
+    Decoder(max_values=1000).feed(encode({"p": [{}] * 998}), [])
+    with pytest.raises(VarlinkProtocolError, match="holds more than 1000 values"):
+        Decoder(max_values=1000).feed(encode({"p": [{}] * 1001}), [])
+    Decoder(max_values=1000).feed(encode({"p": "," * 5000}), [])  # commas in a string are no values
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -713,29 +759,51 @@ def test_zerocopy_shares_or_refuses_never_copies(source_repo, tmp_path) -> None:
     trio.run(main)
 
 
-def test_connections_beyond_the_cap_wait_their_turn(tmp_path, monkeypatch) -> None:
+def test_a_client_beyond_the_cap_takes_the_slot_of_the_connection_idle_longest(tmp_path, monkeypatch) -> None:
+    """Every slot taken: a new client waits while all connections are busy, and takes the
+    slot of the one idle longest (past the grace) once there is one: clients that connect
+    and send nothing cannot lock others out, and a busy call is never dropped."""
     from pycfs.host.varlink import server as server_module
+    from pycfs.host.varlink.server import Interface
     from pycfs.host.varlink.transport import connect, listen
 
     monkeypatch.setattr(server_module, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(server_module, "IDLE_GRACE", 0.2)
+    releases = [trio.Event(), trio.Event()]
+
+    async def slow(ctx) -> dict:
+        await releases[ctx.params.integer("n")].wait()
+        return {"done": True}
 
     async def main() -> None:
+        listener = listen(f"unix:{tmp_path / 'sock'}")
         async with open_service() as server:
-            listener = listen(f"unix:{tmp_path / 'sock'}")
+            server.add(Interface("org.example.slow", "interface org.example.slow\nmethod Wait(n: int) -> (done: bool)\n",
+                                 {"Wait": slow}))
             server.nursery.start_soon(server.serve_listener, listener)
-            clients = [Client(await connect(f"unix:{tmp_path / 'sock'}")) for _ in range(3)]
-            for client in clients[:2]:
-                assert (await client.call(OCI + "GetInfo")).parameters["features"] == ["splitdirfdstream-v0"]
-            with trio.move_on_after(0.3) as waited:
-                await clients[2].call(OCI + "GetInfo")
-            assert waited.cancelled_caught  # not accepted yet
-            clients[0].close()
+            a = Client(await connect(f"unix:{tmp_path / 'sock'}"))
+            b = Client(await connect(f"unix:{tmp_path / 'sock'}"))
+            await a.conn.send({"method": "org.example.slow.Wait", "parameters": {"n": 0}})
+            await b.conn.send({"method": "org.example.slow.Wait", "parameters": {"n": 1}})
+            c = Client(await connect(f"unix:{tmp_path / 'sock'}"))
+            await c.conn.send({"method": OCI + "GetInfo"})
+            with trio.move_on_after(0.6) as waited:
+                await c.conn.receive()
+            assert waited.cancelled_caught  # both busy: not accepted yet
+            releases[0].set()  # a answered: idle from now on, and b a little later
             with trio.fail_after(5):
-                reply = await clients[2].conn.receive()  # the call sent above is answered now
+                assert (await a.conn.receive())[0] == {"parameters": {"done": True}}
+                await trio.sleep(0.05)
+                releases[1].set()
+                assert (await b.conn.receive())[0] == {"parameters": {"done": True}}
+                reply = await c.conn.receive()  # in a's slot, a's grace over
             assert reply is not None and reply[0] == {"parameters": {"features": ["splitdirfdstream-v0"]}}
-            for client in clients[1:]:
+            with trio.fail_after(5):
+                assert await a.conn.receive() is None  # a, idle longest, was closed for c
+            assert (await b.call(OCI + "GetInfo")).parameters["features"] == ["splitdirfdstream-v0"]
+            for client in (a, b, c):
                 client.close()
-            listener.close()
+        listener.close()  # (after the service: its listener task waits on it)
 
     trio.run(main)
 
@@ -785,5 +853,94 @@ def test_names_that_are_not_utf8_never_break_a_reply_or_the_service(source_repo,
             with pytest.raises(VarlinkError, match=rf"gc: unexpected file objects/{sub.name}/junk\\xfd; run "):
                 await client.call(REPO + "Gc", {"handle": handle, "dry_run": True, "roots": []})
             assert (await client.call(OCI + "GetInfo")).parameters["features"] == ["splitdirfdstream-v0"]
+
+    trio.run(main)
+
+
+def test_no_call_is_read_past_one_with_fds_and_a_hang_up_cancels_the_call(monkeypatch) -> None:
+    """A slow call with fds, five more queued behind it: the service holds only the first
+    call's fd (the rest stay in the socket, not in its table), and when the client hangs
+    up the running call is cancelled and every fd is closed."""
+    from pycfs.host.varlink import server as server_module
+    from pycfs.host.varlink.server import Interface
+
+    monkeypatch.setattr(server_module, "HANGUP_POLL", 0.1)
+    started, cancelled = trio.Event(), trio.Event()
+
+    async def slow(ctx) -> dict:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    async def main() -> None:
+        async with service() as (server, client):
+            server.add(Interface("org.example.slow", "interface org.example.slow\nmethod Wait() -> ()\n",
+                                 {"Wait": slow}))
+            before = open_fds()
+            r, w = os.pipe()
+            await client.conn.send({"method": "org.example.slow.Wait"}, [r])
+            for _ in range(5):
+                await client.conn.send({"method": "org.example.slow.Wait"}, [r, w])
+            close_fds([r, w])  # (in flight they are in no process's table)
+            with trio.fail_after(5):
+                await started.wait()
+            await trio.sleep(0.3)
+            assert open_fds() == before + 1  # the running call's fd only
+            client.close()
+            with trio.fail_after(5):
+                await cancelled.wait()
+            await trio.sleep(0.1)
+            assert open_fds() == before - 2  # and the socketpair's two ends
+
+    trio.run(main)
+
+
+def test_handles_are_bounded_and_share_one_pool_per_repository(source_repo, tmp_path, monkeypatch) -> None:
+    """Handles outlive the connection that opened them (another may use them), but not
+    without bound: past MAX_HANDLES the one no connected client used for longest is closed
+    for the next, and a client holding them all is told to close one. Many handles on one
+    repository share its one pool of object workers."""
+    from pycfs.host.varlink import service as service_module
+    from pycfs.host.varlink.transport import socketpair as new_socketpair
+
+    monkeypatch.setattr(service_module, "MAX_HANDLES", 3)
+    repo_path, built = source_repo
+    dest = tmp_path / "dest"
+    Repository.init(dest).close()
+
+    async def main() -> None:
+        async with service() as (server, client):
+            def connect() -> Client:
+                conn, sock = new_socketpair()
+                server.nursery.start_soon(server.serve_connection, sock)
+                return Client(conn)
+
+            src = await open_repo(client, repo_path)
+            dests = [await open_repo(client, dest) for _ in range(2)]
+            for handle in dests:  # two handles, one repository: one pool
+                for diff_id in built.diff_ids:
+                    await relay(client, src, handle, diff_id)
+            assert 1 <= len(worker_children()) <= default_jobs()
+            with pytest.raises(VarlinkError) as full:
+                await open_repo(client, dest)
+            assert full.value.name == REPO + "RepoNotFound" and "close one (CloseRepository)" in str(full.value)
+            other = connect()
+            await other.call(OCI + "HasLayer", {"handle": src, "diff_id": built.diff_ids[0]})  # src used by other too
+            client.close()  # dests[0] is now used by no connected client, longest unused: it goes
+            third = connect()
+            fresh = await open_repo(third, dest)
+            with pytest.raises(VarlinkError) as gone:
+                await third.call(OCI + "HasLayer", {"handle": dests[0], "diff_id": built.diff_ids[0]})
+            assert gone.value.name == OCI + "InvalidHandle"
+            for handle in (src, dests[1], fresh):  # src kept: a connected client used it
+                assert (await third.call(OCI + "HasLayer", {"handle": handle, "diff_id": built.diff_ids[0]})
+                        ).parameters["present"]
+            for handle in (dests[1], fresh):
+                await third.call(REPO + "CloseRepository", {"handle": handle})
+            assert worker_children() == []  # the repository's last handle closed: its pool stopped
+            other.close()
+            third.close()
 
     trio.run(main)
