@@ -25,6 +25,7 @@ failure commits nothing (objects already stored are orphans for gc).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -70,6 +71,9 @@ if TYPE_CHECKING:
 
 _SEND_PIECE = 1 << 16
 _RECV_PIECE = 1 << 16
+# How long opening (and reading the small ones of) one received piece's referenced files may
+# take: see `LayerConsumer._resolved`.
+OPEN_LIMIT = 60.0
 # How long after the data EOF a GetLayer consumer may hold the directory fds' guard (locks).
 KEEPALIVE_LIMIT = 3600.0
 # How long a GetLayer consumer may leave a piece of the stream untaken before the producer
@@ -250,6 +254,13 @@ class _File:
         return _describe(self.source) if self.source is not None else "inline content"
 
 
+def _add(batch: _Batch, item: _File | bytes) -> None:
+    if isinstance(item, _File):
+        batch.add_file(item)
+    else:
+        batch.add_inline(item)
+
+
 def _describe(chunk: FileBackedData) -> str:
     return f"{chunk.name.decode(errors='replace')!r} (dirfd {chunk.dirfd_index})"
 
@@ -378,11 +389,15 @@ class LayerConsumer:
                                 decoder.eof()
                                 break
                             decoder.feed(data)
-                            for chunk in decoder.chunks():
-                                self._add(batch, chunk)
-                                if len(batch.files) >= self.batch_files or batch.nbytes >= BATCH_BYTES:
-                                    await self._submit(stack, nursery, to_send, batch)
-                                    batch = _Batch()
+                            items = await self._resolved(list(decoder.chunks()))
+                            try:
+                                while items:
+                                    _add(batch, items.popleft())
+                                    if len(batch.files) >= self.batch_files or batch.nbytes >= BATCH_BYTES:
+                                        await self._submit(stack, nursery, to_send, batch)
+                                        batch = _Batch()
+                            finally:
+                                _close([f for f in items if isinstance(f, _File)])
                         if self._sha is None and not batch.files:
                             # a stream of a few inline bytes: hashed here, and no worker starts
                             here = hashlib.sha256(b"".join(batch.inline)).hexdigest()
@@ -531,32 +546,67 @@ class LayerConsumer:
             finally:
                 self._finish(batch)
 
-    def _add(self, batch: _Batch, chunk: Chunk) -> None:
+    async def _resolved(self, chunks: list[Chunk]) -> collections.deque[_File | bytes]:
+        """The chunks as batches take them: referenced files opened (small ones read), off
+        the event loop, within OPEN_LIMIT: a directory fd from the client may lie on a FUSE
+        mount whose server does not answer, and the service serves others meanwhile."""
+        if not any(isinstance(c, FileBackedData) or len(c.data) > INLINE_CONTENT_MAX for c in chunks):
+            return collections.deque(c.data for c in chunks)  # (no thread for inline bytes alone)
+        lock = threading.Lock()
+        state: dict[str, object] = {"abandoned": False, "done": None}
+
+        def work() -> collections.deque[_File | bytes]:
+            out: collections.deque[_File | bytes] = collections.deque()
+            try:
+                for chunk in chunks:
+                    out.append(self._resolve(chunk))
+            except BaseException:
+                _close([f for f in out if isinstance(f, _File)])
+                raise
+            with lock:
+                if state["abandoned"]:  # nobody takes them any more
+                    _close([f for f in out if isinstance(f, _File)])
+                state["done"] = out
+            return out
+
+        try:
+            with trio.fail_after(OPEN_LIMIT):
+                return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except BaseException as e:
+            with lock:
+                state["abandoned"] = True
+                done = state["done"]
+                if isinstance(done, collections.deque):  # finished as it was given up
+                    _close([f for f in done if isinstance(f, _File)])
+            if isinstance(e, trio.TooSlowError):
+                raise LayerTransferError(f"opening the layer's files took more than {OPEN_LIMIT:.0f} s (a directory "
+                                         "on a mount that does not answer?): nothing was committed") from None
+            raise
+
+    def _resolve(self, chunk: Chunk) -> _File | bytes:
+        """A chunk as a batch takes it: a file to store (opened, or content the producer sent,
+        put in a memfd), or inline bytes. Blocking: see `_resolved`."""
         if isinstance(chunk, FileBackedData):
             fd = self._open(chunk)
-            if chunk.length <= INLINE_CONTENT_MAX:
-                try:
-                    data = os.pread(fd, chunk.length, 0)
-                finally:
-                    os.close(fd)
-                if len(data) != chunk.length:
-                    raise LayerTransferError(f"{_describe(chunk)}: short read")
-                batch.add_inline(data)
-            else:
-                batch.add_file(_File(fd, chunk.length, chunk))
-            return
-        data = chunk.data
-        if isinstance(chunk, InlineData) and len(data) > INLINE_CONTENT_MAX:
+            if chunk.length > INLINE_CONTENT_MAX:
+                return _File(fd, chunk.length, chunk)
+            try:
+                data = os.pread(fd, chunk.length, 0)
+            finally:
+                os.close(fd)
+            if len(data) != chunk.length:
+                raise LayerTransferError(f"{_describe(chunk)}: short read")
+            return data
+        if isinstance(chunk, InlineData) and len(chunk.data) > INLINE_CONTENT_MAX:
             # content the producer read itself: through a memfd to the workers
             fd = os.memfd_create("pycfs-filecontent", os.MFD_CLOEXEC)
             try:
-                write_all(fd, data)
+                write_all(fd, chunk.data)
             except BaseException:
                 os.close(fd)
                 raise
-            batch.add_file(_File(fd, len(data), None))
-        else:
-            batch.add_inline(data)
+            return _File(fd, len(chunk.data), None)
+        return chunk.data
 
     async def _take(self, files: list[_File], results: list[Stored | bytes | Failed]) -> None:
         """The workers' answers for a batch's files: their objects, stored (or, to be

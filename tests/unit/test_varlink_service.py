@@ -584,6 +584,59 @@ def test_hostile_put_layer_commits_nothing_and_leaks_nothing(put_into) -> None:
         close_fds([pipe_r, pipe_w])
 
 
+def test_put_layer_opening_a_file_that_hangs_blocks_no_one_and_is_refused_in_time(put_into, monkeypatch) -> None:
+    """An open that does not return (a directory fd on a FUSE mount whose server stopped;
+    here the open itself, held): other clients are served meanwhile, the call is refused
+    after OPEN_LIMIT with nothing committed, and what the open returns late is closed."""
+    import threading
+
+    from pycfs.host.varlink import transfer
+
+    monkeypatch.setattr(transfer, "OPEN_LIMIT", 0.5)
+    dest, cases = put_into
+    _, stream, dirs, diff_id, _ = cases[-1]
+    diff_id = cases[0][3]
+    held, entered = threading.Event(), threading.Event()
+    real_open = transfer.open_beneath
+
+    def hanging_open(dirfd: int, name: bytes):
+        entered.set()
+        held.wait(30)
+        return real_open(dirfd, name)
+
+    monkeypatch.setattr(transfer, "open_beneath", hanging_open)
+
+    async def main() -> None:
+        async with service() as (server, client):
+            before = open_fds()
+            handle = await open_repo(client, dest)
+            conn, sock = socketpair()
+            server.nursery.start_soon(server.serve_connection, sock)
+            other = Client(conn)
+            pipe = _stream_pipe(stream)
+            async with trio.open_nursery() as nursery:
+                async def put() -> None:
+                    with pytest.raises(VarlinkError) as refused:
+                        await client.call(OCI + "PutLayer", {"handle": handle, "diff_id": diff_id, "zerocopy": False},
+                                          [pipe, *dirs])
+                    assert refused.value.name == OCI + "InvalidRequest"
+                    assert "opening the layer's files took more than" in refused.value.parameters["message"]
+                nursery.start_soon(put)
+                await trio.to_thread.run_sync(entered.wait, 10)
+                with trio.fail_after(0.4):  # while the open hangs
+                    assert (await other.call(OCI + "GetInfo")).parameters["features"] == ["splitdirfdstream-v0"]
+            os.close(pipe)
+            with Repository.open(dest, writable=False) as repo:
+                assert repo.has_stream(f"oci-layer-{diff_id}") is None
+            held.set()  # the open returns at last: its fd is closed, not kept
+            await trio.sleep(0.3)
+            other.close()
+            await client.call(REPO + "CloseRepository", {"handle": handle})
+            assert open_fds() == before
+
+    trio.run(main)
+
+
 def test_put_layer_whose_pipe_falls_silent_is_refused(put_into, monkeypatch) -> None:
     """A producer that writes part of a stream and then neither writes nor closes its pipe:
     the call ends (before: it waited for good), commits nothing and leaks nothing."""
