@@ -11,6 +11,7 @@ size, exactly as the Rust writer does.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +59,19 @@ class SplitStreamError(PycfsError, ValueError):
     """A splitstream file is malformed; the message says where."""
 
 
+class StreamTooLarge(SplitStreamError):
+    """A layer stream would hold more in memory than any real layer (see MAX_LAYER_INLINE_RUN)."""
+
+
+# What a layer stream holds in memory until it is written: the inline bytes since the last
+# file (one chunk, whose length comes first) and the compressed body. A real layer's are
+# megabytes (tar headers and files of up to 64 bytes, ~100 bytes a file compressed); a
+# hostile or broken source could send gigabytes (a PutLayer of 1 GiB of inline bytes took
+# 1.1 GB). Past these, the layer is refused.
+MAX_LAYER_INLINE_RUN = 128 << 20
+MAX_LAYER_BODY = 256 << 20
+
+
 def _zstd_section(parts: list[bytes]) -> bytes:
     """Compress like the Rust `zstd::stream::write::Encoder` at default level (see module doc)."""
     comp = zstandard.ZstdCompressor(level=3).compressobj()
@@ -89,6 +103,10 @@ class SplitStreamWriter:
         self._named: dict[str, int] = {}
         self._compressor = zstandard.ZstdCompressor(level=3).compressobj()
         self._body: list[bytes] = []
+        self._body_size = 0
+        layer = content_type == CONTENT_OCI_LAYER
+        self._max_run: float = MAX_LAYER_INLINE_RUN if layer else math.inf
+        self._max_body: float = MAX_LAYER_BODY if layer else math.inf
         self._pending = bytearray()
         self._body_started = False
         self._finished = False
@@ -107,6 +125,10 @@ class SplitStreamWriter:
         self._pending.clear()
         if piece:
             self._body.append(piece)
+            self._body_size += len(piece)
+            if self._body_size > self._max_body:
+                raise StreamTooLarge(f"the layer's tar headers and small files come to more than "
+                                     f"{MAX_LAYER_BODY >> 20} MiB compressed: more than a real layer holds")
 
     def _flush_inline(self) -> None:
         if self._inline:
@@ -117,6 +139,9 @@ class SplitStreamWriter:
     def write_inline(self, data: bytes | bytearray | memoryview) -> None:
         self._inline += data
         self.stream_size += len(data)
+        if len(self._inline) > self._max_run:
+            raise StreamTooLarge(f"more than {MAX_LAYER_INLINE_RUN >> 20} MiB of tar headers and small files "
+                                 "with no larger file between them: more than a real layer holds")
 
     def write_external(self, object_id: bytes, size: int) -> None:
         if len(object_id) != self._digest_size:

@@ -19,6 +19,7 @@ from pycfs.host.oci.layer import LayerEntry, layer_stream_name
 from pycfs.host.oci.streams import parse_digest
 from pycfs.host.oci.streams import list_images, open_image, tag_image, untag_image
 from pycfs.host.repository import Repository
+from pycfs.host.splitstream import StreamTooLarge
 from pycfs.host.varlink import idl
 from pycfs.host.varlink.layers import (
     FdLayout,
@@ -408,7 +409,7 @@ class OciInterface:
             put = await put_layer(repo, pool, pipe, dirfds, diff_id, zerocopy, limiter)
         except DiffIdMismatch as e:
             raise error("DiffIdMismatch", expected=e.expected, actual=e.actual) from None
-        except (SplitDirFdStreamError, LayerTransferError) as e:
+        except (SplitDirFdStreamError, LayerTransferError, StreamTooLarge) as e:
             raise error("InvalidRequest", message=str(e)) from None
         except PycfsError:
             self.pools.retire(repo)  # perhaps a worker died: the next call starts new ones

@@ -9,7 +9,7 @@ from memtrace import peak_of
 
 from pycfs.host.splitstream import (
     CONTENT_OCI_CONFIG, CONTENT_OCI_LAYER, FILE_RANGE, HEADER, INFO, NAMED_REFS_MAX, SplitStreamError,
-    SplitStreamReader, SplitStreamWriter,
+    SplitStreamReader, SplitStreamWriter, StreamTooLarge,
 )
 
 EMPTY_FRAME = bytes.fromhex("28b52ffd2000010000")
@@ -246,3 +246,28 @@ def test_a_long_inline_chunk_cut_short_is_an_error():
     r = SplitStreamReader(_with_stream_size(_with_section(GOOD, 2, payload), 2 << 20), "sha256")
     with pytest.raises(SplitStreamError, match=r"^body: truncated chunk \(1048576 bytes missing\)$"):
         list(r.chunks())
+
+
+def test_a_layer_stream_holds_no_more_than_a_real_layer_would(monkeypatch) -> None:
+    """A layer stream is built in memory: a run of inline bytes with no file between (one
+    chunk, its length first) and the compressed body are capped; other streams (an ostree
+    commit's) are not."""
+    import os
+
+    from pycfs.host import splitstream
+
+    monkeypatch.setattr(splitstream, "MAX_LAYER_INLINE_RUN", 1 << 20)
+    monkeypatch.setattr(splitstream, "MAX_LAYER_BODY", 2 << 20)
+    w = SplitStreamWriter("sha256", CONTENT_OCI_LAYER)
+    w.write_inline(bytes(1 << 20))
+    with pytest.raises(StreamTooLarge, match="more than 1 MiB of tar headers and small files with no larger file"):
+        w.write_inline(b"x")
+    w = SplitStreamWriter("sha256", CONTENT_OCI_LAYER)
+    with pytest.raises(StreamTooLarge, match="come to more than 2 MiB compressed"):
+        for i in range(8):  # incompressible runs, each under the run's cap
+            w.write_inline(os.urandom(600 << 10))
+            w.write_external(bytes([i]) * 32, 100)
+    other = SplitStreamWriter("sha256", CONTENT_OCI_CONFIG)
+    for _ in range(8):
+        other.write_inline(os.urandom(600 << 10))
+    assert len(other.finish()) > 4 << 20

@@ -997,3 +997,43 @@ def test_handles_are_bounded_and_share_one_pool_per_repository(source_repo, tmp_
             third.close()
 
     trio.run(main)
+
+
+def test_put_layer_of_more_inline_bytes_than_a_layer_holds_is_refused(put_into, monkeypatch) -> None:
+    """A stream of inline bytes and no file past the layer stream's cap: InvalidRequest
+    naming it, nothing committed (before, the service held all of it: 1 GiB took 1.1 GB)."""
+    from pycfs.host import splitstream
+
+    monkeypatch.setattr(splitstream, "MAX_LAYER_INLINE_RUN", 1 << 20)
+    dest, cases = put_into
+    diff_id = "sha256:" + "0" * 64
+    stream = b"".join(sd.encode_metadata(os.urandom(64 << 10)) for _ in range(40))  # 2.5 MiB
+
+    async def main() -> None:
+        async with service() as (_, client):
+            before = open_fds()
+            handle = await open_repo(client, dest)
+            r, w = os.pipe2(os.O_CLOEXEC)
+
+            def feed() -> None:
+                try:
+                    os.write(w, stream)
+                except BrokenPipeError:
+                    pass  # refused before the end
+                finally:
+                    os.close(w)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, feed)
+                with pytest.raises(VarlinkError) as refused:
+                    await client.call(OCI + "PutLayer", {"handle": handle, "diff_id": diff_id, "zerocopy": False},
+                                      [r, cases[0][2][0]])
+                os.close(r)
+            assert refused.value.name == OCI + "InvalidRequest"
+            assert "more than 1 MiB of tar headers and small files" in refused.value.parameters["message"]
+            with Repository.open(dest, writable=False) as repo:
+                assert repo.has_stream(f"oci-layer-{diff_id}") is None
+            await client.call(REPO + "CloseRepository", {"handle": handle})
+            assert open_fds() == before
+
+    trio.run(main)
