@@ -181,49 +181,54 @@ def test_a_damaged_source_object_is_refused_in_one_line_and_its_layer_not_commit
     """An object of the source cut short (its name no longer its content): the layer that
     holds it arrives with another digest than its diff_id; the copy says so in one line,
     naming the layer and what to do; that layer is not committed and nothing is tagged."""
-    built = imagebuild.build_layout(imagebuild.multilayer_image(), tmp_path / "layout")
-    src, dest = tmp_path / "src", tmp_path / "dest"
-    pycfs(src, "init")
-    pycfs(src, "oci", "pull", f"oci:{built.path}", "img")
-    pycfs(dest, "init")
-    victim = max((p for p in (src / "objects").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    built, src, dest, victim = _pulled_with_victim(tmp_path)
     os.truncate(victim, victim.stat().st_size // 2)
-    p = pycfs(dest, "oci", "copy", "img", "--from", str(src), "--progress", "none", check=False)
-    assert p.returncode == 1
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, p.stderr
+    line = _failed_copy(src, dest)
     prefix = "pycfs: error: oci copy img: layer sha256:"
-    assert lines[0].startswith(prefix) and f" from {src} came as sha256:" in lines[0], lines[0]
-    assert lines[0].endswith("that layer was not committed and no image was tagged (check the source with "
-                             "`pycfs fsck --verify-layers`)"), lines[0]
-    diff_id = lines[0][len(prefix) - len("sha256:"):].split()[0]
-    assert diff_id in built.diff_ids
-    streams = {p.name for p in (dest / "streams").iterdir()} if (dest / "streams").exists() else set()
-    assert f"oci-layer-{diff_id}" not in streams and not any(n.startswith("oci-manifest-") for n in streams)
+    assert line.startswith(prefix) and f" from {src} came as sha256:" in line, line
+    assert line.endswith("that layer was not committed and no image was tagged (check the source with "
+                         "`pycfs fsck --verify-layers`)"), line
+    _nothing_committed(dest, built, line[len(prefix) - len("sha256:"):].split()[0])
 
 
 def test_a_missing_source_object_is_named_in_one_line(tmp_path) -> None:
     """An object of the source deleted: the in-process source cannot send that layer whole;
     the copy's one line names the missing object (not only the short stream's digest), the
     layer is not committed and nothing is tagged."""
+    built, src, dest, victim = _pulled_with_victim(tmp_path)
+    victim.unlink()
+    line = _failed_copy(src, dest)
+    prefix = "pycfs: error: oci copy img: layer sha256:"
+    assert line.startswith(prefix), line
+    assert f" from {src}: object {victim.parent.name + victim.name} of layer stream " in line, line
+    assert line.endswith(" is missing: the source is damaged; that layer was not committed and no image was "
+                         "tagged (check the source with `pycfs fsck`)"), line
+    _nothing_committed(dest, built, line[len(prefix) - len("sha256:"):].split()[0])
+
+
+def _pulled_with_victim(tmp_path: Path) -> tuple[imagebuild.BuiltImage, Path, Path, Path]:
+    """A source repository with the multilayer image pulled, an empty destination, and the
+    source's largest object (to damage)."""
     built = imagebuild.build_layout(imagebuild.multilayer_image(), tmp_path / "layout")
     src, dest = tmp_path / "src", tmp_path / "dest"
     pycfs(src, "init")
     pycfs(src, "oci", "pull", f"oci:{built.path}", "img")
     pycfs(dest, "init")
     victim = max((p for p in (src / "objects").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    victim.unlink()
+    return built, src, dest, victim
+
+
+def _failed_copy(src: Path, dest: Path) -> str:
+    """The one line a copy of img from src that fails prints (exit 1)."""
     p = pycfs(dest, "oci", "copy", "img", "--from", str(src), "--progress", "none", check=False)
     assert p.returncode == 1
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1, p.stderr
-    prefix = "pycfs: error: oci copy img: layer sha256:"
-    object_id = victim.parent.name + victim.name
-    assert lines[0].startswith(prefix), lines[0]
-    assert f" from {src}: object {object_id} of layer stream " in lines[0], lines[0]
-    assert lines[0].endswith(" is missing: the source is damaged; that layer was not committed and no image was "
-                             "tagged (check the source with `pycfs fsck`)"), lines[0]
-    diff_id = lines[0][len(prefix) - len("sha256:"):].split()[0]
+    return lines[0]
+
+
+def _nothing_committed(dest: Path, built: imagebuild.BuiltImage, diff_id: str) -> None:
+    """The failed layer is one of the image's, not in dest, and no manifest was stored."""
     assert diff_id in built.diff_ids
     streams = {p.name for p in (dest / "streams").iterdir()} if (dest / "streams").exists() else set()
     assert f"oci-layer-{diff_id}" not in streams and not any(n.startswith("oci-manifest-") for n in streams)

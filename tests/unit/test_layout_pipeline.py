@@ -24,6 +24,7 @@ from pycfs.host.fsverity import digest_bytes
 from pycfs.host.oci import merge as merge_module
 from pycfs.host.oci.layer import PendingFile, close_pieces, layer_stream_name
 from pycfs.host.oci.layout import _PieceSource, pull_oci_layout
+from pycfs.host.oci.result import PullResult
 from pycfs.host.oci.streams import list_images
 from pycfs.host.repository import Repository
 from pycfs.host.streamcat import iter_stream_bytes
@@ -56,6 +57,17 @@ def _fds() -> list[str]:
 
 def _objects(repo: Path) -> list[str]:
     return sorted(p.parent.name + p.name for p in (repo / "objects").glob("??/*"))
+
+
+def _pull_checked(tmp_path: Path, built) -> PullResult:
+    """Pull tmp_path/oci into a new repository tmp_path/repo (no image, 2 jobs); each layer
+    stream must reassemble to its diff_id. The pull's result."""
+    with Repository.init(tmp_path / "repo") as repo:
+        result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", build_image=False, jobs=2))
+        for diff_id in built.diff_ids:
+            reader = repo.open_stream(layer_stream_name(diff_id))
+            assert "sha256:" + hashlib.sha256(b"".join(iter_stream_bytes(repo, reader))).hexdigest() == diff_id
+    return result
 
 
 def test_pull_stores_every_file_as_its_object(tmp_path, layout):
@@ -94,11 +106,7 @@ def test_layers_of_like_sizes_are_stored_by_their_inflating_workers(tmp_path):
     spec = ImageSpec([[Dir(d)] + [File(f"{d}/f{i}", size=(i * 997) % 9000 + 65, seed=i + n * 1000) for i in range(150)]
                       for n, d in enumerate(("a", "b"))], gzip=True)
     built = build_layout(spec, tmp_path / "oci")
-    with Repository.init(tmp_path / "repo") as repo:
-        result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", build_image=False, jobs=2))
-        for diff_id in built.diff_ids:
-            reader = repo.open_stream(layer_stream_name(diff_id))
-            assert "sha256:" + hashlib.sha256(b"".join(iter_stream_bytes(repo, reader))).hexdigest() == diff_id
+    result = _pull_checked(tmp_path, built)
     want = {digest_bytes(f.content()).hex() for layer in spec.layers for f in layer if isinstance(f, File)}
     assert want <= set(_objects(tmp_path / "repo"))
     assert result.stats.objects_copied == len(want) == 300
@@ -140,11 +148,7 @@ def test_the_layer_left_inflating_hands_its_files_to_the_idle_inflater(tmp_path,
     monkeypatch.setattr(layout_module._PieceSource, "__init__", init)
     monkeypatch.setattr(layout_module._PieceSource, "chunk", chunk)
     monkeypatch.setattr(layout_module._Handoff, "inflated", inflated)
-    with Repository.init(tmp_path / "repo") as repo:
-        result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", build_image=False, jobs=2))
-        for diff_id in built.diff_ids:
-            reader = repo.open_stream(layer_stream_name(diff_id))
-            assert "sha256:" + hashlib.sha256(b"".join(iter_stream_bytes(repo, reader))).hexdigest() == diff_id
+    result = _pull_checked(tmp_path, built)
     want = {digest_bytes(f.content()).hex() for layer in spec.layers for f in layer if isinstance(f, File)}
     objects = (tmp_path / "repo" / "objects").glob("??/*")
     assert {p.parent.name + p.name: digest_bytes(p.read_bytes()).hex() for p in objects if p.name[0] != "."} \
