@@ -158,10 +158,13 @@ def test_the_layer_left_inflating_hands_its_files_to_the_idle_inflater(tmp_path,
     assert 2000 <= result.stats.files_stored_by_inflater < 4400 - 1000
 
 
-def test_a_run_of_pieces_holds_at_most_max_run_fds_files():
+@pytest.mark.parametrize("hand_off_unread", [False, True])
+def test_a_run_of_pieces_holds_at_most_max_run_fds_files(hand_off_unread):
     """The inflating worker's messages (here of 63, then 64 files) are cut into the host's
     runs at api.MAX_RUN_FDS files, even inside a message: the fds a layer holds in flight
-    are CHUNKS_IN_FLIGHT runs of at most that many. Every piece comes, in order."""
+    are CHUNKS_IN_FLIGHT runs of at most that many. Every piece comes, in order; also when
+    the worker closed with a HAND_OFF unread (sent as it finished), which the kernel reports
+    as a reset before the pieces still queued."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     sizes = [100 + i for i in range(63 + 64)]
     records = []
@@ -177,6 +180,8 @@ def test_a_run_of_pieces_holds_at_most_max_run_fds_files():
         for _, fd in records:
             if fd is not None:
                 os.close(fd)
+    if hand_off_unread:
+        ours.send(api.HAND_OFF)
     theirs.close()
     source = _PieceSource(32)
     source.open(ours)
