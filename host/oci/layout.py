@@ -298,14 +298,12 @@ class _PieceSource:
         trio.from_thread.check_cancelled()  # also when the socket never runs dry
         while not self._poll.poll(int(_POLL * 1000)):
             trio.from_thread.check_cancelled()
-        while True:
-            try:
-                data, ancdata, flags, _ = self.sock.recvmsg(*recv_args(1 + api.MAX_RUN_MESSAGE, api.MAX_RUN_FDS))
-                break
-            except ConnectionResetError:
-                # The worker closed with a HAND_OFF of ours unread (sent as it finished): the
-                # kernel reports that once, before the pieces still queued and the EOF.
-                continue
+        try:
+            data, ancdata, flags, _ = self.sock.recvmsg(*recv_args(1 + api.MAX_RUN_MESSAGE, api.MAX_RUN_FDS))
+        except ConnectionResetError:
+            # The worker closed with a HAND_OFF of ours unread (sent as it finished): the
+            # kernel reports that once, before the pieces still queued and the EOF.
+            data, ancdata, flags, _ = self.sock.recvmsg(*recv_args(1 + api.MAX_RUN_MESSAGE, api.MAX_RUN_FDS))
         fds = fds_from_ancdata(ancdata, flags)
         if flags & socket.MSG_TRUNC:
             close_fds(fds)
