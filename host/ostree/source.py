@@ -416,7 +416,19 @@ LOW_SPEED_TIME = 30.0
 MAX_ERROR_BODY = 64 << 10
 
 
+# Lines in a row, with no body bytes between them (the status line, interim 1xx replies and
+# headers before a body; the trailer after its last chunk), at most MAX_LINES bytes and
+# LOW_SPEED_TIME seconds: http.client reads interim replies and trailer lines for as long as
+# they come, so a server sending them faster than the low-speed limit held a pull for ever.
+# (curl caps a response's headers, interim replies included, at 300 KiB.)
+MAX_LINES = 256 << 10
+
+
 class _TooSlow(TimeoutError):
+    pass
+
+
+class _TooLong(OSError):
     pass
 
 
@@ -465,12 +477,45 @@ class _PacedSocketReader(io.RawIOBase):
             return n
 
 
+class _LineBoundReader(io.BufferedReader):
+    """http.client's reader of a response, with lines in a row bounded (MAX_LINES): http.client
+    reads status, header, chunk-size and trailer lines with readline, and body bytes with
+    read, read1 or readinto, which start a new run."""
+
+    _run = 0  # bytes of lines since the last body bytes
+    _since = 0.0  # when that run started
+
+    def readline(self, size: int | None = -1, /) -> bytes:
+        if not self._run:
+            self._since = time.monotonic()
+        line = super().readline(size)
+        self._run += len(line)
+        if self._run > MAX_LINES:
+            raise _TooLong(f"more than {MAX_LINES} bytes of status, header or trailer lines")
+        if time.monotonic() - self._since > LOW_SPEED_TIME:
+            raise _TooSlow(f"status, header or trailer lines for more than {LOW_SPEED_TIME:g} seconds")
+        return line
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self._run = 0
+        return super().read(size)
+
+    def read1(self, size: int = -1, /) -> bytes:
+        self._run = 0
+        return super().read1(size)
+
+    def readinto(self, buffer: Any, /) -> int:
+        self._run = 0
+        return super().readinto(buffer)
+
+
 def _paced_response(sock: socket.socket, *args, **kwargs) -> http.client.HTTPResponse:
-    """An HTTPResponse (a connection's response_class) reading through _PacedSocketReader."""
+    """An HTTPResponse (a connection's response_class) reading through _PacedSocketReader,
+    its lines bounded by _LineBoundReader."""
     import http.client
 
     resp = http.client.HTTPResponse(sock, *args, **kwargs)
-    resp.fp = io.BufferedReader(_PacedSocketReader(sock, resp.fp))
+    resp.fp = _LineBoundReader(_PacedSocketReader(sock, resp.fp))
     return resp
 
 

@@ -134,6 +134,64 @@ def test_a_peer_dripping_a_byte_at_a_time_is_dropped(peer, quick_limits, serve, 
     assert p.sent < most_sent
 
 
+_CONTINUE = b"HTTP/1.1 100 Continue\r\nX-Pad: " + b"a" * 100 + b"\r\n\r\n"
+_LAST_CHUNK = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+_TRAILER = b"X-Trailer: " + b"a" * 100 + b"\r\n"
+
+
+def _endless(first: bytes, line: bytes, pause: float, most: int) -> Callable[[Peer, socket.socket], None]:
+    """first, then line again and again (every `pause` seconds) until `most` bytes are sent:
+    a server http.client would go on reading for ever (before: until the peer stopped)."""
+    def script(p: Peer, c: socket.socket) -> None:
+        p.send(c, first)
+        while p.sent < most:
+            p.send(c, line)
+            if pause:
+                time.sleep(pause)
+    return script
+
+
+@pytest.mark.parametrize("first, line", [(b"", _CONTINUE), (_LAST_CHUNK, _TRAILER)], ids=["interim", "trailer"])
+def test_endless_interim_replies_or_trailers_are_bounded_in_bytes(peer, first, line):
+    p = peer(_endless(first, line, 0, 8 << 20))
+    repo = HttpRepo(p.url, attempts=1)
+    try:
+        with pytest.raises(OstreeError, match=r"failed after 1 attempts: more than \d+ bytes of "
+                                              "status, header or trailer lines$"):
+            repo.fetch_optional("summary", 1000)
+    finally:
+        repo.close()
+
+
+@pytest.mark.parametrize("first, line", [(b"", _CONTINUE), (_LAST_CHUNK, _TRAILER)], ids=["interim", "trailer"])
+def test_endless_interim_replies_or_trailers_are_bounded_in_time(peer, quick_limits, first, line):
+    """Lines faster than the low-speed limit (120 bytes every 10 ms), too few to reach
+    MAX_LINES: the run of lines ends at LOW_SPEED_TIME, with a retry as for a slow server."""
+    p = peer(_endless(first, line, 0.01, 400 * len(line)))  # about 4 s of them
+    repo = HttpRepo(p.url, attempts=2, backoff=0.01)
+    started = time.monotonic()
+    try:
+        with pytest.raises(OstreeError, match="failed after 2 attempts: status, header or trailer lines for more "
+                                              "than 0.5 seconds$"):
+            repo.fetch_optional("summary", 1000)
+    finally:
+        repo.close()
+    assert time.monotonic() - started < 2.5 and p.connections == 2
+
+
+def test_a_body_of_many_chunks_is_no_run_of_lines(peer, monkeypatch):
+    """Each chunk's size line is followed by body bytes, which start a new run: a body of
+    more chunk-size lines than MAX_LINES allows in a row is read whole."""
+    monkeypatch.setattr(source, "MAX_LINES", 1000)
+    body = b"".join(b"1\r\n%c\r\n" % (48 + i % 10) for i in range(2000)) + b"0\r\n\r\n"
+    p = peer(lambda p, c: p.send(c, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body))
+    repo = HttpRepo(p.url, attempts=1)
+    try:
+        assert repo.fetch_optional("summary", 4000) == bytes(48 + i % 10 for i in range(2000))
+    finally:
+        repo.close()
+
+
 def test_time_the_reader_spends_between_reads_is_not_the_servers(quick_limits):
     """The low-speed limit judges the server: a reader that takes longer than the window
     between two reads of bytes already sent (inflating, hashing, writing) is not dropped."""
