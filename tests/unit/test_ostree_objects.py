@@ -40,7 +40,7 @@ from pycfs.host.ostree.objects import (
 from pycfs.host.ostree.source import LocalRepo, check_file, config_value, unpack_filez
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OSTREE_COMMIT
-from pycfs.protocol.gvariant import decode, encode
+from pycfs.protocol.gvariant import decode, encode, frame
 
 pytestmark = pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
 
@@ -98,6 +98,26 @@ def test_summary_lists_the_refs(archive, tmp_path):
     assert encode(SUMMARY_TYPE, decode(SUMMARY_TYPE, data)) == data
     with pytest.raises(OstreeError, match="summary: not a valid ostree summary"):
         parse_summary(data[:-3], "summary")
+
+
+def test_a_summary_with_a_huge_variant_type_is_one_short_line():
+    """A 4 MB summary whose metadata holds one variant typed `(yyy...)`: it cost 600 MB and
+    printed the type whole; now it is refused at the type's length."""
+    from memtrace import peak_of
+
+    body = b"k\0" + bytes(6) + b"\0\0(" + b"y" * 4_000_000 + b")"
+    entry = frame(body, [2])
+    data = frame(frame(entry, [len(entry)]), [0])
+    errors = []
+
+    def refused() -> None:
+        with pytest.raises(OstreeError) as e:
+            parse_summary(data, "http://h/repo/summary")
+        errors.append(str(e.value))
+
+    assert peak_of(refused) < 1 << 20
+    assert errors == ["http://h/repo/summary: not a valid ostree summary (variant has no type string of at most 255 "
+                      "bytes)"]
 
 
 def test_file_objects_headers_and_checksums(archive):
