@@ -245,6 +245,21 @@ class PartApplier:
         self.tmp_dir = tmp_dir
         self.current: _Building | None = None  # the file between 'open' and 'close'
         self.source: bytes | BaseFile | None = None  # what 'write' and 'bspatch' read, after 'read'
+        # What the opcodes may write in all: the part's data, and each base object a file
+        # reads (once a file: ostree's rollsum 'read's it again after each run of data).
+        # An 'open' declares any size and 'write's may repeat: a few hundred bytes of xz
+        # wrote 4 GiB before the checksum refused it.
+        self.budget = len(self.data)
+        self.written = 0
+        self.read_by_file: set[bytes] = set()  # the base objects read since the last 'close'
+
+    def _charge(self, n: int) -> None:
+        """Count n bytes about to be written against the budget."""
+        self.written += n
+        if self.written > self.budget:
+            raise OstreeError(f"{self.where}: the opcodes write more than the part's {len(self.data)} bytes of data "
+                              f"and the {self.budget - len(self.data)} bytes of the base objects they read: a delta "
+                              "crafted to fill the disk (`--no-delta` pulls without deltas)")
 
     def _slice(self, source: bytes | BaseFile, offset: int, length: int) -> bytes:
         self._check_range(source, offset, length)
@@ -296,10 +311,13 @@ class PartApplier:
                 if kind is Kind.FILE:
                     (mode_idx, xattr_idx, size, offset), pos = arg(pos, 4)
                     header = self._header(mode_idx, xattr_idx, size, checksum)
-                    self._finish(checksum, header, self._slice(self.data, offset, size))
+                    content = self._slice(self.data, offset, size)
+                    self._charge(size)
+                    self._finish(checksum, header, content)
                 else:
                     (size, offset), pos = arg(pos, 2)
                     data = self._slice(self.data, offset, size)
+                    self._charge(size)
                     verify_metadata(data, checksum, kind)
                     self.store_meta(kind, checksum, data)
             elif op == "o":
@@ -319,25 +337,34 @@ class PartApplier:
                     raise OstreeError(f"{self.where}: 'write' beyond the size of the open file, or with none open")
                 source = self.source if self.source is not None else self.data
                 self._check_range(source, offset, size)
+                self._charge(size)
                 for at in range(offset, offset + size, PIECE):
                     current.append(source[at:min(at + PIECE, offset + size)])
             elif op == "r":
                 (offset,), pos = arg(pos, 1)
-                self._set_source(self.read_base(self._slice(self.data, offset, CHECKSUM_SIZE)))
+                base = self._slice(self.data, offset, CHECKSUM_SIZE)
+                source = self.read_base(base)
+                self._set_source(source)
+                if base not in self.read_by_file:
+                    self.read_by_file.add(base)
+                    self.budget += len(source)
             elif op == "R":
                 self._set_source(None)
             elif op == "B":
                 (offset, length), pos = arg(pos, 2)
                 if self.source is None or current is None:
                     raise OstreeError(f"{self.where}: bspatch without a read source or an open file")
-                current.append(bspatch(self.source, self._slice(self.data, offset, length),
-                                       current.size - current.length, self.where))
+                patched = bspatch(self.source, self._slice(self.data, offset, length), current.size - current.length,
+                                  self.where)
+                self._charge(len(patched))
+                current.append(patched)
             elif op == "c":
                 if current is None:
                     raise OstreeError(f"{self.where}: 'close' without an open file")
                 self._finish_built(current)
                 self.current = None
                 self._set_source(None)
+                self.read_by_file.clear()
             else:
                 raise OstreeError(f"{self.where}: unknown opcode {op!r}")
         if index != len(self.objects) or self.current is not None:
