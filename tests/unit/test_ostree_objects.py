@@ -554,3 +554,55 @@ def test_detached_metadata_with_too_many_signatures_is_refused_at_once(tmp_path)
     detached = encode("a{sv}", [("ostree.gpgsigs", Variant("aay", [b"sig"] * (MAX_SIGNATURES * 64)))])
     with pytest.raises(OstreeError, match=f"holds {MAX_SIGNATURES * 64} signatures, more than the"):
         verify_signed(b"commit", "commit x", "object x.commitmeta", detached, str(keyring))
+
+
+def _dag(width: int, depth: int, files: int = 0) -> CommitObjects:
+    """A commit whose dirtree lists `width` directories, each the same dirtree listing
+    `width` of the next, `depth` levels down (the last holding `files` files): a few objects
+    that expand to width**depth directories."""
+    def add(objects: CommitObjects | None, data: bytes) -> bytes:
+        checksum = hashlib.sha256(data).digest()
+        if objects is not None:
+            objects.add(checksum, Entry(data))
+        return checksum
+
+    metadata = []
+    meta = DirMeta(0, 0, 0o40755, []).serialize()
+    file_id = hashlib.sha256(b"a file").digest()
+    tree = DirTree([(f"f{i}", file_id) for i in range(files)], []).serialize()
+    metadata += [meta, tree]
+    for _ in range(depth):
+        tree = DirTree([], [(f"d{i:04d}", add(None, tree), add(None, meta)) for i in range(width)]).serialize()
+        metadata.append(tree)
+    commit_data = Commit([], None, [], "dag", "", 0, add(None, tree), add(None, meta)).serialize()
+    objects = CommitObjects(hashlib.sha256(commit_data).digest())
+    for data in (*metadata, commit_data):
+        add(objects, data)
+    header = FileHeader(1, 0, 0, 0o100644, "", []).archive_header()
+    objects.add(file_id, Entry(header + b"x"))
+    return objects
+
+
+def test_a_tree_of_shared_dirtrees_is_counted_before_it_is_built(monkeypatch):
+    """Directories that share a dirtree expand: the entries are counted over the distinct
+    dirtrees, and a commit past MAX_ENTRIES is refused before any directory is made (it
+    built 3 million directories, 2.6 GB, for 96 KB of metadata)."""
+    from memtrace import peak_of
+    from pycfs.host.ostree import image
+
+    monkeypatch.setattr(image, "MAX_ENTRIES", 10_000)
+    over = _dag(60, 3)  # 219,660 directories
+
+    def refused() -> None:
+        with pytest.raises(OstreeError, match=rf"^commit {over.commit.hex()} has more than 10000 entries \(a directory "
+                                              r"counting as 8\) once the directories it shares are expanded: no image "
+                                              r"is built of it$"):
+            image.build_filesystem(over)
+
+    assert peak_of(refused) < 256 << 10
+    monkeypatch.setattr(image, "MAX_ENTRIES", 8 * (60 + 60 * 60) + 60 * 60 * 1)  # files count too
+    fs = image.build_filesystem(_dag(60, 2, files=1))
+    assert sum(1 for _ in fs.walk()) == 1 + 60 + 60 * 60 + 60 * 60
+    monkeypatch.setattr(image, "MAX_ENTRIES", image.MAX_ENTRIES - 1)
+    with pytest.raises(OstreeError, match="has more than"):
+        image.build_filesystem(_dag(60, 2, files=1))
