@@ -704,12 +704,18 @@ class HttpRepo(_Summary):
         return resp.status, value
 
     def resolve(self, ref: str) -> bytes:
-        """A commit checksum, a ref from the summary, else refs/heads/REF (served without summary)."""
+        """A commit checksum, a ref from the summary, or refs/heads/REF when there is no
+        summary: as ostree, a repository with one serves its refs only from it (with a
+        keyring, from the signed summary: refs/heads/ is signed by no one)."""
         if is_checksum_text(ref):
             return parse_checksum(ref)
         check_ref_name(ref)
-        found = dict(self.list_refs() or ()).get(ref)
-        if found is not None:
+        refs = self.list_refs()
+        if refs is not None:
+            found = dict(refs).get(ref)
+            if found is None:
+                raise OstreeError(f"no ref {ref!r} in the summary of {self.url} (a repository with a summary "
+                                  "serves its refs from it; `pycfs ostree list-refs` lists them)")
             return found
         try:
             text = self.get(f"refs/heads/{ref}", lambda r: r.read(200), f"ref {ref}")

@@ -317,3 +317,37 @@ def test_a_path_where_a_url_is_wanted_points_to_pull_local():
         HttpRepo("/srv/repo")
     with pytest.raises(OstreeError, match=r"^'ftp://h/repo' is not an http:// or https:// URL$"):
         HttpRepo("ftp://h/repo")
+
+
+def test_a_ref_is_read_from_refs_heads_only_without_a_summary(peer):
+    """As ostree ("No such branch in repository summary"): a repository with a summary serves
+    its refs from it alone; refs/heads/, which no signature covers, only when it has none."""
+    from pycfs.host.ostree.objects import SUMMARY_TYPE
+    from pycfs.protocol.gvariant import encode
+
+    main, ghost = b"\1" * 32, b"\2" * 32
+    summary = encode(SUMMARY_TYPE, ([("main", (0, main, []))], []))
+    served = {"/repo/summary": summary, "/repo/refs/heads/main": main.hex().encode(),
+              "/repo/refs/heads/ghost": ghost.hex().encode()}
+
+    def script(p: Peer, c: socket.socket) -> None:
+        body = served.get(p.request.split(b" ")[1].decode())
+        p.send(c, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n" if body is None else
+               b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    p = peer(script)
+    for with_summary in (True, False):
+        if not with_summary:
+            del served["/repo/summary"]
+        repo = HttpRepo(p.url, attempts=1)
+        try:
+            assert repo.resolve("main") == main
+            if with_summary:
+                with pytest.raises(OstreeError, match=rf"^no ref 'ghost' in the summary of {p.url} \(a repository "
+                                                      r"with a summary serves its refs from it; `pycfs ostree "
+                                                      r"list-refs` lists them\)$"):
+                    repo.resolve("ghost")
+            else:
+                assert repo.resolve("ghost") == ghost
+        finally:
+            repo.close()
