@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from pycfs.host.ostree.commitstream import CommitObjects, Entry
 from pycfs.host.ostree.objects import (
-    CHECKSUM_SIZE, COMMIT_TYPE, FileHeader, Kind, OstreeError, describe, parse_delta_table, verify_metadata,
+    CHECKSUM_SIZE, COMMIT_TYPE, MAX_SYMLINK_TARGET, FileHeader, Kind, OstreeError, describe, parse_delta_table,
+    verify_metadata,
 )
 from pycfs.host.ostree.source import MISMATCH, FetchedFile, HttpRepo, LocalRepo, _tmpfile, check_file
 from pycfs.host.repository import write_all
@@ -164,7 +165,6 @@ def bspatch(old: bytes | BaseFile, patch: bytes, size: int, where: str) -> bytes
     return bytes(out)
 
 
-MAX_SYMLINK_TARGET = 4095  # PATH_MAX less its NUL: an 'open' of a symlink declaring more is refused
 PIECE = 1 << 20  # a 'write' copies at most this much at a time
 
 

@@ -331,6 +331,10 @@ def test_commit_stream_refuses_damage():
     ([], [("d", b"\1" * 32, b"\2" * 33)], "dirmeta of 'd' is 33 bytes, not a checksum"),
     ([], [("d", b"\1" * 3, b"\2" * 32)], "dirtree of 'd' is 3 bytes, not a checksum"),
     ([("\u65e5", b"\1" * 32), ("z", b"\2" * 32)], [], "not sorted"),  # UTF-8 e6 97 a5 sorts after 7a
+    # longer than NAME_MAX: refused where the dirtree is parsed (before: by the image writer,
+    # naming no object), in bytes of UTF-8
+    ([("n" * 256, b"\1" * 32)], [], r"file name 'n{40}'\.\.\. of 256 bytes \(at most 255\)$"),
+    ([], [("\u65e5" * 86, b"\1" * 32, b"\2" * 32)], "of 258 bytes"),
 ])
 def test_hostile_dirtrees_are_refused(files, dirs, why):
     data = DirTree(files, dirs).serialize()
@@ -348,14 +352,18 @@ def test_dirtree_names_sort_as_their_utf8_bytes():
 
 
 @pytest.mark.parametrize("mode,target,size,why", [
-    (0o020644, "", 0, "neither a regular file nor a symlink"),
+    (0o020644, "", 0, "mode 20644 is neither a regular file nor a symlink"),
     (0o120777, "", 0, "symlink without a target"),
     (0o100644, "x", 3, "regular file with a symlink target"),
+    # longer than PATH_MAX: refused where the header is parsed (before: by the image writer,
+    # naming the inode and no object)
+    (0o120777, "t" * 4096, 0, r"symlink target of 4096 bytes \(at most 4095\)$"),
+    (0o120777, "\u00e9" * 2048, 0, "symlink target of 4096 bytes"),
 ])
 def test_hostile_file_headers_are_refused(mode, target, size, why):
     header = FileHeader(size, 0, 0, mode, target, [])
     checksum = hashlib.sha256(b"x").digest()
-    with pytest.raises(OstreeError, match=why):
+    with pytest.raises(OstreeError, match=f"^object {checksum.hex()}.file: {why}"):
         split_archive_header(header.archive_header(), checksum)
 
 
