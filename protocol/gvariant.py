@@ -6,7 +6,8 @@
 Python values by type code:
 
     b -> bool; y n q i u x t h -> int; d -> float; s o g -> str
-    ay -> bytes (the one array kept as a byte string: ostree's checksums, names, values)
+    ay -> bytes (the one array kept as a byte string: ostree's checksums, names, values);
+          with decode(..., views=True) a read-only memoryview of the data instead of a copy
     aT -> list; (T...) and {KV} -> tuple (an `a{..}` is a list of 2-tuples, so order and
     duplicates survive a round trip); v -> Variant(type, value); mT -> None or the value
 
@@ -238,17 +239,32 @@ def _encode_tuple(t: _Type, value: Any) -> bytes:
 # ------------------------------------------------------------------------------- decoding
 
 
-def decode(type_text: str, data: bytes | bytearray | memoryview) -> Any:
-    """Decode a whole serialised value; GVariantError unless data is exactly the normal form."""
+def decode(type_text: str, data: bytes | bytearray | memoryview, views: bool = False) -> Any:
+    """Decode a whole serialised value; GVariantError unless data is exactly the normal form.
+    views: each `ay` a read-only view of data, not a copy (for a blob as large as the data,
+    which the caller holds anyway), valid while data is unchanged."""
     t = parse_type(type_text)
-    mv = memoryview(bytes(data) if not isinstance(data, bytes) else data)
-    return _decode(t, mv, 0, [MAX_VALUES])
+    if views:
+        mv = memoryview(data).toreadonly()
+    else:
+        mv = memoryview(bytes(data) if not isinstance(data, bytes) else data)
+    return _decode(t, mv, 0, _State(MAX_VALUES, views))
 
 
-def _spend(budget: list[int], n: int) -> None:
+class _State:
+    """What one decode carries down: the values it may still make, and `views`."""
+
+    __slots__ = ("left", "views")
+
+    def __init__(self, left: int, views: bool) -> None:
+        self.left = left
+        self.views = views
+
+
+def _spend(state: _State, n: int) -> None:
     """Take n values from what is left of the decode's MAX_VALUES."""
-    budget[0] -= n
-    if budget[0] < 0:
+    state.left -= n
+    if state.left < 0:
         raise GVariantError(f"value holds more than {MAX_VALUES} elements")
 
 
@@ -262,7 +278,7 @@ def _padding(mv: memoryview, start: int, end: int, type_text: str, array: bool =
         raise GVariantError(f"{'array of ' if array else ''}{_cut(type_text)}: non-zero padding: not in normal form")
 
 
-def _decode(t: _Type, mv: memoryview, depth: int, budget: list[int]) -> Any:
+def _decode(t: _Type, mv: memoryview, depth: int, state: _State) -> Any:
     if depth > MAX_DEPTH:
         raise GVariantError("value nests too deeply")
     code = t.code
@@ -291,13 +307,13 @@ def _decode(t: _Type, mv: memoryview, depth: int, budget: list[int]) -> Any:
         if sep < 0:
             raise GVariantError(f"variant has no type string of at most {MAX_VARIANT_TYPE} bytes")
         raw_type = tail[sep + 1:]
-        _spend(budget, len(raw_type))
+        _spend(state, len(raw_type))
         try:
             type_text = raw_type.decode("ascii")
             inner = parse_type(type_text)
         except (UnicodeDecodeError, GVariantError):
             raise GVariantError(f"variant has a bad type string {raw_type[:40]!r}") from None
-        return Variant(type_text, _decode(inner, mv[:n - len(tail) + sep], depth + 1, budget))
+        return Variant(type_text, _decode(inner, mv[:n - len(tail) + sep], depth + 1, state))
     if code == "m":
         if n == 0:
             return None
@@ -305,33 +321,33 @@ def _decode(t: _Type, mv: memoryview, depth: int, budget: list[int]) -> Any:
         if elem.fixed is None:
             if mv[n - 1] != 0:
                 raise GVariantError("maybe value lacks its trailing zero byte")
-            value = _decode(elem, mv[:n - 1], depth + 1, budget)
+            value = _decode(elem, mv[:n - 1], depth + 1, state)
             if value is None:  # Just(Nothing) would come back as Nothing
                 raise GVariantError("a maybe holding an empty maybe has no value here")
             return value
-        return _decode(elem, mv, depth + 1, budget)
+        return _decode(elem, mv, depth + 1, state)
     if code == "a":
-        return _decode_array(t.children[0], mv, depth, budget)
-    return _decode_tuple(t, mv, depth, budget)
+        return _decode_array(t.children[0], mv, depth, state)
+    return _decode_tuple(t, mv, depth, state)
 
 
-def _decode_array(elem: _Type, mv: memoryview, depth: int, budget: list[int]) -> Any:
+def _decode_array(elem: _Type, mv: memoryview, depth: int, state: _State) -> Any:
     n = len(mv)
     if elem.code == "y":
-        return bytes(mv)
+        return mv if state.views else bytes(mv)
     if n == 0:
         return []
     if elem.fixed is not None:
         if n % elem.fixed:
             raise GVariantError(f"array of {_cut(elem.text)} has {n} bytes, not a multiple of {elem.fixed}")
-        _spend(budget, n // elem.fixed)
-        return [_decode(elem, mv[i:i + elem.fixed], depth + 1, budget) for i in range(0, n, elem.fixed)]
+        _spend(state, n // elem.fixed)
+        return [_decode(elem, mv[i:i + elem.fixed], depth + 1, state) for i in range(0, n, elem.fixed)]
     w = offset_size(n)
     last_end = _read_offset(mv, n - w, w)
     if last_end >= n or (n - last_end) % w:
         raise GVariantError(f"array of {_cut(elem.text)}: bad framing offset {last_end}")
     count = (n - last_end) // w
-    _spend(budget, count)
+    _spend(state, count)
     out = []
     start = 0
     for i in range(count):
@@ -340,18 +356,18 @@ def _decode_array(elem: _Type, mv: memoryview, depth: int, budget: list[int]) ->
         if not aligned <= end <= last_end:
             raise GVariantError(f"array of {_cut(elem.text)}: element {i} at {aligned}..{end} is out of bounds")
         _padding(mv, start, aligned, elem.text, array=True)
-        out.append(_decode(elem, mv[aligned:end], depth + 1, budget))
+        out.append(_decode(elem, mv[aligned:end], depth + 1, state))
         start = end
     return out  # the last element ends where the offsets start: last_end is its offset
 
 
-def _decode_tuple(t: _Type, mv: memoryview, depth: int, budget: list[int]) -> tuple:
+def _decode_tuple(t: _Type, mv: memoryview, depth: int, state: _State) -> tuple:
     n = len(mv)
     if not t.children:
         if mv[0]:
             raise GVariantError("the unit tuple is one zero byte: not in normal form")
         return ()
-    _spend(budget, len(t.children))
+    _spend(state, len(t.children))
     w = offset_size(n)
     frame_end = n  # offsets are read from the end, one per variable-size non-last member
     out = []
@@ -374,7 +390,7 @@ def _decode_tuple(t: _Type, mv: memoryview, depth: int, budget: list[int]) -> tu
             end = _read_offset(mv, frame_end, w)
         if not pos <= end <= frame_end:
             raise GVariantError(f"{_cut(t.text)}: member {i} at {pos}..{end} is out of bounds")
-        out.append(_decode(child, mv[pos:end], depth + 1, budget))
+        out.append(_decode(child, mv[pos:end], depth + 1, state))
         pos = end
     if t.fixed is not None:
         _padding(mv, pos, n, t.text)  # a fixed-size tuple is padded to its alignment

@@ -63,6 +63,30 @@ def test_round_trip(tv):
     assert encode(type_text, decode(type_text, data)) == data
 
 
+@settings(max_examples=200, deadline=None)
+@given(typed_values())
+def test_views_decode_to_the_same_values(tv):
+    """decode(views=True) gives each `ay` as a view of the data: the same values, encoding
+    back to the same bytes."""
+    type_text, value = tv
+    data = encode(type_text, value)
+    viewed = decode(type_text, data, views=True)
+    assert viewed == value and encode(type_text, viewed) == data
+
+
+def test_views_share_the_data_and_copy_nothing():
+    """A delta part's blob is as large as the part: as a view it costs nothing more."""
+    blob = bytes(range(256)) * 4096
+    data = encode("(ayay)", (blob, b"ops"))
+    for source in (data, bytearray(data), memoryview(data)):
+        first, second = decode("(ayay)", source, views=True)
+        assert isinstance(first, memoryview) and first.readonly and first.obj is (source.obj if isinstance(
+            source, memoryview) else source)
+        assert first == blob and second == b"ops"
+    assert peak_of(lambda: decode("(ayay)", data, views=True)) < 4096
+    assert isinstance(decode("(ayay)", data)[0], bytes)
+
+
 @settings(max_examples=1500, deadline=None)
 @given(typed_values(), st.lists(st.tuples(st.sampled_from("fid"), st.integers(0, 1 << 16), st.integers(0, 255)),
                                 min_size=1, max_size=3))

@@ -5,6 +5,7 @@ import base64
 import hashlib
 import lzma
 import os
+from functools import partial
 
 import pytest
 from hypothesis import given, strategies as st
@@ -258,3 +259,22 @@ def test_a_file_may_read_its_base_again_and_again_as_ostree_rollsum_writes_it(tm
     assert len(kept) == 2 and applier.written == 2 * len(content)
     for fetched in kept:
         os.close(fetched.fd)
+
+
+def test_a_part_is_held_once_however_it_is_stored():
+    """A part's data is as large as the part (up to MAX_PART): an uncompressed part is read
+    in place, an xz one inflated into one buffer, and the data is a view of either (before:
+    a copy of the part without its first byte, lzma's blocks joined, then a copy of the
+    data: up to three times the part)."""
+    from pycfs.host.ostree.delta import XZ_PIECE
+
+    data = bytes(range(256)) * (128 << 10)  # 32 MiB
+    payload = encode(PART_TYPE, ([], [[(b"user.a\0", b"v")]], data, b"ops"))
+    stored = b"\0" + payload
+    xz = b"x" + lzma.compress(payload, preset=0)
+    for raw, most in ((stored, 1 << 20), (xz, len(data) * 9 // 8 + XZ_PIECE)):
+        got: list[tuple] = []
+        peak = peak_of(partial(lambda raw, got: got.append(decompress_part(raw, "p")), raw, got))
+        [(_modes, xattrs, part_data, ops)] = got
+        assert part_data == data and ops == b"ops" and xattrs == [[(b"user.a\0", b"v")]]
+        assert peak < most, (raw[0], peak)
