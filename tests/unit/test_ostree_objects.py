@@ -195,11 +195,13 @@ def test_local_repo_opens_only_regular_files(archive, tmp_path):
     commit_path.symlink_to(repo / "objects" / checksum[:2] / f"{checksum[2:]}.commit")
     src = LocalRepo(str(copy))
     try:
-        with pytest.raises(OstreeError, match="refs/heads/link: is a symlink"):
+        with pytest.raises(OstreeError, match=r"^ref .*/copy/refs/heads/link is a symlink or lies under one \(nothing "
+                                              r"below a repository's root is followed\)$"):
             src.resolve("link")
         with pytest.raises(OstreeError, match="refs/heads/dir is not a regular file"):
             src.resolve("dir")
-        with pytest.raises(OstreeError, match=f"object {checksum}.commit in .*: Too many levels of symbolic links"):
+        with pytest.raises(OstreeError, match=f"object {checksum}.commit in .*/copy: objects/{checksum[:2]}/"
+                                              f"{checksum[2:]}.commit is a symlink or lies under one"):
             src.read_metadata(bytes.fromhex(checksum), Kind.COMMIT)
         # the optional files (summary, deltas, detached metadata): absent is None, a
         # symlink or a directory one line naming it
@@ -207,7 +209,7 @@ def test_local_repo_opens_only_regular_files(archive, tmp_path):
         assert src.fetch_optional("summary", 1 << 20) is None and src.list_refs() is None
         (copy / "summary").symlink_to("/etc/passwd")
         (copy / "deltas").mkdir()
-        with pytest.raises(OstreeError, match="copy/summary: Too many levels of symbolic links"):
+        with pytest.raises(OstreeError, match="copy/summary is a symlink or lies under one"):
             src.fetch_optional("summary", 1 << 20)
         with pytest.raises(OstreeError, match="copy/deltas is not a regular file"):
             src.fetch_optional("deltas", 1 << 20)
@@ -488,7 +490,7 @@ def test_local_bare_file_objects_opened_at_once(tmp_path):
             src.fetch_file(by_kind["link"], 64, str(tmp_path))
         link_path.symlink_to("file")
         src.mode = "bare-user"  # which keeps symlinks in regular files: a symlink is damage
-        with pytest.raises(OstreeError, match=f"object {by_kind['link'].hex()}.file in .*: Too many levels"):
+        with pytest.raises(OstreeError, match=f"object {by_kind['link'].hex()}.file in .*: objects/.* is a symlink"):
             src.fetch_file(by_kind["link"], 64, str(tmp_path))
     finally:
         src.close()
@@ -533,7 +535,8 @@ def test_a_config_that_is_not_a_key_file_or_not_a_regular_file_is_one_line(tmp_p
         LocalRepo(str(repo))
     (repo / "config").unlink()
     (repo / "config").symlink_to("/dev/zero")  # an open() would read without end
-    with pytest.raises(OstreeError, match=r"/r/config: Too many levels of symbolic links$"):
+    with pytest.raises(OstreeError, match=r"/r/config is a symlink or lies under one \(nothing below a repository's "
+                                          r"root is followed\)$"):
         LocalRepo(str(repo))
 
 
@@ -614,3 +617,79 @@ def test_a_tree_of_shared_dirtrees_is_counted_before_it_is_built(monkeypatch):
     monkeypatch.setattr(image, "MAX_ENTRIES", image.MAX_ENTRIES - 1)
     with pytest.raises(OstreeError, match="has more than"):
         image.build_filesystem(_dag(60, 2, files=1))
+
+
+def test_nothing_below_a_local_repositorys_root_is_followed(archive, tmp_path):
+    """A symlinked objects/, objects/XX or refs/heads/ took the pull to files elsewhere (only
+    the last component was opened without following): each is now one line naming the path.
+    The root itself, the path given, may be a symlink."""
+    repo, checksum = archive
+    commit_id = bytes.fromhex(checksum)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def copy(name: str) -> Path:
+        shutil.copytree(repo, tmp_path / name, symlinks=True)
+        return tmp_path / name
+
+    def moved(path: Path) -> None:  # the directory moved out, a symlink to it left in its place
+        target = elsewhere / f"{path.parent.parent.name}-{path.name}"
+        path.rename(target)
+        path.symlink_to(target)
+
+    (tmp_path / "link").symlink_to(repo)
+    src = LocalRepo(str(tmp_path / "link"))
+    try:
+        assert src.resolve("main") == commit_id and src.read_metadata(commit_id, Kind.COMMIT)
+    finally:
+        src.close()
+    objects = copy("objects-moved")
+    moved(objects / "objects")
+    with pytest.raises(OstreeError, match=r"^.*/objects-moved/objects is a symlink or lies under one \(nothing below a "
+                                          r"repository's root is followed\)$"):
+        LocalRepo(str(objects))
+    heads, sub = copy("heads-moved"), copy("sub-moved")
+    moved(heads / "refs" / "heads")
+    moved(sub / "objects" / checksum[:2])
+    for root in (heads, sub):
+        src = LocalRepo(str(root))
+        try:
+            if root == heads:
+                with pytest.raises(OstreeError, match=r"^ref .*/heads-moved/refs/heads/main is a symlink or lies under"):
+                    src.resolve("main")
+            else:
+                assert src.resolve("main") == commit_id
+                with pytest.raises(OstreeError, match=rf"^object {checksum}.commit in .*/sub-moved: objects/"
+                                                      rf"{checksum[:2]}/{checksum[2:]}.commit is a symlink or lies"):
+                    src.read_metadata(commit_id, Kind.COMMIT)
+                with pytest.raises(OstreeError, match=rf"^.*/sub-moved/objects/{checksum[:2]}/{checksum[2:]}.commitmeta "
+                                                      "is a symlink or lies under one"):
+                    src.read_detached(commit_id, 1 << 20)
+        finally:
+            src.close()
+
+
+def test_a_bare_repositorys_objects_xx_is_not_followed(tmp_path):
+    """A file object and a symlink object (which the open refuses, then looks at) under a
+    symlinked objects/XX: each one line naming the object."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file").write_bytes(b"x" * 1000)
+    os.symlink("file", tree / "link")
+    repo = init_repo(tmp_path / "repo", "bare-user-only")
+    commit(repo, tree, "main")
+    found = {("link" if p.is_symlink() else "file"): p for p in (repo / "objects").rglob("*.file")}
+    for kind, path in found.items():
+        checksum = bytes.fromhex(path.parent.name + path.name.split(".")[0])
+        target = tmp_path / f"moved-{kind}"
+        path.parent.rename(target)
+        path.parent.symlink_to(target)
+        src = LocalRepo(str(repo))
+        try:
+            with pytest.raises(OstreeError, match=rf"^object {checksum.hex()}.file in .*/repo: objects/"
+                                                  rf"{path.parent.name}/.* is a symlink or lies under one"):
+                src.fetch_file(checksum, 64, str(tmp_path))
+        finally:
+            src.close()
+            path.parent.unlink()
+            target.rename(path.parent)
