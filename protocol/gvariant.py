@@ -6,7 +6,8 @@
 Python values by type code:
 
     b -> bool; y n q i u x t h -> int; d -> float; s o g -> str
-    ay -> bytes (the one array kept as a byte string: ostree's checksums, names, values)
+    ay -> bytes (the one array kept as a byte string: ostree's checksums, names, values);
+          with decode(..., views=True) a read-only memoryview of the data instead of a copy
     aT -> list; (T...) and {KV} -> tuple (an `a{..}` is a list of 2-tuples, so order and
     duplicates survive a round trip); v -> Variant(type, value); mT -> None or the value
 
@@ -44,6 +45,11 @@ MAX_DEPTH = 64
 # could decode to gigabytes. A dirtree of 100k files is 300k; the cap keeps a value under
 # some 256 MiB.
 MAX_VALUES = 1 << 22
+# A variant carries its own type string, which the data can make as long as itself: capped at
+# 255 bytes, the longest signature the D-Bus specification allows ("Valid Signatures"; GLib
+# bounds GVariant types by nesting only, G_VARIANT_MAX_RECURSION_DEPTH, and ostree writes
+# types of a few bytes), and charged to MAX_VALUES by its length (a node per character).
+MAX_VARIANT_TYPE = 255
 
 
 class GVariantError(ValueError):
@@ -65,6 +71,11 @@ class _Type:
     children: tuple[_Type, ...]
     align: int
     fixed: int | None  # size when every value has the same size, else None
+
+
+def _cut(text: str) -> str:
+    """A type string in a message: a hostile one can be long."""
+    return text[:40] + "..." if len(text) > 40 else text
 
 
 def _make(code: str, text: str, children: tuple[_Type, ...]) -> _Type:
@@ -89,9 +100,9 @@ def _make(code: str, text: str, children: tuple[_Type, ...]) -> _Type:
 
 def _parse_one(text: str, pos: int, depth: int) -> tuple[_Type, int]:
     if depth > MAX_DEPTH:
-        raise GVariantError(f"type {text!r} nests too deeply")
+        raise GVariantError(f"type {_cut(text)!r} nests too deeply")
     if pos >= len(text):
-        raise GVariantError(f"type {text!r} ends early")
+        raise GVariantError(f"type {_cut(text)!r} ends early")
     c = text[pos]
     if c in _BASIC or c in _STRINGS or c == "v":
         return _make(c, c, ()), pos + 1
@@ -104,15 +115,15 @@ def _parse_one(text: str, pos: int, depth: int) -> tuple[_Type, int]:
         p = pos + 1
         while True:
             if p >= len(text):
-                raise GVariantError(f"type {text!r}: unclosed {c!r}")
+                raise GVariantError(f"type {_cut(text)!r}: unclosed {c!r}")
             if text[p] == close:
                 break
             child, p = _parse_one(text, p, depth + 1)
             children.append(child)
         if c == "{" and (len(children) != 2 or (children[0].code not in _BASIC and children[0].code not in _STRINGS)):
-            raise GVariantError(f"type {text!r}: a dict entry is a basic key and one value")
+            raise GVariantError(f"type {_cut(text)!r}: a dict entry is a basic key and one value")
         return _make(c, text[pos:p + 1], tuple(children)), p + 1
-    raise GVariantError(f"type {text!r}: unknown type code {c!r}")
+    raise GVariantError(f"type {_cut(text)!r}: unknown type code {c!r}")
 
 
 @lru_cache(maxsize=256)
@@ -120,7 +131,7 @@ def parse_type(text: str) -> _Type:
     """The parsed form of one complete type string."""
     t, end = _parse_one(text, 0, 0)
     if end != len(text):
-        raise GVariantError(f"type {text!r} has trailing characters")
+        raise GVariantError(f"type {_cut(text)!r} has trailing characters")
     return t
 
 
@@ -174,6 +185,8 @@ def _encode(t: _Type, value: Any) -> bytes:
     if code == "v":
         if not isinstance(value, Variant):
             raise GVariantError(f"type 'v' needs a Variant, not {type(value).__name__}")
+        if len(value.type) > MAX_VARIANT_TYPE:
+            raise GVariantError(f"variant type {_cut(value.type)!r} is longer than {MAX_VARIANT_TYPE} bytes")
         inner = parse_type(value.type)
         return _encode(inner, value.value) + b"\0" + value.type.encode()
     if code == "m":
@@ -192,7 +205,7 @@ def _encode_array(elem: _Type, value: Any) -> bytes:
             raise GVariantError(f"type 'ay' needs bytes, not {type(value).__name__}")
         return bytes(value)
     if not isinstance(value, (list, tuple)):
-        raise GVariantError(f"type 'a{elem.text}' needs a list, not {type(value).__name__}")
+        raise GVariantError(f"type {_cut('a' + elem.text)!r} needs a list, not {type(value).__name__}")
     if elem.fixed is not None:
         return b"".join(_encode(elem, v) for v in value)
     body = bytearray()
@@ -206,7 +219,7 @@ def _encode_array(elem: _Type, value: Any) -> bytes:
 
 def _encode_tuple(t: _Type, value: Any) -> bytes:
     if not isinstance(value, tuple) or len(value) != len(t.children):
-        raise GVariantError(f"type {t.text!r} needs a tuple of {len(t.children)}, not {value!r:.80}")
+        raise GVariantError(f"type {_cut(t.text)!r} needs a tuple of {len(t.children)}, not {value!r:.80}")
     if not t.children:
         return b"\0"
     body = bytearray()
@@ -226,17 +239,32 @@ def _encode_tuple(t: _Type, value: Any) -> bytes:
 # ------------------------------------------------------------------------------- decoding
 
 
-def decode(type_text: str, data: bytes | bytearray | memoryview) -> Any:
-    """Decode a whole serialised value; GVariantError unless data is exactly the normal form."""
+def decode(type_text: str, data: bytes | bytearray | memoryview, views: bool = False) -> Any:
+    """Decode a whole serialised value; GVariantError unless data is exactly the normal form.
+    views: each `ay` a read-only view of data, not a copy (for a blob as large as the data,
+    which the caller holds anyway), valid while data is unchanged."""
     t = parse_type(type_text)
-    mv = memoryview(bytes(data) if not isinstance(data, bytes) else data)
-    return _decode(t, mv, 0, [MAX_VALUES])
+    if views:
+        mv = memoryview(data).toreadonly()
+    else:
+        mv = memoryview(bytes(data) if not isinstance(data, bytes) else data)
+    return _decode(t, mv, 0, _State(MAX_VALUES, views))
 
 
-def _spend(budget: list[int], n: int) -> None:
+class _State:
+    """What one decode carries down: the values it may still make, and `views`."""
+
+    __slots__ = ("left", "views")
+
+    def __init__(self, left: int, views: bool) -> None:
+        self.left = left
+        self.views = views
+
+
+def _spend(state: _State, n: int) -> None:
     """Take n values from what is left of the decode's MAX_VALUES."""
-    budget[0] -= n
-    if budget[0] < 0:
+    state.left -= n
+    if state.left < 0:
         raise GVariantError(f"value holds more than {MAX_VALUES} elements")
 
 
@@ -244,19 +272,19 @@ def _read_offset(mv: memoryview, pos: int, w: int) -> int:
     return int.from_bytes(mv[pos:pos + w], "little")
 
 
-def _padding(mv: memoryview, start: int, end: int, what: str) -> None:
+def _padding(mv: memoryview, start: int, end: int, type_text: str, array: bool = False) -> None:
     """Alignment padding is zero bytes in the normal form."""
     if end > start and any(mv[start:end]):
-        raise GVariantError(f"{what}: non-zero padding: not in normal form")
+        raise GVariantError(f"{'array of ' if array else ''}{_cut(type_text)}: non-zero padding: not in normal form")
 
 
-def _decode(t: _Type, mv: memoryview, depth: int, budget: list[int]) -> Any:
+def _decode(t: _Type, mv: memoryview, depth: int, state: _State) -> Any:
     if depth > MAX_DEPTH:
         raise GVariantError("value nests too deeply")
     code = t.code
     n = len(mv)
     if t.fixed is not None and n != t.fixed:
-        raise GVariantError(f"{t.text} value of {n} bytes, expected {t.fixed}")
+        raise GVariantError(f"{_cut(t.text)} value of {n} bytes, expected {t.fixed}")
     if code in _BASIC:
         v = struct.unpack(_BASIC[code][0], mv)[0]
         if code == "b" and mv[0] > 1:
@@ -273,15 +301,19 @@ def _decode(t: _Type, mv: memoryview, depth: int, budget: list[int]) -> Any:
         except UnicodeDecodeError:
             raise GVariantError(f"string {raw[:40]!r} is not UTF-8") from None
     if code == "v":
-        sep = bytes(mv).rfind(b"\0")
+        # (the type string holds no NUL: the last one ends the value)
+        tail = bytes(mv[max(0, n - MAX_VARIANT_TYPE - 1):])
+        sep = tail.rfind(b"\0")
         if sep < 0:
-            raise GVariantError("variant has no type string")
+            raise GVariantError(f"variant has no type string of at most {MAX_VARIANT_TYPE} bytes")
+        raw_type = tail[sep + 1:]
+        _spend(state, len(raw_type))
         try:
-            type_text = bytes(mv[sep + 1:]).decode("ascii")
+            type_text = raw_type.decode("ascii")
             inner = parse_type(type_text)
         except (UnicodeDecodeError, GVariantError):
-            raise GVariantError(f"variant has a bad type string {bytes(mv[sep + 1:])[:40]!r}") from None
-        return Variant(type_text, _decode(inner, mv[:sep], depth + 1, budget))
+            raise GVariantError(f"variant has a bad type string {raw_type[:40]!r}") from None
+        return Variant(type_text, _decode(inner, mv[:n - len(tail) + sep], depth + 1, state))
     if code == "m":
         if n == 0:
             return None
@@ -289,53 +321,53 @@ def _decode(t: _Type, mv: memoryview, depth: int, budget: list[int]) -> Any:
         if elem.fixed is None:
             if mv[n - 1] != 0:
                 raise GVariantError("maybe value lacks its trailing zero byte")
-            value = _decode(elem, mv[:n - 1], depth + 1, budget)
+            value = _decode(elem, mv[:n - 1], depth + 1, state)
             if value is None:  # Just(Nothing) would come back as Nothing
                 raise GVariantError("a maybe holding an empty maybe has no value here")
             return value
-        return _decode(elem, mv, depth + 1, budget)
+        return _decode(elem, mv, depth + 1, state)
     if code == "a":
-        return _decode_array(t.children[0], mv, depth, budget)
-    return _decode_tuple(t, mv, depth, budget)
+        return _decode_array(t.children[0], mv, depth, state)
+    return _decode_tuple(t, mv, depth, state)
 
 
-def _decode_array(elem: _Type, mv: memoryview, depth: int, budget: list[int]) -> Any:
+def _decode_array(elem: _Type, mv: memoryview, depth: int, state: _State) -> Any:
     n = len(mv)
     if elem.code == "y":
-        return bytes(mv)
+        return mv if state.views else bytes(mv)
     if n == 0:
         return []
     if elem.fixed is not None:
         if n % elem.fixed:
-            raise GVariantError(f"array of {elem.text} has {n} bytes, not a multiple of {elem.fixed}")
-        _spend(budget, n // elem.fixed)
-        return [_decode(elem, mv[i:i + elem.fixed], depth + 1, budget) for i in range(0, n, elem.fixed)]
+            raise GVariantError(f"array of {_cut(elem.text)} has {n} bytes, not a multiple of {elem.fixed}")
+        _spend(state, n // elem.fixed)
+        return [_decode(elem, mv[i:i + elem.fixed], depth + 1, state) for i in range(0, n, elem.fixed)]
     w = offset_size(n)
     last_end = _read_offset(mv, n - w, w)
     if last_end >= n or (n - last_end) % w:
-        raise GVariantError(f"array of {elem.text}: bad framing offset {last_end}")
+        raise GVariantError(f"array of {_cut(elem.text)}: bad framing offset {last_end}")
     count = (n - last_end) // w
-    _spend(budget, count)
+    _spend(state, count)
     out = []
     start = 0
     for i in range(count):
         end = _read_offset(mv, last_end + i * w, w)
         aligned = _align(start, elem.align)
         if not aligned <= end <= last_end:
-            raise GVariantError(f"array of {elem.text}: element {i} at {aligned}..{end} is out of bounds")
-        _padding(mv, start, aligned, f"array of {elem.text}")
-        out.append(_decode(elem, mv[aligned:end], depth + 1, budget))
+            raise GVariantError(f"array of {_cut(elem.text)}: element {i} at {aligned}..{end} is out of bounds")
+        _padding(mv, start, aligned, elem.text, array=True)
+        out.append(_decode(elem, mv[aligned:end], depth + 1, state))
         start = end
     return out  # the last element ends where the offsets start: last_end is its offset
 
 
-def _decode_tuple(t: _Type, mv: memoryview, depth: int, budget: list[int]) -> tuple:
+def _decode_tuple(t: _Type, mv: memoryview, depth: int, state: _State) -> tuple:
     n = len(mv)
     if not t.children:
         if mv[0]:
             raise GVariantError("the unit tuple is one zero byte: not in normal form")
         return ()
-    _spend(budget, len(t.children))
+    _spend(state, len(t.children))
     w = offset_size(n)
     frame_end = n  # offsets are read from the end, one per variable-size non-last member
     out = []
@@ -344,7 +376,7 @@ def _decode_tuple(t: _Type, mv: memoryview, depth: int, budget: list[int]) -> tu
     for i, child in enumerate(t.children):
         aligned = _align(pos, child.align)
         if aligned > frame_end:
-            raise GVariantError(f"{t.text}: member {i} at {aligned} is out of bounds")
+            raise GVariantError(f"{_cut(t.text)}: member {i} at {aligned} is out of bounds")
         _padding(mv, pos, aligned, t.text)
         pos = aligned
         if child.fixed is not None:
@@ -354,14 +386,14 @@ def _decode_tuple(t: _Type, mv: memoryview, depth: int, budget: list[int]) -> tu
         else:
             frame_end -= w
             if frame_end < 0 or not w:  # (an empty value has no room for an offset)
-                raise GVariantError(f"{t.text}: framing offsets run past the start")
+                raise GVariantError(f"{_cut(t.text)}: framing offsets run past the start")
             end = _read_offset(mv, frame_end, w)
         if not pos <= end <= frame_end:
-            raise GVariantError(f"{t.text}: member {i} at {pos}..{end} is out of bounds")
-        out.append(_decode(child, mv[pos:end], depth + 1, budget))
+            raise GVariantError(f"{_cut(t.text)}: member {i} at {pos}..{end} is out of bounds")
+        out.append(_decode(child, mv[pos:end], depth + 1, state))
         pos = end
     if t.fixed is not None:
         _padding(mv, pos, n, t.text)  # a fixed-size tuple is padded to its alignment
     elif pos != frame_end:
-        raise GVariantError(f"{t.text}: {frame_end - pos} bytes after the last member: not in normal form")
+        raise GVariantError(f"{_cut(t.text)}: {frame_end - pos} bytes after the last member: not in normal form")
     return tuple(out)

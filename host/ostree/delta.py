@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 from pycfs.host.ostree.commitstream import CommitObjects, Entry
 from pycfs.host.ostree.objects import (
-    CHECKSUM_SIZE, COMMIT_TYPE, FileHeader, Kind, OstreeError, describe, parse_delta_table, verify_metadata,
+    CHECKSUM_SIZE, COMMIT_TYPE, MAX_SYMLINK_TARGET, FileHeader, Kind, OstreeError, describe, parse_delta_table,
+    verify_metadata,
 )
-from pycfs.host.ostree.source import MISMATCH, FetchedFile, HttpRepo, LocalRepo, _tmpfile, check_file
+from pycfs.host.ostree.source import MISMATCH, FetchedFile, HttpRepo, LocalRepo, _tmpfile
 from pycfs.host.repository import write_all
 from pycfs.protocol.gvariant import GVariantError, decode, encode
 
@@ -36,6 +37,7 @@ PART_TYPE = "(a(uuu)aa(ayay)ayay)"
 INDEX_TYPE = "a{sv}"
 MAX_SUPERBLOCK = 64 << 20
 MAX_PART = 1 << 30
+XZ_PIECE = 16 << 20
 
 
 def b64name(checksum: bytes) -> str:
@@ -137,12 +139,13 @@ def _varuint(data: bytes, pos: int, where: str) -> tuple[int, int]:
             return value, pos
 
 
-def _offtin(b: bytes) -> int:
-    value = int.from_bytes(b[:7] + bytes([b[7] & 0x7F]), "little")
-    return -value if b[7] & 0x80 else value
+def _offtin(b: bytes | memoryview) -> int:
+    """bsdiff's 8-byte number: magnitude little-endian, sign in the top bit."""
+    value = int.from_bytes(b, "little")
+    return -(value & ~(1 << 63)) if value >> 63 else value
 
 
-def bspatch(old: bytes | BaseFile, patch: bytes, size: int, where: str) -> bytes:
+def bspatch(old: bytes | BaseFile, patch: bytes | memoryview, size: int, where: str) -> bytes:
     """Apply a header-less bsdiff patch (control triples, diff and extra bytes, interleaved)."""
     out = bytearray()
     pos = oldpos = 0
@@ -164,7 +167,6 @@ def bspatch(old: bytes | BaseFile, patch: bytes, size: int, where: str) -> bytes
     return bytes(out)
 
 
-MAX_SYMLINK_TARGET = 4095  # PATH_MAX less its NUL: an 'open' of a symlink declaring more is refused
 PIECE = 1 << 20  # a 'write' copies at most this much at a time
 
 
@@ -212,7 +214,7 @@ class _Building:
             self.hasher = hashlib.sha256(header.checksum_prefix())
             self.fd = _tmpfile(tmp_dir)
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes | memoryview) -> None:
         self.length += len(data)
         if self.fd is None or self.hasher is None:
             self.small += data
@@ -236,7 +238,9 @@ class PartApplier:
                  read_base: Callable[[bytes], bytes | BaseFile], store: Callable[[bytes, FetchedFile], None],
                  store_meta: Callable[[Kind, bytes, bytes], None], inline_max: int, tmp_dir: str) -> None:
         self.where = where
-        self.modes, self.xattrs, self.data, self.ops = payload
+        # (data and ops may be views of the part, see decompress_part; xattrs become headers)
+        self.modes, xattrs, self.data, self.ops = payload
+        self.xattrs = [[(bytes(name), bytes(value)) for name, value in pairs] for pairs in xattrs]
         self.objects = objects
         self.read_base = read_base
         self.store = store
@@ -245,12 +249,27 @@ class PartApplier:
         self.tmp_dir = tmp_dir
         self.current: _Building | None = None  # the file between 'open' and 'close'
         self.source: bytes | BaseFile | None = None  # what 'write' and 'bspatch' read, after 'read'
+        # What the opcodes may write in all: the part's data, and each base object a file
+        # reads (once a file: ostree's rollsum 'read's it again after each run of data).
+        # An 'open' declares any size and 'write's may repeat: a few hundred bytes of xz
+        # wrote 4 GiB before the checksum refused it.
+        self.budget = len(self.data)
+        self.written = 0
+        self.read_by_file: set[bytes] = set()  # the base objects read since the last 'close'
 
-    def _slice(self, source: bytes | BaseFile, offset: int, length: int) -> bytes:
+    def _charge(self, n: int) -> None:
+        """Count n bytes about to be written against the budget."""
+        self.written += n
+        if self.written > self.budget:
+            raise OstreeError(f"{self.where}: the opcodes write more than the part's {len(self.data)} bytes of data "
+                              f"and the {self.budget - len(self.data)} bytes of the base objects they read: a delta "
+                              "crafted to fill the disk (`--no-delta` pulls without deltas)")
+
+    def _slice(self, source: bytes | memoryview | BaseFile, offset: int, length: int) -> bytes | memoryview:
         self._check_range(source, offset, length)
         return source[offset:offset + length]
 
-    def _check_range(self, source: bytes | BaseFile, offset: int, length: int) -> None:
+    def _check_range(self, source: bytes | memoryview | BaseFile, offset: int, length: int) -> None:
         if offset + length > len(source):
             raise OstreeError(f"{self.where}: opcode reads beyond its data ({offset}+{length} > {len(source)})")
 
@@ -296,10 +315,13 @@ class PartApplier:
                 if kind is Kind.FILE:
                     (mode_idx, xattr_idx, size, offset), pos = arg(pos, 4)
                     header = self._header(mode_idx, xattr_idx, size, checksum)
-                    self._finish(checksum, header, self._slice(self.data, offset, size))
+                    content = self._slice(self.data, offset, size)
+                    self._charge(size)
+                    self._finish(checksum, header, content)
                 else:
                     (size, offset), pos = arg(pos, 2)
-                    data = self._slice(self.data, offset, size)
+                    data = bytes(self._slice(self.data, offset, size))
+                    self._charge(size)
                     verify_metadata(data, checksum, kind)
                     self.store_meta(kind, checksum, data)
             elif op == "o":
@@ -319,25 +341,34 @@ class PartApplier:
                     raise OstreeError(f"{self.where}: 'write' beyond the size of the open file, or with none open")
                 source = self.source if self.source is not None else self.data
                 self._check_range(source, offset, size)
+                self._charge(size)
                 for at in range(offset, offset + size, PIECE):
                     current.append(source[at:min(at + PIECE, offset + size)])
             elif op == "r":
                 (offset,), pos = arg(pos, 1)
-                self._set_source(self.read_base(self._slice(self.data, offset, CHECKSUM_SIZE)))
+                base = bytes(self._slice(self.data, offset, CHECKSUM_SIZE))
+                source = self.read_base(base)
+                self._set_source(source)
+                if base not in self.read_by_file:
+                    self.read_by_file.add(base)
+                    self.budget += len(source)
             elif op == "R":
                 self._set_source(None)
             elif op == "B":
                 (offset, length), pos = arg(pos, 2)
                 if self.source is None or current is None:
                     raise OstreeError(f"{self.where}: bspatch without a read source or an open file")
-                current.append(bspatch(self.source, self._slice(self.data, offset, length),
-                                       current.size - current.length, self.where))
+                patched = bspatch(self.source, self._slice(self.data, offset, length), current.size - current.length,
+                                  self.where)
+                self._charge(len(patched))
+                current.append(patched)
             elif op == "c":
                 if current is None:
                     raise OstreeError(f"{self.where}: 'close' without an open file")
                 self._finish_built(current)
                 self.current = None
                 self._set_source(None)
+                self.read_by_file.clear()
             else:
                 raise OstreeError(f"{self.where}: unknown opcode {op!r}")
         if index != len(self.objects) or self.current is not None:
@@ -363,17 +394,20 @@ class PartApplier:
         fd, built.fd = built.fd, None  # the receiver closes it now
         self.store(built.checksum, FetchedFile(built.header, fd=fd))
 
-    def _finish(self, checksum: bytes, header: FileHeader, content: bytes) -> None:
+    def _finish(self, checksum: bytes, header: FileHeader, content: bytes | memoryview) -> None:
         if stat.S_ISLNK(header.mode):
             header = FileHeader(0, header.uid, header.gid, header.mode,
-                                content.decode("utf-8", "surrogateescape"), header.xattrs)
+                                bytes(content).decode("utf-8", "surrogateescape"), header.xattrs)
             content = b""
         elif len(content) != header.size:
             raise OstreeError(f"{describe(checksum, Kind.FILE)}: the delta gives {len(content)} of {header.size} bytes")
         header.check(checksum)
-        check_file(header, checksum, content)
+        hasher = hashlib.sha256(header.checksum_prefix())
+        hasher.update(content)  # (a large file's content is a view of the part: not joined to its prefix)
+        if hasher.digest() != checksum:
+            raise OstreeError(f"{describe(checksum, Kind.FILE)}: {MISMATCH}")
         if header.is_symlink or header.size <= self.inline_max:
-            self.store(checksum, FetchedFile(header, content=content))
+            self.store(checksum, FetchedFile(header, content=bytes(content)))
             return
         fd = _tmpfile(self.tmp_dir)
         try:
@@ -385,23 +419,33 @@ class PartApplier:
 
 
 def decompress_part(raw: bytes, where: str) -> tuple:
+    """The part's (modes, xattrs, data, ops), its data and ops views of what raw inflates to
+    (of raw itself when it is stored uncompressed): a part's data is up to MAX_PART, and
+    copies of it doubled or tripled what a part held."""
     if not raw:
         raise OstreeError(f"{where}: empty part")
-    kind, body = raw[0], raw[1:]
+    kind, body = raw[0], memoryview(raw)[1:]
+    payload: bytearray | memoryview
     if kind == 0:
         payload = body
     elif kind == ord("x"):
+        # inflated a piece at a time into one buffer: lzma's own output for a max_length is
+        # gathered in blocks, then joined (twice the part at its end)
+        payload = bytearray()
         try:
             d = lzma.LZMADecompressor()
-            payload = d.decompress(body, MAX_PART)
-            if not d.eof or d.unused_data:
+            pending: bytes | memoryview = body
+            while not d.eof and len(payload) <= MAX_PART and (pending or not d.needs_input):
+                payload += d.decompress(pending, XZ_PIECE)
+                pending = b""
+            if not d.eof or d.unused_data or len(payload) > MAX_PART:
                 raise OstreeError(f"{where}: truncated or oversized xz data")
         except lzma.LZMAError as e:
             raise OstreeError(f"{where}: corrupt xz data ({e})") from None
     else:
         raise OstreeError(f"{where}: unknown compression {kind!r}")
     try:
-        return decode(PART_TYPE, payload)
+        return decode(PART_TYPE, payload, views=True)
     except GVariantError as e:
         raise OstreeError(f"{where}: not a valid delta part ({e})") from None
 
@@ -432,15 +476,21 @@ def apply_parts(superblock: Superblock, fetch_part: Callable[[int], bytes], base
     def store_meta(kind: Kind, checksum: bytes, data: bytes) -> None:
         result.add(checksum, Entry(data))
 
-    for i, part in enumerate(superblock.parts):
+    def apply(i: int, part: Part) -> None:
+        """One part, whose buffers are dropped when it is done (not held while the next one
+        is fetched)."""
         where = f"static delta {name} part {i}"
         raw = superblock.inline_parts.get(i)
         if raw is None:
             raw = fetch_part(i)
         if hashlib.sha256(raw).digest() != part.checksum:
             raise OstreeError(f"{where}: content does not match its checksum")
-        PartApplier(where, decompress_part(raw, where), part.objects, read_base, store, store_meta,
-                    inline_max, tmp_dir).run()
+        payload = decompress_part(raw, where)
+        del raw  # (an xz part's compressed bytes, once inflated)
+        PartApplier(where, payload, part.objects, read_base, store, store_meta, inline_max, tmp_dir).run()
+
+    for i, part in enumerate(superblock.parts):
+        apply(i, part)
     return result
 
 

@@ -26,7 +26,14 @@ from pycfs.host.ostree.objects import (
 from pycfs.host.repository import Repository
 from pycfs.host.tree import Directory, External, FileSystem, Inline, Leaf, Stat, Symlink, gc_paused
 
-MAX_ENTRIES = 10_000_000  # dirtrees are shared by checksum: a hostile commit could repeat one endlessly
+# Dirtrees are shared by checksum, so a commit of a few kilobytes can list one dirtree many
+# times in another, and that one many times in a third: millions of directories (96 KB built
+# 3 million, 2.6 GB). The entries once every dirtree is expanded are counted over the
+# distinct ones before the tree is built, a directory as DIR_WEIGHT (built and written, one
+# costs ~840 bytes, a name of a shared file ~120), and capped at MAX_ENTRIES: ~200 MB at
+# most, 3 times a Debian /usr (~300k entries, ~25k directories).
+MAX_ENTRIES = 1_500_000
+DIR_WEIGHT = 8
 
 
 def _xattrs(pairs: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
@@ -55,8 +62,31 @@ def commit_of(objects: CommitObjects) -> Commit:
     return _parsed(objects, objects.commit, Kind.COMMIT, Commit)
 
 
+def _expanded_entries(objects: CommitObjects, root_tree: bytes) -> int:
+    """The entries under root_tree once every dirtree is expanded, a directory as DIR_WEIGHT
+    (at most MAX_ENTRIES + 1), each distinct dirtree counted once: children first, without
+    recursion (a chain of dirtrees can be deep)."""
+    counts: dict[bytes, int] = {}
+    pending: list[tuple[bytes, DirTree | None]] = [(root_tree, None)]
+    while pending:
+        tree_id, tree = pending.pop()
+        if tree_id in counts:
+            continue
+        if tree is None:  # first met: its sub-dirtrees are counted before it
+            tree = _parsed(objects, tree_id, Kind.DIRTREE, DirTree)
+            pending.append((tree_id, tree))
+            pending += [(sub, None) for _name, sub, _meta in tree.dirs if sub not in counts]
+        else:
+            total = len(tree.files) + DIR_WEIGHT * len(tree.dirs) + sum(counts[sub] for _name, sub, _meta in tree.dirs)
+            counts[tree_id] = min(total, MAX_ENTRIES + 1)
+    return counts[root_tree]
+
+
 def build_filesystem(objects: CommitObjects) -> FileSystem:
     commit = commit_of(objects)
+    if _expanded_entries(objects, commit.root_tree) > MAX_ENTRIES:
+        raise OstreeError(f"commit {objects.commit.hex()} has more than {MAX_ENTRIES} entries (a directory counting "
+                          f"as {DIR_WEIGHT}) once the directories it shares are expanded: no image is built of it")
     stats: dict[bytes, Stat] = {}  # by dirmeta, parsed once: most directories share a handful
 
     def dir_stat(checksum: bytes) -> Stat:
@@ -68,13 +98,9 @@ def build_filesystem(objects: CommitObjects) -> FileSystem:
     root = Directory(dir_stat(commit.root_meta))
     leaves: dict[bytes, Leaf] = {}
     pending = [(root, commit.root_tree)]
-    count = 0
     while pending:
         directory, tree_id = pending.pop()
         tree = _parsed(objects, tree_id, Kind.DIRTREE, DirTree)
-        count += len(tree.files) + len(tree.dirs)
-        if count > MAX_ENTRIES:
-            raise OstreeError(f"commit {objects.commit.hex()} has more than {MAX_ENTRIES} entries")
         for name, checksum in tree.files:
             leaf = leaves.get(checksum)
             if leaf is None:

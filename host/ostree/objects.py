@@ -36,6 +36,10 @@ _REGULAR_FIELDS = struct.Struct(">IIII")  # uid gid mode rdev of (uuuusa(ayay))
 CHECKSUM_SIZE = 32
 MAX_METADATA_SIZE = 128 << 20  # ostree's own limit for a metadata object
 MAX_HEADER_SIZE = 1 << 20  # a file header is a few xattrs; anything bigger is hostile
+# What a checkout (and a composefs image) can hold: NAME_MAX, and PATH_MAX less its NUL.
+# Checked where the object is parsed, so the error names it.
+MAX_NAME = 255
+MAX_SYMLINK_TARGET = 4095
 
 
 class OstreeError(PycfsError):
@@ -142,6 +146,9 @@ class Commit:
 def check_name(name: str, checksum: bytes, kind: Kind) -> None:
     if not name or name in (".", "..") or "/" in name:
         raise OstreeError(f"{describe(checksum, kind)}: invalid file name {name[:80]!r}")
+    # (UTF-8 takes at most 4 bytes a character: most names need no encoding to measure)
+    if len(name) > MAX_NAME // 4 and (length := len(name.encode())) > MAX_NAME:
+        raise OstreeError(f"{describe(checksum, kind)}: file name {name[:40]!r}... of {length} bytes (at most {MAX_NAME})")
 
 
 @dataclass(frozen=True)
@@ -235,6 +242,9 @@ class FileHeader:
             elif not is_clean_text(self.symlink_target):
                 # (a GVariant string: what a delta or a bare repository gives may be neither)
                 why = "symlink target is not UTF-8 text without NUL"
+            elif len(self.symlink_target) > MAX_SYMLINK_TARGET // 4 and (
+                    length := len(self.symlink_target.encode())) > MAX_SYMLINK_TARGET:
+                why = f"symlink target of {length} bytes (at most {MAX_SYMLINK_TARGET})"
         elif not stat.S_ISREG(self.mode):
             why = f"mode {self.mode:o} is neither a regular file nor a symlink"
         elif self.symlink_target:

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pycfs.host import syscalls
 from pycfs.host.ostree.commitstream import check_ref_name
 from pycfs.host.ostree.signature import MAX_DETACHED, verify_signed
 from pycfs.host.repository import write_all
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
     import socket
 
 READ_CHUNK = 1 << 20
+# an object of a local repository: read-only, never a symlink, nor a fifo's wait for a writer
+_OBJECT_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 MODES = {"archive": "archive", "archive-z2": "archive", "bare": "bare", "bare-user": "bare-user",
          "bare-user-only": "bare-user-only"}
 T = TypeVar("T")
@@ -217,50 +220,77 @@ class _Summary:
 # ---------------------------------------------------------------------------------- local
 
 
+# Below a local repository's root nothing is followed: a symlinked objects/, objects/XX or
+# refs/heads/ would take the pull to files the repository does not hold.
+_CONFINED = syscalls.RESOLVE_CONFINED
+SYMLINKED = "is a symlink or lies under one (nothing below a repository's root is followed)"
+
+
 class LocalRepo(_Summary):
-    """An ostree repository on disk, in archive, bare, bare-user or bare-user-only mode."""
+    """An ostree repository on disk, in archive, bare, bare-user or bare-user-only mode. Its
+    files are opened beneath its root (the path given, which may itself be a symlink)
+    without following any symlink on the way."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.description = path
-        config = self.fetch_optional("config", MAX_CONFIG)  # a regular file, not followed
+        self._objects = -1
+        try:
+            self._root = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise OstreeError(f"{path} is not an ostree repository ({e.strerror})") from None
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        config = self.fetch_optional("config", MAX_CONFIG)
         if config is None:
-            raise OstreeError(f"{path} is not an ostree repository (no config file)")
-        mode_text = config_value(config, "core", "mode", f"{path}/config")
+            raise OstreeError(f"{self.path} is not an ostree repository (no config file)")
+        mode_text = config_value(config, "core", "mode", f"{self.path}/config")
         if mode_text is None:
             mode_text = "bare"  # ostree's default; an empty `mode=` is refused below, as ostree does
         mode = MODES.get(mode_text)
         if mode is None:
-            raise OstreeError(f"{path}: ostree repository mode {mode_text!r} is not supported "
+            raise OstreeError(f"{self.path}: ostree repository mode {mode_text!r} is not supported "
                               f"(supported: {', '.join(MODES)})")
         self.mode = mode
         self.archive = mode == "archive"
         try:
-            self._objects = os.open(os.path.join(path, "objects"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._objects = syscalls.openat2(self._root, "objects", os.O_RDONLY | os.O_DIRECTORY, 0, _CONFINED)
         except OSError as e:
-            raise OstreeError(f"{path} is not an ostree repository (objects/: {e.strerror})") from None
+            if e.errno == errno.ELOOP:
+                raise OstreeError(f"{self.path}/objects {SYMLINKED}") from None
+            raise OstreeError(f"{self.path} is not an ostree repository (objects/: {e.strerror})") from None
 
     def close(self) -> None:
-        if self._objects >= 0:
-            os.close(self._objects)
-            self._objects = -1
+        for fd in (self._objects, self._root):
+            if fd >= 0:
+                os.close(fd)
+        self._objects = self._root = -1
+
+    def _path_error(self, rel: str, e: OSError | syscalls.NotRegularFile, what: str = "") -> OstreeError:
+        """One line for a file of the repository that could not be opened: a symlink on the
+        way (or the file one), not a regular file, or the system's error."""
+        where = f"{what}{self.path}/{rel}"
+        if isinstance(e, syscalls.NotRegularFile):
+            return OstreeError(f"{where} {SYMLINKED}" if stat.S_ISLNK(e.mode) else f"{where} is not a regular file")
+        return OstreeError(f"{where} {SYMLINKED}" if e.errno == errno.ELOOP else f"{where}: {e.strerror}")
 
     def resolve(self, ref: str) -> bytes:
         if is_checksum_text(ref):
             return parse_checksum(ref)
         check_ref_name(ref)
         for top in ("refs/heads", "refs/remotes", "refs/mirrors"):
-            path = os.path.join(self.path, top, ref)
+            rel = f"{top}/{ref}"
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                fd, _st = syscalls.open_regular(self._root, os.fsencode(rel), resolve=_CONFINED)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            except OSError as e:
-                why = "is a symlink, not a ref file" if e.errno == errno.ELOOP else e.strerror
-                raise OstreeError(f"ref {path}: {why}") from None
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise OstreeError(f"ref {path} is not a regular file")
+            except (OSError, syscalls.NotRegularFile) as e:
+                raise self._path_error(rel, e, "ref ") from None
             with os.fdopen(fd, "rb") as f:
                 text = f.read(200)
             return parse_checksum(text.decode("ascii", "replace"), f"ref {ref} in {self.path}")
@@ -273,8 +303,7 @@ class LocalRepo(_Summary):
     def _open(self, checksum: bytes, kind: Kind) -> tuple[int, os.stat_result]:
         """The object opened read-only; it must be a regular file."""
         try:
-            fd = os.open(self._rel(checksum, kind), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=self._objects)
+            fd = syscalls.openat2(self._objects, self._rel(checksum, kind), _OBJECT_FLAGS, 0, _CONFINED)
         except OSError as e:
             raise self._open_error(checksum, kind, e) from None
         return fd, self._regular(fd, checksum, kind)
@@ -282,6 +311,9 @@ class LocalRepo(_Summary):
     def _open_error(self, checksum: bytes, kind: Kind, e: OSError) -> OstreeError:
         if isinstance(e, FileNotFoundError):
             return OstreeError(f"{describe(checksum, kind)} is missing from {self.path}")
+        if e.errno == errno.ELOOP:
+            return OstreeError(f"{describe(checksum, kind)} in {self.path}: objects/{self._rel(checksum, kind)} "
+                               f"{SYMLINKED}")
         return OstreeError(f"{describe(checksum, kind)} in {self.path}: {e.strerror}")
 
     def _regular(self, fd: int, checksum: bytes, kind: Kind) -> os.stat_result:
@@ -310,14 +342,11 @@ class LocalRepo(_Summary):
         """A regular file of the repository that may be absent (summary, static deltas,
         detached metadata): None when it is."""
         try:
-            fd = os.open(os.path.join(self.path, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd, _st = syscalls.open_regular(self._root, os.fsencode(path), resolve=_CONFINED)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        except OSError as e:
-            raise OstreeError(f"{self.path}/{path}: {e.strerror}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise OstreeError(f"{self.path}/{path} is not a regular file")
+        except (OSError, syscalls.NotRegularFile) as e:
+            raise self._path_error(path, e) from None
         with os.fdopen(fd, "rb") as f:
             data = f.read(limit + 1)
         if len(data) > limit:
@@ -331,8 +360,8 @@ class LocalRepo(_Summary):
                 return unpack_filez(f.read, checksum, inline_max, tmp_dir)
         rel = self._rel(checksum, Kind.FILE)
         try:
-            # opened at once, one lookup: only a symlink (which O_NOFOLLOW refuses) needs a stat
-            fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self._objects)
+            # opened at once, one lookup: only a symlink (which the open refuses) needs a stat
+            fd = syscalls.openat2(self._objects, rel, _OBJECT_FLAGS, 0, _CONFINED)
         except OSError as e:
             if e.errno != errno.ELOOP or self.mode == "bare-user":  # (bare-user keeps symlinks in files)
                 raise self._open_error(checksum, Kind.FILE, e) from None
@@ -369,17 +398,26 @@ class LocalRepo(_Summary):
         return FetchedFile(header, fd=fd, verified=False)
 
     def _symlink(self, checksum: bytes, rel: str) -> FetchedFile:
-        """A bare or bare-user-only symlink object, checked against its checksum."""
+        """A bare or bare-user-only symlink object, checked against its checksum (looked at
+        in its objects/XX, itself opened without following a symlink)."""
+        subdir, name = rel.split("/")
         try:
-            st = os.stat(rel, dir_fd=self._objects, follow_symlinks=False)
-            target = os.readlink(rel, dir_fd=self._objects) if stat.S_ISLNK(st.st_mode) else None
-        except OSError as e:  # removed since the open refused it
+            dirfd = syscalls.openat2(self._objects, subdir, os.O_PATH | os.O_DIRECTORY, 0, _CONFINED)
+        except OSError as e:
             raise self._open_error(checksum, Kind.FILE, e) from None
-        if target is None:  # replaced since the open refused it
-            raise OstreeError(f"{describe(checksum, Kind.FILE)} in {self.path} changed while it was read")
+        try:
+            try:
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                target = os.readlink(name, dir_fd=dirfd) if stat.S_ISLNK(st.st_mode) else None
+            except OSError as e:  # removed since the open refused it
+                raise self._open_error(checksum, Kind.FILE, e) from None
+            if target is None:  # replaced since the open refused it
+                raise OstreeError(f"{describe(checksum, Kind.FILE)} in {self.path} changed while it was read")
+            xattrs = self._xattrs(f"/proc/self/fd/{dirfd}/{name}", False) if self.mode == "bare" else []
+        finally:
+            os.close(dirfd)
         header = FileHeader(0, st.st_uid if self.mode == "bare" else 0, st.st_gid if self.mode == "bare" else 0,
-                            st.st_mode, target,
-                            self._xattrs(f"/proc/self/fd/{self._objects}/{rel}", False) if self.mode == "bare" else [])
+                            st.st_mode, target, xattrs)
         header.check(checksum)
         check_file(header, checksum)
         return FetchedFile(header, content=b"")
@@ -416,7 +454,19 @@ LOW_SPEED_TIME = 30.0
 MAX_ERROR_BODY = 64 << 10
 
 
+# Lines in a row, with no body bytes between them (the status line, interim 1xx replies and
+# headers before a body; the trailer after its last chunk), at most MAX_LINES bytes and
+# LOW_SPEED_TIME seconds: http.client reads interim replies and trailer lines for as long as
+# they come, so a server sending them faster than the low-speed limit held a pull for ever.
+# (curl caps a response's headers, interim replies included, at 300 KiB.)
+MAX_LINES = 256 << 10
+
+
 class _TooSlow(TimeoutError):
+    pass
+
+
+class _TooLong(OSError):
     pass
 
 
@@ -465,12 +515,45 @@ class _PacedSocketReader(io.RawIOBase):
             return n
 
 
+class _LineBoundReader(io.BufferedReader):
+    """http.client's reader of a response, with lines in a row bounded (MAX_LINES): http.client
+    reads status, header, chunk-size and trailer lines with readline, and body bytes with
+    read, read1 or readinto, which start a new run."""
+
+    _run = 0  # bytes of lines since the last body bytes
+    _since = 0.0  # when that run started
+
+    def readline(self, size: int | None = -1, /) -> bytes:
+        if not self._run:
+            self._since = time.monotonic()
+        line = super().readline(size)
+        self._run += len(line)
+        if self._run > MAX_LINES:
+            raise _TooLong(f"more than {MAX_LINES} bytes of status, header or trailer lines")
+        if time.monotonic() - self._since > LOW_SPEED_TIME:
+            raise _TooSlow(f"status, header or trailer lines for more than {LOW_SPEED_TIME:g} seconds")
+        return line
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self._run = 0
+        return super().read(size)
+
+    def read1(self, size: int = -1, /) -> bytes:
+        self._run = 0
+        return super().read1(size)
+
+    def readinto(self, buffer: Any, /) -> int:
+        self._run = 0
+        return super().readinto(buffer)
+
+
 def _paced_response(sock: socket.socket, *args, **kwargs) -> http.client.HTTPResponse:
-    """An HTTPResponse (a connection's response_class) reading through _PacedSocketReader."""
+    """An HTTPResponse (a connection's response_class) reading through _PacedSocketReader,
+    its lines bounded by _LineBoundReader."""
     import http.client
 
     resp = http.client.HTTPResponse(sock, *args, **kwargs)
-    resp.fp = io.BufferedReader(_PacedSocketReader(sock, resp.fp))
+    resp.fp = _LineBoundReader(_PacedSocketReader(sock, resp.fp))
     return resp
 
 
@@ -483,23 +566,29 @@ class _Body:
         self._resp = resp
 
     def read(self, n: int) -> bytes:
-        """n bytes, fewer only at the end of the body; a recv at a time, so that a body
-        without a length does not allocate all of n at once."""
+        """n bytes, fewer only at the end of the body, in one buffer: one of at most the
+        body's length when it has one; else (chunked, or up to the connection's end) one
+        growing a recv at a time, so that n is not allocated at once (a list of the pieces
+        cost ~88 times the size of a body served in 1-byte chunks)."""
         import http.client
 
-        parts = []
-        left = n
-        while left:
-            piece = self._resp.read1(min(left, READ_CHUNK))
+        resp = self._resp
+        if resp.length is not None:
+            want = min(n, resp.length)
+            data = resp.read(want)  # (closes the response at its end: the connection can be kept)
+            if len(data) < want:
+                raise http.client.IncompleteRead(data, want - len(data))
+            return data
+        first = resp.read1(min(n, READ_CHUNK))
+        if not first or len(first) == n:
+            return first
+        gathered = bytearray(first)
+        while len(gathered) < n:
+            piece = resp.read1(min(n - len(gathered), READ_CHUNK))
             if not piece:
-                if self._resp.length:
-                    raise http.client.IncompleteRead(b"", self._resp.length)
-                if self._resp.length == 0:
-                    self._resp.read(0)  # (read1 leaves a whole response open: the connection could not be kept)
                 break
-            parts.append(piece)
-            left -= len(piece)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+            gathered += piece
+        return bytes(gathered)
 
 
 # Redirects (301, 302, 303, 307, 308) are followed per request, as libcurl does for ostree:
@@ -653,12 +742,18 @@ class HttpRepo(_Summary):
         return resp.status, value
 
     def resolve(self, ref: str) -> bytes:
-        """A commit checksum, a ref from the summary, else refs/heads/REF (served without summary)."""
+        """A commit checksum, a ref from the summary, or refs/heads/REF when there is no
+        summary: as ostree, a repository with one serves its refs only from it (with a
+        keyring, from the signed summary: refs/heads/ is signed by no one)."""
         if is_checksum_text(ref):
             return parse_checksum(ref)
         check_ref_name(ref)
-        found = dict(self.list_refs() or ()).get(ref)
-        if found is not None:
+        refs = self.list_refs()
+        if refs is not None:
+            found = dict(refs).get(ref)
+            if found is None:
+                raise OstreeError(f"no ref {ref!r} in the summary of {self.url} (a repository with a summary "
+                                  "serves its refs from it; `pycfs ostree list-refs` lists them)")
             return found
         try:
             text = self.get(f"refs/heads/{ref}", lambda r: r.read(200), f"ref {ref}")

@@ -409,11 +409,23 @@ def test_signed_summary(site, tmp_path, gpg_keys):
             assert _images(cfs) == ""
             if case == "unsigned":  # without a keyring the same summary serves
                 assert _listed(pycfs(cfs, "ostree", "list-refs", srv.url).stdout) == {"main": v1, "signed": signed}
+        # a signed branch withdrawn from the signed summary, its ref file still served
+        ghost = commit(work, make_tree(tmp_path / "ghost", version=4), "ghost", f"--gpg-sign={keys['good'][0]}",
+                       f"--gpg-homedir={home}")
+        (work / "refs/heads/ghost").rename(tmp_path / "ghost.ref")
         sign("good")
+        (tmp_path / "ghost.ref").rename(work / "refs/heads/ghost")
         cfs = tmp_path / "cfs"
         pycfs(cfs, "init")
         listed = pycfs(cfs, "ostree", "list-refs", srv.url, "--gpg-keyring", good).stdout
         assert _listed(listed) == {"main": v1, "signed": signed}
+        srv.requests.clear()
+        failed = pycfs(cfs, "ostree", "pull", srv.url, "ghost", "--gpg-keyring", good, check=False)
+        assert failed.returncode == 1 and failed.stderr == (
+            f"pycfs: error: no ref 'ghost' in the summary of {srv.url} (a repository with a summary serves its refs "
+            "from it; `pycfs ostree list-refs` lists them)\n")
+        assert srv.requests == ["summary", "summary.sig"] and _images(cfs) == ""
+        assert (work / "refs/heads/ghost").read_text().strip() == ghost
         srv.requests.clear()
         result = json.loads(pycfs(cfs, "ostree", "pull", srv.url, "signed", "--gpg-keyring", good, "--json").stdout)
         assert result["commit"] == signed and result["image"] == plain["image"] and result["delta_parts"] >= 1

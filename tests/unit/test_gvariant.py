@@ -4,7 +4,9 @@ encodings, and refusal of everything that is not the normal form."""
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from memtrace import peak_of
 from pycfs.protocol.gvariant import (
+    MAX_VARIANT_TYPE,
     GVariantError,
     Variant,
     decode,
@@ -59,6 +61,30 @@ def test_round_trip(tv):
     data = encode(type_text, value)
     assert decode(type_text, data) == value
     assert encode(type_text, decode(type_text, data)) == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(typed_values())
+def test_views_decode_to_the_same_values(tv):
+    """decode(views=True) gives each `ay` as a view of the data: the same values, encoding
+    back to the same bytes."""
+    type_text, value = tv
+    data = encode(type_text, value)
+    viewed = decode(type_text, data, views=True)
+    assert viewed == value and encode(type_text, viewed) == data
+
+
+def test_views_share_the_data_and_copy_nothing():
+    """A delta part's blob is as large as the part: as a view it costs nothing more."""
+    blob = bytes(range(256)) * 4096
+    data = encode("(ayay)", (blob, b"ops"))
+    for source in (data, bytearray(data), memoryview(data)):
+        first, second = decode("(ayay)", source, views=True)
+        assert isinstance(first, memoryview) and first.readonly and first.obj is (source.obj if isinstance(
+            source, memoryview) else source)
+        assert first == blob and second == b"ops"
+    assert peak_of(lambda: decode("(ayay)", data, views=True)) < 4096
+    assert isinstance(decode("(ayay)", data)[0], bytes)
 
 
 @settings(max_examples=1500, deadline=None)
@@ -168,3 +194,43 @@ def test_a_decode_makes_a_bounded_number_of_values(monkeypatch):
         gvariant.decode("a(yay)", nested)
     assert gvariant.decode("a(yay)", gvariant.encode("a(yay)", [(1, b"x")] * 33)) == [(1, b"x")] * 33
     assert gvariant.decode("a()", bytes(100)) == [()] * 100
+
+
+def test_a_variant_type_string_is_capped_and_never_shown_whole():
+    """A variant's type string is data: one of 400 kB (`(yyy...)`) was parsed into 400k
+    nodes and printed whole in the error. At most MAX_VARIANT_TYPE (255) bytes, as D-Bus
+    signatures; anything in a message is cut."""
+    data = b"\x01\0(" + b"y" * 400_000 + b")"
+    errors: list[GVariantError] = []
+
+    def refused() -> None:
+        with pytest.raises(GVariantError) as e:
+            decode("v", data)
+        errors.append(e.value)
+
+    assert peak_of(refused) < 64 << 10
+    assert str(errors[0]) == f"variant has no type string of at most {MAX_VARIANT_TYPE} bytes"
+    longest = "(" + "y" * (MAX_VARIANT_TYPE - 2) + ")"
+    value = Variant(longest, tuple(range(MAX_VARIANT_TYPE - 2)))
+    assert decode("v", encode("v", value)) == value
+    too_long = Variant(longest[:-1] + "y)", (*value.value, 0))
+    with pytest.raises(GVariantError, match=f"is longer than {MAX_VARIANT_TYPE} bytes"):
+        encode("v", too_long)
+    with pytest.raises(GVariantError, match="no type string of at most"):
+        decode("v", bytes(MAX_VARIANT_TYPE - 1) + b"\0" + too_long.type.encode())
+    with pytest.raises(GVariantError) as e:
+        parse_type("(" + "y" * 100_000 + "z)")
+    assert len(str(e.value)) < 100 and "..." in str(e.value)
+
+
+def test_a_variant_type_string_counts_against_the_values_a_decode_makes(monkeypatch):
+    """A variant's type costs a value per character (each can be a node of the parsed type),
+    even where its value costs none: 100 variants of `mm...my` holding Nothing."""
+    from pycfs.protocol import gvariant
+
+    nothing = Variant("m" * 60 + "y", None)
+    data = gvariant.encode("av", [nothing] * 100)
+    assert gvariant.decode("av", data) == [nothing] * 100
+    monkeypatch.setattr(gvariant, "MAX_VALUES", 1000)
+    with pytest.raises(gvariant.GVariantError, match="more than 1000"):
+        gvariant.decode("av", data)

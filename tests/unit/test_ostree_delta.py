@@ -5,6 +5,7 @@ import base64
 import hashlib
 import lzma
 import os
+from functools import partial
 
 import pytest
 from hypothesis import given, strategies as st
@@ -152,30 +153,27 @@ def test_a_large_delta_file_goes_to_a_temporary_file_as_it_is_written(tmp_path):
     the store as an fd holding exactly its bytes."""
     from pycfs.host.ostree.objects import FileHeader
 
-    chunk = os.urandom(1 << 20)
-    size = 48 * len(chunk)
+    data = os.urandom(16 << 20)
+    size = len(data)
     header = FileHeader(size, 0, 0, 0o100644, "", [])
-    expected = hashlib.sha256(header.checksum_prefix())
-    for _ in range(48):
-        expected.update(chunk)
-    checksum = expected.digest()
+    checksum = hashlib.sha256(header.checksum_prefix() + data).digest()
     kept = []
-    ops = b"o" + _varuints(0, 0, size) + (b"w" + _varuints(len(chunk), 0)) * 48 + b"c"
-    applier = _applier(0o100644, chunk, ops, checksum, lambda c, fetched: kept.append((c, fetched)), str(tmp_path))
+    ops = b"o" + _varuints(0, 0, size) + b"".join(b"w" + _varuints(1 << 20, i << 20) for i in range(16)) + b"c"
+    applier = _applier(0o100644, data, ops, checksum, lambda c, fetched: kept.append((c, fetched)), str(tmp_path))
     assert peak_of(applier.run) < 8 << 20
     [(got, fetched)] = kept
     assert got == checksum and fetched.content is None and fetched.header.size == size
     try:
         with open(f"/proc/self/fd/{fetched.fd}", "rb") as f:
-            assert hashlib.sha256(f.read()).digest() == hashlib.sha256(chunk * 48).digest()
+            assert f.read() == data
     finally:
         os.close(fetched.fd)
 
 
 @pytest.mark.parametrize("end", [b"c", b""])
 def test_a_large_delta_file_that_is_wrong_or_unfinished_leaves_no_fd(tmp_path, end):
-    data = os.urandom(4096)
-    ops = b"o" + _varuints(0, 0, 8192) + (b"w" + _varuints(4096, 0)) * 2 + end
+    data = os.urandom(8192)
+    ops = b"o" + _varuints(0, 0, 8192) + b"w" + _varuints(4096, 0) + b"w" + _varuints(4096, 4096) + end
     before = open_fd_count()
     with pytest.raises(OstreeError, match="does not match its checksum|do not build every object"):
         _applier(0o100644, data, ops, b"\2" * 32, tmp_dir=str(tmp_path)).run()
@@ -218,3 +216,65 @@ def test_a_delta_file_copied_from_a_large_base_reads_the_base_in_pieces(tmp_path
             assert f.read() == base.read_bytes()
     finally:
         os.close(fetched.fd)
+
+
+def test_a_part_writes_no_more_than_its_data_and_the_bases_it_reads(tmp_path, monkeypatch):
+    """An 'open' of 64 MiB filled by 'write's of the part's 4 KiB again and again (a few
+    hundred bytes of xz declared a 4 GiB file, all written before its checksum refused it):
+    refused before the write that goes past the part's data."""
+    from pycfs.host.ostree import delta
+
+    written = []
+    monkeypatch.setattr(delta, "write_all", lambda fd, data: written.append(len(data)))
+    data = os.urandom(4096)
+    ops = b"o" + _varuints(0, 0, 64 << 20) + (b"w" + _varuints(len(data), 0)) * (16 << 10) + b"c"
+    with pytest.raises(OstreeError, match=r"^part: the opcodes write more than the part's 4096 bytes of data and the 0 "
+                                          r"bytes of the base objects they read: a delta crafted to fill the disk "
+                                          r"\(`--no-delta` pulls without deltas\)$"):
+        _applier(0o100644, data, ops, tmp_dir=str(tmp_path)).run()
+    assert sum(written) == len(data)
+
+
+def test_a_file_may_read_its_base_again_and_again_as_ostree_rollsum_writes_it(tmp_path):
+    """ostree's rollsum 'read's the base again after each run of the part's data; every file
+    that reads a base may write it (bsdiff 'read's it before the 'open')."""
+    from pycfs.host.ostree.delta import BaseFile
+    from pycfs.host.ostree.objects import FileHeader
+
+    base = tmp_path / "base"
+    base.write_bytes(os.urandom(8192))
+    new = os.urandom(100)
+    content = base.read_bytes()[:4096] + new + base.read_bytes()[4096:]
+    header = FileHeader(len(content), 0, 0, 0o100644, "", [])
+    checksum = hashlib.sha256(header.checksum_prefix() + content).digest()
+    data = b"\7" * 32 + new * 2  # (each file's own run of data, as ostree writes them)
+    ops = b"".join(b"o" + _varuints(0, 0, len(content)) + b"r" + _varuints(0) + b"w" + _varuints(4096, 0) + b"R"
+                   + b"w" + _varuints(len(new), 32 + i * len(new)) + b"r" + _varuints(0) + b"w" + _varuints(4096, 4096)
+                   + b"R" + b"c" for i in range(2))
+    kept = []
+    applier = _applier(0o100644, data, ops, checksum, lambda c, fetched: kept.append(fetched), str(tmp_path),
+                       lambda c: BaseFile(os.open(base, os.O_RDONLY), "base"))
+    applier.objects = [applier.objects[0]] * 2
+    applier.run()
+    assert len(kept) == 2 and applier.written == 2 * len(content)
+    for fetched in kept:
+        os.close(fetched.fd)
+
+
+def test_a_part_is_held_once_however_it_is_stored():
+    """A part's data is as large as the part (up to MAX_PART): an uncompressed part is read
+    in place, an xz one inflated into one buffer, and the data is a view of either (before:
+    a copy of the part without its first byte, lzma's blocks joined, then a copy of the
+    data: up to three times the part)."""
+    from pycfs.host.ostree.delta import XZ_PIECE
+
+    data = bytes(range(256)) * (128 << 10)  # 32 MiB
+    payload = encode(PART_TYPE, ([], [[(b"user.a\0", b"v")]], data, b"ops"))
+    stored = b"\0" + payload
+    xz = b"x" + lzma.compress(payload, preset=0)
+    for raw, most in ((stored, 1 << 20), (xz, len(data) * 9 // 8 + XZ_PIECE)):
+        got: list[tuple] = []
+        peak = peak_of(partial(lambda raw, got: got.append(decompress_part(raw, "p")), raw, got))
+        [(_modes, xattrs, part_data, ops)] = got
+        assert part_data == data and ops == b"ops" and xattrs == [[(b"user.a\0", b"v")]]
+        assert peak < most, (raw[0], peak)

@@ -5,6 +5,7 @@ connections per origin, a bounded number of origins, retries, https never down t
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import threading
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from memtrace import peak_of
 from pycfs.host.ostree import source
 from pycfs.host.ostree.objects import OstreeError
 from pycfs.host.ostree.source import HttpRepo
@@ -134,6 +136,87 @@ def test_a_peer_dripping_a_byte_at_a_time_is_dropped(peer, quick_limits, serve, 
     assert p.sent < most_sent
 
 
+_CONTINUE = b"HTTP/1.1 100 Continue\r\nX-Pad: " + b"a" * 100 + b"\r\n\r\n"
+_LAST_CHUNK = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+_TRAILER = b"X-Trailer: " + b"a" * 100 + b"\r\n"
+
+
+def _endless(first: bytes, line: bytes, pause: float, most: int) -> Callable[[Peer, socket.socket], None]:
+    """first, then line again and again (every `pause` seconds) until `most` bytes are sent:
+    a server http.client would go on reading for ever (before: until the peer stopped)."""
+    def script(p: Peer, c: socket.socket) -> None:
+        p.send(c, first)
+        while p.sent < most:
+            p.send(c, line)
+            if pause:
+                time.sleep(pause)
+    return script
+
+
+@pytest.mark.parametrize("first, line", [(b"", _CONTINUE), (_LAST_CHUNK, _TRAILER)], ids=["interim", "trailer"])
+def test_endless_interim_replies_or_trailers_are_bounded_in_bytes(peer, first, line):
+    p = peer(_endless(first, line, 0, 8 << 20))
+    repo = HttpRepo(p.url, attempts=1)
+    try:
+        with pytest.raises(OstreeError, match=r"failed after 1 attempts: more than \d+ bytes of "
+                                              "status, header or trailer lines$"):
+            repo.fetch_optional("summary", 1000)
+    finally:
+        repo.close()
+
+
+@pytest.mark.parametrize("first, line", [(b"", _CONTINUE), (_LAST_CHUNK, _TRAILER)], ids=["interim", "trailer"])
+def test_endless_interim_replies_or_trailers_are_bounded_in_time(peer, quick_limits, first, line):
+    """Lines faster than the low-speed limit (120 bytes every 10 ms), too few to reach
+    MAX_LINES: the run of lines ends at LOW_SPEED_TIME, with a retry as for a slow server."""
+    p = peer(_endless(first, line, 0.01, 400 * len(line)))  # about 4 s of them
+    repo = HttpRepo(p.url, attempts=2, backoff=0.01)
+    started = time.monotonic()
+    try:
+        with pytest.raises(OstreeError, match="failed after 2 attempts: status, header or trailer lines for more "
+                                              "than 0.5 seconds$"):
+            repo.fetch_optional("summary", 1000)
+    finally:
+        repo.close()
+    assert time.monotonic() - started < 2.5 and p.connections == 2
+
+
+def test_a_body_of_many_chunks_is_no_run_of_lines(peer, monkeypatch):
+    """Each chunk's size line is followed by body bytes, which start a new run: a body of
+    more chunk-size lines than MAX_LINES allows in a row is read whole."""
+    monkeypatch.setattr(source, "MAX_LINES", 1000)
+    body = b"".join(b"1\r\n%c\r\n" % (48 + i % 10) for i in range(2000)) + b"0\r\n\r\n"
+    p = peer(lambda p, c: p.send(c, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body))
+    repo = HttpRepo(p.url, attempts=1)
+    try:
+        assert repo.fetch_optional("summary", 4000) == bytes(48 + i % 10 for i in range(2000))
+    finally:
+        repo.close()
+
+
+@pytest.mark.parametrize("framing", ["chunked", "length", "close"])
+def test_a_body_costs_about_its_size_however_it_is_served(peer, framing):
+    """A body in 1-byte chunks (before: a list of 1-byte objects, ~88 times its size), with
+    a Content-Length, or up to the connection's end, is gathered in one buffer."""
+    body = os.urandom(200_000)
+    if framing == "chunked":
+        head, wire = b"Transfer-Encoding: chunked", b"".join(b"1\r\n%c\r\n" % b for b in body) + b"0\r\n\r\n"
+    else:
+        head, wire = (b"Content-Length: %d" % len(body) if framing == "length" else b"Connection: close"), body
+    p = peer(lambda p, c: (p.send(c, b"HTTP/1.1 200 OK\r\n" + head + b"\r\n\r\n"),
+                           [p.send(c, wire[i:i + 4096]) for i in range(0, len(wire), 4096)],
+                           framing == "close" and c.close()))
+    repo = HttpRepo(p.url, attempts=1)
+    got: list[bytes | None] = []
+    try:
+        repo.fetch_optional("summary", 1 << 20)  # (the modules a fetch imports, not measured)
+        peak = peak_of(lambda: got.append(repo.fetch_optional("summary", 1 << 20)))
+    finally:
+        repo.close()
+    # (a read of a body without a length allocates READ_CHUNK, then keeps what came)
+    assert got == [body] and peak < 3 * len(body) + source.READ_CHUNK
+
+
 def test_time_the_reader_spends_between_reads_is_not_the_servers(quick_limits):
     """The low-speed limit judges the server: a reader that takes longer than the window
     between two reads of bytes already sent (inflating, hashing, writing) is not dropped."""
@@ -234,3 +317,37 @@ def test_a_path_where_a_url_is_wanted_points_to_pull_local():
         HttpRepo("/srv/repo")
     with pytest.raises(OstreeError, match=r"^'ftp://h/repo' is not an http:// or https:// URL$"):
         HttpRepo("ftp://h/repo")
+
+
+def test_a_ref_is_read_from_refs_heads_only_without_a_summary(peer):
+    """As ostree ("No such branch in repository summary"): a repository with a summary serves
+    its refs from it alone; refs/heads/, which no signature covers, only when it has none."""
+    from pycfs.host.ostree.objects import SUMMARY_TYPE
+    from pycfs.protocol.gvariant import encode
+
+    main, ghost = b"\1" * 32, b"\2" * 32
+    summary = encode(SUMMARY_TYPE, ([("main", (0, main, []))], []))
+    served = {"/repo/summary": summary, "/repo/refs/heads/main": main.hex().encode(),
+              "/repo/refs/heads/ghost": ghost.hex().encode()}
+
+    def script(p: Peer, c: socket.socket) -> None:
+        body = served.get(p.request.split(b" ")[1].decode())
+        p.send(c, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n" if body is None else
+               b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    p = peer(script)
+    for with_summary in (True, False):
+        if not with_summary:
+            del served["/repo/summary"]
+        repo = HttpRepo(p.url, attempts=1)
+        try:
+            assert repo.resolve("main") == main
+            if with_summary:
+                with pytest.raises(OstreeError, match=rf"^no ref 'ghost' in the summary of {p.url} \(a repository "
+                                                      r"with a summary serves its refs from it; `pycfs ostree "
+                                                      r"list-refs` lists them\)$"):
+                    repo.resolve("ghost")
+            else:
+                assert repo.resolve("ghost") == ghost
+        finally:
+            repo.close()

@@ -40,7 +40,7 @@ from pycfs.host.ostree.objects import (
 from pycfs.host.ostree.source import LocalRepo, check_file, config_value, unpack_filez
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OSTREE_COMMIT
-from pycfs.protocol.gvariant import decode, encode
+from pycfs.protocol.gvariant import decode, encode, frame
 
 pytestmark = pytest.mark.skipif(not have_ostree(), reason="the ostree CLI is not installed (tools/setup.sh)")
 
@@ -98,6 +98,26 @@ def test_summary_lists_the_refs(archive, tmp_path):
     assert encode(SUMMARY_TYPE, decode(SUMMARY_TYPE, data)) == data
     with pytest.raises(OstreeError, match="summary: not a valid ostree summary"):
         parse_summary(data[:-3], "summary")
+
+
+def test_a_summary_with_a_huge_variant_type_is_one_short_line():
+    """A 4 MB summary whose metadata holds one variant typed `(yyy...)`: it cost 600 MB and
+    printed the type whole; now it is refused at the type's length."""
+    from memtrace import peak_of
+
+    body = b"k\0" + bytes(6) + b"\0\0(" + b"y" * 4_000_000 + b")"
+    entry = frame(body, [2])
+    data = frame(frame(entry, [len(entry)]), [0])
+    errors = []
+
+    def refused() -> None:
+        with pytest.raises(OstreeError) as e:
+            parse_summary(data, "http://h/repo/summary")
+        errors.append(str(e.value))
+
+    assert peak_of(refused) < 1 << 20
+    assert errors == ["http://h/repo/summary: not a valid ostree summary (variant has no type string of at most 255 "
+                      "bytes)"]
 
 
 def test_file_objects_headers_and_checksums(archive):
@@ -175,11 +195,13 @@ def test_local_repo_opens_only_regular_files(archive, tmp_path):
     commit_path.symlink_to(repo / "objects" / checksum[:2] / f"{checksum[2:]}.commit")
     src = LocalRepo(str(copy))
     try:
-        with pytest.raises(OstreeError, match="refs/heads/link: is a symlink"):
+        with pytest.raises(OstreeError, match=r"^ref .*/copy/refs/heads/link is a symlink or lies under one \(nothing "
+                                              r"below a repository's root is followed\)$"):
             src.resolve("link")
         with pytest.raises(OstreeError, match="refs/heads/dir is not a regular file"):
             src.resolve("dir")
-        with pytest.raises(OstreeError, match=f"object {checksum}.commit in .*: Too many levels of symbolic links"):
+        with pytest.raises(OstreeError, match=f"object {checksum}.commit in .*/copy: objects/{checksum[:2]}/"
+                                              f"{checksum[2:]}.commit is a symlink or lies under one"):
             src.read_metadata(bytes.fromhex(checksum), Kind.COMMIT)
         # the optional files (summary, deltas, detached metadata): absent is None, a
         # symlink or a directory one line naming it
@@ -187,7 +209,7 @@ def test_local_repo_opens_only_regular_files(archive, tmp_path):
         assert src.fetch_optional("summary", 1 << 20) is None and src.list_refs() is None
         (copy / "summary").symlink_to("/etc/passwd")
         (copy / "deltas").mkdir()
-        with pytest.raises(OstreeError, match="copy/summary: Too many levels of symbolic links"):
+        with pytest.raises(OstreeError, match="copy/summary is a symlink or lies under one"):
             src.fetch_optional("summary", 1 << 20)
         with pytest.raises(OstreeError, match="copy/deltas is not a regular file"):
             src.fetch_optional("deltas", 1 << 20)
@@ -311,6 +333,10 @@ def test_commit_stream_refuses_damage():
     ([], [("d", b"\1" * 32, b"\2" * 33)], "dirmeta of 'd' is 33 bytes, not a checksum"),
     ([], [("d", b"\1" * 3, b"\2" * 32)], "dirtree of 'd' is 3 bytes, not a checksum"),
     ([("\u65e5", b"\1" * 32), ("z", b"\2" * 32)], [], "not sorted"),  # UTF-8 e6 97 a5 sorts after 7a
+    # longer than NAME_MAX: refused where the dirtree is parsed (before: by the image writer,
+    # naming no object), in bytes of UTF-8
+    ([("n" * 256, b"\1" * 32)], [], r"file name 'n{40}'\.\.\. of 256 bytes \(at most 255\)$"),
+    ([], [("\u65e5" * 86, b"\1" * 32, b"\2" * 32)], "of 258 bytes"),
 ])
 def test_hostile_dirtrees_are_refused(files, dirs, why):
     data = DirTree(files, dirs).serialize()
@@ -328,14 +354,18 @@ def test_dirtree_names_sort_as_their_utf8_bytes():
 
 
 @pytest.mark.parametrize("mode,target,size,why", [
-    (0o020644, "", 0, "neither a regular file nor a symlink"),
+    (0o020644, "", 0, "mode 20644 is neither a regular file nor a symlink"),
     (0o120777, "", 0, "symlink without a target"),
     (0o100644, "x", 3, "regular file with a symlink target"),
+    # longer than PATH_MAX: refused where the header is parsed (before: by the image writer,
+    # naming the inode and no object)
+    (0o120777, "t" * 4096, 0, r"symlink target of 4096 bytes \(at most 4095\)$"),
+    (0o120777, "\u00e9" * 2048, 0, "symlink target of 4096 bytes"),
 ])
 def test_hostile_file_headers_are_refused(mode, target, size, why):
     header = FileHeader(size, 0, 0, mode, target, [])
     checksum = hashlib.sha256(b"x").digest()
-    with pytest.raises(OstreeError, match=why):
+    with pytest.raises(OstreeError, match=f"^object {checksum.hex()}.file: {why}"):
         split_archive_header(header.archive_header(), checksum)
 
 
@@ -460,7 +490,7 @@ def test_local_bare_file_objects_opened_at_once(tmp_path):
             src.fetch_file(by_kind["link"], 64, str(tmp_path))
         link_path.symlink_to("file")
         src.mode = "bare-user"  # which keeps symlinks in regular files: a symlink is damage
-        with pytest.raises(OstreeError, match=f"object {by_kind['link'].hex()}.file in .*: Too many levels"):
+        with pytest.raises(OstreeError, match=f"object {by_kind['link'].hex()}.file in .*: objects/.* is a symlink"):
             src.fetch_file(by_kind["link"], 64, str(tmp_path))
     finally:
         src.close()
@@ -505,7 +535,8 @@ def test_a_config_that_is_not_a_key_file_or_not_a_regular_file_is_one_line(tmp_p
         LocalRepo(str(repo))
     (repo / "config").unlink()
     (repo / "config").symlink_to("/dev/zero")  # an open() would read without end
-    with pytest.raises(OstreeError, match=r"/r/config: Too many levels of symbolic links$"):
+    with pytest.raises(OstreeError, match=r"/r/config is a symlink or lies under one \(nothing below a repository's "
+                                          r"root is followed\)$"):
         LocalRepo(str(repo))
 
 
@@ -534,3 +565,131 @@ def test_detached_metadata_with_too_many_signatures_is_refused_at_once(tmp_path)
     detached = encode("a{sv}", [("ostree.gpgsigs", Variant("aay", [b"sig"] * (MAX_SIGNATURES * 64)))])
     with pytest.raises(OstreeError, match=f"holds {MAX_SIGNATURES * 64} signatures, more than the"):
         verify_signed(b"commit", "commit x", "object x.commitmeta", detached, str(keyring))
+
+
+def _dag(width: int, depth: int, files: int = 0) -> CommitObjects:
+    """A commit whose dirtree lists `width` directories, each the same dirtree listing
+    `width` of the next, `depth` levels down (the last holding `files` files): a few objects
+    that expand to width**depth directories."""
+    def add(objects: CommitObjects | None, data: bytes) -> bytes:
+        checksum = hashlib.sha256(data).digest()
+        if objects is not None:
+            objects.add(checksum, Entry(data))
+        return checksum
+
+    metadata = []
+    meta = DirMeta(0, 0, 0o40755, []).serialize()
+    file_id = hashlib.sha256(b"a file").digest()
+    tree = DirTree([(f"f{i}", file_id) for i in range(files)], []).serialize()
+    metadata += [meta, tree]
+    for _ in range(depth):
+        tree = DirTree([], [(f"d{i:04d}", add(None, tree), add(None, meta)) for i in range(width)]).serialize()
+        metadata.append(tree)
+    commit_data = Commit([], None, [], "dag", "", 0, add(None, tree), add(None, meta)).serialize()
+    objects = CommitObjects(hashlib.sha256(commit_data).digest())
+    for data in (*metadata, commit_data):
+        add(objects, data)
+    header = FileHeader(1, 0, 0, 0o100644, "", []).archive_header()
+    objects.add(file_id, Entry(header + b"x"))
+    return objects
+
+
+def test_a_tree_of_shared_dirtrees_is_counted_before_it_is_built(monkeypatch):
+    """Directories that share a dirtree expand: the entries are counted over the distinct
+    dirtrees, and a commit past MAX_ENTRIES is refused before any directory is made (it
+    built 3 million directories, 2.6 GB, for 96 KB of metadata)."""
+    from memtrace import peak_of
+    from pycfs.host.ostree import image
+
+    monkeypatch.setattr(image, "MAX_ENTRIES", 10_000)
+    over = _dag(60, 3)  # 219,660 directories
+
+    def refused() -> None:
+        with pytest.raises(OstreeError, match=rf"^commit {over.commit.hex()} has more than 10000 entries \(a directory "
+                                              r"counting as 8\) once the directories it shares are expanded: no image "
+                                              r"is built of it$"):
+            image.build_filesystem(over)
+
+    assert peak_of(refused) < 256 << 10
+    monkeypatch.setattr(image, "MAX_ENTRIES", 8 * (60 + 60 * 60) + 60 * 60 * 1)  # files count too
+    fs = image.build_filesystem(_dag(60, 2, files=1))
+    assert sum(1 for _ in fs.walk()) == 1 + 60 + 60 * 60 + 60 * 60
+    monkeypatch.setattr(image, "MAX_ENTRIES", image.MAX_ENTRIES - 1)
+    with pytest.raises(OstreeError, match="has more than"):
+        image.build_filesystem(_dag(60, 2, files=1))
+
+
+def test_nothing_below_a_local_repositorys_root_is_followed(archive, tmp_path):
+    """A symlinked objects/, objects/XX or refs/heads/ took the pull to files elsewhere (only
+    the last component was opened without following): each is now one line naming the path.
+    The root itself, the path given, may be a symlink."""
+    repo, checksum = archive
+    commit_id = bytes.fromhex(checksum)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def copy(name: str) -> Path:
+        shutil.copytree(repo, tmp_path / name, symlinks=True)
+        return tmp_path / name
+
+    def moved(path: Path) -> None:  # the directory moved out, a symlink to it left in its place
+        target = elsewhere / f"{path.parent.parent.name}-{path.name}"
+        path.rename(target)
+        path.symlink_to(target)
+
+    (tmp_path / "link").symlink_to(repo)
+    src = LocalRepo(str(tmp_path / "link"))
+    try:
+        assert src.resolve("main") == commit_id and src.read_metadata(commit_id, Kind.COMMIT)
+    finally:
+        src.close()
+    objects = copy("objects-moved")
+    moved(objects / "objects")
+    with pytest.raises(OstreeError, match=r"^.*/objects-moved/objects is a symlink or lies under one \(nothing below a "
+                                          r"repository's root is followed\)$"):
+        LocalRepo(str(objects))
+    heads, sub = copy("heads-moved"), copy("sub-moved")
+    moved(heads / "refs" / "heads")
+    moved(sub / "objects" / checksum[:2])
+    for root in (heads, sub):
+        src = LocalRepo(str(root))
+        try:
+            if root == heads:
+                with pytest.raises(OstreeError, match=r"^ref .*/heads-moved/refs/heads/main is a symlink or lies under"):
+                    src.resolve("main")
+            else:
+                assert src.resolve("main") == commit_id
+                with pytest.raises(OstreeError, match=rf"^object {checksum}.commit in .*/sub-moved: objects/"
+                                                      rf"{checksum[:2]}/{checksum[2:]}.commit is a symlink or lies"):
+                    src.read_metadata(commit_id, Kind.COMMIT)
+                with pytest.raises(OstreeError, match=rf"^.*/sub-moved/objects/{checksum[:2]}/{checksum[2:]}.commitmeta "
+                                                      "is a symlink or lies under one"):
+                    src.read_detached(commit_id, 1 << 20)
+        finally:
+            src.close()
+
+
+def test_a_bare_repositorys_objects_xx_is_not_followed(tmp_path):
+    """A file object and a symlink object (which the open refuses, then looks at) under a
+    symlinked objects/XX: each one line naming the object."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file").write_bytes(b"x" * 1000)
+    os.symlink("file", tree / "link")
+    repo = init_repo(tmp_path / "repo", "bare-user-only")
+    commit(repo, tree, "main")
+    found = {("link" if p.is_symlink() else "file"): p for p in (repo / "objects").rglob("*.file")}
+    for kind, path in found.items():
+        checksum = bytes.fromhex(path.parent.name + path.name.split(".")[0])
+        target = tmp_path / f"moved-{kind}"
+        path.parent.rename(target)
+        path.parent.symlink_to(target)
+        src = LocalRepo(str(repo))
+        try:
+            with pytest.raises(OstreeError, match=rf"^object {checksum.hex()}.file in .*/repo: objects/"
+                                                  rf"{path.parent.name}/.* is a symlink or lies under one"):
+                src.fetch_file(checksum, 64, str(tmp_path))
+        finally:
+            src.close()
+            path.parent.unlink()
+            target.rename(path.parent)
