@@ -43,6 +43,7 @@ from pycfs.host.oci.tar import (
 from pycfs.host.oci.result import ImportStats
 from pycfs.host.oci.streams import parse_digest
 from pycfs.host.repository import Repository
+from pycfs.protocol.text import shown
 from pycfs.protocol.zstdframes import ZstdFrameChecker, ZstdFrameError
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamReader, SplitStreamWriter
 from pycfs.host.tree import BlockDevice, CharDevice, External, Fifo, Inline, LeafContent, SharedStats, Stat, Symlink
@@ -53,6 +54,11 @@ _PIECE = 1 << 20
 # What may follow a tar's end marker (kept inline, for the diff_id): tar pads to its
 # record size, 10 KiB by default; an endless tail (say, a decompression bomb of zeros) is refused.
 MAX_TRAILING = 16 << 20
+# Content a non-file entry (directory, link, device, fifo, unknown type) or a GNU sparse
+# file may declare: it stays inline, so the splitter holds it in memory. GNU tar and Go's
+# archive/tar write size 0 for directories, links, devices and fifos; a sparse file's map
+# and data segments are refused at image build anyway.
+MAX_INLINE_ENTRY_CONTENT = 64 << 10
 
 
 class LayerDigestError(PycfsError):
@@ -301,6 +307,11 @@ class TarSplitter:
                     run.add_file(self._store(entry.size))
                     inline += self.reader.read_exact(entry.padded_size - entry.size, "padding")
                 else:
+                    if entry.size > INLINE_CONTENT_MAX and entry.size > MAX_INLINE_ENTRY_CONTENT:
+                        kind = "GNU sparse file" if entry.sparse else f"entry of type {entry.typeflag!r}"
+                        raise TarError(f"tar {kind} {shown(entry.path)} at offset {entry.offset} declares "
+                                       f"{entry.size} bytes of content (more than {MAX_INLINE_ENTRY_CONTENT}): "
+                                       "the layer is damaged or crafted (rebuild it with a standard tar)")
                     self.files_inlined += entry.is_regular()
                     remaining = entry.padded_size
                     while remaining:

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes, digest_fd
 from pycfs.host.oci.layer import (
+    MAX_INLINE_ENTRY_CONTENT,
     decompressing_reader,
     Directory,
     Hardlink,
@@ -41,7 +42,7 @@ from pycfs.host.oci.layer import (
     write_pieces,
 )
 from pycfs.host.oci.result import ImportStats
-from pycfs.host.oci.tar import ZERO_BLOCK, TarError, TarHeader, pax_entry, simple_entry
+from pycfs.host.oci.tar import ZERO_BLOCK, TarError, TarHeader, pax_entry, roundup_block, simple_entry
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamReader, SplitStreamWriter
 from pycfs.host.streamcat import iter_stream_bytes
@@ -165,6 +166,17 @@ def test_non_regular_content_is_inline(repo: Repository) -> None:
     reader = store(repo, data)
     assert [k for k, _ in chunk_list(repo, reader)] == ["inline", "object", "inline"]
     assert cat(repo, reader) == data
+
+
+@pytest.mark.parametrize("typeflag", [b"5", b"1", b"2", b"3", b"6", b"V"])
+def test_non_file_content_past_the_bound_is_refused_before_it_is_read(repo: Repository, typeflag: bytes) -> None:
+    """A directory (or link, device, ...) declaring more content than MAX_INLINE_ENTRY_CONTENT
+    is refused at its header: the splitter would hold it all in memory."""
+    size = MAX_INLINE_ENTRY_CONTENT + 1
+    odd = TarHeader(name=b"d", typeflag=typeflag, linkname=b"x", size=size, mode=0o755).pack()
+    data = odd + bytes(roundup_block(size)) + ZERO_BLOCK * 2
+    with pytest.raises(TarError, match=rf"entry of type {typeflag!r} b'd' at offset 0 declares {size} bytes"):
+        store(repo, data)
 
 
 def test_trailing_bytes_after_end_marker_are_kept(repo: Repository) -> None:
