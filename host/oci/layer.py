@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,6 +60,12 @@ MAX_TRAILING = 16 << 20
 # archive/tar write size 0 for directories, links, devices and fifos; a sparse file's map
 # and data segments are refused at image build anyway.
 MAX_INLINE_ENTRY_CONTENT = 64 << 10
+
+# Entries (files, directories, links, whiteouts) of an image's layers together, a layer
+# listed twice counted twice: each is kept (~170 B parsed, more in the tree) until the image
+# is written; 200,000 files take under 200 MB, so this bounds a pull near 1 GB whatever
+# a few KB of compressed headers declare.
+MAX_IMAGE_ENTRIES = 1_000_000
 
 
 class LayerDigestError(PycfsError):
@@ -620,6 +627,28 @@ def layer_entry(entry: TarEntry, content: bytes | External, stats: SharedStats) 
     return LayerEntry(normalize_path(entry.path), stat, item)
 
 
+class EntryLimitError(PycfsError):
+    """An image's layers hold more entries than MAX_IMAGE_ENTRIES."""
+
+
+class EntryBudget:
+    """The entries an image's layers may still hold (MAX_IMAGE_ENTRIES, read when made), shared
+    by the parses of its layers (threads of their own)."""
+
+    def __init__(self) -> None:
+        self.limit = self.left = MAX_IMAGE_ENTRIES
+        self._lock = threading.Lock()
+
+    def charge(self, count: int, where: str) -> None:
+        with self._lock:
+            self.left -= count
+            over = self.left < 0
+        if over:
+            raise EntryLimitError(f"{where}: the image's layers hold more than {self.limit} entries (files, "
+                                  "directories, links) together: pycfs takes no image that large (rebuild it "
+                                  "with fewer files)")
+
+
 class _NeedMore(Exception):
     """The pieces written so far end inside an entry."""
 
@@ -634,9 +663,14 @@ class LayerEntryCollector:
 
     An entry cut by the end of what was fed is parsed again, whole, on the next `advance`.
     If the pieces do not parse, `entries` is None: the image build then reads the stream
-    back, which reports the error."""
+    back, which reports the error; past ``budget`` (by default MAX_IMAGE_ENTRIES for this
+    layer alone), each entry counted ``weight`` times (a layer the image lists that many
+    times), `advance` raises EntryLimitError naming ``where``."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: EntryBudget | None = None, weight: int = 1, where: str = "layer") -> None:
+        self.budget = budget or EntryBudget()
+        self.weight = weight
+        self.where = where
         self.entries: list[LayerEntry] | None = []
         self._pieces: list[bytes | tuple[bytes]] = []  # inline bytes, or (object id,)
         self._at = 0  # the piece being read ...
@@ -681,6 +715,7 @@ class LayerEntryCollector:
     def advance(self) -> None:
         """Parse every entry the pieces fed so far hold whole."""
         tar, entries = self._tar, self.entries
+        before = len(entries) if entries is not None else 0
         while not self._done and entries is not None:
             at, pos, offset = self._at, self._pos, tar.offset
             try:
@@ -695,6 +730,8 @@ class LayerEntryCollector:
                 self._done = True
             else:
                 entries.append(entry)
+        if entries is not None and self.entries is not None:  # (a run holds a few thousand entries at most)
+            self.budget.charge((len(entries) - before) * self.weight, self.where)
         if self._done or self.entries is None:
             self._pieces = []
             self._at = self._pos = 0

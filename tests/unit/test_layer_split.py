@@ -23,8 +23,12 @@ from hypothesis import strategies as st
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes, digest_fd
+from pycfs.host.oci import layer as layer_module
+from pycfs.host.oci.merge import build_filesystem
 from pycfs.host.oci.layer import (
     MAX_INLINE_ENTRY_CONTENT,
+    EntryBudget,
+    EntryLimitError,
     decompressing_reader,
     Directory,
     Hardlink,
@@ -862,3 +866,28 @@ def test_split_commits_nothing_and_counts(repo: Repository) -> None:
     assert (s.bytes_copied, s.bytes_already_present) == (3000 + 65, 3000)
     assert s.bytes_copied + s.bytes_already_present + s.bytes_inlined == len(data)
     assert not (repo.path / "streams").exists()  # objects are garbage until a stream names them
+
+
+# ---------------------------------------------------------------------------- entry bound
+
+
+def test_collectors_charge_the_image_budget_once_per_listing(monkeypatch) -> None:
+    """Entries parsed count against the image's bound, a layer listed twice twice; past it
+    the parse stops with one line naming the layer."""
+    monkeypatch.setattr(layer_module, "MAX_IMAGE_ENTRIES", 8)
+    data = make_tar([reg(f"f{i}", b"x") for i in range(3)], tarfile.PAX_FORMAT)
+    budget = EntryBudget()
+    LayerEntryCollector(budget, 1, "layer A").feed([data])
+    with pytest.raises(EntryLimitError, match="^layer B: the image's layers hold more than 8 entries"):
+        LayerEntryCollector(budget, 2, "layer B").feed([data])
+
+
+def test_an_image_listing_a_stored_layer_past_the_bound_is_refused(repo: Repository, monkeypatch) -> None:
+    monkeypatch.setattr(layer_module, "MAX_IMAGE_ENTRIES", 5)
+    data = make_tar([reg(f"f{i}", b"x") for i in range(3)], tarfile.PAX_FORMAT)
+    diff_id = diff_id_of(data)
+    store(repo, data)
+    ids = {diff_id: repo.has_stream(layer_stream_name(diff_id))}
+    assert len(build_filesystem(repo, [diff_id], ids).root.entries) == 3
+    with pytest.raises(EntryLimitError, match=rf"^layer {diff_id}: the image's layers hold more than 5 entries"):
+        build_filesystem(repo, [diff_id, diff_id], ids)
