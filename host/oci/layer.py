@@ -68,6 +68,16 @@ MAX_INLINE_ENTRY_CONTENT = 64 << 10
 MAX_IMAGE_ENTRIES = 1_000_000
 
 
+# Linux's limits (linux/limits.h, linux/xattr.h): a name component NAME_MAX bytes, a path
+# PATH_MAX with its NUL (symlink(2) takes a target of PATH_MAX - 1 bytes at most), an xattr
+# name XATTR_NAME_MAX, a value XATTR_SIZE_MAX. An entry past them could not be extracted
+# either; refused as parsed, so that no name up to a PAX record's 16 MiB is kept (nor walked).
+NAME_MAX = 255
+PATH_MAX = 4096
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+
+
 class LayerDigestError(PycfsError):
     """The bytes read do not have the digest they were announced with."""
 
@@ -598,6 +608,7 @@ def layer_entry(entry: TarEntry, content: bytes | External, stats: SharedStats) 
     if entry.sparse:
         raise TarError(f"tar entry {entry.path!r} is a GNU sparse file: the layer stream keeps it byte for "
                        "byte, but composefs images cannot represent sparse tar entries yet")
+    _check_names(entry)
     t = entry.typeflag
     mode, uid, gid = entry.mode, entry.uid & 0xFFFFFFFF, entry.gid & 0xFFFFFFFF
     xattrs = tuple(sorted(entry.xattrs.items())) if entry.xattrs else ()
@@ -629,6 +640,37 @@ def layer_entry(entry: TarEntry, content: bytes | External, stats: SharedStats) 
 
 class EntryLimitError(PycfsError):
     """An image's layers hold more entries than MAX_IMAGE_ENTRIES."""
+
+
+class EntryNameError(TarError):
+    """A name, link target or xattr of an entry past Linux's limits."""
+
+
+def _check_path(path: bytes, what: str) -> None:
+    if len(path) >= PATH_MAX:
+        raise EntryNameError(f"{what} {shown(path)} is longer than Linux's PATH_MAX "
+                             f"({PATH_MAX - 1} bytes): the layer is damaged or crafted")
+    if b"\0" in path:
+        raise EntryNameError(f"{what} {shown(path)} holds a NUL byte: the layer is damaged or crafted")
+    if len(path) > NAME_MAX and any(len(c) > NAME_MAX for c in path.split(b"/")):
+        raise EntryNameError(f"{what} {shown(path)} has a component longer than Linux's NAME_MAX "
+                             f"({NAME_MAX} bytes): the layer is damaged or crafted")
+
+
+def _check_names(entry: TarEntry) -> None:
+    """Refuse an entry whose path, link target or xattrs Linux could not hold."""
+    _check_path(entry.path, "tar entry")
+    t, target = entry.typeflag, entry.linkpath
+    if t == LNKTYPE:
+        _check_path(target, f"tar entry {shown(entry.path)}: hardlink target")
+    elif t == SYMTYPE and (not target or len(target) >= PATH_MAX or b"\0" in target):
+        raise EntryNameError(f"tar entry {shown(entry.path)}: symlink target {shown(target)} is not one "
+                             f"Linux takes (1 to {PATH_MAX - 1}, no NUL): the layer is damaged or crafted")
+    for name, value in entry.xattrs.items():
+        if not name or len(name) > XATTR_NAME_MAX or len(value) > XATTR_SIZE_MAX:
+            raise EntryNameError(f"tar entry {shown(entry.path)}: xattr {shown(name)} with a value of "
+                                 f"{len(value)} bytes is past Linux's limits (names 1 to {XATTR_NAME_MAX} bytes, values "
+                                 f"up to {XATTR_SIZE_MAX}): the layer is damaged or crafted")
 
 
 class EntryBudget:
@@ -723,6 +765,8 @@ class LayerEntryCollector:
             except _NeedMore:
                 self._at, self._pos, tar.offset = at, pos, offset
                 break
+            except EntryNameError as e:
+                raise EntryNameError(f"{self.where}: {e}") from None  # (the layer's stream keeps such names: a read-back fails too)
             except PycfsError:
                 self.entries = None
                 break

@@ -206,14 +206,20 @@ class ImageTree:
 
 def _apply_layer(root: Directory, entries: Iterable[LayerEntry], dirs: dict[bytes, Directory], budget: EntryBudget,
                  where: str) -> None:
-    """Apply a layer's entries, charged to the image's budget a thousand at a time."""
+    """Apply a layer's entries, charged to the image's budget a thousand at a time; a
+    failure names the layer (``where``)."""
     count = 0
-    for entry in entries:
-        apply_entry(root, entry, dirs)
-        count += 1
-        if count == 1000:
-            budget.charge(count, where)
-            count = 0
+    try:
+        for entry in entries:
+            apply_entry(root, entry, dirs)
+            count += 1
+            if count == 1000:
+                budget.charge(count, where)
+                count = 0
+    except EntryLimitError:
+        raise  # (named already)
+    except PycfsError as e:
+        raise ImageBuildError(f"{where}: {e}") from None
     budget.charge(count, where)
 
 

@@ -891,3 +891,54 @@ def test_an_image_listing_a_stored_layer_past_the_bound_is_refused(repo: Reposit
     assert len(build_filesystem(repo, [diff_id], ids).root.entries) == 3
     with pytest.raises(EntryLimitError, match=rf"^layer {diff_id}: the image's layers hold more than 5 entries"):
         build_filesystem(repo, [diff_id, diff_id], ids)
+
+
+# ---------------------------------------------------------------------------- Linux's name limits
+
+
+def _pax_member(records: list[tuple[bytes, bytes]], typeflag: bytes = b"0", linkname: bytes = b"") -> bytes:
+    return pax_entry(records) + TarHeader(name=b"x", typeflag=typeflag, linkname=linkname, mode=0o644).pack()
+
+
+BIG = b"n" * (16 << 20)  # a PAX record's most
+
+PAST_LINUX = {
+    "component": (_pax_member([(b"path", b"d/" + b"c" * 256)]), r"tar entry b'd/ccc.*'\.\.\. \(258 bytes\) has a component longer than Linux's NAME_MAX"),
+    "path": (_pax_member([(b"path", b"d/" * 2048)]), r"tar entry b'd/d/.*\(4096 bytes\) is longer than Linux's PATH_MAX"),
+    "deep": (_pax_member([(b"path", b"a/" * (1 << 20))]), r"tar entry b'a/a/.*\(2097152 bytes\) is longer"),
+    "nul": (_pax_member([(b"path", b"a\0b")]), r"tar entry b'a\\x00b' holds a NUL byte"),
+    "hardlink": (_pax_member([(b"linkpath", b"t" * 300)], b"1"), r"tar entry b'x': hardlink target b'ttt.*\(300 bytes\) has a component"),
+    "symlink": (_pax_member([(b"linkpath", BIG[: 16 << 10])], b"2"), r"tar entry b'x': symlink target b'nnn.*\(16384 bytes\) is not one Linux takes"),
+    "empty symlink": (TarHeader(name=b"x", typeflag=b"2", mode=0o777).pack(), r"tar entry b'x': symlink target b'' is not one Linux takes"),
+    "xattr name": (_pax_member([(b"SCHILY.xattr.user." + b"k" * 251, b"v")]), r"tar entry b'x': xattr b'user.kkk.*\(256 bytes\) with a value of 1 bytes is past"),
+    "xattr value": (_pax_member([(b"SCHILY.xattr.user.k", BIG[:65537])]), r"tar entry b'x': xattr b'user.k' with a value of 65537 bytes is past Linux's limits"),
+}
+
+
+@pytest.mark.parametrize("member", PAST_LINUX.values(), ids=PAST_LINUX.keys())
+def test_names_past_linux_limits_are_refused_naming_the_layer(member: tuple[bytes, str]) -> None:
+    """Paths, link targets and xattrs Linux could not hold are refused as parsed, in a line
+    naming the layer and the entry cut short, so no name up to 16 MiB is kept until the
+    image writer."""
+    data, message = member
+    collector = LayerEntryCollector(where="layer sha256:ab")
+    with pytest.raises(TarError, match=rf"^layer sha256:ab: {message}.*the layer is damaged or crafted$") as e:
+        collector.feed([data + ZERO_BLOCK * 2])
+    assert len(str(e.value)) < 400
+
+
+def test_names_at_linux_limits_are_taken() -> None:
+    data = (_pax_member([(b"path", (b"c" * 255 + b"/") * 15 + b"e" * 255)])  # 4095 bytes
+            + _pax_member([(b"linkpath", b"t" * 4095), (b"SCHILY.xattr.user." + b"k" * 250, BIG[:65536])], b"2"))
+    collector = LayerEntryCollector()
+    collector.feed([data + ZERO_BLOCK * 2])
+    collector.close()
+    assert collector.entries is not None and [len(e.path) for e in collector.entries] == [4096, 2]
+
+
+def test_a_stored_layer_past_linux_limits_is_refused_naming_it(repo: Repository) -> None:
+    data = _pax_member([(b"path", b"c" * 256)]) + ZERO_BLOCK * 2
+    diff_id = diff_id_of(data)
+    store(repo, data)
+    with pytest.raises(PycfsError, match=rf"^layer {diff_id}: tar entry b'ccc.*\(256 bytes\) has a component longer"):
+        build_filesystem(repo, [diff_id], {diff_id: repo.has_stream(layer_stream_name(diff_id))})
