@@ -18,6 +18,7 @@ import trio
 import zstandard
 
 from imagebuild import Device, Dir, File, Hardlink, ImageSpec, Opaque, Symlink, Whiteout, build_layout
+from pycfs.host.erofs import format as erofs_format
 from pycfs.host.erofs.writer import write_image as write_erofs
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
@@ -639,3 +640,14 @@ def test_an_image_listing_too_many_layers_is_refused_before_any_is_read(tmp_path
         with pytest.raises(PycfsError, match=r"lists 2 layers, more than the 1 pycfs takes"):
             trio.run(lambda: pull_oci_layout(repo, str(layout[0]), "x", jobs=2))
         assert _objects(tmp_path / "repo") == []
+
+
+def test_an_image_past_composefs_size_limit_is_refused_before_it_is_stored(tmp_path, monkeypatch, layout):
+    """The writer refuses an image larger than readers take (fsck would call it invalid)
+    before writing a byte of it: the pull fails naming the image, and tags nothing."""
+    monkeypatch.setattr(erofs_format, "MAX_IMAGE_SIZE", 64 << 10)  # SPEC's image is larger
+    with Repository.init(tmp_path / "repo") as repo:
+        with pytest.raises(PycfsError, match=r"^image of config sha256:[0-9a-f]{64}: the format-\d EROFS image would "
+                                             r"be \d+ bytes, past composefs's 0 GiB limit \(\d+ inodes\)"):
+            trio.run(lambda: pull_oci_layout(repo, str(layout[0]), "x", jobs=2))
+        assert list_images(repo) == [] and not list((tmp_path / "repo" / "images").glob("*"))
