@@ -533,7 +533,7 @@ class LayerEntry:
     """One tar entry of a layer as the image builder needs it (spec 3.6)."""
 
     path: bytes  # normalized: b"/a/b", b"" for the root directory
-    stat: Stat  # mode as in the header; uid/gid truncated to u32
+    stat: Stat  # mode as in the header
     item: Directory | Hardlink | LeafContent
 
 
@@ -610,7 +610,10 @@ def layer_entry(entry: TarEntry, content: bytes | External, stats: SharedStats) 
                        "byte, but composefs images cannot represent sparse tar entries yet")
     _check_names(entry)
     t = entry.typeflag
-    mode, uid, gid = entry.mode, entry.uid & 0xFFFFFFFF, entry.gid & 0xFFFFFFFF
+    mode, uid, gid = entry.mode, entry.uid, entry.gid
+    if not (0 <= uid <= 0xFFFFFFFF and 0 <= gid <= 0xFFFFFFFF):  # (cut to 32 bits, 2^32 would be root)
+        raise TarError(f"tar entry {shown(entry.path)} has uid/gid {uid}/{gid}, outside 0..4294967295: the layer "
+                       "is damaged or crafted")
     xattrs = tuple(sorted(entry.xattrs.items())) if entry.xattrs else ()
     if t == DIRTYPE:
         return LayerEntry(normalize_path(entry.path), Stat(mode, uid, gid, entry.mtime, entry.mtime_nsec, dict(xattrs)),
@@ -624,12 +627,15 @@ def layer_entry(entry: TarEntry, content: bytes | External, stats: SharedStats) 
     elif t == SYMTYPE:
         item = Symlink(entry.linkpath)
     elif t in (CHRTYPE, BLKTYPE):
+        if entry.devmajor < 0 or entry.devminor < 0:  # (os.makedev takes -1 as all ones)
+            raise TarError(f"tar entry {shown(entry.path)} has device number {entry.devmajor}:{entry.devminor}: "
+                           "the layer is damaged or crafted")
         try:
             rdev = os.makedev(entry.devmajor, entry.devminor)
         except (OverflowError, ValueError):
             rdev = 1 << 32
         if rdev > 0xFFFFFFFF:
-            raise TarError(f"device number {entry.devmajor}:{entry.devminor} of {entry.path!r} does not fit 32 bits")
+            raise TarError(f"device number {entry.devmajor}:{entry.devminor} of {shown(entry.path)} does not fit 32 bits")
         item = CharDevice(rdev) if t == CHRTYPE else BlockDevice(rdev)
     elif t == FIFOTYPE:
         item = Fifo()

@@ -35,6 +35,7 @@ from pycfs.host.oci.layer import (
     LayerDigestError,
     LayerEntryCollector,
     import_layer,
+    layer_entry,
     iter_layer_entries,
     layer_stream_name,
     PendingFile,
@@ -46,11 +47,11 @@ from pycfs.host.oci.layer import (
     write_pieces,
 )
 from pycfs.host.oci.result import ImportStats
-from pycfs.host.oci.tar import ZERO_BLOCK, TarError, TarHeader, pax_entry, roundup_block, simple_entry
+from pycfs.host.oci.tar import ZERO_BLOCK, TarError, TarHeader, TarReader, pax_entry, roundup_block, simple_entry
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamReader, SplitStreamWriter
 from pycfs.host.streamcat import iter_stream_bytes
-from pycfs.host.tree import BlockDevice, CharDevice, External, Fifo, Inline, Symlink
+from pycfs.host.tree import SharedStats, BlockDevice, CharDevice, External, Fifo, Inline, Symlink
 import itertools
 from vectors import C_VECTORS
 
@@ -942,3 +943,19 @@ def test_a_stored_layer_past_linux_limits_is_refused_naming_it(repo: Repository)
     store(repo, data)
     with pytest.raises(PycfsError, match=rf"^layer {diff_id}: tar entry b'ccc.*\(256 bytes\) has a component longer"):
         build_filesystem(repo, [diff_id], {diff_id: repo.has_stream(layer_stream_name(diff_id))})
+
+
+@pytest.mark.parametrize("member, message", [
+    (pax_entry([(b"uid", b"4294967296")]) + TarHeader(name=b"x", mode=0o4755).pack(), r"uid/gid 4294967296/0, outside"),
+    (pax_entry([(b"gid", b"4294967296")]) + TarHeader(name=b"x", mode=0o2755).pack(), r"uid/gid 0/4294967296, outside"),
+    (TarHeader(name=b"x", typeflag=b"3", devmajor=-1, devminor=-1).pack(), r"device number -1:-1"),
+    (TarHeader(name=b"x", typeflag=b"4", devmajor=1, devminor=-1).pack(), r"device number 1:-1"),
+])
+def test_ids_and_device_numbers_out_of_range_are_refused(member: bytes, message: str) -> None:
+    """A uid of 2^32 is not root, nor -1:-1 device fff:fffff: refused, naming the entry."""
+    collector = LayerEntryCollector()
+    collector.feed([member + ZERO_BLOCK * 2])
+    collector.close()
+    assert collector.entries is None  # the read-back reports it:
+    with pytest.raises(TarError, match=rf"^tar entry b'x' has {message}"):
+        layer_entry(TarReader(io.BytesIO(member).read).next(), b"", SharedStats())  # type: ignore[arg-type]
