@@ -474,7 +474,8 @@ def store_layer(repo: Repository, layer: SplitLayer, diff_id: str) -> bytes:
     """`commit_layer`'s first part: the stream stored, not yet visible, if the split layer's
     digest is that diff_id; its id."""
     if layer.diff_id != diff_id:
-        raise LayerDigestError(f"layer digest mismatch: expected diff_id {diff_id}, the tar stream is {layer.diff_id}")
+        raise LayerDigestError(f"layer digest mismatch: expected diff_id {diff_id}, the tar stream is {layer.diff_id} "
+                               "(nothing was committed; `pycfs gc` frees the files it stored)")
     return repo.store_stream(layer.writer)
 
 
