@@ -30,3 +30,11 @@ def printable(text: str) -> str:
         except UnicodeEncodeError:  # a lone surrogate that is no undecodable byte (from JSON)
             text = text.encode("utf-8", "backslashreplace").decode()
     return text
+
+
+def shown(name: bytes | str, limit: int = 80) -> str:
+    """A name from an untrusted source for an error line: its repr, cut to about `limit`
+    characters with its full length said, so a 16 MiB name makes no 16 MiB line."""
+    if len(name) <= limit:
+        return repr(name)
+    return f"{name[:limit]!r}... ({len(name)} {'bytes' if isinstance(name, bytes) else 'characters'})"

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pycfs.host.errors import PycfsError
 
 BLOCK_SIZE = 4096
+# composefs's limit on an image (the C library's and the kernel mount helper's): readers refuse larger.
+MAX_IMAGE_SIZE = 1 << 30
 BLOCK_BITS = 12
 SUPERBLOCK_OFFSET = 1024
 INODE_TABLE_OFFSET = 1152  # header + zeros + superblock, already 32-aligned

@@ -36,7 +36,7 @@ from pycfs.host.tree import (
     object_path,
 )
 
-MAX_IMAGE_SIZE = 1 << 30
+MAX_IMAGE_SIZE = F.MAX_IMAGE_SIZE
 
 _OVERLAY = b"trusted.overlay."
 _OVERLAY_ESC = b"trusted.overlay.overlay."

@@ -1048,6 +1048,10 @@ def _layout_and_emit(inos: list[_Ino], xattrs: _Xattrs, version: int, min_sec: i
         else:
             ino.i_u = first
     total_blocks = max(blk, 1)
+    if total_blocks * B > F.MAX_IMAGE_SIZE:  # before a byte goes out: no image fsck would call invalid
+        raise ImageError(f"the format-{version} EROFS image would be {total_blocks * B} bytes, past composefs's "
+                         f"{F.MAX_IMAGE_SIZE >> 30} GiB limit ({len(inos)} inodes): the image has too many files "
+                         "or too large xattrs for composefs")
     sink.start(total_blocks * B)
 
     # The metadata blocks (header, superblock, inodes with their xattrs and inline data,

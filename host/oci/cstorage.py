@@ -174,7 +174,7 @@ class LayerImport:
         self.hasher = hashlib.sha256() if verify_diffid else None
         # the layer's entries, parsed from what is written, go to the image's tree
         self.tree = tree
-        self.collector = LayerEntryCollector() if tree is not None else None
+        self.collector = LayerEntryCollector(tree.budget, 1, f"layer {layer.diff_id}") if tree is not None else None
         self.total = 0  # bytes of the rebuilt tar so far
         self.batch_files = batch_files()
         self.batches = batches.clone()

@@ -94,14 +94,21 @@ def _store_image(repo: Repository, fs: FileSystem, version: int) -> bytes:
 
 def _write_images(repo: Repository, diff_ids: Sequence[str], layer_ids: Mapping[str, bytes],
                   versions: Sequence[int], parsed: Mapping[bytes, list[LayerEntry]] | None,
-                  tree: ImageTree | None = None) -> dict[int, bytes]:
+                  tree: ImageTree | None = None, *, name: str) -> dict[int, bytes]:
+    """The images of the merged layers, stored; a writer's refusal names the image (``name``)."""
     # Imported here: a pull whose image is in place (most re-pulls) builds no tree.
     from pycfs.host.oci.merge import build_filesystem
 
     fs = tree.filesystem([layer_ids.get(d, b"") for d in diff_ids]) if tree is not None else None
     if fs is None:
         fs = build_filesystem(repo, diff_ids, layer_ids, parsed=parsed)
-    return {v: _store_image(repo, fs, v) for v in versions}
+    images = {}
+    for v in versions:
+        try:
+            images[v] = _store_image(repo, fs, v)
+        except PycfsError as e:
+            raise PycfsError(f"{name}: {e}") from None
+    return images
 
 
 def _image_refs(image_ids: Mapping[int, bytes], others: Mapping[str, bytes]) -> list[tuple[str, bytes]]:
@@ -118,7 +125,8 @@ def create_image(repo: Repository, ref: str) -> dict[int, bytes]:
     sound = _sound_images(repo, image.image_refs, versions)
     if sound is not None:
         return sound  # layers are immutable, so is the image
-    image_ids = _write_images(repo, image.diff_ids, image.layer_ids, versions, None)
+    image_ids = _write_images(repo, image.diff_ids, image.layer_ids, versions, None,
+                              name=f"image of config {image.config_digest}")
     layers = [(d, image.layer_ids[d]) for d in image.diff_ids]
     _write_image_streams(repo, image.manifest_digest, image.manifest_raw, image.config_digest, image.config_raw,
                          layers, PullImages(image_ids, image.image_refs, True))
@@ -179,7 +187,7 @@ def pull_images(repo: Repository, config_digest: str, config_raw: bytes, layers:
     if on_phase is not None:
         on_phase("image")
     return PullImages(_write_images(repo, config_diff_ids(config_raw, f"config {config_digest}"), dict(layers),
-                                    versions, parsed, tree), recorded, True)
+                                    versions, parsed, tree, name=f"image of config {config_digest}"), recorded, True)
 
 
 def finish_pull(repo: Repository, manifest_digest: str, manifest_raw: bytes, config_digest: str,

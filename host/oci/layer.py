@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from pycfs.host.oci.tar import (
 from pycfs.host.oci.result import ImportStats
 from pycfs.host.oci.streams import parse_digest
 from pycfs.host.repository import Repository
+from pycfs.protocol.text import shown
 from pycfs.protocol.zstdframes import ZstdFrameChecker, ZstdFrameError
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamReader, SplitStreamWriter
 from pycfs.host.tree import BlockDevice, CharDevice, External, Fifo, Inline, LeafContent, SharedStats, Stat, Symlink
@@ -53,6 +55,27 @@ _PIECE = 1 << 20
 # What may follow a tar's end marker (kept inline, for the diff_id): tar pads to its
 # record size, 10 KiB by default; an endless tail (say, a decompression bomb of zeros) is refused.
 MAX_TRAILING = 16 << 20
+# Content a non-file entry (directory, link, device, fifo, unknown type) or a GNU sparse
+# file may declare: it stays inline, so the splitter holds it in memory. GNU tar and Go's
+# archive/tar write size 0 for directories, links, devices and fifos; a sparse file's map
+# and data segments are refused at image build anyway.
+MAX_INLINE_ENTRY_CONTENT = 64 << 10
+
+# Entries (files, directories, links, whiteouts) of an image's layers together, a layer
+# listed twice counted twice: each is kept (~170 B parsed, more in the tree) until the image
+# is written; 200,000 files take under 200 MB, so this bounds a pull near 1 GB whatever
+# a few KB of compressed headers declare.
+MAX_IMAGE_ENTRIES = 1_000_000
+
+
+# Linux's limits (linux/limits.h, linux/xattr.h): a name component NAME_MAX bytes, a path
+# PATH_MAX with its NUL (symlink(2) takes a target of PATH_MAX - 1 bytes at most), an xattr
+# name XATTR_NAME_MAX, a value XATTR_SIZE_MAX. An entry past them could not be extracted
+# either; refused as parsed, so that no name up to a PAX record's 16 MiB is kept (nor walked).
+NAME_MAX = 255
+PATH_MAX = 4096
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
 
 
 class LayerDigestError(PycfsError):
@@ -301,6 +324,11 @@ class TarSplitter:
                     run.add_file(self._store(entry.size))
                     inline += self.reader.read_exact(entry.padded_size - entry.size, "padding")
                 else:
+                    if entry.size > INLINE_CONTENT_MAX and entry.size > MAX_INLINE_ENTRY_CONTENT:
+                        kind = "GNU sparse file" if entry.sparse else f"entry of type {entry.typeflag!r}"
+                        raise TarError(f"tar {kind} {shown(entry.path)} at offset {entry.offset} declares "
+                                       f"{entry.size} bytes of content (more than {MAX_INLINE_ENTRY_CONTENT}): "
+                                       "the layer is damaged or crafted (rebuild it with a standard tar)")
                     self.files_inlined += entry.is_regular()
                     remaining = entry.padded_size
                     while remaining:
@@ -446,7 +474,8 @@ def store_layer(repo: Repository, layer: SplitLayer, diff_id: str) -> bytes:
     """`commit_layer`'s first part: the stream stored, not yet visible, if the split layer's
     digest is that diff_id; its id."""
     if layer.diff_id != diff_id:
-        raise LayerDigestError(f"layer digest mismatch: expected diff_id {diff_id}, the tar stream is {layer.diff_id}")
+        raise LayerDigestError(f"layer digest mismatch: expected diff_id {diff_id}, the tar stream is {layer.diff_id} "
+                               "(nothing was committed; `pycfs gc` frees the files it stored)")
     return repo.store_stream(layer.writer)
 
 
@@ -505,7 +534,7 @@ class LayerEntry:
     """One tar entry of a layer as the image builder needs it (spec 3.6)."""
 
     path: bytes  # normalized: b"/a/b", b"" for the root directory
-    stat: Stat  # mode as in the header; uid/gid truncated to u32
+    stat: Stat  # mode as in the header
     item: Directory | Hardlink | LeafContent
 
 
@@ -580,8 +609,12 @@ def layer_entry(entry: TarEntry, content: bytes | External, stats: SharedStats) 
     if entry.sparse:
         raise TarError(f"tar entry {entry.path!r} is a GNU sparse file: the layer stream keeps it byte for "
                        "byte, but composefs images cannot represent sparse tar entries yet")
+    _check_names(entry)
     t = entry.typeflag
-    mode, uid, gid = entry.mode, entry.uid & 0xFFFFFFFF, entry.gid & 0xFFFFFFFF
+    mode, uid, gid = entry.mode, entry.uid, entry.gid
+    if not (0 <= uid <= 0xFFFFFFFF and 0 <= gid <= 0xFFFFFFFF):  # (cut to 32 bits, 2^32 would be root)
+        raise TarError(f"tar entry {shown(entry.path)} has uid/gid {uid}/{gid}, outside 0..4294967295: the layer "
+                       "is damaged or crafted")
     xattrs = tuple(sorted(entry.xattrs.items())) if entry.xattrs else ()
     if t == DIRTYPE:
         return LayerEntry(normalize_path(entry.path), Stat(mode, uid, gid, entry.mtime, entry.mtime_nsec, dict(xattrs)),
@@ -595,18 +628,74 @@ def layer_entry(entry: TarEntry, content: bytes | External, stats: SharedStats) 
     elif t == SYMTYPE:
         item = Symlink(entry.linkpath)
     elif t in (CHRTYPE, BLKTYPE):
+        if entry.devmajor < 0 or entry.devminor < 0:  # (os.makedev takes -1 as all ones)
+            raise TarError(f"tar entry {shown(entry.path)} has device number {entry.devmajor}:{entry.devminor}: "
+                           "the layer is damaged or crafted")
         try:
             rdev = os.makedev(entry.devmajor, entry.devminor)
         except (OverflowError, ValueError):
             rdev = 1 << 32
         if rdev > 0xFFFFFFFF:
-            raise TarError(f"device number {entry.devmajor}:{entry.devminor} of {entry.path!r} does not fit 32 bits")
+            raise TarError(f"device number {entry.devmajor}:{entry.devminor} of {shown(entry.path)} does not fit 32 bits")
         item = CharDevice(rdev) if t == CHRTYPE else BlockDevice(rdev)
     elif t == FIFOTYPE:
         item = Fifo()
     else:
         raise TarError(f"tar entry {entry.path!r} has unsupported type {t!r}")
     return LayerEntry(normalize_path(entry.path), stat, item)
+
+
+class EntryLimitError(PycfsError):
+    """An image's layers hold more entries than MAX_IMAGE_ENTRIES."""
+
+
+class EntryNameError(TarError):
+    """A name, link target or xattr of an entry past Linux's limits."""
+
+
+def _check_path(path: bytes, what: str) -> None:
+    if len(path) >= PATH_MAX:
+        raise EntryNameError(f"{what} {shown(path)} is longer than Linux's PATH_MAX "
+                             f"({PATH_MAX - 1} bytes): the layer is damaged or crafted")
+    if b"\0" in path:
+        raise EntryNameError(f"{what} {shown(path)} holds a NUL byte: the layer is damaged or crafted")
+    if len(path) > NAME_MAX and any(len(c) > NAME_MAX for c in path.split(b"/")):
+        raise EntryNameError(f"{what} {shown(path)} has a component longer than Linux's NAME_MAX "
+                             f"({NAME_MAX} bytes): the layer is damaged or crafted")
+
+
+def _check_names(entry: TarEntry) -> None:
+    """Refuse an entry whose path, link target or xattrs Linux could not hold."""
+    _check_path(entry.path, "tar entry")
+    t, target = entry.typeflag, entry.linkpath
+    if t == LNKTYPE:
+        _check_path(target, f"tar entry {shown(entry.path)}: hardlink target")
+    elif t == SYMTYPE and (not target or len(target) >= PATH_MAX or b"\0" in target):
+        raise EntryNameError(f"tar entry {shown(entry.path)}: symlink target {shown(target)} is not one "
+                             f"Linux takes (1 to {PATH_MAX - 1}, no NUL): the layer is damaged or crafted")
+    for name, value in entry.xattrs.items():
+        if not name or len(name) > XATTR_NAME_MAX or len(value) > XATTR_SIZE_MAX:
+            raise EntryNameError(f"tar entry {shown(entry.path)}: xattr {shown(name)} with a value of "
+                                 f"{len(value)} bytes is past Linux's limits (names 1 to {XATTR_NAME_MAX} bytes, values "
+                                 f"up to {XATTR_SIZE_MAX}): the layer is damaged or crafted")
+
+
+class EntryBudget:
+    """The entries an image's layers may still hold (MAX_IMAGE_ENTRIES, read when made), shared
+    by the parses of its layers (threads of their own)."""
+
+    def __init__(self) -> None:
+        self.limit = self.left = MAX_IMAGE_ENTRIES
+        self._lock = threading.Lock()
+
+    def charge(self, count: int, where: str) -> None:
+        with self._lock:
+            self.left -= count
+            over = self.left < 0
+        if over:
+            raise EntryLimitError(f"{where}: the image's layers hold more than {self.limit} entries (files, "
+                                  "directories, links) together: pycfs takes no image that large (rebuild it "
+                                  "with fewer files)")
 
 
 class _NeedMore(Exception):
@@ -623,9 +712,14 @@ class LayerEntryCollector:
 
     An entry cut by the end of what was fed is parsed again, whole, on the next `advance`.
     If the pieces do not parse, `entries` is None: the image build then reads the stream
-    back, which reports the error."""
+    back, which reports the error; past ``budget`` (by default MAX_IMAGE_ENTRIES for this
+    layer alone), each entry counted ``weight`` times (a layer the image lists that many
+    times), `advance` raises EntryLimitError naming ``where``."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: EntryBudget | None = None, weight: int = 1, where: str = "layer") -> None:
+        self.budget = budget or EntryBudget()
+        self.weight = weight
+        self.where = where
         self.entries: list[LayerEntry] | None = []
         self._pieces: list[bytes | tuple[bytes]] = []  # inline bytes, or (object id,)
         self._at = 0  # the piece being read ...
@@ -670,6 +764,7 @@ class LayerEntryCollector:
     def advance(self) -> None:
         """Parse every entry the pieces fed so far hold whole."""
         tar, entries = self._tar, self.entries
+        before = len(entries) if entries is not None else 0
         while not self._done and entries is not None:
             at, pos, offset = self._at, self._pos, tar.offset
             try:
@@ -677,6 +772,8 @@ class LayerEntryCollector:
             except _NeedMore:
                 self._at, self._pos, tar.offset = at, pos, offset
                 break
+            except EntryNameError as e:
+                raise EntryNameError(f"{self.where}: {e}") from None  # (the layer's stream keeps such names: a read-back fails too)
             except PycfsError:
                 self.entries = None
                 break
@@ -684,6 +781,8 @@ class LayerEntryCollector:
                 self._done = True
             else:
                 entries.append(entry)
+        if entries is not None and self.entries is not None:  # (a run holds a few thousand entries at most)
+            self.budget.charge((len(entries) - before) * self.weight, self.where)
         if self._done or self.entries is None:
             self._pieces = []
             self._at = self._pos = 0

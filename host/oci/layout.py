@@ -7,6 +7,7 @@ Manifest lists / image indexes are resolved to the manifest for this machine's p
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gc
@@ -30,6 +31,7 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import MAX_JSON_DOCUMENT, parse_object, read_document
 from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.layer import (
+    EntryBudget,
     LayerDigestError,
     LayerEntry,
     LayerEntryCollector,
@@ -222,6 +224,11 @@ def _list(doc: dict, key: str, what: str) -> list:
     return value
 
 
+# Layers an image may list: each listing is merged, stored layer or not (a layer listed
+# 100,000 times took 145 CPU-s); Docker refuses images deeper than 125 layers ("max depth exceeded").
+MAX_IMAGE_LAYERS = 1000
+
+
 @dataclass(frozen=True)
 class ImageLayers:
     """A manifest's layers paired with the config's diff_ids."""
@@ -235,8 +242,11 @@ def image_layers(manifest: dict, config_raw: bytes, digest: str) -> ImageLayers:
     if config_desc.media_type and config_desc.media_type not in CONFIG_TYPES:
         raise PycfsError(f"manifest {digest}: config type {config_desc.media_type!r} is not a container image "
                          "(OCI artifacts are not supported)")
-    layer_descs = [Descriptor.from_json(d, f"manifest {digest} layer")
-                   for d in _list(manifest, "layers", f"manifest {digest}")]
+    listed = _list(manifest, "layers", f"manifest {digest}")
+    if len(listed) > MAX_IMAGE_LAYERS:
+        raise PycfsError(f"manifest {digest} lists {len(listed)} layers, more than the {MAX_IMAGE_LAYERS} "
+                         "pycfs takes (rebuild the image with fewer layers)")
+    layer_descs = [Descriptor.from_json(d, f"manifest {digest} layer") for d in listed]
     diff_ids = config_diff_ids(config_raw, f"config {config_desc.digest}")
     if len(diff_ids) != len(layer_descs):
         raise PycfsError(f"config {config_desc.digest}: rootfs.diff_ids does not match the manifest's "
@@ -369,7 +379,8 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: Wor
                               collect: bool = False, store_here: bool = False,
                               inflated: Callable[[], None] | None = None,
                               stored: Callable[[LayoutLayer], None] | None = None,
-                              handoff: trio.Event | None = None) -> LayoutLayer:
+                              handoff: trio.Event | None = None, budget: EntryBudget | None = None,
+                              weight: int = 1) -> LayoutLayer:
     """Decompress and split a layer blob, verify its digest and diff_id, commit
     `oci-layer-<diff_id>`. A worker of ``inflaters`` reads, hashes and decompresses the blob,
     hashes the tar and splits it, writing file content once into anonymous files of the
@@ -383,9 +394,10 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: Wor
     ``stored`` is called once the layer is checked and its stream stored, before the syncfs
     that makes it visible: the image build need not wait for that. Once ``handoff`` is set
     (`_Handoff`), an inflating worker that stores its files hands the rest of them to an
-    idle one of ``inflaters``, if there is one."""
+    idle one of ``inflaters``, if there is one. ``budget``, ``weight``: the image's entries
+    the collected ones count against, and how many times the image lists this layer."""
     stats = ImportStats()
-    collector = LayerEntryCollector() if collect else None
+    collector = LayerEntryCollector(budget, weight, f"layer {diff_id}") if collect else None
     held: set[_Chunk] = set()
     advanced = 0  # blob bytes shown as progress
     source = _PieceSource(repo.digest_size)
@@ -622,6 +634,8 @@ async def _pull_oci_layout(repo: Repository, source: str, tag: str | None, build
     at_once = trio.Semaphore(layers_at_once)  # taken in the layers' order, given back by each once inflated
     open_layers = trio.Semaphore(layers_open)  # given back by each once committed
     parsed: dict[bytes, list[LayerEntry]] = {}  # by stream id: entries of the layers imported
+    budget = EntryBudget()  # the entries parsed, against the image's bound, as they are parsed
+    listed = collections.Counter(d for _, d in layers.layers)
     store_here = inflaters_store([d.size for d in todo.values()])
     handoff = _Handoff(store_here)
     # The image is built once every layer's stream is stored, beside the syncfs that makes
@@ -668,7 +682,7 @@ async def _pull_oci_layout(repo: Repository, source: str, tag: str | None, build
                 progress.layer_started(diff_id, desc.size)
             layer = await import_layout_layer(repo, pool, inflaters, layout, desc, diff_id, limiter, progress,
                                               build_image, store_here, inflated, functools.partial(stored, diff_id),
-                                              asked)
+                                              asked, budget, listed[diff_id])
         finally:
             inflated()
             open_layers.release()

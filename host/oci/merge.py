@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.oci.layer import Directory as DirEntry
-from pycfs.host.oci.layer import Hardlink, LayerEntry, iter_layer_entries
+from pycfs.host.oci.layer import EntryBudget, EntryLimitError, Hardlink, LayerEntry, iter_layer_entries
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.tree import Directory, FileSystem, Leaf, Stat
@@ -159,6 +159,7 @@ class ImageTree:
         self.layers: list[bytes] = []  # layer stream ids, in the order they came
         self._stored: list[bytes] = []  # noted, not yet applied
         self._dirs: dict[bytes, Directory] = {}  # for `apply_entry`
+        self.budget = EntryBudget()  # the image's entries: its layers' collectors and `apply` charge it
 
     def add_stored(self, layer_id: bytes) -> None:
         self.layers.append(layer_id)
@@ -175,10 +176,11 @@ class ImageTree:
         try:
             root, dirs = self.root, self._dirs
             for layer_id in stored:
-                for entry in stored_entries(self.repo, layer_id):
-                    apply_entry(root, entry, dirs)
+                _apply_layer(root, stored_entries(self.repo, layer_id), dirs, self.budget, f"layer stream {layer_id.hex()}")
             for entry in entries:
                 apply_entry(root, entry, dirs)
+        except EntryLimitError:
+            raise
         except PycfsError:
             self.broken = True
         gc.freeze()
@@ -202,6 +204,25 @@ class ImageTree:
         return FileSystem(self.root)
 
 
+def _apply_layer(root: Directory, entries: Iterable[LayerEntry], dirs: dict[bytes, Directory], budget: EntryBudget,
+                 where: str) -> None:
+    """Apply a layer's entries, charged to the image's budget a thousand at a time; a
+    failure names the layer (``where``)."""
+    count = 0
+    try:
+        for entry in entries:
+            apply_entry(root, entry, dirs)
+            count += 1
+            if count == 1000:
+                budget.charge(count, where)
+                count = 0
+    except EntryLimitError:
+        raise  # (named already)
+    except PycfsError as e:
+        raise ImageBuildError(f"{where}: {e}") from None
+    budget.charge(count, where)
+
+
 def build_filesystem(repo: Repository, diff_ids: Sequence[str], layer_ids: Mapping[str, bytes],
                      keep_user_xattrs: bool = False,
                      parsed: Mapping[bytes, list[LayerEntry]] | None = None) -> FileSystem:
@@ -209,12 +230,13 @@ def build_filesystem(repo: Repository, diff_ids: Sequence[str], layer_ids: Mappi
     stream id); ``parsed``: layers already parsed (by layer stream id)."""
     root = Directory(Stat())
     dirs: dict[bytes, Directory] = {}
+    budget = EntryBudget()
     for diff_id in diff_ids:
         layer_id = layer_ids.get(diff_id)
         if layer_id is None:
             raise ImageBuildError(f"the image has no layer stream for {diff_id}: re-pull the image")
         entries: Iterable[LayerEntry] | None = (parsed or {}).get(layer_id)
-        for entry in stored_entries(repo, layer_id) if entries is None else entries:
-            apply_entry(root, entry, dirs)
+        _apply_layer(root, stored_entries(repo, layer_id) if entries is None else entries, dirs, budget,
+                     f"layer {diff_id}")
     normalize_for_oci(root, keep_user_xattrs)
     return FileSystem(root)

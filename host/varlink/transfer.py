@@ -329,7 +329,7 @@ class LayerConsumer:
         # until they are sent to the sha256's worker (to be hardlinked: until linked)
         self._pending: set[_Batch] = set()
         # the layer's entries, parsed from what is written, for the image FinalizeImage builds
-        self.collector = LayerEntryCollector()
+        self.collector = LayerEntryCollector(where="PutLayer")  # (FinalizeImage bounds the image's total)
 
     def _dirfd(self, index: int) -> int:
         if index >= len(self.dirfds):

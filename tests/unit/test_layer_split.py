@@ -23,13 +23,19 @@ from hypothesis import strategies as st
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes, digest_fd
+from pycfs.host.oci import layer as layer_module
+from pycfs.host.oci.merge import build_filesystem
 from pycfs.host.oci.layer import (
+    MAX_INLINE_ENTRY_CONTENT,
+    EntryBudget,
+    EntryLimitError,
     decompressing_reader,
     Directory,
     Hardlink,
     LayerDigestError,
     LayerEntryCollector,
     import_layer,
+    layer_entry,
     iter_layer_entries,
     layer_stream_name,
     PendingFile,
@@ -41,11 +47,11 @@ from pycfs.host.oci.layer import (
     write_pieces,
 )
 from pycfs.host.oci.result import ImportStats
-from pycfs.host.oci.tar import ZERO_BLOCK, TarError, TarHeader, pax_entry, simple_entry
+from pycfs.host.oci.tar import ZERO_BLOCK, TarError, TarHeader, TarReader, pax_entry, roundup_block, simple_entry
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, SplitStreamReader, SplitStreamWriter
 from pycfs.host.streamcat import iter_stream_bytes
-from pycfs.host.tree import BlockDevice, CharDevice, External, Fifo, Inline, Symlink
+from pycfs.host.tree import SharedStats, BlockDevice, CharDevice, External, Fifo, Inline, Symlink
 import itertools
 from vectors import C_VECTORS
 
@@ -167,6 +173,17 @@ def test_non_regular_content_is_inline(repo: Repository) -> None:
     assert cat(repo, reader) == data
 
 
+@pytest.mark.parametrize("typeflag", [b"5", b"1", b"2", b"3", b"6", b"V"])
+def test_non_file_content_past_the_bound_is_refused_before_it_is_read(repo: Repository, typeflag: bytes) -> None:
+    """A directory (or link, device, ...) declaring more content than MAX_INLINE_ENTRY_CONTENT
+    is refused at its header: the splitter would hold it all in memory."""
+    size = MAX_INLINE_ENTRY_CONTENT + 1
+    odd = TarHeader(name=b"d", typeflag=typeflag, linkname=b"x", size=size, mode=0o755).pack()
+    data = odd + bytes(roundup_block(size)) + ZERO_BLOCK * 2
+    with pytest.raises(TarError, match=rf"entry of type {typeflag!r} b'd' at offset 0 declares {size} bytes"):
+        store(repo, data)
+
+
 def test_trailing_bytes_after_end_marker_are_kept(repo: Repository) -> None:
     data = simple_entry(b"a", b"z" * 200) + ZERO_BLOCK * 2 + bytes(9216) + b"trailing garbage"
     reader = store(repo, data)
@@ -199,7 +216,8 @@ def test_stream_id_is_deterministic(tmp_path: Path) -> None:
 def test_wrong_diff_id_commits_nothing(repo: Repository) -> None:
     data = make_tar([reg("a", os.urandom(5000))], tarfile.PAX_FORMAT)
     wrong = "sha256:" + "0" * 64
-    with pytest.raises(LayerDigestError, match=f"expected diff_id {wrong}, the tar stream is {diff_id_of(data)}"):
+    with pytest.raises(LayerDigestError, match=f"expected diff_id {wrong}, the tar stream is {diff_id_of(data)} "
+                                               r"\(nothing was committed; `pycfs gc` frees the files it stored\)$"):
         import_layer(repo, wrong, io.BufferedReader(io.BytesIO(data)), ref="myref")
     assert repo.has_stream(layer_stream_name(wrong)) is None
     assert repo.has_stream(layer_stream_name(diff_id_of(data))) is None
@@ -850,3 +868,95 @@ def test_split_commits_nothing_and_counts(repo: Repository) -> None:
     assert (s.bytes_copied, s.bytes_already_present) == (3000 + 65, 3000)
     assert s.bytes_copied + s.bytes_already_present + s.bytes_inlined == len(data)
     assert not (repo.path / "streams").exists()  # objects are garbage until a stream names them
+
+
+# ---------------------------------------------------------------------------- entry bound
+
+
+def test_collectors_charge_the_image_budget_once_per_listing(monkeypatch) -> None:
+    """Entries parsed count against the image's bound, a layer listed twice twice; past it
+    the parse stops with one line naming the layer."""
+    monkeypatch.setattr(layer_module, "MAX_IMAGE_ENTRIES", 8)
+    data = make_tar([reg(f"f{i}", b"x") for i in range(3)], tarfile.PAX_FORMAT)
+    budget = EntryBudget()
+    LayerEntryCollector(budget, 1, "layer A").feed([data])
+    with pytest.raises(EntryLimitError, match="^layer B: the image's layers hold more than 8 entries"):
+        LayerEntryCollector(budget, 2, "layer B").feed([data])
+
+
+def test_an_image_listing_a_stored_layer_past_the_bound_is_refused(repo: Repository, monkeypatch) -> None:
+    monkeypatch.setattr(layer_module, "MAX_IMAGE_ENTRIES", 5)
+    data = make_tar([reg(f"f{i}", b"x") for i in range(3)], tarfile.PAX_FORMAT)
+    diff_id = diff_id_of(data)
+    store(repo, data)
+    ids = {diff_id: repo.has_stream(layer_stream_name(diff_id))}
+    assert len(build_filesystem(repo, [diff_id], ids).root.entries) == 3
+    with pytest.raises(EntryLimitError, match=rf"^layer {diff_id}: the image's layers hold more than 5 entries"):
+        build_filesystem(repo, [diff_id, diff_id], ids)
+
+
+# ---------------------------------------------------------------------------- Linux's name limits
+
+
+def _pax_member(records: list[tuple[bytes, bytes]], typeflag: bytes = b"0", linkname: bytes = b"") -> bytes:
+    return pax_entry(records) + TarHeader(name=b"x", typeflag=typeflag, linkname=linkname, mode=0o644).pack()
+
+
+BIG = b"n" * (16 << 20)  # a PAX record's most
+
+PAST_LINUX = {
+    "component": (_pax_member([(b"path", b"d/" + b"c" * 256)]), r"tar entry b'd/ccc.*'\.\.\. \(258 bytes\) has a component longer than Linux's NAME_MAX"),
+    "path": (_pax_member([(b"path", b"d/" * 2048)]), r"tar entry b'd/d/.*\(4096 bytes\) is longer than Linux's PATH_MAX"),
+    "deep": (_pax_member([(b"path", b"a/" * (1 << 20))]), r"tar entry b'a/a/.*\(2097152 bytes\) is longer"),
+    "nul": (_pax_member([(b"path", b"a\0b")]), r"tar entry b'a\\x00b' holds a NUL byte"),
+    "hardlink": (_pax_member([(b"linkpath", b"t" * 300)], b"1"), r"tar entry b'x': hardlink target b'ttt.*\(300 bytes\) has a component"),
+    "symlink": (_pax_member([(b"linkpath", BIG[: 16 << 10])], b"2"), r"tar entry b'x': symlink target b'nnn.*\(16384 bytes\) is not one Linux takes"),
+    "empty symlink": (TarHeader(name=b"x", typeflag=b"2", mode=0o777).pack(), r"tar entry b'x': symlink target b'' is not one Linux takes"),
+    "xattr name": (_pax_member([(b"SCHILY.xattr.user." + b"k" * 251, b"v")]), r"tar entry b'x': xattr b'user.kkk.*\(256 bytes\) with a value of 1 bytes is past"),
+    "xattr value": (_pax_member([(b"SCHILY.xattr.user.k", BIG[:65537])]), r"tar entry b'x': xattr b'user.k' with a value of 65537 bytes is past Linux's limits"),
+}
+
+
+@pytest.mark.parametrize("member", PAST_LINUX.values(), ids=PAST_LINUX.keys())
+def test_names_past_linux_limits_are_refused_naming_the_layer(member: tuple[bytes, str]) -> None:
+    """Paths, link targets and xattrs Linux could not hold are refused as parsed, in a line
+    naming the layer and the entry cut short, so no name up to 16 MiB is kept until the
+    image writer."""
+    data, message = member
+    collector = LayerEntryCollector(where="layer sha256:ab")
+    with pytest.raises(TarError, match=rf"^layer sha256:ab: {message}.*the layer is damaged or crafted$") as e:
+        collector.feed([data + ZERO_BLOCK * 2])
+    assert len(str(e.value)) < 400
+
+
+def test_names_at_linux_limits_are_taken() -> None:
+    data = (_pax_member([(b"path", (b"c" * 255 + b"/") * 15 + b"e" * 255)])  # 4095 bytes
+            + _pax_member([(b"linkpath", b"t" * 4095), (b"SCHILY.xattr.user." + b"k" * 250, BIG[:65536])], b"2"))
+    collector = LayerEntryCollector()
+    collector.feed([data + ZERO_BLOCK * 2])
+    collector.close()
+    assert collector.entries is not None and [len(e.path) for e in collector.entries] == [4096, 2]
+
+
+def test_a_stored_layer_past_linux_limits_is_refused_naming_it(repo: Repository) -> None:
+    data = _pax_member([(b"path", b"c" * 256)]) + ZERO_BLOCK * 2
+    diff_id = diff_id_of(data)
+    store(repo, data)
+    with pytest.raises(PycfsError, match=rf"^layer {diff_id}: tar entry b'ccc.*\(256 bytes\) has a component longer"):
+        build_filesystem(repo, [diff_id], {diff_id: repo.has_stream(layer_stream_name(diff_id))})
+
+
+@pytest.mark.parametrize("member, message", [
+    (pax_entry([(b"uid", b"4294967296")]) + TarHeader(name=b"x", mode=0o4755).pack(), r"uid/gid 4294967296/0, outside"),
+    (pax_entry([(b"gid", b"4294967296")]) + TarHeader(name=b"x", mode=0o2755).pack(), r"uid/gid 0/4294967296, outside"),
+    (TarHeader(name=b"x", typeflag=b"3", devmajor=-1, devminor=-1).pack(), r"device number -1:-1"),
+    (TarHeader(name=b"x", typeflag=b"4", devmajor=1, devminor=-1).pack(), r"device number 1:-1"),
+])
+def test_ids_and_device_numbers_out_of_range_are_refused(member: bytes, message: str) -> None:
+    """A uid of 2^32 is not root, nor -1:-1 device fff:fffff: refused, naming the entry."""
+    collector = LayerEntryCollector()
+    collector.feed([member + ZERO_BLOCK * 2])
+    collector.close()
+    assert collector.entries is None  # the read-back reports it:
+    with pytest.raises(TarError, match=rf"^tar entry b'x' has {message}"):
+        layer_entry(TarReader(io.BytesIO(member).read).next(), b"", SharedStats())  # type: ignore[arg-type]

@@ -18,11 +18,14 @@ import trio
 import zstandard
 
 from imagebuild import Device, Dir, File, Hardlink, ImageSpec, Opaque, Symlink, Whiteout, build_layout
+from pycfs.host.erofs import format as erofs_format
 from pycfs.host.erofs.writer import write_image as write_erofs
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
+from pycfs.host.oci import layer as layer_module
+from pycfs.host.oci import layout as layout_module
 from pycfs.host.oci import merge as merge_module
-from pycfs.host.oci.layer import PendingFile, close_pieces, layer_stream_name
+from pycfs.host.oci.layer import EntryLimitError, PendingFile, close_pieces, layer_stream_name
 from pycfs.host.oci.layout import _PieceSource, pull_oci_layout
 from pycfs.host.oci.result import PullResult
 from pycfs.host.oci.streams import list_images
@@ -618,3 +621,33 @@ def test_a_tar_source_that_cannot_start_leaves_no_thread_behind(tmp_path):
         assert not [t for t in threading.enumerate() if t.name == "blob source"]
     finally:
         os.close(fd)
+
+
+def test_an_image_past_the_entry_bound_is_refused_while_its_layers_are_parsed(tmp_path, monkeypatch, layout):
+    """Entries are counted as they are parsed, over all layers: past MAX_IMAGE_ENTRIES the pull
+    fails naming a layer, before any tree is built, and tags nothing."""
+    monkeypatch.setattr(layer_module, "MAX_IMAGE_ENTRIES", 6)  # the first layer alone holds 301
+    monkeypatch.setattr(merge_module, "build_filesystem", lambda *a, **k: pytest.fail("a tree was built"))
+    with Repository.init(tmp_path / "repo") as repo:
+        with pytest.raises(EntryLimitError, match=r"^layer sha256:[0-9a-f]{64}: the image's layers hold more than 6 "):
+            trio.run(lambda: pull_oci_layout(repo, str(layout[0]), "x", jobs=2))
+        assert list_images(repo) == []
+
+
+def test_an_image_listing_too_many_layers_is_refused_before_any_is_read(tmp_path, monkeypatch, layout):
+    monkeypatch.setattr(layout_module, "MAX_IMAGE_LAYERS", 1)
+    with Repository.init(tmp_path / "repo") as repo:
+        with pytest.raises(PycfsError, match=r"lists 2 layers, more than the 1 pycfs takes"):
+            trio.run(lambda: pull_oci_layout(repo, str(layout[0]), "x", jobs=2))
+        assert _objects(tmp_path / "repo") == []
+
+
+def test_an_image_past_composefs_size_limit_is_refused_before_it_is_stored(tmp_path, monkeypatch, layout):
+    """The writer refuses an image larger than readers take (fsck would call it invalid)
+    before writing a byte of it: the pull fails naming the image, and tags nothing."""
+    monkeypatch.setattr(erofs_format, "MAX_IMAGE_SIZE", 64 << 10)  # SPEC's image is larger
+    with Repository.init(tmp_path / "repo") as repo:
+        with pytest.raises(PycfsError, match=r"^image of config sha256:[0-9a-f]{64}: the format-\d EROFS image would "
+                                             r"be \d+ bytes, past composefs's 0 GiB limit \(\d+ inodes\)"):
+            trio.run(lambda: pull_oci_layout(repo, str(layout[0]), "x", jobs=2))
+        assert list_images(repo) == [] and not list((tmp_path / "repo" / "images").glob("*"))
