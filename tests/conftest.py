@@ -8,11 +8,13 @@
   marked `@pytest.mark.ci_may_skip("why")`, for prerequisites CI machines are known to
   lack (e.g. kernel fs-verity), and expected failures (xfail).  An integration *module*
   skipped at import (importorskip) becomes a collection error, which stops the run.
+- SIGINT is handled even when the suite was started with it ignored (see pytest_configure).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +33,11 @@ def on_ci() -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Run as a background job of a shell without job control (`cmd &` in a script, as some
+    # CI runners start jobs), the suite inherits SIGINT ignored, and so would every pycfs it
+    # starts: the tests that interrupt one (a pull, a service) would wait for nothing.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line(
         "markers",
         "ci_may_skip(reason): this integration test may skip on CI (a prerequisite CI "
