@@ -255,3 +255,16 @@ def test_control_characters_in_a_failure_are_shown_escaped(capsys, tmp_path):
     assert err.count("\n") == 1 and err.startswith("pycfs: error: ")
     assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in err[:-1]), repr(err)
     assert "r\\x1b]0;owned\\x07\\x1b[2J\\x9b" in err
+
+
+def test_a_tag_with_terminal_controls_is_listed_escaped(capsys, tmp_path, pristine):
+    """A tag is anyone's text (a varlink client's Tag, a repository someone else wrote):
+    `oci images` shows its controls escaped; --json keeps it exact (JSON escapes them)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(pristine, repo, symlinks=True)
+    os.symlink(os.readlink(repo / f"streams/refs/oci/{TAG}"), repo / "streams/refs/oci/x\x1b]0;t\x07")
+    rc, out, _ = run(capsys, repo, "oci", "images")
+    assert rc == 0 and "x\\x1b]0;t\\x07 " in out
+    assert not any(ord(c) < 0x20 and c != "\n" for c in out), repr(out)
+    rc, out, _ = run(capsys, repo, "oci", "images", "--json")
+    assert rc == 0 and "x\x1b]0;t\x07" in [i["tag"] for i in json.loads(out)["images"]]

@@ -124,11 +124,15 @@ def cmd_images(args: argparse.Namespace) -> int:
     if not images:
         print("no tagged images", file=sys.stderr)
         return 0
-    width = max(len(i["tag"]) for i in images)
+    from pycfs.protocol.text import printable
+
+    # (a tag is anyone's text, a varlink client's say: controls in it are shown escaped)
+    tags = [printable(i["tag"]) for i in images]
+    width = max(map(len, tags))
     print(f"{'TAG':<{width}}  {'MANIFEST':<19}  {'CONFIG':<19}  LAYERS  EROFS")
-    for i in images:
+    for tag, i in zip(tags, images):
         erofs = ",".join(n.removeprefix("composefs.") for n in i["images"]) or "-"
-        print(f"{i['tag']:<{width}}  {i['manifest'][:19]}  {i['config'][:19]}  {i['layers']:>6}  {erofs}")
+        print(f"{tag:<{width}}  {i['manifest'][:19]}  {i['config'][:19]}  {i['layers']:>6}  {erofs}")
     return 0
 
 
