@@ -455,16 +455,22 @@ def test_fast_file_header_reader_agrees_with_the_codec(size, mode, rdev, target,
             assert (*swapped, fast, []) == _generic_or_error(FILE_HEADER_TYPE, data)
 
 
-def test_local_bare_file_objects_opened_at_once(tmp_path):
-    """A bare-user-only repository the ostree CLI wrote: a file object comes back open (its
-    content for the workers to check), a symlink object as its checked header, and what is
-    neither, missing, or a symlink where bare-user keeps files, one line naming it."""
+def _bare_file_and_link(tmp_path: Path) -> Path:
+    """A bare-user-only repository the ostree CLI wrote, its commit `main` a file and a symlink."""
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "file").write_bytes(b"x" * 1000)
     os.symlink("file", tree / "link")
     repo = init_repo(tmp_path / "repo", "bare-user-only")
     commit(repo, tree, "main")
+    return repo
+
+
+def test_local_bare_file_objects_opened_at_once(tmp_path):
+    """A bare-user-only repository the ostree CLI wrote: a file object comes back open (its
+    content for the workers to check), a symlink object as its checked header, and what is
+    neither, missing, or a symlink where bare-user keeps files, one line naming it."""
+    repo = _bare_file_and_link(tmp_path)
     files = {p.name.split(".")[0]: p for p in (repo / "objects").rglob("*.file")}
     by_kind = {("link" if p.is_symlink() else "file"): bytes.fromhex(p.parent.name + name) for name, p in files.items()}
     src = LocalRepo(str(repo))
@@ -672,12 +678,7 @@ def test_nothing_below_a_local_repositorys_root_is_followed(archive, tmp_path):
 def test_a_bare_repositorys_objects_xx_is_not_followed(tmp_path):
     """A file object and a symlink object (which the open refuses, then looks at) under a
     symlinked objects/XX: each one line naming the object."""
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    (tree / "file").write_bytes(b"x" * 1000)
-    os.symlink("file", tree / "link")
-    repo = init_repo(tmp_path / "repo", "bare-user-only")
-    commit(repo, tree, "main")
+    repo = _bare_file_and_link(tmp_path)
     found = {("link" if p.is_symlink() else "file"): p for p in (repo / "objects").rglob("*.file")}
     for kind, path in found.items():
         checksum = bytes.fromhex(path.parent.name + path.name.split(".")[0])
