@@ -48,6 +48,7 @@ from pycfs.host.tree import (
     TYPE_BITS,
     gc_paused,
 )
+from pycfs.protocol.text import shown
 
 MAX_CHUNKS = 1024  # C refuses files needing more chunk indexes ("File too large")
 MAX_SHARED_PER_INODE = 128
@@ -566,7 +567,7 @@ def _check_limits(inos: list[_Ino], v2: bool) -> None:
             joined = b"".join(names)
             if b"/" in joined or b"\0" in joined or not 0 < min(map(len, names)) <= max(map(len, names)) <= 255:
                 bad = next(n for n in names if not 0 < len(n) <= 255 or b"/" in n or b"\0" in n)
-                raise ImageError(f"invalid file name {bad!r} (1..255 bytes, no '/' or NUL)")
+                raise ImageError(f"invalid file name {shown(bad)} (1..255 bytes, no '/' or NUL)")
         if ino.xattrs and id(ino.xattrs) not in checked:
             checked.add(id(ino.xattrs))
             for k, v in ino.xattrs:

@@ -58,6 +58,7 @@ from pycfs.host.workers.fork import Forked, discard
 from pycfs.host.workers.pool import Failed, Inflated, Pinned, WorkerPool, open_pool
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.fdpass import close_fds, fds_from_ancdata, recv_args
+from pycfs.protocol.text import listed, shown
 
 MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -182,12 +183,12 @@ class OciLayout:
         if tag:
             chosen = [d for d in descs if d.annotations.get(REF_NAME_ANNOTATION) == tag]
             if not chosen:
-                raise PycfsError(f"no image tagged {tag!r} in {self.path} (tags: {', '.join(tags) or 'none'})")
+                raise PycfsError(f"no image tagged {shown(tag)} in {self.path} (tags: {listed(tags)})")
         else:
             chosen = descs
             if len(descs) != 1:
                 raise PycfsError(
-                    f"{self.path} holds {len(descs)} images: name one as oci:{self.path}:TAG (tags: {', '.join(tags) or 'none'})"
+                    f"{self.path} holds {len(descs)} images: name one as oci:{self.path}:TAG (tags: {listed(tags)})"
                 )
         return self._resolve_desc(chosen[0], depth=0)
 
@@ -210,8 +211,8 @@ class OciLayout:
             p = d.platform or {}
             if p.get("os") == want_os and p.get("architecture") == want_arch:
                 return d
-        have = ", ".join(f"{(d.platform or {}).get('os')}/{(d.platform or {}).get('architecture')}" for d in descs)
-        raise PycfsError(f"image index {digest} has no manifest for {want_os}/{want_arch} (has: {have or 'none'})")
+        have = [f"{(d.platform or {}).get('os')}/{(d.platform or {}).get('architecture')}" for d in descs]
+        raise PycfsError(f"image index {digest} has no manifest for {want_os}/{want_arch} (has: {listed(have)})")
 
 
 def _list(doc: dict, key: str, what: str) -> list:
