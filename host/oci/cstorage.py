@@ -46,7 +46,7 @@ from pycfs.host.oci.layer import LayerEntryCollector
 from pycfs.host.oci.result import ImportStats, PullResult, containers_storage_result
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
-from pycfs.host.splitstream import CONTENT_OCI_LAYER
+from pycfs.host.splitstream import CONTENT_OCI_LAYER, StreamTooLarge
 from pycfs.host.streamcat import stream_digest
 from pycfs.host.storage.image import ImageSource, read_image
 from pycfs.host.storage.locks import ReadLocks
@@ -369,8 +369,11 @@ class LayerImport:
             async for chunk in chunks:
                 await chunk.done.wait()
                 pieces: list[bytes | tuple[bytes]] = []
-                headers, inlined, files = await trio.to_thread.run_sync(self._write_chunk, chunk, pieces,
-                                                                        limiter=self.limiter)
+                try:
+                    headers, inlined, files = await trio.to_thread.run_sync(self._write_chunk, chunk, pieces,
+                                                                            limiter=self.limiter)
+                except StreamTooLarge as e:
+                    raise PycfsError(f"layer {self.layer.diff_id}: {e}") from None
                 # Counted here, in trio's thread: layers write their chunks on threads at once.
                 self.stats.bytes_inlined += inlined
                 self.stats.files_inlined += files

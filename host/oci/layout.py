@@ -52,7 +52,7 @@ from pycfs.host.oci.result import ImportStats, PullResult
 from pycfs.host.oci.streams import config_diff_ids
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
-from pycfs.host.splitstream import CONTENT_OCI_LAYER
+from pycfs.host.splitstream import CONTENT_OCI_LAYER, StreamTooLarge
 from pycfs.host.workers.batching import default_jobs
 from pycfs.host.workers.fork import Forked, discard
 from pycfs.host.workers.pool import Failed, Inflated, Pinned, WorkerPool, open_pool
@@ -445,7 +445,10 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: Wor
             nonlocal advanced
             async for chunk in receive:
                 await chunk.stored.wait()
-                write_pieces(writer, chunk.pieces, stats)
+                try:
+                    write_pieces(writer, chunk.pieces, stats)
+                except StreamTooLarge as e:
+                    raise PycfsError(f"layer {desc.digest}: {e}") from None
                 held.discard(chunk)
                 if collector is not None:  # the parse in a thread: the event loop serves the stores meanwhile
                     await trio.to_thread.run_sync(

@@ -651,3 +651,19 @@ def test_an_image_past_composefs_size_limit_is_refused_before_it_is_stored(tmp_p
                                              r"be \d+ bytes, past composefs's 0 GiB limit \(\d+ inodes\)"):
             trio.run(lambda: pull_oci_layout(repo, str(layout[0]), "x", jobs=2))
         assert list_images(repo) == [] and not list((tmp_path / "repo" / "images").glob("*"))
+
+
+def test_a_layer_of_more_inline_bytes_than_a_stream_holds_is_refused_naming_it(tmp_path, monkeypatch):
+    """Headers and small files with no larger file between them past the layer stream's cap:
+    the pull fails in one line naming the layer's blob, and nothing is tagged."""
+    from pycfs.host import splitstream
+
+    monkeypatch.setattr(splitstream, "MAX_LAYER_INLINE_RUN", 1 << 20)
+    spec = ImageSpec([[Dir("s")] + [File(f"s/f{i}", data=b"x" * 10) for i in range(2500)]], gzip=False)
+    built = build_layout(spec, tmp_path / "oci")
+    with Repository.init(tmp_path / "repo") as repo:
+        with pytest.raises(PycfsError, match=r"^layer sha256:[0-9a-f]{64}: more than 1 MiB of tar headers and small "
+                                             "files with no larger file between them"):
+            trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", jobs=2))
+        assert repo.has_stream(layer_stream_name(built.diff_ids[0])) is None
+        assert list_images(repo) == []
