@@ -1,9 +1,10 @@
 """Linux syscalls the stdlib lacks, in one place, raising OSError with the errno.
 
 openat2 (beneath-root resolution) and the open-file limit (from `pycfs.protocol.confined`,
-the leaf the helper shares), opening only a regular file beneath a directory, FICLONE, fs-verity enable/measure, linkat with AT_EMPTY_PATH,
-renameat2, syncfs, mount, and the mount API (fsopen, fsconfig, fsmount, move_mount) that
-builds detached mounts a service can hand to its client as an fd.
+the leaf the helper shares), opening only a regular file beneath a directory, FICLONE,
+fs-verity enable/measure, linkat with AT_EMPTY_PATH, renameat2, syncfs, mount, and the
+mount API (fsopen, fsconfig, fsmount, move_mount) that builds detached mounts a service
+can hand to its client as an fd.
 """
 
 from __future__ import annotations

@@ -35,9 +35,12 @@ def printable(text: str) -> str:
 def shown(name: bytes | str, limit: int = 80) -> str:
     """A name from an untrusted source for an error line: its repr, cut to about `limit`
     characters with its full length said, so a 16 MiB name makes no 16 MiB line."""
-    if len(name) <= limit:
-        return repr(name)
-    return f"{name[:limit]!r}... ({len(name)} {'bytes' if isinstance(name, bytes) else 'characters'})"
+    return repr(name) if len(name) <= limit else f"{name[:limit]!r}{_more(name)}"
+
+
+def _more(name: bytes | str) -> str:
+    """What marks a name cut: its whole length."""
+    return f"... ({len(name)} {'bytes' if isinstance(name, bytes) else 'characters'})"
 
 
 def listed(items: list[str], limit: int = 8) -> str:
@@ -46,5 +49,5 @@ def listed(items: list[str], limit: int = 8) -> str:
     line); "none" when there are none."""
     if not items:
         return "none"
-    head = ", ".join(i if len(i) <= 80 else f"{i[:80]}... ({len(i)} characters)" for i in items[:limit])
+    head = ", ".join(i if len(i) <= 80 else f"{i[:80]}{_more(i)}" for i in items[:limit])
     return head if len(items) <= limit else f"{head}, ... ({len(items)} in all)"

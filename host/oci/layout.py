@@ -243,11 +243,11 @@ def image_layers(manifest: dict, config_raw: bytes, digest: str) -> ImageLayers:
     if config_desc.media_type and config_desc.media_type not in CONFIG_TYPES:
         raise PycfsError(f"manifest {digest}: config type {config_desc.media_type!r} is not a container image "
                          "(OCI artifacts are not supported)")
-    listed = _list(manifest, "layers", f"manifest {digest}")
-    if len(listed) > MAX_IMAGE_LAYERS:
-        raise PycfsError(f"manifest {digest} lists {len(listed)} layers, more than the {MAX_IMAGE_LAYERS} "
+    layer_docs = _list(manifest, "layers", f"manifest {digest}")
+    if len(layer_docs) > MAX_IMAGE_LAYERS:
+        raise PycfsError(f"manifest {digest} lists {len(layer_docs)} layers, more than the {MAX_IMAGE_LAYERS} "
                          "pycfs takes (rebuild the image with fewer layers)")
-    layer_descs = [Descriptor.from_json(d, f"manifest {digest} layer") for d in listed]
+    layer_descs = [Descriptor.from_json(d, f"manifest {digest} layer") for d in layer_docs]
     diff_ids = config_diff_ids(config_raw, f"config {config_desc.digest}")
     if len(diff_ids) != len(layer_descs):
         raise PycfsError(f"config {config_desc.digest}: rootfs.diff_ids does not match the manifest's "
@@ -639,7 +639,7 @@ async def _pull_oci_layout(repo: Repository, source: str, tag: str | None, build
     open_layers = trio.Semaphore(layers_open)  # given back by each once committed
     parsed: dict[bytes, list[LayerEntry]] = {}  # by stream id: entries of the layers imported
     budget = EntryBudget()  # the entries parsed, against the image's bound, as they are parsed
-    listed = collections.Counter(d for _, d in layers.layers)
+    listings = collections.Counter(d for _, d in layers.layers)  # a layer listed twice counts twice
     store_here = inflaters_store([d.size for d in todo.values()])
     handoff = _Handoff(store_here)
     # The image is built once every layer's stream is stored, beside the syncfs that makes
@@ -686,7 +686,7 @@ async def _pull_oci_layout(repo: Repository, source: str, tag: str | None, build
                 progress.layer_started(diff_id, desc.size)
             layer = await import_layout_layer(repo, pool, inflaters, layout, desc, diff_id, limiter, progress,
                                               build_image, store_here, inflated, functools.partial(stored, diff_id),
-                                              asked, budget, listed[diff_id])
+                                              asked, budget, listings[diff_id])
         finally:
             inflated()
             open_layers.release()

@@ -37,8 +37,8 @@ from pycfs.host.varlink.transfer import (
     batch_limiter,
     open_objects_dir,
     produce_repo_layer,
-    put_layer,
     log_producer_failure,
+    put_layer,
     run_producer,
 )
 from pycfs.host.workers.fork import Forked

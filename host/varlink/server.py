@@ -295,8 +295,7 @@ class Server:
                 nursery.cancel_scope.cancel()
         finally:
             self.connections -= 1
-            self._peers.discard(peer)
-            self._changed()
+            self._peers.discard(peer)  # (the listener hears of it when `serve` ends)
             for forget in self.on_disconnect:
                 forget(conn)
             for _, fds in _drain(receive):
