@@ -555,43 +555,56 @@ def _check_limits(inos: list[_Ino], v2: bool) -> None:
         st = node.stat
         if not (0 <= st.uid < u32 and 0 <= st.gid < u32 and 0 <= ino.nlink < u32
                 and (v2 or 0 <= st.mtime_nsec < u32) and lo63 <= st.mtime_sec < hi63):
-            _refuse_inode(index, ino, v2)
+            _refuse_inode(inos, index, v2)
         tc = None
         if type(node) is Leaf:
             c = node.content
             tc = type(c)
             if tc is Symlink and not 0 < len(c.target) < 4096:
-                raise ImageError(f"{_what(index, ino)}: symlink target of {len(c.target)} bytes (1..4095 allowed)")
+                raise ImageError(f"{_what(inos, index)}: symlink target of {len(c.target)} bytes (1..4095 allowed)")
         elif type(ino) is _DirIno and ino.names:
             names = ino.names
             joined = b"".join(names)
             if b"/" in joined or b"\0" in joined or not 0 < min(map(len, names)) <= max(map(len, names)) <= 255:
                 bad = next(n for n in names if not 0 < len(n) <= 255 or b"/" in n or b"\0" in n)
-                raise ImageError(f"invalid file name {shown(bad)} (1..255 bytes, no '/' or NUL)")
+                raise ImageError(f"invalid file name {shown(bad)} in {_what(inos, index)} (1..255 bytes, no '/' or NUL)")
         if ino.xattrs and id(ino.xattrs) not in checked:
             checked.add(id(ino.xattrs))
             for k, v in ino.xattrs:
                 if len(k) > 255 + 24 or len(v) > 0xFFFF:
-                    _refuse_xattr(index, ino, k, len(v))
+                    _refuse_xattr(inos, index, k, len(v))
         if (tc is External or tc is ExternalNoVerity) and (payload := c.payload) and len(payload) >= 0xFFFF:
-            _refuse_xattr(index, ino, XATTR_REDIRECT, 1 + len(payload))  # the redirect is "/" + payload
+            _refuse_xattr(inos, index, XATTR_REDIRECT, 1 + len(payload))  # the redirect is "/" + payload
 
 
-def _refuse_xattr(index: int, ino: _Ino, name: bytes, value_len: int) -> NoReturn:
-    raise ImageError(f"{_what(index, ino)}: xattr {name[:40]!r} too long (name {len(name)}, value {value_len} bytes)")
+def _refuse_xattr(inos: list[_Ino], index: int, name: bytes, value_len: int) -> NoReturn:
+    raise ImageError(f"{_what(inos, index)}: xattr {name[:40]!r} too long (name {len(name)}, value {value_len} bytes)")
 
 
-def _what(index: int, ino: _Ino) -> str:
-    return f"inode {index} ({type(ino.node).__name__})"
+def _what(inos: list[_Ino], index: int) -> str:
+    """The path of inode `index` (its first name), for an error message: one pass over the
+    directories, made only when an image is refused."""
+    up: dict[int, tuple[int, bytes]] = {}
+    for dino in inos:
+        if type(dino) is _DirIno:
+            for name, child in zip(dino.names, dino.children):
+                if child != dino.num:
+                    up.setdefault(child, (dino.num, name))
+    parts: list[bytes] = []
+    while index in up and len(parts) < 4096:  # bounded: a cycle is the writer's bug, not a hang
+        index, name = up[index]
+        parts.append(name)
+    return shown((b"/" + b"/".join(reversed(parts))).decode("utf-8", "surrogateescape"))
 
 
-def _refuse_inode(index: int, ino: _Ino, v2: bool) -> NoReturn:
+def _refuse_inode(inos: list[_Ino], index: int, v2: bool) -> NoReturn:
+    ino = inos[index]
     st = ino.node.stat
     if not (0 <= st.uid < 1 << 32 and 0 <= st.gid < 1 << 32):
-        raise ImageError(f"{_what(index, ino)}: uid/gid {st.uid}/{st.gid} do not fit 32 bits")
+        raise ImageError(f"{_what(inos, index)}: uid/gid {st.uid}/{st.gid} do not fit 32 bits")
     if not 0 <= ino.nlink < 1 << 32:
-        raise ImageError(f"{_what(index, ino)}: nlink {ino.nlink} out of range")
-    raise ImageError(f"{_what(index, ino)}: mtime {st.mtime_sec}.{0 if v2 else st.mtime_nsec} out of range")
+        raise ImageError(f"{_what(inos, index)}: nlink {ino.nlink} out of range")
+    raise ImageError(f"{_what(inos, index)}: mtime {st.mtime_sec}.{0 if v2 else st.mtime_nsec} out of range")
 
 
 # ---------------------------------------------------------------------------- xattrs

@@ -22,6 +22,7 @@ import trio
 from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import parse_object
 from pycfs.host.nursery import open_nursery
+from pycfs.host.oci.streams import check_layer_count
 from pycfs.host.varlink.client import Client
 from pycfs.host.varlink.oci import ForkedFor, layer_ids_of
 from pycfs.host.varlink.serve import open_service
@@ -253,6 +254,7 @@ async def copy_from_containers_storage(src: Endpoint, dst: Endpoint, image: str,
         source = await trio.to_thread.run_sync(read_image, storage, image.removeprefix("containers-storage:"))
     finally:
         locks.release()
+    check_layer_count(len(source.layers), f"the config of {image!r} in containers-storage")
     try:
         manifest_json, config_json = source.manifest.decode(), source.config.decode()
     except UnicodeDecodeError:

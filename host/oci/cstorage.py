@@ -44,6 +44,7 @@ from pycfs.host.oci.image import finish_pull
 from pycfs.host.oci.merge import ImageTree
 from pycfs.host.oci.layer import LayerEntryCollector
 from pycfs.host.oci.result import ImportStats, PullResult, containers_storage_result
+from pycfs.host.oci.streams import check_layer_count
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, StreamTooLarge
@@ -664,6 +665,7 @@ async def pull_image(
             looked, head = None, None  # what was read before is not what the locks now protect
             await locks.acquire(on_wait=progress.waiting_for_lock if progress else None)
         source: ImageSource = looked if looked is not None else await trio.to_thread.run_sync(read_image, storage, ref)
+        check_layer_count(len(source.layers), f"the config of {ref!r} in containers-storage")
         stats.layers = len(source.layers)
         if progress is not None:
             progress.layers([(layer.diff_id, layer.layer.diff_size) for layer in source.layers])

@@ -49,7 +49,7 @@ from pycfs.host.oci.layer import (
 )
 from pycfs.host.oci.image import PullImages, finish_pull, pull_images
 from pycfs.host.oci.result import ImportStats, PullResult
-from pycfs.host.oci.streams import config_diff_ids
+from pycfs.host.oci.streams import check_layer_count, config_diff_ids
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER, StreamTooLarge
@@ -225,11 +225,6 @@ def _list(doc: dict, key: str, what: str) -> list:
     return value
 
 
-# Layers an image may list: each listing is merged, stored layer or not (a layer listed
-# 100,000 times took 145 CPU-s); Docker refuses images deeper than 125 layers ("max depth exceeded").
-MAX_IMAGE_LAYERS = 1000
-
-
 @dataclass(frozen=True)
 class ImageLayers:
     """A manifest's layers paired with the config's diff_ids."""
@@ -244,9 +239,7 @@ def image_layers(manifest: dict, config_raw: bytes, digest: str) -> ImageLayers:
         raise PycfsError(f"manifest {digest}: config type {config_desc.media_type!r} is not a container image "
                          "(OCI artifacts are not supported)")
     layer_docs = _list(manifest, "layers", f"manifest {digest}")
-    if len(layer_docs) > MAX_IMAGE_LAYERS:
-        raise PycfsError(f"manifest {digest} lists {len(layer_docs)} layers, more than the {MAX_IMAGE_LAYERS} "
-                         "pycfs takes (rebuild the image with fewer layers)")
+    check_layer_count(len(layer_docs), f"manifest {digest}")
     layer_descs = [Descriptor.from_json(d, f"manifest {digest} layer") for d in layer_docs]
     diff_ids = config_diff_ids(config_raw, f"config {config_desc.digest}")
     if len(diff_ids) != len(layer_descs):

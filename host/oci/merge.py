@@ -219,7 +219,8 @@ def _apply_layer(root: Directory, entries: Iterable[LayerEntry], dirs: dict[byte
     except EntryLimitError:
         raise  # (named already)
     except PycfsError as e:
-        raise ImageBuildError(f"{where}: {e}") from None
+        raise ImageBuildError(f"{where}: {e}: the image's layers do not stack into one tree (the image is "
+                              "damaged or crafted: no EROFS image can be made of it)") from None
     budget.charge(count, where)
 
 

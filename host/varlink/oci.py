@@ -16,7 +16,7 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import parse_object
 from pycfs.host.oci.image import IMAGE_REF_NAMES, compute_image_id, finish_pull, format_versions
 from pycfs.host.oci.layer import LayerEntry, layer_stream_name
-from pycfs.host.oci.streams import parse_digest
+from pycfs.host.oci.streams import check_layer_count, parse_digest
 from pycfs.host.oci.streams import list_images, open_image, tag_image, untag_image
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import StreamTooLarge
@@ -85,6 +85,7 @@ def layer_ids_of(manifest: dict, config: dict) -> list[str]:
         ids = [layer.get("digest") for layer in layers if isinstance(layer, dict)] if isinstance(layers, list) else None
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise PycfsError("the image's layer list is malformed")
+    check_layer_count(len(ids), "the image")
     return ids
 
 

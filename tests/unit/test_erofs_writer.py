@@ -247,9 +247,9 @@ def test_v2_refuses_big_inline_data():
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda r: r.entries.__setitem__(b"x" * 256, Leaf(Stat(), Inline(b""))), "invalid file name"),
-        (lambda r: r.entries.__setitem__(b"l", Leaf(Stat(), Symlink(b"a" * 4096))), "symlink target"),
-        (lambda r: r.entries.__setitem__(b"u", Leaf(Stat(uid=1 << 32), Inline(b""))), "uid/gid"),
+        (lambda r: r.entries.__setitem__(b"x" * 256, Leaf(Stat(), Inline(b""))), "invalid file name .* in '/d/e'"),
+        (lambda r: r.entries.__setitem__(b"l", Leaf(Stat(), Symlink(b"a" * 4096))), "^'/d/e/l': symlink target"),
+        (lambda r: r.entries.__setitem__(b"u", Leaf(Stat(uid=1 << 32), Inline(b""))), "^'/d/e/u': uid/gid"),
         (lambda r: r.entries.__setitem__(b"x", Leaf(Stat(xattrs={b"user." + b"n" * 256: b""}), Inline(b""))),
          "longer than EROFS allows"),
         (lambda r: r.entries.__setitem__(b"v", Leaf(Stat(xattrs={b"user.v": b"v" * 70000}), Inline(b""))), "too long"),
@@ -258,7 +258,12 @@ def test_v2_refuses_big_inline_data():
 @pytest.mark.parametrize("version", [0, 2])
 def test_limits_give_image_errors(mutate, message, version):
     root = Directory(Stat(0o755))
-    mutate(root)
+    for name in (b"a", b"b", b"c"):
+        root.entries[name] = Leaf(Stat(), Inline(name))
+    root.entries[b"d"] = Directory(Stat(0o755))
+    root.entries[b"d"].entries[b"e"] = inner = Directory(Stat(0o755))
+    inner.entries[b"0"] = Leaf(Stat(), Inline(b"0"))
+    mutate(inner)  # the error names the entry's path
     with pytest.raises(ImageError, match=message):
         write_image(FileSystem(root), version)
 

@@ -93,6 +93,14 @@ def test_layer_ids_of_a_malformed_image_is_one_error(manifest, config):
         layer_ids_of(manifest, config)
 
 
+def test_an_image_listing_more_layers_than_pycfs_takes_is_refused_at_its_layer_list():
+    """FinalizeImage and oci copy read an image's layers here: a layer listed 1,001 times
+    would be merged 1,001 times."""
+    with pytest.raises(PycfsError, match="^the image lists 1001 layers, more than the 1000 pycfs takes"):
+        layer_ids_of({}, {"rootfs": {"diff_ids": [DIGEST] * 1001}})
+    assert layer_ids_of({}, {"rootfs": {"diff_ids": [DIGEST] * 1000}}) == [DIGEST] * 1000
+
+
 def test_varlink_decoder_refuses_a_huge_number():
     with pytest.raises(VarlinkProtocolError, match="not JSON"):
         Decoder().feed(b'{"parameters": {"x": ' + HUGE_INT.encode() + b"}}\0", [])

@@ -6,7 +6,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pycfs.host.oci.merge import ImageBuildError, apply_entry
+import pytest
+
+from pycfs.host.oci.merge import ImageBuildError, apply_entry, build_filesystem
 from pycfs.host.oci.layer import Directory as DirEntry
 from pycfs.host.oci.layer import Hardlink, LayerEntry
 from pycfs.host.tree import Directory, Inline, Leaf, Stat
@@ -80,3 +82,13 @@ def test_a_directory_gone_from_the_tree_is_not_written_into() -> None:
     assert (b"/a/y", 0o644, 1, 1_700_000_001, Inline(b"1")) in merged(cases[0], {})
     assert (b"/a/b/y", 0o644, 1, 1_700_000_001, Inline(b"1")) in merged(cases[1], {})
     assert "a parent is not a directory" in merged(cases[2], {})
+
+
+def test_layers_that_do_not_stack_are_refused_naming_the_layer_and_why() -> None:
+    layers = {"sha256:" + "1" * 64: [entry(b"/a", "file")], "sha256:" + "2" * 64: [entry(b"/a/x", "file", 1)]}
+    ids = {diff_id: bytes([n]) * 32 for n, diff_id in enumerate(layers)}
+    with pytest.raises(ImageBuildError) as e:
+        build_filesystem(None, list(layers), ids, parsed={ids[d]: layers[d] for d in layers})  # type: ignore[arg-type]
+    assert str(e.value) == (f"layer sha256:{'2' * 64}: /a/x: a parent is not a directory: the image's layers do "
+                            "not stack into one tree (the image is damaged or crafted: no EROFS image can be "
+                            "made of it)")

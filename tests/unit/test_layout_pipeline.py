@@ -23,8 +23,8 @@ from pycfs.host.erofs.writer import write_image as write_erofs
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
 from pycfs.host.oci import layer as layer_module
-from pycfs.host.oci import layout as layout_module
 from pycfs.host.oci import merge as merge_module
+from pycfs.host.oci import streams as streams_module
 from pycfs.host.oci.layer import EntryLimitError, PendingFile, close_pieces, layer_stream_name
 from pycfs.host.oci.layout import _PieceSource, pull_oci_layout
 from pycfs.host.oci.result import PullResult
@@ -635,7 +635,7 @@ def test_an_image_past_the_entry_bound_is_refused_while_its_layers_are_parsed(tm
 
 
 def test_an_image_listing_too_many_layers_is_refused_before_any_is_read(tmp_path, monkeypatch, layout):
-    monkeypatch.setattr(layout_module, "MAX_IMAGE_LAYERS", 1)
+    monkeypatch.setattr(streams_module, "MAX_IMAGE_LAYERS", 1)
     with Repository.init(tmp_path / "repo") as repo:
         with pytest.raises(PycfsError, match=r"lists 2 layers, more than the 1 pycfs takes"):
             trio.run(lambda: pull_oci_layout(repo, str(layout[0]), "x", jobs=2))

@@ -27,6 +27,7 @@ from pycfs.host.oci import merge as merge_module
 from pycfs.host.oci.merge import build_filesystem
 from pycfs.host.oci.layer import Hardlink, LayerEntry, import_layer
 from pycfs.host.oci.result import PullResult
+from pycfs.host.oci.streams import list_images
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
@@ -280,6 +281,22 @@ def test_one_worker_and_a_repeated_layer_and_parsed_entries(tmp_path, repo):
     assert result.images and result.images == {
         v: digest_bytes(write_erofs(build_filesystem(repo, [base.diff_id] * 2, {base.diff_id: stream_id}), v), repo.alg)
         for v in result.images}
+
+
+def test_an_image_listing_more_layers_than_pycfs_takes_is_refused_storing_nothing(tmp_path, repo, monkeypatch):
+    """Each listing of a layer is merged (a layer listed 100,000 times took 145 CPU-s): the
+    containers-storage pull refuses past MAX_IMAGE_LAYERS, naming the image, before a byte."""
+    from pycfs.host.oci import streams
+
+    monkeypatch.setattr(streams, "MAX_IMAGE_LAYERS", 2)
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    base = fake.add_layer({"etc": None, "etc/big": BIG})
+    fake.add_image([base] * 3, ["localhost/img:latest"])
+    with pytest.raises(PycfsError, match=r"^the config of 'localhost/img:latest' in containers-storage lists 3 "
+                                         r"layers, more than the 2 pycfs takes \(rebuild the image with fewer"):
+        _pull(repo, fake, tag="img")
+    assert [p for p in (tmp_path / "repo" / "objects").rglob("*") if p.is_file()] == []
+    assert list_images(repo) == []
 
 
 def _merging_image(fake: FakeStore):
