@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -202,6 +203,10 @@ def _first_level_links(repo: Repository, top: str, report: FsckReport) -> tuple[
             report.add("bad-symlink", rel, str(e))
             bad.append(rel)
             continue
+        if target != f"../{repo.object_relpath(object_id)}":  # (read by the id at its end, never followed)
+            report.add("bad-symlink", rel, f"target {target} is not the object's place in objects/")
+            bad.append(rel)
+            continue
         if not repo.has_object(object_id):
             report.add("broken-symlink", rel, f"object {target} is missing")
             bad.append(rel)
@@ -234,10 +239,11 @@ def _dangling_refs(repo: Repository, top: str, report: FsckReport) -> list[str]:
     return bad
 
 
-def _read_intact(repo: Repository, object_id: bytes, rehash: bool) -> bytes:
-    """The object's bytes; with ``rehash`` checked against its name here (when the objects
-    phase ran, it hashed every object already and reported those that differ)."""
-    data = repo.read_object(object_id)
+def _read_intact(read: Callable[[bytes], bytes], repo: Repository, object_id: bytes, rehash: bool) -> bytes:
+    """The object's bytes (``read``: the repository's reader for its kind, bounded by its
+    size); with ``rehash`` checked against its name here (when the objects phase ran, it
+    hashed every object already and reported those that differ)."""
+    data = read(object_id)
     if rehash and digest_bytes(data, repo.alg) != object_id:
         raise PycfsError("its content does not match its digest")
     return data
@@ -251,7 +257,7 @@ def _check_streams(repo: Repository, report: FsckReport, progress: StepProgress,
         report.streams_checked += 1
         progress.step()
         try:
-            reader = SplitStreamReader(_read_intact(repo, object_id, rehash), repo.alg)
+            reader = SplitStreamReader(_read_intact(repo.stream_bytes, repo, object_id, rehash), repo.alg)
         except (PycfsError, OSError) as e:
             report.add("stream-open-failed", rel, str(e))
             bad.append(rel)
@@ -275,7 +281,7 @@ def _check_images(repo: Repository, report: FsckReport, progress: StepProgress, 
         report.images_checked += 1
         progress.step()
         try:
-            referenced = image_object_ids(_read_intact(repo, object_id, rehash), repo.alg)
+            referenced = image_object_ids(_read_intact(repo.image_bytes, repo, object_id, rehash), repo.alg)
         except (PycfsError, OSError) as e:
             report.add("image-invalid", rel, str(e))
             bad.append(rel)

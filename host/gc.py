@@ -92,7 +92,7 @@ def live_objects(repo: Repository) -> set[bytes]:
                 pending_images.append(ref)
     for image_id in pending_images:
         live.add(image_id)
-        live.update(image_object_ids(repo.read_object(image_id), repo.alg))
+        live.update(image_object_ids(repo.image_bytes(image_id), repo.alg))
     return live
 
 

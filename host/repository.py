@@ -18,6 +18,7 @@ import errno
 import fcntl
 import json
 import os
+import posixpath
 import secrets
 import signal
 import stat
@@ -25,6 +26,7 @@ import string
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 from pathlib import Path
 
 from pycfs.host import syscalls
@@ -32,6 +34,7 @@ from pycfs.host.errors import PycfsError, describe_oserror
 from pycfs.host.fsverity import DIGEST_SIZES, HASH_ALG_IDS, VerityHasher, digest_bytes, digest_fd
 from pycfs.host.jsondoc import parse_object, read_document
 from pycfs.host.splitstream import SplitStreamReader, SplitStreamWriter
+from pycfs.protocol.text import shown
 
 FORMAT_VERSION = 1
 ALGORITHMS = ("fsverity-sha256-12", "fsverity-sha512-12")
@@ -50,6 +53,10 @@ LISTING_BYTES_PER_LOOKUP = 80 * 15
 # clone (O_TMPFILE, FICLONE, a failed linkat) costs about five lookups (py-spy, bench import),
 # so 32 bounds the loss on mixed content to a few lookups per 33 objects.
 LOOKUP_MISSES_BEFORE_SKIPPING = 32
+
+# The largest splitstream any writer makes: a layer stream's body (MAX_LAYER_BODY), its
+# object references (an image's entries at most, 64 bytes each) and named refs, with room.
+MAX_STREAM_OBJECT = 512 << 20
 
 
 class RepositoryError(PycfsError):
@@ -225,9 +232,9 @@ class Repository:
 
     @property
     def erofs_default(self) -> int:
-        formats = self.meta.get("erofs_formats")
-        if formats and formats != {"default": 2}:
-            return int(formats["default"])
+        formats = self.meta.get("erofs_formats") or {}
+        if "default" in formats and formats != {"default": 2}:
+            return formats["default"]  # (an int 0..2: `_check_meta`)
         if "v1_erofs" in (self.meta.get("features") or {}).get("read-only-compatible", []):
             return 1
         return 2
@@ -387,14 +394,29 @@ class Repository:
         finally:
             os.close(fd)
 
-    def read_object(self, object_id: bytes, size: int = -1) -> bytes:
-        """The object's bytes; at most ``size`` of them when given."""
+    def read_object(self, object_id: bytes, size: int = -1, *, most: int | None = None, kind: str = "") -> bytes:
+        """The object's bytes; at most ``size`` of them when given. ``most``: what the caller
+        reads (a `kind`) is never larger: a larger object is refused before it is read (a
+        damaged link naming a big file's object must not take gigabytes of memory)."""
         fd = self.open_object(object_id)
         try:
+            if most is not None and (found := os.fstat(fd).st_size) > most:
+                raise RepositoryError(f"object {self.alg}:{object_id.hex()} holds {found} bytes, more than {kind} "
+                                      f"can ({most}): what names it is damaged (run `pycfs fsck --repair`)")
             with os.fdopen(fd, "rb", closefd=False) as f:
                 return f.read(size)
         finally:
             os.close(fd)
+
+    def image_bytes(self, image_id: bytes) -> bytes:
+        """An EROFS image's bytes (at most composefs's image limit)."""
+        from pycfs.host.erofs.format import MAX_IMAGE_SIZE  # (its import costs 11 ms; only images need it)
+
+        return self.read_object(image_id, most=MAX_IMAGE_SIZE, kind="an EROFS image")
+
+    def stream_bytes(self, object_id: bytes) -> bytes:
+        """A splitstream's bytes (at most MAX_STREAM_OBJECT)."""
+        return self.read_object(object_id, most=MAX_STREAM_OBJECT, kind="a splitstream")
 
     def _new_tmpfile(self, object_id: bytes | None = None) -> tuple[int, str | None]:
         """A writable temporary object file: anonymous (O_TMPFILE) when the fs allows it. When
@@ -736,15 +758,14 @@ class Repository:
             raise
 
     def _link_target_id(self, relname: str) -> bytes | None:
-        try:
-            target = os.readlink(relname, dir_fd=self.dirfd)
-        except FileNotFoundError:
+        target = self._readlink(relname)
+        if target is None:
             return None
-        except OSError as e:
-            if e.errno == errno.EINVAL:
-                raise RepositoryError(f"{relname} is not a symlink") from None
-            raise
-        return self.parse_object_link(target)
+        try:
+            return self.parse_object_link(target)
+        except RepositoryError:
+            raise RepositoryError(f"{relname} in {self.path} leads to {shown(target)}, not to an object: "
+                                  "run `pycfs fsck --repair`") from None
 
     def _stream_is(self, name: str, object_id: bytes) -> bool:
         """Whether streams/<name> is a link naming object_id (a damaged link is not)."""
@@ -780,7 +801,7 @@ class Repository:
             if object_id is None:
                 break
             try:
-                data = self.read_object(object_id)
+                data = self.stream_bytes(object_id)
                 if digest_bytes(data, self.alg) != object_id:
                     break
                 reader = SplitStreamReader(data, self.alg)
@@ -840,24 +861,42 @@ class Repository:
         self._symlink(f"streams/refs/{ref}", f"streams/{name}")
 
     def stream_data(self, name: str) -> bytes:
-        """Bytes of streams/<name> (`refs/...` names resolve through the ref)."""
+        """Bytes of streams/<name> (`refs/...` names resolve through the ref). The links are
+        read, not followed: the object they name is opened beneath objects/ (a link edited
+        to lead out of the repository reads nothing there)."""
         check_name(name, "stream", allow_slash=True)
+        stream: str | None = name
+        if "/" in name:  # a ref: its target is a stream's link in streams/
+            target = self._readlink(f"streams/{name}")
+            if target is not None:
+                stream = posixpath.normpath(posixpath.join("streams", posixpath.dirname(name), target))
+                if not stream.startswith("streams/") or "/" in stream[len("streams/"):]:
+                    raise RepositoryError(f"streams/{name} in {self.path} leads to {shown(target)}, not to a "
+                                          "stream: run `pycfs fsck --repair`")
+                stream = stream[len("streams/"):]
+            else:
+                stream = None
+        object_id = self._link_target_id(f"streams/{stream}") if stream else None
+        if object_id is None:
+            raise RepositoryError(f"no stream {name!r} in {self.path}")
+        return self.stream_bytes(object_id)
+
+    def _readlink(self, relname: str) -> str | None:
+        """The target of the symlink at relname; None when there is none."""
         try:
-            # O_NONBLOCK: a FIFO the link leads to must not block the open.
-            fd = os.open(f"streams/{name}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self.dirfd)
+            return os.readlink(relname, dir_fd=self.dirfd)
         except FileNotFoundError:
-            raise RepositoryError(f"no stream {name!r} in {self.path}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise RepositoryError(f"stream {name!r} in {self.path} is not a regular file: run `pycfs fsck --repair`")
-        with os.fdopen(fd, "rb") as f:
-            return f.read()
+            return None
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                raise RepositoryError(f"{relname} in {self.path} is not a symlink: run `pycfs fsck --repair`") from None
+            raise
 
     def open_stream(self, name: str, expected_content_type: int | None = None) -> SplitStreamReader:
         return SplitStreamReader(self.stream_data(name), self.alg, expected_content_type, name=name)
 
     def open_stream_by_id(self, object_id: bytes, expected_content_type: int | None = None) -> SplitStreamReader:
-        return SplitStreamReader(self.read_object(object_id), self.alg, expected_content_type,
+        return SplitStreamReader(self.stream_bytes(object_id), self.alg, expected_content_type,
                                  name=f"{self.alg}:{object_id.hex()}")
 
     def new_stream(self, content_type: int) -> SplitStreamWriter:
@@ -1037,9 +1076,36 @@ def _read_meta(path: Path, dirfd: int) -> dict:
         raise _NoMeta() from None
     meta = parse_object(raw, f"{path}/meta.json", RepositoryError)
     version = meta.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if type(version) is not int or version > FORMAT_VERSION:
         raise RepositoryError(f"{path}/meta.json has format version {version!r}; this pycfs reads version {FORMAT_VERSION}")
+    _check_meta(meta, f"{path}/meta.json")
     return meta
+
+
+def _check_meta(meta: dict, where: str) -> None:
+    """The types of what pycfs reads in meta.json (the rest is the writer's business)."""
+    def bad(field: str, value: object, want: str) -> NoReturn:
+        raise RepositoryError(f"{where}: {field} is {shown(repr(value))}, not {want}: the file is damaged "
+                              "(restore it, or make the repository again)")
+
+    if not isinstance(meta.get("algorithm"), str):
+        bad("algorithm", meta.get("algorithm"), "a name like fsverity-sha256-12")
+    features = meta.get("features")
+    if features is not None:
+        if not isinstance(features, dict):
+            bad("features", features, "an object")
+        for kind in ("compatible", "read-only-compatible", "incompatible"):
+            names = features.get(kind, [])
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                bad(f"features.{kind}", names, "a list of names")
+    formats = meta.get("erofs_formats")
+    if formats is not None:
+        if not isinstance(formats, dict):
+            bad("erofs_formats", formats, "an object")
+        versions = [formats.get("default", 2), *(formats.get("extra", []) if isinstance(formats.get("extra", []), list)
+                                                  else [None])]
+        if not all(type(v) is int and 0 <= v <= 2 for v in versions):
+            bad("erofs_formats", formats, "a default format 0, 1 or 2 and a list of extra ones")
 
 
 def _dir_writable(dirfd: int) -> bool:

@@ -267,6 +267,7 @@ def read_image(data: bytes) -> LoadedImage:
     loaded.fs.root = root
     loaded.dir_sizes[id(root)] = root_raw.size
     nodes[root_raw.nid] = root
+    shared = False  # a directory with two names (C mkcomposefs writes one for a hardlinked directory)
     stack = [(root, root_raw)]
     while stack:
         d, draw = stack.pop()
@@ -274,7 +275,9 @@ def read_image(data: bytes) -> LoadedImage:
             if name in (b".", b".."):
                 continue
             node = nodes.get(nid)
-            if node is None:
+            if type(node) is Directory:
+                shared = True
+            elif node is None:
                 craw = r.inode(nid)
                 if _stat.S_ISDIR(craw.mode):
                     node = _make_dir(craw)
@@ -288,7 +291,34 @@ def read_image(data: bytes) -> LoadedImage:
             if name in d.entries:
                 raise ImageFormatError(f"directory nid {draw.nid}: duplicate entry {name!r}")
             d.entries[name] = node
+    if shared:
+        _refuse_loops(root)
     return loaded
+
+
+def _refuse_loops(root: Directory) -> None:
+    """Refuse a directory that contains itself (a walk of the tree would never end; a
+    directory with two names is C's quirk and fine): depth-first, iterative, each directory
+    once, a directory met again while it is being walked being the loop."""
+    walking: set[int] = {id(root)}
+    done: set[int] = set()
+    stack = [iter(root.entries.items())]
+    path = [root]
+    while stack:
+        for name, child in stack[-1]:
+            if type(child) is not Directory or id(child) in done:
+                continue
+            if id(child) in walking:
+                raise ImageFormatError(f"directory entry {name!r} names a directory it is in (a directory loop)")
+            walking.add(id(child))
+            path.append(child)
+            stack.append(iter(child.entries.items()))
+            break
+        else:
+            stack.pop()
+            finished = path.pop()
+            walking.discard(id(finished))
+            done.add(id(finished))
 
 
 def _make_dir(raw: RawInode) -> Directory:

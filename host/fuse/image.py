@@ -48,7 +48,7 @@ class ServedImage:
 
 def load_image(repo: Repository, image_id: bytes) -> ServedImage:
     """Read and check the image: its bytes must hash to its name and parse completely."""
-    data = repo.read_object(image_id)
+    data = repo.image_bytes(image_id)
     if digest_bytes(data, repo.alg) != image_id:
         raise FuseMountError(f"image {image_id.hex()} is corrupt: its fs-verity digest differs from its name "
                              "(run `pycfs fsck`)")
@@ -56,19 +56,27 @@ def load_image(repo: Repository, image_id: bytes) -> ServedImage:
         tree = read_image(data).fs  # walks every inode, dirent and xattr: damage shows now, not mid-serve
     except ImageFormatError as e:
         raise FuseMountError(f"image {image_id.hex()} is not a valid composefs image: {e}") from None
-    objects_fd = os.open(repo.path / "objects", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:  # objects are opened beneath this directory, which is no link to elsewhere
+        objects_fd = os.open(repo.path / "objects", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise FuseMountError(f"{repo.path / 'objects'}: {e.strerror}: the repository is damaged "
+                             "(run `pycfs fsck`)") from None
     return ServedImage(image_id, ImageReader(data), objects_fd, repo.hash_alg_id if repo.secure else None,
                        _has_acls(tree))
 
 
 def _has_acls(fs: FileSystem) -> bool:
     stack: list[Inode] = [fs.root]
+    seen = {id(fs.root)}  # a directory with two names (C's quirk) is looked at once
     while stack:
         inode = stack.pop()
         if any(name.startswith(_ACL_PREFIX) for name in inode.stat.xattrs):
             return True
         if isinstance(inode, Directory):
-            stack.extend(inode.entries.values())
+            for child in inode.entries.values():
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    stack.append(child)
     return False
 
 
@@ -164,11 +172,13 @@ class ImageTree:
         serving (and forks its read-ahead) with the whole tree decoded answers a walk without
         decoding on the way, and its read-ahead process needs no copy of its own."""
         stack = [self.root_nid]
+        seen = {self.root_nid}  # a directory with two names (C's quirk) is walked once
         while stack:
             for _, child in self.entries(stack.pop()):
                 node = self.node(child)
                 node.xattrs  # noqa: B018 (decoded now, kept on the node)
-                if stat.S_ISDIR(node.raw.mode):
+                if stat.S_ISDIR(node.raw.mode) and child not in seen:
+                    seen.add(child)
                     stack.append(child)
 
     def lookup(self, nid: int, name: bytes) -> int | None:

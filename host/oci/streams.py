@@ -123,7 +123,9 @@ def list_images(repo: Repository) -> list[tuple[str, str]]:
         if "/" in name or not is_clean_text(name):
             continue  # not a tag: tags are encoded into a single file name of UTF-8 text (fsck reports it)
         tag = decode_tag(name)
-        images.append((tag, _manifest_digest_of_link(tag, target)))
+        base = target.rsplit("/", 1)[-1]
+        if base.startswith(MANIFEST_PREFIX):  # else not an image's tag (fsck reports it): the others are listed
+            images.append((tag, base[len(MANIFEST_PREFIX):]))
     return sorted(images)
 
 

@@ -282,7 +282,7 @@ class RepositoryInterface:
         from pycfs.host.erofs.objects import image_object_ids
 
         repo, image_id = self._image(ctx)
-        ids = await trio.to_thread.run_sync(lambda: image_object_ids(repo.read_object(image_id), repo.alg))
+        ids = await trio.to_thread.run_sync(lambda: image_object_ids(repo.image_bytes(image_id), repo.alg))
         return {"object_ids": sorted(f"{repo.alg}:{i.hex()}" for i in ids)}
 
     async def mount(self, ctx: CallContext) -> Result:

@@ -9,9 +9,8 @@ import struct
 
 import pytest
 from pycfs.host import dumpfile
-from pycfs.host.erofs import format as F
 from pycfs.host.erofs.info import format_ls, image_objects
-from pycfs.host.erofs.reader import ImageFormatError, read_image
+from pycfs.host.erofs.reader import ImageFormatError, _Reader, read_image
 from pycfs.host.erofs.writer import choose_version, write_image
 from pycfs.host.tree import External, ExternalNoVerity, Sparse
 from vectors import C_VECTORS, c_manifest
@@ -107,17 +106,44 @@ def test_bad_root_nid():
         read_image(bytes(img))
 
 
-def test_directory_loop_terminates():
-    """A dirent pointing back at the root must not make the reader recurse forever."""
-    fs = dumpfile.parse(b"/ 0 40755 2 0 0 0 0.0 - - -\n/d 0 40755 2 0 0 0 0.0 - - -\n/d/e 0 40755 2 0 0 0 0.0 - - -\n")
+@pytest.mark.parametrize("target", ["root", "sibling"])
+def test_a_directory_loop_is_refused_and_a_second_name_read(target):
+    """A dirent naming the root: a directory loop, refused (a FUSE mount spun for ever on
+    one); naming a directory that has a name already, not above it: C mkcomposefs writes
+    such a hardlinked directory (the quirk vector), read as it is."""
+    fs = dumpfile.parse(b"/ 0 40755 2 0 0 0 0.0 - - -\n/d 0 40755 2 0 0 0 0.0 - - -\n/d/e 0 40755 2 0 0 0 0.0 - - -\n"
+                        b"/f 0 40755 2 0 0 0 0.0 - - -\n")
     img = bytearray(write_image(fs, 0))
-    root_nid = F.Superblock.unpack_from(img).root_nid
+    reader = _Reader(bytes(img))
+    root = reader.inode(reader.sb.root_nid)
+    named = {name: nid for name, nid, _ in reader.dirents(root)}
+    nid = reader.sb.root_nid if target == "root" else named[b"f"]
     # /d's inline dirent block: 3 headers then the names ".", "..", "e"
     names = bytes(img).find(b"...e")
     assert names > 0
-    struct.pack_into("<Q", img, names - 36 + 24, root_nid)
-    back = read_image(bytes(img))
-    assert back.fs.root.entries[b"d"].entries[b"e"] is back.fs.root
+    struct.pack_into("<Q", img, names - 36 + 24, nid)
+    if target == "root":
+        with pytest.raises(ImageFormatError, match="directory entry b'e' names a directory it is in"):
+            read_image(bytes(img))
+    else:  # two names, no loop: C's quirk, read as it is
+        back = read_image(bytes(img)).fs.root
+        assert back.entries[b"d"].entries[b"e"] is back.entries[b"f"]
+
+
+def test_a_loop_through_second_names_is_refused():
+    """/d/e names /f and /f/g names /d: each directory reached from the root first, the loop
+    only through second names."""
+    fs = dumpfile.parse(b"/ 0 40755 2 0 0 0 0.0 - - -\n/d 0 40755 2 0 0 0 0.0 - - -\n/d/e 0 40755 2 0 0 0 0.0 - - -\n"
+                        b"/f 0 40755 2 0 0 0 0.0 - - -\n/f/g 0 40755 2 0 0 0 0.0 - - -\n")
+    img = bytearray(write_image(fs, 0))
+    reader = _Reader(bytes(img))
+    named = {name: nid for name, nid, _ in reader.dirents(reader.inode(reader.sb.root_nid))}
+    for entry, target in ((b"...e", b"f"), (b"...g", b"d")):
+        names = bytes(img).find(entry)
+        assert names > 0
+        struct.pack_into("<Q", img, names - 36 + 24, named[target])
+    with pytest.raises(ImageFormatError, match="names a directory it is in"):
+        read_image(bytes(img))
 
 
 def test_random_corruption_never_crashes():

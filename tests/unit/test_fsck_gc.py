@@ -66,6 +66,24 @@ def test_broken_links_and_bad_stream(repo):
     assert not fsck(repo, metadata_only=True).ok
 
 
+def test_a_link_leading_out_of_objects_is_reported_and_repaired(repo, tmp_path):
+    """A stream link edited to a file elsewhere with an object's name: pycfs reads the
+    object by the id at its end, never that file, but the link is not what pycfs makes:
+    fsck reports it and --repair removes it (a re-pull makes it again)."""
+    sid, _ = layer(repo, "l1", [b"x" * 80], ref="r1")
+    outside = tmp_path / "outside" / sid.hex()[:2]
+    outside.mkdir(parents=True)
+    (outside / sid.hex()[2:]).write_bytes(b"elsewhere")
+    os.unlink(repo.path / "streams/l1")
+    os.symlink(outside / sid.hex()[2:], repo.path / "streams/l1")
+    report = fsck(repo, metadata_only=True)
+    assert report.errors == [("bad-symlink", "streams/l1", f"target {outside / sid.hex()[2:]} is not the object's "
+                                                           "place in objects/")]
+    fsck(repo, metadata_only=True, repair=True)
+    assert not os.path.lexists(repo.path / "streams/l1") and (outside / sid.hex()[2:]).read_bytes() == b"elsewhere"
+    assert fsck(repo, metadata_only=True).ok
+
+
 def test_gc_keeps_reachable_removes_rest(repo):
     _, kept = layer(repo, "l1", [b"k" * 100], ref="keep")
     sid2, dropped = layer(repo, "l2", [b"d" * 100])  # no ref: garbage

@@ -528,3 +528,25 @@ def test_corrupt_image_is_refused(tmp_path):
 def test_umount_of_nothing_says_so(tmp_path):
     with pytest.raises(PycfsError, match="nothing is mounted at"):
         unmount(str(tmp_path))
+
+
+def test_a_directory_with_many_names_is_loaded_once():
+    """C mkcomposefs writes a hardlinked directory as a second name: twelve levels of
+    directories each named twice by the one above are 2^12 paths, and the mount's walks
+    (ACLs, the decode of every inode) visit each directory once."""
+    from pycfs.host.erofs.reader import read_image
+    from pycfs.host.fuse.image import ImageReader, ImageTree, _has_acls
+    from pycfs.host.tree import Directory, FileSystem, Inline, Leaf, Stat
+
+    root = d = Directory(Stat(0o755))
+    for _ in range(12):
+        d.entries[b"a"] = d.entries[b"b"] = d = Directory(Stat(0o755))
+    d.entries[b"f"] = Leaf(Stat(0o644, xattrs={b"system.posix_acl_access": b"\2\0\0\0"}), Inline(b"x"))
+    image = write_image(FileSystem(root), 0)
+    assert _has_acls(read_image(image).fs)
+    tree = ImageTree(ImageReader(image))
+    listed: list[int] = []
+    real = tree.entries
+    tree.entries = lambda nid: (listed.append(nid), real(nid))[1]  # type: ignore[method-assign]
+    tree.load()
+    assert len(listed) == len(set(listed)) == 13

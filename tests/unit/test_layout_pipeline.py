@@ -667,3 +667,17 @@ def test_a_layer_of_more_inline_bytes_than_a_stream_holds_is_refused_naming_it(t
             trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "x", jobs=2))
         assert repo.has_stream(layer_stream_name(built.diff_ids[0])) is None
         assert list_images(repo) == []
+
+
+def test_a_tag_naming_no_manifest_is_left_out_of_the_listing_not_fatal_to_it(tmp_path, layout):
+    """One tag edited to name the config stream made `oci images` fail for every tag: the
+    others are listed, and that one says what is wrong when it is used."""
+    from pycfs.host.oci.streams import resolve_tag
+
+    with Repository.init(tmp_path / "repo") as repo:
+        result = trio.run(lambda: pull_oci_layout(repo, str(layout[0]), "x", jobs=1))
+        config = next(n for n in os.listdir(tmp_path / "repo/streams") if n.startswith("oci-config-"))
+        os.symlink(f"../../{config}", tmp_path / "repo/streams/refs/oci/bad")
+        assert list_images(repo) == [("x", result.manifest_digest)]
+        with pytest.raises(PycfsError, match=f"^tag 'bad' points at '../../{config}', which is not a manifest stream"):
+            resolve_tag(repo, "bad")

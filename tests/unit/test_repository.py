@@ -61,6 +61,35 @@ def _edit_meta(path, **changes):
     (path / "meta.json").write_text(json.dumps(meta))
 
 
+@pytest.mark.parametrize("changes, field", [
+    ({"features": []}, "features"),
+    ({"features": {"incompatible": "x"}}, "features.incompatible"),
+    ({"features": {"incompatible": [[1]]}}, "features.incompatible"),
+    ({"features": {"read-only-compatible": None}}, "features.read-only-compatible"),
+    ({"erofs_formats": {"default": "x"}}, "erofs_formats"),
+    ({"erofs_formats": {"default": 7}}, "erofs_formats"),
+    ({"erofs_formats": {"default": True}}, "erofs_formats"),
+    ({"erofs_formats": {"default": 1, "extra": 2}}, "erofs_formats"),
+    ({"erofs_formats": [1]}, "erofs_formats"),
+    ({"algorithm": 5}, "algorithm"),
+])
+def test_a_meta_json_of_wrong_types_is_one_error_naming_it(tmp_path, changes, field):
+    """Each was a TypeError or ValueError (an internal error) in every command, or at a pull."""
+    p = tmp_path / "r"
+    Repository.init(p).close()
+    _edit_meta(p, **changes)
+    with pytest.raises(RepositoryError, match=rf"^{p}/meta.json: {field} is .*, not .*: the file is damaged"):
+        Repository.open(p)
+
+
+def test_a_meta_json_with_extra_formats_only_opens_with_the_default_format(tmp_path):
+    p = tmp_path / "r"
+    Repository.init(p).close()
+    _edit_meta(p, erofs_formats={"extra": [1]}, features={})
+    with Repository.open(p) as r:
+        assert r.erofs_default == 2
+
+
 def test_feature_rules(tmp_path):
     p = tmp_path / "r"
     Repository.init(p).close()
@@ -229,5 +258,50 @@ def test_stream_leading_to_anything_but_a_regular_file_is_refused(repo, kind):
         target = "/dev/zero"
     (repo.path / "streams").mkdir(exist_ok=True)
     os.symlink(target, repo.path / "streams/bad")
-    with pytest.raises(RepositoryError, match=r"stream 'bad' in .* is not a regular file: run `pycfs fsck --repair`"):
+    with pytest.raises(RepositoryError, match=r"^streams/bad in .* leads to '.*', not to an object: run `pycfs fsck "
+                                              r"--repair`"):
         repo.stream_data("bad")
+
+
+def test_a_stream_link_is_read_not_followed(repo, tmp_path):
+    """A stream's link edited to lead out of the repository, to a file with an object's
+    name: what is read is that object, beneath objects/, not the file; a ref leading
+    anywhere but to a stream's link is refused."""
+    w = repo.new_stream(CONTENT_OCI_LAYER)
+    w.write_inline(b"the real stream")
+    real = repo.write_stream(w, "s", "tags/s")
+    outside = tmp_path / "outside" / real.hex()[:2]
+    outside.mkdir(parents=True)
+    (outside / real.hex()[2:]).write_bytes(b"another stream")
+    os.unlink(repo.path / "streams/s")
+    os.symlink(outside / real.hex()[2:], repo.path / "streams/s")
+    assert repo.stream_data("s") == repo.stream_data("refs/tags/s") == repo.read_object(real)
+    os.unlink(repo.path / "streams/refs/tags/s")
+    os.symlink("../../../objects/" + real.hex()[:2] + "/" + real.hex()[2:], repo.path / "streams/refs/tags/s")
+    with pytest.raises(RepositoryError, match=r"^streams/refs/tags/s in .* leads to '../../../objects/.*, not to a "
+                                              r"stream: run `pycfs fsck --repair`"):
+        repo.stream_data("refs/tags/s")
+
+
+def test_a_link_naming_an_object_too_large_for_its_kind_is_refused_unread(repo, monkeypatch):
+    """A stream or image link naming a big file's object (a damaged or edited link): refused
+    from its size before a byte is read (a 512 MiB object took 546 MB in every command)."""
+    from pycfs.host import repository as repository_module
+    from pycfs.host.erofs import format as erofs_format
+
+    monkeypatch.setattr(repository_module, "MAX_STREAM_OBJECT", 1 << 20)
+    monkeypatch.setattr(erofs_format, "MAX_IMAGE_SIZE", 1 << 20)
+    big = repo.ensure_object(b"b" * ((1 << 20) + 1))
+    os.makedirs(repo.path / "streams", exist_ok=True)
+    os.symlink(f"../{repo.object_relpath(big)}", repo.path / "streams/big")
+    read: list[int] = []
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: read.append(1) or real_fdopen(*a, **k))
+    with pytest.raises(RepositoryError, match=rf"^object sha256:{big.hex()} holds 1048577 bytes, more than a "
+                                              r"splitstream can \(1048576\): what names it is damaged \(run `pycfs "
+                                              r"fsck --repair`\)"):
+        repo.stream_data("big")
+    with pytest.raises(RepositoryError, match="holds 1048577 bytes, more than an EROFS image can"):
+        repo.image_bytes(big)
+    assert read == []
+    assert repo.read_object(big) == b"b" * ((1 << 20) + 1)  # read as what it is, it is whole
