@@ -54,9 +54,10 @@ LISTING_BYTES_PER_LOOKUP = 80 * 15
 # so 32 bounds the loss on mixed content to a few lookups per 33 objects.
 LOOKUP_MISSES_BEFORE_SKIPPING = 32
 
-# The largest splitstream any writer makes: a layer stream's body (MAX_LAYER_BODY), its
-# object references (an image's entries at most, 64 bytes each) and named refs, with room.
-MAX_STREAM_OBJECT = 512 << 20
+# The largest splitstream any writer makes: a layer stream's body (MAX_LAYER_BODY, 256 MiB),
+# its object references (an image's million entries at most, 64 bytes each) and named refs
+# (NAMED_REFS_MAX), with room.
+MAX_STREAM_OBJECT = 384 << 20
 
 
 class RepositoryError(PycfsError):
@@ -1085,8 +1086,9 @@ def _read_meta(path: Path, dirfd: int) -> dict:
 def _check_meta(meta: dict, where: str) -> None:
     """The types of what pycfs reads in meta.json (the rest is the writer's business)."""
     def bad(field: str, value: object, want: str) -> NoReturn:
-        raise RepositoryError(f"{where}: {field} is {shown(repr(value))}, not {want}: the file is damaged "
-                              "(restore it, or make the repository again)")
+        text = json.dumps(value)
+        raise RepositoryError(f"{where}: {field} is {text if len(text) <= 80 else text[:80] + '...'}, not {want}: "
+                              "the file is damaged (restore it, or make the repository again)")
 
     if not isinstance(meta.get("algorithm"), str):
         bad("algorithm", meta.get("algorithm"), "a name like fsverity-sha256-12")
