@@ -11,6 +11,7 @@ config, builds the composefs image and tags it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -20,11 +21,10 @@ from typing import Any, Protocol
 
 import trio
 from pycfs.host.errors import PycfsError
-from pycfs.host.jsondoc import parse_object
 from pycfs.host.nursery import open_nursery
-from pycfs.host.oci.streams import check_layer_count
+from pycfs.host.oci.streams import check_layer_count, parse_digest
 from pycfs.host.varlink.client import Client
-from pycfs.host.varlink.oci import ForkedFor, layer_ids_of
+from pycfs.host.varlink.oci import ForkedFor, agreeing_layer_ids
 from pycfs.host.varlink.serve import open_service
 from pycfs.host.varlink.transfer import log_producer_failure
 from pycfs.host.varlink.transport import connect, socketpair
@@ -151,10 +151,16 @@ async def copy_image(src: Endpoint, dst: Endpoint, image: str, name: str | None,
     manifest_json, config_json = inspected.get("manifest"), inspected.get("config")
     if not isinstance(manifest_json, str) or not isinstance(config_json, str) or not manifest_json or not config_json:
         raise PycfsError(f"source returned no manifest/config for {image!r}")
+    if image.startswith("@"):  # asked for by digest: what came must be that manifest
+        alg, _ = parse_digest(image[1:], "image digest")
+        sent = f"{alg}:{hashlib.new(alg, manifest_json.encode()).hexdigest()}"
+        if sent != image[1:]:
+            raise PycfsError(f"the source sent manifest {sent} for {image!r}: it is not the image asked for "
+                             "(the source is damaged or not to be trusted)")
     try:
-        layer_ids = layer_ids_of(parse_object(manifest_json, "its manifest"), parse_object(config_json, "its config"))
+        _, layer_ids = agreeing_layer_ids(manifest_json.encode(), config_json.encode())
     except PycfsError as e:
-        raise PycfsError(f"source image {image!r} has an unreadable manifest or config: {e}") from None
+        raise PycfsError(f"source image {image!r}: {e}") from None
     return await _copy_layers(src, dst, manifest_json, config_json, [(d, None) for d in layer_ids], name, zerocopy,
                               progress, started)
 

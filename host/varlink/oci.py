@@ -89,6 +89,30 @@ def layer_ids_of(manifest: dict, config: dict) -> list[str]:
     return ids
 
 
+def agreeing_layer_ids(manifest_raw: bytes, config_raw: bytes) -> tuple[dict, list[str]]:
+    """The manifest parsed and the image's layers (`layer_ids_of`), once the manifest is
+    seen to name this config (its digest and size) and, for a container image, as many
+    layers as the config has diff_ids: a peer could otherwise have a config of its own
+    stored under a genuine manifest's digest (whoever pins that digest would run it)."""
+    manifest, config = parse_object(manifest_raw, "the manifest"), parse_object(config_raw, "the config")
+    ids = layer_ids_of(manifest, config)
+    desc = manifest.get("config")
+    named = desc.get("digest") if isinstance(desc, dict) else None
+    if not isinstance(named, str):
+        raise PycfsError("the manifest names no config digest")
+    alg, _ = parse_digest(named, "config digest in the manifest")
+    actual = f"{alg}:{hashlib.new(alg, config_raw).hexdigest()}"
+    if actual != named or (isinstance(desc, dict) and desc.get("size", len(config_raw)) != len(config_raw)):
+        raise PycfsError(f"the manifest names config {named}, but the config sent is {actual} "
+                         f"({len(config_raw)} bytes): they are not one image")
+    if is_container(manifest):
+        layers = manifest.get("layers")
+        if not isinstance(layers, list) or len(layers) != len(ids):
+            raise PycfsError(f"the manifest lists {len(layers) if isinstance(layers, list) else 'no'} layers and the "
+                             f"config {len(ids)} diff_ids: they are not one image")
+    return manifest, ids
+
+
 class _Pools:
     """One object-worker pool per repository (not per handle: a client may open one
     repository many times), shared by its PutLayers (several may run at once): starting a
@@ -441,8 +465,7 @@ class OciInterface:
                 raise error("NoSuchLayer", diff_id=diff_id)
             refs.append((diff_id, layer_id))
         try:
-            manifest, config = parse_object(manifest_raw, "manifest_json"), parse_object(config_raw, "config_json")
-            wanted = layer_ids_of(manifest, config)
+            manifest, wanted = agreeing_layer_ids(manifest_raw, config_raw)
         except PycfsError as e:
             raise error("InvalidRequest", message=str(e)) from None
         if wanted != [d for d, _ in refs]:

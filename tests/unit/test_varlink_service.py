@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -451,6 +452,70 @@ def test_relay_copy_and_finalize(source_repo, tmp_path) -> None:
     trio.run(main)
     for diff_id in built.diff_ids:
         assert layer_bytes(tmp_path / "dest", diff_id) == layer_bytes(repo_path, diff_id)
+
+
+def _edited(raw: str, edit) -> str:
+    doc = json.loads(raw)
+    edit(doc)
+    return json.dumps(doc)
+
+
+def test_finalize_refuses_a_manifest_and_config_that_are_not_one_image(source_repo, tmp_path) -> None:
+    """A config of one's own under a genuine manifest (its digest is what a user pins), or a
+    manifest listing fewer layers than the config: InvalidRequest, nothing tagged (both were
+    committed and tagged, and fsck said ok)."""
+    repo_path, built = source_repo
+    Repository.init(tmp_path / "dest").close()
+
+    def evil(config: dict) -> None:
+        config.setdefault("config", {})["Entrypoint"] = ["/bin/evil"]
+
+    async def main() -> None:
+        async with service() as (_, client):
+            src = await open_repo(client, repo_path)
+            dst = await open_repo(client, tmp_path / "dest")
+            refs = [{"diff_id": d, "layer_verity": (await relay(client, src, dst, d))["layer_verity"]}
+                    for d in built.diff_ids]
+            inspected = (await client.call(OCI + "Inspect", {"handle": src, "image": "img"})).parameters
+            forged = _edited(inspected["config"], evil)
+            short = _edited(inspected["manifest"], lambda m: m["layers"].pop())
+            for manifest, config, why in [
+                    (inspected["manifest"], forged, rf"^the manifest names config {built.config_digest}, but the "
+                                                    r"config sent is sha256:[0-9a-f]{64} \(\d+ bytes\): they are "
+                                                    "not one image$"),
+                    (short, inspected["config"], rf"^the manifest lists {len(built.diff_ids) - 1} layers and the "
+                                                 rf"config {len(built.diff_ids)} diff_ids: they are not one image$")]:
+                with pytest.raises(VarlinkError) as refused:
+                    await client.call(OCI + "FinalizeImage", {"handle": dst, "manifest_json": manifest,
+                                                              "config_json": config, "layers": refs, "name": "t"})
+                assert refused.value.name == OCI + "InvalidRequest"
+                assert re.match(why, refused.value.parameters["message"]), refused.value.parameters["message"]
+            assert (await client.call(OCI + "ListImages", {"handle": dst})).parameters["images"] == []
+
+    trio.run(main)
+    assert not os.path.lexists(tmp_path / "dest/streams/refs/oci/t")
+
+
+def test_a_copy_by_digest_refuses_a_source_sending_another_manifest(source_repo, tmp_path, monkeypatch) -> None:
+    """`oci copy @sha256:X`: a source answering Inspect with another manifest (here one
+    annotation added) was copied and tagged as if it were X."""
+    from pycfs.host.errors import PycfsError
+    from pycfs.host.oci.copy import copy
+    from pycfs.host.varlink.oci import OciInterface
+
+    repo_path, built = source_repo
+    Repository.init(tmp_path / "dest").close()
+    real = OciInterface.inspect
+
+    async def lying(self, ctx) -> dict:
+        reply = await real(self, ctx)
+        return {**reply, "manifest": _edited(reply["manifest"], lambda m: m.__setitem__("annotations", {"a": "b"}))}
+
+    monkeypatch.setattr(OciInterface, "inspect", lying)
+    with pytest.raises(PycfsError, match=rf"^the source sent manifest sha256:[0-9a-f]{{64}} for "
+                                         rf"'@{built.manifest_digest}': it is not the image asked for"):
+        trio.run(lambda: copy(str(repo_path), None, str(tmp_path / "dest"), "@" + built.manifest_digest, "t", False))
+    assert list((tmp_path / "dest").glob("streams/oci-*")) == []  # refused before any layer moved
 
 
 # ---------------------------------------------------------------------------- hostile peers
