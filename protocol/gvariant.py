@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from pycfs.protocol.text import shown
+
 _BASIC = {
     # code: (struct format, size)
     "b": ("<?", 1), "y": ("<B", 1), "n": ("<h", 2), "q": ("<H", 2), "i": ("<i", 4), "u": ("<I", 4),
@@ -73,11 +75,6 @@ class _Type:
     fixed: int | None  # size when every value has the same size, else None
 
 
-def _cut(text: str) -> str:
-    """A type string in a message: a hostile one can be long."""
-    return text[:40] + "..." if len(text) > 40 else text
-
-
 def _make(code: str, text: str, children: tuple[_Type, ...]) -> _Type:
     if code in _BASIC:
         return _Type(code, text, (), _BASIC[code][1], _BASIC[code][1])
@@ -100,9 +97,9 @@ def _make(code: str, text: str, children: tuple[_Type, ...]) -> _Type:
 
 def _parse_one(text: str, pos: int, depth: int) -> tuple[_Type, int]:
     if depth > MAX_DEPTH:
-        raise GVariantError(f"type {_cut(text)!r} nests too deeply")
+        raise GVariantError(f"type {shown(text, 40)} nests too deeply")
     if pos >= len(text):
-        raise GVariantError(f"type {_cut(text)!r} ends early")
+        raise GVariantError(f"type {shown(text, 40)} ends early")
     c = text[pos]
     if c in _BASIC or c in _STRINGS or c == "v":
         return _make(c, c, ()), pos + 1
@@ -115,15 +112,15 @@ def _parse_one(text: str, pos: int, depth: int) -> tuple[_Type, int]:
         p = pos + 1
         while True:
             if p >= len(text):
-                raise GVariantError(f"type {_cut(text)!r}: unclosed {c!r}")
+                raise GVariantError(f"type {shown(text, 40)}: unclosed {c!r}")
             if text[p] == close:
                 break
             child, p = _parse_one(text, p, depth + 1)
             children.append(child)
         if c == "{" and (len(children) != 2 or (children[0].code not in _BASIC and children[0].code not in _STRINGS)):
-            raise GVariantError(f"type {_cut(text)!r}: a dict entry is a basic key and one value")
+            raise GVariantError(f"type {shown(text, 40)}: a dict entry is a basic key and one value")
         return _make(c, text[pos:p + 1], tuple(children)), p + 1
-    raise GVariantError(f"type {_cut(text)!r}: unknown type code {c!r}")
+    raise GVariantError(f"type {shown(text, 40)}: unknown type code {c!r}")
 
 
 @lru_cache(maxsize=256)
@@ -131,7 +128,7 @@ def parse_type(text: str) -> _Type:
     """The parsed form of one complete type string."""
     t, end = _parse_one(text, 0, 0)
     if end != len(text):
-        raise GVariantError(f"type {_cut(text)!r} has trailing characters")
+        raise GVariantError(f"type {shown(text, 40)} has trailing characters")
     return t
 
 
@@ -186,7 +183,7 @@ def _encode(t: _Type, value: Any) -> bytes:
         if not isinstance(value, Variant):
             raise GVariantError(f"type 'v' needs a Variant, not {type(value).__name__}")
         if len(value.type) > MAX_VARIANT_TYPE:
-            raise GVariantError(f"variant type {_cut(value.type)!r} is longer than {MAX_VARIANT_TYPE} bytes")
+            raise GVariantError(f"variant type {shown(value.type, 40)} is longer than {MAX_VARIANT_TYPE} bytes")
         inner = parse_type(value.type)
         return _encode(inner, value.value) + b"\0" + value.type.encode()
     if code == "m":
@@ -205,7 +202,7 @@ def _encode_array(elem: _Type, value: Any) -> bytes:
             raise GVariantError(f"type 'ay' needs bytes, not {type(value).__name__}")
         return bytes(value)
     if not isinstance(value, (list, tuple)):
-        raise GVariantError(f"type {_cut('a' + elem.text)!r} needs a list, not {type(value).__name__}")
+        raise GVariantError(f"type {shown('a' + elem.text, 40)} needs a list, not {type(value).__name__}")
     if elem.fixed is not None:
         return b"".join(_encode(elem, v) for v in value)
     body = bytearray()
@@ -219,7 +216,7 @@ def _encode_array(elem: _Type, value: Any) -> bytes:
 
 def _encode_tuple(t: _Type, value: Any) -> bytes:
     if not isinstance(value, tuple) or len(value) != len(t.children):
-        raise GVariantError(f"type {_cut(t.text)!r} needs a tuple of {len(t.children)}, not {value!r:.80}")
+        raise GVariantError(f"type {shown(t.text, 40)} needs a tuple of {len(t.children)}, not {value!r:.80}")
     if not t.children:
         return b"\0"
     body = bytearray()
@@ -275,7 +272,7 @@ def _read_offset(mv: memoryview, pos: int, w: int) -> int:
 def _padding(mv: memoryview, start: int, end: int, type_text: str, array: bool = False) -> None:
     """Alignment padding is zero bytes in the normal form."""
     if end > start and any(mv[start:end]):
-        raise GVariantError(f"{'array of ' if array else ''}{_cut(type_text)}: non-zero padding: not in normal form")
+        raise GVariantError(f"{'array of ' if array else ''}{shown(type_text, 40)}: non-zero padding: not in normal form")
 
 
 def _decode(t: _Type, mv: memoryview, depth: int, state: _State) -> Any:
@@ -284,7 +281,7 @@ def _decode(t: _Type, mv: memoryview, depth: int, state: _State) -> Any:
     code = t.code
     n = len(mv)
     if t.fixed is not None and n != t.fixed:
-        raise GVariantError(f"{_cut(t.text)} value of {n} bytes, expected {t.fixed}")
+        raise GVariantError(f"{shown(t.text, 40)} value of {n} bytes, expected {t.fixed}")
     if code in _BASIC:
         v = struct.unpack(_BASIC[code][0], mv)[0]
         if code == "b" and mv[0] > 1:
@@ -339,13 +336,13 @@ def _decode_array(elem: _Type, mv: memoryview, depth: int, state: _State) -> Any
         return []
     if elem.fixed is not None:
         if n % elem.fixed:
-            raise GVariantError(f"array of {_cut(elem.text)} has {n} bytes, not a multiple of {elem.fixed}")
+            raise GVariantError(f"array of {shown(elem.text, 40)} has {n} bytes, not a multiple of {elem.fixed}")
         _spend(state, n // elem.fixed)
         return [_decode(elem, mv[i:i + elem.fixed], depth + 1, state) for i in range(0, n, elem.fixed)]
     w = offset_size(n)
     last_end = _read_offset(mv, n - w, w)
     if last_end >= n or (n - last_end) % w:
-        raise GVariantError(f"array of {_cut(elem.text)}: bad framing offset {last_end}")
+        raise GVariantError(f"array of {shown(elem.text, 40)}: bad framing offset {last_end}")
     count = (n - last_end) // w
     _spend(state, count)
     out = []
@@ -354,7 +351,7 @@ def _decode_array(elem: _Type, mv: memoryview, depth: int, state: _State) -> Any
         end = _read_offset(mv, last_end + i * w, w)
         aligned = _align(start, elem.align)
         if not aligned <= end <= last_end:
-            raise GVariantError(f"array of {_cut(elem.text)}: element {i} at {aligned}..{end} is out of bounds")
+            raise GVariantError(f"array of {shown(elem.text, 40)}: element {i} at {aligned}..{end} is out of bounds")
         _padding(mv, start, aligned, elem.text, array=True)
         out.append(_decode(elem, mv[aligned:end], depth + 1, state))
         start = end
@@ -376,7 +373,7 @@ def _decode_tuple(t: _Type, mv: memoryview, depth: int, state: _State) -> tuple:
     for i, child in enumerate(t.children):
         aligned = _align(pos, child.align)
         if aligned > frame_end:
-            raise GVariantError(f"{_cut(t.text)}: member {i} at {aligned} is out of bounds")
+            raise GVariantError(f"{shown(t.text, 40)}: member {i} at {aligned} is out of bounds")
         _padding(mv, pos, aligned, t.text)
         pos = aligned
         if child.fixed is not None:
@@ -386,14 +383,14 @@ def _decode_tuple(t: _Type, mv: memoryview, depth: int, state: _State) -> tuple:
         else:
             frame_end -= w
             if frame_end < 0 or not w:  # (an empty value has no room for an offset)
-                raise GVariantError(f"{_cut(t.text)}: framing offsets run past the start")
+                raise GVariantError(f"{shown(t.text, 40)}: framing offsets run past the start")
             end = _read_offset(mv, frame_end, w)
         if not pos <= end <= frame_end:
-            raise GVariantError(f"{_cut(t.text)}: member {i} at {pos}..{end} is out of bounds")
+            raise GVariantError(f"{shown(t.text, 40)}: member {i} at {pos}..{end} is out of bounds")
         out.append(_decode(child, mv[pos:end], depth + 1, state))
         pos = end
     if t.fixed is not None:
         _padding(mv, pos, n, t.text)  # a fixed-size tuple is padded to its alignment
     elif pos != frame_end:
-        raise GVariantError(f"{_cut(t.text)}: {frame_end - pos} bytes after the last member: not in normal form")
+        raise GVariantError(f"{shown(t.text, 40)}: {frame_end - pos} bytes after the last member: not in normal form")
     return tuple(out)
