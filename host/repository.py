@@ -900,8 +900,9 @@ class Repository:
         return SplitStreamReader(self.stream_bytes(object_id), self.alg, expected_content_type,
                                  name=f"{self.alg}:{object_id.hex()}")
 
-    def new_stream(self, content_type: int) -> SplitStreamWriter:
-        return SplitStreamWriter(self.alg, content_type)
+    def new_stream(self, content_type: int, name: str = "") -> SplitStreamWriter:
+        """A stream to write (``name``: what its refusals name, e.g. "layer sha256:...")."""
+        return SplitStreamWriter(self.alg, content_type, name)
 
     def link_image(self, object_id: bytes, ref: str | None = None) -> bytes:
         """Record a stored object as an image: images/<hex>, and images/refs/<ref>."""

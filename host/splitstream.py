@@ -91,8 +91,9 @@ class SplitStreamWriter:
     by the compressed size.
     """
 
-    def __init__(self, alg: str, content_type: int) -> None:
+    def __init__(self, alg: str, content_type: int, name: str = "") -> None:
         self.alg = alg
+        self._named_as = f"{name}: " if name else ""  # what a refusal names (e.g. "layer sha256:...")
         self.content_type = content_type
         self._digest_size = DIGEST_SIZES[alg]
         self._inline = bytearray()
@@ -127,7 +128,7 @@ class SplitStreamWriter:
             self._body.append(piece)
             self._body_size += len(piece)
             if self._body_size > self._max_body:
-                raise StreamTooLarge(f"the layer's tar headers and small files come to more than "
+                raise StreamTooLarge(f"{self._named_as}the layer's tar headers and small files come to more than "
                                      f"{MAX_LAYER_BODY >> 20} MiB compressed: more than a real layer holds")
 
     def _flush_inline(self) -> None:
@@ -140,8 +141,8 @@ class SplitStreamWriter:
         self._inline += data
         self.stream_size += len(data)
         if len(self._inline) > self._max_run:
-            raise StreamTooLarge(f"more than {MAX_LAYER_INLINE_RUN >> 20} MiB of tar headers and small files "
-                                 "with no larger file between them: more than a real layer holds")
+            raise StreamTooLarge(f"{self._named_as}more than {MAX_LAYER_INLINE_RUN >> 20} MiB of tar headers and "
+                                 "small files with no larger file between them: more than a real layer holds")
 
     def write_external(self, object_id: bytes, size: int) -> None:
         if len(object_id) != self._digest_size:

@@ -47,7 +47,7 @@ from pycfs.host.oci.result import ImportStats, PullResult, containers_storage_re
 from pycfs.host.oci.streams import check_layer_count
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
-from pycfs.host.splitstream import CONTENT_OCI_LAYER, StreamTooLarge
+from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.streamcat import stream_digest
 from pycfs.host.storage.image import ImageSource, read_image
 from pycfs.host.storage.locks import ReadLocks
@@ -171,7 +171,7 @@ class LayerImport:
         self.progress = progress
         self.head = head
         self.files = head.files if head is not None else LayerFiles(layer.store, layer.layer.id)
-        self.writer = repo.new_stream(CONTENT_OCI_LAYER)
+        self.writer = repo.new_stream(CONTENT_OCI_LAYER, f"layer {layer.diff_id}")
         self.hasher = hashlib.sha256() if verify_diffid else None
         # the layer's entries, parsed from what is written, go to the image's tree
         self.tree = tree
@@ -370,11 +370,8 @@ class LayerImport:
             async for chunk in chunks:
                 await chunk.done.wait()
                 pieces: list[bytes | tuple[bytes]] = []
-                try:
-                    headers, inlined, files = await trio.to_thread.run_sync(self._write_chunk, chunk, pieces,
-                                                                            limiter=self.limiter)
-                except StreamTooLarge as e:
-                    raise PycfsError(f"layer {self.layer.diff_id}: {e}") from None
+                headers, inlined, files = await trio.to_thread.run_sync(self._write_chunk, chunk, pieces,
+                                                                        limiter=self.limiter)
                 # Counted here, in trio's thread: layers write their chunks on threads at once.
                 self.stats.bytes_inlined += inlined
                 self.stats.files_inlined += files

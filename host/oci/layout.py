@@ -52,7 +52,7 @@ from pycfs.host.oci.result import ImportStats, PullResult
 from pycfs.host.oci.streams import check_layer_count, config_diff_ids
 from pycfs.host.progress import PullProgress
 from pycfs.host.repository import Repository
-from pycfs.host.splitstream import CONTENT_OCI_LAYER, StreamTooLarge
+from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.workers.batching import default_jobs
 from pycfs.host.workers.fork import Forked, discard
 from pycfs.host.workers.pool import Failed, Inflated, Pinned, WorkerPool, open_pool
@@ -395,7 +395,7 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: Wor
     held: set[_Chunk] = set()
     advanced = 0  # blob bytes shown as progress
     source = _PieceSource(repo.digest_size)
-    writer = repo.new_stream(CONTENT_OCI_LAYER)
+    writer = repo.new_stream(CONTENT_OCI_LAYER, f"layer {desc.digest}")
     with layout.open_blob(desc) as f:
         # the worker's end goes to the inflating worker: `inflaters.inflate` closes it here
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -438,10 +438,7 @@ async def import_layout_layer(repo: Repository, pool: WorkerPool, inflaters: Wor
             nonlocal advanced
             async for chunk in receive:
                 await chunk.stored.wait()
-                try:
-                    write_pieces(writer, chunk.pieces, stats)
-                except StreamTooLarge as e:
-                    raise PycfsError(f"layer {desc.digest}: {e}") from None
+                write_pieces(writer, chunk.pieces, stats)
                 held.discard(chunk)
                 if collector is not None:  # the parse in a thread: the event loop serves the stores meanwhile
                     await trio.to_thread.run_sync(
