@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import stat
 from typing import Any
 
+from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 
 # The largest JSON document (OCI index, manifest, config) read: real ones are KiB.
@@ -32,23 +33,28 @@ def parse_object(raw: bytes | str, what: str, error: type[PycfsError] = PycfsErr
 
 
 def read_document(path: str | os.PathLike, limit: int, error: type[PycfsError] = PycfsError, *,
-                  dir_fd: int | None = None, follow: bool = True, name: str | None = None) -> bytes:
+                  dir_fd: int | None = None, follow: bool = True, name: str | None = None,
+                  resolve: int = 0) -> bytes:
     """The content of the regular file at path (relative to ``dir_fd`` if given; a symlink
-    followed unless ``follow`` is False), at most `limit` bytes. FileNotFoundError passes
-    through (the caller says what a missing file means); anything else is `error` naming
-    the file (``name``, else path): a fifo would block the read, a device feed it without end."""
+    followed unless ``follow`` is False; ``resolve``: openat2's RESOLVE_* flags, e.g. to
+    stay beneath ``dir_fd``), at most `limit` bytes. FileNotFoundError passes through (the
+    caller says what a missing file means); anything else is `error` naming the file
+    (``name``, else path). Nothing but a regular file is opened: a fifo would block the
+    read, a device feed it without end or act on its open."""
     shown = name or os.fspath(path)
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, flags, dir_fd=dir_fd)
+        fd, _ = syscalls.open_regular(syscalls.AT_FDCWD if dir_fd is None else dir_fd, os.fsencode(path),
+                                      follow=follow, resolve=resolve)
     except FileNotFoundError:
         raise
+    except syscalls.NotRegularFile as e:
+        raise error(f"{shown} is {e.kind}, not a regular file") from None
     except OSError as e:
-        raise error(f"cannot read {shown}: {e.strerror}") from None
+        why = "it leads out of its directory or through a symlink" if e.errno in (errno.EXDEV, errno.ELOOP) \
+            and resolve else e.strerror
+        raise error(f"cannot read {shown}: {why}") from None
     try:
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise error(f"{shown} is not a regular file")
             data = f.read(limit + 1)
     except OSError as e:
         raise error(f"cannot read {shown}: {e.strerror}") from None

@@ -57,6 +57,15 @@ class NotRegularFile(Exception):
         super().__init__(f"not a regular file (mode {mode:#o})")
         self.mode = mode
 
+    @property
+    def kind(self) -> str:
+        """What it is, for a message ("a fifo", "a symlink", ...)."""
+        return _KINDS.get(stat.S_IFMT(self.mode), f"of type {stat.S_IFMT(self.mode):o}")
+
+
+_KINDS = {stat.S_IFIFO: "a fifo", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symlink"}
+
 
 def open_regular(dirfd: int, path: bytes, *, follow: bool = False,
                  resolve: int = RESOLVE_CONFINED) -> tuple[int, os.stat_result]:

@@ -52,7 +52,7 @@ from pycfs.host.streamcat import stream_digest
 from pycfs.host.storage.image import ImageSource, read_image
 from pycfs.host.storage.locks import ReadLocks
 from pycfs.host.storage.store import ImageLayer, Storage, StorageError
-from pycfs.host.storage.tarsplit import FileEntry, Segment, open_entries
+from pycfs.host.storage.tarsplit import FileEntry, Segment
 from pycfs.host.oci.layerfiles import (
     CHUNK_ENTRIES,
     LayerFiles,
@@ -199,7 +199,7 @@ class LayerImport:
         send_chunks, chunks = trio.open_memory_channel(CHUNKS_IN_FLIGHT)
         send_written, written = trio.open_memory_channel(CHUNKS_IN_FLIGHT)
         async with open_nursery() as nursery:
-            nursery.start_soon(self._read, str(path), send_chunks, nursery)
+            nursery.start_soon(self._read, send_chunks, nursery)
             nursery.start_soon(self._write, chunks, send_written)
             nursery.start_soon(self._parse, written)
         # Every file is recorded, so no coordinator opens any more of this layer's files.
@@ -212,12 +212,13 @@ class LayerImport:
 
     # -- reading --
 
-    async def _read(self, path: str, chunks: trio.MemorySendChannel, nursery: trio.Nursery) -> None:
+    async def _read(self, chunks: trio.MemorySendChannel, nursery: trio.Nursery) -> None:
         warming = False
         head, self.head = self.head, None
         async with chunks, self.batches as batches:
-            with head.stack if head is not None else open_entries(path) as source:
-                reader = head.reader if head is not None else TarSplitReader(source, self.files)
+            with head.stack if head is not None else self.layer.store.tar_split_entries(self.layer.layer.id) as source:
+                reader = head.reader if head is not None else TarSplitReader(source, self.files,
+                                                                             self.layer.layer.diff_size)
                 read = collections.deque(head.chunks if head is not None else ())
                 early = collections.deque(head.early if head is not None else ())
                 while entries := read.popleft() if read else await self._take(reader, head):
@@ -349,7 +350,7 @@ class LayerImport:
                     still.append(item)
                     continue
                 st = os.fstat(res)
-                if LayerFiles.metacopy_lookup(res, st, entry.size, entry.relpath) is not None:
+                if self.files.metacopy_lookup(res, st, entry.size, entry.relpath) is not None:
                     give_back(res)
                     still.append(item)  # a stub: its data is in a lower layer
                     continue

@@ -35,7 +35,7 @@ from pycfs.host.oci.layerfiles import (
     stored_files,
 )
 from pycfs.host.storage.image import ImageSource
-from pycfs.host.storage.tarsplit import FileEntry, Segment, open_entries
+from pycfs.host.storage.tarsplit import FileEntry, Segment
 from pycfs.host.workers.batching import batch_files, batches_in_flight
 from pycfs.host.workers.fork import Forked, send_early
 from pycfs.protocol import worker_api as api
@@ -93,8 +93,8 @@ def head_start(source: ImageSource, index: int, forked: Sequence[Forked]) -> Hea
     files = LayerFiles(layer.store, layer.layer.id)
     stack = contextlib.ExitStack()
     try:
-        reader = TarSplitReader(stack.enter_context(open_entries(str(layer.store.tar_split_path(layer.layer.id)))),
-                                files)
+        reader = TarSplitReader(stack.enter_context(layer.store.tar_split_entries(layer.layer.id)), files,
+                                layer.layer.diff_size)
     except (PycfsError, OSError):
         stack.close()
         files.close()

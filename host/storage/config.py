@@ -153,6 +153,8 @@ def load_storage_config(
     if not isinstance(graphroot, str):
         raise PycfsError(f"{where}: graphroot must be a string")
     root = Path(storage_root) if storage_root is not None else Path(_expand(graphroot, env, uid))
+    if storage_root is None:
+        _absolute(root, "graphroot", where)
 
     if driver:
         driver = _normalise_driver(driver, "requested")
@@ -169,9 +171,20 @@ def load_storage_config(
     stores = options.get("additionalimagestores", []) if isinstance(options, dict) else []
     if not isinstance(stores, list) or not all(isinstance(s, str) for s in stores):
         raise PycfsError(f"{where}: [storage.options] additionalimagestores must be a list of paths")
+    extra = tuple(Path(_expand(s, env, uid)) for s in stores)
+    for store in extra:
+        _absolute(store, "[storage.options] additionalimagestores", where)
     return StorageConfig(
         graphroot=root,
         driver=driver,
-        additional_image_stores=tuple(Path(_expand(s, env, uid)) for s in stores),
+        additional_image_stores=extra,
         source=path,
     )
+
+
+def _absolute(path: Path, what: str, where: str) -> None:
+    """A store path from the configuration is absolute: a relative one would be read from
+    wherever pycfs runs (containers-storage refuses it too)."""
+    if not path.is_absolute():
+        raise PycfsError(f"{where}: {what} {str(path)!r} is not an absolute path (containers-storage "
+                         "refuses it too): fix the file")

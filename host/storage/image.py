@@ -33,7 +33,21 @@ class ImageSource:
 def read_image(storage: Storage, ref: str) -> ImageSource:
     """Find the image and read its manifest, config and layer list (locks held by the caller)."""
     store, image = storage.lookup(ref)
-    manifest = store.big_data(image.id, "manifest")
+    asked = ref.rsplit("@", 1)[1] if "@" in ref else None
+    manifest = None
+    if asked is not None:  # c/image keeps each manifest of an image as manifest-<digest> too
+        try:
+            manifest = store.big_data(image.id, f"manifest-{asked}")
+        except StorageError:
+            pass
+    if manifest is None:
+        manifest = store.big_data(image.id, "manifest")
+    found = _sha256_digest(manifest)
+    known = {asked} if asked is not None else {d for d in (image.digest, *image.digests) if d}
+    if known and found not in known:
+        raise StorageError(f"the manifest of image {image.describe()} is {found}, not "
+                           f"{asked or 'one of the digests containers-storage records for it'}: the store is "
+                           "damaged (pull the image with podman again)")
     mdoc = parse_object(manifest, f"manifest of image {image.id[:12]}", StorageError)
     config_desc = mdoc.get("config")
     config_digest = config_desc.get("digest") if isinstance(config_desc, dict) else None
@@ -54,4 +68,4 @@ def read_image(storage: Storage, ref: str) -> ImageSource:
         if not d.startswith("sha256:") or len(d) != 71 or d[7:].strip("0123456789abcdef"):
             raise StorageError(f"config of image {image.id[:12]}: invalid diff_id {d!r}")
     layers = storage.image_layers(store, image, diff_ids)
-    return ImageSource(store, image, manifest, config, _sha256_digest(manifest), config_digest, layers)
+    return ImageSource(store, image, manifest, config, found, config_digest, layers)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -67,11 +68,20 @@ def open_lock_file(path: Path, read_only: bool = False) -> int:
     attempts = [os.O_RDONLY] if read_only else [os.O_RDWR | os.O_CREAT, os.O_RDONLY]
     for n, flags in enumerate(attempts, 1):
         try:
-            return os.open(path, flags | os.O_CLOEXEC, 0o644)
+            # no symlink followed (O_CREAT through a dangling one would make a file wherever
+            # it points, as root for a root pull), no wait on a fifo put there
+            fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         except OSError as e:
             if n < len(attempts) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 continue
-            raise PycfsError(f"cannot open lock file {path}: {e.strerror}") from e
+            why = "it is a symlink" if e.errno == errno.ELOOP else e.strerror
+            raise PycfsError(f"cannot open lock file {path}: {why} (the store is damaged: podman's own lock "
+                             "files are regular files)") from e
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise PycfsError(f"lock file {path} is not a regular file: the store is damaged (podman's own lock "
+                             "files are regular files)")
+        return fd
     raise AssertionError("unreachable")
 
 

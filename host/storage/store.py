@@ -17,8 +17,10 @@ and `[name]@sha256:<manifest digest>`. Callers hold the store's read locks while
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,9 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import loads, read_document
 from pycfs.host.storage.config import StorageConfig, detect_driver
 from pycfs.host.storage.locks import ReadLocks
+from pycfs.host.storage.tarsplit import FileEntry, Segment, open_entries
+from pycfs.host.syscalls import RESOLVE_CONFINED
+from pycfs.protocol.text import listed, shown
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HEX64_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
@@ -33,6 +38,11 @@ _HEX_PREFIX_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{3,63})$")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _BIG_DATA_PLAIN_RE = re.compile(r"^[.0-9a-z]*$")
 _LINK_RE = re.compile(r"^[A-Za-z0-9]+$")
+# An overlay layer's `lower` file: "l/<26 characters>" per lower layer, ':'-separated;
+# c/storage stacks at most 500 (its maxDepth), which take under 16 KiB.
+MAX_LOWER_LAYERS = 500
+MAX_LOWER_FILE = 64 << 10
+MAX_NAMES_COMPARED = 10_000
 
 
 class StorageError(PycfsError):
@@ -53,7 +63,7 @@ class ImageRecord:
     top_layer: str | None = None
 
     def describe(self) -> str:
-        return f"{self.id[:12]} ({', '.join(self.names) or '<none>'})"
+        return f"{self.id[:12]} ({listed(list(self.names), 3) if self.names else '<none>'})"
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,26 @@ class Store:
     def lock_paths(self) -> list[Path]:
         return [self.images_dir / "images.lock", self.layers_dir / "layers.lock"]
 
+    def read(self, path: Path, limit: int) -> bytes:
+        """The store's file at path (beneath its root), at most limit bytes: `read_document`
+        following no symlink on the way (podman makes none among these files; an edited
+        store's could lead anywhere). FileNotFoundError passes through."""
+        with self.beneath() as root:
+            return read_document(path.relative_to(self.root), limit, StorageError, dir_fd=root, follow=False,
+                                 name=str(path), resolve=RESOLVE_CONFINED)
+
+    @contextlib.contextmanager
+    def beneath(self) -> Iterator[int]:
+        """An O_PATH fd of the store's root, to open its files beneath."""
+        try:
+            fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StorageError(f"cannot open containers-storage at {self.root}: {e.strerror}") from None
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
     def check(self) -> None:
         for d in (self.images_dir, self.layers_dir):
             if not d.is_dir():
@@ -139,7 +169,7 @@ class Store:
 
     def _read_json_array(self, path: Path) -> list:
         try:
-            data = read_document(path, MAX_JSON_FILE, StorageError)
+            data = self.read(path, MAX_JSON_FILE)
         except FileNotFoundError:
             return []  # c/storage creates these lazily; a fresh store has none
         value = loads(data, str(path), StorageError) if data.strip() else []
@@ -186,7 +216,7 @@ class Store:
     def big_data(self, image_id: str, key: str) -> bytes:
         path = self.images_dir / _check_id(image_id, "image id", "lookup") / big_data_name(key)
         try:
-            return read_document(path, MAX_JSON_FILE, StorageError)
+            return self.read(path, MAX_JSON_FILE)
         except FileNotFoundError as e:
             raise StorageError(
                 f"image {image_id[:12]} has no {key!r} in {self.images_dir} ({path.name} missing)"
@@ -194,6 +224,13 @@ class Store:
 
     def tar_split_path(self, layer_id: str) -> Path:
         return self.layers_dir / f"{_check_id(layer_id, 'layer id', 'lookup')}.tar-split.gz"
+
+    @contextlib.contextmanager
+    def tar_split_entries(self, layer_id: str) -> Iterator[Iterator[Segment | FileEntry]]:
+        """The layer's tar-split entries (`open_entries`), its file opened beneath the root."""
+        path = self.tar_split_path(layer_id)
+        with self.beneath() as root, open_entries(str(path.relative_to(self.root)), root, str(path)) as entries:
+            yield entries
 
     def layer_dir(self, layer_id: str) -> Path:
         """Directory holding the layer's files (its own changes for overlay, a full tree for vfs)."""
@@ -208,13 +245,18 @@ class Store:
             return []
         lower = self.root / "overlay" / _check_id(layer_id, "layer id", "lookup") / "lower"
         try:
-            text = lower.read_text().strip()
+            raw = self.read(lower, MAX_LOWER_FILE)
         except FileNotFoundError:
             return []
-        except OSError as e:
-            raise StorageError(f"cannot read {lower}: {e.strerror}") from e
+        try:
+            entries = list(filter(None, raw.decode("ascii").strip().split(":")))
+        except UnicodeDecodeError:
+            raise StorageError(f"{lower} is not a list of layer links: the store is damaged") from None
+        if len(entries) > MAX_LOWER_LAYERS:
+            raise StorageError(f"{lower} lists {len(entries)} lower layers, more than overlay stacks "
+                               f"({MAX_LOWER_LAYERS}): the store is damaged")
         ids = []
-        for entry in filter(None, text.split(":")):
+        for entry in entries:
             if not entry.startswith("l/") or not _LINK_RE.match(entry[2:]):
                 raise StorageError(f"{lower}: unsupported lower entry {entry!r}")
             link = self.root / "overlay" / entry
@@ -285,14 +327,17 @@ class Storage:
             return found[0]
         where = ", ".join(str(s.root) for s in self.stores)
         if len(ids) > 1:
-            listed = "; ".join(img.describe() for _, img in found)
-            raise AmbiguousImage(f"image reference {ref!r} is ambiguous in containers-storage: {listed}")
+            raise AmbiguousImage(f"image reference {shown(ref)} is ambiguous in containers-storage: "
+                                 f"{listed([img.describe() for _, img in found])}")
         import difflib  # only for this message: every pull would pay for it otherwise
 
         names = sorted({n for _, img in images for n in img.names})
-        close = difflib.get_close_matches(ref, names, n=5, cutoff=0.3) or names[:5]
-        hint = f"; similar: {', '.join(close)}" if close else "; the store has no named images"
-        raise ImageNotFound(f"image {ref!r} not found in containers-storage ({where}); {len(images)} images{hint}")
+        # difflib compares the reference with every name: a store of a million names (a damaged
+        # images.json) took a minute under the locks; past this many, the first few are listed
+        close = (difflib.get_close_matches(ref, names, n=5, cutoff=0.3) if len(names) <= MAX_NAMES_COMPARED
+                 else []) or names[:5]
+        hint = f"; similar: {listed(close, 5)}" if close else "; the store has no named images"
+        raise ImageNotFound(f"image {shown(ref)} not found in containers-storage ({where}); {len(images)} images{hint}")
 
     def image_layers(self, store: Store, image: ImageRecord, diff_ids: list[str]) -> list[ImageLayer]:
         """Map the config's diff_ids (base first) to c/storage layers.

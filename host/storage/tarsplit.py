@@ -19,7 +19,6 @@ import contextlib
 import gzip
 import json
 import os
-import stat
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import BinaryIO
 import fastcrc
 import pybase64
 
+from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import parse_object
 
@@ -269,18 +269,22 @@ def _parse_group(lines: list[bytes], first: int, label: str) -> Iterator[Segment
 
 
 @contextlib.contextmanager
-def open_entries(path: str) -> Iterator[Iterator[Segment | FileEntry]]:
+def open_entries(path: str, dir_fd: int | None = None,
+                 name: str | None = None) -> Iterator[Iterator[Segment | FileEntry]]:
     """The entries of the tar-split file at `path`, read as they are taken (the file stays
-    open inside the `with`); a file that cannot be opened or read raises TarSplitError."""
+    open inside the `with`); a file that cannot be opened or read raises TarSplitError.
+    With ``dir_fd``, path is beneath it and no symlink is followed on the way (``name``:
+    the file's name in messages). Nothing but a regular file is opened."""
+    shown = name or path
     try:
-        # non-blocking: a fifo here must not hang the open (it is refused below)
-        f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb")
+        fd, _ = syscalls.open_regular(syscalls.AT_FDCWD if dir_fd is None else dir_fd, os.fsencode(path),
+                                      follow=dir_fd is None, resolve=0 if dir_fd is None else syscalls.RESOLVE_CONFINED)
+    except syscalls.NotRegularFile as e:
+        raise TarSplitError(f"{shown} is {e.kind}, not a regular file") from None
     except OSError as e:
-        raise TarSplitError(f"cannot read {path}: {e.strerror}") from e
-    with f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise TarSplitError(f"{path} is not a regular file")
-        yield _reading(iter_entries(f, path), path)
+        raise TarSplitError(f"cannot read {shown}: {e.strerror}") from e
+    with os.fdopen(fd, "rb") as f:
+        yield _reading(iter_entries(f, shown), shown)
 
 
 def _reading(entries: Iterator[Segment | FileEntry], path: str) -> Iterator[Segment | FileEntry]:

@@ -23,7 +23,7 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.helperclient import HelperClient
 from pycfs.host.storage.locks import LockTimeout, ReadLocks
 from pycfs.host.storage.store import Storage, Store
-from pycfs.host.storage.tarsplit import FileEntry, Segment, open_entries
+from pycfs.host.storage.tarsplit import FileEntry, Segment
 from pycfs.host.varlink.layers import build_layout, seed_from_id
 from pycfs.host.varlink.transfer import SendAll
 from pycfs.host.varlink.oci import FEATURES, IFACE, error, send_layer_frames
@@ -82,7 +82,6 @@ class CstorInterface:
                 # a diff dir only container uids may enter: every file comes through the helper
                 dirfd = os.open(diff, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
                 readable = False
-            tar_split = str(store.tar_split_path(layer_id))
         except BaseException:
             locks.release()
             raise
@@ -100,7 +99,7 @@ class CstorInterface:
             close_fds([w])
             locks.release()
             raise
-        producer = _Producer(self.helper, layer_id, source_fd if readable else -1, layout.real_slots[0], dac, tar_split)
+        producer = _Producer(self.helper, layer_id, source_fd if readable else -1, layout.real_slots[0], dac, store)
 
         def release() -> None:
             close_fds([source_fd])
@@ -111,17 +110,17 @@ class CstorInterface:
 
 class _Producer:
     def __init__(self, helper: HelperClient | None, layer_id: str, dirfd: int, index: int, dac: bool,
-                 tar_split: str) -> None:
+                 store: Store) -> None:
         self.helper = helper
         self.layer_id = layer_id
         self.dirfd = dirfd  # -1: this service cannot enter the layer directory
         self.index = index
         self.dac = dac
-        self.tar_split = tar_split
+        self.store = store
 
     async def run(self, send_all: SendAll) -> None:
         buf = bytearray()
-        with open_entries(self.tar_split) as entries:
+        with self.store.tar_split_entries(self.layer_id) as entries:
             while batch := await trio.to_thread.run_sync(_take, entries, ENTRIES_PER_TRIP):
                 for entry in batch:
                     if isinstance(entry, Segment):

@@ -79,7 +79,7 @@ def test_layout_documents_must_be_regular_files(tmp_path):
     rescue = threading.Timer(3, lambda: open(tmp_path / "index.json", "wb").close())
     rescue.start()
     try:
-        with pytest.raises(PycfsError, match="index.json is not a regular file"):
+        with pytest.raises(PycfsError, match="index.json is a fifo, not a regular file"):
             OciLayout(tmp_path)
     finally:
         rescue.cancel()

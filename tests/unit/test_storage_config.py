@@ -102,6 +102,10 @@ def test_storage_root_override_detects_driver(home, tmp_path):
     ("[storage]\ndriver = " + "[" * 100_000, "not valid TOML"),  # (before: RecursionError escaped)
     ("[storage]\nx = " + "1" * 5000, "not valid TOML"),  # (before: a bare ValueError escaped)
     ('[storage]\n[storage.options]\nadditionalimagestores = "x"\n', "additionalimagestores must be a list"),
+    # read from wherever pycfs ran (containers-storage refuses both)
+    ('[storage]\ngraphroot = "rel"\n', "graphroot 'rel' is not an absolute path"),
+    ('[storage]\n[storage.options]\nadditionalimagestores = ["ro/store"]\n',
+     "additionalimagestores 'ro/store' is not an absolute path"),
 ])
 def test_bad_configs_are_clear_errors(home, tmp_path, text, message):
     _store(home / ".local/share/containers/storage")

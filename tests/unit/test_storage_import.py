@@ -126,6 +126,21 @@ def test_metacopy_stub_takes_content_from_lower_layer(tmp_path, repo):
     assert _cat(repo, top.diff_id) == top.tar
 
 
+def test_a_stub_redirected_out_of_the_layers_names_its_file_and_layer(tmp_path, repo):
+    fake = FakeStore(tmp_path / "storage")
+    base = fake.add_layer({"etc": None})
+    top = fake.add_layer({"etc": None, "etc/big": BIG}, parent=base)
+    fake.add_image([base, top], ["localhost/img:latest"])
+    diff = fake.root / "overlay" / top.id / "diff"
+    if not _xattrs_supported(diff):
+        pytest.skip(f"no user xattrs on {diff}")
+    _make_stub(diff / "etc/big", len(BIG), redirect=b"../../../../etc/passwd")
+    with pytest.raises(PycfsError, match=rf"^etc/big \(layer {top.id[:12]}, {diff}\): overlay redirect: .* the "
+                                         "store is damaged"):
+        _pull(repo, fake)
+    assert repo.has_stream(f"oci-layer-{top.diff_id}") is None
+
+
 def test_stub_without_lower_content_is_an_error(tmp_path, repo):
     fake = FakeStore(tmp_path / "storage")
     base = fake.add_layer({"etc": None})
@@ -187,6 +202,22 @@ def test_diff_size_mismatch_and_missing_tar_split(tmp_path, repo):
     (fake.layers_dir / f"{layer.id}.tar-split.gz").unlink()
     with pytest.raises(PycfsError, match="has no tar-split"):
         _pull(repo, fake)
+
+
+def test_a_tar_split_describing_more_than_the_recorded_size_stops_at_once(tmp_path, repo):
+    """One 10 KB file named 2,000 times in a small tar-split (c/storage recorded the tar's
+    real size): refused as the entries pass that size, before their files are opened and
+    stored (each was opened and hashed, 13 s for 200,000, before the size was compared)."""
+    fake, layer, _diff = _single(tmp_path, {"big": BIG})
+    path = fake.layers_dir / f"{layer.id}.tar-split.gz"
+    entries = list(iter_entries(io.BytesIO(path.read_bytes())))
+    at = next(i for i, e in enumerate(entries) if isinstance(e, FileEntry) and e.size)
+    with open(path, "wb") as out:
+        write_entries(entries[:at] + [entries[at]] * 2000 + entries[at + 1:], out)
+    with pytest.raises(PycfsError, match=rf"^the tar-split of layer {layer.id[:12]} describes more than the "
+                                         rf"{len(layer.tar)} bytes c/storage recorded for its tar: the store is damaged"):
+        _pull(repo, fake)
+    assert [p for p in (tmp_path / "repo" / "objects").rglob("*") if p.is_file()] == []
 
 
 def test_config_digest_checked(tmp_path, repo):

@@ -140,3 +140,22 @@ def test_read_only_store_locks(tmp_path):
     locks.release()
     with pytest.raises(Exception, match="cannot open lock file"):
         ReadLocks([(tmp_path / "missing.lock", True)]).try_acquire()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_lock_file_that_is_a_symlink_or_fifo_is_refused_creating_nothing(tmp_path, read_only):
+    """A dangling symlink as the lock file: opened with O_CREAT it made a file where it
+    pointed (as root, for a root pull of a user's store); a fifo in a read-only store
+    blocked the pull for good."""
+    from pycfs.host.errors import PycfsError
+
+    link = tmp_path / "layers.lock"
+    link.symlink_to(tmp_path / "CREATED_BY_PULL")
+    with pytest.raises(PycfsError, match=f"^cannot open lock file {link}: it is a symlink"):
+        open_lock_file(link, read_only)
+    assert not (tmp_path / "CREATED_BY_PULL").exists()
+    fifo = tmp_path / "images.lock"
+    os.mkfifo(fifo)
+    with pytest.raises(PycfsError, match=f"^lock file {fifo} is not a regular file: the store is damaged"):
+        open_lock_file(fifo, read_only)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 
 import pytest
 
@@ -169,9 +171,9 @@ def test_store_json_files_must_be_regular_files(fake):
         rescues.append(threading.Timer(3, lambda p=path: open(p, "wb").close()))
         rescues[-1].start()
     try:
-        with pytest.raises(StorageError, match="is not a regular file"):
+        with pytest.raises(StorageError, match="is a fifo, not a regular file"):
             store.big_data(rec.id, "manifest")
-        with pytest.raises(StorageError, match="is not a regular file"):
+        with pytest.raises(StorageError, match="is a fifo, not a regular file"):
             store.layers()
     finally:
         for rescue in rescues:
@@ -190,3 +192,99 @@ def test_additional_store_and_missing_store(tmp_path):
     assert store.root == extra.root and store.read_only and rec.id == img["id"]
     with pytest.raises(StorageError, match="overlay-images/ is missing"):
         Store(tmp_path / "nothing", "overlay").check()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("damage, why", [
+    (lambda p: (p.unlink(), os.mkfifo(p)), "is a fifo, not a regular file"),  # once blocked the pull, locks held
+    (lambda p: p.write_bytes(b"l/\xff"), "is not a list of layer links"),  # was a UnicodeDecodeError
+    (lambda p: p.write_bytes(b":" * (1 << 20)), "is larger than 65536 bytes"),  # 256 MiB took 2.4 GB
+    (lambda p: p.write_text(":".join(["l/ABC"] * 501)), "lists 501 lower layers, more than overlay stacks"),
+    (lambda p: (p.unlink(), p.symlink_to(p.parent / "elsewhere")), "is a symlink"),
+])
+def test_a_damaged_lower_file_is_one_error(tmp_path, damage, why):
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    base = fake.add_layer({"a": b"base"})
+    top = fake.add_layer({"b": b"top"}, parent=base)
+    store = _storage(fake).primary
+    lower = fake.root / "overlay" / top.id / "lower"
+    (lower.parent / "elsewhere").write_text(lower.read_text())
+    damage(lower)
+    with pytest.raises(StorageError, match=f"{lower}.*{why}|{why}.*{lower}"):
+        store.lower_layer_ids(top.id)
+
+
+def test_the_manifest_read_is_the_one_asked_for_or_recorded(tmp_path):
+    """`NAME@sha256:A` of an image known by two manifests read the one in `manifest` (B) and
+    tagged it as A; an edited `manifest` was taken as it was."""
+    from pycfs.host.storage.image import read_image
+
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    base = fake.add_layer({"a": b"base"})
+    img = fake.add_image([base], ["localhost/x:latest"])
+    other = json.dumps({**json.loads(img["manifest"]), "annotations": {"v": "2"}}).encode()
+    other_digest = "sha256:" + hashlib.sha256(other).hexdigest()
+    images = json.loads((fake.images_dir / "images.json").read_text())
+    images[0]["digests"] = [img["manifest_digest"], other_digest]
+    (fake.images_dir / "images.json").write_text(json.dumps(images))
+    folder = fake.images_dir / img["id"]
+    (folder / big_data_name(f"manifest-{other_digest}")).write_bytes(other)
+    storage = _storage(fake)
+    assert read_image(storage, "localhost/x:latest").manifest_digest == img["manifest_digest"]
+    pinned = read_image(storage, f"localhost/x@{other_digest}")
+    assert (pinned.manifest_digest, pinned.manifest) == (other_digest, other)
+    (folder / big_data_name(f"manifest-{other_digest}")).unlink()  # only `manifest` (B) left
+    with pytest.raises(StorageError, match=f"is {img['manifest_digest']}, not {other_digest}: the store is damaged"):
+        read_image(storage, f"localhost/x@{other_digest}")
+    (folder / big_data_name("manifest")).write_bytes(img["manifest"] + b" ")
+    with pytest.raises(StorageError, match="not one of the digests containers-storage records for it"):
+        read_image(storage, "localhost/x:latest")
+
+
+def test_a_missing_image_among_a_huge_or_long_named_store_is_one_short_line(tmp_path):
+    """A record of 20,000 names, one of 1 MiB: the miss is said without comparing them all
+    (difflib over 1.5 million names took a minute under the locks) in a line of bounded
+    length (was 8 MB)."""
+    import time
+
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    base = fake.add_layer({"a": b"base"})
+    fake.add_image([base], ["x" * (1 << 20)] + [f"localhost/n{i}:latest" for i in range(20_000)])
+    started = time.monotonic()
+    with pytest.raises(ImageNotFound) as missing:
+        _storage(fake).lookup("localhost/nope:latest")
+    assert time.monotonic() - started < 5 and len(str(missing.value)) < 1000
+    assert "similar: localhost/n0:latest, localhost/n10000:latest, localhost/n10001:latest" in str(missing.value)
+    record = _storage(fake).primary.images()[0]
+    assert len(record.describe()) < 400  # (in every line naming the image: was over 1 MiB)
+
+
+def test_the_stores_own_files_are_read_beneath_its_root_following_no_symlink(tmp_path):
+    """layers.json, an image's folder and a tar-split made links to copies outside the
+    store: each was read from there (strace showed the copies opened); now refused."""
+    import shutil
+
+    from pycfs.host.storage.tarsplit import TarSplitError
+
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    base = fake.add_layer({"a": b"base"})
+    img = fake.add_image([base], ["localhost/x:latest"])
+    store = _storage(fake).primary
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    layers_json = fake.layers_dir / "layers.json"
+    shutil.move(layers_json, outside / "layers.json")
+    layers_json.symlink_to(outside / "layers.json")
+    with pytest.raises(StorageError, match=f"^{layers_json} is a symlink, not a regular file"):
+        store.layers()
+    folder = fake.images_dir / img["id"]
+    shutil.move(folder, outside / "image")
+    folder.symlink_to(outside / "image")
+    with pytest.raises(StorageError, match="cannot read .*: it leads out of its directory or through a symlink"):
+        store.big_data(img["id"], "manifest")
+    tar_split = fake.layers_dir / f"{base.id}.tar-split.gz"
+    shutil.move(tar_split, outside / "ts.gz")
+    tar_split.symlink_to(outside / "ts.gz")
+    with pytest.raises(TarSplitError, match=f"^{tar_split} is a symlink, not a regular file"), \
+            store.tar_split_entries(base.id):
+        pass

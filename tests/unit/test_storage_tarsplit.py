@@ -187,7 +187,7 @@ def test_a_tar_split_that_is_not_a_regular_file_is_refused(tmp_path):
     rescue = threading.Timer(3, lambda: open(path, "wb").close())
     rescue.start()
     try:
-        with pytest.raises(tarsplit.TarSplitError, match="is not a regular file"), tarsplit.open_entries(str(path)):
+        with pytest.raises(tarsplit.TarSplitError, match="is a fifo, not a regular file"), tarsplit.open_entries(str(path)):
             pass
     finally:
         rescue.cancel()
