@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,7 +30,8 @@ from pycfs.host.erofs.objects import image_object_ids
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
 from pycfs.host.progress import StepProgress
-from pycfs.host.repository import Repository
+from pycfs.host.oci.streams import TAG_DIR
+from pycfs.host.repository import LAYOUT_DIRS, REF_DEPTH_LIMIT, Repository, open_dir_nofollow, remove_entry
 from pycfs.host.splitstream import SplitStreamReader
 from pycfs.host.streamcat import stream_digest
 from pycfs.protocol.text import is_clean_text, printable
@@ -92,35 +94,61 @@ class FsckReport:
 
 def _list_objects(repo: Repository, report: FsckReport) -> tuple[list[tuple[str, bytes]], list[str]]:
     """(relative path, expected id) of each regular object file, and the odd entries
-    (reported; those that are not directories can be removed by a repair)."""
+    (reported; a repair removes them). objects/ and its subdirectories are opened from their
+    parents with O_NOFOLLOW: a symlink there is reported, never listed through."""
     found: list[tuple[str, bytes]] = []
     odd: list[str] = []
-    top = repo.path / "objects"
-    if not top.is_dir():
-        return found, odd
-    for sub in sorted(os.listdir(top)):
-        if sub.startswith(".tmp-object-"):
-            continue  # a crashed writer's leftover; gc removes it
-        rel_sub = f"objects/{sub}"
-        if len(sub) != 2 or not (top / sub).is_dir() or (top / sub).is_symlink():
-            report.add("unexpected-file", rel_sub, "not an object subdirectory")
-            continue
-        with os.scandir(top / sub) as entries:
-            for entry in sorted(entries, key=lambda e: e.name):
+    try:
+        top = open_dir_nofollow(repo.dirfd, "objects")
+    except OSError:
+        return found, odd  # missing, or not a directory (`_check_layout` reports it)
+    try:
+        with os.scandir(top) as entries:
+            subs = sorted(entries, key=lambda e: e.name)
+        for sub_entry in subs:
+            sub = sub_entry.name
+            rel_sub = f"objects/{sub}"
+            is_dir = sub_entry.is_dir(follow_symlinks=False)
+            if sub.startswith(".tmp-object-"):
+                if not sub_entry.is_file(follow_symlinks=False):  # pycfs's temporary files are files
+                    report.add("unexpected-file", rel_sub, "a temporary object that is not a regular file")
+                    odd.append(rel_sub)
+                continue  # else a crashed writer's leftover (or a running one's): gc removes it
+            if sub_entry.is_symlink():
+                report.add("unexpected-file", rel_sub, "a symlink where an object subdirectory belongs "
+                           "(never followed: a repair removes the link, not what it names)")
+                odd.append(rel_sub)
+                continue
+            if len(sub) != 2 or not is_dir:
+                report.add("unexpected-file", rel_sub, "not an object subdirectory")
+                if not is_dir:
+                    odd.append(rel_sub)
+                continue
+            try:
+                subdir = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=top)
+            except OSError as e:
+                report.add("unexpected-file", rel_sub, f"cannot be opened: {e.strerror}")
+                continue
+            try:
+                with os.scandir(subdir) as entries:
+                    names = sorted(entries, key=lambda e: e.name)
+            finally:
+                os.close(subdir)
+            for entry in names:
                 rel = f"{rel_sub}/{entry.name}"
                 try:
                     expected = repo.id_from_hex(sub + entry.name)
                 except PycfsError:
                     report.add("object-invalid-name", rel, "name is not a digest")
-                    if not entry.is_dir(follow_symlinks=False):
-                        odd.append(rel)
+                    odd.append(rel)
                     continue
                 if not entry.is_file(follow_symlinks=False):
                     report.add("object-not-regular", rel, "not a regular file")
-                    if not entry.is_dir(follow_symlinks=False):
-                        odd.append(rel)
+                    odd.append(rel)
                     continue
                 found.append((rel, expected))
+    finally:
+        os.close(top)
     return found, odd
 
 
@@ -180,8 +208,8 @@ def _first_level_links(repo: Repository, top: str, report: FsckReport) -> tuple[
     found: list[tuple[str, bytes]] = []
     bad: list[str] = []
     base = repo.path / top
-    if not base.exists():
-        return found, bad
+    if not _is_dir(repo, top):
+        return found, bad  # missing, or reported by `_check_layout`
     for name in sorted(os.listdir(base)):
         if name == "refs":
             continue
@@ -218,25 +246,63 @@ def _first_level_links(repo: Repository, top: str, report: FsckReport) -> tuple[
 NOT_UTF8 = "a name pycfs and composefs-rs never make (not UTF-8 text): no tool lists it"
 
 
-def _dangling_refs(repo: Repository, top: str, report: FsckReport) -> list[str]:
+def _is_dir(repo: Repository, rel: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(rel, dir_fd=repo.dirfd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _check_layout(repo: Repository, report: FsckReport) -> list[str]:
+    """Each directory of the layout is a directory of the repository (or absent); returns the
+    entries in their place (reported), which a repair removes: a link goes, never its target."""
     bad: list[str] = []
-    base = repo.path / top
-    if not base.exists():
-        return bad
-    for dirpath, dirnames, filenames in os.walk(base):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, repo.path)
-            if not is_clean_text(name) and not os.path.isdir(full):
-                report.add("name-not-utf8", rel, NOT_UTF8)
-                bad.append(rel)
-            elif os.path.islink(full):
-                if not os.path.exists(full):
-                    report.add("broken-symlink", rel, f"target {os.readlink(full)} does not exist")
-                    bad.append(rel)
-            elif not os.path.isdir(full):
-                report.add("unexpected-file-type", rel, "neither a directory nor a symlink")
+    for top in LAYOUT_DIRS:
+        if any(top.startswith(b + "/") for b in bad):
+            continue
+        try:
+            st = os.stat(top, dir_fd=repo.dirfd, follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            report.add("layout-not-directory", top, "a symlink: pycfs keeps it in the repository and never "
+                       "follows this link (a repair removes the link, not what it names)")
+            bad.append(top)
+        elif not stat.S_ISDIR(st.st_mode):
+            report.add("layout-not-directory", top, "not a directory (a repair removes it)")
+            bad.append(top)
     return bad
+
+
+def _check_refs(repo: Repository, top: str, report: FsckReport) -> list[str]:
+    """The refs tree at top, walked as every listing walks it (`Repository.walk_refs`); returns
+    what a repair removes: dangling links, links to directories, what lies past the depth
+    limit, anything neither a directory nor a symlink, and non-tags under the OCI tags."""
+    if not _is_dir(repo, top):
+        return []  # missing, or reported by `_check_layout`
+    bad: list[str] = []
+    tags = f"streams/refs/{TAG_DIR}/"
+    for entry in repo.walk_refs(top):
+        rel = entry.path
+        name = rel.rsplit("/", 1)[-1]
+        if entry.kind == "dir-link":
+            report.add("ref-dir-symlink", rel, f"a symlink to the directory {entry.target}: no listing and no gc "
+                       "follows it (a repair removes the link, not what it names)")
+        elif entry.kind == "too-deep":
+            report.add("ref-too-deep", rel, f"a directory nested deeper than refs may be ({REF_DEPTH_LIMIT} "
+                       "components): nothing lists what it holds")
+        elif not is_clean_text(name) and entry.kind != "dir":
+            report.add("name-not-utf8", rel, NOT_UTF8)
+        elif entry.kind == "dangling":
+            report.add("broken-symlink", rel, f"target {entry.target} does not exist")
+        elif entry.kind == "other":
+            report.add("unexpected-file-type", rel, "neither a directory nor a symlink")
+        elif entry.kind == "dir" and rel.startswith(tags) and "/" not in rel[len(tags):]:
+            report.add("unexpected-file-type", rel, "a directory where OCI tags are kept (a tag is a symlink)")
+        else:
+            continue
+        bad.append(rel)
+    return [rel for rel in bad if not any(rel.startswith(b + "/") for b in bad)]
 
 
 def _read_intact(read: Callable[[bytes], bytes], repo: Repository, object_id: bytes, rehash: bool) -> bytes:
@@ -320,9 +386,20 @@ def _verify_layers(repo: Repository, report: FsckReport, progress: StepProgress,
 
 
 def _remove(repo: Repository, rel: str, report: FsckReport) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(rel, dir_fd=repo.dirfd)
-        report.repaired.append(printable(rel))
+    """Remove rel (a directory with its content), following no symlink: its parent is opened
+    from the repository one component at a time with O_NOFOLLOW."""
+    parent, _, name = rel.rpartition("/")
+    try:
+        fd = open_dir_nofollow(repo.dirfd, parent) if parent else repo.dirfd
+    except OSError:
+        return  # its parent went (removed before it) or is no directory: nothing to remove there
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            remove_entry(fd, name)
+            report.repaired.append(printable(rel))
+    finally:
+        if fd != repo.dirfd:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------- fsck
@@ -335,6 +412,10 @@ def fsck(repo: Repository, metadata_only: bool = False, *, verify_layers: bool =
     if repair:
         repo.require_writable()
     report = FsckReport()
+    bad_layout = _check_layout(repo, report)
+    if repair:  # first: the phases below then see the layout a pull would make again
+        for rel in bad_layout:
+            _remove(repo, rel, report)
     if not metadata_only:
         bad_objects = _check_objects(repo, report, progress, jobs)
         if repair:
@@ -347,10 +428,10 @@ def fsck(repo: Repository, metadata_only: bool = False, *, verify_layers: bool =
     if repair:
         for rel in bad:
             _remove(repo, rel, report)
-    bad_refs = _dangling_refs(repo, "streams/refs", report) + _dangling_refs(repo, "images/refs", report)
+    bad_refs = _check_refs(repo, "streams/refs", report) + _check_refs(repo, "images/refs", report)
     if repair:
         # Refs that pointed at what was just removed dangle now too.
-        after = _dangling_refs(repo, "streams/refs", FsckReport()) + _dangling_refs(repo, "images/refs", FsckReport())
+        after = _check_refs(repo, "streams/refs", FsckReport()) + _check_refs(repo, "images/refs", FsckReport())
         for rel in dict.fromkeys(bad_refs + after):
             _remove(repo, rel, report)
     return report

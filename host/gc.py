@@ -9,15 +9,17 @@ hold LOCK_SH), at most WAIT_LIMIT, and no import can race with it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 
 from pycfs.host.erofs.objects import image_object_ids
 from pycfs.host.errors import PycfsError
 from pycfs.host.progress import StepProgress
-from pycfs.host.repository import Repository
+from pycfs.host.repository import LAYOUT_DIRS, Repository, open_dir_nofollow
 
 # How long gc waits for the repository's other users: a pull holds it for its length, a
 # FUSE mount or a varlink service with the repository open for as long as they run.
@@ -63,14 +65,37 @@ def _first_level(repo: Repository, top: str) -> dict[str, bytes]:
     return found
 
 
+def _ref_links(repo: Repository, top: str) -> list[tuple[str, str]]:
+    """The ref links below top; a refs tree with an entry gc cannot see through (a link to a
+    directory, a tree past the depth limit) roots what gc cannot know: an error."""
+    for entry in repo.walk_refs(top):
+        if entry.kind == "dir-link":
+            raise PycfsError(f"{entry.path} is a symlink to a directory, which gc does not follow")
+        if entry.kind == "too-deep":
+            raise PycfsError(f"{entry.path} is nested deeper than refs may be")
+    return repo.list_links(top)
+
+
+def _check_layout(repo: Repository) -> None:
+    for top in LAYOUT_DIRS:
+        try:
+            st = os.stat(top, dir_fd=repo.dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            raise PycfsError(f"{top} is a symlink, which gc does not follow")
+        if not stat.S_ISDIR(st.st_mode):
+            raise PycfsError(f"{top} is not a directory")
+
+
 def live_objects(repo: Repository) -> set[bytes]:
     """Every object id reachable from a ref."""
     streams = _first_level(repo, "streams")
     images = _first_level(repo, "images")
     stream_names_by_id = {oid: name for name, oid in streams.items()}
     live: set[bytes] = set()
-    image_roots = [os.path.basename(target) for _, target in repo.list_links("images/refs")]
-    stream_roots = [os.path.basename(target) for _, target in repo.list_links("streams/refs")]
+    image_roots = [os.path.basename(target) for _, target in _ref_links(repo, "images/refs")]
+    stream_roots = [os.path.basename(target) for _, target in _ref_links(repo, "streams/refs")]
 
     pending_images = [images[n] for n in image_roots if n in images]
     visited: set[str] = set()
@@ -105,39 +130,101 @@ def gc(repo: Repository, dry_run: bool = False, progress: StepProgress | None = 
         result = GcResult()
         progress.start("finding live objects", 0)
         try:
+            _check_layout(repo)
             live = live_objects(repo)
         except PycfsError as e:
             raise PycfsError(f"gc: cannot tell what is live ({e}); nothing was removed: "
                              "run `pycfs fsck --repair` first") from None
         progress.start("removing unreachable objects", 0)
         result.live_objects = len(live)
-        objects = repo.path / "objects"
-        if objects.is_dir():
-            for sub in sorted(os.listdir(objects)):
-                subdir = objects / sub
-                if sub.startswith(".tmp-object-"):
-                    result.temp_files_removed += 1
-                    if not dry_run:
-                        os.unlink(subdir)
-                    continue
-                for name in sorted(os.listdir(subdir)):
-                    try:
-                        object_id = repo.id_from_hex(sub + name)
-                    except PycfsError:
-                        raise PycfsError(f"gc: unexpected file objects/{sub}/{name}; run `pycfs fsck`") from None
-                    if object_id in live:
-                        continue
-                    path = subdir / name
-                    result.objects_removed += 1
-                    result.bytes_removed += path.stat().st_size
-                    result.removed.append(f"objects/{sub}/{name}")
-                    if not dry_run:
-                        os.unlink(path)
+        try:
+            doomed = _unreachable(repo, live, result)
+        except PycfsError as e:
+            raise PycfsError(f"gc: {e}; nothing was removed: run `pycfs fsck --repair`") from None
+        if not dry_run:
+            _remove_objects(repo, doomed)
         result.links_pruned = _prune_links(repo, dry_run)
         return result
     finally:
         if not dry_run:
             fcntl.flock(repo.dirfd, fcntl.LOCK_SH)
+
+
+def _unreachable(repo: Repository, live: set[bytes], result: GcResult) -> dict[str, list[str]]:
+    """The entries of objects/ to remove, by subdirectory ("" for objects/ itself), counted
+    into result. objects/ and its subdirectories are opened from their parents with
+    O_NOFOLLOW: gc never lists or deletes through a symlink."""
+    doomed: dict[str, list[str]] = {}
+    try:
+        objects = open_dir_nofollow(repo.dirfd, "objects")
+    except FileNotFoundError:
+        return doomed
+    try:
+        with os.scandir(objects) as entries:
+            top = sorted(entries, key=lambda e: e.name)
+        for entry in top:
+            rel_sub = f"objects/{entry.name}"
+            if entry.name.startswith(".tmp-object-"):
+                if entry.is_dir(follow_symlinks=False):
+                    raise PycfsError(f"{rel_sub} is a directory, not a crashed writer's temporary file")
+                result.temp_files_removed += 1
+                doomed.setdefault("", []).append(entry.name)
+                continue
+            if entry.is_symlink():
+                raise PycfsError(f"{rel_sub} is a symlink, which gc does not follow")
+            if not entry.is_dir(follow_symlinks=False):
+                raise PycfsError(f"{rel_sub} is not a directory")
+            try:
+                subdir = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=objects)
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise PycfsError(f"{rel_sub} changed into something else than a directory") from None
+            try:
+                _unreachable_in(repo, subdir, entry.name, live, result, doomed)
+            finally:
+                os.close(subdir)
+    finally:
+        os.close(objects)
+    return doomed
+
+
+def _unreachable_in(repo: Repository, subdir: int, sub: str, live: set[bytes], result: GcResult,
+                    doomed: dict[str, list[str]]) -> None:
+    with os.scandir(subdir) as entries:
+        found = sorted(entries, key=lambda e: e.name)
+    for entry in found:
+        rel = f"objects/{sub}/{entry.name}"
+        try:
+            object_id = repo.id_from_hex(sub + entry.name)
+        except PycfsError:
+            raise PycfsError(f"unexpected entry {rel}") from None
+        if object_id in live:
+            continue
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            raise PycfsError(f"{rel} is a directory, not an object")
+        result.objects_removed += 1
+        result.bytes_removed += st.st_size if stat.S_ISREG(st.st_mode) else 0
+        result.removed.append(rel)
+        doomed.setdefault(sub, []).append(entry.name)
+
+
+def _remove_objects(repo: Repository, doomed: dict[str, list[str]]) -> None:
+    """Unlink each entry in its directory's fd (a symlink there goes, never what it names)."""
+    objects = open_dir_nofollow(repo.dirfd, "objects")
+    try:
+        for sub, names in doomed.items():
+            fd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=objects) if sub else objects
+            try:
+                for name in names:
+                    os.unlink(name, dir_fd=fd)
+            finally:
+                if fd != objects:
+                    os.close(fd)
+    finally:
+        os.close(objects)
 
 
 def _lock_exclusive(repo: Repository, progress: StepProgress) -> None:
@@ -163,17 +250,15 @@ def _lock_exclusive(repo: Repository, progress: StepProgress) -> None:
 
 def _prune_links(repo: Repository, dry_run: bool) -> int:
     """Remove symlinks that no longer resolve (first levels, then the refs trees)."""
-    pruned = 0
-    for top in ("images", "streams", "images/refs", "streams/refs"):
+    dead: list[str] = []
+    for top in ("images", "streams"):
         base = repo.path / top
-        if not base.is_dir():
-            continue
-        walker = os.walk(base) if top.endswith("refs") else [(str(base), [], os.listdir(base))]
-        for dirpath, dirnames, filenames in walker:
-            for name in dirnames + filenames:
-                full = os.path.join(dirpath, name)
-                if os.path.islink(full) and not os.path.exists(full):
-                    pruned += 1
-                    if not dry_run:
-                        os.unlink(full)
-    return pruned
+        if base.is_dir():
+            dead += [f"{top}/{name}" for name in sorted(os.listdir(base))
+                     if os.path.islink(base / name) and not os.path.exists(base / name)]
+    for top in ("images/refs", "streams/refs"):
+        dead += [e.path for e in repo.walk_refs(top) if e.kind == "dangling"]
+    if not dry_run:
+        for rel in dead:
+            os.unlink(rel, dir_fd=repo.dirfd)
+    return len(dead)

@@ -14,6 +14,7 @@ a stream symlink makes them reachable. Openers hold flock(LOCK_SH); gc takes LOC
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -53,6 +54,13 @@ LISTING_BYTES_PER_LOOKUP = 80 * 15
 # clone (O_TMPFILE, FICLONE, a failed linkat) costs about five lookups (py-spy, bench import),
 # so 32 bounds the loss on mixed content to a few lookups per 33 objects.
 LOOKUP_MISSES_BEFORE_SKIPPING = 32
+# How many components a ref name may have (streams/refs/a/b/c is 3): the refs trees are walked
+# with a directory fd per level, and a directory at this depth can hold no ref.
+REF_DEPTH_LIMIT = 64
+# The directories of the layout: each must be a directory of the repository itself (a link
+# there would have gc and fsck delete, or vouch for, what lies elsewhere).
+LAYOUT_DIRS = ("objects", "streams", "images", "streams/refs", "images/refs")
+_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # The largest splitstream any writer makes: a layer stream's body (MAX_LAYER_BODY, 256 MiB),
 # its object references (an image's million entries at most, 64 bytes each) and named refs
@@ -109,6 +117,73 @@ def check_name(name: str, what: str, allow_slash: bool) -> None:
         or any(p in ("", ".", "..") for p in parts)
     ):
         raise RepositoryError(f"invalid {what} name {name!r}")
+    if len(parts) > REF_DEPTH_LIMIT:
+        raise RepositoryError(f"invalid {what} name {name[:80]!r}...: more than {REF_DEPTH_LIMIT} components")
+
+
+@dataclass(frozen=True)
+class RefEntry:
+    """One entry of a refs tree (`Repository.walk_refs`): path is repository-relative; kind
+    is "link" (a symlink to something that is not a directory), "dangling" (a symlink that
+    leads nowhere), "dir-link" (a symlink to a directory: never followed), "dir", "too-deep"
+    (a directory at REF_DEPTH_LIMIT: not entered) or "other" (a file, fifo, socket or device)."""
+
+    path: str
+    kind: str
+    target: str = ""
+
+
+def open_dir_nofollow(dirfd: int, path: str) -> int:
+    """Open the directory path below dirfd one component at a time, following no symlink
+    (OSError ELOOP or ENOTDIR when a component is a link or not a directory)."""
+    fd = dirfd
+    for part in path.split("/"):
+        try:
+            nfd = os.open(part, _DIR_NOFOLLOW, dir_fd=fd)
+        finally:
+            if fd != dirfd:
+                os.close(fd)
+        fd = nfd
+    return fd
+
+
+def remove_entry(dirfd: int, name: str) -> None:
+    """Remove name from the directory at dirfd, and when it is a directory everything below
+    it, following no symlink (a link is removed, never what it names). Iterative, holding two
+    fds at most: any depth is removed. FileNotFoundError when name does not exist."""
+    try:
+        os.unlink(name, dir_fd=dirfd)
+        return
+    except IsADirectoryError:
+        pass
+    except OSError as e:
+        if e.errno != errno.EPERM:  # (unlink of a directory: EPERM by POSIX, EISDIR on Linux)
+            raise
+    fd = os.open(name, _DIR_NOFOLLOW, dir_fd=dirfd)
+    names = [name]
+    while True:
+        sub = None
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    sub = entry.name
+                    break
+                os.unlink(entry.name, dir_fd=fd)
+        if sub is not None:
+            child = os.open(sub, _DIR_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            names.append(sub)
+            continue
+        done = names.pop()
+        if not names:
+            os.close(fd)
+            os.rmdir(done, dir_fd=dirfd)
+            return
+        parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        os.close(fd)
+        fd = parent
+        os.rmdir(done, dir_fd=fd)
 
 
 class Repository:
@@ -296,29 +371,53 @@ class Repository:
             with self._lock:
                 fd = self._subdir_fds.get(xx)
                 if fd is None:
-                    try:
-                        os.mkdir(xx, 0o755, dir_fd=objects)
-                    except FileExistsError:
-                        pass
-                    fd = os.open(xx, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=objects)
+                    fd = self._make_subdir(objects, xx)
                     self._subdir_fds[xx] = fd
         return fd
 
+    @staticmethod
+    def _make_subdir(objects: int, xx: str) -> int:
+        """objects/<xx> opened, made when missing; anything else in its place (a file, a
+        link: what fsck reports) is removed first, the link itself and never its target."""
+        for _ in range(3):
+            try:
+                os.mkdir(xx, 0o755, dir_fd=objects)
+            except FileExistsError:
+                pass
+            try:
+                return os.open(xx, _DIR_NOFOLLOW, dir_fd=objects)
+            except OSError as e:
+                if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(xx, dir_fd=objects)
+        raise RepositoryError(f"objects/{xx} keeps being replaced by something else than a directory")
+
     def object_size(self, object_id: bytes) -> int | None:
+        """The object's size; None when it is missing (anything but a regular file is)."""
         h = object_id.hex()
+        fd = self._existing_subdir(h[:2])
+        if fd is None:
+            return None
         try:
-            return os.stat(f"{h[:2]}/{h[2:]}", dir_fd=self._objects(), follow_symlinks=False).st_size
+            st = os.stat(h[2:], dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def _existing_subdir(self, xx: str) -> int | None:
-        """The fd of objects/<xx> when that directory exists (it is never created here)."""
+        """The fd of objects/<xx> when that directory exists (it is never created here); a
+        file or a symlink in its place holds no objects."""
         fd = self._subdir_fds.get(xx)
         if fd is None:
             try:
-                fd = os.open(xx, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._objects())
-            except FileNotFoundError:
+                fd = os.open(xx, _DIR_NOFOLLOW, dir_fd=self._objects())
+            except (FileNotFoundError, NotADirectoryError):
                 return None
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    return None
+                raise
             with self._lock:
                 kept = self._subdir_fds.setdefault(xx, fd)
             if kept != fd:
@@ -327,11 +426,12 @@ class Repository:
         return fd
 
     def has_object(self, object_id: bytes) -> bool:
-        """Whether the object exists: one faccessat in its open subdirectory, half the cost of
-        a stat by path (a re-pull checks every object of every layer this way)."""
+        """Whether the object exists as a regular file (a directory or a symlink in its place
+        is no object): one fstatat in its open subdirectory (a re-pull checks every object
+        of every layer this way)."""
         h = object_id.hex()
         fd = self._existing_subdir(h[:2])
-        return fd is not None and os.access(h[2:], os.F_OK, dir_fd=fd, follow_symlinks=False)
+        return fd is not None and _is_file(fd, h[2:])
 
     def has_objects(self, object_ids: Iterable[bytes]) -> bool:
         """Whether every object exists: `has_object` for the thousands of objects of a layer
@@ -349,7 +449,7 @@ class Repository:
             if present is not None:
                 if not present.issuperset(names):
                     return False
-            elif not all(os.access(n, os.F_OK, dir_fd=fd, follow_symlinks=False) for n in names):
+            elif not all(_is_file(fd, n) for n in names):
                 return False
         return True
 
@@ -372,13 +472,20 @@ class Repository:
         """The object, opened read-only; only a regular file is one (O_NONBLOCK: a FIFO put
         in its place must not block the open)."""
         h = object_id.hex()
+        subdir = self._existing_subdir(h[:2])
         try:
-            fd = os.open(f"{h[:2]}/{h[2:]}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
-                         dir_fd=self._objects())
+            if subdir is None:
+                raise FileNotFoundError
+            fd = os.open(h[2:], os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=subdir)
         except FileNotFoundError:
             raise RepositoryError(f"object {self.alg}:{h} is missing from {self.path}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            fd = -1  # a symlink
+        if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+            if fd >= 0:
+                os.close(fd)
             raise RepositoryError(f"object {self.alg}:{h} in {self.path} is not a regular file: "
                                   "run `pycfs fsck --repair`")
         return fd
@@ -466,14 +573,23 @@ class Repository:
         h = object_id.hex()
         subdir = self._subdir(h[:2])
         try:
-            if temp_name is None:
-                syscalls.link_fd(fd, subdir, h[2:])
-            else:
-                syscalls.renameat2_noreplace(self._objects(), temp_name, subdir, h[2:])
-            return False
-        except FileExistsError:
-            self._lookup_misses = 0
-            return True
+            for _ in range(3):
+                try:
+                    if temp_name is None:
+                        syscalls.link_fd(fd, subdir, h[2:])
+                    else:
+                        syscalls.renameat2_noreplace(self._objects(), temp_name, subdir, h[2:])
+                    return False
+                except FileExistsError:
+                    if _is_file(subdir, h[2:]):
+                        self._lookup_misses = 0
+                        return True
+                # A directory, a symlink or a fifo by the object's name (what fsck reports)
+                # is no object: this one takes its place.
+                with contextlib.suppress(FileNotFoundError):
+                    remove_entry(subdir, h[2:])
+            raise RepositoryError(f"{self.object_relpath(object_id)} keeps being replaced by something "
+                                  "else than a file: run `pycfs fsck --repair`")
         finally:
             os.close(fd)
             if temp_name is not None:
@@ -904,6 +1020,13 @@ class Repository:
         """A stream to write (``name``: what its refusals name, e.g. "layer sha256:...")."""
         return SplitStreamWriter(self.alg, content_type, name)
 
+    def image_linked(self, object_id: bytes) -> bool:
+        """Whether images/<hex> is a link naming the object (a damaged link is not)."""
+        try:
+            return self._link_target_id(f"images/{object_id.hex()}") == object_id
+        except (RepositoryError, OSError):
+            return False
+
     def link_image(self, object_id: bytes, ref: str | None = None) -> bytes:
         """Record a stored object as an image: images/<hex>, and images/refs/<ref>."""
         self.require_writable()
@@ -926,15 +1049,44 @@ class Repository:
         raise RepositoryError(f"no image {name!r} in {self.path}")
 
     def list_links(self, top: str) -> list[tuple[str, str]]:
-        """(relative name, target) of every symlink below top (e.g. 'streams/refs'), sorted."""
-        base = self.path / top
-        found = []
-        for dirpath, dirnames, filenames in os.walk(base):
-            for n in dirnames + filenames:
-                full = os.path.join(dirpath, n)
-                if os.path.islink(full):
-                    found.append((os.path.relpath(full, base), os.readlink(full)))
-        return sorted(found)
+        """(name relative to top, target) of every ref symlink below top (e.g. 'streams/refs',
+        'streams/refs/oci'), sorted, dangling ones too; `walk_refs` skips what is no ref (a
+        link to a directory, what lies past REF_DEPTH_LIMIT): fsck reports those."""
+        start = len(top) + 1
+        return [(e.path[start:], e.target) for e in self.walk_refs(top) if e.kind in ("link", "dangling")]
+
+    def walk_refs(self, top: str) -> list[RefEntry]:
+        """Every entry of the refs tree at top, sorted by path: the one walk of refs that gc,
+        fsck and every listing use. No symlink is followed: top and each directory below it are
+        opened from their parent with O_NOFOLLOW (a top that is a link or not a directory is
+        one entry, "dir-link" or "other"), and a directory REF_DEPTH_LIMIT levels down is
+        "too-deep", not entered. Iterative: one fd per level at most."""
+        try:
+            fd = open_dir_nofollow(self.dirfd, top)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            return [_odd_top(self.dirfd, top)]
+        found: list[RefEntry] = []
+        # (fd, repository-relative path, depth, subdirectories still to enter)
+        stack = [(fd, top, 0, _scan_refs_dir(fd, top, 0, found))]
+        try:
+            while stack:
+                fd, path, depth, pending = stack[-1]
+                if not pending:
+                    os.close(fd)
+                    stack.pop()
+                    continue
+                name = pending.pop()
+                child = os.open(name, _DIR_NOFOLLOW, dir_fd=fd)
+                child_path = f"{path}/{name}"
+                stack.append((child, child_path, depth + 1, _scan_refs_dir(child, child_path, depth + 1, found)))
+        finally:
+            for fd, *_ in stack:
+                os.close(fd)
+        return sorted(found, key=lambda e: e.path)
 
 
 class ObjectWriter:
@@ -966,19 +1118,71 @@ class ObjectWriter:
             self._fd = -1
 
 
+def _is_file(dirfd: int, name: str) -> bool:
+    """name in dirfd is a regular file (a symlink is not followed)."""
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def _listing(dirfd: int) -> set[str] | None:
-    """The names in a directory, through an fd of its own (a listing moves the offset that
-    every dup of dirfd shares); None when it cannot be listed (searchable, not readable)."""
+    """The names of the regular files in a directory (by d_type: no stat each), through an fd
+    of its own (a listing moves the offset that every dup of dirfd shares); None when it cannot
+    be listed (searchable, not readable)."""
     try:
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
     except OSError:
         return None
     try:
-        return set(os.listdir(fd))
+        with os.scandir(fd) as entries:
+            return {e.name for e in entries if e.is_file(follow_symlinks=False)}
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def _scan_refs_dir(fd: int, path: str, depth: int, found: list[RefEntry]) -> list[str]:
+    """Add the entries of the refs directory at fd (``depth`` levels below the walk's top) to
+    found; returns the names of the subdirectories to enter."""
+    subdirs = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            rel = f"{path}/{entry.name}"
+            if entry.is_symlink():
+                target = os.readlink(entry.name, dir_fd=fd)
+                try:
+                    st = os.stat(entry.name, dir_fd=fd)
+                except OSError:
+                    found.append(RefEntry(rel, "dangling", target))
+                    continue
+                found.append(RefEntry(rel, "dir-link" if stat.S_ISDIR(st.st_mode) else "link", target))
+            elif entry.is_dir(follow_symlinks=False):
+                if depth + 1 >= REF_DEPTH_LIMIT:
+                    found.append(RefEntry(rel, "too-deep"))
+                else:
+                    found.append(RefEntry(rel, "dir"))
+                    subdirs.append(entry.name)
+            else:
+                found.append(RefEntry(rel, "other"))
+    return subdirs
+
+
+def _odd_top(dirfd: int, top: str) -> RefEntry:
+    """The entry for the first component of top that is a symlink or not a directory."""
+    parts = top.split("/")
+    for i in range(1, len(parts) + 1):
+        path = "/".join(parts[:i])
+        try:
+            st = os.stat(path, dir_fd=dirfd, follow_symlinks=False)
+        except OSError:
+            break
+        if stat.S_ISLNK(st.st_mode):
+            return RefEntry(path, "dir-link", os.readlink(path, dir_fd=dirfd))
+        if not stat.S_ISDIR(st.st_mode):
+            return RefEntry(path, "other")
+    return RefEntry(top, "other")
 
 
 def _check_size(st: os.stat_result, size: int | None) -> None:

@@ -140,8 +140,9 @@ def _write_image_streams(repo: Repository, manifest_digest: str, manifest_raw: b
     with the images when they were written here; (config stream id, manifest stream id)."""
     config_id = store_config_stream(repo, config_digest, config_raw, layers, _image_refs(images.images, images.recorded))
     manifest_id = store_manifest_stream(repo, manifest_digest, manifest_raw, config_digest, config_id, layers)
-    publish_image_streams(repo, (config_digest, config_id), (manifest_digest, manifest_id),
-                          list(images.images.values()) if images.written else [])
+    # Images found in place are recorded again when their images/<hex> link is gone.
+    to_link = [i for i in images.images.values() if images.written or not repo.image_linked(i)]
+    publish_image_streams(repo, (config_digest, config_id), (manifest_digest, manifest_id), to_link)
     return config_id, manifest_id
 
 

@@ -2,6 +2,7 @@
 
 import fcntl
 import os
+import shutil
 
 import pytest
 
@@ -161,3 +162,281 @@ def test_progress_bars_go_to_the_terminal_on_stderr_not_to_piped_stdout(repo, co
     assert rc == 0, shown.decode(errors="replace")
     assert out.strip() and not out.startswith(b"\n") and b"\x1b" not in out  # the result alone
     assert b"\x1b[?25l" in shown  # rich hid the cursor for its live display there
+
+
+# ---------------------------------------------------------------------------- no walk follows a link
+
+
+def _oid_name(repo, object_id):
+    h = object_id.hex()
+    return h[:2], h[2:]
+
+
+def test_gc_and_fsck_never_list_or_delete_through_a_symlinked_object_subdirectory(repo, tmp_path):
+    """objects/aa -> a directory outside holding a file named like an object: gc refuses
+    (it listed and unlinked through the link: the file outside was deleted), fsck reports
+    it, and --repair removes the link alone."""
+    layer(repo, "l1", [b"k" * 100], ref="keep")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / ("e" * 62)).write_bytes(b"precious")
+    os.symlink(victim, repo.path / "objects/aa")
+    with pytest.raises(PycfsError, match=r"^gc: objects/aa is a symlink, which gc does not follow; nothing was "
+                                         r"removed: run `pycfs fsck --repair`$"):
+        gc(repo)
+    assert (victim / ("e" * 62)).read_bytes() == b"precious"
+    report = fsck(repo)
+    assert [(k, p) for k, p, _ in report.errors] == [("unexpected-file", "objects/aa")]
+    report = fsck(repo, repair=True)
+    assert report.repaired == ["objects/aa"] and not os.path.lexists(repo.path / "objects/aa")
+    assert (victim / ("e" * 62)).read_bytes() == b"precious"
+    assert gc(repo).objects_removed == 0 and fsck(repo).ok
+
+
+def test_a_symlinked_objects_directory_is_reported_and_never_walked(tmp_path):
+    """objects -> a directory elsewhere: fsck said nothing and gc (and fsck --repair)
+    deleted there; now fsck reports it, gc refuses, and --repair removes the link alone."""
+    with Repository.init(tmp_path / "repo") as r:
+        layer(r, "l1", [b"k" * 100], ref="keep")
+    elsewhere = tmp_path / "elsewhere"
+    os.rename(tmp_path / "repo/objects", elsewhere)
+    os.symlink(elsewhere, tmp_path / "repo/objects")
+    junk = elsewhere / "aa" / ("f" * 62)
+    junk.parent.mkdir(exist_ok=True)
+    junk.write_bytes(b"junk")
+    before = sorted(str(p.relative_to(elsewhere)) for p in elsewhere.rglob("*"))
+    with Repository.open(tmp_path / "repo") as repo:
+        assert ("layout-not-directory", "objects") in [(k, p) for k, p, _ in fsck(repo).errors]
+        with pytest.raises(PycfsError, match=r"^gc: cannot tell what is live \(objects is a symlink, which gc does "
+                                             r"not follow\); nothing was removed: run `pycfs fsck --repair` first$"):
+            gc(repo)
+        assert sorted(str(p.relative_to(elsewhere)) for p in elsewhere.rglob("*")) == before
+    with Repository.open(tmp_path / "repo") as repo:
+        report = fsck(repo, repair=True)
+        assert "objects" in report.repaired and not os.path.islink(tmp_path / "repo/objects")
+    assert sorted(str(p.relative_to(elsewhere)) for p in elsewhere.rglob("*")) == before
+
+
+def test_a_symlinked_refs_directory_roots_nothing_anywhere_and_gc_refuses(repo):
+    """streams/refs/oci -> ../../tagdir: `oci images` listed its tag through the link while
+    gc did not root it and removed the image's objects. Now no listing follows it, fsck
+    reports it, gc refuses, and --repair removes the link (not the directory)."""
+    from pycfs.host.oci.streams import list_images
+
+    _, ids = layer(repo, "oci-manifest-sha256:" + "1" * 64, [b"m" * 100])
+    tagdir = repo.path / "tagdir"
+    tagdir.mkdir()
+    os.symlink("../streams/oci-manifest-sha256:" + "1" * 64, tagdir / "img")
+    os.makedirs(repo.path / "streams/refs")
+    os.symlink("../../tagdir", repo.path / "streams/refs/oci")
+    assert list_images(repo) == [] and repo.list_links("streams/refs") == []
+    report = fsck(repo)
+    assert [(k, p) for k, p, _ in report.errors] == [("ref-dir-symlink", "streams/refs/oci")]
+    with pytest.raises(PycfsError, match=r"streams/refs/oci is a symlink to a directory, which gc does not follow\); "
+                                         r"nothing was removed: run `pycfs fsck --repair` first$"):
+        gc(repo)
+    assert repo.has_object(ids[0])
+    assert fsck(repo, repair=True).repaired == ["streams/refs/oci"]
+    assert (tagdir / "img").is_symlink() and fsck(repo).ok
+
+
+def _nest(top, depth, name="a"):
+    fd = os.open(top, os.O_RDONLY)
+    for _ in range(depth):
+        os.mkdir(name, dir_fd=fd)
+        nfd = os.open(name, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    os.symlink("/nonexistent", "dangling", dir_fd=fd)
+    os.close(fd)
+
+
+def unnest(top, name="a"):
+    """Remove what `_nest` made, if it is there: pytest's clean-up of old temporary
+    directories (shutil.rmtree, recursive) would fail on it for every later run."""
+    fd = os.open(top, os.O_RDONLY)
+    depth = 0
+    while os.path.isdir(f"/proc/self/fd/{fd}/{name}"):
+        nfd = os.open(name, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd, depth = nfd, depth + 1
+    while depth:
+        for entry in os.listdir(fd):
+            os.unlink(entry, dir_fd=fd)
+        parent = os.open("..", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd, depth = parent, depth - 1
+        os.rmdir(name, dir_fd=fd)
+    os.close(fd)
+
+
+def test_refs_nested_1100_deep_are_reported_not_a_recursion_error(repo, request):
+    """1,100 nested directories under streams/refs: "internal error: RecursionError" from
+    fsck, fsck --repair, gc and the listings (os.walk recurses). Now the walk stops at the
+    depth cap: fsck reports the directory there, --repair removes it, gc refuses until then."""
+    from pycfs.host.repository import REF_DEPTH_LIMIT
+
+    layer(repo, "l1", [b"k" * 100], ref="keep")
+    _nest(repo.path / "streams/refs", 1100)
+    request.addfinalizer(lambda: unnest(repo.path / "streams/refs"))
+    assert repo.list_links("streams/refs") == [("keep", "../l1")]
+    deep = "streams/refs/" + "/".join(["a"] * REF_DEPTH_LIMIT)
+    assert [(k, p) for k, p, _ in fsck(repo).errors] == [("ref-too-deep", deep)]
+    with pytest.raises(PycfsError, match=rf"\({deep} is nested deeper than refs may be\); nothing was removed"):
+        gc(repo, dry_run=True)
+    assert fsck(repo, repair=True).repaired == [deep]
+    assert fsck(repo).ok and gc(repo).objects_removed == 0
+    assert os.path.isdir(repo.path / deep[: -2]) and not os.path.lexists(repo.path / deep)
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo"])
+def test_an_object_subdirectory_that_is_no_directory(repo, kind):
+    """objects/XX a file or a fifo: "not a directory" from fsck, --repair, a pull, gc, and
+    nothing fixed it. Now lookups find no objects there, fsck reports it, --repair removes
+    it, and a store makes the directory again."""
+    data = b"z" * 300
+    oid = repo.ensure_object(data)
+    xx, rest = _oid_name(repo, oid)
+    w = repo.new_stream(CONTENT_OCI_LAYER)
+    w.write_external(oid, len(data))
+    repo.write_stream(w, "l1", ref="keep")
+    sub = repo.path / "objects" / xx
+    os.unlink(sub / rest)
+    os.rmdir(sub)
+    if kind == "file":
+        sub.write_bytes(b"junk")
+    else:
+        os.mkfifo(sub)
+    with Repository.open(repo.path) as fresh:
+        assert not fresh.has_object(oid) and not fresh.has_objects([oid]) and fresh.object_size(oid) is None
+        with pytest.raises(PycfsError, match=rf"^object sha256:{oid.hex()} is missing from "):
+            fresh.read_object(oid)
+        with pytest.raises(PycfsError, match=rf"^gc: objects/{xx} is not a directory; nothing was removed: "
+                                             r"run `pycfs fsck --repair`$"):
+            gc(fresh, dry_run=True)  # (the fixture holds the repository open: no lock for gc)
+        assert ("unexpected-file", f"objects/{xx}") in [(k, p) for k, p, _ in fsck(fresh).errors]
+        assert fresh.ensure_object(data) == oid  # a pull stores it again, in a directory
+        assert fresh.read_object(oid) == data and (repo.path / "objects" / xx).is_dir()
+    sub_again = repo.path / "objects" / xx
+    os.unlink(sub_again / rest)
+    os.rmdir(sub_again)
+    sub_again.write_bytes(b"junk")
+    with Repository.open(repo.path) as fresh:
+        report = fsck(fresh, repair=True)
+        assert f"objects/{xx}" in report.repaired and not os.path.lexists(sub_again)
+
+
+def test_an_object_that_is_a_directory_or_a_dangling_link(repo, tmp_path):
+    """An object replaced by a directory (holding a link out of the repository) and another by
+    a dangling symlink: both counted as present (F_OK), so a pull kept them and `cat` failed
+    for good; --repair left the directory. Now neither is present, open_object says what to
+    do, --repair removes both (the link's target and what the directory's link names stay),
+    and a store puts the object back in place of either."""
+    a, b = b"a" * 300, b"b" * 300
+    _, (oa, ob) = layer(repo, "l1", [a, b], ref="keep")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    pa, pb = repo.object_path(oa), repo.object_path(ob)
+    os.unlink(pa)
+    os.makedirs(pa / "sub")
+    os.symlink(victim, pa / "sub" / "link")
+    os.unlink(pb)
+    os.symlink("/nonexistent", pb)
+    assert not repo.has_object(oa) and not repo.has_object(ob) and not repo.has_objects([oa])
+    assert repo.intact_stream("l1") is None  # a pull imports the layer again
+    for oid in (oa, ob):
+        with pytest.raises(PycfsError, match=rf"^object sha256:{oid.hex()} in .* is not a regular file: "
+                                             r"run `pycfs fsck --repair`$"):
+            repo.read_object(oid)
+    report = fsck(repo, repair=True)
+    assert kinds(report) == ["broken-symlink", "missing-object-ref", "missing-object-ref",
+                             "object-not-regular", "object-not-regular"]
+    assert not os.path.lexists(pa) and not os.path.lexists(pb) and victim.read_bytes() == b"precious"
+    # a store replaces either kind of entry
+    os.makedirs(pa / "sub")
+    os.symlink("/nonexistent", pb)
+    assert repo.ensure_object(a) == oa and repo.ensure_object(b) == ob
+    assert repo.read_object(oa) == a and repo.read_object(ob) == b
+
+
+def test_gc_names_odd_entries_and_removes_nothing(repo):
+    """A directory named like an object, a directory named like a temporary file: gc stopped
+    with no advice; a dangling symlink named like an object: gc stat()ed it through the link
+    and failed. Now gc names the path and says run fsck --repair (removing nothing), or
+    unlinks the dead link; fsck reports each and --repair removes them."""
+    _, (dropped,) = layer(repo, "l2", [b"d" * 100])
+    odd_dir = repo.path / "objects/23" / ("c" * 62)
+    odd_dir.mkdir(parents=True)
+    with pytest.raises(PycfsError, match=rf"^gc: objects/23/{'c' * 62} is a directory, not an object; nothing was "
+                                         r"removed: run `pycfs fsck --repair`$"):
+        gc(repo)
+    assert repo.has_object(dropped)
+    odd_dir.rmdir()
+    (repo.path / "objects/.tmp-object-zz").mkdir()
+    with pytest.raises(PycfsError, match=r"^gc: objects/.tmp-object-zz is a directory, not a crashed writer's "
+                                         r"temporary file; nothing was removed: run `pycfs fsck --repair`$"):
+        gc(repo)
+    assert fsck(repo, repair=True).repaired == ["objects/.tmp-object-zz"]
+    os.symlink("/nonexistent", repo.path / "objects/23" / ("d" * 62))
+    result = gc(repo)
+    assert result.objects_removed == 3 and not os.path.lexists(repo.path / "objects/23" / ("d" * 62))
+
+
+@pytest.mark.parametrize("top", ["streams", "images", "objects", "streams/refs"])
+def test_a_layout_directory_replaced_by_a_file(repo, top):
+    """streams/, images/, objects/ or streams/refs a file: fsck aborted ("not a directory") or
+    said ok, and gc with no refs to see removed every object. Now fsck reports it, --repair
+    removes it, and gc refuses until then."""
+    layer(repo, "l1", [b"k" * 100], ref="keep")
+    shutil.rmtree(repo.path / top, ignore_errors=True)
+    (repo.path / top).write_bytes(b"junk")
+    with Repository.open(repo.path) as fresh:
+        report = fsck(fresh)
+        assert ("layout-not-directory", top) in [(k, p) for k, p, _ in report.errors]
+        with pytest.raises(PycfsError, match=rf"^gc: cannot tell what is live \({top} is not a directory\); nothing "
+                                             r"was removed: run `pycfs fsck --repair` first$"):
+            gc(fresh, dry_run=True)  # (the fixture holds the repository open: no lock for gc)
+    with Repository.open(repo.path) as fresh:
+        assert top in fsck(fresh, repair=True).repaired
+        assert not (fresh.path / top).is_file() and fsck(fresh).ok
+
+
+@pytest.mark.parametrize("kind", ["dir", "fifo"])
+def test_something_else_than_a_link_where_a_tag_is_kept(repo, kind):
+    """A directory at streams/refs/oci/img blocked every pull of img and fsck said ok; a fifo
+    was reported and --repair left it. Now fsck reports both and --repair removes them."""
+    path = repo.path / "streams/refs/oci/img"
+    if kind == "dir":
+        (path / "x").mkdir(parents=True)
+    else:
+        path.parent.mkdir(parents=True)
+        os.mkfifo(path)
+    assert [(k, p) for k, p, _ in fsck(repo).errors] == [("unexpected-file-type", "streams/refs/oci/img")]
+    assert fsck(repo, repair=True).repaired == ["streams/refs/oci/img"]
+    assert not os.path.lexists(path) and fsck(repo).ok
+
+
+def test_a_pull_records_its_image_again_and_fails_on_an_images_file(tmp_path):
+    """images/ a file: a re-pull found the image object intact, tagged, and left the image
+    unrecorded. Now a re-pull links an intact image whose images/<hex> link is gone, and
+    fails (untagged) while images/ is not a directory."""
+    import trio
+
+    from imagebuild import File, ImageSpec, build_layout
+    from pycfs.host.oci.layout import pull_oci_layout
+    from pycfs.host.oci.streams import untag_image
+
+    build_layout(ImageSpec([[File("f", size=5000, seed=1)]]), tmp_path / "oci")
+    with Repository.init(tmp_path / "repo") as repo:
+        first = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "img"))
+        (image,) = first.images.values()
+        link = repo.path / "images" / image.hex()
+        os.unlink(link)
+        trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "img"))
+        assert repo.image_linked(image) and os.readlink(link) == repo.object_relpath(image).replace("objects", "../objects")
+        untag_image(repo, "img")
+        shutil.rmtree(repo.path / "images")
+        (repo.path / "images").write_bytes(b"junk")
+        with pytest.raises(OSError, match="Not a directory"):
+            trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "img"))
+        assert not (repo.path / "streams/refs/oci/img").is_symlink()

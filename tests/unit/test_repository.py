@@ -11,6 +11,8 @@ from pycfs.host.repository import Repository, RepositoryError
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.streamcat import iter_stream_bytes
 
+from test_fsck_gc import _nest, unnest
+
 META_V1 = (
     '{\n  "version": 1,\n  "algorithm": "fsverity-sha256-12",\n  "features": {\n    "compatible": [],\n'
     '    "read-only-compatible": [\n      "v1_erofs"\n    ],\n    "incompatible": []\n  },\n'
@@ -305,3 +307,107 @@ def test_a_link_naming_an_object_too_large_for_its_kind_is_refused_unread(repo, 
         repo.image_bytes(big)
     assert read == []
     assert repo.read_object(big) == b"b" * ((1 << 20) + 1)  # read as what it is, it is whole
+
+
+# ---------------------------------------------------------------------------- walking refs, odd entries
+
+
+def test_walk_refs_follows_no_link_and_stops_at_the_depth_cap(repo, tmp_path, request):
+    """One walk for every listing: links sorted with their kind, a link to a directory and the
+    directory at the depth cap not entered; 1,100 levels walked with a bounded number of fds
+    (os.walk recursed: RecursionError)."""
+    from pycfs.host.repository import REF_DEPTH_LIMIT, RefEntry
+
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    os.symlink("../x", outside / "sub" / "hidden")
+    refs = repo.path / "streams/refs"
+    (refs / "ns").mkdir(parents=True)
+    os.symlink("../../x", refs / "ns/a")
+    os.symlink("/nonexistent", refs / "dead")
+    os.symlink(outside, refs / "dirlink")
+    os.mkfifo(refs / "fifo")
+    (repo.path / "streams/x").write_bytes(b"")
+    _nest(refs, 1100, "d")
+    request.addfinalizer(lambda: unnest(refs, "d"))
+    before = len(os.listdir("/proc/self/fd"))
+    entries = repo.walk_refs("streams/refs")
+    assert len(os.listdir("/proc/self/fd")) == before
+    deep = "streams/refs/" + "/".join(["d"] * REF_DEPTH_LIMIT)
+    assert [e for e in entries if e.path.split("/")[2] != "d"] == [
+        RefEntry("streams/refs/dead", "dangling", "/nonexistent"),
+        RefEntry("streams/refs/dirlink", "dir-link", str(outside)),
+        RefEntry("streams/refs/fifo", "other"),
+        RefEntry("streams/refs/ns", "dir"),
+        RefEntry("streams/refs/ns/a", "link", "../../x"),
+    ]
+    assert [e for e in entries if e.kind == "too-deep"] == [RefEntry(deep, "too-deep")]
+    assert repo.list_links("streams/refs") == [("dead", "/nonexistent"), ("ns/a", "../../x")]
+    # a top that is a link is one entry, and nothing is listed through it
+    os.symlink("refs/ns", repo.path / "streams/linked")
+    assert repo.walk_refs("streams/linked") == [RefEntry("streams/linked", "dir-link", "refs/ns")]
+    assert repo.list_links("streams/linked") == []
+
+
+def test_a_ref_name_deeper_than_the_cap_is_refused(repo):
+    from pycfs.host.repository import REF_DEPTH_LIMIT
+
+    repo.write_stream(repo.new_stream(CONTENT_OCI_LAYER), "s")
+    repo.set_stream_ref("/".join(["a"] * REF_DEPTH_LIMIT), "s")
+    with pytest.raises(RepositoryError, match=rf"more than {REF_DEPTH_LIMIT} components$"):
+        repo.set_stream_ref("/".join(["a"] * (REF_DEPTH_LIMIT + 1)), "s")
+    assert repo.list_links("streams/refs") == [("/".join(["a"] * REF_DEPTH_LIMIT), "../" * REF_DEPTH_LIMIT + "s")]
+
+
+def test_remove_entry_removes_any_depth_and_never_follows_a_link(tmp_path):
+    from pycfs.host.repository import remove_entry
+
+    victim = tmp_path / "victim"
+    (victim / "inner").mkdir(parents=True)
+    (victim / "inner" / "f").write_bytes(b"precious")
+    fd = os.open(tmp_path, os.O_RDONLY)
+    os.mkdir("top", dir_fd=fd)
+    cur = os.open("top", os.O_RDONLY, dir_fd=fd)
+    for _ in range(1500):
+        os.symlink(str(victim), "link", dir_fd=cur)
+        os.mkfifo("fifo", dir_fd=cur)
+        os.mkdir("d", dir_fd=cur)
+        nxt = os.open("d", os.O_RDONLY, dir_fd=cur)
+        os.close(cur)
+        cur = nxt
+    os.close(cur)
+    remove_entry(fd, "top")
+    os.close(fd)
+    assert sorted(os.listdir(tmp_path)) == ["victim"] and (victim / "inner" / "f").read_bytes() == b"precious"
+
+
+def test_only_a_regular_file_is_an_object_and_a_store_replaces_anything_else(repo, monkeypatch):
+    """A directory, a symlink or a fifo by an object's name is no object for any lookup (one
+    by one or by listing); a streamed store (whose commit met EEXIST and took it as
+    present) puts the object in its place."""
+    from pycfs.host import repository as repository_module
+
+    datas = [bytes([i]) * 5000 for i in range(3)]
+    ids = [digest_bytes(d) for d in datas]
+    for oid, kind in zip(ids, ["dir", "link", "fifo"]):
+        path = repo.object_path(oid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "dir":
+            (path / "x").mkdir(parents=True)
+        elif kind == "link":
+            os.symlink("/etc/passwd", path)
+        else:
+            os.mkfifo(path)
+    for oid in ids:
+        assert not repo.has_object(oid) and repo.object_size(oid) is None
+    assert not repo.has_objects(ids[:1])
+    monkeypatch.setattr(repository_module, "LISTING_BYTES_PER_LOOKUP", 1 << 30)  # by listing
+    for oid in ids:
+        assert not repo.has_objects([oid])
+    monkeypatch.setattr(repository_module, "LOOKUP_MISSES_BEFORE_SKIPPING", 0)  # no lookup: the commit's EEXIST
+    for data, oid in zip(datas, ids):
+        w = repo.object_writer()
+        w.write(data)
+        assert w.finish() == (oid, False)
+        assert repo.read_object(oid) == data and stat.S_ISREG(os.lstat(repo.object_path(oid)).st_mode)
+    assert repo.has_objects(ids)

@@ -968,7 +968,7 @@ def test_names_that_are_not_utf8_never_break_a_reply_or_the_service(source_repo,
                 "text): no tool lists it",
                 "fsck: name-not-utf8: streams/refs/oci/bad\\xff: a name pycfs and composefs-rs never make (not "
                 "UTF-8 text): no tool lists it"])
-            with pytest.raises(VarlinkError, match=rf"gc: unexpected file objects/{sub.name}/junk\\xfd; run "):
+            with pytest.raises(VarlinkError, match=rf"gc: unexpected entry objects/{sub.name}/junk\\xfd; nothing was removed: run "):
                 await client.call(REPO + "Gc", {"handle": handle, "dry_run": True, "roots": []})
             assert (await client.call(OCI + "GetInfo")).parameters["features"] == ["splitdirfdstream-v0"]
 
