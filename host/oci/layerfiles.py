@@ -230,23 +230,22 @@ class TarSplitReader:
                 held += len(entry.data)
                 self.described += len(entry.data)
             else:
+                if isinstance(self._header, Segment):
+                    if entry.size and (kind := header_only_kind(self._header)) is not None:
+                        raise PycfsError(
+                            f"{self.files.describe(entry.relpath)} is a {kind} in the layer's tar, yet its tar-split "
+                            f"entry gives it {entry.size} bytes of data: the layer is damaged or crafted"
+                        )
+                    if not self.helper_wanted and closed_to_user(self._header):
+                        self.helper_wanted = True
                 self.described += entry.size
+            self._header = entry
             if self.size is not None and self.described > self.size:
                 raise PycfsError(f"the tar-split of layer {self.files.layer_id[:12]} describes more than the "
                                  f"{self.size} bytes c/storage recorded for its tar: the store is damaged "
                                  "(pull the image with podman again)")
             if len(entries) >= count or held >= CHUNK_BYTES:
                 break
-        for entry in entries:
-            if isinstance(entry, FileEntry) and isinstance(self._header, Segment):
-                if entry.size and (kind := header_only_kind(self._header)) is not None:
-                    raise PycfsError(
-                        f"{self.files.describe(entry.relpath)} is a {kind} in the layer's tar, yet its tar-split "
-                        f"entry gives it {entry.size} bytes of data: the layer is damaged or crafted"
-                    )
-                if not self.helper_wanted and closed_to_user(self._header):
-                    self.helper_wanted = True
-            self._header = entry
         return entries
 
 
