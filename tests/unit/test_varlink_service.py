@@ -190,7 +190,7 @@ async def get_layer(client: Client, handle: int, diff_id: str, more: bool = True
             frames += 1
             dir_count = reply.parameters["dir_count"]
     else:
-        reply = await client.call(OCI + "GetLayer", {"handle": handle, "params": {"diff_id": diff_id}})
+        reply = await client.call(OCI + "GetLayer", {"handle": handle, "params": {"diff_id": diff_id}}, reply_fds=True)
         fds, frames, dir_count = reply.fds, 1, reply.parameters["dir_count"]
     return dir_count, fds, frames
 
