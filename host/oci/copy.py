@@ -39,6 +39,10 @@ OCI = "org.composefs.Oci."
 REPO = "org.composefs.Repository."
 
 
+class LayerRefused(PycfsError):
+    """A layer the copy refused: the message names it and the source."""
+
+
 class CopyProgress(Protocol):
     def layer_started(self, diff_id: str) -> None: ...
     def layer_done(self, diff_id: str, already_present: bool) -> None: ...
@@ -131,9 +135,9 @@ async def copy_layer(src: Endpoint, dst: Endpoint, diff_id: str, zerocopy: bool,
     dir_count = None
     frames = 0
 
-    def bad(what: str) -> PycfsError:
-        return PycfsError(f"oci copy: layer {diff_id} from {src.name}: {what}; the service is broken or hostile: "
-                          "nothing of that layer was committed")
+    def bad(what: str) -> LayerRefused:
+        return LayerRefused(f"layer {diff_id} from {src.name}: {what}; the service is broken or hostile: "
+                            "nothing of that layer was committed")
 
     try:
         try:
@@ -155,8 +159,15 @@ async def copy_layer(src: Endpoint, dst: Endpoint, diff_id: str, zerocopy: bool,
         assert dir_count is not None
         if len(fds) < dir_count + 2:
             raise PycfsError(f"source sent {len(fds)} fds for layer {diff_id}, need at least {dir_count + 2}")
-        reply = await dst.client.call(OCI + "PutLayer", {"handle": dst.handle, "diff_id": diff_id,
-                                                         "zerocopy": zerocopy}, fds[: 1 + dir_count])
+        try:
+            reply = await dst.client.call(OCI + "PutLayer", {"handle": dst.handle, "diff_id": diff_id,
+                                                             "zerocopy": zerocopy}, fds[: 1 + dir_count])
+        except VarlinkError as e:
+            message = e.parameters.get("message")
+            if e.name != OCI + "InvalidRequest" or not isinstance(message, str):
+                raise
+            # the destination refused what the source sent (its words say why)
+            raise LayerRefused(f"layer {diff_id} from {src.name}: {clipped(message, 400)}") from None
         return reply.parameters
     finally:
         close_fds(fds)
@@ -333,6 +344,8 @@ async def copy(source: str, source_repo: str | None, destination: str, image: st
                 return await copy_image(src, dst, image, name, zerocopy, progress)
         finally:
             client.close()
+    except LayerRefused as e:
+        raise PycfsError(f"oci copy {image}: {e}") from None
     except VarlinkError as e:
         if short:
             layer = f" layer {clipped(str(e.parameters.get('expected')), 80)}" if e.name == OCI + "DiffIdMismatch" else ""

@@ -52,6 +52,7 @@ from pycfs.host.workers.batching import BATCH_BYTES, batch_files
 from pycfs.host.workers.pool import Failed, Pinned, Stored, WorkerPool
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.fdpass import close_fds
+from pycfs.protocol.text import shown
 from pycfs.protocol.splitdirfdstream import (
     FILE_BACKED_DATA,
     FILE_HEADER,
@@ -81,9 +82,17 @@ KEEPALIVE_LIMIT = 3600.0
 # As long as the keep-alive: a working consumer may spend that long on one object (a 30 GB
 # file its filesystem cannot reflink, copied at 50 MB/s, takes 600 s).
 STALL_LIMIT = KEEPALIVE_LIMIT
-# How long a PutLayer producer may leave its pipe silent, neither writing nor closing it,
-# before the consumer gives up and commits nothing (it holds a worker's batches meanwhile).
-SILENCE_LIMIT = KEEPALIVE_LIMIT
+# How long a PutLayer producer (a peer's) may leave its pipe silent while the consumer waits
+# for it, neither writing nor closing it, before the consumer gives up and commits nothing
+# (it holds a worker's batches meanwhile). A working producer is never silent that long: it
+# writes as it reads its own files (the containers-storage one reads a file of up to
+# 256 MiB through its helper before sending it), and a slow consumer is not waiting.
+SILENCE_LIMIT = 120.0
+# What one layer's stream may reference in all: a real layer's files number in the hundreds
+# of thousands and its bytes in gigabytes; an endless stream (one file referenced again and
+# again, memory flat) otherwise never ended.
+MAX_LAYER_FILES = 1 << 22
+MAX_LAYER_BYTES = 1 << 40
 
 
 SendAll = Callable[[bytes], Awaitable[None]]
@@ -262,7 +271,7 @@ def _add(batch: _Batch, item: _File | bytes) -> None:
 
 
 def _describe(chunk: FileBackedData) -> str:
-    return f"{chunk.name.decode(errors='replace')!r} (dirfd {chunk.dirfd_index})"
+    return f"{shown(chunk.name.decode(errors='replace'))} (dirfd {chunk.dirfd_index})"
 
 
 @dataclass(eq=False)
@@ -368,6 +377,7 @@ class LayerConsumer:
         the batches to the sha256's worker in order, one writes the layer stream from the
         answers, in order, while this one reads on."""
         decoder = Decoder()
+        files = size = 0  # referenced so far (see MAX_LAYER_FILES)
         batch = _Batch()
         # (as many as the limiter's tokens: a batch holds one from before it is sent on)
         to_send, sending = trio.open_memory_channel[_Batch](math.inf)
@@ -389,7 +399,18 @@ class LayerConsumer:
                                 decoder.eof()
                                 break
                             decoder.feed(data)
-                            items = await self._resolved(list(decoder.chunks()))
+                            chunks = list(decoder.chunks())
+                            for c in chunks:
+                                if type(c) is FileBackedData:
+                                    files += 1
+                                    size += c.length
+                                else:
+                                    size += len(c.data)
+                            if files > MAX_LAYER_FILES or size > MAX_LAYER_BYTES:
+                                raise LayerTransferError(
+                                    f"the stream goes on past {MAX_LAYER_FILES} files or {MAX_LAYER_BYTES >> 30} GiB, "
+                                    "more than a real layer holds: nothing was committed")
+                            items = await self._resolved(chunks)
                             try:
                                 while items:
                                     _add(batch, items.popleft())

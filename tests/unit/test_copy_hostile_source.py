@@ -172,7 +172,7 @@ def test_a_get_layer_that_never_ends_is_refused_naming_the_layer_and_the_service
     with hostile(tmp_path, endless) as address:
         error = run_copy(tmp_path, address)
     assert open_fds() == before
-    assert str(error).startswith(f"oci copy: layer {DIFF_ID} from {address}: ")
+    assert str(error).startswith(f"oci copy img: layer {DIFF_ID} from {address}: ")
     assert "GetLayer frames with" in str(error)
 
 
@@ -231,3 +231,82 @@ def test_a_hash_algorithm_of_the_wrong_type_is_refused(tmp_path) -> None:
     with hostile(tmp_path, odd) as address:
         error = run_copy(tmp_path, address)
     assert "answered OpenRepository without a valid 'hash_algorithm' (got ['x', 'x', 'x'])" in str(error)
+
+
+def _layer_from(directory: Path, write: Callable[[int, threading.Event], None]) -> Answer:
+    """A GetLayer answer: a pipe `write` feeds (its write end, and `stop`), one slot holding
+    `directory`, a keepalive."""
+    def answer(method: str, send: Send, stop: threading.Event) -> bool:
+        if method != "GetLayer":
+            return False
+        r, w = os.pipe()
+        keep_r, keep_w = os.pipe()
+        dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+
+        def feed() -> None:
+            try:
+                write(w, stop)
+            except OSError:
+                pass  # the consumer gave up
+            finally:
+                os.close(w)
+
+        threading.Thread(target=feed, daemon=True).start()
+        send({"parameters": {"dir_count": 1}}, [r, dirfd, keep_w])
+        for fd in (r, dirfd, keep_w, keep_r):
+            os.close(fd)
+        return True
+
+    return answer
+
+
+@pytest.fixture
+def source_dir(tmp_path) -> Path:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"f" * 100)
+    return tmp_path / "d"
+
+
+def test_an_endless_stream_is_refused_naming_the_layer(tmp_path, source_dir, monkeypatch) -> None:
+    """One file referenced again and again, for ever (memory flat: before, it never ended)."""
+    from pycfs.host.varlink import transfer
+    from pycfs.protocol.splitdirfdstream import encode_file_backed_data
+
+    monkeypatch.setattr(transfer, "MAX_LAYER_FILES", 1000)
+
+    def endless(w: int, stop: threading.Event) -> None:
+        ref = encode_file_backed_data(0, 100, b"f") * 100
+        while not stop.is_set():
+            os.write(w, ref)
+
+    with hostile(tmp_path, _layer_from(source_dir, endless)) as address:
+        error = str(run_copy(tmp_path, address, limit=60))
+    assert error.startswith(f"oci copy img: layer {DIFF_ID} from {address}: the stream goes on past 1000 files or "
+                            "1024 GiB, more than a real layer holds: nothing was committed"), error
+
+
+def test_a_silent_stream_is_refused_naming_the_layer(tmp_path, source_dir, monkeypatch) -> None:
+    from pycfs.host.varlink import transfer
+
+    monkeypatch.setattr(transfer, "SILENCE_LIMIT", 0.5)
+
+    def silent(w: int, stop: threading.Event) -> None:
+        os.write(w, b"\0\x10\0\0\0")  # a chunk's start, then nothing and no EOF
+        stop.wait(30)
+
+    with hostile(tmp_path, _layer_from(source_dir, silent)) as address:
+        error = str(run_copy(tmp_path, address))
+    assert error.startswith(f"oci copy img: layer {DIFF_ID} from {address}: the stream's producer sent nothing for "
+                            "0 s without closing the pipe"), error
+
+
+def test_a_long_name_in_the_stream_is_cut_in_the_message(tmp_path, source_dir) -> None:
+    from pycfs.protocol.splitdirfdstream import encode_file_backed_data
+
+    def long_name(w: int, stop: threading.Event) -> None:
+        os.write(w, encode_file_backed_data(0, 100, b"a/" * 2000))
+
+    with hostile(tmp_path, _layer_from(source_dir, long_name)) as address:
+        error = str(run_copy(tmp_path, address))
+    assert f"cannot open {'a/' * 40!r}... (4000 characters) (dirfd 0): openat2: No such file or directory" in error, error
+    assert len(error) < 400
