@@ -27,7 +27,7 @@ from pycfs.host.varlink.client import Client
 from pycfs.host.varlink.layers import MAX_DIR_COUNT, MAX_LIFETIME_FDS
 from pycfs.host.varlink.oci import ForkedFor, agreeing_layer_ids
 from pycfs.host.varlink.serve import open_service
-from pycfs.host.varlink.transfer import log_producer_failure
+from pycfs.host.varlink.transfer import check_directory_giver, log_producer_failure
 from pycfs.host.varlink.transport import ConnectionClosed, connect, socketpair
 from pycfs.host.workers.fork import Forked, fork_workers
 from pycfs.host.workers.batching import default_jobs
@@ -325,7 +325,14 @@ async def copy(source: str, source_repo: str | None, destination: str, image: st
                     open_endpoint(None, destination, forked) as dst:
                 return await copy_image(src, dst, image, name, zerocopy, progress)
         async def new_client() -> Client:
-            return Client(await connect(source), timed=True)
+            conn = await connect(source)
+            try:
+                # its directories are opened here, with this process's rights
+                check_directory_giver(conn.peer_uid(), f"the service at {source}")
+            except BaseException:
+                conn.close()
+                raise
+            return Client(conn, timed=True)
 
         client = await new_client()
         try:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import hashlib
 import itertools
 import math
@@ -101,6 +102,25 @@ Producer = Callable[[SendAll], Awaitable[None]]  # writes a whole stream through
 
 class LayerTransferError(PycfsError):
     """A stream the consumer refuses (bad reference, wrong file, short data)."""
+
+
+def check_directory_giver(uid: int, who: str) -> None:
+    """Refuse directory fds from a peer running as another uid than this process, unless root.
+
+    The consumer opens the files a stream names beneath the directory fds a peer passed, with
+    this process's rights, not the peer's: had a peer of another uid passed a directory it
+    may open but whose files it may not read (`/etc` for `shadow`, any O_PATH fd of a 0700
+    directory), a consumer running as root would read them into objects anyone can read. The
+    simplest sound rule: the giver is this process's own uid (what it passes, this process
+    could open anyway) or root (which can read whatever this process can). Checking each
+    file's mode against the peer's credentials would have to redo the kernel's permission
+    checks (groups, ACLs, capabilities), and opening with the peer's fsuid would still carry
+    this process's groups."""
+    euid = os.geteuid()
+    if uid not in (0, euid):
+        raise LayerTransferError(
+            f"{who} runs as uid {uid}, this process as uid {euid}: files beneath the directories it passes would be "
+            f"opened with uid {euid}'s rights, so only uid {euid} or root may pass them (run both as one user)")
 
 
 class DiffIdMismatch(PycfsError):
@@ -350,6 +370,10 @@ class LayerConsumer:
                 raise LayerTransferError(
                     f"dirfd slot {index} is not a directory (file type {stat.S_IFMT(st.st_mode):#o}, "
                     f"size {st.st_size}): a dummy fd was used as a directory")
+            # An O_PATH fd needs no read permission on the directory (any user can make one
+            # of a 0700 root directory): its opener showed no right to list or enter it.
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:
+                raise LayerTransferError(f"dirfd slot {index} is an O_PATH fd: pass a directory opened for reading")
             self._dir_checked.add(index)
         return fd
 

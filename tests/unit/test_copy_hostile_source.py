@@ -9,6 +9,8 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -310,3 +312,90 @@ def test_a_long_name_in_the_stream_is_cut_in_the_message(tmp_path, source_dir) -
         error = str(run_copy(tmp_path, address))
     assert f"cannot open {'a/' * 40!r}... (4000 characters) (dirfd 0): openat2: No such file or directory" in error, error
     assert len(error) < 400
+
+
+def test_an_o_path_directory_fd_is_refused(tmp_path) -> None:
+    """An O_PATH fd needs no right to read or enter the directory (anyone can make one of a
+    0700 root directory): before, a copy running as root read the file beneath it into an
+    object anyone can read."""
+    secret_dir = tmp_path / "secret"
+    secret_dir.mkdir(mode=0o700)
+    (secret_dir / "secret").write_bytes(b"s" * 137)
+    from pycfs.protocol.splitdirfdstream import encode_file_backed_data
+
+    def answer(method: str, send: Send, stop: threading.Event) -> bool:
+        if method != "GetLayer":
+            return False
+        r, w = os.pipe()
+        os.write(w, encode_file_backed_data(0, 137, b"secret"))
+        os.close(w)
+        keep_r, keep_w = os.pipe()
+        dirfd = os.open(secret_dir, os.O_PATH | os.O_DIRECTORY)
+        send({"parameters": {"dir_count": 1}}, [r, dirfd, keep_w])
+        for fd in (r, dirfd, keep_w, keep_r):
+            os.close(fd)
+        return True
+
+    with hostile(tmp_path, answer) as address:
+        error = str(run_copy(tmp_path, address))
+    assert f"layer {DIFF_ID} from {address}: dirfd slot 0 is an O_PATH fd: pass a directory opened for reading" in error
+    stored = [p.read_bytes() for p in (tmp_path / "dest").rglob("*") if p.is_file()]
+    assert stored and b"s" * 137 not in stored  # the secret was never stored
+
+
+def test_a_source_service_of_another_uid_is_refused(tmp_path) -> None:
+    """Its directories would be opened with this process's rights (root here), not its own:
+    a service of another uid (not root) is refused before anything is asked of it."""
+    path = tmp_path / "other.sock"
+    # bound as root, listening as uid 65534: SO_PEERCRED says 65534
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import os, socket, time
+s = socket.socket(socket.AF_UNIX); s.bind({str(path)!r})
+os.setgid(65534); os.setuid(65534)
+s.listen(4)
+print("ready", flush=True)
+c, _ = s.accept(); time.sleep(30)
+"""], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        error = str(run_copy(tmp_path, f"unix:{path}"))
+    finally:
+        child.kill()
+        child.wait()
+    assert error == (f"the service at unix:{path} runs as uid 65534, this process as uid 0: files beneath the "
+                     "directories it passes would be opened with uid 0's rights, so only uid 0 or root may pass "
+                     "them (run both as one user)")
+
+
+def test_put_layer_from_a_client_of_another_uid_is_refused(tmp_path, monkeypatch) -> None:
+    from pycfs.host.varlink import transport
+    from pycfs.host.varlink.client import Client
+    from pycfs.host.varlink.serve import open_service
+    from pycfs.protocol.varlink import VarlinkError
+
+    Repository.init(tmp_path / "dest").close()
+    monkeypatch.setattr(transport.Connection, "peer_uid", lambda self: 4321)
+    r, w = os.pipe()
+    dirfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+
+    async def main() -> None:
+        async with open_service() as server:
+            conn, sock = transport.socketpair()
+            server.nursery.start_soon(server.serve_connection, sock)
+            client = Client(conn)
+            try:
+                handle = (await client.call("org.composefs.Repository.OpenRepository",
+                                            {"path": str(tmp_path / "dest")})).parameters["handle"]
+                with pytest.raises(VarlinkError) as e:
+                    await client.call("org.composefs.Oci.PutLayer", {"handle": handle, "diff_id": DIFF_ID},
+                                      [r, dirfd])
+            finally:
+                client.close()
+        assert e.value.name == "org.varlink.service.PermissionDenied"
+        assert e.value.parameters["message"].startswith("the PutLayer client runs as uid 4321, this process as uid 0")
+
+    try:
+        trio.run(main)
+    finally:
+        for fd in (r, w, dirfd):
+            os.close(fd)
