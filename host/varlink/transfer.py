@@ -65,6 +65,8 @@ from pycfs.protocol.splitdirfdstream import (
     DirfdIndexOutOfRange,
     FileBackedData,
     InlineData,
+    InlineFile,
+    Metadata,
     encode_metadata,
 )
 
@@ -400,7 +402,7 @@ class LayerConsumer:
         the cost of a read, not of a hash). One task sends
         the batches to the sha256's worker in order, one writes the layer stream from the
         answers, in order, while this one reads on."""
-        decoder = Decoder()
+        decoder = Decoder(spill=_MemfdSpill)
         files = size = 0  # referenced so far (see MAX_LAYER_FILES)
         batch = _Batch()
         # (as many as the limiter's tokens: a batch holds one from before it is sent on)
@@ -423,17 +425,21 @@ class LayerConsumer:
                                 decoder.eof()
                                 break
                             decoder.feed(data)
-                            chunks = list(decoder.chunks())
-                            for c in chunks:
-                                if type(c) is FileBackedData:
-                                    files += 1
-                                    size += c.length
-                                else:
-                                    size += len(c.data)
-                            if files > MAX_LAYER_FILES or size > MAX_LAYER_BYTES:
-                                raise LayerTransferError(
-                                    f"the stream goes on past {MAX_LAYER_FILES} files or {MAX_LAYER_BYTES >> 30} GiB, "
-                                    "more than a real layer holds: nothing was committed")
+                            chunks = _taken(decoder)
+                            try:
+                                for c in chunks:
+                                    if isinstance(c, FileBackedData):
+                                        files += 1
+                                        size += c.length
+                                    else:
+                                        size += c.size if isinstance(c, _File) else len(c.data)
+                                if files > MAX_LAYER_FILES or size > MAX_LAYER_BYTES:
+                                    raise LayerTransferError(
+                                        f"the stream goes on past {MAX_LAYER_FILES} files or {MAX_LAYER_BYTES >> 30} "
+                                        "GiB, more than a real layer holds: nothing was committed")
+                            except BaseException:
+                                _close([c for c in chunks if isinstance(c, _File)])
+                                raise
                             items = await self._resolved(chunks)
                             try:
                                 while items:
@@ -454,6 +460,7 @@ class LayerConsumer:
                 if self._sha is not None:  # (every piece fed by now, in order)
                     obj = await self._sha.answer(await self._sha.send(api.LAYER_SHA256, [], {"layer": self.layer}))
         finally:
+            decoder.close()
             for b in (*self._pending, batch):
                 self._finish(b)
         self.collector.close()
@@ -591,12 +598,14 @@ class LayerConsumer:
             finally:
                 self._finish(batch)
 
-    async def _resolved(self, chunks: list[Chunk]) -> collections.deque[_File | bytes]:
+    async def _resolved(self, chunks: list[Chunk | _File]) -> collections.deque[_File | bytes]:
         """The chunks as batches take them: referenced files opened (small ones read), off
         the event loop, within OPEN_LIMIT: a directory fd from the client may lie on a FUSE
-        mount whose server does not answer, and the service serves others meanwhile."""
-        if not any(isinstance(c, FileBackedData) or len(c.data) > INLINE_CONTENT_MAX for c in chunks):
-            return collections.deque(c.data for c in chunks)  # (no thread for inline bytes alone)
+        mount whose server does not answer, and the service serves others meanwhile. The
+        _Files among them (content the decoder spilled) are taken: closed on failure."""
+        if all(isinstance(c, Metadata) or (isinstance(c, InlineData) and len(c.data) <= INLINE_CONTENT_MAX)
+               for c in chunks):  # (inline bytes alone: no thread)
+            return collections.deque(c.data for c in chunks)  # type: ignore[union-attr]
         lock = threading.Lock()
         state: dict[str, object] = {"abandoned": False, "done": None}
 
@@ -607,6 +616,7 @@ class LayerConsumer:
                     out.append(self._resolve(chunk))
             except BaseException:
                 _close([f for f in out if isinstance(f, _File)])
+                _close([c for c in chunks[len(out):] if isinstance(c, _File)])
                 raise
             with lock:
                 if state["abandoned"]:  # nobody takes them any more
@@ -628,9 +638,11 @@ class LayerConsumer:
                                          "on a mount that does not answer?): nothing was committed") from None
             raise
 
-    def _resolve(self, chunk: Chunk) -> _File | bytes:
+    def _resolve(self, chunk: Chunk | _File) -> _File | bytes:
         """A chunk as a batch takes it: a file to store (opened, or content the producer sent,
         put in a memfd), or inline bytes. Blocking: see `_resolved`."""
+        if isinstance(chunk, _File):  # (spilled as it came)
+            return chunk
         if isinstance(chunk, FileBackedData):
             fd = self._open(chunk)
             if chunk.length > INLINE_CONTENT_MAX:
@@ -721,6 +733,39 @@ def _results(answers: list[tuple[bytes, str] | Failed]) -> list[Stored | bytes |
     """A worker's answers as objects stored, digests (of files only digested) or failures."""
     return [r if isinstance(r, Failed) else r[0] if r[1] == api.DIGESTED else Stored(r[0], api.HOW[r[1]])
             for r in answers]
+
+
+class _MemfdSpill:
+    """A long InlineData chunk (file content the producer read itself), written to a memfd
+    as it arrives: to the workers as a file, never held whole here."""
+
+    def __init__(self, length: int) -> None:
+        self.fd = os.memfd_create("pycfs-filecontent", os.MFD_CLOEXEC)
+        self.length = length
+
+    def write(self, data: memoryview) -> None:
+        write_all(self.fd, data)
+
+    def done(self) -> InlineFile:
+        fd, self.fd = self.fd, -1
+        return InlineFile(fd, self.length)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _taken(decoder: Decoder) -> list[Chunk | _File]:
+    """The decoder's chunks so far, its InlineFiles as _Files (closed if it fails)."""
+    out: list[Chunk | _File] = []
+    try:
+        for c in decoder.chunks():
+            out.append(_File(c.fd, c.length, None) if isinstance(c, InlineFile) else c)
+    except BaseException:
+        _close([c for c in out if isinstance(c, _File)])
+        raise
+    return out
 
 
 def _close(files: list[_File]) -> None:
