@@ -13,7 +13,8 @@ The format carries no fds: the consumer gets an ordered array of directory fds o
 integrity, so consumers verify the reconstructed bytes themselves (an OCI diff_id).
 
 The reader is a push decoder (feed bytes, take chunks), usable from blocking and async code
-alike; it checks structure only. Names must pass `validate_filename` before any open.
+alike; it checks structure only. Names must pass `validate_filename` before any open. Given
+a `spill`, it holds no long chunk whole (see `Decoder`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 from pycfs.protocol.errors import PycfsError
 
@@ -30,6 +32,8 @@ FILE_BACKED_DATA = 0x02
 
 MAX_INLINE_CHUNK_SIZE = 256 << 20
 MAX_FILENAME_LEN = 4096
+# A chunk longer than this is not held whole by a decoder given a `spill` (see Decoder).
+LONG_CHUNK = 1 << 20
 
 INLINE_HEADER = struct.Struct("<BI")  # type, length
 FILE_HEADER = struct.Struct("<BQII")  # type, content_length, dirfd_index, name_len
@@ -104,6 +108,32 @@ class FileBackedData:
 Chunk = Metadata | InlineData | FileBackedData
 
 
+@dataclass(slots=True)
+class InlineFile:
+    """An InlineData chunk a decoder's `spill` took as it came: `fd` (the caller's now)
+    holds its `length` bytes."""
+
+    fd: int
+    length: int
+
+
+class Spill(Protocol):
+    """Where a long InlineData chunk goes as it arrives: made with its length, written in
+    order, then `done()` (its InlineFile) or `close()` (given up)."""
+
+    def write(self, data: memoryview) -> None: ...
+    def done(self) -> InlineFile: ...
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _Long:
+    """A long chunk's header, read (its body comes in pieces)."""
+
+    kind: int
+    length: int
+
+
 def validate_filename(name: bytes) -> None:
     """The checks every referenced name passes before an open, in the format's order."""
     if b".." not in name and b"\0" not in name and 0 < len(name) <= MAX_FILENAME_LEN and name[0] != 0x2F:
@@ -172,11 +202,21 @@ class Writer:
 
 class Decoder:
     """Push decoder: `feed()` bytes as they arrive, take whole chunks from `chunks()`, call
-    `eof()` at end of input (Truncated unless it falls on a chunk boundary)."""
+    `eof()` at end of input (Truncated unless it falls on a chunk boundary).
 
-    def __init__(self) -> None:
+    With a ``spill``, a chunk longer than LONG_CHUNK is not held whole (one of 256 MiB cost
+    five times its size: the buffer, two slices, the copy the consumer makes): a Metadata
+    chunk comes out in pieces as its bytes arrive (the same bytes, cut elsewhere), an
+    InlineData chunk (one file's content) goes to `spill(length)` as it arrives and comes
+    out as its InlineFile once whole. `close()` gives up a spill still open."""
+
+    def __init__(self, spill: Callable[[int], Spill] | None = None) -> None:
         self._buf = bytearray()
         self._pos = 0
+        self._spill = spill
+        self._long_over = LONG_CHUNK if spill is not None else MAX_INLINE_CHUNK_SIZE
+        # the long chunk being read: its kind, the bytes still to come, its spill
+        self._long: tuple[int, int, Spill | None] | None = None
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._pos:
@@ -185,8 +225,10 @@ class Decoder:
         self._buf += data
 
     @staticmethod
-    def _next(buf: bytearray, pos: int, end: int) -> tuple[Chunk, int] | int:
-        """The chunk at `pos` and the offset after it, or the size of the incomplete read."""
+    def _next(buf: bytearray, pos: int, end: int, long_over: int = MAX_INLINE_CHUNK_SIZE
+              ) -> tuple[Chunk | _Long, int] | int:
+        """The chunk at `pos` and the offset after it (a long one's header and the offset
+        after that), or the size of the incomplete read."""
         kind = buf[pos] if pos < end else -1
         if kind == FILE_BACKED_DATA:
             start = pos + FILE_HEADER.size
@@ -205,6 +247,8 @@ class Decoder:
             (length,) = _U32.unpack_from(buf, pos + 1)
             if length > MAX_INLINE_CHUNK_SIZE:
                 raise InlineTooLarge(length)
+            if length > long_over:
+                return _Long(kind, length), start
             if start + length > end:
                 return length
             data = bytes(buf[start : start + length])
@@ -213,20 +257,58 @@ class Decoder:
             return 1
         raise UnknownChunkType(kind)
 
-    def chunks(self) -> Iterator[Chunk]:
-        """The whole chunks fed so far (one pass over the buffer, the position kept at each)."""
-        next_chunk = self._next
+    def chunks(self) -> Iterator[Chunk | InlineFile]:
+        """The whole chunks fed so far (one pass over the buffer, the position kept at each);
+        with a spill, pieces of long Metadata and the InlineFiles of long InlineData too."""
+        next_chunk, long_over = self._next, self._long_over
         while True:
-            got = next_chunk(self._buf, self._pos, len(self._buf))
+            if self._long is not None:
+                if self._pos == len(self._buf):
+                    return
+                piece = self._long_piece()
+                if piece is not None:
+                    yield piece
+                continue
+            got = next_chunk(self._buf, self._pos, len(self._buf), long_over)
             if isinstance(got, int):
                 return
             self._pos = got[1]
-            yield got[0]
+            chunk = got[0]
+            if type(chunk) is _Long:
+                assert self._spill is not None
+                self._long = (chunk.kind, chunk.length, self._spill(chunk.length) if chunk.kind == INLINE_DATA else None)
+                continue
+            yield chunk  # type: ignore[misc]
+
+    def _long_piece(self) -> Metadata | InlineFile | None:
+        """What the buffer holds of the long chunk being read: a Metadata piece, or (written
+        to its spill) nothing until the InlineData is whole."""
+        assert self._long is not None
+        kind, remaining, spill = self._long
+        take = min(len(self._buf) - self._pos, remaining)
+        with memoryview(self._buf)[self._pos : self._pos + take] as view:
+            out: Metadata | InlineFile | None = Metadata(bytes(view)) if spill is None else None
+            if spill is not None:
+                spill.write(view)
+        self._pos += take
+        remaining -= take
+        self._long = (kind, remaining, spill) if remaining else None
+        if not remaining and spill is not None:
+            out = spill.done()
+        return out
 
     def eof(self) -> None:
+        if self._long is not None:
+            raise Truncated(self._long[1])
         got = self._next(self._buf, self._pos, len(self._buf))
         if isinstance(got, int) and len(self._buf) > self._pos:
             raise Truncated(got)
+
+    def close(self) -> None:
+        """Give up a long InlineData still being read (its spill closed)."""
+        if self._long is not None and self._long[2] is not None:
+            self._long[2].close()
+        self._long = None
 
     @property
     def buffered(self) -> int:
@@ -242,13 +324,13 @@ def read_chunks(read: Callable[[int], bytes], bufsize: int = 1 << 16) -> Iterato
             decoder.eof()
             return
         decoder.feed(data)
-        yield from decoder.chunks()
+        yield from cast(Iterator[Chunk], decoder.chunks())  # (no spill: whole chunks)
 
 
 def decode(data: bytes) -> list[Chunk]:
     """Every chunk of a complete stream held in memory."""
     decoder = Decoder()
     decoder.feed(data)
-    out = list(decoder.chunks())
+    out = cast(list[Chunk], list(decoder.chunks()))  # (no spill: whole chunks)
     decoder.eof()
     return out

@@ -38,6 +38,15 @@ def shown(name: bytes | str, limit: int = 80) -> str:
     return repr(name) if len(name) <= limit else f"{name[:limit]!r}{_more(name)}"
 
 
+def clipped(text: str, limit: int = 200) -> str:
+    """A peer's message for an error line: printable, cut to `limit` characters with its
+    whole length said (a service's 300 kB error text made a 300 kB line)."""
+    shown = printable(text[:limit])
+    if len(text) <= limit and len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}{_more(text)}"  # (a control shows as 4 characters)
+
+
 def _more(name: bytes | str) -> str:
     """What marks a name cut: its whole length."""
     return f"... ({len(name)} {'bytes' if isinstance(name, bytes) else 'characters'})"

@@ -24,17 +24,23 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.streams import check_layer_count, parse_digest
 from pycfs.host.varlink.client import Client
+from pycfs.host.varlink.layers import MAX_DIR_COUNT, MAX_LIFETIME_FDS
 from pycfs.host.varlink.oci import ForkedFor, agreeing_layer_ids
 from pycfs.host.varlink.serve import open_service
-from pycfs.host.varlink.transfer import log_producer_failure
-from pycfs.host.varlink.transport import connect, socketpair
+from pycfs.host.varlink.transfer import check_directory_giver, log_producer_failure
+from pycfs.host.varlink.transport import ConnectionClosed, connect, socketpair
 from pycfs.host.workers.fork import Forked, fork_workers
 from pycfs.host.workers.batching import default_jobs
 from pycfs.protocol.fdpass import close_fds
-from pycfs.protocol.varlink import VarlinkError
+from pycfs.protocol.text import clipped
+from pycfs.protocol.varlink import VarlinkError, VarlinkProtocolError
 
 OCI = "org.composefs.Oci."
 REPO = "org.composefs.Repository."
+
+
+class LayerRefused(PycfsError):
+    """A layer the copy refused: the message names it and the source."""
 
 
 class CopyProgress(Protocol):
@@ -67,6 +73,8 @@ class Endpoint:
     # Another connection to the same service (handles are service-wide: the same handle
     # works on it), for layers moved side by side; None: this one connection only.
     new_client: Callable[[], Awaitable[Client]] | None = None
+    name: str = "the source"  # the service, for messages
+
 
     @asynccontextmanager
     async def lane(self, first: bool) -> AsyncIterator[Endpoint]:
@@ -76,7 +84,7 @@ class Endpoint:
             return
         client = await self.new_client()
         try:
-            yield Endpoint(client, self.handle, self.algorithm)
+            yield Endpoint(client, self.handle, self.algorithm, name=self.name)
         finally:
             client.close()
 
@@ -110,7 +118,7 @@ async def open_endpoint(address: str | None, repo: str, forked: list[Forked] | N
         try:
             reply = await client.call(REPO + "OpenRepository", {"path": repo})
             yield Endpoint(client, _field(reply.parameters, "handle", int, "OpenRepository"),
-                           reply.parameters.get("hash_algorithm") or "", new_client)
+                           _algorithm(reply.parameters), new_client, repo)
         finally:
             client.close()
             nursery.cancel_scope.cancel()
@@ -119,23 +127,47 @@ async def open_endpoint(address: str | None, repo: str, forked: list[Forked] | N
 async def copy_layer(src: Endpoint, dst: Endpoint, diff_id: str, zerocopy: bool,
                      storage: dict | None = None) -> dict:
     """GetLayer on the source, PutLayer on the destination; the lifetime fds are held
-    until PutLayer returns (the source keeps its directories usable until then)."""
+    until PutLayer returns (the source keeps its directories usable until then). The reply
+    may carry what the transport needs, no more: the pipe, dir_count directory slots (at
+    most MAX_DIR_COUNT) and MAX_LIFETIME_FDS lifetime fds, in as many frames at most (a
+    source sending frames for ever, each with fds, ran the client out of fds)."""
     fds: list[int] = []
     dir_count = None
+    frames = 0
+
+    def bad(what: str) -> LayerRefused:
+        return LayerRefused(f"layer {diff_id} from {src.name}: {what}; the service is broken or hostile: "
+                            "nothing of that layer was committed")
+
     try:
-        async for reply in src.client.call_more(OCI + "GetLayer", {
-            "handle": src.handle, "params": {"diff_id": diff_id, "storage": storage,
-                                             "consumer_has_cap_dac_override": os.geteuid() == 0}}):
-            fds += reply.fds
-            count = reply.parameters.get("dir_count")
-            if not isinstance(count, int) or count < 1 or (dir_count is not None and count != dir_count):
-                raise PycfsError(f"source sent a bad dir_count {count!r} for layer {diff_id}")
-            dir_count = count
+        try:
+            async for reply in src.client.call_more(OCI + "GetLayer", {
+                "handle": src.handle, "params": {"diff_id": diff_id, "storage": storage,
+                                                 "consumer_has_cap_dac_override": os.geteuid() == 0}}):
+                fds += reply.fds
+                frames += 1
+                count = reply.parameters.get("dir_count")
+                if type(count) is not int or not 1 <= count <= MAX_DIR_COUNT or dir_count not in (None, count):
+                    raise bad(f"a bad dir_count {count!r:.40} (at most {MAX_DIR_COUNT}, the same in every frame)")
+                dir_count = count
+                most = 1 + dir_count + MAX_LIFETIME_FDS
+                if len(fds) > most or frames > most:
+                    raise bad(f"{frames} GetLayer frames with {len(fds)} fds where dir_count {dir_count} needs "
+                              f"at most {most} of either")
+        except (VarlinkProtocolError, ConnectionClosed) as e:
+            raise bad(str(e)) from None
         assert dir_count is not None
         if len(fds) < dir_count + 2:
             raise PycfsError(f"source sent {len(fds)} fds for layer {diff_id}, need at least {dir_count + 2}")
-        reply = await dst.client.call(OCI + "PutLayer", {"handle": dst.handle, "diff_id": diff_id,
-                                                         "zerocopy": zerocopy}, fds[: 1 + dir_count])
+        try:
+            reply = await dst.client.call(OCI + "PutLayer", {"handle": dst.handle, "diff_id": diff_id,
+                                                             "zerocopy": zerocopy}, fds[: 1 + dir_count])
+        except VarlinkError as e:
+            message = e.parameters.get("message")
+            if e.name != OCI + "InvalidRequest" or not isinstance(message, str):
+                raise
+            # the destination refused what the source sent (its words say why)
+            raise LayerRefused(f"layer {diff_id} from {src.name}: {clipped(message, 400)}") from None
         return reply.parameters
     finally:
         close_fds(fds)
@@ -222,12 +254,18 @@ async def _copy_layers(src: Endpoint, dst: Endpoint, manifest_json: str, config_
                       seconds=time.monotonic() - started)
 
 
-def _field(parameters: dict, name: str, kind: type, method: str) -> Any:
-    """A reply's field of the given JSON type (a peer's answer, so checked)."""
+def _field(parameters: dict, name: str, kind: type, method: str, optional: bool = False) -> Any:
+    """A reply's field of the given JSON type (a peer's answer, so checked); ``optional``:
+    null or absent is None."""
     value = parameters.get(name)
-    if type(value) is not kind:
+    if type(value) is not kind and not (optional and value is None):
         raise PycfsError(f"the varlink service answered {method} without a valid {name!r} (got {value!r:.80})")
     return value
+
+
+def _algorithm(opened: dict) -> str:
+    """OpenRepository's hash_algorithm ("": not said)."""
+    return _field(opened, "hash_algorithm", str, "OpenRepository", optional=True) or ""
 
 
 def fork_destination_workers(destination: str) -> list[Forked]:
@@ -287,7 +325,14 @@ async def copy(source: str, source_repo: str | None, destination: str, image: st
                     open_endpoint(None, destination, forked) as dst:
                 return await copy_image(src, dst, image, name, zerocopy, progress)
         async def new_client() -> Client:
-            return Client(await connect(source))
+            conn = await connect(source)
+            try:
+                # its directories are opened here, with this process's rights
+                check_directory_giver(conn.peer_uid(), f"the service at {source}")
+            except BaseException:
+                conn.close()
+                raise
+            return Client(conn, timed=True)
 
         client = await new_client()
         try:
@@ -296,27 +341,29 @@ async def copy(source: str, source_repo: str | None, destination: str, image: st
                 raise PycfsError(f"{source} does not offer the splitdirfdstream-v0 layer transport")
             async with open_endpoint(None, destination, forked) as dst:
                 if "source-containers-storage" in features:
-                    return await copy_from_containers_storage(Endpoint(client, 0, dst.algorithm, new_client), dst, image,
+                    return await copy_from_containers_storage(Endpoint(client, 0, dst.algorithm, new_client, source), dst, image,
                                                               storage_root, name, zerocopy, progress)
                 if source_repo is None:
                     raise PycfsError(f"--from {source}: name the repository as the service sees it with --from-repo PATH")
                 reply = await client.call(REPO + "OpenRepository", {"path": source_repo})
                 src = Endpoint(client, _field(reply.parameters, "handle", int, "OpenRepository"),
-                               reply.parameters.get("hash_algorithm") or "", new_client)
+                               _algorithm(reply.parameters), new_client, source)
                 return await copy_image(src, dst, image, name, zerocopy, progress)
         finally:
             client.close()
+    except LayerRefused as e:
+        raise PycfsError(f"oci copy {image}: {e}") from None
     except VarlinkError as e:
         if short:
-            layer = f" layer {e.parameters.get('expected')}" if e.name == OCI + "DiffIdMismatch" else ""
+            layer = f" layer {clipped(str(e.parameters.get('expected')), 80)}" if e.name == OCI + "DiffIdMismatch" else ""
             raise PycfsError(f"oci copy {image}:{layer} from {source}: {short[0]}: the source is damaged; that layer "
                              "was not committed and no image was tagged (check the source with `pycfs fsck`)") from None
         if e.name == OCI + "NoSuchImage":
             raise PycfsError(f"no image {image!r} in {source_repo or source} (see `pycfs oci images` there)") from None
         if e.name == OCI + "DiffIdMismatch":
-            expected, actual = (str(e.parameters.get(k)) for k in ("expected", "actual"))
+            expected, actual = (clipped(str(e.parameters.get(k)), 80) for k in ("expected", "actual"))
             raise PycfsError(f"oci copy {image}: layer {expected} from {source_repo or source} came as {actual}: the "
                              "source is damaged or changed during the copy; that layer was not committed and no image "
                              "was tagged (check the source with `pycfs fsck --verify-layers`)") from None
         message = e.parameters.get("message")  # the service's own words, else the error's name and fields
-        raise PycfsError(f"oci copy {image}: {message if isinstance(message, str) and message else e}") from None
+        raise PycfsError(f"oci copy {image}: {clipped(message if isinstance(message, str) and message else str(e))}") from None

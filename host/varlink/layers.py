@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from pycfs.host import syscalls
+from pycfs.host.oci.streams import MAX_IMAGE_LAYERS
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.splitdirfdstream import (
     Chunk,
@@ -34,6 +35,11 @@ from pycfs.protocol.splitdirfdstream import (
 )
 
 MAX_FDS_PER_FRAME = 240
+# What a consumer takes of a GetLayer reply: dir_count slots for the real directories of a
+# chain of at most MAX_IMAGE_LAYERS layers and as many dummies, plus one (sparse_dir_slots);
+# lifetime fds: the keepalive and 0-2 dummies (the spec leaves the count open: some slack).
+MAX_DIR_COUNT = 2 * MAX_IMAGE_LAYERS + 1
+MAX_LIFETIME_FDS = 8
 RECONSTRUCT_BUFSIZE = 128 << 10
 
 

@@ -33,6 +33,7 @@ from pycfs.host.varlink.service import Handles, fsck_reply, identity, image_moun
 from pycfs.host.varlink.transfer import (
     DiffIdMismatch,
     LayerTransferError,
+    check_directory_giver,
     Producer,
     batch_limiter,
     open_objects_dir,
@@ -426,6 +427,10 @@ class OciInterface:
                 or fcntl.fcntl(ctx.fds[0], fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY):
             raise error("InvalidRequest", message="fd 0 of PutLayer must be the read end of a pipe")
         handle = ctx.params.integer("handle")
+        try:
+            check_directory_giver(ctx.conn.peer_uid(), "the PutLayer client")
+        except LayerTransferError as e:
+            raise VarlinkError("org.varlink.service.PermissionDenied", {"message": str(e)}) from None
         pool, limiter = await self.pools.get(repo)
         fds = ctx.take_fds()
         pipe, dirfds = fds[0], fds[1:]

@@ -7,9 +7,7 @@ are never reused; the service closes whatever is still open when it stops.
 from __future__ import annotations
 
 import os
-import socket
 import stat
-import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -152,8 +150,7 @@ def _has_meta(path: str) -> bool:
 
 
 def peer_uid(ctx: CallContext) -> int:
-    raw = ctx.conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", raw)[1]
+    return ctx.conn.peer_uid()
 
 
 async def image_mount_fd(ctx: CallContext, repo: Repository, image_id: bytes, bad_request: Callable[[str], VarlinkError]) -> Result:

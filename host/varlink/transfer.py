@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import hashlib
 import itertools
 import math
@@ -52,6 +53,7 @@ from pycfs.host.workers.batching import BATCH_BYTES, batch_files
 from pycfs.host.workers.pool import Failed, Pinned, Stored, WorkerPool
 from pycfs.protocol import worker_api as api
 from pycfs.protocol.fdpass import close_fds
+from pycfs.protocol.text import shown
 from pycfs.protocol.splitdirfdstream import (
     FILE_BACKED_DATA,
     FILE_HEADER,
@@ -63,6 +65,8 @@ from pycfs.protocol.splitdirfdstream import (
     DirfdIndexOutOfRange,
     FileBackedData,
     InlineData,
+    InlineFile,
+    Metadata,
     encode_metadata,
 )
 
@@ -81,9 +85,17 @@ KEEPALIVE_LIMIT = 3600.0
 # As long as the keep-alive: a working consumer may spend that long on one object (a 30 GB
 # file its filesystem cannot reflink, copied at 50 MB/s, takes 600 s).
 STALL_LIMIT = KEEPALIVE_LIMIT
-# How long a PutLayer producer may leave its pipe silent, neither writing nor closing it,
-# before the consumer gives up and commits nothing (it holds a worker's batches meanwhile).
-SILENCE_LIMIT = KEEPALIVE_LIMIT
+# How long a PutLayer producer (a peer's) may leave its pipe silent while the consumer waits
+# for it, neither writing nor closing it, before the consumer gives up and commits nothing
+# (it holds a worker's batches meanwhile). A working producer is never silent that long: it
+# writes as it reads its own files (the containers-storage one reads a file of up to
+# 256 MiB through its helper before sending it), and a slow consumer is not waiting.
+SILENCE_LIMIT = 120.0
+# What one layer's stream may reference in all: a real layer's files number in the hundreds
+# of thousands and its bytes in gigabytes; an endless stream (one file referenced again and
+# again, memory flat) otherwise never ended.
+MAX_LAYER_FILES = 1 << 22
+MAX_LAYER_BYTES = 1 << 40
 
 
 SendAll = Callable[[bytes], Awaitable[None]]
@@ -92,6 +104,25 @@ Producer = Callable[[SendAll], Awaitable[None]]  # writes a whole stream through
 
 class LayerTransferError(PycfsError):
     """A stream the consumer refuses (bad reference, wrong file, short data)."""
+
+
+def check_directory_giver(uid: int, who: str) -> None:
+    """Refuse directory fds from a peer running as another uid than this process, unless root.
+
+    The consumer opens the files a stream names beneath the directory fds a peer passed, with
+    this process's rights, not the peer's: had a peer of another uid passed a directory it
+    may open but whose files it may not read (`/etc` for `shadow`, any O_PATH fd of a 0700
+    directory), a consumer running as root would read them into objects anyone can read. The
+    simplest sound rule: the giver is this process's own uid (what it passes, this process
+    could open anyway) or root (which can read whatever this process can). Checking each
+    file's mode against the peer's credentials would have to redo the kernel's permission
+    checks (groups, ACLs, capabilities), and opening with the peer's fsuid would still carry
+    this process's groups."""
+    euid = os.geteuid()
+    if uid not in (0, euid):
+        raise LayerTransferError(
+            f"{who} runs as uid {uid}, this process as uid {euid}: files beneath the directories it passes would be "
+            f"opened with uid {euid}'s rights, so only uid {euid} or root may pass them (run both as one user)")
 
 
 class DiffIdMismatch(PycfsError):
@@ -262,7 +293,7 @@ def _add(batch: _Batch, item: _File | bytes) -> None:
 
 
 def _describe(chunk: FileBackedData) -> str:
-    return f"{chunk.name.decode(errors='replace')!r} (dirfd {chunk.dirfd_index})"
+    return f"{shown(chunk.name.decode(errors='replace'))} (dirfd {chunk.dirfd_index})"
 
 
 @dataclass(eq=False)
@@ -341,6 +372,10 @@ class LayerConsumer:
                 raise LayerTransferError(
                     f"dirfd slot {index} is not a directory (file type {stat.S_IFMT(st.st_mode):#o}, "
                     f"size {st.st_size}): a dummy fd was used as a directory")
+            # An O_PATH fd needs no read permission on the directory (any user can make one
+            # of a 0700 root directory): its opener showed no right to list or enter it.
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:
+                raise LayerTransferError(f"dirfd slot {index} is an O_PATH fd: pass a directory opened for reading")
             self._dir_checked.add(index)
         return fd
 
@@ -367,7 +402,8 @@ class LayerConsumer:
         the cost of a read, not of a hash). One task sends
         the batches to the sha256's worker in order, one writes the layer stream from the
         answers, in order, while this one reads on."""
-        decoder = Decoder()
+        decoder = Decoder(spill=_MemfdSpill)
+        files = size = 0  # referenced so far (see MAX_LAYER_FILES)
         batch = _Batch()
         # (as many as the limiter's tokens: a batch holds one from before it is sent on)
         to_send, sending = trio.open_memory_channel[_Batch](math.inf)
@@ -389,7 +425,22 @@ class LayerConsumer:
                                 decoder.eof()
                                 break
                             decoder.feed(data)
-                            items = await self._resolved(list(decoder.chunks()))
+                            chunks = _taken(decoder)
+                            try:
+                                for c in chunks:
+                                    if isinstance(c, FileBackedData):
+                                        files += 1
+                                        size += c.length
+                                    else:
+                                        size += c.size if isinstance(c, _File) else len(c.data)
+                                if files > MAX_LAYER_FILES or size > MAX_LAYER_BYTES:
+                                    raise LayerTransferError(
+                                        f"the stream goes on past {MAX_LAYER_FILES} files or {MAX_LAYER_BYTES >> 30} "
+                                        "GiB, more than a real layer holds: nothing was committed")
+                            except BaseException:
+                                _close([c for c in chunks if isinstance(c, _File)])
+                                raise
+                            items = await self._resolved(chunks)
                             try:
                                 while items:
                                     _add(batch, items.popleft())
@@ -409,6 +460,7 @@ class LayerConsumer:
                 if self._sha is not None:  # (every piece fed by now, in order)
                     obj = await self._sha.answer(await self._sha.send(api.LAYER_SHA256, [], {"layer": self.layer}))
         finally:
+            decoder.close()
             for b in (*self._pending, batch):
                 self._finish(b)
         self.collector.close()
@@ -546,12 +598,14 @@ class LayerConsumer:
             finally:
                 self._finish(batch)
 
-    async def _resolved(self, chunks: list[Chunk]) -> collections.deque[_File | bytes]:
+    async def _resolved(self, chunks: list[Chunk | _File]) -> collections.deque[_File | bytes]:
         """The chunks as batches take them: referenced files opened (small ones read), off
         the event loop, within OPEN_LIMIT: a directory fd from the client may lie on a FUSE
-        mount whose server does not answer, and the service serves others meanwhile."""
-        if not any(isinstance(c, FileBackedData) or len(c.data) > INLINE_CONTENT_MAX for c in chunks):
-            return collections.deque(c.data for c in chunks)  # (no thread for inline bytes alone)
+        mount whose server does not answer, and the service serves others meanwhile. The
+        _Files among them (content the decoder spilled) are taken: closed on failure."""
+        if all(isinstance(c, Metadata) or (isinstance(c, InlineData) and len(c.data) <= INLINE_CONTENT_MAX)
+               for c in chunks):  # (inline bytes alone: no thread)
+            return collections.deque(c.data for c in chunks)  # type: ignore[union-attr]
         lock = threading.Lock()
         state: dict[str, object] = {"abandoned": False, "done": None}
 
@@ -562,6 +616,7 @@ class LayerConsumer:
                     out.append(self._resolve(chunk))
             except BaseException:
                 _close([f for f in out if isinstance(f, _File)])
+                _close([c for c in chunks[len(out):] if isinstance(c, _File)])
                 raise
             with lock:
                 if state["abandoned"]:  # nobody takes them any more
@@ -583,9 +638,11 @@ class LayerConsumer:
                                          "on a mount that does not answer?): nothing was committed") from None
             raise
 
-    def _resolve(self, chunk: Chunk) -> _File | bytes:
+    def _resolve(self, chunk: Chunk | _File) -> _File | bytes:
         """A chunk as a batch takes it: a file to store (opened, or content the producer sent,
         put in a memfd), or inline bytes. Blocking: see `_resolved`."""
+        if isinstance(chunk, _File):  # (spilled as it came)
+            return chunk
         if isinstance(chunk, FileBackedData):
             fd = self._open(chunk)
             if chunk.length > INLINE_CONTENT_MAX:
@@ -676,6 +733,39 @@ def _results(answers: list[tuple[bytes, str] | Failed]) -> list[Stored | bytes |
     """A worker's answers as objects stored, digests (of files only digested) or failures."""
     return [r if isinstance(r, Failed) else r[0] if r[1] == api.DIGESTED else Stored(r[0], api.HOW[r[1]])
             for r in answers]
+
+
+class _MemfdSpill:
+    """A long InlineData chunk (file content the producer read itself), written to a memfd
+    as it arrives: to the workers as a file, never held whole here."""
+
+    def __init__(self, length: int) -> None:
+        self.fd = os.memfd_create("pycfs-filecontent", os.MFD_CLOEXEC)
+        self.length = length
+
+    def write(self, data: memoryview) -> None:
+        write_all(self.fd, data)
+
+    def done(self) -> InlineFile:
+        fd, self.fd = self.fd, -1
+        return InlineFile(fd, self.length)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _taken(decoder: Decoder) -> list[Chunk | _File]:
+    """The decoder's chunks so far, its InlineFiles as _Files (closed if it fails)."""
+    out: list[Chunk | _File] = []
+    try:
+        for c in decoder.chunks():
+            out.append(_File(c.fd, c.length, None) if isinstance(c, InlineFile) else c)
+    except BaseException:
+        _close([c for c in out if isinstance(c, _File)])
+        raise
+    return out
 
 
 def _close(files: list[_File]) -> None:

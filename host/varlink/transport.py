@@ -13,6 +13,7 @@ import math
 import os
 import select
 import socket
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,6 +77,12 @@ class Connection:
             self._decoder.feed(data, fds)
             self._queue.extend(self._decoder.messages())
         return self._queue.popleft()
+
+    def peer_uid(self) -> int:
+        """The uid of the process at the other end (SO_PEERCRED: as it was when it connected
+        or listened, in this user namespace)."""
+        raw = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return int(struct.unpack("3i", raw)[1])
 
     def hung_up(self) -> bool:
         """Whether the peer closed its end (or reset it), seen without reading anything."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+from typing import ClassVar
 
 import pytest
 from hypothesis import given, settings
@@ -247,3 +248,50 @@ def test_fd_layout_fds(tmp_path) -> None:
         for fd in lay.fds + [lay.keepalive_read, w]:
             if fd >= 0:
                 os.close(fd)
+
+
+class _ListSpill:
+    made: ClassVar[list[_ListSpill]] = []
+
+    def __init__(self, length: int) -> None:
+        self.length, self.data, self.closed = length, bytearray(), False
+        _ListSpill.made.append(self)
+
+    def write(self, data: memoryview) -> None:
+        self.data += data
+
+    def done(self) -> sd.InlineFile:
+        return sd.InlineFile(len(_ListSpill.made) - 1, self.length)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_decoder_with_a_spill_holds_no_long_chunk_whole() -> None:
+    """A 3 MiB Metadata chunk comes out in pieces as it arrives, a 3 MiB InlineData goes to
+    the spill as it arrives: the buffer holds at most a feed's worth (before: whole chunks,
+    each held several times over)."""
+    _ListSpill.made.clear()
+    meta, content = os.urandom(3 << 20), os.urandom(3 << 20)
+    stream = sd.encode_metadata(b"head") + sd.encode_metadata(meta) + sd.encode_inline_data(content) \
+        + sd.encode_inline_data(b"small") + sd.encode_file_backed_data(0, 5, b"f")
+    decoder = sd.Decoder(spill=_ListSpill)
+    out = []
+    for start in range(0, len(stream), 1 << 16):
+        decoder.feed(stream[start : start + (1 << 16)])
+        out += decoder.chunks()
+        assert decoder.buffered <= 1 << 16
+    decoder.eof()
+    metas = [c for c in out if isinstance(c, sd.Metadata)]
+    assert metas[0] == sd.Metadata(b"head") and b"".join(c.data for c in metas[1:]) == meta and len(metas) > 10
+    (spilled,) = [c for c in out if isinstance(c, sd.InlineFile)]
+    assert spilled == sd.InlineFile(0, 3 << 20) and bytes(_ListSpill.made[0].data) == content
+    assert out[-2:] == [sd.InlineData(b"small"), sd.FileBackedData(5, 0, b"f")]
+    # cut inside a long InlineData: Truncated, and close() gives its spill up
+    decoder = sd.Decoder(spill=_ListSpill)
+    decoder.feed(sd.encode_inline_data(content)[: 2 << 20])
+    assert list(decoder.chunks()) == []
+    with pytest.raises(sd.Truncated):
+        decoder.eof()
+    decoder.close()
+    assert _ListSpill.made[-1].closed

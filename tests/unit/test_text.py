@@ -42,3 +42,11 @@ def test_a_layout_of_many_tags_names_a_few_in_its_error(tmp_path):
     with pytest.raises(PycfsError) as refused:
         OciLayout(tmp_path).resolve("nope")
     assert len(str(refused.value)) < 300 and str(refused.value).endswith(", ... (20000 in all))")
+
+
+def test_clipped_cuts_a_peers_message_after_escaping_it():
+    from pycfs.protocol.text import clipped
+
+    assert clipped("a\nb") == "a\\x0ab"
+    assert clipped("x" * 300, 10) == "x" * 10 + "... (300 characters)"
+    assert clipped("\n" * 5, 10) == "\\x0a\\x0a\\x0"[:10] + "... (5 characters)"
