@@ -831,40 +831,65 @@ class Repository:
     # ---- symlinks, streams, images ---------------------------------------------------
 
     def _symlink(self, name: str, target: str) -> None:
-        """Make repo-relative `name` a relative symlink to repo-relative `target`, atomically."""
+        """Make repo-relative `name` a relative symlink to repo-relative `target`, atomically.
+        Its directories are made and entered following no symlink: a link put in their place
+        would have the link written elsewhere (fsck reports it, `--repair` removes it)."""
         link_parts = name.split("/")[:-1]
         target_parts = [p for p in target.split("/") if p not in ("", ".")]
         common = 0
         while common < min(len(link_parts), len(target_parts)) and link_parts[common] == target_parts[common]:
             common += 1
-        for i in range(1, len(link_parts) + 1):
-            try:
-                os.mkdir("/".join(link_parts[:i]), 0o755, dir_fd=self.dirfd)
-            except FileExistsError:
-                pass
         rel = "/".join([".."] * (len(link_parts) - common) + target_parts[common:])
+        last = name.rsplit("/", 1)[-1]
+        parent = self._made_dir(link_parts)
         try:
-            os.symlink(rel, name, dir_fd=self.dirfd)
-            return
-        except FileExistsError:
             try:
-                if os.readlink(name, dir_fd=self.dirfd) == rel:
-                    return
-            except OSError:
-                pass
-        for _ in range(16):
-            temp = _random_name(".symlink-")
-            try:
-                os.symlink(rel, temp, dir_fd=self.dirfd)
+                os.symlink(rel, last, dir_fd=parent)
+                return
             except FileExistsError:
-                continue
+                try:
+                    if os.readlink(last, dir_fd=parent) == rel:
+                        return
+                except OSError:
+                    pass
+            for _ in range(16):
+                temp = _random_name(".symlink-")  # (in the repository's root, as ever: no listing sees it)
+                try:
+                    os.symlink(rel, temp, dir_fd=self.dirfd)
+                except FileExistsError:
+                    continue
+                try:
+                    os.rename(temp, last, src_dir_fd=self.dirfd, dst_dir_fd=parent)
+                except OSError:
+                    os.unlink(temp, dir_fd=self.dirfd)
+                    raise
+                return
+            raise RepositoryError(f"could not replace symlink {name}")
+        finally:
+            if parent != self.dirfd:
+                os.close(parent)
+
+    def _made_dir(self, parts: Sequence[str]) -> int:
+        """The repository's directory at parts, made where missing, each level opened from
+        its parent following no symlink (the repository's own fd for no parts)."""
+        fd = self.dirfd
+        for i, part in enumerate(parts):
             try:
-                os.rename(temp, name, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
-            except OSError:
-                os.unlink(temp, dir_fd=self.dirfd)
-                raise
-            return
-        raise RepositoryError(f"could not replace symlink {name}")
+                os.mkdir(part, 0o755, dir_fd=fd)
+            except FileExistsError:
+                pass
+            try:
+                child = os.open(part, _DIR_NOFOLLOW, dir_fd=fd)
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise RepositoryError(f"{'/'.join(parts[:i + 1])} in {self.path} is a symlink or not a directory: "
+                                      "run `pycfs fsck --repair`") from None
+            finally:
+                if fd != self.dirfd:
+                    os.close(fd)
+            fd = child
+        return fd
 
     def sync(self) -> None:
         self._unsynced = False  # first: a commit while syncfs runs sets it again

@@ -23,14 +23,17 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.jsondoc import loads, read_document
 from pycfs.host.storage.config import StorageConfig, detect_driver
 from pycfs.host.storage.locks import ReadLocks
-from pycfs.host.storage.tarsplit import FileEntry, Segment, open_entries
 from pycfs.host.syscalls import RESOLVE_CONFINED
 from pycfs.protocol.text import listed, shown
+
+if TYPE_CHECKING:
+    from pycfs.host.storage.tarsplit import FileEntry, Segment
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HEX64_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
@@ -228,6 +231,8 @@ class Store:
     @contextlib.contextmanager
     def tar_split_entries(self, layer_id: str) -> Iterator[Iterator[Segment | FileEntry]]:
         """The layer's tar-split entries (`open_entries`), its file opened beneath the root."""
+        from pycfs.host.storage.tarsplit import open_entries  # (a re-pull reads no tar-split: 4 ms of imports)
+
         path = self.tar_split_path(layer_id)
         with self.beneath() as root, open_entries(str(path.relative_to(self.root)), root, str(path)) as entries:
             yield entries

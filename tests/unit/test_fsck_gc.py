@@ -437,6 +437,6 @@ def test_a_pull_records_its_image_again_and_fails_on_an_images_file(tmp_path):
         untag_image(repo, "img")
         shutil.rmtree(repo.path / "images")
         (repo.path / "images").write_bytes(b"junk")
-        with pytest.raises(OSError, match="Not a directory"):
+        with pytest.raises(PycfsError, match=r"^images in .* is a symlink or not a directory: run `pycfs fsck --repair`"):
             trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "img"))
         assert not (repo.path / "streams/refs/oci/img").is_symlink()

@@ -411,3 +411,21 @@ def test_only_a_regular_file_is_an_object_and_a_store_replaces_anything_else(rep
         assert w.finish() == (oid, False)
         assert repo.read_object(oid) == data and stat.S_ISREG(os.lstat(repo.object_path(oid)).st_mode)
     assert repo.has_objects(ids)
+
+
+def test_a_link_is_never_written_through_a_symlinked_directory(repo, tmp_path):
+    """streams/refs/oci made a link to a directory elsewhere: a tag was written there (gc and
+    fsck no longer follow it, but the write did); now refused, nothing made outside."""
+    w = repo.new_stream(CONTENT_OCI_LAYER)
+    w.write_inline(b"s")
+    repo.write_stream(w, "s")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (repo.path / "streams/refs").mkdir(parents=True, exist_ok=True)
+    os.symlink(outside, repo.path / "streams/refs/oci")
+    with pytest.raises(RepositoryError, match=r"^streams/refs/oci in .* is a symlink or not a directory: run `pycfs "
+                                              r"fsck --repair`"):
+        repo.set_stream_ref("oci/t", "s")
+    assert os.listdir(outside) == []
+    repo.set_stream_ref("other/t", "s")  # (a real directory, made as before)
+    assert os.readlink(repo.path / "streams/refs/other/t") == "../../s"
