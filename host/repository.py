@@ -615,12 +615,15 @@ class Repository:
         if temp_name is not None:
             os.unlink(temp_name, dir_fd=self._objects())
 
-    def ensure_object(self, data: bytes | bytearray | memoryview) -> bytes:
+    def ensure_object(self, data: bytes | bytearray | memoryview, *, unverified: bool = False) -> bytes:
         """Store in-memory bytes as an object (no size threshold); returns its id.
 
         These are images and streams, small, and a pull writes one again after finding it
         damaged: an existing object is re-hashed (milliseconds), and a damaged one replaced,
-        so the pull repairs it rather than keep a name that is not its content's digest."""
+        so the pull repairs it rather than keep a name that is not its content's digest.
+        ``unverified``: a layer stream whose tar was not checked against its diff_id; one
+        written now is marked so before it has its name (`stream_verified`), an existing one
+        is left as it is (its bytes were written and judged before)."""
         object_id = digest_bytes(data, self.alg)
         present = self.has_object(object_id)
         if present and self.object_intact(object_id):
@@ -629,6 +632,8 @@ class Repository:
         try:
             write_all(fd, data)
             fd = self._seal(fd)
+            if unverified:
+                _mark_unverified(fd)
         except BaseException:
             self._discard(fd, temp_name)
             raise
@@ -960,7 +965,7 @@ class Repository:
         return intact
 
     def write_stream(self, writer: SplitStreamWriter, name: str, ref: str | None = None, *,
-                     refs_durable: bool = False, images: Iterable[bytes] = ()) -> bytes:
+                     refs_durable: bool = False, images: Iterable[bytes] = (), verified: bool = True) -> bytes:
         """Store the splitstream, sync, then make it visible as streams/<name> (and a ref);
         ``images`` (stored objects) are recorded as images after the same sync.
 
@@ -969,16 +974,54 @@ class Repository:
         as it is then costs no sync: a re-pull rewrites its unchanged config and manifest
         streams, and syncfs waits for whatever else the filesystem has to write back."""
         check_name(name, "stream", allow_slash=False)
-        object_id = self.store_stream(writer)
+        object_id = self.store_stream(writer, verified=verified)
         self.publish_streams([(name, object_id)], images=images, refs_durable=refs_durable)
         if ref is not None:
             self.set_stream_ref(ref, name)
         return object_id
 
-    def store_stream(self, writer: SplitStreamWriter) -> bytes:
-        """Store the splitstream as an object, not yet visible (`publish_streams`); its id."""
+    def store_stream(self, writer: SplitStreamWriter, *, verified: bool = True) -> bytes:
+        """Store the splitstream as an object, not yet visible (`publish_streams`); its id.
+        ``verified=False``: a layer stream whose tar was not checked against its diff_id (a
+        containers-storage import without --verify-diffid): marked so when written now; a
+        verified one clears the mark of the same bytes stored before."""
         self.require_writable()
-        return self.ensure_object(writer.finish())
+        object_id = self.ensure_object(writer.finish(), unverified=not verified)
+        if verified:
+            self.mark_verified(object_id)
+        return object_id
+
+    def stream_verified(self, object_id: bytes) -> bool:
+        """Whether the layer stream object's tar may be taken as its name's diff_id: it was
+        not written by an import that did not check it (a tar header edited in
+        containers-storage passes its per-file checks: such a stream must not be reused by a
+        pull of the genuine layer from a source that is checked)."""
+        try:
+            fd = self.open_object(object_id)
+        except RepositoryError:
+            return False
+        try:
+            os.getxattr(fd, UNVERIFIED_XATTR)
+            return False
+        except OSError as e:
+            if e.errno in (errno.ENODATA, *syscalls.UNSUPPORTED_ERRNOS):
+                return True
+            raise
+        finally:
+            os.close(fd)
+
+    def mark_verified(self, object_id: bytes) -> None:
+        """The layer stream object's tar was checked against its diff_id: no longer marked
+        unverified (an object this user may not change keeps its mark: pulls then import
+        that layer again, checked, which is slower, never wrong)."""
+        fd = self.open_object(object_id)
+        try:
+            os.removexattr(fd, UNVERIFIED_XATTR)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.EACCES, errno.EPERM, *syscalls.UNSUPPORTED_ERRNOS):
+                raise
+        finally:
+            os.close(fd)
 
     def publish_streams(self, streams: Sequence[tuple[str, bytes]], *, images: Iterable[bytes] = (),
                         refs_durable: bool = False) -> None:
@@ -1141,6 +1184,21 @@ class ObjectWriter:
         if self._fd >= 0:
             self._repo._discard(self._fd, self._temp_name)
             self._fd = -1
+
+
+# The mark of a layer stream object whose tar was not checked against its diff_id (an xattr:
+# the object's bytes and verity stay those of the stream, and a hardlinked copy, the same
+# bytes, carries it along). A filesystem without user xattrs cannot carry it: there such a
+# stream is taken as checked (what pycfs did before the mark).
+UNVERIFIED_XATTR = "user.pycfs.unverified"
+
+
+def _mark_unverified(fd: int) -> None:
+    try:
+        os.setxattr(fd, UNVERIFIED_XATTR, b"1")
+    except OSError as e:
+        if e.errno not in syscalls.UNSUPPORTED_ERRNOS:
+            raise
 
 
 def _is_file(dirfd: int, name: str) -> bool:

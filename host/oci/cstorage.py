@@ -441,7 +441,8 @@ class LayerImport:
                 f"layer {rec.id[:12]}: rebuilt tar has digest sha256:{self.hasher.hexdigest()}, "
                 f"not its diff_id {self.layer.diff_id}"
             )
-        stream_id = self.repo.write_stream(self.writer, f"oci-layer-{self.layer.diff_id}")
+        stream_id = self.repo.write_stream(self.writer, f"oci-layer-{self.layer.diff_id}",
+                                           verified=self.hasher is not None)
         if self.collector is not None and self.tree is not None:
             self.collector.close()
             self.tree.apply(self.collector.take())
@@ -452,9 +453,12 @@ class LayerImport:
 def _stream_has_diffid(repo: Repository, stream_id: bytes, diff_id: str) -> bool:
     """Worker thread: whether a stored layer stream's tar hashes to `diff_id`."""
     try:
-        return "sha256:" + stream_digest(repo, stream_id, "sha256") == diff_id
+        if "sha256:" + stream_digest(repo, stream_id, "sha256") != diff_id:
+            return False
     except (PycfsError, OSError):
         return False
+    repo.mark_verified(stream_id)  # (checked now: later pulls from checked sources may take it)
+    return True
 
 
 async def coordinate(batches: trio.MemoryReceiveChannel) -> None:

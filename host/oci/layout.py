@@ -610,7 +610,8 @@ async def _pull_oci_layout(repo: Repository, source: str, tag: str | None, build
         progress.layers(list({d: desc.size for desc, d in layers.layers}.items()))
     todo: dict[str, Descriptor] = {}
     for desc, diff_id in layers.layers:
-        if repo.intact_stream(layer_stream_name(diff_id)) is None:
+        present = repo.intact_stream(layer_stream_name(diff_id))
+        if present is None or not repo.stream_verified(present):  # (an unchecked one is imported again, checked)
             todo.setdefault(diff_id, desc)
         elif progress is not None:
             progress.layer_done(diff_id, True)

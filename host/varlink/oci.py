@@ -385,6 +385,8 @@ class OciInterface:
         repo = self.repo(ctx)
         diff_id = check_digest(ctx.params.string("diff_id"), "diff_id")
         layer = repo.has_stream(layer_stream_name(diff_id))
+        if layer is not None and not repo.stream_verified(layer):
+            layer = None  # its tar was never checked against the diff_id: a PutLayer (checked) replaces it
         return {"present": layer is not None, "layer_verity": layer.hex() if layer is not None else None}
 
     async def get_layer(self, ctx: CallContext) -> Result:

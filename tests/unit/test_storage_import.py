@@ -941,3 +941,75 @@ def test_an_image_changed_while_the_helper_started_is_not_tagged(tmp_path, repo,
     with pytest.raises(PycfsError, match="changed in containers-storage while the helper started"):
         trio.run(pull)
     assert reads == 2 and list_images(repo) == []
+
+
+def _layout_of(path, layers) -> None:
+    """A minimal OCI layout of these (uncompressed) layers' tars, tagged "latest"."""
+    blobs = path / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def blob(data: bytes) -> dict:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"digest": f"sha256:{digest}", "size": len(data)}
+
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": [l.diff_id for l in layers]}}).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **blob(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **blob(l.tar)} for l in layers]}).encode()
+    (path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", **blob(manifest),
+         "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}))
+    (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+
+@pytest.mark.parametrize("edited", [False, True])
+def test_a_layer_imported_unchecked_is_not_reused_by_a_checked_source(tmp_path, repo, edited):
+    """A tar header edited in containers-storage (a file made setuid, its checksum fixed)
+    passes the per-file checks; the layer stream the default pull (no --verify-diffid) made
+    of it was taken as that diff_id by a later oci:DIR pull of the genuine layer ("already
+    present") and by HasLayer. Now such a stream is marked unchecked: the checked source
+    imports the layer again, which replaces an edited stream or, for the same bytes, clears
+    the mark."""
+    from pycfs.host.oci.layout import pull_oci_layout
+    from pycfs.host.varlink.client import Client
+    from pycfs.host.varlink.serve import open_service
+    from pycfs.host.varlink.transport import socketpair
+
+    fake, layer, _diff = _single(tmp_path, {"big": BIG})
+    if edited:
+        header = {100: b"0004755\0"}  # the mode, setuid
+        _patch_header(fake, layer, b"big", header)
+        entries = list(iter_entries(io.BytesIO((fake.layers_dir / f"{layer.id}.tar-split.gz").read_bytes())))
+        at = next(i for i, e in enumerate(entries) if isinstance(e, FileEntry) and e.name == b"big")
+        raw = bytearray(entries[at - 1].data)
+        h = len(raw) - 512
+        raw[h + 148:h + 156] = b" " * 8
+        raw[h + 148:h + 156] = b"%06o\0 " % sum(raw[h:h + 512])
+        _patch_header(fake, layer, b"big", {148: bytes(raw[h + 148:h + 156])})
+    _pull(repo, fake)
+    stored = repo.has_stream(f"oci-layer-{layer.diff_id}")
+    assert stored is not None and not repo.stream_verified(stored)
+
+    async def has_layer() -> bool:
+        async with open_service() as server:
+            conn, sock = socketpair()
+            server.nursery.start_soon(server.serve_connection, sock)
+            client = Client(conn)
+            handle = (await client.call("org.composefs.Repository.OpenRepository",
+                                        {"path": str(tmp_path / "repo")})).parameters["handle"]
+            present = (await client.call("org.composefs.Oci.HasLayer", {"handle": handle,
+                                                                          "diff_id": layer.diff_id})).parameters
+            client.close()
+            return present["present"]
+
+    assert trio.run(has_layer) is False
+    _layout_of(tmp_path / "oci", [layer])
+    result = trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "oci"), "genuine", jobs=1))
+    assert result.stats.layers_already_present == 0
+    assert _cat(repo, layer.diff_id) == layer.tar  # the genuine tar, whatever the store held
+    again = repo.has_stream(f"oci-layer-{layer.diff_id}")
+    assert repo.stream_verified(again) and (again != stored) is edited
+    assert trio.run(has_layer) is True
