@@ -25,7 +25,7 @@ import signal
 import stat
 import string
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 from pathlib import Path
@@ -905,7 +905,7 @@ class Repository:
             raise
 
     def _link_target_id(self, relname: str) -> bytes | None:
-        target = self._readlink(relname)
+        target = self.read_link(relname)
         if target is None:
             return None
         try:
@@ -1052,7 +1052,7 @@ class Repository:
         check_name(name, "stream", allow_slash=True)
         stream: str | None = name
         if "/" in name:  # a ref: its target is a stream's link in streams/
-            target = self._readlink(f"streams/{name}")
+            target = self.read_link(f"streams/{name}")
             if target is not None:
                 stream = posixpath.normpath(posixpath.join("streams", posixpath.dirname(name), target))
                 if not stream.startswith("streams/") or "/" in stream[len("streams/"):]:
@@ -1066,16 +1066,54 @@ class Repository:
             raise RepositoryError(f"no stream {name!r} in {self.path}")
         return self.stream_bytes(object_id)
 
-    def _readlink(self, relname: str) -> str | None:
-        """The target of the symlink at relname; None when there is none."""
+    def read_link(self, relname: str) -> str | None:
+        """The target of the symlink at relname; None when there is none. Its directory is
+        entered following no symlink (a refs directory made a link to elsewhere is not read)."""
+        with self._parent_of(relname) as (parent, last):
+            if parent is None:
+                return None
+            try:
+                return os.readlink(last, dir_fd=parent)
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    raise RepositoryError(f"{relname} in {self.path} is not a symlink: run `pycfs fsck --repair`") from None
+                raise
+
+    def remove_link(self, relname: str) -> bool:
+        """Remove the symlink at relname, its directory entered following no symlink (a link
+        to elsewhere would have a file there removed); False when there is none."""
+        with self._parent_of(relname) as (parent, last):
+            if parent is None:
+                return False
+            try:
+                if not stat.S_ISLNK(os.stat(last, dir_fd=parent, follow_symlinks=False).st_mode):
+                    raise RepositoryError(f"{relname} in {self.path} is not a symlink: run `pycfs fsck --repair`")
+                os.unlink(last, dir_fd=parent)
+            except FileNotFoundError:
+                return False
+            return True
+
+    @contextlib.contextmanager
+    def _parent_of(self, relname: str) -> Iterator[tuple[int | None, str]]:
+        """(fd of relname's directory or None when it is missing, relname's last part)."""
+        head, _, last = relname.rpartition("/")
         try:
-            return os.readlink(relname, dir_fd=self.dirfd)
+            fd = open_dir_nofollow(self.dirfd, head) if head else self.dirfd
         except FileNotFoundError:
-            return None
+            yield None, last
+            return
         except OSError as e:
-            if e.errno == errno.EINVAL:
-                raise RepositoryError(f"{relname} in {self.path} is not a symlink: run `pycfs fsck --repair`") from None
-            raise
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            raise RepositoryError(f"a directory of {relname} in {self.path} is a symlink or not a directory: "
+                                  "run `pycfs fsck --repair`") from None
+        try:
+            yield fd, last
+        finally:
+            if fd != self.dirfd:
+                os.close(fd)
 
     def open_stream(self, name: str, expected_content_type: int | None = None) -> SplitStreamReader:
         return SplitStreamReader(self.stream_data(name), self.alg, expected_content_type, name=name)

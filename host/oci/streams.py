@@ -13,7 +13,6 @@ A tag is the symlink streams/refs/oci/<encoded tag> -> ../../oci-manifest-<diges
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -93,20 +92,15 @@ def tag_image(repo: Repository, tag: str, manifest_digest: str) -> None:
 
 def untag_image(repo: Repository, tag: str) -> None:
     check_tag(tag)
-    try:
-        os.unlink(f"streams/refs/{TAG_DIR}/{encode_tag(tag)}", dir_fd=repo.dirfd)
-    except FileNotFoundError:
-        raise PycfsError(f"no image tagged {tag!r}") from None
+    if not repo.remove_link(f"streams/refs/{TAG_DIR}/{encode_tag(tag)}"):
+        raise PycfsError(f"no image tagged {tag!r}")
 
 
 def resolve_tag(repo: Repository, tag: str) -> str | None:
     """The manifest digest a tag points at, or None if there is no such tag."""
     check_tag(tag)
-    try:
-        target = os.readlink(f"streams/refs/{TAG_DIR}/{encode_tag(tag)}", dir_fd=repo.dirfd)
-    except FileNotFoundError:
-        return None
-    return _manifest_digest_of_link(tag, target)
+    target = repo.read_link(f"streams/refs/{TAG_DIR}/{encode_tag(tag)}")
+    return None if target is None else _manifest_digest_of_link(tag, target)
 
 
 def _manifest_digest_of_link(tag: str, target: str) -> str:

@@ -429,3 +429,22 @@ def test_a_link_is_never_written_through_a_symlinked_directory(repo, tmp_path):
     assert os.listdir(outside) == []
     repo.set_stream_ref("other/t", "s")  # (a real directory, made as before)
     assert os.readlink(repo.path / "streams/refs/other/t") == "../../s"
+
+
+def test_a_tag_is_never_read_or_removed_through_a_symlinked_directory(repo, tmp_path):
+    """streams/refs/oci made a link to a directory elsewhere: `untag victim` removed the file
+    of that name there, and a tag was read from there; now both are refused in one line."""
+    from pycfs.host.oci.streams import resolve_tag, untag_image
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"keep me")
+    os.symlink("../../oci-manifest-sha256:" + "a" * 64, outside / "t")
+    (repo.path / "streams/refs").mkdir(parents=True, exist_ok=True)
+    os.symlink(outside, repo.path / "streams/refs/oci")
+    why = r"^a directory of streams/refs/oci/\w+ in .* is a symlink or not a directory: run `pycfs fsck --repair`"
+    with pytest.raises(RepositoryError, match=why):
+        untag_image(repo, "victim")
+    with pytest.raises(RepositoryError, match=why):
+        resolve_tag(repo, "t")
+    assert (outside / "victim").read_bytes() == b"keep me"
