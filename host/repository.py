@@ -886,10 +886,7 @@ class Repository:
             try:
                 child = os.open(part, _DIR_NOFOLLOW, dir_fd=fd)
             except OSError as e:
-                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-                    raise
-                raise RepositoryError(f"{'/'.join(parts[:i + 1])} in {self.path} is a symlink or not a directory: "
-                                      "run `pycfs fsck --repair`") from None
+                self._no_directory(e, "/".join(parts[:i + 1]))
             finally:
                 if fd != self.dirfd:
                     os.close(fd)
@@ -1095,6 +1092,14 @@ class Repository:
                 return False
             return True
 
+    def _no_directory(self, e: OSError, what: str) -> NoReturn:
+        """Raise for an open of one of the repository's directories that failed: a symlink or
+        something else in its place is damage fsck reports."""
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise e
+        raise RepositoryError(f"{what} in {self.path} is a symlink or not a directory: run `pycfs fsck --repair`") \
+            from None
+
     @contextlib.contextmanager
     def _parent_of(self, relname: str) -> Iterator[tuple[int | None, str]]:
         """(fd of relname's directory or None when it is missing, relname's last part)."""
@@ -1105,10 +1110,7 @@ class Repository:
             yield None, last
             return
         except OSError as e:
-            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-                raise
-            raise RepositoryError(f"a directory of {relname} in {self.path} is a symlink or not a directory: "
-                                  "run `pycfs fsck --repair`") from None
+            self._no_directory(e, f"a directory of {relname}")
         try:
             yield fd, last
         finally:
