@@ -125,7 +125,7 @@ def _list_objects(repo: Repository, report: FsckReport) -> tuple[list[tuple[str,
                     odd.append(rel_sub)
                 continue
             try:
-                subdir = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=top)
+                subdir = open_dir_nofollow(top, sub)
             except OSError as e:
                 report.add("unexpected-file", rel_sub, f"cannot be opened: {e.strerror}")
                 continue

@@ -175,8 +175,7 @@ def _unreachable(repo: Repository, live: set[bytes], result: GcResult) -> dict[s
             if not entry.is_dir(follow_symlinks=False):
                 raise PycfsError(f"{rel_sub} is not a directory")
             try:
-                subdir = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 dir_fd=objects)
+                subdir = open_dir_nofollow(objects, entry.name)
             except OSError as e:
                 if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise
@@ -216,7 +215,7 @@ def _remove_objects(repo: Repository, doomed: dict[str, list[str]]) -> None:
     objects = open_dir_nofollow(repo.dirfd, "objects")
     try:
         for sub, names in doomed.items():
-            fd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=objects) if sub else objects
+            fd = open_dir_nofollow(objects, sub) if sub else objects
             try:
                 for name in names:
                     os.unlink(name, dir_fd=fd)
