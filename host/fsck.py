@@ -17,7 +17,6 @@ removed. Nothing that checks out is touched.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
 from pycfs.host.progress import StepProgress
 from pycfs.host.oci.streams import TAG_DIR
-from pycfs.host.repository import LAYOUT_DIRS, REF_DEPTH_LIMIT, Repository, open_dir_nofollow, remove_entry
+from pycfs.host.repository import REF_DEPTH_LIMIT, Repository, open_dir_nofollow
 from pycfs.host.splitstream import SplitStreamReader
 from pycfs.host.streamcat import stream_digest
 from pycfs.protocol.text import is_clean_text, printable
@@ -256,22 +255,14 @@ def _is_dir(repo: Repository, rel: str) -> bool:
 def _check_layout(repo: Repository, report: FsckReport) -> list[str]:
     """Each directory of the layout is a directory of the repository (or absent); returns the
     entries in their place (reported), which a repair removes: a link goes, never its target."""
-    bad: list[str] = []
-    for top in LAYOUT_DIRS:
-        if any(top.startswith(b + "/") for b in bad):
-            continue
-        try:
-            st = os.stat(top, dir_fd=repo.dirfd, follow_symlinks=False)
-        except OSError:
-            continue
-        if stat.S_ISLNK(st.st_mode):
+    bad = repo.layout_damage()
+    for top, kind in bad:
+        if kind == "symlink":
             report.add("layout-not-directory", top, "a symlink: pycfs keeps it in the repository and never "
                        "follows this link (a repair removes the link, not what it names)")
-            bad.append(top)
-        elif not stat.S_ISDIR(st.st_mode):
+        else:
             report.add("layout-not-directory", top, "not a directory (a repair removes it)")
-            bad.append(top)
-    return bad
+    return [top for top, _ in bad]
 
 
 def _check_refs(repo: Repository, top: str, report: FsckReport) -> list[str]:
@@ -386,20 +377,8 @@ def _verify_layers(repo: Repository, report: FsckReport, progress: StepProgress,
 
 
 def _remove(repo: Repository, rel: str, report: FsckReport) -> None:
-    """Remove rel (a directory with its content), following no symlink: its parent is opened
-    from the repository one component at a time with O_NOFOLLOW."""
-    parent, _, name = rel.rpartition("/")
-    try:
-        fd = open_dir_nofollow(repo.dirfd, parent) if parent else repo.dirfd
-    except OSError:
-        return  # its parent went (removed before it) or is no directory: nothing to remove there
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            remove_entry(fd, name)
-            report.repaired.append(printable(rel))
-    finally:
-        if fd != repo.dirfd:
-            os.close(fd)
+    if repo.remove_path(rel):
+        report.repaired.append(printable(rel))
 
 
 # ---------------------------------------------------------------------------- fsck

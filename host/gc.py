@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pycfs.host.erofs.objects import image_object_ids
 from pycfs.host.errors import PycfsError
 from pycfs.host.progress import StepProgress
-from pycfs.host.repository import LAYOUT_DIRS, Repository, open_dir_nofollow
+from pycfs.host.repository import Repository, open_dir_nofollow
 
 # How long gc waits for the repository's other users: a pull holds it for its length, a
 # FUSE mount or a varlink service with the repository open for as long as they run.
@@ -77,15 +77,10 @@ def _ref_links(repo: Repository, top: str) -> list[tuple[str, str]]:
 
 
 def _check_layout(repo: Repository) -> None:
-    for top in LAYOUT_DIRS:
-        try:
-            st = os.stat(top, dir_fd=repo.dirfd, follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISLNK(st.st_mode):
+    for top, kind in repo.layout_damage():
+        if kind == "symlink":
             raise PycfsError(f"{top} is a symlink, which gc does not follow")
-        if not stat.S_ISDIR(st.st_mode):
-            raise PycfsError(f"{top} is not a directory")
+        raise PycfsError(f"{top} is not a directory")
 
 
 def live_objects(repo: Repository) -> set[bytes]:

@@ -1100,9 +1100,42 @@ class Repository:
         raise RepositoryError(f"{what} in {self.path} is a symlink or not a directory: run `pycfs fsck --repair`") \
             from None
 
+    def remove_path(self, relname: str) -> bool:
+        """Remove relname, a directory with everything below it, following no symlink (a link
+        goes, never what it names); False when there is nothing there to remove (it, or a
+        directory on its way, is missing, or that directory is a link or no directory)."""
+        with self._parent_of(relname, lenient=True) as (parent, last):
+            if parent is None:
+                return False
+            try:
+                remove_entry(parent, last)
+            except FileNotFoundError:
+                return False
+            return True
+
+    def layout_damage(self) -> list[tuple[str, str]]:
+        """The directories of the layout (LAYOUT_DIRS) that are not directories of the
+        repository itself, as (path, "symlink" or "not a directory"); nothing below one of
+        them is looked at. A missing one is no damage: the next store makes it."""
+        bad: list[tuple[str, str]] = []
+        for top in LAYOUT_DIRS:
+            if any(top.startswith(path + "/") for path, _ in bad):
+                continue
+            try:
+                st = os.stat(top, dir_fd=self.dirfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                bad.append((top, "symlink"))
+            elif not stat.S_ISDIR(st.st_mode):
+                bad.append((top, "not a directory"))
+        return bad
+
     @contextlib.contextmanager
-    def _parent_of(self, relname: str) -> Iterator[tuple[int | None, str]]:
-        """(fd of relname's directory or None when it is missing, relname's last part)."""
+    def _parent_of(self, relname: str, lenient: bool = False) -> Iterator[tuple[int | None, str]]:
+        """(fd of relname's directory or None when it is missing, relname's last part). A
+        directory on the way that is a link or no directory is damage (RepositoryError), or,
+        ``lenient``, as good as missing."""
         head, _, last = relname.rpartition("/")
         try:
             fd = open_dir_nofollow(self.dirfd, head) if head else self.dirfd
@@ -1110,7 +1143,10 @@ class Repository:
             yield None, last
             return
         except OSError as e:
-            self._no_directory(e, f"a directory of {relname}")
+            if not (lenient and e.errno in (errno.ELOOP, errno.ENOTDIR)):
+                self._no_directory(e, f"a directory of {relname}")
+            yield None, last
+            return
         try:
             yield fd, last
         finally:
