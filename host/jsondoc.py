@@ -32,15 +32,10 @@ def parse_object(raw: bytes | str, what: str, error: type[PycfsError] = PycfsErr
     return doc
 
 
-def read_document(path: str | os.PathLike, limit: int, error: type[PycfsError] = PycfsError, *,
-                  dir_fd: int | None = None, follow: bool = True, name: str | None = None,
-                  resolve: int = 0) -> bytes:
-    """The content of the regular file at path (relative to ``dir_fd`` if given; a symlink
-    followed unless ``follow`` is False; ``resolve``: openat2's RESOLVE_* flags, e.g. to
-    stay beneath ``dir_fd``), at most `limit` bytes. FileNotFoundError passes through (the
-    caller says what a missing file means); anything else is `error` naming the file
-    (``name``, else path). Nothing but a regular file is opened: a fifo would block the
-    read, a device feed it without end or act on its open."""
+def open_document(path: str | os.PathLike, error: type[PycfsError] = PycfsError, *, dir_fd: int | None = None,
+                  follow: bool = True, name: str | None = None, resolve: int = 0) -> int:
+    """An fd of the regular file at path, as `read_document` opens it (its arguments);
+    FileNotFoundError passes through, anything else is `error` naming the file."""
     shown = name or os.fspath(path)
     try:
         fd, _ = syscalls.open_regular(syscalls.AT_FDCWD if dir_fd is None else dir_fd, os.fsencode(path),
@@ -53,6 +48,20 @@ def read_document(path: str | os.PathLike, limit: int, error: type[PycfsError] =
         why = "it leads out of its directory or through a symlink" if e.errno in (errno.EXDEV, errno.ELOOP) \
             and resolve else e.strerror
         raise error(f"cannot read {shown}: {why}") from None
+    return fd
+
+
+def read_document(path: str | os.PathLike, limit: int, error: type[PycfsError] = PycfsError, *,
+                  dir_fd: int | None = None, follow: bool = True, name: str | None = None,
+                  resolve: int = 0) -> bytes:
+    """The content of the regular file at path (relative to ``dir_fd`` if given; a symlink
+    followed unless ``follow`` is False; ``resolve``: openat2's RESOLVE_* flags, e.g. to
+    stay beneath ``dir_fd``), at most `limit` bytes. FileNotFoundError passes through (the
+    caller says what a missing file means); anything else is `error` naming the file
+    (``name``, else path). Nothing but a regular file is opened: a fifo would block the
+    read, a device feed it without end or act on its open."""
+    shown = name or os.fspath(path)
+    fd = open_document(path, error, dir_fd=dir_fd, follow=follow, name=name, resolve=resolve)
     try:
         with os.fdopen(fd, "rb") as f:
             data = f.read(limit + 1)

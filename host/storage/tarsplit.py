@@ -29,7 +29,7 @@ import pybase64
 
 from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
-from pycfs.host.jsondoc import parse_object
+from pycfs.host.jsondoc import open_document, parse_object
 
 TYPE_FILE = 1
 TYPE_SEGMENT = 2
@@ -277,11 +277,9 @@ def open_entries(path: str, dir_fd: int | None = None,
     the file's name in messages). Nothing but a regular file is opened."""
     shown = name or path
     try:
-        fd, _ = syscalls.open_regular(syscalls.AT_FDCWD if dir_fd is None else dir_fd, os.fsencode(path),
-                                      follow=dir_fd is None, resolve=0 if dir_fd is None else syscalls.RESOLVE_CONFINED)
-    except syscalls.NotRegularFile as e:
-        raise TarSplitError(f"{shown} is {e.kind}, not a regular file") from None
-    except OSError as e:
+        fd = open_document(path, TarSplitError, dir_fd=dir_fd, follow=dir_fd is None, name=name,
+                           resolve=0 if dir_fd is None else syscalls.RESOLVE_CONFINED)
+    except FileNotFoundError as e:
         raise TarSplitError(f"cannot read {shown}: {e.strerror}") from e
     with os.fdopen(fd, "rb") as f:
         yield _reading(iter_entries(f, shown), shown)
