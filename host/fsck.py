@@ -395,14 +395,18 @@ def fsck(repo: Repository, metadata_only: bool = False, *, verify_layers: bool =
     if repair:  # first: the phases below then see the layout a pull would make again
         for rel in bad_layout:
             _remove(repo, rel, report)
-    if not metadata_only:
+    # objects/ not a directory of the repository (left as it is): no object can be looked
+    # at, so no stream or image checked; the report says what a repair removes first.
+    no_objects = "objects" in bad_layout and not repair
+    if not metadata_only and not no_objects:
         bad_objects = _check_objects(repo, report, progress, jobs)
         if repair:
             for rel in bad_objects:
                 _remove(repo, rel, report)
     rehash = metadata_only  # else the objects phase has hashed them all
-    bad = _check_streams(repo, report, progress, rehash) + _check_images(repo, report, progress, rehash)
-    if verify_layers:
+    bad = [] if no_objects else \
+        _check_streams(repo, report, progress, rehash) + _check_images(repo, report, progress, rehash)
+    if verify_layers and not no_objects:
         bad += _verify_layers(repo, report, progress, set(bad))
     if repair:
         for rel in bad:

@@ -356,7 +356,10 @@ class Repository:
                         os.mkdir("objects", 0o777, dir_fd=self.dirfd)
                     except FileExistsError:
                         pass
-                    self._objects_fd = os.open("objects", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.dirfd)
+                    try:  # not followed, as gc and fsck do not: objects elsewhere are not this repository's
+                        self._objects_fd = os.open("objects", _DIR_NOFOLLOW, dir_fd=self.dirfd)
+                    except OSError as e:
+                        self._no_directory(e, "objects")
         return self._objects_fd
 
     def _objects_dev(self) -> int:

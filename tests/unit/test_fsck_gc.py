@@ -195,9 +195,10 @@ def test_gc_and_fsck_never_list_or_delete_through_a_symlinked_object_subdirector
 
 def test_a_symlinked_objects_directory_is_reported_and_never_walked(tmp_path):
     """objects -> a directory elsewhere: fsck said nothing and gc (and fsck --repair)
-    deleted there; now fsck reports it, gc refuses, and --repair removes the link alone."""
+    deleted there; now fsck reports it, gc refuses, reads and stores refuse (they read and
+    wrote there), and --repair removes the link alone."""
     with Repository.init(tmp_path / "repo") as r:
-        layer(r, "l1", [b"k" * 100], ref="keep")
+        stream_id, _ = layer(r, "l1", [b"k" * 100], ref="keep")
     elsewhere = tmp_path / "elsewhere"
     os.rename(tmp_path / "repo/objects", elsewhere)
     os.symlink(elsewhere, tmp_path / "repo/objects")
@@ -205,6 +206,10 @@ def test_a_symlinked_objects_directory_is_reported_and_never_walked(tmp_path):
     junk.parent.mkdir(exist_ok=True)
     junk.write_bytes(b"junk")
     before = sorted(str(p.relative_to(elsewhere)) for p in elsewhere.rglob("*"))
+    for act in (lambda repo: repo.stream_bytes(stream_id), lambda repo: layer(repo, "l2", [b"n" * 100])):
+        with Repository.open(tmp_path / "repo") as repo, pytest.raises(
+                PycfsError, match=r"^objects in .*/repo is a symlink or not a directory: run `pycfs fsck --repair`$"):
+            act(repo)
     with Repository.open(tmp_path / "repo") as repo:
         assert ("layout-not-directory", "objects") in [(k, p) for k, p, _ in fsck(repo).errors]
         with pytest.raises(PycfsError, match=r"^gc: cannot tell what is live \(objects is a symlink, which gc does "
