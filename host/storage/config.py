@@ -74,12 +74,24 @@ def find_config_file(env: Mapping[str, str] | None = None, uid: int | None = Non
     if uid != 0:
         xdg = env.get("XDG_CONFIG_HOME")
         user_conf = os.path.join(xdg or os.path.join(_home(env, uid), ".config"), "containers/storage.conf")
-        if os.path.isfile(user_conf):
+        if _present(user_conf):
             return user_conf, "user"
     for path in SYSTEM_CONFS:
-        if os.path.isfile(path):
+        if _present(path):
             return path, "system"
     return None, "none"
+
+
+def _present(path: str) -> bool:
+    """Whether podman reads path: it does when anything is there, so a fifo or directory
+    in a storage.conf's place is an error, never a silent fall-back to the next file (whose
+    store may hold another image of the same name)."""
+    if os.path.isfile(path):
+        return True
+    if os.path.exists(path):
+        raise PycfsError(f"{path} is not a regular file: podman reads its storage configuration there; "
+                         "make it a file or remove it")
+    return False
 
 
 def _parse(path: str) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,18 @@ def test_xdg_config_home(home, tmp_path):
     _write(home / ".config/containers/storage.conf", '[storage]\ndriver = "vfs"\n')
     env = {"HOME": str(home), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
     assert find_config_file(env, 1000) == (str(conf), "user")
+
+
+@pytest.mark.parametrize("make", [os.mkfifo, os.mkdir])
+def test_a_user_file_that_is_no_file_is_one_line_not_the_system_file(home, make):
+    """A fifo or directory in the user's storage.conf's place: the system file (another
+    store, maybe another image of the name) was read instead, silently."""
+    _write(Path(cfg.SYSTEM_CONFS[0]), '[storage]\ndriver = "vfs"\n')
+    (home / ".config/containers").mkdir(parents=True)
+    make(home / ".config/containers/storage.conf")
+    with pytest.raises(PycfsError, match=r"^.*/home/.config/containers/storage.conf is not a regular file: podman "
+                                         r"reads its storage configuration there; make it a file or remove it$"):
+        load_storage_config(env={"HOME": str(home)}, uid=1000)
 
 
 def test_system_file_graphroot_is_roots_not_the_users(home, tmp_path):
