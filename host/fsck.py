@@ -46,6 +46,10 @@ class FsckReport:
     layers_verified: int = 0
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, path, detail)
     repaired: list[str] = field(default_factory=list)  # what repair removed, as repo-relative paths
+    # Layer streams imported unchecked (marked, `Repository.stream_verified`) whose tar
+    # --verify-layers found to be their diff_id's; those whose mark --repair cleared.
+    unverified_ok: list[str] = field(default_factory=list)
+    marks_cleared: list[str] = field(default_factory=list)
 
     def add(self, kind: str, path: str, detail: str) -> None:
         # (names are shown escaped: the report goes to a terminal and into JSON)
@@ -64,6 +68,8 @@ class FsckReport:
             "layers_verified": self.layers_verified,
             "errors": [{"kind": k, "path": p, "detail": d} for k, p, d in self.errors],
             "repaired": self.repaired,
+            "unverified_ok": self.unverified_ok,
+            "marks_cleared": self.marks_cleared,
         }
 
     def lines(self) -> list[str]:
@@ -74,6 +80,12 @@ class FsckReport:
         ]
         if self.layers_verified:
             out.append(f"layers: {self.layers_verified} re-hashed against their diff_id")
+        if self.marks_cleared:
+            out.append(f"layers: {len(self.marks_cleared)} imported unchecked found to be their diff_id's: "
+                       "marked checked, so oci:DIR pulls and oci copy take them")
+        elif self.unverified_ok:
+            out.append(f"layers: {len(self.unverified_ok)} imported unchecked found to be their diff_id's: "
+                       "`pycfs fsck --verify-layers --repair` marks them checked")
         if self.ok:
             out.append("status: ok")
         else:
@@ -351,8 +363,10 @@ def _check_images(repo: Repository, report: FsckReport, progress: StepProgress, 
     return bad
 
 
-def _verify_layers(repo: Repository, report: FsckReport, progress: StepProgress, skip: set[str]) -> list[str]:
-    """Re-hash each layer stream's tar against the diff_id in its name."""
+def _verify_layers(repo: Repository, report: FsckReport, progress: StepProgress, skip: set[str],
+                   repair: bool) -> list[str]:
+    """Re-hash each layer stream's tar against the diff_id in its name; one imported
+    unchecked that matches is noted, and with ``repair`` marked checked."""
     links, _ = _first_level_links(repo, "streams", FsckReport())  # problems were reported above
     layers = [(n, i) for n, i in links if n.startswith(LAYER_PREFIX) and f"streams/{n}" not in skip]
     progress.start("layers", len(layers))
@@ -373,6 +387,12 @@ def _verify_layers(repo: Repository, report: FsckReport, progress: StepProgress,
         if actual != expected:
             report.add("layer-diffid-mismatch", rel, f"the stream's tar is {alg}:{actual}")
             bad.append(rel)
+        elif not repo.stream_verified(object_id):
+            report.unverified_ok.append(printable(rel))
+            if repair:
+                repo.mark_verified(object_id)
+                if repo.stream_verified(object_id):  # (an object of another user's keeps it)
+                    report.marks_cleared.append(printable(rel))
     return bad
 
 
@@ -407,7 +427,7 @@ def fsck(repo: Repository, metadata_only: bool = False, *, verify_layers: bool =
     bad = [] if no_objects else \
         _check_streams(repo, report, progress, rehash) + _check_images(repo, report, progress, rehash)
     if verify_layers and not no_objects:
-        bad += _verify_layers(repo, report, progress, set(bad))
+        bad += _verify_layers(repo, report, progress, set(bad), repair)
     if repair:
         for rel in bad:
             _remove(repo, rel, report)

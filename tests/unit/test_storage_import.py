@@ -965,19 +965,10 @@ def _layout_of(path, layers) -> None:
     (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
 
 
-@pytest.mark.parametrize("edited", [False, True])
-def test_a_layer_imported_unchecked_is_not_reused_by_a_checked_source(tmp_path, repo, edited):
-    """A tar header edited in containers-storage (a file made setuid, its checksum fixed)
-    passes the per-file checks; the layer stream the default pull (no --verify-diffid) made
-    of it was taken as that diff_id by a later oci:DIR pull of the genuine layer ("already
-    present") and by HasLayer. Now such a stream is marked unchecked: the checked source
-    imports the layer again, which replaces an edited stream or, for the same bytes, clears
-    the mark."""
-    from pycfs.host.oci.layout import pull_oci_layout
-    from pycfs.host.varlink.client import Client
-    from pycfs.host.varlink.serve import open_service
-    from pycfs.host.varlink.transport import socketpair
-
+def _pulled_unchecked(tmp_path, repo, edited: bool):
+    """A one-layer store pulled without --verify-diffid, its file's tar header made setuid
+    (checksum fixed: it passes the per-file checks) when ``edited``: (store, layer, the
+    layer stream's object id, marked unchecked)."""
     fake, layer, _diff = _single(tmp_path, {"big": BIG})
     if edited:
         header = {100: b"0004755\0"}  # the mode, setuid
@@ -992,6 +983,45 @@ def test_a_layer_imported_unchecked_is_not_reused_by_a_checked_source(tmp_path, 
     _pull(repo, fake)
     stored = repo.has_stream(f"oci-layer-{layer.diff_id}")
     assert stored is not None and not repo.stream_verified(stored)
+    return fake, layer, stored
+
+
+@pytest.mark.parametrize("edited", [False, True])
+def test_fsck_verify_layers_finds_an_unchecked_layer_and_repair_marks_it_checked(tmp_path, repo, edited):
+    """`fsck --verify-layers` re-hashes a layer stream imported unchecked: an edited one is a
+    diff_id mismatch (--repair removes it); a genuine one is noted and --repair clears its
+    mark (it was kept for ever before: only a checked pull of the layer cleared it)."""
+    _fake, layer, stored = _pulled_unchecked(tmp_path, repo, edited)
+    rel = f"streams/oci-layer-{layer.diff_id}"
+    report = fsck(repo, verify_layers=True)
+    assert report.layers_verified == 1 and report.marks_cleared == [] and not repo.stream_verified(stored)
+    if edited:
+        assert [(k, p) for k, p, _ in report.errors] == [("layer-diffid-mismatch", rel)]
+        assert report.unverified_ok == []
+        report = fsck(repo, verify_layers=True, repair=True)
+        assert rel in report.repaired and repo.has_stream(f"oci-layer-{layer.diff_id}") is None
+        return
+    assert report.ok and report.unverified_ok == [rel]
+    assert "`pycfs fsck --verify-layers --repair` marks them checked" in "\n".join(report.lines())
+    report = fsck(repo, verify_layers=True, repair=True)
+    assert report.ok and report.marks_cleared == [rel] and report.repaired == [] and repo.stream_verified(stored)
+    assert fsck(repo, verify_layers=True).unverified_ok == []
+
+
+@pytest.mark.parametrize("edited", [False, True])
+def test_a_layer_imported_unchecked_is_not_reused_by_a_checked_source(tmp_path, repo, edited):
+    """A tar header edited in containers-storage (a file made setuid, its checksum fixed)
+    passes the per-file checks; the layer stream the default pull (no --verify-diffid) made
+    of it was taken as that diff_id by a later oci:DIR pull of the genuine layer ("already
+    present") and by HasLayer. Now such a stream is marked unchecked: the checked source
+    imports the layer again, which replaces an edited stream or, for the same bytes, clears
+    the mark."""
+    from pycfs.host.oci.layout import pull_oci_layout
+    from pycfs.host.varlink.client import Client
+    from pycfs.host.varlink.serve import open_service
+    from pycfs.host.varlink.transport import socketpair
+
+    fake, layer, stored = _pulled_unchecked(tmp_path, repo, edited)
 
     async def has_layer() -> bool:
         async with open_service() as server:
