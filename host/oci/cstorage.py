@@ -302,9 +302,14 @@ class LayerImport:
 
     async def _via_helper(self, denied: list[_Item]) -> None:
         """Files the user may not open: the helper opens them in the user namespace and passes fds."""
+        first = denied[0][2]
+        more = f" (and {len(denied) - 1} more)" if len(denied) > 1 else ""
+        if self.layer.store.read_only:  # (the helper opens a layer's files beneath the primary store's root)
+            raise PycfsError(
+                f"permission denied reading {self.files.describe(first.relpath)}{more}: it is in an additional "
+                "image store, where the helper does not open files; its owner can make it readable"
+            )
         if self.helper is None:
-            first = denied[0][2]
-            more = f" (and {len(denied) - 1} more)" if len(denied) > 1 else ""
             raise PycfsError(
                 f"permission denied reading {self.files.describe(first.relpath)}{more}: it belongs to a "
                 "user-namespace uid and needs the helper (--helper auto or always)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import signal
 import subprocess
@@ -236,6 +237,30 @@ def test_restrictive_files_need_the_helper(podman_user, image_cache):
     assert result["stats"]["files_via_helper"] >= 3, result["stats"]
     for diff_id in image.built.diff_ids:
         assert _layer_sha256(user, repo, diff_id) == diff_id
+
+
+def test_a_file_closed_to_the_user_in_an_additional_store_is_one_line(podman_user, image_cache):
+    """The helper opens a layer's files beneath the primary store only: a closed file of an
+    image found in an additional image store was asked of it there (a layer it does not
+    have). Now one line says where the file is and who can help."""
+    user = podman_user
+    image = image_cache.load(user, "restrictive")
+    repo = _init_repo(user)
+    primary = user.tmpdir("primary-")
+    for d in ("overlay-images", "overlay-layers"):
+        (primary / d).mkdir()
+        os.chown(primary / d, user.uid, user.gid)
+    conf = primary / "storage.conf"
+    conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{primary}"\nrootless_storage_path = "{primary}"\n'
+                    f'[storage.options]\nadditionalimagestores = ["{user.storage_root}"]\n')
+    refused = user.pycfs("--repo", repo, "oci", "pull", f"containers-storage:{image.ref}", check=False,
+                         env={"CONTAINERS_STORAGE_CONF": str(conf)})
+    err = refused.stderr.decode()
+    assert refused.returncode == 1 and err.count("error") == 1, err
+    assert re.search(r"^pycfs: error: permission denied reading .* \(layer [0-9a-f]{12}, .*\)( \(and \d+ more\))?: "
+                        r"it is in an additional image store, where the helper does not open files; its owner can "
+                        r"make it readable\n\Z", err, re.M), err
+    assert not any((repo / "streams").glob("oci-layer-*"))
 
 
 
