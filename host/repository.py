@@ -472,25 +472,19 @@ class Repository:
             os.close(fd)
 
     def open_object(self, object_id: bytes) -> int:
-        """The object, opened read-only; only a regular file is one (O_NONBLOCK: a FIFO put
-        in its place must not block the open)."""
+        """The object, opened read-only; only a regular file is one, and nothing else is
+        opened (a fifo's open would block, a device's act)."""
         h = object_id.hex()
         subdir = self._existing_subdir(h[:2])
         try:
             if subdir is None:
                 raise FileNotFoundError
-            fd = os.open(h[2:], os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=subdir)
+            fd, _ = syscalls.open_regular(subdir, h[2:].encode(), resolve=0)
         except FileNotFoundError:
             raise RepositoryError(f"object {self.alg}:{h} is missing from {self.path}") from None
-        except OSError as e:
-            if e.errno != errno.ELOOP:
-                raise
-            fd = -1  # a symlink
-        if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
-            if fd >= 0:
-                os.close(fd)
+        except syscalls.NotRegularFile:
             raise RepositoryError(f"object {self.alg}:{h} in {self.path} is not a regular file: "
-                                  "run `pycfs fsck --repair`")
+                                  "run `pycfs fsck --repair`") from None
         return fd
 
     def feed_object(self, object_id: bytes, size: int, update: Callable[[memoryview], object]) -> None:

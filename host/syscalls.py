@@ -170,6 +170,7 @@ MS_RDONLY = 0x1
 MS_NODEV = 0x4
 MS_NOSUID = 0x2
 MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
 
 
 def mount(source: str, target: str, fstype: str, flags: int = 0, options: str = "") -> None:
@@ -199,6 +200,7 @@ MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 AT_FDCWD = -100
 
 
@@ -265,7 +267,12 @@ def detached_mount(fstype: str, options: list[tuple[str, str | None]], attrs: in
         os.close(ctx)
 
 
-def move_mount_fd(mount_fd: int, target: str) -> None:
-    """Attach the detached mount at mount_fd onto the directory target."""
-    if _libc.syscall(_SYS_move_mount, mount_fd, b"", AT_FDCWD, os.fsencode(target), MOVE_MOUNT_F_EMPTY_PATH) != 0:
-        _raise("move_mount", target)
+def move_mount_fd(mount_fd: int, target: str | int) -> None:
+    """Attach the detached mount at mount_fd onto the directory target (a path, or an fd of
+    the directory: no path is looked up then)."""
+    if isinstance(target, int):
+        rc = _libc.syscall(_SYS_move_mount, mount_fd, b"", target, b"", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)
+    else:
+        rc = _libc.syscall(_SYS_move_mount, mount_fd, b"", AT_FDCWD, os.fsencode(target), MOVE_MOUNT_F_EMPTY_PATH)
+    if rc != 0:
+        _raise("move_mount", str(target))

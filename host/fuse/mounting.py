@@ -84,8 +84,14 @@ def _mount(mountpoint: str) -> tuple[int, bool]:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         options = f"fd={fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()},default_permissions"
         try:
-            syscalls.mount("composefs", mountpoint, "fuse.pycfs",
-                           syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV, options)
+            # Onto the directory itself, through its fd: a symlink put in its place since
+            # the checks is not followed (ELOOP).
+            target = os.open(mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                syscalls.mount("composefs", f"/proc/self/fd/{target}", "fuse.pycfs",
+                               syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV, options)
+            finally:
+                os.close(target)
             return fd, False
         except OSError as e:
             os.close(fd)

@@ -117,3 +117,97 @@ def test_mount_refuses_unknown_image(root_only, tmp_path):
                        capture_output=True)
     assert p.returncode == 1 and b"no image or OCI image named 'nope'" in p.stderr
     assert not os.path.ismount(mnt)
+
+
+# ---------------------------------------------------------------------------------------
+# What a root mount makes reachable (a review proved each against the code before)
+
+
+@pytest.fixture
+def small_pulled(root_only, tmp_path, shared_tmp_path):
+    """A repository holding a one-layer image (a set-user-ID root copy of /usr/bin/id and a
+    text file) tagged "small", and an empty mount point: (repo, mount point, image id)."""
+    spec = imagebuild.ImageSpec([[imagebuild.Dir("usr"), imagebuild.Dir("bin"),
+                                  imagebuild.File("bin/id", data=Path("/usr/bin/id").read_bytes(), mode=0o4755),
+                                  imagebuild.File("hello.txt", data=b"genuine content\n" * 8)]])
+    built = imagebuild.build_layout(spec, tmp_path / "layout")
+    repo, mnt = tmp_path / "repo", shared_tmp_path / "mnt"  # (a mount point every user can reach)
+    mnt.mkdir()
+    pycfs(repo, "init")
+    pycfs(repo, "oci", "pull", f"oci:{built.path}", "small")
+    image_id = next(p.name for p in (repo / "images").iterdir() if p.is_symlink())
+    return repo, mnt, image_id
+
+
+def _mount_fails(repo: Path, *args: str) -> str:
+    p = subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", str(repo), *args], capture_output=True)
+    assert p.returncode == 1, p
+    err = p.stderr.decode()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_root_mount_honours_no_set_user_id_bit_unless_asked(small_pulled):
+    """An ordinary user ran the image's set-user-ID root `id` from root's mount as root
+    (euid=0): a pulled image would give every local user root."""
+    repo, mnt, _ = small_pulled
+    nobody = ["runuser", "-u", "nobody", "--", str(mnt / "bin/id"), "-u"]
+    for extra, euid in (((), "65534"), (("--suid",), "0")):
+        pycfs(repo, "mount", *extra, "small", str(mnt))
+        try:
+            assert stat.S_IMODE(os.stat(mnt / "bin/id").st_mode) == 0o4755  # the image's mode, shown
+            assert run(*nobody).stdout.decode().strip() == euid
+        finally:
+            pycfs(repo, "umount", str(mnt))
+
+
+def test_a_kernel_mount_refuses_an_image_edited_after_it_was_named(small_pulled):
+    """The kernel mount served an image whose bytes were edited (FUSE refused it)."""
+    repo, mnt, image_id = small_pulled
+    obj = repo / "objects" / image_id[:2] / image_id[2:]
+    data = bytearray(obj.read_bytes())
+    at = data.find(b"hello.txt")
+    data[at:at + 5] = b"HACKD"
+    obj.write_bytes(bytes(data))
+    err = _mount_fails(repo, "mount", "small", str(mnt))
+    assert err == (f"pycfs: error: image {image_id} in {repo} is corrupt: its fs-verity digest differs from its name "
+                   "(run `pycfs fsck --repair`, then pull or create the image again)\n")
+    assert not os.path.ismount(mnt)
+
+
+def test_mount_points_that_are_links_or_inside_the_repository_are_refused(small_pulled, tmp_path):
+    repo, mnt, _ = small_pulled
+    link = tmp_path / "link"
+    link.symlink_to(mnt)
+    assert _mount_fails(repo, "mount", "small", str(link)) == \
+        f"pycfs: error: mount point {link} is a symlink: name the directory itself\n"
+    inside = repo / "objects"
+    for fuse in ("no", "yes"):
+        assert _mount_fails(repo, "mount", "--fuse", fuse, "small", str(inside)) == \
+            f"pycfs: error: mount point {inside} is inside the repository {repo}: mount it elsewhere\n"
+    assert not os.path.ismount(mnt) and not os.path.ismount(inside)
+
+
+def test_umount_unmounts_composefs_mounts_only_and_never_through_a_link(small_pulled, tmp_path):
+    """As root, `pycfs umount` unmounted whatever it was named (a tmpfs; /proc alike)."""
+    repo, mnt, _ = small_pulled
+    other = tmp_path / "tmpfs"
+    other.mkdir()
+    run("mount", "-t", "tmpfs", "pycfs-test-tmpfs", str(other))
+    try:
+        assert _mount_fails(repo, "umount", str(other)) == (
+            f"pycfs: error: {other} is a tmpfs mount of pycfs-test-tmpfs, not a composefs image: pycfs unmounts only "
+            "its own (use umount)\n")
+        assert os.path.ismount(other)
+    finally:
+        run("umount", str(other))
+    pycfs(repo, "mount", "small", str(mnt))
+    link = tmp_path / "link"
+    link.symlink_to(mnt)
+    try:
+        assert _mount_fails(repo, "umount", str(link)) == \
+            f"pycfs: error: {link} is a symlink: name the mount point itself\n"
+        assert os.path.ismount(mnt)
+    finally:
+        pycfs(repo, "umount", str(mnt))
+    assert not os.path.ismount(mnt)

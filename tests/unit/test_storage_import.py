@@ -1021,7 +1021,7 @@ def test_a_layer_imported_unchecked_is_not_reused_by_a_checked_source(tmp_path, 
     from pycfs.host.varlink.serve import open_service
     from pycfs.host.varlink.transport import socketpair
 
-    fake, layer, stored = _pulled_unchecked(tmp_path, repo, edited)
+    _fake, layer, stored = _pulled_unchecked(tmp_path, repo, edited)
 
     async def has_layer() -> bool:
         async with open_service() as server:

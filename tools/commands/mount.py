@@ -16,9 +16,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         if args.foreground:
             raise PycfsError("--foreground is for FUSE mounts: the kernel mount needs no server")
         with open_repo(args, writable=False) as repo:
-            image_id = mount_image(repo, args.image, args.mountpoint)
+            image_id = mount_image(repo, args.image, args.mountpoint, suid=args.suid)
         print(f"mounted image {image_id.hex()} at {args.mountpoint}")
         return 0
+    if args.suid:
+        raise PycfsError("--suid is for the kernel mount (as root): a FUSE mount never honours set-user-ID bits")
     from pycfs.host.fuse import mounting
 
     with open_repo(args, writable=False) as repo:
@@ -50,7 +52,15 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--foreground", action="store_true",
                    help="FUSE: keep the server in the foreground and log to stderr until unmounted "
                    "(otherwise it daemonises once the mount works, and logs to syslog when there is one)")
+    add_suid_argument(p)
     p.set_defaults(handler=cmd_mount)
+
+
+def add_suid_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suid", action="store_true",
+                   help="kernel mount: let the image's set-user-ID/set-group-ID bits and file capabilities take "
+                   "effect, as a root filesystem needs (by default they do not: a program in an image from "
+                   "anywhere, set-user-ID root, would give every local user root)")
 
 
 MOUNT_DESCRIPTION = (

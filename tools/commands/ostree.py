@@ -310,7 +310,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         if objects.image_id is None or not repo.has_object(objects.image_id):
             raise PycfsError(f"ostree commit {objects.commit.hex()} has no composefs image: "
                              f"run `pycfs ostree create-image {args.source}`")
-        mount_image(repo, objects.image_id.hex(), args.mountpoint)
+        mount_image(repo, objects.image_id.hex(), args.mountpoint, suid=args.suid)
     print(f"mounted commit {objects.commit.hex()} (image {objects.image_id.hex()}) at {args.mountpoint}")
     return 0
 
@@ -439,6 +439,9 @@ def _populate(top: argparse.ArgumentParser) -> None:
                         description="Mount the commit's composefs image read-only at MOUNTPOINT (needs root).")
     source_arg(p)
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    from pycfs.tools.commands.mount import add_suid_argument
+
+    add_suid_argument(p)
     p.set_defaults(handler=cmd_mount)
 
     p = osub.add_parser("tag", help="name a stored commit", description="Create or move ref NAME to a stored commit.")
