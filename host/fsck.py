@@ -31,7 +31,7 @@ from pycfs.host.fsverity import digest_bytes
 from pycfs.host.progress import StepProgress
 from pycfs.host.oci.streams import TAG_DIR
 from pycfs.host.repository import REF_DEPTH_LIMIT, Repository, open_dir_nofollow
-from pycfs.host.splitstream import SplitStreamReader
+from pycfs.host.splitstream import SplitStreamReader, names_image
 from pycfs.host.streamcat import stream_digest
 from pycfs.protocol.text import is_clean_text, printable
 
@@ -318,7 +318,13 @@ def _read_intact(read: Callable[[bytes], bytes], repo: Repository, object_id: by
     return data
 
 
-def _check_streams(repo: Repository, report: FsckReport, progress: StepProgress, rehash: bool) -> list[str]:
+# What fsck found of one stream or image object, by id: why it is damaged itself (None when
+# it is not), and the (name, object id) of the streams and images it names.
+Examined = dict[bytes, tuple[str | None, list[tuple[str, bytes]]]]
+
+
+def _check_streams(repo: Repository, report: FsckReport, progress: StepProgress, rehash: bool,
+                   examined: Examined) -> list[str]:
     links, bad = _first_level_links(repo, "streams", report)
     progress.start("streams", len(links))
     for name, object_id in links:
@@ -329,6 +335,7 @@ def _check_streams(repo: Repository, report: FsckReport, progress: StepProgress,
             reader = SplitStreamReader(_read_intact(repo.stream_bytes, repo, object_id, rehash), repo.alg)
         except (PycfsError, OSError) as e:
             report.add("stream-open-failed", rel, str(e))
+            examined[object_id] = (str(e), [])
             bad.append(rel)
             continue
         missing = [ref for ref in reader.object_refs if not repo.has_object(ref)]
@@ -337,9 +344,59 @@ def _check_streams(repo: Repository, report: FsckReport, progress: StepProgress,
         missing_named = [(n, ref) for n, ref in reader.named_refs.items() if not repo.has_object(ref)]
         for ref_name, ref in missing_named:
             report.add("missing-named-ref", rel, f"{ref_name} -> {ref.hex()} is missing")
+        examined[object_id] = ("objects it holds are missing" if missing or missing_named else None,
+                               list(reader.named_refs.items()))
         if missing or missing_named:
             bad.append(rel)
     return bad
+
+
+def _examine(repo: Repository, object_id: bytes, image: bool, rehash: bool) -> tuple[str | None, list[tuple[str, bytes]]]:
+    """A stream or image no link names (reached by a named ref): as `Examined` holds it."""
+    try:
+        if image:
+            data = _read_intact(repo.image_bytes, repo, object_id, rehash)
+            held, named = image_object_ids(data, repo.alg), []
+        else:
+            reader = SplitStreamReader(_read_intact(repo.stream_bytes, repo, object_id, rehash), repo.alg)
+            held, named = set(reader.object_refs), list(reader.named_refs.items())
+    except (PycfsError, OSError) as e:
+        return str(e), []
+    if any(not repo.has_object(ref) for ref in held):
+        return "objects it holds are missing", named
+    return None, named
+
+
+def _check_chains(repo: Repository, report: FsckReport, examined: Examined, rehash: bool, bad: list[str]) -> list[str]:
+    """Each sound stream link whose stream names (through named refs, by object id, to any
+    depth) a stream or image that is damaged or missing: its image cannot be made whole
+    (a repair removed the layer stream's link, say, while its config still names it).
+    Reported and returned: a repair removes the link, then the refs to it dangle."""
+    links, _ = _first_level_links(repo, "streams", FsckReport())  # problems were reported above
+    pending = [(ref, names_image(n)) for _, oid in links if oid in examined for n, ref in examined[oid][1]]
+    while pending:
+        object_id, image = pending.pop()
+        if object_id not in examined:
+            examined[object_id] = _examine(repo, object_id, image, rehash)
+            pending += [(ref, names_image(n)) for n, ref in examined[object_id][1]]
+    damaged = {oid: why for oid, (why, _) in examined.items() if why is not None}
+    changed = True
+    while changed:  # what names something damaged is damaged (named refs may form cycles)
+        changed = False
+        for oid, (_, named) in examined.items():
+            if oid not in damaged:
+                for n, ref in named:
+                    if ref in damaged:
+                        damaged[oid] = f"it names {n} ({ref.hex()}), which is incomplete"
+                        changed = True
+                        break
+    found: list[str] = []
+    for name, object_id in links:
+        rel = f"streams/{name}"
+        if rel not in bad and object_id in damaged:
+            report.add("incomplete-named-ref", rel, damaged[object_id])
+            found.append(rel)
+    return found
 
 
 def _check_images(repo: Repository, report: FsckReport, progress: StepProgress, rehash: bool) -> list[str]:
@@ -408,8 +465,19 @@ def fsck(repo: Repository, metadata_only: bool = False, *, verify_layers: bool =
          progress: StepProgress | None = None, jobs: int | None = None) -> FsckReport:
     """Check the repository; with ``repair`` (needs a writable repository) remove what failed."""
     progress = progress or StepProgress()
-    if repair:
-        repo.require_writable()
+    if not repair:
+        return _fsck(repo, metadata_only, verify_layers, False, progress, jobs)
+    repo.require_writable()
+    # Alone, as gc: a pull rewriting an object this removes (or linking one) would lose it.
+    repo.lock_exclusive("fsck --repair", progress.note)
+    try:
+        return _fsck(repo, metadata_only, verify_layers, True, progress, jobs)
+    finally:
+        repo.unlock_exclusive()
+
+
+def _fsck(repo: Repository, metadata_only: bool, verify_layers: bool, repair: bool, progress: StepProgress,
+          jobs: int | None) -> FsckReport:
     report = FsckReport()
     bad_layout = _check_layout(repo, report)
     if repair:  # first: the phases below then see the layout a pull would make again
@@ -424,8 +492,11 @@ def fsck(repo: Repository, metadata_only: bool = False, *, verify_layers: bool =
             for rel in bad_objects:
                 _remove(repo, rel, report)
     rehash = metadata_only  # else the objects phase has hashed them all
+    examined: Examined = {}
     bad = [] if no_objects else \
-        _check_streams(repo, report, progress, rehash) + _check_images(repo, report, progress, rehash)
+        _check_streams(repo, report, progress, rehash, examined) + _check_images(repo, report, progress, rehash)
+    if not no_objects:
+        bad += _check_chains(repo, report, examined, rehash, bad)
     if verify_layers and not no_objects:
         bad += _verify_layers(repo, report, progress, set(bad), repair)
     if repair:

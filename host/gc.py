@@ -4,28 +4,22 @@ Roots are the symlinks under images/refs/ and streams/refs/. From a stream, its 
 object, its object_refs and, through named refs, other streams and images are live; from
 an image, the image object and every object its metacopy xattrs name. Anything else in
 objects/ goes. Runs under flock(LOCK_EX), so it waits for every other opener (imports
-hold LOCK_SH), at most WAIT_LIMIT, and no import can race with it.
+hold LOCK_SH), at most LOCK_WAIT, and no import can race with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import fcntl
 import os
 import stat
-import time
 from dataclasses import dataclass, field
 
 from pycfs.host.erofs.objects import image_object_ids
 from pycfs.host.errors import PycfsError
 from pycfs.host.progress import StepProgress
 from pycfs.host.repository import Repository, open_dir_nofollow
-
-# How long gc waits for the repository's other users: a pull holds it for its length, a
-# FUSE mount or a varlink service with the repository open for as long as they run.
-WAIT_LIMIT = 600.0
-_POLL = 0.1
-
+from pycfs.host.splitstream import names_image
 
 @dataclass
 class GcResult:
@@ -84,33 +78,30 @@ def _check_layout(repo: Repository) -> None:
 
 
 def live_objects(repo: Repository) -> set[bytes]:
-    """Every object id reachable from a ref."""
+    """Every object id reachable from a ref: a stream's named refs are followed by the
+    object id they hold, whether or not a streams/ or images/ link names it too (fsck
+    --repair removes the links of what it finds incomplete, and a config must still keep
+    its layers). A live stream or image that cannot be read is an error: what it holds
+    could not be known."""
     streams = _first_level(repo, "streams")
     images = _first_level(repo, "images")
-    stream_names_by_id = {oid: name for name, oid in streams.items()}
-    live: set[bytes] = set()
     image_roots = [os.path.basename(target) for _, target in _ref_links(repo, "images/refs")]
     stream_roots = [os.path.basename(target) for _, target in _ref_links(repo, "streams/refs")]
-
     pending_images = [images[n] for n in image_roots if n in images]
-    visited: set[str] = set()
-    pending_streams = [n for n in stream_roots if n in streams]
+    pending_streams = [streams[n] for n in stream_roots if n in streams]
+    live: set[bytes] = set()
+    visited: set[bytes] = set()
     while pending_streams:
-        name = pending_streams.pop()
-        if name in visited:
+        object_id = pending_streams.pop()
+        if object_id in visited:
             continue
-        visited.add(name)
-        object_id = streams[name]
+        visited.add(object_id)
         live.add(object_id)
         reader = repo.open_stream_by_id(object_id)
         live.update(reader.object_refs)
-        for ref in reader.named_refs.values():
-            live.add(ref)
-            if ref in stream_names_by_id:
-                pending_streams.append(stream_names_by_id[ref])
-            elif ref.hex() in images:  # composefs.image* refs name EROFS images
-                pending_images.append(ref)
-    for image_id in pending_images:
+        for name, ref in reader.named_refs.items():
+            (pending_images if names_image(name) else pending_streams).append(ref)
+    for image_id in set(pending_images):
         live.add(image_id)
         live.update(image_object_ids(repo.image_bytes(image_id), repo.alg))
     return live
@@ -120,7 +111,7 @@ def gc(repo: Repository, dry_run: bool = False, progress: StepProgress | None = 
     progress = progress or StepProgress()
     if not dry_run:
         repo.require_writable()
-        _lock_exclusive(repo, progress)
+        repo.lock_exclusive("gc", progress.note)
     try:
         result = GcResult()
         progress.start("finding live objects", 0)
@@ -136,13 +127,18 @@ def gc(repo: Repository, dry_run: bool = False, progress: StepProgress | None = 
             doomed = _unreachable(repo, live, result)
         except PycfsError as e:
             raise PycfsError(f"gc: {e}; nothing was removed: run `pycfs fsck --repair`") from None
-        if not dry_run:
+        # The links to what goes, first: a gc killed midway then leaves objects nothing
+        # names (the next gc frees them), never links to missing objects for fsck to report.
+        going = {repo.id_from_hex(sub + name) for sub, names in doomed.items() if sub for name in names}
+        result.links_pruned = _unlink_links_to(repo, going, dry_run)
+        if not dry_run and doomed:
             _remove_objects(repo, doomed)
-        result.links_pruned = _prune_links(repo, dry_run)
+        result.links_pruned += _prune_links(repo, dry_run)
+        result.temp_files_removed += _remove_link_leftovers(repo, dry_run)
         return result
     finally:
         if not dry_run:
-            fcntl.flock(repo.dirfd, fcntl.LOCK_SH)
+            repo.unlock_exclusive()
 
 
 def _unreachable(repo: Repository, live: set[bytes], result: GcResult) -> dict[str, list[str]]:
@@ -221,25 +217,28 @@ def _remove_objects(repo: Repository, doomed: dict[str, list[str]]) -> None:
         os.close(objects)
 
 
-def _lock_exclusive(repo: Repository, progress: StepProgress) -> None:
-    """The repository's lock for gc alone, waiting at most WAIT_LIMIT for its other users."""
-    deadline = time.monotonic() + WAIT_LIMIT
-    waited = False
-    while True:
-        try:
-            fcntl.flock(repo.dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            pass
-        if time.monotonic() >= deadline:
-            # (a failed conversion may have dropped this opener's shared lock: take it back)
-            fcntl.flock(repo.dirfd, fcntl.LOCK_SH)
-            raise PycfsError(f"gc: {repo.path} stayed in use for {WAIT_LIMIT:.0f} s (a pull, a FUSE mount or a "
-                             f"varlink service has it open: `fuser -v {repo.path}` names them); nothing was removed")
-        if not waited:
-            progress.note(f"waiting for other users of {repo.path} to finish (a pull or mount holds its lock)...")
-            waited = True
-        time.sleep(_POLL)
+def _unlink_links_to(repo: Repository, going: set[bytes], dry_run: bool) -> int:
+    """Remove the streams/ and images/ links naming an object in going (none is live: no ref
+    reaches them); how many."""
+    doomed = [f"{top}/{name}" for top in ("streams", "images")
+              for name, object_id in _first_level(repo, top).items() if object_id in going]
+    if not dry_run:
+        for rel in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(rel, dir_fd=repo.dirfd)
+    return len(doomed)
+
+
+def _remove_link_leftovers(repo: Repository, dry_run: bool) -> int:
+    """A crashed writer's temporary symlinks in the repository's root (a link is made there,
+    then renamed into place); gc holds the repository alone, so none is a running one's."""
+    with os.scandir(repo.dirfd) as entries:
+        left = [e.name for e in entries if e.name.startswith(".symlink-") and e.is_symlink()]
+    if not dry_run:
+        for name in left:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=repo.dirfd)
+    return len(left)
 
 
 def _prune_links(repo: Repository, dry_run: bool) -> int:

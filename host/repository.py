@@ -25,6 +25,7 @@ import signal
 import stat
 import string
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -57,6 +58,11 @@ LOOKUP_MISSES_BEFORE_SKIPPING = 32
 # How many components a ref name may have (streams/refs/a/b/c is 3): the refs trees are walked
 # with a directory fd per level, and a directory at this depth can hold no ref.
 REF_DEPTH_LIMIT = 64
+# How long an opener waits for a gc or fsck --repair (which hold the repository's lock
+# alone), and they for the other openers (a pull holds it for its length, a FUSE mount or a
+# varlink service for as long as they run): then an error naming the repository.
+LOCK_WAIT = 600.0
+_LOCK_POLL = 0.1
 # The directories of the layout: each must be a directory of the repository itself (a link
 # there would have gc and fsck delete, or vouch for, what lies elsewhere).
 LAYOUT_DIRS = ("objects", "streams", "images", "streams/refs", "images/refs")
@@ -131,6 +137,26 @@ class RefEntry:
     path: str
     kind: str
     target: str = ""
+
+
+def _lock_shared(path: Path, dirfd: int, waiting: Callable[[str], object] | None) -> None:
+    """The repository's lock, shared with its other openers: while a gc or fsck --repair
+    holds it alone, wait at most LOCK_WAIT (saying so once)."""
+    deadline = None
+    while True:
+        try:
+            fcntl.flock(dirfd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if deadline is None:
+            deadline = time.monotonic() + LOCK_WAIT
+            if waiting is not None:
+                waiting(f"waiting for a gc or fsck --repair to finish with {path}...")
+        elif time.monotonic() >= deadline:
+            raise RepositoryError(f"{path} stayed locked by a gc or fsck --repair for {LOCK_WAIT:.0f} s: "
+                                  f"`fuser -v {path}` names it")
+        time.sleep(_LOCK_POLL)
 
 
 def open_dir_nofollow(dirfd: int, path: str) -> int:
@@ -252,7 +278,10 @@ class Repository:
         return cls.open(p)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, writable: bool = True) -> Repository:
+    def open(cls, path: str | os.PathLike, writable: bool = True,
+             waiting: Callable[[str], object] | None = None) -> Repository:
+        """``waiting``: told once (a line to show) when a gc or fsck --repair holds the
+        repository and the open waits for it."""
         p = Path(path)
         try:
             dirfd = _open_repo_dir(p)
@@ -275,11 +304,36 @@ class Repository:
                 writable = False
             if writable and not _dir_writable(dirfd):
                 writable = False
-            fcntl.flock(dirfd, fcntl.LOCK_SH)
+            _lock_shared(p, dirfd, waiting)
         except BaseException:
             os.close(dirfd)
             raise
         return cls(p, dirfd, meta, alg, writable)
+
+    def lock_exclusive(self, what: str, note: Callable[[str], object]) -> None:
+        """The repository for ``what`` (gc, fsck --repair) alone, waiting at most LOCK_WAIT
+        for its other openers (each holds the lock shared); `unlock_exclusive` gives it back."""
+        deadline = time.monotonic() + LOCK_WAIT
+        waited = False
+        while True:
+            try:
+                fcntl.flock(self.dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            if time.monotonic() >= deadline:
+                # (a failed conversion may have dropped this opener's shared lock: take it back)
+                fcntl.flock(self.dirfd, fcntl.LOCK_SH)
+                raise RepositoryError(f"{what}: {self.path} stayed in use for {LOCK_WAIT:.0f} s (a pull, a FUSE mount "
+                                      f"or a varlink service has it open: `fuser -v {self.path}` names them); nothing "
+                                      "was removed")
+            if not waited:
+                note(f"waiting for other users of {self.path} to finish (a pull or mount holds its lock)...")
+                waited = True
+            time.sleep(_LOCK_POLL)
+
+    def unlock_exclusive(self) -> None:
+        fcntl.flock(self.dirfd, fcntl.LOCK_SH)
 
     def close(self) -> None:
         for fd in self._subdir_fds.values():
@@ -646,11 +700,11 @@ class Repository:
         self._unsynced = True
         h = object_id.hex()
         subdir = self._subdir(h[:2])
-        where = self._objects() if temp_name is not None else subdir
+        where = self._objects()  # (a temporary name in objects/ itself, where gc removes a crash's leftovers)
         try:
             if temp_name is None:
                 temp_name = _random_name(".tmp-object-")
-                syscalls.link_fd(fd, subdir, temp_name)
+                syscalls.link_fd(fd, where, temp_name)
             os.replace(temp_name, h[2:], src_dir_fd=where, dst_dir_fd=subdir)
         except BaseException:
             if temp_name is not None:

@@ -47,6 +47,15 @@ def _magic(text: bytes) -> int:
     return int.from_bytes(text, "little")
 
 
+# A named ref whose name is this, or starts with it and a dot, names an EROFS image
+# (`composefs.image`, `composefs.image.v1`); every other named ref names a stream.
+IMAGE_REF_PREFIX = "composefs.image"
+
+
+def names_image(ref_name: str) -> bool:
+    return ref_name == IMAGE_REF_PREFIX or ref_name.startswith(IMAGE_REF_PREFIX + ".")
+
+
 CONTENT_OCI_LAYER = _magic(b"ocilayer")
 CONTENT_OCI_CONFIG = _magic(b"ociconfg")
 CONTENT_OCI_MANIFEST = _magic(b"ocimanif")

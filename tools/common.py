@@ -33,7 +33,8 @@ def repo_path(args: argparse.Namespace) -> str:
 def open_repo(args: argparse.Namespace, writable: bool = True) -> Repository:
     from pycfs.host.repository import Repository
 
-    return Repository.open(repo_path(args), writable=writable)
+    return Repository.open(repo_path(args), writable=writable,
+                           waiting=lambda line: print(f"pycfs: {line}", file=sys.stderr, flush=True))
 
 
 def print_json(doc: object) -> None:
