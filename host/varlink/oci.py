@@ -47,6 +47,7 @@ from pycfs.host.workers.fork import Forked
 from pycfs.host.workers.pool import WorkerPool, open_pool
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.splitdirfdstream import SplitDirFdStreamError
+from pycfs.protocol.text import shown
 from pycfs.protocol.varlink import VarlinkError
 
 IFACE = "org.composefs.Oci"
@@ -263,7 +264,13 @@ class OciInterface:
                 for tag, digest in list_images(repo):
                     if wanted is not None and wanted not in tag:
                         continue
-                    image = open_image(repo, tag)
+                    try:
+                        image = open_image(repo, tag)
+                    except PycfsError as e:
+                        # (the others are listed: ImageEntry has no field to say this one is broken)
+                        print(f"pycfs varlink: ListImages: image {shown(tag)} left out, it is broken ({e}): "
+                              "`pycfs fsck --repair` removes what is damaged", file=sys.stderr)
+                        continue
                     manifest, config = image.manifest, image.config
                     out.append({
                         "name": tag, "manifest_digest": digest, "is_container": is_container(manifest),

@@ -4,17 +4,20 @@ it, and its own object workers let go of the repository first. Also the readers/
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import threading
 from pathlib import Path
 
+import imagebuild
 import pytest
 import trio
 import trio.testing
 from pycfs.host.erofs.objects import image_object_ids
-from pycfs.host.oci.streams import open_image
+from pycfs.host.oci.pull import PullOptions, pull
+from pycfs.host.oci.streams import config_stream_name, open_image
 from pycfs.host.repository import Repository
 from pycfs.host.varlink.client import Client
 from pycfs.host.varlink.layers import reconstruct
@@ -23,6 +26,7 @@ from pycfs.host.varlink.transport import socketpair
 from pycfs.protocol import splitdirfdstream as sd
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.varlink import VarlinkError
+from pycfs.tools.cli import main as cli_main
 from test_varlink_service import (
     OCI, REPO, get_layer, layer_bytes, open_repo, read_all, relay, service, source_repo, worker_children,
 )
@@ -338,6 +342,43 @@ def test_calls_wait_for_a_gc_and_a_gc_waits_at_most_its_limit(source_repo, tmp_p
                      out["timeout"].parameters["message"])
     assert [i["name"] for i in out["after"]] == ["img"]  # the Gc that gave up holds nothing
     assert missing_objects(repo, "img") == []
+
+
+# ---------------------------------------------------------------------------- one broken image
+
+
+def test_one_broken_image_leaves_the_others_listed(source_repo, tmp_path, capsys) -> None:
+    """Before, ListImages and `pycfs oci images` failed as a whole ("object ... is missing")."""
+    repo_path, built = source_repo
+    repo = tmp_path / "repo"
+    shutil.copytree(repo_path, repo, symlinks=True)
+    other = imagebuild.build_layout(imagebuild.ImageSpec(layers=[[imagebuild.File("b", data=b"other image")]],
+                                                         gzip=False), tmp_path / "layout")
+    with Repository.open(repo) as r:
+        trio.run(pull, r, f"oci:{other.path}", "b-broken", PullOptions())
+    (repo / "streams" / config_stream_name(other.config_digest)).resolve().unlink()
+
+    async def main() -> list:
+        async with service() as (_, client):
+            handle = await open_repo(client, repo)
+            return (await client.call(OCI + "ListImages", {"handle": handle})).parameters["images"]
+
+    images = trio.run(main)
+    assert [(i["name"], i["manifest_digest"]) for i in images] == [("img", built.manifest_digest)]
+    assert "image 'b-broken' left out, it is broken (object sha256:" in capsys.readouterr().err
+
+    assert cli_main(["--repo", str(repo), "oci", "images", "--json"]) == 1
+    out, err = capsys.readouterr()
+    listed = json.loads(out)["images"]
+    assert [i["tag"] for i in listed] == ["b-broken", "img"]
+    assert listed[0]["manifest"] == other.manifest_digest and "is missing from" in listed[0]["error"]
+    assert "error" not in listed[1] and listed[1]["manifest"] == built.manifest_digest
+    assert err.count("pycfs: error:") == 1 and "pycfs fsck --repair" in err
+    assert cli_main(["--repo", str(repo), "oci", "images"]) == 1
+    out, _ = capsys.readouterr()
+    rows = out.splitlines()
+    assert rows[1].startswith("b-broken  sha256:") and "BROKEN: object sha256:" in rows[1]
+    assert rows[2].startswith("img       " + built.manifest_digest[:19])
 
 
 # ---------------------------------------------------------------------------- the lock
