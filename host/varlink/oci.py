@@ -9,6 +9,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import trio
@@ -46,6 +47,7 @@ from pycfs.host.workers.fork import Forked
 from pycfs.host.workers.pool import WorkerPool, open_pool
 from pycfs.protocol.fdpass import close_fds
 from pycfs.protocol.splitdirfdstream import SplitDirFdStreamError
+from pycfs.protocol.text import shown
 from pycfs.protocol.varlink import VarlinkError
 
 IFACE = "org.composefs.Oci"
@@ -119,9 +121,9 @@ class _Pools:
     repository many times), shared by its PutLayers (several may run at once): starting a
     worker costs CPU (~0.07 s with compiled bytecode, 0.3 s without), once per layer before.
     Workers start with the first object stored and stop when the repository's last handle
-    closes; workers forked for a repository before the event loop started (`oci copy`'s
-    destination) are the first pool of that repository (their owner stops those no pool
-    took)."""
+    closes, or before a Gc of it (each holds a shared flock of the repository); workers
+    forked for a repository before the event loop started (`oci copy`'s destination) are the
+    first pool of that repository (their owner stops those no pool took)."""
 
     def __init__(self, nursery: trio.Nursery, handles: Handles, forked: ForkedFor | None = None) -> None:
         self.nursery = nursery
@@ -129,6 +131,7 @@ class _Pools:
         # repository identity -> (pool, its batch limiter, set to stop it, set once it stopped)
         self.pools: dict[tuple[int, int], tuple[WorkerPool, trio.CapacityLimiter, trio.Event, trio.Event]] = {}
         handles.on_close.append(self.close)
+        handles.before_gc.append(self.stop)
         self.forked = forked
         self._making = trio.Lock()
 
@@ -161,13 +164,17 @@ class _Pools:
         entry[2].set()
         return entry[3]
 
+    async def stop(self, repo: Repository) -> None:
+        """The repository's pool stopped (the next call starts another)."""
+        stopped = self.retire(repo)
+        if stopped is not None:
+            await stopped.wait()
+
     async def close(self, handle: int) -> None:
         repo = self.handles.repos.get(handle)
         if repo is None or self.handles.shared(repo):
             return  # another handle of the repository may still store objects
-        stopped = self.retire(repo)
-        if stopped is not None:
-            await stopped.wait()
+        await self.stop(repo)
 
     @staticmethod
     async def _hold(repo: Repository, stop: trio.Event, stopped: trio.Event, forked: Sequence[Forked],
@@ -239,8 +246,9 @@ class OciInterface:
             "OciMount": self.oci_mount,
         }))
 
-    def repo(self, ctx: CallContext) -> Repository:
-        return self.handles.get(ctx, IFACE)
+    def using(self, ctx: CallContext) -> AbstractAsyncContextManager[Repository]:
+        """The handle's repository, held shared for the call (see `service.Handles.hold`)."""
+        return self.handles.using(ctx, IFACE)
 
     async def get_info(self, ctx: CallContext) -> Result:
         return {"features": FEATURES}
@@ -248,26 +256,32 @@ class OciInterface:
     # -- images --
 
     async def list_images(self, ctx: CallContext) -> Result:
-        repo = self.repo(ctx)
-        wanted = ctx.params.string("filter", optional=True)
+        async with self.using(ctx) as repo:
+            wanted = ctx.params.string("filter", optional=True)
 
-        def entries() -> list[dict]:
-            out = []
-            for tag, digest in list_images(repo):
-                if wanted is not None and wanted not in tag:
-                    continue
-                image = open_image(repo, tag)
-                manifest, config = image.manifest, image.config
-                out.append({
-                    "name": tag, "manifest_digest": digest, "is_container": is_container(manifest),
-                    "architecture": str(config.get("architecture") or ""), "os": str(config.get("os") or ""),
-                    "created": config.get("created") if isinstance(config.get("created"), str) else None,
-                    "layer_count": len(layers) if isinstance(layers := manifest.get("layers"), list) else 0,
-                    "referrer_count": 0,
-                })
-            return out
+            def entries() -> list[dict]:
+                out = []
+                for tag, digest in list_images(repo):
+                    if wanted is not None and wanted not in tag:
+                        continue
+                    try:
+                        image = open_image(repo, tag)
+                    except PycfsError as e:
+                        # (the others are listed: ImageEntry has no field to say this one is broken)
+                        print(f"pycfs varlink: ListImages: image {shown(tag)} left out, it is broken ({e}): "
+                              "`pycfs fsck --repair` removes what is damaged", file=sys.stderr)
+                        continue
+                    manifest, config = image.manifest, image.config
+                    out.append({
+                        "name": tag, "manifest_digest": digest, "is_container": is_container(manifest),
+                        "architecture": str(config.get("architecture") or ""), "os": str(config.get("os") or ""),
+                        "created": config.get("created") if isinstance(config.get("created"), str) else None,
+                        "layer_count": len(layers) if isinstance(layers := manifest.get("layers"), list) else 0,
+                        "referrer_count": 0,
+                    })
+                return out
 
-        return {"images": await trio.to_thread.run_sync(entries)}
+            return {"images": await trio.to_thread.run_sync(entries)}
 
     def _open(self, repo: Repository, image: str) -> Any:
         try:
@@ -280,213 +294,218 @@ class OciInterface:
     async def check(self, ctx: CallContext) -> Result:
         from pycfs.host.fsck import fsck
 
-        repo = self.repo(ctx)
-        image = ctx.params.string("image", optional=True)
-        names = [image] if image is not None else [t for t, _ in list_images(repo)]
-        if image is not None:
-            self._open(repo, image)
+        async with self.using(ctx) as repo:
+            image = ctx.params.string("image", optional=True)
+            names = [image] if image is not None else [t for t, _ in list_images(repo)]
+            if image is not None:
+                self._open(repo, image)
 
-        def check_one(name: str) -> list[str]:
-            try:
-                stored = open_image(repo, name)
-                problems = []
-                for diff_id in layer_ids_of(stored.manifest, stored.config):
-                    layer = stored.layer_ids.get(diff_id) or repo.has_stream(layer_stream_name(diff_id))
-                    if layer is None or not repo.has_object(layer):
-                        problems.append(f"{name}: layer {diff_id} is missing")
-                        continue
-                    reader = repo.open_stream_by_id(layer)
-                    problems += [f"{name}: layer {diff_id}: object {o.hex()} is missing"
-                                 for o in reader.object_refs if not repo.has_object(o)]
-                for ref, object_id in stored.image_refs.items():
-                    if not repo.has_object(object_id):
-                        problems.append(f"{name}: {ref} image {object_id.hex()} is missing")
-                return problems
-            except PycfsError as e:
-                return [f"{name}: {e}"]
+            def check_one(name: str) -> list[str]:
+                try:
+                    stored = open_image(repo, name)
+                    problems = []
+                    for diff_id in layer_ids_of(stored.manifest, stored.config):
+                        layer = stored.layer_ids.get(diff_id) or repo.has_stream(layer_stream_name(diff_id))
+                        if layer is None or not repo.has_object(layer):
+                            problems.append(f"{name}: layer {diff_id} is missing")
+                            continue
+                        reader = repo.open_stream_by_id(layer)
+                        problems += [f"{name}: layer {diff_id}: object {o.hex()} is missing"
+                                     for o in reader.object_refs if not repo.has_object(o)]
+                    for ref, object_id in stored.image_refs.items():
+                        if not repo.has_object(object_id):
+                            problems.append(f"{name}: {ref} image {object_id.hex()} is missing")
+                    return problems
+                except PycfsError as e:
+                    return [f"{name}: {e}"]
 
-        def run() -> tuple[list[list[str]], dict]:
-            return [check_one(n) for n in names], fsck_reply(repo, fsck(repo))
+            def run() -> tuple[list[list[str]], dict]:
+                return [check_one(n) for n in names], fsck_reply(repo, fsck(repo))
 
-        results, repo_reply = await trio.to_thread.run_sync(run)
-        errors = [e for r in results for e in r]
-        return {"ok": not errors and repo_reply["ok"], "images_checked": len(names),
-                "images_corrupted": sum(bool(r) for r in results), "errors": errors, "repo": repo_reply}
+            results, repo_reply = await trio.to_thread.run_sync(run)
+            errors = [e for r in results for e in r]
+            return {"ok": not errors and repo_reply["ok"], "images_checked": len(names),
+                    "images_corrupted": sum(bool(r) for r in results), "errors": errors, "repo": repo_reply}
 
     async def inspect(self, ctx: CallContext) -> Result:
-        repo = self.repo(ctx)
-        image = self._open(repo, ctx.params.string("image"))
-        erofs = None
-        for version in format_versions(repo):
-            ref = IMAGE_REF_NAMES.get(version)
-            if ref in image.image_refs:
-                erofs = image.image_refs[ref].hex()
-                break
-        try:
-            manifest, config = image.manifest_raw.decode(), image.config_raw.decode()
-        except UnicodeDecodeError:
-            raise error("InternalError", message=f"the manifest or config of {image.manifest_digest} is not UTF-8: "
-                        "varlink strings cannot carry it") from None
-        return {"manifest": manifest, "config": config, "referrers": [],
-                "composefs_erofs": erofs, "composefs_boot_erofs": None}
+        async with self.using(ctx) as repo:
+            image = self._open(repo, ctx.params.string("image"))
+            erofs = None
+            for version in format_versions(repo):
+                ref = IMAGE_REF_NAMES.get(version)
+                if ref in image.image_refs:
+                    erofs = image.image_refs[ref].hex()
+                    break
+            try:
+                manifest, config = image.manifest_raw.decode(), image.config_raw.decode()
+            except UnicodeDecodeError:
+                raise error("InternalError", message=f"the manifest or config of {image.manifest_digest} is not UTF-8: "
+                            "varlink strings cannot carry it") from None
+            return {"manifest": manifest, "config": config, "referrers": [],
+                    "composefs_erofs": erofs, "composefs_boot_erofs": None}
 
     async def tag(self, ctx: CallContext) -> Result:
-        repo = self.repo(ctx)
-        digest, name = ctx.params.string("manifest_digest"), ctx.params.string("name")
-        parse_digest(digest, "manifest digest")
-        await trio.to_thread.run_sync(tag_image, repo, name, digest)
-        return {}
+        async with self.using(ctx) as repo:
+            digest, name = ctx.params.string("manifest_digest"), ctx.params.string("name")
+            parse_digest(digest, "manifest digest")
+            await trio.to_thread.run_sync(tag_image, repo, name, digest)
+            return {}
 
     async def untag(self, ctx: CallContext) -> Result:
-        repo = self.repo(ctx)
-        await trio.to_thread.run_sync(untag_image, repo, ctx.params.string("name"))
-        return {}
+        async with self.using(ctx) as repo:
+            await trio.to_thread.run_sync(untag_image, repo, ctx.params.string("name"))
+            return {}
 
     async def compute_id(self, ctx: CallContext) -> Result:
-        repo = self.repo(ctx)
-        image = ctx.params.string("image")
-        if ctx.params.boolean("bootable", optional=True, default=False):
-            raise error("InvalidRequest", message="bootable images are not supported by pycfs")
-        if ctx.params.string("xattrs", optional=True, default="AllowlistOnly") != "AllowlistOnly":
-            raise error("InvalidRequest", message="only AllowlistOnly xattr filtering is supported")
-        self._open(repo, image)
-        image_id = await trio.to_thread.run_sync(compute_image_id, repo, image)
-        return {"image_id": image_id.hex()}
+        async with self.using(ctx) as repo:
+            image = ctx.params.string("image")
+            if ctx.params.boolean("bootable", optional=True, default=False):
+                raise error("InvalidRequest", message="bootable images are not supported by pycfs")
+            if ctx.params.string("xattrs", optional=True, default="AllowlistOnly") != "AllowlistOnly":
+                raise error("InvalidRequest", message="only AllowlistOnly xattr filtering is supported")
+            self._open(repo, image)
+            image_id = await trio.to_thread.run_sync(compute_image_id, repo, image)
+            return {"image_id": image_id.hex()}
 
     async def pull(self, ctx: CallContext) -> Result:
         from pycfs.host.varlink.pull import pull_frames
 
-        repo = self.repo(ctx)
-        if ctx.params.boolean("bootable", optional=True, default=False):
-            raise error("InvalidRequest", message="bootable images are not supported by pycfs")
-        if ctx.params.string("expected_digest", optional=True) is not None:
-            raise error("InvalidRequest", message="expected_digest requires bootable")
-        return await pull_frames(ctx, repo)
+        async with self.using(ctx) as repo:
+            if ctx.params.boolean("bootable", optional=True, default=False):
+                raise error("InvalidRequest", message="bootable images are not supported by pycfs")
+            if ctx.params.string("expected_digest", optional=True) is not None:
+                raise error("InvalidRequest", message="expected_digest requires bootable")
+            return await pull_frames(ctx, repo)
 
     async def oci_mount(self, ctx: CallContext) -> Result:
         from pycfs.host.mount import resolve_image
 
-        repo = self.repo(ctx)
-        image = ctx.params.string("image")
-        if ctx.params.boolean("bootable", optional=True, default=False):
-            raise error("InvalidRequest", message="bootable images are not supported by pycfs")
-        # a bare manifest digest, as cfsctl takes it, or a tag
-        name = "@" + image if image.startswith("sha256:") else image
-        self._open(repo, name)
-        try:
-            image_id = await trio.to_thread.run_sync(resolve_image, repo, name)
-        except PycfsError as e:
-            raise error("InternalError", message=str(e)) from None
-        return await image_mount_fd(ctx, repo, image_id, lambda message: error("InvalidRequest", message=message))
+        async with self.using(ctx) as repo:
+            image = ctx.params.string("image")
+            if ctx.params.boolean("bootable", optional=True, default=False):
+                raise error("InvalidRequest", message="bootable images are not supported by pycfs")
+            # a bare manifest digest, as cfsctl takes it, or a tag
+            name = "@" + image if image.startswith("sha256:") else image
+            self._open(repo, name)
+            try:
+                image_id = await trio.to_thread.run_sync(resolve_image, repo, name)
+            except PycfsError as e:
+                raise error("InternalError", message=str(e)) from None
+            return await image_mount_fd(ctx, repo, image_id, lambda message: error("InvalidRequest", message=message))
 
     # -- layers --
 
     async def has_layer(self, ctx: CallContext) -> Result:
-        repo = self.repo(ctx)
-        diff_id = check_digest(ctx.params.string("diff_id"), "diff_id")
-        layer = repo.has_stream(layer_stream_name(diff_id))
-        if layer is not None and not repo.stream_verified(layer):
-            layer = None  # its tar was never checked against the diff_id: a PutLayer (checked) replaces it
-        return {"present": layer is not None, "layer_verity": layer.hex() if layer is not None else None}
+        async with self.using(ctx) as repo:
+            diff_id = check_digest(ctx.params.string("diff_id"), "diff_id")
+            layer = repo.has_stream(layer_stream_name(diff_id))
+            if layer is not None and not repo.stream_verified(layer):
+                layer = None  # its tar was never checked against the diff_id: a PutLayer (checked) replaces it
+            return {"present": layer is not None, "layer_verity": layer.hex() if layer is not None else None}
 
     async def get_layer(self, ctx: CallContext) -> Result:
-        repo = self.repo(ctx)
-        params = ctx.params.obj("params")
-        assert params is not None
-        diff_id = params.string("diff_id", optional=True)
-        if diff_id is None:
-            raise error("InvalidRequest", message="params.diff_id is required by a repository service")
-        check_digest(diff_id, "diff_id")
-        name = layer_stream_name(diff_id)
-        layer_id = repo.has_stream(name)
-        if layer_id is None:
-            raise error("NoSuchLayer", diff_id=diff_id)
-        seed = seed_from_id(name)
-        r, w = os.pipe2(os.O_CLOEXEC)
+        # held until the client lets go of the objects (the producer's release), not just the call
+        repo, release = await self.handles.hold(ctx, IFACE)
         try:
-            objects = open_objects_dir(repo)
+            params = ctx.params.obj("params")
+            assert params is not None
+            diff_id = params.string("diff_id", optional=True)
+            if diff_id is None:
+                raise error("InvalidRequest", message="params.diff_id is required by a repository service")
+            check_digest(diff_id, "diff_id")
+            name = layer_stream_name(diff_id)
+            layer_id = repo.has_stream(name)
+            if layer_id is None:
+                raise error("NoSuchLayer", diff_id=diff_id)
+            seed = seed_from_id(name)
+            r, w = os.pipe2(os.O_CLOEXEC)
+            try:
+                objects = open_objects_dir(repo)
+            except BaseException:
+                close_fds([r, w])
+                raise
+            try:
+                layout = build_layout(r, [objects], seed)
+            except BaseException:
+                os.close(w)
+                raise
         except BaseException:
-            close_fds([r, w])
-            raise
-        try:
-            layout = build_layout(r, [objects], seed)
-        except BaseException:
-            os.close(w)
+            release()
             raise
         return await send_layer_frames(ctx, layout, seed, w,
                                        lambda send_all: produce_repo_layer(repo, layer_id, layout.real_slots[0], send_all),
-                                       failed=self.producer_failed)
+                                       release=release, failed=self.producer_failed)
 
     async def put_layer(self, ctx: CallContext) -> Result:
         if len(ctx.fds) < 2:
             raise error("InvalidRequest", message=f"expected at least 2 fds (1 pipe + >=1 dir fd), got {len(ctx.fds)}")
         diff_id = check_digest(ctx.params.string("diff_id"), "diff_id")
-        repo = self.repo(ctx)
-        zerocopy = ctx.params.boolean("zerocopy", optional=True, default=False)
-        if not diff_id.startswith("sha256:"):
-            raise error("InternalError", message=f"PutLayer verifies sha256 diff_ids only, not {diff_id.split(':')[0]}")
-        if (not stat.S_ISFIFO(os.fstat(ctx.fds[0]).st_mode)
-                or fcntl.fcntl(ctx.fds[0], fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY):
-            raise error("InvalidRequest", message="fd 0 of PutLayer must be the read end of a pipe")
-        handle = ctx.params.integer("handle")
-        try:
-            check_directory_giver(ctx.conn.peer_uid(), "the PutLayer client")
-        except LayerTransferError as e:
-            raise VarlinkError("org.varlink.service.PermissionDenied", {"message": str(e)}) from None
-        pool, limiter = await self.pools.get(repo)
-        fds = ctx.take_fds()
-        pipe, dirfds = fds[0], fds[1:]
-        already = repo.has_stream(layer_stream_name(diff_id)) is not None
-        try:
-            put = await put_layer(repo, pool, pipe, dirfds, diff_id, zerocopy, limiter)
-        except DiffIdMismatch as e:
-            raise error("DiffIdMismatch", expected=e.expected, actual=e.actual) from None
-        except (SplitDirFdStreamError, LayerTransferError, StreamTooLarge) as e:
-            raise error("InvalidRequest", message=str(e)) from None
-        except PycfsError:
-            self.pools.retire(repo)  # perhaps a worker died: the next call starts new ones
-            raise
-        finally:
-            close_fds(dirfds)
-        layer_id, stats = put.layer_id, put.stats
-        if put.entries is not None:
-            self.entries.keep(handle, layer_id, put.entries)
-        return {"layer_verity": layer_id.hex(), "already_present": already,
-                "objects_reflinked": stats.objects_reflinked, "objects_hardlinked": stats.objects_hardlinked,
-                "objects_copied": stats.objects_copied, "objects_already_present": stats.objects_already_present}
+        async with self.using(ctx) as repo:
+            zerocopy = ctx.params.boolean("zerocopy", optional=True, default=False)
+            if not diff_id.startswith("sha256:"):
+                raise error("InternalError", message=f"PutLayer verifies sha256 diff_ids only, not {diff_id.split(':')[0]}")
+            if (not stat.S_ISFIFO(os.fstat(ctx.fds[0]).st_mode)
+                    or fcntl.fcntl(ctx.fds[0], fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY):
+                raise error("InvalidRequest", message="fd 0 of PutLayer must be the read end of a pipe")
+            handle = ctx.params.integer("handle")
+            try:
+                check_directory_giver(ctx.conn.peer_uid(), "the PutLayer client")
+            except LayerTransferError as e:
+                raise VarlinkError("org.varlink.service.PermissionDenied", {"message": str(e)}) from None
+            pool, limiter = await self.pools.get(repo)
+            fds = ctx.take_fds()
+            pipe, dirfds = fds[0], fds[1:]
+            already = repo.has_stream(layer_stream_name(diff_id)) is not None
+            try:
+                put = await put_layer(repo, pool, pipe, dirfds, diff_id, zerocopy, limiter)
+            except DiffIdMismatch as e:
+                raise error("DiffIdMismatch", expected=e.expected, actual=e.actual) from None
+            except (SplitDirFdStreamError, LayerTransferError, StreamTooLarge) as e:
+                raise error("InvalidRequest", message=str(e)) from None
+            except PycfsError:
+                self.pools.retire(repo)  # perhaps a worker died: the next call starts new ones
+                raise
+            finally:
+                close_fds(dirfds)
+            layer_id, stats = put.layer_id, put.stats
+            if put.entries is not None:
+                self.entries.keep(handle, layer_id, put.entries)
+            return {"layer_verity": layer_id.hex(), "already_present": already,
+                    "objects_reflinked": stats.objects_reflinked, "objects_hardlinked": stats.objects_hardlinked,
+                    "objects_copied": stats.objects_copied, "objects_already_present": stats.objects_already_present}
 
     async def finalize_image(self, ctx: CallContext) -> Result:
-        repo = self.repo(ctx)
-        manifest_raw = ctx.params.string("manifest_json").encode()
-        config_raw = ctx.params.string("config_json").encode()
-        name = ctx.params.string("name", optional=True)
-        refs: list[tuple[str, bytes]] = []
-        for item in ctx.params.obj_list("layers"):
-            diff_id = check_digest(item.string("diff_id"), "diff_id")
-            verity = item.string("layer_verity")
+        async with self.using(ctx) as repo:
+            manifest_raw = ctx.params.string("manifest_json").encode()
+            config_raw = ctx.params.string("config_json").encode()
+            name = ctx.params.string("name", optional=True)
+            refs: list[tuple[str, bytes]] = []
+            for item in ctx.params.obj_list("layers"):
+                diff_id = check_digest(item.string("diff_id"), "diff_id")
+                verity = item.string("layer_verity")
+                try:
+                    layer_id = repo.id_from_hex(verity)
+                except PycfsError as e:
+                    raise error("InvalidDigest", message=str(e)) from None
+                if repo.has_stream(layer_stream_name(diff_id)) != layer_id:
+                    raise error("NoSuchLayer", diff_id=diff_id)
+                refs.append((diff_id, layer_id))
             try:
-                layer_id = repo.id_from_hex(verity)
+                manifest, wanted = agreeing_layer_ids(manifest_raw, config_raw)
             except PycfsError as e:
-                raise error("InvalidDigest", message=str(e)) from None
-            if repo.has_stream(layer_stream_name(diff_id)) != layer_id:
-                raise error("NoSuchLayer", diff_id=diff_id)
-            refs.append((diff_id, layer_id))
-        try:
-            manifest, wanted = agreeing_layer_ids(manifest_raw, config_raw)
-        except PycfsError as e:
-            raise error("InvalidRequest", message=str(e)) from None
-        if wanted != [d for d, _ in refs]:
-            raise error("InvalidRequest", message="layers do not match the image's layer list")
-        manifest_digest = "sha256:" + hashlib.sha256(manifest_raw).hexdigest()
-        config_digest = "sha256:" + hashlib.sha256(config_raw).hexdigest()
+                raise error("InvalidRequest", message=str(e)) from None
+            if wanted != [d for d, _ in refs]:
+                raise error("InvalidRequest", message="layers do not match the image's layer list")
+            manifest_digest = "sha256:" + hashlib.sha256(manifest_raw).hexdigest()
+            config_digest = "sha256:" + hashlib.sha256(config_raw).hexdigest()
 
-        parsed = self.entries.take(ctx.params.integer("handle"), [layer_id for _, layer_id in refs])
-        finished = await trio.to_thread.run_sync(functools.partial(
-            finish_pull, repo, manifest_digest, manifest_raw, config_digest, config_raw, refs, name,
-            build_image=is_container(manifest), parsed=parsed))
-        manifest_id, config_id = finished.manifest_stream_id, finished.config_stream_id
-        return {"manifest_digest": manifest_digest, "manifest_verity": manifest_id.hex(),
-                "config_digest": config_digest, "config_verity": config_id.hex()}
+            parsed = self.entries.take(ctx.params.integer("handle"), [layer_id for _, layer_id in refs])
+            finished = await trio.to_thread.run_sync(functools.partial(
+                finish_pull, repo, manifest_digest, manifest_raw, config_digest, config_raw, refs, name,
+                build_image=is_container(manifest), parsed=parsed))
+            manifest_id, config_id = finished.manifest_stream_id, finished.config_stream_id
+            return {"manifest_digest": manifest_digest, "manifest_verity": manifest_id.hex(),
+                    "config_digest": config_digest, "config_verity": config_id.hex()}
 
 
 def _tag_exists(repo: Repository, tag: str) -> bool:

@@ -2,13 +2,20 @@
 
 Handles are service-wide (any connection may use any handle, as in cfsctl), start at 1 and
 are never reused; the service closes whatever is still open when it stops.
+
+Gc against the service's own calls: every handle holds the repository's flock(LOCK_SH) on its
+own fd, and gc upgrades that of its handle, so the repository's flock keeps other processes
+out but not this one's calls. A readers/writer lock per repository does: each call that
+reads or writes its content holds it shared for its length (a GetLayer until its client lets
+go of the objects), Gc exclusive, and only then takes the flock.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +23,7 @@ import trio
 from pycfs.host.errors import PycfsError
 from pycfs.host.repository import ALGORITHMS, Repository
 from pycfs.host.varlink import idl
+from pycfs.host.varlink.rwlock import RWLock
 from pycfs.host.varlink.server import CallContext, Interface, Result, Server
 from pycfs.protocol.text import is_clean_text
 from pycfs.protocol.varlink import VarlinkError
@@ -57,6 +65,9 @@ def fsck_reply(repo: Repository, report: FsckReport) -> dict:
 # close them; past this many, the handle no connected client has used for longest is closed
 # to make room (each holds fds, a lock and perhaps object workers).
 MAX_HANDLES = 128
+# How long a call waits for a Gc of its repository to end, and a Gc for the calls using it
+# (gc then waits as long again for other processes: gc.WAIT_LIMIT).
+CALL_WAIT = 600.0
 
 
 class Handles:
@@ -70,6 +81,11 @@ class Handles:
         # per handle: the connections still connected that used it, and when it was last used
         self._users: dict[int, set[object]] = {}
         self._used: dict[int, float] = {}
+        # per repository (by identity: many handles may open one), while held or waited for
+        self._locks: dict[tuple[int, int], RWLock] = {}
+        # awaited by Gc once it holds its repository alone, before gc takes the flock: what
+        # keeps a shared flock of the repository in this process (object workers) lets go
+        self.before_gc: list[Callable[[Repository], Awaitable[None]]] = []
 
     async def add(self, repo: Repository, conn: object, iface: str) -> int:
         if len(self.repos) >= MAX_HANDLES:
@@ -94,6 +110,47 @@ class Handles:
         self._users[handle].add(ctx.conn)
         self._used[handle] = trio.current_time()
         return repo
+
+    async def hold(self, ctx: CallContext, iface: str, exclusive: bool = False) -> tuple[Repository, Callable[[], None]]:
+        """The handle's repository, held (shared, or exclusive for Gc), and the release;
+        waits at most CALL_WAIT."""
+        repo = self.get(ctx, iface)
+        key = identity(repo)
+        lock = self._locks.setdefault(key, RWLock())
+
+        def forget_idle() -> None:
+            if lock.idle and self._locks.get(key) is lock:
+                del self._locks[key]
+
+        try:
+            release = await lock.acquire(exclusive, CALL_WAIT)
+        except trio.TooSlowError:
+            if exclusive:
+                raise PycfsError(f"gc: {repo.path} stayed in use by calls of this service for {CALL_WAIT:.0f} s (a pull, "
+                                 "a layer transfer, a client holding a GetLayer's fds); nothing was removed") from None
+            raise PycfsError(f"{repo.path} stayed locked by a Gc of this service for {CALL_WAIT:.0f} s: "
+                             "try again once it is done") from None
+        finally:
+            forget_idle()
+
+        def done() -> None:
+            release()
+            forget_idle()
+
+        handle = ctx.params.integer("handle")
+        if self.repos.get(handle) is not repo:  # closed while the call waited
+            done()
+            raise VarlinkError(f"{iface}.InvalidHandle", {"handle": handle})
+        return repo, done
+
+    @asynccontextmanager
+    async def using(self, ctx: CallContext, iface: str, exclusive: bool = False) -> AsyncIterator[Repository]:
+        """The handle's repository, held for the block (see `hold`)."""
+        repo, release = await self.hold(ctx, iface, exclusive)
+        try:
+            yield repo
+        finally:
+            release()
 
     def forget(self, conn: object) -> None:
         """A connection closed: the handles it used may make room for others now."""
@@ -247,10 +304,10 @@ class RepositoryInterface:
     async def fsck(self, ctx: CallContext) -> Result:
         from pycfs.host.fsck import fsck
 
-        repo = self.handles.get(ctx, IFACE)
-        metadata_only = ctx.params.boolean("metadata_only", optional=True, default=False)
-        report = await trio.to_thread.run_sync(fsck, repo, metadata_only)
-        return fsck_reply(repo, report)
+        async with self.handles.using(ctx, IFACE) as repo:
+            metadata_only = ctx.params.boolean("metadata_only", optional=True, default=False)
+            report = await trio.to_thread.run_sync(fsck, repo, metadata_only)
+            return fsck_reply(repo, report)
 
     async def gc(self, ctx: CallContext) -> Result:
         from pycfs.host.gc import gc
@@ -259,35 +316,46 @@ class RepositoryInterface:
         dry_run = ctx.params.boolean("dry_run")
         if ctx.params.str_list("roots"):
             raise _invalid_spec("extra gc roots are not supported: tag what you want to keep")
-        if not dry_run and self.handles.shared(repo):
-            raise VarlinkError(f"{IFACE}.InternalError", {
-                "message": f"{repo.path} is open under another handle of this service: close it before gc"})
-        result = await trio.to_thread.run_sync(gc, repo, dry_run)
+        if not dry_run:
+            self._alone(repo)
+        # (a dry run removes nothing: it only keeps a Gc from removing while it looks)
+        async with self.handles.using(ctx, IFACE, exclusive=not dry_run) as repo:
+            if not dry_run:
+                self._alone(repo)  # (opened again while this call waited?)
+                for before in self.handles.before_gc:
+                    await before(repo)
+            result = await trio.to_thread.run_sync(gc, repo, dry_run)
         return {"result": {"objects_removed": result.objects_removed, "objects_bytes": result.bytes_removed,
                            "images_pruned": 0, "streams_pruned": result.links_pruned}, "dry_run": dry_run}
 
-    def _image(self, ctx: CallContext) -> tuple[Repository, bytes]:
-        """The handle's repository and the image id its `name` parameter names."""
-        repo = self.handles.get(ctx, IFACE)
+    def _alone(self, repo: Repository) -> None:
+        """Another handle's shared flock would keep gc waiting its WAIT_LIMIT."""
+        if self.handles.shared(repo):
+            raise VarlinkError(f"{IFACE}.InternalError", {
+                "message": f"{repo.path} is open under another handle of this service: close it before gc"})
+
+    def _image_id(self, ctx: CallContext, repo: Repository) -> bytes:
+        """The image id the call's `name` parameter names."""
         name = ctx.params.string("name")
         try:
-            return repo, repo.image_id(name)
+            return repo.image_id(name)
         except PycfsError:
             raise VarlinkError(f"{IFACE}.NoSuchRef", {"reference": name}) from None
 
     async def image_objects(self, ctx: CallContext) -> Result:
         from pycfs.host.erofs.objects import image_object_ids
 
-        repo, image_id = self._image(ctx)
-        ids = await trio.to_thread.run_sync(lambda: image_object_ids(repo.image_bytes(image_id), repo.alg))
-        return {"object_ids": sorted(f"{repo.alg}:{i.hex()}" for i in ids)}
+        async with self.handles.using(ctx, IFACE) as repo:
+            image_id = self._image_id(ctx, repo)
+            ids = await trio.to_thread.run_sync(lambda: image_object_ids(repo.image_bytes(image_id), repo.alg))
+            return {"object_ids": sorted(f"{repo.alg}:{i.hex()}" for i in ids)}
 
     async def mount(self, ctx: CallContext) -> Result:
-        repo, image_id = self._image(ctx)
-        return await image_mount_fd(ctx, repo, image_id, _invalid_spec)
+        async with self.handles.using(ctx, IFACE) as repo:
+            return await image_mount_fd(ctx, repo, self._image_id(ctx, repo), _invalid_spec)
 
     async def list_image_refs(self, ctx: CallContext) -> Result:
-        repo = self.handles.get(ctx, IFACE)
-        # (a name that is not UTF-8 text is none pycfs or cfsctl made; fsck reports it)
-        return {"images": [{"name": name, "digest": target.rsplit("/", 1)[-1]}
-                           for name, target in repo.list_links("images/refs") if is_clean_text(name + target)]}
+        async with self.handles.using(ctx, IFACE) as repo:
+            # (a name that is not UTF-8 text is none pycfs or cfsctl made; fsck reports it)
+            return {"images": [{"name": name, "digest": target.rsplit("/", 1)[-1]}
+                               for name, target in repo.list_links("images/refs") if is_clean_text(name + target)]}

@@ -8,7 +8,7 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 # Imported by each command as it runs (`pycfs --help` and other commands need none of them).
-from pycfs.host.errors import PycfsError
+from pycfs.host.errors import PycfsError, user_message
 
 if TYPE_CHECKING:
     from pycfs.host.oci.result import PullResult
@@ -112,27 +112,42 @@ def _image_summary(repo: Repository, tag: str) -> dict:
     }
 
 
+def _listed(repo: Repository, tag: str, manifest_digest: str) -> dict:
+    """The tag's summary, or what is wrong with it (one broken image leaves the others listed)."""
+    try:
+        return _image_summary(repo, tag)
+    except PycfsError as e:  # (an OSError, say no access, is the whole listing's)
+        return {"tag": tag, "manifest": manifest_digest, "error": user_message(e)}
+
+
 def cmd_images(args: argparse.Namespace) -> int:
     from pycfs.host.oci.streams import list_images
     from pycfs.tools.common import open_repo, print_json
 
     with open_repo(args, writable=False) as repo:
-        images = [_image_summary(repo, tag) for tag, _ in list_images(repo)]
+        images = [_listed(repo, tag, digest) for tag, digest in list_images(repo)]
+    broken = sum("error" in i for i in images)
     if args.json:
         print_json({"images": images})
-        return 0
-    if not images:
+    elif not images:
         print("no tagged images", file=sys.stderr)
-        return 0
-    from pycfs.protocol.text import printable
+    else:
+        from pycfs.protocol.text import printable
 
-    # (a tag is anyone's text, a varlink client's say: controls in it are shown escaped)
-    tags = [printable(i["tag"]) for i in images]
-    width = max(map(len, tags))
-    print(f"{'TAG':<{width}}  {'MANIFEST':<19}  {'CONFIG':<19}  LAYERS  EROFS")
-    for tag, i in zip(tags, images):
-        erofs = ",".join(n.removeprefix("composefs.") for n in i["images"]) or "-"
-        print(f"{tag:<{width}}  {i['manifest'][:19]}  {i['config'][:19]}  {i['layers']:>6}  {erofs}")
+        # (a tag is anyone's text, a varlink client's say: controls in it are shown escaped)
+        tags = [printable(i["tag"]) for i in images]
+        width = max(map(len, tags))
+        print(f"{'TAG':<{width}}  {'MANIFEST':<19}  {'CONFIG':<19}  LAYERS  EROFS")
+        for tag, i in zip(tags, images):
+            if "error" in i:
+                print(f"{tag:<{width}}  {i['manifest'][:19]}  BROKEN: {printable(i['error'])}")
+                continue
+            erofs = ",".join(n.removeprefix("composefs.") for n in i["images"]) or "-"
+            print(f"{tag:<{width}}  {i['manifest'][:19]}  {i['config'][:19]}  {i['layers']:>6}  {erofs}")
+    if broken:
+        print(f"pycfs: error: {broken} of {len(images)} tagged images {'is' if broken == 1 else 'are'} broken "
+              "(see its row): run `pycfs fsck --repair`, then pull it again", file=sys.stderr)
+        return 1
     return 0
 
 
