@@ -66,7 +66,7 @@ def fsck_reply(repo: Repository, report: FsckReport) -> dict:
 # to make room (each holds fds, a lock and perhaps object workers).
 MAX_HANDLES = 128
 # How long a call waits for a Gc of its repository to end, and a Gc for the calls using it
-# (gc then waits as long again for other processes: gc.WAIT_LIMIT).
+# (gc then waits as long again for other processes: repository.LOCK_WAIT).
 CALL_WAIT = 600.0
 
 
@@ -329,7 +329,7 @@ class RepositoryInterface:
                            "images_pruned": 0, "streams_pruned": result.links_pruned}, "dry_run": dry_run}
 
     def _alone(self, repo: Repository) -> None:
-        """Another handle's shared flock would keep gc waiting its WAIT_LIMIT."""
+        """Another handle's shared flock would keep gc waiting its LOCK_WAIT."""
         if self.handles.shared(repo):
             raise VarlinkError(f"{IFACE}.InternalError", {
                 "message": f"{repo.path} is open under another handle of this service: close it before gc"})

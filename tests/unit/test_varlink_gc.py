@@ -142,10 +142,10 @@ def test_gc_waits_for_a_pull_and_spares_its_image(source_repo, tmp_path, monkeyp
 def test_gc_waits_for_finalize_image_and_stops_the_object_workers(source_repo, tmp_path, monkeypatch) -> None:
     """A copy's FinalizeImage with a Gc meanwhile: before, the Gc removed the layers it was
     tagging (or, had PutLayer started object workers, waited 600 s for their locks)."""
-    from pycfs.host import gc as gc_module
+    from pycfs.host import repository as repository_module
     from pycfs.host.varlink import oci
 
-    monkeypatch.setattr(gc_module, "WAIT_LIMIT", 5.0)  # (the old code's wait for the workers, shortened)
+    monkeypatch.setattr(repository_module, "LOCK_WAIT", 5.0)  # (the old code's wait for the workers, shortened)
     repo_path, built = source_repo
     dest = tmp_path / "dest"
     Repository.init(dest).close()
@@ -183,10 +183,10 @@ def test_gc_waits_for_finalize_image_and_stops_the_object_workers(source_repo, t
 
 def test_gc_after_put_layer_stops_the_pool_and_the_next_put_starts_one(source_repo, tmp_path, monkeypatch) -> None:
     """Before, the handle's object workers kept their shared locks until CloseRepository: a
-    Gc on the handle waited gc.WAIT_LIMIT (600 s) and failed."""
-    from pycfs.host import gc as gc_module
+    Gc on the handle waited LOCK_WAIT (600 s) and failed."""
+    from pycfs.host import repository as repository_module
 
-    monkeypatch.setattr(gc_module, "WAIT_LIMIT", 5.0)
+    monkeypatch.setattr(repository_module, "LOCK_WAIT", 5.0)
     repo_path, built = source_repo
     dest = tmp_path / "dest"
     Repository.init(dest).close()
