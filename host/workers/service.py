@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pycfs.host import syscalls
-from pycfs.host.errors import PycfsError
+from pycfs.host.errors import PycfsError, describe_oserror
 from pycfs.host.fsverity import DIGEST_SIZES, digest_fd, digest_regular_files
 if TYPE_CHECKING:  # a digest-only worker (`pycfs measure`) starts without the repository code
     from pycfs.host.oci.layer import Piece
@@ -237,7 +237,8 @@ class WorkerService:
         except TarError as e:
             return {"failed": f"{e} (is the blob damaged?)"}
         except (OSError, PycfsError) as e:
-            return {"failed": str(e) if isinstance(e, PycfsError) else f"cannot inflate the layer: {e.strerror or e}"}
+            return {"failed": str(e) if isinstance(e, PycfsError)
+                    else f"cannot inflate the layer into {self.repo.path}: {describe_oserror(e)}"}
         finally:
             if source is not None:
                 source.close()
