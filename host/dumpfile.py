@@ -145,6 +145,10 @@ XATTR_NAME_MAX = 255
 XATTR_TEXT_MAX = 65535  # the xattr part of a line
 EXTERNAL_SIZE_MAX = 1024 << 43  # 1024 chunk indexes of the largest chunk (2^43 bytes)
 XATTR_DICTS_SHARED = 4096  # distinct xattr texts whose dicts one parse shares
+# The longest line a valid entry needs is about 130 KB: a deep path of a few KB, the
+# 4095-byte payload and 5000 bytes of content, each up to 4x escaped (`\xHH`), the 64 KB of
+# xattr text and the numbers. 1 MiB leaves room for absurdly deep paths.
+LINE_MAX = 1 << 20
 
 
 def _show_field(field: bytes) -> str:
@@ -265,7 +269,9 @@ def parse_file(f: BinaryIO, *, strict: bool = False) -> FileSystem:
                 raise DumpfileError(lines, "Missing trailing newline")
         f.seek(start)
     with gc_paused():
-        return _parse_lines(f, strict)
+        # each line is read with a bound, before anything is unescaped: one endless line
+        # would otherwise be held (and unescaped) whole
+        return _parse_lines(iter(functools.partial(f.readline, LINE_MAX + 1), b""), strict)
 
 
 def _parse_lines(lines: Iterable[bytes], strict: bool) -> FileSystem:
@@ -282,6 +288,9 @@ def _parse_lines(lines: Iterable[bytes], strict: bool) -> FileSystem:
     for lineno, line in enumerate(lines, 1):
         if line[-1:] == b"\n":
             line = line[:-1]
+        elif len(line) > LINE_MAX:
+            raise DumpfileError(lineno, f"line is longer than {LINE_MAX} bytes, more than any entry needs",
+                                _entry(line[:1024]))
         try:
             path, comps, node, link_target = _parse_line(line, strict, xattr_dicts, perms)
         except ValueError as e:
@@ -402,6 +411,10 @@ def _parse_line(line: bytes, strict: bool, xattr_dicts: dict[bytes, dict[bytes, 
         gid = _parse_u32(gid_f)
         rdev = _parse_u64(rdev_f)
         mtime_sec, mtime_nsec = _parse_mtime(fields[7])
+    if len(fields[9]) > 4 * INLINE_CONTENT_MAX:
+        # too long however it is escaped: said without building it
+        rest, escapes = _UNESC.subn(b"", fields[9])
+        raise ValueError(f"Inline content size {len(rest) + escapes} exceeds maximum {INLINE_CONTENT_MAX}")
     content = _unescape_optional(fields[9])
     if content is not None:
         # an empty field is empty content (only `-` is none), checked on every file type
@@ -490,30 +503,46 @@ def _parse_xattrs(rest: bytes) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(xattrs.items())
 
 
-def _link_target(root: Directory, link: _PendingLink) -> Inode:
-    """The inode an `@` line names, through chains of `@` lines."""
-    chain = {id(link)}
-    while True:
-        if link.target == link.path:
-            raise DumpfileError(link.line, f"Self-referential hardlink {_show(link.path)}")
-        node = root.lookup(link.target)
-        if node is None:
-            raise DumpfileError(link.line, f"No target at {_show(link.target)} for hardlink")
-        if not isinstance(node, _PendingLink):
-            return node
-        if id(node) in chain:
-            raise DumpfileError(link.line, f"Hardlink loop at {_show(link.path)}: Too many levels of symbolic links")
-        chain.add(id(node))
-        link = node
+def _link_target(root: Directory, link: _PendingLink, resolved: dict[int, Inode]) -> Inode:
+    """The inode an `@` line names, through chains of `@` lines. `resolved` (id of a
+    placeholder -> its inode) is filled for every link of the chain, so each link is followed
+    once however long the chains (20,000 links in one chain were quadratic)."""
+    chain: list[_PendingLink] = []
+    on_chain: set[int] = set()
+    node: Inode | _PendingLink = link
+    while isinstance(node, _PendingLink):
+        done = resolved.get(id(node))
+        if done is not None:
+            node = done
+            break
+        if id(node) in on_chain:
+            last = chain[-1]
+            raise DumpfileError(last.line, f"Hardlink loop at {_show(last.path)}: Too many levels of symbolic links")
+        chain.append(node)
+        on_chain.add(id(node))
+        if node.target == node.path:
+            raise DumpfileError(node.line, f"Self-referential hardlink {_show(node.path)}")
+        found = root.lookup(node.target)
+        if found is None:
+            raise DumpfileError(node.line, f"No target at {_show(node.target)} for hardlink")
+        node = found
+    for step in chain:
+        resolved[id(step)] = node
+    return node
 
 
 def _resolve_links(root: Directory, pending, homes, fs: FileSystem) -> None:
-    resolved = []
-    for parent, name, link in pending:
-        resolved.append((parent, name, _link_target(root, link)))
-    for parent, name, node in resolved:
-        parent.entries[name] = node
+    resolved: dict[int, Inode] = {}
+    targets = [(parent, name, _link_target(root, link, resolved), link) for parent, name, link in pending]
+    for parent, name, node, link in targets:
         home = homes.get(id(node))
+        if isinstance(node, Directory) and (home is None or home[0] is not parent):
+            # C writes a directory loop (a link to the root or an ancestor) or a directory
+            # whose `..` is wrong (one in another directory), which fsck.erofs refuses; a
+            # second name beside the directory (C's quirk vector) is sound and kept
+            raise DumpfileError(link.line, f"Hardlink to directory {_show(link.target)} from another directory: "
+                                "a directory can only have a second name in its own parent", link.path)
+        parent.entries[name] = node
         if home is not None:
             # the non-`@` line: C numbers the inode there (a directory too, C accepting a
             # hardlink to one)

@@ -8,7 +8,7 @@ header (spec 5.2-5.9). All integers are little-endian.
 from __future__ import annotations
 
 import functools
-
+import stat as _stat
 import struct
 from dataclasses import dataclass
 
@@ -51,6 +51,11 @@ FT_BLKDEV = 4
 FT_FIFO = 5
 FT_SOCK = 6
 FT_SYMLINK = 7
+# the file type of a directory entry, by its inode's mode & S_IFMT
+FILE_TYPES = {
+    _stat.S_IFREG: FT_REG_FILE, _stat.S_IFDIR: FT_DIR, _stat.S_IFCHR: FT_CHRDEV, _stat.S_IFBLK: FT_BLKDEV,
+    _stat.S_IFIFO: FT_FIFO, _stat.S_IFSOCK: FT_SOCK, _stat.S_IFLNK: FT_SYMLINK,
+}
 
 # Bloom filter of xattr names (EROFS_XATTR_FILTER_*)
 XATTR_FILTER_SEED = 0x25BBE08F

@@ -163,11 +163,7 @@ _Items = tuple[tuple[bytes, bytes], ...]
 
 # The file type in a directory entry, from a field every record has (each slot costs 8
 # bytes on hundreds of thousands of records): _FTYPES[mode & S_IFMT].
-_FTYPES = {
-    _stat.S_IFREG: F.FT_REG_FILE, _stat.S_IFDIR: F.FT_DIR, _stat.S_IFCHR: F.FT_CHRDEV,
-    _stat.S_IFBLK: F.FT_BLKDEV, _stat.S_IFIFO: F.FT_FIFO, _stat.S_IFSOCK: F.FT_SOCK,
-    _stat.S_IFLNK: F.FT_SYMLINK,
-}
+_FTYPES = F.FILE_TYPES
 
 
 class ImageSink(Protocol):

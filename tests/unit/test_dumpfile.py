@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import random
 import re
 
 import pytest
-from pycfs.host.dumpfile import DumpfileError, escape, parse, unescape, write
+from pycfs.host.dumpfile import DumpfileError, escape, parse, parse_file, unescape, write
 from pycfs.host.tree import (
     CharDevice,
     Directory,
@@ -223,3 +224,103 @@ def test_filter_names():
     assert [line.split(b" ")[0] for line in out.splitlines()] == [b"/", b"/sub", b"/sub/hard"]
     # the first name met decides: /sub/hard is now the real entry
     assert b"@" not in out
+
+
+# ---------------------------------------------------------------------------- hostile input
+
+_ROOT = b"/ 0 40755 2 0 0 0 0.0 - - -\n"
+_DIR = b" 0 40755 2 0 0 0 0.0 - - -\n"
+
+
+@pytest.mark.parametrize("lines, line, path", [
+    (b"/x 0 @100644 1 0 0 0 0.0 / - -\n", 2, "/x"),  # the root: a loop
+    (b"/d" + _DIR + b"/d/h 0 @100644 2 0 0 0 0.0 /d - -\n", 3, "/d/h"),  # its own parent: a loop
+    # through a chain: /d/e/h -> /d/h2 -> /d, a directory above it
+    (b"/d" + _DIR + b"/d/e" + _DIR + b"/d/e/h 0 @100644 2 0 0 0 0.0 /d/h2 - -\n/d/h2 0 @100644 2 0 0 0 0.0 /d - -\n",
+     4, "/d/e/h"),
+    # a directory of another parent: no loop, but its `..` would be wrong (fsck.erofs)
+    (b"/a" + _DIR + b"/b" + _DIR + b"/b/c" + _DIR + b"/a/h 0 @100644 2 0 0 0 0.0 /b/c - -\n", 5, "/a/h"),
+])
+def test_a_hardlink_to_a_directory_elsewhere_is_refused(lines, line, path):
+    """C mkcomposefs writes these, images fsck.erofs refuses (and segfaults on for the root)."""
+    with pytest.raises(DumpfileError, match="a directory can only have a second name in its own parent") as ei:
+        parse(_ROOT + lines)
+    assert ei.value.line == line
+    assert str(ei.value).startswith(f"dumpfile line {line} ({path}): Hardlink to directory /")
+
+
+def test_a_second_name_beside_a_directory_is_kept():
+    """C's quirk vector: a `@100644` line naming a directory in the same parent."""
+    fs = parse((VECTORS / "quirk_hardlink_to_dir.dump").read_bytes())
+    assert fs.root.entries[b"h"] is fs.root.entries[b"d"]
+    fs = parse(_ROOT + b"/s" + _DIR + b"/s/d" + _DIR + b"/s/h 0 @100644 2 0 0 0 0.0 /s/d - -\n"
+               b"/s/g 0 @100644 2 0 0 0 0.0 /s/h - -\n")
+    s = fs.root.entries[b"s"]
+    assert s.entries[b"g"] is s.entries[b"h"] is s.entries[b"d"]
+
+
+def test_a_long_hardlink_chain_resolves_each_link_once(monkeypatch):
+    """50,000 `@` lines each naming the next: each link is looked up once (it was once per
+    link of the rest of the chain: 20,000 links did not finish in 120 s)."""
+    n = 50_000
+    lines = [_ROOT, b"/f 0 100644 1 0 0 0 0.0 - - -\n"]
+    lines += [b"/l%d 0 @100644 1 0 0 0 0.0 /l%d - -\n" % (i, i + 1) for i in range(n - 1)]
+    lines.append(b"/l%d 0 @100644 1 0 0 0 0.0 /f - -\n" % (n - 1))
+    lookups = 0
+    real = Directory.lookup
+
+    def counting(self, path):
+        nonlocal lookups
+        lookups += 1
+        return real(self, path)
+
+    monkeypatch.setattr(Directory, "lookup", counting)
+    fs = parse(b"".join(lines))
+    f = fs.root.entries[b"f"]
+    assert all(fs.root.entries[b"l%d" % i] is f for i in range(n))
+    assert lookups == n
+
+
+def test_hardlink_chain_errors_name_the_failing_link():
+    with pytest.raises(DumpfileError) as ei:
+        parse(_ROOT + b"/a 0 @100644 1 0 0 0 0.0 /b - -\n/b 0 @100644 1 0 0 0 0.0 /c - -\n"
+              b"/c 0 @100644 1 0 0 0 0.0 /b - -\n")
+    assert (ei.value.line, ei.value.reason) == (4, "Hardlink loop at /c: Too many levels of symbolic links")
+    with pytest.raises(DumpfileError) as ei:
+        parse(_ROOT + b"/a 0 @100644 1 0 0 0 0.0 /b - -\n/b 0 @100644 1 0 0 0 0.0 /nope - -\n")
+    assert (ei.value.line, ei.value.reason) == (3, "No target at /nope for hardlink")
+
+
+def test_an_overlong_line_is_refused_before_it_is_read_whole():
+    """A line is read with a bound (1 MiB), and content longer than any escaping of 5000 bytes
+    is refused before it is unescaped: a 200 MB line of `\\x41` took 66 s and 7 GB."""
+
+    class Source(io.RawIOBase):
+        """A dumpfile whose second line is 8 MiB of content; counts what is read of it."""
+
+        def __init__(self) -> None:
+            self.data = _ROOT + b"/f 5 100644 1 0 0 0 0.0 - " + b"\\x41" * (2 << 20) + b" -\n"
+            self.served = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b) -> int:
+            n = min(len(b), len(self.data) - self.served)
+            b[:n] = self.data[self.served:self.served + n]
+            self.served += n
+            return n
+
+    src = Source()
+    with pytest.raises(DumpfileError) as ei:
+        parse_file(io.BufferedReader(src))
+    assert ei.value.line == 2
+    assert str(ei.value) == "dumpfile line 2 (/f): line is longer than 1048576 bytes, more than any entry needs"
+    assert src.served < 2 << 20
+    # content: the size C reports, without unescaping it
+    with pytest.raises(DumpfileError) as ei:
+        parse(_ROOT + b"/f 5 100644 1 0 0 0 0.0 - " + b"\\x41" * 200_000 + b" -\n")
+    assert ei.value.reason == "Inline content size 200000 exceeds maximum 5000"
+    # the longest valid line still parses: 5000 bytes of content, all escaped, and 64 KB of xattrs
+    fs = parse(_ROOT + b"/f 5000 100644 1 0 0 0 0.0 - " + b"\\x41" * 5000 + b" - user.a=" + b"b" * 32000 + b"\n")
+    assert fs.root.entries[b"f"].content == Inline(b"A" * 5000)

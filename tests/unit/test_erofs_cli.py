@@ -196,3 +196,92 @@ def test_a_failed_write_leaves_no_partial_image(tmp_path):
     assert not (tmp_path / "out.cfs").exists()
     r = pycfs(["mkcomposefs", "--from-file", "big.dump", "/dev/full"], tmp_path)
     assert r.returncode == 1 and b"No space left on device" in r.stderr and os.path.exists("/dev/full")
+    assert os.listdir(tmp_path) == ["big.dump"]  # no temporary file left either
+
+
+# mkcomposefs killed (SIGKILL: the OOM killer, a power cut) after the first piece of its image
+_KILLED_MIDWAY = """
+import os, signal, sys
+from pycfs.tools.commands import erofs
+from pycfs.tools.cli import main
+
+real = erofs._ImageOutput.write
+def write(self, piece):
+    real(self, piece)
+    if self.file is not None:
+        self.file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+erofs._ImageOutput.write = write
+main(["mkcomposefs", "--from-file", sys.argv[1], sys.argv[2]])
+"""
+
+
+def test_a_killed_write_leaves_the_previous_image(tmp_path):
+    """The image is written under a temporary name and renamed when complete: killed half
+    way, the previous image is still there, whole (it was truncated in place)."""
+    before = (VECTORS / "nested5.cfs").read_bytes()
+    (tmp_path / "out.cfs").write_bytes(before)
+    r = subprocess.run([sys.executable, "-c", _KILLED_MIDWAY, str(VECTORS / "bigdir3000.dump"), "out.cfs"],
+                       cwd=tmp_path, capture_output=True)
+    assert r.returncode == -9, r.stderr.decode()
+    assert (tmp_path / "out.cfs").read_bytes() == before
+    # what was written went to a temporary file beside it
+    [temp] = [p for p in tmp_path.iterdir() if p.name != "out.cfs"]
+    assert temp.name.startswith(".out.cfs.") and 0 < temp.stat().st_size < len((VECTORS / "bigdir3000.cfs").read_bytes())
+
+
+def test_the_image_file_takes_the_mode_c_gives_and_replaces_a_symlinks_target(tmp_path):
+    """A new image: 0666 less the umask (C's fopen); an existing one keeps its mode (C
+    truncates it); through a symlink the target is replaced and the link stays."""
+    old = os.umask(0o027)
+    try:
+        assert main(["mkcomposefs", "--from-file", str(VECTORS / "nested5.dump"), str(tmp_path / "new.cfs")]) == 0
+        (tmp_path / "old.cfs").write_bytes(b"previous")
+        os.chmod(tmp_path / "old.cfs", 0o604)
+        assert main(["mkcomposefs", "--from-file", str(VECTORS / "nested5.dump"), str(tmp_path / "old.cfs")]) == 0
+        os.symlink("old.cfs", tmp_path / "link.cfs")
+        assert main(["mkcomposefs", "--from-file", str(VECTORS / "devices.dump"), str(tmp_path / "link.cfs")]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.cfs").stat().st_mode & 0o7777 == 0o640
+    assert (tmp_path / "old.cfs").stat().st_mode & 0o7777 == 0o604
+    assert os.readlink(tmp_path / "link.cfs") == "old.cfs"
+    assert (tmp_path / "old.cfs").read_bytes() == (VECTORS / "devices.cfs").read_bytes()
+    assert (tmp_path / "new.cfs").read_bytes() == (VECTORS / "nested5.cfs").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["link.cfs", "new.cfs", "old.cfs"]
+
+
+def test_info_opens_only_a_regular_file_of_at_most_1_gib(tmp_path, capsys):
+    """A fifo blocked the open, /dev/zero was read until MemoryError, a 3 GB (sparse) file
+    was read whole before its size was checked; measure-file hung on a fifo alike."""
+    os.mkfifo(tmp_path / "fifo")
+    with open(tmp_path / "big.cfs", "wb") as f:
+        f.truncate(3 << 30)
+    cases = [
+        (["ls", str(tmp_path / "fifo")], f"Failed to load '{tmp_path}/fifo': it is a fifo, not an image file"),
+        (["dump", "/dev/zero"], "Failed to load '/dev/zero': it is a character device, not an image file"),
+        (["objects", str(tmp_path)], f"Failed to load '{tmp_path}': it is a directory, not an image file"),
+        (["ls", str(tmp_path / "big.cfs")],
+         f"Failed to load '{tmp_path}/big.cfs': image of 3221225472 bytes exceeds the 1 GiB composefs limit"),
+        (["ls", str(tmp_path / "none")], f"Failed to load '{tmp_path}/none': No such file or directory"),
+        (["measure-file", str(tmp_path / "fifo")], f"Failed to measure '{tmp_path}/fifo': not a regular file"),
+        (["measure-file", "/dev/zero"], "Failed to measure '/dev/zero': not a regular file"),
+    ]
+    for argv, message in cases:
+        assert main(["composefs-info", *argv]) == 1
+        assert capsys.readouterr().err == f"pycfs: error: {message}\n"
+
+
+def test_a_strict_parse_of_a_pipe_reads_a_bounded_amount(tmp_path):
+    """Strict mode reads a pipe whole (it checks the last newline first): at most 1 GiB (here
+    lowered to 1000 bytes), then one line saying to give a file."""
+    script = ("import sys\nfrom pycfs.tools.commands import erofs\nfrom pycfs.tools.cli import main\n"
+              "erofs._PIPED_DUMPFILE_MAX = 1000\nsys.exit(main(sys.argv[1:]))\n")
+    dump = (VECTORS / "mixed_rootfs.dump").read_bytes()
+    assert len(dump) > 1000
+    r = subprocess.run([sys.executable, "-c", script, "mkcomposefs", "--from-file", "-", "out.cfs"], cwd=tmp_path,
+                       input=dump, capture_output=True, env={**os.environ, "CFS_PARSE_STRICT": "1"})
+    assert r.returncode == 1
+    assert r.stderr.decode() == ("pycfs: error: cannot read -: a strict parse (CFS_PARSE_STRICT=1) reads a pipe whole, "
+                                 "and this one holds more than 1000 bytes: give the dumpfile as a file\n")
+    assert os.listdir(tmp_path) == []

@@ -19,7 +19,7 @@ from pycfs.host.erofs.reader import read_image
 from pycfs.host.erofs.writer import choose_version, write_image
 from pycfs.host.tree import CharDevice, Leaf, Symlink
 from pycfs.tools.cli import main
-from vectors import C_EDGE, edge_manifest
+from vectors import C_EDGE, C_VECTORS, edge_manifest
 
 EDGE = edge_manifest()
 ROOT = b"/ 0 40755 2 0 0 0 0.0 - - -\n"
@@ -27,8 +27,12 @@ ROOT = b"/ 0 40755 2 0 0 0 0.0 - - -\n"
 # C accepts these only through a bug of its own (uninitialised digest bytes, ids and times
 # cut to 32 or 64 bits, integer garbage read as 0 when UID is not 0, an empty hardlink
 # target read as "/", a size whose chunk count overflows) or by taking a CR into the last
-# field; pycfs refuses them (README, "Compatibility with C mkcomposefs"). name -> pycfs's reason
+# field, or write an image fsck.erofs refuses (a hardlink to a directory elsewhere); pycfs
+# refuses them (README, "Compatibility with C mkcomposefs"). name -> pycfs's reason
+_DIR_ELSEWHERE = "a directory can only have a second name in its own parent"
 REJECTED_WHERE_C_ACCEPTS = {
+    "hardlink_dir_bfs_order": _DIR_ELSEWHERE,
+    "hardlink_to_root": _DIR_ELSEWHERE,
     "crlf_lines": "CRLF line ends are not supported",
     "digest_nonhex": "Invalid digest zzzz",
     "digest_short": "Invalid digest abcd",
@@ -49,7 +53,7 @@ REJECTED_WHERE_C_ACCEPTS = {
 # without the other xattr; pycfs writes both (the user's value gives way to composefs's own).
 WRITTEN_WHERE_C_FAILS = {"wh_trusted_whiteout2", "xattr_trusted_overlay_whiteout_on_whiteout"}
 # the line a rejection names, where it is not the last line of the file
-ERROR_LINE = {"blank_line_middle": 2, "parent_after_child": 2, "crlf_lines": 1}
+ERROR_LINE = {"blank_line_middle": 2, "parent_after_child": 2, "crlf_lines": 1, "hardlink_dir_bfs_order": 6}
 
 
 def _mkcomposefs(dump, out, capsys) -> tuple[int, str]:
@@ -176,12 +180,17 @@ def _root_nlink(image: bytes) -> int:
 
 
 def test_d_hardlink_to_a_directory():
-    image = _build(ROOT + b"/l 0 @100644 1 0 0 0 0.0 / - -\n")
-    assert image == (C_EDGE / "hardlink_to_root.cfs").read_bytes()
-    assert _root_nlink(image) == 2  # the link is no subdirectory of the root
-    # the directory's inode (and its `..`) belong to its own line, wherever the link is
-    name = "hardlink_dir_bfs_order"
-    assert _build((C_EDGE / f"{name}.dump").read_bytes()) == (C_EDGE / f"{name}.cfs").read_bytes()
+    """C writes a link to the root (a loop: fsck.erofs segfaults) and one to a directory of
+    another parent (its `..` is wrong: fsck.erofs refuses it); pycfs refuses both. A second
+    name beside the directory is C's quirk vector, written as C does."""
+    with pytest.raises(DumpfileError, match="Hardlink to directory / from another directory"):
+        _build(ROOT + b"/l 0 @100644 1 0 0 0 0.0 / - -\n")
+    with pytest.raises(DumpfileError, match="Hardlink to directory /c/d from another directory") as ei:
+        _build((C_EDGE / "hardlink_dir_bfs_order.dump").read_bytes())
+    assert ei.value.line == 6
+    image = _build((C_VECTORS / "quirk_hardlink_to_dir.dump").read_bytes())
+    assert image == (C_VECTORS / "quirk_hardlink_to_dir.cfs").read_bytes()
+    assert _root_nlink(image) == 3  # the link is no subdirectory of the root
 
 
 # ---------------------------------------------------------------------------- classes E, F

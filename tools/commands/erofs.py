@@ -32,6 +32,10 @@ def _versions(args: argparse.Namespace) -> tuple[int, int]:
     return lo, max(lo, hi)
 
 
+# a dumpfile of more is a tree whose image would pass the 1 GiB composefs limit too
+_PIPED_DUMPFILE_MAX = 1 << 30
+
+
 def _load_source(args: argparse.Namespace) -> FileSystem:
     from pycfs.host import dumpfile
 
@@ -43,7 +47,12 @@ def _load_source(args: argparse.Namespace) -> FileSystem:
                 # read line by line: a big dumpfile is not held whole (a pipe, which the
                 # strict check cannot seek, is)
                 if strict and not f.seekable():
-                    return dumpfile.parse(f.read(), strict=strict)
+                    data = f.read(_PIPED_DUMPFILE_MAX + 1)
+                    if len(data) > _PIPED_DUMPFILE_MAX:
+                        raise PycfsError(f"cannot read {args.source}: a strict parse (CFS_PARSE_STRICT=1) reads a "
+                                         f"pipe whole, and this one holds more than {_PIPED_DUMPFILE_MAX} bytes: "
+                                         "give the dumpfile as a file")
+                    return dumpfile.parse(data, strict=strict)
                 return dumpfile.parse_file(f, strict=strict)
         except OSError as e:
             raise PycfsError(f"cannot read {args.source}: {e.strerror}") from None
@@ -84,9 +93,12 @@ def cmd_mkcomposefs(args: argparse.Namespace) -> int:
 
 
 class _ImageOutput:
-    """The image, written and hashed piece by piece as it is built (never whole in memory);
-    the file is opened once the tree is accepted, so a refused one leaves none, and removed
-    when writing fails (`discard`), so a full disk or Ctrl-C leaves no partial image."""
+    """The image, written and hashed piece by piece as it is built (never whole in memory).
+    A file is written under a temporary name beside it, synced, and renamed to its name only
+    when complete: a kill, a full disk or Ctrl-C half way leaves the previous image (or none),
+    never a truncated one, and a refused tree leaves nothing (`discard` removes the temporary
+    file). A destination that is not a regular file (/dev/null, a fifo) is written into, as
+    C does; `-` is stdout."""
 
     def __init__(self, path: str | None, digest: bool) -> None:
         from pycfs.host.fsverity import VerityHasher
@@ -94,14 +106,14 @@ class _ImageOutput:
         self.path = path
         self.file: BinaryIO | None = None
         self.hasher = VerityHasher() if digest else None
-        self.remove_on_failure = False
+        self.temp: str | None = None  # the temporary name, until it is renamed
+        self.final = ""
 
     def start(self, size: int) -> None:
         if self.path == "-":
             self.file = sys.stdout.buffer
         elif self.path is not None:
-            self.file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
-            self.remove_on_failure = stat.S_ISREG(os.fstat(self.file.fileno()).st_mode)  # never /dev/full
+            self.file, self.temp, self.final = _open_destination(self.path)
 
     def write(self, piece: bytearray) -> None:
         if self.file is not None:
@@ -114,24 +126,75 @@ class _ImageOutput:
         if f is sys.stdout.buffer:
             f.flush()
         elif f is not None:
-            f.close()
+            with f:
+                if self.temp is not None:
+                    f.flush()
+                    os.fsync(f.fileno())
+            if self.temp is not None:
+                os.rename(self.temp, self.final)
+                self.temp = None
 
     def discard(self) -> None:
-        with contextlib.suppress(OSError):  # the error being reported matters more
-            self.close()
-        if self.remove_on_failure and self.path is not None:
+        f, self.file = self.file, None
+        if f is not None and f is not sys.stdout.buffer:
+            with contextlib.suppress(OSError):  # the error being reported matters more
+                f.close()
+        if self.temp is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+                os.unlink(self.temp)
+            self.temp = None
+
+
+def _open_destination(path: str) -> tuple[BinaryIO, str | None, str]:
+    """(file to write, its temporary name or None, the name it gets) for the image `path`.
+    C writes through a symlink to its target, so the rename replaces the target; it
+    truncates an existing file, whose mode the new one takes (a new one: 0666 less the
+    umask, as C's)."""
+    final = os.path.realpath(path)
+    try:
+        st: os.stat_result | None = os.stat(final)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        return open(final, "wb"), None, final
+    directory, name = os.path.split(final)
+    while True:
+        temp = os.path.join(directory, f".{name[:200]}.{os.urandom(4).hex()}.tmp")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        if st is not None:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        return os.fdopen(fd, "wb"), temp, final
+    except BaseException:
+        os.close(fd)
+        os.unlink(temp)
+        raise
 
 
 # ---------------------------------------------------------------------------- composefs-info
 
 def _load_image(path: str) -> LoadedImage:
-    from pycfs.host.erofs.reader import ImageFormatError, read_image
+    from pycfs.host import syscalls
+    from pycfs.host.erofs.reader import MAX_IMAGE_SIZE, ImageFormatError, read_image
 
+    # nothing but a regular file is opened (a fifo would block, a device feed the read
+    # without end), and its size is checked before it is read
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd, st = syscalls.open_regular(syscalls.AT_FDCWD, os.fsencode(path), follow=True, resolve=0)
+    except syscalls.NotRegularFile as e:
+        raise PycfsError(f"Failed to load '{path}': it is {e.kind}, not an image file") from None
+    except OSError as e:  # openat2's strerror names the call
+        raise PycfsError(f"Failed to load '{path}': {os.strerror(e.errno) if e.errno else e}") from None
+    try:
+        with open(fd, "rb") as f:
+            if st.st_size > MAX_IMAGE_SIZE:
+                raise PycfsError(f"Failed to load '{path}': image of {st.st_size} bytes exceeds the 1 GiB "
+                                 "composefs limit")
+            data = f.read(MAX_IMAGE_SIZE + 1)  # one growing meanwhile is refused by read_image
     except OSError as e:
         raise PycfsError(f"Failed to load '{path}': {e.strerror}") from None
     try:
@@ -143,7 +206,7 @@ def _load_image(path: str) -> LoadedImage:
 def cmd_composefs_info(args: argparse.Namespace) -> int:
     from pycfs.host import dumpfile
     from pycfs.host.erofs.info import format_ls, image_objects
-    from pycfs.host.fsverity import digest_path
+    from pycfs.host.fsverity import digest_fd, open_regular
 
     filters = [os.fsencode(n) for n in args.filter or []]
     for n in filters:
@@ -153,7 +216,11 @@ def cmd_composefs_info(args: argparse.Namespace) -> int:
     if args.subcommand == "measure-file":
         for path in args.files:
             try:
-                out.write(digest_path(path).hex().encode() + b"\n")
+                fd, _size = open_regular(path)  # a fifo would block, a device never end
+                try:
+                    out.write(digest_fd(fd).hex().encode() + b"\n")
+                finally:
+                    os.close(fd)
             except OSError as e:
                 raise PycfsError(f"Failed to measure '{path}': {e.strerror}") from None
         out.flush()
