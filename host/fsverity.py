@@ -202,8 +202,8 @@ def small_job(paths: Sequence[str | os.PathLike[str]]) -> bool:
     return True
 
 
-def open_regular(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(fd, size) of the regular file at path; OSError for anything else, refused before
+def open_regular(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
+    """(fd, fstat) of the regular file at path; OSError for anything else, refused before
     any read: a fifo or device could hang or never end."""
     # O_NONBLOCK: opening a fifo must not wait for a writer (regular files ignore it).
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
@@ -213,39 +213,66 @@ def open_regular(path: str | os.PathLike[str]) -> tuple[int, int]:
         if stat.S_ISDIR(st.st_mode):
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
         raise OSError(errno.EINVAL, "not a regular file")
-    return fd, st.st_size
+    return fd, st
 
 
-def digest_regular_files(paths: Iterable[str | os.PathLike[str]], alg: str = "sha256") -> list[bytes | OSError]:
+# What a caller saw of a file (`identity`) and expects to be the one it names when it is
+# hashed: the same inode, of that size, unchanged since (ctime moves on every write,
+# truncation, chmod or xattr change, and a reused inode number gets a new one). A file
+# that is not is an OSError with errno CHANGED.
+Identity = tuple[int, int, int, int]
+CHANGED = errno.ESTALE
+CHANGED_MESSAGE = "changed while being read"
+
+
+def identity(st: os.stat_result) -> Identity:
+    return st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns
+
+
+def digest_regular_files(paths: Iterable[str | os.PathLike[str]], alg: str = "sha256",
+                         expect: Sequence[Identity] | None = None) -> list[bytes | OSError]:
     """The digest of each regular file named, in order, its size taken when opened; the
-    OSError of one that cannot be opened, is not a regular file or cannot be read."""
+    OSError of one that cannot be opened, is not a regular file or cannot be read.
+    ``expect``: each file's `identity` as the caller saw it; one that is no longer that
+    file, before or after it was hashed, is an OSError CHANGED (its size is then the
+    caller's, and what was hashed is what the caller described)."""
     results: list[bytes | OSError] = []
-    ahead: collections.deque[tuple[int, int] | OSError] = collections.deque()
+    ahead: collections.deque[tuple[int, os.stat_result] | OSError] = collections.deque()
     window = 0  # bytes asked for ahead and not hashed yet
     names = iter(paths)
+    opened = 0
     try:
         while True:
             while len(ahead) < AHEAD_FILES and window < AHEAD_BYTES and (path := next(names, None)) is not None:
+                index, opened = opened, opened + 1
                 try:
-                    fd, size = open_regular(path)
+                    fd, st = open_regular(path)
                 except OSError as e:
                     ahead.append(e)
                     continue
-                ahead.append((fd, size))
-                window += min(size, AHEAD_BYTES)
-                read_ahead(fd, min(size, AHEAD_BYTES))
+                if expect is not None and identity(st) != expect[index]:
+                    os.close(fd)
+                    ahead.append(OSError(CHANGED, CHANGED_MESSAGE))
+                    continue
+                ahead.append((fd, st))
+                window += min(st.st_size, AHEAD_BYTES)
+                read_ahead(fd, min(st.st_size, AHEAD_BYTES))
             if not ahead:
                 break
             item = ahead.popleft()
             if isinstance(item, OSError):
                 results.append(item)
                 continue
-            fd, size = item
-            window -= min(size, AHEAD_BYTES)
+            fd, st = item
+            window -= min(st.st_size, AHEAD_BYTES)
             try:
-                results.append(digest_fd(fd, alg, size))
-            except OSError as e:
-                results.append(e)
+                try:
+                    digest: bytes | OSError = digest_fd(fd, alg, st.st_size)
+                except OSError as e:  # a file cut short, for one, may have changed
+                    digest = e
+                if expect is not None and identity(os.fstat(fd)) != identity(st):
+                    digest = OSError(CHANGED, CHANGED_MESSAGE)
+                results.append(digest)
             finally:
                 os.close(fd)
     finally:
@@ -256,7 +283,8 @@ def digest_regular_files(paths: Iterable[str | os.PathLike[str]], alg: str = "sh
 
 
 def digest_path(path: str, alg: str = "sha256") -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """Digest of the regular file at path (`open_regular`: nothing else is read)."""
+    fd, _st = open_regular(path)
     try:
         return digest_fd(fd, alg)
     finally:

@@ -7,11 +7,22 @@
 * hardlinks are NOT detected: every name is its own inode (C behaviour);
 * `--use-epoch` zeroes every mtime; `--skip-devices` drops char/block devices (whiteouts too).
 
-The directory walk is sequential (it is metadata-bound). The fs-verity digests run on the
-object worker processes (pycfs.host.workers, `threads` of them: the project's one way to hash
-in parallel). With a digest store each file is first copied (reflinked where possible) into a
-temporary file in the store, and that copy is what is hashed and renamed to its digest, so a
-file changing under the scan can never give a store object whose content differs from its name.
+The source may change under the walk, and nothing outside it may be read: every entry is
+reached from its directory's open fd (O_NOFOLLOW, O_NONBLOCK), and what the entry is made of
+(stat, xattrs, content, symlink target, listing) is read from the fd opened, which must be
+the inode lstat found. An entry replaced meanwhile (by a symlink to elsewhere, a fifo,
+another file) is one error, "PATH changed while being read"; so is a file whose size or
+ctime moved while it was copied or hashed: an image's size is always that of the bytes
+whose digest it holds. Symlinks, devices, fifos and sockets are opened O_PATH only (their
+xattrs through its /proc/self/fd link); only a regular file or directory is ever read.
+
+The directory walk is sequential (it is metadata-bound); it holds one fd per level. The
+fs-verity digests run on the object worker processes (pycfs.host.workers, `threads` of them:
+the project's one way to hash in parallel), which open the files by name again and hash
+them only while they are the inode, size and ctime the walk saw (`fsverity.identity`). With
+a digest store the walk copies each file (reflinked where possible) into a temporary file in
+the store, from the fd it checked, and that copy is what is hashed and renamed to its digest,
+so a store object's content is always what its name says.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import trio
 
 from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
+from pycfs.host.fsverity import CHANGED, CHANGED_MESSAGE, Identity, identity
 from pycfs.host.tree import (
     BlockDevice,
     CharDevice,
@@ -45,6 +57,13 @@ from pycfs.host.tree import (
 INLINE_MAX = 64  # LCFS_RECOMMENDED_INLINE_CONTENT_MAX
 FS_VERITY_HASH_ALG_SHA256 = 1
 
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_OPEN_DIR = _OPEN_FILE | os.O_DIRECTORY
+_OPEN_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+# An entry lstat'ed a moment ago that an open finds a symlink (O_NOFOLLOW), no directory
+# (O_DIRECTORY), gone, or a socket: another took its name.
+_SWAPPED = frozenset({errno.ELOOP, errno.ENOTDIR, errno.ENOENT, errno.ENXIO})
+
 
 @dataclass
 class ScanOptions:
@@ -60,11 +79,28 @@ class ScanError(PycfsError):
     pass
 
 
-def _read_xattrs(path: str, opts: ScanOptions) -> dict[bytes, bytes]:
+def _changed(path: str) -> ScanError:
+    return ScanError(f"{path} {CHANGED_MESSAGE}")
+
+
+@dataclass
+class _Pending:
+    """A regular file over INLINE_MAX bytes, hashed after the walk: ``source`` (the file
+    itself, or its private copy in the store) holds ``size`` bytes; ``expect``: the walk's
+    `identity` of the file, which the hashing checks (None for a copy: nobody changes it)."""
+    leaf: Leaf
+    path: str
+    source: str
+    size: int
+    expect: Identity | None
+
+
+def _read_xattrs(target: int | str, path: str, opts: ScanOptions) -> dict[bytes, bytes]:
+    """The xattrs of an open fd, or of the inode an O_PATH fd's /proc/self/fd link leads to."""
     if opts.skip_xattrs:
         return {}
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(target)
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             return {}
@@ -74,7 +110,7 @@ def _read_xattrs(path: str, opts: ScanOptions) -> dict[bytes, bytes]:
         if opts.user_xattrs and not name.startswith("user."):
             continue
         try:
-            out[os.fsencode(name)] = os.getxattr(path, name, follow_symlinks=False)
+            out[os.fsencode(name)] = os.getxattr(target, name)
         except OSError as e:
             if e.errno == errno.ENODATA:  # removed since listxattr
                 continue
@@ -90,97 +126,163 @@ def _stat_of(st: os.stat_result, xattrs: dict[bytes, bytes], opts: ScanOptions) 
     return Stat(st.st_mode & 0o7777, st.st_uid, st.st_gid, sec, nsec, xattrs)
 
 
-def _walk(top: str, opts: ScanOptions) -> tuple[FileSystem, list[tuple[Leaf, str, int]]]:
-    """Build the tree; returns it plus the regular files still needing a digest."""
+def _open(dir_fd: int | None, name: str, flags: int, st: os.stat_result, path: str) -> tuple[int, os.stat_result]:
+    """Open the entry that lstat described as ``st``: (fd, its fstat), the same inode."""
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in _SWAPPED:
+            raise _changed(path) from None
+        raise
+    fst = os.fstat(fd)
+    if (fst.st_dev, fst.st_ino, _stat.S_IFMT(fst.st_mode)) != (st.st_dev, st.st_ino, _stat.S_IFMT(st.st_mode)):
+        os.close(fd)
+        raise _changed(path)
+    return fd, fst
+
+
+# A directory being walked: its fd, node, path and the names not yet read.
+_Frame = tuple[int, Directory, str, list[str]]
+
+
+def _open_directory(dir_fd: int | None, name: str, st: os.stat_result, path: str,
+                    opts: ScanOptions) -> _Frame:
+    fd, fst = _open(dir_fd, name, _OPEN_DIR, st, path)
+    try:
+        node = Directory(_stat_of(fst, _read_xattrs(fd, path, opts), opts))
+        try:
+            names = os.listdir(fd)
+        except OSError as e:
+            raise ScanError(f"cannot read directory {path}: {e.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    names.reverse()  # popped from the end: listing order
+    return fd, node, path, names
+
+
+def _walk(top: str, opts: ScanOptions, copies: set[str]) -> tuple[FileSystem, list[_Pending]]:
+    """Build the tree; returns it plus the regular files still needing a digest. With a
+    digest store, each such file's copy in it is named in ``copies`` as it is made."""
     try:
         st = os.lstat(top)
     except OSError as e:
         raise ScanError(f"cannot stat {top}: {e.strerror}") from None
     if not _stat.S_ISDIR(st.st_mode):
         raise ScanError(f"{top} is not a directory")
-    root = Directory(_stat_of(st, _read_xattrs(top, opts), opts))
-    pending: list[tuple[Leaf, str, int]] = []
-    stack: list[tuple[str, Directory]] = [(top, root)]
-    while stack:
-        dpath, d = stack.pop()
-        try:
-            names = os.listdir(os.fsencode(dpath))
-        except OSError as e:
-            raise ScanError(f"cannot read directory {dpath}: {e.strerror}") from None
-        for bname in names:
-            path = os.path.join(dpath, os.fsdecode(bname))
+    pending: list[_Pending] = []
+    try:
+        frames = [_open_directory(None, top, st, top, opts)]
+    except OSError as e:
+        raise ScanError(f"cannot read directory {top}: {e.strerror}") from None
+    root = frames[0][1]
+    try:
+        while frames:
+            dir_fd, d, dpath, names = frames[-1]
+            if not names:
+                os.close(dir_fd)
+                frames.pop()
+                continue
+            name = names.pop()
+            path = os.path.join(dpath, name)
             try:
-                _add_entry(d, bname, path, opts, pending, stack)
+                frame = _add_entry(dir_fd, d, name, path, opts, pending, copies)
             except OSError as e:
                 raise ScanError(f"cannot read {path}: {e.strerror}") from None
+            if frame is not None:
+                frames.append(frame)
+    finally:
+        for frame in frames:
+            os.close(frame[0])
     return FileSystem(root), pending
 
 
-def _add_entry(d: Directory, bname: bytes, path: str, opts: ScanOptions,
-               pending: list[tuple[Leaf, str, int]], stack: list[tuple[str, Directory]]) -> None:
-    """lstat one directory entry and add it (regular files > 64 bytes go to `pending`)."""
-    cst = os.lstat(path)
-    fmt = _stat.S_IFMT(cst.st_mode)
+def _add_entry(dir_fd: int, d: Directory, name: str, path: str, opts: ScanOptions,
+               pending: list[_Pending], copies: set[str]) -> _Frame | None:
+    """Add one directory entry (regular files > 64 bytes go to `pending`); a directory's
+    frame to walk next."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    fmt = _stat.S_IFMT(st.st_mode)
     if opts.skip_devices and fmt in (_stat.S_IFCHR, _stat.S_IFBLK):
-        return
-    stt = _stat_of(cst, _read_xattrs(path, opts), opts)
+        return None
+    bname = os.fsencode(name)
     if fmt == _stat.S_IFDIR:
-        child = Directory(stt)
-        d.entries[bname] = child
-        stack.append((path, child))
-        return
+        frame = _open_directory(dir_fd, name, st, path, opts)
+        d.entries[bname] = frame[1]
+        return frame
     if fmt == _stat.S_IFREG:
-        if cst.st_size <= INLINE_MAX:
-            with open(path, "rb") as f:
-                data = f.read(INLINE_MAX + 1)
-            if len(data) > INLINE_MAX:
-                raise ScanError(f"{path} grew while being read")
-            leaf = Leaf(stt, Inline(data))
-        else:
-            # digest filled in later by a worker thread
-            leaf = Leaf(stt, Inline(b""))
-            pending.append((leaf, path, cst.st_size))
-    elif fmt == _stat.S_IFLNK:
-        leaf = Leaf(stt, Symlink(os.readlink(os.fsencode(path))))
-    elif fmt == _stat.S_IFCHR:
-        leaf = Leaf(stt, CharDevice(cst.st_rdev))
-    elif fmt == _stat.S_IFBLK:
-        leaf = Leaf(stt, BlockDevice(cst.st_rdev))
-    elif fmt == _stat.S_IFIFO:
-        leaf = Leaf(stt, Fifo())
-    elif fmt == _stat.S_IFSOCK:
-        leaf = Leaf(stt, Socket())
+        d.entries[bname] = _regular(dir_fd, name, st, path, opts, pending, copies)
+    elif fmt in (_stat.S_IFLNK, _stat.S_IFCHR, _stat.S_IFBLK, _stat.S_IFIFO, _stat.S_IFSOCK):
+        d.entries[bname] = _special(dir_fd, name, st, path, opts)
     else:
         raise ScanError(f"{path}: unsupported file type 0o{fmt:o}")
-    d.entries[bname] = leaf
+    return None
 
 
-def _copy_into_store(store: str, path: str) -> str:
-    """A private copy of path in the store (reflinked where possible, like C): its tmp name."""
-    src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+def _regular(dir_fd: int, name: str, st: os.stat_result, path: str, opts: ScanOptions,
+             pending: list[_Pending], copies: set[str]) -> Leaf:
+    fd, fst = _open(dir_fd, name, _OPEN_FILE, st, path)
     try:
-        if not _stat.S_ISREG(os.fstat(src).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", path)
-        tmp_fd, tmp_path = tempfile.mkstemp(prefix=".tmp", dir=store)
-        try:
-            try:
-                syscalls.ficlone(tmp_fd, src)
-            except OSError:
-                offset, size = 0, os.fstat(src).st_size
-                while offset < size:
-                    n = os.copy_file_range(src, tmp_fd, size - offset, offset, offset)
-                    if n == 0:
-                        break
-                    offset += n
-            os.fchmod(tmp_fd, 0o644)
-        except BaseException:
-            os.close(tmp_fd)
-            os.unlink(tmp_path)
-            raise
-        os.close(tmp_fd)
-        return tmp_path
+        stt = _stat_of(fst, _read_xattrs(fd, path, opts), opts)
+        if fst.st_size <= INLINE_MAX:
+            data = os.pread(fd, INLINE_MAX + 1, 0)
+            if len(data) > INLINE_MAX:
+                raise _changed(path)
+            return Leaf(stt, Inline(data))
+        leaf = Leaf(stt, Inline(b""))  # its digest comes from the workers
+        if opts.digest_store is None:
+            pending.append(_Pending(leaf, path, path, fst.st_size, identity(fst)))
+        else:
+            tmp, size = _copy_into_store(opts.digest_store, fd, fst, path, copies)
+            pending.append(_Pending(leaf, path, tmp, size, None))
+        return leaf
     finally:
-        os.close(src)
+        os.close(fd)
+
+
+def _special(dir_fd: int, name: str, st: os.stat_result, path: str, opts: ScanOptions) -> Leaf:
+    """A symlink, device, fifo or socket: never opened for reading."""
+    fmt = _stat.S_IFMT(st.st_mode)
+    if fmt == _stat.S_IFLNK or not opts.skip_xattrs:
+        fd, st = _open(dir_fd, name, _OPEN_PATH, st, path)
+        try:
+            xattrs = _read_xattrs(f"/proc/self/fd/{fd}", path, opts)
+            target = os.readlink(b"", dir_fd=fd) if fmt == _stat.S_IFLNK else b""
+        finally:
+            os.close(fd)
+    else:
+        xattrs = {}
+    stt = _stat_of(st, xattrs, opts)
+    if fmt == _stat.S_IFLNK:
+        return Leaf(stt, Symlink(target))
+    if fmt == _stat.S_IFCHR:
+        return Leaf(stt, CharDevice(st.st_rdev))
+    if fmt == _stat.S_IFBLK:
+        return Leaf(stt, BlockDevice(st.st_rdev))
+    return Leaf(stt, Fifo() if fmt == _stat.S_IFIFO else Socket())
+
+
+def _copy_into_store(store: str, src: int, st: os.stat_result, path: str, copies: set[str]) -> tuple[str, int]:
+    """A private copy of the file open at src (fstat ``st``) in the store (reflinked where
+    possible, like C): its tmp name (in ``copies``) and size."""
+    tmp_fd, tmp_path = tempfile.mkstemp(prefix=".tmp", dir=store)
+    copies.add(tmp_path)
+    try:
+        try:
+            syscalls.ficlone(tmp_fd, src)
+        except OSError:
+            offset = 0
+            while offset < st.st_size:
+                n = os.copy_file_range(src, tmp_fd, st.st_size - offset, offset, offset)
+                if n == 0:
+                    break
+                offset += n
+        if identity(os.fstat(src)) != identity(st):  # a copy_file_range copy may mix versions
+            raise _changed(path)
+        os.fchmod(tmp_fd, 0o644)
+        return tmp_path, os.fstat(tmp_fd).st_size
+    finally:
+        os.close(tmp_fd)
 
 
 def _place_in_store(store: str, tmp_path: str, digest: bytes) -> None:
@@ -189,7 +291,11 @@ def _place_in_store(store: str, tmp_path: str, digest: bytes) -> None:
     if os.path.exists(dest):
         os.unlink(tmp_path)
         return
-    os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+    parent = os.path.dirname(dest)
+    try:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+    except FileExistsError:
+        raise ScanError(f"cannot store objects in {parent}: it is not a directory") from None
     fd = os.open(tmp_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         syscalls.fsverity_enable(fd, FS_VERITY_HASH_ALG_SHA256)
@@ -200,41 +306,39 @@ def _place_in_store(store: str, tmp_path: str, digest: bytes) -> None:
     os.rename(tmp_path, dest)
 
 
+def _place_all(store: str, pending: list[_Pending], digests: list[bytes], copies: set[str]) -> None:
+    for p, digest in zip(pending, digests):
+        try:
+            _place_in_store(store, p.source, digest)
+        except OSError as e:
+            raise ScanError(f"cannot store {p.path} in {store}: {e.strerror}") from None
+        copies.discard(p.source)
+
+
 async def scan_directory_async(top: str, opts: ScanOptions) -> FileSystem:
     from pycfs.host.workers.pool import digest_files
 
-    fs, pending = await trio.to_thread.run_sync(_walk, top, opts)
     store = opts.digest_store
-    sources = [path for _, path, _ in pending]
-    if store is None:
-        hashed = sources
-    else:
-        hashed = []
-        try:
-            for path in sources:
-                try:
-                    hashed.append(await trio.to_thread.run_sync(_copy_into_store, store, path))
-                except OSError as e:
-                    raise ScanError(f"cannot read {path}: {e.strerror}") from None
-            digests = await digest_files(hashed, "sha256", opts.threads or None)
-        except BaseException:
-            for tmp in hashed:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-            raise
-    if store is None:
-        digests = await digest_files(hashed, "sha256", opts.threads or None)
-    failed = next(((path, d) for path, d in zip(sources, digests) if isinstance(d, OSError)), None)
-    if failed is not None:
+    copies: set[str] = set()  # copies made in the store and not named by their digest yet
+    try:
+        fs, pending = await trio.to_thread.run_sync(_walk, top, opts, copies)
+        expect = None if store is not None else [p.expect for p in pending if p.expect is not None]
+        got = await digest_files([p.source for p in pending], "sha256", opts.threads or None, expect=expect)
+        digests: list[bytes] = []
+        for p, digest in zip(pending, got):
+            if isinstance(digest, OSError):
+                if digest.errno == CHANGED:
+                    raise _changed(p.path)
+                raise ScanError(f"cannot read {p.path}: {digest.strerror}")
+            digests.append(digest)
         if store is not None:
-            for tmp in hashed:
+            await trio.to_thread.run_sync(_place_all, store, pending, digests, copies)
+        for p, digest in zip(pending, digests):
+            p.leaf.content = External(digest, p.size)
+    finally:
+        for tmp in copies:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        raise ScanError(f"cannot read {failed[0]}: {failed[1].strerror}")
-    for (leaf, _path, size), tmp, digest in zip(pending, hashed, digests):
-        assert isinstance(digest, bytes)
-        if store is not None:
-            await trio.to_thread.run_sync(_place_in_store, store, tmp, digest)
-        leaf.content = External(digest, size)
     return fs
 
 

@@ -38,7 +38,7 @@ import trio
 from pycfs.host import stuck
 from pycfs.host.childoutput import ChildOutput, ChildProcess, receive_message, spawn_on_socket
 from pycfs.host.errors import PycfsError
-from pycfs.host.fsverity import DIGEST_SIZES, digest_regular_files, small_job
+from pycfs.host.fsverity import DIGEST_SIZES, IN_PROCESS_BYTES, Identity, digest_regular_files, small_job
 from pycfs.host.nursery import open_nursery
 from pycfs.host.workers.batching import batches_in_flight, default_jobs, digest_batches
 from pycfs.host.workers.fork import Forked, absolute_names, discard
@@ -150,10 +150,14 @@ class WorkerPool:
         """The fs-verity digest of each file (``sizes``: their exact lengths)."""
         return [r if isinstance(r, Failed) else r[0] for r in await self._each(api.DIGEST, fds, sizes)]
 
-    async def digest_paths(self, paths: Sequence[str]) -> list[bytes | Failed]:
+    async def digest_paths(self, paths: Sequence[str], expect: Sequence[Identity] | None = None) -> list[bytes | Failed]:
         """The fs-verity digest of each regular file named (absolute paths), which the
-        workers open themselves: one request, so at most MAX_FILES_PER_REQUEST paths."""
-        results = await self._call(api.DIGEST_PATHS, [], {"paths": list(paths)}, len(paths))
+        workers open themselves: one request, so at most MAX_FILES_PER_REQUEST paths.
+        ``expect``: see `digest_regular_files`."""
+        params: dict[str, Any] = {"paths": list(paths)}
+        if expect is not None:
+            params["expect"] = [list(e) for e in expect]
+        results = await self._call(api.DIGEST_PATHS, [], params, len(paths))
         return [r if isinstance(r, Failed) else r[0] for r in results]
 
     async def _each(self, method: str, fds: Sequence[int], sizes: Sequence[int],
@@ -512,15 +516,17 @@ START_AFTER_BYTES = 1 << 20
 
 async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha256",
                        jobs: int | None = None, on_done: Callable[[int], None] | None = None,
-                       forked: Sequence[Forked] = ()) -> list[bytes | OSError]:
+                       forked: Sequence[Forked] = (), expect: Sequence[Identity] | None = None) -> list[bytes | OSError]:
     """The fs-verity digest of each file, in order, hashed by a pool of workers (``forked``:
     digest-only workers started already, see `pycfs.host.workers.fork`); a path that
-    cannot be opened, is not a regular file or cannot be read gives its OSError. ``on_done``
+    cannot be opened, is not a regular file or cannot be read gives its OSError, one that
+    is no longer the file ``expect`` describes (see `digest_regular_files`) OSError CHANGED. ``on_done``
     hears how many more files are done, batch by batch (for progress). The workers open the
     files by name (the host does no per-file work); they run in "/", so names are made
     absolute here (`absolute_names`)."""
-    if not forked and jobs is None and await trio.to_thread.run_sync(small_job, paths):
-        done = await trio.to_thread.run_sync(digest_regular_files, paths, alg)
+    if not forked and jobs is None and (sum(e[2] for e in expect) <= IN_PROCESS_BYTES if expect is not None
+                                        else await trio.to_thread.run_sync(small_job, paths)):
+        done = await trio.to_thread.run_sync(digest_regular_files, paths, alg, expect)
         if on_done is not None:
             on_done(len(done))
         return done
@@ -532,7 +538,8 @@ async def digest_files(paths: Sequence[str | os.PathLike[str]], alg: str = "sha2
 
         async def coordinate() -> None:
             async for start, end in receive:
-                for i, got in enumerate(await pool.digest_paths(names[start:end]), start):
+                got_all = await pool.digest_paths(names[start:end], None if expect is None else expect[start:end])
+                for i, got in enumerate(got_all, start):
                     results[i] = OSError(got.errno, got.message) if isinstance(got, Failed) else got
                 if on_done is not None:
                     on_done(end - start)

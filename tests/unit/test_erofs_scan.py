@@ -128,3 +128,191 @@ def test_dir_synth_store_objects(synth_tree, tmp_path):
     got = sorted([str(p.relative_to(store)), f"{p.stat().st_mode & 0o777777:o}", str(p.stat().st_size)]
                  for p in store.rglob("*") if p.is_file())
     assert got == sorted(expected)
+
+
+# ---------------------------------------------------------------------------- a source changing under the walk
+
+
+OUTSIDE = b"S" * 10  # the walk must never read this: it is not in the source
+OUTSIDE_BIG = b"S" * 5000
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    out = tmp_path / "outside"
+    (out / "dir").mkdir(parents=True)
+    (out / "secret").write_bytes(OUTSIDE)
+    (out / "big-secret").write_bytes(OUTSIDE_BIG)
+    (out / "dir" / "private-key").write_bytes(OUTSIDE)
+    return out
+
+
+def _swap_after_lstat(monkeypatch, name: str, swap) -> list[bool]:
+    """Run swap() once, right after the walk (old: os.lstat by path, new: fstatat) stats the
+    entry called name: what a racing process could do between the stat and the read."""
+    done: list[bool] = []
+    for fn in ("lstat", "stat"):
+        real = getattr(os, fn)
+
+        def hooked(path, *a, _real=real, _fn=fn, **kw):
+            st = _real(path, *a, **kw)
+            if not done and os.fsdecode(path).rsplit("/", 1)[-1] == name and (_fn == "lstat" or "dir_fd" in kw):
+                done.append(True)
+                swap()
+            return st
+        monkeypatch.setattr(os, fn, hooked)
+    return done
+
+
+def _unblocking(fifo: Path):
+    """A thread that opens the fifo for writing until told to stop: code that opened it to
+    read then sees EOF rather than blocking the test for ever."""
+    import threading
+
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.wait(0.2):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    return stop
+
+
+@pytest.mark.parametrize("size", [10, 5000])
+@pytest.mark.parametrize("store", [False, True])
+def test_file_swapped_for_symlink_outside_is_not_read(tmp_path, outside, monkeypatch, size, store):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "v").write_bytes(b"A" * size)
+    target = outside / ("secret" if size <= 64 else "big-secret")
+
+    def swap() -> None:
+        os.symlink(target, tmp_path / "t")
+        os.replace(tmp_path / "t", src / "v")
+    done = _swap_after_lstat(monkeypatch, "v", swap)
+    opts = ScanOptions(digest_store=str(tmp_path / "store") if store else None)
+    with pytest.raises(ScanError, match=f"^{src}/v changed while being read$"):
+        scan_directory(str(src), opts)
+    assert done == [True]
+    if store:
+        assert not list((tmp_path / "store").rglob("*"))
+
+
+def test_directory_swapped_for_symlink_outside_is_not_listed(tmp_path, outside, monkeypatch):
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "mine").write_bytes(b"mine")
+
+    def swap() -> None:
+        os.rename(src / "d", tmp_path / "moved")
+        os.symlink(outside / "dir", src / "d")
+    done = _swap_after_lstat(monkeypatch, "d", swap)
+    with pytest.raises(ScanError, match=f"^{src}/d changed while being read$"):
+        scan_directory(str(src))
+    assert done == [True]
+
+
+def test_symlink_swapped_for_a_file(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    os.symlink("somewhere", src / "l")
+
+    def swap() -> None:
+        (tmp_path / "t").write_bytes(b"now a file")
+        os.replace(tmp_path / "t", src / "l")
+    done = _swap_after_lstat(monkeypatch, "l", swap)
+    with pytest.raises(ScanError, match=f"^{src}/l changed while being read$"):
+        scan_directory(str(src))
+    assert done == [True]
+
+
+def test_file_swapped_for_fifo_does_not_block(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "v").write_bytes(b"A" * 10)
+
+    def swap() -> None:
+        os.mkfifo(tmp_path / "t")
+        os.replace(tmp_path / "t", src / "v")
+    done = _swap_after_lstat(monkeypatch, "v", swap)
+    stop = _unblocking(src / "v")  # the old walk blocked in open() until a writer came
+    try:
+        with pytest.raises(ScanError, match=f"^{src}/v changed while being read$"):
+            scan_directory(str(src))
+    finally:
+        stop.set()
+    assert done == [True]
+
+
+@pytest.mark.parametrize("store", [False, True])
+def test_file_replaced_by_a_bigger_one_gives_no_mixed_size_and_digest(tmp_path, monkeypatch, store):
+    """The size the image holds is that of the bytes its digest is of, or the scan fails."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "v").write_bytes(b"A" * 100)
+
+    def swap() -> None:
+        (tmp_path / "t").write_bytes(b"B" * 200)
+        os.replace(tmp_path / "t", src / "v")
+    done = _swap_after_lstat(monkeypatch, "v", swap)
+    opts = ScanOptions(digest_store=str(tmp_path / "store") if store else None)
+    try:
+        fs = scan_directory(str(src), opts)
+    except ScanError as e:
+        assert str(e) == f"{src}/v changed while being read"
+    else:
+        content = fs.root.entries[b"v"].content
+        assert content in (External(digest_bytes(b"A" * 100), 100), External(digest_bytes(b"B" * 200), 200))
+    assert done == [True]
+
+
+@pytest.mark.parametrize("threads", [0, 2])  # hashed in this process, and by worker processes
+def test_file_grown_before_it_is_hashed(tmp_path, monkeypatch, threads):
+    import pycfs.host.workers.pool as pool
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "v").write_bytes(b"A" * 100)
+    (src / "w").write_bytes(b"W" * 100)
+    real = pool.digest_files
+
+    async def growing(paths, *a, **kw):
+        with open(src / "v", "ab") as f:  # the same inode, 100 bytes more
+            f.write(b"B" * 100)
+        return await real(paths, *a, **kw)
+    monkeypatch.setattr(pool, "digest_files", growing)
+    with pytest.raises(ScanError, match=f"^{src}/v changed while being read$"):
+        scan_directory(str(src), ScanOptions(threads=threads))
+    monkeypatch.setattr(pool, "digest_files", real)
+    fs = scan_directory(str(src), ScanOptions(threads=threads))
+    assert fs.root.entries[b"v"].content == External(digest_bytes(b"A" * 100 + b"B" * 100), 200)
+    assert fs.root.entries[b"w"].content == External(digest_bytes(b"W" * 100), 100)
+
+
+def test_store_failure_leaves_no_copies(tmp_path, small_tree):
+    store = tmp_path / "store"
+    store.mkdir()
+    in_the_way = digest_bytes(pat(5000, 1)).hex()[:2]
+    (store / in_the_way).write_bytes(b"")
+    with pytest.raises(ScanError, match=f"^cannot store objects in {store}/{in_the_way}: it is not a directory$"):
+        scan_directory(str(small_tree), ScanOptions(digest_store=str(store)))
+    assert sorted(p.name for p in store.iterdir()) == [in_the_way]
+
+
+def test_special_files_xattrs_read_from_the_entry(tmp_path):
+    """Symlinks, fifos: their xattrs (trusted.*, root only) through their O_PATH fds."""
+    if os.geteuid() != 0:
+        pytest.skip("trusted.* xattrs need root")
+    src = tmp_path / "src"
+    src.mkdir()
+    os.symlink("target", src / "l")
+    os.mkfifo(src / "p")
+    os.setxattr(src / "l", "trusted.l", b"1", follow_symlinks=False)
+    os.setxattr(src / "p", "trusted.p", b"2", follow_symlinks=False)
+    e = scan_directory(str(src)).root.entries
+    assert e[b"l"].content == Symlink(b"target") and e[b"l"].stat.xattrs == {b"trusted.l": b"1"}
+    assert isinstance(e[b"p"].content, Fifo) and e[b"p"].stat.xattrs == {b"trusted.p": b"2"}

@@ -124,3 +124,19 @@ def test_many_files_in_order_with_failures_and_a_bounded_window(tmp_path, monkey
         else:
             assert result == digest_bytes(next(expected))
     assert next(expected, None) is None
+
+
+def test_measure_file_reads_only_a_regular_file(tmp_path):
+    """`composefs-info measure-file` of a fifo waited for a writer for ever, of /dev/zero
+    read for ever: one line each, nothing read."""
+    import sys
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "f").write_bytes(b"x" * 5000)
+    os.symlink("f", tmp_path / "link")
+    for path, why in ((tmp_path / "fifo", "not a regular file"), ("/dev/zero", "not a regular file"),
+                      (tmp_path, "Is a directory")):
+        r = subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "composefs-info", "measure-file", str(path)],
+                           capture_output=True, timeout=60)
+        assert (r.returncode, r.stdout, r.stderr.decode()) == (1, b"", f"pycfs: error: Failed to measure '{path}': {why}\n")
+    assert digest_path(str(tmp_path / "link")) == digest_path(str(tmp_path / "f")) == digest_bytes(b"x" * 5000)

@@ -402,6 +402,28 @@ def test_workers_open_only_absolute_names_and_take_no_fds(tmp_path, files):
             _run(main, paths, with_fd)
 
 
+def test_workers_hash_only_the_file_expected(tmp_path, files):
+    """``expect``: a path now naming another inode, or a file of another size, is CHANGED."""
+    from pycfs.host.fsverity import CHANGED, identity
+
+    path, data = files[3]
+    other = tmp_path / "other"
+    other.write_bytes(data)
+
+    async def main(expect):
+        async with open_pool(alg="sha256", jobs=1) as pool:
+            return await pool.digest_paths([str(path)], expect)
+
+    assert _run(main, [identity(os.stat(path))]) == [digest_bytes(data)]
+    changed = Failed(CHANGED, "changed while being read")
+    assert _run(main, [identity(os.stat(other))]) == [changed]
+    st = os.stat(path)
+    assert _run(main, [(st.st_dev, st.st_ino, st.st_size - 1, st.st_ctime_ns)]) == [changed]
+    for expect in ([], [[1, 2, 3]], [["1", 2, 3, 4]]):
+        with pytest.raises(PycfsError, match="refused a request.*identity"):
+            _run(main, expect)
+
+
 def test_measure_batches_stay_within_a_message():
     names = ["/" + "x" * 4000] * 100 + ["/a"] * 2000
     batches = list(digest_batches(names))
