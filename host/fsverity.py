@@ -217,16 +217,17 @@ def open_regular(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
 
 
 # What a caller saw of a file (`identity`) and expects to be the one it names when it is
-# hashed: the same inode, of that size, unchanged since (ctime moves on every write,
-# truncation, chmod or xattr change, and a reused inode number gets a new one). A file
-# that is not is an OSError with errno CHANGED.
+# hashed: the same inode, of that size, its content unchanged since (mtime moves on every
+# write; a reused inode number would also need the old mtime to the nanosecond). Not
+# ctime: a link made or removed, a chmod, leave the content alone. A file that is not is
+# an OSError with errno CHANGED.
 Identity = tuple[int, int, int, int]
 CHANGED = errno.ESTALE
 CHANGED_MESSAGE = "changed while being read"
 
 
 def identity(st: os.stat_result) -> Identity:
-    return st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def digest_regular_files(paths: Iterable[str | os.PathLike[str]], alg: str = "sha256",

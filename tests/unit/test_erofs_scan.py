@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -147,20 +148,41 @@ def outside(tmp_path: Path) -> Path:
     return out
 
 
-def _swap_after_lstat(monkeypatch, name: str, swap) -> list[bool]:
-    """Run swap() once, right after the walk (old: os.lstat by path, new: fstatat) stats the
-    entry called name: what a racing process could do between the stat and the read."""
+def _swap_after_lstat(monkeypatch, name: str, swap, listing: bool = True) -> list[bool]:
+    """Run swap() once, right after the walk has learnt what the entry called name is and
+    before it reads it: what a racing process could do. The walk learns it from the
+    directory's listing (d_type; not with ``listing`` False), or from an lstat (by path in
+    the old walk, from the directory's fd for entries the listing does not settle)."""
     done: list[bool] = []
-    for fn in ("lstat", "stat"):
-        real = getattr(os, fn)
 
-        def hooked(path, *a, _real=real, _fn=fn, **kw):
-            st = _real(path, *a, **kw)
-            if not done and os.fsdecode(path).rsplit("/", 1)[-1] == name and (_fn == "lstat" or "dir_fd" in kw):
-                done.append(True)
-                swap()
-            return st
-        monkeypatch.setattr(os, fn, hooked)
+    def once(names) -> None:
+        if not done and name in names:
+            done.append(True)
+            swap()
+
+    real_lstat, real_stat, real_scandir = os.lstat, os.stat, os.scandir
+
+    def lstat(path, *a, **kw):
+        st = real_lstat(path, *a, **kw)
+        once([os.fsdecode(path).rsplit("/", 1)[-1]])
+        return st
+
+    def stat(path, *a, **kw):
+        st = real_stat(path, *a, **kw)
+        if "dir_fd" in kw:
+            once([os.fsdecode(path)])
+        return st
+
+    def scandir(path):
+        if not (listing and isinstance(path, int)):
+            return real_scandir(path)
+        with real_scandir(path) as it:
+            entries = contextlib.nullcontext(list(it))
+        once([e.name for e in entries.enter_result])
+        return entries
+    monkeypatch.setattr(os, "lstat", lstat)
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "scandir", scandir)
     return done
 
 
@@ -185,6 +207,7 @@ def _unblocking(fifo: Path):
 @pytest.mark.parametrize("size", [10, 5000])
 @pytest.mark.parametrize("store", [False, True])
 def test_file_swapped_for_symlink_outside_is_not_read(tmp_path, outside, monkeypatch, size, store):
+    """The walk describes the symlink it finds (or refuses): never the outside file's bytes."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "v").write_bytes(b"A" * size)
@@ -194,12 +217,12 @@ def test_file_swapped_for_symlink_outside_is_not_read(tmp_path, outside, monkeyp
         os.symlink(target, tmp_path / "t")
         os.replace(tmp_path / "t", src / "v")
     done = _swap_after_lstat(monkeypatch, "v", swap)
-    opts = ScanOptions(digest_store=str(tmp_path / "store") if store else None)
-    with pytest.raises(ScanError, match=f"^{src}/v changed while being read$"):
-        scan_directory(str(src), opts)
+    store_dir = tmp_path / "store"
+    fs = scan_directory(str(src), ScanOptions(digest_store=str(store_dir) if store else None))
     assert done == [True]
+    assert fs.root.entries[b"v"].content == Symlink(os.fsencode(target))
     if store:
-        assert not list((tmp_path / "store").rglob("*"))
+        assert not list(store_dir.rglob("*"))
 
 
 def test_directory_swapped_for_symlink_outside_is_not_listed(tmp_path, outside, monkeypatch):
@@ -211,9 +234,10 @@ def test_directory_swapped_for_symlink_outside_is_not_listed(tmp_path, outside, 
         os.rename(src / "d", tmp_path / "moved")
         os.symlink(outside / "dir", src / "d")
     done = _swap_after_lstat(monkeypatch, "d", swap)
-    with pytest.raises(ScanError, match=f"^{src}/d changed while being read$"):
-        scan_directory(str(src))
+    fs = scan_directory(str(src))
     assert done == [True]
+    assert fs.root.entries[b"d"].content == Symlink(os.fsencode(outside / "dir"))
+    assert [p for p, _ in fs.walk()] == [b"/", b"/d"]
 
 
 def test_symlink_swapped_for_a_file(tmp_path, monkeypatch):
@@ -224,7 +248,7 @@ def test_symlink_swapped_for_a_file(tmp_path, monkeypatch):
     def swap() -> None:
         (tmp_path / "t").write_bytes(b"now a file")
         os.replace(tmp_path / "t", src / "l")
-    done = _swap_after_lstat(monkeypatch, "l", swap)
+    done = _swap_after_lstat(monkeypatch, "l", swap, listing=False)
     with pytest.raises(ScanError, match=f"^{src}/l changed while being read$"):
         scan_directory(str(src))
     assert done == [True]
@@ -241,11 +265,11 @@ def test_file_swapped_for_fifo_does_not_block(tmp_path, monkeypatch):
     done = _swap_after_lstat(monkeypatch, "v", swap)
     stop = _unblocking(src / "v")  # the old walk blocked in open() until a writer came
     try:
-        with pytest.raises(ScanError, match=f"^{src}/v changed while being read$"):
-            scan_directory(str(src))
+        fs = scan_directory(str(src))
     finally:
         stop.set()
     assert done == [True]
+    assert isinstance(fs.root.entries[b"v"].content, Fifo)
 
 
 @pytest.mark.parametrize("store", [False, True])

@@ -418,7 +418,7 @@ def test_workers_hash_only_the_file_expected(tmp_path, files):
     changed = Failed(CHANGED, "changed while being read")
     assert _run(main, [identity(os.stat(other))]) == [changed]
     st = os.stat(path)
-    assert _run(main, [(st.st_dev, st.st_ino, st.st_size - 1, st.st_ctime_ns)]) == [changed]
+    assert _run(main, [(st.st_dev, st.st_ino, st.st_size - 1, st.st_mtime_ns)]) == [changed]
     for expect in ([], [[1, 2, 3]], [["1", 2, 3, 4]]):
         with pytest.raises(PycfsError, match="refused a request.*identity"):
             _run(main, expect)
