@@ -127,6 +127,20 @@ def digest_bytes(data: bytes | bytearray | memoryview, alg: str = "sha256") -> b
     return hash_fn(_DESCRIPTOR.pack(1, HASH_ALG_IDS[alg], LOG_BLOCK_SIZE, 0, n, root)).digest()
 
 
+# What a caller saw of a file (`identity`) and expects to be the one it names when it is
+# hashed: the same inode, of that size, its content unchanged since (mtime moves on every
+# write; a reused inode number would also need the old mtime to the nanosecond). Not
+# ctime: a link made or removed, a chmod, leave the content alone. A file that is not is
+# an OSError with errno CHANGED.
+Identity = tuple[int, int, int, int]
+CHANGED = errno.ESTALE
+CHANGED_MESSAGE = "changed while being read"
+
+
+def identity(st: os.stat_result) -> Identity:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 _buffers = threading.local()
 
 
@@ -140,14 +154,17 @@ def _read_buffer() -> memoryview:
 
 
 def digest_fd(fd: int, alg: str = "sha256", size: int | None = None,
-              observe: Callable[[memoryview], object] | None = None) -> bytes:
+              observe: Callable[[memoryview], object] | None = None, ends: bool = False) -> bytes:
     """Digest of the file open at fd, read with pread from offset 0 (fd position untouched):
     to EOF, or exactly `size` bytes when the caller knows it (one read fewer per file; a file
-    shorter than that is an error). ``observe`` sees each piece read, in order, while it is
-    hashed (a checksum, a copy): what it sees is exactly what was hashed."""
+    shorter than that is an error; ``ends``: so is a longer one, OSError CHANGED). ``observe``
+    sees each piece read, in order, while it is hashed (a checksum, a copy): what it sees is
+    exactly what was hashed."""
     buf = _read_buffer()
-    if size is not None and size <= len(buf):
-        n = os.preadv(fd, [buf[:size]], 0)
+    if size is not None and size + ends <= len(buf):
+        n = os.preadv(fd, [buf[: size + 1] if ends else buf[:size]], 0)  # one more byte: free
+        if n > size:
+            raise OSError(CHANGED, CHANGED_MESSAGE)
         if n != size:
             raise OSError(errno.EIO, f"file ended after {n} of {size} bytes")
         if observe is not None:
@@ -166,6 +183,8 @@ def digest_fd(fd: int, alg: str = "sha256", size: int | None = None,
             observe(buf[:n])
         h.update(buf[:n])
         offset += n
+    if ends and size is not None and os.pread(fd, 1, size):
+        raise OSError(CHANGED, CHANGED_MESSAGE)
     return h.digest()
 
 
@@ -216,27 +235,13 @@ def open_regular(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
     return fd, st
 
 
-# What a caller saw of a file (`identity`) and expects to be the one it names when it is
-# hashed: the same inode, of that size, its content unchanged since (mtime moves on every
-# write; a reused inode number would also need the old mtime to the nanosecond). Not
-# ctime: a link made or removed, a chmod, leave the content alone. A file that is not is
-# an OSError with errno CHANGED.
-Identity = tuple[int, int, int, int]
-CHANGED = errno.ESTALE
-CHANGED_MESSAGE = "changed while being read"
-
-
-def identity(st: os.stat_result) -> Identity:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
 def digest_regular_files(paths: Iterable[str | os.PathLike[str]], alg: str = "sha256",
-                         expect: Sequence[Identity] | None = None) -> list[bytes | OSError]:
+                         expect: Sequence[Sequence[int]] | None = None) -> list[bytes | OSError]:
     """The digest of each regular file named, in order, its size taken when opened; the
     OSError of one that cannot be opened, is not a regular file or cannot be read.
-    ``expect``: each file's `identity` as the caller saw it; one that is no longer that
-    file, before or after it was hashed, is an OSError CHANGED (its size is then the
-    caller's, and what was hashed is what the caller described)."""
+    ``expect``: each file's `identity` as the caller saw it (a sequence of 4 integers); one
+    that is not that file when opened, or does not end at that size when hashed, is an
+    OSError CHANGED: the caller's size is that of the bytes hashed."""
     results: list[bytes | OSError] = []
     ahead: collections.deque[tuple[int, os.stat_result] | OSError] = collections.deque()
     window = 0  # bytes asked for ahead and not hashed yet
@@ -251,7 +256,7 @@ def digest_regular_files(paths: Iterable[str | os.PathLike[str]], alg: str = "sh
                 except OSError as e:
                     ahead.append(e)
                     continue
-                if expect is not None and identity(st) != expect[index]:
+                if expect is not None and identity(st) != tuple(expect[index]):
                     os.close(fd)
                     ahead.append(OSError(CHANGED, CHANGED_MESSAGE))
                     continue
@@ -267,13 +272,11 @@ def digest_regular_files(paths: Iterable[str | os.PathLike[str]], alg: str = "sh
             fd, st = item
             window -= min(st.st_size, AHEAD_BYTES)
             try:
-                try:
-                    digest: bytes | OSError = digest_fd(fd, alg, st.st_size)
-                except OSError as e:  # a file cut short, for one, may have changed
-                    digest = e
-                if expect is not None and identity(os.fstat(fd)) != identity(st):
-                    digest = OSError(CHANGED, CHANGED_MESSAGE)
-                results.append(digest)
+                results.append(digest_fd(fd, alg, st.st_size, ends=expect is not None))
+            except OSError as e:
+                if expect is not None and e.errno != CHANGED and os.fstat(fd).st_size != st.st_size:
+                    e = OSError(CHANGED, CHANGED_MESSAGE)  # cut short
+                results.append(e)
             finally:
                 os.close(fd)
     finally:

@@ -156,7 +156,7 @@ class WorkerPool:
         ``expect``: see `digest_regular_files`."""
         params: dict[str, Any] = {"paths": list(paths)}
         if expect is not None:
-            params["expect"] = [list(e) for e in expect]
+            params["expect"] = list(expect)
         results = await self._call(api.DIGEST_PATHS, [], params, len(paths))
         return [r if isinstance(r, Failed) else r[0] for r in results]
 

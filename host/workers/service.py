@@ -74,16 +74,16 @@ class WorkerService:
                 isinstance(p, str) and p.startswith("/") and "\0" not in p for p in paths):
             raise InvalidParamsError(f"paths must be a list of at most {api.MAX_FILES_PER_REQUEST} absolute paths, "
                                      "with no fds")
-        if expect is not None and (not isinstance(expect, list) or len(expect) != len(paths) or not all(
-                isinstance(e, list) and len(e) == 4 and all(type(n) is int for n in e) for e in expect)):
+        # (what is in an identity only needs to compare: anything but 4 integers is no file's)
+        if expect is not None and (type(expect) is not list or len(expect) != len(paths) or not all(
+                type(e) is list and len(e) == 4 for e in expect)):
             raise InvalidParamsError("expect must be a file identity (4 integers) per path")
         def one(result: bytes | OSError) -> tuple[bytes, str]:
             if isinstance(result, OSError):
                 raise result
             return result, api.DIGESTED
 
-        identities = None if expect is None else [(e[0], e[1], e[2], e[3]) for e in expect]
-        return self._answer(((r,) for r in digest_regular_files(paths, self.alg, identities)), one)
+        return self._answer(((r,) for r in digest_regular_files(paths, self.alg, expect)), one)
 
     def store(self, call: Call, sizes: Any, crcs: Any = None, sha256s: Any = None, leased: Any = False) -> dict[str, Any]:
         if self.repo is None:

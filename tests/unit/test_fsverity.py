@@ -111,8 +111,8 @@ def test_many_files_in_order_with_failures_and_a_bounded_window(tmp_path, monkey
     base = open_fd_count()
     seen = []
     real = fsverity.digest_fd
-    monkeypatch.setattr(fsverity, "digest_fd", lambda fd, alg, size: seen.append(open_fd_count() - base) or
-                        real(fd, alg, size))
+    monkeypatch.setattr(fsverity, "digest_fd", lambda fd, alg, size, **kw: seen.append(open_fd_count() - base) or
+                        real(fd, alg, size, **kw))
     got = fsverity.digest_regular_files(paths)
     assert open_fd_count() == base
     assert max(seen) <= 5 and max(seen) > 1
@@ -140,3 +140,22 @@ def test_measure_file_reads_only_a_regular_file(tmp_path):
                            capture_output=True, timeout=60)
         assert (r.returncode, r.stdout, r.stderr.decode()) == (1, b"", f"pycfs: error: Failed to measure '{path}': {why}\n")
     assert digest_path(str(tmp_path / "link")) == digest_path(str(tmp_path / "f")) == digest_bytes(b"x" * 5000)
+
+
+@pytest.mark.parametrize("size", [100, (1 << 20) + 100])  # one read, and a loop of reads
+def test_digest_fd_ends_where_told(tmp_path, size):
+    from pycfs.host.fsverity import CHANGED, digest_fd
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert digest_fd(fd, size=size, ends=True) == digest_bytes(b"x" * size)
+        assert digest_fd(fd, size=size - 1) == digest_bytes(b"x" * (size - 1))  # a prefix, unasked
+        with pytest.raises(OSError) as e:  # grown since its size was taken
+            digest_fd(fd, size=size - 1, ends=True)
+        assert e.value.errno == CHANGED
+        with pytest.raises(OSError, match=f"file ended after {size} of {size + 1} bytes"):
+            digest_fd(fd, size=size + 1, ends=True)
+    finally:
+        os.close(fd)
