@@ -106,7 +106,9 @@ class InitOut(_Struct):
 
 @dataclass
 class Attr(_Struct):
-    FORMAT = struct.Struct("<QQQQQQIIIIIIIIII")
+    """fuse_attr: the times are signed (the kernel reads them as time64_t: before 1970 is negative)."""
+
+    FORMAT = struct.Struct("<QQQqqqIIIIIIIIII")
     ino: int
     size: int
     blocks: int

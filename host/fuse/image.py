@@ -14,6 +14,7 @@ from pycfs.host.fsverity import digest_bytes
 from pycfs.host.repository import Repository
 from pycfs.host.tree import Directory, FileSystem, Inode
 from pycfs.protocol import fuse
+from pycfs.protocol.text import printable
 
 # The image never changes: let the kernel keep entries and attributes for a year (seconds).
 CACHE_TIMEOUT = 365 * 86400
@@ -83,7 +84,7 @@ def _has_acls(fs: FileSystem) -> bool:
 class Node:
     """One stored inode, decoded once and kept with its replies packed (the image is immutable)."""
 
-    __slots__ = ("_xattrs", "attr_reply", "content", "dtype", "entries", "entry", "index", "ino", "raw")
+    __slots__ = ("_xattrs", "content", "dtype", "entries", "entry", "index", "ino", "raw")
 
     def __init__(self, nodeid: int, raw: RawInode) -> None:
         self.raw = raw
@@ -94,7 +95,6 @@ class Node:
         attr = _ATTR.pack(nodeid, raw.size, (raw.size + 511) // 512, sec, sec, sec, nsec, nsec, nsec, raw.mode,
                           raw.nlink, raw.uid, raw.gid, rdev, F.BLOCK_SIZE, 0)
         self.entry = _ENTRY.pack(nodeid, 0, CACHE_TIMEOUT, CACHE_TIMEOUT, 0, 0) + attr
-        self.attr_reply = _ATTR_OUT + attr
         self.dtype = stat.S_IFMT(raw.mode) >> 12  # the d_type of its directory entries
         self._xattrs: tuple[dict[bytes, bytes], dict[bytes, bytes]] | None = None
         self.entries: list[tuple[bytes, int]] | None = None  # directories: visible (name, nid)
@@ -102,23 +102,31 @@ class Node:
         self.content: bytes | None = None  # inline files: their bytes, once read
 
     @property
+    def attr_reply(self) -> bytes:
+        """GETATTR's reply (rare: the kernel keeps attributes for good), made from the entry's."""
+        return _ATTR_OUT + self.entry[_ENTRY.size:]
+
+    @property
     def xattrs(self) -> dict[bytes, bytes]:
-        """The xattrs overlayfs shows."""
-        if self._xattrs is None:
-            self._xattrs = overlay_xattrs(self.raw.xattrs)
-        return self._xattrs[0]
+        """The xattrs overlayfs shows (never to be changed: it may be shared)."""
+        return (self._xattrs or self._decode())[0]
 
     @property
     def internal(self) -> dict[bytes, bytes]:
         """overlayfs's own: redirect, metacopy."""
-        if self._xattrs is None:
-            self._xattrs = overlay_xattrs(self.raw.xattrs)
-        return self._xattrs[1]
+        return (self._xattrs or self._decode())[1]
+
+    def _decode(self) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+        # most inodes have none: they share one pair; the stored list is dropped once decoded
+        self._xattrs = overlay_xattrs(self.raw.xattrs) if self.raw.xattrs else _NO_XATTRS
+        self.raw.xattrs = ()
+        return self._xattrs
 
 
 _ATTR = fuse.Attr.FORMAT
 _ENTRY = fuse.EntryOut.FORMAT
 _ATTR_OUT = fuse.AttrOut(CACHE_TIMEOUT).pack()
+_NO_XATTRS: tuple[dict[bytes, bytes], dict[bytes, bytes]] = ({}, {})
 
 
 def is_whiteout(raw: RawInode) -> bool:
@@ -191,9 +199,10 @@ class ImageTree:
         return self._names.get(nid, (self.root_nid, b""))[0]
 
     def path(self, nid: int) -> str:
-        """A name of the inode, for messages (the first one seen for hardlinks)."""
+        """A name of the inode for messages (the first one seen for hardlinks), printable: a
+        name's newline or escape sequence cannot split or forge a log line."""
         parts = []
         while nid != self.root_nid and nid in self._names:
             nid, name = self._names[nid]
             parts.append(name)
-        return "/" + os.fsdecode(b"/".join(reversed(parts)))
+        return printable("/" + os.fsdecode(b"/".join(reversed(parts))))

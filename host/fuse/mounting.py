@@ -9,6 +9,7 @@ import logging
 import logging.handlers
 import os
 import re
+import resource
 import select
 import shutil
 import signal
@@ -261,6 +262,19 @@ class _Answer:
         self.fd = None
 
 
+def _close_inherited(keep: set[int]) -> None:
+    """Close every fd above stderr but those in `keep`: whatever else the caller of `pycfs
+    mount` left open to it (a pipe's write end its reader waits on for EOF, a lock, a
+    socket) would stay open as long as the server serves."""
+    gc.collect()  # a file object of the caller's left for the collector must not close a reused number later
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+
+
 def _daemon_child(image: ServedImage, mountpoint: str, w: int) -> None:  # pragma: no cover
     answer = _Answer(w)
     status = 1
@@ -270,6 +284,7 @@ def _daemon_child(image: ServedImage, mountpoint: str, w: int) -> None:  # pragm
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
+        _close_inherited({w, devnull, image.objects_fd})
         _log_to_syslog()
 
         def ready() -> None:

@@ -16,6 +16,7 @@ from pycfs.host.erofs import format as F
 from pycfs.host.fuse.image import FuseError, ImageTree, Node, ServedImage
 from pycfs.host.mount import privileged
 from pycfs.protocol import fuse
+from pycfs.protocol.text import printable
 
 log = logging.getLogger("pycfs.fuse")
 
@@ -23,6 +24,12 @@ log = logging.getLogger("pycfs.fuse")
 MAX_READ = 1 << 20
 # Object fds kept open after a read, for the reads of the same file that follow.
 OPEN_OBJECTS = 64
+# The longest symlink target the kernel takes in a READLINK reply (a page, less its NUL); it
+# refuses a longer reply (EINVAL), and Linux makes no longer symlink.
+MAX_SYMLINK = 4095
+# Objects are opened beneath objects/, following no symlink and crossing no mount: a mount
+# point below objects/ (the server's own, even) is never walked into.
+OBJECT_RESOLVE = syscalls.RESOLVE_CONFINED | syscalls.RESOLVE_NO_XDEV
 
 METACOPY = b"trusted.overlay.metacopy"
 REDIRECT = b"trusted.overlay.redirect"
@@ -40,7 +47,7 @@ class ComposefsOperations:
         self.image = image
         self.tree = ImageTree(image.reader)
         self._fds: OrderedDict[int, int] = OrderedDict()  # nid -> its checked object, most recent last
-        self._reported: set[int] = set()  # nids whose broken object was logged already
+        self._reported: set[int] = set()  # nids whose broken object (or symlink) was logged already
         # EROFS lists trusted.* only to CAP_SYS_ADMIN of the initial namespace (getxattr is
         # refused by the VFS); a server in a user namespace has no such caller
         self._trusted_for_root = privileged()
@@ -64,6 +71,13 @@ class ComposefsOperations:
         node = self._node(ino)
         if not stat.S_ISLNK(node.raw.mode):
             raise FuseError(errno.EINVAL)
+        if node.raw.size > MAX_SYMLINK:
+            nid = self.tree.nid(ino)
+            if nid not in self._reported:
+                self._reported.add(nid)
+                log.error("%s: symlink target of %d bytes, longer than Linux allows (%d); reading it gives EIO",
+                          self.tree.path(nid), node.raw.size, MAX_SYMLINK)
+            raise FuseError(errno.EIO)
         return self.image.reader.data_of(node.raw)
 
     def readdir(self, ino: int, offset: int) -> Iterator[tuple[int, bytes, Node]]:
@@ -102,7 +116,7 @@ class ComposefsOperations:
             return
         self._reported.add(nid)
         redirect = self.tree.node(nid).internal.get(REDIRECT, b"")
-        log.error("%s: object %s %s; reading it gives EIO", self.tree.path(nid), os.fsdecode(redirect), why)
+        log.error("%s: object %s %s; reading it gives EIO", self.tree.path(nid), printable(os.fsdecode(redirect)), why)
 
     def _object(self, nid: int, node: Node, redirect: bytes) -> int:
         """The object behind a file, opened and checked once while it stays among the recent."""
@@ -117,21 +131,29 @@ class ComposefsOperations:
         return fd
 
     def open_object(self, relpath: bytes, size: int, metacopy: bytes | None) -> int:
+        """The object, open read-only, if it is a regular file of `size` bytes (with the
+        digest in `metacopy` where the repository has fs-verity); ObjectProblem otherwise.
+        Nothing else is opened: a device's open has side effects, a fifo's blocks."""
+        want = b""
+        if self.image.verity_alg is not None:
+            try:
+                want = F.OverlayMetacopy.unpack(metacopy).digest if metacopy else b""
+            except F.FormatError as e:
+                raise ObjectProblem(f"has a damaged digest in the image ({e})") from None
+            if not want:  # as overlayfs's verity=require: an entry without a digest is refused
+                raise ObjectProblem("has no fs-verity digest in the image, which this repository requires")
         try:
-            # O_NONBLOCK: a FIFO planted in objects/ must not hang the server
-            fd = syscalls.openat2(self.image.objects_fd, relpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd, st = syscalls.open_regular(self.image.objects_fd, relpath, resolve=OBJECT_RESOLVE)
         except FileNotFoundError:
             raise ObjectProblem("is missing") from None
+        except syscalls.NotRegularFile as e:
+            raise ObjectProblem(f"is not a regular file but {e.kind}") from None
         except OSError as e:
             raise ObjectProblem(f"cannot be opened ({e.strerror})") from None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ObjectProblem("is not a regular file")
             if st.st_size != size:
                 raise ObjectProblem(f"has {st.st_size} bytes, the image says {size}")
-            if self.image.verity_alg is not None and metacopy:
-                want = F.OverlayMetacopy.unpack(metacopy).digest
+            if self.image.verity_alg is not None:
                 got = syscalls.fsverity_measure(fd, self.image.verity_alg)
                 if got != want:
                     raise ObjectProblem("has no fs-verity" if got is None else "has the wrong fs-verity digest")

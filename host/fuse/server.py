@@ -51,6 +51,7 @@ class FuseServer:
         self._on_ready = on_ready
         self._pusher = pusher
         self._then: Callable[[], None] | None = None  # what the handler wants done once it is answered
+        self._refusals: set[int] = set()  # nodes a reply to was refused by the kernel (logged)
         self._splicer = Splicer()
         self._buf = bytearray(REQUEST_BUFFER)
         self._view = memoryview(self._buf)
@@ -105,10 +106,24 @@ class FuseServer:
             if not isinstance(payload, FileRange):
                 os.writev(self.fd, [fuse.reply_header(unique, error, len(payload)), payload])
         except OSError as e:
-            if e.errno != errno.ENOENT:  # ENOENT: the caller was interrupted and left
+            if e.errno == errno.EINVAL:  # the kernel refused the reply: that request fails, not the server
+                self._refused(opcode, unique, nodeid)
+                error = -errno.EIO
+            elif e.errno != errno.ENOENT:  # ENOENT: the caller was interrupted and left
                 raise
         if self._then is not None and error == 0:
             self._then()  # after the reply: the caller is not kept waiting for it
+
+    def _refused(self, opcode: int, unique: int, nodeid: int) -> None:
+        """The kernel refused a reply (EINVAL): it failed the request with EIO, or, if it
+        never took the reply for that request's, this EIO ends it. One line per node."""
+        if nodeid not in self._refusals:
+            self._refusals.add(nodeid)
+            log.error("the kernel refused the reply to request %d on node %d; it gets EIO", opcode, nodeid)
+        try:
+            os.writev(self.fd, [fuse.reply_header(unique, -errno.EIO, 0)])
+        except OSError:
+            pass  # ENOENT: the kernel had ended it already
 
     def _ready(self) -> None:
         if self._on_ready is not None:

@@ -11,6 +11,7 @@ import os
 import signal
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,7 +19,10 @@ from typing import ClassVar
 
 import pytest
 
+from pycfs.host.erofs import format as F
+from pycfs.host.erofs.reader import ImageReader, read_image
 from pycfs.host.erofs.writer import write_image
+from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.fuse import readahead
 from pycfs.host.fuse.image import FuseError, FuseMountError, load_image
@@ -28,7 +32,20 @@ from pycfs.host.fuse.server import FuseServer
 from pycfs.host.mount import unmount
 from pycfs.host.repository import Repository
 from pycfs.protocol import fuse
-from pycfs.host.tree import BlockDevice, CharDevice, Directory, External, Fifo, FileSystem, Inline, Leaf, Sparse, Stat, Symlink
+from pycfs.host.tree import (
+    BlockDevice,
+    CharDevice,
+    Directory,
+    External,
+    ExternalNoVerity,
+    Fifo,
+    FileSystem,
+    Inline,
+    Leaf,
+    Sparse,
+    Stat,
+    Symlink,
+)
 
 BIG = bytes(range(256)) * 1000 + b"tail"  # 256,004 bytes: several large reads
 MEDIUM = b"medium object content " * 20
@@ -68,12 +85,13 @@ class Mounted:
     /dev/fuse: each reply must be exactly one write)."""
 
     def __init__(self, tmp_path: Path, version: int, acl: bool = False,
-                 tree: Callable[[Repository], FileSystem] = build_tree) -> None:
+                 tree: Callable[[Repository], FileSystem] = build_tree,
+                 craft: Callable[[bytes], bytes] = lambda image: image) -> None:
         self.repo = Repository.init(tmp_path / "repo")
         self.fs = tree(self.repo)
         if acl:
             self.fs.root.entries[b"etc"].entries[b"shadow"].stat.xattrs[b"system.posix_acl_access"] = ACL
-        self.image_id = self.repo.link_image(self.repo.ensure_object(write_image(self.fs, version)))
+        self.image_id = self.repo.link_image(self.repo.ensure_object(craft(write_image(self.fs, version))))
         self.ops = ComposefsOperations(load_image(self.repo, self.image_id))
         self.replies = os.open(tmp_path / "replies", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.server = FuseServer(self.ops, self.replies)
@@ -550,3 +568,181 @@ def test_a_directory_with_many_names_is_loaded_once():
     tree.entries = lambda nid: (listed.append(nid), real(nid))[1]  # type: ignore[method-assign]
     tree.load()
     assert len(listed) == len(set(listed)) == 13
+
+
+def patched(image: bytes, path: bytes, **fields: int) -> bytes:
+    """The image with fields of the inode at path rewritten (a crafted image)."""
+    reader = ImageReader(image)
+    nid = reader.sb.root_nid
+    for part in path.strip(b"/").split(b"/"):
+        nid = {name: child for name, child, _ in reader.dirents(reader.inode(nid))}[part]
+    data = bytearray(image)
+    fmt = int.from_bytes(data[nid * 32:nid * 32 + 2], "little")
+    cls = F.ExtendedInode if F.inode_is_extended(fmt) else F.CompactInode
+    inode = cls.unpack_from(data, nid * 32)
+    for name, value in fields.items():
+        setattr(inode, name, value)
+    inode.pack_into(data, nid * 32)
+    return bytes(data)
+
+
+def small_tree(repo: Repository) -> FileSystem:
+    """A file of 1969, a symlink of 4000 bytes (one data block), a file whose image entry
+    has no digest, a file whose name has a newline, and a good file."""
+    fs = FileSystem()
+    r = fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
+    r.entries[b"old"] = Leaf(Stat(0o644, 0, 0, -5, 250), Inline(b"from 1969\n"))
+    r.entries[b"link"] = Leaf(Stat(0o777, 0, 0, 1_700_000_000, 0), Symlink(b"t" * 4000))
+    r.entries[b"nodigest"] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0),
+                                  ExternalNoVerity(repo.object_path(repo.ensure_object(MEDIUM)).relative_to(
+                                      repo.path / "objects").as_posix().encode(), len(MEDIUM)))
+    r.entries[b"x\npycfs mount: all objects verified"] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0),
+                                                             External(bytes(range(32)), 10))
+    r.entries[b"good"] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), External(repo.ensure_object(BIG), len(BIG)))
+    return fs
+
+
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_times_before_1970_are_served(tmp_path, version):
+    """The kernel reads fuse_attr's times as signed: a file of 1969 is served with its mtime
+    (packed unsigned, every request about it failed and the mount could not even start)."""
+    m = Mounted(tmp_path, version, tree=small_tree)
+    m.ops.tree.load()
+    old = m.attr("/old")
+    if version < 2:  # format 2 stores one mtime for all: the build time
+        assert (old.mtime, old.mtimensec) == (-5, 250)
+    assert [name for name, _ in m.listdir("/")][:1] == [b"good"]
+    assert m.read_all("/old") == b"from 1969\n"
+
+
+def test_symlink_target_longer_than_linux_allows_is_eio(tmp_path, caplog):
+    """A crafted symlink of 6000 bytes: the kernel refuses a READLINK reply over 4095 bytes
+    (EINVAL), which ended the server; it is EIO with one line, the rest is served."""
+    m = Mounted(tmp_path, 1, tree=small_tree, craft=lambda image: patched(image, b"/link", size=6000))
+    caplog.set_level(logging.INFO, logger="pycfs.fuse")
+    link = m.ino("/link")
+    assert m.attr("/link").size == 6000
+    for _ in range(2):
+        with pytest.raises(FuseError) as e:
+            m.request(fuse.READLINK, link)
+        assert e.value.errno == errno.EIO
+    assert [r.getMessage() for r in caplog.records] == [
+        "/link: symlink target of 6000 bytes, longer than Linux allows (4095); reading it gives EIO"]
+    assert m.read_all("/good") == BIG
+
+
+def test_a_reply_the_kernel_refuses_fails_that_request_only(tmp_path, caplog, monkeypatch):
+    """/dev/fuse answers a reply it cannot take with EINVAL: the request is failed with EIO
+    (the kernel's, or the server's own error reply), one line is logged, and serving goes on."""
+    m = Mounted(tmp_path, 1)
+    link = m.ino("/usr/link")
+    writes: list[int] = []
+    real = os.writev
+
+    def refusing(fd: int, buffers: list) -> int:
+        writes.append(sum(map(len, buffers)))
+        if len(writes) == 1:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", refusing)
+    caplog.set_level(logging.INFO, logger="pycfs.fuse")
+    with pytest.raises(FuseError) as e:
+        m.request(fuse.READLINK, link)
+    assert e.value.errno == errno.EIO  # the server's error reply, here where nothing ended the request
+    assert writes == [fuse.OutHeader.FORMAT.size + len(b"../etc/hostname"), fuse.OutHeader.FORMAT.size]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the kernel refused the reply to request {fuse.READLINK} on node {link}; it gets EIO"]
+    assert m.request(fuse.READLINK, link) == b"../etc/hostname"
+
+
+def test_an_entry_without_a_digest_is_refused_where_the_repository_has_fs_verity(tmp_path, caplog):
+    """overlayfs's verity=require refuses a file whose image entry has no digest: so does the
+    server in a repository with fs-verity (it served the object unchecked)."""
+    m = Mounted(tmp_path, 1, tree=small_tree)
+    assert m.read_all("/nodigest") == MEDIUM  # no fs-verity: served as the kernel mount serves it
+    m = Mounted(tmp_path / "secure", 1, tree=small_tree)
+    m.ops.image.verity_alg = 1  # as a repository with fs-verity has it (tmpfs has none)
+    caplog.set_level(logging.INFO, logger="pycfs.fuse")
+    for _ in range(2):
+        with pytest.raises(FuseError) as e:
+            m.read(m.ino("/nodigest"), 0, 4096)
+        assert e.value.errno == errno.EIO
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("/nodigest: object ") and line.endswith(
+        " has no fs-verity digest in the image, which this repository requires; reading it gives EIO")
+
+
+def test_a_name_with_a_newline_cannot_forge_a_log_line(tmp_path, caplog):
+    m = Mounted(tmp_path, 1, tree=small_tree)
+    caplog.set_level(logging.INFO, logger="pycfs.fuse")
+    with pytest.raises(FuseError):
+        m.read(m.ino("/x\npycfs mount: all objects verified"), 0, 10)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "\n" not in line and line.startswith("/x\\x0apycfs mount: all objects verified: object ")
+
+
+def test_an_object_that_is_a_fifo_is_never_opened(tmp_path, caplog):
+    """Only a regular file is opened: the open of a fifo (a writer waiting for a reader) or a
+    device (a tape rewinds) has effects of its own."""
+    m = Mounted(tmp_path, 1)
+    path = _object_file(m, MEDIUM)
+    path.unlink()
+    os.mkfifo(path)
+    writer = threading.Thread(target=lambda: os.close(os.open(path, os.O_WRONLY)))  # waits for a reader
+    writer.start()
+    caplog.set_level(logging.INFO, logger="pycfs.fuse")
+    try:
+        with pytest.raises(FuseError):
+            m.read_all("/usr/medium")
+        time.sleep(0.2)
+        assert writer.is_alive()  # no reader ever came
+    finally:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join()
+    assert [r.getMessage() for r in caplog.records][-1].endswith("is not a regular file but a fifo; reading it gives EIO")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+def test_objects_are_never_looked_up_across_a_mount(tmp_path, caplog):
+    """A mount below objects/ (the server's own mount, even, where it deadlocked looking up
+    through itself) is not crossed: the file is EIO."""
+    m = Mounted(tmp_path, 1)
+    path = _object_file(m, MEDIUM)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / path.name).write_bytes(MEDIUM)
+    syscalls.mount(str(elsewhere), str(path.parent), "none", 4096)  # MS_BIND
+    caplog.set_level(logging.INFO, logger="pycfs.fuse")
+    try:
+        assert path.read_bytes() == MEDIUM
+        with pytest.raises(FuseError) as e:
+            m.read_all("/usr/medium")
+        assert e.value.errno == errno.EIO
+    finally:
+        syscalls.umount(str(path.parent), syscalls.MNT_DETACH)
+    assert [r.getMessage() for r in caplog.records][-1].endswith(
+        "Invalid cross-device link); reading it gives EIO")
+    assert m.read_all("/usr/tool") == BIG
+
+
+def test_a_shared_xattr_is_decoded_once(tmp_path):
+    """300 files with one 32 KB xattr (stored once, shared): one value in memory, not 300
+    copies (3000 such files made the server 124 MB)."""
+    value = os.urandom(32 * 1024)
+
+    def tree(repo: Repository) -> FileSystem:
+        fs = FileSystem()
+        fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
+        for i in range(300):
+            fs.root.entries[b"f%03d" % i] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0, {b"user.big": value}), Inline(b""))
+        return fs
+
+    m = Mounted(tmp_path, 1, tree=tree)
+    m.ops.tree.load()
+    nodes = [m.ops.tree.node(nid) for _, nid in m.ops.tree.entries(m.ops.tree.root_nid)]
+    assert len(nodes) == 300 and all(n.xattrs[b"user.big"] is nodes[0].xattrs[b"user.big"] for n in nodes)
+    assert nodes[0].xattrs[b"user.big"] == value == m.getxattr(m.ino("/f123"), b"user.big")
+    assert all(n.raw.xattrs == () for n in nodes)  # the stored form is dropped once decoded
+    leaves = read_image(m.ops.image.reader.data).fs.root.entries.values()
+    assert len({id(leaf.stat.xattrs[b"user.big"]) for leaf in leaves}) == 1

@@ -24,9 +24,9 @@ def test_layout_sizes():
 def _values(cls: type) -> st.SearchStrategy:
     """Field values in each field's range, taken from the struct format."""
     codes = [c for c in cls.FORMAT.format.lstrip("<") if c.isalpha() and c != "x"]
-    bits = {"Q": 64, "I": 32, "H": 16}
-    ranges = [st.integers(-(1 << 31), (1 << 31) - 1) if c == "i" else st.integers(0, (1 << bits[c]) - 1)
-              for c in codes]
+    bits = {"Q": 64, "I": 32, "H": 16, "q": 64, "i": 32}
+    ranges = [st.integers(-(1 << (bits[c] - 1)), (1 << (bits[c] - 1)) - 1) if c.islower()
+              else st.integers(0, (1 << bits[c]) - 1) for c in codes]
     assert len(ranges) == len(dataclasses.fields(cls))
     return st.tuples(*ranges)
 
@@ -47,6 +47,14 @@ def test_dirent_records_are_padded_to_8_bytes(name):
     assert len(record) % 8 == 0 and len(record) - len(fixed) - len(name) < 8
     assert record.startswith(fixed + name) and record[len(fixed) + len(name):].strip(b"\0") == b""
     assert fuse.Dirent.unpack_from(record) == fuse.Dirent(7, 1, len(name), 8)
+
+
+def test_attr_times_before_1970_are_negative():
+    """The kernel reads fuse_attr's times as time64_t: a file of 1969 has a negative mtime."""
+    attr = fuse.Attr(5, 0, 0, -5, -1, -(1 << 63), 0, 999_999_999, 0, 0o100644, 1, 0, 0, 0, 4096)
+    packed = attr.pack()
+    assert packed[24:48] == (-5).to_bytes(8, "little", signed=True) + b"\xff" * 8 + b"\0" * 7 + b"\x80"
+    assert fuse.Attr.unpack_from(packed) == attr
 
 
 def test_reply_header():
