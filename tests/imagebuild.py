@@ -3,6 +3,8 @@ here so tests can say `imagebuild.File`, `imagebuild.build_layout`, ..."""
 
 from __future__ import annotations
 
+from pycfs.host.erofs import format as F
+from pycfs.host.erofs.reader import ImageReader
 from pycfs.tools.dev.ocibuild import (
     MIB,
     BuiltImage,
@@ -38,6 +40,7 @@ __all__ = [
     "flatten",
     "load_into_storage",
     "multilayer_image",
+    "patched_inode",
     "restrictive_image",
     "with_changes",
 ]
@@ -124,3 +127,20 @@ def restrictive_image(*, big_size: int = 100 * MIB + 4097) -> ImageSpec:
         File("srv/public.txt", data=b"world-readable file beside the locked ones, more than 64 bytes.\n"),
     ]
     return ImageSpec([layer], config={"Labels": {"pycfs.test": "restrictive"}})
+
+
+def patched_inode(image: bytes, path: bytes, **fields: int) -> bytes:
+    """An EROFS image with fields of the inode at path rewritten (a crafted image: a
+    symlink's size beyond what Linux allows, say)."""
+    reader = ImageReader(image)
+    nid = reader.sb.root_nid
+    for part in path.strip(b"/").split(b"/"):
+        nid = {name: child for name, child, _ in reader.dirents(reader.inode(nid))}[part]
+    data = bytearray(image)
+    fmt = int.from_bytes(data[nid * 32:nid * 32 + 2], "little")
+    cls = F.ExtendedInode if F.inode_is_extended(fmt) else F.CompactInode
+    inode = cls.unpack_from(data, nid * 32)
+    for name, value in fields.items():
+        setattr(inode, name, value)
+    inode.pack_into(data, nid * 32)
+    return bytes(data)

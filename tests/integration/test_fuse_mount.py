@@ -17,6 +17,7 @@ import json
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import stat
@@ -136,6 +137,7 @@ def edge_tree(repo: Repository, version: int) -> FileSystem:
     d.entries[b"mid"] = Leaf(Stat(0o600, 1000, 1000, 1_600_000_000, 999_999_999), External(repo.ensure_object(mid), len(mid)))
     d.entries[b"inline"] = Leaf(Stat(0o644, 0, 0, 1_700_000_003, 0, {b"user.a": b"\x00\xff"}), Inline(b"x" * long))
     d.entries[b"empty"] = Leaf(Stat(0o644, 0, 0, 1_700_000_004, 0), Inline(b""))
+    d.entries[b"1969"] = Leaf(Stat(0o644, 0, 0, -5, 250), Inline(b"before the epoch\n"))  # a negative mtime
     d.entries[b"abs-link"] = Leaf(Stat(0o777, 0, 0, 1_700_000_006, 0), Symlink(b"/d/big"))
     d.entries[b"long-link"] = Leaf(Stat(0o777, 0, 0, 1_700_000_007, 0), Symlink(b"a/" * (long // 3) + b"b"))
     dev = r.entries[b"dev"] = Directory(Stat(0o755, 0, 0, 1_700_000_008, 0))
@@ -192,6 +194,66 @@ def test_fuse_equals_kernel_mount(as_root, tmp_path, version):
     assert "sha256" in ours[b"/d/big".hex()] and "sha256" in ours[b"/d/mid".hex()]
     assert (b"/dev/whiteout".hex() in ours) == (version < 2)  # escaped in epoch 1, shown as stored
     assert "trusted.overlay.redirect" in ours[b"/overlay-xattrs/f".hex()]["xattrs"]
+    assert ours[b"/d/1969".hex()]["mtime"] < 0 or version == 2  # format 2: one mtime, the build time
+
+
+def test_what_the_kernel_refuses_fails_one_request_not_the_server(as_root, tmp_path):
+    """A crafted symlink of 6000 bytes: the kernel refuses a READLINK reply that long (it
+    ended the server, and the mount with it): readlink gives EIO, the rest is served."""
+    repo_path = tmp_path / "repo"
+    with Repository.init(repo_path) as repo:
+        fs = FileSystem()
+        fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
+        fs.root.entries[b"f"] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), Inline(b"0123456789"))
+        fs.root.entries[b"s"] = Leaf(Stat(0o777, 0, 0, 1_700_000_000, 0), Symlink(b"t" * 4000))
+        image = imagebuild.patched_inode(write_image(fs, 1), b"/s", size=6000)
+        repo.link_image(repo.ensure_object(image), "long")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    out = pycfs_root(repo_path, "mount", "--fuse", "yes", "long", str(mnt)).stdout.decode()
+    pid = int(re.search(r"server pid (\d+)", out).group(1))
+    try:
+        for _ in range(2):
+            with pytest.raises(OSError) as e:
+                os.readlink(mnt / "s")
+            assert e.value.errno == errno.EIO
+        assert (mnt / "f").read_bytes() == b"0123456789"
+        assert pid_alive(pid) and fuse_type(mnt) == "fuse.pycfs"
+    finally:
+        pycfs_root(repo_path, "umount", str(mnt))
+
+
+def test_the_server_keeps_no_fd_of_the_caller(as_root, tmp_path):
+    """`pycfs mount ... 9>&1 | cat`: the daemonised server kept every fd it inherited, so the
+    reader of a pipe `pycfs mount` had open never saw its end."""
+    repo_path = tmp_path / "repo"
+    with Repository.init(repo_path) as repo:
+        fs = FileSystem()
+        fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
+        fs.root.entries[b"f"] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), Inline(b"x"))
+        repo.link_image(repo.ensure_object(write_image(fs, 1)), "fds")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r, w = os.pipe()
+    try:
+        p = subprocess.run([sys.executable, "-m", "pycfs.tools.cli", "--repo", str(repo_path), "mount", "--fuse", "yes",
+                            "fds", str(mnt)], capture_output=True, timeout=120, pass_fds=[w], check=True)
+        os.close(w)
+        w = -1
+        pid = int(re.search(r"server pid (\d+)", p.stdout.decode()).group(1))
+        try:
+            assert (mnt / "f").read_bytes() == b"x"
+            ready, _, _ = select.select([r], [], [], 10)
+            assert ready and os.read(r, 1) == b"", "the server holds the caller's pipe open"
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            assert f"pipe:[{os.fstat(r).st_ino}]" not in held
+            assert str(repo_path / "objects") in held and "/dev/fuse" in held
+        finally:
+            pycfs_root(repo_path, "umount", str(mnt))
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
 
 
 def _digests(paths: list[Path], chunk: int) -> dict[str, str]:

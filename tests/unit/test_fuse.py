@@ -19,10 +19,10 @@ from typing import ClassVar
 
 import pytest
 
-from pycfs.host.erofs import format as F
-from pycfs.host.erofs.reader import ImageReader, read_image
-from pycfs.host.erofs.writer import write_image
+import imagebuild
 from pycfs.host import syscalls
+from pycfs.host.erofs.reader import read_image
+from pycfs.host.erofs.writer import write_image
 from pycfs.host.errors import PycfsError
 from pycfs.host.fuse import readahead
 from pycfs.host.fuse.image import FuseError, FuseMountError, load_image
@@ -570,22 +570,6 @@ def test_a_directory_with_many_names_is_loaded_once():
     assert len(listed) == len(set(listed)) == 13
 
 
-def patched(image: bytes, path: bytes, **fields: int) -> bytes:
-    """The image with fields of the inode at path rewritten (a crafted image)."""
-    reader = ImageReader(image)
-    nid = reader.sb.root_nid
-    for part in path.strip(b"/").split(b"/"):
-        nid = {name: child for name, child, _ in reader.dirents(reader.inode(nid))}[part]
-    data = bytearray(image)
-    fmt = int.from_bytes(data[nid * 32:nid * 32 + 2], "little")
-    cls = F.ExtendedInode if F.inode_is_extended(fmt) else F.CompactInode
-    inode = cls.unpack_from(data, nid * 32)
-    for name, value in fields.items():
-        setattr(inode, name, value)
-    inode.pack_into(data, nid * 32)
-    return bytes(data)
-
-
 def small_tree(repo: Repository) -> FileSystem:
     """A file of 1969, a symlink of 4000 bytes (one data block), a file whose image entry
     has no digest, a file whose name has a newline, and a good file."""
@@ -618,7 +602,7 @@ def test_times_before_1970_are_served(tmp_path, version):
 def test_symlink_target_longer_than_linux_allows_is_eio(tmp_path, caplog):
     """A crafted symlink of 6000 bytes: the kernel refuses a READLINK reply over 4095 bytes
     (EINVAL), which ended the server; it is EIO with one line, the rest is served."""
-    m = Mounted(tmp_path, 1, tree=small_tree, craft=lambda image: patched(image, b"/link", size=6000))
+    m = Mounted(tmp_path, 1, tree=small_tree, craft=lambda image: imagebuild.patched_inode(image, b"/link", size=6000))
     caplog.set_level(logging.INFO, logger="pycfs.fuse")
     link = m.ino("/link")
     assert m.attr("/link").size == 6000
