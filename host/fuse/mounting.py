@@ -272,7 +272,7 @@ def _close_inherited(keep: set[int]) -> None:
         if fd >= low:
             os.closerange(low, fd)
             low = fd + 1
-    os.closerange(low, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    os.closerange(low, min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 0x7FFFFFFF))  # (unlimited: INT_MAX)
 
 
 def _daemon_child(image: ServedImage, mountpoint: str, w: int) -> None:  # pragma: no cover
