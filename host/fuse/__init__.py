@@ -18,8 +18,9 @@ File content is read from the repository's objects: the first read of a file ope
 object, read-only and beneath objects/, and checks it is a regular file of the size the
 image records (and, in a repository with fs-verity, its kernel-measured digest, as
 overlayfs's verity=require does: an entry without a digest is refused); otherwise reading
-that file fails with EIO and the server logs one line. Nothing but a regular file is opened
-(a device's open has effects), and no lookup crosses a mount below objects/. Everything is immutable, so the kernel caches entries, attributes,
-symlinks, directory listings and pages forever, opens files and directories without
-asking (OPEN answered ENOSYS), and enforces modes itself (`default_permissions`).
+that file fails with EIO and the server logs one line. Nothing but a regular file is
+opened (a device's open has effects), and no lookup crosses a mount below objects/.
+Everything is immutable, so the kernel caches entries, attributes, symlinks, directory
+listings and pages forever, opens files and directories without asking (OPEN answered
+ENOSYS), and enforces modes itself (`default_permissions`).
 """

@@ -119,11 +119,13 @@ class FuseServer:
         never took the reply for that request's, this EIO ends it. One line per node."""
         if nodeid not in self._refusals:
             self._refusals.add(nodeid)
-            log.error("the kernel refused the reply to request %d on node %d; it gets EIO", opcode, nodeid)
+            log.error("%s: the kernel refused the reply to request %d; it gets EIO",
+                      self.ops.tree.path(self.ops.tree.nid(nodeid)), opcode)
         try:
             os.writev(self.fd, [fuse.reply_header(unique, -errno.EIO, 0)])
-        except OSError:
-            pass  # ENOENT: the kernel had ended it already
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EINVAL):  # the kernel had ended it already
+                raise
 
     def _ready(self) -> None:
         if self._on_ready is not None:

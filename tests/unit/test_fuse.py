@@ -636,7 +636,7 @@ def test_a_reply_the_kernel_refuses_fails_that_request_only(tmp_path, caplog, mo
     assert e.value.errno == errno.EIO  # the server's error reply, here where nothing ended the request
     assert writes == [fuse.OutHeader.FORMAT.size + len(b"../etc/hostname"), fuse.OutHeader.FORMAT.size]
     assert [r.getMessage() for r in caplog.records] == [
-        f"the kernel refused the reply to request {fuse.READLINK} on node {link}; it gets EIO"]
+        f"/usr/link: the kernel refused the reply to request {fuse.READLINK}; it gets EIO"]
     assert m.request(fuse.READLINK, link) == b"../etc/hostname"
 
 
