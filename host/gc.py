@@ -220,13 +220,8 @@ def _remove_objects(repo: Repository, doomed: dict[str, list[str]]) -> None:
 def _unlink_links_to(repo: Repository, going: set[bytes], dry_run: bool) -> int:
     """Remove the streams/ and images/ links naming an object in going (none is live: no ref
     reaches them); how many."""
-    doomed = [f"{top}/{name}" for top in ("streams", "images")
-              for name, object_id in _first_level(repo, top).items() if object_id in going]
-    if not dry_run:
-        for rel in doomed:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(rel, dir_fd=repo.dirfd)
-    return len(doomed)
+    return _unlink_all(repo, [f"{top}/{name}" for top in ("streams", "images")
+                              for name, object_id in _first_level(repo, top).items() if object_id in going], dry_run)
 
 
 def _remove_link_leftovers(repo: Repository, dry_run: bool) -> int:
@@ -234,11 +229,16 @@ def _remove_link_leftovers(repo: Repository, dry_run: bool) -> int:
     then renamed into place); gc holds the repository alone, so none is a running one's."""
     with os.scandir(repo.dirfd) as entries:
         left = [e.name for e in entries if e.name.startswith(".symlink-") and e.is_symlink()]
+    return _unlink_all(repo, left, dry_run)
+
+
+def _unlink_all(repo: Repository, paths: list[str], dry_run: bool) -> int:
+    """Unlink each (repository-relative) path unless dry_run; how many there were."""
     if not dry_run:
-        for name in left:
+        for rel in paths:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=repo.dirfd)
-    return len(left)
+                os.unlink(rel, dir_fd=repo.dirfd)
+    return len(paths)
 
 
 def _prune_links(repo: Repository, dry_run: bool) -> int:

@@ -223,15 +223,20 @@ def test_what_the_kernel_refuses_fails_one_request_not_the_server(as_root, tmp_p
         pycfs_root(repo_path, "umount", str(mnt))
 
 
-def test_the_server_keeps_no_fd_of_the_caller(as_root, tmp_path):
-    """`pycfs mount ... 9>&1 | cat`: the daemonised server kept every fd it inherited, so the
-    reader of a pipe `pycfs mount` had open never saw its end."""
-    repo_path = tmp_path / "repo"
+def _one_file_image(repo_path, name: str) -> None:
+    """A new repository at repo_path holding an image, named name, of one file f ("x")."""
     with Repository.init(repo_path) as repo:
         fs = FileSystem()
         fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
         fs.root.entries[b"f"] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), Inline(b"x"))
-        repo.link_image(repo.ensure_object(write_image(fs, 1)), "fds")
+        repo.link_image(repo.ensure_object(write_image(fs, 1)), name)
+
+
+def test_the_server_keeps_no_fd_of_the_caller(as_root, tmp_path):
+    """`pycfs mount ... 9>&1 | cat`: the daemonised server kept every fd it inherited, so the
+    reader of a pipe `pycfs mount` had open never saw its end."""
+    repo_path = tmp_path / "repo"
+    _one_file_image(repo_path, "fds")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     r, w = os.pipe()
@@ -393,11 +398,7 @@ def test_server_ends_when_unmounted_while_another_namespace_keeps_a_copy(as_root
     `unshare -m`) keeps a copy of it, and with it the kernel's connection: `pycfs umount`
     must still end the server rather than leave it waiting for requests."""
     repo_path = tmp_path / "repo"
-    with Repository.init(repo_path) as repo:
-        fs = FileSystem()
-        fs.root = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
-        fs.root.entries[b"f"] = Leaf(Stat(0o644, 0, 0, 1_700_000_000, 0), Inline(b"x"))
-        repo.link_image(repo.ensure_object(write_image(fs, 1)), "ns")
+    _one_file_image(repo_path, "ns")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     out = pycfs_root(repo_path, "mount", "--fuse", "yes", "ns", str(mnt)).stdout.decode()
