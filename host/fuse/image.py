@@ -45,6 +45,10 @@ class ServedImage:
     # whether any inode has a POSIX ACL: only then must the kernel ask for them (FUSE's kernel
     # side caches no ACL, so every permission check of a non-owner would be a GETXATTR)
     acls: bool
+    # The repository's directory fd, a duplicate of the opener's: it carries the opener's
+    # shared lock (flock), so gc waits while the image is served rather than remove its
+    # objects (the opener closes its own fd once the server has this one).
+    lock_fd: int = -1
 
 
 def load_image(repo: Repository, image_id: bytes) -> ServedImage:
@@ -63,7 +67,7 @@ def load_image(repo: Repository, image_id: bytes) -> ServedImage:
         raise FuseMountError(f"{repo.path / 'objects'}: {e.strerror}: the repository is damaged "
                              "(run `pycfs fsck`)") from None
     return ServedImage(image_id, ImageReader(data), objects_fd, repo.hash_alg_id if repo.secure else None,
-                       _has_acls(tree))
+                       _has_acls(tree), os.dup(repo.dirfd))
 
 
 def _has_acls(fs: FileSystem) -> bool:

@@ -284,7 +284,7 @@ def _daemon_child(image: ServedImage, mountpoint: str, w: int) -> None:  # pragm
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
-        _close_inherited({w, devnull, image.objects_fd})
+        _close_inherited({w, devnull, image.objects_fd, image.lock_fd})
         _log_to_syslog()
 
         def ready() -> None:

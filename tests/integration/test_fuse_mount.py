@@ -393,6 +393,35 @@ def test_fuse_random_reads_while_read_ahead_runs_and_its_process_ends_with_the_s
         assert fuse_type(mnt) is None
 
 
+def test_a_served_image_keeps_gc_waiting(as_root, tmp_path):
+    """The server holds the repository's shared lock while it serves (it held none: the
+    command's repository closed before the server forked, so gc removed what it served)."""
+    import fcntl
+
+    repo_path = tmp_path / "repo"
+    _one_file_image(repo_path, "locked")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pycfs_root(repo_path, "mount", "--fuse", "yes", "locked", str(mnt))
+    probe = os.open(repo_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            pycfs_root(repo_path, "umount", str(mnt))
+        deadline = time.monotonic() + 10
+        while True:  # (the server exits just after the unmount)
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the server kept the lock after the unmount"
+                time.sleep(0.05)
+    finally:
+        os.close(probe)
+
+
 def test_server_ends_when_unmounted_while_another_namespace_keeps_a_copy(as_root, tmp_path):
     """A mount namespace made while the FUSE mount exists (a rootless podman's pause process,
     `unshare -m`) keeps a copy of it, and with it the kernel's connection: `pycfs umount`
