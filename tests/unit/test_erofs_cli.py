@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -249,6 +250,34 @@ def test_the_image_file_takes_the_mode_c_gives_and_replaces_a_symlinks_target(tm
     assert (tmp_path / "old.cfs").read_bytes() == (VECTORS / "devices.cfs").read_bytes()
     assert (tmp_path / "new.cfs").read_bytes() == (VECTORS / "nested5.cfs").read_bytes()
     assert sorted(os.listdir(tmp_path)) == ["link.cfs", "new.cfs", "old.cfs"]
+
+
+def test_an_image_with_other_names_or_in_a_closed_directory_is_written_in_place(tmp_path, monkeypatch, capsys):
+    """Where a rename cannot stand for the write, the image is written in place as C does:
+    a file with a second name (the rename parted them: the other kept the old image), and a
+    writable file in a directory that takes no new name ("Permission denied" named the
+    file, which C and pycfs before wrote)."""
+    from pycfs.tools.commands import erofs
+
+    (tmp_path / "a.cfs").write_bytes(b"previous")
+    os.link(tmp_path / "a.cfs", tmp_path / "b.cfs")
+    assert main(["mkcomposefs", "--from-file", str(VECTORS / "nested5.dump"), str(tmp_path / "a.cfs")]) == 0
+    assert (tmp_path / "b.cfs").read_bytes() == (VECTORS / "nested5.cfs").read_bytes()
+    os.unlink(tmp_path / "b.cfs")
+    real = os.open
+
+    def closed_directory(path, flags, *args, **kw):  # (as root, a 0555 directory would take it)
+        if flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real(path, flags, *args, **kw)
+
+    monkeypatch.setattr(erofs.os, "open", closed_directory)
+    assert main(["mkcomposefs", "--from-file", str(VECTORS / "devices.dump"), str(tmp_path / "a.cfs")]) == 0
+    assert (tmp_path / "a.cfs").read_bytes() == (VECTORS / "devices.cfs").read_bytes()
+    assert os.listdir(tmp_path) == ["a.cfs"]
+    # a new file there: the directory's refusal
+    assert main(["mkcomposefs", "--from-file", str(VECTORS / "devices.dump"), str(tmp_path / "new.cfs")]) == 1
+    assert "Permission denied" in capsys.readouterr().err
 
 
 def test_info_opens_only_a_regular_file_of_at_most_1_gib(tmp_path, capsys):

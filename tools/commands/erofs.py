@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import stat
 import sys
@@ -155,7 +156,10 @@ def _open_destination(path: str) -> tuple[BinaryIO, str | None, str]:
         st: os.stat_result | None = os.stat(final)
     except FileNotFoundError:
         st = None
-    if st is not None and not stat.S_ISREG(st.st_mode):
+    # In place, as C writes: what is not a regular file, a file with other names (a rename
+    # would part them), and a file in a directory that takes no new name (its own mode
+    # may let it be written).
+    if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_nlink > 1):
         return open(final, "wb"), None, final
     directory, name = os.path.split(final)
     while True:
@@ -165,6 +169,10 @@ def _open_destination(path: str) -> tuple[BinaryIO, str | None, str]:
             break
         except FileExistsError:
             continue
+        except OSError as e:
+            if st is None or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            return open(final, "wb"), None, final
     try:
         if st is not None:
             os.fchmod(fd, stat.S_IMODE(st.st_mode))
