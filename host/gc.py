@@ -107,11 +107,13 @@ def live_objects(repo: Repository) -> set[bytes]:
     return live
 
 
-def gc(repo: Repository, dry_run: bool = False, progress: StepProgress | None = None) -> GcResult:
+def gc(repo: Repository, dry_run: bool = False, progress: StepProgress | None = None,
+       wait: float | None = None) -> GcResult:
+    """``wait``: how long to wait for the repository's other users (LOCK_WAIT)."""
     progress = progress or StepProgress()
     if not dry_run:
         repo.require_writable()
-        repo.lock_exclusive("gc", progress.note)
+        repo.lock_exclusive("gc", progress.note, wait)
     try:
         result = GcResult()
         progress.start("finding live objects", 0)

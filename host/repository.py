@@ -310,10 +310,12 @@ class Repository:
             raise
         return cls(p, dirfd, meta, alg, writable)
 
-    def lock_exclusive(self, what: str, note: Callable[[str], object]) -> None:
-        """The repository for ``what`` (gc, fsck --repair) alone, waiting at most LOCK_WAIT
-        for its other openers (each holds the lock shared); `unlock_exclusive` gives it back."""
-        deadline = time.monotonic() + LOCK_WAIT
+    def lock_exclusive(self, what: str, note: Callable[[str], object], wait: float | None = None) -> None:
+        """The repository for ``what`` (gc, fsck --repair) alone, waiting at most ``wait``
+        (LOCK_WAIT) for its other openers (each holds the lock shared); `unlock_exclusive`
+        gives it back."""
+        wait = LOCK_WAIT if wait is None else wait
+        deadline = time.monotonic() + wait
         waited = False
         while True:
             try:
@@ -324,7 +326,7 @@ class Repository:
             if time.monotonic() >= deadline:
                 # (a failed conversion may have dropped this opener's shared lock: take it back)
                 fcntl.flock(self.dirfd, fcntl.LOCK_SH)
-                raise RepositoryError(f"{what}: {self.path} stayed in use for {LOCK_WAIT:.0f} s (a pull, a FUSE mount "
+                raise RepositoryError(f"{what}: {self.path} stayed in use for {wait:.0f} s (a pull, a FUSE mount "
                                       f"or a varlink service has it open: `fuser -v {self.path}` names them); nothing "
                                       "was removed")
             if not waited:

@@ -68,6 +68,10 @@ MAX_HANDLES = 128
 # How long a call waits for a Gc of its repository to end, and a Gc for the calls using it
 # (gc then waits as long again for other processes: repository.LOCK_WAIT).
 CALL_WAIT = 600.0
+# A Gc waits at most this for the service's calls using its repository (new ones wait
+# behind it meanwhile: a GetLayer client may hold its fds for an hour), and as long again
+# for other processes: the service's calls are held up for two minutes at most.
+GC_WAIT = 60.0
 
 
 class Handles:
@@ -123,10 +127,10 @@ class Handles:
                 del self._locks[key]
 
         try:
-            release = await lock.acquire(exclusive, CALL_WAIT)
+            release = await lock.acquire(exclusive, GC_WAIT if exclusive else CALL_WAIT)
         except trio.TooSlowError:
             if exclusive:
-                raise PycfsError(f"gc: {repo.path} stayed in use by calls of this service for {CALL_WAIT:.0f} s (a pull, "
+                raise PycfsError(f"gc: {repo.path} stayed in use by calls of this service for {GC_WAIT:.0f} s (a pull, "
                                  "a layer transfer, a client holding a GetLayer's fds); nothing was removed") from None
             raise PycfsError(f"{repo.path} stayed locked by a Gc of this service for {CALL_WAIT:.0f} s: "
                              "try again once it is done") from None
@@ -324,7 +328,7 @@ class RepositoryInterface:
                 self._alone(repo)  # (opened again while this call waited?)
                 for before in self.handles.before_gc:
                     await before(repo)
-            result = await trio.to_thread.run_sync(gc, repo, dry_run)
+            result = await trio.to_thread.run_sync(gc, repo, dry_run, None, GC_WAIT)
         return {"result": {"objects_removed": result.objects_removed, "objects_bytes": result.bytes_removed,
                            "images_pruned": 0, "streams_pruned": result.links_pruned}, "dry_run": dry_run}
 

@@ -290,7 +290,7 @@ def test_two_gc_calls_run_one_after_the_other(source_repo, tmp_path, monkeypatch
 
 def test_calls_wait_for_a_gc_and_a_gc_waits_at_most_its_limit(source_repo, tmp_path, monkeypatch) -> None:
     """While a Gc holds the repository, a call on it waits (it would read what gc removes);
-    a Gc that cannot have it within CALL_WAIT fails, removing nothing."""
+    a Gc that cannot have it within GC_WAIT fails, removing nothing."""
     from pycfs.host import gc as gc_module
     from pycfs.host.varlink import service as service_module
 
@@ -322,8 +322,9 @@ def test_calls_wait_for_a_gc_and_a_gc_waits_at_most_its_limit(source_repo, tmp_p
                     await done.wait()
                 out["early"] = done.is_set()
                 go.set()
-            # a GetLayer held (its client keeps the fds): a Gc gives up after CALL_WAIT
-            monkeypatch.setattr(service_module, "CALL_WAIT", 0.5)
+            # a GetLayer held (its client keeps the fds): a Gc gives up after GC_WAIT (not
+            # CALL_WAIT: calls on the repository wait behind it meanwhile)
+            monkeypatch.setattr(service_module, "GC_WAIT", 0.5)
             _, fds, _ = await get_layer(client, handle, built.diff_ids[0])
             try:
                 with pytest.raises(VarlinkError) as e:
