@@ -90,6 +90,10 @@ class Handles:
         # awaited by Gc once it holds its repository alone, before gc takes the flock: what
         # keeps a shared flock of the repository in this process (object workers) lets go
         self.before_gc: list[Callable[[Repository], Awaitable[None]]] = []
+        # calls holding each open Repository (by id): a handle closed meanwhile closes its
+        # repository (its fds, its flock) once the last of them is done, not under them
+        self._holders: dict[int, int] = {}
+        self._closing: dict[int, Repository] = {}
 
     async def add(self, repo: Repository, conn: object, iface: str) -> int:
         if len(self.repos) >= MAX_HANDLES:
@@ -137,9 +141,19 @@ class Handles:
         finally:
             forget_idle()
 
+        self._holders[id(repo)] = self._holders.get(id(repo), 0) + 1
+
         def done() -> None:
             release()
             forget_idle()
+            left = self._holders[id(repo)] - 1
+            if left:
+                self._holders[id(repo)] = left
+                return
+            del self._holders[id(repo)]
+            closing = self._closing.pop(id(repo), None)
+            if closing is not None:
+                closing.close()
 
         handle = ctx.params.integer("handle")
         if self.repos.get(handle) is not repo:  # closed while the call waited
@@ -167,7 +181,10 @@ class Handles:
         self._used.pop(handle, None)
         if repo is None:
             return False
-        repo.close()
+        if self._holders.get(id(repo)):
+            self._closing[id(repo)] = repo  # closed by the last call holding it
+        else:
+            repo.close()
         return True
 
     async def aclose(self, handle: int) -> bool:

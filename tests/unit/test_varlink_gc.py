@@ -433,3 +433,37 @@ def test_rwlock_shares_excludes_prefers_a_waiting_writer_and_bounds_waits() -> N
         assert lock.idle
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_close_repository_during_a_gc_closes_it_after_the_gc(source_repo, tmp_path, monkeypatch) -> None:
+    """CloseRepository closed the handle's repository under a running Gc: the Gc failed
+    ("file descriptor cannot be a negative integer", a bug line) having dropped its lock
+    while it might still delete. Now the repository closes once the last call using it is
+    done: the Gc finishes, and another repository opened meanwhile is left alone."""
+    from pycfs.host import gc as gc_module
+
+    repo_path, _ = source_repo
+    repo = untagged_copy(repo_path, tmp_path / "repo")
+    other_repo = untagged_copy(repo_path, tmp_path / "other")
+    before = sorted(p.name for p in (other_repo / "objects").rglob("*"))
+    reached, go = paused(monkeypatch, gc_module, "_unreachable")
+    out: dict = {}
+
+    async def main() -> None:
+        async with service() as (server, client):
+            handle = await open_repo(client, repo)
+            other = connect(server)
+            async with trio.open_nursery() as nursery:
+                async def run() -> None:
+                    out["gc"] = (await other.call(GC, {"handle": handle, "dry_run": False, "roots": []})).parameters
+
+                nursery.start_soon(run)
+                await until(reached)
+                await client.call(REPO + "CloseRepository", {"handle": handle})
+                await open_repo(client, other_repo)  # (may take the closed fds' numbers)
+                go.set()
+            other.close()
+
+    trio.run(main)
+    assert out["gc"]["result"]["objects_removed"] > 0
+    assert sorted(p.name for p in (other_repo / "objects").rglob("*")) == before
