@@ -66,7 +66,8 @@ def _open_image(repo: Repository, image_id: bytes) -> int:
         if repo.secure:
             got = syscalls.fsverity_measure(fd, repo.hash_alg_id)
         elif os.fstat(fd).st_size > MAX_IMAGE_SIZE:
-            got = None
+            raise PycfsError(f"image {image_id.hex()} in {repo.path} is larger than a composefs image may be "
+                             f"({MAX_IMAGE_SIZE} bytes): not an image pycfs mounts (run `pycfs fsck`)")
         else:
             got = digest_fd(fd, repo.alg)
         if got != image_id:
