@@ -142,8 +142,13 @@ class Handles:
             forget_idle()
 
         self._holders[id(repo)] = self._holders.get(id(repo), 0) + 1
+        finished = False
 
-        def done() -> None:
+        def done() -> None:  # (again: nothing, as release)
+            nonlocal finished
+            if finished:
+                return
+            finished = True
             release()
             forget_idle()
             left = self._holders[id(repo)] - 1
