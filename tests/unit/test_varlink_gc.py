@@ -87,6 +87,14 @@ async def until(event: threading.Event) -> None:
             await trio.sleep(0.01)
 
 
+def start_gc(client: Client, handle: int, nursery: trio.Nursery, out: dict) -> None:
+    """A Gc call started in nursery; its reply's parameters go to out["gc"]."""
+    async def run() -> None:
+        out["gc"] = (await client.call(GC, {"handle": handle, "dry_run": False, "roots": []})).parameters
+
+    nursery.start_soon(run)
+
+
 async def gc_meanwhile(client: Client, handle: int, nursery: trio.Nursery, out: dict) -> bool:
     """Start a Gc; True if it answered within EARLY seconds (it should wait)."""
     done = trio.Event()
@@ -305,10 +313,7 @@ def test_calls_wait_for_a_gc_and_a_gc_waits_at_most_its_limit(source_repo, tmp_p
             handle = await open_repo(client, repo)
             other = connect(server)
             async with trio.open_nursery() as nursery:
-                async def gc() -> None:
-                    out["gc"] = (await client.call(GC, {"handle": handle, "dry_run": False, "roots": []})).parameters
-
-                nursery.start_soon(gc)
+                start_gc(client, handle, nursery, out)
                 await until(reached)
                 done = trio.Event()
 
@@ -454,10 +459,7 @@ def test_close_repository_during_a_gc_closes_it_after_the_gc(source_repo, tmp_pa
             handle = await open_repo(client, repo)
             other = connect(server)
             async with trio.open_nursery() as nursery:
-                async def run() -> None:
-                    out["gc"] = (await other.call(GC, {"handle": handle, "dry_run": False, "roots": []})).parameters
-
-                nursery.start_soon(run)
+                start_gc(other, handle, nursery, out)
                 await until(reached)
                 await client.call(REPO + "CloseRepository", {"handle": handle})
                 await open_repo(client, other_repo)  # (may take the closed fds' numbers)
