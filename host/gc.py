@@ -21,6 +21,7 @@ from pycfs.host.progress import StepProgress
 from pycfs.host.repository import Repository, open_dir_nofollow
 from pycfs.host.splitstream import names_image
 
+
 @dataclass
 class GcResult:
     objects_removed: int = 0

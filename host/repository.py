@@ -142,20 +142,28 @@ class RefEntry:
 def _lock_shared(path: Path, dirfd: int, waiting: Callable[[str], object] | None) -> None:
     """The repository's lock, shared with its other openers: while a gc or fsck --repair
     holds it alone, wait at most LOCK_WAIT (saying so once)."""
+    told = None if waiting is None else lambda: waiting(f"waiting for a gc or fsck --repair to finish with {path}...")
+    if not _flock_within(dirfd, fcntl.LOCK_SH, LOCK_WAIT, told):
+        raise RepositoryError(f"{path} stayed locked by a gc or fsck --repair for {LOCK_WAIT:.0f} s: "
+                              f"`fuser -v {path}` names it")
+
+
+def _flock_within(fd: int, operation: int, wait: float, on_wait: Callable[[], object] | None) -> bool:
+    """flock(fd, operation), trying every _LOCK_POLL for at most ``wait`` seconds from the
+    first refusal (``on_wait`` is called then, once); False when it was never had."""
     deadline = None
     while True:
         try:
-            fcntl.flock(dirfd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return True
         except BlockingIOError:
             pass
         if deadline is None:
-            deadline = time.monotonic() + LOCK_WAIT
-            if waiting is not None:
-                waiting(f"waiting for a gc or fsck --repair to finish with {path}...")
+            deadline = time.monotonic() + wait
+            if on_wait is not None:
+                on_wait()
         elif time.monotonic() >= deadline:
-            raise RepositoryError(f"{path} stayed locked by a gc or fsck --repair for {LOCK_WAIT:.0f} s: "
-                                  f"`fuser -v {path}` names it")
+            return False
         time.sleep(_LOCK_POLL)
 
 
@@ -315,24 +323,13 @@ class Repository:
         (LOCK_WAIT) for its other openers (each holds the lock shared); `unlock_exclusive`
         gives it back."""
         wait = LOCK_WAIT if wait is None else wait
-        deadline = time.monotonic() + wait
-        waited = False
-        while True:
-            try:
-                fcntl.flock(self.dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                pass
-            if time.monotonic() >= deadline:
-                # (a failed conversion may have dropped this opener's shared lock: take it back)
-                fcntl.flock(self.dirfd, fcntl.LOCK_SH)
-                raise RepositoryError(f"{what}: {self.path} stayed in use for {wait:.0f} s (a pull, a FUSE mount "
-                                      f"or a varlink service has it open: `fuser -v {self.path}` names them); nothing "
-                                      "was removed")
-            if not waited:
-                note(f"waiting for other users of {self.path} to finish (a pull or mount holds its lock)...")
-                waited = True
-            time.sleep(_LOCK_POLL)
+        told = lambda: note(f"waiting for other users of {self.path} to finish (a pull or mount holds its lock)...")
+        if not _flock_within(self.dirfd, fcntl.LOCK_EX, wait, told):
+            # (a failed conversion may have dropped this opener's shared lock: take it back)
+            fcntl.flock(self.dirfd, fcntl.LOCK_SH)
+            raise RepositoryError(f"{what}: {self.path} stayed in use for {wait:.0f} s (a pull, a FUSE mount "
+                                  f"or a varlink service has it open: `fuser -v {self.path}` names them); nothing "
+                                  "was removed")
 
     def unlock_exclusive(self) -> None:
         fcntl.flock(self.dirfd, fcntl.LOCK_SH)

@@ -214,7 +214,7 @@ def _load_image(path: str) -> LoadedImage:
 def cmd_composefs_info(args: argparse.Namespace) -> int:
     from pycfs.host import dumpfile
     from pycfs.host.erofs.info import format_ls, image_objects
-    from pycfs.host.fsverity import digest_fd, open_regular
+    from pycfs.host.fsverity import digest_path
 
     filters = [os.fsencode(n) for n in args.filter or []]
     for n in filters:
@@ -224,11 +224,7 @@ def cmd_composefs_info(args: argparse.Namespace) -> int:
     if args.subcommand == "measure-file":
         for path in args.files:
             try:
-                fd, _size = open_regular(path)  # a fifo would block, a device never end
-                try:
-                    out.write(digest_fd(fd).hex().encode() + b"\n")
-                finally:
-                    os.close(fd)
+                out.write(digest_path(path).hex().encode() + b"\n")  # (a regular file only)
             except OSError as e:
                 raise PycfsError(f"Failed to measure '{path}': {e.strerror}") from None
         out.flush()
