@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pycfs.host.erofs.objects import image_object_ids
@@ -78,18 +79,20 @@ def _check_layout(repo: Repository) -> None:
         raise PycfsError(f"{top} is not a directory")
 
 
-def live_objects(repo: Repository) -> set[bytes]:
-    """Every object id reachable from a ref: a stream's named refs are followed by the
-    object id they hold, whether or not a streams/ or images/ link names it too (fsck
-    --repair removes the links of what it finds incomplete, and a config must still keep
-    its layers). A live stream or image that cannot be read is an error: what it holds
-    could not be known."""
+def live_objects(repo: Repository, keep: Iterable[bytes] = ()) -> set[bytes]:
+    """Every object id reachable from a ref, or from the streams ``keep`` names that are
+    there (a varlink service's layers between a copy's PutLayer and its FinalizeImage): a
+    stream's named refs are followed by the object id they hold, whether or not a streams/
+    or images/ link names it too (fsck --repair removes the links of what it finds
+    incomplete, and a config must still keep its layers). A live stream or image that
+    cannot be read is an error: what it holds could not be known."""
     streams = _first_level(repo, "streams")
     images = _first_level(repo, "images")
     image_roots = [os.path.basename(target) for _, target in _ref_links(repo, "images/refs")]
     stream_roots = [os.path.basename(target) for _, target in _ref_links(repo, "streams/refs")]
     pending_images = [images[n] for n in image_roots if n in images]
     pending_streams = [streams[n] for n in stream_roots if n in streams]
+    pending_streams += [i for i in keep if repo.has_object(i)]
     live: set[bytes] = set()
     visited: set[bytes] = set()
     while pending_streams:
@@ -109,8 +112,9 @@ def live_objects(repo: Repository) -> set[bytes]:
 
 
 def gc(repo: Repository, dry_run: bool = False, progress: StepProgress | None = None,
-       wait: float | None = None) -> GcResult:
-    """``wait``: how long to wait for the repository's other users (LOCK_WAIT)."""
+       wait: float | None = None, keep: Iterable[bytes] = ()) -> GcResult:
+    """``wait``: how long to wait for the repository's other users (LOCK_WAIT); ``keep``:
+    streams kept as if a ref named them (see `live_objects`)."""
     progress = progress or StepProgress()
     if not dry_run:
         repo.require_writable()
@@ -120,7 +124,7 @@ def gc(repo: Repository, dry_run: bool = False, progress: StepProgress | None = 
         progress.start("finding live objects", 0)
         try:
             _check_layout(repo)
-            live = live_objects(repo)
+            live = live_objects(repo, keep)
         except PycfsError as e:
             raise PycfsError(f"gc: cannot tell what is live ({e}); nothing was removed: "
                              "run `pycfs fsck --repair` first") from None

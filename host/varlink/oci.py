@@ -401,6 +401,8 @@ class OciInterface:
             layer = repo.has_stream(layer_stream_name(diff_id))
             if layer is not None and not repo.stream_verified(layer):
                 layer = None  # its tar was never checked against the diff_id: a PutLayer (checked) replaces it
+            if layer is not None:  # the client skips its PutLayer: a Gc must leave it to FinalizeImage
+                self.handles.keep_layer(ctx.params.integer("handle"), layer)
             return {"present": layer is not None, "layer_verity": layer.hex() if layer is not None else None}
 
     async def get_layer(self, ctx: CallContext) -> Result:
@@ -468,6 +470,7 @@ class OciInterface:
             finally:
                 close_fds(dirfds)
             layer_id, stats = put.layer_id, put.stats
+            self.handles.keep_layer(handle, layer_id)
             if put.entries is not None:
                 self.entries.keep(handle, layer_id, put.entries)
             return {"layer_verity": layer_id.hex(), "already_present": already,
@@ -503,6 +506,7 @@ class OciInterface:
             finished = await trio.to_thread.run_sync(functools.partial(
                 finish_pull, repo, manifest_digest, manifest_raw, config_digest, config_raw, refs, name,
                 build_image=is_container(manifest), parsed=parsed))
+            self.handles.layers_used(ctx.params.integer("handle"), [layer_id for _, layer_id in refs])
             manifest_id, config_id = finished.manifest_stream_id, finished.config_stream_id
             return {"manifest_digest": manifest_digest, "manifest_verity": manifest_id.hex(),
                     "config_digest": config_digest, "config_verity": config_id.hex()}

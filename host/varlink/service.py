@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,6 +72,9 @@ CALL_WAIT = 600.0
 # behind it meanwhile: a GetLayer client may hold its fds for an hour), and as long again
 # for other processes: the service's calls are held up for two minutes at most.
 GC_WAIT = 60.0
+# Layer streams kept from a Gc per handle (see Handles.keep_layer); a copy names at most the
+# image's layers (1,000), so past this the oldest go.
+MAX_KEPT_LAYERS = 4096
 
 
 class Handles:
@@ -94,6 +97,10 @@ class Handles:
         # repository (its fds, its flock) once the last of them is done, not under them
         self._holders: dict[int, int] = {}
         self._closing: dict[int, Repository] = {}
+        # per handle: the layer streams its clients were told are there (HasLayer, PutLayer)
+        # that no FinalizeImage has used yet: until then nothing names them, and a Gc must not
+        # remove them from under a copy in progress
+        self._layers: dict[int, dict[bytes, None]] = {}
 
     async def add(self, repo: Repository, conn: object, iface: str) -> int:
         if len(self.repos) >= MAX_HANDLES:
@@ -119,11 +126,8 @@ class Handles:
         self._used[handle] = trio.current_time()
         return repo
 
-    async def hold(self, ctx: CallContext, iface: str, exclusive: bool = False) -> tuple[Repository, Callable[[], None]]:
-        """The handle's repository, held (shared, or exclusive for Gc), and the release;
-        waits at most CALL_WAIT."""
-        repo = self.get(ctx, iface)
-        key = identity(repo)
+    async def _acquire(self, key: tuple[int, int], path: object, exclusive: bool) -> Callable[[], None]:
+        """The repository's readers/writer lock (by identity), held; the release, once only."""
         lock = self._locks.setdefault(key, RWLock())
 
         def forget_idle() -> None:
@@ -134,13 +138,44 @@ class Handles:
             release = await lock.acquire(exclusive, GC_WAIT if exclusive else CALL_WAIT)
         except trio.TooSlowError:
             if exclusive:
-                raise PycfsError(f"gc: {repo.path} stayed in use by calls of this service for {GC_WAIT:.0f} s (a pull, "
+                raise PycfsError(f"gc: {path} stayed in use by calls of this service for {GC_WAIT:.0f} s (a pull, "
                                  "a layer transfer, a client holding a GetLayer's fds); nothing was removed") from None
-            raise PycfsError(f"{repo.path} stayed locked by a Gc of this service for {CALL_WAIT:.0f} s: "
+            raise PycfsError(f"{path} stayed locked by a Gc of this service for {CALL_WAIT:.0f} s: "
                              "try again once it is done") from None
         finally:
             forget_idle()
+        finished = False
 
+        def done() -> None:
+            nonlocal finished
+            if not finished:
+                finished = True
+                release()
+                forget_idle()
+
+        return done
+
+    @asynccontextmanager
+    async def opening(self, path: str) -> AsyncIterator[None]:
+        """Held while OpenRepository opens path and adds its handle: a Gc, which refuses to run
+        while another handle has its repository open, then sees the new handle instead of
+        waiting GC_WAIT for the flock it took meanwhile."""
+        try:
+            st = os.stat(path)
+        except OSError:  # Repository.open says what is wrong
+            yield
+            return
+        release = await self._acquire((st.st_dev, st.st_ino), path, exclusive=False)
+        try:
+            yield
+        finally:
+            release()
+
+    async def hold(self, ctx: CallContext, iface: str, exclusive: bool = False) -> tuple[Repository, Callable[[], None]]:
+        """The handle's repository, held (shared, or exclusive for Gc), and the release;
+        waits at most CALL_WAIT."""
+        repo = self.get(ctx, iface)
+        release = await self._acquire(identity(repo), repo.path, exclusive)
         self._holders[id(repo)] = self._holders.get(id(repo), 0) + 1
         finished = False
 
@@ -150,7 +185,6 @@ class Handles:
                 return
             finished = True
             release()
-            forget_idle()
             left = self._holders[id(repo)] - 1
             if left:
                 self._holders[id(repo)] = left
@@ -175,6 +209,26 @@ class Handles:
         finally:
             release()
 
+    def keep_layer(self, handle: int, layer_id: bytes) -> None:
+        """A client of handle was told this layer stream is there: a Gc keeps it until a
+        FinalizeImage of handle has used it or the handle closes."""
+        kept = self._layers.setdefault(handle, {})
+        kept.pop(layer_id, None)
+        kept[layer_id] = None
+        if len(kept) > MAX_KEPT_LAYERS:
+            del kept[next(iter(kept))]
+
+    def layers_used(self, handle: int, layer_ids: Iterable[bytes]) -> None:
+        kept = self._layers.get(handle, {})
+        for layer_id in layer_ids:
+            kept.pop(layer_id, None)
+
+    def kept_layers(self, repo: Repository) -> set[bytes]:
+        """The layer streams handles of repo keep from a Gc (see keep_layer)."""
+        key = identity(repo)
+        return {layer_id for handle, kept in self._layers.items() if identity(self.repos[handle]) == key
+                for layer_id in kept}
+
     def forget(self, conn: object) -> None:
         """A connection closed: the handles it used may make room for others now."""
         for users in self._users.values():
@@ -184,6 +238,7 @@ class Handles:
         repo = self.repos.pop(handle, None)
         self._users.pop(handle, None)
         self._used.pop(handle, None)
+        self._layers.pop(handle, None)
         if repo is None:
             return False
         if self._holders.get(id(repo)):
@@ -313,11 +368,12 @@ class RepositoryInterface:
             path = str(Path(home) / ".var/lib/composefs")
         elif system:
             path = SYSTEM_REPO
-        try:
-            repo = await trio.to_thread.run_sync(Repository.open, path)
-        except (PycfsError, OSError) as e:
-            raise VarlinkError(f"{IFACE}.RepoNotFound", {"message": f"cannot open repository {path}: {e}"}) from None
-        handle = await self.handles.add(repo, ctx.conn, IFACE)
+        async with self.handles.opening(path):
+            try:
+                repo = await trio.to_thread.run_sync(Repository.open, path)
+            except (PycfsError, OSError) as e:
+                raise VarlinkError(f"{IFACE}.RepoNotFound", {"message": f"cannot open repository {path}: {e}"}) from None
+            handle = await self.handles.add(repo, ctx.conn, IFACE)
         return {"handle": handle, "hash_algorithm": repo.alg,
                 "objects_device_id": os.fstat(repo.dirfd).st_dev}
 
@@ -350,7 +406,8 @@ class RepositoryInterface:
                 self._alone(repo)  # (opened again while this call waited?)
                 for before in self.handles.before_gc:
                     await before(repo)
-            result = await trio.to_thread.run_sync(gc, repo, dry_run, None, GC_WAIT)
+            keep = self.handles.kept_layers(repo)  # layers of copies between PutLayer and FinalizeImage
+            result = await trio.to_thread.run_sync(gc, repo, dry_run, None, GC_WAIT, keep)
         return {"result": {"objects_removed": result.objects_removed, "objects_bytes": result.bytes_removed,
                            "images_pruned": 0, "streams_pruned": result.links_pruned}, "dry_run": dry_run}
 

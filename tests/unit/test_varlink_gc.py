@@ -191,7 +191,8 @@ def test_gc_waits_for_finalize_image_and_stops_the_object_workers(source_repo, t
 
 def test_gc_after_put_layer_stops_the_pool_and_the_next_put_starts_one(source_repo, tmp_path, monkeypatch) -> None:
     """Before, the handle's object workers kept their shared locks until CloseRepository: a
-    Gc on the handle waited LOCK_WAIT (600 s) and failed."""
+    Gc on the handle waited LOCK_WAIT (600 s) and failed. The layer put stays for the copy's
+    FinalizeImage; once the handle is closed, a Gc removes it."""
     from pycfs.host import repository as repository_module
 
     monkeypatch.setattr(repository_module, "LOCK_WAIT", 5.0)
@@ -209,13 +210,107 @@ def test_gc_after_put_layer_stops_the_pool_and_the_next_put_starts_one(source_re
             assert stored > 0
             with trio.fail_after(60):
                 result = (await client.call(GC, {"handle": dst, "dry_run": False, "roots": []})).parameters["result"]
-            assert result["objects_removed"] == stored and object_count(dest) == 0  # nothing tagged it
+            assert result["objects_removed"] == 0 and object_count(dest) == stored  # kept for a FinalizeImage
             assert worker_children() == []
+            await client.call(REPO + "CloseRepository", {"handle": dst})
+            dst = await open_repo(client, dest)
+            result = (await client.call(GC, {"handle": dst, "dry_run": False, "roots": []})).parameters["result"]
+            assert result["objects_removed"] == stored and object_count(dest) == 0  # nothing tagged it
             put = await relay(client, src, dst, diff_id)  # a new pool
             assert not put["already_present"] and worker_children()
 
     trio.run(main)
     assert layer_bytes(dest, diff_id) == layer_bytes(repo_path, diff_id)
+
+
+@pytest.mark.parametrize("how", ["put", "has"])
+def test_a_gc_between_a_copys_layers_and_its_finalize_image_keeps_the_layers(source_repo, tmp_path, how) -> None:
+    """A copy's layers are named by nothing until FinalizeImage: before, a Gc from another
+    connection on the same handle removed them in between (put by PutLayer, or found by
+    HasLayer, the copy then putting nothing) and FinalizeImage failed with NoSuchLayer."""
+    repo_path, built = source_repo
+    dest = tmp_path / "dest"
+    if how == "has":
+        untagged_copy(repo_path, dest)  # the layers are there, nothing names them
+    else:
+        Repository.init(dest).close()
+    out: dict = {}
+
+    async def main() -> None:
+        async with service() as (server, client):
+            src, dst = await open_repo(client, repo_path), await open_repo(client, dest)
+            refs = []
+            for d in built.diff_ids:
+                if how == "has":
+                    has = (await client.call(OCI + "HasLayer", {"handle": dst, "diff_id": d})).parameters
+                    assert has["present"]
+                    refs.append({"diff_id": d, "layer_verity": has["layer_verity"]})
+                else:
+                    refs.append({"diff_id": d, "layer_verity": (await relay(client, src, dst, d))["layer_verity"]})
+            other = connect(server)
+            out["gc"] = (await other.call(GC, {"handle": dst, "dry_run": False, "roots": []})).parameters["result"]
+            other.close()
+            inspected = (await client.call(OCI + "Inspect", {"handle": src, "image": "img"})).parameters
+            out["final"] = (await client.call(OCI + "FinalizeImage", {
+                "handle": dst, "manifest_json": inspected["manifest"], "config_json": inspected["config"],
+                "layers": refs, "name": "copy"})).parameters
+
+    trio.run(main)
+    assert out["final"]["manifest_digest"] == built.manifest_digest
+    assert missing_objects(dest, "copy") == []
+    for d in built.diff_ids:
+        assert layer_bytes(dest, d) == layer_bytes(repo_path, d)
+
+
+def test_a_gc_sees_a_handle_opened_while_it_started(source_repo, tmp_path, monkeypatch) -> None:
+    """Gc refuses to run while another handle has its repository open. An OpenRepository
+    whose flock came between that check and gc's own made the Gc wait GC_WAIT and blame
+    other processes; now the Gc waits for the open and then says which it is."""
+    from pycfs.host.varlink import service as service_module
+
+    monkeypatch.setattr(service_module, "GC_WAIT", 2.0)
+    repo_path, _ = source_repo
+    repo = untagged_copy(repo_path, tmp_path / "repo")
+    stored = object_count(repo)
+    real_open = Repository.open.__func__
+    reached, go = threading.Event(), threading.Event()
+
+    def opening(cls, *args, **kwargs):  # opened (its flock taken), not yet a handle
+        opened = real_open(cls, *args, **kwargs)
+        if not reached.is_set():
+            reached.set()
+            assert go.wait(60)
+        return opened
+
+    out: dict = {}
+
+    async def main() -> None:
+        async with service() as (server, client):
+            handle = await open_repo(client, repo)
+            monkeypatch.setattr(Repository, "open", classmethod(opening))
+            other = connect(server)
+            async with trio.open_nursery() as nursery:
+                async def second_open() -> None:
+                    out["second"] = await open_repo(other, repo)
+
+                nursery.start_soon(second_open)
+                await until(reached)
+
+                async def collecting() -> None:
+                    try:
+                        await client.call(GC, {"handle": handle, "dry_run": False, "roots": []})
+                    except VarlinkError as e:
+                        out["gc"] = e
+
+                nursery.start_soon(collecting)
+                await trio.sleep(0.5)
+                go.set()
+            other.close()
+
+    trio.run(main)
+    assert out["gc"].name == REPO + "InternalError"
+    assert out["gc"].parameters["message"] == f"{repo} is open under another handle of this service: close it before gc"
+    assert object_count(repo) == stored
 
 
 def test_gc_waits_until_a_get_layer_client_lets_go_of_the_objects(source_repo, tmp_path) -> None:
