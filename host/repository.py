@@ -325,8 +325,9 @@ class Repository:
         wait = LOCK_WAIT if wait is None else wait
         told = lambda: note(f"waiting for other users of {self.path} to finish (a pull or mount holds its lock)...")
         if not _flock_within(self.dirfd, fcntl.LOCK_EX, wait, told):
-            # (a failed conversion may have dropped this opener's shared lock: take it back)
-            fcntl.flock(self.dirfd, fcntl.LOCK_SH)
+            # (a failed conversion may have dropped this opener's shared lock: take it back,
+            # within the same bound, as another gc may have taken it meanwhile)
+            _flock_within(self.dirfd, fcntl.LOCK_SH, wait, None)
             raise RepositoryError(f"{what}: {self.path} stayed in use for {wait:.0f} s (a pull, a FUSE mount "
                                   f"or a varlink service has it open: `fuser -v {self.path}` names them); nothing "
                                   "was removed")
