@@ -535,12 +535,13 @@ async def send_layer_frames(ctx: CallContext, layout: FdLayout, seed: int, pipe_
             raise error("FdLimitExceeded", fd_count=len(layout.fds), max_per_frame=MAX_FDS_PER_FRAME)
         else:
             frames = [layout.fds]
+        # (raises once the service is stopping: nothing is handed out then)
+        ctx.server.nursery.start_soon(run_producer, pipe_w, keep_r, produce, release, failed)
     except BaseException:
         close_fds(layout.fds + [keep_r, pipe_w])
         if release is not None:
             release()
         raise
-    ctx.server.nursery.start_soon(run_producer, pipe_w, keep_r, produce, release, failed)
     sent = 0
     try:
         params = {"dir_count": layout.dir_count}

@@ -356,6 +356,32 @@ def test_get_layer_of_a_missing_object_ends_the_stream_before_it(source_repo, tm
     assert f"object {h} of layer stream" in capfd.readouterr().err
 
 
+def test_get_layer_in_a_stopping_service_hands_out_nothing_and_keeps_nothing(tmp_path) -> None:
+    """The producer cannot start once the service's nursery is closed: before, the layout's
+    fds (dummies, keep-alive, the pipe's ends) leaked and the repository stayed held."""
+    from types import SimpleNamespace
+
+    from fdcount import open_fd_count
+    from pycfs.host.varlink.layers import build_layout
+    from pycfs.host.varlink.oci import send_layer_frames
+
+    released: list[int] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as closed:
+            pass
+        ctx = SimpleNamespace(more=True, server=SimpleNamespace(nursery=closed))
+        r, w = os.pipe2(os.O_CLOEXEC)
+        layout = build_layout(r, [os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)], 7)
+        with pytest.raises(RuntimeError):
+            await send_layer_frames(ctx, layout, 7, w, lambda send_all: None, release=lambda: released.append(1))
+
+    before = open_fd_count()
+    trio.run(main)
+    assert open_fd_count() == before
+    assert released == [1]
+
+
 def test_get_layer_producer_keeps_its_own_objects_dir_when_the_repository_closes(source_repo, tmp_path,
                                                                                  monkeypatch) -> None:
     """A CloseRepository while GetLayer streams closes the repository's fds, whose numbers
