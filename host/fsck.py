@@ -50,6 +50,8 @@ class FsckReport:
     # --verify-layers found to be their diff_id's; those whose mark --repair cleared.
     unverified_ok: list[str] = field(default_factory=list)
     marks_cleared: list[str] = field(default_factory=list)
+    # images/<hex> links --repair made again: the image is intact and a stream names it
+    relinked: list[str] = field(default_factory=list)
 
     def add(self, kind: str, path: str, detail: str) -> None:
         # (names are shown escaped: the report goes to a terminal and into JSON)
@@ -70,6 +72,7 @@ class FsckReport:
             "repaired": self.repaired,
             "unverified_ok": self.unverified_ok,
             "marks_cleared": self.marks_cleared,
+            "relinked": self.relinked,
         }
 
     def lines(self) -> list[str]:
@@ -95,7 +98,10 @@ class FsckReport:
             out.append(f"repaired: removed {len(self.repaired)} untrustworthy entries; "
                        "pull the affected images again to restore them")
             out += [f"  - removed {p}" for p in self.repaired]
-        elif not self.ok:
+        if self.relinked:
+            out.append(f"repaired: linked {len(self.relinked)} intact image(s) again")
+            out += [f"  - linked {p}" for p in self.relinked]
+        if not self.ok and not self.repaired and not self.relinked:
             out.append("run `pycfs fsck --repair` to drop what cannot be trusted, then pull the affected images again")
         return out
 
@@ -399,6 +405,20 @@ def _check_chains(repo: Repository, report: FsckReport, examined: Examined, reha
     return found
 
 
+def _check_image_links(repo: Repository, report: FsckReport, examined: Examined, repair: bool) -> None:
+    """An intact image a stream names whose images/<hex> link is gone (a pull killed
+    between storing it and linking it, a hand's rm): mounts by name fail though nothing is
+    damaged. Reported; a repair links it again."""
+    named = {ref for why, refs in examined.values() if why is None for n, ref in refs if names_image(n)}
+    for image_id in sorted(named):
+        if image_id in examined and examined[image_id][0] is None and not repo.image_linked(image_id):
+            rel = f"images/{image_id.hex()}"
+            report.add("image-unlinked", rel, "an intact image a stream names has no link: mounting it by name fails")
+            if repair:
+                repo.link_image(image_id)
+                report.relinked.append(rel)
+
+
 def _check_images(repo: Repository, report: FsckReport, progress: StepProgress, rehash: bool) -> list[str]:
     links, bad = _first_level_links(repo, "images", report)
     progress.start("images", len(links))
@@ -497,6 +517,7 @@ def _fsck(repo: Repository, metadata_only: bool, verify_layers: bool, repair: bo
         _check_streams(repo, report, progress, rehash, examined) + _check_images(repo, report, progress, rehash)
     if not no_objects:
         bad += _check_chains(repo, report, examined, rehash, bad)
+        _check_image_links(repo, report, examined, repair)
     if verify_layers and not no_objects:
         bad += _verify_layers(repo, report, progress, set(bad), repair)
     if repair:

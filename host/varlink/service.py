@@ -39,7 +39,7 @@ _OBJECT_KINDS = {"object-invalid-name", "object-open-failed", "object-verity-mis
                  "unexpected-file"}
 _STREAM_KINDS = {"stream-open-failed", "missing-named-ref"}
 _IMAGE_KINDS = {"image-invalid"}
-_LINK_KINDS = {"broken-symlink", "bad-symlink", "entry-not-symlink", "unexpected-file-type"}
+_LINK_KINDS = {"broken-symlink", "bad-symlink", "entry-not-symlink", "unexpected-file-type", "image-unlinked"}
 _MISSING_KINDS = {"missing-object-ref", "image-missing-object"}
 
 

@@ -485,6 +485,37 @@ def test_one_damaged_object_takes_its_whole_image_and_tag_with_it_on_repair(tmp_
         assert fsck(repo).ok and sorted(name for name, _ in list_images(repo)) == ["A", "B"]
 
 
+def test_an_intact_image_whose_link_is_gone_is_reported_and_linked_again(tmp_path, capsys):
+    """A pull killed between storing its image and linking it, or a hand's rm of
+    images/<hex>: the tag's image could not be mounted by name, fsck said ok and --repair
+    did nothing (gc kept the image: its config names it). Now fsck reports the missing
+    link and --repair makes it again."""
+    import trio
+
+    from imagebuild import File, ImageSpec, build_layout
+    from pycfs.host.mount import resolve_image
+    from pycfs.host.oci.layout import pull_oci_layout
+    from pycfs.tools.cli import main as cli_main
+
+    build_layout(ImageSpec([[File("usr/a", size=5000, seed=1)]]), tmp_path / "a")
+    with Repository.init(tmp_path / "repo") as repo:
+        trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "a"), "A"))
+        image_id = resolve_image(repo, "A")
+    link = tmp_path / "repo" / "images" / image_id.hex()
+    link.unlink()
+    assert cli_main(["--repo", str(tmp_path / "repo"), "fsck", "--json"]) == 1
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert [(e["kind"], e["path"]) for e in report["errors"]] == [("image-unlinked", f"images/{image_id.hex()}")]
+    assert cli_main(["--repo", str(tmp_path / "repo"), "fsck", "--repair"]) == 0
+    assert f"  - linked images/{image_id.hex()}" in capsys.readouterr().out
+    assert os.readlink(link) == f"../objects/{image_id.hex()[:2]}/{image_id.hex()[2:]}"
+    with Repository.open(tmp_path / "repo") as repo:
+        assert fsck(repo).ok and resolve_image(repo, "A") == image_id
+        assert gc(repo).objects_removed == 0
+
+
 def test_gc_of_a_fresh_repository_removes_nothing(tmp_path):
     """`pycfs init` then `pycfs gc`: "objects: no such file or directory"."""
     with Repository.init(tmp_path / "repo") as repo:

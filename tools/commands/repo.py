@@ -97,7 +97,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     else:
         print("\n".join(report.lines()))
     # After a repair the report still lists what was found; success means all of it was dealt with.
-    return 0 if report.ok or (args.repair and report.repaired) else 1
+    return 0 if report.ok or (args.repair and (report.repaired or report.relinked)) else 1
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
