@@ -17,6 +17,7 @@ removed. Nothing that checks out is touched.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -182,6 +183,16 @@ def _measure_kernel(repo: Repository, rel: str) -> bytes | OSError | None:
         os.close(fd)
 
 
+# What an object's open or read failing with says about the object itself (gone, not a
+# regular file, a link, unreadable media); anything else (EMFILE, ENOMEM, EACCES ...) is the
+# process's: a repair removing on it deleted intact objects of live images.
+_OBJECT_FAULTS = {errno.ENOENT, errno.EISDIR, errno.EINVAL, errno.ELOOP, errno.EIO, errno.ENXIO, errno.ENODEV,
+                  errno.ENOTDIR}
+_NOT_THE_OBJECT = {errno.EMFILE: "raise the open-file limit, `ulimit -n`", errno.ENFILE: "the system's open files "
+                   "are at their limit", errno.ENOMEM: "free some memory", errno.EACCES: "run it as the repository's "
+                   "owner", errno.EPERM: "run it as the repository's owner"}
+
+
 def _check_objects(repo: Repository, report: FsckReport, progress: StepProgress, jobs: int | None) -> list[str]:
     """Returns the bad objects' paths."""
     from pycfs.host.workers.pool import digest_files
@@ -207,6 +218,10 @@ def _check_objects(repo: Repository, report: FsckReport, progress: StepProgress,
     digests = trio.run(digest_files, [str(repo.path / rel) for rel, _ in todo], repo.alg, jobs, progress.step)
     for (rel, expected), got in zip(todo, digests):
         if isinstance(got, OSError):
+            if got.errno not in _OBJECT_FAULTS:  # this process's lot, not the object's: judge nothing
+                what = _NOT_THE_OBJECT.get(got.errno or 0, "see what keeps fsck from reading it")
+                raise PycfsError(f"fsck: cannot read {rel} in {repo.path}: {got.strerror or got} ({what}, then run "
+                                 "fsck again); nothing was judged or removed")
             report.add("object-open-failed", rel, got.strerror or str(got))
             bad.append(rel)
         elif got != expected:

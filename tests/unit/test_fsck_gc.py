@@ -1,5 +1,6 @@
 """fsck finds corruption and missing data; gc removes exactly what no ref reaches."""
 
+import errno
 import fcntl
 import os
 import shutil
@@ -514,6 +515,35 @@ def test_an_intact_image_whose_link_is_gone_is_reported_and_linked_again(tmp_pat
     with Repository.open(tmp_path / "repo") as repo:
         assert fsck(repo).ok and resolve_image(repo, "A") == image_id
         assert gc(repo).objects_removed == 0
+
+
+@pytest.mark.parametrize("err, judged", [(errno.EMFILE, False), (errno.ENOMEM, False), (errno.EACCES, False),
+                                          (errno.EIO, True), (errno.EINVAL, True)])
+def test_repair_removes_no_object_it_could_not_read_for_reasons_of_its_own(repo, monkeypatch, err, judged):
+    """Run with `ulimit -n 64`, fsck --repair took EMFILE for a broken object and deleted
+    2,209 intact objects of a live image. Only what says something of the object (gone, a
+    read error of the medium, not a regular file) makes it bad; anything else stops fsck."""
+    from pycfs.host.workers import pool
+
+    _, ids = layer(repo, "l", [b"a" * 5000, b"b" * 6000], ref="keep")
+    real = pool.digest_files
+    victim = str(repo.object_path(ids[0]))
+    rel = "objects/{}/{}".format(*_oid_name(repo, ids[0]))
+
+    async def failing(paths, *args, **kwargs):
+        got = await real(paths, *args, **kwargs)
+        return [OSError(err, os.strerror(err)) if p == victim else g for p, g in zip(paths, got)]
+
+    monkeypatch.setattr(pool, "digest_files", failing)
+    if judged:
+        report = fsck(repo, repair=True)
+        assert ("object-open-failed", rel) in [(k, p) for k, p, _ in report.errors]
+        assert not repo.has_object(ids[0])
+    else:
+        with pytest.raises(PycfsError, match=rf"^fsck: cannot read {rel} in .*: "
+                                             rf"{os.strerror(err)} \(.*\); nothing was judged or removed$"):
+            fsck(repo, repair=True)
+        assert repo.has_object(ids[0]) and repo.has_object(ids[1])
 
 
 def test_gc_of_a_fresh_repository_removes_nothing(tmp_path):
