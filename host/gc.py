@@ -43,21 +43,33 @@ class GcResult:
 
 
 def _link_id(repo: Repository, path: str) -> bytes | None:
+    """The object a link of streams/ or images/ names; None for what is no such link (a
+    ref to it roots nothing). Any other failure to read it is an error: taking a live
+    stream's link for absent would free all it holds."""
     try:
         return repo.parse_object_link(os.readlink(path))
-    except (OSError, PycfsError):
+    except PycfsError:
         return None
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ENOENT):  # not a link (fsck reports it), gone
+            return None
+        raise PycfsError(f"cannot read the link {path}: {e.strerror}") from None
 
 
 def _first_level(repo: Repository, top: str) -> dict[str, bytes]:
     base = repo.path / top
     found: dict[str, bytes] = {}
-    if base.is_dir():
-        for name in os.listdir(base):
-            if name != "refs":
-                object_id = _link_id(repo, str(base / name))
-                if object_id is not None:
-                    found[name] = object_id
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return found
+    except OSError as e:
+        raise PycfsError(f"cannot list {base}: {e.strerror}") from None
+    for name in names:
+        if name != "refs":
+            object_id = _link_id(repo, str(base / name))
+            if object_id is not None:
+                found[name] = object_id
     return found
 
 

@@ -110,6 +110,27 @@ def test_gc_keeps_reachable_removes_rest(repo):
     assert sum(len(files) for _, _, files in os.walk(repo.path / "objects")) == 0
 
 
+def test_gc_removes_nothing_when_a_streams_link_cannot_be_read(repo, monkeypatch):
+    """A link gc could not read (EIO, ENOMEM) was taken for absent: the ref naming that
+    stream rooted nothing and gc freed all the stream held."""
+    from pycfs.host import gc as gc_module
+
+    sid, kept = layer(repo, "l1", [b"k" * 100], ref="keep")
+    real = os.readlink
+
+    def failing(path, *args, **kwargs):
+        if str(path).endswith("streams/l1"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(gc_module.os, "readlink", failing)
+    with pytest.raises(PycfsError, match=r"^gc: cannot tell what is live \(cannot read the link .*streams/l1: "
+                                         r"Input/output error\); nothing was removed"):
+        gc(repo)
+    monkeypatch.undo()
+    assert repo.has_object(kept[0]) and repo.has_object(sid) and fsck(repo).ok
+
+
 def test_gc_gives_up_on_a_user_that_keeps_the_repository_open(repo, monkeypatch):
     """Another opener (a FUSE mount, a varlink service) holding the repository for good:
     one error after the limit, nothing removed, and the lock is gc's opener's again; then,
