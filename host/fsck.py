@@ -193,6 +193,15 @@ _NOT_THE_OBJECT = {errno.EMFILE: "raise the open-file limit, `ulimit -n`", errno
                    "owner", errno.EPERM: "run it as the repository's owner"}
 
 
+def _stop_unless_its_fault(e: Exception, repo: Repository, rel: str) -> None:
+    """An OSError reading rel that says nothing of it (`_OBJECT_FAULTS`) stops fsck: this
+    process's lot is no ground to judge, and a repair would remove what is intact."""
+    if isinstance(e, OSError) and e.errno not in _OBJECT_FAULTS:
+        what = _NOT_THE_OBJECT.get(e.errno or 0, "see what keeps fsck from reading it")
+        raise PycfsError(f"fsck: cannot read {rel} in {repo.path}: {e.strerror or e} ({what}, then run fsck "
+                         "again); nothing was judged or removed")
+
+
 def _check_objects(repo: Repository, report: FsckReport, progress: StepProgress, jobs: int | None) -> list[str]:
     """Returns the bad objects' paths."""
     from pycfs.host.workers.pool import digest_files
@@ -218,10 +227,7 @@ def _check_objects(repo: Repository, report: FsckReport, progress: StepProgress,
     digests = trio.run(digest_files, [str(repo.path / rel) for rel, _ in todo], repo.alg, jobs, progress.step)
     for (rel, expected), got in zip(todo, digests):
         if isinstance(got, OSError):
-            if got.errno not in _OBJECT_FAULTS:  # this process's lot, not the object's: judge nothing
-                what = _NOT_THE_OBJECT.get(got.errno or 0, "see what keeps fsck from reading it")
-                raise PycfsError(f"fsck: cannot read {rel} in {repo.path}: {got.strerror or got} ({what}, then run "
-                                 "fsck again); nothing was judged or removed")
+            _stop_unless_its_fault(got, repo, rel)
             report.add("object-open-failed", rel, got.strerror or str(got))
             bad.append(rel)
         elif got != expected:
@@ -355,6 +361,7 @@ def _check_streams(repo: Repository, report: FsckReport, progress: StepProgress,
         try:
             reader = SplitStreamReader(_read_intact(repo.stream_bytes, repo, object_id, rehash), repo.alg)
         except (PycfsError, OSError) as e:
+            _stop_unless_its_fault(e, repo, rel)
             report.add("stream-open-failed", rel, str(e))
             examined[object_id] = (str(e), [])
             bad.append(rel)
@@ -382,6 +389,7 @@ def _examine(repo: Repository, object_id: bytes, image: bool, rehash: bool) -> t
             reader = SplitStreamReader(_read_intact(repo.stream_bytes, repo, object_id, rehash), repo.alg)
             held, named = set(reader.object_refs), list(reader.named_refs.items())
     except (PycfsError, OSError) as e:
+        _stop_unless_its_fault(e, repo, repo.object_relpath(object_id))
         return str(e), []
     if any(not repo.has_object(ref) for ref in held):
         return "objects it holds are missing", named
@@ -444,6 +452,7 @@ def _check_images(repo: Repository, report: FsckReport, progress: StepProgress, 
         try:
             referenced = image_object_ids(_read_intact(repo.image_bytes, repo, object_id, rehash), repo.alg)
         except (PycfsError, OSError) as e:
+            _stop_unless_its_fault(e, repo, rel)
             report.add("image-invalid", rel, str(e))
             bad.append(rel)
             continue
@@ -472,6 +481,7 @@ def _verify_layers(repo: Repository, report: FsckReport, progress: StepProgress,
         try:
             actual = stream_digest(repo, object_id, alg)
         except (PycfsError, OSError) as e:
+            _stop_unless_its_fault(e, repo, rel)
             report.add("layer-unreadable", rel, str(e))
             bad.append(rel)
             continue

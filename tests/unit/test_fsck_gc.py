@@ -567,6 +567,26 @@ def test_repair_removes_no_object_it_could_not_read_for_reasons_of_its_own(repo,
         assert repo.has_object(ids[0]) and repo.has_object(ids[1])
 
 
+def test_repair_removes_no_stream_it_could_not_read_for_reasons_of_its_own(repo, monkeypatch):
+    """The same for streams (and images, layers, what named refs reach): a stream read
+    failing with EMFILE was "stream-open-failed" and its link and chain went."""
+    sid, ids = layer(repo, "l", [b"a" * 5000], ref="keep")
+    real = Repository.stream_bytes
+
+    def failing(self, object_id):
+        if object_id == sid:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real(self, object_id)
+
+    monkeypatch.setattr(Repository, "stream_bytes", failing)
+    with pytest.raises(PycfsError, match=r"^fsck: cannot read streams/l in .*: Too many open files \(raise the "
+                                         r"open-file limit, `ulimit -n`, then run fsck again\); nothing was judged"):
+        fsck(repo, metadata_only=True, repair=True)
+    monkeypatch.undo()
+    assert (repo.path / "streams/l").is_symlink() and (repo.path / "streams/refs/keep").is_symlink()
+    assert fsck(repo).ok
+
+
 def test_gc_of_a_fresh_repository_removes_nothing(tmp_path):
     """`pycfs init` then `pycfs gc`: "objects: no such file or directory"."""
     with Repository.init(tmp_path / "repo") as repo:
