@@ -570,7 +570,7 @@ def test_repair_removes_no_object_it_could_not_read_for_reasons_of_its_own(repo,
 def test_repair_removes_no_stream_it_could_not_read_for_reasons_of_its_own(repo, monkeypatch):
     """The same for streams (and images, layers, what named refs reach): a stream read
     failing with EMFILE was "stream-open-failed" and its link and chain went."""
-    sid, ids = layer(repo, "l", [b"a" * 5000], ref="keep")
+    sid, _ = layer(repo, "l", [b"a" * 5000], ref="keep")
     real = Repository.stream_bytes
 
     def failing(self, object_id):
