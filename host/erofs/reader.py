@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import stat as _stat
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.erofs import format as F
@@ -27,6 +28,7 @@ from pycfs.host.tree import (
     Fifo,
     FileSystem,
     Inline,
+    Inode,
     Leaf,
     LeafContent,
     Socket,
@@ -262,8 +264,38 @@ def _interpret_xattrs(raw: tuple[tuple[bytes, bytes], ...], hide_markers: bool =
 def read_image(data: bytes) -> LoadedImage:
     """Parse a composefs image into a tree (C composefs-info semantics)."""
     r = _Reader(data)
+    tree = _TreeBuilder(r, LoadedImage(FileSystem(), r.header, r.sb))
+    _walk(r, tree)
+    return tree.loaded
+
+
+def check_image(data: bytes) -> frozenset[bytes]:
+    """Check an image as `read_image` does, with the same walk, making no tree (a FUSE server
+    checks before it serves, then reads by nid): the names of the xattrs its inodes show
+    (`read_image`'s `Stat.xattrs`)."""
+    r = _Reader(data)
+    check = _Checker(r)
+    _walk(r, check)
+    return frozenset(check.xattr_names)
+
+
+class _Visitor(Protocol):
+    """What `_walk` tells of the tree, each once it is checked."""
+
+    def directory(self, raw: RawInode) -> None:
+        """A directory inode, met for the first time (the root first)."""
+
+    def leaf(self, raw: RawInode) -> None:
+        """Any other inode the tree shows (whiteout stubs are not), met for the first time."""
+
+    def entry(self, parent: int, name: bytes, nid: int) -> None:
+        """Directory nid `parent` names `nid` (inode told already) `name`."""
+
+
+def _walk(r: _Reader, visit: _Visitor) -> None:
+    """Walk the tree from the root once, checking every dirent and inode (and, through
+    `_leaf_content`, every leaf's data and xattrs a visitor decodes)."""
     sb = r.sb
-    loaded = LoadedImage(FileSystem(), r.header, sb)
     root_raw = r.inode(sb.root_nid)
     if not _stat.S_ISDIR(root_raw.mode):
         raise ImageFormatError(f"root inode nid {sb.root_nid} is not a directory")
@@ -271,65 +303,62 @@ def read_image(data: bytes) -> LoadedImage:
     # fits in the image once: inodes pointing at one area (a 430 KB image of 1500 directories
     # sharing 20,000 dirents made 30 million entries) are refused when the sum passes it.
     data_left = len(r.data) - _data_size(root_raw)
-    nodes: dict[int, object] = {}
     # 1 + the file type of every inode read (whiteout stubs too), by nid: one byte per 32
     # bytes of image, where a dict would take some 100 bytes per inode
     ftypes = bytearray(len(r.data) // 32)
     ftypes[sb.root_nid] = 1 + F.FT_DIR
+    stubs: set[int] = set()  # whiteout stubs' nids (C: any native chr 0:0 is skipped)
     namers: dict[int, set[int]] = {sb.root_nid: {sb.root_nid}}  # directory nid -> the dirs naming it
     dots: set[int] = set()  # directory nids with a `.` entry
     dotdot: dict[int, int] = {}  # directory nid -> the nid its `..` names
-    root = _make_dir(root_raw)
-    loaded.fs.root = root
-    loaded.dir_sizes[id(root)] = root_raw.size
-    nodes[root_raw.nid] = root
+    visit.directory(root_raw)
     shared = False  # a directory with two names (C mkcomposefs writes one for a hardlinked directory)
-    stack = [(root, root_raw)]
+    stack = [root_raw]
     while stack:
-        d, draw = stack.pop()
+        draw = stack.pop()
+        dnid = draw.nid
         prev = b""
         for name, nid, ftype in r.dirents(draw):
             # the kernel finds a name by binary search: one out of order it would not find
             if name <= prev:
                 what = "duplicate entry" if name == prev else "entry out of order"
-                raise ImageFormatError(f"directory nid {draw.nid}: {what} {name!r}")
+                raise ImageFormatError(f"directory nid {dnid}: {what} {name!r}")
             prev = name
             if name in (b".", b".."):
-                if ftype != F.FT_DIR or (name == b"." and nid != draw.nid):
-                    raise ImageFormatError(f"directory nid {draw.nid}: {name.decode()} names nid {nid} (type {ftype})")
+                if ftype != F.FT_DIR or (name == b"." and nid != dnid):
+                    raise ImageFormatError(f"directory nid {dnid}: {name.decode()} names nid {nid} (type {ftype})")
                 if name == b".":
-                    dots.add(draw.nid)
+                    dots.add(dnid)
                 else:
-                    dotdot[draw.nid] = nid
+                    dotdot[dnid] = nid
                 continue
             if nid >= len(ftypes):
-                raise ImageFormatError(f"directory nid {draw.nid}: entry {name!r} names nid {nid}, beyond the image")
-            node = nodes.get(nid)
-            if node is None and not ftypes[nid]:
+                raise ImageFormatError(f"directory nid {dnid}: entry {name!r} names nid {nid}, beyond the image")
+            known = ftypes[nid]
+            if not known:
                 craw = r.inode(nid)
-                ftypes[nid] = 1 + F.FILE_TYPES.get(_stat.S_IFMT(craw.mode), F.FT_UNKNOWN)
+                known = ftypes[nid] = 1 + F.FILE_TYPES.get(_stat.S_IFMT(craw.mode), F.FT_UNKNOWN)
                 data_left -= _data_size(craw)
                 if data_left < 0:
                     raise ImageFormatError(f"inode nid {nid}: its data overlaps another inode's (the inodes' "
                                            f"data add up to more than the image's {len(r.data)} bytes)")
-                if _stat.S_ISDIR(craw.mode):
-                    node = _make_dir(craw)
-                    loaded.dir_sizes[id(node)] = craw.size
-                    stack.append((node, craw))
-                elif not (r.epoch1 and _stat.S_ISCHR(craw.mode) and craw.i_u == 0):
-                    node = _make_leaf(r, craw, loaded)
-                if node is not None:
-                    nodes[nid] = node
-            elif type(node) is Directory:
+                if known == 1 + F.FT_DIR:
+                    visit.directory(craw)
+                    stack.append(craw)
+                elif r.epoch1 and known == 1 + F.FT_CHRDEV and craw.i_u == 0:
+                    stubs.add(nid)
+                else:
+                    visit.leaf(craw)
+            elif known == 1 + F.FT_DIR:
                 shared = True
-            if ftype + 1 != ftypes[nid]:
-                raise ImageFormatError(f"directory nid {draw.nid}: entry {name!r} has file type {ftype}, "
-                                       f"its inode nid {nid} type {ftypes[nid] - 1}")
-            if node is None:
-                continue  # whiteout stub (C: any native chr 0:0 is skipped)
-            if type(node) is Directory:
-                namers.setdefault(nid, set()).add(draw.nid)
-            d.entries[name] = node
+            if ftype + 1 != known:
+                raise ImageFormatError(f"directory nid {dnid}: entry {name!r} has file type {ftype}, "
+                                       f"its inode nid {nid} type {known - 1}")
+            if known == 1 + F.FT_DIR:
+                namers.setdefault(nid, set()).add(dnid)
+            elif nid in stubs:
+                continue
+            visit.entry(dnid, name, nid)
     for nid, parents in namers.items():
         # fsck.erofs checks these; C's second name of a directory has the same `..`
         if nid not in dots or nid not in dotdot:
@@ -337,8 +366,7 @@ def read_image(data: bytes) -> LoadedImage:
         if dotdot[nid] not in parents:
             raise ImageFormatError(f"directory nid {nid}: .. names nid {dotdot[nid]}, which has no entry for it")
     if shared:
-        _refuse_loops(root)
-    return loaded
+        _refuse_loops(r, sb.root_nid)
 
 
 def _data_size(raw: RawInode) -> int:
@@ -349,29 +377,80 @@ def _data_size(raw: RawInode) -> int:
     return raw.size
 
 
-def _refuse_loops(root: Directory) -> None:
+def _refuse_loops(r: _Reader, root: int) -> None:
     """Refuse a directory that contains itself (a walk of the tree would never end; a
-    directory with two names is C's quirk and fine): depth-first, iterative, each directory
-    once, a directory met again while it is being walked being the loop."""
-    walking: set[int] = {id(root)}
+    directory with two names is C's quirk and fine): depth-first over directory nids,
+    iterative, each directory once, a directory met again while it is being walked being
+    the loop."""
+    walking: set[int] = {root}
     done: set[int] = set()
-    stack = [iter(root.entries.items())]
+    stack = [iter(_subdirs(r, root))]
     path = [root]
     while stack:
         for name, child in stack[-1]:
-            if type(child) is not Directory or id(child) in done:
+            if child in done:
                 continue
-            if id(child) in walking:
+            if child in walking:
                 raise ImageFormatError(f"directory entry {name!r} names a directory it is in (a directory loop)")
-            walking.add(id(child))
+            walking.add(child)
             path.append(child)
-            stack.append(iter(child.entries.items()))
+            stack.append(iter(_subdirs(r, child)))
             break
         else:
             stack.pop()
             finished = path.pop()
-            walking.discard(id(finished))
-            done.add(id(finished))
+            walking.discard(finished)
+            done.add(finished)
+
+
+def _subdirs(r: _Reader, nid: int) -> list[tuple[bytes, int]]:
+    """(name, nid) of the directories a directory the walk checked names, in image order."""
+    return [(name, child) for name, child, ftype in r.dirents(r.inode(nid))
+            if ftype == F.FT_DIR and name not in (b".", b"..")]
+
+
+class _TreeBuilder:
+    """`read_image`'s visitor: the Leaf/Directory tree."""
+
+    def __init__(self, r: _Reader, loaded: LoadedImage) -> None:
+        self.r = r
+        self.loaded = loaded
+        self.dirs: dict[int, Directory] = {}
+        self.nodes: dict[int, Inode] = {}
+
+    def directory(self, raw: RawInode) -> None:
+        d = _make_dir(raw)
+        if raw.nid == self.r.sb.root_nid:
+            self.loaded.fs.root = d
+        self.loaded.dir_sizes[id(d)] = raw.size
+        self.dirs[raw.nid] = self.nodes[raw.nid] = d
+
+    def leaf(self, raw: RawInode) -> None:
+        self.nodes[raw.nid] = _make_leaf(self.r, raw, self.loaded)
+
+    def entry(self, parent: int, name: bytes, nid: int) -> None:
+        self.dirs[parent].entries[name] = self.nodes[nid]
+
+
+class _Checker:
+    """`check_image`'s visitor: each leaf's content decoded (its checks) and dropped; the
+    names of the xattrs shown kept."""
+
+    def __init__(self, r: _Reader) -> None:
+        self.r = r
+        self.xattr_names: set[bytes] = set()
+
+    def directory(self, raw: RawInode) -> None:
+        if raw.xattrs:
+            self.xattr_names.update(_interpret_xattrs(raw.xattrs)[0])
+
+    def leaf(self, raw: RawInode) -> None:
+        user, internal = _interpret_xattrs(raw.xattrs)
+        _leaf_content(self.r, raw, user, internal)
+        self.xattr_names.update(user)
+
+    def entry(self, parent: int, name: bytes, nid: int) -> None:
+        pass
 
 
 def _make_dir(raw: RawInode) -> Directory:
@@ -404,33 +483,41 @@ def _chunked_content(raw: RawInode, internal: dict[bytes, bytes]) -> LeafContent
 
 def _make_leaf(r: _Reader, raw: RawInode, loaded: LoadedImage) -> Leaf:
     user, internal = _interpret_xattrs(raw.xattrs)
-    st = Stat(raw.mode & 0o7777, raw.uid, raw.gid, raw.mtime, raw.mtime_nsec, user)
+    content, masked = _leaf_content(r, raw, user, internal)
+    leaf = Leaf(Stat(raw.mode & 0o7777, raw.uid, raw.gid, raw.mtime, raw.mtime_nsec, user), content, raw.nlink)
+    if masked is not None:
+        loaded.masked[id(leaf)] = masked
+    return leaf
+
+
+def _leaf_content(r: _Reader, raw: RawInode, user: dict[bytes, bytes], internal: dict[bytes, bytes],
+                  ) -> tuple[LeafContent, External | ExternalNoVerity | None]:
+    """A non-directory inode's content, checked; for a regular file a user
+    `trusted.overlay.whiteout` makes a whiteout (that xattr taken out of `user`), the
+    external content it masks too."""
     fmt = _stat.S_IFMT(raw.mode)
     if fmt == _stat.S_IFREG:
         chunked = raw.datalayout == F.DATALAYOUT_CHUNK_BASED
         if b"trusted.overlay.whiteout" in user:
             del user[b"trusted.overlay.whiteout"]
-            leaf = Leaf(st, CharDevice(0), raw.nlink)
             masked = _chunked_content(raw, internal) if chunked else None
-            if isinstance(masked, (External, ExternalNoVerity)):
-                loaded.masked[id(leaf)] = masked
-            return leaf
+            return CharDevice(0), masked if isinstance(masked, (External, ExternalNoVerity)) else None
         if chunked:
-            return Leaf(st, _chunked_content(raw, internal), raw.nlink)
-        return Leaf(st, Inline(r.data_of(raw)), raw.nlink)
+            return _chunked_content(raw, internal), None
+        return Inline(r.data_of(raw)), None
     if fmt == _stat.S_IFLNK:
         target = r.data_of(raw)
         if not target:
             raise ImageFormatError(f"inode nid {raw.nid}: empty symlink")
-        return Leaf(st, Symlink(target), raw.nlink)
+        return Symlink(target), None
     if fmt == _stat.S_IFCHR:
-        return Leaf(st, CharDevice(raw.i_u), raw.nlink)
+        return CharDevice(raw.i_u), None
     if fmt == _stat.S_IFBLK:
-        return Leaf(st, BlockDevice(raw.i_u), raw.nlink)
+        return BlockDevice(raw.i_u), None
     if fmt == _stat.S_IFIFO:
-        return Leaf(st, Fifo(), raw.nlink)
+        return Fifo(), None
     if fmt == _stat.S_IFSOCK:
-        return Leaf(st, Socket(), raw.nlink)
+        return Socket(), None
     raise ImageFormatError(f"inode nid {raw.nid}: invalid mode 0o{raw.mode:o}")
 
 

@@ -552,7 +552,7 @@ def test_a_directory_with_many_names_is_loaded_once():
     """C mkcomposefs writes a hardlinked directory as a second name: twelve levels of
     directories each named twice by the one above are 2^12 paths, and the mount's walks
     (ACLs, the decode of every inode) visit each directory once."""
-    from pycfs.host.erofs.reader import read_image
+    from pycfs.host.erofs.reader import check_image
     from pycfs.host.fuse.image import ImageReader, ImageTree, _has_acls
     from pycfs.host.tree import Directory, FileSystem, Inline, Leaf, Stat
 
@@ -561,7 +561,7 @@ def test_a_directory_with_many_names_is_loaded_once():
         d.entries[b"a"] = d.entries[b"b"] = d = Directory(Stat(0o755))
     d.entries[b"f"] = Leaf(Stat(0o644, xattrs={b"system.posix_acl_access": b"\2\0\0\0"}), Inline(b"x"))
     image = write_image(FileSystem(root), 0)
-    assert _has_acls(read_image(image).fs)
+    assert _has_acls(check_image(image))
     tree = ImageTree(ImageReader(image))
     listed: list[int] = []
     real = tree.entries
