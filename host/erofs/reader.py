@@ -14,6 +14,7 @@ again and the directory markers are dropped.
 from __future__ import annotations
 
 import stat as _stat
+import struct
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,6 +40,13 @@ from pycfs.host.tree import (
 )
 
 MAX_IMAGE_SIZE = F.MAX_IMAGE_SIZE
+
+# the raw structs (a dataclass each is most of the cost of reading an inode or a dirent)
+_COMPACT = F.CompactInode.FMT
+_EXTENDED = F.ExtendedInode.FMT
+_XATTR_ENTRY = F.XattrEntry.FMT
+_DIRENT = F.Dirent.FMT
+_LAYOUTS = (F.DATALAYOUT_FLAT_PLAIN, F.DATALAYOUT_FLAT_INLINE, F.DATALAYOUT_CHUNK_BASED)
 
 _OVERLAY = b"trusted.overlay."
 _OVERLAY_ESC = b"trusted.overlay.overlay."
@@ -84,11 +92,11 @@ class LoadedImage:
 
 class _Reader:
     def __init__(self, data: bytes) -> None:
-        self.data = memoryview(data)
         if len(data) < F.SUPERBLOCK_OFFSET + F.Superblock.SIZE:
             raise ImageFormatError(f"image too small ({len(data)} bytes) for a composefs header and superblock")
         if len(data) > MAX_IMAGE_SIZE:
             raise ImageFormatError(f"image of {len(data)} bytes exceeds the 1 GiB composefs limit")
+        self.data = bytes(data)  # no copy of bytes; what is read of it, sliced, is bytes already
         self.header = F.ComposefsHeader.unpack_from(self.data, 0)
         h = self.header
         if h.magic != F.COMPOSEFS_MAGIC:
@@ -117,65 +125,70 @@ class _Reader:
             raise ImageFormatError(f"truncated image: {what} at offset {off} (+{size}) beyond end {len(self.data)}")
 
     def inode(self, nid: int) -> RawInode:
+        # structs unpacked straight to fields: a walk reads every inode, and FUSE each it serves
         off = nid * 32
-        self._need(off, F.CompactInode.SIZE, f"inode nid {nid}")
-        fmt = int.from_bytes(self.data[off:off + 2], "little")
+        data = self.data
+        end = len(data)
+        if off < 0 or off + 32 > end:
+            self._need(off, 32, f"inode nid {nid}")
+        fmt, icount, mode, nlink, size, i_u, ino, uid, gid = _COMPACT.unpack_from(data, off)
         if fmt & ~0xF:
             raise ImageFormatError(f"inode nid {nid}: unsupported i_format 0x{fmt:x}")
-        layout = F.inode_datalayout(fmt)
-        if layout not in (F.DATALAYOUT_FLAT_PLAIN, F.DATALAYOUT_FLAT_INLINE, F.DATALAYOUT_CHUNK_BASED):
+        layout = (fmt >> 1) & 0x7
+        if layout not in _LAYOUTS:
             raise ImageFormatError(f"inode nid {nid}: unsupported data layout {layout} (compressed?)")
-        if F.inode_is_extended(fmt):
-            self._need(off, F.ExtendedInode.SIZE, f"inode nid {nid}")
-            e = F.ExtendedInode.unpack_from(self.data, off)
-            hdr = F.ExtendedInode.SIZE
-            mode, nlink, size, i_u, ino, uid, gid = e.mode, e.nlink, e.size, e.i_u, e.ino, e.uid, e.gid
-            mtime, nsec = e.mtime, e.mtime_nsec
-            icount = e.xattr_icount
+        if fmt & F.INODE_LAYOUT_EXTENDED:
+            if off + 64 > end:
+                self._need(off, 64, f"inode nid {nid}")
+            _, icount, mode, size, i_u, ino, uid, gid, mtime, nsec, nlink = _EXTENDED.unpack_from(data, off)
+            xoff = off + 64
         else:
-            c = F.CompactInode.unpack_from(self.data, off)
-            hdr = F.CompactInode.SIZE
-            mode, nlink, size, i_u, ino, uid, gid = c.mode, c.nlink, c.size, c.i_u, c.ino, c.uid, c.gid
             mtime, nsec = self.sb.build_time, self.sb.build_time_nsec
-            icount = c.xattr_icount
+            xoff = off + 32
         if mtime >= 1 << 63:
             mtime -= 1 << 64
-        xoff = off + hdr
-        xsize = 0 if icount == 0 else 12 + 4 * (icount - 1)
-        self._need(xoff, xsize, f"xattrs of inode nid {nid}")
-        xattrs = self._xattrs(nid, xoff, xsize) if xsize else ()
-        if layout != F.DATALAYOUT_CHUNK_BASED and not _stat.S_ISCHR(mode) and not _stat.S_ISBLK(mode) and size > len(self.data):
+        if icount:
+            xsize = 12 + 4 * (icount - 1)
+            if xoff + xsize > end:
+                self._need(xoff, xsize, f"xattrs of inode nid {nid}")
+            xattrs = self._xattrs(nid, xoff, xsize)
+        else:
+            xsize = 0
+            xattrs = ()
+        if size > end and layout != F.DATALAYOUT_CHUNK_BASED and not _stat.S_ISCHR(mode) and not _stat.S_ISBLK(mode):
             raise ImageFormatError(f"inode nid {nid}: size {size} larger than the image")
         return RawInode(nid, fmt, mode, nlink, size, i_u, ino, uid, gid, mtime, nsec, xattrs, xoff + xsize)
 
     def _xattr_entry(self, off: int, end: int, nid: int) -> tuple[tuple[bytes, bytes], int]:
         if off + 4 > end:
             raise ImageFormatError(f"inode nid {nid}: xattr entry at {off} runs past its block")
-        e = F.XattrEntry.unpack_from(self.data, off)
-        prefix = F.XATTR_PREFIXES.get(e.name_index)
+        name_len, name_index, value_size = _XATTR_ENTRY.unpack_from(self.data, off)
+        prefix = F.XATTR_PREFIXES.get(name_index)
         if prefix is None:
-            raise ImageFormatError(f"inode nid {nid}: unknown xattr name index {e.name_index}")
-        nend = off + 4 + e.name_len
-        vend = nend + e.value_size
+            raise ImageFormatError(f"inode nid {nid}: unknown xattr name index {name_index}")
+        nend = off + 4 + name_len
+        vend = nend + value_size
         if vend > end:
             raise ImageFormatError(f"inode nid {nid}: xattr entry at {off} runs past its block")
-        key = prefix + bytes(self.data[off + 4:nend])
-        return (key, bytes(self.data[nend:vend])), (vend + 3) & ~3
+        return (prefix + self.data[off + 4:nend], self.data[nend:vend]), (vend + 3) & ~3
 
     def _xattrs(self, nid: int, off: int, size: int) -> tuple[tuple[bytes, bytes], ...]:
         end = off + size
-        h = F.XattrIbodyHeader.unpack_from(self.data, off)
+        nshared = self.data[off + 4]  # the ibody header: u32 name filter, u8 shared count, 7 reserved
         pos = off + 12
-        if pos + 4 * h.shared_count > end:
-            raise ImageFormatError(f"inode nid {nid}: {h.shared_count} shared xattrs do not fit its xattr block")
-        shared_ids = [int.from_bytes(self.data[pos + 4 * i:pos + 4 * i + 4], "little") for i in range(h.shared_count)]
-        pos += 4 * h.shared_count
+        if pos + 4 * nshared > end:
+            raise ImageFormatError(f"inode nid {nid}: {nshared} shared xattrs do not fit its xattr block")
+        shared_ids = struct.unpack_from(f"<{nshared}I", self.data, pos)
+        pos += 4 * nshared
         local = []
         while pos < end:
             kv, pos = self._xattr_entry(pos, end, nid)
             local.append(kv)
         # the C loader lists the inline entries first, then the shared ones
-        return (*local, *(self._shared_xattr(sid, nid) for sid in shared_ids))
+        decoded = self._shared.get
+        for sid in shared_ids:
+            local.append(decoded(sid) or self._shared_xattr(sid, nid))
+        return tuple(local)
 
     def _shared_xattr(self, sid: int, nid: int) -> tuple[bytes, bytes]:
         """A shared xattr, decoded once: the inodes that refer to it share the one (name,
@@ -191,24 +204,26 @@ class _Reader:
     def data_of(self, ino: RawInode) -> bytes:
         """Bytes of a FLAT_PLAIN / FLAT_INLINE inode (directory, inline file, symlink)."""
         size = ino.size
-        if ino.datalayout == F.DATALAYOUT_FLAT_PLAIN:
+        layout = (ino.format >> 1) & 0x7
+        data = self.data
+        if layout == F.DATALAYOUT_FLAT_PLAIN:
             if size == 0:
                 return b""
             start = ino.i_u * F.BLOCK_SIZE
             self._need(start, size, f"data of inode nid {ino.nid}")
-            return bytes(self.data[start:start + size])
-        if ino.datalayout == F.DATALAYOUT_FLAT_INLINE:
+            return data[start:start + size]
+        if layout == F.DATALAYOUT_FLAT_INLINE:
             nfull, tail = divmod(size, F.BLOCK_SIZE)
-            parts = []
+            start = ino.i_u * F.BLOCK_SIZE
             if nfull:
-                start = ino.i_u * F.BLOCK_SIZE
                 self._need(start, nfull * F.BLOCK_SIZE, f"data blocks of inode nid {ino.nid}")
-                parts.append(bytes(self.data[start:start + nfull * F.BLOCK_SIZE]))
-            self._need(ino.inline_offset, tail, f"inline data of inode nid {ino.nid}")
-            if ino.inline_offset // F.BLOCK_SIZE != (ino.inline_offset + tail - 1) // F.BLOCK_SIZE and tail:
+            inline = ino.inline_offset
+            self._need(inline, tail, f"inline data of inode nid {ino.nid}")
+            if tail and inline // F.BLOCK_SIZE != (inline + tail - 1) // F.BLOCK_SIZE:
                 raise ImageFormatError(f"inode nid {ino.nid}: inline data crosses a block boundary")
-            parts.append(bytes(self.data[ino.inline_offset:ino.inline_offset + tail]))
-            return b"".join(parts)
+            if not nfull:
+                return data[inline:inline + tail]
+            return data[start:start + nfull * F.BLOCK_SIZE] + data[inline:inline + tail]
         raise ImageFormatError(f"inode nid {ino.nid}: chunk-based inode has no inline data")
 
     def dirents(self, ino: RawInode) -> list[tuple[bytes, int, int]]:
@@ -216,26 +231,26 @@ class _Reader:
         out = []
         B = F.BLOCK_SIZE
         for bstart in range(0, len(data), B):
-            block = data[bstart:bstart + B]
-            if len(block) < F.Dirent.SIZE:
+            size = min(B, len(data) - bstart)
+            if size < _DIRENT.size:
                 raise ImageFormatError(f"directory nid {ino.nid}: truncated dirent block")
-            first = F.Dirent.unpack_from(block, 0)
-            if first.nameoff % F.Dirent.SIZE or not F.Dirent.SIZE <= first.nameoff <= len(block):
-                raise ImageFormatError(f"directory nid {ino.nid}: bad first nameoff {first.nameoff}")
-            n = first.nameoff // F.Dirent.SIZE
-            ents = [F.Dirent.unpack_from(block, i * F.Dirent.SIZE) for i in range(n)]
-            for i, d in enumerate(ents):
-                end = ents[i + 1].nameoff if i + 1 < n else len(block)
-                if not d.nameoff <= end <= len(block):
-                    raise ImageFormatError(f"directory nid {ino.nid}: bad nameoff {d.nameoff}")
-                name = block[d.nameoff:end]
-                if i + 1 == n:
+            first = data[bstart + 8] | data[bstart + 9] << 8  # the first dirent's nameoff
+            if first % _DIRENT.size or not _DIRENT.size <= first <= size:
+                raise ImageFormatError(f"directory nid {ino.nid}: bad first nameoff {first}")
+            ents = list(_DIRENT.iter_unpack(data[bstart:bstart + first]))
+            last = len(ents) - 1
+            for i, (nid, nameoff, ftype) in enumerate(ents):
+                end = ents[i + 1][1] if i < last else size
+                if not nameoff <= end <= size:
+                    raise ImageFormatError(f"directory nid {ino.nid}: bad nameoff {nameoff}")
+                name = data[bstart + nameoff:bstart + end]
+                if i == last:  # the last name may be NUL-padded
                     nul = name.find(b"\0")
                     if nul >= 0:
                         name = name[:nul]
                 if not name or b"/" in name or b"\0" in name:
                     raise ImageFormatError(f"directory nid {ino.nid}: invalid entry name {name!r}")
-                out.append((name, d.nid, d.file_type))
+                out.append((name, nid, ftype))
         return out
 
 
@@ -251,11 +266,11 @@ def _interpret_xattrs(raw: tuple[tuple[bytes, bytes], ...], hide_markers: bool =
     user: dict[bytes, bytes] = {}
     internal: dict[bytes, bytes] = {}
     for k, v in raw:
-        if k.startswith(_OVERLAY_ESC):
+        if k.startswith(_OVERLAY):
+            if not k.startswith(_OVERLAY_ESC):
+                internal[k] = v
+                continue
             k = _OVERLAY + k[len(_OVERLAY_ESC):]
-        elif k.startswith(_OVERLAY):
-            internal[k] = v
-            continue
         if not (hide_markers and k in _HIDDEN):
             user[k] = v
     return user, internal
@@ -369,10 +384,12 @@ def _walk(r: _Reader, visit: _Visitor) -> None:
         _refuse_loops(r, sb.root_nid)
 
 
+_WITH_DATA = (_stat.S_IFDIR, _stat.S_IFREG, _stat.S_IFLNK)
+
+
 def _data_size(raw: RawInode) -> int:
     """The bytes of the image an inode's data takes (chunk indexes, devices: none counted)."""
-    if raw.datalayout == F.DATALAYOUT_CHUNK_BASED or not (
-            _stat.S_ISDIR(raw.mode) or _stat.S_ISREG(raw.mode) or _stat.S_ISLNK(raw.mode)):
+    if (raw.format >> 1) & 0x7 == F.DATALAYOUT_CHUNK_BASED or _stat.S_IFMT(raw.mode) not in _WITH_DATA:
         return 0
     return raw.size
 
