@@ -307,6 +307,12 @@ class _Visitor(Protocol):
         """Directory nid `parent` names `nid` (inode told already) `name`."""
 
 
+# 1 + an inode's dirent file type, by its mode's S_IFMT (`_walk`'s bytearray: 0 is unread)
+_FTYPES = {fmt: 1 + ft for fmt, ft in F.FILE_TYPES.items()}
+_UNKNOWN, _DIR, _CHR = 1 + F.FT_UNKNOWN, 1 + F.FT_DIR, 1 + F.FT_CHRDEV
+_S_IFMT = 0o170000
+
+
 def _walk(r: _Reader, visit: _Visitor) -> None:
     """Walk the tree from the root once, checking every dirent and inode (and, through
     `_leaf_content`, every leaf's data and xattrs a visitor decodes)."""
@@ -321,12 +327,13 @@ def _walk(r: _Reader, visit: _Visitor) -> None:
     # 1 + the file type of every inode read (whiteout stubs too), by nid: one byte per 32
     # bytes of image, where a dict would take some 100 bytes per inode
     ftypes = bytearray(len(r.data) // 32)
-    ftypes[sb.root_nid] = 1 + F.FT_DIR
+    ftypes[sb.root_nid] = _DIR
     stubs: set[int] = set()  # whiteout stubs' nids (C: any native chr 0:0 is skipped)
     namers: dict[int, set[int]] = {sb.root_nid: {sb.root_nid}}  # directory nid -> the dirs naming it
     dots: set[int] = set()  # directory nids with a `.` entry
     dotdot: dict[int, int] = {}  # directory nid -> the nid its `..` names
-    visit.directory(root_raw)
+    inode, directory, leaf, entry = r.inode, visit.directory, visit.leaf, visit.entry  # (looked up once)
+    directory(root_raw)
     shared = False  # a directory with two names (C mkcomposefs writes one for a hardlinked directory)
     stack = [root_raw]
     while stack:
@@ -351,29 +358,29 @@ def _walk(r: _Reader, visit: _Visitor) -> None:
                 raise ImageFormatError(f"directory nid {dnid}: entry {name!r} names nid {nid}, beyond the image")
             known = ftypes[nid]
             if not known:
-                craw = r.inode(nid)
-                known = ftypes[nid] = 1 + F.FILE_TYPES.get(_stat.S_IFMT(craw.mode), F.FT_UNKNOWN)
+                craw = inode(nid)
+                known = ftypes[nid] = _FTYPES.get(craw.mode & _S_IFMT, _UNKNOWN)
                 data_left -= _data_size(craw)
                 if data_left < 0:
                     raise ImageFormatError(f"inode nid {nid}: its data overlaps another inode's (the inodes' "
                                            f"data add up to more than the image's {len(r.data)} bytes)")
-                if known == 1 + F.FT_DIR:
-                    visit.directory(craw)
+                if known == _DIR:
+                    directory(craw)
                     stack.append(craw)
-                elif r.epoch1 and known == 1 + F.FT_CHRDEV and craw.i_u == 0:
+                elif known == _CHR and r.epoch1 and craw.i_u == 0:
                     stubs.add(nid)
                 else:
-                    visit.leaf(craw)
-            elif known == 1 + F.FT_DIR:
+                    leaf(craw)
+            elif known == _DIR:
                 shared = True
             if ftype + 1 != known:
                 raise ImageFormatError(f"directory nid {dnid}: entry {name!r} has file type {ftype}, "
                                        f"its inode nid {nid} type {known - 1}")
-            if known == 1 + F.FT_DIR:
+            if known == _DIR:
                 namers.setdefault(nid, set()).add(dnid)
-            elif nid in stubs:
+            elif known == _CHR and nid in stubs:
                 continue
-            visit.entry(dnid, name, nid)
+            entry(dnid, name, nid)
     for nid, parents in namers.items():
         # fsck.erofs checks these; C's second name of a directory has the same `..`
         if nid not in dots or nid not in dotdot:
