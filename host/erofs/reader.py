@@ -16,7 +16,7 @@ from __future__ import annotations
 import stat as _stat
 import struct
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 from pycfs.host.errors import PycfsError
 from pycfs.host.erofs import format as F
@@ -88,6 +88,10 @@ class LoadedImage:
     # regular files a user `trusted.overlay.whiteout` turned into whiteouts: id(leaf) -> the
     # external content C's composefs-info still prints for them
     masked: dict[int, External | ExternalNoVerity] = field(default_factory=dict)
+
+
+# the external content a regular file marked a whiteout masks (C's composefs-info prints it)
+_Masked: TypeAlias = External | ExternalNoVerity | None
 
 
 class _Reader:
@@ -289,7 +293,7 @@ def check_image(data: bytes) -> frozenset[bytes]:
     checks before it serves, then reads by nid): the names of the xattrs its inodes show
     (`read_image`'s `Stat.xattrs`)."""
     r = _Reader(data)
-    check = _Checker(r)
+    check = _Checker()
     _walk(r, check)
     return frozenset(check.xattr_names)
 
@@ -297,11 +301,12 @@ def check_image(data: bytes) -> frozenset[bytes]:
 class _Visitor(Protocol):
     """What `_walk` tells of the tree, each once it is checked."""
 
-    def directory(self, raw: RawInode) -> None:
-        """A directory inode, met for the first time (the root first)."""
+    def directory(self, raw: RawInode, xattrs: dict[bytes, bytes]) -> None:
+        """A directory inode, met for the first time (the root first), with the xattrs it shows."""
 
-    def leaf(self, raw: RawInode) -> None:
-        """Any other inode the tree shows (whiteout stubs are not), met for the first time."""
+    def leaf(self, raw: RawInode, xattrs: dict[bytes, bytes], content: LeafContent, masked: _Masked) -> None:
+        """Any other inode the tree shows (whiteout stubs are not), met for the first time, as
+        `_decode_leaf` decoded it."""
 
     def entry(self, parent: int, name: bytes, nid: int) -> None:
         """Directory nid `parent` names `nid` (inode told already) `name`."""
@@ -314,8 +319,8 @@ _S_IFMT = 0o170000
 
 
 def _walk(r: _Reader, visit: _Visitor) -> None:
-    """Walk the tree from the root once, checking every dirent and inode (and, through
-    `_leaf_content`, every leaf's data and xattrs a visitor decodes)."""
+    """Walk the tree from the root once, checking every dirent, inode, xattr and leaf's
+    content, and tell the visitor what it met."""
     sb = r.sb
     root_raw = r.inode(sb.root_nid)
     if not _stat.S_ISDIR(root_raw.mode):
@@ -333,7 +338,7 @@ def _walk(r: _Reader, visit: _Visitor) -> None:
     dots: set[int] = set()  # directory nids with a `.` entry
     dotdot: dict[int, int] = {}  # directory nid -> the nid its `..` names
     inode, directory, leaf, entry = r.inode, visit.directory, visit.leaf, visit.entry  # (looked up once)
-    directory(root_raw)
+    directory(root_raw, _interpret_xattrs(root_raw.xattrs)[0])
     shared = False  # a directory with two names (C mkcomposefs writes one for a hardlinked directory)
     stack = [root_raw]
     while stack:
@@ -365,12 +370,12 @@ def _walk(r: _Reader, visit: _Visitor) -> None:
                     raise ImageFormatError(f"inode nid {nid}: its data overlaps another inode's (the inodes' "
                                            f"data add up to more than the image's {len(r.data)} bytes)")
                 if known == _DIR:
-                    directory(craw)
+                    directory(craw, _interpret_xattrs(craw.xattrs)[0])
                     stack.append(craw)
                 elif known == _CHR and r.epoch1 and craw.i_u == 0:
                     stubs.add(nid)
                 else:
-                    leaf(craw)
+                    leaf(craw, *_decode_leaf(r, craw))
             elif known == _DIR:
                 shared = True
             if ftype + 1 != known:
@@ -433,53 +438,49 @@ def _subdirs(r: _Reader, nid: int) -> list[tuple[bytes, int]]:
             if ftype == F.FT_DIR and name not in (b".", b"..")]
 
 
+def _stat_of(raw: RawInode, xattrs: dict[bytes, bytes]) -> Stat:
+    return Stat(raw.mode & 0o7777, raw.uid, raw.gid, raw.mtime, raw.mtime_nsec, xattrs)
+
+
 class _TreeBuilder:
     """`read_image`'s visitor: the Leaf/Directory tree."""
 
     def __init__(self, r: _Reader, loaded: LoadedImage) -> None:
-        self.r = r
+        self.root_nid = r.sb.root_nid
         self.loaded = loaded
         self.dirs: dict[int, Directory] = {}
         self.nodes: dict[int, Inode] = {}
 
-    def directory(self, raw: RawInode) -> None:
-        d = _make_dir(raw)
-        if raw.nid == self.r.sb.root_nid:
+    def directory(self, raw: RawInode, xattrs: dict[bytes, bytes]) -> None:
+        d = Directory(_stat_of(raw, xattrs))
+        if raw.nid == self.root_nid:
             self.loaded.fs.root = d
         self.loaded.dir_sizes[id(d)] = raw.size
         self.dirs[raw.nid] = self.nodes[raw.nid] = d
 
-    def leaf(self, raw: RawInode) -> None:
-        self.nodes[raw.nid] = _make_leaf(self.r, raw, self.loaded)
+    def leaf(self, raw: RawInode, xattrs: dict[bytes, bytes], content: LeafContent, masked: _Masked) -> None:
+        leaf = self.nodes[raw.nid] = Leaf(_stat_of(raw, xattrs), content, raw.nlink)
+        if masked is not None:
+            self.loaded.masked[id(leaf)] = masked
 
     def entry(self, parent: int, name: bytes, nid: int) -> None:
         self.dirs[parent].entries[name] = self.nodes[nid]
 
 
 class _Checker:
-    """`check_image`'s visitor: each leaf's content decoded (its checks) and dropped; the
-    names of the xattrs shown kept."""
+    """`check_image`'s visitor: the names of the xattrs shown, nothing else kept."""
 
-    def __init__(self, r: _Reader) -> None:
-        self.r = r
+    def __init__(self) -> None:
         self.xattr_names: set[bytes] = set()
 
-    def directory(self, raw: RawInode) -> None:
-        if raw.xattrs:
-            self.xattr_names.update(_interpret_xattrs(raw.xattrs)[0])
+    def directory(self, raw: RawInode, xattrs: dict[bytes, bytes]) -> None:
+        self.xattr_names.update(xattrs)
 
-    def leaf(self, raw: RawInode) -> None:
-        user, internal = _interpret_xattrs(raw.xattrs)
-        _leaf_content(self.r, raw, user, internal)
-        self.xattr_names.update(user)
+    def leaf(self, raw: RawInode, xattrs: dict[bytes, bytes], content: LeafContent, masked: _Masked) -> None:
+        self.xattr_names.update(xattrs)
 
     def entry(self, parent: int, name: bytes, nid: int) -> None:
         pass
-
-
-def _make_dir(raw: RawInode) -> Directory:
-    user, _internal = _interpret_xattrs(raw.xattrs)
-    return Directory(Stat(raw.mode & 0o7777, raw.uid, raw.gid, raw.mtime, raw.mtime_nsec, user))
 
 
 def _chunked_content(raw: RawInode, internal: dict[bytes, bytes]) -> LeafContent:
@@ -505,43 +506,34 @@ def _chunked_content(raw: RawInode, internal: dict[bytes, bytes]) -> LeafContent
     return Sparse(raw.size)
 
 
-def _make_leaf(r: _Reader, raw: RawInode, loaded: LoadedImage) -> Leaf:
+def _decode_leaf(r: _Reader, raw: RawInode) -> tuple[dict[bytes, bytes], LeafContent, _Masked]:
+    """A non-directory inode, checked: its user-visible xattrs, its content and, for a
+    regular file a user `trusted.overlay.whiteout` makes a whiteout (that xattr then not
+    shown), the external content it masks."""
     user, internal = _interpret_xattrs(raw.xattrs)
-    content, masked = _leaf_content(r, raw, user, internal)
-    leaf = Leaf(Stat(raw.mode & 0o7777, raw.uid, raw.gid, raw.mtime, raw.mtime_nsec, user), content, raw.nlink)
-    if masked is not None:
-        loaded.masked[id(leaf)] = masked
-    return leaf
-
-
-def _leaf_content(r: _Reader, raw: RawInode, user: dict[bytes, bytes], internal: dict[bytes, bytes],
-                  ) -> tuple[LeafContent, External | ExternalNoVerity | None]:
-    """A non-directory inode's content, checked; for a regular file a user
-    `trusted.overlay.whiteout` makes a whiteout (that xattr taken out of `user`), the
-    external content it masks too."""
     fmt = _stat.S_IFMT(raw.mode)
     if fmt == _stat.S_IFREG:
         chunked = raw.datalayout == F.DATALAYOUT_CHUNK_BASED
         if b"trusted.overlay.whiteout" in user:
             del user[b"trusted.overlay.whiteout"]
             masked = _chunked_content(raw, internal) if chunked else None
-            return CharDevice(0), masked if isinstance(masked, (External, ExternalNoVerity)) else None
+            return user, CharDevice(0), masked if isinstance(masked, (External, ExternalNoVerity)) else None
         if chunked:
-            return _chunked_content(raw, internal), None
-        return Inline(r.data_of(raw)), None
+            return user, _chunked_content(raw, internal), None
+        return user, Inline(r.data_of(raw)), None
     if fmt == _stat.S_IFLNK:
         target = r.data_of(raw)
         if not target:
             raise ImageFormatError(f"inode nid {raw.nid}: empty symlink")
-        return Symlink(target), None
+        return user, Symlink(target), None
     if fmt == _stat.S_IFCHR:
-        return CharDevice(raw.i_u), None
+        return user, CharDevice(raw.i_u), None
     if fmt == _stat.S_IFBLK:
-        return BlockDevice(raw.i_u), None
+        return user, BlockDevice(raw.i_u), None
     if fmt == _stat.S_IFIFO:
-        return Fifo(), None
+        return user, Fifo(), None
     if fmt == _stat.S_IFSOCK:
-        return Socket(), None
+        return user, Socket(), None
     raise ImageFormatError(f"inode nid {raw.nid}: invalid mode 0o{raw.mode:o}")
 
 
