@@ -8,11 +8,10 @@ import stat
 from dataclasses import dataclass
 
 from pycfs.host.erofs import format as F
-from pycfs.host.erofs.reader import ImageFormatError, ImageReader, RawInode, overlay_xattrs, read_image
+from pycfs.host.erofs.reader import ImageFormatError, ImageReader, RawInode, check_image, overlay_xattrs
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import digest_bytes
 from pycfs.host.repository import Repository
-from pycfs.host.tree import Directory, FileSystem, Inode
 from pycfs.protocol import fuse
 from pycfs.protocol.text import printable
 
@@ -57,8 +56,8 @@ def load_image(repo: Repository, image_id: bytes) -> ServedImage:
     if digest_bytes(data, repo.alg) != image_id:
         raise FuseMountError(f"image {image_id.hex()} is corrupt: its fs-verity digest differs from its name "
                              "(run `pycfs fsck`)")
-    try:
-        tree = read_image(data).fs  # walks every inode, dirent and xattr: damage shows now, not mid-serve
+    try:  # every inode, dirent and xattr checked: damage shows now, not mid-serve
+        xattr_names = check_image(data)
     except ImageFormatError as e:
         raise FuseMountError(f"image {image_id.hex()} is not a valid composefs image: {e}") from None
     try:  # objects are opened beneath this directory, which is no link to elsewhere
@@ -67,22 +66,12 @@ def load_image(repo: Repository, image_id: bytes) -> ServedImage:
         raise FuseMountError(f"{repo.path / 'objects'}: {e.strerror}: the repository is damaged "
                              "(run `pycfs fsck`)") from None
     return ServedImage(image_id, ImageReader(data), objects_fd, repo.hash_alg_id if repo.secure else None,
-                       _has_acls(tree), os.dup(repo.dirfd))
+                       _has_acls(xattr_names), os.dup(repo.dirfd))
 
 
-def _has_acls(fs: FileSystem) -> bool:
-    stack: list[Inode] = [fs.root]
-    seen = {id(fs.root)}  # a directory with two names (C's quirk) is looked at once
-    while stack:
-        inode = stack.pop()
-        if any(name.startswith(_ACL_PREFIX) for name in inode.stat.xattrs):
-            return True
-        if isinstance(inode, Directory):
-            for child in inode.entries.values():
-                if id(child) not in seen:
-                    seen.add(id(child))
-                    stack.append(child)
-    return False
+def _has_acls(xattr_names: frozenset[bytes]) -> bool:
+    """Whether any of an image's xattrs (`check_image`'s names) is a POSIX ACL."""
+    return any(name.startswith(_ACL_PREFIX) for name in xattr_names)
 
 
 class Node:

@@ -19,9 +19,10 @@ from typing import ClassVar
 
 import pytest
 
+import crafted_images as crafted
 import imagebuild
 from pycfs.host import syscalls
-from pycfs.host.erofs.reader import read_image
+from pycfs.host.erofs.reader import ImageFormatError, read_image
 from pycfs.host.erofs.writer import write_image
 from pycfs.host.errors import PycfsError
 from pycfs.host.fuse import readahead
@@ -543,6 +544,56 @@ def test_corrupt_image_is_refused(tmp_path):
         load_image(m.repo, junk)
 
 
+@pytest.mark.parametrize("case", sorted(crafted.REFUSED))
+def test_an_image_the_reader_refuses_is_refused_before_it_is_served(tmp_path, case):
+    """The start-up checks the image without making its tree: each damage read_image
+    refuses, it refuses with read_image's message."""
+    make, message = crafted.REFUSED[case]
+    image = make()
+    with pytest.raises(ImageFormatError, match=message) as read:
+        read_image(image)
+    repo = Repository.init(tmp_path / "repo")
+    try:
+        image_id = repo.link_image(repo.ensure_object(image))
+        with pytest.raises(FuseMountError) as e:
+            load_image(repo, image_id)
+        assert str(e.value) == f"image {image_id.hex()} is not a valid composefs image: {read.value}"
+    finally:
+        repo.close()
+
+
+def _acl_tree(where: str) -> Callable[[Repository], FileSystem]:
+    """build_tree with an ACL (or a name like one) at `where`."""
+    def tree(repo: Repository) -> FileSystem:
+        fs = build_tree(repo)
+        r = fs.root.entries
+        if where == "file-access":
+            r[b"usr"].entries[b"tool"].stat.xattrs[b"system.posix_acl_access"] = ACL
+        elif where == "dir-default":
+            r[b"odd"].stat.xattrs[b"system.posix_acl_default"] = ACL
+        elif where == "root-access":
+            fs.root.stat.xattrs[b"system.posix_acl_access"] = ACL
+        elif where == "not-an-acl":
+            r[b"etc"].entries[b"hostname"].stat.xattrs[b"user.system.posix_acl_access"] = ACL
+        elif where == "whiteout":  # written as a file marked a whiteout: the tree shows it
+            r[b"dev"].entries[b"gone"].stat.xattrs[b"system.posix_acl_access"] = ACL
+        return fs
+    return tree
+
+
+@pytest.mark.parametrize("where, version, acls", [
+    ("none", 1, False), ("file-access", 1, True), ("dir-default", 0, True), ("root-access", 2, True),
+    ("not-an-acl", 1, False), ("whiteout", 1, True),
+])
+def test_acls_are_found_where_the_tree_shows_them(tmp_path, where, version, acls):
+    """The start-up finds an ACL exactly where read_image's tree shows one (what it
+    decided on before it checked without a tree)."""
+    m = Mounted(tmp_path, version, tree=_acl_tree(where))
+    tree = read_image(m.repo.image_bytes(m.image_id)).fs
+    assert any(key.startswith(b"system.posix_acl_") for _, node in tree.walk() for key in node.stat.xattrs) is acls
+    assert m.ops.image.acls is acls
+
+
 def test_umount_of_nothing_says_so(tmp_path):
     with pytest.raises(PycfsError, match="nothing is mounted at"):
         unmount(str(tmp_path))
@@ -552,7 +603,7 @@ def test_a_directory_with_many_names_is_loaded_once():
     """C mkcomposefs writes a hardlinked directory as a second name: twelve levels of
     directories each named twice by the one above are 2^12 paths, and the mount's walks
     (ACLs, the decode of every inode) visit each directory once."""
-    from pycfs.host.erofs.reader import read_image
+    from pycfs.host.erofs.reader import check_image
     from pycfs.host.fuse.image import ImageReader, ImageTree, _has_acls
     from pycfs.host.tree import Directory, FileSystem, Inline, Leaf, Stat
 
@@ -561,7 +612,7 @@ def test_a_directory_with_many_names_is_loaded_once():
         d.entries[b"a"] = d.entries[b"b"] = d = Directory(Stat(0o755))
     d.entries[b"f"] = Leaf(Stat(0o644, xattrs={b"system.posix_acl_access": b"\2\0\0\0"}), Inline(b"x"))
     image = write_image(FileSystem(root), 0)
-    assert _has_acls(read_image(image).fs)
+    assert _has_acls(check_image(image))
     tree = ImageTree(ImageReader(image))
     listed: list[int] = []
     real = tree.entries

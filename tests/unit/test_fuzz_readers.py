@@ -22,7 +22,7 @@ from fdcount import open_fd_count
 from pycfs.host.dumpfile import DumpfileError
 from pycfs.host.dumpfile import parse as parse_dumpfile
 from pycfs.host.erofs.format import FormatError
-from pycfs.host.erofs.reader import ImageFormatError, read_image
+from pycfs.host.erofs.reader import ImageFormatError, check_image, read_image
 from pycfs.host.errors import PycfsError
 from pycfs.host.splitstream import SplitStreamError, SplitStreamReader, SplitStreamWriter
 from pycfs.host.storage.tarsplit import FileEntry, Segment, TarSplitError, crc64_iso, iter_entries, write_entries
@@ -163,10 +163,19 @@ IMAGE = (VECTORS / "mixed_rootfs.cfs").read_bytes()
 @FUZZ
 @given(mutated(IMAGE))
 def test_erofs_reader(data):
+    """... and check_image (a FUSE mount's start-up) refuses what read_image refuses, with
+    its message, and accepts what it accepts."""
     try:
         read_image(data)
-    except (ImageFormatError, FormatError):
-        pass
+    except (ImageFormatError, FormatError) as e:
+        try:
+            check_image(data)
+        except (ImageFormatError, FormatError) as checked:
+            assert (type(checked), str(checked)) == (type(e), str(e))
+        else:
+            raise AssertionError(f"check_image accepted an image read_image refuses: {e}") from None
+    else:
+        check_image(data)
 
 
 # ---- ostree objects, commit streams and static deltas (a peer's or a damaged store's bytes)
