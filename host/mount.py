@@ -117,6 +117,7 @@ def open_image_mount(repo: Repository, image_id: bytes, options: MountOptions | 
 
 def mount_image(repo: Repository, name: str, mountpoint: str, suid: bool = False) -> bytes:
     """Mount the image read-only at mountpoint; returns its id. Needs root (CAP_SYS_ADMIN)."""
+    _not_mounted(mountpoint)
     target = open_mountpoint(repo, mountpoint)
     try:
         image_id = resolve_image(repo, name)
@@ -174,10 +175,16 @@ def fuse_image(repo: Repository, name: str, mountpoint: str):  # -> fuse.image.S
     """Resolve and check the image a FUSE server will serve (nothing is mounted yet)."""
     from pycfs.host.fuse.image import load_image  # the FUSE server loads only when a FUSE mount is wanted
 
-    if _mounted(mountpoint) is not None:
-        raise PycfsError(f"{mountpoint} is a mount point already: `pycfs umount {mountpoint}` first")
+    _not_mounted(mountpoint)
     os.close(open_mountpoint(repo, mountpoint))  # (the server mounts on it by fd again)
     return load_image(repo, resolve_image(repo, name))
+
+
+def _not_mounted(mountpoint: str) -> None:
+    """Nothing is mounted onto a mount point, kernel and FUSE alike: a second mount would
+    stack on the first, and umount take off only the top one."""
+    if _mounted(mountpoint) is not None:
+        raise PycfsError(f"{mountpoint} is a mount point already: `pycfs umount {mountpoint}` first")
 
 
 def _mounted(mountpoint: str) -> tuple[str, str] | None:

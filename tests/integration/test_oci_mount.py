@@ -188,6 +188,19 @@ def test_mount_points_that_are_links_or_inside_the_repository_are_refused(small_
     assert not os.path.ismount(mnt) and not os.path.ismount(inside)
 
 
+def test_a_second_mount_at_a_mount_point_is_refused_kernel_and_fuse(small_pulled):
+    """The kernel mount stacked a second mount at the same point (FUSE refused it)."""
+    repo, mnt, _ = small_pulled
+    pycfs(repo, "mount", "small", str(mnt))
+    try:
+        for fuse in ("no", "yes"):
+            assert _mount_fails(repo, "mount", "--fuse", fuse, "small", str(mnt)) == \
+                f"pycfs: error: {mnt} is a mount point already: `pycfs umount {mnt}` first\n"
+    finally:
+        pycfs(repo, "umount", str(mnt))
+    assert not os.path.ismount(mnt)  # one umount took off the one mount
+
+
 def test_umount_unmounts_composefs_mounts_only_and_never_through_a_link(small_pulled, tmp_path):
     """As root, `pycfs umount` unmounted whatever it was named (a tmpfs; /proc alike)."""
     repo, mnt, _ = small_pulled
