@@ -323,7 +323,8 @@ class Repository:
         (LOCK_WAIT) for its other openers (each holds the lock shared); `unlock_exclusive`
         gives it back."""
         wait = LOCK_WAIT if wait is None else wait
-        told = lambda: note(f"waiting for other users of {self.path} to finish (a pull or mount holds its lock)...")
+        told = lambda: note(f"waiting for other users of {self.path} to finish (a pull, a FUSE mount or a varlink "
+                            "service holds its lock)...")
         if not _flock_within(self.dirfd, fcntl.LOCK_EX, wait, told):
             # (a failed conversion may have dropped this opener's shared lock: take it back,
             # within the same bound, as another gc may have taken it meanwhile)
