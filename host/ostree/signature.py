@@ -1,7 +1,8 @@
 """Commit and summary signatures: the detached metadata (`objects/XX/REST.commitmeta`,
 `summary.sig`, each an `a{sv}`) holds `ostree.gpgsigs`, a list of OpenPGP signatures over
 the commit object's (the summary's) bytes. It is accepted when one of them verifies with
-`gpgv` against the given keyring.
+`gpgv` against the given keyring, by a key neither revoked nor expired, and has not expired
+itself (as `ostree pull` requires).
 
 gpgv runs with a private, empty GNUPGHOME (nothing of the user's keys or trust is used)
 and a time limit.
@@ -60,20 +61,58 @@ def verify_signed(data: bytes, what: str, where: str, detached: bytes | None, ke
         data_path = os.path.join(tmp, "data")
         with open(data_path, "wb") as f:
             f.write(data)
-        last = ""
+        reasons = []
         for i, sig in enumerate(sigs):
             sig_path = os.path.join(tmp, f"sig{i}")
             with open(sig_path, "wb") as f:
                 f.write(sig)
             try:
-                proc = subprocess.run(["gpgv", "--keyring", os.path.abspath(keyring), sig_path, data_path],
+                # --status-fd: gpgv exits 0 on a good signature by a revoked or expired key
+                # too; the status lines say which it was
+                proc = subprocess.run(["gpgv", "--status-fd", "1", "--keyring", os.path.abspath(keyring), sig_path,
+                                       data_path],
                                       capture_output=True, text=True, errors="replace", timeout=GPGV_TIMEOUT,
                                       env={**os.environ, "GNUPGHOME": tmp, "LC_ALL": "C"})
             except FileNotFoundError:
                 raise OstreeError("gpgv is not installed: it checks signatures (apt-get install gpgv)") from None
             except subprocess.TimeoutExpired:
                 raise OstreeError(f"gpgv took more than {GPGV_TIMEOUT:.0f} s to check {what}") from None
-            if proc.returncode == 0:
+            refused = refusal(proc.stdout)
+            if refused is None and proc.returncode == 0:
                 return
-            last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-    raise OstreeError(f"{what}: no signature verifies with the keyring {keyring} ({last})")
+            reasons.append(refused or (proc.stderr.strip().splitlines() or [f"gpgv exit status {proc.returncode}"])[-1])
+    raise OstreeError(f"{what}: no signature verifies with the keyring {keyring} ({'; '.join(reasons)})")
+
+
+# gpgv's status keywords for a signature that does not count, and what each means
+_REFUSED = {
+    "REVKEYSIG": "signed by key {key}, which is revoked",
+    "EXPKEYSIG": "signed by key {key}, which has expired",
+    "EXPSIG": "the signature by key {key} has expired",
+    "BADSIG": "bad signature by key {key} (the data or the signature was changed)",
+}
+
+
+def refusal(status: str) -> str | None:
+    """None when gpgv's status lines (``--status-fd``) show a good signature (GOODSIG and
+    VALIDSIG) and nothing refused; else why it does not count, in a few words."""
+    good = valid = False
+    for line in status.splitlines():
+        words = line.split(" ", 3)
+        if len(words) < 3 or words[0] != "[GNUPG:]":
+            continue
+        keyword, key, rest = words[1], _printable(words[2]), _printable(words[3]) if len(words) > 3 else ""
+        if keyword in _REFUSED:
+            return _REFUSED[keyword].format(key=f"{key} ({rest})" if rest else key)
+        if keyword == "ERRSIG":  # rest: pkalgo hashalgo class time rc [fingerprint]
+            if rest.split(" ")[4:5] == ["9"]:
+                return f"signed by key {key}, which is not in the keyring"
+            return f"the signature by key {key} cannot be checked (gpgv ERRSIG {rest})"
+        good = good or keyword == "GOODSIG"
+        valid = valid or keyword == "VALIDSIG"
+    return None if good and valid else "gpgv reported no good signature"
+
+
+def _printable(text: str) -> str:
+    """A name from the signature or keyring, as one line of visible characters."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:200]

@@ -37,6 +37,7 @@ from ostree_trees import (
     ostree,
     pycfs,
 )
+from gpgkeys import GpgHome
 from pycfs.host.ostree.commitstream import load_stream
 from pycfs.host.ostree.delta import index_path
 from pycfs.host.ostree.objects import Commit
@@ -305,37 +306,43 @@ def test_downgrade_by_static_delta_is_refused_before_its_parts(site, server, tmp
 
 @pytest.fixture
 def gpg_keys(tmp_path):
-    """Two signing keys in a private GNUPGHOME (its gpg-agent is stopped afterwards)."""
-    home = tmp_path / "gnupg"
-    home.mkdir(mode=0o700)
-    keys = {}
+    """Signing keys in a private GNUPGHOME: name -> (fingerprint, keyring holding it); the
+    key "doomed" is revoked (and its keyring written) by `revoke_doomed`, after signing."""
+    gpg = GpgHome(tmp_path)
     try:
-        for name in ("good", "other"):
-            subprocess.run(["gpg", "--homedir", home, "--batch", "--passphrase", "", "--quick-gen-key",
-                            f"{name} <{name}@example.com>", "ed25519", "sign", "never"], check=True, capture_output=True)
-            listing = subprocess.run(["gpg", "--homedir", home, "--list-keys", "--with-colons", f"{name}@example.com"],
-                                     check=True, capture_output=True, text=True).stdout
-            fpr = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
-            keyring = tmp_path / f"{name}.gpg"
-            keyring.write_bytes(subprocess.run(["gpg", "--homedir", home, "--export", fpr], check=True,
-                                               capture_output=True).stdout)
-            keys[name] = (fpr, keyring)
-        yield home, keys
+        keys = {}
+        for name in ("good", "other", "doomed"):
+            fpr = gpg.make_key(name)
+            keys[name] = (fpr, tmp_path / f"{name}.gpg" if name == "doomed" else gpg.export(f"{name}.gpg", fpr))
+
+        def revoke_doomed() -> Path:
+            gpg.revoke(keys["doomed"][0])
+            return gpg.export("doomed.gpg", keys["doomed"][0])
+        yield gpg.home, keys, revoke_doomed
     finally:
-        subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], check=False)
+        gpg.close()
 
 
 def test_signed_commits(site, tmp_path, gpg_keys):
     _base, repo, _v1, _ = site
-    home, keys = gpg_keys
+    home, keys, revoke_doomed = gpg_keys
     with served_copy(repo, tmp_path) as (work, srv):
         tree = make_tree(tmp_path / "tree", version=3)
         signed = commit(work, tree, "signed", f"--gpg-sign={keys['good'][0]}", f"--gpg-homedir={home}")
         unsigned = commit(work, tree, "unsigned", "--timestamp=2024-02-02T00:00:00Z")
+        doomed = commit(work, tree, "doomed", f"--gpg-sign={keys['doomed'][0]}", f"--gpg-homedir={home}")
+        revoked = revoke_doomed()  # gpgv says "Good signature" and exits 0; ostree refuses it
+        oracle = init_repo(tmp_path / "oracle", "archive")
+        ostree("remote", "add", f"--repo={oracle}", f"--gpg-import={revoked}", "r", f"file://{work}")
+        refused = subprocess.run(["ostree", "pull", f"--repo={oracle}", "r", "doomed"], capture_output=True, text=True)
+        assert refused.returncode == 1 and "Key revoked" in refused.stderr, refused.stderr
         cfs = tmp_path / "cfs"
         pycfs(cfs, "init")
         for ref, keyring, why in (("unsigned", keys["good"][1], f"commit {unsigned} is not signed"),
-                                  ("signed", keys["other"][1], f"commit {signed}: no signature verifies")):
+                                  ("signed", keys["other"][1], f"commit {signed}: no signature verifies"),
+                                  ("doomed", revoked, f"commit {doomed}: no signature verifies with the keyring "
+                                   f"{revoked} (signed by key {keys['doomed'][0][-16:]} (doomed <doomed@example.com>),"
+                                   " which is revoked)\n")):
             srv.requests.clear()
             failed = pycfs(cfs, "ostree", "pull", srv.url, ref, "--gpg-keyring", keyring, "--progress", "none",
                            check=False)
@@ -343,6 +350,8 @@ def test_signed_commits(site, tmp_path, gpg_keys):
             assert len(failed.stderr.splitlines()) == 1
             assert not [p for p in srv.objects_requested() if not p.endswith((".commit", ".commitmeta"))]
             assert _images(cfs) == ""
+        failed = pycfs(cfs, "ostree", "pull-local", work, "doomed", "--gpg-keyring", revoked, check=False)
+        assert failed.returncode == 1 and failed.stderr.endswith("which is revoked)\n"), failed.stderr
         result = json.loads(pycfs(cfs, "ostree", "pull", srv.url, "signed", "--gpg-keyring", keys["good"][1],
                                   "--json").stdout)
         assert result["commit"] == signed
@@ -356,10 +365,10 @@ def test_signed_summary(site, tmp_path, gpg_keys):
     """With --gpg-keyring, a pull that resolves its ref through the summary, and `list-refs`,
     take the summary only when its summary.sig (as `ostree summary -u --gpg-sign` writes it)
     has a signature gpgv verifies with the keyring: a summary unsigned, signed by another
-    key, changed after signing, or whose signature was damaged is one line naming the
-    summary, with nothing fetched and nothing committed."""
+    key or by a key revoked since, changed after signing, or whose signature was damaged is
+    one line naming the summary, with nothing fetched and nothing committed."""
     _base, repo, v1, _ = site
-    home, keys = gpg_keys
+    home, keys, revoke_doomed = gpg_keys
     good = keys["good"][1]
     with served_copy(repo, tmp_path) as (work, srv):
         tree = make_tree(tmp_path / "tree", version=3)
@@ -393,14 +402,18 @@ def test_signed_summary(site, tmp_path, gpg_keys):
                                    ("other-key", lambda: sign("other"), ": no signature verifies with the keyring"),
                                    ("moved", lambda: (sign("good"), moved()), ": no signature verifies with the keyring"),
                                    ("damaged", lambda: (sign("good"), damaged()),
-                                    ": no signature verifies with the keyring")):
+                                    ": no signature verifies with the keyring"),
+                                   ("revoked", lambda: (sign("doomed"), revoke_doomed()),
+                                    f": no signature verifies with the keyring {keys['doomed'][1]} (signed by key "
+                                    f"{keys['doomed'][0][-16:]} (doomed <doomed@example.com>), which is revoked)\n")):
             prepare()
             assert (work / "summary.sig").exists() == (case != "unsigned")
             cfs = tmp_path / f"cfs-{case}"
             pycfs(cfs, "init")
             srv.requests.clear()
             for argv in (("pull", srv.url, "signed"), ("list-refs", srv.url)):
-                failed = pycfs(cfs, "ostree", *argv, "--gpg-keyring", good, check=False)
+                failed = pycfs(cfs, "ostree", *argv, "--gpg-keyring", keys["doomed" if case == "revoked" else "good"][1],
+                               check=False)
                 assert failed.returncode == 1 and len(failed.stderr.splitlines()) == 1, (case, failed.stderr)
                 assert failed.stderr.startswith(f"pycfs: error: the summary of {srv.url}{' ' if case == 'unsigned' else ''}"
                                                 f"{why}"), (case, failed.stderr)
