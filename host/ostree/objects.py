@@ -143,6 +143,20 @@ class Commit:
                                     _bswap64(self.timestamp), self.root_tree, self.root_meta))
 
 
+def commit_date(timestamp: int) -> str:
+    """A commit's timestamp (the u64 as stored) as a UTC date, read as a signed number of
+    seconds as `ostree show` reads it (`ostree commit --timestamp=1960-01-01T00:00:00Z`
+    stores a negative one); `timestamp N` where no date fits."""
+    import datetime  # here: only inspect and a refused downgrade print a date
+
+    seconds = timestamp - (1 << 64) if timestamp >= 1 << 63 else timestamp
+    try:  # (adding to the epoch: fromtimestamp depends on the platform's time_t)
+        date = datetime.datetime(1970, 1, 1) + datetime.timedelta(seconds=seconds)
+    except OverflowError:
+        return f"timestamp {seconds}"
+    return f"{date.isoformat(sep=' ')} UTC"
+
+
 def check_name(name: str, checksum: bytes, kind: Kind) -> None:
     if not name or name in (".", "..") or "/" in name:
         raise OstreeError(f"{describe(checksum, kind)}: invalid file name {name[:80]!r}")

@@ -45,6 +45,7 @@ from pycfs.host.ostree.objects import (
     DirTree,
     Kind,
     OstreeError,
+    commit_date,
     describe,
     is_checksum_text,
     verify_metadata,
@@ -533,18 +534,9 @@ class _Checks:
             name, objects = self.current
             now = commit_of(objects).timestamp
             if new.timestamp < now:
-                raise OstreeError(f"commit {commit.hex()} ({_utc(new.timestamp)}) is older than commit "
-                                  f"{objects.commit.hex()} ({_utc(now)}) that {name} names now: refusing "
+                raise OstreeError(f"commit {commit.hex()} ({commit_date(new.timestamp)}) is older than commit "
+                                  f"{objects.commit.hex()} ({commit_date(now)}) that {name} names now: refusing "
                                   "the downgrade (--allow-downgrade permits it)")
-
-
-def _utc(timestamp: int) -> str:
-    import datetime  # here: only a refused downgrade prints a date
-
-    try:
-        return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except (OverflowError, ValueError, OSError):
-        return f"timestamp {timestamp}"
 
 
 def _current(repo: Repository, name: str) -> bytes | None:

@@ -694,3 +694,19 @@ def test_a_bare_repositorys_objects_xx_is_not_followed(tmp_path):
             src.close()
             path.parent.unlink()
             target.rename(path.parent)
+
+
+def test_commit_dates_read_the_timestamp_as_signed_seconds():
+    from pycfs.host.ostree.objects import commit_date
+
+    assert commit_date(0) == "1970-01-01 00:00:00 UTC"
+    assert commit_date(1704164645) == "2024-01-02 03:04:05 UTC"
+    assert commit_date((1 << 64) - 315619200) == "1960-01-01 00:00:00 UTC"
+    assert commit_date((1 << 64) - 1) == "1969-12-31 23:59:59 UTC"
+    assert commit_date((1 << 64) - 62135596800) == "0001-01-01 00:00:00 UTC"
+    assert commit_date(253402300799) == "9999-12-31 23:59:59 UTC"
+    # beyond what a date holds: the number, signed
+    assert commit_date(253402300800) == "timestamp 253402300800"
+    assert commit_date(1 << 63) == f"timestamp {-(1 << 63)}"
+    assert commit_date((1 << 64) - 62135596801) == "timestamp -62135596801"
+

@@ -76,6 +76,31 @@ def test_inspect_and_dump(source, tmp_path):
     assert "/share/data/lib-link.so 8 120777" in dump and "user.test=value" in dump
 
 
+def test_inspect_dates_a_commit_as_ostree_show_does(tmp_path):
+    """The stored u64 is read as signed seconds (as `ostree show` reads it): a commit of
+    1960 is dated 1960 (it was an OverflowError); so is the downgrade refusal, which
+    compares the u64s as ostree does (a 1960 commit is newer than one of 1970 there)."""
+    src = init_repo(tmp_path / "src", "archive")
+    tree = make_tree(tmp_path / "tree", xattrs=False, setid=False)
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+    ids = {}
+    for stamp in ("1960-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "1970-01-01T00:00:00Z"):
+        branch = f"t{stamp[:4]}"
+        ids[branch] = ostree("commit", f"--repo={src}", f"--branch={branch}", "--no-bindings", f"--timestamp={stamp}",
+                             tree)
+        shown = next(line for line in ostree("show", f"--repo={src}", branch).splitlines() if line.startswith("Date:"))
+        assert shown.split()[1:] == [stamp[:10], stamp[11:19], "+0000"]
+        pycfs(cfs, "ostree", "pull-local", src, branch)
+        lines = pycfs(cfs, "ostree", "inspect", branch).stdout.splitlines()
+        assert lines[1] == f"date {stamp[:10]} {stamp[11:19]} UTC", lines
+    (src / "refs" / "heads" / "t1960").write_text(ids["t1970"] + "\n")
+    refused = pycfs(cfs, "ostree", "pull-local", src, "t1960", check=False)
+    assert refused.stderr == (f"pycfs: error: commit {ids['t1970']} (1970-01-01 00:00:00 UTC) is older than commit "
+                              f"{ids['t1960']} (1960-01-01 00:00:00 UTC) that t1960 names now: refusing the downgrade "
+                              "(--allow-downgrade permits it)\n")
+
+
 def test_second_pull_under_the_same_name_uses_it_as_base(source, tmp_path):
     repo, v1, v2, _checkout = source
     cfs = tmp_path / "cfs"

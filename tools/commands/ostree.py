@@ -239,6 +239,7 @@ def _show_value(v: Variant) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pycfs.host.ostree.commitstream import load_commit
     from pycfs.host.ostree.image import commit_of
+    from pycfs.host.ostree.objects import commit_date
     from pycfs.tools.common import open_repo
 
     with open_repo(args, writable=False) as repo:
@@ -251,10 +252,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"commit {objects.commit.hex()}")
     if commit.parent is not None:
         print(f"parent {commit.parent.hex()}")
-    import datetime
-
-    date = datetime.datetime.fromtimestamp(commit.timestamp, datetime.UTC)
-    print(f"date {date:%Y-%m-%d %H:%M:%S} UTC")
+    print(f"date {commit_date(commit.timestamp)}")
     print(f"tree {commit.root_tree.hex()}")
     print(f"dirmeta {commit.root_meta.hex()}")
     if objects.image_id is not None:
