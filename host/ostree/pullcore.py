@@ -47,7 +47,6 @@ from pycfs.host.ostree.objects import (
     OstreeError,
     commit_date,
     describe,
-    is_checksum_text,
     verify_metadata,
 )
 from pycfs.host.ostree.signature import MAX_DETACHED, verify_commit
@@ -517,7 +516,8 @@ def _signed_commit(source: LocalRepo | HttpRepo, commit: bytes, keyring: str) ->
 class _Checks:
     """What a pull checks on the commit object before it fetches anything it names."""
 
-    ref: str | None  # the branch it was asked for (None: a checksum)
+    ref: str | None  # the ref it was asked for (None: a checksum)
+    upstream: str | None  # that branch's name upstream (`origin/main`, `origin:main`: main)
     current: tuple[str, CommitObjects] | None  # NAME and what it names now, when it may not go back
 
     def check(self, commit: bytes, new: Commit) -> None:
@@ -525,9 +525,10 @@ class _Checks:
         # commit --branch`) comes only by one of them, so a server cannot pass one branch's
         # commit off as another's.
         bound = next((v.value for k, v in new.metadata if k == "ostree.ref-binding" and v.type == "as"), None)
-        if self.ref is not None and bound is not None and self.ref not in bound:
+        if self.upstream is not None and bound is not None and self.upstream not in bound:
+            asked = "" if self.ref == self.upstream else f" (asked for as {self.ref})"
             raise OstreeError(f"commit {commit.hex()} is bound to {', '.join(bound) or 'no ref'} (ostree.ref-binding), "
-                              f"not to {self.ref}, the ref the repository serves it as")
+                              f"not to {self.upstream}{asked}, the ref the repository serves it as")
         # As ostree's timestamp check: a commit older than the one NAME names now (a
         # replayed old, perhaps vulnerable, commit) is refused; the same second is not older.
         if self.current is not None:
@@ -556,13 +557,14 @@ def _prepare_pull(repo: Repository, source: LocalRepo | HttpRepo, ref: str, opti
                   started: float) -> PullResult | PullCore:
     if options.gpg_keyring is not None:
         source.summary_keyring = options.gpg_keyring  # refs and deltas only from a signed summary
-    commit = source.resolve(ref)
-    name = options.name if options.name is not None else (None if is_checksum_text(ref) else ref)
+    commit, upstream = source.resolve(ref)
+    # (`origin:main` is stored as ostree stores it, as origin/main)
+    name = options.name if options.name is not None else (None if upstream is None else ref.replace(":", "/", 1))
     if name is not None:
         check_ref_name(name)
     at = _current(repo, name) if name is not None else None
     current = load_commit(repo, name, at) if name is not None and at is not None else None
-    checks = _Checks(None if is_checksum_text(ref) else ref,
+    checks = _Checks(None if upstream is None else ref, upstream,
                      None if name is None or current is None or current.commit == commit or options.allow_downgrade
                      else (name, current))
     signed = None

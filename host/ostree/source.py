@@ -4,7 +4,7 @@ repository served over HTTP (spec ostree.md 1.4-1.7).
 Both offer the same blocking calls, which a pull runs on trio worker threads (their work
 is I/O, zlib and SHA-256 over large buffers, all of which release the GIL):
 
-    resolve(ref) -> commit checksum
+    resolve(ref) -> (commit checksum, the branch name upstream the ref binding must list)
     read_metadata(checksum, kind) -> bytes       (not yet verified: the caller checks)
     fetch_file(checksum, inline_max, tmp_dir) -> FetchedFile
 
@@ -279,12 +279,23 @@ class LocalRepo(_Summary):
             return OstreeError(f"{where} {SYMLINKED}" if stat.S_ISLNK(e.mode) else f"{where} is not a regular file")
         return OstreeError(f"{where} {SYMLINKED}" if e.errno == errno.ELOOP else f"{where}: {e.strerror}")
 
-    def resolve(self, ref: str) -> bytes:
+    def resolve(self, ref: str) -> tuple[bytes, str | None]:
+        """The commit REF names, and the name of the branch upstream (what its
+        `ostree.ref-binding` lists; None for a checksum): REF itself in refs/heads/, REF
+        without its first component (the remote, the collection ID) in refs/remotes/ and
+        refs/mirrors/, BRANCH for `REMOTE:BRANCH` (ostree's refspec, refs/remotes/ only)."""
         if is_checksum_text(ref):
-            return parse_checksum(ref)
+            return parse_checksum(ref), None
         check_ref_name(ref)
-        for top in ("refs/heads", "refs/remotes", "refs/mirrors"):
-            rel = f"{top}/{ref}"
+        remote, colon, branch = ref.partition(":")
+        if colon:
+            check_ref_name(remote)
+            check_ref_name(branch)
+            places = [(f"refs/remotes/{remote}/{branch}", branch)]
+        else:
+            upstream = ref.split("/", 1)[-1]
+            places = [(f"refs/heads/{ref}", ref), (f"refs/remotes/{ref}", upstream), (f"refs/mirrors/{ref}", upstream)]
+        for rel, name in places:
             try:
                 fd, _st = syscalls.open_regular(self._root, os.fsencode(rel), resolve=_CONFINED)
             except (FileNotFoundError, NotADirectoryError):
@@ -293,7 +304,7 @@ class LocalRepo(_Summary):
                 raise self._path_error(rel, e, "ref ") from None
             with os.fdopen(fd, "rb") as f:
                 text = f.read(200)
-            return parse_checksum(text.decode("ascii", "replace"), f"ref {ref} in {self.path}")
+            return parse_checksum(text.decode("ascii", "replace"), f"ref {ref} in {self.path}"), name
         raise OstreeError(f"no ref {ref!r} in ostree repository {self.path}")
 
     def _rel(self, checksum: bytes, kind: Kind) -> str:
@@ -741,12 +752,13 @@ class HttpRepo(_Summary):
             self._release(origin, conn)
         return resp.status, value
 
-    def resolve(self, ref: str) -> bytes:
-        """A commit checksum, a ref from the summary, or refs/heads/REF when there is no
-        summary: as ostree, a repository with one serves its refs only from it (with a
-        keyring, from the signed summary: refs/heads/ is signed by no one)."""
+    def resolve(self, ref: str) -> tuple[bytes, str | None]:
+        """A commit checksum (and None), or a ref from the summary, or refs/heads/REF when
+        there is no summary (and REF, the branch upstream): as ostree, a repository with a
+        summary serves its refs only from it (with a keyring, from the signed summary:
+        refs/heads/ is signed by no one)."""
         if is_checksum_text(ref):
-            return parse_checksum(ref)
+            return parse_checksum(ref), None
         check_ref_name(ref)
         refs = self.list_refs()
         if refs is not None:
@@ -754,12 +766,12 @@ class HttpRepo(_Summary):
             if found is None:
                 raise OstreeError(f"no ref {ref!r} in the summary of {self.url} (a repository with a summary "
                                   "serves its refs from it; `pycfs ostree list-refs` lists them)")
-            return found
+            return found, ref
         try:
             text = self.get(f"refs/heads/{ref}", lambda r: r.read(200), f"ref {ref}")
         except _NotFound:
             raise OstreeError(f"no ref {ref!r} at {self.url}") from None
-        return parse_checksum(text.decode("ascii", "replace"), f"ref {ref} at {self.url}")
+        return parse_checksum(text.decode("ascii", "replace"), f"ref {ref} at {self.url}"), ref
 
     def _object_path(self, checksum: bytes, kind: Kind) -> str:
         h = checksum.hex()

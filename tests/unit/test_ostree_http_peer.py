@@ -341,13 +341,13 @@ def test_a_ref_is_read_from_refs_heads_only_without_a_summary(peer):
             del served["/repo/summary"]
         repo = HttpRepo(p.url, attempts=1)
         try:
-            assert repo.resolve("main") == main
+            assert repo.resolve("main") == (main, "main")
             if with_summary:
                 with pytest.raises(OstreeError, match=rf"^no ref 'ghost' in the summary of {p.url} \(a repository "
                                                       r"with a summary serves its refs from it; `pycfs ostree "
                                                       r"list-refs` lists them\)$"):
                     repo.resolve("ghost")
             else:
-                assert repo.resolve("ghost") == ghost
+                assert repo.resolve("ghost") == (ghost, "ghost")
         finally:
             repo.close()

@@ -172,8 +172,8 @@ def test_local_repo_resolves_refs_and_names_missing_objects(archive):
     repo, checksum = archive
     src = LocalRepo(str(repo))
     try:
-        assert src.resolve("main").hex() == checksum
-        assert src.resolve(checksum).hex() == checksum
+        assert src.resolve("main") == (bytes.fromhex(checksum), "main")
+        assert src.resolve(checksum) == (bytes.fromhex(checksum), None)
         with pytest.raises(OstreeError, match="no ref 'nope'"):
             src.resolve("nope")
         with pytest.raises(OstreeError, match="invalid ostree ref"):
@@ -646,7 +646,7 @@ def test_nothing_below_a_local_repositorys_root_is_followed(archive, tmp_path):
     (tmp_path / "link").symlink_to(repo)
     src = LocalRepo(str(tmp_path / "link"))
     try:
-        assert src.resolve("main") == commit_id and src.read_metadata(commit_id, Kind.COMMIT)
+        assert src.resolve("main") == (commit_id, "main") and src.read_metadata(commit_id, Kind.COMMIT)
     finally:
         src.close()
     objects = copy("objects-moved")
@@ -664,7 +664,7 @@ def test_nothing_below_a_local_repositorys_root_is_followed(archive, tmp_path):
                 with pytest.raises(OstreeError, match=r"^ref .*/heads-moved/refs/heads/main is a symlink or lies under"):
                     src.resolve("main")
             else:
-                assert src.resolve("main") == commit_id
+                assert src.resolve("main") == (commit_id, "main")
                 with pytest.raises(OstreeError, match=rf"^object {checksum}.commit in .*/sub-moved: objects/"
                                                       rf"{checksum[:2]}/{checksum[2:]}.commit is a symlink or lies"):
                     src.read_metadata(commit_id, Kind.COMMIT)

@@ -321,6 +321,41 @@ def test_commit_bound_to_other_refs_is_refused_as_ostree_refuses_it(tmp_path):
     assert json.loads(pycfs(cfs, "ostree", "pull-local", src, bound, "pinned", "--json").stdout)["ref"] == "pinned"
 
 
+def test_remote_and_mirror_refs_are_checked_against_their_name_upstream(tmp_path):
+    """refs/remotes/REMOTE/BRANCH (`REMOTE/BRANCH` or ostree's `REMOTE:BRANCH`) and
+    refs/mirrors/COLLECTION/BRANCH, as `ostree pull` and `ostree refs -c --create` write
+    them, name commits bound to BRANCH: pulled (it was always refused, the binding compared
+    with the whole path); a commit bound to another branch is refused naming both."""
+    upstream = init_repo(tmp_path / "upstream", "archive")
+    ostree("config", f"--repo={upstream}", "set", "core.collection-id", "org.example.Os")
+    main = ostree("commit", f"--repo={upstream}", "--branch=os/main", make_tree(tmp_path / "t1", xattrs=False,
+                                                                                 setid=False))
+    other = ostree("commit", f"--repo={upstream}", "--branch=other", make_tree(tmp_path / "t2", version=2,
+                                                                               xattrs=False, setid=False))
+    local = init_repo(tmp_path / "local", "archive")
+    ostree("remote", "add", f"--repo={local}", "--no-gpg-verify", "--collection-id=org.example.Os", "origin",
+           f"file://{upstream}")
+    ostree("pull", f"--repo={local}", "origin", "os/main", "other")
+    ostree("refs", f"--repo={local}", "-c", "--create=org.example.Os:os/main", main)
+    assert ostree("rev-parse", f"--repo={local}", "origin:os/main") == main
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+    for ref, name in (("origin/os/main", "origin/os/main"), ("origin:os/main", "origin/os/main"),
+                      ("org.example.Os/os/main", "org.example.Os/os/main")):
+        out = json.loads(pycfs(cfs, "ostree", "pull-local", local, ref, "--json").stdout)
+        assert (out["commit"], out["ref"]) == (main, name), ref
+    # the remote's ref moved to a commit of another branch
+    (local / "refs" / "remotes" / "origin" / "os" / "main").write_text(other + "\n")
+    for ref in ("origin/os/main", "origin:os/main"):
+        refused = pycfs(cfs, "ostree", "pull-local", local, ref, "moved", check=False)
+        assert refused.stderr == (f"pycfs: error: commit {other} is bound to other (ostree.ref-binding), not to "
+                                  f"os/main (asked for as {ref}), the ref the repository serves it as\n")
+    for ref in ("nowhere:os/main", "origin:", ":os/main"):
+        refused = pycfs(cfs, "ostree", "pull-local", local, ref, check=False)
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert pycfs(cfs, "ostree", "images").stdout.split()[2:] == ["org.example.Os/os/main", main, "origin/os/main", main]
+
+
 @pytest.mark.parametrize("as_json", [False, True])
 def test_line_progress_says_the_counts(monkeypatch, capsys, as_json):
     """`--progress plain|json` (and no terminal): the counts so far, at most once a second."""

@@ -342,7 +342,8 @@ def _pull_options(p: argparse.ArgumentParser) -> None:
     from pycfs.tools.common import positive_int
     from pycfs.tools.progress import add_progress_option
 
-    p.add_argument("ref", metavar="REF", help="branch name, or a 64-digit commit checksum")
+    p.add_argument("ref", metavar="REF", help="branch name, or a 64-digit commit checksum (pull-local: also "
+                   "REMOTE/BRANCH or REMOTE:BRANCH of refs/remotes, COLLECTION-ID/BRANCH of refs/mirrors)")
     p.add_argument("name", metavar="NAME", nargs="?",
                    help="ref to create or move (default: REF when it is a branch name). A NAME that already "
                    "names a commit serves as the base: objects it has are not fetched again")
