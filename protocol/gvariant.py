@@ -28,7 +28,9 @@ inside these little-endian frames) are the caller's concern.
 
 from __future__ import annotations
 
+import math
 import struct
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -394,3 +396,139 @@ def _decode_tuple(t: _Type, mv: memoryview, depth: int, state: _State) -> tuple:
     elif pos != frame_end:
         raise GVariantError(f"{shown(t.text, 40)}: {frame_end - pos} bytes after the last member: not in normal form")
     return tuple(out)
+
+
+# ---------------------------------------------------------------------------- text format
+
+# Type annotations of the text format (GLib's "GVariant Text Format"): the types a bare
+# literal would not parse back as (an unannotated number is an int32, `[]` has no type).
+_ANNOTATIONS = {"y": "byte", "n": "int16", "q": "uint16", "u": "uint32", "x": "int64", "t": "uint64",
+                "h": "handle", "o": "objectpath", "g": "signature"}
+_NAMED_ESCAPES = {"\a": "a", "\b": "b", "\f": "f", "\n": "n", "\r": "r", "\t": "t", "\v": "v"}
+# What g_strescape writes for the bytes of a bytestring (b'...'): these by name, the other
+# bytes below 0x20 and from 0x7f on as three octal digits.
+_BYTE_ESCAPES = {0x08: "\\b", 0x0C: "\\f", 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x0B: "\\v", 0x5C: "\\\\",
+                 0x22: '\\"'}
+
+
+def to_text(type_text: str, value: Any) -> str:
+    """value (as `decode` gives it) in the GVariant text format, as g_variant_print(value,
+    TRUE) writes it (what `ostree show --print-metadata-key` prints, byte-swapping aside):
+    one line, strings quoted and escaped, arrays `['a', 'b']`, a byte array ending in its
+    only NUL as `b'text'`, types annotated where a literal is ambiguous (`int64 5`, `@as []`)."""
+    out: list[str] = []
+    _print(parse_type(type_text), value, True, out)
+    return "".join(out)
+
+
+def to_json(type_text: str, value: Any) -> Any:
+    """value (as `decode` gives it) as JSON, to be read with its type: byte arrays as hex,
+    tuples and dict entries as lists, a variant as {"type", "value"}, a maybe as null or its
+    value, a double that is not finite as the string "nan", "inf" or "-inf"."""
+    return _json(parse_type(type_text), value)
+
+
+def _json(t: _Type, value: Any) -> Any:
+    code = t.code
+    if code == "v":
+        return {"type": value.type, "value": _json(parse_type(value.type), value.value)}
+    if code == "m":
+        return None if value is None else _json(t.children[0], value)
+    if code == "a":
+        elem = t.children[0]
+        return bytes(value).hex() if elem.code == "y" else [_json(elem, item) for item in value]
+    if code in "({":
+        return [_json(member, item) for member, item in zip(t.children, value, strict=True)]
+    if code == "d" and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _print(t: _Type, value: Any, annotate: bool, out: list[str]) -> None:
+    code = t.code
+    if code == "b":
+        out.append("true" if value else "false")
+    elif code in _BASIC and code != "d":
+        if annotate and code in _ANNOTATIONS:
+            out.append(_ANNOTATIONS[code] + " ")
+        out.append(f"0x{value:02x}" if code == "y" else str(value))
+    elif code == "d":
+        text = f"{value:.17g}"
+        out.append(text if any(c in text for c in ".enN") else text + ".0")
+    elif code in _STRINGS:
+        if annotate and code in _ANNOTATIONS:
+            out.append(_ANNOTATIONS[code] + " ")
+        out.append(_quoted(value))
+    elif code == "v":
+        out.append("<")
+        _print(parse_type(value.type), value.value, True, out)  # a variant's content is always annotated
+        out.append(">")
+    elif code == "m":
+        if annotate:
+            out.append(f"@{t.text} ")
+        if value is None:
+            out.append("nothing")
+        else:  # (decode refuses a Just Nothing, the one value that would need `just`)
+            _print(t.children[0], value, False, out)
+    elif code == "a":
+        _print_array(t, value, annotate, out)
+    else:  # a tuple (its members each annotated) or a dict entry
+        out.append("(" if code == "(" else "{")
+        for i, (member, item) in enumerate(zip(t.children, value, strict=True)):
+            if i:
+                out.append(", ")
+            _print(member, item, annotate, out)
+        out.append(("," if len(t.children) == 1 else "") + ")" if code == "(" else "}")
+
+
+def _print_array(t: _Type, value: Any, annotate: bool, out: list[str]) -> None:
+    elem = t.children[0]
+    if elem.code == "y":
+        data = bytes(value)
+        if data and data.find(0) == len(data) - 1:  # a bytestring: one NUL, at the end
+            text = "".join(_BYTE_ESCAPES.get(b) or (f"\\{b:03o}" if b < 0x20 or b >= 0x7F else chr(b))
+                           for b in data[:-1])
+            quote = '"' if b"'" in data else "'"
+            out.append(f"b{quote}{text}{quote}")
+            return
+        value = list(data)
+    if not value:
+        out.append(f"@{t.text} " if annotate else "")
+        out.append("{}" if elem.code == "{" else "[]")
+        return
+    out.append("{" if elem.code == "{" else "[")
+    for i, item in enumerate(value):  # only the first element is annotated
+        if i:
+            out.append(", ")
+        if elem.code == "{":
+            _print(elem.children[0], item[0], annotate, out)
+            out.append(": ")
+            _print(elem.children[1], item[1], annotate, out)
+        else:
+            _print(elem, item, annotate, out)
+        annotate = False
+    out.append("}" if elem.code == "{" else "]")
+
+
+def _quoted(text: str) -> str:
+    """A string literal: in single quotes unless it holds one; the quote and backslash
+    escaped, and what is not printable (controls, format characters, unassigned code
+    points) as \\n, \\t... or \\uXXXX, \\UXXXXXXXX: never more than one line."""
+    quote = '"' if "'" in text else "'"
+    out = [quote]
+    for c in text:
+        if c == quote or c == "\\":
+            out.append("\\" + c)
+        elif c.isprintable() or unicodedata.category(c) not in _UNPRINTABLE:
+            out.append(c)
+        elif c in _NAMED_ESCAPES:
+            out.append("\\" + _NAMED_ESCAPES[c])
+        else:
+            out.append(f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
+    out.append(quote)
+    return "".join(out)
+
+
+# Unicode categories GLib's g_unichar_isprint calls unprintable (spaces and line separators
+# print; controls, format characters, surrogates and unassigned code points do not)
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Cn"})

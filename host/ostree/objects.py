@@ -143,13 +143,18 @@ class Commit:
                                     _bswap64(self.timestamp), self.root_tree, self.root_meta))
 
 
+def commit_seconds(timestamp: int) -> int:
+    """A commit's timestamp (the u64 as stored) as seconds since 1970, signed, as `ostree
+    show` reads it (`ostree commit --timestamp=1960-01-01T00:00:00Z` stores a negative one)."""
+    return timestamp - (1 << 64) if timestamp >= 1 << 63 else timestamp
+
+
 def commit_date(timestamp: int) -> str:
-    """A commit's timestamp (the u64 as stored) as a UTC date, read as a signed number of
-    seconds as `ostree show` reads it (`ostree commit --timestamp=1960-01-01T00:00:00Z`
-    stores a negative one); `timestamp N` where no date fits."""
+    """A commit's timestamp (the u64 as stored) as a UTC date, from `commit_seconds`;
+    `timestamp N` where no date fits."""
     import datetime  # here: only inspect and a refused downgrade print a date
 
-    seconds = timestamp - (1 << 64) if timestamp >= 1 << 63 else timestamp
+    seconds = commit_seconds(timestamp)
     try:  # (adding to the epoch: fromtimestamp depends on the platform's time_t)
         date = datetime.datetime(1970, 1, 1) + datetime.timedelta(seconds=seconds)
     except OverflowError:

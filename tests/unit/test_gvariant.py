@@ -234,3 +234,130 @@ def test_a_variant_type_string_counts_against_the_values_a_decode_makes(monkeypa
     monkeypatch.setattr(gvariant, "MAX_VALUES", 1000)
     with pytest.raises(gvariant.GVariantError, match="more than 1000"):
         gvariant.decode("av", data)
+
+
+# --------------------------------------------------------------------------- text format
+
+@pytest.mark.parametrize(("type_text", "value", "text"), [
+    ("s", "line one\nostree.ref-binding=[evil]", "'line one\\nostree.ref-binding=[evil]'"),
+    ("s", "it's \"q\" \\", '"it\'s \\"q\\" \\\\"'),
+    ("s", "tab\t bell\a esc\x1b del\x7f nel\x85 zwsp\u200b bom\ufeff nbsp\xa0 ls\u2028 é 😀 pua\ue000",
+     "'tab\\t bell\\a esc\\u001b del\\u007f nel\\u0085 zwsp\\u200b bom\\ufeff nbsp\xa0 ls\u2028 é 😀 pua\ue000'"),
+    ("s", "\U000e0001", "'\\U000e0001'"),
+    ("as", ["a, b", "c"], "['a, b', 'c']"),
+    ("as", [], "@as []"),
+    ("aas", [[], ["x"]], "[@as [], ['x']]"),
+    ("ay", b"text\0", "b'text'"),
+    ("ay", b"it's\0", 'b"it\'s"'),
+    ("ay", b'\x01\x07\x08\x0b\x0c\x1b\x7f\xc3\xa9\n\r\t"\\\0', 'b\'\\001\\007\\b\\v\\f\\033\\177\\303\\251\\n\\r\\t\\"\\\\\''),
+    ("ay", b"text", "[byte 0x74, 0x65, 0x78, 0x74]"),
+    ("ay", b"\0\0", "[byte 0x00, 0x00]"),
+    ("ay", b"", "@ay []"),
+    ("aay", [b"a\0", b"\x01"], "[b'a', [0x01]]"),  # (the first element gave the type)
+    ("b", True, "true"), ("b", False, "false"),
+    ("y", 7, "byte 0x07"), ("n", -3, "int16 -3"), ("q", 3, "uint16 3"), ("i", -5, "-5"), ("u", 3, "uint32 3"),
+    ("h", 2, "handle 2"), ("x", -5, "int64 -5"), ("t", (1 << 64) - 1, "uint64 18446744073709551615"),
+    ("d", 1.0, "1.0"), ("d", 0.1, "0.10000000000000001"), ("d", -0.0, "-0.0"), ("d", 1e300, "1.0000000000000001e+300"),
+    ("d", float("inf"), "inf"), ("d", float("nan"), "nan"),
+    ("o", "/a/b", "objectpath '/a/b'"), ("g", "a{sv}", "signature 'a{sv}'"),
+    ("ao", ["/a", "/b"], "[objectpath '/a', '/b']"),
+    ("v", Variant("v", Variant("x", 5)), "<<int64 5>>"),
+    ("av", [Variant("i", 1), Variant("s", "a")], "[<1>, <'a'>]"),
+    ("mi", 5, "@mi 5"), ("mi", None, "@mi nothing"), ("ms", "x", "@ms 'x'"),
+    ("ami", [None, 1], "[@mi nothing, 1]"),
+    ("(isax)", (1, "a", [2]), "(1, 'a', [int64 2])"), ("(s)", ("x",), "('x',)"), ("()", (), "()"),
+    ("(mimx)", (None, 5), "(@mi nothing, @mx 5)"),
+    ("a{sv}", [("a", Variant("i", 1)), ("b", Variant("s", "c"))], "{'a': <1>, 'b': <'c'>}"),
+    ("a{xs}", [(1, "x"), (2, "y")], "{int64 1: 'x', 2: 'y'}"),
+    ("a{sv}", [], "@a{sv} {}"),
+    ("{is}", (1, "x"), "{1, 'x'}"),
+])
+def test_text_format_is_glibs(type_text, value, text):
+    """As g_variant_print(value, TRUE): the cases `ostree show --print-metadata-key` was
+    compared on (test_text_format_matches_ostree_show), and the rest of the types."""
+    from pycfs.protocol.gvariant import to_text
+
+    assert to_text(type_text, value) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(typed_values())
+def test_text_is_one_line_and_json_is_json(tv):
+    import json
+
+    from pycfs.protocol.gvariant import to_json, to_text
+
+    type_text, value = tv
+    text = to_text(type_text, value)
+    assert not any(c in text for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85"), text
+    json.dumps(to_json(type_text, value), allow_nan=False)
+
+
+def test_json_form_of_values():
+    from pycfs.protocol.gvariant import to_json
+
+    assert to_json("a{sv}", [("k", Variant("ay", b"\x01\xff")), ("m", Variant("mx", None))]) == [
+        ["k", {"type": "ay", "value": "01ff"}], ["m", {"type": "mx", "value": None}]]
+    assert to_json("(dddb)", (1.5, float("inf"), float("-inf"), True)) == [1.5, "inf", "-inf", True]
+    assert to_json("t", (1 << 64) - 1) == (1 << 64) - 1
+
+
+def _byteswapped(t, value):
+    """value with every number byte-swapped, as `ostree show` prints metadata (its
+    ot_dump_variant byte-swaps the whole variant on a little-endian machine)."""
+    import struct
+
+    formats = {"n": "h", "q": "H", "i": "i", "h": "i", "u": "I", "x": "q", "t": "Q", "d": "d"}
+    if t.code in formats:
+        return struct.unpack("<" + formats[t.code], struct.pack(">" + formats[t.code], value))[0]
+    if t.code == "v":
+        return Variant(value.type, _byteswapped(parse_type(value.type), value.value))
+    if t.code == "m":
+        return None if value is None else _byteswapped(t.children[0], value)
+    if t.code == "a":
+        return value if t.children[0].code == "y" else [_byteswapped(t.children[0], v) for v in value]
+    if t.code in "({":
+        return tuple(_byteswapped(c, v) for c, v in zip(t.children, value, strict=True))
+    return value
+
+
+def test_text_format_matches_ostree_show(tmp_path):
+    """`ostree show --print-metadata-key` (GLib's printer) is the oracle for metadata values
+    `ostree commit --add-metadata` stored; it byte-swaps numbers first, so the comparison
+    does too."""
+    import shutil
+    import subprocess
+
+    from pycfs.host.ostree.objects import Commit
+    from pycfs.protocol.gvariant import to_text
+
+    if shutil.which("ostree") is None:
+        pytest.skip("the ostree CLI is not installed (tools/setup.sh)")
+    literals = {
+        "arr": "['a, b', 'c']", "bs": "b'text'", "bq": "b\"it's\"", "bx": "[byte 0x01, 0x02, 0x00]", "be": "@ay []",
+        "bctl": "b'\\001\\007\\010\\013\\014\\033\\177\\303\\251\\n\\r\\t\"\\\\ \\f\\v\\a\\b'",
+        "ay2": "[byte 0x00, 0x00]", "ay4": "[byte 0x41]", "aay": "[b'a', b'b']",
+        "i": "5", "x": "int64 -5", "t": "uint64 18446744073709551615", "y": "byte 7", "n": "int16 -3",
+        "q": "uint16 3", "u": "uint32 3", "h": "handle 2", "d": "1.0", "d2": "0.1", "d3": "1e300", "d4": "-0.0",
+        "b": "true", "bf": "false", "o": "objectpath '/a/b'", "g": "signature 'a{sv}'", "ao": "[objectpath '/a', '/b']",
+        "v": "<<int64 5>>", "v2": "<['a']>", "avs": "[<1>, <'a'>]", "m": "@mi 5", "mn": "@mi nothing",
+        "ms": "just 'x'", "amaybe": "[@mi nothing, just 1]", "tup": "(1, 'a', [int64 2])", "t1": "('x',)",
+        "t0": "()", "tupm": "(@mi nothing, @mx 5)", "dict": "{'a': <1>, 'b': <'c'>}", "dict3": "{int64 1: 'x'}",
+        "de": "@a{sv} {}", "ea": "@as []", "nest": "[[int64 1], [2]]", "dent": "{1, 'x'}", "ab": "[true]",
+        "s3": "\"it's \\\"q\\\" \\\\ \\u00e9 \\u200b \\u2028 \\ue000 \\U0001f600 \\t \\u0007 \\u001b \\u007f \\u0085 "
+              "\\ufeff \\u00a0 \\r \\f \\v \\b \\a\"",
+    }
+    repo = tmp_path / "repo"
+    (tmp_path / "tree").mkdir()
+    subprocess.run(["ostree", "init", f"--repo={repo}", "--mode=archive"], check=True)
+    checksum = subprocess.run(
+        ["ostree", "commit", f"--repo={repo}", "--branch=m", "--no-bindings", "--add-metadata-string=desc=line one\n"
+         "ostree.ref-binding=[evil]", *(f"--add-metadata={k}={v}" for k, v in literals.items()), tmp_path / "tree"],
+        check=True, capture_output=True, text=True).stdout.strip()
+    data = (repo / "objects" / checksum[:2] / f"{checksum[2:]}.commit").read_bytes()
+    metadata = dict(Commit.parse(data, bytes.fromhex(checksum)).metadata)
+    assert set(metadata) == {*literals, "desc"}
+    for key, value in metadata.items():
+        shown = subprocess.run(["ostree", "show", f"--repo={repo}", f"--print-metadata-key={key}", "m"], check=True,
+                               capture_output=True, text=True).stdout
+        assert to_text(value.type, _byteswapped(parse_type(value.type), value.value)) + "\n" == shown, key

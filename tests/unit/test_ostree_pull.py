@@ -71,7 +71,13 @@ def test_inspect_and_dump(source, tmp_path):
     lines = pycfs(cfs, "ostree", "inspect", "named").stdout.splitlines()
     assert lines[0] == f"commit {v1}"
     assert "date 2024-01-02 03:04:05 UTC" in lines and lines[-1] == "commit main"
-    assert pycfs(cfs, "ostree", "inspect", "--metadata", "named").stdout == "ostree.ref-binding=[main]\n"
+    assert pycfs(cfs, "ostree", "inspect", "--metadata", "named").stdout == "ostree.ref-binding=['main']\n"
+    shown = json.loads(pycfs(cfs, "ostree", "inspect", "--json", "named").stdout)
+    assert shown == {"commit": v1, "parent": None, "timestamp": 1704164645, "date": "2024-01-02 03:04:05 UTC",
+                     "tree": shown["tree"], "dirmeta": shown["dirmeta"], "image": shown["image"],
+                     "subject": "commit main", "body": "",
+                     "metadata": [{"key": "ostree.ref-binding", "type": "as", "value": ["main"], "text": "['main']"}]}
+    assert [f"tree {shown['tree']}", f"dirmeta {shown['dirmeta']}", f"image {shown['image']}"] == lines[2:5]
     dump = pycfs(cfs, "ostree", "dump", "named").stdout
     assert "/share/data/lib-link.so 8 120777" in dump and "user.test=value" in dump
 
@@ -99,6 +105,31 @@ def test_inspect_dates_a_commit_as_ostree_show_does(tmp_path):
     assert refused.stderr == (f"pycfs: error: commit {ids['t1970']} (1970-01-01 00:00:00 UTC) is older than commit "
                               f"{ids['t1960']} (1960-01-01 00:00:00 UTC) that t1960 names now: refusing the downgrade "
                               "(--allow-downgrade permits it)\n")
+
+
+def test_inspect_metadata_cannot_be_forged(tmp_path):
+    """A newline in a string, a comma in a list element, bytes and numbers each print in
+    the GVariant text format, one line a key, as `ostree show --print-metadata-key` prints
+    the strings, lists and bytes (it byte-swaps numbers: test_gvariant compares those); a
+    key that is not a plain name is quoted. --json gives each value with its type."""
+    src = init_repo(tmp_path / "src", "archive")
+    ostree("commit", f"--repo={src}", "--branch=m", "--no-bindings",
+           "--add-metadata-string=description=line one\nostree.ref-binding=[evil]", "--add-metadata-string=list=a, b",
+           "--add-metadata=arr=['a, b', 'c']", "--add-metadata=bytes=b'text'", "--add-metadata=n=int64 5",
+           "--add-metadata-string=odd key\nx=v", make_tree(tmp_path / "tree", xattrs=False, setid=False))
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+    pycfs(cfs, "ostree", "pull-local", src, "m")
+    lines = pycfs(cfs, "ostree", "inspect", "--metadata", "m").stdout.splitlines()
+    expected = {"description": "'line one\\nostree.ref-binding=[evil]'", "list": "'a, b'", "arr": "['a, b', 'c']",
+                "bytes": "b'text'"}
+    for key, text in expected.items():
+        assert ostree("show", f"--repo={src}", f"--print-metadata-key={key}", "m") == text
+    assert sorted(lines) == sorted([*(f"{k}={v}" for k, v in expected.items()), "n=int64 5", "'odd key\\nx'='v'"])
+    shown = json.loads(pycfs(cfs, "ostree", "inspect", "--metadata", "--json", "m").stdout)["metadata"]
+    assert {m["key"]: (m["type"], m["value"]) for m in shown} == {
+        "description": ("s", "line one\nostree.ref-binding=[evil]"), "list": ("s", "a, b"), "arr": ("as", ["a, b", "c"]),
+        "bytes": ("ay", b"text\0".hex()), "n": ("x", 5), "odd key\nx": ("s", "v")}
 
 
 def test_second_pull_under_the_same_name_uses_it_as_base(source, tmp_path):

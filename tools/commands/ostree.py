@@ -16,7 +16,6 @@ from pycfs.host.errors import PycfsError
 
 if TYPE_CHECKING:
     from pycfs.host.ostree.pullcore import PullResult
-    from pycfs.protocol.gvariant import Variant
 
 
 class _LineProgress:
@@ -226,28 +225,42 @@ def cmd_list_refs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_value(v: Variant) -> str:
-    if v.type == "as":
-        return "[" + ", ".join(v.value) + "]"
-    if v.type == "ay":
-        return v.value.hex()
-    if v.type in ("s", "b", "u", "t", "i", "x", "y", "q", "n"):
-        return str(v.value)
-    return f"<{v.type}:{v.value!r}>"
+def _metadata_key(key: str) -> str:
+    """A metadata key as is when it is a plain name (as ostree's are: `ostree.ref-binding`),
+    else as a quoted string: no key can forge a line or another `key=`."""
+    import re
+
+    from pycfs.protocol.gvariant import to_text
+
+    return key if re.fullmatch(r"[A-Za-z0-9._:/+-]+", key) else to_text("s", key)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pycfs.host.ostree.commitstream import load_commit
     from pycfs.host.ostree.image import commit_of
-    from pycfs.host.ostree.objects import commit_date
-    from pycfs.tools.common import open_repo
+    from pycfs.host.ostree.objects import commit_date, commit_seconds
+    from pycfs.protocol.gvariant import to_json, to_text
+    from pycfs.tools.common import open_repo, print_json
 
     with open_repo(args, writable=False) as repo:
         objects = load_commit(repo, args.source)
         commit = commit_of(objects)
+    if args.json:
+        metadata = [{"key": key, "type": value.type, "value": to_json(value.type, value.value),
+                     "text": to_text(value.type, value.value)} for key, value in commit.metadata]
+        if args.metadata:
+            print_json({"metadata": metadata})
+            return 0
+        print_json({"commit": objects.commit.hex(), "parent": commit.parent.hex() if commit.parent else None,
+                    "timestamp": commit_seconds(commit.timestamp),
+                    "date": commit_date(commit.timestamp), "tree": commit.root_tree.hex(),
+                    "dirmeta": commit.root_meta.hex(),
+                    "image": objects.image_id.hex() if objects.image_id is not None else None,
+                    "subject": commit.subject, "body": commit.body, "metadata": metadata})
+        return 0
     if args.metadata:
         for key, value in commit.metadata:
-            print(f"{key}={_show_value(value)}")
+            print(f"{_metadata_key(key)}={to_text(value.type, value.value)}")
         return 0
     print(f"commit {objects.commit.hex()}")
     if commit.parent is not None:
@@ -413,9 +426,16 @@ def _populate(top: argparse.ArgumentParser) -> None:
         p.add_argument("source", metavar="COMMIT", help="ref name, commit checksum, or a unique prefix of one")
 
     p = osub.add_parser("inspect", help="show a commit", description="Show a stored commit: checksum, parent, "
-                        "date, root tree and dirmeta, image, subject and body.")
+                        "date, root tree and dirmeta, image, subject and body (or its metadata).")
     source_arg(p)
-    p.add_argument("--metadata", action="store_true", help="print only the commit metadata, as key=value lines")
+    p.add_argument("--metadata", action="store_true",
+                   help="print only the commit metadata, as KEY=VALUE lines, VALUE in GVariant text format (as "
+                   "`ostree show --print-metadata-key=KEY` prints it: strings quoted, ['a', 'b'], b'bytes', "
+                   "int64 5); a KEY other than letters, digits and ._:/+- is quoted too")
+    p.add_argument("--json", action="store_true",
+                   help='JSON: {"commit", "parent", "timestamp", "date", "tree", "dirmeta", "image", "subject", '
+                   '"body", "metadata": [{"key", "type", "value", "text"}, ...]} (with --metadata: the metadata '
+                   'alone); "text" is the GVariant text, "value" the value as JSON (byte arrays as hex)')
     p.set_defaults(handler=cmd_inspect)
 
     p = osub.add_parser("dump", help="print a commit's tree as a composefs dumpfile",
