@@ -5,19 +5,22 @@ the commit object's (the summary's) bytes. It is accepted when one of them verif
 itself (as `ostree pull` requires).
 
 gpgv runs with a private, empty GNUPGHOME (nothing of the user's keys or trust is used)
-and a time limit.
+and a time limit. An ASCII-armored keyring (`.asc`) is decoded into a binary one there
+first (gpgv reads binary keyrings only).
 """
 
 from __future__ import annotations
 
 import os
 
+from pycfs.host.ostree.armor import dearmor, is_armored
 from pycfs.host.ostree.objects import OstreeError
 from pycfs.protocol.gvariant import GVariantError, decode
 
 DETACHED_TYPE = "a{sv}"
 GPGV_TIMEOUT = 60.0
 MAX_DETACHED = 16 << 20
+MAX_ARMORED_KEYRING = 64 << 20  # a distribution's keyring is some 100 KB
 # Each signature is a gpgv run (of up to GPGV_TIMEOUT): a real commit carries one or two,
 # and detached metadata listing thousands must not buy thousands of runs.
 MAX_SIGNATURES = 16
@@ -58,6 +61,7 @@ def verify_signed(data: bytes, what: str, where: str, detached: bytes | None, ke
 
     with tempfile.TemporaryDirectory(prefix="pycfs-gpgv-") as tmp:
         os.chmod(tmp, 0o700)
+        keyring_path = _binary_keyring(keyring, tmp)
         data_path = os.path.join(tmp, "data")
         with open(data_path, "wb") as f:
             f.write(data)
@@ -69,7 +73,7 @@ def verify_signed(data: bytes, what: str, where: str, detached: bytes | None, ke
             try:
                 # --status-fd: gpgv exits 0 on a good signature by a revoked or expired key
                 # too; the status lines say which it was
-                proc = subprocess.run(["gpgv", "--status-fd", "1", "--keyring", os.path.abspath(keyring), sig_path,
+                proc = subprocess.run(["gpgv", "--status-fd", "1", "--keyring", keyring_path, sig_path,
                                        data_path],
                                       capture_output=True, text=True, errors="replace", timeout=GPGV_TIMEOUT,
                                       env={**os.environ, "GNUPGHOME": tmp, "LC_ALL": "C"})
@@ -82,6 +86,25 @@ def verify_signed(data: bytes, what: str, where: str, detached: bytes | None, ke
                 return
             reasons.append(refused or (proc.stderr.strip().splitlines() or [f"gpgv exit status {proc.returncode}"])[-1])
     raise OstreeError(f"{what}: no signature verifies with the keyring {keyring} ({'; '.join(reasons)})")
+
+
+def _binary_keyring(keyring: str, tmp: str) -> str:
+    """The keyring as gpgv reads it: the file itself when it is binary, its packets
+    written into tmp when it is ASCII-armored (as distributions ship keys)."""
+    try:
+        with open(keyring, "rb") as f:
+            head = f.read(64)
+            if not is_armored(head):
+                return os.path.abspath(keyring)
+            text = head + f.read(MAX_ARMORED_KEYRING + 1 - len(head))
+    except OSError as e:
+        raise OstreeError(f"GPG keyring {keyring}: {e.strerror}") from None
+    if len(text) > MAX_ARMORED_KEYRING:
+        raise OstreeError(f"GPG keyring {keyring}: an armored keyring of more than {MAX_ARMORED_KEYRING >> 20} MiB")
+    path = os.path.join(tmp, "keyring.gpg")
+    with open(path, "wb") as f:
+        f.write(dearmor(text, f"GPG keyring {keyring}"))
+    return path
 
 
 # gpgv's status keywords for a signature that does not count, and what each means

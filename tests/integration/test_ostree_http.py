@@ -307,13 +307,15 @@ def test_downgrade_by_static_delta_is_refused_before_its_parts(site, server, tmp
 @pytest.fixture
 def gpg_keys(tmp_path):
     """Signing keys in a private GNUPGHOME: name -> (fingerprint, keyring holding it); the
-    key "doomed" is revoked (and its keyring written) by `revoke_doomed`, after signing."""
+    key "doomed" is revoked (and its keyring written) by `revoke_doomed`, after signing;
+    "armored" is "good" in an ASCII-armored keyring."""
     gpg = GpgHome(tmp_path)
     try:
         keys = {}
         for name in ("good", "other", "doomed"):
             fpr = gpg.make_key(name)
             keys[name] = (fpr, tmp_path / f"{name}.gpg" if name == "doomed" else gpg.export(f"{name}.gpg", fpr))
+        keys["armored"] = (keys["good"][0], gpg.export("good.asc", keys["good"][0], armor=True))
 
         def revoke_doomed() -> Path:
             gpg.revoke(keys["doomed"][0])
@@ -359,6 +361,11 @@ def test_signed_commits(site, tmp_path, gpg_keys):
         local = json.loads(pycfs(tmp_path / "local", "ostree", "pull-local", work, "signed", "--gpg-keyring",
                                  keys["good"][1], "--json").stdout)
         assert local["image"] == result["image"]
+        # the same key armored (as distributions ship keys): it was "No public key"
+        pycfs(tmp_path / "armored", "init")
+        armored = json.loads(pycfs(tmp_path / "armored", "ostree", "pull", srv.url, "signed", "--gpg-keyring",
+                                   keys["armored"][1], "--json").stdout)
+        assert armored["image"] == result["image"]
 
 
 def test_signed_summary(site, tmp_path, gpg_keys):

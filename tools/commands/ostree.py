@@ -368,7 +368,8 @@ def _pull_options(p: argparse.ArgumentParser) -> None:
                    help="processes hashing and storing file content (default: one per CPU)")
     p.add_argument("--gpg-keyring", metavar="FILE",
                    help="require a commit signature (detached metadata) that gpgv verifies with this keyring "
-                   "(binary, as `gpg --export` writes it); nothing is fetched from an unsigned commit. A "
+                   "(binary or ASCII-armored, as `gpg --export [--armor]` writes it), by a key neither revoked nor "
+                   "expired; nothing is fetched from an unsigned commit. A "
                    "summary file (refs, deltas) must then be signed by this keyring too (summary.sig, as "
                    "`ostree summary -u --gpg-sign` writes it): an unsigned or wrongly signed one is refused")
     p.add_argument("--json", action="store_true", help="print the result and statistics as JSON "
@@ -413,7 +414,8 @@ def _populate(top: argparse.ArgumentParser) -> None:
     p.add_argument("url", metavar="URL")
     p.add_argument("--gpg-keyring", metavar="FILE",
                    help="require a summary signature (summary.sig, as `ostree summary -u --gpg-sign` writes it) "
-                   "that gpgv verifies with this keyring (binary, as `gpg --export` writes it)")
+                   "that gpgv verifies with this keyring (binary or ASCII-armored, as `gpg --export [--armor]` "
+                   "writes it)")
     p.add_argument("--json", action="store_true", help='JSON: {"refs": [{"name", "commit"}, ...]}')
     p.set_defaults(handler=cmd_list_refs)
 
