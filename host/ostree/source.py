@@ -643,6 +643,9 @@ class HttpRepo(_Summary):
         self._lock = threading.Lock()
         self.requests = 0
         self.archive = True
+        self._mode_lock = threading.Lock()
+        self._mode_read = False
+        self._mode: str | None = None
 
     def close(self) -> None:
         with self._lock:
@@ -793,7 +796,27 @@ class HttpRepo(_Summary):
             return self.get(self._object_path(checksum, Kind.FILE),
                             lambda r: unpack_filez(r.read, checksum, inline_max, tmp_dir), where)
         except _NotFound:
+            mode = self._mode_not_archive()
+            if mode is not None:
+                raise OstreeError(f"{self.url} is a {mode} repository (core.mode in its config), whose files are not "
+                                  ".filez objects: over HTTP pycfs pulls archive repositories only, as ostree does; "
+                                  "`pycfs ostree pull-local` reads it where it is on disk") from None
             raise OstreeError(f"{where} is missing from {self.url}") from None
+
+    def _mode_not_archive(self) -> str | None:
+        """Once a file object is missing: the repository's mode when its config (read
+        once) names another than archive. A pull that succeeds reads no config, as
+        ostree's does not (2022.7: from a bare repository it gets 404s for .filez)."""
+        with self._mode_lock:
+            if not self._mode_read:
+                self._mode_read = True
+                try:
+                    config = self.fetch_optional("config", MAX_CONFIG)
+                    if config is not None:
+                        self._mode = config_value(config, "core", "mode", f"{self.url} config") or "bare"
+                except OstreeError:
+                    pass  # (no config worth reading: the object is just missing)
+        return self._mode if self._mode is not None and MODES.get(self._mode) != "archive" else None
 
     def read_detached(self, commit: bytes, limit: int) -> bytes | None:
         h = commit.hex()

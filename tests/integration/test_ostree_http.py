@@ -211,6 +211,44 @@ def test_http_pull_equals_checkout_and_local_pull(site, server, tmp_path):
     assert json.loads(pycfs(local, "ostree", "pull-local", repo, "main", "--json").stdout)["image"] == result["image"]
 
 
+def test_a_repository_not_in_archive_mode_is_refused_naming_its_mode(site, tmp_path):
+    """A bare, bare-user or bare-user-only repository served over HTTP has no .filez
+    objects: `ostree pull` ends on an HTTP 404; pycfs said a file object was missing. Its
+    config, read once when the first file is missing, names the mode in one line. An
+    archive repository missing a file still says that, as a pull that succeeds reads no
+    config."""
+    _base, repo, _v1, _ = site
+    tree = make_tree(tmp_path / "tree", xattrs=False, setid=False)
+    for mode in ("bare", "bare-user", "bare-user-only"):
+        served = init_repo(tmp_path / mode, mode)
+        commit(served, tree, "main", "--owner-uid=0", "--owner-gid=0")
+        srv = Server(served)
+        try:
+            oracle = init_repo(tmp_path / f"oracle-{mode}", "archive")
+            ostree("remote", "add", f"--repo={oracle}", "--no-gpg-verify", "r", srv.url)
+            theirs = subprocess.run(["ostree", "pull", f"--repo={oracle}", "r", "main"], capture_output=True, text=True)
+            assert theirs.returncode == 1 and "404" in theirs.stderr, theirs.stderr
+            srv.requests.clear()
+            cfs = tmp_path / f"cfs-{mode}"
+            pycfs(cfs, "init")
+            failed = pycfs(cfs, "ostree", "pull", srv.url, "main", "--progress", "none", check=False)
+            assert failed.stderr == (f"pycfs: error: {srv.url} is a {mode} repository (core.mode in its config), whose "
+                                     "files are not .filez objects: over HTTP pycfs pulls archive repositories only, "
+                                     "as ostree does; `pycfs ostree pull-local` reads it where it is on disk\n")
+            assert srv.requests.count("config") == 1 and _images(cfs) == ""
+        finally:
+            srv.close()
+    with served_copy(repo, tmp_path) as (work, srv):
+        missing = next(p for p in sorted(object_files(work)) if p.endswith(".filez"))
+        (work / missing).unlink()
+        cfs = tmp_path / "cfs"
+        pycfs(cfs, "init")
+        failed = pycfs(cfs, "ostree", "pull", srv.url, "main", "--progress", "none", check=False)
+        name = missing.split("/", 1)[1].replace("/", "").replace(".filez", "")
+        assert failed.stderr == f"pycfs: error: object {name}.file is missing from {srv.url}\n"
+        assert srv.requests.count("config") == 1
+
+
 def test_second_commit_with_base_fetches_only_new_objects(site, server, tmp_path):
     _base, repo, v1, _ = site
     with served_copy(repo, tmp_path) as (work, srv):
