@@ -136,14 +136,19 @@ def compute_image_id(repo: Repository, objects: CommitObjects) -> bytes:
 
 def ensure_image(repo: Repository, objects: CommitObjects, ref: str | None) -> bytes:
     """Write the image and the commit stream that names it (then the ref, last); a stored
-    commit whose image is there only gets the ref."""
-    if objects.image_id is not None and repo.has_object(objects.image_id) and has_commit(repo, objects.commit):
-        if ref is not None:
-            repo.set_stream_ref(REF_PREFIX + encode_ref(ref), stream_name(objects.commit))
-        return objects.image_id
-    written = []
-    if objects.image_id is None or not repo.has_object(objects.image_id):
-        objects.image_id = repo.ensure_object(image_bytes(repo, objects))
-        written.append(objects.image_id)  # recorded as an image once the sync covers it
+    commit whose image is there and recorded as one (images/<id>) only gets the ref."""
+    image_id = objects.image_id
+    if image_id is not None and repo.has_object(image_id):
+        if repo.image_linked(image_id):
+            if has_commit(repo, objects.commit):
+                if ref is not None:
+                    repo.set_stream_ref(REF_PREFIX + encode_ref(ref), stream_name(objects.commit))
+                return image_id
+            written = []
+        else:  # its images/<id> was removed (mount names the image by it): recorded again
+            written = [image_id]
+    else:
+        image_id = objects.image_id = repo.ensure_object(image_bytes(repo, objects))
+        written = [image_id]  # recorded as an image once the sync covers it
     write_commit_stream(repo, objects, ref, written)
-    return objects.image_id
+    return image_id

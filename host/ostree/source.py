@@ -64,6 +64,7 @@ MODES = {"archive": "archive", "archive-z2": "archive", "bare": "bare", "bare-us
          "bare-user-only": "bare-user-only"}
 T = TypeVar("T")
 MAX_CONFIG = 1 << 20
+MAX_TOMBSTONE = 1 << 16  # (an a{sv}: ostree writes {'commit': <checksum>})
 
 
 def config_value(data: bytes, group: str, key: str, where: str) -> str | None:
@@ -201,6 +202,19 @@ class _Summary:
     def fetch_optional(self, path: str, limit: int) -> bytes | None:
         raise NotImplementedError
 
+    def _deleted(self, checksum: bytes, kind: Kind) -> str:
+        """For a missing commit: why, when the repository keeps a tombstone for it (`ostree
+        prune --delete-commit` with core.tombstone-commits)."""
+        if kind != Kind.COMMIT:
+            return ""
+        tombstone = f"objects/{checksum.hex()[:2]}/{checksum.hex()[2:]}.tombstone-commit"
+        try:
+            if self.fetch_optional(tombstone, MAX_TOMBSTONE) is None:
+                return ""
+        except OstreeError:
+            return ""
+        return f": the commit was deleted there ({tombstone} marks it)"
+
     def list_refs(self) -> list[tuple[str, bytes]] | None:
         """The refs the repository's summary file lists; None without one."""
         if not self._summary_fetched:
@@ -301,11 +315,35 @@ class LocalRepo(_Summary):
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except (OSError, syscalls.NotRegularFile) as e:
-                raise self._path_error(rel, e, "ref ") from None
+                alias = self._alias(rel) if isinstance(e, syscalls.NotRegularFile) and stat.S_ISLNK(e.mode) else None
+                hint = f"; it is an alias of {alias}: pull that" if alias else ""
+                raise OstreeError(f"{self._path_error(rel, e, 'ref ')}{hint}") from None
             with os.fdopen(fd, "rb") as f:
                 text = f.read(200)
             return parse_checksum(text.decode("ascii", "replace"), f"ref {ref} in {self.path}"), name
         raise OstreeError(f"no ref {ref!r} in ostree repository {self.path}")
+
+    def _alias(self, rel: str) -> str | None:
+        """The ref a symlinked ref names (`ostree refs --alias` makes them, relative to their
+        directory), as a name under the same refs/ directory; None if it names none."""
+        import posixpath
+
+        parent, _, name = rel.rpartition("/")
+        top = "/".join(rel.split("/", 2)[:2])  # refs/heads, refs/remotes, refs/mirrors
+        try:
+            fd = syscalls.openat2(self._root, parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0, _CONFINED)
+        except OSError:
+            return None
+        try:
+            target = os.readlink(name, dir_fd=fd)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        named = posixpath.normpath(posixpath.join(parent, target))
+        if target.startswith("/") or not named.startswith(top + "/") or not named.isprintable():
+            return None
+        return named[len(top) + 1:]
 
     def _rel(self, checksum: bytes, kind: Kind) -> str:
         h = checksum.hex()
@@ -321,7 +359,7 @@ class LocalRepo(_Summary):
 
     def _open_error(self, checksum: bytes, kind: Kind, e: OSError) -> OstreeError:
         if isinstance(e, FileNotFoundError):
-            return OstreeError(f"{describe(checksum, kind)} is missing from {self.path}")
+            return OstreeError(f"{describe(checksum, kind)} is missing from {self.path}{self._deleted(checksum, kind)}")
         if e.errno == errno.ELOOP:
             return OstreeError(f"{describe(checksum, kind)} in {self.path}: objects/{self._rel(checksum, kind)} "
                                f"{SYMLINKED}")
@@ -785,7 +823,7 @@ class HttpRepo(_Summary):
         try:
             data = self.get(self._object_path(checksum, kind), lambda r: r.read(MAX_METADATA_SIZE + 1), where)
         except _NotFound:
-            raise OstreeError(f"{where} is missing from {self.url}") from None
+            raise OstreeError(f"{where} is missing from {self.url}{self._deleted(checksum, kind)}") from None
         if len(data) > MAX_METADATA_SIZE:
             raise OstreeError(f"{where}: more than {MAX_METADATA_SIZE} bytes")
         return data

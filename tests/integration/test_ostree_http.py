@@ -249,6 +249,24 @@ def test_a_repository_not_in_archive_mode_is_refused_naming_its_mode(site, tmp_p
         assert srv.requests.count("config") == 1
 
 
+def test_a_deleted_commit_is_said_to_be_deleted(site, tmp_path):
+    """A commit `ostree prune --delete-commit` removed, leaving a tombstone, is said to be
+    deleted (the tombstone is asked for only once the commit is missing)."""
+    _base, repo, v1, _ = site
+    with served_copy(repo, tmp_path) as (work, srv):
+        ostree("config", f"--repo={work}", "set", "core.tombstone-commits", "true")
+        commit(work, make_tree(tmp_path / "tree2", version=2), "main", "--timestamp=2025-01-01T00:00:00Z")
+        ostree("prune", f"--repo={work}", f"--delete-commit={v1}")
+        cfs = tmp_path / "cfs"
+        pycfs(cfs, "init")
+        srv.requests.clear()
+        err = pycfs(cfs, "ostree", "pull", srv.url, v1, "--progress", "none", check=False)
+        tombstone = f"objects/{v1[:2]}/{v1[2:]}.tombstone-commit"
+        assert err.stderr == (f"pycfs: error: object {v1}.commit is missing from {srv.url}: the commit was deleted "
+                              f"there ({tombstone} marks it)\n")
+        assert srv.requests[-1] == tombstone
+
+
 def test_second_commit_with_base_fetches_only_new_objects(site, server, tmp_path):
     _base, repo, v1, _ = site
     with served_copy(repo, tmp_path) as (work, srv):

@@ -184,6 +184,28 @@ def test_local_repo_resolves_refs_and_names_missing_objects(archive):
         src.close()
 
 
+def test_an_alias_ref_is_refused_naming_its_target(archive, tmp_path):
+    """`ostree refs --alias` makes a symlink in refs/heads, which is not followed (nothing
+    below a repository's root is): the error names the ref it stands for."""
+    repo, checksum = archive
+    copy = tmp_path / "copy"
+    shutil.copytree(repo, copy, symlinks=True)
+    ostree("refs", f"--repo={copy}", "--alias", "--create=os/stable", "main")
+    assert ostree("rev-parse", f"--repo={copy}", "os/stable") == checksum
+    (copy / "refs/heads/outside").symlink_to("../../config")
+    src = LocalRepo(str(copy))
+    try:
+        with pytest.raises(OstreeError, match=r"refs/heads/os/stable is a symlink or lies under one \(nothing below a "
+                                              r"repository's root is followed\); it is an alias of main: pull that$"):
+            src.resolve("os/stable")
+        with pytest.raises(OstreeError, match=r"refs/heads/outside is a symlink or lies under one \(nothing below a "
+                                              r"repository's root is followed\)$"):
+            src.resolve("outside")
+        assert src.resolve("main") == (bytes.fromhex(checksum), "main")
+    finally:
+        src.close()
+
+
 def test_local_repo_opens_only_regular_files(archive, tmp_path):
     repo, checksum = archive
     copy = tmp_path / "copy"

@@ -259,6 +259,45 @@ def test_pull_local_uses_the_archive_repositorys_static_deltas(source, tmp_path)
     assert err.returncode == 1 and err.stderr.startswith("pycfs: error: object ") and ".file is missing" in err.stderr
 
 
+def test_create_image_and_a_repull_record_an_image_whose_link_was_removed(source, tmp_path):
+    """images/<id> removed by hand (the object and the commit stream still there): `mount`
+    finds no image by it; create-image and a re-pull record it again (they returned the
+    id and wrote nothing)."""
+    repo, _v1, _v2, _checkout = source
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+    image = json.loads(pycfs(cfs, "ostree", "pull-local", repo, "main", "--json").stdout)["image"]
+    for restore in (("ostree", "create-image", "main"), ("ostree", "pull-local", repo, "main")):
+        (cfs / "images" / image).unlink()
+        with Repository.open(cfs) as r:
+            assert not r.image_linked(bytes.fromhex(image))
+        pycfs(cfs, *restore)
+        with Repository.open(cfs) as r:
+            assert r.image_linked(bytes.fromhex(image)) and r.image_id(image).hex() == image
+    assert "status: ok" in pycfs(cfs, "fsck").stdout
+
+
+def test_a_deleted_commit_is_said_to_be_deleted(tmp_path):
+    """`ostree prune --delete-commit` with core.tombstone-commits leaves a tombstone: the
+    commit is said to be deleted, not just missing."""
+    src = init_repo(tmp_path / "src", "archive")
+    ostree("config", f"--repo={src}", "set", "core.tombstone-commits", "true")
+    tree = make_tree(tmp_path / "tree", xattrs=False, setid=False)
+    old = ostree("commit", f"--repo={src}", "--branch=main", "--no-bindings", "--timestamp=2024-01-01T00:00:00Z", tree)
+    ostree("commit", f"--repo={src}", "--branch=main", "--no-bindings", tree)
+    ostree("prune", f"--repo={src}", f"--delete-commit={old}")
+    tombstone = f"objects/{old[:2]}/{old[2:]}.tombstone-commit"
+    assert (src / tombstone).is_file()
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+    err = pycfs(cfs, "ostree", "pull-local", src, old, check=False)
+    assert err.stderr == (f"pycfs: error: object {old}.commit is missing from {src}: the commit was deleted there "
+                          f"({tombstone} marks it)\n")
+    (src / tombstone).unlink()
+    err = pycfs(cfs, "ostree", "pull-local", src, old, check=False)
+    assert err.stderr == f"pycfs: error: object {old}.commit is missing from {src}\n"
+
+
 def test_tag_untag_and_gc(source, tmp_path):
     repo, v1, v2, _checkout = source
     cfs = tmp_path / "cfs"
