@@ -92,20 +92,29 @@ class _Puller:
             return
         todo_send, todo_recv = trio.open_memory_channel[bytes](math.inf)
         store_send, store_recv = trio.open_memory_channel[tuple[bytes, FetchedFile]](STORE_BATCH)
-        async with open_nursery() as nursery:
-            async with todo_recv, store_send:
-                for _ in range(self.fetchers):
-                    nursery.start_soon(self._fetcher, todo_recv.clone(), store_send.clone())
-                nursery.start_soon(self._batcher, store_recv, pool)
-                # (a bare repository's files are reflinked: a delta's parts would be copies)
-                if core.options.deltas and core.source.archive:
-                    await self._delta(core.source, store_send)
-            async with todo_send, open_nursery() as metadata:
-                self.nursery = metadata
-                core.on_file = todo_send.send_nowait
-                core.want(Kind.COMMIT, core.commit)
-                self._flush()
+        failed: Exception | None = None
+        async with open_nursery() as storing:
+            storing.start_soon(self._batcher, store_recv, pool)
+            try:
+                async with store_send, open_nursery() as nursery:
+                    async with todo_recv:
+                        for _ in range(self.fetchers):
+                            nursery.start_soon(self._fetcher, todo_recv.clone(), store_send.clone())
+                        # (a bare repository's files are reflinked: a delta's parts would be copies)
+                        if core.options.deltas and core.source.archive:
+                            await self._delta(core.source, store_send)
+                    async with todo_send, open_nursery() as metadata:
+                        self.nursery = metadata
+                        core.on_file = todo_send.send_nowait
+                        core.want(Kind.COMMIT, core.commit)
+                        self._flush()
+            except Exception as e:
+                # a fetch failed (not Ctrl-C, not the storing): what was fetched is still
+                # stored, and kept for the next try, before the failure is reported
+                failed = e
         core.on_file = self.nursery = None
+        if failed is not None:
+            raise failed
 
     async def _store_walked(self, pool: WorkerPool) -> None:
         """Every file known (a walk here found them): STORE_BATCH of them fetched on a thread
@@ -114,9 +123,14 @@ class _Puller:
         core = self.core
         files, core.files = core.files, []
         limiter = trio.CapacityLimiter(pool.batches_in_flight(STORE_BATCH))
+        failed: Exception | None = None
         async with open_nursery() as nursery:
             for start in range(0, len(files), STORE_BATCH):
-                fetched = await trio.to_thread.run_sync(self._fetch_files, files[start:start + STORE_BATCH])
+                try:
+                    fetched = await trio.to_thread.run_sync(self._fetch_files, files[start:start + STORE_BATCH])
+                except Exception as e:  # the batches with the workers are stored and kept for the next try
+                    failed = e
+                    break
                 batch = []
                 for checksum, f in zip(files[start:start + STORE_BATCH], fetched):
                     if f.fd is None:
@@ -130,6 +144,8 @@ class _Puller:
                         close_fds([f for _, f in batch])
                         raise
                     nursery.start_soon(self._store, batch, pool, limiter)
+        if failed is not None:
+            raise failed
 
     async def _delta(self, source: LocalRepo | HttpRepo, store: trio.MemorySendChannel[tuple[bytes, FetchedFile]]) -> None:
         """Apply a static delta to the commit when the source has one: its objects become a base."""

@@ -16,6 +16,7 @@ concurrently (over HTTP, the metadata too, while the files arrive).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -73,6 +74,7 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     from pycfs.host.workers.fork import Forked
+    from pycfs.host.workers.blocking import BlockingStore
 
 
 class Progress(Protocol):
@@ -342,8 +344,18 @@ class PullCore:
             for request_id, worker in enumerate(forked, 1):
                 if not self._send_early(worker, request_id, share):
                     break
-        except BaseException:
-            discard(forked)
+        except BaseException as e:
+            closed = False
+            if isinstance(e, Exception) and self.early:  # (not on Ctrl-C: out at once)
+                with contextlib.suppress(Exception):  # what the workers stored is kept for the next try
+                    workers = self._blocking_store(forked)
+                    try:
+                        workers.drain()
+                    finally:
+                        closed = True  # (close discards them, whatever happens in it)
+                        workers.close(abort=True)
+            if not closed:
+                discard(forked)
             self.checkpoint_after_failure()
             raise
         return forked
@@ -377,18 +389,22 @@ class PullCore:
             self.early.append((params, batch))
         return sent
 
+    def _blocking_store(self, forked: Sequence[Forked]) -> BlockingStore:
+        """The forked workers behind blocking calls, their early requests' answers (when
+        they come) taken into the commit."""
+        from pycfs.host.workers.blocking import BlockingStore
+
+        early = {id(params): batch for params, batch in self.early}
+        self.early = []
+        return BlockingStore(forked, self.repo.digest_size, lambda params: partial(self.take_stored, early.pop(id(params))))
+
     def store_forked(self, forked: Sequence[Forked]) -> PullResult:
         """The walked pull's remaining files fetched here and stored by the forked workers
         (`fork_workers`, whose early requests' answers are taken too), then the image:
         all of it without an event loop (`pycfs.host.workers.blocking`). The workers are
         this call's: stopped and reaped whatever happens."""
-        early = {id(params): batch for params, batch in self.early}
-        self.early = []
         try:
-            from pycfs.host.workers.blocking import BlockingStore
-
-            workers = BlockingStore(forked, self.repo.digest_size,
-                                    lambda params: partial(self.take_stored, early.pop(id(params))))
+            workers = self._blocking_store(forked)
         except BaseException:
             from pycfs.host.workers.fork import discard
 
@@ -419,7 +435,11 @@ class PullCore:
                 image_id = self.finish_image()
             finally:
                 behind.join()
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, Exception):  # (not on Ctrl-C: out at once)
+                # what the workers stored meanwhile is kept for the next try, not fetched again
+                with contextlib.suppress(Exception):
+                    workers.drain()
             workers.close(abort=True)
             self.checkpoint_after_failure()
             raise
