@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -109,6 +110,58 @@ def test_lookup_forms_and_second_pull(podman_user, multilayer_loaded):
     missing = user.pycfs("--repo", repo, "oci", "pull", "containers-storage:no-such-image", check=False)
     assert missing.returncode == 1
     assert b"pycfs: error: image 'no-such-image' not found" in missing.stderr
+
+
+def _relayout(built, dest: Path, top: dict) -> str:
+    """A copy of layout `built` whose index.json names document `top` (stored as a blob);
+    its digest."""
+    shutil.copytree(built.path, dest)
+    raw = json.dumps(top, sort_keys=True).encode()
+    digest = hashlib.sha256(raw).hexdigest()
+    (dest / "blobs/sha256" / digest).write_bytes(raw)
+    media = top.get("mediaType", "application/vnd.oci.image.manifest.v1+json")
+    (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": media, "digest": f"sha256:{digest}", "size": len(raw)}]}))
+    return f"sha256:{digest}"
+
+
+def test_an_image_with_several_manifests_is_pulled_by_each_digest(podman_user, shared_tmp_path):
+    """podman pulls through a manifest list (every multi-arch registry image) and pulls the same
+    image from a second source: images.json has `digest` = the list's, big-data `manifest` =
+    the last source's and a `manifest-<digest>` per manifest, and no `digests` list. Every
+    reference podman accepts finds it (`NAME@<list>` read the list as a manifest, `NAME@<instance>`
+    and `NAME@<second>` were "not found"); the manifest recorded is always the instance's own."""
+    user = podman_user
+    spec = ImageSpec([[File("etc/hello", b"hello\n"), File("data/blob", size=300)]])
+    built = imagebuild.build_layout(spec, shared_tmp_path / "plain")
+    instance = built.manifest_digest
+    arch = json.loads((built.path / "blobs/sha256" / built.config_digest[7:]).read_bytes())["architecture"]
+    size = (built.path / "blobs/sha256" / instance[7:]).stat().st_size
+    listed = _relayout(built, shared_tmp_path / "listed", {
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": instance, "size": size,
+                       "platform": {"architecture": arch, "os": "linux"}}]})
+    manifest = json.loads((built.path / "blobs/sha256" / instance[7:]).read_bytes())
+    second = _relayout(built, shared_tmp_path / "second", {**manifest, "annotations": {"source": "second"}})
+    for layout in ("listed", "second"):
+        user.run(["skopeo", "copy", "--quiet", f"oci:{shared_tmp_path / layout}",
+                  f"containers-storage:localhost/pycfs-test-mm-{layout}:1"])
+    podman_says = user.podman("image", "inspect", "--format", "{{.Id}} {{.Digest}}",
+                              "localhost/pycfs-test-mm-listed:1").stdout.decode().split()
+    assert podman_says == [built.config_digest[7:], listed]  # the one image, known by the list's digest
+    repo = _init_repo(user)
+    for n, (ref, want) in enumerate([
+        (f"localhost/pycfs-test-mm-listed@{listed}", instance),
+        (f"localhost/pycfs-test-mm-listed@{instance}", instance),
+        (f"localhost/pycfs-test-mm-second@{second}", second),
+        (f"@{listed}", instance),
+        ("localhost/pycfs-test-mm-listed:1", second),  # big-data `manifest`: the last pulled
+    ]):
+        result = _pull(user, repo, f"containers-storage:{ref}", f"t{n}")
+        assert (result["image_id"], result["manifest"]) == (built.config_digest[7:], want), ref
+        assert os.readlink(repo / f"streams/refs/oci/t{n}") == f"../../oci-manifest-{want}"
+        raw = user.pycfs("--repo", repo, "cat", f"oci-manifest-{want}").stdout
+        assert "sha256:" + hashlib.sha256(raw).hexdigest() == want  # (the stream holds the manifest itself)
 
 
 def _used_bytes(path: Path) -> int:
