@@ -112,6 +112,21 @@ def test_lookup_forms_and_second_pull(podman_user, multilayer_loaded):
     assert b"pycfs: error: image 'no-such-image' not found" in missing.stderr
 
 
+def test_pull_inside_podman_unshare_reads_the_users_store(podman_user, restrictive_loaded):
+    """What the helper-failure line recommends: `podman unshare pycfs oci pull ...` (euid 0
+    in the user's namespace) read root's store ("/var/lib/containers/storage/overlay-images:
+    permission denied"). It reads the user's, and as namespace root opens every file itself."""
+    user, image = podman_user, restrictive_loaded
+    repo = _init_repo(user)
+    out = user.unshare(user.python, "-m", "pycfs.tools.cli", "--repo", repo, "oci", "pull", "--json",
+                       f"containers-storage:{image.ref}", "un")
+    result = json.loads(out.stdout)
+    assert (result["image_id"], result["manifest"]) == (image.image_id, image.built.manifest_digest)
+    assert result["stats"]["files_via_helper"] == 0 and result["stats"]["layers_already_present"] == 0
+    for diff_id in image.built.diff_ids:
+        assert _layer_sha256(user, repo, diff_id) == diff_id
+
+
 def _relayout(built, dest: Path, top: dict) -> str:
     """A copy of layout `built` whose index.json names document `top` (stored as a blob);
     its digest."""
@@ -340,3 +355,4 @@ def test_worker_killed_mid_import(podman_user, shared_tmp_path):
         + result["stats"]["objects_already_present"] == 3000
     assert _layer_sha256(user, repo, built.diff_ids[0]) == built.diff_ids[0]
     assert set(pids_of(user.uid, worker)) - before == set()  # none left behind
+
