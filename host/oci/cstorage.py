@@ -32,6 +32,7 @@ import errno
 import hashlib
 import os
 import functools
+import pwd
 import time
 from typing import Protocol
 
@@ -83,6 +84,9 @@ class FdOpener(Protocol):
 
     async def warm_up(self) -> None:
         """Get ready for `open_files` ahead of need; a failure waits for a real need."""
+
+    def denied_advice(self) -> str | None:
+        """What to do when it was denied a file, if its set-up says why; else None."""
 
 
 class HelperOpener(FdOpener, Protocol):
@@ -349,7 +353,9 @@ class LayerImport:
                 entry = item[2]
                 if isinstance(res, OSError):
                     if res.errno != errno.ENOENT:
-                        raise PycfsError(f"the helper cannot open {self.files.describe(entry.relpath)}: {res}")
+                        advice = helper.denied_advice() if res.errno in (errno.EACCES, errno.EPERM) else None
+                        raise PycfsError(f"the helper cannot open {self.files.describe(entry.relpath)}"
+                                         + (f" ({res.strerror}): {advice}" if advice else f": {res}"))
                     if own:  # listed by the layer's tar-split, so it must be in the layer itself
                         raise PycfsError(f"{self.files.describe(entry.relpath)} is missing from the layer directory")
                     still.append(item)
@@ -536,6 +542,23 @@ class _HelperGate:
 
     def release(self, fd: int) -> None:
         self.helper.release(fd)
+
+    def denied_advice(self) -> str | None:
+        """Without a subordinate id range `podman unshare` maps the user's own id alone: the
+        store's files of other ids (written while a range was there) are closed to the helper
+        too, as the kernel lets no capability reach an unmapped owner."""
+        info = self.helper.info or {}
+        for key, what in (("uid_map", "uid"), ("gid_map", "gid")):
+            rows = info.get(key)
+            if isinstance(rows, list) and sum(r[2] for r in rows if isinstance(r, list) and len(r) == 3
+                                               and type(r[2]) is int) == 1:
+                try:
+                    user = pwd.getpwuid(os.getuid()).pw_name
+                except KeyError:
+                    user = f"uid {os.getuid()}"
+                return (f"`podman unshare` maps only your {what} (no /etc/subuid or /etc/subgid range for {user}): "
+                        "add one and run `podman system migrate`")
+        return None
 
 
 def default_limiter() -> trio.CapacityLimiter:
