@@ -356,3 +356,28 @@ def test_worker_killed_mid_import(podman_user, shared_tmp_path):
     assert _layer_sha256(user, repo, built.diff_ids[0]) == built.diff_ids[0]
     assert set(pids_of(user.uid, worker)) - before == set()  # none left behind
 
+
+def test_a_layer_with_a_sparse_file_is_refused_with_what_to_do(podman_user, shared_tmp_path):
+    """`tar --sparse --format=pax` then `podman import`: c/storage's tar-split records the
+    expanded file where the tar holds a sparse map, so the layer cannot be rebuilt. The pull
+    called the store damaged ("pull the image with podman again": no help); now one line
+    names the sparse file and says to rebuild the layer without --sparse."""
+    user = podman_user
+    src = shared_tmp_path / "sparse"
+    src.mkdir()
+    (src / "dense").write_bytes(b"d" * 70_000)
+    with open(src / "holes", "wb") as f:
+        f.truncate(3 << 20)
+        f.seek(1 << 20)
+        f.write(b"data")
+    tar = shared_tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", "--format=pax", "-cf", tar, "-C", src, "."], check=True)
+    os.chmod(tar, 0o644)
+    user.podman("import", "-q", str(tar), "localhost/pycfs-test-sparse:1")
+    repo = _init_repo(user)
+    refused = user.pycfs("--repo", repo, "oci", "pull", "containers-storage:localhost/pycfs-test-sparse:1", "sp",
+                         check=False)
+    err = refused.stderr.decode().splitlines()
+    assert refused.returncode == 1 and err[-1].startswith("pycfs: error: the layer holds sparse file holes (layer "), err
+    assert "containers-storage cannot describe" in err[-1] and "without --sparse" in err[-1], err
+    assert not list((repo / "streams").glob("oci-layer-*"))
