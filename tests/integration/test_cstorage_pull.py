@@ -24,6 +24,8 @@ import imagebuild
 from imagebuild import MIB, File, ImageSpec
 from procs import kill_child_mid_pull, pids_of
 
+from pycfs.tools.dev import lab
+
 pytestmark = pytest.mark.integration
 
 
@@ -307,29 +309,59 @@ def test_restrictive_files_need_the_helper(podman_user, image_cache):
         assert _layer_sha256(user, repo, diff_id) == diff_id
 
 
-def test_a_file_closed_to_the_user_in_an_additional_store_is_one_line(podman_user, image_cache):
-    """The helper opens a layer's files beneath the primary store only: a closed file of an
-    image found in an additional image store was asked of it there (a layer it does not
-    have). Now one line says where the file is and who can help."""
-    user = podman_user
-    image = image_cache.load(user, "restrictive")
-    repo = _init_repo(user)
+def _empty_primary(user) -> tuple[Path, Path]:
+    """A store with no images and a storage.conf making it the primary; (its root, the conf)."""
     primary = user.tmpdir("primary-")
     for d in ("overlay-images", "overlay-layers"):
         (primary / d).mkdir()
         os.chown(primary / d, user.uid, user.gid)
-    conf = primary / "storage.conf"
+    return primary, primary / "storage.conf"
+
+
+def test_files_closed_to_the_user_in_an_additional_store_they_own_come_through_the_helper(podman_user, image_cache):
+    """The image is in an additional image store whose root the user owns (its files the
+    user's sub-uids', as the primary store's): the helper opens them beneath that store's
+    root. It was refused: the helper opened files beneath the primary store only."""
+    user = podman_user
+    image = image_cache.load(user, "restrictive")
+    repo = _init_repo(user)
+    primary, conf = _empty_primary(user)
     conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{primary}"\nrootless_storage_path = "{primary}"\n'
                     f'[storage.options]\nadditionalimagestores = ["{user.storage_root}"]\n')
-    refused = user.pycfs("--repo", repo, "oci", "pull", f"containers-storage:{image.ref}", check=False,
-                         env={"CONTAINERS_STORAGE_CONF": str(conf)})
+    out = user.pycfs("--repo", repo, "oci", "pull", "--json", f"containers-storage:{image.ref}",
+                     env={"CONTAINERS_STORAGE_CONF": str(conf)})
+    result = json.loads(out.stdout)
+    assert result["stats"]["files_via_helper"] >= 3, result["stats"]
+    for diff_id in image.built.diff_ids:
+        assert _layer_sha256(user, repo, diff_id) == diff_id
+
+
+def test_a_file_closed_to_the_user_in_an_additional_store_of_another_owner_is_one_line(podman_user, shared_tmp_path):
+    """An additional image store whose root is not the user's (root's here): the helper does
+    not open files there, and one line says where the file is and who can help."""
+    user = podman_user
+    spec = ImageSpec([[imagebuild.Dir("home/u", mode=0o700, uid=1000, gid=1000),
+                       File("home/u/secret", data=b"secret" * 20, mode=0o600, uid=1000, gid=1000)]])
+    built = imagebuild.build_layout(spec, shared_tmp_path / "closed")
+    other = user.tmpdir("other-store-") / "storage"
+    other_conf = other.parent / "storage.conf"
+    other_conf.write_text(lab.storage_conf_text(other))
+    user.run(["skopeo", "copy", "--quiet", f"oci:{built.path}", "containers-storage:localhost/pycfs-test-closed:1"],
+             env={"CONTAINERS_STORAGE_CONF": str(other_conf)})
+    os.chown(other, 0, 0)  # (its contents stay as podman wrote them)
+    os.chmod(other, 0o755)
+    repo = _init_repo(user)
+    primary, conf = _empty_primary(user)
+    conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{primary}"\nrootless_storage_path = "{primary}"\n'
+                    f'[storage.options]\nadditionalimagestores = ["{other}"]\n')
+    refused = user.pycfs("--repo", repo, "oci", "pull", "containers-storage:localhost/pycfs-test-closed:1",
+                         check=False, env={"CONTAINERS_STORAGE_CONF": str(conf)})
     err = refused.stderr.decode()
     assert refused.returncode == 1 and err.count("error") == 1, err
-    assert re.search(r"^pycfs: error: permission denied reading .* \(layer [0-9a-f]{12}, .*\)( \(and \d+ more\))?: "
-                        r"it is in an additional image store, where the helper does not open files; its owner can "
-                        r"make it readable\n\Z", err, re.M), err
+    assert re.search(r"^pycfs: error: permission denied reading home/u/secret \(layer [0-9a-f]{12}, .*\): it is in "
+                     rf"additional image store {other}, whose root is not yours, and the helper opens files only in "
+                     r"stores you own; the store's owner can make the file readable\n\Z", err, re.M), err
     assert not any((repo / "streams").glob("oci-layer-*"))
-
 
 
 def test_worker_killed_mid_import(podman_user, shared_tmp_path):
