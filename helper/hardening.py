@@ -105,6 +105,19 @@ def capability_sets() -> dict[str, int]:
     return out
 
 
+def open_owned_store(root: str) -> int:
+    """An O_PATH fd of an additional image store's root, which must be absolute and owned
+    by the caller (uid 0 here): the helper opens files beneath the stores the user keeps,
+    not beneath any directory its capability could read."""
+    if not os.path.isabs(root):
+        raise HardeningError(f"--additional-store root must be absolute, got {root!r}")
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    if os.fstat(fd).st_uid != 0:
+        os.close(fd)
+        raise HardeningError(f"additional store {root} is not owned by the user the helper runs for")
+    return fd
+
+
 def harden(ppid_at_start: int) -> socket.socket:
     """Apply everything in the module docstring; returns the host's socket."""
     die_with_parent(ppid_at_start)

@@ -1,6 +1,7 @@
 """The helper's JSON-RPC methods and its serving loop (blocking, one connection).
 
-`HelperService` opens files read-only beneath one layer's root and hands their fds to the
+`HelperService` opens files read-only beneath one layer's root (in the primary store or an
+additional one the caller owns) and hands their fds to the
 serving loop, which sends them with the response (jsonrpc-fdpass) and then closes its own
 copies. It never creates, writes, renames or deletes anything.
 
@@ -54,12 +55,14 @@ def _security_status() -> dict[str, int]:
 
 
 class HelperService:
-    """The methods; ``storage_root_fd`` is an O_PATH directory fd the service does not own."""
+    """The methods; ``storage_root_fd`` (and each of ``additional``'s) is an O_PATH directory
+    fd the service does not own."""
 
-    def __init__(self, storage_root_fd: int, driver: str) -> None:
-        if driver not in api.DRIVERS:
-            raise ValueError(f"unknown storage driver {driver!r}")
-        self.root_fd = storage_root_fd
+    def __init__(self, storage_root_fd: int, driver: str, additional: list[tuple[int, str]] | None = None) -> None:
+        self.stores = [(storage_root_fd, driver), *(additional or [])]
+        for _, each in self.stores:
+            if each not in api.DRIVERS:
+                raise ValueError(f"unknown storage driver {each!r}")
         self.driver = driver
 
     def methods(self) -> dict[str, Any]:
@@ -83,16 +86,19 @@ class HelperService:
         call.stop = True
         return Success(None)
 
-    def open_files(self, call: Call, layer: Any, paths: Any) -> Result:
+    def open_files(self, call: Call, layer: Any, paths: Any, store: Any = 0) -> Result:
+        if type(store) is not int or not 0 <= store < len(self.stores):
+            return InvalidParams(f"store must be an index below {len(self.stores)}")
+        root_fd, driver = self.stores[store]
         if not api.is_layer_id(layer):
             return InvalidParams("layer must be a layer id of 64 lowercase hex digits")
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             return InvalidParams("paths must be a list of strings")
         if len(paths) > api.MAX_PATHS_PER_REQUEST:
             return InvalidParams(f"{len(paths)} paths in one request; the limit is {api.MAX_PATHS_PER_REQUEST}")
-        where = api.layer_dir(self.driver, layer)
+        where = api.layer_dir(driver, layer)
         try:
-            layer_fd = openat2(self.root_fd, where, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, resolve=RESOLVE_CONFINED)
+            layer_fd = openat2(root_fd, where, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, resolve=RESOLVE_CONFINED)
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return Error(api.ERR_UNKNOWN_LAYER, f"unknown layer {layer}: no {where} in the storage")

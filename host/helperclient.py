@@ -20,10 +20,13 @@ API (what the importer calls)::
 * The CLI's ``--helper auto|always|never`` option (`pycfs.tools.common.add_helper_option`)
   gives ``policy``.
 * ``HelperClient(storage_root, driver, *, policy="auto"|"always"|"never",
-  launcher=("podman", "unshare"), max_open_fds=None)``. ``auto`` starts the helper lazily on
+  launcher=("podman", "unshare"), max_open_fds=None, additional_stores=())``;
+  ``additional_stores``: (root, driver) of additional image stores, of which those whose
+  root you own are served too (`serves`). ``auto`` starts the helper lazily on
   the first `open_files` and only when not root; ``always`` starts it on entry (and as root);
   ``never`` never starts it (`open_files` raises `PycfsError`).
-* ``await open_files(layer_id, paths) -> list[int | HelperPathError]``: one entry per path,
+* ``await open_files(layer_id, paths, store=None) -> list[int | HelperPathError]``
+  (``store``: the root of a served additional store; None: the primary): one entry per path,
   in order; paths are relative to the layer's ``diff/`` (overlay) or ``vfs/dir/<id>`` (vfs),
   ``str`` or ``bytes``. Batched into requests of at most `helper_api.MAX_PATHS_PER_REQUEST`
   paths and half `helper_api.MAX_MESSAGE_BYTES`.
@@ -79,6 +82,14 @@ _UNSHARE_ADVICE = (
     "Alternatives: run pycfs itself inside the storage's user namespace (`podman unshare pycfs ...`), "
     "or pass --helper=never to skip the helper"
 )
+
+
+def owns_store(root: Path) -> bool:
+    """Whether the store root ``root`` is yours (the helper serves such additional stores)."""
+    try:
+        return os.stat(root).st_uid == os.getuid()
+    except OSError:
+        return False
 
 
 class HelperPathError(OSError):
@@ -140,6 +151,7 @@ class HelperClient:
         policy: str = "auto",
         launcher: Sequence[str] = ("podman", "unshare"),
         max_open_fds: int | None = None,
+        additional_stores: Sequence[tuple[str | os.PathLike[str], str]] = (),
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"helper policy must be one of {', '.join(POLICIES)}, not {policy!r}")
@@ -147,6 +159,10 @@ class HelperClient:
             raise ValueError(f"unknown storage driver {driver!r}")
         self.storage_root = Path(storage_root).absolute()
         self.driver = driver
+        # The helper opens files beneath an additional store only when you own its root:
+        # its files are then your user namespace's, as the primary store's are.
+        self.additional = [(Path(root).absolute(), d) for root, d in additional_stores
+                           if d in api.DRIVERS and owns_store(Path(root))]
         self.policy = policy
         self.launcher = tuple(launcher)
         self.budget = FdBudget(max_open_fds or default_fd_budget())
@@ -228,6 +244,7 @@ class HelperClient:
         cmd = [
             *self.launcher, sys.executable, "-B", "-m", "pycfs.helper",
             "--storage-root", str(self.storage_root), "--driver", self.driver,
+            *(arg for root, d in self.additional for arg in ("--additional-store", f"{d}:{root}")),
         ]  # fmt: skip
         try:
             self._proc, self._sock, self._output = await spawn_on_socket(cmd, "pycfs-helper-output")
@@ -333,8 +350,15 @@ class HelperClient:
         assert self.info is not None
         return self.info
 
-    async def open_files(self, layer_id: str, paths: Sequence[str | bytes]) -> list[int | HelperPathError]:
-        """Open each path read-only beneath the layer inside the user namespace.
+    def serves(self, store: Path) -> bool:
+        """Whether the helper opens files beneath store root ``store`` (the primary, or an
+        additional store you own)."""
+        return store.absolute() == self.storage_root or any(store.absolute() == root for root, _ in self.additional)
+
+    async def open_files(self, layer_id: str, paths: Sequence[str | bytes],
+                         store: Path | None = None) -> list[int | HelperPathError]:
+        """Open each path read-only beneath the layer inside the user namespace (of the
+        primary store, or of additional store ``store``).
 
         Returns an fd or a `HelperPathError` per path, in order; see the module docstring.
         """
@@ -347,6 +371,10 @@ class HelperClient:
             )
         if not names:
             return []
+        index = 0 if store is None or store.absolute() == self.storage_root else next(
+            (i for i, (root, _) in enumerate(self.additional, 1) if root == store.absolute()), None)
+        if index is None:
+            raise ValueError(f"the helper does not open files in {store}: not a store it serves")
         await self._ensure_started()
         # The whole call's slots at once: taking them batch by batch could leave two
         # concurrent callers each holding part and waiting for the other.
@@ -354,7 +382,7 @@ class HelperClient:
         results: list[int | HelperPathError] = []
         try:
             for batch in _batches(names):
-                results += await self._open_batch(layer_id, batch)
+                results += await self._open_batch(layer_id, batch, index)
         except BaseException:
             handed = [r for r in results if isinstance(r, int)]
             for fd in handed:
@@ -376,8 +404,11 @@ class HelperClient:
         finally:
             self.budget.release(1)
 
-    async def _open_batch(self, layer_id: str, batch: list[str]) -> list[int | HelperPathError]:
-        result, fds = await self._call(api.OPEN_FILES, {"layer": layer_id, "paths": batch})
+    async def _open_batch(self, layer_id: str, batch: list[str], store: int) -> list[int | HelperPathError]:
+        params: dict[str, Any] = {"layer": layer_id, "paths": batch}
+        if store:
+            params["store"] = store
+        result, fds = await self._call(api.OPEN_FILES, params)
         try:
             out = self._match_fds(result, batch, fds)
         except ValueError as e:

@@ -10,11 +10,13 @@ Methods (JSON-RPC 2.0 over jsonrpc-fdpass, requests carry no fds):
 "cap_effective": int, "cap_permitted": int, "cap_bounding": int, "no_new_privs": 0|1}``
 (capability sets as bit masks, as the kernel reports them)
 
-``open_files`` ``{"layer": <64 lowercase hex>, "paths": [str, ...]}`` ->
+``open_files`` ``{"layer": <64 lowercase hex>, "paths": [str, ...], "store": int}`` ->
 ``{"results": [entry, ...]}`` with one entry per path, in order: ``{"fd": i}`` (index into
 the response's fds) or ``{"errno": int, "reason": str, "message": str}``. Paths are
 relative to the layer's root (``overlay/<id>/diff`` or ``vfs/dir/<id>``); names that are not
-UTF-8 travel as ``os.fsdecode`` surrogate escapes.
+UTF-8 travel as ``os.fsdecode`` surrogate escapes. ``store`` (optional, default 0) picks the
+store the layer is in: 0 the primary (``--storage-root``), N the Nth ``--additional-store``
+the helper was started with (each an additional image store whose root the caller owns).
 
 ``shutdown`` -> ``null``; the helper exits after replying.
 
@@ -29,7 +31,7 @@ import re
 from typing import NamedTuple
 
 PROTOCOL_VERSION = 1
-FEATURES = ("open-files", "read-only")
+FEATURES = ("open-files", "read-only", "additional-stores")
 
 HELLO = "hello"
 OPEN_FILES = "open_files"

@@ -32,12 +32,15 @@ import errno
 import hashlib
 import os
 import functools
+import pwd
 import time
+from pathlib import Path
 from typing import Protocol
 
 import trio
 
 from pycfs.host.errors import PycfsError
+from pycfs.host.helperclient import owns_store
 from pycfs.host.nursery import open_nursery
 from pycfs.host.oci.headstart import EarlyBatch, HeadStart
 from pycfs.host.oci.image import finish_pull
@@ -77,12 +80,19 @@ LAYERS_IN_FLIGHT = 2
 class FdOpener(Protocol):
     """Opens layer files for us and takes the fds back (`release` closes them)."""
 
-    async def open_files(self, layer_id: str, paths: list[bytes]) -> list[int | OSError]: ...
+    async def open_files(self, layer_id: str, paths: list[bytes], store: Path | None = None) -> list[int | OSError]:
+        """Open paths of the layer in the primary store, or in additional store ``store``."""
+
+    def serves(self, store: Path) -> bool:
+        """Whether it opens files beneath store root ``store``."""
 
     def release(self, fd: int) -> None: ...
 
     async def warm_up(self) -> None:
         """Get ready for `open_files` ahead of need; a failure waits for a real need."""
+
+    def denied_advice(self) -> str | None:
+        """What to do when it was denied a file, if its set-up says why; else None."""
 
 
 class HelperOpener(FdOpener, Protocol):
@@ -304,11 +314,20 @@ class LayerImport:
         """Files the user may not open: the helper opens them in the user namespace and passes fds."""
         first = denied[0][2]
         more = f" (and {len(denied) - 1} more)" if len(denied) > 1 else ""
-        if self.layer.store.read_only:  # (the helper opens a layer's files beneath the primary store's root)
-            raise PycfsError(
-                f"permission denied reading {self.files.describe(first.relpath)}{more}: it is in an additional "
-                "image store, where the helper does not open files; its owner can make it readable"
-            )
+        store = self.layer.store
+        # The helper opens files beneath the primary store and the additional ones you own
+        if store.read_only and not (self.helper is not None and self.helper.serves(store.root)):
+            if not owns_store(store.root):
+                raise PycfsError(
+                    f"permission denied reading {self.files.describe(first.relpath)}{more}: it is in additional "
+                    f"image store {store.root}, whose root is not yours, and the helper opens files only in stores "
+                    "you own; the store's owner can make the file readable"
+                )
+            if self.helper is not None:  # (a helper started for the primary store alone)
+                raise PycfsError(
+                    f"permission denied reading {self.files.describe(first.relpath)}{more}: it is in additional "
+                    f"image store {store.root}, where this helper does not open files; `pycfs oci pull` can pull it"
+                )
         if self.helper is None:
             raise PycfsError(
                 f"permission denied reading {self.files.describe(first.relpath)}{more}: it belongs to a "
@@ -332,7 +351,8 @@ class LayerImport:
         helper = self.helper
         assert helper is not None
         own = layer_id == self.files.layer_id
-        results = await helper.open_files(layer_id, [entry.relpath for _, _, entry in batch])
+        results = await helper.open_files(layer_id, [entry.relpath for _, _, entry in batch],
+                                          self.layer.store.root if self.layer.store.read_only else None)
         unreleased = {r for r in results if isinstance(r, int)}
 
         def give_back(fd: int) -> None:
@@ -349,7 +369,9 @@ class LayerImport:
                 entry = item[2]
                 if isinstance(res, OSError):
                     if res.errno != errno.ENOENT:
-                        raise PycfsError(f"the helper cannot open {self.files.describe(entry.relpath)}: {res}")
+                        advice = helper.denied_advice() if res.errno in (errno.EACCES, errno.EPERM) else None
+                        raise PycfsError(f"the helper cannot open {self.files.describe(entry.relpath)}"
+                                         + (f" ({res.strerror}): {advice}" if advice else f": {res}"))
                     if own:  # listed by the layer's tar-split, so it must be in the layer itself
                         raise PycfsError(f"{self.files.describe(entry.relpath)} is missing from the layer directory")
                     still.append(item)
@@ -494,9 +516,12 @@ class _HelperGate:
         self._warming: trio.CancelScope | None = None  # a start nothing has needed yet
         self._done = False
 
-    async def open_files(self, layer_id: str, paths: list[bytes]) -> list[int | OSError]:
+    async def open_files(self, layer_id: str, paths: list[bytes], store: Path | None = None) -> list[int | OSError]:
         await self._start()
-        return await self.helper.open_files(layer_id, paths)
+        return await self.helper.open_files(layer_id, paths, store)
+
+    def serves(self, store: Path) -> bool:
+        return self.helper.serves(store)
 
     async def warm_up(self) -> None:
         await self._start(needed=False)
@@ -536,6 +561,23 @@ class _HelperGate:
 
     def release(self, fd: int) -> None:
         self.helper.release(fd)
+
+    def denied_advice(self) -> str | None:
+        """Without a subordinate id range `podman unshare` maps the user's own id alone: the
+        store's files of other ids (written while a range was there) are closed to the helper
+        too, as the kernel lets no capability reach an unmapped owner."""
+        info = self.helper.info or {}
+        for key, what in (("uid_map", "uid"), ("gid_map", "gid")):
+            rows = info.get(key)
+            if isinstance(rows, list) and sum(r[2] for r in rows if isinstance(r, list) and len(r) == 3
+                                               and type(r[2]) is int) == 1:
+                try:
+                    user = pwd.getpwuid(os.getuid()).pw_name
+                except KeyError:
+                    user = f"uid {os.getuid()}"
+                return (f"`podman unshare` maps only your {what} (no /etc/subuid or /etc/subgid range for {user}): "
+                        "add one and run `podman system migrate`")
+        return None
 
 
 def default_limiter() -> trio.CapacityLimiter:

@@ -21,7 +21,15 @@ from pycfs.host import syscalls
 from pycfs.host.errors import PycfsError
 from pycfs.host.fsverity import read_ahead
 from pycfs.host.storage.store import Store, StorageError
-from pycfs.host.storage.tarsplit import FileEntry, Segment, check_name, closed_to_user, crc64_iso, header_only_kind
+from pycfs.host.storage.tarsplit import (
+    FileEntry,
+    Segment,
+    check_name,
+    closed_to_user,
+    crc64_iso,
+    header_only_kind,
+    is_sparse,
+)
 from pycfs.host.workers.batching import BATCH_BYTES
 from pycfs.protocol.helper_api import layer_dir
 
@@ -231,6 +239,13 @@ class TarSplitReader:
                 self.described += len(entry.data)
             else:
                 if isinstance(self._header, Segment):
+                    if is_sparse(self._header):
+                        raise PycfsError(
+                            f"the layer holds sparse file {self.files.describe(entry.relpath)}, which "
+                            "containers-storage cannot describe (its tar-split records the holes as data the "
+                            "layer's tar does not have): rebuild the layer without sparse files (tar without "
+                            "--sparse) and import it again"
+                        )
                     if entry.size and (kind := header_only_kind(self._header)) is not None:
                         raise PycfsError(
                             f"{self.files.describe(entry.relpath)} is a {kind} in the layer's tar, yet its tar-split "

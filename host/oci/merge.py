@@ -26,6 +26,15 @@ OPAQUE_MARKER = b".wh..wh..opq"
 MAX_DIRS_BY_PATH = 4096  # `apply_entry`'s directories by path: a bounded table, whatever the tree
 
 
+def implicit_root() -> Directory:
+    """The root before any layer entry: what containers-storage makes of a layer without a
+    "./" entry (`podman image mount` shows 0555, owner 0), so an image with neither a root
+    entry nor /usr (FROM scratch + COPY) does not mount as d---------; its mtime stays 0 (c/storage's
+    is the time of the pull). composefs-rs starts from mode 0 but refuses an image without
+    /usr, whose stat the root takes: the images it builds do not change."""
+    return Directory(Stat(mode=0o555))
+
+
 class ImageBuildError(PycfsError):
     pass
 
@@ -154,7 +163,7 @@ class ImageTree:
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
-        self.root = Directory(Stat())
+        self.root = implicit_root()
         self.broken = False
         self.layers: list[bytes] = []  # layer stream ids, in the order they came
         self._stored: list[bytes] = []  # noted, not yet applied
@@ -229,7 +238,7 @@ def build_filesystem(repo: Repository, diff_ids: Sequence[str], layer_ids: Mappi
                      parsed: Mapping[bytes, list[LayerEntry]] | None = None) -> FileSystem:
     """The merged tree of the layers (diff_ids in config order, layer_ids: diff_id -> layer
     stream id); ``parsed``: layers already parsed (by layer stream id)."""
-    root = Directory(Stat())
+    root = implicit_root()
     dirs: dict[bytes, Directory] = {}
     budget = EntryBudget()
     for diff_id in diff_ids:

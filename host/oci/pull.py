@@ -60,7 +60,8 @@ async def _pull_containers_storage(repo: Repository, source: str, tag: str | Non
 
     try:
         storage, name = storage_for(source, options.storage_root)
-        async with HelperClient(storage.primary.root, storage.primary.driver, policy=options.helper) as helper:
+        async with HelperClient(storage.primary.root, storage.primary.driver, policy=options.helper,
+                                additional_stores=[(s.root, s.driver) for s in storage.stores[1:]]) as helper:
             return await pull_image(repo, storage, name, tag, verify_diffid=options.verify_diffid,
                                     helper=helper if helper.enabled else None, progress=options.progress,
                                     parse_layers=options.create_image, jobs=options.jobs, locks=options.storage_locks,

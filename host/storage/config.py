@@ -8,6 +8,11 @@ Rootless graphroot: the user's own file may set `graphroot`; otherwise (and for 
 file or one named by CONTAINERS_STORAGE_CONF, whose `graphroot` is root's store)
 `rootless_storage_path` (with `$HOME`/`$UID`/`$USER` expanded), else
 `$XDG_DATA_HOME/containers/storage` (default `~/.local/share/containers/storage`).
+
+Inside `podman unshare` (euid 0 in the user's namespace, `_CONTAINERS_USERNS_CONFIGURED`
+set) the store is the rootless user's, whose uid podman leaves in `_CONTAINERS_ROOTLESS_UID`,
+as c/storage reads it. (The CONTAINERS_GRAPHROOT podman also sets there is for the user's
+scripts: c/storage does not read it, nor does pycfs.)
 """
 
 from __future__ import annotations
@@ -62,10 +67,26 @@ def _expand(path: str, env: Mapping[str, str], uid: int) -> str:
     return out
 
 
+def storage_uid(env: Mapping[str, str] | None = None) -> int:
+    """The uid whose store podman would use: the effective uid, or in a `podman unshare`
+    session the rootless user's."""
+    env = os.environ if env is None else env
+    euid = os.geteuid()
+    if euid != 0 or not env.get("_CONTAINERS_USERNS_CONFIGURED"):
+        return euid
+    text = env.get("_CONTAINERS_ROOTLESS_UID", "")
+    if not text:
+        return euid  # a namespace podman did not make: root's store, as c/storage reads it
+    if not text.isascii() or not text.isdigit() or int(text) >= 1 << 32:
+        raise PycfsError(f"_CONTAINERS_ROOTLESS_UID is {text[:40]!r}, not a uid: run pycfs from `podman unshare` "
+                         "unchanged, or pass --storage-root")
+    return int(text)
+
+
 def find_config_file(env: Mapping[str, str] | None = None, uid: int | None = None) -> tuple[str | None, str]:
     """The one storage.conf podman would read and whose it is: "env", "user" or "system" (None, "none")."""
     env = os.environ if env is None else env
-    uid = os.geteuid() if uid is None else uid
+    uid = storage_uid(env) if uid is None else uid
     explicit = env.get("CONTAINERS_STORAGE_CONF")
     if explicit:
         if not os.path.isfile(explicit):
@@ -145,7 +166,7 @@ def load_storage_config(
     from `driver`, STORAGE_DRIVER, the config, or what exists on disk.
     """
     env = os.environ if env is None else env
-    uid = os.geteuid() if uid is None else uid
+    uid = storage_uid(env) if uid is None else uid
     path, kind = find_config_file(env, uid)
     table = _parse(path) if path else {}
     where = path or "default"

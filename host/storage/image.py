@@ -30,25 +30,57 @@ class ImageSource:
     layers: list[ImageLayer]
 
 
+def _big_data_if_any(store: Store, image_id: str, key: str) -> bytes | None:
+    try:
+        return store.big_data(image_id, key)
+    except StorageError:
+        return None
+
+
+def _listed_digests(doc: dict) -> set[str] | None:
+    """The digests an image index / docker manifest list names; None for any other document."""
+    entries = doc.get("manifests")
+    if "config" in doc or not isinstance(entries, list):
+        return None
+    return {e["digest"] for e in entries if isinstance(e, dict) and isinstance(e.get("digest"), str)}
+
+
+def _instance_of_list(store: Store, image: ImageRecord, listed: set[str], list_digest: str) -> tuple[bytes, str]:
+    """The image's own manifest among those the list names: `manifest` (the instance last
+    pulled), else another `manifest-<digest>` it keeps (pulled through the list before)."""
+    for digest in (image.instance_digest, *image.digests):
+        if digest is None or digest not in listed:
+            continue
+        raw = _big_data_if_any(store, image.id, "manifest" if digest == image.instance_digest else f"manifest-{digest}")
+        if raw is not None and _sha256_digest(raw) == digest:
+            return raw, digest
+    raise StorageError(f"image {image.describe()} was pulled through manifest list {list_digest}, but none of its "
+                       "manifests in containers-storage is one that list names: the store is damaged (pull the "
+                       "image with podman again)")
+
+
 def read_image(storage: Storage, ref: str) -> ImageSource:
-    """Find the image and read its manifest, config and layer list (locks held by the caller)."""
+    """Find the image and read its manifest, config and layer list (locks held by the caller).
+
+    `NAME@D` reads the manifest D (c/image keeps each as big-data `manifest-D`); when D is the
+    manifest list the image was pulled through, the image's own instance is read instead (the
+    list has no config and no layers). Without a digest, big-data `manifest` is read."""
     store, image = storage.lookup(ref)
     asked = ref.rsplit("@", 1)[1] if "@" in ref else None
-    manifest = None
-    if asked is not None:  # c/image keeps each manifest of an image as manifest-<digest> too
-        try:
-            manifest = store.big_data(image.id, f"manifest-{asked}")
-        except StorageError:
-            pass
+    manifest = None if asked is None else _big_data_if_any(store, image.id, f"manifest-{asked}")
     if manifest is None:
         manifest = store.big_data(image.id, "manifest")
     found = _sha256_digest(manifest)
-    known = {asked} if asked is not None else {d for d in (image.digest, *image.digests) if d}
+    known = {asked} if asked is not None else set(image.digests)
     if known and found not in known:
         raise StorageError(f"the manifest of image {image.describe()} is {found}, not "
                            f"{asked or 'one of the digests containers-storage records for it'}: the store is "
                            "damaged (pull the image with podman again)")
     mdoc = parse_object(manifest, f"manifest of image {image.id[:12]}", StorageError)
+    listed = _listed_digests(mdoc)
+    if listed is not None:
+        manifest, found = _instance_of_list(store, image, listed, found)
+        mdoc = parse_object(manifest, f"manifest of image {image.id[:12]}", StorageError)
     config_desc = mdoc.get("config")
     config_digest = config_desc.get("digest") if isinstance(config_desc, dict) else None
     if not isinstance(config_digest, str):

@@ -1,7 +1,7 @@
 """Read-only view of a containers/storage graphroot (overlay or vfs driver).
 
 What is read, per driver D (`overlay` or `vfs`):
-- `D-images/images.json`: image records (id, names, digest(s), top layer);
+- `D-images/images.json`: image records (id, names, digest, big-data digests, top layer);
   `D-images/<id>/<big-data>`: the manifest and config, named by c/storage's rule (a key of
   only `[.0-9a-z]` verbatim, any other key as `=` + base64(key)).
 - `D-layers/layers.json`: layer records (id, parent, diff-digest, diff-size, flags);
@@ -62,7 +62,12 @@ class ImageRecord:
     id: str
     names: tuple[str, ...] = ()
     digest: str | None = None
+    # The manifest digests the image is known by, derived as c/storage derives them (it writes
+    # no list): `digest` (a manifest list's when pulled through one), then the big-data
+    # digests of `manifest` (the instance last pulled) and of every `manifest-<digest>`.
     digests: tuple[str, ...] = ()
+    # The big-data digest of `manifest`, when recorded.
+    instance_digest: str | None = None
     top_layer: str | None = None
 
     def describe(self) -> str:
@@ -107,6 +112,17 @@ def _str_list(value: object) -> tuple[str, ...]:
     if not isinstance(value, list):
         return ()
     return tuple(v for v in value if isinstance(v, str))
+
+
+def _manifest_digests(value: object) -> dict[str, str]:
+    """The big-data digests of an image's manifests (keys `manifest` and `manifest-*`, as
+    c/storage counts them), `manifest` first; digests not of the sha256 form are left out (no
+    reference can name them)."""
+    if not isinstance(value, dict):
+        return {}
+    found = {k: v for k, v in value.items()
+             if isinstance(k, str) and k.startswith("manifest") and isinstance(v, str) and _DIGEST_RE.match(v)}
+    return dict(sorted(found.items(), key=lambda kv: (kv[0] != "manifest", kv[0])))
 
 
 def split_tag(name: str) -> tuple[str, str | None]:
@@ -185,12 +201,15 @@ class Store:
         out = []
         for raw in self._read_json_array(path):
             top = raw.get("layer")
+            digest = raw.get("digest") if isinstance(raw.get("digest"), str) else None
+            manifests = _manifest_digests(raw.get("big-data-digests"))
             out.append(
                 ImageRecord(
                     id=_check_id(raw.get("id"), "image id", str(path)),
                     names=_str_list(raw.get("names")),
-                    digest=raw.get("digest") if isinstance(raw.get("digest"), str) else None,
-                    digests=_str_list(raw.get("digests")),
+                    digest=digest,
+                    digests=tuple(dict.fromkeys(d for d in (digest, *manifests.values()) if d)),
+                    instance_digest=manifests.get("manifest"),
                     top_layer=_check_id(top, "layer id", str(path)) if top else None,
                 )
             )
@@ -398,7 +417,7 @@ def _match(ref: str, images: list[tuple[Store, ImageRecord]]) -> list[tuple[Stor
         name, digest = ref.split("@", 1)
         if not _DIGEST_RE.match(digest):
             raise StorageError(f"invalid digest in {ref!r}: expected sha256:<64 hex digits>")
-        hits = [(s, i) for s, i in images if digest == i.digest or digest in i.digests]
+        hits = [(s, i) for s, i in images if digest in i.digests]
         if name:
             repo, _ = split_tag(name)
             hits = [(s, i) for s, i in hits if any(_repo_matches(repo, n) for n in i.names)]

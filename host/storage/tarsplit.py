@@ -88,6 +88,52 @@ def header_only_kind(segment: Segment) -> str | None:
     return _HEADER_ONLY_TYPES.get(segment.data[offset : offset + 1])
 
 
+_SIZE = slice(124, 136)
+
+
+def is_sparse(segment: Segment) -> bool:
+    """Whether the tar entry whose header ends `segment` is a GNU sparse file: typeflag 'S'
+    (the old GNU format), or `GNU.sparse.*` records in its own PAX header (formats 0.0 to
+    1.0, `tar --sparse --format=pax`). Go's archive/tar hands such a file over expanded, so
+    tar-split records its holes as data the layer's tar does not hold."""
+    data = segment.data
+    if len(data) < _TAR_HEADER:
+        return False
+    end = len(data) - _TAR_HEADER
+    if data[end + _TYPEFLAG : end + _TYPEFLAG + 1] == b"S":
+        return True
+    if b"GNU.sparse." not in data:  # (every other entry stops here)
+        return False
+    # Its PAX header ('x', then the records in whole blocks) ends where its own header starts
+    for start in range(end - _TAR_HEADER, -1, -_TAR_HEADER):
+        block = data[start : start + _TAR_HEADER]
+        if block[_TYPEFLAG : _TYPEFLAG + 1] != b"x":
+            continue
+        try:
+            size = int(block[_SIZE].strip(b"\0 ") or b"0", 8)
+        except ValueError:
+            return False
+        if start + _TAR_HEADER + -(-size // _TAR_HEADER) * _TAR_HEADER != end:
+            return False
+        return any(key.startswith(b"GNU.sparse.") for key in _pax_keys(data[start + _TAR_HEADER : start + _TAR_HEADER + size]))
+    return False
+
+
+def _pax_keys(records: bytes) -> Iterator[bytes]:
+    """The keys of PAX records ("<length> <key>=<value>\n" each), until one is malformed."""
+    pos = 0
+    while pos < len(records):
+        space = records.find(b" ", pos, pos + 20)
+        if space < 0 or not records[pos:space].isdigit():
+            return
+        length = int(records[pos:space])
+        record = records[space + 1 : pos + length]
+        if length <= space - pos or b"=" not in record:
+            return
+        yield record.split(b"=", 1)[0]
+        pos += length
+
+
 _MODE, _UID, _GID = slice(100, 108), slice(108, 116), slice(116, 124)  # ustar octal fields
 _NEEDS = {b"0": 4, b"\0": 4, b"7": 4, b"5": 1}  # typeflag -> permission to open: read, or search
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -22,6 +23,8 @@ import pytest
 import imagebuild
 from imagebuild import MIB, File, ImageSpec
 from procs import kill_child_mid_pull, pids_of
+
+from pycfs.tools.dev import lab
 
 pytestmark = pytest.mark.integration
 
@@ -109,6 +112,73 @@ def test_lookup_forms_and_second_pull(podman_user, multilayer_loaded):
     missing = user.pycfs("--repo", repo, "oci", "pull", "containers-storage:no-such-image", check=False)
     assert missing.returncode == 1
     assert b"pycfs: error: image 'no-such-image' not found" in missing.stderr
+
+
+def test_pull_inside_podman_unshare_reads_the_users_store(podman_user, restrictive_loaded):
+    """What the helper-failure line recommends: `podman unshare pycfs oci pull ...` (euid 0
+    in the user's namespace) read root's store ("/var/lib/containers/storage/overlay-images:
+    permission denied"). It reads the user's, and as namespace root opens every file itself."""
+    user, image = podman_user, restrictive_loaded
+    repo = _init_repo(user)
+    out = user.unshare(user.python, "-m", "pycfs.tools.cli", "--repo", repo, "oci", "pull", "--json",
+                       f"containers-storage:{image.ref}", "un")
+    result = json.loads(out.stdout)
+    assert (result["image_id"], result["manifest"]) == (image.image_id, image.built.manifest_digest)
+    assert result["stats"]["files_via_helper"] == 0 and result["stats"]["layers_already_present"] == 0
+    for diff_id in image.built.diff_ids:
+        assert _layer_sha256(user, repo, diff_id) == diff_id
+
+
+def _relayout(built, dest: Path, top: dict) -> str:
+    """A copy of layout `built` whose index.json names document `top` (stored as a blob);
+    its digest."""
+    shutil.copytree(built.path, dest)
+    raw = json.dumps(top, sort_keys=True).encode()
+    digest = hashlib.sha256(raw).hexdigest()
+    (dest / "blobs/sha256" / digest).write_bytes(raw)
+    media = top.get("mediaType", "application/vnd.oci.image.manifest.v1+json")
+    (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": media, "digest": f"sha256:{digest}", "size": len(raw)}]}))
+    return f"sha256:{digest}"
+
+
+def test_an_image_with_several_manifests_is_pulled_by_each_digest(podman_user, shared_tmp_path):
+    """podman pulls through a manifest list (every multi-arch registry image) and pulls the same
+    image from a second source: images.json has `digest` = the list's, big-data `manifest` =
+    the last source's and a `manifest-<digest>` per manifest, and no `digests` list. Every
+    reference podman accepts finds it (`NAME@<list>` read the list as a manifest, `NAME@<instance>`
+    and `NAME@<second>` were "not found"); the manifest recorded is always the instance's own."""
+    user = podman_user
+    spec = ImageSpec([[File("etc/hello", b"hello\n"), File("data/blob", size=300)]])
+    built = imagebuild.build_layout(spec, shared_tmp_path / "plain")
+    instance = built.manifest_digest
+    arch = json.loads((built.path / "blobs/sha256" / built.config_digest[7:]).read_bytes())["architecture"]
+    size = (built.path / "blobs/sha256" / instance[7:]).stat().st_size
+    listed = _relayout(built, shared_tmp_path / "listed", {
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": instance, "size": size,
+                       "platform": {"architecture": arch, "os": "linux"}}]})
+    manifest = json.loads((built.path / "blobs/sha256" / instance[7:]).read_bytes())
+    second = _relayout(built, shared_tmp_path / "second", {**manifest, "annotations": {"source": "second"}})
+    for layout in ("listed", "second"):
+        user.run(["skopeo", "copy", "--quiet", f"oci:{shared_tmp_path / layout}",
+                  f"containers-storage:localhost/pycfs-test-mm-{layout}:1"])
+    podman_says = user.podman("image", "inspect", "--format", "{{.Id}} {{.Digest}}",
+                              "localhost/pycfs-test-mm-listed:1").stdout.decode().split()
+    assert podman_says == [built.config_digest[7:], listed]  # the one image, known by the list's digest
+    repo = _init_repo(user)
+    for n, (ref, want) in enumerate([
+        (f"localhost/pycfs-test-mm-listed@{listed}", instance),
+        (f"localhost/pycfs-test-mm-listed@{instance}", instance),
+        (f"localhost/pycfs-test-mm-second@{second}", second),
+        (f"@{listed}", instance),
+        ("localhost/pycfs-test-mm-listed:1", second),  # big-data `manifest`: the last pulled
+    ]):
+        result = _pull(user, repo, f"containers-storage:{ref}", f"t{n}")
+        assert (result["image_id"], result["manifest"]) == (built.config_digest[7:], want), ref
+        assert os.readlink(repo / f"streams/refs/oci/t{n}") == f"../../oci-manifest-{want}"
+        raw = user.pycfs("--repo", repo, "cat", f"oci-manifest-{want}").stdout
+        assert "sha256:" + hashlib.sha256(raw).hexdigest() == want  # (the stream holds the manifest itself)
 
 
 def _used_bytes(path: Path) -> int:
@@ -239,29 +309,59 @@ def test_restrictive_files_need_the_helper(podman_user, image_cache):
         assert _layer_sha256(user, repo, diff_id) == diff_id
 
 
-def test_a_file_closed_to_the_user_in_an_additional_store_is_one_line(podman_user, image_cache):
-    """The helper opens a layer's files beneath the primary store only: a closed file of an
-    image found in an additional image store was asked of it there (a layer it does not
-    have). Now one line says where the file is and who can help."""
-    user = podman_user
-    image = image_cache.load(user, "restrictive")
-    repo = _init_repo(user)
+def _empty_primary(user) -> tuple[Path, Path]:
+    """A store with no images and a storage.conf making it the primary; (its root, the conf)."""
     primary = user.tmpdir("primary-")
     for d in ("overlay-images", "overlay-layers"):
         (primary / d).mkdir()
         os.chown(primary / d, user.uid, user.gid)
-    conf = primary / "storage.conf"
+    return primary, primary / "storage.conf"
+
+
+def test_files_closed_to_the_user_in_an_additional_store_they_own_come_through_the_helper(podman_user, image_cache):
+    """The image is in an additional image store whose root the user owns (its files the
+    user's sub-uids', as the primary store's): the helper opens them beneath that store's
+    root. It was refused: the helper opened files beneath the primary store only."""
+    user = podman_user
+    image = image_cache.load(user, "restrictive")
+    repo = _init_repo(user)
+    primary, conf = _empty_primary(user)
     conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{primary}"\nrootless_storage_path = "{primary}"\n'
                     f'[storage.options]\nadditionalimagestores = ["{user.storage_root}"]\n')
-    refused = user.pycfs("--repo", repo, "oci", "pull", f"containers-storage:{image.ref}", check=False,
-                         env={"CONTAINERS_STORAGE_CONF": str(conf)})
+    out = user.pycfs("--repo", repo, "oci", "pull", "--json", f"containers-storage:{image.ref}",
+                     env={"CONTAINERS_STORAGE_CONF": str(conf)})
+    result = json.loads(out.stdout)
+    assert result["stats"]["files_via_helper"] >= 3, result["stats"]
+    for diff_id in image.built.diff_ids:
+        assert _layer_sha256(user, repo, diff_id) == diff_id
+
+
+def test_a_file_closed_to_the_user_in_an_additional_store_of_another_owner_is_one_line(podman_user, shared_tmp_path):
+    """An additional image store whose root is not the user's (root's here): the helper does
+    not open files there, and one line says where the file is and who can help."""
+    user = podman_user
+    spec = ImageSpec([[imagebuild.Dir("home/u", mode=0o700, uid=1000, gid=1000),
+                       File("home/u/secret", data=b"secret" * 20, mode=0o600, uid=1000, gid=1000)]])
+    built = imagebuild.build_layout(spec, shared_tmp_path / "closed")
+    other = user.tmpdir("other-store-") / "storage"
+    other_conf = other.parent / "storage.conf"
+    other_conf.write_text(lab.storage_conf_text(other))
+    user.run(["skopeo", "copy", "--quiet", f"oci:{built.path}", "containers-storage:localhost/pycfs-test-closed:1"],
+             env={"CONTAINERS_STORAGE_CONF": str(other_conf)})
+    os.chown(other, 0, 0)  # (its contents stay as podman wrote them)
+    os.chmod(other, 0o755)
+    repo = _init_repo(user)
+    primary, conf = _empty_primary(user)
+    conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{primary}"\nrootless_storage_path = "{primary}"\n'
+                    f'[storage.options]\nadditionalimagestores = ["{other}"]\n')
+    refused = user.pycfs("--repo", repo, "oci", "pull", "containers-storage:localhost/pycfs-test-closed:1",
+                         check=False, env={"CONTAINERS_STORAGE_CONF": str(conf)})
     err = refused.stderr.decode()
     assert refused.returncode == 1 and err.count("error") == 1, err
-    assert re.search(r"^pycfs: error: permission denied reading .* \(layer [0-9a-f]{12}, .*\)( \(and \d+ more\))?: "
-                        r"it is in an additional image store, where the helper does not open files; its owner can "
-                        r"make it readable\n\Z", err, re.M), err
+    assert re.search(r"^pycfs: error: permission denied reading home/u/secret \(layer [0-9a-f]{12}, .*\): it is in "
+                     rf"additional image store {other}, whose root is not yours, and the helper opens files only in "
+                     r"stores you own; the store's owner can make the file readable\n\Z", err, re.M), err
     assert not any((repo / "streams").glob("oci-layer-*"))
-
 
 
 def test_worker_killed_mid_import(podman_user, shared_tmp_path):
@@ -287,3 +387,29 @@ def test_worker_killed_mid_import(podman_user, shared_tmp_path):
         + result["stats"]["objects_already_present"] == 3000
     assert _layer_sha256(user, repo, built.diff_ids[0]) == built.diff_ids[0]
     assert set(pids_of(user.uid, worker)) - before == set()  # none left behind
+
+
+def test_a_layer_with_a_sparse_file_is_refused_with_what_to_do(podman_user, shared_tmp_path):
+    """`tar --sparse --format=pax` then `podman import`: c/storage's tar-split records the
+    expanded file where the tar holds a sparse map, so the layer cannot be rebuilt. The pull
+    called the store damaged ("pull the image with podman again": no help); now one line
+    names the sparse file and says to rebuild the layer without --sparse."""
+    user = podman_user
+    src = shared_tmp_path / "sparse"
+    src.mkdir()
+    (src / "dense").write_bytes(b"d" * 70_000)
+    with open(src / "holes", "wb") as f:
+        f.truncate(3 << 20)
+        f.seek(1 << 20)
+        f.write(b"data")
+    tar = shared_tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", "--format=pax", "-cf", tar, "-C", src, "."], check=True)
+    os.chmod(tar, 0o644)
+    user.podman("import", "-q", str(tar), "localhost/pycfs-test-sparse:1")
+    repo = _init_repo(user)
+    refused = user.pycfs("--repo", repo, "oci", "pull", "containers-storage:localhost/pycfs-test-sparse:1", "sp",
+                         check=False)
+    err = refused.stderr.decode().splitlines()
+    assert refused.returncode == 1 and err[-1].startswith("pycfs: error: the layer holds sparse file holes (layer "), err
+    assert "containers-storage cannot describe" in err[-1] and "without --sparse" in err[-1], err
+    assert not list((repo / "streams").glob("oci-layer-*"))

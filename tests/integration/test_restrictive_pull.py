@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from pycfs.host.oci.layer import iter_layer_entries, layer_stream_name
 from pycfs.host.repository import Repository
 from pycfs.host.splitstream import CONTENT_OCI_LAYER
 from pycfs.host.tree import External, Inline
+from pycfs.tools.dev import lab
 
 # (path in the image, why the user cannot open it directly)
 RESTRICTIVE = {
@@ -141,3 +143,58 @@ def test_a_reader_of_the_storage_does_not_hold_up_the_pull_exit(podman_user, sha
             os.close(fd)
     assert status == 0, err
     assert ended - taken[0] < 3.5, ended - taken[0]
+
+
+NOSUB_USER = "pycfs-test-nosub"
+
+
+def _is_mine(line: str) -> bool:
+    return line.startswith(f"{NOSUB_USER}:")
+
+
+def _rewrite(path: str, mine: list[str]) -> None:
+    """The file with NOSUB_USER's lines replaced by `mine`."""
+    kept = [line for line in Path(path).read_text().splitlines(keepends=True) if not _is_mine(line)]
+    tmp = Path(path + ".pycfs-test")
+    tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept + mine))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def test_without_a_subuid_range_the_helper_failure_says_so(session_dir, user_python, image_cache):
+    """The user's /etc/subuid and /etc/subgid ranges are gone (after the image was pulled):
+    `podman unshare` maps only the user's own id, so the helper cannot open files of the
+    store's other ids either. The one line said "the helper cannot open ...: Permission
+    denied"; now it says what is missing and what to do. A user of its own: the session's
+    test user keeps its ranges for the other tests."""
+    with lab.locked("users"):
+        pw = lab.ensure_user(NOSUB_USER)
+        home = Path(pw.pw_dir)
+        conf = home / ".config/containers/storage.conf"
+        lab.write_as(conf, lab.storage_conf_text(), pw.pw_uid, pw.pw_gid)
+    user = lab.PodmanUser(pw.pw_name, pw.pw_uid, pw.pw_gid, home, home / ".local/share/containers/storage",
+                          user_python, session_dir, conf)
+    lab.check_overlay(user)
+    image = image_cache.load(user, "restrictive")
+    repo = user.tmpdir("nosub-") / "repo"
+    user.pycfs("--repo", repo, "init")
+    with lab.locked("users"):  # (usermod --del-subuids refuses while podman's pause process runs)
+        mine = {path: [line for line in Path(path).read_text().splitlines(keepends=True) if _is_mine(line)]
+                for path in ("/etc/subuid", "/etc/subgid")}
+        for path in mine:
+            _rewrite(path, [])
+    try:
+        user.podman("system", "migrate")
+        assert user.unshare("cat", "/proc/self/uid_map").stdout.split() == [b"0", str(pw.pw_uid).encode(), b"1"]
+        refused = user.pycfs("--repo", repo, "oci", "pull", f"containers-storage:{image.ref}", check=False)
+        err = refused.stderr.decode()
+        assert refused.returncode == 1 and err.count("error") == 1, err
+        assert re.search(r"^pycfs: error: the helper cannot open \S+ \(layer [0-9a-f]{12}, .*\) \(Permission denied\): "
+                            rf"`podman unshare` maps only your uid \(no /etc/subuid or /etc/subgid range for {NOSUB_USER}\): "
+                            r"add one and run `podman system migrate`\n\Z", err, re.M), err
+    finally:
+        with lab.locked("users"):
+            for path, lines in mine.items():
+                _rewrite(path, lines)
+        user.podman("system", "migrate")
+    assert pull(user, repo, image.ref)["stats"]["files_via_helper"] >= len(RESTRICTIVE) - 1

@@ -149,8 +149,13 @@ class FakeStore:
         d.mkdir(parents=True, exist_ok=True)
         (d / big_data_name(config_digest)).write_bytes(config)
         (d / big_data_name("manifest")).write_bytes(manifest)
-        rec = {"id": image_id, "digest": manifest_digest, "digests": [manifest_digest], "names": names,
-               "layer": layers[-1].id if layers else None}
+        (d / big_data_name(f"manifest-{manifest_digest}")).write_bytes(manifest)
+        # As podman writes it: no `digests` (c/storage derives them from the big-data digests)
+        rec = {"id": image_id, "digest": manifest_digest, "names": names,
+               "layer": layers[-1].id if layers else None,
+               "big-data-names": [config_digest, f"manifest-{manifest_digest}", "manifest"],
+               "big-data-digests": {config_digest: config_digest, f"manifest-{manifest_digest}": manifest_digest,
+                                    "manifest": manifest_digest}}
         self.images.append(rec)
         (self.images_dir / "images.json").write_text(json.dumps(self.images))
         return {**rec, "config": config, "manifest": manifest, "manifest_digest": manifest_digest}

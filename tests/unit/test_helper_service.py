@@ -232,6 +232,9 @@ def test_request_level_errors(served):
     assert m.obj["error"]["code"] == -32602
     m = client.call("write_file", {"path": "x"})
     assert m.obj["error"]["code"] == -32601
+    for bad_store in (1, -1, "0", True):  # only the primary store is served here
+        m = client.call(api.OPEN_FILES, {"layer": LAYER, "paths": ["etc/hostname"], "store": bad_store})
+        assert m.obj["error"]["code"] == -32602 and "store" in m.obj["error"]["data"], bad_store
     assert m.fds == []
 
 
@@ -380,6 +383,40 @@ def test_hardened_helper_through_helperclient(storage):
     assert open_fd_count() == before
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     assert snapshot(storage) == before_tree
+
+
+@needs_userns
+def test_the_helper_opens_files_in_the_additional_stores_the_user_owns(tmp_path, storage):
+    """An additional image store whose root you own (its files your sub-uids', as the
+    primary's) is served, confined beneath its own root as the primary is; one owned by
+    another user is neither passed to the helper nor accepted by it (it was: neither, and
+    a closed file in any additional store was an error)."""
+    extra = tmp_path / "extra"
+    build_layer(extra / "vfs" / "dir" / OTHER)
+    foreign = tmp_path / "foreign"
+    build_layer(foreign / "overlay" / LAYER / "diff")
+    os.chown(foreign, 1000, 1000)
+
+    async def main():
+        async with client_for(storage, additional_stores=[(extra, "vfs"), (foreign, "overlay")]) as helper:
+            assert helper.serves(storage) and helper.serves(extra) and not helper.serves(foreign)
+            results = await helper.open_files(OTHER, ["secret", "../x", "link-out"], extra)
+            assert os.pread(results[0], 10, 0) == b"s3cret"
+            assert [(type(r), r.reason) for r in results[1:]] == [(HelperPathError, "dotdot-component"),
+                                                                  (HelperPathError, "symlink")]
+            helper.release(results[0])
+            with pytest.raises(PycfsError, match="no such layer"):  # OTHER is in the additional store only
+                await helper.open_files(OTHER, ["secret"])
+            with pytest.raises(ValueError, match="not a store it serves"):
+                await helper.open_files(LAYER, ["secret"], foreign)
+
+    trio.run(main)
+    a, b = socket.socketpair()
+    with a, b:
+        refused = subprocess.run(["unshare", "-r", sys.executable, "-B", "-m", "pycfs.helper", "--storage-root",
+                                  str(storage), "--driver", "overlay", "--additional-store", f"overlay:{foreign}"],
+                                 stdin=b, capture_output=True, cwd="/", timeout=30)
+    assert refused.returncode == 2 and b"is not owned by the user the helper runs for" in refused.stderr
 
 
 @needs_userns

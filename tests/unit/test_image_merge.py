@@ -92,3 +92,24 @@ def test_layers_that_do_not_stack_are_refused_naming_the_layer_and_why() -> None
     assert str(e.value) == (f"layer sha256:{'2' * 64}: /a/x: a parent is not a directory: the image's layers do "
                             "not stack into one tree (the image is damaged or crafted: no EROFS image can be "
                             "made of it)")
+
+
+@pytest.mark.parametrize("layer, root", [
+    ([entry(b"/app", "dir"), entry(b"/app/x", "file")], (0o555, 0, 0)),  # FROM scratch + COPY: was mode 0
+    ([LayerEntry(b"", Stat(0o700, 5, 0, 7), DirEntry()), entry(b"/app", "dir")], (0o700, 5, 7)),  # "./": its own
+    ([entry(b"/usr", "dir", 3), entry(b"/app", "dir")], (0o755, 3, 1_700_000_003)),  # /usr's (composefs-rs)
+])  # fmt: skip
+def test_the_root_without_an_entry_is_what_containers_storage_makes(layer, root) -> None:
+    """An image with no "./" entry and no /usr mounted as d--------- (mode 0, as composefs-rs
+    starts, which refuses such images): its root is now what c/storage makes (0555, `podman
+    image mount` shows it), mtime 0. A root entry or /usr decides as before."""
+    from pycfs.host.oci.merge import ImageTree
+
+    diff_id, layer_id = "sha256:" + "1" * 64, b"\1" * 32
+    fs = build_filesystem(None, [diff_id], {diff_id: layer_id}, parsed={layer_id: layer})  # type: ignore[arg-type]
+    assert (fs.root.stat.mode, fs.root.stat.uid, fs.root.stat.mtime_sec) == root
+    tree = ImageTree(None)  # type: ignore[arg-type]
+    tree.apply(layer)
+    tree.end_layer(layer_id)
+    built = tree.filesystem([layer_id])
+    assert built is not None and (built.root.stat.mode, built.root.stat.uid, built.root.stat.mtime_sec) == root

@@ -91,6 +91,29 @@ def test_rootless_storage_path_expands_variables(home, tmp_path):
     assert c.graphroot == root and c.source == str(conf)
 
 
+def test_inside_podman_unshare_the_store_is_the_rootless_users(home, tmp_path, monkeypatch):
+    """`podman unshare pycfs ...` runs with euid 0: it read root's storage.conf and store
+    (/var/lib/containers/storage). As c/storage, the uid podman left in
+    _CONTAINERS_ROOTLESS_UID picks the user's file, graphroot and $UID; without
+    _CONTAINERS_USERNS_CONFIGURED, or as another euid, the variable means nothing."""
+    mine = _store(tmp_path / "u1000" / "store")
+    _write(home / ".config/containers/storage.conf",
+           f'[storage]\ndriver = "overlay"\nrootless_storage_path = "{tmp_path}/u$UID/store"\n')
+    roots = _store(tmp_path / "rootstore")
+    _write(Path(cfg.SYSTEM_CONFS[0]), f'[storage]\ndriver = "overlay"\ngraphroot = "{roots}"\n')
+    unshare = {"HOME": str(home), "_CONTAINERS_USERNS_CONFIGURED": "done", "_CONTAINERS_ROOTLESS_UID": "1000",
+               "CONTAINERS_GRAPHROOT": str(tmp_path / "not-read")}
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    c = load_storage_config(env=unshare)
+    assert (c.graphroot, c.source) == (mine, str(home / ".config/containers/storage.conf"))
+    for env in ({**unshare, "_CONTAINERS_USERNS_CONFIGURED": ""}, {**unshare, "_CONTAINERS_ROOTLESS_UID": ""}):
+        assert load_storage_config(env=env).graphroot == roots
+    with pytest.raises(PycfsError, match="_CONTAINERS_ROOTLESS_UID is 'x1', not a uid"):
+        load_storage_config(env={**unshare, "_CONTAINERS_ROOTLESS_UID": "x1"})
+    monkeypatch.setattr(os, "geteuid", lambda: 1001)
+    assert cfg.storage_uid(unshare) == 1001
+
+
 def test_root_uses_graphroot_and_additional_stores(home, tmp_path):
     root = _store(tmp_path / "rootstore")
     extra = tmp_path / "extra"

@@ -558,7 +558,7 @@ def test_helper_gate_starts_the_helper_once_for_concurrent_callers(tmp_path):
             self.info = {"pid": 1}
             return self.info
 
-        async def open_files(self, layer_id, paths):
+        async def open_files(self, layer_id, paths, store=None):
             calls.append("open")
             return []
 
@@ -776,7 +776,7 @@ class _WarmHelper:
         self.info = {"pid": 2}
         return self.info
 
-    async def open_files(self, layer_id, paths):
+    async def open_files(self, layer_id, paths, store=None):
         self.calls.append(("open", list(paths)))
         return []
 

@@ -214,31 +214,80 @@ def test_a_damaged_lower_file_is_one_error(tmp_path, damage, why):
         store.lower_layer_ids(top.id)
 
 
+def _add_manifest(fake: FakeStore, img: dict, raw: bytes, *, last: bool) -> str:
+    """Record one more manifest of the image as c/image does on a second pull (or a pull
+    through a list): big-data `manifest-<digest>`, and `manifest` when it is the one pulled
+    last; images.json keeps its first `digest` and gets no `digests` list."""
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    folder = fake.images_dir / img["id"]
+    (folder / big_data_name(f"manifest-{digest}")).write_bytes(raw)
+    images = json.loads((fake.images_dir / "images.json").read_text())
+    images[0]["big-data-names"].append(f"manifest-{digest}")
+    images[0]["big-data-digests"][f"manifest-{digest}"] = digest
+    if last:
+        (folder / big_data_name("manifest")).write_bytes(raw)
+        images[0]["big-data-digests"]["manifest"] = digest
+    (fake.images_dir / "images.json").write_text(json.dumps(images))
+    return digest
+
+
 def test_the_manifest_read_is_the_one_asked_for_or_recorded(tmp_path):
-    """`NAME@sha256:A` of an image known by two manifests read the one in `manifest` (B) and
-    tagged it as A; an edited `manifest` was taken as it was."""
+    """An image pulled from two sources (podman: `digest` the first's, `manifest` the last's,
+    a `manifest-<digest>` for each, no `digests` field): `NAME@sha256:A` reads A, the other
+    digest reads its own (it was "not found": the digests were read from a field c/storage
+    never writes); an edited `manifest` is refused."""
     from pycfs.host.storage.image import read_image
 
     fake = FakeStore(tmp_path / "storage", "overlay")
     base = fake.add_layer({"a": b"base"})
     img = fake.add_image([base], ["localhost/x:latest"])
     other = json.dumps({**json.loads(img["manifest"]), "annotations": {"v": "2"}}).encode()
-    other_digest = "sha256:" + hashlib.sha256(other).hexdigest()
-    images = json.loads((fake.images_dir / "images.json").read_text())
-    images[0]["digests"] = [img["manifest_digest"], other_digest]
-    (fake.images_dir / "images.json").write_text(json.dumps(images))
-    folder = fake.images_dir / img["id"]
-    (folder / big_data_name(f"manifest-{other_digest}")).write_bytes(other)
+    other_digest = _add_manifest(fake, img, other, last=True)
     storage = _storage(fake)
-    assert read_image(storage, "localhost/x:latest").manifest_digest == img["manifest_digest"]
-    pinned = read_image(storage, f"localhost/x@{other_digest}")
-    assert (pinned.manifest_digest, pinned.manifest) == (other_digest, other)
-    (folder / big_data_name(f"manifest-{other_digest}")).unlink()  # only `manifest` (B) left
-    with pytest.raises(StorageError, match=f"is {img['manifest_digest']}, not {other_digest}: the store is damaged"):
-        read_image(storage, f"localhost/x@{other_digest}")
-    (folder / big_data_name("manifest")).write_bytes(img["manifest"] + b" ")
+    assert storage.primary.images()[0].digests == (img["manifest_digest"], other_digest)
+    assert read_image(storage, "localhost/x:latest").manifest_digest == other_digest
+    for digest, raw in ((img["manifest_digest"], img["manifest"]), (other_digest, other)):
+        for name in ("localhost/x", "x", ""):
+            pinned = read_image(storage, f"{name}@{digest}")
+            assert (pinned.manifest_digest, pinned.manifest) == (digest, raw)
+    folder = fake.images_dir / img["id"]
+    (folder / big_data_name(f"manifest-{img['manifest_digest']}")).unlink()  # only `manifest` (other) left
+    with pytest.raises(StorageError, match=f"is {other_digest}, not {img['manifest_digest']}: the store is damaged"):
+        read_image(storage, f"localhost/x@{img['manifest_digest']}")
+    (folder / big_data_name("manifest")).write_bytes(other + b" ")
     with pytest.raises(StorageError, match="not one of the digests containers-storage records for it"):
         read_image(storage, "localhost/x:latest")
+
+
+@pytest.mark.parametrize("media_type", ["application/vnd.oci.image.index.v1+json",
+                                        "application/vnd.docker.distribution.manifest.list.v2+json", None])
+def test_an_image_pulled_through_a_manifest_list_is_found_by_either_digest(tmp_path, media_type):
+    """podman pulling through a list records `digest` = the list's and keeps the list as
+    `manifest-<list digest>`, the instance as `manifest` and `manifest-<instance digest>`.
+    `NAME@<list>` read the list as the image's manifest ("has no config digest"),
+    `NAME@<instance>` was not found; both now give the instance, its digest what is recorded."""
+    from pycfs.host.storage.image import read_image
+
+    fake = FakeStore(tmp_path / "storage", "overlay")
+    base = fake.add_layer({"a": b"base"})
+    img = fake.add_image([base], ["localhost/x:latest"])
+    instance = img["manifest_digest"]
+    listed = [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:" + "1" * 64, "size": 1},
+              {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": instance, "size": 9}]
+    index = json.dumps({"schemaVersion": 2, **({"mediaType": media_type} if media_type else {}),
+                        "manifests": listed}).encode()
+    list_digest = _add_manifest(fake, img, index, last=False)
+    images = json.loads((fake.images_dir / "images.json").read_text())
+    images[0]["digest"] = list_digest
+    (fake.images_dir / "images.json").write_text(json.dumps(images))
+    storage = _storage(fake)
+    for ref in (f"localhost/x@{list_digest}", f"localhost/x@{instance}", f"@{list_digest}", "localhost/x:latest"):
+        source = read_image(storage, ref)
+        assert (source.manifest_digest, source.manifest) == (instance, img["manifest"]), ref
+    # A list not naming the image's manifest: the store is damaged, not a manifest without config
+    other_list = _add_manifest(fake, img, json.dumps({"schemaVersion": 2, "manifests": listed[:1]}).encode(), last=False)
+    with pytest.raises(StorageError, match=f"pulled through manifest list {other_list}, but none of its manifests"):
+        read_image(storage, f"localhost/x@{other_list}")
 
 
 def test_a_missing_image_among_a_huge_or_long_named_store_is_one_short_line(tmp_path):

@@ -197,3 +197,41 @@ def test_a_line_nested_too_deeply_is_one_error():
     data = gzip.compress(b"[" * 100_000 + b"]" * 100_000 + b"\n")
     with pytest.raises(tarsplit.TarSplitError, match="nests too deeply"):
         list(tarsplit.iter_entries(io.BytesIO(data), "deep"))
+
+
+def _header_end(data: bytes, pos: int) -> int:
+    """Where the entry whose first header block is at pos ends its headers (extension
+    headers and their records, then its own): where tar-split ends the segment before it
+    (a PAX 1.0 sparse map, after that, is read by Go as the file's data)."""
+    while data[pos + 156 : pos + 157] in (b"x", b"g", b"L", b"K"):
+        pos += 512 + -(-int(data[pos + 124 : pos + 136].strip(b"\0 "), 8) // 512) * 512
+    return pos + 512
+
+
+@pytest.mark.parametrize("tar_format", ["pax", "gnu", "posix"])
+def test_is_sparse_sees_gnu_sparse_entries_and_nothing_else(tmp_path, tar_format):
+    """GNU tar --sparse writes typeflag 'S' (gnu) or GNU.sparse.* PAX records (pax, posix):
+    the segment before such an entry says so. A plain file, even one named like a PAX
+    sparse record, with its own PAX header (a long name), does not."""
+    import shutil
+    import subprocess
+
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar is not installed")
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "holes", "wb") as f:
+        f.truncate(3 << 20)
+        f.seek(1 << 20)
+        f.write(b"data")
+    decoy = "12 GNU.sparse.major=1\n" + "n" * 120  # a PAX path record holds it
+    (src / decoy).write_bytes(b"plain")
+    out = tmp_path / "x.tar"
+    subprocess.run(["tar", "--sparse", f"--format={tar_format}", "-cf", out, "-C", src, "holes", decoy], check=True)
+    data = out.read_bytes()
+    with tarfile.open(out) as tf:
+        members = {m.name: m for m in tf.getmembers()}
+    for name, member in members.items():
+        segment = Segment(b"\0" * 100 + data[member.offset:_header_end(data, member.offset)])  # padding first
+        assert tarsplit.is_sparse(segment) is (name == "holes"), name
+    assert members["holes"].issparse()
