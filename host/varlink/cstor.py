@@ -161,7 +161,10 @@ class _Producer:
         if size > MAX_INLINE_CHUNK_SIZE:
             raise PycfsError(f"{os.fsdecode(relpath)} ({size} bytes) is readable only through the helper and too "
                              f"large for one InlineData chunk ({MAX_INLINE_CHUNK_SIZE} bytes)")
-        (got,) = await self.helper.open_files(self.layer_id, [relpath])
+        if not self.helper.serves(self.store.root):
+            raise PycfsError(f"{os.fsdecode(relpath)} in layer {self.layer_id[:12]} is readable only by container uids, "
+                             f"and its store {self.store.root} is not yours: the helper opens files only in your stores")
+        (got,) = await self.helper.open_files(self.layer_id, [relpath], store=self.store.root)
         if isinstance(got, OSError):
             raise PycfsError(f"the helper cannot open {os.fsdecode(relpath)}: {got.strerror}")
         try:

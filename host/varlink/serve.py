@@ -48,7 +48,8 @@ async def open_cstor_service(storage_root: str | None, helper: str = "auto") -> 
     from pycfs.host.varlink.cstor import CstorInterface
 
     storage = Storage.from_config(load_storage_config(storage_root))
-    async with HelperClient(storage.primary.root, storage.primary.driver, policy=helper) as client, \
+    async with HelperClient(storage.primary.root, storage.primary.driver, policy=helper,
+                            additional_stores=[(s.root, s.driver) for s in storage.stores[1:]]) as client, \
             trio.open_nursery() as nursery:
         if client.enabled:
             # Now, before any GetLayer holds the storage locks: `podman unshare` waits for them.

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from test_cstorage_pull import _empty_primary
 from test_restrictive_pull import layer_contents
 
 from pycfs.host.oci.layer import layer_stream_name
@@ -26,10 +27,10 @@ RESTRICTIVE = [b"/etc/shadow", b"/home/user/secret.txt", b"/home/user/tiny", b"/
                b"/root/big-secret.bin"]
 
 
-def _serve_as(user, sock: str) -> subprocess.Popen:
+def _serve_as(user, sock: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     argv = ["runuser", "-u", user.name, "--", str(user.python), "-m", "pycfs.tools.cli", "varlink", "serve",
             "--containers-storage", "--address", f"unix:{sock}"]
-    proc = subprocess.Popen(argv, cwd=user.home, env=user.environ(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(argv, cwd=user.home, env={**user.environ(), **(env or {})}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 30
     while not os.path.exists(sock):
@@ -93,3 +94,27 @@ def test_copy_from_a_containers_storage_service(podman_user, restrictive_loaded,
         _stop(proc)
         print("service stderr:", proc.stderr.read().decode() if proc.stderr else "")
     assert proc.returncode in (0, 130), proc.returncode  # 130: stopped by the SIGINT above
+
+
+def test_copy_from_a_service_of_an_additional_store_the_user_owns(podman_user, restrictive_loaded) -> None:
+    """The image in an additional image store whose root the user owns: files only container
+    uids may read come through the helper beneath that store (the service's helper was
+    started for the primary store only, and looked the layer up there)."""
+    user = podman_user
+    work = user.tmpdir("cstor-add-")
+    primary, conf = _empty_primary(user)
+    conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{primary}"\nrootless_storage_path = "{primary}"\n'
+                    f'[storage.options]\nadditionalimagestores = ["{user.storage_root}"]\n')
+    sock = str(work / "cstor.sock")
+    proc = _serve_as(user, sock, {"CONTAINERS_STORAGE_CONF": str(conf)})
+    try:
+        repo = work / "repo"
+        user.pycfs("--repo", repo, "init")
+        result = json.loads(user.pycfs("--repo", repo, "oci", "copy", restrictive_loaded.ref, "--from", f"unix:{sock}",
+                                       "--name", "r", "--json").stdout)
+        assert result["manifest_digest"] == restrictive_loaded.built.manifest_digest
+        for diff_id in restrictive_loaded.built.diff_ids:
+            assert _layer_digest(repo, diff_id) == diff_id
+    finally:
+        _stop(proc)
+        print("service stderr:", proc.stderr.read().decode() if proc.stderr else "")
