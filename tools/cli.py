@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
-
-from pycfs.host.errors import first_error, user_message
 
 # Order is the order of `pycfs --help`.
 COMMAND_MODULES = ["repo", "oci", "ostree", "erofs", "mount", "varlink"]
@@ -26,16 +25,22 @@ class Parser(argparse.ArgumentParser):
     then lists a command without importing what the command needs."""
 
     def __init__(self, *args: Any, populate: Callable[[argparse.ArgumentParser], None] | None = None,
-                 **kwargs: Any) -> None:
+                 command: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._populate = populate
+        self._command = command
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         if self._populate is not None:
             populate, self._populate = self._populate, None
             populate(self)
         self._args = list(sys.argv[1:] if args is None else args)
-        return super().parse_known_args(args, namespace)
+        known, extras = super().parse_known_args(args, namespace)
+        if extras and self._command:
+            # A sub-command's own: argparse would hand them up to `pycfs`, whose usage
+            # line then shows instead of the command's.
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return known, extras
 
     def error(self, message: str) -> NoReturn:
         # argparse checks for a missing sub-command before it reports options it did not
@@ -64,6 +69,7 @@ class _Version(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
+        command=False,
         prog="pycfs",
         description="composefs repositories, images and rootless container-image import.",
     )
@@ -80,28 +86,55 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from pycfs.host.syscalls import raise_open_file_limit
-
-    raise_open_file_limit()
     try:
+        args = build_parser().parse_args(argv)
+        from pycfs.host.syscalls import raise_open_file_limit
+
+        raise_open_file_limit()
         return int(args.handler(args) or 0)
+    except SystemExit:
+        raise  # argparse's usage error (printed), --help and --version
     except BaseException as exc:  # the one place every failure becomes a line
-        e = first_error(exc)
-        if isinstance(e, KeyboardInterrupt):
-            print("pycfs: interrupted", file=sys.stderr)
-            return 130
-        if isinstance(e, BrokenPipeError):
-            # `pycfs cat X | head`: the reader left, nothing to report.
-            sys.stderr.close()
-            return 0
-        if isinstance(e, SystemExit):
-            raise
-        if os.environ.get("PYCFS_DEBUG"):
-            raise
-        print(f"pycfs: error: {user_message(e)}", file=sys.stderr)
-        return 1
+        return failed(exc)
+
+
+def failed(exc: BaseException) -> int:
+    """The line for what ended a command, on stderr, and the status it exits with."""
+    from pycfs.host.errors import first_error, user_message
+    from pycfs.tools.stdio import SIGPIPE_STATUS, StdoutGone
+
+    e = first_error(exc)
+    if isinstance(e, KeyboardInterrupt):
+        print(f"pycfs: {'terminated' if _terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if _terminated else signal.SIGINT)
+    if isinstance(e, StdoutGone):
+        return SIGPIPE_STATUS  # `pycfs fsck | head -1`: no line, but not success either
+    if isinstance(e, SystemExit):
+        raise e
+    if os.environ.get("PYCFS_DEBUG"):
+        raise exc
+    print(f"pycfs: error: {user_message(e)}", file=sys.stderr)
+    return 1
+
+
+_terminated = False
+_PID = os.getpid()
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM unwinds as Ctrl-C does (every command's cleanup runs: temporary files, locks,
+    workers), through SIGINT's handler of the moment, trio's while it runs (it delivers
+    the interrupt at a checkpoint)."""
+    global _terminated
+    if os.getpid() != _PID:  # a forked worker inherited this: it dies as SIGTERM's default has it
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    _terminated = True
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):  # SIGINT ignored (started with `&` by a script): SIGTERM still ends it
+        handler = signal.default_int_handler
+    handler(signal.SIGINT, frame)
 
 
 def run() -> NoReturn:
@@ -112,20 +145,22 @@ def run() -> NoReturn:
     is left to it: files are written and closed, synced where it matters, and children reaped
     by the command itself; what is buffered for stdout and stderr is flushed here."""
     try:
+        signal.signal(signal.SIGTERM, _terminate)
+        from pycfs.tools.stdio import set_up
+
+        set_up()  # before anything opens a file
         status = main()
     except SystemExit as exc:
         if not (exc.code is None or isinstance(exc.code, int)):
             raise  # a message for the interpreter to print
         status = exc.code or 0
-    for stream in (sys.stdout, sys.stderr):
-        if stream is None or stream.closed:
-            continue  # started without it, or main closed it (the reader left)
-        try:
-            stream.flush()
-        except BrokenPipeError:
-            pass  # the reader left: as in main, nothing to report
-        except (OSError, ValueError):
-            status = status or 1  # output lost (a full disk, a closed stream)
+    except BaseException as exc:  # Ctrl-C before main's handler, or a closed stdout
+        status = failed(exc)
+    try:
+        sys.stdout.flush()
+    except BaseException as exc:  # what the command left buffered could not be written
+        status = status or failed(exc)
+    sys.stderr.flush()  # (it drops what it cannot write)
     os._exit(status)
 
 

@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # imported where a repository is opened: parsing a command li
 def default_repo_path() -> str:
     """Like cfsctl: ~/.var/lib/composefs for users, /sysroot/composefs for root; $PYCFS_REPO wins."""
     if "PYCFS_REPO" in os.environ:
+        if not os.environ["PYCFS_REPO"]:  # an unset shell variable, more likely than a wish for the default
+            raise PycfsError("PYCFS_REPO is set but empty: set it to a repository's path, or unset it for the default")
         return os.environ["PYCFS_REPO"]
     if os.geteuid() == 0:
         return "/sysroot/composefs"
@@ -27,6 +29,8 @@ def default_repo_path() -> str:
 
 
 def repo_path(args: argparse.Namespace) -> str:
+    if args.repo == "":
+        raise PycfsError("--repo is empty: name the repository's path")
     return args.repo or default_repo_path()
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 # Imported by each command as it runs (`pycfs --help` and other commands need none of them).
 from pycfs.host.errors import PycfsError, user_message
+from pycfs.protocol.text import printable
 
 if TYPE_CHECKING:
     from pycfs.host.oci.result import PullResult
@@ -24,7 +25,7 @@ def _print_pull(repo: Repository, result: PullResult) -> None:
     for version, image_id in sorted(result.images.items()):
         print(f"image {repo.alg}:{image_id.hex()} (EROFS v{version})")
     if result.tag is not None:
-        print(f"tagged {result.tag}")
+        print(f"tagged {printable(result.tag)}")
     print(f"took {result.seconds:.2f}s", file=sys.stderr)
 
 
@@ -132,11 +133,9 @@ def cmd_images(args: argparse.Namespace) -> int:
     elif not images:
         print("no tagged images", file=sys.stderr)
     else:
-        from pycfs.protocol.text import printable
-
         # (a tag is anyone's text, a varlink client's say: controls in it are shown escaped)
         tags = [printable(i["tag"]) for i in images]
-        width = max(map(len, tags))
+        width = max(len("TAG"), *map(len, tags))
         print(f"{'TAG':<{width}}  {'MANIFEST':<19}  {'CONFIG':<19}  LAYERS  EROFS")
         for tag, i in zip(tags, images):
             if "error" in i:
@@ -311,6 +310,7 @@ def register_copy(osub: argparse._SubParsersAction) -> None:
         if args.name is not None:
             check_tag(args.name)
         with Repository.open(repo_path(args)) as repo:  # fails early, clearly
+            repo.require_writable()
             dest = str(repo.path)
         # before the progress bar's thread and trio start (see fork_destination_workers)
         forked = fork_destination_workers(dest)
@@ -341,7 +341,7 @@ def register_copy(osub: argparse._SubParsersAction) -> None:
         print(f"manifest {result.manifest_digest} (verity {result.manifest_verity})")
         print(f"config {result.config_digest} (verity {result.config_verity})")
         if args.name is not None:
-            print(f"tagged {args.name}")
+            print(f"tagged {printable(args.name)}")
         print(f"took {result.seconds:.2f}s", file=sys.stderr)
         return 0
 

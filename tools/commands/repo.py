@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import ExitStack
 
 from pycfs.host.errors import PycfsError
+from pycfs.protocol.text import printable
 from pycfs.tools.common import open_repo, positive_int, print_json, repo_path
 from pycfs.tools.progress import Counter, add_progress_option, progress_mode
+from pycfs.tools.stdio import SIGPIPE_STATUS, WRITE_ERRNOS, StdoutGone, output_error
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -27,7 +30,12 @@ def cmd_cat(args: argparse.Namespace) -> int:
     with open_repo(args, writable=False) as repo:
         reader = repo.open_stream(args.stream)
         sys.stdout.flush()
-        write_stream_to_fd(repo, reader, sys.stdout.fileno())
+        try:
+            write_stream_to_fd(repo, reader, sys.stdout.fileno())
+        except OSError as e:
+            if e.errno in WRITE_ERRNOS:  # (sendfile's errors are its reading's or its writing's)
+                raise output_error(e) from None
+            raise
     return 0
 
 
@@ -39,11 +47,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
     paths = list(args.files)
     if args.files_from is not None:
-        try:
-            with sys.stdin if args.files_from == "-" else open(args.files_from) as f:
-                paths += [line.rstrip("\n") for line in f if line.strip()]
-        except OSError as e:
-            raise PycfsError(f"cannot read {args.files_from}: {e.strerror}") from None
+        paths += _names_from(args.files_from)
     if not paths:
         raise PycfsError("no files to measure: name them, or pass --files-from LIST")
     if args.jobs is None and small_job(paths):  # faster hashed here than by workers started for it
@@ -65,25 +69,45 @@ def cmd_measure(args: argparse.Namespace) -> int:
         digests = trio.run(partial(digest_files, names, args.hash, args.jobs, forked=forked))
     # Written a run of lines at a time, not a print per file (17,130 prints took 37 ms, joined
     # runs 9), in runs of at most OUTPUT_RUN (a whole 200,000-file output joined would be ~60 MB).
+    # Bytes: a name is written as it was given, UTF-8 or not.
     status = 0
-    lines: list[str] = []
+    out = sys.stdout.buffer
+    lines: list[bytes] = []
 
     def write_run() -> None:
-        sys.stdout.write("".join(lines))
+        out.write(b"".join(lines))
         lines.clear()
 
-    for path, digest in zip(paths, digests):
-        if isinstance(digest, OSError):
-            write_run()
-            sys.stdout.flush()  # the error line after the lines before it, on a shared pipe
-            print(f"pycfs: error: {path}: {digest.strerror}", file=sys.stderr)
-            status = 1
-            continue
-        lines.append(f"{digest.hex()} {path}\n")
-        if len(lines) == OUTPUT_RUN:
-            write_run()
-    write_run()
+    sys.stdout.flush()
+    try:
+        for path, digest in zip(paths, digests):
+            if isinstance(digest, OSError):
+                write_run()
+                out.flush()  # the error line after the lines before it, on a shared pipe
+                print(f"pycfs: error: {printable(path)}: {digest.strerror}", file=sys.stderr)
+                status = 1
+                continue
+            lines.append(b"%s %s\n" % (digest.hex().encode(), os.fsencode(path)))
+            if len(lines) == OUTPUT_RUN:
+                write_run()
+        write_run()
+    except StdoutGone:
+        return status or SIGPIPE_STATUS  # (the reader left: an unreadable file is still the status)
     return status
+
+
+def _names_from(listing: str) -> list[str]:
+    """The names in LIST (or stdin), one a line, read as bytes: a name need not be UTF-8
+    (decoded as the command line's are, so that it opens and prints as given)."""
+    try:
+        if listing == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(listing, "rb") as f:
+                data = f.read()
+    except OSError as e:
+        raise PycfsError(f"cannot read {printable(listing)}: {e.strerror}") from None
+    return [os.fsdecode(line) for line in data.split(b"\n") if line.strip()]
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
@@ -92,12 +116,16 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     with open_repo(args, writable=args.repair) as repo, ExitStack() as stack:
         report = fsck(repo, metadata_only=args.metadata_only, verify_layers=args.verify_layers, repair=args.repair,
                       progress=Counter(progress_mode(args), stack), jobs=args.jobs)
-    if args.json:
-        print_json(report.as_json())
-    else:
-        print("\n".join(report.lines()))
     # After a repair the report still lists what was found; success means all of it was dealt with.
-    return 0 if report.ok or (args.repair and (report.repaired or report.relinked)) else 1
+    status = 0 if report.ok or (args.repair and (report.repaired or report.relinked)) else 1
+    try:
+        if args.json:
+            print_json(report.as_json())
+        else:
+            print("\n".join(report.lines()))
+    except StdoutGone:  # `pycfs fsck | head -1`: a damaged repository still says so in the status
+        return status or SIGPIPE_STATUS
+    return status
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
