@@ -161,6 +161,12 @@ def run() -> NoReturn:
     except BaseException as exc:  # what the command left buffered could not be written
         status = status or failed(exc)
     sys.stderr.flush()  # (it drops what it cannot write)
+    if _terminated and status == 128 + signal.SIGTERM:
+        # Cleaned up, it dies of the signal, as the convention for a handled SIGTERM has it:
+        # a shell still says 143, and systemd counts `systemctl stop` of a service as clean
+        # (an exit status of 143 would mark it failed).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
     os._exit(status)
 
 
