@@ -145,7 +145,8 @@ def run() -> NoReturn:
     is left to it: files are written and closed, synced where it matters, and children reaped
     by the command itself; what is buffered for stdout and stderr is flushed here."""
     try:
-        signal.signal(signal.SIGTERM, _terminate)
+        if signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:  # (as Python leaves an ignored SIGINT ignored)
+            signal.signal(signal.SIGTERM, _terminate)
         from pycfs.tools.stdio import set_up
 
         set_up()  # before anything opens a file
