@@ -323,6 +323,26 @@ def test_tag_untag_and_gc(source, tmp_path):
     assert err.returncode == 1 and err.stderr.startswith("pycfs: error: no ostree commit 'main'")
 
 
+def test_ref_names_are_shown_escaped_and_a_read_only_repository_refuses_tag_and_untag(source, tmp_path):
+    """Names with controls went to the terminal raw (`tagged`, `images`); untag in a
+    read-only repository was a raw permission error; untag removed through a symlinked
+    refs directory."""
+    repo, v1, _v2, _checkout = source
+    cfs = tmp_path / "cfs"
+    pycfs(cfs, "init")
+    pycfs(cfs, "ostree", "pull-local", repo, "main")
+    assert pycfs(cfs, "ostree", "tag", v1, "evil\x1b[2J").stdout == f"tagged {v1} as evil\\x1b[2J\n"
+    assert "evil\\x1b[2J  " + v1 in pycfs(cfs, "ostree", "images").stdout
+    meta = json.loads((cfs / "meta.json").read_text())
+    meta["features"]["read-only-compatible"].append("x-newer")  # (opens read-only, for root too)
+    (cfs / "meta.json").write_text(json.dumps(meta))
+    for argv in (("tag", v1, "other"), ("untag", "main")):
+        err = pycfs(cfs, "ostree", *argv, check=False)
+        assert err.returncode == 1 and err.stderr == (f"pycfs: error: repository {cfs} is read-only for this user "
+                                                      "(check its owner and mode, or pass --repo for one of your own)\n")
+    assert (cfs / "streams/refs/ostree/main").is_symlink()
+
+
 def test_downgrade_is_refused_as_ostree_timestamp_check_refuses_it(tmp_path):
     """NAME does not move to an older commit (a replayed old one) unless --allow-downgrade;
     the same second is not older. `ostree pull --timestamp-check` from the same repository

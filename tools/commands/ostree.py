@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 from contextlib import ExitStack
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING
 
 # Each command imports what it runs (`pycfs --help` and the other commands need none of it).
 from pycfs.host.errors import PycfsError
+from pycfs.protocol.text import printable
 
 if TYPE_CHECKING:
     from pycfs.host.ostree.pullcore import PullResult
@@ -106,7 +106,7 @@ def _print_pull(result: PullResult, as_json: bool) -> None:
     print(f"commit {result.commit.hex()}")
     print(f"image {result.image_id.hex()}")
     if result.ref is not None:
-        print(f"tagged {result.ref}")
+        print(f"tagged {printable(result.ref)}")
     else:
         print("no ref written (REF was a checksum and no NAME was given): `pycfs gc` will remove the commit; "
               f"keep it with `pycfs ostree tag {result.commit.hex()[:12]} NAME`", file=sys.stderr)
@@ -204,9 +204,10 @@ def _print_refs(refs: list[tuple[str, bytes]], as_json: bool, key: str, column: 
     elif not refs:
         print(f"no {key}" if key == "refs" else "no ostree commits", file=sys.stderr)
     else:
-        width = max(len(column), *(len(n) for n, _ in refs))
+        names = [printable(n) for n, _ in refs]  # (a ref name may hold controls or bytes not UTF-8)
+        width = max(len(column), *(len(n) for n in names))
         print(f"{column:<{width}}  COMMIT")
-        for n, c in refs:
+        for n, (_, c) in zip(names, refs):
             print(f"{n:<{width}}  {c.hex()}")
 
 
@@ -271,9 +272,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if objects.image_id is not None:
         print(f"image {objects.image_id.hex()}")
     if commit.subject:
-        print(f"\n{commit.subject}")
+        print(f"\n{_text_lines(commit.subject)}")
     if commit.body:
-        print(f"\n{commit.body}")
+        print(f"\n{_text_lines(commit.body)}")
     return 0
 
 
@@ -326,15 +327,21 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text_lines(text: str) -> str:
+    """A commit's subject or body for a terminal: its lines kept, controls shown escaped."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 def cmd_tag(args: argparse.Namespace) -> int:
     from pycfs.host.ostree.commitstream import REF_PREFIX, check_ref_name, encode_ref, resolve, stream_name
     from pycfs.tools.common import open_repo
 
     check_ref_name(args.name)
     with open_repo(args) as repo:
+        repo.require_writable()
         commit = resolve(repo, args.source)
         repo.set_stream_ref(REF_PREFIX + encode_ref(args.name), stream_name(commit))
-    print(f"tagged {commit.hex()} as {args.name}")
+    print(f"tagged {commit.hex()} as {printable(args.name)}")
     return 0
 
 
@@ -344,10 +351,10 @@ def cmd_untag(args: argparse.Namespace) -> int:
 
     check_ref_name(args.name)
     with open_repo(args) as repo:
-        try:
-            os.unlink(f"streams/refs/{REF_PREFIX}{encode_ref(args.name)}", dir_fd=repo.dirfd)
-        except FileNotFoundError:
-            raise PycfsError(f"no ostree ref {args.name!r} in {repo.path} (see `pycfs ostree images`)") from None
+        repo.require_writable()
+        # (its directories entered following no symlink, as every link pycfs removes)
+        if not repo.remove_link(f"streams/refs/{REF_PREFIX}{encode_ref(args.name)}"):
+            raise PycfsError(f"no ostree ref {args.name!r} in {repo.path} (see `pycfs ostree images`)")
     return 0
 
 
