@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -13,7 +15,7 @@ from pycfs.host.varlink.oci import ForkedFor, OciInterface
 from pycfs.host.varlink.server import Server
 from pycfs.host.varlink.service import Handles, RepositoryInterface
 from pycfs.host.varlink.transfer import log_producer_failure
-from pycfs.host.varlink.transport import activation_socket, listen
+from pycfs.host.varlink.transport import activation_socket, listen, parse_address
 
 URL = "https://github.com/composefs/composefs-rs"
 
@@ -60,6 +62,14 @@ async def open_cstor_service(storage_root: str | None, helper: str = "auto") -> 
         nursery.cancel_scope.cancel()
 
 
+def _remove_if(path: str, bound: os.stat_result) -> None:
+    """Remove the socket file at path if it is still the one this service bound."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == (bound.st_dev, bound.st_ino):
+            os.unlink(path)
+
+
 async def serve(address: str | None, containers_storage: bool = False, storage_root: str | None = None,
                 helper: str = "auto") -> None:
     """Serve until cancelled: on `unix:PATH`, else on the socket-activation fd (listening:
@@ -77,6 +87,11 @@ async def serve(address: str | None, containers_storage: bool = False, storage_r
         else:
             assert address is not None
             sock = listen(address)
+            bound = os.lstat(parse_address(address))
             print(f"pycfs varlink: listening on {address}", file=sys.stderr)
-        with sock:
-            await server.serve_listener(sock)
+        try:
+            with sock:
+                await server.serve_listener(sock)
+        finally:
+            if activated is None:  # our socket file goes with us (an activation's is systemd's)
+                _remove_if(parse_address(address), bound)

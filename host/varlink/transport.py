@@ -142,7 +142,8 @@ def socketpair() -> tuple[Connection, trio.socket.SocketType]:
 
 
 def listen(address: str) -> trio.socket.SocketType:
-    """Bind and listen on unix:PATH, replacing a stale socket file (never another file)."""
+    """Bind and listen on unix:PATH, replacing a stale socket file (never another file, nor
+    the socket of a service still listening there)."""
     path = parse_address(address)
     try:
         st = os.lstat(path)
@@ -153,6 +154,16 @@ def listen(address: str) -> trio.socket.SocketType:
 
         if not stat.S_ISSOCK(st.st_mode):
             raise PycfsError(f"{path} exists and is not a socket: refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            pass  # nothing answers there: a stale file a killed service left
+        else:
+            raise PycfsError(f"a service is listening on {path} already: stop it first, or choose another address")
+        finally:
+            probe.close()
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:

@@ -282,3 +282,25 @@ def test_socket_activation_listening_and_connected(tmp_path, served) -> None:
                            env={k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")})
     assert plain.returncode == 1
     assert plain.stderr.strip() == "pycfs: error: no --address given and not socket-activated (LISTEN_FDS)"
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_service_does_not_take_a_live_address_and_a_stopped_one_removes_its_socket(tmp_path, stop) -> None:
+    """A second `varlink serve` on the same address unlinked the live socket and bound its
+    own (the first then served no new client); a stopped service left its socket file."""
+    sock = tmp_path / "s.sock"
+    with serving(sock) as first:
+        second = subprocess.run([*PYCFS, "varlink", "serve", "--address", f"unix:{sock}"], capture_output=True,
+                                text=True, timeout=60)
+        assert second.returncode == 1
+        assert second.stderr == (f"pycfs: error: a service is listening on {sock} already: stop it first, or choose "
+                                 "another address\n")
+        with varlink.Client(f"unix:{sock}") as client, client.open("org.varlink.service") as service:
+            assert service.GetInfo()["product"] == "pycfs"  # still the first's
+        first.send_signal(stop)
+        first.wait(10)
+    assert not os.path.lexists(sock)
+    sock.write_bytes(b"")  # (not a socket: never replaced)
+    refused = subprocess.run([*PYCFS, "varlink", "serve", "--address", f"unix:{sock}"], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 1 and "exists and is not a socket" in refused.stderr
