@@ -361,7 +361,7 @@ def register_copy(osub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage-root", metavar="DIR",
                    help="with --from unix:SOCKET of `pycfs varlink serve --containers-storage`: the graphroot IMAGE is "
                    "looked up in (default: from storage.conf, as podman)")
-    p.add_argument("--name", metavar="TAG", help="tag the copy (default: no tag; the image is reachable by digest only)")
+    p.add_argument("--name", metavar="TAG", help="tag the copy (default: no tag; the image is then @sha256:MANIFEST_DIGEST until the next gc removes it)")
     p.add_argument("--zerocopy", action="store_true",
                    help="share file content (reflink, else hardlink) or fail; needs one filesystem and one hash algorithm")
     p.add_argument("--json", action="store_true", help="print the result (digests, verities, counts) as JSON "
