@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from ostree_trees import (
@@ -502,6 +503,17 @@ def test_the_image_is_recorded_only_after_the_sync_that_covers_it(source, tmp_pa
     assert len([n for n in names("images") if n != "refs"]) == 1 and len(names("streams")) > 1
 
 
+def _three_hundred_files(tmp_path, mode: str) -> Path:
+    """A repository of that mode whose branch b holds f000 ... f299 (3,000 random bytes each)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(300):
+        (tree / f"f{i:03}").write_bytes(os.urandom(3000))
+    repo = init_repo(tmp_path / "repo", mode)
+    commit(repo, tree, "b")
+    return repo
+
+
 def test_a_failed_pull_local_keeps_what_it_fetched_for_the_next_try(tmp_path, monkeypatch, capsys):
     """A pull-local (an archive repository: files fetched as dirtrees name them) failing on
     a file cancelled the batches its object workers had in flight and dropped what was
@@ -514,12 +526,7 @@ def test_a_failed_pull_local_keeps_what_it_fetched_for_the_next_try(tmp_path, mo
     from pycfs.host.ostree.source import LocalRepo
     from pycfs.tools.cli import main as cli_main
 
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    for i in range(300):
-        (tree / f"f{i}").write_bytes(os.urandom(3000))
-    repo = init_repo(tmp_path / "repo", "archive")
-    commit(repo, tree, "b")
+    repo = _three_hundred_files(tmp_path, "archive")
     real = LocalRepo.fetch_file
     fetched = [0]
 
@@ -544,12 +551,7 @@ def test_a_failed_pull_local_of_a_walked_commit_keeps_what_its_forked_workers_st
     """The same where the commit is walked first and forked workers get the files (a bare
     repository): the first worker's request was stored, the second's failed on a missing
     file, and the stored ones were dropped with the workers (and the next try fetched all 300)."""
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    for i in range(300):
-        (tree / f"f{i:03}").write_bytes(os.urandom(3000))
-    repo = init_repo(tmp_path / "repo", "bare-user")
-    commit(repo, tree, "b")
+    repo = _three_hundred_files(tmp_path, "bare-user")
     checksum = ostree("ls", f"--repo={repo}", "-C", "b", "/f199").split()[4]
     obj = repo / "objects" / checksum[:2] / f"{checksum[2:]}.file"
     saved = tmp_path / "saved"
