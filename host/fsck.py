@@ -193,10 +193,19 @@ _NOT_THE_OBJECT = {errno.EMFILE: "raise the open-file limit, `ulimit -n`", errno
                    "owner", errno.EPERM: "run it as the repository's owner"}
 
 
+def _owned_here(repo: Repository, rel: str) -> bool:
+    try:
+        return os.stat(rel, dir_fd=repo.dirfd, follow_symlinks=False).st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
 def _stop_unless_its_fault(e: Exception, repo: Repository, rel: str) -> None:
     """An OSError reading rel that says nothing of it (`_OBJECT_FAULTS`) stops fsck: this
     process's lot is no ground to judge, and a repair would remove what is intact."""
     if isinstance(e, OSError) and e.errno not in _OBJECT_FAULTS:
+        if e.errno in (errno.EACCES, errno.EPERM) and _owned_here(repo, rel):
+            return  # the owner's own file it may not read (mode 000, say): damage, which a repair removes
         what = _NOT_THE_OBJECT.get(e.errno or 0, "see what keeps fsck from reading it")
         raise PycfsError(f"fsck: cannot read {rel} in {repo.path}: {e.strerror or e} ({what}, then run fsck "
                          "again); nothing was judged or removed")
@@ -542,12 +551,13 @@ def _fsck(repo: Repository, metadata_only: bool, verify_layers: bool, repair: bo
         _check_streams(repo, report, progress, rehash, examined) + _check_images(repo, report, progress, rehash)
     if not no_objects:
         bad += _check_chains(repo, report, examined, rehash, bad)
-        _check_image_links(repo, report, examined, repair)
     if verify_layers and not no_objects:
         bad += _verify_layers(repo, report, progress, set(bad), repair)
     if repair:
         for rel in bad:
             _remove(repo, rel, report)
+    if not no_objects:  # (after the removals: a file in the link's place has gone by then)
+        _check_image_links(repo, report, examined, repair)
     bad_refs = _check_refs(repo, "streams/refs", report) + _check_refs(repo, "images/refs", report)
     if repair:
         # Refs that pointed at what was just removed dangle now too.

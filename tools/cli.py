@@ -133,6 +133,13 @@ def _terminate(signum: int, frame: Any) -> None:
     _terminated = True
     handler = signal.getsignal(signal.SIGINT)
     if not callable(handler):  # SIGINT ignored (started with `&` by a script): SIGTERM still ends it
+        trio = sys.modules.get("trio")
+        if trio is not None and trio.lowlevel.in_trio_run():
+            # trio took no hold of an ignored SIGINT: an interrupt raised here would unwind
+            # none of its tasks, so SIGTERM acts as it would without pycfs (no cleanup)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         handler = signal.default_int_handler
     handler(signal.SIGINT, frame)
 

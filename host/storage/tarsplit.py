@@ -109,12 +109,12 @@ def is_sparse(segment: Segment) -> bool:
         block = data[start : start + _TAR_HEADER]
         if block[_TYPEFLAG : _TYPEFLAG + 1] != b"x":
             continue
-        try:
+        try:  # (a records block may hold an 'x' where a header's typeflag would be: look on)
             size = int(block[_SIZE].strip(b"\0 ") or b"0", 8)
         except ValueError:
-            return False
+            continue
         if start + _TAR_HEADER + -(-size // _TAR_HEADER) * _TAR_HEADER != end:
-            return False
+            continue
         return any(key.startswith(b"GNU.sparse.") for key in _pax_keys(data[start + _TAR_HEADER : start + _TAR_HEADER + size]))
     return False
 

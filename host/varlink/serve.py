@@ -87,11 +87,11 @@ async def serve(address: str | None, containers_storage: bool = False, storage_r
         else:
             assert address is not None
             sock = listen(address)
-            bound = os.lstat(parse_address(address))
             print(f"pycfs varlink: listening on {address}", file=sys.stderr)
-        try:
-            with sock:
+        with sock:
+            bound = os.lstat(parse_address(address)) if activated is None else None
+            try:
                 await server.serve_listener(sock)
-        finally:
-            if activated is None:  # our socket file goes with us (an activation's is systemd's)
-                _remove_if(parse_address(address), bound)
+            finally:
+                if bound is not None:  # our socket file goes with us (an activation's is systemd's)
+                    _remove_if(parse_address(address), bound)

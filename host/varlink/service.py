@@ -160,8 +160,8 @@ class Handles:
         """Held while OpenRepository opens path and adds its handle: a Gc, which refuses to run
         while another handle has its repository open, then sees the new handle instead of
         waiting GC_WAIT for the flock it took meanwhile."""
-        try:
-            st = os.stat(path)
+        try:  # (in a thread: a path on a stopped FUSE mount must not stop the service)
+            st = await trio.to_thread.run_sync(os.stat, path)
         except OSError:  # Repository.open says what is wrong
             yield
             return
@@ -212,6 +212,8 @@ class Handles:
     def keep_layer(self, handle: int, layer_id: bytes) -> None:
         """A client of handle was told this layer stream is there: a Gc keeps it until a
         FinalizeImage of handle has used it or the handle closes."""
+        if handle not in self.repos:  # closed while the call ran: nothing to keep for it
+            return
         kept = self._layers.setdefault(handle, {})
         kept.pop(layer_id, None)
         kept[layer_id] = None
@@ -226,8 +228,8 @@ class Handles:
     def kept_layers(self, repo: Repository) -> set[bytes]:
         """The layer streams handles of repo keep from a Gc (see keep_layer)."""
         key = identity(repo)
-        return {layer_id for handle, kept in self._layers.items() if identity(self.repos[handle]) == key
-                for layer_id in kept}
+        return {layer_id for handle, kept in self._layers.items()
+                if handle in self.repos and identity(self.repos[handle]) == key for layer_id in kept}
 
     def forget(self, conn: object) -> None:
         """A connection closed: the handles it used may make room for others now."""

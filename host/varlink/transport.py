@@ -158,8 +158,11 @@ def listen(address: str) -> trio.socket.SocketType:
         probe.settimeout(1.0)
         try:
             probe.connect(path)
-        except OSError:
-            pass  # nothing answers there: a stale file a killed service left
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # nothing listens there: a stale file a killed service left
+        except OSError as e:  # (a full backlog, a slow service: someone is there)
+            raise PycfsError(f"{path} is a socket something may still listen on ({e.strerror or e}): stop it first, "
+                             "or choose another address") from None
         else:
             raise PycfsError(f"a service is listening on {path} already: stop it first, or choose another address")
         finally:

@@ -538,15 +538,18 @@ def test_an_intact_image_whose_link_is_gone_is_reported_and_linked_again(tmp_pat
         assert gc(repo).objects_removed == 0
 
 
-@pytest.mark.parametrize("err, judged", [(errno.EMFILE, False), (errno.ENOMEM, False), (errno.EACCES, False),
-                                          (errno.EIO, True), (errno.EINVAL, True)])
-def test_repair_removes_no_object_it_could_not_read_for_reasons_of_its_own(repo, monkeypatch, err, judged):
+@pytest.mark.parametrize("err, judged, owner", [(errno.EMFILE, False, 0), (errno.ENOMEM, False, 0),
+                                                 (errno.EACCES, False, 4242), (errno.EACCES, True, 0),
+                                                 (errno.EIO, True, 0), (errno.EINVAL, True, 0)])
+def test_repair_removes_no_object_it_could_not_read_for_reasons_of_its_own(repo, monkeypatch, err, judged, owner):
     """Run with `ulimit -n 64`, fsck --repair took EMFILE for a broken object and deleted
     2,209 intact objects of a live image. Only what says something of the object (gone, a
-    read error of the medium, not a regular file) makes it bad; anything else stops fsck."""
+    read error of the medium, not a regular file, the owner's own object it may not read)
+    makes it bad; anything else stops fsck."""
     from pycfs.host.workers import pool
 
     _, ids = layer(repo, "l", [b"a" * 5000, b"b" * 6000], ref="keep")
+    os.chown(repo.object_path(ids[0]), owner, -1)
     real = pool.digest_files
     victim = str(repo.object_path(ids[0]))
     rel = "objects/{}/{}".format(*_oid_name(repo, ids[0]))
@@ -585,6 +588,27 @@ def test_repair_removes_no_stream_it_could_not_read_for_reasons_of_its_own(repo,
     monkeypatch.undo()
     assert (repo.path / "streams/l").is_symlink() and (repo.path / "streams/refs/keep").is_symlink()
     assert fsck(repo).ok
+
+
+def test_a_file_in_an_images_link_place_is_removed_and_the_link_made_again(tmp_path):
+    """The relink ran before the repair's removals: it found the entry (a file), linked
+    nothing, said "linked", and the removal then took the entry: the image stayed unlinked."""
+    import trio
+
+    from imagebuild import File, ImageSpec, build_layout
+    from pycfs.host.mount import resolve_image
+    from pycfs.host.oci.layout import pull_oci_layout
+
+    build_layout(ImageSpec([[File("usr/a", size=5000, seed=1)]]), tmp_path / "a")
+    with Repository.init(tmp_path / "repo") as repo:
+        trio.run(lambda: pull_oci_layout(repo, str(tmp_path / "a"), "A"))
+        image_id = resolve_image(repo, "A")
+        link = repo.path / "images" / image_id.hex()
+        link.unlink()
+        link.write_bytes(b"not a link")
+        report = fsck(repo, repair=True)
+        assert f"images/{image_id.hex()}" in report.repaired and report.relinked == [f"images/{image_id.hex()}"]
+        assert link.is_symlink() and fsck(repo).ok
 
 
 def test_gc_of_a_fresh_repository_removes_nothing(tmp_path):

@@ -235,3 +235,28 @@ def test_is_sparse_sees_gnu_sparse_entries_and_nothing_else(tmp_path, tar_format
         segment = Segment(b"\0" * 100 + data[member.offset:_header_end(data, member.offset)])  # padding first
         assert tarsplit.is_sparse(segment) is (name == "holes"), name
     assert members["holes"].issparse()
+
+
+def test_is_sparse_looks_past_a_records_block_that_seems_a_header():
+    """The backward look for the entry's PAX header gave up at the first block with an 'x'
+    where a header's typeflag is (a records block of a 93-character name has one)."""
+    def record(key: str, value: object) -> bytes:
+        body = f" {key}={value}\n"
+        n = len(body) + 1
+        while len(str(n)) + len(body) != n:
+            n += 1
+        return f"{n}{body}".encode()
+
+    for length in range(1, 300):
+        name = "usr/" + "x" * length
+        records = (record("GNU.sparse.major", 1) + record("GNU.sparse.minor", 0) + record("GNU.sparse.name", name)
+                   + record("GNU.sparse.realsize", 1 << 20))
+        if records[156:157] == b"x":
+            break
+    pax = tarfile.TarInfo("./PaxHeaders/f")
+    pax.type, pax.size = tarfile.XHDTYPE, len(records)
+    entry = tarfile.TarInfo("./GNUSparseFile.0/f")
+    entry.size = 512
+    segment = Segment(pax.tobuf(tarfile.USTAR_FORMAT) + records + b"\0" * (-len(records) % 512)
+                      + entry.tobuf(tarfile.USTAR_FORMAT))
+    assert tarsplit.is_sparse(segment)

@@ -564,3 +564,22 @@ def test_close_repository_during_a_gc_closes_it_after_the_gc(source_repo, tmp_pa
     trio.run(main)
     assert out["gc"]["result"]["objects_removed"] > 0
     assert sorted(p.name for p in (other_repo / "objects").rglob("*")) == before
+
+
+def test_a_layer_kept_for_a_handle_closed_meanwhile_breaks_no_later_gc(tmp_path) -> None:
+    """A PutLayer ending after another connection closed its handle re-created the handle's
+    kept layers: every later Gc, of any repository, failed with KeyError."""
+    from pycfs.host.varlink.service import Handles
+
+    async def main() -> None:
+        handles = Handles()
+        repo = Repository.init(tmp_path / "repo")
+        handle = await handles.add(repo, object(), "x")
+        handles.close(handle)
+        handles.keep_layer(handle, b"\1" * 32)  # (the put's end, after the close)
+        other = Repository.init(tmp_path / "other")
+        await handles.add(other, object(), "x")
+        assert handles.kept_layers(other) == set()
+        handles.close_all()
+
+    trio.run(main)

@@ -1176,3 +1176,35 @@ def test_put_layer_takes_a_long_inline_chunk_as_it_comes(tmp_path) -> None:
         close_fds([r, dirfd])
     assert put["objects_copied"] + put["objects_reflinked"] == 1
     assert layer_bytes(dest, diff_id) == tar
+
+
+def test_listen_takes_no_address_a_busy_service_still_holds(tmp_path) -> None:
+    """The probe took any failure to connect for a stale file: a live service whose backlog
+    was full (EAGAIN) had its socket unlinked and its address taken."""
+    import socket as socket_module
+
+    from pycfs.host.errors import PycfsError
+    from pycfs.host.varlink.transport import listen
+
+    path = str(tmp_path / "s.sock")
+    live = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    live.bind(path)
+    live.listen(0)
+    clients = []
+    try:
+        while True:  # fill the backlog: the next connect fails with EAGAIN
+            c = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+            c.setblocking(False)
+            clients.append(c)
+            try:
+                c.connect(path)
+            except BlockingIOError:
+                break
+        inode = os.stat(path).st_ino
+        with pytest.raises(PycfsError, match=r"is a socket something may still listen on"):
+            listen(f"unix:{path}")
+        assert os.stat(path).st_ino == inode
+    finally:
+        for c in clients:
+            c.close()
+        live.close()
