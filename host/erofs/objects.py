@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from pycfs.host.erofs.reader import read_image
+from pycfs.host.erofs.reader import leaf_contents
 from pycfs.host.fsverity import DIGEST_SIZES
-from pycfs.host.tree import External, ExternalNoVerity, Leaf
+from pycfs.host.tree import External, ExternalNoVerity
 
 
 def image_object_ids(data: bytes, alg: str) -> set[bytes]:
     """Ids from metacopy digests, and from `XX/rest` redirects of files without a digest."""
     size = DIGEST_SIZES[alg]
     found: set[bytes] = set()
-    for _path, node in read_image(data).fs.walk():
-        if not isinstance(node, Leaf):
-            continue
-        content = node.content
+    for content in leaf_contents(data):  # (no tree made: gc and fsck read every image)
         if isinstance(content, External):
             found.add(content.id)
         elif isinstance(content, ExternalNoVerity):

@@ -298,6 +298,15 @@ def check_image(data: bytes) -> frozenset[bytes]:
     return frozenset(check.xattr_names)
 
 
+def leaf_contents(data: bytes) -> list[LeafContent]:
+    """The content of each file inode the tree reaches (once each), checked as `read_image`
+    checks it, without making the tree: what gc and fsck need of an image (its objects)."""
+    r = _Reader(data)
+    visit = _Contents()
+    _walk(r, visit)
+    return visit.contents
+
+
 class _Visitor(Protocol):
     """What `_walk` tells of the tree, each once it is checked."""
 
@@ -465,6 +474,22 @@ class _TreeBuilder:
 
     def entry(self, parent: int, name: bytes, nid: int) -> None:
         self.dirs[parent].entries[name] = self.nodes[nid]
+
+
+class _Contents:
+    """`leaf_contents`'s visitor."""
+
+    def __init__(self) -> None:
+        self.contents: list[LeafContent] = []
+
+    def directory(self, raw: RawInode, xattrs: dict[bytes, bytes]) -> None:
+        pass
+
+    def leaf(self, raw: RawInode, xattrs: dict[bytes, bytes], content: LeafContent, masked: _Masked) -> None:
+        self.contents.append(content)
+
+    def entry(self, parent: int, name: bytes, nid: int) -> None:
+        pass
 
 
 class _Checker:
