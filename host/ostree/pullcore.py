@@ -345,17 +345,14 @@ class PullCore:
                 if not self._send_early(worker, request_id, share):
                     break
         except BaseException as e:
-            closed = False
             if isinstance(e, Exception) and self.early:  # (not on Ctrl-C: out at once)
                 with contextlib.suppress(Exception):  # what the workers stored is kept for the next try
                     workers = self._blocking_store(forked)
                     try:
                         workers.drain()
                     finally:
-                        closed = True  # (close discards them, whatever happens in it)
                         workers.close(abort=True)
-            if not closed:
-                discard(forked)
+            discard(forked)  # (after a close: nothing more)
             self.checkpoint_after_failure()
             raise
         return forked

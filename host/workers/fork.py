@@ -139,11 +139,13 @@ def send_early(worker: Forked, request_id: int, method: str, params: dict[str, A
 
 
 def discard(workers: Sequence[Forked]) -> None:
-    """Stop and reap forked workers no pool took (their sockets and outputs closed)."""
+    """Stop and reap forked workers no pool took (their sockets and outputs closed); again
+    for the same workers, nothing."""
     for worker in workers:
         worker.proc.kill()
         if worker.proc.returncode is None:  # (kill polls first: an exit seen there is reaped)
-            os.waitpid(worker.proc.pid, 0)
+            _, status = os.waitpid(worker.proc.pid, 0)
+            worker.proc.returncode = os.waitstatus_to_exitcode(status)
         worker.sock.close()
         worker.output.close()
 

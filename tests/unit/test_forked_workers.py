@@ -477,3 +477,14 @@ def test_an_early_request_that_could_not_go_leaves_the_worker_alive(idle_threads
     finally:
         worker.sock = real_sock
         fork.discard([worker])
+
+
+def test_discarding_forked_workers_twice_does_nothing_the_second_time() -> None:
+    """A failed ostree pull closes its workers through a blocking store and then discards
+    them: the second discard waited for the reaped pids again ("No child processes")."""
+    forked = fork_workers(None, 2)
+    if not forked:
+        pytest.skip("workers are forked only when this is the one thread (another runs here)")
+    fork.discard(forked)
+    fork.discard(forked)
+    assert all(w.proc.returncode is not None and w.sock.fileno() == -1 for w in forked)
