@@ -83,9 +83,6 @@ class FdOpener(Protocol):
     async def open_files(self, layer_id: str, paths: list[bytes], store: Path | None = None) -> list[int | OSError]:
         """Open paths of the layer in the primary store, or in additional store ``store``."""
 
-    def serves(self, store: Path) -> bool:
-        """Whether it opens files beneath store root ``store``."""
-
     def release(self, fd: int) -> None: ...
 
     async def warm_up(self) -> None:
@@ -316,18 +313,13 @@ class LayerImport:
         more = f" (and {len(denied) - 1} more)" if len(denied) > 1 else ""
         store = self.layer.store
         # The helper opens files beneath the primary store and the additional ones you own
-        if store.read_only and not (self.helper is not None and self.helper.serves(store.root)):
-            if not owns_store(store.root):
-                raise PycfsError(
-                    f"permission denied reading {self.files.describe(first.relpath)}{more}: it is in additional "
-                    f"image store {store.root}, whose root is not yours, and the helper opens files only in stores "
-                    "you own; the store's owner can make the file readable"
-                )
-            if self.helper is not None:  # (a helper started for the primary store alone)
-                raise PycfsError(
-                    f"permission denied reading {self.files.describe(first.relpath)}{more}: it is in additional "
-                    f"image store {store.root}, where this helper does not open files; `pycfs oci pull` can pull it"
-                )
+        # (every helper is started with those: `HelperClient(additional_stores=...)`)
+        if store.read_only and not owns_store(store.root):
+            raise PycfsError(
+                f"permission denied reading {self.files.describe(first.relpath)}{more}: it is in additional "
+                f"image store {store.root}, whose root is not yours, and the helper opens files only in stores "
+                "you own; the store's owner can make the file readable"
+            )
         if self.helper is None:
             raise PycfsError(
                 f"permission denied reading {self.files.describe(first.relpath)}{more}: it belongs to a "
@@ -519,9 +511,6 @@ class _HelperGate:
     async def open_files(self, layer_id: str, paths: list[bytes], store: Path | None = None) -> list[int | OSError]:
         await self._start()
         return await self.helper.open_files(layer_id, paths, store)
-
-    def serves(self, store: Path) -> bool:
-        return self.helper.serves(store)
 
     async def warm_up(self) -> None:
         await self._start(needed=False)
