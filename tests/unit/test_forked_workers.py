@@ -482,9 +482,19 @@ def test_an_early_request_that_could_not_go_leaves_the_worker_alive(idle_threads
 def test_discarding_forked_workers_twice_does_nothing_the_second_time() -> None:
     """A failed ostree pull closes its workers through a blocking store and then discards
     them: the second discard waited for the reaped pids again ("No child processes")."""
-    forked = fork_workers(None, 2)
-    if not forked:
-        pytest.skip("workers are forked only when this is the one thread (another runs here)")
-    fork.discard(forked)
-    fork.discard(forked)
-    assert all(w.proc.returncode is not None and w.sock.fileno() == -1 for w in forked)
+    import socket
+
+    from pycfs.host.childoutput import ChildOutput
+
+    workers = []
+    for _ in range(2):  # children that wait to be killed, as a worker waits for requests
+        ours, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            os.read(theirs.fileno(), 1)
+            os._exit(0)
+        theirs.close()
+        workers.append(fork.Forked(fork.ForkedProcess(pid), ours, ChildOutput("test-worker")))
+    fork.discard(workers)
+    fork.discard(workers)
+    assert all(w.proc.returncode is not None and w.sock.fileno() == -1 and w.output.fd is None for w in workers)
